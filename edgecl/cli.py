@@ -1,0 +1,51 @@
+"""`edgecl` command line. Each subcommand lives in its own module under `edgecl.commands` exposing
+`add_arguments(parser)` and `main(args) -> int`; only the chosen one is imported, so `edgecl run` on a device never
+imports torch. Exit codes: 0 ok, 1 a check failed (e.g. audit over budget), 2 bad input or usage."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from edgecl import __version__
+from edgecl.errors import EdgeclError
+
+COMMANDS = {
+    "demo": "LPS on permuted digits end to end: train, pack, export check, run on the runtime, budget summary",
+    "train": "train a method on a task stream; write results.json, a heatmap and the artifact",
+    "inspect": "bytes and bits per parameter of an artifact, per component and per task",
+    "export": "per-task ONNX (folded, compacted) or TensorRT engines from an artifact",
+    "run": "infer one task of an artifact on an input .npy (torch-free)",
+    "audit": "memory budget report of an artifact; exit 1 when it does not fit",
+    "compare": "train several methods on one stream and compare accuracy, bytes and speed",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="edgecl", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"edgecl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] not in COMMANDS:
+        args = parser.parse_args(argv)  # prints help / version / "invalid choice" (exit 2)
+        parser.print_help()
+        return 2
+    name = argv[0]
+    module = importlib.import_module(f"edgecl.commands.{name}")
+    cmd = argparse.ArgumentParser(prog=f"edgecl {name}", description=COMMANDS[name])
+    module.add_arguments(cmd)
+    args = cmd.parse_args(argv[1:])
+    try:
+        return int(module.main(args) or 0)
+    except EdgeclError as exc:
+        print(f"edgecl {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"edgecl {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

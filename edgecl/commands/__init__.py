@@ -1,0 +1,1 @@
+"""One module per `edgecl` subcommand (see `edgecl.cli`)."""

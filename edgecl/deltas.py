@@ -1,0 +1,223 @@
+"""The in-memory form of a continually learned model — shared base tensors, per-task deltas, per-task heads — and the
+one function that turns a task's delta into dense weights (`materialize`). Training produces a `PackedModel`, the
+artifact module stores it, the exporter and runtime consume it; none of them re-implements the delta arithmetic.
+
+Delta kinds (``PackedModel.params[name]["kind"]``), with what each stores:
+
+==========  ===========================================================  =========================================
+kind        stored                                                       task t's tensor
+==========  ===========================================================  =========================================
+shared      ``base[name]``                                               ``base[name]``
+task        ``task_tensors[t][name]``                                    that tensor (heads, STL, per-task biases)
+lps         ``base[name]`` = W̄ (superposed); ``base[name:owner]`` owner   ``W̄ ⊙ keep_t``; keep_t = own_t ∪ share_t
+            per unit (0 free, i+1 task i; unit = element | row |
+            column of the GEMM view); ``task_tensors[t][name:share]``
+            bool over the elements owned by tasks < t (C order)
+node        ``base[name]``; ``task_tensors[t][nodes:LAYER]`` bool over    ``W`` with rows of dead output nodes and
+            LAYER's output units; spec fields rows/cols/repeat           columns of dead input nodes zeroed
+lowrank     ``base[name]`` = W_base; ``task_tensors[t][name:r|s|u|v]``    ``r ⊙_rows W_base ⊙_cols s + U Vᵀ``
+            (missing r/s → ones, missing u/v → no residual)              (conv: U Vᵀ constant over kernel positions)
+permute     ``base[name]``; ``tasks[t].seed``; spec field group           ``base[name]`` with axis 0 permuted by
+                                                                         ``task_permutation(seed, group, n)``
+==========  ===========================================================  =========================================
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgecl.arch import Arch, gemm_shape, param_shapes
+from edgecl.errors import UsageError
+
+KINDS = ("shared", "task", "lps", "node", "lowrank", "permute")
+
+
+@dataclass
+class TaskInfo:
+    """What a deployed task is: its name, its classes, and (RGO) the seed of its feature permutations."""
+
+    name: str
+    n_classes: int
+    seed: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PackedModel:
+    """Everything needed to rebuild every task's weights. Tensors are numpy; `params` maps every trunk tensor and
+    ``head.weight``/``head.bias`` to its delta spec (a JSON dict with at least ``kind``)."""
+
+    arch: Arch
+    method: str
+    config: dict[str, Any]
+    params: dict[str, dict[str, Any]]
+    base: dict[str, np.ndarray]
+    tasks: list[TaskInfo] = field(default_factory=list)
+    task_tensors: list[dict[str, np.ndarray]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # JSON-able method metadata (capacity, ranks, …)
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.tasks)
+
+    def task_index(self, task: int | str) -> int:
+        """Resolve a task given by index or name; UsageError names the task and what exists."""
+        if isinstance(task, str) and not task.lstrip("-").isdigit():
+            for i, info in enumerate(self.tasks):
+                if info.name == task:
+                    return i
+            raise UsageError(f"unknown task {task!r}; tasks are {[t.name for t in self.tasks]}")
+        try:
+            i = int(task)
+        except (TypeError, ValueError):
+            raise UsageError(f"task must be an index or a name, got {task!r}") from None
+        if not 0 <= i < self.n_tasks:
+            raise UsageError(f"task {i} out of range: this model has {self.n_tasks} tasks (0..{self.n_tasks - 1})")
+        return i
+
+
+def materialize(packed: PackedModel, task: int | str) -> dict[str, np.ndarray]:
+    """Dense float32 tensors of one task: every trunk tensor plus that task's ``head.weight``/``head.bias``."""
+    t = packed.task_index(task)
+    return {name: materialize_param(packed, t, name) for name in packed.params}
+
+
+def materialize_param(packed: PackedModel, t: int, name: str) -> np.ndarray:
+    """One tensor of task t; the only place the delta arithmetic lives."""
+    spec = packed.params[name]
+    kind = spec["kind"]
+    tt = packed.task_tensors[t]
+    if kind == "task":
+        return tt[name]
+    base = packed.base[name]
+    if kind == "shared":
+        return base
+    if kind == "lps":
+        return base * lps_keep(packed, t, name).astype(base.dtype)
+    if kind == "node":
+        return base * node_factor(packed, t, spec, base.shape).astype(base.dtype)
+    if kind == "lowrank":
+        return lowrank_weight(base, tt.get(f"{name}:r"), tt.get(f"{name}:s"), tt.get(f"{name}:u"),
+                              tt.get(f"{name}:v"))
+    if kind == "permute":
+        seed = packed.tasks[t].seed
+        if seed is None:
+            return base
+        return np.take(base, task_permutation(seed, spec["group"], base.shape[0]), axis=0)
+    raise UsageError(f"tensor {name!r}: unknown delta kind {kind!r} (known: {KINDS})")
+
+
+def lps_owner_elements(packed: PackedModel, name: str) -> np.ndarray:
+    """The owner of every weight element (0 free, i+1 task i), expanded from row/column units if structured."""
+    owner = packed.base[f"{name}:owner"]
+    shape = packed.base[name].shape
+    unit = packed.params[name].get("unit", "element")
+    p, q = gemm_shape(shape)
+    if unit == "element":
+        return owner.reshape(shape)
+    if unit == "row":
+        return np.broadcast_to(owner.reshape(p, 1), (p, q)).reshape(shape)
+    if unit == "column":
+        return np.broadcast_to(owner.reshape(1, q), (p, q)).reshape(shape)
+    raise UsageError(f"tensor {name!r}: unknown LPS unit {unit!r} (element, row, column)")
+
+
+def lps_keep(packed: PackedModel, t: int, name: str) -> np.ndarray:
+    """Boolean support of task t: the entries it owns plus the earlier entries its sharing mask selects."""
+    owner = lps_owner_elements(packed, name)
+    keep = owner == t + 1
+    earlier = (owner >= 1) & (owner <= t)
+    share = packed.task_tensors[t].get(f"{name}:share")
+    n_earlier = int(earlier.sum())
+    if share is None:
+        share = np.zeros(n_earlier, dtype=bool)
+    if share.shape != (n_earlier,):
+        raise UsageError(f"tensor {name!r}, task {t}: sharing mask has {share.size} bits, earlier support has "
+                         f"{n_earlier}")
+    keep[earlier] = share
+    return keep
+
+
+def node_factor(packed: PackedModel, t: int, spec: dict[str, Any], shape: tuple[int, ...]) -> np.ndarray:
+    """0/1 factor broadcastable to `shape`: output rows of dead nodes and input columns of dead source nodes."""
+    tt = packed.task_tensors[t]
+    factor = np.ones(shape, dtype=bool)
+    if spec.get("rows"):
+        rows = tt[f"nodes:{spec['rows']}"]
+        factor &= rows.reshape((-1,) + (1,) * (len(shape) - 1))
+    if spec.get("cols") and len(shape) > 1:
+        cols = np.repeat(tt[f"nodes:{spec['cols']}"], int(spec.get("repeat", 1)))
+        factor &= cols.reshape((1, -1) + (1,) * (len(shape) - 2))
+    return factor
+
+
+def lowrank_weight(base: np.ndarray, r: np.ndarray | None, s: np.ndarray | None, u: np.ndarray | None,
+                   v: np.ndarray | None) -> np.ndarray:
+    """``r ⊙ W ⊙ s + U Vᵀ``; r scales output rows, s input columns (channels for conv), the residual is broadcast
+    over kernel positions. The evaluation order is fixed here so every consumer gets the same bits."""
+    extra = (1,) * (base.ndim - 2)
+    w = base
+    if r is not None:
+        w = r.reshape((-1, 1) + extra) * w
+    if s is not None:
+        w = w * s.reshape((1, -1) + extra)
+    if u is not None and v is not None and u.shape[-1] > 0:
+        w = w + (u @ v.T).reshape(u.shape[:1] + v.shape[:1] + extra)
+    return np.ascontiguousarray(w, dtype=np.float32)
+
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser: a fixed, version-independent hash (numpy's Generator streams may change between
+    releases; a deployed artifact's permutations must not)."""
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+        return x ^ (x >> np.uint64(31))
+
+
+def task_permutation(seed: int, group: str, n: int) -> np.ndarray:
+    """The feature permutation (int64 indices) of one layer for one task: a pure function of (seed, group, n)."""
+    g = np.uint64(int.from_bytes(group.encode()[:8].ljust(8, b"\0"), "little") ^ (len(group) << 56))
+    key = _splitmix64(np.array([np.uint64(seed & 0xFFFFFFFFFFFFFFFF) ^ g], dtype=np.uint64))[0]
+    keys = _splitmix64(np.arange(n, dtype=np.uint64) ^ key)
+    return np.argsort(keys, kind="stable").astype(np.int64)
+
+
+def check_consistent(packed: PackedModel) -> None:
+    """Raise UsageError naming the tensor/task when shapes, kinds or per-task entries disagree with the arch.
+    The artifact loader wraps this into ArtifactError; the exporter and runtime may then trust the model."""
+    heads = [info.n_classes for info in packed.tasks]
+    if len(packed.task_tensors) != len(heads):
+        raise UsageError(f"{len(heads)} tasks but {len(packed.task_tensors)} per-task tensor sets")
+    trunk = param_shapes(packed.arch)
+    missing = set(trunk) - set(packed.params)
+    if missing:
+        raise UsageError(f"no delta spec for trunk tensors {sorted(missing)}")
+    for name, spec in packed.params.items():
+        kind = spec.get("kind")
+        if kind not in KINDS:
+            raise UsageError(f"tensor {name!r}: unknown delta kind {kind!r} (known: {KINDS})")
+        if kind != "task":
+            if name not in packed.base:
+                raise UsageError(f"tensor {name!r}: base tensor missing")
+            if name in trunk and packed.base[name].shape != trunk[name]:
+                raise UsageError(f"tensor {name!r}: base shape {packed.base[name].shape}, arch says {trunk[name]}")
+    for t, info in enumerate(packed.tasks):
+        want = param_shapes(packed.arch, info.n_classes)
+        for name in packed.params:
+            try:
+                got = materialize_param(packed, t, name)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise UsageError(f"tensor {name!r}, task {t} ({info.name}): inconsistent delta ({exc})") from None
+            expect = want.get(name, packed.base.get(name, got).shape)
+            if got.shape != tuple(expect) or got.dtype != np.float32:
+                raise UsageError(f"tensor {name!r}, task {t} ({info.name}): materialises to {got.dtype}{got.shape},"
+                                 f" expected float32{tuple(expect)}")

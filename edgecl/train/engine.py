@@ -1,0 +1,120 @@
+"""The continual-learning loop: learn each task in order, then test every task seen so far through the deployed
+form of the model (`materialize(pack(), j)`), filling the accuracy matrix A[i][j]."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgecl import metrics
+from edgecl.deltas import PackedModel, materialize
+from edgecl.train.data import Stream, TaskData
+from edgecl.train.models import forward, from_numpy
+from edgecl.train.protocol import Method, TrainContext
+
+
+@dataclass
+class RunResult:
+    method: str
+    stream: str
+    acc_matrix: list[list[float]]
+    packed: PackedModel
+    seconds_per_task: list[float]
+    notes: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        n = len(self.acc_matrix)
+        dense = np.full((n, n), np.nan)
+        for i, row in enumerate(self.acc_matrix):
+            dense[i, :len(row)] = row
+        return {"method": self.method, "stream": self.stream, "arch": self.packed.arch["name"],
+                "config": self.packed.config, "tasks": [t.name for t in self.packed.tasks],
+                "acc_matrix": self.acc_matrix, **metrics.summary(dense), "seconds_per_task": self.seconds_per_task,
+                "method_info": self.packed.extra, "notes": {str(k): v for k, v in self.notes.items()}}
+
+
+def predict(packed: PackedModel, task: int, x: np.ndarray, device: str = "cpu", batch: int = 512) -> np.ndarray:
+    """Class predictions of one task from its materialised weights (the exact deployed weights)."""
+    params = from_numpy(materialize(packed, task), device)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            out.append(forward(packed.arch, params, torch.from_numpy(x[i:i + batch]).to(device)).argmax(1).cpu())
+    return torch.cat(out).numpy()
+
+
+def accuracy(packed: PackedModel, task: int, data: TaskData, device: str = "cpu") -> float:
+    return float((predict(packed, task, data.x_test, device) == data.y_test).mean())
+
+
+def run(method: Method, stream: Stream, ctx: TrainContext | None = None, first_task: int = 0,
+        log=print) -> RunResult:
+    """Train `method` on every task of `stream` from `first_task` on and evaluate after each one."""
+    ctx = ctx or TrainContext()
+    n = len(stream.tasks)
+    acc = np.full((n, n), np.nan)
+    times = []
+    for t in range(first_task, n):
+        start = time.perf_counter()
+        method.learn_task(t, stream.tasks[t], ctx)
+        times.append(time.perf_counter() - start)
+        packed = method.pack()
+        for j in range(t + 1):
+            acc[t, j] = accuracy(packed, j, stream.tasks[j], ctx.device)
+        log(f"[{method.name}] task {t + 1}/{n} {stream.tasks[t].name}: acc {acc[t, t]:.3f}, "
+            f"mean over seen {np.nanmean(acc[t, :t + 1]):.3f} ({times[-1]:.1f}s)")
+    rows = [[float(acc[i, j]) for j in range(i + 1)] for i in range(first_task, n)]
+    return RunResult(method.name, stream.name, rows, method.pack(), times, ctx.notes)
+
+
+def format_matrix(acc_matrix: list[list[float]]) -> str:
+    """The accuracy matrix as a fixed-width text table (percent)."""
+    n = len(acc_matrix)
+    lines = ["after\\on " + " ".join(f"{j:>5}" for j in range(n))]
+    for i, row in enumerate(acc_matrix):
+        lines.append(f"{i:>8} " + " ".join(f"{100 * v:5.1f}" for v in row))
+    return "\n".join(lines)
+
+
+def write_results(result: RunResult, out_dir: str) -> dict[str, Any]:
+    """results.json plus acc_matrix.png (heatmap) in out_dir; returns the JSON dict."""
+    os.makedirs(out_dir, exist_ok=True)
+    data = result.to_json()
+    tmp = os.path.join(out_dir, ".results.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, os.path.join(out_dir, "results.json"))
+    plot_matrix(result.acc_matrix, f"{result.method} on {result.stream}", os.path.join(out_dir, "acc_matrix.png"))
+    return data
+
+
+def plot_matrix(acc_matrix: list[list[float]], title: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(acc_matrix)
+    a = np.full((n, n), np.nan)
+    for i, row in enumerate(acc_matrix):
+        a[i, :len(row)] = row
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.8 + 0.5 * n))
+    im = ax.imshow(100 * a, vmin=0, vmax=100, cmap="viridis")
+    for i in range(n):
+        for j in range(i + 1):
+            ax.text(j, i, f"{100 * a[i, j]:.0f}", ha="center", va="center", fontsize=8,
+                    color="white" if a[i, j] < 0.6 else "black")
+    ax.set_xlabel("evaluated on task j")
+    ax.set_ylabel("after learning task i")
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, label="accuracy %", shrink=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,1 @@
+"""One continual-learning method per module; see `edgecl.train.registry`."""

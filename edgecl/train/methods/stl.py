@@ -1,0 +1,35 @@
+"""Baseline `stl` (single-task learning): an independent model per task. No forgetting, no sharing, N× the bytes —
+the accuracy reference the papers compare against."""
+from __future__ import annotations
+
+import torch
+
+from edgecl.deltas import PackedModel, TaskInfo
+from edgecl.train.data import TaskData
+from edgecl.train.methods.finetune import fit
+from edgecl.train.models import Params, init_head, init_params, to_numpy
+from edgecl.train.protocol import Method, TrainContext
+
+
+class STL(Method):
+    name = "stl"
+
+    def __init__(self, arch, config=None):
+        super().__init__(arch, config)
+        self.models: list[Params] = []
+        self.infos: list[TaskInfo] = []
+
+    def learn_task(self, t: int, task: TaskData, ctx: TrainContext) -> None:
+        gen = torch.Generator().manual_seed(self.config.seed * 1000 + t)
+        params = {**init_params(self.arch, generator=gen), **init_head(self.arch, task.n_classes, gen)}
+        params = {k: v.to(ctx.device).requires_grad_("running" not in k) for k, v in params.items()}
+        fit(self.arch, params, [v for v in params.values() if v.requires_grad], task, self.config, ctx, t,
+            f"stl task {t}")
+        self.models.append(params)
+        self.infos.append(TaskInfo(task.name, task.n_classes))
+
+    def pack(self) -> PackedModel:
+        names = self.models[0].keys() if self.models else init_params(self.arch).keys()
+        params = {k: {"kind": "task"} for k in names}
+        return PackedModel(self.arch, self.name, self.config.to_json(), params, {}, list(self.infos),
+                           [to_numpy(m) for m in self.models])

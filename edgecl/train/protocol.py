@@ -1,0 +1,105 @@
+"""The one small protocol every continual-learning method implements, plus the helpers they share.
+
+A method sees tasks one at a time: `learn_task(t, task, ctx)` trains it (the method owns its phases), and `pack()`
+returns the whole model so far as a `PackedModel` — shared base, per-task deltas, heads. The engine evaluates every
+task through `materialize(pack(), t)`, so what is measured during training is exactly what gets deployed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator
+
+import numpy as np
+import torch
+
+from edgecl.arch import Arch
+from edgecl.deltas import PackedModel
+from edgecl.errors import UsageError
+from edgecl.train.data import TaskData
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method has; each method's config dataclass extends this. Stored as JSON in the artifact."""
+
+    lr: float = 1e-3
+    batch_size: int = 64
+    epochs: int = 10
+    seed: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "MethodConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise UsageError(f"{cls.__name__}: unknown config fields {sorted(unknown)} (known: {sorted(known)})")
+        return cls(**data)
+
+
+@dataclass
+class TrainContext:
+    """What the engine lends a method: device, progress bars, and a place to leave per-task notes."""
+
+    device: str = "cpu"
+    progress: bool = True
+    notes: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def bar(self, total: int, desc: str):
+        """A tqdm bar (disabled when progress is off) that methods advance once per step or epoch."""
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, leave=False, disable=not self.progress, dynamic_ncols=True)
+
+
+class Method(ABC):
+    """Base class of a continual-learning method. Subclasses set `name` and `Config` and implement two calls."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, arch: Arch, config: MethodConfig | None = None):
+        self.arch = arch
+        self.config = config if config is not None else self.Config()
+        if not isinstance(self.config, self.Config):
+            raise UsageError(f"method {self.name!r} needs a {self.Config.__name__}, got {type(self.config).__name__}")
+        seed_everything(self.config.seed)
+
+    @abstractmethod
+    def learn_task(self, t: int, task: TaskData, ctx: TrainContext) -> None:
+        """Learn task t (0-based, in order) with all of the method's phases."""
+
+    @abstractmethod
+    def pack(self) -> PackedModel:
+        """The model after the tasks learned so far, as shared base + per-task deltas + heads (numpy copies)."""
+
+    def resume(self, packed: PackedModel) -> None:
+        """Continue from a deployed model (lifelong append). Methods that support it override this."""
+        raise UsageError(f"method {self.name!r} cannot resume from an artifact")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def batches(task: TaskData, batch_size: int, generator: torch.Generator, device: str = "cpu",
+            train: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled mini-batches of a task's training split (or, with train=False, the test split in order)."""
+    x = torch.from_numpy(task.x_train if train else task.x_test)
+    y = torch.from_numpy(task.y_train if train else task.y_test)
+    order = torch.randperm(len(x), generator=generator) if train else torch.arange(len(x))
+    for i in range(0, len(x), batch_size):
+        idx = order[i:i + batch_size]
+        yield x[idx].to(device), y[idx].to(device)
+
+
+def task_generator(config: MethodConfig, t: int) -> torch.Generator:
+    """A per-task torch generator, so a task's shuffling does not depend on what ran before it."""
+    return torch.Generator().manual_seed(config.seed * 1000 + t)

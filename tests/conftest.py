@@ -1,0 +1,33 @@
+import importlib.util
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def _has_cuda() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    cuda = _has_cuda()
+    trt = importlib.util.find_spec("tensorrt") is not None and cuda
+    for item in items:
+        if "gpu" in item.keywords and not cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "tensorrt" in item.keywords and not trt:
+            item.add_marker(pytest.mark.skip(reason="needs the tensorrt package and a CUDA GPU"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads():
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        torch.set_num_threads(2)
+    yield
