@@ -196,6 +196,8 @@ def preset(name: str, input_shape: tuple[int, ...] = (1, 8, 8), width: int = 1) 
         h = 256 * width
         layers = [{"op": "flatten"}, {"op": "linear", "name": "fc1", "in": flat, "out": h}, {"op": "relu"},
                   {"op": "linear", "name": "fc2", "in": h, "out": h}, {"op": "relu"}]
+    elif name in ("lenet", "resnet") and len(input_shape) != 3:
+        raise UsageError(f"architecture {name!r} needs image inputs (channels, height, width), got {input_shape}")
     elif name == "lenet":
         c, hh, ww = input_shape
         c1, c2, f = 20 * width, 50 * width, 256 * width

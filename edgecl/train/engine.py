@@ -85,12 +85,17 @@ def write_results(result: RunResult, out_dir: str) -> dict[str, Any]:
     """results.json plus acc_matrix.png (heatmap) in out_dir; returns the JSON dict."""
     os.makedirs(out_dir, exist_ok=True)
     data = result.to_json()
-    tmp = os.path.join(out_dir, ".results.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, "results.json"))
+    save_json(data, os.path.join(out_dir, "results.json"))
     plot_matrix(result.acc_matrix, f"{result.method} on {result.stream}", os.path.join(out_dir, "acc_matrix.png"))
     return data
+
+
+def save_json(data: dict[str, Any], path: str) -> None:
+    """Write JSON atomically (temp file + rename): a crash never leaves a half-written results file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
 
 
 def plot_matrix(acc_matrix: list[list[float]], title: str, path: str) -> None:
