@@ -96,10 +96,12 @@ def materialize_param(packed: PackedModel, t: int, name: str) -> np.ndarray:
     base = packed.base[name]
     if kind == "shared":
         return base
+    # np.where, not a product: masked-out entries are +0.0 whatever the weight there (no -0.0, no inf·0 = NaN), so a
+    # task's bits never depend on weights it does not use — appending a task keeps earlier tasks bit-identical.
     if kind == "lps":
-        return base * lps_keep(packed, t, name).astype(base.dtype)
+        return np.where(lps_keep(packed, t, name), base, base.dtype.type(0))
     if kind == "node":
-        return base * node_factor(packed, t, spec, base.shape).astype(base.dtype)
+        return np.where(node_factor(packed, t, spec, base.shape), base, base.dtype.type(0))
     if kind == "lowrank":
         return lowrank_weight(base, tt.get(f"{name}:r"), tt.get(f"{name}:s"), tt.get(f"{name}:u"),
                               tt.get(f"{name}:v"))

@@ -1,2 +1,8 @@
 """Export (numpy + onnx, no torch): per-task folded ONNX, structurally compacted graphs, a switchable graph for the
 runtime, and TensorRT engines where TensorRT exists."""
+from edgecl.export.compact import CompactionReport, compact_task, count_params
+from edgecl.export.onnx_export import export_onnx, task_model, weights_to_fp16
+from edgecl.export.tensorrt import build_engines, tensorrt_unavailable
+
+__all__ = ["CompactionReport", "build_engines", "compact_task", "count_params", "export_onnx", "task_model",
+           "tensorrt_unavailable", "weights_to_fp16"]

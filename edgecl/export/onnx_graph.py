@@ -5,6 +5,8 @@ Two forms from one builder:
 - switchable: every tensor is a graph input, so one ONNX Runtime session serves all tasks and a task switch only
   rebinds buffers (initializers cannot be replaced in a live session).
 The node sequence mirrors `edgecl.train.models.forward` op for op, so exported and trained models agree.
+A compacted spec (`edgecl.export.compact`) may carry ``input_select``: a Gather of the input columns/channels its first
+layer still reads, so a compacted graph takes the same input as the dense one.
 """
 from __future__ import annotations
 
@@ -40,10 +42,19 @@ def _bn(b: _Builder, h: str, name: str) -> str:
                 epsilon=1e-5)
 
 
+def _select_inputs(b: _Builder, h: str, index: list[int]) -> str:
+    """Gather the input columns/channels a compacted first layer still reads (see `edgecl.export.compact`)."""
+    const = b.op("Constant", [], value=numpy_helper.from_array(np.asarray(index, dtype=np.int64), "input_select"))
+    return b.op("Gather", [h, const], axis=1)
+
+
 def _nodes(arch: Arch, b: _Builder) -> str:
     h = INPUT
+    select = arch.get("input_select")
     for layer in arch["layers"]:
         op, name = layer["op"], layer.get("name")
+        if select is not None and op in ("linear", "conv"):
+            h, select = _select_inputs(b, h, select), None
         if op == "linear":
             h = b.op("Gemm", [h, f"{name}.weight"] + ([f"{name}.bias"] if layer["bias"] else []), transB=1)
         elif op == "conv":

@@ -108,7 +108,7 @@ def plot_matrix(acc_matrix: list[list[float]], title: str, path: str) -> None:
     a = np.full((n, n), np.nan)
     for i, row in enumerate(acc_matrix):
         a[i, :len(row)] = row
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.8 + 0.5 * n))
+    fig, ax = plt.subplots(figsize=(max(4.4, 1.0 + 0.55 * n), max(3.6, 0.8 + 0.5 * n)))  # min: title fits
     im = ax.imshow(100 * a, vmin=0, vmax=100, cmap="viridis")
     for i in range(n):
         for j in range(i + 1):

@@ -18,6 +18,11 @@ _METHODS = {
 }
 
 
+def known() -> list[str]:
+    """Every registered method name, whether or not its module is present in this build."""
+    return list(_METHODS)
+
+
 def available() -> list[str]:
     """Names of the methods whose module is present."""
     return [n for n, target in _METHODS.items() if importlib.util.find_spec(target.split(":")[0]) is not None]

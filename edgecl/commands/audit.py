@@ -1,0 +1,25 @@
+"""`edgecl audit ARTIFACT --budget 32MiB [--batch 8] [--device cpu|cuda] [--json] [--plot out.png]`.
+Exit 0 when the artifact fits the budget, 1 when it does not, 2 on bad input."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", help="artifact file (model.edgecl)")
+    p.add_argument("--budget", required=True, help="memory budget, e.g. 32MiB, 1.5GB, or bytes")
+    p.add_argument("--batch", type=int, default=8, help="inference batch the activations are sized for")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.add_argument("--plot", help="write a PNG: bytes against task count, and the resident breakdown")
+
+
+def main(args: argparse.Namespace) -> int:
+    from edgecl.runtime.audit import audit, budget_summary, plot
+
+    report = audit(args.artifact, args.budget, args.batch, args.device)
+    if args.plot:
+        report["plot"] = str(plot(report, args.plot))
+    print(json.dumps(report, indent=2, default=str) if args.json else budget_summary(report))
+    return 0 if report["fits"] else 1

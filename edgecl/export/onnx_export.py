@@ -1,0 +1,183 @@
+"""Per-task ONNX export: one self-contained graph per task (its weights folded in by `materialize`, its head, a
+dynamic batch, opset 17), structurally compacted where masks are structured, optionally with fp16 weights; plus one
+switchable graph for the runtime and a small `index.json` naming everything.
+
+Every file is written atomically (temporary file, then rename), and `index.json` last, so an interrupted export
+never leaves an index pointing at a half-written graph.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgecl import __version__
+from edgecl.arch import Arch
+from edgecl.errors import UsageError
+from edgecl.export.compact import CompactionReport, compact_task, count_params
+from edgecl.export.onnx_graph import INPUT, OPSET, OUTPUT, build_onnx, tensor_names
+from edgecl.export.source import ModelSource, open_source, select_tasks
+
+INDEX = "index.json"
+SWITCHABLE = "switchable.onnx"
+FORMAT, FORMAT_VERSION = "edgecl-onnx-export", 1
+COMPACT_TOLERANCE = 1e-4  # max |Δ logits| allowed between compacted and dense graphs (relative to scale ≥ 1)
+
+
+def task_file(t: int) -> str:
+    """File name of task t's graph; indices, not task names, so a name can never become a path."""
+    return f"task_{t:03d}.onnx"
+
+
+def export_onnx(source: Any, out_dir: str | os.PathLike, tasks: str | list | None = "all", fp16: bool = False,
+                compact: bool = True, *, switchable: bool = True, verify: bool = True,
+                progress: bool = True) -> dict[str, Any]:
+    """Write one ONNX file per selected task, the switchable graph and `index.json` into `out_dir`; return the index.
+
+    `source`: artifact path, `Artifact` or `PackedModel`. `tasks`: 'all', '0,3', '2-5', names, or a list.
+    `compact`: remove provably dead units (see `edgecl.export.compact`); with `verify`, each compacted graph is run
+    against its dense graph in ONNX Runtime on seeded inputs and replaced by the dense one if they disagree.
+    `fp16`: weights stored in float16, input and output stay float32."""
+    src = open_source(source)
+    indices = select_tasks(tasks, src)
+    out = _prepare_dir(out_dir)
+    entries = [_export_task(src, t, out, fp16, compact, verify) for t in task_progress(indices, progress, src)]
+    index: dict[str, Any] = {
+        "format": FORMAT, "version": FORMAT_VERSION, "edgecl_version": __version__, "source": src.origin,
+        "method": src.method, "arch": src.arch.get("name", "custom"), "opset": OPSET, "fp16": fp16,
+        "compact": compact, "input": {"name": INPUT, "shape": ["batch", *src.arch["input_shape"]],
+                                      "dtype": "float32"},
+        "output": {"name": OUTPUT, "shape": ["batch", "classes"], "dtype": "float32"}, "tasks": entries}
+    if switchable:
+        model = build_onnx(src.arch, weights_as_inputs=True, graph_name=f"{src.arch.get('name', 'edgecl')}_switch")
+        onnx.checker.check_model(model, full_check=True)
+        write_atomic(out / SWITCHABLE, model.SerializeToString())
+        index["switchable"] = {"file": SWITCHABLE, "tensors": tensor_names(src.arch), "dtype": "float32"}
+    write_atomic(out / INDEX, (json.dumps(index, indent=1) + "\n").encode())
+    return index
+
+
+def task_model(arch: Arch, params: dict[str, np.ndarray], *, compact: bool = True, fp16: bool = False,
+               verify: bool = True, name: str = "task") -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """One task's folded (and optionally compacted / fp16) ONNX model, checked, plus what was done to it.
+    The runtime may call this directly to build compact per-task sessions in memory."""
+    dense_model = build_onnx(arch, params, graph_name=name)
+    model, report = dense_model, None
+    if compact:
+        c_arch, c_params, report = compact_task(arch, params)
+        if report.params_compact < report.params_dense:
+            model = build_onnx(c_arch, c_params, graph_name=name)
+            if verify:
+                model, report = _verified(model, dense_model, arch, report)
+        elif report.compacted:
+            report.compacted, report.reason = False, "nothing to remove"
+            report.params_compact = report.params_dense
+    if fp16:
+        model = weights_to_fp16(model)
+    onnx.checker.check_model(model, full_check=True)
+    dense = count_params(params)
+    info = {"params_dense": dense, "params_compact": report.params_compact if report else dense,
+            "compaction": report.to_json() if report else None}
+    return model, info
+
+
+def weights_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Store every weight matrix/filter in float16 and cast it back to float32 inside the graph: half the bytes,
+    float32 input and output, runnable on any backend (ONNX Runtime CPU folds the casts at session start).
+    Vectors (biases, BatchNorm statistics, the input selection) stay as they are: they are tiny and precision-prone."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    casts, keep = [], []
+    for init in graph.initializer:
+        if init.data_type == TensorProto.FLOAT and len(init.dims) >= 2:
+            half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), f"{init.name}.fp16")
+            keep.append(half)
+            casts.append(helper.make_node("Cast", [half.name], [init.name], name=f"cast_{init.name}",
+                                          to=TensorProto.FLOAT))
+        else:
+            keep.append(init)
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(casts + nodes)
+    return out
+
+
+def _export_task(src: ModelSource, t: int, out: Path, fp16: bool, compact: bool, verify: bool) -> dict[str, Any]:
+    info = src.tasks[t]
+    params = src.materialize(t)
+    model, stats = task_model(src.arch, params, compact=compact, fp16=fp16, verify=verify, name=f"task_{t}")
+    data = model.SerializeToString()
+    write_atomic(out / task_file(t), data)
+    return {"index": t, "name": info.name, "n_classes": int(info.n_classes), "file": task_file(t),
+            "bytes": len(data), **stats}
+
+
+def _verified(model: onnx.ModelProto, dense: onnx.ModelProto, arch: Arch,
+              report: CompactionReport) -> tuple[onnx.ModelProto, CompactionReport]:
+    """Compare compacted and dense logits in ONNX Runtime; keep the dense graph if they differ (a safety net: the
+    tests hold compaction to the same bound, this guards shapes the tests never saw)."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:  # exporting on a machine without a runtime: the tests cover compaction
+        return model, report
+    x = np.random.default_rng(0).random((8, *arch["input_shape"]), dtype=np.float32)
+    y = [run_onnx(m, x) for m in (dense, model)]
+    err = float(np.abs(y[0] - y[1]).max())
+    if err <= COMPACT_TOLERANCE * max(1.0, float(np.abs(y[0]).max())):
+        return model, report
+    report.compacted, report.reason = False, f"rejected: compacted logits differ by {err:.3g}; kept dense"
+    report.params_compact = report.params_dense
+    return dense, report
+
+
+def run_onnx(model: onnx.ModelProto | str | os.PathLike, x: np.ndarray) -> np.ndarray:
+    """Logits of an exported graph on ONNX Runtime's CPU provider (one thread): the reference the checks use."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    return session.run(None, {INPUT: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+def _prepare_dir(out_dir: str | os.PathLike) -> Path:
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create output folder {out}: {exc.strerror or exc}") from None
+    if not os.access(out, os.W_OK):
+        raise UsageError(f"output folder {out} is not writable")
+    return out
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def task_progress(items: list, enabled: bool, src: ModelSource) -> Iterable:
+    """A tqdm bar over tasks (exports of many tasks take a while); plain iteration where tqdm is missing."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # device installs may lack tqdm; export still works, silently
+        return items
+    return tqdm(items, desc=f"export {src.arch.get('name', 'model')}", unit="task", disable=not enabled,
+                dynamic_ncols=True)

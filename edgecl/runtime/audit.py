@@ -1,0 +1,236 @@
+"""Memory budget audit of an artifact: does it fit a device, and where do the bytes go?
+
+Static part (disk): bytes per component and per task, bits per parameter, the same tasks as N separate dense fp32
+models, and a projection of size against task count. Resident part (RAM while running): base weights, task masks,
+cached tasks, session + workspace, activations at a batch — predicted from the runtime's budget ledger (the same
+numbers the runtime enforces) and measured as the process RSS increase while the runtime is built and runs one batch.
+
+ONNX Runtime's Python API exposes no allocator statistics for the CPU arena, so the measured side is RSS; on CUDA the
+device memory is read through ONNX Runtime where it exposes it (unverified here: no onnxruntime-gpu on our machines).
+"""
+from __future__ import annotations
+
+import gc
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgecl.arch import param_shapes
+from edgecl.deltas import PackedModel
+from edgecl.errors import BudgetError, UsageError
+from edgecl.runtime.budget import format_bytes, parse_budget
+
+
+def process_rss() -> int | None:
+    """Resident set size of this process in bytes (psutil, else /proc), or None where neither exists."""
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except ImportError:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return None
+
+
+def dense_params(packed: PackedModel, t: int) -> int:
+    """Parameters of task t as one dense model (trunk + its head)."""
+    return sum(int(np.prod(s)) for s in param_shapes(packed.arch, packed.tasks[t].n_classes).values())
+
+
+def static_audit(packed: PackedModel, path: str | Path | None = None) -> dict[str, Any]:
+    """Bytes per component (shared tensors) and per task, on disk where a file is given, else in memory."""
+    shared = {name: int(a.nbytes) for name, a in packed.base.items()}
+    per_task = [int(sum(a.nbytes for a in tt.values())) for tt in packed.task_tensors]
+    disk = None
+    inspected = None
+    if path is not None:
+        disk = Path(path).stat().st_size
+        inspected = _inspect(path)
+    total = disk if disk is not None else sum(shared.values()) + sum(per_task)
+    dense = [dense_params(packed, t) for t in range(packed.n_tasks)]
+    n = packed.n_tasks
+    marginal = _marginal_task_bytes(per_task)
+    fixed = total - marginal * n
+    return {
+        "tasks": n, "file_bytes": disk, "total_bytes": total, "shared_bytes": shared, "task_bytes": per_task,
+        "inspect": inspected, "params_one_model": dense[0], "bits_per_param": 8 * total / dense[0],
+        "bits_per_param_per_task": 8 * total / sum(dense), "separate_dense_bytes": 4 * sum(dense),
+        "one_dense_bytes": 4 * dense[0], "bytes_per_added_task": marginal, "fixed_bytes": fixed,
+    }
+
+
+def _inspect(path: str | Path) -> Any:
+    """The artifact module's own per-component table, where that module provides one."""
+    try:
+        from edgecl import artifact
+    except ImportError:
+        return None
+    inspect = getattr(artifact, "inspect", None)
+    if inspect is None:
+        return None
+    report = inspect(path)
+    return report if isinstance(report, (dict, list)) else getattr(report, "__dict__", str(report))
+
+
+def _marginal_task_bytes(per_task: list[int]) -> float:
+    """Bytes one more task adds: the mean of the later tasks' own bytes (task 0 often also carries shared state)."""
+    later = per_task[1:] or per_task
+    return float(sum(later) / len(later)) if later else 0.0
+
+
+def resident_audit(source: Any, batch: int = 8, device: str = "cpu", strategy: str = "inplace",
+                   cache_tasks: int = 1) -> dict[str, Any]:
+    """Predicted and measured resident bytes of a runtime serving `source` at `batch`.
+
+    The measurement is the RSS increase from before loading to after every cache slot has served one batch; it is
+    meaningful in a fresh process (the CLI's case). An in-memory PackedModel is already resident, so its tensors
+    are excluded from the comparison. The loaded model is returned under "packed" for the static part."""
+    from edgecl.runtime import session
+    from edgecl.runtime.session import TaskRuntime, activation_bytes
+
+    paid = session._environment["charged"]  # this process already holds ONNX Runtime's one-off cost
+    if isinstance(source, (str, Path)):
+        import edgecl.artifact  # noqa: F401 - code, not model memory: keep its import out of the measurement
+    gc.collect()
+    before = process_rss()
+    runtime = TaskRuntime(source, device=device, strategy=strategy, cache_tasks=cache_tasks, max_batch=batch,
+                          charge_environment=True)
+    x = np.zeros((batch, *runtime.input_shape), np.float32)
+    for t in range(max(1, min(runtime.n_slots, runtime.n_tasks))):  # every cache slot resident, as in service
+        runtime.infer(x, task=t)
+    gc.collect()
+    after = process_rss()
+    predicted = dict(runtime.ledger.items)
+    preloaded = isinstance(source, PackedModel)
+    skip = {"model tensors"} if preloaded else set()
+    skip |= {"onnxruntime environment"} if paid else set()
+    compared = sum(v for k, v in predicted.items() if k not in skip)
+    measured = None if before is None or after is None else after - before
+    own = sum(a.nbytes for tt in runtime.packed.task_tensors for a in tt.values())
+    return {
+        "strategy": runtime.strategy, "providers": runtime.providers, "batch": batch, "predicted": predicted,
+        "predicted_total": sum(predicted.values()), "predicted_compared": compared, "measured_rss_increase": measured,
+        "relative_error": (compared - measured) / measured if measured and measured > 0 else None,
+        "slot_bytes": runtime._slot_bytes() if runtime.strategy == "inplace" else 0,
+        "resident_bytes_per_task": (own + predicted.get("task masks", 0)) / runtime.n_tasks,
+        "activation_bytes": activation_bytes(runtime.arch, batch, max(i.n_classes for i in runtime.packed.tasks)),
+        "cuda": _cuda_memory(device), "packed": runtime.packed,
+    }
+
+
+def _cuda_memory(device: str) -> Any:
+    if device != "cuda":
+        return None
+    return "not measured: ONNX Runtime's Python API exposes no device allocator statistics (unverified path)"
+
+
+def audit(artifact: Any, budget: int | str, batch: int = 8, device: str = "cpu") -> dict[str, Any]:
+    """Full audit against a budget: static + resident, whether it fits, and how many more tasks would fit."""
+    limit = parse_budget(budget)
+    if limit is None:
+        raise UsageError("audit needs a budget, e.g. 32MiB")
+    if not isinstance(batch, int) or batch < 1:
+        raise UsageError(f"batch must be a positive int, got {batch!r}")
+    path = artifact if isinstance(artifact, (str, Path)) else getattr(artifact, "path", None)
+    resident = resident_audit(artifact, batch, device)
+    packed = resident.pop("packed")
+    static = static_audit(packed, path)
+    need = max(resident["predicted_total"], resident["measured_rss_increase"] or 0)
+    grow = resident["resident_bytes_per_task"]
+    more = math.floor((limit - need) / grow) if grow > 0 and need <= limit else 0
+    slots = (limit - need) // resident["slot_bytes"] + 1 if resident["slot_bytes"] and need <= limit else 0
+    return {"budget": limit, "fits": need <= limit, "needed": need, "more_tasks_fit": more,
+            "tasks_cacheable": int(min(slots, packed.n_tasks)), "static": static, "resident": resident}
+
+
+def budget_summary(report_or_artifact: Any, budget: int | str | None = None, batch: int = 8,
+                   device: str = "cpu") -> str:
+    """A short human summary of an audit: pass `audit(...)`'s report, or an artifact and a budget to audit now
+    (the demo's call)."""
+    if isinstance(report_or_artifact, dict) and "static" in report_or_artifact:
+        report = report_or_artifact
+    else:
+        if budget is None:
+            raise UsageError("budget_summary needs a budget when given an artifact")
+        report = audit(report_or_artifact, budget, batch, device)
+    s, r = report["static"], report["resident"]
+    lines = [
+        f"budget {format_bytes(report['budget'])}: {'FITS' if report['fits'] else 'DOES NOT FIT'} "
+        f"(needs {format_bytes(report['needed'])} resident at batch {r['batch']})",
+        f"  artifact {format_bytes(s['total_bytes'])} for {s['tasks']} tasks = {s['bits_per_param']:.2f} bits per "
+        f"parameter of one model; {s['tasks']} separate dense models: {format_bytes(s['separate_dense_bytes'])} "
+        f"({s['separate_dense_bytes'] / s['total_bytes']:.1f}x larger)",
+        f"  each added task: +{format_bytes(s['bytes_per_added_task'])} on disk, "
+        f"+{format_bytes(r['resident_bytes_per_task'])} resident; {report['more_tasks_fit']} more tasks fit",
+        "  resident (predicted): " + ", ".join(f"{k} {format_bytes(v)}" for k, v in r["predicted"].items()),
+    ]
+    if r["relative_error"] is not None:
+        lines.append(f"  measured RSS increase {format_bytes(r['measured_rss_increase'])} "
+                     f"(prediction off by {100 * r['relative_error']:+.1f}%)")
+    elif r["measured_rss_increase"] is not None:
+        lines.append(f"  measured RSS increase {format_bytes(r['measured_rss_increase'])} (this process had already "
+                     "paid for ONNX Runtime; measure in a fresh process, as `edgecl audit` does)")
+    lines.append(f"  tasks that can stay cached (no copy on switch): {report['tasks_cacheable']}")
+    return "\n".join(lines)
+
+
+def print_budget_summary(artifact: Any, budget: int | str, batch: int = 8, device: str = "cpu") -> dict[str, Any]:
+    """Audit and print the summary; returns the report."""
+    report = audit(artifact, budget, batch, device)
+    print(budget_summary(report))
+    return report
+
+
+def projection(static: dict[str, Any], up_to: int) -> tuple[list[int], list[float], list[float]]:
+    """Task counts 1..up_to with projected artifact bytes and N-separate-dense-models bytes."""
+    counts = list(range(1, up_to + 1))
+    ours = [static["fixed_bytes"] + n * static["bytes_per_added_task"] for n in counts]
+    separate = [n * static["one_dense_bytes"] for n in counts]
+    return counts, ours, separate
+
+
+def plot(report: dict[str, Any], out: str | Path) -> Path:
+    """PNG: bytes against task count (ours vs separate models, budget line) and the resident breakdown."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--plot needs matplotlib (pip install 'edgecl[train]' or matplotlib)") from None
+    static, resident = report["static"], report["resident"]
+    counts, ours, separate = projection(static, max(2 * static["tasks"], 20))
+    resident_now, per_task = report["needed"], resident["resident_bytes_per_task"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    mib = 1024 ** 2
+    left.plot(counts, [b / mib for b in ours], label="artifact on disk (projected)")
+    left.plot(counts, [b / mib for b in separate], label="separate dense fp32 models on disk", linestyle="--")
+    left.plot(counts, [(resident_now + (n - static["tasks"]) * per_task) / mib for n in counts],
+              label=f"resident at batch {resident['batch']} (projected)", linestyle="-.")
+    left.axhline(report["budget"] / mib, color="red", linewidth=1, label="memory budget")
+    left.axvline(static["tasks"], color="grey", linewidth=0.8, linestyle=":")
+    left.set(xlabel="tasks", ylabel="MiB", title="bytes against task count")
+    left.legend(loc="center right", fontsize=8)
+    names = list(resident["predicted"])
+    values = [resident["predicted"][k] / mib for k in names]
+    right.barh(names, values)
+    if resident["measured_rss_increase"] is not None:
+        right.axvline(resident["measured_rss_increase"] / mib, color="black", linestyle="--",
+                      label="measured RSS increase")
+        right.legend()
+    right.set(xlabel="MiB resident", title=f"resident at batch {resident['batch']} ({resident['strategy']})")
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+__all__ = ["audit", "budget_summary", "print_budget_summary", "plot", "process_rss", "static_audit",
+           "resident_audit", "BudgetError"]

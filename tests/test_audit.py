@@ -1,0 +1,113 @@
+"""`edgecl audit` and `edgecl run` on real artifact files: exit codes, the static figures, the plot, and the
+resident prediction against the measured RSS increase of a fresh process."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edgecl.arch import param_shapes, preset
+from edgecl.cli import main as cli
+from edgecl.deltas import materialize
+from edgecl.runtime import TaskRuntime
+from edgecl.runtime.audit import audit, budget_summary
+from edgecl.runtime.synthetic import random_packed
+
+artifact = pytest.importorskip("edgecl.artifact")
+
+
+@pytest.fixture(scope="module")
+def demo_like(tmp_path_factory):
+    """The demo's shape: LPS-structured masks on the default MLP, 10 tasks."""
+    path = tmp_path_factory.mktemp("audit") / "model.edgecl"
+    packed = random_packed(preset("mlp"), n_tasks=10, shape="lps")
+    artifact.save(packed, path)
+    return path, packed
+
+
+def edgecl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgecl.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_exit_codes(demo_like, tmp_path):
+    path, _ = demo_like
+    assert cli(["audit", str(path), "--budget", "64MiB"]) == 0
+    assert cli(["audit", str(path), "--budget", "2MiB"]) == 1
+    assert cli(["audit", str(tmp_path / "missing.edgecl"), "--budget", "64MiB"]) == 2
+    assert cli(["audit", str(path), "--budget", "lots"]) == 2
+    assert cli(["audit", str(path), "--budget", "64MiB", "--batch", "0"]) == 2
+    assert cli(["audit", str(path), "--budget", "64MiB", "--device", "gpu"]) == 2
+    junk = tmp_path / "junk.edgecl"
+    junk.write_bytes(path.read_bytes()[:1000])
+    assert cli(["audit", str(junk), "--budget", "64MiB"]) == 2
+
+
+def test_prediction_within_15_percent_of_measured_rss(demo_like, tmp_path):
+    """Fresh process, as on a device: predicted resident bytes vs the measured RSS increase."""
+    path, _ = demo_like
+    done = edgecl("audit", str(path), "--budget", "64MiB", "--json", "--plot", str(tmp_path / "audit.png"))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    resident = report["resident"]
+    assert resident["measured_rss_increase"] > 0
+    assert abs(resident["relative_error"]) <= 0.15, resident
+    png = (tmp_path / "audit.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_static_figures(demo_like):
+    path, packed = demo_like
+    report = audit(path, "64MiB", batch=4)
+    static = report["static"]
+    dense = sum(int(np.prod(s)) for s in param_shapes(packed.arch, 10).values())
+    assert static["file_bytes"] == path.stat().st_size == static["total_bytes"]
+    assert static["separate_dense_bytes"] == 4 * sum(
+        sum(int(np.prod(s)) for s in param_shapes(packed.arch, t.n_classes).values()) for t in packed.tasks)
+    assert static["params_one_model"] == dense
+    assert static["bits_per_param"] == pytest.approx(8 * path.stat().st_size / dense)
+    assert len(static["task_bytes"]) == 10 and static["bytes_per_added_task"] > 0
+    assert report["fits"] and report["more_tasks_fit"] > 0
+    assert report["resident"]["activation_bytes"] > 0
+    text = budget_summary(report)
+    assert "FITS" in text and "separate dense models" in text
+    assert "FITS" in budget_summary(path, "64MiB")  # the demo's call: artifact + budget
+    tight = audit(path, report["needed"] // 2)
+    assert not tight["fits"] and tight["more_tasks_fit"] == 0
+
+
+def test_run_command(demo_like, tmp_path):
+    path, packed = demo_like
+    x = np.random.default_rng(0).standard_normal((6, 1, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "y.npy"
+    assert cli(["run", str(path), "--task", "task3", "--input", str(tmp_path / "x.npy"), "--output", str(out)]) == 0
+    y = np.load(out, allow_pickle=False)
+    expected = TaskRuntime(packed, cache_tasks=1).infer(x, task=3)
+    np.testing.assert_allclose(y, expected, atol=1e-6)
+    w = materialize(packed, 3)
+    h = np.maximum(x.reshape(6, -1) @ w["fc1.weight"].T + w["fc1.bias"], 0)
+    h = np.maximum(h @ w["fc2.weight"].T + w["fc2.bias"], 0)
+    np.testing.assert_allclose(y, h @ w["head.weight"].T + w["head.bias"], atol=1e-4)
+
+
+@pytest.mark.parametrize("setup,message", [
+    (lambda d: np.save(d / "x.npy", np.zeros((2, 64), np.float32)), "expected (batch, 1, 8, 8)"),
+    (lambda d: np.save(d / "x.npy", np.array([{"a": 1}], dtype=object)), "not a readable .npy"),
+    (lambda d: (d / "x.npy").write_bytes(b"not numpy"), "not a readable .npy"),
+    (lambda d: None, "does not exist"),
+])
+def test_run_command_bad_inputs(demo_like, tmp_path, setup, message):
+    path, _ = demo_like
+    setup(tmp_path)
+    done = edgecl("run", str(path), "--task", "0", "--input", str(tmp_path / "x.npy"))
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_run_command_unknown_task(demo_like, tmp_path):
+    path, _ = demo_like
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 8, 8), np.float32))
+    done = edgecl("run", str(path), "--task", "task99", "--input", str(tmp_path / "x.npy"))
+    assert done.returncode == 2 and "unknown task 'task99'" in done.stderr

@@ -1,0 +1,200 @@
+"""Structural compaction: hand-built cases with known answers, real delta kinds (LPS columns/rows, AGS-CL-style node
+masks), BatchNorm, residual specs, and a property test over random sequential specs. Every compacted graph is run in
+ONNX Runtime against the dense folded graph (the issue's bound: 1e-4)."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from edgecl.arch import param_shapes, preset, validate
+from edgecl.deltas import PackedModel, TaskInfo, check_consistent, materialize
+from edgecl.export import compact_task, count_params
+from edgecl.export.onnx_export import run_onnx
+from edgecl.export.onnx_graph import build_onnx
+from edgecl.export.synthetic import structured_lps_model
+
+TOL = 1e-4
+
+
+def _inputs(arch, n=16, seed=0):
+    return np.random.default_rng(seed).random((n, *arch["input_shape"]), dtype=np.float32)
+
+
+def _assert_same_logits(arch, params, c_arch, c_params, seed=0):
+    x = _inputs(arch, seed=seed)
+    dense = run_onnx(build_onnx(arch, params), x)
+    small = run_onnx(build_onnx(c_arch, c_params), x)
+    assert np.abs(dense - small).max() <= TOL * max(1.0, np.abs(dense).max())
+
+
+def _random_params(arch, n_classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in param_shapes(arch, n_classes).items():
+        if name.endswith("running_var"):
+            out[name] = rng.uniform(0.5, 2.0, shape).astype(np.float32)
+        else:
+            out[name] = rng.standard_normal(shape).astype(np.float32)
+    return out
+
+
+def _mlp(sizes, n_in):
+    layers, prev = [], n_in
+    for i, n in enumerate(sizes):
+        layers += [{"op": "linear", "name": f"l{i}", "in": prev, "out": n}, {"op": "relu"}]
+        prev = n
+    return validate({"name": "tiny", "input_shape": [n_in], "layers": layers})
+
+
+def test_hand_built_mlp_removes_exactly_the_dead_units():
+    arch = _mlp([5, 4], 6)
+    p = _random_params(arch)
+    p["l0.weight"][0] = 0; p["l0.bias"][0] = -1.0     # constant 0 after ReLU → removed
+    p["l0.weight"][1] = 0; p["l0.bias"][1] = 0.5      # constant 0.5 → folded into l1.bias, removed
+    p["l1.weight"][:, 2] = 0                          # unit 2 of l0 unread → removed
+    p["l0.weight"][:, 3] = 0                          # input 3 unread → gathered away
+    p["l1.weight"][3] = 0; p["l1.bias"][3] = 0.2      # constant 0.2 → folded into the head bias
+    c_arch, c_params, report = compact_task(arch, p)
+    assert report.layers == {"l0": [5, 2], "l1": [4, 3]}
+    assert c_arch["input_select"] == [0, 1, 2, 4, 5] and report.inputs_kept == [5, 6]
+    assert report.folded_units == 2
+    assert c_params["l1.weight"].shape == (3, 2) and c_params["head.weight"].shape == (3, 3)
+    assert report.params_compact == count_params(c_params) < report.params_dense == count_params(p)
+    _assert_same_logits(arch, p, c_arch, c_params)
+
+
+def test_removal_cascades_to_a_fixed_point():
+    arch = _mlp([4, 3], 5)
+    p = _random_params(arch)
+    p["head.weight"][:, 1] = 0          # l1 unit 1 unread by the head …
+    p["l1.weight"][:, 2] = 0            # … and l0 unit 2 is read only by l1 unit 1
+    p["l1.weight"][1, 2] = 1.0
+    c_arch, c_params, report = compact_task(arch, p)
+    assert report.layers == {"l0": [4, 3], "l1": [3, 2]}
+    assert report.rounds >= 3  # second round finds l0 unit 2, third finds nothing
+    _assert_same_logits(arch, p, c_arch, c_params)
+
+
+def test_dense_task_is_left_alone():
+    arch = preset("mlp")
+    p = _random_params(arch, 10)
+    c_arch, c_params, report = compact_task(arch, p)
+    assert report.params_compact == report.params_dense and "input_select" not in c_arch
+
+
+def test_conv_units_before_padded_conv_stay_unless_constant_zero():
+    arch = preset("lenet")
+    p = _random_params(arch, 10)
+    p["conv1.weight"][0] = 0; p["conv1.bias"][0] = 0.7   # constant 0.7 into conv2 with pad 1: must stay
+    p["conv1.weight"][1] = 0; p["conv1.bias"][1] = -0.3  # ReLU makes it 0: removed
+    p["conv2.weight"][:, 5] = 0                         # conv1 channel 5 unread: removed
+    p["conv2.weight"][3] = 0; p["conv2.bias"][3] = 0.4  # constant into flatten → fc1: folded
+    p["fc1.weight"][:, 4 * 7:4 * 8] = 0                 # conv2 channel 7 unread through the flatten repeat (2×2)
+    c_arch, c_params, report = compact_task(arch, p)
+    assert report.layers["conv1"] == [20, 18] and report.layers["conv2"] == [50, 48]
+    assert c_params["conv2.weight"].shape == (48, 18, 3, 3) and c_params["fc1.weight"].shape == (256, 48 * 4)
+    assert report.folded_units >= 1
+    _assert_same_logits(arch, p, c_arch, c_params)
+
+
+def test_batchnorm_channels_fold_through_unpadded_conv():
+    arch = validate({"name": "bnnet", "input_shape": [2, 6, 6], "layers": [
+        {"op": "conv", "name": "c1", "in": 2, "out": 6, "k": 3, "pad": 1, "bias": False},
+        {"op": "bn", "name": "bn1", "ch": 6}, {"op": "relu"},
+        {"op": "conv", "name": "c2", "in": 6, "out": 5, "k": 3, "pad": 0, "bias": False},
+        {"op": "bn", "name": "bn2", "ch": 5}, {"op": "relu"}, {"op": "gap"},
+        {"op": "linear", "name": "fc", "in": 5, "out": 4}, {"op": "relu"}]})
+    p = _random_params(arch)
+    p["bn1.running_mean"][[1, 4]] = 0; p["bn1.bias"][[1, 4]] = [0.5, 0.8]  # BN of a zero filter: constant > 0
+    p["c1.weight"][[1, 4]] = 0                      # → folded into a new c2 bias (c2 has no padding)
+    p["bn2.running_mean"][2] = 0; p["bn2.bias"][2] = 0.3
+    p["c2.weight"][2] = 0                           # → constant through bn2/relu/gap, folded into fc.bias
+    c_arch, c_params, report = compact_task(arch, p)
+    assert report.layers["c1"] == [6, 4] and report.layers["c2"] == [5, 4]
+    assert c_params["bn1.running_mean"].shape == (4,) and c_arch["layers"][1]["ch"] == 4
+    assert "c2.bias" in c_params and report.folded_units == 3
+    _assert_same_logits(arch, p, c_arch, c_params)
+
+
+def test_residual_specs_stay_dense_and_correct():
+    arch = preset("resnet")
+    p = _random_params(arch, 10)
+    p["b1.conv1.weight"][0] = 0
+    c_arch, c_params, report = compact_task(arch, p)
+    assert not report.compacted and "residual" in report.reason
+    _assert_same_logits(arch, p, c_arch, c_params)
+
+
+@pytest.mark.parametrize("name,unit", [("mlp", "column"), ("lenet", "row"), ("mlp", "row")])
+def test_structured_lps_task_gets_smaller_with_same_logits(name, unit):
+    packed = structured_lps_model(preset(name), 0.5, unit=unit, seed=1)
+    check_consistent(packed)
+    params = materialize(packed, 0)
+    c_arch, c_params, report = compact_task(packed.arch, params)
+    assert report.params_compact < 0.6 * report.params_dense
+    _assert_same_logits(packed.arch, params, c_arch, c_params)
+
+
+def test_node_masks_remove_dead_nodes():
+    """AGS-CL's deployment form: per-task node bit vectors select a sub-network."""
+    arch = preset("lenet")
+    base = _random_params(arch, 10)
+    rng = np.random.default_rng(3)
+    alive = {n: rng.random(arch["layers"][i]["out"]) < 0.6
+             for i, n in ((0, "conv1"), (3, "conv2"), (7, "fc1"))}
+    params = {"conv1.weight": {"kind": "node", "rows": "conv1"}, "conv1.bias": {"kind": "node", "rows": "conv1"},
+              "conv2.weight": {"kind": "node", "rows": "conv2", "cols": "conv1"},
+              "conv2.bias": {"kind": "node", "rows": "conv2"},
+              "fc1.weight": {"kind": "node", "rows": "fc1", "cols": "conv2", "repeat": 4},
+              "fc1.bias": {"kind": "node", "rows": "fc1"},
+              "head.weight": {"kind": "task"}, "head.bias": {"kind": "task"}}
+    trunk = {k: v for k, v in base.items() if not k.startswith("head")}
+    tensors = {"head.weight": base["head.weight"], "head.bias": base["head.bias"],
+               **{f"nodes:{n}": m for n, m in alive.items()}}
+    packed = PackedModel(arch, "agscl", {}, params, trunk, [TaskInfo("t0", 10)], [tensors])
+    check_consistent(packed)
+    p = materialize(packed, 0)
+    c_arch, c_params, report = compact_task(arch, p)
+    assert report.layers["conv2"][1] <= int(alive["conv2"].sum())
+    assert report.layers["fc1"][1] == int(alive["fc1"].sum())
+    _assert_same_logits(arch, p, c_arch, c_params)
+
+
+@st.composite
+def _sequential_case(draw):
+    """A random small sequential spec (conv stack or MLP, optional BN, pads 0/1) with random structured zeros."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    channels = draw(st.integers(1, 3))
+    layers, shape = [], [channels, 6, 6]
+    for i in range(draw(st.integers(0, 2))):
+        out, pad = draw(st.integers(1, 5)), draw(st.sampled_from([0, 1]))
+        layers.append({"op": "conv", "name": f"c{i}", "in": shape[0], "out": out, "k": 3, "pad": pad,
+                       "bias": draw(st.booleans())})
+        if draw(st.booleans()):
+            layers.append({"op": "bn", "name": f"bn{i}", "ch": out})
+        layers.append({"op": "relu"})
+        shape = [out, shape[1] + 2 * pad - 2, shape[2] + 2 * pad - 2]
+    layers.append({"op": draw(st.sampled_from(["flatten", "gap"]))})
+    flat = shape[0] * shape[1] * shape[2] if layers[-1]["op"] == "flatten" else shape[0]
+    for i in range(draw(st.integers(1, 2))):
+        out = draw(st.integers(1, 6))
+        layers += [{"op": "linear", "name": f"l{i}", "in": flat, "out": out}, {"op": "relu"}]
+        flat = out
+    arch = validate({"name": "rand", "input_shape": [channels, 6, 6], "layers": layers})
+    p = _random_params(arch, seed=seed)
+    for name, w in p.items():
+        if w.ndim >= 2 and not name.startswith("head"):
+            w[rng.random(w.shape[0]) < 0.3] = 0                  # dead rows / filters
+            w[:, rng.random(w.shape[1]) < 0.3] = 0               # unread inputs
+        elif name.endswith(".bias"):
+            w[rng.random(w.shape) < 0.3] = 0                     # some exact-zero biases
+    return arch, p
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_sequential_case())
+def test_random_sequential_specs_compact_exactly(case):
+    arch, p = case
+    c_arch, c_params, report = compact_task(arch, p)
+    assert report.params_compact <= report.params_dense  # a removed unit always outweighs a bias it may add
+    _assert_same_logits(arch, p, c_arch, c_params)

@@ -1,0 +1,56 @@
+"""8 threads × 1,000 calls with random tasks: every output equals that task's reference, and nothing deadlocks."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edgecl.arch import preset
+from edgecl.deltas import materialize
+from edgecl.export.onnx_graph import build_onnx
+from edgecl.runtime import TaskRuntime
+from edgecl.runtime.synthetic import random_packed
+
+THREADS, CALLS = 8, 1000
+
+
+@pytest.mark.parametrize("strategy,cache", [("inplace", 2), ("inplace", 1), ("sessions", None)])
+def test_threads_with_random_tasks(strategy, cache):
+    packed = random_packed(preset("mlp"), n_tasks=5, classes=(10, 4, 6))
+    inputs = np.random.default_rng(3).standard_normal((16, 2, 1, 8, 8)).astype(np.float32)
+    expected = [[ort.InferenceSession(build_onnx(packed.arch, materialize(packed, t)).SerializeToString(),
+                                      providers=["CPUExecutionProvider"]).run(None, {"x": x})[0] for x in inputs]
+                for t in range(packed.n_tasks)]
+    runtime = TaskRuntime(packed, strategy=strategy, cache_tasks=cache, threads=1)
+    failures: list[str] = []
+    done = [0] * THREADS
+
+    def worker(k: int) -> None:
+        rng = np.random.default_rng(100 + k)
+        try:
+            for _ in range(CALLS):
+                t, i = int(rng.integers(packed.n_tasks)), int(rng.integers(len(inputs)))
+                if rng.random() < 0.1:
+                    runtime.switch(t)  # the shared default moves under other threads; they pass task= anyway
+                y = runtime.infer(inputs[i], task=t)
+                if y.shape != expected[t][i].shape or not np.allclose(y, expected[t][i], atol=1e-5, rtol=0):
+                    failures.append(f"thread {k}: task {t} input {i} differs")
+                done[k] += 1
+        except Exception as exc:  # noqa: BLE001 - any exception is a failure to report
+            failures.append(f"thread {k}: {exc!r}")
+
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(THREADS)]
+    for th in threads:
+        th.start()
+    deadline = time.monotonic() + 240
+    for th in threads:
+        th.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert not any(th.is_alive() for th in threads), f"deadlock: calls done per thread {done}"
+    assert not failures, failures[:5]
+    assert sum(done) == THREADS * CALLS
+    if strategy == "inplace":
+        info = runtime.cache_info()
+        assert info["hits"] + info["misses"] >= THREADS * CALLS and info["misses"] > 1

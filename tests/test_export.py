@@ -1,0 +1,196 @@
+"""Exporter end to end on a real (short) LPS run on permuted digits saved as a real artifact: every task's ONNX passes
+the full checker and matches the torch model, fp16 agrees on argmax, the switchable graph serves every task, task
+selection and bad input fail clearly, and the export path never imports torch."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from edgecl import artifact
+from edgecl.arch import preset
+from edgecl.cli import main as cli
+from edgecl.deltas import materialize
+from edgecl.errors import ArtifactError, UsageError
+from edgecl.export import export_onnx, tensorrt_unavailable
+from edgecl.export.onnx_export import run_onnx
+from edgecl.export.onnx_graph import tensor_names
+from edgecl.train import engine, registry
+from edgecl.train.data import make_stream
+from edgecl.train.models import forward, from_numpy
+from edgecl.train.protocol import TrainContext
+
+N_TASKS = 3
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Three tasks of column-pruned LPS on permuted digits (one epoch per phase), saved as an artifact."""
+    torch.manual_seed(0)
+    stream = make_stream("permuted-digits", N_TASKS, seed=0)
+    method = registry.create("lps", preset("mlp"), {"epochs": 1, "pruning": "column", "alpha": 0.3})
+    packed = engine.run(method, stream, TrainContext(progress=False), log=lambda *_: None).packed
+    path = tmp_path_factory.mktemp("artifact") / "model.edgecl"
+    artifact.save(packed, path)
+    return packed, stream, path
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    _, _, path = trained
+    out = tmp_path_factory.mktemp("onnx")
+    return export_onnx(path, out, progress=False), out
+
+
+def _torch_logits(packed, t, x):
+    with torch.no_grad():
+        return forward(packed.arch, from_numpy(materialize(packed, t)), torch.from_numpy(x)).numpy()
+
+
+def test_every_task_checks_and_matches_torch(trained, exported):
+    packed, stream, _ = trained
+    index, out = exported
+    assert [e["name"] for e in index["tasks"]] == [t.name for t in packed.tasks]
+    assert index["opset"] == 17 and index["input"]["shape"] == ["batch", 1, 8, 8]
+    assert json.loads((out / "index.json").read_text()) == index
+    for entry in index["tasks"]:
+        path = out / entry["file"]
+        onnx.checker.check_model(str(path), full_check=True)
+        model = onnx.load(str(path))
+        assert model.opset_import[0].version == 17
+        assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+        x = stream.tasks[entry["index"]].x_test
+        err = np.abs(run_onnx(path, x) - _torch_logits(packed, entry["index"], x)).max()
+        assert err <= 1e-4, f"task {entry['index']}: max |Δ| {err}"
+        assert entry["params_compact"] <= entry["params_dense"]
+    # column pruning leaves the first task (which shares nothing) physically smaller
+    first = index["tasks"][0]
+    assert first["params_compact"] < first["params_dense"] and first["compaction"]["compacted"]
+    assert not list(out.glob(".*tmp"))  # atomic writes leave no temporaries
+
+
+def test_fp16_weights_agree_on_argmax(trained, exported, tmp_path):
+    packed, stream, path = trained
+    index16 = export_onnx(path, tmp_path, fp16=True, progress=False)
+    index32, out32 = exported
+    for e16, e32 in zip(index16["tasks"], index32["tasks"]):
+        f16 = tmp_path / e16["file"]
+        model = onnx.load(str(f16))
+        assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+        assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+        assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+        assert e16["bytes"] < 0.6 * e32["bytes"]
+        x = stream.tasks[e16["index"]].x_test
+        agree = (run_onnx(f16, x).argmax(1) == run_onnx(out32 / e32["file"], x).argmax(1)).mean()
+        assert agree >= 0.995, f"task {e16['index']}: argmax agreement {agree:.4f}"
+
+
+def test_switchable_graph_serves_every_task(trained, exported):
+    import onnxruntime as ort
+
+    packed, stream, _ = trained
+    index, out = exported
+    assert index["switchable"]["tensors"] == tensor_names(packed.arch)
+    session = ort.InferenceSession(str(out / index["switchable"]["file"]), providers=["CPUExecutionProvider"])
+    for entry in index["tasks"]:
+        x = stream.tasks[entry["index"]].x_test[:64]
+        weights = materialize(packed, entry["index"])
+        y = session.run(None, {"x": x, **{n: weights[n] for n in index["switchable"]["tensors"]}})[0]
+        assert np.abs(y - run_onnx(out / entry["file"], x)).max() <= 1e-5
+
+
+def test_task_selection_by_index_range_and_name(trained, tmp_path):
+    packed, _, path = trained
+    index = export_onnx(path, tmp_path, tasks="2,0", switchable=False, progress=False)
+    assert [e["index"] for e in index["tasks"]] == [2, 0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json", "task_000.onnx", "task_002.onnx"]
+    assert [e["index"] for e in export_onnx(packed, tmp_path / "b", tasks="1-2", progress=False)["tasks"]] == [1, 2]
+    assert [e["index"] for e in export_onnx(packed, tmp_path / "c", tasks=[packed.tasks[1].name], progress=False)
+            ["tasks"]] == [1]
+
+
+@pytest.mark.parametrize("spec", ["0,,1", "7", "-1", "2-1", "nosuchtask", ""])
+def test_bad_task_lists_are_usage_errors(trained, tmp_path, spec):
+    packed, _, path = trained
+    with pytest.raises(UsageError):
+        export_onnx(packed, tmp_path, tasks=spec, progress=False)
+    assert cli(["export", str(path), "--tasks", spec, "--out", str(tmp_path), "--quiet"]) == 2
+    assert not (tmp_path / "index.json").exists()
+
+
+def test_unreadable_artifacts_fail_clearly(tmp_path, capsys):
+    garbage = tmp_path / "garbage.edgecl"
+    garbage.write_bytes(b"\x00not an artifact" * 7)
+    for path in (garbage, tmp_path / "missing.edgecl"):
+        with pytest.raises(ArtifactError):
+            export_onnx(path, tmp_path / "out", progress=False)
+        assert cli(["export", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+        assert path.name in capsys.readouterr().err
+
+
+def test_cli_exports_and_prints_a_table(trained, tmp_path, capsys):
+    _, _, path = trained
+    assert cli(["export", str(path), "--format", "onnx", "--tasks", "0", "--fp16", "--out", str(tmp_path),
+                "--quiet"]) == 0
+    assert "task_000.onnx" in capsys.readouterr().out
+    assert json.loads((tmp_path / "index.json").read_text())["fp16"] is True
+
+
+def test_export_never_imports_torch(trained, tmp_path):
+    """The exporter is part of the torch-free side: run it where importing torch fails."""
+    _, _, path = trained
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from edgecl.export import export_onnx\n"
+            f"export_onnx({str(path)!r}, {str(tmp_path)!r}, fp16=True, progress=False)\n"
+            "assert not any(m.startswith(('torch', 'edgecl.train')) for m in sys.modules if sys.modules[m])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "index.json").exists()
+
+
+def test_rejected_compaction_falls_back_to_dense(trained, tmp_path, monkeypatch):
+    """The export-time ONNX Runtime check catches a wrong compacted graph and keeps the dense one."""
+    from edgecl.export import onnx_export
+    from edgecl.export.compact import compact_task
+
+    def broken(arch, params):
+        c_arch, c_params, report = compact_task(arch, params)
+        c_params["head.bias"] = c_params["head.bias"] + 1.0
+        return c_arch, c_params, report
+
+    monkeypatch.setattr(onnx_export, "compact_task", broken)
+    packed, _, _ = trained
+    entry = export_onnx(packed, tmp_path, tasks="0", progress=False)["tasks"][0]
+    assert entry["params_compact"] == entry["params_dense"]
+    assert entry["compaction"]["reason"].startswith("rejected")
+
+
+@pytest.mark.skipif(tensorrt_unavailable() is None, reason="TensorRT is usable here")
+def test_tensorrt_absent_says_so_and_exits_nonzero(trained, tmp_path, capsys):
+    _, _, path = trained
+    assert cli(["export", str(path), "--format", "tensorrt", "--out", str(tmp_path), "--quiet"]) == 1
+    assert "TensorRT" in capsys.readouterr().err
+    assert not (tmp_path / "index.json").exists()
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_tensorrt_engines_per_task(trained, tmp_path):
+    import tensorrt as trt
+
+    from edgecl.export import build_engines
+
+    _, _, path = trained
+    index = build_engines(path, tmp_path, tasks="0,1", fp16=True, max_batch=64, progress=False)
+    assert (tmp_path / "timing.cache").stat().st_size > 0
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    for entry in index["tasks"]:
+        engine = runtime.deserialize_cuda_engine((tmp_path / entry["engine"]).read_bytes())
+        assert engine is not None and engine.num_io_tensors == 2
+        assert tuple(engine.get_tensor_profile_shape("x", 0)[2]) == (64, 1, 8, 8)
+    again = build_engines(path, tmp_path / "again", tasks="0", progress=False)
+    assert os.path.exists(tmp_path / "again" / again["tasks"][0]["engine"])

@@ -1,0 +1,207 @@
+"""TaskRuntime against per-task reference sessions (folded ONNX from `materialize`), on every delta kind, plus input
+checks, budgets and the `edgecl run` command."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edgecl.arch import preset, validate
+from edgecl.deltas import materialize
+from edgecl.errors import BudgetError, UsageError
+from edgecl.export.onnx_graph import build_onnx
+from edgecl.runtime import TaskRuntime, parse_budget
+from edgecl.runtime.plan import build_plans
+from edgecl.runtime.synthetic import random_packed
+
+DEEP = validate({"name": "deep", "input_shape": [1, 8, 8], "layers": [
+    {"op": "flatten"}, {"op": "linear", "name": "l1", "in": 64, "out": 48}, {"op": "relu"},
+    {"op": "linear", "name": "l2", "in": 48, "out": 40}, {"op": "relu"},
+    {"op": "linear", "name": "l3", "in": 40, "out": 40}, {"op": "relu"},
+    {"op": "linear", "name": "l4", "in": 40, "out": 32}, {"op": "relu"},
+    {"op": "linear", "name": "l5", "in": 32, "out": 24}, {"op": "relu"}]})
+
+
+def references(packed):
+    """The exporter's per-task reference: a folded ONNX Runtime session per task."""
+    return [ort.InferenceSession(build_onnx(packed.arch, materialize(packed, t)).SerializeToString(),
+                                 providers=["CPUExecutionProvider"]) for t in range(packed.n_tasks)]
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    return random_packed(DEEP, n_tasks=5, shape="mixed", classes=(10, 3, 7))
+
+
+def test_plans_reproduce_materialize_bit_for_bit(mixed):
+    plans = build_plans(mixed)
+    assert {p.plan for p in plans} == {"static", "own", "masked", "generic", "permute"}
+    for t in range(mixed.n_tasks):
+        dense = materialize(mixed, t)
+        for plan in plans:
+            if plan.varies:
+                out = np.full(plan.shape, np.nan, np.float32)
+                plan.fill(mixed, t, out)
+                assert np.array_equal(out.view(np.uint32), dense[plan.name].view(np.uint32)), (t, plan.name)
+
+
+@pytest.mark.parametrize("strategy,cache", [("inplace", 2), ("inplace", 5), ("sessions", None)])
+def test_random_switch_sequence_matches_references(mixed, strategy, cache):
+    """1,000 seeded switches + inferences over all tasks (LRU misses and hits) equal the per-task references."""
+    refs = references(mixed)
+    runtime = TaskRuntime(mixed, strategy=strategy, cache_tasks=cache)
+    rng = np.random.default_rng(7)
+    worst = 0.0
+    for _ in range(1000):
+        t = int(rng.integers(mixed.n_tasks))
+        x = rng.standard_normal((int(rng.integers(1, 9)), 1, 8, 8)).astype(np.float32)
+        runtime.switch(t)
+        y = runtime.infer(x)
+        assert y.shape == (len(x), mixed.tasks[t].n_classes)
+        worst = max(worst, float(np.abs(y - refs[t].run(None, {"x": x})[0]).max()))
+    assert worst <= 1e-5
+    if strategy == "inplace":
+        info = runtime.cache_info()
+        assert info["misses"] > 0 and info["hits"] > 0
+        assert len(info["cached"]) == cache
+
+
+def test_lenet_and_resnet_switch(tmp_path):
+    for arch in (preset("lenet"), preset("resnet")):
+        packed = random_packed(arch, n_tasks=3, shape="lps")
+        refs = references(packed)
+        runtime = TaskRuntime(packed, cache_tasks=1)
+        x = np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32)
+        for t in (2, 0, 1, 2):
+            np.testing.assert_allclose(runtime.infer(x, task=t), refs[t].run(None, {"x": x})[0], atol=1e-5)
+
+
+def test_real_training_accuracy_survives_the_runtime():
+    """A finetune model trained on real digits: the runtime's predictions equal the training engine's."""
+    torch = pytest.importorskip("torch")
+    from edgecl.train.data import make_stream
+    from edgecl.train.engine import predict, run
+    from edgecl.train.protocol import TrainContext
+    from edgecl.train.registry import create
+
+    torch.manual_seed(0)
+    stream = make_stream("split-digits", 2, 0)
+    method = create("finetune", preset("mlp"), {"epochs": 1})
+    result = run(method, stream, TrainContext(progress=False), log=lambda *a: None)
+    runtime = TaskRuntime(result.packed)
+    for t, task in enumerate(stream.tasks):
+        ours = runtime.infer(task.x_test, task=task.name).argmax(1)
+        assert np.array_equal(ours, predict(result.packed, t, task.x_test))
+
+
+def test_heads_follow_the_task_by_name(mixed):
+    runtime = TaskRuntime(mixed, cache_tasks=1)
+    x = np.zeros((2, 1, 8, 8), np.float32)
+    assert runtime.switch("task1") == 1
+    assert runtime.infer(x).shape == (2, 3)
+    assert runtime.infer(x, task="task2").shape == (2, 7)
+    assert runtime.tasks == [f"task{t}" for t in range(5)]
+
+
+@pytest.mark.parametrize("bad,match", [
+    (np.zeros((2, 64), np.float32), r"shape \(2, 64\); expected \(batch, 1, 8, 8\)"),
+    (np.zeros((1, 8, 8), np.float32), r"x\[None\]"),
+    (np.zeros((0, 1, 8, 8), np.float32), "empty batch"),
+    (np.zeros((2, 1, 8, 8), np.uint8), "dtype uint8"),
+    (np.array([[[["a"]]]]), "dtype <U1"),
+    (np.full((2, 1, 8, 8), np.nan, np.float32), "128 NaN/inf"),
+    (np.full((1, 1, 8, 8), 1e300), "NaN/inf"),  # float64 beyond float32 range
+])
+def test_bad_inputs_are_usage_errors(mixed, bad, match):
+    runtime = TaskRuntime(mixed, cache_tasks=1)
+    with pytest.raises(UsageError, match=match):
+        runtime.infer(bad, task=0)
+
+
+def test_float64_is_cast_and_task_errors(mixed):
+    runtime = TaskRuntime(mixed, cache_tasks=1)
+    x = np.random.default_rng(1).standard_normal((3, 1, 8, 8))
+    np.testing.assert_array_equal(runtime.infer(x, task=0), runtime.infer(x.astype(np.float32), task=0))
+    with pytest.raises(UsageError, match="no task selected"):
+        runtime.infer(x)
+    with pytest.raises(UsageError, match="task 9 out of range"):
+        runtime.switch(9)
+    with pytest.raises(UsageError, match="unknown task 'nope'"):
+        runtime.infer(x, task="nope")
+    with pytest.raises(UsageError, match="device 'tpu' unknown"):
+        TaskRuntime(mixed, device="tpu")
+    with pytest.raises(UsageError, match="CUDAExecutionProvider"):
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            raise UsageError("CUDAExecutionProvider present: nothing to refuse")
+        TaskRuntime(mixed, device="cuda")
+
+
+@pytest.mark.parametrize("text,value", [("32MiB", 32 << 20), ("1.5GB", 1_500_000_000), ("800kB", 800_000),
+                                        (4096, 4096), ("1e6", 1_000_000), (" 2 gib ", 2 << 30)])
+def test_parse_budget(text, value):
+    assert parse_budget(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "-5MB", "12 parsecs", "0", True, "nan"])
+def test_parse_budget_rejects(text):
+    with pytest.raises(UsageError, match="budget"):
+        parse_budget(text)
+
+
+def test_budget_refuses_cache_and_batch_beyond_it():
+    packed = random_packed(preset("mlp"), n_tasks=4)
+    free = TaskRuntime(packed, strategy="inplace", cache_tasks=1)
+    # the process-wide environment is charged to the first runtime of the process only
+    fixed = free.ledger.used - free.ledger.items["cache slot 0"] - free.ledger.items.get("onnxruntime environment", 0)
+    slot = free.ledger.items["cache slot 0"]
+    budget = fixed + 2 * slot + slot // 2  # room for two slots, not three
+    with pytest.raises(BudgetError, match=rf"budget .*\({budget} B\).*cache slot 2") as err:
+        TaskRuntime(packed, strategy="inplace", budget=budget, cache_tasks=3)
+    assert "asked for" in str(err.value)
+    runtime = TaskRuntime(packed, strategy="inplace", budget=budget)
+    assert runtime.n_slots == 2  # as many as fit
+    with pytest.raises(BudgetError, match="batch 100000"):
+        runtime.infer(np.zeros((100_000, 1, 8, 8), np.float32), task=0)
+    assert runtime.infer(np.zeros((4, 1, 8, 8), np.float32), task=0).shape == (4, 10)
+    with pytest.raises(BudgetError, match="model tensors"):
+        TaskRuntime(packed, budget="100kB")
+    auto = TaskRuntime(packed, budget="1GiB")
+    assert auto.strategy == "sessions"  # every task's folded session fits: the faster choice
+    assert TaskRuntime(packed, budget=budget).strategy == "inplace"
+
+
+def test_sessions_strategy_compacts_structured_masks():
+    """Column-structured LPS: each task's session is physically smaller and still equals the dense reference."""
+    from edgecl.export.synthetic import structured_lps_model
+
+    packed = structured_lps_model(preset("mlp"), keep_fraction=0.4, n_tasks=2)
+    refs = references(packed)
+    runtime = TaskRuntime(packed, strategy="sessions")
+    dense = sum(a.size for a in materialize(packed, 0).values())
+    assert all(n < dense for n in runtime.session_params), (runtime.session_params, dense)
+    x = np.random.default_rng(2).standard_normal((16, 1, 8, 8)).astype(np.float32)
+    for t in range(packed.n_tasks):
+        np.testing.assert_allclose(runtime.infer(x, task=t), refs[t].run(None, {"x": x})[0], atol=1e-5)
+
+
+def test_close_releases_and_refuses():
+    packed = random_packed(preset("mlp"), n_tasks=2)
+    with TaskRuntime(packed, cache_tasks=1) as runtime:
+        runtime.infer(np.zeros((1, 1, 8, 8), np.float32), task=1)
+    assert runtime.ledger.used == 0
+    with pytest.raises(UsageError, match="closed"):
+        runtime.switch(0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
+                    reason="needs onnxruntime-gpu (CUDA execution provider)")
+def test_cuda_device_buffers_match_references(mixed):
+    """Device-resident slot buffers (ONNX Runtime CUDA EP): the same 1e-5 parity as on CPU."""
+    refs = references(mixed)
+    runtime = TaskRuntime(mixed, device="cuda", cache_tasks=2)
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        t = int(rng.integers(mixed.n_tasks))
+        x = rng.standard_normal((3, 1, 8, 8)).astype(np.float32)
+        np.testing.assert_allclose(runtime.infer(x, task=t), refs[t].run(None, {"x": x})[0], atol=1e-5)

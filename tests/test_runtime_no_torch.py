@@ -1,0 +1,61 @@
+"""The device side must run where torch does not exist: a subprocess in which importing torch (or edgecl.train, or
+any train-only dependency) fails saves and loads an artifact, switches and infers, checks the result against
+numpy's own forward pass, and audits it."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+BLOCKER = textwrap.dedent("""
+    import importlib.abc, sys
+
+    BLOCKED = {"torch", "tqdm", "sklearn", "scipy", "matplotlib"}  # not in a runtime-only install
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED or name.startswith("edgecl.train"):
+                raise ImportError(f"blocked on the device: {name}")
+            return None
+
+    sys.meta_path.insert(0, Block())
+""")
+
+SCRIPT = BLOCKER + textwrap.dedent("""
+    import numpy as np
+    from edgecl.arch import preset
+    from edgecl.deltas import materialize
+    from edgecl.runtime import TaskRuntime
+    from edgecl.runtime.audit import audit
+    from edgecl.runtime.synthetic import random_packed
+
+    try:
+        import torch  # noqa: F401
+        raise SystemExit("torch import was not blocked")
+    except ImportError:
+        pass
+    import os, tempfile
+    from edgecl import artifact
+
+    packed = random_packed(preset("mlp"), n_tasks=3, classes=(10, 4))
+    path = os.path.join(tempfile.mkdtemp(), "model.edgecl")
+    artifact.save(packed, path)
+    runtime = TaskRuntime(path, cache_tasks=1)
+    x = np.random.default_rng(0).standard_normal((5, 1, 8, 8)).astype(np.float32)
+    for t in (1, 0, 2, 1):
+        runtime.switch(t)
+        w = materialize(packed, t)
+        h = np.maximum(x.reshape(5, -1) @ w["fc1.weight"].T + w["fc1.bias"], 0)
+        h = np.maximum(h @ w["fc2.weight"].T + w["fc2.bias"], 0)
+        ref = h @ w["head.weight"].T + w["head.bias"]
+        assert np.abs(runtime.infer(x) - ref).max() < 1e-4, t
+    assert audit(path, "64MiB")["fits"]
+    assert not any(m.split(".")[0] in BLOCKED or m.startswith("edgecl.train") for m in sys.modules)
+    print("ok")
+""")
+
+
+def test_runtime_runs_without_torch():
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("ok")
