@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
 
-from edgecl.errors import EdgeclError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,21 +18,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", type=int, default=10, help="number of permuted-digit tasks (default 10)")
     p.add_argument("--budget", default="32MiB", help="memory budget for the summary (default 32MiB)")
     p.add_argument("--no-progress", action="store_true")
+    from edgecl.commands.train import add_threads_argument
+
+    add_threads_argument(p)
 
 
 def main(args: argparse.Namespace) -> int:
-    from edgecl.commands.train import ARTIFACT_NAME, train_and_write
+    from edgecl.commands.train import ARTIFACT_NAME, set_threads, train_and_write
     from edgecl.train.methods.lps import DEMO_CONFIG
 
+    set_threads(args.threads)
     start = time.perf_counter()
     print("== 1/4 train: LPS on permuted-digits (learn, prune, share) ==")
     results = train_and_write("lps", "permuted-digits", args.out, n_tasks=args.tasks, overrides=DEMO_CONFIG,
                               progress=not args.no_progress)
     path = os.path.join(args.out, ARTIFACT_NAME)
     print(f"\n== 2/4 pack: {path} ==")
-    from edgecl.commands.inspect import print_table
+    from edgecl.artifact import inspect
+    from edgecl.commands.inspect import format_report
 
-    print_table(path)
+    print(format_report(inspect(path)))
     print("\n== 3/4 export: per-task ONNX ==")
     from edgecl.export import export_onnx
 
@@ -46,12 +52,12 @@ def main(args: argparse.Namespace) -> int:
 def run_on_runtime(path: str, results: dict, n_tasks: int, budget: str) -> bool:
     """Switch through every task in the runtime and compare its test accuracy with the training side's."""
     from edgecl.runtime import TaskRuntime
-    from edgecl.runtime.audit import budget_summary
     from edgecl.train.data import make_stream
 
     stream = make_stream("permuted-digits", n_tasks)
     final = results["acc_matrix"][-1]
     rt = TaskRuntime(path, budget=budget)
+    print(f"runtime: strategy {rt.strategy!r} on {', '.join(rt.providers)} within {budget}")
     ok = True
     print(f"{'task':>6} {'train-side':>10} {'runtime':>8} {'switch ms':>9}")
     for t, task in enumerate(stream.tasks):
@@ -65,8 +71,8 @@ def run_on_runtime(path: str, results: dict, n_tasks: int, budget: str) -> bool:
         print(f"{t:>6} {100 * final[t]:>9.2f}% {100 * acc:>7.2f}% {switch_ms:>9.2f}{'' if same else '  MISMATCH'}")
     print("runtime accuracy equals training-side accuracy on every task" if ok else
           "runtime accuracy differs from training on some task")
-    try:
-        print(budget_summary(path, budget))
-    except EdgeclError as exc:
-        print(f"budget summary unavailable: {exc}")
-    return ok
+    print(f"\n$ edgecl audit {path} --budget {budget}   (a fresh process, so resident memory is measured cleanly)")
+    audit = subprocess.run([sys.executable, "-m", "edgecl.cli", "audit", path, "--budget", budget],
+                           capture_output=True, text=True)
+    print((audit.stdout + audit.stderr).rstrip())
+    return ok and audit.returncode == 0

@@ -21,8 +21,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field of the method (JSON value), e.g. --set epochs=5")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_threads_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help="output folder")
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    # One thread by default: the built-in models are small, and two OpenMP threads on a busy 2-core machine stall
+    # whenever one loses its core (measured ~10x slower under load).
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+
+
+def set_threads(n: int) -> None:
+    if n < 1:
+        raise UsageError(f"--threads must be >= 1, got {n}")
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -74,6 +89,7 @@ def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_na
 
 
 def main(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
     train_and_write(args.method, args.stream, args.out, arch_name=args.arch, n_tasks=args.tasks, seed=args.seed,
                     overrides=parse_overrides(args.set), device=args.device, progress=not args.no_progress)
     return 0
