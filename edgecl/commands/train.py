@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 from typing import Any
 
 from edgecl.errors import UsageError
@@ -15,7 +16,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", required=True, help="lps, agscl, halrp, rgo, finetune or stl")
     p.add_argument("--stream", default="permuted-digits",
                    help="permuted-digits, split-digits, rotated-digits, synthetic, or a .npz file (see README)")
-    p.add_argument("--tasks", type=int, default=None, help="number of tasks to take from the stream")
+    p.add_argument("--tasks", type=int, default=None,
+                   help="number of tasks to take from the stream (with --resume: number of NEW tasks to add)")
+    p.add_argument("--resume", metavar="ARTIFACT", default=None,
+                   help="add tasks to a deployed artifact made by the same method and architecture; earlier tasks "
+                        "stay bit-identical (verified before the new artifact is written to --out)")
     p.add_argument("--arch", default="mlp", help="architecture preset: mlp, lenet, resnet")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -56,30 +61,42 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_name: str = "mlp",
                     n_tasks: int | None = None, seed: int = 0, overrides: dict[str, Any] | None = None,
-                    device: str = "cpu", progress: bool = True, log=print) -> dict[str, Any]:
-    """Train, print the accuracy matrix, write results.json + heatmap + artifact. Returns the results dict."""
+                    device: str = "cpu", progress: bool = True, resume: str | None = None,
+                    log=print) -> dict[str, Any]:
+    """Train (or, with `resume`, continue a deployed artifact), print the accuracy matrix, write results.json +
+    heatmap + artifact. Returns the results dict."""
     from edgecl import artifact
     from edgecl.arch import preset
     from edgecl.train import engine, registry
     from edgecl.train.data import make_stream
     from edgecl.train.protocol import TrainContext
 
-    if device not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be cpu or cuda, got {device!r}")
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA GPU is visible to torch")
-    stream = make_stream(stream_name, n_tasks, seed)
+    _check_device(device)
+    previous = artifact.load(resume).to_packed() if resume else None
+    first = previous.n_tasks if previous else 0
+    if previous and n_tasks is None:
+        raise UsageError("--resume needs --tasks N, the number of new tasks to add")
+    if previous and overrides:
+        raise UsageError("--resume keeps the artifact's method config; drop --set")
+    stream = make_stream(stream_name, first + n_tasks if n_tasks is not None else None, seed)
     arch = preset(arch_name, stream.input_shape)
-    method = registry.create(method_name, arch, {"seed": seed, **(overrides or {})})
-    log(f"edgecl: {method_name} on {stream.name} ({len(stream.tasks)} tasks, {arch_name}), config "
-        f"{json.dumps(method.config.to_json())}")
-    result = engine.run(method, stream, TrainContext(device=device, progress=progress), log=log)
+    if previous:
+        _check_resumable(previous, method_name, arch, resume)
+        method = registry.create(method_name, arch, previous.config)
+        method.resume(previous)
+    else:
+        method = registry.create(method_name, arch, {"seed": seed, **(overrides or {})})
+    log(f"edgecl: {method_name} on {stream.name} ({len(stream.tasks)} tasks, {arch_name}"
+        f"{f', resuming after task {first - 1}' if first else ''}), config {json.dumps(method.config.to_json())}")
+    result = engine.run(method, stream, TrainContext(device=device, progress=progress), first_task=first, log=log)
     data = engine.write_results(result, out_dir)
     path = os.path.join(out_dir, ARTIFACT_NAME)
-    artifact.save(result.packed, path)
+    if previous:
+        if os.path.abspath(path) != os.path.abspath(resume):
+            shutil.copyfile(resume, path)
+        artifact.append_task(path, result.packed)  # refuses if any earlier task would change by one bit
+    else:
+        artifact.save(result.packed, path)
     data["artifact"] = {"path": path, "bytes": os.path.getsize(path)}
     engine.save_json(data, os.path.join(out_dir, "results.json"))
     log(engine.format_matrix(result.acc_matrix))
@@ -88,8 +105,28 @@ def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_na
     return data
 
 
+def _check_device(device: str) -> None:
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA GPU is visible to torch")
+
+
+def _check_resumable(previous, method_name: str, arch: dict, path: str) -> None:
+    """Resume only into the same method and architecture: anything else would silently retrain from scratch."""
+    if previous.method != method_name:
+        raise UsageError(f"{path}: made by method {previous.method!r}, cannot resume it with {method_name!r}")
+    if previous.arch != arch:
+        raise UsageError(f"{path}: architecture {previous.arch.get('name')!r} {previous.arch['input_shape']} differs "
+                         f"from --arch {arch.get('name')!r} {arch['input_shape']}")
+
+
 def main(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     train_and_write(args.method, args.stream, args.out, arch_name=args.arch, n_tasks=args.tasks, seed=args.seed,
-                    overrides=parse_overrides(args.set), device=args.device, progress=not args.no_progress)
+                    overrides=parse_overrides(args.set), device=args.device, progress=not args.no_progress,
+                    resume=args.resume)
     return 0

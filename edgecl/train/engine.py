@@ -26,6 +26,7 @@ class RunResult:
     packed: PackedModel
     seconds_per_task: list[float]
     notes: dict[int, dict[str, Any]] = field(default_factory=dict)
+    first_task: int = 0  # > 0 when the run resumed a deployed model holding that many tasks
 
     def to_json(self) -> dict[str, Any]:
         n = len(self.acc_matrix)
@@ -35,7 +36,8 @@ class RunResult:
         return {"method": self.method, "stream": self.stream, "arch": self.packed.arch["name"],
                 "config": self.packed.config, "tasks": [t.name for t in self.packed.tasks],
                 "acc_matrix": self.acc_matrix, **metrics.summary(dense), "seconds_per_task": self.seconds_per_task,
-                "method_info": self.packed.extra, "notes": {str(k): v for k, v in self.notes.items()}}
+                "method_info": self.packed.extra, "notes": {str(k): v for k, v in self.notes.items()},
+                "resumed_at_task": self.first_task}
 
 
 def predict(packed: PackedModel, task: int, x: np.ndarray, device: str = "cpu", batch: int = 512) -> np.ndarray:
@@ -54,10 +56,18 @@ def accuracy(packed: PackedModel, task: int, data: TaskData, device: str = "cpu"
 
 def run(method: Method, stream: Stream, ctx: TrainContext | None = None, first_task: int = 0,
         log=print) -> RunResult:
-    """Train `method` on every task of `stream` from `first_task` on and evaluate after each one."""
+    """Train `method` on every task of `stream` from `first_task` on and evaluate after each one.
+
+    With first_task > 0 (a resumed, deployed model) the method already holds tasks 0..first_task-1; their rows of the
+    accuracy matrix are filled with the accuracy the resumed model has on them before learning anything new."""
     ctx = ctx or TrainContext()
     n = len(stream.tasks)
     acc = np.full((n, n), np.nan)
+    if first_task:
+        packed = method.pack()
+        before = [accuracy(packed, j, stream.tasks[j], ctx.device) for j in range(first_task)]
+        for i in range(first_task):
+            acc[i, :i + 1] = before[:i + 1]
     times = []
     for t in range(first_task, n):
         start = time.perf_counter()
@@ -68,8 +78,8 @@ def run(method: Method, stream: Stream, ctx: TrainContext | None = None, first_t
             acc[t, j] = accuracy(packed, j, stream.tasks[j], ctx.device)
         log(f"[{method.name}] task {t + 1}/{n} {stream.tasks[t].name}: acc {acc[t, t]:.3f}, "
             f"mean over seen {np.nanmean(acc[t, :t + 1]):.3f} ({times[-1]:.1f}s)")
-    rows = [[float(acc[i, j]) for j in range(i + 1)] for i in range(first_task, n)]
-    return RunResult(method.name, stream.name, rows, method.pack(), times, ctx.notes)
+    rows = [[float(acc[i, j]) for j in range(i + 1)] for i in range(n)]
+    return RunResult(method.name, stream.name, rows, method.pack(), times, ctx.notes, first_task)
 
 
 def format_matrix(acc_matrix: list[list[float]]) -> str:
