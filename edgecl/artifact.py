@@ -867,6 +867,23 @@ def load(path: str | os.PathLike) -> Artifact:
 
 # ----------------------------------------------------------------------------------------------------------- append
 
+def as_packed(source: Any) -> PackedModel:
+    """A verified `PackedModel` from an artifact path, an open `Artifact`, or a `PackedModel` (checked for
+    consistency): the one entry the runtime and tools use, whatever the caller holds."""
+    if isinstance(source, PackedModel):
+        try:
+            check_consistent(source)
+        except UsageError as exc:
+            raise UsageError(f"inconsistent model: {exc}") from None
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        with load(source) as opened:
+            return opened.to_packed()  # decodes, verifies every checksum and runs check_consistent
+    if isinstance(source, Artifact):
+        return source.to_packed()
+    raise UsageError(f"expected an artifact path, Artifact or PackedModel, got {type(source).__name__}")
+
+
 def append_task(path: str | os.PathLike, packed: PackedModel) -> None:
     """Replace the artifact at `path` with `packed` (its tasks plus new ones), atomically — but only after every task
     already in the file materialises bit-identically from the new content. UsageError when `packed` is another

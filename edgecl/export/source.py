@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -40,7 +39,9 @@ def open_source(source: Any) -> ModelSource:
         return ModelSource(source.arch, source.method, list(source.tasks), source.task_index,
                            lambda t: materialize(source, t), "<memory>")
     if isinstance(source, (str, os.PathLike)):
-        source = _load_artifact(Path(source))
+        from edgecl import artifact
+
+        source = artifact.load(source)
     needed = ("arch", "tasks", "task_index", "materialize")
     if not all(hasattr(source, a) for a in needed):
         raise UsageError(f"cannot export from a {type(source).__name__}: expected an artifact path, an Artifact or "
@@ -48,19 +49,6 @@ def open_source(source: Any) -> ModelSource:
     origin = str(getattr(source, "path", "<artifact>"))
     return ModelSource(source.arch, getattr(source, "method", "unknown"), list(source.tasks), source.task_index,
                        source.materialize, origin)
-
-
-def _load_artifact(path: Path):
-    if not path.is_file():
-        raise ArtifactError(path, "file", "does not exist or is not a file")
-    try:
-        from edgecl import artifact
-    except ModuleNotFoundError as exc:  # pragma: no cover - only while the artifact module is missing
-        raise UsageError(f"cannot read {path}: the artifact module is not available ({exc})") from None
-    try:
-        return artifact.load(path)
-    except OSError as exc:
-        raise ArtifactError(path, "file", f"cannot be read ({exc.strerror or exc})") from None
 
 
 _RANGE = re.compile(r"^(\d+)-(\d+)$")

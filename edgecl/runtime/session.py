@@ -39,7 +39,7 @@ from edgecl.runtime.budget import Ledger, format_bytes, parse_budget
 from edgecl.runtime.inputs import check_input
 from edgecl.runtime.plan import TensorPlan, build_plans
 from edgecl.runtime.providers import empty_ortvalue, resolve_providers, to_ortvalue
-from edgecl.runtime.source import load_packed
+from edgecl.artifact import as_packed
 
 STRATEGIES = ("auto", "inplace", "sessions")
 # Resident costs of ONNX Runtime itself, measured as RSS increases on onnxruntime 1.32 / x86-64 Linux (the audit
@@ -78,7 +78,7 @@ class TaskRuntime:
                 raise UsageError(f"{name} must be a positive int, got {value!r}")
         self.providers = resolve_providers(backend, device)
         self.device = device
-        self.packed: PackedModel = load_packed(artifact)
+        self.packed: PackedModel = as_packed(artifact)
         if self.packed.n_tasks == 0:
             raise UsageError("the model has no tasks to run")
         self.arch = self.packed.arch
