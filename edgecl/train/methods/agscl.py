@@ -39,7 +39,7 @@ from edgecl.deltas import PackedModel, TaskInfo
 from edgecl.errors import UsageError
 from edgecl.train.data import TaskData
 from edgecl.train.models import Params, forward, from_numpy, init_head, init_params, to_numpy
-from edgecl.train.protocol import Method, MethodConfig, TrainContext, batches, task_generator
+from edgecl.train.protocol import Method, MethodConfig, TrainContext, adam, batches, task_generator
 
 PROX_SCHEDULES = ("epoch", "step")
 
@@ -159,7 +159,7 @@ class AGSCL(Method):
         anchor = {k: v.detach().clone() for k, v in trunk.items()}  # θ̂^(t−1)
         omega = {k: v.to(device) for k, v in self.omega.items()}
         keep = {k: (~v).to(device) for k, v in self.cut.items() if bool(v.any())}
-        opt = torch.optim.Adam(list(params.values()), lr=self.config.lr)
+        opt = adam(list(params.values()), self.config.lr)
         gen = task_generator(self.config, t)
         with ctx.bar(self.config.epochs, f"agscl task {t}") as bar:
             for _ in range(self.config.epochs):

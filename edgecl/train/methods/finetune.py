@@ -7,14 +7,14 @@ import torch.nn.functional as F
 
 from edgecl.deltas import PackedModel, TaskInfo
 from edgecl.train.models import Params, forward, init_head, init_params, to_numpy
-from edgecl.train.protocol import Method, TrainContext, batches, task_generator
+from edgecl.train.protocol import Method, TrainContext, adam, batches, task_generator
 from edgecl.train.data import TaskData
 
 
 def fit(arch, params: Params, trainable: list[torch.Tensor], task: TaskData, config, ctx: TrainContext, t: int,
         desc: str) -> None:
     """Plain Adam on cross-entropy for config.epochs epochs: the training loop the baselines share."""
-    opt = torch.optim.Adam(trainable, lr=config.lr)
+    opt = adam(trainable, config.lr)
     gen = task_generator(config, t)
     with ctx.bar(config.epochs, desc) as bar:
         for _ in range(config.epochs):

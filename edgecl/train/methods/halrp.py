@@ -40,7 +40,7 @@ from edgecl.errors import UsageError
 from edgecl.train.data import TaskData
 from edgecl.train.methods.finetune import fit
 from edgecl.train.models import Params, forward, init_head, init_params, to_numpy
-from edgecl.train.protocol import Method, MethodConfig, TrainContext, batches, task_generator
+from edgecl.train.protocol import Method, MethodConfig, TrainContext, adam, batches, task_generator
 
 PRUNE_MODES = ("none", "absolute", "percentile", "mixed")
 FACTORS = ("r", "s", "u", "v")
@@ -274,7 +274,7 @@ class HALRP(Method):
         than a loss graph over many small tensors)."""
         cfg = self.config
         trainable = list(factors.values()) + [v for v in own.values() if v.requires_grad]
-        opt = torch.optim.Adam(trainable, lr=cfg.lr, fused=True)
+        opt = adam(trainable, cfg.lr)
         gen = task_generator(cfg, t)
         epochs = cfg.epochs - cfg.warmup_epochs
         with ctx.bar(epochs, f"halrp task {t} low-rank fine-tune") as bar:
