@@ -328,8 +328,9 @@ class HALRP(Method):
         if packed.arch != self.arch:
             raise UsageError("halrp: the artifact's architecture differs from this method's")
         extra = packed.extra or {}
-        self.base = {n: packed.base[n] for n in self.layers}
-        self.store = [dict(tt) for tt in packed.task_tensors]
+        # own writable copies: a loaded artifact's arrays are read-only views of the file
+        self.base = {n: np.array(packed.base[n]) for n in self.layers}
+        self.store = [{k: np.array(v) for k, v in tt.items()} for tt in packed.task_tensors]
         self.infos = list(packed.tasks)
         self.ranks = [dict(r) for r in extra.get("ranks", [])] or [
             {n: tt[f"{n}:u"].shape[1] if f"{n}:u" in tt else 0 for n in self.layers} for tt in self.store]
