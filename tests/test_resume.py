@@ -7,7 +7,7 @@ from edgecl.cli import main
 from edgecl.runtime import TaskRuntime
 from edgecl.train.data import make_stream
 
-QUICK = {"lps": ["--set", "epochs=2"], "halrp": ["--set", "epochs=2"]}
+QUICK = {"lps": ["--set", "epochs=2"], "halrp": ["--set", "epochs=2"], "agscl": ["--set", "epochs=3"]}
 
 
 def _outputs(path, tasks, x):
@@ -15,7 +15,7 @@ def _outputs(path, tasks, x):
         return [rt.infer(x, task=t) for t in range(tasks)]
 
 
-@pytest.mark.parametrize("method", ["lps", "halrp"])
+@pytest.mark.parametrize("method", ["lps", "halrp", "agscl"])
 def test_resume_keeps_earlier_tasks_bit_identical(method, tmp_path):
     first, second = tmp_path / "v1", tmp_path / "v2"
     assert main(["train", "--method", method, "--tasks", "2", "--no-progress", *QUICK[method],
