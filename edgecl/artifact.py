@@ -884,10 +884,14 @@ def as_packed(source: Any) -> PackedModel:
     raise UsageError(f"expected an artifact path, Artifact or PackedModel, got {type(source).__name__}")
 
 
-def append_task(path: str | os.PathLike, packed: PackedModel) -> None:
+def append_task(path: str | os.PathLike, packed: PackedModel, *, unchanged: str = "all") -> None:
     """Replace the artifact at `path` with `packed` (its tasks plus new ones), atomically — but only after every task
-    already in the file materialises bit-identically from the new content. UsageError when `packed` is another
-    method/arch, drops or renames tasks, or would change an earlier task; ArtifactError when the file is damaged."""
+    already in the file materialises bit-identically from the new content: every tensor (`unchanged="all"`), or only
+    the heads (`"heads"`, for methods such as RGO whose shared trunk keeps learning by design). UsageError when
+    `packed` is another method/arch, drops or renames tasks, or would change what must stay; ArtifactError when the
+    file is damaged."""
+    if unchanged not in ("all", "heads"):
+        raise UsageError(f"append_task: unchanged must be 'all' or 'heads', got {unchanged!r}")
     path = os.fspath(path)
     with load(path) as old:
         if packed.method != old.method or validate_arch(packed.arch) != old.arch:
@@ -902,15 +906,18 @@ def append_task(path: str | os.PathLike, packed: PackedModel) -> None:
         try:
             with load(tmp) as new:
                 for t in range(old.n_tasks):
-                    _require_identical(path, t, old.materialize(t), new.materialize(t))
+                    _require_identical(path, t, old.materialize(t), new.materialize(t), unchanged)
         except BaseException:
             _discard(tmp)
             raise
     _commit(tmp, path)
 
 
-def _require_identical(path: str, t: int, before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> None:
+def _require_identical(path: str, t: int, before: dict[str, np.ndarray], after: dict[str, np.ndarray],
+                       unchanged: str = "all") -> None:
     for name, w in before.items():
+        if unchanged == "heads" and not name.startswith("head."):
+            continue
         other = after.get(name)
         if other is None or other.shape != w.shape or other.tobytes() != w.tobytes():
             raise UsageError(f"{path}: appending would change task {t}'s tensor {name!r}; earlier tasks must stay "

@@ -7,6 +7,8 @@ import os
 import shutil
 from typing import Any
 
+import numpy as np
+
 from edgecl.errors import UsageError
 
 ARTIFACT_NAME = "model.edgecl"
@@ -73,6 +75,7 @@ def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_na
 
     _check_device(device)
     previous = artifact.load(resume).to_packed() if resume else None
+    state = load_training_state(resume) if resume else None
     first = previous.n_tasks if previous else 0
     if previous and n_tasks is None:
         raise UsageError("--resume needs --tasks N, the number of new tasks to add")
@@ -83,7 +86,7 @@ def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_na
     if previous:
         _check_resumable(previous, method_name, arch, resume)
         method = registry.create(method_name, arch, previous.config)
-        method.resume(previous)
+        method.resume(previous, state)
     else:
         method = registry.create(method_name, arch, {"seed": seed, **(overrides or {})})
     log(f"edgecl: {method_name} on {stream.name} ({len(stream.tasks)} tasks, {arch_name}"
@@ -94,15 +97,46 @@ def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_na
     if previous:
         if os.path.abspath(path) != os.path.abspath(resume):
             shutil.copyfile(resume, path)
-        artifact.append_task(path, result.packed)  # refuses if any earlier task would change by one bit
+        artifact.append_task(path, result.packed, unchanged=method.append_keeps)  # refuses if that would change
     else:
         artifact.save(result.packed, path)
+    save_training_state(method.training_state(), path)
     data["artifact"] = {"path": path, "bytes": os.path.getsize(path)}
     engine.save_json(data, os.path.join(out_dir, "results.json"))
     log(engine.format_matrix(result.acc_matrix))
     log(f"ACC {100 * data['acc']:.2f}%  BWT {100 * data['bwt']:+.2f} points  artifact {path} "
         f"({data['artifact']['bytes'] / 1024:.1f} KiB)")
     return data
+
+
+def state_path(artifact_path: str) -> str:
+    """Where a method's training state (e.g. RGO's projection matrices) lives: beside the artifact, not in it."""
+    return f"{artifact_path}.state"
+
+
+def save_training_state(state: dict[str, Any], artifact_path: str) -> None:
+    """safetensors (no pickle), written atomically; nothing is written for methods without training state."""
+    if not state:
+        return
+    from safetensors.numpy import save_file
+
+    tmp = state_path(artifact_path) + ".tmp"
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp)
+    os.replace(tmp, state_path(artifact_path))
+
+
+def load_training_state(artifact_path: str) -> dict[str, Any] | None:
+    """The state saved beside an artifact, or None when there is none; a damaged file is a clear error."""
+    path = state_path(artifact_path)
+    if not os.path.exists(path):
+        return None
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UsageError(f"{path}: unreadable training state ({exc})") from None
 
 
 def _check_device(device: str) -> None:

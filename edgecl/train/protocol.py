@@ -62,6 +62,9 @@ class Method(ABC):
 
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    # What appending tasks must leave bit-identical for earlier tasks: every tensor ("all"), or only their heads
+    # ("heads": methods whose shared trunk keeps learning, like RGO). `edgecl train --resume` verifies it.
+    append_keeps: ClassVar[str] = "all"
 
     def __init__(self, arch: Arch, config: MethodConfig | None = None):
         self.arch = arch
@@ -78,9 +81,15 @@ class Method(ABC):
     def pack(self) -> PackedModel:
         """The model after the tasks learned so far, as shared base + per-task deltas + heads (numpy copies)."""
 
-    def resume(self, packed: PackedModel) -> None:
-        """Continue from a deployed model (lifelong append). Methods that support it override this."""
+    def resume(self, packed: PackedModel, state: dict[str, np.ndarray] | None = None) -> None:
+        """Continue from a deployed model (lifelong append); `state` is what `training_state()` returned when the
+        model was trained. Methods that support it override this."""
         raise UsageError(f"method {self.name!r} cannot resume from an artifact")
+
+    def training_state(self) -> dict[str, np.ndarray]:
+        """Tensors needed to go on learning that the deployed model does not need (RGO's projection matrices).
+        Saved beside the artifact, never inside it, so devices do not carry them."""
+        return {}
 
 
 def seed_everything(seed: int) -> None:

@@ -305,7 +305,7 @@ class AGSCL(Method):
                 "reinit_nodes": [s["reinit_nodes"] for s in self.stats],
                 "omega": {k: [float(x) for x in v] for k, v in self.omega.items()}}
 
-    def resume(self, packed: PackedModel) -> None:
+    def resume(self, packed: PackedModel, state: dict | None = None) -> None:
         """Continue from a deployed AGS-CL model: trunk, heads and node masks from the artifact, Ω from its extra;
         the permanent (I.1) cuts are rebuilt from the masks (node j alive and source i dead at some task)."""
         if packed.method != self.name or packed.arch != self.arch:

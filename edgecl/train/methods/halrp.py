@@ -320,7 +320,7 @@ class HALRP(Method):
             a = self.store[i][k]
             self.store[i][k] = np.where(np.abs(a) > thr, a, np.float32(0)).astype(np.float32)
 
-    def resume(self, packed: PackedModel) -> None:
+    def resume(self, packed: PackedModel, state: dict | None = None) -> None:
         """Continue a deployed HALRP model: base and every task's tensors come back as they were stored, so the
         tasks learned before stay bit-identical."""
         if packed.method != self.name:

@@ -312,7 +312,7 @@ class LPS(Method):
         return PackedModel(self.arch, self.name, self.config.to_json(), params, base, list(self.infos), tensors,
                            extra)
 
-    def resume(self, packed: PackedModel) -> None:
+    def resume(self, packed: PackedModel, state: dict | None = None) -> None:
         """Continue from a packed LPS model: later tasks take only what is still free, so earlier tasks stay exact."""
         if packed.method != self.name:
             raise UsageError(f"cannot resume LPS from an artifact made by method {packed.method!r}")

@@ -31,6 +31,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -63,6 +64,7 @@ class RGOConfig(MethodConfig):
 class RGO(Method):
     name = "rgo"
     Config = RGOConfig
+    append_keeps = "heads"  # one shared trunk keeps learning (small, bounded forgetting); old heads never change
 
     def __init__(self, arch, config=None):
         super().__init__(arch, config)
@@ -234,11 +236,36 @@ class RGO(Method):
         return PackedModel(self.arch, self.name, self.config.to_json(), params, to_numpy(self.trunk),
                            list(self.infos), [to_numpy(h) for h in self.heads], self.extra())
 
+    def training_state(self) -> dict[str, np.ndarray]:
+        """The projection matrices P (float64): without them a resumed run would forget the earlier tasks."""
+        return {f"P:{name}": p.p.cpu().numpy() for name, p in self.proj.items()}
+
+    def resume(self, packed: PackedModel, state: dict[str, np.ndarray] | None = None) -> None:
+        """Continue a deployed RGO model: the shared trunk and heads from the artifact, P from the training state."""
+        if packed.method != self.name or packed.arch != self.arch:
+            raise UsageError(f"rgo cannot resume a {packed.method!r} model on arch {packed.arch.get('name')!r}")
+        if packed.config.get("fel") != self.config.fel:
+            raise UsageError("rgo: the artifact's feature-encoding setting (fel) differs from this config")
+        missing = [f"P:{n}" for n in self.dims if not state or f"P:{n}" not in state]
+        if missing:
+            raise UsageError(f"rgo: resuming needs the training state saved beside the artifact (model.edgecl.state);"
+                             f" missing {missing[:3]}")
+        for name, dim in self.dims.items():
+            p = np.asarray(state[f"P:{name}"], dtype=np.float64)
+            if p.shape != (dim, dim) or not np.isfinite(p).all():
+                raise UsageError(f"rgo: training state P:{name} has shape {p.shape}, expected ({dim}, {dim})")
+            self.proj[name].p = torch.from_numpy(p.copy())
+        self.trunk = {k: torch.from_numpy(np.array(packed.base[k], dtype=np.float32)) for k in self.trunk}
+        self.heads = [{k: torch.from_numpy(np.array(tt[k])) for k in ("head.weight", "head.bias")}
+                      for tt in packed.task_tensors]
+        self.infos = list(packed.tasks)
+
     def extra(self) -> dict:
         sizes = self.projection_bytes()
         return {"fel": self.config.fel, "alpha": self.config.alpha,
                 "projection_dims": dict(self.dims), "projection_bytes": sizes,
                 "projection_bytes_total": sum(sizes.values()),
-                "projection_storage": "float64 P + float32 normalised copy (12 bytes/entry); not in the artifact",
+                "projection_storage": "float64 P + float32 normalised copy (12 bytes/entry); not in the artifact "
+                                      "(saved beside it as training state, for --resume)",
                 "projection_trace_scale": {k: p.scale() for k, p in self.proj.items()},
                 "train_seconds": list(self.train_seconds), "curvature_seconds": list(self.curvature_seconds)}
