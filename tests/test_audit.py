@@ -14,7 +14,7 @@ from edgecl.cli import main as cli
 from edgecl.deltas import materialize
 from edgecl.runtime import TaskRuntime
 from edgecl.runtime.audit import audit, budget_summary
-from edgecl.runtime.synthetic import random_packed
+from edgecl.synthetic import random_packed
 
 artifact = pytest.importorskip("edgecl.artifact")
 

@@ -10,7 +10,7 @@ from edgecl.deltas import PackedModel, TaskInfo, check_consistent, materialize
 from edgecl.export import compact_task, count_params
 from edgecl.export.onnx_export import run_onnx
 from edgecl.export.onnx_graph import build_onnx
-from edgecl.export.synthetic import structured_lps_model
+from edgecl.synthetic import structured_lps_model
 
 TOL = 1e-4
 

@@ -12,7 +12,7 @@ from edgecl.arch import preset
 from edgecl.deltas import materialize
 from edgecl.export.onnx_graph import build_onnx
 from edgecl.runtime import TaskRuntime
-from edgecl.runtime.synthetic import random_packed
+from edgecl.synthetic import random_packed
 
 THREADS, CALLS = 8, 1000
 

@@ -12,7 +12,7 @@ from edgecl.errors import BudgetError, UsageError
 from edgecl.export.onnx_graph import build_onnx
 from edgecl.runtime import TaskRuntime, parse_budget
 from edgecl.runtime.plan import build_plans
-from edgecl.runtime.synthetic import random_packed
+from edgecl.synthetic import random_packed
 
 DEEP = validate({"name": "deep", "input_shape": [1, 8, 8], "layers": [
     {"op": "flatten"}, {"op": "linear", "name": "l1", "in": 64, "out": 48}, {"op": "relu"},
@@ -172,7 +172,7 @@ def test_budget_refuses_cache_and_batch_beyond_it():
 
 def test_sessions_strategy_compacts_structured_masks():
     """Column-structured LPS: each task's session is physically smaller and still equals the dense reference."""
-    from edgecl.export.synthetic import structured_lps_model
+    from edgecl.synthetic import structured_lps_model
 
     packed = structured_lps_model(preset("mlp"), keep_fraction=0.4, n_tasks=2)
     refs = references(packed)

@@ -27,7 +27,7 @@ SCRIPT = BLOCKER + textwrap.dedent("""
     from edgecl.deltas import materialize
     from edgecl.runtime import TaskRuntime
     from edgecl.runtime.audit import audit
-    from edgecl.runtime.synthetic import random_packed
+    from edgecl.synthetic import random_packed
 
     try:
         import torch  # noqa: F401

@@ -7,7 +7,7 @@
    batch 64.
 
 The model is the wide MLP preset (width 8: 64 → 2048 → 2048 → 10, 4.3 M parameters) with column-structured LPS
-masks built by `edgecl.export.synthetic` (random weights: latency does not depend on trained values). Timings are
+masks built by `edgecl.synthetic` (random weights: latency does not depend on trained values). Timings are
 medians of interleaved repeats, so machine noise hits both sides of a ratio alike. One command:
 
     python tools/bench_infer.py --out bench_infer.json
@@ -27,7 +27,7 @@ from edgecl.arch import preset
 from edgecl.deltas import materialize
 from edgecl.export import task_model
 from edgecl.export.onnx_graph import INPUT, OUTPUT, build_onnx, tensor_names
-from edgecl.export.synthetic import structured_lps_model
+from edgecl.synthetic import structured_lps_model
 from edgecl.machine import format_machine, machine_info
 
 

@@ -30,7 +30,7 @@ from edgecl.deltas import materialize
 from edgecl.export.onnx_graph import build_onnx
 from edgecl.machine import machine_info
 from edgecl.runtime import TaskRuntime
-from edgecl.runtime.synthetic import random_packed
+from edgecl.synthetic import random_packed
 
 
 ARGS = argparse.Namespace(stat="median")
