@@ -74,7 +74,7 @@ def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_na
     from edgecl.train.protocol import TrainContext
 
     _check_device(device)
-    previous = artifact.load(resume).to_packed() if resume else None
+    previous = artifact.as_packed(resume) if resume else None
     state = load_training_state(resume) if resume else None
     first = previous.n_tasks if previous else 0
     if previous and n_tasks is None:

@@ -63,8 +63,8 @@ def run(method: Method, stream: Stream, ctx: TrainContext | None = None, first_t
     ctx = ctx or TrainContext()
     n = len(stream.tasks)
     acc = np.full((n, n), np.nan)
+    packed = method.pack() if first_task else None
     if first_task:
-        packed = method.pack()
         before = [accuracy(packed, j, stream.tasks[j], ctx.device) for j in range(first_task)]
         for i in range(first_task):
             acc[i, :i + 1] = before[:i + 1]
@@ -79,7 +79,7 @@ def run(method: Method, stream: Stream, ctx: TrainContext | None = None, first_t
         log(f"[{method.name}] task {t + 1}/{n} {stream.tasks[t].name}: acc {acc[t, t]:.3f}, "
             f"mean over seen {np.nanmean(acc[t, :t + 1]):.3f} ({times[-1]:.1f}s)")
     rows = [[float(acc[i, j]) for j in range(i + 1)] for i in range(n)]
-    return RunResult(method.name, stream.name, rows, method.pack(), times, ctx.notes, first_task)
+    return RunResult(method.name, stream.name, rows, packed, times, ctx.notes, first_task)
 
 
 def format_matrix(acc_matrix: list[list[float]]) -> str:
