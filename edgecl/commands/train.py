@@ -71,7 +71,7 @@ def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_na
     from edgecl.arch import preset
     from edgecl.train import engine, registry
     from edgecl.train.data import make_stream
-    from edgecl.train.protocol import TrainContext
+    from edgecl.train.protocol import TrainContext, check_resumable
 
     _check_device(device)
     previous = artifact.as_packed(resume) if resume else None
@@ -84,7 +84,10 @@ def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_na
     stream = make_stream(stream_name, first + n_tasks if n_tasks is not None else None, seed)
     arch = preset(arch_name, stream.input_shape)
     if previous:
-        _check_resumable(previous, method_name, arch, resume)
+        try:
+            check_resumable(previous, method_name, arch)
+        except UsageError as exc:
+            raise UsageError(f"{resume}: {exc}") from None
         method = registry.create(method_name, arch, previous.config)
         method.resume(previous, state)
     else:
@@ -147,15 +150,6 @@ def _check_device(device: str) -> None:
 
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA GPU is visible to torch")
-
-
-def _check_resumable(previous, method_name: str, arch: dict, path: str) -> None:
-    """Resume only into the same method and architecture: anything else would silently retrain from scratch."""
-    if previous.method != method_name:
-        raise UsageError(f"{path}: made by method {previous.method!r}, cannot resume it with {method_name!r}")
-    if previous.arch != arch:
-        raise UsageError(f"{path}: architecture {previous.arch.get('name')!r} {previous.arch['input_shape']} differs "
-                         f"from --arch {arch.get('name')!r} {arch['input_shape']}")
 
 
 def main(args: argparse.Namespace) -> int:

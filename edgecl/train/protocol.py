@@ -92,6 +92,16 @@ class Method(ABC):
         return {}
 
 
+def check_resumable(packed: PackedModel, method_name: str, arch: Arch) -> None:
+    """Resume only into the same method and architecture: anything else would silently retrain from scratch. The
+    one check every method's `resume` and `edgecl train --resume` run."""
+    if packed.method != method_name:
+        raise UsageError(f"cannot resume a model made by method {packed.method!r} with {method_name!r}")
+    if packed.arch != arch:
+        raise UsageError(f"cannot resume: architecture {packed.arch.get('name')!r} {packed.arch.get('input_shape')} "
+                         f"differs from {arch.get('name')!r} {arch.get('input_shape')}")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -39,7 +39,7 @@ from edgecl.deltas import PackedModel, TaskInfo
 from edgecl.errors import UsageError
 from edgecl.train.data import TaskData
 from edgecl.train.models import Params, forward, from_numpy, init_head, init_params, to_numpy
-from edgecl.train.protocol import Method, MethodConfig, TrainContext, adam, batches, task_generator
+from edgecl.train.protocol import Method, MethodConfig, TrainContext, adam, batches, check_resumable, task_generator
 
 PROX_SCHEDULES = ("epoch", "step")
 
@@ -308,8 +308,7 @@ class AGSCL(Method):
     def resume(self, packed: PackedModel, state: dict | None = None) -> None:
         """Continue from a deployed AGS-CL model: trunk, heads and node masks from the artifact, Ω from its extra;
         the permanent (I.1) cuts are rebuilt from the masks (node j alive and source i dead at some task)."""
-        if packed.method != self.name or packed.arch != self.arch:
-            raise UsageError(f"agscl: cannot resume from a {packed.method!r} model or another architecture")
+        check_resumable(packed, self.name, self.arch)
         if "omega" not in packed.extra:
             raise UsageError("agscl: the artifact's extra has no 'omega' (node importances); cannot resume")
         self.trunk = from_numpy(packed.base)

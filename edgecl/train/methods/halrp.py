@@ -40,7 +40,7 @@ from edgecl.errors import UsageError
 from edgecl.train.data import TaskData
 from edgecl.train.methods.finetune import fit
 from edgecl.train.models import Params, forward, init_head, init_params, to_numpy
-from edgecl.train.protocol import Method, MethodConfig, TrainContext, adam, batches, task_generator
+from edgecl.train.protocol import Method, MethodConfig, TrainContext, adam, batches, check_resumable, task_generator
 
 PRUNE_MODES = ("none", "absolute", "percentile", "mixed")
 FACTORS = ("r", "s", "u", "v")
@@ -323,10 +323,7 @@ class HALRP(Method):
     def resume(self, packed: PackedModel, state: dict | None = None) -> None:
         """Continue a deployed HALRP model: base and every task's tensors come back as they were stored, so the
         tasks learned before stay bit-identical."""
-        if packed.method != self.name:
-            raise UsageError(f"halrp cannot resume a model trained by {packed.method!r}")
-        if packed.arch != self.arch:
-            raise UsageError("halrp: the artifact's architecture differs from this method's")
+        check_resumable(packed, self.name, self.arch)
         extra = packed.extra or {}
         # own writable copies: a loaded artifact's arrays are read-only views of the file
         self.base = {n: np.array(packed.base[n]) for n in self.layers}

@@ -39,7 +39,7 @@ from edgecl.train.data import TaskData
 from edgecl.train.models import Params, forward, init_head, init_params, to_numpy
 from edgecl.train.projections import (PRUNING_UNIT, expand_units, n_units, project_binary, project_sparse,
                                       sparse_support)
-from edgecl.train.protocol import Method, MethodConfig, TrainContext, adam, batches, task_generator
+from edgecl.train.protocol import Method, MethodConfig, TrainContext, adam, batches, check_resumable, task_generator
 
 
 @dataclass
@@ -314,11 +314,7 @@ class LPS(Method):
 
     def resume(self, packed: PackedModel, state: dict | None = None) -> None:
         """Continue from a packed LPS model: later tasks take only what is still free, so earlier tasks stay exact."""
-        if packed.method != self.name:
-            raise UsageError(f"cannot resume LPS from an artifact made by method {packed.method!r}")
-        if packed.arch != self.arch:
-            raise UsageError(f"cannot resume: the artifact's architecture {packed.arch.get('name')!r} differs from "
-                             f"this one ({self.arch.get('name')!r})")
+        check_resumable(packed, self.name, self.arch)
         needed = list(self.shared) + [k for n in self.names for k in (n, f"{n}:owner")]
         missing = [k for k in needed if k not in packed.base]
         if missing:

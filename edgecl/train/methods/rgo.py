@@ -41,7 +41,7 @@ from edgecl.errors import UsageError
 from edgecl.train.data import TaskData
 from edgecl.train.methods.rgo_ops import LayerTap, Projector, conv_patches
 from edgecl.train.models import Params, forward, init_head, init_params, to_numpy
-from edgecl.train.protocol import Method, MethodConfig, TrainContext, batches, task_generator
+from edgecl.train.protocol import Method, MethodConfig, TrainContext, batches, check_resumable, task_generator
 
 # Bytes per entry of P: the float64 matrix itself plus the float32 normalised copy used during a task.
 _BYTES_PER_ENTRY = 8 + 4
@@ -242,8 +242,7 @@ class RGO(Method):
 
     def resume(self, packed: PackedModel, state: dict[str, np.ndarray] | None = None) -> None:
         """Continue a deployed RGO model: the shared trunk and heads from the artifact, P from the training state."""
-        if packed.method != self.name or packed.arch != self.arch:
-            raise UsageError(f"rgo cannot resume a {packed.method!r} model on arch {packed.arch.get('name')!r}")
+        check_resumable(packed, self.name, self.arch)
         if packed.config.get("fel") != self.config.fel:
             raise UsageError("rgo: the artifact's feature-encoding setting (fel) differs from this config")
         missing = [f"P:{n}" for n in self.dims if not state or f"P:{n}" not in state]
