@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 import numpy as np
+
+from edgecl.machine import machine_info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     stream = make_stream(args.stream, args.tasks, args.seed)
     arch = preset(args.arch, stream.input_shape)
-    report = {"machine": platform.platform(), "python": sys.version.split()[0], "numpy": np.__version__,
-              "torch": torch.__version__, "stream": args.stream, "tasks": args.tasks, "arch": args.arch,
+    report = {"machine": machine_info(), "stream": args.stream, "tasks": args.tasks, "arch": args.arch,
               "methods": {}}
     for name in args.methods.split(","):
         config = {"seed": args.seed, **json.loads(args.config)}

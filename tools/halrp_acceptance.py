@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 from edgecl import metrics
 from edgecl.arch import preset
 from edgecl.deltas import materialize
+from edgecl.machine import machine_info
 from edgecl.train import engine, registry
 from edgecl.train.data import make_stream
 from edgecl.train.protocol import TrainContext
@@ -75,7 +75,7 @@ def main() -> None:
     ft_epoch = float(np.median([runs["finetune"]["seconds_per_epoch_later_tasks"],
                                 again["seconds_per_epoch_later_tasks"]]))
     h = runs["halrp"]
-    report = {"machine": platform.platform(), "device": args.device, "torch": torch.__version__, "arch": args.arch,
+    report = {"machine": machine_info(), "device": args.device, "arch": args.arch,
               "tasks": args.tasks,
               "halrp_acc": h["acc"], "halrp_bwt": h["bwt"], "stl_acc": runs["stl"]["acc"],
               "acc_minus_stl_points": 100 * (h["acc"] - runs["stl"]["acc"]), "finetune_acc": runs["finetune"]["acc"],
