@@ -11,7 +11,7 @@ import numpy as np
 
 from edgecl.arch import Arch
 from edgecl.deltas import PackedModel, materialize
-from edgecl.errors import ArtifactError, UsageError
+from edgecl.errors import UsageError
 
 
 @dataclass

@@ -39,7 +39,8 @@ from edgecl.deltas import PackedModel, TaskInfo
 from edgecl.errors import UsageError
 from edgecl.train.data import TaskData
 from edgecl.train.models import Params, forward, from_numpy, init_head, init_params, to_numpy
-from edgecl.train.protocol import Method, MethodConfig, TrainContext, adam, batches, check_resumable, task_generator
+from edgecl.train.protocol import (Method, MethodConfig, TrainContext, adam, batches, check_resumable, run_epochs,
+                                   task_generator)
 
 PROX_SCHEDULES = ("epoch", "step")
 
@@ -160,19 +161,22 @@ class AGSCL(Method):
         omega = {k: v.to(device) for k, v in self.omega.items()}
         keep = {k: (~v).to(device) for k, v in self.cut.items() if bool(v.any())}
         opt = adam(list(params.values()), self.config.lr)
-        gen = task_generator(self.config, t)
+        per_step = self.config.prox_every == "step"
+
+        def after_step() -> None:
+            self._apply_cut(trunk, keep)
+            if per_step:
+                self._prox(trunk, anchor, omega, opt.param_groups[0]["lr"])
+
+        def end_of_epoch(_: int) -> None:
+            if not per_step:
+                self._prox(trunk, anchor, omega, opt.param_groups[0]["lr"])
+
         with ctx.bar(self.config.epochs, f"agscl task {t}") as bar:
-            for _ in range(self.config.epochs):
-                for x, y in batches(task, self.config.batch_size, gen, device):
-                    opt.zero_grad()
-                    F.cross_entropy(forward(self.arch, params, x, train=True), y).backward()
-                    opt.step()
-                    self._apply_cut(trunk, keep)
-                    if self.config.prox_every == "step":
-                        self._prox(trunk, anchor, omega, opt.param_groups[0]["lr"])
-                if self.config.prox_every == "epoch":
-                    self._prox(trunk, anchor, omega, opt.param_groups[0]["lr"])
-                bar.update(1)
+            run_epochs(task, opt, lambda x, y: F.cross_entropy(forward(self.arch, params, x, train=True), y),
+                       epochs=self.config.epochs, batch_size=self.config.batch_size,
+                       generator=task_generator(self.config, t), bar=bar, device=device, after_step=after_step,
+                       end_of_epoch=end_of_epoch)
         frozen = self._count_frozen(trunk, anchor, omega)
         self.trunk = {k: v.detach().cpu() for k, v in trunk.items()}
         head = {k: v.detach().cpu() for k, v in head.items()}

@@ -7,22 +7,17 @@ import torch.nn.functional as F
 
 from edgecl.deltas import PackedModel, TaskInfo
 from edgecl.train.models import Params, forward, init_head, init_params, to_numpy
-from edgecl.train.protocol import Method, TrainContext, adam, batches, task_generator
+from edgecl.train.protocol import Method, TrainContext, adam, run_epochs, task_generator
 from edgecl.train.data import TaskData
 
 
 def fit(arch, params: Params, trainable: list[torch.Tensor], task: TaskData, config, ctx: TrainContext, t: int,
         desc: str) -> None:
     """Plain Adam on cross-entropy for config.epochs epochs: the training loop the baselines share."""
-    opt = adam(trainable, config.lr)
-    gen = task_generator(config, t)
     with ctx.bar(config.epochs, desc) as bar:
-        for _ in range(config.epochs):
-            for x, y in batches(task, config.batch_size, gen, ctx.device):
-                opt.zero_grad()
-                F.cross_entropy(forward(arch, params, x, train=True), y).backward()
-                opt.step()
-            bar.update(1)
+        run_epochs(task, adam(trainable, config.lr),
+                   lambda x, y: F.cross_entropy(forward(arch, params, x, train=True), y), epochs=config.epochs,
+                   batch_size=config.batch_size, generator=task_generator(config, t), bar=bar, device=ctx.device)
 
 
 class Finetune(Method):

@@ -40,7 +40,8 @@ from edgecl.errors import UsageError
 from edgecl.train.data import TaskData
 from edgecl.train.methods.finetune import fit
 from edgecl.train.models import Params, forward, init_head, init_params, to_numpy
-from edgecl.train.protocol import Method, MethodConfig, TrainContext, adam, batches, check_resumable, task_generator
+from edgecl.train.protocol import (Method, MethodConfig, TrainContext, adam, batches, check_resumable, run_epochs,
+                                   task_generator)
 
 PRUNE_MODES = ("none", "absolute", "percentile", "mixed")
 FACTORS = ("r", "s", "u", "v")
@@ -274,19 +275,17 @@ class HALRP(Method):
         than a loss graph over many small tensors)."""
         cfg = self.config
         trainable = list(factors.values()) + [v for v in own.values() if v.requires_grad]
-        opt = adam(trainable, cfg.lr)
-        gen = task_generator(cfg, t)
         epochs = cfg.epochs - cfg.warmup_epochs
+
+        def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            params = {**own, **{n: lowrank_torch(base[n], *(factors[f"{n}:{f}"] for f in FACTORS))
+                                for n in self.layers}}
+            return F.cross_entropy(forward(self.arch, params, x, train=True), y)
+
         with ctx.bar(epochs, f"halrp task {t} low-rank fine-tune") as bar:
-            for _ in range(epochs):
-                for x, y in batches(task, cfg.batch_size, gen, ctx.device):
-                    params = {**own, **{n: lowrank_torch(base[n], *(factors[f"{n}:{f}"] for f in FACTORS))
-                                        for n in self.layers}}
-                    opt.zero_grad(set_to_none=False)
-                    F.cross_entropy(forward(self.arch, params, x, train=True), y).backward()
-                    self.add_penalty_grad(factors)
-                    opt.step()
-                bar.update(1)
+            run_epochs(task, adam(trainable, cfg.lr), loss_fn, epochs=epochs, batch_size=cfg.batch_size,
+                       generator=task_generator(cfg, t), bar=bar, device=ctx.device,
+                       after_backward=lambda: self.add_penalty_grad(factors), zero_to_none=False)
 
     def penalty(self, factors: Params) -> torch.Tensor:
         """Eq. 12 as a value: λ0 (‖u‖₁ + ‖v‖₁) + λ1 (‖r‖² + ‖s‖² + ‖u‖² + ‖v‖²), summed over layers."""

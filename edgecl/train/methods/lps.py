@@ -39,7 +39,7 @@ from edgecl.train.data import TaskData
 from edgecl.train.models import Params, forward, init_head, init_params, to_numpy
 from edgecl.train.projections import (PRUNING_UNIT, expand_units, n_units, project_binary, project_sparse,
                                       sparse_support)
-from edgecl.train.protocol import Method, MethodConfig, TrainContext, adam, batches, check_resumable, task_generator
+from edgecl.train.protocol import Method, MethodConfig, TrainContext, adam, check_resumable, run_epochs, task_generator
 
 
 @dataclass
@@ -204,17 +204,8 @@ class LPS(Method):
         groups = [{"params": params}]
         if mask_params:
             groups.append({"params": mask_params, "lr": self.config.mask_lr or self.config.lr})
-        opt = adam(groups, self.config.lr)
-        for epoch in range(epochs):
-            for x, y in batches(task, self.config.batch_size, self._shuffle, dev):
-                opt.zero_grad()
-                loss_fn(x, y).backward()
-                if penalty is not None:
-                    penalty()
-                opt.step()
-            if end_of_epoch is not None:
-                end_of_epoch(epoch)
-            bar.update(1)
+        run_epochs(task, adam(groups, self.config.lr), loss_fn, epochs=epochs, batch_size=self.config.batch_size,
+                   generator=self._shuffle, bar=bar, device=dev, after_backward=penalty, end_of_epoch=end_of_epoch)
 
     def _admm(self, task: TaskData, epochs: int, layers: list[_Layer], base: list[torch.Tensor],
               loss_fn: Callable, bar, dev: str) -> None:

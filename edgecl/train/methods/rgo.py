@@ -41,7 +41,8 @@ from edgecl.errors import UsageError
 from edgecl.train.data import TaskData
 from edgecl.train.methods.rgo_ops import LayerTap, Projector, conv_patches
 from edgecl.train.models import Params, forward, init_head, init_params, to_numpy
-from edgecl.train.protocol import Method, MethodConfig, TrainContext, batches, check_resumable, task_generator
+from edgecl.train.protocol import (Method, MethodConfig, TrainContext, batches, check_resumable, run_epochs,
+                                   task_generator)
 
 # Bytes per entry of P: the float64 matrix itself plus the float32 normalised copy used during a task.
 _BYTES_PER_ENTRY = 8 + 4
@@ -153,18 +154,17 @@ class RGO(Method):
         trainable = [v for v in self.trunk.values() if v.requires_grad] + list(head.values())
         opt = torch.optim.SGD(trainable, lr=self.config.lr)
         start = time.perf_counter()
+        weights = {layer: normalized[f"{layer}.weight"] for layer in self.layers}
+
+        def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            eff = self.effective(perms)
+            with LayerTap(self._tap_ids(eff), projections=weights):
+                logits = forward(self.arch, {**eff, **head}, x, train=first)
+            return F.cross_entropy(logits, y)
+
         with ctx.bar(self.config.epochs, f"rgo task {t}") as bar:
-            for _ in range(self.config.epochs):
-                for x, y in batches(task, self.config.batch_size, gen, dev):
-                    opt.zero_grad()
-                    eff = self.effective(perms)
-                    weights = {layer: normalized[f"{layer}.weight"] for layer in self.layers}
-                    with LayerTap(self._tap_ids(eff), projections=weights):
-                        logits = forward(self.arch, {**eff, **head}, x, train=first)
-                    F.cross_entropy(logits, y).backward()
-                    self._project_bias_grads(normalized)
-                    opt.step()
-                bar.update(1)
+            run_epochs(task, opt, loss_fn, epochs=self.config.epochs, batch_size=self.config.batch_size,
+                       generator=gen, bar=bar, device=dev, after_backward=lambda: self._project_bias_grads(normalized))
         self.train_seconds.append(time.perf_counter() - start)
         start = time.perf_counter()
         self.update_projections(task, head, perms, dev)
