@@ -394,13 +394,20 @@ def _write_parts(f, parts: Iterable[bytes]) -> None:
             f.write(view[i:i + _CHUNK])
 
 
+def write_atomic(path: str | os.PathLike, data: bytes | list[bytes]) -> None:
+    """The crash-safe write every edgecl output goes through (artifacts, exported graphs, results, training state):
+    a complete, fsynced temp file beside `path`, renamed over it. A kill at any point leaves the old file intact."""
+    path = os.fspath(path)
+    _commit(_write_temp(path, [data] if isinstance(data, (bytes, bytearray, memoryview)) else data), path)
+
+
 def _write_temp(path: str, parts: list[bytes]) -> str:
     """The new content, complete and fsynced, in a temp file beside `path` (same filesystem, so rename is atomic)."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     except OSError as exc:
-        raise UsageError(f"cannot write artifact {path}: {exc}") from None
+        raise UsageError(f"cannot write {path}: {exc}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             _write_parts(f, parts)
@@ -410,7 +417,7 @@ def _write_temp(path: str, parts: list[bytes]) -> str:
     except BaseException as exc:
         _discard(tmp)
         if isinstance(exc, OSError):
-            raise UsageError(f"cannot write artifact {path}: {exc}") from None
+            raise UsageError(f"cannot write {path}: {exc}") from None
         raise
     return tmp
 
@@ -421,7 +428,7 @@ def _commit(tmp: str, path: str) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         _discard(tmp)
-        raise UsageError(f"cannot write artifact {path}: {exc}") from None
+        raise UsageError(f"cannot write {path}: {exc}") from None
     try:
         dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         try:
@@ -444,7 +451,7 @@ def save(packed: PackedModel, path: str | os.PathLike, *, fp16: bool = False) ->
     float32 again, so no longer bit-exact to training). UsageError for an inconsistent or unstorable model."""
     check_consistent(packed)
     path = os.fspath(path)
-    _commit(_write_temp(path, _serialise(packed, fp16)), path)
+    write_atomic(path, _serialise(packed, fp16))
 
 
 # ------------------------------------------------------------------------------------------------------------- read

@@ -121,11 +121,11 @@ def save_training_state(state: dict[str, Any], artifact_path: str) -> None:
     """safetensors (no pickle), written atomically; nothing is written for methods without training state."""
     if not state:
         return
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
-    tmp = state_path(artifact_path) + ".tmp"
-    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp)
-    os.replace(tmp, state_path(artifact_path))
+    from edgecl.artifact import write_atomic
+
+    write_atomic(state_path(artifact_path), save({k: np.ascontiguousarray(v) for k, v in state.items()}))
 
 
 def load_training_state(artifact_path: str) -> dict[str, Any] | None:

@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgecl import __version__
 from edgecl.arch import Arch
+from edgecl.artifact import write_atomic
 from edgecl.errors import UsageError
 from edgecl.export.compact import CompactionReport, compact_task, count_params
 from edgecl.export.onnx_graph import INPUT, OPSET, OUTPUT, build_onnx, tensor_names
@@ -158,19 +159,6 @@ def _prepare_dir(out_dir: str | os.PathLike) -> Path:
     if not os.access(out, os.W_OK):
         raise UsageError(f"output folder {out} is not writable")
     return out
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def task_progress(items: list, enabled: bool, src: ModelSource) -> Iterable:

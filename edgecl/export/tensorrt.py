@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from edgecl.errors import EdgeclError, UsageError
-from edgecl.export.onnx_export import INDEX, export_onnx, task_progress, write_atomic
+from edgecl.artifact import write_atomic
+from edgecl.export.onnx_export import INDEX, export_onnx, task_progress
 from edgecl.export.onnx_graph import INPUT
 from edgecl.export.source import open_source
 

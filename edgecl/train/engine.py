@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from edgecl import metrics
+from edgecl.artifact import write_atomic
 from edgecl.deltas import PackedModel, materialize
 from edgecl.train.data import Stream, TaskData
 from edgecl.train.models import forward, from_numpy
@@ -102,10 +103,7 @@ def write_results(result: RunResult, out_dir: str) -> dict[str, Any]:
 
 def save_json(data: dict[str, Any], path: str) -> None:
     """Write JSON atomically (temp file + rename): a crash never leaves a half-written results file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2).encode())
 
 
 def plot_matrix(acc_matrix: list[list[float]], title: str, path: str) -> None:
