@@ -22,20 +22,23 @@ def random_share(rng: np.random.Generator, owner_elements: np.ndarray, t: int) -
     return rng.random(int(((owner_elements >= 1) & (owner_elements <= t)).sum())) < 0.5
 
 
-SHAPES = ("lps", "finetune", "mixed")
+SHAPES = ("lps", "finetune", "mixed", "node", "lowrank", "permute")
 
 
 def random_packed(arch: Arch, n_tasks: int = 4, shape: str = "lps", classes: tuple[int, ...] = (10, 5),
                   seed: int = 0) -> PackedModel:
     """`lps`: element-wise LPS (disjoint owners, sharing masks over earlier support) on every prunable layer;
-    `finetune`: one shared trunk; `mixed`: prunable layers cycle through lps / node / lowrank / permute / task kinds.
+    `finetune`: one shared trunk; `mixed`: prunable layers cycle through lps / node / lowrank / permute / task kinds;
+    `node`, `lowrank`, `permute`: every prunable layer of that kind (AGS-CL-, HALRP-, RGO-shaped).
     Heads are per task, with class counts cycling through `classes`."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown synthetic shape {shape!r} (known: {', '.join(SHAPES)})")
     rng = np.random.default_rng(seed)
     weights = prunable(arch)
     params, base = {}, {}
     tasks = [TaskInfo(f"task{t}", classes[t % len(classes)], seed=1000 + t) for t in range(n_tasks)]
     per_task: list[dict[str, np.ndarray]] = [{} for _ in range(n_tasks)]
-    kinds = {"lps": ["lps"], "finetune": ["shared"], "mixed": ["lps", "node", "lowrank", "permute", "task"]}[shape]
+    kinds = {"finetune": ["shared"], "mixed": ["lps", "node", "lowrank", "permute", "task"]}.get(shape, [shape])
     for name, dims in param_shapes(arch).items():
         w = (rng.standard_normal(dims) / np.sqrt(np.prod(dims[1:]) if len(dims) > 1 else 10)).astype(np.float32)
         kind = kinds[weights.index(name) % len(kinds)] if name in weights else "shared"
@@ -56,11 +59,12 @@ def random_packed(arch: Arch, n_tasks: int = 4, shape: str = "lps", classes: tup
             for tt in per_task:
                 tt[f"nodes:{name}"] = rng.random(dims[0]) < 0.7
         elif kind == "lowrank":
+            rank = max(2, min(dims[:2]) // 64)  # HALRP-like: a few percent of the full rank
             for tt in per_task:
                 tt[f"{name}:r"] = (1 + 0.1 * rng.standard_normal(dims[0])).astype(np.float32)
                 tt[f"{name}:s"] = (1 + 0.1 * rng.standard_normal(dims[1])).astype(np.float32)
-                tt[f"{name}:u"] = (0.01 * rng.standard_normal((dims[0], 2))).astype(np.float32)
-                tt[f"{name}:v"] = (0.01 * rng.standard_normal((dims[1], 2))).astype(np.float32)
+                tt[f"{name}:u"] = (0.01 * rng.standard_normal((dims[0], rank))).astype(np.float32)
+                tt[f"{name}:v"] = (0.01 * rng.standard_normal((dims[1], rank))).astype(np.float32)
         elif kind == "permute":
             params[name]["group"] = name
     for info, tt in zip(tasks, per_task):

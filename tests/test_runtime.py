@@ -205,3 +205,31 @@ def test_cuda_device_buffers_match_references(mixed):
         t = int(rng.integers(mixed.n_tasks))
         x = rng.standard_normal((3, 1, 8, 8)).astype(np.float32)
         np.testing.assert_allclose(runtime.infer(x, task=t), refs[t].run(None, {"x": x})[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("method,config,forms", [
+    ("agscl", {"epochs": 2}, {"fc1": "node", "fc2": "node"}),
+    ("rgo", {"epochs": 1}, {"fc1": "permute+bias", "fc2": "permute+bias"}),
+    ("halrp", {"epochs": 3, "alpha": 0.99}, {"fc1": "lowrank", "fc2": "lowrank"}),
+])
+def test_factored_layers_of_trained_models_match_references(method, config, forms):
+    """Node masks, permutations and low-rank factors of real trained MLPs are applied to activations around a
+    constant, pre-packed base weight; every task still equals its folded reference, and a switch copies nothing."""
+    torch = pytest.importorskip("torch")
+    from edgecl.runtime.plan import factor_forms
+    from edgecl.train.data import make_stream
+    from edgecl.train.engine import run
+    from edgecl.train.protocol import TrainContext
+    from edgecl.train.registry import create
+
+    torch.manual_seed(0)
+    stream = make_stream("permuted-digits", 3, 0)
+    result = run(create(method, preset("mlp"), config), stream, TrainContext(progress=False), log=lambda *a: None)
+    packed = result.packed
+    assert factor_forms(packed) == forms
+    runtime = TaskRuntime(packed, strategy="inplace")
+    assert runtime.varying == [p for p in runtime.plans if p.name.endswith(".bias") and p.varies]
+    refs = references(packed)
+    for t, task in enumerate(stream.tasks):
+        x = task.x_test[:64]
+        assert np.abs(runtime.infer(x, task=t) - refs[t].run(None, {"x": x})[0]).max() <= 1e-5

@@ -3,7 +3,11 @@
 Two forms from one builder:
 - folded: a task's materialised tensors become initializers (one self-contained model per task);
 - switchable: every tensor is a graph input, so one ONNX Runtime session serves all tasks and a task switch only
-  rebinds buffers (initializers cannot be replaced in a live session).
+  rebinds buffers (initializers cannot be replaced in a live session). ONNX Runtime pre-packs only constant weights;
+  a weight that arrives as an input is re-packed by MLAS on every call when it is GEMM's right operand (1.1–1.5×
+  slower, tools/bench_switch.py). So linear layers here compute ``W @ hᵀ`` with the weight as the *left* operand,
+  which MLAS reads in place, and only the (small) activations get packed; activations stay transposed through
+  consecutive linear layers and are transposed back before any other layer and at the output.
 The node sequence mirrors `edgecl.train.models.forward` op for op, so exported and trained models agree.
 A compacted spec (`edgecl.export.compact`) may carry ``input_select``: a Gather of the input columns/channels its first
 layer still reads, so a compacted graph takes the same input as the dense one.
@@ -48,14 +52,69 @@ def _select_inputs(b: _Builder, h: str, index: list[int]) -> str:
     return b.op("Gather", [h, const], axis=1)
 
 
-def _nodes(arch: Arch, b: _Builder) -> str:
-    h = INPUT
+def _add_bias_column(b: _Builder, y_t: str, bias: str) -> str:
+    """y_t + bias[:, None] for transposed (features, batch) activations."""
+    axes = b.op("Constant", [], value=numpy_helper.from_array(np.array([1], dtype=np.int64), f"{bias}_axes"))
+    return b.op("Add", [y_t, b.op("Unsqueeze", [bias, axes])])
+
+
+def _linear_left(b: _Builder, h_t: str, name: str, bias: bool) -> str:
+    """(W @ hᵀ + b[:, None]) on activations already transposed to (features, batch)."""
+    y = b.op("MatMul", [f"{name}.weight", h_t])
+    return _add_bias_column(b, y, f"{name}.bias") if bias else y
+
+
+def _linear_factored(b: _Builder, h: str, name: str, bias: bool, form: str | None,
+                     parts: dict) -> tuple[str, bool]:
+    """A linear layer around a constant weight W (pre-packed by ONNX Runtime) with the task's delta applied to the
+    activations (see `edgecl.runtime.plan`): node rows ⊙ (W (cols ⊙ x)); lowrank r ⊙ (W (s ⊙ x)) + (x V) Uᵀ;
+    permute gather(W x (+ b), perm). Returns the output and whether it is transposed (features, batch)."""
+    w = f"{name}.weight"
+    if form is None:
+        return b.op("Gemm", [h, w] + ([f"{name}.bias"] if bias else []), transB=1), False
+    x = h
+    for part in ("cols", "s"):
+        if part in parts:
+            x = b.op("Mul", [x, f"{w}:{part}"])
+    gathered_bias = form == "permute+bias" and bias
+    y = b.op("Gemm", [x, w] + ([f"{name}.bias"] if gathered_bias else []), transB=1)
+    for part in ("rows", "r"):
+        if part in parts:
+            y = b.op("Mul", [y, f"{w}:{part}"])
+    if form == "lowrank":
+        y = b.op("Gemm", [b.op("MatMul", [h, f"{w}:v"]), f"{w}:u", y], transB=1)
+    if form.startswith("permute"):
+        # rows of the transposed activations: ONNX Runtime gathers along axis 1 element by element (5× slower at
+        # batch 64); the result stays transposed for the next layer
+        y = b.op("Gather", [b.op("Transpose", [y], perm=[1, 0]), f"{w}:perm"], axis=0)
+        return (_add_bias_column(b, y, f"{name}.bias") if bias and not gathered_bias else y), True
+    if bias and not gathered_bias:
+        y = b.op("Add", [y, f"{name}.bias"])
+    return y, False
+
+
+def _nodes(arch: Arch, b: _Builder, weights_left: bool = False, constants: frozenset = frozenset(),
+           factors: dict | None = None) -> tuple[str, bool]:
+    """The trunk's nodes; returns the feature tensor and whether it is transposed (features, batch)."""
+    factors = factors or {}
+    h, transposed = INPUT, False
     select = arch.get("input_select")
     for layer in arch["layers"]:
         op, name = layer["op"], layer.get("name")
         if select is not None and op in ("linear", "conv"):
             h, select = _select_inputs(b, h, select), None
-        if op == "linear":
+        if transposed and op not in ("linear", "relu"):  # (a factored linear layer transposes back itself)
+            h, transposed = b.op("Transpose", [h], perm=[1, 0]), False
+        if op == "linear" and weights_left and f"{name}.weight" in constants:
+            if transposed:
+                h, transposed = b.op("Transpose", [h], perm=[1, 0]), False
+            form, parts = factors.get(name, (None, {}))
+            h, transposed = _linear_factored(b, h, name, layer["bias"], form, parts)
+        elif op == "linear" and weights_left:
+            if not transposed:
+                h, transposed = b.op("Transpose", [h], perm=[1, 0]), True
+            h = _linear_left(b, h, name, layer["bias"])
+        elif op == "linear":
             h = b.op("Gemm", [h, f"{name}.weight"] + ([f"{name}.bias"] if layer["bias"] else []), transB=1)
         elif op == "conv":
             h = _conv(b, h, f"{name}.weight", f"{name}.bias" if layer["bias"] else None, layer["k"], layer["stride"],
@@ -77,7 +136,17 @@ def _nodes(arch: Arch, b: _Builder) -> str:
             if has_shortcut(layer):
                 h = _bn(b, _conv(b, h, f"{name}.short.weight", None, 1, layer["stride"], 0), f"{name}.shortbn")
             h = b.op("Relu", [b.op("Add", [y, h])])
-    return h
+    return h, transposed
+
+
+def _external(name: str, array: np.ndarray) -> onnx.TensorProto:
+    """A float32 initializer whose bytes live outside the model (supplied by the caller at session creation)."""
+    tensor = onnx.TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(array.shape),
+                              data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", "edgecl-memory"), ("offset", "0"), ("length", str(4 * array.size))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
 
 
 def tensor_names(arch: Arch) -> list[str]:
@@ -86,16 +155,30 @@ def tensor_names(arch: Arch) -> list[str]:
 
 
 def build_onnx(arch: Arch, params: dict[str, np.ndarray] | None = None, *, weights_as_inputs: bool = False,
-               graph_name: str | None = None, opset: int = OPSET) -> onnx.ModelProto:
+               constants: dict[str, np.ndarray] | None = None, factors: dict | None = None,
+               external_constants: bool = False, graph_name: str | None = None,
+               opset: int = OPSET) -> onnx.ModelProto:
     """A float32 ONNX model of trunk + head with a dynamic batch dimension.
 
     folded (default): `params` (e.g. `materialize(packed, t)`) become initializers; the head size comes from them.
     switchable (`weights_as_inputs=True`): tensors are inputs named as in `tensor_names`; the head's class count is a
-    symbolic dimension, so tasks with different class counts share the graph. `params` is ignored.
+    symbolic dimension, so tasks with different class counts share the graph. `params` is ignored. `constants`
+    (switchable only) are embedded as initializers instead; `factors` maps a linear layer whose weight is constant
+    to (form, {part: shape}) — the per-task vectors ``LAYER.weight:PART`` it reads as inputs (`edgecl.runtime.plan`).
+    `external_constants`: the constants are declared as external data with no bytes in the model, to be supplied
+    from memory (`SessionOptions.add_external_initializers`): no serialised copy of the weights is ever made.
     """
     b = _Builder()
-    feat = _nodes(arch, b)
-    b.nodes.append(helper.make_node("Gemm", [feat, "head.weight", "head.bias"], [OUTPUT], name="head", transB=1))
+    constants = constants or {}
+    factors = factors or {}
+    feat, transposed = _nodes(arch, b, weights_as_inputs, frozenset(constants), factors)
+    if weights_as_inputs:
+        if not transposed:
+            feat = b.op("Transpose", [feat], perm=[1, 0])
+        logits_t = _linear_left(b, feat, "head", True)
+        b.nodes.append(helper.make_node("Transpose", [logits_t], [OUTPUT], name="head_out", perm=[1, 0]))
+    else:
+        b.nodes.append(helper.make_node("Gemm", [feat, "head.weight", "head.bias"], [OUTPUT], name="head", transB=1))
     x = helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", *arch["input_shape"]])
     initializers, inputs = [], [x]
     if weights_as_inputs:
@@ -104,7 +187,16 @@ def build_onnx(arch: Arch, params: dict[str, np.ndarray] | None = None, *, weigh
             dims = list(shapes[name])
             if name.startswith("head."):
                 dims[0] = "classes"
-            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
+            if name not in constants:
+                inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
+        for layer, (_, parts) in factors.items():
+            for part, dims in parts.items():
+                dtype = TensorProto.INT64 if part == "perm" else TensorProto.FLOAT
+                dims = [dims[0], f"rank_{layer}"] if part in ("u", "v") else list(dims)
+                inputs.append(helper.make_tensor_value_info(f"{layer}.weight:{part}", dtype, dims))
+        initializers = [_external(n, a) if external_constants else
+                        numpy_helper.from_array(np.ascontiguousarray(a, dtype=np.float32), n)
+                        for n, a in constants.items()]
         classes: int | str = "classes"
     else:
         if params is None:

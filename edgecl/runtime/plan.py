@@ -1,16 +1,26 @@
 """How each tensor of the switchable graph gets a task's values, chosen from its delta kind so a switch touches as few
 bytes as possible. `edgecl.deltas` stays the one place the arithmetic is defined: the plans call its helpers once
-per task at load (to get keep masks and permutations) and reproduce `materialize` bit for bit (tested).
+per task at load (to get keep masks, factors and permutations) and reproduce `materialize` (bit for bit where
+they copy weights; within float rounding where a delta is applied to activations instead, tested).
 
 =========  ==========================================  ==================================================
 plan       kinds                                       at a switch
 =========  ==========================================  ==================================================
-static     shared                                      nothing: bound once to the base tensor
-own        task (heads, STL trunks, per-task biases)   nothing copied: the task's own array is bound
-masked     lps, node                                   where(keep_t, base, 0), keep_t stored at 1 bit/weight
-permute    permute                                     np.take of the base rows into the buffer
-generic    lowrank (and anything else)                 `materialize_param`, then one copy into the buffer
+const      shared; the base weight of a factored layer  nothing: an initializer of the graph, so ONNX Runtime
+                                                        pre-packs it like a dense model's
+own        task (heads, STL trunks, per-task biases);   nothing copied: the task's own array is bound
+           the per-task vectors of a factored layer
+masked     lps, node (conv)                            where(keep_t, base, 0), keep_t stored at 1 bit/weight
+permute    permute (conv, biases)                      np.take of the base rows into the buffer
+generic    lowrank (conv, or where unfolding is not    `materialize_param`, then one copy into the buffer
+           smaller), anything else
 =========  ==========================================  ==================================================
+
+Factored linear layers (``forms``): a delta that is a function of the layer's input and output is applied to the
+activations around a constant base weight, so a switch rebinds a few vectors instead of rewriting the weight —
+node: ``rows ⊙ (W (cols ⊙ x))``; lowrank: ``r ⊙ (W (s ⊙ x)) + U (Vᵀ x)`` (HALRP's "keep the low-rank branch
+unfolded", taken when its k(J+I)+J+I numbers are fewer than the J·I of the folded weight); permute:
+``gather(W x (+ b), perm)``. Element-wise LPS masks have no such form: their weights are rewritten on a miss.
 """
 from __future__ import annotations
 
@@ -32,6 +42,10 @@ class TensorPlan:
     shape: tuple[int, ...]
     base: np.ndarray | None = None
     per_task: list = field(default_factory=list)  # own: arrays; masked: packed bits; permute: indices or None
+
+    @property
+    def constant(self) -> bool:
+        return self.plan == "const"
 
     @property
     def varies(self) -> bool:
@@ -69,16 +83,81 @@ def _float32(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def build_plans(packed: PackedModel) -> list[TensorPlan]:
-    """One plan per graph tensor, in `tensor_names` order."""
+def factor_forms(packed: PackedModel) -> dict[str, str]:
+    """Linear layer name → how its task delta is applied to activations ("node", "lowrank", "permute", or
+    "permute+bias" when the bias is permuted with the output); layers not listed get their weight switched (or are
+    constant when shared)."""
+    forms = {}
+    for layer in packed.arch["layers"]:
+        if layer["op"] != "linear":
+            continue
+        name = layer["name"]
+        spec = packed.params.get(f"{name}.weight", {})
+        kind = spec.get("kind")
+        if kind == "node":
+            forms[name] = kind
+        elif kind == "permute":  # the bias is gathered with the output when it shares the weight's permutation
+            bias = packed.params.get(f"{name}.bias", {})
+            same = bias.get("kind") == "permute" and bias.get("group") == spec.get("group")
+            forms[name] = "permute+bias" if same else "permute"
+        elif kind == "lowrank" and _lowrank_unfold_smaller(packed, f"{name}.weight"):
+            forms[name] = "lowrank"
+    return forms
+
+
+def _lowrank_unfold_smaller(packed: PackedModel, weight: str) -> bool:
+    j, i = packed.base[weight].shape
+    k = max((tt[f"{weight}:u"].shape[-1] for tt in packed.task_tensors if f"{weight}:u" in tt), default=0)
+    return max(k, 1) * (j + i) + j + i < j * i
+
+
+def _factor_plans(packed: PackedModel, layer: str, form: str) -> list[TensorPlan]:
+    """The per-task vectors a factored layer binds (float32; int64 permutations), one array per task."""
+    weight = f"{layer}.weight"
+    spec, w = packed.params[weight], packed.base[weight]
+    j, i = w.shape
+    per: dict[str, list[np.ndarray]] = {}
+    for t, tt in enumerate(packed.task_tensors):
+        if form == "node":  # the same node vectors `deltas.node_factor` broadcasts over the weight
+            if spec.get("rows"):
+                per.setdefault("rows", []).append(_float32(tt[f"nodes:{spec['rows']}"]))
+            if spec.get("cols"):
+                cols = np.repeat(tt[f"nodes:{spec['cols']}"], int(spec.get("repeat", 1)))
+                per.setdefault("cols", []).append(_float32(cols))
+        elif form == "lowrank":
+            u, v = tt.get(f"{weight}:u"), tt.get(f"{weight}:v")
+            if u is None or v is None or u.shape[-1] == 0:
+                u, v = np.zeros((j, 1), np.float32), np.zeros((i, 1), np.float32)
+            per.setdefault("r", []).append(_float32(tt.get(f"{weight}:r", np.ones(j, np.float32))))
+            per.setdefault("s", []).append(_float32(tt.get(f"{weight}:s", np.ones(i, np.float32))))
+            per.setdefault("u", []).append(_float32(u))
+            per.setdefault("v", []).append(_float32(v))
+        else:  # permute
+            seed = packed.tasks[t].seed
+            perm = np.arange(j) if seed is None else task_permutation(seed, spec["group"], j)
+            per.setdefault("perm", []).append(np.ascontiguousarray(perm, dtype=np.int64))
+    return [TensorPlan(f"{weight}:{part}", "own", arrays[0].shape, None, arrays) for part, arrays in per.items()]
+
+
+def build_plans(packed: PackedModel, factored: bool = False) -> list[TensorPlan]:
+    """One plan per graph tensor, in `tensor_names` order (then the factored layers' vectors). `factored=False`
+    gives the graph of `build_onnx(weights_as_inputs=True)`: every tensor an input."""
     shapes = param_shapes(packed.arch, 1)
-    plans = []
+    forms = factor_forms(packed) if factored else {}
+    plans, extra = [], []
     for name in tensor_names(packed.arch):
         spec = packed.params[name]
         kind = spec["kind"]
         shape = tuple(packed.base[name].shape) if name in packed.base else shapes[name]
-        if kind == "shared":
-            plans.append(TensorPlan(name, "static", shape, _float32(packed.base[name])))
+        layer, _, part = name.rpartition(".")
+        form = forms.get(layer)
+        if form and part == "weight":
+            plans.append(TensorPlan(name, "const", shape, _float32(packed.base[name])))
+            extra += _factor_plans(packed, layer, form)
+        elif form == "permute+bias" and part == "bias":
+            plans.append(TensorPlan(name, "const", shape, _float32(packed.base[name])))  # gathered with the output
+        elif kind == "shared":
+            plans.append(TensorPlan(name, "const" if factored else "static", shape, _float32(packed.base[name])))
         elif kind == "task":
             own = [_float32(tt[name]) for tt in packed.task_tensors]
             plans.append(TensorPlan(name, "own", own[0].shape if own else shape, None, own))
@@ -92,7 +171,7 @@ def build_plans(packed: PackedModel) -> list[TensorPlan]:
             plans.append(TensorPlan(name, "permute", shape, _float32(packed.base[name]), perms))
         else:
             plans.append(TensorPlan(name, "generic", shape))
-    return plans
+    return plans + extra
 
 
 def _keep(packed: PackedModel, t: int, name: str, spec: dict, shape: tuple[int, ...]) -> np.ndarray:

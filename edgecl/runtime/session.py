@@ -30,14 +30,14 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from edgecl.arch import shapes_after
+from edgecl.arch import param_shapes, shapes_after
 from edgecl.deltas import PackedModel, materialize
 from edgecl.errors import BudgetError, UsageError
 from edgecl.export.compact import compact_task
 from edgecl.export.onnx_graph import INPUT, OUTPUT, build_onnx
 from edgecl.runtime.budget import Ledger, format_bytes, parse_budget
 from edgecl.runtime.inputs import check_input
-from edgecl.runtime.plan import TensorPlan, build_plans
+from edgecl.runtime.plan import TensorPlan, build_plans, factor_forms
 from edgecl.runtime.providers import empty_ortvalue, resolve_providers, to_ortvalue
 from edgecl.artifact import as_packed
 
@@ -70,7 +70,7 @@ class TaskRuntime:
 
     def __init__(self, artifact: Any, backend: str = "auto", device: str = "cpu", budget: int | str | None = None,
                  *, strategy: str = "auto", cache_tasks: int | None = None, threads: int | None = None,
-                 max_batch: int = DEFAULT_BATCH, charge_environment: bool | None = None):
+                 max_batch: int = DEFAULT_BATCH, charge_environment: bool | None = None, factor: bool = True):
         if strategy not in STRATEGIES:
             raise UsageError(f"strategy {strategy!r} unknown (known: {', '.join(STRATEGIES)})")
         for name, value in (("cache_tasks", cache_tasks), ("max_batch", max_batch)):
@@ -84,6 +84,7 @@ class TaskRuntime:
         self.arch = self.packed.arch
         self.input_shape = tuple(self.arch["input_shape"])
         self.ledger = Ledger(parse_budget(budget))
+        self._threads = threads
         self._options = _session_options(threads)
         self._cond = threading.Condition()
         self._local = threading.local()
@@ -91,6 +92,7 @@ class TaskRuntime:
         self.hits = self.misses = 0
         self._batch_reserved = 0
         self.closed = False
+        self.factor = factor  # apply node/low-rank/permutation deltas to activations (False: fold them, to compare)
         self._reserve_model()
         self._reserve_environment(charge_environment)
         self._reserve_activations(max_batch)
@@ -193,7 +195,7 @@ class TaskRuntime:
                     seen.add(id(a))
                     total += a.nbytes
         self.ledger.reserve("model tensors", total)
-        self.plans = build_plans(self.packed)
+        self.plans = build_plans(self.packed, factored=self.factor)
         self.varying = [p for p in self.plans if p.varies]
         masks = sum(p.nbytes_per_task for p in self.plans if p.plan in ("masked", "permute"))
         if masks:
@@ -239,8 +241,8 @@ class TaskRuntime:
         return sum(4 * int(np.prod(p.shape)) for p in self.varying)
 
     def _task_session_bytes(self, t: int) -> int:
-        shapes = [p.shape if p.plan != "own" else p.per_task[t].shape for p in self.plans]
-        return SESSION_WEIGHT_FACTOR * sum(4 * int(np.prod(s)) for s in shapes) + SESSION_OVERHEAD
+        params = param_shapes(self.arch, self.packed.tasks[t].n_classes)
+        return SESSION_WEIGHT_FACTOR * sum(4 * int(np.prod(s)) for s in params.values()) + SESSION_OVERHEAD
 
     # ----------------------------------------------------------------- strategy: one folded session per task
     def _build_task_sessions(self) -> None:
@@ -262,9 +264,23 @@ class TaskRuntime:
 
     # ----------------------------------------------------------------- strategy: in-place switching
     def _build_inplace(self, cache_tasks: int | None) -> None:
-        self.ledger.reserve("session", SESSION_OVERHEAD)
-        model = build_onnx(self.arch, weights_as_inputs=True)
-        self._session = ort.InferenceSession(model.SerializeToString(), self._options, providers=self.providers)
+        constants = {p.name: p.base for p in self.plans if p.constant}
+        forms = factor_forms(self.packed) if self.factor else {}
+        # ONNX Runtime reads the constants from our arrays (no serialised copy of them is made) but still holds ~2×
+        # a GEMM weight's size (pre-packed and working copies; measured RSS, onnxruntime 1.32, within 1 %)
+        self.ledger.reserve("session", SESSION_OVERHEAD + 2 * sum(a.nbytes for a in constants.values()))
+        factors = {layer: (form, {p.name.rpartition(":")[2]: p.shape for p in self.plans
+                                  if p.name.startswith(f"{layer}.weight:")}) for layer, form in forms.items()}
+        model = build_onnx(self.arch, weights_as_inputs=True, constants=constants, factors=factors,
+                           external_constants=True)
+        options = _session_options(self._threads)
+        if constants:
+            self._constant_values = [to_ortvalue(a, "cpu") for a in constants.values()]  # must outlive the session
+            options.add_external_initializers(list(constants), self._constant_values)
+        # GemmTransposeFusion would turn a permuted layer's GEMM + transpose into one GEMM that reads the weight
+        # un-packed: 0.9× at batch 64 but 1.5× at batch 1 (tools/bench_switch.py); devices mostly run batch 1
+        self._session = ort.InferenceSession(model.SerializeToString(), options, providers=self.providers,
+                                             disabled_optimizers=["GemmTransposeFusion"])
         per_slot = self._slot_bytes()
         if cache_tasks is None:
             free = None if self.ledger.limit is None else self.ledger.limit - self.ledger.used
