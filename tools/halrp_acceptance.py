@@ -5,6 +5,8 @@ task, and training time per epoch against `finetune` — all measured in one pro
     python tools/halrp_acceptance.py --arch lenet --tasks 10 --epochs 30 --batch-size 32 --out halrp_lenet.json
     python tools/halrp_acceptance.py --arch lenet --tasks 10 --epochs 30 --batch-size 32 --config '{"alpha": 0.99}'
     python tools/halrp_acceptance.py --arch mlp --config '{"prune_budget": 0.05}'   # a tighter parameter budget
+    python tools/halrp_acceptance.py --arch lenet --epochs 30 --batch-size 32 --seeds 0,1,2 \
+        --config '{"alpha": 0.95, "min_rank": 1, "prune": "absolute", "ls_rounds": 3}'   # the LeNet recipe
 """
 from __future__ import annotations
 
@@ -51,22 +53,12 @@ def run_method(name: str, arch, stream, config: dict, device: str = "cpu") -> di
             "extra": packed.extra if name == "halrp" else None}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", default="mlp", choices=["mlp", "lenet"])
-    ap.add_argument("--tasks", type=int, default=10)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--config", default="{}", help="extra HALRP config as JSON")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    stream = make_stream("permuted-digits", args.tasks, args.seed)
+def one_seed(args: argparse.Namespace, seed: int) -> dict:
+    """finetune, HALRP, STL and finetune again on one seed's stream; the report of that seed."""
+    print(f"== seed {seed}")
+    stream = make_stream("permuted-digits", args.tasks, seed)
     arch = preset(args.arch)
-    common = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, "batch_size": args.batch_size}
+    common = {"epochs": args.epochs, "lr": args.lr, "seed": seed, "batch_size": args.batch_size}
     # finetune first and last: the median of the two brackets machine drift around the HALRP run
     runs = {"finetune": run_method("finetune", arch, stream, common, args.device)}
     runs["halrp"] = run_method("halrp", arch, stream, {**common, **json.loads(args.config)}, args.device)
@@ -90,6 +82,32 @@ def main() -> None:
     print("growth after each task (× one dense model):", " ".join(f"{g:.3f}" for g in report["growth_per_task"]))
     print("  the same without per-task heads:", " ".join(f"{g:.3f}" for g in report["growth_without_heads"]))
     print("ranks per task:", [list(r.values()) for r in report["ranks"]])
+    return report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="mlp", choices=["mlp", "lenet"])
+    ap.add_argument("--tasks", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds (overrides --seed); adds mean and worst")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--config", default="{}", help="extra HALRP config as JSON")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else [args.seed]
+    reports = [one_seed(args, seed) for seed in seeds]
+    report = reports[0] if len(reports) == 1 else {
+        "seeds": seeds, "mean_acc_minus_stl_points": float(np.mean([r["acc_minus_stl_points"] for r in reports])),
+        "worst_acc_minus_stl_points": float(min(r["acc_minus_stl_points"] for r in reports)),
+        "all_old_tasks_bit_identical": all(r["old_tasks_bit_identical"] for r in reports), "per_seed": reports}
+    if len(reports) > 1:
+        print("ACC − STL per seed:", " ".join(f"{r['acc_minus_stl_points']:+.2f}" for r in reports),
+              f"| mean {report['mean_acc_minus_stl_points']:+.2f}, worst {report['worst_acc_minus_stl_points']:+.2f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
