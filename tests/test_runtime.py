@@ -207,12 +207,18 @@ def test_cuda_device_buffers_match_references(mixed):
         np.testing.assert_allclose(runtime.infer(x, task=t), refs[t].run(None, {"x": x})[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("method,config,forms", [
-    ("agscl", {"epochs": 2}, {"fc1": "node", "fc2": "node"}),
-    ("rgo", {"epochs": 1}, {"fc1": "permute+bias", "fc2": "permute+bias"}),
-    ("halrp", {"epochs": 3, "alpha": 0.99}, {"fc1": "lowrank", "fc2": "lowrank"}),
+LENET = ("conv1", "conv2", "fc1")
+
+
+@pytest.mark.parametrize("method,config,arch,forms", [
+    ("agscl", {"epochs": 2}, "mlp", {"fc1": "node", "fc2": "node"}),
+    ("rgo", {"epochs": 1}, "mlp", {"fc1": "permute+bias", "fc2": "permute+bias"}),
+    ("halrp", {"epochs": 3, "alpha": 0.99}, "mlp", {"fc1": "lowrank", "fc2": "lowrank"}),
+    ("agscl", {"epochs": 2}, "lenet", dict.fromkeys(LENET, "node")),
+    ("rgo", {"epochs": 1}, "lenet", dict.fromkeys(LENET, "permute+bias")),
+    ("halrp", {"epochs": 3, "alpha": 0.99, "min_rank": 1}, "lenet", dict.fromkeys(LENET, "lowrank")),
 ])
-def test_factored_layers_of_trained_models_match_references(method, config, forms):
+def test_factored_layers_of_trained_models_match_references(method, config, arch, forms):
     """Node masks, permutations and low-rank factors of real trained MLPs are applied to activations around a
     constant, pre-packed base weight; every task still equals its folded reference, and a switch copies nothing."""
     torch = pytest.importorskip("torch")
@@ -224,7 +230,7 @@ def test_factored_layers_of_trained_models_match_references(method, config, form
 
     torch.manual_seed(0)
     stream = make_stream("permuted-digits", 3, 0)
-    result = run(create(method, preset("mlp"), config), stream, TrainContext(progress=False), log=lambda *a: None)
+    result = run(create(method, preset(arch), config), stream, TrainContext(progress=False), log=lambda *a: None)
     packed = result.packed
     assert factor_forms(packed) == forms
     runtime = TaskRuntime(packed, strategy="inplace")

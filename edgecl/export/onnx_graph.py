@@ -93,6 +93,36 @@ def _linear_factored(b: _Builder, h: str, name: str, bias: bool, form: str | Non
     return y, False
 
 
+def _conv_factored(b: _Builder, h: str, layer: dict, form: str | None, parts: dict) -> str:
+    """A convolution around a constant kernel W with the task's delta applied to the activations: node
+    rows ⊙ conv(cols ⊙ x, W); lowrank r ⊙ conv(s ⊙ x, W) + U ∗ (V ∗ windowsum(x)) (the residual is constant over
+    kernel positions, so it sees the sum of each input window; U carries the kernel area, `edgecl.runtime.plan`);
+    permute gather(conv(x, W) (+ b), perm) over channels."""
+    name, k, stride, pad = layer["name"], layer["k"], layer["stride"], layer["pad"]
+    w, bias = f"{name}.weight", f"{name}.bias" if layer["bias"] else None
+    if form is None:
+        return _conv(b, h, w, bias, k, stride, pad)
+    x = h
+    for part in ("cols", "s"):
+        if part in parts:
+            x = b.op("Mul", [x, f"{w}:{part}"])
+    gathered_bias = form == "permute+bias" and bias
+    y = _conv(b, x, w, bias if gathered_bias else None, k, stride, pad)
+    for part in ("rows", "r"):
+        if part in parts:
+            y = b.op("Mul", [y, f"{w}:{part}"])
+    if form == "lowrank":
+        window = b.op("AveragePool", [h], kernel_shape=[k, k], strides=[stride, stride], pads=[pad] * 4,
+                      count_include_pad=1)
+        y = b.op("Add", [y, _conv(b, _conv(b, window, f"{w}:v", None, 1, 1, 0), f"{w}:u", None, 1, 1, 0)])
+    if form.startswith("permute"):
+        y = b.op("Gather", [y, f"{w}:perm"], axis=1)
+    if bias and not gathered_bias:
+        axes = b.op("Constant", [], value=numpy_helper.from_array(np.array([1, 2], dtype=np.int64), f"{bias}_axes"))
+        y = b.op("Add", [y, b.op("Unsqueeze", [bias, axes])])
+    return y
+
+
 def _nodes(arch: Arch, b: _Builder, weights_left: bool = False, constants: frozenset = frozenset(),
            factors: dict | None = None) -> tuple[str, bool]:
     """The trunk's nodes; returns the feature tensor and whether it is transposed (features, batch)."""
@@ -116,6 +146,9 @@ def _nodes(arch: Arch, b: _Builder, weights_left: bool = False, constants: froze
             h = _linear_left(b, h, name, layer["bias"])
         elif op == "linear":
             h = b.op("Gemm", [h, f"{name}.weight"] + ([f"{name}.bias"] if layer["bias"] else []), transB=1)
+        elif op == "conv" and f"{name}.weight" in constants:
+            form, parts = factors.get(name, (None, {}))
+            h = _conv_factored(b, h, layer, form, parts)
         elif op == "conv":
             h = _conv(b, h, f"{name}.weight", f"{name}.bias" if layer["bias"] else None, layer["k"], layer["stride"],
                       layer["pad"])
@@ -192,7 +225,9 @@ def build_onnx(arch: Arch, params: dict[str, np.ndarray] | None = None, *, weigh
         for layer, (_, parts) in factors.items():
             for part, dims in parts.items():
                 dtype = TensorProto.INT64 if part == "perm" else TensorProto.FLOAT
-                dims = [dims[0], f"rank_{layer}"] if part in ("u", "v") else list(dims)
+                dims = list(dims)
+                if part in ("u", "v"):  # rank varies per task: (J, k) / (I, k), or 1×1 kernels (J, k, 1, 1) / (k, I, 1, 1)
+                    dims[1 if part == "u" or len(dims) == 2 else 0] = f"rank_{layer}"
                 inputs.append(helper.make_tensor_value_info(f"{layer}.weight:{part}", dtype, dims))
         initializers = [_external(n, a) if external_constants else
                         numpy_helper.from_array(np.ascontiguousarray(a, dtype=np.float32), n)

@@ -84,12 +84,12 @@ def _float32(a: np.ndarray) -> np.ndarray:
 
 
 def factor_forms(packed: PackedModel) -> dict[str, str]:
-    """Linear layer name → how its task delta is applied to activations ("node", "lowrank", "permute", or
+    """Linear/conv layer name → how its task delta is applied to activations ("node", "lowrank", "permute", or
     "permute+bias" when the bias is permuted with the output); layers not listed get their weight switched (or are
     constant when shared)."""
     forms = {}
     for layer in packed.arch["layers"]:
-        if layer["op"] != "linear":
+        if layer["op"] not in ("linear", "conv"):
             continue
         name = layer["name"]
         spec = packed.params.get(f"{name}.weight", {})
@@ -106,32 +106,45 @@ def factor_forms(packed: PackedModel) -> dict[str, str]:
 
 
 def _lowrank_unfold_smaller(packed: PackedModel, weight: str) -> bool:
-    j, i = packed.base[weight].shape
+    shape = packed.base[weight].shape
+    j, i = shape[:2]
     k = max((tt[f"{weight}:u"].shape[-1] for tt in packed.task_tensors if f"{weight}:u" in tt), default=0)
-    return max(k, 1) * (j + i) + j + i < j * i
+    return max(k, 1) * (j + i) + j + i < int(np.prod(shape))
 
 
 def _factor_plans(packed: PackedModel, layer: str, form: str) -> list[TensorPlan]:
-    """The per-task vectors a factored layer binds (float32; int64 permutations), one array per task."""
+    """The per-task vectors a factored layer binds (float32; int64 permutations), one array per task. For a
+    convolution, channel vectors are shaped (C, 1, 1) to broadcast over NCHW, and the low-rank factors become 1×1
+    kernels: V as (k, I, 1, 1), U as (J, k, 1, 1) times the kernel area (the residual, constant over the kernel,
+    meets a window *sum* of the input)."""
     weight = f"{layer}.weight"
     spec, w = packed.params[weight], packed.base[weight]
-    j, i = w.shape
+    j, i = w.shape[:2]
+    conv = w.ndim == 4
+    chan = (1, 1) if conv else ()
     per: dict[str, list[np.ndarray]] = {}
+
+    def add(part: str, array: np.ndarray) -> None:
+        per.setdefault(part, []).append(_float32(array))
+
     for t, tt in enumerate(packed.task_tensors):
         if form == "node":  # the same node vectors `deltas.node_factor` broadcasts over the weight
             if spec.get("rows"):
-                per.setdefault("rows", []).append(_float32(tt[f"nodes:{spec['rows']}"]))
+                add("rows", tt[f"nodes:{spec['rows']}"].reshape((j,) + chan))
             if spec.get("cols"):
-                cols = np.repeat(tt[f"nodes:{spec['cols']}"], int(spec.get("repeat", 1)))
-                per.setdefault("cols", []).append(_float32(cols))
+                add("cols", np.repeat(tt[f"nodes:{spec['cols']}"], int(spec.get("repeat", 1))).reshape((i,) + chan))
         elif form == "lowrank":
             u, v = tt.get(f"{weight}:u"), tt.get(f"{weight}:v")
             if u is None or v is None or u.shape[-1] == 0:
                 u, v = np.zeros((j, 1), np.float32), np.zeros((i, 1), np.float32)
-            per.setdefault("r", []).append(_float32(tt.get(f"{weight}:r", np.ones(j, np.float32))))
-            per.setdefault("s", []).append(_float32(tt.get(f"{weight}:s", np.ones(i, np.float32))))
-            per.setdefault("u", []).append(_float32(u))
-            per.setdefault("v", []).append(_float32(v))
+            add("r", np.asarray(tt.get(f"{weight}:r", np.ones(j, np.float32))).reshape((j,) + chan))
+            add("s", np.asarray(tt.get(f"{weight}:s", np.ones(i, np.float32))).reshape((i,) + chan))
+            if conv:
+                add("u", (u * np.float32(w.shape[2] * w.shape[3])).reshape(j, -1, 1, 1))
+                add("v", v.T.reshape(-1, i, 1, 1))
+            else:
+                add("u", u)
+                add("v", v)
         else:  # permute
             seed = packed.tasks[t].seed
             perm = np.arange(j) if seed is None else task_permutation(seed, spec["group"], j)
