@@ -11,6 +11,7 @@ from edgecl.deltas import materialize
 from edgecl.errors import BudgetError, UsageError
 from edgecl.export.onnx_graph import build_onnx
 from edgecl.runtime import TaskRuntime, parse_budget
+from edgecl.runtime import plan as plan_module
 from edgecl.runtime.plan import build_plans
 from edgecl.synthetic import random_packed
 
@@ -45,9 +46,16 @@ def test_plans_reproduce_materialize_bit_for_bit(mixed):
                 assert np.array_equal(out.view(np.uint32), dense[plan.name].view(np.uint32)), (t, plan.name)
 
 
-@pytest.mark.parametrize("strategy,cache", [("inplace", 2), ("inplace", 5), ("sessions", None)])
-def test_random_switch_sequence_matches_references(mixed, strategy, cache):
-    """1,000 seeded switches + inferences over all tasks (LRU misses and hits) equal the per-task references."""
+@pytest.mark.parametrize("strategy,cache,factor_min", [("inplace", 2, None), ("inplace", 5, None),
+                                                      ("inplace", 2, 0), ("sessions", None, None)])
+def test_random_switch_sequence_matches_references(mixed, strategy, cache, factor_min, monkeypatch):
+    """1,000 seeded switches + inferences over all tasks (LRU misses and hits) equal the per-task references —
+    with this small model's layers folded on a switch (default size rule) and factored (factor_min=0)."""
+    if factor_min is not None:
+        monkeypatch.setattr(plan_module, "FACTOR_MIN_ELEMENTS", factor_min)
+        assert set(plan_module.factor_forms(mixed).values()) == {"node", "lowrank", "permute"}
+    else:
+        assert plan_module.factor_forms(mixed) == {}
     refs = references(mixed)
     runtime = TaskRuntime(mixed, strategy=strategy, cache_tasks=cache)
     rng = np.random.default_rng(7)
@@ -218,11 +226,14 @@ LENET = ("conv1", "conv2", "fc1")
     ("rgo", {"epochs": 1}, "lenet", dict.fromkeys(LENET, "permute+bias")),
     ("halrp", {"epochs": 3, "alpha": 0.99, "min_rank": 1}, "lenet", dict.fromkeys(LENET, "lowrank")),
 ])
-def test_factored_layers_of_trained_models_match_references(method, config, arch, forms):
-    """Node masks, permutations and low-rank factors of real trained MLPs are applied to activations around a
-    constant, pre-packed base weight; every task still equals its folded reference, and a switch copies nothing."""
+def test_factored_layers_of_trained_models_match_references(method, config, arch, forms, monkeypatch):
+    """Node masks, permutations and low-rank factors of real trained models are applied to activations around a
+    constant, pre-packed base weight (every layer factored here, whatever its size); every task still equals its
+    folded reference, and a switch copies nothing but masked biases."""
     torch = pytest.importorskip("torch")
     from edgecl.runtime.plan import factor_forms
+
+    monkeypatch.setattr(plan_module, "FACTOR_MIN_ELEMENTS", 0)
     from edgecl.train.data import make_stream
     from edgecl.train.engine import run
     from edgecl.train.protocol import TrainContext

@@ -1,6 +1,7 @@
 """Task switching on CPU, as ratios measured in one run (these machines are noisy; absolute times are not the claim).
 
-    python tools/bench_switch.py [--width 8] [--tasks 5] [--threads 1] [--repeats 30] [--out bench_switch.json]
+    python tools/bench_switch.py [--width 8] [--tasks 5] [--threads 1] [--repeats 48] [--out bench_switch.json]
+    python tools/bench_switch.py --artifact runs/cmp/artifacts/halrp-seed0.edgecl --out halrp_switch.json
 
 For an MLP of ≥ 4 M parameters (`preset('mlp', width=8)`) shaped like an LPS model (element-wise masks), a finetune
 model (shared trunk, per-task heads), an AGS-CL model (node masks), a HALRP model (r, s, rank-32 U, V per layer) and
@@ -30,6 +31,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgecl.arch import preset
+from edgecl.artifact import as_packed
 from edgecl.deltas import materialize
 from edgecl.export.onnx_graph import build_onnx
 from edgecl.machine import machine_info
@@ -81,7 +83,12 @@ def interleaved(variants: dict, n_tasks: int, repeats: int, warm: bool, block: i
 
 def bench_shape(shape: str, args: argparse.Namespace) -> dict:
     arch = preset("mlp", width=args.width)
-    packed = random_packed(arch, n_tasks=args.tasks, shape=shape, classes=(10, 7))
+    return bench_packed(shape, random_packed(arch, n_tasks=args.tasks, shape=shape, classes=(10, 7)), args)
+
+
+def bench_packed(shape: str, packed, args: argparse.Namespace) -> dict:
+    """Every measurement for one model (`shape` labels it)."""
+    arch = packed.arch
     n_params = sum(a.size for a in materialize(packed, 0).values())
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
@@ -147,13 +154,18 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads, same for every session")
     p.add_argument("--repeats", type=int, default=48)
     p.add_argument("--shapes", default="lps,finetune,node,lowrank,permute")
+    p.add_argument("--artifact", nargs="+", default=None,
+                   help="benchmark these trained artifacts (at least 2 tasks) instead of the synthetic shapes")
     p.add_argument("--out", default="bench_switch.json")
     p.add_argument("--tmp", default=tempfile.gettempdir(), help="where the per-task .onnx baseline file is written")
     p.add_argument("--stat", choices=sorted(STAT), default="median",
                    help="statistic of the repeats; 'min' resists other load on a shared machine")
     args = p.parse_args()
     ARGS.stat = args.stat
-    rows = [bench_shape(shape, args) for shape in args.shapes.split(",")]
+    if args.artifact:
+        rows = [bench_packed(os.path.basename(path), as_packed(path), args) for path in args.artifact]
+    else:
+        rows = [bench_shape(shape, args) for shape in args.shapes.split(",")]
     print(f"{'shape':9} {'params':>9} {'switched':>8} {'floor':>7} {'miss':>7} {'hit':>7} {'fold':>7} {'new sess':>8} "
           f"{'miss/floor':>10} {'sess/miss':>9} | {'b1 inpl':>7} {'b1 fold':>7} {'b1 sess':>7} {'b64 inpl':>8} "
           f"{'b64 fold':>8} {'b64 sess':>8} | warm: {'b1':>5} {'b64':>5}  (ms, MiB; inference as ratios vs dense sessions)")

@@ -33,6 +33,9 @@ from edgecl.deltas import PackedModel, lps_keep, materialize_param, node_factor,
 from edgecl.export.onnx_graph import tensor_names
 
 CHUNK = 1 << 18  # elements per masked chunk: the unpacked mask stays in L2 while base and buffer stream through
+# Layers smaller than this are folded on a switch rather than factored: rewriting 64 K weights costs ~20-40 µs once,
+# while each node a factored layer adds costs ~4 µs on every inference (tools/results/bench_switch_trained.json)
+FACTOR_MIN_ELEMENTS = 1 << 16
 
 
 @dataclass
@@ -86,7 +89,7 @@ def _float32(a: np.ndarray) -> np.ndarray:
 def factor_forms(packed: PackedModel) -> dict[str, str]:
     """Linear/conv layer name → how its task delta is applied to activations ("node", "lowrank", "permute", or
     "permute+bias" when the bias is permuted with the output); layers not listed get their weight switched (or are
-    constant when shared)."""
+    constant when shared). Chosen by size: layers of fewer than `FACTOR_MIN_ELEMENTS` weights are folded."""
     forms = {}
     for layer in packed.arch["layers"]:
         if layer["op"] not in ("linear", "conv"):
@@ -94,6 +97,8 @@ def factor_forms(packed: PackedModel) -> dict[str, str]:
         name = layer["name"]
         spec = packed.params.get(f"{name}.weight", {})
         kind = spec.get("kind")
+        if kind in ("node", "lowrank", "permute") and packed.base[f"{name}.weight"].size < FACTOR_MIN_ELEMENTS:
+            continue
         if kind == "node":
             forms[name] = kind
         elif kind == "permute":  # the bias is gathered with the output when it shares the weight's permutation
