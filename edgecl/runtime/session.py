@@ -2,14 +2,16 @@
 
 Two strategies, chosen by measurement (tools/bench_switch.py) and the budget:
 
-- ``inplace`` — one ONNX Runtime session of the switchable graph (every weight is a graph input). A task's weights are
-  materialised into pre-allocated buffers that stay bound through IOBinding; K buffer sets ("slots") keep the K most
-  recently used tasks, so a cache hit costs no copy at all. Memory: base tensors + 1 bit per masked weight per task
-  + K × the switched tensors.
-- ``sessions`` — one folded session per task, created once at start-up. Inference is a plain dense session's
-  (ONNX Runtime pre-packs constant weights, which graph inputs cannot get: measured 1.3× faster at batch 1 for a 4 M
-  parameter MLP), a switch costs nothing, memory is one dense model per task. ``auto`` takes it when a budget is given
-  and every task's session fits in it, else ``inplace``.
+- ``inplace`` — one ONNX Runtime session of the switchable graph. Shared weights and the base weights of factored
+  layers are constants (pre-packed by ONNX Runtime like a dense model's); node masks, low-rank factors and
+  permutations of those layers are applied to the activations, so a switch rebinds a few per-task vectors
+  (`edgecl.runtime.plan`). Weights with no such form (LPS masks, small layers) are graph inputs: a task's weights are
+  materialised into pre-allocated buffers bound through IOBinding, and K buffer sets ("slots") keep the K most
+  recently used tasks, so a cache hit costs no copy at all. Memory: model tensors + ~2× the constant weights inside
+  ONNX Runtime + K × the switched tensors.
+- ``sessions`` — one folded session per task, created once at start-up. Inference is a plain dense session's, a
+  switch costs nothing, memory is ~3× one dense model per task. ``auto`` takes it when a budget is given and every
+  task's session fits in it, else ``inplace``.
 
 Threading model (tests/test_concurrency.py: 8 threads × 1,000 calls): ``infer`` may be called from any number of
 threads. ONNX Runtime sessions are safe for concurrent runs; the runtime's own state (which slot holds which task, LRU
