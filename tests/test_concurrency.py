@@ -17,9 +17,11 @@ from edgecl.synthetic import random_packed
 THREADS, CALLS = 8, 1000
 
 
-@pytest.mark.parametrize("strategy,cache", [("inplace", 2), ("inplace", 1), ("sessions", None)])
-def test_threads_with_random_tasks(strategy, cache):
-    packed = random_packed(preset("mlp"), n_tasks=5, classes=(10, 4, 6))
+@pytest.mark.parametrize("strategy,cache,shape", [("inplace", 2, "lps"), ("inplace", 1, "lps"), ("sessions", None, "lps"),
+                                                 ("inplace", 1, "lowrank")])
+def test_threads_with_random_tasks(strategy, cache, shape):
+    """`lowrank`: fc2 (256×256) is factored (vectors rebound per thread's binding), fc1 folded on a miss."""
+    packed = random_packed(preset("mlp"), n_tasks=5, classes=(10, 4, 6), shape=shape)
     inputs = np.random.default_rng(3).standard_normal((16, 2, 1, 8, 8)).astype(np.float32)
     expected = [[ort.InferenceSession(build_onnx(packed.arch, materialize(packed, t)).SerializeToString(),
                                       providers=["CPUExecutionProvider"]).run(None, {"x": x})[0] for x in inputs]
@@ -51,6 +53,9 @@ def test_threads_with_random_tasks(strategy, cache):
     assert not any(th.is_alive() for th in threads), f"deadlock: calls done per thread {done}"
     assert not failures, failures[:5]
     assert sum(done) == THREADS * CALLS
+    if shape == "lowrank":
+        assert {p.name for p in runtime.plans if p.plan == "const"} == {"fc2.weight", "fc1.bias", "fc2.bias"}
+        assert [p.name for p in runtime.varying] == ["fc1.weight"]
     if strategy == "inplace":
         info = runtime.cache_info()
         assert info["hits"] + info["misses"] >= THREADS * CALLS and info["misses"] > 1
