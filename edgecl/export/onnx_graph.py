@@ -22,6 +22,9 @@ from edgecl.arch import Arch, has_shortcut, param_shapes
 
 OPSET = 17
 INPUT, OUTPUT = "x", "logits"
+# A switched (input) weight of at least this many elements is GEMM's left operand; a smaller one (a head) stays the
+# right operand, where re-packing it costs less than the two transposes around it (tools/bench_switch.py)
+LEFT_OPERAND_MIN = 1 << 16
 
 
 class _Builder:
@@ -140,7 +143,7 @@ def _nodes(arch: Arch, b: _Builder, weights_left: bool = False, constants: froze
                 h, transposed = b.op("Transpose", [h], perm=[1, 0]), False
             form, parts = factors.get(name, (None, {}))
             h, transposed = _linear_factored(b, h, name, layer["bias"], form, parts)
-        elif op == "linear" and weights_left:
+        elif op == "linear" and weights_left and (transposed or layer["in"] * layer["out"] >= LEFT_OPERAND_MIN):
             if not transposed:
                 h, transposed = b.op("Transpose", [h], perm=[1, 0]), True
             h = _linear_left(b, h, name, layer["bias"])
@@ -205,9 +208,7 @@ def build_onnx(arch: Arch, params: dict[str, np.ndarray] | None = None, *, weigh
     constants = constants or {}
     factors = factors or {}
     feat, transposed = _nodes(arch, b, weights_as_inputs, frozenset(constants), factors)
-    if weights_as_inputs:
-        if not transposed:
-            feat = b.op("Transpose", [feat], perm=[1, 0])
+    if transposed:  # the head is small: left operand only when the features are transposed already
         logits_t = _linear_left(b, feat, "head", True)
         b.nodes.append(helper.make_node("Transpose", [logits_t], [OUTPUT], name="head_out", perm=[1, 0]))
     else:
