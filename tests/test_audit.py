@@ -58,6 +58,20 @@ def test_prediction_within_15_percent_of_measured_rss(demo_like, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+@pytest.mark.parametrize("shape", ["finetune", "lowrank"])
+def test_factored_models_predicted_within_15_percent(shape, tmp_path):
+    """A wide MLP whose layers are constants (shared trunk) or factored (low rank): ONNX Runtime's own copies of the
+    constant weights are in the prediction, and every task switches without a copy."""
+    path = tmp_path / f"{shape}.edgecl"
+    artifact.save(random_packed(preset("mlp", width=4), n_tasks=3, shape=shape), path)
+    done = edgecl("audit", str(path), "--budget", "256MiB", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert abs(report["resident"]["relative_error"]) <= 0.15, report["resident"]
+    assert report["resident"]["strategy"] == "inplace"
+    assert report["resident"]["slot_bytes"] == 0 and report["tasks_cacheable"] == 3
+
+
 def test_static_figures(demo_like):
     path, packed = demo_like
     report = audit(path, "64MiB", batch=4)

@@ -144,7 +144,12 @@ def audit(artifact: Any, budget: int | str, batch: int = 8, device: str = "cpu")
     need = max(resident["predicted_total"], resident["measured_rss_increase"] or 0)
     grow = resident["resident_bytes_per_task"]
     more = math.floor((limit - need) / grow) if grow > 0 and need <= limit else 0
-    slots = (limit - need) // resident["slot_bytes"] + 1 if resident["slot_bytes"] and need <= limit else 0
+    if need > limit:
+        slots = 0
+    elif resident["slot_bytes"]:
+        slots = (limit - need) // resident["slot_bytes"] + 1
+    else:  # per-task sessions, or every switched layer factored: no task needs a copy on a switch
+        slots = packed.n_tasks
     return {"budget": limit, "fits": need <= limit, "needed": need, "more_tasks_fit": more,
             "tasks_cacheable": int(min(slots, packed.n_tasks)), "static": static, "resident": resident}
 
