@@ -250,3 +250,22 @@ def test_factored_layers_of_trained_models_match_references(method, config, arch
     for t, task in enumerate(stream.tasks):
         x = task.x_test[:64]
         assert np.abs(runtime.infer(x, task=t) - refs[t].run(None, {"x": x})[0]).max() <= 1e-5
+
+
+def test_parallel_masked_fill_is_bit_identical():
+    """A large masked tensor written by several threads in chunk-aligned ranges equals `materialize` bit for bit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edgecl.runtime.plan import CHUNK
+
+    arch = validate({"name": "wide", "input_shape": [1, 8, 8], "layers": [
+        {"op": "flatten"}, {"op": "linear", "name": "fc1", "in": 64, "out": 1000}, {"op": "relu"},
+        {"op": "linear", "name": "fc2", "in": 1000, "out": 613}, {"op": "relu"}]})
+    packed = random_packed(arch, n_tasks=3, shape="lps")
+    (plan,) = [p for p in build_plans(packed) if p.name == "fc2.weight"]
+    assert plan.plan == "masked" and int(np.prod(plan.shape)) > 2 * CHUNK
+    with ThreadPoolExecutor(3) as pool:
+        for t in range(packed.n_tasks):
+            out = np.full(plan.shape, np.nan, np.float32)
+            plan.fill(packed, t, out, pool, 3)
+            assert np.array_equal(out.view(np.uint32), materialize(packed, t)["fc2.weight"].view(np.uint32))

@@ -6,8 +6,9 @@
 For an MLP of ≥ 4 M parameters (`preset('mlp', width=8)`) shaped like an LPS model (element-wise masks), a finetune
 model (shared trunk, per-task heads), an AGS-CL model (node masks), a HALRP model (r, s, rank-32 U, V per layer) and
 an RGO model (feature permutations), built in numpy with random weights so no training is needed:
-- switch (cache miss: materialise into the bound buffers) against the physical floor, one np.copyto of every dense
-  weight of a task (goal ≤ 2.0×), and against creating a new ONNX Runtime session for that task (goal ≥ 20× faster);
+- switch (cache miss: materialise into the bound buffers) against the physical floor, one copy of every dense
+  weight of a task by `--threads` threads, as many as the switch may use (goal ≤ 2.0×), and against creating a new
+  ONNX Runtime session for that task (goal ≥ 20× faster);
 - switch on a cache hit (the task is still in an LRU slot: no copy);
 - for node / low-rank / permutation models, both ways of serving them (`TaskRuntime(factor=...)`): the delta applied
   to activations around a constant, pre-packed base weight (default), and folded into switched weights ("fold");
@@ -26,6 +27,8 @@ import os
 import statistics
 import tempfile
 import time
+
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnxruntime as ort
@@ -81,6 +84,17 @@ def interleaved(variants: dict, n_tasks: int, repeats: int, warm: bool, block: i
     return {name: 1e3 * STAT[ARGS.stat](v) for name, v in times.items()}
 
 
+def copy_all(src: dict, dst: dict, pool, workers: int) -> None:
+    """The floor: one copy of every dense weight, by as many threads as the runtime's switch may use."""
+    for k, v in src.items():
+        a, b = v.reshape(-1), dst[k].reshape(-1)
+        if pool is None or a.size < 1 << 19:
+            np.copyto(b, a)
+            continue
+        step = -(-a.size // workers)
+        list(pool.map(lambda lo: np.copyto(b[lo:lo + step], a[lo:lo + step]), range(0, a.size, step)))
+
+
 def bench_shape(shape: str, args: argparse.Namespace) -> dict:
     arch = preset("mlp", width=args.width)
     return bench_packed(shape, random_packed(arch, n_tasks=args.tasks, shape=shape, classes=(10, 7)), args)
@@ -95,6 +109,7 @@ def bench_packed(shape: str, packed, args: argparse.Namespace) -> dict:
     cpu = ["CPUExecutionProvider"]
     dense_weights = materialize(packed, 1)
     floor_bufs = {k: np.empty_like(v) for k, v in dense_weights.items()}
+    pool = ThreadPoolExecutor(args.threads) if args.threads > 1 else None
     task_bytes = [build_onnx(arch, materialize(packed, t)).SerializeToString() for t in range(packed.n_tasks)]
     onnx_file = os.path.join(args.tmp, f"task1_{shape}.onnx")
     with open(onnx_file, "wb") as f:
@@ -106,7 +121,7 @@ def bench_packed(shape: str, packed, args: argparse.Namespace) -> dict:
         hit_rt.switch(t)
     order = iter(np.tile(np.arange(packed.n_tasks), 10 * args.repeats))
     switch_times = interleaved({
-        "floor": (lambda t: None, lambda t: [np.copyto(floor_bufs[k], v) for k, v in dense_weights.items()]),
+        "floor": (lambda t: None, lambda t: copy_all(dense_weights, floor_bufs, pool, args.threads)),
         "miss": (lambda t: None, lambda t: miss_rt.switch(int(next(order)))),
         "hit": (lambda t: None, lambda t: hit_rt.switch(int(next(order)))),
         "fold": (lambda t: None, lambda t: fold_rt.switch(int(next(order)))),
@@ -151,7 +166,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--width", type=int, default=8)
     p.add_argument("--tasks", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads, same for every session")
+    p.add_argument("--threads", type=int, default=1,
+                   help="ONNX Runtime intra-op threads, same for every session, and the threads of a switch")
     p.add_argument("--repeats", type=int, default=48)
     p.add_argument("--shapes", default="lps,finetune,node,lowrank,permute")
     p.add_argument("--artifact", nargs="+", default=None,

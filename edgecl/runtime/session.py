@@ -24,8 +24,10 @@ runtime's default task (shared by all threads) and warms its slot; concurrent ca
 """
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +41,7 @@ from edgecl.export.compact import compact_task
 from edgecl.export.onnx_graph import INPUT, OUTPUT, build_onnx
 from edgecl.runtime.budget import Ledger, format_bytes, parse_budget
 from edgecl.runtime.inputs import check_input
-from edgecl.runtime.plan import TensorPlan, build_plans, factor_forms
+from edgecl.runtime.plan import CHUNK, TensorPlan, build_plans, factor_forms
 from edgecl.runtime.providers import empty_ortvalue, resolve_providers, to_ortvalue
 from edgecl.artifact import as_packed
 
@@ -157,6 +159,9 @@ class TaskRuntime:
         with self._cond:
             self.closed = True
             self._sessions, self._slots, self._lru = [], [], OrderedDict()
+            pool, self._fill_pool = getattr(self, "_fill_pool", None), None
+            if pool is not None:
+                pool.shutdown(wait=False)
             self._session = None
             self._local = threading.local()
             self.ledger.items.clear()
@@ -303,6 +308,11 @@ class TaskRuntime:
             self._slots.append(self._new_slot(i))
         self._lru: OrderedDict[int, _Slot] = OrderedDict()
         self.n_slots = len(self._slots)
+        # masked tensors are written by as many threads as ONNX Runtime may use (all cores by default)
+        self._fill_workers = self._threads or os.cpu_count() or 1
+        big = any(p.plan == "masked" and int(np.prod(p.shape)) >= 2 * CHUNK for p in self.varying)
+        self._fill_pool = ThreadPoolExecutor(self._fill_workers, "edgecl-fill") if big and self._fill_workers > 1 \
+            else None
 
     def _new_slot(self, index: int) -> _Slot:
         if self.device == "cpu":
@@ -314,11 +324,11 @@ class TaskRuntime:
         plan: TensorPlan
         for plan in self.varying:
             if self.device == "cpu":
-                plan.fill(self.packed, t, slot.host[plan.name])
+                plan.fill(self.packed, t, slot.host[plan.name], self._fill_pool, self._fill_workers)
             else:
                 with self._staging_lock:
                     staging = self._staging[plan.name]
-                    plan.fill(self.packed, t, staging)
+                    plan.fill(self.packed, t, staging, self._fill_pool, self._fill_workers)
                     slot.values[plan.name].update_inplace(staging)
 
     def _acquire(self, t: int) -> _Slot:
