@@ -7,10 +7,10 @@ Two strategies, chosen by measurement (tools/bench_switch.py) and the budget:
   permutations of those layers are applied to the activations, so a switch rebinds a few per-task vectors
   (`edgecl.runtime.plan`). Weights with no such form (LPS masks, small layers) are graph inputs: a task's weights are
   materialised into pre-allocated buffers bound through IOBinding, and K buffer sets ("slots") keep the K most
-  recently used tasks, so a cache hit costs no copy at all. Memory: model tensors + ~2× the constant weights inside
+  recently used tasks, so a cache hit costs no copy at all. Memory: model tensors + ~1× the constant weights inside
   ONNX Runtime + K × the switched tensors.
 - ``sessions`` — one folded session per task, created once at start-up. Inference is a plain dense session's, a
-  switch costs nothing, memory is ~3× one dense model per task. ``auto`` takes it when a budget is given and every
+  switch costs nothing, memory is ~2× one dense model per task. ``auto`` takes it when a budget is given and every
   task's session fits in it, else ``inplace``.
 
 Threading model (tests/test_concurrency.py: 8 threads × 1,000 calls): ``infer`` may be called from any number of
@@ -24,6 +24,7 @@ runtime's default task (shared by all threads) and warms its slot; concurrent ca
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from collections import OrderedDict
@@ -51,8 +52,8 @@ STRATEGIES = ("auto", "inplace", "sessions")
 ORT_ENVIRONMENT = 9_500_000  # first session in a process: environment, thread pool, kernel registry, first arena
 #                             (measured 8.7-10.3 MB depending on what the heap already held)
 SESSION_OVERHEAD = 200_000  # every further session (graph, kernels, allocation plan)
-SESSION_WEIGHT_FACTOR = 3  # a folded session holds ~3x its weights: parsed initializers, pre-packed GEMM copies and
-#                            allocator slack left by the serialised model (measured 2.9-3.3x for 0.3-4.4 MB of weights)
+SESSION_WEIGHT_FACTOR = 2  # a folded session holds ~2× its weights: parsed initializers and pre-packed GEMM copies
+#                            (measured 1.9× for 4.4 MB weights, RSS after start-up with freed heap returned)
 _environment = {"charged": False}  # the environment is paid once per process, by the first runtime
 DEFAULT_BATCH = 64
 
@@ -105,6 +106,7 @@ class TaskRuntime:
             self._build_task_sessions()
         else:
             self._build_inplace(cache_tasks)
+        _return_free_heap()
 
     # ----------------------------------------------------------------- public API
     @property
@@ -273,9 +275,9 @@ class TaskRuntime:
     def _build_inplace(self, cache_tasks: int | None) -> None:
         constants = {p.name: p.base for p in self.plans if p.constant}
         forms = factor_forms(self.packed) if self.factor else {}
-        # ONNX Runtime reads the constants from our arrays (no serialised copy of them is made) but still holds ~2×
-        # a GEMM weight's size (pre-packed and working copies; measured RSS, onnxruntime 1.32, within 1 %)
-        self.ledger.reserve("session", SESSION_OVERHEAD + 2 * sum(a.nbytes for a in constants.values()))
+        # ONNX Runtime reads the constants from our arrays (no serialised copy of them is made) and keeps one
+        # pre-packed copy of each GEMM weight (measured RSS after start-up, onnxruntime 1.32: within 1 %)
+        self.ledger.reserve("session", SESSION_OVERHEAD + sum(a.nbytes for a in constants.values()))
         factors = {layer: (form, {p.name.rpartition(":")[2]: p.shape for p in self.plans
                                   if p.name.startswith(f"{layer}.weight:")}) for layer, form in forms.items()}
         model = build_onnx(self.arch, weights_as_inputs=True, constants=constants, factors=factors,
@@ -409,6 +411,16 @@ class TaskRuntime:
         io.bind_output(OUTPUT, self.device)
         self._session.run_with_iobinding(io)
         return io.copy_outputs_to_cpu()[0]
+
+
+def _return_free_heap() -> None:
+    """Hand the heap the loader and session set-up freed (decompression buffers, serialised graphs) back to the
+    OS, so the process's resident memory is what the runtime holds (glibc keeps freed heap otherwise; elsewhere this
+    is a no-op)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _session_options(threads: int | None) -> ort.SessionOptions:
