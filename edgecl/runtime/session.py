@@ -419,7 +419,7 @@ def _return_free_heap() -> None:
     is a no-op)."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl without it), or Windows
         pass
 
 
