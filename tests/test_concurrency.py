@@ -17,8 +17,8 @@ from edgecl.synthetic import random_packed
 THREADS, CALLS = 8, 1000
 
 
-@pytest.mark.parametrize("strategy,cache,shape", [("inplace", 2, "lps"), ("inplace", 1, "lps"), ("sessions", None, "lps"),
-                                                 ("inplace", 1, "lowrank")])
+@pytest.mark.parametrize("strategy,cache,shape", [("inplace", 2, "lps"), ("inplace", 1, "lps"),
+                                                 ("sessions", None, "lps"), ("inplace", 1, "lowrank")])
 def test_threads_with_random_tasks(strategy, cache, shape):
     """`lowrank`: fc2 (256×256) is factored (vectors rebound per thread's binding), fc1 folded on a miss."""
     packed = random_packed(preset("mlp"), n_tasks=5, classes=(10, 4, 6), shape=shape)

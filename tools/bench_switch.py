@@ -155,10 +155,12 @@ def bench_packed(shape: str, packed, args: argparse.Namespace) -> dict:
         infer[batch] = row
     return {"shape": shape, "params": int(n_params), "dense_mib": 4 * n_params / 2**20, "floor_ms": floor,
             "switch_miss_ms": miss, "switch_hit_ms": hit, "sessions_switch_ms": session_switch,
-            "factored_layers": factor_forms(packed), "switched_mib": 4 * sum(int(np.prod(p.shape)) for p in miss_rt.varying) / 2**20,
+            "factored_layers": factor_forms(packed),
+            "switched_mib": 4 * sum(int(np.prod(p.shape)) for p in miss_rt.varying) / 2**20,
             "fold_switch_miss_ms": switch_times["fold"], "fold_miss_over_floor": switch_times["fold"] / floor,
             "new_session_ms": new_session, "new_session_from_file_ms": new_session_file,
-            "new_session_file_over_miss": new_session_file / max(miss, 1e-9), "miss_over_floor": miss / floor, "new_session_over_miss": new_session / max(miss, 1e-9),
+            "new_session_file_over_miss": new_session_file / max(miss, 1e-9), "miss_over_floor": miss / floor,
+            "new_session_over_miss": new_session / max(miss, 1e-9),
             "infer": infer}
 
 
@@ -184,17 +186,20 @@ def main() -> None:
         rows = [bench_shape(shape, args) for shape in args.shapes.split(",")]
     print(f"{'shape':9} {'params':>9} {'switched':>8} {'floor':>7} {'miss':>7} {'hit':>7} {'fold':>7} {'new sess':>8} "
           f"{'miss/floor':>10} {'sess/miss':>9} | {'b1 inpl':>7} {'b1 fold':>7} {'b1 sess':>7} {'b64 inpl':>8} "
-          f"{'b64 fold':>8} {'b64 sess':>8} | warm: {'b1':>5} {'b64':>5}  (ms, MiB; inference as ratios vs dense sessions)")
+          f"{'b64 fold':>8} {'b64 sess':>8} | warm: {'b1':>5} {'b64':>5}"
+          "  (ms, MiB; inference as ratios vs dense sessions)")
     for r in rows:
         i1, i64 = r["infer"][1], r["infer"][64]
-        print(f"{r['shape']:9} {r['params']:>9} {r['switched_mib']:8.2f} {r['floor_ms']:7.3f} {r['switch_miss_ms']:7.3f} "
-              f"{r['switch_hit_ms']:7.4f} {r['fold_switch_miss_ms']:7.3f} {r['new_session_ms']:8.2f} "
-              f"{r['miss_over_floor']:10.2f} {r['new_session_over_miss']:9.1f} | {i1['inplace_ratio']:7.2f} "
-              f"{i1['fold_ratio']:7.2f} {i1['sessions_ratio']:7.2f} {i64['inplace_ratio']:8.2f} {i64['fold_ratio']:8.2f} "
-              f"{i64['sessions_ratio']:8.2f} |       {i1['inplace_warm_ratio']:5.2f} {i64['inplace_warm_ratio']:5.2f}")
+        print(f"{r['shape']:9} {r['params']:>9} {r['switched_mib']:8.2f} {r['floor_ms']:7.3f} "
+              f"{r['switch_miss_ms']:7.3f} {r['switch_hit_ms']:7.4f} {r['fold_switch_miss_ms']:7.3f} "
+              f"{r['new_session_ms']:8.2f} {r['miss_over_floor']:10.2f} {r['new_session_over_miss']:9.1f} | "
+              f"{i1['inplace_ratio']:7.2f} {i1['fold_ratio']:7.2f} {i1['sessions_ratio']:7.2f} "
+              f"{i64['inplace_ratio']:8.2f} {i64['fold_ratio']:8.2f} {i64['sessions_ratio']:8.2f} |       "
+              f"{i1['inplace_warm_ratio']:5.2f} {i64['inplace_warm_ratio']:5.2f}")
     goals = {r["shape"]: {"switch ≤ 2.0× copy floor": r["miss_over_floor"] <= 2.0,
                           "switch ≥ 20× faster than a new session (bytes)": r["new_session_over_miss"] >= 20,
-                          "switch ≥ 20× faster than a new session (.onnx file)": r["new_session_file_over_miss"] >= 20,
+                          "switch ≥ 20× faster than a new session (.onnx file)":
+                              r["new_session_file_over_miss"] >= 20,
                           "in-place inference after a switch ≤ 1.05× dense (b1, b64)":
                               max(r["infer"][b]["inplace_ratio"] for b in (1, 64)) <= 1.05,
                           "per-task sessions inference ≤ 1.05× dense (b1, b64)":

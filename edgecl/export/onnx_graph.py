@@ -55,45 +55,57 @@ def _select_inputs(b: _Builder, h: str, index: list[int]) -> str:
     return b.op("Gather", [h, const], axis=1)
 
 
-def _add_bias_column(b: _Builder, y_t: str, bias: str) -> str:
-    """y_t + bias[:, None] for transposed (features, batch) activations."""
-    axes = b.op("Constant", [], value=numpy_helper.from_array(np.array([1], dtype=np.int64), f"{bias}_axes"))
-    return b.op("Add", [y_t, b.op("Unsqueeze", [bias, axes])])
+def _add_bias(b: _Builder, y: str, bias: str, axes: list[int]) -> str:
+    """y + bias unsqueezed at `axes`: (features, batch) activations take [1], NCHW takes [1, 2]."""
+    const = b.op("Constant", [], value=numpy_helper.from_array(np.array(axes, dtype=np.int64), f"{bias}_axes"))
+    return b.op("Add", [y, b.op("Unsqueeze", [bias, const])])
 
 
 def _linear_left(b: _Builder, h_t: str, name: str, bias: bool) -> str:
     """(W @ hᵀ + b[:, None]) on activations already transposed to (features, batch)."""
     y = b.op("MatMul", [f"{name}.weight", h_t])
-    return _add_bias_column(b, y, f"{name}.bias") if bias else y
+    return _add_bias(b, y, f"{name}.bias", [1]) if bias else y
+
+
+def _apply_factors(b: _Builder, h: str, w: str, bias: str | None, form: str, parts: dict, main, residual, gather,
+                   add_bias) -> str:
+    """The task's delta around a constant weight w, shared by linear and conv layers (see `edgecl.runtime.plan`):
+    inputs scaled by cols/s, the constant op `main(x, bias)`, outputs scaled by rows/r, then the low-rank
+    `residual(h, y)` or the permutation `gather(y)`; the bias goes in before a gather when it is permuted too."""
+    x = h
+    for part in ("cols", "s"):
+        if part in parts:
+            x = b.op("Mul", [x, f"{w}:{part}"])
+    gathered_bias = form == "permute+bias" and bias is not None
+    y = main(x, bias if gathered_bias else None)
+    for part in ("rows", "r"):
+        if part in parts:
+            y = b.op("Mul", [y, f"{w}:{part}"])
+    if form == "lowrank":
+        y = residual(h, y)
+    if form.startswith("permute"):
+        y = gather(y)
+    return add_bias(y, bias) if bias is not None and not gathered_bias else y
 
 
 def _linear_factored(b: _Builder, h: str, name: str, bias: bool, form: str | None,
                      parts: dict) -> tuple[str, bool]:
     """A linear layer around a constant weight W (pre-packed by ONNX Runtime) with the task's delta applied to the
-    activations (see `edgecl.runtime.plan`): node rows ⊙ (W (cols ⊙ x)); lowrank r ⊙ (W (s ⊙ x)) + (x V) Uᵀ;
-    permute gather(W x (+ b), perm). Returns the output and whether it is transposed (features, batch)."""
-    w = f"{name}.weight"
+    activations: node rows ⊙ (W (cols ⊙ x)); lowrank r ⊙ (W (s ⊙ x)) + (x V) Uᵀ; permute gather(W x (+ b), perm).
+    Returns the output and whether it is transposed (features, batch)."""
+    w, b_name = f"{name}.weight", f"{name}.bias" if bias else None
     if form is None:
-        return b.op("Gemm", [h, w] + ([f"{name}.bias"] if bias else []), transB=1), False
-    x = h
-    for part in ("cols", "s"):
-        if part in parts:
-            x = b.op("Mul", [x, f"{w}:{part}"])
-    gathered_bias = form == "permute+bias" and bias
-    y = b.op("Gemm", [x, w] + ([f"{name}.bias"] if gathered_bias else []), transB=1)
-    for part in ("rows", "r"):
-        if part in parts:
-            y = b.op("Mul", [y, f"{w}:{part}"])
-    if form == "lowrank":
-        y = b.op("Gemm", [b.op("MatMul", [h, f"{w}:v"]), f"{w}:u", y], transB=1)
-    if form.startswith("permute"):
+        return b.op("Gemm", [h, w] + ([b_name] if bias else []), transB=1), False
+    permute = form.startswith("permute")
+    y = _apply_factors(
+        b, h, w, b_name, form, parts,
+        main=lambda x, c: b.op("Gemm", [x, w] + ([c] if c else []), transB=1),
+        residual=lambda h, y: b.op("Gemm", [b.op("MatMul", [h, f"{w}:v"]), f"{w}:u", y], transB=1),
         # rows of the transposed activations: ONNX Runtime gathers along axis 1 element by element (5× slower at
         # batch 64); the result stays transposed for the next layer
-        y = b.op("Gather", [b.op("Transpose", [y], perm=[1, 0]), f"{w}:perm"], axis=0)
-        return (_add_bias_column(b, y, f"{name}.bias") if bias and not gathered_bias else y), True
-    if bias and not gathered_bias:
-        y = b.op("Add", [y, f"{name}.bias"])
-    return y, False
+        gather=lambda y: b.op("Gather", [b.op("Transpose", [y], perm=[1, 0]), f"{w}:perm"], axis=0),
+        add_bias=lambda y, c: _add_bias(b, y, c, [1]) if permute else b.op("Add", [y, c]))
+    return y, permute
 
 
 def _conv_factored(b: _Builder, h: str, layer: dict, form: str | None, parts: dict) -> str:
@@ -105,25 +117,16 @@ def _conv_factored(b: _Builder, h: str, layer: dict, form: str | None, parts: di
     w, bias = f"{name}.weight", f"{name}.bias" if layer["bias"] else None
     if form is None:
         return _conv(b, h, w, bias, k, stride, pad)
-    x = h
-    for part in ("cols", "s"):
-        if part in parts:
-            x = b.op("Mul", [x, f"{w}:{part}"])
-    gathered_bias = form == "permute+bias" and bias
-    y = _conv(b, x, w, bias if gathered_bias else None, k, stride, pad)
-    for part in ("rows", "r"):
-        if part in parts:
-            y = b.op("Mul", [y, f"{w}:{part}"])
-    if form == "lowrank":
+
+    def residual(h: str, y: str) -> str:
         window = b.op("AveragePool", [h], kernel_shape=[k, k], strides=[stride, stride], pads=[pad] * 4,
                       count_include_pad=1)
-        y = b.op("Add", [y, _conv(b, _conv(b, window, f"{w}:v", None, 1, 1, 0), f"{w}:u", None, 1, 1, 0)])
-    if form.startswith("permute"):
-        y = b.op("Gather", [y, f"{w}:perm"], axis=1)
-    if bias and not gathered_bias:
-        axes = b.op("Constant", [], value=numpy_helper.from_array(np.array([1, 2], dtype=np.int64), f"{bias}_axes"))
-        y = b.op("Add", [y, b.op("Unsqueeze", [bias, axes])])
-    return y
+        return b.op("Add", [y, _conv(b, _conv(b, window, f"{w}:v", None, 1, 1, 0), f"{w}:u", None, 1, 1, 0)])
+
+    return _apply_factors(b, h, w, bias, form, parts,
+                          main=lambda x, c: _conv(b, x, w, c, k, stride, pad), residual=residual,
+                          gather=lambda y: b.op("Gather", [y, f"{w}:perm"], axis=1),
+                          add_bias=lambda y, c: _add_bias(b, y, c, [1, 2]))
 
 
 def _nodes(arch: Arch, b: _Builder, weights_left: bool = False, constants: frozenset = frozenset(),
@@ -227,7 +230,8 @@ def build_onnx(arch: Arch, params: dict[str, np.ndarray] | None = None, *, weigh
             for part, dims in parts.items():
                 dtype = TensorProto.INT64 if part == "perm" else TensorProto.FLOAT
                 dims = list(dims)
-                if part in ("u", "v"):  # rank varies per task: (J, k) / (I, k), or 1×1 kernels (J, k, 1, 1) / (k, I, 1, 1)
+                # the rank varies per task: u, v are (J, k) / (I, k), or 1×1 kernels (J, k, 1, 1) / (k, I, 1, 1)
+                if part in ("u", "v"):
                     dims[1 if part == "u" or len(dims) == 2 else 0] = f"rank_{layer}"
                 inputs.append(helper.make_tensor_value_info(f"{layer}.weight:{part}", dtype, dims))
         initializers = [_external(n, a) if external_constants else

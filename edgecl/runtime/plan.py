@@ -52,6 +52,11 @@ class TensorPlan:
         return self.plan == "const"
 
     @property
+    def splits(self) -> bool:
+        """True when a fill may be shared among threads: a masked tensor of at least two chunks."""
+        return self.plan == "masked" and int(np.prod(self.shape)) >= 2 * CHUNK
+
+    @property
     def varies(self) -> bool:
         """True when a task switch must write this tensor into a buffer."""
         return self.plan in ("masked", "permute", "generic")
@@ -66,7 +71,7 @@ class TensorPlan:
         masked tensor is written in parallel ranges (numpy releases the GIL: 2.9× faster on 4 cores of a Xeon)."""
         if self.plan == "masked":
             base, bits, flat = self.base.reshape(-1), self.per_task[t], out.reshape(-1)
-            if pool is None or workers < 2 or base.size < 2 * CHUNK:
+            if pool is None or workers < 2 or not self.splits:
                 _masked_copy(base, bits, flat)
                 return
             step = -(-base.size // (workers * CHUNK)) * CHUNK  # whole chunks: ranges start on byte boundaries
@@ -164,6 +169,15 @@ def _factor_plans(packed: PackedModel, layer: str, form: str) -> list[TensorPlan
             perm = np.arange(j) if seed is None else task_permutation(seed, spec["group"], j)
             per.setdefault("perm", []).append(np.ascontiguousarray(perm, dtype=np.int64))
     return [TensorPlan(f"{weight}:{part}", "own", arrays[0].shape, None, arrays) for part, arrays in per.items()]
+
+
+def graph_factors(packed: PackedModel, plans: list[TensorPlan]) -> dict[str, tuple[str, dict[str, tuple]]]:
+    """For `build_onnx(factors=...)`: factored layer → (form, {part: shape of its `LAYER.weight:PART` vectors})."""
+    factors = {}
+    for layer, form in factor_forms(packed).items():
+        prefix = f"{layer}.weight:"
+        factors[layer] = (form, {p.name[len(prefix):]: p.shape for p in plans if p.name.startswith(prefix)})
+    return factors
 
 
 def build_plans(packed: PackedModel, factored: bool = False) -> list[TensorPlan]:

@@ -42,7 +42,7 @@ from edgecl.export.compact import compact_task
 from edgecl.export.onnx_graph import INPUT, OUTPUT, build_onnx
 from edgecl.runtime.budget import Ledger, format_bytes, parse_budget
 from edgecl.runtime.inputs import check_input
-from edgecl.runtime.plan import CHUNK, TensorPlan, build_plans, factor_forms
+from edgecl.runtime.plan import TensorPlan, build_plans, graph_factors
 from edgecl.runtime.providers import empty_ortvalue, resolve_providers, to_ortvalue
 from edgecl.artifact import as_packed
 
@@ -98,6 +98,8 @@ class TaskRuntime:
         self._batch_reserved = 0
         self.closed = False
         self.factor = factor  # apply node/low-rank/permutation deltas to activations (False: fold them, to compare)
+        self._fill_pool: ThreadPoolExecutor | None = None  # threads for large masked fills (in place only)
+        self._fill_workers = 1
         self._reserve_model()
         self._reserve_environment(charge_environment)
         self._reserve_activations(max_batch)
@@ -161,9 +163,9 @@ class TaskRuntime:
         with self._cond:
             self.closed = True
             self._sessions, self._slots, self._lru = [], [], OrderedDict()
-            pool, self._fill_pool = getattr(self, "_fill_pool", None), None
-            if pool is not None:
-                pool.shutdown(wait=False)
+            if self._fill_pool is not None:
+                self._fill_pool.shutdown(wait=False)
+                self._fill_pool = None
             self._session = None
             self._local = threading.local()
             self.ledger.items.clear()
@@ -274,12 +276,10 @@ class TaskRuntime:
     # ----------------------------------------------------------------- strategy: in-place switching
     def _build_inplace(self, cache_tasks: int | None) -> None:
         constants = {p.name: p.base for p in self.plans if p.constant}
-        forms = factor_forms(self.packed) if self.factor else {}
         # ONNX Runtime reads the constants from our arrays (no serialised copy of them is made) and keeps one
         # pre-packed copy of each GEMM weight (measured RSS after start-up, onnxruntime 1.32: within 1 %)
         self.ledger.reserve("session", SESSION_OVERHEAD + sum(a.nbytes for a in constants.values()))
-        factors = {layer: (form, {p.name.rpartition(":")[2]: p.shape for p in self.plans
-                                  if p.name.startswith(f"{layer}.weight:")}) for layer, form in forms.items()}
+        factors = graph_factors(self.packed, self.plans) if self.factor else {}
         model = build_onnx(self.arch, weights_as_inputs=True, constants=constants, factors=factors,
                            external_constants=True)
         options = _session_options(self._threads)
@@ -312,8 +312,8 @@ class TaskRuntime:
         self.n_slots = len(self._slots)
         # masked tensors are written by as many threads as ONNX Runtime may use (all cores by default)
         self._fill_workers = self._threads or os.cpu_count() or 1
-        big = any(p.plan == "masked" and int(np.prod(p.shape)) >= 2 * CHUNK for p in self.varying)
-        self._fill_pool = ThreadPoolExecutor(self._fill_workers, "edgecl-fill") if big and self._fill_workers > 1 \
+        split = any(p.splits for p in self.varying)
+        self._fill_pool = ThreadPoolExecutor(self._fill_workers, "edgecl-fill") if split and self._fill_workers > 1 \
             else None
 
     def _new_slot(self, index: int) -> _Slot:
