@@ -231,19 +231,17 @@ def test_factored_layers_of_trained_models_match_references(method, config, arch
     constant, pre-packed base weight (every layer factored here, whatever its size); every task still equals its
     folded reference, and a switch copies nothing but masked biases."""
     torch = pytest.importorskip("torch")
-    from edgecl.runtime.plan import factor_forms
-
-    monkeypatch.setattr(plan_module, "FACTOR_MIN_ELEMENTS", 0)
     from edgecl.train.data import make_stream
     from edgecl.train.engine import run
     from edgecl.train.protocol import TrainContext
     from edgecl.train.registry import create
 
+    monkeypatch.setattr(plan_module, "FACTOR_MIN_ELEMENTS", 0)
     torch.manual_seed(0)
     stream = make_stream("permuted-digits", 3, 0)
     result = run(create(method, preset(arch), config), stream, TrainContext(progress=False), log=lambda *a: None)
     packed = result.packed
-    assert factor_forms(packed) == forms
+    assert plan_module.factor_forms(packed) == forms
     runtime = TaskRuntime(packed, strategy="inplace")
     assert runtime.varying == [p for p in runtime.plans if p.name.endswith(".bias") and p.varies]
     refs = references(packed)
