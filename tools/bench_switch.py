@@ -22,6 +22,7 @@ prints a table and writes JSON with the machine and versions.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -39,6 +40,7 @@ from edgecl.deltas import materialize
 from edgecl.export.onnx_graph import build_onnx
 from edgecl.machine import machine_info
 from edgecl.runtime import TaskRuntime
+from edgecl.runtime.maskfill import IMPLEMENTATION as MASKFILL
 from edgecl.runtime.plan import factor_forms
 from edgecl.synthetic import random_packed
 
@@ -93,6 +95,20 @@ def copy_all(src: dict, dst: dict, pool, workers: int) -> None:
             continue
         step = -(-a.size // workers)
         list(pool.map(lambda lo: np.copyto(b[lo:lo + step], a[lo:lo + step]), range(0, a.size, step)))
+
+
+def lines_changed(packed, max_tasks: int = 5) -> float:
+    """Mean fraction of the 64-byte lines of the trunk's dense weights that differ between two tasks (pairs among the
+    first `max_tasks`): the least a switch that keeps weights dense must write. For trained LPS masks it is near 1,
+    which is why an LPS miss rewrites everything rather than only what changed."""
+    weights = [materialize(packed, t) for t in range(min(packed.n_tasks, max_tasks))]
+    fractions = []
+    for a, b in itertools.combinations(weights, 2):
+        trunk = [k for k in a if packed.params[k]["kind"] != "task" and a[k].ndim > 1]  # heads are per task anyway
+        diff = np.concatenate([(a[k].view(np.uint32) != b[k].view(np.uint32)).reshape(-1) for k in trunk])
+        diff = np.concatenate([diff, np.zeros(-diff.size % 16, bool)])
+        fractions.append(float(diff.reshape(-1, 16).any(axis=1).mean()))
+    return float(np.mean(fractions)) if fractions else 0.0
 
 
 def bench_shape(shape: str, args: argparse.Namespace) -> dict:
@@ -161,6 +177,9 @@ def bench_packed(shape: str, packed, args: argparse.Namespace) -> dict:
             "new_session_ms": new_session, "new_session_from_file_ms": new_session_file,
             "new_session_file_over_miss": new_session_file / max(miss, 1e-9), "miss_over_floor": miss / floor,
             "new_session_over_miss": new_session / max(miss, 1e-9),
+            # the most any switch that writes every weight once could reach against a new session
+            "trunk_lines_changed": lines_changed(packed),
+            "new_session_in_floors": new_session / floor, "new_session_file_in_floors": new_session_file / floor,
             "infer": infer}
 
 
@@ -207,7 +226,7 @@ def main() -> None:
     for shape, met in goals.items():
         print(f"  {shape:9} " + "; ".join(f"{'MET' if ok else 'UNMET'} {goal}" for goal, ok in met.items()))
     with open(args.out, "w") as f:
-        json.dump({"machine": machine_info(), "args": vars(args), "rows": rows, "goals": goals}, f, indent=2)
+        json.dump({"machine": machine_info(), "maskfill": MASKFILL, "args": vars(args), "rows": rows, "goals": goals}, f, indent=2)
     print(f"wrote {os.path.abspath(args.out)}")
 
 

@@ -11,6 +11,7 @@ const      shared; the base weight of a factored layer  nothing: an initializer 
 own        task (heads, STL trunks, per-task biases);   nothing copied: the task's own array is bound
            the per-task vectors of a factored layer
 masked     lps, node (conv)                            where(keep_t, base, 0), keep_t stored at 1 bit/weight
+                                                       (`maskfill`: one compiled pass, ~1× a copy)
 permute    permute (conv, biases)                      np.take of the base rows into the buffer
 generic    lowrank (conv, or where unfolding is not    `materialize_param`, then one copy into the buffer
            smaller), anything else
@@ -32,8 +33,8 @@ import numpy as np
 from edgecl.arch import param_shapes
 from edgecl.deltas import PackedModel, lps_keep, materialize_param, node_factor, task_permutation
 from edgecl.export.onnx_graph import tensor_names
+from edgecl.runtime.maskfill import CHUNK, masked_copy
 
-CHUNK = 1 << 18  # elements per masked chunk: the unpacked mask stays in L2 while base and buffer stream through
 # Layers smaller than this are folded on a switch rather than factored: rewriting 64 K weights costs ~20-40 µs once,
 # while each node a factored layer adds costs ~4 µs on every inference (tools/results/bench_switch_trained.json)
 FACTOR_MIN_ELEMENTS = 1 << 16
@@ -72,28 +73,16 @@ class TensorPlan:
         if self.plan == "masked":
             base, bits, flat = self.base.reshape(-1), self.per_task[t], out.reshape(-1)
             if pool is None or workers < 2 or not self.splits:
-                _masked_copy(base, bits, flat)
+                masked_copy(base, bits, flat)
                 return
             step = -(-base.size // (workers * CHUNK)) * CHUNK  # whole chunks: ranges start on byte boundaries
             ranges = [(lo, min(lo + step, base.size)) for lo in range(0, base.size, step)]
-            list(pool.map(lambda r: _masked_copy(base, bits, flat, *r), ranges))
+            list(pool.map(lambda r: masked_copy(base, bits, flat, *r), ranges))
         elif self.plan == "permute":
             perm = self.per_task[t]
             np.copyto(out, self.base) if perm is None else np.take(self.base, perm, axis=0, out=out)
         else:
             np.copyto(out, materialize_param(packed, t, self.name))
-
-
-def _masked_copy(base: np.ndarray, bits: np.ndarray, out: np.ndarray, lo: int = 0, hi: int | None = None) -> None:
-    """out = where(unpack(bits), base, +0.0) over elements [lo, hi), as `deltas.materialize` defines it, bit for bit:
-    the float's bits as an int32 times 0 or 1, in chunks so the unpacked mask never exists in full (a float product
-    would give -0.0 and inf·0 = NaN where `materialize` gives +0.0). `lo` must be a multiple of 8."""
-    n = base.size if hi is None else hi
-    base_bits, out_bits = base.view(np.int32), out.view(np.int32)
-    for start in range(lo, n, CHUNK):
-        stop = min(start + CHUNK, n)
-        keep = np.unpackbits(bits[start // 8:(stop + 7) // 8], count=stop - start)
-        np.multiply(base_bits[start:stop], keep, out=out_bits[start:stop])
 
 
 def _float32(a: np.ndarray) -> np.ndarray:

@@ -1,0 +1,28 @@
+/* The runtime's one hot loop that numpy cannot fuse: out[i] = bit i of `bits` ? base[i] : +0.0 (MSB-first bits, as
+ * numpy.packbits writes them), on the float32 bit patterns so the result is bit-identical to deltas.materialize.
+ * numpy needs an unpack, a cast and a multiply for this (2.3-2.6x a memcpy of the weights); one pass through an 8 KB
+ * table of 0 / ~0 words is ~1.3x (tools/bench_switch.py). Plain C with no Python API: loaded through ctypes, which
+ * releases the GIL, so several threads can fill ranges of one tensor. */
+#include <stddef.h>
+#include <stdint.h>
+
+static uint32_t table[256][8];
+
+void edgecl_maskfill_init(void) {
+    for (int b = 0; b < 256; b++)
+        for (int j = 0; j < 8; j++)
+            table[b][j] = ((b >> (7 - j)) & 1) ? 0xFFFFFFFFu : 0u;
+}
+
+/* Elements [lo, hi); lo is a multiple of 8 so each range starts on a byte of `bits`. */
+void edgecl_masked_copy(const uint32_t *restrict base, const uint8_t *restrict bits, uint32_t *restrict out,
+                        size_t lo, size_t hi) {
+    size_t i = lo;
+    for (; i + 8 <= hi; i += 8) {
+        const uint32_t *m = table[bits[i >> 3]];
+        for (int j = 0; j < 8; j++)
+            out[i + j] = base[i + j] & m[j];
+    }
+    for (; i < hi; i++)
+        out[i] = base[i] & table[bits[i >> 3]][i & 7];
+}

@@ -1,0 +1,72 @@
+"""Writing a task's weights from a 1-bit keep mask: ``out = where(unpack(bits), base, +0.0)``, bit for bit as
+`deltas.materialize` defines it. This is the whole cost of an element-wise LPS task switch, so it has a compiled
+loop (`_maskfill.c`, built by `pip install` where a C compiler exists, loaded through ctypes, which releases the GIL)
+and a numpy fallback. ``EDGECL_MASKFILL=numpy`` forces the fallback (to compare them, or to rule the loop out)."""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+
+import numpy as np
+
+CHUNK = 1 << 18  # numpy path: elements per chunk, so the unpacked mask stays in L2 while base and out stream through
+
+
+def _load_kernel():
+    spec = importlib.util.find_spec("edgecl.runtime._maskfill")
+    if spec is None or not spec.origin:
+        return None
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError:
+        return None
+    lib.edgecl_maskfill_init.restype = None
+    lib.edgecl_maskfill_init()  # fill the lookup table once, before any thread uses it
+    fn = lib.edgecl_masked_copy
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+    fn.restype = None
+    return fn
+
+
+def _numpy_fill(base: np.ndarray, bits: np.ndarray, out: np.ndarray, lo: int, hi: int) -> None:
+    base_bits, out_bits = base.reshape(-1).view(np.int32), out.reshape(-1).view(np.int32)
+    for start in range(lo, hi, CHUNK):  # int32 × 0/1, not a float product: that gives -0.0, and inf·0 = NaN
+        stop = min(start + CHUNK, hi)
+        keep = np.unpackbits(bits[start // 8:(stop + 7) // 8], count=stop - start)
+        np.multiply(base_bits[start:stop], keep, out=out_bits[start:stop])
+
+
+def _c_fill(kernel):
+    def fill(base: np.ndarray, bits: np.ndarray, out: np.ndarray, lo: int, hi: int) -> None:
+        kernel(base.ctypes.data, bits.ctypes.data, out.ctypes.data, lo, hi)
+    return fill
+
+
+_KERNEL = _load_kernel()
+IMPLEMENTATIONS = {"numpy": _numpy_fill, **({"c": _c_fill(_KERNEL)} if _KERNEL is not None else {})}
+# what `masked_copy` uses (recorded by the benchmarks)
+IMPLEMENTATION = "c" if "c" in IMPLEMENTATIONS and os.environ.get("EDGECL_MASKFILL", "").lower() != "numpy" else "numpy"
+
+
+def masked_copy(base: np.ndarray, bits: np.ndarray, out: np.ndarray, lo: int = 0, hi: int | None = None,
+                implementation: str | None = None) -> None:
+    """Write elements [lo, hi) of `out` (float32, contiguous, base's size) from `base` where the MSB-first `bits`
+    are set and +0.0 elsewhere. `lo` must be a multiple of 8 (ranges start on a byte of `bits`)."""
+    hi = base.size if hi is None else hi
+    _check(base, bits, out, lo, hi)
+    IMPLEMENTATIONS[implementation or IMPLEMENTATION](base, bits, out, lo, hi)
+
+
+def _check(base: np.ndarray, bits: np.ndarray, out: np.ndarray, lo: int, hi: int) -> None:
+    """The compiled loop trusts its pointers: every call is checked here, cheaply, first."""
+    for name, a, dtype in (("base", base, np.float32), ("out", out, np.float32), ("bits", bits, np.uint8)):
+        if a.dtype != dtype or not a.flags.c_contiguous:
+            raise ValueError(f"masked_copy: {name} must be a C-contiguous {np.dtype(dtype).name} array, "
+                             f"got {a.dtype} (contiguous: {a.flags.c_contiguous})")
+    if out.size != base.size or not out.flags.writeable:
+        raise ValueError(f"masked_copy: out must be a writable array of {base.size} elements, got {out.size}")
+    if bits.size * 8 < base.size:
+        raise ValueError(f"masked_copy: {bits.size} mask bytes cover {bits.size * 8} elements, base has {base.size}")
+    if not (0 <= lo <= hi <= base.size) or lo % 8:
+        raise ValueError(f"masked_copy: range [{lo}, {hi}) must lie in [0, {base.size}] and start on a multiple of 8")
