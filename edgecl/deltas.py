@@ -86,11 +86,23 @@ def materialize(packed: PackedModel, task: int | str) -> dict[str, np.ndarray]:
     return {name: materialize_param(packed, t, name) for name in packed.params}
 
 
-def materialize_param(packed: PackedModel, t: int, name: str) -> np.ndarray:
-    """One tensor of task t; the only place the delta arithmetic lives."""
+def materialize_param(packed: PackedModel, t: int, name: str, out: np.ndarray | None = None) -> np.ndarray:
+    """One tensor of task t; the only place the delta arithmetic lives. With `out` (float32, the tensor's shape) the
+    values are written there (low-rank weights without allocating) and `out` is returned."""
     spec = packed.params[name]
-    kind = spec["kind"]
     tt = packed.task_tensors[t]
+    if spec["kind"] == "lowrank":
+        return lowrank_weight(packed.base[name], tt.get(f"{name}:r"), tt.get(f"{name}:s"), tt.get(f"{name}:u"),
+                              tt.get(f"{name}:v"), out=out)
+    value = _param_value(packed, t, name, spec, tt)
+    if out is None:
+        return value
+    np.copyto(out, value)
+    return out
+
+
+def _param_value(packed: PackedModel, t: int, name: str, spec: dict[str, Any], tt: dict[str, np.ndarray]) -> np.ndarray:
+    kind = spec["kind"]
     if kind == "task":
         return tt[name]
     base = packed.base[name]
@@ -102,9 +114,6 @@ def materialize_param(packed: PackedModel, t: int, name: str) -> np.ndarray:
         return np.where(lps_keep(packed, t, name), base, base.dtype.type(0))
     if kind == "node":
         return np.where(node_factor(packed, t, spec, base.shape), base, base.dtype.type(0))
-    if kind == "lowrank":
-        return lowrank_weight(base, tt.get(f"{name}:r"), tt.get(f"{name}:s"), tt.get(f"{name}:u"),
-                              tt.get(f"{name}:v"))
     if kind == "permute":
         seed = packed.tasks[t].seed
         if seed is None:
@@ -158,18 +167,42 @@ def node_factor(packed: PackedModel, t: int, spec: dict[str, Any], shape: tuple[
 
 
 def lowrank_weight(base: np.ndarray, r: np.ndarray | None, s: np.ndarray | None, u: np.ndarray | None,
-                   v: np.ndarray | None) -> np.ndarray:
+                   v: np.ndarray | None, out: np.ndarray | None = None) -> np.ndarray:
     """``r ⊙ W ⊙ s + U Vᵀ``; r scales output rows, s input columns (channels for conv), the residual is broadcast
-    over kernel positions. The evaluation order is fixed here so every consumer gets the same bits."""
-    extra = (1,) * (base.ndim - 2)
-    w = base
-    if r is not None:
-        w = r.reshape((-1, 1) + extra) * w
-    if s is not None:
-        w = w * s.reshape((1, -1) + extra)
-    if u is not None and v is not None and u.shape[-1] > 0:
-        w = w + (u @ v.T).reshape(u.shape[:1] + v.shape[:1] + extra)
-    return np.ascontiguousarray(w, dtype=np.float32)
+    over kernel positions. The arithmetic is fixed here so every consumer gets the same bits: in float32, each
+    element is ``((r·W)·s) + (UVᵀ)``. `out` (float32, base's shape) is written instead of a new array, and no
+    weight-sized temporary is made either way: a runtime switching tasks must not churn the heap (glibc hands the
+    freed temporaries back to the OS and page-faults them in again on the next switch: 5× the arithmetic itself on
+    a LeNet). A linear layer's residual is written first (one BLAS call into `out`), the scaled base added in
+    blocks of rows (float addition commutes exactly)."""
+    out = np.empty(base.shape, np.float32) if out is None else out
+    nd = base.ndim
+    r, s, u, v = (None if a is None else np.asarray(a, dtype=np.float32) for a in (r, s, u, v))
+    low = u is not None and v is not None and u.shape[-1] > 0
+    rows = None if r is None else r.reshape((-1,) + (1,) * (nd - 1))
+    cols = None if s is None else s.reshape((1, -1) + (1,) * (nd - 2))
+    if low and nd == 2:
+        np.matmul(u, v.T, out=out)
+        step = max(1, (1 << 13) // max(1, base.shape[1]))  # 32 KB blocks: small enough to come from the free heap
+        for lo in range(0, base.shape[0], step):
+            hi = min(lo + step, base.shape[0])
+            block = _scaled(base[lo:hi], None if rows is None else rows[lo:hi], cols)
+            np.add(block, out[lo:hi], out=out[lo:hi])
+        return out
+    _scaled(base, rows, cols, out)
+    if low:
+        np.add(out, (u @ v.T).reshape(u.shape[:1] + v.shape[:1] + (1,) * (nd - 2)), out=out)
+    return out
+
+
+def _scaled(w: np.ndarray, rows: np.ndarray | None, cols: np.ndarray | None,
+            out: np.ndarray | None = None) -> np.ndarray:
+    """(rows ⊙ w) ⊙ cols in float32, into `out` (a new array when None); a missing factor is skipped."""
+    out = np.empty(w.shape, np.float32) if out is None else out
+    np.copyto(out, w) if rows is None else np.multiply(rows, w, out=out)
+    if cols is not None:
+        np.multiply(out, cols, out=out)
+    return out
 
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)

@@ -98,3 +98,32 @@ def test_presets_validate():
         assert preset(name)["feature_dim"] > 0
     with pytest.raises(UsageError):
         preset("vgg")
+
+
+@pytest.mark.parametrize("shape", [(300, 70), (6, 5, 3, 3)])
+@pytest.mark.parametrize("parts", ["rsuv", "uv", "rs", "r", "s", "rsu0"])
+def test_lowrank_written_in_place_has_the_same_bits(shape, parts):
+    """The runtime writes low-rank weights into its buffers (blocks of rows, residual first); `materialize` and the
+    per-element formula ((r·W)·s) + UVᵀ must agree with it bit for bit, whichever factors a task has."""
+    from edgecl.deltas import lowrank_weight
+
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=shape).astype(np.float32)
+    j, i = shape[:2]
+    rank = 0 if "u0" in parts else 4
+    r = rng.normal(size=j).astype(np.float32) if "r" in parts else None
+    s = rng.normal(size=i).astype(np.float32) if "s" in parts else None
+    u, v = (rng.normal(size=(j, rank)).astype(np.float32), rng.normal(size=(i, rank)).astype(np.float32)) \
+        if "u" in parts else (None, None)
+    extra = (1,) * (len(shape) - 2)
+    expected = base.copy()
+    if r is not None:
+        expected = r.reshape((-1, 1) + extra) * expected
+    if s is not None:
+        expected = expected * s.reshape((1, -1) + extra)
+    if u is not None and rank:
+        expected = expected + (u @ v.T).reshape((j, i) + extra)
+    out = np.full(shape, np.nan, np.float32)
+    assert lowrank_weight(base, r, s, u, v, out=out) is out
+    for got in (out, lowrank_weight(base, r, s, u, v)):
+        assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), expected.view(np.uint32))

@@ -13,7 +13,7 @@ own        task (heads, STL trunks, per-task biases);   nothing copied: the task
 masked     lps, node (conv)                            where(keep_t, base, 0), keep_t stored at 1 bit/weight
                                                        (`maskfill`: one compiled pass, ~1× a copy)
 permute    permute (conv, biases)                      np.take of the base rows into the buffer
-generic    lowrank (conv, or where unfolding is not    `materialize_param`, then one copy into the buffer
+generic    lowrank (conv, or where unfolding is not    `materialize_param` into the buffer (low rank: in place)
            smaller), anything else
 =========  ==========================================  ==================================================
 
@@ -82,7 +82,7 @@ class TensorPlan:
             perm = self.per_task[t]
             np.copyto(out, self.base) if perm is None else np.take(self.base, perm, axis=0, out=out)
         else:
-            np.copyto(out, materialize_param(packed, t, self.name))
+            materialize_param(packed, t, self.name, out=out)  # low-rank: written in place, no temporaries
 
 
 def _float32(a: np.ndarray) -> np.ndarray:
