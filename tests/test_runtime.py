@@ -267,3 +267,15 @@ def test_parallel_masked_fill_is_bit_identical():
             out = np.full(plan.shape, np.nan, np.float32)
             plan.fill(packed, t, out, pool, 3)
             assert np.array_equal(out.view(np.uint32), materialize(packed, t)["fc2.weight"].view(np.uint32))
+
+
+def test_returned_logits_are_the_callers_own(mixed):
+    """Logits come out of a buffer bound once per batch size; what infer returns must not change on the next call."""
+    runtime = TaskRuntime(mixed, strategy="inplace", cache_tasks=1)
+    rng = np.random.default_rng(3)
+    x1, x2 = (rng.standard_normal((4, 1, 8, 8)).astype(np.float32) for _ in range(2))
+    y1 = runtime.infer(x1, task=0)
+    kept = y1.copy()
+    runtime.infer(x2, task=0)
+    runtime.infer(x2, task=1)
+    assert np.array_equal(y1, kept)

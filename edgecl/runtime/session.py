@@ -71,6 +71,15 @@ class _Slot:
     pins: int = 0
 
 
+@dataclass
+class _Binding:
+    """One thread's IOBinding of one slot, and what it holds: a call rebinds only what changed."""
+
+    io: ort.IOBinding
+    task: int | None = None
+    out: np.ndarray | None = None  # the bound logits buffer (CPU)
+
+
 class TaskRuntime:
     """Torch-free multi-task inference. ``switch(task)`` then ``infer(x)``, or ``infer(x, task=...)`` directly."""
 
@@ -386,32 +395,38 @@ class TaskRuntime:
             if slot.pins == 0:
                 self._cond.notify_all()
 
-    def _binding(self, slot: _Slot, t: int) -> ort.IOBinding:
+    def _binding(self, slot: _Slot, t: int) -> _Binding:
         """This thread's IOBinding for `slot`: static and slot tensors bound once, task-owned tensors on change."""
         bindings = getattr(self._local, "bindings", None)
         if bindings is None:
             bindings = self._local.bindings = {}
-        entry = bindings.get(slot.index)
-        if entry is None:
+        binding = bindings.get(slot.index)
+        if binding is None:
             io = self._session.io_binding()
             for name, value in {**self._static, **slot.values}.items():
                 io.bind_ortvalue_input(name, value)
-            entry = bindings[slot.index] = [io, None]
-        io, bound = entry
-        if bound != t:
+            binding = bindings[slot.index] = _Binding(io)
+        if binding.task != t:
             for name, value in self._own[t].items():
-                io.bind_ortvalue_input(name, value)
-            entry[1] = t
-        return io
+                binding.io.bind_ortvalue_input(name, value)
+            binding.task, binding.out = t, None
+        return binding
 
     def _run_slot(self, slot: _Slot, t: int, x: np.ndarray) -> np.ndarray:
-        # The output is left to ONNX Runtime (class counts differ per task) and copied out: measured faster than
-        # binding a fresh pre-allocated numpy output per call.
-        io = self._binding(slot, t)
-        io.bind_cpu_input(INPUT, x)
-        io.bind_output(OUTPUT, self.device)
-        self._session.run_with_iobinding(io)
-        return io.copy_outputs_to_cpu()[0]
+        binding = self._binding(slot, t)
+        binding.io.bind_cpu_input(INPUT, x)
+        if self.device != "cpu":
+            binding.io.bind_output(OUTPUT, self.device)
+            self._session.run_with_iobinding(binding.io)
+            return binding.io.copy_outputs_to_cpu()[0]
+        # on CPU the logits go into a buffer bound once per (thread, slot, task, batch) and are returned as a copy:
+        # 1.6 µs less per call than letting ONNX Runtime allocate them (a small model's inference takes ~7 µs)
+        if binding.out is None or binding.out.shape[0] != x.shape[0]:
+            binding.out = np.empty((x.shape[0], self.packed.tasks[t].n_classes), np.float32)
+            binding.io.bind_output(OUTPUT, "cpu", element_type=np.float32, shape=binding.out.shape,
+                                   buffer_ptr=binding.out.ctypes.data)
+        self._session.run_with_iobinding(binding.io)
+        return binding.out.copy()
 
 
 def _return_free_heap() -> None:
