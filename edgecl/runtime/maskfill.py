@@ -64,6 +64,8 @@ def _check(base: np.ndarray, bits: np.ndarray, out: np.ndarray, lo: int, hi: int
         if a.dtype != dtype or not a.flags.c_contiguous:
             raise ValueError(f"masked_copy: {name} must be a C-contiguous {np.dtype(dtype).name} array, "
                              f"got {a.dtype} (contiguous: {a.flags.c_contiguous})")
+    if np.may_share_memory(base, out):
+        raise ValueError("masked_copy: out must not overlap base (the compiled loop assumes separate memory)")
     if out.size != base.size or not out.flags.writeable:
         raise ValueError(f"masked_copy: out must be a writable array of {base.size} elements, got {out.size}")
     if bits.size * 8 < base.size:
