@@ -101,7 +101,8 @@ def materialize_param(packed: PackedModel, t: int, name: str, out: np.ndarray | 
     return out
 
 
-def _param_value(packed: PackedModel, t: int, name: str, spec: dict[str, Any], tt: dict[str, np.ndarray]) -> np.ndarray:
+def _param_value(packed: PackedModel, t: int, name: str, spec: dict[str, Any],
+                 tt: dict[str, np.ndarray]) -> np.ndarray:
     kind = spec["kind"]
     if kind == "task":
         return tt[name]
@@ -170,11 +171,11 @@ def lowrank_weight(base: np.ndarray, r: np.ndarray | None, s: np.ndarray | None,
                    v: np.ndarray | None, out: np.ndarray | None = None) -> np.ndarray:
     """``r ⊙ W ⊙ s + U Vᵀ``; r scales output rows, s input columns (channels for conv), the residual is broadcast
     over kernel positions. The arithmetic is fixed here so every consumer gets the same bits: in float32, each
-    element is ``((r·W)·s) + (UVᵀ)``. `out` (float32, base's shape) is written instead of a new array, and no
-    weight-sized temporary is made either way: a runtime switching tasks must not churn the heap (glibc hands the
-    freed temporaries back to the OS and page-faults them in again on the next switch: 5× the arithmetic itself on
-    a LeNet). A linear layer's residual is written first (one BLAS call into `out`), the scaled base added in
-    blocks of rows (float addition commutes exactly)."""
+    element is ``((r·W)·s) + (UVᵀ)``. `out` (float32, base's shape) is written instead of a new array. No
+    weight-sized temporary is made either way (a convolution's J×I residual is the one temporary): a runtime
+    switching tasks must not churn the heap (glibc hands freed temporaries back to the OS and page-faults them in
+    again on the next switch: 5× the arithmetic itself on a LeNet). A linear layer's residual is written first (one
+    BLAS call into `out`), the scaled base added in blocks of rows (float addition commutes exactly)."""
     out = np.empty(base.shape, np.float32) if out is None else out
     nd = base.ndim
     r, s, u, v = (None if a is None else np.asarray(a, dtype=np.float32) for a in (r, s, u, v))

@@ -226,7 +226,8 @@ def main() -> None:
     for shape, met in goals.items():
         print(f"  {shape:9} " + "; ".join(f"{'MET' if ok else 'UNMET'} {goal}" for goal, ok in met.items()))
     with open(args.out, "w") as f:
-        json.dump({"machine": machine_info(), "maskfill": MASKFILL, "args": vars(args), "rows": rows, "goals": goals}, f, indent=2)
+        json.dump({"machine": machine_info(), "maskfill": MASKFILL, "args": vars(args), "rows": rows, "goals": goals},
+                  f, indent=2)
     print(f"wrote {os.path.abspath(args.out)}")
 
 

@@ -40,8 +40,8 @@ from edgecl.deltas import PackedModel, materialize
 from edgecl.errors import BudgetError, UsageError
 from edgecl.export.compact import compact_task
 from edgecl.export.onnx_graph import INPUT, OUTPUT, build_onnx
-from edgecl.runtime.budget import Ledger, format_bytes, parse_budget
 from edgecl.runtime import maskfill
+from edgecl.runtime.budget import Ledger, format_bytes, parse_budget
 from edgecl.runtime.inputs import check_input
 from edgecl.runtime.plan import TensorPlan, build_plans, graph_factors
 from edgecl.runtime.providers import empty_ortvalue, resolve_providers, to_ortvalue
@@ -197,8 +197,8 @@ class TaskRuntime:
         """Predicted resident bytes per component (what the budget ledger holds) and, where measurable, the process
         RSS. See `edgecl.runtime.audit` for the full audit."""
         report: dict[str, Any] = {"strategy": self.strategy, "providers": self.providers,
-                                  "masked_fill": maskfill.IMPLEMENTATION, "budget": self.ledger.limit, "predicted": dict(self.ledger.items),
-                                  "predicted_total": self.ledger.used}
+                                  "masked_fill": maskfill.IMPLEMENTATION, "budget": self.ledger.limit,
+                                  "predicted": dict(self.ledger.items), "predicted_total": self.ledger.used}
         if measure:
             from edgecl.runtime.audit import process_rss
 
