@@ -18,6 +18,7 @@ COMMANDS = {
     "run": "infer one task of an artifact on an input .npy (torch-free)",
     "audit": "memory budget report of an artifact; exit 1 when it does not fit",
     "compare": "train several methods on one stream and compare accuracy, bytes and speed",
+    "doctor": "what the runtime will use on this machine: execution providers, compiled fill, versions",
 }
 
 

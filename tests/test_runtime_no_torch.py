@@ -59,3 +59,32 @@ def test_runtime_runs_without_torch():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("ok")
+
+
+def _doctor(extra_blocked: str = "") -> subprocess.CompletedProcess:
+    script = BLOCKER.replace('"matplotlib"}', '"matplotlib"' + (f', "{extra_blocked}"' if extra_blocked else "") + "}")
+    script += "from edgecl.cli import main\nsys.exit(main(['doctor', '--json']))\n"
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+
+
+def test_doctor_checks_the_runtime_without_torch():
+    """`edgecl doctor` on a device: real CPU check (switch + infer vs numpy), the fill the runtime will use, exit 0."""
+    import json
+
+    from edgecl.runtime import maskfill
+
+    done = _doctor()
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["runtime_ready"] and report["cpu_check"] == "ok"
+    assert report["auto"]["cpu"]["providers"] == ["CPUExecutionProvider"]
+    assert report["masked_fill"]["implementation"] == maskfill.IMPLEMENTATION
+
+
+def test_doctor_exits_1_when_onnxruntime_is_missing():
+    import json
+
+    done = _doctor("onnxruntime")
+    assert done.returncode == 1, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert not report["runtime_ready"] and "cannot import onnxruntime" in report["onnxruntime"]["error"]

@@ -16,10 +16,13 @@ CHUNK = 1 << 18  # numpy path: elements per chunk, so the unpacked mask stays in
 def _load_kernel():
     spec = importlib.util.find_spec("edgecl.runtime._maskfill")
     if spec is None or not spec.origin:
+        STATUS["why"] = "not built: the install found no C compiler (or edgecl runs from a source tree not installed)"
         return None
+    STATUS["library"] = spec.origin
     try:
         lib = ctypes.CDLL(spec.origin)
-    except OSError:
+    except OSError as exc:
+        STATUS["why"] = f"built but not loadable: {exc}"
         return None
     lib.edgecl_maskfill_init.restype = None
     lib.edgecl_maskfill_init()  # fill the lookup table once, before any thread uses it
@@ -43,10 +46,13 @@ def _c_fill(kernel):
     return fill
 
 
+STATUS: dict[str, str | None] = {"library": None, "why": None}  # for `edgecl doctor`
 _KERNEL = _load_kernel()
 IMPLEMENTATIONS = {"numpy": _numpy_fill, **({"c": _c_fill(_KERNEL)} if _KERNEL is not None else {})}
 # what `masked_copy` uses (recorded by the benchmarks)
 IMPLEMENTATION = "c" if "c" in IMPLEMENTATIONS and os.environ.get("EDGECL_MASKFILL", "").lower() != "numpy" else "numpy"
+if IMPLEMENTATION == "numpy" and _KERNEL is not None:
+    STATUS["why"] = "EDGECL_MASKFILL=numpy is set"
 
 
 def masked_copy(base: np.ndarray, bits: np.ndarray, out: np.ndarray, lo: int = 0, hi: int | None = None,
