@@ -21,12 +21,12 @@ def _load_kernel():
     STATUS["library"] = spec.origin
     try:
         lib = ctypes.CDLL(spec.origin)
-    except OSError as exc:
+        init, fn = lib.edgecl_maskfill_init, lib.edgecl_masked_copy
+    except (OSError, AttributeError) as exc:  # not loadable here, or a stale build without these symbols
         STATUS["why"] = f"built but not loadable: {exc}"
         return None
-    lib.edgecl_maskfill_init.restype = None
-    lib.edgecl_maskfill_init()  # fill the lookup table once, before any thread uses it
-    fn = lib.edgecl_masked_copy
+    init.restype = None
+    init()  # fill the lookup table once, before any thread uses it
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
     fn.restype = None
     return fn
