@@ -71,3 +71,18 @@ def test_environment_forces_the_numpy_fallback():
     env = dict(os.environ, EDGECL_MASKFILL="numpy")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "numpy"
+
+
+def test_without_the_compiled_loop_the_runtime_uses_numpy_and_says_why():
+    """An install with no C compiler has no `_maskfill` library: the fallback is chosen, and `doctor` says why."""
+    code = (
+        "import importlib.abc, sys\n"
+        "class Hide(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'edgecl.runtime._maskfill':\n"
+        "            raise ImportError('hidden')\n"
+        "sys.meta_path.insert(0, Hide())\n"
+        "from edgecl.runtime import maskfill\n"
+        "print(maskfill.IMPLEMENTATION, sorted(maskfill.IMPLEMENTATIONS), maskfill.STATUS['why'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("numpy ['numpy'] not built")

@@ -14,7 +14,10 @@ CHUNK = 1 << 18  # numpy path: elements per chunk, so the unpacked mask stays in
 
 
 def _load_kernel():
-    spec = importlib.util.find_spec("edgecl.runtime._maskfill")
+    try:
+        spec = importlib.util.find_spec("edgecl.runtime._maskfill")
+    except ImportError:
+        spec = None
     if spec is None or not spec.origin:
         STATUS["why"] = "not built: the install found no C compiler (or edgecl runs from a source tree not installed)"
         return None
