@@ -12,7 +12,6 @@ import time
 import numpy as np
 
 
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     p.add_argument("--tasks", type=int, default=10, help="number of permuted-digit tasks (default 10)")

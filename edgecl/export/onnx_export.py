@@ -65,8 +65,7 @@ def export_onnx(source: Any, out_dir: str | os.PathLike, tasks: str | list | Non
 
 def task_model(arch: Arch, params: dict[str, np.ndarray], *, compact: bool = True, fp16: bool = False,
                verify: bool = True, name: str = "task") -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """One task's folded (and optionally compacted / fp16) ONNX model, checked, plus what was done to it.
-    The runtime may call this directly to build compact per-task sessions in memory."""
+    """One task's folded (and optionally compacted / fp16) ONNX model, checked, plus what was done to it."""
     dense_model = build_onnx(arch, params, graph_name=name)
     model, report = dense_model, None
     if compact:

@@ -152,12 +152,9 @@ def _nodes(arch: Arch, b: _Builder, weights_left: bool = False, constants: froze
             h = _linear_left(b, h, name, layer["bias"])
         elif op == "linear":
             h = b.op("Gemm", [h, f"{name}.weight"] + ([f"{name}.bias"] if layer["bias"] else []), transB=1)
-        elif op == "conv" and f"{name}.weight" in constants:
+        elif op == "conv":  # a plain Conv unless the layer is factored
             form, parts = factors.get(name, (None, {}))
             h = _conv_factored(b, h, layer, form, parts)
-        elif op == "conv":
-            h = _conv(b, h, f"{name}.weight", f"{name}.bias" if layer["bias"] else None, layer["k"], layer["stride"],
-                      layer["pad"])
         elif op == "bn":
             h = _bn(b, h, name)
         elif op == "relu":

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from edgecl.arch import param_shapes
+from edgecl.artifact import inspect as inspect_artifact  # imported before any RSS is measured: code, not model
 from edgecl.deltas import PackedModel
 from edgecl.errors import BudgetError, UsageError
 from edgecl.runtime.budget import format_bytes, parse_budget
@@ -51,7 +52,7 @@ def static_audit(packed: PackedModel, path: str | Path | None = None) -> dict[st
     inspected = None
     if path is not None:
         disk = Path(path).stat().st_size
-        inspected = _inspect(path)
+        inspected = inspect_artifact(path)
     total = disk if disk is not None else sum(shared.values()) + sum(per_task)
     dense = [dense_params(packed, t) for t in range(packed.n_tasks)]
     n = packed.n_tasks
@@ -63,19 +64,6 @@ def static_audit(packed: PackedModel, path: str | Path | None = None) -> dict[st
         "bits_per_param_per_task": 8 * total / sum(dense), "separate_dense_bytes": 4 * sum(dense),
         "one_dense_bytes": 4 * dense[0], "bytes_per_added_task": marginal, "fixed_bytes": fixed,
     }
-
-
-def _inspect(path: str | Path) -> Any:
-    """The artifact module's own per-component table, where that module provides one."""
-    try:
-        from edgecl import artifact
-    except ImportError:
-        return None
-    inspect = getattr(artifact, "inspect", None)
-    if inspect is None:
-        return None
-    report = inspect(path)
-    return report if isinstance(report, (dict, list)) else getattr(report, "__dict__", str(report))
 
 
 def _marginal_task_bytes(per_task: list[int]) -> float:
@@ -95,8 +83,6 @@ def resident_audit(source: Any, batch: int = 8, device: str = "cpu", strategy: s
     from edgecl.runtime.session import TaskRuntime, activation_bytes
 
     paid = session._environment["charged"]  # this process already holds ONNX Runtime's one-off cost
-    if isinstance(source, (str, Path)):
-        import edgecl.artifact  # noqa: F401 - code, not model memory: keep its import out of the measurement
     gc.collect()
     before = process_rss()
     runtime = TaskRuntime(source, device=device, strategy=strategy, cache_tasks=cache_tasks, max_batch=batch,

@@ -110,6 +110,8 @@ class TaskRuntime:
         self.factor = factor  # apply node/low-rank/permutation deltas to activations (False: fold them, to compare)
         self._fill_pool: ThreadPoolExecutor | None = None  # threads for large masked fills (in place only)
         self._fill_workers = 1
+        self.plans: list[TensorPlan] = []  # in place: one per graph tensor (`_reserve_plans`)
+        self.varying: list[TensorPlan] = []  # the plans a switch writes into a slot
         self._reserve_model()
         self._reserve_environment(charge_environment)
         self._reserve_activations(max_batch)
@@ -207,7 +209,7 @@ class TaskRuntime:
 
     # ----------------------------------------------------------------- budget
     def _reserve_model(self) -> None:
-        """The model's tensors as loaded (base, per-task deltas and heads) plus the per-task keep masks."""
+        """The model's tensors as loaded (base, per-task deltas and heads)."""
         seen: set[int] = set()
         total = 0
         for arrays in [self.packed.base, *self.packed.task_tensors]:
@@ -216,6 +218,10 @@ class TaskRuntime:
                     seen.add(id(a))
                     total += a.nbytes
         self.ledger.reserve("model tensors", total)
+
+    def _reserve_plans(self) -> None:
+        """The switchable graph's plans and the per-task keep masks / permutations they hold: in place only (per-task
+        sessions hold folded weights, so building masks for them would be start-up work and memory for nothing)."""
         self.plans = build_plans(self.packed, factored=self.factor)
         self.varying = [p for p in self.plans if p.varies]
         masks = sum(p.nbytes_per_task for p in self.plans if p.plan in ("masked", "permute"))
@@ -285,6 +291,7 @@ class TaskRuntime:
 
     # ----------------------------------------------------------------- strategy: in-place switching
     def _build_inplace(self, cache_tasks: int | None) -> None:
+        self._reserve_plans()
         constants = {p.name: p.base for p in self.plans if p.constant}
         # ONNX Runtime reads the constants from our arrays (no serialised copy of them is made) and keeps one
         # pre-packed copy of each GEMM weight (measured RSS after start-up, onnxruntime 1.32: within 1 %)
