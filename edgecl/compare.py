@@ -203,11 +203,10 @@ def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     n = len(runs[0]["acc_matrix"])
     out["acc_matrix_mean"] = [[float(np.mean([r["acc_matrix"][i][j] for r in runs])) for j in range(i + 1)]
                               for i in range(n)]
-    sizes = [r.get("artifact_bytes") for r in runs]
-    firsts = [r.get("artifact_bytes_first_task") for r in runs]
-    out["artifact_bytes"] = float(np.mean(sizes)) if None not in sizes else None
-    out["bytes_per_added_task"] = (float(np.mean([(s - f) / (n - 1) for s, f in zip(sizes, firsts)]))
-                                   if n > 1 and None not in sizes + firsts else None)
+    sizes = [r["artifact_bytes"] for r in runs]
+    firsts = [r["artifact_bytes_first_task"] for r in runs]
+    out["artifact_bytes"] = float(np.mean(sizes))
+    out["bytes_per_added_task"] = float(np.mean([(s - f) / (n - 1) for s, f in zip(sizes, firsts)])) if n > 1 else None
     return out
 
 
@@ -251,9 +250,10 @@ def optional_module(name: str) -> tuple[Any, str | None]:
         return None, f"{name} is not available ({exc})"
 
 
-def train_run(name: str, stream, arch, config: dict[str, Any], spec: CompareSpec, artifact_mod,
-              artifact_path: str | None, log: Callable[[str], None]) -> dict[str, Any]:
+def train_run(name: str, stream, arch, config: dict[str, Any], spec: CompareSpec, artifact_path: str | None,
+              log: Callable[[str], None]) -> dict[str, Any]:
     """Train one method on one stream (one seed or order); pack it into an artifact when a path is given."""
+    from edgecl import artifact
     from edgecl.train import engine, registry
     from edgecl.train.protocol import TrainContext
 
@@ -265,10 +265,10 @@ def train_run(name: str, stream, arch, config: dict[str, Any], spec: CompareSpec
     run = {"seed": config["seed"], "acc_matrix": result.acc_matrix,
            **{k: summary[k] for k in ("acc", "bwt", "forgetting", "stability")},
            "train_seconds": float(sum(result.seconds_per_task)), "wall_seconds": time.perf_counter() - start}
-    if artifact_mod is not None and artifact_path is not None:
-        artifact_mod.save(result.packed, artifact_path)
+    if artifact_path is not None:
+        artifact.save(result.packed, artifact_path)
         first_path = f"{artifact_path}.first-task"
-        artifact_mod.save(recorder.first, first_path)
+        artifact.save(recorder.first, first_path)
         run.update(artifact_bytes=os.path.getsize(artifact_path), artifact_bytes_first_task=os.path.getsize(first_path))
         os.remove(first_path)
     return run
@@ -276,9 +276,9 @@ def train_run(name: str, stream, arch, config: dict[str, Any], spec: CompareSpec
 
 def runtime_timing(path: str, stream, repeats: int) -> dict[str, Any]:
     """Median switch and batch-1 inference times through `TaskRuntime`, plus accuracy computed in the runtime."""
-    runtime_mod, why = optional_module("edgecl.runtime")
-    if runtime_mod is None or not hasattr(runtime_mod, "TaskRuntime"):
-        return {"note": why or "edgecl.runtime has no TaskRuntime yet"}
+    runtime_mod, why = optional_module("edgecl.runtime")  # a training-only install has no onnxruntime
+    if runtime_mod is None:
+        return {"note": why}
     # A runtime failure on one method must not lose a long comparison: it is recorded, printed and shown in the table.
     try:
         rt = runtime_mod.TaskRuntime(path)
@@ -295,12 +295,12 @@ def runtime_timing(path: str, stream, repeats: int) -> dict[str, Any]:
                 infer.append(time.perf_counter() - mid)
         accs = [float((np.asarray(rt.infer(task.x_test, task=t)).argmax(-1) == task.y_test).mean())
                 for t, task in enumerate(stream.tasks)]
-        getattr(rt, "close", lambda: None)()
+        rt.close()
     except Exception as exc:  # noqa: BLE001 - see comment above
         return {"note": f"runtime failed on {os.path.basename(path)}: {type(exc).__name__}: {exc}"}
     return {"switch_ms": 1e3 * float(np.median(switch)), "switch_first_ms": 1e3 * float(np.median(switch[:n])),
             "infer_ms": 1e3 * float(np.median(infer)), "infer_first_ms": 1e3 * float(np.median(infer[:n])),
-            "runtime_acc": float(np.mean(accs)), "switches": len(switch), "strategy": getattr(rt, "strategy", None)}
+            "runtime_acc": float(np.mean(accs)), "switches": len(switch), "strategy": rt.strategy}
 
 
 def order_robustness(name: str, stream, arch, config: dict[str, Any], spec: CompareSpec, seed_run: dict[str, Any],
@@ -314,7 +314,7 @@ def order_robustness(name: str, stream, arch, config: dict[str, Any], spec: Comp
     final[0] = seed_run["acc_matrix"][-1]
     for r, order in enumerate(orders[1:], start=1):
         reordered = Stream(stream.name, stream.input_shape, [stream.tasks[i] for i in order])
-        run = train_run(name, reordered, arch, config, spec, None, None, step)
+        run = train_run(name, reordered, arch, config, spec, None, step)
         final[r, order] = run["acc_matrix"][-1]
         step(f"{name} order {r + 1}/{len(orders)} {order}: ACC {100 * run['acc']:.1f}% ({run['wall_seconds']:.1f}s)")
     return {"orders": orders, "final_acc": final.tolist(), "acc_per_order": final.mean(axis=1).tolist(),
@@ -324,23 +324,19 @@ def order_robustness(name: str, stream, arch, config: dict[str, Any], spec: Comp
 # ---------------------------------------------------------------- the whole comparison
 
 def compare_method(name: str, streams: dict, arch, configs: dict[int, dict[str, Any]], spec: CompareSpec,
-                   artifact_mod, out_dir: str, step: Callable[[str], None], log: Callable[[str], None]) -> dict:
+                   out_dir: str, step: Callable[[str], None], log: Callable[[str], None]) -> dict:
     """Every seed of one method (each packed into DIR/artifacts/), its runtime timing, and its order robustness."""
     runs = []
     for seed, stream in streams.items():
         path = os.path.join(out_dir, ARTIFACT_DIR, f"{name}-seed{seed}.edgecl")
-        run = train_run(name, stream, arch, configs[seed], spec, artifact_mod, path, step)
-        size = ""
-        if "artifact_bytes" in run:
-            run["artifact"] = os.path.relpath(path, out_dir)
-            size = f", artifact {run['artifact_bytes'] / 1024:.1f} KiB"
+        run = train_run(name, stream, arch, configs[seed], spec, path, step)
+        run["artifact"] = os.path.relpath(path, out_dir)
         runs.append(run)
         step(f"{name} seed {seed}: ACC {100 * run['acc']:.1f}% BWT {100 * run['bwt']:+.1f} "
-             f"({run['wall_seconds']:.1f}s{size})")
+             f"({run['wall_seconds']:.1f}s, artifact {run['artifact_bytes'] / 1024:.1f} KiB)")
     seed0, first = spec.seeds[0], streams[spec.seeds[0]]
     entry = {"config": configs[seed0], "runs": runs, **summarize_runs(runs)}
-    entry["runtime"] = (runtime_timing(os.path.join(out_dir, runs[0]["artifact"]), first, spec.timing_repeats)
-                        if "artifact" in runs[0] else {"note": "no artifact to run"})
+    entry["runtime"] = runtime_timing(os.path.join(out_dir, runs[0]["artifact"]), first, spec.timing_repeats)
     if "note" in entry["runtime"]:
         log(f"edgecl compare: {name}: runtime timing skipped: {entry['runtime']['note']}")
     if spec.orders:
@@ -370,15 +366,13 @@ def run_compare(spec: CompareSpec, out_dir: str, log: Callable[[str], None] = pr
         raise UsageError("--orders needs a stream with at least 2 tasks")
     arch = preset(spec.arch, first.input_shape)
     configs = {m: {seed: method_config(m, spec, seed) for seed in spec.seeds} for m in methods}
-    artifact_mod, artifact_note = optional_module("edgecl.artifact")
-    notes = [artifact_note] if artifact_note else []
     os.makedirs(os.path.join(out_dir, ARTIFACT_DIR), exist_ok=True)
 
     report: dict[str, Any] = {
         "edgecl_version": __version__, "machine": machine_info(), "stream": first.name, "arch": spec.arch,
         "n_tasks": len(first.tasks), "task_names": [t.name for t in first.tasks], "seeds": spec.seeds,
         "orders": spec.orders, "epochs_scale": spec.epochs_scale, "overrides": spec.overrides,
-        "methods": {}, "skipped": skipped, "notes": notes}
+        "methods": {}, "skipped": skipped}
     total = len(methods) * (len(spec.seeds) + max(spec.orders - 1, 0))
     started = time.perf_counter()
     with tqdm(total=total, desc="compare", unit="run", disable=not spec.progress, dynamic_ncols=True) as bar:
@@ -390,8 +384,7 @@ def run_compare(spec: CompareSpec, out_dir: str, log: Callable[[str], None] = pr
             (bar.write if spec.progress else log)(f"[compare {done[0]}/{total}] {line}")
 
         for name in methods:
-            report["methods"][name] = compare_method(name, streams, arch, configs[name], spec, artifact_mod, out_dir,
-                                                     step, log)
+            report["methods"][name] = compare_method(name, streams, arch, configs[name], spec, out_dir, step, log)
             save_json(report, os.path.join(out_dir, "compare.json"))  # partial results survive an interruption
     report["pareto_front"] = pareto_front({m: (e["artifact_bytes"], e["acc_mean"])
                                            for m, e in report["methods"].items()})

@@ -56,7 +56,6 @@ def format_markdown(report: dict[str, Any]) -> str:
             mean = sum(r["acc_per_order"]) / len(r["acc_per_order"])
             lines.append(f"| {name} | {100 * mean:.1f} | {100 * r['mopd']:.2f} | {100 * r['aopd']:.2f} |")
     extra = [f"- skipped {n}: {why}" for n, why in report.get("skipped", {}).items()]
-    extra += [f"- {note}" for note in report.get("notes", [])]
     extra += [f"- {n}: runtime: {e['runtime']['note']}" for n, e in methods.items() if "note" in e.get("runtime", {})]
     strategies = {n: e["runtime"]["strategy"] for n, e in methods.items() if e.get("runtime", {}).get("strategy")}
     if strategies:
@@ -142,7 +141,7 @@ def _plain_ticks(axis, values: list[float]) -> None:
 
 def _pareto_plot(report: dict[str, Any], path: str) -> None:
     plt = _pyplot()
-    methods = {n: e for n, e in report["methods"].items() if e["artifact_bytes"] is not None}
+    methods = report["methods"]
     colors = _colors(list(report["methods"]))
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     placed: list[tuple[float, float]] = []
@@ -193,16 +192,14 @@ def write_plots(report: dict[str, Any], out_dir: str) -> dict[str, str]:
                 [("ACC %", *pct[0], False, ".1f"), ("BWT (points)", *pct[1], False, ".1f")])
     kib = [[None if methods[n][key] is None else methods[n][key] / KIB for n in names]
            for key in ("artifact_bytes", "bytes_per_added_task")]
-    if any(v is not None for v in kib[0]):
-        _bar_panels(path("bytes", "bytes.png"), "Artifact size", names,
-                    [("artifact KiB", kib[0], None, True, ".1f"), ("KiB per added task", kib[1], None, True, ".1f")])
+    _bar_panels(path("bytes", "bytes.png"), "Artifact size", names,
+                [("artifact KiB", kib[0], None, True, ".1f"), ("KiB per added task", kib[1], None, True, ".1f")])
     runtime = [[methods[n].get("runtime", {}).get(key) for n in names] for key in ("switch_ms", "infer_ms")]
     if any(v is not None for v in runtime[0]):
         _bar_panels(path("runtime", "runtime.png"), "TaskRuntime: median switch and batch-1 inference time", names,
                     [("switch ms", runtime[0], None, True, ".3g"),
                      ("inference ms (batch 1)", runtime[1], None, True, ".3g")])
-    if any(e["artifact_bytes"] is not None for e in methods.values()):
-        _pareto_plot(report, path("pareto", "pareto.png"))
+    _pareto_plot(report, path("pareto", "pareto.png"))
     robust = [n for n in names if "order_robustness" in methods[n]]
     if robust:
         _bar_panels(path("order_robustness", "order_robustness.png"),
