@@ -38,7 +38,7 @@ import onnxruntime as ort
 from edgecl.arch import param_shapes, shapes_after
 from edgecl.deltas import PackedModel, materialize
 from edgecl.errors import BudgetError, UsageError
-from edgecl.export.compact import compact_task
+from edgecl.export.compact import compact_task, count_params
 from edgecl.export.onnx_graph import INPUT, OUTPUT, build_onnx
 from edgecl.runtime import maskfill
 from edgecl.runtime.budget import Ledger, format_bytes, parse_budget
@@ -112,6 +112,9 @@ class TaskRuntime:
         self._fill_workers = 1
         self.plans: list[TensorPlan] = []  # in place: one per graph tensor (`_reserve_plans`)
         self.varying: list[TensorPlan] = []  # the plans a switch writes into a slot
+        self._lru: OrderedDict[int, _Slot] = OrderedDict()  # in place: task → the slot holding it, LRU first
+        self.n_slots = 0
+        self._act_per_sample = activation_bytes(self.arch, 1, max(info.n_classes for info in self.packed.tasks))
         self._reserve_model()
         self._reserve_environment(charge_environment)
         self._reserve_activations(max_batch)
@@ -192,8 +195,8 @@ class TaskRuntime:
     def cache_info(self) -> dict[str, Any]:
         """Hits, misses, and which task each slot holds (most recently used last)."""
         with self._cond:
-            order = list(getattr(self, "_lru", {}).keys())
-        return {"hits": self.hits, "misses": self.misses, "slots": getattr(self, "n_slots", 0), "cached": order}
+            order = list(self._lru)
+        return {"hits": self.hits, "misses": self.misses, "slots": self.n_slots, "cached": order}
 
     def memory_report(self, measure: bool = True) -> dict[str, Any]:
         """Predicted resident bytes per component (what the budget ledger holds) and, where measurable, the process
@@ -240,8 +243,6 @@ class TaskRuntime:
         """Activation memory grows with the largest batch seen; a batch beyond the budget is refused up front."""
         if batch <= self._batch_reserved:
             return
-        if not hasattr(self, "_act_per_sample"):
-            self._act_per_sample = activation_bytes(self.arch, 1, max(info.n_classes for info in self.packed.tasks))
         need = batch * self._act_per_sample
         with self._cond:
             held = self.ledger.items.get("activations", 0)
@@ -283,11 +284,10 @@ class TaskRuntime:
                 arch, params = small_arch, small
             nbytes = SESSION_WEIGHT_FACTOR * sum(a.nbytes for a in params.values()) + SESSION_OVERHEAD
             self.ledger.reserve(f"session of task {t} ({info.name})", nbytes)
-            self.session_params.append(sum(a.size for a in params.values()))
+            self.session_params.append(count_params(params))
             model = build_onnx(arch, params, graph_name=f"task{t}")
             self._sessions.append(ort.InferenceSession(model.SerializeToString(), self._options,
                                                        providers=self.providers))
-        self.n_slots = 0
 
     # ----------------------------------------------------------------- strategy: in-place switching
     def _build_inplace(self, cache_tasks: int | None) -> None:
@@ -325,7 +325,6 @@ class TaskRuntime:
         for i in range(cache_tasks):
             self.ledger.reserve(f"cache slot {i}", per_slot)  # BudgetError before allocating
             self._slots.append(self._new_slot(i))
-        self._lru: OrderedDict[int, _Slot] = OrderedDict()
         self.n_slots = len(self._slots)
         # masked tensors are written by as many threads as ONNX Runtime may use (all cores by default)
         self._fill_workers = self._threads or os.cpu_count() or 1
