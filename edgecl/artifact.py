@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import threading
 from typing import Any, Iterable
 
@@ -30,6 +29,7 @@ from edgecl.arch import gemm_shape, param_shapes
 from edgecl.arch import validate as validate_arch
 from edgecl.deltas import KINDS, PackedModel, TaskInfo, check_consistent, materialize_param
 from edgecl.errors import ArtifactError, UsageError
+from edgecl.io import commit, discard, write_atomic, write_temp
 
 FORMAT_NAME = "edgecl-artifact"
 FORMAT_VERSION = 1
@@ -48,7 +48,6 @@ _TENSOR_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,199}")
 _KEY = re.compile(r"(base|task(0|[1-9][0-9]{0,5}))::(.+)")
 _CHECKSUM = re.compile(r"[0-9a-f]{32}")
 BLOB_FIELDS = ("dtype", "shape", "encoding", "blake2b")
-_CHUNK = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------------------- encoding
@@ -384,66 +383,6 @@ def _serialise(packed: PackedModel, fp16: bool) -> list[bytes]:
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     return [len(raw).to_bytes(8, "little"), raw] + parts
-
-
-def _write_parts(f, parts: Iterable[bytes]) -> None:
-    """Write in chunks (tests slow this down to kill a writer midway)."""
-    for part in parts:
-        view = memoryview(part)
-        for i in range(0, len(view), _CHUNK):
-            f.write(view[i:i + _CHUNK])
-
-
-def write_atomic(path: str | os.PathLike, data: bytes | list[bytes]) -> None:
-    """The crash-safe write every edgecl output goes through (artifacts, exported graphs, results, training state):
-    a complete, fsynced temp file beside `path`, renamed over it. A kill at any point leaves the old file intact."""
-    path = os.fspath(path)
-    _commit(_write_temp(path, [data] if isinstance(data, (bytes, bytearray, memoryview)) else data), path)
-
-
-def _write_temp(path: str, parts: list[bytes]) -> str:
-    """The new content, complete and fsynced, in a temp file beside `path` (same filesystem, so rename is atomic)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _write_parts(f, parts)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-    except BaseException as exc:
-        _discard(tmp)
-        if isinstance(exc, OSError):
-            raise UsageError(f"cannot write {path}: {exc}") from None
-        raise
-    return tmp
-
-
-def _commit(tmp: str, path: str) -> None:
-    """Rename over the target, then fsync the directory so the rename itself survives a power cut."""
-    try:
-        os.replace(tmp, path)
-    except OSError as exc:
-        _discard(tmp)
-        raise UsageError(f"cannot write {path}: {exc}") from None
-    try:
-        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass  # some filesystems cannot fsync a directory; the rename itself is still atomic
-
-
-def _discard(tmp: str) -> None:
-    try:
-        os.unlink(tmp)
-    except OSError:
-        pass
 
 
 def save(packed: PackedModel, path: str | os.PathLike, *, fp16: bool = False) -> None:
@@ -804,10 +743,28 @@ class Artifact:
             mask = self._read_blob(_key(u, name), None, ref)
         return mask
 
-    # -- public API
+    # -- public API (`edgecl.source.ModelSource`)
     @property
     def n_tasks(self) -> int:
         return len(self.tasks)
+
+    @property
+    def origin(self) -> str:
+        return self.path
+
+    def base_names(self) -> list[str]:
+        return [e["name"] for e in self.blobs.values() if e["scope"] == "base"]
+
+    def read_base(self, name: str) -> np.ndarray:
+        """One shared tensor, read, verified and decoded once, then cached (read-only)."""
+        if _key("base", name) not in self.blobs:
+            raise UsageError(f"{self.path}: no shared tensor {name!r}")
+        return self._base(name)
+
+    def read_task(self, t: int) -> dict[str, np.ndarray]:
+        """Task t's own tensors, read, verified and decoded now (not cached: the caller decides what to keep)."""
+        t = self.task_index(t)
+        return {e["name"]: self._task_blob(t, e["name"]) for e in self.blobs.values() if e["scope"] == t}
 
     def task_index(self, task: int | str) -> int:
         """Index of a task given by index or name; UsageError naming the task otherwise."""
@@ -909,15 +866,15 @@ def append_task(path: str | os.PathLike, packed: PackedModel, *, unchanged: str 
             raise UsageError(f"{path}: the model must start with the artifact's {old.n_tasks} tasks "
                              f"{[t.name for t in old.tasks]}, got {[t.name for t in packed.tasks]}")
         check_consistent(packed)
-        tmp = _write_temp(path, _serialise(packed, old.fp16))
+        tmp = write_temp(path, _serialise(packed, old.fp16))
         try:
             with load(tmp) as new:
                 for t in range(old.n_tasks):
                     _require_identical(path, t, old.materialize(t), new.materialize(t), unchanged)
         except BaseException:
-            _discard(tmp)
+            discard(tmp)
             raise
-    _commit(tmp, path)
+    commit(tmp, path)
 
 
 def _require_identical(path: str, t: int, before: dict[str, np.ndarray], after: dict[str, np.ndarray],

@@ -79,6 +79,23 @@ class PackedModel:
             raise UsageError(f"task {i} out of range: this model has {self.n_tasks} tasks (0..{self.n_tasks - 1})")
         return i
 
+    # -- the read-only `edgecl.source.ModelSource` protocol, so an in-memory model goes wherever a file does
+    @property
+    def origin(self) -> str:
+        return "<memory>"
+
+    def base_names(self) -> list[str]:
+        return list(self.base)
+
+    def read_base(self, name: str) -> np.ndarray:
+        return self.base[name]
+
+    def read_task(self, t: int) -> dict[str, np.ndarray]:
+        return dict(self.task_tensors[t])
+
+    def materialize(self, task: int | str) -> dict[str, np.ndarray]:
+        return materialize(self, task)
+
 
 def materialize(packed: PackedModel, task: int | str) -> dict[str, np.ndarray]:
     """Dense float32 tensors of one task: every trunk tensor plus that task's ``head.weight``/``head.bias``."""

@@ -351,7 +351,8 @@ _WRITER = textwrap.dedent("""
     import artifact_models as am
     from edgecl import artifact
     packed = am.make("task", seed=int(sys.argv[2]), n_tasks=40)
-    real = artifact._write_parts
+    from edgecl import io
+    real = io.write_parts
     def slow(f, parts):
         def trickle():
             for part in parts:
@@ -363,7 +364,7 @@ _WRITER = textwrap.dedent("""
                 f.flush()
                 print("writing", flush=True)
             time.sleep(0.01)
-    artifact._write_parts = slow
+    io.write_parts = slow
     artifact.save(packed, sys.argv[1])
     print("done", flush=True)
 """)

@@ -9,7 +9,7 @@ from edgecl.arch import param_shapes, preset, validate
 from edgecl.deltas import PackedModel, TaskInfo, check_consistent, materialize
 from edgecl.export import compact_task, count_params
 from edgecl.export.onnx_export import run_onnx
-from edgecl.export.onnx_graph import build_onnx
+from edgecl.graph.builder import build_onnx
 from edgecl.synthetic import structured_lps_model
 
 TOL = 1e-4

@@ -10,7 +10,7 @@ import pytest
 
 from edgecl.arch import preset
 from edgecl.deltas import materialize
-from edgecl.export.onnx_graph import build_onnx
+from edgecl.graph.builder import build_onnx
 from edgecl.runtime import TaskRuntime
 from edgecl.synthetic import random_packed
 

@@ -18,7 +18,7 @@ from edgecl.deltas import materialize
 from edgecl.errors import ArtifactError, UsageError
 from edgecl.export import export_onnx, tensorrt_unavailable
 from edgecl.export.onnx_export import run_onnx
-from edgecl.export.onnx_graph import tensor_names
+from edgecl.graph.builder import tensor_names
 from edgecl.train import engine, registry
 from edgecl.train.data import make_stream
 from edgecl.train.models import forward, from_numpy
@@ -155,7 +155,7 @@ def test_export_never_imports_torch(trained, tmp_path):
 def test_rejected_compaction_falls_back_to_dense(trained, tmp_path, monkeypatch):
     """The export-time ONNX Runtime check catches a wrong compacted graph and keeps the dense one."""
     from edgecl.export import onnx_export
-    from edgecl.export.compact import compact_task
+    from edgecl.graph.compact import compact_task
 
     def broken(arch, params):
         c_arch, c_params, report = compact_task(arch, params)

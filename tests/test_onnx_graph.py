@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from edgecl.arch import preset
-from edgecl.export.onnx_graph import build_onnx, tensor_names
+from edgecl.graph.builder import build_onnx, tensor_names
 from edgecl.train.models import forward, init_head, init_params, to_numpy
 
 

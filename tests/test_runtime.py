@@ -9,7 +9,7 @@ import pytest
 from edgecl.arch import preset, validate
 from edgecl.deltas import materialize
 from edgecl.errors import BudgetError, UsageError
-from edgecl.export.onnx_graph import build_onnx
+from edgecl.graph.builder import build_onnx
 from edgecl.runtime import TaskRuntime, parse_budget
 from edgecl.runtime import plan as plan_module
 from edgecl.runtime.plan import build_plans

@@ -22,7 +22,7 @@ import onnxruntime as ort
 from edgecl.arch import preset
 from edgecl.deltas import materialize
 from edgecl.export import task_model
-from edgecl.export.onnx_graph import INPUT
+from edgecl.graph.builder import INPUT
 from edgecl.synthetic import structured_lps_model
 from edgecl.machine import format_machine, machine_info
 

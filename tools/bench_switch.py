@@ -37,7 +37,7 @@ import onnxruntime as ort
 from edgecl.arch import preset
 from edgecl.artifact import as_packed
 from edgecl.deltas import materialize
-from edgecl.export.onnx_graph import build_onnx
+from edgecl.graph.builder import build_onnx
 from edgecl.machine import machine_info
 from edgecl.runtime import TaskRuntime
 from edgecl.runtime.maskfill import IMPLEMENTATION as MASKFILL

@@ -123,7 +123,7 @@ def save_training_state(state: dict[str, Any], artifact_path: str) -> None:
         return
     from safetensors.numpy import save
 
-    from edgecl.artifact import write_atomic
+    from edgecl.io import write_atomic
 
     write_atomic(state_path(artifact_path), save({k: np.ascontiguousarray(v) for k, v in state.items()}))
 

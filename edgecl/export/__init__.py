@@ -1,6 +1,6 @@
 """Export (numpy + onnx, no torch): per-task folded ONNX, structurally compacted graphs, a switchable graph for the
 runtime, and TensorRT engines where TensorRT exists."""
-from edgecl.export.compact import CompactionReport, compact_task, count_params
+from edgecl.graph.compact import CompactionReport, compact_task, count_params
 from edgecl.export.onnx_export import export_onnx, task_model, weights_to_fp16
 from edgecl.export.tensorrt import build_engines, tensorrt_unavailable
 

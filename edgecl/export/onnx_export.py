@@ -18,11 +18,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgecl import __version__
 from edgecl.arch import Arch
-from edgecl.artifact import write_atomic
+from edgecl.io import write_atomic
 from edgecl.errors import UsageError
-from edgecl.export.compact import CompactionReport, compact_task, count_params
-from edgecl.export.onnx_graph import INPUT, OPSET, OUTPUT, build_onnx, tensor_names
-from edgecl.export.source import ModelSource, open_source, select_tasks
+from edgecl.graph.compact import CompactionReport, compact_task, count_params
+from edgecl.graph.builder import INPUT, OPSET, OUTPUT, build_onnx, tensor_names
+from edgecl.export.selection import select_tasks
+from edgecl.source import ModelSource, open_model
 
 INDEX = "index.json"
 SWITCHABLE = "switchable.onnx"
@@ -41,10 +42,10 @@ def export_onnx(source: Any, out_dir: str | os.PathLike, tasks: str | list | Non
     """Write one ONNX file per selected task, the switchable graph and `index.json` into `out_dir`; return the index.
 
     `source`: artifact path, `Artifact` or `PackedModel`. `tasks`: 'all', '0,3', '2-5', names, or a list.
-    `compact`: remove provably dead units (see `edgecl.export.compact`); with `verify`, each compacted graph is run
+    `compact`: remove provably dead units (see `edgecl.graph.compact`); with `verify`, each compacted graph is run
     against its dense graph in ONNX Runtime on seeded inputs and replaced by the dense one if they disagree.
     `fp16`: weights stored in float16, input and output stay float32."""
-    src = open_source(source)
+    src = open_model(source)
     indices = select_tasks(tasks, src)
     out = _prepare_dir(out_dir)
     entries = [_export_task(src, t, out, fp16, compact, verify) for t in task_progress(indices, progress, src)]

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from edgecl.errors import EdgeclError, UsageError
-from edgecl.artifact import write_atomic
+from edgecl.io import write_atomic
 from edgecl.export.onnx_export import INDEX, export_onnx, task_progress
-from edgecl.export.onnx_graph import INPUT
-from edgecl.export.source import open_source
+from edgecl.graph.builder import INPUT
+from edgecl.source import open_model
 
 TIMING_CACHE = "timing.cache"
 
@@ -70,7 +70,7 @@ def build_engines(source: Any, out_dir: str | os.PathLike, tasks: str | list | N
         raise TensorRTUnavailable(reason)
     import tensorrt as trt
 
-    src = open_source(source)
+    src = open_model(source)
     index = export_onnx(src, out_dir, tasks, fp16=False, compact=compact, progress=False)
     out = Path(out_dir)
     cache_path = Path(timing_cache) if timing_cache else out / TIMING_CACHE

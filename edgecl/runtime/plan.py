@@ -32,7 +32,7 @@ import numpy as np
 
 from edgecl.arch import param_shapes
 from edgecl.deltas import PackedModel, lps_keep, materialize_param, node_factor, task_permutation
-from edgecl.export.onnx_graph import tensor_names
+from edgecl.graph.builder import tensor_names
 from edgecl.runtime.maskfill import CHUNK, masked_copy
 
 # Layers smaller than this are folded on a switch rather than factored: rewriting 64 K weights costs ~20-40 µs once,

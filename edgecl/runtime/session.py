@@ -38,8 +38,8 @@ import onnxruntime as ort
 from edgecl.arch import param_shapes, shapes_after
 from edgecl.deltas import PackedModel, materialize
 from edgecl.errors import BudgetError, UsageError
-from edgecl.export.compact import compact_task, count_params
-from edgecl.export.onnx_graph import INPUT, OUTPUT, build_onnx
+from edgecl.graph.compact import compact_task, count_params
+from edgecl.graph.builder import INPUT, OUTPUT, build_onnx
 from edgecl.runtime import maskfill
 from edgecl.runtime.budget import Ledger, format_bytes, parse_budget
 from edgecl.runtime.inputs import check_input
@@ -274,7 +274,7 @@ class TaskRuntime:
 
     # ----------------------------------------------------------------- strategy: one folded session per task
     def _build_task_sessions(self) -> None:
-        """Folded per-task sessions; structurally compacted (`edgecl.export.compact`) where that removes weights."""
+        """Folded per-task sessions; structurally compacted (`edgecl.graph.compact`) where that removes weights."""
         self._sessions = []
         self.session_params: list[int] = []  # parameters in each task's (compacted) session
         for t, info in enumerate(self.packed.tasks):

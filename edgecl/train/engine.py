@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from edgecl import metrics
-from edgecl.artifact import write_atomic
+from edgecl.io import write_atomic
 from edgecl.deltas import PackedModel, materialize
 from edgecl.train.data import Stream, TaskData
 from edgecl.train.models import forward, from_numpy

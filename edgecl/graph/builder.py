@@ -9,7 +9,7 @@ Two forms from one builder:
   which MLAS reads in place, and only the (small) activations get packed; activations stay transposed through
   consecutive linear layers and are transposed back before any other layer and at the output.
 The node sequence mirrors `edgecl.train.models.forward` op for op, so exported and trained models agree.
-A compacted spec (`edgecl.export.compact`) may carry ``input_select``: a Gather of the input columns/channels its first
+A compacted spec (`edgecl.graph.compact`) may carry ``input_select``: a Gather of the input columns/channels its first
 layer still reads, so a compacted graph takes the same input as the dense one.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _bn(b: _Builder, h: str, name: str) -> str:
 
 
 def _select_inputs(b: _Builder, h: str, index: list[int]) -> str:
-    """Gather the input columns/channels a compacted first layer still reads (see `edgecl.export.compact`)."""
+    """Gather the input columns/channels a compacted first layer still reads (see `edgecl.graph.compact`)."""
     const = b.op("Constant", [], value=numpy_helper.from_array(np.asarray(index, dtype=np.int64), "input_select"))
     return b.op("Gather", [h, const], axis=1)
 
