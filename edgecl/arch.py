@@ -136,6 +136,18 @@ def param_shapes(arch: Arch, n_classes: int | None = None) -> dict[str, tuple[in
     return shapes
 
 
+def dense_params(arch: Arch, n_classes: int | None = None) -> int:
+    """Numbers in one dense model of this spec: every trunk tensor (BatchNorm statistics included), plus a head of
+    `n_classes` when given. The one place dense sizes are counted (audit, inspect, methods' reports, sessions)."""
+    total = 0
+    for shape in param_shapes(arch, n_classes).values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+    return total
+
+
 def has_shortcut(block: dict) -> bool:
     """A block needs a projection shortcut when it changes channels or resolution."""
     return block["in"] != block["out"] or block["stride"] != 1

@@ -25,7 +25,7 @@ import numpy as np
 import zstandard
 
 from edgecl import __version__
-from edgecl.arch import gemm_shape, param_shapes
+from edgecl.arch import dense_params, gemm_shape, param_shapes
 from edgecl.arch import validate as validate_arch
 from edgecl.deltas import KINDS, PackedModel, TaskInfo, check_consistent, materialize_param
 from edgecl.errors import ArtifactError, UsageError
@@ -272,8 +272,7 @@ def _with_head(trunk: dict[str, tuple[int, ...]], arch: dict, n_classes: int) ->
 
 def _dense_bytes(arch: dict, n_classes: list[int]) -> int:
     """fp32 bytes of one task's dense weights (the largest head): what `materialize` allocates."""
-    trunk = sum(math.prod(s) for s in param_shapes(arch).values())
-    return 4 * (trunk + max(n_classes, default=0) * (arch["feature_dim"] + 1))
+    return 4 * dense_params(arch, max(n_classes, default=0))
 
 
 def _budget_problem(decoded: int, size: int) -> str | None:
@@ -933,8 +932,7 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
                 row["entropy_bits"] = _entropy_bits(arr)
             rows.append(row)
         header_bytes = art._data_start
-        dense = sum(math.prod(s) for s in param_shapes(art.arch, art.tasks[0].n_classes if art.tasks else 1)
-                    .values())
+        dense = dense_params(art.arch, art.tasks[0].n_classes if art.tasks else 1)
         lps_weights = sum(math.prod(art.blobs[_key("base", n)]["shape"]) for n, s in art.params.items()
                           if s["kind"] == "lps")
         n_tasks, file_bytes, names = art.n_tasks, art.size, [info.name for info in art.tasks]

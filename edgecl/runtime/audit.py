@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecl.arch import param_shapes
+from edgecl.arch import dense_params as arch_dense_params
 from edgecl.artifact import inspect as inspect_artifact  # imported before any RSS is measured: code, not model
 from edgecl.deltas import PackedModel
 from edgecl.errors import BudgetError, UsageError
@@ -41,7 +41,7 @@ def process_rss() -> int | None:
 
 def dense_params(packed: PackedModel, t: int) -> int:
     """Parameters of task t as one dense model (trunk + its head)."""
-    return sum(int(np.prod(s)) for s in param_shapes(packed.arch, packed.tasks[t].n_classes).values())
+    return arch_dense_params(packed.arch, packed.tasks[t].n_classes)
 
 
 def static_audit(packed: PackedModel, path: str | Path | None = None) -> dict[str, Any]:

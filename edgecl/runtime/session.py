@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from edgecl.arch import param_shapes, shapes_after
+from edgecl.arch import dense_params, shapes_after
 from edgecl.deltas import PackedModel, materialize
 from edgecl.errors import BudgetError, UsageError
 from edgecl.graph.compact import compact_task, count_params
@@ -269,8 +269,7 @@ class TaskRuntime:
         return sum(4 * int(np.prod(p.shape)) for p in self.varying)
 
     def _task_session_bytes(self, t: int) -> int:
-        params = param_shapes(self.arch, self.packed.tasks[t].n_classes)
-        return SESSION_WEIGHT_FACTOR * sum(4 * int(np.prod(s)) for s in params.values()) + SESSION_OVERHEAD
+        return SESSION_WEIGHT_FACTOR * 4 * dense_params(self.arch, self.packed.tasks[t].n_classes) + SESSION_OVERHEAD
 
     # ----------------------------------------------------------------- strategy: one folded session per task
     def _build_task_sessions(self) -> None:

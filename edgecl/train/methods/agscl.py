@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgecl.arch import Arch, is_sequential, last_layer, param_shapes, prunable, unit_sources
+from edgecl.arch import Arch, dense_params, is_sequential, last_layer, param_shapes, prunable, unit_sources
 from edgecl.deltas import PackedModel, TaskInfo
 from edgecl.errors import UsageError
 from edgecl.train.data import TaskData
@@ -293,8 +293,7 @@ class AGSCL(Method):
 
     def _extra(self) -> dict[str, Any]:
         """Used capacity and sparsity per task, parameters each task's sub-network touches, node-mask bits."""
-        shapes = param_shapes(self.arch)
-        trunk_params = sum(math.prod(s) for s in shapes.values())
+        trunk_params = dense_params(self.arch)
         n_nodes = sum(len(v) for v in self.omega.values())
         used, sparsity, live = [], [], []
         for t, alive in enumerate(self.alive):
@@ -302,7 +301,7 @@ class AGSCL(Method):
             sparsity.append(1.0 - sum(int(v.sum()) for v in alive.values()) / n_nodes)
             live.append(live_parameters(self.arch, alive, self.infos[t].n_classes))
         return {"used_capacity": used, "sparsity": sparsity, "live_params": live,
-                "dense_params": [trunk_params + (self.arch["feature_dim"] + 1) * i.n_classes for i in self.infos],
+                "dense_params": [dense_params(self.arch, i.n_classes) for i in self.infos],
                 "mask_bits_per_param": n_nodes / trunk_params, "node_mask_bytes_per_task": math.ceil(n_nodes / 8),
                 "frozen_important": [s["frozen"] for s in self.stats],
                 "exact_zero_unimportant": [s["exact_zero_nodes"] for s in self.stats],
