@@ -94,7 +94,7 @@ def factor_forms(packed: PackedModel) -> dict[str, str]:
     "permute+bias" when the bias is permuted with the output); layers not listed get their weight switched (or are
     constant when shared). Chosen by size: layers of fewer than `FACTOR_MIN_ELEMENTS` weights are folded."""
     forms = {}
-    for layer in packed.arch["layers"]:
+    for layer in packed.arch["nodes"]:
         if layer["op"] not in ("linear", "conv"):
             continue
         name = layer["name"]

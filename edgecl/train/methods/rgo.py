@@ -95,7 +95,7 @@ class RGO(Method):
             raise UsageError(f"rgo: weight_vectors must be 'input' or 'backprop', got {c.weight_vectors!r}")
         if c.conv_vectors not in ("patches", "mean"):
             raise UsageError(f"rgo: conv_vectors must be 'patches' or 'mean', got {c.conv_vectors!r}")
-        has_bn = any(layer["op"] == "bn" for layer in self.arch["layers"])
+        has_bn = any(node["op"] == "bn" for node in self.arch["nodes"])
         if c.fel and (has_bn or not is_sequential(self.arch)):
             raise UsageError(f"rgo: feature encoding layers (fel=true) need a sequential architecture without "
                              f"BatchNorm; {self.arch.get('name')!r} has residual blocks or BatchNorm — use fel=false")
