@@ -66,18 +66,7 @@ class PackedModel:
 
     def task_index(self, task: int | str) -> int:
         """Resolve a task given by index or name; UsageError names the task and what exists."""
-        if isinstance(task, str) and not task.lstrip("-").isdigit():
-            for i, info in enumerate(self.tasks):
-                if info.name == task:
-                    return i
-            raise UsageError(f"unknown task {task!r}; tasks are {[t.name for t in self.tasks]}")
-        try:
-            i = int(task)
-        except (TypeError, ValueError):
-            raise UsageError(f"task must be an index or a name, got {task!r}") from None
-        if not 0 <= i < self.n_tasks:
-            raise UsageError(f"task {i} out of range: this model has {self.n_tasks} tasks (0..{self.n_tasks - 1})")
-        return i
+        return resolve_task(self.tasks, task)
 
     # -- the read-only `edgecl.source.ModelSource` protocol, so an in-memory model goes wherever a file does
     @property
@@ -95,6 +84,23 @@ class PackedModel:
 
     def materialize(self, task: int | str) -> dict[str, np.ndarray]:
         return materialize(self, task)
+
+
+def resolve_task(tasks: list[TaskInfo], task: int | str) -> int:
+    """Index of a task given by index (int or digit string) or name, among `tasks`; UsageError naming the task and
+    what exists otherwise. Every model source (in memory or a file) resolves tasks here, so they all agree."""
+    if isinstance(task, str) and not task.lstrip("-").isdigit():
+        for i, info in enumerate(tasks):
+            if info.name == task:
+                return i
+        raise UsageError(f"unknown task {task!r}; tasks are {[t.name for t in tasks]}")
+    try:
+        i = int(task)
+    except (TypeError, ValueError):
+        raise UsageError(f"task must be an index or a name, got {task!r}") from None
+    if not 0 <= i < len(tasks):
+        raise UsageError(f"task {i} out of range: this model has {len(tasks)} tasks (0..{len(tasks) - 1})")
+    return i
 
 
 def materialize(packed: PackedModel, task: int | str) -> dict[str, np.ndarray]:
@@ -145,14 +151,19 @@ def lps_owner_elements(packed: PackedModel, name: str) -> np.ndarray:
     owner = packed.base[f"{name}:owner"]
     shape = packed.base[name].shape
     unit = packed.params[name].get("unit", "element")
+    if unit not in ("element", "row", "column"):
+        raise UsageError(f"tensor {name!r}: unknown LPS unit {unit!r} (element, row, column)")
+    return expand_owner(owner, shape, unit)
+
+
+def expand_owner(owner: np.ndarray, shape: tuple[int, ...], unit: str) -> np.ndarray:
+    """An LPS owner map per unit ("element", GEMM "row" or "column") laid over a weight of `shape`. The artifact
+    codes sharing masks and W̄'s support with this same expansion, so the two can never disagree."""
     p, q = gemm_shape(shape)
     if unit == "element":
         return owner.reshape(shape)
-    if unit == "row":
-        return np.broadcast_to(owner.reshape(p, 1), (p, q)).reshape(shape)
-    if unit == "column":
-        return np.broadcast_to(owner.reshape(1, q), (p, q)).reshape(shape)
-    raise UsageError(f"tensor {name!r}: unknown LPS unit {unit!r} (element, row, column)")
+    per_unit = owner.reshape((p, 1) if unit == "row" else (1, q))
+    return np.broadcast_to(per_unit, (p, q)).reshape(shape)
 
 
 def lps_keep(packed: PackedModel, t: int, name: str) -> np.ndarray:
@@ -242,6 +253,16 @@ def task_permutation(seed: int, group: str, n: int) -> np.ndarray:
     key = _splitmix64(np.array([np.uint64(seed & 0xFFFFFFFFFFFFFFFF) ^ g], dtype=np.uint64))[0]
     keys = _splitmix64(np.arange(n, dtype=np.uint64) ^ key)
     return np.argsort(keys, kind="stable").astype(np.int64)
+
+
+def checked(packed: PackedModel) -> PackedModel:
+    """`packed` itself once `check_consistent` passes; UsageError "inconsistent model: …" otherwise. How a caller
+    that was handed an in-memory model (rather than a file) accepts it."""
+    try:
+        check_consistent(packed)
+    except UsageError as exc:
+        raise UsageError(f"inconsistent model: {exc}") from None
+    return packed
 
 
 def check_consistent(packed: PackedModel) -> None:

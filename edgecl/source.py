@@ -14,7 +14,7 @@ import numpy as np
 
 from edgecl import artifact
 from edgecl.arch import Arch
-from edgecl.deltas import PackedModel, TaskInfo, check_consistent
+from edgecl.deltas import PackedModel, TaskInfo, checked
 from edgecl.errors import UsageError
 
 
@@ -58,11 +58,7 @@ def open_model(source: Any) -> ModelSource:
     or a `PackedModel` (checked for consistency). Anything else is a UsageError naming what was given; a damaged
     file is an ArtifactError naming the file and field."""
     if isinstance(source, PackedModel):
-        try:
-            check_consistent(source)
-        except UsageError as exc:
-            raise UsageError(f"inconsistent model: {exc}") from None
-        return source
+        return checked(source)
     if isinstance(source, (str, os.PathLike)):
         return artifact.load(source)
     if isinstance(source, artifact.Artifact):

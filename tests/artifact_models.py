@@ -160,19 +160,15 @@ def build_file(manifest: dict, table: dict, data: bytes, seal: bool = True) -> b
     """Artifact bytes from parts; `seal` recomputes the header digest (a forger's file, not a damaged one)."""
     import json
 
-    from edgecl import artifact
+    from edgecl.artifact.container import encode_header
 
     text = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
-    digest = artifact._digest(text, table) if seal else "0" * 64
-    head = json.dumps({"__metadata__": {"edgecl.manifest": text, "edgecl.digest": digest}, **table},
-                      separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    return len(head).to_bytes(8, "little") + head + data
+    return encode_header(text, table, None if seal else "0" * 64) + data
 
 
 def replace_blob(raw: bytes, key: str, stored: bytes, fix_checksum: bool = True) -> bytes:
     """Swap one blob's stored bytes (re-tiling offsets, optionally with a matching checksum), resealed."""
-    from edgecl import artifact
+    from edgecl.artifact.container import checksum
 
     manifest, table, data = split_file(raw)
     parts, offset = [], 0
@@ -182,7 +178,7 @@ def replace_blob(raw: bytes, key: str, stored: bytes, fix_checksum: bool = True)
         if k == key:
             e["dtype"], e["shape"] = "U8", [len(stored)]
             if fix_checksum:
-                manifest["blobs"][k]["blake2b"] = artifact._checksum(stored)
+                manifest["blobs"][k]["blake2b"] = checksum(stored)
         e["data_offsets"] = [offset, offset + len(blob)]
         parts.append(blob)
         offset += len(blob)
@@ -209,6 +205,23 @@ def lps_prefix(packed: PackedModel, k: int) -> PackedModel:
         out.base[name] = np.where(lps_owner_elements(out, name) > 0, out.base[name], np.float32(0))
     out.tasks, out.task_tensors = out.tasks[:k], out.task_tensors[:k]
     return out
+
+
+def saved_original(kind: str, seed: int, n_tasks: int, folder: str) -> tuple[bytes, list[dict], list[dict]]:
+    """A real artifact to mutate (fuzzing): one of `KINDS`, or "lps-xor" (correlated masks, so XOR coding is used).
+    Returns (file bytes, task infos as JSON, each task's dense weights)."""
+    import os
+
+    from edgecl import artifact
+    from edgecl.deltas import materialize
+
+    packed = (lps_packed(np.random.default_rng(seed), n_tasks, correlated=True) if kind == "lps-xor"
+              else make(kind, seed, n_tasks))
+    path = os.path.join(folder, f"orig-{kind}.edgecl")
+    artifact.save(packed, path)
+    with open(path, "rb") as f:
+        raw = f.read()
+    return raw, [t.to_json() for t in packed.tasks], [materialize(packed, t) for t in range(packed.n_tasks)]
 
 
 def load_everything(raw: bytes, path: str):

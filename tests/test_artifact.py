@@ -22,7 +22,7 @@ from edgecl.deltas import materialize
 from edgecl.errors import ArtifactError, UsageError
 
 
-def _saved(tmp_path, packed, name="model.ecl", **kw):
+def _saved(tmp_path, packed, name="model.edgecl", **kw):
     path = tmp_path / name
     artifact.save(packed, path, **kw)
     return path
@@ -71,7 +71,7 @@ def test_task_lookup_by_name_and_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained():
-    """Short real training runs of the baselines (and LPS when present) on permuted digits."""
+    """Short real training runs of the baselines and LPS on permuted digits."""
     import torch
 
     from edgecl.arch import preset
@@ -83,9 +83,8 @@ def trained():
     stream = make_stream("permuted-digits", 3, seed=0)
     arch = preset("mlp", stream.input_shape)
     runs = {}
-    methods = {"finetune": {"epochs": 1}, "stl": {"epochs": 1}}
-    if "lps" in registry.available():
-        methods["lps"] = {"epochs": 1, "admm_epochs": 1, "final_epochs": 1}
+    methods = {"finetune": {"epochs": 1}, "stl": {"epochs": 1}, "lps": {"epochs": 1, "admm_epochs": 1,
+                                                                       "final_epochs": 1}}
     first_two = Stream(stream.name, stream.input_shape, stream.tasks[:2])
     quiet = dict(ctx=TrainContext(progress=False), log=lambda *_: None)
     for name, cfg in methods.items():
@@ -95,13 +94,12 @@ def trained():
     return stream, runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["finetune", "stl", "lps"])
 def test_trained_model_rebuilt_from_file_predicts_identically(tmp_path, trained, name):
     from edgecl.train import engine
 
     stream, runs = trained
-    if name not in runs:
-        pytest.skip("lps not implemented in this build")
     packed = runs[name][1]
     art = artifact.load(_saved(tmp_path, packed))
     for t in range(packed.n_tasks):
@@ -113,8 +111,8 @@ def test_trained_model_rebuilt_from_file_predicts_identically(tmp_path, trained,
 
 def test_fp16_halves_the_base_and_is_documented_lossy(tmp_path):
     packed = am.make("shared", n_tasks=2)
-    exact = _saved(tmp_path, packed, "a.ecl")
-    half = _saved(tmp_path, packed, "b.ecl", fp16=True)
+    exact = _saved(tmp_path, packed, "a.edgecl")
+    half = _saved(tmp_path, packed, "b.edgecl", fp16=True)
     art = artifact.load(half)
     assert art.fp16 and os.path.getsize(half) < os.path.getsize(exact)
     w, ref = art.materialize(0), materialize(packed, 0)
@@ -125,7 +123,7 @@ def test_fp16_halves_the_base_and_is_documented_lossy(tmp_path):
     big = am.make("shared", n_tasks=1)
     big.base["fc1.weight"][0, 0] = 1e6
     with pytest.raises(UsageError, match="fp16"):
-        artifact.save(big, tmp_path / "c.ecl", fp16=True)
+        artifact.save(big, tmp_path / "c.edgecl", fp16=True)
 
 
 # ------------------------------------------------------------------------------------------------ encodings, size
@@ -136,9 +134,9 @@ def test_lps_masks_are_coded_near_their_entropy_and_xor_pays_when_correlated(tmp
         {"op": "linear", "name": "fc1", "in": 64, "out": 256}, {"op": "relu"}]})
     plain = am.lps_packed(rng, n_tasks=6, alpha=0.15, beta=0.2, arch=wide)
     corr = am.lps_packed(rng, n_tasks=6, alpha=0.15, beta=0.2, arch=wide, correlated=True)
-    info = artifact.inspect(_saved(tmp_path, plain, "plain.ecl"))
+    info = artifact.inspect(_saved(tmp_path, plain, "plain.edgecl"))
     assert info["masks"]["stored_over_entropy"] < 1.1, info["masks"]
-    art = artifact.load(_saved(tmp_path, corr, "corr.ecl"))
+    art = artifact.load(_saved(tmp_path, corr, "corr.edgecl"))
     xor = [k for k, e in art.blobs.items() if "xor" in e["encoding"]]
     assert xor, "correlated sharing masks should be coded against the previous task's"
     for t in range(corr.n_tasks):
@@ -171,8 +169,8 @@ def test_materialising_one_task_reads_only_base_and_that_task(tmp_path):
     assert art.reads == []  # load reads header and manifest only
     raw = bytearray(path.read_bytes())
     for key in [k for k in art.blobs if k.startswith("task2::")]:  # damage every byte task 2 owns
-        _, _, a, b = art._entries[key]
-        raw[art._data_start + a:art._data_start + b] = bytes(255 - x for x in raw[art._data_start + a:art._data_start + b])
+        a, b = art.blob_range(key)
+        raw[a:b] = bytes(255 - x for x in raw[a:b])
     path.write_bytes(bytes(raw))
     art = artifact.load(path)
     assert am.same_weights(art.materialize(0), materialize(packed, 0))
@@ -180,6 +178,22 @@ def test_materialising_one_task_reads_only_base_and_that_task(tmp_path):
     assert am.same_weights(art.materialize(3), materialize(packed, 3))
     with pytest.raises(ArtifactError, match="task2::.*checksum"):
         art.materialize(2)
+
+
+def test_stored_blobs_are_readable_through_public_accessors(tmp_path):
+    packed = am.make("lps", n_tasks=3)
+    path = _saved(tmp_path, packed)
+    art = artifact.load(path)
+    ranges = sorted(art.blob_range(key) for key in art.blobs)
+    assert ranges[0][0] == art.header_bytes and ranges[-1][1] == art.size == os.path.getsize(path)
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # the blobs tile the data area
+    back = art.to_packed()
+    for key, e in art.blobs.items():
+        want = back.base[e["name"]] if e["scope"] == "base" else back.task_tensors[e["scope"]][e["name"]]
+        np.testing.assert_array_equal(art.read_blob(key), want)
+    for bad in (art.blob_range, art.read_blob):
+        with pytest.raises(UsageError, match="no blob"):
+            bad("base::nope")
 
 
 # -------------------------------------------------------------------------------------------------------- append
@@ -197,13 +211,30 @@ def test_append_keeps_earlier_tasks_bit_identical(tmp_path):
         assert am.same_weights(art.materialize(t), materialize(full, t))
 
 
+def test_append_keeps_heads_only_when_asked(tmp_path):
+    """keeps="heads" (Method.append_keeps of RGO) lets the shared trunk move; "all" does not."""
+    before = am.make("shared", seed=1, n_tasks=2)
+    after = am.make("shared", seed=1, n_tasks=3)  # same first two tasks' heads, a different trunk
+    after.tasks[:2], after.task_tensors[:2] = before.tasks, before.task_tensors
+    path = _saved(tmp_path, before)
+    original = path.read_bytes()
+    with pytest.raises(UsageError, match="task 0.*fc1"):
+        artifact.append_task(path, after)
+    with pytest.raises(UsageError, match="keeps"):
+        artifact.append_task(path, after, keeps="trunk")
+    assert path.read_bytes() == original
+    artifact.append_task(path, after, keeps="heads")
+    art = artifact.load(path)
+    for t in range(3):
+        assert am.same_weights(art.materialize(t), materialize(after, t))
+
+
+@pytest.mark.slow
 def test_append_of_real_training_keeps_or_refuses(tmp_path, trained):
     _, runs = trained
     for name in ("lps", "stl"):  # both keep every earlier task's weights: appending must succeed
-        if name not in runs:
-            continue
         after_two, after_three = runs[name]
-        path = _saved(tmp_path, after_two, f"{name}.ecl")
+        path = _saved(tmp_path, after_two, f"{name}.edgecl")
         artifact.append_task(path, after_three)
         art = artifact.load(path)
         assert art.n_tasks == 3
@@ -212,7 +243,7 @@ def test_append_of_real_training_keeps_or_refuses(tmp_path, trained):
         for t in range(2):
             assert am.same_weights(art.materialize(t), materialize(after_two, t))
     after_two, after_three = runs["finetune"]  # finetune moved the shared trunk: refused, file untouched
-    path = _saved(tmp_path, after_two, "finetune.ecl")
+    path = _saved(tmp_path, after_two, "finetune.edgecl")
     original = path.read_bytes()
     with pytest.raises(UsageError, match="task 0.*bit-identical"):
         artifact.append_task(path, after_three)
@@ -233,18 +264,18 @@ def test_save_refuses_unstorable_models(tmp_path):
     packed = am.make("shared", n_tasks=2)
     packed.tasks[1].name = "../../etc/passwd"
     with pytest.raises(UsageError, match="task name"):
-        artifact.save(packed, tmp_path / "x.ecl")
+        artifact.save(packed, tmp_path / "x.edgecl")
     packed = am.make("shared", n_tasks=2)
     packed.extra = {"bad": object()}
     with pytest.raises(UsageError, match="JSON"):
-        artifact.save(packed, tmp_path / "x.ecl")
+        artifact.save(packed, tmp_path / "x.edgecl")
     packed = am.make("shared", n_tasks=2)
     del packed.base["fc1.weight"]
     with pytest.raises(UsageError, match="fc1.weight"):
-        artifact.save(packed, tmp_path / "x.ecl")
+        artifact.save(packed, tmp_path / "x.edgecl")
     with pytest.raises(UsageError, match="cannot write"):
-        artifact.save(am.make("shared", n_tasks=1), tmp_path / "missing-dir" / "x.ecl")
-    assert not os.path.exists(tmp_path / "x.ecl")
+        artifact.save(am.make("shared", n_tasks=1), tmp_path / "missing-dir" / "x.edgecl")
+    assert not os.path.exists(tmp_path / "x.edgecl")
 
 
 # ------------------------------------------------------------------------------------------------ damaged files
@@ -289,10 +320,10 @@ def _damaged_cases(raw: bytes) -> dict[str, bytes]:
                                                                              m["blobs"].pop(head)),
                                                       t.__setitem__("task99::head.weight", t.pop(head))))
     trunk = next(k for k in manifest["params"] if k.endswith(".weight") and not k.startswith("head"))
-    layer = next(i for i, lay in enumerate(manifest["arch"]["layers"]) if "in" in lay)
+    layer = next(i for i, lay in enumerate(manifest["arch"]["nodes"]) if "in" in lay)
     cases["missing-param"] = sealed(lambda m, t: m["params"].pop(trunk))
     cases["unknown-kind"] = sealed(lambda m, t: m["params"][trunk].update(kind="exec"))
-    cases["bad-arch"] = sealed(lambda m, t: m["arch"]["layers"][layer].update({"in": "64"}))
+    cases["bad-arch"] = sealed(lambda m, t: m["arch"]["nodes"][layer].update({"in": "64"}))
     cases["manifest-not-object"] = am.build_file([1, 2], table, data)
     return cases
 
@@ -301,13 +332,13 @@ def _damaged_cases(raw: bytes) -> dict[str, bytes]:
 def test_every_kind_of_damage_raises_artifact_error_naming_file_and_field(tmp_path, kind):
     raw = _saved(tmp_path, am.make(kind, n_tasks=3)).read_bytes()
     for name, bad in _damaged_cases(raw).items():
-        path = tmp_path / f"{name}.ecl"
+        path = tmp_path / f"{name}.edgecl"
         path.write_bytes(bad)
         with pytest.raises(ArtifactError) as info:
             artifact.load(path).verify()
         assert str(path) in str(info.value) and info.value.field, name
     with pytest.raises(ArtifactError, match="cannot open"):
-        artifact.load(tmp_path / "does-not-exist.ecl")
+        artifact.load(tmp_path / "does-not-exist.edgecl")
 
 
 def test_hostile_blobs_with_valid_checksums_are_refused(tmp_path):
@@ -332,9 +363,9 @@ def test_hostile_blobs_with_valid_checksums_are_refused(tmp_path):
 def test_huge_declared_shapes_never_allocate(tmp_path):
     raw = _saved(tmp_path, am.make("task", n_tasks=2)).read_bytes()
     manifest, table, data = am.split_file(raw)
-    manifest["arch"]["layers"][1].update({"out": 1 << 31})  # fc1 2^31 wide: terabytes if believed
-    manifest["arch"]["layers"][3].update({"in": 1 << 31})
-    path = tmp_path / "huge.ecl"
+    manifest["arch"]["nodes"][1].update({"out": 1 << 31})  # fc1 2^31 wide: terabytes if believed
+    manifest["arch"]["nodes"][3].update({"in": 1 << 31})
+    path = tmp_path / "huge.edgecl"
     path.write_bytes(am.build_file(manifest, table, data))
     tracemalloc.start()
     with pytest.raises(ArtifactError):
@@ -370,9 +401,10 @@ _WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_write_leaves_previous_artifact_intact(tmp_path):
     tests = os.path.dirname(__file__)
-    path = tmp_path / "live.ecl"
+    path = tmp_path / "live.edgecl"
     old = am.make("task", seed=1, n_tasks=40)
     artifact.save(old, path)
     expected = [materialize(old, t) for t in range(old.n_tasks)]
@@ -394,7 +426,7 @@ def test_sigkill_mid_write_leaves_previous_artifact_intact(tmp_path):
         survived += 1
     assert survived == 8
     leftovers = [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
-    assert leftovers and all(p.startswith(".live.ecl.") for p in leftovers)  # killed writers' temp files only
+    assert leftovers and all(p.startswith(".live.edgecl.") for p in leftovers)  # killed writers' temp files only
     done = subprocess.run([sys.executable, str(script), str(path), "2"], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip().endswith("done"), done.stderr
     new = am.make("task", seed=2, n_tasks=40)

@@ -8,9 +8,8 @@ shapes). Any other exception fails. Hypothesis runs derandomised, so CI sees the
 """
 from __future__ import annotations
 
-import json
 import os
-import tempfile
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -18,49 +17,43 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import artifact_models as am
-from edgecl import artifact
-from edgecl.deltas import materialize
+from edgecl.artifact import encodings
 
 COUNTS: dict[str, int] = {}  # cases tried per mutation family
-TOTALS: dict[str, int] = {}  # per test
 LOADED: dict[str, int] = {}  # cases that loaded (harmless damage, or a forgery that is a consistent model)
-_DIR = tempfile.mkdtemp(prefix="edgecl-fuzz-")
-
-
-def _original(kind: str, seed: int, n_tasks: int):
-    packed = (am.lps_packed(np.random.default_rng(seed), n_tasks, correlated=True) if kind == "lps-xor"
-              else am.make(kind, seed, n_tasks))
-    path = os.path.join(_DIR, f"orig-{kind}.ecl")
-    artifact.save(packed, path)
-    with open(path, "rb") as f:
-        raw = f.read()
-    return raw, [t.to_json() for t in packed.tasks], [materialize(packed, t) for t in range(packed.n_tasks)]
-
-
-ORIGINALS = [_original(kind, i, 3) for i, kind in enumerate(["lps-xor", "lps-row", "node", "lowrank", "permute",
-                                                             "task"])]
+KINDS = ["lps-xor", "lps-row", "node", "lowrank", "permute", "task"]  # one original artifact each
 FUZZ = settings(derandomize=True, deadline=None, database=None, print_blob=True,
                 suppress_health_check=list(HealthCheck))
 
 
-def _load_all(raw: bytes):
-    return am.load_everything(raw, os.path.join(_DIR, "case.ecl"))
+class Corpus(NamedTuple):
+    folder: str
+    originals: list[tuple[bytes, list[dict], list[dict]]]  # (file bytes, task infos, each task's weights)
+
+    def load_all(self, raw: bytes):
+        return am.load_everything(raw, os.path.join(self.folder, "case.edgecl"))
 
 
-def _check_damaged(which: int, raw: bytes, family: str) -> None:
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Corpus:
+    folder = str(tmp_path_factory.mktemp("fuzz"))
+    return Corpus(folder, [am.saved_original(kind, i, 3, folder) for i, kind in enumerate(KINDS)])
+
+
+def _check_damaged(corpus: Corpus, which: int, raw: bytes, family: str) -> None:
     COUNTS[family] = COUNTS.get(family, 0) + 1
-    got = _load_all(raw)
+    got = corpus.load_all(raw)
     if got is None:
         return
     LOADED[family] = LOADED.get(family, 0) + 1
-    _, tasks, weights = ORIGINALS[which]
+    _, tasks, weights = corpus.originals[which]
     assert got[0] == tasks, "damaged file loaded with different tasks"
     assert all(am.same_weights(a, b) for a, b in zip(got[1], weights)), "damaged file loaded different weights"
 
 
-def _check_forged(raw: bytes, family: str) -> None:
+def _check_forged(corpus: Corpus, raw: bytes, family: str) -> None:
     COUNTS[family] = COUNTS.get(family, 0) + 1
-    got = _load_all(raw)
+    got = corpus.load_all(raw)
     if got is None:
         return
     LOADED[family] = LOADED.get(family, 0) + 1
@@ -68,23 +61,21 @@ def _check_forged(raw: bytes, family: str) -> None:
     assert am.runnable(tasks, weights, arch), "a forged file loaded into tensors its arch cannot run"
 
 
-which_file = st.integers(0, len(ORIGINALS) - 1)
+which_file = st.integers(0, len(KINDS) - 1)
 
 
-@given(which_file, st.data())
-def _bit_flips(which, data):
-    raw = bytearray(ORIGINALS[which][0])
+def _bit_flips(corpus, which, data):
+    raw = bytearray(corpus.originals[which][0])
     header_end = 8 + int.from_bytes(raw[:8], "little")
     region = data.draw(st.sampled_from(["anywhere", "header", "data"]))
     lo, hi = {"anywhere": (0, len(raw)), "header": (0, header_end), "data": (header_end, len(raw))}[region]
     for _ in range(data.draw(st.integers(1, 4))):
         raw[data.draw(st.integers(lo, hi - 1))] ^= 1 << data.draw(st.integers(0, 7))
-    _check_damaged(which, bytes(raw), "bit flips")
+    _check_damaged(corpus, which, bytes(raw), "bit flips")
 
 
-@given(which_file, st.data())
-def _byte_edits(which, data):
-    raw = ORIGINALS[which][0]
+def _byte_edits(corpus, which, data):
+    raw = corpus.originals[which][0]
     pos = data.draw(st.integers(0, len(raw)))
     edit = data.draw(st.sampled_from(["truncate", "overwrite", "insert", "delete", "length"]))
     if edit == "truncate":
@@ -101,7 +92,7 @@ def _byte_edits(which, data):
         length = data.draw(st.one_of(st.integers(0, 2 ** 64 - 1), st.integers(n - 16, n + 16).filter(
             lambda v: v >= 0), st.integers(1, 64).map(lambda v: 2 ** 64 - v)))
         out = length.to_bytes(8, "little") + raw[8:]
-    _check_damaged(which, out, f"byte edits ({edit})")
+    _check_damaged(corpus, which, out, f"byte edits ({edit})")
 
 
 def _paths(node, prefix=()):
@@ -140,9 +131,8 @@ def _set(tree, path, value):
 _DELETE = object()
 
 
-@given(which_file, st.data())
-def _forged_manifests(which, data):
-    manifest, table, blob_data = am.split_file(ORIGINALS[which][0])
+def _forged_manifests(corpus, which, data):
+    manifest, table, blob_data = am.split_file(corpus.originals[which][0])
     target = data.draw(st.sampled_from(["manifest", "table"]))
     tree = manifest if target == "manifest" else table
     for _ in range(data.draw(st.integers(1, 3))):
@@ -154,40 +144,105 @@ def _forged_manifests(which, data):
         raw = am.build_file(manifest, table, blob_data)
     except (TypeError, ValueError):  # not even JSON-serialisable (e.g. NaN keys): nothing to test
         return
-    _check_forged(raw, f"forged {target}")
+    _check_forged(corpus, raw, f"forged {target}")
 
 
-@given(which_file, st.data())
-def _forged_blobs(which, data):
+def _forged_blobs(corpus, which, data):
     import zstandard
 
-    manifest, table, _ = am.split_file(ORIGINALS[which][0])
+    manifest, table, _ = am.split_file(corpus.originals[which][0])
     key = data.draw(st.sampled_from(sorted(table)))
     payload = data.draw(st.binary(max_size=256))
     if data.draw(st.booleans()):  # a well-formed zstd frame with arbitrary (possibly bomb-sized) content
         payload = zstandard.ZstdCompressor().compress(payload * data.draw(st.sampled_from([1, 7, 4096])))
-    raw = am.replace_blob(ORIGINALS[which][0], key, payload, fix_checksum=data.draw(st.booleans()))
-    _check_forged(raw, "forged blobs")
+    raw = am.replace_blob(corpus.originals[which][0], key, payload, fix_checksum=data.draw(st.booleans()))
+    _check_forged(corpus, raw, "forged blobs")
 
 
 CASES = {"bit flips": (_bit_flips, 3500), "byte edits": (_byte_edits, 2500),
          "forged manifests": (_forged_manifests, 3000), "forged blobs": (_forged_blobs, 1200)}
+QUICK_SAMPLE = 40  # cases per family in the quick run (`-m "not slow"`)
+
+
+def _fuzz(corpus: Corpus, name: str, n: int) -> int:
+    """Run family `name` (a function of the corpus, the original's index and hypothesis data) for n cases; how many
+    mutated files it tried."""
+    fn, _ = CASES[name]
+    before = sum(COUNTS.values())
+    settings(FUZZ, max_examples=n)(given(which=which_file, data=st.data())(fn))(corpus)
+    return sum(COUNTS.values()) - before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_mutated_artifacts_raise_only_artifact_error(corpus, name):
+    n = max(1, int(CASES[name][1] * float(os.environ.get("EDGECL_FUZZ_SCALE", "1"))))  # >1 for longer local runs
+    tried = _fuzz(corpus, name, n)
+    print(f"{name}: {tried} mutated artifacts; by family so far {COUNTS}; loaded {LOADED}")
+    assert tried >= 0.9 * n  # each family checks its own count: no test depends on which others ran
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_mutated_artifacts_raise_only_artifact_error(name):
-    fn, n = CASES[name]
-    n = max(1, int(n * float(os.environ.get("EDGECL_FUZZ_SCALE", "1"))))  # >1 for longer local runs
-    before = sum(COUNTS.values())
-    settings(FUZZ, max_examples=n)(fn)()
-    TOTALS[name] = sum(COUNTS.values()) - before
-    print(f"{name}: {TOTALS[name]} mutated artifacts; by family so far {COUNTS}")
-    assert TOTALS[name] >= 0.9 * n
+def test_quick_fuzz_sample_raises_only_artifact_error(corpus, name):
+    """A few cases of every family, so the quick run still meets damaged and forged files."""
+    assert _fuzz(corpus, name, QUICK_SAMPLE) >= 0.9 * QUICK_SAMPLE
 
 
-def test_fuzz_total_is_at_least_ten_thousand():
-    if len(TOTALS) < len(CASES):
-        pytest.skip("counts the fuzz cases above; run the whole file")
-    total = sum(TOTALS.values())
-    print(f"fuzz total: {total} mutated artifacts {json.dumps(COUNTS)}; loaded {json.dumps(LOADED)}")
-    assert total >= 10_000 * min(1.0, float(os.environ.get("EDGECL_FUZZ_SCALE", "1"))) * 0.9
+def test_fuzz_budget_is_at_least_ten_thousand():
+    """The families together mutate ≥ 10,000 artifacts; each family's test checks it ran ≥ 90 % of its share."""
+    assert sum(n for _, n in CASES.values()) >= 10_000
+
+
+# ------------------------------------------------------------------------------ encodings, as pure functions
+
+_DTYPES = ["bool", "uint8", "int16", "int32", "int64", "uint32", "float16", "float32", "float64"]
+
+
+@st.composite
+def _tensors(draw):
+    dtype = np.dtype(draw(st.sampled_from(_DTYPES)))
+    shape = tuple(draw(st.lists(st.integers(0, 5), min_size=1, max_size=3)))
+    n = int(np.prod(shape))
+    if dtype == np.bool_:
+        values = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    elif dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        top = draw(st.sampled_from([1, 255, 65535, int(info.max)]))
+        values = draw(st.lists(st.integers(max(int(info.min), -top), min(int(info.max), top)), min_size=n, max_size=n))
+    else:
+        values = draw(st.lists(st.floats(width=16 if dtype == np.float16 else 32, allow_nan=False), min_size=n,
+                               max_size=n))
+    return np.array(values, dtype).reshape(shape)
+
+
+@settings(FUZZ, max_examples=300)
+@given(arr=_tensors(), data=st.data())
+def test_every_candidate_encoding_decodes_bit_exactly(arr, data):
+    flat = arr.reshape(-1)
+    support = ref = None
+    if arr.dtype.kind == "f" and data.draw(st.booleans()):
+        support = np.array(data.draw(st.lists(st.booleans(), min_size=flat.size, max_size=flat.size)), bool)
+        arr = np.where(support.reshape(arr.shape), arr, arr.dtype.type(0))  # free entries are +0.0
+    if arr.dtype == np.bool_:
+        ref = np.array(data.draw(st.lists(st.booleans(), min_size=flat.size, max_size=flat.size)), bool)
+    fp16 = arr.dtype == np.float32 and not np.any(np.abs(arr) > 65504) and data.draw(st.booleans())  # as save
+    for steps in encodings.candidates(arr, fp16, support, ref):
+        stored = encodings.encode(arr, steps, support, ref)
+        back = encodings.decode(stored, arr.dtype, arr.shape, steps, support, ref)
+        want = arr.astype(np.float16).astype(np.float32) if "fp16" in steps else arr
+        assert back.dtype == arr.dtype and back.tobytes() == want.tobytes(), steps
+
+
+@settings(FUZZ, max_examples=300)
+@given(dtype=st.sampled_from(_DTYPES), shape=st.lists(st.integers(0, 64), max_size=2),
+       steps=st.lists(st.sampled_from(encodings.STEPS + ("pickle",)), max_size=4), stored=st.binary(max_size=300))
+def test_decoding_arbitrary_bytes_raises_only_value_error(dtype, shape, steps, stored):
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape))
+    support = np.ones(n, bool) if "support" in steps else None
+    ref = np.zeros(n, bool) if "xor" in steps else None
+    try:
+        out = encodings.decode(stored, dtype, tuple(shape), steps, support, ref)
+    except ValueError:
+        return
+    assert out.dtype == dtype and out.shape == tuple(shape)

@@ -24,8 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 import artifact_models as am  # noqa: E402
-from edgecl import artifact  # noqa: E402
-from edgecl.deltas import materialize  # noqa: E402
+from edgecl.artifact.limits import DECODE_FLOOR, DECODE_RATIO  # noqa: E402
 
 WORK = tempfile.mkdtemp(prefix="edgecl-atheris-")
 CRASHES = os.path.join("out", "fuzz_crashes")
@@ -35,11 +34,8 @@ def corpus() -> list[tuple[bytes, list[dict]]]:
     """Real artifacts of every delta kind: (bytes, each task's weights)."""
     out = []
     for i, kind in enumerate(am.KINDS):
-        packed = am.make(kind, seed=i, n_tasks=3)
-        path = os.path.join(WORK, f"seed-{kind}.ecl")
-        artifact.save(packed, path)
-        with open(path, "rb") as f:
-            out.append((f.read(), [materialize(packed, t) for t in range(packed.n_tasks)]))
+        raw, _, weights = am.saved_original(kind, i, 3, WORK)
+        out.append((raw, weights))
     return out
 
 
@@ -48,7 +44,7 @@ CORPUS = corpus()
 
 def check(data: bytes, origin: list[dict]) -> str:
     """Load `data` fully; 'rejected' or 'loaded'. AssertionError on a wrong load; other errors propagate."""
-    got = am.load_everything(data, os.path.join(WORK, "input.ecl"))
+    got = am.load_everything(data, os.path.join(WORK, "input.edgecl"))
     if got is None:
         return "rejected"
     tasks, weights, arch = got
@@ -60,7 +56,7 @@ def check(data: bytes, origin: list[dict]) -> str:
 
 def _save_crash(data: bytes) -> str:
     os.makedirs(CRASHES, exist_ok=True)
-    path = os.path.join(CRASHES, hashlib.sha1(data).hexdigest()[:16] + ".ecl")
+    path = os.path.join(CRASHES, hashlib.sha1(data).hexdigest()[:16] + ".edgecl")
     with open(path, "wb") as f:
         f.write(data)
     return path
@@ -101,7 +97,7 @@ def plain(n: int, seed: int = 0) -> int:
             print(f"case {i}: crash, input saved to {_save_crash(data)}", file=sys.stderr)
             raise
         peak = tracemalloc.get_traced_memory()[1]
-        bound = artifact.DECODE_FLOOR + artifact.DECODE_RATIO * len(data)
+        bound = DECODE_FLOOR + DECODE_RATIO * len(data)
         if peak > bound:
             raise AssertionError(f"case {i}: allocated {peak} bytes for a {len(data)}-byte file "
                                  f"(bound {bound}); input saved to {_save_crash(data)}")

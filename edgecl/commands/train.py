@@ -100,7 +100,7 @@ def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_na
     if previous:
         if os.path.abspath(path) != os.path.abspath(resume):
             shutil.copyfile(resume, path)
-        artifact.append_task(path, result.packed, unchanged=method.append_keeps)  # refuses if that would change
+        artifact.append_task(path, result.packed, keeps=method.append_keeps)  # refuses if that would change
     else:
         artifact.save(result.packed, path)
     save_training_state(method.training_state(), path)

@@ -1,0 +1,251 @@
+"""Reading an artifact lazily: `load` checks the container and the manifest; blobs are read, verified against their
+BLAKE2b and decoded only when a tensor is asked for, so one task's weights cost the base plus that task's blobs.
+
+`Artifact` implements `edgecl.source.ModelSource`; the delta arithmetic stays in `deltas.materialize_param`. Every
+damage met here becomes `ArtifactError(path, field, problem)`. A few small read-only accessors (`header_bytes`,
+`blob_range`, `read_blob`) let tools such as `inspect` look at stored blobs without touching private state.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from edgecl.arch import param_shapes
+from edgecl.artifact import container, manifest
+from edgecl.artifact.encodings import decode, support_mask, xor_ref
+from edgecl.artifact.manifest import blob_key, owner_problem, param_of
+from edgecl.deltas import (PackedModel, TaskInfo, check_consistent, checked, expand_owner, materialize_param,
+                           resolve_task)
+from edgecl.errors import ArtifactError, UsageError
+
+_MODEL_ERRORS = (UsageError, KeyError, ValueError, IndexError, TypeError)
+"""What the delta arithmetic can raise on inconsistent input that slipped past the manifest checks."""
+
+
+class Artifact:
+    """An opened artifact: manifest in memory, tensors read (and verified) on demand. Thread-safe reads."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self.reads: list[str] = []  # blob keys read from disk, in order (tests use it to prove laziness)
+        self._cache: dict[str, np.ndarray] = {}  # decoded base blobs, shared by every task
+        self._lock = threading.Lock()
+        try:
+            self._file = open(self.path, "rb")
+        except OSError as exc:
+            raise ArtifactError(self.path, "file", f"cannot open: {exc.strerror or exc}") from None
+        try:
+            self.size = os.fstat(self._file.fileno()).st_size
+            header = container.read_header(self.path, self._pread, self.size)
+            self._table, self._data_start = header.table, header.data_start
+            self.manifest: dict[str, Any] = manifest.validate(self.path, header.manifest_text, self._table, self.size)
+        except BaseException:
+            self._file.close()
+            raise
+        m = self.manifest
+        self.arch = m["arch"]
+        self.method: str = m["method"]
+        self.config: dict[str, Any] = m["config"]
+        self.extra: dict[str, Any] = m["extra"]
+        self.params: dict[str, dict[str, Any]] = m["params"]
+        self.fp16: bool = m["fp16"]
+        self.tasks = [TaskInfo(t["name"], t["n_classes"], t.get("seed")) for t in m["tasks"]]
+        self.blobs: dict[str, dict[str, Any]] = m["blobs"]  # key → dtype, shape, encoding, blake2b, scope, name
+
+    # -- plumbing
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "Artifact":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        f = getattr(self, "_file", None)
+        if f is not None:
+            f.close()
+
+    def _fail(self, field: str, problem: str) -> ArtifactError:
+        return ArtifactError(self.path, field, problem)
+
+    def _pread(self, n: int, offset: int, field: str) -> bytes:
+        try:
+            with self._lock:
+                self._file.seek(offset)
+                data = self._file.read(n)
+        except (OSError, ValueError) as exc:
+            raise self._fail(field, f"read failed: {exc}") from None
+        if len(data) != n:
+            raise self._fail(field, f"file ends early: wanted {n} bytes at offset {offset}, got {len(data)}")
+        return data
+
+    # -- blobs
+    def _read_blob(self, key: str, support: np.ndarray | None = None, ref: np.ndarray | None = None) -> np.ndarray:
+        e = self.blobs[key]
+        start, stop = self.blob_range(key)
+        data = self._pread(stop - start, start, f"blob {key!r}")
+        self.reads.append(key)
+        if container.checksum(data) != e["blake2b"]:
+            raise self._fail(f"blob {key!r}", "checksum mismatch: stored bytes are damaged")
+        try:
+            return decode(data, np.dtype(e["dtype"]), tuple(e["shape"]), e["encoding"], support, ref)
+        except (ValueError, IndexError) as exc:
+            raise self._fail(f"blob {key!r}", f"cannot decode: {exc}") from None
+
+    def _owner_el(self, name: str) -> np.ndarray:
+        """The owner of every element of LPS tensor `name`, flat in C order."""
+        owner = self._base(f"{name}:owner")
+        shape = tuple(self.blobs[blob_key("base", name)]["shape"])
+        return expand_owner(owner, shape, self.params[name].get("unit", "element")).reshape(-1)
+
+    def _base(self, name: str) -> np.ndarray:
+        key = blob_key("base", name)
+        if key not in self._cache:
+            support = None
+            if "support" in self.blobs[key]["encoding"]:
+                support = support_mask(self._owner_el(name))
+            arr = self._read_blob(key, support)
+            lps = param_of(name, ":owner")
+            if lps is not None and self.params.get(lps, {}).get("kind") == "lps":
+                problem = owner_problem(arr, self.n_tasks)
+                if problem:
+                    raise self._fail(f"blob {key!r}", problem)
+            arr.flags.writeable = False
+            self._cache[key] = arr
+        return self._cache[key]
+
+    def _task_blob(self, t: int, name: str) -> np.ndarray:
+        key = blob_key(t, name)
+        if "xor" not in self.blobs[key]["encoding"]:
+            return self._read_blob(key)
+        owner_el = self._owner_el(param_of(name, ":share"))
+        first = t
+        while "xor" in self.blobs[blob_key(first, name)]["encoding"]:
+            first -= 1  # the structure check guarantees a chain ending in a directly coded mask
+        mask = self._read_blob(blob_key(first, name))
+        for u in range(first + 1, t + 1):
+            try:
+                ref = xor_ref(owner_el, u, mask)
+            except ValueError as exc:
+                raise self._fail(f"blob {blob_key(u, name)!r}", str(exc)) from None
+            if ref.size != math.prod(self.blobs[blob_key(u, name)]["shape"]):
+                raise self._fail(f"blob {blob_key(u, name)!r}", f"has {self.blobs[blob_key(u, name)]['shape']} "
+                                                                f"bits, task {u}'s earlier support {ref.size}")
+            mask = self._read_blob(blob_key(u, name), None, ref)
+        return mask
+
+    # -- stored blobs, read-only (for tools such as `inspect`)
+    @property
+    def header_bytes(self) -> int:
+        """Bytes before the data area: the length prefix and the JSON header (manifest and tensor table)."""
+        return self._data_start
+
+    def blob_range(self, key: str) -> tuple[int, int]:
+        """[start, stop) of a blob's stored bytes in the file (stop − start is what it costs on disk)."""
+        if key not in self._table:
+            raise UsageError(f"{self.path}: no blob {key!r}")
+        entry = self._table[key]
+        return self._data_start + entry.start, self._data_start + entry.stop
+
+    def read_blob(self, key: str) -> np.ndarray:
+        """One blob by key, read, verified and decoded (base blobs cached and read-only, task blobs fresh)."""
+        if key not in self.blobs:
+            raise UsageError(f"{self.path}: no blob {key!r}")
+        e = self.blobs[key]
+        return self._base(e["name"]) if e["scope"] == "base" else self._task_blob(e["scope"], e["name"])
+
+    # -- public API (`edgecl.source.ModelSource`)
+    @property
+    def n_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def origin(self) -> str:
+        return self.path
+
+    def base_names(self) -> list[str]:
+        return [e["name"] for e in self.blobs.values() if e["scope"] == "base"]
+
+    def read_base(self, name: str) -> np.ndarray:
+        """One shared tensor, read, verified and decoded once, then cached (read-only)."""
+        if blob_key("base", name) not in self.blobs:
+            raise UsageError(f"{self.path}: no shared tensor {name!r}")
+        return self._base(name)
+
+    def read_task(self, t: int) -> dict[str, np.ndarray]:
+        """Task t's own tensors, read, verified and decoded now (not cached: the caller decides what to keep)."""
+        t = self.task_index(t)
+        return {e["name"]: self._task_blob(t, e["name"]) for e in self.blobs.values() if e["scope"] == t}
+
+    def task_index(self, task: int | str) -> int:
+        """Index of a task given by index or name; UsageError naming the task otherwise."""
+        return resolve_task(self.tasks, task)
+
+    def materialize(self, task: int | str) -> dict[str, np.ndarray]:
+        """Dense float32 weights of one task (trunk + its head), reading only the base and that task's blobs.
+        Bit-exact to `deltas.materialize` of the saved model (fp32 files)."""
+        t = self.task_index(task)
+        own = [self.read_task(t) if u == t else {} for u in range(self.n_tasks)]  # other tasks' tensors stay unread
+        base = {}
+        for name, spec in self.params.items():
+            if spec["kind"] != "task":
+                base[name] = self._base(name)
+                if spec["kind"] == "lps":
+                    base[f"{name}:owner"] = self._base(f"{name}:owner")
+        view = PackedModel(self.arch, self.method, self.config, self.params, base, list(self.tasks), own, self.extra)
+        expect = param_shapes(self.arch, self.tasks[t].n_classes)
+        out = {}
+        for name in self.params:
+            field = f"tensor {name!r}, task {t} ({self.tasks[t].name})"
+            try:
+                w = materialize_param(view, t, name)
+            except _MODEL_ERRORS as exc:
+                raise self._fail(field, f"inconsistent delta ({str(exc)[:200]})") from None
+            want = expect.get(name, w.shape)
+            if w.shape != tuple(want) or w.dtype != np.float32:
+                raise self._fail(field, f"materialises to {w.dtype}{w.shape}, expected float32{tuple(want)}")
+            out[name] = w.copy() if w is view.base.get(name) else w  # never hand out the shared cache
+        return out
+
+    def to_packed(self) -> PackedModel:
+        """Everything, decoded and verified (every checksum, `deltas.check_consistent`)."""
+        base = {name: self._base(name) for name in self.base_names()}
+        own: list[dict[str, np.ndarray]] = [{} for _ in self.tasks]
+        for e in self.blobs.values():  # in file order
+            if e["scope"] != "base":
+                own[e["scope"]][e["name"]] = self._task_blob(e["scope"], e["name"])
+        packed = PackedModel(self.arch, self.method, self.config, self.params, base, list(self.tasks), own,
+                             self.extra)
+        try:
+            check_consistent(packed)
+        except _MODEL_ERRORS as exc:
+            raise self._fail("model", f"inconsistent ({str(exc)[:200]})") from None
+        return packed
+
+    def verify(self) -> None:
+        """Read and check every blob; ArtifactError on the first problem."""
+        self.to_packed()
+
+
+def load(path: str | os.PathLike) -> Artifact:
+    """Open an artifact lazily: header and manifest are read and validated, tensors wait for `materialize`."""
+    return Artifact(path)
+
+
+def as_packed(source: Any) -> PackedModel:
+    """A verified `PackedModel` from an artifact path, an open `Artifact`, or a `PackedModel` (checked for
+    consistency). Kept for the runtime and tools until they read through `edgecl.source.open_model`."""
+    if isinstance(source, PackedModel):
+        return checked(source)
+    if isinstance(source, (str, os.PathLike)):
+        with load(source) as opened:
+            return opened.to_packed()  # decodes, verifies every checksum and runs check_consistent
+    if isinstance(source, Artifact):
+        return source.to_packed()
+    raise UsageError(f"expected an artifact path, Artifact or PackedModel, got {type(source).__name__}")

@@ -1,0 +1,170 @@
+"""Writing an artifact: every tensor in its smallest encoding, the manifest, the container — then one crash-safe
+write (`edgecl.io`: complete temp file, fsync, rename), so a kill leaves the old file or the new one, never a mix.
+
+`append_task` replaces a file with a model that extends it, but only after checking, on the new bytes, that every
+task already in the file materialises as before. The writer refuses (UsageError) anything a reader would refuse.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from edgecl import __version__
+from edgecl.arch import validate as validate_arch
+from edgecl.artifact import container
+from edgecl.artifact.encodings import candidates, encode, support_mask, xor_ref
+from edgecl.artifact.limits import MAX_NDIM, budget_problem, dense_bytes
+from edgecl.artifact.manifest import (BLOB_FIELDS, FORMAT_NAME, FORMAT_VERSION, blob_key, name_problem, owner_problem,
+                                      param_of, task_name_problem)
+from edgecl.artifact.reader import load
+from edgecl.deltas import PackedModel, check_consistent, expand_owner
+from edgecl.errors import UsageError
+from edgecl.io import commit, discard, write_atomic, write_temp
+
+KEEPS = ("all", "heads")
+"""What `append_task` keeps bit-identical for earlier tasks: every tensor, or only the heads (`Method.append_keeps`)."""
+
+Blob = tuple[str, dict[str, Any], bytes]
+"""(blob key, manifest entry, stored bytes)."""
+
+
+def save(packed: PackedModel, path: str | os.PathLike, *, fp16: bool = False) -> None:
+    """Write `packed` as one artifact, atomically. fp16 stores float32 base tensors as float16 (materialised as
+    float32 again, so no longer bit-exact to training). UsageError for an inconsistent or unstorable model."""
+    check_consistent(packed)
+    path = os.fspath(path)
+    write_atomic(path, serialise(packed, fp16))
+
+
+def append_task(path: str | os.PathLike, packed: PackedModel, *, keeps: str = "all") -> None:
+    """Replace the artifact at `path` with `packed` (its tasks plus new ones), atomically — but only after every task
+    already in the file materialises bit-identically from the new content: every tensor (`keeps="all"`), or only
+    the heads (`"heads"`, for methods such as RGO whose shared trunk keeps learning by design). UsageError when
+    `packed` is another method/arch, drops or renames tasks, or would change what must stay; ArtifactError when the
+    file is damaged."""
+    if keeps not in KEEPS:
+        raise UsageError(f"append_task: keeps must be 'all' or 'heads', got {keeps!r}")
+    path = os.fspath(path)
+    with load(path) as old:
+        if packed.method != old.method or validate_arch(packed.arch) != old.arch:
+            raise UsageError(f"{path}: artifact holds method {old.method!r} on arch {old.arch.get('name')!r}; "
+                             f"cannot append a {packed.method!r} model on arch {packed.arch.get('name')!r}")
+        if packed.n_tasks < old.n_tasks or [t.to_json() for t in packed.tasks[:old.n_tasks]] != \
+                [t.to_json() for t in old.tasks]:
+            raise UsageError(f"{path}: the model must start with the artifact's {old.n_tasks} tasks "
+                             f"{[t.name for t in old.tasks]}, got {[t.name for t in packed.tasks]}")
+        check_consistent(packed)
+        tmp = write_temp(path, serialise(packed, old.fp16))
+        try:
+            with load(tmp) as new:
+                for t in range(old.n_tasks):
+                    _require_identical(path, t, old.materialize(t), new.materialize(t), keeps)
+        except BaseException:
+            discard(tmp)
+            raise
+    commit(tmp, path)
+
+
+def _require_identical(path: str, t: int, before: dict[str, np.ndarray], after: dict[str, np.ndarray],
+                       keeps: str) -> None:
+    for name, w in before.items():
+        if keeps == "heads" and not name.startswith("head."):
+            continue
+        other = after.get(name)
+        if other is None or other.shape != w.shape or other.tobytes() != w.tobytes():
+            raise UsageError(f"{path}: appending would change task {t}'s tensor {name!r}; earlier tasks must stay "
+                             "bit-identical")
+
+
+def serialise(packed: PackedModel, fp16: bool) -> list[bytes]:
+    """The whole file as a list of byte strings (header first, then every blob)."""
+    blobs = encode_blobs(packed, fp16)
+    decoded = dense_bytes(packed.arch, [info.n_classes for info in packed.tasks])
+    decoded += sum(math.prod(e["shape"]) * np.dtype(e["dtype"]).itemsize for _, e, _ in blobs)
+    problem = budget_problem(decoded, sum(len(d) for _, _, d in blobs))
+    if problem:
+        raise UsageError(f"cannot store this model: {problem} (docs/ARTIFACT.md, limits)")
+    arch = packed.arch
+    tasks = [{**info.to_json(), "input_shape": list(arch["input_shape"]), "input_dtype": "float32"}
+             for info in packed.tasks]
+    for info in packed.tasks:
+        problem = task_name_problem(info.name)
+        if problem:
+            raise UsageError(problem)
+    manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "edgecl_version": __version__,
+                "method": packed.method, "config": packed.config, "arch": arch, "fp16": bool(fp16), "tasks": tasks,
+                "params": packed.params, "extra": packed.extra,
+                "blobs": {k: {f: e[f] for f in BLOB_FIELDS} for k, e, _ in blobs}}
+    try:
+        text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), default=_json_default)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"model metadata (config/extra/params) is not JSON-serialisable: {exc}") from None
+    table, parts = container.layout(blobs)
+    return [container.encode_header(text, table)] + parts
+
+
+def encode_blobs(packed: PackedModel, fp16: bool) -> list[Blob]:
+    """Every tensor of `packed` (base first, then task by task), each in its smallest candidate encoding."""
+    owners: dict[str, np.ndarray] = {}  # LPS tensor → owner of every element, flat
+    for name, spec in packed.params.items():
+        if spec.get("kind") == "lps":
+            owner = np.asarray(packed.base[f"{name}:owner"])
+            problem = owner_problem(owner, packed.n_tasks)
+            if problem:
+                raise UsageError(f"tensor {name!r}: {problem}")
+            owners[name] = expand_owner(owner, packed.base[name].shape, spec.get("unit", "element")).reshape(-1)
+    items: list[tuple[str | int, str, np.ndarray]] = [("base", n, a) for n, a in packed.base.items()]
+    items += [(t, n, a) for t, tt in enumerate(packed.task_tensors) for n, a in tt.items()]
+    return [_encode_blob(packed, owners, scope, name, arr, fp16) for scope, name, arr in items]
+
+
+def _encode_blob(packed: PackedModel, owners: dict[str, np.ndarray], scope: str | int, name: str, arr: Any,
+                 fp16: bool) -> Blob:
+    problem = name_problem(name)
+    if problem:
+        raise UsageError(problem)
+    arr = np.asarray(arr)
+    if arr.dtype.name not in container.ST_CODE or arr.ndim > MAX_NDIM:
+        raise UsageError(f"tensor {name!r}: dtype {arr.dtype} / {arr.ndim} dims cannot be stored")
+    arr = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False)
+    support = ref = None
+    if scope == "base" and name in owners and arr.dtype.kind == "f":
+        free = ~support_mask(owners[name])
+        if not np.any(arr.reshape(-1)[free].view(f"u{arr.dtype.itemsize}")):  # free entries are exactly +0.0
+            support = support_mask(owners[name])
+    lps = param_of(name, ":share")
+    if scope != "base" and scope >= 1 and lps in owners and arr.dtype == np.bool_:
+        ref = _previous_mask_ref(packed, owners[lps], scope, name, arr.size)
+    if fp16 and scope == "base" and arr.dtype == np.float32 and np.any(np.abs(arr) > 65504):
+        raise UsageError(f"tensor {name!r}: values beyond the fp16 range; save without fp16")
+    best = None
+    for steps in candidates(arr, fp16 and scope == "base", support, ref):
+        data = encode(arr, steps, support, ref)
+        if best is None or len(data) < len(best[1]):
+            best = (steps, data)
+    steps, data = best
+    entry = {"scope": scope, "name": name, "dtype": arr.dtype.name, "shape": list(arr.shape), "encoding": steps,
+             "blake2b": container.checksum(data)}
+    return blob_key(scope, name), entry, data
+
+
+def _previous_mask_ref(packed: PackedModel, owner_el: np.ndarray, t: int, name: str, size: int) -> np.ndarray | None:
+    """Task t-1's sharing mask laid over task t's domain, when it fits (then XOR against it is a candidate)."""
+    prev = packed.task_tensors[t - 1].get(name)
+    if prev is None:
+        return None
+    try:
+        ref = xor_ref(owner_el, t, np.asarray(prev, bool))
+    except ValueError:
+        return None
+    return ref if ref.shape == (size,) else None
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.generic, np.ndarray)):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
