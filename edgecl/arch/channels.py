@@ -60,9 +60,13 @@ class ChannelMap:
 
 
 class _UnionFind:
+    """Groups that are one unit, plus aliases: a group found to be a concatenation of others (an SE gate's conv
+    multiplying a concatenated tensor) stands for those segments from then on."""
+
     def __init__(self) -> None:
         self.parent: dict[str, str] = {}
         self.order: dict[str, int] = {}
+        self.alias: dict[str, Segments] = {}
 
     def add(self, g: str) -> None:
         self.parent[g] = g
@@ -79,6 +83,16 @@ class _UnionFind:
         if ra != rb:  # the earlier group names the merged one, so names do not depend on the order of adds
             first, second = (ra, rb) if self.order[ra] < self.order[rb] else (rb, ra)
             self.parent[second] = first
+
+    def resolve(self, segments: Segments) -> Segments:
+        out: Segments = []
+        for g, r in segments:
+            root = self.find(g)
+            if root in self.alias:
+                out += [(h, r * q) for h, q in self.resolve(self.alias[root])]
+            else:
+                out.append((root, r))
+        return out
 
 
 def channel_map(arch: Arch) -> ChannelMap:
@@ -126,28 +140,32 @@ def channel_map(arch: Arch) -> ChannelMap:
             rows[f"{name}.bias"] = out
         spaces[name] = out
 
-    def resolve(segments: Segments) -> Segments:
-        return [(uf.find(g), r) for g, r in segments]
-
-    groups = {g: size[g] for g in size if uf.find(g) == g}
+    resolve = uf.resolve
+    groups = {g: size[g] for g in size if uf.find(g) == g and g not in uf.alias}
     return ChannelMap(groups, {k: resolve(v) for k, v in rows.items()}, {k: resolve(v) for k, v in cols.items()},
                       resolve(spaces[arch["output"]]), {k: resolve(v) for k, v in spaces.items()})
 
 
 def _merge(uf: _UnionFind, node: dict, ins: list[Segments], shapes: list[list[int]]) -> Segments:
-    """add / mul: channel i of every input is one unit. A mul by a tensor with one channel (a spatial gate or a
-    scalar) keeps the other input's channels."""
-    full = [(segments, shape) for segments, shape in zip(ins, shapes) if shape[0] > 1 or len(shapes) == 1]
+    """add / mul: channel i of every input is one unit (`validate` checked the widths agree). A mul by a tensor with
+    one channel (a spatial gate or a scalar) keeps the other input's channels."""
+    full = [segments for segments, shape in zip(ins, shapes) if shape[0] > 1]
     if node["op"] == "mul" and len(full) == 1:
-        return full[0][0]
-    first = [(uf.find(g), r) for g, r in ins[0]]
+        return full[0]
+    first = uf.resolve(ins[0])
     for segments in ins[1:]:
-        other = [(uf.find(g), r) for g, r in segments]
-        if len(other) != len(first) or any(r1 != r2 for (_, r1), (_, r2) in zip(first, other)):
-            raise ChannelError(f"node {node['name']!r} ({node['op']}): its inputs are made of different channel "
-                               f"groups ({first} vs {other}); channels cannot be followed through it")
-        for (a, _), (b, _) in zip(first, other):
-            uf.union(a, b)
+        other = uf.resolve(segments)
+        if len(other) == len(first) and all(r1 == r2 for (_, r1), (_, r2) in zip(first, other)):
+            for (a, _), (b, _) in zip(first, other):
+                uf.union(a, b)
+        elif len(other) == 1 and all(r == other[0][1] for _, r in first):
+            uf.alias[other[0][0]] = [(g, 1) for g, _ in first]  # a plain group meets a concatenation: it is one
+        elif len(first) == 1 and all(r == first[0][1] for _, r in other):
+            uf.alias[first[0][0]] = [(g, 1) for g, _ in other]
+            first = other
+        else:
+            raise ChannelError(f"node {node['name']!r} ({node['op']}): its inputs are concatenated differently "
+                               f"({first} vs {other}); channels cannot be followed through it")
     return ins[0]
 
 

@@ -267,6 +267,8 @@ class _Converter:
             self._emit(node, "add", [self._input(a, node) for a in args[:2]])
         elif fn in (operator.mul, operator.imul, torch.mul):
             self._emit(node, "mul", [self._input(a, node) for a in args[:2]])
+        elif fn is torch.cat and len(args[0]) == 1:  # DenseNet concatenates a list of one
+            self.alias[node] = self._input(args[0][0], node)
         elif fn is torch.cat:
             dim = node.kwargs.get("dim", args[1] if len(args) > 1 else 0)
             if dim not in (1, -3) or len(_shape_of(node)) != 3:

@@ -26,7 +26,9 @@ def layers_to_nodes(layers: Any) -> list[dict[str, Any]]:
             raise UsageError(f"architecture layer {i}: unknown op {str(op)[:60]!r} (known: {', '.join(_LEGACY_OPS)})")
         op = layer["op"]
         name = layer.get("name", f"_{op}{i}")
-        fields = {k: v for k, v in layer.items() if k not in ("op", "name")}
+        # format-1 files carry `bias: false` on every layer (the old normaliser set it everywhere): not a field here
+        fields = {k: v for k, v in layer.items()
+                  if k not in ("op", "name") and not (k == "bias" and op not in ("linear", "conv") and v is False)}
         if op == "block":
             nodes += _block(name, fields, previous, i)
         elif op == "gap":
