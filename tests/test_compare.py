@@ -173,7 +173,8 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, capsys, args, message)
 
 def test_missing_method_module_is_skipped_not_fatal(tmp_path, monkeypatch):
     """A registered method whose module is absent from this build is reported and skipped; the rest still run."""
-    monkeypatch.setitem(registry._METHODS, "ghost", "edgecl.train.methods.ghost_missing:Ghost")
+    monkeypatch.setitem(registry._METHODS, "ghost", registry.Entry("edgecl.train.methods.ghost_missing:Ghost",
+                                                                   "edgecl.train.methods.ghost_missing_config:Config"))
     spec = CompareSpec(methods=["ghost", "stl"], seeds=[0], n_tasks=2, epochs_scale=0.1, progress=False,
                        timing_repeats=1)
     report = run_compare(spec, str(tmp_path), log=lambda _l: None)

@@ -23,7 +23,7 @@ from edgecl.arch import preset
 from edgecl.deltas import lps_owner_elements
 from edgecl.train import engine, registry
 from edgecl.train.data import make_stream
-from edgecl.train.methods.lps import DEMO_CONFIG, LPSConfig
+from edgecl.train.methods.lps_config import DEMO_CONFIG, LPSConfig
 from edgecl.train.protocol import TrainContext
 
 

@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from edgecl.commands.train import ARTIFACT_NAME, set_threads, train_and_write
-    from edgecl.train.methods.lps import DEMO_CONFIG
+    from edgecl.train.methods.lps_config import DEMO_CONFIG
 
     set_threads(args.threads)
     start = time.perf_counter()
