@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_row(name: str, row: dict) -> None:
-    from edgecl.commands.inspect import format_report
+    from edgecl.inspect_report import format_report
 
     info = row["inspect"]
     print(f"== {name}: acc {row['acc']:.3f}, trained in {row['train_seconds']} s; round trip bit-exact: "
