@@ -30,6 +30,7 @@ def tiny(tmp_path_factory):
     return out, json.loads((out / "compare.json").read_text())
 
 
+@pytest.mark.slow  # the tiny comparison: 2 methods x 2 seeds + 1 order
 def test_tiny_compare_writes_the_report(tiny):
     out, report = tiny
     for key in ("stream", "arch", "n_tasks", "seeds", "methods", "pareto_front", "plots", "machine", "wall_seconds"):
@@ -49,6 +50,7 @@ def test_tiny_compare_writes_the_report(tiny):
     assert "| finetune |" in md and "| stl |" in md and "MOPD" in md
 
 
+@pytest.mark.slow  # the tiny comparison: 2 methods x 2 seeds + 1 order
 def test_compare_runs_reproduce_edgecl_train(tiny):
     """Seed k in compare is the same data and initialisation as `edgecl train --seed k`."""
     _, report = tiny
@@ -59,6 +61,7 @@ def test_compare_runs_reproduce_edgecl_train(tiny):
     assert direct.acc_matrix == entry["runs"][1]["acc_matrix"]
 
 
+@pytest.mark.slow  # the tiny comparison: 2 methods x 2 seeds + 1 order
 def test_order_robustness_maps_positions_back_to_tasks(tiny):
     _, report = tiny
     robust = report["methods"]["finetune"]["order_robustness"]
@@ -73,6 +76,7 @@ def test_order_robustness_maps_positions_back_to_tasks(tiny):
     assert robust["opd"] == pytest.approx(opd(robust["final_acc"]).tolist())
 
 
+@pytest.mark.slow  # the tiny comparison: 2 methods x 2 seeds + 1 order
 def test_plots_are_readable_images(tiny):
     import matplotlib.image as mpimg
 
@@ -85,6 +89,7 @@ def test_plots_are_readable_images(tiny):
         assert img[..., :3].std() > 0.05, f"{key} looks blank"
 
 
+@pytest.mark.slow  # the tiny comparison: 2 methods x 2 seeds + 1 order
 def test_artifacts_and_runtime_columns(tiny):
     """One artifact per method and seed, STL grows by a whole model per task while finetune grows by a head; the
     runtime columns hold timings and a runtime accuracy equal to training's."""

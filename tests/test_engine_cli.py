@@ -23,6 +23,7 @@ def stream():
     return make_stream("permuted-digits", 3)
 
 
+@pytest.mark.slow  # two methods trained 5 epochs on 3 tasks
 def test_finetune_forgets_and_stl_does_not(stream):
     arch = preset("mlp")
     ft = engine.run(registry.create("finetune", arch, {"epochs": 5}), stream, TrainContext(progress=False))
