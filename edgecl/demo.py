@@ -11,14 +11,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgecl.train.compute import DEFAULT_THREADS
-
 STREAM = "permuted-digits"
 
 
 def run_demo(out_dir: str = "demo-out", n_tasks: int = 10, budget: str = "32MiB", *, progress: bool = True,
-             threads: int | None = DEFAULT_THREADS, log: Callable[[str], None] = print) -> bool:
-    """Train, pack, export, run and audit; True when the runtime reproduced every task and the audit fits."""
+             threads: int | None = None, log: Callable[[str], None] = print) -> bool:
+    """Train, pack, export, run and audit; True when the runtime reproduced every task and the audit fits.
+    `threads`: torch CPU threads for training (None leaves torch's setting; the command passes its --threads)."""
     from edgecl.artifact import inspect
     from edgecl.export import export_onnx
     from edgecl.inspect_report import format_report

@@ -2,7 +2,7 @@
 timed in the runtime, gathered into one report (definitions of every number: `edgecl.compare`)."""
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import math
 import os
 import time
@@ -76,14 +76,6 @@ class _FirstPackRecorder:
         return packed
 
 
-def optional_module(name: str) -> tuple[Any, str | None]:
-    """(module, None) or (None, why) — for the pieces another part of the project provides."""
-    try:
-        return importlib.import_module(name), None
-    except ImportError as exc:
-        return None, f"{name} is not available ({exc})"
-
-
 def train_run(name: str, stream, arch, config: dict[str, Any], spec: CompareSpec, artifact_path: str | None,
               log: Callable[[str], None]) -> dict[str, Any]:
     """Train one method on one stream (one seed or order); pack it into an artifact when a path is given."""
@@ -110,12 +102,13 @@ def train_run(name: str, stream, arch, config: dict[str, Any], spec: CompareSpec
 
 def runtime_timing(path: str, stream, repeats: int) -> dict[str, Any]:
     """Median switch and batch-1 inference times through `TaskRuntime`, plus accuracy computed in the runtime."""
-    runtime_mod, why = optional_module("edgecl.runtime")  # a training-only install has no onnxruntime
-    if runtime_mod is None:
-        return {"note": why}
+    if importlib.util.find_spec("onnxruntime") is None:  # a training-only install: no runtime columns
+        return {"note": "onnxruntime is not installed (pip install 'edgecl[runtime]')"}
+    from edgecl.runtime import TaskRuntime
+
     # A runtime failure on one method must not lose a long comparison: it is recorded, printed and shown in the table.
     try:
-        rt = runtime_mod.TaskRuntime(path)
+        rt = TaskRuntime(path)
         n = len(stream.tasks)
         switch, infer = [], []
         for _ in range(repeats):

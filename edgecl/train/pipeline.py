@@ -23,7 +23,7 @@ def check_request(method_name: str, stream_name: str, *, arch_name: str = "mlp",
                   seed: int = 0, overrides: dict[str, Any] | None = None, device: str = "cpu",
                   threads: int | None = None, resume: str | None = None) -> None:
     """Everything `train_and_write` can refuse without torch or data: names, config values, flags."""
-    registry.entry(method_name)
+    registry.entry(method_name)  # an unknown method is the first thing to name
     if resume:
         if n_tasks is None:
             raise UsageError("--resume needs --tasks N, the number of new tasks to add")
