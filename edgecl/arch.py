@@ -198,9 +198,19 @@ def last_layer(arch: Arch) -> str:
     return prunable(arch)[-1].rsplit(".", 1)[0]
 
 
+PRESETS = ("mlp", "lenet", "resnet")
+
+
+def check_preset(name: str) -> None:
+    """Refuse an unknown preset name before anything is built."""
+    if name not in PRESETS:
+        raise UsageError(f"unknown architecture preset {name!r} (known: {', '.join(PRESETS)})")
+
+
 def preset(name: str, input_shape: tuple[int, ...] = (1, 8, 8), width: int = 1) -> Arch:
     """Built-in trunks sized for 8×8 digits: 'mlp' (2×256 hidden by default), 'lenet', 'resnet'.
     `width` scales hidden sizes (the runtime benchmarks use a wide MLP)."""
+    check_preset(name)
     flat = 1
     for d in input_shape:
         flat *= d
@@ -218,13 +228,11 @@ def preset(name: str, input_shape: tuple[int, ...] = (1, 8, 8), width: int = 1) 
                   {"op": "conv", "name": "conv2", "in": c1, "out": c2, "k": 3, "pad": 1}, {"op": "relu"},
                   {"op": "maxpool", "k": 2}, {"op": "flatten"},
                   {"op": "linear", "name": "fc1", "in": c2 * (hh // 4) * (ww // 4), "out": f}, {"op": "relu"}]
-    elif name == "resnet":
+    else:  # resnet
         c = input_shape[0]
         w1, w2 = 16 * width, 32 * width
         layers = [{"op": "conv", "name": "stem", "in": c, "out": w1, "k": 3, "pad": 1, "bias": False},
                   {"op": "bn", "name": "stembn", "ch": w1}, {"op": "relu"},
                   {"op": "block", "name": "b1", "in": w1, "out": w1},
                   {"op": "block", "name": "b2", "in": w1, "out": w2, "stride": 2}, {"op": "gap"}]
-    else:
-        raise UsageError(f"unknown architecture preset {name!r} (known: mlp, lenet, resnet)")
     return validate({"name": name, "input_shape": list(input_shape), "layers": layers})

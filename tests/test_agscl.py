@@ -66,6 +66,7 @@ def test_prox_with_zero_strengths_is_the_identity():
     assert torch.equal(out, theta)
 
 
+@pytest.mark.slow  # shares a 3-task training run (~2 s)
 def test_training_yields_exact_zero_and_exactly_frozen_nodes(mlp_run):
     method, _ = mlp_run
     extra = method.pack().extra
@@ -168,6 +169,7 @@ def test_large_lambda_keeps_old_tasks_bit_identical():
     assert frozen == important
 
 
+@pytest.mark.slow  # shares a 3-task training run (~2 s)
 def test_resume_rebuilds_importance_and_permanent_cuts(mlp_run):
     method, _ = mlp_run
     again = AGSCL(preset("mlp"), AGSCLConfig(**SPARSE))
