@@ -66,18 +66,7 @@ class PackedModel:
 
     def task_index(self, task: int | str) -> int:
         """Resolve a task given by index or name; UsageError names the task and what exists."""
-        if isinstance(task, str) and not task.lstrip("-").isdigit():
-            for i, info in enumerate(self.tasks):
-                if info.name == task:
-                    return i
-            raise UsageError(f"unknown task {task!r}; tasks are {[t.name for t in self.tasks]}")
-        try:
-            i = int(task)
-        except (TypeError, ValueError):
-            raise UsageError(f"task must be an index or a name, got {task!r}") from None
-        if not 0 <= i < self.n_tasks:
-            raise UsageError(f"task {i} out of range: this model has {self.n_tasks} tasks (0..{self.n_tasks - 1})")
-        return i
+        return resolve_task(self.tasks, task)
 
     # -- the read-only `edgecl.source.ModelSource` protocol, so an in-memory model goes wherever a file does
     @property
@@ -95,6 +84,22 @@ class PackedModel:
 
     def materialize(self, task: int | str) -> dict[str, np.ndarray]:
         return materialize(self, task)
+
+
+def resolve_task(tasks: list[TaskInfo], task: int | str) -> int:
+    """Index of a task given by index or name among `tasks`; UsageError names the task and what exists."""
+    if isinstance(task, str) and not task.lstrip("-").isdigit():
+        for i, info in enumerate(tasks):
+            if info.name == task:
+                return i
+        raise UsageError(f"unknown task {task!r}; tasks are {[t.name for t in tasks]}")
+    try:
+        i = int(task)
+    except (TypeError, ValueError):
+        raise UsageError(f"task must be an index or a name, got {task!r}") from None
+    if not 0 <= i < len(tasks):
+        raise UsageError(f"task {i} out of range: this model has {len(tasks)} tasks (0..{len(tasks) - 1})")
+    return i
 
 
 def materialize(packed: PackedModel, task: int | str) -> dict[str, np.ndarray]:
