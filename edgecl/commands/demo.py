@@ -41,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
     from edgecl.export import export_onnx
 
     index = export_onnx(path, os.path.join(args.out, "onnx"), progress=not args.no_progress)
-    print(f"wrote {len(index['tasks'])} task graphs + switchable graph to {os.path.join(args.out, 'onnx')}")
+    print(f"wrote {len(index['tasks'])} task graphs to {os.path.join(args.out, 'onnx')}")
     print("\n== 4/4 run on the device side (edgecl.runtime, no torch) ==")
     ok = run_on_runtime(path, results, args.tasks, args.budget)
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; results in {args.out}/")
