@@ -11,7 +11,7 @@ import sys
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("artifact", help="artifact file written by `edgecl train` or `edgecl demo`")
     parser.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx",
-                        help="onnx: one graph per task + switchable graph; tensorrt: also one engine per task")
+                        help="onnx: one graph per task; tensorrt: also one engine per task")
     parser.add_argument("--tasks", default="all", help="'all' (default), indices/ranges/names: '0,3', '2-5'")
     parser.add_argument("--fp16", action="store_true",
                         help="onnx: store weights in float16 (float32 in/out); tensorrt: build fp16 engines")
@@ -51,5 +51,4 @@ def _summary(index: dict, out: str) -> None:
         files = e["file"] + (f", {e['engine']}" if "engine" in e else "")
         print(f"{e['index']:>4}  {e['name'][:16]:<16} {e['n_classes']:>7} {e['params_dense']:>12} "
               f"{e['params_compact']:>9} {e['bytes']:>10}  {files}")
-    if "switchable" in index:
-        print(f"switchable graph for the runtime: {index['switchable']['file']}; index: index.json")
+    print("index: index.json")
