@@ -1,6 +1,8 @@
-"""`edgecl` command line. Each subcommand lives in its own module under `edgecl.commands` exposing
-`add_arguments(parser)` and `main(args) -> int`; only the chosen one is imported, so `edgecl run` on a device never
-imports torch. Exit codes: 0 ok, 1 a check failed (e.g. audit over budget), 2 bad input or usage."""
+"""edgecl: continual learning that ships — train tasks one after another, pack one artifact, export it, run it on a
+device within a memory budget. `edgecl COMMAND --help` lists a command's options.
+Exit codes: 0 ok, 1 a check failed (e.g. audit over budget), 2 bad input or usage."""
+# Each subcommand lives in its own module under `edgecl.commands` exposing `add_arguments(parser)` and
+# `main(args) -> int`; only the chosen one is imported, so `edgecl run` on a device never imports torch.
 from __future__ import annotations
 
 import argparse
@@ -24,7 +26,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="edgecl", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="edgecl", description=__doc__)
     parser.add_argument("--version", action="version", version=f"edgecl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():

@@ -1,9 +1,12 @@
 """Continual-learning metrics on an accuracy matrix A, A[i][j] = accuracy on task j after learning task i.
 
 Entries with j > i (tasks not yet seen) are NaN. Definitions: ACC and BWT as in GEM (Lopez-Paz & Ranzato), forgetting
-as in Chaudhry et al., plasticity P and stability S as in the AGS-CL paper (Analysis 3). numpy only.
+as in Chaudhry et al., plasticity P and stability S as in the AGS-CL paper (Analysis 3). Across runs: task-order
+disparity OPD/MOPD/AOPD (HALRP paper Eq. 14), the accuracy-vs-cost Pareto front, mean ± sample std. numpy only.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -67,3 +70,41 @@ def summary(a, finetune_diag=None) -> dict:
     if finetune_diag is not None:
         out["plasticity"] = plasticity(a, finetune_diag)
     return out
+
+
+# ---------------------------------------------------------------- across runs (seeds, task orders, methods)
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Names of the points that no other point dominates, by increasing cost. `points` maps a name to (cost, value),
+    e.g. (artifact bytes, ACC): lower cost and higher value are better; a point is dominated when another has cost ≤
+    and value ≥ with at least one strictly better. Points with a missing or NaN coordinate are left out."""
+    ok = {n: (float(c), float(v)) for n, (c, v) in points.items()
+          if c is not None and v is not None and not (math.isnan(c) or math.isnan(v))}
+    front = [a for a, (ca, va) in ok.items()
+             if not any(cb <= ca and vb >= va and (cb < ca or vb > va) for b, (cb, vb) in ok.items() if b != a)]
+    return sorted(front, key=lambda n: (ok[n][0], -ok[n][1], n))
+
+
+def opd(final_acc) -> np.ndarray:
+    """OPD_t = max_r P[r, t] − min_r P[r, t] for P of shape (orders, tasks), P[r, t] the final accuracy on task t
+    (indexed by task identity, not position) after learning all tasks in order r."""
+    p = np.asarray(final_acc, dtype=np.float64)
+    if p.ndim != 2 or p.shape[0] < 1 or p.shape[1] < 1 or np.isnan(p).any():
+        raise UsageError(f"OPD needs a complete (orders × tasks) accuracy table, got shape {p.shape}")
+    return p.max(axis=0) - p.min(axis=0)
+
+
+def mopd(final_acc) -> float:
+    """Maximum OPD over tasks."""
+    return float(opd(final_acc).max())
+
+
+def aopd(final_acc) -> float:
+    """Average OPD over tasks."""
+    return float(opd(final_acc).mean())
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0

@@ -17,6 +17,8 @@ from edgecl.arch import Arch
 from edgecl.deltas import PackedModel, TaskInfo, checked
 from edgecl.errors import UsageError
 
+IN_MEMORY = "<memory>"  # the `origin` of a model that is not a file (`PackedModel.origin`)
+
 
 @runtime_checkable
 class ModelSource(Protocol):
@@ -31,7 +33,7 @@ class ModelSource(Protocol):
 
     @property
     def origin(self) -> str:
-        """The file it came from, or "<memory>"."""
+        """The file it came from, or `IN_MEMORY`."""
 
     @property
     def n_tasks(self) -> int:

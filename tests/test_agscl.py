@@ -66,6 +66,7 @@ def test_prox_with_zero_strengths_is_the_identity():
     assert torch.equal(out, theta)
 
 
+@pytest.mark.slow  # shares a 3-task training run (~2 s)
 def test_training_yields_exact_zero_and_exactly_frozen_nodes(mlp_run):
     method, _ = mlp_run
     extra = method.pack().extra
@@ -168,6 +169,7 @@ def test_large_lambda_keeps_old_tasks_bit_identical():
     assert frozen == important
 
 
+@pytest.mark.slow  # shares a 3-task training run (~2 s)
 def test_resume_rebuilds_importance_and_permanent_cuts(mlp_run):
     method, _ = mlp_run
     again = AGSCL(preset("mlp"), AGSCLConfig(**SPARSE))
@@ -184,7 +186,8 @@ def test_bad_input_is_refused_clearly():
     with pytest.raises(UsageError, match="residual"):
         registry.create("agscl", preset("resnet"))
     with_bn = preset("lenet")
-    with_bn["layers"].insert(1, {"op": "bn", "name": "bn1", "ch": 20})
+    with_bn["nodes"].insert(1, {"name": "bn1", "op": "bn", "inputs": ["conv1"], "ch": 20})
+    with_bn["nodes"][2]["inputs"] = ["bn1"]
     with pytest.raises(UsageError, match="supports linear/conv"):
         registry.create("agscl", with_bn)
     with pytest.raises(UsageError, match="rho"):

@@ -9,14 +9,13 @@ import sys
 import numpy as np
 import pytest
 
+from edgecl import artifact
 from edgecl.arch import param_shapes, preset
 from edgecl.cli import main as cli
 from edgecl.deltas import materialize
 from edgecl.runtime import TaskRuntime
 from edgecl.runtime.audit import audit, budget_summary
 from edgecl.synthetic import random_packed
-
-artifact = pytest.importorskip("edgecl.artifact")
 
 
 @pytest.fixture(scope="module")

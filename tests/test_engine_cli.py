@@ -1,14 +1,19 @@
 """The continual-learning loop and the `edgecl train` command on real digits."""
+import argparse
+import importlib
 import json
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
 from edgecl.arch import preset
+from edgecl import cli
 from edgecl.cli import main
 from edgecl.errors import UsageError
 from edgecl.train import engine, registry
+from edgecl.train.compute import DEFAULT_THREADS
 from edgecl.train.data import make_stream
 from edgecl.train.protocol import TrainContext
 
@@ -18,6 +23,7 @@ def stream():
     return make_stream("permuted-digits", 3)
 
 
+@pytest.mark.slow  # two methods trained 5 epochs on 3 tasks
 def test_finetune_forgets_and_stl_does_not(stream):
     arch = preset("mlp")
     ft = engine.run(registry.create("finetune", arch, {"epochs": 5}), stream, TrainContext(progress=False))
@@ -63,15 +69,71 @@ def test_train_command_writes_results_and_artifact(tmp_path, capsys):
     assert "ACC" in capsys.readouterr().out
 
 
+# `edgecl` in a subprocess where torch and the data libraries cannot be imported: a request refused with exit 2 here
+# was refused before either was needed.
+NO_TORCH = textwrap.dedent("""
+    import importlib.abc, sys
+
+    class Refuse(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in {"torch", "sklearn", "scipy", "matplotlib"}:
+                raise ImportError(f"{name} imported before the request was checked")
+
+    sys.meta_path.insert(0, Refuse())
+    from edgecl.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def _edgecl_without_torch(argv: list[str], cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", NO_TORCH, *argv], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
 @pytest.mark.parametrize("argv, needle", [
-    (["train", "--method", "ewc", "--out", "x"], "unknown method 'ewc'"),
-    (["train", "--method", "stl", "--stream", "cifar", "--out", "x"], "unknown stream 'cifar'"),
-    (["train", "--method", "stl", "--set", "epochs", "--out", "x"], "KEY=VALUE"),
+    (["--method", "ewc"], "unknown method 'ewc'"),
+    (["--method", "nosuch"], "unknown method 'nosuch'"),
+    (["--method", "lps", "--set", "epochs=abc"], "LPSConfig: epochs must be an integer, got 'abc'"),
+    (["--method", "lps", "--set", "alpha=2"], "LPSConfig: alpha must be in (0, 1], got 2"),
+    (["--method", "halrp", "--set", "prune=sometimes"], "HALRPConfig: prune must be one of"),
+    (["--method", "stl", "--set", "epoch=3"], "unknown config fields ['epoch']"),
+    (["--method", "stl", "--stream", "cifar"], "unknown stream 'cifar'"),
+    (["--method", "stl", "--set", "epochs"], "KEY=VALUE"),
+    (["--method", "stl", "--arch", "vgg"], "unknown architecture preset 'vgg'"),
+    (["--method", "stl", "--device", "tpu"], "--device must be cpu or cuda"),
+    (["--method", "stl", "--threads", "0"], "--threads must be ≥ 1"),
+    (["--method", "stl", "--tasks", "0"], "n_tasks must be ≥ 1"),
 ])
-def test_bad_input_exits_2_with_message(argv, needle, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "edgecl.cli", *argv], capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 2
-    assert needle in proc.stderr
+def test_bad_input_exits_2_before_torch_or_data(argv, needle, tmp_path):
+    proc = _edgecl_without_torch(["train", *argv, "--out", "D"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "D").exists()
+
+
+def test_a_good_request_does_reach_torch(tmp_path):
+    """The control for the test above: torch really is refused in that subprocess."""
+    proc = _edgecl_without_torch(["train", "--method", "stl", "--out", "D"], tmp_path)
+    assert proc.returncode != 0 and "imported before the request was checked" in proc.stderr
+
+
+def test_help_shows_the_whole_description(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert " ".join(cli.__doc__.split()) in text
+
+
+def test_every_training_command_has_the_same_threads_option():
+    helps = set()
+    for name in ("train", "demo", "compare"):
+        parser = argparse.ArgumentParser()
+        importlib.import_module(f"edgecl.commands.{name}").add_arguments(parser)
+        action = next(a for a in parser._actions if a.dest == "threads")
+        assert action.default == DEFAULT_THREADS == 1 and action.type is int
+        helps.add(action.help)
+    assert len(helps) == 1
 
 
 def test_unknown_command_exits_2():

@@ -13,8 +13,6 @@ pytestmark = pytest.mark.gpu
 
 @pytest.mark.parametrize("method", ["finetune", "stl", "lps", "agscl", "halrp", "rgo"])
 def test_method_trains_on_cuda(method):
-    if method not in registry.available():
-        pytest.skip(f"{method} not in this build")
     stream = make_stream("permuted-digits", 2)
     epochs = 10 if method == "agscl" else 2  # AGS-CL's group lasso needs steps before a second task has free nodes
     res = engine.run(registry.create(method, preset("mlp"), {"epochs": epochs}), stream,

@@ -18,6 +18,7 @@ def _outputs(path, tasks):
         return [rt.infer(stream.tasks[t].x_test, task=t) for t in range(tasks)]
 
 
+@pytest.mark.slow  # train, then resume, per method
 @pytest.mark.parametrize("method", ["lps", "halrp", "agscl", "rgo"])
 def test_resume_keeps_earlier_tasks_bit_identical(method, tmp_path):
     first, second = tmp_path / "v1", tmp_path / "v2"

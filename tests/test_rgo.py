@@ -270,6 +270,7 @@ def _acc_bwt(result) -> tuple[float, float]:
     return metrics.acc(a), metrics.bwt(a)
 
 
+@pytest.mark.slow  # three methods trained on 4 tasks
 def test_rgo_remembers_where_finetune_forgets():
     """Real training on 4 permuted-digits tasks. RGO-2 (no FEL) isolates the projection: without the second-pass
     update of P it is plain SGD and loses ~10 points here."""

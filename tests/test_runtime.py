@@ -42,7 +42,7 @@ def test_plans_reproduce_materialize_bit_for_bit(mixed):
         for plan in plans:
             if plan.varies:
                 out = np.full(plan.shape, np.nan, np.float32)
-                plan.fill(mixed, t, out)
+                plan.fill(t, out)
                 assert np.array_equal(out.view(np.uint32), dense[plan.name].view(np.uint32)), (t, plan.name)
 
 
@@ -84,6 +84,7 @@ def test_lenet_and_resnet_switch(tmp_path):
             np.testing.assert_allclose(runtime.infer(x, task=t), refs[t].run(None, {"x": x})[0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_real_training_accuracy_survives_the_runtime():
     """A finetune model trained on real digits: the runtime's predictions equal the training engine's."""
     torch = pytest.importorskip("torch")
@@ -100,6 +101,32 @@ def test_real_training_accuracy_survives_the_runtime():
     for t, task in enumerate(stream.tasks):
         ours = runtime.infer(task.x_test, task=task.name).argmax(1)
         assert np.array_equal(ours, predict(result.packed, t, task.x_test))
+
+
+def test_runtime_keeps_only_what_a_switch_reads(tmp_path):
+    """From an LPS artifact the in-place runtime keeps the base weights, the heads and 1 bit per weight per task, not
+    the decoded sharing masks or the owner maps, and its ledger charges exactly that; per-task sessions keep none of
+    the model. Both still equal the references."""
+    from edgecl import artifact
+
+    packed = random_packed(preset("mlp"), n_tasks=6, shape="lps")
+    path = tmp_path / "lps.edgecl"
+    artifact.save(packed, path)
+    refs = references(packed)
+    x = np.random.default_rng(4).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    runtime = TaskRuntime(path, strategy="inplace", cache_tasks=2)
+    held = [a for p in runtime.plans for a in [*([p.base] if p.base is not None else []), *p.task_arrays()]]
+    assert not any(a.dtype == np.bool_ for a in held)
+    weights = sum(a.nbytes for name, a in packed.base.items() if not name.endswith(":owner"))
+    heads = sum(tt[name].nbytes for tt in packed.task_tensors for name in ("head.weight", "head.bias"))
+    assert runtime.ledger.items["model tensors"] == weights + heads
+    masked = [packed.base[name].size for name, spec in packed.params.items() if spec["kind"] == "lps"]
+    assert runtime.ledger.items["task masks"] == packed.n_tasks * sum(-(-n // 8) for n in masked)
+    sessions = TaskRuntime(path, strategy="sessions")
+    assert "model tensors" not in sessions.ledger.items and sessions.plans == []
+    for t in (5, 0, 3):
+        for rt in (runtime, sessions):
+            np.testing.assert_allclose(rt.infer(x, task=t), refs[t].run(None, {"x": x})[0], atol=1e-5)
 
 
 def test_heads_follow_the_task_by_name(mixed):
@@ -218,6 +245,7 @@ def test_cuda_device_buffers_match_references(mixed):
 LENET = ("conv1", "conv2", "fc1")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,config,arch,forms", [
     ("agscl", {"epochs": 2}, "mlp", {"fc1": "node", "fc2": "node"}),
     ("rgo", {"epochs": 1}, "mlp", {"fc1": "permute+bias", "fc2": "permute+bias"}),
@@ -265,7 +293,7 @@ def test_parallel_masked_fill_is_bit_identical():
     with ThreadPoolExecutor(3) as pool:
         for t in range(packed.n_tasks):
             out = np.full(plan.shape, np.nan, np.float32)
-            plan.fill(packed, t, out, pool, 3)
+            plan.fill(t, out, pool, 3)
             assert np.array_equal(out.view(np.uint32), materialize(packed, t)["fc2.weight"].view(np.uint32))
 
 

@@ -61,6 +61,16 @@ def test_runtime_runs_without_torch():
     assert done.stdout.strip().endswith("ok")
 
 
+def test_runtime_imports_only_the_device_side():
+    """`edgecl.runtime` and its audit load neither torch nor the exporter, the trainer or the CLI commands."""
+    code = ("import sys, edgecl.runtime, edgecl.runtime.audit\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] == 'torch'\n"
+            "       or m.startswith(('edgecl.export', 'edgecl.train', 'edgecl.commands'))]\n"
+            "assert not bad, bad\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def _doctor(extra_blocked: str = "") -> subprocess.CompletedProcess:
     script = BLOCKER.replace('"matplotlib"}', '"matplotlib"' + (f', "{extra_blocked}"' if extra_blocked else "") + "}")
     script += "from edgecl.cli import main\nsys.exit(main(['doctor', '--json']))\n"

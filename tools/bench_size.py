@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                             log=lambda *_: None)
         train_s = time.perf_counter() - start
         packed = result.packed
-        path = os.path.join(args.out, f"{name}.ecl")
+        path = os.path.join(args.out, f"{name}.edgecl")
         artifact.save(packed, path)
         art = artifact.load(path)
         exact = all(art.materialize(t)[k].tobytes() == w.tobytes()
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {"train_seconds": round(train_s, 1), "acc": float(np.mean(result.acc_matrix[-1])),
                "round_trip_bit_exact": exact, "predictions_identical": same_pred, "inspect": info}
         if args.fp16:
-            path16 = os.path.join(args.out, f"{name}-fp16.ecl")
+            path16 = os.path.join(args.out, f"{name}-fp16.edgecl")
             artifact.save(packed, path16, fp16=True)
             row["fp16_bytes"] = os.path.getsize(path16)
             row["fp16_ratio_to_dense"] = row["fp16_bytes"] / info["dense_fp32_bytes"]
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_row(name: str, row: dict) -> None:
-    from edgecl.commands.inspect import format_report
+    from edgecl.inspect_report import format_report
 
     info = row["inspect"]
     print(f"== {name}: acc {row['acc']:.3f}, trained in {row['train_seconds']} s; round trip bit-exact: "

@@ -35,7 +35,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgecl.arch import preset
-from edgecl.artifact import as_packed
+from edgecl import artifact
 from edgecl.deltas import materialize
 from edgecl.graph.builder import build_onnx
 from edgecl.machine import machine_info
@@ -200,7 +200,7 @@ def main() -> None:
     args = p.parse_args()
     ARGS.stat = args.stat
     if args.artifact:
-        rows = [bench_packed(os.path.basename(path), as_packed(path), args) for path in args.artifact]
+        rows = [bench_packed(os.path.basename(path), artifact.load(path).to_packed(), args) for path in args.artifact]
     else:
         rows = [bench_shape(shape, args) for shape in args.shapes.split(",")]
     print(f"{'shape':9} {'params':>9} {'switched':>8} {'floor':>7} {'miss':>7} {'hit':>7} {'fold':>7} {'new sess':>8} "

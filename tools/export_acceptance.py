@@ -27,7 +27,7 @@ from edgecl.export.onnx_export import run_onnx
 from edgecl.machine import format_machine, machine_info
 from edgecl.train import engine, registry
 from edgecl.train.data import make_stream
-from edgecl.train.methods.lps import DEMO_CONFIG
+from edgecl.train.methods.lps_config import DEMO_CONFIG
 from edgecl.train.models import forward, from_numpy
 from edgecl.train.protocol import TrainContext
 

@@ -23,7 +23,8 @@ from edgecl.arch import preset
 from edgecl.deltas import lps_owner_elements
 from edgecl.train import engine, registry
 from edgecl.train.data import make_stream
-from edgecl.train.methods.lps import DEMO_CONFIG, LPSConfig
+from edgecl.train.methods.lps_config import DEMO_CONFIG, LPSConfig
+from edgecl.train.outputs import format_matrix
 from edgecl.train.protocol import TrainContext
 
 
@@ -83,7 +84,7 @@ def main() -> None:
     cfg = LPSConfig.from_json(lps["config"])
     budget = {"epochs": sum(cfg.phases()), "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": args.seed}
     report = {"threads": args.threads, "tasks": args.tasks, "lps": lps, "baseline_config": budget}
-    print(engine.format_matrix(lps["acc_matrix"]))
+    print(format_matrix(lps["acc_matrix"]))
     print(f"LPS  ACC {100 * lps['acc']:.2f}  BWT {100 * lps['bwt']:.2f}  {lps['seconds']:.1f}s wall, "
           f"{lps['cpu_seconds']:.1f}s CPU (train + eval, {args.threads} threads)  bit-identical {lps['predictions_bit_identical']}  "
           f"capacity {lps['capacity'][-1]:.2f}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgecl.arch.channels import ChannelError, ChannelMap, channel_map
-from edgecl.arch.presets import PRESETS, preset
+from edgecl.arch.presets import PRESETS, check_preset, preset
 from edgecl.arch.spec import (INPUT, OPS, WEIGHT_OPS, Arch, consumers, dense_params, gemm_shape, is_depthwise,
                               is_sequential, node_by_name, node_shapes, param_shapes, prunable, validate)
 from edgecl.errors import UsageError
@@ -52,6 +52,6 @@ def last_layer(arch: Arch) -> str:
     return prunable(arch)[-1].rsplit(".", 1)[0]
 
 
-__all__ = ["INPUT", "OPS", "PRESETS", "WEIGHT_OPS", "Arch", "ChannelError", "ChannelMap", "channel_map", "consumers",
+__all__ = ["INPUT", "OPS", "PRESETS", "WEIGHT_OPS", "Arch", "ChannelError", "ChannelMap", "channel_map", "check_preset", "consumers",
            "dense_params", "from_torch", "gemm_shape", "is_depthwise", "is_sequential", "last_layer", "node_by_name",
            "node_shapes", "param_shapes", "preset", "prunable", "shapes_after", "unit_sources", "validate"]

@@ -10,9 +10,16 @@ from edgecl.errors import UsageError
 PRESETS = ("mlp", "lenet", "resnet")
 
 
+def check_preset(name: str) -> None:
+    """Refuse an unknown preset name before anything is built."""
+    if name not in PRESETS:
+        raise UsageError(f"unknown architecture preset {name!r} (known: {', '.join(PRESETS)})")
+
+
 def preset(name: str, input_shape: tuple[int, ...] = (1, 8, 8), width: int = 1) -> Arch:
     """'mlp' (2×256 hidden by default), 'lenet', 'resnet' (two basic blocks); `width` scales hidden sizes (the
     runtime benchmarks use a wide MLP)."""
+    check_preset(name)
     flat = math.prod(input_shape)
     if name == "mlp":
         h = 256 * width
@@ -28,13 +35,11 @@ def preset(name: str, input_shape: tuple[int, ...] = (1, 8, 8), width: int = 1) 
                   {"op": "conv", "name": "conv2", "in": c1, "out": c2, "k": 3, "pad": 1}, {"op": "relu"},
                   {"op": "maxpool", "k": 2}, {"op": "flatten"},
                   {"op": "linear", "name": "fc1", "in": c2 * (hh // 4) * (ww // 4), "out": f}, {"op": "relu"}]
-    elif name == "resnet":
+    else:  # resnet
         c = input_shape[0]
         w1, w2 = 16 * width, 32 * width
         layers = [{"op": "conv", "name": "stem", "in": c, "out": w1, "k": 3, "pad": 1, "bias": False},
                   {"op": "bn", "name": "stembn", "ch": w1}, {"op": "relu"},
                   {"op": "block", "name": "b1", "in": w1, "out": w1},
                   {"op": "block", "name": "b2", "in": w1, "out": w2, "stride": 2}, {"op": "gap"}]
-    else:
-        raise UsageError(f"unknown architecture preset {name!r} (known: {', '.join(PRESETS)})")
     return validate({"name": name, "input_shape": list(input_shape), "layers": layers})

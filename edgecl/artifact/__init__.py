@@ -26,12 +26,12 @@ from edgecl.artifact.encodings import STEPS
 from edgecl.artifact.limits import (DECODE_FLOOR, DECODE_RATIO, MAX_CLASSES, MAX_HEADER_BYTES, MAX_NDIM,
                                     MAX_TASKS)
 from edgecl.artifact.manifest import BLOB_FIELDS, FORMAT_NAME, FORMAT_VERSION
-from edgecl.artifact.reader import Artifact, as_packed, load
+from edgecl.artifact.reader import Artifact, load
 from edgecl.artifact.report import COMPONENTS, MASK_COMPONENTS, component_of, inspect
 from edgecl.artifact.writer import append_task, save
 from edgecl.errors import ArtifactError, UsageError
 
 __all__ = ["Artifact", "ArtifactError", "BLOB_FIELDS", "COMPONENTS", "DECODE_FLOOR", "DECODE_RATIO", "FORMAT_NAME",
            "FORMAT_VERSION", "MASK_COMPONENTS", "MAX_CLASSES", "MAX_HEADER_BYTES", "MAX_NDIM", "MAX_TASKS",
-           "META_DIGEST", "META_MANIFEST", "STEPS", "UsageError", "append_task", "as_packed", "checksum",
+           "META_DIGEST", "META_MANIFEST", "STEPS", "UsageError", "append_task", "checksum",
            "component_of", "digest", "inspect", "load", "save"]

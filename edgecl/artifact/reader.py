@@ -18,7 +18,7 @@ from edgecl.arch import param_shapes
 from edgecl.artifact import container, manifest
 from edgecl.artifact.encodings import decode, support_mask, xor_ref
 from edgecl.artifact.manifest import blob_key, owner_problem, param_of
-from edgecl.deltas import (PackedModel, TaskInfo, check_consistent, checked, expand_owner, materialize_param,
+from edgecl.deltas import (PackedModel, TaskInfo, check_consistent, expand_owner, materialize_param,
                            resolve_task)
 from edgecl.errors import ArtifactError, UsageError
 
@@ -236,16 +236,3 @@ class Artifact:
 def load(path: str | os.PathLike) -> Artifact:
     """Open an artifact lazily: header and manifest are read and validated, tensors wait for `materialize`."""
     return Artifact(path)
-
-
-def as_packed(source: Any) -> PackedModel:
-    """A verified `PackedModel` from an artifact path, an open `Artifact`, or a `PackedModel` (checked for
-    consistency). Kept for the runtime and tools until they read through `edgecl.source.open_model`."""
-    if isinstance(source, PackedModel):
-        return checked(source)
-    if isinstance(source, (str, os.PathLike)):
-        with load(source) as opened:
-            return opened.to_packed()  # decodes, verifies every checksum and runs check_consistent
-    if isinstance(source, Artifact):
-        return source.to_packed()
-    raise UsageError(f"expected an artifact path, Artifact or PackedModel, got {type(source).__name__}")

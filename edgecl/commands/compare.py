@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from edgecl.compare import DEFAULT_METHODS
+from edgecl.commands.options import add_threads_argument
+from edgecl.compare.spec import DEFAULT_METHODS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", default="permuted-digits",
                    help="permuted-digits, split-digits, rotated-digits, synthetic, or a .npz stream file")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated method names (default: {','.join(DEFAULT_METHODS)})")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated method names (default: {','.join(DEFAULT_METHODS)})")
     p.add_argument("--seeds", default="3", help="number of seeds (0..N-1) or a comma-separated list (default 3)")
     p.add_argument("--orders", type=int, default=0,
                    help="task orders for OPD/MOPD/AOPD robustness (0 = off; order 0 is the stream's own)")
@@ -22,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override one config field of one method (JSON value), e.g. --config lps.epochs=5")
     p.add_argument("--timing-repeats", type=int, default=5, help="round trips over all tasks when timing the runtime")
     p.add_argument("--device", default="cpu", help="cpu or cuda (training)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (one log line per run remains)")
     p.add_argument("--verbose", action="store_true", help="also log every task of every run")
     p.add_argument("--out", required=True, help="output folder")
@@ -30,22 +32,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from edgecl.compare import CompareSpec, parse_config_overrides, parse_methods, parse_seeds, run_compare
-    from edgecl.errors import UsageError
+    from edgecl.compare.report import format_markdown
 
     methods = parse_methods(args.methods)
     spec = CompareSpec(stream=args.stream, methods=methods, seeds=parse_seeds(args.seeds), orders=args.orders,
                        n_tasks=args.tasks, arch=args.arch, epochs_scale=args.epochs_scale,
                        overrides=parse_config_overrides(args.config, methods), device=args.device,
-                       timing_repeats=args.timing_repeats, progress=not args.no_progress, verbose=args.verbose)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads must be ≥ 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
+                       threads=args.threads, timing_repeats=args.timing_repeats, progress=not args.no_progress,
+                       verbose=args.verbose)
     report = run_compare(spec, args.out)
-    with open(f"{args.out}/compare.md") as f:
-        print(f.read(), end="")
+    print(format_markdown(report), end="")  # what compare.md holds
     print(f"edgecl compare: wrote {args.out}/compare.json, compare.md and {len(report['plots'])} plots "
           f"in {report['wall_seconds'] / 60:.1f} min")
     return 0

@@ -1,5 +1,5 @@
-"""Export (numpy + onnx, no torch): per-task folded ONNX, structurally compacted graphs, a switchable graph for the
-runtime, and TensorRT engines where TensorRT exists."""
+"""Export (numpy + onnx, no torch): per-task folded ONNX, structurally compacted graphs, and TensorRT engines where
+TensorRT exists. (The runtime needs no exported graph: it builds its switchable one from the artifact.)"""
 from edgecl.graph.compact import CompactionReport, compact_task, count_params
 from edgecl.export.onnx_export import export_onnx, task_model, weights_to_fp16
 from edgecl.export.tensorrt import build_engines, tensorrt_unavailable

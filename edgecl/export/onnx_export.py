@@ -1,6 +1,7 @@
 """Per-task ONNX export: one self-contained graph per task (its weights folded in by `materialize`, its head, a
-dynamic batch, opset 17), structurally compacted where masks are structured, optionally with fp16 weights; plus one
-switchable graph for the runtime and a small `index.json` naming everything.
+dynamic batch, opset 17), structurally compacted where masks are structured, optionally with fp16 weights; plus a
+small `index.json` naming everything. (No switchable graph: `edgecl.runtime` builds its own in memory, with the
+model's constants and factors, from the artifact itself.)
 
 Every file is written atomically (temporary file, then rename), and `index.json` last, so an interrupted export
 never leaves an index pointing at a half-written graph.
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -21,12 +22,12 @@ from edgecl.arch import Arch
 from edgecl.io import write_atomic
 from edgecl.errors import UsageError
 from edgecl.graph.compact import CompactionReport, compact_task, count_params
-from edgecl.graph.builder import INPUT, OPSET, OUTPUT, build_onnx, tensor_names
+from edgecl.graph.builder import INPUT, OPSET, OUTPUT, build_onnx
 from edgecl.export.selection import select_tasks
+from edgecl.progress import bar
 from edgecl.source import ModelSource, open_model
 
 INDEX = "index.json"
-SWITCHABLE = "switchable.onnx"
 FORMAT, FORMAT_VERSION = "edgecl-onnx-export", 1
 COMPACT_TOLERANCE = 1e-4  # max |Δ logits| allowed between compacted and dense graphs (relative to scale ≥ 1)
 
@@ -37,9 +38,8 @@ def task_file(t: int) -> str:
 
 
 def export_onnx(source: Any, out_dir: str | os.PathLike, tasks: str | list | None = "all", fp16: bool = False,
-                compact: bool = True, *, switchable: bool = True, verify: bool = True,
-                progress: bool = True) -> dict[str, Any]:
-    """Write one ONNX file per selected task, the switchable graph and `index.json` into `out_dir`; return the index.
+                compact: bool = True, *, verify: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Write one ONNX file per selected task and `index.json` into `out_dir`; return the index.
 
     `source`: artifact path, `Artifact` or `PackedModel`. `tasks`: 'all', '0,3', '2-5', names, or a list.
     `compact`: remove provably dead units (see `edgecl.graph.compact`); with `verify`, each compacted graph is run
@@ -48,18 +48,13 @@ def export_onnx(source: Any, out_dir: str | os.PathLike, tasks: str | list | Non
     src = open_model(source)
     indices = select_tasks(tasks, src)
     out = _prepare_dir(out_dir)
-    entries = [_export_task(src, t, out, fp16, compact, verify) for t in task_progress(indices, progress, src)]
+    entries = [_export_task(src, t, out, fp16, compact, verify) for t in task_bar(indices, progress, src)]
     index: dict[str, Any] = {
         "format": FORMAT, "version": FORMAT_VERSION, "edgecl_version": __version__, "source": src.origin,
         "method": src.method, "arch": src.arch.get("name", "custom"), "opset": OPSET, "fp16": fp16,
         "compact": compact, "input": {"name": INPUT, "shape": ["batch", *src.arch["input_shape"]],
                                       "dtype": "float32"},
         "output": {"name": OUTPUT, "shape": ["batch", "classes"], "dtype": "float32"}, "tasks": entries}
-    if switchable:
-        model = build_onnx(src.arch, weights_as_inputs=True, graph_name=f"{src.arch.get('name', 'edgecl')}_switch")
-        onnx.checker.check_model(model, full_check=True)
-        write_atomic(out / SWITCHABLE, model.SerializeToString())
-        index["switchable"] = {"file": SWITCHABLE, "tensors": tensor_names(src.arch), "dtype": "float32"}
     write_atomic(out / INDEX, (json.dumps(index, indent=1) + "\n").encode())
     return index
 
@@ -161,11 +156,6 @@ def _prepare_dir(out_dir: str | os.PathLike) -> Path:
     return out
 
 
-def task_progress(items: list, enabled: bool, src: ModelSource) -> Iterable:
-    """A tqdm bar over tasks (exports of many tasks take a while); plain iteration where tqdm is missing."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # device installs may lack tqdm; export still works, silently
-        return items
-    return tqdm(items, desc=f"export {src.arch.get('name', 'model')}", unit="task", disable=not enabled,
-                dynamic_ncols=True)
+def task_bar(items: list, enabled: bool, src: ModelSource) -> Any:
+    """The progress bar over an export's tasks (exports of many tasks take a while)."""
+    return bar(items, desc=f"export {src.arch.get('name', 'model')}", unit="task", enabled=enabled)

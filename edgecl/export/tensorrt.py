@@ -21,7 +21,7 @@ from typing import Any
 
 from edgecl.errors import EdgeclError, UsageError
 from edgecl.io import write_atomic
-from edgecl.export.onnx_export import INDEX, export_onnx, task_progress
+from edgecl.export.onnx_export import INDEX, export_onnx, task_bar
 from edgecl.graph.builder import INPUT
 from edgecl.source import open_model
 
@@ -78,7 +78,7 @@ def build_engines(source: Any, out_dir: str | os.PathLike, tasks: str | list | N
     builder = trt.Builder(logger)
     shapes = [(b, *src.arch["input_shape"]) for b in (1, min(opt_batch, max_batch), max_batch)]
     cache = None
-    for task in task_progress(index["tasks"], progress, src):
+    for task in task_bar(index["tasks"], progress, src):
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
         if fp16:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,42 +19,33 @@ import numpy as np
 
 from edgecl.arch import dense_params as arch_dense_params
 from edgecl.artifact import inspect as inspect_artifact  # imported before any RSS is measured: code, not model
-from edgecl.deltas import PackedModel
 from edgecl.errors import BudgetError, UsageError
+from edgecl.plotting import new_figure, save_png
 from edgecl.runtime.budget import format_bytes, parse_budget
+from edgecl.runtime.costs import ENVIRONMENT, activation_bytes
+from edgecl.runtime.process_memory import process_rss
+from edgecl.runtime.task_runtime import TaskRuntime
+from edgecl.source import IN_MEMORY, ModelSource, open_model
 
 
-def process_rss() -> int | None:
-    """Resident set size of this process in bytes (psutil, else /proc), or None where neither exists."""
-    try:
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
-    except ImportError:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            return None
-
-
-def dense_params(packed: PackedModel, t: int) -> int:
+def dense_params(src: ModelSource, t: int) -> int:
     """Parameters of task t as one dense model (trunk + its head)."""
-    return arch_dense_params(packed.arch, packed.tasks[t].n_classes)
+    return arch_dense_params(src.arch, src.tasks[t].n_classes)
 
 
-def static_audit(packed: PackedModel, path: str | Path | None = None) -> dict[str, Any]:
-    """Bytes per component (shared tensors) and per task, on disk where a file is given, else in memory."""
-    shared = {name: int(a.nbytes) for name, a in packed.base.items()}
-    per_task = [int(sum(a.nbytes for a in tt.values())) for tt in packed.task_tensors]
-    disk = None
-    inspected = None
-    if path is not None:
-        disk = Path(path).stat().st_size
-        inspected = inspect_artifact(path)
+def static_audit(source: Any) -> dict[str, Any]:
+    """Bytes per component (shared tensors) and per task (decoded), on disk where the model is a file, else in
+    memory. Reads one task at a time."""
+    src = open_model(source)
+    shared = {name: int(src.read_base(name).nbytes) for name in src.base_names()}
+    per_task = [int(sum(a.nbytes for a in src.read_task(t).values())) for t in range(src.n_tasks)]
+    disk = inspected = None
+    if src.origin != IN_MEMORY:
+        disk = Path(src.origin).stat().st_size
+        inspected = inspect_artifact(src.origin)
     total = disk if disk is not None else sum(shared.values()) + sum(per_task)
-    dense = [dense_params(packed, t) for t in range(packed.n_tasks)]
-    n = packed.n_tasks
+    dense = [dense_params(src, t) for t in range(src.n_tasks)]
+    n = src.n_tasks
     marginal = _marginal_task_bytes(per_task)
     fixed = total - marginal * n
     return {
@@ -77,36 +67,33 @@ def resident_audit(source: Any, batch: int = 8, device: str = "cpu", strategy: s
     """Predicted and measured resident bytes of a runtime serving `source` at `batch`.
 
     The measurement is the RSS increase from before loading to after every cache slot has served one batch; it is
-    meaningful in a fresh process (the CLI's case). An in-memory PackedModel is already resident, so its tensors
-    are excluded from the comparison. The loaded model is returned under "packed" for the static part."""
-    from edgecl.runtime import session
-    from edgecl.runtime.session import TaskRuntime, activation_bytes
-
-    paid = session._environment["charged"]  # this process already holds ONNX Runtime's one-off cost
+    meaningful in a fresh process (the CLI's case). A model from a file is loaded by the runtime itself, so the
+    increase is what the runtime holds; an in-memory model is already resident, so its tensors are excluded from the
+    comparison."""
+    src = open_model(source)
+    in_memory = src.origin == IN_MEMORY
+    paid = ENVIRONMENT.charged  # this process already holds ONNX Runtime's one-off cost
     gc.collect()
     before = process_rss()
-    runtime = TaskRuntime(source, device=device, strategy=strategy, cache_tasks=cache_tasks, max_batch=batch,
-                          charge_environment=True)
+    runtime = TaskRuntime(src if in_memory else src.origin, device=device, strategy=strategy,
+                          cache_tasks=cache_tasks, max_batch=batch, charge_environment=True)
     x = np.zeros((batch, *runtime.input_shape), np.float32)
     for t in range(max(1, min(runtime.n_slots, runtime.n_tasks))):  # every cache slot resident, as in service
         runtime.infer(x, task=t)
     gc.collect()
     after = process_rss()
     predicted = dict(runtime.ledger.items)
-    preloaded = isinstance(source, PackedModel)
-    skip = {"model tensors"} if preloaded else set()
+    skip = {"model tensors"} if in_memory else set()
     skip |= {"onnxruntime environment"} if paid else set()
     compared = sum(v for k, v in predicted.items() if k not in skip)
     measured = None if before is None or after is None else after - before
-    own = sum(a.nbytes for tt in runtime.packed.task_tensors for a in tt.values())
     return {
         "strategy": runtime.strategy, "providers": runtime.providers, "batch": batch, "predicted": predicted,
         "predicted_total": sum(predicted.values()), "predicted_compared": compared, "measured_rss_increase": measured,
         "relative_error": (compared - measured) / measured if measured and measured > 0 else None,
-        "slot_bytes": runtime._slot_bytes() if runtime.strategy == "inplace" else 0,
-        "resident_bytes_per_task": (own + predicted.get("task masks", 0)) / runtime.n_tasks,
-        "activation_bytes": activation_bytes(runtime.arch, batch, max(i.n_classes for i in runtime.packed.tasks)),
-        "cuda": _cuda_memory(device), "packed": runtime.packed,
+        "slot_bytes": runtime.slot_bytes, "resident_bytes_per_task": runtime.task_bytes / runtime.n_tasks,
+        "activation_bytes": activation_bytes(runtime.arch, batch, max(i.n_classes for i in src.tasks)),
+        "cuda": _cuda_memory(device),
     }
 
 
@@ -123,10 +110,9 @@ def audit(artifact: Any, budget: int | str, batch: int = 8, device: str = "cpu")
         raise UsageError("audit needs a budget, e.g. 32MiB")
     if not isinstance(batch, int) or batch < 1:
         raise UsageError(f"batch must be a positive int, got {batch!r}")
-    path = artifact if isinstance(artifact, (str, Path)) else getattr(artifact, "path", None)
-    resident = resident_audit(artifact, batch, device)
-    packed = resident.pop("packed")
-    static = static_audit(packed, path)
+    src = open_model(artifact)
+    resident = resident_audit(src, batch, device)
+    static = static_audit(src)
     need = max(resident["predicted_total"], resident["measured_rss_increase"] or 0)
     grow = resident["resident_bytes_per_task"]
     more = math.floor((limit - need) / grow) if grow > 0 and need <= limit else 0
@@ -135,9 +121,9 @@ def audit(artifact: Any, budget: int | str, batch: int = 8, device: str = "cpu")
     elif resident["slot_bytes"]:
         slots = (limit - need) // resident["slot_bytes"] + 1
     else:  # per-task sessions, or every switched layer factored: no task needs a copy on a switch
-        slots = packed.n_tasks
+        slots = src.n_tasks
     return {"budget": limit, "fits": need <= limit, "needed": need, "more_tasks_fit": more,
-            "tasks_cacheable": int(min(slots, packed.n_tasks)), "static": static, "resident": resident}
+            "tasks_cacheable": int(min(slots, src.n_tasks)), "static": static, "resident": resident}
 
 
 def budget_summary(report_or_artifact: Any, budget: int | str | None = None, batch: int = 8,
@@ -188,17 +174,10 @@ def projection(static: dict[str, Any], up_to: int) -> tuple[list[int], list[floa
 
 def plot(report: dict[str, Any], out: str | Path) -> Path:
     """PNG: bytes against task count (ours vs separate models, budget line) and the resident breakdown."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UsageError("--plot needs matplotlib (pip install 'edgecl[train]' or matplotlib)") from None
     static, resident = report["static"], report["resident"]
     counts, ours, separate = projection(static, max(2 * static["tasks"], 20))
     resident_now, per_task = report["needed"], resident["resident_bytes_per_task"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = new_figure((11, 4.2), nrows=1, ncols=2)
     mib = 1024 ** 2
     left.plot(counts, [b / mib for b in ours], label="artifact on disk (projected)")
     left.plot(counts, [b / mib for b in separate], label="separate dense fp32 models on disk", linestyle="--")
@@ -217,10 +196,7 @@ def plot(report: dict[str, Any], out: str | Path) -> Path:
         right.legend()
     right.set(xlabel="MiB resident", title=f"resident at batch {resident['batch']} ({resident['strategy']})")
     fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return Path(save_png(fig, out))
 
 
 __all__ = ["audit", "budget_summary", "print_budget_summary", "plot", "process_rss", "static_audit",

@@ -22,18 +22,25 @@ activations around a constant base weight, so a switch rebinds a few vectors ins
 node: ``rows ⊙ (W (cols ⊙ x))``; lowrank: ``r ⊙ (W (s ⊙ x)) + U (Vᵀ x)`` (HALRP's "keep the low-rank branch
 unfolded", taken when its k(J+I)+J+I numbers are fewer than the J·I of the folded weight); permute:
 ``gather(W x (+ b), perm)``. Element-wise LPS masks have no such form: their weights are rewritten on a miss.
+
+Plans keep only what a switch reads. They are built task by task from a lazy `ModelSource` (`read_plans`), so the
+decoded LPS sharing masks (a byte per element, growing with the square of the task count) and the owner maps live
+only while the keep bits are made, never all at once and never after.
 """
 from __future__ import annotations
 
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 
 from edgecl.arch import param_shapes
 from edgecl.deltas import PackedModel, lps_keep, materialize_param, node_factor, task_permutation
+from edgecl.errors import ArtifactError, UsageError
 from edgecl.graph.builder import tensor_names
 from edgecl.runtime.maskfill import CHUNK, masked_copy
+from edgecl.source import IN_MEMORY, ModelSource
 
 # Layers smaller than this are folded on a switch rather than factored: rewriting 64 K weights costs ~20-40 µs once,
 # while each node a factored layer adds costs ~4 µs on every inference (tools/results/bench_switch_trained.json)
@@ -46,7 +53,9 @@ class TensorPlan:
     plan: str
     shape: tuple[int, ...]
     base: np.ndarray | None = None
-    per_task: list = field(default_factory=list)  # own: arrays; masked: packed bits; permute: indices or None
+    # own: arrays; masked: packed keep bits; permute: indices or None; generic: a one-task model holding only this
+    # tensor's base (also `base`) and the task's pieces of it (what `materialize_param` reads)
+    per_task: list = field(default_factory=list)
 
     @property
     def constant(self) -> bool:
@@ -63,11 +72,24 @@ class TensorPlan:
         return self.plan in ("masked", "permute", "generic")
 
     @property
-    def nbytes_per_task(self) -> int:
-        return sum(a.nbytes for a in self.per_task if a is not None)
+    def keeps_masks(self) -> bool:
+        """True when the per-task pieces are keep masks or permutations built here (not the model's own arrays)."""
+        return self.plan in ("masked", "permute")
 
-    def fill(self, packed: PackedModel, t: int, out: np.ndarray, pool: Executor | None = None,
-             workers: int = 1) -> None:
+    @property
+    def mask_bytes(self) -> int:
+        """Bytes of the per-task keep masks or permutations this plan built (0 for other plans)."""
+        return sum(a.nbytes for a in self.task_arrays()) if self.keeps_masks else 0
+
+    def task_arrays(self) -> Iterator[np.ndarray]:
+        """The per-task arrays this plan keeps alive (own arrays, keep bits, permutations, generic pieces)."""
+        for item in self.per_task:
+            if isinstance(item, PackedModel):
+                yield from item.task_tensors[0].values()
+            elif item is not None:
+                yield item
+
+    def fill(self, t: int, out: np.ndarray, pool: Executor | None = None, workers: int = 1) -> None:
         """Write task t's values of this tensor into `out` (a float32 buffer of `shape`). With a thread pool, a large
         masked tensor is written in parallel ranges (numpy releases the GIL: 2.9× faster on 4 cores of a Xeon)."""
         if self.plan == "masked":
@@ -82,129 +104,214 @@ class TensorPlan:
             perm = self.per_task[t]
             np.copyto(out, self.base) if perm is None else np.take(self.base, perm, axis=0, out=out)
         else:
-            materialize_param(packed, t, self.name, out=out)  # low-rank: written in place, no temporaries
+            materialize_param(self.per_task[t], 0, self.name, out=out)  # low-rank: written in place, no temporaries
+
+
+@dataclass
+class SwitchPlans:
+    """The plans of one model and its factored layers (layer name → form, see `factor_forms`)."""
+
+    plans: list[TensorPlan]
+    forms: dict[str, str]
+
+    def graph_factors(self) -> dict[str, tuple[str, dict[str, tuple]]]:
+        """For `build_onnx(factors=...)`: factored layer → (form, {part: shape of its `LAYER.weight:PART` vectors})."""
+        factors = {}
+        for layer, form in self.forms.items():
+            prefix = f"{layer}.weight:"
+            factors[layer] = (form, {p.name[len(prefix):]: p.shape for p in self.plans if p.name.startswith(prefix)})
+        return factors
 
 
 def _float32(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def factor_forms(packed: PackedModel) -> dict[str, str]:
+def factor_forms(src: ModelSource, ranks: dict[str, int] | None = None) -> dict[str, str]:
     """Linear/conv layer name → how its task delta is applied to activations ("node", "lowrank", "permute", or
     "permute+bias" when the bias is permuted with the output); layers not listed get their weight switched (or are
-    constant when shared). Chosen by size: layers of fewer than `FACTOR_MIN_ELEMENTS` weights are folded."""
+    constant when shared). Chosen by size: layers of fewer than `FACTOR_MIN_ELEMENTS` weights are folded.
+    `ranks` (low-rank weight → largest k over the tasks) saves reading every task again when the caller has."""
     forms = {}
-    for layer in packed.arch["nodes"]:
+    for layer in src.arch["nodes"]:
         if layer["op"] not in ("linear", "conv"):
             continue
         name = layer["name"]
-        spec = packed.params.get(f"{name}.weight", {})
+        weight = f"{name}.weight"
+        spec = src.params.get(weight, {})
         kind = spec.get("kind")
-        if kind in ("node", "lowrank", "permute") and packed.base[f"{name}.weight"].size < FACTOR_MIN_ELEMENTS:
+        if kind not in ("node", "lowrank", "permute"):
+            continue
+        shape = src.read_base(weight).shape
+        if int(np.prod(shape)) < FACTOR_MIN_ELEMENTS:
             continue
         if kind == "node":
             forms[name] = kind
         elif kind == "permute":  # the bias is gathered with the output when it shares the weight's permutation
-            bias = packed.params.get(f"{name}.bias", {})
+            bias = src.params.get(f"{name}.bias", {})
             same = bias.get("kind") == "permute" and bias.get("group") == spec.get("group")
             forms[name] = "permute+bias" if same else "permute"
-        elif kind == "lowrank" and _lowrank_unfold_smaller(packed, f"{name}.weight"):
-            forms[name] = "lowrank"
+        else:
+            k = ranks[weight] if ranks is not None else _largest_rank(src, weight)
+            if max(k, 1) * (shape[0] + shape[1]) + shape[0] + shape[1] < int(np.prod(shape)):
+                forms[name] = "lowrank"
     return forms
 
 
-def _lowrank_unfold_smaller(packed: PackedModel, weight: str) -> bool:
-    shape = packed.base[weight].shape
+def _largest_rank(src: ModelSource, weight: str) -> int:
+    """The largest low-rank k of `weight` over the tasks (reads every task: for callers without `ranks`)."""
+    return max((tt[f"{weight}:u"].shape[-1] for tt in map(src.read_task, range(src.n_tasks))
+                if f"{weight}:u" in tt), default=0)
+
+
+def _node_parts(tt: dict[str, np.ndarray], spec: dict, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """A node-factored layer's per-task vectors: the same node vectors `deltas.node_factor` broadcasts over the
+    weight; for a convolution shaped (C, 1, 1) to broadcast over NCHW."""
+    chan = (1, 1) if len(shape) == 4 else ()
+    parts = {}
+    if spec.get("rows"):
+        parts["rows"] = _float32(tt[f"nodes:{spec['rows']}"].reshape((shape[0],) + chan))
+    if spec.get("cols"):
+        cols = np.repeat(tt[f"nodes:{spec['cols']}"], int(spec.get("repeat", 1)))
+        parts["cols"] = _float32(cols.reshape((shape[1],) + chan))
+    return parts
+
+
+def _lowrank_parts(pieces: dict[str, np.ndarray], weight: str, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """A low-rank-factored layer's per-task vectors r, s, U, V. For a convolution the factors become 1×1 kernels:
+    V as (k, I, 1, 1), U as (J, k, 1, 1) times the kernel area (the residual, constant over the kernel, meets a
+    window *sum* of the input)."""
     j, i = shape[:2]
-    k = max((tt[f"{weight}:u"].shape[-1] for tt in packed.task_tensors if f"{weight}:u" in tt), default=0)
-    return max(k, 1) * (j + i) + j + i < int(np.prod(shape))
+    chan = (1, 1) if len(shape) == 4 else ()
+    u, v = pieces.get(f"{weight}:u"), pieces.get(f"{weight}:v")
+    if u is None or v is None or u.shape[-1] == 0:
+        u, v = np.zeros((j, 1), np.float32), np.zeros((i, 1), np.float32)
+    parts = {"r": _float32(np.asarray(pieces.get(f"{weight}:r", np.ones(j, np.float32))).reshape((j,) + chan)),
+             "s": _float32(np.asarray(pieces.get(f"{weight}:s", np.ones(i, np.float32))).reshape((i,) + chan))}
+    if chan:
+        parts["u"] = _float32((u * np.float32(shape[2] * shape[3])).reshape(j, -1, 1, 1))
+        parts["v"] = _float32(v.T.reshape(-1, i, 1, 1))
+    else:
+        parts["u"], parts["v"] = _float32(u), _float32(v)
+    return parts
 
 
-def _factor_plans(packed: PackedModel, layer: str, form: str) -> list[TensorPlan]:
-    """The per-task vectors a factored layer binds (float32; int64 permutations), one array per task. For a
-    convolution, channel vectors are shaped (C, 1, 1) to broadcast over NCHW, and the low-rank factors become 1×1
-    kernels: V as (k, I, 1, 1), U as (J, k, 1, 1) times the kernel area (the residual, constant over the kernel,
-    meets a window *sum* of the input)."""
-    weight = f"{layer}.weight"
-    spec, w = packed.params[weight], packed.base[weight]
-    j, i = w.shape[:2]
-    conv = w.ndim == 4
-    chan = (1, 1) if conv else ()
-    per: dict[str, list[np.ndarray]] = {}
+class _TaskReader:
+    """One pass over the tasks, keeping per tensor only what its plan needs (see the module docstring)."""
 
-    def add(part: str, array: np.ndarray) -> None:
-        per.setdefault(part, []).append(_float32(array))
+    def __init__(self, src: ModelSource, factored: bool):
+        self.src = src
+        self.names = tensor_names(src.arch)
+        self.bases = {name: src.read_base(name) for name in src.base_names()}  # owner maps too, while reading
+        # node layers are factored by size alone; low-rank ones also by rank, known once every task is read
+        sized = factor_forms(src, ranks=dict.fromkeys(src.params, 0)) if factored else {}
+        self.node_layers = {layer for layer, form in sized.items() if form == "node"}
+        self.own: dict[str, list[np.ndarray]] = {}
+        self.bits: dict[str, list[np.ndarray]] = {}
+        self.pieces: dict[str, list[dict[str, np.ndarray]]] = {}  # low-rank (or other generic) tensors' task pieces
+        self.node_parts: dict[str, list[dict[str, np.ndarray]]] = {}
+        # `deltas`' helpers read a PackedModel: this one holds the bases and, while it is read, one task's tensors
+        self.view = PackedModel(src.arch, src.method, src.config, src.params, self.bases, list(src.tasks),
+                                [{}] * src.n_tasks)
 
-    for t, tt in enumerate(packed.task_tensors):
-        if form == "node":  # the same node vectors `deltas.node_factor` broadcasts over the weight
-            if spec.get("rows"):
-                add("rows", tt[f"nodes:{spec['rows']}"].reshape((j,) + chan))
-            if spec.get("cols"):
-                add("cols", np.repeat(tt[f"nodes:{spec['cols']}"], int(spec.get("repeat", 1))).reshape((i,) + chan))
-        elif form == "lowrank":
-            u, v = tt.get(f"{weight}:u"), tt.get(f"{weight}:v")
-            if u is None or v is None or u.shape[-1] == 0:
-                u, v = np.zeros((j, 1), np.float32), np.zeros((i, 1), np.float32)
-            add("r", np.asarray(tt.get(f"{weight}:r", np.ones(j, np.float32))).reshape((j,) + chan))
-            add("s", np.asarray(tt.get(f"{weight}:s", np.ones(i, np.float32))).reshape((i,) + chan))
-            if conv:
-                add("u", (u * np.float32(w.shape[2] * w.shape[3])).reshape(j, -1, 1, 1))
-                add("v", v.T.reshape(-1, i, 1, 1))
-            else:
-                add("u", u)
-                add("v", v)
-        else:  # permute
-            seed = packed.tasks[t].seed
-            perm = np.arange(j) if seed is None else task_permutation(seed, spec["group"], j)
-            per.setdefault("perm", []).append(np.ascontiguousarray(perm, dtype=np.int64))
-    return [TensorPlan(f"{weight}:{part}", "own", arrays[0].shape, None, arrays) for part, arrays in per.items()]
+    def read(self) -> None:
+        for t in range(self.src.n_tasks):
+            tt = self.src.read_task(t)
+            self.view.task_tensors[t] = tt
+            try:
+                self._keep_task(t, tt)
+            except (KeyError, ValueError, IndexError, TypeError) as exc:  # UsageError is a ValueError
+                raise _inconsistent(self.src, t, exc) from None
+            self.view.task_tensors[t] = {}
+
+    def _keep_task(self, t: int, tt: dict[str, np.ndarray]) -> None:
+        for name in self.names:
+            spec = self.src.params[name]
+            kind = spec["kind"]
+            layer, _, part = name.rpartition(".")
+            if kind == "task":
+                self.own.setdefault(name, []).append(_float32(tt[name]))
+            elif kind == "node" and layer in self.node_layers and part == "weight":
+                self.node_parts.setdefault(layer, []).append(_node_parts(tt, spec, self.bases[name].shape))
+            elif kind in ("lps", "node"):
+                self.bits.setdefault(name, []).append(np.packbits(self._keep(t, name, spec).reshape(-1)))
+            elif kind not in ("shared", "permute"):  # low rank and anything without a cheaper plan
+                self.pieces.setdefault(name, []).append(
+                    {key: a for key, a in tt.items() if key == name or key.startswith(f"{name}:")})
+
+    def _keep(self, t: int, name: str, spec: dict) -> np.ndarray:
+        if spec["kind"] == "lps":
+            return lps_keep(self.view, t, name)
+        shape = self.bases[name].shape
+        return np.broadcast_to(node_factor(self.view, t, spec, shape), shape)
+
+    def ranks(self) -> dict[str, int]:
+        return {name: max((p[f"{name}:u"].shape[-1] for p in per if f"{name}:u" in p), default=0)
+                for name, per in self.pieces.items()}
 
 
-def graph_factors(packed: PackedModel, plans: list[TensorPlan]) -> dict[str, tuple[str, dict[str, tuple]]]:
-    """For `build_onnx(factors=...)`: factored layer → (form, {part: shape of its `LAYER.weight:PART` vectors})."""
-    factors = {}
-    for layer, form in factor_forms(packed).items():
-        prefix = f"{layer}.weight:"
-        factors[layer] = (form, {p.name[len(prefix):]: p.shape for p in plans if p.name.startswith(prefix)})
-    return factors
+def _inconsistent(src: ModelSource, t: int, exc: Exception) -> Exception:
+    info = src.tasks[t]
+    problem = f"inconsistent delta of task {t} ({info.name}): {str(exc)[:200]}"
+    if src.origin == IN_MEMORY:
+        return UsageError(f"inconsistent model: {problem}")
+    return ArtifactError(src.origin, "model", problem)
 
 
-def build_plans(packed: PackedModel, factored: bool = False) -> list[TensorPlan]:
-    """One plan per graph tensor, in `tensor_names` order (then the factored layers' vectors). `factored=False`
-    gives the graph of `build_onnx(weights_as_inputs=True)`: every tensor an input."""
-    shapes = param_shapes(packed.arch, 1)
-    forms = factor_forms(packed) if factored else {}
+def read_plans(src: ModelSource, factored: bool = False) -> SwitchPlans:
+    """One plan per graph tensor, in `tensor_names` order (then the factored layers' vectors), read task by task.
+    `factored=False` gives the graph of `build_onnx(weights_as_inputs=True)`: every tensor an input."""
+    reader = _TaskReader(src, factored)
+    reader.read()
+    forms = factor_forms(src, ranks=reader.ranks()) if factored else {}
+    shapes = param_shapes(src.arch, 1)
     plans, extra = [], []
-    for name in tensor_names(packed.arch):
-        spec = packed.params[name]
+    for name in reader.names:
+        spec = src.params[name]
         kind = spec["kind"]
-        shape = tuple(packed.base[name].shape) if name in packed.base else shapes[name]
+        base = reader.bases.get(name)
+        shape = tuple(base.shape) if base is not None else shapes[name]
         layer, _, part = name.rpartition(".")
         form = forms.get(layer)
         if form and part == "weight":
-            plans.append(TensorPlan(name, "const", shape, _float32(packed.base[name])))
-            extra += _factor_plans(packed, layer, form)
+            plans.append(TensorPlan(name, "const", shape, _float32(base)))
+            extra += _factor_plans(reader, name, form, shape)
         elif form == "permute+bias" and part == "bias":
-            plans.append(TensorPlan(name, "const", shape, _float32(packed.base[name])))  # gathered with the output
+            plans.append(TensorPlan(name, "const", shape, _float32(base)))  # gathered with the output
         elif kind == "shared":
-            plans.append(TensorPlan(name, "const" if factored else "static", shape, _float32(packed.base[name])))
+            plans.append(TensorPlan(name, "const" if factored else "static", shape, _float32(base)))
         elif kind == "task":
-            own = [_float32(tt[name]) for tt in packed.task_tensors]
-            plans.append(TensorPlan(name, "own", own[0].shape if own else shape, None, own))
+            own = reader.own[name]
+            plans.append(TensorPlan(name, "own", own[0].shape, None, own))
         elif kind in ("lps", "node"):
-            base = _float32(packed.base[name])
-            bits = [np.packbits(_keep(packed, t, name, spec, base.shape).reshape(-1)) for t in range(packed.n_tasks)]
-            plans.append(TensorPlan(name, "masked", shape, base, bits))
+            plans.append(TensorPlan(name, "masked", shape, _float32(base), reader.bits[name]))
         elif kind == "permute":
             perms = [None if info.seed is None else task_permutation(info.seed, spec["group"], shape[0])
-                     for info in packed.tasks]
-            plans.append(TensorPlan(name, "permute", shape, _float32(packed.base[name]), perms))
+                     for info in src.tasks]
+            plans.append(TensorPlan(name, "permute", shape, _float32(base), perms))
         else:
-            plans.append(TensorPlan(name, "generic", shape))
-    return plans + extra
+            views = [PackedModel(src.arch, src.method, src.config, {name: spec}, {name: base}, [info], [pieces])
+                     for info, pieces in zip(src.tasks, reader.pieces[name])]
+            plans.append(TensorPlan(name, "generic", shape, base, views))  # base: what the views read, counted
+    return SwitchPlans(plans + extra, forms)
 
 
-def _keep(packed: PackedModel, t: int, name: str, spec: dict, shape: tuple[int, ...]) -> np.ndarray:
-    if spec["kind"] == "lps":
-        return lps_keep(packed, t, name)
-    return np.broadcast_to(node_factor(packed, t, spec, shape), shape)
+def _factor_plans(reader: _TaskReader, weight: str, form: str, shape: tuple[int, ...]) -> list[TensorPlan]:
+    """The per-task vectors a factored layer binds (float32; int64 permutations), one array per task."""
+    layer = weight.rpartition(".")[0]
+    if form == "node":
+        per_task = reader.node_parts[layer]
+    elif form == "lowrank":
+        per_task = [_lowrank_parts(pieces, weight, shape) for pieces in reader.pieces[weight]]
+    else:
+        group = reader.src.params[weight]["group"]
+        per_task = [{"perm": np.arange(shape[0], dtype=np.int64) if info.seed is None
+                     else np.ascontiguousarray(task_permutation(info.seed, group, shape[0]), dtype=np.int64)}
+                    for info in reader.src.tasks]
+    return [TensorPlan(f"{weight}:{part}", "own", per_task[0][part].shape, None, [parts[part] for parts in per_task])
+            for part in per_task[0]]
+
+
+def build_plans(src: ModelSource, factored: bool = False) -> list[TensorPlan]:
+    """The plans of `read_plans`, as a list (tests and tools)."""
+    return read_plans(src, factored).plans

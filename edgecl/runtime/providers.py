@@ -1,4 +1,4 @@
-"""Backend and device resolution for ONNX Runtime, and device placement of tensors.
+"""Backend and device resolution for ONNX Runtime, session options, and device placement of tensors.
 
 `auto` picks the best execution providers that exist: TensorRT EP, then CUDA EP on device "cuda"; the CPU EP on "cpu".
 Only the CPU path is verified on the project's machines (onnxruntime-gpu and TensorRT are not installable there); the
@@ -36,6 +36,16 @@ def resolve_providers(backend: str, device: str) -> list[str]:
                          f"offers only {available}; install the 'gpu' extra (onnxruntime-gpu) instead of onnxruntime")
     fallbacks = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available and p not in chosen]
     return chosen + fallbacks
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    """Options for every session the runtime creates: `threads` intra-op threads (None: ONNX Runtime's default)."""
+    options = ort.SessionOptions()
+    if threads is not None:
+        if not isinstance(threads, int) or threads < 1:
+            raise UsageError(f"threads must be a positive int, got {threads!r}")
+        options.intra_op_num_threads = threads
+    return options
 
 
 def ort_device(device: str) -> str:

@@ -72,14 +72,20 @@ def _digits(seed: int):
     return train_test_split(x, d.target.astype(np.int64), test_size=0.3, random_state=seed, stratify=d.target)
 
 
-def make_stream(name: str, n_tasks: int | None = None, seed: int = 0) -> Stream:
-    """A built-in stream by name (see STREAMS). Same name, n_tasks and seed → same data, always."""
-    if name not in STREAMS:
-        if os.path.exists(name):
-            return load_stream_file(name)
+def check_stream(name: str, n_tasks: int | None = None) -> None:
+    """Refuse an unknown stream name or task count before any data is built (cheap: nothing is loaded)."""
+    if name not in STREAMS and not os.path.exists(name):
         raise UsageError(f"unknown stream {name!r} (built-in: {', '.join(STREAMS)}; or a path to a .npz file)")
     if n_tasks is not None and n_tasks < 1:
         raise UsageError(f"n_tasks must be ≥ 1, got {n_tasks}")
+
+
+def make_stream(name: str, n_tasks: int | None = None, seed: int = 0) -> Stream:
+    """A built-in stream by name (see STREAMS). Same name, n_tasks and seed → same data, always."""
+    if name not in STREAMS:
+        check_stream(name)
+        return load_stream_file(name)
+    check_stream(name, n_tasks)
     rng = np.random.default_rng(seed)
     if name == "synthetic":
         return _synthetic(n_tasks or 10, rng)

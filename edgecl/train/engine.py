@@ -2,8 +2,6 @@
 form of the model (`materialize(pack(), j)`), filling the accuracy matrix A[i][j]."""
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,7 +10,6 @@ import numpy as np
 import torch
 
 from edgecl import metrics
-from edgecl.io import write_atomic
 from edgecl.deltas import PackedModel, materialize
 from edgecl.train.data import Stream, TaskData
 from edgecl.train.models import forward, from_numpy
@@ -81,53 +78,3 @@ def run(method: Method, stream: Stream, ctx: TrainContext | None = None, first_t
             f"mean over seen {np.nanmean(acc[t, :t + 1]):.3f} ({times[-1]:.1f}s)")
     rows = [[float(acc[i, j]) for j in range(i + 1)] for i in range(n)]
     return RunResult(method.name, stream.name, rows, packed, times, ctx.notes, first_task)
-
-
-def format_matrix(acc_matrix: list[list[float]]) -> str:
-    """The accuracy matrix as a fixed-width text table (percent)."""
-    n = len(acc_matrix)
-    lines = ["after\\on " + " ".join(f"{j:>5}" for j in range(n))]
-    for i, row in enumerate(acc_matrix):
-        lines.append(f"{i:>8} " + " ".join(f"{100 * v:5.1f}" for v in row))
-    return "\n".join(lines)
-
-
-def write_results(result: RunResult, out_dir: str) -> dict[str, Any]:
-    """results.json plus acc_matrix.png (heatmap) in out_dir; returns the JSON dict."""
-    os.makedirs(out_dir, exist_ok=True)
-    data = result.to_json()
-    save_json(data, os.path.join(out_dir, "results.json"))
-    plot_matrix(result.acc_matrix, f"{result.method} on {result.stream}", os.path.join(out_dir, "acc_matrix.png"))
-    return data
-
-
-def save_json(data: dict[str, Any], path: str) -> None:
-    """Write JSON atomically (temp file + rename): a crash never leaves a half-written results file."""
-    write_atomic(path, json.dumps(data, indent=2).encode())
-
-
-def plot_matrix(acc_matrix: list[list[float]], title: str, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(acc_matrix)
-    a = np.full((n, n), np.nan)
-    for i, row in enumerate(acc_matrix):
-        a[i, :len(row)] = row
-    fig, ax = plt.subplots(figsize=(max(4.4, 1.0 + 0.55 * n), max(3.6, 0.8 + 0.5 * n)))  # min: title fits
-    im = ax.imshow(100 * a, vmin=0, vmax=100, cmap="viridis")
-    for i in range(n):
-        for j in range(i + 1):
-            ax.text(j, i, f"{100 * a[i, j]:.0f}", ha="center", va="center", fontsize=8,
-                    color="white" if a[i, j] < 0.6 else "black")
-    ax.set_xlabel("evaluated on task j")
-    ax.set_ylabel("after learning task i")
-    ax.set_xticks(range(n))
-    ax.set_yticks(range(n))
-    ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, label="accuracy %", shrink=0.8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

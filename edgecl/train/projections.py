@@ -17,7 +17,6 @@ from edgecl.arch import gemm_shape
 from edgecl.errors import UsageError
 
 UNITS = ("element", "column", "row")
-PRUNING_UNIT = {"irregular": "element", "column": "column", "filter": "row"}
 
 
 def _tensor(x) -> torch.Tensor:

@@ -6,7 +6,6 @@ task through `materialize(pack(), t)`, so what is measured during training is ex
 """
 from __future__ import annotations
 
-import dataclasses
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -16,30 +15,11 @@ import numpy as np
 import torch
 
 from edgecl.arch import Arch
+from edgecl.config import MethodConfig
 from edgecl.deltas import PackedModel
 from edgecl.errors import UsageError
+from edgecl.progress import bar as progress_bar
 from edgecl.train.data import TaskData
-
-
-@dataclass
-class MethodConfig:
-    """Fields every method has; each method's config dataclass extends this. Stored as JSON in the artifact."""
-
-    lr: float = 1e-3
-    batch_size: int = 64
-    epochs: int = 10
-    seed: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "MethodConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise UsageError(f"{cls.__name__}: unknown config fields {sorted(unknown)} (known: {sorted(known)})")
-        return cls(**data)
 
 
 @dataclass
@@ -51,10 +31,9 @@ class TrainContext:
     notes: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def bar(self, total: int, desc: str):
-        """A tqdm bar (disabled when progress is off) that methods advance once per step or epoch."""
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=desc, leave=False, disable=not self.progress, dynamic_ncols=True)
+        """A progress bar (silent when progress is off or off a terminal) that methods advance once per step or
+        epoch."""
+        return progress_bar(total=total, desc=desc, enabled=self.progress)
 
 
 class Method(ABC):

@@ -1,20 +1,32 @@
-"""Method registry: names → method classes, imported lazily so `edgecl` stays light. New methods add one line."""
+"""Method registry: names → method classes and their config classes, imported lazily so `edgecl` stays light.
+
+A method's config lives in a torch-free module beside it (`methods/<name>_config.py`), so a name or a config value is
+refused before torch is imported; only `method_class`/`create` import the method itself. New methods add one line.
+"""
 from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Any
+from typing import Any, NamedTuple
 
 from edgecl.arch import Arch
+from edgecl.config import MethodConfig
 from edgecl.errors import UsageError
 
+
+class Entry(NamedTuple):
+    method: str  # "module:Class" of the method (imports torch)
+    config: str  # "module:Class" of its config dataclass (torch-free)
+
+
+_BASE_CONFIG = "edgecl.config:MethodConfig"
 _METHODS = {
-    "lps": "edgecl.train.methods.lps:LPS",
-    "agscl": "edgecl.train.methods.agscl:AGSCL",
-    "halrp": "edgecl.train.methods.halrp:HALRP",
-    "rgo": "edgecl.train.methods.rgo:RGO",
-    "finetune": "edgecl.train.methods.finetune:Finetune",
-    "stl": "edgecl.train.methods.stl:STL",
+    "lps": Entry("edgecl.train.methods.lps:LPS", "edgecl.train.methods.lps_config:LPSConfig"),
+    "agscl": Entry("edgecl.train.methods.agscl:AGSCL", "edgecl.train.methods.agscl_config:AGSCLConfig"),
+    "halrp": Entry("edgecl.train.methods.halrp:HALRP", "edgecl.train.methods.halrp_config:HALRPConfig"),
+    "rgo": Entry("edgecl.train.methods.rgo:RGO", "edgecl.train.methods.rgo_config:RGOConfig"),
+    "finetune": Entry("edgecl.train.methods.finetune:Finetune", _BASE_CONFIG),
+    "stl": Entry("edgecl.train.methods.stl:STL", _BASE_CONFIG),
 }
 
 
@@ -25,19 +37,38 @@ def known() -> list[str]:
 
 def available() -> list[str]:
     """Names of the methods whose module is present."""
-    return [n for n, target in _METHODS.items() if importlib.util.find_spec(target.split(":")[0]) is not None]
+    return [n for n, entry in _METHODS.items() if importlib.util.find_spec(entry.method.split(":")[0]) is not None]
 
 
-def method_class(name: str):
+def entry(name: str) -> Entry:
+    """Where the method and its config live; UsageError for an unknown name (nothing is imported)."""
     if name not in _METHODS:
         raise UsageError(f"unknown method {name!r} (known: {', '.join(_METHODS)})")
-    module, cls = _METHODS[name].split(":")
+    return _METHODS[name]
+
+
+def _import(name: str, target: str) -> Any:
+    module, attr = target.split(":")
     try:
-        return getattr(importlib.import_module(module), cls)
+        return getattr(importlib.import_module(module), attr)
     except ModuleNotFoundError as exc:
         if exc.name == module:
             raise UsageError(f"method {name!r} is not implemented in this build") from None
         raise
+
+
+def config_class(name: str) -> type[MethodConfig]:
+    """The method's config dataclass, without importing torch."""
+    return _import(name, entry(name).config)
+
+
+def check_config(name: str, data: dict[str, Any] | None = None) -> MethodConfig:
+    """The method's config from JSON-able overrides of its defaults, validated (UsageError naming the field)."""
+    return config_class(name).from_json(data or {})
+
+
+def method_class(name: str):
+    return _import(name, entry(name).method)
 
 
 def create(name: str, arch: Arch, config: dict[str, Any] | None = None):

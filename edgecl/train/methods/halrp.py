@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,54 +38,11 @@ from edgecl.deltas import PackedModel, TaskInfo
 from edgecl.errors import UsageError
 from edgecl.train.data import TaskData
 from edgecl.train.methods.finetune import fit
+from edgecl.train.methods.halrp_config import HALRPConfig
 from edgecl.train.models import Params, forward, init_head, init_params, to_numpy
-from edgecl.train.protocol import (Method, MethodConfig, TrainContext, adam, batches, check_resumable, run_epochs,
-                                   task_generator)
+from edgecl.train.protocol import Method, TrainContext, adam, batches, check_resumable, run_epochs, task_generator
 
-PRUNE_MODES = ("none", "absolute", "percentile", "mixed")
 FACTORS = ("r", "s", "u", "v")
-
-
-@dataclass
-class HALRPConfig(MethodConfig):
-    """``epochs`` is n, the total per task: task 0 trains n epochs, later tasks n_r warm-up + (n − n_r) fine-tune.
-    lr and epochs default higher than the paper's (1e-3, 12 on P-MNIST): a digits task is ~20 mini-batches per epoch
-    against ~470 for MNIST, and these values reached STL's accuracy on permuted digits (tools/halrp_acceptance.py).
-
-    Small convnets: a convolution's residual is constant over kernel positions (Eq. 7), so a layer with few input
-    channels (LeNet's first: one) can barely change its filters, and every non-zero rank counts. For LeNet on
-    permuted digits ``alpha=0.95, min_rank=1, prune="absolute", ls_rounds=3`` keeps ACC within 1.9 points of STL on
-    three seeds where the defaults lose 2.15 (tools/results/halrp_lenet_ls3.json)."""
-
-    lr: float = 3e-3
-    epochs: int = 20
-    warmup_epochs: int = 1       # n_r (paper default 1)
-    alpha: float = 0.9           # loss approximation rate of Eq. 11
-    ls_rounds: int = 1           # alternations of the R/S least squares (the paper does one: R, then S)
-    lambda0: float = 1e-6        # L1 weight on u, v (Eq. 12; paper Table 8, P-MNIST)
-    lambda1: float = 1e-4        # L2 weight on r, s, u, v (Eq. 12)
-    grad_stat: str = "norm"      # G_l of Eq. 11: "norm" = ‖g_l‖²₂ (the paper), "mean" = ‖g_l‖²₂ / size (reference code)
-    min_rank: int = 0            # Eq. 11 may give a layer rank 0 (the reference code forces ≥ 1: set 1)
-    max_rank: int = 0            # 0 = no cap
-    prune: str = "mixed"         # none | absolute | percentile | mixed (Section 4.4)
-    prune_abs: float = 1e-5      # absolute threshold
-    prune_budget: float = 0.25   # γ: factor entries kept per task ≤ γ × dense trunk weights
-    reprune: bool = False        # re-prune earlier tasks' factors (breaks their bit-identity)
-
-    def __post_init__(self):
-        if not 1 <= self.warmup_epochs < self.epochs:
-            raise UsageError(f"halrp: warmup_epochs must be in [1, epochs), got {self.warmup_epochs} with "
-                             f"epochs={self.epochs}")
-        if not 0.0 < self.alpha <= 1.0:
-            raise UsageError(f"halrp: alpha must be in (0, 1], got {self.alpha}")
-        if self.prune not in PRUNE_MODES:
-            raise UsageError(f"halrp: unknown prune mode {self.prune!r} (known: {', '.join(PRUNE_MODES)})")
-        if self.prune_budget < 0 or self.prune_abs < 0 or self.lambda0 < 0 or self.lambda1 < 0:
-            raise UsageError("halrp: prune_budget, prune_abs, lambda0 and lambda1 must be ≥ 0")
-        if self.grad_stat not in ("norm", "mean"):
-            raise UsageError(f"halrp: grad_stat must be 'norm' or 'mean', got {self.grad_stat!r}")
-        if self.ls_rounds < 1 or self.min_rank < 0 or self.max_rank < 0:
-            raise UsageError("halrp: ls_rounds must be ≥ 1, min_rank and max_rank ≥ 0")
 
 
 # ---------------------------------------------------------------- the pieces of Algorithm 1, each testable alone

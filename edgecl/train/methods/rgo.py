@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,27 +38,13 @@ from edgecl.arch import is_sequential, param_shapes, prunable
 from edgecl.deltas import PackedModel, TaskInfo, task_permutation
 from edgecl.errors import UsageError
 from edgecl.train.data import TaskData
+from edgecl.train.methods.rgo_config import RGOConfig
 from edgecl.train.methods.rgo_ops import LayerTap, Projector, conv_patches
 from edgecl.train.models import Params, forward, init_head, init_params, to_numpy
-from edgecl.train.protocol import (Method, MethodConfig, TrainContext, batches, check_resumable, run_epochs,
-                                   task_generator)
+from edgecl.train.protocol import Method, TrainContext, batches, check_resumable, run_epochs, task_generator
 
 # Bytes per entry of P: the float64 matrix itself plus the float32 normalised copy used during a task.
 _BYTES_PER_ENTRY = 8 + 4
-
-
-@dataclass
-class RGOConfig(MethodConfig):
-    lr: float = 0.1  # Appendix C.4, MNIST
-    batch_size: int = 10  # Section 5
-    epochs: int = 8  # ≈ the paper's 1,000 steps of batch 10 on a ~1,250-image digits task
-    fel: bool = True  # feature encoding layers; False is the paper's RGO-2 ablation
-    fel_seed: int = 0  # task t's permutations use seed fel_seed + t (the integer task descriptor)
-    alpha: float = 1.0  # RLS regulariser (Section 4.2 sets α = 1)
-    curvature_batch: int = 128  # batch of the second pass (the recursion is the same at any batch)
-    weight_vectors: str = "input"  # "input": sqrt(l'')·x (B.1); "backprop": also × RMS of ∂f_y/∂(layer output)
-    conv_vectors: str = "patches"  # "patches": every input patch (÷ sqrt(positions)); "mean": the mean patch
-    max_projection_bytes: int = 1 << 30  # refuse to allocate more P than this
 
 
 class RGO(Method):
@@ -88,15 +73,8 @@ class RGO(Method):
 
     # -- configuration checks -------------------------------------------------------------------------------
     def _check_config(self) -> None:
-        c = self.config
-        if not c.alpha > 0 or not c.lr > 0:
-            raise UsageError(f"rgo: alpha and lr must be > 0, got alpha={c.alpha}, lr={c.lr}")
-        if c.weight_vectors not in ("input", "backprop"):
-            raise UsageError(f"rgo: weight_vectors must be 'input' or 'backprop', got {c.weight_vectors!r}")
-        if c.conv_vectors not in ("patches", "mean"):
-            raise UsageError(f"rgo: conv_vectors must be 'patches' or 'mean', got {c.conv_vectors!r}")
         has_bn = any(node["op"] == "bn" for node in self.arch["nodes"])
-        if c.fel and (has_bn or not is_sequential(self.arch)):
+        if self.config.fel and (has_bn or not is_sequential(self.arch)):
             raise UsageError(f"rgo: feature encoding layers (fel=true) need a sequential architecture without "
                              f"BatchNorm; {self.arch.get('name')!r} has residual blocks or BatchNorm — use fel=false")
 

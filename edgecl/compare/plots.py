@@ -1,93 +1,22 @@
-"""The human side of `edgecl compare`: compare.md (tables) and the PNG charts, drawn from the report dict alone so they
-can be regenerated from a saved compare.json (`write_report(json.load(...), dir)`)."""
+"""The PNG charts of `edgecl compare`, drawn from the report dict alone: accuracy heatmaps per method, ACC/BWT and
+bytes bars, runtime timings, the accuracy-vs-bytes Pareto plot and task-order robustness. Each figure has its own
+canvas (`edgecl.plotting`), so pyplot's global state is never touched."""
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
+
+from edgecl.plotting import new_figure, save_png
+from edgecl.train.outputs import plot_matrix
 
 KIB = 1024.0
 
 
-def _pm(mean: float, std: float, scale: float = 100.0, signed: bool = False) -> str:
-    return f"{scale * mean:{'+' if signed else ''}.1f} ± {scale * std:.1f}"
-
-
-def _num(value: float | None, fmt: str, scale: float = 1.0) -> str:
-    return "–" if value is None else format(scale * value, fmt)
-
-
-def _timing(runtime: dict[str, Any], key: str) -> str:
-    if runtime.get(f"{key}_ms") is None:
-        return "–"
-    return f"{runtime[f'{key}_ms']:.3f} ({runtime.get(f'{key}_first_ms', float('nan')):.3f})"
-
-
-def format_markdown(report: dict[str, Any]) -> str:
-    """compare.md: setup, the main table, order robustness, skipped methods, notes and the plots."""
-    methods = report["methods"]
-    front = set(report.get("pareto_front", []))
-    seeds = report["seeds"]
-    lines = [f"# edgecl compare: {report['stream']} ({report['n_tasks']} tasks, {report['arch']})", "",
-             f"Seeds {', '.join(map(str, seeds))}; epochs scale {report['epochs_scale']}; "
-             f"wall time {report.get('wall_seconds', 0.0) / 60:.1f} min. "
-             f"Machine: {report['machine']['cpu']}, {report['machine']['cpus_usable']} CPUs usable.", "",
-             "ACC/BWT/forgetting in percent (points), mean ± sample std over seeds. Bytes: the artifact file; per "
-             "added task = (bytes after all tasks − bytes after task 1) / (tasks − 1). Switch / infer: median ms "
-             "through `TaskRuntime` (batch 1; cold = first round, nothing cached), runtime ACC = seed 0's test "
-             "accuracy computed in the runtime. ★ = on the accuracy-vs-bytes Pareto front.", "",
-             "| method | ACC % | BWT | forgetting | artifact KiB | KiB / added task | switch ms (cold) | "
-             "infer ms (cold) | runtime ACC % | train s | Pareto |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, e in methods.items():
-        rt = e.get("runtime", {})
-        lines.append(
-            f"| {name} | {_pm(e['acc_mean'], e['acc_std'])} | {_pm(e['bwt_mean'], e['bwt_std'], signed=True)} | "
-            f"{_pm(e['forgetting_mean'], e['forgetting_std'])} | {_num(e['artifact_bytes'], '.1f', 1 / KIB)} | "
-            f"{_num(e['bytes_per_added_task'], '.1f', 1 / KIB)} | {_timing(rt, 'switch')} | {_timing(rt, 'infer')} | "
-            f"{_num(rt.get('runtime_acc'), '.1f', 100)} | "
-            f"{e['train_seconds_mean']:.1f} | {'★' if name in front else ''} |")
-    robust = {n: e["order_robustness"] for n, e in methods.items() if "order_robustness" in e}
-    if robust:
-        lines += ["", f"## Task-order robustness ({report['orders']} orders, seed {seeds[0]})", "",
-                  "OPD_t = max − min over orders of the final accuracy on task t; MOPD = max over tasks, AOPD = mean "
-                  "(HALRP paper Eq. 14). Points; lower is more robust.", "",
-                  "| method | ACC % over orders | MOPD | AOPD |", "|---|---|---|---|"]
-        for name, r in robust.items():
-            mean = sum(r["acc_per_order"]) / len(r["acc_per_order"])
-            lines.append(f"| {name} | {100 * mean:.1f} | {100 * r['mopd']:.2f} | {100 * r['aopd']:.2f} |")
-    extra = [f"- skipped {n}: {why}" for n, why in report.get("skipped", {}).items()]
-    extra += [f"- {n}: runtime: {e['runtime']['note']}" for n, e in methods.items() if "note" in e.get("runtime", {})]
-    strategies = {n: e["runtime"]["strategy"] for n, e in methods.items() if e.get("runtime", {}).get("strategy")}
-    if strategies:
-        extra.append("- runtime strategy chosen: " + ", ".join(f"{n} {s}" for n, s in strategies.items()))
-    if extra:
-        lines += ["", "## Notes", ""] + extra
-    plots = report.get("plots", {})
-    if plots:
-        lines += ["", "## Plots", ""] + [f"![{key}]({path})" for key, path in plots.items()]
-    return "\n".join(lines) + "\n"
-
-
-def write_report(report: dict[str, Any], out_dir: str) -> None:
-    """Draw the plots (their file names land in report['plots']) and write compare.md."""
-    report["plots"] = write_plots(report, out_dir)
-    with open(os.path.join(out_dir, "compare.md"), "w") as f:
-        f.write(format_markdown(report))
-
-
-# ---------------------------------------------------------------- plots
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _colors(names: list[str]) -> dict[str, Any]:
-    cmap = _pyplot().get_cmap("tab10")
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
     return {n: cmap(i % 10) for i, n in enumerate(names)}
 
 
@@ -102,9 +31,8 @@ Panel = tuple[str, list, "list | None", bool, str]  # y label, values, errors, l
 def _bar_panels(path: str, title: str, names: list[str], panels: list[Panel]) -> None:
     """One figure of side-by-side bar charts, one per (y label, values, errors or None, log scale, label format);
     missing values are labelled 'n/a' rather than drawn as a zero bar."""
-    plt = _pyplot()
     colors = _colors(names)
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.0, 1.0 + 0.9 * len(names)) * len(panels), 3.8))
+    fig, axes = new_figure((max(4.0, 1.0 + 0.9 * len(names)) * len(panels), 3.8), nrows=1, ncols=len(panels))
     for ax, (label, values, errors, log, fmt) in zip(list(getattr(axes, "flat", [axes])), panels):
         heights = [0.0 if v is None else v for v in values]
         errs = None if errors is None else [0.0 if e is None else e for e in errors]
@@ -122,15 +50,12 @@ def _bar_panels(path: str, title: str, names: list[str], panels: list[Panel]) ->
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _plain_ticks(axis, values: list[float]) -> None:
     """Log-scale tick labels as plain numbers (300, not 3×10²); over more than a decade only 2× and 5× minor ticks
     are labelled so the labels do not collide."""
-    import math
-
     from matplotlib.ticker import FuncFormatter
 
     wide = max(values) > 3 * min(values)
@@ -140,10 +65,9 @@ def _plain_ticks(axis, values: list[float]) -> None:
 
 
 def _pareto_plot(report: dict[str, Any], path: str) -> None:
-    plt = _pyplot()
     methods = report["methods"]
     colors = _colors(list(report["methods"]))
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = new_figure((6.4, 4.4))
     placed: list[tuple[float, float]] = []
     for name, e in sorted(methods.items(), key=lambda item: -item[1]["acc_mean"]):
         x, y = e["artifact_bytes"] / KIB, 100 * e["acc_mean"]
@@ -167,14 +91,11 @@ def _pareto_plot(report: dict[str, Any], path: str) -> None:
     ax.set_title(f"Accuracy against bytes on {report['stream']} ({report['n_tasks']} tasks)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def write_plots(report: dict[str, Any], out_dir: str) -> dict[str, str]:
     """All charts of a comparison; returns {chart: file name relative to out_dir}."""
-    from edgecl.train.engine import plot_matrix
-
     methods = report["methods"]
     names = list(methods)
     plots: dict[str, str] = {}

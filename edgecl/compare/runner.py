@@ -1,181 +1,21 @@
-"""`edgecl compare`: several methods trained on the same stream and seeds, each packed into an artifact and timed in
-the runtime, so a user can choose a method by accuracy against bytes and speed on *their* data.
-
-What is measured per method (definitions, so the numbers can be checked):
-- ACC, BWT, forgetting: mean ± sample std over seeds. Seed k sets both the stream (split, permutations) and the
-  method's initialisation, exactly as `edgecl train --seed k`, so every method sees the same data for a seed.
-- artifact bytes (mean over seeds) and bytes per added task
-  = (bytes after all T tasks − bytes after task 1) / (T − 1).
-- runtime: median switch time and median batch-1 inference time over repeated round trips through every task in
-  `TaskRuntime` (seed 0's artifact, default budget and strategy); `switch_first_ms` / `infer_first_ms` are the
-  medians of the first round (nothing cached yet); `runtime_acc` is the mean test accuracy computed through the
-  runtime (should equal seed 0's training ACC).
-- task-order robustness (--orders R ≥ 2, seed 0): order 0 is the stream's own order (the seed-0 run, reused),
-  orders 1..R−1 are random permutations. P[r, t] is the final accuracy on task t (after all tasks) under order r;
-  OPD_t = max_r P[r, t] − min_r P[r, t], MOPD = max_t OPD_t, AOPD = mean_t OPD_t (HALRP paper Eq. 14, APD protocol).
-"""
+"""The runs behind `edgecl compare`: every method on every seed (and task order), each packed into an artifact and
+timed in the runtime, gathered into one report (definitions of every number: `edgecl.compare`)."""
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
+from edgecl.compare.spec import CompareSpec, check_spec, method_config, split_available
 from edgecl.errors import UsageError
+from edgecl.metrics import aopd, mean_std, mopd, opd, pareto_front
+from edgecl.progress import bar as progress_bar
 
-DEFAULT_METHODS = ("lps", "agscl", "halrp", "rgo", "finetune", "stl")
 ARTIFACT_DIR = "artifacts"
-
-
-@dataclass
-class CompareSpec:
-    """Everything one comparison needs; built by the CLI, usable from Python."""
-
-    stream: str = "permuted-digits"
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    orders: int = 0
-    n_tasks: int | None = None
-    arch: str = "mlp"
-    epochs_scale: float = 1.0
-    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-    device: str = "cpu"
-    timing_repeats: int = 5
-    progress: bool = True
-    verbose: bool = False
-
-
-# ---------------------------------------------------------------- input parsing (all errors are UsageError → exit 2)
-
-def parse_seeds(text: str) -> list[int]:
-    """'3' → seeds 0, 1, 2; '0,4,7' → exactly those seeds."""
-    try:
-        if "," in text:
-            seeds = [int(s) for s in text.split(",") if s.strip()]
-        else:
-            seeds = list(range(int(text))) if int(text) >= 1 else []
-    except ValueError:
-        seeds = []
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise UsageError(f"--seeds expects a count ≥ 1 or a comma-separated list of distinct seeds ≥ 0, "
-                         f"got {text!r}")
-    return seeds
-
-
-def parse_methods(text: str) -> list[str]:
-    """Comma-separated method names; an unknown name is an error (a known one that is not built is skipped later)."""
-    from edgecl.train import registry
-
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    if not names:
-        raise UsageError("--methods is empty")
-    unknown = [n for n in names if n not in registry.known()]
-    if unknown:
-        raise UsageError(f"unknown method(s) {', '.join(map(repr, unknown))} (known: {', '.join(registry.known())})")
-    if len(set(names)) != len(names):
-        raise UsageError(f"--methods names a method twice: {text!r}")
-    return names
-
-
-def parse_config_overrides(items: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
-    """`METHOD.FIELD=VALUE` items (VALUE as JSON when it parses) → {method: {field: value}}."""
-    from edgecl.commands.train import parse_overrides
-
-    out: dict[str, dict[str, Any]] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        method, dot, name = key.partition(".")
-        if not (sep and dot and method and name):
-            raise UsageError(f"--config expects METHOD.FIELD=VALUE (e.g. lps.epochs=5), got {item!r}")
-        if method not in methods:
-            raise UsageError(f"--config {item!r}: method {method!r} is not among --methods ({', '.join(methods)})")
-        out.setdefault(method, {}).update(parse_overrides([f"{name}={value}"]))
-    return out
-
-
-def split_available(methods: list[str]) -> tuple[list[str], dict[str, str]]:
-    """(methods present in this build, {missing method: why it is skipped})."""
-    from edgecl.train import registry
-
-    present = set(registry.available())
-    skipped = {m: f"method {m!r} is not available in this build (its module is missing)" for m in methods
-               if m not in present}
-    return [m for m in methods if m in present], skipped
-
-
-def method_config(name: str, spec: CompareSpec, seed: int) -> dict[str, Any]:
-    """The method's default config with `epochs` scaled by --epochs-scale (phases the method derives from `epochs`
-    follow it; other explicit epoch fields stay), then the user's overrides and the seed. Validated here, before any
-    training, so a bad override fails in the first second rather than after twenty minutes."""
-    from edgecl.train import registry
-
-    cls = registry.method_class(name)
-    config = cls.Config().to_json()
-    if spec.epochs_scale != 1.0 and isinstance(config.get("epochs"), int):
-        config["epochs"] = max(1, round(config["epochs"] * spec.epochs_scale))
-    config.update(spec.overrides.get(name, {}))
-    config["seed"] = seed
-    try:
-        cls.Config.from_json(config)
-    except UsageError as exc:
-        raise UsageError(f"{name} config (after --epochs-scale {spec.epochs_scale} and --config): {exc}") from None
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"{name} config: bad value ({exc})") from None
-    return config
-
-
-def check_spec(spec: CompareSpec) -> None:
-    if not spec.seeds or min(spec.seeds) < 0:
-        raise UsageError(f"seeds must be a non-empty list of integers ≥ 0, got {spec.seeds}")
-    if spec.orders < 0 or spec.orders == 1:
-        raise UsageError(f"--orders must be 0 (off) or ≥ 2 (task orders to compare), got {spec.orders}")
-    if not (spec.epochs_scale > 0 and math.isfinite(spec.epochs_scale)):
-        raise UsageError(f"--epochs-scale must be a positive number, got {spec.epochs_scale}")
-    if spec.timing_repeats < 1:
-        raise UsageError(f"--timing-repeats must be ≥ 1, got {spec.timing_repeats}")
-    if spec.device not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be cpu or cuda, got {spec.device!r}")
-    if spec.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA GPU is visible to torch")
-
-
-# ---------------------------------------------------------------- metrics over runs
-
-def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
-    """Names of the points that no other point dominates, by increasing cost. `points` maps a name to (cost, value),
-    e.g. (artifact bytes, ACC): lower cost and higher value are better; a point is dominated when another has cost ≤
-    and value ≥ with at least one strictly better. Points with a missing or NaN coordinate are left out."""
-    ok = {n: (float(c), float(v)) for n, (c, v) in points.items()
-          if c is not None and v is not None and not (math.isnan(c) or math.isnan(v))}
-    front = [a for a, (ca, va) in ok.items()
-             if not any(cb <= ca and vb >= va and (cb < ca or vb > va) for b, (cb, vb) in ok.items() if b != a)]
-    return sorted(front, key=lambda n: (ok[n][0], -ok[n][1], n))
-
-
-def opd(final_acc) -> np.ndarray:
-    """OPD_t = max_r P[r, t] − min_r P[r, t] for P of shape (orders, tasks), P[r, t] the final accuracy on task t
-    (indexed by task identity, not position) after learning all tasks in order r."""
-    p = np.asarray(final_acc, dtype=np.float64)
-    if p.ndim != 2 or p.shape[0] < 1 or p.shape[1] < 1 or np.isnan(p).any():
-        raise UsageError(f"OPD needs a complete (orders × tasks) accuracy table, got shape {p.shape}")
-    return p.max(axis=0) - p.min(axis=0)
-
-
-def mopd(final_acc) -> float:
-    """Maximum OPD over tasks."""
-    return float(opd(final_acc).max())
-
-
-def aopd(final_acc) -> float:
-    """Average OPD over tasks."""
-    return float(opd(final_acc).mean())
 
 
 def task_orders(n_tasks: int, n_orders: int, seed: int = 0) -> list[list[int]]:
@@ -187,12 +27,6 @@ def task_orders(n_tasks: int, n_orders: int, seed: int = 0) -> list[list[int]]:
         if perm not in orders or len(orders) >= math.factorial(n_tasks):
             orders.append(perm)
     return orders
-
-
-def mean_std(values) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    a = np.asarray(values, dtype=np.float64)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
 def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -242,14 +76,6 @@ class _FirstPackRecorder:
         return packed
 
 
-def optional_module(name: str) -> tuple[Any, str | None]:
-    """(module, None) or (None, why) — for the pieces another part of the project provides."""
-    try:
-        return importlib.import_module(name), None
-    except ImportError as exc:
-        return None, f"{name} is not available ({exc})"
-
-
 def train_run(name: str, stream, arch, config: dict[str, Any], spec: CompareSpec, artifact_path: str | None,
               log: Callable[[str], None]) -> dict[str, Any]:
     """Train one method on one stream (one seed or order); pack it into an artifact when a path is given."""
@@ -276,12 +102,13 @@ def train_run(name: str, stream, arch, config: dict[str, Any], spec: CompareSpec
 
 def runtime_timing(path: str, stream, repeats: int) -> dict[str, Any]:
     """Median switch and batch-1 inference times through `TaskRuntime`, plus accuracy computed in the runtime."""
-    runtime_mod, why = optional_module("edgecl.runtime")  # a training-only install has no onnxruntime
-    if runtime_mod is None:
-        return {"note": why}
+    if importlib.util.find_spec("onnxruntime") is None:  # a training-only install: no runtime columns
+        return {"note": "onnxruntime is not installed (pip install 'edgecl[runtime]')"}
+    from edgecl.runtime import TaskRuntime
+
     # A runtime failure on one method must not lose a long comparison: it is recorded, printed and shown in the table.
     try:
-        rt = runtime_mod.TaskRuntime(path)
+        rt = TaskRuntime(path)
         n = len(stream.tasks)
         switch, infer = [], []
         for _ in range(repeats):
@@ -346,15 +173,15 @@ def compare_method(name: str, streams: dict, arch, configs: dict[int, dict[str, 
 
 def run_compare(spec: CompareSpec, out_dir: str, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train, pack, time and compare; writes compare.json, compare.md and the PNGs into out_dir; returns the report."""
-    from tqdm.auto import tqdm
-
     from edgecl import __version__
     from edgecl.arch import preset
-    from edgecl.compare_report import write_report
+    from edgecl.compare.report import write_report
     from edgecl.machine import machine_info
-    from edgecl.train.engine import save_json
+    from edgecl.train.compute import set_threads
+    from edgecl.train.outputs import save_json
 
     check_spec(spec)
+    set_threads(spec.threads)
     methods, skipped = split_available(spec.methods)
     for reason in skipped.values():
         log(f"edgecl compare: skipping: {reason}")
@@ -375,13 +202,15 @@ def run_compare(spec: CompareSpec, out_dir: str, log: Callable[[str], None] = pr
         "methods": {}, "skipped": skipped}
     total = len(methods) * (len(spec.seeds) + max(spec.orders - 1, 0))
     started = time.perf_counter()
-    with tqdm(total=total, desc="compare", unit="run", disable=not spec.progress, dynamic_ncols=True) as bar:
+    with progress_bar(total=total, desc="compare", unit="run", enabled=spec.progress, leave=True) as bar:
         done = [0]
+        # above a drawn bar, lines go through tqdm's writer so the bar is not torn
+        write = getattr(bar, "write", log) if spec.progress else log
 
         def step(line: str) -> None:
             done[0] += 1
             bar.update(1)
-            (bar.write if spec.progress else log)(f"[compare {done[0]}/{total}] {line}")
+            write(f"[compare {done[0]}/{total}] {line}")
 
         for name in methods:
             report["methods"][name] = compare_method(name, streams, arch, configs[name], spec, out_dir, step, log)

@@ -1,0 +1,62 @@
+"""The ``sessions`` strategy: one folded (and, where that removes weights, structurally compacted) ONNX Runtime session
+per task, created once at start-up. Inference is a plain dense session's and a switch costs nothing; memory is ~2×
+one dense model per task. Nothing of the model is kept once the sessions exist: they hold their own weights."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from edgecl.graph.builder import INPUT, build_onnx
+from edgecl.graph.compact import compact_task, count_params
+from edgecl.runtime import costs
+from edgecl.runtime.budget import Ledger
+from edgecl.runtime.providers import session_options
+from edgecl.source import ModelSource
+
+
+class PerTaskSessions:
+    """Holds `src` only until `start` has built every task's session from it."""
+
+    name = "sessions"
+    n_slots = slot_bytes = 0
+    plans: list = []  # nothing is switched: no plans (the in-place strategy's attributes, empty here)
+    varying: list = []
+
+    def __init__(self, src: ModelSource, ledger: Ledger, *, device: str, providers: list[str], threads: int | None,
+                 factor: bool):
+        del device, factor  # sessions run where their provider puts them; every delta is folded
+        self._src: ModelSource | None = src
+        self.ledger, self.providers, self.threads = ledger, providers, threads
+        self.session_params: list[int] = []  # parameters in each task's (compacted) session
+        self.task_bytes = 0
+        self._sessions: list[ort.InferenceSession] = []
+
+    def start(self, cache_tasks: int | None) -> None:
+        del cache_tasks  # every task has its session: nothing to cache
+        src, self._src = self._src, None
+        options = session_options(self.threads)
+        for t, info in enumerate(src.tasks):
+            arch, params = src.arch, src.materialize(t)
+            small_arch, small, report = compact_task(arch, params)
+            if report.compacted and report.params_compact < report.params_dense:
+                arch, params = small_arch, small
+            nbytes = costs.folded_session_bytes(params)
+            self.ledger.reserve(f"session of task {t} ({info.name})", nbytes)
+            self.task_bytes += nbytes
+            self.session_params.append(count_params(params))
+            model = build_onnx(arch, params, graph_name=f"task{t}")
+            self._sessions.append(ort.InferenceSession(model.SerializeToString(), options, providers=self.providers))
+
+    def warm(self, t: int) -> None:
+        """Nothing to do: every task's session is ready."""
+
+    def run(self, t: int, x: np.ndarray) -> np.ndarray:
+        return self._sessions[t].run(None, {INPUT: x})[0]
+
+    def cache_info(self) -> dict[str, Any]:
+        return {"hits": 0, "misses": 0, "slots": 0, "cached": []}
+
+    def close(self) -> None:
+        self._sessions = []

@@ -1,0 +1,250 @@
+"""`TaskRuntime`: run any task of a continually learned model, switching tasks without re-creating a session.
+
+This is the facade: it opens the model (`edgecl.source.open_model`, lazily), keeps the budget ledger, checks inputs
+and task names, and hands each call to one strategy, chosen once at start-up by measurement (tools/bench_switch.py)
+and the budget:
+
+- ``inplace`` (`edgecl.runtime.inplace`) — one session of the switchable graph; a switch rebinds per-task vectors or
+  writes a task's weights into one of K cached slots (`edgecl.runtime.slots`).
+- ``sessions`` (`edgecl.runtime.per_task`) — one folded session per task. ``auto`` takes it when a budget is given
+  and every task's session fits in it, else ``inplace``.
+
+Threading: ``infer`` may be called from any number of threads (tests/test_concurrency.py: 8 threads × 1,000 calls);
+the slot cache's rules say why nothing deadlocks. ``switch`` sets the runtime's default task (shared by all threads)
+and warms its slot; concurrent callers should pass ``task=``. What each part costs is `edgecl.runtime.costs`.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Protocol
+
+import numpy as np
+
+from edgecl.deltas import resolve_task
+from edgecl.errors import BudgetError, UsageError
+from edgecl.runtime import costs, maskfill
+from edgecl.runtime.budget import Ledger, format_bytes, parse_budget
+from edgecl.runtime.inplace import InPlace
+from edgecl.runtime.inputs import check_input
+from edgecl.runtime.per_task import PerTaskSessions
+from edgecl.runtime.process_memory import process_rss, return_free_heap
+from edgecl.runtime.providers import resolve_providers, session_options
+from edgecl.source import open_model
+
+STRATEGIES = ("auto", "inplace", "sessions")
+DEFAULT_BATCH = 64
+
+
+class Strategy(Protocol):
+    """How tasks are served. Built from the model (reserving what it keeps of it), then `start`ed once the
+    runtime's fixed costs are reserved too."""
+
+    name: str
+    n_slots: int
+    slot_bytes: int  # bytes of one cache slot (0: a switch writes nothing)
+    task_bytes: int  # bytes held that grow with the task count (per-task arrays, or per-task sessions)
+    session_params: list[int]
+    plans: list
+    varying: list
+
+    def start(self, cache_tasks: int | None) -> None: ...
+
+    def warm(self, t: int) -> None: ...
+
+    def run(self, t: int, x: np.ndarray) -> np.ndarray: ...
+
+    def cache_info(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+_STRATEGY_TYPES = {"inplace": InPlace, "sessions": PerTaskSessions}
+
+
+class TaskRuntime:
+    """Torch-free multi-task inference. ``switch(task)`` then ``infer(x)``, or ``infer(x, task=...)`` directly."""
+
+    def __init__(self, artifact: Any, backend: str = "auto", device: str = "cpu", budget: int | str | None = None,
+                 *, strategy: str = "auto", cache_tasks: int | None = None, threads: int | None = None,
+                 max_batch: int = DEFAULT_BATCH, charge_environment: bool | None = None, factor: bool = True):
+        if strategy not in STRATEGIES:
+            raise UsageError(f"strategy {strategy!r} unknown (known: {', '.join(STRATEGIES)})")
+        for name, value in (("cache_tasks", cache_tasks), ("max_batch", max_batch)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise UsageError(f"{name} must be a positive int, got {value!r}")
+        self.providers = resolve_providers(backend, device)
+        self.device = device
+        session_options(threads)  # a bad thread count is refused before the model is read
+        self.ledger = Ledger(parse_budget(budget))
+        src = open_model(artifact)
+        if src.n_tasks == 0:
+            raise UsageError("the model has no tasks to run")
+        self.arch = src.arch
+        self.input_shape = tuple(self.arch["input_shape"])
+        self._tasks = list(src.tasks)
+        self.factor = factor  # apply node/low-rank/permutation deltas to activations (False: fold them, to compare)
+        self._lock = threading.Lock()
+        self._current: int | None = None
+        self._batch_reserved = 0
+        self.closed = False
+        self._act_per_sample = costs.activation_bytes(self.arch, 1, max(info.n_classes for info in self._tasks))
+        chosen = self._choose(strategy, charge_environment, max_batch)
+        try:
+            self._strategy: Strategy = _STRATEGY_TYPES[chosen](src, self.ledger, device=device,
+                                                               providers=self.providers, threads=threads,
+                                                               factor=factor)
+            costs.ENVIRONMENT.charge(self.ledger, charge_environment)
+            self._reserve_activations(max_batch)
+            self._strategy.start(cache_tasks)
+        finally:
+            if isinstance(artifact, (str, os.PathLike)):
+                src.close()  # opened here: nothing of it stays but what the strategy kept
+        del src
+        return_free_heap()
+
+    # ----------------------------------------------------------------- public API
+    @property
+    def strategy(self) -> str:
+        return self._strategy.name
+
+    @property
+    def tasks(self) -> list[str]:
+        return [info.name for info in self._tasks]
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def current(self) -> int | None:
+        return self._current
+
+    @property
+    def n_slots(self) -> int:
+        return self._strategy.n_slots
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of one cache slot (0 when no task needs a copy on a switch)."""
+        return self._strategy.slot_bytes
+
+    @property
+    def task_bytes(self) -> int:
+        """Resident bytes that grow with the task count (the audit's bytes per added task)."""
+        return self._strategy.task_bytes
+
+    @property
+    def plans(self) -> list:
+        """In place: one `TensorPlan` per graph tensor; empty for per-task sessions."""
+        return self._strategy.plans
+
+    @property
+    def varying(self) -> list:
+        """In place: the plans a switch writes into a slot."""
+        return self._strategy.varying
+
+    @property
+    def session_params(self) -> list[int]:
+        """Per-task sessions: parameters in each task's (compacted) session."""
+        return self._strategy.session_params
+
+    @property
+    def hits(self) -> int:
+        return self.cache_info()["hits"]
+
+    @property
+    def misses(self) -> int:
+        return self.cache_info()["misses"]
+
+    def n_classes(self, task: int | str) -> int:
+        return self._tasks[resolve_task(self._tasks, task)].n_classes
+
+    def switch(self, task: int | str) -> int:
+        """Make `task` (index or name) the default for `infer` and have its weights ready; returns its index."""
+        self._check_open()
+        t = resolve_task(self._tasks, task)
+        self._strategy.warm(t)
+        self._current = t
+        return t
+
+    def infer(self, x: Any, task: int | str | None = None) -> np.ndarray:
+        """Logits (batch, classes of the task) for a float batch of shape (batch, *input_shape)."""
+        self._check_open()
+        if task is None:
+            if self._current is None:
+                raise UsageError("no task selected: call switch(task) first or pass task=")
+            t = self._current
+        else:
+            t = resolve_task(self._tasks, task)
+        x = check_input(x, self.input_shape)
+        self._reserve_activations(x.shape[0])
+        return self._strategy.run(t, x)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise UsageError("this TaskRuntime is closed")
+
+    def close(self) -> None:
+        """Drop the sessions and buffers (and their budget) now rather than at garbage collection."""
+        with self._lock:
+            self.closed = True
+            self._strategy.close()
+            self.ledger.items.clear()
+
+    def __enter__(self) -> "TaskRuntime":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def cache_info(self) -> dict[str, Any]:
+        """Hits, misses, and which task each slot holds (most recently used last)."""
+        return self._strategy.cache_info()
+
+    def memory_report(self, measure: bool = True) -> dict[str, Any]:
+        """Predicted resident bytes per component (what the budget ledger holds) and, where measurable, the process
+        RSS. See `edgecl.runtime.audit` for the full audit."""
+        report: dict[str, Any] = {"strategy": self.strategy, "providers": self.providers,
+                                  "masked_fill": maskfill.IMPLEMENTATION, "budget": self.ledger.limit,
+                                  "predicted": dict(self.ledger.items), "predicted_total": self.ledger.used}
+        if measure:
+            report["measured_rss"] = process_rss()
+        return report
+
+    # ----------------------------------------------------------------- budget
+    def _choose(self, strategy: str, charge_environment: bool | None, max_batch: int) -> str:
+        """``auto``: per-task sessions when a budget is given and every task's session fits in it (with the
+        environment and activations), else in place."""
+        if strategy != "auto":
+            return strategy
+        if self.ledger.limit is None:
+            return "inplace"
+        need = costs.ENVIRONMENT.due(charge_environment) + max_batch * self._act_per_sample
+        need += sum(costs.task_session_estimate(self.arch, info.n_classes) for info in self._tasks)
+        return "sessions" if self.ledger.fits(need) else "inplace"
+
+    def _reserve_activations(self, batch: int) -> None:
+        """Activation memory grows with the largest batch seen; a batch beyond the budget is refused up front."""
+        if batch <= self._batch_reserved:
+            return
+        need = batch * self._act_per_sample
+        with self._lock:
+            held = self.ledger.items.get("activations", 0)
+            if need <= held:
+                self._batch_reserved = max(self._batch_reserved, batch)
+                return
+            self.ledger.release("activations")
+            try:
+                self.ledger.reserve("activations", need)
+            except BudgetError as exc:
+                self.ledger.reserve("activations", held)
+                raise BudgetError(f"batch {batch}: {exc}") from None
+            self._batch_reserved = max(self._batch_reserved, batch)
+
+
+def describe(runtime: TaskRuntime) -> str:
+    """One line for logs: strategy, slots, and the budget use."""
+    limit = "none" if runtime.ledger.limit is None else format_bytes(runtime.ledger.limit)
+    return (f"{runtime.strategy} on {runtime.providers[0]}, {runtime.n_tasks} tasks, {runtime.n_slots} cached, "
+            f"{format_bytes(runtime.ledger.used)} of budget {limit}")

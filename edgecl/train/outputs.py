@@ -1,0 +1,61 @@
+"""What a training run leaves for people: results.json, the accuracy-matrix heatmap, and the matrix as text.
+
+Torch-free (numpy, matplotlib on a private canvas), so `edgecl compare` can redraw its charts from a saved report."""
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgecl.io import write_atomic
+from edgecl.plotting import new_figure, save_png
+
+if TYPE_CHECKING:
+    from edgecl.train.engine import RunResult
+
+
+def format_matrix(acc_matrix: list[list[float]]) -> str:
+    """The accuracy matrix as a fixed-width text table (percent)."""
+    n = len(acc_matrix)
+    lines = ["after\\on " + " ".join(f"{j:>5}" for j in range(n))]
+    for i, row in enumerate(acc_matrix):
+        lines.append(f"{i:>8} " + " ".join(f"{100 * v:5.1f}" for v in row))
+    return "\n".join(lines)
+
+
+def write_results(result: RunResult, out_dir: str) -> dict[str, Any]:
+    """results.json plus acc_matrix.png (heatmap) in out_dir; returns the JSON dict."""
+    os.makedirs(out_dir, exist_ok=True)
+    data = result.to_json()
+    save_json(data, os.path.join(out_dir, "results.json"))
+    plot_matrix(result.acc_matrix, f"{result.method} on {result.stream}", os.path.join(out_dir, "acc_matrix.png"))
+    return data
+
+
+def save_json(data: dict[str, Any], path: str) -> None:
+    """Write JSON atomically (temp file + rename): a crash never leaves a half-written results file."""
+    write_atomic(path, json.dumps(data, indent=2).encode())
+
+
+def plot_matrix(acc_matrix: list[list[float]], title: str, path: str) -> None:
+    """Heatmap of A[i][j] in percent, each seen entry labelled."""
+    n = len(acc_matrix)
+    a = np.full((n, n), np.nan)
+    for i, row in enumerate(acc_matrix):
+        a[i, :len(row)] = row
+    fig, ax = new_figure((max(4.4, 1.0 + 0.55 * n), max(3.6, 0.8 + 0.5 * n)))  # min: title fits
+    im = ax.imshow(100 * a, vmin=0, vmax=100, cmap="viridis")
+    for i in range(n):
+        for j in range(i + 1):
+            ax.text(j, i, f"{100 * a[i, j]:.0f}", ha="center", va="center", fontsize=8,
+                    color="white" if a[i, j] < 0.6 else "black")
+    ax.set_xlabel("evaluated on task j")
+    ax.set_ylabel("after learning task i")
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, label="accuracy %", shrink=0.8)
+    fig.tight_layout()
+    save_png(fig, path)

@@ -1,0 +1,92 @@
+"""`edgecl train` as one library call: check the request, train (or continue a deployed artifact), write
+DIR/results.json, DIR/acc_matrix.png, DIR/model.edgecl and, for methods that have one, the training state beside it.
+
+Every name and value of the request is checked before torch is imported or data is built (`check_request`), so a
+typo is refused in a fraction of a second with a `UsageError`, not after an import and a traceback."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Callable
+
+from edgecl.arch import check_preset
+from edgecl.errors import UsageError
+from edgecl.train import registry
+from edgecl.train.compute import check_device, check_threads, require_device, set_threads
+from edgecl.train.data import check_stream
+
+ARTIFACT_NAME = "model.edgecl"
+
+
+def check_request(method_name: str, stream_name: str, *, arch_name: str = "mlp", n_tasks: int | None = None,
+                  seed: int = 0, overrides: dict[str, Any] | None = None, device: str = "cpu",
+                  threads: int | None = None, resume: str | None = None) -> None:
+    """Everything `train_and_write` can refuse without torch or data: names, config values, flags."""
+    registry.entry(method_name)  # an unknown method is the first thing to name
+    if resume:
+        if n_tasks is None:
+            raise UsageError("--resume needs --tasks N, the number of new tasks to add")
+        if overrides:
+            raise UsageError("--resume keeps the artifact's method config; drop --set")
+    registry.check_config(method_name, {"seed": seed, **(overrides or {})})
+    check_preset(arch_name)
+    check_stream(stream_name, n_tasks)
+    check_device(device)
+    check_threads(threads)
+
+
+def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_name: str = "mlp",
+                    n_tasks: int | None = None, seed: int = 0, overrides: dict[str, Any] | None = None,
+                    device: str = "cpu", threads: int | None = None, progress: bool = True,
+                    resume: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train (or, with `resume`, continue a deployed artifact), print the accuracy matrix, write results.json +
+    heatmap + artifact (+ training state). `threads`: torch CPU threads (None leaves torch's setting). Returns the
+    results dict."""
+    check_request(method_name, stream_name, arch_name=arch_name, n_tasks=n_tasks, seed=seed, overrides=overrides,
+                  device=device, threads=threads, resume=resume)
+    set_threads(threads)
+    require_device(device)
+    from edgecl import artifact
+    from edgecl.arch import preset
+    from edgecl.train import engine
+    from edgecl.train.data import make_stream
+    from edgecl.train.outputs import format_matrix, save_json, write_results
+    from edgecl.train.protocol import TrainContext, check_resumable
+    from edgecl.train.state import load_training_state, save_training_state
+
+    previous = None
+    if resume:
+        with artifact.load(resume) as opened:
+            previous = opened.to_packed()  # decoded and verified: every checksum, consistency
+    first = previous.n_tasks if previous else 0
+    stream = make_stream(stream_name, first + n_tasks if n_tasks is not None else None, seed)
+    arch = preset(arch_name, stream.input_shape)
+    if previous:
+        try:
+            check_resumable(previous, method_name, arch)
+        except UsageError as exc:
+            raise UsageError(f"{resume}: {exc}") from None
+        method = registry.create(method_name, arch, previous.config)
+        method.resume(previous, load_training_state(resume))
+    else:
+        method = registry.create(method_name, arch, {"seed": seed, **(overrides or {})})
+    log(f"edgecl: {method_name} on {stream.name} ({len(stream.tasks)} tasks, {arch_name}"
+        f"{f', resuming after task {first - 1}' if first else ''}), config {json.dumps(method.config.to_json())}")
+    result = engine.run(method, stream, TrainContext(device=device, progress=progress), first_task=first, log=log)
+    data = write_results(result, out_dir)
+    path = os.path.join(out_dir, ARTIFACT_NAME)
+    if previous:
+        if os.path.abspath(path) != os.path.abspath(resume):
+            shutil.copyfile(resume, path)
+        artifact.append_task(path, result.packed, keeps=method.append_keeps)  # refuses if that would change
+    else:
+        artifact.save(result.packed, path)
+    save_training_state(method.training_state(), path)
+    data["artifact"] = {"path": path, "bytes": os.path.getsize(path)}
+    save_json(data, os.path.join(out_dir, "results.json"))
+    log(format_matrix(result.acc_matrix))
+    log(f"ACC {100 * data['acc']:.2f}%  BWT {100 * data['bwt']:+.2f} points  artifact {path} "
+        f"({data['artifact']['bytes'] / 1024:.1f} KiB)")
+    return data
+
