@@ -318,3 +318,34 @@ def is_sequential(arch: Arch) -> bool:
 def is_depthwise(node: dict[str, Any]) -> bool:
     """A convolution whose every output channel reads exactly the input channel of the same index."""
     return node["op"] == "conv" and node["groups"] == node["in"] == node["out"] and node["groups"] > 1
+
+
+def shapes_after(arch: Arch) -> list[list[int]]:
+    """Activation shape after each node (without batch), for memory estimates."""
+    shapes = node_shapes(arch)
+    return [shapes[n["name"]] for n in arch["nodes"]]
+
+
+def unit_sources(arch: Arch) -> dict[str, tuple[str | None, int]]:
+    """For each linear/conv layer of a chain (`is_sequential`): (layer whose output units feed its inputs, input
+    columns per source unit) — the repeat is H·W where a flatten sits between a conv and a linear; None means the
+    network input. The general form for any graph is `channel_map`."""
+    if not is_sequential(arch):
+        raise UsageError(f"architecture {arch.get('name')!r} is not a chain; use edgecl.arch.channel_map")
+    out: dict[str, tuple[str | None, int]] = {}
+    src, repeat = None, 1
+    shapes = node_shapes(arch)
+    previous = INPUT
+    for node in arch["nodes"]:
+        if node["op"] == "flatten" and len(shapes[previous]) == 3:
+            repeat *= shapes[previous][1] * shapes[previous][2]
+        if node["op"] in WEIGHT_OPS:
+            out[node["name"]] = (src, repeat)
+            src, repeat = node["name"], 1
+        previous = node["name"]
+    return out
+
+
+def last_layer(arch: Arch) -> str:
+    """The conv/linear layer whose output units feed the heads (on a chain)."""
+    return prunable(arch)[-1].rsplit(".", 1)[0]

@@ -15,8 +15,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from edgecl import __version__
-from edgecl.arch import gemm_shape, param_shapes
-from edgecl.arch import validate as validate_arch
+from edgecl.arch.spec import gemm_shape, param_shapes
+from edgecl.arch.spec import validate as validate_arch
 from edgecl.artifact.container import ST_CODE, TableEntry, parse_json, stored_form
 from edgecl.artifact.encodings import stored_dtype
 from edgecl.artifact.limits import (MAX_CLASSES, MAX_NDIM, MAX_TASK_NAME, MAX_TASKS, MAX_TENSOR_NAME,

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecl.arch import dense_params
+from edgecl.arch.spec import dense_params
 from edgecl.artifact.manifest import blob_key
 from edgecl.artifact.reader import Artifact, load
 

@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgecl.arch import INPUT as SPEC_INPUT
-from edgecl.arch import WEIGHT_OPS, Arch, param_shapes
+from edgecl.arch.spec import INPUT as SPEC_INPUT
+from edgecl.arch.spec import WEIGHT_OPS, Arch, param_shapes
 
 OPSET = 17
 INPUT, OUTPUT = "x", "logits"

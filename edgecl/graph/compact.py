@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecl.arch import Arch, is_sequential, unit_sources
+from edgecl.arch.spec import Arch, is_sequential, unit_sources
 
 WEIGHT_OPS = ("linear", "conv")
 BN_KEYS = ("weight", "bias", "running_mean", "running_var")

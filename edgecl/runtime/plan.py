@@ -35,7 +35,7 @@ from typing import Iterator
 
 import numpy as np
 
-from edgecl.arch import param_shapes
+from edgecl.arch.spec import param_shapes
 from edgecl.deltas import PackedModel, lps_keep, materialize_param, node_factor, task_permutation
 from edgecl.errors import ArtifactError, UsageError
 from edgecl.graph.builder import tensor_names
