@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecl.arch import Arch, gemm_shape, param_shapes
+from edgecl.arch.spec import Arch, gemm_shape, param_shapes
 from edgecl.errors import UsageError
 
 KINDS = ("shared", "task", "lps", "node", "lowrank", "permute")

@@ -55,7 +55,7 @@ def _cpu_check() -> str:
     what went wrong (a broken onnxruntime install shows here, not on the first real request)."""
     import numpy as np
 
-    from edgecl.arch import preset
+    from edgecl.arch.presets import preset
     from edgecl.deltas import materialize
     from edgecl.runtime import TaskRuntime
     from edgecl.synthetic import random_packed

@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from edgecl import artifact
-from edgecl.arch import Arch
+from edgecl.arch.spec import Arch
 from edgecl.deltas import PackedModel, TaskInfo, checked
 from edgecl.errors import UsageError
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgecl.arch import Arch, gemm_shape, param_shapes, prunable
+from edgecl.arch.spec import Arch, gemm_shape, param_shapes, prunable
 from edgecl.deltas import PackedModel, TaskInfo
 
 HEAD_SPECS = {"head.weight": {"kind": "task"}, "head.bias": {"kind": "task"}}

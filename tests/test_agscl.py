@@ -186,7 +186,8 @@ def test_bad_input_is_refused_clearly():
     with pytest.raises(UsageError, match="residual"):
         registry.create("agscl", preset("resnet"))
     with_bn = preset("lenet")
-    with_bn["layers"].insert(1, {"op": "bn", "name": "bn1", "ch": 20})
+    with_bn["nodes"].insert(1, {"name": "bn1", "op": "bn", "inputs": ["conv1"], "ch": 20})
+    with_bn["nodes"][2]["inputs"] = ["bn1"]
     with pytest.raises(UsageError, match="supports linear/conv"):
         registry.create("agscl", with_bn)
     with pytest.raises(UsageError, match="rho"):

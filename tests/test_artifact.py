@@ -320,10 +320,10 @@ def _damaged_cases(raw: bytes) -> dict[str, bytes]:
                                                                              m["blobs"].pop(head)),
                                                       t.__setitem__("task99::head.weight", t.pop(head))))
     trunk = next(k for k in manifest["params"] if k.endswith(".weight") and not k.startswith("head"))
-    layer = next(i for i, lay in enumerate(manifest["arch"]["layers"]) if "in" in lay)
+    layer = next(i for i, lay in enumerate(manifest["arch"]["nodes"]) if "in" in lay)
     cases["missing-param"] = sealed(lambda m, t: m["params"].pop(trunk))
     cases["unknown-kind"] = sealed(lambda m, t: m["params"][trunk].update(kind="exec"))
-    cases["bad-arch"] = sealed(lambda m, t: m["arch"]["layers"][layer].update({"in": "64"}))
+    cases["bad-arch"] = sealed(lambda m, t: m["arch"]["nodes"][layer].update({"in": "64"}))
     cases["manifest-not-object"] = am.build_file([1, 2], table, data)
     return cases
 
@@ -363,8 +363,8 @@ def test_hostile_blobs_with_valid_checksums_are_refused(tmp_path):
 def test_huge_declared_shapes_never_allocate(tmp_path):
     raw = _saved(tmp_path, am.make("task", n_tasks=2)).read_bytes()
     manifest, table, data = am.split_file(raw)
-    manifest["arch"]["layers"][1].update({"out": 1 << 31})  # fc1 2^31 wide: terabytes if believed
-    manifest["arch"]["layers"][3].update({"in": 1 << 31})
+    manifest["arch"]["nodes"][1].update({"out": 1 << 31})  # fc1 2^31 wide: terabytes if believed
+    manifest["arch"]["nodes"][3].update({"in": 1 << 31})
     path = tmp_path / "huge.edgecl"
     path.write_bytes(am.build_file(manifest, table, data))
     tracemalloc.start()

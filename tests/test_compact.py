@@ -110,7 +110,7 @@ def test_batchnorm_channels_fold_through_unpadded_conv():
     p["c2.weight"][2] = 0                           # → constant through bn2/relu/gap, folded into fc.bias
     c_arch, c_params, report = compact_task(arch, p)
     assert report.layers["c1"] == [6, 4] and report.layers["c2"] == [5, 4]
-    assert c_params["bn1.running_mean"].shape == (4,) and c_arch["layers"][1]["ch"] == 4
+    assert c_params["bn1.running_mean"].shape == (4,) and c_arch["nodes"][1]["ch"] == 4
     assert "c2.bias" in c_params and report.folded_units == 3
     _assert_same_logits(arch, p, c_arch, c_params)
 
@@ -139,7 +139,7 @@ def test_node_masks_remove_dead_nodes():
     arch = preset("lenet")
     base = _random_params(arch, 10)
     rng = np.random.default_rng(3)
-    alive = {n: rng.random(arch["layers"][i]["out"]) < 0.6
+    alive = {n: rng.random(arch["nodes"][i]["out"]) < 0.6
              for i, n in ((0, "conv1"), (3, "conv2"), (7, "fc1"))}
     params = {"conv1.weight": {"kind": "node", "rows": "conv1"}, "conv1.bias": {"kind": "node", "rows": "conv1"},
               "conv2.weight": {"kind": "node", "rows": "conv2", "cols": "conv1"},

@@ -6,7 +6,7 @@ files are valid (docs/ARTIFACT.md, "Checks and limits").
 """
 from __future__ import annotations
 
-from edgecl.arch import Arch, dense_params
+from edgecl.arch.spec import Arch, dense_params
 
 MAX_HEADER_BYTES = 64 << 20
 """The JSON header (manifest + tensor table) is read whole into memory: a forged length must not allocate more."""

@@ -15,24 +15,24 @@ from typing import Any, Iterable
 import numpy as np
 
 from edgecl import __version__
-from edgecl.arch import gemm_shape, param_shapes
-from edgecl.arch import validate as validate_arch
+from edgecl.arch.spec import gemm_shape, param_shapes
+from edgecl.arch.spec import validate as validate_arch
 from edgecl.artifact.container import ST_CODE, TableEntry, parse_json, stored_form
 from edgecl.artifact.encodings import stored_dtype
-from edgecl.artifact.limits import (MAX_CLASSES, MAX_DIM, MAX_NDIM, MAX_TASK_NAME, MAX_TASKS, MAX_TENSOR_NAME,
+from edgecl.artifact.limits import (MAX_CLASSES, MAX_NDIM, MAX_TASK_NAME, MAX_TASKS, MAX_TENSOR_NAME,
                                     budget_problem, dense_bytes, is_int)
 from edgecl.deltas import KINDS
 from edgecl.errors import ArtifactError, UsageError
 
 FORMAT_NAME = "edgecl-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the architecture is a graph of nodes (edgecl.arch.spec); 1: a list of layers, still read
+READABLE_VERSIONS = (1, 2)
 BLOB_FIELDS = ("dtype", "shape", "encoding", "blake2b")
 """A manifest blob entry has exactly these: decoded dtype and shape, encoding steps, BLAKE2b of the stored bytes."""
 
 _TENSOR_NAME = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_.:\-]{{0,{MAX_TENSOR_NAME - 1}}}")
 _KEY = re.compile(r"(base|task(0|[1-9][0-9]{0,5}))::(.+)")
 _CHECKSUM = re.compile(r"[0-9a-f]{32}")
-_ARCH_INTS = {"in": 1, "out": 1, "k": 1, "stride": 1, "ch": 1, "pad": 0}
 _SPEC_FIELDS = {"unit": lambda v: v in ("element", "row", "column"),
                 "rows": lambda v: v is None or isinstance(v, str), "cols": lambda v: v is None or isinstance(v, str),
                 "repeat": lambda v: is_int(v, 1), "group": lambda v: isinstance(v, str)}
@@ -77,26 +77,6 @@ def owner_units_shape(shape: tuple[int, ...], unit: str) -> tuple[int, ...]:
     return {"element": shape, "row": (p,), "column": (q,)}[unit]
 
 
-def arch_problem(arch: dict) -> str | None:
-    """Types and ranges arch.validate takes on trust: every size a positive int, names safe, flags bools."""
-    shape, layers = arch.get("input_shape"), arch.get("layers")
-    if not isinstance(shape, list) or not 0 < len(shape) <= MAX_NDIM or not all(is_int(d, 1, MAX_DIM) for d in shape):
-        return f"input_shape {shape!r} must be 1-{MAX_NDIM} positive ints"
-    if not isinstance(layers, list) or not all(isinstance(layer, dict) for layer in layers):
-        return "layers must be a list of objects"
-    for i, layer in enumerate(layers):
-        for key, lo in _ARCH_INTS.items():
-            if key in layer and not is_int(layer[key], lo, MAX_DIM):
-                return f"layer {i}: {key} = {layer[key]!r} must be an int ≥ {lo}"
-        if "name" in layer and name_problem(layer["name"]):
-            return f"layer {i}: {name_problem(layer['name'])}"
-        if "bias" in layer and not isinstance(layer["bias"], bool):
-            return f"layer {i}: bias must be true or false"
-        if not isinstance(layer.get("op"), str):
-            return f"layer {i}: op must be a string"
-    return None
-
-
 def validate(path: str, text: str, table: dict[str, TableEntry], file_size: int) -> dict[str, Any]:
     """The manifest `text` of the file at `path`, parsed and checked against its tensor table; ArtifactError
     otherwise. In the returned dict the arch is normalised and each blob entry also has its ``scope`` and ``name``."""
@@ -126,16 +106,13 @@ class _Check:
         version = m.get("format_version")
         if not is_int(version, 1):
             raise self.fail("manifest.format_version", f"invalid value {version!r}")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise self.fail("manifest.format_version", f"version {version} is not readable by this edgecl "
-                                                       f"{__version__} (reads version {FORMAT_VERSION})")
+                                                       f"{__version__} (reads versions {READABLE_VERSIONS})")
         for key, typ in (("edgecl_version", str), ("method", str), ("config", dict), ("arch", dict),
                          ("fp16", bool), ("tasks", list), ("params", dict), ("extra", dict), ("blobs", dict)):
             if not isinstance(m.get(key), typ):
                 raise self.fail(f"manifest.{key}", f"missing or not a {typ.__name__}")
-        problem = arch_problem(m["arch"])
-        if problem:
-            raise self.fail("manifest.arch", problem)
         try:
             m["arch"] = validate_arch(m["arch"])
             trunk = param_shapes(m["arch"])

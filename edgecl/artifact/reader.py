@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecl.arch import param_shapes
+from edgecl.arch.spec import param_shapes
 from edgecl.artifact import container, manifest
 from edgecl.artifact.encodings import decode, support_mask, xor_ref
 from edgecl.artifact.manifest import blob_key, owner_problem, param_of

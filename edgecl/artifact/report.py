@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from edgecl.arch import dense_params
-from edgecl.artifact.manifest import FORMAT_VERSION, blob_key
+from edgecl.arch.spec import dense_params
+from edgecl.artifact.manifest import blob_key
 from edgecl.artifact.reader import Artifact, load
 
 COMPONENTS = ("base weights", "owner maps", "sharing masks", "node masks", "low-rank factors", "heads",
@@ -54,7 +54,7 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
         lps_weights = sum(math.prod(art.blobs[blob_key("base", n)]["shape"]) for n, s in art.params.items()
                           if s["kind"] == "lps")
         n_tasks, file_bytes, names = art.n_tasks, art.size, [info.name for info in art.tasks]
-        meta = {"method": art.method, "arch": art.arch.get("name"), "format_version": FORMAT_VERSION,
+        meta = {"method": art.method, "arch": art.arch.get("name"), "format_version": art.manifest["format_version"],
                 "edgecl_version": art.manifest["edgecl_version"], "fp16": art.fp16}
     comps = _components(rows, header_bytes)
     tasks = _tasks(rows, names, lps_weights)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgecl import __version__
-from edgecl.arch import validate as validate_arch
+from edgecl.arch.spec import validate as validate_arch
 from edgecl.artifact import container
 from edgecl.artifact.encodings import candidates, encode, support_mask, xor_ref
 from edgecl.artifact.limits import MAX_NDIM, budget_problem, dense_bytes

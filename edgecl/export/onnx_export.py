@@ -18,7 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgecl import __version__
-from edgecl.arch import Arch
+from edgecl.arch.spec import Arch
 from edgecl.io import write_atomic
 from edgecl.errors import UsageError
 from edgecl.graph.compact import CompactionReport, compact_task, count_params

@@ -18,7 +18,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgecl.arch import Arch, has_shortcut, param_shapes
+from edgecl.arch.spec import INPUT as SPEC_INPUT
+from edgecl.arch.spec import WEIGHT_OPS, Arch, param_shapes
 
 OPSET = 17
 INPUT, OUTPUT = "x", "logits"
@@ -39,14 +40,22 @@ class _Builder:
         return out
 
 
-def _conv(b: _Builder, h: str, w: str, bias: str | None, k: int, stride: int, pad: int) -> str:
+def _conv(b: _Builder, h: str, w: str, bias: str | None, k: list[int], stride: list[int] = (1, 1),
+          pad: list[int] = (0, 0), dilation: list[int] = (1, 1), groups: int = 1) -> str:
     inputs = [h, w] + ([bias] if bias else [])
-    return b.op("Conv", inputs, kernel_shape=[k, k], strides=[stride, stride], pads=[pad] * 4)
+    return b.op("Conv", inputs, kernel_shape=list(k), strides=list(stride), pads=[*pad, *pad],
+                dilations=list(dilation), group=groups)
 
 
-def _bn(b: _Builder, h: str, name: str) -> str:
+def _conv_node(b: _Builder, h: str, node: dict, bias: str | None) -> str:
+    return _conv(b, h, f"{node['name']}.weight", bias, node["k"], node["stride"], node["pad"], node["dilation"],
+                 node["groups"])
+
+
+def _bn(b: _Builder, h: str, node: dict) -> str:
+    name = node["name"]
     return b.op("BatchNormalization", [h] + [f"{name}.{k}" for k in ("weight", "bias", "running_mean", "running_var")],
-                epsilon=1e-5)
+                epsilon=node["eps"])
 
 
 def _select_inputs(b: _Builder, h: str, index: list[int]) -> str:
@@ -108,71 +117,129 @@ def _linear_factored(b: _Builder, h: str, name: str, bias: bool, form: str | Non
     return y, permute
 
 
-def _conv_factored(b: _Builder, h: str, layer: dict, form: str | None, parts: dict) -> str:
+def _conv_factored(b: _Builder, h: str, node: dict, form: str | None, parts: dict) -> str:
     """A convolution around a constant kernel W with the task's delta applied to the activations: node
     rows ⊙ conv(cols ⊙ x, W); lowrank r ⊙ conv(s ⊙ x, W) + U ∗ (V ∗ windowsum(x)) (the residual is constant over
-    kernel positions, so it sees the sum of each input window; U carries the kernel area, `edgecl.runtime.plan`);
-    permute gather(conv(x, W) (+ b), perm) over channels."""
-    name, k, stride, pad = layer["name"], layer["k"], layer["stride"], layer["pad"]
-    w, bias = f"{name}.weight", f"{name}.bias" if layer["bias"] else None
+    kernel positions, so it sees the sum of each input window; U carries the kernel area, `edgecl.runtime.plan`;
+    plain convolutions only: no groups, no dilation); permute gather(conv(x, W) (+ b), perm) over channels."""
+    name = node["name"]
+    w, bias = f"{name}.weight", f"{name}.bias" if node["bias"] else None
     if form is None:
-        return _conv(b, h, w, bias, k, stride, pad)
+        return _conv_node(b, h, node, bias)
 
     def residual(h: str, y: str) -> str:
-        window = b.op("AveragePool", [h], kernel_shape=[k, k], strides=[stride, stride], pads=[pad] * 4,
+        if node["groups"] != 1 or node["dilation"] != [1, 1]:
+            raise ValueError(f"conv {name!r}: a low-rank residual needs groups=1 and dilation=1")
+        window = b.op("AveragePool", [h], kernel_shape=node["k"], strides=node["stride"], pads=node["pad"] * 2,
                       count_include_pad=1)
-        return b.op("Add", [y, _conv(b, _conv(b, window, f"{w}:v", None, 1, 1, 0), f"{w}:u", None, 1, 1, 0)])
+        return b.op("Add", [y, _conv(b, _conv(b, window, f"{w}:v", None, [1, 1]), f"{w}:u", None, [1, 1])])
 
     return _apply_factors(b, h, w, bias, form, parts,
-                          main=lambda x, c: _conv(b, x, w, c, k, stride, pad), residual=residual,
+                          main=lambda x, c: _conv_node(b, x, node, c), residual=residual,
                           gather=lambda y: b.op("Gather", [y, f"{w}:perm"], axis=1),
                           add_bias=lambda y, c: _add_bias(b, y, c, [1, 2]))
 
 
+_UNARY = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "hardswish": "HardSwish"}
+_KEEP_TRANSPOSED = ("relu", "relu6", "sigmoid", "tanh", "hardswish", "hardsigmoid", "silu", "gelu")
+
+
+def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict) -> str:
+    """One non-linear node of the spec (conv included), exactly as `edgecl.train.models` runs it."""
+    op, h = node["op"], ins[0]
+    if op == "conv":
+        form, parts = factors.get(node["name"], (None, {}))
+        return _conv_factored(b, h, node, form, parts)
+    if op == "bn":
+        return _bn(b, h, node)
+    if op in _UNARY:
+        return b.op(_UNARY[op], [h])
+    if op == "relu6":
+        return b.op("Clip", [h, constant(0.0), constant(6.0)])
+    if op == "hardsigmoid":  # torch: relu6(x + 3) / 6
+        return b.op("HardSigmoid", [h], alpha=1.0 / 6.0, beta=0.5)
+    if op == "silu":
+        return b.op("Mul", [h, b.op("Sigmoid", [h])])
+    if op == "gelu":
+        if node["approximate"] == "tanh":  # 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
+            cube = b.op("Mul", [b.op("Mul", [h, h]), h])
+            inner = b.op("Mul", [b.op("Add", [h, b.op("Mul", [cube, constant(0.044715)])]),
+                                 constant(float(np.sqrt(2.0 / np.pi)))])
+            half = b.op("Add", [b.op("Tanh", [inner]), constant(1.0)])
+        else:  # 0.5·x·(1 + erf(x/√2))
+            half = b.op("Add", [b.op("Erf", [b.op("Mul", [h, constant(float(1 / np.sqrt(2.0)))])]), constant(1.0)])
+        return b.op("Mul", [b.op("Mul", [h, half]), constant(0.5)])
+    if op in ("maxpool", "avgpool"):
+        attrs = dict(kernel_shape=node["k"], strides=node["stride"], pads=node["pad"] * 2,
+                     ceil_mode=int(node["ceil_mode"]))
+        if op == "maxpool":
+            return b.op("MaxPool", [h], dilations=node["dilation"], **attrs)
+        return b.op("AveragePool", [h], count_include_pad=int(node["count_include_pad"]), **attrs)
+    if op == "gap":
+        return b.op("GlobalAveragePool", [h])
+    if op == "add":
+        for other in ins[1:]:
+            h = b.op("Add", [h, other])
+        return h
+    if op == "mul":
+        return b.op("Mul", ins)
+    if op == "cat":
+        return b.op("Concat", ins, axis=1)
+    if op == "flatten":
+        return b.op("Flatten", [h], axis=1)
+    if op == "reshape":
+        return b.op("Reshape", [h, constant(np.array([0, *node["shape"]], dtype=np.int64))])
+    raise ValueError(f"node {node['name']!r}: op {op!r} has no ONNX form")
+
+
 def _nodes(arch: Arch, b: _Builder, weights_left: bool = False, constants: frozenset = frozenset(),
            factors: dict | None = None) -> tuple[str, bool]:
-    """The trunk's nodes; returns the feature tensor and whether it is transposed (features, batch)."""
+    """The trunk's nodes; returns the feature tensor and whether it is transposed (features, batch).
+
+    With weights as inputs, large linear layers take the weight as GEMM's left operand on transposed activations
+    (see the module docstring); a transposed tensor stays so through element-wise activations and further linear
+    layers, and is transposed back before anything else reads it."""
     factors = factors or {}
-    h, transposed = INPUT, False
+    env: dict[str, tuple[str, bool]] = {SPEC_INPUT: (INPUT, False)}
     select = arch.get("input_select")
-    for layer in arch["layers"]:
-        op, name = layer["op"], layer.get("name")
-        if select is not None and op in ("linear", "conv"):
-            h, select = _select_inputs(b, h, select), None
-        if transposed and op not in ("linear", "relu"):  # (a factored linear layer transposes back itself)
-            h, transposed = b.op("Transpose", [h], perm=[1, 0]), False
-        if op == "linear" and weights_left and f"{name}.weight" in constants:
-            if transposed:
-                h, transposed = b.op("Transpose", [h], perm=[1, 0]), False
-            form, parts = factors.get(name, (None, {}))
-            h, transposed = _linear_factored(b, h, name, layer["bias"], form, parts)
-        elif op == "linear" and weights_left and (transposed or layer["in"] * layer["out"] >= LEFT_OPERAND_MIN):
-            if not transposed:
-                h, transposed = b.op("Transpose", [h], perm=[1, 0]), True
-            h = _linear_left(b, h, name, layer["bias"])
-        elif op == "linear":
-            h = b.op("Gemm", [h, f"{name}.weight"] + ([f"{name}.bias"] if layer["bias"] else []), transB=1)
-        elif op == "conv":  # a plain Conv unless the layer is factored
-            form, parts = factors.get(name, (None, {}))
-            h = _conv_factored(b, h, layer, form, parts)
-        elif op == "bn":
-            h = _bn(b, h, name)
-        elif op == "relu":
-            h = b.op("Relu", [h])
-        elif op == "maxpool":
-            h = b.op("MaxPool", [h], kernel_shape=[layer["k"]] * 2, strides=[layer["k"]] * 2)
-        elif op == "flatten":
-            h = b.op("Flatten", [h], axis=1)
-        elif op == "gap":
-            h = b.op("Flatten", [b.op("GlobalAveragePool", [h])], axis=1)
-        elif op == "block":
-            y = _conv(b, h, f"{name}.conv1.weight", None, 3, layer["stride"], 1)
-            y = b.op("Relu", [_bn(b, y, f"{name}.bn1")])
-            y = _bn(b, _conv(b, y, f"{name}.conv2.weight", None, 3, 1, 1), f"{name}.bn2")
-            if has_shortcut(layer):
-                h = _bn(b, _conv(b, h, f"{name}.short.weight", None, 1, layer["stride"], 0), f"{name}.shortbn")
-            h = b.op("Relu", [b.op("Add", [y, h])])
-    return h, transposed
+
+    def plain(name: str) -> str:
+        h, transposed = env[name]
+        if transposed:
+            h = b.op("Transpose", [h], perm=[1, 0])
+            env[name] = (h, False)
+        return h
+
+    def constant(value) -> str:
+        array = np.asarray(value, dtype=np.float32) if isinstance(value, float) else value
+        return b.op("Constant", [], value=numpy_helper.from_array(array, f"c{b.count + 1}"))
+
+    for node in arch["nodes"]:
+        op, name = node["op"], node["name"]
+        if op in WEIGHT_OPS and select is not None:  # a compacted graph reads only some input columns/channels
+            env[node["inputs"][0]] = (_select_inputs(b, plain(node["inputs"][0]), select), False)
+            select = None
+        if op == "linear":
+            env[name] = _linear(b, node, env[node["inputs"][0]], plain, weights_left, constants, factors)
+        elif op in _KEEP_TRANSPOSED and env[node["inputs"][0]][1]:
+            env[name] = (_op(b, node, [env[node["inputs"][0]][0]], constant, factors), True)
+        else:
+            env[name] = (_op(b, node, [plain(s) for s in node["inputs"]], constant, factors), False)
+    return env[arch["output"]]
+
+
+def _linear(b: _Builder, node: dict, source: tuple[str, bool], plain, weights_left: bool, constants: frozenset,
+            factors: dict) -> tuple[str, bool]:
+    name, (h, transposed) = node["name"], source
+    if weights_left and f"{name}.weight" in constants:
+        form, parts = factors.get(name, (None, {}))
+        return _linear_factored(b, plain(node["inputs"][0]), name, node["bias"], form, parts)
+    if weights_left and (transposed or node["in"] * node["out"] >= LEFT_OPERAND_MIN):
+        if not transposed:
+            h = b.op("Transpose", [h], perm=[1, 0])
+        return _linear_left(b, h, name, node["bias"]), True
+    return b.op("Gemm", [plain(node["inputs"][0]), f"{name}.weight"] + ([f"{name}.bias"] if node["bias"] else []),
+                transB=1), False
 
 
 def _external(name: str, array: np.ndarray) -> onnx.TensorProto:

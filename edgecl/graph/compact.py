@@ -33,11 +33,16 @@ from typing import Any
 
 import numpy as np
 
-from edgecl.arch import Arch, is_sequential, unit_sources
+from edgecl.arch.spec import Arch, is_sequential, unit_sources
 
 WEIGHT_OPS = ("linear", "conv")
 BN_KEYS = ("weight", "bias", "running_mean", "running_var")
 HEAD = "head"
+_CONSTANT_MAPS = {  # what each activation makes of a constant channel (float64, as torch computes in float32)
+    "relu": lambda v: np.maximum(v, 0.0), "relu6": lambda v: np.clip(v, 0.0, 6.0),
+    "sigmoid": lambda v: 1 / (1 + np.exp(-v)), "tanh": np.tanh,
+    "hardsigmoid": lambda v: np.clip(v + 3, 0, 6) / 6, "hardswish": lambda v: v * np.clip(v + 3, 0, 6) / 6,
+    "silu": lambda v: v / (1 + np.exp(-v)), "gelu": lambda v: np.full_like(v, np.nan)}
 
 
 @dataclass
@@ -65,9 +70,10 @@ def count_params(params: dict[str, np.ndarray]) -> int:
 def compact_task(arch: Arch, params: dict[str, np.ndarray]) -> tuple[Arch, dict[str, np.ndarray], CompactionReport]:
     """(arch', params', report): a smaller spec and tensors computing the same logits as (arch, params)."""
     dense = count_params(params)
-    if not is_sequential(arch):
+    if not is_sequential(arch) or any(n["op"] == "conv" and n["groups"] != 1 for n in arch["nodes"]):
         return (copy.deepcopy(arch), dict(params),
-                CompactionReport(False, "residual blocks: kept dense (see module docstring)", dense, dense))
+                CompactionReport(False, "residual adds, gates, concatenation or grouped convolutions: kept dense", dense,
+                                 dense))
     net = _Net(arch, params)
     before = {net.name(i): net.units(i) for i in range(len(net.weight_layers))}
     while net.compact_round():
@@ -85,7 +91,7 @@ class _Net:
     def __init__(self, arch: Arch, params: dict[str, np.ndarray]):
         self.arch = copy.deepcopy(arch)
         self.params = {k: np.array(v, dtype=np.float32) for k, v in params.items()}
-        layers = self.arch["layers"]
+        layers = self.arch["nodes"]
         self.weight_layers = [i for i, layer in enumerate(layers) if layer["op"] in WEIGHT_OPS]
         sources = unit_sources(arch)  # repeats are spatial sizes: compaction never changes them
         names = [layers[i]["name"] for i in self.weight_layers]
@@ -96,13 +102,13 @@ class _Net:
         self.rounds = 0
 
     def name(self, i: int) -> str:
-        return self.arch["layers"][self.weight_layers[i]]["name"]
+        return self.arch["nodes"][self.weight_layers[i]]["name"]
 
     def units(self, i: int) -> int:
         return int(self.params[f"{self.name(i)}.weight"].shape[0])
 
     def layer(self, i: int) -> dict:
-        return self.arch["layers"][self.weight_layers[i]]
+        return self.arch["nodes"][self.weight_layers[i]]
 
     def consumer(self, i: int) -> tuple[str, dict | None]:
         """Tensor prefix and spec of the layer that reads layer i's units (None spec: the head)."""
@@ -113,8 +119,8 @@ class _Net:
     def post_ops(self, i: int) -> list[dict]:
         """The non-weight ops between layer i and its consumer (BatchNorm, ReLU, pooling, flatten)."""
         start = self.weight_layers[i] + 1
-        stop = self.weight_layers[i + 1] if i + 1 < len(self.weight_layers) else len(self.arch["layers"])
-        return self.arch["layers"][start:stop]
+        stop = self.weight_layers[i + 1] if i + 1 < len(self.weight_layers) else len(self.arch["nodes"])
+        return self.arch["nodes"][start:stop]
 
     def inputs_kept(self) -> list[int] | None:
         if self.input_total is None:
@@ -160,8 +166,8 @@ class _Net:
         unread = ~block.any(axis=(0, 2))
         zero_row = ~w.reshape(n, -1).any(axis=1)
         const = self._unit_constants(i)
-        foldable = cspec is None or cspec["op"] == "linear" or cspec.get("pad", 0) == 0
-        removable = unread | (zero_row & ((const == 0) | foldable))
+        foldable = cspec is None or cspec["op"] == "linear" or not any(cspec.get("pad", [0]))
+        removable = unread | (zero_row & ((const == 0) | (foldable & np.isfinite(const))))
         if removable.all():
             removable[0] = False  # keep one unit: ONNX graphs with empty dimensions are not portable
         drop = np.flatnonzero(removable)
@@ -180,12 +186,15 @@ class _Net:
         bias = self.params.get(f"{layer['name']}.bias")
         v = np.zeros(self.units(i)) if bias is None else bias.astype(np.float64)
         for op in self.post_ops(i):
-            if op["op"] == "bn":
+            kind = op["op"]
+            if kind == "bn":
                 g, b, m, var = (self.params[f"{op['name']}.{k}"].astype(np.float64) for k in BN_KEYS)
-                v = (v - m) / np.sqrt(var + 1e-5) * g + b
-            elif op["op"] == "relu":
-                v = np.maximum(v, 0.0)
-            # maxpool, flatten, gap: a spatially constant channel stays the same constant
+                v = (v - m) / np.sqrt(var + op["eps"]) * g + b
+            elif kind in _CONSTANT_MAPS:
+                v = _CONSTANT_MAPS[kind](v)
+            elif kind == "avgpool" and any(op["pad"]) and op["count_include_pad"]:
+                v = np.full_like(v, np.nan)  # border windows average the constant with zero padding: not constant
+            # maxpool, avgpool without padding, gap, flatten, reshape: a spatially constant channel stays constant
         return v
 
     def _fold_into_bias(self, cname: str, cspec: dict | None, cols: np.ndarray, const: np.ndarray) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecl.arch import dense_params as arch_dense_params
+from edgecl.arch.spec import dense_params as arch_dense_params
 from edgecl.artifact import inspect as inspect_artifact  # imported before any RSS is measured: code, not model
 from edgecl.errors import BudgetError, UsageError
 from edgecl.plotting import new_figure, save_png

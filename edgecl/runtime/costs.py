@@ -11,7 +11,7 @@ from typing import Iterable
 
 import numpy as np
 
-from edgecl.arch import Arch, dense_params, shapes_after
+from edgecl.arch.spec import Arch, dense_params, shapes_after
 from edgecl.runtime.budget import Ledger
 
 ORT_ENVIRONMENT = 9_500_000  # first session in a process: environment, thread pool, kernel registry, first arena

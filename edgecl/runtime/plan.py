@@ -35,7 +35,7 @@ from typing import Iterator
 
 import numpy as np
 
-from edgecl.arch import param_shapes
+from edgecl.arch.spec import param_shapes
 from edgecl.deltas import PackedModel, lps_keep, materialize_param, node_factor, task_permutation
 from edgecl.errors import ArtifactError, UsageError
 from edgecl.graph.builder import tensor_names
@@ -133,7 +133,7 @@ def factor_forms(src: ModelSource, ranks: dict[str, int] | None = None) -> dict[
     constant when shared). Chosen by size: layers of fewer than `FACTOR_MIN_ELEMENTS` weights are folded.
     `ranks` (low-rank weight → largest k over the tasks) saves reading every task again when the caller has."""
     forms = {}
-    for layer in src.arch["layers"]:
+    for layer in src.arch["nodes"]:
         if layer["op"] not in ("linear", "conv"):
             continue
         name = layer["name"]

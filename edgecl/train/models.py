@@ -11,18 +11,27 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from edgecl.arch import Arch, has_shortcut, param_shapes
+from edgecl.arch import INPUT, WEIGHT_OPS, Arch, param_shapes
 
 Params = dict[str, torch.Tensor]
-# Optional hook applied to each linear/conv/block output, keyed by layer name (RGO's feature encoding, AGS-CL's
+# Optional hook applied to each linear/conv output, keyed by layer name (RGO's feature encoding, AGS-CL's
 # activation statistics). It receives (layer_name, activation) and returns the activation to continue with.
 Hook = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 def init_params(arch: Arch, n_classes: int | None = None, generator: torch.Generator | None = None) -> Params:
     """Kaiming-uniform weights (torch's nn.Linear/Conv2d default), zero biases, identity BatchNorm."""
+    return _init(param_shapes(arch, n_classes), generator)
+
+
+def init_head(arch: Arch, n_classes: int, generator: torch.Generator | None = None) -> Params:
+    """A fresh head for one task."""
+    return _init({"head.weight": (n_classes, arch["feature_dim"]), "head.bias": (n_classes,)}, generator)
+
+
+def _init(shapes: dict[str, tuple[int, ...]], generator: torch.Generator | None) -> Params:
     out: Params = {}
-    for name, shape in param_shapes(arch, n_classes).items():
+    for name, shape in shapes.items():
         if name.endswith("running_var"):
             out[name] = torch.ones(shape)
         elif name.endswith("running_mean"):
@@ -37,57 +46,75 @@ def init_params(arch: Arch, n_classes: int | None = None, generator: torch.Gener
     return out
 
 
-def init_head(arch: Arch, n_classes: int, generator: torch.Generator | None = None) -> Params:
-    """A fresh head for one task."""
-    full = init_params({**arch, "layers": []}, n_classes, generator)
-    return {k: v for k, v in full.items() if k.startswith("head.")}
-
-
 def forward(arch: Arch, params: Params, x: torch.Tensor, *, train: bool = False, hook: Hook | None = None,
             head: bool = True) -> torch.Tensor:
-    """Run the trunk (and the head in `params`) on a batch. BatchNorm uses batch statistics and updates the
-    running statistics in `params` when `train` is true, running statistics otherwise."""
-    h = x.reshape((x.shape[0],) + tuple(arch["input_shape"]))
-    for layer in arch["layers"]:
-        op, name = layer["op"], layer.get("name")
-        if op == "linear":
-            h = F.linear(h, params[f"{name}.weight"], params.get(f"{name}.bias"))
-        elif op == "conv":
-            h = F.conv2d(h, params[f"{name}.weight"], params.get(f"{name}.bias"), layer["stride"], layer["pad"])
-        elif op == "bn":
-            h = _bn(params, name, h, train)
-        elif op == "relu":
-            h = F.relu(h)
-        elif op == "maxpool":
-            h = F.max_pool2d(h, layer["k"])
-        elif op == "flatten":
-            h = h.flatten(1)
-        elif op == "gap":
-            h = h.mean(dim=(2, 3))
-        elif op == "block":
-            h = _block(params, layer, h, train)
-        if hook is not None and op in ("linear", "conv", "block"):
-            h = hook(name, h)
+    """Run the trunk (and the head in `params`) on a batch, node by node. BatchNorm uses batch statistics and updates
+    the running statistics in `params` when `train` is true, running statistics otherwise. Each activation is freed
+    after its last reader, so inference holds only the live ones."""
+    env = {INPUT: x.reshape((x.shape[0],) + tuple(arch["input_shape"]))}
+    remaining = _reader_counts(arch)
+    for node in arch["nodes"]:
+        h = _apply(node, [env[s] for s in node["inputs"]], params, train)
+        if hook is not None and node["op"] in WEIGHT_OPS:
+            h = hook(node["name"], h)
+        env[node["name"]] = h
+        for s in node["inputs"]:
+            remaining[s] -= 1
+            if remaining[s] == 0 and s != arch["output"]:
+                del env[s]
+    h = env[arch["output"]]
     if head:
         h = F.linear(h, params["head.weight"], params["head.bias"])
     return h
 
 
-def _bn(params: Params, name: str, h: torch.Tensor, train: bool) -> torch.Tensor:
-    return F.batch_norm(h, params[f"{name}.running_mean"], params[f"{name}.running_var"], params[f"{name}.weight"],
-                        params[f"{name}.bias"], training=train, momentum=0.1, eps=1e-5)
+def _reader_counts(arch: Arch) -> dict[str, int]:
+    counts = {INPUT: 0, **{n["name"]: 0 for n in arch["nodes"]}}
+    for node in arch["nodes"]:
+        for s in node["inputs"]:
+            counts[s] += 1
+    return counts
 
 
-def _block(params: Params, layer: dict, h: torch.Tensor, train: bool) -> torch.Tensor:
-    name = layer["name"]
-    y = F.conv2d(h, params[f"{name}.conv1.weight"], None, layer["stride"], 1)
-    y = F.relu(_bn(params, f"{name}.bn1", y, train))
-    y = F.conv2d(y, params[f"{name}.conv2.weight"], None, 1, 1)
-    y = _bn(params, f"{name}.bn2", y, train)
-    if has_shortcut(layer):
-        h = _bn(params, f"{name}.shortbn", F.conv2d(h, params[f"{name}.short.weight"], None, layer["stride"], 0),
-                train)
-    return F.relu(y + h)
+_ACTIVATIONS = {"relu": F.relu, "relu6": F.relu6, "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid,
+                "silu": F.silu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+
+
+def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> torch.Tensor:
+    """One node of the spec, exactly as `edgecl.graph.builder` emits it in ONNX."""
+    op, name, h = node["op"], node["name"], ins[0]
+    if op == "conv":
+        return F.conv2d(h, params[f"{name}.weight"], params.get(f"{name}.bias"), node["stride"], node["pad"],
+                        node["dilation"], node["groups"])
+    if op == "linear":
+        return F.linear(h, params[f"{name}.weight"], params.get(f"{name}.bias"))
+    if op == "bn":
+        return F.batch_norm(h, params[f"{name}.running_mean"], params[f"{name}.running_var"],
+                            params[f"{name}.weight"], params[f"{name}.bias"], training=train,
+                            momentum=node["momentum"], eps=node["eps"])
+    if op in _ACTIVATIONS:
+        return _ACTIVATIONS[op](h)
+    if op == "gelu":
+        return F.gelu(h, approximate=node["approximate"])
+    if op == "maxpool":
+        return F.max_pool2d(h, node["k"], node["stride"], node["pad"], node["dilation"], node["ceil_mode"])
+    if op == "avgpool":
+        return F.avg_pool2d(h, node["k"], node["stride"], node["pad"], node["ceil_mode"], node["count_include_pad"])
+    if op == "gap":
+        return h.mean(dim=(2, 3), keepdim=True)
+    if op == "add":
+        for other in ins[1:]:
+            h = h + other
+        return h
+    if op == "mul":
+        return h * ins[1]
+    if op == "cat":
+        return torch.cat(ins, dim=1)
+    if op == "flatten":
+        return h.flatten(1)
+    if op == "reshape":
+        return h.reshape((h.shape[0], *node["shape"]))
+    raise ValueError(f"node {name!r}: op {op!r} has no torch form")
 
 
 def to_numpy(params: Params) -> dict:

@@ -305,7 +305,7 @@ def _check_arch(arch: Arch) -> None:
     if not is_sequential(arch):
         raise UsageError(f"agscl: architecture {arch.get('name')!r} has residual blocks; AGS-CL's node masks need a "
                          "sequential architecture (presets 'mlp' or 'lenet')")
-    ops = {layer["op"] for layer in arch["layers"]}
+    ops = {node["op"] for node in arch["nodes"]}
     if ops & {"bn", "gap"}:
         raise UsageError(f"agscl: architecture {arch.get('name')!r} uses {sorted(ops & {'bn', 'gap'})}; AGS-CL "
                          "supports linear/conv/relu/maxpool/flatten trunks")

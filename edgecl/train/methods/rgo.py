@@ -73,7 +73,7 @@ class RGO(Method):
 
     # -- configuration checks -------------------------------------------------------------------------------
     def _check_config(self) -> None:
-        has_bn = any(layer["op"] == "bn" for layer in self.arch["layers"])
+        has_bn = any(node["op"] == "bn" for node in self.arch["nodes"])
         if self.config.fel and (has_bn or not is_sequential(self.arch)):
             raise UsageError(f"rgo: feature encoding layers (fel=true) need a sequential architecture without "
                              f"BatchNorm; {self.arch.get('name')!r} has residual blocks or BatchNorm — use fel=false")

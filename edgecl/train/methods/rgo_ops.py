@@ -166,7 +166,7 @@ class LayerTap(TorchFunctionMode):
     def _tapped(self, func, layer: str, a: dict[str, Any]) -> torch.Tensor:
         x, w, b = a["input"], a["weight"], a.get("bias")
         stride, padding = a.get("stride", 1), a.get("padding", 0)
-        if func is F.conv2d and (a.get("dilation", 1) not in (1, (1, 1)) or a.get("groups", 1) != 1):
+        if func is F.conv2d and (_pair(a.get("dilation", 1)) != (1, 1) or a.get("groups", 1) != 1):
             raise NotImplementedError(f"RGO: layer {layer!r} uses dilation/groups, which RGO does not project")
         if self.record is not None:
             out = F.linear(x, w, b) if func is F.linear else F.conv2d(x, w, b, stride, padding)
@@ -176,3 +176,7 @@ class LayerTap(TorchFunctionMode):
         if func is F.linear:
             return ProjectedLinear.apply(x, w, b, p)
         return ProjectedConv.apply(x, w, b, p, stride, padding)
+
+
+def _pair(value: Any) -> tuple[int, ...]:
+    return (value, value) if isinstance(value, int) else tuple(value)

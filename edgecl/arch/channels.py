@@ -1,0 +1,181 @@
+"""Which channels of a graph are one and the same: the channel-dependency map that node masks, structural compaction
+and feature permutations need once a network has residual adds, gates, concatenations and depthwise convolutions.
+
+Every conv or linear layer starts a *group* of channels (its output units). Ops that keep channels (BatchNorm,
+activations, pooling) pass a tensor's channels on; a depthwise convolution's output channel i is its input channel i;
+a residual ``add`` and a per-channel ``mul`` gate make their inputs' channels one group (channel i of each branch is
+the same unit of the network); ``cat`` lays groups side by side; ``flatten`` turns each channel into H·W features.
+This is the dependency graph Torch-Pruning's DepGraph builds on a traced model, computed here on the spec with a
+union-find, without torch.
+
+The result says, for every tensor, which group channels its axis 0 (``rows``) and, for conv/linear weights, its
+input axis (``cols``) belong to — as *segments* ``(group, repeat)``: the axis is the concatenation of the segments,
+each a group's channels in order, every channel repeated ``repeat`` times (H·W columns per channel after a flatten,
+channel-major). The network input is the group ``"input"``; the heads read ``head_cols``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from edgecl.arch.spec import INPUT, Arch, is_depthwise, node_shapes
+from edgecl.errors import UsageError
+
+Segments = list[tuple[str, int]]
+
+
+class ChannelError(UsageError):
+    """The graph mixes channels in a way no per-channel unit describes (e.g. a residual add over differently
+    concatenated branches, or a reshape that moves channels into space)."""
+
+
+@dataclass
+class ChannelMap:
+    groups: dict[str, int]  # group → number of channels
+    rows: dict[str, Segments]  # tensor (weight, bias, BatchNorm tensor) → its axis 0
+    cols: dict[str, Segments]  # conv/linear weight → its input axis (input channels, or features of a linear)
+    head_cols: Segments  # the features the heads read
+    spaces: dict[str, Segments] = field(default_factory=dict)  # node (and "input") → its output's channel axis
+
+    def size(self, segments: Segments) -> int:
+        """Length of an axis made of `segments`."""
+        return sum(self.groups[g] * r for g, r in segments)
+
+    def members(self) -> dict[str, list[str]]:
+        """Group → every tensor with rows in it (producers: conv/linear rows, biases, BatchNorm channels)."""
+        out: dict[str, list[str]] = {g: [] for g in self.groups}
+        for tensor, segments in self.rows.items():
+            for g, _ in segments:
+                if tensor not in out[g]:
+                    out[g].append(tensor)
+        return out
+
+    def readers(self) -> dict[str, list[str]]:
+        """Group → every conv/linear weight (and "head") whose input axis reads it."""
+        out: dict[str, list[str]] = {g: [] for g in self.groups}
+        for tensor, segments in [*self.cols.items(), ("head", self.head_cols)]:
+            for g, _ in segments:
+                if tensor not in out[g]:
+                    out[g].append(tensor)
+        return out
+
+
+class _UnionFind:
+    """Groups that are one unit, plus aliases: a group found to be a concatenation of others (an SE gate's conv
+    multiplying a concatenated tensor) stands for those segments from then on."""
+
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+        self.order: dict[str, int] = {}
+        self.alias: dict[str, Segments] = {}
+
+    def add(self, g: str) -> None:
+        self.parent[g] = g
+        self.order[g] = len(self.order)
+
+    def find(self, g: str) -> str:
+        while self.parent[g] != g:
+            self.parent[g] = self.parent[self.parent[g]]
+            g = self.parent[g]
+        return g
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:  # the earlier group names the merged one, so names do not depend on the order of adds
+            first, second = (ra, rb) if self.order[ra] < self.order[rb] else (rb, ra)
+            self.parent[second] = first
+
+    def resolve(self, segments: Segments) -> Segments:
+        out: Segments = []
+        for g, r in segments:
+            root = self.find(g)
+            if root in self.alias:
+                out += [(h, r * q) for h, q in self.resolve(self.alias[root])]
+            else:
+                out.append((root, r))
+        return out
+
+
+def channel_map(arch: Arch) -> ChannelMap:
+    """The channel groups of a validated spec; ChannelError naming the node where channels cannot be followed."""
+    shapes = node_shapes(arch)
+    uf = _UnionFind()
+    size: dict[str, int] = {}
+
+    def new_group(name: str, n: int) -> Segments:
+        uf.add(name)
+        size[name] = n
+        return [(name, 1)]
+
+    spaces: dict[str, Segments] = {INPUT: new_group(INPUT, shapes[INPUT][0])}
+    rows: dict[str, Segments] = {}
+    cols: dict[str, Segments] = {}
+    for node in arch["nodes"]:
+        op, name = node["op"], node["name"]
+        ins = [spaces[s] for s in node["inputs"]]
+        x = ins[0]
+        if op == "conv" and is_depthwise(node):
+            out = x
+            rows[f"{name}.weight"] = x
+        elif op in ("conv", "linear"):
+            cols[f"{name}.weight"] = x
+            out = new_group(name, node["out"])
+            rows[f"{name}.weight"] = out
+        elif op == "bn":
+            out = x
+            rows.update({f"{name}.{k}": x for k in ("weight", "bias", "running_mean", "running_var")})
+        elif op == "flatten":
+            hw = 1
+            for d in shapes[node["inputs"][0]][1:]:
+                hw *= d
+            out = [(g, r * hw) for g, r in x]
+        elif op == "reshape":
+            out = _reshape(node, x, shapes[node["inputs"][0]])
+        elif op in ("add", "mul"):
+            out = _merge(uf, node, ins, [shapes[s] for s in node["inputs"]])
+        elif op == "cat":
+            out = [seg for segments in ins for seg in segments]
+        else:  # activations, pooling: channels pass through
+            out = x
+        if op in ("conv", "linear") and node["bias"]:
+            rows[f"{name}.bias"] = out
+        spaces[name] = out
+
+    resolve = uf.resolve
+    groups = {g: size[g] for g in size if uf.find(g) == g and g not in uf.alias}
+    return ChannelMap(groups, {k: resolve(v) for k, v in rows.items()}, {k: resolve(v) for k, v in cols.items()},
+                      resolve(spaces[arch["output"]]), {k: resolve(v) for k, v in spaces.items()})
+
+
+def _merge(uf: _UnionFind, node: dict, ins: list[Segments], shapes: list[list[int]]) -> Segments:
+    """add / mul: channel i of every input is one unit (`validate` checked the widths agree). A mul by a tensor with
+    one channel (a spatial gate or a scalar) keeps the other input's channels."""
+    full = [segments for segments, shape in zip(ins, shapes) if shape[0] > 1]
+    if node["op"] == "mul" and len(full) == 1:
+        return full[0]
+    first = uf.resolve(ins[0])
+    for segments in ins[1:]:
+        other = uf.resolve(segments)
+        if len(other) == len(first) and all(r1 == r2 for (_, r1), (_, r2) in zip(first, other)):
+            for (a, _), (b, _) in zip(first, other):
+                uf.union(a, b)
+        elif len(other) == 1 and all(r == other[0][1] for _, r in first):
+            uf.alias[other[0][0]] = [(g, 1) for g, _ in first]  # a plain group meets a concatenation: it is one
+        elif len(first) == 1 and all(r == first[0][1] for _, r in other):
+            uf.alias[first[0][0]] = [(g, 1) for g, _ in other]
+            first = other
+        else:
+            raise ChannelError(f"node {node['name']!r} ({node['op']}): its inputs are concatenated differently "
+                               f"({first} vs {other}); channels cannot be followed through it")
+    return ins[0]
+
+
+def _reshape(node: dict, x: Segments, before: list[int]) -> Segments:
+    after = node["shape"]
+    if len(after) == 1:  # a flatten written as a reshape
+        hw = 1
+        for d in before[1:]:
+            hw *= d
+        return [(g, r * hw) for g, r in x]
+    if after[0] == before[0]:  # channels kept, space reshaped
+        return x
+    raise ChannelError(f"node {node['name']!r} (reshape {before} → {after}) moves channels into space")

@@ -1,0 +1,135 @@
+"""`--arch` resolution: a preset name, a saved spec (``.json``), or a model factory — ``module:factory`` (e.g.
+``torchvision.models:resnet18``), ``timm:MODEL`` (``timm.create_model``), or ``path/to/file.py:factory`` — turned
+into a spec for a given input shape. Factories are called without pretrained weights (``weights=None`` /
+``pretrained=False`` where the factory takes them): nothing is downloaded. torch is imported only for factories."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import sys
+from typing import Any
+
+from edgecl.arch.presets import PRESETS, preset
+from edgecl.arch.spec import Arch, validate
+from edgecl.errors import UsageError
+
+
+def resolve_arch(value: str, input_shape: tuple[int, ...], *, classifier: bool | None = None) -> Arch:
+    """The spec `value` names, for inputs of `input_shape` (without batch); UsageError naming what is wrong."""
+    if not isinstance(value, str) or not value:
+        raise UsageError(f"--arch must be a preset ({', '.join(PRESETS)}), a .json spec or module:factory")
+    if value in PRESETS:
+        return preset(value, tuple(input_shape))
+    if value.endswith(".json"):
+        return _spec_file(value, input_shape)
+    if ":" in value:
+        from edgecl.arch.fx_import import from_torch
+
+        module = build_module(value)
+        return from_torch(module, input_shape, classifier=classifier, name=value.rsplit(":", 1)[1])
+    raise UsageError(f"unknown architecture {value!r}: use a preset ({', '.join(PRESETS)}), a .json spec file, or "
+                     "module:factory (e.g. torchvision.models:resnet18, timm:mobilenetv3_small_050)")
+
+
+def _spec_file(path: str, input_shape: tuple[int, ...]) -> Arch:
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise UsageError(f"{path}: not a readable JSON spec ({str(exc)[:200]})") from None
+    try:
+        arch = validate(spec)
+    except UsageError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+    if tuple(arch["input_shape"]) != tuple(input_shape):
+        raise UsageError(f"{path}: the spec takes inputs of shape {tuple(arch['input_shape'])}, the data has "
+                         f"{tuple(input_shape)}")
+    return arch
+
+
+def build_module(value: str) -> Any:
+    """The `torch.nn.Module` a ``module:factory`` / ``timm:MODEL`` / ``file.py:factory`` string names, built without
+    pretrained weights."""
+    target, _, attr = value.rpartition(":")
+    if not target or not attr:
+        raise UsageError(f"--arch {value!r}: expected module:factory")
+    if target == "timm":
+        timm = _import("timm", value)
+        if attr not in timm.list_models():
+            raise UsageError(f"--arch {value!r}: timm has no model {attr!r}")
+        return timm.create_model(attr, pretrained=False)
+    module = _import_file(target, value) if target.endswith(".py") else _import(target, value)
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UsageError(f"--arch {value!r}: {target} has no callable {attr!r}")
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    kwargs = {k: v for k, v in (("weights", None), ("pretrained", False)) if k in params}
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:  # a user's factory may raise anything: say which and why
+        raise UsageError(f"--arch {value!r}: the factory raised {type(exc).__name__}: {str(exc)[:300]}") from None
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"--arch {value!r}: the factory returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _import(name: str, value: str) -> Any:
+    if name == "torchvision" or name.startswith("torchvision.") or name == "timm":
+        ensure_torchvision_imports()
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise UsageError(f"--arch {value!r}: cannot import {name} ({exc})") from None
+
+
+def _import_file(path: str, value: str) -> Any:
+    if not os.path.isfile(path):
+        raise UsageError(f"--arch {value!r}: file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"edgecl_user_{abs(hash(os.path.abspath(path)))}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise UsageError(f"--arch {value!r}: importing {path} raised {type(exc).__name__}: {str(exc)[:300]}") from None
+    return module
+
+
+def ensure_torchvision_imports() -> None:
+    """Make `import torchvision` work where its compiled ops were built for another torch (PyPI's torchvision wheel
+    is the CUDA build; on a CPU-only torch its ``_C`` library cannot load, and torchvision 0.28 then fails at import
+    on two unconditional fake-kernel registrations). edgecl uses only torchvision's pure-Python model definitions,
+    so when the library does not load, the two op schemas are declared (no kernels) and the import goes through.
+    A torchvision whose library loads is left untouched."""
+    if "torchvision" in sys.modules or importlib.util.find_spec("torchvision") is None:
+        return
+    import torch
+
+    folder = os.path.dirname(importlib.util.find_spec("torchvision").origin)
+    library = next((os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.startswith("_C.")), None)
+    if library is not None:
+        try:
+            torch.ops.load_library(library)
+            return
+        except (OSError, RuntimeError):
+            pass
+    fragment = torch.library.Library("torchvision", "FRAGMENT")
+    for schema in ("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+                   "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"):
+        try:
+            fragment.define(schema)
+        except RuntimeError:  # already declared
+            pass
+    _FRAGMENTS.append(fragment)  # a Library deregisters its definitions when collected
+
+
+_FRAGMENTS: list[Any] = []

@@ -1,0 +1,351 @@
+"""Architecture specs as graphs: one JSON-able description of a trunk that torch training, the ONNX builder, the
+runtime and compaction all build from, so none of them can disagree about shapes or tensor names.
+
+A spec (normal form, what `validate` returns)::
+
+    {"name": "resnet18", "input_shape": [3, 32, 32], "output": "flatten", "feature_dim": 512,
+     "nodes": [{"name": "conv1", "op": "conv", "inputs": ["input"], "in": 3, "out": 64, "k": [7, 7],
+                "stride": [2, 2], "pad": [3, 3], "dilation": [1, 1], "groups": 1, "bias": false}, ...]}
+
+Nodes are in topological order; each reads the named outputs of earlier nodes (``"input"`` is the network input) and
+its ``name`` is unique. Shapes leave out the batch axis. Ops (fields and defaults in `OPS`):
+
+- with tensors: ``conv`` (weight ``(out, in/groups, kh, kw)``, optional bias), ``linear`` (weight ``(out, in)``),
+  ``bn`` (weight, bias, running_mean, running_var of ``ch`` channels; eps, momentum) — tensor names are
+  ``NODE.weight`` etc.;
+- element-wise: ``relu relu6 hardswish hardsigmoid silu sigmoid gelu tanh``;
+- pooling: ``maxpool`` / ``avgpool`` (k, stride, pad, ceil_mode; avgpool's count_include_pad), ``gap`` (global
+  average → ``(C, 1, 1)``);
+- structure: ``add`` (residual sum of equal shapes), ``mul`` (broadcast product, e.g. squeeze-and-excitation
+  gates), ``cat`` (channel concatenation), ``flatten``, ``reshape`` (to ``shape``).
+
+Every task's head (``head.weight`` classes × feature_dim, ``head.bias``) reads the ``output`` node, which must be a
+flat feature vector. Prunable layers are the trunk's conv and linear weights; their GEMM view is
+``(out, in/groups·kh·kw)``.
+
+Specs written as a plain list of layers (``{"layers": [...]}``, the format of edgecl ≤ 0.1 artifacts, with the
+``block`` op for a ResNet basic block) are converted to this form by `validate`, keeping every tensor name.
+Validation is strict and bounded (types, ranges, `MAX_NODES`): specs come from files, and this is the one function
+that both checks a spec and says what the graph computes.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+from typing import Any
+
+from edgecl.arch.legacy import layers_to_nodes
+from edgecl.errors import UsageError
+
+Arch = dict[str, Any]
+INPUT = "input"
+MAX_NODES = 10_000  # ~20× a ResNet-152; bounds the work a spec read from a file can cause
+MAX_INPUTS = 256
+MAX_DIM = 1 << 31
+MAX_NDIM = 3
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,159}")
+ACTIVATIONS = ("relu", "relu6", "hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh")
+
+# op → {field: (kind, default)}; a default of `...` means required. Kinds: size (int ≥ 1), pair (two sizes; an int
+# is taken for both), pad (two ints ≥ 0), bool, eps, momentum, approximate, shape, axis.
+_POOL = {"k": ("pair", ...), "stride": ("pair", None), "pad": ("pad", [0, 0]), "ceil_mode": ("bool", False)}
+OPS: dict[str, dict[str, tuple[str, Any]]] = {
+    "conv": {"in": ("size", ...), "out": ("size", ...), "k": ("pair", ...), "stride": ("pair", [1, 1]),
+             "pad": ("pad", [0, 0]), "dilation": ("pair", [1, 1]), "groups": ("size", 1), "bias": ("bool", True)},
+    "linear": {"in": ("size", ...), "out": ("size", ...), "bias": ("bool", True)},
+    "bn": {"ch": ("size", ...), "eps": ("eps", 1e-5), "momentum": ("momentum", 0.1)},
+    **{act: {} for act in ACTIVATIONS},
+    "maxpool": {**_POOL, "dilation": ("pair", [1, 1])},
+    "avgpool": {**_POOL, "count_include_pad": ("bool", True)},
+    "gap": {},
+    "add": {},
+    "mul": {},
+    "cat": {"axis": ("axis", 1)},
+    "flatten": {},
+    "reshape": {"shape": ("shape", ...)},
+}
+OPS["gelu"] = {"approximate": ("approximate", "none")}
+WEIGHT_OPS = ("conv", "linear")
+_MULTI_INPUT = ("add", "mul", "cat")
+
+
+def validate(arch: Any) -> Arch:
+    """Check a spec (graph or legacy layer list) and fill defaults; returns a normalised deep copy. Raises
+    UsageError naming the node and field that is wrong."""
+    if not isinstance(arch, dict) or "input_shape" not in arch or not ("nodes" in arch or "layers" in arch):
+        raise UsageError("architecture spec must be a JSON object with 'input_shape' and 'nodes' (or 'layers')")
+    if "nodes" not in arch:
+        arch = {**arch, "nodes": layers_to_nodes(arch["layers"])}
+    shape = _shape(arch["input_shape"], "input_shape")
+    nodes = arch["nodes"]
+    if not isinstance(nodes, list) or not nodes or len(nodes) > MAX_NODES:
+        raise UsageError(f"architecture nodes must be a non-empty list of at most {MAX_NODES} objects")
+    name = arch.get("name", "custom")
+    if not isinstance(name, str) or not 0 < len(name) <= 128 or not name.isprintable():
+        raise UsageError(f"architecture name {name!r} must be 1-128 printable characters")
+    shapes: dict[str, list[int]] = {INPUT: shape}
+    out_nodes = [_node(node, i, shapes) for i, node in enumerate(nodes)]
+    output = arch.get("output", out_nodes[-1]["name"])
+    if not isinstance(output, str) or output not in shapes or output == INPUT:
+        raise UsageError(f"architecture output {output!r} is not a node")
+    if len(shapes[output]) != 1:
+        raise UsageError(f"architecture output {output!r} must be a flat feature vector, has shape {shapes[output]} "
+                         "(end the trunk with a flatten)")
+    return {"name": name, "input_shape": shape, "nodes": out_nodes, "output": output,
+            "feature_dim": shapes[output][0]}
+
+
+def _shape(value: Any, what: str) -> list[int]:
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_NDIM or not all(_is_size(d) for d in value):
+        raise UsageError(f"architecture {what} {value!r} must be 1-{MAX_NDIM} positive ints")
+    return list(value)
+
+
+def _is_size(x: Any, lo: int = 1) -> bool:
+    return type(x) is int and lo <= x <= MAX_DIM
+
+
+def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
+    """One node, normalised, with its output shape recorded in `shapes`."""
+    if not isinstance(node, dict):
+        raise UsageError(f"architecture node {i}: not an object")
+    op, name = node.get("op"), node.get("name")
+    where = f"architecture node {i} ({name if isinstance(name, str) else op!s:.60})"
+    if op not in OPS:
+        raise UsageError(f"{where}: unknown op {str(op)[:60]!r} (known: {', '.join(OPS)})")
+    if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name or name == INPUT \
+            or name.startswith("head"):
+        raise UsageError(f"{where}: name {str(name)[:60]!r} is not allowed (letters, digits, _ . : -; ≤ 160 chars; "
+                         f"not 'input' or 'head…')")
+    if name in shapes:
+        raise UsageError(f"{where}: duplicate name {name!r}")
+    fields = OPS[op]
+    unknown = set(node) - set(fields) - {"op", "name", "inputs"}
+    if unknown:
+        raise UsageError(f"{where}: unknown fields {sorted(unknown)[:5]} for op {op!r}")
+    out = {"name": name, "op": op, "inputs": _inputs(node.get("inputs"), op, where, shapes)}
+    for key, (kind, default) in fields.items():
+        if key not in node:
+            if default is ...:
+                raise UsageError(f"{where}: missing field {key!r}")
+            value = copy.copy(default)
+        else:
+            value = _field(node[key], kind, f"{where}: {key}")
+        out[key] = value
+    if op in ("maxpool", "avgpool") and out["stride"] is None:
+        out["stride"] = list(out["k"])
+    shapes[name] = output_shape(out, [shapes[s] for s in out["inputs"]], where)
+    return out
+
+
+def _inputs(value: Any, op: str, where: str, shapes: dict[str, list[int]]) -> list[str]:
+    if not isinstance(value, list) or not value or len(value) > MAX_INPUTS:
+        raise UsageError(f"{where}: inputs must be a non-empty list of node names")
+    for s in value:
+        if not isinstance(s, str) or s not in shapes:
+            raise UsageError(f"{where}: input {str(s)[:60]!r} is not an earlier node (nodes are in topological order)")
+    want = "2 or more" if op in ("add", "cat") else "2" if op == "mul" else "1"
+    if (op in ("add", "cat") and len(value) < 2) or (op == "mul" and len(value) != 2) or \
+            (op not in _MULTI_INPUT and len(value) != 1):
+        raise UsageError(f"{where}: {op} takes {want} inputs, got {len(value)}")
+    return list(value)
+
+
+def _field(value: Any, kind: str, where: str) -> Any:
+    if kind == "size" and _is_size(value):
+        return value
+    if kind in ("pair", "pad"):
+        lo = 0 if kind == "pad" else 1
+        pair = [value, value] if type(value) is int else value
+        if isinstance(pair, list) and len(pair) == 2 and all(_is_size(v, lo) for v in pair):
+            return list(pair)
+    if kind == "bool" and isinstance(value, bool):
+        return value
+    if kind == "eps" and isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1:
+        return float(value)
+    if kind == "momentum" and isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1:
+        return float(value)
+    if kind == "approximate" and value in ("none", "tanh"):
+        return value
+    if kind == "shape" and isinstance(value, list):
+        return _shape(value, "reshape shape")
+    if kind == "axis" and value == 1:
+        return 1
+    expect = {"size": "an int ≥ 1", "pair": "an int ≥ 1 or two of them", "pad": "an int ≥ 0 or two of them",
+              "bool": "true or false", "eps": "a number in (0, 1)", "momentum": "a number in (0, 1]",
+              "approximate": "'none' or 'tanh'", "axis": "1 (channels)"}.get(kind, kind)
+    raise UsageError(f"{where} = {str(value)[:60]} must be {expect}")
+
+
+def _window(size: int, k: int, stride: int, pad: int, dilation: int, ceil_mode: bool) -> int:
+    """Output length of a conv/pool window along one axis (torch's rule, ceil_mode included)."""
+    span = size + 2 * pad - dilation * (k - 1) - 1
+    if span < 0:
+        return 0
+    n = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (n - 1) * stride >= size + pad:  # the last window must start inside the input or left pad
+        n -= 1
+    return n
+
+
+def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node") -> list[int]:
+    """Shape (without batch) of a normalised node's output from its inputs' shapes; UsageError when they do not
+    fit the op."""
+    op, x = node["op"], ins[0]
+    if op == "linear":
+        if x != [node["in"]]:
+            raise UsageError(f"{where}: linear expects [{node['in']}] features, gets {x}")
+        return [node["out"]]
+    if op in ("conv", "maxpool", "avgpool"):
+        if len(x) != 3:
+            raise UsageError(f"{where}: {op} needs a (channels, height, width) input, gets {x}")
+        if op == "conv":
+            if x[0] != node["in"]:
+                raise UsageError(f"{where}: conv expects {node['in']} channels, gets {x}")
+            g = node["groups"]
+            if node["in"] % g or node["out"] % g:
+                raise UsageError(f"{where}: groups={g} must divide in={node['in']} and out={node['out']}")
+        pad = node["pad"]
+        dil = node.get("dilation", [1, 1])
+        if op != "conv" and any(2 * p > k for p, k in zip(pad, node["k"])):
+            raise UsageError(f"{where}: pad {pad} must be at most half the window {node['k']}")
+        hw = [_window(x[1 + a], node["k"][a], node["stride"][a], pad[a], dil[a], node.get("ceil_mode", False))
+              for a in range(2)]
+        if min(hw) <= 0:
+            raise UsageError(f"{where}: the window {node['k']} does not fit the input {x}; output would be empty")
+        return [node["out"] if op == "conv" else x[0], *hw]
+    if op == "bn":
+        if x[0] != node["ch"]:
+            raise UsageError(f"{where}: bn has {node['ch']} channels, gets {x}")
+        return list(x)
+    if op == "gap":
+        if len(x) != 3:
+            raise UsageError(f"{where}: gap needs a (channels, height, width) input, gets {x}")
+        return [x[0], 1, 1]
+    if op == "flatten":
+        return [math.prod(x)]
+    if op == "reshape":
+        if math.prod(node["shape"]) != math.prod(x):
+            raise UsageError(f"{where}: cannot reshape {x} to {node['shape']}")
+        return list(node["shape"])
+    if op == "add":
+        if any(s != x for s in ins):
+            raise UsageError(f"{where}: add needs equal shapes, gets {ins}")
+        return list(x)
+    if op == "mul":
+        a, b = ins
+        if len(a) != len(b) or any(p != q and 1 not in (p, q) for p, q in zip(a, b)):
+            raise UsageError(f"{where}: mul needs broadcastable shapes of one rank, gets {a} and {b}")
+        return [max(p, q) for p, q in zip(a, b)]
+    if op == "cat":
+        if any(len(s) != len(x) or s[1:] != x[1:] for s in ins):
+            raise UsageError(f"{where}: cat needs inputs that differ only in channels, gets {ins}")
+        return [sum(s[0] for s in ins), *x[1:]]
+    return list(x)  # element-wise activations
+
+
+def node_shapes(arch: Arch) -> dict[str, list[int]]:
+    """Output shape of every node of a validated spec (and of ``"input"``), without the batch axis."""
+    shapes = {INPUT: list(arch["input_shape"])}
+    for node in arch["nodes"]:
+        shapes[node["name"]] = output_shape(node, [shapes[s] for s in node["inputs"]], node["name"])
+    return shapes
+
+
+def param_shapes(arch: Arch, n_classes: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Every trunk tensor (BatchNorm running statistics included) with its shape, in node order; the head too when
+    `n_classes` is given."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for node in arch["nodes"]:
+        op, name = node["op"], node["name"]
+        if op == "conv":
+            shapes[f"{name}.weight"] = (node["out"], node["in"] // node["groups"], *node["k"])
+        elif op == "linear":
+            shapes[f"{name}.weight"] = (node["out"], node["in"])
+        elif op == "bn":
+            shapes.update({f"{name}.{k}": (node["ch"],) for k in BN_TENSORS})
+        if op in WEIGHT_OPS and node["bias"]:
+            shapes[f"{name}.bias"] = (node["out"],)
+    if n_classes is not None:
+        shapes["head.weight"] = (n_classes, arch["feature_dim"])
+        shapes["head.bias"] = (n_classes,)
+    return shapes
+
+
+BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
+
+
+def dense_params(arch: Arch, n_classes: int | None = None) -> int:
+    """Numbers in one dense model of this spec: every trunk tensor (BatchNorm statistics included), plus a head of
+    `n_classes` when given. The one place dense sizes are counted (audit, inspect, methods' reports, sessions)."""
+    return sum(math.prod(s) for s in param_shapes(arch, n_classes).values())
+
+
+def prunable(arch: Arch) -> list[str]:
+    """Names of the trunk's conv and linear weight tensors, in node order."""
+    return [f"{n['name']}.weight" for n in arch["nodes"] if n["op"] in WEIGHT_OPS]
+
+
+def gemm_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(P, Q) GEMM view of a linear or conv weight: rows are output units, columns are inputs × kernel positions."""
+    return shape[0], math.prod(shape[1:])
+
+
+def node_by_name(arch: Arch) -> dict[str, dict[str, Any]]:
+    return {n["name"]: n for n in arch["nodes"]}
+
+
+def consumers(arch: Arch) -> dict[str, list[str]]:
+    """Node name (or "input") → the nodes that read its output, in node order."""
+    out: dict[str, list[str]] = {INPUT: [], **{n["name"]: [] for n in arch["nodes"]}}
+    for node in arch["nodes"]:
+        for s in node["inputs"]:
+            out[s].append(node["name"])
+    return out
+
+
+def is_sequential(arch: Arch) -> bool:
+    """True when every node reads the one before it (a chain: no residual adds, gates or concatenation)."""
+    previous = INPUT
+    for node in arch["nodes"]:
+        if node["inputs"] != [previous]:
+            return False
+        previous = node["name"]
+    return previous == arch["output"]
+
+
+def is_depthwise(node: dict[str, Any]) -> bool:
+    """A convolution whose every output channel reads exactly the input channel of the same index."""
+    return node["op"] == "conv" and node["groups"] == node["in"] == node["out"] and node["groups"] > 1
+
+
+def shapes_after(arch: Arch) -> list[list[int]]:
+    """Activation shape after each node (without batch), for memory estimates."""
+    shapes = node_shapes(arch)
+    return [shapes[n["name"]] for n in arch["nodes"]]
+
+
+def unit_sources(arch: Arch) -> dict[str, tuple[str | None, int]]:
+    """For each linear/conv layer of a chain (`is_sequential`): (layer whose output units feed its inputs, input
+    columns per source unit) — the repeat is H·W where a flatten sits between a conv and a linear; None means the
+    network input. The general form for any graph is `channel_map`."""
+    if not is_sequential(arch):
+        raise UsageError(f"architecture {arch.get('name')!r} is not a chain; use edgecl.arch.channel_map")
+    out: dict[str, tuple[str | None, int]] = {}
+    src, repeat = None, 1
+    shapes = node_shapes(arch)
+    previous = INPUT
+    for node in arch["nodes"]:
+        if node["op"] == "flatten" and len(shapes[previous]) == 3:
+            repeat *= shapes[previous][1] * shapes[previous][2]
+        if node["op"] in WEIGHT_OPS:
+            out[node["name"]] = (src, repeat)
+            src, repeat = node["name"], 1
+        previous = node["name"]
+    return out
+
+
+def last_layer(arch: Arch) -> str:
+    """The conv/linear layer whose output units feed the heads (on a chain)."""
+    return prunable(arch)[-1].rsplit(".", 1)[0]

@@ -1,0 +1,157 @@
+"""Your own network: torchvision, timm and custom `nn.Module`s become specs (`edgecl.arch.from_torch`), whose torch
+forward and ONNX graph compute what the module computes; unsupported ops get a UsageError naming op and module path."""
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from edgecl.arch import channel_map, from_torch, param_shapes, prunable
+from edgecl.arch.factories import build_module, ensure_torchvision_imports, resolve_arch
+from edgecl.arch.fx_import import tensors_of
+from edgecl.errors import UsageError
+from edgecl.graph.builder import build_onnx
+from edgecl.train.models import forward, from_numpy
+
+ensure_torchvision_imports()
+import timm  # noqa: E402
+import torchvision  # noqa: E402
+
+
+class ResCat(nn.Module):
+    """A custom trunk + classifier with a residual add, a channel concatenation, a depthwise conv and an SE gate."""
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.branch_a = nn.Conv2d(8, 8, 3, padding=1)
+        self.branch_b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.SiLU())
+        self.se_reduce, self.se_expand = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.branch_a(x)
+        y = torch.cat([x, self.branch_b(x)], dim=1)
+        gate = torch.sigmoid(self.se_expand(torch.relu(self.se_reduce(y.mean((2, 3), keepdim=True)))))
+        return self.fc(torch.flatten(self.pool(y * gate), 1))
+
+
+def _randomise_batchnorm(module: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(1 + 0.2 * torch.randn(m.num_features, generator=g))
+            m.bias.data.copy_(0.2 * torch.randn(m.num_features, generator=g))
+
+
+MODELS = {
+    "torchvision resnet18": lambda: torchvision.models.resnet18(num_classes=5),
+    "torchvision mobilenet_v2": lambda: torchvision.models.mobilenet_v2(num_classes=5, width_mult=0.25),
+    "timm mobilenetv3_small_050": lambda: timm.create_model("mobilenetv3_small_050", num_classes=5),
+    "custom residual + concat": ResCat,
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_spec_forward_and_onnx_equal_the_module(name):
+    torch.manual_seed(0)
+    module = MODELS[name]().eval()
+    _randomise_batchnorm(module)
+    spec = from_torch(module, (3, 32, 32))
+    weights = tensors_of(module, spec)
+    classifier = [m for m in module.modules() if isinstance(m, nn.Linear)][-1]
+    weights.update({"head.weight": classifier.weight.detach().numpy().copy(),
+                    "head.bias": classifier.bias.detach().numpy().copy()})
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        want = module(x).numpy()
+        got = forward(spec, from_numpy(weights), x).numpy()
+    scale = max(1.0, float(np.abs(want).max()))
+    assert np.abs(got - want).max() <= 1e-5 * scale
+    session = ort.InferenceSession(build_onnx(spec, weights).SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.abs(session.run(None, {"x": x.numpy()})[0] - want).max() <= 1e-4 * scale
+    assert set(param_shapes(spec)) == set(weights) - {"head.weight", "head.bias"}  # state-dict keys, classifier out
+    assert all(w.startswith(tuple(n["name"] for n in spec["nodes"])) for w in prunable(spec))
+    channel_map(spec)  # channels can be followed through every one of these graphs
+
+
+def test_channel_groups_follow_residual_adds_concat_depthwise_and_gates():
+    spec = from_torch(ResCat(), (3, 16, 16))
+    cm = channel_map(spec)
+    assert cm.rows["branch_a.weight"] == cm.rows["stem.0.weight"] == [("stem.0", 1)]  # the residual add
+    assert cm.rows["branch_b.0.weight"] == [("stem.0", 1)]  # depthwise: its rows are its input channels
+    assert cm.cols["se_reduce.weight"] == [("stem.0", 1), ("stem.0", 1)]  # cat of x and the depthwise branch
+    assert cm.rows["se_expand.weight"] == [("stem.0", 1), ("stem.0", 1)]  # the gate multiplies the concatenation
+    assert cm.head_cols == [("stem.0", 1), ("stem.0", 1)]
+
+
+class Tail(nn.Module):
+    def __init__(self, last: nn.Module):
+        super().__init__()
+        self.conv, self.last = nn.Conv2d(3, 4, 3), last
+
+    def forward(self, x):
+        return self.last(torch.flatten(self.conv(x), 1))
+
+
+class Unsupported(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.LeakyReLU()))
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+def test_unsupported_layer_is_named_with_its_module_path():
+    with pytest.raises(UsageError, match=r"LeakyReLU.*features\.1\.0"):
+        from_torch(Unsupported(), (3, 8, 8))
+
+
+def test_a_model_without_a_final_linear_says_how_to_pass_the_trunk():
+    with pytest.raises(UsageError, match="classifier=False"):
+        from_torch(Tail(nn.ReLU()), (3, 6, 6))
+    spec = from_torch(Tail(nn.ReLU()), (3, 6, 6), classifier=False)
+    assert spec["feature_dim"] == 4 * 4 * 4
+    assert from_torch(Tail(nn.Linear(64, 3)), (3, 6, 6))["feature_dim"] == 64
+
+
+def test_shared_layers_and_data_dependent_control_flow_are_refused():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 3, 3, padding=1), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(self.conv(self.conv(x)).mean((2, 3)))
+
+    class Branchy(Shared):
+        def forward(self, x):
+            return self.fc(x.mean((2, 3))) if x.sum() > 0 else self.fc(x.amax((2, 3)))
+
+    with pytest.raises(UsageError, match="called twice"):
+        from_torch(Shared(), (3, 8, 8))
+    with pytest.raises(UsageError, match="cannot trace"):
+        from_torch(Branchy(), (3, 8, 8))
+
+
+def test_arch_strings_resolve_and_are_refused_clearly(tmp_path):
+    assert resolve_arch("mlp", (1, 8, 8))["name"] == "mlp"
+    spec = resolve_arch("torchvision.models:mobilenet_v2", (3, 32, 32))
+    assert spec["feature_dim"] == 1280 and spec["name"] == "mobilenet_v2"
+    path = tmp_path / "spec.json"
+    path.write_text(__import__("json").dumps(spec))
+    assert resolve_arch(str(path), (3, 32, 32)) == spec
+    with pytest.raises(UsageError, match="takes inputs of shape"):
+        resolve_arch(str(path), (1, 8, 8))
+    for bad, match in (("torchvision.models:nosuch", "no callable"), ("nosuchmodule:f", "cannot import"),
+                       ("timm:nosuch", "no model"), ("cifar", "unknown architecture"),
+                       (str(tmp_path / "missing.json"), "not found")):
+        with pytest.raises(UsageError, match=match):
+            resolve_arch(bad, (3, 32, 32))
+    assert isinstance(build_module("timm:resnet10t"), nn.Module)
