@@ -6,6 +6,8 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 # torch is pinned to the CPU wheel: an unpinned `torch` would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
+# torchvision is pinned to the release that pairs with that torch (model definitions for --arch torchvision.models:…)
+TORCHVISION ?= torchvision==0.28.0
 
 .PHONY: setup demo test bench clean
 
@@ -13,8 +15,8 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml edgecl/runtime/_maskfill.c
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)"
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[train,runtime,dev]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)" "$(TORCHVISION)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[train,runtime,vision,dev]"
 	touch $@
 
 demo: setup
