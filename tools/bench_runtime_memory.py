@@ -66,15 +66,24 @@ def measure(tree: Path, path: str) -> dict:
             "rss_increase": runs["rss"]["rss_increase"], "ledger": ledger}
 
 
-def synthetic_artifacts(counts: list[int], folder: Path) -> dict[str, str]:
-    from edgecl import artifact
-    from edgecl.arch import preset
-    from edgecl.synthetic import random_packed
+WRITER = """
+import sys
+from edgecl import artifact
+from edgecl.arch import preset
+from edgecl.synthetic import random_packed
+n, path = int(sys.argv[1]), sys.argv[2]
+artifact.save(random_packed(preset("mlp"), n, "lps"), path)
+"""
 
+
+def synthetic_artifacts(counts: list[int], folder: Path, tree: Path) -> dict[str, str]:
+    """The synthetic models, written by the code in `tree` (the baseline's when there is one: today's code reads the
+    older format, while the older code may not read today's)."""
     paths = {}
     for n in counts:
         path = folder / f"lps_mlp_{n}tasks.edgecl"
-        artifact.save(random_packed(preset("mlp"), n, "lps"), path)
+        subprocess.run([sys.executable, "-c", WRITER, str(n), str(path)], check=True, cwd=tree,
+                       env={**os.environ, "PYTHONPATH": str(tree)})
         paths[f"synthetic LPS, {n} tasks"] = str(path)
     return paths
 
@@ -90,7 +99,8 @@ def main() -> None:
 
     trees = {"now": ROOT, **({"baseline": Path(args.baseline_tree).resolve()} if args.baseline_tree else {})}
     with tempfile.TemporaryDirectory() as folder:
-        models = synthetic_artifacts([int(n) for n in args.tasks.split(",") if n], Path(folder))
+        models = synthetic_artifacts([int(n) for n in args.tasks.split(",") if n], Path(folder),
+                                     trees.get("baseline", ROOT))
         models.update({f"artifact {os.path.basename(p)}": p for p in args.artifact})
         rows = [{"model": name, "file_bytes": os.path.getsize(path),
                  **{label: measure(tree, path) for label, tree in trees.items()}} for name, path in models.items()]
