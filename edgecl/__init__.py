@@ -2,7 +2,7 @@
 
 Importing `edgecl` stays light (no torch, no onnx): the heavy parts load only from their subpackages.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from edgecl.errors import ArtifactError, BudgetError, EdgeclError, UsageError
 
