@@ -164,6 +164,7 @@ def test_train_a_torchvision_network_on_resized_digits_and_run_it(tmp_path, caps
     assert rc == 0
     data = json.loads((out / "results.json").read_text())
     assert data["arch"] == "mobilenet_v2" and len(data["acc_matrix"]) == 2
+    assert json.loads((out / "spec.json").read_text())["feature_dim"] == 1280
     stream = make_stream("split-digits", 2, 0, (3, 32, 32))
     with TaskRuntime(str(out / "model.edgecl")) as rt:
         for t, task in enumerate(stream.tasks):
@@ -191,3 +192,6 @@ def test_resume_keeps_the_artifacts_architecture(tmp_path):
     assert main(["train", "--method", "lps", "--resume", str(first / "model.edgecl"), "--stream", "split-digits",
                  "--tasks", "1", "--no-progress", "--out", str(second)]) == 0
     assert json.loads((second / "results.json").read_text())["arch"] == "lenet"
+    third = tmp_path / "c"  # the saved spec is an --arch of its own
+    assert main(["train", "--method", "stl", "--arch", str(first / "spec.json"), "--stream", "split-digits",
+                 "--tasks", "1", "--set", "epochs=1", "--no-progress", "--out", str(third)]) == 0

@@ -1,5 +1,6 @@
 """`edgecl train` as one library call: check the request, train (or continue a deployed artifact), write
-DIR/results.json, DIR/acc_matrix.png, DIR/model.edgecl and, for methods that have one, the training state beside it.
+DIR/results.json, DIR/acc_matrix.png, DIR/model.edgecl, DIR/spec.json (the architecture) and, for methods that have
+one, the training state beside the artifact.
 
 Every name and value of the request is checked before torch is imported or data is built (`check_request`), so a
 typo is refused in a fraction of a second with a `UsageError`, not after an import and a traceback."""
@@ -94,6 +95,7 @@ def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_na
     else:
         artifact.save(result.packed, path)
     save_training_state(method.training_state(), path)
+    save_json(arch, os.path.join(out_dir, "spec.json"))  # the architecture, reusable as --arch DIR/spec.json
     data["artifact"] = {"path": path, "bytes": os.path.getsize(path)}
     save_json(data, os.path.join(out_dir, "results.json"))
     log(format_matrix(result.acc_matrix))
