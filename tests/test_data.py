@@ -61,3 +61,24 @@ def test_unknown_stream_and_bad_file(tmp_path):
     junk.write_bytes(b"not a zip")
     with pytest.raises(UsageError, match="junk.npz"):
         load_stream_file(str(junk))
+
+
+def test_digit_streams_resize_to_an_input_shape():
+    small = make_stream("permuted-digits", 2, 0)
+    big = make_stream("permuted-digits", 2, 0, input_shape=(3, 32, 32))
+    assert big.input_shape == (3, 32, 32)
+    for s, b in zip(small.tasks, big.tasks):
+        assert b.x_train.shape == (len(s.x_train), 3, 32, 32) and b.x_train.dtype == np.float32
+        assert np.array_equal(b.y_train, s.y_train) and np.array_equal(b.x_train[:, 0], b.x_train[:, 2])
+        assert 0.0 <= b.x_train.min() and b.x_train.max() <= 1.0
+        # the same task: every 8×8 pixel became a 4×4 block of the 32×32 image
+        assert np.array_equal(b.x_train[:, 0, ::4, ::4], s.x_train[:, 0])
+        assert np.array_equal(b.x_train[:, 0, 3::4, 3::4], s.x_train[:, 0])
+    assert make_stream("split-digits", 1, 0, input_shape=(1, 8, 8)).input_shape == (1, 8, 8)
+
+
+@pytest.mark.parametrize("shape, needle", [((2, 32, 32), "1 or 3 channels"), ((3, 4, 4), "sides from 8"),
+                                           ((32, 32), "channels,height,width")])
+def test_bad_input_shapes_are_refused(shape, needle):
+    with pytest.raises(UsageError, match=needle):
+        make_stream("split-digits", 1, 0, input_shape=shape)

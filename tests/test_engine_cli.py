@@ -99,7 +99,11 @@ def _edgecl_without_torch(argv: list[str], cwd) -> subprocess.CompletedProcess:
     (["--method", "stl", "--set", "epoch=3"], "unknown config fields ['epoch']"),
     (["--method", "stl", "--stream", "cifar"], "unknown stream 'cifar'"),
     (["--method", "stl", "--set", "epochs"], "KEY=VALUE"),
-    (["--method", "stl", "--arch", "vgg"], "unknown architecture preset 'vgg'"),
+    (["--method", "stl", "--arch", "vgg"], "unknown architecture 'vgg'"),
+    (["--method", "stl", "--arch", "missing.json"], "missing.json: file not found"),
+    (["--method", "stl", "--input-shape", "3,x"], "--input-shape expects channels,height,width"),
+    (["--method", "stl", "--input-shape", "2,32,32"], "1 or 3 channels"),
+    (["--method", "stl", "--stream", "synthetic", "--input-shape", "3,32,32"], "applies to the digit streams"),
     (["--method", "stl", "--device", "tpu"], "--device must be cpu or cuda"),
     (["--method", "stl", "--threads", "0"], "--threads must be ≥ 1"),
     (["--method", "stl", "--tasks", "0"], "n_tasks must be ≥ 1"),
@@ -145,3 +149,49 @@ def test_unknown_command_exits_2():
 def test_importing_edgecl_is_light():
     code = "import sys, edgecl, edgecl.deltas, edgecl.arch; print(any(m in sys.modules for m in ('torch', 'onnx')))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+@pytest.mark.slow  # mobilenet_v2 at 3×32×32, two tasks
+def test_train_a_torchvision_network_on_resized_digits_and_run_it(tmp_path, capsys):
+    """`--arch module:factory --input-shape`: the user's network goes in, the artifact runs in the runtime."""
+    import numpy as np
+
+    from edgecl.runtime import TaskRuntime
+
+    out = tmp_path / "tv"
+    rc = main(["train", "--method", "stl", "--arch", "torchvision.models:mobilenet_v2", "--input-shape", "3,32,32",
+               "--stream", "split-digits", "--tasks", "2", "--set", "epochs=1", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["arch"] == "mobilenet_v2" and len(data["acc_matrix"]) == 2
+    assert json.loads((out / "spec.json").read_text())["feature_dim"] == 1280
+    stream = make_stream("split-digits", 2, 0, (3, 32, 32))
+    with TaskRuntime(str(out / "model.edgecl")) as rt:
+        for t, task in enumerate(stream.tasks):
+            acc = float(np.mean(rt.infer(task.x_test, task=t).argmax(1) == task.y_test))
+            assert abs(acc - data["acc_matrix"][-1][t]) < 1e-9
+    assert "mobilenet_v2" in capsys.readouterr().out
+
+
+def test_factory_errors_exit_2_with_the_reason(tmp_path, capsys):
+    trunk = tmp_path / "trunk.py"
+    trunk.write_text("import torch\n\ndef conv_only():\n    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))\n")
+    for argv, needle in ((["--arch", "torchvision.models:nosuch"], "no callable 'nosuch'"),
+                         (["--arch", "timm:nosuch"], "timm has no model 'nosuch'"),
+                         (["--arch", f"{trunk}:conv_only", "--no-classifier"], "flat feature vector"),
+                         (["--arch", f"{trunk}:conv_only"], "not an nn.Linear classifier")):
+        rc = main(["train", "--method", "stl", *argv, "--input-shape", "3,32,32", "--stream", "split-digits",
+                   "--out", str(tmp_path / "x")])
+        assert rc == 2 and needle in capsys.readouterr().err
+
+
+def test_resume_keeps_the_artifacts_architecture(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert main(["train", "--method", "lps", "--arch", "lenet", "--stream", "split-digits", "--tasks", "1",
+                 "--set", "epochs=1", "--no-progress", "--out", str(first)]) == 0
+    assert main(["train", "--method", "lps", "--resume", str(first / "model.edgecl"), "--stream", "split-digits",
+                 "--tasks", "1", "--no-progress", "--out", str(second)]) == 0
+    assert json.loads((second / "results.json").read_text())["arch"] == "lenet"
+    third = tmp_path / "c"  # the saved spec is an --arch of its own
+    assert main(["train", "--method", "stl", "--arch", str(first / "spec.json"), "--stream", "split-digits",
+                 "--tasks", "1", "--set", "epochs=1", "--no-progress", "--out", str(third)]) == 0

@@ -21,6 +21,7 @@ def from_torch(module: Any, input_shape: tuple[int, ...] | list[int], *, classif
     return _from_torch(module, input_shape, classifier=classifier, name=name)
 
 
-__all__ = ["INPUT", "OPS", "PRESETS", "WEIGHT_OPS", "Arch", "ChannelError", "ChannelMap", "channel_map", "check_preset", "consumers",
-           "dense_params", "from_torch", "gemm_shape", "is_depthwise", "is_sequential", "last_layer", "node_by_name",
-           "node_shapes", "param_shapes", "preset", "prunable", "shapes_after", "unit_sources", "validate"]
+__all__ = ["INPUT", "OPS", "PRESETS", "WEIGHT_OPS", "Arch", "ChannelError", "ChannelMap", "channel_map", "check_preset",
+           "consumers", "dense_params", "from_torch", "gemm_shape", "is_depthwise", "is_sequential", "last_layer",
+           "node_by_name", "node_shapes", "param_shapes", "preset", "prunable", "shapes_after", "unit_sources",
+           "validate"]

@@ -17,6 +17,23 @@ from edgecl.arch.spec import Arch, validate
 from edgecl.errors import UsageError
 
 
+def check_arch_string(value: str) -> None:
+    """Refuse what cannot name an architecture, without torch: an unknown preset, a missing .json file, a malformed
+    module:factory. (Whether the factory exists is known only once its module is imported.)"""
+    if not isinstance(value, str) or not value:
+        raise UsageError(f"--arch must be a preset ({', '.join(PRESETS)}), a .json spec or module:factory")
+    if value in PRESETS:
+        return
+    if value.endswith(".json"):
+        if not os.path.isfile(value):
+            raise UsageError(f"--arch {value}: file not found")
+        return
+    target, _, attr = value.rpartition(":")
+    if not target or not attr or not attr.isidentifier() and target != "timm":
+        raise UsageError(f"unknown architecture {value!r}: use a preset ({', '.join(PRESETS)}), a .json spec file, or "
+                         "module:factory (e.g. torchvision.models:resnet18, timm:mobilenetv3_small_050)")
+
+
 def resolve_arch(value: str, input_shape: tuple[int, ...], *, classifier: bool | None = None) -> Arch:
     """The spec `value` names, for inputs of `input_shape` (without batch); UsageError naming what is wrong."""
     if not isinstance(value, str) or not value:

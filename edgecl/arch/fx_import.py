@@ -52,6 +52,8 @@ def from_torch(module: nn.Module, input_shape: tuple[int, ...] | list[int], *, c
     if not isinstance(module, nn.Module):
         raise UsageError(f"from_torch needs a torch.nn.Module, got {type(module).__name__}")
     shape = [int(d) for d in input_shape]
+    if isinstance(module, _LEAVES):  # fx traces into its root: a bare layer becomes the one child of a Sequential
+        module = nn.Sequential(module)
     try:
         graph = _Tracer().trace(module)
     except Exception as exc:  # torch.fx raises many types; the user needs the reason, not the trace

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edgecl.commands.options import add_threads_argument
+from edgecl.commands.options import add_arch_arguments, add_threads_argument
 from edgecl.compare.spec import DEFAULT_METHODS
 
 
@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--orders", type=int, default=0,
                    help="task orders for OPD/MOPD/AOPD robustness (0 = off; order 0 is the stream's own)")
     p.add_argument("--tasks", type=int, default=None, help="number of tasks to take from the stream")
-    p.add_argument("--arch", default="mlp", help="architecture preset: mlp, lenet, resnet")
+    add_arch_arguments(p, default="mlp")
     p.add_argument("--epochs-scale", type=float, default=1.0,
                    help="multiply every method's default `epochs` by this (min 1), for quick runs")
     p.add_argument("--config", action="append", default=[], metavar="METHOD.FIELD=VALUE",
@@ -33,10 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from edgecl.compare import CompareSpec, parse_config_overrides, parse_methods, parse_seeds, run_compare
     from edgecl.compare.report import format_markdown
+    from edgecl.train.data import parse_input_shape
 
     methods = parse_methods(args.methods)
     spec = CompareSpec(stream=args.stream, methods=methods, seeds=parse_seeds(args.seeds), orders=args.orders,
-                       n_tasks=args.tasks, arch=args.arch, epochs_scale=args.epochs_scale,
+                       n_tasks=args.tasks, arch=args.arch, input_shape=parse_input_shape(args.input_shape),
+                       classifier=False if args.no_classifier else None, epochs_scale=args.epochs_scale,
                        overrides=parse_config_overrides(args.config, methods), device=args.device,
                        threads=args.threads, timing_repeats=args.timing_repeats, progress=not args.no_progress,
                        verbose=args.verbose)

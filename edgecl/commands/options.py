@@ -11,3 +11,16 @@ def add_threads_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                    help=f"torch CPU threads for training (default {DEFAULT_THREADS}: the built-in models are small, "
                         f"and more threads stall on a busy machine)")
+
+
+def add_arch_arguments(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    """--arch, --input-shape and --no-classifier: which network, at which input size (train, compare)."""
+    p.add_argument("--arch", default=default,
+                   help="a preset (mlp, lenet, resnet), a saved spec (.json), or a model factory: module:factory "
+                        "(torchvision.models:resnet18), timm:NAME, path/to/file.py:factory — built without "
+                        "pretrained weights; its final nn.Linear is replaced by edgecl's per-task heads (default: mlp, "
+                        "or the artifact's with --resume)")
+    p.add_argument("--input-shape", metavar="C,H,W", default=None,
+                   help="resize the digit streams, e.g. 3,32,32 (each pixel a block, repeated over channels)")
+    p.add_argument("--no-classifier", action="store_true",
+                   help="the factory's module is a trunk returning (batch, features): nothing to strip")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edgecl.commands.options import add_threads_argument
+from edgecl.commands.options import add_arch_arguments, add_threads_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="ARTIFACT", default=None,
                    help="add tasks to a deployed artifact made by the same method and architecture; earlier tasks "
                         "stay bit-identical (verified before the new artifact is written to --out)")
-    p.add_argument("--arch", default="mlp", help="architecture preset: mlp, lenet, resnet")
+    add_arch_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field of the method (JSON value), e.g. --set epochs=5")
@@ -28,9 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from edgecl.config import parse_overrides
+    from edgecl.train.data import parse_input_shape
     from edgecl.train.pipeline import train_and_write
 
     train_and_write(args.method, args.stream, args.out, arch_name=args.arch, n_tasks=args.tasks, seed=args.seed,
                     overrides=parse_overrides(args.set), device=args.device, threads=args.threads,
-                    progress=not args.no_progress, resume=args.resume)
+                    progress=not args.no_progress, resume=args.resume,
+                    input_shape=parse_input_shape(args.input_shape), classifier=False if args.no_classifier else None)
     return 0

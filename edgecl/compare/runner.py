@@ -44,12 +44,12 @@ def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def load_stream(name: str, n_tasks: int | None, seed: int):
+def load_stream(name: str, n_tasks: int | None, seed: int, input_shape: tuple[int, ...] | None = None):
     """A built-in stream, or a stream file cut to its first `n_tasks` tasks (a file holds fixed data: there the seed
     changes only the methods' initialisation)."""
     from edgecl.train.data import Stream, make_stream
 
-    stream = make_stream(name, n_tasks, seed)
+    stream = make_stream(name, n_tasks, seed, input_shape)
     if n_tasks is not None and len(stream.tasks) != n_tasks:
         if len(stream.tasks) < n_tasks:
             raise UsageError(f"--tasks {n_tasks}: stream {name!r} has only {len(stream.tasks)} tasks")
@@ -174,7 +174,7 @@ def compare_method(name: str, streams: dict, arch, configs: dict[int, dict[str, 
 def run_compare(spec: CompareSpec, out_dir: str, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train, pack, time and compare; writes compare.json, compare.md and the PNGs into out_dir; returns the report."""
     from edgecl import __version__
-    from edgecl.arch import preset
+    from edgecl.arch.factories import resolve_arch
     from edgecl.compare.report import write_report
     from edgecl.machine import machine_info
     from edgecl.train.compute import set_threads
@@ -187,11 +187,11 @@ def run_compare(spec: CompareSpec, out_dir: str, log: Callable[[str], None] = pr
         log(f"edgecl compare: skipping: {reason}")
     if not methods:
         raise UsageError(f"none of the requested methods is available: {'; '.join(skipped.values())}")
-    streams = {seed: load_stream(spec.stream, spec.n_tasks, seed) for seed in spec.seeds}
+    streams = {seed: load_stream(spec.stream, spec.n_tasks, seed, spec.input_shape) for seed in spec.seeds}
     first = streams[spec.seeds[0]]
     if spec.orders and len(first.tasks) < 2:
         raise UsageError("--orders needs a stream with at least 2 tasks")
-    arch = preset(spec.arch, first.input_shape)
+    arch = resolve_arch(spec.arch, first.input_shape, classifier=spec.classifier)
     configs = {m: {seed: method_config(m, spec, seed) for seed in spec.seeds} for m in methods}
     os.makedirs(os.path.join(out_dir, ARTIFACT_DIR), exist_ok=True)
 

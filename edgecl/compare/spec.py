@@ -6,10 +6,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgecl.arch.factories import check_arch_string
 from edgecl.config import parse_overrides
 from edgecl.errors import UsageError
 from edgecl.train import registry
 from edgecl.train.compute import check_threads, require_device
+from edgecl.train.data import check_stream
 
 DEFAULT_METHODS = ("lps", "agscl", "halrp", "rgo", "finetune", "stl")
 
@@ -23,7 +25,9 @@ class CompareSpec:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     orders: int = 0
     n_tasks: int | None = None
-    arch: str = "mlp"
+    arch: str = "mlp"  # a preset, a .json spec or module:factory (edgecl.arch.factories)
+    input_shape: tuple[int, ...] | None = None  # resizes the digit streams
+    classifier: bool | None = None  # False: the factory's module is the trunk
     epochs_scale: float = 1.0
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     device: str = "cpu"
@@ -111,5 +115,7 @@ def check_spec(spec: CompareSpec) -> None:
         raise UsageError(f"--epochs-scale must be a positive number, got {spec.epochs_scale}")
     if spec.timing_repeats < 1:
         raise UsageError(f"--timing-repeats must be ≥ 1, got {spec.timing_repeats}")
+    check_arch_string(spec.arch)
+    check_stream(spec.stream, spec.n_tasks, spec.input_shape)
     check_threads(spec.threads)
     require_device(spec.device)

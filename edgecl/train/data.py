@@ -72,20 +72,65 @@ def _digits(seed: int):
     return train_test_split(x, d.target.astype(np.int64), test_size=0.3, random_state=seed, stratify=d.target)
 
 
-def check_stream(name: str, n_tasks: int | None = None) -> None:
-    """Refuse an unknown stream name or task count before any data is built (cheap: nothing is loaded)."""
+DIGITS_SHAPE = (1, 8, 8)
+MAX_SIDE = 512  # 1,797 digits at 3×512×512 float32 are 5.6 GB: beyond that, bring your own data
+
+
+def check_stream(name: str, n_tasks: int | None = None, input_shape: tuple[int, ...] | None = None) -> None:
+    """Refuse an unknown stream name, task count or input shape before any data is built (nothing is loaded)."""
     if name not in STREAMS and not os.path.exists(name):
         raise UsageError(f"unknown stream {name!r} (built-in: {', '.join(STREAMS)}; or a path to a .npz file)")
     if n_tasks is not None and n_tasks < 1:
         raise UsageError(f"n_tasks must be ≥ 1, got {n_tasks}")
+    if input_shape is not None:
+        shape = tuple(input_shape)
+        if name not in STREAMS or name == "synthetic":
+            raise UsageError(f"--input-shape applies to the digit streams; {name!r} brings its own shape")
+        if len(shape) != 3 or not all(isinstance(d, int) and d >= 1 for d in shape) or shape[0] not in (1, 3) \
+                or not all(8 <= d <= MAX_SIDE for d in shape[1:]):
+            raise UsageError(f"input shape {shape} must be channels,height,width with 1 or 3 channels and sides "
+                             f"from 8 to {MAX_SIDE}, e.g. 3,32,32")
 
 
-def make_stream(name: str, n_tasks: int | None = None, seed: int = 0) -> Stream:
-    """A built-in stream by name (see STREAMS). Same name, n_tasks and seed → same data, always."""
+def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
+    """'3,32,32' → (3, 32, 32); None stays None."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--input-shape expects channels,height,width such as 3,32,32, got {text!r}") from None
+
+
+def make_stream(name: str, n_tasks: int | None = None, seed: int = 0,
+                input_shape: tuple[int, ...] | None = None) -> Stream:
+    """A built-in stream by name (see STREAMS), or a .npz stream file. Same name, n_tasks, seed and input shape →
+    same data, always. `input_shape` (C, H, W) resizes the 8×8 digits (nearest: every pixel becomes a block,
+    after each task's permutation or rotation, so the tasks are the same at any size) and repeats them over C
+    channels, to exercise real model shapes (e.g. 3×32×32 for a torchvision ResNet) with the embedded data."""
     if name not in STREAMS:
-        check_stream(name)
+        check_stream(name, None, input_shape)
         return load_stream_file(name)
-    check_stream(name, n_tasks)
+    check_stream(name, n_tasks, input_shape)
+    stream = _builtin(name, n_tasks, seed)
+    if input_shape is None or tuple(input_shape) == DIGITS_SHAPE:
+        return stream
+    for task in stream.tasks:
+        task.x_train, task.x_test = _resized(task.x_train, input_shape), _resized(task.x_test, input_shape)
+    stream.input_shape = tuple(input_shape)
+    return stream
+
+
+def _resized(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """(N, 1, 8, 8) → (N, C, H, W): nearest-neighbour zoom, then the one channel repeated C times."""
+    from scipy.ndimage import zoom
+
+    c, h, w = shape
+    big = zoom(x, (1, 1, h / x.shape[2], w / x.shape[3]), order=0, grid_mode=True, mode="nearest")
+    return np.ascontiguousarray(np.repeat(big.astype(np.float32), c, axis=1))
+
+
+def _builtin(name: str, n_tasks: int | None, seed: int) -> Stream:
     rng = np.random.default_rng(seed)
     if name == "synthetic":
         return _synthetic(n_tasks or 10, rng)
@@ -109,7 +154,7 @@ def make_stream(name: str, n_tasks: int | None = None, seed: int = 0) -> Stream:
         for t in range(n):
             angle = t * 180.0 / n
             tasks.append(TaskData(f"rot{int(angle)}", _rotate(xtr, angle), ytr, _rotate(xte, angle), yte, 10))
-    return Stream(name, (1, 8, 8), tasks)
+    return Stream(name, DIGITS_SHAPE, tasks)
 
 
 def _permute(x: np.ndarray, perm: np.ndarray) -> np.ndarray:
@@ -154,5 +199,6 @@ def load_stream_file(path: str) -> Stream:
         tasks.append(tuple(arrays[k] for k in keys))
         i += 1
     if not tasks:
-        raise UsageError(f"{path}: no task0_x_train array; see `edgecl train --help` for the file layout")
+        raise UsageError(f"{path}: no task0_x_train array; a stream file holds task0_x_train, task0_y_train, "
+                         "task0_x_test, task0_y_test, task1_… (README, 'Your own data')")
     return Stream.from_arrays(os.path.splitext(os.path.basename(path))[0], tasks)

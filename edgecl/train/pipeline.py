@@ -1,5 +1,6 @@
 """`edgecl train` as one library call: check the request, train (or continue a deployed artifact), write
-DIR/results.json, DIR/acc_matrix.png, DIR/model.edgecl and, for methods that have one, the training state beside it.
+DIR/results.json, DIR/acc_matrix.png, DIR/model.edgecl, DIR/spec.json (the architecture) and, for methods that have
+one, the training state beside the artifact.
 
 Every name and value of the request is checked before torch is imported or data is built (`check_request`), so a
 typo is refused in a fraction of a second with a `UsageError`, not after an import and a traceback."""
@@ -10,7 +11,7 @@ import os
 import shutil
 from typing import Any, Callable
 
-from edgecl.arch import check_preset
+from edgecl.arch.factories import check_arch_string
 from edgecl.errors import UsageError
 from edgecl.train import registry
 from edgecl.train.compute import check_device, check_threads, require_device, set_threads
@@ -19,9 +20,10 @@ from edgecl.train.data import check_stream
 ARTIFACT_NAME = "model.edgecl"
 
 
-def check_request(method_name: str, stream_name: str, *, arch_name: str = "mlp", n_tasks: int | None = None,
+def check_request(method_name: str, stream_name: str, *, arch_name: str | None = None, n_tasks: int | None = None,
                   seed: int = 0, overrides: dict[str, Any] | None = None, device: str = "cpu",
-                  threads: int | None = None, resume: str | None = None) -> None:
+                  threads: int | None = None, resume: str | None = None,
+                  input_shape: tuple[int, ...] | None = None) -> None:
     """Everything `train_and_write` can refuse without torch or data: names, config values, flags."""
     registry.entry(method_name)  # an unknown method is the first thing to name
     if resume:
@@ -30,25 +32,29 @@ def check_request(method_name: str, stream_name: str, *, arch_name: str = "mlp",
         if overrides:
             raise UsageError("--resume keeps the artifact's method config; drop --set")
     registry.check_config(method_name, {"seed": seed, **(overrides or {})})
-    check_preset(arch_name)
-    check_stream(stream_name, n_tasks)
+    if arch_name is not None:
+        check_arch_string(arch_name)
+    check_stream(stream_name, n_tasks, input_shape)
     check_device(device)
     check_threads(threads)
 
 
-def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_name: str = "mlp",
+def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_name: str | None = None,
                     n_tasks: int | None = None, seed: int = 0, overrides: dict[str, Any] | None = None,
                     device: str = "cpu", threads: int | None = None, progress: bool = True,
-                    resume: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+                    resume: str | None = None, input_shape: tuple[int, ...] | None = None,
+                    classifier: bool | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train (or, with `resume`, continue a deployed artifact), print the accuracy matrix, write results.json +
-    heatmap + artifact (+ training state). `threads`: torch CPU threads (None leaves torch's setting). Returns the
-    results dict."""
+    heatmap + artifact (+ training state). `arch_name`: a preset, a .json spec or module:factory (default: mlp, or
+    with `resume` the artifact's own); `input_shape` resizes the digit streams; `classifier=False` takes a factory's
+    module as the trunk (see `edgecl.arch.from_torch`). `threads`: torch CPU threads (None leaves torch's setting).
+    Returns the results dict."""
     check_request(method_name, stream_name, arch_name=arch_name, n_tasks=n_tasks, seed=seed, overrides=overrides,
-                  device=device, threads=threads, resume=resume)
+                  device=device, threads=threads, resume=resume, input_shape=input_shape)
     set_threads(threads)
     require_device(device)
     from edgecl import artifact
-    from edgecl.arch import preset
+    from edgecl.arch.factories import resolve_arch
     from edgecl.train import engine
     from edgecl.train.data import make_stream
     from edgecl.train.outputs import format_matrix, save_json, write_results
@@ -60,8 +66,14 @@ def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_na
         with artifact.load(resume) as opened:
             previous = opened.to_packed()  # decoded and verified: every checksum, consistency
     first = previous.n_tasks if previous else 0
-    stream = make_stream(stream_name, first + n_tasks if n_tasks is not None else None, seed)
-    arch = preset(arch_name, stream.input_shape)
+    stream = make_stream(stream_name, first + n_tasks if n_tasks is not None else None, seed, input_shape)
+    if previous and arch_name is None:
+        arch = previous.arch  # continue the deployed architecture
+    else:
+        arch = resolve_arch(arch_name or "mlp", stream.input_shape, classifier=classifier)
+    if tuple(arch["input_shape"]) != tuple(stream.input_shape):
+        raise UsageError(f"architecture {arch['name']!r} takes inputs of shape {tuple(arch['input_shape'])}, the stream "
+                         f"{stream.name!r} has {tuple(stream.input_shape)} (--input-shape resizes the digit streams)")
     if previous:
         try:
             check_resumable(previous, method_name, arch)
@@ -71,7 +83,7 @@ def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_na
         method.resume(previous, load_training_state(resume))
     else:
         method = registry.create(method_name, arch, {"seed": seed, **(overrides or {})})
-    log(f"edgecl: {method_name} on {stream.name} ({len(stream.tasks)} tasks, {arch_name}"
+    log(f"edgecl: {method_name} on {stream.name} ({len(stream.tasks)} tasks, {arch['name']}"
         f"{f', resuming after task {first - 1}' if first else ''}), config {json.dumps(method.config.to_json())}")
     result = engine.run(method, stream, TrainContext(device=device, progress=progress), first_task=first, log=log)
     data = write_results(result, out_dir)
@@ -83,6 +95,7 @@ def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_na
     else:
         artifact.save(result.packed, path)
     save_training_state(method.training_state(), path)
+    save_json(arch, os.path.join(out_dir, "spec.json"))  # the architecture, reusable as --arch DIR/spec.json
     data["artifact"] = {"path": path, "bytes": os.path.getsize(path)}
     save_json(data, os.path.join(out_dir, "results.json"))
     log(format_matrix(result.acc_matrix))
