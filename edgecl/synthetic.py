@@ -1,11 +1,13 @@
 """Multi-task models built in numpy without training, for tests and benchmarks: every delta kind at any size
 (`random_packed`), and LPS models with an exact structured kept fraction (`structured_lps_model`), which a trained
-model would only land near. Weights are random; only the structure matters for switching, export and compaction."""
+model would only land near, and AGS-CL-shaped node masks over the channel groups of any graph (`group_node_masks`).
+Weights are random; only the structure matters for switching, export and compaction."""
 from __future__ import annotations
 
 import numpy as np
 
-from edgecl.arch.spec import Arch, gemm_shape, param_shapes, prunable
+from edgecl.arch.channels import channel_map
+from edgecl.arch.spec import INPUT, WEIGHT_OPS, Arch, gemm_shape, node_by_name, param_shapes, prunable
 from edgecl.deltas import PackedModel, TaskInfo
 
 HEAD_SPECS = {"head.weight": {"kind": "task"}, "head.bias": {"kind": "task"}}
@@ -41,6 +43,8 @@ def random_packed(arch: Arch, n_tasks: int = 4, shape: str = "lps", classes: tup
     kinds = {"finetune": ["shared"], "mixed": ["lps", "node", "lowrank", "permute", "task"]}.get(shape, [shape])
     for name, dims in param_shapes(arch).items():
         w = (rng.standard_normal(dims) / np.sqrt(np.prod(dims[1:]) if len(dims) > 1 else 10)).astype(np.float32)
+        if name.endswith("running_var"):  # a variance: positive (BatchNorm of a negative one is NaN)
+            w = np.abs(w) + np.float32(0.5)
         kind = kinds[weights.index(name) % len(kinds)] if name in weights else "shared"
         params[name] = {"kind": kind}
         if kind == "task":
@@ -119,3 +123,38 @@ def _owners(rng: np.random.Generator, n_units: int, keep_fraction: float, n_task
         free = np.flatnonzero(owner == 0)
         owner[rng.choice(free, size=min(take, len(free)), replace=False)] = t + 1
     return owner
+
+
+def group_node_masks(arch: Arch, params: dict[str, np.ndarray], alive_fraction: float, seed: int = 0,
+                     columns: bool = True) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """AGS-CL-shaped structure on any graph: per channel group (`edgecl.arch.channel_map`) a random `alive_fraction`
+    of its channels (at least one) is alive; every conv/linear row and bias of a dead channel and every column that
+    reads one (heads included) is +0.0, as `materialize` leaves node masks. The network input and one-channel groups
+    stay alive; BatchNorm tensors are untouched. `columns=False` zeroes the rows only (dead channels then carry their
+    bias or BatchNorm constant to readers that still read them). Returns (a masked copy of `params`, the alive
+    channels per group)."""
+    cm = channel_map(arch)
+    rng = np.random.default_rng(seed)
+    alive = {}
+    for g, n in cm.groups.items():
+        alive[g] = np.ones(n, bool)
+        if g != INPUT and n > 1:
+            alive[g][:] = False
+            alive[g][rng.choice(n, max(1, int(round(alive_fraction * n))), replace=False)] = True
+    out = {k: np.array(v, copy=True) for k, v in params.items()}
+    nodes = node_by_name(arch)
+
+    def along(segments: list[tuple[str, int]]) -> np.ndarray:
+        return np.concatenate([np.repeat(alive[g], r) for g, r in segments])
+
+    for tensor, segments in cm.rows.items():
+        if nodes[tensor.rsplit(".", 1)[0]]["op"] in WEIGHT_OPS:
+            out[tensor][~along(segments)] = 0
+    for tensor, segments in [*cm.cols.items(), ("head.weight", cm.head_cols)] if columns else []:
+        node = nodes.get(tensor.rsplit(".", 1)[0], {})
+        groups = node.get("groups", 1) if node.get("op") == "conv" else 1
+        w, dead = out[tensor], ~along(segments).reshape(groups, -1)
+        rows = w.shape[0] // groups
+        for a in range(groups):
+            w[a * rows:(a + 1) * rows, dead[a]] = 0
+    return out, alive
