@@ -131,7 +131,13 @@ def factor_forms(src: ModelSource, ranks: dict[str, int] | None = None) -> dict[
     """Linear/conv layer name → how its task delta is applied to activations ("node", "lowrank", "permute", or
     "permute+bias" when the bias is permuted with the output); layers not listed get their weight switched (or are
     constant when shared). Chosen by size: layers of fewer than `FACTOR_MIN_ELEMENTS` weights are folded.
-    `ranks` (low-rank weight → largest k over the tasks) saves reading every task again when the caller has."""
+    `ranks` (low-rank weight → largest k over the tasks) saves reading every task again when the caller has.
+
+    Only where the form equals the folded weight on that layer: a grouped (or depthwise) convolution ties each
+    filter to its group's input channels, so permuting its outputs is not permuting its filters, and its low-rank
+    column scaling has in/groups entries, not one per input channel; the low-rank residual's window sum needs
+    groups = 1 and dilation = 1 (`edgecl.graph.builder`). Such layers are folded on a switch. Node masks factor on
+    any convolution (output rows scale outputs; input columns scale input channels)."""
     forms = {}
     for layer in src.arch["nodes"]:
         if layer["op"] not in ("linear", "conv"):
@@ -140,7 +146,7 @@ def factor_forms(src: ModelSource, ranks: dict[str, int] | None = None) -> dict[
         weight = f"{name}.weight"
         spec = src.params.get(weight, {})
         kind = spec.get("kind")
-        if kind not in ("node", "lowrank", "permute"):
+        if kind not in ("node", "lowrank", "permute") or not _factorable(layer, kind):
             continue
         shape = src.read_base(weight).shape
         if int(np.prod(shape)) < FACTOR_MIN_ELEMENTS:
@@ -156,6 +162,13 @@ def factor_forms(src: ModelSource, ranks: dict[str, int] | None = None) -> dict[
             if max(k, 1) * (shape[0] + shape[1]) + shape[0] + shape[1] < int(np.prod(shape)):
                 forms[name] = "lowrank"
     return forms
+
+
+def _factorable(layer: dict, kind: str) -> bool:
+    """Whether the factored form of `kind` equals the folded weight on this layer (see `factor_forms`)."""
+    if layer["op"] == "linear" or kind == "node":
+        return True
+    return layer["groups"] == 1 and (kind == "permute" or layer["dilation"] == [1, 1])
 
 
 def _largest_rank(src: ModelSource, weight: str) -> int:
