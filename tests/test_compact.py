@@ -16,6 +16,11 @@ from edgecl.synthetic import group_node_masks, structured_lps_model
 TOL = 1e-4
 
 
+def compact(arch, params):
+    """Exact removal counts: no rounding of convolution channel groups (tested on its own below)."""
+    return compact_task(arch, params, channel_multiple=1)
+
+
 def _inputs(arch, n=16, seed=0):
     return np.random.default_rng(seed).random((n, *arch["input_shape"]), dtype=np.float32)
 
@@ -54,7 +59,7 @@ def test_hand_built_mlp_removes_exactly_the_dead_units():
     p["l1.weight"][:, 2] = 0                          # unit 2 of l0 unread → removed
     p["l0.weight"][:, 3] = 0                          # input 3 unread → gathered away
     p["l1.weight"][3] = 0; p["l1.bias"][3] = 0.2      # constant 0.2 → folded into the head bias
-    c_arch, c_params, report = compact_task(arch, p)
+    c_arch, c_params, report = compact(arch, p)
     assert report.layers == {"l0": [5, 2], "l1": [4, 3]}
     assert c_arch["input_select"] == [0, 1, 2, 4, 5] and report.inputs_kept == [5, 6]
     assert report.folded_units == 2
@@ -69,7 +74,7 @@ def test_removal_cascades_to_a_fixed_point():
     p["head.weight"][:, 1] = 0          # l1 unit 1 unread by the head …
     p["l1.weight"][:, 2] = 0            # … and l0 unit 2 is read only by l1 unit 1
     p["l1.weight"][1, 2] = 1.0
-    c_arch, c_params, report = compact_task(arch, p)
+    c_arch, c_params, report = compact(arch, p)
     assert report.layers == {"l0": [4, 3], "l1": [3, 2]}
     assert report.rounds >= 3  # second round finds l0 unit 2, third finds nothing
     _assert_same_logits(arch, p, c_arch, c_params)
@@ -78,7 +83,7 @@ def test_removal_cascades_to_a_fixed_point():
 def test_dense_task_is_left_alone():
     arch = preset("mlp")
     p = _random_params(arch, 10)
-    c_arch, c_params, report = compact_task(arch, p)
+    c_arch, c_params, report = compact(arch, p)
     assert report.params_compact == report.params_dense and "input_select" not in c_arch
 
 
@@ -90,7 +95,7 @@ def test_conv_units_before_padded_conv_stay_unless_constant_zero():
     p["conv2.weight"][:, 5] = 0                         # conv1 channel 5 unread: removed
     p["conv2.weight"][3] = 0; p["conv2.bias"][3] = 0.4  # constant into flatten → fc1: folded
     p["fc1.weight"][:, 4 * 7:4 * 8] = 0                 # conv2 channel 7 unread through the flatten repeat (2×2)
-    c_arch, c_params, report = compact_task(arch, p)
+    c_arch, c_params, report = compact(arch, p)
     assert report.layers["conv1"] == [20, 18] and report.layers["conv2"] == [50, 48]
     assert c_params["conv2.weight"].shape == (48, 18, 3, 3) and c_params["fc1.weight"].shape == (256, 48 * 4)
     assert report.folded_units >= 1
@@ -109,7 +114,7 @@ def test_batchnorm_channels_fold_through_unpadded_conv():
     p["c1.weight"][[1, 4]] = 0                      # → folded into a new c2 bias (c2 has no padding)
     p["bn2.running_mean"][2] = 0; p["bn2.bias"][2] = 0.3
     p["c2.weight"][2] = 0                           # → constant through bn2/relu/gap, folded into fc.bias
-    c_arch, c_params, report = compact_task(arch, p)
+    c_arch, c_params, report = compact(arch, p)
     assert report.layers["c1"] == [6, 4] and report.layers["c2"] == [5, 4]
     assert c_params["bn1.running_mean"].shape == (4,) and c_arch["nodes"][1]["ch"] == 4
     assert "c2.bias" in c_params and report.folded_units == 3
@@ -134,7 +139,7 @@ def test_residual_group_channel_goes_only_when_every_reader_skips_it():
     for reader in ("b1.conv1", "b2.conv1", "b2.short"):
         p[f"{reader}.weight"][:, 3] = 0
     p["b1.conv1.weight"][:, 5] = 0; p["b2.conv1.weight"][:, 5] = 0   # b2.short still reads channel 5
-    c_arch, c_params, report = compact_task(arch, p)
+    c_arch, c_params, report = compact(arch, p)
     assert report.groups["stem"] == [16, 15]
     assert report.layers["stem"] == report.layers["b1.conv2"] == [16, 15]
     assert c_params["stembn.running_mean"].shape == c_params["b1.bn2.weight"].shape == (15,)
@@ -150,21 +155,21 @@ def test_constant_channel_folds_through_a_residual_add():
     p["stem.weight"][5] = 0; p["stembn.running_mean"][5] = 0; p["stembn.bias"][5] = 0.5   # relu → 0.5
     p["b1.conv2.weight"][5] = 0; p["b1.bn2.running_mean"][5] = 0; p["b1.bn2.bias"][5] = 0.3  # add → 0.8
     p["b1.conv1.weight"][:, 5] = 0; p["b2.conv1.weight"][:, 5] = 0
-    c_arch, c_params, report = compact_task(arch, p)
+    c_arch, c_params, report = compact(arch, p)
     assert report.groups["stem"][1] == 15 and report.folded_units >= 1
     assert "b2.short.bias" in c_params and c_arch["nodes"][[n["name"] for n in c_arch["nodes"]].index("b2.short")][
         "bias"]
     _check(arch, p, c_arch, c_params, report)
     p["b2.short.weight"][:, 5] = 0.1  # … but a padded conv reading the constant keeps it
     p["b2.conv1.weight"][:, 5] = 0.1
-    assert compact_task(arch, p)[2].groups["stem"][1] == 16
+    assert compact(arch, p)[2].groups["stem"][1] == 16
 
 
 def test_unread_input_channels_are_gathered_in_front_of_a_graph():
     arch = preset("resnet", input_shape=(3, 8, 8))
     p = _random_params(arch, 10)
     p["stem.weight"][:, 1] = 0
-    c_arch, c_params, report = compact_task(arch, p)
+    c_arch, c_params, report = compact(arch, p)
     assert c_arch["input_select"] == [0, 2] and c_arch["input_select_from"] == [3, 8, 8]
     assert c_arch["input_shape"] == [2, 8, 8] and report.inputs_kept == [2, 3]
     _check(arch, p, c_arch, c_params, report)
@@ -182,7 +187,7 @@ def test_grouped_conv_keeps_equal_channels_per_group():
     p = _random_params(arch)
     p["g.weight"][:3, [0, 1]] = 0; p["g.weight"][3:, 0] = 0   # inputs 0, 1 of group 0 and 4 of group 1 unread
     p["head.weight"][:, [0, 1, 3]] = 0
-    c_arch, c_params, report = compact_task(arch, p)
+    c_arch, c_params, report = compact(arch, p)
     g = next(n for n in c_arch["nodes"] if n["name"] == "g")
     assert (g["in"], g["out"], g["groups"]) == (6, 4, 2) and report.layers["c0"] == [8, 6]
     _check(arch, p, c_arch, c_params, report)
@@ -198,7 +203,7 @@ def test_node_masks_on_residual_concat_depthwise_and_gates(seed, masks):
     for arch, dense in ((preset("resnet"), _random_params(preset("resnet"), 10, seed)),
                         spec_and_weights("custom residual + concat", (3, 16, 16))):
         p, alive = group_node_masks(arch, dense, 0.5, seed, columns=masks == "rows and columns")
-        c_arch, c_params, report = compact_task(arch, p)
+        c_arch, c_params, report = compact(arch, p)
         assert report.params_compact < report.params_dense
         if masks == "rows and columns":  # every dead channel of every group goes (at most one kept per group)
             kept = {g: after for g, (_, after) in report.groups.items()}
@@ -211,7 +216,7 @@ def test_structured_lps_task_gets_smaller_with_same_logits(name, unit):
     packed = structured_lps_model(preset(name), 0.5, unit=unit, seed=1)
     check_consistent(packed)
     params = materialize(packed, 0)
-    c_arch, c_params, report = compact_task(packed.arch, params)
+    c_arch, c_params, report = compact(packed.arch, params)
     assert report.params_compact < 0.6 * report.params_dense
     _assert_same_logits(packed.arch, params, c_arch, c_params)
 
@@ -235,7 +240,7 @@ def test_node_masks_remove_dead_nodes():
     packed = PackedModel(arch, "agscl", {}, params, trunk, [TaskInfo("t0", 10)], [tensors])
     check_consistent(packed)
     p = materialize(packed, 0)
-    c_arch, c_params, report = compact_task(arch, p)
+    c_arch, c_params, report = compact(arch, p)
     assert report.layers["conv2"][1] <= int(alive["conv2"].sum())
     assert report.layers["fc1"][1] == int(alive["fc1"].sum())
     _assert_same_logits(arch, p, c_arch, c_params)
@@ -277,7 +282,7 @@ def _sequential_case(draw):
 @given(_sequential_case())
 def test_random_sequential_specs_compact_exactly(case):
     arch, p = case
-    c_arch, c_params, report = compact_task(arch, p)
+    c_arch, c_params, report = compact(arch, p)
     assert report.params_compact <= report.params_dense  # a removed unit always outweighs a bias it may add
     _assert_same_logits(arch, p, c_arch, c_params)
 
@@ -293,10 +298,30 @@ def test_node_masks_on_torchvision_and_timm_networks(name, columns):
 
     arch, dense = spec_and_weights(name)
     p, alive = group_node_masks(arch, dense, 0.5, seed=1, columns=columns)
-    c_arch, c_params, report = compact_task(arch, p)
+    c_arch, c_params, report = compact(arch, p)
     assert report.params_compact < (0.35 if columns else 0.75) * report.params_dense
     if columns:
         assert all(report.groups[g][1] <= max(1, int(a.sum())) for g, a in alive.items())
     else:
         assert report.folded_units > 0
+    _check(arch, p, c_arch, c_params, report)
+
+
+def test_conv_channel_groups_round_to_the_blocked_layout():
+    """By default every group a convolution touches keeps a multiple of 16 channels where it has that many (ONNX
+    Runtime's blocked convolutions; dead channels kept are zero), and the logits stay the same."""
+    from edgecl.graph.compact import CONV_CHANNEL_MULTIPLE
+    from torch_nets import spec_and_weights
+
+    arch, dense = spec_and_weights("torchvision mobilenet_v2")
+    p, alive = group_node_masks(arch, dense, 0.45, seed=2)
+    c_arch, c_params, report = compact_task(arch, p)
+    exact = compact(arch, p)[2]
+    assert exact.params_compact < report.params_compact < 0.5 * report.params_dense
+    rounded = 0
+    for g, (before, after) in report.groups.items():
+        want = -(-exact.groups[g][1] // CONV_CHANNEL_MULTIPLE) * CONV_CHANNEL_MULTIPLE
+        assert after == (want if want <= before and g != "input" else exact.groups[g][1]), g
+        rounded += after > exact.groups[g][1]
+    assert rounded > 10
     _check(arch, p, c_arch, c_params, report)

@@ -57,6 +57,10 @@ from edgecl.arch.spec import INPUT, WEIGHT_OPS, Arch, consumers, is_depthwise, o
 from edgecl.graph.constants import channel_constants, expand, is_reader
 
 HEAD = "head.weight"
+# ONNX Runtime's CPU convolutions take the blocked NCHWc layout for channel counts that are multiples of its block
+# (8 with AVX2, 16 with AVX-512); a compacted resnet18 with 45 or 29 channels per 64 ran 1.2-2× slower than dense
+# on an AVX-512 Xeon, at multiples of 16 2-4× faster (tools/results/bench_infer_resnet18.json)
+CONV_CHANNEL_MULTIPLE = 16
 
 
 @dataclass
@@ -83,11 +87,17 @@ def count_params(params: dict[str, np.ndarray]) -> int:
     return int(sum(np.asarray(v).size for v in params.values()))
 
 
-def compact_task(arch: Arch, params: dict[str, np.ndarray]) -> tuple[Arch, dict[str, np.ndarray], CompactionReport]:
-    """(arch', params', report): a smaller spec and tensors computing the same logits as (arch, params)."""
+def compact_task(arch: Arch, params: dict[str, np.ndarray], *,
+                 channel_multiple: int = CONV_CHANNEL_MULTIPLE) -> tuple[Arch, dict[str, np.ndarray], CompactionReport]:
+    """(arch', params', report): a smaller spec and tensors computing the same logits as (arch, params).
+
+    `channel_multiple`: keep every channel group a convolution reads or writes at a multiple of this many channels
+    where the group has that many (dead channels kept are zero, or constant, as before): ONNX Runtime's CPU
+    convolutions use their blocked layout only for such counts and run 2-3× slower on others
+    (`CONV_CHANNEL_MULTIPLE`, tools/bench_infer.py)."""
     dense = count_params(params)
     try:
-        net = _Net(arch, params)
+        net = _Net(arch, params, channel_multiple)
     except ChannelError as exc:
         return (copy.deepcopy(arch), dict(params),
                 CompactionReport(False, f"kept dense: {exc}", dense, dense))
@@ -143,7 +153,8 @@ def _delete_inputs(w: np.ndarray, groups: int, positions: np.ndarray) -> np.ndar
 class _Net:
     """Mutable copy of a spec and its tensors, compacted round by round."""
 
-    def __init__(self, arch: Arch, params: dict[str, np.ndarray]):
+    def __init__(self, arch: Arch, params: dict[str, np.ndarray], channel_multiple: int):
+        self.multiple = channel_multiple
         self.dense_input = list(arch["input_shape"])
         work = copy.deepcopy(arch)
         work.pop("input_select", None), work.pop("input_select_from", None)
@@ -204,6 +215,7 @@ class _Net:
         for flags in removable.values():
             if flags.all():
                 flags[0] = False  # keep one channel: ONNX graphs with empty dimensions are not portable
+        self._round_conv_groups(cm, removable)
         self._even_out_grouped(cm, removable)
         drops = {g: np.flatnonzero(flags) for g, flags in removable.items() if flags.any()}
         if not drops:
@@ -211,6 +223,21 @@ class _Net:
         self._fold(cm, readers, drops, seen)
         self._delete(cm, readers, drops)
         return True
+
+    def _round_conv_groups(self, cm: ChannelMap, removable: dict[str, np.ndarray]) -> None:
+        """Keep a few removable channels so that each group a convolution touches keeps a multiple of
+        `self.multiple` channels (where the group is that large; the network input is never rounded)."""
+        if self.multiple < 2:
+            return
+        touched = {g for n in self.arch["nodes"] if n["op"] == "conv"
+                   for segments in (cm.rows[f"{n['name']}.weight"], cm.cols.get(f"{n['name']}.weight", []))
+                   for g, _ in segments}
+        for g in touched - {INPUT}:
+            flags = removable[g]
+            kept = flags.size - int(flags.sum())
+            target = -(-kept // self.multiple) * self.multiple
+            if kept < target <= flags.size:
+                flags[np.flatnonzero(flags)[:target - kept]] = False
 
     def _even_out_grouped(self, cm: ChannelMap, removable: dict[str, np.ndarray]) -> None:
         """Grouped convolutions need as many channels in each group: keep channels until every group of such a conv
