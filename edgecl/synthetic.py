@@ -1,12 +1,13 @@
 """Multi-task models built in numpy without training, for tests and benchmarks: every delta kind at any size
 (`random_packed`), and LPS models with an exact structured kept fraction (`structured_lps_model`), which a trained
-model would only land near, and AGS-CL-shaped node masks over the channel groups of any graph (`group_node_masks`).
+model would only land near, and AGS-CL-shaped node masks over the channel groups of a graph (`group_node_masks` on
+tensors, `group_node_model` as a multi-task model).
 Weights are random; only the structure matters for switching, export and compaction."""
 from __future__ import annotations
 
 import numpy as np
 
-from edgecl.arch.channels import channel_map
+from edgecl.arch.channels import ChannelMap, channel_map
 from edgecl.arch.spec import INPUT, WEIGHT_OPS, Arch, gemm_shape, node_by_name, param_shapes, prunable
 from edgecl.deltas import PackedModel, TaskInfo
 
@@ -134,13 +135,7 @@ def group_node_masks(arch: Arch, params: dict[str, np.ndarray], alive_fraction: 
     bias or BatchNorm constant to readers that still read them). Returns (a masked copy of `params`, the alive
     channels per group)."""
     cm = channel_map(arch)
-    rng = np.random.default_rng(seed)
-    alive = {}
-    for g, n in cm.groups.items():
-        alive[g] = np.ones(n, bool)
-        if g != INPUT and n > 1:
-            alive[g][:] = False
-            alive[g][rng.choice(n, max(1, int(round(alive_fraction * n))), replace=False)] = True
+    alive = _group_alive(cm, alive_fraction, np.random.default_rng(seed))
     out = {k: np.array(v, copy=True) for k, v in params.items()}
     nodes = node_by_name(arch)
 
@@ -158,3 +153,48 @@ def group_node_masks(arch: Arch, params: dict[str, np.ndarray], alive_fraction: 
         for a in range(groups):
             w[a * rows:(a + 1) * rows, dead[a]] = 0
     return out, alive
+
+
+def _group_alive(cm: ChannelMap, alive_fraction: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Per channel group, a random `alive_fraction` of its channels (at least one); the input and one-channel groups
+    whole."""
+    alive = {}
+    for g, n in cm.groups.items():
+        alive[g] = np.ones(n, bool)
+        if g != INPUT and n > 1:
+            alive[g][:] = False
+            alive[g][rng.choice(n, max(1, int(round(alive_fraction * n))), replace=False)] = True
+    return alive
+
+
+def group_node_model(arch: Arch, alive_fraction: float, n_tasks: int = 2, classes: tuple[int, ...] = (10,),
+                     seed: int = 0) -> PackedModel:
+    """An AGS-CL-shaped multi-task model on a graph whose conv/linear axes are each one channel group (resnet18,
+    mobilenet_v2; not a concatenation): node specs on every conv/linear weight and bias (rows: its group; columns:
+    the group it reads, with the flatten repeat) and, per task, a random `alive_fraction` of every group alive
+    (``nodes:GROUP``), so `materialize` zeroes the dead rows and columns; BatchNorm shared, heads per task with the
+    dead features' columns zero. Weights as `random_packed`'s."""
+    packed = random_packed(arch, n_tasks, "finetune", classes, seed)  # shared trunk, per-task heads
+    cm = channel_map(arch)
+    nodes = node_by_name(arch)
+
+    def one(segments: list[tuple[str, int]], what: str) -> tuple[str, int]:
+        if len(segments) != 1:
+            raise ValueError(f"{what} spans {len(segments)} channel groups; node specs name one")
+        return segments[0]
+
+    for name in param_shapes(arch):
+        if nodes[name.rsplit(".", 1)[0]]["op"] in WEIGHT_OPS:
+            spec = {"kind": "node", "rows": one(cm.rows[name], name)[0]}
+            source, repeat = one(cm.cols.get(name, [(INPUT, 1)]), name)
+            if source != INPUT:
+                spec.update(cols=source, repeat=repeat)
+            packed.params[name] = spec
+    head, repeat = one(cm.head_cols, "the heads' features")
+    rng = np.random.default_rng(seed + 1)
+    for tt in packed.task_tensors:
+        alive = _group_alive(cm, alive_fraction, rng)
+        tt.update({f"nodes:{g}": a for g, a in alive.items() if g != INPUT})
+        tt["head.weight"][:, ~np.repeat(alive[head], repeat)] = 0
+    packed.method = "node"
+    return packed

@@ -95,3 +95,16 @@ def test_torchvision_graphs_every_delta_kind(name, shape, tmp_path, monkeypatch)
     index = check_parity(packed, tmp_path, batch=2)
     if shape == "node":
         assert all(e["params_compact"] < e["params_dense"] for e in index["tasks"])
+
+
+@pytest.mark.parametrize("shape", ["node", "permute"])
+def test_wide_convs_are_factored_at_any_size(shape, tmp_path):
+    """Default rule: node masks and permutations of convolutions reading ≥ 8 channels are factored however small
+    (a switched conv weight loses ONNX Runtime's blocked kernels); the one-channel stem is folded; low rank keeps
+    the size rule. The default forms equal torch too."""
+    arch = preset("resnet")
+    packed = random_packed(arch, n_tasks=3, shape=shape, classes=(5, 3))
+    convs = [n["name"] for n in arch["nodes"] if n["op"] == "conv"]
+    assert set(_check_factored_forms(packed)) == set(convs) - {"stem"}
+    assert plan_module.factor_forms(random_packed(arch, n_tasks=2, shape="lowrank")) == {}
+    check_parity(packed, tmp_path)

@@ -6,9 +6,10 @@
         --shapes lps,node,lowrank,permute --out tools/results/bench_switch_resnet18.json
 
 For an MLP of ≥ 4 M parameters (`preset('mlp', width=8)`), or any `--arch` (`edgecl.arch.factories.resolve_arch`:
-torchvision's resnet18 at 3×32×32 has 11.2 M parameters, 21 convolutions, residual adds and BatchNorm), shaped like an LPS model (element-wise masks), a finetune
-model (shared trunk, per-task heads), an AGS-CL model (node masks), a HALRP model (r, s, rank-32 U, V per layer) and
-an RGO model (feature permutations), built in numpy with random weights so no training is needed:
+torchvision's resnet18 at 3×32×32 has 11.2 M parameters, 20 convolutions, residual adds and BatchNorm), shaped
+like an LPS model (element-wise masks), a finetune model (shared trunk, per-task heads), an AGS-CL model (node
+masks), a HALRP model (r, s, low-rank U, V per layer) and an RGO model (feature permutations), built in numpy with
+random weights so no training is needed:
 - switch (cache miss: materialise into the bound buffers) against the physical floor, one copy of every dense
   weight of a task by `--threads` threads, as many as the switch may use (goal ≤ 2.0×), and against creating a new
   ONNX Runtime session for that task (goal ≥ 20× faster);
@@ -44,6 +45,7 @@ from edgecl.graph.builder import build_onnx
 from edgecl.machine import machine_info
 from edgecl.runtime import TaskRuntime
 from edgecl.runtime.maskfill import IMPLEMENTATION as MASKFILL
+from edgecl.runtime import plan
 from edgecl.runtime.plan import factor_forms
 from edgecl.synthetic import random_packed
 
@@ -209,12 +211,17 @@ def main() -> None:
     p.add_argument("--shapes", default="lps,finetune,node,lowrank,permute")
     p.add_argument("--artifact", nargs="+", default=None,
                    help="benchmark these trained artifacts (at least 2 tasks) instead of the synthetic shapes")
+    p.add_argument("--conv-factor-min-channels", type=int, default=None,
+                   help="override edgecl.runtime.plan.CONV_FACTOR_MIN_CHANNELS (a huge value: convolutions factored "
+                   "by size alone, the rule before it)")
     p.add_argument("--out", default="bench_switch.json")
     p.add_argument("--tmp", default=tempfile.gettempdir(), help="where the per-task .onnx baseline file is written")
     p.add_argument("--stat", choices=sorted(STAT), default="median",
                    help="statistic of the repeats; 'min' resists other load on a shared machine")
     args = p.parse_args()
     ARGS.stat = args.stat
+    if args.conv_factor_min_channels is not None:
+        plan.CONV_FACTOR_MIN_CHANNELS = args.conv_factor_min_channels
     if args.artifact:
         rows = [bench_packed(os.path.basename(path), artifact.load(path).to_packed(), args) for path in args.artifact]
     else:

@@ -58,8 +58,8 @@ from edgecl.graph.constants import channel_constants, expand, is_reader
 
 HEAD = "head.weight"
 # ONNX Runtime's CPU convolutions take the blocked NCHWc layout for channel counts that are multiples of its block
-# (8 with AVX2, 16 with AVX-512); a compacted resnet18 with 45 or 29 channels per 64 ran 1.2-2× slower than dense
-# on an AVX-512 Xeon, at multiples of 16 2-4× faster (tools/results/bench_infer_resnet18.json)
+# (8 with AVX2, 16 with AVX-512): resnet18 compacted exactly to 45 of every 64 channels ran 0.47-0.74× as fast as
+# dense on an AVX-512 Xeon, rounded to 48 1.5-2.2× faster (tools/results/bench_infer_resnet18_alive070.json)
 CONV_CHANNEL_MULTIPLE = 16
 
 
