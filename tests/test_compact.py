@@ -22,7 +22,8 @@ def compact(arch, params):
 
 
 def _inputs(arch, n=16, seed=0):
-    return np.random.default_rng(seed).random((n, *arch["input_shape"]), dtype=np.float32)
+    shape = arch.get("input_select_from", arch["input_shape"])  # the input a compacted graph still takes
+    return np.random.default_rng(seed).random((n, *shape), dtype=np.float32)
 
 
 def _assert_same_logits(arch, params, c_arch, c_params, seed=0):
@@ -173,6 +174,21 @@ def test_unread_input_channels_are_gathered_in_front_of_a_graph():
     assert c_arch["input_select"] == [0, 2] and c_arch["input_select_from"] == [3, 8, 8]
     assert c_arch["input_shape"] == [2, 8, 8] and report.inputs_kept == [2, 3]
     _check(arch, p, c_arch, c_params, report)
+
+
+def test_compacting_a_compacted_graph_keeps_its_input_selection():
+    """A second pass starts from the first one's input selection (here on the MLP's flattened pixels) and changes
+    nothing the first left; a further unread input composes with it."""
+    packed = structured_lps_model(preset("mlp"), 0.5, unit="column", seed=1)
+    p = materialize(packed, 0)
+    c_arch, c_params, report = compact(packed.arch, p)
+    assert c_arch["input_shape"] == [report.inputs_kept[0]] and c_arch["input_select_from"] == [1, 8, 8]
+    again_arch, again_params, again = compact(c_arch, c_params)
+    assert again_arch == c_arch and again.params_compact == report.params_compact
+    c_params["fc1.weight"][:, 0] = 0  # one more pixel unread
+    again_arch, again_params, again = compact(c_arch, c_params)
+    assert again_arch["input_select"] == c_arch["input_select"][1:] and again.inputs_kept[1] == 64
+    _assert_same_logits(c_arch, c_params, again_arch, again_params)
 
 
 def test_grouped_conv_keeps_equal_channels_per_group():

@@ -27,13 +27,17 @@ What stays, and why:
   leave groups unequal is cut to the smallest per-group count (at least one channel per group stays); Torch-Pruning
   prunes the same indices in every group instead, which keeps more here when masks differ between groups;
 - a channel only some readers can absorb stays whole: removing it from one reader but not another would need a
-  gather inside the graph, slower than the few weights it saves.
+  gather inside the graph (a copy of that activation on every call) for a few weights;
+- by default (`CONV_CHANNEL_MULTIPLE`) every group a convolution reads or writes keeps a multiple of 16 channels
+  where it has that many: ONNX Runtime's CPU convolutions run their blocked kernels only on such counts, and a
+  smaller but odd-sized graph ran slower than the dense one.
 
 Network inputs nobody reads are dropped by a Gather in front of the graph: the compacted spec reads
 ``input_shape`` (fewer channels, or fewer features when the input feeds only a flatten: the selection is then over
 the flattened features), and carries ``input_select`` (indices along axis 1) and ``input_select_from`` (the dense
 input shape, which the graph still takes), so `edgecl.graph.builder` declares the same input as the dense graph and
-`edgecl.arch.spec.validate` accepts the compacted spec (it ignores the two keys).
+`edgecl.arch.spec.validate` accepts the compacted spec (it ignores the two keys). Compacting a compacted spec starts
+from its selection.
 
 Why our own numpy pass and not Torch-Pruning's DepGraph: DepGraph traces a live `nn.Module` with autograd to find
 the same coupling (its groups: out-channel pruning of a conv triggers its BatchNorm, element-wise ops couple the
@@ -155,28 +159,32 @@ class _Net:
 
     def __init__(self, arch: Arch, params: dict[str, np.ndarray], channel_multiple: int):
         self.multiple = channel_multiple
-        self.dense_input = list(arch["input_shape"])
+        # the graph's input: the dense shape, and the indices (of its channels, or of its flattened features when
+        # it feeds only a flatten) the trunk reads — all of them, or an earlier compaction's selection
+        self.dense_input = list(arch.get("input_select_from", arch["input_shape"]))
         work = copy.deepcopy(arch)
-        work.pop("input_select", None), work.pop("input_select_from", None)
+        select = work.pop("input_select", None)
+        work.pop("input_select_from", None)
         first = consumers(work)[INPUT]
-        if len(self.dense_input) > 1 and len(first) == 1 and \
+        if select is None and len(self.dense_input) > 1 and len(first) == 1 and \
                 next(n for n in work["nodes"] if n["name"] == first[0])["op"] == "flatten":
             work["input_shape"] = [math.prod(self.dense_input)]  # select features, not channels: the flatten is a no-op
         self.arch = validate(work)
+        flat = len(self.dense_input) > len(self.arch["input_shape"])
+        self.input_width = math.prod(self.dense_input) if flat else self.dense_input[0]
+        self.inputs = np.arange(self.input_width) if select is None else np.asarray(select, dtype=np.int64)
         self.params = {k: np.array(v, dtype=np.float32) for k, v in params.items()}
         self.depthwise = {n["name"] for n in self.arch["nodes"] if is_depthwise(n)}
-        self.inputs = np.arange(self.arch["input_shape"][0])
         self.cm = channel_map(self.arch)  # ChannelError: kept dense
         self.before = ({n["name"]: n["out"] for n in self.arch["nodes"] if n["op"] in WEIGHT_OPS},
                        dict(self.cm.groups))
         self.folded = 0
         self.rounds = 0
-        self.dropped_inputs = 0
 
     def result(self, dense: int) -> tuple[Arch, dict[str, np.ndarray], CompactionReport]:
         arch, kept = self.arch, None
-        if self.dropped_inputs:
-            kept = [len(self.inputs), len(self.inputs) + self.dropped_inputs]
+        if len(self.inputs) < self.input_width:
+            kept = [len(self.inputs), self.input_width]
             arch["input_select"] = [int(i) for i in self.inputs]
             arch["input_select_from"] = self.dense_input
         else:
@@ -299,7 +307,6 @@ class _Net:
         positions = _positions(cm.spaces[INPUT], drops, cm)
         if len(positions):
             self.inputs = np.delete(self.inputs, positions)
-            self.dropped_inputs += len(positions)
             self.arch["input_shape"][0] = len(self.inputs)
         self._fix_sizes()
 
