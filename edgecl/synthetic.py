@@ -1,11 +1,14 @@
 """Multi-task models built in numpy without training, for tests and benchmarks: every delta kind at any size
 (`random_packed`), and LPS models with an exact structured kept fraction (`structured_lps_model`), which a trained
-model would only land near. Weights are random; only the structure matters for switching, export and compaction."""
+model would only land near, and AGS-CL-shaped node masks over the channel groups of a graph (`group_node_masks` on
+tensors, `group_node_model` as a multi-task model).
+Weights are random; only the structure matters for switching, export and compaction."""
 from __future__ import annotations
 
 import numpy as np
 
-from edgecl.arch.spec import Arch, gemm_shape, param_shapes, prunable
+from edgecl.arch.channels import ChannelMap, channel_map
+from edgecl.arch.spec import INPUT, WEIGHT_OPS, Arch, gemm_shape, node_by_name, param_shapes, prunable
 from edgecl.deltas import PackedModel, TaskInfo
 
 HEAD_SPECS = {"head.weight": {"kind": "task"}, "head.bias": {"kind": "task"}}
@@ -41,6 +44,8 @@ def random_packed(arch: Arch, n_tasks: int = 4, shape: str = "lps", classes: tup
     kinds = {"finetune": ["shared"], "mixed": ["lps", "node", "lowrank", "permute", "task"]}.get(shape, [shape])
     for name, dims in param_shapes(arch).items():
         w = (rng.standard_normal(dims) / np.sqrt(np.prod(dims[1:]) if len(dims) > 1 else 10)).astype(np.float32)
+        if name.endswith("running_var"):  # a variance: positive (BatchNorm of a negative one is NaN)
+            w = np.abs(w) + np.float32(0.5)
         kind = kinds[weights.index(name) % len(kinds)] if name in weights else "shared"
         params[name] = {"kind": kind}
         if kind == "task":
@@ -119,3 +124,77 @@ def _owners(rng: np.random.Generator, n_units: int, keep_fraction: float, n_task
         free = np.flatnonzero(owner == 0)
         owner[rng.choice(free, size=min(take, len(free)), replace=False)] = t + 1
     return owner
+
+
+def group_node_masks(arch: Arch, params: dict[str, np.ndarray], alive_fraction: float, seed: int = 0,
+                     columns: bool = True) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """AGS-CL-shaped structure on any graph: per channel group (`edgecl.arch.channel_map`) a random `alive_fraction`
+    of its channels (at least one) is alive; every conv/linear row and bias of a dead channel and every column that
+    reads one (heads included) is +0.0, as `materialize` leaves node masks. The network input and one-channel groups
+    stay alive; BatchNorm tensors are untouched. `columns=False` zeroes the rows only (dead channels then carry their
+    bias or BatchNorm constant to readers that still read them). Returns (a masked copy of `params`, the alive
+    channels per group)."""
+    cm = channel_map(arch)
+    alive = _group_alive(cm, alive_fraction, np.random.default_rng(seed))
+    out = {k: np.array(v, copy=True) for k, v in params.items()}
+    nodes = node_by_name(arch)
+
+    def along(segments: list[tuple[str, int]]) -> np.ndarray:
+        return np.concatenate([np.repeat(alive[g], r) for g, r in segments])
+
+    for tensor, segments in cm.rows.items():
+        if nodes[tensor.rsplit(".", 1)[0]]["op"] in WEIGHT_OPS:
+            out[tensor][~along(segments)] = 0
+    for tensor, segments in [*cm.cols.items(), ("head.weight", cm.head_cols)] if columns else []:
+        node = nodes.get(tensor.rsplit(".", 1)[0], {})
+        groups = node.get("groups", 1) if node.get("op") == "conv" else 1
+        w, dead = out[tensor], ~along(segments).reshape(groups, -1)
+        rows = w.shape[0] // groups
+        for a in range(groups):
+            w[a * rows:(a + 1) * rows, dead[a]] = 0
+    return out, alive
+
+
+def _group_alive(cm: ChannelMap, alive_fraction: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Per channel group, a random `alive_fraction` of its channels (at least one); the input and one-channel groups
+    whole."""
+    alive = {}
+    for g, n in cm.groups.items():
+        alive[g] = np.ones(n, bool)
+        if g != INPUT and n > 1:
+            alive[g][:] = False
+            alive[g][rng.choice(n, max(1, int(round(alive_fraction * n))), replace=False)] = True
+    return alive
+
+
+def group_node_model(arch: Arch, alive_fraction: float, n_tasks: int = 2, classes: tuple[int, ...] = (10,),
+                     seed: int = 0) -> PackedModel:
+    """An AGS-CL-shaped multi-task model on a graph whose conv/linear axes are each one channel group (resnet18,
+    mobilenet_v2; not a concatenation): node specs on every conv/linear weight and bias (rows: its group; columns:
+    the group it reads, with the flatten repeat) and, per task, a random `alive_fraction` of every group alive
+    (``nodes:GROUP``), so `materialize` zeroes the dead rows and columns; BatchNorm shared, heads per task with the
+    dead features' columns zero. Weights as `random_packed`'s."""
+    packed = random_packed(arch, n_tasks, "finetune", classes, seed)  # shared trunk, per-task heads
+    cm = channel_map(arch)
+    nodes = node_by_name(arch)
+
+    def one(segments: list[tuple[str, int]], what: str) -> tuple[str, int]:
+        if len(segments) != 1:
+            raise ValueError(f"{what} spans {len(segments)} channel groups; node specs name one")
+        return segments[0]
+
+    for name in param_shapes(arch):
+        if nodes[name.rsplit(".", 1)[0]]["op"] in WEIGHT_OPS:
+            spec = {"kind": "node", "rows": one(cm.rows[name], name)[0]}
+            source, repeat = one(cm.cols.get(name, [(INPUT, 1)]), name)
+            if source != INPUT:
+                spec.update(cols=source, repeat=repeat)
+            packed.params[name] = spec
+    head, repeat = one(cm.head_cols, "the heads' features")
+    rng = np.random.default_rng(seed + 1)
+    for tt in packed.task_tensors:
+        alive = _group_alive(cm, alive_fraction, rng)
+        tt.update({f"nodes:{g}": a for g, a in alive.items() if g != INPUT})
+        tt["head.weight"][:, ~np.repeat(alive[head], repeat)] = 0
+    packed.method = "node"
+    return packed

@@ -2,10 +2,14 @@
 
     python tools/bench_switch.py [--width 8] [--tasks 5] [--threads 1] [--repeats 48] [--out bench_switch.json]
     python tools/bench_switch.py --artifact runs/cmp/artifacts/halrp-seed0.edgecl --out halrp_switch.json
+    python tools/bench_switch.py --arch torchvision.models:resnet18 --input-shape 3,32,32 --tasks 3 --repeats 16 \
+        --shapes lps,node,lowrank,permute --out tools/results/bench_switch_resnet18.json
 
-For an MLP of ≥ 4 M parameters (`preset('mlp', width=8)`) shaped like an LPS model (element-wise masks), a finetune
-model (shared trunk, per-task heads), an AGS-CL model (node masks), a HALRP model (r, s, rank-32 U, V per layer) and
-an RGO model (feature permutations), built in numpy with random weights so no training is needed:
+For an MLP of ≥ 4 M parameters (`preset('mlp', width=8)`), or any `--arch` (`edgecl.arch.factories.resolve_arch`:
+torchvision's resnet18 at 3×32×32 has 11.2 M parameters, 20 convolutions, residual adds and BatchNorm), shaped
+like an LPS model (element-wise masks), a finetune model (shared trunk, per-task heads), an AGS-CL model (node
+masks), a HALRP model (r, s, low-rank U, V per layer) and an RGO model (feature permutations), built in numpy with
+random weights so no training is needed:
 - switch (cache miss: materialise into the bound buffers) against the physical floor, one copy of every dense
   weight of a task by `--threads` threads, as many as the switch may use (goal ≤ 2.0×), and against creating a new
   ONNX Runtime session for that task (goal ≥ 20× faster);
@@ -41,6 +45,7 @@ from edgecl.graph.builder import build_onnx
 from edgecl.machine import machine_info
 from edgecl.runtime import TaskRuntime
 from edgecl.runtime.maskfill import IMPLEMENTATION as MASKFILL
+from edgecl.runtime import plan
 from edgecl.runtime.plan import factor_forms
 from edgecl.synthetic import random_packed
 
@@ -111,8 +116,17 @@ def lines_changed(packed, max_tasks: int = 5) -> float:
     return float(np.mean(fractions)) if fractions else 0.0
 
 
-def bench_shape(shape: str, args: argparse.Namespace) -> dict:
-    arch = preset("mlp", width=args.width)
+def bench_arch(args: argparse.Namespace) -> dict:
+    """The benchmarked spec: the wide MLP preset, or `--arch` resolved like the CLI's (imports torch for a module)."""
+    if args.arch == "mlp":
+        return preset("mlp", width=args.width)
+    from edgecl.arch.factories import resolve_arch
+
+    shape = tuple(int(d) for d in args.input_shape.split(",")) if args.input_shape else (1, 8, 8)
+    return resolve_arch(args.arch, shape)
+
+
+def bench_shape(shape: str, arch: dict, args: argparse.Namespace) -> dict:
     return bench_packed(shape, random_packed(arch, n_tasks=args.tasks, shape=shape, classes=(10, 7)), args)
 
 
@@ -169,7 +183,8 @@ def bench_packed(shape: str, packed, args: argparse.Namespace) -> dict:
             row[f"{name}_ratio"] = row[f"{name}_after_switch_ms"] / row["dense_after_switch_ms"]
             row[f"{name}_warm_ratio"] = row[f"{name}_warm_ms"] / row["dense_warm_ms"]
         infer[batch] = row
-    return {"shape": shape, "params": int(n_params), "dense_mib": 4 * n_params / 2**20, "floor_ms": floor,
+    return {"shape": shape, "arch": arch.get("name", "custom"), "params": int(n_params),
+            "dense_mib": 4 * n_params / 2**20, "floor_ms": floor,
             "switch_miss_ms": miss, "switch_hit_ms": hit, "sessions_switch_ms": session_switch,
             "factored_layers": factor_forms(packed),
             "switched_mib": 4 * sum(int(np.prod(p.shape)) for p in miss_rt.varying) / 2**20,
@@ -185,7 +200,10 @@ def bench_packed(shape: str, packed, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--width", type=int, default=8)
+    p.add_argument("--width", type=int, default=8, help="width of the MLP preset (--arch mlp)")
+    p.add_argument("--arch", default="mlp", help="mlp (the wide preset), or a spec as `edgecl train --arch` takes it, "
+                   "e.g. torchvision.models:resnet18")
+    p.add_argument("--input-shape", default=None, help="C,H,W for --arch (default 1,8,8)")
     p.add_argument("--tasks", type=int, default=5)
     p.add_argument("--threads", type=int, default=1,
                    help="ONNX Runtime intra-op threads, same for every session, and the threads of a switch")
@@ -193,16 +211,22 @@ def main() -> None:
     p.add_argument("--shapes", default="lps,finetune,node,lowrank,permute")
     p.add_argument("--artifact", nargs="+", default=None,
                    help="benchmark these trained artifacts (at least 2 tasks) instead of the synthetic shapes")
+    p.add_argument("--conv-factor-min-channels", type=int, default=None,
+                   help="override edgecl.runtime.plan.CONV_FACTOR_MIN_CHANNELS (a huge value: convolutions factored "
+                   "by size alone, the rule before it)")
     p.add_argument("--out", default="bench_switch.json")
     p.add_argument("--tmp", default=tempfile.gettempdir(), help="where the per-task .onnx baseline file is written")
     p.add_argument("--stat", choices=sorted(STAT), default="median",
                    help="statistic of the repeats; 'min' resists other load on a shared machine")
     args = p.parse_args()
     ARGS.stat = args.stat
+    if args.conv_factor_min_channels is not None:
+        plan.CONV_FACTOR_MIN_CHANNELS = args.conv_factor_min_channels
     if args.artifact:
         rows = [bench_packed(os.path.basename(path), artifact.load(path).to_packed(), args) for path in args.artifact]
     else:
-        rows = [bench_shape(shape, args) for shape in args.shapes.split(",")]
+        arch = bench_arch(args)
+        rows = [bench_shape(shape, arch, args) for shape in args.shapes.split(",")]
     print(f"{'shape':9} {'params':>9} {'switched':>8} {'floor':>7} {'miss':>7} {'hit':>7} {'fold':>7} {'new sess':>8} "
           f"{'miss/floor':>10} {'sess/miss':>9} | {'b1 inpl':>7} {'b1 fold':>7} {'b1 sess':>7} {'b64 inpl':>8} "
           f"{'b64 fold':>8} {'b64 sess':>8} | warm: {'b1':>5} {'b64':>5}"

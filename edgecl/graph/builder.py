@@ -9,8 +9,10 @@ Two forms from one builder:
   which MLAS reads in place, and only the (small) activations get packed; activations stay transposed through
   consecutive linear layers and are transposed back before any other layer and at the output.
 The node sequence mirrors `edgecl.train.models.forward` op for op, so exported and trained models agree.
-A compacted spec (`edgecl.graph.compact`) may carry ``input_select``: a Gather of the input columns/channels its first
-layer still reads, so a compacted graph takes the same input as the dense one.
+A compacted spec (`edgecl.graph.compact`) may carry ``input_select`` and ``input_select_from``: the graph then takes
+inputs of the dense shape ``input_select_from`` and gathers the channels (or, when the spec's ``input_shape`` is
+flat and the dense one is not, the flattened features) its trunk still reads, so a compacted graph takes the same
+input as the dense one.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgecl.arch.spec import INPUT as SPEC_INPUT
-from edgecl.arch.spec import WEIGHT_OPS, Arch, param_shapes
+from edgecl.arch.spec import Arch, param_shapes
 
 OPSET = 17
 INPUT, OUTPUT = "x", "logits"
@@ -58,10 +60,14 @@ def _bn(b: _Builder, h: str, node: dict) -> str:
                 epsilon=node["eps"])
 
 
-def _select_inputs(b: _Builder, h: str, index: list[int]) -> str:
-    """Gather the input columns/channels a compacted first layer still reads (see `edgecl.graph.compact`)."""
-    const = b.op("Constant", [], value=numpy_helper.from_array(np.asarray(index, dtype=np.int64), "input_select"))
-    return b.op("Gather", [h, const], axis=1)
+def _select_inputs(b: _Builder, arch: Arch) -> str:
+    """The network input as a compacted spec reads it: the channels (or flattened features) it still reads, gathered
+    from an input of the dense shape (see `edgecl.graph.compact`)."""
+    h = INPUT
+    if len(arch["input_select_from"]) > len(arch["input_shape"]):
+        h = b.op("Flatten", [h], axis=1)
+    index = numpy_helper.from_array(np.asarray(arch["input_select"], dtype=np.int64), "input_select")
+    return b.op("Gather", [h, b.op("Constant", [], value=index)], axis=1)
 
 
 def _add_bias(b: _Builder, y: str, bias: str, axes: list[int]) -> str:
@@ -200,8 +206,8 @@ def _nodes(arch: Arch, b: _Builder, weights_left: bool = False, constants: froze
     (see the module docstring); a transposed tensor stays so through element-wise activations and further linear
     layers, and is transposed back before anything else reads it."""
     factors = factors or {}
-    env: dict[str, tuple[str, bool]] = {SPEC_INPUT: (INPUT, False)}
-    select = arch.get("input_select")
+    env: dict[str, tuple[str, bool]] = {
+        SPEC_INPUT: (_select_inputs(b, arch) if "input_select" in arch else INPUT, False)}
 
     def plain(name: str) -> str:
         h, transposed = env[name]
@@ -216,9 +222,6 @@ def _nodes(arch: Arch, b: _Builder, weights_left: bool = False, constants: froze
 
     for node in arch["nodes"]:
         op, name = node["op"], node["name"]
-        if op in WEIGHT_OPS and select is not None:  # a compacted graph reads only some input columns/channels
-            env[node["inputs"][0]] = (_select_inputs(b, plain(node["inputs"][0]), select), False)
-            select = None
         if op == "linear":
             env[name] = _linear(b, node, env[node["inputs"][0]], plain, weights_left, constants, factors)
         elif op in _KEEP_TRANSPOSED and env[node["inputs"][0]][1]:
@@ -280,7 +283,8 @@ def build_onnx(arch: Arch, params: dict[str, np.ndarray] | None = None, *, weigh
         b.nodes.append(helper.make_node("Transpose", [logits_t], [OUTPUT], name="head_out", perm=[1, 0]))
     else:
         b.nodes.append(helper.make_node("Gemm", [feat, "head.weight", "head.bias"], [OUTPUT], name="head", transB=1))
-    x = helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", *arch["input_shape"]])
+    x = helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", *arch.get("input_select_from",
+                                                                                 arch["input_shape"])])
     initializers, inputs = [], [x]
     if weights_as_inputs:
         shapes = param_shapes(arch, 1)

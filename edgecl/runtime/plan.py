@@ -45,6 +45,11 @@ from edgecl.source import IN_MEMORY, ModelSource
 # Layers smaller than this are folded on a switch rather than factored: rewriting 64 K weights costs ~20-40 µs once,
 # while each node a factored layer adds costs ~4 µs on every inference (tools/results/bench_switch_trained.json)
 FACTOR_MIN_ELEMENTS = 1 << 16
+# ... except node masks and permutations of convolutions reading at least this many channels per group: ONNX Runtime
+# runs a convolution whose weight is a graph input without its blocked layout and BatchNorm fusion, 1.1-2.8× slower
+# than with a constant weight (16-64 channels), while the factored form's Mul or Gather costs 1.0-1.4× (with one
+# input channel the Mul cost more than it saved) (tools/results/bench_switch_resnet18.json)
+CONV_FACTOR_MIN_CHANNELS = 8
 
 
 @dataclass
@@ -130,8 +135,15 @@ def _float32(a: np.ndarray) -> np.ndarray:
 def factor_forms(src: ModelSource, ranks: dict[str, int] | None = None) -> dict[str, str]:
     """Linear/conv layer name → how its task delta is applied to activations ("node", "lowrank", "permute", or
     "permute+bias" when the bias is permuted with the output); layers not listed get their weight switched (or are
-    constant when shared). Chosen by size: layers of fewer than `FACTOR_MIN_ELEMENTS` weights are folded.
-    `ranks` (low-rank weight → largest k over the tasks) saves reading every task again when the caller has."""
+    constant when shared). Chosen by size: layers of fewer than `FACTOR_MIN_ELEMENTS` weights are folded, except
+    node masks and permutations of convolutions with `CONV_FACTOR_MIN_CHANNELS` input channels per group or more.
+    `ranks` (low-rank weight → largest k over the tasks) saves reading every task again when the caller has.
+
+    Only where the form equals the folded weight on that layer: a grouped (or depthwise) convolution ties each
+    filter to its group's input channels, so permuting its outputs is not permuting its filters, and its low-rank
+    column scaling has in/groups entries, not one per input channel; the low-rank residual's window sum needs
+    groups = 1 and dilation = 1 (`edgecl.graph.builder`). Such layers are folded on a switch. Node masks factor on
+    any convolution (output rows scale outputs; input columns scale input channels)."""
     forms = {}
     for layer in src.arch["nodes"]:
         if layer["op"] not in ("linear", "conv"):
@@ -140,10 +152,11 @@ def factor_forms(src: ModelSource, ranks: dict[str, int] | None = None) -> dict[
         weight = f"{name}.weight"
         spec = src.params.get(weight, {})
         kind = spec.get("kind")
-        if kind not in ("node", "lowrank", "permute"):
+        if kind not in ("node", "lowrank", "permute") or not _factorable(layer, kind):
             continue
         shape = src.read_base(weight).shape
-        if int(np.prod(shape)) < FACTOR_MIN_ELEMENTS:
+        wide_conv = layer["op"] == "conv" and kind != "lowrank" and shape[1] >= CONV_FACTOR_MIN_CHANNELS
+        if int(np.prod(shape)) < FACTOR_MIN_ELEMENTS and not wide_conv:
             continue
         if kind == "node":
             forms[name] = kind
@@ -156,6 +169,13 @@ def factor_forms(src: ModelSource, ranks: dict[str, int] | None = None) -> dict[
             if max(k, 1) * (shape[0] + shape[1]) + shape[0] + shape[1] < int(np.prod(shape)):
                 forms[name] = "lowrank"
     return forms
+
+
+def _factorable(layer: dict, kind: str) -> bool:
+    """Whether the factored form of `kind` equals the folded weight on this layer (see `factor_forms`)."""
+    if layer["op"] == "linear" or kind == "node":
+        return True
+    return layer["groups"] == 1 and (kind == "permute" or layer["dilation"] == [1, 1])
 
 
 def _largest_rank(src: ModelSource, weight: str) -> int:

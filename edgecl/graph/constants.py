@@ -1,0 +1,129 @@
+"""Which channels of a task's graph hold a constant, and which: the facts structural compaction needs to fold a
+channel into its readers' biases instead of keeping it (numpy only, no torch).
+
+A channel is *constant* when every position of it holds the same value for every input: a conv/linear output unit
+whose weight row reads nothing that varies (a dead filter: its bias, or its bias plus what it reads of other
+constants), pushed through BatchNorm, activations, pooling, residual sums (the sum of the branches' constants),
+gates (a product; a zero gate makes anything zero) and concatenations. Values are float64 per channel of the tensor's
+channel axis as `edgecl.arch.channel_map` lays it out (``spaces``: after a flatten, one value per source channel, not
+per feature); NaN means "depends on the input".
+
+Exact or not, op by op: a convolution without padding sees a constant channel in every window (its contribution is
+the kernel's sum times the constant); with zero padding the border windows see zeros instead, so a constant ≠ 0 read
+by a padded convolution leaves that output varying (NaN). Max pooling keeps a constant (padding never wins a max),
+average pooling only without padding and ceil mode (partial windows would be averaged with padding), or when the
+constant is 0. GELU is evaluated exactly (erf or its tanh form).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from edgecl.arch.channels import ChannelMap, Segments
+from edgecl.arch.spec import INPUT, Arch, is_depthwise
+
+BN_KEYS = ("weight", "bias", "running_mean", "running_var")
+_ERF = np.vectorize(math.erf, otypes=[np.float64])
+_GELU_TANH = math.sqrt(2.0 / math.pi)
+# What each activation makes of a constant (float64; torch and ONNX Runtime compute in float32, within 1e-7)
+ACTIVATIONS = {
+    "relu": lambda v: np.maximum(v, 0.0), "relu6": lambda v: np.clip(v, 0.0, 6.0),
+    "sigmoid": lambda v: 1 / (1 + np.exp(-v)), "tanh": np.tanh,
+    "hardsigmoid": lambda v: np.clip(v + 3, 0, 6) / 6, "hardswish": lambda v: v * np.clip(v + 3, 0, 6) / 6,
+    "silu": lambda v: v / (1 + np.exp(-v))}
+
+
+def _gelu(v: np.ndarray, approximate: str) -> np.ndarray:
+    if approximate == "tanh":
+        return 0.5 * v * (1 + np.tanh(_GELU_TANH * (v + 0.044715 * v ** 3)))
+    return 0.5 * v * (1 + _ERF(v / math.sqrt(2.0)))
+
+
+def width(cm: ChannelMap, segments: Segments) -> int:
+    """Channels (not features) of an axis made of `segments`."""
+    return sum(cm.groups[g] for g, _ in segments)
+
+
+def expand(values: np.ndarray, segments: Segments, cm: ChannelMap) -> np.ndarray:
+    """Per-channel values → per position of the axis (each channel repeated as its segment says)."""
+    out, start = [], 0
+    for g, r in segments:
+        n = cm.groups[g]
+        out.append(np.repeat(values[start:start + n], r))
+        start += n
+    return np.concatenate(out) if out else values[:0]
+
+
+def collapse(values: np.ndarray, segments: Segments, cm: ChannelMap) -> np.ndarray:
+    """Per position → per channel: a channel is constant only when all its positions hold one value."""
+    out, start = [], 0
+    for g, r in segments:
+        n = cm.groups[g]
+        block = values[start:start + n * r].reshape(n, r)
+        same = (block == block[:, :1]).all(axis=1)
+        out.append(np.where(same, block[:, 0], np.nan))
+        start += n * r
+    return np.concatenate(out) if out else values[:0]
+
+
+def channel_constants(arch: Arch, params: dict[str, np.ndarray], cm: ChannelMap) -> dict[str, np.ndarray]:
+    """Node name (and ``"input"``) → float64 per channel of its output (`cm.spaces`): the constant, or NaN."""
+    values = {INPUT: np.full(width(cm, cm.spaces[INPUT]), np.nan)}
+    for node in arch["nodes"]:
+        ins = [values[s] for s in node["inputs"]]
+        values[node["name"]] = _node(node, ins, params, cm)
+    return values
+
+
+def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: ChannelMap) -> np.ndarray:
+    op, name, v = node["op"], node["name"], ins[0]
+    source = cm.spaces[node["inputs"][0]]
+    if op in ("conv", "linear"):
+        return collapse(weighted_constants(node, params, expand(v, source, cm)), cm.spaces[name], cm)
+    if op == "bn":
+        g, b, m, var = (params[f"{name}.{k}"].astype(np.float64) for k in BN_KEYS)
+        return collapse((expand(v, source, cm) - m) / np.sqrt(var + node["eps"]) * g + b, source, cm)
+    if op in ACTIVATIONS:
+        return ACTIVATIONS[op](v)
+    if op == "gelu":
+        return _gelu(v, node["approximate"])
+    if op == "avgpool" and (any(node["pad"]) or node["ceil_mode"]):
+        return np.where(v == 0, 0.0, np.nan)
+    if op == "add":
+        return np.sum(ins, axis=0)
+    if op == "mul":
+        a, b = ins
+        product = a * b  # one side may be a single broadcast channel
+        return np.where((a == 0) | (b == 0), 0.0, product)
+    if op == "cat":
+        return np.concatenate(ins)
+    return v  # maxpool, avgpool without padding, gap, flatten, reshape: a constant channel stays one
+
+
+def weighted_constants(node: dict, params: dict[str, np.ndarray], inputs: np.ndarray) -> np.ndarray:
+    """Per output unit of a conv/linear node: its constant value given its inputs' per-position constants (NaN
+    unknown), or NaN when a nonzero weight reads a varying input (or, through zero padding, a constant ≠ 0)."""
+    w = params[f"{node['name']}.weight"]
+    out = w.shape[0]
+    groups = node["groups"] if node["op"] == "conv" else 1
+    per_group = inputs.size // groups
+    block = w.reshape(out, w.shape[1], -1)
+    read = block.any(axis=2)
+    seen = inputs.reshape(groups, per_group)[np.arange(out) // (out // groups)]  # (out, inputs of its group)
+    unknown = np.isnan(seen)
+    padded = node["op"] == "conv" and any(node["pad"])
+    varying = (read & (unknown | (padded & (seen != 0)))).any(axis=1)
+    bias = params.get(f"{node['name']}.bias")
+    value = np.zeros(out) if bias is None else bias.astype(np.float64)
+    rows = np.flatnonzero(~varying)
+    if len(rows):
+        sums = block[rows].sum(axis=2, dtype=np.float64)
+        value[rows] += (sums * np.where(unknown[rows], 0.0, seen[rows])).sum(axis=1)
+    value[varying] = np.nan
+    return value
+
+
+def is_reader(node: dict) -> bool:
+    """Conv/linear nodes whose input channels are columns of their weight (a depthwise conv's are its rows)."""
+    return node["op"] == "linear" or (node["op"] == "conv" and not is_depthwise(node))
