@@ -32,6 +32,9 @@ from edgecl.arch.spec import Arch, gemm_shape, param_shapes
 from edgecl.errors import UsageError
 
 KINDS = ("shared", "task", "lps", "node", "lowrank", "permute")
+MAX_GROUP = 255
+"""Characters in a permutation group name (a layer name): `task_permutation` folds the length into the top byte of a
+64-bit key, so longer names never computed (OverflowError); every name that did keeps its permutation."""
 
 
 @dataclass
@@ -249,6 +252,8 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 def task_permutation(seed: int, group: str, n: int) -> np.ndarray:
     """The feature permutation (int64 indices) of one layer for one task: a pure function of (seed, group, n)."""
+    if not isinstance(group, str) or len(group) > MAX_GROUP:
+        raise UsageError(f"permutation group {str(group)[:40]!r}… must be a string of at most {MAX_GROUP} characters")
     g = np.uint64(int.from_bytes(group.encode()[:8].ljust(8, b"\0"), "little") ^ (len(group) << 56))
     key = _splitmix64(np.array([np.uint64(seed & 0xFFFFFFFFFFFFFFFF) ^ g], dtype=np.uint64))[0]
     keys = _splitmix64(np.arange(n, dtype=np.uint64) ^ key)
@@ -265,9 +270,32 @@ def checked(packed: PackedModel) -> PackedModel:
     return packed
 
 
+def check_finite(packed: PackedModel) -> None:
+    """UsageError naming the tensor and task when a float tensor holds NaN or ±inf. A trained model never does, and
+    the runtime's factored forms compute ``W·(0·x)`` where `materialize` defines a masked element as +0.0: only
+    finite weights give every path the same output (docs/ARTIFACT.md)."""
+    tensors = [("shared base", packed.base)] + [(f"task {t}", tt) for t, tt in enumerate(packed.task_tensors)]
+    for where, arrays in tensors:
+        for name, arr in arrays.items():
+            bad = nonfinite_count(np.asarray(arr))
+            if bad:
+                raise UsageError(f"tensor {name!r} ({where}) has {bad} NaN/inf values; only finite numbers can be "
+                                 "stored or run")
+
+
+def nonfinite_count(arr: np.ndarray) -> int:
+    """How many NaN/±inf elements a float array holds (0 for other dtypes); min/max first, so a finite array costs
+    two reductions and no temporary."""
+    if arr.dtype.kind != "f" or arr.size == 0 or (np.isfinite(arr.min()) and np.isfinite(arr.max())):
+        return 0
+    return int(arr.size - np.count_nonzero(np.isfinite(arr)))
+
+
 def check_consistent(packed: PackedModel) -> None:
-    """Raise UsageError naming the tensor/task when shapes, kinds or per-task entries disagree with the arch.
-    The artifact loader wraps this into ArtifactError; the exporter and runtime may then trust the model."""
+    """Raise UsageError naming the tensor/task when shapes, kinds or per-task entries disagree with the arch, or a
+    tensor is not finite. The artifact loader wraps this into ArtifactError; the exporter and runtime may then trust
+    the model."""
+    check_finite(packed)
     heads = [info.n_classes for info in packed.tasks]
     if len(packed.task_tensors) != len(heads):
         raise UsageError(f"{len(heads)} tasks but {len(packed.task_tensors)} per-task tensor sets")
@@ -279,6 +307,9 @@ def check_consistent(packed: PackedModel) -> None:
         kind = spec.get("kind")
         if kind not in KINDS:
             raise UsageError(f"tensor {name!r}: unknown delta kind {kind!r} (known: {KINDS})")
+        group = spec.get("group", "")
+        if kind == "permute" and (not isinstance(group, str) or len(group) > MAX_GROUP):
+            raise UsageError(f"tensor {name!r}: permutation group must be a string of at most {MAX_GROUP} characters")
         if kind != "task":
             if name not in packed.base:
                 raise UsageError(f"tensor {name!r}: base tensor missing")

@@ -21,7 +21,7 @@ from edgecl.artifact.container import ST_CODE, TableEntry, parse_json, stored_fo
 from edgecl.artifact.encodings import stored_dtype
 from edgecl.artifact.limits import (MAX_CLASSES, MAX_NDIM, MAX_TASK_NAME, MAX_TASKS, MAX_TENSOR_NAME,
                                     budget_problem, dense_bytes, is_int)
-from edgecl.deltas import KINDS
+from edgecl.deltas import KINDS, MAX_GROUP
 from edgecl.errors import ArtifactError, UsageError
 
 FORMAT_NAME = "edgecl-artifact"
@@ -35,7 +35,7 @@ _KEY = re.compile(r"(base|task(0|[1-9][0-9]{0,5}))::(.+)")
 _CHECKSUM = re.compile(r"[0-9a-f]{32}")
 _SPEC_FIELDS = {"unit": lambda v: v in ("element", "row", "column"),
                 "rows": lambda v: v is None or isinstance(v, str), "cols": lambda v: v is None or isinstance(v, str),
-                "repeat": lambda v: is_int(v, 1), "group": lambda v: isinstance(v, str)}
+                "repeat": lambda v: is_int(v, 1), "group": lambda v: isinstance(v, str) and len(v) <= MAX_GROUP}
 
 
 def blob_key(scope: str | int, name: str) -> str:

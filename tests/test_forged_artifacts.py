@@ -1,0 +1,163 @@
+"""Resealed forgeries (issue 17): files that pass every container and manifest check, forged to reach code that used
+to compute on them. Each is refused by every entry point — the library calls, the runtime (factored and folded, in
+place and per-task sessions), the audit, inspect, export and the CLI (exit 2) — or, where a file is valid, gives the
+outputs `materialize` defines."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import artifact_models as am
+from edgecl import artifact
+from edgecl.cli import main as cli_main
+from edgecl.deltas import lps_keep, materialize, task_permutation
+from edgecl.errors import ArtifactError, UsageError
+from edgecl.runtime import TaskRuntime
+from edgecl.runtime import plan as runtime_plan
+
+RUNTIMES = {"in place, factored": dict(strategy="inplace"), "in place, folded": dict(strategy="inplace", factor=False),
+            "per-task sessions": dict(strategy="sessions")}
+
+
+def _written(tmp_path, raw: bytes, name: str = "forged.edgecl") -> str:
+    path = tmp_path / name
+    path.write_bytes(raw)
+    return str(path)
+
+
+def _saved_bytes(tmp_path, packed) -> bytes:
+    path = tmp_path / "valid.edgecl"
+    artifact.save(packed, path)
+    return path.read_bytes()
+
+
+def _library_entry_points(path: str, task: int, out_dir) -> dict:
+    """Every library call that reads tensors of `path`, by name."""
+    from edgecl.export import export_onnx
+    from edgecl.runtime.audit import audit
+
+    calls = {"verify": lambda: artifact.load(path).verify(),
+             "materialize": lambda: artifact.load(path).materialize(task),
+             "to_packed": lambda: artifact.load(path).to_packed(),
+             "inspect": lambda: artifact.inspect(path),
+             "audit": lambda: audit(path, "1GiB"),
+             "export": lambda: export_onnx(path, out_dir / "onnx", progress=False)}
+    for name, kw in RUNTIMES.items():
+        calls[f"runtime, {name}"] = lambda kw=kw: TaskRuntime(path, **kw).infer(np.zeros((1, 1, 4, 4), np.float32),
+                                                                                   task=task)
+    return calls
+
+
+def _cli_calls(path: str, task: int, tmp_path) -> list[list[str]]:
+    x = tmp_path / "x.npy"
+    np.save(x, np.zeros((2, 1, 4, 4), np.float32))
+    return [["run", path, "--task", str(task), "--input", str(x)], ["audit", path, "--budget", "1GiB"],
+            ["inspect", path], ["export", path, "--out", str(tmp_path / "cli-onnx"), "--quiet"]]
+
+
+def _assert_refused_everywhere(path: str, task: int, tmp_path, capsys, match: str, error=ArtifactError) -> None:
+    for name, call in _library_entry_points(path, task, tmp_path).items():
+        with pytest.raises(error, match=match):
+            call()
+            pytest.fail(f"{name} accepted the forgery")
+    for argv in _cli_calls(path, task, tmp_path):
+        capsys.readouterr()
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "error:" in err and "Traceback" not in err, (argv, err)
+
+
+# ---------------------------------------------------------------- item 1: non-finite values, even where masked out
+
+def _masked_nonfinite(kind: str, value: float):
+    """(valid model, task, base tensor, the base with `value` where that task masks the element out)."""
+    packed = am.make(kind, seed=1, n_tasks=3)
+    t = 1
+    if kind == "node":
+        name = "fc.weight"
+        row = int(np.flatnonzero(~packed.task_tensors[t]["nodes:fc"])[0])
+        where = (row, 0)
+    elif kind == "lps":
+        name = "fc1.weight"
+        where = tuple(np.argwhere(~lps_keep(packed, t, name))[0])
+    else:  # a zero low-rank row: r[0] = 0 scales row 0 of W_base away
+        name = "fc.weight"
+        packed.task_tensors[t][f"{name}:r"][0] = 0.0
+        where = (0, 0)
+    forged = packed.base[name].copy()
+    forged[where] = value
+    return packed, t, name, forged
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("kind", ["node", "lps", "lowrank"])
+def test_nonfinite_base_under_a_mask_is_refused_by_every_entry_point(tmp_path, capsys, monkeypatch, kind, value):
+    monkeypatch.setattr(runtime_plan, "FACTOR_MIN_ELEMENTS", 0)  # small layers take the factored path too
+    packed, t, name, forged = _masked_nonfinite(kind, value)
+    raw = am.forge_tensor(_saved_bytes(tmp_path, packed), f"base::{name}", forged)
+    path = _written(tmp_path, raw)
+    artifact.load(path)  # header and manifest are fine: only the decoded values give it away
+    _assert_refused_everywhere(path, t, tmp_path, capsys, rf"base::{name}.*NaN/inf")
+
+
+@pytest.mark.parametrize("kind", ["node", "lps", "lowrank"])
+def test_save_and_append_refuse_nonfinite_tensors_naming_tensor_and_task(tmp_path, kind):
+    packed, t, name, forged = _masked_nonfinite(kind, np.nan)
+    valid = tmp_path / "valid.edgecl"
+    artifact.save(packed, valid)
+    packed.base[name] = forged
+    with pytest.raises(UsageError, match=rf"{name}.*shared base.*NaN/inf"):
+        artifact.save(packed, tmp_path / "bad.edgecl")
+    with pytest.raises(UsageError, match="NaN/inf"):
+        TaskRuntime(packed)  # an in-memory model is checked the same way
+    grown = am.make(kind, seed=1, n_tasks=3)
+    grown.task_tensors[2]["head.bias"][0] = np.inf
+    before = valid.read_bytes()
+    with pytest.raises(UsageError, match=r"head.bias.*task 2.*NaN/inf"):
+        artifact.append_task(valid, grown)
+    assert valid.read_bytes() == before
+    assert not (tmp_path / "bad.edgecl").exists()
+
+
+def test_finite_masked_elements_give_what_materialize_defines_on_every_path(tmp_path, monkeypatch):
+    """The other side of the policy: any finite value under a mask is harmless on every path."""
+    monkeypatch.setattr(runtime_plan, "FACTOR_MIN_ELEMENTS", 0)
+    x = np.random.default_rng(0).standard_normal((3, 1, 4, 4)).astype(np.float32)
+    for kind in ("node", "lps", "lowrank"):
+        packed, t, name, forged = _masked_nonfinite(kind, 3e38)
+        packed.base[name] = forged
+        path = tmp_path / f"{kind}.edgecl"
+        artifact.save(packed, path)
+        ref = TaskRuntime(packed, strategy="sessions").infer(x, task=t)
+        assert np.isfinite(ref).all()
+        for kw in RUNTIMES.values():
+            np.testing.assert_allclose(TaskRuntime(str(path), **kw).infer(x, task=t), ref, rtol=1e-5, atol=1e-4)
+        assert am.same_weights(artifact.load(path).materialize(t), materialize(packed, t))
+
+
+# ---------------------------------------------------------------- item 5: permutation group names
+
+def test_permutations_of_existing_names_are_unchanged():
+    """Values computed by the code before issue 17: the formula must not move for any name that worked."""
+    assert task_permutation(1234, "fc1", 12).tolist() == [7, 10, 4, 0, 3, 9, 2, 6, 11, 1, 5, 8]
+    assert task_permutation(2 ** 64 - 1, "x" * 255, 7).tolist() == [0, 5, 3, 4, 2, 1, 6]
+    assert task_permutation(-5, "", 5).tolist() == [1, 3, 2, 4, 0]
+    with pytest.raises(UsageError, match="at most 255"):
+        task_permutation(1, "x" * 256, 4)
+
+
+@pytest.mark.parametrize("length", [256, 5000])
+def test_long_permutation_groups_are_refused_at_load_and_save(tmp_path, capsys, length):
+    packed = am.make("permute", seed=2, n_tasks=3)
+    raw = _saved_bytes(tmp_path, packed)
+
+    def long_group(manifest):
+        manifest["params"]["fc1.weight"]["group"] = "g" * length
+
+    path = _written(tmp_path, am.forge_manifest(raw, long_group))
+    with pytest.raises(ArtifactError, match=r"params\['fc1.weight'\].group"):
+        artifact.load(path)
+    _assert_refused_everywhere(path, 1, tmp_path, capsys, "group")
+    packed.params["fc1.weight"]["group"] = "g" * length
+    with pytest.raises(UsageError, match="group"):
+        artifact.save(packed, tmp_path / "long.edgecl")
