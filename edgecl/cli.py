@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from edgecl import __version__
-from edgecl.errors import EdgeclError
+from edgecl.errors import EdgeclError, EdgeclWarning
 
 COMMANDS = {
     "demo": "LPS on permuted digits end to end: train, pack, export check, run on the runtime, budget summary",
@@ -41,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(cmd)
     args = cmd.parse_args(argv[1:])
     try:
-        return int(module.main(args) or 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", EdgeclWarning)
+            warnings.showwarning = lambda message, *_a, **_k: print(f"edgecl {name}: warning: {message}",
+                                                                    file=sys.stderr)
+            return int(module.main(args) or 0)
     except EdgeclError as exc:
         print(f"edgecl {name}: error: {exc}", file=sys.stderr)
         return 2

@@ -23,6 +23,8 @@ permute     ``base[name]``; ``tasks[t].seed``; spec field group           ``base
 """
 from __future__ import annotations
 
+import operator
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -90,20 +92,68 @@ class PackedModel:
 
 
 def resolve_task(tasks: list[TaskInfo], task: int | str) -> int:
-    """Index of a task given by index (int or digit string) or name, among `tasks`; UsageError naming the task and
-    what exists otherwise. Every model source (in memory or a file) resolves tasks here, so they all agree."""
-    if isinstance(task, str) and not task.lstrip("-").isdigit():
-        for i, info in enumerate(tasks):
-            if info.name == task:
-                return i
-        raise UsageError(f"unknown task {task!r}; tasks are {[t.name for t in tasks]}")
-    try:
-        i = int(task)
-    except (TypeError, ValueError):
-        raise UsageError(f"task must be an index or a name, got {task!r}") from None
+    """Index of a task given by index or name, among `tasks`; UsageError naming the task and what exists otherwise.
+    A string that reads as an integer (`int()` accepts it: "3", " 03", "-1", "٣") is an index, never a name — `save`
+    refuses such names, so only old files can have them, and there they are selected by index. A name several tasks
+    share is refused as ambiguous. Every model source (in memory or a file) resolves tasks here, so they all agree."""
+    if isinstance(task, str):
+        index = _as_index(task)
+        if index is None:
+            matches = [i for i, info in enumerate(tasks) if info.name == task]
+            if len(matches) > 1:
+                raise UsageError(f"task name {task!r} is ambiguous: tasks {matches} share it; select one by index")
+            if not matches:
+                raise UsageError(f"unknown task {task!r}; tasks are {[t.name for t in tasks]}")
+            return matches[0]
+        i = index
+    else:
+        try:
+            i = operator.index(task) if not isinstance(task, (bool, np.bool_)) else None
+        except TypeError:
+            i = None
+        if i is None:
+            raise UsageError(f"task must be an index or a name, got {task!r}")
     if not 0 <= i < len(tasks):
         raise UsageError(f"task {i} out of range: this model has {len(tasks)} tasks (0..{len(tasks) - 1})")
     return i
+
+
+def _as_index(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+_RANGE = re.compile(r"\s*\d+\s*-\s*\d+\s*")
+
+
+def selector_problem(name: str) -> str | None:
+    """Why a task could not be selected by this name — `resolve_task` or a task list (`export --tasks 0,2-5,all`)
+    would read it as something else — or None."""
+    if _as_index(name) is not None:
+        return "reads as a task index"
+    if name != name.strip():
+        return "has leading or trailing spaces (task lists strip them)"
+    if "," in name:
+        return "contains ',' (task lists are comma-separated)"
+    if _RANGE.fullmatch(name) or name.lower() == "all":
+        return "reads as a task range or 'all'"
+    return None
+
+
+def task_name_conflicts(names: list[str], first: int = 0) -> list[tuple[int, str]]:
+    """(task, why) for every name from index `first` on that cannot select its task: one that reads as an index, a
+    range or a list, or one an earlier task already has. `save` refuses them; old files load with a warning."""
+    out, seen = [], {}
+    for i, name in enumerate(names):
+        why = selector_problem(name) if i >= first else None
+        if why is None and name in seen and i >= first:
+            why = f"duplicates task {seen[name]}'s name"
+        if why:
+            out.append((i, why))
+        seen.setdefault(name, i)
+    return out
 
 
 def materialize(packed: PackedModel, task: int | str) -> dict[str, np.ndarray]:

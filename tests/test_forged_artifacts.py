@@ -4,6 +4,8 @@ place and per-task sessions), the audit, inspect, export and the CLI (exit 2) �
 outputs `materialize` defines."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -161,3 +163,89 @@ def test_long_permutation_groups_are_refused_at_load_and_save(tmp_path, capsys, 
     packed.params["fc1.weight"]["group"] = "g" * length
     with pytest.raises(UsageError, match="group"):
         artifact.save(packed, tmp_path / "long.edgecl")
+
+
+# ---------------------------------------------------------------- item 3: task names that look like indices
+
+INDEX_LIKE = ["3", "00", "-1", "+2", " 3", "٣", "1_0", "2-5", "a,b", "all", "ALL", " padded", "padded "]
+
+
+@pytest.mark.parametrize("name", INDEX_LIKE)
+def test_save_refuses_names_that_cannot_select_their_task(tmp_path, name):
+    packed = am.make("shared", n_tasks=3)
+    packed.tasks[1].name = name
+    with pytest.raises(UsageError, match=re.escape(f"task 1 name {name!r}")):
+        artifact.save(packed, tmp_path / "m.edgecl")
+    assert not (tmp_path / "m.edgecl").exists()
+
+
+def test_save_refuses_duplicate_names_and_keeps_good_ones(tmp_path):
+    packed = am.make("shared", n_tasks=3)
+    packed.tasks[2].name = packed.tasks[0].name
+    with pytest.raises(UsageError, match="task 2 name 'task-0' duplicates task 0"):
+        artifact.save(packed, tmp_path / "m.edgecl")
+    for i, name in enumerate(["3a", "task 3", "v1.2"]):
+        packed.tasks[i].name = name
+    artifact.save(packed, tmp_path / "m.edgecl")
+    assert artifact.load(tmp_path / "m.edgecl").task_index("task 3") == 1
+
+
+def _old_file_with_names(tmp_path, names: list[str]) -> tuple[str, object]:
+    """A file as an older edgecl could write it: task names that read as indices, or repeated."""
+    packed = am.make("shared", n_tasks=len(names))
+    raw = _saved_bytes(tmp_path, packed)
+
+    def rename(manifest):
+        for task, name in zip(manifest["tasks"], names):
+            task["name"] = name
+
+    return _written(tmp_path, am.forge_manifest(raw, rename), "old.edgecl"), packed
+
+
+def test_old_files_with_such_names_load_with_a_warning_and_select_by_index(tmp_path, capsys):
+    path, packed = _old_file_with_names(tmp_path, ["2", "dup", "dup"])
+    with pytest.warns(Warning, match=r"task 0 '2' reads as a task index.*task 2 'dup' duplicates task 1"):
+        art = artifact.load(path)
+    assert art.task_index("2") == 2 and art.task_index(0) == 0  # "2" is index 2, not the task named "2"
+    with pytest.raises(UsageError, match="'dup' is ambiguous: tasks \\[1, 2\\]"):
+        art.task_index("dup")
+    x = np.random.default_rng(1).standard_normal((2, 1, 4, 4)).astype(np.float32)
+    with pytest.warns(Warning):
+        rt = TaskRuntime(path)
+    ref = TaskRuntime(packed)
+    np.testing.assert_allclose(rt.infer(x, task="2"), ref.infer(x, task=2), rtol=1e-6)
+    np.testing.assert_allclose(rt.infer(x, task="0"), ref.infer(x, task=0), rtol=1e-6)
+    npy = tmp_path / "x.npy"
+    np.save(npy, x)
+    assert cli_main(["run", path, "--task", "dup", "--input", str(npy)]) == 2
+    assert "ambiguous" in capsys.readouterr().err
+    assert cli_main(["run", path, "--task", "1", "--input", str(npy)]) == 0
+    assert "warning:" in capsys.readouterr().err
+
+
+def test_appending_to_an_old_file_keeps_its_names_and_checks_the_new_ones(tmp_path):
+    path, _ = _old_file_with_names(tmp_path, ["2", "dup", "dup"])
+    with pytest.warns(Warning):
+        old = artifact.load(path).to_packed()
+    grown = am.make("shared", n_tasks=4)
+    grown.base, grown.tasks[:3], grown.task_tensors[:3] = old.base, old.tasks, old.task_tensors
+    grown.tasks[3].name = "dup"
+    with pytest.warns(Warning), pytest.raises(UsageError, match="task 3 name 'dup' duplicates task 1"):
+        artifact.append_task(path, grown)
+    grown.tasks[3].name = "new"
+    with pytest.warns(Warning):
+        artifact.append_task(path, grown)
+    with pytest.warns(Warning):
+        assert [t.name for t in artifact.load(path).tasks] == ["2", "dup", "dup", "new"]
+
+
+@pytest.mark.parametrize("task, expect", [("٣", 3), (" 1 ", 1), (np.int64(2), 2), ("task-0", 0)])
+def test_resolution_reads_any_integer_text_as_an_index(task, expect):
+    packed = am.make("shared", n_tasks=4)
+    assert packed.task_index(task) == expect
+
+
+@pytest.mark.parametrize("task", [True, 1.0, None, "-1", "4", "nope"])
+def test_resolution_refuses_what_is_not_a_task(task):
+    with pytest.raises(UsageError, match="task"):
+        am.make("shared", n_tasks=4).task_index(task)

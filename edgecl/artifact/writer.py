@@ -21,7 +21,7 @@ from edgecl.artifact.limits import MAX_NDIM, budget_problem, dense_bytes
 from edgecl.artifact.manifest import (BLOB_FIELDS, FORMAT_NAME, FORMAT_VERSION, blob_key, name_problem, owner_problem,
                                       param_of, task_name_problem)
 from edgecl.artifact.reader import load
-from edgecl.deltas import PackedModel, check_consistent, expand_owner
+from edgecl.deltas import PackedModel, check_consistent, expand_owner, task_name_conflicts
 from edgecl.errors import UsageError
 from edgecl.io import commit, discard, write_atomic, write_temp
 
@@ -58,7 +58,7 @@ def append_task(path: str | os.PathLike, packed: PackedModel, *, keeps: str = "a
             raise UsageError(f"{path}: the model must start with the artifact's {old.n_tasks} tasks "
                              f"{[t.name for t in old.tasks]}, got {[t.name for t in packed.tasks]}")
         check_consistent(packed)
-        tmp = write_temp(path, serialise(packed, old.fp16))
+        tmp = write_temp(path, serialise(packed, old.fp16, old_names=old.n_tasks))
         try:
             with load(tmp) as new:
                 for t in range(old.n_tasks):
@@ -80,8 +80,16 @@ def _require_identical(path: str, t: int, before: dict[str, np.ndarray], after: 
                              "bit-identical")
 
 
-def serialise(packed: PackedModel, fp16: bool) -> list[bytes]:
-    """The whole file as a list of byte strings (header first, then every blob)."""
+def serialise(packed: PackedModel, fp16: bool, old_names: int = 0) -> list[bytes]:
+    """The whole file as a list of byte strings (header first, then every blob). Task names must select their task
+    (`deltas.task_name_conflicts`), except the first `old_names`, which an appended-to file already has."""
+    names = [info.name for info in packed.tasks]
+    for name in names:
+        problem = task_name_problem(name)
+        if problem:
+            raise UsageError(problem)
+    for t, why in task_name_conflicts(names, old_names):
+        raise UsageError(f"task {t} name {names[t]!r} {why}: a task must be selectable by its name (rename it)")
     blobs = encode_blobs(packed, fp16)
     decoded = dense_bytes(packed.arch, [info.n_classes for info in packed.tasks])
     decoded += sum(math.prod(e["shape"]) * np.dtype(e["dtype"]).itemsize for _, e, _ in blobs)
@@ -91,10 +99,6 @@ def serialise(packed: PackedModel, fp16: bool) -> list[bytes]:
     arch = packed.arch
     tasks = [{**info.to_json(), "input_shape": list(arch["input_shape"]), "input_dtype": "float32"}
              for info in packed.tasks]
-    for info in packed.tasks:
-        problem = task_name_problem(info.name)
-        if problem:
-            raise UsageError(problem)
     manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "edgecl_version": __version__,
                 "method": packed.method, "config": packed.config, "arch": arch, "fp16": bool(fp16), "tasks": tasks,
                 "params": packed.params, "extra": packed.extra,
