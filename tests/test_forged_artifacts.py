@@ -249,3 +249,56 @@ def test_resolution_reads_any_integer_text_as_an_index(task, expect):
 def test_resolution_refuses_what_is_not_a_task(task):
     with pytest.raises(UsageError, match="task"):
         am.make("shared", n_tasks=4).task_index(task)
+
+
+# ---------------------------------------------------------------- item 6: architectures ONNX Runtime cannot run
+
+def _node_edit(index: int, **fields):
+    def edit(nodes):
+        nodes[index].update(fields)
+    return edit
+
+
+HOSTILE_ARCHS = {  # (model kind, edit of its normalised nodes): each used to load, verify and even save
+    "gap on a flat vector": ("shared", _node_edit(4, op="gap")),
+    "maxpool on a flat vector": ("shared", _node_edit(4, op="maxpool", k=[2, 2], stride=[2, 2], pad=[0, 0],
+                                                       ceil_mode=False, dilation=[1, 1])),
+    "maxpool k=1000": ("node", _node_edit(3, k=[1000, 1000])),
+    "ceil_mode window starting in the padding": ("node", _node_edit(3, stride=[3, 3], pad=[1, 1], ceil_mode=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_ARCHS))
+def test_hostile_architectures_are_refused_at_load_by_every_command(tmp_path, capsys, case):
+    kind, edit = HOSTILE_ARCHS[case]
+    raw = _saved_bytes(tmp_path, am.make(kind, seed=4, n_tasks=2))
+    path = _written(tmp_path, am.forge_manifest(raw, lambda manifest: edit(manifest["arch"]["nodes"])))
+    with pytest.raises(ArtifactError, match="manifest.arch"):
+        artifact.load(path)
+    _assert_refused_everywhere(path, 1, tmp_path, capsys, "manifest.arch")
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_ARCHS))
+def test_hostile_architectures_are_refused_at_save(tmp_path, case):
+    kind, edit = HOSTILE_ARCHS[case]
+    packed = am.make(kind, seed=4, n_tasks=2)
+    packed.arch = {**packed.arch, "nodes": [dict(n) for n in packed.arch["nodes"]]}
+    edit(packed.arch["nodes"])
+    with pytest.raises(UsageError, match="architecture"):
+        artifact.save(packed, tmp_path / "m.edgecl")
+    assert not (tmp_path / "m.edgecl").exists()
+
+
+def test_pool_windows_onnx_and_torch_disagree_on_are_refused():
+    from edgecl.arch import validate
+
+    def spec(**pool):
+        return {"name": "p", "input_shape": [1, 1, 1], "nodes": [
+            {"name": "p", "op": "maxpool", "inputs": ["input"], **pool}, {"name": "f", "op": "flatten", "inputs": ["p"]}]}
+
+    with pytest.raises(UsageError, match="padding only"):  # window elements at -1 and +1 of a 1-pixel input
+        validate(spec(k=2, stride=2, pad=1, dilation=2))
+    validate(spec(k=1, stride=1))
+    wide = {**spec(k=3, stride=2, pad=1, ceil_mode=True), "input_shape": [1, 5, 5]}
+    assert validate(wide)["feature_dim"] == 9  # ceil mode where both agree stays valid
+

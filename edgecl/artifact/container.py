@@ -100,6 +100,9 @@ def read_header(path: str, read: Read, size: int) -> Header:
     if size < 8:
         raise ArtifactError(path, "header", f"file is {size} bytes, too short for an artifact")
     n = int.from_bytes(read(8, 0, "header length"), "little")
+    if size == 8 or read(1, 8, "header") != b"{":
+        raise ArtifactError(path, "header", "not an edgecl artifact (no safetensors header: a JSON object after the "
+                                            "8-byte length)")
     if n > min(size - 8, MAX_HEADER_BYTES) or n < 2:
         raise ArtifactError(path, "header length", f"declares {n} bytes; the file has {size} "
                                                    f"(limit {MAX_HEADER_BYTES})")

@@ -6,6 +6,7 @@ task already in the file materialises as before. The writer refuses (UsageError)
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -35,20 +36,36 @@ Blob = tuple[str, dict[str, Any], bytes]
 def save(packed: PackedModel, path: str | os.PathLike, *, fp16: bool = False) -> None:
     """Write `packed` as one artifact, atomically. fp16 stores float32 base tensors as float16 (materialised as
     float32 again, so no longer bit-exact to training). UsageError for an inconsistent or unstorable model."""
-    check_consistent(packed)
+    packed = _checked(packed)
     path = os.fspath(path)
     write_atomic(path, serialise(packed, fp16))
 
 
-def append_task(path: str | os.PathLike, packed: PackedModel, *, keeps: str = "all") -> None:
+def _checked(packed: PackedModel) -> PackedModel:
+    """`packed` with its architecture validated and normalised by `arch.spec.validate` — the function the reader
+    checks it with and the graph builders build from, so a model saved is a model that loads and runs — and
+    `check_consistent` passed; UsageError otherwise."""
+    try:
+        arch = validate_arch(packed.arch)
+    except UsageError as exc:
+        raise UsageError(f"cannot store this model: architecture: {exc}") from None
+    packed = dataclasses.replace(packed, arch=arch)
+    check_consistent(packed)
+    return packed
+
+
+def append_task(path: str | os.PathLike, packed: PackedModel, *, keeps: str = "all",
+                out: str | os.PathLike | None = None) -> dict[str, Any]:
     """Replace the artifact at `path` with `packed` (its tasks plus new ones), atomically — but only after every task
     already in the file materialises bit-identically from the new content: every tensor (`keeps="all"`), or only
-    the heads (`"heads"`, for methods such as RGO whose shared trunk keeps learning by design). UsageError when
-    `packed` is another method/arch, drops or renames tasks, or would change what must stay; ArtifactError when the
-    file is damaged."""
+    the heads (`"heads"`, for methods such as RGO whose shared trunk keeps learning by design). With `out`, the new
+    artifact goes there instead (one rename, last) and `path` is left as it is. UsageError when `packed` is another
+    method/arch, drops or renames tasks, or would change what must stay; ArtifactError when the file is damaged.
+    Returns what was verified: ``{"tasks": earlier tasks checked, "keeps": keeps}``."""
     if keeps not in KEEPS:
         raise UsageError(f"append_task: keeps must be 'all' or 'heads', got {keeps!r}")
     path = os.fspath(path)
+    target = path if out is None else os.fspath(out)
     with load(path) as old:
         if packed.method != old.method or validate_arch(packed.arch) != old.arch:
             raise UsageError(f"{path}: artifact holds method {old.method!r} on arch {old.arch.get('name')!r}; "
@@ -57,8 +74,8 @@ def append_task(path: str | os.PathLike, packed: PackedModel, *, keeps: str = "a
                 [t.to_json() for t in old.tasks]:
             raise UsageError(f"{path}: the model must start with the artifact's {old.n_tasks} tasks "
                              f"{[t.name for t in old.tasks]}, got {[t.name for t in packed.tasks]}")
-        check_consistent(packed)
-        tmp = write_temp(path, serialise(packed, old.fp16, old_names=old.n_tasks))
+        packed = _checked(packed)
+        tmp = write_temp(target, serialise(packed, old.fp16, old_names=old.n_tasks))
         try:
             with load(tmp) as new:
                 for t in range(old.n_tasks):
@@ -66,7 +83,8 @@ def append_task(path: str | os.PathLike, packed: PackedModel, *, keeps: str = "a
         except BaseException:
             discard(tmp)
             raise
-    commit(tmp, path)
+    commit(tmp, target)
+    return {"tasks": old.n_tasks, "keeps": keeps}
 
 
 def _require_identical(path: str, t: int, before: dict[str, np.ndarray], after: dict[str, np.ndarray],

@@ -26,7 +26,7 @@ from edgecl.errors import BudgetError, UsageError
 from edgecl.runtime import costs, maskfill
 from edgecl.runtime.budget import Ledger, format_bytes, parse_budget
 from edgecl.runtime.inplace import InPlace
-from edgecl.runtime.inputs import check_input
+from edgecl.runtime.inputs import check_input, check_output
 from edgecl.runtime.per_task import PerTaskSessions
 from edgecl.runtime.process_memory import process_rss, return_free_heap
 from edgecl.runtime.providers import resolve_providers, session_options
@@ -179,7 +179,7 @@ class TaskRuntime:
             t = resolve_task(self._tasks, task)
         x = check_input(x, self.input_shape)
         self._reserve_activations(x.shape[0])
-        return self._strategy.run(t, x)
+        return check_output(self._strategy.run(t, x), x, f"{t} ({self._tasks[t].name})")
 
     def _check_open(self) -> None:
         if self.closed:

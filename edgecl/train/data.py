@@ -75,6 +75,8 @@ def _digits(seed: int):
 def check_stream(name: str, n_tasks: int | None = None) -> None:
     """Refuse an unknown stream name or task count before any data is built (cheap: nothing is loaded)."""
     if name not in STREAMS and not os.path.exists(name):
+        if name.endswith(".npz") or os.sep in name or "/" in name:
+            raise UsageError(f"stream file {name!r} not found")
         raise UsageError(f"unknown stream {name!r} (built-in: {', '.join(STREAMS)}; or a path to a .npz file)")
     if n_tasks is not None and n_tasks < 1:
         raise UsageError(f"n_tasks must be ≥ 1, got {n_tasks}")
