@@ -294,7 +294,8 @@ def test_pool_windows_onnx_and_torch_disagree_on_are_refused():
 
     def spec(**pool):
         return {"name": "p", "input_shape": [1, 1, 1], "nodes": [
-            {"name": "p", "op": "maxpool", "inputs": ["input"], **pool}, {"name": "f", "op": "flatten", "inputs": ["p"]}]}
+            {"name": "p", "op": "maxpool", "inputs": ["input"], **pool},
+            {"name": "f", "op": "flatten", "inputs": ["p"]}]}
 
     with pytest.raises(UsageError, match="padding only"):  # window elements at -1 and +1 of a 1-pixel input
         validate(spec(k=2, stride=2, pad=1, dilation=2))

@@ -18,7 +18,7 @@ from edgecl import __version__
 from edgecl.arch.spec import validate as validate_arch
 from edgecl.artifact import container
 from edgecl.artifact.encodings import candidates, encode, support_mask, xor_ref
-from edgecl.artifact.limits import MAX_NDIM, budget_problem, dense_bytes
+from edgecl.artifact.limits import MAX_HEADER_BYTES, MAX_NDIM, budget_problem, dense_bytes
 from edgecl.artifact.manifest import (BLOB_FIELDS, FORMAT_NAME, FORMAT_VERSION, blob_key, name_problem, owner_problem,
                                       param_of, task_name_problem)
 from edgecl.artifact.reader import load
@@ -126,7 +126,11 @@ def serialise(packed: PackedModel, fp16: bool, old_names: int = 0) -> list[bytes
     except (TypeError, ValueError) as exc:
         raise UsageError(f"model metadata (config/extra/params) is not JSON-serialisable: {exc}") from None
     table, parts = container.layout(blobs)
-    return [container.encode_header(text, table)] + parts
+    header = container.encode_header(text, table)
+    if len(header) - 8 > MAX_HEADER_BYTES:
+        raise UsageError(f"cannot store this model: its header would be {len(header) - 8} bytes, beyond the limit "
+                         f"{MAX_HEADER_BYTES} (docs/ARTIFACT.md, limits)")
+    return [header] + parts
 
 
 def encode_blobs(packed: PackedModel, fp16: bool) -> list[Blob]:
