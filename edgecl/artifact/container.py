@@ -38,11 +38,13 @@ class TableEntry(NamedTuple):
 
 
 class Header(NamedTuple):
-    """What the container holds around the blobs: the manifest text, the checked table, where the data starts."""
+    """What the container holds around the blobs: the manifest text, the checked table, where the data starts, and
+    the digest sealing them."""
 
     manifest_text: str
     table: dict[str, TableEntry]
     data_start: int
+    seal: str
 
 
 def checksum(data: bytes) -> str:
@@ -115,7 +117,7 @@ def read_header(path: str, read: Read, size: int) -> Header:
     table = check_table(path, header, 8 + n, size)
     if meta.get(META_DIGEST) != digest(meta[META_MANIFEST], header):
         raise ArtifactError(path, META_DIGEST, "manifest/tensor table checksum mismatch (header damaged)")
-    return Header(meta[META_MANIFEST], table, 8 + n)
+    return Header(meta[META_MANIFEST], table, 8 + n, meta[META_DIGEST])
 
 
 def check_table(path: str, header: dict[str, Any], data_start: int, size: int) -> dict[str, TableEntry]:

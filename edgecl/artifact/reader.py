@@ -42,6 +42,7 @@ class Artifact:
             self.size = os.fstat(self._file.fileno()).st_size
             header = container.read_header(self.path, self._pread, self.size)
             self._table, self._data_start = header.table, header.data_start
+            self.digest: str = header.seal  # SHA-256 over manifest and tensor table: names this exact content
             self.manifest: dict[str, Any] = manifest.validate(self.path, header.manifest_text, self._table, self.size)
         except BaseException:
             self._file.close()

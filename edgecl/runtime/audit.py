@@ -92,7 +92,8 @@ def resident_audit(source: Any, batch: int = 8, device: str = "cpu", strategy: s
     measured = None if before is None or after is None else after - before
     return {
         "strategy": runtime.strategy, "providers": runtime.providers, "batch": batch, "predicted": predicted,
-        "predicted_total": sum(predicted.values()), "predicted_compared": compared, "measured_rss_increase": measured,
+        "predicted_total": sum(predicted.values()), "predicted_peak": runtime.ledger.peak,
+        "predicted_compared": compared, "measured_rss_increase": measured,
         "relative_error": (compared - measured) / measured if measured and measured > 0 else None,
         "slot_bytes": runtime.slot_bytes, "resident_bytes_per_task": runtime.task_bytes / runtime.n_tasks,
         "activation_bytes": activation_bytes(runtime.arch, batch, max(i.n_classes for i in src.tasks)),
@@ -120,7 +121,7 @@ def audit(artifact: Any, budget: int | str, batch: int = 8, device: str = "cpu",
     src = open_model(artifact)
     resident = resident_audit(src, batch, device, strategy)
     static = static_audit(src)
-    need = max(resident["predicted_total"], resident["measured_rss_increase"] or 0)
+    need = max(resident["predicted_peak"], resident["measured_rss_increase"] or 0)
     grow = resident["resident_bytes_per_task"]
     more = math.floor((limit - need) / grow) if grow > 0 and need <= limit else 0
     if need > limit:

@@ -51,6 +51,7 @@ class Ledger:
     def __init__(self, limit: int | None):
         self.limit = limit
         self.items: dict[str, int] = {}
+        self.peak = 0  # the most ever held at once (start-up reserves more than it keeps: the audit's "needed")
         self._lock = threading.Lock()
 
     @property
@@ -68,6 +69,7 @@ class Ledger:
                                   f"{item} = {format_bytes(nbytes)} with {format_bytes(self.used)} already held "
                                   f"({', '.join(f'{k} {format_bytes(v)}' for k, v in self.items.items()) or 'none'})")
             self.items[item] = self.items.get(item, 0) + int(nbytes)
+            self.peak = max(self.peak, self.used)
 
     def release(self, item: str) -> None:
         with self._lock:

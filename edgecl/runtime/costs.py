@@ -21,6 +21,7 @@ ORT_ENVIRONMENT = 10_300_000  # first session in a process: environment, thread 
 RUNTIME_OVERHEAD = 1_500_000  # every runtime: the opened model's and the plans' Python objects, the graph it builds,
 #                               modules imported on first use (measured 1.2-1.5 MB, the same on models of 0.1-1 MB)
 SESSION_OVERHEAD = 200_000  # every further session (graph, kernels, allocation plan)
+SLOT_OVERHEAD = 65_536  # every in-place cache slot beside its buffers: OrtValues, each thread's IOBinding, logits
 SESSION_WEIGHT_FACTOR = 2  # a folded session holds ~2× its weights: parsed initializers and pre-packed GEMM copies
 #                            (measured 1.9× for 4.4 MB weights, RSS after start-up with freed heap returned)
 
@@ -66,6 +67,12 @@ def activation_bytes(arch: Arch, batch: int, n_classes: int) -> int:
 def task_session_estimate(arch: Arch, n_classes: int) -> int:
     """A folded per-task session before it is built (dense: compaction can only make it smaller)."""
     return SESSION_WEIGHT_FACTOR * 4 * dense_params(arch, n_classes) + SESSION_OVERHEAD
+
+
+def task_session_build_bytes(arch: Arch, n_classes: int) -> int:
+    """What building one per-task session holds at most: the dense session, and the task's materialised weights
+    beside it until compaction has run."""
+    return task_session_estimate(arch, n_classes) + 4 * dense_params(arch, n_classes)
 
 
 def folded_session_bytes(params: dict[str, np.ndarray]) -> int:

@@ -39,9 +39,9 @@ class PerTaskSessions:
         src, self._src = self._src, None
         for t, info in enumerate(src.tasks):
             item = f"session of task {t} ({info.name})"
-            # the dense session, reserved before its weights are materialised (refused before allocation), then
-            # what the (compacted) session holds: never more
-            self.ledger.reserve(item, costs.task_session_estimate(src.arch, info.n_classes))
+            # what building it holds, reserved before its weights are materialised (refused before allocation),
+            # then what the (compacted) session keeps: never more
+            self.ledger.reserve(item, costs.task_session_build_bytes(src.arch, info.n_classes))
             arch, params = src.arch, src.materialize(t)
             small_arch, small, report = compact_task(arch, params)
             if report.compacted and report.params_compact < report.params_dense:

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from edgecl.io import write_atomic
 from edgecl.plotting import new_figure, save_png
-
-if TYPE_CHECKING:
-    from edgecl.train.engine import RunResult
 
 
 def format_matrix(acc_matrix: list[list[float]]) -> str:
@@ -25,13 +22,12 @@ def format_matrix(acc_matrix: list[list[float]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(result: RunResult, out_dir: str) -> dict[str, Any]:
-    """results.json plus acc_matrix.png (heatmap) in out_dir; returns the JSON dict."""
+def write_results(data: dict[str, Any], acc_matrix: list[list[float]], title: str, out_dir: str) -> None:
+    """acc_matrix.png (heatmap), then results.json, each written atomically; results.json last, so its presence
+    means every file of the run is complete."""
     os.makedirs(out_dir, exist_ok=True)
-    data = result.to_json()
+    plot_matrix(acc_matrix, title, os.path.join(out_dir, "acc_matrix.png"))
     save_json(data, os.path.join(out_dir, "results.json"))
-    plot_matrix(result.acc_matrix, f"{result.method} on {result.stream}", os.path.join(out_dir, "acc_matrix.png"))
-    return data
 
 
 def save_json(data: dict[str, Any], path: str) -> None:
