@@ -303,3 +303,101 @@ def test_pool_windows_onnx_and_torch_disagree_on_are_refused():
     wide = {**spec(k=3, stride=2, pad=1, ceil_mode=True), "input_shape": [1, 5, 5]}
     assert validate(wide)["feature_dim"] == 9  # ceil mode where both agree stays valid
 
+
+
+# ---------------------------------------------------------------- item 8: inspect verifies every byte
+
+@pytest.mark.parametrize("key", ["base::fc2.weight", "task0::head.weight", "task1::head.bias"])
+def test_inspect_refuses_a_damaged_weight_byte(tmp_path, capsys, key):
+    path = tmp_path / "m.edgecl"
+    artifact.save(am.make("shared", seed=6, n_tasks=2), path)
+    start, stop = artifact.load(path).blob_range(key)
+    raw = bytearray(path.read_bytes())
+    raw[(start + stop) // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert cli_main(["inspect", str(path)]) == 2
+    assert f"blob {key!r}: checksum mismatch" in capsys.readouterr().err
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        artifact.inspect(path)
+
+
+# ---------------------------------------------------------------- item 9: small files, huge work
+
+def _wide_head_model(classes: int, features: int = 512, filler: int = 450):
+    """One task whose zero head compresses to nothing, and a random layer large enough for the decode bound."""
+    from edgecl.arch import validate
+    from edgecl.deltas import PackedModel, TaskInfo
+
+    rng = np.random.default_rng(0)
+    arch = validate({"name": "wide-head", "input_shape": [filler], "nodes": [
+        {"name": "fc", "op": "linear", "inputs": ["input"], "in": filler, "out": features}]})
+    return PackedModel(arch, "finetune", {}, {"fc.weight": {"kind": "shared"}, "fc.bias": {"kind": "shared"},
+                                              "head.weight": {"kind": "task"}, "head.bias": {"kind": "task"}},
+                       {"fc.weight": rng.standard_normal((features, filler)).astype(np.float32),
+                        "fc.bias": np.zeros(features, np.float32)}, [TaskInfo("wide", classes)],
+                       [{"head.weight": np.zeros((classes, features), np.float32),
+                         "head.bias": np.zeros(classes, np.float32)}])
+
+
+@pytest.mark.parametrize("strategy", ["inplace", "sessions"])
+def test_a_budget_the_manifest_rules_out_is_refused_before_reading(tmp_path, strategy):
+    import tracemalloc
+
+    from edgecl.errors import BudgetError
+
+    path = tmp_path / "wide.edgecl"
+    artifact.save(_wide_head_model(60_000), path)  # a 120 MB head in a < 1 MB file
+    assert path.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(BudgetError, match="refused before reading any tensor"):
+            TaskRuntime(str(path), budget="100MiB", strategy=strategy)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak  # nothing model-sized was allocated (it was 2 GB for a 1M-class head)
+
+
+def test_size_bounds_are_refused_at_load_and_save(tmp_path):
+    from edgecl.artifact.limits import MAX_CLASSES
+
+    with pytest.raises(UsageError, match="classes"):
+        artifact.save(_wide_head_model(MAX_CLASSES + 1, features=4, filler=4), tmp_path / "many.edgecl")
+    raw = _saved_bytes(tmp_path, am.make("shared", n_tasks=2))
+
+    def many_classes(manifest):
+        manifest["tasks"][0]["n_classes"] = 1_000_000
+
+    with pytest.raises(ArtifactError, match=r"tasks\[0\].n_classes"):
+        artifact.load(_written(tmp_path, am.forge_manifest(raw, many_classes)))
+    with pytest.raises(UsageError, match="decoded bytes, beyond the bound"):  # 250 MB decoded from ~0.1 MB
+        artifact.save(_wide_head_model(60_000, filler=16), tmp_path / "bomb.edgecl")
+
+    def junk(manifest):
+        manifest["extra"]["junk"] = [{}] * 300_000  # 1 MB of header, 300,000 objects to parse
+
+    with pytest.raises(ArtifactError, match="JSON objects/arrays"):
+        artifact.load(_written(tmp_path, am.forge_manifest(raw, junk)))
+
+
+@pytest.mark.parametrize("spec, match", [
+    ({"nodes": [{"name": "f", "op": "flatten", "inputs": ["input"]}]
+      + [{"name": f"a{i}", "op": "add", "inputs": ["f"] * 256} for i in range(100)]}, "node inputs in all"),
+    ({"nodes": [{"name": "c1", "op": "cat", "inputs": ["input"] * 256},
+                {"name": "c2", "op": "cat", "inputs": ["c1"] * 256},
+                {"name": "c3", "op": "cat", "inputs": ["c2"] * 2},  # 2³⁰ floats per sample from no weights
+                {"name": "f", "op": "flatten", "inputs": ["c3"]}]}, "elements per sample"),
+])
+def test_specs_that_cost_more_than_their_size_are_refused(tmp_path, spec, match):
+    from edgecl.arch import validate
+
+    with pytest.raises(UsageError, match=match):
+        validate({"name": "bomb", "input_shape": [64, 8, 8], **spec})
+    raw = _saved_bytes(tmp_path, am.make("shared", n_tasks=2))
+
+    def hostile(manifest):
+        manifest["arch"] = {"name": "bomb", "input_shape": [64, 8, 8], **spec}
+
+    with pytest.raises(ArtifactError, match="manifest.arch"):
+        artifact.load(_written(tmp_path, am.forge_manifest(raw, hostile)))

@@ -15,7 +15,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from edgecl.artifact.limits import MAX_HEADER_BYTES, MAX_NDIM, is_int
+from edgecl.artifact.limits import MAX_HEADER_BYTES, MAX_JSON_CONTAINERS, MAX_NDIM, is_int
 from edgecl.errors import ArtifactError
 
 META_MANIFEST, META_DIGEST = "edgecl.manifest", "edgecl.digest"
@@ -89,7 +89,11 @@ def encode_header(manifest_text: str, table: dict[str, Any], sealed_with: str | 
 
 
 def parse_json(path: str, raw: bytes, field: str) -> Any:
-    """JSON from untrusted bytes; ArtifactError naming `field` for anything that is not valid UTF-8 JSON."""
+    """JSON from untrusted bytes; ArtifactError naming `field` for anything that is not valid UTF-8 JSON, or that
+    would parse into more than `MAX_JSON_CONTAINERS` objects and arrays (counted before parsing)."""
+    containers = raw.count(b"{") + raw.count(b"[")
+    if containers > MAX_JSON_CONTAINERS:
+        raise ArtifactError(path, field, f"{containers} JSON objects/arrays, more than {MAX_JSON_CONTAINERS}")
     try:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:

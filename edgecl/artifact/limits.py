@@ -22,6 +22,10 @@ MAX_DECODED_BYTES = 8 << 30
 """Everything a file can make the reader allocate, whatever its size: a device-sized model (ResNet-50 with ten LPS
 tasks decodes to under 1 GB) fits many times over; beyond it, nothing is read."""
 
+MAX_JSON_CONTAINERS = 1 << 18
+"""JSON objects and arrays in a header (each bracket counted, so the bound holds before parsing): ~6 per stored tensor,
+so a full 8 MiB header of real blobs stays well under it, while 8 MiB of empty objects would parse into 230 MB."""
+
 MAX_NDIM = 8
 """Dimensions of any tensor: real weights have at most 4; the bound keeps shape arithmetic cheap."""
 

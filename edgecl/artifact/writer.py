@@ -18,7 +18,8 @@ from edgecl import __version__
 from edgecl.arch.spec import validate as validate_arch
 from edgecl.artifact import container
 from edgecl.artifact.encodings import candidates, encode, support_mask, xor_ref
-from edgecl.artifact.limits import MAX_HEADER_BYTES, MAX_NDIM, budget_problem, dense_bytes
+from edgecl.artifact.limits import (MAX_CLASSES, MAX_HEADER_BYTES, MAX_JSON_CONTAINERS, MAX_NDIM, MAX_TASKS,
+                                    budget_problem, dense_bytes)
 from edgecl.artifact.manifest import (BLOB_FIELDS, FORMAT_NAME, FORMAT_VERSION, blob_key, name_problem, owner_problem,
                                       param_of, task_name_problem)
 from edgecl.artifact.reader import load
@@ -101,6 +102,9 @@ def _require_identical(path: str, t: int, before: dict[str, np.ndarray], after: 
 def serialise(packed: PackedModel, fp16: bool, old_names: int = 0) -> list[bytes]:
     """The whole file as a list of byte strings (header first, then every blob). Task names must select their task
     (`deltas.task_name_conflicts`), except the first `old_names`, which an appended-to file already has."""
+    if packed.n_tasks > MAX_TASKS or any(not 1 <= info.n_classes <= MAX_CLASSES for info in packed.tasks):
+        raise UsageError(f"cannot store this model: at most {MAX_TASKS} tasks of 1-{MAX_CLASSES} classes each "
+                         "(docs/ARTIFACT.md, limits)")
     names = [info.name for info in packed.tasks]
     for name in names:
         problem = task_name_problem(name)
@@ -127,9 +131,9 @@ def serialise(packed: PackedModel, fp16: bool, old_names: int = 0) -> list[bytes
         raise UsageError(f"model metadata (config/extra/params) is not JSON-serialisable: {exc}") from None
     table, parts = container.layout(blobs)
     header = container.encode_header(text, table)
-    if len(header) - 8 > MAX_HEADER_BYTES:
-        raise UsageError(f"cannot store this model: its header would be {len(header) - 8} bytes, beyond the limit "
-                         f"{MAX_HEADER_BYTES} (docs/ARTIFACT.md, limits)")
+    if len(header) - 8 > MAX_HEADER_BYTES or header.count(b"{") + header.count(b"[") > MAX_JSON_CONTAINERS:
+        raise UsageError(f"cannot store this model: its header would be {len(header) - 8} bytes (limit "
+                         f"{MAX_HEADER_BYTES}) or hold too many JSON containers (docs/ARTIFACT.md, limits)")
     return [header] + parts
 
 
