@@ -207,16 +207,25 @@ def lps_prefix(packed: PackedModel, k: int) -> PackedModel:
     return out
 
 
+FUZZ_KINDS = ["lps-xor", "lps-row", "node", "lowrank", "permute", "task"]
+"""The fuzz corpus: one original artifact of each (tests/test_artifact_fuzz.py, tools/fuzz_artifact_atheris.py)."""
+
+
+def original_packed(kind: str, seed: int, n_tasks: int) -> PackedModel:
+    """The model a fuzz original is saved from: one of `KINDS`, or "lps-xor" (correlated masks: XOR coding)."""
+    return (lps_packed(np.random.default_rng(seed), n_tasks, correlated=True) if kind == "lps-xor"
+            else make(kind, seed, n_tasks))
+
+
 def saved_original(kind: str, seed: int, n_tasks: int, folder: str) -> tuple[bytes, list[dict], list[dict]]:
-    """A real artifact to mutate (fuzzing): one of `KINDS`, or "lps-xor" (correlated masks, so XOR coding is used).
-    Returns (file bytes, task infos as JSON, each task's dense weights)."""
+    """A real artifact to mutate (fuzzing), saved from `original_packed(kind, seed, n_tasks)`. Returns (file bytes,
+    task infos as JSON, each task's dense weights)."""
     import os
 
     from edgecl import artifact
     from edgecl.deltas import materialize
 
-    packed = (lps_packed(np.random.default_rng(seed), n_tasks, correlated=True) if kind == "lps-xor"
-              else make(kind, seed, n_tasks))
+    packed = original_packed(kind, seed, n_tasks)
     path = os.path.join(folder, f"orig-{kind}.edgecl")
     artifact.save(packed, path)
     with open(path, "rb") as f:
