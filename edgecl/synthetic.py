@@ -41,7 +41,7 @@ def random_packed(arch: Arch, n_tasks: int = 4, shape: str = "lps", classes: tup
     kinds = {"finetune": ["shared"], "mixed": ["lps", "node", "lowrank", "permute", "task"]}.get(shape, [shape])
     for name, dims in param_shapes(arch).items():
         w = (rng.standard_normal(dims) / np.sqrt(np.prod(dims[1:]) if len(dims) > 1 else 10)).astype(np.float32)
-        if name.endswith("running_var"):  # a variance: negative ones made every BatchNorm model's logits NaN
+        if name.endswith("running_var"):  # a variance: positive (BatchNorm of a negative one is NaN)
             w = np.abs(w) + np.float32(0.5)
         kind = kinds[weights.index(name) % len(kinds)] if name in weights else "shared"
         params[name] = {"kind": kind}
