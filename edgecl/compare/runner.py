@@ -42,15 +42,6 @@ def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def added_task_bytes(run: dict[str, Any]) -> float:
-    """Bytes one added task brings: a later task's own stored blobs (masks, factors, head; mean over tasks 1..n−1)
-    plus the shared part's growth per task when it grows (LPS's W̄ fills in as tasks own weights). A shared part
-    that shrinks — AGS-CL's dense base compresses better once nodes are dead — counts zero: it is not a task's
-    cost, and a file difference made such methods report negative bytes per task."""
-    own, n = run["artifact_task_bytes"], len(run["artifact_task_bytes"])
-    growth = (run["artifact_shared_bytes"] - run["artifact_shared_bytes_first_task"]) / (n - 1)
-    return float(np.mean(own[1:])) + max(0.0, growth)
-
 
 def load_stream(name: str, n_tasks: int | None, seed: int):
     """A built-in stream, or a stream file cut to its first `n_tasks` tasks (a file holds fixed data: there the seed
@@ -110,6 +101,15 @@ def train_run(name: str, stream, arch, config: dict[str, Any], spec: CompareSpec
                    artifact_shared_bytes_first_task=first["file_bytes"] - sum(t["bytes"] for t in first["tasks"]))
         os.remove(first_path)
     return run
+
+def added_task_bytes(run: dict[str, Any]) -> float:
+    """Bytes one added task brings: a later task's own stored blobs (masks, factors, head; mean over tasks 1..n−1)
+    plus the shared part's growth per task when it grows (LPS's W̄ fills in as tasks own weights). A shared part
+    that shrinks — AGS-CL's dense base compresses better once nodes are dead — counts zero: it is not a task's
+    cost, and a file difference made such methods report negative bytes per task."""
+    own, n = run["artifact_task_bytes"], len(run["artifact_task_bytes"])
+    growth = (run["artifact_shared_bytes"] - run["artifact_shared_bytes_first_task"]) / (n - 1)
+    return float(np.mean(own[1:])) + max(0.0, growth)
 
 
 def runtime_timing(path: str, stream, repeats: int) -> dict[str, Any]:
