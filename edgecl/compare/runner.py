@@ -42,7 +42,6 @@ def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-
 def load_stream(name: str, n_tasks: int | None, seed: int):
     """A built-in stream, or a stream file cut to its first `n_tasks` tasks (a file holds fixed data: there the seed
     changes only the methods' initialisation)."""
@@ -101,6 +100,7 @@ def train_run(name: str, stream, arch, config: dict[str, Any], spec: CompareSpec
                    artifact_shared_bytes_first_task=first["file_bytes"] - sum(t["bytes"] for t in first["tasks"]))
         os.remove(first_path)
     return run
+
 
 def added_task_bytes(run: dict[str, Any]) -> float:
     """Bytes one added task brings: a later task's own stored blobs (masks, factors, head; mean over tasks 1..n−1)
