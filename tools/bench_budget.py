@@ -95,19 +95,22 @@ def main() -> int:
     parser.add_argument("--factors", default="0.8,1.0,1.2,1.5,2.0")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--strategies", default="inplace,sessions")
+    parser.add_argument("--tree", default=str(ROOT), help="the code to measure (another checkout, e.g. the code "
+                                                          "before a change: `git archive REV | tar -x -C DIR`)")
     parser.add_argument("--artifact", action="append", default=[], metavar="NAME=PATH",
                         help="also measure this artifact (e.g. the demo's trained model)")
     parser.add_argument("--out", default=str(ROOT / "tools" / "results" / "bench_budget.json"))
     args = parser.parse_args()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": args.tree, "OMP_NUM_THREADS": "1"}
     factors = [float(f) for f in args.factors.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         models = {**artifacts(Path(tmp)), **dict(a.split("=", 1) for a in args.artifact)}
         for model, path in models.items():
             for strategy in args.strategies.split(","):
+                choice = [] if strategy == "inplace" else ["--strategy", strategy]  # older trees audit in place only
                 report = _run([sys.executable, "-m", "edgecl.cli", "audit", path, "--budget", "8GiB", "--batch",
-                               str(args.batch), "--strategy", strategy, "--json"], env)
+                               str(args.batch), *choice, "--json"], env)
                 needed = report["needed"]
                 for f in factors:
                     budget = int(f * needed)
@@ -116,9 +119,10 @@ def main() -> int:
                     got["before_reading"] = got["refused"] and "before reading any tensor" in got["error"]
                     rows.append({"model": model, "strategy": strategy, "needed": needed, "factor": f, **got, "ok": ok})
                     print(_line(rows[-1]), flush=True)
-    result = {"machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-                          "cpus": os.cpu_count()}, "versions": _versions(), "batch": args.batch, "rows": rows,
-              "all_ok": all(r["ok"] for r in rows)}
+    from edgecl.machine import machine_info
+
+    result = {"machine": machine_info(), "python": platform.python_version(), "versions": _versions(),
+              "tree": args.tree, "batch": args.batch, "rows": rows, "all_ok": all(r["ok"] for r in rows)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"all cases refused before allocation or within budget: {result['all_ok']}; wrote {args.out}")
