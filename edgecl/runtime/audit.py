@@ -22,7 +22,7 @@ from edgecl.artifact import inspect as inspect_artifact  # imported before any R
 from edgecl.errors import BudgetError, UsageError
 from edgecl.plotting import new_figure, save_png
 from edgecl.runtime.budget import format_bytes, parse_budget
-from edgecl.runtime.costs import ENVIRONMENT, activation_bytes
+from edgecl.runtime.costs import ENVIRONMENT, SLOT_OVERHEAD, activation_bytes
 from edgecl.runtime.process_memory import process_rss
 from edgecl.runtime.task_runtime import TaskRuntime
 from edgecl.source import IN_MEMORY, ModelSource, open_model
@@ -127,7 +127,7 @@ def audit(artifact: Any, budget: int | str, batch: int = 8, device: str = "cpu",
     if need > limit:
         slots = 0
     elif resident["slot_bytes"]:
-        slots = (limit - need) // resident["slot_bytes"] + 1
+        slots = (limit - need) // (resident["slot_bytes"] + SLOT_OVERHEAD) + 1
     else:  # per-task sessions, or every switched layer factored: no task needs a copy on a switch
         slots = src.n_tasks
     return {"budget": limit, "fits": need <= limit, "needed": need, "more_tasks_fit": more,
