@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from edgecl import __version__
-from edgecl.errors import EdgeclError
+from edgecl.errors import EdgeclError, EdgeclWarning
 
 COMMANDS = {
     "demo": "LPS on permuted digits end to end: train, pack, export check, run on the runtime, budget summary",
@@ -39,15 +40,38 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"edgecl.commands.{name}")
     cmd = argparse.ArgumentParser(prog=f"edgecl {name}", description=COMMANDS[name])
     module.add_arguments(cmd)
-    args = cmd.parse_args(argv[1:])
+    args = cmd.parse_args(_glue_dash_values(cmd, argv[1:]))
     try:
-        return int(module.main(args) or 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", EdgeclWarning)
+            warnings.showwarning = lambda message, *_a, **_k: print(f"edgecl {name}: warning: {message}",
+                                                                    file=sys.stderr)
+            return int(module.main(args) or 0)
     except EdgeclError as exc:
         print(f"edgecl {name}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"edgecl {name}: interrupted", file=sys.stderr)
         return 130
+
+
+def _glue_dash_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """argparse reads `--budget -5MiB` as two options ("expected one argument"): a value that starts with '-' and is
+    not an option itself is glued to its option (`--budget=-5MiB`), so the command's own check names what is wrong."""
+    takes_value = {opt for action in parser._actions if action.option_strings and action.nargs is None
+                   for opt in action.option_strings}
+    known = {opt for action in parser._actions for opt in action.option_strings}
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token in takes_value and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1] not in known:
+            out.append(f"{token}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ permute     ``base[name]``; ``tasks[t].seed``; spec field group           ``base
 """
 from __future__ import annotations
 
+import operator
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,6 +34,9 @@ from edgecl.arch.spec import Arch, gemm_shape, param_shapes
 from edgecl.errors import UsageError
 
 KINDS = ("shared", "task", "lps", "node", "lowrank", "permute")
+MAX_GROUP = 255
+"""Characters in a permutation group name (a layer name): `task_permutation` folds the length into the top byte of a
+64-bit key, so longer names never computed (OverflowError); every name that did keeps its permutation."""
 
 
 @dataclass
@@ -87,20 +92,68 @@ class PackedModel:
 
 
 def resolve_task(tasks: list[TaskInfo], task: int | str) -> int:
-    """Index of a task given by index (int or digit string) or name, among `tasks`; UsageError naming the task and
-    what exists otherwise. Every model source (in memory or a file) resolves tasks here, so they all agree."""
-    if isinstance(task, str) and not task.lstrip("-").isdigit():
-        for i, info in enumerate(tasks):
-            if info.name == task:
-                return i
-        raise UsageError(f"unknown task {task!r}; tasks are {[t.name for t in tasks]}")
-    try:
-        i = int(task)
-    except (TypeError, ValueError):
-        raise UsageError(f"task must be an index or a name, got {task!r}") from None
+    """Index of a task given by index or name, among `tasks`; UsageError naming the task and what exists otherwise.
+    A string that reads as an integer (`int()` accepts it: "3", " 03", "-1", "٣") is an index, never a name — `save`
+    refuses such names, so only old files can have them, and there they are selected by index. A name several tasks
+    share is refused as ambiguous. Every model source (in memory or a file) resolves tasks here, so they all agree."""
+    if isinstance(task, str):
+        index = _as_index(task)
+        if index is None:
+            matches = [i for i, info in enumerate(tasks) if info.name == task]
+            if len(matches) > 1:
+                raise UsageError(f"task name {task!r} is ambiguous: tasks {matches} share it; select one by index")
+            if not matches:
+                raise UsageError(f"unknown task {task!r}; tasks are {[t.name for t in tasks]}")
+            return matches[0]
+        i = index
+    else:
+        try:
+            i = operator.index(task) if not isinstance(task, (bool, np.bool_)) else None
+        except TypeError:
+            i = None
+        if i is None:
+            raise UsageError(f"task must be an index or a name, got {task!r}")
     if not 0 <= i < len(tasks):
         raise UsageError(f"task {i} out of range: this model has {len(tasks)} tasks (0..{len(tasks) - 1})")
     return i
+
+
+def _as_index(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+_RANGE = re.compile(r"\s*\d+\s*-\s*\d+\s*")
+
+
+def selector_problem(name: str) -> str | None:
+    """Why a task could not be selected by this name — `resolve_task` or a task list (`export --tasks 0,2-5,all`)
+    would read it as something else — or None."""
+    if _as_index(name) is not None:
+        return "reads as a task index"
+    if name != name.strip():
+        return "has leading or trailing spaces (task lists strip them)"
+    if "," in name:
+        return "contains ',' (task lists are comma-separated)"
+    if _RANGE.fullmatch(name) or name.lower() == "all":
+        return "reads as a task range or 'all'"
+    return None
+
+
+def task_name_conflicts(names: list[str], first: int = 0) -> list[tuple[int, str]]:
+    """(task, why) for every name from index `first` on that cannot select its task: one that reads as an index, a
+    range or a list, or one an earlier task already has. `save` refuses them; old files load with a warning."""
+    out, seen = [], {}
+    for i, name in enumerate(names):
+        why = selector_problem(name) if i >= first else None
+        if why is None and name in seen and i >= first:
+            why = f"duplicates task {seen[name]}'s name"
+        if why:
+            out.append((i, why))
+        seen.setdefault(name, i)
+    return out
 
 
 def materialize(packed: PackedModel, task: int | str) -> dict[str, np.ndarray]:
@@ -249,6 +302,8 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 def task_permutation(seed: int, group: str, n: int) -> np.ndarray:
     """The feature permutation (int64 indices) of one layer for one task: a pure function of (seed, group, n)."""
+    if not isinstance(group, str) or len(group) > MAX_GROUP:
+        raise UsageError(f"permutation group {str(group)[:40]!r}… must be a string of at most {MAX_GROUP} characters")
     g = np.uint64(int.from_bytes(group.encode()[:8].ljust(8, b"\0"), "little") ^ (len(group) << 56))
     key = _splitmix64(np.array([np.uint64(seed & 0xFFFFFFFFFFFFFFFF) ^ g], dtype=np.uint64))[0]
     keys = _splitmix64(np.arange(n, dtype=np.uint64) ^ key)
@@ -265,9 +320,32 @@ def checked(packed: PackedModel) -> PackedModel:
     return packed
 
 
+def check_finite(packed: PackedModel) -> None:
+    """UsageError naming the tensor and task when a float tensor holds NaN or ±inf. A trained model never does, and
+    the runtime's factored forms compute ``W·(0·x)`` where `materialize` defines a masked element as +0.0: only
+    finite weights give every path the same output (docs/ARTIFACT.md)."""
+    tensors = [("shared base", packed.base)] + [(f"task {t}", tt) for t, tt in enumerate(packed.task_tensors)]
+    for where, arrays in tensors:
+        for name, arr in arrays.items():
+            bad = nonfinite_count(np.asarray(arr))
+            if bad:
+                raise UsageError(f"tensor {name!r} ({where}) has {bad} NaN/inf values; only finite numbers can be "
+                                 "stored or run")
+
+
+def nonfinite_count(arr: np.ndarray) -> int:
+    """How many NaN/±inf elements a float array holds (0 for other dtypes); min/max first, so a finite array costs
+    two reductions and no temporary."""
+    if arr.dtype.kind != "f" or arr.size == 0 or (np.isfinite(arr.min()) and np.isfinite(arr.max())):
+        return 0
+    return int(arr.size - np.count_nonzero(np.isfinite(arr)))
+
+
 def check_consistent(packed: PackedModel) -> None:
-    """Raise UsageError naming the tensor/task when shapes, kinds or per-task entries disagree with the arch.
-    The artifact loader wraps this into ArtifactError; the exporter and runtime may then trust the model."""
+    """Raise UsageError naming the tensor/task when shapes, kinds or per-task entries disagree with the arch, or a
+    tensor is not finite. The artifact loader wraps this into ArtifactError; the exporter and runtime may then trust
+    the model."""
+    check_finite(packed)
     heads = [info.n_classes for info in packed.tasks]
     if len(packed.task_tensors) != len(heads):
         raise UsageError(f"{len(heads)} tasks but {len(packed.task_tensors)} per-task tensor sets")
@@ -279,6 +357,9 @@ def check_consistent(packed: PackedModel) -> None:
         kind = spec.get("kind")
         if kind not in KINDS:
             raise UsageError(f"tensor {name!r}: unknown delta kind {kind!r} (known: {KINDS})")
+        group = spec.get("group", "")
+        if kind == "permute" and (not isinstance(group, str) or len(group) > MAX_GROUP):
+            raise UsageError(f"tensor {name!r}: permutation group must be a string of at most {MAX_GROUP} characters")
         if kind != "task":
             if name not in packed.base:
                 raise UsageError(f"tensor {name!r}: base tensor missing")

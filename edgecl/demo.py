@@ -33,7 +33,7 @@ def run_demo(out_dir: str = "demo-out", n_tasks: int = 10, budget: str = "32MiB"
     log(format_report(inspect(path)))
     log("\n== 3/4 export: per-task ONNX ==")
     index = export_onnx(path, os.path.join(out_dir, "onnx"), progress=progress)
-    log(f"wrote {len(index['tasks'])} task graphs + switchable graph to {os.path.join(out_dir, 'onnx')}")
+    log(f"wrote {len(index['tasks'])} task graphs to {os.path.join(out_dir, 'onnx')}")
     log("\n== 4/4 run on the device side (edgecl.runtime, no torch) ==")
     ok = run_on_runtime(path, results, n_tasks, budget, log)
     log(f"\ndemo finished in {time.perf_counter() - start:.0f} s; results in {out_dir}/")

@@ -19,3 +19,7 @@ class ArtifactError(EdgeclError):
 
 class BudgetError(EdgeclError):
     """A request would exceed the configured memory budget; names the budget and what was asked."""
+
+
+class EdgeclWarning(UserWarning):
+    """Something works but not as the user may expect (an old artifact's task that can be selected only by index)."""

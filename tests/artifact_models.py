@@ -207,16 +207,25 @@ def lps_prefix(packed: PackedModel, k: int) -> PackedModel:
     return out
 
 
+FUZZ_KINDS = ["lps-xor", "lps-row", "node", "lowrank", "permute", "task"]
+"""The fuzz corpus: one original artifact of each (tests/test_artifact_fuzz.py, tools/fuzz_artifact_atheris.py)."""
+
+
+def original_packed(kind: str, seed: int, n_tasks: int) -> PackedModel:
+    """The model a fuzz original is saved from: one of `KINDS`, or "lps-xor" (correlated masks: XOR coding)."""
+    return (lps_packed(np.random.default_rng(seed), n_tasks, correlated=True) if kind == "lps-xor"
+            else make(kind, seed, n_tasks))
+
+
 def saved_original(kind: str, seed: int, n_tasks: int, folder: str) -> tuple[bytes, list[dict], list[dict]]:
-    """A real artifact to mutate (fuzzing): one of `KINDS`, or "lps-xor" (correlated masks, so XOR coding is used).
-    Returns (file bytes, task infos as JSON, each task's dense weights)."""
+    """A real artifact to mutate (fuzzing), saved from `original_packed(kind, seed, n_tasks)`. Returns (file bytes,
+    task infos as JSON, each task's dense weights)."""
     import os
 
     from edgecl import artifact
     from edgecl.deltas import materialize
 
-    packed = (lps_packed(np.random.default_rng(seed), n_tasks, correlated=True) if kind == "lps-xor"
-              else make(kind, seed, n_tasks))
+    packed = original_packed(kind, seed, n_tasks)
     path = os.path.join(folder, f"orig-{kind}.edgecl")
     artifact.save(packed, path)
     with open(path, "rb") as f:
@@ -248,3 +257,32 @@ def runnable(tasks: list[dict], weights: list[dict], arch) -> bool:
         if not all(v.dtype == np.float32 and v.shape == tuple(shapes.get(k, v.shape)) for k, v in w.items()):
             return False
     return True
+
+
+def forge_tensor(raw: bytes, key: str, arr: np.ndarray) -> bytes:
+    """A resealed forgery: blob `key` replaced by `arr` stored raw (encoding []), with a matching checksum and digest,
+    so the file passes every container and manifest check and only the decoded values can give it away."""
+    from edgecl.artifact.container import ST_CODE, checksum
+
+    arr = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False)
+    manifest, table, data = split_file(raw)
+    stored = arr.tobytes()
+    manifest["blobs"][key] = {"dtype": arr.dtype.name, "shape": list(arr.shape), "encoding": [],
+                              "blake2b": checksum(stored)}
+    parts, offset = [], 0
+    for k, e in sorted(table.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        a, b = e["data_offsets"]
+        blob = stored if k == key else data[a:b]
+        if k == key:
+            e["dtype"], e["shape"] = ST_CODE[arr.dtype.name], list(arr.shape)
+        e["data_offsets"] = [offset, offset + len(blob)]
+        parts.append(blob)
+        offset += len(blob)
+    return build_file(manifest, table, b"".join(parts))
+
+
+def forge_manifest(raw: bytes, edit) -> bytes:
+    """A resealed forgery: `edit(manifest)` changes the manifest in place; blobs and checksums stay as they were."""
+    manifest, table, data = split_file(raw)
+    edit(manifest)
+    return build_file(manifest, table, data)

@@ -1,8 +1,10 @@
-"""Hostile artifacts (issue 10): thousands of mutated real artifact files, loaded and fully materialised.
+"""Hostile artifacts (issues 10 and 17): thousands of mutated real artifact files, loaded and fully materialised.
 
-Two families. Damage (bit flips, truncation, overwritten/inserted bytes, bad length prefixes) is not resealed: such a
-file must raise ArtifactError, or — when the bytes changed nothing that matters — load to exactly the original
-weights. Forgery rewrites the manifest or tensor table and reseals the digest (and blob checksums), so it reaches
+Four families here, four more in `fuzz_families` (issue 17: non-finite and extreme values under masks, long and
+index-like names, hostile architecture specs, size bombs), whose files that load must also give, in the runtime,
+the outputs `materialize` defines. Here: damage (bit flips, truncation, overwritten/inserted bytes, bad length
+prefixes) is not resealed: such a file must raise ArtifactError, or — when the bytes changed nothing that matters —
+load to exactly the original weights. Forgery rewrites the manifest or tensor table and reseals the digest (and blob checksums), so it reaches
 the deeper validation: it must raise ArtifactError or load into a consistent model (float32 tensors of the arch's
 shapes). Any other exception fails. Hypothesis runs derandomised, so CI sees the same cases every time.
 """
@@ -21,7 +23,7 @@ from edgecl.artifact import encodings
 
 COUNTS: dict[str, int] = {}  # cases tried per mutation family
 LOADED: dict[str, int] = {}  # cases that loaded (harmless damage, or a forgery that is a consistent model)
-KINDS = ["lps-xor", "lps-row", "node", "lowrank", "permute", "task"]  # one original artifact each
+KINDS = am.FUZZ_KINDS  # one original artifact each
 FUZZ = settings(derandomize=True, deadline=None, database=None, print_blob=True,
                 suppress_health_check=list(HealthCheck))
 
@@ -159,9 +161,14 @@ def _forged_blobs(corpus, which, data):
     _check_forged(corpus, raw, "forged blobs")
 
 
+from fuzz_families import hostile_specs, long_names, masked_values, size_bombs  # noqa: E402 (issue 17's families)
+
 CASES = {"bit flips": (_bit_flips, 3500), "byte edits": (_byte_edits, 2500),
-         "forged manifests": (_forged_manifests, 3000), "forged blobs": (_forged_blobs, 1200)}
+         "forged manifests": (_forged_manifests, 3000), "forged blobs": (_forged_blobs, 1200),
+         "masked values": (masked_values, 400), "long names": (long_names, 600), "hostile specs": (hostile_specs, 300),
+         "size bombs": (size_bombs, 150)}
 QUICK_SAMPLE = 40  # cases per family in the quick run (`-m "not slow"`)
+QUICK = {"hostile specs": 12, "size bombs": 10, "masked values": 20}  # families whose cases run the runtime
 
 
 def _fuzz(corpus: Corpus, name: str, n: int) -> int:
@@ -169,7 +176,14 @@ def _fuzz(corpus: Corpus, name: str, n: int) -> int:
     mutated files it tried."""
     fn, _ = CASES[name]
     before = sum(COUNTS.values())
-    settings(FUZZ, max_examples=n)(given(which=which_file, data=st.data())(fn))(corpus)
+
+    def case(which, data):
+        loaded = fn(corpus, which, data)
+        if loaded is not None:  # the `fuzz_families` report whether the file loaded; the others count themselves
+            COUNTS[name] = COUNTS.get(name, 0) + 1
+            LOADED[name] = LOADED.get(name, 0) + int(loaded)
+
+    settings(FUZZ, max_examples=n)(given(which=which_file, data=st.data())(case))()
     return sum(COUNTS.values()) - before
 
 
@@ -185,7 +199,8 @@ def test_mutated_artifacts_raise_only_artifact_error(corpus, name):
 @pytest.mark.parametrize("name", list(CASES))
 def test_quick_fuzz_sample_raises_only_artifact_error(corpus, name):
     """A few cases of every family, so the quick run still meets damaged and forged files."""
-    assert _fuzz(corpus, name, QUICK_SAMPLE) >= 0.9 * QUICK_SAMPLE
+    n = QUICK.get(name, QUICK_SAMPLE)
+    assert _fuzz(corpus, name, n) >= 0.9 * n
 
 
 def test_fuzz_budget_is_at_least_ten_thousand():

@@ -108,9 +108,9 @@ def test_run_command(demo_like, tmp_path):
 
 @pytest.mark.parametrize("setup,message", [
     (lambda d: np.save(d / "x.npy", np.zeros((2, 64), np.float32)), "expected (batch, 1, 8, 8)"),
-    (lambda d: np.save(d / "x.npy", np.array([{"a": 1}], dtype=object)), "not a readable .npy"),
-    (lambda d: (d / "x.npy").write_bytes(b"not numpy"), "not a readable .npy"),
-    (lambda d: None, "does not exist"),
+    (lambda d: np.save(d / "x.npy", np.array([{"a": 1}], dtype=object)), "holds Python objects"),
+    (lambda d: (d / "x.npy").write_bytes(b"not numpy"), "not a .npy or .npz file"),
+    (lambda d: None, "not found"),
 ])
 def test_run_command_bad_inputs(demo_like, tmp_path, setup, message):
     path, _ = demo_like

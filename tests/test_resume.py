@@ -1,5 +1,7 @@
 """Lifelong append end to end: `edgecl train --resume` adds tasks to a deployed artifact, and every earlier task's
 runtime outputs stay bit-identical."""
+import os
+
 import numpy as np
 import pytest
 
@@ -66,3 +68,59 @@ def test_rgo_resume_needs_its_training_state(tmp_path, capsys):
                "--out", str(tmp_path / "v2")])
     assert rc == 2
     assert "training state" in capsys.readouterr().err
+
+
+def _train(out, *extra):
+    assert main(["train", "--method", "lps", "--tasks", "1", "--set", "epochs=1", "--no-progress", *extra,
+                 "--out", str(out)]) == 0
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_resume_into_a_used_folder_replaces_its_model_in_one_last_rename(tmp_path, monkeypatch, capsys):
+    """Killed before the new model's rename, the folder is exactly as it was (no copy of the resumed artifact over
+    its model, no side files for the new model); a finished run writes the model first and results.json last."""
+    from edgecl import io
+    from edgecl.artifact import writer
+
+    first, used = tmp_path / "first", tmp_path / "used"
+    _train(first)
+    _train(used, "--seed", "1")
+    before = _files(used)
+
+    def killed(tmp, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer, "commit", killed)
+    argv = ["train", "--method", "lps", "--resume", str(first / "model.edgecl"), "--tasks", "1", "--no-progress",
+            "--out", str(used)]
+    assert main(argv) == 130
+    after = {k: v for k, v in _files(used).items() if not k.endswith(".tmp")}
+    assert after == before, "the folder changed before the new model was in place"
+    monkeypatch.undo()
+    order = []
+    for module in (io, writer):
+        real = module.commit
+        monkeypatch.setattr(module, "commit", lambda tmp, path, real=real: (order.append(os.path.basename(path)),
+                                                                                real(tmp, path)))
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert order == ["model.edgecl", "acc_matrix.png", "results.json"], order
+    assert "verified: tasks 0-0 of" in capsys.readouterr().out
+    assert artifact.load(used / "model.edgecl").n_tasks == 2
+
+
+def test_a_training_state_from_another_model_version_is_refused(tmp_path, capsys):
+    """RGO's state is written just after the model; a run stopped between the two leaves a state the next
+    --resume must not use with the new model."""
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    for out, seed in ((v1, "0"), (v2, "1")):
+        assert main(["train", "--method", "rgo", "--tasks", "1", "--set", "epochs=1", "--no-progress", "--seed", seed,
+                     "--out", str(out)]) == 0
+    (v2 / "model.edgecl.state").write_bytes((v1 / "model.edgecl.state").read_bytes())  # v1's state beside v2
+    capsys.readouterr()
+    rc = main(["train", "--method", "rgo", "--resume", str(v2 / "model.edgecl"), "--tasks", "1", "--out",
+               str(tmp_path / "v3")])
+    assert rc == 2 and "belongs to another version" in capsys.readouterr().err

@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 import artifact_models as am  # noqa: E402
-from edgecl.artifact.limits import DECODE_FLOOR, DECODE_RATIO  # noqa: E402
+from edgecl.artifact.limits import decode_bound  # noqa: E402
 
 WORK = tempfile.mkdtemp(prefix="edgecl-atheris-")
 CRASHES = os.path.join("out", "fuzz_crashes")
@@ -97,7 +97,7 @@ def plain(n: int, seed: int = 0) -> int:
             print(f"case {i}: crash, input saved to {_save_crash(data)}", file=sys.stderr)
             raise
         peak = tracemalloc.get_traced_memory()[1]
-        bound = DECODE_FLOOR + DECODE_RATIO * len(data)
+        bound = decode_bound(len(data))
         if peak > bound:
             raise AssertionError(f"case {i}: allocated {peak} bytes for a {len(data)}-byte file "
                                  f"(bound {bound}); input saved to {_save_crash(data)}")

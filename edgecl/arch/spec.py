@@ -25,8 +25,8 @@ flat feature vector. Prunable layers are the trunk's conv and linear weights; th
 
 Specs written as a plain list of layers (``{"layers": [...]}``, the format of edgecl ≤ 0.1 artifacts, with the
 ``block`` op for a ResNet basic block) are converted to this form by `validate`, keeping every tensor name.
-Validation is strict and bounded (types, ranges, `MAX_NODES`): specs come from files, and this is the one function
-that both checks a spec and says what the graph computes.
+Validation is strict and bounded (types, ranges, `MAX_NODES`, `MAX_EDGES`, `MAX_ACTIVATION`): specs come from files,
+and this is the one function that both checks a spec and says what the graph computes.
 """
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ Arch = dict[str, Any]
 INPUT = "input"
 MAX_NODES = 10_000  # ~20× a ResNet-152; bounds the work a spec read from a file can cause
 MAX_INPUTS = 256
+MAX_EDGES = 2 * MAX_NODES  # inputs of all nodes: 10,000 adds of 256 inputs (an 18 MB file) took 2 min, 8.7 GB to run
+MAX_ACTIVATION = 1 << 28  # elements of one node's output per sample (1 GiB of float32): cat can multiply channels
 MAX_DIM = 1 << 31
 MAX_NDIM = 3
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,159}")
@@ -84,6 +86,9 @@ def validate(arch: Any) -> Arch:
     name = arch.get("name", "custom")
     if not isinstance(name, str) or not 0 < len(name) <= 128 or not name.isprintable():
         raise UsageError(f"architecture name {name!r} must be 1-128 printable characters")
+    edges = sum(len(n["inputs"]) for n in nodes if isinstance(n, dict) and isinstance(n.get("inputs"), list))
+    if edges > MAX_EDGES:
+        raise UsageError(f"architecture has {edges} node inputs in all, more than {MAX_EDGES}")
     shapes: dict[str, list[int]] = {INPUT: shape}
     out_nodes = [_node(node, i, shapes) for i, node in enumerate(nodes)]
     output = arch.get("output", out_nodes[-1]["name"])
@@ -136,6 +141,8 @@ def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
     if op in ("maxpool", "avgpool") and out["stride"] is None:
         out["stride"] = list(out["k"])
     shapes[name] = output_shape(out, [shapes[s] for s in out["inputs"]], where)
+    if math.prod(shapes[name]) > MAX_ACTIVATION or max(shapes[name]) > MAX_DIM:
+        raise UsageError(f"{where}: output {shapes[name]} has more than {MAX_ACTIVATION} elements per sample")
     return out
 
 
@@ -189,6 +196,26 @@ def _window(size: int, k: int, stride: int, pad: int, dilation: int, ceil_mode: 
     return n
 
 
+def _check_pool_windows(node: dict[str, Any], x: list[int], out: list[int], where: str) -> None:
+    """Pools whose output ONNX and torch disagree on are refused: with ceil_mode, a last window starting in the right
+    padding is dropped by torch (and ONNX Runtime's kernel) but counted by ONNX's shape rule, so a built graph fails
+    or mis-sizes; a dilated max-pool window that holds padding only gives -inf in torch, -FLT_MAX in ONNX Runtime."""
+    for a in range(2):
+        size, k, stride, pad = x[1 + a], node["k"][a], node["stride"][a], node["pad"][a]
+        dil = node.get("dilation", [1, 1])[a]
+        onnx_rule = -(-(size + 2 * pad - dil * (k - 1) - 1) // stride) + 1 if node["ceil_mode"] else out[a]
+        if onnx_rule != out[a]:
+            raise UsageError(f"{where}: with ceil_mode the last window along axis {a} would start in the padding "
+                             f"(input {size}, k {k}, stride {stride}, pad {pad}): ONNX sizes the output {onnx_rule}, "
+                             f"torch {out[a]}; use ceil_mode=false or less padding")
+        if dil > 1 and size < dil:  # only then can a window step over every input element (k ≤ 2 when it fits)
+            for i in range(min(out[a], -(-pad // stride))):  # windows starting in the left padding
+                start = i * stride - pad
+                if start % dil >= size or -(-(-start) // dil) > k - 1:
+                    raise UsageError(f"{where}: window {i} along axis {a} covers padding only (input {size}, k {k}, "
+                                     f"dilation {dil}, pad {pad}): its maximum is undefined")
+
+
 def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node") -> list[int]:
     """Shape (without batch) of a normalised node's output from its inputs' shapes; UsageError when they do not
     fit the op."""
@@ -214,6 +241,8 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
               for a in range(2)]
         if min(hw) <= 0:
             raise UsageError(f"{where}: the window {node['k']} does not fit the input {x}; output would be empty")
+        if op != "conv":
+            _check_pool_windows(node, x, hw, where)
         return [node["out"] if op == "conv" else x[0], *hw]
     if op == "bn":
         if x[0] != node["ch"]:

@@ -23,8 +23,8 @@ One job per module, data flowing down the list (none imports one below it):
 """
 from edgecl.artifact.container import META_DIGEST, META_MANIFEST, checksum, digest
 from edgecl.artifact.encodings import STEPS
-from edgecl.artifact.limits import (DECODE_FLOOR, DECODE_RATIO, MAX_CLASSES, MAX_HEADER_BYTES, MAX_NDIM,
-                                    MAX_TASKS)
+from edgecl.artifact.limits import (DECODE_FLOOR, DECODE_RATIO, MAX_CLASSES, MAX_DECODED_BYTES, MAX_HEADER_BYTES,
+                                    MAX_NDIM, MAX_TASKS)
 from edgecl.artifact.manifest import BLOB_FIELDS, FORMAT_NAME, FORMAT_VERSION
 from edgecl.artifact.reader import Artifact, load
 from edgecl.artifact.report import COMPONENTS, MASK_COMPONENTS, component_of, inspect
@@ -32,6 +32,6 @@ from edgecl.artifact.writer import append_task, save
 from edgecl.errors import ArtifactError, UsageError
 
 __all__ = ["Artifact", "ArtifactError", "BLOB_FIELDS", "COMPONENTS", "DECODE_FLOOR", "DECODE_RATIO", "FORMAT_NAME",
-           "FORMAT_VERSION", "MASK_COMPONENTS", "MAX_CLASSES", "MAX_HEADER_BYTES", "MAX_NDIM", "MAX_TASKS",
-           "META_DIGEST", "META_MANIFEST", "STEPS", "UsageError", "append_task", "checksum",
+           "FORMAT_VERSION", "MASK_COMPONENTS", "MAX_CLASSES", "MAX_DECODED_BYTES", "MAX_HEADER_BYTES", "MAX_NDIM",
+           "MAX_TASKS", "META_DIGEST", "META_MANIFEST", "STEPS", "UsageError", "append_task", "checksum",
            "component_of", "digest", "inspect", "load", "save"]

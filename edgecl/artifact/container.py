@@ -15,7 +15,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from edgecl.artifact.limits import MAX_HEADER_BYTES, MAX_NDIM, is_int
+from edgecl.artifact.limits import MAX_HEADER_BYTES, MAX_JSON_CONTAINERS, MAX_NDIM, is_int
 from edgecl.errors import ArtifactError
 
 META_MANIFEST, META_DIGEST = "edgecl.manifest", "edgecl.digest"
@@ -38,11 +38,13 @@ class TableEntry(NamedTuple):
 
 
 class Header(NamedTuple):
-    """What the container holds around the blobs: the manifest text, the checked table, where the data starts."""
+    """What the container holds around the blobs: the manifest text, the checked table, where the data starts, and
+    the digest sealing them."""
 
     manifest_text: str
     table: dict[str, TableEntry]
     data_start: int
+    seal: str
 
 
 def checksum(data: bytes) -> str:
@@ -87,7 +89,11 @@ def encode_header(manifest_text: str, table: dict[str, Any], sealed_with: str | 
 
 
 def parse_json(path: str, raw: bytes, field: str) -> Any:
-    """JSON from untrusted bytes; ArtifactError naming `field` for anything that is not valid UTF-8 JSON."""
+    """JSON from untrusted bytes; ArtifactError naming `field` for anything that is not valid UTF-8 JSON, or that
+    would parse into more than `MAX_JSON_CONTAINERS` objects and arrays (counted before parsing)."""
+    containers = raw.count(b"{") + raw.count(b"[")
+    if containers > MAX_JSON_CONTAINERS:
+        raise ArtifactError(path, field, f"{containers} JSON objects/arrays, more than {MAX_JSON_CONTAINERS}")
     try:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -100,6 +106,9 @@ def read_header(path: str, read: Read, size: int) -> Header:
     if size < 8:
         raise ArtifactError(path, "header", f"file is {size} bytes, too short for an artifact")
     n = int.from_bytes(read(8, 0, "header length"), "little")
+    if size == 8 or read(1, 8, "header") != b"{":
+        raise ArtifactError(path, "header", "not an edgecl artifact (no safetensors header: a JSON object after the "
+                                            "8-byte length)")
     if n > min(size - 8, MAX_HEADER_BYTES) or n < 2:
         raise ArtifactError(path, "header length", f"declares {n} bytes; the file has {size} "
                                                    f"(limit {MAX_HEADER_BYTES})")
@@ -112,7 +121,7 @@ def read_header(path: str, read: Read, size: int) -> Header:
     table = check_table(path, header, 8 + n, size)
     if meta.get(META_DIGEST) != digest(meta[META_MANIFEST], header):
         raise ArtifactError(path, META_DIGEST, "manifest/tensor table checksum mismatch (header damaged)")
-    return Header(meta[META_MANIFEST], table, 8 + n)
+    return Header(meta[META_MANIFEST], table, 8 + n, meta[META_DIGEST])
 
 
 def check_table(path: str, header: dict[str, Any], data_start: int, size: int) -> dict[str, TableEntry]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Any, Iterable
 
 import numpy as np
@@ -21,8 +22,8 @@ from edgecl.artifact.container import ST_CODE, TableEntry, parse_json, stored_fo
 from edgecl.artifact.encodings import stored_dtype
 from edgecl.artifact.limits import (MAX_CLASSES, MAX_NDIM, MAX_TASK_NAME, MAX_TASKS, MAX_TENSOR_NAME,
                                     budget_problem, dense_bytes, is_int)
-from edgecl.deltas import KINDS
-from edgecl.errors import ArtifactError, UsageError
+from edgecl.deltas import KINDS, MAX_GROUP, task_name_conflicts
+from edgecl.errors import ArtifactError, EdgeclWarning, UsageError
 
 FORMAT_NAME = "edgecl-artifact"
 FORMAT_VERSION = 2  # 2: the architecture is a graph of nodes (edgecl.arch.spec); 1: a list of layers, still read
@@ -35,7 +36,7 @@ _KEY = re.compile(r"(base|task(0|[1-9][0-9]{0,5}))::(.+)")
 _CHECKSUM = re.compile(r"[0-9a-f]{32}")
 _SPEC_FIELDS = {"unit": lambda v: v in ("element", "row", "column"),
                 "rows": lambda v: v is None or isinstance(v, str), "cols": lambda v: v is None or isinstance(v, str),
-                "repeat": lambda v: is_int(v, 1), "group": lambda v: isinstance(v, str)}
+                "repeat": lambda v: is_int(v, 1), "group": lambda v: isinstance(v, str) and len(v) <= MAX_GROUP}
 
 
 def blob_key(scope: str | int, name: str) -> str:
@@ -123,6 +124,7 @@ class _Check:
             raise self.fail("manifest.tasks", f"{len(m['tasks'])} tasks (limit {MAX_TASKS})")
         for i, t in enumerate(m["tasks"]):
             self.task(i, t)
+        self.warn_unselectable_names([t["name"] for t in m["tasks"]])
         for name, spec in m["params"].items():
             self.spec(name, spec)
         missing = set(trunk) - set(m["params"])
@@ -151,6 +153,15 @@ class _Check:
             raise self.fail(f"{field}.seed", f"invalid value {t.get('seed')!r}")
         if t.get("input_shape") != self.m["arch"]["input_shape"] or t.get("input_dtype") != "float32":
             raise self.fail(f"{field}.input_shape", "disagrees with the architecture (float32 inputs)")
+
+    def warn_unselectable_names(self, names: list[str]) -> None:
+        """Old files may name tasks "3" or twice (`save` refuses both now): they load, and those tasks are selected
+        by index only — said once per file, so nobody selects the wrong task by name."""
+        conflicts = task_name_conflicts(names)
+        if conflicts:
+            listed = "; ".join(f"task {i} {names[i]!r} {why}" for i, why in conflicts[:5])
+            more = f" (and {len(conflicts) - 5} more)" if len(conflicts) > 5 else ""
+            warnings.warn(f"{self.path}: {listed}{more}: select these tasks by index", EdgeclWarning, stacklevel=2)
 
     def spec(self, name: str, spec: Any) -> None:
         field = f"manifest.params[{name!r}]"

@@ -19,7 +19,7 @@ from edgecl.artifact import container, manifest
 from edgecl.artifact.encodings import decode, support_mask, xor_ref
 from edgecl.artifact.manifest import blob_key, owner_problem, param_of
 from edgecl.deltas import (PackedModel, TaskInfo, check_consistent, expand_owner, materialize_param,
-                           resolve_task)
+                           nonfinite_count, resolve_task)
 from edgecl.errors import ArtifactError, UsageError
 
 _MODEL_ERRORS = (UsageError, KeyError, ValueError, IndexError, TypeError)
@@ -42,6 +42,7 @@ class Artifact:
             self.size = os.fstat(self._file.fileno()).st_size
             header = container.read_header(self.path, self._pread, self.size)
             self._table, self._data_start = header.table, header.data_start
+            self.digest: str = header.seal  # SHA-256 over manifest and tensor table: names this exact content
             self.manifest: dict[str, Any] = manifest.validate(self.path, header.manifest_text, self._table, self.size)
         except BaseException:
             self._file.close()
@@ -94,9 +95,13 @@ class Artifact:
         if container.checksum(data) != e["blake2b"]:
             raise self._fail(f"blob {key!r}", "checksum mismatch: stored bytes are damaged")
         try:
-            return decode(data, np.dtype(e["dtype"]), tuple(e["shape"]), e["encoding"], support, ref)
+            arr = decode(data, np.dtype(e["dtype"]), tuple(e["shape"]), e["encoding"], support, ref)
         except (ValueError, IndexError) as exc:
             raise self._fail(f"blob {key!r}", f"cannot decode: {exc}") from None
+        bad = nonfinite_count(arr)
+        if bad:  # never stored by `save`: a forged file, refused before anything computes on it
+            raise self._fail(f"blob {key!r}", f"{bad} NaN/inf values; artifacts hold only finite numbers")
+        return arr
 
     def _owner_el(self, name: str) -> np.ndarray:
         """The owner of every element of LPS tensor `name`, flat in C order."""

@@ -1,8 +1,8 @@
 """`inspect`: where an artifact's bytes go — bytes, parameters and bits per parameter per component and per task,
 and how close the mask side (owner maps, sharing masks) comes to its order-0 entropy.
 
-Reads the file only through the reader's public, read-only accessors (`blobs`, `blob_range`, `header_bytes`,
-`read_blob`), like any other tool would.
+Reads the file only through the reader's public, read-only accessors (`verify`, `blobs`, `blob_range`,
+`header_bytes`, `read_blob`), like any other tool would.
 """
 from __future__ import annotations
 
@@ -46,8 +46,10 @@ def _entropy_bits(arr: np.ndarray) -> float:
 
 def inspect(path: str | os.PathLike) -> dict[str, Any]:
     """Bytes, parameters and bits per parameter per component and per task, plus order-0 entropy of the masks.
-    Reads (and so verifies) every mask blob; weights are counted from the manifest."""
+    Verifies the whole file first (`Artifact.verify`: every blob's checksum and values, the model's consistency), so
+    a damaged artifact is an ArtifactError here as everywhere, never a report."""
     with load(path) as art:
+        art.verify()
         rows = _blob_rows(art)
         header_bytes = art.header_bytes
         dense = dense_params(art.arch, art.tasks[0].n_classes if art.tasks else 1)

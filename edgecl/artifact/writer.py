@@ -6,6 +6,7 @@ task already in the file materialises as before. The writer refuses (UsageError)
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -17,11 +18,12 @@ from edgecl import __version__
 from edgecl.arch.spec import validate as validate_arch
 from edgecl.artifact import container
 from edgecl.artifact.encodings import candidates, encode, support_mask, xor_ref
-from edgecl.artifact.limits import MAX_NDIM, budget_problem, dense_bytes
+from edgecl.artifact.limits import (MAX_CLASSES, MAX_HEADER_BYTES, MAX_JSON_CONTAINERS, MAX_NDIM, MAX_TASKS,
+                                    budget_problem, dense_bytes)
 from edgecl.artifact.manifest import (BLOB_FIELDS, FORMAT_NAME, FORMAT_VERSION, blob_key, name_problem, owner_problem,
                                       param_of, task_name_problem)
 from edgecl.artifact.reader import load
-from edgecl.deltas import PackedModel, check_consistent, expand_owner
+from edgecl.deltas import PackedModel, check_consistent, expand_owner, task_name_conflicts
 from edgecl.errors import UsageError
 from edgecl.io import commit, discard, write_atomic, write_temp
 
@@ -35,20 +37,36 @@ Blob = tuple[str, dict[str, Any], bytes]
 def save(packed: PackedModel, path: str | os.PathLike, *, fp16: bool = False) -> None:
     """Write `packed` as one artifact, atomically. fp16 stores float32 base tensors as float16 (materialised as
     float32 again, so no longer bit-exact to training). UsageError for an inconsistent or unstorable model."""
-    check_consistent(packed)
+    packed = _checked(packed)
     path = os.fspath(path)
     write_atomic(path, serialise(packed, fp16))
 
 
-def append_task(path: str | os.PathLike, packed: PackedModel, *, keeps: str = "all") -> None:
+def _checked(packed: PackedModel) -> PackedModel:
+    """`packed` with its architecture validated and normalised by `arch.spec.validate` — the function the reader
+    checks it with and the graph builders build from, so a model saved is a model that loads and runs — and
+    `check_consistent` passed; UsageError otherwise."""
+    try:
+        arch = validate_arch(packed.arch)
+    except UsageError as exc:
+        raise UsageError(f"cannot store this model: architecture: {exc}") from None
+    packed = dataclasses.replace(packed, arch=arch)
+    check_consistent(packed)
+    return packed
+
+
+def append_task(path: str | os.PathLike, packed: PackedModel, *, keeps: str = "all",
+                out: str | os.PathLike | None = None) -> dict[str, Any]:
     """Replace the artifact at `path` with `packed` (its tasks plus new ones), atomically — but only after every task
     already in the file materialises bit-identically from the new content: every tensor (`keeps="all"`), or only
-    the heads (`"heads"`, for methods such as RGO whose shared trunk keeps learning by design). UsageError when
-    `packed` is another method/arch, drops or renames tasks, or would change what must stay; ArtifactError when the
-    file is damaged."""
+    the heads (`"heads"`, for methods such as RGO whose shared trunk keeps learning by design). With `out`, the new
+    artifact goes there instead (one rename, last) and `path` is left as it is. UsageError when `packed` is another
+    method/arch, drops or renames tasks, or would change what must stay; ArtifactError when the file is damaged.
+    Returns what was verified: ``{"tasks": earlier tasks checked, "keeps": keeps}``."""
     if keeps not in KEEPS:
         raise UsageError(f"append_task: keeps must be 'all' or 'heads', got {keeps!r}")
     path = os.fspath(path)
+    target = path if out is None else os.fspath(out)
     with load(path) as old:
         if packed.method != old.method or validate_arch(packed.arch) != old.arch:
             raise UsageError(f"{path}: artifact holds method {old.method!r} on arch {old.arch.get('name')!r}; "
@@ -57,8 +75,8 @@ def append_task(path: str | os.PathLike, packed: PackedModel, *, keeps: str = "a
                 [t.to_json() for t in old.tasks]:
             raise UsageError(f"{path}: the model must start with the artifact's {old.n_tasks} tasks "
                              f"{[t.name for t in old.tasks]}, got {[t.name for t in packed.tasks]}")
-        check_consistent(packed)
-        tmp = write_temp(path, serialise(packed, old.fp16))
+        packed = _checked(packed)
+        tmp = write_temp(target, serialise(packed, old.fp16, old_names=old.n_tasks))
         try:
             with load(tmp) as new:
                 for t in range(old.n_tasks):
@@ -66,7 +84,8 @@ def append_task(path: str | os.PathLike, packed: PackedModel, *, keeps: str = "a
         except BaseException:
             discard(tmp)
             raise
-    commit(tmp, path)
+    commit(tmp, target)
+    return {"tasks": old.n_tasks, "keeps": keeps}
 
 
 def _require_identical(path: str, t: int, before: dict[str, np.ndarray], after: dict[str, np.ndarray],
@@ -80,8 +99,19 @@ def _require_identical(path: str, t: int, before: dict[str, np.ndarray], after: 
                              "bit-identical")
 
 
-def serialise(packed: PackedModel, fp16: bool) -> list[bytes]:
-    """The whole file as a list of byte strings (header first, then every blob)."""
+def serialise(packed: PackedModel, fp16: bool, old_names: int = 0) -> list[bytes]:
+    """The whole file as a list of byte strings (header first, then every blob). Task names must select their task
+    (`deltas.task_name_conflicts`), except the first `old_names`, which an appended-to file already has."""
+    if packed.n_tasks > MAX_TASKS or any(not 1 <= info.n_classes <= MAX_CLASSES for info in packed.tasks):
+        raise UsageError(f"cannot store this model: at most {MAX_TASKS} tasks of 1-{MAX_CLASSES} classes each "
+                         "(docs/ARTIFACT.md, limits)")
+    names = [info.name for info in packed.tasks]
+    for name in names:
+        problem = task_name_problem(name)
+        if problem:
+            raise UsageError(problem)
+    for t, why in task_name_conflicts(names, old_names):
+        raise UsageError(f"task {t} name {names[t]!r} {why}: a task must be selectable by its name (rename it)")
     blobs = encode_blobs(packed, fp16)
     decoded = dense_bytes(packed.arch, [info.n_classes for info in packed.tasks])
     decoded += sum(math.prod(e["shape"]) * np.dtype(e["dtype"]).itemsize for _, e, _ in blobs)
@@ -91,10 +121,6 @@ def serialise(packed: PackedModel, fp16: bool) -> list[bytes]:
     arch = packed.arch
     tasks = [{**info.to_json(), "input_shape": list(arch["input_shape"]), "input_dtype": "float32"}
              for info in packed.tasks]
-    for info in packed.tasks:
-        problem = task_name_problem(info.name)
-        if problem:
-            raise UsageError(problem)
     manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "edgecl_version": __version__,
                 "method": packed.method, "config": packed.config, "arch": arch, "fp16": bool(fp16), "tasks": tasks,
                 "params": packed.params, "extra": packed.extra,
@@ -104,7 +130,11 @@ def serialise(packed: PackedModel, fp16: bool) -> list[bytes]:
     except (TypeError, ValueError) as exc:
         raise UsageError(f"model metadata (config/extra/params) is not JSON-serialisable: {exc}") from None
     table, parts = container.layout(blobs)
-    return [container.encode_header(text, table)] + parts
+    header = container.encode_header(text, table)
+    if len(header) - 8 > MAX_HEADER_BYTES or header.count(b"{") + header.count(b"[") > MAX_JSON_CONTAINERS:
+        raise UsageError(f"cannot store this model: its header would be {len(header) - 8} bytes (limit "
+                         f"{MAX_HEADER_BYTES}) or hold too many JSON containers (docs/ARTIFACT.md, limits)")
+    return [header] + parts
 
 
 def encode_blobs(packed: PackedModel, fp16: bool) -> list[Blob]:

@@ -1,4 +1,5 @@
-"""`edgecl audit ARTIFACT --budget 32MiB [--batch 8] [--device cpu|cuda] [--json] [--plot out.png]`.
+"""`edgecl audit ARTIFACT --budget 32MiB [--batch 8] [--device cpu|cuda] [--strategy inplace|sessions] [--json]
+[--plot out.png]`.
 Exit 0 when the artifact fits the budget, 1 when it does not, 2 on bad input."""
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", required=True, help="memory budget, e.g. 32MiB, 1.5GB, or bytes")
     p.add_argument("--batch", type=int, default=8, help="inference batch the activations are sized for")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--strategy", default="inplace", choices=("inplace", "sessions"),
+                   help="the runtime strategy to audit: one session switched in place (default, one cache slot), or "
+                        "one session per task")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--plot", help="write a PNG: bytes against task count, and the resident breakdown")
 
@@ -18,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from edgecl.runtime.audit import audit, budget_summary, plot
 
-    report = audit(args.artifact, args.budget, args.batch, args.device)
+    report = audit(args.artifact, args.budget, args.batch, args.device, args.strategy)
     if args.plot:
         report["plot"] = str(plot(report, args.plot))
     print(json.dumps(report, indent=2, default=str) if args.json else budget_summary(report))

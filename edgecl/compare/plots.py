@@ -65,6 +65,12 @@ def _plain_ticks(axis, values: list[float]) -> None:
 
 
 def _pareto_plot(report: dict[str, Any], path: str) -> None:
+    save_png(pareto_figure(report), path)
+
+
+def pareto_figure(report: dict[str, Any]) -> Any:
+    """Accuracy against artifact bytes, the front circled (and joined by a step line when it has two points or
+    more; the legend shows what is drawn)."""
     methods = report["methods"]
     colors = _colors(list(report["methods"]))
     fig, ax = new_figure((6.4, 4.4))
@@ -79,8 +85,10 @@ def _pareto_plot(report: dict[str, Any], path: str) -> None:
     if front:
         xs = [methods[n]["artifact_bytes"] / KIB for n in front]
         ys = [100 * methods[n]["acc_mean"] for n in front]
-        ax.step(xs, ys, where="post", color="crimson", linestyle="--", linewidth=1.2, label="Pareto front")
-        ax.scatter(xs, ys, s=180, facecolors="none", edgecolors="crimson", linewidths=1.5)
+        if len(front) > 1:
+            ax.step(xs, ys, where="post", color="crimson", linestyle="--", linewidth=1.2)
+        ax.scatter(xs, ys, s=180, facecolors="none", edgecolors="crimson", linewidths=1.5,
+                   label="Pareto front" if len(front) > 1 else "on the Pareto front")
         ax.legend(loc="lower right", fontsize=8)
     ax.set_xscale("log")
     _plain_ticks(ax.xaxis, [e["artifact_bytes"] / KIB for e in methods.values()] or [1.0])
@@ -91,7 +99,7 @@ def _pareto_plot(report: dict[str, Any], path: str) -> None:
     ax.set_title(f"Accuracy against bytes on {report['stream']} ({report['n_tasks']} tasks)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    save_png(fig, path)
+    return fig
 
 
 def write_plots(report: dict[str, Any], out_dir: str) -> dict[str, str]:

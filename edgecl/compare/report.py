@@ -33,7 +33,8 @@ def format_markdown(report: dict[str, Any]) -> str:
              f"wall time {report.get('wall_seconds', 0.0) / 60:.1f} min. "
              f"Machine: {report['machine']['cpu']}, {report['machine']['cpus_usable']} CPUs usable.", "",
              "ACC/BWT/forgetting in percent (points), mean ± sample std over seeds. Bytes: the artifact file; per "
-             "added task = (bytes after all tasks − bytes after task 1) / (tasks − 1). Switch / infer: median ms "
+             "added task = a later task's own stored bytes (masks, factors, head) + the shared part's growth per "
+             "task when it grows (a shared part that compresses better later counts zero). Switch / infer: median ms "
              "through `TaskRuntime` (batch 1; cold = first round, nothing cached), runtime ACC = seed 0's test "
              "accuracy computed in the runtime. ★ = on the accuracy-vs-bytes Pareto front.", "",
              "| method | ACC % | BWT | forgetting | artifact KiB | KiB / added task | switch ms (cold) | "

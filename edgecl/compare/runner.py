@@ -37,10 +37,8 @@ def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     n = len(runs[0]["acc_matrix"])
     out["acc_matrix_mean"] = [[float(np.mean([r["acc_matrix"][i][j] for r in runs])) for j in range(i + 1)]
                               for i in range(n)]
-    sizes = [r["artifact_bytes"] for r in runs]
-    firsts = [r["artifact_bytes_first_task"] for r in runs]
-    out["artifact_bytes"] = float(np.mean(sizes))
-    out["bytes_per_added_task"] = float(np.mean([(s - f) / (n - 1) for s, f in zip(sizes, firsts)])) if n > 1 else None
+    out["artifact_bytes"] = float(np.mean([r["artifact_bytes"] for r in runs]))
+    out["bytes_per_added_task"] = float(np.mean([added_task_bytes(r) for r in runs])) if n > 1 else None
     return out
 
 
@@ -95,9 +93,23 @@ def train_run(name: str, stream, arch, config: dict[str, Any], spec: CompareSpec
         artifact.save(result.packed, artifact_path)
         first_path = f"{artifact_path}.first-task"
         artifact.save(recorder.first, first_path)
-        run.update(artifact_bytes=os.path.getsize(artifact_path), artifact_bytes_first_task=os.path.getsize(first_path))
+        final, first = artifact.inspect(artifact_path), artifact.inspect(first_path)
+        run.update(artifact_bytes=final["file_bytes"], artifact_bytes_first_task=first["file_bytes"],
+                   artifact_task_bytes=[t["bytes"] for t in final["tasks"]],
+                   artifact_shared_bytes=final["file_bytes"] - sum(t["bytes"] for t in final["tasks"]),
+                   artifact_shared_bytes_first_task=first["file_bytes"] - sum(t["bytes"] for t in first["tasks"]))
         os.remove(first_path)
     return run
+
+
+def added_task_bytes(run: dict[str, Any]) -> float:
+    """Bytes one added task brings: a later task's own stored blobs (masks, factors, head; mean over tasks 1..n−1)
+    plus the shared part's growth per task when it grows (LPS's W̄ fills in as tasks own weights). A shared part
+    that shrinks — AGS-CL's dense base compresses better once nodes are dead — counts zero: it is not a task's
+    cost, and a file difference made such methods report negative bytes per task."""
+    own, n = run["artifact_task_bytes"], len(run["artifact_task_bytes"])
+    growth = (run["artifact_shared_bytes"] - run["artifact_shared_bytes_first_task"]) / (n - 1)
+    return float(np.mean(own[1:])) + max(0.0, growth)
 
 
 def runtime_timing(path: str, stream, repeats: int) -> dict[str, Any]:

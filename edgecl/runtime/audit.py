@@ -22,7 +22,7 @@ from edgecl.artifact import inspect as inspect_artifact  # imported before any R
 from edgecl.errors import BudgetError, UsageError
 from edgecl.plotting import new_figure, save_png
 from edgecl.runtime.budget import format_bytes, parse_budget
-from edgecl.runtime.costs import ENVIRONMENT, activation_bytes
+from edgecl.runtime.costs import ENVIRONMENT, SLOT_OVERHEAD, activation_bytes
 from edgecl.runtime.process_memory import process_rss
 from edgecl.runtime.task_runtime import TaskRuntime
 from edgecl.source import IN_MEMORY, ModelSource, open_model
@@ -78,7 +78,10 @@ def resident_audit(source: Any, batch: int = 8, device: str = "cpu", strategy: s
     runtime = TaskRuntime(src if in_memory else src.origin, device=device, strategy=strategy,
                           cache_tasks=cache_tasks, max_batch=batch, charge_environment=True)
     x = np.zeros((batch, *runtime.input_shape), np.float32)
-    for t in range(max(1, min(runtime.n_slots, runtime.n_tasks))):  # every cache slot resident, as in service
+    # what the runtime holds in service: every cache slot filled in place; every task's session (and so each
+    # session's arena) used under `sessions`
+    served = runtime.n_tasks if runtime.strategy == "sessions" else max(1, min(runtime.n_slots, runtime.n_tasks))
+    for t in range(served):
         runtime.infer(x, task=t)
     gc.collect()
     after = process_rss()
@@ -89,7 +92,8 @@ def resident_audit(source: Any, batch: int = 8, device: str = "cpu", strategy: s
     measured = None if before is None or after is None else after - before
     return {
         "strategy": runtime.strategy, "providers": runtime.providers, "batch": batch, "predicted": predicted,
-        "predicted_total": sum(predicted.values()), "predicted_compared": compared, "measured_rss_increase": measured,
+        "predicted_total": sum(predicted.values()), "predicted_peak": runtime.ledger.peak,
+        "predicted_compared": compared, "measured_rss_increase": measured,
         "relative_error": (compared - measured) / measured if measured and measured > 0 else None,
         "slot_bytes": runtime.slot_bytes, "resident_bytes_per_task": runtime.task_bytes / runtime.n_tasks,
         "activation_bytes": activation_bytes(runtime.arch, batch, max(i.n_classes for i in src.tasks)),
@@ -103,23 +107,27 @@ def _cuda_memory(device: str) -> Any:
     return "not measured: ONNX Runtime's Python API exposes no device allocator statistics (unverified path)"
 
 
-def audit(artifact: Any, budget: int | str, batch: int = 8, device: str = "cpu") -> dict[str, Any]:
-    """Full audit against a budget: static + resident, whether it fits, and how many more tasks would fit."""
+def audit(artifact: Any, budget: int | str, batch: int = 8, device: str = "cpu",
+          strategy: str = "inplace") -> dict[str, Any]:
+    """Full audit against a budget: static + resident for `strategy` (in place with one cache slot, or a session
+    per task), whether it fits, and how many more tasks would fit."""
     limit = parse_budget(budget)
     if limit is None:
         raise UsageError("audit needs a budget, e.g. 32MiB")
-    if not isinstance(batch, int) or batch < 1:
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise UsageError(f"batch must be a positive int, got {batch!r}")
+    if strategy not in ("inplace", "sessions"):
+        raise UsageError(f"audit strategy must be inplace or sessions, got {strategy!r}")
     src = open_model(artifact)
-    resident = resident_audit(src, batch, device)
+    resident = resident_audit(src, batch, device, strategy)
     static = static_audit(src)
-    need = max(resident["predicted_total"], resident["measured_rss_increase"] or 0)
+    need = max(resident["predicted_peak"], resident["measured_rss_increase"] or 0)
     grow = resident["resident_bytes_per_task"]
     more = math.floor((limit - need) / grow) if grow > 0 and need <= limit else 0
     if need > limit:
         slots = 0
     elif resident["slot_bytes"]:
-        slots = (limit - need) // resident["slot_bytes"] + 1
+        slots = (limit - need) // (resident["slot_bytes"] + SLOT_OVERHEAD) + 1
     else:  # per-task sessions, or every switched layer factored: no task needs a copy on a switch
         slots = src.n_tasks
     return {"budget": limit, "fits": need <= limit, "needed": need, "more_tasks_fit": more,

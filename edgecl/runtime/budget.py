@@ -13,7 +13,7 @@ from edgecl.errors import BudgetError, UsageError
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
-_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+_PATTERN = re.compile(r"^\s*([+-]?[0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
 def parse_budget(value: int | float | str | None) -> int | None:
@@ -51,6 +51,7 @@ class Ledger:
     def __init__(self, limit: int | None):
         self.limit = limit
         self.items: dict[str, int] = {}
+        self.peak = 0  # the most ever held at once (start-up reserves more than it keeps: the audit's "needed")
         self._lock = threading.Lock()
 
     @property
@@ -68,6 +69,7 @@ class Ledger:
                                   f"{item} = {format_bytes(nbytes)} with {format_bytes(self.used)} already held "
                                   f"({', '.join(f'{k} {format_bytes(v)}' for k, v in self.items.items()) or 'none'})")
             self.items[item] = self.items.get(item, 0) + int(nbytes)
+            self.peak = max(self.peak, self.used)
 
     def release(self, item: str) -> None:
         with self._lock:

@@ -6,17 +6,22 @@ reports the measured figure next to these predictions); everything else is count
 """
 from __future__ import annotations
 
+import math
 import threading
 from typing import Iterable
 
 import numpy as np
 
-from edgecl.arch.spec import Arch, dense_params, shapes_after
+from edgecl.arch.spec import Arch, dense_params, param_shapes, shapes_after
 from edgecl.runtime.budget import Ledger
 
-ORT_ENVIRONMENT = 9_500_000  # first session in a process: environment, thread pool, kernel registry, first arena
-#                             (measured 8.7-10.3 MB depending on what the heap already held)
+ORT_ENVIRONMENT = 10_300_000  # first session in a process: environment, thread pool, kernel registry, first arena
+#                               (measured 8.7-10.3 MB depending on what the heap already held; an upper bound, so a
+#                               runtime built with budget B stays under B: tools/bench_budget.py)
+RUNTIME_OVERHEAD = 1_500_000  # every runtime: the opened model's and the plans' Python objects, the graph it builds,
+#                               modules imported on first use (measured 1.2-1.5 MB, the same on models of 0.1-1 MB)
 SESSION_OVERHEAD = 200_000  # every further session (graph, kernels, allocation plan)
+SLOT_OVERHEAD = 65_536  # every in-place cache slot beside its buffers: OrtValues, each thread's IOBinding, logits
 SESSION_WEIGHT_FACTOR = 2  # a folded session holds ~2× its weights: parsed initializers and pre-packed GEMM copies
 #                            (measured 1.9× for 4.4 MB weights, RSS after start-up with freed heap returned)
 
@@ -64,6 +69,12 @@ def task_session_estimate(arch: Arch, n_classes: int) -> int:
     return SESSION_WEIGHT_FACTOR * 4 * dense_params(arch, n_classes) + SESSION_OVERHEAD
 
 
+def task_session_build_bytes(arch: Arch, n_classes: int) -> int:
+    """What building one per-task session holds at most: the dense session, and the task's materialised weights
+    beside it until compaction has run."""
+    return task_session_estimate(arch, n_classes) + 4 * dense_params(arch, n_classes)
+
+
 def folded_session_bytes(params: dict[str, np.ndarray]) -> int:
     """A built folded session holding `params` (parsed initializers + pre-packed copies)."""
     return SESSION_WEIGHT_FACTOR * sum(a.nbytes for a in params.values()) + SESSION_OVERHEAD
@@ -89,3 +100,24 @@ def held_bytes(arrays: Iterable[np.ndarray]) -> int:
             a = a.base
         owners[id(a)] = a.nbytes
     return sum(owners.values())
+
+
+def model_floor(arch: Arch, params: dict[str, dict], tasks: list, strategy: str) -> dict[str, int]:
+    """The least a runtime of `strategy` can keep of a model, per part, from its architecture, delta specs and task
+    list alone — the manifest, before any tensor is read — so a budget it cannot meet is refused before a blob is
+    decoded: every task's head and per-task tensors (each strategy keeps them), and in place the base weights (one
+    float32 copy each), LPS keep bits (1 bit per weight per task) and one session; per task a session otherwise."""
+    shapes = [param_shapes(arch, info.n_classes) for info in tasks]
+    own = sum(4 * math.prod(s[name]) for s in shapes for name, spec in params.items()
+              if spec.get("kind") == "task" and name in s)
+    floor = {"heads and per-task tensors": own}
+    trunk = param_shapes(arch)
+    if strategy == "inplace":
+        floor["base weights"] = sum(4 * math.prod(trunk[name]) for name, spec in params.items()
+                                    if spec.get("kind") != "task" and name in trunk)
+        floor["task masks"] = len(tasks) * sum(-(-math.prod(trunk[name]) // 8) for name, spec in params.items()
+                                               if spec.get("kind") == "lps" and name in trunk)
+        floor["session"] = SESSION_OVERHEAD
+    else:
+        floor["sessions"] = len(tasks) * SESSION_OVERHEAD
+    return floor

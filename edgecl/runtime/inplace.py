@@ -107,7 +107,8 @@ class InPlace:
             self._staging = {p.name: np.empty(p.shape, np.float32) for p in self.varying}
         buffers = []
         for i in range(self._slot_count(cache_tasks)):
-            self.ledger.reserve(f"cache slot {i}", self.slot_bytes)  # BudgetError before allocating
+            # BudgetError before allocating; each slot also holds its bindings (measured ~25 KB, charged 64 KB)
+            self.ledger.reserve(f"cache slot {i}", self.slot_bytes + costs.SLOT_OVERHEAD)
             buffers.append(self._new_buffers())
         self.cache = SlotCache(buffers, self._fill, owner="this TaskRuntime")
         # masked tensors are written by as many threads as ONNX Runtime may use (all cores by default)
@@ -122,7 +123,7 @@ class InPlace:
             return 1
         if cache_tasks is None:
             free = None if self.ledger.limit is None else self.ledger.limit - self.ledger.used
-            cache_tasks = max(1, DEFAULT_SLOTS if free is None else free // self.slot_bytes)
+            cache_tasks = max(1, DEFAULT_SLOTS if free is None else free // (self.slot_bytes + costs.SLOT_OVERHEAD))
         return min(cache_tasks, self.n_tasks)
 
     def _new_buffers(self) -> _Buffers:

@@ -1,24 +1,39 @@
-"""Input checks for `TaskRuntime.infer` and `edgecl run`, so a wrong array is a clear UsageError, not an ONNX
-Runtime traceback or a silently wrong answer.
+"""Inputs and outputs of `TaskRuntime.infer` and `edgecl run`: a wrong array or file is a clear UsageError, never an
+ONNX Runtime traceback, an allocation a file cannot back, or a silently wrong answer.
 
-Policy (documented in the README and tested):
+Policy (docs/RUNTIME.md, "Inputs"; tested):
 - shape must be (batch, *input_shape) with batch ≥ 1; a single sample must be given as x[None];
 - float32 is used as is; float16 and float64 are cast to float32 (the model computes in float32 either way, so the
   cast loses nothing a float32 caller would keep); integer, bool, complex and object arrays are refused, because the
   model was trained on scaled floats and raw pixel integers would give confident nonsense;
-- NaN or ±inf anywhere is refused (one pass over the input, negligible next to inference).
+- the check is on what is computed on: a `numpy.ma` masked array is refused (the model cannot honour a mask, and
+  its hidden values would be used), NaN or ±inf anywhere is refused (one pass over the input);
+- finite inputs can still overflow inside the model (an all-3e38 batch): logits that are not finite are refused
+  (`check_output`), never returned — weights are finite by the artifact's rules, so only the input can cause them.
+Files (`load_input`): a regular `.npy` file, or an `.npz` holding exactly one array, never unpickled, and refused
+before reading when the header declares more bytes than the file holds.
 """
 from __future__ import annotations
 
-from typing import Any
+import os
+import stat
+import sys
+import zipfile
+from typing import IO, Any
 
 import numpy as np
 
 from edgecl.errors import UsageError
 
+NPY_MAGIC, ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
+
 
 def check_input(x: Any, input_shape: tuple[int, ...], what: str = "input") -> np.ndarray:
     """A C-contiguous float32 batch ready to bind, or UsageError naming what was wrong."""
+    masked = sys.modules.get("numpy.ma")  # a caller holding a masked array has imported it; never import it here
+    if masked is not None and isinstance(x, masked.MaskedArray):
+        raise UsageError(f"{what} is a numpy masked array: the model cannot honour a mask and would compute on the "
+                         "masked values; pass x.filled(value) or the plain array")
     if not isinstance(x, np.ndarray):
         try:
             x = np.asarray(x)
@@ -33,7 +48,7 @@ def check_input(x: Any, input_shape: tuple[int, ...], what: str = "input") -> np
         raise UsageError(f"{what} has shape {tuple(x.shape)}; expected (batch, {', '.join(map(str, want))}){hint}")
     if x.shape[0] == 0:
         raise UsageError(f"{what} has an empty batch")
-    if x.dtype != np.float32 or not x.flags.c_contiguous:
+    if x.dtype != np.float32 or not x.flags.c_contiguous or type(x) is not np.ndarray:
         with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf and is refused below
             x = np.ascontiguousarray(x, dtype=np.float32)
     finite = np.isfinite(x)
@@ -41,3 +56,82 @@ def check_input(x: Any, input_shape: tuple[int, ...], what: str = "input") -> np
         bad = np.argwhere(~finite)
         raise UsageError(f"{what} has {len(bad)} NaN/inf values (first at index {tuple(int(i) for i in bad[0])})")
     return x
+
+
+def check_output(logits: np.ndarray, x: np.ndarray, task: str) -> np.ndarray:
+    """`logits` when every value is finite; otherwise UsageError: the input overflowed float32 inside the model."""
+    if np.isfinite(logits).all():
+        return logits
+    rows = np.flatnonzero(~np.isfinite(logits).all(axis=1))
+    raise UsageError(f"task {task}: the logits of {len(rows)} of {len(logits)} inputs are not finite (first: input "
+                     f"{int(rows[0])}, max |x| {float(np.abs(x[rows[0]]).max()):.3g}): the input overflows float32 "
+                     "inside the model; scale inputs as in training")
+
+
+def load_input(path: str | os.PathLike) -> np.ndarray:
+    """The array in a `.npy` file, or in an `.npz` archive holding exactly one; never unpickled, and refused before
+    any allocation when its header declares more data than the file holds. UsageError naming the file otherwise."""
+    path = os.fspath(path)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"input file {path!r} not found") from None
+    except OSError as exc:
+        raise UsageError(f"input file {path!r}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(f"input {path!r} is not a regular file (a device, folder or pipe); save the array with "
+                         "numpy.save")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+            if magic == NPY_MAGIC:
+                f.seek(0)
+                return _read_npy(f, info.st_size, path)
+        if magic[:4] == ZIP_MAGIC:
+            return _read_npz(path)
+    except OSError as exc:
+        raise UsageError(f"input file {path!r}: {exc.strerror or exc}") from None
+    raise UsageError(f"input file {path!r} is not a .npy or .npz file (no NumPy header); save the array with "
+                     "numpy.save")
+
+
+def _read_npy(f: IO[bytes], size: int, where: str) -> np.ndarray:
+    """One .npy array from an open file of `size` bytes, its header checked against `size` first."""
+    try:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"unsupported .npy version {version}")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+    except ValueError as exc:
+        raise UsageError(f"input {where!r} has a damaged .npy header ({exc})") from None
+    if dtype.hasobject:
+        raise UsageError(f"input {where!r} holds Python objects, which would need unpickling; refused")
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    held = size - f.tell()
+    if declared != held:
+        raise UsageError(f"input {where!r} declares shape {shape} of {dtype} ({declared} bytes) but holds {held} "
+                         "bytes of data (truncated or damaged)")
+    data = np.empty(declared // max(1, dtype.itemsize), dtype)
+    view, done = memoryview(data).cast("B"), 0
+    while done < held:
+        n = f.readinto(view[done:])
+        if not n:
+            raise UsageError(f"input {where!r} ends after {done} of {held} bytes")
+        done += n
+    return data.reshape(shape, order="F" if fortran else "C")
+
+
+def _read_npz(path: str) -> np.ndarray:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [m for m in archive.infolist() if not m.is_dir()]
+            if len(members) != 1:
+                names = [m.filename.removesuffix(".npy") for m in members]
+                raise UsageError(f"input {path!r} holds {len(members)} arrays {names[:8]}; pass a .npy file or an "
+                                 ".npz with exactly one array")
+            with archive.open(members[0]) as f:
+                return _read_npy(f, members[0].file_size, f"{path}:{members[0].filename}")
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError) as exc:
+        raise UsageError(f"input {path!r} is not a readable .npz archive ({exc})") from None

@@ -12,7 +12,7 @@ from edgecl.graph.builder import INPUT, build_onnx
 from edgecl.graph.compact import compact_task, count_params
 from edgecl.runtime import costs
 from edgecl.runtime.budget import Ledger
-from edgecl.runtime.providers import session_options
+from edgecl.runtime.providers import session_options, to_ortvalue
 from edgecl.source import ModelSource
 
 
@@ -32,22 +32,38 @@ class PerTaskSessions:
         self.session_params: list[int] = []  # parameters in each task's (compacted) session
         self.task_bytes = 0
         self._sessions: list[ort.InferenceSession] = []
+        self._weights: list = []
 
     def start(self, cache_tasks: int | None) -> None:
         del cache_tasks  # every task has its session: nothing to cache
         src, self._src = self._src, None
-        options = session_options(self.threads)
         for t, info in enumerate(src.tasks):
+            item = f"session of task {t} ({info.name})"
+            # what building it holds, reserved before its weights are materialised (refused before allocation),
+            # then what the (compacted) session keeps: never more
+            self.ledger.reserve(item, costs.task_session_build_bytes(src.arch, info.n_classes))
             arch, params = src.arch, src.materialize(t)
             small_arch, small, report = compact_task(arch, params)
             if report.compacted and report.params_compact < report.params_dense:
                 arch, params = small_arch, small
             nbytes = costs.folded_session_bytes(params)
-            self.ledger.reserve(f"session of task {t} ({info.name})", nbytes)
+            self.ledger.release(item)
+            self.ledger.reserve(item, nbytes)
             self.task_bytes += nbytes
             self.session_params.append(count_params(params))
-            model = build_onnx(arch, params, graph_name=f"task{t}")
-            self._sessions.append(ort.InferenceSession(model.SerializeToString(), options, providers=self.providers))
+            self._sessions.append(self._session(arch, params, t))
+
+    def _session(self, arch: dict, params: dict[str, np.ndarray], t: int) -> ort.InferenceSession:
+        """A folded session whose weights ONNX Runtime reads from `params` itself (external initializers, kept alive
+        here): no serialised copy of the weights is ever made, so building one never holds more than it keeps."""
+        arrays = {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in params.items()}
+        model = build_onnx(arch, weights_as_inputs=True, constants=arrays, external_constants=True,
+                           graph_name=f"task{t}")
+        values = [to_ortvalue(a, "cpu") for a in arrays.values()]
+        options = session_options(self.threads)
+        options.add_external_initializers(list(arrays), values)
+        self._weights.append((arrays, values))  # ONNX Runtime reads them for the session's lifetime
+        return ort.InferenceSession(model.SerializeToString(), options, providers=self.providers)
 
     def warm(self, t: int) -> None:
         """Nothing to do: every task's session is ready."""
@@ -60,3 +76,4 @@ class PerTaskSessions:
 
     def close(self) -> None:
         self._sessions = []
+        self._weights = []

@@ -26,7 +26,7 @@ from edgecl.errors import BudgetError, UsageError
 from edgecl.runtime import costs, maskfill
 from edgecl.runtime.budget import Ledger, format_bytes, parse_budget
 from edgecl.runtime.inplace import InPlace
-from edgecl.runtime.inputs import check_input
+from edgecl.runtime.inputs import check_input, check_output
 from edgecl.runtime.per_task import PerTaskSessions
 from edgecl.runtime.process_memory import process_rss, return_free_heap
 from edgecl.runtime.providers import resolve_providers, session_options
@@ -91,6 +91,8 @@ class TaskRuntime:
         self._act_per_sample = costs.activation_bytes(self.arch, 1, max(info.n_classes for info in self._tasks))
         chosen = self._choose(strategy, charge_environment, max_batch)
         try:
+            self._check_floor(src, chosen, charge_environment, max_batch)  # before a single tensor is read
+            self.ledger.reserve("runtime overhead", costs.RUNTIME_OVERHEAD)
             self._strategy: Strategy = _STRATEGY_TYPES[chosen](src, self.ledger, device=device,
                                                                providers=self.providers, threads=threads,
                                                                factor=factor)
@@ -179,7 +181,7 @@ class TaskRuntime:
             t = resolve_task(self._tasks, task)
         x = check_input(x, self.input_shape)
         self._reserve_activations(x.shape[0])
-        return self._strategy.run(t, x)
+        return check_output(self._strategy.run(t, x), x, f"{t} ({self._tasks[t].name})")
 
     def _check_open(self) -> None:
         if self.closed:
@@ -220,9 +222,25 @@ class TaskRuntime:
             return strategy
         if self.ledger.limit is None:
             return "inplace"
-        need = costs.ENVIRONMENT.due(charge_environment) + max_batch * self._act_per_sample
+        need = costs.ENVIRONMENT.due(charge_environment) + max_batch * self._act_per_sample + costs.RUNTIME_OVERHEAD
         need += sum(costs.task_session_estimate(self.arch, info.n_classes) for info in self._tasks)
         return "sessions" if self.ledger.fits(need) else "inplace"
+
+    def _check_floor(self, src: Any, strategy: str, charge_environment: bool | None, max_batch: int) -> None:
+        """BudgetError when the least the model can cost (`costs.model_floor`, from the manifest alone), with ONNX
+        Runtime's environment, the runtime's own overhead and the activations at `max_batch`, exceeds the budget:
+        refused before any tensor is read or decoded."""
+        if self.ledger.limit is None:
+            return
+        floor = costs.model_floor(self.arch, src.params, self._tasks, strategy)
+        fixed = {"onnxruntime environment": costs.ENVIRONMENT.due(charge_environment),
+                 "runtime overhead": costs.RUNTIME_OVERHEAD, "activations": max_batch * self._act_per_sample}
+        parts = {**floor, **fixed}
+        if not self.ledger.fits(sum(parts.values())):
+            raise BudgetError(f"memory budget {format_bytes(self.ledger.limit)} ({self.ledger.limit} B) is below the "
+                              f"least this model needs under {strategy!r}: {format_bytes(sum(parts.values()))} ("
+                              + ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items() if v)
+                              + "); refused before reading any tensor")
 
     def _reserve_activations(self, batch: int) -> None:
         """Activation memory grows with the largest batch seen; a batch beyond the budget is refused up front."""

@@ -79,6 +79,8 @@ MAX_SIDE = 512  # 1,797 digits at 3×512×512 float32 are 5.6 GB: beyond that, b
 def check_stream(name: str, n_tasks: int | None = None, input_shape: tuple[int, ...] | None = None) -> None:
     """Refuse an unknown stream name, task count or input shape before any data is built (nothing is loaded)."""
     if name not in STREAMS and not os.path.exists(name):
+        if name.endswith(".npz") or os.sep in name or "/" in name:
+            raise UsageError(f"stream file {name!r} not found")
         raise UsageError(f"unknown stream {name!r} (built-in: {', '.join(STREAMS)}; or a path to a .npz file)")
     if n_tasks is not None and n_tasks < 1:
         raise UsageError(f"n_tasks must be ≥ 1, got {n_tasks}")

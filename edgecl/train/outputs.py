@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from edgecl.io import write_atomic
+from edgecl.metrics import acc, bwt
 from edgecl.plotting import new_figure, save_png
-
-if TYPE_CHECKING:
-    from edgecl.train.engine import RunResult
 
 
 def format_matrix(acc_matrix: list[list[float]]) -> str:
@@ -25,13 +23,12 @@ def format_matrix(acc_matrix: list[list[float]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(result: RunResult, out_dir: str) -> dict[str, Any]:
-    """results.json plus acc_matrix.png (heatmap) in out_dir; returns the JSON dict."""
+def write_results(data: dict[str, Any], acc_matrix: list[list[float]], title: str, out_dir: str) -> None:
+    """acc_matrix.png (heatmap), then results.json, each written atomically; results.json last, so its presence
+    means every file of the run is complete."""
     os.makedirs(out_dir, exist_ok=True)
-    data = result.to_json()
+    plot_matrix(acc_matrix, title, os.path.join(out_dir, "acc_matrix.png"))
     save_json(data, os.path.join(out_dir, "results.json"))
-    plot_matrix(result.acc_matrix, f"{result.method} on {result.stream}", os.path.join(out_dir, "acc_matrix.png"))
-    return data
 
 
 def save_json(data: dict[str, Any], path: str) -> None:
@@ -40,22 +37,31 @@ def save_json(data: dict[str, Any], path: str) -> None:
 
 
 def plot_matrix(acc_matrix: list[list[float]], title: str, path: str) -> None:
-    """Heatmap of A[i][j] in percent, each seen entry labelled."""
+    """Heatmap of A[i][j] in percent (`matrix_figure`), written as PNG."""
+    save_png(matrix_figure(acc_matrix, title), path)
+
+
+def matrix_figure(acc_matrix: list[list[float]], title: str) -> Any:
+    """Heatmap of A[i][j] in percent, each seen entry labelled to one decimal, ACC and BWT in the title. The colour
+    scale starts a little below the lowest entry, so 97 % and 98 % differ in colour instead of sharing the top of a
+    0-100 scale."""
     n = len(acc_matrix)
     a = np.full((n, n), np.nan)
     for i, row in enumerate(acc_matrix):
         a[i, :len(row)] = row
-    fig, ax = new_figure((max(4.4, 1.0 + 0.55 * n), max(3.6, 0.8 + 0.5 * n)))  # min: title fits
-    im = ax.imshow(100 * a, vmin=0, vmax=100, cmap="viridis")
+    seen = 100 * a[~np.isnan(a)]
+    low = max(0.0, 5 * np.floor(seen.min() / 5) - 5) if seen.size else 0.0
+    fig, ax = new_figure((max(4.8, 1.0 + 0.62 * n), max(3.8, 1.0 + 0.5 * n)))  # min: title fits
+    im = ax.imshow(100 * a, vmin=low, vmax=100, cmap="viridis")
     for i in range(n):
         for j in range(i + 1):
-            ax.text(j, i, f"{100 * a[i, j]:.0f}", ha="center", va="center", fontsize=8,
-                    color="white" if a[i, j] < 0.6 else "black")
+            ax.text(j, i, f"{100 * a[i, j]:.1f}", ha="center", va="center", fontsize=7,
+                    color="white" if 100 * a[i, j] < (low + 100) / 2 else "black")
     ax.set_xlabel("evaluated on task j")
     ax.set_ylabel("after learning task i")
     ax.set_xticks(range(n))
     ax.set_yticks(range(n))
-    ax.set_title(title, fontsize=10)
+    ax.set_title(f"{title}\nACC {100 * acc(a):.1f} %   BWT {100 * bwt(a):+.1f} points", fontsize=10)
     fig.colorbar(im, ax=ax, label="accuracy %", shrink=0.8)
     fig.tight_layout()
-    save_png(fig, path)
+    return fig

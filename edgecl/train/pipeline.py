@@ -1,6 +1,7 @@
 """`edgecl train` as one library call: check the request, train (or continue a deployed artifact), write
-DIR/results.json, DIR/acc_matrix.png, DIR/model.edgecl, DIR/spec.json (the architecture) and, for methods that have
-one, the training state beside the artifact.
+DIR/model.edgecl (one rename, last of its writes), the training state beside it for methods that have one, then
+DIR/spec.json (the architecture, reusable as --arch), DIR/acc_matrix.png and DIR/results.json, which describe that
+model — so a kill never leaves side files ahead of it.
 
 Every name and value of the request is checked before torch is imported or data is built (`check_request`), so a
 typo is refused in a fraction of a second with a `UsageError`, not after an import and a traceback."""
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any, Callable
 
 from edgecl.arch.factories import check_arch_string
@@ -86,20 +86,31 @@ def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_na
     log(f"edgecl: {method_name} on {stream.name} ({len(stream.tasks)} tasks, {arch['name']}"
         f"{f', resuming after task {first - 1}' if first else ''}), config {json.dumps(method.config.to_json())}")
     result = engine.run(method, stream, TrainContext(device=device, progress=progress), first_task=first, log=log)
-    data = write_results(result, out_dir)
-    path = os.path.join(out_dir, ARTIFACT_NAME)
-    if previous:
-        if os.path.abspath(path) != os.path.abspath(resume):
-            shutil.copyfile(resume, path)
-        artifact.append_task(path, result.packed, keeps=method.append_keeps)  # refuses if that would change
-    else:
-        artifact.save(result.packed, path)
-    save_training_state(method.training_state(), path)
+    data = result.to_json()
+    data["artifact"] = write_model(result.packed, out_dir, resume=resume, keeps=method.append_keeps, log=log)
+    save_training_state(method.training_state(), data["artifact"]["path"])
     save_json(arch, os.path.join(out_dir, "spec.json"))  # the architecture, reusable as --arch DIR/spec.json
-    data["artifact"] = {"path": path, "bytes": os.path.getsize(path)}
-    save_json(data, os.path.join(out_dir, "results.json"))
+    write_results(data, result.acc_matrix, f"{result.method} on {result.stream}", out_dir)  # last: they describe it
     log(format_matrix(result.acc_matrix))
-    log(f"ACC {100 * data['acc']:.2f}%  BWT {100 * data['bwt']:+.2f} points  artifact {path} "
+    log(f"ACC {100 * data['acc']:.2f}%  BWT {100 * data['bwt']:+.2f} points  artifact {data['artifact']['path']} "
         f"({data['artifact']['bytes'] / 1024:.1f} KiB)")
     return data
 
+
+def write_model(packed: Any, out_dir: str, *, resume: str | None = None, keeps: str = "all",
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """DIR/model.edgecl, replaced in one rename (the new file is complete and checked first), so a kill at any point
+    leaves DIR's previous model or the new one. With `resume`, the model extends that artifact, and every earlier
+    task is verified to materialise as the method guarantees before the rename (`artifact.append_task`)."""
+    from edgecl import artifact
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, ARTIFACT_NAME)
+    if resume:
+        done = artifact.append_task(resume, packed, keeps=keeps, out=path)  # refuses if that would change them
+        what = "every tensor" if keeps == "all" else "their heads"
+        log(f"verified: tasks 0-{done['tasks'] - 1} of {resume} materialise bit-identically from the new artifact "
+            f"({what}, the {packed.method} guarantee)")
+    else:
+        artifact.save(packed, path)
+    return {"path": path, "bytes": os.path.getsize(path)}

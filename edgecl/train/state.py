@@ -19,13 +19,24 @@ def state_path(artifact_path: str) -> str:
     return f"{artifact_path}.state"
 
 
+STATE_OF = "edgecl.artifact_digest"
+"""safetensors metadata: the digest of the artifact the state belongs to (they are written one after the other, so a
+run stopped between the two leaves a state that `load_training_state` recognises as another model's)."""
+
+
 def save_training_state(state: dict[str, Any], artifact_path: str) -> None:
-    """safetensors (no pickle), written atomically; nothing is written for methods without training state."""
+    """safetensors (no pickle), written atomically, naming the artifact it belongs to; nothing is written for
+    methods without training state."""
     if not state:
         return
     from safetensors.numpy import save
 
-    write_atomic(state_path(artifact_path), save({k: np.ascontiguousarray(v) for k, v in state.items()}))
+    from edgecl import artifact
+
+    with artifact.load(artifact_path) as art:
+        digest = art.digest
+    write_atomic(state_path(artifact_path), save({k: np.ascontiguousarray(v) for k, v in state.items()},
+                                                 metadata={STATE_OF: digest}))
 
 
 def load_training_state(artifact_path: str) -> dict[str, Any] | None:
@@ -33,10 +44,18 @@ def load_training_state(artifact_path: str) -> dict[str, Any] | None:
     path = state_path(artifact_path)
     if not os.path.exists(path):
         return None
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    from safetensors import SafetensorError, safe_open
+
+    from edgecl import artifact
 
     try:
-        return load_file(path)
+        with safe_open(path, "np") as f:
+            owner = (f.metadata() or {}).get(STATE_OF)
+            state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise UsageError(f"{path}: unreadable training state ({exc})") from None
+    with artifact.load(artifact_path) as art:
+        if owner is not None and owner != art.digest:
+            raise UsageError(f"{path}: this training state belongs to another version of {artifact_path} (a run "
+                             "stopped between writing the two?); retrain, or restore the state written with it")
+    return state

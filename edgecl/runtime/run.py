@@ -1,0 +1,79 @@
+"""`edgecl run` as one library call: one task of an artifact on an input file — logits written, labels printed — or
+timed on random input (`benchmark`), the way trtexec and ONNX Runtime's perf tool time a model. Torch-free."""
+from __future__ import annotations
+
+import io
+import os
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from edgecl.errors import UsageError
+from edgecl.io import write_atomic
+from edgecl.runtime.inputs import load_input
+from edgecl.runtime.task_runtime import TaskRuntime
+
+WARMUP = 10  # untimed runs before a benchmark: the first calls allocate ONNX Runtime's arena and bindings
+
+
+def run_task(artifact: Any, task: int | str, *, input: str | None = None, output: str | None = None,
+             labels: bool = False, benchmark: int = 0, batch: int = 1, device: str = "cpu", backend: str = "auto",
+             budget: int | str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run `task` on the array in `input` (logits saved to `output`, argmax labels logged unless only logits were
+    asked for) and/or `benchmark` timed runs on random input of `batch` (or on `input`). Returns what was done:
+    ``{"task", "logits"?, "latency_ms"?}``. UsageError for bad arguments or files, as everywhere."""
+    for name, value, low in (("--benchmark", benchmark, 0), ("--batch", batch, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise UsageError(f"{name} must be an integer ≥ {low}, got {value!r}")
+    if input is None and not benchmark:
+        raise UsageError("give --input FILE (a .npy array), or --benchmark N to time the task on random input")
+    x = None if input is None else load_input(input)
+    max_batch = batch if x is None else max(1, len(x)) if x.ndim else 1
+    runtime = TaskRuntime(artifact, backend=backend, device=device, budget=budget, strategy="inplace",
+                          cache_tasks=1, max_batch=max_batch)
+    t = runtime.switch(task)
+    name = f"task {t} ({runtime.tasks[t]})"
+    done: dict[str, Any] = {"task": t}
+    if x is not None:
+        logits = done["logits"] = runtime.infer(x)
+        if output:
+            path = _save_npy(output, logits)
+            log(f"{name}: logits {logits.shape} written to {path}")
+        if labels or not output:
+            log(" ".join(str(int(c)) for c in logits.argmax(1)))
+    if benchmark:
+        data = x if x is not None else np.random.default_rng(0).random((batch, *runtime.input_shape), np.float32)
+        done["latency_ms"] = timings = time_inference(runtime, t, data, benchmark)
+        log(format_latency(name, timings, len(data), runtime.strategy))
+    runtime.close()
+    return done
+
+
+def _save_npy(path: str, array: np.ndarray) -> str:
+    """np.save's file (".npy" appended when missing), written atomically."""
+    path = path if path.endswith(".npy") else f"{path}.npy"
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    write_atomic(path, buffer.getvalue())
+    return os.fspath(path)
+
+
+def time_inference(runtime: TaskRuntime, t: int, x: np.ndarray, n: int) -> dict[str, float]:
+    """Latency percentiles (ms) of `n` inferences of task t on `x`, after `WARMUP` untimed ones."""
+    for _ in range(min(WARMUP, n)):
+        runtime.infer(x, task=t)
+    ms = np.empty(n)
+    for i in range(n):
+        start = time.perf_counter()
+        runtime.infer(x, task=t)
+        ms[i] = 1000 * (time.perf_counter() - start)
+    return {"runs": n, "mean": float(ms.mean()), "min": float(ms.min()),
+            **{f"p{q}": float(np.percentile(ms, q)) for q in (50, 90, 99)}, "max": float(ms.max())}
+
+
+def format_latency(name: str, ms: dict[str, float], batch: int, strategy: str) -> str:
+    """One line: the percentiles and the throughput they imply."""
+    return (f"{name}: {ms['runs']} runs at batch {batch} ({strategy}, after {min(WARMUP, ms['runs'])} warm-up): "
+            f"mean {ms['mean']:.3f} ms, min {ms['min']:.3f}, p50 {ms['p50']:.3f}, p90 {ms['p90']:.3f}, "
+            f"p99 {ms['p99']:.3f}, max {ms['max']:.3f} ms; {1000 * batch / ms['p50']:,.0f} samples/s at p50")

@@ -1,0 +1,307 @@
+"""The fuzz families that found issue 17's items, run by tests/test_artifact_fuzz.py on its corpus of real artifacts.
+
+Each family is `family(corpus, which, data) -> loaded` (hypothesis draws through `data`). A resealed forgery must
+raise ArtifactError (a forged model handed over in memory: UsageError) — or load, and then every task must give, in
+the runtime (in place with every delta factored, and per-task sessions, folded from `materialize`), the same logits,
+or both must refuse them as not finite. Anything else fails the test:
+
+- `masked_values` (item 1): NaN, ±inf and extreme finite values written into base weights, preferably where a task
+  masks them out (LPS keep masks, AGS-CL node masks, a zeroed low-rank row);
+- `long_names` (items 3 and 5): permutation groups, task, tensor and node names of every length around the bounds,
+  index-like and repeated task names;
+- `hostile_specs` (item 6): random architecture graphs with hostile fields; a spec `validate` refuses must be
+  refused by `save` as well, one it accepts must save, load and run like torch's forward pass of the same weights;
+- `size_bombs` (item 9): many classes, nodes, edges, JSON containers and multiplied activations, each near its
+  bound; the reader must never allocate beyond the decode bound.
+"""
+from __future__ import annotations
+
+import os
+import tracemalloc
+import warnings
+
+import numpy as np
+from hypothesis import strategies as st
+
+import artifact_models as am
+from edgecl import artifact
+from edgecl.arch.spec import ACTIVATIONS, param_shapes, validate
+from edgecl.artifact.limits import decode_bound
+from edgecl.deltas import PackedModel, TaskInfo, lps_keep, node_factor
+from edgecl.errors import EdgeclWarning, UsageError
+
+_PACKED: dict[int, PackedModel] = {}
+
+
+def _packed(which: int) -> PackedModel:
+    """The model corpus file `which` was saved from."""
+    if which not in _PACKED:
+        _PACKED[which] = am.original_packed(am.FUZZ_KINDS[which], which, 3)
+    return _PACKED[which]
+
+
+def _path(corpus, name: str = "family.edgecl") -> str:
+    return os.path.join(corpus.folder, name)
+
+
+def _runtime_agrees(path: str, tasks: range) -> None:
+    """Per-task sessions (folded from `materialize`) and the in-place runtime with every delta factored give the
+    same logits, or the factored path refuses them as not finite: it computes W·x before a dead unit's zero scale,
+    and a forged activation near float32's limit overflows there (docs/RUNTIME.md, "Inputs") — refused, never a
+    silently different answer. Logits the folded path refuses, the factored one must refuse too."""
+    from edgecl.runtime import TaskRuntime
+    from edgecl.runtime import plan
+
+    saved, plan.FACTOR_MIN_ELEMENTS = plan.FACTOR_MIN_ELEMENTS, 0
+    try:
+        factored, folded = TaskRuntime(path, strategy="inplace"), TaskRuntime(path, strategy="sessions")
+    finally:
+        plan.FACTOR_MIN_ELEMENTS = saved
+    x = np.random.default_rng(7).standard_normal((3, *factored.input_shape)).astype(np.float32)
+    for t in tasks:
+        outputs = []
+        for rt in (factored, folded):
+            try:
+                outputs.append(rt.infer(x, task=t))
+            except UsageError as exc:
+                assert "not finite" in str(exc), exc
+                outputs.append(None)
+        a, b = outputs
+        assert a is None or b is not None, f"task {t}: the factored path returned logits materialize makes NaN/inf"
+        if a is not None:
+            scale = max(1.0, float(np.abs(b).max()))
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * scale, err_msg=f"task {t}")
+
+
+def _loads(corpus, raw: bytes) -> bool:
+    got = am.load_everything(raw, _path(corpus))
+    if got is not None:
+        assert am.runnable(*got), "a forged file loaded into tensors its arch cannot run"
+    return got is not None
+
+
+# ---------------------------------------------------------------- item 1
+
+_VALUES = [np.nan, np.inf, -np.inf, 3e38, -3e38, 1e-45, -0.0, 65504.0, 1e30]
+
+
+def _masked_positions(packed: PackedModel, t: int, name: str) -> np.ndarray:
+    """Flat indices of `name`'s elements task t does not use (empty when its kind masks nothing)."""
+    spec, base = packed.params[name], packed.base[name]
+    if spec["kind"] == "lps":
+        return np.flatnonzero(~lps_keep(packed, t, name))
+    if spec["kind"] == "node":
+        return np.flatnonzero(~np.broadcast_to(node_factor(packed, t, spec, base.shape), base.shape))
+    return np.array([], np.int64)
+
+
+def masked_values(corpus, which: int, data) -> bool:
+    packed = _packed(which)
+    raw = corpus.originals[which][0]
+    names = [n for n, spec in packed.params.items() if spec["kind"] != "task" and packed.base[n].size]
+    if not names:
+        return _loads(corpus, raw)
+    name = data.draw(st.sampled_from(names))
+    t = data.draw(st.integers(0, packed.n_tasks - 1))
+    base = np.array(packed.base[name], np.float32)
+    if packed.params[name]["kind"] == "lowrank" and f"{name}:r" in packed.task_tensors[t]:
+        r = np.array(packed.task_tensors[t][f"{name}:r"])
+        r[0] = 0.0  # a zeroed low-rank row masks row 0 of the base for this task
+        raw = am.forge_tensor(raw, f"task{t}::{name}:r", r)
+    masked = _masked_positions(packed, t, name)
+    flat = base.reshape(-1)
+    for _ in range(data.draw(st.integers(1, 3))):
+        pool = masked if masked.size and data.draw(st.booleans()) else np.arange(flat.size)
+        flat[int(pool[data.draw(st.integers(0, pool.size - 1))])] = data.draw(st.sampled_from(_VALUES))
+    raw = am.forge_tensor(raw, f"base::{name}", base)
+    loaded = _loads(corpus, raw)
+    assert loaded == bool(np.isfinite(base).all()), "non-finite weights loaded, or finite ones were refused"
+    if loaded:
+        _runtime_agrees(_path(corpus), range(packed.n_tasks))
+    return loaded
+
+
+# ---------------------------------------------------------------- items 3 and 5
+
+_names = st.one_of(st.text(max_size=12), st.integers(0, 1200).map(lambda n: "g" * n),
+                   st.sampled_from([199, 200, 201, 254, 255, 256, 257]).map(lambda n: "x" * n),
+                   st.sampled_from(["3", "00", "-1", "٣", " 7", "1_0", "2-5", "all", "a,b", "task-0", "fc1"]))
+
+
+def long_names(corpus, which: int, data) -> bool:
+    manifest, table, blobs = am.split_file(corpus.originals[which][0])
+    target = data.draw(st.sampled_from(["group", "task", "tensor", "node"]))
+    name = data.draw(_names)
+    if target == "group":
+        permuted = [n for n, spec in manifest["params"].items() if spec["kind"] == "permute"] or list(manifest["params"])
+        manifest["params"][data.draw(st.sampled_from(permuted))]["group"] = name
+    elif target == "task":
+        manifest["tasks"][data.draw(st.integers(0, len(manifest["tasks"]) - 1))]["name"] = name
+    elif target == "tensor":
+        key = data.draw(st.sampled_from(sorted(table)))
+        new = f"{key.split('::')[0]}::{name}"
+        table[new], manifest["blobs"][new] = table.pop(key), manifest["blobs"].pop(key)
+    else:
+        node = data.draw(st.sampled_from(manifest["arch"]["nodes"]))
+        node["name"] = name
+    try:
+        raw = am.build_file(manifest, table, blobs)
+    except (TypeError, ValueError):
+        return False
+    with warnings.catch_warnings():  # an index-like or repeated task name loads with a warning, as it should
+        warnings.simplefilter("ignore", EdgeclWarning)
+        loaded = _loads(corpus, raw)
+    if loaded and target == "group":
+        _runtime_agrees(_path(corpus), range(len(manifest["tasks"])))
+    return loaded
+
+
+# ---------------------------------------------------------------- item 6
+
+_sizes = st.one_of(st.integers(1, 6), st.sampled_from([0, -1, 1000, 2 ** 31, True, 2.0, None, "3"]))
+
+
+def _shapes(shape: list, nodes: list[dict]) -> dict[str, list[int]]:
+    """Output shapes of the nodes of a spec prefix that validates (empty when it does not)."""
+    from edgecl.arch.spec import node_shapes
+
+    try:
+        return node_shapes(validate({"name": "p", "input_shape": shape,
+                                     "nodes": nodes + [{"name": "_f", "op": "flatten", "inputs": [
+                                         nodes[-1]["name"] if nodes else "input"]}]}))
+    except UsageError:
+        return {}
+
+
+@st.composite
+def _spec(draw) -> dict:
+    """A random graph over a small input: mostly plausible ops and fields (sizes read from the prefix), some hostile."""
+    shape = draw(st.sampled_from([[1, 6, 6], [3, 5, 7], [2, 4, 4], [8], [4, 3], [2, 1, 9], [0, 4, 4], [1, 1, 1]]))
+    names, nodes = ["input"], []
+    hostile = st.sampled_from([0, -1, 1000, 2 ** 31, True, 2.0, None, "3"])
+    for i in range(draw(st.integers(1, 6))):
+        known = _shapes(shape, nodes)
+        op = draw(st.sampled_from(["conv", "linear", "bn", "maxpool", "avgpool", "gap", "add", "mul", "cat", "flatten",
+                                   "reshape", *ACTIVATIONS]))
+        src = draw(st.sampled_from(names))
+        node = {"name": f"n{i}", "op": op, "inputs": [src]}
+        dims = known.get(src, [1])
+        fits = draw(st.integers(0, 9)) > 0  # mostly the size the input has
+        if op in ("add", "mul", "cat"):
+            node["inputs"].append(draw(st.sampled_from([n for n in names if known.get(n) == dims] or names)))
+        if op == "conv":
+            c = dims[0] if fits else draw(hostile)
+            g = draw(st.sampled_from([1, 1, c if isinstance(c, int) and c > 0 else 1]))
+            node.update({"in": c, "out": g * draw(st.integers(1, 3)), "k": draw(st.sampled_from([1, 2, 3, [1, 3]])),
+                         "stride": draw(st.sampled_from([1, 2, 3])), "pad": draw(st.sampled_from([0, 1, 2])),
+                         "dilation": draw(st.sampled_from([1, 2])), "groups": g})
+        elif op == "linear":
+            node.update({"in": int(np.prod(dims)) if fits else draw(hostile), "out": draw(st.integers(1, 8))})
+        elif op == "bn":
+            node.update({"ch": dims[0] if fits else draw(hostile), "eps": draw(st.sampled_from([1e-5, 0.5, 0, 2]))})
+        elif op in ("maxpool", "avgpool"):
+            node.update({"k": draw(st.sampled_from([1, 2, 3, [2, 3], 1000])), "pad": draw(st.sampled_from([0, 1, 2])),
+                         "ceil_mode": draw(st.booleans())})
+            if draw(st.booleans()):
+                node["stride"] = draw(st.sampled_from([1, 2, 3]))
+            if op == "maxpool" and draw(st.booleans()):
+                node["dilation"] = draw(st.sampled_from([1, 2, 3]))
+        elif op == "reshape":
+            node["shape"] = [int(np.prod(dims)), 1, 1] if fits else draw(st.lists(st.integers(1, 64), max_size=3))
+        nodes.append(node)
+        names.append(node["name"])
+    nodes.append({"name": "out", "op": "flatten", "inputs": [names[-1]]})
+    return {"name": "fuzzed", "input_shape": shape, "nodes": nodes}
+
+
+def _random_model(arch: dict, seed: int) -> PackedModel:
+    rng = np.random.default_rng(seed)
+    base = {}
+    for name, shape in param_shapes(arch).items():
+        w = rng.standard_normal(shape).astype(np.float32) / np.float32(np.sqrt(max(1, np.prod(shape[1:]))))
+        base[name] = np.abs(w) + np.float32(0.5) if name.endswith("running_var") else w
+    heads = [{"head.weight": rng.standard_normal((3, arch["feature_dim"])).astype(np.float32),
+              "head.bias": rng.standard_normal(3).astype(np.float32)} for _ in range(2)]
+    params = {**{n: {"kind": "shared"} for n in base}, "head.weight": {"kind": "task"}, "head.bias": {"kind": "task"}}
+    return PackedModel(arch, "finetune", {}, params, base, [TaskInfo("a", 3), TaskInfo("b", 3)], heads)
+
+
+def hostile_specs(corpus, which: int, data) -> bool:
+    import torch
+
+    from edgecl.runtime import TaskRuntime
+    from edgecl.train.models import forward
+
+    spec = data.draw(_spec())
+    path = _path(corpus, "spec.edgecl")
+    try:
+        arch = validate(spec)
+    except UsageError:
+        unchecked = PackedModel(spec, "finetune", {}, {"head.weight": {"kind": "task"}, "head.bias": {"kind": "task"}},
+                                {}, [TaskInfo("a", 3)], [{}])
+        try:
+            artifact.save(unchecked, path)
+        except UsageError:
+            return False
+        raise AssertionError("save stored an architecture validate refuses")
+    packed = _random_model(arch, which)
+    artifact.save(packed, path)
+    with artifact.load(path) as art:
+        art.verify()
+        weights = art.materialize(1)
+    x = np.random.default_rng(which).standard_normal((2, *arch["input_shape"])).astype(np.float32)
+    want = forward(arch, {k: torch.from_numpy(v) for k, v in weights.items()}, torch.from_numpy(x)).numpy()
+    for strategy in ("inplace", "sessions"):
+        try:
+            got = TaskRuntime(path, strategy=strategy).infer(x, task=1)
+        except UsageError as exc:
+            assert "not finite" in str(exc) and not np.isfinite(want).all(), exc
+            continue
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(want).max())),
+                                   err_msg=f"{strategy}: {arch['nodes']}")
+    return True
+
+
+# ---------------------------------------------------------------- item 9
+
+def _bomb(manifest: dict, table: dict, blobs: bytes, kind: str, n: int) -> tuple[dict, dict, bytes]:
+    nodes = manifest["arch"]["nodes"]
+    last = nodes[-1]["name"]
+    if kind == "classes":
+        manifest["tasks"][0]["n_classes"] = n
+    elif kind == "nodes":
+        nodes += [{"name": f"r{i}", "op": "relu", "inputs": [last if i == 0 else f"r{i - 1}"]} for i in range(n)]
+        manifest["arch"]["output"] = nodes[-1]["name"]
+    elif kind == "edges":
+        nodes += [{"name": f"a{i}", "op": "add", "inputs": [last] * 256} for i in range(n // 256)]
+    elif kind == "containers":
+        manifest["extra"]["junk"] = [{}] * n
+    else:  # activations multiplied by concatenation
+        for i in range(n):
+            nodes.append({"name": f"c{i}", "op": "cat", "inputs": [nodes[-1]["name"]] * 256})
+    return manifest, table, blobs
+
+
+def size_bombs(corpus, which: int, data) -> bool:
+    from edgecl.arch.spec import MAX_EDGES, MAX_NODES
+    from edgecl.artifact.limits import MAX_CLASSES, MAX_JSON_CONTAINERS
+
+    kind = data.draw(st.sampled_from(["classes", "nodes", "edges", "containers", "activations"]))
+    bound = {"classes": MAX_CLASSES, "nodes": MAX_NODES, "edges": MAX_EDGES, "containers": MAX_JSON_CONTAINERS,
+             "activations": 4}[kind]
+    n = data.draw(st.sampled_from([bound // 2, bound - 10, bound + 1, bound + 10, 4 * bound]))
+    raw = am.build_file(*_bomb(*am.split_file(corpus.originals[which][0]), kind, max(1, n)))
+    tracemalloc.start()
+    try:
+        loaded = _loads(corpus, raw)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # the corpus files decode to a few KB: what a bomb costs is its header's and spec's parsing and checking
+    assert peak <= min(decode_bound(len(raw)), BOMB_HEAP), f"{kind} {n}: {peak} bytes for a {len(raw)}-byte file"
+    return loaded
+
+
+BOMB_HEAP = 64 << 20
+"""Python heap a size bomb may take to be loaded or refused (an 8 MiB header of 250,000 empty objects: ~40 MB)."""
+
