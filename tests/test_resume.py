@@ -107,7 +107,7 @@ def test_resume_into_a_used_folder_replaces_its_model_in_one_last_rename(tmp_pat
                                                                                 real(tmp, path)))
     capsys.readouterr()
     assert main(argv) == 0
-    assert order == ["model.edgecl", "acc_matrix.png", "results.json"], order
+    assert order == ["model.edgecl", "spec.json", "acc_matrix.png", "results.json"], order
     assert "verified: tasks 0-0 of" in capsys.readouterr().out
     assert artifact.load(used / "model.edgecl").n_tasks == 2
 
