@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from torch_models import ResCat
+from torch_models import ResCat, one_torch_thread, rgb_digits
 
 from edgecl import artifact
 from edgecl.arch import from_torch, preset, validate
@@ -35,14 +35,7 @@ GROUPED = validate({"name": "grouped", "input_shape": [1, 8, 8], "nodes": [
     {"name": "f", "op": "flatten", "inputs": ["p"]}]})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread, as `edgecl train` uses: on a busy 2-core machine two threads made these small convolutions
-    ~10× slower in wall time (measured 20 s vs 1.9 s for the resnet run)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_threads = one_torch_thread
 
 
 def _arch(name: str) -> dict:
@@ -192,3 +185,37 @@ def test_resnet_resume_through_the_cli_keeps_earlier_tasks_bit_identical(tmp_pat
         for t in range(2):
             x = stream.tasks[t].x_test
             assert np.array_equal(old.infer(x, task=t), new.infer(x, task=t))
+
+
+def _zoo(name: str):
+    from edgecl.arch.factories import ensure_torchvision_imports
+
+    ensure_torchvision_imports()
+    import timm
+    import torchvision
+
+    return {"torchvision resnet18": lambda: torchvision.models.resnet18(num_classes=2),
+            "torchvision mobilenet_v2": lambda: torchvision.models.mobilenet_v2(num_classes=2, width_mult=0.25),
+            "timm mobilenetv3_small_050": lambda: timm.create_model("mobilenetv3_small_050", num_classes=2)}[name]()
+
+
+@pytest.mark.slow  # real ImageNet-style networks, two short tasks each (~5-20 s)
+@pytest.mark.parametrize("name, size", [("torchvision resnet18", 32), ("torchvision mobilenet_v2", 16),
+                                        ("timm mobilenetv3_small_050", 16)])
+def test_torchvision_and_timm_networks_train_with_exact_freezes(name, size):
+    stream = rgb_digits("split-digits", size, 2)
+    method = AGSCL(from_torch(_zoo(name), (3, size, size)), AGSCLConfig(epochs=2, mu=60.0))
+    first = []
+    for t, task in enumerate(stream.tasks):
+        method.learn_task(t, task, CTX)
+        first.append(materialize(method.pack(), t))
+    packed = method.pack()
+    extra = packed.extra
+    assert extra["exact_zero_unimportant"][0] > 0  # a strong lasso freed channels: cuts and re-inits are in play
+    frozen, important = extra["frozen_important"][1]
+    assert frozen == important > 0 and extra["old_task_max_drift"] == [0.0, 0.0]
+    assert all(np.array_equal(materialize(packed, 0)[k], w) for k, w in first[0].items())
+    x = stream.tasks[1].x_test[:16]
+    with torch.no_grad():
+        want = forward(packed.arch, from_numpy(materialize(packed, 1)), torch.from_numpy(x)).numpy()
+    assert np.abs(TaskRuntime(packed).infer(x, task=1) - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))

@@ -80,13 +80,7 @@ def prox_groups(theta: torch.Tensor, theta_hat: torch.Tensor, omega: torch.Tenso
                 lam: float) -> torch.Tensor:
     """The proximal step (7) on groups stored as rows of `theta` (N × d), anchors θ̂ in `theta_hat`."""
     a, b = prox_coefficients(theta.norm(dim=1), (theta - theta_hat).norm(dim=1), omega, alpha, mu, lam)
-    return _combine(theta, theta_hat, a[:, None], b[:, None])
-
-
-def _combine(p: torch.Tensor, q: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a·p + b·q, but exactly q where (a, b) = (0, 1): 0·p may be −0.0 (or NaN), and a held entry must keep its bits
-    (an old task reading it must not see even the sign of a zero flip)."""
-    return torch.where((a == 0) & (b == 1), q, a * p + b * q)
+    return a[:, None] * theta + b[:, None] * theta_hat
 
 
 class AGSCL(Method):
@@ -165,7 +159,7 @@ class AGSCL(Method):
         self.alive.append(alive)
         self.task_stats.append({k: self.trunk[k].clone() for k in nodes.stats})
         self.stats.append({**freeze, "exact_zero_nodes": zeroed, "reinit_nodes": reinit})
-        if freeze["old_task_max_drift"] > 0:
+        if freeze["frozen"][0] < freeze["frozen"][1] or freeze["old_task_max_drift"] > 0:
             ctx.notes.setdefault(t, {})["warning"] = (
                 f"agscl task {t}: only {freeze['frozen'][0]} of {freeze['frozen'][1]} important nodes stayed exactly "
                 f"frozen; earlier tasks' weights moved by up to {freeze['old_task_max_drift']:.3g} "
@@ -210,8 +204,8 @@ class AGSCL(Method):
             if hold is not None:
                 a, b = torch.where(hold, 0.0, a), torch.where(hold, 1.0, b)
             kept = torch.where((omega > 0) | (a == 0), a, torch.ones_like(a))  # scale-free rows: all or nothing
-            for k, (p, q) in flat.items():
-                p.copy_(_combine(p, q, (kept if k in scale_free else a)[rows[k]][:, None], b[rows[k]][:, None]))
+            for k, (p, q) in flat.items():  # held rows (a, b) = (0, 1) with p = q bit for bit stay so: p·0 + q = q
+                p.mul_((kept if k in scale_free else a)[rows[k]][:, None]).addcmul_(b[rows[k]][:, None], q)
 
     def _freeze_report(self, learn: Params, anchor: Params, important: np.ndarray) -> dict[str, Any]:
         """How exactly the previous tasks were kept: [bit-identical important nodes, important nodes] and the
