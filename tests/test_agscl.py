@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch_models import one_torch_thread
+from torch_training import one_torch_thread
 
 from edgecl.arch import preset, unit_sources, validate
 from edgecl.deltas import check_consistent, materialize

@@ -8,7 +8,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from torch_models import ResCat, one_torch_thread, rgb_digits
+from torch_nets import MODELS, ResCat
+from torch_training import one_torch_thread, rgb_digits
 
 from edgecl import artifact
 from edgecl.arch import from_torch, preset, validate
@@ -39,14 +40,19 @@ _threads = one_torch_thread
 
 
 def _arch(name: str) -> dict:
-    return from_torch(ResCat(in_channels=1), (1, 8, 8)) if name == "rescat" else \
-        GROUPED if name == "grouped" else preset(name)
+    return from_torch(ResCat(), (3, 8, 8)) if name == "rescat" else GROUPED if name == "grouped" else preset(name)
+
+
+def _stream(name: str, n_tasks: int):
+    """Permuted digits, as 3-channel images for ResCat."""
+    return rgb_digits("permuted-digits", 8, n_tasks) if name == "rescat" else \
+        make_stream("permuted-digits", n_tasks, seed=0)
 
 
 def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dict]]:
     """Train task by task; also each task's deployed weights right after it was learned."""
     method = AGSCL(_arch(arch_name), AGSCLConfig(**{**FAST, **cfg}))
-    tasks = make_stream("permuted-digits", n_tasks, seed=0).tasks
+    tasks = _stream(arch_name, n_tasks).tasks
     first = []
     for t, task in enumerate(tasks):
         method.learn_task(t, task, CTX)
@@ -78,7 +84,7 @@ def test_dead_node_groups_are_exactly_zero_in_every_producer(graph_run):
     zeroed = method.pack().extra["exact_zero_unimportant"]
     assert zeroed[0] > 0, name
     fresh = AGSCL(_arch(name), AGSCLConfig(**FAST, rho=0.0))  # no re-initialisation: the dead stay as the lasso left
-    fresh.learn_task(0, make_stream("permuted-digits", 1, seed=0).tasks[0], CTX)
+    fresh.learn_task(0, _stream(name, 1).tasks[0], CTX)
     dead = ~fresh.alive[0]
     assert dead.any()
     for tensor, rows in fresh.nodes.trainable.items():
@@ -165,7 +171,7 @@ def test_rescat_resumes_and_appends_with_earlier_tasks_bit_identical(tmp_path):
     again = AGSCL(_arch("rescat"), AGSCLConfig(**FAST))
     again.resume(artifact.load(path).to_packed())
     assert np.array_equal(again.birth, method.birth) and again.cuts().keys() == method.cuts().keys()
-    again.learn_task(2, make_stream("permuted-digits", 3, seed=0).tasks[2], CTX)
+    again.learn_task(2, _stream("rescat", 3).tasks[2], CTX)
     before = [artifact.load(path).materialize(t) for t in range(2)]
     artifact.append_task(path, again.pack())  # refuses if any earlier tensor would change
     for t in range(2):
@@ -187,24 +193,12 @@ def test_resnet_resume_through_the_cli_keeps_earlier_tasks_bit_identical(tmp_pat
             assert np.array_equal(old.infer(x, task=t), new.infer(x, task=t))
 
 
-def _zoo(name: str):
-    from edgecl.arch.factories import ensure_torchvision_imports
-
-    ensure_torchvision_imports()
-    import timm
-    import torchvision
-
-    return {"torchvision resnet18": lambda: torchvision.models.resnet18(num_classes=2),
-            "torchvision mobilenet_v2": lambda: torchvision.models.mobilenet_v2(num_classes=2, width_mult=0.25),
-            "timm mobilenetv3_small_050": lambda: timm.create_model("mobilenetv3_small_050", num_classes=2)}[name]()
-
-
 @pytest.mark.slow  # real ImageNet-style networks, two short tasks each (~5-20 s)
 @pytest.mark.parametrize("name, size", [("torchvision resnet18", 32), ("torchvision mobilenet_v2", 16),
                                         ("timm mobilenetv3_small_050", 16)])
 def test_torchvision_and_timm_networks_train_with_exact_freezes(name, size):
     stream = rgb_digits("split-digits", size, 2)
-    method = AGSCL(from_torch(_zoo(name), (3, size, size)), AGSCLConfig(epochs=2, mu=60.0))
+    method = AGSCL(from_torch(MODELS[name](), (3, size, size)), AGSCLConfig(epochs=2, mu=60.0))
     first = []
     for t, task in enumerate(stream.tasks):
         method.learn_task(t, task, CTX)

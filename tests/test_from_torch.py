@@ -7,46 +7,17 @@ import torch
 from torch import nn
 
 from edgecl.arch import channel_map, from_torch, param_shapes, prunable
-from edgecl.arch.factories import build_module, ensure_torchvision_imports, resolve_arch
-from edgecl.arch.fx_import import tensors_of
+from edgecl.arch.factories import build_module, resolve_arch
 from edgecl.errors import UsageError
 from edgecl.graph.builder import build_onnx
 from edgecl.train.models import forward, from_numpy
-
-ensure_torchvision_imports()
-import timm  # noqa: E402
-import torchvision  # noqa: E402
-from torch_models import ResCat  # noqa: E402
-
-
-def _randomise_batchnorm(module: nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(1 + 0.2 * torch.randn(m.num_features, generator=g))
-            m.bias.data.copy_(0.2 * torch.randn(m.num_features, generator=g))
-
-
-MODELS = {
-    "torchvision resnet18": lambda: torchvision.models.resnet18(num_classes=5),
-    "torchvision mobilenet_v2": lambda: torchvision.models.mobilenet_v2(num_classes=5, width_mult=0.25),
-    "timm mobilenetv3_small_050": lambda: timm.create_model("mobilenetv3_small_050", num_classes=5),
-    "custom residual + concat": ResCat,
-}
+from torch_nets import MODELS, ResCat, module_and_spec, spec_and_weights
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_spec_forward_and_onnx_equal_the_module(name):
-    torch.manual_seed(0)
-    module = MODELS[name]().eval()
-    _randomise_batchnorm(module)
-    spec = from_torch(module, (3, 32, 32))
-    weights = tensors_of(module, spec)
-    classifier = [m for m in module.modules() if isinstance(m, nn.Linear)][-1]
-    weights.update({"head.weight": classifier.weight.detach().numpy().copy(),
-                    "head.bias": classifier.bias.detach().numpy().copy()})
+    module, spec = module_and_spec(name)
+    _, weights = spec_and_weights(name)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         want = module(x).numpy()

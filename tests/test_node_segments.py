@@ -9,7 +9,7 @@ import artifact_models as am
 import numpy as np
 import onnxruntime as ort
 import pytest
-from torch_models import ResCat
+from torch_nets import ResCat
 
 from edgecl import artifact
 from edgecl.arch import from_torch, param_shapes, validate
@@ -93,7 +93,7 @@ def test_bad_segments_are_refused_naming_the_tensor():
             check_consistent(packed)
 
 
-@pytest.mark.parametrize("arch", [CAT, GROUPED, from_torch(ResCat(in_channels=1), (1, 8, 8))],
+@pytest.mark.parametrize("arch", [CAT, GROUPED, from_torch(ResCat(), (3, 8, 8))],
                          ids=["cat", "grouped", "rescat"])
 def test_files_and_runtimes_reproduce_materialize(arch, tmp_path, monkeypatch):
     packed = _packed(arch)

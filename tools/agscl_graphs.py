@@ -7,8 +7,9 @@
    PYTHONPATH (no ``freeze`` field) it measures that checkout's default: the "before" numbers.
 2. ``--graphs``: ACC / BWT / per-task accuracy right after learning (the diagonal) of AGS-CL on the resnet preset,
    the custom ``ResCat`` module (residual add, concatenation, depthwise conv, SE gate, BatchNorm; from
-   tests/torch_models.py) and, with ``--mobilenet``, torchvision mobilenet_v2 (width 0.25) on 3×16×16 split-digits,
-   for each μ of ``--mus``; plus the freeze record (must be exact) and the used capacity after the first task.
+   tests/torch_nets.py, on 3-channel 8×8 digits) and, with ``--mobilenet``, torchvision mobilenet_v2 (width 0.25)
+   on 3×16×16 split-digits, for each μ of ``--mus``; plus the freeze record (must be exact) and the used capacity
+   after the first task and at the end.
 
     python tools/agscl_graphs.py --freeze --graphs --mobilenet --out tools/results/agscl_graphs.json
     git worktree add /tmp/edgecl-before 0d20dab && PYTHONPATH=/tmp/edgecl-before \
@@ -35,7 +36,8 @@ from edgecl.train.data import Stream, make_stream
 from edgecl.train.protocol import TrainContext
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from torch_models import ResCat, rgb_digits  # noqa: E402  (the test suite's module and data, shared)
+from torch_nets import ResCat  # noqa: E402  (the test suite's custom module and data, shared)
+from torch_training import rgb_digits  # noqa: E402
 
 CTX = TrainContext(progress=False)
 HAS_FREEZE = "freeze" in AGSCLConfig.__dataclass_fields__  # False on a checkout before issue 17 (the "before" run)
@@ -86,7 +88,7 @@ def graph_runs(mus: list[float], tasks: int, mobilenet: bool) -> dict:
     for stream_name, n in (("split-digits", 5), ("permuted-digits", tasks)):
         stream = make_stream(stream_name, n, seed=0)
         cases += [("resnet preset", preset("resnet"), stream),
-                  ("ResCat", from_torch(ResCat(in_channels=1), (1, 8, 8)), stream)]
+                  ("ResCat", from_torch(ResCat(), (3, 8, 8)), rgb_digits(stream_name, 8, n))]
     if mobilenet:
         from edgecl.arch.factories import ensure_torchvision_imports
 
