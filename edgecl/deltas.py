@@ -13,8 +13,9 @@ lps         ``base[name]`` = W̄ (superposed); ``base[name:owner]`` owner   ``W�
             per unit (0 free, i+1 task i; unit = element | row |
             column of the GEMM view); ``task_tensors[t][name:share]``
             bool over the elements owned by tasks < t (C order)
-node        ``base[name]``; ``task_tensors[t][nodes:LAYER]`` bool over    ``W`` with rows of dead output nodes and
-            LAYER's output units; spec fields rows/cols/repeat           columns of dead input nodes zeroed
+node        ``base[name]``; ``task_tensors[t][nodes:GROUP]`` bool per     ``W`` with rows of dead output nodes and
+            channel of a channel group; spec fields rows/cols (a group,  columns of dead input nodes zeroed
+            or ``[[group, repeat], ...]`` segments), repeat, groups      (a grouped conv: per conv group)
 lowrank     ``base[name]`` = W_base; ``task_tensors[t][name:r|s|u|v]``    ``r ⊙_rows W_base ⊙_cols s + U Vᵀ``
             (missing r/s → ones, missing u/v → no residual)              (conv: U Vᵀ constant over kernel positions)
 permute     ``base[name]``; ``tasks[t].seed``; spec field group           ``base[name]`` with axis 0 permuted by
@@ -30,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecl.arch.spec import Arch, gemm_shape, param_shapes
+from edgecl.arch.spec import INPUT, Arch, gemm_shape, param_shapes
 from edgecl.errors import UsageError
 
 KINDS = ("shared", "task", "lps", "node", "lowrank", "permute")
@@ -235,16 +236,66 @@ def lps_keep(packed: PackedModel, t: int, name: str) -> np.ndarray:
     return keep
 
 
+def node_segments(spec: dict[str, Any], axis: str) -> list[tuple[str, int]]:
+    """The ``rows`` or ``cols`` of a node spec as segments ``(group, repeat)``: the axis is the concatenation of the
+    groups' node masks, each node repeated `repeat` times. The string form (edgecl ≤ 0.2, chains) names one group,
+    its cols repeated by the spec's ``repeat``; the list form ``[[group, repeat], ...]`` spans several (a
+    concatenation). Empty when the spec has no such field."""
+    value = spec.get(axis)
+    if not value:
+        return []
+    if isinstance(value, str):
+        return [(value, int(spec.get("repeat", 1)) if axis == "cols" else 1)]
+    if int(spec.get("repeat", 1)) != 1:
+        raise UsageError(f"node spec: 'repeat' applies to a string {axis!r} only; segments carry their own repeats")
+    return [(str(g), int(r)) for g, r in value]
+
+
+def node_mask(packed: PackedModel, t: int, segments: list[tuple[str, int]]) -> np.ndarray:
+    """Task t's node mask over an axis made of `segments` (bool, one per position)."""
+    tt = packed.task_tensors[t]
+    parts = []
+    for group, repeat in segments:
+        if group == INPUT:  # the network input is no node: never masked
+            mask = np.ones(packed.arch["input_shape"][0], dtype=bool)
+        else:
+            mask = np.asarray(tt[f"nodes:{group}"])
+            if mask.dtype != np.bool_ or mask.ndim != 1:
+                raise UsageError(f"node mask 'nodes:{group}' of task {t} is {mask.dtype}{mask.shape}, needs 1-D bool")
+        parts.append(np.repeat(mask, repeat))
+    return np.concatenate(parts)
+
+
+def node_vectors(packed: PackedModel, t: int, spec: dict[str, Any],
+                 shape: tuple[int, ...]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Task t's node masks of one tensor: over its rows (axis 0), and over the input channels/features its columns
+    read — ``shape[1] × groups`` of them, since a grouped conv's rows each read their own group's slice. None where
+    the spec has no rows/cols. UsageError when the masks do not cover the tensor."""
+    rows = cols = None
+    if node_segments(spec, "rows"):
+        rows = node_mask(packed, t, node_segments(spec, "rows"))
+        if len(shape) < 1 or rows.size != shape[0]:
+            raise UsageError(f"node rows cover {rows.size} rows, the tensor has shape {shape}")
+    if node_segments(spec, "cols") and len(shape) > 1:
+        groups = int(spec.get("groups", 1))
+        cols = node_mask(packed, t, node_segments(spec, "cols"))
+        if groups < 1 or shape[0] % groups or cols.size != shape[1] * groups:
+            raise UsageError(f"node cols cover {cols.size} inputs, the tensor {shape} with groups={groups} reads "
+                             f"{shape[1] * groups}")
+    return rows, cols
+
+
 def node_factor(packed: PackedModel, t: int, spec: dict[str, Any], shape: tuple[int, ...]) -> np.ndarray:
     """0/1 factor broadcastable to `shape`: output rows of dead nodes and input columns of dead source nodes."""
-    tt = packed.task_tensors[t]
+    rows, cols = node_vectors(packed, t, spec, shape)
     factor = np.ones(shape, dtype=bool)
-    if spec.get("rows"):
-        rows = tt[f"nodes:{spec['rows']}"]
+    if rows is not None:
         factor &= rows.reshape((-1,) + (1,) * (len(shape) - 1))
-    if spec.get("cols") and len(shape) > 1:
-        cols = np.repeat(tt[f"nodes:{spec['cols']}"], int(spec.get("repeat", 1)))
-        factor &= cols.reshape((1, -1) + (1,) * (len(shape) - 2))
+    if cols is not None:
+        groups = int(spec.get("groups", 1))
+        # row j of a grouped conv reads input channels [g·in/G, (g+1)·in/G) of its group g = j // (out/G)
+        per_row = np.repeat(cols.reshape(groups, -1), shape[0] // groups, axis=0) if groups > 1 else cols[None]
+        factor &= per_row.reshape(per_row.shape + (1,) * (len(shape) - 2))
     return factor
 
 

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch_training import one_torch_thread
 
-from edgecl.arch import preset, unit_sources
+from edgecl.arch import preset, unit_sources, validate
 from edgecl.deltas import check_consistent, materialize
 from edgecl.errors import UsageError
-from edgecl.train import registry
+from edgecl.train import engine, registry
 from edgecl.train.data import make_stream
 from edgecl.train.methods.agscl import AGSCL, AGSCLConfig, live_parameters, prox_groups
 from edgecl.train.models import forward, from_numpy
@@ -19,6 +20,9 @@ from edgecl.train.protocol import TrainContext
 CTX = TrainContext(progress=False)
 # Per-step proximal updates with a μ that zeroes part of the trunk within a few epochs on digits.
 SPARSE = dict(prox_every="step", mu=8.0, epochs=4, lr=1e-3, lam=400.0)
+
+
+_threads = one_torch_thread
 
 
 def _train(arch_name: str, stream: str, n_tasks: int, **cfg) -> tuple[AGSCL, list]:
@@ -72,7 +76,7 @@ def test_training_yields_exact_zero_and_exactly_frozen_nodes(mlp_run):
     extra = method.pack().extra
     assert extra["exact_zero_unimportant"][0] > 0  # group lasso reached exact zeros on task 0
     for frozen, important in extra["frozen_important"][1:]:
-        assert important > 0 and frozen >= 0.95 * important  # the drift penalty froze (nearly) all bit for bit
+        assert frozen == important > 0  # the exact freeze held every important node bit for bit
 
 
 @pytest.mark.parametrize("arch_name", ["mlp", "lenet"])
@@ -90,17 +94,17 @@ def test_omega_is_the_decayed_mean_relu_activation(arch_name):
     want = {k: (a.mean(dim=(2, 3)) if a.dim() == 4 else a).mean(0) for k, a in seen.items()}
     method.update_omega(task)
     for name, w in want.items():
-        assert torch.allclose(method.omega[name], w, atol=1e-6)
+        assert torch.allclose(method.nodes.split(method.omega)[name], w, atol=1e-6)
     method.update_omega(task)
     for name, w in want.items():
-        assert torch.allclose(method.omega[name], 1.5 * w, atol=1e-6)  # η·Ω + a
+        assert torch.allclose(method.nodes.split(method.omega)[name], 1.5 * w, atol=1e-6)  # η·Ω + a
 
 
 def test_reinit_cuts_dead_sources_and_reinitialises_a_rho_share(drifting_run):
     method, _ = drifting_run
     packed = method.pack()
     for t, info in enumerate(packed.tasks):
-        alive = method.alive[t]
+        alive = method.nodes.split(method.alive[t])
         dead = {k: int((~v).sum()) for k, v in alive.items()}
         # (I.2): round(ρ · dead) fresh nodes per layer, counted over the trunk
         assert method.stats[t]["reinit_nodes"] == sum(round(0.3 * d) for d in dead.values())
@@ -108,16 +112,16 @@ def test_reinit_cuts_dead_sources_and_reinitialises_a_rho_share(drifting_run):
         assert np.all(head[:, ~alive["fc2"]] == 0)  # old head never reads nodes dead for it
     # (I.1) permanence: rows alive after task 0 still read nothing from nodes dead after task 0, two tasks later
     w = packed.base["fc2.weight"]
-    a0 = method.alive[0]
+    a0 = method.nodes.split(method.alive[0])
     assert (~a0["fc1"]).any() and a0["fc2"].any()
     assert np.all(w[np.ix_(a0["fc2"], ~a0["fc1"])] == 0)
-    assert method.cut["fc2"][torch.from_numpy(a0["fc2"])][:, torch.from_numpy(~a0["fc1"])].all()
+    assert method.cuts()["fc2.weight"][np.ix_(a0["fc2"], ~a0["fc1"])].all()
 
 
 def test_reinit_gives_dead_nodes_fresh_nonzero_weights():
     method = AGSCL(preset("mlp"), AGSCLConfig(**{**SPARSE, "rho": 1.0}))
     method.learn_task(0, make_stream("permuted-digits", 1, seed=0).tasks[0], CTX)
-    dead = ~torch.from_numpy(method.alive[0]["fc1"])
+    dead = ~torch.from_numpy(method.nodes.split(method.alive[0])["fc1"])
     assert dead.any()
     assert (method.trunk["fc1.weight"][dead].norm(dim=1) > 0).all()  # ρ = 1: every dead node starts afresh
 
@@ -169,27 +173,69 @@ def test_large_lambda_keeps_old_tasks_bit_identical():
     assert frozen == important
 
 
+def _old_tasks_kept(arch_name: str, stream: str, n_tasks: int, **cfg) -> tuple[list, list, AGSCL]:
+    """Train task by task; per later task: (important, exactly frozen) and whether every earlier task's deployed
+    weights are bit-identical to what they were right after it was learned."""
+    method = AGSCL(preset(arch_name), AGSCLConfig(**cfg))
+    tasks = make_stream(stream, n_tasks, seed=0).tasks
+    first, kept = [], []
+    for t, task in enumerate(tasks):
+        method.learn_task(t, task, CTX)
+        packed = method.pack()
+        first.append(materialize(packed, t))
+        kept.append(all(np.array_equal(materialize(packed, j)[k].view(np.uint32), w.view(np.uint32))
+                        for j in range(t) for k, w in first[j].items()))
+    return method.pack().extra["frozen_important"][1:], kept[1:], method
+
+
+# Split-digits, 3 epochs: with the finite-λ freeze of edgecl ≤ 0.2 every one of these drifted (issue 17; e.g. LeNet
+# seed 0, task 2: a weakly active conv2 filter, Ω ≈ 7e-5, moved ~0.1 by Adam's ≈ lr-per-coordinate steps while αλΩ
+# allowed 8e-4; MLP seed 3: 402 of 409 important nodes frozen after task 1)
+@pytest.mark.parametrize("arch_name, seed", [("lenet", 0), ("lenet", 1), ("mlp", 0), ("mlp", 3)])
+def test_exact_freeze_keeps_every_important_node_and_old_task_on_every_seed(arch_name, seed):
+    frozen, kept, _ = _old_tasks_kept(arch_name, "split-digits", 4, epochs=3, seed=seed)
+    assert all(f == i and i > 0 for f, i in frozen), frozen
+    assert all(kept)
+
+
+def test_proximal_freeze_reports_its_drift_and_warns():
+    """The paper's finite-λ freeze cannot guarantee it: results.json records the drift per task and the run warns."""
+    lines: list[str] = []
+    result = engine.run(AGSCL(preset("lenet"), AGSCLConfig(epochs=3, freeze="proximal")),
+                        make_stream("split-digits", 3, seed=0), TrainContext(progress=False), log=lines.append)
+    info = result.to_json()["method_info"]
+    frozen, important = info["frozen_important"][2]
+    assert frozen < important and info["old_task_max_drift"][2] > 0
+    assert info["old_task_max_drift"][1] == 0 and "1" not in result.to_json()["notes"]
+    warnings = [line for line in lines if "WARNING" in line]
+    assert len(warnings) == 1 and f"only {frozen} of {important} important nodes" in warnings[0]
+
+
 @pytest.mark.slow  # shares a 3-task training run (~2 s)
 def test_resume_rebuilds_importance_and_permanent_cuts(mlp_run):
     method, _ = mlp_run
     again = AGSCL(preset("mlp"), AGSCLConfig(**SPARSE))
     again.resume(method.pack())
-    for name in method.cut:
-        assert torch.equal(again.cut[name], method.cut[name])
-    for name in method.omega:
-        assert torch.equal(again.omega[name], method.omega[name])
+    cuts = method.cuts()
+    assert cuts and {k: v.tolist() for k, v in again.cuts().items()} == {k: v.tolist() for k, v in cuts.items()}
+    assert np.array_equal(again.birth, method.birth) and torch.equal(again.omega, method.omega)
+    assert again.stats == method.stats
     with pytest.raises(UsageError, match="cannot resume"):
         AGSCL(preset("lenet"), AGSCLConfig()).resume(method.pack())
 
 
 def test_bad_input_is_refused_clearly():
-    with pytest.raises(UsageError, match="residual"):
-        registry.create("agscl", preset("resnet"))
-    with_bn = preset("lenet")
-    with_bn["nodes"].insert(1, {"name": "bn1", "op": "bn", "inputs": ["conv1"], "ch": 20})
-    with_bn["nodes"][2]["inputs"] = ["bn1"]
-    with pytest.raises(UsageError, match="supports linear/conv"):
-        registry.create("agscl", with_bn)
+    registry.create("agscl", preset("resnet"))  # residual graphs with BatchNorm are AGS-CL networks now
+    on_input = validate({"name": "x", "input_shape": [1, 8, 8], "nodes": [
+        {"name": "c", "op": "conv", "inputs": ["input"], "in": 1, "out": 1, "k": 3, "pad": 1},
+        {"name": "sum", "op": "add", "inputs": ["input", "c"]}, {"name": "f", "op": "flatten", "inputs": ["sum"]}]})
+    with pytest.raises(UsageError, match="channels of the network input"):
+        registry.create("agscl", on_input)
+    no_layer = validate({"name": "x", "input_shape": [1, 8, 8], "layers": [{"op": "flatten"}]})
+    with pytest.raises(UsageError, match="no linear or conv"):
+        registry.create("agscl", no_layer)
+    with pytest.raises(UsageError, match="freeze"):
+        AGSCLConfig(freeze="soft")
     with pytest.raises(UsageError, match="rho"):
         registry.create("agscl", preset("mlp"), {"rho": 1.5})
     with pytest.raises(UsageError, match="prox_every"):

@@ -16,13 +16,13 @@ from typing import Any, Iterable
 import numpy as np
 
 from edgecl import __version__
-from edgecl.arch.spec import gemm_shape, param_shapes
+from edgecl.arch.spec import INPUT, gemm_shape, param_shapes
 from edgecl.arch.spec import validate as validate_arch
 from edgecl.artifact.container import ST_CODE, TableEntry, parse_json, stored_form
 from edgecl.artifact.encodings import stored_dtype
 from edgecl.artifact.limits import (MAX_CLASSES, MAX_NDIM, MAX_TASK_NAME, MAX_TASKS, MAX_TENSOR_NAME,
                                     budget_problem, dense_bytes, is_int)
-from edgecl.deltas import KINDS, MAX_GROUP, task_name_conflicts
+from edgecl.deltas import KINDS, MAX_GROUP, node_segments, task_name_conflicts
 from edgecl.errors import ArtifactError, EdgeclWarning, UsageError
 
 FORMAT_NAME = "edgecl-artifact"
@@ -34,9 +34,20 @@ BLOB_FIELDS = ("dtype", "shape", "encoding", "blake2b")
 _TENSOR_NAME = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_.:\-]{{0,{MAX_TENSOR_NAME - 1}}}")
 _KEY = re.compile(r"(base|task(0|[1-9][0-9]{0,5}))::(.+)")
 _CHECKSUM = re.compile(r"[0-9a-f]{32}")
-_SPEC_FIELDS = {"unit": lambda v: v in ("element", "row", "column"),
-                "rows": lambda v: v is None or isinstance(v, str), "cols": lambda v: v is None or isinstance(v, str),
-                "repeat": lambda v: is_int(v, 1), "group": lambda v: isinstance(v, str) and len(v) <= MAX_GROUP}
+MAX_SEGMENTS = 4096  # node segments per rows/cols: ~8× the widest concatenation of a real network
+
+
+def _segments_ok(value: Any) -> bool:
+    """A node spec's rows/cols: null, a group name, or a non-empty list of [group name, repeat ≥ 1] pairs."""
+    if value is None or isinstance(value, str):
+        return True
+    return (isinstance(value, list) and 0 < len(value) <= MAX_SEGMENTS
+            and all(isinstance(s, list) and len(s) == 2 and isinstance(s[0], str) and is_int(s[1], 1) for s in value))
+
+
+_SPEC_FIELDS = {"unit": lambda v: v in ("element", "row", "column"), "rows": _segments_ok, "cols": _segments_ok,
+                "repeat": lambda v: is_int(v, 1), "groups": lambda v: is_int(v, 1),
+                "group": lambda v: isinstance(v, str) and len(v) <= MAX_GROUP}
 
 
 def blob_key(scope: str | int, name: str) -> str:
@@ -237,15 +248,29 @@ class _Check:
             self.blob_structure(key, e, params, shapes)
 
     def node_masks(self, name: str, spec: dict[str, Any], shape: list[int], n_tasks: int) -> None:
+        """Every task has a 1-D bool `nodes:GROUP` blob for each group the spec's rows/cols name, and the segments
+        cover the tensor: rows = shape[0], cols = shape[1] × groups. Work is per distinct group, not per segment."""
+        field = f"manifest.params[{name!r}]"
+        try:
+            axes = {axis: node_segments(spec, axis) for axis in ("rows", "cols")}
+        except UsageError as exc:
+            raise self.fail(f"{field}.repeat", str(exc)) from None
+        groups = spec.get("groups", 1)
+        if axes["cols"] and (len(shape) < 2 or shape[0] % groups):
+            raise self.fail(f"{field}.cols", f"input columns need a 2-D or 4-D tensor whose {groups} groups divide "
+                                             f"its rows, {name!r} is {shape}")
+        want = {"rows": shape[0] if shape else -1, "cols": shape[1] * groups if len(shape) > 1 else -1}
+        per_group = {axis: _repeats_per_group(segments) for axis, segments in axes.items()}
         for t in range(n_tasks):
-            if spec.get("rows"):
-                self.need(t, f"nodes:{spec['rows']}", (shape[0] if shape else -1,), bool)
-            if spec.get("cols"):
-                cols = self.need(t, f"nodes:{spec['cols']}", None, bool, 1)
-                if len(shape) < 2 or cols[0] * spec.get("repeat", 1) != shape[1]:
-                    raise self.fail(f"blob {blob_key(t, 'nodes:' + spec['cols'])!r}",
-                                    f"{cols[0]} nodes × repeat {spec.get('repeat', 1)} ≠ input width of "
-                                    f"{name!r} {shape}")
+            for axis, repeats in per_group.items():
+                if not repeats:
+                    continue
+                sizes = {g: self.m["arch"]["input_shape"][0] if g == INPUT
+                         else self.need(t, f"nodes:{g}", None, bool, 1)[0] for g in repeats}
+                covered = sum(sizes[g] * r for g, r in repeats.items())
+                if covered != want[axis]:
+                    raise self.fail(f"{field}.{axis}", f"task {t}: node masks {sizes} × repeats cover {covered} "
+                                                       f"{axis}, {name!r} {shape} needs {want[axis]}")
 
     def blob_structure(self, key: str, e: dict[str, Any], params: dict[str, Any], shapes: dict[str, list]) -> None:
         scope, name, steps = e["scope"], e["name"], e["encoding"]
@@ -291,3 +316,11 @@ class _Check:
         if dtype is None and e["dtype"] not in ("float16", "float32", "float64") and e["scope"] != "base":
             raise self.fail(f"{field}.dtype", f"is {e['dtype']}, expected a float dtype")
         return e["shape"]
+
+
+def _repeats_per_group(segments: list[tuple[str, int]]) -> dict[str, int]:
+    """Group → total repeat over `segments`: an axis covers Σ size(group) × repeat, whatever the segment order."""
+    out: dict[str, int] = {}
+    for group, repeat in segments:
+        out[group] = out.get(group, 0) + repeat
+    return out

@@ -36,7 +36,7 @@ from typing import Iterator
 import numpy as np
 
 from edgecl.arch.spec import param_shapes
-from edgecl.deltas import PackedModel, lps_keep, materialize_param, node_factor, task_permutation
+from edgecl.deltas import PackedModel, lps_keep, materialize_param, node_factor, node_vectors, task_permutation
 from edgecl.errors import ArtifactError, UsageError
 from edgecl.graph.builder import tensor_names
 from edgecl.runtime.maskfill import CHUNK, masked_copy
@@ -184,16 +184,17 @@ def _largest_rank(src: ModelSource, weight: str) -> int:
                 if f"{weight}:u" in tt), default=0)
 
 
-def _node_parts(tt: dict[str, np.ndarray], spec: dict, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """A node-factored layer's per-task vectors: the same node vectors `deltas.node_factor` broadcasts over the
-    weight; for a convolution shaped (C, 1, 1) to broadcast over NCHW."""
+def _node_parts(view: PackedModel, t: int, spec: dict, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """A node-factored layer's per-task vectors: the node masks `deltas.node_vectors` gives (rows; cols over every
+    input channel, so a grouped conv's mask multiplies its whole input); for a convolution shaped (C, 1, 1) to
+    broadcast over NCHW."""
     chan = (1, 1) if len(shape) == 4 else ()
+    rows, cols = node_vectors(view, t, spec, shape)
     parts = {}
-    if spec.get("rows"):
-        parts["rows"] = _float32(tt[f"nodes:{spec['rows']}"].reshape((shape[0],) + chan))
-    if spec.get("cols"):
-        cols = np.repeat(tt[f"nodes:{spec['cols']}"], int(spec.get("repeat", 1)))
-        parts["cols"] = _float32(cols.reshape((shape[1],) + chan))
+    if rows is not None:
+        parts["rows"] = _float32(rows.reshape((shape[0],) + chan))
+    if cols is not None:
+        parts["cols"] = _float32(cols.reshape((cols.size,) + chan))
     return parts
 
 
@@ -252,7 +253,7 @@ class _TaskReader:
             if kind == "task":
                 self.own.setdefault(name, []).append(_float32(tt[name]))
             elif kind == "node" and layer in self.node_layers and part == "weight":
-                self.node_parts.setdefault(layer, []).append(_node_parts(tt, spec, self.bases[name].shape))
+                self.node_parts.setdefault(layer, []).append(_node_parts(self.view, t, spec, self.bases[name].shape))
             elif kind in ("lps", "node"):
                 self.bits.setdefault(name, []).append(np.packbits(self._keep(t, name, spec).reshape(-1)))
             elif kind not in ("shared", "permute"):  # low rank and anything without a cheaper plan

@@ -76,5 +76,7 @@ def run(method: Method, stream: Stream, ctx: TrainContext | None = None, first_t
             acc[t, j] = accuracy(packed, j, stream.tasks[j], ctx.device)
         log(f"[{method.name}] task {t + 1}/{n} {stream.tasks[t].name}: acc {acc[t, t]:.3f}, "
             f"mean over seen {np.nanmean(acc[t, :t + 1]):.3f} ({times[-1]:.1f}s)")
+        if ctx.notes.get(t, {}).get("warning"):  # a method saying its guarantee did not hold on this task
+            log(f"[{method.name}] WARNING: {ctx.notes[t]['warning']}")
     rows = [[float(acc[i, j]) for j in range(i + 1)] for i in range(n)]
     return RunResult(method.name, stream.name, rows, packed, times, ctx.notes, first_task)

@@ -1,0 +1,165 @@
+"""AGS-CL's nodes on any graph. A node is one channel of one channel group (`edgecl.arch.channel_map`): every
+conv/linear layer starts a group of channels, and a residual ``add``, a per-channel gate, a depthwise conv and the
+BatchNorm after a layer keep the same channel — so a node owns, in *every* producer of its group, the row of that
+channel (conv/linear weight rows and biases, a depthwise conv's row, the BatchNorm channel's weight and bias), and
+it is read through the columns of every layer and head that consumes the group (after a flatten each channel is
+H·W columns). On a chain of layers this is the paper's node: one unit or filter, its incoming row, its outgoing
+columns.
+
+This module only maps nodes to tensor positions (numpy, built once per architecture); `agscl.py` trains with it
+and `pack` deploys with the delta specs it writes (``node`` kind, rows/cols as groups or ``[[group, repeat], …]``
+segments, ``groups`` for grouped convolutions; BatchNorm running statistics are per task, kind ``task``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgecl.arch import INPUT, Arch, ChannelError, channel_map, consumers, node_by_name, param_shapes
+from edgecl.errors import UsageError
+
+STATS = ("running_mean", "running_var")
+
+
+@dataclass
+class NodeMap:
+    """Where every node of a graph sits. Node indices are positions in one flat vector, groups in channel-map order;
+    index −1 stands for a channel of the network input (never a node: it is always read, never cut)."""
+
+    groups: dict[str, int]  # group → number of channels (nodes)
+    rows: dict[str, np.ndarray]  # tensor with rows in a group (producers, BatchNorm) → node of each row
+    cols: dict[str, np.ndarray]  # reader weight → source node of each GEMM input column, (1 or out, shape[1])
+    head: np.ndarray  # node of each head feature
+    hooks: dict[str, str]  # conv/linear node name → its weight tensor (Ω is read at its output)
+    bn_after: dict[str, dict]  # conv/linear node name → the BatchNorm node normalising its output
+    stats: list[str]  # BatchNorm running statistics: kept per task
+    scale_free: list[str]  # conv/linear rows (and biases) a BatchNorm normalises: their scale changes nothing
+    specs: dict[str, dict[str, Any]]  # trunk tensor → its deployed delta spec
+
+    @property
+    def n(self) -> int:
+        return sum(self.groups.values())
+
+    @property
+    def trainable(self) -> dict[str, np.ndarray]:
+        """Producer tensors the optimiser updates (everything with rows but the running statistics)."""
+        return {k: v for k, v in self.rows.items() if k not in self.stats}
+
+    def split(self, flat: Any) -> dict[str, Any]:
+        """A flat per-node vector as group → its slice (views)."""
+        out, start = {}, 0
+        for group, size in self.groups.items():
+            out[group] = flat[start:start + size]
+            start += size
+        return out
+
+    def join(self, by_group: dict[str, Any], what: str) -> np.ndarray:
+        """group → per-node values back into one flat vector; UsageError naming the group when one is missing or
+        has the wrong length (masks and importances read from an artifact)."""
+        parts = []
+        for group, size in self.groups.items():
+            value = np.asarray(by_group.get(group, ()))
+            if value.shape != (size,):
+                raise UsageError(f"agscl: {what} of group {group!r} has shape {value.shape}, the graph has {size} "
+                                 "channels there")
+            parts.append(value)
+        return np.concatenate(parts)
+
+    def row_counts(self) -> np.ndarray:
+        """How many conv/linear output rows each node has (the producers Ω averages over)."""
+        counts = np.zeros(self.n)
+        for weight in self.hooks.values():
+            np.add.at(counts, self.rows[weight], 1)
+        return counts
+
+    def kept(self, alive: np.ndarray, tensor: str) -> np.ndarray | None:
+        """Bool over a tensor's GEMM view (rows × columns, broadcast over kernel positions) of what a task with node
+        mask `alive` reads: rows of live nodes × columns of live sources; None for tensors without node rows."""
+        live = np.append(alive, True)  # index −1: the network input
+        if tensor not in self.rows:
+            return None
+        rows = live[self.rows[tensor]][:, None]
+        return rows & live[self.cols[tensor]] if tensor in self.cols else rows
+
+
+def node_map(arch: Arch) -> NodeMap:
+    """The nodes of a validated spec; UsageError when its channels cannot be followed (`ChannelError`), when a layer
+    adds to the raw input's channels (they are no node), or when it has no conv/linear layer."""
+    try:
+        cm = channel_map(arch)
+    except ChannelError as exc:
+        raise UsageError(f"agscl: {exc}") from None
+    shapes = param_shapes(arch)
+    nodes = node_by_name(arch)
+    for tensor, segments in cm.rows.items():
+        if any(g == INPUT for g, _ in segments):
+            raise UsageError(f"agscl: {tensor!r} adds to the channels of the network input, which are no node; "
+                             "AGS-CL needs every residual stream to start at a conv or linear layer")
+    groups = {g: n for g, n in cm.groups.items() if g != INPUT}
+    if not groups:
+        raise UsageError(f"agscl: architecture {arch.get('name')!r} has no linear or conv layer to group into nodes")
+    offsets = dict(zip(groups, np.cumsum([0, *groups.values()])[:-1].tolist()))
+
+    def index(segments: list[tuple[str, int]]) -> np.ndarray:
+        return np.concatenate([np.full(cm.groups[g] * r, -1) if g == INPUT else
+                               np.repeat(np.arange(cm.groups[g]) + offsets[g], r) for g, r in segments])
+
+    rows = {tensor: index(segments) for tensor, segments in cm.rows.items()}
+    cols = {}
+    for weight, segments in cm.cols.items():
+        node, idx = nodes[weight.rsplit(".", 1)[0]], index(segments)
+        g = node.get("groups", 1)
+        # row j of a grouped conv reads only its conv group's slice of the input channels
+        cols[weight] = np.repeat(idx.reshape(g, -1), shapes[weight][0] // g, axis=0) if g > 1 else idx[None]
+    readers = consumers(arch)
+    hooks, bn_after, scale_free = {}, {}, []
+    for node in arch["nodes"]:
+        if node["op"] in ("conv", "linear"):
+            hooks[node["name"]] = f"{node['name']}.weight"
+            after = readers[node["name"]]
+            if len(after) == 1 and nodes[after[0]]["op"] == "bn":
+                bn_after[node["name"]] = nodes[after[0]]
+                scale_free += [t for t in (f"{node['name']}.weight", f"{node['name']}.bias") if t in shapes]
+    stats = [t for t in cm.rows if t.rsplit(".", 1)[1] in STATS]
+    specs = {t: _spec(cm.rows[t], cm.cols.get(t), nodes[t.rsplit(".", 1)[0]]) if t not in stats else {"kind": "task"}
+             for t in shapes}
+    return NodeMap(groups, rows, cols, index(cm.head_cols), hooks, bn_after, stats, scale_free, specs)
+
+
+def _spec(rows: list[tuple[str, int]], cols: list[tuple[str, int]] | None, node: dict) -> dict[str, Any]:
+    """The ``node`` delta spec of one tensor: a single group is written as its name (the form of chain artifacts,
+    readable by earlier edgecl), several as segments."""
+    spec: dict[str, Any] = {"kind": "node"}
+    spec["rows"] = rows[0][0] if len(rows) == 1 and rows[0][1] == 1 else [list(s) for s in rows]
+    if cols is None:
+        return spec
+    if all(g == INPUT for g, _ in cols):
+        spec["cols"], spec["repeat"] = None, cols[0][1] if len(cols) == 1 else 1
+    elif len(cols) == 1:
+        spec["cols"], spec["repeat"] = cols[0]
+    else:
+        spec["cols"] = [list(s) for s in cols]
+    if node.get("groups", 1) > 1:
+        spec["groups"] = node["groups"]
+    return spec
+
+
+def live_parameters(arch: Arch, alive: dict[str, np.ndarray], n_classes: int, nodes: NodeMap | None = None) -> int:
+    """Parameters task t's sub-network touches: per tensor, rows of live nodes × columns of live sources (× kernel
+    positions), BatchNorm channels of live nodes, and the head's columns of live features plus its bias."""
+    nodes = nodes or node_map(arch)
+    flat = nodes.join(alive, "node mask")
+    total = 0
+    for tensor, shape in param_shapes(arch).items():
+        kept = nodes.kept(flat, tensor)
+        if kept is None:
+            continue
+        if tensor in nodes.cols:  # rows × columns of the GEMM view, each column a kernel's worth of weights
+            total += int(np.broadcast_to(kept, shape[:2]).sum()) * math.prod(shape[2:])
+        else:
+            total += int(kept.sum()) * math.prod(shape[1:])
+    head = np.append(flat, True)[nodes.head]
+    return total + (int(head.sum()) + 1) * n_classes

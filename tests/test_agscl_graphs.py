@@ -1,0 +1,215 @@
+"""AGS-CL on graphs: nodes are channel groups across residual adds, concatenations, depthwise convs, SE gates and
+BatchNorm (the resnet preset and the custom `ResCat` module), on real digits training: dead node groups exactly
+zero, important ones frozen bit for bit, old tasks bit-identical, the runtime and ONNX export equal `materialize`,
+and `--resume` continues."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch_nets import MODELS, ResCat
+from torch_training import one_torch_thread, rgb_digits
+
+from edgecl import artifact
+from edgecl.arch import from_torch, preset, validate
+from edgecl.cli import main
+from edgecl.deltas import check_consistent, materialize
+from edgecl.graph.builder import build_onnx
+from edgecl.runtime import TaskRuntime
+from edgecl.runtime import plan as plan_module
+from edgecl.train.data import make_stream
+from edgecl.train.methods.agscl import AGSCL, AGSCLConfig
+from edgecl.train.models import forward, from_numpy
+from edgecl.train.protocol import TrainContext
+
+CTX = TrainContext(progress=False)
+# μ high enough that group lasso zeroes part of every network within three short epochs
+FAST = dict(epochs=3, mu=8.0)
+# a grouped (not depthwise) conv whose two conv groups read a concatenation of two layers' channels
+GROUPED = validate({"name": "grouped", "input_shape": [1, 8, 8], "nodes": [
+    {"name": "a", "op": "conv", "inputs": ["input"], "in": 1, "out": 4, "k": 3, "pad": 1},
+    {"name": "b", "op": "conv", "inputs": ["input"], "in": 1, "out": 4, "k": 3, "pad": 1},
+    {"name": "ab", "op": "cat", "inputs": ["a", "b"]}, {"name": "r", "op": "relu", "inputs": ["ab"]},
+    {"name": "g", "op": "conv", "inputs": ["r"], "in": 8, "out": 6, "k": 3, "pad": 1, "groups": 2},
+    {"name": "gr", "op": "relu", "inputs": ["g"]}, {"name": "p", "op": "maxpool", "inputs": ["gr"], "k": 2},
+    {"name": "f", "op": "flatten", "inputs": ["p"]}]})
+
+
+_threads = one_torch_thread
+
+
+def _arch(name: str) -> dict:
+    return from_torch(ResCat(), (3, 8, 8)) if name == "rescat" else GROUPED if name == "grouped" else preset(name)
+
+
+def _stream(name: str, n_tasks: int):
+    """Permuted digits, as 3-channel images for ResCat."""
+    return rgb_digits("permuted-digits", 8, n_tasks) if name == "rescat" else \
+        make_stream("permuted-digits", n_tasks, seed=0)
+
+
+def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dict]]:
+    """Train task by task; also each task's deployed weights right after it was learned."""
+    method = AGSCL(_arch(arch_name), AGSCLConfig(**{**FAST, **cfg}))
+    tasks = _stream(arch_name, n_tasks).tasks
+    first = []
+    for t, task in enumerate(tasks):
+        method.learn_task(t, task, CTX)
+        first.append(materialize(method.pack(), t))
+    return method, tasks, first
+
+
+@pytest.fixture(scope="module", params=["resnet", "rescat"])
+def graph_run(request):
+    return (request.param, *_run(request.param))
+
+
+def test_node_groups_span_every_producer_and_reader():
+    nodes = AGSCL(_arch("rescat")).nodes
+    assert nodes.groups == {"stem.0": 8, "se_reduce": 4}
+    stream = np.arange(8)
+    for tensor in ("stem.0.weight", "stem.1.weight", "branch_a.weight", "branch_b.0.weight", "branch_b.1.bias"):
+        assert np.array_equal(nodes.rows[tensor], stream)  # stem, BN, residual branch, depthwise conv, its BN
+    assert np.array_equal(nodes.rows["se_expand.weight"], np.r_[stream, stream])  # the gate over the concatenation
+    assert np.array_equal(nodes.cols["se_reduce.weight"], np.r_[stream, stream][None])
+    assert np.array_equal(nodes.head, np.r_[stream, stream])
+    assert "branch_b.0.weight" not in nodes.cols  # a depthwise conv reads its own channel: no columns
+    grouped = AGSCL(GROUPED).nodes  # conv group 0 reads a's 4 channels, conv group 1 b's
+    assert np.array_equal(grouped.cols["g.weight"], np.repeat([[0, 1, 2, 3], [4, 5, 6, 7]], 3, axis=0))
+
+
+def test_dead_node_groups_are_exactly_zero_in_every_producer(graph_run):
+    name, method, _, _ = graph_run
+    zeroed = method.pack().extra["exact_zero_unimportant"]
+    assert zeroed[0] > 0, name
+    fresh = AGSCL(_arch(name), AGSCLConfig(**FAST, rho=0.0))  # no re-initialisation: the dead stay as the lasso left
+    fresh.learn_task(0, _stream(name, 1).tasks[0], CTX)
+    dead = ~fresh.alive[0]
+    assert dead.any()
+    for tensor, rows in fresh.nodes.trainable.items():
+        w = fresh.trunk[tensor].reshape(len(rows), -1)
+        assert (w[torch.from_numpy(dead[rows])] == 0).all(), tensor  # conv rows, biases, BN weight and bias
+
+
+def test_important_nodes_frozen_and_old_tasks_bit_identical(graph_run):
+    name, method, tasks, first = graph_run
+    extra = method.pack().extra
+    for frozen, important in extra["frozen_important"][1:]:
+        assert frozen == important > 0, name
+    assert extra["old_task_max_drift"] == [0.0] * len(tasks)
+    packed = method.pack()
+    check_consistent(packed)
+    for t, task in enumerate(tasks):
+        now = materialize(packed, t)
+        assert all(np.array_equal(now[k].view(np.uint32), w.view(np.uint32)) for k, w in first[t].items())
+        x = torch.from_numpy(task.x_test)
+        with torch.no_grad():
+            assert torch.equal(forward(packed.arch, from_numpy(now), x), forward(packed.arch, from_numpy(first[t]), x))
+    assert any(np.any(v != packed.base[k]) for k, v in materialize(packed, 0).items() if k in packed.base)
+
+
+def test_reinit_freshens_every_row_of_a_node():
+    method = AGSCL(preset("resnet"), AGSCLConfig(rho=1.0))
+    alive = np.zeros(method.nodes.n, bool)
+    alive[:5] = True
+    for tensor, rows in method.nodes.trainable.items():
+        method.trunk[tensor].zero_()
+    assert method._reinit(alive) == method.nodes.n - 5
+    for tensor, rows in method.nodes.trainable.items():
+        w = method.trunk[tensor].reshape(len(rows), -1)
+        if tensor.endswith("bias"):
+            assert (w == 0).all()
+        elif w.shape[1] == 1 and "bn" in tensor:
+            assert (w[torch.from_numpy(rows >= 5)] == 1).all() and (w[torch.from_numpy(rows < 5)] == 0).all()
+        else:
+            assert (w[torch.from_numpy(rows >= 5)].abs().sum(1) > 0).all(), tensor
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_runtime_and_export_give_the_logits_materialize_defines(graph_run, factored, monkeypatch):
+    name, method, tasks, _ = graph_run
+    packed = method.pack()
+    if factored:  # node vectors around constant weights, whatever the layer size
+        monkeypatch.setattr(plan_module, "FACTOR_MIN_ELEMENTS", 0)
+    runtime = TaskRuntime(packed)
+    for t in (2, 0, 1):
+        x = tasks[t].x_test[:32]
+        ref = ort.InferenceSession(build_onnx(packed.arch, materialize(packed, t)).SerializeToString(),
+                                   providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        with torch.no_grad():
+            want = forward(packed.arch, from_numpy(materialize(packed, t)), torch.from_numpy(x)).numpy()
+        assert np.abs(ref - want).max() <= 1e-5 and np.abs(runtime.infer(x, task=t) - want).max() <= 1e-5, name
+
+
+def test_grouped_conv_masks_each_group_by_its_own_input_channels(monkeypatch):
+    method, tasks, _ = _run("grouped", 2, mu=4.0)
+    packed = method.pack()
+    spec = packed.params["g.weight"]
+    assert spec["groups"] == 2 and spec["cols"] == [["a", 1], ["b", 1]]
+    for t in range(2):
+        alive = np.r_[packed.task_tensors[t]["nodes:a"], packed.task_tensors[t]["nodes:b"]]
+        rows = packed.task_tensors[t]["nodes:g"]
+        w = materialize(packed, t)["g.weight"]
+        for j in range(6):
+            read = alive[4 * (j // 3):4 * (j // 3) + 4]
+            assert (w[j, ~read] == 0).all() and (rows[j] or (w[j] == 0).all())
+            assert not rows[j] or np.array_equal(w[j, read], packed.base["g.weight"][j, read])
+    monkeypatch.setattr(plan_module, "FACTOR_MIN_ELEMENTS", 0)
+    assert plan_module.factor_forms(packed)["g"] == "node"
+    runtime = TaskRuntime(packed)
+    for t, task in enumerate(tasks):
+        with torch.no_grad():
+            want = forward(packed.arch, from_numpy(materialize(packed, t)), torch.from_numpy(task.x_test)).numpy()
+        assert np.abs(runtime.infer(task.x_test, task=t) - want).max() <= 1e-5
+
+
+def test_rescat_resumes_and_appends_with_earlier_tasks_bit_identical(tmp_path):
+    method, tasks, _ = _run("rescat", 2)
+    path = tmp_path / "rescat.edgecl"
+    artifact.save(method.pack(), path)
+    again = AGSCL(_arch("rescat"), AGSCLConfig(**FAST))
+    again.resume(artifact.load(path).to_packed())
+    assert np.array_equal(again.birth, method.birth) and again.cuts().keys() == method.cuts().keys()
+    again.learn_task(2, _stream("rescat", 3).tasks[2], CTX)
+    before = [artifact.load(path).materialize(t) for t in range(2)]
+    artifact.append_task(path, again.pack())  # refuses if any earlier tensor would change
+    for t in range(2):
+        after = artifact.load(path).materialize(t)
+        assert all(np.array_equal(after[k], w) for k, w in before[t].items())
+
+
+@pytest.mark.slow  # train, then resume, through the CLI
+def test_resnet_resume_through_the_cli_keeps_earlier_tasks_bit_identical(tmp_path):
+    quick = ["--method", "agscl", "--arch", "resnet", "--set", "epochs=2", "--set", "mu=8", "--no-progress"]
+    first, second = tmp_path / "v1", tmp_path / "v2"
+    assert main(["train", *quick, "--tasks", "2", "--out", str(first)]) == 0
+    assert main(["train", *quick[:4], "--no-progress", "--resume", str(first / "model.edgecl"), "--tasks", "1",
+                 "--out", str(second)]) == 0
+    stream = make_stream("permuted-digits", 3)
+    with TaskRuntime(str(first / "model.edgecl")) as old, TaskRuntime(str(second / "model.edgecl")) as new:
+        for t in range(2):
+            x = stream.tasks[t].x_test
+            assert np.array_equal(old.infer(x, task=t), new.infer(x, task=t))
+
+
+@pytest.mark.slow  # real ImageNet-style networks, two short tasks each (~5-20 s)
+@pytest.mark.parametrize("name, size", [("torchvision resnet18", 32), ("torchvision mobilenet_v2", 16),
+                                        ("timm mobilenetv3_small_050", 16)])
+def test_torchvision_and_timm_networks_train_with_exact_freezes(name, size):
+    stream = rgb_digits("split-digits", size, 2)
+    method = AGSCL(from_torch(MODELS[name](), (3, size, size)), AGSCLConfig(epochs=2, mu=60.0))
+    first = []
+    for t, task in enumerate(stream.tasks):
+        method.learn_task(t, task, CTX)
+        first.append(materialize(method.pack(), t))
+    packed = method.pack()
+    extra = packed.extra
+    assert extra["exact_zero_unimportant"][0] > 0  # a strong lasso freed channels: cuts and re-inits are in play
+    frozen, important = extra["frozen_important"][1]
+    assert frozen == important > 0 and extra["old_task_max_drift"] == [0.0, 0.0]
+    assert all(np.array_equal(materialize(packed, 0)[k], w) for k, w in first[0].items())
+    x = stream.tasks[1].x_test[:16]
+    with torch.no_grad():
+        want = forward(packed.arch, from_numpy(materialize(packed, 1)), torch.from_numpy(x)).numpy()
+    assert np.abs(TaskRuntime(packed).infer(x, task=1) - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
