@@ -201,6 +201,12 @@ class InPlace:
                 return self._store.run_graph(self._session, slot.buffers, slot.index, t, x, self._n_classes[t])
             return self._store.run(self._session, self._binding(slot, t), x, self._n_classes[t])
 
+    def bound_tensors(self, t: int) -> dict[str, np.ndarray]:
+        """Host copies of every tensor the session reads for task t on the device path (filling a slot on a miss):
+        what `tools/gpu_check.py` compares with `materialize` bit for bit."""
+        with self.cache.use(t) as slot:
+            return {name: self.arrays.to_host(a) for name, a in self._store.program.tensors(slot.buffers, t).items()}
+
     def _binding(self, slot: Slot, t: int) -> _Binding:
         """This thread's IOBinding for `slot`: static and slot tensors bound once, task-owned tensors on change."""
         bindings = getattr(self._local, "bindings", None)

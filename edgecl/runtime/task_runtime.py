@@ -213,6 +213,15 @@ class TaskRuntime:
         logits = check_device_output(logits, x, name, arrays)
         return logits if on_device else arrays.to_host(logits)
 
+    def bound_tensors(self, task: int | str) -> dict[str, np.ndarray]:
+        """Device path only: host copies of every tensor the session reads for `task` (switched, static, per-task;
+        not the factored layers' constants), to check them against `deltas.materialize`."""
+        self._check_open()
+        if self._strategy.arrays is None:
+            raise UsageError("bound_tensors reads the device path's slots: build the runtime with resident='device' "
+                             "(the default on device 'cuda')")
+        return self._strategy.bound_tensors(resolve_task(self._tasks, task))
+
     def _check_open(self) -> None:
         if self.closed:
             raise UsageError("this TaskRuntime is closed")
