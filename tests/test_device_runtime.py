@@ -143,6 +143,10 @@ def test_audit_reports_the_device_section():
     assert device["arrays"] == "numpy" and device["measured_increase"] is None  # no separate device memory here
     assert report["device_fits"] and report["device_needed"] == device["predicted_peak"] > 0
     assert device["bytes_per_task"] > 0
+    # slots and added tasks are the device's: counted against the device budget
+    room = (64 << 20) - report["device_needed"]
+    assert report["more_tasks_fit"] == int(room // report["resident"]["resident_bytes_per_task"])
+    assert report["tasks_cacheable"] == min(3, room // report["resident"]["slot_bytes"] + 1)
     assert "device (numpy): needs" in budget_summary(report)
     tight = audit(packed, "1GiB", batch=4, resident="device", device_budget=report["device_needed"] - 1)
     assert not tight["fits"] and not tight["device_fits"]

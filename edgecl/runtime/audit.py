@@ -144,27 +144,27 @@ def audit(artifact: Any, budget: int | str, batch: int = 8, device: str = "cpu",
 
 def _judge(resident: dict[str, Any], static: dict[str, Any], limit: int, device_limit: int | None,
            n_tasks: int) -> dict[str, Any]:
-    """Fits or not (host, and device where there is one), tasks that fit more, and tasks that can stay cached."""
+    """Fits or not (host, and device where there is one), tasks that fit more, and tasks that can stay cached. On
+    the device path the slots and the per-task bytes are the device's, so they are counted against its budget."""
     need = max(resident["predicted_peak"], resident["measured_rss_increase"] or 0)
-    grow = resident["resident_bytes_per_task"]
-    more = math.floor((limit - need) / grow) if grow > 0 and need <= limit else 0
-    if need > limit:
-        slots = 0
-    elif resident["slot_bytes"]:
-        slots = (limit - need) // (resident["slot_bytes"] + SLOT_OVERHEAD) + 1
-    else:  # per-task sessions, or every switched layer factored: no task needs a copy on a switch
-        slots = n_tasks
+    out = {"budget": limit, "fits": need <= limit, "needed": need, "static": static, "resident": resident}
     device = resident["device"]
-    out = {"budget": limit, "fits": need <= limit, "needed": need, "more_tasks_fit": more,
-           "tasks_cacheable": int(min(slots, n_tasks)), "static": static, "resident": resident}
-    if device is not None:  # device slots are the device's: they are counted against its budget
+    room, slot_cost = limit - need, resident["slot_bytes"] + SLOT_OVERHEAD
+    if device is not None:
         device_need = max(device["predicted_peak"], device["measured_increase"] or 0)
         out.update(device_budget=device_limit, device_needed=device_need,
                    device_fits=device_limit is None or device_need <= device_limit)
         out["fits"] = out["fits"] and out["device_fits"]
-        if device_limit is not None and resident["slot_bytes"]:
-            out["tasks_cacheable"] = int(min(n_tasks, max(0, (device_limit - device_need) // resident["slot_bytes"]
-                                                          + 1) if out["device_fits"] else 0))
+        room = None if device_limit is None else device_limit - device_need
+        slot_cost = resident["slot_bytes"]
+    grow = resident["resident_bytes_per_task"]
+    if room is None:  # no device budget: nothing bounds the task count or the slots
+        more, slots = None, n_tasks
+    else:
+        more = math.floor(room / grow) if grow > 0 and room >= 0 else 0
+        # no slot cost: per-task sessions, or every switched layer factored (no task needs a copy on a switch)
+        slots = 0 if room < 0 else room // slot_cost + 1 if resident["slot_bytes"] else n_tasks
+    out.update(more_tasks_fit=more, tasks_cacheable=int(min(slots, n_tasks)))
     return out
 
 
@@ -186,7 +186,9 @@ def budget_summary(report_or_artifact: Any, budget: int | str | None = None, bat
         f"parameter of one model; {s['tasks']} separate dense models: {format_bytes(s['separate_dense_bytes'])} "
         f"({s['separate_dense_bytes'] / s['total_bytes']:.1f}x larger)",
         f"  each added task: +{format_bytes(s['bytes_per_added_task'])} on disk, "
-        f"+{format_bytes(r['resident_bytes_per_task'])} resident; {report['more_tasks_fit']} more tasks fit",
+        f"+{format_bytes(r['resident_bytes_per_task'])} resident; "
+        + ("no device budget bounds the task count" if report["more_tasks_fit"] is None
+           else f"{report['more_tasks_fit']} more tasks fit"),
         "  resident (predicted): " + ", ".join(f"{k} {format_bytes(v)}" for k, v in r["predicted"].items()),
     ]
     if r["relative_error"] is not None:
