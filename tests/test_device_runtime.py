@@ -159,6 +159,8 @@ def test_residence_options_are_checked(mixed):
         TaskRuntime(mixed, resident="device", strategy="sessions")
     with pytest.raises(UsageError, match="cuda_graph needs the device path"):
         TaskRuntime(mixed, cuda_graph=True)
+    with pytest.raises(UsageError, match="budget 'lots' is not a size"):
+        TaskRuntime(mixed, resident="device", device_budget="lots")
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers() and cupy_problem() is None,
@@ -192,3 +194,16 @@ def test_a_session_left_on_the_cpu_is_refused_for_cuda():
     require_placement(session, "cpu")
     with pytest.raises(UsageError, match=r"placed the session on \['CPUExecutionProvider'\], not on a GPU"):
         require_placement(session, "cuda")
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers() and cupy_problem() is None,
+                    reason="the gpu extra is installed")
+def test_cli_on_cuda_without_the_gpu_extra_exits_2(tmp_path, capsys):
+    from edgecl import artifact
+    from edgecl.cli import main as cli
+
+    path = tmp_path / "m.edgecl"
+    artifact.save(random_packed(preset("mlp"), n_tasks=2), path)
+    assert cli(["audit", str(path), "--budget", "1GiB", "--device", "cuda", "--device-budget", "2GiB"]) == 2
+    assert cli(["run", str(path), "--task", "0", "--benchmark", "2", "--device", "cuda", "--cuda-graph"]) == 2
+    assert "pip install 'edgecl[gpu]'" in capsys.readouterr().err

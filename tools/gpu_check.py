@@ -28,6 +28,7 @@ and the device path's logic, and its timings are labelled as not GPU figures.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import re
@@ -208,8 +209,12 @@ def bench_inference(packed: Any, kw: dict, providers: list, arrays: Any, cuda_gr
 
 
 def check_memory(packed: Any, kw: dict, providers: list) -> dict:
-    """The audit's device prediction against the measured increase, and the CUDA EP's fixed cost per session."""
+    """The audit's device prediction against the measured increase, and the CUDA EP's fixed cost per session. Run
+    first, with CuPy's pool emptied: memory cached by earlier sections would hide new allocations."""
     arrays = backend_for(kw.get("device", "cpu"))
+    gc.collect()
+    if kw.get("device") == "cuda":
+        arrays.cupy.get_default_memory_pool().free_all_blocks()
     report = resident_audit(packed, batch=64, device=kw.get("device", "cpu"), resident=kw.get("resident"))
     device = report["device"]
     tiny = random_packed(validate({"name": "tiny", "input_shape": [4], "layers": [
@@ -266,14 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         providers = resolve_providers("auto", kw["device"])
         result["environment"] = environment(kw)
+        mlp = preset("mlp", width=1 if quick else 8)  # width 8: the 4.35 M-parameter MLP of tools/bench_switch.py
+        result["memory"] = check_memory(random_packed(mlp, n_tasks=3, shape="lps"), kw, providers)
         result["parity"] = [check_parity(label, packed, kw, switches, seed)
                             for seed, (label, packed) in enumerate(parity_models(quick))]
-        mlp = preset("mlp", width=1 if quick else 8)  # width 8: the 4.35 M-parameter MLP of tools/bench_switch.py
         bench = [(f"MLP width {1 if quick else 8} (lps)", mlp)]
         arch, why = (None, "skipped in the self-test") if quick else resnet18()
         bench += [("torchvision resnet18 3x32x32 (lps)", arch)] if arch else []
         result["resnet18"] = why or "measured"
-        result["memory"] = check_memory(random_packed(bench[0][1], n_tasks=3, shape="lps"), kw, providers)
         result["switch"] = [bench_model(label, random_packed(a, n_tasks=3, shape="lps"), kw, providers, repeats)
                             for label, a in bench]
     except Exception as exc:  # noqa: BLE001 - the JSON says what failed and where; exit 2
