@@ -14,8 +14,8 @@ Sections of the JSON, each with its goal and whether it was met:
    differently from the host BLAS).
 2. ``switch`` — LPS on the 4.35 M-parameter MLP and on torchvision resnet18 (when torchvision imports; 3×32×32): a
    cache miss (one kernel launch over every masked tensor) against one device-to-device copy of the task's dense
-   weights (goal ≤ 2×), the kernel's launch overhead (8 elements), and against creating a new CUDA session of the task
-   from bytes (goal ≥ 100× faster).
+   weights (goal ≤ 2×), the kernel's launch overhead (8 elements), and against creating a new CUDA session of the
+   task from bytes (goal ≥ 100× faster).
 3. ``inference`` — right after a switch (a miss), batch 1 and 64, input and output on the device, against a dense CUDA
    session of that task bound the same way, in the same switched order (goal ≤ 1.05×); without and with CUDA graphs.
 4. ``memory`` — the audit's predicted device bytes (`edgecl audit --device cuda`) against the GPU's measured increase
