@@ -51,6 +51,11 @@ class Segment:
     shapes: list[tuple[int, ...]]
     dtype: Any = np.float32
 
+    @property
+    def per_task_shape(self) -> bool:
+        """True when the shape changes with the task (heads copied into the slot): bound anew on a task change."""
+        return len(set(self.shapes)) > 1
+
 
 class DeviceProgram:
     """Uploads what switching `plans` needs through `arrays`, reserving it first with ``reserve(item, nbytes)`` (a
@@ -164,7 +169,7 @@ class DeviceProgram:
         """The tensors whose place and shape never change with the task: static ones and the slot's switched ones."""
         out = dict(self._static)
         for seg in self.segments:
-            if len(set(seg.shapes)) == 1:
+            if not seg.per_task_shape:
                 out[seg.name] = self._view(slot, seg, 0)
         return out
 
@@ -173,7 +178,7 @@ class DeviceProgram:
         for task t)."""
         if not self.own_in_slot:
             return dict(self._own[t])
-        return {seg.name: self._view(slot, seg, t) for seg in self.segments if len(set(seg.shapes)) > 1}
+        return {seg.name: self._view(slot, seg, t) for seg in self.segments if seg.per_task_shape}
 
     def tensors(self, slot: Any, t: int) -> dict[str, Any]:
         """Every tensor the session reads for task t once `slot` holds it (tests compare them with `materialize`)."""
