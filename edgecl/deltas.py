@@ -300,41 +300,44 @@ def node_factor(packed: PackedModel, t: int, spec: dict[str, Any], shape: tuple[
 
 
 def lowrank_weight(base: np.ndarray, r: np.ndarray | None, s: np.ndarray | None, u: np.ndarray | None,
-                   v: np.ndarray | None, out: np.ndarray | None = None) -> np.ndarray:
+                   v: np.ndarray | None, out: np.ndarray | None = None, xp: Any = np) -> np.ndarray:
     """``r ⊙ W ⊙ s + U Vᵀ``; r scales output rows, s input columns (channels for conv), the residual is broadcast
     over kernel positions. The arithmetic is fixed here so every consumer gets the same bits: in float32, each
     element is ``((r·W)·s) + (UVᵀ)``. `out` (float32, base's shape) is written instead of a new array. No
     weight-sized temporary is made either way (a convolution's J×I residual is the one temporary): a runtime
     switching tasks must not churn the heap (glibc hands freed temporaries back to the OS and page-faults them in
     again on the next switch: 5× the arithmetic itself on a LeNet). A linear layer's residual is written first (one
-    BLAS call into `out`), the scaled base added in blocks of rows (float addition commutes exactly)."""
-    out = np.empty(base.shape, np.float32) if out is None else out
+    BLAS call into `out`), the scaled base added in blocks of rows (float addition commutes exactly). `xp` is the
+    array namespace (numpy; CuPy for the runtime's device-resident switch, `edgecl.runtime.device_fill`), so the
+    device computes the same sequence of operations; on a device the rows go in one block (a launch per block)."""
+    out = xp.empty(base.shape, np.float32) if out is None else out
     nd = base.ndim
-    r, s, u, v = (None if a is None else np.asarray(a, dtype=np.float32) for a in (r, s, u, v))
+    r, s, u, v = (None if a is None else xp.asarray(a, dtype=np.float32) for a in (r, s, u, v))
     low = u is not None and v is not None and u.shape[-1] > 0
     rows = None if r is None else r.reshape((-1,) + (1,) * (nd - 1))
     cols = None if s is None else s.reshape((1, -1) + (1,) * (nd - 2))
     if low and nd == 2:
-        np.matmul(u, v.T, out=out)
-        step = max(1, (1 << 13) // max(1, base.shape[1]))  # 32 KB blocks: small enough to come from the free heap
+        xp.matmul(u, v.T, out=out)
+        # 32 KB blocks on the host: small enough to come from the free heap
+        step = max(1, (1 << 13) // max(1, base.shape[1])) if xp is np else max(1, base.shape[0])
         for lo in range(0, base.shape[0], step):
             hi = min(lo + step, base.shape[0])
-            block = _scaled(base[lo:hi], None if rows is None else rows[lo:hi], cols)
-            np.add(block, out[lo:hi], out=out[lo:hi])
+            block = _scaled(base[lo:hi], None if rows is None else rows[lo:hi], cols, xp=xp)
+            xp.add(block, out[lo:hi], out=out[lo:hi])
         return out
-    _scaled(base, rows, cols, out)
+    _scaled(base, rows, cols, out, xp)
     if low:
-        np.add(out, (u @ v.T).reshape(u.shape[:1] + v.shape[:1] + (1,) * (nd - 2)), out=out)
+        xp.add(out, (u @ v.T).reshape(u.shape[:1] + v.shape[:1] + (1,) * (nd - 2)), out=out)
     return out
 
 
 def _scaled(w: np.ndarray, rows: np.ndarray | None, cols: np.ndarray | None,
-            out: np.ndarray | None = None) -> np.ndarray:
+            out: np.ndarray | None = None, xp: Any = np) -> np.ndarray:
     """(rows ⊙ w) ⊙ cols in float32, into `out` (a new array when None); a missing factor is skipped."""
-    out = np.empty(w.shape, np.float32) if out is None else out
-    np.copyto(out, w) if rows is None else np.multiply(rows, w, out=out)
+    out = xp.empty(w.shape, np.float32) if out is None else out
+    xp.copyto(out, w) if rows is None else xp.multiply(rows, w, out=out)
     if cols is not None:
-        np.multiply(out, cols, out=out)
+        xp.multiply(out, cols, out=out)
     return out
 
 

@@ -1,6 +1,6 @@
-"""`edgecl audit ARTIFACT --budget 32MiB [--batch 8] [--device cpu|cuda] [--strategy inplace|sessions] [--json]
-[--plot out.png]`.
-Exit 0 when the artifact fits the budget, 1 when it does not, 2 on bad input."""
+"""`edgecl audit ARTIFACT --budget 32MiB [--batch 8] [--device cpu|cuda] [--device-budget 2GiB]
+[--strategy inplace|sessions] [--json] [--plot out.png]`.
+Exit 0 when the artifact fits the budget (and, on cuda, the device budget), 1 when it does not, 2 on bad input."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", help="artifact file (model.edgecl)")
     p.add_argument("--budget", required=True, help="memory budget, e.g. 32MiB, 1.5GB, or bytes")
     p.add_argument("--batch", type=int, default=8, help="inference batch the activations are sized for")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: tasks resident in GPU memory, reported apart)")
+    p.add_argument("--device-budget", default=None,
+                   help="GPU memory budget for --device cuda, e.g. 2GiB (--budget stays the host RAM budget)")
     p.add_argument("--strategy", default="inplace", choices=("inplace", "sessions"),
                    help="the runtime strategy to audit: one session switched in place (default, one cache slot), or "
                         "one session per task")
@@ -22,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from edgecl.runtime.audit import audit, budget_summary, plot
 
-    report = audit(args.artifact, args.budget, args.batch, args.device, args.strategy)
+    report = audit(args.artifact, args.budget, args.batch, args.device, args.strategy,
+                   device_budget=args.device_budget)
     if args.plot:
         report["plot"] = str(plot(report, args.plot))
     print(json.dumps(report, indent=2, default=str) if args.json else budget_summary(report))

@@ -18,11 +18,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--backend", default="auto", help="auto, ort-cpu, ort-cuda, ort-tensorrt")
     p.add_argument("--budget", default=None, help="memory budget, e.g. 32MiB (refuse rather than exceed it)")
+    p.add_argument("--device-budget", default=None, help="GPU memory budget for --device cuda, e.g. 2GiB")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="--device cuda: replay each (slot, batch) as a CUDA graph (ONNX Runtime's enable_cuda_graph)")
 
 
 def main(args: argparse.Namespace) -> int:
     from edgecl.runtime.run import run_task
 
     run_task(args.artifact, args.task, input=args.input, output=args.output, labels=args.labels,
-             benchmark=args.benchmark, batch=args.batch, device=args.device, backend=args.backend, budget=args.budget)
+             benchmark=args.benchmark, batch=args.batch, device=args.device, backend=args.backend, budget=args.budget,
+             device_budget=args.device_budget, cuda_graph=args.cuda_graph)
     return 0

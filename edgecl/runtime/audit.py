@@ -5,8 +5,11 @@ models, and a projection of size against task count. Resident part (RAM while ru
 cached tasks, session + workspace, activations at a batch — predicted from the runtime's budget ledger (the same
 numbers the runtime enforces) and measured as the process RSS increase while the runtime is built and runs one batch.
 
-ONNX Runtime's Python API exposes no allocator statistics for the CPU arena, so the measured side is RSS; on CUDA the
-device memory is read through ONNX Runtime where it exposes it (unverified here: no onnxruntime-gpu on our machines).
+ONNX Runtime's Python API exposes no allocator statistics for the CPU arena, so the measured side is RSS. On
+``device="cuda"`` device bytes are a second section: the device ledger's prediction (base weights, task deltas, cache
+slots, the session's constants, activations) next to the increase of the GPU's used memory (CuPy's memGetInfo, so
+ONNX Runtime's CUDA arena and cuBLAS/cuDNN workspaces count too), judged against ``device_budget`` apart from host
+RAM. The device numbers are unverified until `tools/gpu_check.py` has run on a GPU (README, "What runs where").
 """
 from __future__ import annotations
 
@@ -23,7 +26,9 @@ from edgecl.errors import BudgetError, UsageError
 from edgecl.plotting import new_figure, save_png
 from edgecl.runtime.budget import format_bytes, parse_budget
 from edgecl.runtime.costs import ENVIRONMENT, SLOT_OVERHEAD, activation_bytes
+from edgecl.runtime.device_arrays import backend_for
 from edgecl.runtime.process_memory import process_rss
+from edgecl.runtime.providers import resolve_providers
 from edgecl.runtime.task_runtime import TaskRuntime
 from edgecl.source import IN_MEMORY, ModelSource, open_model
 
@@ -63,7 +68,7 @@ def _marginal_task_bytes(per_task: list[int]) -> float:
 
 
 def resident_audit(source: Any, batch: int = 8, device: str = "cpu", strategy: str = "inplace",
-                   cache_tasks: int = 1) -> dict[str, Any]:
+                   cache_tasks: int = 1, resident: str | None = None) -> dict[str, Any]:
     """Predicted and measured resident bytes of a runtime serving `source` at `batch`.
 
     The measurement is the RSS increase from before loading to after every cache slot has served one batch; it is
@@ -73,10 +78,13 @@ def resident_audit(source: Any, batch: int = 8, device: str = "cpu", strategy: s
     src = open_model(source)
     in_memory = src.origin == IN_MEMORY
     paid = ENVIRONMENT.charged  # this process already holds ONNX Runtime's one-off cost
+    resolve_providers("auto", device)  # what a GPU audit lacks, named before anything is measured
+    on_device = device == "cuda" or resident == "device"
+    probe = backend_for(device) if on_device else None  # on a GPU: the CUDA context exists before "before"
     gc.collect()
-    before = process_rss()
+    before, device_before = process_rss(), probe.used_bytes() if probe else None
     runtime = TaskRuntime(src if in_memory else src.origin, device=device, strategy=strategy,
-                          cache_tasks=cache_tasks, max_batch=batch, charge_environment=True)
+                          cache_tasks=cache_tasks, max_batch=batch, charge_environment=True, resident=resident)
     x = np.zeros((batch, *runtime.input_shape), np.float32)
     # what the runtime holds in service: every cache slot filled in place; every task's session (and so each
     # session's arena) used under `sessions`
@@ -85,6 +93,7 @@ def resident_audit(source: Any, batch: int = 8, device: str = "cpu", strategy: s
         runtime.infer(x, task=t)
     gc.collect()
     after = process_rss()
+    device_report = _device_section(runtime, probe, device_before)
     predicted = dict(runtime.ledger.items)
     skip = {"model tensors"} if in_memory else set()
     skip |= {"onnxruntime environment"} if paid else set()
@@ -97,21 +106,30 @@ def resident_audit(source: Any, batch: int = 8, device: str = "cpu", strategy: s
         "relative_error": (compared - measured) / measured if measured and measured > 0 else None,
         "slot_bytes": runtime.slot_bytes, "resident_bytes_per_task": runtime.task_bytes / runtime.n_tasks,
         "activation_bytes": activation_bytes(runtime.arch, batch, max(i.n_classes for i in src.tasks)),
-        "cuda": _cuda_memory(device),
+        "device": device_report,
     }
 
 
-def _cuda_memory(device: str) -> Any:
-    if device != "cuda":
+def _device_section(runtime: TaskRuntime, probe: Any, before: int | None) -> dict[str, Any] | None:
+    """The device ledger's prediction next to the GPU's measured increase in used memory (None on the CPU twin)."""
+    if probe is None:
         return None
-    return "not measured: ONNX Runtime's Python API exposes no device allocator statistics (unverified path)"
+    report = runtime.memory_report(measure=False)["device"]
+    after = probe.used_bytes()
+    measured = None if before is None or after is None else after - before
+    report.update(predicted_peak=runtime.device_ledger.peak, measured_increase=measured,
+                  relative_error=(report["predicted_total"] - measured) / measured if measured else None)
+    return report
 
 
 def audit(artifact: Any, budget: int | str, batch: int = 8, device: str = "cpu",
-          strategy: str = "inplace") -> dict[str, Any]:
+          strategy: str = "inplace", device_budget: int | str | None = None,
+          resident: str | None = None) -> dict[str, Any]:
     """Full audit against a budget: static + resident for `strategy` (in place with one cache slot, or a session
-    per task), whether it fits, and how many more tasks would fit."""
+    per task), whether it fits, and how many more tasks would fit. On the device path the device bytes are judged
+    against `device_budget` (when given) apart from host RAM."""
     limit = parse_budget(budget)
+    device_limit = parse_budget(device_budget)
     if limit is None:
         raise UsageError("audit needs a budget, e.g. 32MiB")
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
@@ -119,19 +137,35 @@ def audit(artifact: Any, budget: int | str, batch: int = 8, device: str = "cpu",
     if strategy not in ("inplace", "sessions"):
         raise UsageError(f"audit strategy must be inplace or sessions, got {strategy!r}")
     src = open_model(artifact)
-    resident = resident_audit(src, batch, device, strategy)
+    report = resident_audit(src, batch, device, strategy, resident=resident)
     static = static_audit(src)
+    return _judge(report, static, limit, device_limit, src.n_tasks)
+
+
+def _judge(resident: dict[str, Any], static: dict[str, Any], limit: int, device_limit: int | None,
+           n_tasks: int) -> dict[str, Any]:
+    """Fits or not (host, and device where there is one), tasks that fit more, and tasks that can stay cached. On
+    the device path the slots and the per-task bytes are the device's, so they are counted against its budget."""
     need = max(resident["predicted_peak"], resident["measured_rss_increase"] or 0)
+    out = {"budget": limit, "fits": need <= limit, "needed": need, "static": static, "resident": resident}
+    device = resident["device"]
+    room, slot_cost = limit - need, resident["slot_bytes"] + SLOT_OVERHEAD
+    if device is not None:
+        device_need = max(device["predicted_peak"], device["measured_increase"] or 0)
+        out.update(device_budget=device_limit, device_needed=device_need,
+                   device_fits=device_limit is None or device_need <= device_limit)
+        out["fits"] = out["fits"] and out["device_fits"]
+        room = None if device_limit is None else device_limit - device_need
+        slot_cost = resident["slot_bytes"]
     grow = resident["resident_bytes_per_task"]
-    more = math.floor((limit - need) / grow) if grow > 0 and need <= limit else 0
-    if need > limit:
-        slots = 0
-    elif resident["slot_bytes"]:
-        slots = (limit - need) // (resident["slot_bytes"] + SLOT_OVERHEAD) + 1
-    else:  # per-task sessions, or every switched layer factored: no task needs a copy on a switch
-        slots = src.n_tasks
-    return {"budget": limit, "fits": need <= limit, "needed": need, "more_tasks_fit": more,
-            "tasks_cacheable": int(min(slots, src.n_tasks)), "static": static, "resident": resident}
+    if room is None:  # no device budget: nothing bounds the task count or the slots
+        more, slots = None, n_tasks
+    else:
+        more = math.floor(room / grow) if grow > 0 and room >= 0 else 0
+        # no slot cost: per-task sessions, or every switched layer factored (no task needs a copy on a switch)
+        slots = 0 if room < 0 else room // slot_cost + 1 if resident["slot_bytes"] else n_tasks
+    out.update(more_tasks_fit=more, tasks_cacheable=int(min(slots, n_tasks)))
+    return out
 
 
 def budget_summary(report_or_artifact: Any, budget: int | str | None = None, batch: int = 8,
@@ -152,7 +186,9 @@ def budget_summary(report_or_artifact: Any, budget: int | str | None = None, bat
         f"parameter of one model; {s['tasks']} separate dense models: {format_bytes(s['separate_dense_bytes'])} "
         f"({s['separate_dense_bytes'] / s['total_bytes']:.1f}x larger)",
         f"  each added task: +{format_bytes(s['bytes_per_added_task'])} on disk, "
-        f"+{format_bytes(r['resident_bytes_per_task'])} resident; {report['more_tasks_fit']} more tasks fit",
+        f"+{format_bytes(r['resident_bytes_per_task'])} resident; "
+        + ("no device budget bounds the task count" if report["more_tasks_fit"] is None
+           else f"{report['more_tasks_fit']} more tasks fit"),
         "  resident (predicted): " + ", ".join(f"{k} {format_bytes(v)}" for k, v in r["predicted"].items()),
     ]
     if r["relative_error"] is not None:
@@ -161,6 +197,18 @@ def budget_summary(report_or_artifact: Any, budget: int | str | None = None, bat
     elif r["measured_rss_increase"] is not None:
         lines.append(f"  measured RSS increase {format_bytes(r['measured_rss_increase'])} (this process had already "
                      "paid for ONNX Runtime; measure in a fresh process, as `edgecl audit` does)")
+    device = r.get("device")
+    if device is not None:
+        budget = "no device budget" if report.get("device_budget") is None else \
+            f"device budget {format_bytes(report['device_budget'])}: " + \
+            ("FITS" if report["device_fits"] else "DOES NOT FIT")
+        measured = "" if device["relative_error"] is None else \
+            f"; measured {format_bytes(device['measured_increase'])} " \
+            f"(prediction off by {100 * device['relative_error']:+.1f}%)"
+        lines.append(f"  device ({device['arrays']}): needs {format_bytes(report['device_needed'])}, {budget}; "
+                     f"+{format_bytes(device['bytes_per_task'])} per task{measured}")
+        lines.append("  device (predicted): " + ", ".join(f"{k} {format_bytes(v)}"
+                                                         for k, v in device["predicted"].items()))
     lines.append(f"  tasks that can stay cached (no copy on switch): {report['tasks_cacheable']}")
     return "\n".join(lines)
 

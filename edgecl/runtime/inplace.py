@@ -10,6 +10,10 @@ switch reads (bases, 1-bit keep masks, per-task vectors and heads) + ~1× the co
 
 Each thread keeps its own IOBinding per slot (bindings are not thread-safe); the slot cache's lock is never held
 while weights are written or the model runs.
+
+Where the slots live is a store's job: `_HostStore` (CPU: host buffers, the compiled masked fill) or
+`edgecl.runtime.device_store.DeviceStore` (``resident="device"``: task deltas and slots in device memory, written on
+the device — on "cuda" with CuPy, on "cpu" with its numpy twin, which is how CI tests the device path).
 """
 from __future__ import annotations
 
@@ -25,8 +29,9 @@ import onnxruntime as ort
 from edgecl.graph.builder import INPUT, OUTPUT, build_onnx
 from edgecl.runtime import costs
 from edgecl.runtime.budget import Ledger
+from edgecl.runtime.device_store import DeviceStore
 from edgecl.runtime.plan import TensorPlan, read_plans
-from edgecl.runtime.providers import empty_ortvalue, session_options, to_ortvalue
+from edgecl.runtime.providers import require_placement, session_options, session_providers, to_ortvalue
 from edgecl.runtime.slots import Slot, SlotCache
 from edgecl.source import ModelSource
 
@@ -35,7 +40,7 @@ DEFAULT_SLOTS = 4  # slots without a budget: enough for a few alternating tasks,
 
 @dataclass
 class _Buffers:
-    """One slot's switched-tensor buffers: host arrays (CPU) and the OrtValues bound once over them."""
+    """One slot's switched-tensor buffers on the host and the OrtValues bound once over them."""
 
     host: dict[str, np.ndarray]
     values: dict[str, ort.OrtValue]
@@ -47,7 +52,59 @@ class _Binding:
 
     io: ort.IOBinding
     task: int | None = None
-    out: np.ndarray | None = None  # the bound logits buffer (CPU)
+    out: np.ndarray | None = None  # the bound logits buffer (host store)
+
+
+class _HostStore:
+    """Slots in host memory, written by `TensorPlan.fill` (the compiled masked fill, large tensors split among
+    threads); static and per-task tensors are bound as OrtValues over the plans' own arrays."""
+
+    arrays = None  # results are host arrays
+
+    def __init__(self, plans: list[TensorPlan], varying: list[TensorPlan], n_tasks: int, ledger: Ledger,
+                 threads: int | None):
+        self.varying, self.ledger = varying, ledger
+        self.slot_bytes = costs.slot_bytes(p.shape for p in varying)
+        self.task_bytes = costs.held_bytes(a for p in plans for a in p.task_arrays())
+        self._static = {p.name: to_ortvalue(p.base) for p in plans if p.plan == "static"}
+        self._own = [{p.name: to_ortvalue(p.per_task[t]) for p in plans if p.plan == "own"}
+                     for t in range(n_tasks)]
+        # masked tensors are written by as many threads as ONNX Runtime may use (all cores by default)
+        self._workers = threads or os.cpu_count() or 1
+        self._pool = ThreadPoolExecutor(self._workers, "edgecl-fill") \
+            if any(p.splits for p in varying) and self._workers > 1 else None
+
+    def new_slot(self, index: int) -> _Buffers:
+        host = {p.name: np.zeros(p.shape, np.float32) for p in self.varying}
+        return _Buffers(host, {n: to_ortvalue(a) for n, a in host.items()})
+
+    def fill(self, buffers: _Buffers, t: int) -> None:
+        for plan in self.varying:
+            plan.fill(t, buffers.host[plan.name], self._pool, self._workers)
+
+    def bind_slot(self, io: ort.IOBinding, buffers: _Buffers) -> None:
+        for name, value in {**self._static, **buffers.values}.items():
+            io.bind_ortvalue_input(name, value)
+
+    def bind_task(self, io: ort.IOBinding, buffers: _Buffers, t: int) -> None:
+        for name, value in self._own[t].items():
+            io.bind_ortvalue_input(name, value)
+
+    def run(self, session: ort.InferenceSession, binding: _Binding, x: np.ndarray, n_classes: int) -> np.ndarray:
+        binding.io.bind_cpu_input(INPUT, x)
+        # the logits go into a buffer bound once per (thread, slot, task, batch) and are returned as a copy: 1.6 µs
+        # less per call than letting ONNX Runtime allocate them (a small model's inference: ~7 µs)
+        if binding.out is None or binding.out.shape[0] != x.shape[0]:
+            binding.out = np.empty((x.shape[0], n_classes), np.float32)
+            binding.io.bind_output(OUTPUT, "cpu", element_type=np.float32, shape=binding.out.shape,
+                                   buffer_ptr=binding.out.ctypes.data)
+        session.run_with_iobinding(binding.io)
+        return binding.out.copy()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
 
 class InPlace:
@@ -57,8 +114,10 @@ class InPlace:
     name = "inplace"
 
     def __init__(self, src: ModelSource, ledger: Ledger, *, device: str, providers: list[str], threads: int | None,
-                 factor: bool):
+                 factor: bool, resident: str = "host", device_ledger: Ledger | None = None, cuda_graph: bool = False,
+                 activation_bytes: Any = None):
         self.ledger, self.device, self.providers, self.threads = ledger, device, providers, threads
+        self.cuda_graph = cuda_graph
         self.arch = src.arch
         self.n_tasks = src.n_tasks
         self._n_classes = [info.n_classes for info in src.tasks]
@@ -69,14 +128,24 @@ class InPlace:
         self.ledger.reserve("model tensors", costs.held_bytes(
             [p.base for p in self.plans if p.base is not None]
             + [a for p in self.plans if not p.keeps_masks for a in p.task_arrays()]))
-        self._mask_bytes = sum(p.mask_bytes for p in self.plans)  # reserved at `start`, after the fixed costs
-        self.task_bytes = costs.held_bytes(a for p in self.plans for a in p.task_arrays())
-        self.slot_bytes = costs.slot_bytes(p.shape for p in self.varying)
         self.session_params: list[int] = []
-        self.cache: SlotCache[_Buffers] | None = None
-        self._fill_pool: ThreadPoolExecutor | None = None  # threads for large masked fills
-        self._fill_workers = 1
+        self.cache: SlotCache | None = None
         self._local = threading.local()
+        if resident == "host":
+            self._mask_bytes = sum(p.mask_bytes for p in self.plans)  # reserved at `start`, after the fixed costs
+            self._store: Any = _HostStore(self.plans, self.varying, self.n_tasks, ledger, threads)
+            self._slot_ledger, self._slot_extra = ledger, costs.SLOT_OVERHEAD
+        else:  # every task's delta goes to the device now; the host keeps only the session's constants
+            self._mask_bytes = 0
+            self._store = DeviceStore(self.plans, device, device_ledger, self.n_tasks, cuda_graph, activation_bytes)
+            self.plans = [p if p.constant else TensorPlan(p.name, p.plan, p.shape) for p in self.plans]
+            self.varying = [p for p in self.plans if p.varies]
+            self.ledger.release("model tensors")
+            self.ledger.reserve("model tensors", costs.held_bytes(p.base for p in self.plans if p.constant))
+            self._slot_ledger, self._slot_extra = device_ledger, 0
+        self.arrays = self._store.arrays  # None: results are host arrays
+        self.slot_bytes = self._store.slot_bytes
+        self.task_bytes = self._store.task_bytes
 
     @property
     def n_slots(self) -> int:
@@ -87,84 +156,58 @@ class InPlace:
             self.ledger.reserve("task masks", self._mask_bytes)
         constants = {p.name: p.base for p in self.plans if p.constant}
         self.ledger.reserve("session", costs.switchable_session_bytes(constants.values()))
+        if self.device == "cuda":  # the CUDA EP copies the constants to the device
+            self._slot_ledger.reserve("device session constants", costs.held_bytes(constants.values()))
         model = build_onnx(self.arch, weights_as_inputs=True, constants=constants, factors=self._factors,
                            external_constants=True)
         options = session_options(self.threads)
         if constants:
-            self._constant_values = [to_ortvalue(a, "cpu") for a in constants.values()]  # must outlive the session
+            self._constant_values = [to_ortvalue(a) for a in constants.values()]  # must outlive the session
             options.add_external_initializers(list(constants), self._constant_values)
         # GemmTransposeFusion would turn a permuted layer's GEMM + transpose into one GEMM that reads the weight
         # un-packed: 0.9× at batch 64 but 1.5× at batch 1 (tools/bench_switch.py); devices mostly run batch 1
-        self._session = ort.InferenceSession(model.SerializeToString(), options, providers=self.providers,
+        self._session = ort.InferenceSession(model.SerializeToString(), options,
+                                             providers=session_providers(self.providers, self.cuda_graph),
                                              disabled_optimizers=["GemmTransposeFusion"])
-        self._static = {p.name: to_ortvalue(p.base, self.device) for p in self.plans if p.plan == "static"}
-        self._own = [{p.name: to_ortvalue(p.per_task[t], self.device) for p in self.plans if p.plan == "own"}
-                     for t in range(self.n_tasks)]
-        self._staging = None
-        self._staging_lock = threading.Lock()  # one host staging set, shared by fills of different slots
-        if self.device == "cuda" and self.varying:
-            self.ledger.reserve("host staging buffers", self.slot_bytes)
-            self._staging = {p.name: np.empty(p.shape, np.float32) for p in self.varying}
+        require_placement(self._session, self.device)
         buffers = []
         for i in range(self._slot_count(cache_tasks)):
             # BudgetError before allocating; each slot also holds its bindings (measured ~25 KB, charged 64 KB)
-            self.ledger.reserve(f"cache slot {i}", self.slot_bytes + costs.SLOT_OVERHEAD)
-            buffers.append(self._new_buffers())
-        self.cache = SlotCache(buffers, self._fill, owner="this TaskRuntime")
-        # masked tensors are written by as many threads as ONNX Runtime may use (all cores by default)
-        self._fill_workers = self.threads or os.cpu_count() or 1
-        if any(p.splits for p in self.varying) and self._fill_workers > 1:
-            self._fill_pool = ThreadPoolExecutor(self._fill_workers, "edgecl-fill")
+            host_bytes = self.slot_bytes if self._slot_ledger is self.ledger else 0  # device slots: their ledger
+            self.ledger.reserve(f"cache slot {i}", host_bytes + costs.SLOT_OVERHEAD)
+            buffers.append(self._store.new_slot(i))
+        self.cache = SlotCache(buffers, lambda slot, t: self._store.fill(slot.buffers, t), owner="this TaskRuntime")
 
     def _slot_count(self, cache_tasks: int | None) -> int:
-        """As asked, else as many as the budget leaves room for (`DEFAULT_SLOTS` without one); one when a switch
-        writes nothing."""
+        """As asked, else as many as the budget (the device's for device slots) leaves room for (`DEFAULT_SLOTS`
+        without one); one when a switch writes nothing."""
         if not self.slot_bytes:
             return 1
         if cache_tasks is None:
-            free = None if self.ledger.limit is None else self.ledger.limit - self.ledger.used
-            cache_tasks = max(1, DEFAULT_SLOTS if free is None else free // (self.slot_bytes + costs.SLOT_OVERHEAD))
+            ledger, per_slot = self._slot_ledger, self.slot_bytes + self._slot_extra
+            free = None if ledger.limit is None else ledger.limit - ledger.used
+            cache_tasks = max(1, DEFAULT_SLOTS if free is None else free // per_slot)
         return min(cache_tasks, self.n_tasks)
-
-    def _new_buffers(self) -> _Buffers:
-        if self.device == "cpu":
-            host = {p.name: np.zeros(p.shape, np.float32) for p in self.varying}
-            return _Buffers(host, {n: to_ortvalue(a, "cpu") for n, a in host.items()})
-        return _Buffers({}, {p.name: empty_ortvalue(p.shape, "cuda") for p in self.varying})
-
-    def _fill(self, slot: Slot[_Buffers], t: int) -> None:
-        for plan in self.varying:
-            if self.device == "cpu":
-                plan.fill(t, slot.buffers.host[plan.name], self._fill_pool, self._fill_workers)
-            else:
-                with self._staging_lock:
-                    staging = self._staging[plan.name]
-                    plan.fill(t, staging, self._fill_pool, self._fill_workers)
-                    slot.buffers.values[plan.name].update_inplace(staging)
 
     def warm(self, t: int) -> None:
         """Have task t's weights in a slot (a miss fills one)."""
         with self.cache.use(t):
             pass
 
-    def run(self, t: int, x: np.ndarray) -> np.ndarray:
+    def run(self, t: int, x: Any) -> Any:
+        """Logits of task t: a host array, or with a device store a device array."""
         with self.cache.use(t) as slot:
-            binding = self._binding(slot, t)
-            binding.io.bind_cpu_input(INPUT, x)
-            if self.device != "cpu":
-                binding.io.bind_output(OUTPUT, self.device)
-                self._session.run_with_iobinding(binding.io)
-                return binding.io.copy_outputs_to_cpu()[0]
-            # on CPU the logits go into a buffer bound once per (thread, slot, task, batch) and are returned as a
-            # copy: 1.6 µs less per call than letting ONNX Runtime allocate them (a small model's inference: ~7 µs)
-            if binding.out is None or binding.out.shape[0] != x.shape[0]:
-                binding.out = np.empty((x.shape[0], self._n_classes[t]), np.float32)
-                binding.io.bind_output(OUTPUT, "cpu", element_type=np.float32, shape=binding.out.shape,
-                                       buffer_ptr=binding.out.ctypes.data)
-            self._session.run_with_iobinding(binding.io)
-            return binding.out.copy()
+            if self.cuda_graph:
+                return self._store.run_graph(self._session, slot.buffers, slot.index, t, x, self._n_classes[t])
+            return self._store.run(self._session, self._binding(slot, t), x, self._n_classes[t])
 
-    def _binding(self, slot: Slot[_Buffers], t: int) -> _Binding:
+    def bound_tensors(self, t: int) -> dict[str, np.ndarray]:
+        """Host copies of every tensor the session reads for task t on the device path (filling a slot on a miss):
+        what `tools/gpu_check.py` compares with `materialize` bit for bit."""
+        with self.cache.use(t) as slot:
+            return {name: self.arrays.to_host(a) for name, a in self._store.program.tensors(slot.buffers, t).items()}
+
+    def _binding(self, slot: Slot, t: int) -> _Binding:
         """This thread's IOBinding for `slot`: static and slot tensors bound once, task-owned tensors on change."""
         bindings = getattr(self._local, "bindings", None)
         if bindings is None:
@@ -172,12 +215,10 @@ class InPlace:
         binding = bindings.get(slot.index)
         if binding is None:
             io = self._session.io_binding()
-            for name, value in {**self._static, **slot.buffers.values}.items():
-                io.bind_ortvalue_input(name, value)
+            self._store.bind_slot(io, slot.buffers)
             binding = bindings[slot.index] = _Binding(io)
         if binding.task != t:
-            for name, value in self._own[t].items():
-                binding.io.bind_ortvalue_input(name, value)
+            self._store.bind_task(binding.io, slot.buffers, t)
             binding.task, binding.out = t, None
         return binding
 
@@ -188,8 +229,6 @@ class InPlace:
         """Wake waiting callers (they raise) and drop the session, slots and fill threads."""
         if self.cache is not None:
             self.cache.close()
-        if self._fill_pool is not None:
-            self._fill_pool.shutdown(wait=False)
-            self._fill_pool = None
+        self._store.close()
         self._session = None
         self._local = threading.local()

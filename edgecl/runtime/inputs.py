@@ -39,15 +39,7 @@ def check_input(x: Any, input_shape: tuple[int, ...], what: str = "input") -> np
             x = np.asarray(x)
         except (ValueError, TypeError) as exc:
             raise UsageError(f"{what} is not an array: {exc}") from None
-    if x.dtype.kind != "f":
-        raise UsageError(f"{what} has dtype {x.dtype}; expected float32 (float16/float64 are cast), scaled as in "
-                         f"training")
-    want = tuple(input_shape)
-    if x.ndim != len(want) + 1 or tuple(x.shape[1:]) != want:
-        hint = " (a single sample needs a batch axis: x[None])" if tuple(x.shape) == want else ""
-        raise UsageError(f"{what} has shape {tuple(x.shape)}; expected (batch, {', '.join(map(str, want))}){hint}")
-    if x.shape[0] == 0:
-        raise UsageError(f"{what} has an empty batch")
+    _check_layout(x, input_shape, what)
     if x.dtype != np.float32 or not x.flags.c_contiguous or type(x) is not np.ndarray:
         with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf and is refused below
             x = np.ascontiguousarray(x, dtype=np.float32)
@@ -58,6 +50,31 @@ def check_input(x: Any, input_shape: tuple[int, ...], what: str = "input") -> np
     return x
 
 
+def check_device_input(x: Any, input_shape: tuple[int, ...], arrays: Any, what: str = "input") -> Any:
+    """`check_input` for a batch already on the device (a CuPy array, or numpy on the CPU twin): the same policy,
+    checked where the batch lives; only a refused batch is copied to the host (for the message)."""
+    _check_layout(x, input_shape, what)
+    if x.dtype != np.float32 or not x.flags.c_contiguous:
+        with np.errstate(over="ignore"):
+            x = arrays.xp.ascontiguousarray(x, dtype=np.float32)
+    if not arrays.all_finite(x):
+        check_input(arrays.to_host(x), input_shape, what)
+    return x
+
+
+def _check_layout(x: Any, input_shape: tuple[int, ...], what: str) -> None:
+    """dtype kind, shape and a non-empty batch: what any array (host or device) reports without being read."""
+    if x.dtype.kind != "f":
+        raise UsageError(f"{what} has dtype {x.dtype}; expected float32 (float16/float64 are cast), scaled as in "
+                         f"training")
+    want = tuple(input_shape)
+    if x.ndim != len(want) + 1 or tuple(x.shape[1:]) != want:
+        hint = " (a single sample needs a batch axis: x[None])" if tuple(x.shape) == want else ""
+        raise UsageError(f"{what} has shape {tuple(x.shape)}; expected (batch, {', '.join(map(str, want))}){hint}")
+    if x.shape[0] == 0:
+        raise UsageError(f"{what} has an empty batch")
+
+
 def check_output(logits: np.ndarray, x: np.ndarray, task: str) -> np.ndarray:
     """`logits` when every value is finite; otherwise UsageError: the input overflowed float32 inside the model."""
     if np.isfinite(logits).all():
@@ -66,6 +83,14 @@ def check_output(logits: np.ndarray, x: np.ndarray, task: str) -> np.ndarray:
     raise UsageError(f"task {task}: the logits of {len(rows)} of {len(logits)} inputs are not finite (first: input "
                      f"{int(rows[0])}, max |x| {float(np.abs(x[rows[0]]).max()):.3g}): the input overflows float32 "
                      "inside the model; scale inputs as in training")
+
+
+def check_device_output(logits: Any, x: Any, task: str, arrays: Any) -> Any:
+    """`check_output` for logits on the device: checked there; only refused logits are copied to the host."""
+    if arrays.all_finite(logits):
+        return logits
+    host_x = x if isinstance(x, np.ndarray) else arrays.to_host(x)
+    return check_output(arrays.to_host(logits), host_x, task)
 
 
 def load_input(path: str | os.PathLike) -> np.ndarray:

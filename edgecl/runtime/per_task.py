@@ -23,6 +23,7 @@ class PerTaskSessions:
     n_slots = slot_bytes = 0
     plans: list = []  # nothing is switched: no plans (the in-place strategy's attributes, empty here)
     varying: list = []
+    arrays = None  # results are host arrays (CPU only: the device path switches in place)
 
     def __init__(self, src: ModelSource, ledger: Ledger, *, device: str, providers: list[str], threads: int | None,
                  factor: bool):
@@ -59,7 +60,7 @@ class PerTaskSessions:
         arrays = {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in params.items()}
         model = build_onnx(arch, weights_as_inputs=True, constants=arrays, external_constants=True,
                            graph_name=f"task{t}")
-        values = [to_ortvalue(a, "cpu") for a in arrays.values()]
+        values = [to_ortvalue(a) for a in arrays.values()]
         options = session_options(self.threads)
         options.add_external_initializers(list(arrays), values)
         self._weights.append((arrays, values))  # ONNX Runtime reads them for the session's lifetime

@@ -1,17 +1,22 @@
 """Backend and device resolution for ONNX Runtime, session options, and device placement of tensors.
 
-`auto` picks the best execution providers that exist: TensorRT EP, then CUDA EP on device "cuda"; the CPU EP on "cpu".
-Only the CPU path is verified on the project's machines (onnxruntime-gpu and TensorRT are not installable there); the
-CUDA/TensorRT EP paths follow ONNX Runtime's documented IOBinding API and are marked unverified in the README.
+`auto` picks the CPU EP on "cpu" and the CUDA EP on "cuda": the switchable graph takes its switched weights as graph
+inputs, which the TensorRT EP would build into engines as dynamic network inputs (``ort-tensorrt`` stays selectable;
+unverified). Device "cuda" also needs CuPy (the device-resident switch, `edgecl.runtime.device_arrays`); every missing
+piece is named in one UsageError with the fix. Only the CPU path is verified on the project's machines; the CUDA
+path is built to ONNX Runtime's documented IOBinding API and CPU-tested through its numpy twin (README, "What runs
+where").
 """
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from edgecl.errors import UsageError
+from edgecl.runtime.device_arrays import GPU_EXTRA, cupy_problem
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-tensorrt")
 DEVICES = ("cpu", "cuda")
@@ -30,14 +35,37 @@ def resolve_providers(backend: str, device: str) -> list[str]:
         if backend not in ("auto", "ort-cpu"):
             raise UsageError(f"backend {backend!r} needs device='cuda'")
         return ["CPUExecutionProvider"]
-    wanted = {"auto": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
-              "ort-cuda": ["CUDAExecutionProvider"], "ort-tensorrt": ["TensorrtExecutionProvider"]}.get(backend, [])
+    wanted = {"auto": ["CUDAExecutionProvider"], "ort-cuda": ["CUDAExecutionProvider"],
+              "ort-tensorrt": ["TensorrtExecutionProvider"]}.get(backend, [])
     chosen = [p for p in wanted if p in available]
-    if not chosen:
-        raise UsageError(f"device 'cuda' with backend {backend!r} needs {' or '.join(wanted)} in onnxruntime, which "
-                         f"offers only {available}; install the 'gpu' extra (onnxruntime-gpu) instead of onnxruntime")
+    missing = [] if chosen else [f"onnxruntime-gpu ({' or '.join(wanted)}; this onnxruntime offers only {available})"]
+    cupy = cupy_problem()
+    if cupy:
+        missing.append(cupy)
+    if missing:
+        raise UsageError(f"device 'cuda' with backend {backend!r} needs {' and '.join(missing)}; install the 'gpu' "
+                         f"extra instead of onnxruntime: {GPU_EXTRA}")
     fallbacks = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available and p not in chosen]
     return chosen + fallbacks
+
+
+def session_providers(providers: list[str], cuda_graph: bool = False) -> list[Any]:
+    """`providers` with the CUDA EP's options: its arena grows by what is asked (not the next power of two), so
+    device memory stays near the audit's prediction; CUDA graphs where asked (`edgecl.runtime.device_store`)."""
+    options = {"device_id": "0", "arena_extend_strategy": "kSameAsRequested",
+               "enable_cuda_graph": "1" if cuda_graph else "0"}
+    return [(p, options) if p == "CUDAExecutionProvider" else p for p in providers]
+
+
+def require_placement(session: ort.InferenceSession, device: str) -> None:
+    """UsageError when a session meant for the GPU was placed on the CPU: ONNX Runtime falls back silently when its
+    CUDA EP finds no device (or not its CUDA libraries)."""
+    placed = session.get_providers()
+    if device == "cuda" and placed[0] not in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
+        raise UsageError(f"device 'cuda': ONNX Runtime placed the session on {placed}, not on a GPU: no CUDA device is "
+                         "visible to onnxruntime-gpu, or its CUDA 13 libraries (libcudart, libcublas, libcudnn) are "
+                         "missing; check the driver, CUDA_VISIBLE_DEVICES and `python -c \"import onnxruntime as o; "
+                         "o.preload_dlls()\"`")
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
@@ -72,18 +100,7 @@ def shared_cpu_arena() -> bool:
         return _ARENA[0]
 
 
-def ort_device(device: str) -> str:
-    return "cuda" if device == "cuda" else "cpu"
-
-
-def to_ortvalue(array: np.ndarray, device: str) -> ort.OrtValue:
-    """Bind-ready value. On CPU it shares the numpy memory (no copy; keep the array alive); on CUDA it is a device
-    copy."""
-    if device == "cpu":
-        return ort.OrtValue.ortvalue_from_numpy(array)
-    return ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0)
-
-
-def empty_ortvalue(shape: tuple[int, ...], device: str) -> ort.OrtValue:
-    """A device buffer for a switched tensor (CUDA only; CPU buffers are numpy arrays wrapped by `to_ortvalue`)."""
-    return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32, "cuda", 0)
+def to_ortvalue(array: np.ndarray) -> ort.OrtValue:
+    """A bind-ready value sharing the numpy memory (no copy; keep the array alive). Host memory only: the device path
+    binds device arrays by pointer (`edgecl.runtime.device_store`)."""
+    return ort.OrtValue.ortvalue_from_numpy(array)

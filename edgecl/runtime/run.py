@@ -19,7 +19,8 @@ WARMUP = 10  # untimed runs before a benchmark: the first calls allocate ONNX Ru
 
 def run_task(artifact: Any, task: int | str, *, input: str | None = None, output: str | None = None,
              labels: bool = False, benchmark: int = 0, batch: int = 1, device: str = "cpu", backend: str = "auto",
-             budget: int | str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+             budget: int | str | None = None, device_budget: int | str | None = None, cuda_graph: bool = False,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run `task` on the array in `input` (logits saved to `output`, argmax labels logged unless only logits were
     asked for) and/or `benchmark` timed runs on random input of `batch` (or on `input`). Returns what was done:
     ``{"task", "logits"?, "latency_ms"?}``. UsageError for bad arguments or files, as everywhere."""
@@ -31,7 +32,7 @@ def run_task(artifact: Any, task: int | str, *, input: str | None = None, output
     x = None if input is None else load_input(input)
     max_batch = batch if x is None else max(1, len(x)) if x.ndim else 1
     runtime = TaskRuntime(artifact, backend=backend, device=device, budget=budget, strategy="inplace",
-                          cache_tasks=1, max_batch=max_batch)
+                          cache_tasks=1, max_batch=max_batch, device_budget=device_budget, cuda_graph=cuda_graph)
     t = runtime.switch(task)
     name = f"task {t} ({runtime.tasks[t]})"
     done: dict[str, Any] = {"task": t}

@@ -9,6 +9,11 @@ and the budget:
 - ``sessions`` (`edgecl.runtime.per_task`) — one folded session per task. ``auto`` takes it when a budget is given
   and every task's session fits in it, else ``inplace``.
 
+Devices: on ``device="cuda"`` the in-place strategy keeps the switched base tensors and every task's delta in GPU
+memory and switches there (`edgecl.runtime.device_store`; CuPy); device bytes are charged to a second ledger,
+``device_budget``, apart from host RAM (``budget``). ``resident="device"`` on "cpu" runs that same device path with
+numpy standing in for the GPU — what CI tests it with.
+
 Threading: ``infer`` may be called from any number of threads (tests/test_concurrency.py: 8 threads × 1,000 calls);
 the slot cache's rules say why nothing deadlocks. ``switch`` sets the runtime's default task (shared by all threads)
 and warms its slot; concurrent callers should pass ``task=``. What each part costs is `edgecl.runtime.costs`.
@@ -25,14 +30,16 @@ from edgecl.deltas import resolve_task
 from edgecl.errors import BudgetError, UsageError
 from edgecl.runtime import costs, maskfill
 from edgecl.runtime.budget import Ledger, format_bytes, parse_budget
+from edgecl.runtime.device_arrays import host_value
 from edgecl.runtime.inplace import InPlace
-from edgecl.runtime.inputs import check_input, check_output
+from edgecl.runtime.inputs import check_device_input, check_device_output, check_input, check_output
 from edgecl.runtime.per_task import PerTaskSessions
 from edgecl.runtime.process_memory import process_rss, return_free_heap
 from edgecl.runtime.providers import resolve_providers, session_options
 from edgecl.source import open_model
 
 STRATEGIES = ("auto", "inplace", "sessions")
+RESIDENCES = ("host", "device")
 DEFAULT_BATCH = 64
 
 
@@ -58,6 +65,8 @@ class Strategy(Protocol):
 
     def close(self) -> None: ...
 
+    arrays: Any  # the device path's arrays (`device_arrays`), or None when results are host arrays
+
 
 _STRATEGY_TYPES = {"inplace": InPlace, "sessions": PerTaskSessions}
 
@@ -67,7 +76,8 @@ class TaskRuntime:
 
     def __init__(self, artifact: Any, backend: str = "auto", device: str = "cpu", budget: int | str | None = None,
                  *, strategy: str = "auto", cache_tasks: int | None = None, threads: int | None = None,
-                 max_batch: int = DEFAULT_BATCH, charge_environment: bool | None = None, factor: bool = True):
+                 max_batch: int = DEFAULT_BATCH, charge_environment: bool | None = None, factor: bool = True,
+                 device_budget: int | str | None = None, resident: str | None = None, cuda_graph: bool = False):
         if strategy not in STRATEGIES:
             raise UsageError(f"strategy {strategy!r} unknown (known: {', '.join(STRATEGIES)})")
         for name, value in (("cache_tasks", cache_tasks), ("max_batch", max_batch)):
@@ -75,8 +85,12 @@ class TaskRuntime:
                 raise UsageError(f"{name} must be a positive int, got {value!r}")
         self.providers = resolve_providers(backend, device)
         self.device = device
+        self.resident = self._residence(resident, strategy, cuda_graph)
         session_options(threads)  # a bad thread count is refused before the model is read
         self.ledger = Ledger(parse_budget(budget))
+        self.device_ledger = Ledger(parse_budget(device_budget))  # device memory, apart from host RAM
+        # activations live where the model runs
+        self._act_ledger = self.device_ledger if device == "cuda" else self.ledger
         src = open_model(artifact)
         if src.n_tasks == 0:
             raise UsageError("the model has no tasks to run")
@@ -93,9 +107,11 @@ class TaskRuntime:
         try:
             self._check_floor(src, chosen, charge_environment, max_batch)  # before a single tensor is read
             self.ledger.reserve("runtime overhead", costs.RUNTIME_OVERHEAD)
+            device_path = {"resident": self.resident, "device_ledger": self.device_ledger, "cuda_graph": cuda_graph,
+                           "activation_bytes": lambda n: n * self._act_per_sample} if chosen == "inplace" else {}
             self._strategy: Strategy = _STRATEGY_TYPES[chosen](src, self.ledger, device=device,
                                                                providers=self.providers, threads=threads,
-                                                               factor=factor)
+                                                               factor=factor, **device_path)
             costs.ENVIRONMENT.charge(self.ledger, charge_environment)
             self._reserve_activations(max_batch)
             self._strategy.start(cache_tasks)
@@ -170,8 +186,11 @@ class TaskRuntime:
         self._current = t
         return t
 
-    def infer(self, x: Any, task: int | str | None = None) -> np.ndarray:
-        """Logits (batch, classes of the task) for a float batch of shape (batch, *input_shape)."""
+    def infer(self, x: Any, task: int | str | None = None, *, on_device: bool = False) -> Any:
+        """Logits (batch, classes of the task) for a float batch of shape (batch, *input_shape): a numpy array, or
+        with ``on_device=True`` on the device path an array left where the model ran (CuPy on "cuda"). `x` may be a
+        host array, an `onnxruntime.OrtValue`, or on "cuda" any ``__cuda_array_interface__`` / DLPack array, which
+        is bound where it lives (no host round trip)."""
         self._check_open()
         if task is None:
             if self._current is None:
@@ -179,9 +198,29 @@ class TaskRuntime:
             t = self._current
         else:
             t = resolve_task(self._tasks, task)
-        x = check_input(x, self.input_shape)
+        name = f"{t} ({self._tasks[t].name})"
+        arrays = self._strategy.arrays
+        x = host_value(x)
+        on_device_x = None if arrays is None else arrays.adopt(x)
+        if on_device_x is not None:
+            x = check_device_input(on_device_x, self.input_shape, arrays)
+        else:
+            x = check_input(x, self.input_shape)
         self._reserve_activations(x.shape[0])
-        return check_output(self._strategy.run(t, x), x, f"{t} ({self._tasks[t].name})")
+        logits = self._strategy.run(t, x)
+        if arrays is None:
+            return check_output(logits, x, name)
+        logits = check_device_output(logits, x, name, arrays)
+        return logits if on_device else arrays.to_host(logits)
+
+    def bound_tensors(self, task: int | str) -> dict[str, np.ndarray]:
+        """Device path only: host copies of every tensor the session reads for `task` (switched, static, per-task;
+        not the factored layers' constants), to check them against `deltas.materialize`."""
+        self._check_open()
+        if self._strategy.arrays is None:
+            raise UsageError("bound_tensors reads the device path's slots: build the runtime with resident='device' "
+                             "(the default on device 'cuda')")
+        return self._strategy.bound_tensors(resolve_task(self._tasks, task))
 
     def _check_open(self) -> None:
         if self.closed:
@@ -193,6 +232,7 @@ class TaskRuntime:
             self.closed = True
             self._strategy.close()
             self.ledger.items.clear()
+            self.device_ledger.items.clear()
 
     def __enter__(self) -> "TaskRuntime":
         return self
@@ -212,7 +252,30 @@ class TaskRuntime:
                                   "predicted": dict(self.ledger.items), "predicted_total": self.ledger.used}
         if measure:
             report["measured_rss"] = process_rss()
+        arrays = self._strategy.arrays
+        if arrays is not None:
+            report["device"] = {"arrays": arrays.name, "budget": self.device_ledger.limit,
+                                "predicted": dict(self.device_ledger.items), "predicted_total": self.device_ledger.used,
+                                "bytes_per_task": self.task_bytes / self.n_tasks}
+            if measure:
+                report["device"]["measured_used"] = arrays.used_bytes()  # whole device; None on the CPU twin
         return report
+
+    def _residence(self, resident: str | None, strategy: str, cuda_graph: bool) -> str:
+        """Where task deltas live and switches run: "device" on "cuda" (the only way there), "host" on "cpu" unless
+        "device" is asked for (the device path with numpy as the device)."""
+        resident = resident or ("device" if self.device == "cuda" else "host")
+        if resident not in RESIDENCES:
+            raise UsageError(f"resident {resident!r} unknown (known: {', '.join(RESIDENCES)})")
+        if self.device == "cuda" and resident != "device":
+            raise UsageError("device 'cuda' keeps every task on the device: resident must be 'device'")
+        if resident == "device" and strategy == "sessions":
+            raise UsageError("the device path switches one session in place: strategy 'sessions' runs on the CPU "
+                             "only (use 'inplace' or 'auto')")
+        if cuda_graph and resident != "device":
+            raise UsageError("cuda_graph needs the device path (device='cuda', or resident='device' to run its "
+                             "bookkeeping on the CPU)")
+        return resident
 
     # ----------------------------------------------------------------- budget
     def _choose(self, strategy: str, charge_environment: bool | None, max_batch: int) -> str:
@@ -220,7 +283,7 @@ class TaskRuntime:
         environment and activations), else in place."""
         if strategy != "auto":
             return strategy
-        if self.ledger.limit is None:
+        if self.ledger.limit is None or self.resident == "device":
             return "inplace"
         need = costs.ENVIRONMENT.due(charge_environment) + max_batch * self._act_per_sample + costs.RUNTIME_OVERHEAD
         need += sum(costs.task_session_estimate(self.arch, info.n_classes) for info in self._tasks)
@@ -229,36 +292,46 @@ class TaskRuntime:
     def _check_floor(self, src: Any, strategy: str, charge_environment: bool | None, max_batch: int) -> None:
         """BudgetError when the least the model can cost (`costs.model_floor`, from the manifest alone), with ONNX
         Runtime's environment, the runtime's own overhead and the activations at `max_batch`, exceeds the budget:
-        refused before any tensor is read or decoded."""
-        if self.ledger.limit is None:
-            return
+        refused before any tensor is read or decoded. The host reads the whole model also on the device path (it
+        uploads it from there), so its floor is the same; the device's is what stays resident there."""
         floor = costs.model_floor(self.arch, src.params, self._tasks, strategy)
         fixed = {"onnxruntime environment": costs.ENVIRONMENT.due(charge_environment),
                  "runtime overhead": costs.RUNTIME_OVERHEAD, "activations": max_batch * self._act_per_sample}
-        parts = {**floor, **fixed}
-        if not self.ledger.fits(sum(parts.values())):
-            raise BudgetError(f"memory budget {format_bytes(self.ledger.limit)} ({self.ledger.limit} B) is below the "
-                              f"least this model needs under {strategy!r}: {format_bytes(sum(parts.values()))} ("
-                              + ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items() if v)
-                              + "); refused before reading any tensor")
+        if self.resident == "device":
+            on_device = {k: v for k, v in floor.items() if k != "session"}
+            if self.device == "cuda":
+                on_device["activations"] = fixed.pop("activations")
+            _refuse_below(self.device_ledger, "device memory budget", on_device, strategy)
+        _refuse_below(self.ledger, "memory budget", {**floor, **fixed}, strategy)
 
     def _reserve_activations(self, batch: int) -> None:
         """Activation memory grows with the largest batch seen; a batch beyond the budget is refused up front."""
         if batch <= self._batch_reserved:
             return
         need = batch * self._act_per_sample
+        ledger = self._act_ledger
         with self._lock:
-            held = self.ledger.items.get("activations", 0)
+            held = ledger.items.get("activations", 0)
             if need <= held:
                 self._batch_reserved = max(self._batch_reserved, batch)
                 return
-            self.ledger.release("activations")
+            ledger.release("activations")
             try:
-                self.ledger.reserve("activations", need)
+                ledger.reserve("activations", need)
             except BudgetError as exc:
-                self.ledger.reserve("activations", held)
+                ledger.reserve("activations", held)
                 raise BudgetError(f"batch {batch}: {exc}") from None
             self._batch_reserved = max(self._batch_reserved, batch)
+
+
+def _refuse_below(ledger: Ledger, what: str, parts: dict[str, int], strategy: str) -> None:
+    """BudgetError when `parts` (the least the model needs) exceed `ledger`'s limit."""
+    if ledger.fits(sum(parts.values())):
+        return
+    raise BudgetError(f"{what} {format_bytes(ledger.limit)} ({ledger.limit} B) is below the least this model needs "
+                      f"under {strategy!r}: {format_bytes(sum(parts.values()))} ("
+                      + ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items() if v)
+                      + "); refused before reading any tensor")
 
 
 def describe(runtime: TaskRuntime) -> str:

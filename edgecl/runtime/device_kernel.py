@@ -1,0 +1,59 @@
+"""The one raw kernel of the device-resident switch: ``out[i] = bit i of bits ? base[i] : +0.0`` (MSB-first bits, as
+`numpy.packbits` writes them), on the float32 bit patterns, so the result is bit-identical to `deltas.materialize`
+(``np.where(keep, base, +0.0)``: NaN payloads and -0.0 pass through where kept, +0.0 where not).
+
+Why a raw kernel and not an ONNX graph run by ONNX Runtime's CUDA EP: ONNX has no bit-cast, and the CUDA EP has no
+BitShift or Bitwise* kernels (docs/OperatorKernels.md), so unpacking 1-bit masks in a graph takes a cast, a divide, a
+modulo, a cast to bool and a Where, each a pass over int32 or bool temporaries: ~5× the memory traffic of a copy,
+against a goal of ≤ 2× one device-to-device copy. This kernel reads the base once, 1/32 of it in mask bits, and
+writes the output once, in a single launch over every masked tensor of a model (`edgecl.runtime.device_fill` lays
+them out in one buffer). CuPy compiles it (NVRTC) on first use.
+
+The per-element function is plain C shared by both builds: `cuda_source()` wraps it in a grid-stride CUDA kernel;
+`c_source()` wraps the *same text* in a C loop, which the tests compile with the host's C compiler, so the kernel's
+arithmetic is checked bit for bit on a CPU-only machine too. `masked_select_numpy` is its numpy twin, what the
+device path runs on the CPU (`TaskRuntime(resident="device")` on device "cpu")."""
+from __future__ import annotations
+
+import numpy as np
+
+KERNEL_NAME = "edgecl_masked_select"
+
+# One element: base and out as uint32 bit patterns, bits MSB-first; `SELECT_FN` is `__device__` inline on CUDA,
+# `static inline` in C. Indices are unsigned long long (NVRTC defines no size_t without headers).
+ELEMENT = r"""
+SELECT_FN unsigned int masked_element(const unsigned int *base, const unsigned char *bits, unsigned long long i) {
+    return ((bits[i >> 3] >> (7u - (unsigned int)(i & 7u))) & 1u) ? base[i] : 0u;
+}
+"""
+
+
+def cuda_source() -> str:
+    """The CUDA kernel: a grid-stride loop over [0, n), one element per thread and step (coalesced loads and stores;
+    eight neighbouring threads read the same mask byte, served from L1)."""
+    return ("#define SELECT_FN __device__ __forceinline__\n" + ELEMENT + f"""
+extern "C" __global__ void {KERNEL_NAME}(const unsigned int *base, const unsigned char *bits, unsigned int *out,
+                                          unsigned long long n) {{
+    unsigned long long stride = (unsigned long long)blockDim.x * gridDim.x;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        out[i] = masked_element(base, bits, i);
+}}
+""")
+
+
+def c_source() -> str:
+    """The same element function in a C loop (for the tests: compiled with the host's C compiler, loaded by
+    ctypes, compared bit for bit with `masked_select_numpy` and `deltas.materialize`)."""
+    return ("#define SELECT_FN static inline\n" + ELEMENT + f"""
+void {KERNEL_NAME}(const unsigned int *base, const unsigned char *bits, unsigned int *out, unsigned long long n) {{
+    for (unsigned long long i = 0; i < n; i++)
+        out[i] = masked_element(base, bits, i);
+}}
+""")
+
+
+def masked_select_numpy(base: np.ndarray, bits: np.ndarray, out: np.ndarray) -> None:
+    """The kernel's numpy twin: `out` (float32, base's size) = where(unpack(bits), base, +0.0), on the bit patterns."""
+    n = base.size
+    keep = np.unpackbits(bits, count=n).view(bool)
+    np.copyto(out.reshape(-1).view(np.uint32), np.where(keep, base.reshape(-1).view(np.uint32), np.uint32(0)))

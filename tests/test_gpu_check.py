@@ -1,0 +1,49 @@
+"""tools/gpu_check.py — the one-command GPU check — runs here in its self-test mode: the whole script on the device
+path's numpy twin (parity of every delta kind against the host runtime and `materialize`, the timing and memory
+sections' code), so what a person runs on a GPU machine has run in CI. Without the `gpu` extra the GPU mode stops
+with exit 2 and a JSON naming what is missing."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import onnxruntime as ort
+import pytest
+
+from edgecl.runtime.device_arrays import cupy_problem
+
+
+def _gpu_check():
+    spec = importlib.util.spec_from_file_location(
+        "gpu_check", os.path.join(os.path.dirname(__file__), "..", "tools", "gpu_check.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_self_test_runs_every_section_on_the_cpu_twin(tmp_path):
+    out = tmp_path / "check.json"
+    assert _gpu_check().main(["--self-test", "--switches", "20", "--repeats", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert "error" not in report and report["self_test"]
+    assert report["verdict"] == {"parity": True, "switch_vs_copy": None, "new_session_vs_switch": None,
+                                 "infer_vs_dense": None, "memory": None}  # CPU timings are not judged as GPU ones
+    kinds = {r["model"].split(" ", 1)[1] for r in report["parity"]}
+    assert {"lps", "lowrank", "mixed", "node", "lps columns", "node groups"} <= kinds
+    assert all(r["ok"] and r["max_abs_logits"] <= 1e-4 and not r["bits_mismatched"] for r in report["parity"])
+    switch = report["switch"][0]
+    assert switch["switch_ms"] > 0 and switch["copy_dense_ms"] > 0 and switch["new_session_ms"] > 0
+    for mode in ("plain", "cuda_graph"):
+        for batch in ("batch 1", "batch 64"):
+            assert switch["inference"][mode][batch]["max_abs_logits"] <= 1e-4
+    assert report["memory"]["predicted"]["device base weights"] > 0
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers() and cupy_problem() is None,
+                    reason="the gpu extra is installed")
+def test_gpu_mode_without_the_gpu_extra_exits_2_naming_it(tmp_path):
+    out = tmp_path / "check.json"
+    assert _gpu_check().main(["--out", str(out)]) == 2
+    report = json.loads(out.read_text())
+    assert "pip install 'edgecl[gpu]'" in report["error"] and report["verdict"] == {"error": False}

@@ -1,0 +1,317 @@
+"""One command that checks the torch-free runtime's device path on a GPU (issue 19) and writes one JSON.
+
+    pip install -e '.[gpu]'                  # onnxruntime-gpu (CUDA 13 build) + CuPy (cupy-cuda13x); no torch needed
+    python tools/gpu_check.py                # → tools/results/gpu_check_<gpu>.json (planned to finish in < 5 min)
+    python tools/gpu_check.py --self-test    # no GPU: the same script on the device path's numpy twin (CI runs it)
+
+Sections of the JSON, each with its goal and whether it was met:
+
+1. ``parity`` — every delta kind (LPS element / row / column masks, node masks with segments and repeats, low rank on
+   linear and conv layers, permutations, shared and per-task tensors) on the mlp / lenet / resnet presets and a graph
+   with a residual add, a concatenation, a depthwise conv and an SE gate: `--switches` random switches with random
+   batches on the device runtime against the CPU runtime, logits within 1e-4; after a switch to every task, each
+   tensor the session reads equals `materialize` bit for bit (low rank: its max |Δ| is reported, cuBLAS rounds
+   differently from the host BLAS).
+2. ``switch`` — LPS on the 4.35 M-parameter MLP and on torchvision resnet18 (when torchvision imports; 3×32×32): a
+   cache miss (one kernel launch over every masked tensor) against one device-to-device copy of the task's dense
+   weights (goal ≤ 2×), the kernel's launch overhead (8 elements), and against creating a new CUDA session of the
+   task from bytes (goal ≥ 100× faster).
+3. ``inference`` — right after a switch (a miss), batch 1 and 64, input and output on the device, against a dense CUDA
+   session of that task bound the same way, in the same switched order (goal ≤ 1.05×); without and with CUDA graphs.
+4. ``memory`` — the audit's predicted device bytes (`edgecl audit --device cuda`) against the GPU's measured increase
+   in used memory (goal within 15 %), and the CUDA EP's fixed cost per session (a one-layer model), measured.
+
+Times are medians of `--repeats`, each synchronised (a switch returns once its kernels have finished). In
+``--self-test`` every section runs on the CPU with numpy standing in for the GPU and tiny sizes: it checks the script
+and the device path's logic, and its timings are labelled as not GPU figures.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edgecl.arch import preset, validate  # noqa: E402
+from edgecl.deltas import materialize  # noqa: E402
+from edgecl.graph.builder import INPUT, OUTPUT, build_onnx  # noqa: E402
+from edgecl.runtime import TaskRuntime  # noqa: E402
+from edgecl.runtime.audit import resident_audit  # noqa: E402
+from edgecl.runtime.device_arrays import backend_for  # noqa: E402
+from edgecl.runtime.providers import resolve_providers, session_providers  # noqa: E402
+from edgecl.synthetic import group_node_model, random_packed, structured_lps_model  # noqa: E402
+
+TOL = 1e-4
+GOALS = {"parity_max_abs": TOL, "switch_vs_copy": 2.0, "new_session_vs_switch": 100.0, "infer_vs_dense": 1.05,
+         "memory_relative_error": 0.15}
+# a residual add, a channel concatenation, a depthwise conv and an SE gate, as a spec (no torch needed)
+GRAPH = {"name": "rescat", "input_shape": [3, 16, 16], "nodes": [
+    {"name": "stem", "op": "conv", "inputs": ["input"], "in": 3, "out": 8, "k": 3, "pad": 1, "bias": False},
+    {"name": "stem_bn", "op": "bn", "inputs": ["stem"], "ch": 8}, {"name": "r0", "op": "relu", "inputs": ["stem_bn"]},
+    {"name": "a", "op": "conv", "inputs": ["r0"], "in": 8, "out": 8, "k": 3, "pad": 1},
+    {"name": "res", "op": "add", "inputs": ["r0", "a"]},
+    {"name": "dw", "op": "conv", "inputs": ["res"], "in": 8, "out": 8, "k": 3, "pad": 1, "groups": 8},
+    {"name": "dw_act", "op": "silu", "inputs": ["dw"]}, {"name": "cat", "op": "cat", "inputs": ["res", "dw_act"]},
+    {"name": "sq", "op": "gap", "inputs": ["cat"]},
+    {"name": "se1", "op": "conv", "inputs": ["sq"], "in": 16, "out": 4, "k": 1},
+    {"name": "se_act", "op": "relu", "inputs": ["se1"]},
+    {"name": "se2", "op": "conv", "inputs": ["se_act"], "in": 4, "out": 16, "k": 1},
+    {"name": "gate", "op": "sigmoid", "inputs": ["se2"]}, {"name": "gated", "op": "mul", "inputs": ["cat", "gate"]},
+    {"name": "pool", "op": "gap", "inputs": ["gated"]}, {"name": "flat", "op": "flatten", "inputs": ["pool"]}]}
+
+
+def median_ms(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
+    """Median wall time of `fn` (synchronised after each call), after one untimed call."""
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def parity_models(quick: bool) -> list[tuple[str, Any]]:
+    """(label, model) for every delta kind on the presets and the graph spec."""
+    graph = validate(GRAPH)
+    models = [(f"{arch} {shape}", random_packed(preset(arch), n_tasks=4, shape=shape, classes=(10, 3, 7)))
+              for arch in ("mlp", "lenet", "resnet") for shape in ("lps", "finetune", "mixed", "node", "lowrank",
+                                                                   "permute")]
+    models += [(f"graph {shape}", random_packed(graph, n_tasks=3, shape=shape, classes=(5, 3)))
+               for shape in ("lps", "mixed", "node", "lowrank", "permute")]
+    models += [(f"{arch} lps {unit}s", structured_lps_model(preset(arch), 0.3, n_tasks=3, unit=unit))
+               for arch in ("mlp", "lenet") for unit in ("row", "column")]
+    models += [(f"{arch} node groups", group_node_model(preset(arch), 0.5, n_tasks=3)) for arch in ("lenet", "resnet")]
+    return models[::4] if quick else models
+
+
+def check_parity(label: str, packed: Any, kw: dict, switches: int, seed: int) -> dict:
+    """Random switches on the device runtime against the host runtime; bound tensors against `materialize`."""
+    host = TaskRuntime(packed, cache_tasks=2)
+    device = TaskRuntime(packed, cache_tasks=2, **kw)
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    for _ in range(switches):
+        t = int(rng.integers(packed.n_tasks))
+        x = rng.standard_normal((int(rng.choice([1, 4, 16])), *packed.arch["input_shape"])).astype(np.float32)
+        device.switch(t)
+        worst = max(worst, float(np.abs(device.infer(x) - host.infer(x, task=t)).max()))
+    mismatched, lowrank = [], 0.0
+    for t in range(packed.n_tasks):
+        want = materialize(packed, t)
+        for name, got in device.bound_tensors(t).items():
+            if name not in want:
+                continue  # a factored layer's vectors
+            if packed.params[name]["kind"] == "lowrank":
+                lowrank = max(lowrank, float(np.abs(got - want[name]).max()))
+            elif got.shape != want[name].shape or not np.array_equal(got.view(np.uint32), want[name].view(np.uint32)):
+                mismatched.append(f"task {t} {name}")
+    device.close()
+    host.close()
+    return {"model": label, "switches": switches, "max_abs_logits": worst, "bits_mismatched": mismatched[:10],
+            "lowrank_max_abs_weight": lowrank, "ok": worst <= TOL and not mismatched}
+
+
+class DenseSession:
+    """A dense per-task session on the device path's provider, input and output bound where the runtime's are."""
+
+    def __init__(self, packed: Any, t: int, providers: list, arrays: Any, cuda_graph: bool):
+        model = build_onnx(packed.arch, materialize(packed, t)).SerializeToString()
+        self.session = ort.InferenceSession(model, providers=session_providers(providers, cuda_graph))
+        self.arrays, self.n_classes, self.bound = arrays, packed.tasks[t].n_classes, {}
+        self.cuda_graph = cuda_graph
+
+    def run(self, x: Any) -> Any:
+        n = x.shape[0]
+        if n not in self.bound:  # fixed buffers per batch (what a CUDA graph needs)
+            io, gx, out = self.session.io_binding(), self.arrays.empty(x.shape), self.arrays.empty((n, self.n_classes))
+            for name, a in ((INPUT, gx), (OUTPUT, out)):
+                bind = io.bind_input if name == INPUT else io.bind_output
+                bind(name, self.arrays.device_type, self.arrays.device_id, np.float32, list(a.shape),
+                     self.arrays.pointer(a))
+            options = ort.RunOptions()
+            if self.cuda_graph:
+                options.add_run_config_entry("gpu_graph_id", str(len(self.bound) + 1))
+            self.bound[n] = (io, gx, out, options)
+        io, gx, out, options = self.bound[n]
+        self.arrays.copy_into(gx, x)
+        self.arrays.synchronize()
+        self.session.run_with_iobinding(io, options)
+        return out
+
+
+def bench_model(label: str, packed: Any, kw: dict, providers: list, repeats: int) -> dict:
+    """Switch, new-session and inference timings of one LPS model (3 tasks)."""
+    arrays = backend_for(kw.get("device", "cpu"))
+    sync = arrays.synchronize
+    dense = materialize(packed, 0)
+    n_dense = sum(a.size for a in dense.values())
+    src, dst = arrays.zeros(n_dense), arrays.zeros(n_dense)
+    copy_ms = median_ms(lambda: arrays.xp.copyto(dst, src), repeats, sync)
+    tiny = (arrays.upload(np.ones(8, np.float32)), arrays.upload(np.full(1, 255, np.uint8)), arrays.zeros(8))
+    launch_ms = median_ms(lambda: arrays.masked_select(*tiny), repeats, sync)
+    model_bytes = build_onnx(packed.arch, dense).SerializeToString()
+    new_session_ms = median_ms(lambda: ort.InferenceSession(model_bytes, providers=session_providers(providers)),
+                               max(3, repeats // 10), sync)
+    runtime = TaskRuntime(packed, cache_tasks=1, **kw)
+    order = iter(range(10 ** 9))
+    switch_ms = median_ms(lambda: runtime.switch(next(order) % packed.n_tasks), repeats, sync)  # every call a miss
+    runtime.close()
+    out = {"model": label, "dense_params": int(n_dense), "switch_ms": switch_ms,
+           "copy_dense_ms": copy_ms, "kernel_launch_ms": launch_ms, "new_session_ms": new_session_ms,
+           "switch_vs_copy": switch_ms / copy_ms, "new_session_vs_switch": new_session_ms / switch_ms,
+           "inference": {}}
+    for cuda_graph in (False, True):
+        out["inference"]["cuda_graph" if cuda_graph else "plain"] = bench_inference(packed, kw, providers, arrays,
+                                                                                    cuda_graph, repeats)
+    return out
+
+
+def bench_inference(packed: Any, kw: dict, providers: list, arrays: Any, cuda_graph: bool, repeats: int) -> dict:
+    """Inference right after a switch against dense sessions of the same tasks, in the same order, at batch 1 / 64."""
+    runtime = TaskRuntime(packed, cache_tasks=1, cuda_graph=cuda_graph, **kw)
+    dense = [DenseSession(packed, t, providers, arrays, cuda_graph) for t in range(packed.n_tasks)]
+    out = {}
+    for batch in (1, 64):
+        x = arrays.upload(np.random.default_rng(batch).standard_normal(
+            (batch, *packed.arch["input_shape"])).astype(np.float32))
+        times: dict[str, list[float]] = {"runtime": [], "dense": []}
+        for i in range(repeats + packed.n_tasks):  # the first round warms every (task, batch)
+            t = i % packed.n_tasks
+            runtime.switch(t)
+            for name, run in (("runtime", lambda: runtime.infer(x, task=t, on_device=True)),
+                              ("dense", lambda: dense[t].run(x))):
+                start = time.perf_counter()
+                run()
+                arrays.synchronize()
+                if i >= packed.n_tasks:
+                    times[name].append(time.perf_counter() - start)
+        got, want = arrays.to_host(runtime.infer(x, task=0, on_device=True)), arrays.to_host(dense[0].run(x))
+        runtime_ms, dense_ms = (1e3 * statistics.median(v) for v in (times["runtime"], times["dense"]))
+        out[f"batch {batch}"] = {"runtime_ms": runtime_ms, "dense_ms": dense_ms, "ratio": runtime_ms / dense_ms,
+                                 "max_abs_logits": float(np.abs(got - want).max())}
+    runtime.close()
+    return out
+
+
+def check_memory(packed: Any, kw: dict, providers: list) -> dict:
+    """The audit's device prediction against the measured increase, and the CUDA EP's fixed cost per session. Run
+    first, with CuPy's pool emptied: memory cached by earlier sections would hide new allocations."""
+    arrays = backend_for(kw.get("device", "cpu"))
+    gc.collect()
+    if kw.get("device") == "cuda":
+        arrays.cupy.get_default_memory_pool().free_all_blocks()
+    report = resident_audit(packed, batch=64, device=kw.get("device", "cpu"), resident=kw.get("resident"))
+    device = report["device"]
+    tiny = random_packed(validate({"name": "tiny", "input_shape": [4], "layers": [
+        {"op": "linear", "name": "l", "in": 4, "out": 4}]}), n_tasks=1, shape="finetune")
+    before = arrays.used_bytes()
+    session = DenseSession(tiny, 0, providers, arrays, False)
+    session.run(arrays.upload(np.zeros((1, 4), np.float32)))
+    after = arrays.used_bytes()
+    fixed = None if before is None else after - before
+    measured = device["measured_increase"]
+    without_fixed = None if measured is None or fixed is None else measured - fixed
+    return {"predicted": device["predicted"], "predicted_total": device["predicted_total"],
+            "measured_increase": measured, "relative_error": device["relative_error"],
+            "session_fixed_bytes": fixed, "measured_without_fixed": without_fixed,
+            "relative_error_without_fixed": None if not without_fixed else
+            (device["predicted_total"] - without_fixed) / without_fixed}
+
+
+def resnet18() -> tuple[dict | None, str | None]:
+    try:
+        from edgecl.arch.factories import resolve_arch
+
+        return resolve_arch("torchvision.models:resnet18", (3, 32, 32)), None
+    except Exception as exc:  # noqa: BLE001 - torch/torchvision absent on a GPU image: reported, the rest runs
+        return None, f"skipped: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+def environment(kw: dict) -> dict:
+    env = {"python": platform.python_version(), "onnxruntime": ort.__version__,
+           "providers": ort.get_available_providers(), "numpy": np.__version__, "device": kw.get("device", "cpu")}
+    if kw.get("device") == "cuda":
+        import cupy
+
+        props = cupy.cuda.runtime.getDeviceProperties(0)
+        env.update(cupy=cupy.__version__, gpu=props["name"].decode(), driver=cupy.cuda.runtime.driverGetVersion(),
+                   cuda_runtime=cupy.cuda.runtime.runtimeGetVersion())
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--self-test", action="store_true", help="on the CPU with the numpy twin, tiny sizes (CI)")
+    p.add_argument("--switches", type=int, default=None, help="random switches per parity model (300; self-test 40)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (50; self-test 3)")
+    p.add_argument("--out", default=None, help="JSON path (default tools/results/gpu_check_<gpu>.json)")
+    args = p.parse_args(argv)
+    quick = args.self_test
+    kw = {"device": "cpu", "resident": "device"} if quick else {"device": "cuda"}
+    switches, repeats = args.switches or (40 if quick else 300), args.repeats or (3 if quick else 50)
+    started = time.perf_counter()
+    result: dict[str, Any] = {"self_test": quick, "goals": GOALS,
+                              "note": "CPU twin (numpy as the device): checks the logic; timings are not GPU figures"
+                              if quick else "measured on the GPU by this script"}
+    try:
+        providers = resolve_providers("auto", kw["device"])
+        result["environment"] = environment(kw)
+        mlp = preset("mlp", width=1 if quick else 8)  # width 8: the 4.35 M-parameter MLP of tools/bench_switch.py
+        result["memory"] = check_memory(random_packed(mlp, n_tasks=3, shape="lps"), kw, providers)
+        result["parity"] = [check_parity(label, packed, kw, switches, seed)
+                            for seed, (label, packed) in enumerate(parity_models(quick))]
+        bench = [(f"MLP width {1 if quick else 8} (lps)", mlp)]
+        arch, why = (None, "skipped in the self-test") if quick else resnet18()
+        bench += [("torchvision resnet18 3x32x32 (lps)", arch)] if arch else []
+        result["resnet18"] = why or "measured"
+        result["switch"] = [bench_model(label, random_packed(a, n_tasks=3, shape="lps"), kw, providers, repeats)
+                            for label, a in bench]
+    except Exception as exc:  # noqa: BLE001 - the JSON says what failed and where; exit 2
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    result["seconds"] = time.perf_counter() - started
+    result["verdict"] = verdict(result)
+    gpu = result.get("environment", {}).get("gpu", "cpu_selftest" if quick else "unknown")
+    out = Path(args.out or ROOT / "tools" / "results" / f"gpu_check_{re.sub(r'[^a-z0-9]+', '_', gpu.lower())}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    print(json.dumps(result["verdict"], indent=2))
+    print(f"written {out} in {result['seconds']:.0f} s")
+    return 2 if "error" in result else 0 if all(v is not False for v in result["verdict"].values()) else 1
+
+
+def verdict(result: dict) -> dict:
+    """Each goal: met (True), missed (False), or not measured (None: the self-test's CPU timings are no GPU's)."""
+    if "error" in result:
+        return {"error": False}
+    parity = all(r["ok"] for r in result["parity"])
+    if result["self_test"]:
+        return {"parity": parity, "switch_vs_copy": None, "new_session_vs_switch": None, "infer_vs_dense": None,
+                "memory": None}
+    switch = result["switch"]
+    mem = result["memory"]["relative_error"]
+    infer = [b["ratio"] <= GOALS["infer_vs_dense"] for s in switch for mode in s["inference"].values()
+             for b in mode.values()]
+    return {"parity": parity,
+            "switch_vs_copy": all(s["switch_vs_copy"] <= GOALS["switch_vs_copy"] for s in switch),
+            "new_session_vs_switch": all(s["new_session_vs_switch"] >= GOALS["new_session_vs_switch"] for s in switch),
+            "infer_vs_dense": all(infer),
+            "memory": None if mem is None else abs(mem) <= GOALS["memory_relative_error"]}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
