@@ -21,9 +21,9 @@ import torchvision  # noqa: E402
 class ResCat(nn.Module):
     """A custom trunk + classifier with a residual add, a channel concatenation, a depthwise conv and an SE gate."""
 
-    def __init__(self, classes: int = 5):
+    def __init__(self, classes: int = 5, in_channels: int = 3):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
         self.branch_a = nn.Conv2d(8, 8, 3, padding=1)
         self.branch_b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.SiLU())
         self.se_reduce, self.se_expand = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)

@@ -133,35 +133,51 @@ def test_projected_linear_gradient_is_projected_autograd_gradient(rows):
     torch.testing.assert_close(projected_outer(d, xs, p), (d.T @ xs) @ p, rtol=1e-5, atol=1e-5)
 
 
-def test_projected_conv_gradient_is_projected_autograd_gradient():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 6, 6, generator=gen, requires_grad=True)
-    w = torch.randn(4, 3, 3, 3, generator=gen, requires_grad=True)
-    b = torch.randn(4, generator=gen, requires_grad=True)
-    p = _random_projector(27, 10)[0].normalized()
-    target = torch.randn(2, 4, 3, 3, generator=gen)
-    ((F.conv2d(x, w, b, 2, 1) - target) ** 2).sum().backward()
+@pytest.mark.parametrize("groups,dilation", [(1, 1), (2, 2), (4, 1)])  # plain, grouped + dilated, depthwise
+def test_projected_conv_gradient_is_projected_autograd_gradient(groups, dilation):
+    """Each conv group's filters get the plain gradient times that group's own P (one P per conv group over its
+    c_in/groups·kh·kw patch); dilation only changes which pixels a patch holds."""
+    gen = torch.Generator().manual_seed(groups)
+    x = torch.randn(2, 4, 7, 7, generator=gen, requires_grad=True)
+    w = torch.randn(8, 4 // groups, 3, 3, generator=gen, requires_grad=True)
+    b = torch.randn(8, generator=gen, requires_grad=True)
+    d = 4 // groups * 9
+    ps = [_random_projector(d, 10, seed=g)[0].normalized() for g in range(groups)]
+    p = ps[0] if groups == 1 else torch.stack(ps)
+    conf = (2, 1, dilation, groups)
+    out = F.conv2d(x, w, b, *conf)
+    target = torch.randn(out.shape, generator=gen)
+    ((out - target) ** 2).sum().backward()
     plain = (x.grad.clone(), w.grad.clone(), b.grad.clone())
     for t in (x, w, b):
         t.grad = None
-    ((ProjectedConv.apply(x, w, b, p, 2, 1) - target) ** 2).sum().backward()
-    torch.testing.assert_close(w.grad, (plain[1].reshape(4, 27) @ p).reshape(w.shape), rtol=1e-5, atol=1e-5)
+    ((ProjectedConv.apply(x, w, b, p, *conf) - target) ** 2).sum().backward()
+    per_group = plain[1].reshape(groups, 8 // groups, d)
+    want = torch.stack([per_group[g] @ ps[g] for g in range(groups)]).reshape(w.shape)
+    torch.testing.assert_close(w.grad, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, plain[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b.grad, plain[2], rtol=1e-5, atol=1e-6)
 
 
 def test_conv_vectors_are_the_input_patches():
     """Σ rows rowsᵀ of one sample = the mean over output positions of patch·patchᵀ, patches cut by hand in the
-    weight's (c_in, ky, kx) column order; the mean variant is the mean patch."""
+    weight's (c_in, ky, kx) column order, per conv group and with dilation; the mean variant is the mean patch."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 2, 5, 5, generator=gen)
+    x = torch.randn(1, 4, 5, 5, generator=gen)
     padded = F.pad(x, (1, 1, 1, 1))
-    patches = [padded[0, :, i:i + 3, j:j + 3].reshape(-1) for i in range(0, 5, 2) for j in range(0, 5, 2)]
-    brute = torch.stack([torch.outer(p, p) for p in patches]).mean(0)
-    rows = conv_patches(x, (4, 2, 3, 3), 2, 1, mean=False)
-    assert rows.shape == (9, 18)
-    torch.testing.assert_close(rows.T @ rows, brute, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(conv_patches(x, (4, 2, 3, 3), 2, 1, mean=True)[0], torch.stack(patches).mean(0))
+    for groups, dilation in ((1, 1), (2, 1), (4, 2)):
+        span = 2 * dilation
+        starts = range(0, 7 - span, 2)
+        rows = conv_patches(x, (4, 4 // groups, 3, 3), 2, 1, mean=False, dilation=dilation, groups=groups)
+        mean = conv_patches(x, (4, 4 // groups, 3, 3), 2, 1, mean=True, dilation=dilation, groups=groups)
+        assert rows.shape == (groups, len(starts) ** 2, 4 // groups * 9)
+        for g in range(groups):
+            chans = slice(g * 4 // groups, (g + 1) * 4 // groups)
+            patches = [padded[0, chans, i:i + span + 1:dilation, j:j + span + 1:dilation].reshape(-1)
+                       for i in starts for j in starts]
+            brute = torch.stack([torch.outer(p, p) for p in patches]).mean(0)
+            torch.testing.assert_close(rows[g].T @ rows[g], brute, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(mean[g, 0], torch.stack(patches).mean(0))
 
 
 def test_training_step_applies_normalised_projection(digits):
@@ -254,8 +270,16 @@ def test_memory_limit_refused_before_allocation():
 
 
 def test_bad_config_is_a_usage_error():
-    with pytest.raises(UsageError, match="fel"):
-        RGO(preset("resnet"), RGOConfig())
+    spatial = validate({"name": "spatial", "input_shape": [1, 8, 8], "nodes": [
+        {"name": "c1", "op": "conv", "inputs": ["input"], "in": 1, "out": 4, "k": 3, "pad": 1},
+        {"name": "r", "op": "reshape", "inputs": ["c1"], "shape": [8, 4, 8]},
+        {"name": "c2", "op": "conv", "inputs": ["r"], "in": 8, "out": 4, "k": 3, "pad": 1},
+        {"name": "f", "op": "flatten", "inputs": ["c2"]}]})
+    with pytest.raises(UsageError, match="moves channels into space; use fel=false"):
+        RGO(spatial, RGOConfig())
+    RGO(spatial, RGOConfig(fel=False))
+    with pytest.raises(UsageError, match="batchnorm"):
+        registry.create("rgo", preset("mlp"), {"batchnorm": "sometimes"})
     with pytest.raises(UsageError, match="weight_vectors"):
         registry.create("rgo", preset("mlp"), {"weight_vectors": "nope"})
     with pytest.raises(UsageError, match="alpha"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal, get_args
 
-from edgecl.config import POSITIVE_FRACTION, Bounds, MethodConfig, at_least
+from edgecl.config import POSITIVE_FRACTION, BatchNormRule, Bounds, MethodConfig, at_least
 
 PruneMode = Literal["none", "absolute", "percentile", "mixed"]
 PRUNE_MODES = get_args(PruneMode)
@@ -35,6 +35,7 @@ class HALRPConfig(MethodConfig):
     prune_abs: float = 1e-5      # absolute threshold
     prune_budget: float = 0.25   # γ: factor entries kept per task ≤ γ × dense trunk weights
     reprune: bool = False        # re-prune earlier tasks' factors (breaks their bit-identity)
+    batchnorm: BatchNormRule = "task"
 
     BOUNDS: ClassVar[dict[str, Bounds]] = {
         "warmup_epochs": at_least(1), "alpha": POSITIVE_FRACTION, "ls_rounds": at_least(1), "lambda0": at_least(0),

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from edgecl.config import FRACTION, POSITIVE_FRACTION, Bounds, MethodConfig, above, at_least
+from edgecl.config import FRACTION, POSITIVE_FRACTION, BatchNormRule, Bounds, MethodConfig, above, at_least
 
 Pruning = Literal["irregular", "column", "filter"]
 # The projection unit (`edgecl.train.projections`) each pruning choice prunes: elements, GEMM columns or GEMM rows.
@@ -41,6 +41,7 @@ class LPSConfig(MethodConfig):
     admm_every: int = 1
     mask_lr: float | None = 1e-2
     init_free: Literal["random", "zero"] = "random"
+    batchnorm: BatchNormRule = "task"
 
     BOUNDS: ClassVar[dict[str, Bounds]] = {
         "admm_epochs": at_least(0), "final_epochs": at_least(0), "alpha": POSITIVE_FRACTION, "beta": FRACTION,

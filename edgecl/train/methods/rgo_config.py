@@ -1,11 +1,11 @@
-"""RGO's config (method: `rgo.py`), torch-free so it is checked before torch loads. The rule that needs the
-architecture (feature encoding layers want a sequential trunk without BatchNorm) stays with the method."""
+"""RGO's config (method: `rgo.py`), torch-free so it is checked before torch loads. Which channel groups get a
+feature encoding layer depends on the architecture and is decided by the method (`rgo_fel`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from edgecl.config import Bounds, MethodConfig, above, at_least
+from edgecl.config import BatchNormRule, Bounds, MethodConfig, above, at_least
 
 
 @dataclass
@@ -22,6 +22,7 @@ class RGOConfig(MethodConfig):
     # "patches": every input patch (÷ sqrt(positions)); "mean": the mean patch
     conv_vectors: Literal["patches", "mean"] = "patches"
     max_projection_bytes: int = 1 << 30  # refuse to allocate more P than this
+    batchnorm: BatchNormRule = "task"
 
     BOUNDS: ClassVar[dict[str, Bounds]] = {"fel_seed": at_least(0), "alpha": above(0), "curvature_batch": at_least(1),
                                            "max_projection_bytes": at_least(0)}
