@@ -18,6 +18,7 @@ from edgecl.train.methods.rgo import RGO, RGOConfig
 from edgecl.train.methods.rgo_ops import ProjectedConv, ProjectedLinear, Projector, conv_patches, projected_outer
 from edgecl.train.models import forward, from_numpy, init_head
 from edgecl.train.protocol import TrainContext, batches, task_generator
+from graph_models import dwres_spec, rescat_spec
 
 CTX = TrainContext(progress=False)
 
@@ -34,6 +35,12 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def digits():
     return make_stream("permuted-digits", 3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def split():
+    """Two small tasks (~250 training images each) for the graph networks."""
+    return make_stream("split-digits", 2, seed=0)
 
 
 def _random_projector(dim: int, n: int, seed: int = 0, alpha: float = 1.0) -> tuple[Projector, torch.Tensor]:
@@ -180,30 +187,43 @@ def test_conv_vectors_are_the_input_patches():
             torch.testing.assert_close(mean[g, 0], torch.stack(patches).mean(0))
 
 
-def test_training_step_applies_normalised_projection(digits):
+@pytest.mark.parametrize("arch_name", ["mlp", "dwres"])
+def test_training_step_applies_normalised_projection(digits, arch_name):
     """One SGD step of task 1 moves each shared weight by -lr·g·P̂ and each bias by -lr·P̂_b·g, g being the plain
-    gradient of the task's permuted structure mapped back to the shared tensors' coordinates."""
-    arch = preset("mlp")
+    gradient of the task's permuted structure mapped back to the shared tensors' coordinates. On the depthwise
+    residual block every stored depthwise filter j moves by its own channel's P̂_j, wherever task 1's feature
+    encoding puts that channel."""
+    arch = preset("mlp") if arch_name == "mlp" else dwres_spec()
     method = RGO(arch, RGOConfig(epochs=1, batch_size=32, curvature_batch=32))
     method.learn_task(0, digits.tasks[0], CTX)
     before = {k: v.detach().clone() for k, v in method.trunk.items()}
     normalized = {k: p.normalized() for k, p in method.proj.items()}
     perms = method.permutations(1)
+    orders = method.fel.orders(perms)
+    assert set(orders) == set(method.trunk)  # every shared tensor is in a permuted channel group
     x, y = next(batches(digits.tasks[1], 32, torch.Generator().manual_seed(5)))
     head = {k: v.requires_grad_(True) for k, v in init_head(arch, 10, task_generator(method.config, 1)).items()}
     params = {k: v.detach().clone().requires_grad_(True) for k, v in method.effective(perms).items()}
-    F.cross_entropy(forward(arch, {**params, **head}, x), y).backward()
+    bn = method.bn.start(1)
+    F.cross_entropy(forward(arch, {**params, **bn, **head}, x, train=True), y).backward()
     one_batch = type(digits.tasks[1])("one", x.numpy(), y.numpy(), x.numpy(), y.numpy(), 10)
     method.learn_task(1, one_batch, CTX)
-    for layer in method.layers:
-        inv = torch.argsort(perms[layer])
-        step_w = (before[f"{layer}.weight"] - method.trunk[f"{layer}.weight"].detach()) / 0.1
-        step_b = (before[f"{layer}.bias"] - method.trunk[f"{layer}.bias"].detach()) / 0.1
-        torch.testing.assert_close(step_w, params[f"{layer}.weight"].grad[inv] @ normalized[f"{layer}.weight"],
-                                   rtol=1e-3, atol=1e-5)
-        torch.testing.assert_close(step_b, normalized[f"{layer}.bias"] @ params[f"{layer}.bias"].grad[inv],
-                                   rtol=1e-3, atol=1e-5)
-    assert not torch.allclose(normalized["fc2.weight"], torch.eye(256), atol=0.1)  # task 0 really shaped P
+    for name, order in orders.items():
+        step = (before[name] - method.trunk[name].detach()) / 0.1
+        grad = torch.zeros_like(params[name].grad)
+        grad[order] = params[name].grad  # effective row i is stored row order[i]
+        groups, dim = method.dims[name]
+        if name.endswith(".bias"):
+            want = normalized[name] @ grad
+        elif groups == 1:
+            want = (grad.reshape(len(grad), -1) @ normalized[name]).reshape(grad.shape)
+        else:
+            want = (grad.reshape(groups, -1, dim) @ normalized[name]).reshape(grad.shape)
+        torch.testing.assert_close(step, want, rtol=1e-3, atol=1e-5)
+    shaped = normalized["fc2.weight" if arch_name == "mlp" else "dw.weight"]
+    assert not torch.allclose(shaped, torch.eye(shaped.shape[-1]).expand_as(shaped), atol=0.1)  # task 0 shaped P
+    if arch_name == "dwres":
+        assert not torch.allclose(shaped[0], shaped[1], atol=1e-3)  # one P per channel, each its own
 
 
 def _unfolded_logits(packed, t: int, x: torch.Tensor) -> torch.Tensor:
@@ -244,6 +264,48 @@ def test_folded_model_equals_explicit_permutations(digits, arch_name):
     with torch.no_grad():
         wrong = forward(packed.arch, {**from_numpy(materialize(packed, 0)), **from_numpy(packed.task_tensors[1])}, x)
     assert not torch.allclose(wrong, _unfolded_logits(packed, 1, x), atol=1e-3)
+
+
+def test_feature_encoding_follows_channel_groups():
+    """A residual add makes its branches' producers one group (one permutation), BatchNorm and depthwise rows go with
+    their channels, per-task BatchNorm needs no permutation, and a group whose tensor holds it twice (ResCat's SE
+    gate over a concatenation) keeps one order, with the reason recorded. On a chain a group is a layer, as before."""
+    resnet = RGO(preset("resnet"), RGOConfig()).fel
+    group = resnet.tensor_group
+    assert group["stem.weight"] == group["b1.conv2.weight"] == "stem"  # b1's residual add
+    assert group["b2.conv2.weight"] == group["b2.short.weight"] == "b2.conv2"  # b2's add with its projection
+    assert group["b1.conv1.weight"] == "b1.conv1" and not any("bn" in k for k in group)
+    frozen = RGO(preset("resnet"), RGOConfig(batchnorm="frozen")).fel.tensor_group
+    assert frozen["stembn.running_mean"] == frozen["b1.bn2.weight"] == frozen["b1.conv2.weight"] == "stem"
+    rescat = RGO(rescat_spec(), RGOConfig()).fel
+    assert set(rescat.groups) == {"se_reduce"} and set(rescat.skipped) == {"stem.0"}
+    assert "se_expand.weight" in rescat.skipped["stem.0"] and "2 blocks" in rescat.skipped["stem.0"]
+    assert RGO(dwres_spec(), RGOConfig()).fel.tensor_group["dw.weight"] == "stem"
+    assert RGO(preset("mlp"), RGOConfig()).fel.groups == {"fc1": 256, "fc2": 256}
+
+
+@pytest.mark.parametrize("arch_name", ["dwres", "resnet"])
+@pytest.mark.parametrize("batchnorm", ["task", "frozen"])
+def test_graph_training_forward_is_the_folded_model(split, arch_name, batchnorm):
+    """Each task trains exactly the weights `materialize` folds from the stored trunk, task seeds and (frozen)
+    permuted or (task) per-task BatchNorm."""
+    arch = dwres_spec() if arch_name == "dwres" else preset("resnet")
+    method = RGO(arch, RGOConfig(epochs=1, batchnorm=batchnorm))
+    for t in range(2):
+        method.learn_task(t, split.tasks[t], CTX)
+    packed = method.pack()
+    check_consistent(packed)
+    for name in method.bn.names:
+        want = {"kind": "task"} if batchnorm == "task" else {"kind": "permute", "group": method.fel.tensor_group[name]}
+        assert packed.params[name] == want
+    x = torch.from_numpy(split.tasks[0].x_test[:64])
+    for t in range(2):
+        perms = method.permutations(t)
+        bn = method.bn.per_task[t] if batchnorm == "task" else method.bn.start(t, order=method.fel.orders(perms))
+        with torch.no_grad():
+            folded = forward(arch, from_numpy(materialize(packed, t)), x)
+            trained = forward(arch, {**method.effective(perms), **bn, **method.heads[t]}, x)
+        torch.testing.assert_close(folded, trained, rtol=0, atol=0)
 
 
 def test_without_fel_everything_is_shared(digits):

@@ -18,8 +18,8 @@ Per task, three phases (paper Section V-A "LPS Implementation"):
 3. final: project W onto its sparsity set (top-α units of the free pool) and M onto binary top-β over the earlier
    support, then retrain only W's kept entries (and the head) with M fixed.
 
-α is the fraction of a layer's units (elements, GEMM columns or rows) a task may own, capped by what is still free;
-β the fraction of the earlier support a task shares. Heads are per task and unconstrained. The last task is pruned
+α is the fraction of a layer's units (elements, GEMM columns or rows) a task may own (at least one), capped by what is
+still free; β the fraction of the earlier support a task shares. Heads are per task and unconstrained. The last task is pruned
 like every other (the paper allows skipping it), so a packed model can always be resumed with new tasks; once the
 pool runs dry a task owns nothing and runs on shared weights and its head alone.
 """
@@ -53,7 +53,9 @@ class _Layer:
         self.free_units = owner == 0
         self.free = expand_units(self.free_units, self.shape, unit).to(wbar.dtype)
         self.earlier = expand_units(owner > 0, self.shape, unit)
-        self.k_alpha = min(round(cfg.alpha * n_units(self.shape, unit)), int(self.free_units.sum()))
+        # at least one unit while any is free: a small layer (an SE squeeze of 4 filters) would otherwise round to
+        # nothing and stay all zero for every task
+        self.k_alpha = min(max(1, round(cfg.alpha * n_units(self.shape, unit))), int(self.free_units.sum()))
         self.k_beta = round(cfg.beta * int(self.earlier.sum()))
         # "zero" lets earlier weights carry the signal (the authors' code); with nothing learned yet (task 1) the
         # free pool must start random or no gradient flows.
