@@ -31,3 +31,15 @@ def _torch_threads():
 
         torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models train faster on one thread: on shared cores torch's intra-op threads cost far more than they give.
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

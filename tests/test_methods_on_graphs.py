@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 
 from edgecl import artifact
 from edgecl.arch import preset
@@ -25,14 +24,7 @@ QUICK = {"lps": {"epochs": 1}, "halrp": {"epochs": 3}, "rgo": {"epochs": 1}, "fi
          "stl": {"epochs": 2}}
 ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8, 8)), "dwres": dwres_spec}
 GRAPHS = ["resnet", "rescat"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
