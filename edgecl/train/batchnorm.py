@@ -10,8 +10,8 @@ follows from its guarantee about earlier tasks — a shared running mean that ke
 - ``frozen``: task 0 learns them, later tasks run them as fixed (inference-mode) layers: one shared copy.
 - ``shared``: every task goes on training one shared copy (the `finetune` baseline: it forgets by design).
 
-Methods keep BatchNorm tensors as training leaves from `start`, run the forward with ``train=batch_stats(t)`` and
-hand the trained tensors back with `commit`. A method whose tasks see a trunk's channels in a task-specific order
+Methods keep BatchNorm tensors as training leaves from `start`, run the forward with ``train=batch_stats(t)``,
+`settle` the running statistics once the task's weights are final and hand the trained tensors back with `commit`. A method whose tasks see a trunk's channels in a task-specific order
 (RGO's feature encoding) passes that order: shared copies are stored in the trunk's own channel order.
 """
 from __future__ import annotations
@@ -24,9 +24,12 @@ import torch
 from edgecl.arch.spec import Arch, param_shapes
 from edgecl.deltas import PackedModel
 from edgecl.errors import UsageError
-from edgecl.train.models import Params, to_numpy
+from edgecl.train.data import TaskData
+from edgecl.train.models import Params, forward, to_numpy
+from edgecl.train.protocol import batches
 
 RULES = ("task", "frozen", "shared")
+RECALIBRATION_BATCH = 256
 STATISTICS = ("running_mean", "running_var")
 
 
@@ -46,6 +49,23 @@ def leaves(params: Params, device: str | torch.device, trainable=lambda name: Tr
     requires grad. How every method turns stored tensors into what its optimiser trains."""
     return {k: v.detach().clone().to(device).requires_grad_(trainable(k) and not is_statistic(k))
             for k, v in params.items()}
+
+
+def recalibrate(arch: Arch, params: Params, task: TaskData, device: str | torch.device = "cpu",
+                batch_size: int = RECALIBRATION_BATCH) -> None:
+    """Set the running statistics in `params` to the average of the batch statistics over the task's training data,
+    computed with the final weights (a cumulative average: momentum 1/k on the k-th batch). The moving average
+    kept during training trails weights that were still moving: with RGO's SGD (lr 0.1, batch 10) on the resnet
+    preset, task 0's accuracy read 0.61 / 0.98 / 0.98 / 0.85 after 2 / 4 / 6 / 8 epochs before this pass."""
+    if not any(n["op"] == "bn" for n in arch["nodes"]):
+        return
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for k, (x, _) in enumerate(batches(task, batch_size, generator, device), 1):
+            if len(x) == 1 and k > 1:
+                break
+            pass_k = {**arch, "nodes": [{**n, "momentum": 1.0 / k} if n["op"] == "bn" else n for n in arch["nodes"]]}
+            forward(pass_k, params, x, train=True, head=False)
 
 
 def trainable(params: Params) -> list[torch.Tensor]:
@@ -71,6 +91,12 @@ class BatchNorm:
         return self.rule != "frozen" or t == 0
 
     batch_stats = learns
+
+    def settle(self, t: int, arch: Arch, params: Params, task: TaskData, device: str | torch.device = "cpu") -> None:
+        """Once task t's weights are final: its running statistics from them (`recalibrate`), when it learns them.
+        `params` holds every tensor the forward needs, BatchNorm's the ones `commit` will keep."""
+        if self.learns(t):
+            recalibrate(arch, params, task, device)
 
     def start(self, t: int, device: str | torch.device = "cpu", order: dict[str, torch.Tensor] | None = None) -> Params:
         """Task t's BatchNorm tensors as leaves on `device`: the affine pair trainable when the task learns it.

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from edgecl.deltas import PackedModel, TaskInfo
-from edgecl.train.batchnorm import leaves, trainable
+from edgecl.train.batchnorm import leaves, recalibrate, trainable
 from edgecl.train.data import TaskData
 from edgecl.train.models import Params, forward, init_head, init_params, to_numpy
 from edgecl.train.protocol import Method, TrainContext, adam, run_epochs, task_generator
@@ -36,6 +36,7 @@ class Finetune(Method):
     def learn_task(self, t: int, task: TaskData, ctx: TrainContext) -> None:
         params = leaves({**self.trunk, **init_head(self.arch, task.n_classes)}, ctx.device)
         fit(self.arch, params, trainable(params), task, self.config, ctx, t, f"finetune task {t}")
+        recalibrate(self.arch, params, task, ctx.device)
         self.trunk = {k: params[k].detach().cpu() for k in self.trunk}
         self.heads.append({k: params[k].detach().cpu() for k in ("head.weight", "head.bias")})
         self.infos.append(TaskInfo(task.name, task.n_classes))

@@ -184,6 +184,7 @@ class HALRP(Method):
         params = leaves({**init_params(self.arch, generator=gen), **init_head(self.arch, task.n_classes, gen)},
                         ctx.device)
         fit(self.arch, params, trainable(params), task, self.config, ctx, 0, "halrp task 0 (base)")
+        self.bn.settle(0, self.arch, params, task, ctx.device)
         arrays = to_numpy(params)
         self.base = {n: arrays[n] for n in self.layers}
         self.store.append({n: arrays[n] for n in self.own_names + ["head.weight", "head.bias"]})
@@ -231,6 +232,8 @@ class HALRP(Method):
         own = leaves({k: free[k] for k in self.own_names + ["head.weight", "head.bias"]}, dev)
         bn = leaves({k: free[k] for k in self.bn.names}, dev, lambda name: self.bn.learns(t))
         self._finetune(t, task, ctx, base, factors, own, bn)
+        final = {n: lowrank_torch(base[n], *(factors[f"{n}:{f}"] for f in FACTORS)).detach() for n in self.layers}
+        self.bn.settle(t, self.arch, {**own, **bn, **final}, task, dev)
         # 6. prune, freeze
         tensors = {**to_numpy(factors), **to_numpy(own)}
         self.store.append(tensors)

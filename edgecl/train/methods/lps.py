@@ -131,6 +131,8 @@ class LPS(Method):
                     lay.w.mul_(lay.keep)
                 lay.m = lay.project_m(lay.m.detach())
             self._fit(task, final, base + [lay.w for lay in layers], [], loss_fn, None, bar, dev)
+        final_weights = {lay.name: lay.effective().detach() for lay in layers}
+        self.bn.settle(t, self.arch, {**shared, **bn, **head, **final_weights}, task, dev)
         self._commit(t, task, layers, shared, head)
         self.bn.commit(t, bn)
         if self.admm_trace.get("w_residual"):

@@ -167,6 +167,8 @@ class RGO(Method):
             run_epochs(task, opt, loss_fn, epochs=self.config.epochs, batch_size=self.config.batch_size,
                        generator=gen, bar=bar, device=dev, after_backward=lambda: self._project_bias_grads(normalized))
         self.train_seconds.append(time.perf_counter() - start)
+        final = {k: v.detach() for k, v in self.effective(perms).items()}
+        self.bn.settle(t, self.arch, {**final, **bn, **head}, task, dev)
         self.bn.commit(t, bn, bn_order)
         start = time.perf_counter()
         self.update_projections(task, {**head, **bn}, perms, dev)
@@ -188,6 +190,9 @@ class RGO(Method):
         gen = task_generator(self.config, t=10_000 + len(self.heads))
         for x, y in batches(task, self.config.curvature_batch, gen, dev):
             for name, g in self.curvature_vectors(x, y, own, perms).items():
+                if not bool(torch.isfinite(g).all()):
+                    raise UsageError(f"rgo: task {len(self.heads)}'s curvature vectors of {name} are not finite: "
+                                     f"training diverged (lower lr={self.config.lr})")
                 self.proj[name].update(g.cpu())
 
     def curvature_vectors(self, x: torch.Tensor, y: torch.Tensor, own: Params,

@@ -61,8 +61,9 @@ class Projector:
     def update(self, gs: torch.Tensor) -> None:
         """The same recursion applied to every row of `gs` (B × dim) at once. Sequential `rls_step`s add GᵀG/α to
         P⁻¹ (Sherman–Morrison), so B of them equal P − P Gᵀ (αI + G P Gᵀ)⁻¹ G P (Woodbury; a B × B solve) and
-        equally (P⁻¹ + GᵀG/α)⁻¹ (a dim × dim solve): whichever system is smaller is solved. Symmetrised to keep
-        rounding from breaking symmetry over many tasks."""
+        equally (P⁻¹ + GᵀG/α)⁻¹ = (I + P GᵀG/α)⁻¹ P (a dim × dim solve, which never inverts the ill-conditioned P
+        itself): whichever system is smaller is solved. Symmetrised to keep rounding from breaking symmetry over many
+        tasks."""
         g = gs.to(torch.float64)
         if self.p.dim() == 2 and g.dim() == 3:  # one conv group
             g = g[0]
@@ -71,8 +72,7 @@ class Projector:
             pg = self.p @ g.mT
             self.p = self.p - pg @ torch.linalg.solve(self.alpha * eye + g @ pg, pg.mT)
         else:
-            info = torch.linalg.inv(self.p)
-            self.p = torch.cholesky_inverse(torch.linalg.cholesky(info + g.mT @ g / self.alpha))
+            self.p = torch.linalg.solve(eye + self.p @ (g.mT @ g) / self.alpha, self.p)
         self.p = (self.p + self.p.mT) / 2
 
     def nbytes(self) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from edgecl.deltas import PackedModel, TaskInfo
-from edgecl.train.batchnorm import leaves, trainable
+from edgecl.train.batchnorm import leaves, recalibrate, trainable
 from edgecl.train.data import TaskData
 from edgecl.train.methods.finetune import fit
 from edgecl.train.models import Params, init_head, init_params, to_numpy
@@ -26,6 +26,7 @@ class STL(Method):
         params = leaves({**init_params(self.arch, generator=gen), **init_head(self.arch, task.n_classes, gen)},
                         ctx.device)
         fit(self.arch, params, trainable(params), task, self.config, ctx, t, f"stl task {t}")
+        recalibrate(self.arch, params, task, ctx.device)
         self.models.append(params)
         self.infos.append(TaskInfo(task.name, task.n_classes))
 
