@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
+import torch.nn.functional as F
 
 from edgecl import artifact
 from edgecl.arch import preset
@@ -14,9 +16,10 @@ from edgecl.export import export_onnx
 from edgecl.runtime import TaskRuntime
 from edgecl.runtime import plan as plan_module
 from edgecl.train import engine, registry
-from edgecl.train.batchnorm import batchnorm_names, is_statistic
+from edgecl.train.batchnorm import RECALIBRATION_BATCH, batchnorm_names, is_statistic, recalibrate
 from edgecl.train.data import make_stream
-from edgecl.train.protocol import TrainContext
+from edgecl.train.models import from_numpy, init_params
+from edgecl.train.protocol import TrainContext, batches
 from graph_models import dwres_spec, rescat_spec
 
 CTX = TrainContext(progress=False)
@@ -145,3 +148,26 @@ def export_model_bytes(packed, t: int) -> bytes:
     from edgecl.graph.builder import build_onnx
 
     return build_onnx(packed.arch, materialize(packed, t)).SerializeToString()
+
+
+def test_running_statistics_are_the_average_batch_statistics_of_the_final_weights(stream):
+    """`recalibrate`: the stem BatchNorm's running mean/variance are the mean over the training batches of its input's
+    batch mean/(unbiased) variance; and each method stores exactly such statistics for its final weights."""
+    arch, task = preset("resnet"), make_stream("permuted-digits", 1).tasks[0]  # ~1,250 images: several batches
+    params = {k: v.clone() for k, v in init_params(arch, generator=torch.Generator().manual_seed(3)).items()}
+    recalibrate(arch, params, task)
+    means, variances = [], []
+    for x, _ in batches(task, RECALIBRATION_BATCH, torch.Generator().manual_seed(0)):
+        h = F.conv2d(x, params["stem.weight"], None, 1, 1).transpose(0, 1).reshape(16, -1)
+        means.append(h.mean(1))
+        variances.append(h.var(1, unbiased=True))
+    assert len(means) > 1
+    torch.testing.assert_close(params["stembn.running_mean"], torch.stack(means).mean(0), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(params["stembn.running_var"], torch.stack(variances).mean(0), rtol=1e-4, atol=1e-6)
+    for method_name in ("lps", "rgo"):
+        _, (first, _) = two_tasks(method_name, "resnet", stream)
+        deployed = from_numpy(materialize(first, 0))
+        again = {k: v.clone() for k, v in deployed.items()}
+        recalibrate(arch, again, stream.tasks[0])
+        for k in batchnorm_names(arch):
+            torch.testing.assert_close(again[k], deployed[k], rtol=1e-5, atol=1e-6)
