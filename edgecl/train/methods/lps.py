@@ -1,11 +1,13 @@
 """LPS — learn, prune, share (Wang, Jian et al., "Learn-Prune-Share for Lifelong Learning", ICDM 2020).
 
-Each prunable trunk weight (linear/conv, in GEMM view) is split into disjoint task partitions. Task t solves
-problem (5): its own weights W come only from the free pool (units no earlier task owns) and a sharing mask M selects
-which of the earlier weights W̄^{t-1} it reuses; it runs on ``W + M ⊙ W̄^{t-1}``. Because later tasks only write into
-the free pool, biases freeze after task 1 and BatchNorm is either per task or frozen after task 1 (config
-`batchnorm`), every earlier task's weights — and so its predictions — stay bit-identical: no forgetting by
-construction.
+Each prunable trunk weight (linear/conv, in GEMM view (out, in/groups·kh·kw)) is split into disjoint task partitions.
+Task t solves problem (5): its own weights W come only from the free pool (units no earlier task owns) and a sharing
+mask M selects which of the earlier weights W̄^{t-1} it reuses; it runs on ``W + M ⊙ W̄^{t-1}``. Because later tasks
+only write into the free pool, biases freeze after task 1 and BatchNorm is either per task or frozen after task 1
+(config `batchnorm`), every earlier task's weights — and so its predictions — stay bit-identical: no forgetting by
+construction. Weights are pruned one by one, so a graph changes nothing: residual adds and concatenations only
+connect layers, and a 3×3 depthwise conv's units are its channels × 9 elements, its 9 kernel positions (columns) or
+its channels (rows).
 
 Per task, three phases (paper Section V-A "LPS Implementation"):
 
