@@ -11,14 +11,15 @@ from torch import nn
 class ResCat(nn.Module):
     """A custom trunk + classifier with a residual add, a channel concatenation, a depthwise conv and an SE gate."""
 
-    def __init__(self, classes: int = 5, in_channels: int = 3):
+    def __init__(self, classes: int = 5, in_channels: int = 3, width: int = 8):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.branch_a = nn.Conv2d(8, 8, 3, padding=1)
-        self.branch_b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.SiLU())
-        self.se_reduce, self.se_expand = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.branch_a = nn.Conv2d(w, w, 3, padding=1)
+        self.branch_b = nn.Sequential(nn.Conv2d(w, w, 3, padding=1, groups=w), nn.BatchNorm2d(w), nn.SiLU())
+        self.se_reduce, self.se_expand = nn.Conv2d(2 * w, w // 2, 1), nn.Conv2d(w // 2, 2 * w, 1)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(16, classes)
+        self.fc = nn.Linear(2 * w, classes)
 
     def forward(self, x):
         x = self.stem(x)
@@ -28,11 +29,11 @@ class ResCat(nn.Module):
         return self.fc(torch.flatten(self.pool(y * gate), 1))
 
 
-def rescat_spec(input_shape=(1, 8, 8)) -> dict:
-    """ResCat's spec for inputs of `input_shape`."""
+def rescat_spec(input_shape=(1, 8, 8), width: int = 8) -> dict:
+    """ResCat's spec for inputs of `input_shape` (`width` channels in the stem and each branch)."""
     from edgecl.arch import from_torch
 
-    return from_torch(ResCat(in_channels=input_shape[0]), tuple(input_shape))
+    return from_torch(ResCat(in_channels=input_shape[0], width=width), tuple(input_shape))
 
 
 def upsampled(stream, size: int = 32, channels: int = 3):

@@ -171,3 +171,20 @@ def test_running_statistics_are_the_average_batch_statistics_of_the_final_weight
         recalibrate(arch, again, stream.tasks[0])
         for k in batchnorm_names(arch):
             torch.testing.assert_close(again[k], deployed[k], rtol=1e-5, atol=1e-6)
+
+
+def test_rgo_resumes_per_task_layers_and_batchnorm(stream):
+    """ResCat's SE expand conv (rows: two blocks of one channel group) and BatchNorm are per task: a resumed RGO
+    gets them back from the artifact, keeps task 0's exactly, and learns task 1 with the same channel groups."""
+    method = registry.create("rgo", rescat_spec((1, 8, 8)), QUICK["rgo"])
+    method.learn_task(0, stream.tasks[0], CTX)
+    first = method.pack()
+    resumed = registry.create("rgo", rescat_spec((1, 8, 8)), QUICK["rgo"])
+    resumed.resume(first, method.training_state())
+    resumed.learn_task(1, stream.tasks[1], CTX)
+    packed = resumed.pack()
+    check_consistent(packed)
+    own = [k for k, spec in packed.params.items() if spec["kind"] == "task" and not k.startswith("head.")]
+    assert {"se_expand.weight", "se_expand.bias"} <= set(own)
+    assert _changed(first.task_tensors[0], packed.task_tensors[0], own) == []
+    assert packed.extra["fel_groups"] == first.extra["fel_groups"] == {"stem.0": 8, "se_reduce": 4}

@@ -262,8 +262,9 @@ def test_folded_model_equals_explicit_permutations(digits, arch_name):
 
 def test_feature_encoding_follows_channel_groups():
     """A residual add makes its branches' producers one group (one permutation), BatchNorm and depthwise rows go with
-    their channels, per-task BatchNorm needs no permutation, and a group whose tensor holds it twice (ResCat's SE
-    gate over a concatenation) keeps one order, with the reason recorded. On a chain a group is a layer, as before."""
+    their channels, per-task BatchNorm needs no permutation; a layer whose rows hold a group twice (ResCat's SE gate
+    over a concatenation) is stored per task so the group keeps its FEL; the network input and grouped convs keep one
+    order, with the reason recorded. On a chain a group is a layer, as before."""
     resnet = RGO(preset("resnet"), RGOConfig()).fel
     group = resnet.tensor_group
     assert group["stem.weight"] == group["b1.conv2.weight"] == "stem"  # b1's residual add
@@ -271,10 +272,20 @@ def test_feature_encoding_follows_channel_groups():
     assert group["b1.conv1.weight"] == "b1.conv1" and not any("bn" in k for k in group)
     frozen = RGO(preset("resnet"), RGOConfig(batchnorm="frozen")).fel.tensor_group
     assert frozen["stembn.running_mean"] == frozen["b1.bn2.weight"] == frozen["b1.conv2.weight"] == "stem"
-    rescat = RGO(rescat_spec(), RGOConfig()).fel
-    assert set(rescat.groups) == {"se_reduce"} and set(rescat.skipped) == {"stem.0"}
-    assert "se_expand.weight" in rescat.skipped["stem.0"] and "2 blocks" in rescat.skipped["stem.0"]
+    rescat = RGO(rescat_spec(), RGOConfig())
+    assert set(rescat.fel.groups) == {"stem.0", "se_reduce"} and rescat.fel.per_task == ["se_expand.weight",
+                                                                                         "se_expand.bias"]
+    assert "se_expand" not in rescat.layers and not any(k.startswith("se_expand") for k in rescat.proj)
     assert RGO(dwres_spec(), RGOConfig()).fel.tensor_group["dw.weight"] == "stem"
+    grouped = validate({"name": "grouped", "input_shape": [4, 8, 8], "nodes": [
+        {"name": "c1", "op": "conv", "inputs": ["input"], "in": 4, "out": 4, "k": 3, "pad": 1},
+        {"name": "a", "op": "add", "inputs": ["c1", "input"]},
+        {"name": "g", "op": "conv", "inputs": ["a"], "in": 4, "out": 4, "k": 3, "pad": 1, "groups": 2},
+        {"name": "c2", "op": "conv", "inputs": ["g"], "in": 4, "out": 4, "k": 3, "pad": 1},
+        {"name": "p", "op": "gap", "inputs": ["c2"]}, {"name": "f", "op": "flatten", "inputs": ["p"]}]})
+    plan = RGO(grouped, RGOConfig()).fel
+    assert set(plan.groups) == {"c2"} and set(plan.skipped) == {"input", "g"}
+    assert "network input" in plan.skipped["input"] and "grouped convolution" in plan.skipped["g"]
     assert RGO(preset("mlp"), RGOConfig()).fel.groups == {"fc1": 256, "fc2": 256}
 
 

@@ -3,7 +3,7 @@ time per run, plus the deployment checks — the torch-free runtime's accuracy o
 (`results.json`), and each task's exported ONNX agrees with the runtime within 1e-4.
 
 Architectures: ``resnet`` (the preset: residual adds, BatchNorm), ``rescat`` (tests/graph_models.py: residual add,
-concatenation, depthwise conv, SE gate), ``mobilenet_v2`` (torchvision, width 0.25) and ``mobilenetv3`` (timm
+concatenation, depthwise conv, SE gate; ``rescat32``: 32 channels instead of 8), ``mobilenet_v2`` (torchvision, width 0.25) and ``mobilenetv3`` (timm
 ``mobilenetv3_small_050``); the last two read the digits enlarged to 3×32×32 (`graph_models.upsampled`).
 A method is a registry name with optional config, ``NAME`` or ``NAME[key=value,...]`` (JSON values), e.g.
 ``rgo[fel=false,batchnorm=frozen]``; ``--epochs-scale`` multiplies every method's epochs (HALRP keeps its warm-up).
@@ -51,8 +51,8 @@ def build(arch_name: str, stream_name: str, tasks: int, seed: int):
     stream = make_stream(stream_name, tasks, seed)
     if arch_name == "resnet":
         return preset("resnet", stream.input_shape), stream
-    if arch_name == "rescat":
-        return gm.rescat_spec(stream.input_shape), stream
+    if arch_name.startswith("rescat"):  # rescat (8 channels, as in the tests) or rescatW (W channels)
+        return gm.rescat_spec(stream.input_shape, int(arch_name[6:] or 8)), stream
     stream = gm.upsampled(stream)
     if arch_name == "mobilenet_v2":
         from edgecl.arch.factories import ensure_torchvision_imports

@@ -73,30 +73,23 @@ def trainable(params: Params) -> list[torch.Tensor]:
     return [v for v in params.values() if v.requires_grad]
 
 
-class BatchNorm:
-    """The BatchNorm tensors of one trunk under one rule (see the module docstring)."""
+class RuledTensors:
+    """Named tensors kept under one of the rules (see the module docstring): BatchNorm's, or any other a method
+    stores per task (RGO's layers whose rows are several blocks)."""
 
-    def __init__(self, arch: Arch, rule: str, init: Params):
+    def __init__(self, names: list[str], rule: str, init: Params):
         if rule not in RULES:
             raise UsageError(f"unknown BatchNorm rule {rule!r} (known: {', '.join(RULES)})")
         self.rule = rule
-        self.names = batchnorm_names(arch)
+        self.names = list(names)
         # what a new task starts from: task 0's tensors ("task", "frozen") or the latest ones ("shared"), stored in
         # the trunk's own channel order
         self.start_values: Params = {k: init[k].detach().clone() for k in self.names}
         self.per_task: list[Params] = []  # rule "task": each task's tensors, in that task's channel order
 
     def learns(self, t: int) -> bool:
-        """Whether task t trains BatchNorm; it then also runs it on batch statistics (training mode)."""
+        """Whether task t trains these tensors (BatchNorm then also runs on batch statistics, training mode)."""
         return self.rule != "frozen" or t == 0
-
-    batch_stats = learns
-
-    def settle(self, t: int, arch: Arch, params: Params, task: TaskData, device: str | torch.device = "cpu") -> None:
-        """Once task t's weights are final: its running statistics from them (`recalibrate`), when it learns them.
-        `params` holds every tensor the forward needs, BatchNorm's the ones `commit` will keep."""
-        if self.learns(t):
-            recalibrate(arch, params, task, device)
 
     def start(self, t: int, device: str | torch.device = "cpu", order: dict[str, torch.Tensor] | None = None) -> Params:
         """Task t's BatchNorm tensors as leaves on `device`: the affine pair trainable when the task learns it.
@@ -143,6 +136,29 @@ class BatchNorm:
         return to_numpy(self.per_task[t]) if self.rule == "task" else {}
 
     def resume(self, packed: PackedModel) -> None:
+        """Take the tensors back from a packed model that keeps them under this rule."""
+        if self.rule == "task":
+            self.per_task = [{k: _tensor(tt[k]) for k in self.names} for tt in packed.task_tensors]
+            self.start_values = dict(self.per_task[0])
+        else:
+            self.start_values = {k: _tensor(packed.base[k]) for k in self.names}
+
+
+class BatchNorm(RuledTensors):
+    """The BatchNorm tensors of one trunk under one rule (see the module docstring)."""
+
+    def __init__(self, arch: Arch, rule: str, init: Params):
+        super().__init__(batchnorm_names(arch), rule, init)
+
+    batch_stats = RuledTensors.learns
+
+    def settle(self, t: int, arch: Arch, params: Params, task: TaskData, device: str | torch.device = "cpu") -> None:
+        """Once task t's weights are final: its running statistics from them (`recalibrate`), when it learns them.
+        `params` holds every tensor the forward needs, BatchNorm's the ones `commit` will keep."""
+        if self.learns(t):
+            recalibrate(arch, params, task, device)
+
+    def resume(self, packed: PackedModel) -> None:
         """Take the tensors back from a packed model. An artifact written before methods had a `batchnorm` setting
         keeps the rule it was trained with (read from its delta kinds; the method stores it in its config); one that
         has the setting must match this rule (UsageError otherwise)."""
@@ -152,11 +168,7 @@ class BatchNorm:
         elif found is not None and found != ("task" if self.rule == "task" else "frozen"):
             raise UsageError(f"cannot resume: the artifact keeps BatchNorm {_WORDS[found]}, this config "
                              f"(batchnorm={self.rule!r}) {_WORDS['task' if self.rule == 'task' else 'frozen']}")
-        if self.rule == "task":
-            self.per_task = [{k: _tensor(tt[k]) for k in self.names} for tt in packed.task_tensors]
-            self.start_values = dict(self.per_task[0])
-        else:
-            self.start_values = {k: _tensor(packed.base[k]) for k in self.names}
+        super().resume(packed)
 
 
 _WORDS = {"task": "per task", "frozen": "shared (learned on the first task)"}

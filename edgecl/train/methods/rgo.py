@@ -47,7 +47,7 @@ from edgecl.arch import param_shapes, prunable
 from edgecl.arch.channels import ChannelError
 from edgecl.deltas import PackedModel, TaskInfo
 from edgecl.errors import UsageError
-from edgecl.train.batchnorm import BatchNorm
+from edgecl.train.batchnorm import BatchNorm, RuledTensors
 from edgecl.train.data import TaskData
 from edgecl.train.methods.rgo_config import RGOConfig
 from edgecl.train.methods.rgo_fel import FELPlan, fel_plan
@@ -66,20 +66,21 @@ class RGO(Method):
 
     def __init__(self, arch, config=None):
         super().__init__(arch, config)
+        init = init_params(arch, generator=torch.Generator().manual_seed(self.config.seed))
+        self.bn = BatchNorm(arch, self.config.batchnorm, init)
+        self.fel = self._fel_plan()
+        self.blocks = RuledTensors(self.fel.per_task, "task", init)  # layers of several blocks: per task (rgo_fel)
         shapes = param_shapes(arch)
         conv_groups = {n["name"]: n.get("groups", 1) for n in arch["nodes"]}
-        self.layers = [w.rsplit(".", 1)[0] for w in prunable(arch)]
+        self.layers = [w.rsplit(".", 1)[0] for w in prunable(arch) if w not in self.blocks.names]
         self.dims: dict[str, tuple[int, int]] = {}  # parameter → (conv groups, dim of each group's P)
         for layer in self.layers:
             self.dims[f"{layer}.weight"] = (conv_groups[layer], math.prod(shapes[f"{layer}.weight"][1:]))
             if f"{layer}.bias" in shapes:
                 self.dims[f"{layer}.bias"] = (1, shapes[f"{layer}.bias"][0])
         self._check_memory()
-        init = init_params(arch, generator=torch.Generator().manual_seed(self.config.seed))
-        self.bn = BatchNorm(arch, self.config.batchnorm, init)
-        self.fel = self._fel_plan()
         self.proj = {name: Projector(dim, self.config.alpha, groups) for name, (groups, dim) in self.dims.items()}
-        self.trunk = {k: v for k, v in init.items() if k not in self.bn.names}
+        self.trunk = {k: v for k, v in init.items() if k not in self.bn.names and k not in self.blocks.names}
         self.heads: list[Params] = []
         self.infos: list[TaskInfo] = []
         self.curvature_seconds: list[float] = []
@@ -148,8 +149,9 @@ class RGO(Method):
         perms = {k: v.to(dev) for k, v in self.permutations(t).items()}
         bn_order = self.fel.orders(perms) if self.bn.rule != "task" else None
         bn = self.bn.start(t, dev, bn_order)
+        own = {**self.blocks.start(t, dev), **bn, **head}  # what task t keeps for itself (and frozen BatchNorm)
         normalized = {name: p.normalized().to(dev) for name, p in self.proj.items()}
-        steps = list(self.trunk.values()) + list(head.values()) + [v for v in bn.values() if v.requires_grad]
+        steps = list(self.trunk.values()) + [v for v in own.values() if v.requires_grad]
         opt = torch.optim.SGD(steps, lr=self.config.lr)
         start = time.perf_counter()
         weights = {layer: normalized[f"{layer}.weight"] for layer in self.layers}
@@ -160,7 +162,7 @@ class RGO(Method):
         def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             eff = self.effective(perms)
             with LayerTap(self._tap_ids(eff), projections=weights):
-                logits = forward(self.arch, {**eff, **bn, **head}, x, train=batch_stats)
+                logits = forward(self.arch, {**eff, **own}, x, train=batch_stats)
             return F.cross_entropy(logits, y)
 
         with ctx.bar(self.config.epochs, f"rgo task {t}") as bar:
@@ -168,10 +170,11 @@ class RGO(Method):
                        generator=gen, bar=bar, device=dev, after_backward=lambda: self._project_bias_grads(normalized))
         self.train_seconds.append(time.perf_counter() - start)
         final = {k: v.detach() for k, v in self.effective(perms).items()}
-        self.bn.settle(t, self.arch, {**final, **bn, **head}, task, dev)
+        self.bn.settle(t, self.arch, {**final, **own}, task, dev)
         self.bn.commit(t, bn, bn_order)
+        self.blocks.commit(t, own)
         start = time.perf_counter()
-        self.update_projections(task, {**head, **bn}, perms, dev)
+        self.update_projections(task, own, perms, dev)
         self.curvature_seconds.append(time.perf_counter() - start)
         self.heads.append({k: v.detach() for k, v in head.items()})
         self.infos.append(TaskInfo(task.name, task.n_classes, self.task_seed(t)))
@@ -186,7 +189,7 @@ class RGO(Method):
     def update_projections(self, task: TaskData, own: Params, perms: dict[str, torch.Tensor],
                            dev: str = "cpu") -> None:
         """Algorithm 1 lines 8–12: one pass over the task's training data, recursive update of every P. `own`: the
-        task's head and BatchNorm tensors."""
+        task's head, BatchNorm and per-task layers."""
         gen = task_generator(self.config, t=10_000 + len(self.heads))
         for x, y in batches(task, self.config.curvature_batch, gen, dev):
             for name, g in self.curvature_vectors(x, y, own, perms).items():
@@ -198,8 +201,8 @@ class RGO(Method):
     def curvature_vectors(self, x: torch.Tensor, y: torch.Tensor, own: Params,
                           perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Vectors (rows × dim(P), or conv groups × rows × dim) of every parameter for the RLS update, in the shared
-        tensors' coordinates: one row per sample, one per input patch for conv weights. `own`: the task's head and its
-        BatchNorm tensors (in the task's channel order), which run on their running statistics."""
+        tensors' coordinates: one row per sample, one per input patch for conv weights. `own`: the task's head, BatchNorm
+        (running statistics) and per-task layers, in the task's channel order."""
         eff = self.effective(perms)
         calls: dict = {}
         with torch.enable_grad(), LayerTap(self._tap_ids(eff), record=calls):
@@ -237,11 +240,11 @@ class RGO(Method):
         params = {k: {"kind": "shared"} for k in self.trunk}
         params.update({k: {"kind": "permute", "group": g} for k, g in self.fel.tensor_group.items() if k in params})
         params.update(self.bn.specs(self.fel.tensor_group))
+        params.update(self.blocks.specs())
         params.update({"head.weight": {"kind": "task"}, "head.bias": {"kind": "task"}})
+        own = [{**to_numpy(h), **self.bn.task_tensors(t), **self.blocks.task_tensors(t)} for t, h in enumerate(self.heads)]
         return PackedModel(self.arch, self.name, self.config.to_json(), params,
-                           {**to_numpy(self.trunk), **self.bn.base()}, list(self.infos),
-                           [{**to_numpy(h), **self.bn.task_tensors(t)} for t, h in enumerate(self.heads)],
-                           self.extra())
+                           {**to_numpy(self.trunk), **self.bn.base()}, list(self.infos), own, self.extra())
 
     def training_state(self) -> dict[str, np.ndarray]:
         """The projection matrices P (float64): without them a resumed run would forget the earlier tasks."""
@@ -264,7 +267,9 @@ class RGO(Method):
             self.proj[name].p = torch.from_numpy(p.copy())
         self.bn.resume(packed)
         self.config.batchnorm = self.bn.rule
-        self.fel = self._fel_plan()
+        if self._fel_plan().per_task != self.fel.per_task:  # only if an old artifact's BatchNorm rule moved them
+            raise UsageError("cannot resume: the artifact's BatchNorm rule changes which layers RGO stores per task")
+        self.blocks.resume(packed)
         self.trunk = {k: torch.from_numpy(np.array(packed.base[k], dtype=np.float32)) for k in self.trunk}
         self.heads = [{k: torch.from_numpy(np.array(tt[k])) for k in ("head.weight", "head.bias")}
                       for tt in packed.task_tensors]
@@ -274,6 +279,7 @@ class RGO(Method):
         sizes = self.projection_bytes()
         return {"fel": self.config.fel, "alpha": self.config.alpha, "batchnorm": self.bn.rule,
                 "fel_groups": dict(self.fel.groups), "fel_skipped": dict(self.fel.skipped),
+                "per_task_layers": list(self.fel.per_task),
                 "projection_dims": {k: dim if groups == 1 else [groups, dim] for k, (groups, dim) in self.dims.items()},
                 "projection_bytes": sizes, "projection_bytes_total": sum(sizes.values()),
                 "projection_storage": "float64 P + float32 normalised copy (12 bytes/entry); not in the artifact "
