@@ -198,7 +198,7 @@ def test_training_step_applies_normalised_projection(digits, arch_name):
     x, y = next(batches(digits.tasks[1], 32, torch.Generator().manual_seed(5)))
     head = {k: v.requires_grad_(True) for k, v in init_head(arch, 10, task_generator(method.config, 1)).items()}
     params = {k: v.detach().clone().requires_grad_(True) for k, v in method.effective(perms).items()}
-    bn = method.bn.start(1)
+    bn = method.bn.start(1, order=method.fel.orders(perms, follows=True))  # task 0's BatchNorm in task 1's order
     F.cross_entropy(forward(arch, {**params, **bn, **head}, x, train=True), y).backward()
     one_batch = type(digits.tasks[1])("one", x.numpy(), y.numpy(), x.numpy(), y.numpy(), 10)
     method.learn_task(1, one_batch, CTX)

@@ -147,7 +147,7 @@ class RGO(Method):
         self.trunk = {k: v.detach().to(dev).requires_grad_(True) for k, v in self.trunk.items()}
         head = {k: v.to(dev).requires_grad_(True) for k, v in init_head(self.arch, task.n_classes, gen).items()}
         perms = {k: v.to(dev) for k, v in self.permutations(t).items()}
-        bn_order = self.fel.orders(perms) if self.bn.rule != "task" else None
+        bn_order = self.fel.orders(perms, follows=True)  # shared or start copies are kept in the trunk's order
         bn = self.bn.start(t, dev, bn_order)
         own = {**self.blocks.start(t, dev), **bn, **head}  # what task t keeps for itself (and frozen BatchNorm)
         normalized = {name: p.normalized().to(dev) for name, p in self.proj.items()}

@@ -43,6 +43,7 @@ class FELPlan:
     tensor_group: dict[str, str] = field(default_factory=dict)  # shared tensor → the group its rows follow
     skipped: dict[str, str] = field(default_factory=dict)  # group without a FEL → why
     per_task: list[str] = field(default_factory=list)  # conv/linear tensors of several blocks, stored per task
+    follows: dict[str, str] = field(default_factory=dict)  # per-task tensor in one FEL group → that group
 
     def permutations(self, seed: int | None) -> dict[str, torch.Tensor]:
         """Each FEL group's permutation for the task with this seed (none without a seed)."""
@@ -50,9 +51,11 @@ class FELPlan:
             return {}
         return {g: torch.from_numpy(task_permutation(seed, g, n)) for g, n in self.groups.items()}
 
-    def orders(self, perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Tensor → the index its rows are taken with in the task of `perms`."""
-        return {k: perms[g] for k, g in self.tensor_group.items() if g in perms}
+    def orders(self, perms: dict[str, torch.Tensor], follows: bool = False) -> dict[str, torch.Tensor]:
+        """Tensor → the index its rows are taken with in the task of `perms`; with `follows`, also the per-task
+        tensors of one FEL group (what a task's copy starts from is taken in its order)."""
+        groups = {**self.tensor_group, **(self.follows if follows else {})}
+        return {k: perms[g] for k, g in groups.items() if g in perms}
 
 
 def fel_plan(arch: Arch, per_task: set[str] | frozenset[str] = frozenset()) -> FELPlan:
@@ -79,6 +82,8 @@ def fel_plan(arch: Arch, per_task: set[str] | frozenset[str] = frozenset()) -> F
             del plan.groups[group]
     plan.skipped.update({g: "its only layer is stored per task" for g in members if g not in plan.groups and
                          g not in plan.skipped and members[g] and all(k in plan.per_task for k in members[g])})
+    plan.follows = {k: rows[0][0] for k, rows in cm.rows.items()
+                    if k in per_task and len(rows) == 1 and rows[0][1] == 1 and rows[0][0] in plan.groups}
     for k in [k for k in blocked if k not in plan.per_task]:
         for g, _ in cm.rows[k]:
             plan.skipped.setdefault(g, f"the rows of {k} are {len(cm.rows[k])} blocks and none of their groups can "
