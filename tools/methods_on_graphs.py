@@ -3,12 +3,13 @@ time per run, plus the deployment checks — the torch-free runtime's accuracy o
 (`results.json`), and each task's exported ONNX agrees with the runtime within 1e-4.
 
 Architectures: ``resnet`` (the preset: residual adds, BatchNorm), ``rescat`` (tests/graph_models.py: residual add,
-concatenation, depthwise conv, SE gate; ``rescat32``: 32 channels instead of 8), ``mobilenet_v2`` (torchvision, width 0.25) and ``mobilenetv3`` (timm
-``mobilenetv3_small_050``); the last two read the digits enlarged to 3×32×32 (`graph_models.upsampled`).
+concatenation, depthwise conv, SE gate; ``rescat32``: 32 channels instead of 8), ``mobilenet_v2`` (torchvision, width
+0.25) and ``mobilenetv3`` (timm ``mobilenetv3_small_050``); the last two read the digits enlarged to 3×32×32
+(`graph_models.upsampled`).
 A method is a registry name with optional config, ``NAME`` or ``NAME[key=value,...]`` (JSON values), e.g.
 ``rgo[fel=false,batchnorm=frozen]``; ``--epochs-scale`` multiplies every method's epochs (HALRP keeps its warm-up).
 
-    python tools/methods_on_graphs.py --archs resnet,rescat --streams split-digits,rotated-digits \
+    python tools/methods_on_graphs.py --archs resnet,rescat32 --streams split-digits,rotated-digits \
         --methods lps,halrp,rgo,finetune,stl --tasks 5 --out tools/results/methods_on_graphs.json
     python tools/methods_on_graphs.py --archs resnet --streams rotated-digits --tasks 5 \
         --methods "lps,lps[batchnorm=frozen],rgo,rgo[batchnorm=frozen]" --out /tmp/bn.json   # the BatchNorm rule

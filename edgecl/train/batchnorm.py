@@ -11,7 +11,8 @@ follows from its guarantee about earlier tasks — a shared running mean that ke
 - ``shared``: every task goes on training one shared copy (the `finetune` baseline: it forgets by design).
 
 Methods keep BatchNorm tensors as training leaves from `start`, run the forward with ``train=batch_stats(t)``,
-`settle` the running statistics once the task's weights are final and hand the trained tensors back with `commit`. A method whose tasks see a trunk's channels in a task-specific order
+`settle` the running statistics once the task's weights are final and hand the trained tensors back with
+`commit`. A method whose tasks see a trunk's channels in a task-specific order
 (RGO's feature encoding) passes that order: shared copies are stored in the trunk's own channel order.
 """
 from __future__ import annotations

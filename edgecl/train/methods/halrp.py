@@ -15,7 +15,7 @@ positions, Eq. 7). Per task t ≥ 1 (Algorithm 1):
    at W_free, the empirical-Fisher stand-in for ‖H_l‖_F of Eq. 10; c_l is the number of kernel positions (1 for
    linear layers), because a residual constant over c_l positions perturbs the full weight by c_l σ² (Eq. 9);
 5. u = U√Σ, v = V√Σ (Σ split between the factors, so u vᵀ = U Σ Vᵀ — "Σ folded in"), then fine-tune {r, s, u, v,
-   head, per-task biases (and BatchNorm, config `batchnorm="task"`)} for the remaining epochs with cross-entropy + Eq. 12
+   head, per-task biases (and BatchNorm, `batchnorm="task"`)} for the remaining epochs with cross-entropy + Eq. 12
    (λ0 (‖u‖₁ + ‖v‖₁) + λ1 (‖r‖² + ‖s‖² + ‖u‖² + ‖v‖²)), in exactly the arithmetic of `deltas.lowrank_weight`;
 6. prune factor entries (Section 4.4): ``absolute`` (|x| ≤ prune_abs), ``percentile`` (keep the largest entries
    within a budget of ``prune_budget`` × the dense trunk's weight count per task) or ``mixed`` (the larger threshold).

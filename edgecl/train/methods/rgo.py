@@ -201,8 +201,8 @@ class RGO(Method):
     def curvature_vectors(self, x: torch.Tensor, y: torch.Tensor, own: Params,
                           perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Vectors (rows × dim(P), or conv groups × rows × dim) of every parameter for the RLS update, in the shared
-        tensors' coordinates: one row per sample, one per input patch for conv weights. `own`: the task's head, BatchNorm
-        (running statistics) and per-task layers, in the task's channel order."""
+        tensors' coordinates: one row per sample, one per input patch for conv weights. `own`: the task's head,
+        BatchNorm (running statistics) and per-task layers, in the task's channel order."""
         eff = self.effective(perms)
         calls: dict = {}
         with torch.enable_grad(), LayerTap(self._tap_ids(eff), record=calls):
@@ -242,7 +242,8 @@ class RGO(Method):
         params.update(self.bn.specs(self.fel.tensor_group))
         params.update(self.blocks.specs())
         params.update({"head.weight": {"kind": "task"}, "head.bias": {"kind": "task"}})
-        own = [{**to_numpy(h), **self.bn.task_tensors(t), **self.blocks.task_tensors(t)} for t, h in enumerate(self.heads)]
+        own = [{**to_numpy(h), **self.bn.task_tensors(t), **self.blocks.task_tensors(t)}
+               for t, h in enumerate(self.heads)]
         return PackedModel(self.arch, self.name, self.config.to_json(), params,
                            {**to_numpy(self.trunk), **self.bn.base()}, list(self.infos), own, self.extra())
 
