@@ -22,8 +22,8 @@ Per task, three phases (paper Section V-A "LPS Implementation"):
 
 α is the fraction of a layer's units (elements, GEMM columns or rows) a task may own (at least one), capped by what is
 still free; β the fraction of the earlier support a task shares. Heads are per task and unconstrained. The last task
-is pruned like every other (the paper allows skipping it), so a packed model can always be resumed with new tasks; once the
-pool runs dry a task owns nothing and runs on shared weights and its head alone.
+is pruned like every other (the paper allows skipping it), so a packed model can always be resumed with new tasks;
+once the pool runs dry a task owns nothing and runs on shared weights and its head alone.
 """
 from __future__ import annotations
 
