@@ -51,6 +51,10 @@ def above(low: float) -> Bounds:
     return Bounds(low, low_open=True)
 
 
+# What a method does with BatchNorm (`edgecl.train.batchnorm`): each task learns its own affine pair and statistics,
+# or task 0 learns them and later tasks keep them fixed.
+BatchNormRule = Literal["task", "frozen"]
+
 FRACTION = Bounds(0.0, 1.0)  # a share of something, both ends allowed
 POSITIVE_FRACTION = Bounds(0.0, 1.0, low_open=True)
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch_training import one_torch_thread
 
 from edgecl.arch import preset, unit_sources, validate
 from edgecl.deltas import check_consistent, materialize
@@ -22,7 +21,6 @@ CTX = TrainContext(progress=False)
 SPARSE = dict(prox_every="step", mu=8.0, epochs=4, lr=1e-3, lam=400.0)
 
 
-_threads = one_torch_thread
 
 
 def _train(arch_name: str, stream: str, n_tasks: int, **cfg) -> tuple[AGSCL, list]:

@@ -9,7 +9,6 @@ import onnxruntime as ort
 import pytest
 import torch
 from torch_nets import MODELS, ResCat
-from torch_training import one_torch_thread, rgb_digits
 
 from edgecl import artifact
 from edgecl.arch import from_torch, preset, validate
@@ -36,7 +35,6 @@ GROUPED = validate({"name": "grouped", "input_shape": [1, 8, 8], "nodes": [
     {"name": "f", "op": "flatten", "inputs": ["p"]}]})
 
 
-_threads = one_torch_thread
 
 
 def _arch(name: str) -> dict:
@@ -45,7 +43,7 @@ def _arch(name: str) -> dict:
 
 def _stream(name: str, n_tasks: int):
     """Permuted digits, as 3-channel images for ResCat."""
-    return rgb_digits("permuted-digits", 8, n_tasks) if name == "rescat" else \
+    return make_stream("permuted-digits", n_tasks, 0, (3, 8, 8)) if name == "rescat" else \
         make_stream("permuted-digits", n_tasks, seed=0)
 
 
@@ -197,7 +195,7 @@ def test_resnet_resume_through_the_cli_keeps_earlier_tasks_bit_identical(tmp_pat
 @pytest.mark.parametrize("name, size", [("torchvision resnet18", 32), ("torchvision mobilenet_v2", 16),
                                         ("timm mobilenetv3_small_050", 16)])
 def test_torchvision_and_timm_networks_train_with_exact_freezes(name, size):
-    stream = rgb_digits("split-digits", size, 2)
+    stream = make_stream("split-digits", 2, 0, (3, size, size))
     method = AGSCL(from_torch(MODELS[name](), (3, size, size)), AGSCLConfig(epochs=2, mu=60.0))
     first = []
     for t, task in enumerate(stream.tasks):

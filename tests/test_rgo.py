@@ -18,22 +18,22 @@ from edgecl.train.methods.rgo import RGO, RGOConfig
 from edgecl.train.methods.rgo_ops import ProjectedConv, ProjectedLinear, Projector, conv_patches, projected_outer
 from edgecl.train.models import forward, from_numpy, init_head
 from edgecl.train.protocol import TrainContext, batches, task_generator
+from torch_nets import dwres_spec, rescat_spec
 
 CTX = TrainContext(progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: on shared cores, torch's intra-op threads cost far more than they give."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def digits():
     return make_stream("permuted-digits", 3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def split():
+    """Two small tasks (~250 training images each) for the graph networks."""
+    return make_stream("split-digits", 2, seed=0)
 
 
 def _random_projector(dim: int, n: int, seed: int = 0, alpha: float = 1.0) -> tuple[Projector, torch.Tensor]:
@@ -133,61 +133,90 @@ def test_projected_linear_gradient_is_projected_autograd_gradient(rows):
     torch.testing.assert_close(projected_outer(d, xs, p), (d.T @ xs) @ p, rtol=1e-5, atol=1e-5)
 
 
-def test_projected_conv_gradient_is_projected_autograd_gradient():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 6, 6, generator=gen, requires_grad=True)
-    w = torch.randn(4, 3, 3, 3, generator=gen, requires_grad=True)
-    b = torch.randn(4, generator=gen, requires_grad=True)
-    p = _random_projector(27, 10)[0].normalized()
-    target = torch.randn(2, 4, 3, 3, generator=gen)
-    ((F.conv2d(x, w, b, 2, 1) - target) ** 2).sum().backward()
+@pytest.mark.parametrize("groups,dilation", [(1, 1), (2, 2), (4, 1)])  # plain, grouped + dilated, depthwise
+def test_projected_conv_gradient_is_projected_autograd_gradient(groups, dilation):
+    """Each conv group's filters get the plain gradient times that group's own P (one P per conv group over its
+    c_in/groups·kh·kw patch); dilation only changes which pixels a patch holds."""
+    gen = torch.Generator().manual_seed(groups)
+    x = torch.randn(2, 4, 7, 7, generator=gen, requires_grad=True)
+    w = torch.randn(8, 4 // groups, 3, 3, generator=gen, requires_grad=True)
+    b = torch.randn(8, generator=gen, requires_grad=True)
+    d = 4 // groups * 9
+    ps = [_random_projector(d, 10, seed=g)[0].normalized() for g in range(groups)]
+    p = ps[0] if groups == 1 else torch.stack(ps)
+    conf = (2, 1, dilation, groups)
+    out = F.conv2d(x, w, b, *conf)
+    target = torch.randn(out.shape, generator=gen)
+    ((out - target) ** 2).sum().backward()
     plain = (x.grad.clone(), w.grad.clone(), b.grad.clone())
     for t in (x, w, b):
         t.grad = None
-    ((ProjectedConv.apply(x, w, b, p, 2, 1) - target) ** 2).sum().backward()
-    torch.testing.assert_close(w.grad, (plain[1].reshape(4, 27) @ p).reshape(w.shape), rtol=1e-5, atol=1e-5)
+    ((ProjectedConv.apply(x, w, b, p, *conf) - target) ** 2).sum().backward()
+    per_group = plain[1].reshape(groups, 8 // groups, d)
+    want = torch.stack([per_group[g] @ ps[g] for g in range(groups)]).reshape(w.shape)
+    torch.testing.assert_close(w.grad, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, plain[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b.grad, plain[2], rtol=1e-5, atol=1e-6)
 
 
 def test_conv_vectors_are_the_input_patches():
     """Σ rows rowsᵀ of one sample = the mean over output positions of patch·patchᵀ, patches cut by hand in the
-    weight's (c_in, ky, kx) column order; the mean variant is the mean patch."""
+    weight's (c_in, ky, kx) column order, per conv group and with dilation; the mean variant is the mean patch."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 2, 5, 5, generator=gen)
+    x = torch.randn(1, 4, 5, 5, generator=gen)
     padded = F.pad(x, (1, 1, 1, 1))
-    patches = [padded[0, :, i:i + 3, j:j + 3].reshape(-1) for i in range(0, 5, 2) for j in range(0, 5, 2)]
-    brute = torch.stack([torch.outer(p, p) for p in patches]).mean(0)
-    rows = conv_patches(x, (4, 2, 3, 3), 2, 1, mean=False)
-    assert rows.shape == (9, 18)
-    torch.testing.assert_close(rows.T @ rows, brute, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(conv_patches(x, (4, 2, 3, 3), 2, 1, mean=True)[0], torch.stack(patches).mean(0))
+    for groups, dilation in ((1, 1), (2, 1), (4, 2)):
+        span = 2 * dilation
+        starts = range(0, 7 - span, 2)
+        rows = conv_patches(x, (4, 4 // groups, 3, 3), 2, 1, mean=False, dilation=dilation, groups=groups)
+        mean = conv_patches(x, (4, 4 // groups, 3, 3), 2, 1, mean=True, dilation=dilation, groups=groups)
+        assert rows.shape == (groups, len(starts) ** 2, 4 // groups * 9)
+        for g in range(groups):
+            chans = slice(g * 4 // groups, (g + 1) * 4 // groups)
+            patches = [padded[0, chans, i:i + span + 1:dilation, j:j + span + 1:dilation].reshape(-1)
+                       for i in starts for j in starts]
+            brute = torch.stack([torch.outer(p, p) for p in patches]).mean(0)
+            torch.testing.assert_close(rows[g].T @ rows[g], brute, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(mean[g, 0], torch.stack(patches).mean(0))
 
 
-def test_training_step_applies_normalised_projection(digits):
+@pytest.mark.parametrize("arch_name", ["mlp", "dwres"])
+def test_training_step_applies_normalised_projection(digits, arch_name):
     """One SGD step of task 1 moves each shared weight by -lr·g·P̂ and each bias by -lr·P̂_b·g, g being the plain
-    gradient of the task's permuted structure mapped back to the shared tensors' coordinates."""
-    arch = preset("mlp")
+    gradient of the task's permuted structure mapped back to the shared tensors' coordinates. On the depthwise
+    residual block every stored depthwise filter j moves by its own channel's P̂_j, wherever task 1's feature
+    encoding puts that channel."""
+    arch = preset("mlp") if arch_name == "mlp" else dwres_spec()
     method = RGO(arch, RGOConfig(epochs=1, batch_size=32, curvature_batch=32))
     method.learn_task(0, digits.tasks[0], CTX)
     before = {k: v.detach().clone() for k, v in method.trunk.items()}
     normalized = {k: p.normalized() for k, p in method.proj.items()}
     perms = method.permutations(1)
+    orders = method.fel.orders(perms)
+    assert set(orders) == set(method.trunk)  # every shared tensor is in a permuted channel group
     x, y = next(batches(digits.tasks[1], 32, torch.Generator().manual_seed(5)))
     head = {k: v.requires_grad_(True) for k, v in init_head(arch, 10, task_generator(method.config, 1)).items()}
     params = {k: v.detach().clone().requires_grad_(True) for k, v in method.effective(perms).items()}
-    F.cross_entropy(forward(arch, {**params, **head}, x), y).backward()
+    bn = method.bn.start(1, order=method.fel.orders(perms, follows=True))  # task 0's BatchNorm in task 1's order
+    F.cross_entropy(forward(arch, {**params, **bn, **head}, x, train=True), y).backward()
     one_batch = type(digits.tasks[1])("one", x.numpy(), y.numpy(), x.numpy(), y.numpy(), 10)
     method.learn_task(1, one_batch, CTX)
-    for layer in method.layers:
-        inv = torch.argsort(perms[layer])
-        step_w = (before[f"{layer}.weight"] - method.trunk[f"{layer}.weight"].detach()) / 0.1
-        step_b = (before[f"{layer}.bias"] - method.trunk[f"{layer}.bias"].detach()) / 0.1
-        torch.testing.assert_close(step_w, params[f"{layer}.weight"].grad[inv] @ normalized[f"{layer}.weight"],
-                                   rtol=1e-3, atol=1e-5)
-        torch.testing.assert_close(step_b, normalized[f"{layer}.bias"] @ params[f"{layer}.bias"].grad[inv],
-                                   rtol=1e-3, atol=1e-5)
-    assert not torch.allclose(normalized["fc2.weight"], torch.eye(256), atol=0.1)  # task 0 really shaped P
+    for name, order in orders.items():
+        step = (before[name] - method.trunk[name].detach()) / 0.1
+        grad = torch.zeros_like(params[name].grad)
+        grad[order] = params[name].grad  # effective row i is stored row order[i]
+        groups, dim = method.dims[name]
+        if name.endswith(".bias"):
+            want = normalized[name] @ grad
+        elif groups == 1:
+            want = (grad.reshape(len(grad), -1) @ normalized[name]).reshape(grad.shape)
+        else:
+            want = (grad.reshape(groups, -1, dim) @ normalized[name]).reshape(grad.shape)
+        torch.testing.assert_close(step, want, rtol=1e-3, atol=1e-5)
+    shaped = normalized["fc2.weight" if arch_name == "mlp" else "dw.weight"]
+    assert not torch.allclose(shaped, torch.eye(shaped.shape[-1]).expand_as(shaped), atol=0.1)  # task 0 shaped P
+    if arch_name == "dwres":
+        assert not torch.allclose(shaped[0], shaped[1], atol=1e-3)  # one P per channel, each its own
 
 
 def _unfolded_logits(packed, t: int, x: torch.Tensor) -> torch.Tensor:
@@ -230,6 +259,59 @@ def test_folded_model_equals_explicit_permutations(digits, arch_name):
     assert not torch.allclose(wrong, _unfolded_logits(packed, 1, x), atol=1e-3)
 
 
+def test_feature_encoding_follows_channel_groups():
+    """A residual add makes its branches' producers one group (one permutation), BatchNorm and depthwise rows go with
+    their channels, per-task BatchNorm needs no permutation; a layer whose rows hold a group twice (ResCat's SE gate
+    over a concatenation) is stored per task so the group keeps its FEL; the network input and grouped convs keep one
+    order, with the reason recorded. On a chain a group is a layer, as before."""
+    resnet = RGO(preset("resnet"), RGOConfig()).fel
+    group = resnet.tensor_group
+    assert group["stem.weight"] == group["b1.conv2.weight"] == "stem"  # b1's residual add
+    assert group["b2.conv2.weight"] == group["b2.short.weight"] == "b2.conv2"  # b2's add with its projection
+    assert group["b1.conv1.weight"] == "b1.conv1" and not any("bn" in k for k in group)
+    frozen = RGO(preset("resnet"), RGOConfig(batchnorm="frozen")).fel.tensor_group
+    assert frozen["stembn.running_mean"] == frozen["b1.bn2.weight"] == frozen["b1.conv2.weight"] == "stem"
+    rescat = RGO(rescat_spec(), RGOConfig())
+    assert set(rescat.fel.groups) == {"stem.0", "se_reduce"} and rescat.fel.per_task == ["se_expand.weight",
+                                                                                         "se_expand.bias"]
+    assert "se_expand" not in rescat.layers and not any(k.startswith("se_expand") for k in rescat.proj)
+    assert RGO(dwres_spec(), RGOConfig()).fel.tensor_group["dw.weight"] == "stem"
+    grouped = validate({"name": "grouped", "input_shape": [4, 8, 8], "nodes": [
+        {"name": "c1", "op": "conv", "inputs": ["input"], "in": 4, "out": 4, "k": 3, "pad": 1},
+        {"name": "a", "op": "add", "inputs": ["c1", "input"]},
+        {"name": "g", "op": "conv", "inputs": ["a"], "in": 4, "out": 4, "k": 3, "pad": 1, "groups": 2},
+        {"name": "c2", "op": "conv", "inputs": ["g"], "in": 4, "out": 4, "k": 3, "pad": 1},
+        {"name": "p", "op": "gap", "inputs": ["c2"]}, {"name": "f", "op": "flatten", "inputs": ["p"]}]})
+    plan = RGO(grouped, RGOConfig()).fel
+    assert set(plan.groups) == {"c2"} and set(plan.skipped) == {"input", "g"}
+    assert "network input" in plan.skipped["input"] and "grouped convolution" in plan.skipped["g"]
+    assert RGO(preset("mlp"), RGOConfig()).fel.groups == {"fc1": 256, "fc2": 256}
+
+
+@pytest.mark.parametrize("arch_name", ["dwres", "resnet"])
+@pytest.mark.parametrize("batchnorm", ["task", "frozen"])
+def test_graph_training_forward_is_the_folded_model(split, arch_name, batchnorm):
+    """Each task trains exactly the weights `materialize` folds from the stored trunk, task seeds and (frozen)
+    permuted or (task) per-task BatchNorm."""
+    arch = dwres_spec() if arch_name == "dwres" else preset("resnet")
+    method = RGO(arch, RGOConfig(epochs=1, batchnorm=batchnorm))
+    for t in range(2):
+        method.learn_task(t, split.tasks[t], CTX)
+    packed = method.pack()
+    check_consistent(packed)
+    for name in method.bn.names:
+        want = {"kind": "task"} if batchnorm == "task" else {"kind": "permute", "group": method.fel.tensor_group[name]}
+        assert packed.params[name] == want
+    x = torch.from_numpy(split.tasks[0].x_test[:64])
+    for t in range(2):
+        perms = method.permutations(t)
+        bn = method.bn.per_task[t] if batchnorm == "task" else method.bn.start(t, order=method.fel.orders(perms))
+        with torch.no_grad():
+            folded = forward(arch, from_numpy(materialize(packed, t)), x)
+            trained = forward(arch, {**method.effective(perms), **bn, **method.heads[t]}, x)
+        torch.testing.assert_close(folded, trained, rtol=0, atol=0)
+
+
 def test_without_fel_everything_is_shared(digits):
     method = RGO(preset("mlp"), RGOConfig(epochs=1, fel=False))
     method.learn_task(0, digits.tasks[0], CTX)
@@ -254,8 +336,16 @@ def test_memory_limit_refused_before_allocation():
 
 
 def test_bad_config_is_a_usage_error():
-    with pytest.raises(UsageError, match="fel"):
-        RGO(preset("resnet"), RGOConfig())
+    spatial = validate({"name": "spatial", "input_shape": [1, 8, 8], "nodes": [
+        {"name": "c1", "op": "conv", "inputs": ["input"], "in": 1, "out": 4, "k": 3, "pad": 1},
+        {"name": "r", "op": "reshape", "inputs": ["c1"], "shape": [8, 4, 8]},
+        {"name": "c2", "op": "conv", "inputs": ["r"], "in": 8, "out": 4, "k": 3, "pad": 1},
+        {"name": "f", "op": "flatten", "inputs": ["c2"]}]})
+    with pytest.raises(UsageError, match="moves channels into space; use fel=false"):
+        RGO(spatial, RGOConfig())
+    RGO(spatial, RGOConfig(fel=False))
+    with pytest.raises(UsageError, match="batchnorm"):
+        registry.create("rgo", preset("mlp"), {"batchnorm": "sometimes"})
     with pytest.raises(UsageError, match="weight_vectors"):
         registry.create("rgo", preset("mlp"), {"weight_vectors": "nope"})
     with pytest.raises(UsageError, match="alpha"):

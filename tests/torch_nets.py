@@ -1,5 +1,6 @@
-"""Real user networks for the graph tests (from_torch, compaction, runtime parity): torchvision, timm and a custom
-module with every structure the channel map follows. Imports torch, torchvision and timm."""
+"""Real user networks for the graph tests (from_torch, compaction, runtime parity, every method on graphs):
+torchvision, timm, a custom module with every structure the channel map follows (`ResCat`), and a MobileNet-style
+residual block as a spec (`dwres_spec`). Imports torch, torchvision and timm."""
 from __future__ import annotations
 
 import functools
@@ -8,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgecl.arch import from_torch
+from edgecl.arch import from_torch, validate
 from edgecl.arch.factories import ensure_torchvision_imports
 from edgecl.arch.fx_import import tensors_of
 
@@ -20,14 +21,15 @@ import torchvision  # noqa: E402
 class ResCat(nn.Module):
     """A custom trunk + classifier with a residual add, a channel concatenation, a depthwise conv and an SE gate."""
 
-    def __init__(self, classes: int = 5):
+    def __init__(self, classes: int = 5, in_channels: int = 3, width: int = 8):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.branch_a = nn.Conv2d(8, 8, 3, padding=1)
-        self.branch_b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.SiLU())
-        self.se_reduce, self.se_expand = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.branch_a = nn.Conv2d(w, w, 3, padding=1)
+        self.branch_b = nn.Sequential(nn.Conv2d(w, w, 3, padding=1, groups=w), nn.BatchNorm2d(w), nn.SiLU())
+        self.se_reduce, self.se_expand = nn.Conv2d(2 * w, w // 2, 1), nn.Conv2d(w // 2, 2 * w, 1)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(16, classes)
+        self.fc = nn.Linear(2 * w, classes)
 
     def forward(self, x):
         x = self.stem(x)
@@ -74,3 +76,26 @@ def spec_and_weights(name: str, input_shape: tuple[int, ...] = (3, 32, 32)) -> t
     weights.update({"head.weight": classifier.weight.detach().numpy().copy(),
                     "head.bias": classifier.bias.detach().numpy().copy()})
     return spec, weights
+
+
+def rescat_spec(input_shape=(1, 8, 8), width: int = 8) -> dict:
+    """ResCat's spec for inputs of `input_shape` (`width` channels in the stem and each branch)."""
+    return from_torch(ResCat(in_channels=input_shape[0], width=width), tuple(input_shape))
+
+
+def dwres_spec(input_shape=(1, 8, 8)) -> dict:
+    """A MobileNet-style residual block as a spec: stem conv, depthwise conv + BatchNorm, pointwise conv + BatchNorm
+    added back to the stem. The depthwise rows, both BatchNorms and both convs' rows are one channel group."""
+    c = input_shape[0]
+    return validate({"name": "dwres", "input_shape": list(input_shape), "nodes": [
+        {"name": "stem", "op": "conv", "inputs": ["input"], "in": c, "out": 6, "k": 3, "pad": 1},
+        {"name": "stem_act", "op": "relu", "inputs": ["stem"]},
+        {"name": "dw", "op": "conv", "inputs": ["stem_act"], "in": 6, "out": 6, "k": 3, "pad": 2, "dilation": 2,
+         "groups": 6},
+        {"name": "dwbn", "op": "bn", "inputs": ["dw"], "ch": 6},
+        {"name": "dw_act", "op": "relu6", "inputs": ["dwbn"]},
+        {"name": "pw", "op": "conv", "inputs": ["dw_act"], "in": 6, "out": 6, "k": 1, "bias": False},
+        {"name": "pwbn", "op": "bn", "inputs": ["pw"], "ch": 6},
+        {"name": "add", "op": "add", "inputs": ["pwbn", "stem_act"]},
+        {"name": "pool", "op": "gap", "inputs": ["add"]},
+        {"name": "flat", "op": "flatten", "inputs": ["pool"]}]})

@@ -37,7 +37,6 @@ from edgecl.train.protocol import TrainContext
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from torch_nets import ResCat  # noqa: E402  (the test suite's custom module and data, shared)
-from torch_training import rgb_digits  # noqa: E402
 
 CTX = TrainContext(progress=False)
 HAS_FREEZE = "freeze" in AGSCLConfig.__dataclass_fields__  # False on a checkout before issue 17 (the "before" run)
@@ -88,7 +87,7 @@ def graph_runs(mus: list[float], tasks: int, mobilenet: bool) -> dict:
     for stream_name, n in (("split-digits", 5), ("permuted-digits", tasks)):
         stream = make_stream(stream_name, n, seed=0)
         cases += [("resnet preset", preset("resnet"), stream),
-                  ("ResCat", from_torch(ResCat(), (3, 8, 8)), rgb_digits(stream_name, 8, n))]
+                  ("ResCat", from_torch(ResCat(), (3, 8, 8)), make_stream(stream_name, n, 0, (3, 8, 8)))]
     if mobilenet:
         from edgecl.arch.factories import ensure_torchvision_imports
 
@@ -97,7 +96,7 @@ def graph_runs(mus: list[float], tasks: int, mobilenet: bool) -> dict:
 
         cases.append(("torchvision mobilenet_v2 width 0.25",
                       from_torch(torchvision.models.mobilenet_v2(num_classes=2, width_mult=0.25), (3, 16, 16)),
-                      rgb_digits("split-digits", 16, 5)))
+                      make_stream("split-digits", 5, 0, (3, 16, 16))))
     out: dict = {}
     for name, arch, stream in cases:
         for mu in mus:

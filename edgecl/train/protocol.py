@@ -103,9 +103,13 @@ def run_epochs(task: TaskData, opt: torch.optim.Optimizer, loss_fn, *, epochs: i
                end_of_epoch=None, zero_to_none: bool = True) -> None:
     """The one mini-batch loop every method trains with. Per batch: zero the grads, `loss_fn(x, y)`, backward,
     `after_backward()` (gradient edits: projections, closed-form penalties), step, `after_step()` (proximal maps,
-    cuts); per epoch: `end_of_epoch(epoch)`, then one tick of `bar`. Methods differ only in these hooks."""
+    cuts); per epoch: `end_of_epoch(epoch)`, then one tick of `bar`. Methods differ only in these hooks. A last
+    batch of one sample is left out (a different one each epoch): BatchNorm in training mode cannot normalise a
+    channel from one value (the 1×1 feature maps ImageNet-style networks reach on small inputs)."""
     for epoch in range(epochs):
         for x, y in batches(task, batch_size, generator, device):
+            if len(x) == 1 and len(task.x_train) > 1:
+                continue
             opt.zero_grad(set_to_none=zero_to_none)
             loss_fn(x, y).backward()
             if after_backward is not None:

@@ -15,10 +15,16 @@ positions, Eq. 7). Per task t ≥ 1 (Algorithm 1):
    at W_free, the empirical-Fisher stand-in for ‖H_l‖_F of Eq. 10; c_l is the number of kernel positions (1 for
    linear layers), because a residual constant over c_l positions perturbs the full weight by c_l σ² (Eq. 9);
 5. u = U√Σ, v = V√Σ (Σ split between the factors, so u vᵀ = U Σ Vᵀ — "Σ folded in"), then fine-tune {r, s, u, v,
-   head, per-task biases and BatchNorm} for the remaining epochs with cross-entropy + Eq. 12
+   head, per-task biases (and BatchNorm, `batchnorm="task"`)} for the remaining epochs with cross-entropy + Eq. 12
    (λ0 (‖u‖₁ + ‖v‖₁) + λ1 (‖r‖² + ‖s‖² + ‖u‖² + ‖v‖²)), in exactly the arithmetic of `deltas.lowrank_weight`;
 6. prune factor entries (Section 4.4): ``absolute`` (|x| ≤ prune_abs), ``percentile`` (keep the largest entries
    within a budget of ``prune_budget`` × the dense trunk's weight count per task) or ``mixed`` (the larger threshold).
+
+Grouped and depthwise convolutions keep the weight's own axes: the weight is (J, I/groups, kh, kw), r scales its J
+filters and s its I/groups input positions (position i of every group alike: a depthwise conv has one s), and the
+residual U Vᵀ is J × I/groups, constant over kernel positions like any convolution's — for a depthwise conv a
+per-filter constant added to its kernel (rank ≤ 1). So `deltas.lowrank_weight`, the ONNX export and the runtime treat
+every convolution alike; a per-group S (I numbers) would need a delta form of its own.
 
 Re-pruning of earlier tasks' factors is OFF by default (``reprune=False``): a task's tensors are frozen when it ends,
 so every earlier task stays bit-identical. With ``reprune=True`` the percentile threshold is taken over all tasks'
@@ -36,6 +42,7 @@ import torch.nn.functional as F
 from edgecl.arch import param_shapes, prunable
 from edgecl.deltas import PackedModel, TaskInfo
 from edgecl.errors import UsageError
+from edgecl.train.batchnorm import BatchNorm, is_statistic, leaves, trainable
 from edgecl.train.data import TaskData
 from edgecl.train.methods.finetune import fit
 from edgecl.train.methods.halrp_config import HALRPConfig
@@ -163,9 +170,10 @@ class HALRP(Method):
         super().__init__(arch, config)
         self.layers = prunable(arch)
         self.shapes = param_shapes(arch)
-        self.own_names = [n for n in self.shapes if n not in self.layers]   # biases + BatchNorm: per task
+        self.bn = BatchNorm(arch, self.config.batchnorm, init_params(arch))
+        self.own_names = [n for n in self.shapes if n not in self.layers and n not in self.bn.names]  # biases
         self.base: dict[str, np.ndarray] = {}
-        self.store: list[dict[str, np.ndarray]] = []   # per task: factors, biases/BN, head (frozen numpy)
+        self.store: list[dict[str, np.ndarray]] = []   # per task: factors, biases, head (frozen numpy)
         self.infos: list[TaskInfo] = []
         self.ranks: list[dict[str, int]] = []
         self.importance: list[dict[str, float]] = []
@@ -173,13 +181,14 @@ class HALRP(Method):
     # -- task 0: the base ------------------------------------------------------------------------------------
     def _learn_base(self, task: TaskData, ctx: TrainContext) -> None:
         gen = torch.Generator().manual_seed(self.config.seed)
-        params = {**init_params(self.arch, generator=gen), **init_head(self.arch, task.n_classes, gen)}
-        params = {k: v.to(ctx.device).requires_grad_("running" not in k) for k, v in params.items()}
-        fit(self.arch, params, [v for v in params.values() if v.requires_grad], task, self.config, ctx, 0,
-            "halrp task 0 (base)")
+        params = leaves({**init_params(self.arch, generator=gen), **init_head(self.arch, task.n_classes, gen)},
+                        ctx.device)
+        fit(self.arch, params, trainable(params), task, self.config, ctx, 0, "halrp task 0 (base)")
+        self.bn.settle(0, self.arch, params, task, ctx.device)
         arrays = to_numpy(params)
         self.base = {n: arrays[n] for n in self.layers}
         self.store.append({n: arrays[n] for n in self.own_names + ["head.weight", "head.bias"]})
+        self.bn.commit(0, params)
         self.ranks.append({n: 0 for n in self.layers})
         self.importance.append({})
 
@@ -195,11 +204,11 @@ class HALRP(Method):
         start = {**{n: torch.from_numpy(a) for n, a in self.base.items()},
                  **{n: torch.from_numpy(a) for n, a in self.store[0].items() if not n.startswith("head.")},
                  **init_head(self.arch, task.n_classes, torch.Generator().manual_seed(cfg.seed * 1000 + t))}
-        free = {k: v.clone().to(dev).requires_grad_("running" not in k) for k, v in start.items()}
+        free = {**leaves(start, dev), **self.bn.start(t, dev)}
         warm_cfg = copy.copy(cfg)
         warm_cfg.epochs = cfg.warmup_epochs
-        fit(self.arch, free, [v for v in free.values() if v.requires_grad], task, warm_cfg, ctx, t,
-            f"halrp task {t} warm-up")
+        fit(self.arch, free, trainable(free), task, warm_cfg, ctx, t, f"halrp task {t} warm-up",
+            self.bn.batch_stats(t))
         # 2–4. scalings, residual SVD, importance, global rank selection
         base = {n: torch.from_numpy(self.base[n]).to(dev) for n in self.layers}
         init, sigmas, svd = {}, {}, {}
@@ -220,31 +229,35 @@ class HALRP(Method):
             factors.update({f"{n}:r": r, f"{n}:s": s, f"{n}:u": (uu[:, :k] * root).float(),
                             f"{n}:v": (vh[:k].T * root).float()})
         factors = {k: v.detach().clone().to(dev).requires_grad_(True) for k, v in factors.items()}
-        own = {k: free[k].detach().clone().requires_grad_("running" not in k)
-               for k in self.own_names + ["head.weight", "head.bias"]}
-        self._finetune(t, task, ctx, base, factors, own)
+        own = leaves({k: free[k] for k in self.own_names + ["head.weight", "head.bias"]}, dev)
+        bn = leaves({k: free[k] for k in self.bn.names}, dev, lambda name: self.bn.learns(t))
+        self._finetune(t, task, ctx, base, factors, own, bn)
+        final = {n: lowrank_torch(base[n], *(factors[f"{n}:{f}"] for f in FACTORS)).detach() for n in self.layers}
+        self.bn.settle(t, self.arch, {**own, **bn, **final}, task, dev)
         # 6. prune, freeze
         tensors = {**to_numpy(factors), **to_numpy(own)}
         self.store.append(tensors)
+        self.bn.commit(t, bn)
         self.ranks.append(ranks)
         self.importance.append(importance)
         self._prune(t)
 
     def _finetune(self, t: int, task: TaskData, ctx: TrainContext, base: Params, factors: Params,
-                  own: Params) -> None:
+                  own: Params, bn: Params) -> None:
         """Adam on cross-entropy + Eq. 12; the regulariser's exact gradient is added by `add_penalty_grad` (cheaper
         than a loss graph over many small tensors)."""
         cfg = self.config
-        trainable = list(factors.values()) + [v for v in own.values() if v.requires_grad]
+        steps = list(factors.values()) + trainable(own) + trainable(bn)
         epochs = cfg.epochs - cfg.warmup_epochs
+        batch_stats = self.bn.batch_stats(t)
 
         def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            params = {**own, **{n: lowrank_torch(base[n], *(factors[f"{n}:{f}"] for f in FACTORS))
-                                for n in self.layers}}
-            return F.cross_entropy(forward(self.arch, params, x, train=True), y)
+            params = {**own, **bn, **{n: lowrank_torch(base[n], *(factors[f"{n}:{f}"] for f in FACTORS))
+                                      for n in self.layers}}
+            return F.cross_entropy(forward(self.arch, params, x, train=batch_stats), y)
 
         with ctx.bar(epochs, f"halrp task {t} low-rank fine-tune") as bar:
-            run_epochs(task, adam(trainable, cfg.lr), loss_fn, epochs=epochs, batch_size=cfg.batch_size,
+            run_epochs(task, adam(steps, cfg.lr), loss_fn, epochs=epochs, batch_size=cfg.batch_size,
                        generator=task_generator(cfg, t), bar=bar, device=ctx.device,
                        after_backward=lambda: self.add_penalty_grad(factors), zero_to_none=False)
 
@@ -284,10 +297,12 @@ class HALRP(Method):
         """Continue a deployed HALRP model: base and every task's tensors come back as they were stored, so the
         tasks learned before stay bit-identical."""
         check_resumable(packed, self.name, self.arch)
+        self.bn.resume(packed)
+        self.config.batchnorm = self.bn.rule
         extra = packed.extra or {}
         # own writable copies: a loaded artifact's arrays are read-only views of the file
         self.base = {n: np.array(packed.base[n]) for n in self.layers}
-        self.store = [{k: np.array(v) for k, v in tt.items()} for tt in packed.task_tensors]
+        self.store = [{k: np.array(v) for k, v in tt.items() if k not in self.bn.names} for tt in packed.task_tensors]
         self.infos = list(packed.tasks)
         self.ranks = [dict(r) for r in extra.get("ranks", [])] or [
             {n: tt[f"{n}:u"].shape[1] if f"{n}:u" in tt else 0 for n in self.layers} for tt in self.store]
@@ -297,14 +312,18 @@ class HALRP(Method):
     def pack(self) -> PackedModel:
         params = {n: {"kind": "lowrank"} for n in self.layers}
         params.update({n: {"kind": "task"} for n in self.own_names + ["head.weight", "head.bias"]})
-        return PackedModel(self.arch, self.name, self.config.to_json(), params, dict(self.base), list(self.infos),
-                           [dict(tt) for tt in self.store], self.growth_report())
+        params.update(self.bn.specs())
+        return PackedModel(self.arch, self.name, self.config.to_json(), params, {**self.base, **self.bn.base()},
+                           list(self.infos), [{**tt, **self.bn.task_tensors(t)} for t, tt in enumerate(self.store)],
+                           self.growth_report())
 
     def task_param_count(self, t: int) -> dict[str, int]:
         """Numbers task t adds: non-zero factor entries, scalings, per-task biases/BN and head (task 0: the dense
         model). Σ is folded into u and v, so it costs nothing extra."""
         tt = self.store[t]
-        own = sum(tt[n].size for n in self.own_names if "running" not in n)
+        own = sum(tt[n].size for n in self.own_names)
+        if self.bn.rule == "task" or t == 0:  # the affine pairs; running statistics are not learned numbers
+            own += sum(math.prod(self.shapes[n]) for n in self.bn.names if not is_statistic(n))
         head = tt["head.weight"].size + tt["head.bias"].size
         if t == 0:
             return {"factors": 0, "scalings": 0, "own": own, "head": head,

@@ -1,10 +1,13 @@
 """LPS — learn, prune, share (Wang, Jian et al., "Learn-Prune-Share for Lifelong Learning", ICDM 2020).
 
-Each prunable trunk weight (linear/conv, in GEMM view) is split into disjoint task partitions. Task t solves
-problem (5): its own weights W come only from the free pool (units no earlier task owns) and a sharing mask M selects
-which of the earlier weights W̄^{t-1} it reuses; it runs on ``W + M ⊙ W̄^{t-1}``. Because later tasks only write into
-the free pool and biases/BatchNorm freeze after task 1, every earlier task's weights — and so its predictions — stay
-bit-identical: no forgetting by construction.
+Each prunable trunk weight (linear/conv, in GEMM view (out, in/groups·kh·kw)) is split into disjoint task partitions.
+Task t solves problem (5): its own weights W come only from the free pool (units no earlier task owns) and a sharing
+mask M selects which of the earlier weights W̄^{t-1} it reuses; it runs on ``W + M ⊙ W̄^{t-1}``. Because later tasks
+only write into the free pool, biases freeze after task 1 and BatchNorm is either per task or frozen after task 1
+(config `batchnorm`), every earlier task's weights — and so its predictions — stay bit-identical: no forgetting by
+construction. Weights are pruned one by one, so a graph changes nothing: residual adds and concatenations only
+connect layers, and a 3×3 depthwise conv's units are its channels × 9 elements, its 9 kernel positions (columns) or
+its channels (rows).
 
 Per task, three phases (paper Section V-A "LPS Implementation"):
 
@@ -17,10 +20,10 @@ Per task, three phases (paper Section V-A "LPS Implementation"):
 3. final: project W onto its sparsity set (top-α units of the free pool) and M onto binary top-β over the earlier
    support, then retrain only W's kept entries (and the head) with M fixed.
 
-α is the fraction of a layer's units (elements, GEMM columns or rows) a task may own, capped by what is still free;
-β the fraction of the earlier support a task shares. Heads are per task and unconstrained. The last task is pruned
-like every other (the paper allows skipping it), so a packed model can always be resumed with new tasks; once the
-pool runs dry a task owns nothing and runs on shared weights and its head alone.
+α is the fraction of a layer's units (elements, GEMM columns or rows) a task may own (at least one), capped by what is
+still free; β the fraction of the earlier support a task shares. Heads are per task and unconstrained. The last task
+is pruned like every other (the paper allows skipping it), so a packed model can always be resumed with new tasks;
+once the pool runs dry a task owns nothing and runs on shared weights and its head alone.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from edgecl.arch import param_shapes, prunable
 from edgecl.deltas import PackedModel, TaskInfo
 from edgecl.errors import UsageError
+from edgecl.train.batchnorm import BatchNorm, leaves, trainable
 from edgecl.train.data import TaskData
 from edgecl.train.methods.lps_config import PRUNING_UNIT, LPSConfig
 from edgecl.train.models import Params, forward, init_head, init_params, to_numpy
@@ -51,7 +55,9 @@ class _Layer:
         self.free_units = owner == 0
         self.free = expand_units(self.free_units, self.shape, unit).to(wbar.dtype)
         self.earlier = expand_units(owner > 0, self.shape, unit)
-        self.k_alpha = min(round(cfg.alpha * n_units(self.shape, unit)), int(self.free_units.sum()))
+        # at least one unit while any is free: a small layer (an SE squeeze of 4 filters) would otherwise round to
+        # nothing and stay all zero for every task
+        self.k_alpha = min(max(1, round(cfg.alpha * n_units(self.shape, unit))), int(self.free_units.sum()))
         self.k_beta = round(cfg.beta * int(self.earlier.sum()))
         # "zero" lets earlier weights carry the signal (the authors' code); with nothing learned yet (task 1) the
         # free pool must start random or no gradient flows.
@@ -84,7 +90,8 @@ class LPS(Method):
         self.wbar = {n: torch.zeros_like(init[n]) for n in self.names}
         self.owner = {n: torch.zeros(n_units(tuple(init[n].shape), self.unit), dtype=torch.int64)
                       for n in self.names}
-        self.shared: Params = {k: v for k, v in init.items() if k not in self.wbar}
+        self.bn = BatchNorm(arch, self.config.batchnorm, init)
+        self.shared: Params = {k: v for k, v in init.items() if k not in self.wbar and k not in self.bn.names}
         self.heads: list[Params] = []
         self.shares: list[dict[str, np.ndarray]] = []
         self.infos: list[TaskInfo] = []
@@ -106,14 +113,15 @@ class LPS(Method):
         layers = [_Layer(n, self.wbar[n].to(dev), self.owner[n].to(dev), self.unit, cfg, fresh[n].to(dev))
                   for n in self.names]
         head = {k: v.to(dev).requires_grad_(True) for k, v in init_head(self.arch, task.n_classes, gen).items()}
-        first = t == 0  # biases and BatchNorm are learned on task 1 only, frozen after (paper Section V-A)
-        shared = {k: v.to(dev).detach().requires_grad_(first and "running" not in k) for k, v in self.shared.items()}
-        base = list(head.values()) + [v for v in shared.values() if v.requires_grad]
+        shared = leaves(self.shared, dev, lambda name: t == 0)  # biases: learned on task 1, frozen after (Sec. V-A)
+        bn = self.bn.start(t, dev)
+        base = list(head.values()) + trainable(shared) + trainable(bn)
+        batch_stats = self.bn.batch_stats(t)
         warm, admm, final = cfg.phases()
 
         def loss_fn(x, y):
-            params = {**shared, **head, **{lay.name: lay.effective() for lay in layers}}
-            return F.cross_entropy(forward(self.arch, params, x, train=first), y)
+            params = {**shared, **bn, **head, **{lay.name: lay.effective() for lay in layers}}
+            return F.cross_entropy(forward(self.arch, params, x, train=batch_stats), y)
 
         with ctx.bar(warm + admm + final, f"lps task {t}") as bar:
             self._fit(task, warm, base + [lay.w for lay in layers], [], loss_fn, None, bar, dev)
@@ -125,7 +133,10 @@ class LPS(Method):
                     lay.w.mul_(lay.keep)
                 lay.m = lay.project_m(lay.m.detach())
             self._fit(task, final, base + [lay.w for lay in layers], [], loss_fn, None, bar, dev)
+        final_weights = {lay.name: lay.effective().detach() for lay in layers}
+        self.bn.settle(t, self.arch, {**shared, **bn, **head, **final_weights}, task, dev)
         self._commit(t, task, layers, shared, head)
+        self.bn.commit(t, bn)
         if self.admm_trace.get("w_residual"):
             ctx.notes.setdefault(t, {})["lps_admm_residual"] = {"w": self.admm_trace["w_residual"][-1],
                                                                  "m": self.admm_trace["m_residual"][-1]}
@@ -223,15 +234,16 @@ class LPS(Method):
         owner_dtype = np.uint16 if len(self.infos) > 254 else np.uint8
         params: dict[str, dict[str, Any]] = {n: {"kind": "lps", "unit": self.unit} for n in self.names}
         params.update({k: {"kind": "shared"} for k in self.shared})
+        params.update(self.bn.specs())
         params.update({"head.weight": {"kind": "task"}, "head.bias": {"kind": "task"}})
-        base = to_numpy(self.shared)
+        base = {**to_numpy(self.shared), **self.bn.base()}
         for n in self.names:
             base[n] = self.wbar[n].numpy().astype(np.float32).copy()
             owner = self.owner[n].numpy().astype(owner_dtype)
             base[f"{n}:owner"] = owner.reshape(self.wbar[n].shape) if self.unit == "element" else owner
         tensors = []
-        for head, share in zip(self.heads, self.shares):
-            tt = to_numpy(head)
+        for t, (head, share) in enumerate(zip(self.heads, self.shares)):
+            tt = {**to_numpy(head), **self.bn.task_tensors(t)}
             tt.update({f"{n}:share": bits.copy() for n, bits in share.items()})
             tensors.append(tt)
         extra = {"pruning": self.config.pruning, "unit": self.unit, "capacity": list(self.capacity),
@@ -242,6 +254,8 @@ class LPS(Method):
     def resume(self, packed: PackedModel, state: dict | None = None) -> None:
         """Continue from a packed LPS model: later tasks take only what is still free, so earlier tasks stay exact."""
         check_resumable(packed, self.name, self.arch)
+        self.bn.resume(packed)
+        self.config.batchnorm = self.bn.rule
         needed = list(self.shared) + [k for n in self.names for k in (n, f"{n}:owner")]
         missing = [k for k in needed if k not in packed.base]
         if missing:

@@ -12,18 +12,27 @@ Per task k:
    task's gradients can touch.
 
 Where P lives. A weight W (out × in, conv in GEMM form) has P over its *input* side (in × in, shared by all output
-units: "feature extractors in the same layer share a projection matrix"). A bias is a vector parameter with its own
-P (out × out, Appendix B.2's "vector" row). Both live in the coordinates of the shared stored parameters; with FEL,
-task k's layer sees its inputs in task k's permuted order, so the curvature vectors of task k are recorded in exactly
-the coordinates the parameter's gradient has during task k. Old tasks' inputs therefore appear randomly permuted
-to new tasks — the decorrelation the paper uses FEL for (Section 4.1); P is never re-permuted per task.
+units: "feature extractors in the same layer share a projection matrix"); a grouped or depthwise conv has one P per
+conv group over that group's patches (`rgo_ops`). A bias is a vector parameter with its own P (out × out, Appendix
+B.2's "vector" row). All live in the coordinates of the shared stored parameters; with FEL, task k's layer sees its
+inputs in task k's permuted order, so the curvature vectors of task k are recorded in exactly the coordinates the
+parameter's gradient has during task k. Old tasks' inputs therefore appear randomly permuted to new tasks — the
+decorrelation the paper uses FEL for (Section 4.1); P is never re-permuted per task (a depthwise conv's per-channel
+Ps follow their channels, whose rows are permuted).
 
-Feature encoding layers. After each real layer a fixed permutation of its output units (channels for conv), from
-`edgecl.deltas.task_permutation(seed, layer, n)`. Permuting a layer's outputs is the same as permuting its weight
-rows and bias, which is how training applies it, so each task trains exactly the weights `materialize` folds.
-FEL needs a sequential trunk without BatchNorm (the paper removes BatchNorm too); `fel=False` is RGO-2, which also
-runs residual/BatchNorm trunks (BatchNorm learns on task 0 and is frozen after, since RGO cannot project it).
-P is training state, not part of the artifact (no per-task tensors besides heads), so `resume` is not supported.
+Feature encoding layers. A fixed task-seeded permutation of each channel group (`rgo_fel`: on a chain, each layer's
+outputs; on a graph, every layer whose outputs a residual add or gate joins, with their BatchNorm and depthwise
+rows), from `edgecl.deltas.task_permutation(seed, group, n)`. Permuting a layer's outputs is the same as permuting
+its weight rows and bias, which is how training applies it, so each task trains exactly the weights `materialize`
+folds. `fel=False` is the paper's RGO-2 ablation.
+
+BatchNorm (config `batchnorm`, `edgecl.train.batchnorm`). The paper removes it ("its parameters are not updated by
+gradient descent"); a user's network has it. Under "task" each task learns its own affine pair and statistics, in
+its own channel order, so nothing RGO cannot project is shared; under "frozen" task 0 learns them and later tasks
+run them fixed (permuted with their channel group under FEL).
+
+P is training state, not part of the artifact (no per-task tensors besides heads and per-task BatchNorm): `edgecl
+train` saves it beside the artifact, and `resume` needs it.
 """
 from __future__ import annotations
 
@@ -34,11 +43,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgecl.arch import is_sequential, param_shapes, prunable
-from edgecl.deltas import PackedModel, TaskInfo, task_permutation
+from edgecl.arch import param_shapes, prunable
+from edgecl.arch.channels import ChannelError
+from edgecl.deltas import PackedModel, TaskInfo
 from edgecl.errors import UsageError
+from edgecl.train.batchnorm import BatchNorm, RuledTensors
 from edgecl.train.data import TaskData
 from edgecl.train.methods.rgo_config import RGOConfig
+from edgecl.train.methods.rgo_fel import FELPlan, fel_plan
 from edgecl.train.methods.rgo_ops import LayerTap, Projector, conv_patches
 from edgecl.train.models import Params, forward, init_head, init_params, to_numpy
 from edgecl.train.protocol import Method, TrainContext, batches, check_resumable, run_epochs, task_generator
@@ -54,41 +66,49 @@ class RGO(Method):
 
     def __init__(self, arch, config=None):
         super().__init__(arch, config)
-        self._check_config()
+        init = init_params(arch, generator=torch.Generator().manual_seed(self.config.seed))
+        self.bn = BatchNorm(arch, self.config.batchnorm, init)
+        self.fel = self._fel_plan()
+        self.blocks = RuledTensors(self.fel.per_task, "task", init)  # layers of several blocks: per task (rgo_fel)
         shapes = param_shapes(arch)
-        self.layers = [w.rsplit(".", 1)[0] for w in prunable(arch)]
-        self.dims = {}
+        conv_groups = {n["name"]: n.get("groups", 1) for n in arch["nodes"]}
+        self.layers = [w.rsplit(".", 1)[0] for w in prunable(arch) if w not in self.blocks.names]
+        self.dims: dict[str, tuple[int, int]] = {}  # parameter → (conv groups, dim of each group's P)
         for layer in self.layers:
-            self.dims[f"{layer}.weight"] = math.prod(shapes[f"{layer}.weight"][1:])
+            self.dims[f"{layer}.weight"] = (conv_groups[layer], math.prod(shapes[f"{layer}.weight"][1:]))
             if f"{layer}.bias" in shapes:
-                self.dims[f"{layer}.bias"] = shapes[f"{layer}.bias"][0]
+                self.dims[f"{layer}.bias"] = (1, shapes[f"{layer}.bias"][0])
         self._check_memory()
-        self.proj = {name: Projector(dim, self.config.alpha) for name, dim in self.dims.items()}
-        gen = torch.Generator().manual_seed(self.config.seed)
-        self.trunk = init_params(arch, generator=gen)
+        self.proj = {name: Projector(dim, self.config.alpha, groups) for name, (groups, dim) in self.dims.items()}
+        self.trunk = {k: v for k, v in init.items() if k not in self.bn.names and k not in self.blocks.names}
         self.heads: list[Params] = []
         self.infos: list[TaskInfo] = []
         self.curvature_seconds: list[float] = []
         self.train_seconds: list[float] = []
 
     # -- configuration checks -------------------------------------------------------------------------------
-    def _check_config(self) -> None:
-        has_bn = any(node["op"] == "bn" for node in self.arch["nodes"])
-        if self.config.fel and (has_bn or not is_sequential(self.arch)):
-            raise UsageError(f"rgo: feature encoding layers (fel=true) need a sequential architecture without "
-                             f"BatchNorm; {self.arch.get('name')!r} has residual blocks or BatchNorm — use fel=false")
+    def _fel_plan(self) -> FELPlan:
+        if not self.config.fel:
+            return FELPlan()
+        per_task = set(self.bn.names) if self.bn.rule == "task" else set()
+        try:
+            return fel_plan(self.arch, per_task)
+        except ChannelError as exc:
+            raise UsageError(f"rgo: feature encoding layers (fel=true) follow channel groups, and {exc}; use "
+                             f"fel=false") from None
 
     def projection_bytes(self) -> dict[str, int]:
         """Memory of P per parameter (float64 P + float32 normalised copy), known before anything is allocated."""
-        return {name: dim * dim * _BYTES_PER_ENTRY for name, dim in self.dims.items()}
+        return {name: groups * dim * dim * _BYTES_PER_ENTRY for name, (groups, dim) in self.dims.items()}
 
     def _check_memory(self) -> None:
         sizes = self.projection_bytes()
         total = sum(sizes.values())
         if total > self.config.max_projection_bytes:
             largest = max(sizes, key=sizes.get)
+            groups, dim = self.dims[largest]
             raise UsageError(f"rgo: projection matrices need {total:,} bytes (largest {largest}: "
-                             f"{self.dims[largest]}² entries, {sizes[largest]:,} bytes), above "
+                             f"{f'{groups} × ' if groups > 1 else ''}{dim}² entries, {sizes[largest]:,} bytes), above "
                              f"max_projection_bytes={self.config.max_projection_bytes:,}; use a narrower "
                              f"architecture or raise the limit")
 
@@ -97,26 +117,26 @@ class RGO(Method):
         return self.config.fel_seed + t if self.config.fel else None
 
     def permutations(self, t: int) -> dict[str, torch.Tensor]:
-        """Each layer's output permutation for task t (empty without FEL)."""
-        seed = self.task_seed(t)
-        if seed is None:
-            return {}
-        shapes = param_shapes(self.arch)
-        return {layer: torch.from_numpy(task_permutation(seed, layer, shapes[f"{layer}.weight"][0]))
-                for layer in self.layers}
+        """Each FEL channel group's permutation for task t (empty without FEL); on a chain a group is a layer."""
+        return self.fel.permutations(self.task_seed(t))
 
     def effective(self, perms: dict[str, torch.Tensor]) -> Params:
-        """Trunk tensors as task t uses them: weight rows and biases permuted (differentiable w.r.t. the shared
-        tensors), the same arithmetic `materialize` applies to the stored ones."""
+        """Trunk tensors as task t uses them: rows of every tensor in a permuted channel group taken in the task's
+        order (differentiable w.r.t. the shared tensors), the same arithmetic `materialize` applies to the stored
+        ones."""
         eff = dict(self.trunk)
-        for layer, perm in perms.items():
-            for suffix in (".weight", ".bias"):
-                if layer + suffix in eff:
-                    eff[layer + suffix] = eff[layer + suffix].index_select(0, perm)
+        for name, order in self.fel.orders(perms).items():
+            if name in eff:
+                eff[name] = eff[name].index_select(0, order)
         return eff
 
     def _tap_ids(self, eff: Params) -> dict[int, str]:
         return {id(eff[f"{layer}.weight"]): layer for layer in self.layers}
+
+    def _per_group_orders(self, perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Weights with one P per conv group whose rows (so groups: a depthwise conv's channels) are permuted."""
+        orders = self.fel.orders(perms)
+        return {w: orders[w] for w, (groups, _) in self.dims.items() if groups > 1 and w in orders}
 
     # -- Algorithm 1 ----------------------------------------------------------------------------------------
     def learn_task(self, t: int, task: TaskData, ctx: TrainContext) -> None:
@@ -124,36 +144,40 @@ class RGO(Method):
             raise UsageError(f"rgo: tasks must be learned in order; expected task {len(self.heads)}, got {t}")
         dev = ctx.device
         gen = task_generator(self.config, t)
-        first = t == 0  # BatchNorm (fel=false only) learns on the first task and is frozen after
-        self.trunk = {k: v.detach().to(dev).requires_grad_(self._trainable(k, first)) for k, v in self.trunk.items()}
+        self.trunk = {k: v.detach().to(dev).requires_grad_(True) for k, v in self.trunk.items()}
         head = {k: v.to(dev).requires_grad_(True) for k, v in init_head(self.arch, task.n_classes, gen).items()}
         perms = {k: v.to(dev) for k, v in self.permutations(t).items()}
+        bn_order = self.fel.orders(perms, follows=True)  # shared or start copies are kept in the trunk's order
+        bn = self.bn.start(t, dev, bn_order)
+        own = {**self.blocks.start(t, dev), **bn, **head}  # what task t keeps for itself (and frozen BatchNorm)
         normalized = {name: p.normalized().to(dev) for name, p in self.proj.items()}
-        trainable = [v for v in self.trunk.values() if v.requires_grad] + list(head.values())
-        opt = torch.optim.SGD(trainable, lr=self.config.lr)
+        steps = list(self.trunk.values()) + [v for v in own.values() if v.requires_grad]
+        opt = torch.optim.SGD(steps, lr=self.config.lr)
         start = time.perf_counter()
         weights = {layer: normalized[f"{layer}.weight"] for layer in self.layers}
+        for w, order in self._per_group_orders(perms).items():  # P of the conv group each permuted row now reads
+            weights[w.rsplit(".", 1)[0]] = weights[w.rsplit(".", 1)[0]].index_select(0, order)
+        batch_stats = self.bn.batch_stats(t)
 
         def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             eff = self.effective(perms)
             with LayerTap(self._tap_ids(eff), projections=weights):
-                logits = forward(self.arch, {**eff, **head}, x, train=first)
+                logits = forward(self.arch, {**eff, **own}, x, train=batch_stats)
             return F.cross_entropy(logits, y)
 
         with ctx.bar(self.config.epochs, f"rgo task {t}") as bar:
             run_epochs(task, opt, loss_fn, epochs=self.config.epochs, batch_size=self.config.batch_size,
                        generator=gen, bar=bar, device=dev, after_backward=lambda: self._project_bias_grads(normalized))
         self.train_seconds.append(time.perf_counter() - start)
+        final = {k: v.detach() for k, v in self.effective(perms).items()}
+        self.bn.settle(t, self.arch, {**final, **own}, task, dev)
+        self.bn.commit(t, bn, bn_order)
+        self.blocks.commit(t, own)
         start = time.perf_counter()
-        self.update_projections(task, head, perms, dev)
+        self.update_projections(task, own, perms, dev)
         self.curvature_seconds.append(time.perf_counter() - start)
         self.heads.append({k: v.detach() for k, v in head.items()})
         self.infos.append(TaskInfo(task.name, task.n_classes, self.task_seed(t)))
-
-    def _trainable(self, name: str, first: bool) -> bool:
-        if "running" in name:
-            return False
-        return first or name.rsplit(".", 1)[0] in self.layers
 
     def _project_bias_grads(self, normalized: dict[str, torch.Tensor]) -> None:
         """Biases are vector parameters with their own P (gradient in the shared tensor's coordinates)."""
@@ -162,57 +186,66 @@ class RGO(Method):
             if b is not None and b.grad is not None:
                 b.grad = normalized[f"{layer}.bias"] @ b.grad
 
-    def update_projections(self, task: TaskData, head: Params, perms: dict[str, torch.Tensor],
+    def update_projections(self, task: TaskData, own: Params, perms: dict[str, torch.Tensor],
                            dev: str = "cpu") -> None:
-        """Algorithm 1 lines 8–12: one pass over the task's training data, recursive update of every P."""
+        """Algorithm 1 lines 8–12: one pass over the task's training data, recursive update of every P. `own`: the
+        task's head, BatchNorm and per-task layers."""
         gen = task_generator(self.config, t=10_000 + len(self.heads))
         for x, y in batches(task, self.config.curvature_batch, gen, dev):
-            for name, g in self.curvature_vectors(x, y, head, perms).items():
+            for name, g in self.curvature_vectors(x, y, own, perms).items():
+                if not bool(torch.isfinite(g).all()):
+                    raise UsageError(f"rgo: task {len(self.heads)}'s curvature vectors of {name} are not finite: "
+                                     f"training diverged (lower lr={self.config.lr})")
                 self.proj[name].update(g.cpu())
 
-    def curvature_vectors(self, x: torch.Tensor, y: torch.Tensor, head: Params,
+    def curvature_vectors(self, x: torch.Tensor, y: torch.Tensor, own: Params,
                           perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Vectors (rows × dim(P)) of every parameter for the RLS update, in the shared tensors' coordinates: one row
-        per sample, one per input patch for conv weights."""
+        """Vectors (rows × dim(P), or conv groups × rows × dim) of every parameter for the RLS update, in the shared
+        tensors' coordinates: one row per sample, one per input patch for conv weights. `own`: the task's head,
+        BatchNorm (running statistics) and per-task layers, in the task's channel order."""
         eff = self.effective(perms)
         calls: dict = {}
         with torch.enable_grad(), LayerTap(self._tap_ids(eff), record=calls):
-            logits = forward(self.arch, {**eff, **head}, x, train=False)
+            logits = forward(self.arch, {**eff, **own}, x, train=False)
         a_y = torch.softmax(logits.detach(), 1).gather(1, y[:, None]).squeeze(1)
         root = torch.sqrt(torch.clamp(a_y * (1 - a_y), min=0.0))  # sqrt of l''_yy (Eq. 31, diagonal at y)
         true_logit = logits.gather(1, y[:, None]).sum()
         deltas = torch.autograd.grad(true_logit, [calls[layer].out for layer in self.layers])
+        orders = self.fel.orders(perms)
         out: dict[str, torch.Tensor] = {}
         for layer, delta in zip(self.layers, deltas):
-            call = calls[layer]
+            call, weight = calls[layer], f"{layer}.weight"
             d = delta.flatten(2).sum(2) if delta.dim() == 4 else delta  # ∂f_y/∂b_eff per sample
             scale = root
             if self.config.weight_vectors == "backprop":
                 scale = root * d.pow(2).mean(1).sqrt()
             if len(call.w_shape) == 2:
-                out[f"{layer}.weight"] = scale[:, None] * call.x.reshape(len(x), -1)
+                out[weight] = scale[:, None] * call.x.reshape(len(x), -1)
             else:
-                mean = self.config.conv_vectors == "mean"
-                rows = conv_patches(call.x, call.w_shape, call.stride, call.padding, mean)
-                out[f"{layer}.weight"] = (scale[:, None] * rows.reshape(len(x), -1)).reshape(rows.shape)
+                rows = conv_patches(call.x, call.w_shape, call.stride, call.padding,
+                                    self.config.conv_vectors == "mean", call.dilation, call.groups)
+                rows = (scale[None, :, None] * rows.reshape(call.groups, len(x), -1)).reshape(rows.shape)
+                if self.dims[weight][0] > 1 and weight in orders:  # back to the stored channels' Ps
+                    rows = rows.index_select(0, torch.argsort(orders[weight]))
+                out[weight] = rows
             if f"{layer}.bias" in self.proj:
                 d_base = torch.empty_like(d)
-                d_base[:, perms[layer] if layer in perms else slice(None)] = d  # b_eff[i] = b[perm[i]]
+                order = orders.get(f"{layer}.bias")
+                d_base[:, order if order is not None else slice(None)] = d  # b_eff[i] = b[order[i]]
                 out[f"{layer}.bias"] = root[:, None] * d_base
         return out
 
     # -- deployment -----------------------------------------------------------------------------------------
     def pack(self) -> PackedModel:
-        shared_kind = {"kind": "shared"}
-        params = {k: dict(shared_kind) for k in self.trunk}
-        if self.config.fel:
-            for layer in self.layers:
-                for suffix in (".weight", ".bias"):
-                    if layer + suffix in params:
-                        params[layer + suffix] = {"kind": "permute", "group": layer}
+        params = {k: {"kind": "shared"} for k in self.trunk}
+        params.update({k: {"kind": "permute", "group": g} for k, g in self.fel.tensor_group.items() if k in params})
+        params.update(self.bn.specs(self.fel.tensor_group))
+        params.update(self.blocks.specs())
         params.update({"head.weight": {"kind": "task"}, "head.bias": {"kind": "task"}})
-        return PackedModel(self.arch, self.name, self.config.to_json(), params, to_numpy(self.trunk),
-                           list(self.infos), [to_numpy(h) for h in self.heads], self.extra())
+        own = [{**to_numpy(h), **self.bn.task_tensors(t), **self.blocks.task_tensors(t)}
+               for t, h in enumerate(self.heads)]
+        return PackedModel(self.arch, self.name, self.config.to_json(), params,
+                           {**to_numpy(self.trunk), **self.bn.base()}, list(self.infos), own, self.extra())
 
     def training_state(self) -> dict[str, np.ndarray]:
         """The projection matrices P (float64): without them a resumed run would forget the earlier tasks."""
@@ -227,11 +260,17 @@ class RGO(Method):
         if missing:
             raise UsageError(f"rgo: resuming needs the training state saved beside the artifact (model.edgecl.state);"
                              f" missing {missing[:3]}")
-        for name, dim in self.dims.items():
+        for name, (groups, dim) in self.dims.items():
             p = np.asarray(state[f"P:{name}"], dtype=np.float64)
-            if p.shape != (dim, dim) or not np.isfinite(p).all():
-                raise UsageError(f"rgo: training state P:{name} has shape {p.shape}, expected ({dim}, {dim})")
+            want = (dim, dim) if groups == 1 else (groups, dim, dim)
+            if p.shape != want or not np.isfinite(p).all():
+                raise UsageError(f"rgo: training state P:{name} has shape {p.shape}, expected {want}")
             self.proj[name].p = torch.from_numpy(p.copy())
+        self.bn.resume(packed)
+        self.config.batchnorm = self.bn.rule
+        if self._fel_plan().per_task != self.fel.per_task:  # only if an old artifact's BatchNorm rule moved them
+            raise UsageError("cannot resume: the artifact's BatchNorm rule changes which layers RGO stores per task")
+        self.blocks.resume(packed)
         self.trunk = {k: torch.from_numpy(np.array(packed.base[k], dtype=np.float32)) for k in self.trunk}
         self.heads = [{k: torch.from_numpy(np.array(tt[k])) for k in ("head.weight", "head.bias")}
                       for tt in packed.task_tensors]
@@ -239,9 +278,11 @@ class RGO(Method):
 
     def extra(self) -> dict:
         sizes = self.projection_bytes()
-        return {"fel": self.config.fel, "alpha": self.config.alpha,
-                "projection_dims": dict(self.dims), "projection_bytes": sizes,
-                "projection_bytes_total": sum(sizes.values()),
+        return {"fel": self.config.fel, "alpha": self.config.alpha, "batchnorm": self.bn.rule,
+                "fel_groups": dict(self.fel.groups), "fel_skipped": dict(self.fel.skipped),
+                "per_task_layers": list(self.fel.per_task),
+                "projection_dims": {k: dim if groups == 1 else [groups, dim] for k, (groups, dim) in self.dims.items()},
+                "projection_bytes": sizes, "projection_bytes_total": sum(sizes.values()),
                 "projection_storage": "float64 P + float32 normalised copy (12 bytes/entry); not in the artifact "
                                       "(saved beside it as training state, for --resume)",
                 "projection_trace_scale": {k: p.scale() for k, p in self.proj.items()},

@@ -5,6 +5,12 @@
 - `ProjectedLinear` / `ProjectedConv`: the layer ops whose backward returns the *projected* weight gradient
   Σ_b δ_b (P x_b)ᵀ directly, in the cheap order of Appendix B.2, so the dense gradient is never formed and then
   multiplied by P. The gradient flowing to earlier layers is the true one: P changes parameter updates only.
+- Grouped and depthwise convolutions: the filters of conv group g read only group g's input channels, so the
+  gradients an old task's inputs make to them live in the span of group g's patches (in/groups·kh·kw numbers), not
+  of the whole input. Each conv group gets its own P over those patches ("feature extractors that share inputs
+  share a projection"), trace-normalised on its own; a depthwise conv has one 9×9 P per channel for 3×3 kernels.
+  A single P over all groups' patches would also protect old tasks (its span holds every group's) but would block
+  each group in directions only other groups use. Dilation only changes which pixels a patch holds (`F.unfold`).
 - `LayerTap`: a torch function mode that routes the shared functional forward's linear/conv calls (recognised by
   weight tensor identity) through those ops, or records their inputs and outputs for the curvature pass. The model's
   forward stays the one in `edgecl.train.models`, so RGO trains exactly the graph the exporter emits.
@@ -20,23 +26,30 @@ from torch.overrides import TorchFunctionMode
 
 
 class Projector:
-    """P for one parameter (float64: the recursive update subtracts nearly equal numbers over thousands of steps)."""
+    """P for one parameter (float64: the recursive update subtracts nearly equal numbers over thousands of steps):
+    dim × dim, or groups × dim × dim for a grouped convolution (one P per conv group, each updated and normalised
+    on its own)."""
 
-    def __init__(self, dim: int, alpha: float = 1.0):
-        self.p = torch.eye(dim, dtype=torch.float64)
+    def __init__(self, dim: int, alpha: float = 1.0, groups: int = 1):
+        eye = torch.eye(dim, dtype=torch.float64)
+        self.p = eye if groups == 1 else eye.repeat(groups, 1, 1)
         self.alpha = float(alpha)
 
     @property
     def dim(self) -> int:
-        return self.p.shape[0]
+        return self.p.shape[-1]
+
+    def _scales(self) -> torch.Tensor:
+        return self.dim / torch.diagonal(self.p, dim1=-2, dim2=-1).sum(-1)
 
     def scale(self) -> float:
-        """dim(P)/trace(P): keeps the expected step length of an isotropic gradient unchanged (Theorem 1)."""
-        return self.dim / float(torch.trace(self.p))
+        """dim(P)/trace(P): keeps the expected step length of an isotropic gradient unchanged (Theorem 1); the mean
+        over conv groups for a grouped P (a summary: each group is normalised by its own)."""
+        return float(self._scales().mean())
 
     def normalized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The projector actually applied to gradients: P·dim/trace(P), whose trace is dim."""
-        return (self.p * self.scale()).to(dtype)
+        """The projector actually applied to gradients: P·dim/trace(P), whose trace is dim (per conv group)."""
+        return (self.p * self._scales()[..., None, None]).to(dtype)
 
     def rls_step(self, g: torch.Tensor) -> None:
         """One recursive update with one vector, literally Algorithm 1: k = Pg/(α+gᵀPg); P ← P − k gᵀP."""
@@ -48,29 +61,31 @@ class Projector:
     def update(self, gs: torch.Tensor) -> None:
         """The same recursion applied to every row of `gs` (B × dim) at once. Sequential `rls_step`s add GᵀG/α to
         P⁻¹ (Sherman–Morrison), so B of them equal P − P Gᵀ (αI + G P Gᵀ)⁻¹ G P (Woodbury; a B × B solve) and
-        equally (P⁻¹ + GᵀG/α)⁻¹ (a dim × dim solve): whichever system is smaller is solved. Symmetrised to keep
-        rounding from breaking symmetry over many tasks."""
+        equally (P⁻¹ + GᵀG/α)⁻¹ = (I + P GᵀG/α)⁻¹ P (a dim × dim solve, which never inverts the ill-conditioned P
+        itself): whichever system is smaller is solved. Symmetrised to keep rounding from breaking symmetry over many
+        tasks."""
         g = gs.to(torch.float64)
-        eye = torch.eye(min(g.shape), dtype=torch.float64)
-        if g.shape[0] <= self.dim:
-            pg = self.p @ g.T
-            self.p = self.p - pg @ torch.linalg.solve(self.alpha * eye + g @ pg, pg.T)
+        if self.p.dim() == 2 and g.dim() == 3:  # one conv group
+            g = g[0]
+        eye = torch.eye(min(g.shape[-2:]), dtype=torch.float64)
+        if g.shape[-2] <= self.dim:
+            pg = self.p @ g.mT
+            self.p = self.p - pg @ torch.linalg.solve(self.alpha * eye + g @ pg, pg.mT)
         else:
-            info = torch.linalg.inv(self.p)
-            self.p = torch.cholesky_inverse(torch.linalg.cholesky(info + g.T @ g / self.alpha))
-        self.p = (self.p + self.p.T) / 2
+            self.p = torch.linalg.solve(eye + self.p @ (g.mT @ g) / self.alpha, self.p)
+        self.p = (self.p + self.p.mT) / 2
 
     def nbytes(self) -> int:
         return self.p.numel() * self.p.element_size()
 
 
 def projected_outer(d: torch.Tensor, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """dᵀ X P = Σ_b d_b (P x_b)ᵀ for d (R × out), x (R × in), P symmetric (in × in). Appendix B.2's cheap order
-    projects the R input rows first (R·in² extra work); when R exceeds the output units, projecting the gradient
-    once (out·in²) is cheaper — the two are the same product, the choice is only speed."""
-    if x.shape[0] <= d.shape[1]:
-        return d.T @ (x @ p)
-    return (d.T @ x) @ p
+    """dᵀ X P = Σ_b d_b (P x_b)ᵀ for d (R × out), x (R × in), P symmetric (in × in), or a batch of them (leading
+    conv-group axis). Appendix B.2's cheap order projects the R input rows first (R·in² extra work); when R exceeds
+    the output units, projecting the gradient once (out·in²) is cheaper — the same product, the choice is speed."""
+    if x.shape[-2] <= d.shape[-1]:
+        return d.mT @ (x @ p)
+    return (d.mT @ x) @ p
 
 
 class ProjectedLinear(torch.autograd.Function):
@@ -91,34 +106,46 @@ class ProjectedLinear(torch.autograd.Function):
 
 
 class ProjectedConv(torch.autograd.Function):
-    """F.conv2d whose weight gradient is the projected one, in GEMM form over (c_in·k·k) input patches."""
+    """F.conv2d whose weight gradient is the projected one, in GEMM form over each conv group's
+    (c_in/groups·kh·kw) input patches; `p` is one P, or one per conv group (groups × d × d)."""
 
     @staticmethod
-    def forward(ctx, x, w, b, p, stride, padding):
+    def forward(ctx, x, w, b, p, stride, padding, dilation=1, groups=1):
         ctx.save_for_backward(x, w, p)
-        ctx.conf = (stride, padding, b is not None)
-        return F.conv2d(x, w, b, stride, padding)
+        ctx.conf = (stride, padding, dilation, groups, b is not None)
+        return F.conv2d(x, w, b, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, dy):
         x, w, p = ctx.saved_tensors
-        stride, padding, has_bias = ctx.conf
-        dx = torch.nn.grad.conv2d_input(x.shape, w, dy, stride, padding)
-        cols = F.unfold(x, w.shape[2:], padding=padding, stride=stride)  # (B, c_in·k·k, L), weight column order
-        xr = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-        dr = dy.flatten(2).transpose(1, 2).reshape(-1, dy.shape[1])
+        stride, padding, dilation, groups, has_bias = ctx.conf
+        dx = torch.nn.grad.conv2d_input(x.shape, w, dy, stride, padding, dilation, groups)
+        xr = group_patches(x, tuple(w.shape), stride, padding, dilation, groups)  # (G, B·L, d)
+        dr = dy.flatten(2).transpose(1, 2).reshape(-1, groups, dy.shape[1] // groups).transpose(0, 1)
         dw = projected_outer(dr, xr, p).reshape(w.shape)
-        return dx, dw, dy.sum((0, 2, 3)) if has_bias else None, None, None, None
+        return dx, dw, dy.sum((0, 2, 3)) if has_bias else None, None, None, None, None, None
 
 
-def conv_patches(x: torch.Tensor, w_shape: tuple[int, ...], stride: Any, padding: Any, mean: bool) -> torch.Tensor:
-    """A conv layer's input vectors for P (rows × c_in·k·k). The kernel's gradient Σ_positions δ·patchᵀ spans every
-    input patch, so by default every patch is a row, scaled by 1/sqrt(positions) so that one sample contributes
-    the average of its patches' outer products. With `mean`, one row per sample: the average patch."""
-    cols = F.unfold(x, w_shape[2:], padding=padding, stride=stride)  # (B, c_in·k·k, L), weight column order
+def group_patches(x: torch.Tensor, w_shape: tuple[int, ...], stride: Any, padding: Any, dilation: Any = 1,
+                  groups: int = 1) -> torch.Tensor:
+    """Every input patch of a convolution, per conv group: (groups, B·positions, c_in/groups·kh·kw), each row in
+    the weight's column order (channel, ky, kx) — the inputs each group's filters multiply."""
+    cols = F.unfold(x, w_shape[2:], dilation=dilation, padding=padding, stride=stride)  # (B, c_in·kh·kw, L)
+    b, _, positions = cols.shape
+    return cols.reshape(b, groups, -1, positions).permute(1, 0, 3, 2).reshape(groups, b * positions, -1)
+
+
+def conv_patches(x: torch.Tensor, w_shape: tuple[int, ...], stride: Any, padding: Any, mean: bool,
+                 dilation: Any = 1, groups: int = 1) -> torch.Tensor:
+    """A conv layer's input vectors for P, per conv group (groups × rows × c_in/groups·kh·kw). The kernel's gradient
+    Σ_positions δ·patchᵀ spans every input patch, so by default every patch is a row (sample-major), scaled by
+    1/sqrt(positions) so that one sample contributes the average of its patches' outer products. With `mean`, one
+    row per sample: the average patch."""
+    rows = group_patches(x, w_shape, stride, padding, dilation, groups)
+    positions = rows.shape[1] // len(x)
     if mean:
-        return cols.mean(2)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1]) / cols.shape[2] ** 0.5
+        return rows.reshape(groups, len(x), positions, -1).mean(2)
+    return rows / positions ** 0.5
 
 
 @dataclass
@@ -130,6 +157,8 @@ class Call:
     w_shape: tuple[int, ...]
     stride: Any = 1
     padding: Any = 0
+    dilation: Any = 1
+    groups: int = 1
 
 
 _LINEAR_ARGS = ("input", "weight", "bias")
@@ -165,18 +194,12 @@ class LayerTap(TorchFunctionMode):
 
     def _tapped(self, func, layer: str, a: dict[str, Any]) -> torch.Tensor:
         x, w, b = a["input"], a["weight"], a.get("bias")
-        stride, padding = a.get("stride", 1), a.get("padding", 0)
-        if func is F.conv2d and (_pair(a.get("dilation", 1)) != (1, 1) or a.get("groups", 1) != 1):
-            raise NotImplementedError(f"RGO: layer {layer!r} uses dilation/groups, which RGO does not project")
+        conf = (a.get("stride", 1), a.get("padding", 0), a.get("dilation", 1), a.get("groups", 1))
         if self.record is not None:
-            out = F.linear(x, w, b) if func is F.linear else F.conv2d(x, w, b, stride, padding)
-            self.record[layer] = Call(x.detach(), out, tuple(w.shape), stride, padding)
+            out = F.linear(x, w, b) if func is F.linear else F.conv2d(x, w, b, *conf)
+            self.record[layer] = Call(x.detach(), out, tuple(w.shape), *conf)
             return out
         p = self.projections[layer]
         if func is F.linear:
             return ProjectedLinear.apply(x, w, b, p)
-        return ProjectedConv.apply(x, w, b, p, stride, padding)
-
-
-def _pair(value: Any) -> tuple[int, ...]:
-    return (value, value) if isinstance(value, int) else tuple(value)
+        return ProjectedConv.apply(x, w, b, p, *conf)

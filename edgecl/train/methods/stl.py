@@ -1,10 +1,12 @@
 """Baseline `stl` (single-task learning): an independent model per task. No forgetting, no sharing, N× the bytes —
-the accuracy reference the papers compare against."""
+the accuracy reference the papers compare against. Each task's model has its own BatchNorm (affine pair and
+running statistics), like every other tensor of it."""
 from __future__ import annotations
 
 import torch
 
 from edgecl.deltas import PackedModel, TaskInfo
+from edgecl.train.batchnorm import leaves, recalibrate, trainable
 from edgecl.train.data import TaskData
 from edgecl.train.methods.finetune import fit
 from edgecl.train.models import Params, init_head, init_params, to_numpy
@@ -21,10 +23,10 @@ class STL(Method):
 
     def learn_task(self, t: int, task: TaskData, ctx: TrainContext) -> None:
         gen = torch.Generator().manual_seed(self.config.seed * 1000 + t)
-        params = {**init_params(self.arch, generator=gen), **init_head(self.arch, task.n_classes, gen)}
-        params = {k: v.to(ctx.device).requires_grad_("running" not in k) for k, v in params.items()}
-        fit(self.arch, params, [v for v in params.values() if v.requires_grad], task, self.config, ctx, t,
-            f"stl task {t}")
+        params = leaves({**init_params(self.arch, generator=gen), **init_head(self.arch, task.n_classes, gen)},
+                        ctx.device)
+        fit(self.arch, params, trainable(params), task, self.config, ctx, t, f"stl task {t}")
+        recalibrate(self.arch, params, task, ctx.device)
         self.models.append(params)
         self.infos.append(TaskInfo(task.name, task.n_classes))
 

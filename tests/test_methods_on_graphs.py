@@ -1,0 +1,189 @@
+"""Every method on networks that are graphs — the resnet preset (residual adds, BatchNorm) and ResCat (residual add,
+concatenation, depthwise conv, SE gate): two real digit tasks each, then what the method promises about the first
+task, the deployed runtime against the training evaluation, and the exported ONNX against the runtime."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgecl import artifact
+from edgecl.arch import preset
+from edgecl.deltas import check_consistent, materialize
+from edgecl.export import export_onnx
+from edgecl.runtime import TaskRuntime
+from edgecl.runtime import plan as plan_module
+from edgecl.train import engine, registry
+from edgecl.train.batchnorm import RECALIBRATION_BATCH, batchnorm_names, is_statistic, recalibrate
+from edgecl.train.data import make_stream
+from edgecl.train.models import from_numpy, init_params
+from edgecl.train.protocol import TrainContext, batches
+from torch_nets import dwres_spec, rescat_spec
+
+CTX = TrainContext(progress=False)
+QUICK = {"lps": {"epochs": 1}, "halrp": {"epochs": 3}, "rgo": {"epochs": 1}, "finetune": {"epochs": 2},
+         "stl": {"epochs": 2}}
+ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8, 8)), "dwres": dwres_spec}
+GRAPHS = ["resnet", "rescat"]
+
+
+@pytest.fixture(scope="module")
+def stream():
+    return make_stream("split-digits", 2, seed=0)
+
+
+def two_tasks(method_name: str, arch_name: str, stream, **config):
+    """Learn two tasks; the packed model after each."""
+    method = registry.create(method_name, ARCHS[arch_name](), {**QUICK[method_name], **config})
+    packs = []
+    for t in range(2):
+        method.learn_task(t, stream.tasks[t], CTX)
+        packs.append(method.pack())
+    return method, packs
+
+
+def _changed(before: dict, after: dict, names) -> list[str]:
+    return [k for k in names if not np.array_equal(before[k], after[k])]
+
+
+@pytest.mark.parametrize("arch_name", GRAPHS)
+@pytest.mark.parametrize("method_name", ["lps", "halrp", "rgo", "finetune", "stl"])
+def test_method_on_graph_keeps_its_promise_and_deploys(method_name, arch_name, stream, tmp_path):
+    _, (first, second) = two_tasks(method_name, arch_name, stream)
+    check_consistent(second)
+    before, after = materialize(first, 0), materialize(second, 0)
+    trunk = [k for k in after if not k.startswith("head.")]
+    bn = batchnorm_names(second.arch)
+    if method_name in ("lps", "halrp", "stl"):  # old tasks bit-identical, BatchNorm statistics included
+        assert _changed(before, after, after) == []
+    elif method_name == "rgo":  # one trunk keeps learning; heads and per-task BatchNorm stay
+        assert _changed(before, after, ["head.weight", "head.bias", *bn]) == []
+        assert _changed(before, after, trunk)
+    else:  # finetune: everything shared moves, BatchNorm's running statistics too
+        assert _changed(before, after, [k for k in bn if is_statistic(k)]) == [k for k in bn if is_statistic(k)]
+    path = tmp_path / "model.edgecl"
+    artifact.save(second, path)
+    index = export_onnx(path, tmp_path / "onnx", progress=False)
+    with TaskRuntime(str(path)) as rt:
+        for t, task in enumerate(stream.tasks):
+            logits = rt.infer(task.x_test, task=t)
+            assert float((logits.argmax(1) == task.y_test).mean()) == engine.accuracy(second, t, task)
+            session = ort.InferenceSession(str(tmp_path / "onnx" / index["tasks"][t]["file"]),
+                                           providers=["CPUExecutionProvider"])
+            assert np.abs(session.run(None, {"x": task.x_test})[0] - logits).max() <= 1e-4
+
+
+@pytest.mark.parametrize("arch_name", GRAPHS)
+@pytest.mark.parametrize("method_name", ["lps", "halrp", "rgo"])
+def test_batchnorm_rules(method_name, arch_name, stream):
+    """"task": each task's own affine pair and statistics (task-kind deltas, different per task); "frozen": one copy,
+    task 0's, never moved by task 1."""
+    _, (_, per_task) = two_tasks(method_name, arch_name, stream)
+    _, (first, frozen) = two_tasks(method_name, arch_name, stream, batchnorm="frozen")
+    names = batchnorm_names(per_task.arch)
+    assert names and {per_task.params[k]["kind"] for k in names} == {"task"}
+    assert all(not np.array_equal(per_task.task_tensors[0][k], per_task.task_tensors[1][k]) for k in names)
+    kinds = {frozen.params[k]["kind"] for k in names}
+    assert kinds <= {"shared", "permute"} and not any(k in tt for tt in frozen.task_tensors for k in names)
+    assert _changed(materialize(first, 0), materialize(frozen, 0), names) == []
+
+
+def test_finetune_trains_batchnorm_without_touching_running_statistics_by_gradient(stream):
+    """The issue-16 crash: running statistics were made trainable. They are buffers: moved by the forward only."""
+    method, (first, second) = two_tasks("finetune", "resnet", stream)
+    assert all(not v.requires_grad for v in method.trunk.values())
+    assert _changed(first.base, second.base, ["stembn.weight", "stembn.running_mean"]) == ["stembn.weight",
+                                                                                         "stembn.running_mean"]
+
+
+@pytest.mark.parametrize("pruning", ["irregular", "column", "filter"])
+def test_lps_prunes_depthwise_and_residual_convolutions_in_their_gemm_view(pruning, stream):
+    """Every conv (the depthwise one: GEMM view channels × 9) owns whole units of its GEMM view, disjoint between
+    tasks — at least one per task, even in the SE squeeze conv's 4 filters; earlier tasks stay bit-identical."""
+    method, (first, second) = two_tasks("lps", "rescat", stream, pruning=pruning)
+    dw = "branch_b.0.weight"
+    assert second.base[dw].shape == (8, 1, 3, 3)
+    unit_count = {"irregular": 72, "column": 9, "filter": 8}[pruning]
+    assert second.base[f"{dw}:owner"].size == unit_count
+    for name in method.names:
+        owner = second.base[f"{name}:owner"]
+        assert set(np.unique(owner)) <= {0, 1, 2} and (owner == 1).any() and (owner == 2).any()
+        assert np.array_equal(first.base[f"{name}:owner"] == 1, owner == 1)  # task 0's units never reassigned
+    assert _changed(materialize(first, 0), materialize(second, 0), second.params) == []
+
+
+def test_halrp_on_a_depthwise_conv_scales_filters_and_adds_a_per_filter_constant(stream):
+    """The grouped-conv rule: s scales the weight's in/groups axis (one number for a depthwise conv) and the residual
+    U Vᵀ is filters × in/groups, constant over the kernel — so task 1's depthwise kernel is r·s·W_base + c."""
+    _, (_, second) = two_tasks("halrp", "rescat", stream)
+    dw = "branch_b.0.weight"
+    tt = second.task_tensors[1]
+    assert tt[f"{dw}:s"].shape == (1,) and tt[f"{dw}:r"].shape == (8,) and tt[f"{dw}:v"].shape[0] == 1
+    w = materialize(second, 1)[dw]
+    scaled = tt[f"{dw}:r"][:, None, None, None] * second.base[dw] * tt[f"{dw}:s"][0]
+    constant = (w - scaled).reshape(8, 9)
+    assert np.allclose(constant, constant[:, :1], atol=1e-6)
+
+
+@pytest.mark.parametrize("method_name,arch_name,config", [
+    ("rgo", "dwres", {}), ("rgo", "dwres", {"batchnorm": "frozen"}), ("halrp", "rescat", {}), ("rgo", "resnet", {})])
+def test_factored_runtime_equals_materialize_on_grouped_convolutions(method_name, arch_name, config, stream,
+                                                                      monkeypatch):
+    """With every layer factored (as large layers are), the runtime still computes each task's folded weights: a
+    depthwise conv's permuted rows are not a gather of its output, and a grouped conv has no low-rank branch. Shared
+    BatchNorm permuted with its channel group (RGO, frozen) switches with it."""
+    _, (_, packed) = two_tasks(method_name, arch_name, stream, **config)
+    monkeypatch.setattr(plan_module, "FACTOR_MIN_ELEMENTS", 0)
+    x = stream.tasks[0].x_test[:64]
+    with TaskRuntime(packed) as rt:
+        for t in range(2):
+            ref = ort.InferenceSession(export_model_bytes(packed, t), providers=["CPUExecutionProvider"])
+            assert np.abs(rt.infer(x, task=t) - ref.run(None, {"x": x})[0]).max() <= 1e-4
+
+
+def export_model_bytes(packed, t: int) -> bytes:
+    from edgecl.graph.builder import build_onnx
+
+    return build_onnx(packed.arch, materialize(packed, t)).SerializeToString()
+
+
+def test_running_statistics_are_the_average_batch_statistics_of_the_final_weights(stream):
+    """`recalibrate`: the stem BatchNorm's running mean/variance are the mean over the training batches of its input's
+    batch mean/(unbiased) variance; and each method stores exactly such statistics for its final weights."""
+    arch, task = preset("resnet"), make_stream("permuted-digits", 1).tasks[0]  # ~1,250 images: several batches
+    params = {k: v.clone() for k, v in init_params(arch, generator=torch.Generator().manual_seed(3)).items()}
+    recalibrate(arch, params, task)
+    means, variances = [], []
+    for x, _ in batches(task, RECALIBRATION_BATCH, torch.Generator().manual_seed(0)):
+        h = F.conv2d(x, params["stem.weight"], None, 1, 1).transpose(0, 1).reshape(16, -1)
+        means.append(h.mean(1))
+        variances.append(h.var(1, unbiased=True))
+    assert len(means) > 1
+    torch.testing.assert_close(params["stembn.running_mean"], torch.stack(means).mean(0), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(params["stembn.running_var"], torch.stack(variances).mean(0), rtol=1e-4, atol=1e-6)
+    for method_name in ("lps", "rgo"):
+        _, (first, _) = two_tasks(method_name, "resnet", stream)
+        deployed = from_numpy(materialize(first, 0))
+        again = {k: v.clone() for k, v in deployed.items()}
+        recalibrate(arch, again, stream.tasks[0])
+        for k in batchnorm_names(arch):
+            torch.testing.assert_close(again[k], deployed[k], rtol=1e-5, atol=1e-6)
+
+
+def test_rgo_resumes_per_task_layers_and_batchnorm(stream):
+    """ResCat's SE expand conv (rows: two blocks of one channel group) and BatchNorm are per task: a resumed RGO
+    gets them back from the artifact, keeps task 0's exactly, and learns task 1 with the same channel groups."""
+    method = registry.create("rgo", rescat_spec((1, 8, 8)), QUICK["rgo"])
+    method.learn_task(0, stream.tasks[0], CTX)
+    first = method.pack()
+    resumed = registry.create("rgo", rescat_spec((1, 8, 8)), QUICK["rgo"])
+    resumed.resume(first, method.training_state())
+    resumed.learn_task(1, stream.tasks[1], CTX)
+    packed = resumed.pack()
+    check_consistent(packed)
+    own = [k for k, spec in packed.params.items() if spec["kind"] == "task" and not k.startswith("head.")]
+    assert {"se_expand.weight", "se_expand.bias"} <= set(own)
+    assert _changed(first.task_tensors[0], packed.task_tensors[0], own) == []
+    assert packed.extra["fel_groups"] == first.extra["fel_groups"] == {"stem.0": 8, "se_reduce": 4}
