@@ -148,8 +148,6 @@ def factor_forms(src: ModelSource, ranks: dict[str, int] | None = None) -> dict[
     for layer in src.arch["nodes"]:
         if layer["op"] not in ("linear", "conv"):
             continue
-        if layer["op"] == "conv" and (layer["groups"] != 1 or layer["dilation"] != [1, 1]):
-            continue  # folded: a grouped conv's rows are no gather of its output, its s/cols span in/groups only
         name = layer["name"]
         weight = f"{name}.weight"
         spec = src.params.get(weight, {})
