@@ -195,3 +195,11 @@ def test_resume_keeps_the_artifacts_architecture(tmp_path):
     third = tmp_path / "c"  # the saved spec is an --arch of its own
     assert main(["train", "--method", "stl", "--arch", str(first / "spec.json"), "--stream", "split-digits",
                  "--tasks", "1", "--set", "epochs=1", "--no-progress", "--out", str(third)]) == 0
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "d"
+    rc = main(["train", "--method", "finetune", "--stream", "split-digits", "--tasks", "1", "--set", "lr=1e30",
+               "--set", "epochs=2", "--no-progress", "--out", str(out)])
+    assert rc == 2 and "training diverged on task 'digits01'" in capsys.readouterr().err
+    assert not (out / "model.edgecl").exists() and not (out / "results.json").exists()

@@ -103,7 +103,8 @@ def run_epochs(task: TaskData, opt: torch.optim.Optimizer, loss_fn, *, epochs: i
                end_of_epoch=None, zero_to_none: bool = True) -> None:
     """The one mini-batch loop every method trains with. Per batch: zero the grads, `loss_fn(x, y)`, backward,
     `after_backward()` (gradient edits: projections, closed-form penalties), step, `after_step()` (proximal maps,
-    cuts); per epoch: `end_of_epoch(epoch)`, then one tick of `bar`. Methods differ only in these hooks. A last
+    cuts); per epoch: `end_of_epoch(epoch)`, then one tick of `bar`. Methods differ only in these hooks. A
+    non-finite loss stops training with a UsageError (a diverged model is never packed or written). A last
     batch of one sample is left out (a different one each epoch): BatchNorm in training mode cannot normalise a
     channel from one value (the 1×1 feature maps ImageNet-style networks reach on small inputs)."""
     for epoch in range(epochs):
@@ -111,7 +112,12 @@ def run_epochs(task: TaskData, opt: torch.optim.Optimizer, loss_fn, *, epochs: i
             if len(x) == 1 and len(task.x_train) > 1:
                 continue
             opt.zero_grad(set_to_none=zero_to_none)
-            loss_fn(x, y).backward()
+            loss = loss_fn(x, y)
+            if not bool(torch.isfinite(loss)):
+                raise UsageError(f"training diverged on task {task.name!r}, epoch {epoch + 1}: the loss is "
+                                 f"{float(loss)}; nothing was written. Lower the learning rate, or check the data's "
+                                 "scale and the network (BatchNorm on 1×1 feature maps of tiny inputs explodes)")
+            loss.backward()
             if after_backward is not None:
                 after_backward()
             opt.step()
