@@ -198,3 +198,19 @@ def test_tensorrt_engines_per_task(trained, tmp_path):
         assert tuple(engine.get_tensor_profile_shape("x", 0)[2]) == (64, 1, 8, 8)
     again = build_engines(path, tmp_path / "again", tasks="0", progress=False)
     assert os.path.exists(tmp_path / "again" / again["tasks"][0]["engine"])
+
+
+def test_latency_before_and_after_compaction_is_reported_per_task(tmp_path, capsys):
+    from edgecl.synthetic import structured_lps_model
+
+    packed = structured_lps_model(preset("mlp", width=2), keep_fraction=0.3, n_tasks=2, unit="column")
+    path = tmp_path / "m.edgecl"
+    artifact.save(packed, path)
+    assert cli(["export", str(path), "--latency", "--quiet", "--out", str(tmp_path / "onnx")]) == 0
+    index = json.loads((tmp_path / "onnx" / "index.json").read_text())
+    for entry in index["tasks"]:
+        assert entry["params_compact"] < entry["params_dense"]
+        timing = entry["latency_ms"]
+        assert set(timing) == {"dense", "compact", "speedup"} and set(timing["speedup"]) == {"1", "64"}
+        assert all(v > 0 for part in timing.values() for v in part.values())
+    assert "faster b1/b64" in capsys.readouterr().out

@@ -18,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the ONNX Runtime check of each compacted graph against its dense graph")
     parser.add_argument("--max-batch", type=int, default=256, help="tensorrt: largest batch of the profile")
+    parser.add_argument("--latency", action="store_true",
+                        help="time each compacted graph against its dense one at batch 1 and 64 (CPU, one thread)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
 
@@ -27,4 +29,4 @@ def main(args: argparse.Namespace) -> int:
 
     return export_artifact(args.artifact, args.out, format=args.format, tasks=args.tasks, fp16=args.fp16,
                            compact=not args.no_compact, verify=not args.no_verify, max_batch=args.max_batch,
-                           progress=not args.quiet)
+                           progress=not args.quiet, latency=args.latency)

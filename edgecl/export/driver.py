@@ -11,7 +11,8 @@ from edgecl.export.tensorrt import TensorRTUnavailable, build_engines
 
 
 def export_artifact(artifact: Any, out: str, *, format: str = "onnx", tasks: str = "all", fp16: bool = False,
-                    compact: bool = True, verify: bool = True, max_batch: int = 256, progress: bool = True) -> int:
+                    compact: bool = True, verify: bool = True, max_batch: int = 256, progress: bool = True,
+                    latency: bool = False) -> int:
     """Export and print a summary; returns the exit code."""
     if format not in ("onnx", "tensorrt"):
         raise UsageError(f"export format must be onnx or tensorrt, got {format!r}")
@@ -25,7 +26,7 @@ def export_artifact(artifact: Any, out: str, *, format: str = "onnx", tasks: str
             print(f"edgecl export: TensorRT export is not possible here: {exc}", file=sys.stderr)
             return 1
     else:
-        index = export_onnx(artifact, out, verify=verify, **common)
+        index = export_onnx(artifact, out, verify=verify, latency=latency, **common)
     print(format_summary(index, out))
     return 0
 
@@ -34,10 +35,13 @@ def format_summary(index: dict[str, Any], out: str) -> str:
     """The table `edgecl export` prints: one row per task with its parameters before/after compaction and files."""
     lines = [f"exported {len(index['tasks'])} task(s) of {index['method']}/{index['arch']} to {out} "
              f"(opset {index['opset']}, fp16 weights: {index['fp16']}, compact: {index['compact']})",
-             f"{'task':>4}  {'name':<16} {'classes':>7} {'params dense':>12} {'compact':>9} {'bytes':>10}  file"]
+             f"{'task':>4}  {'name':<16} {'classes':>7} {'params dense':>12} {'compact':>9} {'bytes':>10}  "
+             f"{'faster b1/b64':>13}  file"]
     for e in index["tasks"]:
         files = e["file"] + (f", {e['engine']}" if "engine" in e else "")
+        speed = e.get("latency_ms", {}).get("speedup")
+        faster = f"{speed['1']:.2f}/{speed['64']:.2f}x" if speed else "-"
         lines.append(f"{e['index']:>4}  {e['name'][:16]:<16} {e['n_classes']:>7} {e['params_dense']:>12} "
-                     f"{e['params_compact']:>9} {e['bytes']:>10}  {files}")
+                     f"{e['params_compact']:>9} {e['bytes']:>10}  {faster:>13}  {files}")
     lines.append("index: index.json")
     return "\n".join(lines)

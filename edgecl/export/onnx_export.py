@@ -38,17 +38,19 @@ def task_file(t: int) -> str:
 
 
 def export_onnx(source: Any, out_dir: str | os.PathLike, tasks: str | list | None = "all", fp16: bool = False,
-                compact: bool = True, *, verify: bool = True, progress: bool = True) -> dict[str, Any]:
+                compact: bool = True, *, verify: bool = True, progress: bool = True,
+                latency: bool = False) -> dict[str, Any]:
     """Write one ONNX file per selected task and `index.json` into `out_dir`; return the index.
 
     `source`: artifact path, `Artifact` or `PackedModel`. `tasks`: 'all', '0,3', '2-5', names, or a list.
     `compact`: remove provably dead units (see `edgecl.graph.compact`); with `verify`, each compacted graph is run
     against its dense graph in ONNX Runtime on seeded inputs and replaced by the dense one if they disagree.
-    `fp16`: weights stored in float16, input and output stay float32."""
+    `fp16`: weights stored in float16, input and output stay float32. `latency`: time each compacted graph against
+    its dense one at batch 1 and 64 (`edgecl.export.latency`) and record it in the index."""
     src = open_model(source)
     indices = select_tasks(tasks, src)
     out = _prepare_dir(out_dir)
-    entries = [_export_task(src, t, out, fp16, compact, verify) for t in task_bar(indices, progress, src)]
+    entries = [_export_task(src, t, out, fp16, compact, verify, latency) for t in task_bar(indices, progress, src)]
     index: dict[str, Any] = {
         "format": FORMAT, "version": FORMAT_VERSION, "edgecl_version": __version__, "source": src.origin,
         "method": src.method, "arch": src.arch.get("name", "custom"), "opset": OPSET, "fp16": fp16,
@@ -60,8 +62,10 @@ def export_onnx(source: Any, out_dir: str | os.PathLike, tasks: str | list | Non
 
 
 def task_model(arch: Arch, params: dict[str, np.ndarray], *, compact: bool = True, fp16: bool = False,
-               verify: bool = True, name: str = "task") -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """One task's folded (and optionally compacted / fp16) ONNX model, checked, plus what was done to it."""
+               verify: bool = True, name: str = "task",
+               latency: bool = False) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """One task's folded (and optionally compacted / fp16) ONNX model, checked, plus what was done to it; with
+    `latency`, the dense and compacted graphs' timings (`edgecl.export.latency`) when compaction removed anything."""
     dense_model = build_onnx(arch, params, graph_name=name)
     model, report = dense_model, None
     if compact:
@@ -79,6 +83,10 @@ def task_model(arch: Arch, params: dict[str, np.ndarray], *, compact: bool = Tru
     dense = count_params(params)
     info = {"params_dense": dense, "params_compact": report.params_compact if report else dense,
             "compaction": report.to_json() if report else None}
+    if latency and model is not dense_model and not fp16:
+        from edgecl.export.latency import compare_latency
+
+        info["latency_ms"] = compare_latency(dense_model, model, arch["input_shape"])
     return model, info
 
 
@@ -106,10 +114,12 @@ def weights_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _export_task(src: ModelSource, t: int, out: Path, fp16: bool, compact: bool, verify: bool) -> dict[str, Any]:
+def _export_task(src: ModelSource, t: int, out: Path, fp16: bool, compact: bool, verify: bool,
+                 latency: bool = False) -> dict[str, Any]:
     info = src.tasks[t]
     params = src.materialize(t)
-    model, stats = task_model(src.arch, params, compact=compact, fp16=fp16, verify=verify, name=f"task_{t}")
+    model, stats = task_model(src.arch, params, compact=compact, fp16=fp16, verify=verify, name=f"task_{t}",
+                              latency=latency)
     data = model.SerializeToString()
     write_atomic(out / task_file(t), data)
     return {"index": t, "name": info.name, "n_classes": int(info.n_classes), "file": task_file(t),
