@@ -47,6 +47,7 @@ from edgecl.arch import param_shapes, prunable
 from edgecl.arch.channels import ChannelError
 from edgecl.deltas import PackedModel, TaskInfo
 from edgecl.errors import UsageError
+from edgecl.train import distributed
 from edgecl.train.batchnorm import BatchNorm, RuledTensors
 from edgecl.train.data import TaskData
 from edgecl.train.methods.rgo_config import RGOConfig
@@ -192,7 +193,8 @@ class RGO(Method):
         task's head, BatchNorm and per-task layers."""
         gen = task_generator(self.config, t=10_000 + len(self.heads))
         for x, y in batches(task, self.config.curvature_batch, gen, dev):
-            for name, g in self.curvature_vectors(x, y, own, perms).items():
+            vectors = distributed.gather_rows(self.curvature_vectors(x, y, own, perms))  # every rank's samples
+            for name, g in vectors.items():
                 if not bool(torch.isfinite(g).all()):
                     raise UsageError(f"rgo: task {len(self.heads)}'s curvature vectors of {name} are not finite: "
                                      f"training diverged (lower lr={self.config.lr})")
