@@ -222,11 +222,11 @@ class RGO(Method):
             if self.config.weight_vectors == "backprop":
                 scale = root * d.pow(2).mean(1).sqrt()
             if len(call.w_shape) == 2:
-                out[weight] = scale[:, None] * call.x.reshape(len(x), -1)
+                out[weight] = scale[:, None] * call.x.flatten(1)
             else:
                 rows = conv_patches(call.x, call.w_shape, call.stride, call.padding,
                                     self.config.conv_vectors == "mean", call.dilation, call.groups)
-                rows = (scale[None, :, None] * rows.reshape(call.groups, len(x), -1)).reshape(rows.shape)
+                rows = rows * scale.repeat_interleave(rows.shape[1] // max(len(x), 1))[None, :, None]  # per sample
                 if self.dims[weight][0] > 1 and weight in orders:  # back to the stored channels' Ps
                     rows = rows.index_select(0, torch.argsort(orders[weight]))
                 out[weight] = rows
