@@ -102,7 +102,8 @@ def test_a_statistic_over_two_ranks_is_the_one_process_statistic(two_ranks, meth
     out, ranks = two_ranks
     mine = [np.array(r[method]["statistics"][statistic]) for r in ranks]
     assert np.array_equal(mine[0], mine[1])
-    one = np.array(dist_worker.statistics(method, str(out / method / "model.edgecl"))[statistic])
+    one = np.array(dist_worker.dist_equivalence.statistics(method, str(out / method / "model.edgecl"),
+                                                           dist_worker.STREAM)[statistic])
     assert not distributed.active() and mine[0].shape == one.shape and np.abs(one).max() > 0
     np.testing.assert_allclose(mine[0], one, rtol=1e-4, atol=1e-6 * np.abs(one).max())
 
