@@ -10,7 +10,9 @@ every method, measured (not asserted) and written to JSON.
 3. The same statistics after one task of training end to end (each run trains on its own, so everything a
    float-summation order changes during training shows): Ω and RGO's P after task 0, HALRP's importances of task 1.
 4. Empty slices: 3 ranks with a global batch of 251 on a BatchNorm convnet (the last batch holds 2 samples, so one
-   rank has none) against one process, every method.
+   rank has none) against one process and against 2 ranks, every method.
+5. The gradient of one global batch on that BatchNorm convnet (synchronised BatchNorm inside), 2 ranks against one
+   process, per tensor.
 
     python tools/dist_equivalence.py --out tools/results/dist_equivalence.json          # ~15 min on 2 busy cores
     python tools/dist_equivalence.py --methods lps,rgo --tasks 3 --skip-empty --out /tmp/eq.json
@@ -171,7 +173,9 @@ def after_one_task(methods: list[str], work: str) -> dict:
 
 
 def empty_slices(methods: list[str], work: str) -> dict:
-    """Section 4: 3 ranks, global batch 251 (1,257 training samples: the last batch holds 2, one rank none)."""
+    """Section 4: 3 ranks, global batch 251 (1,257 training samples: the last batch holds 2, one rank none), against
+    one process and against 2 ranks (whose slices are never empty): 2 and 3 ranks share the synchronised BatchNorm's
+    arithmetic, one process runs F.batch_norm, so a difference between 2 and 3 ranks would be the empty slice's."""
     spec = os.path.join(work, "tinybn.json")
     with open(spec, "w") as f:
         json.dump(TINY_BN, f)
@@ -179,20 +183,67 @@ def empty_slices(methods: list[str], work: str) -> dict:
     for m in methods:
         argv = ["--tasks", "2", "--arch", spec, "--set", "batch_size=251", "--set", "epochs=2"]
         argv += ["--set", "curvature_batch=251"] if m == "rgo" else []
-        runs = [train(m, os.path.join(work, m, f"empty-{n}"), n, argv) for n in (1, 3)]
-        out[m] = {"acc_one_process": runs[0]["acc"], "acc_three_ranks": runs[1]["acc"],
-                  "max_matrix_difference_points": 100 * max(abs(x - y) for r1, r2 in zip(runs[0]["acc_matrix"],
-                                                                                         runs[1]["acc_matrix"])
-                                                            for x, y in zip(r1, r2))}
+        runs = {n: train(m, os.path.join(work, m, f"empty-{n}"), n, argv) for n in (1, 2, 3)}
+        out[m] = {f"acc_{n}": runs[n]["acc"] for n in runs}
+        for n in (1, 2):
+            out[m][f"max_matrix_difference_points_3_vs_{n}"] = 100 * max(
+                abs(x - y) for r1, r2 in zip(runs[3]["acc_matrix"], runs[n]["acc_matrix"]) for x, y in zip(r1, r2))
         print(f"{m:9s} 3 ranks with an empty slice: {out[m]}", flush=True)
     return out
 
 
-def statistics_worker(out: str, paths: dict[str, str]) -> None:
+def batch_gradient(spec_path: str, batch: int = 251) -> dict[str, list]:
+    """Every parameter's gradient of the cross-entropy over one global batch of task 0 (BatchNorm in training mode,
+    fresh seeded weights), computed by however many ranks run this: the step every method's loop takes."""
+    import torch
+    import torch.nn.functional as F
+
+    from edgecl.arch.spec import validate
+    from edgecl.train import distributed
+    from edgecl.train.data import make_stream
+    from edgecl.train.models import forward, init_head, init_params
+
+    with open(spec_path) as f:
+        arch = validate(json.load(f))
+    task = make_stream("permuted-digits", 1).tasks[0]
+    x, y = torch.from_numpy(task.x_train[:batch]), torch.from_numpy(task.y_train[:batch])
+    params = {**init_params(arch, generator=torch.Generator().manual_seed(0)),
+              **init_head(arch, task.n_classes, torch.Generator().manual_seed(1))}
+    names = [k for k in params if "running" not in k]
+    for k in names:
+        params[k].requires_grad_(True)
+    part = distributed.local_part(torch.arange(batch))
+    loss = distributed.weighted(F.cross_entropy(forward(arch, params, x[part], train=True), y[part]), len(part), batch)
+    grads = distributed.all_sum(list(torch.autograd.grad(loss, [params[k] for k in names])))
+    return {k: g.reshape(-1).tolist() for k, g in zip(names, grads)}
+
+
+def one_step(work: str) -> dict:
+    """Section 5: the gradient of one global batch on a BatchNorm convnet, 2 ranks against one process. A bias
+    right before a BatchNorm has a true gradient of 0 (the normalisation removes it): its values are rounding noise
+    in both, reported apart (Adam's normalised step turns that noise into ±lr moves, which BatchNorm cancels)."""
+    spec = os.path.join(work, "tinybn.json")
+    with open(spec, "w") as f:
+        json.dump(TINY_BN, f)
+    ranked = os.path.join(work, "gradient_two_ranks.json")
+    torchrun(2, [os.path.abspath(__file__), "--gradient-worker", ranked, spec])
+    with open(ranked) as f:
+        two = json.load(f)
+    one = batch_gradient(spec)
+    before_bn = {"conv1.bias", "fc1.bias"}
+    out = {k: difference(two[k], one[k]) for k in one}
+    print(f"one global batch's gradient, 2 ranks vs 1 process: worst max_abs_over_max_value (biases before "
+          f"BatchNorm apart) {max(v['max_abs_over_max_value'] for k, v in out.items() if k not in before_bn):.2e}",
+          flush=True)
+    return {"per_tensor": out, "biases_before_batchnorm": sorted(before_bn)}
+
+
+def worker(out: str, compute) -> None:
+    """A torchrun rank: join the group, `compute()`, rank 0 writes the result to `out`."""
     from edgecl.train import distributed
 
     with distributed.joined("cpu") as world:
-        values = {m: statistics(m, p) for m, p in paths.items()}
+        values = compute()
         if world.is_main:
             with open(out, "w") as f:
                 json.dump(values, f)
@@ -203,32 +254,58 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--tasks", type=int, default=10)
     p.add_argument("--skip-empty", action="store_true", help="leave out section 4 (3 ranks)")
+    p.add_argument("--only", help="comma-separated sections to run (end_to_end, statistics, empty, gradient), "
+                                  "updating --out's other sections in place")
     p.add_argument("--statistics-worker", nargs=2, metavar=("OUT", "PATHS"), help=argparse.SUPPRESS)
+    p.add_argument("--gradient-worker", nargs=2, metavar=("OUT", "SPEC"), help=argparse.SUPPRESS)
     p.add_argument("--out", default=os.path.join(ROOT, "tools", "results", "dist_equivalence.json"))
     args = p.parse_args(argv)
     if args.statistics_worker:
-        statistics_worker(args.statistics_worker[0], json.loads(args.statistics_worker[1]))
+        paths = json.loads(args.statistics_worker[1])
+        worker(args.statistics_worker[0], lambda: {m: statistics(m, path) for m, path in paths.items()})
+        return 0
+    if args.gradient_worker:
+        worker(args.gradient_worker[0], lambda: batch_gradient(args.gradient_worker[1]))
         return 0
     sys.path.insert(0, ROOT)
     from edgecl.machine import machine_info
 
     methods = args.methods.split(",")
-    report = {"machine": machine_info(), "load_before": os.getloadavg(), "stream": "permuted-digits",
-              "tasks": args.tasks, "arch": "mlp", "configs": "each method's defaults; batch_size is the global batch"}
+    sections = set(args.only.split(",")) if args.only else {"end_to_end", "statistics", "empty", "gradient"}
+    if args.skip_empty:
+        sections.discard("empty")
+    report = {}
+    if args.only and os.path.exists(args.out):
+        with open(args.out) as f:
+            report = json.load(f)
+    report.update({"machine": machine_info(), "stream": "permuted-digits", "tasks": args.tasks, "arch": "mlp",
+                   "configs": "each method's defaults; batch_size is the global batch"})
+    run = {"sections": sorted(sections), "load_before": os.getloadavg()}  # 1/5/15-min load averages, 2 cores
     with tempfile.TemporaryDirectory() as work:
         start = time.perf_counter()
-        report["end_to_end"] = end_to_end(methods, args.tasks, work)
-        report["statistics_same_weights"] = same_weights(methods, work)
-        report["statistics_after_one_task"] = after_one_task(methods, work)
-        if not args.skip_empty:
+        if "end_to_end" in sections or "statistics" in sections:
+            report["end_to_end"] = end_to_end(methods, args.tasks, work)
+        if "statistics" in sections:
+            report["statistics_same_weights"] = same_weights(methods, work)
+            report["statistics_after_one_task"] = after_one_task(methods, work)
+        if "empty" in sections:
             report["empty_slices_three_ranks"] = empty_slices(methods, work)
-        report["seconds"] = time.perf_counter() - start
-    report["load_after"] = os.getloadavg()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {args.out}")
+        if "gradient" in sections:
+            report["one_global_batch_gradient"] = one_step(work)
+        run["seconds"] = time.perf_counter() - start
+    run["load_after"] = os.getloadavg()
+    report.setdefault("runs", []).append(run)  # one entry per invocation (--only updates some sections)
+    write_report(report, args.out)
     return 0
+
+
+def write_report(report: dict, path: str) -> None:
+    """The JSON report, written atomically (the folder made if needed); dist_scaling.py writes with it too."""
+    from edgecl.train.outputs import save_json
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_json(report, path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def latency_worker(out: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--methods", default="finetune,lps")
+    p.add_argument("--methods", default="finetune")
     p.add_argument("--shapes", default="1,8,8;3,32,32", help="input shapes C,H,W separated by ';'")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--tasks", type=int, default=2)
@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         latency_worker(args.latency_worker)
         return 0
     sys.path.insert(0, ROOT)
+    from dist_equivalence import write_report  # this folder is on sys.path when the script runs
     from edgecl.machine import machine_info
 
     report = {"machine": machine_info(), "cpus": os.cpu_count(), "load_before": os.getloadavg(),
@@ -111,10 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{method} {shape}: " + ", ".join(f"{v} {m:.3f} s/epoch ({base / m:.2f}×)"
                                                        for v, m in medians.items()), flush=True)
     report["load_after"] = os.getloadavg()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {args.out}")
+    write_report(report, args.out)
     return 0
 
 

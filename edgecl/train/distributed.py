@@ -36,9 +36,6 @@ import torch.distributed as dist
 
 from edgecl.errors import EdgeclError, UsageError
 
-LAUNCH_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
 def launched() -> bool:
     """True in a process that torchrun (or `edgecl train --nproc`) started as one of several ranks."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -4,7 +4,11 @@ DIR/spec.json (the architecture, reusable as --arch), DIR/acc_matrix.png and DIR
 model — so a kill never leaves side files ahead of it.
 
 Every name and value of the request is checked before torch is imported or data is built (`check_request`), so a
-typo is refused in a fraction of a second with a `UsageError`, not after an import and a traceback."""
+typo is refused in a fraction of a second with a `UsageError`, not after an import and a traceback.
+
+Under torchrun (or `edgecl train --nproc N`) every rank runs this call: each checks that all ranks hold the same
+request and data, trains (`edgecl.train.distributed`), and only rank 0 logs and writes, after a barrier that every
+rank reaches only when its training succeeded."""
 from __future__ import annotations
 
 import json
