@@ -61,7 +61,10 @@ POSITIVE_FRACTION = Bounds(0.0, 1.0, low_open=True)
 
 @dataclass
 class MethodConfig:
-    """Fields every method has; each method's config dataclass extends this (and may add `BOUNDS` and `check`)."""
+    """Fields every method has; each method's config dataclass extends this (and may add `BOUNDS` and `check`).
+
+    `batch_size` is the global mini-batch, the figure the papers name: trained on N ranks (`edgecl train --nproc N`,
+    torchrun), each rank computes batch_size/N samples of every batch (`edgecl.train.distributed`)."""
 
     lr: float = 1e-3
     batch_size: int = 64

@@ -22,6 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config field of the method (JSON value), e.g. --set epochs=5")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     add_threads_argument(p)
+    p.add_argument("--nproc", type=int, default=1,
+                   help="train with N ranks on this machine (torch.distributed: gloo on cpu, NCCL with one GPU per "
+                        "rank on cuda), started through torch's launcher like `torchrun --nproc-per-node N -m edgecl "
+                        "train ...`; batch_size stays the global batch. Several machines: use torchrun (README)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help="output folder")
 
@@ -29,10 +33,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from edgecl.config import parse_overrides
     from edgecl.train.data import parse_input_shape
-    from edgecl.train.pipeline import train_and_write
+    from edgecl.train.pipeline import check_request, train_and_write
 
+    if args.nproc != 1:
+        check_request(args.method, args.stream, arch_name=args.arch, n_tasks=args.tasks, seed=args.seed,
+                      overrides=parse_overrides(args.set), device=args.device, threads=args.threads, resume=args.resume,
+                      input_shape=parse_input_shape(args.input_shape))  # refused once here, not once per rank
+        return _launch(args)
     train_and_write(args.method, args.stream, args.out, arch_name=args.arch, n_tasks=args.tasks, seed=args.seed,
                     overrides=parse_overrides(args.set), device=args.device, threads=args.threads,
                     progress=not args.no_progress, resume=args.resume,
                     input_shape=parse_input_shape(args.input_shape), classifier=False if args.no_classifier else None)
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """`--nproc N`: the same command as N ranks through torch's launcher (each rank runs `python -m edgecl train`
+    with these arguments but --nproc)."""
+    import os
+
+    from edgecl.errors import UsageError
+
+    if args.nproc < 1:
+        raise UsageError(f"--nproc must be ≥ 1, got {args.nproc}")
+    if os.environ.get("WORLD_SIZE"):
+        raise UsageError("--nproc starts the ranks itself; under torchrun leave it out")
+    from edgecl.train.distributed import launch
+
+    return launch(args.nproc, rank_argv(args))
+
+
+def rank_argv(args: argparse.Namespace) -> list[str]:
+    """The command line of one rank: every option as parsed (dest `no_progress` is `--no-progress`), without
+    --nproc. Values are glued to their option (`--seed=3`) so that one starting with '-' stays a value."""
+    argv = ["train"]
+    for dest, value in vars(args).items():
+        flag = "--" + dest.replace("_", "-")
+        if dest == "nproc" or value is None or value is False:
+            continue
+        if value is True:
+            argv.append(flag)
+        else:
+            argv += [f"{flag}={v}" for v in (value if isinstance(value, list) else [value])]
+    return argv

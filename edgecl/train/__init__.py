@@ -5,7 +5,9 @@ Importing this package is light; torch loads with the modules that need it. Torc
 config classes), `methods/*_config` (each method's validated config), `data` (streams), `compute` (device, threads),
 `outputs` (results.json, heatmap), `state` (training state beside an artifact), `pipeline` (its top level: it checks a
 request before importing torch). With torch: `protocol` (the one method protocol), `engine` (the learn-evaluate loop),
-`models` (forward pass from an `Arch`), `projections`, and `methods/<name>` (one method per file).
+`models` (forward pass from an `Arch`), `projections`, `distributed` (training on N ranks with torch.distributed), and
+`methods/<name>` (one method per file).
 """
 
-__all__ = ["compute", "data", "engine", "models", "outputs", "pipeline", "projections", "protocol", "registry", "state"]
+__all__ = ["compute", "data", "distributed", "engine", "models", "outputs", "pipeline", "projections", "protocol",
+           "registry", "state"]

@@ -27,7 +27,7 @@ from edgecl.deltas import PackedModel
 from edgecl.errors import UsageError
 from edgecl.train.data import TaskData
 from edgecl.train.models import Params, forward, to_numpy
-from edgecl.train.protocol import batches
+from edgecl.train.protocol import shards
 
 RULES = ("task", "frozen", "shared")
 RECALIBRATION_BATCH = 256
@@ -57,13 +57,14 @@ def recalibrate(arch: Arch, params: Params, task: TaskData, device: str | torch.
     """Set the running statistics in `params` to the average of the batch statistics over the task's training data,
     computed with the final weights (a cumulative average: momentum 1/k on the k-th batch). The moving average
     kept during training trails weights that were still moving: with RGO's SGD (lr 0.1, batch 10) on the resnet
-    preset, task 0's accuracy read 0.61 / 0.98 / 0.98 / 0.85 after 2 / 4 / 6 / 8 epochs before this pass."""
+    preset, task 0's accuracy read 0.61 / 0.98 / 0.98 / 0.85 after 2 / 4 / 6 / 8 epochs before this pass. Under
+    several ranks each forwards its slice of every batch and the batch statistics are the global batch's."""
     if not any(n["op"] == "bn" for n in arch["nodes"]):
         return
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for k, (x, _) in enumerate(batches(task, batch_size, generator, device), 1):
-            if len(x) == 1 and k > 1:
+        for k, (x, _, size) in enumerate(shards(task, batch_size, generator, device), 1):
+            if size == 1 and k > 1:
                 break
             pass_k = {**arch, "nodes": [{**n, "momentum": 1.0 / k} if n["op"] == "bn" else n for n in arch["nodes"]]}
             forward(pass_k, params, x, train=True, head=False)

@@ -11,6 +11,7 @@ import torch
 
 from edgecl import metrics
 from edgecl.deltas import PackedModel, materialize
+from edgecl.train import distributed
 from edgecl.train.data import Stream, TaskData
 from edgecl.train.models import forward, from_numpy
 from edgecl.train.protocol import Method, TrainContext
@@ -25,6 +26,7 @@ class RunResult:
     seconds_per_task: list[float]
     notes: dict[int, dict[str, Any]] = field(default_factory=dict)
     first_task: int = 0  # > 0 when the run resumed a deployed model holding that many tasks
+    rank_digests: list[list[str]] = field(default_factory=list)  # per task learned: every rank's state digest
 
     def to_json(self) -> dict[str, Any]:
         n = len(self.acc_matrix)
@@ -35,7 +37,8 @@ class RunResult:
                 "config": self.packed.config, "tasks": [t.name for t in self.packed.tasks],
                 "acc_matrix": self.acc_matrix, **metrics.summary(dense), "seconds_per_task": self.seconds_per_task,
                 "method_info": self.packed.extra, "notes": {str(k): v for k, v in self.notes.items()},
-                "resumed_at_task": self.first_task}
+                "resumed_at_task": self.first_task,
+                **({"distributed": {"state_sha256": self.rank_digests}} if self.rank_digests else {})}
 
 
 def predict(packed: PackedModel, task: int, x: np.ndarray, device: str = "cpu", batch: int = 512) -> np.ndarray:
@@ -49,7 +52,11 @@ def predict(packed: PackedModel, task: int, x: np.ndarray, device: str = "cpu", 
 
 
 def accuracy(packed: PackedModel, task: int, data: TaskData, device: str = "cpu") -> float:
-    return float((predict(packed, task, data.x_test, device) == data.y_test).mean())
+    """Test accuracy of one task; under several ranks each predicts its slice of the test split and the counts of
+    correct predictions are summed, so every rank gets the number one process computes."""
+    part = distributed.local_part(torch.arange(len(data.x_test))).numpy()
+    correct = int((predict(packed, task, data.x_test[part], device) == data.y_test[part]).sum()) if len(part) else 0
+    return int(distributed.all_sum(torch.tensor(correct, dtype=torch.int64))) / len(data.x_test)
 
 
 def run(method: Method, stream: Stream, ctx: TrainContext | None = None, first_task: int = 0,
@@ -57,7 +64,9 @@ def run(method: Method, stream: Stream, ctx: TrainContext | None = None, first_t
     """Train `method` on every task of `stream` from `first_task` on and evaluate after each one.
 
     With first_task > 0 (a resumed, deployed model) the method already holds tasks 0..first_task-1; their rows of the
-    accuracy matrix are filled with the accuracy the resumed model has on them before learning anything new."""
+    accuracy matrix are filled with the accuracy the resumed model has on them before learning anything new. Under
+    several ranks every rank runs this loop; after each task the ranks' state digests must agree (else a UsageError
+    on every rank) and are kept in `rank_digests`."""
     ctx = ctx or TrainContext()
     n = len(stream.tasks)
     acc = np.full((n, n), np.nan)
@@ -66,11 +75,15 @@ def run(method: Method, stream: Stream, ctx: TrainContext | None = None, first_t
         before = [accuracy(packed, j, stream.tasks[j], ctx.device) for j in range(first_task)]
         for i in range(first_task):
             acc[i, :i + 1] = before[:i + 1]
-    times = []
+    times: list[float] = []
+    digests: list[list[str]] = []
     for t in range(first_task, n):
         start = time.perf_counter()
         method.learn_task(t, stream.tasks[t], ctx)
         times.append(time.perf_counter() - start)
+        if distributed.active():  # every rank must hold the same model: stop here, before anything is written
+            digests.append(distributed.check_identical(distributed.state_digest(method),
+                                                       f"{method.name}'s state after task {t}"))
         packed = method.pack()
         for j in range(t + 1):
             acc[t, j] = accuracy(packed, j, stream.tasks[j], ctx.device)
@@ -79,4 +92,4 @@ def run(method: Method, stream: Stream, ctx: TrainContext | None = None, first_t
         if ctx.notes.get(t, {}).get("warning"):  # a method saying its guarantee did not hold on this task
             log(f"[{method.name}] WARNING: {ctx.notes[t]['warning']}")
     rows = [[float(acc[i, j]) for j in range(i + 1)] for i in range(n)]
-    return RunResult(method.name, stream.name, rows, packed, times, ctx.notes, first_task)
+    return RunResult(method.name, stream.name, rows, packed, times, ctx.notes, first_task, digests)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from edgecl.arch import INPUT, WEIGHT_OPS, Arch, param_shapes
+from edgecl.train import distributed
 
 Params = dict[str, torch.Tensor]
 # Optional hook applied to each linear/conv output, keyed by layer name (RGO's feature encoding, AGS-CL's
@@ -49,7 +50,8 @@ def _init(shapes: dict[str, tuple[int, ...]], generator: torch.Generator | None)
 def forward(arch: Arch, params: Params, x: torch.Tensor, *, train: bool = False, hook: Hook | None = None,
             head: bool = True) -> torch.Tensor:
     """Run the trunk (and the head in `params`) on a batch, node by node. BatchNorm uses batch statistics and updates
-    the running statistics in `params` when `train` is true, running statistics otherwise. Each activation is freed
+    the running statistics in `params` when `train` is true (under several ranks those of the global batch, every
+    rank's slice together), running statistics otherwise. Each activation is freed
     after its last reader, so inference holds only the live ones."""
     env = {INPUT: x.reshape((x.shape[0],) + tuple(arch["input_shape"]))}
     remaining = _reader_counts(arch)
@@ -89,6 +91,10 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
     if op == "linear":
         return F.linear(h, params[f"{name}.weight"], params.get(f"{name}.bias"))
     if op == "bn":
+        if train and distributed.active():  # statistics of the global batch, not of this rank's slice
+            return distributed.batch_norm(h, params[f"{name}.running_mean"], params[f"{name}.running_var"],
+                                          params[f"{name}.weight"], params[f"{name}.bias"], node["momentum"],
+                                          node["eps"])
         return F.batch_norm(h, params[f"{name}.running_mean"], params[f"{name}.running_var"],
                             params[f"{name}.weight"], params[f"{name}.bias"], training=train,
                             momentum=node["momentum"], eps=node["eps"])

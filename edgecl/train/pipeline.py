@@ -4,7 +4,11 @@ DIR/spec.json (the architecture, reusable as --arch), DIR/acc_matrix.png and DIR
 model — so a kill never leaves side files ahead of it.
 
 Every name and value of the request is checked before torch is imported or data is built (`check_request`), so a
-typo is refused in a fraction of a second with a `UsageError`, not after an import and a traceback."""
+typo is refused in a fraction of a second with a `UsageError`, not after an import and a traceback.
+
+Under torchrun (or `edgecl train --nproc N`) every rank runs this call: each checks that all ranks hold the same
+request and data, trains (`edgecl.train.distributed`), and only rank 0 logs and writes, after a barrier that every
+rank reaches only when its training succeeded."""
 from __future__ import annotations
 
 import json
@@ -53,24 +57,39 @@ def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_na
                   device=device, threads=threads, resume=resume, input_shape=input_shape)
     set_threads(threads)
     require_device(device)
+    from edgecl.train import distributed
+
+    with distributed.joined(device) as world, distributed.rank_errors():
+        if world.is_main:  # only rank 0 writes: refuse an unusable --out before anyone trains
+            check_out_dir(out_dir)
+        return _train(method_name, stream_name, out_dir, world, dict(
+            arch_name=arch_name, n_tasks=n_tasks, seed=seed, overrides=overrides, device=device, progress=progress,
+            resume=resume, input_shape=input_shape, classifier=classifier, log=log if world.is_main else _quiet))
+
+
+def _train(method_name: str, stream_name: str, out_dir: str, world: Any, request: dict[str, Any]) -> dict[str, Any]:
+    """`train_and_write`'s work on one rank (`world`, an `edgecl.train.distributed.World`), its keyword arguments
+    in `request`: every rank trains; rank 0 writes, after a barrier that every rank reaches only once its training
+    succeeded."""
     from edgecl import artifact
     from edgecl.arch.factories import resolve_arch
-    from edgecl.train import engine
+    from edgecl.train import distributed, engine
     from edgecl.train.data import make_stream
     from edgecl.train.outputs import format_matrix, save_json, write_results
     from edgecl.train.protocol import TrainContext, check_resumable
     from edgecl.train.state import load_training_state, save_training_state
 
+    resume, n_tasks, arch_name, seed, log = (request[k] for k in ("resume", "n_tasks", "arch_name", "seed", "log"))
     previous = None
     if resume:
         with artifact.load(resume) as opened:
             previous = opened.to_packed()  # decoded and verified: every checksum, consistency
     first = previous.n_tasks if previous else 0
-    stream = make_stream(stream_name, first + n_tasks if n_tasks is not None else None, seed, input_shape)
+    stream = make_stream(stream_name, first + n_tasks if n_tasks is not None else None, seed, request["input_shape"])
     if previous and arch_name is None:
         arch = previous.arch  # continue the deployed architecture
     else:
-        arch = resolve_arch(arch_name or "mlp", stream.input_shape, classifier=classifier)
+        arch = resolve_arch(arch_name or "mlp", stream.input_shape, classifier=request["classifier"])
     if tuple(arch["input_shape"]) != tuple(stream.input_shape):
         raise UsageError(f"architecture {arch['name']!r} takes inputs of shape {tuple(arch['input_shape'])}, the stream "
                          f"{stream.name!r} has {tuple(stream.input_shape)} (--input-shape resizes the digit streams)")
@@ -82,19 +101,59 @@ def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_na
         method = registry.create(method_name, arch, previous.config)
         method.resume(previous, load_training_state(resume))
     else:
-        method = registry.create(method_name, arch, {"seed": seed, **(overrides or {})})
+        method = registry.create(method_name, arch, {"seed": seed, **(request["overrides"] or {})})
+    if world.size > 1:
+        check_ranks_agree(method, stream, previous, world)
     log(f"edgecl: {method_name} on {stream.name} ({len(stream.tasks)} tasks, {arch['name']}"
-        f"{f', resuming after task {first - 1}' if first else ''}), config {json.dumps(method.config.to_json())}")
-    result = engine.run(method, stream, TrainContext(device=device, progress=progress), first_task=first, log=log)
+        f"{f', resuming after task {first - 1}' if first else ''}"
+        f"{f', {world.size} ranks ({world.backend})' if world.size > 1 else ''}), "
+        f"config {json.dumps(method.config.to_json())}")
+    ctx = TrainContext(device=world.device(request["device"]), progress=request["progress"] and world.is_main)
+    result = engine.run(method, stream, ctx, first_task=first, log=log)
     data = result.to_json()
-    data["artifact"] = write_model(result.packed, out_dir, resume=resume, keeps=method.append_keeps, log=log)
-    save_training_state(method.training_state(), data["artifact"]["path"])
-    save_json(arch, os.path.join(out_dir, "spec.json"))  # the architecture, reusable as --arch DIR/spec.json
-    write_results(data, result.acc_matrix, f"{result.method} on {result.stream}", out_dir)  # last: they describe it
-    log(format_matrix(result.acc_matrix))
-    log(f"ACC {100 * data['acc']:.2f}%  BWT {100 * data['bwt']:+.2f} points  artifact {data['artifact']['path']} "
-        f"({data['artifact']['bytes'] / 1024:.1f} KiB)")
+    if world.size > 1:
+        data["distributed"] = {**world.describe(method.config.batch_size), **data.get("distributed", {})}
+    distributed.barrier()  # reached by every rank only when its training succeeded; rank 0 writes after it
+    if world.is_main:
+        data["artifact"] = write_model(result.packed, out_dir, resume=resume, keeps=method.append_keeps, log=log)
+        save_training_state(method.training_state(), data["artifact"]["path"])
+        save_json(arch, os.path.join(out_dir, "spec.json"))  # the architecture, reusable as --arch DIR/spec.json
+        write_results(data, result.acc_matrix, f"{result.method} on {result.stream}", out_dir)  # last: they describe it
+        log(format_matrix(result.acc_matrix))
+        log(f"ACC {100 * data['acc']:.2f}%  BWT {100 * data['bwt']:+.2f} points  artifact {data['artifact']['path']} "
+            f"({data['artifact']['bytes'] / 1024:.1f} KiB)")
+    data["artifact"] = distributed.from_main(data.get("artifact"))  # every rank ends when rank 0 has written
     return data
+
+
+def check_ranks_agree(method: Any, stream: Any, previous: Any, world: Any) -> None:
+    """Every rank must train the same thing: the same config, architecture, stream data and resumed model. A
+    different stream file per rank (the data are sharded by slicing every global batch, not by reading different
+    files) would silently train a model no single process could; it is refused on every rank before training."""
+    from edgecl.train import distributed
+
+    if method.config.batch_size < world.size:
+        raise UsageError(f"batch_size={method.config.batch_size} is the global batch, split over {world.size} ranks: "
+                         f"it must be at least the number of ranks")
+    request = {"method": method.name, "config": method.config.to_json(), "arch": method.arch,
+               "stream": [(t.x_train, t.y_train, t.x_test, t.y_test) for t in stream.tasks], "resumed": previous}
+    distributed.check_identical(distributed.state_digest(request), "the method, settings, stream or resumed model")
+
+
+def check_out_dir(out_dir: str) -> None:
+    """--out must be a folder, or creatable as one; found before training, not after it."""
+    path = os.path.abspath(out_dir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--out {out_dir}: exists and is not a folder")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out_dir}: cannot create or write it ({parent} is not a writable folder)")
+
+
+def _quiet(_line: str) -> None:
+    """The log of every rank but 0: one rank reports for all."""
 
 
 def write_model(packed: Any, out_dir: str, *, resume: str | None = None, keeps: str = "all",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from edgecl.config import MethodConfig
 from edgecl.deltas import PackedModel
 from edgecl.errors import UsageError
 from edgecl.progress import bar as progress_bar
+from edgecl.train import distributed
 from edgecl.train.data import TaskData
 
 
@@ -87,15 +88,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def batches(task: TaskData, batch_size: int, generator: torch.Generator, device: str = "cpu",
-            train: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Shuffled mini-batches of a task's training split (or, with train=False, the test split in order)."""
-    x = torch.from_numpy(task.x_train if train else task.x_test)
-    y = torch.from_numpy(task.y_train if train else task.y_test)
-    order = torch.randperm(len(x), generator=generator) if train else torch.arange(len(x))
+class Shard(NamedTuple):
+    """This rank's slice of one global mini-batch (all of it in a single process) and the global batch's size."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    size: int
+
+
+def shards(task: TaskData, batch_size: int, generator: torch.Generator, device: str = "cpu") -> Iterator[Shard]:
+    """Shuffled global mini-batches of a task's training split, as this rank's slice of each: every rank draws the
+    same permutation from `generator` and takes its part (`distributed.local_part`), so N ranks together see exactly
+    the batches one process sees."""
+    x, y = torch.from_numpy(task.x_train), torch.from_numpy(task.y_train)
+    order = torch.randperm(len(x), generator=generator)
     for i in range(0, len(x), batch_size):
         idx = order[i:i + batch_size]
-        yield x[idx].to(device), y[idx].to(device)
+        part = distributed.local_part(idx)
+        yield Shard(x[part].to(device), y[part].to(device), len(idx))
+
+
+def batches(task: TaskData, batch_size: int, generator: torch.Generator,
+            device: str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled mini-batches of a task's training split: under several ranks this rank's slice of each (`shards`),
+    so whatever a caller computes from them must be summed or gathered across ranks (`edgecl.train.distributed`)."""
+    for shard in shards(task, batch_size, generator, device):
+        yield shard.x, shard.y
 
 
 def run_epochs(task: TaskData, opt: torch.optim.Optimizer, loss_fn, *, epochs: int, batch_size: int,
@@ -106,18 +124,22 @@ def run_epochs(task: TaskData, opt: torch.optim.Optimizer, loss_fn, *, epochs: i
     cuts); per epoch: `end_of_epoch(epoch)`, then one tick of `bar`. Methods differ only in these hooks. A
     non-finite loss stops training with a UsageError (a diverged model is never packed or written). A last
     batch of one sample is left out (a different one each epoch): BatchNorm in training mode cannot normalise a
-    channel from one value (the 1×1 feature maps ImageNet-style networks reach on small inputs)."""
+    channel from one value (the 1×1 feature maps ImageNet-style networks reach on small inputs). Under several ranks
+    each computes its slice of every global batch and the gradients are summed before the hooks run, so the hooks and
+    the step see the gradient one process would (`edgecl.train.distributed`)."""
     for epoch in range(epochs):
-        for x, y in batches(task, batch_size, generator, device):
-            if len(x) == 1 and len(task.x_train) > 1:
+        for x, y, size in shards(task, batch_size, generator, device):
+            if size == 1 and len(task.x_train) > 1:
                 continue
             opt.zero_grad(set_to_none=zero_to_none)
-            loss = loss_fn(x, y)
-            if not bool(torch.isfinite(loss)):
-                raise UsageError(f"training diverged on task {task.name!r}, epoch {epoch + 1}: the loss is "
-                                 f"{float(loss)}; nothing was written. Lower the learning rate, or check the data's "
-                                 "scale and the network (BatchNorm on 1×1 feature maps of tiny inputs explodes)")
+            loss = distributed.weighted(loss_fn(x, y), len(x), size)
             loss.backward()
+            distributed.sum_grads(opt)  # the global batch's gradient on every rank (nothing alone)
+            global_loss = distributed.all_sum(loss.detach())  # every rank stops together, or none does
+            if not bool(torch.isfinite(global_loss)):
+                raise UsageError(f"training diverged on task {task.name!r}, epoch {epoch + 1}: the loss is "
+                                 f"{float(global_loss)}; nothing was written. Lower the learning rate, or check the "
+                                 "data's scale and the network (BatchNorm on 1×1 feature maps of tiny inputs explodes)")
             if after_backward is not None:
                 after_backward()
             opt.step()

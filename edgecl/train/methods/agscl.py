@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from edgecl.arch import Arch, dense_params
 from edgecl.deltas import PackedModel, TaskInfo
 from edgecl.errors import UsageError
+from edgecl.train import distributed
 from edgecl.train.data import TaskData
 from edgecl.train.methods.agscl_config import AGSCLConfig
 from edgecl.train.methods.agscl_nodes import NodeMap, live_parameters, node_map
@@ -258,6 +259,7 @@ class AGSCL(Method):
         with torch.no_grad():
             for x, _ in batches(task, 512, torch.Generator().manual_seed(0), device):  # order is irrelevant
                 forward(self.arch, params, x, hook=hook, head=False)
+        total = distributed.all_sum(total)  # every rank's samples (each read its slice of every batch)
         counts = torch.from_numpy(nodes.row_counts()).to(total.dtype)
         self.omega = self.config.eta * self.omega + total.cpu() / len(task.x_train) / counts
 

@@ -42,12 +42,13 @@ import torch.nn.functional as F
 from edgecl.arch import param_shapes, prunable
 from edgecl.deltas import PackedModel, TaskInfo
 from edgecl.errors import UsageError
+from edgecl.train import distributed
 from edgecl.train.batchnorm import BatchNorm, is_statistic, leaves, trainable
 from edgecl.train.data import TaskData
 from edgecl.train.methods.finetune import fit
 from edgecl.train.methods.halrp_config import HALRPConfig
 from edgecl.train.models import Params, forward, init_head, init_params, to_numpy
-from edgecl.train.protocol import Method, TrainContext, adam, batches, check_resumable, run_epochs, task_generator
+from edgecl.train.protocol import Method, TrainContext, adam, check_resumable, run_epochs, shards, task_generator
 
 FACTORS = ("r", "s", "u", "v")
 
@@ -122,8 +123,9 @@ def gradient_importance(arch, params: Params, names: list[str], task: TaskData, 
     use = {**{k: v.detach() for k, v in params.items()}, **leaves}
     total = {n: 0.0 for n in names}
     count = 0
-    for x, y in batches(task, batch_size, generator, device):
-        grads = torch.autograd.grad(F.cross_entropy(forward(arch, use, x), y), [leaves[n] for n in names])
+    for x, y, size in shards(task, batch_size, generator, device):
+        loss = distributed.weighted(F.cross_entropy(forward(arch, use, x), y), len(x), size)
+        grads = distributed.all_sum(torch.autograd.grad(loss, [leaves[n] for n in names]))  # the global batch's
         for n, g in zip(names, grads):
             total[n] += float((g.double() ** 2).sum())
         count += 1

@@ -47,6 +47,7 @@ from edgecl.arch import param_shapes, prunable
 from edgecl.arch.channels import ChannelError
 from edgecl.deltas import PackedModel, TaskInfo
 from edgecl.errors import UsageError
+from edgecl.train import distributed
 from edgecl.train.batchnorm import BatchNorm, RuledTensors
 from edgecl.train.data import TaskData
 from edgecl.train.methods.rgo_config import RGOConfig
@@ -192,7 +193,8 @@ class RGO(Method):
         task's head, BatchNorm and per-task layers."""
         gen = task_generator(self.config, t=10_000 + len(self.heads))
         for x, y in batches(task, self.config.curvature_batch, gen, dev):
-            for name, g in self.curvature_vectors(x, y, own, perms).items():
+            vectors = distributed.gather_rows(self.curvature_vectors(x, y, own, perms))  # every rank's samples
+            for name, g in vectors.items():
                 if not bool(torch.isfinite(g).all()):
                     raise UsageError(f"rgo: task {len(self.heads)}'s curvature vectors of {name} are not finite: "
                                      f"training diverged (lower lr={self.config.lr})")
@@ -220,11 +222,11 @@ class RGO(Method):
             if self.config.weight_vectors == "backprop":
                 scale = root * d.pow(2).mean(1).sqrt()
             if len(call.w_shape) == 2:
-                out[weight] = scale[:, None] * call.x.reshape(len(x), -1)
+                out[weight] = scale[:, None] * call.x.flatten(1)
             else:
                 rows = conv_patches(call.x, call.w_shape, call.stride, call.padding,
                                     self.config.conv_vectors == "mean", call.dilation, call.groups)
-                rows = (scale[None, :, None] * rows.reshape(call.groups, len(x), -1)).reshape(rows.shape)
+                rows = rows * scale.repeat_interleave(rows.shape[1] // max(len(x), 1))[None, :, None]  # per sample
                 if self.dims[weight][0] > 1 and weight in orders:  # back to the stored channels' Ps
                     rows = rows.index_select(0, torch.argsort(orders[weight]))
                 out[weight] = rows

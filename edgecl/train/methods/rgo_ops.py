@@ -131,8 +131,9 @@ def group_patches(x: torch.Tensor, w_shape: tuple[int, ...], stride: Any, paddin
     """Every input patch of a convolution, per conv group: (groups, B·positions, c_in/groups·kh·kw), each row in
     the weight's column order (channel, ky, kx) — the inputs each group's filters multiply."""
     cols = F.unfold(x, w_shape[2:], dilation=dilation, padding=padding, stride=stride)  # (B, c_in·kh·kw, L)
-    b, _, positions = cols.shape
-    return cols.reshape(b, groups, -1, positions).permute(1, 0, 3, 2).reshape(groups, b * positions, -1)
+    b, size, positions = cols.shape
+    d = size // groups  # explicit, not -1: a rank's slice of a batch may hold no sample
+    return cols.reshape(b, groups, d, positions).permute(1, 0, 3, 2).reshape(groups, b * positions, d)
 
 
 def conv_patches(x: torch.Tensor, w_shape: tuple[int, ...], stride: Any, padding: Any, mean: bool,
@@ -142,9 +143,9 @@ def conv_patches(x: torch.Tensor, w_shape: tuple[int, ...], stride: Any, padding
     1/sqrt(positions) so that one sample contributes the average of its patches' outer products. With `mean`, one
     row per sample: the average patch."""
     rows = group_patches(x, w_shape, stride, padding, dilation, groups)
-    positions = rows.shape[1] // len(x)
+    positions = rows.shape[1] // len(x) if len(x) else 1
     if mean:
-        return rows.reshape(groups, len(x), positions, -1).mean(2)
+        return rows.reshape(groups, len(x), positions, rows.shape[-1]).mean(2)
     return rows / positions ** 0.5
 
 
