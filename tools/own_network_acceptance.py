@@ -97,6 +97,21 @@ def judge(rows: dict[str, dict]) -> dict[str, dict]:
     return verdicts
 
 
+SAME_RUN = ("arch", "stream", "tasks", "input_shape", "seed")
+
+
+def previous_rows(args: argparse.Namespace) -> dict[str, dict]:
+    """The rows already in --out, when that file measured the same arch, stream, tasks, shape and seed (a row keeps
+    its own config and `set`, so methods run with different overrides stay told apart)."""
+    old = json.load(open(args.out))
+    differ = [k for k in SAME_RUN if old["args"].get(k) != vars(args)[k]]
+    if differ:
+        sys.exit(f"--update: {args.out} measured another run ({', '.join(differ)} differ)")
+    for name, row in old["methods"].items():
+        row.setdefault("set", {k: v for k, v in parse_sets(old["args"].get("set", [])).get(name, {}).items()})
+    return old["methods"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", required=True)
@@ -108,6 +123,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
+    p.add_argument("--update", action="store_true",
+                   help="keep the other methods already in --out (same arch, stream, tasks, shape and seed)")
     args = p.parse_args()
 
     from edgecl.arch.spec import dense_params
@@ -118,6 +135,8 @@ def main() -> None:
     sets = parse_sets(args.set)
     stream = make_stream(args.stream, args.tasks, args.seed, shape)
     report = {"machine": machine_info(), "args": vars(args), "methods": {}}
+    if args.update and os.path.exists(args.out):
+        report["methods"] = previous_rows(args)
     for name in [m for m in args.methods.split(",") if m]:
         with tempfile.TemporaryDirectory() as folder:
             start = time.perf_counter()
@@ -132,6 +151,7 @@ def main() -> None:
                    "config": results["config"], "wall_seconds": wall, "artifact_bytes": results["artifact"]["bytes"],
                    "artifact_over_dense": results["artifact"]["bytes"] / dense_bytes,
                    "method_info": results.get("method_info"), "notes": results.get("notes"),
+                   "set": sets.get(name, {}),
                    "deployed": deployed_checks(path, results, stream, folder)}
         report["methods"][name] = row
         report["verdicts"] = judge(report["methods"])
