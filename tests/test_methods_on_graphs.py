@@ -172,6 +172,22 @@ def test_running_statistics_are_the_average_batch_statistics_of_the_final_weight
             torch.testing.assert_close(again[k], deployed[k], rtol=1e-5, atol=1e-6)
 
 
+def test_a_channel_whose_variance_is_rounding_noise_is_silenced_where_statistics_are_set():
+    """`recalibrate`: a BatchNorm channel that varies by less than 1e-3·√eps over the task's data (here: a stem
+    filter pruned to zero but one tiny weight) gets γ = 0, so its output is β exactly and BatchNorm no longer
+    multiplies its rounding noise by 1/√eps; every other channel keeps its γ."""
+    arch, task = preset("resnet"), make_stream("permuted-digits", 1).tasks[0]
+    params = {k: v.clone() for k, v in init_params(arch, generator=torch.Generator().manual_seed(3)).items()}
+    params["stem.weight"][0] = 0.0
+    params["stem.weight"][0, 0, 1, 1] = 1e-9
+    params["stem.weight"][1] = 0.0  # exactly constant: silenced too (its output was β already)
+    gamma = params["stembn.weight"].clone()
+    recalibrate(arch, params, task)
+    assert float(params["stembn.running_var"][0]) < 1e-6 * 1e-5 and float(params["stembn.running_var"][2]) > 1e-3
+    assert params["stembn.weight"][:2].tolist() == [0.0, 0.0]
+    assert torch.equal(params["stembn.weight"][2:], gamma[2:])
+
+
 def test_rgo_resumes_per_task_layers_and_batchnorm(stream):
     """ResCat's SE expand conv (rows: two blocks of one channel group) and BatchNorm are per task: a resumed RGO
     gets them back from the artifact, keeps task 0's exactly, and learns task 1 with the same channel groups."""

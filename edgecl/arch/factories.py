@@ -112,6 +112,7 @@ def _import(name: str, value: str) -> Any:
 def _import_file(path: str, value: str) -> Any:
     if not os.path.isfile(path):
         raise UsageError(f"--arch {value!r}: file not found: {path}")
+    ensure_torchvision_imports()  # a user's file imports torchvision as it pleases
     spec = importlib.util.spec_from_file_location(f"edgecl_user_{abs(hash(os.path.abspath(path)))}", path)
     module = importlib.util.module_from_spec(spec)
     try:

@@ -68,6 +68,28 @@ def recalibrate(arch: Arch, params: Params, task: TaskData, device: str | torch.
                 break
             pass_k = {**arch, "nodes": [{**n, "momentum": 1.0 / k} if n["op"] == "bn" else n for n in arch["nodes"]]}
             forward(pass_k, params, x, train=True, head=False)
+        silence_noise_channels(arch, params)
+
+
+NOISE_VARIANCE = 1e-6  # × eps: below it a channel's spread over the task's data is float rounding, not signal
+
+
+def silence_noise_channels(arch: Arch, params: Params) -> int:
+    """Set γ = 0 (the output becomes β exactly) on every BatchNorm channel whose running variance is below
+    NOISE_VARIANCE·eps. Such a channel (a pruned filter reading almost nothing: LPS at α = 10 % on mobilenet_v2 leaves
+    hundreds) varies by less than 1e-3·√eps over the task's data, and BatchNorm multiplies that rounding noise by
+    γ/√eps ≈ 316γ; through a dozen blocks the noise reached the logits: float32 and float64 forwards of one trained
+    model differed by 0.08, ONNX Runtime and torch by 0.68, at equal accuracy. Silenced, they differ by 1e-4 and
+    the accuracy is unchanged (measured on 2,006 channels). Runs where the statistics are set, before the task is
+    evaluated or packed, so training, artifact and device compute the same network. Returns the number silenced."""
+    silenced = 0
+    for node in arch["nodes"]:
+        if node["op"] == "bn" and f"{node['name']}.weight" in params:
+            noise = params[f"{node['name']}.running_var"] < NOISE_VARIANCE * node["eps"]
+            if bool(noise.any()):
+                params[f"{node['name']}.weight"].data.masked_fill_(noise, 0.0)
+                silenced += int(noise.sum())
+    return silenced
 
 
 def trainable(params: Params) -> list[torch.Tensor]:
