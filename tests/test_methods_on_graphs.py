@@ -80,7 +80,7 @@ def test_method_on_graph_keeps_its_promise_and_deploys(method_name, arch_name, s
 def test_batchnorm_rules(method_name, arch_name, stream):
     """"task": each task's own affine pair and statistics (task-kind deltas, different per task); "frozen": one copy,
     task 0's, never moved by task 1."""
-    _, (_, per_task) = two_tasks(method_name, arch_name, stream)
+    _, (_, per_task) = two_tasks(method_name, arch_name, stream, batchnorm="task")
     _, (first, frozen) = two_tasks(method_name, arch_name, stream, batchnorm="frozen")
     names = batchnorm_names(per_task.arch)
     assert names and {per_task.params[k]["kind"] for k in names} == {"task"}
@@ -164,7 +164,7 @@ def test_running_statistics_are_the_average_batch_statistics_of_the_final_weight
     torch.testing.assert_close(params["stembn.running_mean"], torch.stack(means).mean(0), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(params["stembn.running_var"], torch.stack(variances).mean(0), rtol=1e-4, atol=1e-6)
     for method_name in ("lps", "rgo"):
-        _, (first, _) = two_tasks(method_name, "resnet", stream)
+        _, (first, _) = two_tasks(method_name, "resnet", stream, batchnorm="task")
         deployed = from_numpy(materialize(first, 0))
         again = {k: v.clone() for k, v in deployed.items()}
         recalibrate(arch, again, stream.tasks[0])
@@ -191,10 +191,11 @@ def test_a_channel_whose_variance_is_rounding_noise_is_silenced_where_statistics
 def test_rgo_resumes_per_task_layers_and_batchnorm(stream):
     """ResCat's SE expand conv (rows: two blocks of one channel group) and BatchNorm are per task: a resumed RGO
     gets them back from the artifact, keeps task 0's exactly, and learns task 1 with the same channel groups."""
-    method = registry.create("rgo", rescat_spec((1, 8, 8)), QUICK["rgo"])
+    config = {**QUICK["rgo"], "batchnorm": "task"}
+    method = registry.create("rgo", rescat_spec((1, 8, 8)), config)
     method.learn_task(0, stream.tasks[0], CTX)
     first = method.pack()
-    resumed = registry.create("rgo", rescat_spec((1, 8, 8)), QUICK["rgo"])
+    resumed = registry.create("rgo", rescat_spec((1, 8, 8)), config)
     resumed.resume(first, method.training_state())
     resumed.learn_task(1, stream.tasks[1], CTX)
     packed = resumed.pack()

@@ -187,7 +187,7 @@ def test_training_step_applies_normalised_projection(digits, arch_name):
     residual block every stored depthwise filter j moves by its own channel's P̂_j, wherever task 1's feature
     encoding puts that channel."""
     arch = preset("mlp") if arch_name == "mlp" else dwres_spec()
-    method = RGO(arch, RGOConfig(epochs=1, batch_size=32, curvature_batch=32))
+    method = RGO(arch, RGOConfig(epochs=1, batch_size=32, curvature_batch=32, batchnorm="task"))
     method.learn_task(0, digits.tasks[0], CTX)
     before = {k: v.detach().clone() for k, v in method.trunk.items()}
     normalized = {k: p.normalized() for k, p in method.proj.items()}
@@ -289,10 +289,10 @@ def test_feature_encoding_follows_channel_groups():
 
 
 @pytest.mark.parametrize("arch_name", ["dwres", "resnet"])
-@pytest.mark.parametrize("batchnorm", ["task", "frozen"])
+@pytest.mark.parametrize("batchnorm", ["task", "frozen", "identity"])
 def test_graph_training_forward_is_the_folded_model(split, arch_name, batchnorm):
     """Each task trains exactly the weights `materialize` folds from the stored trunk, task seeds and (frozen)
-    permuted or (task) per-task BatchNorm."""
+    permuted, (task) per-task or (identity) shared identity BatchNorm."""
     arch = dwres_spec() if arch_name == "dwres" else preset("resnet")
     method = RGO(arch, RGOConfig(epochs=1, batchnorm=batchnorm))
     for t in range(2):
@@ -300,8 +300,10 @@ def test_graph_training_forward_is_the_folded_model(split, arch_name, batchnorm)
     packed = method.pack()
     check_consistent(packed)
     for name in method.bn.names:
-        want = {"kind": "task"} if batchnorm == "task" else {"kind": "permute", "group": method.fel.tensor_group[name]}
-        assert packed.params[name] == want
+        if batchnorm == "frozen":
+            assert packed.params[name] == {"kind": "permute", "group": method.fel.tensor_group[name]}
+        else:
+            assert packed.params[name] == {"kind": "task" if batchnorm == "task" else "shared"}
     x = torch.from_numpy(split.tasks[0].x_test[:64])
     for t in range(2):
         perms = method.permutations(t)
@@ -310,6 +312,60 @@ def test_graph_training_forward_is_the_folded_model(split, arch_name, batchnorm)
             folded = forward(arch, from_numpy(materialize(packed, t)), x)
             trained = forward(arch, {**method.effective(perms), **bn, **method.heads[t]}, x)
         torch.testing.assert_close(folded, trained, rtol=0, atol=0)
+
+
+def _without_batchnorm(arch: dict) -> dict:
+    """The same graph with every BatchNorm node removed (its readers read its input)."""
+    source = {n["name"]: n["inputs"][0] for n in arch["nodes"] if n["op"] == "bn"}
+    nodes = [{**n, "inputs": [source.get(i, i) for i in n["inputs"]]} for n in arch["nodes"] if n["op"] != "bn"]
+    return validate({**arch, "nodes": nodes, "output": source.get(arch["output"], arch["output"])})
+
+
+@pytest.mark.parametrize("arch_name", ["dwres", "resnet"])
+def test_identity_batchnorm_trains_and_deploys_the_network_without_it(split, arch_name):
+    """batchnorm="identity" (the paper removes BatchNorm): no task changes a BatchNorm tensor, each layer stays the
+    identity, and every deployed task is the network without BatchNorm — the one RGO's projections describe. A model
+    trained so cannot be resumed as one with BatchNorm, nor the other way round."""
+    arch = dwres_spec() if arch_name == "dwres" else preset("resnet")
+    method = RGO(arch, RGOConfig(epochs=1, batchnorm="identity"))
+    for t in range(2):
+        method.learn_task(t, split.tasks[t], CTX)
+    packed = method.pack()
+    plain = _without_batchnorm(arch)
+    x = torch.from_numpy(split.tasks[0].x_test[:64])
+    for t in range(2):
+        params = from_numpy(materialize(packed, t))
+        for node in (n for n in arch["nodes"] if n["op"] == "bn"):
+            name = node["name"]
+            assert params[f"{name}.weight"].eq(1).all() and params[f"{name}.bias"].eq(0).all()
+            assert params[f"{name}.running_mean"].eq(0).all()
+            one = params[f"{name}.running_var"] + node["eps"]
+            torch.testing.assert_close(one, torch.ones_like(one))
+        with torch.no_grad():
+            torch.testing.assert_close(forward(arch, params, x), forward(plain, params, x), rtol=1e-5, atol=1e-5)
+    for rule in ("task", "frozen"):
+        with pytest.raises(UsageError, match="identity"):
+            RGO(arch, RGOConfig(epochs=1, batchnorm=rule)).resume(packed, method.training_state())
+    with_bn = RGO(arch, RGOConfig(epochs=1, batchnorm="task"))
+    with_bn.learn_task(0, split.tasks[0], CTX)
+    with pytest.raises(UsageError, match="identity"):
+        RGO(arch, RGOConfig(epochs=1, batchnorm="identity")).resume(with_bn.pack(), with_bn.training_state())
+
+
+def test_identity_batchnorm_refuses_a_network_that_carries_no_signal_without_it(split):
+    """Ten conv + BatchNorm + ReLU layers at torch's default init shrink the signal ~6× per layer once BatchNorm is
+    the identity: the features are ~1e-8 of the input, nothing would train, and RGO says so before training."""
+    nodes, previous = [], "input"
+    for i in range(10):
+        nodes += [{"name": f"c{i}", "op": "conv", "inputs": [previous], "in": 1 if i == 0 else 8, "out": 8, "k": 1},
+                  {"name": f"bn{i}", "op": "bn", "inputs": [f"c{i}"], "ch": 8},
+                  {"name": f"r{i}", "op": "relu", "inputs": [f"bn{i}"]}]
+        previous = f"r{i}"
+    deep = validate({"name": "deep", "input_shape": [1, 8, 8], "nodes": nodes + [
+        {"name": "pool", "op": "gap", "inputs": [previous]}, {"name": "flat", "op": "flatten", "inputs": ["pool"]}]})
+    with pytest.raises(UsageError, match="batchnorm='identity'.*cannot train; use batchnorm='task'"):
+        RGO(deep, RGOConfig(epochs=1, batchnorm="identity")).learn_task(0, split.tasks[0], CTX)
+    RGO(deep, RGOConfig(epochs=1, batchnorm="task")).learn_task(0, split.tasks[0], CTX)  # with BatchNorm it trains
 
 
 def test_without_fel_everything_is_shared(digits):

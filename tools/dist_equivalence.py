@@ -78,7 +78,9 @@ def statistics(method_name: str, path: str, stream_name: str = "permuted-digits"
         method = registry.create("rgo", packed.arch, packed.config)
         method.resume(packed, load_training_state(path))
         method.trunk = {k: v.requires_grad_(True) for k, v in method.trunk.items()}  # as during learn_task
-        method.update_projections(task, from_numpy(packed.task_tensors[t]), method.permutations(t))
+        perms = method.permutations(t)
+        shared_bn = method.bn.start(t, order=method.fel.orders(perms, follows=True))  # identity/frozen: not per task
+        method.update_projections(task, {**shared_bn, **from_numpy(packed.task_tensors[t])}, perms)
         return {"projection": np.concatenate([p.p.reshape(-1).numpy() for p in method.proj.values()]).tolist()}
     if method_name == "finetune":
         from edgecl.train.batchnorm import recalibrate

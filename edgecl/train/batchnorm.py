@@ -9,6 +9,9 @@ follows from its guarantee about earlier tasks — a shared running mean that ke
   task); earlier tasks' BatchNorm is never touched again. Each task starts from task 0's values.
 - ``frozen``: task 0 learns them, later tasks run them as fixed (inference-mode) layers: one shared copy.
 - ``shared``: every task goes on training one shared copy (the `finetune` baseline: it forgets by design).
+- ``identity``: no task learns them; every layer is held at the identity (weight 1, bias 0, mean 0, variance
+  1 − eps) in training and in the stored model, so the network trained and deployed is the one without BatchNorm
+  (RGO's paper removes BatchNorm: "its parameters are not updated by gradient descent").
 
 Methods keep BatchNorm tensors as training leaves from `start`, run the forward with ``train=batch_stats(t)``,
 `settle` the running statistics once the task's weights are final and hand the trained tensors back with
@@ -29,8 +32,10 @@ from edgecl.train.data import TaskData
 from edgecl.train.models import Params, forward, to_numpy
 from edgecl.train.protocol import shards
 
-RULES = ("task", "frozen", "shared")
+RULES = ("task", "frozen", "shared", "identity")
 RECALIBRATION_BATCH = 256
+SIGNAL_BATCH = 64
+MIN_SIGNAL = 1e-4  # features' std ÷ input's std below which a network without BatchNorm is refused (`check_signal`)
 STATISTICS = ("running_mean", "running_var")
 
 
@@ -113,7 +118,7 @@ class RuledTensors:
 
     def learns(self, t: int) -> bool:
         """Whether task t trains these tensors (BatchNorm then also runs on batch statistics, training mode)."""
-        return self.rule != "frozen" or t == 0
+        return self.rule in ("task", "shared") or (self.rule == "frozen" and t == 0)
 
     def start(self, t: int, device: str | torch.device = "cpu", order: dict[str, torch.Tensor] | None = None) -> Params:
         """Task t's BatchNorm tensors as leaves on `device`: the affine pair trainable when the task learns it.
@@ -172,9 +177,28 @@ class BatchNorm(RuledTensors):
     """The BatchNorm tensors of one trunk under one rule (see the module docstring)."""
 
     def __init__(self, arch: Arch, rule: str, init: Params):
-        super().__init__(batchnorm_names(arch), rule, init)
+        super().__init__(batchnorm_names(arch), rule, identity(arch, init) if rule == "identity" else init)
 
     batch_stats = RuledTensors.learns
+
+    def specs(self, groups: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+        """As `RuledTensors.specs`; the identity is the same in every channel order, so it is stored shared."""
+        return super().specs(None if self.rule == "identity" else groups)
+
+    def check_signal(self, arch: Arch, params: Params, task: TaskData, who: str) -> None:
+        """Under "identity": refuse a network that, without BatchNorm, does not carry its input to the features at
+        initialisation (measured: torchvision mobilenet_v2's features are 1e-9 of its input's scale, so no gradient
+        reaches its layers and it never trains), instead of training it to chance."""
+        if self.rule != "identity" or not self.names:
+            return
+        x = torch.from_numpy(np.asarray(task.x_train[:SIGNAL_BATCH], dtype=np.float32))
+        with torch.no_grad():
+            features = forward(arch, {k: v.detach().cpu() for k, v in params.items()}, x, head=False)
+        ratio = float(features.std() / x.std().clamp_min(1e-12))
+        if not ratio >= MIN_SIGNAL:
+            raise UsageError(f"{who}: batchnorm='identity' removes BatchNorm, and without it {arch.get('name', 'this')}"
+                             f" network's features are {ratio:.1e} of its input's scale at initialisation (below "
+                             f"{MIN_SIGNAL:g}): it cannot train; use batchnorm='task'")
 
     def settle(self, t: int, arch: Arch, params: Params, task: TaskData, device: str | torch.device = "cpu") -> None:
         """Once task t's weights are final: its running statistics from them (`recalibrate`), when it learns them.
@@ -187,12 +211,31 @@ class BatchNorm(RuledTensors):
         keeps the rule it was trained with (read from its delta kinds; the method stores it in its config); one that
         has the setting must match this rule (UsageError otherwise)."""
         found = rule_in(packed, self.names)
+        stored = packed.config.get("batchnorm")
+        if stored is not None and (stored == "identity") != (self.rule == "identity"):
+            raise UsageError(f"cannot resume: the artifact was trained with batchnorm={stored!r}, this config has "
+                             f"batchnorm={self.rule!r} (a network with BatchNorm held at the identity is another "
+                             f"network)")
         if found is not None and "batchnorm" not in packed.config:
             self.rule = found
         elif found is not None and found != ("task" if self.rule == "task" else "frozen"):
             raise UsageError(f"cannot resume: the artifact keeps BatchNorm {_WORDS[found]}, this config "
                              f"(batchnorm={self.rule!r}) {_WORDS['task' if self.rule == 'task' else 'frozen']}")
         super().resume(packed)
+
+
+def identity(arch: Arch, params: Params) -> Params:
+    """`params` with every BatchNorm layer set to the identity map: weight 1, bias 0, running mean 0 and running
+    variance 1 − eps, so (x − mean)/sqrt(var + eps) is x to float rounding."""
+    out = dict(params)
+    for node in arch["nodes"]:
+        if node["op"] == "bn":
+            name = node["name"]
+            ones = torch.ones_like(params[f"{name}.weight"])
+            out.update({f"{name}.weight": ones, f"{name}.bias": torch.zeros_like(ones),
+                        f"{name}.running_mean": torch.zeros_like(ones),
+                        f"{name}.running_var": ones - node["eps"]})
+    return out
 
 
 _WORDS = {"task": "per task", "frozen": "shared (learned on the first task)"}

@@ -27,9 +27,11 @@ its weight rows and bias, which is how training applies it, so each task trains 
 folds. `fel=False` is the paper's RGO-2 ablation.
 
 BatchNorm (config `batchnorm`, `edgecl.train.batchnorm`). The paper removes it ("its parameters are not updated by
-gradient descent"); a user's network has it. Under "task" each task learns its own affine pair and statistics, in
-its own channel order, so nothing RGO cannot project is shared; under "frozen" task 0 learns them and later tasks
-run them fixed (permuted with their channel group under FEL).
+gradient descent"), and so does the default "identity": every BatchNorm layer is held at the identity in training
+and in the stored model (a network that carries no signal without it is refused before training). A user's network
+may keep it: under "task" each task learns its own affine pair and statistics, in its own channel order; under
+"frozen" task 0 learns them and later tasks run them fixed (permuted with their channel group under FEL). Why the
+default: `RGOConfig`.
 
 P is training state, not part of the artifact (no per-task tensors besides heads and per-task BatchNorm): `edgecl
 train` saves it beside the artifact, and `resume` needs it.
@@ -91,7 +93,8 @@ class RGO(Method):
     def _fel_plan(self) -> FELPlan:
         if not self.config.fel:
             return FELPlan()
-        per_task = set(self.bn.names) if self.bn.rule == "task" else set()
+        # per-task BatchNorm follows each task's order by being trained in it; the identity is the same in any order
+        per_task = set(self.bn.names) if self.bn.rule in ("task", "identity") else set()
         try:
             return fel_plan(self.arch, per_task)
         except ChannelError as exc:
@@ -159,6 +162,8 @@ class RGO(Method):
         for w, order in self._per_group_orders(perms).items():  # P of the conv group each permuted row now reads
             weights[w.rsplit(".", 1)[0]] = weights[w.rsplit(".", 1)[0]].index_select(0, order)
         batch_stats = self.bn.batch_stats(t)
+        if t == 0:
+            self.bn.check_signal(self.arch, {**self.effective(perms), **own}, task, "rgo")
 
         def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             eff = self.effective(perms)

@@ -5,29 +5,45 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from edgecl.config import BatchNormRule, Bounds, MethodConfig, above, at_least
+from edgecl.config import Bounds, MethodConfig, above, at_least
 
 
 @dataclass
 class RGOConfig(MethodConfig):
-    """RGO settings, stored in the artifact; defaults are the paper's MNIST ones.
+    """RGO settings, stored in the artifact; defaults are the paper's MNIST ones, and its rule for BatchNorm.
 
-    batchnorm: "task" (each task learns its own BatchNorm affine pair and statistics, in its own channel order: the
-    paper removes BatchNorm, and per task nothing RGO cannot project is shared) or "frozen" (task 0's, fixed after,
-    permuted with its channel group under FEL). Measured with FEL, 5 tasks, seed 0
-    (tools/results/methods_on_graphs.json), ACC / BWT "task" vs "frozen": resnet preset, rotated digits 77.2 / −26.1
-    vs 64.7 / −42.0, split digits 99.6 / −0.5 vs 99.3 / −0.5; ResCat (32 channels), split 97.8 / −0.2 vs 98.2 / −1.2,
-    rotated 41.6 / −67.2 vs 62.3 / −39.6 (the one case for "frozen"). Without FEL (RGO-2) and with frozen BatchNorm —
-    issue 16's setting — the resnet preset forgets −8.8 (split) and −40.4 (rotated): FEL on the channel groups is
-    what keeps old tasks on BatchNorm networks.
+    batchnorm: "identity" (default: the paper's ResNet-18 "remove[s] all batch-norm layers because their parameters
+    are not updated by gradient descent"; every BatchNorm layer is held at the identity in training and in the stored
+    model, so the deployed network is the one RGO trained and projected), "task" (each task learns its own affine pair
+    and statistics, in its own channel order) or "frozen" (task 0's, fixed after, permuted with its FEL group).
 
-    Rotated digits on BatchNorm convnets are RGO's weak case: every task's patches span the same input space, so the
-    projection only reweights steps, and BatchNorm's fixed per-task statistics magnify what moves (LeNet without
-    BatchNorm: BWT −1.1; the resnet preset: −26.1). A smaller step trades accuracy for memory: lr=0.01 gives ACC 90.1 /
-    BWT −8.7 on the resnet preset (STL: 98.8), but ResCat then stops learning (33.4). On torchvision mobilenet_v2
-    (width 0.25, 3×32×32) the second task does not train with SGD at batch 10 and lr 0.1 or 0.01 even with the
-    projection switched off (alpha=1e9): the 1×1 convs before BatchNorm grow 38–108× in one task; RGO's numbers there
-    (ACC 65.6, BWT −24.3) measure that, not the projection."""
+    Why "identity" (issue 16: split digits, 5 tasks at 3×32×32, seed 0, tools/results/own_network_*_rgo.json): on
+    torchvision resnet18, per-task BatchNorm trains tasks 0–2 and then collapses in task 3 — that task and every earlier
+    one at chance (ACC 59.5 / BWT −38.9 at lr 0.1; at the paper's CIFAR lr 0.03 the same collapse, task 3 at 50.9 and
+    the mean over seen tasks 60.0). Without BatchNorm the same run keeps every task: ACC 99.4 / BWT 0.0 (STL 100.0),
+    projection and FEL unchanged. The collapse comes with BatchNorm in training mode: the convs before it are
+    scale-invariant and their gradients pass through batch statistics of 10 samples, taken on 32×32 inputs over 1×1
+    (resnet18 layer4) and 2×2 maps; in the collapsing task the weights before it jump 2–4× (against their initial norm:
+    layer3.0.downsample 1.3 → 5.4, layer2.0.conv2 1.9 → 3.9; layer4.0.conv2, on 1×1 maps, ends at 8.9), while without
+    BatchNorm no layer grows more than 1.1× over all five tasks. On mobilenet_v2 it is stronger: at batch 10 and lr 0.03
+    the first conv's weight norm grows 2.6× in task 0 and 37,000× by the end of task 1 (the expand 1×1 convs 13–5,800×),
+    and task 1 stays at chance (50.9): no projection keeps a step that size off old tasks. mobilenet_v2 cannot run
+    without BatchNorm (its features are ~1e-9 of the input at initialisation, so RGO refuses "identity" there,
+    `BatchNorm.check_signal`); with batchnorm="task" and batch_size=64 (statistics over 64 samples: weight norms grow ≤
+    1.3×) it trains every task: lr=0.01 ACC 92.7 / BWT −2.3, lr=0.03 93.9 / −5.3 (STL 95.5). What is left there is RGO's
+    own limit: P of the narrow 1×1 convs and of the depthwise convs (9×9 per channel) is spanned by the earlier tasks'
+    inputs, and the trace normalisation then rescales steps (up to 19×) more than it projects them.
+
+    On the small 8×8 networks (tools/results/methods_on_graphs_rgo_identity.json) "identity" costs plasticity from
+    torch's default initialisation: resnet preset split digits ACC 87.0 / BWT +1.2 at 8 epochs (tasks 1, 2, 4 at 63, 81,
+    88 %), 98.1 / +0.7 at 16 (the paper's 2,000 convnet steps), vs 99.6 / −0.5 with "task"; rotated digits gain (93.7 /
+    +0.6, 16 epochs 96.6 / −1.0, vs 77.2 / −26.1). ResCat (32 channels) does not train without BatchNorm (50.0; 61.3 at
+    16 epochs) although its signal is there (features 0.10 of the input): use "task" for it (97.8 / −0.2). The paper's
+    convnet lr 0.03 does not help without BatchNorm (preset: 62.4) and does not prevent resnet18's collapse with it, so
+    lr stays the paper's MNIST 0.1. SGD momentum 0.9 at lr 0.01 (its updates stay sums of projected steps, as P is fixed
+    within a task) measured no better on the preset (identity 91.3 / +3.7, task 97.1 / −3.7): not used. Earlier, "task"
+    vs "frozen" (FEL, tools/results/methods_on_graphs.json): ResCat split 97.8 / −0.2 vs 98.2 / −1.2, rotated 41.6 /
+    −67.2 vs 62.3 / −39.6; without FEL (RGO-2) the preset forgets −8.8 (split) and −40.4 (rotated)."""
 
     lr: float = 0.1  # Appendix C.4, MNIST
     batch_size: int = 10  # Section 5
@@ -41,7 +57,7 @@ class RGOConfig(MethodConfig):
     # "patches": every input patch (÷ sqrt(positions)); "mean": the mean patch
     conv_vectors: Literal["patches", "mean"] = "patches"
     max_projection_bytes: int = 1 << 30  # refuse to allocate more P than this
-    batchnorm: BatchNormRule = "task"
+    batchnorm: Literal["identity", "task", "frozen"] = "identity"
 
     BOUNDS: ClassVar[dict[str, Bounds]] = {"fel_seed": at_least(0), "alpha": above(0), "curvature_batch": at_least(1),
                                            "max_projection_bytes": at_least(0)}
