@@ -102,6 +102,9 @@ def joined(device: str = "cpu") -> Iterator[World]:
     dist.init_process_group("nccl" if device == "cuda" else "gloo")
     try:
         yield _world()
+        # leave together: a rank that tore its gloo pairs down while rank 0 was still writing the outputs made rank
+        # 0's own teardown abort ("terminate called without an active exception", seen in CI-like runs under load)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
