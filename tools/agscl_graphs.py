@@ -122,17 +122,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", type=int, default=5, help="tasks of permuted-digits in the graph runs")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    report: dict = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": 1,
-                    "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    report: dict = {}
+    if os.path.exists(args.out):  # keep the sections not rerun this time (each records when it was started)
+        with open(args.out) as f:
+            report = json.load(f)
+    started = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": 1,
+               "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    report.update(started)
     if args.freeze:
         print("== exact vs finite-λ freeze ==")
         report["freeze"] = freeze_runs([int(s) for s in args.seeds.split(",")])
+        report["freeze_started"] = started["started"]
     if args.graphs:
         print("== AGS-CL on graphs ==")
         settings = {**{f"euclidean mu={m}": {"lasso": "euclidean", "mu": float(m)} for m in args.mus.split(",") if m},
                     **{f"adam mu_adam={m}": {"lasso": "adam", "mu_adam": float(m)}
                        for m in args.mu_adams.split(",") if m}}
         report["graphs"] = graph_runs(settings, args.tasks, args.mobilenet)
+        report["graphs_started"] = started["started"]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)

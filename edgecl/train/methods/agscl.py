@@ -10,7 +10,9 @@ residual adds, gates and depthwise convolutions. Those rows together are its gro
 by Adam on the cross-entropy followed by the proximal operator of the two group penalties (closed form (7)) with the
 current learning rate as step size: unimportant groups shrink toward zero and become exactly zero, important ones
 are pulled toward their previous value θ̂_n. `prox_every="step"` (default) applies it after every Adam step
-(textbook proximal gradient descent), `"epoch"` once per epoch as the reference code does.
+(textbook proximal gradient descent), `"epoch"` once per epoch as the reference code does. On a BatchNorm network
+(`lasso="auto"`) term (a)'s prox runs in Adam's own metric (`adam_lasso_coefficients`): a node is zeroed when its
+loss gradient is small, not when Adam's ≈ lr-sized steps lose to a fixed shrink (AGSCLConfig says why, measured).
 
 Freezing. With `freeze="exact"` (default) every important node is held at θ̂_n bit for bit: its gradient is masked
 before each Adam step and the proximal step sets it to θ̂_n (term (b) at λ → ∞). With `"proximal"` the finite λ
@@ -251,6 +253,10 @@ class AGSCL(Method):
         if not h:
             return a, {}
         free = omega <= 0
+        if self.config.size_weight:
+            size = self._node_sums({k: torch.full((hk.shape[0],), float(hk.shape[1]), device=hk.device)
+                                    for k, hk in h.items()}, rows)
+            mu = mu * (size / 2).sqrt()
         dead, step = adam_lasso_coefficients(self._node_sums(sq, rows).sqrt(), norm, lr, mu)
         a = torch.where(free, (~dead).to(a.dtype), a)
         return a, {k: torch.where(free[rows[k]][:, None], hk / (hk + step[rows[k]][:, None]), torch.ones_like(hk))

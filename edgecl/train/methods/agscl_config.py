@@ -60,6 +60,7 @@ class AGSCLConfig(MethodConfig):
     freeze: Freeze = "exact"  # "exact": important nodes held bit for bit; "proximal": the paper's finite-λ term (b)
     lasso: LassoMetric = "auto"  # term (a)'s prox: "euclidean", "adam" (Adam's metric), "auto": adam iff BatchNorm
     mu_adam: float = 0.01  # term (a)'s strength with lasso="adam" (a loss-gradient norm)
+    size_weight: bool = False  # lasso="adam": μ_adam·√(d_n/2) for a node measured over d_n weights
 
     BOUNDS: ClassVar[dict[str, Bounds]] = {"mu": at_least(0), "mu_adam": at_least(0), "lam": at_least(0),
                                            "rho": FRACTION, "eta": POSITIVE_FRACTION}
