@@ -10,7 +10,8 @@
    tests/torch_nets.py, on 3-channel 8×8 digits) and, with ``--mobilenet``, torchvision mobilenet_v2 (width 0.25)
    on 3×16×16 split-digits, for term (a) in the Euclidean metric at each μ of ``--mus`` (the pre-issue-16 default)
    and in Adam's metric at each μ of ``--mu-adams`` (the default on BatchNorm networks); plus the freeze record
-   (must be exact) and the used capacity after the first task and at the end.
+   (must be exact) and the used capacity after the first task and at the end. Rows of earlier runs in ``--out``
+   are kept (those labelled ``mu=…`` are the Euclidean step before issue 16's change, 2026-11-29).
 
     python tools/agscl_graphs.py --freeze --graphs --mobilenet --out tools/results/agscl_graphs.json
     git worktree add /tmp/edgecl-before 0d20dab && PYTHONPATH=/tmp/edgecl-before \
@@ -83,9 +84,9 @@ def freeze_runs(seeds: list[int]) -> dict:
     return out
 
 
-def graph_runs(settings: dict[str, dict], tasks: int, mobilenet: bool) -> dict:
+def graph_runs(settings: dict[str, dict], tasks: int, mobilenet: bool, split_only: bool = False) -> dict:
     cases = []
-    for stream_name, n in (("split-digits", 5), ("permuted-digits", tasks)):
+    for stream_name, n in (("split-digits", 5),) + ((("permuted-digits", tasks),) if not split_only else ()):
         stream = make_stream(stream_name, n, seed=0)
         cases += [("resnet preset", preset("resnet"), stream),
                   ("ResCat", from_torch(ResCat(), (3, 8, 8)), make_stream(stream_name, n, 0, (3, 8, 8)))]
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--mus", default="1,2", help="group-lasso strengths μ, Euclidean metric, for the graph runs")
     p.add_argument("--mu-adams", default="0.003,0.01,0.03", help="strengths μ in Adam's metric for the graph runs")
+    p.add_argument("--split-only", action="store_true", help="graph runs on split-digits only (no permuted-digits)")
     p.add_argument("--tasks", type=int, default=5, help="tasks of permuted-digits in the graph runs")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -138,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = {**{f"euclidean mu={m}": {"lasso": "euclidean", "mu": float(m)} for m in args.mus.split(",") if m},
                     **{f"adam mu_adam={m}": {"lasso": "adam", "mu_adam": float(m)}
                        for m in args.mu_adams.split(",") if m}}
-        report["graphs"] = graph_runs(settings, args.tasks, args.mobilenet)
+        fresh = graph_runs(settings, args.tasks, args.mobilenet, args.split_only)
+        for name, streams in fresh.items():  # earlier settings of the same case and stream are kept
+            for stream_name, rows in streams.items():
+                report.setdefault("graphs", {}).setdefault(name, {}).setdefault(stream_name, {}).update(rows)
         report["graphs_started"] = started["started"]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
