@@ -253,10 +253,6 @@ class AGSCL(Method):
         if not h:
             return a, {}
         free = omega <= 0
-        if self.config.size_weight:
-            size = self._node_sums({k: torch.full((hk.shape[0],), float(hk.shape[1]), device=hk.device)
-                                    for k, hk in h.items()}, rows)
-            mu = mu * (size / 2).sqrt()
         dead, step = adam_lasso_coefficients(self._node_sums(sq, rows).sqrt(), norm, lr, mu)
         a = torch.where(free, (~dead).to(a.dtype), a)
         return a, {k: torch.where(free[rows[k]][:, None], hk / (hk + step[rows[k]][:, None]), torch.ones_like(hk))

@@ -42,8 +42,8 @@ class AGSCLConfig(MethodConfig):
     and 64-channel streams) and later tasks, which fit their 250 training images with the head on those frozen
     features, lose up to 15 points (task 4: 72.6 vs STL 88); 0.03 leaves them free (5 % of nodes used after task 0,
     9 % after task 4). μ_adam ≥ 0.1 zeroes every node of the 8-channel networks (ResCat, mobilenet_v2 ×0.25: ACC
-    50). Hence μ_adam = 0.03. Weighting μ_adam by √(d_n/2) (`size_weight`, the group-lasso convention for groups of
-    d_n weights) was measured on mobilenet_v2 ×0.25 only (75.7 vs 70.1 at 0.01; 75.8 at 0.02) and is off.
+    50). Hence μ_adam = 0.03. Weighting μ_adam by √(d_n/2) (the group-lasso convention for groups of d_n weights;
+    commit 7a77933) was measured on mobilenet_v2 ×0.25 only (75.7 vs 70.1 at 0.01; 75.8 at 0.02): not adopted.
     "auto" (default): "adam" on a network with BatchNorm, "euclidean" otherwise (the measured MLP/LeNet rows stay
     as they were). `paper()` uses "euclidean".
 
@@ -66,7 +66,6 @@ class AGSCLConfig(MethodConfig):
     freeze: Freeze = "exact"  # "exact": important nodes held bit for bit; "proximal": the paper's finite-λ term (b)
     lasso: LassoMetric = "auto"  # term (a)'s prox: "euclidean", "adam" (Adam's metric), "auto": adam iff BatchNorm
     mu_adam: float = 0.03  # term (a)'s strength with lasso="adam" (a loss-gradient norm)
-    size_weight: bool = False  # lasso="adam": μ_adam·√(d_n/2) for a node measured over d_n weights
 
     BOUNDS: ClassVar[dict[str, Bounds]] = {"mu": at_least(0), "mu_adam": at_least(0), "lam": at_least(0),
                                            "rho": FRACTION, "eta": POSITIVE_FRACTION}
