@@ -12,7 +12,7 @@ from edgecl.deltas import check_consistent, materialize
 from edgecl.errors import UsageError
 from edgecl.train import engine, registry
 from edgecl.train.data import make_stream
-from edgecl.train.methods.agscl import AGSCL, AGSCLConfig, live_parameters, prox_groups
+from edgecl.train.methods.agscl import AGSCL, AGSCLConfig, adam_prox_groups, live_parameters, prox_groups
 from edgecl.train.models import forward, from_numpy
 from edgecl.train.protocol import TrainContext
 
@@ -60,6 +60,24 @@ def test_prox_freezes_important_groups_exactly_and_pulls_the_rest_by_the_closed_
     assert torch.equal(out[0], hat[0])
     assert torch.allclose(out[1], torch.tensor([2.5, 3.0, 0.0]), atol=1e-6)
     assert torch.equal(out[2], hat[2])  # no drift, no NaN
+
+
+def test_adam_metric_lasso_tells_unused_groups_from_used_ones_by_their_gradient():
+    """Two groups with the same weights: the Euclidean prox shrinks both alike (Adam moves each by ≈ lr whatever its
+    gradient, so it cannot tell them apart); in Adam's metric the one with small gradients (h = √v̂ + ε) is zeroed
+    — ‖h ⊙ z‖ ≤ αμ — and the one with large gradients shrinks per coordinate by h/(h + αμ/‖z‖)."""
+    theta = torch.tensor([[0.6, 0.8], [0.6, 0.8], [0.0, 0.0]])
+    h = torch.tensor([[0.1, 0.1], [10.0, 1.0], [1.0, 1.0]])
+    euclid = prox_groups(theta, torch.zeros_like(theta), torch.zeros(3), alpha=0.1, mu=1.0, lam=0.0)
+    assert torch.equal(euclid[0], euclid[1])
+    out = adam_prox_groups(theta, h, alpha=0.1, mu=1.0)  # αμ = 0.1 = ‖h ⊙ θ‖ of the first group → exact zero
+    assert torch.equal(out[0], torch.zeros(2)) and torch.equal(out[2], torch.zeros(2))
+    assert torch.allclose(out[1], torch.tensor([0.6 * 10 / 10.1, 0.8 / 1.1]), atol=1e-7)
+    # the shrunk group nearly meets the scaled prox's optimality condition H(θ − z)/α + μθ/‖θ‖ = 0 (one fixed-point
+    # step from ‖θ‖ ≈ ‖z‖), and a group just above the threshold survives
+    residual = h[1] * (out[1] - theta[1]) / 0.1 + out[1] / out[1].norm()
+    assert residual.norm() < 0.1
+    assert adam_prox_groups(theta[:1], h[:1] * 1.001, alpha=0.1, mu=1.0).abs().sum() > 0
 
 
 def test_prox_with_zero_strengths_is_the_identity():

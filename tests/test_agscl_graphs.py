@@ -17,13 +17,15 @@ from edgecl.deltas import check_consistent, materialize
 from edgecl.graph.builder import build_onnx
 from edgecl.runtime import TaskRuntime
 from edgecl.runtime import plan as plan_module
+from edgecl.train import engine
 from edgecl.train.data import make_stream
 from edgecl.train.methods.agscl import AGSCL, AGSCLConfig
 from edgecl.train.models import forward, from_numpy
 from edgecl.train.protocol import TrainContext
 
 CTX = TrainContext(progress=False)
-# μ high enough that group lasso zeroes part of every network within three short epochs
+# μ high enough that the Euclidean group lasso zeroes part of the graph without BatchNorm within three short epochs;
+# on the BatchNorm networks (resnet, ResCat) the default Adam-metric lasso does it at its default μ_adam
 FAST = dict(epochs=3, mu=8.0)
 # a grouped (not depthwise) conv whose two conv groups read a concatenation of two layers' channels
 GROUPED = validate({"name": "grouped", "input_shape": [1, 8, 8], "nodes": [
@@ -211,3 +213,28 @@ def test_torchvision_and_timm_networks_train_with_exact_freezes(name, size):
     with torch.no_grad():
         want = forward(packed.arch, from_numpy(materialize(packed, 1)), torch.from_numpy(x)).numpy()
     assert np.abs(TaskRuntime(packed).infer(x, task=1) - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
+
+
+def test_lasso_runs_in_adams_metric_on_batchnorm_networks_only_and_the_paper_keeps_the_euclidean_step():
+    assert AGSCLConfig().uses_adam_metric(preset("resnet")) and AGSCLConfig().uses_adam_metric(_arch("rescat"))
+    assert not AGSCLConfig().uses_adam_metric(preset("mlp")) and not AGSCLConfig().uses_adam_metric(GROUPED)
+    assert not AGSCLConfig.paper().uses_adam_metric(preset("resnet"))
+    assert AGSCLConfig(lasso="adam").uses_adam_metric(preset("mlp"))
+
+
+@pytest.mark.slow  # five full tasks at the default config (~7 s each seed)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batchnorm_network_keeps_free_nodes_for_later_tasks_on_every_seed(seed):
+    """Issue 16: with the Euclidean lasso every resnet node was important after task 0 (later tasks learned only
+    heads and BatchNorm statistics, ACC ≈ 74). In Adam's metric task 0 claims part of the network, later tasks
+    claim more, every task learns, and old tasks stay exact."""
+    method = AGSCL(preset("resnet"), AGSCLConfig(seed=seed))
+    tasks = make_stream("split-digits", 5, seed=0).tasks
+    for t, task in enumerate(tasks):
+        method.learn_task(t, task, CTX)
+    packed = method.pack()
+    used = [1 - s for s in packed.extra["sparsity"]]
+    assert used[0] < 0.6 and used[-1] > used[0]
+    assert all(frozen == important for frozen, important in packed.extra["frozen_important"])
+    accuracy = [engine.accuracy(packed, t, task) for t, task in enumerate(tasks)]
+    assert min(accuracy) >= 0.95, accuracy

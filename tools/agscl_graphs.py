@@ -8,8 +8,10 @@
 2. ``--graphs``: ACC / BWT / per-task accuracy right after learning (the diagonal) of AGS-CL on the resnet preset,
    the custom ``ResCat`` module (residual add, concatenation, depthwise conv, SE gate, BatchNorm; from
    tests/torch_nets.py, on 3-channel 8×8 digits) and, with ``--mobilenet``, torchvision mobilenet_v2 (width 0.25)
-   on 3×16×16 split-digits, for each μ of ``--mus``; plus the freeze record (must be exact) and the used capacity
-   after the first task and at the end.
+   on 3×16×16 split-digits, for term (a) in the Euclidean metric at each μ of ``--mus`` (the pre-issue-16 default)
+   and in Adam's metric at each μ of ``--mu-adams`` (the default on BatchNorm networks); plus the freeze record
+   (must be exact) and the used capacity after the first task and at the end. Rows of earlier runs in ``--out``
+   are kept (those labelled ``mu=…`` are the Euclidean step before issue 16's change, 2026-11-29).
 
     python tools/agscl_graphs.py --freeze --graphs --mobilenet --out tools/results/agscl_graphs.json
     git worktree add /tmp/edgecl-before 0d20dab && PYTHONPATH=/tmp/edgecl-before \
@@ -82,9 +84,9 @@ def freeze_runs(seeds: list[int]) -> dict:
     return out
 
 
-def graph_runs(mus: list[float], tasks: int, mobilenet: bool) -> dict:
+def graph_runs(settings: dict[str, dict], tasks: int, mobilenet: bool, split_only: bool = False) -> dict:
     cases = []
-    for stream_name, n in (("split-digits", 5), ("permuted-digits", tasks)):
+    for stream_name, n in (("split-digits", 5),) + ((("permuted-digits", tasks),) if not split_only else ()):
         stream = make_stream(stream_name, n, seed=0)
         cases += [("resnet preset", preset("resnet"), stream),
                   ("ResCat", from_torch(ResCat(), (3, 8, 8)), make_stream(stream_name, n, 0, (3, 8, 8)))]
@@ -99,11 +101,11 @@ def graph_runs(mus: list[float], tasks: int, mobilenet: bool) -> dict:
                       make_stream("split-digits", 5, 0, (3, 16, 16))))
     out: dict = {}
     for name, arch, stream in cases:
-        for mu in mus:
-            r = run(arch, stream, {"mu": mu})
-            out.setdefault(name, {}).setdefault(stream.name, {})[f"mu={mu:g}"] = r
+        for label, config in settings.items():
+            r = run(arch, stream, config)
+            out.setdefault(name, {}).setdefault(stream.name, {})[label] = r
             exact = all(r["old_tasks_bit_identical"])
-            print(f"  {name:36s} {stream.name:18s} μ={mu:<4g} ACC {100 * r['acc']:6.2f} BWT {100 * r['bwt']:6.2f} "
+            print(f"  {name:36s} {stream.name:18s} {label:22s} ACC {100 * r['acc']:6.2f} BWT {100 * r['bwt']:6.2f} "
                   f"diag {[round(100 * a, 1) for a in r['just_learned']]} used {r['used_capacity_after_task0']:.2f}"
                   f"→{r['used_capacity_last']:.2f} exact {exact} ({r['cpu_seconds']:.0f} s)")
     return out
@@ -116,18 +118,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--graphs", action="store_true", help="ACC/BWT on the resnet preset and ResCat (issue 16)")
     p.add_argument("--mobilenet", action="store_true", help="also torchvision mobilenet_v2 (width 0.25)")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--mus", default="1,2,4", help="group-lasso strengths μ for the graph runs")
+    p.add_argument("--mus", default="1,2", help="group-lasso strengths μ, Euclidean metric, for the graph runs")
+    p.add_argument("--mu-adams", default="0.003,0.01,0.03", help="strengths μ in Adam's metric for the graph runs")
+    p.add_argument("--split-only", action="store_true", help="graph runs on split-digits only (no permuted-digits)")
     p.add_argument("--tasks", type=int, default=5, help="tasks of permuted-digits in the graph runs")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    report: dict = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": 1,
-                    "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    report: dict = {}
+    if os.path.exists(args.out):  # keep the sections not rerun this time (each records when it was started)
+        with open(args.out) as f:
+            report = json.load(f)
+    started = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": 1,
+               "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    report.update(started)
     if args.freeze:
         print("== exact vs finite-λ freeze ==")
         report["freeze"] = freeze_runs([int(s) for s in args.seeds.split(",")])
+        report["freeze_started"] = started["started"]
     if args.graphs:
         print("== AGS-CL on graphs ==")
-        report["graphs"] = graph_runs([float(m) for m in args.mus.split(",")], args.tasks, args.mobilenet)
+        settings = {**{f"euclidean mu={m}": {"lasso": "euclidean", "mu": float(m)} for m in args.mus.split(",") if m},
+                    **{f"adam mu_adam={m}": {"lasso": "adam", "mu_adam": float(m)}
+                       for m in args.mu_adams.split(",") if m}}
+        fresh = graph_runs(settings, args.tasks, args.mobilenet, args.split_only)
+        for name, streams in fresh.items():  # earlier settings of the same case and stream are kept
+            for stream_name, rows in streams.items():
+                report.setdefault("graphs", {}).setdefault(name, {}).setdefault(stream_name, {}).update(rows)
+        report["graphs_started"] = started["started"]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)

@@ -10,7 +10,9 @@ residual adds, gates and depthwise convolutions. Those rows together are its gro
 by Adam on the cross-entropy followed by the proximal operator of the two group penalties (closed form (7)) with the
 current learning rate as step size: unimportant groups shrink toward zero and become exactly zero, important ones
 are pulled toward their previous value θ̂_n. `prox_every="step"` (default) applies it after every Adam step
-(textbook proximal gradient descent), `"epoch"` once per epoch as the reference code does.
+(textbook proximal gradient descent), `"epoch"` once per epoch as the reference code does. On a BatchNorm network
+(`lasso="auto"`) term (a)'s prox runs in Adam's own metric (`adam_lasso_coefficients`): a node is zeroed when its
+loss gradient is small, not when Adam's ≈ lr-sized steps lose to a fixed shrink (AGSCLConfig says why, measured).
 
 Freezing. With `freeze="exact"` (default) every important node is held at θ̂_n bit for bit: its gradient is masked
 before each Adam step and the proximal step sets it to θ̂_n (term (b) at λ → ∞). With `"proximal"` the finite λ
@@ -77,6 +79,22 @@ def prox_coefficients(norm: torch.Tensor, drift: torch.Tensor, omega: torch.Tens
     return torch.where(important, gamma, shrink), torch.where(important, 1 - gamma, torch.zeros_like(gamma))
 
 
+def adam_lasso_coefficients(scaled_norm: torch.Tensor, norm: torch.Tensor, alpha: float, mu: float
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Term (a)'s prox in Adam's metric H = diag(h)/α, h = √v̂ + ε (proximal Adam): argmin μ‖θ‖ + ½‖θ − z‖²_H.
+    Per group from ‖h ⊙ z‖ and ‖z‖: (dead, step) — exactly zero iff ‖h ⊙ z‖ ≤ αμ (then, at a fixed point, iff the
+    group's loss gradient has norm ≤ μ: the group lasso's own optimality condition, whatever Adam's step size);
+    otherwise coordinate i is multiplied by h_i / (h_i + step), step = αμ/‖z‖ (one fixed-point step of the exact
+    solution, from ‖θ‖ ≈ ‖z‖: it shrinks slightly less than the exact prox)."""
+    return scaled_norm <= alpha * mu, alpha * mu / norm.clamp_min(1e-30)
+
+
+def adam_prox_groups(theta: torch.Tensor, h: torch.Tensor, alpha: float, mu: float) -> torch.Tensor:
+    """Term (a)'s prox in Adam's metric on groups stored as rows of `theta` (N × d), `h` = √v̂ + ε alike."""
+    dead, step = adam_lasso_coefficients((h * theta).norm(dim=1), theta.norm(dim=1), alpha, mu)
+    return torch.where(dead[:, None], torch.zeros_like(theta), theta * h / (h + step[:, None]))
+
+
 def prox_groups(theta: torch.Tensor, theta_hat: torch.Tensor, omega: torch.Tensor, alpha: float, mu: float,
                 lam: float) -> torch.Tensor:
     """The proximal step (7) on groups stored as rows of `theta` (N × d), anchors θ̂ in `theta_hat`."""
@@ -121,6 +139,7 @@ class AGSCL(Method):
         omega = self.omega.to(device)
         opt = adam(list(learn.values()) + list(head.values()), cfg.lr)
         exact, per_step = cfg.freeze == "exact", cfg.prox_every == "step"
+        adam_metric = cfg.uses_adam_metric(self.arch)
 
         def after_backward() -> None:  # exact freeze: Adam never sees a gradient on an important row
             if exact:
@@ -130,7 +149,8 @@ class AGSCL(Method):
                         grad.view(grad.shape[0], -1).masked_fill_(mask, 0)
 
         def prox() -> None:
-            self._prox(learn, anchor, rows, omega, important if exact else None, opt.param_groups[0]["lr"])
+            self._prox(learn, anchor, rows, omega, important if exact else None, opt.param_groups[0]["lr"],
+                       opt if adam_metric else None)
 
         def after_step() -> None:
             with torch.no_grad():
@@ -190,10 +210,11 @@ class AGSCL(Method):
         return total
 
     def _prox(self, learn: Params, anchor: Params, rows: dict[str, torch.Tensor], omega: torch.Tensor,
-              hold: torch.Tensor | None, lr: float) -> None:
+              hold: torch.Tensor | None, lr: float, opt: torch.optim.Adam | None = None) -> None:
         """Apply (7) to every node in place, over all its rows; `hold` (exact freeze): important nodes are set to
         θ̂ exactly whatever their drift. A row a BatchNorm normalises is scale-free: term (a) measures and shrinks
-        the node by its other rows (the BatchNorm weight and bias carry its scale) and zeroes it with them."""
+        the node by its other rows (the BatchNorm weight and bias carry its scale) and zeroes it with them.
+        With `opt` (lasso="adam"), term (a) is the prox in Adam's metric (`_adam_lasso`)."""
         cfg, scale_free = self.config, self.nodes.scale_free
         with torch.no_grad():
             flat = {k: (learn[k].view(learn[k].shape[0], -1), anchor[k].view(anchor[k].shape[0], -1)) for k in rows}
@@ -202,11 +223,40 @@ class AGSCL(Method):
             drift = torch.zeros_like(norm) if hold is not None or not bool((omega > 0).any()) else \
                 self._node_sums({k: (p - q).square().sum(1) for k, (p, q) in flat.items()}, rows).sqrt()
             a, b = prox_coefficients(norm, drift, omega, lr, cfg.mu, cfg.lam)
+            scaled = None
+            if opt is not None:
+                a, scaled = self._adam_lasso(learn, flat, rows, omega, norm, a, lr, opt)
             if hold is not None:
                 a, b = torch.where(hold, 0.0, a), torch.where(hold, 1.0, b)
             kept = torch.where((omega > 0) | (a == 0), a, torch.ones_like(a))  # scale-free rows: all or nothing
             for k, (p, q) in flat.items():  # held rows (a, b) = (0, 1) with p = q bit for bit stay so: p·0 + q = q
-                p.mul_((kept if k in scale_free else a)[rows[k]][:, None]).addcmul_(b[rows[k]][:, None], q)
+                p.mul_((kept if k in scale_free else a)[rows[k]][:, None])
+                if scaled is not None and k in scaled:
+                    p.mul_(scaled[k])
+                p.addcmul_(b[rows[k]][:, None], q)
+
+    def _adam_lasso(self, learn: Params, flat: dict, rows: dict[str, torch.Tensor], omega: torch.Tensor,
+                    norm: torch.Tensor, a: torch.Tensor, lr: float, opt: torch.optim.Adam
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`adam_lasso_coefficients` on every unimportant node, measured over the same rows as the Euclidean term
+        (a) with h from Adam's second moments: the per-node factor (0 for a zeroed node, 1 for a shrunk one,
+        important nodes unchanged) and, per measured row tensor, the per-coordinate factor h/(h + step)."""
+        scale_free, mu = self.nodes.scale_free, self.config.mu_adam
+        beta2, eps = opt.param_groups[0]["betas"][1], opt.param_groups[0]["eps"]
+        h, sq = {}, {}
+        for k, (p, _) in flat.items():
+            state = opt.state.get(learn[k])
+            if k in scale_free or not state:
+                continue
+            h[k] = (state["exp_avg_sq"].view(p.shape[0], -1) / (1 - beta2 ** float(state["step"]))).sqrt_().add_(eps)
+            sq[k] = (h[k] * p).square().sum(1)
+        if not h:
+            return a, {}
+        free = omega <= 0
+        dead, step = adam_lasso_coefficients(self._node_sums(sq, rows).sqrt(), norm, lr, mu)
+        a = torch.where(free, (~dead).to(a.dtype), a)
+        return a, {k: torch.where(free[rows[k]][:, None], hk / (hk + step[rows[k]][:, None]), torch.ones_like(hk))
+                   for k, hk in h.items()}
 
     def _freeze_report(self, learn: Params, anchor: Params, important: np.ndarray) -> dict[str, Any]:
         """How exactly the previous tasks were kept: [bit-identical important nodes, important nodes] and the
