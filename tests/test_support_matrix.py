@@ -50,7 +50,7 @@ FACTORIES = '''
 RGO_WITH_BATCHNORM = {"batchnorm": "task", "batch_size": 64, "lr": 0.01}
 NETWORK_SETTINGS = {("rgo", "torchvision resnet18"): {"max_projection_bytes": 4 << 30},
                     ("rgo", "torchvision mobilenet_v2"): RGO_WITH_BATCHNORM,
-                    ("rgo", "timm mobilenetv3_small_050"): RGO_WITH_BATCHNORM,
+                    ("rgo", "timm mobilenetv3_small_050"): {**RGO_WITH_BATCHNORM, "lr": 0.03},
                     ("rgo", "custom residual + concat"): {"batchnorm": "task"}}
 KEEPS_OLD_TASKS = {"lps", "agscl", "halrp", "stl"}  # BWT exactly 0
 SAMPLES = 96  # training samples per task (test splits stay whole)
