@@ -102,8 +102,9 @@ def joined(device: str = "cpu") -> Iterator[World]:
     dist.init_process_group("nccl" if device == "cuda" else "gloo")
     try:
         yield _world()
-        # leave together: a rank that tore its gloo pairs down while rank 0 was still writing the outputs made rank
-        # 0's own teardown abort ("terminate called without an active exception", seen in CI-like runs under load)
+        # leave together: under load rank 0 once aborted in its teardown ("terminate called without an active
+        # exception", twice in a row, then not in 3 reruns after this barrier); a teardown racing a peer's is the
+        # likely cause, not proven
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -199,15 +200,19 @@ def all_sum(tensors):
     return type(tensors)(_flat_sum(list(tensors)))
 
 
-def sum_grads(optimizer: torch.optim.Optimizer) -> None:
-    """Sum every gradient the optimiser will step across ranks, in place, in one all-reduce per dtype."""
+def sum_grads(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> torch.Tensor:
+    """Sum every gradient the optimiser will step across ranks, in place, in one all-reduce per dtype, and return
+    the global loss (`loss`, this rank's weighted share, rides in the same all-reduce: no extra collective per step).
+    A single process gets its loss back and nothing moves."""
     if not active():
-        return
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    for dtype in sorted({g.dtype for g in grads}, key=str):
-        same = [g for g in grads if g.dtype == dtype]
-        for g, total in zip(same, _flat_sum(same)):
-            g.copy_(total)
+        return loss
+    total = loss.detach().clone().reshape(1)
+    tensors = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None] + [total]
+    for dtype in sorted({t.dtype for t in tensors}, key=str):
+        same = [t for t in tensors if t.dtype == dtype]
+        for t, summed in zip(same, _flat_sum(same)):
+            t.copy_(summed)
+    return total.reshape(())
 
 
 def _gather(t: torch.Tensor) -> torch.Tensor:

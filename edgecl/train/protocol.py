@@ -134,8 +134,8 @@ def run_epochs(task: TaskData, opt: torch.optim.Optimizer, loss_fn, *, epochs: i
             opt.zero_grad(set_to_none=zero_to_none)
             loss = distributed.weighted(loss_fn(x, y), len(x), size)
             loss.backward()
-            distributed.sum_grads(opt)  # the global batch's gradient on every rank (nothing alone)
-            global_loss = distributed.all_sum(loss.detach())  # every rank stops together, or none does
+            # the global batch's gradient and loss on every rank (nothing alone): every rank stops together, or none
+            global_loss = distributed.sum_grads(opt, loss)
             if not bool(torch.isfinite(global_loss)):
                 raise UsageError(f"training diverged on task {task.name!r}, epoch {epoch + 1}: the loss is "
                                  f"{float(global_loss)}; nothing was written. Lower the learning rate, or check the "
