@@ -13,10 +13,14 @@ import textwrap
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 
+from edgecl import artifact
+from edgecl.deltas import PackedModel, materialize
 from edgecl.export import export_onnx
 from edgecl.runtime import TaskRuntime
 from edgecl.train.data import make_stream
+from edgecl.train.models import forward
 from edgecl.train.pipeline import train_and_write
 
 pytestmark = pytest.mark.slow
@@ -94,6 +98,8 @@ def test_every_method_trains_deploys_and_keeps_its_promise_on_every_network(meth
     stream = np.load(stream_files[shape])
     tasks = [(stream[f"task{t}_x_test"], stream[f"task{t}_y_test"]) for t in range(2)]
     model = str(out / "model.edgecl")
+    with artifact.load(model) as opened:
+        packed = opened.to_packed()
     index = export_onnx(model, str(tmp_path / "onnx"), progress=False)
     with TaskRuntime(model) as rt:
         for t, (x, y) in enumerate(tasks):
@@ -101,20 +107,13 @@ def test_every_method_trains_deploys_and_keeps_its_promise_on_every_network(meth
             assert float((logits.argmax(1) == y).mean()) == results["acc_matrix"][-1][t]
             graph = ort.InferenceSession(str(tmp_path / "onnx" / index["tasks"][t]["file"]),
                                          providers=["CPUExecutionProvider"])
-            assert np.abs(graph.run(None, {"x": x})[0] - logits).max() <= tolerance(model, t, x, logits)
+            assert np.abs(graph.run(None, {"x": x})[0] - logits).max() <= tolerance(packed, t, x, logits)
 
 
-def tolerance(model: str, t: int, x: np.ndarray, logits: np.ndarray) -> float:
+def tolerance(packed: PackedModel, t: int, x: np.ndarray, logits: np.ndarray) -> float:
     """1e-4 of the logits' scale, or — for a model that float32 cannot evaluate that closely — 4× the distance
     between its float32 and float64 forwards in torch (its own rounding sensitivity: no two float32 kernels agree
     more closely than that)."""
-    import torch
-
-    from edgecl import artifact
-    from edgecl.deltas import materialize
-    from edgecl.train.models import forward
-
-    packed = artifact.load(model).to_packed()
     weights = materialize(packed, t)
     out = [forward(packed.arch, {k: torch.tensor(np.asarray(v), dtype=dtype) for k, v in weights.items()},
                    torch.tensor(x, dtype=dtype), train=False).double().numpy() for dtype in (torch.float32, torch.float64)]

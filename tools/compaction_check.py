@@ -33,31 +33,20 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
-    import onnxruntime as ort
-
-    from edgecl.export import export_onnx
-    from edgecl.runtime import TaskRuntime
     from edgecl.train.data import make_stream, parse_input_shape
+    from own_network_acceptance import runtime_and_onnx
 
     results = json.load(open(os.path.join(args.run, "results.json")))
-    model = os.path.join(args.run, "model.edgecl")
     shape = parse_input_shape(args.input_shape) if args.input_shape else None
     stream = make_stream(args.stream, len(results["acc_matrix"]), args.seed, shape)
-    with TaskRuntime(model) as rt:
-        logits = [rt.infer(task.x_test, task=t) for t, task in enumerate(stream.tasks)]
-    rows = [{"task": t, "runtime_acc": float(np.mean(y.argmax(1) == task.y_test)),
-             "results_acc": results["acc_matrix"][-1][t]} for t, (y, task) in enumerate(zip(logits, stream.tasks))]
     with tempfile.TemporaryDirectory() as folder:
-        for compact in (True, False):
-            out = os.path.join(folder, "compact" if compact else "dense")
-            index = export_onnx(model, out, compact=compact, progress=False, latency=compact)
-            for row, entry, task, ref in zip(rows, index["tasks"], stream.tasks, logits):
-                y = ort.InferenceSession(os.path.join(out, entry["file"]), providers=["CPUExecutionProvider"]).run(
-                    None, {index["input"]["name"]: task.x_test})[0]
-                row[f"{'compacted' if compact else 'dense'}_vs_runtime_max_abs"] = float(np.abs(y - ref).max())
-                if compact:
-                    row.update(params_dense=entry["params_dense"], params_compact=entry["params_compact"],
-                               latency_ms=entry.get("latency_ms"), layers=entry["compaction"].get("layers"))
+        logits, diffs, entries = runtime_and_onnx(os.path.join(args.run, "model.edgecl"), stream, folder, latency=True)
+    rows = [{"task": t, "runtime_acc": float(np.mean(y.argmax(1) == task.y_test)),
+             "results_acc": results["acc_matrix"][-1][t], "compacted_vs_runtime_max_abs": diffs["compacted"][t],
+             "dense_vs_runtime_max_abs": diffs["folded"][t], "params_dense": entry["params_dense"],
+             "params_compact": entry["params_compact"], "latency_ms": entry.get("latency_ms"),
+             "layers": entry["compaction"].get("layers")}
+            for t, (y, task, entry) in enumerate(zip(logits, stream.tasks, entries))]
     report = {"machine": machine_info(), "args": vars(args), "method": results.get("method"),
               "config": results.get("config"), "acc": results["acc"], "bwt": results["bwt"], "tasks": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -48,39 +48,38 @@ def parse_sets(items: list[str]) -> dict[str, dict]:
     return out
 
 
-def deployed_checks(path: str, results: dict, stream, folder: str) -> dict:
-    """Runtime accuracy per task vs results.json, and ONNX (folded, compacted) vs runtime logits."""
+def runtime_and_onnx(path: str, stream, folder: str, latency: bool = False) -> tuple[list, dict, list]:
+    """The runtime's logits per task; per exported form ("folded", "compacted") the largest |ONNX − runtime| per
+    task; the compacted export's index entries (parameters, compaction, and with `latency` its timing)."""
     import onnxruntime as ort
 
     from edgecl.export import export_onnx
     from edgecl.runtime import TaskRuntime
 
-    final = results["acc_matrix"][-1]
-    runtime_acc, logits = [], []
     with TaskRuntime(path) as rt:
-        for t, task in enumerate(stream.tasks):
-            y = rt.infer(task.x_test, task=t)
-            logits.append(y)
-            runtime_acc.append(float(np.mean(y.argmax(1) == task.y_test)))
-    diffs = {}
+        logits = [rt.infer(task.x_test, task=t) for t, task in enumerate(stream.tasks)]
+    diffs, entries = {}, []
     for compact in (False, True):
         out = os.path.join(folder, f"onnx_{'compact' if compact else 'folded'}")
-        index = export_onnx(path, out, compact=compact, progress=False)
-        worst = 0.0
-        for entry, task, ref in zip(index["tasks"], stream.tasks, logits):
-            session = ort.InferenceSession(os.path.join(out, entry["file"]), providers=["CPUExecutionProvider"])
-            y = session.run(None, {index["input"]["name"]: task.x_test})[0]
-            worst = max(worst, float(np.abs(y - ref).max()))
-        diffs["compacted" if compact else "folded"] = worst
-        if compact:
-            diffs["params_dense"] = [e["params_dense"] for e in index["tasks"]]
-            diffs["params_compact"] = [e["params_compact"] for e in index["tasks"]]
+        index = export_onnx(path, out, compact=compact, progress=False, latency=latency and compact)
+        diffs["compacted" if compact else "folded"] = [
+            float(np.abs(ort.InferenceSession(os.path.join(out, entry["file"]), providers=["CPUExecutionProvider"])
+                         .run(None, {index["input"]["name"]: task.x_test})[0] - ref).max())
+            for entry, task, ref in zip(index["tasks"], stream.tasks, logits)]
+        entries = index["tasks"]
+    return logits, diffs, entries
+
+
+def deployed_checks(path: str, results: dict, stream, folder: str) -> dict:
+    """Runtime accuracy per task vs results.json, and ONNX (folded, compacted) vs runtime logits."""
+    logits, per_task, entries = runtime_and_onnx(path, stream, folder)
+    runtime_acc = [float(np.mean(y.argmax(1) == task.y_test)) for y, task in zip(logits, stream.tasks)]
+    worst = {kind: max(values) for kind, values in per_task.items()}
     largest = max(float(np.abs(y).max()) for y in logits)
-    worst = max(v for k, v in diffs.items() if not k.startswith("params"))
-    return {"runtime_acc": runtime_acc, "runtime_equals_results": runtime_acc == final,
-            "onnx_vs_runtime_max_abs": {k: v for k, v in diffs.items() if not k.startswith("params")},
-            "largest_logit": largest, "onnx_vs_runtime_scaled": worst / max(1.0, largest),
-            "params_dense": diffs["params_dense"], "params_compact": diffs["params_compact"]}
+    return {"runtime_acc": runtime_acc, "runtime_equals_results": runtime_acc == results["acc_matrix"][-1],
+            "onnx_vs_runtime_max_abs": worst, "largest_logit": largest,
+            "onnx_vs_runtime_scaled": max(worst.values()) / max(1.0, largest),
+            "params_dense": [e["params_dense"] for e in entries], "params_compact": [e["params_compact"] for e in entries]}
 
 
 def judge(rows: dict[str, dict]) -> dict[str, dict]:
@@ -113,7 +112,7 @@ def previous_rows(args: argparse.Namespace) -> dict[str, dict]:
     if differ:
         sys.exit(f"--update: {args.out} measured another run ({', '.join(differ)} differ)")
     for name, row in old["methods"].items():
-        row.setdefault("set", {k: v for k, v in parse_sets(old["args"].get("set", [])).get(name, {}).items()})
+        row.setdefault("set", parse_sets(old["args"].get("set", [])).get(name, {}))
         deployed = row["deployed"]  # rows from before the relative criterion: the absolute figure bounds it
         deployed.setdefault("onnx_vs_runtime_scaled", max(deployed["onnx_vs_runtime_max_abs"].values()))
     return old["methods"]
