@@ -88,6 +88,9 @@ class PackedModel:
     def read_task(self, t: int) -> dict[str, np.ndarray]:
         return dict(self.task_tensors[t])
 
+    def task_blobs(self, names: set[str]) -> None:
+        return None  # nothing to read again: a consumer keeps references to these arrays
+
     def materialize(self, task: int | str) -> dict[str, np.ndarray]:
         return materialize(self, task)
 

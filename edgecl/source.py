@@ -54,6 +54,11 @@ class ModelSource(Protocol):
     def materialize(self, task: int | str) -> dict[str, np.ndarray]:
         """Dense float32 tensors of one task: trunk and head (`edgecl.deltas.materialize`)."""
 
+    def task_blobs(self, names: set[str]) -> Any:
+        """Every task's tensors `names`, to read one at a time later, also after this source is closed
+        (`edgecl.artifact.reader.TaskBlobs`: ``shape(t, name)``, ``read(t, name)``, ``close()``); None for a model in
+        memory, whose arrays a consumer simply keeps."""
+
 
 def open_model(source: Any) -> ModelSource:
     """`str | os.PathLike` (an artifact file, opened lazily: header and manifest validated), an opened `Artifact`,

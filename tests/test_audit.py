@@ -57,6 +57,24 @@ def test_prediction_within_15_percent_of_measured_rss(demo_like, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+def test_task_tensor_choices_are_audited_as_run(demo_like):
+    """`--task-tensors resident` charges every task's head, `cached` (the default here) the one slot's; both
+    predictions hold against the measured RSS of a fresh process, and the audit says how many more tasks fit."""
+    path, packed = demo_like
+    heads = sum(tt[n].nbytes for tt in packed.task_tensors for n in ("head.weight", "head.bias"))
+    reports = {}
+    for choice in ("resident", "cached"):
+        done = edgecl("audit", str(path), "--budget", "64MiB", "--json", "--task-tensors", choice)
+        assert done.returncode == 0, done.stderr
+        reports[choice] = json.loads(done.stdout)
+        assert abs(reports[choice]["resident"]["relative_error"]) <= 0.15, reports[choice]["resident"]
+    held = {c: r["resident"]["predicted"]["model tensors"] for c, r in reports.items()}
+    assert held["resident"] - held["cached"] == heads
+    assert reports["cached"]["more_tasks_fit"] > reports["resident"]["more_tasks_fit"]
+    bad = edgecl("audit", str(path), "--budget", "64MiB", "--task-tensors", "lazy")
+    assert bad.returncode == 2 and "--task-tensors" in bad.stderr
+
+
 @pytest.mark.parametrize("shape", ["finetune", "lowrank"])
 def test_factored_models_predicted_within_15_percent(shape, tmp_path):
     """A wide MLP whose layers are constants (shared trunk) or factored (low rank): ONNX Runtime's own copies of the

@@ -30,13 +30,32 @@ def test_a_few_threads_share_one_slot():
     run_threads("inplace", 1, "lps", 4, 100)
 
 
-def run_threads(strategy: str, cache: int | None, shape: str, n_threads: int, calls: int) -> None:
+@pytest.mark.slow
+def test_threads_reading_heads_on_misses(tmp_path):
+    """From a file, heads live in the slots and are read from the artifact on a miss, by whichever thread fills."""
+    run_threads("inplace", 2, "lps", THREADS, CALLS, tmp_path)
+
+
+def test_a_few_threads_read_heads_into_one_slot(tmp_path):
+    run_threads("inplace", 1, "lps", 4, 100, tmp_path)
+
+
+def run_threads(strategy: str, cache: int | None, shape: str, n_threads: int, calls: int, folder=None) -> None:
+    """`folder`: serve the model from an artifact written there, task tensors read on a miss, instead of memory."""
     packed = random_packed(preset("mlp"), n_tasks=5, classes=(10, 4, 6), shape=shape)
     inputs = np.random.default_rng(3).standard_normal((16, 2, 1, 8, 8)).astype(np.float32)
     expected = [[ort.InferenceSession(build_onnx(packed.arch, materialize(packed, t)).SerializeToString(),
                                       providers=["CPUExecutionProvider"]).run(None, {"x": x})[0] for x in inputs]
                 for t in range(packed.n_tasks)]
-    runtime = TaskRuntime(packed, strategy=strategy, cache_tasks=cache, threads=1)
+    model = packed
+    if folder is not None:
+        from edgecl import artifact
+        model = folder / "model.edgecl"
+        artifact.save(packed, model)
+    cached = {"task_tensors": "cached"} if folder is not None else {}
+    runtime = TaskRuntime(model, strategy=strategy, cache_tasks=cache, threads=1, **cached)
+    if folder is not None:
+        assert {p.name for p in runtime.plans if p.plan == "read"} == {"head.weight", "head.bias"}
     failures: list[str] = []
     done = [0] * n_threads
 

@@ -120,7 +120,6 @@ def test_permutations_and_a_task_without_one():
 
 
 def test_graph_with_add_concat_depthwise_and_gate():
-    pytest.importorskip("torch")
     from torch_nets import spec_and_weights
 
     arch = spec_and_weights("custom residual + concat", (3, 16, 16))[0]

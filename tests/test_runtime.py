@@ -89,7 +89,7 @@ def test_lenet_and_resnet_switch(tmp_path):
 @pytest.mark.slow
 def test_real_training_accuracy_survives_the_runtime():
     """A finetune model trained on real digits: the runtime's predictions equal the training engine's."""
-    torch = pytest.importorskip("torch")
+    import torch
     from edgecl.train.data import make_stream
     from edgecl.train.engine import predict, run
     from edgecl.train.protocol import TrainContext
@@ -106,9 +106,10 @@ def test_real_training_accuracy_survives_the_runtime():
 
 
 def test_runtime_keeps_only_what_a_switch_reads(tmp_path):
-    """From an LPS artifact the in-place runtime keeps the base weights, the heads and 1 bit per weight per task, not
-    the decoded sharing masks or the owner maps, and its ledger charges exactly that; per-task sessions keep none of
-    the model. Both still equal the references."""
+    """From an LPS artifact the in-place runtime keeps the base weights, the heads (with ``task_tensors="resident"``;
+    the default reads them on a miss, see the next test) and 1 bit per weight per task, not the decoded sharing masks
+    or the owner maps, and its ledger charges exactly that; per-task sessions keep none of the model. Both still
+    equal the references."""
     from edgecl import artifact
 
     packed = random_packed(preset("mlp"), n_tasks=6, shape="lps")
@@ -116,7 +117,7 @@ def test_runtime_keeps_only_what_a_switch_reads(tmp_path):
     artifact.save(packed, path)
     refs = references(packed)
     x = np.random.default_rng(4).standard_normal((3, 1, 8, 8)).astype(np.float32)
-    runtime = TaskRuntime(path, strategy="inplace", cache_tasks=2)
+    runtime = TaskRuntime(path, strategy="inplace", cache_tasks=2, task_tensors="resident")
     held = [a for p in runtime.plans for a in [*([p.base] if p.base is not None else []), *p.task_arrays()]]
     assert not any(a.dtype == np.bool_ for a in held)
     weights = sum(a.nbytes for name, a in packed.base.items() if not name.endswith(":owner"))
@@ -266,7 +267,7 @@ def test_factored_layers_of_trained_models_match_references(method, config, arch
     """Node masks, permutations and low-rank factors of real trained models are applied to activations around a
     constant, pre-packed base weight (every layer factored here, whatever its size); every task still equals its
     folded reference, and a switch copies nothing but masked biases."""
-    torch = pytest.importorskip("torch")
+    import torch
     from edgecl.train.data import make_stream
     from edgecl.train.engine import run
     from edgecl.train.protocol import TrainContext

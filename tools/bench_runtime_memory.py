@@ -11,7 +11,8 @@ artifacts) and any `--artifact` given, each measured in a fresh process per code
   audit reports the same numbers), their sum = resident model bytes;
 - the numpy heap the runtime holds once built (tracemalloc, in a second fresh process: every numpy array is traced),
   minus its one cache slot — an independent count of the same bytes;
-- the process's RSS increase while the runtime is built and serves one batch (includes ONNX Runtime itself).
+- the process's RSS increase while the runtime is built and serves one batch (includes ONNX Runtime itself), and
+  the audit's error: (the whole ledger − that increase) / that increase, what `edgecl audit` reports.
 
 Every runtime is `strategy="inplace", cache_tasks=1`, batch 8, as `edgecl audit` builds it. Prints a table and
 writes JSON with the machine and versions.
@@ -61,9 +62,10 @@ def measure(tree: Path, path: str) -> dict:
         runs[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     ledger = runs["rss"]["ledger"]
     model, masks = ledger.get("model tensors", 0), ledger.get("task masks", 0)
+    rss = runs["rss"]["rss_increase"]
     return {"model_tensors": model, "task_masks": masks, "resident_model_bytes": model + masks,
             "numpy_heap_minus_slot": runs["traced"]["numpy_heap"] - ledger.get("cache slot 0", 0),
-            "rss_increase": runs["rss"]["rss_increase"], "ledger": ledger}
+            "rss_increase": rss, "audit_error": (sum(ledger.values()) - rss) / rss, "ledger": ledger}
 
 
 WRITER = """
@@ -101,16 +103,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         models = synthetic_artifacts([int(n) for n in args.tasks.split(",") if n], Path(folder),
                                      trees.get("baseline", ROOT))
-        models.update({f"artifact {os.path.basename(p)}": p for p in args.artifact})
+        models.update({f"artifact {Path(p).parent.name}/{Path(p).name}": p for p in args.artifact})
         rows = [{"model": name, "file_bytes": os.path.getsize(path),
                  **{label: measure(tree, path) for label, tree in trees.items()}} for name, path in models.items()]
     print(f"{'model':<28} {'tree':<9} {'model tensors':>13} {'task masks':>10} {'resident':>10} "
-          f"{'numpy heap':>10} {'RSS incr.':>10}")
+          f"{'numpy heap':>10} {'RSS incr.':>10} {'audit':>7}")
     for row in rows:
         for label in trees:
             m = row[label]
             print(f"{row['model']:<28} {label:<9} {m['model_tensors']:>13,} {m['task_masks']:>10,} "
-                  f"{m['resident_model_bytes']:>10,} {m['numpy_heap_minus_slot']:>10,} {m['rss_increase']:>10,}")
+                  f"{m['resident_model_bytes']:>10,} {m['numpy_heap_minus_slot']:>10,} {m['rss_increase']:>10,} "
+                  f"{m['audit_error']:>+7.1%}")
         if "baseline" in row:
             row["baseline_over_now"] = {key: row["baseline"][key] / max(1, row["now"][key]) for key in
                                         ("model_tensors", "resident_model_bytes", "numpy_heap_minus_slot",

@@ -8,6 +8,7 @@ problem with a step list or stored bytes is a ValueError; the reader turns it in
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import zstandard
@@ -63,6 +64,18 @@ def encode(arr: np.ndarray, steps: list[str], support: np.ndarray | None, ref: n
     return np.ascontiguousarray(a).tobytes()
 
 
+_LOCAL = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor: making one costs ~16 µs, more than decoding a small head (a decompressor is not
+    thread-safe, so one per thread)."""
+    d = getattr(_LOCAL, "zstd", None)
+    if d is None:
+        d = _LOCAL.zstd = zstandard.ZstdDecompressor()
+    return d
+
+
 def unzstd(data: bytes, size: int) -> bytes:
     """Exactly one zstd frame that declares exactly `size` bytes; never allocates more than that."""
     try:
@@ -71,7 +84,7 @@ def unzstd(data: bytes, size: int) -> bytes:
         raise ValueError("not a zstd frame") from None
     if declared != size:
         raise ValueError(f"zstd frame declares {declared} bytes, the manifest {size}")
-    obj = zstandard.ZstdDecompressor().decompressobj()
+    obj = _decompressor().decompressobj()
     try:
         out = obj.decompress(data)
     except zstandard.ZstdError as exc:

@@ -88,20 +88,10 @@ class Artifact:
 
     # -- blobs
     def _read_blob(self, key: str, support: np.ndarray | None = None, ref: np.ndarray | None = None) -> np.ndarray:
-        e = self.blobs[key]
         start, stop = self.blob_range(key)
         data = self._pread(stop - start, start, f"blob {key!r}")
         self.reads.append(key)
-        if container.checksum(data) != e["blake2b"]:
-            raise self._fail(f"blob {key!r}", "checksum mismatch: stored bytes are damaged")
-        try:
-            arr = decode(data, np.dtype(e["dtype"]), tuple(e["shape"]), e["encoding"], support, ref)
-        except (ValueError, IndexError) as exc:
-            raise self._fail(f"blob {key!r}", f"cannot decode: {exc}") from None
-        bad = nonfinite_count(arr)
-        if bad:  # never stored by `save`: a forged file, refused before anything computes on it
-            raise self._fail(f"blob {key!r}", f"{bad} NaN/inf values; artifacts hold only finite numbers")
-        return arr
+        return _verified(self.path, key, self.blobs[key], data, support, ref)
 
     def _owner_el(self, name: str) -> np.ndarray:
         """The owner of every element of LPS tensor `name`, flat in C order."""
@@ -236,6 +226,76 @@ class Artifact:
     def verify(self) -> None:
         """Read and check every blob; ArtifactError on the first problem."""
         self.to_packed()
+
+    def task_blobs(self, names: set[str]) -> "TaskBlobs":
+        """Every task's blobs of the tensors `names` (stored as themselves: heads, per-task biases, STL trunks), to
+        read again later, also after this `Artifact` is closed."""
+        entries = {}
+        for key, e in self.blobs.items():
+            if e["scope"] != "base" and e["name"] in names:
+                if "xor" in e["encoding"] or "support" in e["encoding"]:
+                    raise UsageError(f"{self.path}: blob {key!r} is coded against other blobs; it cannot be read alone")
+                entries[(e["scope"], e["name"])] = (key, *self.blob_range(key), e)
+        return TaskBlobs(self.path, os.dup(self._file.fileno()), entries, checked=set(self.reads))
+
+
+class TaskBlobs:
+    """Chosen task blobs of an artifact, readable after the `Artifact` that made them is closed: a duplicate of its
+    file handle and those blobs' entries, nothing else. The runtime keeps one to read a task's heads into a cache
+    slot on a switch miss instead of holding every task's. The handle reads the file as it was opened: `save` and
+    `append_task` replace a file by renaming a new one over it, which leaves this handle's bytes as they were."""
+
+    def __init__(self, path: str, fd: int, entries: dict[tuple[int, str], tuple[str, int, int, dict[str, Any]]],
+                 checked: set[str] | None = None):
+        self.path, self._fd, self._entries = path, fd, entries
+        # blobs already decoded and found finite (by the Artifact, or a first read here): bytes that match their
+        # BLAKE2b again decode to the same finite values, so the scan for NaN/inf is not repeated on every miss
+        self._finite = set(checked or ())
+
+    def shape(self, t: int, name: str) -> tuple[int, ...]:
+        """The decoded shape of task t's tensor `name` (from the manifest: nothing is read)."""
+        return tuple(self._entries[(t, name)][3]["shape"])
+
+    def read(self, t: int, name: str) -> np.ndarray:
+        """Task t's tensor `name`, read, verified against its BLAKE2b and decoded now; ArtifactError if the bytes on
+        disk are damaged or gone."""
+        key, start, stop, e = self._entries[(t, name)]
+        if self._fd < 0:
+            raise UsageError(f"{self.path}: its task blobs were closed")
+        try:
+            data = os.pread(self._fd, stop - start, start)
+        except OSError as exc:
+            raise ArtifactError(self.path, f"blob {key!r}", f"read failed: {exc}") from None
+        if len(data) != stop - start:
+            raise ArtifactError(self.path, f"blob {key!r}", f"file ends early: wanted {stop - start} bytes at offset "
+                                                            f"{start}, got {len(data)}")
+        arr = _verified(self.path, key, e, data, finite=key not in self._finite)
+        self._finite.add(key)
+        return arr
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            self.close()
+
+
+def _verified(path: str, key: str, e: dict[str, Any], data: bytes, support: np.ndarray | None = None,
+              ref: np.ndarray | None = None, finite: bool = True) -> np.ndarray:
+    """A blob's stored bytes checked against its BLAKE2b, decoded, and (`finite`) refused if they hold NaN or inf."""
+    if container.checksum(data) != e["blake2b"]:
+        raise ArtifactError(path, f"blob {key!r}", "checksum mismatch: stored bytes are damaged")
+    try:
+        arr = decode(data, np.dtype(e["dtype"]), tuple(e["shape"]), e["encoding"], support, ref)
+    except (ValueError, IndexError) as exc:
+        raise ArtifactError(path, f"blob {key!r}", f"cannot decode: {exc}") from None
+    bad = nonfinite_count(arr) if finite else 0
+    if bad:  # never stored by `save`: a forged file, refused before anything computes on it
+        raise ArtifactError(path, f"blob {key!r}", f"{bad} NaN/inf values; artifacts hold only finite numbers")
+    return arr
 
 
 def load(path: str | os.PathLike) -> Artifact:

@@ -1,5 +1,5 @@
 """`edgecl audit ARTIFACT --budget 32MiB [--batch 8] [--device cpu|cuda] [--device-budget 2GiB]
-[--strategy inplace|sessions] [--json] [--plot out.png]`.
+[--strategy inplace|sessions] [--task-tensors auto|resident|cached] [--json] [--plot out.png]`.
 Exit 0 when the artifact fits the budget (and, on cuda, the device budget), 1 when it does not, 2 on bad input."""
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default="inplace", choices=("inplace", "sessions"),
                    help="the runtime strategy to audit: one session switched in place (default, one cache slot), or "
                         "one session per task")
+    p.add_argument("--task-tensors", default="auto", choices=("auto", "resident", "cached"),
+                   help="in place: heads and other per-task tensors kept for every task (resident) or only in the "
+                        "cache slot, read from the file on a miss (cached); auto caches them where a switch writes "
+                        "weights anyway and they are >= 10%% of the resident model (default)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--plot", help="write a PNG: bytes against task count, and the resident breakdown")
 
@@ -25,7 +29,7 @@ def main(args: argparse.Namespace) -> int:
     from edgecl.runtime.audit import audit, budget_summary, plot
 
     report = audit(args.artifact, args.budget, args.batch, args.device, args.strategy,
-                   device_budget=args.device_budget)
+                   device_budget=args.device_budget, task_tensors=args.task_tensors)
     if args.plot:
         report["plot"] = str(plot(report, args.plot))
     print(json.dumps(report, indent=2, default=str) if args.json else budget_summary(report))

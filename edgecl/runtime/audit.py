@@ -68,7 +68,7 @@ def _marginal_task_bytes(per_task: list[int]) -> float:
 
 
 def resident_audit(source: Any, batch: int = 8, device: str = "cpu", strategy: str = "inplace",
-                   cache_tasks: int = 1, resident: str | None = None) -> dict[str, Any]:
+                   cache_tasks: int = 1, resident: str | None = None, task_tensors: str = "auto") -> dict[str, Any]:
     """Predicted and measured resident bytes of a runtime serving `source` at `batch`.
 
     The measurement is the RSS increase from before loading to after every cache slot has served one batch; it is
@@ -84,7 +84,8 @@ def resident_audit(source: Any, batch: int = 8, device: str = "cpu", strategy: s
     gc.collect()
     before, device_before = process_rss(), probe.used_bytes() if probe else None
     runtime = TaskRuntime(src if in_memory else src.origin, device=device, strategy=strategy,
-                          cache_tasks=cache_tasks, max_batch=batch, charge_environment=True, resident=resident)
+                          cache_tasks=cache_tasks, max_batch=batch, charge_environment=True, resident=resident,
+                          task_tensors=task_tensors)
     x = np.zeros((batch, *runtime.input_shape), np.float32)
     # what the runtime holds in service: every cache slot filled in place; every task's session (and so each
     # session's arena) used under `sessions`
@@ -124,10 +125,10 @@ def _device_section(runtime: TaskRuntime, probe: Any, before: int | None) -> dic
 
 def audit(artifact: Any, budget: int | str, batch: int = 8, device: str = "cpu",
           strategy: str = "inplace", device_budget: int | str | None = None,
-          resident: str | None = None) -> dict[str, Any]:
+          resident: str | None = None, task_tensors: str = "auto") -> dict[str, Any]:
     """Full audit against a budget: static + resident for `strategy` (in place with one cache slot, or a session
-    per task), whether it fits, and how many more tasks would fit. On the device path the device bytes are judged
-    against `device_budget` (when given) apart from host RAM."""
+    per task; `task_tensors` as `TaskRuntime`'s), whether it fits, and how many more tasks would fit. On the device
+    path the device bytes are judged against `device_budget` (when given) apart from host RAM."""
     limit = parse_budget(budget)
     device_limit = parse_budget(device_budget)
     if limit is None:
@@ -137,7 +138,7 @@ def audit(artifact: Any, budget: int | str, batch: int = 8, device: str = "cpu",
     if strategy not in ("inplace", "sessions"):
         raise UsageError(f"audit strategy must be inplace or sessions, got {strategy!r}")
     src = open_model(artifact)
-    report = resident_audit(src, batch, device, strategy, resident=resident)
+    report = resident_audit(src, batch, device, strategy, resident=resident, task_tensors=task_tensors)
     static = static_audit(src)
     return _judge(report, static, limit, device_limit, src.n_tasks)
 

@@ -102,15 +102,17 @@ def held_bytes(arrays: Iterable[np.ndarray]) -> int:
     return sum(owners.values())
 
 
-def model_floor(arch: Arch, params: dict[str, dict], tasks: list, strategy: str) -> dict[str, int]:
+def model_floor(arch: Arch, params: dict[str, dict], tasks: list, strategy: str,
+                read_on_miss: bool = False) -> dict[str, int]:
     """The least a runtime of `strategy` can keep of a model, per part, from its architecture, delta specs and task
     list alone — the manifest, before any tensor is read — so a budget it cannot meet is refused before a blob is
-    decoded: every task's head and per-task tensors (each strategy keeps them), and in place the base weights (one
-    float32 copy each), LPS keep bits (1 bit per weight per task) and one session; per task a session otherwise."""
+    decoded: every task's head and per-task tensors (each strategy keeps them; the largest task's alone where they
+    may be `read_on_miss` into one cache slot), and in place the base weights (one float32 copy each), LPS keep bits
+    (1 bit per weight per task) and one session; per task a session otherwise."""
     shapes = [param_shapes(arch, info.n_classes) for info in tasks]
-    own = sum(4 * math.prod(s[name]) for s in shapes for name, spec in params.items()
-              if spec.get("kind") == "task" and name in s)
-    floor = {"heads and per-task tensors": own}
+    own = [sum(4 * math.prod(s[name]) for name, spec in params.items() if spec.get("kind") == "task" and name in s)
+           for s in shapes]
+    floor = {"heads and per-task tensors": max(own, default=0) if read_on_miss else sum(own)}
     trunk = param_shapes(arch)
     if strategy == "inplace":
         floor["base weights"] = sum(4 * math.prod(trunk[name]) for name, spec in params.items()

@@ -15,6 +15,7 @@ masked     lps, node (conv)                            where(keep_t, base, 0), k
 permute    permute (conv, biases)                      np.take of the base rows into the buffer
 generic    lowrank (conv, or where unfolding is not    `materialize_param` into the buffer (low rank: in place)
            smaller), anything else
+read       task, in place of ``own`` (`read_on_miss`)   the task's blob read from the artifact into the buffer
 =========  ==========================================  ==================================================
 
 Factored linear layers (``forms``): a delta that is a function of the layer's input and output is applied to the
@@ -25,13 +26,14 @@ unfolded", taken when its k(J+I)+J+I numbers are fewer than the J·I of the fold
 
 Plans keep only what a switch reads. They are built task by task from a lazy `ModelSource` (`read_plans`), so the
 decoded LPS sharing masks (a byte per element, growing with the square of the task count) and the owner maps live
-only while the keep bits are made, never all at once and never after.
+only while the keep bits are made, never all at once and never after. `read_on_miss` turns the task tensors (heads,
+…) into ``read`` plans, so only the cached tasks' are resident, read from the artifact again on a miss.
 """
 from __future__ import annotations
 
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -59,8 +61,10 @@ class TensorPlan:
     shape: tuple[int, ...]
     base: np.ndarray | None = None
     # own: arrays; masked: packed keep bits; permute: indices or None; generic: a one-task model holding only this
-    # tensor's base (also `base`) and the task's pieces of it (what `materialize_param` reads)
+    # tensor's base (also `base`) and the task's pieces of it (what `materialize_param` reads); read: nothing
     per_task: list = field(default_factory=list)
+    reader: Any = None  # read: the `TaskBlobs` a miss reads this tensor from
+    task_shapes: list = field(default_factory=list)  # read: each task's shape (`shape`, the buffer's, is the largest)
 
     @property
     def constant(self) -> bool:
@@ -74,7 +78,7 @@ class TensorPlan:
     @property
     def varies(self) -> bool:
         """True when a task switch must write this tensor into a buffer."""
-        return self.plan in ("masked", "permute", "generic")
+        return self.plan in ("masked", "permute", "generic", "read")
 
     @property
     def keeps_masks(self) -> bool:
@@ -94,6 +98,14 @@ class TensorPlan:
             elif item is not None:
                 yield item
 
+    def task_view(self, out: np.ndarray, t: int) -> np.ndarray:
+        """The part of a slot's buffer `out` that holds task t's values: all of it, except for a `read` tensor whose
+        shape differs among tasks (a head's rows): the first elements, shaped as task t's tensor."""
+        if self.plan != "read" or tuple(self.task_shapes[t]) == tuple(out.shape):
+            return out
+        shape = self.task_shapes[t]
+        return out.reshape(-1)[:int(np.prod(shape))].reshape(shape)
+
     def fill(self, t: int, out: np.ndarray, pool: Executor | None = None, workers: int = 1) -> None:
         """Write task t's values of this tensor into `out` (a float32 buffer of `shape`). With a thread pool, a large
         masked tensor is written in parallel ranges (numpy releases the GIL: 2.9× faster on 4 cores of a Xeon)."""
@@ -105,6 +117,8 @@ class TensorPlan:
             step = -(-base.size // (workers * CHUNK)) * CHUNK  # whole chunks: ranges start on byte boundaries
             ranges = [(lo, min(lo + step, base.size)) for lo in range(0, base.size, step)]
             list(pool.map(lambda r: masked_copy(base, bits, flat, *r), ranges))
+        elif self.plan == "read":
+            np.copyto(self.task_view(out, t), self.reader.read(t, self.name), casting="unsafe")
         elif self.plan == "permute":
             perm = self.per_task[t]
             np.copyto(out, self.base) if perm is None else np.take(self.base, perm, axis=0, out=out)
@@ -331,6 +345,25 @@ def _factor_plans(reader: _TaskReader, weight: str, form: str, shape: tuple[int,
                     for info in reader.src.tasks]
     return [TensorPlan(f"{weight}:{part}", "own", per_task[0][part].shape, None, [parts[part] for parts in per_task])
             for part in per_task[0]]
+
+
+def read_on_miss(plans: list[TensorPlan], src: ModelSource) -> tuple[list[TensorPlan], Any]:
+    """`plans` with every task tensor (kind "task": heads, per-task biases and statistics, STL trunks) read from the
+    artifact into a cache slot on a miss instead of kept for every task, and the `TaskBlobs` they read (the caller
+    closes it); `plans` unchanged and None when `src` is in memory (nothing to read again)."""
+    names = {p.name for p in plans if p.plan == "own" and src.params.get(p.name, {}).get("kind") == "task"}
+    blobs = src.task_blobs(names) if names else None
+    if blobs is None:
+        return plans, None
+    out = []
+    for p in plans:
+        if p.name not in names:
+            out.append(p)
+            continue
+        shapes = [blobs.shape(t, p.name) for t in range(src.n_tasks)]
+        out.append(TensorPlan(p.name, "read", tuple(max(sizes) for sizes in zip(*shapes)), reader=blobs,
+                              task_shapes=shapes))
+    return out, blobs
 
 
 def build_plans(src: ModelSource, factored: bool = False) -> list[TensorPlan]:

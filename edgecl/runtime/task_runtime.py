@@ -36,9 +36,10 @@ from edgecl.runtime.inputs import check_device_input, check_device_output, check
 from edgecl.runtime.per_task import PerTaskSessions
 from edgecl.runtime.process_memory import process_rss, return_free_heap
 from edgecl.runtime.providers import resolve_providers, session_options
-from edgecl.source import open_model
+from edgecl.source import IN_MEMORY, open_model
 
 STRATEGIES = ("auto", "inplace", "sessions")
+TASK_TENSORS = ("auto", "resident", "cached")
 RESIDENCES = ("host", "device")
 DEFAULT_BATCH = 64
 
@@ -72,20 +73,30 @@ _STRATEGY_TYPES = {"inplace": InPlace, "sessions": PerTaskSessions}
 
 
 class TaskRuntime:
-    """Torch-free multi-task inference. ``switch(task)`` then ``infer(x)``, or ``infer(x, task=...)`` directly."""
+    """Torch-free multi-task inference. ``switch(task)`` then ``infer(x)``, or ``infer(x, task=...)`` directly.
+
+    ``task_tensors``: "cached" keeps heads and other per-task tensors only in the cache slots, read from the artifact
+    file on a miss; "resident" keeps every task's; "auto" caches them for a file whose switches write weights anyway
+    and where they would be a large share of the model (docs/RUNTIME.md, "What stays resident of the model")."""
 
     def __init__(self, artifact: Any, backend: str = "auto", device: str = "cpu", budget: int | str | None = None,
                  *, strategy: str = "auto", cache_tasks: int | None = None, threads: int | None = None,
                  max_batch: int = DEFAULT_BATCH, charge_environment: bool | None = None, factor: bool = True,
-                 device_budget: int | str | None = None, resident: str | None = None, cuda_graph: bool = False):
+                 device_budget: int | str | None = None, resident: str | None = None, cuda_graph: bool = False,
+                 task_tensors: str = "auto"):
         if strategy not in STRATEGIES:
             raise UsageError(f"strategy {strategy!r} unknown (known: {', '.join(STRATEGIES)})")
+        if task_tensors not in TASK_TENSORS:
+            raise UsageError(f"task_tensors {task_tensors!r} unknown (known: {', '.join(TASK_TENSORS)})")
         for name, value in (("cache_tasks", cache_tasks), ("max_batch", max_batch)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise UsageError(f"{name} must be a positive int, got {value!r}")
         self.providers = resolve_providers(backend, device)
         self.device = device
         self.resident = self._residence(resident, strategy, cuda_graph)
+        if task_tensors == "cached" and (self.resident == "device" or strategy == "sessions"):
+            raise UsageError("task_tensors='cached' keeps task tensors in the in-place strategy's host cache slots: "
+                             "the device path keeps every task on the device, per-task sessions hold their own")
         session_options(threads)  # a bad thread count is refused before the model is read
         self.ledger = Ledger(parse_budget(budget))
         self.device_ledger = Ledger(parse_budget(device_budget))  # device memory, apart from host RAM
@@ -105,13 +116,14 @@ class TaskRuntime:
         self._act_per_sample = costs.activation_bytes(self.arch, 1, max(info.n_classes for info in self._tasks))
         chosen = self._choose(strategy, charge_environment, max_batch)
         try:
-            self._check_floor(src, chosen, charge_environment, max_batch)  # before a single tensor is read
+            self._check_floor(src, chosen, charge_environment, max_batch, task_tensors)  # before a tensor is read
             self.ledger.reserve("runtime overhead", costs.RUNTIME_OVERHEAD)
-            device_path = {"resident": self.resident, "device_ledger": self.device_ledger, "cuda_graph": cuda_graph,
-                           "activation_bytes": lambda n: n * self._act_per_sample} if chosen == "inplace" else {}
+            in_place = {"resident": self.resident, "device_ledger": self.device_ledger, "cuda_graph": cuda_graph,
+                        "activation_bytes": lambda n: n * self._act_per_sample,
+                        "task_tensors": task_tensors} if chosen == "inplace" else {}
             self._strategy: Strategy = _STRATEGY_TYPES[chosen](src, self.ledger, device=device,
                                                                providers=self.providers, threads=threads,
-                                                               factor=factor, **device_path)
+                                                               factor=factor, **in_place)
             costs.ENVIRONMENT.charge(self.ledger, charge_environment)
             self._reserve_activations(max_batch)
             self._strategy.start(cache_tasks)
@@ -289,12 +301,15 @@ class TaskRuntime:
         need += sum(costs.task_session_estimate(self.arch, info.n_classes) for info in self._tasks)
         return "sessions" if self.ledger.fits(need) else "inplace"
 
-    def _check_floor(self, src: Any, strategy: str, charge_environment: bool | None, max_batch: int) -> None:
+    def _check_floor(self, src: Any, strategy: str, charge_environment: bool | None, max_batch: int,
+                     task_tensors: str) -> None:
         """BudgetError when the least the model can cost (`costs.model_floor`, from the manifest alone), with ONNX
         Runtime's environment, the runtime's own overhead and the activations at `max_batch`, exceeds the budget:
         refused before any tensor is read or decoded. The host reads the whole model also on the device path (it
         uploads it from there), so its floor is the same; the device's is what stays resident there."""
-        floor = costs.model_floor(self.arch, src.params, self._tasks, strategy)
+        reads = strategy == "inplace" and self.resident == "host" and task_tensors != "resident" \
+            and src.origin != IN_MEMORY  # task tensors may live in one slot, read on a miss
+        floor = costs.model_floor(self.arch, src.params, self._tasks, strategy, reads)
         fixed = {"onnxruntime environment": costs.ENVIRONMENT.due(charge_environment),
                  "runtime overhead": costs.RUNTIME_OVERHEAD, "activations": max_batch * self._act_per_sample}
         if self.resident == "device":

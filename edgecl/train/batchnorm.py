@@ -58,12 +58,14 @@ def leaves(params: Params, device: str | torch.device, trainable=lambda name: Tr
 
 
 def recalibrate(arch: Arch, params: Params, task: TaskData, device: str | torch.device = "cpu",
-                batch_size: int = RECALIBRATION_BATCH) -> None:
+                batch_size: int = RECALIBRATION_BATCH, silence: bool = True) -> None:
     """Set the running statistics in `params` to the average of the batch statistics over the task's training data,
     computed with the final weights (a cumulative average: momentum 1/k on the k-th batch). The moving average
     kept during training trails weights that were still moving: with RGO's SGD (lr 0.1, batch 10) on the resnet
     preset, task 0's accuracy read 0.61 / 0.98 / 0.98 / 0.85 after 2 / 4 / 6 / 8 epochs before this pass. Under
-    several ranks each forwards its slice of every batch and the batch statistics are the global batch's."""
+    several ranks each forwards its slice of every batch and the batch statistics are the global batch's. Then
+    `silence_noise_channels`, unless `silence` is False (a method whose γ is shared with earlier tasks, which a
+    later task's statistics must not change)."""
     if not any(n["op"] == "bn" for n in arch["nodes"]):
         return
     generator = torch.Generator().manual_seed(0)
@@ -73,7 +75,8 @@ def recalibrate(arch: Arch, params: Params, task: TaskData, device: str | torch.
                 break
             pass_k = {**arch, "nodes": [{**n, "momentum": 1.0 / k} if n["op"] == "bn" else n for n in arch["nodes"]]}
             forward(pass_k, params, x, train=True, head=False)
-        silence_noise_channels(arch, params)
+        if silence:
+            silence_noise_channels(arch, params)
 
 
 NOISE_VARIANCE = 1e-6  # × eps: below it a channel's spread over the task's data is float rounding, not signal
