@@ -174,3 +174,14 @@ def test_task_blobs_scan_for_nan_until_a_blob_is_known_finite(tmp_path, lps_file
     blobs.close()
     with pytest.raises(ArtifactError, match=r"task2::head\.weight.*NaN/inf"):
         TaskRuntime(path, strategy="inplace", task_tensors="cached")
+
+
+def test_an_opened_artifact_can_be_closed_by_its_owner(lps_file):
+    """Given an `Artifact` the caller opened, the runtime reads heads through its own duplicate of the handle, so
+    the caller may close theirs."""
+    packed, path = lps_file
+    reference = TaskRuntime(path, strategy="inplace", cache_tasks=1, task_tensors="resident")
+    with artifact.load(path) as art:
+        runtime = TaskRuntime(art, strategy="inplace", cache_tasks=1, task_tensors="cached")
+    for t in (4, 1, 6, 0):
+        np.testing.assert_array_equal(runtime.infer(x_batch(), task=t), reference.infer(x_batch(), task=t))
