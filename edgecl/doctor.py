@@ -87,8 +87,9 @@ def format_report(r: dict[str, Any]) -> str:
         got = ", ".join(entry["providers"]) if "providers" in entry else f"unavailable: {entry['error']}"
         lines.append(f"  device {device:4} backend auto -> {got}")
     fill = r["masked_fill"]
-    if fill["implementation"] == "c":
-        lines.append(f"masked-weight fill: compiled loop ({fill['library']})")
+    if fill["implementation"] != "numpy":
+        lines.append(f"masked-weight fill: compiled loop, build {fill['implementation']} ({fill['build']}; "
+                     f"{fill['library']})")
     else:
         lines.append(f"masked-weight fill: numpy fallback, ~2x slower LPS switches ({fill['why']})")
     lines.append(f"tensorrt: {r['tensorrt'] or 'not installed'}")

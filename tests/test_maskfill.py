@@ -86,3 +86,36 @@ def test_without_the_compiled_loop_the_runtime_uses_numpy_and_says_why():
         "print(maskfill.IMPLEMENTATION, sorted(maskfill.IMPLEMENTATIONS), maskfill.STATUS['why'])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("numpy ['numpy'] not built")
+
+
+def test_both_compiled_builds_exist_where_the_loop_is_built():
+    """`c` (no prefetch) and `c-stream` (non-temporal prefetch) come from one library; a build with only one of them
+    is stale and must not be half used."""
+    if maskfill.STATUS["library"] is None:
+        assert IMPLS == ["numpy"]
+    else:
+        assert IMPLS == ["c", "c-stream", "numpy"], maskfill.STATUS
+
+
+def test_the_default_build_follows_the_cpu_vendor():
+    """The stream build where it was measured to help (an AMD EPYC), the plain one elsewhere (it halved the loop's
+    speed on an Intel Xeon); a forced choice wins."""
+    if "c-stream" not in maskfill.IMPLEMENTATIONS:
+        pytest.skip("no compiled loop in this install (a C compiler was missing): the numpy fallback is tested above")
+    vendor = maskfill._cpu_vendor()
+    expected = os.environ.get("EDGECL_MASKFILL") or ("c-stream" if vendor == "AuthenticAMD" else "c")
+    assert maskfill.IMPLEMENTATION == expected
+    assert vendor in maskfill.STATUS["build"]
+
+
+@pytest.mark.parametrize("value,expect", [("c-stream", "c-stream"), ("numpy", "numpy"), ("fast", None)])
+def test_environment_picks_a_build_or_is_ignored_with_a_reason(value, expect):
+    code = "from edgecl.runtime import maskfill; print(maskfill.IMPLEMENTATION, '|', maskfill.STATUS['why'])"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, EDGECL_MASKFILL=value),
+                         capture_output=True, text=True, check=True).stdout
+    if expect is None:
+        assert "'fast' is not one of" in out
+    elif expect != "numpy" and "c-stream" not in maskfill.IMPLEMENTATIONS:
+        pytest.skip("no compiled loop in this install")
+    else:
+        assert out.startswith(f"{expect} |")

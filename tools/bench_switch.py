@@ -46,7 +46,7 @@ from edgecl.deltas import materialize
 from edgecl.graph.builder import build_onnx
 from edgecl.machine import machine_info
 from edgecl.runtime import TaskRuntime
-from edgecl.runtime.maskfill import IMPLEMENTATION as MASKFILL
+from edgecl.runtime import maskfill
 from edgecl.runtime import plan
 from edgecl.runtime.plan import factor_forms
 from edgecl.synthetic import random_packed
@@ -261,7 +261,8 @@ def main() -> None:
     for shape, met in goals.items():
         print(f"  {shape:9} " + "; ".join(f"{'MET' if ok else 'UNMET'} {goal}" for goal, ok in met.items()))
     with open(args.out, "w") as f:
-        json.dump({"machine": machine_info(), "maskfill": MASKFILL, "args": vars(args), "rows": rows, "goals": goals},
+        json.dump({"machine": machine_info(), "maskfill": maskfill.IMPLEMENTATION,  # as chosen at the first fill
+                   "maskfill_choice": maskfill.STATUS.get("chosen"), "args": vars(args), "rows": rows, "goals": goals},
                   f, indent=2)
     print(f"wrote {os.path.abspath(args.out)}")
 

@@ -4,9 +4,12 @@
  * table of 0 / ~0 words is 1.0-1.2x (tools/bench_switch.py). Plain C with no Python API: loaded through ctypes, which
  * releases the GIL, so several threads can fill ranges of one tensor.
  *
- * The base is read with a non-temporal prefetch: it is streamed once per switch and would otherwise push the freshly
- * written weights out of the last-level cache, which the inference right after the switch reads (measured on a
- * 4.35 M-weight LPS MLP, batch 1: 0.30-0.38 ms instead of 0.43-0.47 ms; per-task dense sessions 0.37-0.51 ms). */
+ * Two builds of the loop. `edgecl_masked_copy_stream` reads the base with a non-temporal prefetch: it is streamed
+ * once per switch and would otherwise push the freshly written weights out of the last-level cache, which the
+ * inference right after the switch reads (measured on an AMD EPYC, 4.35 M-weight LPS MLP, batch 1: 0.30-0.38 ms
+ * instead of 0.43-0.47 ms; per-task dense sessions 0.37-0.51 ms). On an AVX-512 Intel Xeon the same prefetch halves
+ * the loop's speed (2.6 ms instead of 1.3 ms, a memcpy 1.27 ms, for 4.3 M weights), so `edgecl_masked_copy` has no
+ * prefetch; maskfill.py uses the stream build on AMD CPUs and this one elsewhere. */
 #include <stddef.h>
 #include <stdint.h>
 
@@ -26,16 +29,24 @@ void edgecl_maskfill_init(void) {
 }
 
 /* Elements [lo, hi); lo is a multiple of 8 so each range starts on a byte of `bits`. */
+#define MASKED_COPY_BODY(PREFETCH)                                                                     \
+    size_t i = lo;                                                                                     \
+    for (; i + 8 <= hi; i += 8) {                                                                      \
+        if (PREFETCH && (i & 15) == 0 && i + AHEAD < hi)                                               \
+            PREFETCH_STREAM(base + i + AHEAD); /* one per 64-byte line */                              \
+        const uint32_t *m = table[bits[i >> 3]];                                                       \
+        for (int j = 0; j < 8; j++)                                                                    \
+            out[i + j] = base[i + j] & m[j];                                                           \
+    }                                                                                                  \
+    for (; i < hi; i++)                                                                                \
+        out[i] = base[i] & table[bits[i >> 3]][i & 7];
+
 void edgecl_masked_copy(const uint32_t *restrict base, const uint8_t *restrict bits, uint32_t *restrict out,
                         size_t lo, size_t hi) {
-    size_t i = lo;
-    for (; i + 8 <= hi; i += 8) {
-        if ((i & 15) == 0 && i + AHEAD < hi)
-            PREFETCH_STREAM(base + i + AHEAD); /* one per 64-byte line */
-        const uint32_t *m = table[bits[i >> 3]];
-        for (int j = 0; j < 8; j++)
-            out[i + j] = base[i + j] & m[j];
-    }
-    for (; i < hi; i++)
-        out[i] = base[i] & table[bits[i >> 3]][i & 7];
+    MASKED_COPY_BODY(0)
+}
+
+void edgecl_masked_copy_stream(const uint32_t *restrict base, const uint8_t *restrict bits, uint32_t *restrict out,
+                               size_t lo, size_t hi) {
+    MASKED_COPY_BODY(1)
 }
