@@ -13,15 +13,20 @@ PACKAGES = ("edgecl", "numpy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu"
             "zstandard", "scikit-learn", "matplotlib")
 
 
-def _cpu_model() -> str:
+def cpuinfo(field: str) -> str:
+    """The first `field` of /proc/cpuinfo ("model name", "vendor_id", …), or "" where Linux does not tell it."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return ""
+
+
+def _cpu_model() -> str:
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def _versions() -> dict[str, str]:

@@ -14,6 +14,8 @@ import os
 
 import numpy as np
 
+from edgecl.machine import cpuinfo
+
 CHUNK = 1 << 18  # numpy path: elements per chunk, so the unpacked mask stays in L2 while base and out stream through
 
 
@@ -62,14 +64,7 @@ _FORCED = os.environ.get("EDGECL_MASKFILL", "").lower()
 
 def _cpu_vendor() -> str:
     """The CPU's vendor id ("AuthenticAMD", "GenuineIntel", …) where Linux tells it, else ""."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return cpuinfo("vendor_id")
 
 
 def _default_build() -> str:
