@@ -42,6 +42,7 @@ def test_cached_task_tensors_equal_resident_ones_over_random_switches(tmp_path, 
     task_names = {n for n, spec in packed.params.items() if spec["kind"] == "task"}
     assert {p.name for p in cached.plans if p.plan == "read"} == task_names
     assert not any(p.plan == "read" for p in resident.plans)
+    assert [rt.memory_report(measure=False)["task_tensors"] for rt in (cached, resident)] == ["cached", "resident"]
     x, rng = x_batch(), np.random.default_rng(7)
     for _ in range(300):
         t = int(rng.integers(packed.n_tasks))

@@ -102,6 +102,7 @@ def resident_audit(source: Any, batch: int = 8, device: str = "cpu", strategy: s
     measured = None if before is None or after is None else after - before
     return {
         "strategy": runtime.strategy, "providers": runtime.providers, "batch": batch, "predicted": predicted,
+        "task_tensors": runtime.memory_report(measure=False)["task_tensors"],
         "predicted_total": sum(predicted.values()), "predicted_peak": runtime.ledger.peak,
         "predicted_compared": compared, "measured_rss_increase": measured,
         "relative_error": (compared - measured) / measured if measured and measured > 0 else None,
@@ -211,6 +212,9 @@ def budget_summary(report_or_artifact: Any, budget: int | str | None = None, bat
         lines.append("  device (predicted): " + ", ".join(f"{k} {format_bytes(v)}"
                                                          for k, v in device["predicted"].items()))
     lines.append(f"  tasks that can stay cached (no copy on switch): {report['tasks_cacheable']}")
+    if r.get("task_tensors") == "cached":
+        lines.append("  heads and other per-task tensors: in the cache slots, read from the file on a miss "
+                     "(--task-tensors resident keeps every task's)")
     return "\n".join(lines)
 
 

@@ -130,6 +130,7 @@ class InPlace:
         self._blobs = None  # where task tensors are read from on a miss (`task_tensors`)
         if _reads_on_miss(task_tensors, resident, self.plans, src):
             self.plans, self._blobs = read_on_miss(self.plans, src)
+        self.task_tensors = "cached" if self._blobs is not None else "resident"  # what "auto" became
         self.varying = [p for p in self.plans if p.varies]  # the plans a switch writes into a slot
         self._factors = switch.graph_factors()
         self.ledger.reserve("model tensors", costs.held_bytes(

@@ -260,6 +260,7 @@ class TaskRuntime:
         """Predicted resident bytes per component (what the budget ledger holds) and, where measurable, the process
         RSS. See `edgecl.runtime.audit` for the full audit."""
         report: dict[str, Any] = {"strategy": self.strategy, "providers": self.providers,
+                                  "task_tensors": getattr(self._strategy, "task_tensors", None),
                                   "masked_fill": maskfill.IMPLEMENTATION, "budget": self.ledger.limit,
                                   "predicted": dict(self.ledger.items), "predicted_total": self.ledger.used}
         if measure:
