@@ -107,7 +107,7 @@ def test_real_training_accuracy_survives_the_runtime():
 
 def test_runtime_keeps_only_what_a_switch_reads(tmp_path):
     """From an LPS artifact the in-place runtime keeps the base weights, the heads (with ``task_tensors="resident"``;
-    the default reads them on a miss, see the next test) and 1 bit per weight per task, not the decoded sharing masks
+    "auto" may read them on a miss instead: tests/test_task_tensors.py) and 1 bit per weight per task, not the decoded sharing masks
     or the owner maps, and its ledger charges exactly that; per-task sessions keep none of the model. Both still
     equal the references."""
     from edgecl import artifact
