@@ -22,7 +22,9 @@ RUNTIME_OVERHEAD = 1_600_000  # every runtime: the opened model's and the plans'
 #                               modules imported on first use (measured 1.2-1.5 MB, the same on models of 0.1-1 MB),
 #                               and since heads may be read on a miss, the task-blob index and a kept zstd
 #                               decompressor (~0.1 MB: a budget of exactly "needed" reached 98-100 % of B without it)
-SESSION_OVERHEAD = 200_000  # every further session (graph, kernels, allocation plan)
+SESSION_OVERHEAD = 300_000  # every further session (graph, kernels, allocation plan; measured 200 KB on small
+#                             models, ~290 KB per session for the trained demo's 10 per-task sessions once each has
+#                             run twice at batch 64: 0.9 MB over a 200 KB figure, which put B = "needed" at 101 % of B)
 SLOT_OVERHEAD = 65_536  # every in-place cache slot beside its buffers: OrtValues, each thread's IOBinding, logits
 SESSION_WEIGHT_FACTOR = 2  # a folded session holds ~2× its weights: parsed initializers and pre-packed GEMM copies
 #                            (measured 1.9× for 4.4 MB weights, RSS after start-up with freed heap returned)
