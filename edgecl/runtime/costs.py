@@ -22,9 +22,9 @@ RUNTIME_OVERHEAD = 1_600_000  # every runtime: the opened model's and the plans'
 #                               modules imported on first use (measured 1.2-1.5 MB, the same on models of 0.1-1 MB),
 #                               and since heads may be read on a miss, the task-blob index and a kept zstd
 #                               decompressor (~0.1 MB: a budget of exactly "needed" reached 98-100 % of B without it)
-SESSION_OVERHEAD = 300_000  # every further session (graph, kernels, allocation plan; measured 200 KB on small
-#                             models, ~290 KB per session for the trained demo's 10 per-task sessions once each has
-#                             run twice at batch 64: 0.9 MB over a 200 KB figure, which put B = "needed" at 101 % of B)
+SESSION_OVERHEAD = 200_000  # every further session (graph, kernels, allocation plan)
+TASK_SESSION_OVERHEAD = 300_000  # ... a per-task session: ~290 KB each for the trained demo's 10 once each has
+#                                  run twice at batch 64 (with 200 KB, B = "needed" was reached at 101 % of B)
 SLOT_OVERHEAD = 65_536  # every in-place cache slot beside its buffers: OrtValues, each thread's IOBinding, logits
 SESSION_WEIGHT_FACTOR = 2  # a folded session holds ~2× its weights: parsed initializers and pre-packed GEMM copies
 #                            (measured 1.9× for 4.4 MB weights, RSS after start-up with freed heap returned)
@@ -70,7 +70,7 @@ def activation_bytes(arch: Arch, batch: int, n_classes: int) -> int:
 
 def task_session_estimate(arch: Arch, n_classes: int) -> int:
     """A folded per-task session before it is built (dense: compaction can only make it smaller)."""
-    return SESSION_WEIGHT_FACTOR * 4 * dense_params(arch, n_classes) + SESSION_OVERHEAD
+    return SESSION_WEIGHT_FACTOR * 4 * dense_params(arch, n_classes) + TASK_SESSION_OVERHEAD
 
 
 def task_session_build_bytes(arch: Arch, n_classes: int) -> int:
@@ -81,7 +81,7 @@ def task_session_build_bytes(arch: Arch, n_classes: int) -> int:
 
 def folded_session_bytes(params: dict[str, np.ndarray]) -> int:
     """A built folded session holding `params` (parsed initializers + pre-packed copies)."""
-    return SESSION_WEIGHT_FACTOR * sum(a.nbytes for a in params.values()) + SESSION_OVERHEAD
+    return SESSION_WEIGHT_FACTOR * sum(a.nbytes for a in params.values()) + TASK_SESSION_OVERHEAD
 
 
 def switchable_session_bytes(constants: Iterable[np.ndarray]) -> int:
@@ -125,5 +125,5 @@ def model_floor(arch: Arch, params: dict[str, dict], tasks: list, strategy: str,
                                                if spec.get("kind") == "lps" and name in trunk)
         floor["session"] = SESSION_OVERHEAD
     else:
-        floor["sessions"] = len(tasks) * SESSION_OVERHEAD
+        floor["sessions"] = len(tasks) * TASK_SESSION_OVERHEAD
     return floor
