@@ -45,7 +45,8 @@ class _Buffers:
 
     host: dict[str, np.ndarray]
     values: dict[str, ort.OrtValue]  # bound once per slot
-    task_values: dict[str, ort.OrtValue] = field(default_factory=dict)  # task tensors read on a miss: their task's shape
+    # task tensors read on a miss, bound in their task's shape (heads differ in rows)
+    task_values: dict[str, ort.OrtValue] = field(default_factory=dict)
 
 
 @dataclass
