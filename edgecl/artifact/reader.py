@@ -263,7 +263,7 @@ class TaskBlobs:
         if self._fd < 0:
             raise UsageError(f"{self.path}: its task blobs were closed")
         try:
-            data = os.pread(self._fd, stop - start, start)
+            data = _pread(self._fd, stop - start, start)
         except OSError as exc:
             raise ArtifactError(self.path, f"blob {key!r}", f"read failed: {exc}") from None
         if len(data) != stop - start:
@@ -281,6 +281,19 @@ class TaskBlobs:
     def __del__(self) -> None:
         if getattr(self, "_fd", -1) >= 0:
             self.close()
+
+
+_SEEK_LOCK = threading.Lock()
+
+
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    """`os.pread` (no shared file position: threads may read at once); a locked seek + read where it is missing
+    (Windows)."""
+    if hasattr(os, "pread"):
+        return os.pread(fd, n, offset)
+    with _SEEK_LOCK:
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.read(fd, n)
 
 
 def _verified(path: str, key: str, e: dict[str, Any], data: bytes, support: np.ndarray | None = None,
