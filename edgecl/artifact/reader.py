@@ -16,7 +16,7 @@ import numpy as np
 
 from edgecl.arch.spec import param_shapes
 from edgecl.artifact import container, manifest
-from edgecl.artifact.encodings import decode, support_mask, xor_ref
+from edgecl.artifact.encodings import decode, stored_dtype, support_mask, xor_ref
 from edgecl.artifact.manifest import blob_key, owner_problem, param_of
 from edgecl.deltas import (PackedModel, TaskInfo, check_consistent, expand_owner, materialize_param,
                            nonfinite_count, resolve_task)
@@ -248,6 +248,8 @@ class TaskBlobs:
     def __init__(self, path: str, fd: int, entries: dict[tuple[int, str], tuple[str, int, int, dict[str, Any]]],
                  checked: set[str] | None = None):
         self.path, self._fd, self._entries = path, fd, entries
+        # each blob's stored element type, validated once (the manifest's checks already passed)
+        self._reps = {key: stored_dtype(np.dtype(e["dtype"]), e["encoding"]) for key, _, _, e in entries.values()}
         # blobs already decoded and found finite (by the Artifact, or a first read here): bytes that match their
         # BLAKE2b again decode to the same finite values, so the scan for NaN/inf is not repeated on every miss
         self._finite = set(checked or ())
@@ -269,7 +271,7 @@ class TaskBlobs:
         if len(data) != stop - start:
             raise ArtifactError(self.path, f"blob {key!r}", f"file ends early: wanted {stop - start} bytes at offset "
                                                             f"{start}, got {len(data)}")
-        arr = _verified(self.path, key, e, data, finite=key not in self._finite)
+        arr = _verified(self.path, key, e, data, finite=key not in self._finite, rep=self._reps[key])
         self._finite.add(key)
         return arr
 
@@ -297,12 +299,13 @@ def _pread(fd: int, n: int, offset: int) -> bytes:
 
 
 def _verified(path: str, key: str, e: dict[str, Any], data: bytes, support: np.ndarray | None = None,
-              ref: np.ndarray | None = None, finite: bool = True) -> np.ndarray:
-    """A blob's stored bytes checked against its BLAKE2b, decoded, and (`finite`) refused if they hold NaN or inf."""
+              ref: np.ndarray | None = None, finite: bool = True, **rep: Any) -> np.ndarray:
+    """A blob's stored bytes checked against its BLAKE2b, decoded, and (`finite`) refused if they hold NaN or inf.
+    `rep`: the blob's validated stored dtype (`encodings.decode`), where the caller has it."""
     if container.checksum(data) != e["blake2b"]:
         raise ArtifactError(path, f"blob {key!r}", "checksum mismatch: stored bytes are damaged")
     try:
-        arr = decode(data, np.dtype(e["dtype"]), tuple(e["shape"]), e["encoding"], support, ref)
+        arr = decode(data, np.dtype(e["dtype"]), tuple(e["shape"]), e["encoding"], support, ref, **rep)
     except (ValueError, IndexError) as exc:
         raise ArtifactError(path, f"blob {key!r}", f"cannot decode: {exc}") from None
     bad = nonfinite_count(arr) if finite else 0

@@ -45,8 +45,9 @@ class _Buffers:
 
     host: dict[str, np.ndarray]
     values: dict[str, ort.OrtValue]  # bound once per slot
-    # task tensors read on a miss, bound in their task's shape (heads differ in rows)
+    # task tensors read on a miss, bound in their task's shape (heads differ in rows); one OrtValue per shape seen
     task_values: dict[str, ort.OrtValue] = field(default_factory=dict)
+    views: dict[tuple[str, tuple[int, ...]], ort.OrtValue] = field(default_factory=dict)
 
 
 @dataclass
@@ -67,6 +68,7 @@ class _HostStore:
     def __init__(self, plans: list[TensorPlan], varying: list[TensorPlan], n_tasks: int, ledger: Ledger,
                  threads: int | None):
         self.varying, self.ledger = varying, ledger
+        self._read = [p for p in varying if p.plan == "read"]  # task tensors read from the file on a miss
         self.slot_bytes = costs.slot_bytes(p.shape for p in varying)
         self.task_bytes = costs.held_bytes(a for p in plans for a in p.task_arrays())
         self._static = {p.name: to_ortvalue(p.base) for p in plans if p.plan == "static"}
@@ -84,8 +86,13 @@ class _HostStore:
     def fill(self, buffers: _Buffers, t: int) -> None:
         for plan in self.varying:
             plan.fill(t, buffers.host[plan.name], self._pool, self._workers)
-        buffers.task_values = {p.name: to_ortvalue(p.task_view(buffers.host[p.name], t))
-                               for p in self.varying if p.plan == "read"}
+        values = {}
+        for plan in self._read:
+            key = (plan.name, tuple(plan.task_shapes[t]))
+            if key not in buffers.views:  # a view of the slot's buffer in this shape, made once
+                buffers.views[key] = to_ortvalue(plan.task_view(buffers.host[plan.name], t))
+            values[plan.name] = buffers.views[key]
+        buffers.task_values = values
 
     def bind_slot(self, io: ort.IOBinding, buffers: _Buffers) -> None:
         for name, value in {**self._static, **buffers.values}.items():
@@ -252,7 +259,7 @@ def _reads_on_miss(task_tensors: str, resident: str, plans: list[TensorPlan], sr
     """Whether task tensors (heads, …) live in the cache slots, read from the artifact on a miss, rather than for
     every task. "auto": yes for a file on the host path whose switches already write weights on a miss, where every
     task's task tensors would be at least `CACHED_TASK_TENSORS_SHARE` of the resident model: reading a head costs
-    ~50 µs (BLAKE2b, zstd; the demo's LPS miss goes from 0.06 to ~0.1 ms), worth it where heads are a large part of
+    ~30 µs (BLAKE2b, zstd; the demo's LPS miss goes from 0.03 to 0.09 ms), worth it where heads are a large part of
     the memory (a third of the 40-task demo model's), not where they are 2 % of it (a 4 M MLP). A model whose switches
     only rebind per-task vectors keeps them all, so its switch stays a rebind. The device path keeps every task's
     delta on the device."""
