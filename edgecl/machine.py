@@ -43,6 +43,7 @@ def machine_info() -> dict[str, Any]:
     """JSON-able description of this machine and the package versions in use."""
     info: dict[str, Any] = {
         "python": platform.python_version(), "platform": platform.platform(), "cpu": _cpu_model(),
+        "cpu_vendor": cpuinfo("vendor_id"),  # the masked fill's build depends on it (edgecl.runtime.maskfill)
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "versions": _versions()}

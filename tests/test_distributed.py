@@ -242,3 +242,11 @@ def test_out_must_be_a_writable_folder_before_training_starts(tmp_path):
     taken.write_text("")
     done = edgecl("train", "--method", "lps", "--out", str(taken))
     assert done.returncode == 2 and "exists and is not a folder" in done.stderr and "[lps]" not in done.stdout
+
+
+def test_a_rank_leaves_with_its_exit_code_and_its_output_flushed():
+    """Ranks end with `os._exit` (edgecl/__main__.py) after flushing: the code and everything printed survive."""
+    env = {**os.environ, "WORLD_SIZE": "2"}
+    done = subprocess.run([sys.executable, "-m", "edgecl"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2  # no command: help, exit 2
+    assert "usage: edgecl" in done.stdout and "COMMAND" in done.stdout
