@@ -12,7 +12,7 @@ def _leave(code: int) -> None:
     group destroyed) and is where a C++ thread still alive at exit aborts a process. Rank 0 aborted with exactly that
     message ("terminate called without an active exception", SIGABRT) in 3 of some 60 runs under load over two
     sessions; where in the run is not known and 8 reruns under load did not reproduce it, so this is a mitigation."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # `distributed.launched()`'s test, without importing torch
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -99,15 +99,15 @@ def unzstd(data: bytes, size: int) -> bytes:
     return out
 
 
-_UNCHECKED = object()
+UNCHECKED = object()  # `decode`'s rep when the caller has not validated (dtype, steps)
 
 
 def decode(stored: bytes, dtype: np.dtype, shape: tuple[int, ...], steps: list[str],
-           support: np.ndarray | None, ref: np.ndarray | None, rep: object = _UNCHECKED) -> np.ndarray:
+           support: np.ndarray | None, ref: np.ndarray | None, rep: object = UNCHECKED) -> np.ndarray:
     """Undo `encode`: exact byte counts are checked at every step, so damaged bytes raise ValueError (or IndexError
     for a support mask that does not fit), never decode to a different tensor. `rep`: what `stored_dtype` gave for
     these (dtype, steps) earlier, to skip validating them again (a reader decoding one blob many times)."""
-    rep = stored_dtype(dtype, steps) if rep is _UNCHECKED else rep
+    rep = stored_dtype(dtype, steps) if rep is UNCHECKED else rep
     n = math.prod(shape)
     n_rep = int(support.sum()) if "support" in steps else n
     nbytes = (n_rep + 7) // 8 if rep is None else n_rep * rep.itemsize

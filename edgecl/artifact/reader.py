@@ -16,7 +16,7 @@ import numpy as np
 
 from edgecl.arch.spec import param_shapes
 from edgecl.artifact import container, manifest
-from edgecl.artifact.encodings import decode, stored_dtype, support_mask, xor_ref
+from edgecl.artifact.encodings import UNCHECKED, decode, stored_dtype, support_mask, xor_ref
 from edgecl.artifact.manifest import blob_key, owner_problem, param_of
 from edgecl.deltas import (PackedModel, TaskInfo, check_consistent, expand_owner, materialize_param,
                            nonfinite_count, resolve_task)
@@ -299,13 +299,13 @@ def _pread(fd: int, n: int, offset: int) -> bytes:
 
 
 def _verified(path: str, key: str, e: dict[str, Any], data: bytes, support: np.ndarray | None = None,
-              ref: np.ndarray | None = None, finite: bool = True, **rep: Any) -> np.ndarray:
+              ref: np.ndarray | None = None, finite: bool = True, rep: object = UNCHECKED) -> np.ndarray:
     """A blob's stored bytes checked against its BLAKE2b, decoded, and (`finite`) refused if they hold NaN or inf.
     `rep`: the blob's validated stored dtype (`encodings.decode`), where the caller has it."""
     if container.checksum(data) != e["blake2b"]:
         raise ArtifactError(path, f"blob {key!r}", "checksum mismatch: stored bytes are damaged")
     try:
-        arr = decode(data, np.dtype(e["dtype"]), tuple(e["shape"]), e["encoding"], support, ref, **rep)
+        arr = decode(data, np.dtype(e["dtype"]), tuple(e["shape"]), e["encoding"], support, ref, rep)
     except (ValueError, IndexError) as exc:
         raise ArtifactError(path, f"blob {key!r}", f"cannot decode: {exc}") from None
     bad = nonfinite_count(arr) if finite else 0

@@ -31,7 +31,7 @@ from edgecl.runtime import costs
 from edgecl.runtime.budget import Ledger
 from edgecl.runtime.device_store import DeviceStore
 from edgecl.errors import UsageError
-from edgecl.runtime.plan import TensorPlan, read_on_miss, read_plans
+from edgecl.runtime.plan import TensorPlan, read_on_miss, read_plans, task_tensor_plans
 from edgecl.runtime.providers import require_placement, session_options, session_providers, to_ortvalue
 from edgecl.runtime.slots import Slot, SlotCache
 from edgecl.source import IN_MEMORY, ModelSource
@@ -141,9 +141,7 @@ class InPlace:
         self.task_tensors = "cached" if self._blobs is not None else "resident"  # what "auto" became
         self.varying = [p for p in self.plans if p.varies]  # the plans a switch writes into a slot
         self._factors = switch.graph_factors()
-        self.ledger.reserve("model tensors", costs.held_bytes(
-            [p.base for p in self.plans if p.base is not None]
-            + [a for p in self.plans if not p.keeps_masks for a in p.task_arrays()]))
+        self.ledger.reserve("model tensors", _model_tensor_bytes(self.plans))
         self.session_params: list[int] = []
         self.cache: SlotCache | None = None
         self._local = threading.local()
@@ -255,6 +253,18 @@ class InPlace:
 CACHED_TASK_TENSORS_SHARE = 0.10  # "auto" caches task tensors once all tasks' would be this share of the model
 
 
+def _model_tensor_bytes(plans: list[TensorPlan]) -> int:
+    """What the plans hold of the model beside keep masks and permutations: bases and per-task arrays, each once."""
+    return costs.held_bytes([p.base for p in plans if p.base is not None]
+                            + [a for p in plans if not p.keeps_masks for a in p.task_arrays()])
+
+
+def may_read_on_miss(task_tensors: str, resident: str, origin: str) -> bool:
+    """Whether task tensors can be read on a miss at all: not kept resident by choice, on the host path, from a
+    file (the memory floor counts one task's of them where this holds)."""
+    return task_tensors != "resident" and resident == "host" and origin != IN_MEMORY
+
+
 def _reads_on_miss(task_tensors: str, resident: str, plans: list[TensorPlan], src: ModelSource) -> bool:
     """Whether task tensors (heads, …) live in the cache slots, read from the artifact on a miss, rather than for
     every task. "auto": yes for a file on the host path whose switches already write weights on a miss, where every
@@ -263,17 +273,15 @@ def _reads_on_miss(task_tensors: str, resident: str, plans: list[TensorPlan], sr
     the memory (a third of the 40-task demo model's), not where they are 2 % of it (a 4 M MLP). A model whose switches
     only rebind per-task vectors keeps them all, so its switch stays a rebind. The device path keeps every task's
     delta on the device."""
-    if task_tensors == "resident" or resident != "host":
+    if task_tensors == "cached" and resident == "host" and src.origin == IN_MEMORY:
+        raise UsageError("task_tensors='cached' reads task tensors from the artifact file on a cache miss: give "
+                         "the runtime an artifact path (or an opened Artifact), not an in-memory model")
+    if not may_read_on_miss(task_tensors, resident, src.origin):
         return False
     if task_tensors == "cached":
-        if src.origin == IN_MEMORY:
-            raise UsageError("task_tensors='cached' reads task tensors from the artifact file on a cache miss: give "
-                             "the runtime an artifact path (or an opened Artifact), not an in-memory model")
         return True
-    if src.origin == IN_MEMORY or not any(p.varies for p in plans):
+    if not any(p.varies for p in plans):
         return False
-    task = [a for p in plans if p.plan == "own" and src.params.get(p.name, {}).get("kind") == "task"
-            for a in p.task_arrays()]
-    model = costs.held_bytes([p.base for p in plans if p.base is not None]
-                             + [a for p in plans if not p.keeps_masks for a in p.task_arrays()])
-    return costs.held_bytes(task) >= CACHED_TASK_TENSORS_SHARE * (model + sum(p.mask_bytes for p in plans))
+    task = [a for p in task_tensor_plans(plans, src) for a in p.task_arrays()]
+    resident_model = _model_tensor_bytes(plans) + sum(p.mask_bytes for p in plans)
+    return costs.held_bytes(task) >= CACHED_TASK_TENSORS_SHARE * resident_model

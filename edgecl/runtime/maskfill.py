@@ -62,16 +62,14 @@ IMPLEMENTATIONS = {"numpy": _numpy_fill, **{name: _c_fill(fn) for name, fn in (_
 _FORCED = os.environ.get("EDGECL_MASKFILL", "").lower()
 
 
-def _cpu_vendor() -> str:
-    """The CPU's vendor id ("AuthenticAMD", "GenuineIntel", …) where Linux tells it, else ""."""
-    return cpuinfo("vendor_id")
+CPU_VENDOR = cpuinfo("vendor_id")  # "AuthenticAMD", "GenuineIntel", … where Linux tells it, else ""
 
 
 def _default_build() -> str:
     """`c-stream` on AMD CPUs, `c` elsewhere: measured on one machine of each (module docstring). Timing both at run
     time was tried and was not reliable: on the Xeon the plain loop needs ~4 runs to reach its speed and the stream
     build sometimes ran fast for a run or two after a copy, so a short calibration picked either."""
-    return "c-stream" if _cpu_vendor() == "AuthenticAMD" else "c"
+    return "c-stream" if CPU_VENDOR == "AuthenticAMD" else "c"
 
 
 # what `masked_copy` uses (recorded by the benchmarks)
@@ -81,7 +79,7 @@ if _FORCED and _FORCED not in IMPLEMENTATIONS:
 elif _FORCED:
     STATUS["why"] = f"EDGECL_MASKFILL={_FORCED} is set"
 if _LOOPS:
-    STATUS["build"] = f"c-stream on AMD CPUs, c elsewhere; this CPU: {_cpu_vendor() or 'vendor unknown'}"
+    STATUS["build"] = f"c-stream on AMD CPUs, c elsewhere; this CPU: {CPU_VENDOR or 'vendor unknown'}"
 
 
 def masked_copy(base: np.ndarray, bits: np.ndarray, out: np.ndarray, lo: int = 0, hi: int | None = None,

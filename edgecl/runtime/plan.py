@@ -347,11 +347,17 @@ def _factor_plans(reader: _TaskReader, weight: str, form: str, shape: tuple[int,
             for part in per_task[0]]
 
 
+def task_tensor_plans(plans: list[TensorPlan], src: ModelSource) -> list[TensorPlan]:
+    """The plans that keep the model's own task tensors (kind "task") for every task: what `read_on_miss` reads
+    instead (not the factored layers' per-task vectors, which are derived, not stored)."""
+    return [p for p in plans if p.plan == "own" and src.params.get(p.name, {}).get("kind") == "task"]
+
+
 def read_on_miss(plans: list[TensorPlan], src: ModelSource) -> tuple[list[TensorPlan], Any]:
     """`plans` with every task tensor (kind "task": heads, per-task biases and statistics, STL trunks) read from the
     artifact into a cache slot on a miss instead of kept for every task, and the `TaskBlobs` they read (the caller
     closes it); `plans` unchanged and None when `src` is in memory (nothing to read again)."""
-    names = {p.name for p in plans if p.plan == "own" and src.params.get(p.name, {}).get("kind") == "task"}
+    names = {p.name for p in task_tensor_plans(plans, src)}
     blobs = src.task_blobs(names) if names else None
     if blobs is None:
         return plans, None

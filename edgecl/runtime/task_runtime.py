@@ -31,12 +31,12 @@ from edgecl.errors import BudgetError, UsageError
 from edgecl.runtime import costs, maskfill
 from edgecl.runtime.budget import Ledger, format_bytes, parse_budget
 from edgecl.runtime.device_arrays import host_value
-from edgecl.runtime.inplace import InPlace
+from edgecl.runtime.inplace import InPlace, may_read_on_miss
 from edgecl.runtime.inputs import check_device_input, check_device_output, check_input, check_output
 from edgecl.runtime.per_task import PerTaskSessions
 from edgecl.runtime.process_memory import process_rss, return_free_heap
 from edgecl.runtime.providers import resolve_providers, session_options
-from edgecl.source import IN_MEMORY, open_model
+from edgecl.source import open_model
 
 STRATEGIES = ("auto", "inplace", "sessions")
 TASK_TENSORS = ("auto", "resident", "cached")
@@ -308,8 +308,7 @@ class TaskRuntime:
         Runtime's environment, the runtime's own overhead and the activations at `max_batch`, exceeds the budget:
         refused before any tensor is read or decoded. The host reads the whole model also on the device path (it
         uploads it from there), so its floor is the same; the device's is what stays resident there."""
-        reads = strategy == "inplace" and self.resident == "host" and task_tensors != "resident" \
-            and src.origin != IN_MEMORY  # task tensors may live in one slot, read on a miss
+        reads = strategy == "inplace" and may_read_on_miss(task_tensors, self.resident, src.origin)
         floor = costs.model_floor(self.arch, src.params, self._tasks, strategy, reads)
         fixed = {"onnxruntime environment": costs.ENVIRONMENT.due(charge_environment),
                  "runtime overhead": costs.RUNTIME_OVERHEAD, "activations": max_batch * self._act_per_sample}
