@@ -175,3 +175,27 @@ def test_cuda_source_holds_the_same_element_function():
     cuda = device_kernel.cuda_source()
     assert device_kernel.ELEMENT in cuda and device_kernel.ELEMENT in device_kernel.c_source()
     assert f'extern "C" __global__ void {device_kernel.KERNEL_NAME}(' in cuda
+
+
+def _nvrtc():
+    try:
+        from cupy.cuda import nvrtc
+
+        nvrtc.getVersion()
+        return nvrtc
+    except Exception as exc:  # noqa: BLE001 - CuPy (the gpu extra) or its NVRTC library absent: CPU installs
+        pytest.skip(f"NVRTC through CuPy unavailable: {type(exc).__name__}")
+
+
+def test_cuda_kernel_compiles_with_nvrtc_for_hopper():
+    """Where the gpu extra is installed (no GPU needed): NVRTC, what CuPy compiles the kernel with, accepts the
+    source for sm_90 and emits the one entry point the runtime launches."""
+    nvrtc = _nvrtc()
+    program = nvrtc.createProgram(device_kernel.cuda_source(), "edgecl_masked_select.cu", [], [])
+    try:
+        nvrtc.compileProgram(program, ["--gpu-architecture=compute_90"])
+    except Exception:  # noqa: BLE001 - the compiler's log says why
+        pytest.fail(nvrtc.getProgramLog(program))
+    ptx = nvrtc.getPTX(program)
+    ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+    assert f".visible .entry {device_kernel.KERNEL_NAME}(" in ptx and ".target sm_90" in ptx

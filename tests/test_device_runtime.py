@@ -184,16 +184,36 @@ def test_cupy_arrays_without_cupy_name_the_fix():
         CupyArrays()
 
 
+def _tiny_model() -> bytes:
+    return build_onnx(preset("mlp"), {k: np.zeros(v, np.float32) for k, v in
+                                      {"fc1.weight": (256, 64), "fc1.bias": (256,), "fc2.weight": (256, 256),
+                                       "fc2.bias": (256,), "head.weight": (10, 256), "head.bias": (10,)}.items()}
+                      ).SerializeToString()
+
+
 def test_a_session_left_on_the_cpu_is_refused_for_cuda():
     """ONNX Runtime falls back to the CPU silently when its CUDA EP finds no GPU: a real CPU session stands for
     that outcome here, and the device path refuses it rather than run the model on the host."""
-    model = build_onnx(preset("mlp"), {k: np.zeros(v, np.float32) for k, v in
-                                       {"fc1.weight": (256, 64), "fc1.bias": (256,), "fc2.weight": (256, 256),
-                                        "fc2.bias": (256,), "head.weight": (10, 256), "head.bias": (10,)}.items()})
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(_tiny_model(), providers=["CPUExecutionProvider"])
     require_placement(session, "cpu")
     with pytest.raises(UsageError, match=r"placed the session on \['CPUExecutionProvider'\], not on a GPU"):
         require_placement(session, "cuda")
+
+
+def test_preloading_the_cuda_libraries_is_tried_once_and_its_words_reach_the_placement_error():
+    """The CUDA EP links the pip-installed CUDA libraries by name: they are preloaded once before the first CUDA
+    session, and what onnxruntime said while trying is part of the error when the session still lands on the CPU."""
+    from edgecl.runtime import providers
+
+    said = providers.preload_cuda_libraries()
+    assert providers.preload_cuda_libraries() is said and providers._PRELOADED == [said]
+    providers._PRELOADED[:] = ["Failed to load libcublas.so.13: cannot open shared object file"]
+    try:
+        session = ort.InferenceSession(_tiny_model(), providers=["CPUExecutionProvider"])
+        with pytest.raises(UsageError, match=r"preloading the CUDA libraries said: Failed to load libcublas\.so\.13"):
+            require_placement(session, "cuda")
+    finally:
+        providers._PRELOADED[:] = [said]
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers() and cupy_problem() is None,

@@ -47,3 +47,40 @@ def test_gpu_mode_without_the_gpu_extra_exits_2_naming_it(tmp_path):
     assert _gpu_check().main(["--out", str(out)]) == 2
     report = json.loads(out.read_text())
     assert "pip install 'edgecl[gpu]'" in report["error"] and report["verdict"] == {"error": False}
+
+
+def test_a_broken_section_or_model_is_recorded_and_the_rest_still_runs(tmp_path):
+    """A first run on a new GPU must not lose every figure to one failure: the broken section and the broken model
+    are named with their traceback, the others are measured, the JSON exists, and the exit code is 2."""
+    module = _gpu_check()
+    module.check_memory = lambda *a: 1 / 0
+    real_parity = module.check_parity
+    planted = module.parity_models(True)[1][0]
+
+    def parity(label, *args):
+        if label == planted:
+            raise RuntimeError("planted in one model")
+        return real_parity(label, *args)
+
+    module.check_parity = parity
+    out = tmp_path / "check.json"
+    assert module.main(["--self-test", "--switches", "5", "--repeats", "1", "--out", str(out)]) == 2
+    report = json.loads(out.read_text())
+    assert report["errors"]["memory"].startswith("ZeroDivisionError") and "gpu_check" in report["errors"]["memory"]
+    broken = [r for r in report["parity"] if "error" in r]
+    assert [r["model"] for r in broken] == [planted] and "planted in one model" in broken[0]["error"]
+    assert sum(r["ok"] for r in report["parity"]) == len(report["parity"]) - 1
+    assert report["switch"][0]["switch_ms"] > 0 and report["verdict"]["parity"] is False
+
+
+def test_only_and_deadline_choose_what_runs(tmp_path):
+    module = _gpu_check()
+    out = tmp_path / "check.json"
+    assert module.main(["--self-test", "--only", "memory", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert "memory" in report and "parity" not in report and "switch" not in report
+    assert module.main(["--self-test", "--deadline", "0", "--out", str(out)]) == 2  # nothing may start
+    report = json.loads(out.read_text())
+    assert set(report["errors"]) == {"memory", "parity", "switch"}
+    with pytest.raises(SystemExit):
+        module.main(["--self-test", "--only", "memroy"])

@@ -35,6 +35,7 @@ import re
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -254,62 +255,135 @@ def environment(kw: dict) -> dict:
     return env
 
 
+SECTIONS = ("memory", "parity", "switch")  # memory first: memory cached by the others would hide new allocations
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def failure(exc: BaseException) -> str:
+    """The exception and the end of its traceback: a first run on a new GPU must say where it broke."""
+    return f"{type(exc).__name__}: {exc} | {traceback.format_exc(limit=-4)[-1500:]}"
+
+
+def isolated(label: str, run: Callable[[], dict], before: float | None) -> dict:
+    """One model's check: an exception or the deadline is recorded for that model and the next one runs."""
+    if before is not None and time.perf_counter() > before:
+        log(f"  {label}: not run (deadline)")
+        return {"model": label, "ok": False, "error": "not run: the deadline had passed"}
+    started = time.perf_counter()
+    try:
+        row = run()
+    except Exception as exc:  # noqa: BLE001 - recorded in the JSON, the other models still run
+        row = {"model": label, "ok": False, "error": failure(exc)}
+    log(f"  {label}: {'ok' if row.get('ok', 'error' not in row) else 'FAILED'} ({time.perf_counter() - started:.1f} s)"
+        + (f" {row['error'][:300]}" if "error" in row else ""))
+    return row
+
+
+def run_section(name: str, quick: bool, kw: dict, providers: list, switches: int, repeats: int,
+                deadline: float | None) -> Any:
+    if name == "memory":
+        mlp = preset("mlp", width=1 if quick else 8)  # width 8: the 4.35 M-parameter MLP of tools/bench_switch.py
+        return check_memory(random_packed(mlp, n_tasks=3, shape="lps"), kw, providers)
+    if name == "parity":  # stops starting models at 60 % of the deadline: the timings still get their turn
+        cutoff = None if deadline is None else time.perf_counter() + 0.6 * (deadline - time.perf_counter())
+        return [isolated(label, lambda: check_parity(label, packed, kw, switches, seed), cutoff)
+                for seed, (label, packed) in enumerate(parity_models(quick))]
+    bench = [(f"MLP width {1 if quick else 8} (lps)", preset("mlp", width=1 if quick else 8))]
+    arch, why = (None, "skipped in the self-test") if quick else resnet18()
+    bench += [("torchvision resnet18 3x32x32 (lps)", arch)] if arch else [("torchvision resnet18 3x32x32 (lps)", why)]
+    return [isolated(label, lambda: bench_model(label, random_packed(a, n_tasks=3, shape="lps"), kw, providers,
+                                                repeats), deadline)
+            if isinstance(a, dict) else {"model": label, "skipped": a} for label, a in bench]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--self-test", action="store_true", help="on the CPU with the numpy twin, tiny sizes (CI)")
     p.add_argument("--switches", type=int, default=None, help="random switches per parity model (300; self-test 40)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (50; self-test 3)")
-    p.add_argument("--out", default=None, help="JSON path (default tools/results/gpu_check_<gpu>.json)")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"sections to run, comma-separated ({','.join(SECTIONS)})")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds after which no new model is started (GPU: 240, so the check ends inside 5 min; "
+                        "self-test: none)")
+    p.add_argument("--out", default=None, help="JSON path (default tools/results/gpu_check_<gpu>.json); written "
+                                               "after every section, so a run cut short keeps what it measured")
     args = p.parse_args(argv)
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown or not sections:
+        p.error(f"--only: unknown section(s) {unknown or sections} (known: {', '.join(SECTIONS)})")
     quick = args.self_test
     kw = {"device": "cpu", "resident": "device"} if quick else {"device": "cuda"}
     switches, repeats = args.switches or (40 if quick else 300), args.repeats or (3 if quick else 50)
     started = time.perf_counter()
-    result: dict[str, Any] = {"self_test": quick, "goals": GOALS,
+    seconds = args.deadline if args.deadline is not None else None if quick else 240.0
+    deadline = None if seconds is None else started + seconds
+    result: dict[str, Any] = {"self_test": quick, "goals": GOALS, "sections": sections,
                               "note": "CPU twin (numpy as the device): checks the logic; timings are not GPU figures"
                               if quick else "measured on the GPU by this script"}
+    out: Path | None = Path(args.out) if args.out else None
     try:
         providers = resolve_providers("auto", kw["device"])
         result["environment"] = environment(kw)
-        mlp = preset("mlp", width=1 if quick else 8)  # width 8: the 4.35 M-parameter MLP of tools/bench_switch.py
-        result["memory"] = check_memory(random_packed(mlp, n_tasks=3, shape="lps"), kw, providers)
-        result["parity"] = [check_parity(label, packed, kw, switches, seed)
-                            for seed, (label, packed) in enumerate(parity_models(quick))]
-        bench = [(f"MLP width {1 if quick else 8} (lps)", mlp)]
-        arch, why = (None, "skipped in the self-test") if quick else resnet18()
-        bench += [("torchvision resnet18 3x32x32 (lps)", arch)] if arch else []
-        result["resnet18"] = why or "measured"
-        result["switch"] = [bench_model(label, random_packed(a, n_tasks=3, shape="lps"), kw, providers, repeats)
-                            for label, a in bench]
-    except Exception as exc:  # noqa: BLE001 - the JSON says what failed and where; exit 2
+        log(f"environment: {json.dumps(result['environment'])}")
+    except Exception as exc:  # noqa: BLE001 - the JSON says what is missing; exit 2
         result["error"] = f"{type(exc).__name__}: {exc}"
-    result["seconds"] = time.perf_counter() - started
-    result["verdict"] = verdict(result)
-    gpu = result.get("environment", {}).get("gpu", "cpu_selftest" if quick else "unknown")
-    out = Path(args.out or ROOT / "tools" / "results" / f"gpu_check_{re.sub(r'[^a-z0-9]+', '_', gpu.lower())}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
+    for name in sections if "error" not in result else ():
+        if out is None:
+            gpu = result["environment"].get("gpu", "cpu_selftest" if quick else "unknown")
+            out = ROOT / "tools" / "results" / f"gpu_check_{re.sub(r'[^a-z0-9]+', '_', gpu.lower())}.json"
+        if deadline is not None and time.perf_counter() > deadline:
+            result.setdefault("errors", {})[name] = "not run: the deadline had passed"
+            continue
+        log(f"{name} ...")
+        try:
+            result[name] = run_section(name, quick, kw, providers, switches, repeats, deadline)
+        except Exception as exc:  # noqa: BLE001 - recorded; the next section still runs
+            result.setdefault("errors", {})[name] = failure(exc)
+            log(f"  {name} FAILED: {result['errors'][name][:500]}")
+        write(out, result, started)
+    out = out or ROOT / "tools" / "results" / f"gpu_check_{'cpu_selftest' if quick else 'unknown'}.json"
+    write(out, result, started)
     print(json.dumps(result["verdict"], indent=2))
     print(f"written {out} in {result['seconds']:.0f} s")
-    return 2 if "error" in result else 0 if all(v is not False for v in result["verdict"].values()) else 1
+    failed = "error" in result or result.get("errors") or any(
+        "error" in row for name in ("parity", "switch") for row in result.get(name, []))
+    return 2 if failed else 0 if all(v is not False for v in result["verdict"].values()) else 1
+
+
+def write(out: Path, result: dict, started: float) -> None:
+    result["seconds"] = time.perf_counter() - started
+    result["verdict"] = verdict(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(json.dumps(result, indent=2, default=str))
+    partial.replace(out)
 
 
 def verdict(result: dict) -> dict:
-    """Each goal: met (True), missed (False), or not measured (None: the self-test's CPU timings are no GPU's)."""
+    """Each goal: met (True), missed or broken (False), or not measured (None: a section not run, or the
+    self-test's CPU timings, which are no GPU's)."""
     if "error" in result:
         return {"error": False}
-    parity = all(r["ok"] for r in result["parity"])
+    parity = None if "parity" not in result else all(r["ok"] for r in result["parity"])
     if result["self_test"]:
         return {"parity": parity, "switch_vs_copy": None, "new_session_vs_switch": None, "infer_vs_dense": None,
                 "memory": None}
-    switch = result["switch"]
-    mem = result["memory"]["relative_error"]
-    infer = [b["ratio"] <= GOALS["infer_vs_dense"] for s in switch for mode in s["inference"].values()
-             for b in mode.values()]
+    rows = [s for s in result.get("switch", []) if "skipped" not in s]
+    measured = [s for s in rows if "error" not in s]
+
+    def goal(holds: Callable[[dict], bool]) -> bool | None:
+        return None if not rows else len(measured) == len(rows) and all(holds(s) for s in measured)
+
+    mem = result["memory"]["relative_error"] if "memory" in result else None
     return {"parity": parity,
-            "switch_vs_copy": all(s["switch_vs_copy"] <= GOALS["switch_vs_copy"] for s in switch),
-            "new_session_vs_switch": all(s["new_session_vs_switch"] >= GOALS["new_session_vs_switch"] for s in switch),
-            "infer_vs_dense": all(infer),
+            "switch_vs_copy": goal(lambda s: s["switch_vs_copy"] <= GOALS["switch_vs_copy"]),
+            "new_session_vs_switch": goal(lambda s: s["new_session_vs_switch"] >= GOALS["new_session_vs_switch"]),
+            "infer_vs_dense": goal(lambda s: all(b["ratio"] <= GOALS["infer_vs_dense"]
+                                                 for mode in s["inference"].values() for b in mode.values())),
             "memory": None if mem is None else abs(mem) <= GOALS["memory_relative_error"]}
 
 

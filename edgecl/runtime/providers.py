@@ -9,6 +9,8 @@ where").
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import threading
 from typing import Any
 
@@ -45,8 +47,33 @@ def resolve_providers(backend: str, device: str) -> list[str]:
     if missing:
         raise UsageError(f"device 'cuda' with backend {backend!r} needs {' and '.join(missing)}; install the 'gpu' "
                          f"extra instead of onnxruntime: {GPU_EXTRA}")
+    preload_cuda_libraries()
     fallbacks = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available and p not in chosen]
     return chosen + fallbacks
+
+
+_PRELOAD_LOCK = threading.Lock()
+_PRELOADED: list[str] = []  # [what onnxruntime said while preloading] once tried
+
+
+def preload_cuda_libraries() -> str:
+    """Load the CUDA and cuDNN libraries of the `nvidia-*` pip packages before the first CUDA session, once per
+    process. onnxruntime-gpu's CUDA EP links them by name, and pip puts them where the loader does not look:
+    without this the EP fails to load and ONNX Runtime runs the session on the CPU (caught by `require_placement`).
+    Best effort (`onnxruntime.preload_dlls`, onnxruntime-gpu >= 1.21; a library torch loaded already is the same
+    file, not a second copy); what it printed is kept for `require_placement`'s message."""
+    with _PRELOAD_LOCK:
+        if not _PRELOADED:
+            preload = getattr(ort, "preload_dlls", None)
+            said = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(said):
+                    if preload is not None:
+                        preload()
+            except Exception as exc:  # noqa: BLE001 - libraries on the loader's path still work; the message keeps it
+                said.write(f"preload_dlls failed: {type(exc).__name__}: {exc}")
+            _PRELOADED.append(said.getvalue().strip() if preload else "onnxruntime has no preload_dlls (< 1.21)")
+        return _PRELOADED[0]
 
 
 def session_providers(providers: list[str], cuda_graph: bool = False) -> list[Any]:
@@ -65,7 +92,12 @@ def require_placement(session: ort.InferenceSession, device: str) -> None:
         raise UsageError(f"device 'cuda': ONNX Runtime placed the session on {placed}, not on a GPU: no CUDA device is "
                          "visible to onnxruntime-gpu, or its CUDA 13 libraries (libcudart, libcublas, libcudnn) are "
                          "missing; check the driver, CUDA_VISIBLE_DEVICES and `python -c \"import onnxruntime as o; "
-                         "o.preload_dlls()\"`")
+                         f"o.preload_dlls()\"`{_preload_note()}")
+
+
+def _preload_note() -> str:
+    said = _PRELOADED[0] if _PRELOADED else ""
+    return f"; preloading the CUDA libraries said: {said[:600]}" if said else ""
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
