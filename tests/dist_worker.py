@@ -11,20 +11,17 @@ usage: torchrun --standalone --nproc-per-node 2 tests/dist_worker.py OUT METHOD[
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
-from pathlib import Path
+
+from tools_loader import load_tool
 
 from edgecl.errors import UsageError
 from edgecl.train import distributed
 from edgecl.train.pipeline import train_and_write
 
-_spec = importlib.util.spec_from_file_location("dist_equivalence", Path(__file__).parents[1] / "tools" /
-                                               "dist_equivalence.py")
-dist_equivalence = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(dist_equivalence)
+dist_equivalence = load_tool("dist_equivalence")
 
 # A small convnet with BatchNorm after a conv and after a linear layer: sync BatchNorm, conv patches (RGO) and
 # channel groups (AGS-CL) all take part, and an epoch on the digits takes a fraction of a second.

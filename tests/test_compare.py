@@ -1,12 +1,12 @@
 """`edgecl compare` on a tiny real run, its metrics (Pareto front, OPD/MOPD/AOPD) against hand-computed examples, its
 input checks, and a smoke run of tools/bench_train.py."""
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
 import torch
+from tools_loader import load_tool
 
 from edgecl.arch import preset
 from edgecl.cli import main
@@ -185,10 +185,7 @@ def test_missing_method_module_is_skipped_not_fatal(tmp_path, monkeypatch):
 
 
 def test_bench_train_smoke(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "bench_train", os.path.join(os.path.dirname(__file__), "..", "tools", "bench_train.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_tool("bench_train")
     out = tmp_path / "bench.json"
     threads = torch.get_num_threads()
     try:

@@ -3,21 +3,17 @@ small wheels packed, cut against a real git tree's upload, stashed part by part 
 damaged or missing parts are refused with exit 2 before anything is installed."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import zipfile
 
 import pytest
+from tools_loader import load_tool
 
 
 def _carry():
-    spec = importlib.util.spec_from_file_location(
-        "gpu_carry", os.path.join(os.path.dirname(__file__), "..", "tools", "gpu_carry.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('gpu_carry')
 
 
 def _wheel(path, files):

@@ -4,22 +4,17 @@ sections' code), so what a person runs on a GPU machine has run in CI. Without t
 with exit 2 and a JSON naming what is missing."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import onnxruntime as ort
 import pytest
+from tools_loader import load_tool
 
 from edgecl.runtime.device_arrays import cupy_problem
 
 
 def _gpu_check():
-    spec = importlib.util.spec_from_file_location(
-        "gpu_check", os.path.join(os.path.dirname(__file__), "..", "tools", "gpu_check.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('gpu_check')
 
 
 def test_self_test_runs_every_section_on_the_cpu_twin(tmp_path):
