@@ -91,6 +91,20 @@ def test_fp16_weights_agree_on_argmax(trained, exported, tmp_path):
         assert agree >= 0.995, f"task {e16['index']}: argmax agreement {agree:.4f}"
 
 
+def test_fp16_refuses_weights_it_would_store_as_inf(tmp_path):
+    """A weight beyond ±65504 becomes inf in float16 and the graph answers NaN: the export names it and stops,
+    as saving an fp16 artifact does, instead of writing that graph."""
+    packed = random_packed(preset("mlp"), n_tasks=2, shape="finetune")
+    packed.base["fc1.weight"][0, 0] = 70000.0
+    export_onnx(packed, tmp_path / "fp32", tasks="1", progress=False)
+    x = np.ones((1, *packed.arch["input_shape"]), np.float32)
+    assert np.isfinite(run_onnx(tmp_path / "fp32" / "task_001.onnx", x)).all()
+    with pytest.raises(UsageError, match=r"task_1: weight 'fc1.weight' holds values beyond the fp16 range "
+                                         r"\(largest \|w\| = 7e\+04 > 65504\); export without --fp16"):
+        export_onnx(packed, tmp_path / "fp16", tasks="1", fp16=True, progress=False)
+    assert not (tmp_path / "fp16" / "task_001.onnx").exists()
+
+
 def test_no_switchable_graph_is_written(tmp_path):
     """The runtime builds its switchable graph in memory from the artifact; the export writes none and names none."""
     packed = random_packed(preset("mlp"), n_tasks=2, shape="lps")

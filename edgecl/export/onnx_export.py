@@ -31,6 +31,7 @@ from edgecl.source import ModelSource, open_model
 
 INDEX = "index.json"
 FORMAT, FORMAT_VERSION = "edgecl-onnx-export", 1
+FP16_MAX = float(np.finfo(np.float16).max)  # 65504: larger weights would be stored as inf
 COMPACT_TOLERANCE = 1e-4  # max |Δ logits| allowed between compacted and dense graphs (relative to scale ≥ 1)
 
 
@@ -102,7 +103,12 @@ def weights_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     casts, keep = [], []
     for init in graph.initializer:
         if init.data_type == TensorProto.FLOAT and len(init.dims) >= 2:
-            half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), f"{init.name}.fp16")
+            weights = numpy_helper.to_array(init)
+            if np.any(np.abs(weights) > FP16_MAX):  # would become inf: the graph would answer NaN
+                raise UsageError(f"{graph.name or 'model'}: weight {init.name!r} holds values beyond the fp16 range "
+                                 f"(largest |w| = {float(np.abs(weights).max()):.4g} > {FP16_MAX:g}); export "
+                                 "without --fp16")
+            half = numpy_helper.from_array(weights.astype(np.float16), f"{init.name}.fp16")
             keep.append(half)
             casts.append(helper.make_node("Cast", [half.name], [init.name], name=f"cast_{init.name}",
                                           to=TensorProto.FLOAT))
