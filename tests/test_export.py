@@ -220,11 +220,13 @@ def test_latency_before_and_after_compaction_is_reported_per_task(tmp_path, caps
     packed = structured_lps_model(preset("mlp", width=2), keep_fraction=0.3, n_tasks=2, unit="column")
     path = tmp_path / "m.edgecl"
     artifact.save(packed, path)
-    assert cli(["export", str(path), "--latency", "--quiet", "--out", str(tmp_path / "onnx")]) == 0
-    index = json.loads((tmp_path / "onnx" / "index.json").read_text())
-    for entry in index["tasks"]:
-        assert entry["params_compact"] < entry["params_dense"]
-        timing = entry["latency_ms"]
-        assert set(timing) == {"dense", "compact", "speedup"} and set(timing["speedup"]) == {"1", "64"}
-        assert all(v > 0 for part in timing.values() for v in part.values())
-    assert "faster b1/b64" in capsys.readouterr().out
+    for extra in ([], ["--fp16"]):  # with fp16, against the dense graph stored in fp16 too
+        out = tmp_path / f"onnx{len(extra)}"
+        assert cli(["export", str(path), "--latency", "--quiet", "--out", str(out), *extra]) == 0
+        index = json.loads((out / "index.json").read_text())
+        for entry in index["tasks"]:
+            assert entry["params_compact"] < entry["params_dense"]
+            timing = entry["latency_ms"]
+            assert set(timing) == {"dense", "compact", "speedup"} and set(timing["speedup"]) == {"1", "64"}
+            assert all(v > 0 for part in timing.values() for v in part.values())
+        assert "faster b1/b64" in capsys.readouterr().out

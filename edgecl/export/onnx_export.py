@@ -80,16 +80,18 @@ def task_model(arch: Arch, params: dict[str, np.ndarray], *, compact: bool = Tru
         elif report.compacted:
             report.compacted, report.reason = False, "nothing to remove"
             report.params_compact = report.params_dense
+    compacted = model is not dense_model
     if fp16:
         model = weights_to_fp16(model)
     onnx.checker.check_model(model, full_check=True)
     dense = count_params(params)
     info = {"params_dense": dense, "params_compact": report.params_compact if report else dense,
             "compaction": report.to_json() if report else None}
-    if latency and model is not dense_model and not fp16:
+    if latency and compacted:  # with fp16, against the dense graph stored the same way
         from edgecl.export.latency import compare_latency
 
-        info["latency_ms"] = compare_latency(dense_model, model, arch["input_shape"])
+        baseline = weights_to_fp16(dense_model) if fp16 else dense_model
+        info["latency_ms"] = compare_latency(baseline, model, arch["input_shape"])
     return model, info
 
 
