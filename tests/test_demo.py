@@ -18,6 +18,16 @@ def test_runtime_check_passes_on_a_trained_artifact_and_fails_on_a_wrong_claim(t
     wrong = {**results, "acc_matrix": results["acc_matrix"][:-1] + [[a - 0.01 for a in results["acc_matrix"][-1]]]}
     assert not run_on_runtime(path, wrong, 2, "32MiB")
     assert "MISMATCH" in capsys.readouterr().out
+    # a budget the model cannot meet: every task is still replayed, and the audit says it does not fit
+    assert not run_on_runtime(path, results, 2, "1MiB")
+    printed = capsys.readouterr().out
+    assert "replaying the tasks without a budget" in printed and "equals training-side accuracy" in printed
+    assert "DOES NOT FIT" in printed
+
+
+def test_demo_refuses_a_malformed_budget_before_training(tmp_path, capsys):
+    assert main(["demo", "--tasks", "2", "--budget", "lots", "--out", str(tmp_path / "d")]) == 2
+    assert "lots" in capsys.readouterr().err and not (tmp_path / "d").exists()
 
 
 @pytest.mark.slow  # LPS at its demo settings: 50 epochs per task

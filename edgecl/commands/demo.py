@@ -11,7 +11,9 @@ from edgecl.commands.options import add_threads_argument
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     p.add_argument("--tasks", type=int, default=10, help="number of permuted-digit tasks (default 10)")
-    p.add_argument("--budget", default="32MiB", help="memory budget for the summary (default 32MiB)")
+    p.add_argument("--budget", default="32MiB",
+                   help="memory budget for the runtime and the closing audit (default 32MiB); one the model cannot "
+                        "meet ends in the audit's DOES NOT FIT and exit 1")
     p.add_argument("--no-progress", action="store_true")
     add_threads_argument(p)
 

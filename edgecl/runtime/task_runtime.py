@@ -257,8 +257,9 @@ class TaskRuntime:
         return self._strategy.cache_info()
 
     def memory_report(self, measure: bool = True) -> dict[str, Any]:
-        """Predicted resident bytes per component (what the budget ledger holds) and, where measurable, the process
-        RSS. See `edgecl.runtime.audit` for the full audit."""
+        """Predicted resident bytes per component (what the budget ledger holds and `budget` bounds) and, where
+        measurable, `measured_rss`: the whole process's RSS, not comparable with the budget. What the runtime adds to
+        a process is measured by `edgecl.runtime.audit`."""
         report: dict[str, Any] = {"strategy": self.strategy, "providers": self.providers,
                                   "task_tensors": getattr(self._strategy, "task_tensors", None),
                                   "masked_fill": maskfill.IMPLEMENTATION, "budget": self.ledger.limit,
