@@ -12,7 +12,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", default="permuted-digits",
                    help="permuted-digits, split-digits, rotated-digits, synthetic, or a .npz file (see README)")
     p.add_argument("--tasks", type=int, default=None,
-                   help="number of tasks to take from the stream (with --resume: number of NEW tasks to add)")
+                   help="number of tasks to take from the stream, a file's first N (with --resume: number of NEW "
+                        "tasks to add; the stream holds the artifact's tasks first)")
     p.add_argument("--resume", metavar="ARTIFACT", default=None,
                    help="add tasks to a deployed artifact made by the same method and architecture; earlier tasks "
                         "stay bit-identical (verified before the new artifact is written to --out)")
