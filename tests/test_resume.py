@@ -1,5 +1,6 @@
 """Lifelong append end to end: `edgecl train --resume` adds tasks to a deployed artifact, and every earlier task's
 runtime outputs stay bit-identical."""
+import json
 import os
 
 import numpy as np
@@ -128,3 +129,51 @@ def test_a_training_state_from_another_model_version_is_refused(tmp_path, capsys
     rc = main(["train", "--method", "rgo", "--resume", str(v2 / "model.edgecl"), "--tasks", "1", "--out",
                str(tmp_path / "v3")])
     assert rc == 2 and "belongs to another version" in capsys.readouterr().err
+
+
+def _stream_file(path, n_tasks):
+    """The first n tasks of the synthetic stream as a stream file (its tasks are named after the file)."""
+    tasks = make_stream("synthetic", n_tasks).tasks
+    np.savez(path, **{f"task{i}_{k}": getattr(t, k) for i, t in enumerate(tasks)
+                      for k in ("x_train", "y_train", "x_test", "y_test")})
+    return str(path)
+
+
+def test_resume_scores_the_artifacts_tasks_on_their_own_data_from_a_stream_file(tmp_path, capsys):
+    """The file holds the old tasks then the new ones: --tasks 1 on the 1-task artifact takes its first 2, row 0
+    of the accuracy matrix is the resumed model on task 0's own test split, and one task is added."""
+    path = _stream_file(tmp_path / "mine.npz", 3)
+    _train(tmp_path / "v1", "--stream", path)
+    capsys.readouterr()
+    assert main(["train", "--method", "lps", "--resume", str(tmp_path / "v1" / "model.edgecl"), "--stream", path,
+                 "--tasks", "1", "--no-progress", "--out", str(tmp_path / "v2")]) == 0
+    first = json.loads((tmp_path / "v1" / "results.json").read_text())
+    second = json.loads((tmp_path / "v2" / "results.json").read_text())
+    assert second["tasks"] == ["mine-0", "mine-1"] and artifact.load(tmp_path / "v2" / "model.edgecl").n_tasks == 2
+    assert second["acc_matrix"][0] == first["acc_matrix"][0]
+
+
+@pytest.mark.parametrize("stream, extra, needle", [
+    ("new.npz", ["--tasks", "1"], "holds 1 task, fewer than the 2 asked for: {v1} holds 1 task and --tasks 1 adds 1, "
+                                  "so the stream must hold 2: the artifact's tasks first"),   # only the new task
+    ("mine.npz", ["--tasks", "5"], "holds 3 tasks, fewer than the 6 asked for"),             # used to add 1 of 5
+    ("other.npz", ["--tasks", "1"], "its task 0 is 'mine-0' with 10 classes, the stream 'other' has 'other-0'"),
+    (None, ["--tasks", "1"], "its task 0 is 'mine-0' with 10 classes, the stream 'permuted-digits' has 'perm0'"),
+    ("synthetic", ["--tasks", "1"], "the stream 'synthetic' has 'syn0'"),
+    ("mine.npz", ["--tasks", "1", "--seed", "3"], "was trained with seed 0; --resume keeps it"),
+])
+def test_resume_refuses_a_stream_that_does_not_hold_the_artifacts_tasks_first(tmp_path, capsys, stream, extra,
+                                                                              needle):
+    """Old tasks were scored on whatever the stream's first tasks were (another file's, the default stream's), and a
+    stream of only the new task 'verified' the artifact, printed ACC 0.00% and added nothing, with exit 0."""
+    for name, n in (("mine.npz", 3), ("new.npz", 1), ("other.npz", 3)):
+        _stream_file(tmp_path / name, n)
+    v1 = tmp_path / "v1" / "model.edgecl"
+    _train(tmp_path / "v1", "--stream", str(tmp_path / "mine.npz"))
+    capsys.readouterr()
+    where = [] if stream is None else ["--stream", stream if stream == "synthetic" else str(tmp_path / stream)]
+    assert main(["train", "--method", "lps", "--resume", str(v1), *where, *extra, "--no-progress",
+                 "--out", str(tmp_path / "v2")]) == 2
+    out, err = capsys.readouterr()
+    assert needle.format(v1=v1) in err and "Traceback" not in err
+    assert "edgecl: lps on" not in out and not (tmp_path / "v2").exists()

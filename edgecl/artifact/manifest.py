@@ -74,6 +74,19 @@ def task_name_problem(name: object) -> str | None:
     return None
 
 
+def task_names_problem(names: list[str], first: int = 0) -> str | None:
+    """Why these task names cannot be stored (`task_name_problem`), or the first from index `first` on that cannot
+    select its task (`deltas.task_name_conflicts`), or None. The writer's rule, also checked on a stream's names
+    before training so that a bad name is refused before the work, not after it."""
+    for name in names:
+        problem = task_name_problem(name)
+        if problem:
+            return problem
+    for t, why in task_name_conflicts(names, first):
+        return f"task {t} name {names[t]!r} {why}: a task must be selectable by its name"
+    return None
+
+
 def owner_problem(owner: np.ndarray, n_tasks: int) -> str | None:
     """What is wrong with an LPS owner map's values (0 free, i+1 task i), or None."""
     if owner.dtype.kind not in "iu":

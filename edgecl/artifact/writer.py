@@ -21,9 +21,9 @@ from edgecl.artifact.encodings import candidates, encode, support_mask, xor_ref
 from edgecl.artifact.limits import (MAX_CLASSES, MAX_HEADER_BYTES, MAX_JSON_CONTAINERS, MAX_NDIM, MAX_TASKS,
                                     budget_problem, dense_bytes)
 from edgecl.artifact.manifest import (BLOB_FIELDS, FORMAT_NAME, FORMAT_VERSION, blob_key, name_problem, owner_problem,
-                                      param_of, task_name_problem)
+                                      param_of, task_names_problem)
 from edgecl.artifact.reader import load
-from edgecl.deltas import PackedModel, check_consistent, expand_owner, task_name_conflicts
+from edgecl.deltas import PackedModel, check_consistent, expand_owner
 from edgecl.errors import UsageError
 from edgecl.io import commit, discard, write_atomic, write_temp
 
@@ -105,13 +105,9 @@ def serialise(packed: PackedModel, fp16: bool, old_names: int = 0) -> list[bytes
     if packed.n_tasks > MAX_TASKS or any(not 1 <= info.n_classes <= MAX_CLASSES for info in packed.tasks):
         raise UsageError(f"cannot store this model: at most {MAX_TASKS} tasks of 1-{MAX_CLASSES} classes each "
                          "(docs/ARTIFACT.md, limits)")
-    names = [info.name for info in packed.tasks]
-    for name in names:
-        problem = task_name_problem(name)
-        if problem:
-            raise UsageError(problem)
-    for t, why in task_name_conflicts(names, old_names):
-        raise UsageError(f"task {t} name {names[t]!r} {why}: a task must be selectable by its name (rename it)")
+    problem = task_names_problem([info.name for info in packed.tasks], old_names)
+    if problem:
+        raise UsageError(f"{problem} (rename it)")
     blobs = encode_blobs(packed, fp16)
     decoded = dense_bytes(packed.arch, [info.n_classes for info in packed.tasks])
     decoded += sum(math.prod(e["shape"]) * np.dtype(e["dtype"]).itemsize for _, e, _ in blobs)

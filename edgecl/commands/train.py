@@ -12,12 +12,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", default="permuted-digits",
                    help="permuted-digits, split-digits, rotated-digits, synthetic, or a .npz file (see README)")
     p.add_argument("--tasks", type=int, default=None,
-                   help="number of tasks to take from the stream (with --resume: number of NEW tasks to add)")
+                   help="number of tasks to take from the stream, a file's first N (with --resume: number of NEW "
+                        "tasks to add; the stream holds the artifact's tasks first)")
     p.add_argument("--resume", metavar="ARTIFACT", default=None,
                    help="add tasks to a deployed artifact made by the same method and architecture; earlier tasks "
                         "stay bit-identical (verified before the new artifact is written to --out)")
     add_arch_arguments(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="seeds the method and a built-in stream's data (default 0; with --resume, the artifact's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field of the method (JSON value), e.g. --set epochs=5")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

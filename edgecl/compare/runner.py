@@ -43,16 +43,11 @@ def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def load_stream(name: str, n_tasks: int | None, seed: int, input_shape: tuple[int, ...] | None = None):
-    """A built-in stream, or a stream file cut to its first `n_tasks` tasks (a file holds fixed data: there the seed
-    changes only the methods' initialisation)."""
-    from edgecl.train.data import Stream, make_stream
+    """A built-in stream, or a stream file's first `n_tasks` tasks (`make_stream`; a file holds fixed data: there the
+    seed changes only the methods' initialisation)."""
+    from edgecl.train.data import make_stream
 
-    stream = make_stream(name, n_tasks, seed, input_shape)
-    if n_tasks is not None and len(stream.tasks) != n_tasks:
-        if len(stream.tasks) < n_tasks:
-            raise UsageError(f"--tasks {n_tasks}: stream {name!r} has only {len(stream.tasks)} tasks")
-        stream = Stream(stream.name, stream.input_shape, stream.tasks[:n_tasks])
-    return stream
+    return make_stream(name, n_tasks, seed, input_shape)
 
 
 # ---------------------------------------------------------------- one run

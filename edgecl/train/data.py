@@ -1,5 +1,6 @@
 """Task streams. Built-in ones come from scikit-learn's bundled handwritten digits (1,797 real 8×8 images, no
-download) with a fixed seeded split; `Stream.from_arrays` and `load_stream_file` bring your own tasks."""
+download) with a fixed seeded split; `Stream.from_arrays` and `load_stream_file` bring your own tasks
+(`edgecl.train.user_data`)."""
 from __future__ import annotations
 
 import os
@@ -7,9 +8,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgecl.artifact.limits import MAX_TASKS
 from edgecl.errors import UsageError
 
 STREAMS = ("permuted-digits", "split-digits", "rotated-digits", "synthetic")
+SPLIT_TASKS = 5  # split-digits: the pairs 0/1, 2/3, 4/5, 6/7, 8/9
 
 
 @dataclass
@@ -33,34 +36,19 @@ class Stream:
     @classmethod
     def from_arrays(cls, name: str, tasks: list[tuple], input_shape: tuple[int, ...] | None = None) -> "Stream":
         """Your own tasks: a list of (x_train, y_train, x_test, y_test) numpy tuples, or torch Datasets' tensors
-        converted with `.numpy()`. Labels must be 0..C-1 per task; inputs share one shape."""
-        out = []
-        for i, tup in enumerate(tasks):
-            if len(tup) != 4:
-                raise UsageError(f"task {i}: expected (x_train, y_train, x_test, y_test), got {len(tup)} items")
-            xtr, ytr, xte, yte = (np.asarray(v) for v in tup)
-            out.append(_checked_task(f"{name}-{i}", xtr, ytr, xte, yte, i))
-        if not out:
-            raise UsageError(f"stream {name!r} has no tasks")
-        shape = tuple(input_shape or out[0].x_train.shape[1:])
-        for i, t in enumerate(out):
-            if t.x_train.shape[1:] != shape or t.x_test.shape[1:] != shape:
-                raise UsageError(f"task {i}: input shape {t.x_train.shape[1:]} differs from the stream's {shape}")
-        return cls(name, shape, out)
+        converted with `.numpy()`. Float inputs sharing one shape; labels 0..C-1 per task; the tasks are named
+        '{name}-0', '{name}-1', … (`edgecl.train.user_data` has the whole policy)."""
+        from edgecl.train.user_data import stream_from_arrays
+
+        return stream_from_arrays(name, tasks, input_shape)
 
 
-def _checked_task(name, xtr, ytr, xte, yte, i) -> TaskData:
-    for what, x, y in (("train", xtr, ytr), ("test", xte, yte)):
-        if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
-            raise UsageError(f"task {i} ({what}): need x of shape (N, ...) and y of shape (N,), got {x.shape} "
-                             f"and {y.shape}")
-        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-            raise UsageError(f"task {i} ({what}): labels must be non-negative integers")
-        if not np.isfinite(x.astype(np.float64)).all():
-            raise UsageError(f"task {i} ({what}): inputs contain NaN or infinity")
-    n_classes = int(max(ytr.max(), yte.max())) + 1
-    return TaskData(name, xtr.astype(np.float32), ytr.astype(np.int64), xte.astype(np.float32),
-                    yte.astype(np.int64), n_classes)
+class StreamTooShort(UsageError):
+    """A stream holds fewer tasks than asked for (`held`); `edgecl train --resume` says what its stream must hold."""
+
+    def __init__(self, message: str, held: int):
+        super().__init__(message)
+        self.held = held
 
 
 def _digits(seed: int):
@@ -82,8 +70,12 @@ def check_stream(name: str, n_tasks: int | None = None, input_shape: tuple[int, 
         if name.endswith(".npz") or os.sep in name or "/" in name:
             raise UsageError(f"stream file {name!r} not found")
         raise UsageError(f"unknown stream {name!r} (built-in: {', '.join(STREAMS)}; or a path to a .npz file)")
-    if n_tasks is not None and n_tasks < 1:
-        raise UsageError(f"n_tasks must be ≥ 1, got {n_tasks}")
+    if n_tasks is not None and not 1 <= n_tasks <= MAX_TASKS:
+        raise UsageError(f"the number of tasks must be 1-{MAX_TASKS} (the artifact's limit, docs/ARTIFACT.md), got "
+                         f"{n_tasks}")
+    if name == "split-digits" and (n_tasks or 0) > SPLIT_TASKS:
+        raise StreamTooShort(f"split-digits has {SPLIT_TASKS} tasks (pairs of digits), fewer than the {n_tasks} "
+                             "asked for", SPLIT_TASKS)
     if input_shape is not None:
         shape = tuple(input_shape)
         if name not in STREAMS or name == "synthetic":
@@ -92,6 +84,29 @@ def check_stream(name: str, n_tasks: int | None = None, input_shape: tuple[int, 
                 or not all(8 <= d <= MAX_SIDE for d in shape[1:]):
             raise UsageError(f"input shape {shape} must be channels,height,width with 1 or 3 channels and sides "
                              f"from 8 to {MAX_SIDE}, e.g. 3,32,32")
+    if name in STREAMS:
+        _check_size(name, n_tasks, tuple(input_shape or DIGITS_SHAPE))
+
+
+def _check_size(name: str, n_tasks: int | None, shape: tuple[int, ...]) -> None:
+    """Refuse a built-in stream whose data alone would not fit in this machine's memory, before building it (each
+    task holds its own float32 copy of every image: 1,797 digits, or 800 synthetic samples, per task)."""
+    n = n_tasks or (10 if name in ("permuted-digits", "synthetic") else 5)
+    per_task = 800 * 64 * 4 if name == "synthetic" else 1797 * 4 * int(np.prod(shape))
+    total = n * per_task
+    memory = physical_memory()
+    if memory and total > memory:
+        raise UsageError(f"{name} with {n} tasks of shape {shape} would hold {total / 2**30:.1f} GiB of data, more "
+                         f"than this machine's {memory / 2**30:.1f} GiB of memory; ask for fewer tasks (--tasks) or a "
+                         "smaller --input-shape")
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM of this machine, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
@@ -106,14 +121,14 @@ def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
 
 def make_stream(name: str, n_tasks: int | None = None, seed: int = 0,
                 input_shape: tuple[int, ...] | None = None) -> Stream:
-    """A built-in stream by name (see STREAMS), or a .npz stream file. Same name, n_tasks, seed and input shape →
-    same data, always. `input_shape` (C, H, W) resizes the 8×8 digits (nearest: every pixel becomes a block,
-    after each task's permutation or rotation, so the tasks are the same at any size) and repeats them over C
-    channels, to exercise real model shapes (e.g. 3×32×32 for a torchvision ResNet) with the embedded data."""
+    """A built-in stream by name (see STREAMS), or a .npz stream file (its first n_tasks tasks; StreamTooShort when
+    it holds fewer). Same name, n_tasks, seed and input shape → same data, always. `input_shape` (C, H, W) resizes
+    the 8×8 digits (nearest: every pixel becomes a block, after each task's permutation or rotation, so the tasks are
+    the same at any size) and repeats them over C channels, to exercise real model shapes (e.g. 3×32×32 for a
+    torchvision ResNet) with the embedded data."""
+    check_stream(name, n_tasks, input_shape)  # names, counts and sizes before any data is built
     if name not in STREAMS:
-        check_stream(name, None, input_shape)
-        return load_stream_file(name)
-    check_stream(name, n_tasks, input_shape)
+        return load_stream_file(name, n_tasks)
     stream = _builtin(name, n_tasks, seed)
     if input_shape is None or tuple(input_shape) == DIGITS_SHAPE:
         return stream
@@ -143,10 +158,7 @@ def _builtin(name: str, n_tasks: int | None, seed: int) -> Stream:
             perm = np.arange(64) if t == 0 else rng.permutation(64)
             tasks.append(TaskData(f"perm{t}", _permute(xtr, perm), ytr, _permute(xte, perm), yte, 10))
     elif name == "split-digits":
-        n = n_tasks or 5
-        if n > 5:
-            raise UsageError("split-digits has at most 5 tasks (pairs of digits)")
-        for t in range(n):
+        for t in range(n_tasks or SPLIT_TASKS):
             a, b = 2 * t, 2 * t + 1
             tr, te = np.isin(ytr, (a, b)), np.isin(yte, (a, b))
             tasks.append(TaskData(f"digits{a}{b}", xtr[tr], (ytr[tr] == b).astype(np.int64), xte[te],
@@ -184,23 +196,8 @@ def _synthetic(n_tasks: int, rng: np.random.Generator) -> Stream:
     return Stream("synthetic", (1, 8, 8), tasks)
 
 
-def load_stream_file(path: str) -> Stream:
-    """A user stream from an .npz with arrays task0_x_train, task0_y_train, task0_x_test, task0_y_test, task1_… .
-    Loaded with allow_pickle=False: a data file can never execute code."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception as exc:  # noqa: BLE001 - any unreadable file becomes one clear error
-        raise UsageError(f"{path}: not a readable .npz stream file ({exc})") from None
-    tasks, i = [], 0
-    while f"task{i}_x_train" in arrays:
-        keys = [f"task{i}_{k}" for k in ("x_train", "y_train", "x_test", "y_test")]
-        missing = [k for k in keys if k not in arrays]
-        if missing:
-            raise UsageError(f"{path}: missing arrays {missing}")
-        tasks.append(tuple(arrays[k] for k in keys))
-        i += 1
-    if not tasks:
-        raise UsageError(f"{path}: no task0_x_train array; a stream file holds task0_x_train, task0_y_train, "
-                         "task0_x_test, task0_y_test, task1_… (README, 'Your own data')")
-    return Stream.from_arrays(os.path.splitext(os.path.basename(path))[0], tasks)
+def load_stream_file(path: str, n_tasks: int | None = None) -> Stream:
+    """A user stream from an .npz file (all its tasks, or its first `n_tasks`); see `edgecl.train.user_data`."""
+    from edgecl.train.user_data import load_stream_file as load
+
+    return load(path, n_tasks)

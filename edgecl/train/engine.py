@@ -11,6 +11,7 @@ import torch
 
 from edgecl import metrics
 from edgecl.deltas import PackedModel, materialize
+from edgecl.errors import UsageError
 from edgecl.train import distributed
 from edgecl.train.data import Stream, TaskData
 from edgecl.train.models import forward, from_numpy
@@ -42,21 +43,50 @@ class RunResult:
 
 
 def predict(packed: PackedModel, task: int, x: np.ndarray, device: str = "cpu", batch: int = 512) -> np.ndarray:
-    """Class predictions of one task from its materialised weights (the exact deployed weights)."""
+    """Class predictions of one task from its materialised weights (the exact deployed weights). Inputs that make
+    the logits non-finite (finite values that overflow float32 inside the model) are refused, never argmax'ed."""
+    labels, finite = _predict(packed, task, x, device, batch)
+    if not finite.all():
+        raise _overflow(packed, task, x, finite, int((~finite).sum()), len(x))
+    return labels
+
+
+def _predict(packed: PackedModel, task: int, x: np.ndarray, device: str, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Argmax labels and, per input, whether all of its logits are finite."""
     params = from_numpy(materialize(packed, task), device)
-    out = []
+    labels, finite = [], []
     with torch.no_grad():
         for i in range(0, len(x), batch):
-            out.append(forward(packed.arch, params, torch.from_numpy(x[i:i + batch]).to(device)).argmax(1).cpu())
-    return torch.cat(out).numpy()
+            logits = forward(packed.arch, params, torch.from_numpy(x[i:i + batch]).to(device))
+            labels.append(logits.argmax(1).cpu())
+            finite.append(torch.isfinite(logits).all(1).cpu())
+    if not labels:
+        return np.zeros(0, np.int64), np.ones(0, bool)
+    return torch.cat(labels).numpy(), torch.cat(finite).numpy()
+
+
+def _overflow(packed: PackedModel, task: int, x: np.ndarray, finite: np.ndarray, bad: int, total: int) -> UsageError:
+    """The error for non-finite logits: weights are finite (the artifact's rules, the divergence check), so the
+    inputs overflowed float32 inside the model; an accuracy counted from their argmax would be invented."""
+    rows = np.flatnonzero(~finite)
+    where = f" (largest |x| {float(np.abs(x[rows]).max()):.3g})" if len(rows) else ""
+    return UsageError(f"task {packed.tasks[task].name!r}: the model's outputs on {bad} of {total} test inputs are not "
+                      f"finite{where}: the inputs overflow float32 inside the model; scale them as you will feed "
+                      "them on the device (no accuracy is computed from them)")
 
 
 def accuracy(packed: PackedModel, task: int, data: TaskData, device: str = "cpu") -> float:
     """Test accuracy of one task; under several ranks each predicts its slice of the test split and the counts of
-    correct predictions are summed, so every rank gets the number one process computes."""
+    correct (and of non-finite) predictions are summed, so every rank gets the number one process computes, or every
+    rank refuses the task's non-finite outputs."""
     part = distributed.local_part(torch.arange(len(data.x_test))).numpy()
-    correct = int((predict(packed, task, data.x_test[part], device) == data.y_test[part]).sum()) if len(part) else 0
-    return int(distributed.all_sum(torch.tensor(correct, dtype=torch.int64))) / len(data.x_test)
+    x = data.x_test[part]
+    labels, finite = _predict(packed, task, x, device, 512)
+    counts = torch.tensor([int(((labels == data.y_test[part]) & finite).sum()), int((~finite).sum())])
+    correct, bad = (int(v) for v in distributed.all_sum(counts))
+    if bad:
+        raise _overflow(packed, task, x, finite, bad, len(data.x_test))
+    return correct / len(data.x_test)
 
 
 def run(method: Method, stream: Stream, ctx: TrainContext | None = None, first_task: int = 0,
@@ -69,6 +99,9 @@ def run(method: Method, stream: Stream, ctx: TrainContext | None = None, first_t
     on every rank) and are kept in `rank_digests`."""
     ctx = ctx or TrainContext()
     n = len(stream.tasks)
+    if first_task >= n:  # a run that learns nothing must not look like one that did
+        raise UsageError(f"stream {stream.name!r} has {n} tasks, none after the {first_task} the resumed model holds: "
+                         "nothing to learn")
     acc = np.full((n, n), np.nan)
     packed = method.pack() if first_task else None
     if first_task:

@@ -19,13 +19,13 @@ from edgecl.arch.factories import check_arch_string
 from edgecl.errors import UsageError
 from edgecl.train import registry
 from edgecl.train.compute import check_device, check_threads, require_device, set_threads
-from edgecl.train.data import check_stream
+from edgecl.train.data import StreamTooShort, check_stream
 
 ARTIFACT_NAME = "model.edgecl"
 
 
 def check_request(method_name: str, stream_name: str, *, arch_name: str | None = None, n_tasks: int | None = None,
-                  seed: int = 0, overrides: dict[str, Any] | None = None, device: str = "cpu",
+                  seed: int | None = None, overrides: dict[str, Any] | None = None, device: str = "cpu",
                   threads: int | None = None, resume: str | None = None,
                   input_shape: tuple[int, ...] | None = None) -> None:
     """Everything `train_and_write` can refuse without torch or data: names, config values, flags."""
@@ -35,7 +35,7 @@ def check_request(method_name: str, stream_name: str, *, arch_name: str | None =
             raise UsageError("--resume needs --tasks N, the number of new tasks to add")
         if overrides:
             raise UsageError("--resume keeps the artifact's method config; drop --set")
-    registry.check_config(method_name, {"seed": seed, **(overrides or {})})
+    registry.check_config(method_name, {**({} if seed is None else {"seed": seed}), **(overrides or {})})
     if arch_name is not None:
         check_arch_string(arch_name)
     check_stream(stream_name, n_tasks, input_shape)
@@ -44,7 +44,7 @@ def check_request(method_name: str, stream_name: str, *, arch_name: str | None =
 
 
 def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_name: str | None = None,
-                    n_tasks: int | None = None, seed: int = 0, overrides: dict[str, Any] | None = None,
+                    n_tasks: int | None = None, seed: int | None = None, overrides: dict[str, Any] | None = None,
                     device: str = "cpu", threads: int | None = None, progress: bool = True,
                     resume: str | None = None, input_shape: tuple[int, ...] | None = None,
                     classifier: bool | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -52,7 +52,9 @@ def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_na
     heatmap + artifact (+ training state). `arch_name`: a preset, a .json spec or module:factory (default: mlp, or
     with `resume` the artifact's own); `input_shape` resizes the digit streams; `classifier=False` takes a factory's
     module as the trunk (see `edgecl.arch.from_torch`). `threads`: torch CPU threads (None leaves torch's setting).
-    Returns the results dict."""
+    `seed` (default 0; with `resume`, the artifact's) seeds the method and a built-in stream's data. With `resume`
+    the stream must hold the artifact's tasks followed by `n_tasks` new ones (`check_resumed_stream`). Returns the
+    results dict."""
     check_request(method_name, stream_name, arch_name=arch_name, n_tasks=n_tasks, seed=seed, overrides=overrides,
                   device=device, threads=threads, resume=resume, input_shape=input_shape)
     set_threads(threads)
@@ -85,7 +87,17 @@ def _train(method_name: str, stream_name: str, out_dir: str, world: Any, request
         with artifact.load(resume) as opened:
             previous = opened.to_packed()  # decoded and verified: every checksum, consistency
     first = previous.n_tasks if previous else 0
-    stream = make_stream(stream_name, first + n_tasks if n_tasks is not None else None, seed, request["input_shape"])
+    seed = resumed_seed(previous, seed, resume) if previous else (0 if seed is None else seed)
+    try:
+        stream = make_stream(stream_name, first + n_tasks if n_tasks is not None else None, seed,
+                             request["input_shape"])
+    except StreamTooShort as exc:
+        if not previous:
+            raise
+        raise UsageError(f"{exc}: {resume} holds {first} task{'s' * (first != 1)} and --tasks {n_tasks} adds "
+                         f"{n_tasks}, so the stream must hold {first + n_tasks}: {RESUME_STREAM}") from None
+    if previous:
+        check_resumed_stream(previous, stream, resume)
     if previous and arch_name is None:
         arch = previous.arch  # continue the deployed architecture
     else:
@@ -124,6 +136,30 @@ def _train(method_name: str, stream_name: str, out_dir: str, world: Any, request
             f"({data['artifact']['bytes'] / 1024:.1f} KiB)")
     data["artifact"] = distributed.from_main(data.get("artifact"))  # every rank ends when rank 0 has written
     return data
+
+
+RESUME_STREAM = ("the artifact's tasks first, as it was trained on them (the same built-in stream and seed, or a "
+                 "stream file of the same name holding them as task0, task1, …), then the new ones")
+
+
+def resumed_seed(previous: Any, seed: int | None, resume: str) -> int:
+    """The seed a resumed run uses: the artifact's (its method config's), which also rebuilds a built-in stream's
+    earlier tasks exactly; another --seed would score those tasks on other data, so it is refused."""
+    kept = int(previous.config.get("seed", 0))
+    if seed is not None and seed != kept:
+        raise UsageError(f"{resume} was trained with seed {kept}; --resume keeps it (it also rebuilds the stream's "
+                         f"earlier tasks): drop --seed {seed}")
+    return kept
+
+
+def check_resumed_stream(previous: Any, stream: Any, resume: str) -> None:
+    """A resumed run scores the artifact's tasks on the stream's first tasks and learns the rest: those first tasks
+    must be the artifact's own (same names, same class counts), else its ACC and BWT would measure other data."""
+    for t, (old, new) in enumerate(zip(previous.tasks, stream.tasks)):
+        if (old.name, old.n_classes) != (new.name, new.n_classes):
+            raise UsageError(f"{resume}: its task {t} is {old.name!r} with {old.n_classes} classes, the stream "
+                             f"{stream.name!r} has {new.name!r} with {new.n_classes} there; --resume needs a stream "
+                             f"holding {RESUME_STREAM}")
 
 
 def check_ranks_agree(method: Any, stream: Any, previous: Any, world: Any) -> None:

@@ -1,0 +1,110 @@
+"""`edgecl train` on your own stream files: data it cannot train or score on honestly is refused with exit 2 and a
+message naming the file, task and field — before training where the data alone shows it, never as a traceback, an
+invented accuracy or a model trained on fewer tasks than the file holds."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgecl.arch.factories import resolve_arch
+from edgecl.cli import main
+from edgecl.errors import UsageError
+from edgecl.train import engine, registry
+from edgecl.train.data import make_stream
+
+
+def stream_file(path, n_tasks=2, size=40, **arrays):
+    """A real stream file: n tasks of 3 classes, separable by the mean pixel."""
+    rng, out = np.random.default_rng(2), {}
+    for i in range(n_tasks):
+        for split, count in (("train", size), ("test", size // 2)):
+            y = np.arange(count) % 3
+            out[f"task{i}_x_{split}"] = (rng.random((count, 1, 8, 8)) * 0.2 + 0.4 * y[:, None, None, None]).astype(
+                np.float32)
+            out[f"task{i}_y_{split}"] = y
+    np.savez(path, **{k: v for k, v in {**out, **arrays}.items() if v is not None})
+    return str(path)
+
+
+def train(capsys, stream, out, *extra):
+    capsys.readouterr()
+    code = main(["train", "--method", "finetune", "--stream", str(stream), "--set", "epochs=1", "--no-progress",
+                 *extra, "--out", str(out)])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return code, captured.out, captured.err
+
+
+def test_test_inputs_that_overflow_inside_the_model_are_refused_not_scored(tmp_path, capsys):
+    """3e38 is finite float32, but the model's logits on it are not: argmax of NaN is 0, and all-zero labels made
+    that 'ACC 100.00%'."""
+    path = stream_file(tmp_path / "f.npz", task0_x_test=np.full((20, 1, 8, 8), 3e38, np.float32),
+                       task0_y_test=np.zeros(20, np.int64))
+    code, _, err = train(capsys, path, tmp_path / "out")
+    assert code == 2
+    assert "task 'f-0'" in err and "20 of 20 test inputs are not finite" in err and "overflow float32" in err
+    assert not (tmp_path / "out" / "model.edgecl").exists()
+
+
+def test_predict_refuses_non_finite_logits(tmp_path):
+    stream = make_stream(stream_file(tmp_path / "f.npz", n_tasks=1))
+    method = registry.create("finetune", resolve_arch("mlp", stream.input_shape), {"epochs": 1})
+    result = engine.run(method, stream, log=lambda _: None)
+    x = stream.tasks[0].x_test.copy()
+    assert engine.predict(result.packed, 0, x).shape == (len(x),)
+    x[3] = 3e38
+    with pytest.raises(UsageError, match="1 of 20 test inputs are not finite"):
+        engine.predict(result.packed, 0, x)
+
+
+def test_float64_inputs_beyond_float32_are_refused_before_training(tmp_path, capsys):
+    """1e300 is finite in float64 and inf after the cast: it used to train into a 'loss is nan' divergence (train
+    split) or an invented accuracy (test split)."""
+    for field, count in (("task1_x_train", 40), ("task0_x_test", 20)):
+        path = stream_file(tmp_path / "f.npz", **{field: np.full((count, 1, 8, 8), 1e300)})
+        code, out, err = train(capsys, path, tmp_path / "out")
+        assert code == 2 and "edgecl: finetune on" not in out  # nothing trained
+        task, split = field[4], field.split("_", 1)[1]
+        assert f"f.npz: task {task} {split} has {count * 64} values beyond float32's range" in err
+
+
+def test_tasks_n_trains_the_first_n_tasks_of_a_file(tmp_path, capsys):
+    path = stream_file(tmp_path / "three.npz", n_tasks=3)
+    code, _, err = train(capsys, path, tmp_path / "out", "--tasks", "1")
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["tasks"] == ["three-0"]
+    code, _, err = train(capsys, path, tmp_path / "out4", "--tasks", "4")
+    assert code == 2 and "holds 3 tasks, fewer than the 4 asked for" in err
+
+
+@pytest.mark.parametrize("name", ["3.npz", "2024.npz", ".hidden.npz", "a,b.npz"])
+def test_a_file_name_that_cannot_name_tasks_is_refused_before_training(tmp_path, capsys, name):
+    code, out, err = train(capsys, stream_file(tmp_path / name), tmp_path / "out")
+    assert code == 2 and "edgecl: finetune on" not in out
+    assert name in err and "task names come from the file name" in err and "rename the file" in err
+
+
+def test_a_gap_or_typo_in_a_file_is_refused_not_skipped(tmp_path, capsys):
+    path = stream_file(tmp_path / "f.npz", n_tasks=4, task2_x_train=None, task2_y_train=None, task2_x_test=None,
+                       task2_y_test=None)
+    code, _, err = train(capsys, path, tmp_path / "out")
+    assert code == 2 and "has tasks [0, 1, 3] but no task2" in err
+    path = stream_file(tmp_path / "g.npz", task1_x_train=None, task1_x_trian=np.zeros((40, 1, 8, 8), np.float32))
+    code, _, err = train(capsys, path, tmp_path / "out")
+    assert code == 2 and "unexpected arrays ['task1_x_trian']" in err
+
+
+def test_integer_inputs_are_refused_like_the_runtime_refuses_them(tmp_path, capsys):
+    path = stream_file(tmp_path / "f.npz", task0_x_train=np.zeros((40, 1, 8, 8), np.uint8))
+    code, out, err = train(capsys, path, tmp_path / "out")
+    assert code == 2 and "edgecl: finetune on" not in out
+    assert "task 0 x_train has dtype uint8" in err and "astype(np.float32)" in err
+
+
+def test_a_label_beyond_the_class_limit_is_refused_before_training(tmp_path, capsys):
+    path = stream_file(tmp_path / "f.npz", task1_y_test=np.full(20, 70000))
+    code, out, err = train(capsys, path, tmp_path / "out")
+    assert code == 2 and "edgecl: finetune on" not in out
+    assert "task 1 y_test has label 70000; a task has at most 65536 classes" in err
