@@ -72,7 +72,30 @@ def test_rgo_resume_needs_its_training_state(tmp_path, capsys):
     rc = main(["train", "--method", "rgo", "--resume", str(tmp_path / "v1" / "model.edgecl"), "--tasks", "1",
                "--out", str(tmp_path / "v2")])
     assert rc == 2
-    assert "training state" in capsys.readouterr().err
+    assert f"resumes from its training state {state}, which is missing" in capsys.readouterr().err
+
+
+def test_a_stale_state_left_by_another_model_neither_stays_nor_blocks(tmp_path, capsys):
+    """An RGO run, then an LPS run into the same folder: the RGO state no longer belongs to anything there and is
+    removed with the new model (side files follow the model); a state planted beside an LPS artifact is not read
+    by its resume, and a method that cannot resume says so, not something about a state."""
+    out = tmp_path / "m"
+    assert main(["train", "--method", "rgo", "--tasks", "1", "--set", "epochs=1", "--no-progress",
+                 "--out", str(out)]) == 0
+    rgo_state = (out / "model.edgecl.state").read_bytes()
+    _train(out)
+    assert not (out / "model.edgecl.state").exists()
+    (out / "model.edgecl.state").write_bytes(rgo_state)
+    capsys.readouterr()
+    assert main(["train", "--method", "lps", "--resume", str(out / "model.edgecl"), "--tasks", "1", "--no-progress",
+                 "--out", str(tmp_path / "m2")]) == 0
+    assert main(["train", "--method", "finetune", "--tasks", "1", "--set", "epochs=1", "--no-progress",
+                 "--out", str(tmp_path / "f")]) == 0
+    (tmp_path / "f" / "model.edgecl.state").write_bytes(rgo_state)
+    capsys.readouterr()
+    assert main(["train", "--method", "finetune", "--resume", str(tmp_path / "f" / "model.edgecl"), "--tasks", "1",
+                 "--out", str(tmp_path / "f2")]) == 2
+    assert "cannot resume" in capsys.readouterr().err
 
 
 def _train(out, *extra):

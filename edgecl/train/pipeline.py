@@ -79,7 +79,7 @@ def _train(method_name: str, stream_name: str, out_dir: str, world: Any, request
     from edgecl.train.data import make_stream
     from edgecl.train.outputs import format_matrix, save_json, write_results
     from edgecl.train.protocol import TrainContext, check_resumable
-    from edgecl.train.state import load_training_state, save_training_state
+    from edgecl.train.state import save_training_state
 
     resume, n_tasks, arch_name, seed, log = (request[k] for k in ("resume", "n_tasks", "arch_name", "seed", "log"))
     previous = None
@@ -111,7 +111,7 @@ def _train(method_name: str, stream_name: str, out_dir: str, world: Any, request
         except UsageError as exc:
             raise UsageError(f"{resume}: {exc}") from None
         method = registry.create(method_name, arch, previous.config)
-        method.resume(previous, load_training_state(resume))
+        method.resume(previous, resumed_state(method, resume))
     else:
         method = registry.create(method_name, arch, {"seed": seed, **(request["overrides"] or {})})
     if world.size > 1:
@@ -136,6 +136,20 @@ def _train(method_name: str, stream_name: str, out_dir: str, world: Any, request
             f"({data['artifact']['bytes'] / 1024:.1f} KiB)")
     data["artifact"] = distributed.from_main(data.get("artifact"))  # every rank ends when rank 0 has written
     return data
+
+
+def resumed_state(method: Any, resume: str) -> dict[str, Any] | None:
+    """The training state a method resumes from, read only for methods that keep one (a stale `.state` beside the
+    artifact, left by another model, must not matter to the others)."""
+    if not method.has_training_state:
+        return None
+    from edgecl.train.state import load_training_state, state_path
+
+    state = load_training_state(resume)
+    if state is None:
+        raise UsageError(f"{resume}: {method.name} resumes from its training state {state_path(resume)}, which is "
+                         "missing: `edgecl train` writes it beside the artifact; keep the two together")
+    return state
 
 
 RESUME_STREAM = ("the artifact's tasks first, as it was trained on them (the same built-in stream and seed, or a "

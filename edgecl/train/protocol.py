@@ -45,6 +45,9 @@ class Method(ABC):
     # What appending tasks must leave bit-identical for earlier tasks: every tensor ("all"), or only their heads
     # ("heads": methods whose shared trunk keeps learning, like RGO). `edgecl train --resume` verifies it.
     append_keeps: ClassVar[str] = "all"
+    # Whether `training_state()` is needed to resume (RGO's projection matrices): only then is the `.state` file beside
+    # an artifact read, so a stale one left by an earlier model in the folder cannot block another method's resume.
+    has_training_state: ClassVar[bool] = False
 
     def __init__(self, arch: Arch, config: MethodConfig | None = None):
         self.arch = arch

@@ -25,9 +25,12 @@ run stopped between the two leaves a state that `load_training_state` recognises
 
 
 def save_training_state(state: dict[str, Any], artifact_path: str) -> None:
-    """safetensors (no pickle), written atomically, naming the artifact it belongs to; nothing is written for
-    methods without training state."""
+    """safetensors (no pickle), written atomically, naming the artifact it belongs to. For methods without training
+    state nothing is written, and a state left beside that path by an earlier model is removed: side files follow
+    the model."""
     if not state:
+        if os.path.exists(state_path(artifact_path)):
+            os.remove(state_path(artifact_path))
         return
     from safetensors.numpy import save
 

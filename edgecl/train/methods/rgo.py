@@ -65,6 +65,7 @@ _BYTES_PER_ENTRY = 8 + 4
 class RGO(Method):
     name = "rgo"
     Config = RGOConfig
+    has_training_state = True  # P, saved beside the artifact
     append_keeps = "heads"  # one shared trunk keeps learning (small, bounded forgetting); old heads never change
 
     def __init__(self, arch, config=None):
