@@ -71,7 +71,7 @@ class MethodConfig:
     epochs: int = 10
     seed: int = 0
 
-    BOUNDS: ClassVar[dict[str, Bounds]] = {"lr": above(0), "batch_size": at_least(1), "epochs": at_least(0),
+    BOUNDS: ClassVar[dict[str, Bounds]] = {"lr": above(0), "batch_size": at_least(1), "epochs": at_least(1),
                                            "seed": at_least(0)}
 
     def __post_init__(self) -> None:

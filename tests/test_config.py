@@ -36,7 +36,8 @@ def test_every_field_refuses_a_value_of_the_wrong_type(name, bad):
     ({"epochs": "abc"}, "epochs must be an integer, got 'abc'"),
     ({"epochs": 2.5}, "epochs must be an integer"),
     ({"epochs": True}, "epochs must be an integer"),
-    ({"epochs": -1}, "epochs must be ≥ 0, got -1"),
+    ({"epochs": -1}, "epochs must be ≥ 1, got -1"),
+    ({"epochs": 0}, "epochs must be ≥ 1, got 0"),  # an untrained model would ship with exit 0
     ({"batch_size": 0}, "batch_size must be ≥ 1"),
     ({"lr": 0}, "lr must be > 0, got 0"),
     ({"lr": float("nan")}, "lr must be a finite number"),
@@ -54,7 +55,7 @@ def test_lps_config_errors_name_the_field_and_what_it_expects(data, message):
 
 
 def test_all_problems_are_reported_at_once():
-    with pytest.raises(UsageError, match=r"LPSConfig: epochs must be ≥ 0, got -1; alpha must be in \(0, 1\], got 2"):
+    with pytest.raises(UsageError, match=r"LPSConfig: epochs must be ≥ 1, got -1; alpha must be in \(0, 1\], got 2"):
         LPSConfig.from_json({"epochs": -1, "alpha": 2})
 
 

@@ -164,7 +164,7 @@ def test_resume_continues_without_touching_earlier_tasks(run3, stream):
 
 def test_resume_refuses_other_methods_and_architectures(run3):
     _, snaps = run3
-    finetune = registry.create("finetune", preset("mlp"), {"epochs": 0})
+    finetune = registry.create("finetune", preset("mlp"), {"epochs": 1})
     finetune.learn_task(0, make_stream("permuted-digits", 1).tasks[0], CTX)
     with pytest.raises(UsageError, match="finetune"):
         registry.create("lps", preset("mlp"), SHORT).resume(finetune.pack())
