@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgecl.arch import from_torch, node_by_name
+from edgecl.arch import from_torch, node_by_name, validate
 from edgecl.arch.factories import resolve_arch
 from edgecl.deltas import materialize
 from edgecl.errors import UsageError
@@ -124,6 +124,15 @@ def test_scalar_arithmetic_is_one_scale_node():
     spec = from_torch(Probe(lambda y: 1.0 - y / 4), (3, 8, 8))
     scales = [(n["factor"], n["offset"]) for n in spec["nodes"] if n["op"] == "scale"]
     assert scales == [(0.25, 0.0), (-1.0, 1.0)]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), True, "2", 1e39])
+def test_scale_constants_must_be_finite_float32_numbers(bad):
+    node = {"name": "s", "op": "scale", "inputs": ["input"], "factor": bad}
+    with pytest.raises(UsageError, match="factor .* must be a finite number"):
+        validate({"input_shape": [4], "nodes": [node]})
+    assert validate({"input_shape": [4], "nodes": [{**node, "factor": 2}]})["nodes"][0] == {**node, "factor": 2.0,
+                                                                                          "offset": 0.0}
 
 
 def test_the_pytorch_mnist_example_imports_trains_and_deploys(tmp_path):
