@@ -2,11 +2,13 @@
 
 The tracer keeps torch's standard layers (and subclasses of them, such as timm's BatchNorm+activation) as leaves, so
 every conv/linear/BatchNorm node is named by its module path and its tensors by the module's state-dict keys
-(``layer1.0.conv1.weight``). Shapes come from running the traced graph once on zeros (`ShapeProp`, eval mode, no
-gradients, the module's own state untouched). Dropout and identity are dropped (identities at inference); view-like
-ops (view, reshape, flatten, squeeze, …) become ``flatten``/``reshape`` with the shape they actually produced. The
-model's final `nn.Linear` classifier is detected and left out: edgecl gives every task its own head on the features
-it reads. Anything else raises `UsageError` naming the op and the module path, never a trace from inside torch.
+(``layer1.0.conv1.weight``); the module's weights themselves are not part of the spec (`tensors_of` reads them).
+Shapes come from running the traced graph once on zeros (`ShapeProp`, eval mode, no gradients, the module's own
+state untouched). Dropout and identity are dropped (identities at inference); view-like ops (view, reshape, flatten,
+squeeze, …) become ``flatten``/``reshape`` with the shape they actually produced. Function and method calls are
+converted in `fx_calls`. The model's final `nn.Linear` classifier is detected and left out (with a (log_)softmax
+after it): edgecl gives every task its own head on the features it reads. Anything else raises `UsageError` naming
+the op, the fx node, the module path and the user's source line, never a trace from inside torch.
 """
 from __future__ import annotations
 
