@@ -177,6 +177,8 @@ class Inner(nn.Module):
     (lambda y: y.amax(1, keepdim=True) * y, r"'amax' .*only the spatial amax"),
     (lambda y: y * y.size(1), r"'mul' .*computed in forward"),
     (lambda y: torch.clamp(y, 0, 1), r"'clamp'"),
+    (lambda y: y + y.mean(1, keepdim=True), r"'mean' .*only the spatial mean"),
+    (lambda y: y - y.mean((2, 3), keepdim=True), r"'sub' .*shapes \[8, 8, 8\] and \[8, 1, 1\]; only of equal"),
 ])
 def test_refusals_name_the_op_node_module_path_and_source_line(body, match):
     with pytest.raises(UsageError) as info:

@@ -164,6 +164,9 @@ class _CallConverter:
         (x·factor + offset; x / c is x·(1/c)). Division by a tensor and c / x have no spec op."""
         if shape_of(a) is not None and shape_of(b) is not None:
             x, y = self._input(a, node), self._input(b, node)
+            if kind in ("add", "sub") and shape_of(a) != shape_of(b):
+                raise self.refuse(node, f"{kind} of shapes {shape_of(a)} and {shape_of(b)}; only of equal shapes "
+                                        "(broadcasting is supported in a product)")
             if kind in ("add", "mul"):
                 self._emit(node, kind, [x, y])
             elif kind == "sub":
