@@ -69,6 +69,19 @@ def test_hand_built_mlp_removes_exactly_the_dead_units():
     _assert_same_logits(arch, p, c_arch, c_params)
 
 
+def test_a_dead_unit_shifted_by_scale_is_folded_not_dropped():
+    arch = validate({"name": "scaled", "input_shape": [6], "nodes": [
+        {"name": "l0", "op": "linear", "inputs": ["input"], "in": 6, "out": 5},
+        {"name": "r0", "op": "relu", "inputs": ["l0"]},
+        {"name": "s0", "op": "scale", "inputs": ["r0"], "factor": -2.0, "offset": 0.5},
+        {"name": "l1", "op": "linear", "inputs": ["s0"], "in": 5, "out": 4}]})
+    p = _random_params(arch)
+    p["l0.weight"][0] = 0; p["l0.bias"][0] = -1.0     # 0 after ReLU, 0.5 after the scale: folded into l1.bias
+    c_arch, c_params, report = compact(arch, p)
+    assert report.layers["l0"] == [5, 4] and report.folded_units == 1
+    _assert_same_logits(arch, p, c_arch, c_params)
+
+
 def test_removal_cascades_to_a_fixed_point():
     arch = _mlp([4, 3], 5)
     p = _random_params(arch)

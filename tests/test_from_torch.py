@@ -1,7 +1,5 @@
 """Your own network: torchvision, timm and custom `nn.Module`s become specs (`edgecl.arch.from_torch`), whose torch
 forward and ONNX graph compute what the module computes; unsupported ops get a UsageError naming op and module path."""
-import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -9,23 +7,14 @@ from torch import nn
 from edgecl.arch import channel_map, from_torch, param_shapes, prunable
 from edgecl.arch.factories import build_module, resolve_arch
 from edgecl.errors import UsageError
-from edgecl.graph.builder import build_onnx
-from edgecl.train.models import forward, from_numpy
-from torch_nets import MODELS, ResCat, module_and_spec, spec_and_weights
+from torch_nets import MODELS, ResCat, check_parity, module_and_spec, spec_and_weights
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_spec_forward_and_onnx_equal_the_module(name):
     module, spec = module_and_spec(name)
     _, weights = spec_and_weights(name)
-    x = torch.randn(4, 3, 32, 32)
-    with torch.no_grad():
-        want = module(x).numpy()
-        got = forward(spec, from_numpy(weights), x).numpy()
-    scale = max(1.0, float(np.abs(want).max()))
-    assert np.abs(got - want).max() <= 1e-5 * scale
-    session = ort.InferenceSession(build_onnx(spec, weights).SerializeToString(), providers=["CPUExecutionProvider"])
-    assert np.abs(session.run(None, {"x": x.numpy()})[0] - want).max() <= 1e-4 * scale
+    check_parity(module, spec, (3, 32, 32))
     assert set(param_shapes(spec)) == set(weights) - {"head.weight", "head.bias"}  # state-dict keys, classifier out
     assert all(w.startswith(tuple(n["name"] for n in spec["nodes"])) for w in prunable(spec))
     channel_map(spec)  # channels can be followed through every one of these graphs

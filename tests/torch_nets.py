@@ -78,6 +78,32 @@ def spec_and_weights(name: str, input_shape: tuple[int, ...] = (3, 32, 32)) -> t
     return spec, weights
 
 
+def check_parity(module: nn.Module, spec: dict, input_shape: tuple[int, ...], post=None, batch: int = 4) -> None:
+    """The spec's torch forward and its ONNX graph (ONNX Runtime) give the module's output, with the module's own
+    tensors and its last nn.Linear as the head; `post` maps the spec's logits to what the module returns (a final
+    log_softmax that from_torch drops)."""
+    import onnxruntime as ort
+
+    from edgecl.graph.builder import build_onnx
+    from edgecl.train.models import forward, from_numpy
+
+    module.eval()
+    weights = tensors_of(module, spec)
+    classifier = [m for m in module.modules() if isinstance(m, nn.Linear)][-1]
+    weights.update({"head.weight": classifier.weight.detach().numpy().copy(),
+                    "head.bias": classifier.bias.detach().numpy().copy()})
+    post = post or (lambda logits: logits)
+    x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = module(x).numpy()
+        got = post(forward(spec, from_numpy(weights), x)).numpy()
+    scale = max(1.0, float(np.abs(want).max()))
+    assert np.abs(got - want).max() <= 1e-5 * scale
+    session = ort.InferenceSession(build_onnx(spec, weights).SerializeToString(), providers=["CPUExecutionProvider"])
+    onnx_out = post(torch.from_numpy(session.run(None, {"x": x.numpy()})[0])).numpy()
+    assert np.abs(onnx_out - want).max() <= 1e-4 * scale
+
+
 def rescat_spec(input_shape=(1, 8, 8), width: int = 8) -> dict:
     """ResCat's spec for inputs of `input_shape` (`width` channels in the stem and each branch)."""
     return from_torch(ResCat(in_channels=input_shape[0], width=width), tuple(input_shape))

@@ -4,13 +4,14 @@ into a spec for a given input shape. Factories are called without pretrained wei
 ``pretrained=False`` where the factory takes them): nothing is downloaded. torch is imported only for factories."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 from edgecl.arch.presets import PRESETS, preset
 from edgecl.arch.spec import Arch, validate
@@ -80,19 +81,21 @@ def build_module(value: str) -> Any:
         if attr not in timm.list_models():
             raise UsageError(f"--arch {value!r}: timm has no model {attr!r}")
         return timm.create_model(attr, pretrained=False)
-    module = _import_file(target, value) if target.endswith(".py") else _import(target, value)
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise UsageError(f"--arch {value!r}: {target} has no callable {attr!r}")
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        params = {}
-    kwargs = {k: v for k, v in (("weights", None), ("pretrained", False)) if k in params}
-    try:
-        model = factory(**kwargs)
-    except Exception as exc:  # a user's factory may raise anything: say which and why
-        raise UsageError(f"--arch {value!r}: the factory raised {type(exc).__name__}: {str(exc)[:300]}") from None
+    with _script_folder(target if target.endswith(".py") else None):
+        module = _import_file(target, value) if target.endswith(".py") else _import(target, value)
+        factory = getattr(module, attr, None)
+        if not callable(factory):
+            raise UsageError(f"--arch {value!r}: {target} has no callable {attr!r}")
+        try:
+            params = inspect.signature(factory).parameters
+        except (TypeError, ValueError):
+            params = {}
+        kwargs = {k: v for k, v in (("weights", None), ("pretrained", False)) if k in params}
+        try:
+            model = factory(**kwargs)
+        except Exception as exc:  # a user's factory may raise anything: say which and why
+            raise UsageError(f"--arch {value!r}: the factory raised {type(exc).__name__}: {str(exc)[:300]}"
+                             ) from None
     import torch
 
     if not isinstance(model, torch.nn.Module):
@@ -113,13 +116,33 @@ def _import_file(path: str, value: str) -> Any:
     if not os.path.isfile(path):
         raise UsageError(f"--arch {value!r}: file not found: {path}")
     ensure_torchvision_imports()  # a user's file imports torchvision as it pleases
-    spec = importlib.util.spec_from_file_location(f"edgecl_user_{abs(hash(os.path.abspath(path)))}", path)
+    name = f"edgecl_user_{abs(hash(os.path.abspath(path)))}"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as `import` does: dataclasses, pickling and typing look the module up by name
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
+        del sys.modules[name]
         raise UsageError(f"--arch {value!r}: importing {path} raised {type(exc).__name__}: {str(exc)[:300]}") from None
     return module
+
+
+@contextlib.contextmanager
+def _script_folder(path: str | None) -> Iterator[None]:
+    """A user's model file runs as Python runs a script: its own folder first on sys.path while it is imported and
+    its factory called, so ``from helper import block`` finds helper.py beside it, at the top of the file or inside
+    the factory. sys.path is restored afterwards; modules it imported stay cached by name, as any import."""
+    if path is None:
+        yield
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        if folder in sys.path:  # the first equal entry: ours, unless the file put the same folder first itself
+            sys.path.remove(folder)
 
 
 def ensure_torchvision_imports() -> None:

@@ -13,7 +13,8 @@ its ``name`` is unique. Shapes leave out the batch axis. Ops (fields and default
 - with tensors: ``conv`` (weight ``(out, in/groups, kh, kw)``, optional bias), ``linear`` (weight ``(out, in)``),
   ``bn`` (weight, bias, running_mean, running_var of ``ch`` channels; eps, momentum) — tensor names are
   ``NODE.weight`` etc.;
-- element-wise: ``relu relu6 hardswish hardsigmoid silu sigmoid gelu tanh``;
+- element-wise: ``relu relu6 hardswish hardsigmoid silu sigmoid gelu tanh``, and ``scale`` (x·factor + offset with
+  two constant numbers: arithmetic with a Python number, a negation);
 - pooling: ``maxpool`` / ``avgpool`` (k, stride, pad, ceil_mode; avgpool's count_include_pad), ``gap`` (global
   average → ``(C, 1, 1)``);
 - structure: ``add`` (residual sum of equal shapes), ``mul`` (broadcast product, e.g. squeeze-and-excitation
@@ -46,11 +47,12 @@ MAX_EDGES = 2 * MAX_NODES  # inputs of all nodes: 10,000 adds of 256 inputs (an 
 MAX_ACTIVATION = 1 << 28  # elements of one node's output per sample (1 GiB of float32): cat can multiply channels
 MAX_DIM = 1 << 31
 MAX_NDIM = 3
+MAX_NUMBER = 3.0e38  # a `scale` constant must be a float32: ONNX and the runtime compute in float32
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,159}")
 ACTIVATIONS = ("relu", "relu6", "hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh")
 
 # op → {field: (kind, default)}; a default of `...` means required. Kinds: size (int ≥ 1), pair (two sizes; an int
-# is taken for both), pad (two ints ≥ 0), bool, eps, momentum, approximate, shape, axis.
+# is taken for both), pad (two ints ≥ 0), bool, eps, momentum, approximate, shape, axis, number (a finite float).
 _POOL = {"k": ("pair", ...), "stride": ("pair", None), "pad": ("pad", [0, 0]), "ceil_mode": ("bool", False)}
 OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "conv": {"in": ("size", ...), "out": ("size", ...), "k": ("pair", ...), "stride": ("pair", [1, 1]),
@@ -61,6 +63,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "maxpool": {**_POOL, "dilation": ("pair", [1, 1])},
     "avgpool": {**_POOL, "count_include_pad": ("bool", True)},
     "gap": {},
+    "scale": {"factor": ("number", 1.0), "offset": ("number", 0.0)},
     "add": {},
     "mul": {},
     "cat": {"axis": ("axis", 1)},
@@ -173,6 +176,9 @@ def _field(value: Any, kind: str, where: str) -> Any:
         return float(value)
     if kind == "momentum" and isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1:
         return float(value)
+    if kind == "number" and isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            math.isfinite(value) and abs(value) <= MAX_NUMBER:
+        return float(value)
     if kind == "approximate" and value in ("none", "tanh"):
         return value
     if kind == "shape" and isinstance(value, list):
@@ -181,7 +187,8 @@ def _field(value: Any, kind: str, where: str) -> Any:
         return 1
     expect = {"size": "an int ≥ 1", "pair": "an int ≥ 1 or two of them", "pad": "an int ≥ 0 or two of them",
               "bool": "true or false", "eps": "a number in (0, 1)", "momentum": "a number in (0, 1]",
-              "approximate": "'none' or 'tanh'", "axis": "1 (channels)"}.get(kind, kind)
+              "approximate": "'none' or 'tanh'", "axis": "1 (channels)",
+              "number": f"a finite number of magnitude at most {MAX_NUMBER:g}"}.get(kind, kind)
     raise UsageError(f"{where} = {str(value)[:60]} must be {expect}")
 
 

@@ -147,7 +147,7 @@ def _conv_factored(b: _Builder, h: str, node: dict, form: str | None, parts: dic
 
 
 _UNARY = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "hardswish": "HardSwish"}
-_KEEP_TRANSPOSED = ("relu", "relu6", "sigmoid", "tanh", "hardswish", "hardsigmoid", "silu", "gelu")
+_KEEP_TRANSPOSED = ("relu", "relu6", "sigmoid", "tanh", "hardswish", "hardsigmoid", "silu", "gelu", "scale")
 
 
 def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict) -> str:
@@ -183,6 +183,9 @@ def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict) -> str
         return b.op("AveragePool", [h], count_include_pad=int(node["count_include_pad"]), **attrs)
     if op == "gap":
         return b.op("GlobalAveragePool", [h])
+    if op == "scale":
+        h = h if node["factor"] == 1.0 else b.op("Mul", [h, constant(node["factor"])])
+        return h if node["offset"] == 0.0 else b.op("Add", [h, constant(node["offset"])])
     if op == "add":
         for other in ins[1:]:
             h = b.op("Add", [h, other])

@@ -3,7 +3,7 @@ channel into its readers' biases instead of keeping it (numpy only, no torch).
 
 A channel is *constant* when every position of it holds the same value for every input: a conv/linear output unit
 whose weight row reads nothing that varies (a dead filter: its bias, or its bias plus what it reads of other
-constants), pushed through BatchNorm, activations, pooling, residual sums (the sum of the branches' constants),
+constants), pushed through BatchNorm, activations, ``scale``, pooling, residual sums (the sum of the branches' constants),
 gates (a product; a zero gate makes anything zero) and concatenations. Values are float64 per channel of the tensor's
 channel axis as `edgecl.arch.channel_map` lays it out (``spaces``: after a flatten, one value per source channel, not
 per feature); NaN means "depends on the input".
@@ -88,6 +88,8 @@ def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: 
         return ACTIVATIONS[op](v)
     if op == "gelu":
         return _gelu(v, node["approximate"])
+    if op == "scale":
+        return v * node["factor"] + node["offset"]
     if op == "avgpool" and (any(node["pad"]) or node["ceil_mode"]):
         return np.where(v == 0, 0.0, np.nan)
     if op == "add":

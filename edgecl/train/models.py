@@ -108,6 +108,9 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return F.avg_pool2d(h, node["k"], node["stride"], node["pad"], node["ceil_mode"], node["count_include_pad"])
     if op == "gap":
         return h.mean(dim=(2, 3), keepdim=True)
+    if op == "scale":  # a factor of 1 or offset of 0 is skipped, as in ONNX: the same float32 steps
+        h = h if node["factor"] == 1.0 else h * node["factor"]
+        return h if node["offset"] == 0.0 else h + node["offset"]
     if op == "add":
         for other in ins[1:]:
             h = h + other

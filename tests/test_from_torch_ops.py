@@ -1,0 +1,229 @@
+"""The forms a first-time user writes: functional pooling (positional or keyword arguments, as the module forms),
+arithmetic with Python numbers, tensor subtraction and in-place sums, spatial amax, the PyTorch MNIST example
+(F.max_pool2d, F.dropout, a final log_softmax) end to end through training and the runtime; refusals name op, fx
+node, module path and source line; `path/net.py:factory` imports the files beside it."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgecl.arch import from_torch, node_by_name, validate
+from edgecl.arch.factories import resolve_arch
+from edgecl.deltas import materialize
+from edgecl.errors import UsageError
+from edgecl.runtime import TaskRuntime
+from edgecl.train import registry
+from edgecl.train.data import make_stream
+from edgecl.train.models import forward, from_numpy
+from edgecl.train.protocol import TrainContext
+from torch_nets import check_parity, randomise_batchnorm
+
+
+class MnistNet(nn.Module):
+    """pytorch/examples mnist/main.py's `Net`, verbatim."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.dropout2 = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(9216, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = F.relu(x)
+        x = self.conv2(x)
+        x = F.relu(x)
+        x = F.max_pool2d(x, 2)
+        x = self.dropout1(x)
+        x = torch.flatten(x, 1)
+        x = self.fc1(x)
+        x = F.relu(x)
+        x = self.dropout2(x)
+        x = self.fc2(x)
+        output = F.log_softmax(x, dim=1)
+        return output
+
+
+class Probe(nn.Module):
+    """conv + BatchNorm, then `body(x)` (a (8, 8, 8) map in, a map — or with `flat` a vector — out), then a
+    classifier."""
+
+    def __init__(self, body, flat: bool = False):
+        super().__init__()
+        self.conv, self.bn, self.body, self.flat = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), body, flat
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = self.body(self.bn(self.conv(x)))
+        return self.fc(y if self.flat else y.mean((2, 3)))
+
+
+def _iadd(y):
+    z = torch.sigmoid(y)
+    z += y  # fx records operator.add (or iadd)
+    z *= y
+    return z
+
+
+def _add_(y):
+    return y.mul(2.0).add_(1).sub(y.tanh()).div_(4)
+
+
+BODIES = {
+    "F.max_pool2d(x, 2)": lambda y: F.max_pool2d(y, 2),
+    "F.max_pool2d keywords": lambda y: F.max_pool2d(y, kernel_size=3, stride=2, padding=1),
+    "F.max_pool2d positional, dilation, ceil_mode": lambda y: F.max_pool2d(y, 3, 2, 1, 2, True),
+    "F.avg_pool2d(x, 2)": lambda y: F.avg_pool2d(y, 2),
+    "F.avg_pool2d keywords": lambda y: F.avg_pool2d(y, kernel_size=3, stride=1, padding=1, count_include_pad=False),
+    "F.adaptive_avg_pool2d(x, 2)": lambda y: F.adaptive_avg_pool2d(y, 2),
+    "F.adaptive_max_pool2d(x, 1)": lambda y: F.adaptive_max_pool2d(y, 1),
+    "F.adaptive_max_pool2d((2, None))": lambda y: F.adaptive_max_pool2d(y, output_size=(2, None)),
+    "nn.AdaptiveMaxPool2d(4)": nn.AdaptiveMaxPool2d(4),
+    "torch.amax keepdim": lambda y: y * torch.amax(y, (2, 3), keepdim=True),
+    "x.amax(dim)": lambda y: y.amax(dim=(-1, -2)),
+    "x * 0.5 + 1.0": lambda y: y * 0.5 + 1.0,
+    "1.0 - x, 2 * x, -x, x / 4": lambda y: (1.0 - y) + 2 * y - y / 4 + (-y),
+    "torch.add/mul/sub with numbers": lambda y: torch.sub(torch.mul(torch.add(y, 1.5), 3), other=0.25),
+    "x - y of tensors": lambda y: y - torch.sigmoid(y),
+    "in-place += *=": _iadd,
+    "methods mul add_ sub div_": _add_,
+}
+
+
+@pytest.mark.parametrize("form", list(BODIES))
+def test_functional_pooling_and_arithmetic_match_the_module(form):
+    torch.manual_seed(0)
+    module = Probe(BODIES[form], flat="dim)" in form).eval()
+    randomise_batchnorm(module)
+    spec = from_torch(module, (3, 8, 8))
+    check_parity(module, spec, (3, 8, 8))
+
+
+def test_functional_and_module_pooling_give_the_same_node():
+    def pool_node(body):
+        spec = from_torch(Probe(body), (3, 8, 8))
+        node = next(n for n in spec["nodes"] if n["op"] in ("maxpool", "avgpool"))
+        return {k: v for k, v in node.items() if k not in ("name", "inputs")}
+
+    assert pool_node(nn.MaxPool2d(3, 2, 1)) == pool_node(lambda y: F.max_pool2d(y, 3, 2, 1)) == \
+        pool_node(lambda y: F.max_pool2d(y, kernel_size=3, stride=2, padding=1))
+    assert pool_node(nn.AvgPool2d(2)) == pool_node(lambda y: F.avg_pool2d(y, 2)) == \
+        pool_node(lambda y: F.avg_pool2d(y, kernel_size=2, stride=None))
+    assert pool_node(nn.AdaptiveAvgPool2d(4)) == pool_node(lambda y: F.adaptive_avg_pool2d(y, (4, 4)))
+
+
+def test_scalar_arithmetic_is_one_scale_node():
+    spec = from_torch(Probe(lambda y: 1.0 - y / 4), (3, 8, 8))
+    scales = [(n["factor"], n["offset"]) for n in spec["nodes"] if n["op"] == "scale"]
+    assert scales == [(0.25, 0.0), (-1.0, 1.0)]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), True, "2", 1e39])
+def test_scale_constants_must_be_finite_float32_numbers(bad):
+    node = {"name": "s", "op": "scale", "inputs": ["input"], "factor": bad}
+    with pytest.raises(UsageError, match="factor .* must be a finite number"):
+        validate({"input_shape": [4], "nodes": [node]})
+    assert validate({"input_shape": [4], "nodes": [{**node, "factor": 2}]})["nodes"][0] == {**node, "factor": 2.0,
+                                                                                          "offset": 0.0}
+
+
+def test_the_pytorch_mnist_example_imports_trains_and_deploys(tmp_path):
+    """The final log_softmax is dropped: edgecl's heads give logits and train with cross-entropy (which is
+    log_softmax + NLL, and log_softmax of log-probabilities changes nothing), and the argmax is the same."""
+    torch.manual_seed(0)
+    module = MnistNet().eval()
+    spec = from_torch(module, (1, 28, 28))
+    assert [n["op"] for n in spec["nodes"]] == ["conv", "relu", "conv", "relu", "maxpool", "flatten", "linear", "relu"]
+    assert node_by_name(spec)["max_pool2d"]["k"] == [2, 2] and node_by_name(spec)["max_pool2d"]["stride"] == [2, 2]
+    check_parity(module, spec, (1, 28, 28), post=lambda logits: F.log_softmax(logits, dim=1), batch=2)
+
+    stream = make_stream("split-digits", 1, seed=0, input_shape=(1, 28, 28))
+    method = registry.create("finetune", spec, {"epochs": 2})
+    method.learn_task(0, stream.tasks[0], TrainContext(progress=False))
+    packed = method.pack()
+    task = stream.tasks[0]
+    x = task.x_test[:64]
+    with torch.no_grad():
+        logits = forward(packed.arch, from_numpy(materialize(packed, 0)), torch.from_numpy(x)).numpy()
+    assert (logits.argmax(1) == task.y_test[:64]).mean() > 0.9  # two digit classes: it learned
+    with TaskRuntime(packed) as runtime:
+        assert np.abs(runtime.infer(x, task=0) - logits).max() <= 1e-4 * max(1.0, float(np.abs(logits).max()))
+
+
+class Inner(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("body, match", [
+    (lambda y: y / torch.sigmoid(y), r"'truediv' .*division by a tensor"),
+    (lambda y: 2.0 / y, r"'truediv' .*nonzero Python number"),
+    (lambda y: y[:, :4].repeat(1, 2, 1, 1), r"'getitem' .*slicing"),
+    (lambda y: torch.add(y, y, alpha=2), r"'add' .*alpha"),
+    (lambda y: F.max_pool2d(y, 2, return_indices=True)[0], r"'max_pool2d_with_indices' .*return_indices"),
+    (lambda y: F.softmax(y, dim=1), r"'softmax' .*only as the last op"),
+    (lambda y: y.amax(1, keepdim=True) * y, r"'amax' .*only the spatial amax"),
+    (lambda y: y * y.size(1), r"'mul' .*computed in forward"),
+    (lambda y: torch.clamp(y, 0, 1), r"'clamp'"),
+    (lambda y: y + y.mean(1, keepdim=True), r"'mean' .*only the spatial mean"),
+    (lambda y: y - y.mean((2, 3), keepdim=True), r"'sub' .*shapes \[8, 8, 8\] and \[8, 1, 1\]; only of equal"),
+])
+def test_refusals_name_the_op_node_module_path_and_source_line(body, match):
+    with pytest.raises(UsageError) as info:
+        from_torch(Probe(Inner(body)), (3, 8, 8))
+    message = str(info.value)
+    assert __import__("re").search(match, message), message
+    assert " in body" in message, message  # the module path the call runs in (Probe.body = Inner)
+    assert f"{__file__}:" in message and "lambda y" in message.split(f"{__file__}:")[1], message  # the source line
+
+
+def test_a_final_softmax_without_a_classifier_is_refused():
+    class Trunk(nn.Module):
+        def forward(self, x):
+            return F.log_softmax(torch.flatten(x, 1), dim=1)
+
+    with pytest.raises(UsageError, match=r"'log_softmax' \(call_function log_softmax, at .*only as the last op"):
+        from_torch(Trunk(), (3, 4, 4), classifier=False)
+
+
+def test_a_model_that_is_only_a_classifier_says_so():
+    with pytest.raises(UsageError, match=r"only its classifier .*nn.Linear 20→3.*head per task.*no trunk"):
+        from_torch(nn.Linear(20, 3), (20,))
+    assert from_torch(nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 3)), (20,))["feature_dim"] == 8
+
+
+def test_a_model_file_imports_the_modules_beside_it(tmp_path):
+    (tmp_path / "edgecl_test_blocks.py").write_text(
+        "from torch import nn\n\n\ndef block(c_in, c_out):\n"
+        "    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU())\n")
+    (tmp_path / "edgecl_test_heads.py").write_text("from torch import nn\n\nHEAD = nn.Linear(8, 4)\n")
+    (tmp_path / "net.py").write_text(
+        "import torch\nfrom torch import nn\n\nfrom edgecl_test_blocks import block\n\n\n"
+        "class Net(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.body = block(3, 8)\n        from edgecl_test_heads import HEAD\n        self.fc = HEAD\n\n"
+        "    def forward(self, x):\n        return self.fc(self.body(x).mean((2, 3)))\n\n\n"
+        "def build():\n    return Net()\n")
+    path_before = list(sys.path)
+    try:
+        spec = resolve_arch(f"{tmp_path / 'net.py'}:build", (3, 8, 8))
+    finally:
+        for name in ("edgecl_test_blocks", "edgecl_test_heads"):
+            sys.modules.pop(name, None)
+    assert spec["feature_dim"] == 8 and [n["op"] for n in spec["nodes"]][:3] == ["conv", "bn", "relu"]
+    assert sys.path == path_before
+    (tmp_path / "broken.py").write_text("from edgecl_test_no_such_sibling import block\n")
+    with pytest.raises(UsageError, match="importing .*broken.py raised ModuleNotFoundError"):
+        resolve_arch(f"{tmp_path / 'broken.py'}:build", (3, 8, 8))
+    assert sys.path == path_before
