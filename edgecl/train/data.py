@@ -10,6 +10,7 @@ import numpy as np
 
 from edgecl.artifact.limits import MAX_TASKS
 from edgecl.errors import UsageError
+from edgecl.train.user_data import StreamTooShort, checked_tasks, read_stream_file
 
 STREAMS = ("permuted-digits", "split-digits", "rotated-digits", "synthetic")
 SPLIT_TASKS = 5  # split-digits: the pairs 0/1, 2/3, 4/5, 6/7, 8/9
@@ -38,17 +39,8 @@ class Stream:
         """Your own tasks: a list of (x_train, y_train, x_test, y_test) numpy tuples, or torch Datasets' tensors
         converted with `.numpy()`. Float inputs sharing one shape; labels 0..C-1 per task; the tasks are named
         '{name}-0', '{name}-1', … (`edgecl.train.user_data` has the whole policy)."""
-        from edgecl.train.user_data import stream_from_arrays
-
-        return stream_from_arrays(name, tasks, input_shape)
-
-
-class StreamTooShort(UsageError):
-    """A stream holds fewer tasks than asked for (`held`); `edgecl train --resume` says what its stream must hold."""
-
-    def __init__(self, message: str, held: int):
-        super().__init__(message)
-        self.held = held
+        shape, checked = checked_tasks(name, tasks, input_shape)
+        return cls(name, shape, [TaskData(*t) for t in checked])
 
 
 def _digits(seed: int):
@@ -198,6 +190,5 @@ def _synthetic(n_tasks: int, rng: np.random.Generator) -> Stream:
 
 def load_stream_file(path: str, n_tasks: int | None = None) -> Stream:
     """A user stream from an .npz file (all its tasks, or its first `n_tasks`); see `edgecl.train.user_data`."""
-    from edgecl.train.user_data import load_stream_file as load
-
-    return load(path, n_tasks)
+    name, shape, checked = read_stream_file(path, n_tasks)
+    return Stream(name, shape, [TaskData(*t) for t in checked])

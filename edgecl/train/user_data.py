@@ -24,15 +24,28 @@ import numpy as np
 from edgecl.artifact.limits import MAX_CLASSES
 from edgecl.artifact.manifest import task_names_problem
 from edgecl.errors import UsageError
-from edgecl.train.data import Stream, StreamTooShort, TaskData
 
 FIELDS = ("x_train", "y_train", "x_test", "y_test")
 _KEY = re.compile(r"task(0|[1-9][0-9]*)_(x_train|y_train|x_test|y_test)")
 _HINT = "README, 'Your own data'"
 
 
-def stream_from_arrays(name: str, tasks: list[tuple], input_shape: tuple[int, ...] | None = None) -> Stream:
-    """`Stream.from_arrays`: every task checked (`checked_task`), one input shape, storable task names."""
+class StreamTooShort(UsageError):
+    """A stream holds fewer tasks than asked for (`held`); `edgecl train --resume` says what its stream must hold."""
+
+    def __init__(self, message: str, held: int):
+        super().__init__(message)
+        self.held = held
+
+
+CheckedTask = tuple  # (name, x_train float32, y_train int64, x_test float32, y_test int64, n_classes): TaskData's fields
+
+
+def checked_tasks(name: str, tasks: list[tuple],
+                  input_shape: tuple[int, ...] | None = None) -> tuple[tuple[int, ...], list[CheckedTask]]:
+    """What `Stream.from_arrays` builds from: every task checked (`checked_task`), one input shape, storable task
+    names. Returns the input shape and each task's fields (this module builds no stream object: `edgecl.train.data`
+    does, and imports this one)."""
     if not tasks:
         raise UsageError(f"stream {name!r} has no tasks")
     problem = task_names_problem([f"{name}-{i}" for i in range(len(tasks))])
@@ -44,11 +57,11 @@ def stream_from_arrays(name: str, tasks: list[tuple], input_shape: tuple[int, ..
         if len(tup) != 4:
             raise UsageError(f"task {i}: expected (x_train, y_train, x_test, y_test), got {len(tup)} items")
         out.append(checked_task(f"{name}-{i}", i, *(_plain(v, i, f) for v, f in zip(tup, FIELDS))))
-    shape = tuple(input_shape or out[0].x_train.shape[1:])
+    shape = tuple(input_shape or out[0][1].shape[1:])
     for i, t in enumerate(out):
-        if t.x_train.shape[1:] != shape or t.x_test.shape[1:] != shape:
-            raise UsageError(f"task {i}: input shape {t.x_train.shape[1:]} differs from the stream's {shape}")
-    return Stream(name, shape, out)
+        if t[1].shape[1:] != shape or t[3].shape[1:] != shape:
+            raise UsageError(f"task {i}: input shape {t[1].shape[1:]} differs from the stream's {shape}")
+    return shape, out
 
 
 def _plain(value: Any, i: int, field: str) -> np.ndarray:
@@ -64,7 +77,7 @@ def _plain(value: Any, i: int, field: str) -> np.ndarray:
 
 
 def checked_task(name: str, i: int, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray,
-                 yte: np.ndarray) -> TaskData:
+                 yte: np.ndarray) -> CheckedTask:
     """One task as float32 inputs and int64 labels, or a UsageError naming the task and field (module policy)."""
     for what, x, y in (("train", xtr, ytr), ("test", xte, yte)):
         if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
@@ -74,7 +87,7 @@ def checked_task(name: str, i: int, xtr: np.ndarray, ytr: np.ndarray, xte: np.nd
         _check_input_dtype(x, i, f"x_{what}")
     xs = [_finite_float32(x, i, f"x_{what}") for what, x in (("train", xtr), ("test", xte))]
     n_classes = int(max(ytr.max(), yte.max())) + 1
-    return TaskData(name, xs[0], ytr.astype(np.int64), xs[1], yte.astype(np.int64), n_classes)
+    return name, xs[0], ytr.astype(np.int64), xs[1], yte.astype(np.int64), n_classes
 
 
 def _check_labels(y: np.ndarray, i: int, field: str) -> None:
@@ -117,10 +130,10 @@ def _finite_float32(x: np.ndarray, i: int, field: str) -> np.ndarray:
                      f"{first})")
 
 
-def load_stream_file(path: str, n_tasks: int | None = None) -> Stream:
-    """A user stream from an .npz holding task0_x_train, task0_y_train, task0_x_test, task0_y_test, task1_… (module
-    policy); with `n_tasks`, its first n_tasks tasks (StreamTooShort when it holds fewer). Loaded with
-    allow_pickle=False: a data file can never execute code."""
+def read_stream_file(path: str, n_tasks: int | None = None) -> tuple[str, tuple[int, ...], list[CheckedTask]]:
+    """A user stream's name, input shape and checked tasks from an .npz holding task0_x_train, task0_y_train,
+    task0_x_test, task0_y_test, task1_… (module policy); with `n_tasks`, its first n_tasks tasks (StreamTooShort
+    when it holds fewer). Loaded with allow_pickle=False: a data file can never execute code."""
     name = os.path.splitext(os.path.basename(path))[0]
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -139,7 +152,7 @@ def load_stream_file(path: str, n_tasks: int | None = None) -> Stream:
     except Exception as exc:  # noqa: BLE001 - any unreadable file becomes one clear error
         raise UsageError(f"{path}: not a readable .npz stream file ({exc})") from None
     try:
-        return stream_from_arrays(name, tasks)
+        return (name, *checked_tasks(name, tasks))
     except UsageError as exc:
         raise UsageError(f"{path}: {exc}") from None
 
