@@ -145,6 +145,10 @@ def test_seeds_and_epoch_scaling():
     spec = CompareSpec(epochs_scale=0.01, overrides={"finetune": {"epochs": 7}})
     assert method_config("finetune", spec, 0)["epochs"] == 7  # an explicit override wins over the scale
     assert method_config("stl", spec, 0)["epochs"] == 1  # never below one epoch
+    # nor below what the rest of the config needs: HALRP's later tasks need an epoch after the warm-up
+    assert method_config("halrp", spec, 0)["epochs"] == 2
+    with pytest.raises(UsageError, match="warmup_epochs must be in"):  # an explicit value is not raised
+        method_config("halrp", CompareSpec(overrides={"halrp": {"epochs": 1}}), 0)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -95,14 +95,20 @@ def method_config(name: str, spec: CompareSpec, seed: int) -> dict[str, Any]:
     training, so a bad override fails in the first second rather than after twenty minutes."""
     cls = registry.config_class(name)
     config = cls().to_json()
-    if spec.epochs_scale != 1.0 and isinstance(config.get("epochs"), int):
-        config["epochs"] = max(1, round(config["epochs"] * spec.epochs_scale))
-    config.update(spec.overrides.get(name, {}))
+    overrides = spec.overrides.get(name, {})
+    default = config.get("epochs")
+    scaled = spec.epochs_scale != 1.0 and isinstance(default, int) and "epochs" not in overrides
+    config.update(overrides)
     config["seed"] = seed
-    try:
-        return cls.from_json(config).to_json()
-    except UsageError as exc:
-        raise UsageError(f"{name} config (after --epochs-scale {spec.epochs_scale} and --config): {exc}") from None
+    # scaled down, epochs stop at the least the rest of the config allows (HALRP: warmup_epochs + 1), not below
+    for epochs in range(max(1, round(default * spec.epochs_scale)), default + 1) if scaled else [None]:
+        if epochs is not None:
+            config["epochs"] = epochs
+        try:
+            return cls.from_json(config).to_json()
+        except UsageError as exc:
+            problem = exc
+    raise UsageError(f"{name} config (after --epochs-scale {spec.epochs_scale} and --config): {problem}") from None
 
 
 def check_spec(spec: CompareSpec) -> None:
