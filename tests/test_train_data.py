@@ -108,3 +108,15 @@ def test_a_label_beyond_the_class_limit_is_refused_before_training(tmp_path, cap
     code, out, err = train(capsys, path, tmp_path / "out")
     assert code == 2 and "edgecl: finetune on" not in out
     assert "task 1 y_test has label 70000; a task has at most 65536 classes" in err
+
+
+def test_a_task_left_at_chance_is_called_out(tmp_path, capsys):
+    """A task no better than always answering its most frequent class has not learned: the run says so (it still
+    writes the model: a warning, not a refusal), and a task that did learn gets no such line."""
+    stream = stream_file(tmp_path / "s.npz", n_tasks=1, size=120)
+    code, out, _ = train(capsys, stream, tmp_path / "still", "--set", "lr=1e-12")
+    assert code == 0 and "WARNING: task s-0 reached" in out and "it has not learned" in out
+    code, out, _ = train(capsys, stream, tmp_path / "learned", "--set", "epochs=20", "--set", "lr=0.01")
+    assert code == 0 and "has not learned" not in out
+    acc = json.loads((tmp_path / "learned" / "results.json").read_text())["acc_matrix"][0][0]
+    assert acc > engine.majority_rate(make_stream(stream).tasks[0]) + engine.CHANCE_MARGIN

@@ -89,6 +89,14 @@ def accuracy(packed: PackedModel, task: int, data: TaskData, device: str = "cpu"
     return correct / len(data.x_test)
 
 
+CHANCE_MARGIN = 0.05  # test accuracy within 5 points of the majority class: the task was not learned
+
+
+def majority_rate(task: TaskData) -> float:
+    """The test accuracy of always answering the task's most frequent test class: the floor a learned task clears."""
+    return float(np.bincount(task.y_test).max() / len(task.y_test))
+
+
 def run(method: Method, stream: Stream, ctx: TrainContext | None = None, first_task: int = 0,
         log=print) -> RunResult:
     """Train `method` on every task of `stream` from `first_task` on and evaluate after each one.
@@ -124,5 +132,10 @@ def run(method: Method, stream: Stream, ctx: TrainContext | None = None, first_t
             f"mean over seen {np.nanmean(acc[t, :t + 1]):.3f} ({times[-1]:.1f}s)")
         if ctx.notes.get(t, {}).get("warning"):  # a method saying its guarantee did not hold on this task
             log(f"[{method.name}] WARNING: {ctx.notes[t]['warning']}")
+        chance = majority_rate(stream.tasks[t])
+        if acc[t, t] < chance + CHANCE_MARGIN:
+            log(f"[{method.name}] WARNING: task {stream.tasks[t].name} reached {100 * acc[t, t]:.1f}%, no better than "
+                f"always answering its most frequent class ({100 * chance:.1f}%): it has not learned; try more epochs "
+                "or another learning rate (--set epochs=… lr=…)")
     rows = [[float(acc[i, j]) for j in range(i + 1)] for i in range(n)]
     return RunResult(method.name, stream.name, rows, packed, times, ctx.notes, first_task, digests)
