@@ -9,9 +9,24 @@ from typing import Any
 
 import numpy as np
 
+from edgecl.checks import refuse_overwrite
 from edgecl.io import write_atomic
 from edgecl.metrics import acc, bwt
 from edgecl.plotting import new_figure, save_png
+
+
+RUN_FILES = ("model.edgecl", "model.edgecl.state", "spec.json", "acc_matrix.png", "results.json")
+"""What `edgecl train` writes into --out (`edgecl.train.pipeline`): the artifact, its training state, then the rest."""
+
+
+def check_run_outputs(out_dir: str, reads: dict[str, str | None]) -> None:
+    """Refuse an --out whose files would replace an input (`reads`: flag → path, e.g. the --resume artifact or its
+    training state, an --arch spec.json, a --stream file) before anything is trained."""
+    inputs = list(reads.items())
+    resume = reads.get("--resume")
+    if resume:
+        inputs.append(("--resume training state", f"{resume}.state"))
+    refuse_overwrite([(f"--out {out_dir}:", os.path.join(out_dir, name)) for name in RUN_FILES], inputs)
 
 
 def format_matrix(acc_matrix: list[list[float]]) -> str:
