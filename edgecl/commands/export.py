@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-compact", action="store_true", help="keep pruned rows/columns (dense graphs)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the ONNX Runtime check of each compacted graph against its dense graph")
-    parser.add_argument("--max-batch", type=int_arg(1, MAX_BATCH), default=256, help="tensorrt: largest batch of the profile")
+    parser.add_argument("--max-batch", type=int_arg(1, MAX_BATCH), default=256,
+                        help="tensorrt: largest batch of the profile")
     parser.add_argument("--latency", action="store_true",
                         help="time each compacted graph against its dense one at batch 1 and 64 (CPU, one thread)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
