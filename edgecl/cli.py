@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
+import os
 import sys
 import warnings
+from typing import Any, Callable
 
 from edgecl import __version__
 from edgecl.errors import EdgeclError, EdgeclWarning
@@ -40,19 +43,48 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"edgecl.commands.{name}")
     cmd = argparse.ArgumentParser(prog=f"edgecl {name}", description=COMMANDS[name])
     module.add_arguments(cmd)
-    args = cmd.parse_args(_glue_dash_values(cmd, argv[1:]))
+    try:
+        args = cmd.parse_args(_glue_dash_values(cmd, argv[1:]))
+    except SystemExit as exc:  # argparse refused a flag (2) or printed --help (0): an exit code, as from a command
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always", EdgeclWarning)
-            warnings.showwarning = lambda message, *_a, **_k: print(f"edgecl {name}: warning: {message}",
-                                                                    file=sys.stderr)
-            return int(module.main(args) or 0)
+            warnings.showwarning = _labelled(name, warnings.showwarning)
+            code = int(module.main(args) or 0)
+            sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+            return code
     except EdgeclError as exc:
         print(f"edgecl {name}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"edgecl {name}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _stdout_closed()
+
+
+def _labelled(name: str, show: Callable[..., None]) -> Callable[..., None]:
+    """`warnings.showwarning` that prints edgecl's own warnings as `edgecl NAME: warning: ...`, and any other
+    (torch's, numpy's) in Python's usual format, with its file and line, so nobody takes it for edgecl's."""
+    def labelled(message: Warning | str, category: type[Warning], *rest: Any, **kw: Any) -> None:
+        if issubclass(category, EdgeclWarning):
+            print(f"edgecl {name}: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, *rest, **kw)
+    return labelled
+
+
+def _stdout_closed() -> int:
+    """The reader of our output went away (`edgecl inspect M | head -1`): stop quietly. stdout is pointed at devnull
+    so the interpreter's final flush does not raise again (the Python docs' recipe, "Note on SIGPIPE"); the code is
+    a SIGPIPE death's, 128 + 13."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass  # stdout is not a file descriptor (captured in a test)
+    return 141
 
 
 def _glue_dash_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:

@@ -18,6 +18,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from edgecl.checks import SEED_MAX
 from edgecl.errors import UsageError
 
 
@@ -36,11 +37,20 @@ class Bounds:
         return self.high is None or (value < self.high if self.high_open else value <= self.high)
 
     def __str__(self) -> str:
+        low, high = _number(self.low), _number(self.high)
         if self.high is None:
-            return f"{'>' if self.low_open else '≥'} {self.low:g}"
+            return f"{'>' if self.low_open else '≥'} {low}"
         if self.low is None:
-            return f"{'<' if self.high_open else '≤'} {self.high:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"{'<' if self.high_open else '≤'} {high}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+def _number(value: float | None) -> str:
+    """A bound as written: integers in full (a seed's 4294967295, not 4.29497e+09), other numbers compactly."""
+    if value is None:
+        return ""
+    return str(int(value)) if isinstance(value, int) or (isinstance(value, float) and value.is_integer()
+                                                         and abs(value) < 1e16) else f"{value:g}"
 
 
 def at_least(low: float) -> Bounds:
@@ -72,7 +82,7 @@ class MethodConfig:
     seed: int = 0
 
     BOUNDS: ClassVar[dict[str, Bounds]] = {"lr": above(0), "batch_size": at_least(1), "epochs": at_least(1),
-                                           "seed": at_least(0)}
+                                           "seed": Bounds(0, SEED_MAX)}  # seed * 1000 + task seeds torch
 
     def __post_init__(self) -> None:
         problems = _field_problems(self)
@@ -173,4 +183,7 @@ def parse_overrides(items: list[str], flag: str = "--set") -> dict[str, Any]:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
             out[key] = value
+        except ValueError as exc:  # valid JSON Python will not convert: an integer of more than 4300 digits
+            raise UsageError(f"{flag} {key}: a number of {len(value)} characters is out of any config field's "
+                             "range") from None
     return out

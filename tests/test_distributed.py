@@ -229,7 +229,8 @@ def test_a_rank_command_line_parses_back_to_the_same_request():
 
 def test_nproc_is_checked_once_before_any_rank_starts(tmp_path):
     """Bad values and requests are refused by the launching command itself, in well under torch's start-up."""
-    for argv, needle in [(["--nproc", "0"], "--nproc must be ≥ 1"), (["--nproc", "2", "--set", "epochs=-1"], "epochs")]:
+    for argv, needle in [(["--nproc", "0"], "argument --nproc: must be in [1, 256]"),
+                         (["--nproc", "2", "--set", "epochs=-1"], "epochs")]:
         done = edgecl("train", "--method", "lps", *argv, "--out", str(tmp_path / "x"))
         assert done.returncode == 2 and needle in done.stderr and not (tmp_path / "x").exists()
     done = subprocess.run([sys.executable, "-m", "edgecl", "train", "--method", "lps", "--nproc", "2", "--out",

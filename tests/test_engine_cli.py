@@ -105,7 +105,7 @@ def _edgecl_without_torch(argv: list[str], cwd) -> subprocess.CompletedProcess:
     (["--method", "stl", "--input-shape", "2,32,32"], "1 or 3 channels"),
     (["--method", "stl", "--stream", "synthetic", "--input-shape", "3,32,32"], "applies to the digit streams"),
     (["--method", "stl", "--device", "tpu"], "--device must be cpu or cuda"),
-    (["--method", "stl", "--threads", "0"], "--threads must be ≥ 1"),
+    (["--method", "stl", "--threads", "0"], "argument --threads: must be in [1, 1024]"),
     (["--method", "stl", "--tasks", "0"], "n_tasks must be ≥ 1"),
 ])
 def test_bad_input_exits_2_before_torch_or_data(argv, needle, tmp_path):
@@ -135,7 +135,9 @@ def test_every_training_command_has_the_same_threads_option():
         parser = argparse.ArgumentParser()
         importlib.import_module(f"edgecl.commands.{name}").add_arguments(parser)
         action = next(a for a in parser._actions if a.dest == "threads")
-        assert action.default == DEFAULT_THREADS == 1 and action.type is int
+        assert action.default == DEFAULT_THREADS == 1 and action.type("1024") == 1024
+        with pytest.raises(argparse.ArgumentTypeError, match=r"\[1, 1024\]"):
+            action.type("1025")
         helps.add(action.help)
     assert len(helps) == 1
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import threading
 from typing import Any
 
@@ -26,6 +27,29 @@ _MODEL_ERRORS = (UsageError, KeyError, ValueError, IndexError, TypeError)
 """What the delta arithmetic can raise on inconsistent input that slipped past the manifest checks."""
 
 
+def _open_regular(path: str) -> Any:
+    """`path` opened for reading, refused unless it is a regular file. A FIFO or a device would block a read
+    forever (or never end), so the path is checked first and opened non-blocking, then checked again on the open
+    descriptor (the path may have been swapped between the two)."""
+    if not path:
+        raise ArtifactError(path, "file", "no path given (empty string)")
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ArtifactError(path, "file", "not a regular file (a folder, pipe or device); give the .edgecl file")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise ArtifactError(path, "file", f"cannot open: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ArtifactError(path, "file", "not a regular file (a folder, pipe or device); give the .edgecl file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)  # a regular file never blocks; plain reads from here on
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class Artifact:
     """An opened artifact: manifest in memory, tensors read (and verified) on demand. Thread-safe reads."""
 
@@ -34,10 +58,7 @@ class Artifact:
         self.reads: list[str] = []  # blob keys read from disk, in order (tests use it to prove laziness)
         self._cache: dict[str, np.ndarray] = {}  # decoded base blobs, shared by every task
         self._lock = threading.Lock()
-        try:
-            self._file = open(self.path, "rb")
-        except OSError as exc:
-            raise ArtifactError(self.path, "file", f"cannot open: {exc.strerror or exc}") from None
+        self._file = _open_regular(self.path)
         try:
             self.size = os.fstat(self._file.fileno()).st_size
             header = container.read_header(self.path, self._pread, self.size)

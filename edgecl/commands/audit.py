@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from edgecl.checks import MAX_BATCH, int_arg, path_arg
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("artifact", help="artifact file (model.edgecl)")
+    p.add_argument("artifact", type=path_arg, help="artifact file (model.edgecl)")
     p.add_argument("--budget", required=True, help="memory budget, e.g. 32MiB, 1.5GB, or bytes")
-    p.add_argument("--batch", type=int, default=8, help="inference batch the activations are sized for")
+    p.add_argument("--batch", type=int_arg(1, MAX_BATCH), default=8,
+                   help=f"inference batch the activations are sized for (at most {MAX_BATCH})")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: tasks resident in GPU memory, reported apart)")
     p.add_argument("--device-budget", default=None,
                    help="GPU memory budget for --device cuda, e.g. 2GiB (--budget stays the host RAM budget)")
@@ -22,15 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "cache slot, read from the file on a miss (cached); auto caches them where a switch writes "
                         "weights anyway and they are >= 10%% of the resident model (default)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
-    p.add_argument("--plot", help="write a PNG: bytes against task count, and the resident breakdown")
+    p.add_argument("--plot", type=path_arg, help="write a PNG: bytes against task count, and the resident breakdown")
 
 
 def main(args: argparse.Namespace) -> int:
-    from edgecl.runtime.audit import audit, budget_summary, plot
+    from edgecl.runtime.audit import audit, budget_summary
 
     report = audit(args.artifact, args.budget, args.batch, args.device, args.strategy,
-                   device_budget=args.device_budget, task_tensors=args.task_tensors)
-    if args.plot:
-        report["plot"] = str(plot(report, args.plot))
+                   device_budget=args.device_budget, task_tensors=args.task_tensors, plot_to=args.plot)
     print(json.dumps(report, indent=2, default=str) if args.json else budget_summary(report))
     return 0 if report["fits"] else 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from edgecl.checks import path_arg
 from edgecl.commands.options import add_arch_arguments, add_threads_argument
 from edgecl.compare.spec import DEFAULT_METHODS
 
@@ -27,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_threads_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (one log line per run remains)")
     p.add_argument("--verbose", action="store_true", help="also log every task of every run")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, type=path_arg, help="output folder")
 
 
 def main(args: argparse.Namespace) -> int:

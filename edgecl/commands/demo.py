@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 
+from edgecl.checks import path_arg
 from edgecl.commands.options import add_threads_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
+    p.add_argument("--out", default="demo-out", type=path_arg, help="output folder (default: demo-out)")
     p.add_argument("--tasks", type=int, default=10, help="number of permuted-digit tasks (default 10)")
     p.add_argument("--budget", default="32MiB",
                    help="memory budget for the runtime and the closing audit (default 32MiB); one the model cannot "

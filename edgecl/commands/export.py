@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 
+from edgecl.checks import MAX_BATCH, int_arg, path_arg
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("artifact", help="artifact file written by `edgecl train` or `edgecl demo`")
+    parser.add_argument("artifact", type=path_arg, help="artifact file written by `edgecl train` or `edgecl demo`")
     parser.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx",
                         help="onnx: one graph per task; tensorrt: also one engine per task")
     parser.add_argument("--tasks", default="all", help="'all' (default), indices/ranges/names: '0,3', '2-5'")
@@ -17,11 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-compact", action="store_true", help="keep pruned rows/columns (dense graphs)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the ONNX Runtime check of each compacted graph against its dense graph")
-    parser.add_argument("--max-batch", type=int, default=256, help="tensorrt: largest batch of the profile")
+    parser.add_argument("--max-batch", type=int_arg(1, MAX_BATCH), default=256,
+                        help="tensorrt: largest batch of the profile")
     parser.add_argument("--latency", action="store_true",
                         help="time each compacted graph against its dense one at batch 1 and 64 (CPU, one thread)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--out", required=True, help="output folder (created if missing)")
+    parser.add_argument("--out", required=True, type=path_arg, help="output folder (created if missing)")
 
 
 def main(args: argparse.Namespace) -> int:

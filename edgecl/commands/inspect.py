@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from edgecl.checks import path_arg
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", help="artifact file (.edgecl)")
+    parser.add_argument("file", type=path_arg, help="artifact file (.edgecl)")
     parser.add_argument("--json", action="store_true", help="print the full report as JSON (for tools)")
     parser.add_argument("--blobs", action="store_true", help="also list every stored tensor and its encoding")
 

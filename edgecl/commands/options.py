@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import argparse
 
+from edgecl.checks import MAX_THREADS, int_arg
 from edgecl.train.compute import DEFAULT_THREADS
 
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
     """--threads for every command that trains (train, demo, compare); `edgecl.train.compute` says why one."""
-    p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+    p.add_argument("--threads", type=int_arg(1, MAX_THREADS), default=DEFAULT_THREADS,
                    help=f"torch CPU threads for training (default {DEFAULT_THREADS}: the built-in models are small, "
-                        f"and more threads stall on a busy machine)")
+                        f"and more threads stall on a busy machine; at most {MAX_THREADS})")
 
 
 def add_arch_arguments(p: argparse.ArgumentParser, default: str | None = None) -> None:

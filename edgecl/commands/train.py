@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from edgecl.checks import MAX_NPROC, SEED_MAX, check_int, int_arg, path_arg
 from edgecl.commands.options import add_arch_arguments, add_threads_argument
 
 
@@ -14,22 +15,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", type=int, default=None,
                    help="number of tasks to take from the stream, a file's first N (with --resume: number of NEW "
                         "tasks to add; the stream holds the artifact's tasks first)")
-    p.add_argument("--resume", metavar="ARTIFACT", default=None,
+    p.add_argument("--resume", metavar="ARTIFACT", default=None, type=path_arg,
                    help="add tasks to a deployed artifact made by the same method and architecture; earlier tasks "
                         "stay bit-identical (verified before the new artifact is written to --out)")
     add_arch_arguments(p)
-    p.add_argument("--seed", type=int, default=None,
-                   help="seeds the method and a built-in stream's data (default 0; with --resume, the artifact's)")
+    p.add_argument("--seed", type=int_arg(0, SEED_MAX), default=None,
+                   help=f"seeds the method and a built-in stream's data, 0..{SEED_MAX} (default 0; with --resume, "
+                        "the artifact's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field of the method (JSON value), e.g. --set epochs=5")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     add_threads_argument(p)
-    p.add_argument("--nproc", type=int, default=1,
+    p.add_argument("--nproc", type=int_arg(1, MAX_NPROC), default=1,
                    help="train with N ranks on this machine (torch.distributed: gloo on cpu, NCCL with one GPU per "
                         "rank on cuda), started through torch's launcher like `torchrun --nproc-per-node N -m edgecl "
-                        "train ...`; batch_size stays the global batch. Several machines: use torchrun (README)")
+                        f"train ...`; batch_size stays the global batch; at most {MAX_NPROC}. Several machines: use "
+                        "torchrun (README)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, type=path_arg, help="output folder")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -56,8 +59,7 @@ def _launch(args: argparse.Namespace) -> int:
 
     from edgecl.errors import UsageError
 
-    if args.nproc < 1:
-        raise UsageError(f"--nproc must be ≥ 1, got {args.nproc}")
+    check_int(args.nproc, "--nproc", 1, MAX_NPROC)
     if os.environ.get("WORLD_SIZE"):
         raise UsageError("--nproc starts the ranks itself; under torchrun leave it out")
     from edgecl.train.distributed import launch

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgecl.checks import check_path, refuse_overwrite
 from edgecl.compare.spec import CompareSpec, check_spec, method_config, split_available
 from edgecl.errors import UsageError
 from edgecl.metrics import aopd, mean_std, mopd, opd, pareto_front
@@ -178,6 +179,15 @@ def compare_method(name: str, streams: dict, arch, configs: dict[int, dict[str, 
     return entry
 
 
+def check_outputs(spec: CompareSpec, out_dir: str) -> None:
+    """Refuse an --out whose files (reports, charts, per-run artifacts) would replace the --stream or --arch file."""
+    charts = ["acc_bwt", "bytes", "runtime", "pareto", "order_robustness", *(f"acc_matrix_{m}" for m in spec.methods)]
+    writes = [os.path.join(out_dir, name) for name in ("compare.json", "compare.md", *(f"{c}.png" for c in charts))]
+    writes += [os.path.join(out_dir, ARTIFACT_DIR, f"{m}-seed{s}.edgecl") for m in spec.methods for s in spec.seeds]
+    refuse_overwrite([(f"--out {out_dir}:", path) for path in writes],
+                     [("--stream", spec.stream), ("--arch", spec.arch), ("--arch", spec.arch.partition(":")[0])])
+
+
 def run_compare(spec: CompareSpec, out_dir: str, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train, pack, time and compare; writes compare.json, compare.md and the PNGs into out_dir; returns the report."""
     from edgecl import __version__
@@ -188,6 +198,7 @@ def run_compare(spec: CompareSpec, out_dir: str, log: Callable[[str], None] = pr
     from edgecl.train.outputs import save_json
 
     check_spec(spec)
+    check_outputs(spec, check_path(out_dir, "--out"))
     set_threads(spec.threads)
     methods, skipped = split_available(spec.methods)
     for reason in skipped.values():

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgecl.arch.factories import check_arch_string
+from edgecl.checks import MAX_SEEDS, SEED_MAX
 from edgecl.config import parse_overrides
 from edgecl.errors import UsageError
 from edgecl.train import registry
@@ -45,12 +46,14 @@ def parse_seeds(text: str) -> list[int]:
         if "," in text:
             seeds = [int(s) for s in text.split(",") if s.strip()]
         else:
-            seeds = list(range(int(text))) if int(text) >= 1 else []
+            count = int(text)
+            seeds = list(range(count)) if 1 <= count <= MAX_SEEDS else []
     except ValueError:
         seeds = []
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise UsageError(f"--seeds expects a count ≥ 1 or a comma-separated list of distinct seeds ≥ 0, "
-                         f"got {text!r}")
+    if not seeds or min(seeds) < 0 or max(seeds) > SEED_MAX or len(set(seeds)) != len(seeds) \
+            or len(seeds) > MAX_SEEDS:
+        raise UsageError(f"--seeds expects a count in [1, {MAX_SEEDS}] or a comma-separated list of distinct seeds in "
+                         f"[0, {SEED_MAX}], got {text[:60]!r}")
     return seeds
 
 
@@ -113,8 +116,9 @@ def method_config(name: str, spec: CompareSpec, seed: int) -> dict[str, Any]:
 
 def check_spec(spec: CompareSpec) -> None:
     """What can be refused before anything is trained (the device's availability imports torch)."""
-    if not spec.seeds or min(spec.seeds) < 0:
-        raise UsageError(f"seeds must be a non-empty list of integers ≥ 0, got {spec.seeds}")
+    if not spec.seeds or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= SEED_MAX
+                             for s in spec.seeds):
+        raise UsageError(f"seeds must be a non-empty list of integers in [0, {SEED_MAX}], got {spec.seeds[:8]}")
     if spec.orders < 0 or spec.orders == 1:
         raise UsageError(f"--orders must be 0 (off) or ≥ 2 (task orders to compare), got {spec.orders}")
     if not (spec.epochs_scale > 0 and math.isfinite(spec.epochs_scale)):

@@ -9,9 +9,9 @@ never leaves an index pointing at a half-written graph.
 from __future__ import annotations
 
 import importlib.util
-
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgecl import __version__
 from edgecl.arch.spec import Arch
+from edgecl.checks import check_path, refuse_overwrite, same_file
 from edgecl.io import write_atomic
 from edgecl.errors import UsageError
 from edgecl.graph.compact import CompactionReport, compact_task, count_params
 from edgecl.graph.builder import INPUT, OPSET, OUTPUT, build_onnx
 from edgecl.export.selection import select_tasks
 from edgecl.progress import bar
-from edgecl.source import ModelSource, open_model
+from edgecl.source import IN_MEMORY, ModelSource, open_model
 
 INDEX = "index.json"
 FORMAT, FORMAT_VERSION = "edgecl-onnx-export", 1
@@ -38,6 +39,16 @@ COMPACT_TOLERANCE = 1e-4  # max |Δ logits| allowed between compacted and dense 
 def task_file(t: int) -> str:
     """File name of task t's graph; indices, not task names, so a name can never become a path."""
     return f"task_{t:03d}.onnx"
+
+
+def engine_file(t: int) -> str:
+    """File name of task t's TensorRT engine (`edgecl.export.tensorrt`)."""
+    return f"task_{t:03d}.engine"
+
+
+EXPORT_FILE = re.compile(r"task_[0-9]{3,}\.(onnx|engine)")
+"""The only names a re-export removes: files an export writes, never anything else a folder (or a forged
+index.json) may name."""
 
 
 def export_onnx(source: Any, out_dir: str | os.PathLike, tasks: str | list | None = "all", fp16: bool = False,
@@ -52,7 +63,12 @@ def export_onnx(source: Any, out_dir: str | os.PathLike, tasks: str | list | Non
     its dense one at batch 1 and 64 (`edgecl.export.latency`) and record it in the index."""
     src = open_model(source)
     indices = select_tasks(tasks, src)
-    out = _prepare_dir(out_dir)
+    out = Path(check_path(out_dir, "--out"))
+    writes = [out / INDEX] + [out / name(t) for t in indices for name in (task_file, engine_file)]
+    origin = None if src.origin == IN_MEMORY else src.origin
+    refuse_overwrite([(f"--out {out_dir}:", path) for path in writes], [("artifact", origin)])
+    out = _prepare_dir(out)
+    previous = _previous_files(out)
     entries = [_export_task(src, t, out, fp16, compact, verify, latency) for t in task_bar(indices, progress, src)]
     index: dict[str, Any] = {
         "format": FORMAT, "version": FORMAT_VERSION, "edgecl_version": __version__, "source": src.origin,
@@ -61,7 +77,36 @@ def export_onnx(source: Any, out_dir: str | os.PathLike, tasks: str | list | Non
                                       "dtype": "float32"},
         "output": {"name": OUTPUT, "shape": ["batch", "classes"], "dtype": "float32"}, "tasks": entries}
     write_atomic(out / INDEX, (json.dumps(index, indent=1) + "\n").encode())
+    remove_stale(out, previous, index, keep=origin)
     return index
+
+
+def _previous_files(out: Path) -> set[str]:
+    """The graphs and engines the index.json already in `out` names (only `EXPORT_FILE` names); none when there is
+    no readable index of this format."""
+    try:
+        index = json.loads((out / INDEX).read_text())
+        entries = index["tasks"] if index.get("format") == FORMAT else []
+        names = {entry.get(key) for entry in entries for key in ("file", "engine")}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return set()
+    return {n for n in names if isinstance(n, str) and EXPORT_FILE.fullmatch(n)}
+
+
+def remove_stale(out: Path, previous: set[str], index: dict[str, Any], keep: str | None = None) -> None:
+    """Remove what the previous export in `out` wrote that the new `index` does not list (task_001..009 after a
+    re-export of task 0 alone), so the folder holds exactly what its index.json says; never `keep` (the source)."""
+    listed = {entry[key] for entry in index["tasks"] for key in ("file", "engine") if key in entry}
+    for name in sorted(previous - listed):
+        path = out / name
+        if keep is not None and same_file(path, keep):
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise UsageError(f"cannot remove {path}, left by the previous export: {exc.strerror or exc}") from None
 
 
 def task_model(arch: Arch, params: dict[str, np.ndarray], *, compact: bool = True, fp16: bool = False,

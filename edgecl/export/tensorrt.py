@@ -21,7 +21,7 @@ from typing import Any
 
 from edgecl.errors import EdgeclError, UsageError
 from edgecl.io import write_atomic
-from edgecl.export.onnx_export import INDEX, export_onnx, task_bar
+from edgecl.export.onnx_export import INDEX, engine_file, export_onnx, task_bar
 from edgecl.graph.builder import INPUT
 from edgecl.source import open_model
 
@@ -34,10 +34,6 @@ class TensorRTUnavailable(EdgeclError):
 
 class TensorRTBuildError(EdgeclError):
     """TensorRT rejected a graph (parser or builder failure); names the task and TensorRT's own messages."""
-
-
-def engine_file(t: int) -> str:
-    return f"task_{t:03d}.engine"
 
 
 def tensorrt_unavailable() -> str | None:

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgecl.arch.spec import dense_params as arch_dense_params
+from edgecl.checks import MAX_BATCH, check_int, check_path, refuse_overwrite
 from edgecl.artifact import inspect as inspect_artifact  # imported before any RSS is measured: code, not model
 from edgecl.errors import BudgetError, UsageError
 from edgecl.plotting import new_figure, save_png
@@ -126,22 +128,58 @@ def _device_section(runtime: TaskRuntime, probe: Any, before: int | None) -> dic
 
 def audit(artifact: Any, budget: int | str, batch: int = 8, device: str = "cpu",
           strategy: str = "inplace", device_budget: int | str | None = None,
-          resident: str | None = None, task_tensors: str = "auto") -> dict[str, Any]:
+          resident: str | None = None, task_tensors: str = "auto", plot_to: str | None = None) -> dict[str, Any]:
     """Full audit against a budget: static + resident for `strategy` (in place with one cache slot, or a session
     per task; `task_tensors` as `TaskRuntime`'s), whether it fits, and how many more tasks would fit. On the device
-    path the device bytes are judged against `device_budget` (when given) apart from host RAM."""
+    path the device bytes are judged against `device_budget` (when given) apart from host RAM. `plot_to`: also
+    write `plot`'s PNG there (report["plot"]); refused up front when it is a folder or the artifact itself."""
+    if plot_to is not None:
+        check_path(plot_to, "--plot")
+        if os.path.isdir(plot_to):
+            raise UsageError(f"--plot {plot_to} is a folder; give a file name such as "
+                             f"{os.path.join(plot_to, 'audit.png')}")
+        if isinstance(artifact, (str, os.PathLike)):
+            refuse_overwrite([("--plot", plot_to)], [("artifact", artifact)])
     limit = parse_budget(budget)
     device_limit = parse_budget(device_budget)
     if limit is None:
         raise UsageError("audit needs a budget, e.g. 32MiB")
-    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-        raise UsageError(f"batch must be a positive int, got {batch!r}")
+    check_int(batch, "--batch", 1, MAX_BATCH)
     if strategy not in ("inplace", "sessions"):
         raise UsageError(f"audit strategy must be inplace or sessions, got {strategy!r}")
+    if device_limit is not None and device != "cuda" and resident != "device":
+        raise UsageError(f"--device-budget applies to --device cuda (GPU memory); with --device {device} the "
+                         "--budget is the whole budget")
     src = open_model(artifact)
-    report = resident_audit(src, batch, device, strategy, resident=resident, task_tensors=task_tensors)
-    static = static_audit(src)
-    return _judge(report, static, limit, device_limit, src.n_tasks)
+    report = _batch_over_budget(src, batch, device, limit, device_limit)
+    if report is None:
+        resident_report = resident_audit(src, batch, device, strategy, resident=resident, task_tensors=task_tensors)
+        report = _judge(resident_report, static_audit(src), limit, device_limit, src.n_tasks)
+    if plot_to is not None:
+        report["plot"] = str(plot(report, plot_to))
+    return report
+
+
+def _batch_over_budget(src: ModelSource, batch: int, device: str, limit: int,
+                       device_limit: int | None) -> dict[str, Any] | None:
+    """The report of an audit whose batch alone exceeds a budget, judged from the architecture before anything is
+    allocated (a batch of a million would otherwise be allocated only to report that it does not fit); None when the
+    batch's bytes fit and the runtime must be measured."""
+    input_bytes = 4 * batch * int(np.prod(src.arch["input_shape"]))
+    activations = activation_bytes(src.arch, batch, max(i.n_classes for i in src.tasks))
+    on_device = device == "cuda"
+    host = input_bytes if on_device else activations  # the activations live where the model runs
+    over = [(what, need, have) for what, need, have in (
+        ("memory budget", host, limit), ("device budget", activations if on_device else 0, device_limit))
+        if have is not None and need > have]
+    if not over:
+        return None
+    what, need, have = over[0]
+    held = "input" if on_device and what == "memory budget" else "input and activations"
+    reason = f"the batch of {batch} alone needs {format_bytes(need)} ({held}), over the {what} {format_bytes(have)}"
+    return {"budget": limit, "fits": False, "needed": need, "batch": batch, "static": static_audit(src),
+            "resident": None, "over_budget": reason, "more_tasks_fit": 0, "tasks_cacheable": 0,
+            **({"device_budget": device_limit, "device_fits": what != "device budget"} if on_device else {})}
 
 
 def _judge(resident: dict[str, Any], static: dict[str, Any], limit: int, device_limit: int | None,
@@ -181,6 +219,9 @@ def budget_summary(report_or_artifact: Any, budget: int | str | None = None, bat
             raise UsageError("budget_summary needs a budget when given an artifact")
         report = audit(report_or_artifact, budget, batch, device)
     s, r = report["static"], report["resident"]
+    if r is None:  # refused from the batch alone (`_batch_over_budget`)
+        return (f"budget {format_bytes(report['budget'])}: DOES NOT FIT: {report['over_budget']}\n"
+                f"  artifact {format_bytes(s['total_bytes'])} for {s['tasks']} tasks; audit a smaller --batch")
     lines = [
         f"budget {format_bytes(report['budget'])}: {'FITS' if report['fits'] else 'DOES NOT FIT'} "
         f"(needs {format_bytes(report['needed'])} resident at batch {r['batch']})",
@@ -237,17 +278,22 @@ def plot(report: dict[str, Any], out: str | Path) -> Path:
     """PNG: bytes against task count (ours vs separate models, budget line) and the resident breakdown."""
     static, resident = report["static"], report["resident"]
     counts, ours, separate = projection(static, max(2 * static["tasks"], 20))
-    resident_now, per_task = report["needed"], resident["resident_bytes_per_task"]
     fig, (left, right) = new_figure((11, 4.2), nrows=1, ncols=2)
     mib = 1024 ** 2
     left.plot(counts, [b / mib for b in ours], label="artifact on disk (projected)")
     left.plot(counts, [b / mib for b in separate], label="separate dense fp32 models on disk", linestyle="--")
-    left.plot(counts, [(resident_now + (n - static["tasks"]) * per_task) / mib for n in counts],
-              label=f"resident at batch {resident['batch']} (projected)", linestyle="-.")
+    if resident is not None:
+        resident_now, per_task = report["needed"], resident["resident_bytes_per_task"]
+        left.plot(counts, [(resident_now + (n - static["tasks"]) * per_task) / mib for n in counts],
+                  label=f"resident at batch {resident['batch']} (projected)", linestyle="-.")
     left.axhline(report["budget"] / mib, color="red", linewidth=1, label="memory budget")
     left.axvline(static["tasks"], color="grey", linewidth=0.8, linestyle=":")
     left.set(xlabel="tasks", ylabel="MiB", title="bytes against task count")
     left.legend(loc="center right", fontsize=8)
+    if resident is None:  # the batch alone was over budget: nothing resident was measured
+        right.set(title=f"batch {report['batch']}: {report['over_budget']}"[:90])
+        fig.tight_layout()
+        return Path(save_png(fig, out))
     names = list(resident["predicted"])
     values = [resident["predicted"][k] / mib for k in names]
     right.barh(names, values)

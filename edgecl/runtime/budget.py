@@ -31,8 +31,8 @@ def parse_budget(value: int | float | str | None) -> int | None:
             raise UsageError(f"budget {value!r} is not a size; use e.g. 32MiB, 1.5GB, 800kB or a byte count")
         number, unit = float(match.group(1)), match.group(2).lower()
     size = number * _UNITS[unit]
-    if not size > 0 or size != size or size > 2**62:
-        raise UsageError(f"budget {value!r} must be a positive size")
+    if not size >= 1 or size > 2**62:  # below one byte is no budget at all (0.5 would round to 0 B); NaN fails too
+        raise UsageError(f"budget {value!r} must be a positive size of at least 1 byte")
     return int(size)
 
 

@@ -11,7 +11,9 @@ Policy (docs/RUNTIME.md, "Inputs"; tested):
 - finite inputs can still overflow inside the model (an all-3e38 batch): logits that are not finite are refused
   (`check_output`), never returned — weights are finite by the artifact's rules, so only the input can cause them.
 Files (`load_input`): a regular `.npy` file, or an `.npz` holding exactly one array, never unpickled, and refused
-before reading when the header declares more bytes than the file holds.
+by its header before any data is read or decompressed: a dtype that is not plain numbers (structured, sub-array,
+bytes, time, zero-sized), more or fewer bytes than the file (or zip member) holds, more than `MAX_INPUT_BYTES`, or
+more than the memory budget.
 """
 from __future__ import annotations
 
@@ -19,13 +21,17 @@ import os
 import stat
 import sys
 import zipfile
+import zlib
 from typing import IO, Any
 
 import numpy as np
 
-from edgecl.errors import UsageError
+from edgecl.errors import BudgetError, UsageError
+from edgecl.runtime.budget import format_bytes, parse_budget
 
 NPY_MAGIC, ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
+NUMERIC_KINDS = "biufc"  # bool, ints, floats, complex: the header's dtype may be read (`check_input` wants floats)
+MAX_INPUT_BYTES = 1 << 29  # 512 MiB of data in one input file: beyond it, split the batch (docs/RUNTIME.md)
 
 
 def check_input(x: Any, input_shape: tuple[int, ...], what: str = "input") -> np.ndarray:
@@ -93,10 +99,12 @@ def check_device_output(logits: Any, x: Any, task: str, arrays: Any) -> Any:
     return check_output(arrays.to_host(logits), host_x, task)
 
 
-def load_input(path: str | os.PathLike) -> np.ndarray:
-    """The array in a `.npy` file, or in an `.npz` archive holding exactly one; never unpickled, and refused before
-    any allocation when its header declares more data than the file holds. UsageError naming the file otherwise."""
+def load_input(path: str | os.PathLike, budget: int | str | None = None) -> np.ndarray:
+    """The array in a `.npy` file, or in an `.npz` archive holding exactly one; never unpickled. Its header is judged
+    before any data is read or decompressed: a numeric dtype, the data the file holds, at most `MAX_INPUT_BYTES`
+    and `budget`. UsageError (BudgetError over the budget) naming the file otherwise."""
     path = os.fspath(path)
+    limit = parse_budget(budget)
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -111,17 +119,17 @@ def load_input(path: str | os.PathLike) -> np.ndarray:
             magic = f.read(6)
             if magic == NPY_MAGIC:
                 f.seek(0)
-                return _read_npy(f, info.st_size, path)
+                return _read_npy(f, info.st_size, path, limit)
         if magic[:4] == ZIP_MAGIC:
-            return _read_npz(path)
+            return _read_npz(path, limit)
     except OSError as exc:
         raise UsageError(f"input file {path!r}: {exc.strerror or exc}") from None
     raise UsageError(f"input file {path!r} is not a .npy or .npz file (no NumPy header); save the array with "
                      "numpy.save")
 
 
-def _read_npy(f: IO[bytes], size: int, where: str) -> np.ndarray:
-    """One .npy array from an open file of `size` bytes, its header checked against `size` first."""
+def _read_header(f: IO[bytes], where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) of a .npy header, the dtype one a plain array of numbers can have."""
     try:
         version = np.lib.format.read_magic(f)
         if version not in ((1, 0), (2, 0)):
@@ -133,12 +141,30 @@ def _read_npy(f: IO[bytes], size: int, where: str) -> np.ndarray:
         raise UsageError(f"input {where!r} has a damaged .npy header ({exc})") from None
     if dtype.hasobject:
         raise UsageError(f"input {where!r} holds Python objects, which would need unpickling; refused")
+    if dtype.fields is not None or dtype.subdtype is not None or dtype.kind not in NUMERIC_KINDS \
+            or dtype.itemsize == 0:
+        raise UsageError(f"input {where!r} has dtype {dtype}: "
+                         "not an array of plain numbers (structured, sub-array, byte-string, time or empty "
+                         "dtypes are refused); save a float32 array")
+    return shape, fortran, dtype
+
+
+def _read_npy(f: IO[bytes], size: int, where: str, limit: int | None) -> np.ndarray:
+    """One .npy array from an open file (or zip member) of `size` bytes: its header checked against `size`, the
+    input cap and the budget before any data is read."""
+    shape, fortran, dtype = _read_header(f, where)
     declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
     held = size - f.tell()
     if declared != held:
         raise UsageError(f"input {where!r} declares shape {shape} of {dtype} ({declared} bytes) but holds {held} "
                          "bytes of data (truncated or damaged)")
-    data = np.empty(declared // max(1, dtype.itemsize), dtype)
+    if limit is not None and declared > limit:
+        raise BudgetError(f"input {where!r} declares {format_bytes(declared)} of data, over the memory budget "
+                          f"{format_bytes(limit)} ({limit} B)")
+    if declared > MAX_INPUT_BYTES:
+        raise UsageError(f"input {where!r} declares {format_bytes(declared)} of data, over the "
+                         f"{format_bytes(MAX_INPUT_BYTES)} one input may hold; run it in smaller batches")
+    data = np.empty(declared // dtype.itemsize, dtype)
     view, done = memoryview(data).cast("B"), 0
     while done < held:
         n = f.readinto(view[done:])
@@ -148,7 +174,8 @@ def _read_npy(f: IO[bytes], size: int, where: str) -> np.ndarray:
     return data.reshape(shape, order="F" if fortran else "C")
 
 
-def _read_npz(path: str) -> np.ndarray:
+def _read_npz(path: str, limit: int | None) -> np.ndarray:
+    """The one array of an .npz; its member's npy header judged before the data is decompressed."""
     try:
         with zipfile.ZipFile(path) as archive:
             members = [m for m in archive.infolist() if not m.is_dir()]
@@ -157,6 +184,9 @@ def _read_npz(path: str) -> np.ndarray:
                 raise UsageError(f"input {path!r} holds {len(members)} arrays {names[:8]}; pass a .npy file or an "
                                  ".npz with exactly one array")
             with archive.open(members[0]) as f:
-                return _read_npy(f, members[0].file_size, f"{path}:{members[0].filename}")
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError) as exc:
+                return _read_npy(f, members[0].file_size, f"{path}:{members[0].filename}", limit)
+    except UsageError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, zlib.error, RuntimeError,
+            ValueError) as exc:  # RuntimeError: an encrypted member; zlib.error: damaged deflate data
         raise UsageError(f"input {path!r} is not a readable .npz archive ({exc})") from None

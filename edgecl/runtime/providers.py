@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from edgecl.checks import MAX_THREADS, check_int
 from edgecl.errors import UsageError
 from edgecl.runtime.device_arrays import GPU_EXTRA, cupy_problem
 
@@ -105,9 +106,7 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     CPU activations from one arena shared by all of them (`shared_cpu_arena`)."""
     options = ort.SessionOptions()
     if threads is not None:
-        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-            raise UsageError(f"threads must be a positive int, got {threads!r}")
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = check_int(threads, "threads", 1, MAX_THREADS)  # beyond int32: pybind TypeError
     if shared_cpu_arena():
         options.add_session_config_entry("session.use_env_allocators", "1")
     return options

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgecl.checks import MAX_BATCH, MAX_BENCHMARK, check_int, check_path, refuse_overwrite
 from edgecl.errors import UsageError
 from edgecl.io import write_atomic
 from edgecl.runtime.inputs import load_input
@@ -24,12 +25,17 @@ def run_task(artifact: Any, task: int | str, *, input: str | None = None, output
     """Run `task` on the array in `input` (logits saved to `output`, argmax labels logged unless only logits were
     asked for) and/or `benchmark` timed runs on random input of `batch` (or on `input`). Returns what was done:
     ``{"task", "logits"?, "latency_ms"?}``. UsageError for bad arguments or files, as everywhere."""
-    for name, value, low in (("--benchmark", benchmark, 0), ("--batch", batch, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise UsageError(f"{name} must be an integer ≥ {low}, got {value!r}")
+    check_int(benchmark, "--benchmark", 0, MAX_BENCHMARK)
+    check_int(batch, "--batch", 1, MAX_BATCH)
     if input is None and not benchmark:
         raise UsageError("give --input FILE (a .npy array), or --benchmark N to time the task on random input")
-    x = None if input is None else load_input(input)
+    if device_budget is not None and device != "cuda":
+        raise UsageError(f"--device-budget applies to --device cuda (GPU memory); with --device {device} use --budget")
+    artifact_path = check_path(artifact, "artifact") if isinstance(artifact, (str, os.PathLike)) else None
+    if output is not None:
+        output = npy_path(check_path(output, "--output"))
+        refuse_overwrite([("--output", output)], [("--input", input), ("artifact", artifact_path)])
+    x = None if input is None else load_input(input, budget)
     max_batch = batch if x is None else max(1, len(x)) if x.ndim else 1
     runtime = TaskRuntime(artifact, backend=backend, device=device, budget=budget, strategy="inplace",
                           cache_tasks=1, max_batch=max_batch, device_budget=device_budget, cuda_graph=cuda_graph)
@@ -51,9 +57,16 @@ def run_task(artifact: Any, task: int | str, *, input: str | None = None, output
     return done
 
 
+def npy_path(path: str) -> str:
+    """Where np.save puts `path`: ".npy" appended unless it ends so (in any case: y.NPY stays y.NPY). A folder is
+    refused: np.save would write <folder>.npy beside it."""
+    if os.path.isdir(path):
+        raise UsageError(f"--output {path} is a folder; give a file name such as {os.path.join(path, 'logits.npy')}")
+    return path if path.lower().endswith(".npy") else f"{path}.npy"
+
+
 def _save_npy(path: str, array: np.ndarray) -> str:
-    """np.save's file (".npy" appended when missing), written atomically."""
-    path = path if path.endswith(".npy") else f"{path}.npy"
+    """`array` as a .npy file at `path` (already `npy_path`'s), written atomically."""
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     write_atomic(path, buffer.getvalue())

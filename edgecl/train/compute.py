@@ -6,6 +6,7 @@ threads buy little, and two OpenMP threads on a busy 2-core machine stall whenev
 slower under load). Raise it with --threads on an idle machine with wide models."""
 from __future__ import annotations
 
+from edgecl.checks import MAX_THREADS, check_int
 from edgecl.errors import UsageError
 
 DEVICES = ("cpu", "cuda")
@@ -29,8 +30,9 @@ def require_device(device: str) -> None:
 
 
 def check_threads(threads: int | None) -> None:
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise UsageError(f"--threads must be ≥ 1, got {threads}")
+    """None (leave torch's setting) or 1..MAX_THREADS: torch segfaults on absurd counts rather than refusing them."""
+    if threads is not None:
+        check_int(threads, "--threads", 1, MAX_THREADS)
 
 
 def set_threads(threads: int | None) -> None:

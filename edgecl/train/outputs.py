@@ -9,9 +9,21 @@ from typing import Any
 
 import numpy as np
 
+from edgecl.checks import refuse_overwrite
 from edgecl.io import write_atomic
 from edgecl.metrics import acc, bwt
 from edgecl.plotting import new_figure, save_png
+
+
+RUN_FILES = ("model.edgecl", "model.edgecl.state", "spec.json", "acc_matrix.png", "results.json")
+"""What `edgecl train` writes into --out (`edgecl.train.pipeline`): the artifact, its training state, then the rest."""
+
+
+def check_run_outputs(out_dir: str, reads: dict[str, str | None]) -> None:
+    """Refuse an --out whose files would replace an input (`reads`: flag → path, e.g. an --arch spec.json, a --stream
+    file) before anything is trained. The --resume artifact is not among them: replacing it in its own folder is the
+    designed update (written beside it, verified, then renamed over it; `artifact.append_task`)."""
+    refuse_overwrite([(f"--out {out_dir}:", os.path.join(out_dir, name)) for name in RUN_FILES], reads.items())
 
 
 def format_matrix(acc_matrix: list[list[float]]) -> str:

@@ -63,7 +63,7 @@ def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_na
 
     with distributed.joined(device) as world, distributed.rank_errors():
         if world.is_main:  # only rank 0 writes: refuse an unusable --out before anyone trains
-            check_out_dir(out_dir)
+            check_out_dir(out_dir, {"--arch": arch_name, "--stream": stream_name})
         return _train(method_name, stream_name, out_dir, world, dict(
             arch_name=arch_name, n_tasks=n_tasks, seed=seed, overrides=overrides, device=device, progress=progress,
             resume=resume, input_shape=input_shape, classifier=classifier, log=log if world.is_main else _quiet))
@@ -190,8 +190,11 @@ def check_ranks_agree(method: Any, stream: Any, previous: Any, world: Any) -> No
     distributed.check_identical(distributed.state_digest(request), "the method, settings, stream or resumed model")
 
 
-def check_out_dir(out_dir: str) -> None:
-    """--out must be a folder, or creatable as one; found before training, not after it."""
+def check_out_dir(out_dir: str, reads: dict[str, str | None] | None = None) -> None:
+    """--out must be a folder, or creatable as one, whose run files would replace none of the inputs (`reads`:
+    flag → path); found before training, not after it."""
+    if not out_dir:
+        raise UsageError("--out: an empty path; name the folder to write the run into")
     path = os.path.abspath(out_dir)
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"--out {out_dir}: exists and is not a folder")
@@ -200,6 +203,9 @@ def check_out_dir(out_dir: str) -> None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"--out {out_dir}: cannot create or write it ({parent} is not a writable folder)")
+    from edgecl.train.outputs import check_run_outputs
+
+    check_run_outputs(out_dir, reads or {})
 
 
 def _quiet(_line: str) -> None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -269,11 +270,8 @@ class RGO(Method):
             raise UsageError(f"rgo: resuming needs the training state saved beside the artifact (model.edgecl.state);"
                              f" missing {missing[:3]}")
         for name, (groups, dim) in self.dims.items():
-            p = np.asarray(state[f"P:{name}"], dtype=np.float64)
             want = (dim, dim) if groups == 1 else (groups, dim, dim)
-            if p.shape != want or not np.isfinite(p).all():
-                raise UsageError(f"rgo: training state P:{name} has shape {p.shape}, expected {want}")
-            self.proj[name].p = torch.from_numpy(p.copy())
+            self.proj[name].p = torch.from_numpy(_projection(state[f"P:{name}"], name, want))
         self.bn.resume(packed)
         self.config.batchnorm = self.bn.rule
         if self._fel_plan().per_task != self.fel.per_task:  # only if an old artifact's BatchNorm rule moved them
@@ -295,3 +293,17 @@ class RGO(Method):
                                       "(saved beside it as training state, for --resume)",
                 "projection_trace_scale": {k: p.scale() for k, p in self.proj.items()},
                 "train_seconds": list(self.train_seconds), "curvature_seconds": list(self.curvature_seconds)}
+
+
+def _projection(stored: Any, name: str, want: tuple[int, ...]) -> np.ndarray:
+    """A stored projection matrix as a float64 copy, each problem named apart: P is saved as float64 (a float32 copy
+    would be a lossy state from elsewhere, an integer one no projection at all), of the layer's shape, and finite."""
+    p = np.asarray(stored)
+    if p.dtype != np.float64:
+        raise UsageError(f"rgo: training state P:{name} has dtype {p.dtype}, expected float64 (as RGO saves it)")
+    if p.shape != want:
+        raise UsageError(f"rgo: training state P:{name} has shape {p.shape}, expected {want}")
+    bad = int(p.size - np.count_nonzero(np.isfinite(p)))
+    if bad:
+        raise UsageError(f"rgo: training state P:{name} has {bad} NaN/inf values; it is damaged")
+    return p.copy()
