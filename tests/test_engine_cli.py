@@ -106,7 +106,7 @@ def _edgecl_without_torch(argv: list[str], cwd) -> subprocess.CompletedProcess:
     (["--method", "stl", "--stream", "synthetic", "--input-shape", "3,32,32"], "applies to the digit streams"),
     (["--method", "stl", "--device", "tpu"], "--device must be cpu or cuda"),
     (["--method", "stl", "--threads", "0"], "argument --threads: must be in [1, 1024]"),
-    (["--method", "stl", "--tasks", "0"], "n_tasks must be ≥ 1"),
+    (["--method", "stl", "--tasks", "0"], "the number of tasks must be 1-65536"),
 ])
 def test_bad_input_exits_2_before_torch_or_data(argv, needle, tmp_path):
     proc = _edgecl_without_torch(["train", *argv, "--out", "D"], tmp_path)

@@ -141,7 +141,7 @@ def run_epochs(task: TaskData, opt: torch.optim.Optimizer, loss_fn, *, epochs: i
             global_loss = distributed.sum_grads(opt, loss)
             if not bool(torch.isfinite(global_loss)):
                 raise UsageError(f"training diverged on task {task.name!r}, epoch {epoch + 1}: the loss is "
-                                 f"{float(global_loss)}; nothing was written. Lower the learning rate, or check the "
+                                 f"{float(global_loss.detach())}; nothing was written. Lower the learning rate, or check the "
                                  "data's scale and the network (BatchNorm on 1×1 feature maps of tiny inputs explodes)")
             if after_backward is not None:
                 after_backward()
