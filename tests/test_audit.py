@@ -14,7 +14,7 @@ from edgecl.arch import param_shapes, preset
 from edgecl.cli import main as cli
 from edgecl.deltas import materialize
 from edgecl.runtime import TaskRuntime
-from edgecl.runtime.audit import audit, budget_summary
+from edgecl.runtime.audit import audit, budget_summary, projection
 from edgecl.synthetic import random_packed
 
 
@@ -64,7 +64,8 @@ def test_task_tensor_choices_are_audited_as_run(demo_like):
     heads = sum(tt[n].nbytes for tt in packed.task_tensors for n in ("head.weight", "head.bias"))
     reports = {}
     for choice in ("resident", "cached"):
-        done = edgecl("audit", str(path), "--budget", "64MiB", "--json", "--task-tensors", choice)
+        done = edgecl("audit", str(path), "--budget", "64MiB", "--json", "--task-tensors", choice,
+                      "--strategy", "inplace")
         assert done.returncode == 0, done.stderr
         reports[choice] = json.loads(done.stdout)
         assert abs(reports[choice]["resident"]["relative_error"]) <= 0.15, reports[choice]["resident"]
@@ -81,7 +82,7 @@ def test_factored_models_predicted_within_15_percent(shape, tmp_path):
     constant weights are in the prediction, and every task switches without a copy."""
     path = tmp_path / f"{shape}.edgecl"
     artifact.save(random_packed(preset("mlp", width=4), n_tasks=3, shape=shape), path)
-    done = edgecl("audit", str(path), "--budget", "256MiB", "--json")
+    done = edgecl("audit", str(path), "--budget", "256MiB", "--json", "--strategy", "inplace")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert abs(report["resident"]["relative_error"]) <= 0.15, report["resident"]
@@ -100,6 +101,12 @@ def test_static_figures(demo_like):
     assert static["params_one_model"] == dense
     assert static["bits_per_param"] == pytest.approx(8 * path.stat().st_size / dense)
     assert len(static["task_bytes"]) == 10 and static["bytes_per_added_task"] > 0
+    # one more task costs what a later task stores in the file, so the projection starts at the file's own size
+    stored = [task["bytes"] for task in static["inspect"]["tasks"]]
+    assert static["task_stored_bytes"] == stored and static["bytes_per_added_task"] == pytest.approx(
+        sum(stored[1:]) / 9)
+    assert 0 < static["fixed_bytes"] < static["file_bytes"]
+    assert projection(static, 10)[1][-1] == pytest.approx(static["file_bytes"])
     assert report["fits"] and report["more_tasks_fit"] > 0
     assert report["resident"]["activation_bytes"] > 0
     text = budget_summary(report)
@@ -142,3 +149,18 @@ def test_run_command_unknown_task(demo_like, tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((1, 1, 8, 8), np.float32))
     done = edgecl("run", str(path), "--task", "task99", "--input", str(tmp_path / "x.npy"))
     assert done.returncode == 2 and "unknown task 'task99'" in done.stderr
+
+
+def test_the_default_audit_judges_what_the_runtime_will_run(demo_like):
+    """`audit` without --strategy audits the strategy `TaskRuntime(artifact, budget=B)` chooses at that budget (per-task
+    sessions where they all fit, else in place), so its FITS is about what a deployment with that budget runs."""
+    path = str(demo_like[0])
+    chosen = {}
+    for budget in ("256MiB", "20MiB"):  # each in a fresh process, as a deployment and the CLI's audit start
+        done = subprocess.run([sys.executable, "-c", "import sys; from edgecl.runtime import TaskRuntime; print("
+                               "TaskRuntime(sys.argv[1], budget=sys.argv[2], max_batch=8).strategy)", path, budget],
+                              capture_output=True, text=True, timeout=120)
+        chosen[budget] = done.stdout.strip()
+        audited = edgecl("audit", path, "--budget", budget, "--json")
+        assert json.loads(audited.stdout)["resident"]["strategy"] == chosen[budget], audited.stderr
+    assert set(chosen.values()) == {"sessions", "inplace"}, chosen

@@ -1,5 +1,5 @@
 """`edgecl audit ARTIFACT --budget 32MiB [--batch 8] [--device cpu|cuda] [--device-budget 2GiB]
-[--strategy inplace|sessions] [--task-tensors auto|resident|cached] [--json] [--plot out.png]`.
+[--strategy auto|inplace|sessions] [--task-tensors auto|resident|cached] [--json] [--plot out.png]`.
 Exit 0 when the artifact fits the budget (and, on cuda, the device budget), 1 when it does not, 2 on bad input."""
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: tasks resident in GPU memory, reported apart)")
     p.add_argument("--device-budget", default=None,
                    help="GPU memory budget for --device cuda, e.g. 2GiB (--budget stays the host RAM budget)")
-    p.add_argument("--strategy", default="inplace", choices=("inplace", "sessions"),
-                   help="the runtime strategy to audit: one session switched in place (default, one cache slot), or "
-                        "one session per task")
+    p.add_argument("--strategy", default="auto", choices=("auto", "inplace", "sessions"),
+                   help="the runtime strategy to audit: the one TaskRuntime(artifact, budget=BUDGET) chooses "
+                        "(default), one session switched in place (one cache slot), or one session per task")
     p.add_argument("--task-tensors", default="auto", choices=("auto", "resident", "cached"),
                    help="in place: heads and other per-task tensors kept for every task (resident) or only in the "
                         "cache slot, read from the file on a miss (cached); auto caches them where a switch writes "

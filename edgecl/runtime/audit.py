@@ -31,7 +31,7 @@ from edgecl.runtime.costs import ENVIRONMENT, SLOT_OVERHEAD, activation_bytes
 from edgecl.runtime.device_arrays import backend_for
 from edgecl.runtime.process_memory import process_rss
 from edgecl.runtime.providers import resolve_providers
-from edgecl.runtime.task_runtime import TaskRuntime
+from edgecl.runtime.task_runtime import STRATEGIES, TaskRuntime, auto_strategy
 from edgecl.source import IN_MEMORY, ModelSource, open_model
 
 
@@ -41,30 +41,35 @@ def dense_params(src: ModelSource, t: int) -> int:
 
 
 def static_audit(source: Any) -> dict[str, Any]:
-    """Bytes per component (shared tensors) and per task (decoded), on disk where the model is a file, else in
-    memory. Reads one task at a time."""
+    """Bytes per component (shared tensors) and per task (decoded in memory: `task_bytes`), and what one more task
+    adds where it is stored: on disk for a file (each task's stored blobs, `task_stored_bytes`, from `inspect`),
+    else in memory. Reads one task at a time."""
     src = open_model(source)
     shared = {name: int(src.read_base(name).nbytes) for name in src.base_names()}
     per_task = [int(sum(a.nbytes for a in src.read_task(t).values())) for t in range(src.n_tasks)]
     disk = inspected = None
+    stored = per_task
     if src.origin != IN_MEMORY:
         disk = Path(src.origin).stat().st_size
         inspected = inspect_artifact(src.origin)
+        stored = [int(task["bytes"]) for task in inspected["tasks"]]
     total = disk if disk is not None else sum(shared.values()) + sum(per_task)
     dense = [dense_params(src, t) for t in range(src.n_tasks)]
     n = src.n_tasks
-    marginal = _marginal_task_bytes(per_task)
-    fixed = total - marginal * n
+    marginal = _marginal_task_bytes(stored)
     return {
         "tasks": n, "file_bytes": disk, "total_bytes": total, "shared_bytes": shared, "task_bytes": per_task,
-        "inspect": inspected, "params_one_model": dense[0], "bits_per_param": 8 * total / dense[0],
+        "task_stored_bytes": stored if disk is not None else None, "inspect": inspected,
+        "params_one_model": dense[0], "bits_per_param": 8 * total / dense[0],
         "bits_per_param_per_task": 8 * total / sum(dense), "separate_dense_bytes": 4 * sum(dense),
-        "one_dense_bytes": 4 * dense[0], "bytes_per_added_task": marginal, "fixed_bytes": fixed,
+        "one_dense_bytes": 4 * dense[0], "bytes_per_added_task": marginal, "fixed_bytes": total - marginal * n,
     }
 
 
 def _marginal_task_bytes(per_task: list[int]) -> float:
-    """Bytes one more task adds: the mean of the later tasks' own bytes (task 0 often also carries shared state)."""
+    """Bytes one more task adds: the mean of the later tasks' own bytes (task 0 often also carries shared state).
+    A shared part that grows with tasks (LPS's base fills in as tasks own weights) is not in it: `edgecl compare`,
+    which sees the file after the first task too, adds that growth."""
     later = per_task[1:] or per_task
     return float(sum(later) / len(later)) if later else 0.0
 
@@ -127,10 +132,10 @@ def _device_section(runtime: TaskRuntime, probe: Any, before: int | None) -> dic
 
 
 def audit(artifact: Any, budget: int | str, batch: int = 8, device: str = "cpu",
-          strategy: str = "inplace", device_budget: int | str | None = None,
+          strategy: str = "auto", device_budget: int | str | None = None,
           resident: str | None = None, task_tensors: str = "auto", plot_to: str | None = None) -> dict[str, Any]:
     """Full audit against a budget: static + resident for `strategy` (in place with one cache slot, or a session
-    per task; `task_tensors` as `TaskRuntime`'s), whether it fits, and how many more tasks would fit. On the device
+    per task; "auto": the one `TaskRuntime(artifact, budget=budget)` would choose; `task_tensors` as `TaskRuntime`'s), whether it fits, and how many more tasks would fit. On the device
     path the device bytes are judged against `device_budget` (when given) apart from host RAM. `plot_to`: also
     write `plot`'s PNG there (report["plot"]); refused up front when it is a folder or the artifact itself."""
     if plot_to is not None:
@@ -145,12 +150,14 @@ def audit(artifact: Any, budget: int | str, batch: int = 8, device: str = "cpu",
     if limit is None:
         raise UsageError("audit needs a budget, e.g. 32MiB")
     check_int(batch, "--batch", 1, MAX_BATCH)
-    if strategy not in ("inplace", "sessions"):
-        raise UsageError(f"audit strategy must be inplace or sessions, got {strategy!r}")
+    if strategy not in STRATEGIES:
+        raise UsageError(f"audit strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if device_limit is not None and device != "cuda" and resident != "device":
         raise UsageError(f"--device-budget applies to --device cuda (GPU memory); with --device {device} the "
                          "--budget is the whole budget")
     src = open_model(artifact)
+    if strategy == "auto":
+        strategy = auto_strategy(src.arch, list(src.tasks), limit, batch, True, resident, task_tensors)
     report = _batch_over_budget(src, batch, device, limit, device_limit)
     if report is None:
         resident_report = resident_audit(src, batch, device, strategy, resident=resident, task_tensors=task_tensors)
@@ -228,7 +235,8 @@ def budget_summary(report_or_artifact: Any, budget: int | str | None = None, bat
         f"  artifact {format_bytes(s['total_bytes'])} for {s['tasks']} tasks = {s['bits_per_param']:.2f} bits per "
         f"parameter of one model; {s['tasks']} separate dense models: {format_bytes(s['separate_dense_bytes'])} "
         f"({s['separate_dense_bytes'] / s['total_bytes']:.1f}x larger)",
-        f"  each added task: +{format_bytes(s['bytes_per_added_task'])} on disk, "
+        f"  each added task: +{format_bytes(s['bytes_per_added_task'])} "
+        f"{'stored (its own blobs)' if s['file_bytes'] is not None else 'in memory'}, "
         f"+{format_bytes(r['resident_bytes_per_task'])} resident; "
         + ("no device budget bounds the task count" if report["more_tasks_fit"] is None
            else f"{report['more_tasks_fit']} more tasks fit"),

@@ -114,7 +114,7 @@ class TaskRuntime:
         self._batch_reserved = 0
         self.closed = False
         self._act_per_sample = costs.activation_bytes(self.arch, 1, max(info.n_classes for info in self._tasks))
-        chosen = self._choose(strategy, charge_environment, max_batch)
+        chosen = self._choose(strategy, charge_environment, max_batch, task_tensors)
         try:
             self._check_floor(src, chosen, charge_environment, max_batch, task_tensors)  # before a tensor is read
             self.ledger.reserve("runtime overhead", costs.RUNTIME_OVERHEAD)
@@ -292,16 +292,11 @@ class TaskRuntime:
         return resident
 
     # ----------------------------------------------------------------- budget
-    def _choose(self, strategy: str, charge_environment: bool | None, max_batch: int) -> str:
-        """``auto``: per-task sessions when a budget is given and every task's session fits in it (with the
-        environment and activations), else in place."""
+    def _choose(self, strategy: str, charge_environment: bool | None, max_batch: int, task_tensors: str) -> str:
         if strategy != "auto":
             return strategy
-        if self.ledger.limit is None or self.resident == "device":
-            return "inplace"
-        need = costs.ENVIRONMENT.due(charge_environment) + max_batch * self._act_per_sample + costs.RUNTIME_OVERHEAD
-        need += sum(costs.task_session_estimate(self.arch, info.n_classes) for info in self._tasks)
-        return "sessions" if self.ledger.fits(need) else "inplace"
+        return auto_strategy(self.arch, self._tasks, self.ledger.limit, max_batch, charge_environment, self.resident,
+                             task_tensors)
 
     def _check_floor(self, src: Any, strategy: str, charge_environment: bool | None, max_batch: int,
                      task_tensors: str) -> None:
@@ -355,3 +350,18 @@ def describe(runtime: TaskRuntime) -> str:
     limit = "none" if runtime.ledger.limit is None else format_bytes(runtime.ledger.limit)
     return (f"{runtime.strategy} on {runtime.providers[0]}, {runtime.n_tasks} tasks, {runtime.n_slots} cached, "
             f"{format_bytes(runtime.ledger.used)} of budget {limit}")
+
+
+def auto_strategy(arch: Any, tasks: list[Any], budget: int | None, max_batch: int,
+                  charge_environment: bool | None = None, resident: str | None = None,
+                  task_tensors: str = "auto") -> str:
+    """What ``strategy="auto"`` serves, from the manifest alone: per-task sessions when a budget is given and every
+    task's session fits in it (with the environment and activations), else in place (always in place on the device
+    path, and where task tensors were asked to be cached: only the in-place slots cache them). `edgecl audit` asks
+    it too, so it audits what the runtime will run."""
+    if budget is None or resident == "device" or task_tensors == "cached":
+        return "inplace"
+    per_sample = costs.activation_bytes(arch, 1, max(info.n_classes for info in tasks))
+    need = costs.ENVIRONMENT.due(charge_environment) + max_batch * per_sample + costs.RUNTIME_OVERHEAD
+    need += sum(costs.task_session_estimate(arch, info.n_classes) for info in tasks)
+    return "sessions" if need <= budget else "inplace"
