@@ -185,6 +185,7 @@ def test_audit_judges_a_batch_over_budget_without_allocating_it(model, tmp_path)
     (["--benchmark", "1", "--batch", "9999999999999999999999"], "argument --batch: must be in"),
     (["--benchmark", "100000000000000"], "argument --benchmark: must be in"),
     (["--benchmark", "1", "--device-budget", "1GiB"], "--device-budget applies to --device cuda"),
+    (["--benchmark", "1", "--cuda-graph"], "--cuda-graph applies to --device cuda"),
     (["--benchmark", "1", "--budget", "0.5"], "at least 1 byte"),
     (["--benchmark", "1", "--budget", "1e-3"], "at least 1 byte")])
 def test_run_flags_are_bounded(model, capsys, argv, needle):

@@ -107,6 +107,7 @@ def _edgecl_without_torch(argv: list[str], cwd) -> subprocess.CompletedProcess:
     (["--method", "stl", "--device", "tpu"], "--device must be cpu or cuda"),
     (["--method", "stl", "--threads", "0"], "argument --threads: must be in [1, 1024]"),
     (["--method", "stl", "--tasks", "0"], "the number of tasks must be 1-65536"),
+    (["--method", "stl", "--seed", "3", "--set", "seed=7"], "--seed 3 and --set seed=7 disagree"),
 ])
 def test_bad_input_exits_2_before_torch_or_data(argv, needle, tmp_path):
     proc = _edgecl_without_torch(["train", *argv, "--out", "D"], tmp_path)

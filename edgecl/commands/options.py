@@ -19,8 +19,8 @@ def add_arch_arguments(p: argparse.ArgumentParser, default: str | None = None) -
     p.add_argument("--arch", default=default,
                    help="a preset (mlp, lenet, resnet), a saved spec (.json), or a model factory: module:factory "
                         "(torchvision.models:resnet18), timm:NAME, path/to/file.py:factory — built without "
-                        "pretrained weights; its final nn.Linear is replaced by edgecl's per-task heads (default: mlp, "
-                        "or the artifact's with --resume)")
+                        "pretrained weights; its final nn.Linear is replaced by edgecl's per-task heads (default: "
+                        + (f"{default})" if default else "mlp, or the artifact's with --resume)"))
     p.add_argument("--input-shape", metavar="C,H,W", default=None,
                    help="resize the digit streams, e.g. 3,32,32 (each pixel a block, repeated over channels)")
     p.add_argument("--no-classifier", action="store_true",

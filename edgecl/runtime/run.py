@@ -31,6 +31,9 @@ def run_task(artifact: Any, task: int | str, *, input: str | None = None, output
         raise UsageError("give --input FILE (a .npy array), or --benchmark N to time the task on random input")
     if device_budget is not None and device != "cuda":
         raise UsageError(f"--device-budget applies to --device cuda (GPU memory); with --device {device} use --budget")
+    if cuda_graph and device != "cuda":
+        raise UsageError(f"--cuda-graph applies to --device cuda (it replays CUDA graphs); drop it with --device "
+                         f"{device}")
     artifact_path = check_path(artifact, "artifact") if isinstance(artifact, (str, os.PathLike)) else None
     if output is not None:
         output = npy_path(check_path(output, "--output"))

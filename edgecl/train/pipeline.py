@@ -35,6 +35,8 @@ def check_request(method_name: str, stream_name: str, *, arch_name: str | None =
             raise UsageError("--resume needs --tasks N, the number of new tasks to add")
         if overrides:
             raise UsageError("--resume keeps the artifact's method config; drop --set")
+    if seed is not None and "seed" in (overrides or {}) and overrides["seed"] != seed:
+        raise UsageError(f"--seed {seed} and --set seed={overrides['seed']} disagree; give one")
     registry.check_config(method_name, {**({} if seed is None else {"seed": seed}), **(overrides or {})})
     if arch_name is not None:
         check_arch_string(arch_name)
