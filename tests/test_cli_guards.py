@@ -14,10 +14,10 @@ import zipfile
 
 import numpy as np
 import pytest
+from cli_run import run_cli
 
 import artifact_models as am
 from edgecl import artifact
-from edgecl.cli import main as cli
 from edgecl.errors import ArtifactError, BudgetError, EdgeclWarning, UsageError
 from edgecl.runtime import TaskRuntime
 from edgecl.runtime.budget import parse_budget
@@ -33,12 +33,7 @@ def model(tmp_path_factory) -> str:
     return str(path)
 
 
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = cli(list(argv))
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return code, out, err
+_run = run_cli
 
 
 def _process(*argv: str, **kw) -> subprocess.CompletedProcess:

@@ -8,10 +8,10 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from cli_run import run_cli
 
 import artifact_models as am
 from edgecl import artifact
-from edgecl.cli import main as cli
 from edgecl.errors import UsageError
 from edgecl.runtime import TaskRuntime
 from edgecl.runtime.inputs import load_input
@@ -26,12 +26,7 @@ def model(tmp_path_factory):
     return str(path), packed
 
 
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = cli(list(argv))
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return code, out, err
+_run = run_cli
 
 
 X = np.random.default_rng(3).standard_normal((4, 1, 4, 4)).astype(np.float32)

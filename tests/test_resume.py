@@ -2,14 +2,19 @@
 runtime outputs stay bit-identical."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 
 from edgecl import artifact
+from edgecl.arch import preset
 from edgecl.cli import main
+from edgecl.errors import UsageError
 from edgecl.runtime import TaskRuntime
 from edgecl.train.data import make_stream
+from edgecl.train.methods.rgo import RGO, RGOConfig
+from edgecl.train.protocol import TrainContext
 
 QUICK = {"lps": ["--set", "epochs=2"], "halrp": ["--set", "epochs=2"], "agscl": ["--set", "epochs=3"], "rgo": ["--set", "epochs=1"]}
 
@@ -200,3 +205,18 @@ def test_resume_refuses_a_stream_that_does_not_hold_the_artifacts_tasks_first(tm
     out, err = capsys.readouterr()
     assert needle.format(v1=v1) in err and "Traceback" not in err
     assert "edgecl: lps on" not in out and not (tmp_path / "v2").exists()
+
+
+def test_resume_names_each_problem_of_the_training_state():
+    """A damaged projection state is refused for what is wrong with it: dtype, shape or non-finite values."""
+    method = RGO(preset("mlp"), RGOConfig(epochs=1))
+    method.learn_task(0, make_stream("permuted-digits", 1).tasks[0], TrainContext(progress=False))
+    packed, state = method.pack(), method.training_state()
+    name = next(iter(state))
+    shape = state[name].shape
+    for bad, message in ((state[name].astype(np.int8), "dtype int8, expected float64"),
+                         (state[name][:-1], f"has shape {(shape[0] - 1, *shape[1:])}, expected {shape}"),
+                         (np.where(np.eye(*shape, dtype=bool), np.nan, state[name]), f"{shape[0]} NaN/inf values")):
+        with pytest.raises(UsageError, match=re.escape(message)):
+            RGO(preset("mlp"), RGOConfig(epochs=1)).resume(packed, {**state, name: bad})
+    RGO(preset("mlp"), RGOConfig(epochs=1)).resume(packed, state)  # the state as saved resumes
