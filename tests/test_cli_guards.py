@@ -188,6 +188,18 @@ def test_run_flags_are_bounded(model, capsys, argv, needle):
     assert code == 2 and needle in err, err
 
 
+def test_run_says_what_it_would_ignore_or_cannot_write(model, tmp_path, capsys):
+    """--batch sizes only the random benchmark input (with --input it was silently ignored), and an --output whose
+    folder does not exist is named before anything runs (not as a temporary file's name after the run)."""
+    x = tmp_path / "x.npy"
+    np.save(x, X)
+    code, _, err = _run(capsys, "run", model, "--task", "0", "--input", str(x), "--batch", "8")
+    assert code == 2 and "--batch 8 sizes the random --benchmark input" in err, err
+    code, _, err = _run(capsys, "run", model, "--task", "0", "--input", str(x), "--output",
+                        str(tmp_path / "nowhere" / "y.npy"))
+    assert code == 2 and "does not exist or is not writable" in err and ".tmp" not in err, err
+
+
 def test_threads_are_bounded_in_the_runtime_and_in_training(model, capsys):
     with pytest.raises(UsageError, match=r"threads must be an integer in \[1, 1024\]"):
         TaskRuntime(model, threads=2**40)

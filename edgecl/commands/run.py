@@ -18,8 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", action="store_true", help="print the argmax labels, also when --output is given")
     p.add_argument("--benchmark", type=int_arg(0, MAX_BENCHMARK), default=0, metavar="N",
                    help="time N inferences (after a warm-up) on random input, or on --input; print percentiles")
-    p.add_argument("--batch", type=int_arg(1, MAX_BATCH), default=1,
-                   help=f"batch of the random --benchmark input (default 1, at most {MAX_BATCH})")
+    p.add_argument("--batch", type=int_arg(1, MAX_BATCH), default=None,
+                   help=f"batch of the random --benchmark input (default 1, at most {MAX_BATCH}; with --input the "
+                        "batch is the file's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--backend", default="auto", help="auto, ort-cpu, ort-cuda, ort-tensorrt")
     p.add_argument("--budget", default=None, help="memory budget, e.g. 32MiB (refuse rather than exceed it)")

@@ -19,13 +19,18 @@ WARMUP = 10  # untimed runs before a benchmark: the first calls allocate ONNX Ru
 
 
 def run_task(artifact: Any, task: int | str, *, input: str | None = None, output: str | None = None,
-             labels: bool = False, benchmark: int = 0, batch: int = 1, device: str = "cpu", backend: str = "auto",
+             labels: bool = False, benchmark: int = 0, batch: int | None = None, device: str = "cpu",
+             backend: str = "auto",
              budget: int | str | None = None, device_budget: int | str | None = None, cuda_graph: bool = False,
              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run `task` on the array in `input` (logits saved to `output`, argmax labels logged unless only logits were
     asked for) and/or `benchmark` timed runs on random input of `batch` (or on `input`). Returns what was done:
     ``{"task", "logits"?, "latency_ms"?}``. UsageError for bad arguments or files, as everywhere."""
     check_int(benchmark, "--benchmark", 0, MAX_BENCHMARK)
+    if batch is not None and input is not None:
+        raise UsageError(f"--batch {batch} sizes the random --benchmark input; with --input the batch is the file's "
+                         "first dimension: drop --batch")
+    batch = 1 if batch is None else batch
     check_int(batch, "--batch", 1, MAX_BATCH)
     if input is None and not benchmark:
         raise UsageError("give --input FILE (a .npy array), or --benchmark N to time the task on random input")
@@ -65,6 +70,9 @@ def npy_path(path: str) -> str:
     refused: np.save would write <folder>.npy beside it."""
     if os.path.isdir(path):
         raise UsageError(f"--output {path} is a folder; give a file name such as {os.path.join(path, 'logits.npy')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--output {path}: its folder {folder} does not exist or is not writable")
     return path if path.lower().endswith(".npy") else f"{path}.npy"
 
 
