@@ -96,6 +96,22 @@ def test_train_out_refused_over_its_stream_but_a_resume_may_update_its_own_folde
     assert code == 0, err
     with artifact.load(out / "model.edgecl") as art:
         assert art.n_tasks == 2
+    # the saved architecture, reused in its own folder: spec.json is rewritten with what was read from it
+    code, _, err = _run(capsys, "train", "--method", "lps", "--arch", str(out / "spec.json"), "--tasks", "1",
+                        "--set", "epochs=1", "--no-progress", "--out", str(out))
+    assert code == 0, err
+
+
+def test_an_engine_beside_a_listed_graph_follows_its_task(model, tmp_path, capsys):
+    """TensorRT engines are listed only once built: one left by a failed build beside task_001.onnx goes when task 1
+    is no longer exported, and stays (to be rebuilt) while it is."""
+    ex = tmp_path / "ex"
+    assert _run(capsys, "export", model, "--out", str(ex), "--quiet", "--no-verify")[0] == 0
+    (ex / "task_001.engine").write_bytes(b"built before a later task failed")
+    assert _run(capsys, "export", model, "--out", str(ex), "--quiet", "--no-verify")[0] == 0
+    assert (ex / "task_001.engine").exists()
+    assert _run(capsys, "export", model, "--tasks", "0", "--out", str(ex), "--quiet", "--no-verify")[0] == 0
+    assert not (ex / "task_001.engine").exists()
 
 
 def test_export_removes_only_what_the_previous_index_listed(model, tmp_path, capsys):

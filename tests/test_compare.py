@@ -149,6 +149,8 @@ def test_seeds_and_epoch_scaling():
     assert method_config("halrp", spec, 0)["epochs"] == 2
     with pytest.raises(UsageError, match="warmup_epochs must be in"):  # an explicit value is not raised
         method_config("halrp", CompareSpec(overrides={"halrp": {"epochs": 1}}), 0)
+    default = registry.method_class("lps").Config().epochs
+    assert method_config("lps", CompareSpec(epochs_scale=2.0), 0)["epochs"] == 2 * default  # scaled up too
 
 
 @pytest.mark.parametrize("args, message", [

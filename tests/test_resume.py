@@ -220,3 +220,26 @@ def test_resume_names_each_problem_of_the_training_state():
         with pytest.raises(UsageError, match=re.escape(message)):
             RGO(preset("mlp"), RGOConfig(epochs=1)).resume(packed, {**state, name: bad})
     RGO(preset("mlp"), RGOConfig(epochs=1)).resume(packed, state)  # the state as saved resumes
+
+
+def test_a_seed_given_by_set_seeds_the_stream_too_so_a_resume_scores_old_tasks_on_their_data(tmp_path, capsys):
+    """`--set seed=5` seeds the method and the built-in stream alike; the resume rebuilds the stream with the
+    artifact's seed 5, so LPS's bit-identical old task scores exactly what it scored when it was learned."""
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    assert main(["train", "--method", "lps", "--tasks", "2", "--set", "epochs=1", "--set", "seed=5",
+                 "--no-progress", "--out", str(v1)]) == 0
+    assert main(["train", "--method", "lps", "--resume", str(v1 / "model.edgecl"), "--tasks", "1", "--no-progress",
+                 "--out", str(v2)]) == 0
+    before = json.loads((v1 / "results.json").read_text())["acc_matrix"]
+    after = json.loads((v2 / "results.json").read_text())["acc_matrix"]
+    assert after[:2] == before and after[2][:2] == before[1]
+
+
+def test_rotated_digits_cannot_be_resumed_and_says_why(tmp_path, capsys):
+    v1 = tmp_path / "v1"
+    assert main(["train", "--method", "lps", "--stream", "rotated-digits", "--tasks", "2", "--set", "epochs=1",
+                 "--no-progress", "--out", str(v1)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--method", "lps", "--stream", "rotated-digits", "--resume", str(v1 / "model.edgecl"),
+                 "--tasks", "1", "--out", str(tmp_path / "v2")]) == 2
+    assert "spreads its angles over the whole task count" in capsys.readouterr().err

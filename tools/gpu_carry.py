@@ -107,7 +107,9 @@ def prepare(args: argparse.Namespace) -> None:
     size = math.ceil(len(data) / n)
     for old in root.glob(".gpucarry*"):
         shutil.rmtree(old)
-    exclude = root / ".git" / "info" / "exclude"
+    exclude = Path(subprocess.run(["git", "rev-parse", "--git-path", "info/exclude"], cwd=root, capture_output=True,
+                                  text=True, check=True).stdout.strip())  # .git is a file in a worktree
+    exclude = exclude if exclude.is_absolute() else root / exclude
     exclude.parent.mkdir(parents=True, exist_ok=True)
     lines = exclude.read_text().splitlines() if exclude.exists() else []
     for k in range(1, n + 1):

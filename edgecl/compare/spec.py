@@ -104,7 +104,10 @@ def method_config(name: str, spec: CompareSpec, seed: int) -> dict[str, Any]:
     config.update(overrides)
     config["seed"] = seed
     # scaled down, epochs stop at the least the rest of the config allows (HALRP: warmup_epochs + 1), not below
-    for epochs in range(max(1, round(default * spec.epochs_scale)), default + 1) if scaled else [None]:
+    wanted = max(1, round(default * spec.epochs_scale)) if scaled else None
+    tries = [None] if wanted is None else list(range(wanted, default + 1)) if wanted < default else [wanted]
+    problem: UsageError | None = None
+    for epochs in tries:
         if epochs is not None:
             config["epochs"] = epochs
         try:

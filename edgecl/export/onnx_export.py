@@ -90,13 +90,19 @@ def _previous_files(out: Path) -> set[str]:
         names = {entry.get(key) for entry in entries for key in ("file", "engine")}
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return set()
-    return {n for n in names if isinstance(n, str) and EXPORT_FILE.fullmatch(n)}
+    return _with_engines({n for n in names if isinstance(n, str) and EXPORT_FILE.fullmatch(n)})
+
+
+def _with_engines(names: set[str]) -> set[str]:
+    """`names` and the TensorRT engine each listed graph may have beside it (`build_engines` lists it only once
+    built: a failed build must not leave an engine that no index names, nor a rebuild delete one it will replace)."""
+    return names | {n[:-len(".onnx")] + ".engine" for n in names if n.endswith(".onnx")}
 
 
 def remove_stale(out: Path, previous: set[str], index: dict[str, Any], keep: str | None = None) -> None:
     """Remove what the previous export in `out` wrote that the new `index` does not list (task_001..009 after a
     re-export of task 0 alone), so the folder holds exactly what its index.json says; never `keep` (the source)."""
-    listed = {entry[key] for entry in index["tasks"] for key in ("file", "engine") if key in entry}
+    listed = _with_engines({entry[key] for entry in index["tasks"] for key in ("file", "engine") if key in entry})
     for name in sorted(previous - listed):
         path = out / name
         if keep is not None and same_file(path, keep):

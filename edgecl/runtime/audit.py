@@ -157,7 +157,8 @@ def audit(artifact: Any, budget: int | str, batch: int = 8, device: str = "cpu",
                          "--budget is the whole budget")
     src = open_model(artifact)
     if strategy == "auto":
-        strategy = auto_strategy(src.arch, list(src.tasks), limit, batch, True, resident, task_tensors)
+        on_device = resident or ("device" if device == "cuda" else None)  # what TaskRuntime resolves it to
+        strategy = auto_strategy(src.arch, list(src.tasks), limit, batch, True, on_device, task_tensors)
     report = _batch_over_budget(src, batch, device, limit, device_limit)
     if report is None:
         resident_report = resident_audit(src, batch, device, strategy, resident=resident, task_tensors=task_tensors)

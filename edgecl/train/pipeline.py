@@ -65,7 +65,7 @@ def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_na
 
     with distributed.joined(device) as world, distributed.rank_errors():
         if world.is_main:  # only rank 0 writes: refuse an unusable --out before anyone trains
-            check_out_dir(out_dir, {"--arch": arch_name, "--stream": stream_name})
+            check_out_dir(out_dir, {"--arch": arch_name, "--stream": stream_name}, same_content={"--arch": "spec.json"})
         return _train(method_name, stream_name, out_dir, world, dict(
             arch_name=arch_name, n_tasks=n_tasks, seed=seed, overrides=overrides, device=device, progress=progress,
             resume=resume, input_shape=input_shape, classifier=classifier, log=log if world.is_main else _quiet))
@@ -89,7 +89,10 @@ def _train(method_name: str, stream_name: str, out_dir: str, world: Any, request
         with artifact.load(resume) as opened:
             previous = opened.to_packed()  # decoded and verified: every checksum, consistency
     first = previous.n_tasks if previous else 0
-    seed = resumed_seed(previous, seed, resume) if previous else (0 if seed is None else seed)
+    # one seed for the method and the stream (`--seed` or `--set seed=`, which check_request made agree), so a
+    # resume, which rebuilds the stream with the artifact's seed, scores the old tasks on their own data
+    chosen = (request["overrides"] or {}).get("seed", seed)
+    seed = resumed_seed(previous, seed, resume) if previous else (0 if chosen is None else chosen)
     try:
         stream = make_stream(stream_name, first + n_tasks if n_tasks is not None else None, seed,
                              request["input_shape"])
@@ -171,6 +174,10 @@ def resumed_seed(previous: Any, seed: int | None, resume: str) -> int:
 def check_resumed_stream(previous: Any, stream: Any, resume: str) -> None:
     """A resumed run scores the artifact's tasks on the stream's first tasks and learns the rest: those first tasks
     must be the artifact's own (same names, same class counts), else its ACC and BWT would measure other data."""
+    if stream.name == "rotated-digits" and previous.n_tasks > 1:
+        raise UsageError(f"{resume}: rotated-digits spreads its angles over the whole task count, so its earlier tasks "
+                         "change with --tasks and cannot be rebuilt: train every rotated task in one run, or resume "
+                         "from a stream file holding the old tasks and then the new ones")
     for t, (old, new) in enumerate(zip(previous.tasks, stream.tasks)):
         if (old.name, old.n_classes) != (new.name, new.n_classes):
             raise UsageError(f"{resume}: its task {t} is {old.name!r} with {old.n_classes} classes, the stream "
@@ -192,9 +199,11 @@ def check_ranks_agree(method: Any, stream: Any, previous: Any, world: Any) -> No
     distributed.check_identical(distributed.state_digest(request), "the method, settings, stream or resumed model")
 
 
-def check_out_dir(out_dir: str, reads: dict[str, str | None] | None = None) -> None:
+def check_out_dir(out_dir: str, reads: dict[str, str | None] | None = None,
+                  same_content: dict[str, str] | None = None) -> None:
     """--out must be a folder, or creatable as one, whose run files would replace none of the inputs (`reads`:
-    flag → path); found before training, not after it."""
+    flag → path; `same_content`: flag → the run file that rewrites that input with what was read from it, like
+    spec.json over the --arch spec.json it came from); found before training, not after it."""
     if not out_dir:
         raise UsageError("--out: an empty path; name the folder to write the run into")
     path = os.path.abspath(out_dir)
@@ -207,7 +216,7 @@ def check_out_dir(out_dir: str, reads: dict[str, str | None] | None = None) -> N
         raise UsageError(f"--out {out_dir}: cannot create or write it ({parent} is not a writable folder)")
     from edgecl.train.outputs import check_run_outputs
 
-    check_run_outputs(out_dir, reads or {})
+    check_run_outputs(out_dir, reads or {}, same_content or {})
 
 
 def _quiet(_line: str) -> None:

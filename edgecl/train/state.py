@@ -29,8 +29,14 @@ def save_training_state(state: dict[str, Any], artifact_path: str) -> None:
     state nothing is written, and a state left beside that path by an earlier model is removed: side files follow
     the model."""
     if not state:
-        if os.path.exists(state_path(artifact_path)):
+        try:
             os.remove(state_path(artifact_path))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise UsageError(f"{state_path(artifact_path)}: the training state of the model this run replaced cannot "
+                             f"be removed ({exc.strerror or exc}); remove it by hand: it belongs to no model now") \
+                from None
         return
     from safetensors.numpy import save
 
