@@ -284,14 +284,14 @@ def isolated(label: str, run: Callable[[], dict], before: float | None) -> dict:
 
 def run_section(name: str, quick: bool, kw: dict, providers: list, switches: int, repeats: int,
                 deadline: float | None) -> Any:
+    width = 1 if quick else 8  # width 8: the 4.35 M-parameter MLP of tools/bench_switch.py
     if name == "memory":
-        mlp = preset("mlp", width=1 if quick else 8)  # width 8: the 4.35 M-parameter MLP of tools/bench_switch.py
-        return check_memory(random_packed(mlp, n_tasks=3, shape="lps"), kw, providers)
+        return check_memory(random_packed(preset("mlp", width=width), n_tasks=3, shape="lps"), kw, providers)
     if name == "parity":  # stops starting models at 60 % of the deadline: the timings still get their turn
         cutoff = None if deadline is None else time.perf_counter() + 0.6 * (deadline - time.perf_counter())
         return [isolated(label, lambda: check_parity(label, packed, kw, switches, seed), cutoff)
                 for seed, (label, packed) in enumerate(parity_models(quick))]
-    bench = [(f"MLP width {1 if quick else 8} (lps)", preset("mlp", width=1 if quick else 8))]
+    bench = [(f"MLP width {width} (lps)", preset("mlp", width=width))]
     arch, why = (None, "skipped in the self-test") if quick else resnet18()
     bench += [("torchvision resnet18 3x32x32 (lps)", arch)] if arch else [("torchvision resnet18 3x32x32 (lps)", why)]
     return [isolated(label, lambda: bench_model(label, random_packed(a, n_tasks=3, shape="lps"), kw, providers,
@@ -324,17 +324,16 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"self_test": quick, "goals": GOALS, "sections": sections,
                               "note": "CPU twin (numpy as the device): checks the logic; timings are not GPU figures"
                               if quick else "measured on the GPU by this script"}
-    out: Path | None = Path(args.out) if args.out else None
     try:
         providers = resolve_providers("auto", kw["device"])
         result["environment"] = environment(kw)
         log(f"environment: {json.dumps(result['environment'])}")
     except Exception as exc:  # noqa: BLE001 - the JSON says what is missing; exit 2
         result["error"] = f"{type(exc).__name__}: {exc}"
+    gpu = result.get("environment", {}).get("gpu", "cpu_selftest" if quick else "unknown")
+    out = Path(args.out) if args.out else \
+        ROOT / "tools" / "results" / f"gpu_check_{re.sub(r'[^a-z0-9]+', '_', gpu.lower())}.json"
     for name in sections if "error" not in result else ():
-        if out is None:
-            gpu = result["environment"].get("gpu", "cpu_selftest" if quick else "unknown")
-            out = ROOT / "tools" / "results" / f"gpu_check_{re.sub(r'[^a-z0-9]+', '_', gpu.lower())}.json"
         if deadline is not None and time.perf_counter() > deadline:
             result.setdefault("errors", {})[name] = "not run: the deadline had passed"
             continue
@@ -345,7 +344,6 @@ def main(argv: list[str] | None = None) -> int:
             result.setdefault("errors", {})[name] = failure(exc)
             log(f"  {name} FAILED: {result['errors'][name][:500]}")
         write(out, result, started)
-    out = out or ROOT / "tools" / "results" / f"gpu_check_{'cpu_selftest' if quick else 'unknown'}.json"
     write(out, result, started)
     print(json.dumps(result["verdict"], indent=2))
     print(f"written {out} in {result['seconds']:.0f} s")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edgecl.checks import MAX_NPROC, SEED_MAX, check_int, int_arg, path_arg
+from edgecl.checks import MAX_NPROC, SEED_MAX, int_arg, path_arg
 from edgecl.commands.options import add_arch_arguments, add_threads_argument
 
 
@@ -59,7 +59,6 @@ def _launch(args: argparse.Namespace) -> int:
 
     from edgecl.errors import UsageError
 
-    check_int(args.nproc, "--nproc", 1, MAX_NPROC)
     if os.environ.get("WORLD_SIZE"):
         raise UsageError("--nproc starts the ranks itself; under torchrun leave it out")
     from edgecl.train.distributed import launch

@@ -26,7 +26,7 @@ from edgecl.checks import MAX_BATCH, check_int, check_path, refuse_overwrite
 from edgecl.artifact import inspect as inspect_artifact  # imported before any RSS is measured: code, not model
 from edgecl.errors import BudgetError, UsageError
 from edgecl.plotting import new_figure, save_png
-from edgecl.runtime.budget import format_bytes, parse_budget
+from edgecl.runtime.budget import format_bytes, parse_budget, refuse_device_budget_off_gpu
 from edgecl.runtime.costs import ENVIRONMENT, SLOT_OVERHEAD, activation_bytes
 from edgecl.runtime.device_arrays import backend_for
 from edgecl.runtime.process_memory import process_rss
@@ -152,9 +152,7 @@ def audit(artifact: Any, budget: int | str, batch: int = 8, device: str = "cpu",
     check_int(batch, "--batch", 1, MAX_BATCH)
     if strategy not in STRATEGIES:
         raise UsageError(f"audit strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    if device_limit is not None and device != "cuda" and resident != "device":
-        raise UsageError(f"--device-budget applies to --device cuda (GPU memory); with --device {device} the "
-                         "--budget is the whole budget")
+    refuse_device_budget_off_gpu(device_budget, device, resident)
     src = open_model(artifact)
     if strategy == "auto":
         on_device = resident or ("device" if device == "cuda" else None)  # what TaskRuntime resolves it to

@@ -74,3 +74,11 @@ class Ledger:
     def release(self, item: str) -> None:
         with self._lock:
             self.items.pop(item, None)
+
+
+def refuse_device_budget_off_gpu(device_budget: int | str | None, device: str, resident: str | None = None) -> None:
+    """UsageError for a device budget where nothing is held on a device (a CPU run outside the device path's CPU
+    twin): it would bound nothing, silently."""
+    if device_budget is not None and device != "cuda" and resident != "device":
+        raise UsageError(f"--device-budget applies to --device cuda (GPU memory); with --device {device} the --budget "
+                         "is the whole budget")

@@ -12,6 +12,7 @@ import numpy as np
 from edgecl.checks import MAX_BATCH, MAX_BENCHMARK, check_int, check_path, refuse_overwrite
 from edgecl.errors import UsageError
 from edgecl.io import write_atomic
+from edgecl.runtime.budget import refuse_device_budget_off_gpu
 from edgecl.runtime.inputs import load_input
 from edgecl.runtime.task_runtime import TaskRuntime
 
@@ -34,8 +35,7 @@ def run_task(artifact: Any, task: int | str, *, input: str | None = None, output
     check_int(batch, "--batch", 1, MAX_BATCH)
     if input is None and not benchmark:
         raise UsageError("give --input FILE (a .npy array), or --benchmark N to time the task on random input")
-    if device_budget is not None and device != "cuda":
-        raise UsageError(f"--device-budget applies to --device cuda (GPU memory); with --device {device} use --budget")
+    refuse_device_budget_off_gpu(device_budget, device)
     if cuda_graph and device != "cuda":
         raise UsageError(f"--cuda-graph applies to --device cuda (it replays CUDA graphs); drop it with --device "
                          f"{device}")

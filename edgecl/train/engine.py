@@ -42,7 +42,11 @@ class RunResult:
                 **({"distributed": {"state_sha256": self.rank_digests}} if self.rank_digests else {})}
 
 
-def predict(packed: PackedModel, task: int, x: np.ndarray, device: str = "cpu", batch: int = 512) -> np.ndarray:
+PREDICT_BATCH = 512  # test inputs per forward pass when scoring a task
+
+
+def predict(packed: PackedModel, task: int, x: np.ndarray, device: str = "cpu",
+            batch: int = PREDICT_BATCH) -> np.ndarray:
     """Class predictions of one task from its materialised weights (the exact deployed weights). Inputs that make
     the logits non-finite (finite values that overflow float32 inside the model) are refused, never argmax'ed."""
     labels, finite = _predict(packed, task, x, device, batch)
@@ -82,7 +86,7 @@ def accuracy(packed: PackedModel, task: int, data: TaskData, device: str = "cpu"
     rank refuses the task's non-finite outputs."""
     part = distributed.local_part(torch.arange(len(data.x_test))).numpy()
     x = data.x_test[part]
-    labels, finite = _predict(packed, task, x, device, 512)
+    labels, finite = _predict(packed, task, x, device, PREDICT_BATCH)
     counts = torch.tensor([int(((labels == data.y_test[part]) & finite).sum()), int((~finite).sum())])
     correct, bad = (int(v) for v in distributed.all_sum(counts))
     if bad:

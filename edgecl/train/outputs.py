@@ -19,16 +19,19 @@ RUN_FILES = ("model.edgecl", "model.edgecl.state", "spec.json", "acc_matrix.png"
 """What `edgecl train` writes into --out (`edgecl.train.pipeline`): the artifact, its training state, then the rest."""
 
 
-def check_run_outputs(out_dir: str, reads: dict[str, str | None], same_content: dict[str, str] | None = None) -> None:
+REWRITTEN_FROM = {"--arch": "spec.json"}
+"""Run files that rewrite an input with what was read from it (spec.json over the --arch spec.json it came from):
+no input is lost, so they are not refused."""
+
+
+def check_run_outputs(out_dir: str, reads: dict[str, str | None]) -> None:
     """Refuse an --out whose files would replace an input (`reads`: flag → path, e.g. an --arch spec.json, a --stream
-    file) before anything is trained. Not refused: a run file that rewrites an input with what was read from it
-    (`same_content`: flag → run file; spec.json over the --arch spec.json it came from), and the --resume artifact:
+    file) before anything is trained, but for `REWRITTEN_FROM`. The --resume artifact is not among the inputs:
     replacing it in its own folder is the designed update (written beside it, verified, then renamed over it;
     `artifact.append_task`)."""
-    exempt = same_content or {}
     for flag, path in reads.items():
         refuse_overwrite([(f"--out {out_dir}:", os.path.join(out_dir, name)) for name in RUN_FILES
-                          if name != exempt.get(flag)], [(flag, path)])
+                          if name != REWRITTEN_FROM.get(flag)], [(flag, path)])
 
 
 def format_matrix(acc_matrix: list[list[float]]) -> str:

@@ -65,7 +65,7 @@ def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_na
 
     with distributed.joined(device) as world, distributed.rank_errors():
         if world.is_main:  # only rank 0 writes: refuse an unusable --out before anyone trains
-            check_out_dir(out_dir, {"--arch": arch_name, "--stream": stream_name}, same_content={"--arch": "spec.json"})
+            check_out_dir(out_dir, {"--arch": arch_name, "--stream": stream_name})
         return _train(method_name, stream_name, out_dir, world, dict(
             arch_name=arch_name, n_tasks=n_tasks, seed=seed, overrides=overrides, device=device, progress=progress,
             resume=resume, input_shape=input_shape, classifier=classifier, log=log if world.is_main else _quiet))
@@ -199,11 +199,9 @@ def check_ranks_agree(method: Any, stream: Any, previous: Any, world: Any) -> No
     distributed.check_identical(distributed.state_digest(request), "the method, settings, stream or resumed model")
 
 
-def check_out_dir(out_dir: str, reads: dict[str, str | None] | None = None,
-                  same_content: dict[str, str] | None = None) -> None:
+def check_out_dir(out_dir: str, reads: dict[str, str | None] | None = None) -> None:
     """--out must be a folder, or creatable as one, whose run files would replace none of the inputs (`reads`:
-    flag → path; `same_content`: flag → the run file that rewrites that input with what was read from it, like
-    spec.json over the --arch spec.json it came from); found before training, not after it."""
+    flag → path; `outputs.check_run_outputs`); found before training, not after it."""
     if not out_dir:
         raise UsageError("--out: an empty path; name the folder to write the run into")
     path = os.path.abspath(out_dir)
@@ -216,7 +214,7 @@ def check_out_dir(out_dir: str, reads: dict[str, str | None] | None = None,
         raise UsageError(f"--out {out_dir}: cannot create or write it ({parent} is not a writable folder)")
     from edgecl.train.outputs import check_run_outputs
 
-    check_run_outputs(out_dir, reads or {}, same_content or {})
+    check_run_outputs(out_dir, reads or {})
 
 
 def _quiet(_line: str) -> None:
