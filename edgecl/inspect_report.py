@@ -22,7 +22,11 @@ def format_report(info: dict[str, Any], blobs: bool = False) -> str:
              f"v{info['format_version']} (edgecl {info['edgecl_version']}){', fp16 base' if info['fp16'] else ''}",
              f"{info['file_bytes']} bytes = {_bpp(info['ratio_to_dense'])} x one dense fp32 model "
              f"({info['dense_params']} params, {info['dense_fp32_bytes']} bytes); {info['n_tasks']} separate models: "
-             f"{info['separate_models_bytes']} bytes", ""]
+             f"{info['separate_models_bytes']} bytes"]
+    start = info.get("initial_weights")
+    if start:
+        lines.append(f"trained from starting weights {start['source']} (sha256 {start['sha256'][:16]}…)")
+    lines.append("")
     rows = [[c["component"], c["bytes"], c["params"], _bpp(c["bits_per_param"]),
              _bpp(c.get("entropy_bytes")), _bpp(c.get("stored_over_entropy"))] for c in info["components"]]
     lines += [_table(["component", "bytes", "params", "bits/param", "entropy B", "stored/entropy"], rows), ""]

@@ -37,17 +37,29 @@ def check_arch_string(value: str) -> None:
 
 def resolve_arch(value: str, input_shape: tuple[int, ...], *, classifier: bool | None = None) -> Arch:
     """The spec `value` names, for inputs of `input_shape` (without batch); UsageError naming what is wrong."""
+    return resolve_arch_and_module(value, input_shape, classifier=classifier)[0]
+
+
+def is_factory(value: str) -> bool:
+    """True when `value` names a model factory (module:factory, timm:NAME, file.py:factory), not a preset or spec."""
+    return value not in PRESETS and not value.endswith(".json") and ":" in value
+
+
+def resolve_arch_and_module(value: str, input_shape: tuple[int, ...], *,
+                            classifier: bool | None = None) -> tuple[Arch, Any]:
+    """`resolve_arch`, with the `torch.nn.Module` a factory built (its weights can be the starting point); None for
+    a preset or a spec file."""
     if not isinstance(value, str) or not value:
         raise UsageError(f"--arch must be a preset ({', '.join(PRESETS)}), a .json spec or module:factory")
     if value in PRESETS:
-        return preset(value, tuple(input_shape))
+        return preset(value, tuple(input_shape)), None
     if value.endswith(".json"):
-        return _spec_file(value, input_shape)
+        return _spec_file(value, input_shape), None
     if ":" in value:
         from edgecl.arch.fx_import import from_torch
 
         module = build_module(value)
-        return from_torch(module, input_shape, classifier=classifier, name=value.rsplit(":", 1)[1])
+        return from_torch(module, input_shape, classifier=classifier, name=value.rsplit(":", 1)[1]), module
     raise UsageError(f"unknown architecture {value!r}: use a preset ({', '.join(PRESETS)}), a .json spec file, or "
                      "module:factory (e.g. torchvision.models:resnet18, timm:mobilenetv3_small_050)")
 

@@ -57,7 +57,8 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
                           if s["kind"] == "lps")
         n_tasks, file_bytes, names = art.n_tasks, art.size, [info.name for info in art.tasks]
         meta = {"method": art.method, "arch": art.arch.get("name"), "format_version": art.manifest["format_version"],
-                "edgecl_version": art.manifest["edgecl_version"], "fp16": art.fp16}
+                "edgecl_version": art.manifest["edgecl_version"], "fp16": art.fp16,
+                "initial_weights": _initial_weights(art.extra)}
     comps = _components(rows, header_bytes)
     tasks = _tasks(rows, names, lps_weights)
     mask_rows = [r for r in rows if r["component"] in MASK_COMPONENTS]
@@ -120,3 +121,15 @@ def _tasks(rows: list[dict[str, Any]], names: list[str], lps_weights: int) -> li
             row["mask_bits_per_weight"] = 8 * (share + owner_bytes / len(names)) / lps_weights
         tasks.append(row)
     return tasks
+
+
+INITIAL_WEIGHTS = "initial_weights"  # extra's record of the weights training started from (docs/ARTIFACT.md)
+
+
+def _initial_weights(extra: dict[str, Any]) -> dict[str, Any] | None:
+    """The record of the starting weights, if the extra holds a well-formed one (it is method metadata, not checked
+    by the format: a report shows it only when it reads as one)."""
+    record = extra.get(INITIAL_WEIGHTS)
+    if isinstance(record, dict) and isinstance(record.get("sha256"), str) and isinstance(record.get("source"), str):
+        return {"sha256": record["sha256"], "source": record["source"]}
+    return None

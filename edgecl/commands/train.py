@@ -19,6 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="add tasks to a deployed artifact made by the same method and architecture; earlier tasks "
                         "stay bit-identical (verified before the new artifact is written to --out)")
     add_arch_arguments(p)
+    p.add_argument("--init-weights", metavar="SOURCE", default=None,
+                   help="start the trunk from these weights instead of a fresh draw: 'module' (the weights of the "
+                        "module the --arch factory builds, e.g. one that loads your checkpoint) or an .npz / "
+                        ".safetensors file keyed by state-dict names; heads stay fresh (README: Your own network)")
     p.add_argument("--seed", type=int_arg(0, SEED_MAX), default=None,
                    help=f"seeds the method and a built-in stream's data, 0..{SEED_MAX} (default 0; with --resume, "
                         "the artifact's)")
@@ -43,12 +47,14 @@ def main(args: argparse.Namespace) -> int:
     if args.nproc != 1:
         check_request(args.method, args.stream, arch_name=args.arch, n_tasks=args.tasks, seed=args.seed,
                       overrides=parse_overrides(args.set), device=args.device, threads=args.threads, resume=args.resume,
-                      input_shape=parse_input_shape(args.input_shape))  # refused once here, not once per rank
+                      input_shape=parse_input_shape(args.input_shape),
+                      init_weights=args.init_weights)  # refused once here, not once per rank
         return _launch(args)
     train_and_write(args.method, args.stream, args.out, arch_name=args.arch, n_tasks=args.tasks, seed=args.seed,
                     overrides=parse_overrides(args.set), device=args.device, threads=args.threads,
                     progress=not args.no_progress, resume=args.resume,
-                    input_shape=parse_input_shape(args.input_shape), classifier=False if args.no_classifier else None)
+                    input_shape=parse_input_shape(args.input_shape), classifier=False if args.no_classifier else None,
+                    init_weights=args.init_weights)
     return 0
 
 

@@ -20,6 +20,7 @@ from edgecl.errors import UsageError
 from edgecl.train import registry
 from edgecl.train.compute import check_device, check_threads, require_device, set_threads
 from edgecl.train.data import StreamTooShort, check_stream
+from edgecl.train.initial import check_init_source
 
 ARTIFACT_NAME = "model.edgecl"
 
@@ -27,7 +28,7 @@ ARTIFACT_NAME = "model.edgecl"
 def check_request(method_name: str, stream_name: str, *, arch_name: str | None = None, n_tasks: int | None = None,
                   seed: int | None = None, overrides: dict[str, Any] | None = None, device: str = "cpu",
                   threads: int | None = None, resume: str | None = None,
-                  input_shape: tuple[int, ...] | None = None) -> None:
+                  input_shape: tuple[int, ...] | None = None, init_weights: str | None = None) -> None:
     """Everything `train_and_write` can refuse without torch or data: names, config values, flags."""
     registry.entry(method_name)  # an unknown method is the first thing to name
     if resume:
@@ -43,13 +44,16 @@ def check_request(method_name: str, stream_name: str, *, arch_name: str | None =
     check_stream(stream_name, n_tasks, input_shape)
     check_device(device)
     check_threads(threads)
+    if init_weights is not None:
+        check_init_source(init_weights, arch_name, resume)
 
 
 def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_name: str | None = None,
                     n_tasks: int | None = None, seed: int | None = None, overrides: dict[str, Any] | None = None,
                     device: str = "cpu", threads: int | None = None, progress: bool = True,
                     resume: str | None = None, input_shape: tuple[int, ...] | None = None,
-                    classifier: bool | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+                    classifier: bool | None = None, init_weights: str | None = None,
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train (or, with `resume`, continue a deployed artifact), print the accuracy matrix, write results.json +
     heatmap + artifact (+ training state). `arch_name`: a preset, a .json spec or module:factory (default: mlp, or
     with `resume` the artifact's own); `input_shape` resizes the digit streams; `classifier=False` takes a factory's
@@ -58,17 +62,18 @@ def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_na
     the stream must hold the artifact's tasks followed by `n_tasks` new ones (`check_resumed_stream`). Returns the
     results dict."""
     check_request(method_name, stream_name, arch_name=arch_name, n_tasks=n_tasks, seed=seed, overrides=overrides,
-                  device=device, threads=threads, resume=resume, input_shape=input_shape)
+                  device=device, threads=threads, resume=resume, input_shape=input_shape, init_weights=init_weights)
     set_threads(threads)
     require_device(device)
     from edgecl.train import distributed
 
     with distributed.joined(device) as world, distributed.rank_errors():
         if world.is_main:  # only rank 0 writes: refuse an unusable --out before anyone trains
-            check_out_dir(out_dir, {"--arch": arch_name, "--stream": stream_name})
+            check_out_dir(out_dir, {"--arch": arch_name, "--stream": stream_name, "--init-weights": init_weights})
         return _train(method_name, stream_name, out_dir, world, dict(
             arch_name=arch_name, n_tasks=n_tasks, seed=seed, overrides=overrides, device=device, progress=progress,
-            resume=resume, input_shape=input_shape, classifier=classifier, log=log if world.is_main else _quiet))
+            resume=resume, input_shape=input_shape, classifier=classifier, init_weights=init_weights,
+            log=log if world.is_main else _quiet))
 
 
 def _train(method_name: str, stream_name: str, out_dir: str, world: Any, request: dict[str, Any]) -> dict[str, Any]:
@@ -76,9 +81,12 @@ def _train(method_name: str, stream_name: str, out_dir: str, world: Any, request
     in `request`: every rank trains; rank 0 writes, after a barrier that every rank reaches only once its training
     succeeded."""
     from edgecl import artifact
-    from edgecl.arch.factories import resolve_arch
+    import torch
+
+    from edgecl.arch.factories import resolve_arch_and_module
     from edgecl.train import distributed, engine
     from edgecl.train.data import make_stream
+    from edgecl.train.initial import RECORD_KEY, check_resumed_start
     from edgecl.train.outputs import format_matrix, save_json, write_results
     from edgecl.train.protocol import TrainContext, check_resumable
     from edgecl.train.state import save_training_state
@@ -103,10 +111,13 @@ def _train(method_name: str, stream_name: str, out_dir: str, world: Any, request
                          f"{n_tasks}, so the stream must hold {first + n_tasks}: {RESUME_STREAM}") from None
     if previous:
         check_resumed_stream(previous, stream, resume)
+    module = None
     if previous and arch_name is None:
         arch = previous.arch  # continue the deployed architecture
     else:
-        arch = resolve_arch(arch_name or "mlp", stream.input_shape, classifier=request["classifier"])
+        torch.manual_seed(seed)  # a factory's own initialisation, the start with --init-weights module, is the seed's
+        arch, module = resolve_arch_and_module(arch_name or "mlp", stream.input_shape,
+                                               classifier=request["classifier"])
     if tuple(arch["input_shape"]) != tuple(stream.input_shape):
         raise UsageError(f"architecture {arch['name']!r} takes inputs of shape {tuple(arch['input_shape'])}, the stream "
                          f"{stream.name!r} has {tuple(stream.input_shape)} (--input-shape resizes the digit streams)")
@@ -115,10 +126,13 @@ def _train(method_name: str, stream_name: str, out_dir: str, world: Any, request
             check_resumable(previous, method_name, arch)
         except UsageError as exc:
             raise UsageError(f"{resume}: {exc}") from None
-        method = registry.create(method_name, arch, previous.config)
+    start = chosen_start(request["init_weights"], arch, module, arch_name)
+    if previous:
+        check_resumed_start(previous.extra.get(RECORD_KEY), start, resume)
+        method = registry.create(method_name, arch, previous.config, start=start)
         method.resume(previous, resumed_state(method, resume))
     else:
-        method = registry.create(method_name, arch, {"seed": seed, **(request["overrides"] or {})})
+        method = registry.create(method_name, arch, {"seed": seed, **(request["overrides"] or {})}, start=start)
     if world.size > 1:
         check_ranks_agree(method, stream, previous, world)
     log(f"edgecl: {method_name} on {stream.name} ({len(stream.tasks)} tasks, {arch['name']}"
@@ -141,6 +155,17 @@ def _train(method_name: str, stream_name: str, out_dir: str, world: Any, request
             f"({data['artifact']['bytes'] / 1024:.1f} KiB)")
     data["artifact"] = distributed.from_main(data.get("artifact"))  # every rank ends when rank 0 has written
     return data
+
+
+def chosen_start(init_weights: str | None, arch: Any, module: Any, arch_name: str | None) -> Any:
+    """The checked starting weights --init-weights names (None: a fresh draw): the factory module's or a file's."""
+    from edgecl.train.initial import MODULE, starting_weights
+
+    if init_weights is None:
+        return None
+    if init_weights == MODULE:
+        return starting_weights(module, arch, label=f"the module of --arch {arch_name}")
+    return starting_weights(init_weights, arch)
 
 
 def resumed_state(method: Any, resume: str) -> dict[str, Any] | None:
@@ -195,6 +220,7 @@ def check_ranks_agree(method: Any, stream: Any, previous: Any, world: Any) -> No
         raise UsageError(f"batch_size={method.config.batch_size} is the global batch, split over {world.size} ranks: "
                          f"it must be at least the number of ranks")
     request = {"method": method.name, "config": method.config.to_json(), "arch": method.arch,
+               "start": method.start.sha256 if method.start else None,
                "stream": [(t.x_train, t.y_train, t.x_test, t.y_test) for t in stream.tasks], "resumed": previous}
     distributed.check_identical(distributed.state_digest(request), "the method, settings, stream or resumed model")
 

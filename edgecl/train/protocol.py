@@ -21,6 +21,8 @@ from edgecl.errors import UsageError
 from edgecl.progress import bar as progress_bar
 from edgecl.train import distributed
 from edgecl.train.data import TaskData
+from edgecl.train.initial import StartingWeights
+from edgecl.train.models import Params, init_params
 
 
 @dataclass
@@ -49,12 +51,22 @@ class Method(ABC):
     # an artifact read, so a stale one left by an earlier model in the folder cannot block another method's resume.
     has_training_state: ClassVar[bool] = False
 
-    def __init__(self, arch: Arch, config: MethodConfig | None = None):
+    def __init__(self, arch: Arch, config: MethodConfig | None = None, start: StartingWeights | None = None):
         self.arch = arch
         self.config = config if config is not None else self.Config()
         if not isinstance(self.config, self.Config):
             raise UsageError(f"method {self.name!r} needs a {self.Config.__name__}, got {type(self.config).__name__}")
+        self.start = start
         seed_everything(self.config.seed)
+
+    def initial_params(self, generator: torch.Generator | None = None) -> Params:
+        """The trunk a method starts from (every draw it makes: first, per task, re-initialisations): a fresh
+        draw, or the starting weights in its place. The draw is made either way, so the generator advances alike and
+        heads drawn after it are the same with or without starting weights."""
+        params = init_params(self.arch, generator=generator)
+        if self.start is not None:
+            params.update({k: torch.from_numpy(v.copy()) for k, v in self.start.values.items()})
+        return params
 
     @abstractmethod
     def learn_task(self, t: int, task: TaskData, ctx: TrainContext) -> None:

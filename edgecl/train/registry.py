@@ -71,7 +71,16 @@ def method_class(name: str):
     return _import(name, entry(name).method)
 
 
-def create(name: str, arch: Arch, config: dict[str, Any] | None = None):
-    """A method by name with config overrides from a JSON-able dict (unknown fields are an error)."""
+def create(name: str, arch: Arch, config: dict[str, Any] | None = None, start: Any = None):
+    """A method by name with config overrides from a JSON-able dict (unknown fields are an error). `start`: starting
+    weights for the trunk instead of a fresh draw — a torch.nn.Module (a pretrained or trained one), a mapping of
+    arrays by state-dict name, an .npz/.safetensors path, or `edgecl.train.initial.StartingWeights`."""
     cls = method_class(name)
-    return cls(arch, cls.Config.from_json(config or {}))
+    config_obj = cls.Config.from_json(config or {})
+    if start is None:
+        return cls(arch, config_obj)
+    from edgecl.train.initial import StartingWeights, starting_weights, warn_unused_batchnorm
+
+    checked = start if isinstance(start, StartingWeights) else starting_weights(start, arch)
+    warn_unused_batchnorm(checked, arch, name, getattr(config_obj, "batchnorm", None))
+    return cls(arch, config_obj, checked)

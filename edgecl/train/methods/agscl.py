@@ -60,7 +60,7 @@ from edgecl.train.batchnorm import recalibrate
 from edgecl.train.data import TaskData
 from edgecl.train.methods.agscl_config import AGSCLConfig
 from edgecl.train.methods.agscl_nodes import NodeMap, live_parameters, node_map
-from edgecl.train.models import Params, forward, from_numpy, init_head, init_params, to_numpy
+from edgecl.train.models import Params, forward, from_numpy, init_head, to_numpy
 from edgecl.train.protocol import Method, TrainContext, adam, batches, check_resumable, run_epochs, task_generator
 
 NEVER = np.iinfo(np.int64).max  # birth of a node never important
@@ -107,11 +107,11 @@ class AGSCL(Method):
     name = "agscl"
     Config = AGSCLConfig
 
-    def __init__(self, arch: Arch, config: AGSCLConfig | None = None):
-        super().__init__(arch, config)
+    def __init__(self, arch: Arch, config: AGSCLConfig | None = None, start=None):
+        super().__init__(arch, config, start)
         self.nodes: NodeMap = node_map(arch)
         self.init_gen = torch.Generator().manual_seed(self.config.seed)
-        self.trunk: Params = init_params(arch, generator=self.init_gen)
+        self.trunk: Params = self.initial_params(self.init_gen)
         self.omega = torch.zeros(self.nodes.n)  # Ω per node, groups in `self.nodes.groups` order
         self.birth = np.full(self.nodes.n, NEVER)  # the first task each node was important after
         self.heads: list[Params] = []
@@ -324,7 +324,7 @@ class AGSCL(Method):
     def _reinit(self, alive: np.ndarray) -> int:
         """(I.2): fresh initial rows (zero bias, BatchNorm weight 1 and bias 0) for a random ρ share of each
         group's unimportant nodes."""
-        fresh = init_params(self.arch, generator=self.init_gen)
+        fresh = self.initial_params(self.init_gen)
         picked = np.zeros(self.nodes.n, bool)
         start = 0
         for size in self.nodes.groups.values():

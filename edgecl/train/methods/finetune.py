@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from edgecl.deltas import PackedModel, TaskInfo
 from edgecl.train.batchnorm import leaves, recalibrate, trainable
 from edgecl.train.data import TaskData
-from edgecl.train.models import Params, forward, init_head, init_params, to_numpy
+from edgecl.train.models import Params, forward, init_head, to_numpy
 from edgecl.train.protocol import Method, TrainContext, adam, run_epochs, task_generator
 
 
@@ -27,9 +27,9 @@ def fit(arch, params: Params, trainable: list[torch.Tensor], task: TaskData, con
 class Finetune(Method):
     name = "finetune"
 
-    def __init__(self, arch, config=None):
-        super().__init__(arch, config)
-        self.trunk: Params = init_params(arch)
+    def __init__(self, arch, config=None, start=None):
+        super().__init__(arch, config, start)
+        self.trunk: Params = self.initial_params()
         self.heads: list[Params] = []
         self.infos: list[TaskInfo] = []
 

@@ -47,7 +47,7 @@ from edgecl.train.batchnorm import BatchNorm, is_statistic, leaves, trainable
 from edgecl.train.data import TaskData
 from edgecl.train.methods.finetune import fit
 from edgecl.train.methods.halrp_config import HALRPConfig
-from edgecl.train.models import Params, forward, init_head, init_params, to_numpy
+from edgecl.train.models import Params, forward, init_head, to_numpy
 from edgecl.train.protocol import Method, TrainContext, adam, check_resumable, run_epochs, shards, task_generator
 
 FACTORS = ("r", "s", "u", "v")
@@ -168,11 +168,11 @@ class HALRP(Method):
     name = "halrp"
     Config = HALRPConfig
 
-    def __init__(self, arch, config=None):
-        super().__init__(arch, config)
+    def __init__(self, arch, config=None, start=None):
+        super().__init__(arch, config, start)
         self.layers = prunable(arch)
         self.shapes = param_shapes(arch)
-        self.bn = BatchNorm(arch, self.config.batchnorm, init_params(arch))
+        self.bn = BatchNorm(arch, self.config.batchnorm, self.initial_params())
         self.own_names = [n for n in self.shapes if n not in self.layers and n not in self.bn.names]  # biases
         self.base: dict[str, np.ndarray] = {}
         self.store: list[dict[str, np.ndarray]] = []   # per task: factors, biases, head (frozen numpy)
@@ -183,7 +183,7 @@ class HALRP(Method):
     # -- task 0: the base ------------------------------------------------------------------------------------
     def _learn_base(self, task: TaskData, ctx: TrainContext) -> None:
         gen = torch.Generator().manual_seed(self.config.seed)
-        params = leaves({**init_params(self.arch, generator=gen), **init_head(self.arch, task.n_classes, gen)},
+        params = leaves({**self.initial_params(gen), **init_head(self.arch, task.n_classes, gen)},
                         ctx.device)
         fit(self.arch, params, trainable(params), task, self.config, ctx, 0, "halrp task 0 (base)")
         self.bn.settle(0, self.arch, params, task, ctx.device)

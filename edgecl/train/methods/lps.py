@@ -40,7 +40,7 @@ from edgecl.errors import UsageError
 from edgecl.train.batchnorm import BatchNorm, leaves, trainable
 from edgecl.train.data import TaskData
 from edgecl.train.methods.lps_config import PRUNING_UNIT, LPSConfig
-from edgecl.train.models import Params, forward, init_head, init_params, to_numpy
+from edgecl.train.models import Params, forward, init_head, to_numpy
 from edgecl.train.projections import expand_units, n_units, project_binary, project_sparse, sparse_support
 from edgecl.train.protocol import Method, TrainContext, adam, check_resumable, run_epochs, task_generator
 
@@ -82,11 +82,11 @@ class LPS(Method):
     name = "lps"
     Config = LPSConfig
 
-    def __init__(self, arch, config=None):
-        super().__init__(arch, config)
+    def __init__(self, arch, config=None, start=None):
+        super().__init__(arch, config, start)
         self.unit = PRUNING_UNIT[self.config.pruning]
         self.names = prunable(arch)
-        init = init_params(arch)
+        init = self.initial_params()
         self.wbar = {n: torch.zeros_like(init[n]) for n in self.names}
         self.owner = {n: torch.zeros(n_units(tuple(init[n].shape), self.unit), dtype=torch.int64)
                       for n in self.names}
@@ -108,7 +108,7 @@ class LPS(Method):
             raise UsageError(f"LPS learns tasks in order: expected task {len(self.infos)}, got {t}")
         cfg, dev = self.config, ctx.device
         gen = task_generator(cfg, t)
-        fresh = init_params(self.arch, generator=gen)
+        fresh = self.initial_params(gen)
         self._shuffle = gen  # one shuffling stream through all three phases
         layers = [_Layer(n, self.wbar[n].to(dev), self.owner[n].to(dev), self.unit, cfg, fresh[n].to(dev))
                   for n in self.names]

@@ -56,7 +56,7 @@ from edgecl.train.data import TaskData
 from edgecl.train.methods.rgo_config import RGOConfig
 from edgecl.train.methods.rgo_fel import FELPlan, fel_plan
 from edgecl.train.methods.rgo_ops import LayerTap, Projector, conv_patches
-from edgecl.train.models import Params, forward, init_head, init_params, to_numpy
+from edgecl.train.models import Params, forward, init_head, to_numpy
 from edgecl.train.protocol import Method, TrainContext, batches, check_resumable, run_epochs, task_generator
 
 # Bytes per entry of P: the float64 matrix itself plus the float32 normalised copy used during a task.
@@ -69,9 +69,9 @@ class RGO(Method):
     has_training_state = True  # P, saved beside the artifact
     append_keeps = "heads"  # one shared trunk keeps learning (small, bounded forgetting); old heads never change
 
-    def __init__(self, arch, config=None):
-        super().__init__(arch, config)
-        init = init_params(arch, generator=torch.Generator().manual_seed(self.config.seed))
+    def __init__(self, arch, config=None, start=None):
+        super().__init__(arch, config, start)
+        init = self.initial_params(torch.Generator().manual_seed(self.config.seed))
         self.bn = BatchNorm(arch, self.config.batchnorm, init)
         self.fel = self._fel_plan()
         self.blocks = RuledTensors(self.fel.per_task, "task", init)  # layers of several blocks: per task (rgo_fel)

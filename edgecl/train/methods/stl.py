@@ -16,14 +16,14 @@ from edgecl.train.protocol import Method, TrainContext
 class STL(Method):
     name = "stl"
 
-    def __init__(self, arch, config=None):
-        super().__init__(arch, config)
+    def __init__(self, arch, config=None, start=None):
+        super().__init__(arch, config, start)
         self.models: list[Params] = []
         self.infos: list[TaskInfo] = []
 
     def learn_task(self, t: int, task: TaskData, ctx: TrainContext) -> None:
         gen = torch.Generator().manual_seed(self.config.seed * 1000 + t)
-        params = leaves({**init_params(self.arch, generator=gen), **init_head(self.arch, task.n_classes, gen)},
+        params = leaves({**self.initial_params(gen), **init_head(self.arch, task.n_classes, gen)},
                         ctx.device)
         fit(self.arch, params, trainable(params), task, self.config, ctx, t, f"stl task {t}")
         recalibrate(self.arch, params, task, ctx.device)

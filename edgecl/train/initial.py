@@ -1,0 +1,243 @@
+"""Starting weights: train from a network's own (pretrained or earlier trained) values instead of a fresh draw.
+
+Every method draws its trunk through `Method.initial_params`; given starting weights, those draws take the given
+values in place of the random ones (the heads stay fresh: each task has its own classes). Where a method draws
+again later — LPS's free weights and STL's model for every task, AGS-CL's re-initialised nodes — it draws the
+starting values again, so every task starts from what the user brought. The values are checked here once: every
+trunk tensor of the spec present by its state-dict name, with its shape, float, finite, BatchNorm variances ≥ 0.
+
+They come from a `torch.nn.Module` (its `state_dict()`), a mapping of arrays, or a file: ``.npz`` or
+``.safetensors`` keyed by state-dict names. Neither format can execute code; torch's pickled ``.pt`` is refused (a
+model factory that loads it, with ``--init-weights module``, is the user's own code running). A file's arrays are
+judged by their headers before any data is read, and arrays the spec does not name are never read. The values'
+SHA-256 is recorded in the artifact (``extra["initial_weights"]``), so `--resume` can insist on the same start.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+import zipfile
+import zlib
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from edgecl.arch.spec import Arch, param_shapes
+from edgecl.artifact.report import INITIAL_WEIGHTS
+from edgecl.errors import EdgeclWarning, UsageError
+
+RECORD_KEY = INITIAL_WEIGHTS  # the packed model's extra entry: {"sha256": …, "source": …, "tensors": n}
+SUFFIXES = (".npz", ".safetensors")
+
+
+@dataclass(frozen=True)
+class StartingWeights:
+    """Checked float32 values of every trunk tensor, by spec name, with where they came from and their digest."""
+
+    values: dict[str, np.ndarray]
+    source: str
+    sha256: str
+
+    def record(self) -> dict[str, Any]:
+        """What the artifact keeps: enough to recognise the same start, not the values themselves."""
+        return {"sha256": self.sha256, "source": self.source, "tensors": len(self.values)}
+
+
+def starting_weights(source: Any, arch: Arch, *, label: str | None = None) -> StartingWeights:
+    """Check `source` — a torch.nn.Module, a mapping name → array, or a path to an .npz/.safetensors file — against
+    `arch`'s trunk tensors; UsageError naming the file and tensor for anything missing, misshapen or non-finite."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        values, held = read_weights_file(path, arch)
+        return _checked(values, arch, label or path, held)
+    if isinstance(source, Mapping):
+        return _checked(dict(source), arch, label or "<arrays>")
+    state_dict = getattr(source, "state_dict", None)
+    if callable(state_dict):
+        values = {k: v.detach().cpu().float().numpy() for k, v in state_dict().items() if hasattr(v, "detach")}
+        return _checked(values, arch, label or f"module {type(source).__name__}")
+    raise UsageError(f"starting weights must be a torch.nn.Module, a mapping of arrays or an .npz/.safetensors file, "
+                     f"not {type(source).__name__}")
+
+
+MODULE = "module"  # --init-weights module: the weights of the module the --arch factory builds
+
+
+def check_init_source(value: str, arch_name: str | None, resume: str | None = None) -> None:
+    """Refuse an --init-weights that cannot work, before torch or data: `module` without a factory --arch, a file
+    that is missing or of a format that would execute code on loading."""
+    if value == MODULE:
+        from edgecl.arch.factories import is_factory
+
+        if arch_name is None or not is_factory(arch_name):
+            given = f"--arch {arch_name} is a preset or a saved spec" if arch_name else "no --arch is given"
+            raise UsageError(f"--init-weights module takes the weights of the module that the --arch factory builds "
+                             f"(module:factory, timm:NAME, file.py:factory), and {given}"
+                             f"{' (with --resume, give --arch too)' if resume and not arch_name else ''}; or pass "
+                             "an .npz/.safetensors file of weights")
+        return
+    _check_file_name(value)
+    if not os.path.isfile(value):
+        raise UsageError(f"--init-weights {value}: file not found")
+
+
+def _check_file_name(path: str) -> None:
+    if path.endswith((".pt", ".pth", ".bin", ".ckpt")):
+        raise UsageError(f"{path}: torch checkpoints are pickles, which loading would have to execute; save the "
+                         "state dict as .npz (np.savez(path, **{k: v.numpy() for k, v in sd.items()})) or "
+                         ".safetensors, or load it in your --arch factory and pass --init-weights module")
+    if not path.endswith(SUFFIXES):
+        raise UsageError(f"{path}: starting weights are an .npz or .safetensors file keyed by state-dict names "
+                         f"(or --init-weights {MODULE})")
+
+
+def warn_unused_batchnorm(start: StartingWeights, arch: Arch, method: str, rule: str | None) -> None:
+    """BatchNorm held at the identity (RGO's default rule) discards the starting BatchNorm values, and a pretrained
+    network's features without them are not its features: say so rather than train from half a start."""
+    if rule == "identity" and any(n["op"] == "bn" for n in arch["nodes"]):
+        warnings.warn(f"{method} holds BatchNorm at the identity (batchnorm='identity'), so the BatchNorm values of "
+                      f"{start.source} are not used; --set batchnorm=task keeps them as every task's start",
+                      EdgeclWarning, stacklevel=3)
+
+
+def record(packed: Any, start: StartingWeights | None) -> None:
+    """Stamp a packed model with the start it was trained from (`RECORD_KEY` in its extra)."""
+    if start is not None:
+        packed.extra[RECORD_KEY] = start.record()
+
+
+def check_resumed_start(recorded: dict[str, Any] | None, start: StartingWeights | None, resume: str) -> None:
+    """A resumed run starts its new tasks' draws from the same weights as the artifact's first tasks did (LPS's free
+    weights, STL's models, AGS-CL's re-initialised nodes), or from a fresh draw if they did: the start must match."""
+    if recorded is None and start is None:
+        return
+    if recorded is None:
+        raise UsageError(f"{resume} was trained from a fresh draw, not from starting weights; --resume continues it "
+                         "as it was: drop --init-weights")
+    if start is None:
+        raise UsageError(f"{resume} was trained from starting weights ({recorded.get('source')}, sha256 "
+                         f"{str(recorded.get('sha256'))[:12]}…) and its new tasks start from them too: pass the same "
+                         "--init-weights")
+    if start.sha256 != recorded.get("sha256"):
+        raise UsageError(f"{resume} was trained from other starting weights ({recorded.get('source')}, sha256 "
+                         f"{str(recorded.get('sha256'))[:12]}…) than {start.source} (sha256 {start.sha256[:12]}…); "
+                         "pass the ones it was trained from")
+
+
+def _checked(values: dict[str, Any], arch: Arch, where: str, held: list[str] | None = None) -> StartingWeights:
+    shapes = param_shapes(arch)
+    missing = [name for name in shapes if name not in values]
+    if missing:
+        held = sorted(values) if held is None else held
+        raise UsageError(f"{where}: no starting value for {len(missing)} of the {len(shapes)} trunk tensors "
+                         f"({', '.join(missing[:5])}{', …' if len(missing) > 5 else ''}); tensors are named by the "
+                         f"module's state-dict keys (it holds {', '.join(held[:5]) or 'none'}"
+                         f"{', …' if len(held) > 5 else ''})")
+    out: dict[str, np.ndarray] = {}
+    digest = hashlib.sha256()
+    for name, shape in shapes.items():
+        array = _float32(values[name], name, where)
+        if array.shape != shape:
+            raise UsageError(f"{where}: tensor {name!r} has shape {array.shape}, the architecture needs {shape}")
+        if name.endswith("running_var") and (array < 0).any():
+            raise UsageError(f"{where}: tensor {name!r} holds negative variances")
+        digest.update(f"{name}:{shape};".encode())
+        digest.update(array.tobytes())
+        out[name] = array
+    return StartingWeights(out, where, digest.hexdigest())
+
+
+def _float32(value: Any, name: str, where: str) -> np.ndarray:
+    try:
+        array = np.asarray(value)
+    except Exception as exc:  # noqa: BLE001 - whatever the caller passed, the error names the tensor
+        raise UsageError(f"{where}: tensor {name!r} is not an array ({type(exc).__name__})") from None
+    if array.dtype.kind != "f":
+        raise UsageError(f"{where}: tensor {name!r} has dtype {array.dtype}; starting weights are floating point")
+    with np.errstate(over="ignore"):
+        array = np.ascontiguousarray(array, dtype=np.float32)
+    if not np.isfinite(array).all():
+        raise UsageError(f"{where}: tensor {name!r} holds {int((~np.isfinite(array)).sum())} NaN, infinite or "
+                         "beyond-float32 values")
+    return array.copy()
+
+
+def read_weights_file(path: str, arch: Arch) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The arrays of `path` that `arch`'s trunk names, each judged by its header (shape, dtype) before its data is
+    read, the others never read; and the names of every array the file holds (for the error of a missing one)."""
+    _check_file_name(path)
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: file not found")
+    shapes = param_shapes(arch)
+    if path.endswith(".safetensors"):
+        return _read_safetensors(path, shapes)
+    return _read_npz(path, shapes)
+
+
+def _read_npz(path: str, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, np.ndarray], list[str]]:
+    out: dict[str, np.ndarray] = {}
+    held: list[str] = []
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                name = member.filename.removesuffix(".npy")
+                held.append(name)
+                if name not in shapes:
+                    continue
+                with archive.open(member) as f:
+                    shape, dtype = _npy_header(f)
+                    if tuple(shape) != shapes[name]:
+                        raise UsageError(f"{path}: tensor {name!r} has shape {tuple(shape)}, the architecture needs "
+                                         f"{shapes[name]}")
+                    if dtype.kind != "f" or dtype.hasobject or dtype.fields is not None:
+                        raise UsageError(f"{path}: tensor {name!r} has dtype {dtype}; starting weights are "
+                                         "floating point")
+                    f.seek(0)
+                    out[name] = np.lib.format.read_array(f, allow_pickle=False)
+    except UsageError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, zlib.error, RuntimeError,
+            ValueError, OSError) as exc:  # damaged, encrypted or truncated members
+        raise UsageError(f"{path}: not a readable .npz file ({str(exc)[:200]})") from None
+    return out, held
+
+
+def _npy_header(f: Any) -> tuple[tuple[int, ...], np.dtype]:
+    version = np.lib.format.read_magic(f)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"unsupported .npy version {version}")
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    return tuple(shape), dtype
+
+
+def _read_safetensors(path: str, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, np.ndarray], list[str]]:
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise UsageError(f"{path}: reading .safetensors needs the safetensors package (pip install safetensors); "
+                         "or save the weights as .npz") from None
+    out: dict[str, np.ndarray] = {}
+    held: list[str] = []
+    try:
+        with safe_open(path, framework="numpy") as f:
+            held = list(f.keys())
+            for name in held:
+                if name not in shapes:
+                    continue
+                sliced = f.get_slice(name)
+                if tuple(sliced.get_shape()) != shapes[name]:
+                    raise UsageError(f"{path}: tensor {name!r} has shape {tuple(sliced.get_shape())}, the "
+                                     f"architecture needs {shapes[name]}")
+                if sliced.get_dtype() not in ("F16", "F32", "F64"):  # numpy has no bfloat16
+                    raise UsageError(f"{path}: tensor {name!r} has dtype {sliced.get_dtype()}; starting weights "
+                                     "are floating point")
+                out[name] = f.get_tensor(name)
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise UsageError(f"{path}: not a readable .safetensors file ({type(exc).__name__}: {str(exc)[:200]})"
+                         ) from None
+    return out, held
