@@ -219,7 +219,8 @@ def test_a_rank_command_line_parses_back_to_the_same_request():
     parser = argparse.ArgumentParser()
     train_command.add_arguments(parser)
     argv = ["--method", "rgo", "--set", "epochs=2", "--set", "lr=-0.5", "--seed=3", "--no-progress", "--nproc", "4",
-            "--input-shape", "3,16,16", "--out", "x y"]
+            "--input-shape", "3,16,16", "--out", "x y", "--arch", "net.py:build", "--arch-arg", "width=8",
+            "--arch-arg", "depth=2", "--init-weights", "module"]
     args = parser.parse_args(argv)
     child = train_command.rank_argv(args)
     assert child[0] == "train" and not any(a.startswith("--nproc") for a in child)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgecl.arch import channel_map, from_torch, param_shapes, prunable
+from edgecl.arch import channel_map, dense_params, from_torch, param_shapes, prunable
 from edgecl.arch.factories import build_module, resolve_arch
 from edgecl.errors import UsageError
 from torch_nets import MODELS, ResCat, check_parity, module_and_spec, spec_and_weights
@@ -96,3 +96,23 @@ def test_arch_strings_resolve_and_are_refused_clearly(tmp_path):
         with pytest.raises(UsageError, match=match):
             resolve_arch(bad, (3, 32, 32))
     assert isinstance(build_module("timm:resnet10t"), nn.Module)
+
+
+def test_factory_arguments_reach_the_factory_and_are_refused_clearly(tmp_path):
+    (tmp_path / "net.py").write_text("from torch import nn\n\ndef build(width=16):\n"
+                                     "    return nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(), "
+                                     "nn.Linear(width, 10))\n")
+    spec = resolve_arch(f"{tmp_path}/net.py:build", (1, 8, 8), factory_args={"width": 40})
+    assert spec["feature_dim"] == 40
+    narrow = resolve_arch("torchvision.models:mobilenet_v3_small", (3, 32, 32), factory_args={"width_mult": 0.25})
+    full = resolve_arch("torchvision.models:mobilenet_v3_small", (3, 32, 32))
+    assert dense_params(narrow) < dense_params(full) / 4
+    with pytest.raises(UsageError, match=r"the factory with widht=40 raised TypeError: .*unexpected keyword"):
+        resolve_arch(f"{tmp_path}/net.py:build", (1, 8, 8), factory_args={"widht": 40})
+    with pytest.raises(UsageError, match="--arch mlp is a preset or a saved spec"):
+        resolve_arch("mlp", (1, 8, 8), factory_args={"width": 40})
+    for key, value in (("weights", "IMAGENET1K_V1"), ("pretrained", True)):
+        with pytest.raises(UsageError, match="without downloaded weights; bring your own with --init-weights"):
+            resolve_arch("torchvision.models:resnet18", (3, 32, 32), factory_args={key: value})
+    with pytest.raises(UsageError, match="the factory with bogus=1 raised TypeError"):
+        build_module("timm:resnet10t", {"bogus": 1})

@@ -18,9 +18,14 @@ from edgecl.arch.spec import Arch, validate
 from edgecl.errors import UsageError
 
 
-def check_arch_string(value: str) -> None:
+NO_DOWNLOAD_ARGS = {"weights": None, "pretrained": False}  # what every factory gets: edgecl downloads nothing
+
+
+def check_arch_string(value: str, factory_args: dict[str, Any] | None = None) -> None:
     """Refuse what cannot name an architecture, without torch: an unknown preset, a missing .json file, a malformed
-    module:factory. (Whether the factory exists is known only once its module is imported.)"""
+    module:factory, factory arguments for what is not a factory or asking for downloaded weights. (Whether the
+    factory exists is known only once its module is imported.)"""
+    _check_factory_args(value, factory_args)
     if not isinstance(value, str) or not value:
         raise UsageError(f"--arch must be a preset ({', '.join(PRESETS)}), a .json spec or module:factory")
     if value in PRESETS:
@@ -35,9 +40,27 @@ def check_arch_string(value: str) -> None:
                          "module:factory (e.g. torchvision.models:resnet18, timm:mobilenetv3_small_050)")
 
 
-def resolve_arch(value: str, input_shape: tuple[int, ...], *, classifier: bool | None = None) -> Arch:
-    """The spec `value` names, for inputs of `input_shape` (without batch); UsageError naming what is wrong."""
-    return resolve_arch_and_module(value, input_shape, classifier=classifier)[0]
+def _check_factory_args(value: str, factory_args: dict[str, Any] | None) -> None:
+    if not factory_args:
+        return
+    if not isinstance(value, str) or not is_factory(value):
+        given = f"--arch {value} is a preset or a saved spec" if value else "no --arch is given"
+        raise UsageError(f"--arch-arg {', '.join(factory_args)}: arguments go to a model factory (module:factory, "
+                         f"timm:NAME, file.py:factory), and {given}")
+    for key, forced in NO_DOWNLOAD_ARGS.items():
+        if key in factory_args and factory_args[key] != forced:
+            raise UsageError(f"--arch-arg {key}={factory_args[key]!r}: edgecl builds factories without downloaded "
+                             "weights; bring your own with --init-weights (README: Starting from your weights)")
+    bad = [k for k in factory_args if not k.isidentifier()]
+    if bad:
+        raise UsageError(f"--arch-arg {bad[0]!r}: not a Python keyword argument name")
+
+
+def resolve_arch(value: str, input_shape: tuple[int, ...], *, classifier: bool | None = None,
+                 factory_args: dict[str, Any] | None = None) -> Arch:
+    """The spec `value` names, for inputs of `input_shape` (without batch); UsageError naming what is wrong.
+    `factory_args`: keyword arguments for a factory (``--arch-arg width_mult=0.5``)."""
+    return resolve_arch_and_module(value, input_shape, classifier=classifier, factory_args=factory_args)[0]
 
 
 def is_factory(value: str) -> bool:
@@ -45,10 +68,11 @@ def is_factory(value: str) -> bool:
     return value not in PRESETS and not value.endswith(".json") and ":" in value
 
 
-def resolve_arch_and_module(value: str, input_shape: tuple[int, ...], *,
-                            classifier: bool | None = None) -> tuple[Arch, Any]:
+def resolve_arch_and_module(value: str, input_shape: tuple[int, ...], *, classifier: bool | None = None,
+                            factory_args: dict[str, Any] | None = None) -> tuple[Arch, Any]:
     """`resolve_arch`, with the `torch.nn.Module` a factory built (its weights can be the starting point); None for
     a preset or a spec file."""
+    _check_factory_args(value, factory_args)
     if not isinstance(value, str) or not value:
         raise UsageError(f"--arch must be a preset ({', '.join(PRESETS)}), a .json spec or module:factory")
     if value in PRESETS:
@@ -58,7 +82,7 @@ def resolve_arch_and_module(value: str, input_shape: tuple[int, ...], *,
     if ":" in value:
         from edgecl.arch.fx_import import from_torch
 
-        module = build_module(value)
+        module = build_module(value, factory_args)
         return from_torch(module, input_shape, classifier=classifier, name=value.rsplit(":", 1)[1]), module
     raise UsageError(f"unknown architecture {value!r}: use a preset ({', '.join(PRESETS)}), a .json spec file, or "
                      "module:factory (e.g. torchvision.models:resnet18, timm:mobilenetv3_small_050)")
@@ -82,9 +106,11 @@ def _spec_file(path: str, input_shape: tuple[int, ...]) -> Arch:
     return arch
 
 
-def build_module(value: str) -> Any:
+def build_module(value: str, factory_args: dict[str, Any] | None = None) -> Any:
     """The `torch.nn.Module` a ``module:factory`` / ``timm:MODEL`` / ``file.py:factory`` string names, built without
-    pretrained weights."""
+    pretrained weights, with `factory_args` as keyword arguments."""
+    _check_factory_args(value, factory_args)
+    extra = dict(factory_args or {})
     target, _, attr = value.rpartition(":")
     if not target or not attr:
         raise UsageError(f"--arch {value!r}: expected module:factory")
@@ -92,7 +118,7 @@ def build_module(value: str) -> Any:
         timm = _import("timm", value)
         if attr not in timm.list_models():
             raise UsageError(f"--arch {value!r}: timm has no model {attr!r}")
-        return timm.create_model(attr, pretrained=False)
+        return _call(timm.create_model, value, extra, attr, **{**extra, "pretrained": False})
     with _script_folder(target if target.endswith(".py") else None):
         module = _import_file(target, value) if target.endswith(".py") else _import(target, value)
         factory = getattr(module, attr, None)
@@ -102,17 +128,24 @@ def build_module(value: str) -> Any:
             params = inspect.signature(factory).parameters
         except (TypeError, ValueError):
             params = {}
-        kwargs = {k: v for k, v in (("weights", None), ("pretrained", False)) if k in params}
-        try:
-            model = factory(**kwargs)
-        except Exception as exc:  # a user's factory may raise anything: say which and why
-            raise UsageError(f"--arch {value!r}: the factory raised {type(exc).__name__}: {str(exc)[:300]}"
-                             ) from None
+        kwargs = {**{k: v for k, v in NO_DOWNLOAD_ARGS.items() if k in params}, **extra}
+        model = _call(factory, value, extra, **kwargs)
     import torch
 
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"--arch {value!r}: the factory returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _call(factory: Any, value: str, user_args: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+    """factory(*args, **kwargs); whatever it raises becomes a UsageError naming the factory and the user's
+    --arch-arg values (a user's factory may raise anything)."""
+    try:
+        return factory(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        given = f" with {', '.join(f'{k}={v!r}' for k, v in user_args.items())}" if user_args else ""
+        raise UsageError(f"--arch {value!r}: the factory{given} raised {type(exc).__name__}: {str(exc)[:300]}"
+                         ) from None
 
 
 def _import(name: str, value: str) -> Any:

@@ -34,12 +34,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from edgecl.compare import CompareSpec, parse_config_overrides, parse_methods, parse_seeds, run_compare
     from edgecl.compare.report import format_markdown
+    from edgecl.config import parse_overrides
     from edgecl.train.data import parse_input_shape
 
     methods = parse_methods(args.methods)
     spec = CompareSpec(stream=args.stream, methods=methods, seeds=parse_seeds(args.seeds), orders=args.orders,
                        n_tasks=args.tasks, arch=args.arch, input_shape=parse_input_shape(args.input_shape),
-                       classifier=False if args.no_classifier else None, epochs_scale=args.epochs_scale,
+                       classifier=False if args.no_classifier else None,
+                       factory_args=parse_overrides(args.arch_arg, "--arch-arg"), epochs_scale=args.epochs_scale,
                        overrides=parse_config_overrides(args.config, methods), device=args.device,
                        threads=args.threads, timing_repeats=args.timing_repeats, progress=not args.no_progress,
                        verbose=args.verbose)

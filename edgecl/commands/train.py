@@ -47,14 +47,14 @@ def main(args: argparse.Namespace) -> int:
     if args.nproc != 1:
         check_request(args.method, args.stream, arch_name=args.arch, n_tasks=args.tasks, seed=args.seed,
                       overrides=parse_overrides(args.set), device=args.device, threads=args.threads, resume=args.resume,
-                      input_shape=parse_input_shape(args.input_shape),
-                      init_weights=args.init_weights)  # refused once here, not once per rank
+                      input_shape=parse_input_shape(args.input_shape), init_weights=args.init_weights,
+                      factory_args=parse_overrides(args.arch_arg, "--arch-arg"))  # refused once, not per rank
         return _launch(args)
     train_and_write(args.method, args.stream, args.out, arch_name=args.arch, n_tasks=args.tasks, seed=args.seed,
                     overrides=parse_overrides(args.set), device=args.device, threads=args.threads,
                     progress=not args.no_progress, resume=args.resume,
                     input_shape=parse_input_shape(args.input_shape), classifier=False if args.no_classifier else None,
-                    init_weights=args.init_weights)
+                    init_weights=args.init_weights, factory_args=parse_overrides(args.arch_arg, "--arch-arg"))
     return 0
 
 

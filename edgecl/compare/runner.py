@@ -209,7 +209,7 @@ def run_compare(spec: CompareSpec, out_dir: str, log: Callable[[str], None] = pr
     first = streams[spec.seeds[0]]
     if spec.orders and len(first.tasks) < 2:
         raise UsageError("--orders needs a stream with at least 2 tasks")
-    arch = resolve_arch(spec.arch, first.input_shape, classifier=spec.classifier)
+    arch = resolve_arch(spec.arch, first.input_shape, classifier=spec.classifier, factory_args=spec.factory_args)
     configs = {m: {seed: method_config(m, spec, seed) for seed in spec.seeds} for m in methods}
     os.makedirs(os.path.join(out_dir, ARTIFACT_DIR), exist_ok=True)
 

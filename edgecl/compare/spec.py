@@ -29,6 +29,7 @@ class CompareSpec:
     arch: str = "mlp"  # a preset, a .json spec or module:factory (edgecl.arch.factories)
     input_shape: tuple[int, ...] | None = None  # resizes the digit streams
     classifier: bool | None = None  # False: the factory's module is the trunk
+    factory_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments for a factory (--arch-arg)
     epochs_scale: float = 1.0
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     device: str = "cpu"
@@ -128,7 +129,7 @@ def check_spec(spec: CompareSpec) -> None:
         raise UsageError(f"--epochs-scale must be a positive number, got {spec.epochs_scale}")
     if spec.timing_repeats < 1:
         raise UsageError(f"--timing-repeats must be ≥ 1, got {spec.timing_repeats}")
-    check_arch_string(spec.arch)
+    check_arch_string(spec.arch, spec.factory_args)
     check_stream(spec.stream, spec.n_tasks, spec.input_shape)
     check_threads(spec.threads)
     require_device(spec.device)

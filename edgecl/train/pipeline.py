@@ -28,7 +28,8 @@ ARTIFACT_NAME = "model.edgecl"
 def check_request(method_name: str, stream_name: str, *, arch_name: str | None = None, n_tasks: int | None = None,
                   seed: int | None = None, overrides: dict[str, Any] | None = None, device: str = "cpu",
                   threads: int | None = None, resume: str | None = None,
-                  input_shape: tuple[int, ...] | None = None, init_weights: str | None = None) -> None:
+                  input_shape: tuple[int, ...] | None = None, init_weights: str | None = None,
+                  factory_args: dict[str, Any] | None = None) -> None:
     """Everything `train_and_write` can refuse without torch or data: names, config values, flags."""
     registry.entry(method_name)  # an unknown method is the first thing to name
     if resume:
@@ -39,8 +40,8 @@ def check_request(method_name: str, stream_name: str, *, arch_name: str | None =
     if seed is not None and "seed" in (overrides or {}) and overrides["seed"] != seed:
         raise UsageError(f"--seed {seed} and --set seed={overrides['seed']} disagree; give one")
     registry.check_config(method_name, {**({} if seed is None else {"seed": seed}), **(overrides or {})})
-    if arch_name is not None:
-        check_arch_string(arch_name)
+    if arch_name is not None or factory_args:
+        check_arch_string(arch_name, factory_args)
     check_stream(stream_name, n_tasks, input_shape)
     check_device(device)
     check_threads(threads)
@@ -53,7 +54,7 @@ def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_na
                     device: str = "cpu", threads: int | None = None, progress: bool = True,
                     resume: str | None = None, input_shape: tuple[int, ...] | None = None,
                     classifier: bool | None = None, init_weights: str | None = None,
-                    log: Callable[[str], None] = print) -> dict[str, Any]:
+                    factory_args: dict[str, Any] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train (or, with `resume`, continue a deployed artifact), print the accuracy matrix, write results.json +
     heatmap + artifact (+ training state). `arch_name`: a preset, a .json spec or module:factory (default: mlp, or
     with `resume` the artifact's own); `input_shape` resizes the digit streams; `classifier=False` takes a factory's
@@ -62,7 +63,8 @@ def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_na
     the stream must hold the artifact's tasks followed by `n_tasks` new ones (`check_resumed_stream`). Returns the
     results dict."""
     check_request(method_name, stream_name, arch_name=arch_name, n_tasks=n_tasks, seed=seed, overrides=overrides,
-                  device=device, threads=threads, resume=resume, input_shape=input_shape, init_weights=init_weights)
+                  device=device, threads=threads, resume=resume, input_shape=input_shape, init_weights=init_weights,
+                  factory_args=factory_args)
     set_threads(threads)
     require_device(device)
     from edgecl.train import distributed
@@ -73,7 +75,7 @@ def train_and_write(method_name: str, stream_name: str, out_dir: str, *, arch_na
         return _train(method_name, stream_name, out_dir, world, dict(
             arch_name=arch_name, n_tasks=n_tasks, seed=seed, overrides=overrides, device=device, progress=progress,
             resume=resume, input_shape=input_shape, classifier=classifier, init_weights=init_weights,
-            log=log if world.is_main else _quiet))
+            factory_args=factory_args, log=log if world.is_main else _quiet))
 
 
 def _train(method_name: str, stream_name: str, out_dir: str, world: Any, request: dict[str, Any]) -> dict[str, Any]:
@@ -117,7 +119,7 @@ def _train(method_name: str, stream_name: str, out_dir: str, world: Any, request
     else:
         torch.manual_seed(seed)  # a factory's own initialisation, the start with --init-weights module, is the seed's
         arch, module = resolve_arch_and_module(arch_name or "mlp", stream.input_shape,
-                                               classifier=request["classifier"])
+                                               classifier=request["classifier"], factory_args=request["factory_args"])
     if tuple(arch["input_shape"]) != tuple(stream.input_shape):
         raise UsageError(f"architecture {arch['name']!r} takes inputs of shape {tuple(arch['input_shape'])}, the stream "
                          f"{stream.name!r} has {tuple(stream.input_shape)} (--input-shape resizes the digit streams)")
