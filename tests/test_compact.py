@@ -82,6 +82,19 @@ def test_a_dead_unit_shifted_by_scale_is_folded_not_dropped():
     _assert_same_logits(arch, p, c_arch, c_params)
 
 
+def test_a_constant_unit_through_leaky_relu_is_folded_with_its_slope():
+    arch = validate({"name": "leaky", "input_shape": [6], "nodes": [
+        {"name": "l0", "op": "linear", "inputs": ["input"], "in": 6, "out": 5},
+        {"name": "a0", "op": "leaky_relu", "inputs": ["l0"], "slope": 0.2},
+        {"name": "l1", "op": "linear", "inputs": ["a0"], "in": 5, "out": 4}]})
+    p = _random_params(arch)
+    p["l0.weight"][0] = 0; p["l0.bias"][0] = -1.5     # −0.3 after the leaky ReLU: folded into l1.bias
+    p["l0.weight"][1] = 0; p["l0.bias"][1] = 0.0      # 0: dropped
+    c_arch, c_params, report = compact(arch, p)
+    assert report.layers["l0"] == [5, 3] and report.folded_units == 1
+    _assert_same_logits(arch, p, c_arch, c_params)
+
+
 def test_removal_cascades_to_a_fixed_point():
     arch = _mlp([4, 3], 5)
     p = _random_params(arch)

@@ -95,7 +95,56 @@ BODIES = {
     "x - y of tensors": lambda y: y - torch.sigmoid(y),
     "in-place += *=": _iadd,
     "methods mul add_ sub div_": _add_,
+    "nn.LeakyReLU(0.2)": nn.LeakyReLU(0.2),
+    "F.leaky_relu(x, 0.1), keyword and default": lambda y: F.leaky_relu(F.leaky_relu(y, 0.1), negative_slope=0.3)
+    + F.leaky_relu(y),
 }
+
+
+class _DropPathResidual(nn.Module):
+    """y + drop(sigmoid(y)) with torchvision's StochasticDepth or timm's DropPath: identities at inference."""
+
+    def __init__(self, library: str):
+        super().__init__()
+        if library == "timm":
+            from timm.layers import DropPath
+
+            self.drop = DropPath(0.5)
+        else:
+            from edgecl.arch.factories import ensure_torchvision_imports
+
+            ensure_torchvision_imports()
+            from torchvision.ops import StochasticDepth
+
+            self.drop = StochasticDepth(0.5, "row")
+
+    def forward(self, y):
+        return y + self.drop(torch.sigmoid(y))
+
+
+@pytest.mark.parametrize("library", ["torchvision", "timm"])
+def test_stochastic_depth_and_drop_path_are_dropped(library):
+    torch.manual_seed(0)
+    module = Probe(_DropPathResidual(library)).eval()
+    randomise_batchnorm(module)
+    spec = from_torch(module, (3, 8, 8))
+    assert [n["op"] for n in spec["nodes"]][2:5] == ["sigmoid", "add", "gap"]
+    check_parity(module, spec, (3, 8, 8))
+
+
+@pytest.mark.parametrize("name, shape", [("torchvision.models:efficientnet_b0", (3, 32, 32)),
+                                         ("timm:darknet17", (3, 32, 32))])
+def test_library_models_with_stochastic_depth_or_leaky_relu_match_the_module(name, shape):
+    """efficientnet_b0: StochasticDepth in every block (dropped: identity at inference); darknet17: LeakyReLU
+    inside timm's BatchNormAct2d."""
+    from edgecl.arch.factories import build_module
+
+    torch.manual_seed(0)
+    module = build_module(name).eval()
+    randomise_batchnorm(module)
+    spec = from_torch(module, shape)
+    assert any(n["op"] == "leaky_relu" for n in spec["nodes"]) == (name == "timm:darknet17")
+    check_parity(module, spec, shape, batch=2)
 
 
 @pytest.mark.parametrize("form", list(BODIES))
@@ -227,3 +276,20 @@ def test_a_model_file_imports_the_modules_beside_it(tmp_path):
     with pytest.raises(UsageError, match="importing .*broken.py raised ModuleNotFoundError"):
         resolve_arch(f"{tmp_path / 'broken.py'}:build", (3, 8, 8))
     assert sys.path == path_before
+
+
+def test_a_model_that_fails_on_the_input_shape_names_its_line_once(capfd):
+    """torch's ShapeProp prints a traceback before it re-raises; the user gets one error with the failing line."""
+    class Fixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(4 * 6 * 6, 3)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).reshape(-1, 4 * 6 * 6))
+
+    capfd.readouterr()
+    with pytest.raises(UsageError, match=r"does not run on inputs of shape \(1, 9, 9\) \(call_method reshape, at "
+                                         r".*test_from_torch_ops.py:\d+: return self.fc\(.*\): RuntimeError: "):
+        from_torch(Fixed(), (1, 9, 9))
+    assert "Traceback" not in capfd.readouterr().err

@@ -25,6 +25,7 @@ ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.
                         F.gelu: "gelu", torch.tanh: "tanh", F.tanh: "tanh"}
 _ACTIVATIONS = {**ACTIVATION_FUNCTIONS, "relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
                 "tanh": "tanh", "tanh_": "tanh"}
+_LEAKY = (F.leaky_relu, F.leaky_relu_)
 # arithmetic: x + y and x * y of two tensors, and x (+ - * /) c or c (+ - *) x with a Python number c
 _ARITHMETIC = {operator.add: "add", operator.iadd: "add", torch.add: "add",
                          operator.sub: "sub", operator.isub: "sub", torch.sub: "sub", torch.subtract: "sub",
@@ -47,11 +48,22 @@ WITH_INDICES = (F.max_pool2d_with_indices, F.adaptive_max_pool2d_with_indices)  
 _SOFTMAX = (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax")
 _REDUCTIONS = {torch.mean: "mean", "mean": "mean", torch.amax: "amax", "amax": "amax"}
 _DROPOUTS = (F.dropout, F.dropout2d, F.dropout1d, F.alpha_dropout, "contiguous")
+# regularisers of the vision libraries that are the identity at inference, known by where they are defined (neither
+# library is imported for this): torchvision's stochastic depth, timm's drop path and drop block
+LIBRARY_IDENTITIES = {("torchvision.ops.stochastic_depth", "StochasticDepth"),
+                      ("torchvision.ops.stochastic_depth", "stochastic_depth"), ("timm.layers.drop", "DropPath"),
+                      ("timm.layers.drop", "drop_path"), ("timm.layers.drop", "DropBlock2d")}
+
+
+def is_library_identity(obj: Any) -> bool:
+    """A function or module class of `LIBRARY_IDENTITIES` (an instance is judged by its class)."""
+    kind = obj if isinstance(obj, type) or callable(obj) and not hasattr(obj, "forward") else type(obj)
+    return (getattr(kind, "__module__", None), getattr(kind, "__name__", None)) in LIBRARY_IDENTITIES
 VIEWS = ("view", "reshape", "flatten", "squeeze", "unsqueeze", "expand_as", torch.flatten, torch.reshape,
          torch.squeeze, torch.unsqueeze)
 _DEFAULTS = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False,
              "count_include_pad": True, "divisor_override": None, "alpha": 1, "rounding_mode": None, "dim": None,
-             "keepdim": False, "dtype": None, "_stacklevel": 3}
+             "keepdim": False, "dtype": None, "_stacklevel": 3, "negative_slope": 0.01}
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in [^\n]*\n[ \t]*([^\n]*)')
 
@@ -133,6 +145,9 @@ class _CallConverter:
             args = self.bind(node, ("input", "approximate", "inplace"))
             extra = {"approximate": args["approximate"] or "none"} if _ACTIVATIONS[target] == "gelu" else {}
             self._emit(node, _ACTIVATIONS[target], [self._input(args["input"], node)], **extra)
+        elif target in _LEAKY:
+            args = self.bind(node, ("input", "negative_slope", "inplace"))
+            self._emit(node, "leaky_relu", [self._input(args["input"], node)], slope=float(args["negative_slope"]))
         elif target in _ARITHMETIC:
             args = self.bind(node, ("input", "other", "alpha", "rounding_mode"))
             if args["alpha"] != 1 or args["rounding_mode"] is not None:
@@ -150,7 +165,7 @@ class _CallConverter:
             self.spatial_reduction(node, _REDUCTIONS[target], args)
         elif target is torch.cat:
             self.concatenate(node)
-        elif target in _DROPOUTS:
+        elif target in _DROPOUTS or is_library_identity(target):
             self.alias[node] = self._input(node.args[0], node)
         elif target in VIEWS:
             self.view(node, self._input(node.args[0], node))

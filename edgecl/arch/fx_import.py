@@ -12,6 +12,8 @@ the op, the fx node, the module path and the user's source line, never a trace f
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import operator
 from typing import Any
 
@@ -19,12 +21,14 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from edgecl.arch.fx_calls import POOL_PARAMETERS, WITH_INDICES, _CallConverter, location, pair, shape_of
+from edgecl.arch.fx_calls import (POOL_PARAMETERS, WITH_INDICES, _CallConverter, is_library_identity, location, pair,
+                                  shape_of)
 from edgecl.arch.spec import INPUT, NAME, Arch, validate
 from edgecl.errors import UsageError
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid",
-                       nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.GELU: "gelu", nn.Tanh: "tanh"}
+                       nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.GELU: "gelu", nn.Tanh: "tanh",
+                       nn.LeakyReLU: "leaky_relu"}
 _IDENTITY_MODULES = (nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.AlphaDropout, nn.Identity)
 _POOL_MODULES = {nn.MaxPool2d: "max", nn.AvgPool2d: "avg", nn.AdaptiveAvgPool2d: "adaptive_avg",
                  nn.AdaptiveMaxPool2d: "adaptive_max"}
@@ -42,7 +46,7 @@ class _Tracer(fx.Tracer):
     record_stack_traces = True
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
+        return isinstance(m, _LEAVES) or is_library_identity(m) or super().is_leaf_module(m, qualname)
 
 
 def from_torch(module: nn.Module, input_shape: tuple[int, ...] | list[int], *, classifier: bool | None = None,
@@ -68,15 +72,28 @@ def from_torch(module: nn.Module, input_shape: tuple[int, ...] | list[int], *, c
     return _Converter(traced, module, shape, classifier, name).spec()
 
 
+class _ShapeProp(ShapeProp):
+    """torch's ShapeProp, remembering the node it runs: where a model fails on the input shape is the user's line."""
+
+    current: fx.Node | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.current = n
+        return super().run_node(n)
+
+
 def _propagate_shapes(traced: fx.GraphModule, shape: list[int]) -> None:
     was_training = traced.training
     traced.eval()
-    try:
-        with torch.no_grad():
-            ShapeProp(traced).propagate(torch.zeros(2, *shape))
+    prop = _ShapeProp(traced)
+    try:  # ShapeProp prints a traceback to stderr before it re-raises: the UsageError below says it once, clearly
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            prop.propagate(torch.zeros(2, *shape))
     except Exception as exc:
-        raise UsageError(f"the model does not run on inputs of shape {tuple(shape)} ({type(exc).__name__}: "
-                         f"{str(exc)[:300]})") from None
+        cause = exc.__cause__ or exc  # ShapeProp wraps the model's own error in a RuntimeError of the node's repr
+        where = f" {location(prop.current)}" if prop.current is not None else ""
+        raise UsageError(f"the model does not run on inputs of shape {tuple(shape)}{where}: {type(cause).__name__}: "
+                         f"{str(cause)[:300]}") from None
     finally:
         traced.train(was_training)
 
@@ -190,7 +207,7 @@ class _Converter(_CallConverter):
     def _module(self, node: fx.Node, m: nn.Module) -> None:
         x = self._input(node.args[0], node)
         path = str(node.target)
-        if isinstance(m, _IDENTITY_MODULES):
+        if isinstance(m, _IDENTITY_MODULES) or is_library_identity(m):  # identities at inference
             self.alias[node] = x
             return
         if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)):
@@ -252,7 +269,9 @@ class _Converter(_CallConverter):
 
     def _activation(self, node: fx.Node, m: nn.Module, x: str, name: str | None = None) -> None:
         op = next(v for k, v in _ACTIVATION_MODULES.items() if isinstance(m, k))
-        self._emit(node, op, [x], name, **({"approximate": m.approximate} if op == "gelu" else {}))
+        fields = {"gelu": lambda: {"approximate": m.approximate},
+                  "leaky_relu": lambda: {"slope": float(m.negative_slope)}}.get(op, dict)()
+        self._emit(node, op, [x], name, **fields)
 
 
 def tensors_of(module: nn.Module, arch: Arch) -> dict[str, Any]:

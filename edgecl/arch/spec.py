@@ -13,7 +13,8 @@ its ``name`` is unique. Shapes leave out the batch axis. Ops (fields and default
 - with tensors: ``conv`` (weight ``(out, in/groups, kh, kw)``, optional bias), ``linear`` (weight ``(out, in)``),
   ``bn`` (weight, bias, running_mean, running_var of ``ch`` channels; eps, momentum) — tensor names are
   ``NODE.weight`` etc.;
-- element-wise: ``relu relu6 hardswish hardsigmoid silu sigmoid gelu tanh``, and ``scale`` (x·factor + offset with
+- element-wise: ``relu relu6 hardswish hardsigmoid silu sigmoid gelu tanh``, ``leaky_relu`` (its ``slope``), and
+  ``scale`` (x·factor + offset with
   two constant numbers: arithmetic with a Python number, a negation);
 - pooling: ``maxpool`` / ``avgpool`` (k, stride, pad, ceil_mode; avgpool's count_include_pad), ``gap`` (global
   average → ``(C, 1, 1)``);
@@ -49,7 +50,7 @@ MAX_DIM = 1 << 31
 MAX_NDIM = 3
 MAX_NUMBER = 3.0e38  # a `scale` constant must be a float32: ONNX and the runtime compute in float32
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,159}")
-ACTIVATIONS = ("relu", "relu6", "hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh")
+ACTIVATIONS = ("relu", "relu6", "hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu")
 
 # op → {field: (kind, default)}; a default of `...` means required. Kinds: size (int ≥ 1), pair (two sizes; an int
 # is taken for both), pad (two ints ≥ 0), bool, eps, momentum, approximate, shape, axis, number (a finite float).
@@ -71,6 +72,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "reshape": {"shape": ("shape", ...)},
 }
 OPS["gelu"] = {"approximate": ("approximate", "none")}
+OPS["leaky_relu"] = {"slope": ("number", 0.01)}  # torch's negative_slope
 WEIGHT_OPS = ("conv", "linear")
 _MULTI_INPUT = ("add", "mul", "cat")
 

@@ -147,7 +147,8 @@ def _conv_factored(b: _Builder, h: str, node: dict, form: str | None, parts: dic
 
 
 _UNARY = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "hardswish": "HardSwish"}
-_KEEP_TRANSPOSED = ("relu", "relu6", "sigmoid", "tanh", "hardswish", "hardsigmoid", "silu", "gelu", "scale")
+_KEEP_TRANSPOSED = ("relu", "relu6", "sigmoid", "tanh", "hardswish", "hardsigmoid", "silu", "gelu", "leaky_relu",
+                    "scale")
 
 
 def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict) -> str:
@@ -166,6 +167,8 @@ def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict) -> str
         return b.op("HardSigmoid", [h], alpha=1.0 / 6.0, beta=0.5)
     if op == "silu":
         return b.op("Mul", [h, b.op("Sigmoid", [h])])
+    if op == "leaky_relu":
+        return b.op("LeakyRelu", [h], alpha=node["slope"])
     if op == "gelu":
         if node["approximate"] == "tanh":  # 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
             cube = b.op("Mul", [b.op("Mul", [h, h]), h])

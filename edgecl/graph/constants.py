@@ -88,6 +88,8 @@ def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: 
         return ACTIVATIONS[op](v)
     if op == "gelu":
         return _gelu(v, node["approximate"])
+    if op == "leaky_relu":
+        return np.where(v < 0, v * node["slope"], v)
     if op == "scale":
         return v * node["factor"] + node["offset"]
     if op == "avgpool" and (any(node["pad"]) or node["ceil_mode"]):

@@ -102,6 +102,8 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return _ACTIVATIONS[op](h)
     if op == "gelu":
         return F.gelu(h, approximate=node["approximate"])
+    if op == "leaky_relu":
+        return F.leaky_relu(h, node["slope"])
     if op == "maxpool":
         return F.max_pool2d(h, node["k"], node["stride"], node["pad"], node["dilation"], node["ceil_mode"])
     if op == "avgpool":
