@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from torch_nets import MODELS, ResCat
+from torch_nets import MODELS, GhostSplit, ResCat
 
 from edgecl import artifact
 from edgecl.arch import from_torch, preset, validate
@@ -40,12 +40,13 @@ GROUPED = validate({"name": "grouped", "input_shape": [1, 8, 8], "nodes": [
 
 
 def _arch(name: str) -> dict:
-    return from_torch(ResCat(), (3, 8, 8)) if name == "rescat" else GROUPED if name == "grouped" else preset(name)
+    custom = {"rescat": ResCat, "ghost": lambda: GhostSplit(width=16)}  # wide enough to leave unimportant nodes
+    return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
 def _stream(name: str, n_tasks: int):
-    """Permuted digits, as 3-channel images for ResCat."""
-    return make_stream("permuted-digits", n_tasks, 0, (3, 8, 8)) if name == "rescat" else \
+    """Permuted digits, as 3-channel images for the custom modules."""
+    return make_stream("permuted-digits", n_tasks, 0, (3, 8, 8)) if name in ("rescat", "ghost") else \
         make_stream("permuted-digits", n_tasks, seed=0)
 
 
@@ -60,7 +61,7 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
     return method, tasks, first
 
 
-@pytest.fixture(scope="module", params=["resnet", "rescat"])
+@pytest.fixture(scope="module", params=["resnet", "rescat", "ghost"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

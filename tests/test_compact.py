@@ -95,6 +95,40 @@ def test_a_constant_unit_through_leaky_relu_is_folded_with_its_slope():
     _assert_same_logits(arch, p, c_arch, c_params)
 
 
+def _sliced():
+    """A ghost module cut to width by a slice, then a conv split in two halves that meet in an add, and a slice of
+    the second half beside it: every slice cuts a channel group (`channel_map` splits it there)."""
+    return validate({"name": "sliced", "input_shape": [2, 4, 4], "nodes": [
+        {"name": "c0", "op": "conv", "inputs": ["input"], "in": 2, "out": 5, "k": 1},
+        {"name": "r0", "op": "relu", "inputs": ["c0"]},
+        {"name": "dw", "op": "conv", "inputs": ["r0"], "in": 5, "out": 5, "k": 3, "pad": 1, "groups": 5},
+        {"name": "r1", "op": "relu", "inputs": ["dw"]},
+        {"name": "ghost", "op": "cat", "inputs": ["r0", "r1"]},
+        {"name": "cut", "op": "slice", "inputs": ["ghost"], "stop": 7},
+        {"name": "c1", "op": "conv", "inputs": ["cut"], "in": 7, "out": 8, "k": 1},
+        {"name": "r2", "op": "relu", "inputs": ["c1"]},
+        {"name": "a", "op": "slice", "inputs": ["r2"], "stop": 4},
+        {"name": "b", "op": "slice", "inputs": ["r2"], "start": 4, "stop": 8},
+        {"name": "sum", "op": "add", "inputs": ["a", "b"]},
+        {"name": "part", "op": "slice", "inputs": ["b"], "start": 1, "stop": 3},
+        {"name": "both", "op": "cat", "inputs": ["sum", "part"]},
+        {"name": "pool", "op": "gap", "inputs": ["both"]},
+        {"name": "flat", "op": "flatten", "inputs": ["pool"]}]})
+
+
+def test_slices_move_with_the_channels_compaction_removes():
+    arch = _sliced()
+    p = _random_params(arch)
+    p["c0.weight"][1] = 0; p["c0.bias"][1] = -1.0   # r0 channel 1 is 0, r1's a constant: both copies go, one folded
+    for row in (1, 5):                              # c1 units 1 and 5 meet in the add and are dead in both
+        p["c1.weight"][row] = 0; p["c1.bias"][row] = -1.0
+    c_arch, c_params, report = compact(arch, p)
+    assert report.layers["c0"] == [5, 4] and report.layers["c1"] == [8, 6]
+    slices = {n["name"]: (n["start"], n["stop"]) for n in c_arch["nodes"] if n["op"] == "slice"}
+    assert slices == {"cut": (0, 5), "a": (0, 3), "b": (3, 6), "part": (1, 2)}  # b: c1 units 4, 6, 7
+    _assert_same_logits(arch, p, c_arch, c_params)
+
+
 def test_removal_cascades_to_a_fixed_point():
     arch = _mlp([4, 3], 5)
     p = _random_params(arch)

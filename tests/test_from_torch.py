@@ -42,7 +42,7 @@ class Tail(nn.Module):
 class Unsupported(nn.Module):
     def __init__(self):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.LeakyReLU()))
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.PReLU()))
         self.fc = nn.Linear(4, 2)
 
     def forward(self, x):
@@ -50,7 +50,7 @@ class Unsupported(nn.Module):
 
 
 def test_unsupported_layer_is_named_with_its_module_path():
-    with pytest.raises(UsageError, match=r"LeakyReLU.*features\.1\.0"):
+    with pytest.raises(UsageError, match=r"PReLU.*features\.1\.0"):
         from_torch(Unsupported(), (3, 8, 8))
 
 
@@ -116,3 +116,35 @@ def test_factory_arguments_reach_the_factory_and_are_refused_clearly(tmp_path):
             resolve_arch("torchvision.models:resnet18", (3, 32, 32), factory_args={key: value})
     with pytest.raises(UsageError, match="the factory with bogus=1 raised TypeError"):
         build_module("timm:resnet10t", {"bogus": 1})
+
+
+def test_a_slice_that_cuts_a_channel_group_splits_it_for_every_tensor():
+    from torch_nets import GhostSplit
+
+    cm = channel_map(from_torch(GhostSplit(width=6), (3, 8, 8)))
+    # the ghost cat [primary, its depthwise copy] cut to 10 channels: primary's 6 channels become 0-4 and 4-6, in
+    # both copies, and in the conv, its BatchNorm and the depthwise conv that produce them
+    assert cm.groups["primary.0:0-4"] == 4 and cm.groups["primary.0:4-6"] == 2
+    assert cm.rows["primary.0.weight"] == cm.rows["cheap.0.weight"] == [("primary.0:0-4", 1), ("primary.0:4-6", 1)]
+    assert cm.cols["mix.0.weight"] == [("primary.0:0-4", 1), ("primary.0:4-6", 1), ("primary.0:0-4", 1)]
+    assert cm.size(cm.head_cols) == 10
+
+
+def test_slices_channels_cannot_follow_are_refused_by_the_channel_map():
+    from edgecl.arch import ChannelError, validate
+
+    def spec(nodes, shape):
+        return validate({"name": "s", "input_shape": shape, "nodes": nodes})
+
+    sliced_input = spec([{"name": "s", "op": "slice", "inputs": ["input"], "stop": 2},
+                         {"name": "c", "op": "conv", "inputs": ["s"], "in": 2, "out": 4, "k": 1},
+                         {"name": "f", "op": "flatten", "inputs": ["c"]}], [3, 4, 4])
+    with pytest.raises(ChannelError, match="splits the network input"):
+        channel_map(sliced_input)
+    inside_a_channel = spec([{"name": "c", "op": "conv", "inputs": ["input"], "in": 3, "out": 4, "k": 1},
+                             {"name": "f", "op": "flatten", "inputs": ["c"]},
+                             {"name": "s", "op": "slice", "inputs": ["f"], "start": 3, "stop": 40}], [3, 4, 4])
+    with pytest.raises(ChannelError, match="cuts through the 16 features of one channel"):
+        channel_map(inside_a_channel)
+    with pytest.raises(UsageError, match="slice 5:5 must be a non-empty range of the input's 3 channels"):
+        spec([{"name": "s", "op": "slice", "inputs": ["input"], "start": 5, "stop": 5}], [3])

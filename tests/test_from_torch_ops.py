@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgecl.arch import from_torch, node_by_name, validate
+from edgecl.arch import channel_map, from_torch, node_by_name, validate
 from edgecl.arch.factories import resolve_arch
 from edgecl.deltas import materialize
 from edgecl.errors import UsageError
@@ -98,7 +98,19 @@ BODIES = {
     "nn.LeakyReLU(0.2)": nn.LeakyReLU(0.2),
     "F.leaky_relu(x, 0.1), keyword and default": lambda y: F.leaky_relu(F.leaky_relu(y, 0.1), negative_slope=0.3)
     + F.leaky_relu(y),
+    "x[:, :4], x[:, 4:]": lambda y: torch.cat([y[:, :4], torch.sigmoid(y[:, 4:])], 1),
+    "x[:, a:b, ...], x[:, -3:, :, :], a bound from x.shape": lambda y: torch.cat(
+        [y[:, 1:3, ...], y[:, -3:, :, :], y[:, :y.shape[1] // 4] * 2, y[:, y.shape[1] - 1:]], 1),
+    "split with sizes, parts reordered": lambda y: torch.cat(torch.split(y, [3, 5], dim=1)[::-1], 1),
+    "torch.cat(x.split(3, 1)): a smaller last part": lambda y: torch.cat(y.split(3, 1), 1).relu(),
+    "x.split(3, 1)[i]": lambda y: torch.cat([y.split(3, 1)[i].relu() for i in range(3)], 1),
+    "a, b = x.chunk(2, dim=1); a + b, a[:, :2], b[:, 2:]": lambda y: _halves(y),
 }
+
+
+def _halves(y):
+    a, b = y.chunk(2, dim=1)
+    return torch.cat([a + b, a[:, :2], b[:, 2:]], 1)
 
 
 class _DropPathResidual(nn.Module):
@@ -133,10 +145,12 @@ def test_stochastic_depth_and_drop_path_are_dropped(library):
 
 
 @pytest.mark.parametrize("name, shape", [("torchvision.models:efficientnet_b0", (3, 32, 32)),
-                                         ("timm:darknet17", (3, 32, 32))])
-def test_library_models_with_stochastic_depth_or_leaky_relu_match_the_module(name, shape):
+                                         ("timm:darknet17", (3, 32, 32)), ("timm:mixnet_s", (3, 32, 32)),
+                                         ("timm:rexnet_100", (3, 32, 32)), ("timm:cs3darknet_s", (3, 32, 32))])
+def test_library_models_with_stochastic_depth_leaky_relu_or_slices_match_the_module(name, shape):
     """efficientnet_b0: StochasticDepth in every block (dropped: identity at inference); darknet17: LeakyReLU
-    inside timm's BatchNormAct2d."""
+    inside timm's BatchNormAct2d; mixnet_s (torch.split into kernel sizes), rexnet_100 (x[:, :c] + shortcut) and
+    cs3darknet_s (x.split in CSP stages): channel slices, which the channel map follows."""
     from edgecl.arch.factories import build_module
 
     torch.manual_seed(0)
@@ -144,7 +158,10 @@ def test_library_models_with_stochastic_depth_or_leaky_relu_match_the_module(nam
     randomise_batchnorm(module)
     spec = from_torch(module, shape)
     assert any(n["op"] == "leaky_relu" for n in spec["nodes"]) == (name == "timm:darknet17")
+    assert any(n["op"] == "slice" for n in spec["nodes"]) == (name in ("timm:mixnet_s", "timm:rexnet_100",
+                                                                       "timm:cs3darknet_s"))
     check_parity(module, spec, shape, batch=2)
+    channel_map(spec)  # every channel followed: node masks, FEL and compaction work on it
 
 
 @pytest.mark.parametrize("form", list(BODIES))
@@ -219,7 +236,11 @@ class Inner(nn.Module):
 @pytest.mark.parametrize("body, match", [
     (lambda y: y / torch.sigmoid(y), r"'truediv' .*division by a tensor"),
     (lambda y: 2.0 / y, r"'truediv' .*nonzero Python number"),
-    (lambda y: y[:, :4].repeat(1, 2, 1, 1), r"'getitem' .*slicing"),
+    (lambda y: y[:, :4].repeat(1, 2, 1, 1), r"'repeat'"),
+    (lambda y: y[:, ::2].repeat(1, 2, 1, 1), r"'getitem' .*without a step"),
+    (lambda y: y[:, :, :4], r"'getitem' .*only a slice of the channel axis"),
+    (lambda y: y * y[:, 0, None], r"'getitem' .*only a slice of the channel axis"),
+    (lambda y: torch.cat(torch.split(y, 4, dim=2), 2), r"'split' .*along dim 2; only along channels"),
     (lambda y: torch.add(y, y, alpha=2), r"'add' .*alpha"),
     (lambda y: F.max_pool2d(y, 2, return_indices=True)[0], r"'max_pool2d_with_indices' .*return_indices"),
     (lambda y: F.softmax(y, dim=1), r"'softmax' .*only as the last op"),
@@ -293,3 +314,22 @@ def test_a_model_that_fails_on_the_input_shape_names_its_line_once(capfd):
                                          r".*test_from_torch_ops.py:\d+: return self.fc\(.*\): RuntimeError: "):
         from_torch(Fixed(), (1, 9, 9))
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_slices_of_a_linear_layers_features_match_the_module():
+    """The ONNX builder may hold a linear layer's output transposed; a slice reads it in the batch-first layout."""
+    class Halves(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.out = nn.Linear(64, 32), nn.Linear(16, 12), nn.Linear(18, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.fc1(x.flatten(1)))
+            g = torch.relu(self.fc2(h[:, :16] + h[:, 16:]))
+            return self.out(torch.cat([g[:, 4:], g[:, :4], h[:, 10:16]], 1))
+
+    torch.manual_seed(0)
+    module = Halves().eval()
+    spec = from_torch(module, (1, 8, 8))
+    assert sum(n["op"] == "slice" for n in spec["nodes"]) == 5
+    check_parity(module, spec, (1, 8, 8))

@@ -1,5 +1,5 @@
-"""Every method on networks that are graphs — the resnet preset (residual adds, BatchNorm) and ResCat (residual add,
-concatenation, depthwise conv, SE gate): two real digit tasks each, then what the method promises about the first
+"""Every method on networks that are graphs — the resnet preset (residual adds, BatchNorm), ResCat (residual add,
+concatenation, depthwise conv, SE gate) and GhostSplit (channel slices, split and chunk): two real digit tasks each, then what the method promises about the first
 task, the deployed runtime against the training evaluation, and the exported ONNX against the runtime."""
 from __future__ import annotations
 
@@ -20,13 +20,14 @@ from edgecl.train.batchnorm import RECALIBRATION_BATCH, batchnorm_names, is_stat
 from edgecl.train.data import make_stream
 from edgecl.train.models import from_numpy, init_params
 from edgecl.train.protocol import TrainContext, batches
-from torch_nets import dwres_spec, rescat_spec
+from torch_nets import dwres_spec, ghost_spec, rescat_spec
 
 CTX = TrainContext(progress=False)
 QUICK = {"lps": {"epochs": 1}, "halrp": {"epochs": 3}, "rgo": {"epochs": 1}, "finetune": {"epochs": 2},
          "stl": {"epochs": 2}}
-ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8, 8)), "dwres": dwres_spec}
-GRAPHS = ["resnet", "rescat"]
+ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8, 8)), "dwres": dwres_spec,
+         "ghost": ghost_spec}
+GRAPHS = ["resnet", "rescat", "ghost"]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,10 @@ def _changed(before: dict, after: dict, names) -> list[str]:
 @pytest.mark.parametrize("arch_name", GRAPHS)
 @pytest.mark.parametrize("method_name", ["lps", "halrp", "rgo", "finetune", "stl"])
 def test_method_on_graph_keeps_its_promise_and_deploys(method_name, arch_name, stream, tmp_path):
-    _, (first, second) = two_tasks(method_name, arch_name, stream)
+    # RGO's FEL permutes whole channel groups; where slices cut a layer's output into several groups its rows are
+    # blocks and the layer is stored per task (test_rgo_fel_stores_sliced_layers_per_task): without FEL it is shared
+    config = {"fel": False} if (method_name, arch_name) == ("rgo", "ghost") else {}
+    _, (first, second) = two_tasks(method_name, arch_name, stream, **config)
     check_consistent(second)
     before, after = materialize(first, 0), materialize(second, 0)
     trunk = [k for k in after if not k.startswith("head.")]
@@ -204,3 +208,11 @@ def test_rgo_resumes_per_task_layers_and_batchnorm(stream):
     assert {"se_expand.weight", "se_expand.bias"} <= set(own)
     assert _changed(first.task_tensors[0], packed.task_tensors[0], own) == []
     assert packed.extra["fel_groups"] == first.extra["fel_groups"] == {"stem.0": 8, "se_reduce": 4}
+
+
+def test_rgo_fel_stores_sliced_layers_per_task(stream):
+    """With FEL, a layer whose output a slice cuts into several channel groups goes per task (a permute delta
+    reorders an axis by one permutation); the other tensors stay shared and the method still learns both tasks."""
+    method, (_, second) = two_tasks("rgo", "ghost", stream)
+    assert {"primary.0.weight", "mix.0.weight"} <= set(method.fel.per_task)
+    assert {k for k, spec in second.params.items() if spec["kind"] == "task"} >= {"primary.0.weight", "mix.0.weight"}

@@ -39,6 +39,36 @@ class ResCat(nn.Module):
         return self.fc(torch.flatten(self.pool(y * gate), 1))
 
 
+class GhostSplit(nn.Module):
+    """Channel slices as GhostNet, RexNet, CSP and MixNet write them: a ghost module (a conv, a cheap depthwise conv
+    of its output, the two concatenated and cut to width with ``[:, :c]``), then a conv whose output is split
+    (``split`` with sizes, ``chunk``) into parts that meet again in a residual add, a slice and a concatenation."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 3, width: int = 6):
+        super().__init__()
+        w = width  # even
+        self.primary = nn.Sequential(nn.Conv2d(in_channels, w, 3, padding=1, bias=False), nn.BatchNorm2d(w),
+                                     nn.ReLU())
+        self.cheap = nn.Sequential(nn.Conv2d(w, w, 3, padding=1, groups=w, bias=False), nn.BatchNorm2d(w),
+                                   nn.ReLU())
+        self.out_chs = w + w // 2 + 1
+        self.mix = nn.Sequential(nn.Conv2d(self.out_chs, 2 * w, 1), nn.BatchNorm2d(2 * w), nn.LeakyReLU(0.1))
+        self.fc = nn.Linear(2 * w - 2, classes)  # (a + b) w, then w/2 − 1 channels of each half of b
+
+    def forward(self, x):
+        x1 = self.primary(x)
+        ghost = torch.cat([x1, self.cheap(x1)], dim=1)[:, :self.out_chs]
+        y = self.mix(ghost)
+        a, b = y.split([y.shape[1] // 2, y.shape[1] // 2], dim=1)
+        c, d = torch.chunk(b, 2, 1)
+        z = torch.cat([a + b, c[:, 1:], d[:, -(d.shape[1] - 1):, ...]], 1)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(z, 1), 1))
+
+
+def ghost_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(GhostSplit(in_channels=input_shape[0]), tuple(input_shape))
+
+
 def randomise_batchnorm(module: nn.Module, seed: int = 0) -> None:
     """Non-trivial running statistics and affine parameters (fresh modules have identity BatchNorm)."""
     g = torch.Generator().manual_seed(seed)

@@ -4,7 +4,9 @@ and feature permutations need once a network has residual adds, gates, concatena
 Every conv or linear layer starts a *group* of channels (its output units). Ops that keep channels (BatchNorm,
 activations, pooling) pass a tensor's channels on; a depthwise convolution's output channel i is its input channel i;
 a residual ``add`` and a per-channel ``mul`` gate make their inputs' channels one group (channel i of each branch is
-the same unit of the network); ``cat`` lays groups side by side; ``flatten`` turns each channel into H·W features.
+the same unit of the network); ``cat`` lays groups side by side; ``flatten`` turns each channel into H·W features;
+a ``slice`` takes whole groups: a group it cuts is first split in two there (every tensor with that group on an axis
+then has both parts, side by side), so every group stays a set of channels that one decision can keep or drop.
 This is the dependency graph Torch-Pruning's DepGraph builds on a traced model, computed here on the spec with a
 union-find, without torch.
 
@@ -40,6 +42,15 @@ class ChannelMap:
         """Length of an axis made of `segments`."""
         return sum(self.groups[g] * r for g, r in segments)
 
+    def sliced(self, source: Segments, start: int, stop: int) -> tuple[int, int]:
+        """The segments [i, j) of `source` that a slice of positions start:stop takes (always whole segments)."""
+        bounds, pos = {}, 0
+        for i, (g, r) in enumerate(source):
+            bounds[pos] = i
+            pos += self.groups[g] * r
+        bounds[pos] = len(source)
+        return bounds[start], bounds[stop]
+
     def members(self) -> dict[str, list[str]]:
         """Group → every tensor with rows in it (producers: conv/linear rows, biases, BatchNorm channels)."""
         out: dict[str, list[str]] = {g: [] for g in self.groups}
@@ -67,6 +78,7 @@ class _UnionFind:
         self.parent: dict[str, str] = {}
         self.order: dict[str, int] = {}
         self.alias: dict[str, Segments] = {}
+        self.origin: dict[str, tuple[str, int]] = {}  # a part of a split group → (the layer it came from, offset)
 
     def add(self, g: str) -> None:
         self.parent[g] = g
@@ -134,6 +146,8 @@ def channel_map(arch: Arch) -> ChannelMap:
             out = _merge(uf, node, ins, [shapes[s] for s in node["inputs"]])
         elif op == "cat":
             out = [seg for segments in ins for seg in segments]
+        elif op == "slice":
+            out = _slice(uf, size, node, x)
         else:  # activations, pooling: channels pass through
             out = x
         if op in ("conv", "linear") and node["bias"]:
@@ -144,6 +158,46 @@ def channel_map(arch: Arch) -> ChannelMap:
     groups = {g: size[g] for g in size if uf.find(g) == g and g not in uf.alias}
     return ChannelMap(groups, {k: resolve(v) for k, v in rows.items()}, {k: resolve(v) for k, v in cols.items()},
                       resolve(spaces[arch["output"]]), {k: resolve(v) for k, v in spaces.items()})
+
+
+def _slice(uf: _UnionFind, size: dict[str, int], node: dict, x: Segments) -> Segments:
+    """The whole groups of `x` between the slice's start and stop, after splitting a group cut at either bound."""
+    for bound in (node["start"], node["stop"]):
+        _cut(uf, size, uf.resolve(x), bound, node)
+    out, pos = [], 0
+    for g, r in uf.resolve(x):
+        width = size[g] * r
+        if node["start"] <= pos and pos + width <= node["stop"]:
+            out.append((g, r))
+        pos += width
+    return out
+
+
+def _cut(uf: _UnionFind, size: dict[str, int], segments: Segments, bound: int, node: dict) -> None:
+    """Split the group whose channels `bound` (a position of the axis `segments`) falls inside, into the channels
+    before it and those from it on: one group aliased to two new ones."""
+    pos = 0
+    for g, r in segments:
+        width = size[g] * r
+        if pos < bound < pos + width:
+            if (bound - pos) % r:
+                raise ChannelError(f"node {node['name']!r} (slice {node['start']}:{node['stop']}) cuts through the "
+                                   f"{r} features of one channel of {g!r}; channels cannot be followed through it")
+            if g == INPUT:
+                raise ChannelError(f"node {node['name']!r} (slice {node['start']}:{node['stop']}) splits the network "
+                                   "input's channels; channels cannot be followed through it")
+            k = (bound - pos) // r
+            base, first = uf.origin.get(g, (g, 0))  # parts are named by the channels of the layer they came from
+            parts = []
+            for start, n in ((first, k), (first + k, size[g] - k)):
+                part = f"{base}:{start}-{start + n}"  # characters a blob key allows (nodes:GROUP)
+                uf.add(part)
+                uf.origin[part] = (base, start)
+                size[part] = n
+                parts.append((part, 1))
+            uf.alias[g] = parts
+            return
+        pos += width
 
 
 def _merge(uf: _UnionFind, node: dict, ins: list[Segments], shapes: list[list[int]]) -> Segments:

@@ -34,7 +34,7 @@ _POOL_MODULES = {nn.MaxPool2d: "max", nn.AvgPool2d: "avg", nn.AdaptiveAvgPool2d:
                  nn.AdaptiveMaxPool2d: "adaptive_max"}
 _LEAVES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d, nn.Flatten, *_POOL_MODULES, *_ACTIVATION_MODULES,
            *_IDENTITY_MODULES)
-_SCALAR_FUNCTIONS = (operator.getitem, getattr, torch.Tensor.size, operator.mul, operator.floordiv, operator.add,
+_SCALAR_FUNCTIONS = (operator.getitem, getattr, torch.Tensor.size, operator.mul, operator.floordiv, operator.add, operator.neg,
                      operator.sub)
 _SCALAR_METHODS = ("size", "dim")
 
@@ -105,6 +105,7 @@ class _Converter(_CallConverter):
         self.classifier, self.name = classifier, name
         self.modules = dict(traced.named_modules())
         self.alias: dict[fx.Node, str] = {}  # fx node → the spec node holding its value
+        self.parts: dict[fx.Node, tuple[str, int, list[tuple[int, int]]]] = {}  # splits, read by x[i]
         self.nodes: list[dict[str, Any]] = []
         self.used_names: set[str] = {INPUT}
         self.param_modules: set[str] = set()
@@ -123,7 +124,8 @@ class _Converter(_CallConverter):
                 raise self.refuse(node, "a tensor attribute used directly in forward; edgecl supports parameters "
                                         "only inside standard layers (Conv2d, Linear, BatchNorm)")
             elif shape_of(node) is None:
-                self._scalar(node)
+                if not self.split(node):
+                    self._scalar(node)
             else:
                 self._convert(node)
         features = self._features(output)

@@ -19,7 +19,8 @@ its ``name`` is unique. Shapes leave out the batch axis. Ops (fields and default
 - pooling: ``maxpool`` / ``avgpool`` (k, stride, pad, ceil_mode; avgpool's count_include_pad), ``gap`` (global
   average → ``(C, 1, 1)``);
 - structure: ``add`` (residual sum of equal shapes), ``mul`` (broadcast product, e.g. squeeze-and-excitation
-  gates), ``cat`` (channel concatenation), ``flatten``, ``reshape`` (to ``shape``).
+  gates), ``cat`` (channel concatenation), ``slice`` (channels ``start`` to ``stop``, of a map or of a feature
+  vector: ``x[:, a:b]``, one part of ``torch.split``/``chunk``), ``flatten``, ``reshape`` (to ``shape``).
 
 Every task's head (``head.weight`` classes × feature_dim, ``head.bias``) reads the ``output`` node, which must be a
 flat feature vector. Prunable layers are the trunk's conv and linear weights; their GEMM view is
@@ -68,6 +69,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "add": {},
     "mul": {},
     "cat": {"axis": ("axis", 1)},
+    "slice": {"start": ("index", 0), "stop": ("size", ...)},
     "flatten": {},
     "reshape": {"shape": ("shape", ...)},
 }
@@ -167,6 +169,8 @@ def _inputs(value: Any, op: str, where: str, shapes: dict[str, list[int]]) -> li
 def _field(value: Any, kind: str, where: str) -> Any:
     if kind == "size" and _is_size(value):
         return value
+    if kind == "index" and _is_size(value, 0):
+        return value
     if kind in ("pair", "pad"):
         lo = 0 if kind == "pad" else 1
         pair = [value, value] if type(value) is int else value
@@ -188,7 +192,8 @@ def _field(value: Any, kind: str, where: str) -> Any:
     if kind == "axis" and value == 1:
         return 1
     expect = {"size": "an int ≥ 1", "pair": "an int ≥ 1 or two of them", "pad": "an int ≥ 0 or two of them",
-              "bool": "true or false", "eps": "a number in (0, 1)", "momentum": "a number in (0, 1]",
+              "index": "an int ≥ 0", "bool": "true or false", "eps": "a number in (0, 1)",
+              "momentum": "a number in (0, 1]",
               "approximate": "'none' or 'tanh'", "axis": "1 (channels)",
               "number": f"a finite number of magnitude at most {MAX_NUMBER:g}"}.get(kind, kind)
     raise UsageError(f"{where} = {str(value)[:60]} must be {expect}")
@@ -280,6 +285,11 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
         if any(len(s) != len(x) or s[1:] != x[1:] for s in ins):
             raise UsageError(f"{where}: cat needs inputs that differ only in channels, gets {ins}")
         return [sum(s[0] for s in ins), *x[1:]]
+    if op == "slice":
+        if not node["start"] < node["stop"] <= x[0]:
+            raise UsageError(f"{where}: slice {node['start']}:{node['stop']} must be a non-empty range of the input's "
+                             f"{x[0]} channels")
+        return [node["stop"] - node["start"], *x[1:]]
     return list(x)  # element-wise activations
 
 
@@ -344,10 +354,11 @@ def consumers(arch: Arch) -> dict[str, list[str]]:
 
 
 def is_sequential(arch: Arch) -> bool:
-    """True when every node reads the one before it (a chain: no residual adds, gates or concatenation)."""
+    """True when every node reads the one before it and keeps its channels whole (a chain: no residual adds, gates,
+    concatenation or slices)."""
     previous = INPUT
     for node in arch["nodes"]:
-        if node["inputs"] != [previous]:
+        if node["inputs"] != [previous] or node["op"] == "slice":
             return False
         previous = node["name"]
     return previous == arch["output"]

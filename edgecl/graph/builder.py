@@ -197,6 +197,9 @@ def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict) -> str
         return b.op("Mul", ins)
     if op == "cat":
         return b.op("Concat", ins, axis=1)
+    if op == "slice":
+        bound = lambda v: constant(np.array([v], dtype=np.int64))  # noqa: E731
+        return b.op("Slice", [h, bound(node["start"]), bound(node["stop"]), bound(1)])
     if op == "flatten":
         return b.op("Flatten", [h], axis=1)
     if op == "reshape":

@@ -308,6 +308,12 @@ class _Net:
         if len(positions):
             self.inputs = np.delete(self.inputs, positions)
             self.arch["input_shape"][0] = len(self.inputs)
+        for node in self.arch["nodes"]:  # a slice takes whole groups: its bounds move with what they lost
+            if node["op"] == "slice":
+                source = cm.spaces[node["inputs"][0]]
+                i, j = cm.sliced(source, node["start"], node["stop"])
+                kept = [(cm.groups[g] - len(drops.get(g, ()))) * r for g, r in source]
+                node["start"], node["stop"] = sum(kept[:i]), sum(kept[:j])
         self._fix_sizes()
 
     def _fix_sizes(self) -> None:

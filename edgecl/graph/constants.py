@@ -92,6 +92,10 @@ def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: 
         return np.where(v < 0, v * node["slope"], v)
     if op == "scale":
         return v * node["factor"] + node["offset"]
+    if op == "slice":  # whole groups of the input's channel axis (`channel_map` splits a group a slice cuts)
+        i, j = cm.sliced(source, node["start"], node["stop"])
+        first = width(cm, source[:i])
+        return v[first:first + width(cm, source[i:j])]
     if op == "avgpool" and (any(node["pad"]) or node["ceil_mode"]):
         return np.where(v == 0, 0.0, np.nan)
     if op == "add":

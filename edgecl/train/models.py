@@ -121,6 +121,8 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return h * ins[1]
     if op == "cat":
         return torch.cat(ins, dim=1)
+    if op == "slice":
+        return h[:, node["start"]:node["stop"]]
     if op == "flatten":
         return h.flatten(1)
     if op == "reshape":

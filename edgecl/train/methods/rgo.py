@@ -198,6 +198,8 @@ class RGO(Method):
                            dev: str = "cpu") -> None:
         """Algorithm 1 lines 8–12: one pass over the task's training data, recursive update of every P. `own`: the
         task's head, BatchNorm and per-task layers."""
+        if not self.layers:  # every layer is stored per task (FEL on sliced channel groups): nothing is shared
+            return
         gen = task_generator(self.config, t=10_000 + len(self.heads))
         for x, y in batches(task, self.config.curvature_batch, gen, dev):
             vectors = distributed.gather_rows(self.curvature_vectors(x, y, own, perms))  # every rank's samples
