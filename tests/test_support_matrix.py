@@ -37,13 +37,16 @@ NETWORKS = {
     "torchvision mobilenet_v2": ("{factories}:mobilenet_v2_quarter", (3, 16, 16)),
     "timm mobilenetv3_small_050": ("timm:mobilenetv3_small_050", (3, 16, 16)),
     "custom residual + concat": ("{factories}:ResCat", (3, 8, 8)),
+    "custom channel slices": ("{factories}:GhostSplit", (3, 8, 8)),
+    "timm mixnet_s": ("timm:mixnet_s", (3, 16, 16)),
 }
 FACTORIES = '''
     import sys
     import torchvision  # first, as a user's file would (edgecl makes it importable where its ops cannot load)
 
     sys.path.insert(0, {tests!r})
-    from torch_nets import ResCat  # a custom nn.Module: residual add, concat, depthwise conv, SE gate
+    from torch_nets import GhostSplit, ResCat  # custom nn.Modules: a residual add, concat, depthwise conv, SE gate;
+    # a ghost module cut by x[:, :c], split and chunk parts meeting in an add
 
 
     def mobilenet_v2_quarter():
@@ -55,7 +58,9 @@ RGO_WITH_BATCHNORM = {"batchnorm": "task", "batch_size": 64, "lr": 0.01}
 NETWORK_SETTINGS = {("rgo", "torchvision resnet18"): {"max_projection_bytes": 4 << 30},
                     ("rgo", "torchvision mobilenet_v2"): RGO_WITH_BATCHNORM,
                     ("rgo", "timm mobilenetv3_small_050"): {**RGO_WITH_BATCHNORM, "lr": 0.03},
-                    ("rgo", "custom residual + concat"): {"batchnorm": "task"}}
+                    ("rgo", "custom residual + concat"): {"batchnorm": "task"},
+                    ("rgo", "custom channel slices"): {"batchnorm": "task"},
+                    ("rgo", "timm mixnet_s"): {**RGO_WITH_BATCHNORM, "lr": 0.03}}
 KEEPS_OLD_TASKS = {"lps", "agscl", "halrp", "stl"}  # BWT exactly 0
 SAMPLES = 96  # training samples per task (test splits stay whole)
 
