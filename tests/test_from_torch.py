@@ -148,3 +148,76 @@ def test_slices_channels_cannot_follow_are_refused_by_the_channel_map():
         channel_map(inside_a_channel)
     with pytest.raises(UsageError, match="slice 5:5 must be a non-empty range of the input's 3 channels"):
         spec([{"name": "s", "op": "slice", "inputs": ["input"], "start": 5, "stop": 5}], [3])
+
+
+def test_branches_sliced_at_other_points_before_an_add_are_cut_to_match():
+    """a[:, :8] and b[:, :4] are taken before a + b: each branch's groups are cut at the other's bounds, so the
+    add joins groups of equal sizes, and compaction removes a channel from both branches."""
+    import numpy as np
+
+    from edgecl.arch.fx_import import tensors_of
+    from edgecl.export import compact_task
+    from edgecl.export.onnx_export import run_onnx
+    from edgecl.graph.builder import build_onnx
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = nn.Conv2d(3, 16, 1), nn.Conv2d(3, 16, 1), nn.Linear(28, 3)
+
+        def forward(self, x):
+            a, b = self.a(x), self.b(x)
+            p, q = a[:, :8], b[:, :4]
+            return self.fc(torch.cat([a + b, p, q], 1).mean((2, 3)))
+
+    torch.manual_seed(0)
+    module = Net().eval()
+    spec = from_torch(module, (3, 8, 8))
+    check_parity(module, spec, (3, 8, 8))
+    cm = channel_map(spec)
+    assert sorted(cm.groups.values()) == [3, 4, 4, 8] and cm.size(cm.head_cols) == 28
+    weights = {**tensors_of(module, spec), "head.weight": module.fc.weight.detach().numpy(),
+               "head.bias": module.fc.bias.detach().numpy()}
+    for layer in ("a", "b"):  # channel 2 dead in both branches: one unit of the add, and of p and q
+        weights[f"{layer}.weight"][2] = 0
+        weights[f"{layer}.bias"][2] = 0
+    small, small_weights, report = compact_task(spec, weights, channel_multiple=1)
+    assert report.layers == {"a": [16, 15], "b": [16, 15]}
+    x = np.random.default_rng(0).random((4, 3, 8, 8), dtype=np.float32)
+    assert np.abs(run_onnx(build_onnx(spec, weights), x) - run_onnx(build_onnx(small, small_weights), x)).max() < 1e-5
+
+
+def test_a_split_group_never_takes_a_layers_name():
+    from edgecl.arch import validate
+
+    spec = validate({"name": "names", "input_shape": [2, 4, 4], "nodes": [
+        {"name": "c:0-4", "op": "conv", "inputs": ["input"], "in": 2, "out": 3, "k": 1},
+        {"name": "c", "op": "conv", "inputs": ["input"], "in": 2, "out": 8, "k": 1},
+        {"name": "s", "op": "slice", "inputs": ["c"], "stop": 4},
+        {"name": "both", "op": "cat", "inputs": ["c:0-4", "s"]},
+        {"name": "pool", "op": "gap", "inputs": ["both"]}, {"name": "flat", "op": "flatten", "inputs": ["pool"]}]})
+    cm = channel_map(spec)
+    assert cm.groups["c:0-4"] == 3 and cm.size(cm.head_cols) == 7
+
+
+def test_factory_arguments_named_like_edgecls_own_reach_the_factory(tmp_path):
+    (tmp_path / "net.py").write_text("from torch import nn\n\ndef build(value=16, factory=None, user_args=None):\n"
+                                     "    return nn.Sequential(nn.Flatten(), nn.Linear(64, value), nn.ReLU(), "
+                                     "nn.Linear(value, 10))\n")
+    spec = resolve_arch(f"{tmp_path}/net.py:build", (1, 8, 8), factory_args={"value": 8, "user_args": 1})
+    assert spec["feature_dim"] == 8
+    with pytest.raises(UsageError, match="without downloaded weights"):
+        resolve_arch("torchvision.models:resnet18", (3, 32, 32), factory_args={"weights_backbone": "DEFAULT"})
+
+
+def test_a_nodes_module_path_is_checked():
+    from edgecl.arch import validate
+
+    nodes = [{"name": "n_head", "op": "conv", "inputs": ["input"], "in": 1, "out": 2, "k": 1, "module": "head"},
+             {"name": "f", "op": "flatten", "inputs": ["n_head"]}]
+    assert validate({"input_shape": [1, 2, 2], "nodes": nodes})["nodes"][0]["module"] == "head"
+    for bad in (5, "", "a\nb"):
+        with pytest.raises(UsageError, match="module .* must be a module path"):
+            validate({"input_shape": [1, 2, 2], "nodes": [{**nodes[0], "module": bad}, nodes[1]]})
+    with pytest.raises(UsageError, match="unknown fields"):
+        validate({"input_shape": [1, 2, 2], "nodes": [nodes[0], {**nodes[1], "module": "x"}]})

@@ -101,6 +101,7 @@ BODIES = {
     "x[:, :4], x[:, 4:]": lambda y: torch.cat([y[:, :4], torch.sigmoid(y[:, 4:])], 1),
     "x[:, a:b, ...], x[:, -3:, :, :], a bound from x.shape": lambda y: torch.cat(
         [y[:, 1:3, ...], y[:, -3:, :, :], y[:, :y.shape[1] // 4] * 2, y[:, y.shape[1] - 1:]], 1),
+    "x[:, x.shape[1] // 2:7]: a computed start": lambda y: torch.cat([y[:, y.shape[1] // 2:7], y[:, :5]], 1),
     "split with sizes, parts reordered": lambda y: torch.cat(torch.split(y, [3, 5], dim=1)[::-1], 1),
     "torch.cat(x.split(3, 1)): a smaller last part": lambda y: torch.cat(y.split(3, 1), 1).relu(),
     "x.split(3, 1)[i]": lambda y: torch.cat([y.split(3, 1)[i].relu() for i in range(3)], 1),

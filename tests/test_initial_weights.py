@@ -184,7 +184,7 @@ def test_cli_trains_from_a_module_or_file_and_a_resume_needs_the_same_start(tmp_
     records = [json.loads((tmp_path / d / "results.json").read_text())["method_info"][RECORD_KEY] for d in "ab"]
     assert records[0]["sha256"] == records[1]["sha256"] == starting_weights(net, from_torch(net, (1, 8, 8))).sha256
     code, out, _ = run_cli(capsys, "inspect", str(tmp_path / "b" / "model.edgecl"))
-    assert code == 0 and f"trained from starting weights the module of --arch {tmp_path}/net.py:pretrained" in out
+    assert code == 0 and "trained from starting weights the module of --arch net.py:pretrained (sha256" in out
     resume = ["train", "--method", "lps", "--stream", "split-digits", "--tasks", "1", "--no-progress", "--resume",
               str(tmp_path / "a" / "model.edgecl")]
     code, _, err = run_cli(capsys, *resume, "--out", str(tmp_path / "c"))
@@ -210,3 +210,67 @@ def test_cli_refuses_an_init_source_that_cannot_work(tmp_path, capsys):
     code, _, err = run_cli(capsys, *base, "--init-weights", str(tmp_path / "other.npz"), "--set", "epochs=1")
     assert code == 2 and "no starting value for 4 of the 4 trunk tensors (fc1.weight" in err and "holds 1.weight" in err
     assert not (tmp_path / "o" / "model.edgecl").exists()
+
+
+def test_methods_that_never_draw_again_resume_without_the_start_and_keep_its_record(tmp_path, capsys):
+    (tmp_path / "net.py").write_text(NET_PY)
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 10))
+    np.savez(tmp_path / "weights.npz", **{k: v.numpy() for k, v in net.state_dict().items()})
+    common = ["train", "--method", "halrp", "--stream", "split-digits", "--no-progress", "--tasks", "1"]
+    code, _, err = run_cli(capsys, *common, "--arch", f"{tmp_path}/net.py:build", "--set", "epochs=2",
+                           "--init-weights", str(tmp_path / "weights.npz"), "--out", str(tmp_path / "a"))
+    assert code == 0, err
+    code, _, err = run_cli(capsys, *common, "--resume", str(tmp_path / "a" / "model.edgecl"), "--out",
+                           str(tmp_path / "b"))
+    assert code == 0, err  # HALRP draws its trunk once, for task 0's base: the file is not needed again
+    info = [json.loads((tmp_path / d / "results.json").read_text())["method_info"][RECORD_KEY] for d in "ab"]
+    assert info[0] == info[1] and info[0]["source"] == "weights.npz"  # the file's name, not where it lay
+
+
+def test_a_malformed_start_record_in_an_artifact_is_refused_on_resume():
+    from edgecl.train.initial import check_resumed_start
+
+    for bad in ("forged", {"sha256": 5, "source": "x"}, ["a"]):
+        with pytest.raises(UsageError, match=r"m.edgecl: extra\['initial_weights'\] is not a record"):
+            check_resumed_start({RECORD_KEY: bad}, None, "m.edgecl", redraws=True)
+
+
+def test_a_trunk_layer_from_torch_renames_keeps_its_state_dict_key():
+    """A trunk layer called `head` is renamed in the spec (head.* are the per-task heads); its weights are still
+    found under the module's own key, from the module and from a file."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.head, self.fc = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 1), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(self.head(torch.relu(self.stem(x))).mean((2, 3)))
+
+    net = Net()
+    spec = from_torch(net, (1, 8, 8))
+    renamed = next(n for n in spec["nodes"] if n.get("module") == "head")
+    assert renamed["name"] != "head"
+    state = {k: v.numpy() for k, v in net.state_dict().items()}
+    start = starting_weights(net, spec)
+    assert np.array_equal(start.values[f"{renamed['name']}.weight"], state["head.weight"])
+    assert starting_weights(state, spec).sha256 == start.sha256
+    from edgecl.arch.fx_import import tensors_of
+
+    assert np.array_equal(tensors_of(net, spec)[f"{renamed['name']}.bias"], state["head.bias"])
+
+
+def test_agscl_reinitialises_unimportant_nodes_to_the_starting_rows():
+    """AGS-CL's (I.2) gives a share ρ of the unimportant nodes fresh rows for the next task: with starting weights,
+    those rows are the start's (ρ = 1: every unimportant node)."""
+    net = _mlp()
+    spec = from_torch(net, (1, 8, 8))
+    method = registry.create("agscl", spec, {"epochs": 3, "mu": 8.0, "rho": 1.0}, start=net)
+    method.learn_task(0, make_stream("split-digits", 1, 0, None).tasks[0], TrainContext(progress=False))
+    dead = ~method.alive[0]
+    assert dead.any()
+    for tensor, rows in method.nodes.trainable.items():
+        picked = torch.from_numpy(dead[rows])
+        got = method.trunk[tensor].reshape(len(rows), -1)[picked]
+        want = torch.from_numpy(method.start.values[tensor]).reshape(len(rows), -1)[picked]
+        assert torch.equal(got, want), tensor

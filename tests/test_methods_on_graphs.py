@@ -1,6 +1,7 @@
 """Every method on networks that are graphs — the resnet preset (residual adds, BatchNorm), ResCat (residual add,
-concatenation, depthwise conv, SE gate) and GhostSplit (channel slices, split and chunk): two real digit tasks each, then what the method promises about the first
-task, the deployed runtime against the training evaluation, and the exported ONNX against the runtime."""
+concatenation, depthwise conv, SE gate) and GhostSplit (channel slices, split and chunk): two real digit tasks each,
+then what the method promises about the first task, the deployed runtime against the training evaluation, and the
+exported ONNX against the runtime."""
 from __future__ import annotations
 
 import numpy as np
@@ -67,13 +68,19 @@ def test_method_on_graph_keeps_its_promise_and_deploys(method_name, arch_name, s
         assert _changed(before, after, trunk)
     else:  # finetune: everything shared moves, BatchNorm's running statistics too
         assert _changed(before, after, [k for k in bn if is_statistic(k)]) == [k for k in bn if is_statistic(k)]
+    _deploys(second, stream, tmp_path)
+
+
+def _deploys(packed, stream, tmp_path) -> None:
+    """The artifact's runtime gives training's accuracy on every task, and every exported graph the runtime's
+    logits."""
     path = tmp_path / "model.edgecl"
-    artifact.save(second, path)
+    artifact.save(packed, path)
     index = export_onnx(path, tmp_path / "onnx", progress=False)
     with TaskRuntime(str(path)) as rt:
         for t, task in enumerate(stream.tasks):
             logits = rt.infer(task.x_test, task=t)
-            assert float((logits.argmax(1) == task.y_test).mean()) == engine.accuracy(second, t, task)
+            assert float((logits.argmax(1) == task.y_test).mean()) == engine.accuracy(packed, t, task)
             session = ort.InferenceSession(str(tmp_path / "onnx" / index["tasks"][t]["file"]),
                                            providers=["CPUExecutionProvider"])
             assert np.abs(session.run(None, {"x": task.x_test})[0] - logits).max() <= 1e-4
@@ -210,9 +217,11 @@ def test_rgo_resumes_per_task_layers_and_batchnorm(stream):
     assert packed.extra["fel_groups"] == first.extra["fel_groups"] == {"stem.0": 8, "se_reduce": 4}
 
 
-def test_rgo_fel_stores_sliced_layers_per_task(stream):
+def test_rgo_fel_stores_sliced_layers_per_task(stream, tmp_path):
     """With FEL, a layer whose output a slice cuts into several channel groups goes per task (a permute delta
-    reorders an axis by one permutation); the other tensors stay shared and the method still learns both tasks."""
-    method, (_, second) = two_tasks("rgo", "ghost", stream)
+    reorders an axis by one permutation); the first task's own layers stay as they were, and the model deploys."""
+    method, (first, second) = two_tasks("rgo", "ghost", stream)
     assert {"primary.0.weight", "mix.0.weight"} <= set(method.fel.per_task)
     assert {k for k, spec in second.params.items() if spec["kind"] == "task"} >= {"primary.0.weight", "mix.0.weight"}
+    assert _changed(materialize(first, 0), materialize(second, 0), ["primary.0.weight", "mix.0.weight"]) == []
+    _deploys(second, stream, tmp_path)

@@ -4,9 +4,11 @@ A small conv net with BatchNorm (your-own-module path: `from_torch`) is first tr
 (the training images of split-digits' tasks 0–2 only); then every method learns the two later tasks, digits 6/7 and
 8/9, twice — from a fresh draw and from the trained weights — with 5 training images per class or all of them, at two
 epoch budgets, over three seeds. No test image and no digit 6–9 is seen before its task. Records ACC and BWT of each
-pair in tools/results/init_weights_benefit.json.
+pair in tools/results/init_weights_benefit.json, with two probes of why: RGO at lr 0.01 (its paper's 0.1 is
+unstable from trained weights) and a linear probe (logistic regression on 5 images per class) on the trunk's features,
+trained against fresh.
 
-    python tools/init_weights_benefit.py            # ~5 min on the 2-core machine
+    python tools/init_weights_benefit.py            # ~2 min on the 2-core machine
     python tools/init_weights_benefit.py --quick    # one seed, one budget, all images
 """
 from __future__ import annotations
@@ -80,8 +82,21 @@ def later_tasks(seed: int, shots: int | None) -> Stream:
     return Stream.from_arrays("digits6to9", tasks)
 
 
-def run(method: str, spec, stream: Stream, epochs: int, seed: int, start) -> dict:
-    config = {**METHODS[method], "epochs": epochs, "seed": seed}
+def linear_probe(net: nn.Module, stream: Stream) -> float:
+    """Mean test accuracy over the stream's tasks of logistic regression on `net`'s features (its trunk, eval mode)."""
+    from sklearn.linear_model import LogisticRegression
+
+    net.eval()
+    scores = []
+    with torch.no_grad():
+        for task in stream.tasks:
+            train, test = (net.features(torch.from_numpy(x)).numpy() for x in (task.x_train, task.x_test))
+            scores.append(LogisticRegression(max_iter=2000).fit(train, task.y_train).score(test, task.y_test))
+    return float(np.mean(scores))
+
+
+def run(method: str, spec, stream: Stream, epochs: int, seed: int, start, **extra) -> dict:
+    config = {**METHODS[method], "epochs": epochs, "seed": seed, **extra}
     if method == "halrp":
         config["warmup_epochs"] = max(1, epochs // 2)
     result = engine.run(registry.create(method, spec, config, start=start), stream, TrainContext(progress=False),
@@ -97,7 +112,7 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(1)
     seeds, budgets, shot_counts = ([0], [2], [None]) if args.quick else ([0, 1, 2], [5, 20], [5, None])
-    rows, pretrain = [], []
+    rows, pretrain, probes, rgo_low = [], [], [], []
     begin = time.perf_counter()
     for seed in seeds:
         net, acc = pretrained(seed)
@@ -114,6 +129,16 @@ def main() -> int:
                     print(f"seed {seed} {shots or 'all'} shots {method:8s} {epochs:2d} epochs: ACC fresh "
                           f"{100 * fresh['acc']:5.1f}  from trained weights {100 * start['acc']:5.1f}  (BWT "
                           f"{100 * fresh['bwt']:+.1f} / {100 * start['bwt']:+.1f})", flush=True)
+        five = later_tasks(seed, 5)
+        torch.manual_seed(seed + 100)
+        probes.append({"seed": seed, "trained": linear_probe(net, five), "fresh": linear_probe(Net(), five)})
+        spec = from_torch(net, five.input_shape)
+        every = later_tasks(seed, None)
+        rgo_low.append({"seed": seed, **{k: run("rgo", spec, every, budgets[-1], seed, start, lr=0.01)["acc"]
+                                         for k, start in (("fresh", None), ("start", net))}})
+        print(f"seed {seed}: linear probe 5-shot trained {100 * probes[-1]['trained']:.1f} / fresh "
+              f"{100 * probes[-1]['fresh']:.1f}; rgo lr 0.01 all images {budgets[-1]} epochs fresh "
+              f"{100 * rgo_low[-1]['fresh']:.1f} / start {100 * rgo_low[-1]['start']:.1f}", flush=True)
     summary = {}
     for shots in shot_counts:
         for method in METHODS:
@@ -122,7 +147,8 @@ def main() -> int:
                 summary[f"{method} {shots or 'all'} shots {epochs} epochs"] = {
                     k: round(100 * statistics.mean(r[k]["acc"] for r in sel), 2) for k in ("fresh", "start")}
     out = {"what": __doc__.splitlines()[0], "seeds": seeds, "epochs": budgets, "shots_per_class": shot_counts,
-           "pretrain_test_acc_digits0to5": pretrain, "mean_acc_percent": summary, "runs": rows,
+           "pretrain_test_acc_digits0to5": pretrain, "mean_acc_percent": summary,
+           "linear_probe_5_shots": probes, f"rgo_lr0.01_all_images_{budgets[-1]}_epochs": rgo_low, "runs": rows,
            "seconds": round(time.perf_counter() - begin, 1), "torch": torch.__version__}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edgecl.arch.spec import INPUT, Arch, is_depthwise, node_shapes
+from edgecl.arch.spec import INPUT, Arch, is_depthwise, node_by_name, node_shapes, param_shapes
 from edgecl.errors import UsageError
 
 Segments = list[tuple[str, int]]
@@ -49,6 +49,8 @@ class ChannelMap:
             bounds[pos] = i
             pos += self.groups[g] * r
         bounds[pos] = len(source)
+        if start not in bounds or stop not in bounds:  # `channel_map` cuts groups at every slice bound
+            raise ChannelError(f"slice {start}:{stop} does not fall on channel groups {source[:6]}")
         return bounds[start], bounds[stop]
 
     def members(self) -> dict[str, list[str]]:
@@ -143,7 +145,7 @@ def channel_map(arch: Arch) -> ChannelMap:
         elif op == "reshape":
             out = _reshape(node, x, shapes[node["inputs"][0]])
         elif op in ("add", "mul"):
-            out = _merge(uf, node, ins, [shapes[s] for s in node["inputs"]])
+            out = _merge(uf, size, node, ins, [shapes[s] for s in node["inputs"]])
         elif op == "cat":
             out = [seg for segments in ins for seg in segments]
         elif op == "slice":
@@ -156,8 +158,25 @@ def channel_map(arch: Arch) -> ChannelMap:
 
     resolve = uf.resolve
     groups = {g: size[g] for g in size if uf.find(g) == g and g not in uf.alias}
-    return ChannelMap(groups, {k: resolve(v) for k, v in rows.items()}, {k: resolve(v) for k, v in cols.items()},
-                      resolve(spaces[arch["output"]]), {k: resolve(v) for k, v in spaces.items()})
+    cm = ChannelMap(groups, {k: resolve(v) for k, v in rows.items()}, {k: resolve(v) for k, v in cols.items()},
+                    resolve(spaces[arch["output"]]), {k: resolve(v) for k, v in spaces.items()})
+    _check_widths(arch, cm, shapes)
+    return cm
+
+
+def _check_widths(arch: Arch, cm: ChannelMap, shapes: dict[str, list[int]]) -> None:
+    """Every axis the map describes is as wide as the tensor: a map that joined groups of other sizes would mask,
+    permute or remove the wrong channels, so it is refused here rather than used."""
+    params, nodes = param_shapes(arch), node_by_name(arch)
+    checks = [(f"node {name!r}", cm.spaces[name], shape[0]) for name, shape in shapes.items()]
+    checks += [(f"tensor {k!r}", segments, params[k][0]) for k, segments in cm.rows.items()]
+    checks += [(f"the input columns of {k!r}", segments, nodes[k.rsplit(".", 1)[0]]["in"])
+               for k, segments in cm.cols.items()]
+    checks.append(("the heads' features", cm.head_cols, arch["feature_dim"]))
+    for what, segments, width in checks:
+        if cm.size(segments) != width:
+            raise ChannelError(f"channels cannot be followed through this graph: {what} has {width} channels, its "
+                               f"channel groups {segments[:6]} cover {cm.size(segments)}")
 
 
 def _slice(uf: _UnionFind, size: dict[str, int], node: dict, x: Segments) -> Segments:
@@ -190,7 +209,9 @@ def _cut(uf: _UnionFind, size: dict[str, int], segments: Segments, bound: int, n
             base, first = uf.origin.get(g, (g, 0))  # parts are named by the channels of the layer they came from
             parts = []
             for start, n in ((first, k), (first + k, size[g] - k)):
-                part = f"{base}:{start}-{start + n}"  # characters a blob key allows (nodes:GROUP)
+                part = name = f"{base}:{start}-{start + n}"  # characters a blob key allows (nodes:GROUP)
+                while part in uf.parent:  # a layer of the user's may carry that name
+                    part = f"{name}_{len(uf.parent)}"
                 uf.add(part)
                 uf.origin[part] = (base, start)
                 size[part] = n
@@ -200,16 +221,18 @@ def _cut(uf: _UnionFind, size: dict[str, int], segments: Segments, bound: int, n
         pos += width
 
 
-def _merge(uf: _UnionFind, node: dict, ins: list[Segments], shapes: list[list[int]]) -> Segments:
+def _merge(uf: _UnionFind, size: dict[str, int], node: dict, ins: list[Segments],
+           shapes: list[list[int]]) -> Segments:
     """add / mul: channel i of every input is one unit (`validate` checked the widths agree). A mul by a tensor with
-    one channel (a spatial gate or a scalar) keeps the other input's channels."""
+    one channel (a spatial gate or a scalar) keeps the other input's channels. Inputs laid out in groups of other
+    sizes (slices taken at other points, concatenations of other widths) are first cut at each other's bounds."""
     full = [segments for segments, shape in zip(ins, shapes) if shape[0] > 1]
     if node["op"] == "mul" and len(full) == 1:
         return full[0]
     first = uf.resolve(ins[0])
     for segments in ins[1:]:
         other = uf.resolve(segments)
-        if len(other) == len(first) and all(r1 == r2 for (_, r1), (_, r2) in zip(first, other)):
+        if _same_layout(first, other, size):
             for (a, _), (b, _) in zip(first, other):
                 uf.union(a, b)
         elif len(other) == 1 and all(r == other[0][1] for _, r in first):
@@ -218,9 +241,35 @@ def _merge(uf: _UnionFind, node: dict, ins: list[Segments], shapes: list[list[in
             uf.alias[first[0][0]] = [(g, 1) for g, _ in other]
             first = other
         else:
-            raise ChannelError(f"node {node['name']!r} ({node['op']}): its inputs are concatenated differently "
-                               f"({first} vs {other}); channels cannot be followed through it")
+            for _ in range(len(first) + len(other)):  # a cut of a group both sides hold moves both: repeat
+                for bound in sorted(_bounds(other, size) - _bounds(first, size)):
+                    _cut(uf, size, uf.resolve(ins[0]), bound, node)
+                for bound in sorted(_bounds(uf.resolve(ins[0]), size) - _bounds(other, size)):
+                    _cut(uf, size, uf.resolve(segments), bound, node)
+                first, other = uf.resolve(ins[0]), uf.resolve(segments)
+                if _bounds(first, size) == _bounds(other, size):
+                    break
+            if not _same_layout(first, other, size):
+                raise ChannelError(f"node {node['name']!r} ({node['op']}): its inputs are concatenated differently "
+                                   f"({first} vs {other}); channels cannot be followed through it")
+            for (a, _), (b, _) in zip(first, other):
+                uf.union(a, b)
+        first = uf.resolve(ins[0])
     return ins[0]
+
+
+def _same_layout(a: Segments, b: Segments, size: dict[str, int]) -> bool:
+    """Segment by segment, groups of the same number of channels, each repeated as often."""
+    return len(a) == len(b) and all(size[g] == size[h] and r == q for (g, r), (h, q) in zip(a, b))
+
+
+def _bounds(segments: Segments, size: dict[str, int]) -> set[int]:
+    """Positions where one segment ends and the next begins."""
+    out, pos = set(), 0
+    for g, r in segments[:-1]:
+        pos += size[g] * r
+        out.add(pos)
+    return out
 
 
 def _reshape(node: dict, x: Segments, before: list[int]) -> Segments:

@@ -18,7 +18,9 @@ from edgecl.arch.spec import Arch, validate
 from edgecl.errors import UsageError
 
 
-NO_DOWNLOAD_ARGS = {"weights": None, "pretrained": False}  # what every factory gets: edgecl downloads nothing
+# what every factory that takes them gets: edgecl downloads nothing (torchvision's detection and segmentation
+# factories fetch an ImageNet backbone unless weights_backbone=None)
+NO_DOWNLOAD_ARGS = {"weights": None, "weights_backbone": None, "pretrained": False}
 
 
 def check_arch_string(value: str, factory_args: dict[str, Any] | None = None) -> None:
@@ -43,10 +45,9 @@ def check_arch_string(value: str, factory_args: dict[str, Any] | None = None) ->
 def _check_factory_args(value: str, factory_args: dict[str, Any] | None) -> None:
     if not factory_args:
         return
-    if not isinstance(value, str) or not is_factory(value):
-        given = f"--arch {value} is a preset or a saved spec" if value else "no --arch is given"
+    if not_a_factory(value):
         raise UsageError(f"--arch-arg {', '.join(factory_args)}: arguments go to a model factory (module:factory, "
-                         f"timm:NAME, file.py:factory), and {given}")
+                         f"timm:NAME, file.py:factory), and {not_a_factory(value)}")
     for key, forced in NO_DOWNLOAD_ARGS.items():
         if key in factory_args and factory_args[key] != forced:
             raise UsageError(f"--arch-arg {key}={factory_args[key]!r}: edgecl builds factories without downloaded "
@@ -66,6 +67,14 @@ def resolve_arch(value: str, input_shape: tuple[int, ...], *, classifier: bool |
 def is_factory(value: str) -> bool:
     """True when `value` names a model factory (module:factory, timm:NAME, file.py:factory), not a preset or spec."""
     return value not in PRESETS and not value.endswith(".json") and ":" in value
+
+
+def not_a_factory(value: str | None) -> str | None:
+    """Why `value` (an --arch) builds no module — for options that need one (--arch-arg, --init-weights module) —
+    or None when it names a factory."""
+    if not value:
+        return "no --arch is given"
+    return None if isinstance(value, str) and is_factory(value) else f"--arch {value} is a preset or a saved spec"
 
 
 def resolve_arch_and_module(value: str, input_shape: tuple[int, ...], *, classifier: bool | None = None,
@@ -137,7 +146,7 @@ def build_module(value: str, factory_args: dict[str, Any] | None = None) -> Any:
     return model
 
 
-def _call(factory: Any, value: str, user_args: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+def _call(factory: Any, value: str, user_args: dict[str, Any], /, *args: Any, **kwargs: Any) -> Any:
     """factory(*args, **kwargs); whatever it raises becomes a UsageError naming the factory and the user's
     --arch-arg values (a user's factory may raise anything)."""
     try:

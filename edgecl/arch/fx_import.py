@@ -3,7 +3,7 @@
 The tracer keeps torch's standard layers (and subclasses of them, such as timm's BatchNorm+activation) as leaves, so
 every conv/linear/BatchNorm node is named by its module path and its tensors by the module's state-dict keys
 (``layer1.0.conv1.weight``); the module's weights themselves are not part of the spec (`tensors_of` reads them).
-Shapes come from running the traced graph once on zeros (`ShapeProp`, eval mode, no gradients, the module's own
+Shapes come from running the traced graph once on zeros (`_ShapeProp`, eval mode, no gradients, the module's own
 state untouched). Dropout and identity are dropped (identities at inference); view-like ops (view, reshape, flatten,
 squeeze, …) become ``flatten``/``reshape`` with the shape they actually produced. Function and method calls are
 converted in `fx_calls`. The model's final `nn.Linear` classifier is detected and left out (with a (log_)softmax
@@ -12,17 +12,16 @@ the op, the fx node, the module path and the user's source line, never a trace f
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import operator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from edgecl.arch.fx_calls import (POOL_PARAMETERS, WITH_INDICES, _CallConverter, is_library_identity, location, pair,
                                   shape_of)
+from edgecl.arch.fx_slices import _SliceConverter
 from edgecl.arch.spec import INPUT, NAME, Arch, validate
 from edgecl.errors import UsageError
 
@@ -34,7 +33,8 @@ _POOL_MODULES = {nn.MaxPool2d: "max", nn.AvgPool2d: "avg", nn.AdaptiveAvgPool2d:
                  nn.AdaptiveMaxPool2d: "adaptive_max"}
 _LEAVES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d, nn.Flatten, *_POOL_MODULES, *_ACTIVATION_MODULES,
            *_IDENTITY_MODULES)
-_SCALAR_FUNCTIONS = (operator.getitem, getattr, torch.Tensor.size, operator.mul, operator.floordiv, operator.add, operator.neg,
+_SCALAR_FUNCTIONS = (operator.getitem, getattr, torch.Tensor.size, operator.mul, operator.floordiv, operator.add,
+                     operator.neg,
                      operator.sub)
 _SCALAR_METHODS = ("size", "dim")
 
@@ -72,33 +72,53 @@ def from_torch(module: nn.Module, input_shape: tuple[int, ...] | list[int], *, c
     return _Converter(traced, module, shape, classifier, name).spec()
 
 
-class _ShapeProp(ShapeProp):
-    """torch's ShapeProp, remembering the node it runs: where a model fails on the input shape is the user's line."""
+@dataclass(frozen=True)
+class TracedShape:
+    """A node's traced output shape (batch first), as `shape_of` reads it from ``node.meta["tensor_meta"]``."""
+
+    shape: tuple[int, ...]
+
+
+class _ShapeProp(fx.Interpreter):
+    """Runs the traced graph once and records every tensor's shape, remembering the node it runs, so a model that
+    fails on the input shape is reported at the user's line. (torch's ShapeProp records more, and prints a
+    traceback to stderr before it re-raises.)"""
 
     current: fx.Node | None = None
 
     def run_node(self, n: fx.Node) -> Any:
         self.current = n
-        return super().run_node(n)
+        result = super().run_node(n)
+        tensors = []
+
+        def shape(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                tensors.append(value)
+                return TracedShape(tuple(value.shape))
+            return value
+
+        meta = fx.node.map_aggregate(result, shape)
+        if tensors:
+            n.meta["tensor_meta"] = meta
+        return result
 
 
 def _propagate_shapes(traced: fx.GraphModule, shape: list[int]) -> None:
     was_training = traced.training
     traced.eval()
     prop = _ShapeProp(traced)
-    try:  # ShapeProp prints a traceback to stderr before it re-raises: the UsageError below says it once, clearly
-        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-            prop.propagate(torch.zeros(2, *shape))
-    except Exception as exc:
-        cause = exc.__cause__ or exc  # ShapeProp wraps the model's own error in a RuntimeError of the node's repr
+    try:
+        with torch.no_grad():
+            prop.run(torch.zeros(2, *shape))
+    except Exception as exc:  # the model's own error, at the node that raised it
         where = f" {location(prop.current)}" if prop.current is not None else ""
-        raise UsageError(f"the model does not run on inputs of shape {tuple(shape)}{where}: {type(cause).__name__}: "
-                         f"{str(cause)[:300]}") from None
+        raise UsageError(f"the model does not run on inputs of shape {tuple(shape)}{where}: {type(exc).__name__}: "
+                         f"{str(exc)[:300]}") from None
     finally:
         traced.train(was_training)
 
 
-class _Converter(_CallConverter):
+class _Converter(_CallConverter, _SliceConverter):
     def __init__(self, traced: fx.GraphModule, module: nn.Module, shape: list[int], classifier: bool | None,
                  name: str):
         self.traced, self.module, self.input_shape = traced, module, shape
@@ -190,7 +210,10 @@ class _Converter(_CallConverter):
                                 "tensor or a value computed in forward)")
 
     def _emit(self, node: fx.Node, op: str, inputs: list[str], name: str | None = None, **fields: Any) -> str:
+        wanted = name
         name = self._unique(name or node.name)
+        if node.op == "call_module" and op in ("conv", "linear", "bn") and name != wanted:
+            fields["module"] = wanted  # its tensors' keys in the module's state dict (`spec.state_keys`)
         self.nodes.append({"name": name, "op": op, "inputs": inputs, **fields})
         self.alias[node] = name
         return name
@@ -279,12 +302,13 @@ class _Converter(_CallConverter):
 def tensors_of(module: nn.Module, arch: Arch) -> dict[str, Any]:
     """The module's own values of the spec's trunk tensors (state-dict keys), as float32 numpy arrays: a trained or
     pretrained network's weights as a starting point, and what `from_torch`'s parity check runs."""
-    from edgecl.arch.spec import param_shapes
+    from edgecl.arch.spec import param_shapes, state_keys
 
-    state = module.state_dict()
+    state, keys = module.state_dict(), state_keys(arch)
     out = {}
     for name, shape in param_shapes(arch).items():
-        if name not in state or tuple(state[name].shape) != shape:
-            raise UsageError(f"tensor {name!r}: not in the module's state dict with shape {shape}")
-        out[name] = state[name].detach().cpu().to(torch.float32).numpy().copy()
+        key = keys[name]
+        if key not in state or tuple(state[key].shape) != shape:
+            raise UsageError(f"tensor {key!r}: not in the module's state dict with shape {shape}")
+        out[name] = state[key].detach().cpu().to(torch.float32).numpy().copy()
     return out

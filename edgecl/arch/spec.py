@@ -12,7 +12,8 @@ its ``name`` is unique. Shapes leave out the batch axis. Ops (fields and default
 
 - with tensors: ``conv`` (weight ``(out, in/groups, kh, kw)``, optional bias), ``linear`` (weight ``(out, in)``),
   ``bn`` (weight, bias, running_mean, running_var of ``ch`` channels; eps, momentum) — tensor names are
-  ``NODE.weight`` etc.;
+  ``NODE.weight`` etc.; an optional ``module`` names the layer's path in the traced module where the node's name
+  had to differ (`state_keys`);
 - element-wise: ``relu relu6 hardswish hardsigmoid silu sigmoid gelu tanh``, ``leaky_relu`` (its ``slope``), and
   ``scale`` (x·factor + offset with
   two constant numbers: arithmetic with a Python number, a negation);
@@ -76,6 +77,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
 OPS["gelu"] = {"approximate": ("approximate", "none")}
 OPS["leaky_relu"] = {"slope": ("number", 0.01)}  # torch's negative_slope
 WEIGHT_OPS = ("conv", "linear")
+_WITH_TENSORS = ("conv", "linear", "bn")
 _MULTI_INPUT = ("add", "mul", "cat")
 
 
@@ -133,7 +135,7 @@ def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
     if name in shapes:
         raise UsageError(f"{where}: duplicate name {name!r}")
     fields = OPS[op]
-    unknown = set(node) - set(fields) - {"op", "name", "inputs"}
+    unknown = set(node) - set(fields) - {"op", "name", "inputs"} - ({"module"} if op in _WITH_TENSORS else set())
     if unknown:
         raise UsageError(f"{where}: unknown fields {sorted(unknown)[:5]} for op {op!r}")
     out = {"name": name, "op": op, "inputs": _inputs(node.get("inputs"), op, where, shapes)}
@@ -147,6 +149,11 @@ def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
         out[key] = value
     if op in ("maxpool", "avgpool") and out["stride"] is None:
         out["stride"] = list(out["k"])
+    if "module" in node:  # the layer's path in the user's module where the node name had to differ (`state_keys`)
+        if not isinstance(node["module"], str) or not 0 < len(node["module"]) <= 512 or \
+                not node["module"].isprintable():
+            raise UsageError(f"{where}: module {str(node['module'])[:60]!r} must be a module path")
+        out["module"] = node["module"]
     shapes[name] = output_shape(out, [shapes[s] for s in out["inputs"]], where)
     if math.prod(shapes[name]) > MAX_ACTIVATION or max(shapes[name]) > MAX_DIM:
         raise UsageError(f"{where}: output {shapes[name]} has more than {MAX_ACTIVATION} elements per sample")
@@ -338,6 +345,18 @@ def prunable(arch: Arch) -> list[str]:
 def gemm_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     """(P, Q) GEMM view of a linear or conv weight: rows are output units, columns are inputs × kernel positions."""
     return shape[0], math.prod(shape[1:])
+
+
+def state_keys(arch: Arch) -> dict[str, str]:
+    """Trunk tensor name → the key of the same tensor in the traced module's state dict: the same name, except
+    where `from_torch` had to name a node otherwise (a trunk layer called ``head``, a name taken) and kept the
+    layer's path in the node's ``module`` field."""
+    nodes = node_by_name(arch)
+    out = {}
+    for name in param_shapes(arch):
+        layer, _, tensor = name.rpartition(".")
+        out[name] = f"{nodes[layer].get('module', layer)}.{tensor}"
+    return out
 
 
 def node_by_name(arch: Arch) -> dict[str, dict[str, Any]]:

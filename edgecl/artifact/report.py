@@ -20,6 +20,28 @@ COMPONENTS = ("base weights", "owner maps", "sharing masks", "node masks", "low-
               "per-task tensors", "manifest")
 MASK_COMPONENTS = ("owner maps", "sharing masks")
 
+INITIAL_WEIGHTS = "initial_weights"  # extra's record of the weights training started from (docs/ARTIFACT.md)
+
+
+def initial_weights(extra: dict[str, Any]) -> dict[str, str] | None:
+    """The record of the weights a model was trained from: None when it was trained from a fresh draw; ValueError
+    when the record is there but not ``{"sha256": str, "source": str, …}`` (extra is method metadata, which the
+    format does not check)."""
+    record = extra.get(INITIAL_WEIGHTS)
+    if record is None:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str) or \
+            not isinstance(record.get("source"), str):
+        raise ValueError(f"extra[{INITIAL_WEIGHTS!r}] is not a record of starting weights")
+    return {"sha256": record["sha256"], "source": record["source"]}
+
+
+def _shown_record(extra: dict[str, Any]) -> dict[str, str] | None:
+    try:
+        return initial_weights(extra)
+    except ValueError:
+        return None  # a report shows what it can read
+
 
 def component_of(scope: str | int, name: str, params: dict[str, dict[str, Any]]) -> str:
     """Which component of `COMPONENTS` a blob counts towards."""
@@ -58,7 +80,7 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
         n_tasks, file_bytes, names = art.n_tasks, art.size, [info.name for info in art.tasks]
         meta = {"method": art.method, "arch": art.arch.get("name"), "format_version": art.manifest["format_version"],
                 "edgecl_version": art.manifest["edgecl_version"], "fp16": art.fp16,
-                "initial_weights": _initial_weights(art.extra)}
+                "initial_weights": _shown_record(art.extra)}
     comps = _components(rows, header_bytes)
     tasks = _tasks(rows, names, lps_weights)
     mask_rows = [r for r in rows if r["component"] in MASK_COMPONENTS]
@@ -121,15 +143,3 @@ def _tasks(rows: list[dict[str, Any]], names: list[str], lps_weights: int) -> li
             row["mask_bits_per_weight"] = 8 * (share + owner_bytes / len(names)) / lps_weights
         tasks.append(row)
     return tasks
-
-
-INITIAL_WEIGHTS = "initial_weights"  # extra's record of the weights training started from (docs/ARTIFACT.md)
-
-
-def _initial_weights(extra: dict[str, Any]) -> dict[str, Any] | None:
-    """The record of the starting weights, if the extra holds a well-formed one (it is method metadata, not checked
-    by the format: a report shows it only when it reads as one)."""
-    record = extra.get(INITIAL_WEIGHTS)
-    if isinstance(record, dict) and isinstance(record.get("sha256"), str) and isinstance(record.get("source"), str):
-        return {"sha256": record["sha256"], "source": record["source"]}
-    return None

@@ -198,8 +198,8 @@ def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict) -> str
     if op == "cat":
         return b.op("Concat", ins, axis=1)
     if op == "slice":
-        bound = lambda v: constant(np.array([v], dtype=np.int64))  # noqa: E731
-        return b.op("Slice", [h, bound(node["start"]), bound(node["stop"]), bound(1)])
+        starts, ends, axes = (constant(np.array([v], dtype=np.int64)) for v in (node["start"], node["stop"], 1))
+        return b.op("Slice", [h, starts, ends, axes])
     if op == "flatten":
         return b.op("Flatten", [h], axis=1)
     if op == "reshape":

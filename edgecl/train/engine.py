@@ -137,7 +137,7 @@ def run(method: Method, stream: Stream, ctx: TrainContext | None = None, first_t
             digests.append(distributed.check_identical(distributed.state_digest(method),
                                                        f"{method.name}'s state after task {t}"))
         packed = method.pack()
-        initial.record(packed, getattr(method, "start", None))  # duck-typed methods (compare's recorder) have none
+        initial.record(packed, getattr(method, "start_record", None))  # duck-typed methods (compare's) have none
         for j in range(t + 1):
             acc[t, j] = accuracy(packed, j, stream.tasks[j], ctx.device)
         log(f"[{method.name}] task {t + 1}/{n} {stream.tasks[t].name}: acc {acc[t, t]:.3f}, "

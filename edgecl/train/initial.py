@@ -24,8 +24,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from edgecl.arch.spec import Arch, param_shapes
-from edgecl.artifact.report import INITIAL_WEIGHTS
+from edgecl.arch.spec import Arch, param_shapes, state_keys
+from edgecl.artifact.report import INITIAL_WEIGHTS, initial_weights
 from edgecl.errors import EdgeclWarning, UsageError
 
 RECORD_KEY = INITIAL_WEIGHTS  # the packed model's extra entry: {"sha256": …, "source": …, "tensors": n}
@@ -48,10 +48,12 @@ class StartingWeights:
 def starting_weights(source: Any, arch: Arch, *, label: str | None = None) -> StartingWeights:
     """Check `source` — a torch.nn.Module, a mapping name → array, or a path to an .npz/.safetensors file — against
     `arch`'s trunk tensors; UsageError naming the file and tensor for anything missing, misshapen or non-finite."""
+    if isinstance(source, StartingWeights):  # checked for some spec: checked again for this one
+        return _checked({state_keys(arch).get(k, k): v for k, v in source.values.items()}, arch, source.source)
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         values, held = read_weights_file(path, arch)
-        return _checked(values, arch, label or path, held)
+        return _checked(values, arch, label or os.path.basename(path), held)
     if isinstance(source, Mapping):
         return _checked(dict(source), arch, label or "<arrays>")
     state_dict = getattr(source, "state_dict", None)
@@ -69,12 +71,11 @@ def check_init_source(value: str, arch_name: str | None, resume: str | None = No
     """Refuse an --init-weights that cannot work, before torch or data: `module` without a factory --arch, a file
     that is missing or of a format that would execute code on loading."""
     if value == MODULE:
-        from edgecl.arch.factories import is_factory
+        from edgecl.arch.factories import not_a_factory
 
-        if arch_name is None or not is_factory(arch_name):
-            given = f"--arch {arch_name} is a preset or a saved spec" if arch_name else "no --arch is given"
+        if not_a_factory(arch_name):
             raise UsageError(f"--init-weights module takes the weights of the module that the --arch factory builds "
-                             f"(module:factory, timm:NAME, file.py:factory), and {given}"
+                             f"(module:factory, timm:NAME, file.py:factory), and {not_a_factory(arch_name)}"
                              f"{' (with --resume, give --arch too)' if resume and not arch_name else ''}; or pass "
                              "an .npz/.safetensors file of weights")
         return
@@ -102,33 +103,43 @@ def warn_unused_batchnorm(start: StartingWeights, arch: Arch, method: str, rule:
                       EdgeclWarning, stacklevel=3)
 
 
-def record(packed: Any, start: StartingWeights | None) -> None:
-    """Stamp a packed model with the start it was trained from (`RECORD_KEY` in its extra)."""
-    if start is not None:
-        packed.extra[RECORD_KEY] = start.record()
+def record(packed: Any, recorded: dict[str, Any] | None) -> None:
+    """Stamp a packed model with the record of the start it was trained from (`RECORD_KEY` in its extra)."""
+    if recorded is not None:
+        packed.extra[RECORD_KEY] = dict(recorded)
 
 
-def check_resumed_start(recorded: dict[str, Any] | None, start: StartingWeights | None, resume: str) -> None:
-    """A resumed run starts its new tasks' draws from the same weights as the artifact's first tasks did (LPS's free
-    weights, STL's models, AGS-CL's re-initialised nodes), or from a fresh draw if they did: the start must match."""
+def check_resumed_start(extra: dict[str, Any], start: StartingWeights | None, resume: str,
+                        redraws: bool) -> dict[str, Any] | None:
+    """The start a resumed run goes on from, checked against the artifact's record: the same weights (by digest),
+    or a fresh draw if it was trained from one. A method whose later tasks draw the trunk again (`redraws`: LPS's
+    free weights, STL's models, AGS-CL's re-initialised nodes) needs them given again; the others keep the record
+    without them. Returns the record the new artifact carries."""
+    try:
+        recorded = initial_weights(extra)
+    except ValueError as exc:
+        raise UsageError(f"{resume}: {exc}") from None
     if recorded is None and start is None:
-        return
+        return None
     if recorded is None:
         raise UsageError(f"{resume} was trained from a fresh draw, not from starting weights; --resume continues it "
                          "as it was: drop --init-weights")
+    where = f"({recorded['source']}, sha256 {recorded['sha256'][:12]}…)"
     if start is None:
-        raise UsageError(f"{resume} was trained from starting weights ({recorded.get('source')}, sha256 "
-                         f"{str(recorded.get('sha256'))[:12]}…) and its new tasks start from them too: pass the same "
-                         "--init-weights")
-    if start.sha256 != recorded.get("sha256"):
-        raise UsageError(f"{resume} was trained from other starting weights ({recorded.get('source')}, sha256 "
-                         f"{str(recorded.get('sha256'))[:12]}…) than {start.source} (sha256 {start.sha256[:12]}…); "
-                         "pass the ones it was trained from")
+        if redraws:
+            raise UsageError(f"{resume} was trained from starting weights {where} and its new tasks start from them "
+                             "too: pass the same --init-weights")
+        return dict(extra[RECORD_KEY])
+    if start.sha256 != recorded["sha256"]:
+        raise UsageError(f"{resume} was trained from other starting weights {where} than {start.source} (sha256 "
+                         f"{start.sha256[:12]}…); pass the ones it was trained from")
+    return start.record()
 
 
 def _checked(values: dict[str, Any], arch: Arch, where: str, held: list[str] | None = None) -> StartingWeights:
-    shapes = param_shapes(arch)
-    missing = [name for name in shapes if name not in values]
+    """`values` keyed by the module's state-dict keys (`state_keys`), checked; the result keyed by spec names."""
+    shapes, keys = param_shapes(arch), state_keys(arch)
+    missing = [keys[name] for name in shapes if keys[name] not in values]
     if missing:
         held = sorted(values) if held is None else held
         raise UsageError(f"{where}: no starting value for {len(missing)} of the {len(shapes)} trunk tensors "
@@ -138,11 +149,12 @@ def _checked(values: dict[str, Any], arch: Arch, where: str, held: list[str] | N
     out: dict[str, np.ndarray] = {}
     digest = hashlib.sha256()
     for name, shape in shapes.items():
-        array = _float32(values[name], name, where)
+        array = _float32(values[keys[name]], keys[name], where)
         if array.shape != shape:
-            raise UsageError(f"{where}: tensor {name!r} has shape {array.shape}, the architecture needs {shape}")
+            raise UsageError(f"{where}: tensor {keys[name]!r} has shape {array.shape}, the architecture needs "
+                             f"{shape}")
         if name.endswith("running_var") and (array < 0).any():
-            raise UsageError(f"{where}: tensor {name!r} holds negative variances")
+            raise UsageError(f"{where}: tensor {keys[name]!r} holds negative variances")
         digest.update(f"{name}:{shape};".encode())
         digest.update(array.tobytes())
         out[name] = array
@@ -170,7 +182,8 @@ def read_weights_file(path: str, arch: Arch) -> tuple[dict[str, np.ndarray], lis
     _check_file_name(path)
     if not os.path.isfile(path):
         raise UsageError(f"{path}: file not found")
-    shapes = param_shapes(arch)
+    keys = state_keys(arch)
+    shapes = {keys[name]: shape for name, shape in param_shapes(arch).items()}  # by the file's names
     if path.endswith(".safetensors"):
         return _read_safetensors(path, shapes)
     return _read_npz(path, shapes)

@@ -88,7 +88,7 @@ def _train(method_name: str, stream_name: str, out_dir: str, world: Any, request
     from edgecl.arch.factories import resolve_arch_and_module
     from edgecl.train import distributed, engine
     from edgecl.train.data import make_stream
-    from edgecl.train.initial import RECORD_KEY, check_resumed_start
+    from edgecl.train.initial import check_resumed_start
     from edgecl.train.outputs import format_matrix, save_json, write_results
     from edgecl.train.protocol import TrainContext, check_resumable
     from edgecl.train.state import save_training_state
@@ -130,8 +130,10 @@ def _train(method_name: str, stream_name: str, out_dir: str, world: Any, request
             raise UsageError(f"{resume}: {exc}") from None
     start = chosen_start(request["init_weights"], arch, module, arch_name)
     if previous:
-        check_resumed_start(previous.extra.get(RECORD_KEY), start, resume)
+        redraws = registry.method_class(method_name).redraws_trunk
+        kept = check_resumed_start(previous.extra, start, resume, redraws)
         method = registry.create(method_name, arch, previous.config, start=start)
+        method.start_record = kept
         method.resume(previous, resumed_state(method, resume))
     else:
         method = registry.create(method_name, arch, {"seed": seed, **(request["overrides"] or {})}, start=start)
@@ -166,7 +168,8 @@ def chosen_start(init_weights: str | None, arch: Any, module: Any, arch_name: st
     if init_weights is None:
         return None
     if init_weights == MODULE:
-        return starting_weights(module, arch, label=f"the module of --arch {arch_name}")
+        # the label ships in the artifact: the factory's file name, not where it lay on this machine
+        return starting_weights(module, arch, label=f"the module of --arch {os.path.basename(arch_name)}")
     return starting_weights(init_weights, arch)
 
 

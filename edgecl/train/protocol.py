@@ -50,6 +50,9 @@ class Method(ABC):
     # Whether `training_state()` is needed to resume (RGO's projection matrices): only then is the `.state` file beside
     # an artifact read, so a stale one left by an earlier model in the folder cannot block another method's resume.
     has_training_state: ClassVar[bool] = False
+    # Whether later tasks draw trunk values again (LPS's free weights, STL's models, AGS-CL's re-initialised nodes):
+    # only then does a resume from starting weights need them given again (`edgecl.train.initial`).
+    redraws_trunk: ClassVar[bool] = False
 
     def __init__(self, arch: Arch, config: MethodConfig | None = None, start: StartingWeights | None = None):
         self.arch = arch
@@ -57,6 +60,7 @@ class Method(ABC):
         if not isinstance(self.config, self.Config):
             raise UsageError(f"method {self.name!r} needs a {self.Config.__name__}, got {type(self.config).__name__}")
         self.start = start
+        self.start_record = start.record() if start is not None else None  # what the artifact says it started from
         seed_everything(self.config.seed)
 
     def initial_params(self, generator: torch.Generator | None = None) -> Params:

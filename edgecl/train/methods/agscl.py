@@ -105,6 +105,7 @@ def prox_groups(theta: torch.Tensor, theta_hat: torch.Tensor, omega: torch.Tenso
 
 class AGSCL(Method):
     name = "agscl"
+    redraws_trunk = True  # re-initialised nodes take fresh rows
     Config = AGSCLConfig
 
     def __init__(self, arch: Arch, config: AGSCLConfig | None = None, start=None):
@@ -322,8 +323,8 @@ class AGSCL(Method):
             head["head.weight"].masked_fill_(torch.from_numpy(~live[self.nodes.head])[None, :], 0)
 
     def _reinit(self, alive: np.ndarray) -> int:
-        """(I.2): fresh initial rows (zero bias, BatchNorm weight 1 and bias 0) for a random ρ share of each
-        group's unimportant nodes."""
+        """(I.2): fresh initial rows (zero bias, BatchNorm weight 1 and bias 0; with starting weights, their rows)
+        for a random ρ share of each group's unimportant nodes."""
         fresh = self.initial_params(self.init_gen)
         picked = np.zeros(self.nodes.n, bool)
         start = 0

@@ -80,6 +80,7 @@ class _Layer:
 
 class LPS(Method):
     name = "lps"
+    redraws_trunk = True  # each task's free weights start from a fresh draw
     Config = LPSConfig
 
     def __init__(self, arch, config=None, start=None):

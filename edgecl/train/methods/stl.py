@@ -15,6 +15,7 @@ from edgecl.train.protocol import Method, TrainContext
 
 class STL(Method):
     name = "stl"
+    redraws_trunk = True  # each task's model starts from a fresh draw
 
     def __init__(self, arch, config=None, start=None):
         super().__init__(arch, config, start)
