@@ -173,7 +173,8 @@ def _conform(value: Any, hint: Any) -> tuple[bool, Any, str]:
 
 
 def parse_overrides(items: list[str], flag: str = "--set") -> dict[str, Any]:
-    """`KEY=VALUE` pairs (`--set epochs=5`); VALUE is JSON when it parses, else a string."""
+    """`KEY=VALUE` pairs (`--set epochs=5`); VALUE is JSON when it parses, else a string. A key given again takes
+    the later value, as scripts that append an override to a base command expect."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -183,7 +184,7 @@ def parse_overrides(items: list[str], flag: str = "--set") -> dict[str, Any]:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
             out[key] = value
-        except ValueError as exc:  # valid JSON Python will not convert: an integer of more than 4300 digits
+        except ValueError:  # valid JSON Python will not convert: an integer of more than 4300 digits
             raise UsageError(f"{flag} {key}: a number of {len(value)} characters is out of any config field's "
                              "range") from None
     return out

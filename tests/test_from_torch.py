@@ -112,7 +112,7 @@ def test_factory_arguments_reach_the_factory_and_are_refused_clearly(tmp_path):
     with pytest.raises(UsageError, match="--arch mlp is a preset or a saved spec"):
         resolve_arch("mlp", (1, 8, 8), factory_args={"width": 40})
     for key, value in (("weights", "IMAGENET1K_V1"), ("pretrained", True)):
-        with pytest.raises(UsageError, match="without downloaded weights; bring your own with --init-weights"):
+        with pytest.raises(UsageError, match="without downloaded weights; `edgecl train --init-weights` brings your own"):
             resolve_arch("torchvision.models:resnet18", (3, 32, 32), factory_args={key: value})
     with pytest.raises(UsageError, match="the factory with bogus=1 raised TypeError"):
         build_module("timm:resnet10t", {"bogus": 1})
@@ -221,3 +221,26 @@ def test_a_nodes_module_path_is_checked():
             validate({"input_shape": [1, 2, 2], "nodes": [{**nodes[0], "module": bad}, nodes[1]]})
     with pytest.raises(UsageError, match="unknown fields"):
         validate({"input_shape": [1, 2, 2], "nodes": [nodes[0], {**nodes[1], "module": "x"}]})
+
+
+def test_factory_arguments_repeated_or_saying_no_download_and_factory_errors(tmp_path, capsys):
+    from cli_run import run_cli
+
+    from edgecl.config import parse_overrides
+
+    assert parse_overrides(["width=3", "width=5"], "--arch-arg") == {"width": 5}  # the later value, as --set
+    assert isinstance(build_module("torchvision.models:resnet18", {"weights": False, "num_classes": 4}), nn.Module)
+    (tmp_path / "net.py").write_text("import torch\nfrom torch import nn\n\ndef build(width=4):\n"
+                                     "    return nn.Sequential(nn.Conv2d(1, width, 3), nn.Flatten(), "
+                                     "nn.Linear(width * 36, 10))\n")
+    with pytest.raises(UsageError, match=r"raised \w+Error: ") as info:
+        build_module(f"{tmp_path}/net.py:build", {"width": 10 ** 20})
+    assert "\n" not in str(info.value) and "c10::" not in str(info.value)  # torch's C++ stack left out
+    code, _, err = run_cli(capsys, "train", "--method", "lps", "--stream", "split-digits", "--tasks", "1", "--set",
+                           "epochs=1", "--no-progress", "--arch", f"{tmp_path}/net.py:build", "--out",
+                           str(tmp_path / "a"))
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "train", "--method", "lps", "--stream", "split-digits", "--tasks", "1",
+                           "--no-progress", "--arch", f"{tmp_path}/net.py:build", "--arch-arg", "width=5",
+                           "--resume", str(tmp_path / "a" / "model.edgecl"), "--out", str(tmp_path / "b"))
+    assert code == 2 and "node '0' (conv) has out=4 in the artifact, out=5 here" in err, err

@@ -251,3 +251,13 @@ def test_resume_appends_without_touching_earlier_tasks(mlp_run):
     assert after.n_tasks == 3 and len(after.extra["ranks"]) == 3 and len(packs[1].extra["ranks"]) == 2
     with pytest.raises(UsageError, match="finetune"):
         resumed.resume(registry.create("finetune", preset("mlp"), {}).pack())
+
+
+def test_a_task_that_keeps_no_residual_factor_still_trains():
+    """At a learning rate too small to move anything, no rank survives selection: the penalty step has no factor to
+    touch and must skip, not crash (torch's foreach ops refuse empty lists)."""
+    stream = make_stream("split-digits", 2, seed=0)
+    method = registry.create("halrp", preset("mlp"), {"epochs": 2, "warmup_epochs": 1, "lr": 1e-30})
+    result = engine.run(method, stream, TrainContext(progress=False), log=lambda *_: None)
+    assert len(result.acc_matrix) == 2
+    assert sum(method.ranks[1].values()) == 0

@@ -274,3 +274,40 @@ def test_agscl_reinitialises_unimportant_nodes_to_the_starting_rows():
         got = method.trunk[tensor].reshape(len(rows), -1)[picked]
         want = torch.from_numpy(method.start.values[tensor]).reshape(len(rows), -1)[picked]
         assert torch.equal(got, want), tensor
+
+
+def test_weight_files_and_arrays_in_every_form_a_user_has(tmp_path):
+    """bfloat16 safetensors, torch parameters in a dict, an upper-case suffix: read as float32; a duplicated
+    member, a folder, a FIFO and an empty path: refused by name."""
+    import os
+
+    from safetensors.torch import save_file as save_torch
+
+    net = _mlp()
+    spec = from_torch(net, (1, 8, 8))
+    want = starting_weights(net, spec).sha256
+    save_torch({k: v.to(torch.bfloat16).contiguous() for k, v in net.state_dict().items()},
+               str(tmp_path / "w.safetensors"))
+    bf16 = starting_weights(str(tmp_path / "w.safetensors"), spec)
+    assert bf16.values["1.weight"].dtype == np.float32 and bf16.sha256 != want  # bfloat16 rounded the values
+    assert starting_weights({**dict(net.named_parameters()), **dict(net.named_buffers())}, spec).sha256 == want
+    with open(tmp_path / "W.NPZ", "wb") as f:  # np.savez would append .npz to a name that lacks it in lower case
+        np.savez(f, **{k: v.numpy() for k, v in net.state_dict().items()})
+    assert starting_weights(str(tmp_path / "W.NPZ"), spec).sha256 == want
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "W.NPZ") as src, zipfile.ZipFile(tmp_path / "dup.npz", "w") as dst:
+        for member in src.infolist():
+            dst.writestr(member, src.read(member))
+        with warnings.catch_warnings():  # zipfile warns, and writes it
+            warnings.simplefilter("ignore")
+            dst.writestr("1.weight.npy", src.read("1.weight.npy"))
+    with pytest.raises(UsageError, match=r"dup.npz: holds '1.weight' twice"):
+        starting_weights(str(tmp_path / "dup.npz"), spec)
+    os.mkdir(tmp_path / "folder.npz")
+    os.mkfifo(tmp_path / "fifo.npz")
+    for name in ("folder.npz", "fifo.npz"):
+        with pytest.raises(UsageError, match=f"{name}: not a regular file"):
+            starting_weights(str(tmp_path / name), spec)
+    with pytest.raises(UsageError, match="an empty path"):
+        starting_weights("", spec)

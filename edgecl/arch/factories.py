@@ -48,10 +48,11 @@ def _check_factory_args(value: str, factory_args: dict[str, Any] | None) -> None
     if not_a_factory(value):
         raise UsageError(f"--arch-arg {', '.join(factory_args)}: arguments go to a model factory (module:factory, "
                          f"timm:NAME, file.py:factory), and {not_a_factory(value)}")
-    for key, forced in NO_DOWNLOAD_ARGS.items():
-        if key in factory_args and factory_args[key] != forced:
+    for key in NO_DOWNLOAD_ARGS:
+        if factory_args.get(key) not in (None, False):  # null / false: what edgecl passes anyway
             raise UsageError(f"--arch-arg {key}={factory_args[key]!r}: edgecl builds factories without downloaded "
-                             "weights; bring your own with --init-weights (README: Starting from your weights)")
+                             "weights; `edgecl train --init-weights` brings your own (README: Starting from your "
+                             "weights)")
     bad = [k for k in factory_args if not k.isidentifier()]
     if bad:
         raise UsageError(f"--arch-arg {bad[0]!r}: not a Python keyword argument name")
@@ -119,7 +120,7 @@ def build_module(value: str, factory_args: dict[str, Any] | None = None) -> Any:
     """The `torch.nn.Module` a ``module:factory`` / ``timm:MODEL`` / ``file.py:factory`` string names, built without
     pretrained weights, with `factory_args` as keyword arguments."""
     _check_factory_args(value, factory_args)
-    extra = dict(factory_args or {})
+    extra = {k: v for k, v in (factory_args or {}).items() if k not in NO_DOWNLOAD_ARGS}  # those are forced
     target, _, attr = value.rpartition(":")
     if not target or not attr:
         raise UsageError(f"--arch {value!r}: expected module:factory")
@@ -153,7 +154,8 @@ def _call(factory: Any, value: str, user_args: dict[str, Any], /, *args: Any, **
         return factory(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001
         given = f" with {', '.join(f'{k}={v!r}' for k, v in user_args.items())}" if user_args else ""
-        raise UsageError(f"--arch {value!r}: the factory{given} raised {type(exc).__name__}: {str(exc)[:300]}"
+        said = (str(exc).strip().splitlines() or [""])[0]  # torch's C++ errors append a stack: the first line says it
+        raise UsageError(f"--arch {value!r}: the factory{given} raised {type(exc).__name__}: {said[:300]}"
                          ) from None
 
 

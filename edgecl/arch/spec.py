@@ -198,12 +198,14 @@ def _field(value: Any, kind: str, where: str) -> Any:
         return _shape(value, "reshape shape")
     if kind == "axis" and value == 1:
         return 1
-    expect = {"size": "an int ≥ 1", "pair": "an int ≥ 1 or two of them", "pad": "an int ≥ 0 or two of them",
-              "index": "an int ≥ 0", "bool": "true or false", "eps": "a number in (0, 1)",
+    expect = {"size": f"an int from 1 to {MAX_DIM}", "pair": "an int ≥ 1 or two of them",
+              "pad": "an int ≥ 0 or two of them",
+              "index": f"an int from 0 to {MAX_DIM}", "bool": "true or false", "eps": "a number in (0, 1)",
               "momentum": "a number in (0, 1]",
               "approximate": "'none' or 'tanh'", "axis": "1 (channels)",
               "number": f"a finite number of magnitude at most {MAX_NUMBER:g}"}.get(kind, kind)
-    raise UsageError(f"{where} = {str(value)[:60]} must be {expect}")
+    shown = repr(value) if isinstance(value, str) else str(value)  # "1" is not 1
+    raise UsageError(f"{where} = {shown[:60]} must be {expect}")
 
 
 def _window(size: int, k: int, stride: int, pad: int, dilation: int, ceil_mode: bool) -> int:

@@ -23,7 +23,7 @@ def add_arch_arguments(p: argparse.ArgumentParser, default: str | None = None) -
                         + (f"{default})" if default else "mlp, or the artifact's with --resume)"))
     p.add_argument("--arch-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="a keyword argument for the --arch factory (JSON value), e.g. --arch-arg width_mult=0.5 "
-                        "--arch-arg num_classes=10; repeatable")
+                        "--arch-arg num_classes=10; repeatable (a key given again takes the later value)")
     p.add_argument("--input-shape", metavar="C,H,W", default=None,
                    help="resize the digit streams, e.g. 3,32,32 (each pixel a block, repeated over channels)")
     p.add_argument("--no-classifier", action="store_true",

@@ -215,7 +215,7 @@ def run_compare(spec: CompareSpec, out_dir: str, log: Callable[[str], None] = pr
 
     report: dict[str, Any] = {
         "edgecl_version": __version__, "machine": machine_info(), "stream": first.name, "arch": spec.arch,
-        "n_tasks": len(first.tasks), "task_names": [t.name for t in first.tasks], "seeds": spec.seeds,
+        **({"arch_args": spec.factory_args} if spec.factory_args else {}), "n_tasks": len(first.tasks), "task_names": [t.name for t in first.tasks], "seeds": spec.seeds,
         "orders": spec.orders, "epochs_scale": spec.epochs_scale, "overrides": spec.overrides,
         "methods": {}, "skipped": skipped}
     total = len(methods) * (len(spec.seeds) + max(spec.orders - 1, 0))

@@ -79,19 +79,25 @@ def check_init_source(value: str, arch_name: str | None, resume: str | None = No
                              f"{' (with --resume, give --arch too)' if resume and not arch_name else ''}; or pass "
                              "an .npz/.safetensors file of weights")
         return
-    _check_file_name(value)
-    if not os.path.isfile(value):
-        raise UsageError(f"--init-weights {value}: file not found")
+    _check_file(value)
 
 
-def _check_file_name(path: str) -> None:
-    if path.endswith((".pt", ".pth", ".bin", ".ckpt")):
+def _check_file(path: str) -> None:
+    """A weights file by name and kind: a format that cannot execute code, a regular file that exists."""
+    if not path:
+        raise UsageError("--init-weights: an empty path; give 'module' or an .npz/.safetensors file")
+    lower = path.lower()
+    if lower.endswith((".pt", ".pth", ".bin", ".ckpt")):
         raise UsageError(f"{path}: torch checkpoints are pickles, which loading would have to execute; save the "
                          "state dict as .npz (np.savez(path, **{k: v.numpy() for k, v in sd.items()})) or "
                          ".safetensors, or load it in your --arch factory and pass --init-weights module")
-    if not path.endswith(SUFFIXES):
+    if not lower.endswith(SUFFIXES):
         raise UsageError(f"{path}: starting weights are an .npz or .safetensors file keyed by state-dict names "
                          f"(or --init-weights {MODULE})")
+    if not os.path.exists(path):
+        raise UsageError(f"{path}: file not found")
+    if not os.path.isfile(path):  # a folder, a FIFO (whose open would wait for a writer), a device
+        raise UsageError(f"{path}: not a regular file")
 
 
 def warn_unused_batchnorm(start: StartingWeights, arch: Arch, method: str, rule: str | None) -> None:
@@ -163,6 +169,8 @@ def _checked(values: dict[str, Any], arch: Arch, where: str, held: list[str] | N
 
 def _float32(value: Any, name: str, where: str) -> np.ndarray:
     try:
+        if hasattr(value, "detach"):  # a torch tensor (a parameter, bfloat16): its float32 values
+            value = value.detach().cpu().float().numpy() if value.is_floating_point() else value.cpu().numpy()
         array = np.asarray(value)
     except Exception as exc:  # noqa: BLE001 - whatever the caller passed, the error names the tensor
         raise UsageError(f"{where}: tensor {name!r} is not an array ({type(exc).__name__})") from None
@@ -179,12 +187,10 @@ def _float32(value: Any, name: str, where: str) -> np.ndarray:
 def read_weights_file(path: str, arch: Arch) -> tuple[dict[str, np.ndarray], list[str]]:
     """The arrays of `path` that `arch`'s trunk names, each judged by its header (shape, dtype) before its data is
     read, the others never read; and the names of every array the file holds (for the error of a missing one)."""
-    _check_file_name(path)
-    if not os.path.isfile(path):
-        raise UsageError(f"{path}: file not found")
+    _check_file(path)
     keys = state_keys(arch)
     shapes = {keys[name]: shape for name, shape in param_shapes(arch).items()}  # by the file's names
-    if path.endswith(".safetensors"):
+    if path.lower().endswith(".safetensors"):
         return _read_safetensors(path, shapes)
     return _read_npz(path, shapes)
 
@@ -196,6 +202,8 @@ def _read_npz(path: str, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, 
         with zipfile.ZipFile(path) as archive:
             for member in archive.infolist():
                 name = member.filename.removesuffix(".npy")
+                if name in held:  # numpy would keep the last one silently
+                    raise UsageError(f"{path}: holds {name!r} twice; which one is meant cannot be told")
                 held.append(name)
                 if name not in shapes:
                     continue
@@ -235,7 +243,7 @@ def _read_safetensors(path: str, shapes: dict[str, tuple[int, ...]]) -> tuple[di
     out: dict[str, np.ndarray] = {}
     held: list[str] = []
     try:
-        with safe_open(path, framework="numpy") as f:
+        with safe_open(path, framework="pt") as f:  # torch reads bfloat16 and float8, which numpy cannot
             held = list(f.keys())
             for name in held:
                 if name not in shapes:
@@ -244,10 +252,10 @@ def _read_safetensors(path: str, shapes: dict[str, tuple[int, ...]]) -> tuple[di
                 if tuple(sliced.get_shape()) != shapes[name]:
                     raise UsageError(f"{path}: tensor {name!r} has shape {tuple(sliced.get_shape())}, the "
                                      f"architecture needs {shapes[name]}")
-                if sliced.get_dtype() not in ("F16", "F32", "F64"):  # numpy has no bfloat16
+                if not sliced.get_dtype().startswith(("F", "BF")):  # F16, BF16, F32, F64, F8_E4M3, …
                     raise UsageError(f"{path}: tensor {name!r} has dtype {sliced.get_dtype()}; starting weights "
                                      "are floating point")
-                out[name] = f.get_tensor(name)
+                out[name] = f.get_tensor(name).float().numpy()
     except UsageError:
         raise
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for damaged files

@@ -98,7 +98,22 @@ def check_resumable(packed: PackedModel, method_name: str, arch: Arch) -> None:
         raise UsageError(f"cannot resume a model made by method {packed.method!r} with {method_name!r}")
     if packed.arch != arch:
         raise UsageError(f"cannot resume: architecture {packed.arch.get('name')!r} {packed.arch.get('input_shape')} "
-                         f"differs from {arch.get('name')!r} {arch.get('input_shape')}")
+                         f"differs from {arch.get('name')!r} {arch.get('input_shape')}"
+                         f"{_first_difference(packed.arch, arch)}")
+
+
+def _first_difference(old: Arch, new: Arch) -> str:
+    """Where two specs of the same name and input first differ, said in their terms (a factory argument changes a
+    layer's width, not the name)."""
+    for a, b in zip(old.get("nodes", []), new.get("nodes", [])):
+        if a != b:
+            fields = [k for k in {**a, **b} if a.get(k) != b.get(k)]
+            return (f": node {a.get('name')!r} ({a.get('op')}) has " +
+                    ", ".join(f"{k}={a.get(k)!r}" for k in fields) + " in the artifact, " +
+                    ", ".join(f"{k}={b.get(k)!r}" for k in fields) + " here")
+    if len(old.get("nodes", [])) != len(new.get("nodes", [])):
+        return f": {len(old.get('nodes', []))} nodes in the artifact, {len(new.get('nodes', []))} here"
+    return ""
 
 
 def seed_everything(seed: int) -> None:

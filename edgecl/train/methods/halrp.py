@@ -278,9 +278,11 @@ class HALRP(Method):
         for p in every:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        with torch.no_grad():
-            torch._foreach_add_([p.grad for p in every], every, alpha=2 * cfg.lambda1)
-            torch._foreach_add_([p.grad for p in sparse], torch._foreach_sign(sparse), alpha=cfg.lambda0)
+        with torch.no_grad():  # empty lists when every rank is 0 (a task that kept no residual factor)
+            if every:
+                torch._foreach_add_([p.grad for p in every], every, alpha=2 * cfg.lambda1)
+            if sparse:
+                torch._foreach_add_([p.grad for p in sparse], torch._foreach_sign(sparse), alpha=cfg.lambda0)
 
     def _prune(self, t: int) -> None:
         cfg = self.config
