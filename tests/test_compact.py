@@ -129,6 +129,21 @@ def test_slices_move_with_the_channels_compaction_removes():
     _assert_same_logits(arch, p, c_arch, c_params)
 
 
+def test_an_upsampled_constant_channel_is_folded():
+    arch = validate({"name": "up", "input_shape": [2, 3, 3], "nodes": [
+        {"name": "c0", "op": "conv", "inputs": ["input"], "in": 2, "out": 4, "k": 1},
+        {"name": "r0", "op": "relu", "inputs": ["c0"]},
+        {"name": "up", "op": "upsample", "inputs": ["r0"], "scale": [2, 3]},
+        {"name": "c1", "op": "conv", "inputs": ["up"], "in": 4, "out": 3, "k": 1},
+        {"name": "pool", "op": "gap", "inputs": ["c1"]}, {"name": "flat", "op": "flatten", "inputs": ["pool"]}]})
+    p = _random_params(arch)
+    p["c0.weight"][1] = 0; p["c0.bias"][1] = 0.7     # 0.7 everywhere, repeated: folded into c1's bias
+    p["c0.weight"][2] = 0; p["c0.bias"][2] = -1.0    # 0: dropped
+    c_arch, c_params, report = compact(arch, p)
+    assert report.layers["c0"] == [4, 2] and report.folded_units == 1
+    _assert_same_logits(arch, p, c_arch, c_params)
+
+
 def test_removal_cascades_to_a_fixed_point():
     arch = _mlp([4, 3], 5)
     p = _random_params(arch)

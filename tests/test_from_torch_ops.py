@@ -101,6 +101,11 @@ BODIES = {
     "x[:, :4], x[:, 4:]": lambda y: torch.cat([y[:, :4], torch.sigmoid(y[:, 4:])], 1),
     "x[:, a:b, ...], x[:, -3:, :, :], a bound from x.shape": lambda y: torch.cat(
         [y[:, 1:3, ...], y[:, -3:, :, :], y[:, :y.shape[1] // 4] * 2, y[:, y.shape[1] - 1:]], 1),
+    "F.interpolate(x, scale_factor=2) then avg_pool2d": lambda y: F.avg_pool2d(F.interpolate(y, scale_factor=2), 2),
+    "nn.Upsample, nn.UpsamplingNearest2d, a max pool back": nn.Sequential(
+        nn.Upsample(scale_factor=(2, 3)), nn.UpsamplingNearest2d(scale_factor=2), nn.MaxPool2d((4, 6))),
+    "adaptive pooling to a multiple of the input (repeats each value)": lambda y: y + F.adaptive_avg_pool2d(
+        F.avg_pool2d(y, 4), 8),
     "x[:, x.shape[1] // 2:7]: a computed start": lambda y: torch.cat([y[:, y.shape[1] // 2:7], y[:, :5]], 1),
     "split with sizes, parts reordered": lambda y: torch.cat(torch.split(y, [3, 5], dim=1)[::-1], 1),
     "torch.cat(x.split(3, 1)): a smaller last part": lambda y: torch.cat(y.split(3, 1), 1).relu(),
@@ -147,11 +152,13 @@ def test_stochastic_depth_and_drop_path_are_dropped(library):
 
 @pytest.mark.parametrize("name, shape", [("torchvision.models:efficientnet_b0", (3, 32, 32)),
                                          ("timm:darknet17", (3, 32, 32)), ("timm:mixnet_s", (3, 32, 32)),
-                                         ("timm:rexnet_100", (3, 32, 32)), ("timm:cs3darknet_s", (3, 32, 32))])
+                                         ("timm:rexnet_100", (3, 32, 32)), ("timm:cs3darknet_s", (3, 32, 32)),
+                                         ("timm:hrnet_w18_small", (3, 32, 32))])
 def test_library_models_with_stochastic_depth_leaky_relu_or_slices_match_the_module(name, shape):
     """efficientnet_b0: StochasticDepth in every block (dropped: identity at inference); darknet17: LeakyReLU
     inside timm's BatchNormAct2d; mixnet_s (torch.split into kernel sizes), rexnet_100 (x[:, :c] + shortcut) and
-    cs3darknet_s (x.split in CSP stages): channel slices, which the channel map follows."""
+    cs3darknet_s (x.split in CSP stages): channel slices, which the channel map follows; hrnet_w18_small: nearest
+    upsampling (nn.Upsample) in its fuse layers."""
     from edgecl.arch.factories import build_module
 
     torch.manual_seed(0)
@@ -242,6 +249,8 @@ class Inner(nn.Module):
     (lambda y: y[:, :, :4], r"'getitem' .*only a slice of the channel axis"),
     (lambda y: y * y[:, 0, None], r"'getitem' .*only a slice of the channel axis"),
     (lambda y: torch.cat(torch.split(y, 4, dim=2), 2), r"'split' .*along dim 2; only along channels"),
+    (lambda y: F.avg_pool2d(F.interpolate(y, scale_factor=2, mode="bilinear"), 2), r"'interpolate' .*'bilinear'"),
+    (lambda y: F.interpolate(F.interpolate(y, scale_factor=1.5), size=(8, 8)), r"'interpolate' .*integer factors"),
     (lambda y: torch.add(y, y, alpha=2), r"'add' .*alpha"),
     (lambda y: F.max_pool2d(y, 2, return_indices=True)[0], r"'max_pool2d_with_indices' .*return_indices"),
     (lambda y: F.softmax(y, dim=1), r"'softmax' .*only as the last op"),

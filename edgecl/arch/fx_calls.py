@@ -168,6 +168,10 @@ class _CallConverter:
             self.spatial_reduction(node, _REDUCTIONS[target], args)
         elif target is torch.cat:
             self.concatenate(node)
+        elif target is F.interpolate:
+            args = self.bind(node, ("input", "size", "scale_factor", "mode", "align_corners",
+                                    "recompute_scale_factor", "antialias"))
+            self.upsample(node, self._input(args["input"], node), args["mode"] or "nearest")
         elif target in _DROPOUTS or is_library_identity(target):
             self.alias[node] = self._input(node.args[0], node)
         elif target in VIEWS:
@@ -237,14 +241,32 @@ class _CallConverter:
         if kind == "adaptive_avg" and size == [1, 1]:
             self._emit(node, "gap", [x])
             return
+        if all(s >= d and s % d == 0 for s, d in zip(size, shape[1:])):  # each window one value: repeated
+            self.upsample(node, x, "nearest")
+            return
         if shape[1] % size[0] or shape[2] % size[1]:
             raise self.refuse(node, f"adaptive pooling to {output_size} is supported only where it is a plain pool "
-                                    f"(output size dividing the input {shape[1:]})")
+                                    f"or repeats each value (output size dividing the input {shape[1:]}, or a "
+                                    "multiple of it)")
         k = [shape[1] // size[0], shape[2] // size[1]]
         if kind == "adaptive_max":
             self._emit(node, "maxpool", [x], k=k, stride=k, pad=[0, 0], dilation=[1, 1], ceil_mode=False)
         else:
             self._emit(node, "avgpool", [x], k=k, stride=k, pad=[0, 0], ceil_mode=False, count_include_pad=True)
+
+    def upsample(self, node: fx.Node, x: str, mode: str) -> None:
+        """Nearest upsampling by integer factors (nn.Upsample, F.interpolate, adaptive pooling to a multiple of the
+        input): every value repeated, the factors read off the traced shapes."""
+        before, after = shape_of(node.args[0]), shape_of(node)
+        if mode != "nearest":
+            raise self.refuse(node, f"upsampling mode {mode!r}; only 'nearest' is supported")
+        if before is None or len(before) != 3 or any(a % b for a, b in zip(after[1:], before[1:])):
+            raise self.refuse(node, f"upsampling {before} to {after}; only by integer factors of a feature map")
+        scale = [a // b for a, b in zip(after[1:], before[1:])]
+        if scale == [1, 1]:
+            self.alias[node] = x
+        else:
+            self._emit(node, "upsample", [x], scale=scale)
 
     def spatial_reduction(self, node: fx.Node, kind: str, args: dict[str, Any]) -> None:
         """A mean or amax over the two spatial axes (squeeze-and-excitation, global pooling written by hand):

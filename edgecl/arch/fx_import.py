@@ -31,8 +31,8 @@ _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardsw
 _IDENTITY_MODULES = (nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.AlphaDropout, nn.Identity)
 _POOL_MODULES = {nn.MaxPool2d: "max", nn.AvgPool2d: "avg", nn.AdaptiveAvgPool2d: "adaptive_avg",
                  nn.AdaptiveMaxPool2d: "adaptive_max"}
-_LEAVES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d, nn.Flatten, *_POOL_MODULES, *_ACTIVATION_MODULES,
-           *_IDENTITY_MODULES)
+_LEAVES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d, nn.Flatten, nn.Upsample, *_POOL_MODULES,
+           *_ACTIVATION_MODULES, *_IDENTITY_MODULES)
 _SCALAR_FUNCTIONS = (operator.getitem, getattr, torch.Tensor.size, operator.mul, operator.floordiv, operator.add,
                      operator.neg,
                      operator.sub)
@@ -254,6 +254,8 @@ class _Converter(_CallConverter, _SliceConverter):
             self.pool(node, node.args[0], kind, {p: getattr(m, p) for p in POOL_PARAMETERS[kind][1:]})
         elif isinstance(m, nn.Flatten):
             self.view(node, x)
+        elif isinstance(m, nn.Upsample):  # nn.UpsamplingNearest2d too
+            self.upsample(node, x, m.mode)
         else:
             raise UsageError(f"{self.name}: unsupported layer {type(m).__name__} at {path!r} {location(node)}")
 

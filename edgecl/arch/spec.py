@@ -18,7 +18,8 @@ its ``name`` is unique. Shapes leave out the batch axis. Ops (fields and default
   ``scale`` (x·factor + offset with
   two constant numbers: arithmetic with a Python number, a negation);
 - pooling: ``maxpool`` / ``avgpool`` (k, stride, pad, ceil_mode; avgpool's count_include_pad), ``gap`` (global
-  average → ``(C, 1, 1)``);
+  average → ``(C, 1, 1)``); ``upsample`` (nearest, by the integer ``scale`` of each spatial axis: every value
+  repeated);
 - structure: ``add`` (residual sum of equal shapes), ``mul`` (broadcast product, e.g. squeeze-and-excitation
   gates), ``cat`` (channel concatenation), ``slice`` (channels ``start`` to ``stop``, of a map or of a feature
   vector: ``x[:, a:b]``, one part of ``torch.split``/``chunk``), ``flatten``, ``reshape`` (to ``shape``).
@@ -66,6 +67,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "maxpool": {**_POOL, "dilation": ("pair", [1, 1])},
     "avgpool": {**_POOL, "count_include_pad": ("bool", True)},
     "gap": {},
+    "upsample": {"scale": ("pair", ...)},
     "scale": {"factor": ("number", 1.0), "offset": ("number", 0.0)},
     "add": {},
     "mul": {},
@@ -275,6 +277,10 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
         if len(x) != 3:
             raise UsageError(f"{where}: gap needs a (channels, height, width) input, gets {x}")
         return [x[0], 1, 1]
+    if op == "upsample":
+        if len(x) != 3:
+            raise UsageError(f"{where}: upsample needs a (channels, height, width) input, gets {x}")
+        return [x[0], x[1] * node["scale"][0], x[2] * node["scale"][1]]
     if op == "flatten":
         return [math.prod(x)]
     if op == "reshape":

@@ -186,6 +186,10 @@ def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict) -> str
         return b.op("AveragePool", [h], count_include_pad=int(node["count_include_pad"]), **attrs)
     if op == "gap":
         return b.op("GlobalAveragePool", [h])
+    if op == "upsample":  # out[i] = in[floor(i / scale)]: every value repeated, no interpolation
+        scales = constant(np.array([1.0, 1.0, *node["scale"]], dtype=np.float32))
+        return b.op("Resize", [h, "", scales], mode="nearest", coordinate_transformation_mode="asymmetric",
+                    nearest_mode="floor")
     if op == "scale":
         h = h if node["factor"] == 1.0 else b.op("Mul", [h, constant(node["factor"])])
         return h if node["offset"] == 0.0 else b.op("Add", [h, constant(node["offset"])])
