@@ -200,11 +200,11 @@ def _cut(uf: _UnionFind, size: dict[str, int], segments: Segments, bound: int, n
         width = size[g] * r
         if pos < bound < pos + width:
             if (bound - pos) % r:
-                raise ChannelError(f"node {node['name']!r} (slice {node['start']}:{node['stop']}) cuts through the "
-                                   f"{r} features of one channel of {g!r}; channels cannot be followed through it")
+                raise ChannelError(f"node {node['name']!r} ({_op_text(node)}) cuts through the {r} features of one "
+                                   f"channel of {g!r}; channels cannot be followed through it")
             if g == INPUT:
-                raise ChannelError(f"node {node['name']!r} (slice {node['start']}:{node['stop']}) splits the network "
-                                   "input's channels; channels cannot be followed through it")
+                raise ChannelError(f"node {node['name']!r} ({_op_text(node)}) splits the network input's channels; "
+                                   "channels cannot be followed through it")
             k = (bound - pos) // r
             base, first = uf.origin.get(g, (g, 0))  # parts are named by the channels of the layer they came from
             parts = []
@@ -219,6 +219,20 @@ def _cut(uf: _UnionFind, size: dict[str, int], segments: Segments, bound: int, n
             uf.alias[g] = parts
             return
         pos += width
+
+
+def _op_text(node: dict) -> str:
+    """A node's op as a message names it: a slice with its bounds."""
+    return f"slice {node['start']}:{node['stop']}" if node["op"] == "slice" else node["op"]
+
+
+def _alias(uf: _UnionFind, plain: str, segments: Segments, node: dict) -> None:
+    """A plain group met a concatenation channel by channel: it is those groups from now on. The network input is
+    never one of them (it stays its own group: whatever adds to it is refused where that matters)."""
+    if plain == INPUT:
+        raise ChannelError(f"node {node['name']!r} ({node['op']}) adds a concatenation to the network input's "
+                           "channels; channels cannot be followed through it")
+    uf.alias[plain] = [(g, 1) for g, _ in segments]
 
 
 def _merge(uf: _UnionFind, size: dict[str, int], node: dict, ins: list[Segments],
@@ -236,9 +250,9 @@ def _merge(uf: _UnionFind, size: dict[str, int], node: dict, ins: list[Segments]
             for (a, _), (b, _) in zip(first, other):
                 uf.union(a, b)
         elif len(other) == 1 and all(r == other[0][1] for _, r in first):
-            uf.alias[other[0][0]] = [(g, 1) for g, _ in first]  # a plain group meets a concatenation: it is one
+            _alias(uf, other[0][0], first, node)  # a plain group meets a concatenation: it is one
         elif len(first) == 1 and all(r == first[0][1] for _, r in other):
-            uf.alias[first[0][0]] = [(g, 1) for g, _ in other]
+            _alias(uf, first[0][0], other, node)
             first = other
         else:
             for _ in range(len(first) + len(other)):  # a cut of a group both sides hold moves both: repeat

@@ -105,8 +105,12 @@ def compact_task(arch: Arch, params: dict[str, np.ndarray], *,
     except ChannelError as exc:
         return (copy.deepcopy(arch), dict(params),
                 CompactionReport(False, f"kept dense: {exc}", dense, dense))
-    while net.compact_round():
-        pass
+    while True:
+        try:
+            if not net.compact_round():
+                break
+        except ChannelError:  # a round's result no channel map follows (a grouped conv left one channel per
+            break             # group reads as depthwise): keep the last graph that was followed, as exact as any
     return net.result(dense)
 
 
@@ -205,6 +209,8 @@ class _Net:
         """Remove every channel that is dead or foldable now; True when something was removed."""
         self.rounds += 1
         cm = self.cm = channel_map(self.arch)
+        # as the map reads them now: a grouped conv left with one channel per group has become depthwise
+        self.depthwise = {n["name"] for n in self.arch["nodes"] if is_depthwise(n)}
         constants = channel_constants(self.arch, self.params, cm)
         readers = self.readers(cm)
         removable = {g: np.ones(n, bool) for g, n in cm.groups.items()}
