@@ -35,6 +35,7 @@ from edgecl.export import compact_task, count_params
 from edgecl.export.onnx_export import run_onnx
 from edgecl.graph.builder import build_onnx
 from edgecl.train.methods.agscl_nodes import node_map
+from random_weights import random_params
 
 TOL = 1e-4
 MAX_CH = 12
@@ -221,14 +222,7 @@ def _specs(draw):
 
 
 def _random_params(arch, seed):
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in param_shapes(arch, N_CLASSES).items():
-        if name.endswith("running_var"):
-            out[name] = rng.uniform(0.5, 2.0, shape).astype(np.float32)
-        else:
-            out[name] = rng.standard_normal(shape).astype(np.float32)
-    return out
+    return random_params(arch, N_CLASSES, seed)
 
 
 def _bias_for(kind: str, params: dict, bias: str | None, rows) -> None:

@@ -12,6 +12,7 @@ from edgecl.export import compact_task, count_params
 from edgecl.export.onnx_export import run_onnx
 from edgecl.graph.builder import build_onnx
 from edgecl.synthetic import group_node_masks, structured_lps_model
+from random_weights import random_params
 
 TOL = 1e-4
 
@@ -33,15 +34,6 @@ def _assert_same_logits(arch, params, c_arch, c_params, seed=0):
     assert np.abs(dense - small).max() <= TOL * max(1.0, np.abs(dense).max())
 
 
-def _random_params(arch, n_classes=3, seed=0):
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in param_shapes(arch, n_classes).items():
-        if name.endswith("running_var"):
-            out[name] = rng.uniform(0.5, 2.0, shape).astype(np.float32)
-        else:
-            out[name] = rng.standard_normal(shape).astype(np.float32)
-    return out
 
 
 def _mlp(sizes, n_in):
@@ -54,7 +46,7 @@ def _mlp(sizes, n_in):
 
 def test_hand_built_mlp_removes_exactly_the_dead_units():
     arch = _mlp([5, 4], 6)
-    p = _random_params(arch)
+    p = random_params(arch)
     p["l0.weight"][0] = 0; p["l0.bias"][0] = -1.0     # constant 0 after ReLU → removed
     p["l0.weight"][1] = 0; p["l0.bias"][1] = 0.5      # constant 0.5 → folded into l1.bias, removed
     p["l1.weight"][:, 2] = 0                          # unit 2 of l0 unread → removed
@@ -75,7 +67,7 @@ def test_a_dead_unit_shifted_by_scale_is_folded_not_dropped():
         {"name": "r0", "op": "relu", "inputs": ["l0"]},
         {"name": "s0", "op": "scale", "inputs": ["r0"], "factor": -2.0, "offset": 0.5},
         {"name": "l1", "op": "linear", "inputs": ["s0"], "in": 5, "out": 4}]})
-    p = _random_params(arch)
+    p = random_params(arch)
     p["l0.weight"][0] = 0; p["l0.bias"][0] = -1.0     # 0 after ReLU, 0.5 after the scale: folded into l1.bias
     c_arch, c_params, report = compact(arch, p)
     assert report.layers["l0"] == [5, 4] and report.folded_units == 1
@@ -87,7 +79,7 @@ def test_a_constant_unit_through_leaky_relu_is_folded_with_its_slope():
         {"name": "l0", "op": "linear", "inputs": ["input"], "in": 6, "out": 5},
         {"name": "a0", "op": "leaky_relu", "inputs": ["l0"], "slope": 0.2},
         {"name": "l1", "op": "linear", "inputs": ["a0"], "in": 5, "out": 4}]})
-    p = _random_params(arch)
+    p = random_params(arch)
     p["l0.weight"][0] = 0; p["l0.bias"][0] = -1.5     # −0.3 after the leaky ReLU: folded into l1.bias
     p["l0.weight"][1] = 0; p["l0.bias"][1] = 0.0      # 0: dropped
     c_arch, c_params, report = compact(arch, p)
@@ -118,7 +110,7 @@ def _sliced():
 
 def test_slices_move_with_the_channels_compaction_removes():
     arch = _sliced()
-    p = _random_params(arch)
+    p = random_params(arch)
     p["c0.weight"][1] = 0; p["c0.bias"][1] = -1.0   # r0 channel 1 is 0, r1's a constant: both copies go, one folded
     for row in (1, 5):                              # c1 units 1 and 5 meet in the add and are dead in both
         p["c1.weight"][row] = 0; p["c1.bias"][row] = -1.0
@@ -136,7 +128,7 @@ def test_an_upsampled_constant_channel_is_folded():
         {"name": "up", "op": "upsample", "inputs": ["r0"], "scale": [2, 3]},
         {"name": "c1", "op": "conv", "inputs": ["up"], "in": 4, "out": 3, "k": 1},
         {"name": "pool", "op": "gap", "inputs": ["c1"]}, {"name": "flat", "op": "flatten", "inputs": ["pool"]}]})
-    p = _random_params(arch)
+    p = random_params(arch)
     p["c0.weight"][1] = 0; p["c0.bias"][1] = 0.7     # 0.7 everywhere, repeated: folded into c1's bias
     p["c0.weight"][2] = 0; p["c0.bias"][2] = -1.0    # 0: dropped
     c_arch, c_params, report = compact(arch, p)
@@ -146,7 +138,7 @@ def test_an_upsampled_constant_channel_is_folded():
 
 def test_removal_cascades_to_a_fixed_point():
     arch = _mlp([4, 3], 5)
-    p = _random_params(arch)
+    p = random_params(arch)
     p["head.weight"][:, 1] = 0          # l1 unit 1 unread by the head …
     p["l1.weight"][:, 2] = 0            # … and l0 unit 2 is read only by l1 unit 1
     p["l1.weight"][1, 2] = 1.0
@@ -158,14 +150,14 @@ def test_removal_cascades_to_a_fixed_point():
 
 def test_dense_task_is_left_alone():
     arch = preset("mlp")
-    p = _random_params(arch, 10)
+    p = random_params(arch, 10)
     c_arch, c_params, report = compact(arch, p)
     assert report.params_compact == report.params_dense and "input_select" not in c_arch
 
 
 def test_conv_units_before_padded_conv_stay_unless_constant_zero():
     arch = preset("lenet")
-    p = _random_params(arch, 10)
+    p = random_params(arch, 10)
     p["conv1.weight"][0] = 0; p["conv1.bias"][0] = 0.7   # constant 0.7 into conv2 with pad 1: must stay
     p["conv1.weight"][1] = 0; p["conv1.bias"][1] = -0.3  # ReLU makes it 0: removed
     p["conv2.weight"][:, 5] = 0                         # conv1 channel 5 unread: removed
@@ -185,7 +177,7 @@ def test_batchnorm_channels_fold_through_unpadded_conv():
         {"op": "conv", "name": "c2", "in": 6, "out": 5, "k": 3, "pad": 0, "bias": False},
         {"op": "bn", "name": "bn2", "ch": 5}, {"op": "relu"}, {"op": "gap"},
         {"op": "linear", "name": "fc", "in": 5, "out": 4}, {"op": "relu"}]})
-    p = _random_params(arch)
+    p = random_params(arch)
     p["bn1.running_mean"][[1, 4]] = 0; p["bn1.bias"][[1, 4]] = [0.5, 0.8]  # BN of a zero filter: constant > 0
     p["c1.weight"][[1, 4]] = 0                      # → folded into a new c2 bias (c2 has no padding)
     p["bn2.running_mean"][2] = 0; p["bn2.bias"][2] = 0.3
@@ -211,7 +203,7 @@ def test_residual_group_channel_goes_only_when_every_reader_skips_it():
     group; its readers are b1.conv1, b2.conv1 and b2.short. A channel none of them reads leaves all four producers;
     one that a single reader still reads stays."""
     arch = preset("resnet")
-    p = _random_params(arch, 10)
+    p = random_params(arch, 10)
     for reader in ("b1.conv1", "b2.conv1", "b2.short"):
         p[f"{reader}.weight"][:, 3] = 0
     p["b1.conv1.weight"][:, 5] = 0; p["b2.conv1.weight"][:, 5] = 0   # b2.short still reads channel 5
@@ -227,7 +219,7 @@ def test_constant_channel_folds_through_a_residual_add():
     """A channel dead in both branches of an add carries the sum of their constants; the unpadded 1×1 shortcut
     absorbs it into a new bias, the padded convs read none of it: the channel goes."""
     arch = preset("resnet")
-    p = _random_params(arch, 10)
+    p = random_params(arch, 10)
     p["stem.weight"][5] = 0; p["stembn.running_mean"][5] = 0; p["stembn.bias"][5] = 0.5   # relu → 0.5
     p["b1.conv2.weight"][5] = 0; p["b1.bn2.running_mean"][5] = 0; p["b1.bn2.bias"][5] = 0.3  # add → 0.8
     p["b1.conv1.weight"][:, 5] = 0; p["b2.conv1.weight"][:, 5] = 0
@@ -243,7 +235,7 @@ def test_constant_channel_folds_through_a_residual_add():
 
 def test_unread_input_channels_are_gathered_in_front_of_a_graph():
     arch = preset("resnet", input_shape=(3, 8, 8))
-    p = _random_params(arch, 10)
+    p = random_params(arch, 10)
     p["stem.weight"][:, 1] = 0
     c_arch, c_params, report = compact(arch, p)
     assert c_arch["input_select"] == [0, 2] and c_arch["input_select_from"] == [3, 8, 8]
@@ -275,7 +267,7 @@ def test_grouped_conv_keeps_equal_channels_per_group():
         {"name": "g", "op": "conv", "inputs": ["r0"], "in": 8, "out": 6, "k": 3, "pad": 1, "groups": 2},
         {"name": "r1", "op": "relu", "inputs": ["g"]},
         {"name": "pool", "op": "gap", "inputs": ["r1"]}, {"name": "flat", "op": "flatten", "inputs": ["pool"]}]})
-    p = _random_params(arch)
+    p = random_params(arch)
     p["g.weight"][:3, [0, 1]] = 0; p["g.weight"][3:, 0] = 0   # inputs 0, 1 of group 0 and 4 of group 1 unread
     p["head.weight"][:, [0, 1, 3]] = 0
     c_arch, c_params, report = compact(arch, p)
@@ -291,7 +283,7 @@ def test_node_masks_on_residual_concat_depthwise_and_gates(seed, masks):
     with its own depthwise copy, SE gate): dead rows and columns go; rows only leave constants, folded where exact."""
     from torch_nets import spec_and_weights
 
-    for arch, dense in ((preset("resnet"), _random_params(preset("resnet"), 10, seed)),
+    for arch, dense in ((preset("resnet"), random_params(preset("resnet"), 10, seed)),
                         spec_and_weights("custom residual + concat", (3, 16, 16))):
         p, alive = group_node_masks(arch, dense, 0.5, seed, columns=masks == "rows and columns")
         c_arch, c_params, report = compact(arch, p)
@@ -315,7 +307,7 @@ def test_structured_lps_task_gets_smaller_with_same_logits(name, unit):
 def test_node_masks_remove_dead_nodes():
     """AGS-CL's deployment form: per-task node bit vectors select a sub-network."""
     arch = preset("lenet")
-    base = _random_params(arch, 10)
+    base = random_params(arch, 10)
     rng = np.random.default_rng(3)
     alive = {n: rng.random(arch["nodes"][i]["out"]) < 0.6
              for i, n in ((0, "conv1"), (3, "conv2"), (7, "fc1"))}
@@ -359,7 +351,7 @@ def _sequential_case(draw):
         layers += [{"op": "linear", "name": f"l{i}", "in": flat, "out": out}, {"op": "relu"}]
         flat = out
     arch = validate({"name": "rand", "input_shape": [channels, 6, 6], "layers": layers})
-    p = _random_params(arch, seed=seed)
+    p = random_params(arch, seed=seed)
     for name, w in p.items():
         if w.ndim >= 2 and not name.startswith("head"):
             w[rng.random(w.shape[0]) < 0.3] = 0                  # dead rows / filters

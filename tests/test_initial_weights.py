@@ -169,11 +169,17 @@ def pretrained():  # a factory that loads the user's checkpoint: their own code,
 """
 
 
-def test_cli_trains_from_a_module_or_file_and_a_resume_needs_the_same_start(tmp_path, capsys):
+def _net_py_and_weights(tmp_path) -> nn.Module:
+    """NET_PY as tmp_path/net.py, and the weights its `pretrained` factory loads (tmp_path/weights.npz): the net."""
     (tmp_path / "net.py").write_text(NET_PY)
     torch.manual_seed(3)
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 10))
     np.savez(tmp_path / "weights.npz", **{k: v.numpy() for k, v in net.state_dict().items()})
+    return net
+
+
+def test_cli_trains_from_a_module_or_file_and_a_resume_needs_the_same_start(tmp_path, capsys):
+    net = _net_py_and_weights(tmp_path)
     common = ["train", "--method", "lps", "--stream", "split-digits", "--set", "epochs=2", "--no-progress"]
     code, _, err = run_cli(capsys, *common, "--tasks", "1", "--arch", f"{tmp_path}/net.py:build",
                            "--init-weights", str(tmp_path / "weights.npz"), "--out", str(tmp_path / "a"))
@@ -213,10 +219,7 @@ def test_cli_refuses_an_init_source_that_cannot_work(tmp_path, capsys):
 
 
 def test_methods_that_never_draw_again_resume_without_the_start_and_keep_its_record(tmp_path, capsys):
-    (tmp_path / "net.py").write_text(NET_PY)
-    torch.manual_seed(3)
-    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 10))
-    np.savez(tmp_path / "weights.npz", **{k: v.numpy() for k, v in net.state_dict().items()})
+    _net_py_and_weights(tmp_path)
     common = ["train", "--method", "halrp", "--stream", "split-digits", "--no-progress", "--tasks", "1"]
     code, _, err = run_cli(capsys, *common, "--arch", f"{tmp_path}/net.py:build", "--set", "epochs=2",
                            "--init-weights", str(tmp_path / "weights.npz"), "--out", str(tmp_path / "a"))
