@@ -46,7 +46,25 @@ class _Tracer(fx.Tracer):
     record_stack_traces = True
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        _check_own_forward(m, qualname)
         return isinstance(m, _LEAVES) or is_library_identity(m) or super().is_leaf_module(m, qualname)
+
+
+# subclasses whose forward computes what the base class's does (timm's Linear only adds a TorchScript cast)
+_SAME_FORWARD = {("timm.layers.linear", "Linear")}
+
+
+def _check_own_forward(m: nn.Module, path: str) -> None:
+    """A Conv2d or Linear subclass that overrides forward computes something else (weight standardisation, padding
+    decided in forward as TensorFlow's 'same'): edgecl would run the base layer's forward with its tensors and
+    silently compute another network, so it is refused by name. (BatchNorm subclasses are judged by `_batchnorm`.)"""
+    for base in (nn.Conv2d, nn.Linear):
+        kind = type(m)
+        if isinstance(m, base) and kind.forward is not base.forward and \
+                (kind.__module__, kind.__name__) not in _SAME_FORWARD:
+            raise UsageError(f"layer {kind.__name__} at {path!r} overrides {base.__name__}.forward "
+                             f"({kind.__module__}), so it computes something else than a {base.__name__} with its "
+                             f"tensors (weight standardisation, padding decided in forward, …); not supported")
 
 
 def from_torch(module: nn.Module, input_shape: tuple[int, ...] | list[int], *, classifier: bool | None = None,
@@ -63,6 +81,8 @@ def from_torch(module: nn.Module, input_shape: tuple[int, ...] | list[int], *, c
         module = nn.Sequential(module)
     try:
         graph = _Tracer().trace(module)
+    except UsageError as exc:
+        raise UsageError(f"{name}: {exc}") from None
     except Exception as exc:  # torch.fx raises many types; the user needs the reason, not the trace
         raise UsageError(f"cannot trace {type(module).__name__} with torch.fx ({type(exc).__name__}: "
                          f"{str(exc)[:300]}); edgecl needs a forward without data-dependent Python control flow"

@@ -1,0 +1,95 @@
+"""Which torchvision and timm models go into edgecl as they are: each is built without pretrained weights, traced by
+`from_torch` at 3×64×64 (3×96×96 for inception_v3), and — with `--parity` — its spec's torch forward and ONNX graph
+are compared with the module (`tests/torch_nets.check_parity`). A refusal is recorded with edgecl's message, so the
+list says what is missing and where.
+
+    python tools/model_coverage.py [--parity] [--out tools/results/model_coverage.json]   # ~4 min, ~8 with --parity
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+TORCHVISION = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+               "shufflenet_v2_x0_5", "squeezenet1_0", "mnasnet0_5", "densenet121", "regnet_x_400mf", "regnet_y_400mf",
+               "googlenet", "vgg11", "vgg11_bn", "alexnet", "convnext_tiny", "resnext50_32x4d", "wide_resnet50_2",
+               "efficientnet_v2_s", "vit_b_16", "swin_t", "maxvit_t"]
+TIMM = ["resnet10t", "resnet18", "mobilenetv3_small_050", "mobilenetv2_050", "efficientnet_b0", "ghostnet_050",
+        "cspresnet50", "dla34", "hrnet_w18_small", "regnetx_002", "rexnet_100", "lcnet_050", "mixnet_s", "tinynet_e",
+        "fbnetc_100", "semnasnet_050", "dpn48b", "densenet121", "vgg11", "ese_vovnet19b_dw", "repvgg_a0",
+        "mobileone_s0", "efficientvit_b0", "convnext_atto", "levit_128s", "resnest14d", "selecsls42b",
+        "tf_mobilenetv3_small_minimal_100", "hardcorenas_a", "mobilevit_xxs", "edgenext_xx_small", "fastvit_t8",
+        "ghostnetv2_100", "inception_v3", "xception41", "res2net50_14w_8s", "skresnet18", "cs3darknet_s", "darknet17",
+        "nf_resnet26", "gernet_s", "visformer_tiny"]
+RESULTS = ROOT / "tools" / "results" / "model_coverage.json"
+
+
+def check(name: str, parity: bool) -> dict:
+    import torch
+
+    from edgecl.arch import from_torch
+    from edgecl.arch.factories import build_module
+    from edgecl.errors import UsageError
+
+    shape = (3, 96, 96) if "inception" in name else (3, 64, 64)
+    started = time.perf_counter()
+    try:
+        torch.manual_seed(0)
+        module = build_module(name).eval()
+        spec = from_torch(module, shape)
+        row = {"ok": True, "nodes": len(spec["nodes"]), "ops": sorted({n["op"] for n in spec["nodes"]})}
+        if parity:
+            from torch_nets import check_parity, randomise_batchnorm
+
+            randomise_batchnorm(module)
+            check_parity(module, spec, shape, batch=2)
+            row["parity"] = True
+    except UsageError as exc:
+        row = {"ok": False, "refusal": str(exc).splitlines()[0][:400]}
+    except AssertionError as exc:  # parity failed: a defect, recorded as one
+        row = {"ok": True, "parity": False, "error": str(exc)[:400]}
+    row["seconds"] = round(time.perf_counter() - started, 1)
+    return row
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parity", action="store_true", help="also compare each spec's torch and ONNX outputs with the "
+                                                         "module's")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    import torch
+
+    torch.set_num_threads(1)
+    names = [f"torchvision.models:{n}" for n in TORCHVISION] + [f"timm:{n}" for n in TIMM]
+    rows = {}
+    for name in names:
+        rows[name] = check(name, args.parity)
+        row = rows[name]
+        print(f"{name:45s} {'OK' if row['ok'] else 'refused'}{'' if 'parity' not in row else ' parity ' + str(row['parity'])}"
+              f"  {row.get('refusal', '')[:150]}", flush=True)
+    ok = [n for n, r in rows.items() if r["ok"] and r.get("parity", True)]
+    reasons = collections.Counter(r["refusal"].split(" (")[0].split(": ", 1)[-1][:60]
+                                  for r in rows.values() if not r["ok"])
+    out = {"what": __doc__.splitlines()[0], "torch": torch.__version__, "go_in": len(ok), "of": len(names),
+           "parity_checked": args.parity, "models": rows, "refusals": dict(reasons.most_common())}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"{len(ok)} of {len(names)} go in{' with module parity' if args.parity else ''}; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
