@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import sys
 import time
@@ -84,9 +83,10 @@ def main() -> int:
                                   for r in rows.values() if not r["ok"])
     out = {"what": __doc__.splitlines()[0], "torch": torch.__version__, "go_in": len(ok), "of": len(names),
            "parity_checked": args.parity, "models": rows, "refusals": dict(reasons.most_common())}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+    from edgecl.train.outputs import save_json
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    save_json(out, args.out)
     print(f"{len(ok)} of {len(names)} go in{' with module parity' if args.parity else ''}; wrote {args.out}")
     return 0
 
