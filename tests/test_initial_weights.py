@@ -19,7 +19,8 @@ from edgecl.deltas import materialize
 from edgecl.errors import EdgeclWarning, UsageError
 from edgecl.train import engine, registry
 from edgecl.train.data import make_stream
-from edgecl.train.initial import RECORD_KEY, starting_weights
+from edgecl.artifact.report import INITIAL_WEIGHTS as RECORD_KEY
+from edgecl.train.initial import starting_weights
 from edgecl.train.protocol import TrainContext
 
 METHODS = ["lps", "agscl", "halrp", "rgo", "finetune", "stl"]

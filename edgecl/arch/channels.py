@@ -44,11 +44,9 @@ class ChannelMap:
 
     def sliced(self, source: Segments, start: int, stop: int) -> tuple[int, int]:
         """The segments [i, j) of `source` that a slice of positions start:stop takes (always whole segments)."""
-        bounds, pos = {}, 0
-        for i, (g, r) in enumerate(source):
-            bounds[pos] = i
-            pos += self.groups[g] * r
-        bounds[pos] = len(source)
+        spans = _spans(source, self.groups)
+        bounds = {begin: i for i, (_, _, begin, _) in enumerate(spans)}
+        bounds[self.size(source)] = len(source)
         if start not in bounds or stop not in bounds:  # `channel_map` cuts groups at every slice bound
             raise ChannelError(f"slice {start}:{stop} does not fall on channel groups {source[:6]}")
         return bounds[start], bounds[stop]
@@ -183,22 +181,15 @@ def _slice(uf: _UnionFind, size: dict[str, int], node: dict, x: Segments) -> Seg
     """The whole groups of `x` between the slice's start and stop, after splitting a group cut at either bound."""
     for bound in (node["start"], node["stop"]):
         _cut(uf, size, uf.resolve(x), bound, node)
-    out, pos = [], 0
-    for g, r in uf.resolve(x):
-        width = size[g] * r
-        if node["start"] <= pos and pos + width <= node["stop"]:
-            out.append((g, r))
-        pos += width
-    return out
+    return [(g, r) for g, r, begin, end in _spans(uf.resolve(x), size)
+            if node["start"] <= begin and end <= node["stop"]]
 
 
 def _cut(uf: _UnionFind, size: dict[str, int], segments: Segments, bound: int, node: dict) -> None:
     """Split the group whose channels `bound` (a position of the axis `segments`) falls inside, into the channels
     before it and those from it on: one group aliased to two new ones."""
-    pos = 0
-    for g, r in segments:
-        width = size[g] * r
-        if pos < bound < pos + width:
+    for g, r, pos, end in _spans(segments, size):
+        if pos < bound < end:
             if (bound - pos) % r:
                 raise ChannelError(f"node {node['name']!r} ({_op_text(node)}) cuts through the {r} features of one "
                                    f"channel of {g!r}; channels cannot be followed through it")
@@ -218,7 +209,6 @@ def _cut(uf: _UnionFind, size: dict[str, int], segments: Segments, bound: int, n
                 parts.append((part, 1))
             uf.alias[g] = parts
             return
-        pos += width
 
 
 def _op_text(node: dict) -> str:
@@ -279,10 +269,15 @@ def _same_layout(a: Segments, b: Segments, size: dict[str, int]) -> bool:
 
 def _bounds(segments: Segments, size: dict[str, int]) -> set[int]:
     """Positions where one segment ends and the next begins."""
-    out, pos = set(), 0
-    for g, r in segments[:-1]:
+    return {end for _, _, _, end in _spans(segments, size)[:-1]}
+
+
+def _spans(segments: Segments, size: dict[str, int]) -> list[tuple[str, int, int, int]]:
+    """(group, repeat, first position, end position) of every segment of an axis made of `segments`."""
+    out, pos = [], 0
+    for g, r in segments:
+        out.append((g, r, pos, pos + size[g] * r))
         pos += size[g] * r
-        out.add(pos)
     return out
 
 

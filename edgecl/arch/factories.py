@@ -45,9 +45,10 @@ def check_arch_string(value: str, factory_args: dict[str, Any] | None = None) ->
 def _check_factory_args(value: str, factory_args: dict[str, Any] | None) -> None:
     if not factory_args:
         return
-    if not_a_factory(value):
+    why = not_a_factory(value)
+    if why:
         raise UsageError(f"--arch-arg {', '.join(factory_args)}: arguments go to a model factory (module:factory, "
-                         f"timm:NAME, file.py:factory), and {not_a_factory(value)}")
+                         f"timm:NAME, file.py:factory), and {why}")
     for key in NO_DOWNLOAD_ARGS:
         if factory_args.get(key) not in (None, False):  # null / false: what edgecl passes anyway
             raise UsageError(f"--arch-arg {key}={factory_args[key]!r}: edgecl builds factories without downloaded "

@@ -34,8 +34,7 @@ _POOL_MODULES = {nn.MaxPool2d: "max", nn.AvgPool2d: "avg", nn.AdaptiveAvgPool2d:
 _LEAVES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d, nn.Flatten, nn.Upsample, *_POOL_MODULES,
            *_ACTIVATION_MODULES, *_IDENTITY_MODULES)
 _SCALAR_FUNCTIONS = (operator.getitem, getattr, torch.Tensor.size, operator.mul, operator.floordiv, operator.add,
-                     operator.neg,
-                     operator.sub)
+                     operator.neg, operator.sub)
 _SCALAR_METHODS = ("size", "dim")
 
 
@@ -109,16 +108,17 @@ class _ShapeProp(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         self.current = n
         result = super().run_node(n)
-        tensors = []
+        found = False
 
         def shape(value: Any) -> Any:
+            nonlocal found
             if isinstance(value, torch.Tensor):
-                tensors.append(value)
+                found = True
                 return TracedShape(tuple(value.shape))
             return value
 
         meta = fx.node.map_aggregate(result, shape)
-        if tensors:
+        if found:  # scalars (sizes) and other values keep no shape
             n.meta["tensor_meta"] = meta
         return result
 

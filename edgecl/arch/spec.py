@@ -15,8 +15,7 @@ its ``name`` is unique. Shapes leave out the batch axis. Ops (fields and default
   ``NODE.weight`` etc.; an optional ``module`` names the layer's path in the traced module where the node's name
   had to differ (`state_keys`);
 - element-wise: ``relu relu6 hardswish hardsigmoid silu sigmoid gelu tanh``, ``leaky_relu`` (its ``slope``), and
-  ``scale`` (x·factor + offset with
-  two constant numbers: arithmetic with a Python number, a negation);
+  ``scale`` (x·factor + offset with two constant numbers: arithmetic with a Python number, a negation);
 - pooling: ``maxpool`` / ``avgpool`` (k, stride, pad, ceil_mode; avgpool's count_include_pad), ``gap`` (global
   average → ``(C, 1, 1)``); ``upsample`` (nearest, by the integer ``scale`` of each spatial axis: every value
   repeated);

@@ -105,12 +105,11 @@ def compact_task(arch: Arch, params: dict[str, np.ndarray], *,
     except ChannelError as exc:
         return (copy.deepcopy(arch), dict(params),
                 CompactionReport(False, f"kept dense: {exc}", dense, dense))
-    while True:
-        try:
-            if not net.compact_round():
-                break
-        except ChannelError:  # a round's result no channel map follows (a grouped conv left one channel per
-            break             # group reads as depthwise): keep the last graph that was followed, as exact as any
+    try:
+        while net.compact_round():
+            pass
+    except ChannelError:  # a round's result no channel map follows (a grouped conv left one channel per group reads
+        pass              # as depthwise): keep the last graph that was followed, as exact as any
     return net.result(dense)
 
 

@@ -27,6 +27,7 @@ from typing import IO, Any
 import numpy as np
 
 from edgecl.errors import BudgetError, UsageError
+from edgecl.npy import read_npy_header
 from edgecl.runtime.budget import format_bytes, parse_budget
 
 NPY_MAGIC, ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
@@ -131,12 +132,7 @@ def load_input(path: str | os.PathLike, budget: int | str | None = None) -> np.n
 def _read_header(f: IO[bytes], where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
     """(shape, fortran order, dtype) of a .npy header, the dtype one a plain array of numbers can have."""
     try:
-        version = np.lib.format.read_magic(f)
-        if version not in ((1, 0), (2, 0)):
-            raise ValueError(f"unsupported .npy version {version}")
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-            np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(f)
+        shape, fortran, dtype = read_npy_header(f)
     except ValueError as exc:
         raise UsageError(f"input {where!r} has a damaged .npy header ({exc})") from None
     if dtype.hasobject:

@@ -27,8 +27,8 @@ import numpy as np
 from edgecl.arch.spec import Arch, param_shapes, state_keys
 from edgecl.artifact.report import INITIAL_WEIGHTS, initial_weights
 from edgecl.errors import EdgeclWarning, UsageError
+from edgecl.npy import read_npy_header
 
-RECORD_KEY = INITIAL_WEIGHTS  # the packed model's extra entry: {"sha256": …, "source": …, "tensors": n}
 SUFFIXES = (".npz", ".safetensors")
 
 
@@ -57,9 +57,8 @@ def starting_weights(source: Any, arch: Arch, *, label: str | None = None) -> St
     if isinstance(source, Mapping):
         return _checked(dict(source), arch, label or "<arrays>")
     state_dict = getattr(source, "state_dict", None)
-    if callable(state_dict):
-        values = {k: v.detach().cpu().float().numpy() for k, v in state_dict().items() if hasattr(v, "detach")}
-        return _checked(values, arch, label or f"module {type(source).__name__}")
+    if callable(state_dict):  # its tensors, converted (`_float32`) only where the spec names them
+        return _checked(dict(state_dict()), arch, label or f"module {type(source).__name__}")
     raise UsageError(f"starting weights must be a torch.nn.Module, a mapping of arrays or an .npz/.safetensors file, "
                      f"not {type(source).__name__}")
 
@@ -73,9 +72,10 @@ def check_init_source(value: str, arch_name: str | None, resume: str | None = No
     if value == MODULE:
         from edgecl.arch.factories import not_a_factory
 
-        if not_a_factory(arch_name):
+        why = not_a_factory(arch_name)
+        if why:
             raise UsageError(f"--init-weights module takes the weights of the module that the --arch factory builds "
-                             f"(module:factory, timm:NAME, file.py:factory), and {not_a_factory(arch_name)}"
+                             f"(module:factory, timm:NAME, file.py:factory), and {why}"
                              f"{' (with --resume, give --arch too)' if resume and not arch_name else ''}; or pass "
                              "an .npz/.safetensors file of weights")
         return
@@ -110,9 +110,9 @@ def warn_unused_batchnorm(start: StartingWeights, arch: Arch, method: str, rule:
 
 
 def record(packed: Any, recorded: dict[str, Any] | None) -> None:
-    """Stamp a packed model with the record of the start it was trained from (`RECORD_KEY` in its extra)."""
+    """Stamp a packed model with the record of the start it was trained from (`INITIAL_WEIGHTS` in its extra)."""
     if recorded is not None:
-        packed.extra[RECORD_KEY] = dict(recorded)
+        packed.extra[INITIAL_WEIGHTS] = dict(recorded)
 
 
 def check_resumed_start(extra: dict[str, Any], start: StartingWeights | None, resume: str,
@@ -135,7 +135,7 @@ def check_resumed_start(extra: dict[str, Any], start: StartingWeights | None, re
         if redraws:
             raise UsageError(f"{resume} was trained from starting weights {where} and its new tasks start from them "
                              "too: pass the same --init-weights")
-        return dict(extra[RECORD_KEY])
+        return dict(extra[INITIAL_WEIGHTS])
     if start.sha256 != recorded["sha256"]:
         raise UsageError(f"{resume} was trained from other starting weights {where} than {start.source} (sha256 "
                          f"{start.sha256[:12]}…); pass the ones it was trained from")
@@ -208,7 +208,7 @@ def _read_npz(path: str, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, 
                 if name not in shapes:
                     continue
                 with archive.open(member) as f:
-                    shape, dtype = _npy_header(f)
+                    shape, _, dtype = read_npy_header(f)
                     if tuple(shape) != shapes[name]:
                         raise UsageError(f"{path}: tensor {name!r} has shape {tuple(shape)}, the architecture needs "
                                          f"{shapes[name]}")
@@ -223,15 +223,6 @@ def _read_npz(path: str, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, 
             ValueError, OSError) as exc:  # damaged, encrypted or truncated members
         raise UsageError(f"{path}: not a readable .npz file ({str(exc)[:200]})") from None
     return out, held
-
-
-def _npy_header(f: Any) -> tuple[tuple[int, ...], np.dtype]:
-    version = np.lib.format.read_magic(f)
-    if version not in ((1, 0), (2, 0)):
-        raise ValueError(f"unsupported .npy version {version}")
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, _, dtype = read(f)
-    return tuple(shape), dtype
 
 
 def _read_safetensors(path: str, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, np.ndarray], list[str]]:
