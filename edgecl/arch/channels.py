@@ -2,8 +2,9 @@
 and feature permutations need once a network has residual adds, gates, concatenations and depthwise convolutions.
 
 Every conv or linear layer starts a *group* of channels (its output units). Ops that keep channels (BatchNorm,
-activations, pooling) pass a tensor's channels on; a depthwise convolution's output channel i is its input channel i;
-a residual ``add`` and a per-channel ``mul`` gate make their inputs' channels one group (channel i of each branch is
+LayerNorm over channels, layer scales, activations, pooling) pass a tensor's channels on (a LayerNorm *pins* its
+groups: each of its outputs depends on all of them, so none may be removed); a depthwise convolution's output
+channel i is its input channel i; a residual ``add`` and a per-channel ``mul`` gate make their inputs' channels one group (channel i of each branch is
 the same unit of the network); ``cat`` lays groups side by side; ``flatten`` turns each channel into H·W features;
 a ``slice`` takes whole groups: a group it cuts is first split in two there (every tensor with that group on an axis
 then has both parts, side by side), so every group stays a set of channels that one decision can keep or drop.
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edgecl.arch.spec import INPUT, Arch, is_depthwise, node_by_name, node_shapes, param_shapes
+from edgecl.arch.spec import CHANNEL_AFFINE_OPS, INPUT, Arch, is_depthwise, node_by_name, node_shapes, param_shapes
 from edgecl.errors import UsageError
 
 Segments = list[tuple[str, int]]
@@ -37,6 +38,8 @@ class ChannelMap:
     cols: dict[str, Segments]  # conv/linear weight → its input axis (input channels, or features of a linear)
     head_cols: Segments  # the features the heads read
     spaces: dict[str, Segments] = field(default_factory=dict)  # node (and "input") → its output's channel axis
+    # groups a LayerNorm normalises together: removing one channel changes every other's output, so none may go
+    pinned: set[str] = field(default_factory=set)
 
     def size(self, segments: Segments) -> int:
         """Length of an axis made of `segments`."""
@@ -121,6 +124,8 @@ def channel_map(arch: Arch) -> ChannelMap:
     spaces: dict[str, Segments] = {INPUT: new_group(INPUT, shapes[INPUT][0])}
     rows: dict[str, Segments] = {}
     cols: dict[str, Segments] = {}
+    tensors = param_shapes(arch)
+    normalised: list[Segments] = []
     for node in arch["nodes"]:
         op, name = node["op"], node["name"]
         ins = [spaces[s] for s in node["inputs"]]
@@ -132,9 +137,11 @@ def channel_map(arch: Arch) -> ChannelMap:
             cols[f"{name}.weight"] = x
             out = new_group(name, node["out"])
             rows[f"{name}.weight"] = out
-        elif op == "bn":
+        elif op in CHANNEL_AFFINE_OPS:
             out = x
-            rows.update({f"{name}.{k}": x for k in ("weight", "bias", "running_mean", "running_var")})
+            rows.update({k: x for k in tensors if k.rpartition(".")[0] == name})
+            if op == "layer_norm":
+                normalised.append(x)
         elif op == "flatten":
             hw = 1
             for d in shapes[node["inputs"][0]][1:]:
@@ -157,7 +164,8 @@ def channel_map(arch: Arch) -> ChannelMap:
     resolve = uf.resolve
     groups = {g: size[g] for g in size if uf.find(g) == g and g not in uf.alias}
     cm = ChannelMap(groups, {k: resolve(v) for k, v in rows.items()}, {k: resolve(v) for k, v in cols.items()},
-                    resolve(spaces[arch["output"]]), {k: resolve(v) for k, v in spaces.items()})
+                    resolve(spaces[arch["output"]]), {k: resolve(v) for k, v in spaces.items()},
+                    {g for segments in normalised for g, _ in resolve(segments)})
     _check_widths(arch, cm, shapes)
     return cm
 

@@ -70,6 +70,12 @@ _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in [^\n]*\n[ \t]*([^\n]*)')
 
 
+def is_elementwise(target: Any) -> bool:
+    """An activation, arithmetic, a negation or a dropout: ops that act on each value alone, in any layout."""
+    return target in _ACTIVATIONS or target in _LEAKY or target in _ARITHMETIC or target in _NEGATIONS or \
+        target in _DROPOUTS or is_library_identity(target)
+
+
 def shape_of(node: Any) -> list[int] | None:
     """The traced output shape of an fx node, without batch (None for a non-tensor value)."""
     meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None

@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from edgecl.arch.fx_calls import (POOL_PARAMETERS, WITH_INDICES, _CallConverter, is_library_identity, location, pair,
-                                  shape_of)
+from edgecl.arch.fx_calls import (POOL_PARAMETERS, VIEWS, WITH_INDICES, _CallConverter, is_elementwise,
+                                  is_library_identity, location, pair, shape_of)
+from edgecl.arch.fx_norms import LAYER_NORMS, PERMUTES, _NormConverter
 from edgecl.arch.fx_slices import _SliceConverter
-from edgecl.arch.spec import INPUT, NAME, Arch, validate
+from edgecl.arch.spec import INPUT, NAME, TENSOR_OPS, Arch, validate
 from edgecl.errors import UsageError
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid",
@@ -46,6 +47,8 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         _check_own_forward(m, qualname)
+        if isinstance(m, nn.LayerNorm):  # traced into: its F.layer_norm reads its parameters (`fx_norms`)
+            return False
         return isinstance(m, _LEAVES) or is_library_identity(m) or super().is_leaf_module(m, qualname)
 
 
@@ -138,7 +141,7 @@ def _propagate_shapes(traced: fx.GraphModule, shape: list[int]) -> None:
         traced.train(was_training)
 
 
-class _Converter(_CallConverter, _SliceConverter):
+class _Converter(_CallConverter, _SliceConverter, _NormConverter):
     def __init__(self, traced: fx.GraphModule, module: nn.Module, shape: list[int], classifier: bool | None,
                  name: str):
         self.traced, self.module, self.input_shape = traced, module, shape
@@ -149,6 +152,7 @@ class _Converter(_CallConverter, _SliceConverter):
         self.nodes: list[dict[str, Any]] = []
         self.used_names: set[str] = {INPUT}
         self.param_modules: set[str] = set()
+        self.init_norms()
 
     # -- the walk ---------------------------------------------------------------------------------------------------
     def spec(self) -> Arch:
@@ -161,8 +165,7 @@ class _Converter(_CallConverter, _SliceConverter):
             elif node.op == "output":
                 output = node
             elif node.op == "get_attr":
-                raise self.refuse(node, "a tensor attribute used directly in forward; edgecl supports parameters "
-                                        "only inside standard layers (Conv2d, Linear, BatchNorm)")
+                self.attribute(node)
             elif shape_of(node) is None:
                 if not self.split(node):
                     self._scalar(node)
@@ -177,6 +180,9 @@ class _Converter(_CallConverter, _SliceConverter):
         result = output.args[0]
         if not isinstance(result, fx.Node) or result not in self.alias:
             raise UsageError(f"{self.name}: forward must return one tensor, returns {type(result).__name__}")
+        if result in self.last:
+            raise UsageError(f"{self.name}: forward returns a channels-last tensor (after permute(0, 2, 3, 1)); "
+                             "permute it back with permute(0, 3, 1, 2)")
         last = self._node_named(self.alias[result])
         ends_in_linear = last is not None and last["op"] == "linear"
         if self.classifier is False:
@@ -219,20 +225,39 @@ class _Converter(_CallConverter, _SliceConverter):
 
     def _convert(self, node: fx.Node) -> None:
         if node.op == "call_module":
-            self._module(node, self.modules[node.target])
+            m = self.modules[node.target]
+            self.check_layout(node, isinstance(m, (nn.Linear, *_ACTIVATION_MODULES, *_IDENTITY_MODULES)) or
+                              is_library_identity(m))
+            self._module(node, m)
+        elif node.target in PERMUTES:
+            self.permute(node)
+        elif node.target in LAYER_NORMS:
+            self.layer_norm(node)
+        elif node.target in VIEWS and node.args[0] in self.attrs:  # gamma.reshape(1, -1, 1, 1): judged where used
+            self.attrs[node] = self.attrs[node.args[0]]
         else:
+            self.check_layout(node, is_elementwise(node.target))
             self.call(node)
+
+    def arithmetic(self, node: fx.Node, kind: str, a: Any, b: Any) -> None:
+        """As `_CallConverter.arithmetic`, and x · parameter: a layer scale (`fx_norms`)."""
+        if kind != "mul" or not self.layer_scale(node, a, b):
+            super().arithmetic(node, kind, a, b)
 
     def _input(self, arg: Any, node: fx.Node) -> str:
         if isinstance(arg, fx.Node) and arg in self.alias:
             return self.alias[arg]
+        if isinstance(arg, fx.Node) and arg in self.attrs:
+            raise self.refuse(node, f"the parameter {self.attrs[arg]!r} is used directly in forward; edgecl "
+                                    "supports parameters inside standard layers (Conv2d, Linear, BatchNorm, "
+                                    "LayerNorm) and as a per-channel layer scale (x * gamma)")
         raise self.refuse(node, f"its operand {str(arg)[:80]!r} is not a tensor computed from the input (a constant "
                                 "tensor or a value computed in forward)")
 
     def _emit(self, node: fx.Node, op: str, inputs: list[str], name: str | None = None, **fields: Any) -> str:
         wanted = name
         name = self._unique(name or node.name)
-        if node.op == "call_module" and op in ("conv", "linear", "bn") and name != wanted:
+        if wanted is not None and op in TENSOR_OPS and name != wanted:
             fields["module"] = wanted  # its tensors' keys in the module's state dict (`spec.state_keys`)
         self.nodes.append({"name": name, "op": op, "inputs": inputs, **fields})
         self.alias[node] = name
@@ -262,6 +287,10 @@ class _Converter(_CallConverter, _SliceConverter):
             self.param_modules.add(path)
         if isinstance(m, nn.Conv2d):
             self._emit(node, "conv", [x], path, **self._conv_fields(node, m, path))
+        elif isinstance(m, nn.Linear) and node in self.last:  # over the channels of a channels-last map: a 1×1 conv
+            self._emit(node, "conv", [x], path, **{"in": m.in_features, "out": m.out_features, "k": [1, 1],
+                                                   "groups": 1, "bias": m.bias is not None,
+                                                   "module_shape": [m.out_features, m.in_features]})
         elif isinstance(m, nn.Linear):
             self._emit(node, "linear", [x], path, **{"in": m.in_features, "out": m.out_features,
                                                      "bias": m.bias is not None})
@@ -324,13 +353,13 @@ class _Converter(_CallConverter, _SliceConverter):
 def tensors_of(module: nn.Module, arch: Arch) -> dict[str, Any]:
     """The module's own values of the spec's trunk tensors (state-dict keys), as float32 numpy arrays: a trained or
     pretrained network's weights as a starting point, and what `from_torch`'s parity check runs."""
-    from edgecl.arch.spec import param_shapes, state_keys
+    from edgecl.arch.spec import param_shapes, state_keys, state_shapes
 
-    state, keys = module.state_dict(), state_keys(arch)
+    state, keys, stored = module.state_dict(), state_keys(arch), state_shapes(arch)
     out = {}
     for name, shape in param_shapes(arch).items():
         key = keys[name]
-        if key not in state or tuple(state[key].shape) != shape:
-            raise UsageError(f"tensor {key!r}: not in the module's state dict with shape {shape}")
-        out[name] = state[key].detach().cpu().to(torch.float32).numpy().copy()
+        if key not in state or tuple(state[key].shape) != stored[name]:
+            raise UsageError(f"tensor {key!r}: not in the module's state dict with shape {stored[name]}")
+        out[name] = state[key].detach().cpu().to(torch.float32).numpy().reshape(shape).copy()
     return out

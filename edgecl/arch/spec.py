@@ -11,9 +11,13 @@ Nodes are in topological order; each reads the named outputs of earlier nodes (`
 its ``name`` is unique. Shapes leave out the batch axis. Ops (fields and defaults in `OPS`):
 
 - with tensors: ``conv`` (weight ``(out, in/groups, kh, kw)``, optional bias), ``linear`` (weight ``(out, in)``),
-  ``bn`` (weight, bias, running_mean, running_var of ``ch`` channels; eps, momentum) — tensor names are
+  ``bn`` (weight, bias, running_mean, running_var of ``ch`` channels; eps, momentum), ``layer_norm`` (normalises
+  each position over its ``ch`` channels, as ConvNeXt's LayerNorm after a permute; eps; weight and bias when
+  ``affine``), ``layer_scale`` (weight: one learned factor per channel, ConvNeXt's γ) — tensor names are
   ``NODE.weight`` etc.; an optional ``module`` names the layer's path in the traced module where the node's name
-  had to differ (`state_keys`);
+  had to differ (a layer_scale's: its parameter's path), and an optional ``module_shape`` the shape in which that
+  module stores the weight where it differs by axes of 1 (a 1×1 conv that is an ``nn.Linear`` applied over the
+  channels stores ``(out, in)``; a γ of shape ``(C, 1, 1)``) (`state_keys`, `state_shapes`);
 - element-wise: ``relu relu6 hardswish hardsigmoid silu sigmoid gelu tanh``, ``leaky_relu`` (its ``slope``), and
   ``scale`` (x·factor + offset with two constant numbers: arithmetic with a Python number, a negation);
 - pooling: ``maxpool`` / ``avgpool`` (k, stride, pad, ceil_mode; avgpool's count_include_pad), ``gap`` (global
@@ -62,6 +66,8 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
              "pad": ("pad", [0, 0]), "dilation": ("pair", [1, 1]), "groups": ("size", 1), "bias": ("bool", True)},
     "linear": {"in": ("size", ...), "out": ("size", ...), "bias": ("bool", True)},
     "bn": {"ch": ("size", ...), "eps": ("eps", 1e-5), "momentum": ("momentum", 0.1)},
+    "layer_norm": {"ch": ("size", ...), "eps": ("eps", 1e-5), "affine": ("bool", True)},
+    "layer_scale": {"ch": ("size", ...)},
     **{act: {} for act in ACTIVATIONS},
     "maxpool": {**_POOL, "dilation": ("pair", [1, 1])},
     "avgpool": {**_POOL, "count_include_pad": ("bool", True)},
@@ -78,7 +84,9 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
 OPS["gelu"] = {"approximate": ("approximate", "none")}
 OPS["leaky_relu"] = {"slope": ("number", 0.01)}  # torch's negative_slope
 WEIGHT_OPS = ("conv", "linear")
-_WITH_TENSORS = ("conv", "linear", "bn")
+# per-channel affine layers: BatchNorm, LayerNorm over channels, layer scale (a method's `batchnorm` rule covers them)
+CHANNEL_AFFINE_OPS = ("bn", "layer_norm", "layer_scale")
+TENSOR_OPS = ("conv", "linear", *CHANNEL_AFFINE_OPS)
 _MULTI_INPUT = ("add", "mul", "cat")
 
 
@@ -136,7 +144,8 @@ def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
     if name in shapes:
         raise UsageError(f"{where}: duplicate name {name!r}")
     fields = OPS[op]
-    unknown = set(node) - set(fields) - {"op", "name", "inputs"} - ({"module"} if op in _WITH_TENSORS else set())
+    unknown = set(node) - set(fields) - {"op", "name", "inputs"} - \
+        ({"module", "module_shape"} if op in TENSOR_OPS else set())
     if unknown:
         raise UsageError(f"{where}: unknown fields {sorted(unknown)[:5]} for op {op!r}")
     out = {"name": name, "op": op, "inputs": _inputs(node.get("inputs"), op, where, shapes)}
@@ -155,10 +164,31 @@ def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
                 not node["module"].isprintable():
             raise UsageError(f"{where}: module {str(node['module'])[:60]!r} must be a module path")
         out["module"] = node["module"]
+    if "module_shape" in node:
+        out["module_shape"] = _module_shape(node["module_shape"], out, where)
     shapes[name] = output_shape(out, [shapes[s] for s in out["inputs"]], where)
     if math.prod(shapes[name]) > MAX_ACTIVATION or max(shapes[name]) > MAX_DIM:
         raise UsageError(f"{where}: output {shapes[name]} has more than {MAX_ACTIVATION} elements per sample")
     return out
+
+
+def _module_shape(value: Any, node: dict[str, Any], where: str) -> list[int]:
+    """A weight's shape as the traced module stores it: the spec's shape with axes of 1 added or removed, so the
+    values are the same in the same order (a Linear over channels as a 1×1 conv, a γ of shape (C, 1, 1))."""
+    weight = _weight_shape(node)
+    if not isinstance(value, list) or not 0 < len(value) <= 4 or not all(_is_size(d) for d in value) or \
+            weight is None or [d for d in value if d != 1] != [d for d in weight if d != 1]:
+        raise UsageError(f"{where}: module_shape {str(value)[:60]} must be the weight's shape {weight} with axes of "
+                         "1 added or removed")
+    return list(value)
+
+
+def _weight_shape(node: dict[str, Any]) -> list[int] | None:
+    if node["op"] == "conv":
+        return [node["out"], node["in"] // node["groups"], *node["k"]] if node["in"] % node["groups"] == 0 else None
+    if node["op"] == "linear":
+        return [node["out"], node["in"]]
+    return [node["ch"]] if node["op"] in ("layer_scale", "layer_norm") else None
 
 
 def _inputs(value: Any, op: str, where: str, shapes: dict[str, list[int]]) -> list[str]:
@@ -268,9 +298,9 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
         if op != "conv":
             _check_pool_windows(node, x, hw, where)
         return [node["out"] if op == "conv" else x[0], *hw]
-    if op == "bn":
+    if op in CHANNEL_AFFINE_OPS:
         if x[0] != node["ch"]:
-            raise UsageError(f"{where}: bn has {node['ch']} channels, gets {x}")
+            raise UsageError(f"{where}: {op} has {node['ch']} channels, gets {x}")
         return list(x)
     if op == "gap":
         if len(x) != 3:
@@ -327,6 +357,8 @@ def param_shapes(arch: Arch, n_classes: int | None = None) -> dict[str, tuple[in
             shapes[f"{name}.weight"] = (node["out"], node["in"])
         elif op == "bn":
             shapes.update({f"{name}.{k}": (node["ch"],) for k in BN_TENSORS})
+        elif op == "layer_norm" and node["affine"] or op == "layer_scale":
+            shapes.update({f"{name}.{k}": (node["ch"],) for k in ("weight", "bias")[:1 + (op == "layer_norm")]})
         if op in WEIGHT_OPS and node["bias"]:
             shapes[f"{name}.bias"] = (node["out"],)
     if n_classes is not None:
@@ -357,13 +389,25 @@ def gemm_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 def state_keys(arch: Arch) -> dict[str, str]:
     """Trunk tensor name → the key of the same tensor in the traced module's state dict: the same name, except
     where `from_torch` had to name a node otherwise (a trunk layer called ``head``, a name taken) and kept the
-    layer's path in the node's ``module`` field."""
+    layer's path in the node's ``module`` field. A layer scale is a bare parameter: its key is its path."""
     nodes = node_by_name(arch)
     out = {}
     for name in param_shapes(arch):
         layer, _, tensor = name.rpartition(".")
-        out[name] = f"{nodes[layer].get('module', layer)}.{tensor}"
+        node = nodes[layer]
+        path = node.get("module", layer)
+        out[name] = path if node["op"] == "layer_scale" else f"{path}.{tensor}"
     return out
+
+
+def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
+    """Trunk tensor name → its shape as the traced module stores it (`param_shapes`, except a weight whose node has
+    a ``module_shape``); the values are the same in the same order, so a reshape converts either way."""
+    shapes = param_shapes(arch)
+    for node in arch["nodes"]:
+        if "module_shape" in node:
+            shapes[f"{node['name']}.weight"] = tuple(node["module_shape"])
+    return shapes
 
 
 def node_by_name(arch: Arch) -> dict[str, dict[str, Any]]:

@@ -21,7 +21,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgecl.arch.spec import INPUT as SPEC_INPUT
-from edgecl.arch.spec import Arch, param_shapes
+from edgecl.arch.spec import Arch, node_shapes, param_shapes
 
 OPSET = 17
 INPUT, OUTPUT = "x", "logits"
@@ -58,6 +58,19 @@ def _bn(b: _Builder, h: str, node: dict) -> str:
     name = node["name"]
     return b.op("BatchNormalization", [h] + [f"{name}.{k}" for k in ("weight", "bias", "running_mean", "running_var")],
                 epsilon=node["eps"])
+
+
+def _layer_norm(b: _Builder, h: str, node: dict, constant, flat: bool) -> str:
+    """LayerNormalization normalises the trailing axes: an NCHW map is transposed to NHWC around it (as the torch
+    model it comes from permutes), features (N, C) go in as they are. Without affine tensors: scale 1, no bias."""
+    name, ch = node["name"], node["ch"]
+    scale = f"{name}.weight" if node["affine"] else constant(np.ones(ch, dtype=np.float32))
+    bias = [f"{name}.bias"] if node["affine"] else []
+    if flat:
+        return b.op("LayerNormalization", [h, scale, *bias], axis=-1, epsilon=node["eps"])
+    last = b.op("Transpose", [h], perm=[0, 2, 3, 1])
+    normed = b.op("LayerNormalization", [last, scale, *bias], axis=-1, epsilon=node["eps"])
+    return b.op("Transpose", [normed], perm=[0, 3, 1, 2])
 
 
 def _select_inputs(b: _Builder, arch: Arch) -> str:
@@ -151,14 +164,21 @@ _KEEP_TRANSPOSED = ("relu", "relu6", "sigmoid", "tanh", "hardswish", "hardsigmoi
                     "scale")
 
 
-def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict) -> str:
-    """One non-linear node of the spec (conv included), exactly as `edgecl.train.models` runs it."""
+def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, flat: bool = False) -> str:
+    """One non-linear node of the spec (conv included), exactly as `edgecl.train.models` runs it; `flat`: its input
+    is a feature vector (N, C), not a map."""
     op, h = node["op"], ins[0]
     if op == "conv":
         form, parts = factors.get(node["name"], (None, {}))
         return _conv_factored(b, h, node, form, parts)
     if op == "bn":
         return _bn(b, h, node)
+    if op == "layer_norm":
+        return _layer_norm(b, h, node, constant, flat)
+    if op == "layer_scale":  # a (C,) weight times (N, C) features or, unsqueezed to (C, 1, 1), an NCHW map
+        w = f"{node['name']}.weight"
+        axes = constant(np.array([1, 2], dtype=np.int64))
+        return b.op("Mul", [h, w if flat else b.op("Unsqueeze", [w, axes])])
     if op in _UNARY:
         return b.op(_UNARY[op], [h])
     if op == "relu6":
@@ -219,6 +239,7 @@ def _nodes(arch: Arch, b: _Builder, weights_left: bool = False, constants: froze
     (see the module docstring); a transposed tensor stays so through element-wise activations and further linear
     layers, and is transposed back before anything else reads it."""
     factors = factors or {}
+    flat = {name for name, shape in node_shapes(arch).items() if len(shape) == 1}
     env: dict[str, tuple[str, bool]] = {
         SPEC_INPUT: (_select_inputs(b, arch) if "input_select" in arch else INPUT, False)}
 
@@ -240,7 +261,8 @@ def _nodes(arch: Arch, b: _Builder, weights_left: bool = False, constants: froze
         elif op in _KEEP_TRANSPOSED and env[node["inputs"][0]][1]:
             env[name] = (_op(b, node, [env[node["inputs"][0]][0]], constant, factors), True)
         else:
-            env[name] = (_op(b, node, [plain(s) for s in node["inputs"]], constant, factors), False)
+            env[name] = (_op(b, node, [plain(s) for s in node["inputs"]], constant, factors,
+                             node["inputs"][0] in flat), False)
     return env[arch["output"]]
 
 

@@ -14,12 +14,14 @@ columns' sum goes into the reader's bias (a new bias where it had none). That is
 heads, for convolutions without padding, and for the constant 0 anywhere; a constant ≠ 0 read by a padded
 convolution keeps the channel (its border outputs see zeros, not the constant). A residual sum's constant is the sum
 of its branches', so a channel dead in every branch folds through the add. Removing c then deletes it everywhere the
-group appears: rows of every producer (conv/linear weights and biases, BatchNorm channels, depthwise filters — a
-depthwise conv shrinks its `groups` with its channels, and gate convolutions lose their rows too), columns of every
-reader, both copies inside a concatenation of the group with itself, and network inputs (below). Rounds repeat until
+group appears: rows of every producer (conv/linear weights and biases, BatchNorm and layer-scale channels,
+depthwise filters — a depthwise conv shrinks its `groups` with its channels, and gate convolutions lose their rows
+too), columns of every reader, both copies inside a concatenation of the group with itself, and network inputs (below). Rounds repeat until
 nothing changes (a removal can leave an upstream channel unread).
 
 What stays, and why:
+- every channel a LayerNorm normalises (`ChannelMap.pinned`): its mean and variance are over all of them, so
+  removing even a dead one changes the others' outputs;
 - one channel of a group whose channels are all removable (ONNX graphs with empty dimensions are not portable) —
   which also keeps a single-channel tensor that a ``mul`` broadcasts over many channels (a spatial gate): no
   conv/linear column reads it, yet every channel of the product does;
@@ -57,7 +59,8 @@ from typing import Any
 import numpy as np
 
 from edgecl.arch.channels import ChannelError, ChannelMap, Segments, channel_map
-from edgecl.arch.spec import INPUT, WEIGHT_OPS, Arch, consumers, is_depthwise, output_shape, validate
+from edgecl.arch.spec import (CHANNEL_AFFINE_OPS, INPUT, WEIGHT_OPS, Arch, consumers, is_depthwise, output_shape,
+                               validate)
 from edgecl.graph.constants import channel_constants, expand, is_reader
 
 HEAD = "head.weight"
@@ -225,6 +228,8 @@ class _Net:
                 n = cm.groups[g]
                 removable[g] &= ok[offset:offset + n * r].reshape(n, r).all(axis=1)
                 offset += n * r
+        for g in cm.pinned:
+            removable[g][:] = False
         for flags in removable.values():
             if flags.all():
                 flags[0] = False  # keep one channel: ONNX graphs with empty dimensions are not portable
@@ -332,9 +337,9 @@ class _Net:
                     node["in"] = node["groups"] = int(w.shape[0])
                 else:
                     node["in"] = int(w.shape[1]) * (node["groups"] if op == "conv" else 1)
-            elif op == "bn":
-                node["ch"] = int(self.params[f"{name}.weight"].shape[0])
             ins = [shapes[s] for s in node["inputs"]]
+            if op in CHANNEL_AFFINE_OPS:
+                node["ch"] = ins[0][0]
             if op == "reshape":  # a flatten (1-D) or a spatial reshape that keeps the channels
                 node["shape"] = [math.prod(ins[0])] if len(node["shape"]) == 1 else [ins[0][0], *node["shape"][1:]]
             shapes[name] = output_shape(node, ins, name)

@@ -3,10 +3,11 @@ channel into its readers' biases instead of keeping it (numpy only, no torch).
 
 A channel is *constant* when every position of it holds the same value for every input: a conv/linear output unit
 whose weight row reads nothing that varies (a dead filter: its bias, or its bias plus what it reads of other
-constants), pushed through BatchNorm, activations, ``scale``, pooling, residual sums (the sum of the branches' constants),
-gates (a product; a zero gate makes anything zero) and concatenations. Values are float64 per channel of the tensor's
+constants), pushed through BatchNorm, layer scales, activations, ``scale``, pooling, residual sums (the sum of the
+branches' constants), gates (a product; a zero gate makes anything zero) and concatenations. Values are float64 per channel of the tensor's
 channel axis as `edgecl.arch.channel_map` lays it out (``spaces``: after a flatten, one value per source channel, not
-per feature); NaN means "depends on the input".
+per feature); NaN means "depends on the input". A LayerNorm's outputs are taken as varying (each depends on
+every channel at its position).
 
 Exact or not, op by op: a convolution without padding sees a constant channel in every window (its contribution is
 the kernel's sum times the constant); with zero padding the border windows see zeros instead, so a constant ≠ 0 read
@@ -84,6 +85,10 @@ def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: 
     if op == "bn":
         g, b, m, var = (params[f"{name}.{k}"].astype(np.float64) for k in BN_KEYS)
         return collapse((expand(v, source, cm) - m) / np.sqrt(var + node["eps"]) * g + b, source, cm)
+    if op == "layer_scale":
+        return collapse(expand(v, source, cm) * params[f"{name}.weight"].astype(np.float64), source, cm)
+    if op == "layer_norm":  # each output depends on every channel at its position: treated as varying
+        return np.full_like(v, np.nan)
     if op in ACTIVATIONS:
         return ACTIVATIONS[op](v)
     if op == "gelu":

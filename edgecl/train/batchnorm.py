@@ -13,6 +13,10 @@ follows from its guarantee about earlier tasks — a shared running mean that ke
   1 − eps) in training and in the stored model, so the network trained and deployed is the one without BatchNorm
   (RGO's paper removes BatchNorm: "its parameters are not updated by gradient descent").
 
+The same rule covers the other per-channel affine tensors (`CHANNEL_AFFINE_OPS`): a LayerNorm's weight and bias
+and a layer scale's factors (ConvNeXt); they have no statistics, and their identity is weight 1, bias 0 (a
+LayerNorm held so still normalises).
+
 Methods keep BatchNorm tensors as training leaves from `start`, run the forward with ``train=batch_stats(t)``,
 `settle` the running statistics once the task's weights are final and hand the trained tensors back with
 `commit`. A method whose tasks see a trunk's channels in a task-specific order
@@ -25,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgecl.arch.spec import Arch, param_shapes
+from edgecl.arch.spec import CHANNEL_AFFINE_OPS, Arch, param_shapes
 from edgecl.deltas import PackedModel
 from edgecl.errors import UsageError
 from edgecl.train.data import TaskData
@@ -40,8 +44,9 @@ STATISTICS = ("running_mean", "running_var")
 
 
 def batchnorm_names(arch: Arch) -> list[str]:
-    """Every BatchNorm tensor of the trunk (affine pairs and running statistics), in node order."""
-    bn = {n["name"] for n in arch["nodes"] if n["op"] == "bn"}
+    """Every BatchNorm tensor of the trunk (affine pairs and running statistics), and every other per-channel affine
+    tensor (LayerNorm, layer scale), in node order."""
+    bn = {n["name"] for n in arch["nodes"] if n["op"] in CHANNEL_AFFINE_OPS}
     return [k for k in param_shapes(arch) if k.rsplit(".", 1)[0] in bn]
 
 
@@ -229,15 +234,17 @@ class BatchNorm(RuledTensors):
 
 def identity(arch: Arch, params: Params) -> Params:
     """`params` with every BatchNorm layer set to the identity map: weight 1, bias 0, running mean 0 and running
-    variance 1 − eps, so (x − mean)/sqrt(var + eps) is x to float rounding."""
+    variance 1 − eps, so (x − mean)/sqrt(var + eps) is x to float rounding; LayerNorm and layer scale tensors at
+    weight 1, bias 0."""
     out = dict(params)
+    for key in batchnorm_names(arch):
+        if not is_statistic(key):
+            out[key] = torch.ones_like(params[key]) if key.endswith(".weight") else torch.zeros_like(params[key])
     for node in arch["nodes"]:
         if node["op"] == "bn":
             name = node["name"]
             ones = torch.ones_like(params[f"{name}.weight"])
-            out.update({f"{name}.weight": ones, f"{name}.bias": torch.zeros_like(ones),
-                        f"{name}.running_mean": torch.zeros_like(ones),
-                        f"{name}.running_var": ones - node["eps"]})
+            out.update({f"{name}.running_mean": torch.zeros_like(ones), f"{name}.running_var": ones - node["eps"]})
     return out
 
 

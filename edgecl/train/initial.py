@@ -15,6 +15,7 @@ SHA-256 is recorded in the artifact (``extra["initial_weights"]``), so `--resume
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import warnings
 import zipfile
@@ -24,7 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from edgecl.arch.spec import Arch, param_shapes, state_keys
+from edgecl.arch.spec import CHANNEL_AFFINE_OPS, Arch, param_shapes, state_keys, state_shapes
 from edgecl.artifact.report import INITIAL_WEIGHTS, initial_weights
 from edgecl.errors import EdgeclWarning, UsageError
 from edgecl.npy import read_npy_header
@@ -48,8 +49,10 @@ class StartingWeights:
 def starting_weights(source: Any, arch: Arch, *, label: str | None = None) -> StartingWeights:
     """Check `source` — a torch.nn.Module, a mapping name → array, or a path to an .npz/.safetensors file — against
     `arch`'s trunk tensors; UsageError naming the file and tensor for anything missing, misshapen or non-finite."""
-    if isinstance(source, StartingWeights):  # checked for some spec: checked again for this one
-        return _checked({state_keys(arch).get(k, k): v for k, v in source.values.items()}, arch, source.source)
+    if isinstance(source, StartingWeights):  # checked for some spec: checked again for this one, as the module's
+        keys, stored = state_keys(arch), state_shapes(arch)
+        return _checked({keys.get(k, k): v.reshape(stored[k]) if k in stored and v.size == math.prod(stored[k])
+                         else v for k, v in source.values.items()}, arch, source.source)
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         values, held = read_weights_file(path, arch)
@@ -103,9 +106,10 @@ def _check_file(path: str) -> None:
 def warn_unused_batchnorm(start: StartingWeights, arch: Arch, method: str, rule: str | None) -> None:
     """BatchNorm held at the identity (RGO's default rule) discards the starting BatchNorm values, and a pretrained
     network's features without them are not its features: say so rather than train from half a start."""
-    if rule == "identity" and any(n["op"] == "bn" for n in arch["nodes"]):
-        warnings.warn(f"{method} holds BatchNorm at the identity (batchnorm='identity'), so the BatchNorm values of "
-                      f"{start.source} are not used; --set batchnorm=task keeps them as every task's start",
+    held = sorted({n["op"] for n in arch["nodes"] if n["op"] in CHANNEL_AFFINE_OPS})
+    if rule == "identity" and held:
+        warnings.warn(f"{method} holds BatchNorm at the identity (batchnorm='identity'), so the "
+                      f"{'/'.join(held)} values of {start.source} are not used; --set batchnorm=task keeps them as every task's start",
                       EdgeclWarning, stacklevel=3)
 
 
@@ -144,7 +148,7 @@ def check_resumed_start(extra: dict[str, Any], start: StartingWeights | None, re
 
 def _checked(values: dict[str, Any], arch: Arch, where: str, held: list[str] | None = None) -> StartingWeights:
     """`values` keyed by the module's state-dict keys (`state_keys`), checked; the result keyed by spec names."""
-    shapes, keys = param_shapes(arch), state_keys(arch)
+    shapes, keys, stored = param_shapes(arch), state_keys(arch), state_shapes(arch)
     missing = [keys[name] for name in shapes if keys[name] not in values]
     if missing:
         held = sorted(values) if held is None else held
@@ -156,9 +160,10 @@ def _checked(values: dict[str, Any], arch: Arch, where: str, held: list[str] | N
     digest = hashlib.sha256()
     for name, shape in shapes.items():
         array = _float32(values[keys[name]], keys[name], where)
-        if array.shape != shape:
+        if array.shape != stored[name]:
             raise UsageError(f"{where}: tensor {keys[name]!r} has shape {array.shape}, the architecture needs "
-                             f"{shape}")
+                             f"{stored[name]}")
+        array = array.reshape(shape)  # a Linear over channels as a 1×1 conv: the same values (`state_shapes`)
         if name.endswith("running_var") and (array < 0).any():
             raise UsageError(f"{where}: tensor {keys[name]!r} holds negative variances")
         digest.update(f"{name}:{shape};".encode())
@@ -189,7 +194,7 @@ def read_weights_file(path: str, arch: Arch) -> tuple[dict[str, np.ndarray], lis
     read, the others never read; and the names of every array the file holds (for the error of a missing one)."""
     _check_file(path)
     keys = state_keys(arch)
-    shapes = {keys[name]: shape for name, shape in param_shapes(arch).items()}  # by the file's names
+    shapes = {keys[name]: shape for name, shape in state_shapes(arch).items()}  # by the file's names
     if path.lower().endswith(".safetensors"):
         return _read_safetensors(path, shapes)
     return _read_npz(path, shapes)

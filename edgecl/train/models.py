@@ -98,6 +98,14 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return F.batch_norm(h, params[f"{name}.running_mean"], params[f"{name}.running_var"],
                             params[f"{name}.weight"], params[f"{name}.bias"], training=train,
                             momentum=node["momentum"], eps=node["eps"])
+    if op == "layer_norm":  # over the channels at each position, as ConvNeXt's permute + LayerNorm computes it
+        w, b = params.get(f"{name}.weight"), params.get(f"{name}.bias")
+        if h.dim() == 2:
+            return F.layer_norm(h, (node["ch"],), w, b, node["eps"])
+        return F.layer_norm(h.permute(0, 2, 3, 1), (node["ch"],), w, b, node["eps"]).permute(0, 3, 1, 2)
+    if op == "layer_scale":
+        w = params[f"{name}.weight"]
+        return h * (w if h.dim() == 2 else w.reshape(-1, 1, 1))
     if op in _ACTIVATIONS:
         return _ACTIVATIONS[op](h)
     if op == "gelu":

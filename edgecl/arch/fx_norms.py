@@ -1,0 +1,165 @@
+"""LayerNorm over channels, channels-last stretches and layer scales in a user's forward, for
+`fx_import._Converter` — what ConvNeXt (torchvision and timm) and its relatives compute:
+
+- ``x.permute(0, 2, 3, 1)`` puts channels last; until ``permute(0, 3, 1, 2)`` brings them back, the value is the
+  same tensor in another layout, so no spec node is emitted: the fx node is remembered as *channels-last* (`last`).
+  On such a value edgecl follows a LayerNorm over the channels, an ``nn.Linear`` (a 1×1 convolution over the
+  channels: spec ``conv`` with ``module_shape`` ``(out, in)``, so the module's weight reads as it is),
+  activations, dropouts and element-wise sums and products; anything else there is refused by name.
+- ``F.layer_norm(x, (C,), weight, bias, eps)`` — what ``nn.LayerNorm`` and the libraries' ``LayerNorm2d`` (permute,
+  layer_norm, permute) run, traced into — becomes a ``layer_norm`` node over the channels of a channels-last map or
+  of a feature vector, named by the layer's path (its tensors keep their state-dict keys).
+- A parameter multiplying a tensor channel by channel (ConvNeXt's ``gamma`` / ``layer_scale``, of shape
+  ``(C,)`` or ``(C, 1, 1)``) becomes a ``layer_scale`` node named by the parameter's path.
+
+Parameters used in forward (fx ``get_attr``) are remembered by path (`attrs`) and accepted only there; any other use
+is refused, as before.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from edgecl.arch.fx_calls import location, shape_of
+from edgecl.errors import UsageError
+
+TO_LAST, FROM_LAST = [0, 2, 3, 1], [0, 3, 1, 2]
+PERMUTES = (torch.permute, "permute")
+LAYER_NORMS = (F.layer_norm, torch.layer_norm)
+
+
+class _NormConverter:
+    """Mixin of `fx_import._Converter`: permutes, layer norms, layer scales and the parameters they read."""
+
+    name: str
+    alias: dict[fx.Node, str]
+    traced: fx.GraphModule
+    param_modules: set[str]
+    refuse: Callable[..., UsageError]
+    _emit: Callable[..., str]
+    _input: Callable[[Any, fx.Node], str]
+    bind: Callable[..., dict[str, Any]]
+
+    def init_norms(self) -> None:
+        self.last: set[fx.Node] = set()  # fx nodes whose value is the channels-last view of their spec node
+        self.attrs: dict[fx.Node, str] = {}  # get_attr nodes (and views of them) → the parameter's path
+
+    # -- parameters -------------------------------------------------------------------------------------------------
+    def attribute(self, node: fx.Node) -> None:
+        """A get_attr: remembered, judged where it is used."""
+        self.attrs[node] = str(node.target)
+
+    def parameter(self, path: str, node: fx.Node) -> torch.Tensor:
+        """The module's parameter at `path`; a buffer or a plain tensor attribute is refused (nothing learns it)."""
+        try:
+            return self.traced.get_parameter(path)
+        except AttributeError:
+            raise self.refuse(node, f"{path!r} is a tensor attribute that is no parameter (a buffer or a constant); "
+                                    "edgecl supports parameters used in forward only as a LayerNorm's or a "
+                                    "per-channel layer scale") from None
+
+    def claim(self, path: str, node: fx.Node) -> None:
+        if path in self.param_modules:
+            raise UsageError(f"{self.name}: {path!r} is used twice (shared weights) {location(node)}; edgecl "
+                             "needs one use per layer")
+        self.param_modules.add(path)
+
+    # -- layouts ----------------------------------------------------------------------------------------------------
+    def permute(self, node: fx.Node) -> None:
+        """To channels-last and back: the same spec value, the layout remembered."""
+        source = node.args[0]
+        dims = list(node.kwargs.get("dims", node.args[1:]))
+        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):  # permute([0, 2, 3, 1]), torch.permute(x, dims)
+            dims = list(dims[0])
+        shape = shape_of(source)
+        if not all(isinstance(d, int) for d in dims) or shape is None or len(dims) != len(shape) + 1:
+            raise self.refuse(node, f"permute {dims} of a tensor of shape {shape}")
+        dims = [d % len(dims) for d in dims]
+        x = self._input(source, node)
+        if source not in self.last and dims == TO_LAST:
+            self.last.add(node)
+        elif source in self.last and dims == FROM_LAST:
+            pass
+        else:
+            raise self.refuse(node, f"permute {dims}; edgecl follows only permute(0, 2, 3, 1) of a feature map "
+                                    "(channels last, as before a LayerNorm) and permute(0, 3, 1, 2) back")
+        self.alias[node] = x
+
+    def check_layout(self, node: fx.Node, follows: bool) -> None:
+        """Refuse an op on a channels-last value unless edgecl `follows` it there (an element-wise op, a Linear, a
+        dropout; all its tensor operands channels-last); mark its result channels-last."""
+        inputs = [a for a in node.all_input_nodes if a not in self.attrs and shape_of(a) is not None]
+        on_last = [a for a in inputs if a in self.last]
+        if not on_last:
+            return
+        if not follows or len(on_last) != len(inputs):
+            raise self.refuse(node, "it reads a channels-last tensor (after permute(0, 2, 3, 1)); there edgecl "
+                                    "follows LayerNorm, Linear, activations, dropout and element-wise sums and "
+                                    "products, then permute(0, 3, 1, 2) back")
+        self.last.add(node)
+
+    # -- layers -----------------------------------------------------------------------------------------------------
+    def layer_norm(self, node: fx.Node) -> None:
+        """F.layer_norm over the channels: of a channels-last map, or of a feature vector (N, C)."""
+        args = self.bind(node, ("input", "normalized_shape", "weight", "bias", "eps", "cudnn_enable"))
+        source, shape = args["input"], shape_of(args["input"])
+        last = source in self.last
+        if shape is None or not (last and len(shape) == 3 or len(shape) == 1) or \
+                list(args["normalized_shape"] or []) != shape[-1:]:
+            raise self.refuse(node, f"layer_norm over {args['normalized_shape']} of a tensor of shape {shape}; only "
+                                    "over the channels: of a feature vector, or of a map put channels-last by "
+                                    "permute(0, 2, 3, 1) (ConvNeXt's LayerNorm)")
+        x, ch = self._input(source, node), shape[-1]
+        weight, bias = args["weight"], args["bias"]
+        if (weight is None) != (bias is None):
+            raise self.refuse(node, "a LayerNorm with a weight but no bias (or the reverse) is not supported")
+        fields: dict[str, Any] = {"ch": ch, "eps": float(args["eps"] if args["eps"] is not None else 1e-5),
+                                  "affine": weight is not None}
+        path = None
+        if weight is not None:
+            paths = [self.attrs.get(t) for t in (weight, bias)]
+            if None in paths or paths[0][:-len("weight")] != paths[1][:-len("bias")] or \
+                    not paths[0].endswith(".weight") or not paths[1].endswith(".bias"):
+                raise self.refuse(node, "its weight and bias must be a LayerNorm's own parameters (LAYER.weight, "
+                                        "LAYER.bias)")
+            path = paths[0][:-len(".weight")]
+            for p in paths:
+                if tuple(self.parameter(p, node).shape) != (ch,):
+                    raise self.refuse(node, f"{p!r} has shape {tuple(self.parameter(p, node).shape)}, not ({ch},)")
+            self.claim(path, node)
+        self._emit(node, "layer_norm", [x], path, **fields)
+        if last:
+            self.last.add(node)
+
+    def layer_scale(self, node: fx.Node, a: Any, b: Any) -> bool:
+        """x · p with p a parameter holding one factor per channel of x (in any broadcastable shape): a layer_scale
+        node. False when neither operand is a parameter."""
+        if a in self.attrs:
+            a, b = b, a
+        if b not in self.attrs:
+            return False
+        path = self.attrs[b]
+        p = self.parameter(path, node)
+        shape, view = shape_of(a), list(b.meta["tensor_meta"].shape) if "tensor_meta" in b.meta else None
+        if shape is None or view is None:
+            raise self.refuse(node, f"a product with the parameter {path!r}")
+        full = [None, *shape]  # the batch axis
+        axis = len(full) - 1 if a in self.last else 1
+        aligned = [1] * (len(full) - len(view)) + view
+        ch = full[axis]
+        if len(view) > len(full) or any(d != (ch if i == axis else 1) for i, d in enumerate(aligned)) or \
+                p.numel() != ch:
+            raise self.refuse(node, f"a product with the parameter {path!r} of shape {tuple(p.shape)}; only one "
+                                    "factor per channel (a layer scale) is supported")
+        self.claim(path, node)
+        fields: dict[str, Any] = {"ch": ch}
+        if list(p.shape) != [ch]:
+            fields["module_shape"] = list(p.shape)
+        self._emit(node, "layer_scale", [self._input(a, node)], path, **fields)
+        if a in self.last:
+            self.last.add(node)
+        return True
+
