@@ -65,14 +65,62 @@ class GhostSplit(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(z, 1), 1))
 
 
+class _Norm2d(nn.LayerNorm):
+    """A LayerNorm over the channels of an NCHW map, as torchvision's and timm's LayerNorm2d write it."""
+
+    def forward(self, x):
+        return nn.functional.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                                        self.eps).permute(0, 3, 1, 2)
+
+
+class TinyConvNeXt(nn.Module):
+    """ConvNeXt in small: a patchify stem with a LayerNorm2d, blocks of depthwise conv → channels last → LayerNorm →
+    Linear → GELU → Linear → channels first → layer scale (torchvision's (C, 1, 1) form in one block, timm's
+    ``gamma.reshape(1, -1, 1, 1)`` in the other) → residual add, a LayerNorm2d + strided conv downsample, and a
+    LayerNorm on the pooled features before the classifier."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, w, 2, stride=2), _Norm2d(w, eps=1e-6))
+        self.dw1, self.norm1 = nn.Conv2d(w, w, 3, padding=1, groups=w), nn.LayerNorm(w, eps=1e-6)
+        self.mlp1 = nn.Sequential(nn.Linear(w, 4 * w), nn.GELU(), nn.Linear(4 * w, w))
+        self.layer_scale = nn.Parameter(torch.full((w, 1, 1), 0.5))
+        self.down = nn.Sequential(_Norm2d(w, eps=1e-6), nn.Conv2d(w, 2 * w, 2, stride=2))
+        self.dw2, self.norm2 = nn.Conv2d(2 * w, 2 * w, 3, padding=1, groups=2 * w), nn.LayerNorm(2 * w)
+        self.fc1, self.act, self.fc2 = nn.Linear(2 * w, 4 * w), nn.GELU(), nn.Linear(4 * w, 2 * w)
+        self.gamma = nn.Parameter(torch.full((2 * w,), 0.5))
+        self.head_norm, self.fc = nn.LayerNorm(2 * w), nn.Linear(2 * w, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.layer_scale * self.mlp1(self.norm1(self.dw1(x).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        x = self.down(x)
+        y = self.norm2(self.dw2(x).permute(0, 2, 3, 1))
+        y = self.fc2(self.act(self.fc1(y))).permute(0, 3, 1, 2)
+        x = x + y.mul(self.gamma.reshape(1, -1, 1, 1))
+        return self.fc(self.head_norm(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)))
+
+
+def convnext_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyConvNeXt(in_channels=input_shape[0]), tuple(input_shape))
+
+
 def ghost_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(GhostSplit(in_channels=input_shape[0]), tuple(input_shape))
 
 
 def randomise_batchnorm(module: nn.Module, seed: int = 0) -> None:
-    """Non-trivial running statistics and affine parameters (fresh modules have identity BatchNorm)."""
+    """Non-trivial running statistics and affine parameters (fresh modules have identity BatchNorm and LayerNorm,
+    and ConvNeXt's layer scales are 1e-6, which would hide its blocks from a parity check)."""
     g = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        if name.endswith(("gamma", "layer_scale")):
+            p.data.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
     for m in module.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.weight.data.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
+            m.bias.data.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
@@ -85,6 +133,8 @@ MODELS = {
     "torchvision mobilenet_v2": lambda: torchvision.models.mobilenet_v2(num_classes=5, width_mult=0.25),
     "timm mobilenetv3_small_050": lambda: timm.create_model("mobilenetv3_small_050", num_classes=5),
     "custom residual + concat": ResCat,
+    "timm convnext_atto": lambda: timm.create_model("convnext_atto", num_classes=5),
+    "torchvision convnext_tiny": lambda: torchvision.models.convnext_tiny(num_classes=5),
 }
 
 

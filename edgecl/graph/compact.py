@@ -330,6 +330,7 @@ class _Net:
         shapes = {INPUT: self.arch["input_shape"]}
         for node in self.arch["nodes"]:
             op, name = node["op"], node["name"]
+            node.pop("module_shape", None)  # how the user's module stores the dense weight: nothing here reads it
             if op in WEIGHT_OPS:
                 w = self.params[f"{name}.weight"]
                 node["out"] = int(w.shape[0])
