@@ -118,8 +118,9 @@ def randomise_batchnorm(module: nn.Module, seed: int = 0) -> None:
         if name.endswith(("gamma", "layer_scale")):
             p.data.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
     for m in module.modules():
-        if isinstance(m, nn.LayerNorm):
+        if isinstance(m, nn.LayerNorm) and m.weight is not None:
             m.weight.data.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
+        if isinstance(m, nn.LayerNorm) and m.bias is not None:
             m.bias.data.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch import fx
+from torch import fx, nn
 
 from edgecl.arch.fx_calls import location, shape_of
 from edgecl.errors import UsageError
@@ -37,6 +37,7 @@ class _NormConverter:
     name: str
     alias: dict[fx.Node, str]
     traced: fx.GraphModule
+    module: nn.Module
     param_modules: set[str]
     refuse: Callable[..., UsageError]
     _emit: Callable[..., str]
@@ -60,6 +61,12 @@ class _NormConverter:
             raise self.refuse(node, f"{path!r} is a tensor attribute that is no parameter (a buffer or a constant); "
                                     "edgecl supports parameters used in forward only as a LayerNorm's or a "
                                     "per-channel layer scale") from None
+
+    def module_at(self, path: str) -> nn.Module | None:
+        try:
+            return self.module.get_submodule(path)
+        except AttributeError:
+            return None
 
     def claim(self, path: str, node: fx.Node) -> None:
         if path in self.param_modules:
@@ -118,7 +125,8 @@ class _NormConverter:
             raise self.refuse(node, "a LayerNorm with a weight but no bias (or the reverse) is not supported")
         fields: dict[str, Any] = {"ch": ch, "eps": float(args["eps"] if args["eps"] is not None else 1e-5),
                                   "affine": weight is not None}
-        path = None
+        stack = list(node.meta.get("nn_module_stack") or [])  # the module it runs in (the traced copy lacks some)
+        path = stack[-1] if stack and isinstance(self.module_at(stack[-1]), nn.LayerNorm) else None
         if weight is not None:
             paths = [self.attrs.get(t) for t in (weight, bias)]
             if None in paths or paths[0][:-len("weight")] != paths[1][:-len("bias")] or \
@@ -129,6 +137,7 @@ class _NormConverter:
             for p in paths:
                 if tuple(self.parameter(p, node).shape) != (ch,):
                     raise self.refuse(node, f"{p!r} has shape {tuple(self.parameter(p, node).shape)}, not ({ch},)")
+        if weight is not None:  # one call per set of weights (a LayerNorm without any may run twice)
             self.claim(path, node)
         self._emit(node, "layer_norm", [x], path, **fields)
         if last:
