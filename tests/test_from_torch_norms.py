@@ -12,7 +12,7 @@ from torch import nn
 
 from edgecl.arch import channel_map, from_torch, node_by_name, validate
 from edgecl.arch.fx_import import tensors_of
-from edgecl.arch.spec import state_keys, state_shapes
+from edgecl.arch.module_state import state_keys, state_shapes
 from edgecl.errors import UsageError
 from edgecl.graph.compact import compact_task
 from edgecl.train.initial import starting_weights

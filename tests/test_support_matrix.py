@@ -39,14 +39,20 @@ NETWORKS = {
     "custom residual + concat": ("{factories}:ResCat", (3, 8, 8)),
     "custom channel slices": ("{factories}:GhostSplit", (3, 8, 8)),
     "timm mixnet_s": ("timm:mixnet_s", (3, 16, 16)),
+    "timm convnext_atto": ("timm:convnext_atto", (3, 32, 32)),
+    "custom ConvNeXt (LayerNorm, layer scale)": ("{factories}:TinyConvNeXt3", (3, 8, 8)),
 }
 FACTORIES = '''
     import sys
     import torchvision  # first, as a user's file would (edgecl makes it importable where its ops cannot load)
 
     sys.path.insert(0, {tests!r})
-    from torch_nets import GhostSplit, ResCat  # custom nn.Modules: a residual add, concat, depthwise conv, SE gate;
-    # a ghost module cut by x[:, :c], split and chunk parts meeting in an add
+    from torch_nets import GhostSplit, ResCat, TinyConvNeXt  # custom nn.Modules: a residual add, concat, depthwise
+    # conv, SE gate; a ghost module cut by x[:, :c], split and chunk parts meeting in an add; ConvNeXt in small
+
+
+    def TinyConvNeXt3():
+        return TinyConvNeXt(in_channels=3, width=16)
 
 
     def mobilenet_v2_quarter():

@@ -258,7 +258,7 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter):
         wanted = name
         name = self._unique(name or node.name)
         if wanted is not None and op in TENSOR_OPS and name != wanted:
-            fields["module"] = wanted  # its tensors' keys in the module's state dict (`spec.state_keys`)
+            fields["module"] = wanted  # its tensors' keys in the module's state dict (`module_state.state_keys`)
         self.nodes.append({"name": name, "op": op, "inputs": inputs, **fields})
         self.alias[node] = name
         return name
@@ -353,7 +353,8 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter):
 def tensors_of(module: nn.Module, arch: Arch) -> dict[str, Any]:
     """The module's own values of the spec's trunk tensors (state-dict keys), as float32 numpy arrays: a trained or
     pretrained network's weights as a starting point, and what `from_torch`'s parity check runs."""
-    from edgecl.arch.spec import param_shapes, state_keys, state_shapes
+    from edgecl.arch.module_state import state_keys, state_shapes
+    from edgecl.arch.spec import param_shapes
 
     state, keys, stored = module.state_dict(), state_keys(arch), state_shapes(arch)
     out = {}

@@ -17,7 +17,7 @@ its ``name`` is unique. Shapes leave out the batch axis. Ops (fields and default
   ``NODE.weight`` etc.; an optional ``module`` names the layer's path in the traced module where the node's name
   had to differ (a layer_scale's: its parameter's path), and an optional ``module_shape`` the shape in which that
   module stores the weight where it differs by axes of 1 (a 1×1 conv that is an ``nn.Linear`` applied over the
-  channels stores ``(out, in)``; a γ of shape ``(C, 1, 1)``) (`state_keys`, `state_shapes`);
+  channels stores ``(out, in)``; a γ of shape ``(C, 1, 1)``) (`edgecl.arch.module_state`);
 - element-wise: ``relu relu6 hardswish hardsigmoid silu sigmoid gelu tanh``, ``leaky_relu`` (its ``slope``), and
   ``scale`` (x·factor + offset with two constant numbers: arithmetic with a Python number, a negation);
 - pooling: ``maxpool`` / ``avgpool`` (k, stride, pad, ceil_mode; avgpool's count_include_pad), ``gap`` (global
@@ -159,7 +159,7 @@ def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
         out[key] = value
     if op in ("maxpool", "avgpool") and out["stride"] is None:
         out["stride"] = list(out["k"])
-    if "module" in node:  # the layer's path in the user's module where the node name had to differ (`state_keys`)
+    if "module" in node:  # the layer's path in the user's module where the node name had to differ (`module_state`)
         if not isinstance(node["module"], str) or not 0 < len(node["module"]) <= 512 or \
                 not node["module"].isprintable():
             raise UsageError(f"{where}: module {str(node['module'])[:60]!r} must be a module path")
@@ -384,30 +384,6 @@ def prunable(arch: Arch) -> list[str]:
 def gemm_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     """(P, Q) GEMM view of a linear or conv weight: rows are output units, columns are inputs × kernel positions."""
     return shape[0], math.prod(shape[1:])
-
-
-def state_keys(arch: Arch) -> dict[str, str]:
-    """Trunk tensor name → the key of the same tensor in the traced module's state dict: the same name, except
-    where `from_torch` had to name a node otherwise (a trunk layer called ``head``, a name taken) and kept the
-    layer's path in the node's ``module`` field. A layer scale is a bare parameter: its key is its path."""
-    nodes = node_by_name(arch)
-    out = {}
-    for name in param_shapes(arch):
-        layer, _, tensor = name.rpartition(".")
-        node = nodes[layer]
-        path = node.get("module", layer)
-        out[name] = path if node["op"] == "layer_scale" else f"{path}.{tensor}"
-    return out
-
-
-def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
-    """Trunk tensor name → its shape as the traced module stores it (`param_shapes`, except a weight whose node has
-    a ``module_shape``); the values are the same in the same order, so a reshape converts either way."""
-    shapes = param_shapes(arch)
-    for node in arch["nodes"]:
-        if "module_shape" in node:
-            shapes[f"{node['name']}.weight"] = tuple(node["module_shape"])
-    return shapes
 
 
 def node_by_name(arch: Arch) -> dict[str, dict[str, Any]]:
