@@ -1,7 +1,7 @@
-"""AGS-CL on graphs: nodes are channel groups across residual adds, concatenations, depthwise convs, SE gates,
-BatchNorm and LayerNorm (the resnet preset and the custom `ResCat`, `GhostSplit` and `TinyConvNeXt` modules), on real digits training: dead node groups exactly
-zero, important ones frozen bit for bit, old tasks bit-identical, the runtime and ONNX export equal `materialize`,
-and `--resume` continues."""
+"""AGS-CL on graphs: nodes are channel groups across residual adds, concatenations, depthwise convs, SE gates, BatchNorm
+and LayerNorm (the resnet preset and the custom `ResCat`, `GhostSplit` and `TinyConvNeXt` modules), on real digits
+training: dead node groups exactly zero, important ones frozen bit for bit, old tasks bit-identical, the runtime and
+ONNX export equal `materialize`, and `--resume` continues."""
 from __future__ import annotations
 
 import numpy as np

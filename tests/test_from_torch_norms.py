@@ -54,7 +54,8 @@ def test_starting_weights_read_linear_and_layer_scale_as_the_module_stores_them(
     assert got["mlp1.0.weight"].shape == (32, 8, 1, 1) and got["layer_scale.weight"].shape == (8,)
     state = {k: v.detach().numpy() for k, v in module.state_dict().items()}
     state["mlp1.0.weight"] = state["mlp1.0.weight"].reshape(32, 8, 1, 1)  # the spec's shape is not the module's
-    with pytest.raises(UsageError, match=r"'mlp1.0.weight' has shape \(32, 8, 1, 1\), the architecture needs \(32, 8\)"):
+    with pytest.raises(UsageError, match=r"'mlp1.0.weight' has shape \(32, 8, 1, 1\), the architecture needs "
+                                         r"\(32, 8\)"):
         starting_weights(state, spec)
 
 
@@ -76,6 +77,28 @@ def test_layer_norm_without_affine_and_on_features():
     assert nodes["norm"]["affine"] is False and "norm.weight" not in tensors_of(module, spec)
     assert nodes["post"]["eps"] == 1e-3
     check_parity(module, spec, (2, 6, 6))
+
+
+class _ScaleForms(nn.Module):
+    """Layer scales as people write them: indexed, viewed, on a channels-last map, on features."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.lin, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.g1, self.g2, self.g3, self.g4 = (nn.Parameter(torch.rand(4) + 0.5) for _ in range(4))
+
+    def forward(self, x):
+        x = self.g1[:, None, None] * self.conv(x)
+        x = x * self.g2.view(-1, 1, 1)
+        x = (self.lin(x.permute(0, 2, 3, 1)) * self.g3).permute(0, 3, 1, 2)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1) * self.g4)
+
+
+def test_layer_scale_forms_equal_the_module():
+    module = _ScaleForms()
+    spec = from_torch(module, (3, 4, 4))
+    assert [n["op"] for n in spec["nodes"]].count("layer_scale") == 4
+    check_parity(module, spec, (3, 4, 4))
 
 
 def _ln_spec(op: str) -> dict:
@@ -156,8 +179,10 @@ class _Refused(nn.Module):
             x = self.norm(self.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
         elif k == "no bias":
             x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        elif k == "mixed add":
-            x = (x.permute(0, 2, 3, 1) + x.permute(0, 3, 2, 1)).permute(0, 3, 1, 2)
+        elif k == "mixed add":  # a channels-last tensor plus a channels-first one (equal shapes here)
+            x = (x.permute(0, 2, 3, 1) + x).permute(0, 3, 1, 2)
+        elif k == "indexed parameter":
+            x = x * self.shift[:, None, 0]
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
@@ -171,7 +196,8 @@ class _Refused(nn.Module):
     ("buffer factor", r"'fixed' is a tensor attribute that is no parameter"),
     ("norm twice", r"'norm' is used twice"),
     ("no bias", r"weight but no bias"),
-    ("mixed add", r"permute \[0, 3, 2, 1\]"),
+    ("mixed add", r"'add' .* reads a channels-last tensor"),
+    ("indexed parameter", r"the parameter 'shift' is used directly in forward"),
 ])
 def test_what_edgecl_cannot_follow_is_refused_by_name(kind, match):
     with pytest.raises(UsageError, match=match) as err:

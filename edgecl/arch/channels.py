@@ -1,13 +1,13 @@
 """Which channels of a graph are one and the same: the channel-dependency map that node masks, structural compaction
 and feature permutations need once a network has residual adds, gates, concatenations and depthwise convolutions.
 
-Every conv or linear layer starts a *group* of channels (its output units). Ops that keep channels (BatchNorm,
-LayerNorm over channels, layer scales, activations, pooling) pass a tensor's channels on (a LayerNorm *pins* its
-groups: each of its outputs depends on all of them, so none may be removed); a depthwise convolution's output
-channel i is its input channel i; a residual ``add`` and a per-channel ``mul`` gate make their inputs' channels one group (channel i of each branch is
-the same unit of the network); ``cat`` lays groups side by side; ``flatten`` turns each channel into H·W features;
-a ``slice`` takes whole groups: a group it cuts is first split in two there (every tensor with that group on an axis
-then has both parts, side by side), so every group stays a set of channels that one decision can keep or drop.
+Every conv or linear layer starts a *group* of channels (its output units). Ops that keep channels (BatchNorm, LayerNorm
+over channels, layer scales, activations, pooling) pass a tensor's channels on (a LayerNorm *pins* its groups: each of
+its outputs depends on all of them, so none may be removed); a depthwise convolution's output channel i is its input
+channel i; a residual ``add`` and a per-channel ``mul`` gate make their inputs' channels one group (channel i of each
+branch is the same unit of the network); ``cat`` lays groups side by side; ``flatten`` turns each channel into H·W
+features; a ``slice`` takes whole groups: a group it cuts is first split in two there (every tensor with that group on
+an axis then has both parts, side by side), so every group stays a set of channels that one decision can keep or drop.
 This is the dependency graph Torch-Pruning's DepGraph builds on a traced model, computed here on the spec with a
 union-find, without torch.
 

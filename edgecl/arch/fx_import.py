@@ -6,7 +6,8 @@ every conv/linear/BatchNorm node is named by its module path and its tensors by 
 Shapes come from running the traced graph once on zeros (`_ShapeProp`, eval mode, no gradients, the module's own
 state untouched). Dropout and identity are dropped (identities at inference); view-like ops (view, reshape, flatten,
 squeeze, …) become ``flatten``/``reshape`` with the shape they actually produced. Function and method calls are
-converted in `fx_calls`. The model's final `nn.Linear` classifier is detected and left out (with a (log_)softmax
+converted in `fx_calls`, channel slices in `fx_slices`, LayerNorm, channels-last stretches and layer scales
+(ConvNeXt) in `fx_norms`. The model's final `nn.Linear` classifier is detected and left out (with a (log_)softmax
 after it): edgecl gives every task its own head on the features it reads. Anything else raises `UsageError` naming
 the op, the fx node, the module path and the user's source line, never a trace from inside torch.
 """
@@ -19,9 +20,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from edgecl.arch.fx_calls import (POOL_PARAMETERS, VIEWS, WITH_INDICES, _CallConverter, is_elementwise,
+from edgecl.arch.fx_calls import (POOL_PARAMETERS, WITH_INDICES, _CallConverter, is_elementwise,
                                   is_library_identity, location, pair, shape_of)
-from edgecl.arch.fx_norms import LAYER_NORMS, PERMUTES, _NormConverter
+from edgecl.arch.fx_norms import LAYER_NORMS, PERMUTES, _NormConverter, is_view
 from edgecl.arch.fx_slices import _SliceConverter
 from edgecl.arch.spec import INPUT, NAME, TENSOR_OPS, Arch, validate
 from edgecl.errors import UsageError
@@ -233,8 +234,8 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter):
             self.permute(node)
         elif node.target in LAYER_NORMS:
             self.layer_norm(node)
-        elif node.target in VIEWS and node.args[0] in self.attrs:  # gamma.reshape(1, -1, 1, 1): judged where used
-            self.attrs[node] = self.attrs[node.args[0]]
+        elif node.args and node.args[0] in self.attrs and is_view(node.target):  # gamma.reshape(1, -1, 1, 1)
+            self.parameter_view(node)
         else:
             self.check_layout(node, is_elementwise(node.target))
             self.call(node)

@@ -17,18 +17,24 @@ is refused, as before.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from edgecl.arch.fx_calls import location, shape_of
+from edgecl.arch.fx_calls import VIEWS, location, shape_of
 from edgecl.errors import UsageError
 
 TO_LAST, FROM_LAST = [0, 2, 3, 1], [0, 3, 1, 2]
 PERMUTES = (torch.permute, "permute")
 LAYER_NORMS = (F.layer_norm, torch.layer_norm)
+
+
+def is_view(target: Any) -> bool:
+    """A view-like op or an index (what `_NormConverter.parameter_view` judges on a parameter)."""
+    return target is operator.getitem or target in VIEWS
 
 
 class _NormConverter:
@@ -73,6 +79,19 @@ class _NormConverter:
             raise UsageError(f"{self.name}: {path!r} is used twice (shared weights) {location(node)}; edgecl "
                              "needs one use per layer")
         self.param_modules.add(path)
+
+    def parameter_view(self, node: fx.Node) -> None:
+        """A view of a parameter that only adds or moves axes of 1 (``gamma.reshape(1, -1, 1, 1)``,
+        ``g[:, None, None]``, ``g.view(-1, 1, 1)``): the same values, judged where it is used. Anything else done to
+        a parameter in forward is refused."""
+        path = self.attrs[node.args[0]]
+        index = node.args[1] if node.target is operator.getitem else ()
+        if not all(i is None or i == slice(None) or i is Ellipsis for i in (index if isinstance(index, tuple)
+                                                                           else (index,))):
+            raise self.refuse(node, f"the parameter {path!r} is used directly in forward; edgecl supports parameters "
+                                    "inside standard layers (Conv2d, Linear, BatchNorm, LayerNorm) and as a "
+                                    "per-channel layer scale (x * gamma)")
+        self.attrs[node] = path
 
     # -- layouts ----------------------------------------------------------------------------------------------------
     def permute(self, node: fx.Node) -> None:
@@ -135,10 +154,10 @@ class _NormConverter:
                                         "LAYER.bias)")
             path = paths[0][:-len(".weight")]
             for p in paths:
-                if tuple(self.parameter(p, node).shape) != (ch,):
-                    raise self.refuse(node, f"{p!r} has shape {tuple(self.parameter(p, node).shape)}, not ({ch},)")
-        if weight is not None:  # one call per set of weights (a LayerNorm without any may run twice)
-            self.claim(path, node)
+                found = tuple(self.parameter(p, node).shape)
+                if found != (ch,):
+                    raise self.refuse(node, f"{p!r} has shape {found}, not ({ch},)")
+            self.claim(path, node)  # one call per set of weights (a LayerNorm without any may run twice)
         self._emit(node, "layer_norm", [x], path, **fields)
         if last:
             self.last.add(node)

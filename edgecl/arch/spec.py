@@ -176,8 +176,10 @@ def _module_shape(value: Any, node: dict[str, Any], where: str) -> list[int]:
     """A weight's shape as the traced module stores it: the spec's shape with axes of 1 added or removed, so the
     values are the same in the same order (a Linear over channels as a 1×1 conv, a γ of shape (C, 1, 1))."""
     weight = _weight_shape(node)
+    if weight is None:
+        raise UsageError(f"{where}: module_shape is for conv, linear and layer_scale weights, not {node['op']}")
     if not isinstance(value, list) or not 0 < len(value) <= 4 or not all(_is_size(d) for d in value) or \
-            weight is None or [d for d in value if d != 1] != [d for d in weight if d != 1]:
+            [d for d in value if d != 1] != [d for d in weight if d != 1]:
         raise UsageError(f"{where}: module_shape {str(value)[:60]} must be the weight's shape {weight} with axes of "
                          "1 added or removed")
     return list(value)
@@ -188,7 +190,7 @@ def _weight_shape(node: dict[str, Any]) -> list[int] | None:
         return [node["out"], node["in"] // node["groups"], *node["k"]] if node["in"] % node["groups"] == 0 else None
     if node["op"] == "linear":
         return [node["out"], node["in"]]
-    return [node["ch"]] if node["op"] in ("layer_scale", "layer_norm") else None
+    return [node["ch"]] if node["op"] == "layer_scale" else None  # a LayerNorm's pair is stored as (C,) by torch
 
 
 def _inputs(value: Any, op: str, where: str, shapes: dict[str, list[int]]) -> list[str]:

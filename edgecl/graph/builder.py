@@ -177,8 +177,7 @@ def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, flat: 
         return _layer_norm(b, h, node, constant, flat)
     if op == "layer_scale":  # a (C,) weight times (N, C) features or, unsqueezed to (C, 1, 1), an NCHW map
         w = f"{node['name']}.weight"
-        axes = constant(np.array([1, 2], dtype=np.int64))
-        return b.op("Mul", [h, w if flat else b.op("Unsqueeze", [w, axes])])
+        return b.op("Mul", [h, w if flat else b.op("Unsqueeze", [w, constant(np.array([1, 2], dtype=np.int64))])])
     if op in _UNARY:
         return b.op(_UNARY[op], [h])
     if op == "relu6":

@@ -16,8 +16,8 @@ convolution keeps the channel (its border outputs see zeros, not the constant). 
 of its branches', so a channel dead in every branch folds through the add. Removing c then deletes it everywhere the
 group appears: rows of every producer (conv/linear weights and biases, BatchNorm and layer-scale channels,
 depthwise filters — a depthwise conv shrinks its `groups` with its channels, and gate convolutions lose their rows
-too), columns of every reader, both copies inside a concatenation of the group with itself, and network inputs (below). Rounds repeat until
-nothing changes (a removal can leave an upstream channel unread).
+too), columns of every reader, both copies inside a concatenation of the group with itself, and network inputs
+(below). Rounds repeat until nothing changes (a removal can leave an upstream channel unread).
 
 What stays, and why:
 - every channel a LayerNorm normalises (`ChannelMap.pinned`): its mean and variance are over all of them, so

@@ -1,12 +1,12 @@
 """Which channels of a task's graph hold a constant, and which: the facts structural compaction needs to fold a
 channel into its readers' biases instead of keeping it (numpy only, no torch).
 
-A channel is *constant* when every position of it holds the same value for every input: a conv/linear output unit
-whose weight row reads nothing that varies (a dead filter: its bias, or its bias plus what it reads of other
-constants), pushed through BatchNorm, layer scales, activations, ``scale``, pooling, residual sums (the sum of the
-branches' constants), gates (a product; a zero gate makes anything zero) and concatenations. Values are float64 per channel of the tensor's
-channel axis as `edgecl.arch.channel_map` lays it out (``spaces``: after a flatten, one value per source channel, not
-per feature); NaN means "depends on the input". A LayerNorm's outputs are taken as varying (each depends on
+A channel is *constant* when every position of it holds the same value for every input: a conv/linear output unit whose
+weight row reads nothing that varies (a dead filter: its bias, or its bias plus what it reads of other constants),
+pushed through BatchNorm, layer scales, activations, ``scale``, pooling, residual sums (the sum of the branches'
+constants), gates (a product; a zero gate makes anything zero) and concatenations. Values are float64 per channel of the
+tensor's channel axis as `edgecl.arch.channel_map` lays it out (``spaces``: after a flatten, one value per source
+channel, not per feature); NaN means "depends on the input". A LayerNorm's outputs are taken as varying (each depends on
 every channel at its position).
 
 Exact or not, op by op: a convolution without padding sees a constant channel in every window (its contribution is

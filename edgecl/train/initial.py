@@ -50,7 +50,7 @@ class StartingWeights:
 def starting_weights(source: Any, arch: Arch, *, label: str | None = None) -> StartingWeights:
     """Check `source` — a torch.nn.Module, a mapping name → array, or a path to an .npz/.safetensors file — against
     `arch`'s trunk tensors; UsageError naming the file and tensor for anything missing, misshapen or non-finite."""
-    if isinstance(source, StartingWeights):  # checked for some spec: checked again for this one, as the module's
+    if isinstance(source, StartingWeights):  # checked for some spec: checked again for this one, as stored
         keys, stored = state_keys(arch), state_shapes(arch)
         return _checked({keys.get(k, k): v.reshape(stored[k]) if k in stored and v.size == math.prod(stored[k])
                          else v for k, v in source.values.items()}, arch, source.source)
@@ -110,7 +110,8 @@ def warn_unused_batchnorm(start: StartingWeights, arch: Arch, method: str, rule:
     held = sorted({n["op"] for n in arch["nodes"] if n["op"] in CHANNEL_AFFINE_OPS})
     if rule == "identity" and held:
         warnings.warn(f"{method} holds BatchNorm at the identity (batchnorm='identity'), so the "
-                      f"{'/'.join(held)} values of {start.source} are not used; --set batchnorm=task keeps them as every task's start",
+                      f"{'/'.join(held)} values of {start.source} are not used; --set batchnorm=task keeps them as "
+                      "every task's start",
                       EdgeclWarning, stacklevel=3)
 
 
