@@ -101,6 +101,60 @@ def test_layer_scale_forms_equal_the_module():
     check_parity(module, spec, (3, 4, 4))
 
 
+class _ShapeFromForward(nn.Module):
+    """timm-style LayerNorm2d that takes its normalized_shape from the tensor."""
+
+    def __init__(self, affine: bool = True):
+        super().__init__()
+        self.conv, self.norm, self.fc = nn.Conv2d(3, 4, 3), nn.LayerNorm(4, elementwise_affine=affine), nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.conv(x).permute(0, 2, 3, 1)
+        y = F.layer_norm(y, y.shape[-1:], self.norm.weight, self.norm.bias, 1e-6).permute(0, 3, 1, 2)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+def test_normalized_shape_computed_in_forward_is_the_weights():
+    module = _ShapeFromForward()
+    randomise_batchnorm(module)
+    check_parity(module, from_torch(module, (3, 6, 6)), (3, 6, 6))
+    with pytest.raises(UsageError, match="normalized_shape computed in forward without a weight"):
+        from_torch(_ShapeFromForward(affine=False), (3, 6, 6))
+
+
+def test_one_weight_cannot_become_two():
+    """A layer's own parameter reused as a layer scale, a spec whose `module` fields name one key twice, and starting
+    weights checked for one spec then handed to another of other shapes: each refused."""
+    class Reuse(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = self.conv(x) * self.conv.bias.view(-1, 1, 1)
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+    with pytest.raises(UsageError, match="'conv.bias' of layer Conv2d is used again in forward"):
+        from_torch(Reuse(), (3, 6, 6))
+    spec = _ln_spec("layer_scale")
+    twice = {**spec, "nodes": [dict(n) for n in spec["nodes"]]}
+    twice["nodes"][1]["module"] = "a.weight"
+    with pytest.raises(UsageError, match="both name the module's 'a.weight'"):
+        validate(twice)
+    first = starting_weights({"a.weight": np.ones((4, 1, 3, 3)), "a.bias": np.zeros(4), "n": np.ones(4),
+                              "b.weight": np.ones((3, 4, 1, 1)), "b.bias": np.zeros(3)}, spec)
+    assert starting_weights(first, spec).values.keys() == first.values.keys()  # the same spec: accepted again
+
+    def one_conv(c_in: int, c_out: int) -> dict:
+        return validate({"input_shape": [c_in, 2, 2], "nodes": [
+            {"name": "a", "op": "conv", "inputs": ["input"], "in": c_in, "out": c_out, "k": 1, "bias": False},
+            {"name": "f", "op": "flatten", "inputs": ["a"]}]})
+
+    narrow = starting_weights({"a.weight": np.ones((2, 4, 1, 1))}, one_conv(4, 2))
+    with pytest.raises(UsageError, match=r"'a.weight' has shape \(2, 4, 1, 1\), the architecture needs \(4, 2, 1, 1\)"):
+        starting_weights(narrow, one_conv(2, 4))  # as many values, another shape: not reshaped to fit
+
+
 def _ln_spec(op: str) -> dict:
     return validate({"name": "ln", "input_shape": [1, 4, 4], "nodes": [
         {"name": "a", "op": "conv", "inputs": ["input"], "in": 1, "out": 4, "k": 3, "pad": 1},
@@ -168,7 +222,7 @@ class _Refused(nn.Module):
         elif k == "returns channels-last":
             return self.fc(self.fc1(x.permute(0, 2, 3, 1)))
         elif k == "norm over the map":
-            x = F.layer_norm(x, x.shape[1:])
+            x = F.layer_norm(x, (4, 4, 4))
         elif k == "parameter added":
             x = x + self.shift
         elif k == "full-size factor":

@@ -133,9 +133,18 @@ class _NormConverter:
         args = self.bind(node, ("input", "normalized_shape", "weight", "bias", "eps", "cudnn_enable"))
         source, shape = args["input"], shape_of(args["input"])
         last = source in self.last
+        normalized = args["normalized_shape"]
+        if any(isinstance(d, fx.Node) for d in (normalized if isinstance(normalized, (list, tuple)) else
+                                                [normalized])):  # computed in forward (x.shape[-1:]): the
+            # weight's shape, which torch requires it to equal
+            weight = self.attrs.get(args["weight"]) if isinstance(args["weight"], fx.Node) else None
+            if weight is None:
+                raise self.refuse(node, "a normalized_shape computed in forward without a weight; write it as "
+                                        "numbers ((C,))")
+            normalized = list(self.parameter(weight, node).shape)
         if shape is None or not (last and len(shape) == 3 or len(shape) == 1) or \
-                list(args["normalized_shape"] or []) != shape[-1:]:
-            raise self.refuse(node, f"layer_norm over {args['normalized_shape']} of a tensor of shape {shape}; only "
+                not isinstance(normalized, (list, tuple)) or list(normalized) != shape[-1:]:
+            raise self.refuse(node, f"layer_norm over {normalized} of a tensor of shape {shape}; only "
                                     "over the channels: of a feature vector, or of a map put channels-last by "
                                     "permute(0, 2, 3, 1) (ConvNeXt's LayerNorm)")
         x, ch = self._input(source, node), shape[-1]
@@ -182,6 +191,11 @@ class _NormConverter:
                 p.numel() != ch:
             raise self.refuse(node, f"a product with the parameter {path!r} of shape {tuple(p.shape)}; only one "
                                     "factor per channel (a layer scale) is supported")
+        owner = self.module_at(path.rpartition(".")[0])
+        if isinstance(owner, (nn.Conv2d, nn.Linear, nn.LayerNorm, nn.modules.batchnorm._BatchNorm)):
+            raise UsageError(f"{self.name}: the parameter {path!r} of layer {type(owner).__name__} is used again in "
+                             f"forward as a layer scale (shared weights) {location(node)}; edgecl needs one use per "
+                             "weight")
         self.claim(path, node)
         fields: dict[str, Any] = {"ch": ch}
         if list(p.shape) != [ch]:

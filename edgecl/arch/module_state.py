@@ -3,7 +3,7 @@ link `from_torch`'s specs keep to the user's module, for starting weights (`edge
 the module's own values (`fx_import.tensors_of`); nothing else needs the module."""
 from __future__ import annotations
 
-from edgecl.arch.spec import Arch, node_by_name, param_shapes
+from edgecl.arch.spec import Arch, node_by_name, param_shapes, state_key
 
 
 def state_keys(arch: Arch) -> dict[str, str]:
@@ -14,9 +14,7 @@ def state_keys(arch: Arch) -> dict[str, str]:
     out = {}
     for name in param_shapes(arch):
         layer, _, tensor = name.rpartition(".")
-        node = nodes[layer]
-        path = node.get("module", layer)
-        out[name] = path if node["op"] == "layer_scale" else f"{path}.{tensor}"
+        out[name] = state_key(nodes[layer], tensor)
     return out
 
 

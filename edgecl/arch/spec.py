@@ -44,6 +44,7 @@ import re
 from typing import Any
 
 from edgecl.arch.legacy import layers_to_nodes
+from edgecl.arch.windows import check_pool_windows, window_length
 from edgecl.errors import UsageError
 
 Arch = dict[str, Any]
@@ -115,8 +116,29 @@ def validate(arch: Any) -> Arch:
     if len(shapes[output]) != 1:
         raise UsageError(f"architecture output {output!r} must be a flat feature vector, has shape {shapes[output]} "
                          "(end the trunk with a flatten)")
-    return {"name": name, "input_shape": shape, "nodes": out_nodes, "output": output,
-            "feature_dim": shapes[output][0]}
+    result = {"name": name, "input_shape": shape, "nodes": out_nodes, "output": output,
+              "feature_dim": shapes[output][0]}
+    _check_state_keys(result)
+    return result
+
+
+def state_key(node: dict[str, Any], tensor: str) -> str:
+    """The state-dict key of a node's tensor in the traced module (`edgecl.arch.module_state`): the node's name or
+    its ``module`` path, then the tensor; a layer scale is a bare parameter, whose key is that path itself."""
+    path = node.get("module", node["name"])
+    return path if node["op"] == "layer_scale" else f"{path}.{tensor}"
+
+
+def _check_state_keys(arch: Arch) -> None:
+    """Two tensors read from one state-dict key would be one weight in the module and two in training."""
+    nodes, seen = node_by_name(arch), {}
+    for name in param_shapes(arch):
+        layer, _, tensor = name.rpartition(".")
+        key = state_key(nodes[layer], tensor)
+        if key in seen:
+            raise UsageError(f"architecture tensors {seen[key]!r} and {name!r} both name the module's {key!r} "
+                             "(a node's 'module' field): one weight cannot be two")
+        seen[key] = name
 
 
 def _shape(value: Any, what: str) -> list[int]:
@@ -241,37 +263,6 @@ def _field(value: Any, kind: str, where: str) -> Any:
     raise UsageError(f"{where} = {shown[:60]} must be {expect}")
 
 
-def _window(size: int, k: int, stride: int, pad: int, dilation: int, ceil_mode: bool) -> int:
-    """Output length of a conv/pool window along one axis (torch's rule, ceil_mode included)."""
-    span = size + 2 * pad - dilation * (k - 1) - 1
-    if span < 0:
-        return 0
-    n = (-(-span // stride) if ceil_mode else span // stride) + 1
-    if ceil_mode and (n - 1) * stride >= size + pad:  # the last window must start inside the input or left pad
-        n -= 1
-    return n
-
-
-def _check_pool_windows(node: dict[str, Any], x: list[int], out: list[int], where: str) -> None:
-    """Pools whose output ONNX and torch disagree on are refused: with ceil_mode, a last window starting in the right
-    padding is dropped by torch (and ONNX Runtime's kernel) but counted by ONNX's shape rule, so a built graph fails
-    or mis-sizes; a dilated max-pool window that holds padding only gives -inf in torch, -FLT_MAX in ONNX Runtime."""
-    for a in range(2):
-        size, k, stride, pad = x[1 + a], node["k"][a], node["stride"][a], node["pad"][a]
-        dil = node.get("dilation", [1, 1])[a]
-        onnx_rule = -(-(size + 2 * pad - dil * (k - 1) - 1) // stride) + 1 if node["ceil_mode"] else out[a]
-        if onnx_rule != out[a]:
-            raise UsageError(f"{where}: with ceil_mode the last window along axis {a} would start in the padding "
-                             f"(input {size}, k {k}, stride {stride}, pad {pad}): ONNX sizes the output {onnx_rule}, "
-                             f"torch {out[a]}; use ceil_mode=false or less padding")
-        if dil > 1 and size < dil:  # only then can a window step over every input element (k ≤ 2 when it fits)
-            for i in range(min(out[a], -(-pad // stride))):  # windows starting in the left padding
-                start = i * stride - pad
-                if start % dil >= size or -(-(-start) // dil) > k - 1:
-                    raise UsageError(f"{where}: window {i} along axis {a} covers padding only (input {size}, k {k}, "
-                                     f"dilation {dil}, pad {pad}): its maximum is undefined")
-
-
 def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node") -> list[int]:
     """Shape (without batch) of a normalised node's output from its inputs' shapes; UsageError when they do not
     fit the op."""
@@ -293,12 +284,12 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
         dil = node.get("dilation", [1, 1])
         if op != "conv" and any(2 * p > k for p, k in zip(pad, node["k"])):
             raise UsageError(f"{where}: pad {pad} must be at most half the window {node['k']}")
-        hw = [_window(x[1 + a], node["k"][a], node["stride"][a], pad[a], dil[a], node.get("ceil_mode", False))
+        hw = [window_length(x[1 + a], node["k"][a], node["stride"][a], pad[a], dil[a], node.get("ceil_mode", False))
               for a in range(2)]
         if min(hw) <= 0:
             raise UsageError(f"{where}: the window {node['k']} does not fit the input {x}; output would be empty")
         if op != "conv":
-            _check_pool_windows(node, x, hw, where)
+            check_pool_windows(node, x, hw, where)
         return [node["out"] if op == "conv" else x[0], *hw]
     if op in CHANNEL_AFFINE_OPS:
         if x[0] != node["ch"]:

@@ -15,7 +15,6 @@ SHA-256 is recorded in the artifact (``extra["initial_weights"]``), so `--resume
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import warnings
 import zipfile
@@ -51,9 +50,9 @@ def starting_weights(source: Any, arch: Arch, *, label: str | None = None) -> St
     """Check `source` — a torch.nn.Module, a mapping name → array, or a path to an .npz/.safetensors file — against
     `arch`'s trunk tensors; UsageError naming the file and tensor for anything missing, misshapen or non-finite."""
     if isinstance(source, StartingWeights):  # checked for some spec: checked again for this one, as stored
-        keys, stored = state_keys(arch), state_shapes(arch)
-        return _checked({keys.get(k, k): v.reshape(stored[k]) if k in stored and v.size == math.prod(stored[k])
-                         else v for k, v in source.values.items()}, arch, source.source)
+        keys, stored, shapes = state_keys(arch), state_shapes(arch), param_shapes(arch)
+        return _checked({keys.get(k, k): v.reshape(stored[k]) if v.shape == shapes.get(k) else v
+                         for k, v in source.values.items()}, arch, source.source)
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         values, held = read_weights_file(path, arch)
