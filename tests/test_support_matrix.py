@@ -1,5 +1,6 @@
 """The README's support matrix, cell by cell: every method on every kind of network a user brings — the three presets,
-torchvision resnet18 and mobilenet_v2, a timm model and a custom module with a residual add and a concat — through the
+torchvision resnet18 and mobilenet_v2, timm models (a ConvNeXt among them) and custom modules (a residual add and a
+concat, channel slices, ConvNeXt blocks) — through the
 path a user takes: `edgecl train`'s pipeline (an `.npz` stream file, `--arch` as a preset, `module:factory`,
 `timm:NAME` or `file.py:factory`) → artifact → the torch-free runtime and the exported ONNX. Two small real digit
 tasks each, one or two epochs: the cell holds when training finishes, the runtime's accuracy per task equals
