@@ -16,7 +16,7 @@ from edgecl.arch.module_state import state_keys, state_shapes
 from edgecl.errors import UsageError
 from edgecl.graph.compact import compact_task
 from edgecl.train.initial import starting_weights
-from edgecl.train.models import forward, from_numpy
+from edgecl.train.models import forward, from_numpy, init_params
 from torch_nets import TinyConvNeXt, check_parity, randomise_batchnorm
 
 
@@ -39,6 +39,25 @@ def test_tiny_convnext_equals_the_module(shape):
     # the LayerNorm on the pooled features feeds the heads; named apart from them, its tensors keep their keys
     assert spec["output"] == "n_head_norm" and nodes["n_head_norm"]["module"] == "head_norm"
     assert keys["n_head_norm.weight"] == "head_norm.weight"
+
+
+def test_layer_scales_start_where_the_module_starts_them():
+    """ConvNeXt starts γ at 1e-6 so that each block begins near the identity; from ones, HALRP's first task on
+    timm convnext_atto stayed at chance (0.505 against 1.0 after 4 epochs, 3×32×32 digits)."""
+    import timm
+
+    spec = from_torch(timm.create_model("convnext_atto", num_classes=2), (3, 32, 32))
+    scales = [n for n in spec["nodes"] if n["op"] == "layer_scale"]
+    assert len(scales) == 12 and all(n["init"] == pytest.approx(1e-6) for n in scales)
+    params = init_params(spec)
+    assert all(torch.equal(params[f"{n['name']}.weight"], torch.full((n["ch"],), n["init"])) for n in scales)
+    tiny = from_torch(TinyConvNeXt(), (1, 8, 8))
+    assert node_by_name(tiny)["layer_scale"]["init"] == 0.5 and "init" in node_by_name(tiny)["gamma"]
+    trained = TinyConvNeXt()
+    trained.gamma.data[0] = 2.0  # values that differ: no common start to keep, the default 1 is used
+    assert node_by_name(from_torch(trained, (1, 8, 8)))["gamma"]["init"] == 1.0
+    with pytest.raises(UsageError, match="init"):
+        validate({**tiny, "nodes": [{**n, "init": "small"} if n["name"] == "gamma" else n for n in tiny["nodes"]]})
 
 
 def test_starting_weights_read_linear_and_layer_scale_as_the_module_stores_them(tmp_path):

@@ -198,6 +198,9 @@ class _NormConverter:
                              "weight")
         self.claim(path, node)
         fields: dict[str, Any] = {"ch": ch}
+        first = float(p.detach().reshape(-1)[0])
+        if bool((p == first).all()) and first != 1.0:  # a fresh module's start (ConvNeXt: 1e-6), kept for training
+            fields["init"] = first
         if list(p.shape) != [ch]:
             fields["module_shape"] = list(p.shape)
         self._emit(node, "layer_scale", [self._input(a, node)], path, **fields)

@@ -9,15 +9,14 @@ A spec (normal form, what `validate` returns)::
 
 Nodes are in topological order; each reads the named outputs of earlier nodes (``"input"`` is the network input) and
 its ``name`` is unique. Shapes leave out the batch axis. Ops (fields and defaults in `OPS`):
-
 - with tensors: ``conv`` (weight ``(out, in/groups, kh, kw)``, optional bias), ``linear`` (weight ``(out, in)``),
   ``bn`` (weight, bias, running_mean, running_var of ``ch`` channels; eps, momentum), ``layer_norm`` (normalises
   each position over its ``ch`` channels, as ConvNeXt's LayerNorm after a permute; eps; weight and bias when
-  ``affine``), ``layer_scale`` (weight: one learned factor per channel, ConvNeXt's γ) — tensor names are
-  ``NODE.weight`` etc.; an optional ``module`` names the layer's path in the traced module where the node's name
-  had to differ (a layer_scale's: its parameter's path), and an optional ``module_shape`` the shape in which that
-  module stores the weight where it differs by axes of 1 (a 1×1 conv that is an ``nn.Linear`` applied over the
-  channels stores ``(out, in)``; a γ of shape ``(C, 1, 1)``) (`edgecl.arch.module_state`);
+  ``affine``), ``layer_scale`` (weight: one learned factor per channel, ConvNeXt's γ, starting at ``init``) — tensor
+  names are ``NODE.weight`` etc.; an optional ``module`` names the layer's path in the traced module where the
+  node's name had to differ (a layer_scale's: its parameter's path), and an optional ``module_shape`` the shape in
+  which that module stores the weight where it differs by axes of 1 (a 1×1 conv that is an ``nn.Linear`` applied
+  over the channels stores ``(out, in)``; a γ of shape ``(C, 1, 1)``) (`edgecl.arch.module_state`);
 - element-wise: ``relu relu6 hardswish hardsigmoid silu sigmoid gelu tanh``, ``leaky_relu`` (its ``slope``), and
   ``scale`` (x·factor + offset with two constant numbers: arithmetic with a Python number, a negation);
 - pooling: ``maxpool`` / ``avgpool`` (k, stride, pad, ceil_mode; avgpool's count_include_pad), ``gap`` (global
@@ -68,7 +67,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "linear": {"in": ("size", ...), "out": ("size", ...), "bias": ("bool", True)},
     "bn": {"ch": ("size", ...), "eps": ("eps", 1e-5), "momentum": ("momentum", 0.1)},
     "layer_norm": {"ch": ("size", ...), "eps": ("eps", 1e-5), "affine": ("bool", True)},
-    "layer_scale": {"ch": ("size", ...)},
+    "layer_scale": {"ch": ("size", ...), "init": ("number", 1.0)},
     **{act: {} for act in ACTIVATIONS},
     "maxpool": {**_POOL, "dilation": ("pair", [1, 1])},
     "avgpool": {**_POOL, "count_include_pad": ("bool", True)},

@@ -21,8 +21,13 @@ Hook = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 def init_params(arch: Arch, n_classes: int | None = None, generator: torch.Generator | None = None) -> Params:
-    """Kaiming-uniform weights (torch's nn.Linear/Conv2d default), zero biases, identity BatchNorm."""
-    return _init(param_shapes(arch, n_classes), generator)
+    """Kaiming-uniform weights (torch's nn.Linear/Conv2d default), zero biases, identity BatchNorm and LayerNorm,
+    layer scales at their ``init`` (ConvNeXt's 1e-6: each residual block starts close to the identity)."""
+    params = _init(param_shapes(arch, n_classes), generator)
+    for node in arch["nodes"]:
+        if node["op"] == "layer_scale":
+            params[f"{node['name']}.weight"].fill_(node["init"])
+    return params
 
 
 def init_head(arch: Arch, n_classes: int, generator: torch.Generator | None = None) -> Params:
