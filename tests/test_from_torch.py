@@ -2,6 +2,7 @@
 forward and ONNX graph compute what the module computes; unsupported ops get a UsageError naming op and module path."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edgecl.arch import channel_map, dense_params, from_torch, param_shapes, prunable
@@ -47,6 +48,28 @@ class Unsupported(nn.Module):
 
     def forward(self, x):
         return self.fc(self.features(x).mean((2, 3)))
+
+
+class ConvClassifier(nn.Module):
+    """DLA's and DPN's head: global pooling, a 1×1 convolution, a flatten (SqueezeNet's has a ReLU after the conv)."""
+
+    def __init__(self, relu: bool = False):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 6, 3), nn.Conv2d(6, 4, 1)
+        self.relu = relu
+
+    def forward(self, x):
+        y = self.fc(F.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1))
+        return torch.flatten(torch.relu(y) if self.relu else y, 1)
+
+
+def test_a_pointwise_conv_on_pooled_features_is_the_classifier():
+    module = ConvClassifier()
+    spec = from_torch(module, (3, 6, 6))
+    assert spec["feature_dim"] == 6 and [n["op"] for n in spec["nodes"]][-2:] == ["gap", "flatten"]
+    check_parity(module, spec, (3, 6, 6))
+    with pytest.raises(UsageError, match=r"not an nn.Linear classifier \(or a 1×1 convolution on pooled"):
+        from_torch(ConvClassifier(relu=True), (3, 6, 6))
 
 
 def test_unsupported_layer_is_named_with_its_module_path():

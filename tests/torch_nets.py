@@ -153,15 +153,22 @@ def spec_and_weights(name: str, input_shape: tuple[int, ...] = (3, 32, 32)) -> t
     torchvision's constructors take seconds). Callers must copy the tensors before changing them."""
     module, spec = module_and_spec(name, input_shape)
     weights = tensors_of(module, spec)
-    classifier = [m for m in module.modules() if isinstance(m, nn.Linear)][-1]
-    weights.update({"head.weight": classifier.weight.detach().numpy().copy(),
-                    "head.bias": classifier.bias.detach().numpy().copy()})
+    weights.update(classifier_of(module))
     return spec, weights
+
+
+def classifier_of(module: nn.Module) -> dict[str, np.ndarray]:
+    """The module's classifier as edgecl's head: its last nn.Linear, or (DLA, DPN) its last 1×1 convolution."""
+    linear = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    layer = linear[-1] if linear else [m for m in module.modules() if isinstance(m, nn.Conv2d)][-1]
+    bias = layer.bias if layer.bias is not None else torch.zeros(layer.weight.shape[0])
+    return {"head.weight": layer.weight.detach().reshape(layer.weight.shape[0], -1).numpy().copy(),
+            "head.bias": bias.detach().numpy().copy()}
 
 
 def check_parity(module: nn.Module, spec: dict, input_shape: tuple[int, ...], post=None, batch: int = 4) -> None:
     """The spec's torch forward and its ONNX graph (ONNX Runtime) give the module's output, with the module's own
-    tensors and its last nn.Linear as the head; `post` maps the spec's logits to what the module returns (a final
+    tensors and its classifier as the head (`classifier_of`); `post` maps the spec's logits to what the module returns (a final
     log_softmax that from_torch drops)."""
     import onnxruntime as ort
 
@@ -170,9 +177,7 @@ def check_parity(module: nn.Module, spec: dict, input_shape: tuple[int, ...], po
 
     module.eval()
     weights = tensors_of(module, spec)
-    classifier = [m for m in module.modules() if isinstance(m, nn.Linear)][-1]
-    weights.update({"head.weight": classifier.weight.detach().numpy().copy(),
-                    "head.bias": classifier.bias.detach().numpy().copy()})
+    weights.update(classifier_of(module))
     post = post or (lambda logits: logits)
     x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

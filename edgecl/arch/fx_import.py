@@ -185,15 +185,15 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter):
             raise UsageError(f"{self.name}: forward returns a channels-last tensor (after permute(0, 2, 3, 1)); "
                              "permute it back with permute(0, 3, 1, 2)")
         last = self._node_named(self.alias[result])
-        ends_in_linear = last is not None and last["op"] == "linear"
         if self.classifier is False:
             if self.alias[result] == INPUT:
                 raise UsageError(f"{self.name}: the trunk computes nothing (it returns its input)")
             return self.alias[result]
-        if not ends_in_linear:
+        last = self._pointwise_classifier(last, shape_of(result))
+        if last is None or last["op"] != "linear":
             what = "the input" if last is None else f"{last['op']} ({last['name']})"
-            raise UsageError(f"{self.name}: the model's last operation is {what}, not an nn.Linear classifier. Pass "
-                             "the trunk instead: a module returning (batch, features), with from_torch(trunk, "
+            raise UsageError(f"{self.name}: the model's last operation is {what}, not an nn.Linear classifier (or "
+                             "a 1×1 convolution on pooled features, then a flatten). Pass the trunk instead: a module returning (batch, features), with from_torch(trunk, "
                              "input_shape, classifier=False) (CLI: --arch module:factory --no-classifier)")
         self.nodes.remove(last)
         if last["inputs"][0] == INPUT:
@@ -201,6 +201,22 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter):
                              f"{last['in']}→{last['out']}). edgecl replaces the final nn.Linear with a head per task, "
                              "which leaves no trunk; put at least one layer before the classifier")
         return last["inputs"][0]
+
+    def _pointwise_classifier(self, last: dict[str, Any] | None, out: list[int] | None) -> dict[str, Any] | None:
+        """A 1×1 convolution on the pooled 1×1 map, then a flatten (DLA's and DPN's classifier), is a linear layer on
+        the pooled features: the pair becomes one (a flatten of the pooled map, then the classifier to drop)."""
+        conv = self._node_named(last["inputs"][0]) if last is not None and last["op"] == "flatten" else None
+        if conv is None or conv["op"] != "conv" or out != [conv["out"]] or conv["k"] != [1, 1] or \
+                conv["stride"] != [1, 1] or conv["pad"] != [0, 0] or conv["groups"] != 1:
+            return last
+        self.nodes.remove(last)
+        self.nodes.remove(conv)
+        pooled = self._unique(f"{conv['name']}.features")
+        self.nodes.append({"name": pooled, "op": "flatten", "inputs": conv["inputs"]})
+        classifier = {"name": conv["name"], "op": "linear", "inputs": [pooled], "in": conv["in"], "out": conv["out"],
+                      "bias": conv["bias"]}
+        self.nodes.append(classifier)
+        return classifier
 
     def _live(self, features: str) -> list[dict[str, Any]]:
         """The nodes the features depend on (an auxiliary branch or the classifier's leftovers are dropped)."""
