@@ -1,6 +1,6 @@
 """The README's support matrix, cell by cell: every method on every kind of network a user brings — the three presets,
 torchvision resnet18 and mobilenet_v2, timm models (a ConvNeXt among them) and custom modules (a residual add and a
-concat, channel slices, ConvNeXt blocks) — through the
+concat, channel slices, ConvNeXt blocks, channel shuffles) — through the
 path a user takes: `edgecl train`'s pipeline (an `.npz` stream file, `--arch` as a preset, `module:factory`,
 `timm:NAME` or `file.py:factory`) → artifact → the torch-free runtime and the exported ONNX. Two small real digit
 tasks each, one or two epochs: the cell holds when training finishes, the runtime's accuracy per task equals
@@ -42,18 +42,24 @@ NETWORKS = {
     "timm mixnet_s": ("timm:mixnet_s", (3, 16, 16)),
     "timm convnext_atto": ("timm:convnext_atto", (3, 32, 32)),
     "custom ConvNeXt (LayerNorm, layer scale)": ("{factories}:TinyConvNeXt3", (3, 8, 8)),
+    "custom channel shuffle": ("{factories}:TinyShuffle3", (3, 8, 8)),
 }
 FACTORIES = '''
     import sys
     import torchvision  # first, as a user's file would (edgecl makes it importable where its ops cannot load)
 
     sys.path.insert(0, {tests!r})
-    from torch_nets import GhostSplit, ResCat, TinyConvNeXt  # custom nn.Modules: a residual add, concat, depthwise
-    # conv, SE gate; a ghost module cut by x[:, :c], split and chunk parts meeting in an add; ConvNeXt in small
+    from torch_nets import GhostSplit, ResCat, TinyConvNeXt, TinyShuffle  # custom nn.Modules: a residual add,
+    # concat, depthwise conv, SE gate; a ghost module cut by x[:, :c], split and chunk parts meeting in an add;
+    # ConvNeXt and ShuffleNet in small
 
 
     def TinyConvNeXt3():
         return TinyConvNeXt(in_channels=3, width=16)
+
+
+    def TinyShuffle3():
+        return TinyShuffle(in_channels=3, width=16)
 
 
     def mobilenet_v2_quarter():
@@ -67,6 +73,7 @@ NETWORK_SETTINGS = {("rgo", "torchvision resnet18"): {"max_projection_bytes": 4 
                     ("rgo", "timm mobilenetv3_small_050"): {**RGO_WITH_BATCHNORM, "lr": 0.03},
                     ("rgo", "custom residual + concat"): {"batchnorm": "task"},
                     ("rgo", "custom channel slices"): {"batchnorm": "task"},
+                    ("rgo", "custom channel shuffle"): {"batchnorm": "task"},
                     ("rgo", "timm mixnet_s"): {**RGO_WITH_BATCHNORM, "lr": 0.03}}
 KEEPS_OLD_TASKS = {"lps", "agscl", "halrp", "stl"}  # BWT exactly 0
 SAMPLES = 96  # training samples per task (test splits stay whole)

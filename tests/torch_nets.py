@@ -102,6 +102,43 @@ class TinyConvNeXt(nn.Module):
         return self.fc(self.head_norm(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)))
 
 
+def _shuffle(x, groups: int):
+    """torchvision's `channel_shuffle`, as ShuffleNet v2 writes it."""
+    b, c, h, w = x.size()
+    x = x.view(b, groups, c // groups, h, w)
+    return torch.transpose(x, 1, 2).contiguous().view(b, c, h, w)
+
+
+class TinyShuffle(nn.Module):
+    """ShuffleNet v2 in small: a block that splits its channels (chunk), transforms one half, concatenates and
+    shuffles; a downsampling block whose two branches are concatenated and shuffled in three groups."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 6):
+        super().__init__()
+        w, h = width, width // 2
+
+        def unit(c_in, c_out, stride=1):
+            return nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+                                 nn.Conv2d(c_out, c_out, 3, stride, 1, groups=c_out, bias=False),
+                                 nn.BatchNorm2d(c_out), nn.Conv2d(c_out, c_out, 1), nn.ReLU())
+
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.branch = unit(h, h)
+        self.left, self.right = unit(w, w, 2), unit(w, 2 * w, 2)
+        self.fc = nn.Linear(3 * w, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x1, x2 = x.chunk(2, dim=1)
+        x = _shuffle(torch.cat((x1, self.branch(x2)), dim=1), 2)
+        x = _shuffle(torch.cat((self.left(x), self.right(x)), dim=1), 3)
+        return self.fc(x.mean([2, 3]))
+
+
+def shuffle_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyShuffle(in_channels=input_shape[0]), tuple(input_shape))
+
+
 def convnext_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyConvNeXt(in_channels=input_shape[0]), tuple(input_shape))
 
@@ -136,6 +173,7 @@ MODELS = {
     "custom residual + concat": ResCat,
     "timm convnext_atto": lambda: timm.create_model("convnext_atto", num_classes=5),
     "torchvision convnext_tiny": lambda: torchvision.models.convnext_tiny(num_classes=5),
+    "torchvision shufflenet_v2_x0_5": lambda: torchvision.models.shufflenet_v2_x0_5(num_classes=5),
 }
 
 

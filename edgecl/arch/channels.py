@@ -38,7 +38,8 @@ class ChannelMap:
     cols: dict[str, Segments]  # conv/linear weight → its input axis (input channels, or features of a linear)
     head_cols: Segments  # the features the heads read
     spaces: dict[str, Segments] = field(default_factory=dict)  # node (and "input") → its output's channel axis
-    # groups a LayerNorm normalises together: removing one channel changes every other's output, so none may go
+    # groups a LayerNorm normalises together (removing one channel changes every other's output) or a shuffle
+    # interleaves (no shuffle of fewer channels puts the rest in the same order): none may go
     pinned: set[str] = field(default_factory=set)
 
     def size(self, segments: Segments) -> int:
@@ -125,7 +126,7 @@ def channel_map(arch: Arch) -> ChannelMap:
     rows: dict[str, Segments] = {}
     cols: dict[str, Segments] = {}
     tensors = param_shapes(arch)
-    normalised: list[Segments] = []
+    pinned_by: list[Segments] = []
     for node in arch["nodes"]:
         op, name = node["op"], node["name"]
         ins = [spaces[s] for s in node["inputs"]]
@@ -141,7 +142,7 @@ def channel_map(arch: Arch) -> ChannelMap:
             out = x
             rows.update({k: x for k in tensors if k.rpartition(".")[0] == name})
             if op == "layer_norm":
-                normalised.append(x)
+                pinned_by.append(x)
         elif op == "flatten":
             hw = 1
             for d in shapes[node["inputs"][0]][1:]:
@@ -155,6 +156,9 @@ def channel_map(arch: Arch) -> ChannelMap:
             out = [seg for segments in ins for seg in segments]
         elif op == "slice":
             out = _slice(uf, size, node, x)
+        elif op == "shuffle":
+            out = _shuffle(uf, size, node, x)
+            pinned_by.append(x)  # an interleaving no shorter shuffle reproduces: its channels stay
         else:  # activations, pooling: channels pass through
             out = x
         if op in ("conv", "linear") and node["bias"]:
@@ -165,7 +169,7 @@ def channel_map(arch: Arch) -> ChannelMap:
     groups = {g: size[g] for g in size if uf.find(g) == g and g not in uf.alias}
     cm = ChannelMap(groups, {k: resolve(v) for k, v in rows.items()}, {k: resolve(v) for k, v in cols.items()},
                     resolve(spaces[arch["output"]]), {k: resolve(v) for k, v in spaces.items()},
-                    {g for segments in normalised for g, _ in resolve(segments)})
+                    {g for segments in pinned_by for g, _ in resolve(segments)})
     _check_widths(arch, cm, shapes)
     return cm
 
@@ -193,6 +197,24 @@ def _slice(uf: _UnionFind, size: dict[str, int], node: dict, x: Segments) -> Seg
             if node["start"] <= begin and end <= node["stop"]]
 
 
+def _shuffle(uf: _UnionFind, size: dict[str, int], node: dict, x: Segments) -> Segments:
+    """A channel shuffle interleaves channels of different groups: every group of `x` is cut into single channels,
+    which the output lists in the shuffled order."""
+    if any(r != 1 for _, r in uf.resolve(x)):
+        raise ChannelError(f"node {node['name']!r} (shuffle) reads flattened features; channels cannot be followed")
+    for g, _ in uf.resolve(x):
+        if size[g] > 1:
+            if g == INPUT:
+                raise ChannelError(f"node {node['name']!r} (shuffle) reorders the network input's channels; "
+                                   "channels cannot be followed through it")
+            _split(uf, size, g, [1] * size[g])
+    singles = uf.resolve(x)
+    width = len(singles)
+    g = node["groups"]
+    per = width // g
+    return [singles[i * per + j] for j in range(per) for i in range(g)]
+
+
 def _cut(uf: _UnionFind, size: dict[str, int], segments: Segments, bound: int, node: dict) -> None:
     """Split the group whose channels `bound` (a position of the axis `segments`) falls inside, into the channels
     before it and those from it on: one group aliased to two new ones."""
@@ -205,18 +227,25 @@ def _cut(uf: _UnionFind, size: dict[str, int], segments: Segments, bound: int, n
                 raise ChannelError(f"node {node['name']!r} ({_op_text(node)}) splits the network input's channels; "
                                    "channels cannot be followed through it")
             k = (bound - pos) // r
-            base, first = uf.origin.get(g, (g, 0))  # parts are named by the channels of the layer they came from
-            parts = []
-            for start, n in ((first, k), (first + k, size[g] - k)):
-                part = name = f"{base}:{start}-{start + n}"  # characters a blob key allows (nodes:GROUP)
-                while part in uf.parent:  # a layer of the user's may carry that name
-                    part = f"{name}_{len(uf.parent)}"
-                uf.add(part)
-                uf.origin[part] = (base, start)
-                size[part] = n
-                parts.append((part, 1))
-            uf.alias[g] = parts
+            _split(uf, size, g, [k, size[g] - k])
             return
+
+
+def _split(uf: _UnionFind, size: dict[str, int], g: str, widths: list[int]) -> None:
+    """Group `g` becomes consecutive new groups of `widths` channels (an alias of them), each named by the channels
+    of the layer it came from."""
+    base, start = uf.origin.get(g, (g, 0))
+    parts = []
+    for n in widths:
+        part = name = f"{base}:{start}-{start + n}"  # characters a blob key allows (nodes:GROUP)
+        while part in uf.parent:  # a layer of the user's may carry that name
+            part = f"{name}_{len(uf.parent)}"
+        uf.add(part)
+        uf.origin[part] = (base, start)
+        size[part] = n
+        parts.append((part, 1))
+        start += n
+    uf.alias[g] = parts
 
 
 def _op_text(node: dict) -> str:

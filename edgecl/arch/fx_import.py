@@ -23,6 +23,7 @@ from torch import fx, nn
 from edgecl.arch.fx_calls import (POOL_PARAMETERS, WITH_INDICES, _CallConverter, is_elementwise,
                                   is_library_identity, location, pair, shape_of)
 from edgecl.arch.fx_norms import LAYER_NORMS, PERMUTES, _NormConverter, is_view
+from edgecl.arch.fx_shuffle import _ShuffleConverter
 from edgecl.arch.fx_slices import _SliceConverter
 from edgecl.arch.spec import INPUT, NAME, TENSOR_OPS, Arch, validate
 from edgecl.errors import UsageError
@@ -142,7 +143,7 @@ def _propagate_shapes(traced: fx.GraphModule, shape: list[int]) -> None:
         traced.train(was_training)
 
 
-class _Converter(_CallConverter, _SliceConverter, _NormConverter):
+class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverter):
     def __init__(self, traced: fx.GraphModule, module: nn.Module, shape: list[int], classifier: bool | None,
                  name: str):
         self.traced, self.module, self.input_shape = traced, module, shape
@@ -154,6 +155,7 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter):
         self.used_names: set[str] = {INPUT}
         self.param_modules: set[str] = set()
         self.init_norms()
+        self.init_shuffles()
 
     # -- the walk ---------------------------------------------------------------------------------------------------
     def spec(self) -> Arch:
@@ -179,6 +181,7 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter):
     def _features(self, output: fx.Node) -> str:
         """Drop the final classifier; the name of the node whose output feeds edgecl's heads."""
         result = output.args[0]
+        self.refuse_grouped_output(result)
         if not isinstance(result, fx.Node) or result not in self.alias:
             raise UsageError(f"{self.name}: forward must return one tensor, returns {type(result).__name__}")
         if result in self.last:
@@ -241,7 +244,9 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter):
                           "it returns no tensor")
 
     def _convert(self, node: fx.Node) -> None:
-        if node.op == "call_module":
+        if self.reads_grouped(node):  # inside a channel shuffle
+            self.shuffle_step(node)
+        elif node.op == "call_module":
             m = self.modules[node.target]
             self.check_layout(node, isinstance(m, (nn.Linear, *_ACTIVATION_MODULES, *_IDENTITY_MODULES)) or
                               is_library_identity(m))
@@ -255,6 +260,11 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter):
         else:
             self.check_layout(node, is_elementwise(node.target))
             self.call(node)
+
+    def view(self, node: fx.Node, x: str) -> None:
+        """As `_CallConverter.view`, and a map viewed as (groups, channels per group, h, w): a shuffle begins."""
+        if not self.group_channels(node, x):
+            super().view(node, x)
 
     def arithmetic(self, node: fx.Node, kind: str, a: Any, b: Any) -> None:
         """As `_CallConverter.arithmetic`, and x · parameter: a layer scale (`fx_norms`)."""

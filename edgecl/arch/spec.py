@@ -24,7 +24,9 @@ its ``name`` is unique. Shapes leave out the batch axis. Ops (fields and default
   repeated);
 - structure: ``add`` (residual sum of equal shapes), ``mul`` (broadcast product, e.g. squeeze-and-excitation
   gates), ``cat`` (channel concatenation), ``slice`` (channels ``start`` to ``stop``, of a map or of a feature
-  vector: ``x[:, a:b]``, one part of ``torch.split``/``chunk``), ``flatten``, ``reshape`` (to ``shape``).
+  vector: ``x[:, a:b]``, one part of ``torch.split``/``chunk``), ``shuffle`` (ShuffleNet's channel shuffle of a map:
+  its C channels as ``groups`` × C/groups, transposed: output channel j·groups + i is input channel i·C/groups + j),
+  ``flatten``, ``reshape`` (to ``shape``).
 
 Every task's head (``head.weight`` classes × feature_dim, ``head.bias``) reads the ``output`` node, which must be a
 flat feature vector. Prunable layers are the trunk's conv and linear weights; their GEMM view is
@@ -78,6 +80,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "mul": {},
     "cat": {"axis": ("axis", 1)},
     "slice": {"start": ("index", 0), "stop": ("size", ...)},
+    "shuffle": {"groups": ("size", ...)},
     "flatten": {},
     "reshape": {"shape": ("shape", ...)},
 }
@@ -293,6 +296,11 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
     if op in CHANNEL_AFFINE_OPS:
         if x[0] != node["ch"]:
             raise UsageError(f"{where}: {op} has {node['ch']} channels, gets {x}")
+        return list(x)
+    if op == "shuffle":
+        if len(x) != 3 or x[0] % node["groups"]:
+            raise UsageError(f"{where}: shuffle needs a (channels, height, width) input whose channels "
+                             f"{node['groups']} groups divide, gets {x}")
         return list(x)
     if op == "gap":
         if len(x) != 3:

@@ -164,10 +164,10 @@ _KEEP_TRANSPOSED = ("relu", "relu6", "sigmoid", "tanh", "hardswish", "hardsigmoi
                     "scale")
 
 
-def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, flat: bool = False) -> str:
-    """One non-linear node of the spec (conv included), exactly as `edgecl.train.models` runs it; `flat`: its input
-    is a feature vector (N, C), not a map."""
-    op, h = node["op"], ins[0]
+def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, in_shape: list[int]) -> str:
+    """One non-linear node of the spec (conv included), exactly as `edgecl.train.models` runs it; `in_shape`: its
+    first input's shape without the batch axis."""
+    op, h, flat = node["op"], ins[0], len(in_shape) == 1
     if op == "conv":
         form, parts = factors.get(node["name"], (None, {}))
         return _conv_factored(b, h, node, form, parts)
@@ -223,6 +223,11 @@ def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, flat: 
     if op == "slice":
         starts, ends, axes = (constant(np.array([v], dtype=np.int64)) for v in (node["start"], node["stop"], 1))
         return b.op("Slice", [h, starts, ends, axes])
+    if op == "shuffle":  # (N, g, C/g, H·W) → (N, C/g, g, H·W) → (N, C, H, W)
+        c, height, width = in_shape
+        grouped = b.op("Reshape", [h, constant(np.array([0, node["groups"], c // node["groups"], -1], np.int64))])
+        swapped = b.op("Transpose", [grouped], perm=[0, 2, 1, 3])
+        return b.op("Reshape", [swapped, constant(np.array([0, c, height, width], np.int64))])
     if op == "flatten":
         return b.op("Flatten", [h], axis=1)
     if op == "reshape":
@@ -238,7 +243,7 @@ def _nodes(arch: Arch, b: _Builder, weights_left: bool = False, constants: froze
     (see the module docstring); a transposed tensor stays so through element-wise activations and further linear
     layers, and is transposed back before anything else reads it."""
     factors = factors or {}
-    flat = {name for name, shape in node_shapes(arch).items() if len(shape) == 1}
+    shapes = node_shapes(arch)
     env: dict[str, tuple[str, bool]] = {
         SPEC_INPUT: (_select_inputs(b, arch) if "input_select" in arch else INPUT, False)}
 
@@ -258,10 +263,11 @@ def _nodes(arch: Arch, b: _Builder, weights_left: bool = False, constants: froze
         if op == "linear":
             env[name] = _linear(b, node, env[node["inputs"][0]], plain, weights_left, constants, factors)
         elif op in _KEEP_TRANSPOSED and env[node["inputs"][0]][1]:
-            env[name] = (_op(b, node, [env[node["inputs"][0]][0]], constant, factors), True)
+            env[name] = (_op(b, node, [env[node["inputs"][0]][0]], constant, factors, shapes[node["inputs"][0]]),
+                         True)
         else:
             env[name] = (_op(b, node, [plain(s) for s in node["inputs"]], constant, factors,
-                             node["inputs"][0] in flat), False)
+                             shapes[node["inputs"][0]]), False)
     return env[arch["output"]]
 
 

@@ -103,6 +103,8 @@ def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: 
         return v[first:first + width(cm, source[i:j])]
     if op == "avgpool" and (any(node["pad"]) or node["ceil_mode"]):
         return np.where(v == 0, 0.0, np.nan)
+    if op == "shuffle":  # one value per channel, in the output's order
+        return v.reshape(node["groups"], -1).T.reshape(-1)
     if op == "add":
         return np.sum(ins, axis=0)
     if op == "mul":

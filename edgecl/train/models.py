@@ -138,6 +138,9 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return torch.cat(ins, dim=1)
     if op == "slice":
         return h[:, node["start"]:node["stop"]]
+    if op == "shuffle":  # (N, g, C/g, H, W) transposed to (N, C/g, g, H, W), as ShuffleNet writes it
+        n, c, height, width = h.shape
+        return h.reshape(n, node["groups"], c // node["groups"], height, width).transpose(1, 2).reshape(h.shape)
     if op == "flatten":
         return h.flatten(1)
     if op == "reshape":
