@@ -78,6 +78,12 @@ class _Refused(nn.Module):
             x = torch.cat([x, x], 1)
         elif k == "returned grouped":
             return grouped
+        elif k == "viewed back transposed":  # (c, w, h) on a non-square map: not the map the shuffle came from
+            x = grouped.transpose(1, 2).contiguous().view(b, c, w, h)
+        elif k == "computed dims":
+            x = grouped.transpose(1, grouped.dim() - 3).contiguous().view(b, c, h, w)
+        elif k == "keyword dims":
+            x = torch.transpose(grouped, dim0=1, dim1=2).contiguous().view(b, c, h, w)
         return self.fc(x.mean([2, 3]))
 
 
@@ -85,10 +91,28 @@ class _Refused(nn.Module):
     ("other transpose", r"'transpose' .* edgecl follows a channel shuffle written as view\(b, g, c // g, h, w\)"),
     ("pooled while grouped", r"'mean' .* reads a grouped view of channels"),
     ("returned grouped", r"returns a grouped view of channels"),
+    ("viewed back transposed", r"'view' .* edgecl follows a channel shuffle"),
+    ("computed dims", r"'transpose' .* edgecl follows a channel shuffle"),
 ])
 def test_other_uses_of_a_grouped_view_are_refused(kind, match):
     with pytest.raises(UsageError, match=match):
-        from_torch(_Refused(kind), (3, 4, 4))
+        from_torch(_Refused(kind), (3, 4, 6))
+
+
+def test_transpose_dims_by_keyword_and_a_group_held_twice():
+    """torch.transpose(x, dim0=1, dim1=2) is the same shuffle; shuffle(cat(a, a)) splits a into channels once (no
+    orphaned groups for AGS-CL to count as nodes)."""
+    module = _Refused("keyword dims")
+    spec = from_torch(module, (3, 4, 6))
+    assert [n["op"] for n in spec["nodes"]].count("shuffle") == 1
+    check_parity(module, spec, (3, 4, 6))
+    twice = validate({"input_shape": [1, 4, 4], "nodes": [
+        {"name": "a", "op": "conv", "inputs": ["input"], "in": 1, "out": 3, "k": 1},
+        {"name": "aa", "op": "cat", "inputs": ["a", "a"]}, {"name": "s", "op": "shuffle", "inputs": ["aa"], "groups": 2},
+        {"name": "c", "op": "conv", "inputs": ["s"], "in": 6, "out": 3, "k": 1},
+        {"name": "g", "op": "gap", "inputs": ["c"]}, {"name": "f", "op": "flatten", "inputs": ["g"]}]})
+    cm = channel_map(twice)
+    assert sorted(g for g in cm.groups if g.startswith("a")) == ["a:0-1", "a:1-2", "a:2-3"]
 
 
 def test_a_view_grouped_and_straight_back_or_a_shuffle_in_one_group_is_nothing():

@@ -206,8 +206,8 @@ def classifier_of(module: nn.Module) -> dict[str, np.ndarray]:
 
 def check_parity(module: nn.Module, spec: dict, input_shape: tuple[int, ...], post=None, batch: int = 4) -> None:
     """The spec's torch forward and its ONNX graph (ONNX Runtime) give the module's output, with the module's own
-    tensors and its classifier as the head (`classifier_of`); `post` maps the spec's logits to what the module returns (a final
-    log_softmax that from_torch drops)."""
+    tensors and its classifier as the head (`classifier_of`); `post` maps the spec's logits to what the module
+    returns (a final log_softmax that from_torch drops)."""
     import onnxruntime as ort
 
     from edgecl.graph.builder import build_onnx

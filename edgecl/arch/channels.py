@@ -8,7 +8,9 @@ channel i; a residual ``add`` and a per-channel ``mul`` gate make their inputs' 
 branch is the same unit of the network); ``cat`` lays groups side by side; ``flatten`` turns each channel into H·W
 features; a ``slice`` takes whole groups: a group it cuts is first split in two there (every tensor with that group on
 an axis then has both parts, side by side), so every group stays a set of channels that one decision can keep or drop.
-This is the dependency graph Torch-Pruning's DepGraph builds on a traced model, computed here on the spec with a
+A ``shuffle`` interleaves channels of different groups: its input's groups are cut into single channels, listed in
+the shuffled order, and pinned (a shuffle of fewer channels would order the rest differently). This is the dependency
+graph Torch-Pruning's DepGraph builds on a traced model, computed here on the spec with a
 union-find, without torch.
 
 The result says, for every tensor, which group channels its axis 0 (``rows``) and, for conv/linear weights, its
@@ -203,7 +205,7 @@ def _shuffle(uf: _UnionFind, size: dict[str, int], node: dict, x: Segments) -> S
     if any(r != 1 for _, r in uf.resolve(x)):
         raise ChannelError(f"node {node['name']!r} (shuffle) reads flattened features; channels cannot be followed")
     for g, _ in uf.resolve(x):
-        if size[g] > 1:
+        if size[g] > 1 and g not in uf.alias:  # a group the input holds twice (cat(a, a)) is split once
             if g == INPUT:
                 raise ChannelError(f"node {node['name']!r} (shuffle) reorders the network input's channels; "
                                    "channels cannot be followed through it")

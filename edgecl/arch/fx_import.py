@@ -2,14 +2,15 @@
 
 The tracer keeps torch's standard layers (and subclasses of them, such as timm's BatchNorm+activation) as leaves, so
 every conv/linear/BatchNorm node is named by its module path and its tensors by the module's state-dict keys
-(``layer1.0.conv1.weight``); the module's weights themselves are not part of the spec (`tensors_of` reads them).
-Shapes come from running the traced graph once on zeros (`_ShapeProp`, eval mode, no gradients, the module's own
-state untouched). Dropout and identity are dropped (identities at inference); view-like ops (view, reshape, flatten,
-squeeze, …) become ``flatten``/``reshape`` with the shape they actually produced. Function and method calls are
-converted in `fx_calls`, channel slices in `fx_slices`, LayerNorm, channels-last stretches and layer scales
-(ConvNeXt) in `fx_norms`. The model's final `nn.Linear` classifier is detected and left out (with a (log_)softmax
-after it): edgecl gives every task its own head on the features it reads. Anything else raises `UsageError` naming
-the op, the fx node, the module path and the user's source line, never a trace from inside torch.
+(``layer1.0.conv1.weight``); the module's weights themselves are not part of the spec (`tensors_of` reads them). Shapes
+come from running the traced graph once on zeros (`_ShapeProp`, eval mode, no gradients, the module's own state
+untouched). Dropout and identity are dropped (identities at inference); view-like ops (view, reshape, flatten, squeeze,
+…) become ``flatten``/``reshape`` with the shape they actually produced. Function and method calls are converted in
+`fx_calls`, channel slices in `fx_slices`, LayerNorm, channels-last stretches and layer scales (ConvNeXt) in `fx_norms`,
+channel shuffles in `fx_shuffle`. The model's final `nn.Linear` classifier (or a 1×1 convolution on pooled features and
+a flatten, as DLA's) is detected and left out (with a (log_)softmax after it): edgecl gives every task its own head on
+the features it reads. Anything else raises `UsageError` naming the op, the fx node, the module path and the user's
+source line, never a trace from inside torch.
 """
 from __future__ import annotations
 
@@ -195,9 +196,10 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
         last = self._pointwise_classifier(last, shape_of(result))
         if last is None or last["op"] != "linear":
             what = "the input" if last is None else f"{last['op']} ({last['name']})"
-            raise UsageError(f"{self.name}: the model's last operation is {what}, not an nn.Linear classifier (or "
-                             "a 1×1 convolution on pooled features, then a flatten). Pass the trunk instead: a module returning (batch, features), with from_torch(trunk, "
-                             "input_shape, classifier=False) (CLI: --arch module:factory --no-classifier)")
+            raise UsageError(f"{self.name}: the model's last operation is {what}, not an nn.Linear classifier "
+                             "(or a 1×1 convolution on pooled features, then a flatten). Pass the trunk instead: a "
+                             "module returning (batch, features), with from_torch(trunk, input_shape, "
+                             "classifier=False) (CLI: --arch module:factory --no-classifier)")
         self.nodes.remove(last)
         if last["inputs"][0] == INPUT:
             raise UsageError(f"{self.name}: the model is only its classifier ({last['name']}: nn.Linear "

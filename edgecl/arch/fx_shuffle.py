@@ -20,6 +20,7 @@ PATTERN = "view(b, g, c // g, h, w) → transpose(1, 2) → view(b, c, h, w)"
 @dataclass(frozen=True)
 class _Grouped:
     source: str  # the spec node of the (c, h, w) map
+    shape: list[int]  # that map's (c, h, w)
     groups: int
     transposed: bool
 
@@ -40,7 +41,7 @@ class _ShuffleConverter:
         if before is None or len(before) != 3 or after is None or len(after) != 4 or \
                 after[0] * after[1] != before[0] or after[2:] != before[1:]:
             return False
-        self.grouped[node] = _Grouped(x, after[0], False)
+        self.grouped[node] = _Grouped(x, before, after[0], False)
         return True
 
     def shuffle_step(self, node: fx.Node) -> None:
@@ -48,21 +49,27 @@ class _ShuffleConverter:
         source = node.args[0] if node.args else None
         state = self.grouped.get(source)
         if state is None or any(a in self.grouped for a in node.all_input_nodes if a is not source):
-            raise self.refuse(node, f"it reads a grouped view of channels; edgecl follows a channel shuffle written "
-                                    f"as {PATTERN}")
+            raise self._not_a_shuffle(node)
         target = node.target
-        if target in TRANSPOSES and sorted(d % 5 for d in node.args[1:3]) == [1, 2] and len(node.args) == 3:
-            self.grouped[node] = _Grouped(state.source, state.groups, not state.transposed)
+        if target in TRANSPOSES:
+            dims = [node.kwargs.get(k, v) for k, v in zip(("dim0", "dim1"), [*node.args[1:3], None, None])]
+            if len(node.args) + len(node.kwargs) != 3 or not all(type(d) is int for d in dims) or \
+                    sorted(d % 5 for d in dims) != [1, 2]:
+                raise self._not_a_shuffle(node)
+            self.grouped[node] = _Grouped(state.source, state.shape, state.groups, not state.transposed)
         elif target == "contiguous":
             self.grouped[node] = state
-        elif target in VIEWS and shape_of(node) is not None and len(shape_of(node)) == 3:
-            if state.transposed and 1 < state.groups < shape_of(node)[0]:
+        elif target in VIEWS and shape_of(node) == state.shape:
+            if state.transposed and 1 < state.groups < state.shape[0]:
                 self._emit(node, "shuffle", [state.source], groups=state.groups)
             else:  # grouped and straight back, or a transpose that moves nothing: the same map
                 self.alias[node] = state.source
         else:
-            raise self.refuse(node, f"it reads a grouped view of channels; edgecl follows a channel shuffle written "
-                                    f"as {PATTERN}")
+            raise self._not_a_shuffle(node)
+
+    def _not_a_shuffle(self, node: fx.Node) -> UsageError:
+        return self.refuse(node, f"it reads a grouped view of channels; edgecl follows a channel shuffle written as "
+                                 f"{PATTERN}")
 
     def reads_grouped(self, node: fx.Node) -> bool:
         return any(a in self.grouped for a in node.all_input_nodes)

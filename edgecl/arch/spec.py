@@ -400,11 +400,11 @@ def consumers(arch: Arch) -> dict[str, list[str]]:
 
 
 def is_sequential(arch: Arch) -> bool:
-    """True when every node reads the one before it and keeps its channels whole (a chain: no residual adds, gates,
-    concatenation or slices)."""
+    """True when every node reads the one before it and keeps its channels whole and in order (a chain: no residual
+    adds, gates, concatenation, slices or shuffles)."""
     previous = INPUT
     for node in arch["nodes"]:
-        if node["inputs"] != [previous] or node["op"] == "slice":
+        if node["inputs"] != [previous] or node["op"] in ("slice", "shuffle"):
             return False
         previous = node["name"]
     return previous == arch["output"]

@@ -20,8 +20,9 @@ too), columns of every reader, both copies inside a concatenation of the group w
 (below). Rounds repeat until nothing changes (a removal can leave an upstream channel unread).
 
 What stays, and why:
-- every channel a LayerNorm normalises (`ChannelMap.pinned`): its mean and variance are over all of them, so
-  removing even a dead one changes the others' outputs;
+- every channel a LayerNorm normalises or a shuffle interleaves (`ChannelMap.pinned`): the LayerNorm's mean and
+  variance are over all of them, so removing even a dead one changes the others' outputs, and a shuffle of fewer
+  channels would put the rest in another order;
 - one channel of a group whose channels are all removable (ONNX graphs with empty dimensions are not portable) —
   which also keeps a single-channel tensor that a ``mul`` broadcasts over many channels (a spatial gate): no
   conv/linear column reads it, yet every channel of the product does;
