@@ -182,7 +182,7 @@ def _ln_spec(op: str) -> dict:
         {"name": "g", "op": "gap", "inputs": ["b"]}, {"name": "f", "op": "flatten", "inputs": ["g"]}]})
 
 
-@pytest.mark.parametrize("op", ["layer_norm", "layer_scale", "bn"])
+@pytest.mark.parametrize("op", ["layer_norm", "grn", "layer_scale", "bn"])
 def test_compaction_keeps_every_channel_a_layer_norm_normalises(op):
     """Channel 2 of `a` is read by nobody (b's column is zero): removable after a layer scale or BatchNorm, but a
     LayerNorm's mean and variance run over it, so there it stays — and the logits are the dense ones either way."""
@@ -191,18 +191,46 @@ def test_compaction_keeps_every_channel_a_layer_norm_normalises(op):
     params = {k: rng.standard_normal(s).astype(np.float32) for k, s in
               {"a.weight": (4, 1, 3, 3), "a.bias": (4,), "b.weight": (3, 4, 1, 1), "b.bias": (3,),
                "n.weight": (4,), "head.weight": (2, 3), "head.bias": (2,)}.items()}
-    if op in ("layer_norm", "bn"):
+    if op in ("layer_norm", "grn", "bn"):
         params["n.bias"] = rng.standard_normal(4).astype(np.float32)
     if op == "bn":
         params.update({"n.running_mean": np.zeros(4, np.float32), "n.running_var": np.ones(4, np.float32)})
     params["b.weight"][:, 2] = 0
-    assert channel_map(spec).pinned == ({"a"} if op == "layer_norm" else set())
+    pinned = op in ("layer_norm", "grn")  # statistics over the channels
+    assert channel_map(spec).pinned == ({"a"} if pinned else set())
     small, kept, _ = compact_task(spec, params, channel_multiple=1)
-    assert node_by_name(small)["a"]["out"] == (4 if op == "layer_norm" else 3)
+    assert node_by_name(small)["a"]["out"] == (4 if pinned else 3)
     x = torch.from_numpy(rng.standard_normal((5, 1, 4, 4)).astype(np.float32))
     with torch.no_grad():
         dense, compact = forward(spec, from_numpy(params), x), forward(small, from_numpy(kept), x)
     assert np.abs(dense.numpy() - compact.numpy()).max() < 1e-5
+
+
+def test_global_response_norm_in_either_layout():
+    """timm's GlobalResponseNorm built for channels-first maps goes in on one; built for channels-last, it must read
+    a channels-last value. It starts (and is held by RGO's identity rule) at weight 0: the identity map."""
+    from timm.layers.grn import GlobalResponseNorm
+
+    from edgecl.train.batchnorm import identity
+
+    class Net(nn.Module):
+        def __init__(self, channels_last: bool):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+            self.grn = GlobalResponseNorm(4, channels_last=channels_last)
+
+        def forward(self, x):
+            return self.fc(self.grn(self.conv(x)).mean((2, 3)))
+
+    module = Net(channels_last=False)
+    randomise_batchnorm(module)
+    spec = from_torch(module, (3, 6, 6))
+    assert node_by_name(spec)["grn"]["op"] == "grn"
+    check_parity(module, spec, (3, 6, 6))
+    with pytest.raises(UsageError, match="GlobalResponseNorm at 'grn' .* is built for channels-last tensors"):
+        from_torch(Net(channels_last=True), (3, 6, 6))
+    params = init_params(spec)
+    assert not params["grn.weight"].any() and not identity(spec, params)["grn.weight"].any()
 
 
 def test_module_shape_must_hold_the_same_values():

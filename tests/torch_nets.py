@@ -15,6 +15,7 @@ from edgecl.arch.fx_import import tensors_of
 
 ensure_torchvision_imports()
 import timm  # noqa: E402
+from timm.layers.grn import GlobalResponseNorm  # noqa: E402
 import torchvision  # noqa: E402
 
 
@@ -76,8 +77,9 @@ class _Norm2d(nn.LayerNorm):
 class TinyConvNeXt(nn.Module):
     """ConvNeXt in small: a patchify stem with a LayerNorm2d, blocks of depthwise conv → channels last → LayerNorm →
     Linear → GELU → Linear → channels first → layer scale (torchvision's (C, 1, 1) form in one block, timm's
-    ``gamma.reshape(1, -1, 1, 1)`` in the other) → residual add, a LayerNorm2d + strided conv downsample, and a
-    LayerNorm on the pooled features before the classifier."""
+    ``gamma.reshape(1, -1, 1, 1)`` in the other; a global response norm in the second one's MLP, as ConvNeXt V2)
+    → residual add, a LayerNorm2d + strided conv downsample, and a LayerNorm on the pooled features before the
+    classifier."""
 
     def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8):
         super().__init__()
@@ -89,6 +91,7 @@ class TinyConvNeXt(nn.Module):
         self.down = nn.Sequential(_Norm2d(w, eps=1e-6), nn.Conv2d(w, 2 * w, 2, stride=2))
         self.dw2, self.norm2 = nn.Conv2d(2 * w, 2 * w, 3, padding=1, groups=2 * w), nn.LayerNorm(2 * w)
         self.fc1, self.act, self.fc2 = nn.Linear(2 * w, 4 * w), nn.GELU(), nn.Linear(4 * w, 2 * w)
+        self.grn = GlobalResponseNorm(4 * w)  # ConvNeXt V2's, on the channels-last hidden units
         self.gamma = nn.Parameter(torch.full((2 * w,), 0.5))
         self.head_norm, self.fc = nn.LayerNorm(2 * w), nn.Linear(2 * w, classes)
 
@@ -97,7 +100,7 @@ class TinyConvNeXt(nn.Module):
         x = x + self.layer_scale * self.mlp1(self.norm1(self.dw1(x).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
         x = self.down(x)
         y = self.norm2(self.dw2(x).permute(0, 2, 3, 1))
-        y = self.fc2(self.act(self.fc1(y))).permute(0, 3, 1, 2)
+        y = self.fc2(self.grn(self.act(self.fc1(y)))).permute(0, 3, 1, 2)
         x = x + y.mul(self.gamma.reshape(1, -1, 1, 1))
         return self.fc(self.head_norm(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)))
 
@@ -155,6 +158,9 @@ def randomise_batchnorm(module: nn.Module, seed: int = 0) -> None:
         if name.endswith(("gamma", "layer_scale")):
             p.data.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
     for m in module.modules():
+        if type(m).__name__ == "GlobalResponseNorm":  # timm's starts at the identity (weight and bias 0)
+            m.weight.data.copy_(0.5 * torch.randn(m.weight.shape, generator=g))
+            m.bias.data.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
         if isinstance(m, nn.LayerNorm) and m.weight is not None:
             m.weight.data.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
         if isinstance(m, nn.LayerNorm) and m.bias is not None:

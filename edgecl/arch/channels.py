@@ -143,7 +143,7 @@ def channel_map(arch: Arch) -> ChannelMap:
         elif op in CHANNEL_AFFINE_OPS:
             out = x
             rows.update({k: x for k in tensors if k.rpartition(".")[0] == name})
-            if op == "layer_norm":
+            if op in ("layer_norm", "grn"):  # statistics over the channels
                 pinned_by.append(x)
         elif op == "flatten":
             hw = 1

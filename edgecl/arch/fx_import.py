@@ -23,7 +23,7 @@ from torch import fx, nn
 
 from edgecl.arch.fx_calls import (POOL_PARAMETERS, WITH_INDICES, _CallConverter, is_elementwise,
                                   is_library_identity, location, pair, shape_of)
-from edgecl.arch.fx_norms import LAYER_NORMS, PERMUTES, _NormConverter, is_view
+from edgecl.arch.fx_norms import LAYER_NORMS, PERMUTES, _NormConverter, is_grn, is_view
 from edgecl.arch.fx_shuffle import _ShuffleConverter
 from edgecl.arch.fx_slices import _SliceConverter
 from edgecl.arch.spec import INPUT, NAME, TENSOR_OPS, Arch, validate
@@ -52,6 +52,8 @@ class _Tracer(fx.Tracer):
         _check_own_forward(m, qualname)
         if isinstance(m, nn.LayerNorm):  # traced into: its F.layer_norm reads its parameters (`fx_norms`)
             return False
+        if is_grn(m):
+            return True
         return isinstance(m, _LEAVES) or is_library_identity(m) or super().is_leaf_module(m, qualname)
 
 
@@ -251,7 +253,7 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
         elif node.op == "call_module":
             m = self.modules[node.target]
             self.check_layout(node, isinstance(m, (nn.Linear, *_ACTIVATION_MODULES, *_IDENTITY_MODULES)) or
-                              is_library_identity(m))
+                              is_library_identity(m) or is_grn(m))
             self._module(node, m)
         elif node.target in PERMUTES:
             self.permute(node)
@@ -309,7 +311,7 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
         if isinstance(m, _IDENTITY_MODULES) or is_library_identity(m):  # identities at inference
             self.alias[node] = x
             return
-        if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)):
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)) or is_grn(m):
             if path in self.param_modules:
                 raise UsageError(f"{self.name}: module {path!r} is called twice (shared weights) {location(node)}; "
                                  "edgecl needs one call per layer")
@@ -334,6 +336,8 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
             self.view(node, x)
         elif isinstance(m, nn.Upsample):  # nn.UpsamplingNearest2d too
             self.upsample(node, x, m.mode)
+        elif is_grn(m):
+            self.global_response_norm(node, m, x, path)
         else:
             raise UsageError(f"{self.name}: unsupported layer {type(m).__name__} at {path!r} {location(node)}")
 

@@ -11,6 +11,7 @@
   of a feature vector, named by the layer's path (its tensors keep their state-dict keys).
 - A parameter multiplying a tensor channel by channel (ConvNeXt's ``gamma`` / ``layer_scale``, of shape
   ``(C,)`` or ``(C, 1, 1)``) becomes a ``layer_scale`` node named by the parameter's path.
+- timm's ``GlobalResponseNorm`` (ConvNeXt V2), kept whole by the tracer, becomes a ``grn`` node.
 
 Parameters used in forward (fx ``get_attr``) are remembered by path (`attrs`) and accepted only there; any other use
 is refused, as before.
@@ -30,6 +31,13 @@ from edgecl.errors import UsageError
 TO_LAST, FROM_LAST = [0, 2, 3, 1], [0, 3, 1, 2]
 PERMUTES = (torch.permute, "permute")
 LAYER_NORMS = (F.layer_norm, torch.layer_norm)
+
+
+GRN = ("timm.layers.grn", "GlobalResponseNorm")  # ConvNeXt V2's layer, known by where it is defined
+
+
+def is_grn(m: Any) -> bool:
+    return (type(m).__module__, type(m).__name__) == GRN
 
 
 def is_view(target: Any) -> bool:
@@ -170,6 +178,14 @@ class _NormConverter:
         self._emit(node, "layer_norm", [x], path, **fields)
         if last:
             self.last.add(node)
+
+    def global_response_norm(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
+        """timm's GlobalResponseNorm (kept whole by the tracer): a ``grn`` node, on the layout it was built for."""
+        last = node.args[0] in self.last
+        if tuple(m.spatial_dim) != ((1, 2) if last else (2, 3)) or m.weight.shape != m.bias.shape:
+            raise UsageError(f"{self.name}: GlobalResponseNorm at {path!r} {location(node)} is built for "
+                             f"{'channels-first' if last else 'channels-last'} tensors and reads the other layout")
+        self._emit(node, "grn", [x], path, ch=int(m.weight.numel()), eps=float(m.eps))
 
     def layer_scale(self, node: fx.Node, a: Any, b: Any) -> bool:
         """x · p with p a parameter holding one factor per channel of x (in any broadcastable shape): a layer_scale

@@ -12,8 +12,9 @@ its ``name`` is unique. Shapes leave out the batch axis. Ops (fields and default
 - with tensors: ``conv`` (weight ``(out, in/groups, kh, kw)``, optional bias), ``linear`` (weight ``(out, in)``),
   ``bn`` (weight, bias, running_mean, running_var of ``ch`` channels; eps, momentum), ``layer_norm`` (normalises
   each position over its ``ch`` channels, as ConvNeXt's LayerNorm after a permute; eps; weight and bias when
-  ``affine``), ``layer_scale`` (weight: one learned factor per channel, ConvNeXt's γ, starting at ``init``) — tensor
-  names are ``NODE.weight`` etc.; an optional ``module`` names the layer's path in the traced module where the
+  ``affine``), ``layer_scale`` (weight: one learned factor per channel, ConvNeXt's γ, starting at ``init``),
+  ``grn`` (ConvNeXt V2's global response norm: x + bias + weight·x·n, n = each channel's spatial L2 norm over the
+  channels' mean of it + eps; weight and bias start at 0, the identity) — tensor names are ``NODE.weight`` etc.; an optional ``module`` names the layer's path in the traced module where the
   node's name had to differ (a layer_scale's: its parameter's path), and an optional ``module_shape`` the shape in
   which that module stores the weight where it differs by axes of 1 (a 1×1 conv that is an ``nn.Linear`` applied
   over the channels stores ``(out, in)``; a γ of shape ``(C, 1, 1)``) (`edgecl.arch.module_state`);
@@ -70,6 +71,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "bn": {"ch": ("size", ...), "eps": ("eps", 1e-5), "momentum": ("momentum", 0.1)},
     "layer_norm": {"ch": ("size", ...), "eps": ("eps", 1e-5), "affine": ("bool", True)},
     "layer_scale": {"ch": ("size", ...), "init": ("number", 1.0)},
+    "grn": {"ch": ("size", ...), "eps": ("eps", 1e-6)},
     **{act: {} for act in ACTIVATIONS},
     "maxpool": {**_POOL, "dilation": ("pair", [1, 1])},
     "avgpool": {**_POOL, "count_include_pad": ("bool", True)},
@@ -88,7 +90,7 @@ OPS["gelu"] = {"approximate": ("approximate", "none")}
 OPS["leaky_relu"] = {"slope": ("number", 0.01)}  # torch's negative_slope
 WEIGHT_OPS = ("conv", "linear")
 # per-channel affine layers: BatchNorm, LayerNorm over channels, layer scale (a method's `batchnorm` rule covers them)
-CHANNEL_AFFINE_OPS = ("bn", "layer_norm", "layer_scale")
+CHANNEL_AFFINE_OPS = ("bn", "layer_norm", "layer_scale", "grn")
 TENSOR_OPS = ("conv", "linear", *CHANNEL_AFFINE_OPS)
 _MULTI_INPUT = ("add", "mul", "cat")
 
@@ -294,8 +296,8 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
             check_pool_windows(node, x, hw, where)
         return [node["out"] if op == "conv" else x[0], *hw]
     if op in CHANNEL_AFFINE_OPS:
-        if x[0] != node["ch"]:
-            raise UsageError(f"{where}: {op} has {node['ch']} channels, gets {x}")
+        if x[0] != node["ch"] or op == "grn" and len(x) != 3:
+            raise UsageError(f"{where}: {op} has {node['ch']} channels{' of a map' * (op == 'grn')}, gets {x}")
         return list(x)
     if op == "shuffle":
         if len(x) != 3 or x[0] % node["groups"]:
@@ -357,8 +359,8 @@ def param_shapes(arch: Arch, n_classes: int | None = None) -> dict[str, tuple[in
             shapes[f"{name}.weight"] = (node["out"], node["in"])
         elif op == "bn":
             shapes.update({f"{name}.{k}": (node["ch"],) for k in BN_TENSORS})
-        elif op == "layer_norm" and node["affine"] or op == "layer_scale":
-            shapes.update({f"{name}.{k}": (node["ch"],) for k in ("weight", "bias")[:1 + (op == "layer_norm")]})
+        elif op in ("layer_norm", "grn") and node.get("affine", True) or op == "layer_scale":
+            shapes.update({f"{name}.{k}": (node["ch"],) for k in ("weight", "bias")[:1 + (op != "layer_scale")]})
         if op in WEIGHT_OPS and node["bias"]:
             shapes[f"{name}.bias"] = (node["out"],)
     if n_classes is not None:

@@ -73,6 +73,16 @@ def _layer_norm(b: _Builder, h: str, node: dict, constant, flat: bool) -> str:
     return b.op("Transpose", [normed], perm=[0, 3, 1, 2])
 
 
+def _grn(b: _Builder, h: str, node: dict, constant) -> str:
+    """x + bias + weight·x·n, n = ‖x‖ over space ÷ (its mean over channels + eps), as `edgecl.train.models`."""
+    name, axes = node["name"], constant(np.array([1, 2], dtype=np.int64))
+    spatial = b.op("ReduceL2", [h], axes=[2, 3], keepdims=1)
+    n = b.op("Div", [spatial, b.op("Add", [b.op("ReduceMean", [spatial], axes=[1], keepdims=1),
+                                           constant(float(node["eps"]))])])
+    scaled = b.op("Mul", [b.op("Mul", [h, n]), b.op("Unsqueeze", [f"{name}.weight", axes])])
+    return b.op("Add", [h, b.op("Add", [scaled, b.op("Unsqueeze", [f"{name}.bias", axes])])])
+
+
 def _select_inputs(b: _Builder, arch: Arch) -> str:
     """The network input as a compacted spec reads it: the channels (or flattened features) it still reads, gathered
     from an input of the dense shape (see `edgecl.graph.compact`)."""
@@ -178,6 +188,8 @@ def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, in_sha
     if op == "layer_scale":  # a (C,) weight times (N, C) features or, unsqueezed to (C, 1, 1), an NCHW map
         w = f"{node['name']}.weight"
         return b.op("Mul", [h, w if flat else b.op("Unsqueeze", [w, constant(np.array([1, 2], dtype=np.int64))])])
+    if op == "grn":
+        return _grn(b, h, node, constant)
     if op in _UNARY:
         return b.op(_UNARY[op], [h])
     if op == "relu6":

@@ -87,7 +87,7 @@ def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: 
         return collapse((expand(v, source, cm) - m) / np.sqrt(var + node["eps"]) * g + b, source, cm)
     if op == "layer_scale":
         return collapse(expand(v, source, cm) * params[f"{name}.weight"].astype(np.float64), source, cm)
-    if op == "layer_norm":  # each output depends on every channel at its position: treated as varying
+    if op in ("layer_norm", "grn"):  # each output depends on other channels: treated as varying
         return np.full_like(v, np.nan)
     if op in ACTIVATIONS:
         return ACTIVATIONS[op](v)

@@ -13,9 +13,9 @@ follows from its guarantee about earlier tasks — a shared running mean that ke
   1 − eps) in training and in the stored model, so the network trained and deployed is the one without BatchNorm
   (RGO's paper removes BatchNorm: "its parameters are not updated by gradient descent").
 
-The same rule covers the other per-channel affine tensors (`CHANNEL_AFFINE_OPS`): a LayerNorm's weight and bias
-and a layer scale's factors (ConvNeXt); they have no statistics, and their identity is weight 1, bias 0 (a
-LayerNorm held so still normalises).
+The same rule covers the other per-channel affine tensors (`CHANNEL_AFFINE_OPS`): a LayerNorm's weight and bias,
+a layer scale's factors (ConvNeXt) and a global response norm's pair (ConvNeXt V2); they have no statistics, and
+their identity is weight 1, bias 0 (a LayerNorm held so still normalises; a global response norm's is weight 0).
 
 Methods keep BatchNorm tensors as training leaves from `start`, run the forward with ``train=batch_stats(t)``,
 `settle` the running statistics once the task's weights are final and hand the trained tensors back with
@@ -235,11 +235,13 @@ class BatchNorm(RuledTensors):
 def identity(arch: Arch, params: Params) -> Params:
     """`params` with every BatchNorm layer set to the identity map: weight 1, bias 0, running mean 0 and running
     variance 1 − eps, so (x − mean)/sqrt(var + eps) is x to float rounding; LayerNorm and layer scale tensors at
-    weight 1, bias 0."""
+    weight 1, bias 0; a global response norm at weight 0, bias 0 (the identity map)."""
     out = dict(params)
+    zero_weight = {f"{n['name']}.weight" for n in arch["nodes"] if n["op"] == "grn"}  # its identity: weight 0
     for key in batchnorm_names(arch):
         if not is_statistic(key):
-            out[key] = torch.ones_like(params[key]) if key.endswith(".weight") else torch.zeros_like(params[key])
+            one = key.endswith(".weight") and key not in zero_weight
+            out[key] = torch.ones_like(params[key]) if one else torch.zeros_like(params[key])
     for node in arch["nodes"]:
         if node["op"] == "bn":
             name = node["name"]

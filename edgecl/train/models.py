@@ -21,12 +21,15 @@ Hook = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 def init_params(arch: Arch, n_classes: int | None = None, generator: torch.Generator | None = None) -> Params:
-    """Kaiming-uniform weights (torch's nn.Linear/Conv2d default), zero biases, identity BatchNorm and LayerNorm,
-    layer scales at their ``init`` (ConvNeXt's 1e-6: each residual block starts close to the identity)."""
+    """Kaiming-uniform weights (torch's nn.Linear/Conv2d default), zero biases, identity BatchNorm, LayerNorm and
+    global response norm, layer scales at their ``init`` (ConvNeXt's 1e-6: each residual block starts close to the
+    identity)."""
     params = _init(param_shapes(arch, n_classes), generator)
     for node in arch["nodes"]:
         if node["op"] == "layer_scale":
             params[f"{node['name']}.weight"].fill_(node["init"])
+        if node["op"] == "grn":  # ConvNeXt V2's start: the identity
+            params[f"{node['name']}.weight"].zero_()
     return params
 
 
@@ -111,6 +114,11 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
     if op == "layer_scale":
         w = params[f"{name}.weight"]
         return h * (w if h.dim() == 2 else w.reshape(-1, 1, 1))
+    if op == "grn":  # timm's GlobalResponseNorm, on the channels-first map
+        g = h.norm(p=2, dim=(2, 3), keepdim=True)
+        n = g / (g.mean(dim=1, keepdim=True) + node["eps"])
+        return h + torch.addcmul(params[f"{name}.bias"].reshape(-1, 1, 1), params[f"{name}.weight"].reshape(-1, 1, 1),
+                                 h * n)
     if op in _ACTIVATIONS:
         return _ACTIVATIONS[op](h)
     if op == "gelu":
