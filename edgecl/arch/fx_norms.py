@@ -1,4 +1,4 @@
-"""LayerNorm over channels, channels-last stretches and layer scales in a user's forward, for
+"""LayerNorm over channels, channels-last stretches, layer scales and global response norms in a user's forward, for
 `fx_import._Converter` — what ConvNeXt (torchvision and timm) and its relatives compute:
 
 - ``x.permute(0, 2, 3, 1)`` puts channels last; until ``permute(0, 3, 1, 2)`` brings them back, the value is the
@@ -31,12 +31,11 @@ from edgecl.errors import UsageError
 TO_LAST, FROM_LAST = [0, 2, 3, 1], [0, 3, 1, 2]
 PERMUTES = (torch.permute, "permute")
 LAYER_NORMS = (F.layer_norm, torch.layer_norm)
-
-
 GRN = ("timm.layers.grn", "GlobalResponseNorm")  # ConvNeXt V2's layer, known by where it is defined
 
 
 def is_grn(m: Any) -> bool:
+    """timm's GlobalResponseNorm (judged by its class; timm is not imported for this)."""
     return (type(m).__module__, type(m).__name__) == GRN
 
 
