@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgecl.arch import is_depthwise, node_by_name, preset
+from edgecl.arch import from_torch, is_depthwise, node_by_name, preset
 from edgecl.deltas import materialize
 from edgecl.export import export_onnx
 from edgecl.export.onnx_export import run_onnx
@@ -16,7 +16,10 @@ from edgecl.runtime import TaskRuntime
 from edgecl.runtime import plan as plan_module
 from edgecl.synthetic import SHAPES, random_packed
 from edgecl.train.models import forward, from_numpy
-from torch_nets import spec_and_weights
+from torch_nets import TinyConvNeXt, TinyShuffle, spec_and_weights
+
+# LayerNorm, layer scales, a global response norm (TinyConvNeXt); channel shuffles (TinyShuffle)
+CUSTOM = {"custom ConvNeXt": lambda: TinyConvNeXt(in_channels=3), "custom shuffle": lambda: TinyShuffle(3, 3, 12)}
 
 TOL = 1e-4
 
@@ -24,6 +27,8 @@ TOL = 1e-4
 def _arch(name: str) -> dict:
     if name == "resnet preset":
         return preset("resnet")
+    if name in CUSTOM:
+        return from_torch(CUSTOM[name](), (3, 16, 16))
     return spec_and_weights(name, (3, 16, 16) if name == "custom residual + concat" else (3, 32, 32))[0]
 
 
@@ -66,7 +71,7 @@ def _check_factored_forms(packed) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("name", ["resnet preset", "custom residual + concat"])
+@pytest.mark.parametrize("name", ["resnet preset", "custom residual + concat", *CUSTOM])
 def test_small_graphs_every_delta_kind(name, shape, tmp_path, monkeypatch):
     """Every eligible layer factored (size threshold 0), so the factored forms meet the residual adds, the
     concatenation, the depthwise conv (never factored for permute or low rank) and the gate."""

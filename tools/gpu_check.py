@@ -71,6 +71,20 @@ GRAPH = {"name": "rescat", "input_shape": [3, 16, 16], "nodes": [
     {"name": "se2", "op": "conv", "inputs": ["se_act"], "in": 4, "out": 16, "k": 1},
     {"name": "gate", "op": "sigmoid", "inputs": ["se2"]}, {"name": "gated", "op": "mul", "inputs": ["cat", "gate"]},
     {"name": "pool", "op": "gap", "inputs": ["gated"]}, {"name": "flat", "op": "flatten", "inputs": ["pool"]}]}
+# a ConvNeXt block (LayerNorm, MLP as 1×1 convs, global response norm, layer scale) and a ShuffleNet shuffle
+NORMS = {"name": "norms", "input_shape": [3, 16, 16], "nodes": [
+    {"name": "stem", "op": "conv", "inputs": ["input"], "in": 3, "out": 8, "k": 2, "stride": 2},
+    {"name": "ln0", "op": "layer_norm", "inputs": ["stem"], "ch": 8, "eps": 1e-6},
+    {"name": "dw", "op": "conv", "inputs": ["ln0"], "in": 8, "out": 8, "k": 3, "pad": 1, "groups": 8},
+    {"name": "ln1", "op": "layer_norm", "inputs": ["dw"], "ch": 8, "eps": 1e-6},
+    {"name": "fc1", "op": "conv", "inputs": ["ln1"], "in": 8, "out": 16, "k": 1},
+    {"name": "act", "op": "gelu", "inputs": ["fc1"]}, {"name": "grn", "op": "grn", "inputs": ["act"], "ch": 16},
+    {"name": "fc2", "op": "conv", "inputs": ["grn"], "in": 16, "out": 8, "k": 1},
+    {"name": "gamma", "op": "layer_scale", "inputs": ["fc2"], "ch": 8, "init": 1e-6},
+    {"name": "res", "op": "add", "inputs": ["ln0", "gamma"]},
+    {"name": "mix", "op": "shuffle", "inputs": ["res"], "groups": 2},
+    {"name": "pool", "op": "gap", "inputs": ["mix"]}, {"name": "flat", "op": "flatten", "inputs": ["pool"]},
+    {"name": "feat_ln", "op": "layer_norm", "inputs": ["flat"], "ch": 8}], "output": "feat_ln"}
 
 
 def median_ms(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
@@ -88,11 +102,11 @@ def median_ms(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> 
 
 def parity_models(quick: bool) -> list[tuple[str, Any]]:
     """(label, model) for every delta kind on the presets and the graph spec."""
-    graph = validate(GRAPH)
     models = [(f"{arch} {shape}", random_packed(preset(arch), n_tasks=4, shape=shape, classes=(10, 3, 7)))
               for arch in ("mlp", "lenet", "resnet") for shape in ("lps", "finetune", "mixed", "node", "lowrank",
                                                                    "permute")]
-    models += [(f"graph {shape}", random_packed(graph, n_tasks=3, shape=shape, classes=(5, 3)))
+    models += [(f"{name} {shape}", random_packed(validate(spec), n_tasks=3, shape=shape, classes=(5, 3)))
+               for name, spec in (("graph", GRAPH), ("norms", NORMS))
                for shape in ("lps", "mixed", "node", "lowrank", "permute")]
     models += [(f"{arch} lps {unit}s", structured_lps_model(preset(arch), 0.3, n_tasks=3, unit=unit))
                for arch in ("mlp", "lenet") for unit in ("row", "column")]
