@@ -279,9 +279,7 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
         if isinstance(arg, fx.Node) and arg in self.alias:
             return self.alias[arg]
         if isinstance(arg, fx.Node) and arg in self.attrs:
-            raise self.refuse(node, f"the parameter {self.attrs[arg]!r} is used directly in forward; edgecl "
-                                    "supports parameters inside standard layers (Conv2d, Linear, BatchNorm, "
-                                    "LayerNorm) and as a per-channel layer scale (x * gamma)")
+            raise self.parameter_used(node, self.attrs[arg])
         raise self.refuse(node, f"its operand {str(arg)[:80]!r} is not a tensor computed from the input (a constant "
                                 "tensor or a value computed in forward)")
 

@@ -95,10 +95,14 @@ class _NormConverter:
         index = node.args[1] if node.target is operator.getitem else ()
         if not all(i is None or i == slice(None) or i is Ellipsis for i in (index if isinstance(index, tuple)
                                                                            else (index,))):
-            raise self.refuse(node, f"the parameter {path!r} is used directly in forward; edgecl supports parameters "
-                                    "inside standard layers (Conv2d, Linear, BatchNorm, LayerNorm) and as a "
-                                    "per-channel layer scale (x * gamma)")
+            raise self.parameter_used(node, path)
         self.attrs[node] = path
+
+    def parameter_used(self, node: fx.Node, path: str) -> UsageError:
+        """The refusal of a parameter used in forward other than as a layer scale or a LayerNorm's."""
+        return self.refuse(node, f"the parameter {path!r} is used directly in forward; edgecl supports parameters "
+                                 "inside standard layers (Conv2d, Linear, BatchNorm, LayerNorm) and as a "
+                                 "per-channel layer scale (x * gamma)")
 
     # -- layouts ----------------------------------------------------------------------------------------------------
     def permute(self, node: fx.Node) -> None:
