@@ -28,6 +28,11 @@ TASK_SESSION_OVERHEAD = 300_000  # ... a per-task session: ~290 KB each for the 
 SLOT_OVERHEAD = 65_536  # every in-place cache slot beside its buffers: OrtValues, each thread's IOBinding, logits
 SESSION_WEIGHT_FACTOR = 2  # a folded session holds ~2× its weights: parsed initializers and pre-packed GEMM copies
 #                            (measured 1.9× for 4.4 MB weights, RSS after start-up with freed heap returned)
+SESSION_CONV_OVERHEAD = 40_000  # per convolution of a session: its kernel's state and workspace; without it the
+#                                 sessions of graphs of many small convolutions were under-counted by 31-42 KB per
+#                                 conv (ShuffleNet v2 ×0.5, 56 convs: 5.34 MB measured per session, 3.14 predicted;
+#                                 mobilenet_v2 ×0.25, 52: 3.98 vs 2.34; convnext_atto, 40: 28.8 vs 27.3), while
+#                                 resnet18 and the presets were within 0.5 MB (tools/results/session_memory.json)
 
 
 class Environment:
@@ -70,7 +75,16 @@ def activation_bytes(arch: Arch, batch: int, n_classes: int) -> int:
 
 def task_session_estimate(arch: Arch, n_classes: int) -> int:
     """A folded per-task session before it is built (dense: compaction can only make it smaller)."""
-    return SESSION_WEIGHT_FACTOR * 4 * dense_params(arch, n_classes) + TASK_SESSION_OVERHEAD
+    return SESSION_WEIGHT_FACTOR * 4 * dense_params(arch, n_classes) + _graph_bytes(arch)
+
+
+def _graph_bytes(arch: Arch) -> int:
+    """A per-task session's cost beside its weights: the session and each convolution's kernel state."""
+    return TASK_SESSION_OVERHEAD + _convs_bytes(arch)
+
+
+def _convs_bytes(arch: Arch) -> int:
+    return SESSION_CONV_OVERHEAD * sum(n["op"] == "conv" for n in arch["nodes"])
 
 
 def task_session_build_bytes(arch: Arch, n_classes: int) -> int:
@@ -79,15 +93,16 @@ def task_session_build_bytes(arch: Arch, n_classes: int) -> int:
     return task_session_estimate(arch, n_classes) + 4 * dense_params(arch, n_classes)
 
 
-def folded_session_bytes(params: dict[str, np.ndarray]) -> int:
-    """A built folded session holding `params` (parsed initializers + pre-packed copies)."""
-    return SESSION_WEIGHT_FACTOR * sum(a.nbytes for a in params.values()) + TASK_SESSION_OVERHEAD
+def folded_session_bytes(params: dict[str, np.ndarray], arch: Arch) -> int:
+    """A built folded session of `arch` holding `params` (parsed initializers + pre-packed copies)."""
+    return SESSION_WEIGHT_FACTOR * sum(a.nbytes for a in params.values()) + _graph_bytes(arch)
 
 
-def switchable_session_bytes(constants: Iterable[np.ndarray]) -> int:
+def switchable_session_bytes(constants: Iterable[np.ndarray], arch: Arch) -> int:
     """The switchable session: ONNX Runtime reads its constants from the runtime's own arrays (no serialised copy
-    is made) and keeps one pre-packed copy of each GEMM weight (measured RSS after start-up: within 1 %)."""
-    return SESSION_OVERHEAD + sum(a.nbytes for a in constants)
+    is made) and keeps one pre-packed copy of each GEMM weight (measured RSS after start-up: within 1 %), and each
+    convolution's kernel state as a per-task session does."""
+    return SESSION_OVERHEAD + _convs_bytes(arch) + sum(a.nbytes for a in constants)
 
 
 def slot_bytes(shapes: Iterable[tuple[int, ...]]) -> int:

@@ -54,7 +54,7 @@ class PerTaskSessions:
             small_arch, small, report = compact_task(arch, params)
             if report.compacted and report.params_compact < report.params_dense:
                 arch, params = small_arch, small
-            nbytes = costs.folded_session_bytes(params)
+            nbytes = costs.folded_session_bytes(params, arch)
             self.ledger.release(item)
             self.ledger.reserve(item, nbytes)
             self.task_bytes += nbytes
