@@ -105,12 +105,13 @@ def parity_models(quick: bool) -> list[tuple[str, Any]]:
     models = [(f"{arch} {shape}", random_packed(preset(arch), n_tasks=4, shape=shape, classes=(10, 3, 7)))
               for arch in ("mlp", "lenet", "resnet") for shape in ("lps", "finetune", "mixed", "node", "lowrank",
                                                                    "permute")]
-    models += [(f"{name} {shape}", random_packed(validate(spec), n_tasks=3, shape=shape, classes=(5, 3)))
-               for name, spec in (("graph", GRAPH), ("norms", NORMS))
+    models += [(f"graph {shape}", random_packed(validate(GRAPH), n_tasks=3, shape=shape, classes=(5, 3)))
                for shape in ("lps", "mixed", "node", "lowrank", "permute")]
     models += [(f"{arch} lps {unit}s", structured_lps_model(preset(arch), 0.3, n_tasks=3, unit=unit))
                for arch in ("mlp", "lenet") for unit in ("row", "column")]
     models += [(f"{arch} node groups", group_node_model(preset(arch), 0.5, n_tasks=3)) for arch in ("lenet", "resnet")]
+    models += [(f"norms {shape}", random_packed(validate(NORMS), n_tasks=3, shape=shape, classes=(5, 3)))
+               for shape in ("lps", "mixed", "node", "lowrank", "permute")]
     return models[::4] if quick else models
 
 
