@@ -98,11 +98,15 @@ def folded_session_bytes(params: dict[str, np.ndarray], arch: Arch) -> int:
     return SESSION_WEIGHT_FACTOR * sum(a.nbytes for a in params.values()) + _graph_bytes(arch)
 
 
-def switchable_session_bytes(constants: Iterable[np.ndarray], arch: Arch) -> int:
+def switchable_session_bytes(constants: Iterable[np.ndarray], arch: Arch, factors: dict | None = None) -> int:
     """The switchable session: ONNX Runtime reads its constants from the runtime's own arrays (no serialised copy
     is made) and keeps one pre-packed copy of each GEMM weight (measured RSS after start-up: within 1 %), and each
-    convolution's kernel state as a per-task session does."""
-    return SESSION_OVERHEAD + _convs_bytes(arch) + sum(a.nbytes for a in constants)
+    convolution's kernel state as a per-task session does (a low-rank factored one runs three: its own and the
+    residual's two 1×1 convolutions, `edgecl.graph.builder`)."""
+    convs = {n["name"] for n in arch["nodes"] if n["op"] == "conv"}
+    lowrank = sum(form == "lowrank" for layer, (form, _) in (factors or {}).items() if layer in convs)
+    return SESSION_OVERHEAD + _convs_bytes(arch) + 2 * SESSION_CONV_OVERHEAD * lowrank + \
+        sum(a.nbytes for a in constants)
 
 
 def slot_bytes(shapes: Iterable[tuple[int, ...]]) -> int:

@@ -169,7 +169,7 @@ class InPlace:
         if self._mask_bytes:
             self.ledger.reserve("task masks", self._mask_bytes)
         constants = {p.name: p.base for p in self.plans if p.constant}
-        self.ledger.reserve("session", costs.switchable_session_bytes(constants.values(), self.arch))
+        self.ledger.reserve("session", costs.switchable_session_bytes(constants.values(), self.arch, self._factors))
         if self.device == "cuda":  # the CUDA EP copies the constants to the device
             self._slot_ledger.reserve("device session constants", costs.held_bytes(constants.values()))
         model = build_onnx(self.arch, weights_as_inputs=True, constants=constants, factors=self._factors,
