@@ -10,8 +10,8 @@ residual adds, gates and depthwise convolutions. Those rows together are its gro
 by Adam on the cross-entropy followed by the proximal operator of the two group penalties (closed form (7)) with the
 current learning rate as step size: unimportant groups shrink toward zero and become exactly zero, important ones
 are pulled toward their previous value θ̂_n. `prox_every="step"` (default) applies it after every Adam step
-(textbook proximal gradient descent), `"epoch"` once per epoch as the reference code does. On a BatchNorm network
-(`lasso="auto"`) term (a)'s prox runs in Adam's own metric (`adam_lasso_coefficients`): a node is zeroed when its
+(textbook proximal gradient descent), `"epoch"` once per epoch as the reference code does. On a BatchNorm, LayerNorm
+or GRN network (`lasso="auto"`) term (a)'s prox runs in Adam's own metric (`adam_lasso_coefficients`): a node is zeroed when its
 loss gradient is small, not when Adam's ≈ lr-sized steps lose to a fixed shrink (AGSCLConfig says why, measured).
 
 Freezing. With `freeze="exact"` (default) every important node is held at θ̂_n bit for bit: its gradient is masked

@@ -64,7 +64,8 @@ class AGSCLConfig(MethodConfig):
     eta: float = 0.9  # decay of the importance Ω between tasks, (8)
     prox_every: ProxSchedule = "step"  # "step": after every Adam step (PGD); "epoch": once per epoch (reference code)
     freeze: Freeze = "exact"  # "exact": important nodes held bit for bit; "proximal": the paper's finite-λ term (b)
-    lasso: LassoMetric = "auto"  # term (a)'s prox: "euclidean", "adam" (Adam's metric), "auto": adam iff BatchNorm
+    lasso: LassoMetric = "auto"  # term (a)'s prox: "euclidean", "adam" (Adam's metric), "auto": adam iff BatchNorm,
+    #                              LayerNorm or GRN
     mu_adam: float = 0.03  # term (a)'s strength with lasso="adam" (a loss-gradient norm)
 
     BOUNDS: ClassVar[dict[str, Bounds]] = {"mu": at_least(0), "mu_adam": at_least(0), "lam": at_least(0),
@@ -72,8 +73,8 @@ class AGSCLConfig(MethodConfig):
 
     def uses_adam_metric(self, arch: dict) -> bool:
         """Whether term (a) runs in Adam's metric on this architecture."""
-        if self.lasso == "auto":
-            return any(n["op"] == "bn" for n in arch["nodes"])
+        if self.lasso == "auto":  # normalised layers (BatchNorm; LayerNorm or GRN, measured on ConvNeXt v1/v2)
+            return any(n["op"] in ("bn", "layer_norm", "grn") for n in arch["nodes"])
         return self.lasso == "adam"
 
     @classmethod
