@@ -22,7 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edgecl.arch.spec import CHANNEL_AFFINE_OPS, INPUT, Arch, is_depthwise, node_by_name, node_shapes, param_shapes
+from edgecl.arch.spec import (CHANNEL_AFFINE_OPS, INPUT, NORMALISING_OPS, Arch, is_depthwise, node_by_name,
+                               node_shapes, node_tensor_shapes, param_shapes)
 from edgecl.errors import UsageError
 
 Segments = list[tuple[str, int]]
@@ -127,7 +128,6 @@ def channel_map(arch: Arch) -> ChannelMap:
     spaces: dict[str, Segments] = {INPUT: new_group(INPUT, shapes[INPUT][0])}
     rows: dict[str, Segments] = {}
     cols: dict[str, Segments] = {}
-    tensors = param_shapes(arch)
     pinned_by: list[Segments] = []
     for node in arch["nodes"]:
         op, name = node["op"], node["name"]
@@ -142,8 +142,8 @@ def channel_map(arch: Arch) -> ChannelMap:
             rows[f"{name}.weight"] = out
         elif op in CHANNEL_AFFINE_OPS:
             out = x
-            rows.update({k: x for k in tensors if k.rpartition(".")[0] == name})
-            if op in ("layer_norm", "grn"):  # statistics over the channels
+            rows.update({f"{name}.{k}": x for k in node_tensor_shapes(node)})
+            if op in NORMALISING_OPS:
                 pinned_by.append(x)
         elif op == "flatten":
             hw = 1

@@ -91,6 +91,7 @@ OPS["leaky_relu"] = {"slope": ("number", 0.01)}  # torch's negative_slope
 WEIGHT_OPS = ("conv", "linear")
 # per-channel affine layers: BatchNorm, LayerNorm over channels, layer scale (a method's `batchnorm` rule covers them)
 CHANNEL_AFFINE_OPS = ("bn", "layer_norm", "layer_scale", "grn")
+NORMALISING_OPS = ("layer_norm", "grn")  # statistics over the channels: each output depends on all of them
 TENSOR_OPS = ("conv", "linear", *CHANNEL_AFFINE_OPS)
 _MULTI_INPUT = ("add", "mul", "cat")
 
@@ -201,7 +202,8 @@ def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
 def _module_shape(value: Any, node: dict[str, Any], where: str) -> list[int]:
     """A weight's shape as the traced module stores it: the spec's shape with axes of 1 added or removed, so the
     values are the same in the same order (a Linear over channels as a 1×1 conv, a γ of shape (C, 1, 1))."""
-    weight = _weight_shape(node)
+    # a LayerNorm's pair (and a GRN's) is stored as (C,) by torch: nothing to reshape
+    weight = list(node_tensor_shapes(node)["weight"]) if node["op"] in (*WEIGHT_OPS, "layer_scale") else None
     if weight is None:
         raise UsageError(f"{where}: module_shape is for conv, linear and layer_scale weights, not {node['op']}")
     if not isinstance(value, list) or not 0 < len(value) <= 4 or not all(_is_size(d) for d in value) or \
@@ -209,14 +211,6 @@ def _module_shape(value: Any, node: dict[str, Any], where: str) -> list[int]:
         raise UsageError(f"{where}: module_shape {str(value)[:60]} must be the weight's shape {weight} with axes of "
                          "1 added or removed")
     return list(value)
-
-
-def _weight_shape(node: dict[str, Any]) -> list[int] | None:
-    if node["op"] == "conv":
-        return [node["out"], node["in"] // node["groups"], *node["k"]] if node["in"] % node["groups"] == 0 else None
-    if node["op"] == "linear":
-        return [node["out"], node["in"]]
-    return [node["ch"]] if node["op"] == "layer_scale" else None  # a LayerNorm's pair is stored as (C,) by torch
 
 
 def _inputs(value: Any, op: str, where: str, shapes: dict[str, list[int]]) -> list[str]:
@@ -352,17 +346,7 @@ def param_shapes(arch: Arch, n_classes: int | None = None) -> dict[str, tuple[in
     `n_classes` is given."""
     shapes: dict[str, tuple[int, ...]] = {}
     for node in arch["nodes"]:
-        op, name = node["op"], node["name"]
-        if op == "conv":
-            shapes[f"{name}.weight"] = (node["out"], node["in"] // node["groups"], *node["k"])
-        elif op == "linear":
-            shapes[f"{name}.weight"] = (node["out"], node["in"])
-        elif op == "bn":
-            shapes.update({f"{name}.{k}": (node["ch"],) for k in BN_TENSORS})
-        elif op in ("layer_norm", "grn") and node.get("affine", True) or op == "layer_scale":
-            shapes.update({f"{name}.{k}": (node["ch"],) for k in ("weight", "bias")[:1 + (op != "layer_scale")]})
-        if op in WEIGHT_OPS and node["bias"]:
-            shapes[f"{name}.bias"] = (node["out"],)
+        shapes.update({f"{node['name']}.{k}": shape for k, shape in node_tensor_shapes(node).items()})
     if n_classes is not None:
         shapes["head.weight"] = (n_classes, arch["feature_dim"])
         shapes["head.bias"] = (n_classes,)
@@ -370,6 +354,19 @@ def param_shapes(arch: Arch, n_classes: int | None = None) -> dict[str, tuple[in
 
 
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
+
+
+def node_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """One node's tensors (``weight``, ``bias``, BatchNorm's statistics) with their shapes; none for ops without."""
+    op = node["op"]
+    if op in WEIGHT_OPS:
+        weight = (node["out"], node["in"] // node["groups"], *node["k"]) if op == "conv" else (node["out"], node["in"])
+        return {"weight": weight, **({"bias": (node["out"],)} if node["bias"] else {})}
+    if op == "bn":
+        return {k: (node["ch"],) for k in BN_TENSORS}
+    if op in NORMALISING_OPS and node.get("affine", True) or op == "layer_scale":
+        return {k: (node["ch"],) for k in ("weight", "bias")[:1 + (op != "layer_scale")]}
+    return {}
 
 
 def dense_params(arch: Arch, n_classes: int | None = None) -> int:

@@ -45,7 +45,7 @@ STATISTICS = ("running_mean", "running_var")
 
 def batchnorm_names(arch: Arch) -> list[str]:
     """Every BatchNorm tensor of the trunk (affine pairs and running statistics), and every other per-channel affine
-    tensor (LayerNorm, layer scale), in node order."""
+    tensor (LayerNorm, layer scale, global response norm), in node order."""
     bn = {n["name"] for n in arch["nodes"] if n["op"] in CHANNEL_AFFINE_OPS}
     return [k for k in param_shapes(arch) if k.rsplit(".", 1)[0] in bn]
 

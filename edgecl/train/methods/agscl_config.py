@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, get_args
 
+from edgecl.arch.spec import NORMALISING_OPS
 from edgecl.config import FRACTION, POSITIVE_FRACTION, Bounds, MethodConfig, at_least
 
 ProxSchedule = Literal["epoch", "step"]
@@ -74,7 +75,7 @@ class AGSCLConfig(MethodConfig):
     def uses_adam_metric(self, arch: dict) -> bool:
         """Whether term (a) runs in Adam's metric on this architecture."""
         if self.lasso == "auto":  # normalised layers (BatchNorm; LayerNorm or GRN, measured on ConvNeXt v1/v2)
-            return any(n["op"] in ("bn", "layer_norm", "grn") for n in arch["nodes"])
+            return any(n["op"] in ("bn", *NORMALISING_OPS) for n in arch["nodes"])
         return self.lasso == "adam"
 
     @classmethod
