@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 
 import artifact_models as am
 from edgecl import artifact
-from edgecl.arch.spec import ACTIVATIONS, param_shapes, validate
+from edgecl.arch.ops import ACTIVATIONS
+from edgecl.arch.spec import param_shapes, validate
 from edgecl.artifact.limits import decode_bound
 from edgecl.deltas import PackedModel, TaskInfo, lps_keep, node_factor
 from edgecl.errors import EdgeclWarning, UsageError

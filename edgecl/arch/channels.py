@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edgecl.arch.spec import (CHANNEL_AFFINE_OPS, INPUT, NORMALISING_OPS, Arch, is_depthwise, node_by_name,
-                               node_shapes, node_tensor_shapes, param_shapes)
+from edgecl.arch.ops import CHANNEL_AFFINE_OPS, NORMALISING_OPS
+from edgecl.arch.spec import INPUT, Arch, is_depthwise, node_by_name, node_shapes, node_tensor_shapes, param_shapes
 from edgecl.errors import UsageError
 
 Segments = list[tuple[str, int]]

@@ -26,7 +26,8 @@ from edgecl.arch.fx_calls import (POOL_PARAMETERS, WITH_INDICES, _CallConverter,
 from edgecl.arch.fx_norms import LAYER_NORMS, PERMUTES, _NormConverter, is_grn, is_view
 from edgecl.arch.fx_shuffle import _ShuffleConverter
 from edgecl.arch.fx_slices import _SliceConverter
-from edgecl.arch.spec import INPUT, NAME, TENSOR_OPS, Arch, validate
+from edgecl.arch.ops import TENSOR_OPS
+from edgecl.arch.spec import INPUT, NAME, Arch, validate
 from edgecl.errors import UsageError
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid",

@@ -60,8 +60,8 @@ from typing import Any
 import numpy as np
 
 from edgecl.arch.channels import ChannelError, ChannelMap, Segments, channel_map
-from edgecl.arch.spec import (CHANNEL_AFFINE_OPS, INPUT, WEIGHT_OPS, Arch, consumers, is_depthwise, output_shape,
-                               validate)
+from edgecl.arch.ops import CHANNEL_AFFINE_OPS, WEIGHT_OPS, output_shape
+from edgecl.arch.spec import INPUT, Arch, consumers, is_depthwise, validate
 from edgecl.graph.constants import channel_constants, expand, is_reader
 
 HEAD = "head.weight"

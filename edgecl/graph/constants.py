@@ -22,7 +22,8 @@ import math
 import numpy as np
 
 from edgecl.arch.channels import ChannelMap, Segments
-from edgecl.arch.spec import INPUT, NORMALISING_OPS, Arch, is_depthwise
+from edgecl.arch.ops import NORMALISING_OPS
+from edgecl.arch.spec import INPUT, Arch, is_depthwise
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var")
 _ERF = np.vectorize(math.erf, otypes=[np.float64])

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgecl.arch.spec import CHANNEL_AFFINE_OPS, Arch, param_shapes
+from edgecl.arch.ops import CHANNEL_AFFINE_OPS
+from edgecl.arch.spec import Arch, param_shapes
 from edgecl.deltas import PackedModel
 from edgecl.errors import UsageError
 from edgecl.train.data import TaskData

@@ -25,7 +25,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from edgecl.arch.module_state import state_keys, state_shapes
-from edgecl.arch.spec import CHANNEL_AFFINE_OPS, Arch, param_shapes
+from edgecl.arch.ops import CHANNEL_AFFINE_OPS
+from edgecl.arch.spec import Arch, param_shapes
 from edgecl.artifact.report import INITIAL_WEIGHTS, initial_weights
 from edgecl.errors import EdgeclWarning, UsageError
 from edgecl.npy import read_npy_header

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, get_args
 
-from edgecl.arch.spec import NORMALISING_OPS
+from edgecl.arch.ops import NORMALISING_OPS
 from edgecl.config import FRACTION, POSITIVE_FRACTION, Bounds, MethodConfig, at_least
 
 ProxSchedule = Literal["epoch", "step"]

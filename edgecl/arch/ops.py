@@ -1,0 +1,141 @@
+"""The ops a spec's nodes can have: each op's fields with their kinds and defaults (`OPS`), the families the
+rest of edgecl asks about (`WEIGHT_OPS`, `CHANNEL_AFFINE_OPS`, …), and the output shape each op computes from its
+inputs' shapes (`output_shape`). `edgecl.arch.spec` validates whole specs with these.
+
+Ops (fields and defaults in `OPS`):
+- with tensors: ``conv`` (weight ``(out, in/groups, kh, kw)``, optional bias), ``linear`` (weight ``(out, in)``),
+  ``bn`` (weight, bias, running_mean, running_var of ``ch`` channels; eps, momentum), ``layer_norm`` (normalises
+  each position over its ``ch`` channels, as ConvNeXt's LayerNorm after a permute; eps; weight and bias when
+  ``affine``), ``layer_scale`` (weight: one learned factor per channel, ConvNeXt's γ, starting at ``init``),
+  ``grn`` (ConvNeXt V2's global response norm: x + bias + weight·x·n, n = each channel's spatial L2 norm over the
+  channels' mean of it + eps; weight and bias start at 0, the identity) — tensor names are ``NODE.weight`` etc.; an optional ``module`` names the layer's path in the traced module where the
+  node's name had to differ (a layer_scale's: its parameter's path), and an optional ``module_shape`` the shape in
+  which that module stores the weight where it differs by axes of 1 (a 1×1 conv that is an ``nn.Linear`` applied
+  over the channels stores ``(out, in)``; a γ of shape ``(C, 1, 1)``) (`edgecl.arch.module_state`);
+- element-wise: ``relu relu6 hardswish hardsigmoid silu sigmoid gelu tanh``, ``leaky_relu`` (its ``slope``), and
+  ``scale`` (x·factor + offset with two constant numbers: arithmetic with a Python number, a negation);
+- pooling: ``maxpool`` / ``avgpool`` (k, stride, pad, ceil_mode; avgpool's count_include_pad), ``gap`` (global
+  average → ``(C, 1, 1)``); ``upsample`` (nearest, by the integer ``scale`` of each spatial axis: every value
+  repeated);
+- structure: ``add`` (residual sum of equal shapes), ``mul`` (broadcast product, e.g. squeeze-and-excitation
+  gates), ``cat`` (channel concatenation), ``slice`` (channels ``start`` to ``stop``, of a map or of a feature
+  vector: ``x[:, a:b]``, one part of ``torch.split``/``chunk``), ``shuffle`` (ShuffleNet's channel shuffle of a map:
+  its C channels as ``groups`` × C/groups, transposed: output channel j·groups + i is input channel i·C/groups + j),
+  ``flatten``, ``reshape`` (to ``shape``).
+
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from edgecl.arch.windows import check_pool_windows, window_length
+from edgecl.errors import UsageError
+
+MAX_NUMBER = 3.0e38  # a `scale` constant must be a float32: ONNX and the runtime compute in float32
+ACTIVATIONS = ("relu", "relu6", "hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu")
+
+# op → {field: (kind, default)}; a default of `...` means required. Kinds: size (int ≥ 1), pair (two sizes; an int
+# is taken for both), pad (two ints ≥ 0), bool, eps, momentum, approximate, shape, axis, number (a finite float).
+_POOL = {"k": ("pair", ...), "stride": ("pair", None), "pad": ("pad", [0, 0]), "ceil_mode": ("bool", False)}
+OPS: dict[str, dict[str, tuple[str, Any]]] = {
+    "conv": {"in": ("size", ...), "out": ("size", ...), "k": ("pair", ...), "stride": ("pair", [1, 1]),
+             "pad": ("pad", [0, 0]), "dilation": ("pair", [1, 1]), "groups": ("size", 1), "bias": ("bool", True)},
+    "linear": {"in": ("size", ...), "out": ("size", ...), "bias": ("bool", True)},
+    "bn": {"ch": ("size", ...), "eps": ("eps", 1e-5), "momentum": ("momentum", 0.1)},
+    "layer_norm": {"ch": ("size", ...), "eps": ("eps", 1e-5), "affine": ("bool", True)},
+    "layer_scale": {"ch": ("size", ...), "init": ("number", 1.0)},
+    "grn": {"ch": ("size", ...), "eps": ("eps", 1e-6)},
+    **{act: {} for act in ACTIVATIONS},
+    "maxpool": {**_POOL, "dilation": ("pair", [1, 1])},
+    "avgpool": {**_POOL, "count_include_pad": ("bool", True)},
+    "gap": {},
+    "upsample": {"scale": ("pair", ...)},
+    "scale": {"factor": ("number", 1.0), "offset": ("number", 0.0)},
+    "add": {},
+    "mul": {},
+    "cat": {"axis": ("axis", 1)},
+    "slice": {"start": ("index", 0), "stop": ("size", ...)},
+    "shuffle": {"groups": ("size", ...)},
+    "flatten": {},
+    "reshape": {"shape": ("shape", ...)},
+}
+OPS["gelu"] = {"approximate": ("approximate", "none")}
+OPS["leaky_relu"] = {"slope": ("number", 0.01)}  # torch's negative_slope
+WEIGHT_OPS = ("conv", "linear")
+# per-channel affine layers: BatchNorm, LayerNorm over channels, layer scale (a method's `batchnorm` rule covers them)
+CHANNEL_AFFINE_OPS = ("bn", "layer_norm", "layer_scale", "grn")
+NORMALISING_OPS = ("layer_norm", "grn")  # statistics over the channels: each output depends on all of them
+TENSOR_OPS = ("conv", "linear", *CHANNEL_AFFINE_OPS)
+
+
+def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node") -> list[int]:
+    """Shape (without batch) of a normalised node's output from its inputs' shapes; UsageError when they do not
+    fit the op."""
+    op, x = node["op"], ins[0]
+    if op == "linear":
+        if x != [node["in"]]:
+            raise UsageError(f"{where}: linear expects [{node['in']}] features, gets {x}")
+        return [node["out"]]
+    if op in ("conv", "maxpool", "avgpool"):
+        if len(x) != 3:
+            raise UsageError(f"{where}: {op} needs a (channels, height, width) input, gets {x}")
+        if op == "conv":
+            if x[0] != node["in"]:
+                raise UsageError(f"{where}: conv expects {node['in']} channels, gets {x}")
+            g = node["groups"]
+            if node["in"] % g or node["out"] % g:
+                raise UsageError(f"{where}: groups={g} must divide in={node['in']} and out={node['out']}")
+        pad = node["pad"]
+        dil = node.get("dilation", [1, 1])
+        if op != "conv" and any(2 * p > k for p, k in zip(pad, node["k"])):
+            raise UsageError(f"{where}: pad {pad} must be at most half the window {node['k']}")
+        hw = [window_length(x[1 + a], node["k"][a], node["stride"][a], pad[a], dil[a], node.get("ceil_mode", False))
+              for a in range(2)]
+        if min(hw) <= 0:
+            raise UsageError(f"{where}: the window {node['k']} does not fit the input {x}; output would be empty")
+        if op != "conv":
+            check_pool_windows(node, x, hw, where)
+        return [node["out"] if op == "conv" else x[0], *hw]
+    if op in CHANNEL_AFFINE_OPS:
+        if x[0] != node["ch"] or op == "grn" and len(x) != 3:
+            raise UsageError(f"{where}: {op} has {node['ch']} channels{' of a map' * (op == 'grn')}, gets {x}")
+        return list(x)
+    if op == "shuffle":
+        if len(x) != 3 or x[0] % node["groups"]:
+            raise UsageError(f"{where}: shuffle needs a (channels, height, width) input whose channels "
+                             f"{node['groups']} groups divide, gets {x}")
+        return list(x)
+    if op == "gap":
+        if len(x) != 3:
+            raise UsageError(f"{where}: gap needs a (channels, height, width) input, gets {x}")
+        return [x[0], 1, 1]
+    if op == "upsample":
+        if len(x) != 3:
+            raise UsageError(f"{where}: upsample needs a (channels, height, width) input, gets {x}")
+        return [x[0], x[1] * node["scale"][0], x[2] * node["scale"][1]]
+    if op == "flatten":
+        return [math.prod(x)]
+    if op == "reshape":
+        if math.prod(node["shape"]) != math.prod(x):
+            raise UsageError(f"{where}: cannot reshape {x} to {node['shape']}")
+        return list(node["shape"])
+    if op == "add":
+        if any(s != x for s in ins):
+            raise UsageError(f"{where}: add needs equal shapes, gets {ins}")
+        return list(x)
+    if op == "mul":
+        a, b = ins
+        if len(a) != len(b) or any(p != q and 1 not in (p, q) for p, q in zip(a, b)):
+            raise UsageError(f"{where}: mul needs broadcastable shapes of one rank, gets {a} and {b}")
+        return [max(p, q) for p, q in zip(a, b)]
+    if op == "cat":
+        if any(len(s) != len(x) or s[1:] != x[1:] for s in ins):
+            raise UsageError(f"{where}: cat needs inputs that differ only in channels, gets {ins}")
+        return [sum(s[0] for s in ins), *x[1:]]
+    if op == "slice":
+        if not node["start"] < node["stop"] <= x[0]:
+            raise UsageError(f"{where}: slice {node['start']}:{node['stop']} must be a non-empty range of the input's "
+                             f"{x[0]} channels")
+        return [node["stop"] - node["start"], *x[1:]]
+    return list(x)  # element-wise activations
