@@ -183,7 +183,7 @@ def _spec(draw) -> dict:
     for i in range(draw(st.integers(1, 6))):
         known = _shapes(shape, nodes)
         op = draw(st.sampled_from(["conv", "linear", "bn", "maxpool", "avgpool", "gap", "add", "mul", "cat", "flatten",
-                                   "reshape", *ACTIVATIONS]))
+                                   "reshape", "pad", *ACTIVATIONS]))
         src = draw(st.sampled_from(names))
         node = {"name": f"n{i}", "op": op, "inputs": [src]}
         dims = known.get(src, [1])
@@ -207,6 +207,9 @@ def _spec(draw) -> dict:
                 node["stride"] = draw(st.sampled_from([1, 2, 3]))
             if op == "maxpool" and draw(st.booleans()):
                 node["dilation"] = draw(st.sampled_from([1, 2, 3]))
+        elif op == "pad":
+            node["pads"] = draw(st.sampled_from([[0, 0, 1, 1], [2, 0, 1, 3], [0, 0, 0, 0], [-1, 0, 1, 1], [1, 1]]))
+            node["value"] = draw(st.sampled_from([0.0, -2.5, "-inf", "inf", None, 3]))
         elif op == "reshape":
             node["shape"] = [int(np.prod(dims)), 1, 1] if fits else draw(st.lists(st.integers(1, 64), max_size=3))
         nodes.append(node)

@@ -16,10 +16,11 @@ from edgecl.runtime import TaskRuntime
 from edgecl.runtime import plan as plan_module
 from edgecl.synthetic import SHAPES, random_packed
 from edgecl.train.models import forward, from_numpy
-from torch_nets import TinyConvNeXt, TinyShuffle, spec_and_weights
+from torch_nets import TinyConvNeXt, TinyShuffle, TinyTF, spec_and_weights
 
-# LayerNorm, layer scales, a global response norm (TinyConvNeXt); channel shuffles (TinyShuffle)
-CUSTOM = {"custom ConvNeXt": lambda: TinyConvNeXt(in_channels=3), "custom shuffle": lambda: TinyShuffle(3, 3, 12)}
+# LayerNorm, layer scales, a global response norm (TinyConvNeXt); channel shuffles (TinyShuffle); pad nodes (TinyTF)
+CUSTOM = {"custom ConvNeXt": lambda: TinyConvNeXt(in_channels=3), "custom shuffle": lambda: TinyShuffle(3, 3, 12),
+          "custom TF padding": lambda: TinyTF(3, 3, 8)}
 
 TOL = 1e-4
 

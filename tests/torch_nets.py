@@ -7,6 +7,7 @@ import functools
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edgecl.arch import from_torch, validate
@@ -15,6 +16,7 @@ from edgecl.arch.fx_import import tensors_of
 
 ensure_torchvision_imports()
 import timm  # noqa: E402
+from timm.layers import Conv2dSame, create_pool2d  # noqa: E402
 from timm.layers.grn import GlobalResponseNorm  # noqa: E402
 import torchvision  # noqa: E402
 
@@ -136,6 +138,31 @@ class TinyShuffle(nn.Module):
         x = _shuffle(torch.cat((x1, self.branch(x2)), dim=1), 2)
         x = _shuffle(torch.cat((self.left(x), self.right(x)), dim=1), 3)
         return self.fc(x.mean([2, 3]))
+
+
+class TinyTF(nn.Module):
+    """A TensorFlow port in small, as timm's ``tf_*`` models pad: a stride-2 ``Conv2dSame`` (an extra row and column
+    at the bottom and right), a depthwise ``Conv2dSame`` at stride 1 (symmetric), an explicit ``F.pad`` before an
+    even kernel, and a ``MaxPool2dSame`` (padded with −∞)."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 6):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(Conv2dSame(in_channels, w, 3, stride=2, bias=False), nn.BatchNorm2d(w), nn.ReLU6())
+        self.dw = nn.Sequential(Conv2dSame(w, w, 3, groups=w, bias=False), nn.BatchNorm2d(w), nn.ReLU6(),
+                                nn.Conv2d(w, 2 * w, 1))
+        self.even = nn.Conv2d(2 * w, 2 * w, 2)
+        self.pool = create_pool2d("max", 3, stride=2, padding="same")
+        self.fc = nn.Linear(2 * w, classes)
+
+    def forward(self, x):
+        x = self.dw(self.stem(x))
+        x = self.pool(torch.relu(self.even(F.pad(x, (0, 1, 0, 1)))))
+        return self.fc(x.mean([2, 3]))
+
+
+def tf_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyTF(in_channels=input_shape[0]), tuple(input_shape))
 
 
 def shuffle_spec(input_shape=(1, 8, 8)) -> dict:

@@ -71,7 +71,8 @@ GRAPH = {"name": "rescat", "input_shape": [3, 16, 16], "nodes": [
     {"name": "se2", "op": "conv", "inputs": ["se_act"], "in": 4, "out": 16, "k": 1},
     {"name": "gate", "op": "sigmoid", "inputs": ["se2"]}, {"name": "gated", "op": "mul", "inputs": ["cat", "gate"]},
     {"name": "pool", "op": "gap", "inputs": ["gated"]}, {"name": "flat", "op": "flatten", "inputs": ["pool"]}]}
-# a ConvNeXt block (LayerNorm, MLP as 1×1 convs, global response norm, layer scale) and a ShuffleNet shuffle
+# a ConvNeXt block (LayerNorm, MLP as 1×1 convs, global response norm, layer scale), a ShuffleNet shuffle and
+# TensorFlow's "same" padding (pad nodes of zeros and of −∞)
 NORMS = {"name": "norms", "input_shape": [3, 16, 16], "nodes": [
     {"name": "stem", "op": "conv", "inputs": ["input"], "in": 3, "out": 8, "k": 2, "stride": 2},
     {"name": "ln0", "op": "layer_norm", "inputs": ["stem"], "ch": 8, "eps": 1e-6},
@@ -83,7 +84,11 @@ NORMS = {"name": "norms", "input_shape": [3, 16, 16], "nodes": [
     {"name": "gamma", "op": "layer_scale", "inputs": ["fc2"], "ch": 8, "init": 1e-6},
     {"name": "res", "op": "add", "inputs": ["ln0", "gamma"]},
     {"name": "mix", "op": "shuffle", "inputs": ["res"], "groups": 2},
-    {"name": "pool", "op": "gap", "inputs": ["mix"]}, {"name": "flat", "op": "flatten", "inputs": ["pool"]},
+    {"name": "tf_pad", "op": "pad", "inputs": ["mix"], "pads": [0, 0, 1, 1]},
+    {"name": "even", "op": "conv", "inputs": ["tf_pad"], "in": 8, "out": 8, "k": 2},
+    {"name": "max_pad", "op": "pad", "inputs": ["even"], "pads": [0, 0, 1, 1], "value": "-inf"},
+    {"name": "max", "op": "maxpool", "inputs": ["max_pad"], "k": 3, "stride": 2},
+    {"name": "pool", "op": "gap", "inputs": ["max"]}, {"name": "flat", "op": "flatten", "inputs": ["pool"]},
     {"name": "feat_ln", "op": "layer_norm", "inputs": ["flat"], "ch": 8}], "output": "feat_ln"}
 
 

@@ -29,7 +29,15 @@ TIMM = ["resnet10t", "resnet18", "mobilenetv3_small_050", "mobilenetv2_050", "ef
         "mobileone_s0", "efficientvit_b0", "convnext_atto", "levit_128s", "resnest14d", "selecsls42b",
         "tf_mobilenetv3_small_minimal_100", "hardcorenas_a", "mobilevit_xxs", "edgenext_xx_small", "fastvit_t8",
         "ghostnetv2_100", "inception_v3", "xception41", "res2net50_14w_8s", "skresnet18", "cs3darknet_s", "darknet17",
-        "nf_resnet26", "gernet_s", "visformer_tiny", "inception_next_atto", "convnextv2_atto"]
+        "nf_resnet26", "gernet_s", "visformer_tiny", "inception_next_atto", "convnextv2_atto",
+        # edge families added later: TensorFlow ports ("same" padding), NAS nets, recent mobile nets, and the
+        # attention hybrids still refused
+        "tf_efficientnet_lite0", "tf_mobilenetv3_large_100", "tf_mixnet_s", "efficientnet_lite0",
+        "mobilenetv4_conv_small", "mnasnet_small", "spnasnet_100", "regnety_002", "regnetz_b16", "resnet18d",
+        "seresnext26d_32x4d", "starnet_s1", "repghostnet_050", "cspdarknet53", "inception_v4", "hgnetv2_b0",
+        "gcresnet33ts", "tresnet_m", "lambda_resnet26t", "efficientformerv2_s0", "tiny_vit_5m_224",
+        "mobilenetv4_hybrid_medium", "deit_tiny_patch16_224", "pit_ti_224", "fastvit_sa12", "efficientvit_m0",
+        "nasnetalarge"]
 RESULTS = ROOT / "tools" / "results" / "model_coverage.json"
 
 

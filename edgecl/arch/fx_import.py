@@ -24,6 +24,7 @@ from torch import fx, nn
 from edgecl.arch.fx_calls import (POOL_PARAMETERS, WITH_INDICES, _CallConverter, is_elementwise,
                                   is_library_identity, location, pair, shape_of)
 from edgecl.arch.fx_norms import LAYER_NORMS, PERMUTES, _NormConverter, is_grn, is_view
+from edgecl.arch.fx_padding import PAD_FUNCTIONS, PAD_MODULES, _PaddingConverter, odd_same, same_kind
 from edgecl.arch.fx_shuffle import _ShuffleConverter
 from edgecl.arch.fx_slices import _SliceConverter
 from edgecl.arch.ops import TENSOR_OPS
@@ -37,7 +38,7 @@ _IDENTITY_MODULES = (nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.AlphaDropout, nn
 _POOL_MODULES = {nn.MaxPool2d: "max", nn.AvgPool2d: "avg", nn.AdaptiveAvgPool2d: "adaptive_avg",
                  nn.AdaptiveMaxPool2d: "adaptive_max"}
 _LEAVES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d, nn.Flatten, nn.Upsample, *_POOL_MODULES,
-           *_ACTIVATION_MODULES, *_IDENTITY_MODULES)
+           *PAD_MODULES, *_ACTIVATION_MODULES, *_IDENTITY_MODULES)
 _SCALAR_FUNCTIONS = (operator.getitem, getattr, torch.Tensor.size, operator.mul, operator.floordiv, operator.add,
                      operator.neg, operator.sub)
 _SCALAR_METHODS = ("size", "dim")
@@ -63,10 +64,13 @@ _SAME_FORWARD = {("timm.layers.linear", "Linear")}
 
 
 def _check_own_forward(m: nn.Module, path: str) -> None:
-    """A Conv2d or Linear subclass that overrides forward computes something else (weight standardisation, padding
-    decided in forward as TensorFlow's 'same'): edgecl would run the base layer's forward with its tensors and
-    silently compute another network, so it is refused by name. (BatchNorm subclasses are judged by `_batchnorm`.)"""
-    for base in (nn.Conv2d, nn.Linear):
+    """A subclass of a layer edgecl converts by its attributes (a conv, linear, pooling, upsampling or flatten layer)
+    that overrides forward computes something else (weight standardisation, padding decided in forward): edgecl
+    would run the base layer with its attributes and silently compute another network, so it is refused by name —
+    except the same-padded layers `fx_padding` knows. (BatchNorm subclasses are judged by `_batchnorm`.)"""
+    if same_kind(m):
+        return
+    for base in (nn.Conv2d, nn.Linear, *_POOL_MODULES, *PAD_MODULES, nn.Upsample, nn.Flatten):
         kind = type(m)
         if isinstance(m, base) and kind.forward is not base.forward and \
                 (kind.__module__, kind.__name__) not in _SAME_FORWARD:
@@ -147,7 +151,7 @@ def _propagate_shapes(traced: fx.GraphModule, shape: list[int]) -> None:
         traced.train(was_training)
 
 
-class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverter):
+class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverter, _PaddingConverter):
     def __init__(self, traced: fx.GraphModule, module: nn.Module, shape: list[int], classifier: bool | None,
                  name: str):
         self.traced, self.module, self.input_shape = traced, module, shape
@@ -260,6 +264,8 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
             self.permute(node)
         elif node.target in LAYER_NORMS:
             self.layer_norm(node)
+        elif node.target in PAD_FUNCTIONS:
+            self.explicit_pad(node, self.bind(node, ("input", "pad", "mode", "value")))
         elif node.args and node.args[0] in self.attrs and is_view(node.target):  # gamma.reshape(1, -1, 1, 1)
             self.parameter_view(node)
         else:
@@ -315,7 +321,11 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
                 raise UsageError(f"{self.name}: module {path!r} is called twice (shared weights) {location(node)}; "
                                  "edgecl needs one call per layer")
             self.param_modules.add(path)
-        if isinstance(m, nn.Conv2d):
+        if same_kind(m):
+            self.same_padded(node, m, x, path)
+        elif odd_same(m):
+            self.asymmetric_same(node, m, x, path)
+        elif isinstance(m, nn.Conv2d):
             self._emit(node, "conv", [x], path, **self._conv_fields(node, m, path))
         elif isinstance(m, nn.Linear) and node in self.last:  # over the channels of a channels-last map: a 1×1 conv
             self._emit(node, "conv", [x], path, **{"in": m.in_features, "out": m.out_features, "k": [1, 1],
@@ -333,6 +343,9 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
             self.pool(node, node.args[0], kind, {p: getattr(m, p) for p in POOL_PARAMETERS[kind][1:]})
         elif isinstance(m, nn.Flatten):
             self.view(node, x)
+        elif isinstance(m, PAD_MODULES):
+            self.explicit_pad(node, {"input": node.args[0], "pad": list(m.padding), "mode": "constant",
+                                     "value": m.value})
         elif isinstance(m, nn.Upsample):  # nn.UpsamplingNearest2d too
             self.upsample(node, x, m.mode)
         elif is_grn(m):
@@ -358,12 +371,13 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
                                  "not supported")
             self._activation(node, act, out, f"{path}.act")
 
-    def _conv_fields(self, node: fx.Node, m: nn.Conv2d, path: str) -> dict[str, Any]:
+    def _conv_fields(self, node: fx.Node, m: nn.Conv2d, path: str, pad: list[int] | None = None) -> dict[str, Any]:
+        """The conv node's fields of `m`; `pad` replaces its own padding where the converter padded first."""
         if m.padding_mode != "zeros":
             raise UsageError(f"{self.name}: conv {path!r} {location(node)}: padding_mode={m.padding_mode!r} is not "
                              "supported (zeros only)")
         k, dilation = pair(m.kernel_size), pair(m.dilation)
-        pad = m.padding
+        pad = m.padding if pad is None else pad
         if pad == "valid":
             pad = [0, 0]
         elif pad == "same":

@@ -14,6 +14,9 @@ Ops (fields and defaults in `OPS`):
   over the channels stores ``(out, in)``; a γ of shape ``(C, 1, 1)``) (`edgecl.arch.module_state`);
 - element-wise: ``relu relu6 hardswish hardsigmoid silu sigmoid gelu tanh``, ``leaky_relu`` (its ``slope``), and
   ``scale`` (x·factor + offset with two constant numbers: arithmetic with a Python number, a negation);
+- ``pad``: a map padded with a constant ``value`` (0, or ``"-inf"`` for what a max-pool then reads), ``pads`` =
+  [top, left, bottom, right] rows/columns: TensorFlow's "same" padding, which adds the odd one at the bottom and
+  right, and ``F.pad``;
 - pooling: ``maxpool`` / ``avgpool`` (k, stride, pad, ceil_mode; avgpool's count_include_pad), ``gap`` (global
   average → ``(C, 1, 1)``); ``upsample`` (nearest, by the integer ``scale`` of each spatial axis: every value
   repeated);
@@ -36,7 +39,8 @@ MAX_NUMBER = 3.0e38  # a `scale` constant must be a float32: ONNX and the runtim
 ACTIVATIONS = ("relu", "relu6", "hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu")
 
 # op → {field: (kind, default)}; a default of `...` means required. Kinds: size (int ≥ 1), pair (two sizes; an int
-# is taken for both), pad (two ints ≥ 0), bool, eps, momentum, approximate, shape, axis, number (a finite float).
+# is taken for both), pad (two ints ≥ 0), pads (four), bool, eps, momentum, approximate, shape, axis, number (a
+# finite float), fill (a number or "-inf").
 _POOL = {"k": ("pair", ...), "stride": ("pair", None), "pad": ("pad", [0, 0]), "ceil_mode": ("bool", False)}
 OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "conv": {"in": ("size", ...), "out": ("size", ...), "k": ("pair", ...), "stride": ("pair", [1, 1]),
@@ -51,6 +55,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "avgpool": {**_POOL, "count_include_pad": ("bool", True)},
     "gap": {},
     "upsample": {"scale": ("pair", ...)},
+    "pad": {"pads": ("pads", ...), "value": ("fill", 0.0)},
     "scale": {"factor": ("number", 1.0), "offset": ("number", 0.0)},
     "add": {},
     "mul": {},
@@ -110,6 +115,11 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
         if len(x) != 3:
             raise UsageError(f"{where}: gap needs a (channels, height, width) input, gets {x}")
         return [x[0], 1, 1]
+    if op == "pad":
+        if len(x) != 3:
+            raise UsageError(f"{where}: pad needs a (channels, height, width) input, gets {x}")
+        top, left, bottom, right = node["pads"]
+        return [x[0], x[1] + top + bottom, x[2] + left + right]
     if op == "upsample":
         if len(x) != 3:
             raise UsageError(f"{where}: upsample needs a (channels, height, width) input, gets {x}")

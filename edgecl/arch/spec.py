@@ -183,13 +183,17 @@ def _field(value: Any, kind: str, where: str) -> Any:
         pair = [value, value] if type(value) is int else value
         if isinstance(pair, list) and len(pair) == 2 and all(_is_size(v, lo) for v in pair):
             return list(pair)
+    if kind == "pads" and isinstance(value, list) and len(value) == 4 and all(_is_size(v, 0) for v in value):
+        return list(value)
+    if kind == "fill" and value == "-inf":
+        return value
     if kind == "bool" and isinstance(value, bool):
         return value
     if kind == "eps" and isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1:
         return float(value)
     if kind == "momentum" and isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1:
         return float(value)
-    if kind == "number" and isinstance(value, (int, float)) and not isinstance(value, bool) and \
+    if kind in ("number", "fill") and isinstance(value, (int, float)) and not isinstance(value, bool) and \
             math.isfinite(value) and abs(value) <= MAX_NUMBER:
         return float(value)
     if kind == "approximate" and value in ("none", "tanh"):
@@ -199,7 +203,8 @@ def _field(value: Any, kind: str, where: str) -> Any:
     if kind == "axis" and value == 1:
         return 1
     expect = {"size": f"an int from 1 to {MAX_DIM}", "pair": "an int ≥ 1 or two of them",
-              "pad": "an int ≥ 0 or two of them",
+              "pad": "an int ≥ 0 or two of them", "pads": "four ints ≥ 0 (top, left, bottom, right)",
+              "fill": f"a finite number of magnitude at most {MAX_NUMBER:g}, or \"-inf\"",
               "index": f"an int from 0 to {MAX_DIM}", "bool": "true or false", "eps": "a number in (0, 1)",
               "momentum": "a number in (0, 1]",
               "approximate": "'none' or 'tanh'", "axis": "1 (channels)",

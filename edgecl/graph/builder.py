@@ -217,6 +217,10 @@ def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, in_sha
         return b.op("AveragePool", [h], count_include_pad=int(node["count_include_pad"]), **attrs)
     if op == "gap":
         return b.op("GlobalAveragePool", [h])
+    if op == "pad":  # ONNX pads: every axis's start, then every axis's end (N, C, H, W)
+        top, left, bottom, right = node["pads"]
+        pads = constant(np.array([0, 0, top, left, 0, 0, bottom, right], dtype=np.int64))
+        return b.op("Pad", [h, pads, constant(np.array(float(node["value"]), dtype=np.float32))], mode="constant")
     if op == "upsample":  # out[i] = in[floor(i / scale)]: every value repeated, no interpolation
         scales = constant(np.array([1.0, 1.0, *node["scale"]], dtype=np.float32))
         return b.op("Resize", [h, "", scales], mode="nearest", coordinate_transformation_mode="asymmetric",

@@ -102,6 +102,8 @@ def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: 
         i, j = cm.sliced(source, node["start"], node["stop"])
         first = width(cm, source[:i])
         return v[first:first + width(cm, source[i:j])]
+    if op == "pad":  # the border holds the pad value: still one constant only where the channel's equals it
+        return v if not any(node["pads"]) else np.where(v == float(node["value"]), v, np.nan)
     if op == "avgpool" and (any(node["pad"]) or node["ceil_mode"]):
         return np.where(v == 0, 0.0, np.nan)
     if op == "shuffle":  # one value per channel, in the output's order

@@ -131,6 +131,9 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return F.avg_pool2d(h, node["k"], node["stride"], node["pad"], node["ceil_mode"], node["count_include_pad"])
     if op == "gap":
         return h.mean(dim=(2, 3), keepdim=True)
+    if op == "pad":
+        top, left, bottom, right = node["pads"]
+        return F.pad(h, (left, right, top, bottom), value=float(node["value"]))
     if op == "upsample":  # nearest by integer factors: each value repeated, exactly as ONNX Resize below
         return h.repeat_interleave(node["scale"][0], dim=2).repeat_interleave(node["scale"][1], dim=3)
     if op == "scale":  # a factor of 1 or offset of 0 is skipped, as in ONNX: the same float32 steps

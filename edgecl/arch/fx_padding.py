@@ -1,0 +1,109 @@
+"""Padding in a user's forward, for `fx_import._Converter`: TensorFlow's "same" padding, ``F.pad`` and the
+``ZeroPad2d`` / ``ConstantPad2d`` layers, each a ``pad`` node.
+
+TensorFlow pads a window so that the output has ⌈size / stride⌉ positions, and where that takes an odd number of
+rows or columns it puts the extra one at the bottom or right. timm ports of TensorFlow models (``tf_efficientnet*``,
+``tf_mobilenetv3*``, NASNet) compute this in forward (``Conv2dSame``, ``AvgPool2dSame``, ``MaxPool2dSame``), and
+torch's ``padding="same"`` does it for an even kernel extent. A spec has a fixed input size, so the padding is fixed
+too: a convolution keeps the symmetric part in its own ``pad`` and gets a ``pad`` node for the extra row and column
+only; a same-padded pool reads a ``pad`` node (of zeros, or −∞ for a max, as the layers pad) with no padding of its
+own. These layers are known by where they are defined, as the libraries' identities are: their forward is not
+traceable (it computes the padding from the input's size in Python).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch.nn.functional as F
+from torch import fx, nn
+
+from edgecl.arch.fx_calls import location, pair, shape_of
+from edgecl.errors import UsageError
+
+SAME_LAYERS = {("timm.layers.conv2d_same", "Conv2dSame"): "conv",
+               ("timm.layers.conv2d_same", "Conv2dSameExport"): "conv",
+               ("timm.layers.pool2d_same", "AvgPool2dSame"): "avg",
+               ("timm.layers.pool2d_same", "MaxPool2dSame"): "max"}
+PAD_FUNCTIONS = (F.pad,)
+PAD_MODULES = (nn.ZeroPad2d, nn.ConstantPad2d)  # padding (left, right, top, bottom) and a value, as F.pad
+
+
+def same_kind(m: nn.Module) -> str | None:
+    """"conv", "avg" or "max" for a known layer that pads as TensorFlow's "same" in forward, else None."""
+    return SAME_LAYERS.get((type(m).__module__, type(m).__name__))
+
+
+def odd_same(m: nn.Module) -> bool:
+    """A conv with torch's ``padding="same"`` whose kernel extent is even on an axis: padded asymmetrically."""
+    return isinstance(m, nn.Conv2d) and m.padding == "same" and \
+        any(d * (k - 1) % 2 for k, d in zip(pair(m.kernel_size), pair(m.dilation)))
+
+
+def same_padding(size: int, k: int, stride: int, dilation: int) -> tuple[int, int]:
+    """(before, after) padding of one axis under TensorFlow's "same" rule; after is before or before + 1."""
+    total = max((math.ceil(size / stride) - 1) * stride + (k - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+class _PaddingConverter:
+    """Mixin of `fx_import._Converter`: same-padded layers and explicit ``F.pad`` calls."""
+
+    name: str
+    refuse: Callable[..., UsageError]
+    _emit: Callable[..., str]
+    _input: Callable[..., str]
+    _conv_fields: Callable[..., dict[str, Any]]
+
+    def same_padded(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
+        """A same-padded conv or pool (`same_kind`) as its fixed padding and the plain layer."""
+        shape = shape_of(node.args[0])
+        if shape is None or len(shape) != 3:
+            raise UsageError(f"{self.name}: {type(m).__name__} at {path!r} {location(node)} needs a (channels, "
+                             f"height, width) input, gets {shape}")
+        k, stride, dilation = pair(m.kernel_size), pair(m.stride or m.kernel_size), pair(getattr(m, "dilation", 1))
+        (top, bottom), (left, right) = (same_padding(shape[1 + a], k[a], stride[a], dilation[a]) for a in range(2))
+        if same_kind(m) == "conv":
+            fields = self._conv_fields(node, m, path, pad=[top, left])
+            if bottom > top or right > left:
+                x = self._emit(node, "pad", [x], f"{path}.same_pad", pads=[0, 0, bottom - top, right - left])
+            self._emit(node, "conv", [x], path, **fields)
+            return
+        value = "-inf" if same_kind(m) == "max" else 0.0
+        if any((top, left, bottom, right)):
+            x = self._emit(node, "pad", [x], f"{path}.same_pad", pads=[top, left, bottom, right], value=value)
+        common = {"k": k, "stride": stride, "pad": [0, 0], "ceil_mode": bool(m.ceil_mode)}
+        if value == "-inf":
+            self._emit(node, "maxpool", [x], path, dilation=dilation, **common)
+        else:
+            self._emit(node, "avgpool", [x], path, count_include_pad=bool(m.count_include_pad), **common)
+
+    def asymmetric_same(self, node: fx.Node, m: nn.Conv2d, x: str, path: str) -> None:
+        """torch's ``padding="same"`` whose total padding is odd on an axis: torch puts the extra at the end."""
+        k, dilation = pair(m.kernel_size), pair(m.dilation)
+        (top, bottom), (left, right) = ((d * (kk - 1) // 2, d * (kk - 1) - d * (kk - 1) // 2)
+                                        for kk, d in zip(k, dilation))
+        fields = self._conv_fields(node, m, path, pad=[top, left])
+        x = self._emit(node, "pad", [x], f"{path}.same_pad", pads=[0, 0, bottom - top, right - left])
+        self._emit(node, "conv", [x], path, **fields)
+
+    def explicit_pad(self, node: fx.Node, args: dict[str, Any]) -> None:
+        """``F.pad(x, (left, right[, top, bottom]), mode="constant", value=v)`` on a map: a ``pad`` node."""
+        shape = shape_of(args["input"])
+        pads, value, mode = args["pad"], args["value"], args["mode"] or "constant"
+        if shape is None or len(shape) != 3:
+            raise self.refuse(node, f"padding is supported on a (channels, height, width) map, gets {shape}")
+        if mode != "constant":
+            raise self.refuse(node, f"mode {mode!r}; only mode='constant' (zeros or a number)")
+        if not isinstance(pads, (list, tuple)) or len(pads) not in (2, 4) or \
+                not all(isinstance(p, int) and p >= 0 for p in pads):
+            raise self.refuse(node, f"pad {str(pads)[:60]}: two or four ints ≥ 0 (left, right, top, bottom), "
+                                    "given in the code (not computed in forward); cropping is not supported")
+        left, right, top, bottom = (*pads, 0, 0)[:4]
+        if value is None:
+            value = 0.0
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or \
+                not (math.isfinite(value) or value == -math.inf):
+            raise self.refuse(node, f"value {str(value)[:40]}: a finite number or -inf")
+        self._emit(node, "pad", [self._input(args["input"], node)], pads=[top, left, bottom, right],
+                   value="-inf" if value == -math.inf else float(value))
