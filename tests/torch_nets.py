@@ -4,6 +4,7 @@ residual block as a spec (`dwres_spec`). Imports torch, torchvision and timm."""
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -40,6 +41,26 @@ class ResCat(nn.Module):
         y = torch.cat([x, self.branch_b(x)], dim=1)
         gate = torch.sigmoid(self.se_expand(torch.relu(self.se_reduce(y.mean((2, 3), keepdim=True)))))
         return self.fc(torch.flatten(self.pool(y * gate), 1))
+
+
+class Distilled(nn.Module):
+    """RepViT's eval-mode classifier on a small trunk: pooled features, then ``(head(x) + head_dist(x)) / 2``, each
+    head timm's NormLinear (BatchNorm1d → Dropout → Linear); `heads=1` keeps only `head` (one NormLinear)."""
+
+    def __init__(self, classes: int = 5, in_channels: int = 3, width: int = 8, heads: int = 2):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.drop = nn.Dropout(0.1)
+
+        def norm_linear() -> nn.Module:
+            return nn.Sequential(OrderedDict(bn=nn.BatchNorm1d(width), drop=nn.Dropout(0.2),
+                                             l=nn.Linear(width, classes)))
+        self.head = norm_linear()
+        self.head_dist = norm_linear() if heads == 2 else None
+
+    def forward(self, x):
+        x = self.drop(self.stem(x).mean((2, 3)))
+        return self.head(x) if self.head_dist is None else (self.head(x) + self.head_dist(x)) / 2
 
 
 class GhostSplit(nn.Module):
@@ -192,7 +213,7 @@ def randomise_batchnorm(module: nn.Module, seed: int = 0) -> None:
             m.weight.data.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
         if isinstance(m, nn.LayerNorm) and m.bias is not None:
             m.bias.data.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
             m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.weight.data.copy_(1 + 0.2 * torch.randn(m.num_features, generator=g))
@@ -229,7 +250,13 @@ def spec_and_weights(name: str, input_shape: tuple[int, ...] = (3, 32, 32)) -> t
 
 
 def classifier_of(module: nn.Module) -> dict[str, np.ndarray]:
-    """The module's classifier as edgecl's head: its last nn.Linear, or (DLA, DPN) its last 1×1 convolution."""
+    """The module's classifier as edgecl's head: its last nn.Linear, or (DLA, DPN) its last 1×1 convolution, or —
+    where a module holds a `head` and a `head_dist` (timm's name for the averaged classifiers of RepViT and the
+    distilled heads) — their average, folded into one (`averaged_head`)."""
+    pair = [m for m in module.modules() if isinstance(getattr(m, "head", None), nn.Module) and
+            isinstance(getattr(m, "head_dist", None), nn.Module)]
+    if pair:
+        return averaged_head([pair[-1].head, pair[-1].head_dist])
     linear = [m for m in module.modules() if isinstance(m, nn.Linear)]
     layer = linear[-1] if linear else [m for m in module.modules() if isinstance(m, nn.Conv2d)][-1]
     bias = layer.bias if layer.bias is not None else torch.zeros(layer.weight.shape[0])
@@ -237,10 +264,24 @@ def classifier_of(module: nn.Module) -> dict[str, np.ndarray]:
             "head.bias": bias.detach().numpy().copy()}
 
 
-def check_parity(module: nn.Module, spec: dict, input_shape: tuple[int, ...], post=None, batch: int = 4) -> None:
+def averaged_head(chains: list[nn.Module], features: int | None = None) -> dict[str, np.ndarray]:
+    """The one linear head that computes the mean of `chains` (each BatchNorm1d/dropout → Linear, affine in eval;
+    or any affine callable of `features` values): read off its values at 0 and at every unit vector."""
+    for chain in chains:
+        if isinstance(chain, nn.Module):
+            chain.eval()
+    features = features or next(m for m in chains[0].modules() if isinstance(m, nn.Linear)).in_features
+    probe = torch.cat([torch.zeros(1, features), torch.eye(features)])
+    with torch.no_grad():
+        out = torch.stack([chain(probe) for chain in chains]).double().mean(0)
+    return {"head.weight": (out[1:] - out[0]).T.float().numpy().copy(), "head.bias": out[0].float().numpy().copy()}
+
+
+def check_parity(module: nn.Module, spec: dict, input_shape: tuple[int, ...], post=None, batch: int = 4,
+                 head: dict[str, np.ndarray] | None = None) -> None:
     """The spec's torch forward and its ONNX graph (ONNX Runtime) give the module's output, with the module's own
-    tensors and its classifier as the head (`classifier_of`); `post` maps the spec's logits to what the module
-    returns (a final log_softmax that from_torch drops)."""
+    tensors and its classifier as the head (`head`, or `classifier_of`); `post` maps the spec's logits to what the
+    module returns (a final log_softmax that from_torch drops)."""
     import onnxruntime as ort
 
     from edgecl.graph.builder import build_onnx
@@ -248,7 +289,7 @@ def check_parity(module: nn.Module, spec: dict, input_shape: tuple[int, ...], po
 
     module.eval()
     weights = tensors_of(module, spec)
-    weights.update(classifier_of(module))
+    weights.update(head or classifier_of(module))
     post = post or (lambda logits: logits)
     x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -8,8 +8,9 @@ untouched). Dropout and identity are dropped (identities at inference); view-lik
 …) become ``flatten``/``reshape`` with the shape they actually produced. Function and method calls are converted in
 `fx_calls`, channel slices in `fx_slices`, LayerNorm, channels-last stretches and layer scales (ConvNeXt) in `fx_norms`,
 channel shuffles in `fx_shuffle`. The model's final `nn.Linear` classifier (or a 1×1 convolution on pooled features and
-a flatten, as DLA's) is detected and left out (with a (log_)softmax after it): edgecl gives every task its own head on
-the features it reads. Anything else raises `UsageError` naming the op, the fx node, the module path and the user's
+a flatten, as DLA's, or an average of such classifiers, as RepViT's `(head(x) + head_dist(x)) / 2`) is detected and
+left out by `fx_classifier` (with a (log_)softmax after it): edgecl gives every task its own head on the features it
+reads. Anything else raises `UsageError` naming the op, the fx node, the module path and the user's
 source line, never a trace from inside torch.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import fx, nn
 
 from edgecl.arch.fx_calls import (POOL_PARAMETERS, WITH_INDICES, _CallConverter, is_elementwise,
                                   is_library_identity, location, pair, shape_of)
+from edgecl.arch.fx_classifier import _ClassifierConverter
 from edgecl.arch.fx_norms import LAYER_NORMS, PERMUTES, _NormConverter, is_grn, is_view
 from edgecl.arch.fx_padding import PAD_FUNCTIONS, PAD_MODULES, _PaddingConverter, odd_same, same_kind
 from edgecl.arch.fx_shuffle import _ShuffleConverter
@@ -83,8 +85,12 @@ def from_torch(module: nn.Module, input_shape: tuple[int, ...] | list[int], *, c
                name: str | None = None) -> Arch:
     """The edgecl spec of `module` for inputs of `input_shape` (without batch).
 
-    classifier: None — detect and drop a final `nn.Linear` (UsageError if the model does not end in one);
-    True — the same, but required; False — the module is a trunk whose output (batch, features) feeds the heads."""
+    classifier: None — detect and drop the final classifier (UsageError if the model does not end in one): an
+    `nn.Linear`, a 1×1 convolution on pooled features then a flatten, or the average of two or more such classifiers
+    that read the same tensor, each with an optional BatchNorm and dropout of its own (RepViT's and the distilled
+    heads' ``(head(x) + head_dist(x)) / 2``); the spec's output is the tensor the classifier reads, and a BatchNorm
+    that belongs to one averaged classifier is dropped with it (`fx_classifier`); True — the same, but required;
+    False — the module is a trunk whose output (batch, features) feeds the heads."""
     if not isinstance(module, nn.Module):
         raise UsageError(f"from_torch needs a torch.nn.Module, got {type(module).__name__}")
     shape = [int(d) for d in input_shape]
@@ -151,7 +157,8 @@ def _propagate_shapes(traced: fx.GraphModule, shape: list[int]) -> None:
         traced.train(was_training)
 
 
-class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverter, _PaddingConverter):
+class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverter, _PaddingConverter,
+                 _ClassifierConverter):
     def __init__(self, traced: fx.GraphModule, module: nn.Module, shape: list[int], classifier: bool | None,
                  name: str):
         self.traced, self.module, self.input_shape = traced, module, shape
@@ -195,40 +202,11 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
         if result in self.last:
             raise UsageError(f"{self.name}: forward returns a channels-last tensor (after permute(0, 2, 3, 1)); "
                              "permute it back with permute(0, 3, 1, 2)")
-        last = self._node_named(self.alias[result])
         if self.classifier is False:
             if self.alias[result] == INPUT:
                 raise UsageError(f"{self.name}: the trunk computes nothing (it returns its input)")
             return self.alias[result]
-        last = self._pointwise_classifier(last, shape_of(result))
-        if last is None or last["op"] != "linear":
-            what = "the input" if last is None else f"{last['op']} ({last['name']})"
-            raise UsageError(f"{self.name}: the model's last operation is {what}, not an nn.Linear classifier "
-                             "(or a 1×1 convolution on pooled features, then a flatten). Pass the trunk instead: a "
-                             "module returning (batch, features), with from_torch(trunk, input_shape, "
-                             "classifier=False) (CLI: --arch module:factory --no-classifier)")
-        self.nodes.remove(last)
-        if last["inputs"][0] == INPUT:
-            raise UsageError(f"{self.name}: the model is only its classifier ({last['name']}: nn.Linear "
-                             f"{last['in']}→{last['out']}). edgecl replaces the final nn.Linear with a head per task, "
-                             "which leaves no trunk; put at least one layer before the classifier")
-        return last["inputs"][0]
-
-    def _pointwise_classifier(self, last: dict[str, Any] | None, out: list[int] | None) -> dict[str, Any] | None:
-        """A 1×1 convolution on the pooled 1×1 map, then a flatten (DLA's and DPN's classifier), is a linear layer on
-        the pooled features: the pair becomes one (a flatten of the pooled map, then the classifier to drop)."""
-        conv = self._node_named(last["inputs"][0]) if last is not None and last["op"] == "flatten" else None
-        if conv is None or conv["op"] != "conv" or out != [conv["out"]] or conv["k"] != [1, 1] or \
-                conv["stride"] != [1, 1] or conv["pad"] != [0, 0] or conv["groups"] != 1:
-            return last
-        self.nodes.remove(last)
-        self.nodes.remove(conv)
-        pooled = self._unique(f"{conv['name']}.features")
-        self.nodes.append({"name": pooled, "op": "flatten", "inputs": conv["inputs"]})
-        classifier = {"name": conv["name"], "op": "linear", "inputs": [pooled], "in": conv["in"], "out": conv["out"],
-                      "bias": conv["bias"]}
-        self.nodes.append(classifier)
-        return classifier
+        return self.drop_classifier(result)
 
     def _live(self, features: str) -> list[dict[str, Any]]:
         """The nodes the features depend on (an auxiliary branch or the classifier's leftovers are dropped)."""
