@@ -181,3 +181,15 @@ def test_compaction_does_not_fold_a_constant_channel_through_a_pad():
     with torch.no_grad():
         want, got = forward(spec, from_numpy(params), x), forward(small, from_numpy(kept), x)
     assert torch.allclose(want, got, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [32, 35])
+def test_timm_tensorflow_port_goes_in_with_parity(size):
+    from edgecl.arch.factories import build_module
+
+    torch.manual_seed(0)
+    module = build_module("timm:tf_mobilenetv3_small_minimal_100").eval()
+    randomise_batchnorm(module)
+    spec = from_torch(module, (3, size, size))
+    assert "pad" in _ops(spec)
+    check_parity(module, spec, (3, size, size), batch=2)
