@@ -114,7 +114,7 @@ _scalars = st.one_of(
     st.floats(allow_nan=True), st.text(max_size=12),
     st.sampled_from(["../../etc/passwd", "/abs", "a/b", "..", "C:\\x", "float64", "int64", "bool", "U8", "F64", "zstd",
                      "bits", "xor", "lps", "task", "node", "element", "row", "column", "head.weight", "fc1.weight",
-                     "nodes:fc1"]))
+                     "nodes:fc1", "nodes"]))
 hostile_values = st.one_of(_scalars, st.lists(_scalars, max_size=4),
                            st.lists(st.lists(_scalars, max_size=3), max_size=3),
                            st.dictionaries(st.text(max_size=8), _scalars, max_size=3))

@@ -16,6 +16,7 @@ One job per module, data flowing down the list (none imports one below it):
 - `limits` — every bound the reader and writer enforce, and why;
 - `encodings` — pure array ↔ bytes encoding steps (no files, no manifest);
 - `container` — the safetensors layout, tensor table, digest and blob checksums;
+- `node_masks` — format 3's packed node masks: one blob per task, laid out by the manifest's `node_groups`;
 - `manifest` — manifest validation: fields, names, blob entries, structure against the arch;
 - `reader` — the lazy `Artifact` (`load`);
 - `writer` — `save` and `append_task`, crash-safe;

@@ -39,6 +39,10 @@ so this bounds one task's dense size. (Was 2²⁰: a 2.9 MB file declared a 2 GB
 MAX_TENSOR_NAME, MAX_TASK_NAME = 200, 128
 """Characters in a tensor or task name: names reach file names and logs (exports, the runtime), never paths."""
 
+MAX_NODE_GROUPS = 1 << 16
+"""Channel groups in a format-3 file's ``node_groups`` (one task's node masks, packed): torchvision's ShuffleNet v2
+has ~1,000 (shuffled groups cut into single channels), the widest real map seen; the list is walked once per load."""
+
 MAX_DIM, MAX_JSON_INT = 1 << 31, 1 << 62
 """Largest architecture size (channels, widths, input dims) and largest shape/offset integer the reader believes."""
 

@@ -18,6 +18,7 @@ import numpy as np
 from edgecl import __version__
 from edgecl.arch.spec import INPUT, gemm_shape, param_shapes
 from edgecl.arch.spec import validate as validate_arch
+from edgecl.artifact import node_masks
 from edgecl.artifact.container import ST_CODE, TableEntry, parse_json, stored_form
 from edgecl.artifact.encodings import stored_dtype
 from edgecl.artifact.limits import (MAX_CLASSES, MAX_NDIM, MAX_TASK_NAME, MAX_TASKS, MAX_TENSOR_NAME,
@@ -26,8 +27,8 @@ from edgecl.deltas import KINDS, MAX_GROUP, node_segments, task_name_conflicts
 from edgecl.errors import ArtifactError, EdgeclWarning, UsageError
 
 FORMAT_NAME = "edgecl-artifact"
-FORMAT_VERSION = 2  # 2: the architecture is a graph of nodes (edgecl.arch.spec); 1: a list of layers, still read
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 3: a task's node masks are one blob (node_masks); 2: the architecture is a graph of nodes
+READABLE_VERSIONS = (1, 2, 3)  # 1: a list of layers, read as the same graph
 BLOB_FIELDS = ("dtype", "shape", "encoding", "blake2b")
 """A manifest blob entry has exactly these: decoded dtype and shape, encoding steps, BLAKE2b of the stored bytes."""
 
@@ -117,6 +118,7 @@ class _Check:
 
     def __init__(self, path: str, manifest: Any, table: dict[str, TableEntry]):
         self.path, self.m, self.table = path, manifest, table
+        self.layout: dict[str, int] | None = None  # format 3: group → size of its mask; None: one blob per group
 
     def fail(self, field: str, problem: str) -> ArtifactError:
         return ArtifactError(self.path, field, problem)
@@ -154,6 +156,7 @@ class _Check:
         missing = set(trunk) - set(m["params"])
         if missing:
             raise self.fail("manifest.params", f"no delta spec for trunk tensors {sorted(missing)}")
+        self.node_groups(version)
         if set(m["blobs"]) != set(self.table):
             raise self.fail("manifest.blobs", f"blob list and tensor table differ: "
                                               f"{sorted(set(m['blobs']) ^ set(self.table))[:5]}")
@@ -200,6 +203,23 @@ class _Check:
         if spec["kind"] == "permute" and "group" not in spec:
             raise self.fail(f"{field}.group", "permute tensors need a group")
 
+    def node_groups(self, version: int) -> None:
+        """Format 3: ``node_groups``, the layout of every task's packed node masks, checked and kept as
+        ``(group, size)`` pairs. Older formats store one blob per group; a ``node_groups`` there means nothing."""
+        m = self.m
+        if version < 3:
+            m.pop("node_groups", None)
+            return
+        problem = node_masks.layout_problem(m.get("node_groups"))
+        if problem:
+            raise self.fail("manifest.node_groups", problem)
+        for group, _ in m["node_groups"]:
+            problem = name_problem(node_masks.PREFIX + group)
+            if problem:
+                raise self.fail("manifest.node_groups", f"group {group!r}: {problem}")
+        m["node_groups"] = [(group, size) for group, size in m["node_groups"]]  # in memory: a node_masks.Layout
+        self.layout = dict(m["node_groups"])
+
     def blob_entry(self, key: str, e: Any, n_tasks: int) -> int:
         """Validate one manifest blob entry against the tensor table; returns its decoded byte count."""
         field = f"blob {key!r}"
@@ -213,6 +233,9 @@ class _Check:
         if problem:
             raise self.fail(field, problem)
         e["scope"], e["name"] = scope, match.group(3)  # in memory only: the key carries both
+        if self.layout is not None and node_masks.is_mask(e["name"]):
+            raise self.fail(field, f"format {self.m['format_version']} stores node masks packed, in "
+                                   f"task<T>::{node_masks.PACKED} (manifest.node_groups), not one blob per group")
         if not isinstance(e["dtype"], str) or e["dtype"] not in ST_CODE:
             raise self.fail(f"{field}.dtype", f"unsupported dtype {e.get('dtype')!r}")
         shape = e.get("shape")
@@ -241,6 +264,7 @@ class _Check:
         arch, params, tasks = self.m["arch"], self.m["params"], self.m["tasks"]
         trunk = param_shapes(arch)
         shapes = {}
+        self.packed_node_masks(len(tasks))
         for name, spec in params.items():
             kind = spec["kind"]
             if kind == "task":
@@ -274,16 +298,41 @@ class _Check:
                                              f"its rows, {name!r} is {shape}")
         want = {"rows": shape[0] if shape else -1, "cols": shape[1] * groups if len(shape) > 1 else -1}
         per_group = {axis: _repeats_per_group(segments) for axis, segments in axes.items()}
-        for t in range(n_tasks):
+        for t in range(n_tasks if self.layout is None else min(n_tasks, 1)):  # format 3: one layout, all tasks
             for axis, repeats in per_group.items():
                 if not repeats:
                     continue
-                sizes = {g: self.m["arch"]["input_shape"][0] if g == INPUT
-                         else self.need(t, f"nodes:{g}", None, bool, 1)[0] for g in repeats}
+                sizes = {g: self.m["arch"]["input_shape"][0] if g == INPUT else self.mask_size(t, g, field)
+                         for g in repeats}
                 covered = sum(sizes[g] * r for g, r in repeats.items())
                 if covered != want[axis]:
                     raise self.fail(f"{field}.{axis}", f"task {t}: node masks {sizes} × repeats cover {covered} "
                                                        f"{axis}, {name!r} {shape} needs {want[axis]}")
+
+    def mask_size(self, t: int, group: str, field: str) -> int:
+        """Length of task t's mask of `group`: its own 1-D bool blob (formats 1-2), or the layout's size (3)."""
+        if self.layout is None:
+            return self.need(t, f"{node_masks.PREFIX}{group}", None, bool, 1)[0]
+        if group not in self.layout:
+            raise self.fail("manifest.node_groups", f"no group {group!r}: {field} needs node mask "
+                                                    f"'{node_masks.PREFIX}{group}'")
+        return self.layout[group]
+
+    def packed_node_masks(self, n_tasks: int) -> None:
+        """Format 3: with any node groups, every task has one 1-D bool ``nodes`` blob, as long as the sizes sum to;
+        without, none."""
+        if self.layout is None:
+            return
+        total = sum(self.layout.values())
+        for t in range(n_tasks):
+            if not self.layout:
+                if self.entry(t, node_masks.PACKED) is not None:
+                    raise self.fail(f"blob {blob_key(t, node_masks.PACKED)!r}", "manifest.node_groups is empty")
+                continue
+            if self.need(t, node_masks.PACKED, None, bool, 1) != [total]:
+                raise self.fail(f"blob {blob_key(t, node_masks.PACKED)!r}.shape",
+                                f"is {self.entry(t, node_masks.PACKED)['shape']}, the sizes in manifest.node_groups "
+                                f"sum to {total}")
 
     def blob_structure(self, key: str, e: dict[str, Any], params: dict[str, Any], shapes: dict[str, list]) -> None:
         scope, name, steps = e["scope"], e["name"], e["encoding"]

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgecl.arch.spec import param_shapes
-from edgecl.artifact import container, manifest
+from edgecl.artifact import container, manifest, node_masks
 from edgecl.artifact.encodings import UNCHECKED, decode, stored_dtype, support_mask, xor_ref
 from edgecl.artifact.manifest import blob_key, owner_problem, param_of
 from edgecl.deltas import (PackedModel, TaskInfo, check_consistent, expand_owner, materialize_param,
@@ -77,6 +77,8 @@ class Artifact:
         self.fp16: bool = m["fp16"]
         self.tasks = [TaskInfo(t["name"], t["n_classes"], t.get("seed")) for t in m["tasks"]]
         self.blobs: dict[str, dict[str, Any]] = m["blobs"]  # key → dtype, shape, encoding, blake2b, scope, name
+        # format 3: every task's node masks in one blob, this layout (checked: the sizes sum to each blob's length)
+        self.node_groups: node_masks.Layout | None = m.get("node_groups")
 
     # -- plumbing
     def close(self) -> None:
@@ -195,9 +197,20 @@ class Artifact:
         return self._base(name)
 
     def read_task(self, t: int) -> dict[str, np.ndarray]:
-        """Task t's own tensors, read, verified and decoded now (not cached: the caller decides what to keep)."""
+        """Task t's own tensors, read, verified and decoded now (not cached: the caller decides what to keep).
+        Packed node masks (format 3) come as their `nodes:GROUP` views, as in memory."""
         t = self.task_index(t)
-        return {e["name"]: self._task_blob(t, e["name"]) for e in self.blobs.values() if e["scope"] == t}
+        out: dict[str, np.ndarray] = {}
+        for e in self.blobs.values():
+            if e["scope"] == t:
+                out.update(self._task_tensors(t, e["name"]))
+        return out
+
+    def _task_tensors(self, t: int, name: str) -> dict[str, np.ndarray]:
+        """The in-memory tensors stored in task t's blob `name`: itself, or one view per node group."""
+        if self.node_groups is not None and name == node_masks.PACKED:
+            return node_masks.split(self._task_blob(t, name), self.node_groups)
+        return {name: self._task_blob(t, name)}
 
     def task_index(self, task: int | str) -> int:
         """Index of a task given by index or name; UsageError naming the task otherwise."""
@@ -235,7 +248,7 @@ class Artifact:
         own: list[dict[str, np.ndarray]] = [{} for _ in self.tasks]
         for e in self.blobs.values():  # in file order
             if e["scope"] != "base":
-                own[e["scope"]][e["name"]] = self._task_blob(e["scope"], e["name"])
+                own[e["scope"]].update(self._task_tensors(e["scope"], e["name"]))
         packed = PackedModel(self.arch, self.method, self.config, self.params, base, list(self.tasks), own,
                              self.extra)
         try:

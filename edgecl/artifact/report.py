@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from edgecl.arch.spec import dense_params
+from edgecl.artifact import node_masks
 from edgecl.artifact.manifest import blob_key
 from edgecl.artifact.reader import Artifact, load
 
@@ -49,7 +50,7 @@ def component_of(scope: str | int, name: str, params: dict[str, dict[str, Any]])
         return "owner maps" if name.endswith(":owner") else "base weights"
     if name.endswith(":share"):
         return "sharing masks"
-    if name.startswith("nodes:"):
+    if name == node_masks.PACKED or node_masks.is_mask(name):  # one blob per task (format 3) or per group (1-2)
         return "node masks"
     stem, _, factor = name.rpartition(":")
     if factor in ("r", "s", "u", "v") and params.get(stem, {}).get("kind") == "lowrank":

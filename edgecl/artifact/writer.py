@@ -16,7 +16,7 @@ import numpy as np
 
 from edgecl import __version__
 from edgecl.arch.spec import validate as validate_arch
-from edgecl.artifact import container
+from edgecl.artifact import container, node_masks
 from edgecl.artifact.encodings import candidates, encode, support_mask, xor_ref
 from edgecl.artifact.limits import (MAX_CLASSES, MAX_HEADER_BYTES, MAX_JSON_CONTAINERS, MAX_NDIM, MAX_TASKS,
                                     budget_problem, dense_bytes)
@@ -108,7 +108,8 @@ def serialise(packed: PackedModel, fp16: bool, old_names: int = 0) -> list[bytes
     problem = task_names_problem([info.name for info in packed.tasks], old_names)
     if problem:
         raise UsageError(f"{problem} (rename it)")
-    blobs = encode_blobs(packed, fp16)
+    layout = node_masks.layout_of(packed.task_tensors)
+    blobs = encode_blobs(packed, fp16, layout)
     decoded = dense_bytes(packed.arch, [info.n_classes for info in packed.tasks])
     decoded += sum(math.prod(e["shape"]) * np.dtype(e["dtype"]).itemsize for _, e, _ in blobs)
     problem = budget_problem(decoded, sum(len(d) for _, _, d in blobs))
@@ -119,7 +120,7 @@ def serialise(packed: PackedModel, fp16: bool, old_names: int = 0) -> list[bytes
              for info in packed.tasks]
     manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "edgecl_version": __version__,
                 "method": packed.method, "config": packed.config, "arch": arch, "fp16": bool(fp16), "tasks": tasks,
-                "params": packed.params, "extra": packed.extra,
+                "params": packed.params, "extra": packed.extra, "node_groups": layout,
                 "blobs": {k: {f: e[f] for f in BLOB_FIELDS} for k, e, _ in blobs}}
     try:
         text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), default=_json_default)
@@ -133,8 +134,9 @@ def serialise(packed: PackedModel, fp16: bool, old_names: int = 0) -> list[bytes
     return [header] + parts
 
 
-def encode_blobs(packed: PackedModel, fp16: bool) -> list[Blob]:
-    """Every tensor of `packed` (base first, then task by task), each in its smallest candidate encoding."""
+def encode_blobs(packed: PackedModel, fp16: bool, layout: node_masks.Layout) -> list[Blob]:
+    """Every tensor of `packed` (base first, then task by task), each in its smallest candidate encoding; a task's
+    node masks as one blob, in `layout` (`node_masks.layout_of`)."""
     owners: dict[str, np.ndarray] = {}  # LPS tensor → owner of every element, flat
     for name, spec in packed.params.items():
         if spec.get("kind") == "lps":
@@ -144,7 +146,12 @@ def encode_blobs(packed: PackedModel, fp16: bool) -> list[Blob]:
                 raise UsageError(f"tensor {name!r}: {problem}")
             owners[name] = expand_owner(owner, packed.base[name].shape, spec.get("unit", "element")).reshape(-1)
     items: list[tuple[str | int, str, np.ndarray]] = [("base", n, a) for n, a in packed.base.items()]
-    items += [(t, n, a) for t, tt in enumerate(packed.task_tensors) for n, a in tt.items()]
+    for t, tt in enumerate(packed.task_tensors):
+        if node_masks.PACKED in tt:
+            raise UsageError(f"task {t} tensor name {node_masks.PACKED!r} is reserved (the blob of packed node masks)")
+        items += [(t, n, a) for n, a in tt.items() if not node_masks.is_mask(n)]
+        if layout:
+            items.append((t, node_masks.PACKED, node_masks.join(tt, layout)))
     return [_encode_blob(packed, owners, scope, name, arr, fp16) for scope, name, arr in items]
 
 

@@ -365,7 +365,7 @@ class AGSCL(Method):
         return {"used_capacity": used, "sparsity": sparsity, "live_params": live,
                 "dense_params": [dense_params(self.arch, i.n_classes) for i in self.infos],
                 "mask_bits_per_param": nodes.n / dense_params(self.arch),
-                "node_mask_bytes_per_task": sum(math.ceil(n / 8) for n in nodes.groups.values()),
+                "node_mask_bytes_per_task": math.ceil(nodes.n / 8),  # one bit-packed blob a task (format 3)
                 "frozen_important": [s["frozen"] for s in self.stats],
                 "old_task_max_drift": [s["old_task_max_drift"] for s in self.stats],
                 "exact_zero_unimportant": [s["exact_zero_nodes"] for s in self.stats],
