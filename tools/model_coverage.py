@@ -29,7 +29,7 @@ TIMM = ["resnet10t", "resnet18", "mobilenetv3_small_050", "mobilenetv2_050", "ef
         "mobileone_s0", "efficientvit_b0", "convnext_atto", "levit_128s", "resnest14d", "selecsls42b",
         "tf_mobilenetv3_small_minimal_100", "hardcorenas_a", "mobilevit_xxs", "edgenext_xx_small", "fastvit_t8",
         "ghostnetv2_100", "inception_v3", "xception41", "res2net50_14w_8s", "skresnet18", "cs3darknet_s", "darknet17",
-        "nf_resnet26", "gernet_s", "visformer_tiny", "inception_next_atto", "convnextv2_atto"]
+        "nf_resnet26", "gernet_s", "visformer_tiny", "inception_next_atto", "convnextv2_atto", "ecaresnet26t"]
 RESULTS = ROOT / "tools" / "results" / "model_coverage.json"
 
 

@@ -4,17 +4,18 @@ inputs' shapes (`output_shape`). `edgecl.arch.spec` validates whole specs with t
 
 Ops (fields and defaults in `OPS`):
 - with tensors: ``conv`` (weight ``(out, in/groups, kh, kw)``, optional bias), ``linear`` (weight ``(out, in)``),
-  ``bn`` (weight, bias, running_mean, running_var of ``ch`` channels; eps, momentum), ``layer_norm`` (normalises
-  each position over its ``ch`` channels, as ConvNeXt's LayerNorm after a permute; eps; weight and bias when
-  ``affine``), ``layer_scale`` (weight: one learned factor per channel, ConvNeXt's γ, starting at ``init``),
-  ``grn`` (ConvNeXt V2's global response norm: x + bias + weight·x·n, n = each channel's spatial L2 norm over the
-  channels' mean of it + eps; weight and bias start at 0, the identity), ``channel_conv`` (ECA channel attention's
-  1-D convolution along the channels of a pooled ``(ch, 1, 1)`` vector: output channel i is Σ_j weight[j] ·
-  x[i + j − (k−1)/2], its ``k`` (odd) neighbours, past the ends zero or, when ``circular`` (timm's CecaModule), wrapped
-  around; weight ``(k,)``: not per channel, so its input's channels are pinned and keep their order) — tensor names are ``NODE.weight`` etc.; an optional ``module`` names the layer's path in the traced module where the
-  node's name had to differ (a layer_scale's: its parameter's path), and an optional ``module_shape`` the shape in
-  which that module stores the weight where it differs by axes of 1 (a 1×1 conv that is an ``nn.Linear`` applied
-  over the channels stores ``(out, in)``; a γ of shape ``(C, 1, 1)``) (`edgecl.arch.module_state`);
+  ``bn`` (weight, bias, running_mean, running_var of ``ch`` channels; eps, momentum), ``layer_norm`` (normalises each
+  position over its ``ch`` channels, as ConvNeXt's LayerNorm after a permute; eps; weight and bias when ``affine``),
+  ``layer_scale`` (weight: one learned factor per channel, ConvNeXt's γ, starting at ``init``), ``grn`` (ConvNeXt V2's
+  global response norm: x + bias + weight·x·n, n = each channel's spatial L2 norm over the channels' mean of it + eps;
+  weight and bias start at 0, the identity), ``channel_conv`` (ECA channel attention's 1-D convolution along the
+  channels of a pooled ``(ch, 1, 1)`` vector: output channel i is Σ_j weight[j] · x[i + j − (k−1)/2], its ``k`` (odd)
+  neighbours, past the ends zero or, when ``circular`` (timm's CecaModule), wrapped around; weight ``(k,)``: not per
+  channel, so its input's channels are pinned and keep their order) — tensor names are ``NODE.weight`` etc.; an optional
+  ``module`` names the layer's path in the traced module where the node's name had to differ (a layer_scale's: its
+  parameter's path), and an optional ``module_shape`` the shape in which that module stores the weight where it differs
+  by axes of 1 (a 1×1 conv that is an ``nn.Linear`` applied over the channels stores ``(out, in)``; a γ of shape ``(C,
+  1, 1)``) (`edgecl.arch.module_state`);
 - element-wise: ``relu relu6 hardswish hardsigmoid silu sigmoid gelu tanh``, ``leaky_relu`` (its ``slope``), and
   ``scale`` (x·factor + offset with two constant numbers: arithmetic with a Python number, a negation);
 - pooling: ``maxpool`` / ``avgpool`` (k, stride, pad, ceil_mode; avgpool's count_include_pad), ``gap`` (global

@@ -27,7 +27,7 @@ import re
 from typing import Any
 
 from edgecl.arch.legacy import layers_to_nodes
-from edgecl.arch.ops import MAX_NUMBER, NORMALISING_OPS, OPS, TENSOR_OPS, WEIGHT_OPS, output_shape
+from edgecl.arch.ops import MAX_NUMBER, NEIGHBOUR_OPS, NORMALISING_OPS, OPS, TENSOR_OPS, WEIGHT_OPS, output_shape
 from edgecl.errors import UsageError
 
 Arch = dict[str, Any]
@@ -252,6 +252,12 @@ def dense_params(arch: Arch, n_classes: int | None = None) -> int:
     """Numbers in one dense model of this spec: every trunk tensor (BatchNorm statistics included), plus a head of
     `n_classes` when given. The one place dense sizes are counted (audit, inspect, methods' reports, sessions)."""
     return sum(math.prod(s) for s in param_shapes(arch, n_classes).values())
+
+
+def neighbour_weights(arch: Arch) -> list[str]:
+    """The k weights of every ``channel_conv`` (ECA), in node order: tensors with no channel rows, which no
+    per-channel rule (pruning, node masks, BatchNorm's) covers; methods that share a trunk keep them per task."""
+    return [f"{n['name']}.weight" for n in arch["nodes"] if n["op"] in NEIGHBOUR_OPS]
 
 
 def prunable(arch: Arch) -> list[str]:
