@@ -18,6 +18,7 @@ from edgecl.arch.fx_import import tensors_of
 ensure_torchvision_imports()
 import timm  # noqa: E402
 from timm.layers import Conv2dSame, create_pool2d  # noqa: E402
+from timm.layers.eca import CecaModule, EcaModule  # noqa: E402
 from timm.layers.grn import GlobalResponseNorm  # noqa: E402
 import torchvision  # noqa: E402
 
@@ -184,6 +185,34 @@ class TinyTF(nn.Module):
 
 def tf_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyTF(in_channels=input_shape[0]), tuple(input_shape))
+
+
+class TinyEca(nn.Module):
+    """ECA-ResNet in small: a stem, a residual block whose second conv's output goes through timm's EcaModule (k=3,
+    zero padding) before the add, and a second block gated by a CecaModule (k=5, circular padding)."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8):
+        super().__init__()
+        w = width
+
+        def block(k_eca: int, gate: type[nn.Module]):
+            return nn.Sequential(nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
+                                 nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w),
+                                 gate(kernel_size=k_eca))
+
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.block1, self.block2 = block(3, EcaModule), block(5, CecaModule)
+        self.fc = nn.Linear(w, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.block1(x))
+        x = torch.relu(x + self.block2(x))
+        return self.fc(x.mean([2, 3]))
+
+
+def eca_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyEca(in_channels=input_shape[0]), tuple(input_shape))
 
 
 def shuffle_spec(input_shape=(1, 8, 8)) -> dict:

@@ -37,7 +37,7 @@ TIMM = ["resnet10t", "resnet18", "mobilenetv3_small_050", "mobilenetv2_050", "ef
         "seresnext26d_32x4d", "starnet_s1", "repghostnet_050", "cspdarknet53", "inception_v4", "hgnetv2_b0",
         "gcresnet33ts", "tresnet_m", "lambda_resnet26t", "efficientformerv2_s0", "tiny_vit_5m_224",
         "mobilenetv4_hybrid_medium", "deit_tiny_patch16_224", "pit_ti_224", "fastvit_sa12", "efficientvit_m0",
-        "nasnetalarge", "repvit_m0_9"]
+        "nasnetalarge", "repvit_m0_9", "ecaresnet26t"]
 RESULTS = ROOT / "tools" / "results" / "model_coverage.json"
 
 

@@ -9,7 +9,9 @@ branch is the same unit of the network); ``cat`` lays groups side by side; ``fla
 features; a ``slice`` takes whole groups: a group it cuts is first split in two there (every tensor with that group on
 an axis then has both parts, side by side), so every group stays a set of channels that one decision can keep or drop.
 A ``shuffle`` interleaves channels of different groups: its input's groups are cut into single channels, listed in
-the shuffled order, and pinned (a shuffle of fewer channels would order the rest differently). This is the dependency
+the shuffled order, and pinned (a shuffle of fewer channels would order the rest differently). A ``channel_conv``
+(ECA) reads each channel's neighbours: its input's groups are pinned and *ordered* (no channel may go or move; its
+``(k,)`` weight has no rows). This is the dependency
 graph Torch-Pruning's DepGraph builds on a traced model, computed here on the spec with a
 union-find, without torch.
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edgecl.arch.ops import CHANNEL_AFFINE_OPS, NORMALISING_OPS
+from edgecl.arch.ops import CHANNEL_AFFINE_OPS, NEIGHBOUR_OPS, NORMALISING_OPS
 from edgecl.arch.spec import INPUT, Arch, is_depthwise, node_by_name, node_shapes, node_tensor_shapes, param_shapes
 from edgecl.errors import UsageError
 
@@ -44,6 +46,8 @@ class ChannelMap:
     # groups a LayerNorm normalises together (removing one channel changes every other's output) or a shuffle
     # interleaves (no shuffle of fewer channels puts the rest in the same order): none may go
     pinned: set[str] = field(default_factory=set)
+    # groups a channel_conv reads as neighbours: a permutation of their channels changes its function
+    ordered: set[str] = field(default_factory=set)
 
     def size(self, segments: Segments) -> int:
         """Length of an axis made of `segments`."""
@@ -129,6 +133,7 @@ def channel_map(arch: Arch) -> ChannelMap:
     rows: dict[str, Segments] = {}
     cols: dict[str, Segments] = {}
     pinned_by: list[Segments] = []
+    ordered_by: list[Segments] = []
     for node in arch["nodes"]:
         op, name = node["op"], node["name"]
         ins = [spaces[s] for s in node["inputs"]]
@@ -145,6 +150,10 @@ def channel_map(arch: Arch) -> ChannelMap:
             rows.update({f"{name}.{k}": x for k in node_tensor_shapes(node)})
             if op in NORMALISING_OPS:
                 pinned_by.append(x)
+        elif op in NEIGHBOUR_OPS:
+            out = x
+            pinned_by.append(x)
+            ordered_by.append(x)
         elif op == "flatten":
             hw = 1
             for d in shapes[node["inputs"][0]][1:]:
@@ -171,7 +180,8 @@ def channel_map(arch: Arch) -> ChannelMap:
     groups = {g: size[g] for g in size if uf.find(g) == g and g not in uf.alias}
     cm = ChannelMap(groups, {k: resolve(v) for k, v in rows.items()}, {k: resolve(v) for k, v in cols.items()},
                     resolve(spaces[arch["output"]]), {k: resolve(v) for k, v in spaces.items()},
-                    {g for segments in pinned_by for g, _ in resolve(segments)})
+                    {g for segments in pinned_by for g, _ in resolve(segments)},
+                    {g for segments in ordered_by for g, _ in resolve(segments)})
     _check_widths(arch, cm, shapes)
     return cm
 

@@ -25,6 +25,7 @@ from torch import fx, nn
 from edgecl.arch.fx_calls import (POOL_PARAMETERS, WITH_INDICES, _CallConverter, is_elementwise,
                                   is_library_identity, location, pair, shape_of)
 from edgecl.arch.fx_classifier import _ClassifierConverter
+from edgecl.arch.fx_eca import _EcaConverter, is_eca
 from edgecl.arch.fx_norms import LAYER_NORMS, PERMUTES, _NormConverter, is_grn, is_view
 from edgecl.arch.fx_padding import PAD_FUNCTIONS, PAD_MODULES, _PaddingConverter, odd_same, same_kind
 from edgecl.arch.fx_shuffle import _ShuffleConverter
@@ -56,7 +57,7 @@ class _Tracer(fx.Tracer):
         _check_own_forward(m, qualname)
         if isinstance(m, nn.LayerNorm):  # traced into: its F.layer_norm reads its parameters (`fx_norms`)
             return False
-        if is_grn(m):
+        if is_grn(m) or is_eca(m):
             return True
         return isinstance(m, _LEAVES) or is_library_identity(m) or super().is_leaf_module(m, qualname)
 
@@ -158,7 +159,9 @@ def _propagate_shapes(traced: fx.GraphModule, shape: list[int]) -> None:
 
 
 class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverter, _PaddingConverter,
-                 _ClassifierConverter):
+                 _ClassifierConverter, _EcaConverter):
+    activation_modules = _ACTIVATION_MODULES
+
     def __init__(self, traced: fx.GraphModule, module: nn.Module, shape: list[int], classifier: bool | None,
                  name: str):
         self.traced, self.module, self.input_shape = traced, module, shape
@@ -294,7 +297,7 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
         if isinstance(m, _IDENTITY_MODULES) or is_library_identity(m):  # identities at inference
             self.alias[node] = x
             return
-        if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)) or is_grn(m):
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)) or is_grn(m) or is_eca(m):
             if path in self.param_modules:
                 raise UsageError(f"{self.name}: module {path!r} is called twice (shared weights) {location(node)}; "
                                  "edgecl needs one call per layer")
@@ -328,6 +331,8 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
             self.upsample(node, x, m.mode)
         elif is_grn(m):
             self.global_response_norm(node, m, x, path)
+        elif is_eca(m):
+            self.eca(node, m, x, path)
         else:
             raise UsageError(f"{self.name}: unsupported layer {type(m).__name__} at {path!r} {location(node)}")
 

@@ -4,14 +4,18 @@ inputs' shapes (`output_shape`). `edgecl.arch.spec` validates whole specs with t
 
 Ops (fields and defaults in `OPS`):
 - with tensors: ``conv`` (weight ``(out, in/groups, kh, kw)``, optional bias), ``linear`` (weight ``(out, in)``),
-  ``bn`` (weight, bias, running_mean, running_var of ``ch`` channels; eps, momentum), ``layer_norm`` (normalises
-  each position over its ``ch`` channels, as ConvNeXt's LayerNorm after a permute; eps; weight and bias when
-  ``affine``), ``layer_scale`` (weight: one learned factor per channel, ConvNeXt's γ, starting at ``init``),
-  ``grn`` (ConvNeXt V2's global response norm: x + bias + weight·x·n, n = each channel's spatial L2 norm over the
-  channels' mean of it + eps; weight and bias start at 0, the identity) — tensor names are ``NODE.weight`` etc.; an optional ``module`` names the layer's path in the traced module where the
-  node's name had to differ (a layer_scale's: its parameter's path), and an optional ``module_shape`` the shape in
-  which that module stores the weight where it differs by axes of 1 (a 1×1 conv that is an ``nn.Linear`` applied
-  over the channels stores ``(out, in)``; a γ of shape ``(C, 1, 1)``) (`edgecl.arch.module_state`);
+  ``bn`` (weight, bias, running_mean, running_var of ``ch`` channels; eps, momentum), ``layer_norm`` (normalises each
+  position over its ``ch`` channels, as ConvNeXt's LayerNorm after a permute; eps; weight and bias when ``affine``),
+  ``layer_scale`` (weight: one learned factor per channel, ConvNeXt's γ, starting at ``init``), ``grn`` (ConvNeXt V2's
+  global response norm: x + bias + weight·x·n, n = each channel's spatial L2 norm over the channels' mean of it + eps;
+  weight and bias start at 0, the identity), ``channel_conv`` (ECA channel attention's 1-D convolution along the
+  channels of a pooled ``(ch, 1, 1)`` vector: output channel i is Σ_j weight[j] · x[i + j − (k−1)/2], its ``k`` (odd)
+  neighbours, past the ends zero or, when ``circular`` (timm's CecaModule), wrapped around; weight ``(k,)``: not per
+  channel, so its input's channels are pinned and keep their order) — tensor names are ``NODE.weight`` etc.; an optional
+  ``module`` names the layer's path in the traced module where the node's name had to differ (a layer_scale's: its
+  parameter's path), and an optional ``module_shape`` the shape in which that module stores the weight where it differs
+  by axes of 1 (a 1×1 conv that is an ``nn.Linear`` applied over the channels stores ``(out, in)``; a γ of shape ``(C,
+  1, 1)``) (`edgecl.arch.module_state`);
 - element-wise: ``relu relu6 hardswish hardsigmoid silu sigmoid gelu tanh``, ``leaky_relu`` (its ``slope``), and
   ``scale`` (x·factor + offset with two constant numbers: arithmetic with a Python number, a negation);
 - ``pad``: a map padded with a constant ``value`` (0, or ``"-inf"`` for what a max-pool then reads), ``pads`` =
@@ -50,6 +54,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "layer_norm": {"ch": ("size", ...), "eps": ("eps", 1e-5), "affine": ("bool", True)},
     "layer_scale": {"ch": ("size", ...), "init": ("number", 1.0)},
     "grn": {"ch": ("size", ...), "eps": ("eps", 1e-6)},
+    "channel_conv": {"ch": ("size", ...), "k": ("size", ...), "circular": ("bool", False)},
     **{act: {} for act in ACTIVATIONS},
     "maxpool": {**_POOL, "dilation": ("pair", [1, 1])},
     "avgpool": {**_POOL, "count_include_pad": ("bool", True)},
@@ -71,7 +76,9 @@ WEIGHT_OPS = ("conv", "linear")
 # per-channel affine layers: BatchNorm, LayerNorm over channels, layer scale (a method's `batchnorm` rule covers them)
 CHANNEL_AFFINE_OPS = ("bn", "layer_norm", "layer_scale", "grn")
 NORMALISING_OPS = ("layer_norm", "grn")  # statistics over the channels: each output depends on all of them
-TENSOR_OPS = ("conv", "linear", *CHANNEL_AFFINE_OPS)
+# each output channel reads its neighbours: the input's channels can be neither removed nor reordered
+NEIGHBOUR_OPS = ("channel_conv",)
+TENSOR_OPS = ("conv", "linear", *CHANNEL_AFFINE_OPS, *NEIGHBOUR_OPS)
 
 
 def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node") -> list[int]:
@@ -105,6 +112,12 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
     if op in CHANNEL_AFFINE_OPS:
         if x[0] != node["ch"] or op == "grn" and len(x) != 3:
             raise UsageError(f"{where}: {op} has {node['ch']} channels{' of a map' * (op == 'grn')}, gets {x}")
+        return list(x)
+    if op == "channel_conv":
+        k, c = node["k"], node["ch"]
+        if x != [c, 1, 1] or k % 2 == 0 or node["circular"] and k // 2 > c:
+            raise UsageError(f"{where}: channel_conv needs a pooled ({c}, 1, 1) input and an odd k (circular: at most "
+                             f"{2 * c + 1}), gets {x} and k={k}")
         return list(x)
     if op == "shuffle":
         if len(x) != 3 or x[0] % node["groups"]:

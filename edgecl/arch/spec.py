@@ -27,7 +27,7 @@ import re
 from typing import Any
 
 from edgecl.arch.legacy import layers_to_nodes
-from edgecl.arch.ops import MAX_NUMBER, NORMALISING_OPS, OPS, TENSOR_OPS, WEIGHT_OPS, output_shape
+from edgecl.arch.ops import MAX_NUMBER, NEIGHBOUR_OPS, NORMALISING_OPS, OPS, TENSOR_OPS, WEIGHT_OPS, output_shape
 from edgecl.errors import UsageError
 
 Arch = dict[str, Any]
@@ -150,9 +150,11 @@ def _module_shape(value: Any, node: dict[str, Any], where: str) -> list[int]:
     """A weight's shape as the traced module stores it: the spec's shape with axes of 1 added or removed, so the
     values are the same in the same order (a Linear over channels as a 1×1 conv, a γ of shape (C, 1, 1))."""
     # a LayerNorm's pair (and a GRN's) is stored as (C,) by torch: nothing to reshape
-    weight = list(node_tensor_shapes(node)["weight"]) if node["op"] in (*WEIGHT_OPS, "layer_scale") else None
+    with_shape = (*WEIGHT_OPS, "layer_scale", "channel_conv")  # a Conv1d stores a channel_conv's (k,) as (1, 1, k)
+    weight = list(node_tensor_shapes(node)["weight"]) if node["op"] in with_shape else None
     if weight is None:
-        raise UsageError(f"{where}: module_shape is for conv, linear and layer_scale weights, not {node['op']}")
+        raise UsageError(f"{where}: module_shape is for conv, linear, layer_scale and channel_conv weights, not "
+                         f"{node['op']}")
     if not isinstance(value, list) or not 0 < len(value) <= 4 or not all(_is_size(d) for d in value) or \
             [d for d in value if d != 1] != [d for d in weight if d != 1]:
         raise UsageError(f"{where}: module_shape {str(value)[:60]} must be the weight's shape {weight} with axes of "
@@ -244,6 +246,8 @@ def node_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         return {"weight": weight, **({"bias": (node["out"],)} if node["bias"] else {})}
     if op == "bn":
         return {k: (node["ch"],) for k in BN_TENSORS}
+    if op == "channel_conv":
+        return {"weight": (node["k"],)}
     if op in NORMALISING_OPS and node.get("affine", True) or op == "layer_scale":
         return {k: (node["ch"],) for k in ("weight", "bias")[:1 + (op != "layer_scale")]}
     return {}
@@ -253,6 +257,12 @@ def dense_params(arch: Arch, n_classes: int | None = None) -> int:
     """Numbers in one dense model of this spec: every trunk tensor (BatchNorm statistics included), plus a head of
     `n_classes` when given. The one place dense sizes are counted (audit, inspect, methods' reports, sessions)."""
     return sum(math.prod(s) for s in param_shapes(arch, n_classes).values())
+
+
+def neighbour_weights(arch: Arch) -> list[str]:
+    """The k weights of every ``channel_conv`` (ECA), in node order: tensors with no channel rows, which no
+    per-channel rule (pruning, node masks, BatchNorm's) covers; methods that share a trunk keep them per task."""
+    return [f"{n['name']}.weight" for n in arch["nodes"] if n["op"] in NEIGHBOUR_OPS]
 
 
 def prunable(arch: Arch) -> list[str]:

@@ -83,6 +83,21 @@ def _grn(b: _Builder, h: str, node: dict, constant) -> str:
     return b.op("Add", [h, b.op("Add", [scaled, b.op("Unsqueeze", [f"{name}.bias", axes])])])
 
 
+def _channel_conv(b: _Builder, h: str, node: dict, constant) -> str:
+    """ECA's 1-D convolution along the channels, as `edgecl.train.models`: (N, C, 1, 1) → (N, 1, C), zero padding by
+    Conv's pads or, circular, the last and first (k−1)/2 channels concatenated around it; Conv 1-D; back."""
+    c, pad = node["ch"], (node["k"] - 1) // 2
+    seq = b.op("Reshape", [h, constant(np.array([-1, 1, c], dtype=np.int64))])
+    if node["circular"] and pad:
+        def part(start: int, stop: int) -> str:
+            return b.op("Slice", [seq, *(constant(np.array([v], dtype=np.int64)) for v in (start, stop, 2))])
+        seq = b.op("Concat", [part(c - pad, c), seq, part(0, pad)], axis=2)
+    weight = b.op("Reshape", [f"{node['name']}.weight", constant(np.array([1, 1, node["k"]], dtype=np.int64))])
+    pads = [0, 0] if node["circular"] else [pad, pad]
+    out = b.op("Conv", [seq, weight], kernel_shape=[node["k"]], strides=[1], pads=pads, dilations=[1], group=1)
+    return b.op("Reshape", [out, constant(np.array([-1, c, 1, 1], dtype=np.int64))])
+
+
 def _select_inputs(b: _Builder, arch: Arch) -> str:
     """The network input as a compacted spec reads it: the channels (or flattened features) it still reads, gathered
     from an input of the dense shape (see `edgecl.graph.compact`)."""
@@ -190,6 +205,8 @@ def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, in_sha
         return b.op("Mul", [h, w if flat else b.op("Unsqueeze", [w, constant(np.array([1, 2], dtype=np.int64))])])
     if op == "grn":
         return _grn(b, h, node, constant)
+    if op == "channel_conv":
+        return _channel_conv(b, h, node, constant)
     if op in _UNARY:
         return b.op(_UNARY[op], [h])
     if op == "relu6":

@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from edgecl.arch.channels import ChannelMap, Segments
-from edgecl.arch.ops import NORMALISING_OPS
+from edgecl.arch.ops import NEIGHBOUR_OPS, NORMALISING_OPS
 from edgecl.arch.spec import INPUT, Arch, is_depthwise
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var")
@@ -88,7 +88,7 @@ def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: 
         return collapse((expand(v, source, cm) - m) / np.sqrt(var + node["eps"]) * g + b, source, cm)
     if op == "layer_scale":
         return collapse(expand(v, source, cm) * params[f"{name}.weight"].astype(np.float64), source, cm)
-    if op in NORMALISING_OPS:  # each output depends on other channels: treated as varying
+    if op in (*NORMALISING_OPS, *NEIGHBOUR_OPS):  # each output depends on other channels: treated as varying
         return np.full_like(v, np.nan)
     if op in ACTIVATIONS:
         return ACTIVATIONS[op](v)

@@ -21,15 +21,18 @@ Hook = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 def init_params(arch: Arch, n_classes: int | None = None, generator: torch.Generator | None = None) -> Params:
-    """Kaiming-uniform weights (torch's nn.Linear/Conv2d default), zero biases, identity BatchNorm, LayerNorm and
-    global response norm, layer scales at their ``init`` (ConvNeXt's 1e-6: each residual block starts close to the
-    identity)."""
+    """Kaiming-uniform weights (torch's nn.Linear/Conv2d/Conv1d default), zero biases, identity BatchNorm, LayerNorm
+    and global response norm, layer scales at their ``init`` (ConvNeXt's 1e-6: each residual block starts close to
+    the identity)."""
     params = _init(param_shapes(arch, n_classes), generator)
     for node in arch["nodes"]:
         if node["op"] == "layer_scale":
             params[f"{node['name']}.weight"].fill_(node["init"])
         if node["op"] == "grn":  # ConvNeXt V2's start: the identity
             params[f"{node['name']}.weight"].zero_()
+        if node["op"] == "channel_conv":  # torch's Conv1d(1, 1, k) default: uniform within 1/√k
+            bound = 1.0 / math.sqrt(node["k"])
+            params[f"{node['name']}.weight"] = (torch.rand(node["k"], generator=generator) * 2 - 1) * bound
     return params
 
 
@@ -119,6 +122,8 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         n = g / (g.mean(dim=1, keepdim=True) + node["eps"])
         return h + torch.addcmul(params[f"{name}.bias"].reshape(-1, 1, 1), params[f"{name}.weight"].reshape(-1, 1, 1),
                                  h * n)
+    if op == "channel_conv":  # ECA: a 1-D convolution along the channels of the pooled (N, C, 1, 1) vector
+        return _channel_conv(h, params[f"{name}.weight"], node["circular"])
     if op in _ACTIVATIONS:
         return _ACTIVATIONS[op](h)
     if op == "gelu":
@@ -157,6 +162,14 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
     if op == "reshape":
         return h.reshape((h.shape[0], *node["shape"]))
     raise ValueError(f"node {name!r}: op {op!r} has no torch form")
+
+
+def _channel_conv(h: torch.Tensor, weight: torch.Tensor, circular: bool) -> torch.Tensor:
+    """timm's EcaModule / CecaModule on (N, C, 1, 1): the channels as a (N, 1, C) sequence, padded by (k−1)/2 with
+    zeros or wrapped around, convolved with the k weights."""
+    pad = (weight.shape[0] - 1) // 2
+    seq = F.pad(h.reshape(h.shape[0], 1, -1), (pad, pad), mode="circular" if circular else "constant")
+    return F.conv1d(seq, weight.reshape(1, 1, -1)).reshape(h.shape)
 
 
 def to_numpy(params: Params) -> dict:

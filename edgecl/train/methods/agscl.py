@@ -34,9 +34,12 @@ BatchNorm: its weight and bias are rows of the node's group (shrunk, frozen and 
 statistics are per task (delta kind ``task``): each task trains with batch statistics and deploys the running
 statistics of its own training, so no later task can move an earlier task's normalisation.
 
+ECA (``channel_conv``): its k weights belong to no node; each task trains them from the previous task's values and
+keeps its own copy (delta kind ``task``), so no later task moves an earlier task's gate.
+
 Deployed form: one shared set of weights, per task a node bit vector per group (delta kind ``node``), the task's
-BatchNorm statistics and head; because of (I.1) task t's function reads only the nodes important up to t, and
-`materialize(t)` reproduces it exactly. Grouped (non-depthwise) convolutions are handled: a row reads its own conv
+BatchNorm statistics, ECA weights and head; because of (I.1) task t's function reads only the nodes important up to t,
+and `materialize(t)` reproduces it exactly. Grouped (non-depthwise) convolutions are handled: a row reads its own conv
 group's input channels. A layer that adds to the raw input's channels is refused (they are no node).
 
 Differences from the reference code, on purpose: the learning rate stays constant (no validation split, so no
@@ -118,7 +121,7 @@ class AGSCL(Method):
         self.heads: list[Params] = []
         self.infos: list[TaskInfo] = []
         self.alive: list[np.ndarray] = []  # per task: nodes important for tasks ≤ t (flat, only grows)
-        self.task_stats: list[dict[str, torch.Tensor]] = []  # per task: its BatchNorm running statistics
+        self.task_stats: list[dict[str, torch.Tensor]] = []  # per task: its statistics and ECA weights (nodes.own)
         self.stats: list[dict[str, Any]] = []
 
     # ---------------------------------------------------------------- training
@@ -183,7 +186,7 @@ class AGSCL(Method):
         self.heads.append(head)
         self.infos.append(TaskInfo(task.name, task.n_classes))
         self.alive.append(alive)
-        self.task_stats.append({k: self.trunk[k].clone() for k in nodes.stats})
+        self.task_stats.append({k: self.trunk[k].clone() for k in nodes.own})
         self.stats.append({**freeze, "exact_zero_nodes": zeroed, "reinit_nodes": reinit})
         if freeze["frozen"][0] < freeze["frozen"][1] or freeze["old_task_max_drift"] > 0:
             ctx.notes.setdefault(t, {})["warning"] = (
@@ -348,7 +351,7 @@ class AGSCL(Method):
             tensors = {**to_numpy(head), **to_numpy(running)}
             tensors.update({f"nodes:{g}": mask.copy() for g, mask in nodes.split(alive).items()})
             task_tensors.append(tensors)
-        base = to_numpy({k: v for k, v in self.trunk.items() if k not in nodes.stats})
+        base = to_numpy({k: v for k, v in self.trunk.items() if k not in nodes.own})
         return PackedModel(self.arch, self.name, self.config.to_json(), params, base, list(self.infos), task_tensors,
                            self._extra())
 
@@ -388,7 +391,7 @@ class AGSCL(Method):
             alive = nodes.join({g: tt.get(f"nodes:{g}") for g in nodes.groups}, "node mask").astype(bool)
             self.birth[alive & (self.birth == NEVER)] = t
             self.alive.append(alive)
-            self.task_stats.append(from_numpy({k: tt[k] for k in nodes.stats}))
+            self.task_stats.append(from_numpy({k: tt[k] for k in nodes.own}))
         self.trunk = {**from_numpy(packed.base), **{k: v.clone() for k, v in self.task_stats[-1].items()}}
         extra = packed.extra
         n = packed.n_tasks

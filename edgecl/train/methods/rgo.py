@@ -33,7 +33,10 @@ may keep it: under "task" each task learns its own affine pair and statistics, i
 "frozen" task 0 learns them and later tasks run them fixed (permuted with their channel group under FEL). Why the
 default: `RGOConfig`.
 
-P is training state, not part of the artifact (no per-task tensors besides heads and per-task BatchNorm): `edgecl
+ECA (``channel_conv``): its k weights are per task (k floats per task, each task starting from task 0's), since
+they have no rows for an input-side P; the channels it reads keep one order in every task (no FEL: `rgo_fel`).
+
+P is training state, not part of the artifact (no per-task tensors besides heads, per-task BatchNorm, layers): `edgecl
 train` saves it beside the artifact, and `resume` needs it.
 """
 from __future__ import annotations
@@ -47,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from edgecl.arch import param_shapes, prunable
+from edgecl.arch.spec import neighbour_weights
 from edgecl.arch.channels import ChannelError
 from edgecl.deltas import PackedModel, TaskInfo
 from edgecl.errors import UsageError
@@ -74,7 +78,8 @@ class RGO(Method):
         init = self.initial_params(torch.Generator().manual_seed(self.config.seed))
         self.bn = BatchNorm(arch, self.config.batchnorm, init)
         self.fel = self._fel_plan()
-        self.blocks = RuledTensors(self.fel.per_task, "task", init)  # layers of several blocks: per task (rgo_fel)
+        # per task: layers of several blocks (rgo_fel) and ECA's k weights (no rows for P or a FEL to act on)
+        self.blocks = RuledTensors(self.fel.per_task + neighbour_weights(arch), "task", init)
         shapes = param_shapes(arch)
         conv_groups = {n["name"]: n.get("groups", 1) for n in arch["nodes"]}
         self.layers = [w.rsplit(".", 1)[0] for w in prunable(arch) if w not in self.blocks.names]

@@ -21,7 +21,9 @@ recorded, when:
 - a grouped (not depthwise) convolution produces it: a permutation would move filters between conv groups, and each
   conv group's projection (`rgo_ops`) describes the inputs of one group only;
 - a shared tensor other than a conv/linear layer's has rows of several blocks (BatchNorm after a concatenation or
-  flatten under the "frozen" rule).
+  flatten under the "frozen" rule);
+- a ``channel_conv`` (ECA) reads its channels as neighbours: permuted, channel i would be mixed with other channels
+  than in the network trained (`ChannelMap.ordered`).
 
 Tensors stored per task (BatchNorm under the "task" rule, the heads) are trained in each task's own order and never
 constrain a group.
@@ -68,7 +70,9 @@ def fel_plan(arch: Arch, per_task: set[str] | frozenset[str] = frozenset()) -> F
     blocked = [k for k in cm.rows if k not in per_task and _layer_op(k, nodes) in WEIGHT_OPS and len(cm.rows[k]) > 1]
     plan = FELPlan()
     for group, tensors in members.items():
-        reason = _refusal(group, [k for k in tensors if k not in blocked], cm.rows, nodes)
+        reason = _refusal(group, [k for k in tensors if k not in blocked], cm.rows, nodes) or (
+            "a channel_conv (ECA) reads its channels as neighbours; a permutation would change which channels it "
+            "mixes" if group in cm.ordered else None)
         if reason:
             plan.skipped[group] = reason
         elif tensors:
