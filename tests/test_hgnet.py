@@ -179,6 +179,8 @@ def test_each_method_keeps_the_affine_by_its_rule(method_name, kind, stream):
 
 
 def test_agscl_keeps_the_affine_per_task_and_resumes_it():
+    """Per task, resumed as packed; and the dead nodes it leaves (the affine's bias after them, cut from every reader
+    by the column masks) compact away with the logits unchanged."""
     spec = from_torch(TinyHGNet(width=16), (1, 8, 8))
     stream = make_stream("permuted-digits", 2, seed=0)
     method = AGSCL(spec, AGSCLConfig(epochs=1))
@@ -193,6 +195,13 @@ def test_agscl_keeps_the_affine_per_task_and_resumes_it():
     repacked = again.pack()
     assert all(np.array_equal(a[k], b[k]) for a, b in zip(packed.task_tensors, repacked.task_tensors)
                for k in rowless_tensors(spec))
+    weights = materialize(packed, 0)
+    small, compact, report = compact_task(spec, weights, channel_multiple=1)
+    assert report.params_compact < report.params_dense
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((8, 1, 8, 8)).astype(np.float32))
+    with torch.no_grad():
+        dense, fewer = forward(spec, from_numpy(weights), x), forward(small, from_numpy(compact), x)
+    assert np.abs(dense.numpy() - fewer.numpy()).max() < 1e-5
 
 
 @pytest.mark.slow
