@@ -20,6 +20,7 @@ import timm  # noqa: E402
 from timm.layers import Conv2dSame, create_pool2d  # noqa: E402
 from timm.layers.eca import CecaModule, EcaModule  # noqa: E402
 from timm.layers.grn import GlobalResponseNorm  # noqa: E402
+from timm.models.hgnet import LearnableAffineBlock  # noqa: E402
 import torchvision  # noqa: E402
 
 
@@ -215,6 +216,49 @@ def eca_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyEca(in_channels=input_shape[0]), tuple(input_shape))
 
 
+class ScalarAffine(nn.Module):
+    """PP-HGNetV2's learnable affine block as a user writes it: one learned scale and one bias, each of shape (1,)."""
+
+    def __init__(self, scale: float = 1.0, bias: float = 0.0):
+        super().__init__()
+        self.scale, self.bias = nn.Parameter(torch.tensor([scale])), nn.Parameter(torch.tensor([bias]))
+
+    def forward(self, x):
+        return x * self.scale + self.bias
+
+
+class TinyHGNet(nn.Module):
+    """PP-HGNetV2 in small: conv-BN-ReLU layers each followed by a scalar affine (the user's `ScalarAffine`, timm's
+    LearnableAffineBlock in the block's first layer), an HG block concatenating its input and its layers' outputs
+    (3×3, then depthwise 3×3), a 1×1 aggregation with an ESE gate, and the input added back."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8):
+        super().__init__()
+        w = width
+
+        def layer(i: int, o: int, k: int, groups: int = 1, lab: type[nn.Module] = ScalarAffine) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(i, o, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(o),
+                                 nn.ReLU(), lab())
+
+        self.stem = layer(in_channels, w, 3)
+        self.layers = nn.ModuleList([layer(w, w, 3, lab=LearnableAffineBlock), layer(w, w, 3, groups=w)])
+        self.aggregation, self.ese = layer(3 * w, w, 1), nn.Conv2d(w, w, 1)
+        self.fc = nn.Linear(w, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        outputs = [x]
+        for block_layer in self.layers:
+            outputs.append(block_layer(outputs[-1]))
+        y = self.aggregation(torch.cat(outputs, 1))
+        y = y * torch.sigmoid(self.ese(y.mean((2, 3), keepdim=True)))
+        return self.fc((x + y).mean([2, 3]))
+
+
+def hgnet_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyHGNet(in_channels=input_shape[0]), tuple(input_shape))
+
+
 def shuffle_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyShuffle(in_channels=input_shape[0]), tuple(input_shape))
 
@@ -229,11 +273,14 @@ def ghost_spec(input_shape=(1, 8, 8)) -> dict:
 
 def randomise_batchnorm(module: nn.Module, seed: int = 0) -> None:
     """Non-trivial running statistics and affine parameters (fresh modules have identity BatchNorm and LayerNorm,
-    and ConvNeXt's layer scales are 1e-6, which would hide its blocks from a parity check)."""
+    ConvNeXt's layer scales are 1e-6 and PP-HGNetV2's scalar affines 1 and 0, which would hide them from a parity
+    check)."""
     g = torch.Generator().manual_seed(seed)
     for name, p in module.named_parameters():
-        if name.endswith(("gamma", "layer_scale")):
+        if name.endswith(("gamma", "layer_scale")) or name.endswith(".scale") and p.numel() == 1:
             p.data.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+        if name.endswith(".bias") and p.numel() == 1:  # a scalar affine's
+            p.data.copy_(0.2 * torch.randn(p.shape, generator=g))
     for m in module.modules():
         if type(m).__name__ == "GlobalResponseNorm":  # timm's starts at the identity (weight and bias 0)
             m.weight.data.copy_(0.5 * torch.randn(m.weight.shape, generator=g))

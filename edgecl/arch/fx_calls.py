@@ -70,6 +70,17 @@ _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in [^\n]*\n[ \t]*([^\n]*)')
 
 
+def arithmetic_kind(node: fx.Node) -> str | None:
+    """``add``, ``sub``, ``mul`` or ``div`` for an fx node that calls arithmetic (``x + y``, ``torch.add``,
+    ``x.add(y)``), None for any other."""
+    if node.op not in ("call_function", "call_method"):
+        return None
+    try:
+        return _ARITHMETIC.get(node.target)
+    except TypeError:  # an unhashable target
+        return None
+
+
 def is_elementwise(target: Any) -> bool:
     """An activation, arithmetic, a negation or a dropout: ops that act on each value alone, in any layout."""
     return target in _ACTIVATIONS or target in _LEAKY or target in _ARITHMETIC or target in _NEGATIONS or \

@@ -7,11 +7,11 @@ come from running the traced graph once on zeros (`_ShapeProp`, eval mode, no gr
 untouched). Dropout and identity are dropped (identities at inference); view-like ops (view, reshape, flatten, squeeze,
 …) become ``flatten``/``reshape`` with the shape they actually produced. Function and method calls are converted in
 `fx_calls`, channel slices in `fx_slices`, LayerNorm, channels-last stretches and layer scales (ConvNeXt) in `fx_norms`,
-channel shuffles in `fx_shuffle`. The model's final `nn.Linear` classifier (or a 1×1 convolution on pooled features and
-a flatten, as DLA's, or an average of such classifiers, as RepViT's `(head(x) + head_dist(x)) / 2`) is detected and
-left out by `fx_classifier` (with a (log_)softmax after it): edgecl gives every task its own head on the features it
-reads. Anything else raises `UsageError` naming the op, the fx node, the module path and the user's
-source line, never a trace from inside torch.
+channel shuffles in `fx_shuffle`, scalar affines (PP-HGNetV2) in `fx_affine`. The model's final `nn.Linear` classifier
+(or a 1×1 convolution on pooled features and a flatten, as DLA's, or an average of such classifiers, as RepViT's
+`(head(x) + head_dist(x)) / 2`) is detected and left out by `fx_classifier` (with a (log_)softmax after it): edgecl
+gives every task its own head on the features it reads. Anything else raises `UsageError` naming the op, the fx node,
+the module path and the user's source line, never a trace from inside torch.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from edgecl.arch.fx_affine import _AffineConverter
 from edgecl.arch.fx_calls import (POOL_PARAMETERS, WITH_INDICES, _CallConverter, is_elementwise,
                                   is_library_identity, location, pair, shape_of)
 from edgecl.arch.fx_classifier import _ClassifierConverter
@@ -159,7 +160,7 @@ def _propagate_shapes(traced: fx.GraphModule, shape: list[int]) -> None:
 
 
 class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverter, _PaddingConverter,
-                 _ClassifierConverter, _EcaConverter):
+                 _ClassifierConverter, _EcaConverter, _AffineConverter):
     activation_modules = _ACTIVATION_MODULES
 
     def __init__(self, traced: fx.GraphModule, module: nn.Module, shape: list[int], classifier: bool | None,
@@ -174,6 +175,7 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
         self.param_modules: set[str] = set()
         self.init_norms()
         self.init_shuffles()
+        self.init_affines()
 
     # -- the walk ---------------------------------------------------------------------------------------------------
     def spec(self) -> Arch:
@@ -259,8 +261,11 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
             super().view(node, x)
 
     def arithmetic(self, node: fx.Node, kind: str, a: Any, b: Any) -> None:
-        """As `_CallConverter.arithmetic`, and x · parameter: a layer scale (`fx_norms`)."""
-        if kind != "mul" or not self.layer_scale(node, a, b):
+        """As `_CallConverter.arithmetic`, and x · parameter: a scalar affine with the sum after it (`fx_affine`) or
+        a layer scale (`fx_norms`)."""
+        if self.affine_sum(node):
+            return
+        if kind != "mul" or not (self.scalar_affine(node, a, b) or self.layer_scale(node, a, b)):
             super().arithmetic(node, kind, a, b)
 
     def _input(self, arg: Any, node: fx.Node) -> str:

@@ -101,8 +101,9 @@ class _NormConverter:
     def parameter_used(self, node: fx.Node, path: str) -> UsageError:
         """The refusal of a parameter used in forward other than as a layer scale or a LayerNorm's."""
         return self.refuse(node, f"the parameter {path!r} is used directly in forward; edgecl supports parameters "
-                                 "inside standard layers (Conv2d, Linear, BatchNorm, LayerNorm) and as a "
-                                 "per-channel layer scale (x * gamma)")
+                                 "inside standard layers (Conv2d, Linear, BatchNorm, LayerNorm), as a "
+                                 "per-channel layer scale (x * gamma) and as a learnable affine (scale * x + bias, "
+                                 "one number each)")
 
     # -- layouts ----------------------------------------------------------------------------------------------------
     def permute(self, node: fx.Node) -> None:

@@ -3,15 +3,18 @@ rest of edgecl asks about (`WEIGHT_OPS`, `CHANNEL_AFFINE_OPS`, …), and the out
 inputs' shapes (`output_shape`). `edgecl.arch.spec` validates whole specs with these.
 
 Ops (fields and defaults in `OPS`):
-- with tensors: ``conv`` (weight ``(out, in/groups, kh, kw)``, optional bias), ``linear`` (weight ``(out, in)``),
-  ``bn`` (weight, bias, running_mean, running_var of ``ch`` channels; eps, momentum), ``layer_norm`` (normalises each
-  position over its ``ch`` channels, as ConvNeXt's LayerNorm after a permute; eps; weight and bias when ``affine``),
+- with tensors: ``conv`` (weight ``(out, in/groups, kh, kw)``, optional bias), ``linear`` (weight ``(out, in)``), ``bn``
+  (weight, bias, running_mean, running_var of ``ch`` channels; eps, momentum), ``layer_norm`` (normalises each position
+  over its ``ch`` channels, as ConvNeXt's LayerNorm after a permute; eps; weight and bias when ``affine``),
   ``layer_scale`` (weight: one learned factor per channel, ConvNeXt's γ, starting at ``init``), ``grn`` (ConvNeXt V2's
   global response norm: x + bias + weight·x·n, n = each channel's spatial L2 norm over the channels' mean of it + eps;
   weight and bias start at 0, the identity), ``channel_conv`` (ECA channel attention's 1-D convolution along the
   channels of a pooled ``(ch, 1, 1)`` vector: output channel i is Σ_j weight[j] · x[i + j − (k−1)/2], its ``k`` (odd)
   neighbours, past the ends zero or, when ``circular`` (timm's CecaModule), wrapped around; weight ``(k,)``: not per
-  channel, so its input's channels are pinned and keep their order) — tensor names are ``NODE.weight`` etc.; an optional
+  channel, so its input's channels are pinned and keep their order), ``scalar_affine`` (PP-HGNetV2's learnable affine
+  block: y = weight·x + bias with one learned number each, weight ``(1,)`` starting at ``init`` and bias ``(1,)`` at
+  ``init_bias``, on any tensor; its module stores them as ``MODULE.scale`` and ``MODULE.bias``; they belong to no
+  channel, and a channel that is 0 before it is ``bias`` after it) — tensor names are ``NODE.weight`` etc.; an optional
   ``module`` names the layer's path in the traced module where the node's name had to differ (a layer_scale's: its
   parameter's path), and an optional ``module_shape`` the shape in which that module stores the weight where it differs
   by axes of 1 (a 1×1 conv that is an ``nn.Linear`` applied over the channels stores ``(out, in)``; a γ of shape ``(C,
@@ -55,6 +58,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "layer_scale": {"ch": ("size", ...), "init": ("number", 1.0)},
     "grn": {"ch": ("size", ...), "eps": ("eps", 1e-6)},
     "channel_conv": {"ch": ("size", ...), "k": ("size", ...), "circular": ("bool", False)},
+    "scalar_affine": {"init": ("number", 1.0), "init_bias": ("number", 0.0)},
     **{act: {} for act in ACTIVATIONS},
     "maxpool": {**_POOL, "dilation": ("pair", [1, 1])},
     "avgpool": {**_POOL, "count_include_pad": ("bool", True)},
@@ -78,7 +82,9 @@ CHANNEL_AFFINE_OPS = ("bn", "layer_norm", "layer_scale", "grn")
 NORMALISING_OPS = ("layer_norm", "grn")  # statistics over the channels: each output depends on all of them
 # each output channel reads its neighbours: the input's channels can be neither removed nor reordered
 NEIGHBOUR_OPS = ("channel_conv",)
-TENSOR_OPS = ("conv", "linear", *CHANNEL_AFFINE_OPS, *NEIGHBOUR_OPS)
+# tensors that belong to no channel (ECA's k weights, a scalar affine's two numbers): no row, no node, no pruning
+ROWLESS_OPS = (*NEIGHBOUR_OPS, "scalar_affine")
+TENSOR_OPS = ("conv", "linear", *CHANNEL_AFFINE_OPS, *ROWLESS_OPS)
 
 
 def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node") -> list[int]:

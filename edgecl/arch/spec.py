@@ -27,7 +27,7 @@ import re
 from typing import Any
 
 from edgecl.arch.legacy import layers_to_nodes
-from edgecl.arch.ops import MAX_NUMBER, NEIGHBOUR_OPS, NORMALISING_OPS, OPS, TENSOR_OPS, WEIGHT_OPS, output_shape
+from edgecl.arch.ops import MAX_NUMBER, NORMALISING_OPS, OPS, ROWLESS_OPS, TENSOR_OPS, WEIGHT_OPS, output_shape
 from edgecl.errors import UsageError
 
 Arch = dict[str, Any]
@@ -76,9 +76,12 @@ def validate(arch: Any) -> Arch:
 
 def state_key(node: dict[str, Any], tensor: str) -> str:
     """The state-dict key of a node's tensor in the traced module (`edgecl.arch.module_state`): the node's name or
-    its ``module`` path, then the tensor; a layer scale is a bare parameter, whose key is that path itself."""
+    its ``module`` path, then the tensor; a layer scale is a bare parameter, whose key is that path itself, and a
+    scalar affine's weight is its module's ``scale`` (timm's LearnableAffineBlock)."""
     path = node.get("module", node["name"])
-    return path if node["op"] == "layer_scale" else f"{path}.{tensor}"
+    if node["op"] == "layer_scale":
+        return path
+    return f"{path}.{'scale' if node['op'] == 'scalar_affine' and tensor == 'weight' else tensor}"
 
 
 def _check_state_keys(arch: Arch) -> None:
@@ -248,6 +251,8 @@ def node_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         return {k: (node["ch"],) for k in BN_TENSORS}
     if op == "channel_conv":
         return {"weight": (node["k"],)}
+    if op == "scalar_affine":
+        return {"weight": (1,), "bias": (1,)}
     if op in NORMALISING_OPS and node.get("affine", True) or op == "layer_scale":
         return {k: (node["ch"],) for k in ("weight", "bias")[:1 + (op != "layer_scale")]}
     return {}
@@ -259,10 +264,11 @@ def dense_params(arch: Arch, n_classes: int | None = None) -> int:
     return sum(math.prod(s) for s in param_shapes(arch, n_classes).values())
 
 
-def neighbour_weights(arch: Arch) -> list[str]:
-    """The k weights of every ``channel_conv`` (ECA), in node order: tensors with no channel rows, which no
-    per-channel rule (pruning, node masks, BatchNorm's) covers; methods that share a trunk keep them per task."""
-    return [f"{n['name']}.weight" for n in arch["nodes"] if n["op"] in NEIGHBOUR_OPS]
+def rowless_tensors(arch: Arch) -> list[str]:
+    """The tensors that belong to no channel, in node order: every ``channel_conv``'s k weights (ECA) and every
+    ``scalar_affine``'s weight and bias. No per-channel rule (pruning, node masks, BatchNorm's) covers them; methods
+    that share a trunk keep them per task."""
+    return [f"{n['name']}.{k}" for n in arch["nodes"] if n["op"] in ROWLESS_OPS for k in node_tensor_shapes(n)]
 
 
 def prunable(arch: Arch) -> list[str]:

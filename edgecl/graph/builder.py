@@ -205,6 +205,8 @@ def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, in_sha
         return b.op("Mul", [h, w if flat else b.op("Unsqueeze", [w, constant(np.array([1, 2], dtype=np.int64))])])
     if op == "grn":
         return _grn(b, h, node, constant)
+    if op == "scalar_affine":  # (1,) initializers broadcast over any shape
+        return b.op("Add", [b.op("Mul", [h, f"{node['name']}.weight"]), f"{node['name']}.bias"])
     if op == "channel_conv":
         return _channel_conv(b, h, node, constant)
     if op in _UNARY:

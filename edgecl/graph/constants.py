@@ -3,8 +3,9 @@ channel into its readers' biases instead of keeping it (numpy only, no torch).
 
 A channel is *constant* when every position of it holds the same value for every input: a conv/linear output unit whose
 weight row reads nothing that varies (a dead filter: its bias, or its bias plus what it reads of other constants),
-pushed through BatchNorm, layer scales, activations, ``scale``, pooling, residual sums (the sum of the branches'
-constants), gates (a product; a zero gate makes anything zero) and concatenations. Values are float64 per channel of the
+pushed through BatchNorm, layer scales, scalar affines (a·c + b: a dead channel's 0 becomes b), activations, ``scale``,
+pooling, residual sums (the sum of the branches' constants), gates (a product; a zero gate makes anything zero) and
+concatenations. Values are float64 per channel of the
 tensor's channel axis as `edgecl.arch.channel_map` lays it out (``spaces``: after a flatten, one value per source
 channel, not per feature); NaN means "depends on the input". A LayerNorm's outputs are taken as varying (each depends on
 every channel at its position).
@@ -88,6 +89,9 @@ def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: 
         return collapse((expand(v, source, cm) - m) / np.sqrt(var + node["eps"]) * g + b, source, cm)
     if op == "layer_scale":
         return collapse(expand(v, source, cm) * params[f"{name}.weight"].astype(np.float64), source, cm)
+    if op == "scalar_affine":  # one number for every channel: a constant c (a dead channel's 0 too) is a·c + b after
+        a, b = (float(params[f"{name}.{k}"].reshape(-1)[0]) for k in ("weight", "bias"))
+        return v * a + b
     if op in (*NORMALISING_OPS, *NEIGHBOUR_OPS):  # each output depends on other channels: treated as varying
         return np.full_like(v, np.nan)
     if op in ACTIVATIONS:

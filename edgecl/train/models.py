@@ -30,6 +30,9 @@ def init_params(arch: Arch, n_classes: int | None = None, generator: torch.Gener
             params[f"{node['name']}.weight"].fill_(node["init"])
         if node["op"] == "grn":  # ConvNeXt V2's start: the identity
             params[f"{node['name']}.weight"].zero_()
+        if node["op"] == "scalar_affine":  # a fresh LearnableAffineBlock's numbers (1 and 0 in timm)
+            params[f"{node['name']}.weight"].fill_(node["init"])
+            params[f"{node['name']}.bias"].fill_(node["init_bias"])
         if node["op"] == "channel_conv":  # torch's Conv1d(1, 1, k) default: uniform within 1/√k
             bound = 1.0 / math.sqrt(node["k"])
             params[f"{node['name']}.weight"] = (torch.rand(node["k"], generator=generator) * 2 - 1) * bound
@@ -122,6 +125,8 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         n = g / (g.mean(dim=1, keepdim=True) + node["eps"])
         return h + torch.addcmul(params[f"{name}.bias"].reshape(-1, 1, 1), params[f"{name}.weight"].reshape(-1, 1, 1),
                                  h * n)
+    if op == "scalar_affine":  # one learned number times every value, plus one: (1,) tensors broadcast
+        return h * params[f"{name}.weight"] + params[f"{name}.bias"]
     if op == "channel_conv":  # ECA: a 1-D convolution along the channels of the pooled (N, C, 1, 1) vector
         return _channel_conv(h, params[f"{name}.weight"], node["circular"])
     if op in _ACTIVATIONS:

@@ -34,13 +34,15 @@ BatchNorm: its weight and bias are rows of the node's group (shrunk, frozen and 
 statistics are per task (delta kind ``task``): each task trains with batch statistics and deploys the running
 statistics of its own training, so no later task can move an earlier task's normalisation.
 
-ECA (``channel_conv``): its k weights belong to no node; each task trains them from the previous task's values and
-keeps its own copy (delta kind ``task``), so no later task moves an earlier task's gate.
+ECA (``channel_conv``): its k weights belong to no node; each task trains them from the previous task's values and keeps
+its own copy (delta kind ``task``), so no later task moves an earlier task's gate. A ``scalar_affine``'s weight and bias
+alike. A dead node is not 0 past an affine (it is the bias there): the columns (I.1) cuts and the column masks of
+`materialize` keep it out of every reader.
 
 Deployed form: one shared set of weights, per task a node bit vector per group (delta kind ``node``), the task's
-BatchNorm statistics, ECA weights and head; because of (I.1) task t's function reads only the nodes important up to t,
-and `materialize(t)` reproduces it exactly. Grouped (non-depthwise) convolutions are handled: a row reads its own conv
-group's input channels. A layer that adds to the raw input's channels is refused (they are no node).
+BatchNorm statistics, ECA weights, scalar affines and head; because of (I.1) task t's function reads only the nodes
+important up to t, and `materialize(t)` reproduces it exactly. Grouped (non-depthwise) convolutions are handled: a row
+reads its own conv group's input channels. A layer that adds to the raw input's channels is refused (they are no node).
 
 Differences from the reference code, on purpose: the learning rate stays constant (no validation split, so no
 plateau decay and no restore of the best epoch); a cut connection stays zero for all later tasks, as the paper
@@ -121,7 +123,7 @@ class AGSCL(Method):
         self.heads: list[Params] = []
         self.infos: list[TaskInfo] = []
         self.alive: list[np.ndarray] = []  # per task: nodes important for tasks ≤ t (flat, only grows)
-        self.task_stats: list[dict[str, torch.Tensor]] = []  # per task: its statistics and ECA weights (nodes.own)
+        self.task_stats: list[dict[str, torch.Tensor]] = []  # per task: its statistics and rowless tensors (nodes.own)
         self.stats: list[dict[str, Any]] = []
 
     # ---------------------------------------------------------------- training

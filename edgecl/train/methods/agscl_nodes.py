@@ -9,7 +9,8 @@ columns.
 This module only maps nodes to tensor positions (numpy, built once per architecture); `agscl.py` trains with it
 and `pack` deploys with the delta specs it writes (``node`` kind, rows/cols as groups or ``[[group, repeat], …]``
 segments, ``groups`` for grouped convolutions; BatchNorm running statistics are per task, kind ``task``, and so are
-ECA's k weights, which have no channel rows: each task trains them from the previous task's values and keeps its own).
+ECA's k weights and a scalar affine's two numbers, which have no channel rows: each task trains them from the previous
+task's values and keeps its own).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from edgecl.arch import INPUT, Arch, ChannelError, channel_map, consumers, node_by_name, param_shapes
-from edgecl.arch.spec import neighbour_weights
+from edgecl.arch.spec import rowless_tensors
 from edgecl.errors import UsageError
 
 STATS = ("running_mean", "running_var")
@@ -38,7 +39,7 @@ class NodeMap:
     hooks: dict[str, str]  # conv/linear node name → its weight tensor (Ω is read at its output)
     bn_after: dict[str, dict]  # conv/linear node name → the BatchNorm node normalising its output
     stats: list[str]  # BatchNorm running statistics: kept per task
-    own: list[str]  # every tensor kept per task: the statistics and ECA's k weights (no rows: trained, not a node)
+    own: list[str]  # kept per task: the statistics, ECA's k weights, scalar affines (no rows)
     scale_free: list[str]  # conv/linear rows (and biases) a BatchNorm normalises: their scale changes nothing
     specs: dict[str, dict[str, Any]]  # trunk tensor → its deployed delta spec
 
@@ -127,7 +128,7 @@ def node_map(arch: Arch) -> NodeMap:
                 bn_after[node["name"]] = nodes[after[0]]
                 scale_free += [t for t in (f"{node['name']}.weight", f"{node['name']}.bias") if t in shapes]
     stats = [t for t in cm.rows if t.rsplit(".", 1)[1] in STATS]
-    own = stats + neighbour_weights(arch)
+    own = stats + rowless_tensors(arch)
     specs = {t: _spec(cm.rows[t], cm.cols.get(t), nodes[t.rsplit(".", 1)[0]]) if t not in own else {"kind": "task"}
              for t in shapes}
     return NodeMap(groups, rows, cols, index(cm.head_cols), hooks, bn_after, stats, own, scale_free, specs)

@@ -34,7 +34,8 @@ may keep it: under "task" each task learns its own affine pair and statistics, i
 default: `RGOConfig`.
 
 ECA (``channel_conv``): its k weights are per task (k floats per task, each task starting from task 0's), since
-they have no rows for an input-side P; the channels it reads keep one order in every task (no FEL: `rgo_fel`).
+they have no rows for an input-side P; the channels it reads keep one order in every task (no FEL: `rgo_fel`). A
+``scalar_affine``'s weight and bias (PP-HGNetV2's learnable affine block) likewise: two floats per task.
 
 P is training state, not part of the artifact (no per-task tensors besides heads, per-task BatchNorm, layers): `edgecl
 train` saves it beside the artifact, and `resume` needs it.
@@ -50,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from edgecl.arch import param_shapes, prunable
-from edgecl.arch.spec import neighbour_weights
+from edgecl.arch.spec import rowless_tensors
 from edgecl.arch.channels import ChannelError
 from edgecl.deltas import PackedModel, TaskInfo
 from edgecl.errors import UsageError
@@ -78,8 +79,8 @@ class RGO(Method):
         init = self.initial_params(torch.Generator().manual_seed(self.config.seed))
         self.bn = BatchNorm(arch, self.config.batchnorm, init)
         self.fel = self._fel_plan()
-        # per task: layers of several blocks (rgo_fel) and ECA's k weights (no rows for P or a FEL to act on)
-        self.blocks = RuledTensors(self.fel.per_task + neighbour_weights(arch), "task", init)
+        # per task: layers of several blocks (rgo_fel), ECA's k weights and scalar affines (no rows for P or a FEL)
+        self.blocks = RuledTensors(self.fel.per_task + rowless_tensors(arch), "task", init)
         shapes = param_shapes(arch)
         conv_groups = {n["name"]: n.get("groups", 1) for n in arch["nodes"]}
         self.layers = [w.rsplit(".", 1)[0] for w in prunable(arch) if w not in self.blocks.names]

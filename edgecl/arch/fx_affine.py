@@ -1,0 +1,111 @@
+"""PP-HGNetV2's learnable affine block in a user's forward, for `fx_import._Converter`: ``self.scale * x +
+self.bias`` with two parameters holding one number each (timm's ``LearnableAffineBlock``, traced into, and any module
+written the same way) becomes one ``scalar_affine`` node, named by the module that owns both parameters; its tensors
+read from that module's ``scale`` and ``bias`` (`edgecl.arch.spec.state_key`).
+
+The product is converted when the tracer reaches it, the sum later: the product's only user must be a sum with the
+other parameter, and that sum is then an alias of the node (`absorbed`). Near misses are refused by name with the
+source line: a one-number parameter multiplied without a one-number bias added to the product alone, a bias that is
+no parameter of one number, parameters not named ``scale`` and ``bias`` of one module, a product read twice.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import fx, nn
+
+from edgecl.arch.fx_calls import arithmetic_kind, shape_of
+from edgecl.arch.fx_norms import is_view
+from edgecl.errors import UsageError
+
+FORM = ("edgecl supports a one-number parameter only in a learnable affine `scale * x + bias` (PP-HGNetV2's "
+        "LearnableAffineBlock: parameters MODULE.scale and MODULE.bias of shape (1,))")
+
+
+class _AffineConverter:
+    """Mixin of `fx_import._Converter`: scalar affines ``scale * x + bias``."""
+
+    name: str
+    alias: dict[fx.Node, str]
+    attrs: dict[fx.Node, str]
+    last: set[fx.Node]
+    traced: fx.GraphModule
+    refuse: Callable[..., UsageError]
+    parameter: Callable[..., Any]
+    claim: Callable[[str, fx.Node], None]
+    _emit: Callable[..., str]
+    _input: Callable[[Any, fx.Node], str]
+
+    def init_affines(self) -> None:
+        self.absorbed: dict[fx.Node, fx.Node] = {}  # the sum that adds an affine's bias → its product
+
+    def affine_sum(self, node: fx.Node) -> bool:
+        """The sum that adds a scalar affine's bias: the node the product made. False for any other node."""
+        product = self.absorbed.get(node)
+        if product is None:
+            return False
+        self.alias[node] = self.alias[product]
+        return True
+
+    def scalar_affine(self, node: fx.Node, a: Any, b: Any) -> bool:
+        """x · p with p a parameter of one number: with the sum after it, a ``scalar_affine`` node. False when no
+        operand is such a parameter, or when x has one channel and nothing is added (a layer scale of one channel)."""
+        if a in self.attrs:
+            a, b = b, a
+        if b not in self.attrs:
+            return False
+        scale_path = self.attrs[b]
+        scale = self.parameter(scale_path, node)
+        if scale.numel() != 1:
+            return False
+        shape = shape_of(a)
+        found = self._bias_sum(node)
+        if found is None:
+            if shape and shape[-1 if a in self.last else 0] == 1:
+                return False  # one channel: its one factor is a layer_scale (`fx_norms`)
+            raise self.refuse(node, f"a product with the parameter {scale_path!r} of shape {tuple(scale.shape)} (one "
+                                    f"number) and no one-number parameter added to it alone; {FORM}")
+        total, bias_path = found
+        bias = self.parameter(bias_path, node)
+        owner, _, leaf = scale_path.rpartition(".")
+        if (leaf, bias_path) != ("scale", f"{owner}.bias" if owner else "bias"):
+            raise self.refuse(node, f"a scalar affine of the parameters {scale_path!r} and {bias_path!r}; their "
+                                    "module must hold them as `scale` and `bias` (timm's LearnableAffineBlock), so "
+                                    "that edgecl reads them by name")
+        for path, p in ((scale_path, scale), (bias_path, bias)):
+            if tuple(p.shape) != (1,):
+                raise self.refuse(node, f"the scalar affine's parameter {path!r} has shape {tuple(p.shape)}; "
+                                        "edgecl needs (1,), as LearnableAffineBlock's")
+            self.claim(path, node)
+        fields: dict[str, Any] = {}
+        start, offset = float(scale.detach().reshape(-1)[0]), float(bias.detach().reshape(-1)[0])
+        if start != 1.0:
+            fields["init"] = start
+        if offset != 0.0:
+            fields["init_bias"] = offset
+        self._emit(node, "scalar_affine", [self._input(a, node)], owner or None, **fields)
+        self.absorbed[total] = node
+        if a in self.last:
+            self.last.add(node)
+        return True
+
+    def _bias_sum(self, product: fx.Node) -> tuple[fx.Node, str] | None:
+        """(the sum, the bias parameter's path) when the product's only user adds a parameter of one number to it."""
+        users = list(product.users)
+        if len(users) != 1 or arithmetic_kind(users[0]) != "add" or len(users[0].args) != 2 or users[0].kwargs:
+            return None
+        total = users[0]
+        other = next((arg for arg in total.args if arg is not product), None)
+        if other is None or total.args.count(product) != 1:
+            return None
+        while isinstance(other, fx.Node) and other.op != "get_attr" and other.args and is_view(other.target):
+            other = other.args[0]  # bias.view(1, 1, 1, 1): the same number
+        if not isinstance(other, fx.Node) or other.op != "get_attr":
+            return None
+        path = str(other.target)
+        try:
+            p = self.traced.get_parameter(path)
+        except AttributeError:
+            return None
+        return (total, path) if isinstance(p, nn.Parameter) and p.numel() == 1 else None
+
