@@ -21,6 +21,8 @@ from timm.layers import Conv2dSame, create_pool2d  # noqa: E402
 from timm.layers.eca import CecaModule, EcaModule  # noqa: E402
 from timm.layers.grn import GlobalResponseNorm  # noqa: E402
 from timm.models.hgnet import LearnableAffineBlock  # noqa: E402
+from timm.layers.selective_kernel import SelectiveKernel  # noqa: E402
+from timm.layers.split_attn import SplitAttn  # noqa: E402
 import torchvision  # noqa: E402
 
 
@@ -399,3 +401,30 @@ def dwres_spec(input_shape=(1, 8, 8)) -> dict:
         {"name": "add", "op": "add", "inputs": ["pwbn", "stem_act"]},
         {"name": "pool", "op": "gap", "inputs": ["add"]},
         {"name": "flat", "op": "flatten", "inputs": ["pool"]}]})
+
+
+class TinySplitAttn(nn.Module):
+    """SKNet and ResNeSt in small: a stem, a residual block whose first conv is timm's SelectiveKernel (two paths of
+    3×3, the second dilated, each on half the input), then a residual block whose 3×3 is timm's SplitAttn (radix 2,
+    cardinality 2: its logits are laid out branch-major by slices and a cat)."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.sk = nn.Sequential(SelectiveKernel(w, w, rd_channels=4), nn.Conv2d(w, w, 3, padding=1, bias=False),
+                                nn.BatchNorm2d(w))
+        self.splat = nn.Sequential(nn.Conv2d(w, w, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
+                                   SplitAttn(w, w, radix=2, groups=2, rd_channels=4, norm_layer=nn.BatchNorm2d),
+                                   nn.Conv2d(w, w, 1, bias=False), nn.BatchNorm2d(w))
+        self.fc = nn.Linear(w, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.sk(x))
+        x = torch.relu(x + self.splat(x))
+        return self.fc(x.mean([2, 3]))
+
+
+def split_attn_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinySplitAttn(in_channels=input_shape[0]), tuple(input_shape))

@@ -11,7 +11,10 @@ an axis then has both parts, side by side), so every group stays a set of channe
 A ``shuffle`` interleaves channels of different groups: its input's groups are cut into single channels, listed in
 the shuffled order, and pinned (a shuffle of fewer channels would order the rest differently). A ``channel_conv``
 (ECA) reads each channel's neighbours: its input's groups are pinned and *ordered* (no channel may go or move; its
-``(k,)`` weight has no rows). This is the dependency
+``(k,)`` weight has no rows). A ``branch_softmax`` (split attention) makes channel c of each of its R blocks one
+unit, as an ``add`` of the blocks would: the blocks are cut apart and tied channel by channel, so a decision about
+channel c is taken for all R of its logits at once (removing one branch's logit would change the others' softmax;
+removing all R of them, or permuting every block alike, leaves every other channel's values). This is the dependency
 graph Torch-Pruning's DepGraph builds on a traced model, computed here on the spec with a
 union-find, without torch.
 
@@ -170,6 +173,8 @@ def channel_map(arch: Arch) -> ChannelMap:
         elif op == "shuffle":
             out = _shuffle(uf, size, node, x)
             pinned_by.append(x)  # an interleaving no shorter shuffle reproduces: its channels stay
+        elif op == "branch_softmax":
+            out = _tie_branches(uf, size, node, x, shapes[node["inputs"][0]])
         else:  # activations, pooling: channels pass through
             out = x
         if op in ("conv", "linear") and node["bias"]:
@@ -227,6 +232,16 @@ def _shuffle(uf: _UnionFind, size: dict[str, int], node: dict, x: Segments) -> S
     return [singles[i * per + j] for j in range(per) for i in range(g)]
 
 
+def _tie_branches(uf: _UnionFind, size: dict[str, int], node: dict, x: Segments, shape: list[int]) -> Segments:
+    """A softmax across R branches: its input's R blocks of C channels are cut apart and tied channel by channel
+    (as `_merge` ties an add's inputs); the output has the input's layout."""
+    per, where = shape[0] // node["branches"], {"name": node["name"], "op": node["op"]}
+    blocks = [_slice(uf, size, {**where, "start": r * per, "stop": (r + 1) * per}, x)
+              for r in range(node["branches"])]
+    _merge(uf, size, where, blocks, [[per, *shape[1:]]] * len(blocks))
+    return x
+
+
 def _cut(uf: _UnionFind, size: dict[str, int], segments: Segments, bound: int, node: dict) -> None:
     """Split the group whose channels `bound` (a position of the axis `segments`) falls inside, into the channels
     before it and those from it on: one group aliased to two new ones."""
@@ -262,7 +277,7 @@ def _split(uf: _UnionFind, size: dict[str, int], g: str, widths: list[int]) -> N
 
 def _op_text(node: dict) -> str:
     """A node's op as a message names it: a slice with its bounds."""
-    return f"slice {node['start']}:{node['stop']}" if node["op"] == "slice" else node["op"]
+    return f"{node['op']} {node['start']}:{node['stop']}" if "start" in node else node["op"]
 
 
 def _alias(uf: _UnionFind, plain: str, segments: Segments, node: dict) -> None:

@@ -7,11 +7,12 @@ come from running the traced graph once on zeros (`_ShapeProp`, eval mode, no gr
 untouched). Dropout and identity are dropped (identities at inference); view-like ops (view, reshape, flatten, squeeze,
 …) become ``flatten``/``reshape`` with the shape they actually produced. Function and method calls are converted in
 `fx_calls`, channel slices in `fx_slices`, LayerNorm, channels-last stretches and layer scales (ConvNeXt) in `fx_norms`,
-channel shuffles in `fx_shuffle`, scalar affines (PP-HGNetV2) in `fx_affine`. The model's final `nn.Linear` classifier
-(or a 1×1 convolution on pooled features and a flatten, as DLA's, or an average of such classifiers, as RepViT's
-`(head(x) + head_dist(x)) / 2`) is detected and left out by `fx_classifier` (with a (log_)softmax after it): edgecl
-gives every task its own head on the features it reads. Anything else raises `UsageError` naming the op, the fx node,
-the module path and the user's source line, never a trace from inside torch.
+channel shuffles in `fx_shuffle`, ECA in `fx_eca`, split attention (selective kernel, ResNeSt) in `fx_split_attn`,
+scalar affines (PP-HGNetV2) in `fx_affine`. The model's final `nn.Linear` classifier (or a 1×1 convolution on pooled
+features and a flatten, as DLA's, or an average of such classifiers, as RepViT's `(head(x) + head_dist(x)) / 2`) is
+detected and left out by `fx_classifier` (with a (log_)softmax after it): edgecl gives every task its own head on the
+features it reads. Anything else raises `UsageError` naming the op, the fx node, the module path and the user's
+source line, never a trace from inside torch.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from edgecl.arch.fx_norms import LAYER_NORMS, PERMUTES, _NormConverter, is_grn, 
 from edgecl.arch.fx_padding import PAD_FUNCTIONS, PAD_MODULES, _PaddingConverter, odd_same, same_kind
 from edgecl.arch.fx_shuffle import _ShuffleConverter
 from edgecl.arch.fx_slices import _SliceConverter
+from edgecl.arch.fx_split_attn import _SplitAttnConverter, is_split_attention
 from edgecl.arch.ops import TENSOR_OPS
 from edgecl.arch.spec import INPUT, NAME, Arch, validate
 from edgecl.errors import UsageError
@@ -58,7 +60,7 @@ class _Tracer(fx.Tracer):
         _check_own_forward(m, qualname)
         if isinstance(m, nn.LayerNorm):  # traced into: its F.layer_norm reads its parameters (`fx_norms`)
             return False
-        if is_grn(m) or is_eca(m):
+        if is_grn(m) or is_eca(m) or is_split_attention(m):
             return True
         return isinstance(m, _LEAVES) or is_library_identity(m) or super().is_leaf_module(m, qualname)
 
@@ -160,7 +162,7 @@ def _propagate_shapes(traced: fx.GraphModule, shape: list[int]) -> None:
 
 
 class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverter, _PaddingConverter,
-                 _ClassifierConverter, _EcaConverter, _AffineConverter):
+                 _ClassifierConverter, _EcaConverter, _AffineConverter, _SplitAttnConverter):
     activation_modules = _ACTIVATION_MODULES
 
     def __init__(self, traced: fx.GraphModule, module: nn.Module, shape: list[int], classifier: bool | None,
@@ -302,7 +304,8 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
         if isinstance(m, _IDENTITY_MODULES) or is_library_identity(m):  # identities at inference
             self.alias[node] = x
             return
-        if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)) or is_grn(m) or is_eca(m):
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)) or is_grn(m) or is_eca(m) or \
+                is_split_attention(m):
             if path in self.param_modules:
                 raise UsageError(f"{self.name}: module {path!r} is called twice (shared weights) {location(node)}; "
                                  "edgecl needs one call per layer")
@@ -338,6 +341,8 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
             self.global_response_norm(node, m, x, path)
         elif is_eca(m):
             self.eca(node, m, x, path)
+        elif is_split_attention(m):
+            self.split_attention(node, m, x, path)
         else:
             raise UsageError(f"{self.name}: unsupported layer {type(m).__name__} at {path!r} {location(node)}")
 

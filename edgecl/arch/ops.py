@@ -31,7 +31,11 @@ Ops (fields and defaults in `OPS`):
   gates), ``cat`` (channel concatenation), ``slice`` (channels ``start`` to ``stop``, of a map or of a feature
   vector: ``x[:, a:b]``, one part of ``torch.split``/``chunk``), ``shuffle`` (ShuffleNet's channel shuffle of a map:
   its C channels as ``groups`` × C/groups, transposed: output channel j·groups + i is input channel i·C/groups + j),
-  ``flatten``, ``reshape`` (to ``shape``).
+  ``flatten``, ``reshape`` (to ``shape``);
+- ``branch_softmax``: split attention's softmax across ``branches`` (selective kernel, ResNeSt): the input's R·C
+  channels are R consecutive blocks of C, one per branch, and output channel r·C + c is softmax over r' of input
+  channel r'·C + c — each channel's R logits compete, channels never mix (the channel map ties the R blocks
+  channel by channel, as an ``add`` of them would; removing channel c of every block leaves the others' values).
 
 """
 from __future__ import annotations
@@ -71,6 +75,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "cat": {"axis": ("axis", 1)},
     "slice": {"start": ("index", 0), "stop": ("size", ...)},
     "shuffle": {"groups": ("size", ...)},
+    "branch_softmax": {"branches": ("size", ...)},
     "flatten": {},
     "reshape": {"shape": ("shape", ...)},
 }
@@ -129,6 +134,11 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
         if len(x) != 3 or x[0] % node["groups"]:
             raise UsageError(f"{where}: shuffle needs a (channels, height, width) input whose channels "
                              f"{node['groups']} groups divide, gets {x}")
+        return list(x)
+    if op == "branch_softmax":
+        if len(x) != 3 or x[0] % node["branches"]:
+            raise UsageError(f"{where}: branch_softmax needs a (channels, height, width) input whose channels "
+                             f"{node['branches']} branches divide, gets {x}")
         return list(x)
     if op == "gap":
         if len(x) != 3:

@@ -296,10 +296,10 @@ def consumers(arch: Arch) -> dict[str, list[str]]:
 
 def is_sequential(arch: Arch) -> bool:
     """True when every node reads the one before it and keeps its channels whole and in order (a chain: no residual
-    adds, gates, concatenation, slices or shuffles)."""
+    adds, gates, concatenation, slices, shuffles or softmaxes across branches)."""
     previous = INPUT
     for node in arch["nodes"]:
-        if node["inputs"] != [previous] or node["op"] in ("slice", "shuffle"):
+        if node["inputs"] != [previous] or node["op"] in ("slice", "shuffle", "branch_softmax"):
             return False
         previous = node["name"]
     return previous == arch["output"]

@@ -263,6 +263,11 @@ def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, in_sha
         grouped = b.op("Reshape", [h, constant(np.array([0, node["groups"], c // node["groups"], -1], np.int64))])
         swapped = b.op("Transpose", [grouped], perm=[0, 2, 1, 3])
         return b.op("Reshape", [swapped, constant(np.array([0, c, height, width], np.int64))])
+    if op == "branch_softmax":  # (N, R, C·H·W), Softmax over axis 1, back to (N, R·C, H, W)
+        c, height, width = in_shape
+        branches = b.op("Reshape", [h, constant(np.array([0, node["branches"], -1], np.int64))])
+        weights = b.op("Softmax", [branches], axis=1)
+        return b.op("Reshape", [weights, constant(np.array([0, c, height, width], np.int64))])
     if op == "flatten":
         return b.op("Flatten", [h], axis=1)
     if op == "reshape":

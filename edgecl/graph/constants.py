@@ -4,8 +4,9 @@ channel into its readers' biases instead of keeping it (numpy only, no torch).
 A channel is *constant* when every position of it holds the same value for every input: a conv/linear output unit whose
 weight row reads nothing that varies (a dead filter: its bias, or its bias plus what it reads of other constants),
 pushed through BatchNorm, layer scales, scalar affines (a·c + b: a dead channel's 0 becomes b), activations, ``scale``,
-pooling, residual sums (the sum of the branches' constants), gates (a product; a zero gate makes anything zero) and
-concatenations. Values are float64 per channel of the
+pooling, residual sums (the sum of the branches' constants), gates (a product; a zero gate makes anything zero),
+concatenations and softmaxes across branches (a channel whose R logits are all constant). Values are float64 per
+channel of the
 tensor's channel axis as `edgecl.arch.channel_map` lays it out (``spaces``: after a flatten, one value per source
 channel, not per feature); NaN means "depends on the input". A LayerNorm's outputs are taken as varying (each depends on
 every channel at its position).
@@ -112,6 +113,10 @@ def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: 
         return np.where(v == 0, 0.0, np.nan)
     if op == "shuffle":  # one value per channel, in the output's order
         return v.reshape(node["groups"], -1).T.reshape(-1)
+    if op == "branch_softmax":  # a channel's R logits: its R outputs are constant when all R are (NaN spreads)
+        logits = v.reshape(node["branches"], -1)
+        e = np.exp(logits - logits.max(axis=0))
+        return (e / e.sum(axis=0)).reshape(-1)
     if op == "add":
         return np.sum(ins, axis=0)
     if op == "mul":

@@ -162,6 +162,10 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
     if op == "shuffle":  # (N, g, C/g, H, W) transposed to (N, C/g, g, H, W), as ShuffleNet writes it
         n, c, height, width = h.shape
         return h.reshape(n, node["groups"], c // node["groups"], height, width).transpose(1, 2).reshape(h.shape)
+    if op == "branch_softmax":  # (N, R, C, H, W), softmax over R: timm's SelectiveKernelAttn and RadixSoftmax
+        n, c, height, width = h.shape
+        return torch.softmax(h.reshape(n, node["branches"], c // node["branches"], height, width), dim=1
+                             ).reshape(h.shape)
     if op == "flatten":
         return h.flatten(1)
     if op == "reshape":
