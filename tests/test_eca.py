@@ -63,6 +63,16 @@ def test_eca_variants_equal_the_module(gate):
     check_parity(module, spec, (2, 7, 7))
 
 
+def test_a_conv1d_padded_same_is_the_zero_padded_eca():
+    """torch keeps padding="same" as the string: read as (k−1)/2 for the odd kernel, not a raw ValueError."""
+    gate = EcaModule(kernel_size=5)
+    gate.conv = nn.Conv1d(1, 1, 5, padding="same", bias=False)
+    module = _Gated(gate)
+    spec = from_torch(module, (2, 7, 7))
+    assert node_by_name(spec)["gate.conv"]["k"] == 5
+    check_parity(module, spec, (2, 7, 7))
+
+
 def test_channel_conv_is_the_neighbour_sum():
     """out[i] = Σ_j w[j]·x[i + j − 2] with zeros or wrapped ends, in torch and in ONNX Runtime."""
     rng = np.random.default_rng(0)

@@ -42,13 +42,16 @@ class _EcaConverter:
         circular = ECA[(type(m).__module__, kind)]
         where = f"{kind} at {path!r} {location(node)}"
         conv, k = m.conv, int(m.conv.kernel_size[0])
-        pad = int(getattr(m, "padding", 0)) if circular else int(conv.padding[0])
+        # torch keeps padding="same" / "valid" as the string; "same" pads an odd kernel by (k−1)/2 on each side
+        conv_pad = {"same": (k - 1) // 2, "valid": 0}[conv.padding] if isinstance(conv.padding, str) else \
+            int(conv.padding[0])
+        pad = int(getattr(m, "padding", 0)) if circular else conv_pad
         if getattr(m, "conv2", None) is not None:
             raise UsageError(f"{self.name}: {where} uses use_mlp (timm's experiment, two Conv1d layers); edgecl "
                              "supports ECA's single Conv1d")
         if (conv.in_channels, conv.out_channels, conv.groups) != (1, 1, 1) or conv.bias is not None or \
                 conv.stride != (1,) or conv.dilation != (1,) or k % 2 == 0 or pad != (k - 1) // 2 or \
-                (circular and conv.padding != (0,)) or conv.padding_mode != "zeros":
+                (circular and conv_pad != 0) or conv.padding_mode != "zeros":
             raise UsageError(f"{self.name}: {where}: its Conv1d must be 1 → 1 channel, odd kernel, no bias, stride "
                              f"and dilation 1 and padding (k−1)/2 (has kernel {k}, padding {pad}, bias "
                              f"{conv.bias is not None})")

@@ -20,9 +20,10 @@ too), columns of every reader, both copies inside a concatenation of the group w
 (below). Rounds repeat until nothing changes (a removal can leave an upstream channel unread).
 
 What stays, and why:
-- every channel a LayerNorm normalises or a shuffle interleaves (`ChannelMap.pinned`): the LayerNorm's mean and
-  variance are over all of them, so removing even a dead one changes the others' outputs, and a shuffle of fewer
-  channels would put the rest in another order;
+- every channel a LayerNorm normalises, a shuffle interleaves or a ``channel_conv`` (ECA) reads (`ChannelMap.pinned`):
+  the LayerNorm's mean and variance are over all of them, so removing even a dead one changes the others' outputs, a
+  shuffle of fewer channels would put the rest in another order, and an ECA gate reads each channel's neighbours
+  (removing a dead one would shift the live ones next to it);
 - one channel of a group whose channels are all removable (ONNX graphs with empty dimensions are not portable) —
   which also keeps a single-channel tensor that a ``mul`` broadcasts over many channels (a spatial gate): no
   conv/linear column reads it, yet every channel of the product does;

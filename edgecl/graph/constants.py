@@ -8,8 +8,9 @@ pooling, residual sums (the sum of the branches' constants), gates (a product; a
 concatenations and softmaxes across branches (a channel whose R logits are all constant). Values are float64 per
 channel of the
 tensor's channel axis as `edgecl.arch.channel_map` lays it out (``spaces``: after a flatten, one value per source
-channel, not per feature); NaN means "depends on the input". A LayerNorm's outputs are taken as varying (each depends on
-every channel at its position).
+channel, not per feature); NaN means "depends on the input". A LayerNorm's (and a GRN's) outputs are taken as
+varying (each depends on every channel at its position), and so are a ``channel_conv``'s (ECA: each reads its
+neighbours); a gate they drive still leaves a channel that is constant 0 at zero.
 
 Exact or not, op by op: a convolution without padding sees a constant channel in every window (its contribution is
 the kernel's sum times the constant); with zero padding the border windows see zeros instead, so a constant ≠ 0 read
