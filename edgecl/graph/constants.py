@@ -7,7 +7,8 @@ pushed through BatchNorm, layer scales, activations, ``scale``, pooling, residua
 constants), gates (a product; a zero gate makes anything zero) and concatenations. Values are float64 per channel of the
 tensor's channel axis as `edgecl.arch.channel_map` lays it out (``spaces``: after a flatten, one value per source
 channel, not per feature); NaN means "depends on the input". A LayerNorm's outputs are taken as varying (each depends on
-every channel at its position).
+every channel at its position), and so are the token ops' (a class token or position embedding puts other values
+in some positions; attention mixes positions).
 
 Exact or not, op by op: a convolution without padding sees a constant channel in every window (its contribution is
 the kernel's sum times the constant); with zero padding the border windows see zeros instead, so a constant ≠ 0 read
@@ -22,7 +23,7 @@ import math
 import numpy as np
 
 from edgecl.arch.channels import ChannelMap, Segments
-from edgecl.arch.ops import NEIGHBOUR_OPS, NORMALISING_OPS
+from edgecl.arch.ops import NEIGHBOUR_OPS, NORMALISING_OPS, TOKEN_TENSOR_OPS
 from edgecl.arch.spec import INPUT, Arch, is_depthwise
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var")
@@ -88,8 +89,8 @@ def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: 
         return collapse((expand(v, source, cm) - m) / np.sqrt(var + node["eps"]) * g + b, source, cm)
     if op == "layer_scale":
         return collapse(expand(v, source, cm) * params[f"{name}.weight"].astype(np.float64), source, cm)
-    if op in (*NORMALISING_OPS, *NEIGHBOUR_OPS):  # each output depends on other channels: treated as varying
-        return np.full_like(v, np.nan)
+    if op in (*NORMALISING_OPS, *NEIGHBOUR_OPS, *TOKEN_TENSOR_OPS, "attention"):  # treated as varying: each
+        return np.full_like(ins[-1], np.nan)  # output depends on other channels, or positions differ
     if op in ACTIVATIONS:
         return ACTIVATIONS[op](v)
     if op == "gelu":
