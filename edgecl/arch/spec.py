@@ -273,6 +273,12 @@ def neighbour_weights(arch: Arch) -> list[str]:
     return [f"{n['name']}.weight" for n in arch["nodes"] if n["op"] in NEIGHBOUR_OPS]
 
 
+def token_tensors(arch: Arch) -> list[str]:
+    """The learned class tokens and position embeddings (ViTs), in node order: one row per channel like a bias, and
+    kept as a method keeps biases (RGO has no projection for them: per task)."""
+    return [f"{n['name']}.weight" for n in arch["nodes"] if n["op"] in TOKEN_TENSOR_OPS]
+
+
 def prunable(arch: Arch) -> list[str]:
     """Names of the trunk's conv and linear weight tensors, in node order."""
     return [f"{n['name']}.weight" for n in arch["nodes"] if n["op"] in WEIGHT_OPS]
