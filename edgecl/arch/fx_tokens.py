@@ -104,14 +104,15 @@ class _TokenConverter:
 
     def position_embedding(self, node: fx.Node, a: Any, b: Any) -> bool:
         """``x + pos_embed`` with tokens x and a parameter of shape (1, T, C): a ``pos_embed`` node. False when
-        neither operand is a parameter."""
+        neither operand is a parameter or the other is no token sequence."""
         if a in self.attrs:
             a, b = b, a
-        if b not in self.attrs:
+        shape = shape_of(a)
+        if b not in self.attrs or a not in self.last or shape is None or len(shape) != 2:
             return False
-        path, shape = self.attrs[b], shape_of(a)
+        path = self.attrs[b]
         p = self.parameter(path, node)
-        if a not in self.last or shape is None or len(shape) != 2 or list(p.shape) != [1, *shape]:
+        if list(p.shape) != [1, *shape]:
             raise self.refuse(node, f"a sum with the parameter {path!r} of shape {tuple(p.shape)}; edgecl supports "
                                     "a position embedding of shape (1, tokens, channels) added to the tokens")
         self.claim(path, node)
