@@ -58,8 +58,8 @@ class _AttentionConverter:
                 raise UsageError(f"{self.name}: {where} uses {why} ({part}); not supported")
         if getattr(m, "gate", None) is not None:
             raise UsageError(f"{self.name}: {where} is gated (a sigmoid gate on its output); not supported")
-        self._attention(node, x, path, int(m.num_heads), float(m.scale), (m.qkv, f"{path}.qkv", None), (m.proj, f"{path}.proj"),
-                        where)
+        self._attention(node, x, path, int(m.num_heads), float(m.scale), (m.qkv, f"{path}.qkv", None),
+                        (m.proj, f"{path}.proj"), where)
 
     def attention_step(self, node: fx.Node) -> bool:
         """A MultiheadAttention call and the parts of its (output, weights) tuple; False for any other node."""

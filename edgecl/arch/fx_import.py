@@ -302,7 +302,8 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
         wanted = name
         name = self._unique(name or node.name)
         if wanted is not None and op in TENSOR_OPS and name != wanted:
-            fields.setdefault("module", wanted)  # its tensors' keys in the module's state dict (`module_state.state_keys`)
+            # its tensors' keys in the module's state dict (`module_state.state_keys`), unless the caller named them
+            fields.setdefault("module", wanted)
         self.nodes.append({"name": name, "op": op, "inputs": inputs, **fields})
         self.alias[node] = name
         return name
