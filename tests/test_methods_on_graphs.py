@@ -1,9 +1,10 @@
 """Every method on networks that are graphs — the resnet preset (residual adds, BatchNorm), ResCat (residual add,
 concatenation, depthwise conv, SE gate), GhostSplit (channel slices, split and chunk), TinyConvNeXt (LayerNorm
 over channels, Linear layers on channels-last maps, layer scales), TinyShuffle (channel shuffles), TinyTF
-(TensorFlow's "same" padding, ``pad`` nodes), TinyEca (ECA channel attention, zero and circular padding) and
-TinyHGNet (PP-HGNetV2's scalar affines after activations, concatenation, ESE gate) and TinySplitAttn (timm's
-SelectiveKernel and SplitAttn: softmax across branches): two real digit tasks each,
+(TensorFlow's "same" padding, ``pad`` nodes), TinyEca (ECA channel attention, zero and circular padding),
+TinyHGNet (PP-HGNetV2's scalar affines after activations, concatenation, ESE gate), TinySplitAttn (timm's
+SelectiveKernel and SplitAttn: softmax across branches) and TinyViT (class token, position embedding, multi-head
+self-attention): two real digit tasks each,
 then what the method promises about the first task, the deployed runtime against the training evaluation, and the
 exported ONNX against the runtime."""
 from __future__ import annotations
@@ -26,15 +27,15 @@ from edgecl.train.data import make_stream
 from edgecl.train.models import from_numpy, init_params
 from edgecl.train.protocol import TrainContext, batches
 from torch_nets import (convnext_spec, dwres_spec, eca_spec, ghost_spec, hgnet_spec, rescat_spec, shuffle_spec,
-                        split_attn_spec, tf_spec)
+                        split_attn_spec, tf_spec, vit_spec)
 
 CTX = TrainContext(progress=False)
 QUICK = {"lps": {"epochs": 1}, "halrp": {"epochs": 3}, "rgo": {"epochs": 1}, "finetune": {"epochs": 2},
          "stl": {"epochs": 2}}
 ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8, 8)), "dwres": dwres_spec,
          "ghost": ghost_spec, "convnext": convnext_spec, "shuffle": shuffle_spec, "tf": tf_spec, "eca": eca_spec,
-         "hgnet": hgnet_spec, "split": split_attn_spec}
-GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgnet", "split"]
+         "hgnet": hgnet_spec, "split": split_attn_spec, "vit": vit_spec}
+GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgnet", "split", "vit"]
 
 
 @pytest.fixture(scope="module")

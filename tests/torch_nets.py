@@ -17,7 +17,7 @@ from edgecl.arch.fx_import import tensors_of
 
 ensure_torchvision_imports()
 import timm  # noqa: E402
-from timm.layers import Conv2dSame, create_pool2d  # noqa: E402
+from timm.layers import Attention, Conv2dSame, Mlp, create_pool2d  # noqa: E402
 from timm.layers.eca import CecaModule, EcaModule  # noqa: E402
 from timm.layers.grn import GlobalResponseNorm  # noqa: E402
 from timm.models.hgnet import LearnableAffineBlock  # noqa: E402
@@ -212,6 +212,37 @@ class TinyEca(nn.Module):
         x = torch.relu(x + self.block1(x))
         x = torch.relu(x + self.block2(x))
         return self.fc(x.mean([2, 3]))
+
+
+class TinyViT(nn.Module):
+    """A Vision Transformer in small: a patch conv, flatten(2).transpose(1, 2) to tokens, a learned class token and
+    position embedding, `depth` pre-norm blocks of timm's Attention (fused qkv Linear) and Mlp (GELU), a final
+    LayerNorm, the class token's features (x[:, 0]) and a Linear head."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, dim: int = 12, heads: int = 2, depth: int = 2,
+                 patch: int = 4, image: int = 8):
+        super().__init__()
+        tokens = (image // patch) ** 2 + 1
+        self.patch = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.cls_token = nn.Parameter(0.5 * torch.randn(1, 1, dim))
+        self.pos_embed = nn.Parameter(0.5 * torch.randn(1, tokens, dim))
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "norm1": nn.LayerNorm(dim), "attn": Attention(dim, heads, qkv_bias=True), "norm2": nn.LayerNorm(dim),
+            "mlp": Mlp(dim, 2 * dim)}) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = x + block["attn"](block["norm1"](x))
+            x = x + block["mlp"](block["norm2"](x))
+        return self.head(self.norm(x)[:, 0])
+
+
+def vit_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyViT(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
 
 
 def eca_spec(input_shape=(1, 8, 8)) -> dict:

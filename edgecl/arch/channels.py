@@ -14,7 +14,11 @@ the shuffled order, and pinned (a shuffle of fewer channels would order the rest
 ``(k,)`` weight has no rows). A ``branch_softmax`` (split attention) makes channel c of each of its R blocks one
 unit, as an ``add`` of the blocks would: the blocks are cut apart and tied channel by channel, so a decision about
 channel c is taken for all R of its logits at once (removing one branch's logit would change the others' softmax;
-removing all R of them, or permuting every block alike, leaves every other channel's values). This is the dependency
+removing all R of them, or permuting every block alike, leaves every other channel's values). Tokens are a
+``(C, T, 1)`` map: a ``class_token`` or ``pos_embed`` keeps its input's channels and its weight's rows are them (like
+a bias); an ``attention`` ties q's channels to k's (channel i of each meets in the dot products, one unit), its output
+channels are v's, and q, k and v are pinned and ordered: each head is a contiguous block of channels, so removing or
+moving one would move every later channel to another head. This is the dependency
 graph Torch-Pruning's DepGraph builds on a traced model, computed here on the spec with a
 union-find, without torch.
 
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edgecl.arch.ops import CHANNEL_AFFINE_OPS, NEIGHBOUR_OPS, NORMALISING_OPS
+from edgecl.arch.ops import CHANNEL_AFFINE_OPS, NEIGHBOUR_OPS, NORMALISING_OPS, TOKEN_TENSOR_OPS
 from edgecl.arch.spec import INPUT, Arch, is_depthwise, node_by_name, node_shapes, node_tensor_shapes, param_shapes
 from edgecl.errors import UsageError
 
@@ -157,6 +161,14 @@ def channel_map(arch: Arch) -> ChannelMap:
             out = x
             pinned_by.append(x)
             ordered_by.append(x)
+        elif op in TOKEN_TENSOR_OPS:
+            out = x
+            rows[f"{name}.weight"] = x
+        elif op == "attention":  # q·k pairs channel i of q with channel i of k; heads are contiguous blocks
+            _merge(uf, size, {"name": name, "op": "attention"}, ins[:2], [shapes[s] for s in node["inputs"][:2]])
+            out = ins[2]
+            pinned_by.extend(ins)
+            ordered_by.extend(ins)
         elif op == "flatten":
             hw = 1
             for d in shapes[node["inputs"][0]][1:]:

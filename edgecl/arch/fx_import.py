@@ -16,6 +16,7 @@ source line, never a trace from inside torch.
 """
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ import torch
 from torch import fx, nn
 
 from edgecl.arch.fx_affine import _AffineConverter
+from edgecl.arch.fx_attention import _AttentionConverter, is_timm_attention
 from edgecl.arch.fx_calls import (POOL_PARAMETERS, WITH_INDICES, _CallConverter, is_elementwise,
                                   is_library_identity, location, pair, shape_of)
 from edgecl.arch.fx_classifier import _ClassifierConverter
@@ -33,6 +35,7 @@ from edgecl.arch.fx_padding import PAD_FUNCTIONS, PAD_MODULES, _PaddingConverter
 from edgecl.arch.fx_shuffle import _ShuffleConverter
 from edgecl.arch.fx_slices import _SliceConverter
 from edgecl.arch.fx_split_attn import _SplitAttnConverter, is_split_attention
+from edgecl.arch.fx_tokens import _TokenConverter
 from edgecl.arch.ops import TENSOR_OPS
 from edgecl.arch.spec import INPUT, NAME, Arch, validate
 from edgecl.errors import UsageError
@@ -45,8 +48,11 @@ _POOL_MODULES = {nn.MaxPool2d: "max", nn.AvgPool2d: "avg", nn.AdaptiveAvgPool2d:
                  nn.AdaptiveMaxPool2d: "adaptive_max"}
 _LEAVES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d, nn.Flatten, nn.Upsample, *_POOL_MODULES,
            *PAD_MODULES, *_ACTIVATION_MODULES, *_IDENTITY_MODULES)
+# shape arithmetic and the shape checks written with it (torch._assert(h == self.image_size, …)), which the trace
+# already passed
 _SCALAR_FUNCTIONS = (operator.getitem, getattr, torch.Tensor.size, operator.mul, operator.floordiv, operator.add,
-                     operator.neg, operator.sub)
+                     operator.neg, operator.sub, operator.eq, operator.mod, torch._assert,
+                     fx._symbolic_trace._assert_is_none)
 _SCALAR_METHODS = ("size", "dim")
 
 
@@ -60,7 +66,7 @@ class _Tracer(fx.Tracer):
         _check_own_forward(m, qualname)
         if isinstance(m, nn.LayerNorm):  # traced into: its F.layer_norm reads its parameters (`fx_norms`)
             return False
-        if is_grn(m) or is_eca(m) or is_split_attention(m):
+        if is_grn(m) or is_eca(m) or is_split_attention(m) or is_timm_attention(m):
             return True
         return isinstance(m, _LEAVES) or is_library_identity(m) or super().is_leaf_module(m, qualname)
 
@@ -102,7 +108,7 @@ def from_torch(module: nn.Module, input_shape: tuple[int, ...] | list[int], *, c
     if isinstance(module, _LEAVES):  # fx traces into its root: a bare layer becomes the one child of a Sequential
         module = nn.Sequential(module)
     try:
-        graph = _Tracer().trace(module)
+        graph = _Tracer().trace(module, concrete_args=_concrete_defaults(module))
     except UsageError as exc:
         raise UsageError(f"{name}: {exc}") from None
     except Exception as exc:  # torch.fx raises many types; the user needs the reason, not the trace
@@ -112,6 +118,18 @@ def from_torch(module: nn.Module, input_shape: tuple[int, ...] | list[int], *, c
     traced = fx.GraphModule(module, graph)
     _propagate_shapes(traced, shape)
     return _Converter(traced, module, shape, classifier, name).spec()
+
+
+def _concrete_defaults(module: nn.Module) -> dict[str, Any] | None:
+    """forward's arguments after the input that have defaults, at their defaults: timm's ``forward(x,
+    attn_mask=None, is_causal=False)`` then traces the plain path instead of one with proxies for a mask."""
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty and
+                p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return defaults or None
 
 
 @dataclass(frozen=True)
@@ -162,7 +180,8 @@ def _propagate_shapes(traced: fx.GraphModule, shape: list[int]) -> None:
 
 
 class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverter, _PaddingConverter,
-                 _ClassifierConverter, _EcaConverter, _AffineConverter, _SplitAttnConverter):
+                 _ClassifierConverter, _EcaConverter, _AffineConverter, _SplitAttnConverter, _TokenConverter,
+                 _AttentionConverter):
     activation_modules = _ACTIVATION_MODULES
 
     def __init__(self, traced: fx.GraphModule, module: nn.Module, shape: list[int], classifier: bool | None,
@@ -178,12 +197,15 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
         self.init_norms()
         self.init_shuffles()
         self.init_affines()
+        self.init_attention()
 
     # -- the walk ---------------------------------------------------------------------------------------------------
     def spec(self) -> Arch:
         output = None
         for node in self.traced.graph.nodes:
             if node.op == "placeholder":
+                if self.alias and node.args:  # a forward argument fixed at its default (`_concrete_defaults`)
+                    continue
                 if self.alias:
                     raise UsageError(f"{self.name}: forward takes more than one input ({node.name!r})")
                 self.alias[node] = INPUT
@@ -191,6 +213,8 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
                 output = node
             elif node.op == "get_attr":
                 self.attribute(node)
+            elif self.attention_step(node):
+                pass
             elif shape_of(node) is None:
                 if not self.split(node):
                     self._scalar(node)
@@ -240,10 +264,12 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
     def _convert(self, node: fx.Node) -> None:
         if self.reads_grouped(node):  # inside a channel shuffle
             self.shuffle_step(node)
+        elif node.op != "call_module" and self.tokens_step(node):
+            pass
         elif node.op == "call_module":
             m = self.modules[node.target]
             self.check_layout(node, isinstance(m, (nn.Linear, *_ACTIVATION_MODULES, *_IDENTITY_MODULES)) or
-                              is_library_identity(m) or is_grn(m))
+                              is_library_identity(m) or is_grn(m) or is_timm_attention(m))
             self._module(node, m)
         elif node.target in PERMUTES:
             self.permute(node)
@@ -264,8 +290,10 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
 
     def arithmetic(self, node: fx.Node, kind: str, a: Any, b: Any) -> None:
         """As `_CallConverter.arithmetic`, and x · parameter: a scalar affine with the sum after it (`fx_affine`) or
-        a layer scale (`fx_norms`)."""
+        a layer scale (`fx_norms`); x + parameter over tokens: a position embedding (`fx_tokens`)."""
         if self.affine_sum(node):
+            return
+        if kind == "add" and self.position_embedding(node, a, b):
             return
         if kind != "mul" or not (self.scalar_affine(node, a, b) or self.layer_scale(node, a, b)):
             super().arithmetic(node, kind, a, b)
@@ -282,7 +310,8 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
         wanted = name
         name = self._unique(name or node.name)
         if wanted is not None and op in TENSOR_OPS and name != wanted:
-            fields["module"] = wanted  # its tensors' keys in the module's state dict (`module_state.state_keys`)
+            # its tensors' keys in the module's state dict (`module_state.state_keys`), unless the caller named them
+            fields.setdefault("module", wanted)
         self.nodes.append({"name": name, "op": op, "inputs": inputs, **fields})
         self.alias[node] = name
         return name
@@ -305,7 +334,7 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
             self.alias[node] = x
             return
         if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)) or is_grn(m) or is_eca(m) or \
-                is_split_attention(m):
+                is_split_attention(m) or is_timm_attention(m):
             if path in self.param_modules:
                 raise UsageError(f"{self.name}: module {path!r} is called twice (shared weights) {location(node)}; "
                                  "edgecl needs one call per layer")
@@ -343,6 +372,8 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
             self.eca(node, m, x, path)
         elif is_split_attention(m):
             self.split_attention(node, m, x, path)
+        elif is_timm_attention(m):
+            self.timm_attention(node, m, x, path)
         else:
             raise UsageError(f"{self.name}: unsupported layer {type(m).__name__} at {path!r} {location(node)}")
 
@@ -392,14 +423,14 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
 def tensors_of(module: nn.Module, arch: Arch) -> dict[str, Any]:
     """The module's own values of the spec's trunk tensors (state-dict keys), as float32 numpy arrays: a trained or
     pretrained network's weights as a starting point, and what `from_torch`'s parity check runs."""
-    from edgecl.arch.module_state import state_keys, state_shapes
+    from edgecl.arch.module_state import from_module, state_keys, state_shapes
     from edgecl.arch.spec import param_shapes
 
     state, keys, stored = module.state_dict(), state_keys(arch), state_shapes(arch)
     out = {}
-    for name, shape in param_shapes(arch).items():
+    for name in param_shapes(arch):
         key = keys[name]
         if key not in state or tuple(state[key].shape) != stored[name]:
             raise UsageError(f"tensor {key!r}: not in the module's state dict with shape {stored[name]}")
-        out[name] = state[key].detach().cpu().to(torch.float32).numpy().reshape(shape).copy()
+        out[name] = from_module(arch, name, state[key].detach().cpu().to(torch.float32).numpy()).copy()
     return out

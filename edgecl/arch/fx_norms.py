@@ -154,7 +154,7 @@ class _NormConverter:
                 raise self.refuse(node, "a normalized_shape computed in forward without a weight; write it as "
                                         "numbers ((C,))")
             normalized = list(self.parameter(weight, node).shape)
-        if shape is None or not (last and len(shape) == 3 or len(shape) == 1) or \
+        if shape is None or not (last and len(shape) in (2, 3) or len(shape) == 1) or \
                 not isinstance(normalized, (list, tuple)) or list(normalized) != shape[-1:]:
             raise self.refuse(node, f"layer_norm over {normalized} of a tensor of shape {shape}; only "
                                     "over the channels: of a feature vector, or of a map put channels-last by "

@@ -3,6 +3,10 @@ link `from_torch`'s specs keep to the user's module, for starting weights (`edge
 the module's own values (`fx_import.tensors_of`); nothing else needs the module."""
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
+
 from edgecl.arch.spec import Arch, node_by_name, param_shapes, state_key
 
 
@@ -20,9 +24,31 @@ def state_keys(arch: Arch) -> dict[str, str]:
 
 def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
     """Trunk tensor name → its shape as the traced module stores it (`param_shapes`, except a weight whose node has
-    a ``module_shape``); the values are the same in the same order, so a reshape converts either way."""
+    a ``module_shape``, and a position embedding, stored ``(1, tokens, ch)``); `from_module` converts."""
     shapes = param_shapes(arch)
     for node in arch["nodes"]:
         if "module_shape" in node:
             shapes[f"{node['name']}.weight"] = tuple(node["module_shape"])
+        if node["op"] == "pos_embed":
+            shapes[f"{node['name']}.weight"] = (1, node["tokens"], node["ch"])
     return shapes
+
+
+def from_module(arch: Arch, name: str, array: Any) -> np.ndarray:
+    """A tensor as the module stores it (`state_shapes`) → the spec's shape: a reshape (the same values in the same
+    order) except a position embedding, whose tokens-by-channels storage is transposed to rows of channels (the
+    tokens are a channels-first map in a spec: `edgecl.arch.ops`)."""
+    node = node_by_name(arch)[name.rpartition(".")[0]]
+    array = np.asarray(array)
+    if node["op"] == "pos_embed":
+        return np.ascontiguousarray(array.reshape(node["tokens"], node["ch"]).T)
+    return array.reshape(param_shapes(arch)[name])
+
+
+def to_module(arch: Arch, name: str, array: Any) -> np.ndarray:
+    """The inverse of `from_module`: a spec tensor in the shape the module stores it."""
+    node = node_by_name(arch)[name.rpartition(".")[0]]
+    array = np.asarray(array)
+    if node["op"] == "pos_embed":
+        return np.ascontiguousarray(array.T).reshape(1, node["tokens"], node["ch"])
+    return array.reshape(state_shapes(arch)[name])

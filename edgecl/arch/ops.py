@@ -78,6 +78,10 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "branch_softmax": {"branches": ("size", ...)},
     "flatten": {},
     "reshape": {"shape": ("shape", ...)},
+    "class_token": {"ch": ("size", ...)},
+    "pos_embed": {"ch": ("size", ...), "tokens": ("size", ...)},
+    "attention": {"heads": ("size", ...), "scale": ("number", ...)},
+    "token": {"index": ("index", 0)},
 }
 OPS["gelu"] = {"approximate": ("approximate", "none")}
 OPS["leaky_relu"] = {"slope": ("number", 0.01)}  # torch's negative_slope
@@ -89,7 +93,9 @@ NORMALISING_OPS = ("layer_norm", "grn")  # statistics over the channels: each ou
 NEIGHBOUR_OPS = ("channel_conv",)
 # tensors that belong to no channel (ECA's k weights, a scalar affine's two numbers): no row, no node, no pruning
 ROWLESS_OPS = (*NEIGHBOUR_OPS, "scalar_affine")
-TENSOR_OPS = ("conv", "linear", *CHANNEL_AFFINE_OPS, *ROWLESS_OPS)
+# learned values added to (or put among) the tokens, one row per channel like a bias: a method keeps them as biases
+TOKEN_TENSOR_OPS = ("class_token", "pos_embed")
+TENSOR_OPS = ("conv", "linear", *CHANNEL_AFFINE_OPS, *ROWLESS_OPS, *TOKEN_TENSOR_OPS)
 
 
 def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node") -> list[int]:
@@ -130,6 +136,8 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
             raise UsageError(f"{where}: channel_conv needs a pooled ({c}, 1, 1) input and an odd k (circular: at most "
                              f"{2 * c + 1}), gets {x} and k={k}")
         return list(x)
+    if op in (*TOKEN_TENSOR_OPS, "attention", "token"):
+        return _token_shape(node, ins, where)
     if op == "shuffle":
         if len(x) != 3 or x[0] % node["groups"]:
             raise UsageError(f"{where}: shuffle needs a (channels, height, width) input whose channels "
@@ -178,3 +186,25 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
                              f"{x[0]} channels")
         return [node["stop"] - node["start"], *x[1:]]
     return list(x)  # element-wise activations
+
+
+def _token_shape(node: dict[str, Any], ins: list[list[int]], where: str) -> list[int]:
+    """Output shape of the token ops: every input a ``(C, T, 1)`` token map."""
+    op, x = node["op"], ins[0]
+    if len(x) != 3 or x[2] != 1:
+        raise UsageError(f"{where}: {op} needs tokens as a (channels, tokens, 1) map, gets {x}")
+    if op == "token":
+        if node["index"] >= x[1]:
+            raise UsageError(f"{where}: token {node['index']} of {x[1]} tokens")
+        return [x[0], 1, 1]
+    if op == "attention":
+        q, k, v = ins
+        h = node["heads"]
+        if q != k or len(v) != 3 or v[1:] != q[1:] or q[0] % h or v[0] % h or node["scale"] <= 0:
+            raise UsageError(f"{where}: attention needs q and k of one shape and v of as many tokens, channels that "
+                             f"{h} heads divide and a scale > 0, gets {ins} and scale {node['scale']}")
+        return list(v)
+    if x[0] != node["ch"] or op == "pos_embed" and x[1] != node["tokens"]:
+        tokens = f" and {node['tokens']} tokens" if op == "pos_embed" else ""
+        raise UsageError(f"{where}: {op} has {node['ch']} channels{tokens}, gets {x}")
+    return [x[0], x[1] + 1, 1] if op == "class_token" else list(x)

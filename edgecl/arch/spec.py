@@ -27,7 +27,8 @@ import re
 from typing import Any
 
 from edgecl.arch.legacy import layers_to_nodes
-from edgecl.arch.ops import MAX_NUMBER, NORMALISING_OPS, OPS, ROWLESS_OPS, TENSOR_OPS, WEIGHT_OPS, output_shape
+from edgecl.arch.ops import (MAX_NUMBER, NORMALISING_OPS, OPS, ROWLESS_OPS, TENSOR_OPS, TOKEN_TENSOR_OPS, WEIGHT_OPS,
+                             output_shape)
 from edgecl.errors import UsageError
 
 Arch = dict[str, Any]
@@ -40,7 +41,7 @@ MAX_DIM = 1 << 31
 MAX_NDIM = 3
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,159}")
 
-_MULTI_INPUT = ("add", "mul", "cat")
+_MULTI_INPUT = ("add", "mul", "cat", "attention")
 
 
 def validate(arch: Any) -> Arch:
@@ -76,12 +77,15 @@ def validate(arch: Any) -> Arch:
 
 def state_key(node: dict[str, Any], tensor: str) -> str:
     """The state-dict key of a node's tensor in the traced module (`edgecl.arch.module_state`): the node's name or
-    its ``module`` path, then the tensor; a layer scale is a bare parameter, whose key is that path itself, and a
-    scalar affine's weight is its module's ``scale`` (timm's LearnableAffineBlock)."""
+    its ``module`` path, then the tensor; a layer scale, a class token and a position embedding are bare parameters,
+    whose key is that path itself, and a scalar affine's weight is its module's ``scale`` (timm's LearnableAffineBlock).
+    A path ending in ``_`` takes the tensor's name without a dot: torch's packed parameters
+    (``nn.MultiheadAttention``'s ``in_proj_weight`` / ``in_proj_bias``, path ``….in_proj_``)."""
     path = node.get("module", node["name"])
-    if node["op"] == "layer_scale":
+    if node["op"] in ("layer_scale", *TOKEN_TENSOR_OPS):
         return path
-    return f"{path}.{'scale' if node['op'] == 'scalar_affine' and tensor == 'weight' else tensor}"
+    tensor = "scale" if node["op"] == "scalar_affine" and tensor == "weight" else tensor
+    return f"{path}{tensor}" if path.endswith("_") else f"{path}.{tensor}"
 
 
 def _check_state_keys(arch: Arch) -> None:
@@ -153,11 +157,12 @@ def _module_shape(value: Any, node: dict[str, Any], where: str) -> list[int]:
     """A weight's shape as the traced module stores it: the spec's shape with axes of 1 added or removed, so the
     values are the same in the same order (a Linear over channels as a 1×1 conv, a γ of shape (C, 1, 1))."""
     # a LayerNorm's pair (and a GRN's) is stored as (C,) by torch: nothing to reshape
-    with_shape = (*WEIGHT_OPS, "layer_scale", "channel_conv")  # a Conv1d stores a channel_conv's (k,) as (1, 1, k)
+    # a Conv1d stores a channel_conv's (k,) as (1, 1, k), timm a class token's (C,) as (1, 1, C)
+    with_shape = (*WEIGHT_OPS, "layer_scale", "channel_conv", "class_token")
     weight = list(node_tensor_shapes(node)["weight"]) if node["op"] in with_shape else None
     if weight is None:
-        raise UsageError(f"{where}: module_shape is for conv, linear, layer_scale and channel_conv weights, not "
-                         f"{node['op']}")
+        raise UsageError(f"{where}: module_shape is for conv, linear, layer_scale, channel_conv and class_token "
+                         f"weights, not {node['op']}")
     if not isinstance(value, list) or not 0 < len(value) <= 4 or not all(_is_size(d) for d in value) or \
             [d for d in value if d != 1] != [d for d in weight if d != 1]:
         raise UsageError(f"{where}: module_shape {str(value)[:60]} must be the weight's shape {weight} with axes of "
@@ -171,9 +176,9 @@ def _inputs(value: Any, op: str, where: str, shapes: dict[str, list[int]]) -> li
     for s in value:
         if not isinstance(s, str) or s not in shapes:
             raise UsageError(f"{where}: input {str(s)[:60]!r} is not an earlier node (nodes are in topological order)")
-    want = "2 or more" if op in ("add", "cat") else "2" if op == "mul" else "1"
+    want = "2 or more" if op in ("add", "cat") else "2" if op == "mul" else "3" if op == "attention" else "1"
     if (op in ("add", "cat") and len(value) < 2) or (op == "mul" and len(value) != 2) or \
-            (op not in _MULTI_INPUT and len(value) != 1):
+            (op == "attention" and len(value) != 3) or (op not in _MULTI_INPUT and len(value) != 1):
         raise UsageError(f"{where}: {op} takes {want} inputs, got {len(value)}")
     return list(value)
 
@@ -253,6 +258,8 @@ def node_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         return {"weight": (node["k"],)}
     if op == "scalar_affine":
         return {"weight": (1,), "bias": (1,)}
+    if op in TOKEN_TENSOR_OPS:
+        return {"weight": (node["ch"], node["tokens"]) if op == "pos_embed" else (node["ch"],)}
     if op in NORMALISING_OPS and node.get("affine", True) or op == "layer_scale":
         return {k: (node["ch"],) for k in ("weight", "bias")[:1 + (op != "layer_scale")]}
     return {}
@@ -269,6 +276,12 @@ def rowless_tensors(arch: Arch) -> list[str]:
     ``scalar_affine``'s weight and bias. No per-channel rule (pruning, node masks, BatchNorm's) covers them; methods
     that share a trunk keep them per task."""
     return [f"{n['name']}.{k}" for n in arch["nodes"] if n["op"] in ROWLESS_OPS for k in node_tensor_shapes(n)]
+
+
+def token_tensors(arch: Arch) -> list[str]:
+    """The learned class tokens and position embeddings (ViTs), in node order: one row per channel like a bias, and
+    kept as a method keeps biases (RGO has no projection for them: per task)."""
+    return [f"{n['name']}.weight" for n in arch["nodes"] if n["op"] in TOKEN_TENSOR_OPS]
 
 
 def prunable(arch: Arch) -> list[str]:

@@ -98,6 +98,29 @@ def _channel_conv(b: _Builder, h: str, node: dict, constant) -> str:
     return b.op("Reshape", [out, constant(np.array([-1, c, 1, 1], dtype=np.int64))])
 
 
+def _attention(b: _Builder, q: str, k: str, v: str, node: dict, shapes: list[list[int]], constant) -> str:
+    """Multi-head self-attention on (N, C, T, 1) token maps, as `edgecl.train.models.attention`: per head (a block
+    of channels) softmax((scale·q)ᵀk) over the keys times v, by Reshape, Transpose, MatMul and Softmax."""
+    (c, t, _), cv, h = shapes[0], shapes[2][0], node["heads"]
+
+    def heads(x: str, ch: int) -> str:
+        return b.op("Reshape", [x, constant(np.array([0, h, ch // h, t], dtype=np.int64))])  # (N, h, d, T)
+
+    qh = b.op("Mul", [b.op("Transpose", [heads(q, c)], perm=[0, 1, 3, 2]), constant(float(node["scale"]))])
+    weights = b.op("Softmax", [b.op("MatMul", [qh, heads(k, c)])], axis=-1)
+    out = b.op("MatMul", [weights, b.op("Transpose", [heads(v, cv)], perm=[0, 1, 3, 2])])  # (N, h, T, dv)
+    return b.op("Reshape", [b.op("Transpose", [out], perm=[0, 1, 3, 2]),
+                            constant(np.array([0, cv, t, 1], dtype=np.int64))])
+
+
+def _class_token(b: _Builder, h: str, node: dict, constant) -> str:
+    """The learned token, expanded over the batch (Shape of the input's first axis), put before the others."""
+    token = b.op("Reshape", [f"{node['name']}.weight", constant(np.array([1, node["ch"], 1, 1], dtype=np.int64))])
+    batch = b.op("Shape", [h], start=0, end=1)
+    size = b.op("Concat", [batch, constant(np.array([node["ch"], 1, 1], dtype=np.int64))], axis=0)
+    return b.op("Concat", [b.op("Expand", [token, size]), h], axis=2)
+
+
 def _select_inputs(b: _Builder, arch: Arch) -> str:
     """The network input as a compacted spec reads it: the channels (or flattened features) it still reads, gathered
     from an input of the dense shape (see `edgecl.graph.compact`)."""
@@ -189,10 +212,11 @@ _KEEP_TRANSPOSED = ("relu", "relu6", "sigmoid", "tanh", "hardswish", "hardsigmoi
                     "scale")
 
 
-def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, in_shape: list[int]) -> str:
-    """One non-linear node of the spec (conv included), exactly as `edgecl.train.models` runs it; `in_shape`: its
-    first input's shape without the batch axis."""
-    op, h, flat = node["op"], ins[0], len(in_shape) == 1
+def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, shapes: list[list[int]]) -> str:
+    """One non-linear node of the spec (conv included), exactly as `edgecl.train.models` runs it; `shapes`: its
+    inputs' shapes without the batch axis."""
+    op, h, in_shape = node["op"], ins[0], shapes[0]
+    flat = len(in_shape) == 1
     if op == "conv":
         form, parts = factors.get(node["name"], (None, {}))
         return _conv_factored(b, h, node, form, parts)
@@ -209,6 +233,15 @@ def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, in_sha
         return b.op("Add", [b.op("Mul", [h, f"{node['name']}.weight"]), f"{node['name']}.bias"])
     if op == "channel_conv":
         return _channel_conv(b, h, node, constant)
+    if op == "attention":
+        return _attention(b, *ins, node, shapes, constant)
+    if op == "class_token":
+        return _class_token(b, h, node, constant)
+    if op == "pos_embed":  # (C, T) unsqueezed to (C, T, 1), broadcast over the batch
+        return b.op("Add", [h, b.op("Unsqueeze", [f"{node['name']}.weight", constant(np.array([2], np.int64))])])
+    if op == "token":
+        starts, ends, axes = (constant(np.array([v], dtype=np.int64)) for v in (node["index"], node["index"] + 1, 2))
+        return b.op("Slice", [h, starts, ends, axes])
     if op in _UNARY:
         return b.op(_UNARY[op], [h])
     if op == "relu6":
@@ -303,11 +336,11 @@ def _nodes(arch: Arch, b: _Builder, weights_left: bool = False, constants: froze
         if op == "linear":
             env[name] = _linear(b, node, env[node["inputs"][0]], plain, weights_left, constants, factors)
         elif op in _KEEP_TRANSPOSED and env[node["inputs"][0]][1]:
-            env[name] = (_op(b, node, [env[node["inputs"][0]][0]], constant, factors, shapes[node["inputs"][0]]),
+            env[name] = (_op(b, node, [env[node["inputs"][0]][0]], constant, factors, [shapes[node["inputs"][0]]]),
                          True)
         else:
             env[name] = (_op(b, node, [plain(s) for s in node["inputs"]], constant, factors,
-                             shapes[node["inputs"][0]]), False)
+                             [shapes[s] for s in node["inputs"]]), False)
     return env[arch["output"]]
 
 

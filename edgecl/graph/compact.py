@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 
 from edgecl.arch.channels import ChannelError, ChannelMap, Segments, channel_map
-from edgecl.arch.ops import CHANNEL_AFFINE_OPS, WEIGHT_OPS, output_shape
+from edgecl.arch.ops import CHANNEL_AFFINE_OPS, TOKEN_TENSOR_OPS, WEIGHT_OPS, output_shape
 from edgecl.arch.spec import INPUT, Arch, consumers, is_depthwise, validate
 from edgecl.graph.constants import channel_constants, expand, is_reader
 
@@ -341,7 +341,7 @@ class _Net:
                 else:
                     node["in"] = int(w.shape[1]) * (node["groups"] if op == "conv" else 1)
             ins = [shapes[s] for s in node["inputs"]]
-            if op in CHANNEL_AFFINE_OPS:
+            if op in (*CHANNEL_AFFINE_OPS, *TOKEN_TENSOR_OPS):
                 node["ch"] = ins[0][0]
             if op == "reshape":  # a flatten (1-D) or a spatial reshape that keeps the channels
                 node["shape"] = [math.prod(ins[0])] if len(node["shape"]) == 1 else [ins[0][0], *node["shape"][1:]]

@@ -10,7 +10,8 @@ channel of the
 tensor's channel axis as `edgecl.arch.channel_map` lays it out (``spaces``: after a flatten, one value per source
 channel, not per feature); NaN means "depends on the input". A LayerNorm's (and a GRN's) outputs are taken as
 varying (each depends on every channel at its position), and so are a ``channel_conv``'s (ECA: each reads its
-neighbours); a gate they drive still leaves a channel that is constant 0 at zero.
+neighbours) and the token ops' (a class token or position embedding puts other values in some positions; attention
+mixes positions); a gate they drive still leaves a channel that is constant 0 at zero.
 
 Exact or not, op by op: a convolution without padding sees a constant channel in every window (its contribution is
 the kernel's sum times the constant); with zero padding the border windows see zeros instead, so a constant ≠ 0 read
@@ -25,7 +26,7 @@ import math
 import numpy as np
 
 from edgecl.arch.channels import ChannelMap, Segments
-from edgecl.arch.ops import NEIGHBOUR_OPS, NORMALISING_OPS
+from edgecl.arch.ops import NEIGHBOUR_OPS, NORMALISING_OPS, TOKEN_TENSOR_OPS
 from edgecl.arch.spec import INPUT, Arch, is_depthwise
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var")
@@ -94,8 +95,8 @@ def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: 
     if op == "scalar_affine":  # one number for every channel: a constant c (a dead channel's 0 too) is a·c + b after
         a, b = (float(params[f"{name}.{k}"].reshape(-1)[0]) for k in ("weight", "bias"))
         return v * a + b
-    if op in (*NORMALISING_OPS, *NEIGHBOUR_OPS):  # each output depends on other channels: treated as varying
-        return np.full_like(v, np.nan)
+    if op in (*NORMALISING_OPS, *NEIGHBOUR_OPS, *TOKEN_TENSOR_OPS, "attention"):  # treated as varying: each
+        return np.full_like(ins[-1], np.nan)  # output depends on other channels, or positions differ
     if op in ACTIVATIONS:
         return ACTIVATIONS[op](v)
     if op == "gelu":

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from edgecl.arch.module_state import state_keys, state_shapes
+from edgecl.arch.module_state import from_module, state_keys, state_shapes, to_module
 from edgecl.arch.ops import CHANNEL_AFFINE_OPS
 from edgecl.arch.spec import Arch, param_shapes
 from edgecl.artifact.report import INITIAL_WEIGHTS, initial_weights
@@ -51,8 +51,8 @@ def starting_weights(source: Any, arch: Arch, *, label: str | None = None) -> St
     """Check `source` — a torch.nn.Module, a mapping name → array, or a path to an .npz/.safetensors file — against
     `arch`'s trunk tensors; UsageError naming the file and tensor for anything missing, misshapen or non-finite."""
     if isinstance(source, StartingWeights):  # checked for some spec: checked again for this one, as stored
-        keys, stored, shapes = state_keys(arch), state_shapes(arch), param_shapes(arch)
-        return _checked({keys.get(k, k): v.reshape(stored[k]) if v.shape == shapes.get(k) else v
+        keys, shapes = state_keys(arch), param_shapes(arch)
+        return _checked({keys.get(k, k): to_module(arch, k, v) if v.shape == shapes.get(k) else v
                          for k, v in source.values.items()}, arch, source.source)
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
@@ -165,7 +165,7 @@ def _checked(values: dict[str, Any], arch: Arch, where: str, held: list[str] | N
         if array.shape != stored[name]:
             raise UsageError(f"{where}: tensor {keys[name]!r} has shape {array.shape}, the architecture needs "
                              f"{stored[name]}")
-        array = array.reshape(shape)  # a Linear over channels as a 1×1 conv: the same values (`state_shapes`)
+        array = from_module(arch, name, array)  # a Linear over channels as a 1×1 conv: the same values
         if name.endswith("running_var") and (array < 0).any():
             raise UsageError(f"{where}: tensor {keys[name]!r} holds negative variances")
         digest.update(f"{name}:{shape};".encode())

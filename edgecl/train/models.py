@@ -23,7 +23,7 @@ Hook = Callable[[str, torch.Tensor], torch.Tensor]
 def init_params(arch: Arch, n_classes: int | None = None, generator: torch.Generator | None = None) -> Params:
     """Kaiming-uniform weights (torch's nn.Linear/Conv2d/Conv1d default), zero biases, identity BatchNorm, LayerNorm
     and global response norm, layer scales at their ``init`` (ConvNeXt's 1e-6: each residual block starts close to
-    the identity)."""
+    the identity), class tokens and position embeddings normal with std 0.02 (as ViTs start)."""
     params = _init(param_shapes(arch, n_classes), generator)
     for node in arch["nodes"]:
         if node["op"] == "layer_scale":
@@ -33,6 +33,10 @@ def init_params(arch: Arch, n_classes: int | None = None, generator: torch.Gener
         if node["op"] == "scalar_affine":  # a fresh LearnableAffineBlock's numbers (1 and 0 in timm)
             params[f"{node['name']}.weight"].fill_(node["init"])
             params[f"{node['name']}.bias"].fill_(node["init_bias"])
+        if node["op"] in ("class_token", "pos_embed"):  # timm's start: normal, std 0.02 (the class token's 1e-6
+            # would leave every task's token alike; a spread start is what torchvision and timm's pos_embed use)
+            params[f"{node['name']}.weight"] = torch.randn(param_shapes(arch)[f"{node['name']}.weight"],
+                                                           generator=generator) * 0.02
         if node["op"] == "channel_conv":  # torch's Conv1d(1, 1, k) default: uniform within 1/√k
             bound = 1.0 / math.sqrt(node["k"])
             params[f"{node['name']}.weight"] = (torch.rand(node["k"], generator=generator) * 2 - 1) * bound
@@ -129,6 +133,15 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return h * params[f"{name}.weight"] + params[f"{name}.bias"]
     if op == "channel_conv":  # ECA: a 1-D convolution along the channels of the pooled (N, C, 1, 1) vector
         return _channel_conv(h, params[f"{name}.weight"], node["circular"])
+    if op == "class_token":  # (N, C, T, 1) → (N, C, T + 1, 1), the learned token first
+        token = params[f"{name}.weight"].reshape(1, -1, 1, 1).expand(h.shape[0], -1, -1, -1)
+        return torch.cat([token, h], dim=2)
+    if op == "pos_embed":
+        return h + params[f"{name}.weight"].unsqueeze(-1)
+    if op == "attention":
+        return attention(*ins, node["heads"], node["scale"])
+    if op == "token":
+        return h[:, :, node["index"]:node["index"] + 1]
     if op in _ACTIVATIONS:
         return _ACTIVATIONS[op](h)
     if op == "gelu":
@@ -179,6 +192,17 @@ def _channel_conv(h: torch.Tensor, weight: torch.Tensor, circular: bool) -> torc
     pad = (weight.shape[0] - 1) // 2
     seq = F.pad(h.reshape(h.shape[0], 1, -1), (pad, pad), mode="circular" if circular else "constant")
     return F.conv1d(seq, weight.reshape(1, 1, -1)).reshape(h.shape)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """Multi-head self-attention on (N, C, T, 1) token maps, each head a contiguous block of channels, as
+    `edgecl.graph.builder` emits it: softmax((scale·q)ᵀk) over the keys, times v."""
+    n, c, t = q.shape[:3]
+    qh = q.reshape(n, heads, c // heads, t).transpose(2, 3) * scale  # (N, h, T, d)
+    kh = k.reshape(n, heads, c // heads, t)  # (N, h, d, T)
+    vh = v.reshape(n, heads, v.shape[1] // heads, t).transpose(2, 3)  # (N, h, T, dv)
+    out = torch.softmax(qh @ kh, dim=-1) @ vh
+    return out.transpose(2, 3).reshape(n, v.shape[1], t, 1)
 
 
 def to_numpy(params: Params) -> dict:

@@ -37,6 +37,10 @@ ECA (``channel_conv``): its k weights are per task (k floats per task, each task
 they have no rows for an input-side P; the channels it reads keep one order in every task (no FEL: `rgo_fel`). A
 ``scalar_affine``'s weight and bias (PP-HGNetV2's learnable affine block) likewise: two floats per task.
 
+ViT class tokens and position embeddings: per task too (each task starting from task 0's, in its own channel order):
+they are added values, not weights that read an input, so no input-side P can keep an old task's function while a
+shared copy moves; a permuted channel group takes their rows as each task's order says, like per-task BatchNorm.
+
 P is training state, not part of the artifact (no per-task tensors besides heads, per-task BatchNorm, layers): `edgecl
 train` saves it beside the artifact, and `resume` needs it.
 """
@@ -51,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from edgecl.arch import param_shapes, prunable
-from edgecl.arch.spec import rowless_tensors
+from edgecl.arch.spec import rowless_tensors, token_tensors
 from edgecl.arch.channels import ChannelError
 from edgecl.deltas import PackedModel, TaskInfo
 from edgecl.errors import UsageError
@@ -78,9 +82,11 @@ class RGO(Method):
         super().__init__(arch, config, start)
         init = self.initial_params(torch.Generator().manual_seed(self.config.seed))
         self.bn = BatchNorm(arch, self.config.batchnorm, init)
+        self.tokens = token_tensors(arch)
         self.fel = self._fel_plan()
-        # per task: layers of several blocks (rgo_fel), ECA's k weights and scalar affines (no rows for P or a FEL)
-        self.blocks = RuledTensors(self.fel.per_task + rowless_tensors(arch), "task", init)
+        # per task: layers of several blocks (rgo_fel), ECA's k weights and scalar affines (no rows for P or a FEL to
+        # act on), class tokens and position embeddings (added values, which no P protects)
+        self.blocks = RuledTensors(self.fel.per_task + rowless_tensors(arch) + self.tokens, "task", init)
         shapes = param_shapes(arch)
         conv_groups = {n["name"]: n.get("groups", 1) for n in arch["nodes"]}
         self.layers = [w.rsplit(".", 1)[0] for w in prunable(arch) if w not in self.blocks.names]
@@ -103,6 +109,7 @@ class RGO(Method):
             return FELPlan()
         # per-task BatchNorm follows each task's order by being trained in it; the identity is the same in any order
         per_task = set(self.bn.names) if self.bn.rule in ("task", "identity") else set()
+        per_task.update(self.tokens)
         try:
             return fel_plan(self.arch, per_task)
         except ChannelError as exc:
@@ -161,7 +168,8 @@ class RGO(Method):
         perms = {k: v.to(dev) for k, v in self.permutations(t).items()}
         bn_order = self.fel.orders(perms, follows=True)  # shared or start copies are kept in the trunk's order
         bn = self.bn.start(t, dev, bn_order)
-        own = {**self.blocks.start(t, dev), **bn, **head}  # what task t keeps for itself (and frozen BatchNorm)
+        # what task t keeps for itself (and frozen BatchNorm)
+        own = {**self.blocks.start(t, dev, bn_order), **bn, **head}
         normalized = {name: p.normalized().to(dev) for name, p in self.proj.items()}
         steps = list(self.trunk.values()) + [v for v in own.values() if v.requires_grad]
         opt = torch.optim.SGD(steps, lr=self.config.lr)
@@ -186,7 +194,7 @@ class RGO(Method):
         final = {k: v.detach() for k, v in self.effective(perms).items()}
         self.bn.settle(t, self.arch, {**final, **own}, task, dev)
         self.bn.commit(t, bn, bn_order)
-        self.blocks.commit(t, own)
+        self.blocks.commit(t, own, bn_order)
         start = time.perf_counter()
         self.update_projections(task, own, perms, dev)
         self.curvature_seconds.append(time.perf_counter() - start)

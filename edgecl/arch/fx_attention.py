@@ -1,0 +1,125 @@
+"""Self-attention layers in a user's network (Vision Transformers), for `fx_import._Converter`. The tracer keeps
+timm's ``Attention`` whole (torch's ``nn.MultiheadAttention`` is a leaf anyway); either becomes what its forward
+computes on the tokens (a ``(C, T, 1)`` map, `fx_tokens`):
+
+    qkv (1×1 conv: the fused Linear) → slices q, k, v → attention {heads, scale} → proj (1×1 conv)
+
+The qkv conv keeps the module's stored ``(3·A, C)`` weight as ``module_shape``; for ``nn.MultiheadAttention`` its
+tensors are the packed ``in_proj_weight`` / ``in_proj_bias`` (node ``module`` ``PATH.in_proj_``, `spec.state_key`).
+Keeping the module whole, rather than tracing its reshape/permute/unbind and ``scaled_dot_product_attention``, lets
+edgecl check the variant: a mask, causal attention, qk-norm, a norm before the projection, a gate, separate
+key/value sizes, added bias_k/bias_v or zero attention are refused by name with the user's source line, never run as
+plain attention.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from types import SimpleNamespace
+from typing import Any, Callable
+
+from torch import fx, nn
+
+from edgecl.arch.fx_calls import location, shape_of
+from edgecl.errors import UsageError
+
+TIMM_ATTENTION = ("timm.layers.attention", "Attention")
+_MHA_PARAMETERS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+                   "is_causal")
+
+
+def is_timm_attention(m: Any) -> bool:
+    """timm's ``Attention`` (ViT, DeiT), judged by its class; timm is not imported for this."""
+    return (type(m).__module__, type(m).__name__) == TIMM_ATTENTION
+
+
+class _AttentionConverter:
+    """Mixin of `fx_import._Converter`: timm's Attention and torch's MultiheadAttention."""
+
+    name: str
+    alias: dict[fx.Node, str]
+    last: set[fx.Node]
+    modules: dict[str, nn.Module]
+    param_modules: set[str]
+    _emit: Callable[..., str]
+    _input: Callable[[Any, fx.Node], str]
+
+    def init_attention(self) -> None:
+        self.mha: dict[fx.Node, str] = {}  # a MultiheadAttention call (its value a tuple) → its output's node
+
+    def timm_attention(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
+        where = f"Attention at {path!r} {location(node)}"
+        extra = dict(zip(("attn_mask", "is_causal"), node.args[1:]), **node.kwargs)
+        if extra.get("attn_mask") is not None or extra.get("is_causal", False) is not False:
+            raise UsageError(f"{self.name}: {where} is called with an attention mask or causal=True; edgecl "
+                             "supports plain self-attention (no mask, not causal)")
+        for part, why in (("q_norm", "qk-norm"), ("k_norm", "qk-norm"), ("norm", "a norm before the projection")):
+            if not isinstance(getattr(m, part, None), nn.Identity):
+                raise UsageError(f"{self.name}: {where} uses {why} ({part}); not supported")
+        if getattr(m, "gate", None) is not None:
+            raise UsageError(f"{self.name}: {where} is gated (a sigmoid gate on its output); not supported")
+        self._attention(node, x, path, int(m.num_heads), float(m.scale), (m.qkv, f"{path}.qkv", None),
+                        (m.proj, f"{path}.proj"), where)
+
+    def attention_step(self, node: fx.Node) -> bool:
+        """A MultiheadAttention call and the parts of its (output, weights) tuple; False for any other node."""
+        if node.op == "call_module" and isinstance(self.modules.get(str(node.target)), nn.MultiheadAttention):
+            self._multihead(node, self.modules[str(node.target)], str(node.target))
+            return True
+        if node.op != "call_function" or node.target is not operator.getitem or node.args[0] not in self.mha:
+            return False
+        if node.args[1] == 0:
+            self.alias[node] = self.mha[node.args[0]]
+            self.last.add(node)
+        elif node.users:
+            raise UsageError(f"{self.name}: the attention weights of {node.args[0].target!r} are used "
+                             f"{location(node)}; edgecl supports the attention output only (need_weights=False)")
+        return True
+
+    def _multihead(self, node: fx.Node, m: nn.MultiheadAttention, path: str) -> None:
+        where = f"MultiheadAttention at {path!r} {location(node)}"
+        if path in self.param_modules:
+            raise UsageError(f"{self.name}: module {path!r} is called twice (shared weights) {location(node)}; "
+                             "edgecl needs one call per layer")
+        self.param_modules.add(path)
+        args = dict(zip(_MHA_PARAMETERS, node.args), **node.kwargs)
+        q = args.get("query")
+        if args.get("key") is not q or args.get("value") is not q:
+            raise UsageError(f"{self.name}: {where} attends to other keys or values than its queries; edgecl "
+                             "supports self-attention (query, key and value one tensor)")
+        if any(args.get(k) is not None for k in ("key_padding_mask", "attn_mask")) or args.get("is_causal", False):
+            raise UsageError(f"{self.name}: {where} is called with a mask or is_causal=True; edgecl supports plain "
+                             "self-attention")
+        if not m.batch_first or not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+            raise UsageError(f"{self.name}: {where} needs batch_first=True, one embedding size for query, key and "
+                             "value, no bias_k/bias_v and add_zero_attn=False")
+        qkv = SimpleNamespace(in_features=m.embed_dim, out_features=3 * m.embed_dim, bias=m.in_proj_bias)  # packed
+        heads = int(m.num_heads)
+        self._attention(node, self._input(q, node), path, heads, 1.0 / math.sqrt(m.embed_dim // heads),
+                        (qkv, f"{path}.in_proj", f"{path}.in_proj_"), (m.out_proj, f"{path}.out_proj"), where,
+                        source=q)
+        self.mha[node] = self.alias[node]
+
+    def _attention(self, node: fx.Node, x: str, path: str, heads: int, scale: float, qkv: tuple, proj: tuple,
+                   where: str, source: fx.Node | None = None) -> None:
+        """qkv conv, the three slices, attention and the output projection, on tokens (a channels-last value)."""
+        source = node.args[0] if source is None else source
+        shape = shape_of(source)
+        if source not in self.last or shape is None or len(shape) != 2:
+            raise UsageError(f"{self.name}: {where} reads a tensor of shape {shape} that is no (batch, tokens, "
+                             "channels) token sequence edgecl follows (patch embedding flatten(2).transpose(1, 2))")
+        (linear, qkv_name, module), (out, proj_name) = qkv, proj
+        width = linear.out_features // 3
+        fields: dict[str, Any] = {"module": module} if module else {}
+        packed = self._emit(node, "conv", [x], qkv_name, **_pointwise(linear), **fields)
+        q, k, v = (self._emit(node, "slice", [packed], f"{path}.{part}", start=i * width, stop=(i + 1) * width)
+                   for i, part in enumerate("qkv"))
+        attended = self._emit(node, "attention", [q, k, v], f"{path}.attend", heads=heads, scale=scale)
+        self._emit(node, "conv", [attended], proj_name, **_pointwise(out))
+        self.last.add(node)
+
+
+def _pointwise(linear: Any) -> dict[str, Any]:
+    """A Linear over the channels of tokens as a 1×1 conv's fields, its stored (out, in) weight as module_shape."""
+    return {"in": linear.in_features, "out": linear.out_features, "k": [1, 1], "groups": 1,
+            "bias": linear.bias is not None, "module_shape": [linear.out_features, linear.in_features]}

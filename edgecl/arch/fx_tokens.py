@@ -1,0 +1,154 @@
+"""Tokens in a user's forward (Vision Transformers), for `fx_import._Converter`: how a ViT's ``(B, T, C)`` tokens
+become a spec's channels-first ``(C, T, 1)`` map.
+
+A spec keeps tokens channels-first so that everything edgecl knows about channels still holds: a Linear on tokens is
+a 1×1 ``conv`` over the channels (ConvNeXt's channels-last Linear, `fx_norms`), LayerNorm over the channels is
+``layer_norm``, GELU, dropout and residual adds act on each value, and channel groups, node masks, compaction and
+permutations still mean channels. The torch value ``(B, T, C)`` is remembered as the channels-last view of its spec
+node (`_NormConverter.last`), as after ``permute(0, 2, 3, 1)``:
+
+- a map ``(B, C, H, W)`` flattened to ``(B, C, T)`` (``flatten(2)``, a reshape) then ``transpose(1, 2)`` /
+  ``permute(0, 2, 1)`` (timm's PatchEmbed, torchvision's ``_process_input``) → a ``reshape`` to ``(C, T, 1)``;
+- ``torch.cat([param.expand(B, -1, -1), x], dim=1)`` → ``class_token`` (the parameter's path names it);
+- ``x + param`` with a parameter of shape ``(1, T, C)`` → ``pos_embed``;
+- ``x[:, i]`` → ``token`` i then a flatten (class-token pooling); ``x.mean(dim=1)`` → ``gap`` then a flatten;
+  ``x[:, 0:]`` is ``x``. Other indexing of tokens (``x[:, 1:]``: averaging without the class token, register
+  tokens) is refused by name.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import torch
+from torch import fx
+
+from edgecl.arch.fx_calls import shape_of
+from edgecl.errors import UsageError
+
+_SWAPS = ("transpose", torch.transpose, "permute", torch.permute)
+_CATS = (torch.cat, torch.concat, torch.concatenate)
+_MEANS = (torch.mean, "mean")
+
+
+class _TokenConverter:
+    """Mixin of `fx_import._Converter`: the token layout and the learned tokens and position embeddings."""
+
+    name: str
+    alias: dict[fx.Node, str]
+    last: set[fx.Node]
+    attrs: dict[fx.Node, str]
+    refuse: Callable[..., UsageError]
+    _emit: Callable[..., str]
+    _input: Callable[[Any, fx.Node], str]
+    parameter: Callable[[str, fx.Node], torch.Tensor]
+    claim: Callable[[str, fx.Node], None]
+
+    def tokens_step(self, node: fx.Node) -> bool:
+        """Convert `node` when it is a step of the token layout; False when it is none."""
+        first = node.args[0] if node.args else None
+        if node.target in _SWAPS and isinstance(first, fx.Node) and first not in self.last and \
+                first not in self.attrs:
+            return self._to_tokens(node, first)
+        if node.target == "expand" and first in self.attrs:  # a parameter broadcast over the batch: the same values
+            self.attrs[node] = self.attrs[first]
+            return True
+        if node.target in _CATS and any(a in self.attrs for a in _tensors(node)):
+            self._class_token(node)
+            return True
+        if node.target is operator.getitem and first in self.last:
+            self._token_index(node, first)
+            return True
+        if node.target in _MEANS and first in self.last:
+            self._token_mean(node, first)
+            return True
+        return False
+
+    def _to_tokens(self, node: fx.Node, source: fx.Node) -> bool:
+        shape = shape_of(source)
+        dims = [d for d in node.args[1:]] + [node.kwargs[k] for k in ("dim0", "dim1", "dims") if k in node.kwargs]
+        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+            dims = list(dims[0])
+        if shape is None or len(shape) != 2 or not all(isinstance(d, int) for d in dims):
+            return False
+        dims = [d % 3 for d in dims]
+        if dims not in ([1, 2], [2, 1], [0, 2, 1]):
+            return False
+        ch, tokens = shape
+        self._emit(node, "reshape", [self._input(source, node)], f"{node.name}.tokens", shape=[ch, tokens, 1])
+        self.last.add(node)
+        return True
+
+    def _class_token(self, node: fx.Node) -> None:
+        """``torch.cat([token.expand(B, -1, -1), x], dim=1)``: a learned token put before the others."""
+        tensors = _tensors(node)
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        x = tensors[-1] if tensors else None
+        shape = shape_of(x)
+        if len(tensors) != 2 or tensors[0] not in self.attrs or x not in self.last or shape is None or \
+                len(shape) != 2 or dim not in (1, -2):
+            raise self.refuse(node, "a concatenation with a parameter; edgecl supports one learned class token put "
+                                    "before the tokens (torch.cat([cls_token.expand(B, -1, -1), x], dim=1)), not "
+                                    "register tokens or other places")
+        path = self.attrs[tensors[0]]
+        p = self.parameter(path, node)
+        ch = shape[1]
+        if p.numel() != ch or p.shape[-1] != ch:
+            raise self.refuse(node, f"the class token {path!r} has shape {tuple(p.shape)}, not (1, 1, {ch})")
+        self.claim(path, node)
+        fields: dict[str, Any] = {"ch": ch}
+        if list(p.shape) != [ch]:
+            fields["module_shape"] = list(p.shape)
+        self._emit(node, "class_token", [self._input(x, node)], path, **fields)
+        self.last.add(node)
+
+    def position_embedding(self, node: fx.Node, a: Any, b: Any) -> bool:
+        """``x + pos_embed`` with tokens x and a parameter of shape (1, T, C): a ``pos_embed`` node. False when
+        neither operand is a parameter or the other is no token sequence."""
+        if a in self.attrs:
+            a, b = b, a
+        shape = shape_of(a)
+        if b not in self.attrs or a not in self.last or shape is None or len(shape) != 2:
+            return False
+        path = self.attrs[b]
+        p = self.parameter(path, node)
+        if list(p.shape) != [1, *shape]:
+            raise self.refuse(node, f"a sum with the parameter {path!r} of shape {tuple(p.shape)}; edgecl supports "
+                                    "a position embedding of shape (1, tokens, channels) added to the tokens")
+        self.claim(path, node)
+        self._emit(node, "pos_embed", [self._input(a, node)], path, ch=shape[1], tokens=shape[0])
+        self.last.add(node)
+        return True
+
+    def _token_index(self, node: fx.Node, source: fx.Node) -> None:
+        """``x[:, i]`` picks token i (class-token pooling); ``x[:, 0:]`` is x."""
+        index = node.args[1]
+        x = self._input(source, node)
+        if isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None):
+            i = index[1]
+            if isinstance(i, int) and 0 <= i < shape_of(source)[0]:
+                picked = self._emit(node, "token", [x], f"{node.name}.token", index=i)
+                self._emit(node, "flatten", [picked])
+                return
+            if i in (slice(None), slice(0, None)):
+                self.alias[node] = x
+                self.last.add(node)
+                return
+        raise self.refuse(node, f"indexing tokens with {index!r}; edgecl supports x[:, i] (one token, as the class "
+                                "token's pooling) and the mean over all tokens")
+
+    def _token_mean(self, node: fx.Node, source: fx.Node) -> None:
+        """``x.mean(dim=1)``: the average token (``gap`` over the token map, then a flatten)."""
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        if dim not in (1, -2, (1,), [1]) or keep or "dtype" in node.kwargs:
+            raise self.refuse(node, f"a mean over dims {dim} of tokens; edgecl supports the mean over the tokens "
+                                    "(dim=1)")
+        pooled = self._emit(node, "gap", [self._input(source, node)], f"{node.name}.pool")
+        self._emit(node, "flatten", [pooled])
+
+
+def _tensors(node: fx.Node) -> list[Any]:
+    """The tensors a ``torch.cat`` call concatenates."""
+    tensors = node.kwargs.get("tensors", node.args[0] if node.args else ())
+    return list(tensors) if isinstance(tensors, (list, tuple)) else []

@@ -1,0 +1,155 @@
+"""Vision Transformers through `from_torch`: tokens as a (C, T, 1) map, class token, position embedding and multi-head
+self-attention (timm's Attention kept whole, torch's MultiheadAttention with its packed in_proj) — parity of the
+spec's torch forward and its ONNX graph with the real module (custom TinyViT, timm VisionTransformer and DeiT,
+torchvision's ViT; the full-size models at 64×64 are slow), the channel-map rules that keep every method correct, the
+module's tensors in and out (a position embedding is stored transposed), and refusals by name of the variants edgecl
+does not compute."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch_nets import TinyViT, check_parity, timm, torchvision
+
+from edgecl.arch import channel_map, from_torch
+from edgecl.arch.fx_import import tensors_of
+from edgecl.arch.module_state import state_keys, state_shapes
+from edgecl.errors import UsageError
+from edgecl.train.initial import starting_weights
+
+SMALL = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5)
+
+
+def _randomise_tokens(module: nn.Module) -> None:
+    """Class tokens and position embeddings far from their small starts, so parity sees them."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "token" in name or "pos_embed" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+
+
+def _parity(module: nn.Module, shape: tuple[int, ...]) -> dict:
+    torch.manual_seed(0)
+    module.eval()
+    _randomise_tokens(module)
+    spec = from_torch(module, shape)
+    check_parity(module, spec, shape)
+    return spec
+
+
+def test_tiny_vit_parity_and_its_ops():
+    torch.manual_seed(0)
+    spec = _parity(TinyViT(3, 3, image=16), (3, 16, 16))
+    ops = [n["op"] for n in spec["nodes"]]
+    assert ops[:5] == ["conv", "reshape", "reshape", "class_token", "pos_embed"]
+    assert ops.count("attention") == 2 and ops[-2:] == ["token", "flatten"] and spec["feature_dim"] == 12
+    attend = next(n for n in spec["nodes"] if n["op"] == "attention")
+    assert attend["heads"] == 2 and attend["scale"] == pytest.approx(6 ** -0.5)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"class_token": False, "global_pool": "avg"}, {"no_embed_class": True},
+                                    {"init_values": 0.1}])
+def test_timm_vision_transformer_parity(kwargs):
+    """Class-token and average pooling, DeiT-III's position embedding before the class token, layer scales."""
+    spec = _parity(timm.models.vision_transformer.VisionTransformer(**SMALL, **kwargs), (3, 32, 32))
+    ops = [n["op"] for n in spec["nodes"]]
+    assert ("gap" in ops, "token" in ops) == ((True, False) if kwargs.get("global_pool") else (False, True))
+
+
+def test_timm_deit_and_torchvision_vit_parity():
+    deit = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=5)
+    _parity(deit, (3, 32, 32))
+    tv = torchvision.models.vision_transformer.VisionTransformer(image_size=32, patch_size=8, num_layers=2,
+                                                                 num_heads=3, hidden_dim=48, mlp_dim=96,
+                                                                 num_classes=5)
+    spec = _parity(tv, (3, 32, 32))
+    keys = state_keys(spec)
+    block = "encoder.layers.encoder_layer_0.self_attention"
+    assert keys[f"{block}.in_proj.weight"] == f"{block}.in_proj_weight"
+    assert keys[f"{block}.in_proj.bias"] == f"{block}.in_proj_bias"
+    assert keys["class_token.weight"] == "class_token"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["timm vit_tiny_patch16_224", "timm deit_tiny_patch16_224",
+                                  "torchvision vit_b_16"])
+def test_full_size_vits_at_64(name):
+    """The README's targets, built at 64×64 without pretrained weights."""
+    library, model = name.split()
+    module = timm.create_model(model, img_size=64) if library == "timm" else torchvision.models.vit_b_16(
+        image_size=64)
+    _parity(module, (3, 64, 64))
+
+
+def test_channel_map_ties_q_and_k_and_pins_and_orders_qkv():
+    spec = from_torch(TinyViT(3, 3, image=16), (3, 16, 16))
+    cm = channel_map(spec)
+    q, k, v = (cm.spaces[f"blocks.0.attn.{p}"] for p in "qkv")
+    assert q == k and q != v  # channel i of q meets channel i of k: one unit
+    assert cm.spaces["blocks.0.attn.attend"] == v  # the output's channels are v's
+    for segments in (q, v):
+        assert {g for g, _ in segments} <= cm.pinned & cm.ordered
+    stream = {g for g, _ in cm.spaces["pos_embed"]}
+    assert stream == {g for g, _ in cm.rows["pos_embed.weight"]} == {g for g, _ in cm.rows["cls_token.weight"]}
+    assert not stream & cm.ordered  # the residual stream may be permuted (LayerNorm pins it, no head splits it)
+
+
+def test_position_embedding_is_read_and_written_transposed():
+    module = TinyViT(3, 3, image=16)
+    spec = from_torch(module, (3, 16, 16))
+    assert state_shapes(spec)["pos_embed.weight"] == (1, 17, 12) and state_shapes(spec)["cls_token.weight"] == (
+        1, 1, 12)
+    ours = tensors_of(module, spec)
+    assert np.array_equal(ours["pos_embed.weight"], module.pos_embed.detach().numpy()[0].T)
+    start = starting_weights(module, spec)
+    assert np.array_equal(start.values["pos_embed.weight"], ours["pos_embed.weight"])
+    again = starting_weights(start, spec)  # checked again in the module's layout
+    assert again.sha256 == start.sha256
+
+
+class _Wrapped(nn.Module):
+    def __init__(self, attention: nn.Module, **call):
+        super().__init__()
+        self.proj, self.attn, self.call = nn.Conv2d(3, 12, 4, stride=4), attention, call
+        self.fc = nn.Linear(12, 2)
+
+    def forward(self, x):
+        x = self.proj(x).flatten(2).transpose(1, 2)
+        return self.fc(self.attn(x, **self.call)[:, 0])
+
+
+class _MHA(nn.Module):
+    def __init__(self, mha: nn.MultiheadAttention, mask: bool = False):
+        super().__init__()
+        self.proj, self.mha, self.mask = nn.Conv2d(3, 12, 4, stride=4), mha, mask
+        self.fc = nn.Linear(12, 2)
+
+    def forward(self, x):
+        x = self.proj(x).flatten(2).transpose(1, 2)
+        mask = torch.zeros(4, 4, dtype=torch.bool) if self.mask else None
+        y, _ = self.mha(x, x, x, need_weights=False, attn_mask=mask)
+        return self.fc(y[:, 0])
+
+
+@pytest.mark.parametrize("module, words", [
+    (lambda: _Wrapped(timm.layers.Attention(12, 2, qk_norm=True, norm_layer=nn.LayerNorm)), "qk-norm"),
+    (lambda: _Wrapped(timm.layers.Attention(12, 2), is_causal=True), "causal"),
+    (lambda: _MHA(nn.MultiheadAttention(12, 2, batch_first=True), mask=True), "mask"),
+    (lambda: _MHA(nn.MultiheadAttention(12, 2)), "batch_first"),
+    (lambda: timm.models.vision_transformer.VisionTransformer(**SMALL, reg_tokens=1), "register tokens"),
+    (lambda: timm.models.vision_transformer.VisionTransformer(**SMALL, global_pool="avg"), "x[:, i]"),
+])
+def test_unsupported_attention_is_refused_by_name(module, words):
+    net = module()
+    with pytest.raises(UsageError, match=words) as err:
+        from_torch(net, (3, 32, 32) if isinstance(net, timm.models.VisionTransformer) else (3, 8, 8))
+    assert ".py:" in str(err.value)  # the user's (or the library's) source line
+
+
+def test_mha_parity():
+    """torch's MultiheadAttention (packed in_proj, out_proj) on tokens, without a class token."""
+    torch.manual_seed(0)
+    module = _MHA(nn.MultiheadAttention(12, 3, batch_first=True))
+    _parity(module, (3, 8, 8))
