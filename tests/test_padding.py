@@ -193,3 +193,22 @@ def test_timm_tensorflow_port_goes_in_with_parity(size):
     spec = from_torch(module, (3, size, size))
     assert "pad" in _ops(spec)
     check_parity(module, spec, (3, size, size), batch=2)
+
+
+def test_conv2d_same_export_keeps_the_padding_of_its_first_call():
+    """timm's ``Conv2dSameExport`` fixes its padding at its first call: run at 7×7 first (1 row and column each side),
+    it pads 8×8 inputs alike, not as "same" at 8 would (0 and 1); same output size, so only the values told."""
+    from timm.layers.conv2d_same import Conv2dSameExport
+
+    module = nn.Sequential(nn.Conv2d(2, 4, 1), Conv2dSameExport(4, 4, 3, stride=2), nn.AdaptiveAvgPool2d(1),
+                           nn.Flatten(), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        module(torch.zeros(1, 2, 7, 7))
+    spec = from_torch(module, (2, 8, 8))
+    assert "pad" not in _ops(spec) and spec["nodes"][1]["pad"] == [1, 1]
+    check_parity(module, spec, (2, 8, 8))
+    fresh = nn.Sequential(nn.Conv2d(2, 4, 1), Conv2dSameExport(4, 4, 3, stride=2), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 2))
+    spec = from_torch(fresh, (2, 8, 8))
+    assert [n["pads"] for n in spec["nodes"] if n["op"] == "pad"] == [[0, 0, 1, 1]]
+    check_parity(fresh, spec, (2, 8, 8))
