@@ -154,3 +154,23 @@ def test_a_model_without_node_masks_has_an_empty_layout(tmp_path):
     with artifact.load(_saved(tmp_path, packed)) as art:
         assert art.node_groups == [] and not any(e["name"] == "nodes" for e in art.blobs.values())
         assert am.same_weights(art.materialize(1), materialize(packed, 1))
+
+
+def _with_empty_groups(packed, n: int):
+    for tt in packed.task_tensors:
+        tt.update({f"nodes:g{i}": np.zeros(0, bool) for i in range(n)})
+    return packed
+
+
+def test_groups_times_tasks_count_against_the_decode_bound(tmp_path):
+    """Every task reads as one `nodes:GROUP` view per group: groups × tasks objects from two lists the file holds once
+    each. Empty groups cost the blobs nothing, so only the decode bound, counting the views, keeps that small."""
+    with pytest.raises(UsageError, match="decoded bytes"):
+        _saved(tmp_path, _with_empty_groups(am.make("node", n_tasks=40), 8_000))
+    raw = open(_saved(tmp_path, am.make("node", n_tasks=40)), "rb").read()
+    forged = tmp_path / "forged.edgecl"
+    forged.write_bytes(am.forge_manifest(raw, lambda m: m["node_groups"].extend([f"g{i}", 0] for i in range(65_534))))
+    with pytest.raises(ArtifactError, match="manifest.blobs.*decoded bytes"):
+        artifact.load(forged)
+    with artifact.load(_saved(tmp_path, _with_empty_groups(am.make("node", n_tasks=3), 1_000))) as art:
+        assert len(art.read_task(2)) > 1_000  # real layouts (ShuffleNet: ~1,000 groups) stay far below it

@@ -143,7 +143,7 @@ def _pad_spec(pads: list, value) -> dict:
 
 
 def test_pad_spec_fields_are_validated():
-    spec = validate(_pad_spec([0, 1, 2, 3], "-inf"))
+    spec = validate(_max_after_pad([0, 1, 1, 1], {"k": 2}))
     assert spec["nodes"][1]["value"] == "-inf"
     assert validate(_pad_spec([0, 0, 1, 1], 2))["nodes"][1]["value"] == 2.0
     for pads, value, message in [([0, 1, 2], 0.0, "four ints"), ([0, -1, 0, 0], 0.0, "four ints"),
@@ -193,3 +193,45 @@ def test_timm_tensorflow_port_goes_in_with_parity(size):
     spec = from_torch(module, (3, size, size))
     assert "pad" in _ops(spec)
     check_parity(module, spec, (3, size, size), batch=2)
+
+
+def test_conv2d_same_export_keeps_the_padding_of_its_first_call():
+    """timm's ``Conv2dSameExport`` fixes its padding at its first call: run at 7×7 first (1 row and column each side),
+    it pads 8×8 inputs alike, not as "same" at 8 would (0 and 1); same output size, so only the values told."""
+    from timm.layers.conv2d_same import Conv2dSameExport
+
+    module = nn.Sequential(nn.Conv2d(2, 4, 1), Conv2dSameExport(4, 4, 3, stride=2), nn.AdaptiveAvgPool2d(1),
+                           nn.Flatten(), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        module(torch.zeros(1, 2, 7, 7))
+    spec = from_torch(module, (2, 8, 8))
+    assert "pad" not in _ops(spec) and spec["nodes"][1]["pad"] == [1, 1]
+    check_parity(module, spec, (2, 8, 8))
+    fresh = nn.Sequential(nn.Conv2d(2, 4, 1), Conv2dSameExport(4, 4, 3, stride=2), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 2))
+    spec = from_torch(fresh, (2, 8, 8))
+    assert [n["pads"] for n in spec["nodes"] if n["op"] == "pad"] == [[0, 0, 1, 1]]
+    check_parity(fresh, spec, (2, 8, 8))
+
+
+def _max_after_pad(pads: list, pool: dict, reader: str = "maxpool") -> dict:
+    spec = _pad_spec(pads, "-inf")
+    spec["nodes"][2] = {"name": "r", "op": reader, "inputs": ["p"], **pool}
+    return spec
+
+
+@pytest.mark.parametrize("pads, pool, reader, message", [
+    ([0, 1, 2, 3], {"in": 3, "out": 2, "k": 2}, "conv", "only a maxpool may .a conv"),
+    ([1, 1, 1, 1], {"k": 2}, "avgpool", "only a maxpool may .a avgpool"),
+    ([2, 0, 0, 0], {"k": 2}, "maxpool", "axis 2 holds only padding"),  # the first window: two rows of -inf
+    ([0, 0, 0, 3], {"k": 2, "stride": 1}, "maxpool", "axis 3 holds only padding"),  # the last ones
+    ([1, 0, 1, 1], {"k": 2, "dilation": 4}, "maxpool", "axis 2 holds only padding"),  # taps 0, 4 skip rows 1-3
+])
+def test_minus_inf_padding_feeds_only_max_pool_windows_holding_a_real_value(pads, pool, reader, message):
+    """A -inf border read by anything but a max-pool window that also holds a real value gives ±inf or NaN (in
+    torch, ONNX and every task alike): a spec from a file could make every output of the runtime NaN."""
+    with pytest.raises(UsageError, match=message):
+        validate(_max_after_pad(pads, pool, reader))
+    for pads, pool in [([0, 1, 1, 1], {"k": 2}), ([1, 1, 1, 1], {"k": 3, "stride": 2}),
+                       ([0, 0, 1, 0], {"k": 2, "stride": 2, "ceil_mode": True})]:
+        validate(_max_after_pad(pads, pool))

@@ -8,7 +8,9 @@ torch's ``padding="same"`` does it for an even kernel extent. A spec has a fixed
 too: a convolution keeps the symmetric part in its own ``pad`` and gets a ``pad`` node for the extra row and column
 only; a same-padded pool reads a ``pad`` node (of zeros, or −∞ for a max, as the layers pad) with no padding of its
 own. These layers are known by where they are defined, as the libraries' identities are: their forward is not
-traceable (it computes the padding from the input's size in Python).
+traceable (it computes the padding from the input's size in Python). timm's ``Conv2dSameExport`` computes it at its
+first call only and keeps it (a ``ZeroPad2d``), then pads every input alike: once it holds one, that padding is
+what the layer computes, whatever the size.
 """
 from __future__ import annotations
 
@@ -64,9 +66,13 @@ class _PaddingConverter:
         k, stride, dilation = pair(m.kernel_size), pair(m.stride or m.kernel_size), pair(getattr(m, "dilation", 1))
         (top, bottom), (left, right) = (same_padding(shape[1 + a], k[a], stride[a], dilation[a]) for a in range(2))
         if same_kind(m) == "conv":
-            fields = self._conv_fields(node, m, path, pad=[top, left])
-            if bottom > top or right > left:
-                x = self._emit(node, "pad", [x], f"{path}.same_pad", pads=[0, 0, bottom - top, right - left])
+            if isinstance(getattr(m, "pad", None), nn.ZeroPad2d):  # Conv2dSameExport: the padding of its first call
+                left, right, top, bottom = m.pad.padding
+            sym = [min(top, bottom), min(left, right)]  # the conv pads symmetrically; a pad node adds the rest
+            fields = self._conv_fields(node, m, path, pad=sym)
+            rest = [top - sym[0], left - sym[1], bottom - sym[0], right - sym[1]]
+            if any(rest):
+                x = self._emit(node, "pad", [x], f"{path}.same_pad", pads=rest)
             self._emit(node, "conv", [x], path, **fields)
             return
         value = "-inf" if same_kind(m) == "max" else 0.0

@@ -21,7 +21,8 @@ Ops (fields and defaults in `OPS`):
   1, 1)``) (`edgecl.arch.module_state`);
 - element-wise: ``relu relu6 hardswish hardsigmoid silu sigmoid gelu tanh``, ``leaky_relu`` (its ``slope``), and
   ``scale`` (x·factor + offset with two constant numbers: arithmetic with a Python number, a negation);
-- ``pad``: a map padded with a constant ``value`` (0, or ``"-inf"`` for what a max-pool then reads), ``pads`` =
+- ``pad``: a map padded with a constant ``value`` (0, or ``"-inf"``, read by max pools only, whose every window
+  holds a real value: `spec._check_minus_inf_pads`), ``pads`` =
   [top, left, bottom, right] rows/columns: TensorFlow's "same" padding, which adds the odd one at the bottom and
   right, and ``F.pad``;
 - pooling: ``maxpool`` / ``avgpool`` (k, stride, pad, ceil_mode; avgpool's count_include_pad), ``gap`` (global

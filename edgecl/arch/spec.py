@@ -69,10 +69,33 @@ def validate(arch: Any) -> Arch:
     if len(shapes[output]) != 1:
         raise UsageError(f"architecture output {output!r} must be a flat feature vector, has shape {shapes[output]} "
                          "(end the trunk with a flatten)")
+    _check_minus_inf_pads(out_nodes, shapes)
     result = {"name": name, "input_shape": shape, "nodes": out_nodes, "output": output,
               "feature_dim": shapes[output][0]}
     _check_state_keys(result)
     return result
+
+
+def _check_minus_inf_pads(nodes: list[dict[str, Any]], shapes: dict[str, list[int]]) -> None:
+    """A ``"-inf"`` pad exists for a max pool to read (TensorFlow's "same" pools): anything else reading it (a conv,
+    an average, a sum) computes ±inf or NaN in every task, and so would a max-pool window holding only padding. So
+    it feeds max pools only, each of whose windows takes a real row and column: the first window does not end before
+    the map and the last does not start after it (every window between does too when the map is at least as tall
+    and wide as the dilation, which is required)."""
+    pads = {n["name"]: n for n in nodes if n["op"] == "pad" and n["value"] == "-inf"}
+    for node in nodes:
+        for src in set(node["inputs"]) & set(pads):
+            where = f"architecture node {node['name']!r} reads pad {src!r} of -inf"
+            if node["op"] != "maxpool":
+                raise UsageError(f"{where}: only a maxpool may (a {node['op']} computes inf or NaN from it)")
+            real = shapes[pads[src]["inputs"][0]][1:]
+            before = pads[src]["pads"][:2]
+            for a in range(2):
+                k, s, p, d = node["k"][a], node["stride"][a], node["pad"][a], node["dilation"][a]
+                n = shapes[node["name"]][1 + a]
+                if real[a] < d or -p + (k - 1) * d < before[a] or (n - 1) * s - p > before[a] + real[a] - 1:
+                    raise UsageError(f"{where}: a window on axis {a + 2} holds only padding (its map {real[a]}, "
+                                     f"pad before {before[a]}, k {k}, stride {s}, pad {p}, dilation {d}, {n} windows)")
 
 
 def state_key(node: dict[str, Any], tensor: str) -> str:

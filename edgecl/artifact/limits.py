@@ -43,6 +43,12 @@ MAX_NODE_GROUPS = 1 << 16
 """Channel groups in a format-3 file's ``node_groups`` (one task's node masks, packed): torchvision's ShuffleNet v2
 has ~1,000 (shuffled groups cut into single channels), the widest real map seen; the list is walked once per load."""
 
+MASK_VIEW_BYTES = 256
+"""What one group's mask of one task costs in memory once read (`read_task`, `to_packed`: a numpy view, its
+``nodes:GROUP`` name, a dict slot; ~200 B measured), counted against the decode bound: groups × tasks views grow with
+the product of two lists the manifest holds once each, so 20,000 empty groups × 100 tasks in a 0.4 MB file made
+`to_packed` build 2 M views (0.4 GB, 1,000× the file) unless counted."""
+
 MAX_DIM, MAX_JSON_INT = 1 << 31, 1 << 62
 """Largest architecture size (channels, widths, input dims) and largest shape/offset integer the reader believes."""
 

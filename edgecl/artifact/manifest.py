@@ -161,6 +161,7 @@ class _Check:
             raise self.fail("manifest.blobs", f"blob list and tensor table differ: "
                                               f"{sorted(set(m['blobs']) ^ set(self.table))[:5]}")
         decoded = dense_bytes(m["arch"], [t["n_classes"] for t in m["tasks"]])
+        decoded += node_masks.view_bytes(len(self.layout or ()), len(m["tasks"]))
         for key, e in m["blobs"].items():
             decoded += self.blob_entry(key, e, len(m["tasks"]))
         problem = budget_problem(decoded, file_size)

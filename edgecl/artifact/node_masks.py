@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecl.artifact.limits import MAX_DIM, MAX_NODE_GROUPS, is_int
+from edgecl.artifact.limits import MASK_VIEW_BYTES, MAX_DIM, MAX_NODE_GROUPS, is_int
 from edgecl.errors import UsageError
 
 PACKED = "nodes"
@@ -48,6 +48,12 @@ def _mask_size(arr: Any, t: int, name: str) -> int:
     if arr.dtype != np.bool_ or arr.ndim != 1:
         raise UsageError(f"node mask {name!r} of task {t} is {arr.dtype}{arr.shape}, needs 1-D bool")
     return arr.size
+
+
+def view_bytes(n_groups: int, n_tasks: int) -> int:
+    """Memory the reader spends on the `nodes:GROUP` views of every task (counted in the decode bound: the views
+    number groups × tasks, not what the file's size pays for)."""
+    return n_groups * n_tasks * MASK_VIEW_BYTES
 
 
 def join(tensors: dict[str, Any], layout: Layout) -> np.ndarray:

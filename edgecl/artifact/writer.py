@@ -112,6 +112,7 @@ def serialise(packed: PackedModel, fp16: bool, old_names: int = 0) -> list[bytes
     blobs = encode_blobs(packed, fp16, layout)
     decoded = dense_bytes(packed.arch, [info.n_classes for info in packed.tasks])
     decoded += sum(math.prod(e["shape"]) * np.dtype(e["dtype"]).itemsize for _, e, _ in blobs)
+    decoded += node_masks.view_bytes(len(layout), packed.n_tasks)
     problem = budget_problem(decoded, sum(len(d) for _, _, d in blobs))
     if problem:
         raise UsageError(f"cannot store this model: {problem} (docs/ARTIFACT.md, limits)")
