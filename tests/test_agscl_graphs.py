@@ -9,7 +9,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from torch_nets import MODELS, GhostSplit, ResCat, TinyConvNeXt, TinyEca, TinyHGNet, TinySplitAttn, TinyViT
+from layer_nets import TinyEca, TinyHGNet, TinySplitAttn, TinyViT
+from torch_nets import MODELS, GhostSplit, ResCat, TinyConvNeXt
 
 from edgecl import artifact
 from edgecl.arch import from_torch, preset, validate

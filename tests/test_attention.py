@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch_nets import TinyViT, check_parity, timm, torchvision
+from layer_nets import TinyViT
+from torch_nets import check_parity, timm, torchvision
 
 from edgecl.arch import channel_map, from_torch
 from edgecl.arch.fx_import import tensors_of

@@ -9,7 +9,8 @@ import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
-from torch_nets import TinyEca, check_parity, randomise_batchnorm
+from layer_nets import TinyEca
+from torch_nets import check_parity, randomise_batchnorm
 
 from edgecl.arch import channel_map, from_torch, node_by_name, validate
 from edgecl.arch.module_state import state_keys, state_shapes

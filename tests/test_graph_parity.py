@@ -16,7 +16,8 @@ from edgecl.runtime import TaskRuntime
 from edgecl.runtime import plan as plan_module
 from edgecl.synthetic import SHAPES, random_packed
 from edgecl.train.models import forward, from_numpy
-from torch_nets import TinyConvNeXt, TinyShuffle, TinyTF, TinyViT, spec_and_weights
+from layer_nets import TinyTF, TinyViT
+from torch_nets import TinyConvNeXt, TinyShuffle, spec_and_weights
 
 # LayerNorm, layer scales, a global response norm (TinyConvNeXt); channel shuffles (TinyShuffle); pad nodes (TinyTF);
 # class token, position embedding and self-attention (TinyViT)

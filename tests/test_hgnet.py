@@ -10,7 +10,8 @@ import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
-from torch_nets import ScalarAffine, TinyHGNet, check_parity, randomise_batchnorm
+from layer_nets import ScalarAffine, TinyHGNet
+from torch_nets import check_parity, randomise_batchnorm
 
 from edgecl.arch import channel_map, from_torch, node_by_name, param_shapes, validate
 from edgecl.arch.module_state import state_keys

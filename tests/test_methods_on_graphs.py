@@ -26,8 +26,8 @@ from edgecl.train.batchnorm import RECALIBRATION_BATCH, batchnorm_names, is_stat
 from edgecl.train.data import make_stream
 from edgecl.train.models import from_numpy, init_params
 from edgecl.train.protocol import TrainContext, batches
-from torch_nets import (convnext_spec, dwres_spec, eca_spec, ghost_spec, hgnet_spec, rescat_spec, shuffle_spec,
-                        split_attn_spec, tf_spec, vit_spec)
+from layer_nets import eca_spec, hgnet_spec, split_attn_spec, tf_spec, vit_spec
+from torch_nets import convnext_spec, dwres_spec, ghost_spec, rescat_spec, shuffle_spec
 
 CTX = TrainContext(progress=False)
 QUICK = {"lps": {"epochs": 1}, "halrp": {"epochs": 3}, "rgo": {"epochs": 1}, "finetune": {"epochs": 2},

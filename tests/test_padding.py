@@ -17,7 +17,8 @@ from edgecl.errors import UsageError
 from edgecl.graph.compact import compact_task
 from edgecl.graph.constants import channel_constants
 from edgecl.train.models import forward, from_numpy
-from torch_nets import Conv2dSame, TinyTF, check_parity, create_pool2d, randomise_batchnorm
+from layer_nets import Conv2dSame, TinyTF, create_pool2d
+from torch_nets import check_parity, randomise_batchnorm
 
 
 def _ops(spec: dict) -> list[str]:

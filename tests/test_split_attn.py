@@ -10,7 +10,8 @@ import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
-from torch_nets import TinySplitAttn, check_parity, randomise_batchnorm
+from layer_nets import TinySplitAttn
+from torch_nets import check_parity, randomise_batchnorm
 
 from edgecl.arch import channel_map, from_torch, node_by_name, validate
 from edgecl.arch.fx_import import tensors_of

@@ -8,7 +8,6 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from edgecl.arch import from_torch, validate
@@ -17,12 +16,7 @@ from edgecl.arch.fx_import import tensors_of
 
 ensure_torchvision_imports()
 import timm  # noqa: E402
-from timm.layers import Attention, Conv2dSame, Mlp, create_pool2d  # noqa: E402
-from timm.layers.eca import CecaModule, EcaModule  # noqa: E402
 from timm.layers.grn import GlobalResponseNorm  # noqa: E402
-from timm.models.hgnet import LearnableAffineBlock  # noqa: E402
-from timm.layers.selective_kernel import SelectiveKernel  # noqa: E402
-from timm.layers.split_attn import SplitAttn  # noqa: E402
 import torchvision  # noqa: E402
 
 
@@ -165,133 +159,6 @@ class TinyShuffle(nn.Module):
         return self.fc(x.mean([2, 3]))
 
 
-class TinyTF(nn.Module):
-    """A TensorFlow port in small, as timm's ``tf_*`` models pad: a stride-2 ``Conv2dSame`` (an extra row and column
-    at the bottom and right), a depthwise ``Conv2dSame`` at stride 1 (symmetric), an explicit ``F.pad`` before an
-    even kernel, and a ``MaxPool2dSame`` (padded with −∞)."""
-
-    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 6):
-        super().__init__()
-        w = width
-        self.stem = nn.Sequential(Conv2dSame(in_channels, w, 3, stride=2, bias=False), nn.BatchNorm2d(w), nn.ReLU6())
-        self.dw = nn.Sequential(Conv2dSame(w, w, 3, groups=w, bias=False), nn.BatchNorm2d(w), nn.ReLU6(),
-                                nn.Conv2d(w, 2 * w, 1))
-        self.even = nn.Conv2d(2 * w, 2 * w, 2)
-        self.pool = create_pool2d("max", 3, stride=2, padding="same")
-        self.fc = nn.Linear(2 * w, classes)
-
-    def forward(self, x):
-        x = self.dw(self.stem(x))
-        x = self.pool(torch.relu(self.even(F.pad(x, (0, 1, 0, 1)))))
-        return self.fc(x.mean([2, 3]))
-
-
-def tf_spec(input_shape=(1, 8, 8)) -> dict:
-    return from_torch(TinyTF(in_channels=input_shape[0]), tuple(input_shape))
-
-
-class TinyEca(nn.Module):
-    """ECA-ResNet in small: a stem, a residual block whose second conv's output goes through timm's EcaModule (k=3,
-    zero padding) before the add, and a second block gated by a CecaModule (k=5, circular padding)."""
-
-    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8):
-        super().__init__()
-        w = width
-
-        def block(k_eca: int, gate: type[nn.Module]):
-            return nn.Sequential(nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
-                                 nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w),
-                                 gate(kernel_size=k_eca))
-
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
-        self.block1, self.block2 = block(3, EcaModule), block(5, CecaModule)
-        self.fc = nn.Linear(w, classes)
-
-    def forward(self, x):
-        x = self.stem(x)
-        x = torch.relu(x + self.block1(x))
-        x = torch.relu(x + self.block2(x))
-        return self.fc(x.mean([2, 3]))
-
-
-class TinyViT(nn.Module):
-    """A Vision Transformer in small: a patch conv, flatten(2).transpose(1, 2) to tokens, a learned class token and
-    position embedding, `depth` pre-norm blocks of timm's Attention (fused qkv Linear) and Mlp (GELU), a final
-    LayerNorm, the class token's features (x[:, 0]) and a Linear head."""
-
-    def __init__(self, classes: int = 3, in_channels: int = 1, dim: int = 12, heads: int = 2, depth: int = 2,
-                 patch: int = 4, image: int = 8):
-        super().__init__()
-        tokens = (image // patch) ** 2 + 1
-        self.patch = nn.Conv2d(in_channels, dim, patch, stride=patch)
-        self.cls_token = nn.Parameter(0.5 * torch.randn(1, 1, dim))
-        self.pos_embed = nn.Parameter(0.5 * torch.randn(1, tokens, dim))
-        self.blocks = nn.ModuleList(nn.ModuleDict({
-            "norm1": nn.LayerNorm(dim), "attn": Attention(dim, heads, qkv_bias=True), "norm2": nn.LayerNorm(dim),
-            "mlp": Mlp(dim, 2 * dim)}) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, x):
-        x = self.patch(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        for block in self.blocks:
-            x = x + block["attn"](block["norm1"](x))
-            x = x + block["mlp"](block["norm2"](x))
-        return self.head(self.norm(x)[:, 0])
-
-
-def vit_spec(input_shape=(1, 8, 8)) -> dict:
-    return from_torch(TinyViT(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
-
-
-def eca_spec(input_shape=(1, 8, 8)) -> dict:
-    return from_torch(TinyEca(in_channels=input_shape[0]), tuple(input_shape))
-
-
-class ScalarAffine(nn.Module):
-    """PP-HGNetV2's learnable affine block as a user writes it: one learned scale and one bias, each of shape (1,)."""
-
-    def __init__(self, scale: float = 1.0, bias: float = 0.0):
-        super().__init__()
-        self.scale, self.bias = nn.Parameter(torch.tensor([scale])), nn.Parameter(torch.tensor([bias]))
-
-    def forward(self, x):
-        return x * self.scale + self.bias
-
-
-class TinyHGNet(nn.Module):
-    """PP-HGNetV2 in small: conv-BN-ReLU layers each followed by a scalar affine (the user's `ScalarAffine`, timm's
-    LearnableAffineBlock in the block's first layer), an HG block concatenating its input and its layers' outputs
-    (3×3, then depthwise 3×3), a 1×1 aggregation with an ESE gate, and the input added back."""
-
-    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8):
-        super().__init__()
-        w = width
-
-        def layer(i: int, o: int, k: int, groups: int = 1, lab: type[nn.Module] = ScalarAffine) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(i, o, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(o),
-                                 nn.ReLU(), lab())
-
-        self.stem = layer(in_channels, w, 3)
-        self.layers = nn.ModuleList([layer(w, w, 3, lab=LearnableAffineBlock), layer(w, w, 3, groups=w)])
-        self.aggregation, self.ese = layer(3 * w, w, 1), nn.Conv2d(w, w, 1)
-        self.fc = nn.Linear(w, classes)
-
-    def forward(self, x):
-        x = self.stem(x)
-        outputs = [x]
-        for block_layer in self.layers:
-            outputs.append(block_layer(outputs[-1]))
-        y = self.aggregation(torch.cat(outputs, 1))
-        y = y * torch.sigmoid(self.ese(y.mean((2, 3), keepdim=True)))
-        return self.fc((x + y).mean([2, 3]))
-
-
-def hgnet_spec(input_shape=(1, 8, 8)) -> dict:
-    return from_torch(TinyHGNet(in_channels=input_shape[0]), tuple(input_shape))
-
-
 def shuffle_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyShuffle(in_channels=input_shape[0]), tuple(input_shape))
 
@@ -432,30 +299,3 @@ def dwres_spec(input_shape=(1, 8, 8)) -> dict:
         {"name": "add", "op": "add", "inputs": ["pwbn", "stem_act"]},
         {"name": "pool", "op": "gap", "inputs": ["add"]},
         {"name": "flat", "op": "flatten", "inputs": ["pool"]}]})
-
-
-class TinySplitAttn(nn.Module):
-    """SKNet and ResNeSt in small: a stem, a residual block whose first conv is timm's SelectiveKernel (two paths of
-    3×3, the second dilated, each on half the input), then a residual block whose 3×3 is timm's SplitAttn (radix 2,
-    cardinality 2: its logits are laid out branch-major by slices and a cat)."""
-
-    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8):
-        super().__init__()
-        w = width
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
-        self.sk = nn.Sequential(SelectiveKernel(w, w, rd_channels=4), nn.Conv2d(w, w, 3, padding=1, bias=False),
-                                nn.BatchNorm2d(w))
-        self.splat = nn.Sequential(nn.Conv2d(w, w, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
-                                   SplitAttn(w, w, radix=2, groups=2, rd_channels=4, norm_layer=nn.BatchNorm2d),
-                                   nn.Conv2d(w, w, 1, bias=False), nn.BatchNorm2d(w))
-        self.fc = nn.Linear(w, classes)
-
-    def forward(self, x):
-        x = self.stem(x)
-        x = torch.relu(x + self.sk(x))
-        x = torch.relu(x + self.splat(x))
-        return self.fc(x.mean([2, 3]))
-
-
-def split_attn_spec(input_shape=(1, 8, 8)) -> dict:
-    return from_torch(TinySplitAttn(in_channels=input_shape[0]), tuple(input_shape))
