@@ -91,6 +91,38 @@ NORMS = {"name": "norms", "input_shape": [3, 16, 16], "nodes": [
     {"name": "pool", "op": "gap", "inputs": ["max"]}, {"name": "flat", "op": "flatten", "inputs": ["pool"]},
     {"name": "feat_ln", "op": "layer_norm", "inputs": ["flat"], "ch": 8}], "output": "feat_ln"}
 
+# the layer families added later: a scalar affine (HGNetV2), ECA's channel_conv, split attention's branch_softmax, and
+# a ViT block on the (C, T, 1) token map (class token, position embedding, attention, token pooling)
+LAYERS = {"name": "layers", "input_shape": [3, 16, 16], "nodes": [
+    {"name": "stem", "op": "conv", "inputs": ["input"], "in": 3, "out": 8, "k": 2, "stride": 2},
+    {"name": "act", "op": "relu", "inputs": ["stem"]},
+    {"name": "lab", "op": "scalar_affine", "inputs": ["act"], "init": 0.9, "init_bias": 0.1},
+    {"name": "eca_pool", "op": "gap", "inputs": ["lab"]},
+    {"name": "eca", "op": "channel_conv", "inputs": ["eca_pool"], "ch": 8, "k": 3},
+    {"name": "eca_gate", "op": "sigmoid", "inputs": ["eca"]}, {"name": "eca_out", "op": "mul", "inputs": ["lab", "eca_gate"]},
+    {"name": "path0", "op": "conv", "inputs": ["eca_out"], "in": 8, "out": 8, "k": 3, "pad": 1},
+    {"name": "path1", "op": "conv", "inputs": ["eca_out"], "in": 8, "out": 8, "k": 3, "pad": 2, "dilation": 2},
+    {"name": "paths", "op": "add", "inputs": ["path0", "path1"]}, {"name": "sk_pool", "op": "gap", "inputs": ["paths"]},
+    {"name": "sk_fc", "op": "conv", "inputs": ["sk_pool"], "in": 8, "out": 16, "k": 1},
+    {"name": "sk_soft", "op": "branch_softmax", "inputs": ["sk_fc"], "branches": 2},
+    {"name": "w0", "op": "slice", "inputs": ["sk_soft"], "start": 0, "stop": 8},
+    {"name": "w1", "op": "slice", "inputs": ["sk_soft"], "start": 8, "stop": 16},
+    {"name": "p0", "op": "mul", "inputs": ["path0", "w0"]}, {"name": "p1", "op": "mul", "inputs": ["path1", "w1"]},
+    {"name": "sk", "op": "add", "inputs": ["p0", "p1"]},
+    {"name": "tokens", "op": "reshape", "inputs": ["sk"], "shape": [8, 64, 1]},
+    {"name": "cls", "op": "class_token", "inputs": ["tokens"], "ch": 8},
+    {"name": "pos", "op": "pos_embed", "inputs": ["cls"], "ch": 8, "tokens": 65},
+    {"name": "ln", "op": "layer_norm", "inputs": ["pos"], "ch": 8},
+    {"name": "qkv", "op": "conv", "inputs": ["ln"], "in": 8, "out": 24, "k": 1},
+    {"name": "q", "op": "slice", "inputs": ["qkv"], "start": 0, "stop": 8},
+    {"name": "k", "op": "slice", "inputs": ["qkv"], "start": 8, "stop": 16},
+    {"name": "v", "op": "slice", "inputs": ["qkv"], "start": 16, "stop": 24},
+    {"name": "attend", "op": "attention", "inputs": ["q", "k", "v"], "heads": 2, "scale": 0.5},
+    {"name": "proj", "op": "conv", "inputs": ["attend"], "in": 8, "out": 8, "k": 1},
+    {"name": "res", "op": "add", "inputs": ["pos", "proj"]},
+    {"name": "first", "op": "token", "inputs": ["res"], "index": 0},
+    {"name": "flat", "op": "flatten", "inputs": ["first"]}]}
+
 
 def median_ms(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
     """Median wall time of `fn` (synchronised after each call), after one untimed call."""
@@ -115,7 +147,8 @@ def parity_models(quick: bool) -> list[tuple[str, Any]]:
     models += [(f"{arch} lps {unit}s", structured_lps_model(preset(arch), 0.3, n_tasks=3, unit=unit))
                for arch in ("mlp", "lenet") for unit in ("row", "column")]
     models += [(f"{arch} node groups", group_node_model(preset(arch), 0.5, n_tasks=3)) for arch in ("lenet", "resnet")]
-    models += [(f"norms {shape}", random_packed(validate(NORMS), n_tasks=3, shape=shape, classes=(5, 3)))
+    models += [(f"{name} {shape}", random_packed(validate(arch), n_tasks=3, shape=shape, classes=(5, 3)))
+               for name, arch in (("norms", NORMS), ("layers", LAYERS))
                for shape in ("lps", "mixed", "node", "lowrank", "permute")]
     return models[::4] if quick else models
 
