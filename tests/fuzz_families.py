@@ -183,7 +183,8 @@ def _spec(draw) -> dict:
     for i in range(draw(st.integers(1, 6))):
         known = _shapes(shape, nodes)
         op = draw(st.sampled_from(["conv", "linear", "bn", "maxpool", "avgpool", "gap", "add", "mul", "cat", "flatten",
-                                   "reshape", "pad", *ACTIVATIONS]))
+                                   "reshape", "pad", "scalar_affine", "channel_conv", "branch_softmax", "class_token",
+                                   "pos_embed", "token", *ACTIVATIONS]))
         src = draw(st.sampled_from(names))
         node = {"name": f"n{i}", "op": op, "inputs": [src]}
         dims = known.get(src, [1])
@@ -210,6 +211,19 @@ def _spec(draw) -> dict:
         elif op == "pad":
             node["pads"] = draw(st.sampled_from([[0, 0, 1, 1], [2, 0, 1, 3], [0, 0, 0, 0], [-1, 0, 1, 1], [1, 1]]))
             node["value"] = draw(st.sampled_from([0.0, -2.5, "-inf", "inf", None, 3]))
+        elif op == "scalar_affine":
+            node.update({"init": draw(st.sampled_from([1.0, -0.5, 3])), "init_bias": draw(st.sampled_from([0.0, 0.2]))})
+        elif op == "channel_conv":
+            node.update({"ch": dims[0] if fits else draw(hostile), "k": draw(st.sampled_from([1, 3, 5, 2, 0])),
+                         "circular": draw(st.booleans())})
+        elif op == "branch_softmax":
+            node["branches"] = draw(st.sampled_from([1, 2, 3, 0]))
+        elif op in ("class_token", "pos_embed"):
+            node["ch"] = dims[0] if fits else draw(hostile)
+            if op == "pos_embed":
+                node["tokens"] = (dims[1] if len(dims) == 3 and dims[2] == 1 else 1) if fits else draw(hostile)
+        elif op == "token":
+            node["index"] = draw(st.sampled_from([0, 1, 5, -1]))
         elif op == "reshape":
             node["shape"] = [int(np.prod(dims)), 1, 1] if fits else draw(st.lists(st.integers(1, 64), max_size=3))
         nodes.append(node)
