@@ -154,3 +154,25 @@ def test_mha_parity():
     torch.manual_seed(0)
     module = _MHA(nn.MultiheadAttention(12, 3, batch_first=True))
     _parity(module, (3, 8, 8))
+
+
+class _ChannelsLastMean(nn.Module):
+    """ConvNeXt's channels-last map (B, H, W, C), then a mean over dim 1 (the rows only) or x[:, 0] (the first row):
+    no tokens, so no class-token pooling or token mean — the map's own refusal."""
+
+    def __init__(self, index: bool):
+        super().__init__()
+        self.conv, self.norm, self.index = nn.Conv2d(3, 8, 3, padding=1), nn.LayerNorm(8), index
+        self.fc = nn.Linear(8 * 8, 2)
+
+    def forward(self, x):
+        y = self.norm(self.conv(x).permute(0, 2, 3, 1))
+        return self.fc((y[:, 0] if self.index else y.mean(1)).flatten(1))
+
+
+@pytest.mark.parametrize("index", [False, True])
+def test_a_channels_last_map_is_no_token_sequence(index):
+    """mean(1) of a (B, H, W, C) map averages the rows only; it must not become the mean over all positions."""
+    with pytest.raises(UsageError, match="channels-last") as err:
+        from_torch(_ChannelsLastMean(index), (3, 8, 8))
+    assert "test_attention.py:" in str(err.value)

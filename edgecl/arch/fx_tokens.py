@@ -56,10 +56,11 @@ class _TokenConverter:
         if node.target in _CATS and any(a in self.attrs for a in _tensors(node)):
             self._class_token(node)
             return True
-        if node.target is operator.getitem and first in self.last:
+        tokens = first in self.last and len(shape_of(first) or ()) == 2  # not a channels-last map (B, H, W, C)
+        if node.target is operator.getitem and tokens:
             self._token_index(node, first)
             return True
-        if node.target in _MEANS and first in self.last:
+        if node.target in _MEANS and tokens:
             self._token_mean(node, first)
             return True
         return False
