@@ -176,3 +176,14 @@ def test_a_channels_last_map_is_no_token_sequence(index):
     with pytest.raises(UsageError, match="channels-last") as err:
         from_torch(_ChannelsLastMean(index), (3, 8, 8))
     assert "test_attention.py:" in str(err.value)
+
+
+def test_rgo_keeps_attention_channels_in_one_order_and_says_why():
+    """q, k and v are read as heads of contiguous channels: no FEL, and the reason names attention (not ECA); the
+    residual stream and the MLP's hidden channels are permuted."""
+    from edgecl.train import registry
+
+    plan = registry.create("rgo", from_torch(TinyViT(3, 3, image=16), (3, 16, 16)), {}).fel
+    assert set(plan.groups) == {"patch", "blocks.0.mlp.fc1", "blocks.1.mlp.fc1"}
+    attention = [g for g in plan.skipped if ".attn.qkv:" in g]
+    assert len(attention) == 4 and all("attention" in plan.skipped[g] for g in attention)

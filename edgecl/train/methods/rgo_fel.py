@@ -22,8 +22,9 @@ recorded, when:
   conv group's projection (`rgo_ops`) describes the inputs of one group only;
 - a shared tensor other than a conv/linear layer's has rows of several blocks (BatchNorm after a concatenation or
   flatten under the "frozen" rule);
-- a ``channel_conv`` (ECA) reads its channels as neighbours: permuted, channel i would be mixed with other channels
-  than in the network trained (`ChannelMap.ordered`).
+- its channels are read in a fixed order (`ChannelMap.ordered`): a ``channel_conv`` (ECA) reads them as neighbours,
+  an ``attention`` its q, k and v as heads of contiguous channels; permuted, channel i would be mixed with other
+  channels than in the network trained.
 
 Tensors stored per task (BatchNorm under the "task" rule, the heads) are trained in each task's own order and never
 constrain a group.
@@ -71,8 +72,8 @@ def fel_plan(arch: Arch, per_task: set[str] | frozenset[str] = frozenset()) -> F
     plan = FELPlan()
     for group, tensors in members.items():
         reason = _refusal(group, [k for k in tensors if k not in blocked], cm.rows, nodes) or (
-            "a channel_conv (ECA) reads its channels as neighbours; a permutation would change which channels it "
-            "mixes" if group in cm.ordered else None)
+            "its channels are read in a fixed order (a channel_conv's neighbours, attention heads' contiguous "
+            "blocks); a permutation would change which channels meet" if group in cm.ordered else None)
         if reason:
             plan.skipped[group] = reason
         elif tensors:
