@@ -187,3 +187,19 @@ def test_rgo_keeps_attention_channels_in_one_order_and_says_why():
     assert set(plan.groups) == {"patch", "blocks.0.mlp.fc1", "blocks.1.mlp.fc1"}
     attention = [g for g in plan.skipped if ".attn.qkv:" in g]
     assert len(attention) == 4 and all("attention" in plan.skipped[g] for g in attention)
+
+
+def test_attention_scores_are_bounded_and_counted():
+    """heads × T² scores are no node's output: a small file must not ask for gigabytes (16 heads over 2¹⁴ tokens:
+    16 GiB per sample), and the runtime's memory estimate counts them."""
+    from edgecl.arch import validate
+    from edgecl.runtime.costs import activation_bytes
+
+    def spec(tokens: int) -> dict:
+        return {"name": "wide", "input_shape": [16, tokens, 1], "output": "f", "nodes": [
+            {"name": "a", "op": "attention", "inputs": ["input"] * 3, "heads": 16, "scale": 1.0},
+            {"name": "p", "op": "token", "inputs": ["a"]}, {"name": "f", "op": "flatten", "inputs": ["p"]}]}
+
+    with pytest.raises(UsageError, match="attention over 16384 tokens with 16 heads"):
+        validate(spec(1 << 14))
+    assert activation_bytes(validate(spec(1 << 10)), 1, 2) > 4 * 2 * 16 * (1 << 20)  # scores and softmax

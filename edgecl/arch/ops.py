@@ -99,6 +99,14 @@ TOKEN_TENSOR_OPS = ("class_token", "pos_embed")
 TENSOR_OPS = ("conv", "linear", *CHANNEL_AFFINE_OPS, *ROWLESS_OPS, *TOKEN_TENSOR_OPS)
 
 
+def attention_intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
+    """Elements per sample an ``attention`` node computes on the way to its output, as `edgecl.graph.builder` emits
+    it: the scores and their softmax (heads × T × T each: quadratic in the tokens, so a small spec file can ask for a
+    huge one; `spec.validate` bounds it) and the heads' copies of q, k, v and the output (an upper bound)."""
+    (c, t, _), cv, h = ins[0], ins[2][0], node["heads"]
+    return 2 * h * t * t + 4 * (c + cv) * t
+
+
 def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node") -> list[int]:
     """Shape (without batch) of a normalised node's output from its inputs' shapes; UsageError when they do not
     fit the op."""

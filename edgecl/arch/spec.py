@@ -36,7 +36,8 @@ INPUT = "input"
 MAX_NODES = 10_000  # ~20× a ResNet-152; bounds the work a spec read from a file can cause
 MAX_INPUTS = 256
 MAX_EDGES = 2 * MAX_NODES  # inputs of all nodes: 10,000 adds of 256 inputs (an 18 MB file) took 2 min, 8.7 GB to run
-MAX_ACTIVATION = 1 << 28  # elements of one node's output per sample (1 GiB of float32): cat can multiply channels
+MAX_ACTIVATION = 1 << 28  # elements of one node's output per sample (1 GiB of float32): cat can multiply channels; also an
+#                          attention's heads × T² scores
 MAX_DIM = 1 << 31
 MAX_NDIM = 3
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,159}")
@@ -173,6 +174,9 @@ def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
     shapes[name] = output_shape(out, [shapes[s] for s in out["inputs"]], where)
     if math.prod(shapes[name]) > MAX_ACTIVATION or max(shapes[name]) > MAX_DIM:
         raise UsageError(f"{where}: output {shapes[name]} has more than {MAX_ACTIVATION} elements per sample")
+    if op == "attention" and (scores := out["heads"] * shapes[out["inputs"][0]][1] ** 2) > MAX_ACTIVATION:
+        raise UsageError(f"{where}: attention over {shapes[out['inputs'][0]][1]} tokens with {out['heads']} heads "
+                         f"computes {scores} scores per sample, more than {MAX_ACTIVATION}")
     return out
 
 
