@@ -36,8 +36,8 @@ INPUT = "input"
 MAX_NODES = 10_000  # ~20× a ResNet-152; bounds the work a spec read from a file can cause
 MAX_INPUTS = 256
 MAX_EDGES = 2 * MAX_NODES  # inputs of all nodes: 10,000 adds of 256 inputs (an 18 MB file) took 2 min, 8.7 GB to run
-MAX_ACTIVATION = 1 << 28  # elements of one node's output per sample (1 GiB of float32): cat can multiply channels; also an
-#                          attention's heads × T² scores
+MAX_ACTIVATION = 1 << 28  # elements of one node's output per sample (1 GiB of float32): cat can multiply channels;
+#                          also bounds an attention's heads × T² scores
 MAX_DIM = 1 << 31
 MAX_NDIM = 3
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,159}")
