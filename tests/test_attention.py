@@ -203,3 +203,20 @@ def test_attention_scores_are_bounded_and_counted():
     with pytest.raises(UsageError, match="attention over 16384 tokens with 16 heads"):
         validate(spec(1 << 14))
     assert activation_bytes(validate(spec(1 << 10)), 1, 2) > 4 * 2 * 16 * (1 << 20)  # scores and softmax
+
+
+class _TokenMixing(nn.Module):
+    """MLP-Mixer's token mixing: an nn.Linear over the tokens of a flattened (B, C, T) map."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.mix, self.fc = nn.Conv2d(3, 12, 4, stride=4), nn.Linear(4, 4), nn.Linear(12, 2)
+
+    def forward(self, x):
+        return self.fc(self.mix(self.proj(x).flatten(2)).transpose(1, 2).mean(1))
+
+
+def test_a_linear_over_the_tokens_is_refused_by_name():
+    with pytest.raises(UsageError, match="nn.Linear over the last axis") as err:
+        from_torch(_TokenMixing(), (3, 8, 8))
+    assert "'mix'" in str(err.value) and "test_attention.py:" in str(err.value)

@@ -350,6 +350,11 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
                                                    "groups": 1, "bias": m.bias is not None,
                                                    "module_shape": [m.out_features, m.in_features]})
         elif isinstance(m, nn.Linear):
+            shape = shape_of(node.args[0])
+            if shape is not None and len(shape) != 1:  # a Linear over the tokens (MLP-Mixer) or a map's last axis
+                raise self.refuse(node, f"an nn.Linear over the last axis of a tensor of shape {shape}; edgecl "
+                                        "supports it on features and over the channels of tokens or of a "
+                                        "channels-last map")
             self._emit(node, "linear", [x], path, **{"in": m.in_features, "out": m.out_features,
                                                      "bias": m.bias is not None})
         elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
