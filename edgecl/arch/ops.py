@@ -36,7 +36,12 @@ Ops (fields and defaults in `OPS`):
 - ``branch_softmax``: split attention's softmax across ``branches`` (selective kernel, ResNeSt): the input's R·C
   channels are R consecutive blocks of C, one per branch, and output channel r·C + c is softmax over r' of input
   channel r'·C + c — each channel's R logits compete, channels never mix (the channel map ties the R blocks
-  channel by channel, as an ``add`` of them would; removing channel c of every block leaves the others' values).
+  channel by channel, as an ``add`` of them would; removing channel c of every block leaves the others' values);
+- tokens (Vision Transformers), a ``(C, T, 1)`` map of T tokens of C channels: ``class_token`` (weight ``(ch,)``: a
+  learned token put before the others, T → T + 1), ``pos_embed`` (weight ``(ch, tokens)``: added to the tokens; its
+  module stores it ``(1, tokens, ch)``), ``attention`` (inputs q, k, v; per head, a contiguous block of channels:
+  softmax((scale·q)ᵀk) over the keys times v; its heads × T² scores are bounded like an output,
+  `attention_intermediates`), ``token`` (the token at ``index``, as ``(C, 1, 1)``: class-token pooling).
 
 """
 from __future__ import annotations
