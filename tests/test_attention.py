@@ -220,3 +220,22 @@ def test_a_linear_over_the_tokens_is_refused_by_name():
     with pytest.raises(UsageError, match="nn.Linear over the last axis") as err:
         from_torch(_TokenMixing(), (3, 8, 8))
     assert "'mix'" in str(err.value) and "test_attention.py:" in str(err.value)
+
+
+class _TokenCopies(nn.Module):
+    """A class token expanded to two copies (expand(B, 2, -1)): two tokens in the mean, not one."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.fc = nn.Conv2d(3, 12, 4, stride=4), nn.Linear(12, 2)
+        self.cls = nn.Parameter(torch.randn(1, 1, 12))
+
+    def forward(self, x):
+        t = self.proj(x).flatten(2).transpose(1, 2)
+        return self.fc(torch.cat([self.cls.expand(t.shape[0], 2, -1), t], dim=1).mean(1))
+
+
+def test_copies_of_a_class_token_are_refused():
+    with pytest.raises(UsageError, match="put before 4 tokens gives") as err:
+        from_torch(_TokenCopies(), (3, 8, 8))
+    assert "test_attention.py:" in str(err.value)

@@ -94,8 +94,11 @@ class _TokenConverter:
         path = self.attrs[tensors[0]]
         p = self.parameter(path, node)
         ch = shape[1]
-        if p.numel() != ch or p.shape[-1] != ch:
-            raise self.refuse(node, f"the class token {path!r} has shape {tuple(p.shape)}, not (1, 1, {ch})")
+        out = shape_of(node)  # one token more: not a token expanded to several copies (expand(B, 2, -1))
+        if p.numel() != ch or p.shape[-1] != ch or out is None or list(out) != [shape[0] + 1, ch]:
+            raise self.refuse(node, f"the class token {path!r} of shape {tuple(p.shape)} put before {shape[0]} "
+                                    f"tokens gives {out}; edgecl supports one token of shape (1, 1, {ch}) (register "
+                                    "tokens and copies of a token are refused)")
         self.claim(path, node)
         fields: dict[str, Any] = {"ch": ch}
         if list(p.shape) != [ch]:
