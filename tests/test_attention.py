@@ -239,3 +239,21 @@ def test_copies_of_a_class_token_are_refused():
     with pytest.raises(UsageError, match="put before 4 tokens gives") as err:
         from_torch(_TokenCopies(), (3, 8, 8))
     assert "test_attention.py:" in str(err.value)
+
+
+class _Underscored(nn.Module):
+    """A layer named with a trailing underscore, as Python style allows: its keys are ``conv_.weight``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv_(x).mean((2, 3)))
+
+
+def test_a_trailing_underscore_is_an_ordinary_path_and_mha_keeps_its_packed_keys():
+    spec = _parity(_Underscored(), (3, 8, 8))
+    assert state_keys(spec)["conv_.weight"] == "conv_.weight"
+    keys = state_keys(_parity(_MHA(nn.MultiheadAttention(12, 3, batch_first=True)), (3, 8, 8)))
+    assert keys["mha.in_proj.weight"] == "mha.in_proj_weight" and keys["mha.in_proj.bias"] == "mha.in_proj_bias"

@@ -5,7 +5,7 @@ computes on the tokens (a ``(C, T, 1)`` map, `fx_tokens`):
     qkv (1×1 conv: the fused Linear) → slices q, k, v → attention {heads, scale} → proj (1×1 conv)
 
 The qkv conv keeps the module's stored ``(3·A, C)`` weight as ``module_shape``; for ``nn.MultiheadAttention`` its
-tensors are the packed ``in_proj_weight`` / ``in_proj_bias`` (node ``module`` ``PATH.in_proj_``, `spec.state_key`).
+tensors are the packed ``in_proj_weight`` / ``in_proj_bias`` (node ``module`` ``PATH.in_proj_*``, `spec.state_key`).
 Keeping the module whole, rather than tracing its reshape/permute/unbind and ``scaled_dot_product_attention``, lets
 edgecl check the variant: a mask, causal attention, qk-norm, a norm before the projection, a gate, separate
 key/value sizes, added bias_k/bias_v or zero attention are refused by name with the user's source line, never run as
@@ -96,7 +96,7 @@ class _AttentionConverter:
         qkv = SimpleNamespace(in_features=m.embed_dim, out_features=3 * m.embed_dim, bias=m.in_proj_bias)  # packed
         heads = int(m.num_heads)
         self._attention(node, self._input(q, node), path, heads, 1.0 / math.sqrt(m.embed_dim // heads),
-                        (qkv, f"{path}.in_proj", f"{path}.in_proj_"), (m.out_proj, f"{path}.out_proj"), where,
+                        (qkv, f"{path}.in_proj", f"{path}.in_proj_*"), (m.out_proj, f"{path}.out_proj"), where,
                         source=q)
         self.mha[node] = self.alias[node]
 

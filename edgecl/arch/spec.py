@@ -103,13 +103,14 @@ def state_key(node: dict[str, Any], tensor: str) -> str:
     """The state-dict key of a node's tensor in the traced module (`edgecl.arch.module_state`): the node's name or
     its ``module`` path, then the tensor; a layer scale, a class token and a position embedding are bare parameters,
     whose key is that path itself, and a scalar affine's weight is its module's ``scale`` (timm's LearnableAffineBlock).
-    A path ending in ``_`` takes the tensor's name without a dot: torch's packed parameters
-    (``nn.MultiheadAttention``'s ``in_proj_weight`` / ``in_proj_bias``, path ``….in_proj_``)."""
+    A ``module`` ending in ``*`` has the tensor's name in place of the ``*``: torch's packed parameters
+    (``nn.MultiheadAttention``'s ``in_proj_weight`` / ``in_proj_bias``, module ``….in_proj_*``); a path that merely
+    ends in ``_`` (``self.conv_``) is an ordinary one."""
     path = node.get("module", node["name"])
     if node["op"] in ("layer_scale", *TOKEN_TENSOR_OPS):
         return path
     tensor = "scale" if node["op"] == "scalar_affine" and tensor == "weight" else tensor
-    return f"{path}{tensor}" if path.endswith("_") else f"{path}.{tensor}"
+    return f"{path[:-1]}{tensor}" if path.endswith("*") else f"{path}.{tensor}"
 
 
 def _check_state_keys(arch: Arch) -> None:
