@@ -104,6 +104,9 @@ def _one() -> nn.Parameter:
      "no one-number parameter added to it alone"),
     (lambda: _Net(lambda s, x: x + s.bias, bias=_one()), r"the parameter 'bias' is used directly in forward; .* as a "
      r"learnable affine \(scale \* x \+ bias"),
+    # the network's own scale and bias: the node (named after the product) read 'mul.scale', which no module holds
+    (lambda: _Net(lambda s, x: s.scale * x + s.bias, scale=_one(), bias=_one()), "the network's own parameters "
+     "'scale' and 'bias'; edgecl reads them from the submodule that holds them"),
 ])
 def test_near_misses_are_refused_by_name(net, message):
     with pytest.raises(UsageError, match=message) as info:

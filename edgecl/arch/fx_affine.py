@@ -6,7 +6,8 @@ read from that module's ``scale`` and ``bias`` (`edgecl.arch.spec.state_key`).
 The product is converted when the tracer reaches it, the sum later: the product's only user must be a sum with the
 other parameter, and that sum is then an alias of the node (`absorbed`). Near misses are refused by name with the
 source line: a one-number parameter multiplied without a one-number bias added to the product alone, a bias that is
-no parameter of one number, parameters not named ``scale`` and ``bias`` of one module, a product read twice.
+no parameter of one number, parameters not named ``scale`` and ``bias`` of one module (a submodule: the network's own
+``scale`` and ``bias`` have no module path to name the node by), a product read twice.
 """
 from __future__ import annotations
 
@@ -77,13 +78,17 @@ class _AffineConverter:
                 raise self.refuse(node, f"the scalar affine's parameter {path!r} has shape {tuple(p.shape)}; "
                                         "edgecl needs (1,), as LearnableAffineBlock's")
             self.claim(path, node)
+        if not owner:  # the node's tensors are read from NODE.scale / NODE.bias: a module path must come first
+            raise self.refuse(node, "a scalar affine of the network's own parameters 'scale' and 'bias'; edgecl reads "
+                                    "them from the submodule that holds them (timm's LearnableAffineBlock): move them "
+                                    "into one")
         fields: dict[str, Any] = {}
         start, offset = float(scale.detach().reshape(-1)[0]), float(bias.detach().reshape(-1)[0])
         if start != 1.0:
             fields["init"] = start
         if offset != 0.0:
             fields["init_bias"] = offset
-        self._emit(node, "scalar_affine", [self._input(a, node)], owner or None, **fields)
+        self._emit(node, "scalar_affine", [self._input(a, node)], owner, **fields)
         self.absorbed[total] = node
         if a in self.last:
             self.last.add(node)
