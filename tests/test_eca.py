@@ -14,18 +14,11 @@ from torch_nets import check_parity, randomise_batchnorm
 
 from edgecl.arch import channel_map, from_torch, node_by_name, validate
 from edgecl.arch.module_state import state_keys, state_shapes
-from edgecl.deltas import materialize
 from edgecl.errors import UsageError
 from edgecl.graph.builder import build_onnx
 from edgecl.graph.compact import compact_task
-from edgecl.train import registry
-from edgecl.train.data import make_stream
-from edgecl.train.methods.agscl import AGSCL, AGSCLConfig
 from edgecl.train.models import forward, from_numpy
-from edgecl.train.protocol import TrainContext
 from timm.layers.eca import CecaModule, EcaModule
-
-CTX = TrainContext(progress=False)
 
 
 def test_tiny_eca_equals_the_module():
@@ -153,47 +146,3 @@ def test_compaction_keeps_every_channel_the_gate_reads():
     with torch.no_grad():
         dense, compact = forward(spec, from_numpy(params), x), forward(small, from_numpy(kept), x)
     assert np.abs(dense.numpy() - compact.numpy()).max() < 1e-5
-
-
-@pytest.fixture(scope="module")
-def stream():
-    return make_stream("split-digits", 2, seed=0)
-
-
-@pytest.mark.parametrize("method_name, kind", [("lps", "shared"), ("halrp", "task"), ("rgo", "task"),
-                                               ("stl", "task"), ("finetune", "shared")])
-def test_each_method_keeps_the_eca_weights_by_its_rule(method_name, kind, stream):
-    """LPS learns them on the first task and holds them (its rule for biases), HALRP and RGO keep a copy per task
-    (RGO: no rows for an input-side projection), STL is all per task, finetune shares everything; the first task's
-    copy is bit-identical after the second task wherever the method promises it."""
-    spec = from_torch(TinyEca(), (1, 8, 8))
-    method = registry.create(method_name, spec, {"epochs": 3 if method_name == "halrp" else 1})
-    packs = []
-    for t in range(2):
-        method.learn_task(t, stream.tasks[t], CTX)
-        packs.append(method.pack())
-    names = ["block1.5.conv.weight", "block2.5.conv.weight"]
-    assert {packs[1].params[k]["kind"] for k in names} == {kind}
-    if method_name != "finetune":
-        assert all(np.array_equal(materialize(packs[0], 0)[k], materialize(packs[1], 0)[k]) for k in names)
-    if method_name == "rgo":  # the stream both gates read: one order in every task
-        skipped = packs[1].extra["fel_skipped"]
-        assert any("channel_conv" in why for why in skipped.values())
-        assert not set(skipped) & set(packs[1].extra["fel_groups"])
-
-
-def test_agscl_keeps_eca_weights_per_task_and_resumes_them():
-    spec = from_torch(TinyEca(in_channels=1, width=8), (1, 8, 8))
-    stream = make_stream("permuted-digits", 2, seed=0)
-    method = AGSCL(spec, AGSCLConfig(epochs=1))
-    for t in range(2):
-        method.learn_task(t, stream.tasks[t], CTX)
-    packed = method.pack()
-    assert packed.params["block1.5.conv.weight"] == {"kind": "task"}
-    own = [tt["block1.5.conv.weight"] for tt in packed.task_tensors]
-    assert not np.array_equal(own[0], own[1])  # each task trained its own gate
-    again = AGSCL(spec, AGSCLConfig(epochs=1))
-    again.resume(packed)
-    repacked = again.pack()
-    assert all(np.array_equal(a["block1.5.conv.weight"], b["block1.5.conv.weight"])
-               for a, b in zip(packed.task_tensors, repacked.task_tensors))

@@ -16,18 +16,11 @@ from torch_nets import check_parity, randomise_batchnorm
 from edgecl.arch import channel_map, from_torch, node_by_name, param_shapes, validate
 from edgecl.arch.module_state import state_keys
 from edgecl.arch.spec import rowless_tensors
-from edgecl.deltas import materialize
 from edgecl.errors import UsageError
 from edgecl.graph.builder import build_onnx
 from edgecl.graph.compact import compact_task
 from edgecl.graph.constants import channel_constants
-from edgecl.train import registry
-from edgecl.train.data import make_stream
-from edgecl.train.methods.agscl import AGSCL, AGSCLConfig
 from edgecl.train.models import forward, from_numpy, init_params
-from edgecl.train.protocol import TrainContext
-
-CTX = TrainContext(progress=False)
 
 
 def test_tiny_hgnet_equals_the_module():
@@ -157,55 +150,6 @@ def test_a_dead_channel_is_the_bias_after_the_affine(k, kept):
     with torch.no_grad():
         dense, small_out = forward(spec, from_numpy(params), x), forward(small, from_numpy(compact), x)
     assert np.abs(dense.numpy() - small_out.numpy()).max() < 1e-5
-
-
-@pytest.fixture(scope="module")
-def stream():
-    return make_stream("split-digits", 2, seed=0)
-
-
-@pytest.mark.parametrize("method_name, kind", [("lps", "shared"), ("halrp", "task"), ("rgo", "task"),
-                                               ("stl", "task"), ("finetune", "shared")])
-def test_each_method_keeps_the_affine_by_its_rule(method_name, kind, stream):
-    """As ECA's k weights: LPS learns them on the first task and holds them (its rule for biases), HALRP and RGO keep a
-    copy per task, STL is all per task, finetune shares everything; the first task's copy is bit-identical after the
-    second task wherever the method promises it."""
-    spec = from_torch(TinyHGNet(), (1, 8, 8))
-    method = registry.create(method_name, spec, {"epochs": 3 if method_name == "halrp" else 1})
-    packs = []
-    for t in range(2):
-        method.learn_task(t, stream.tasks[t], CTX)
-        packs.append(method.pack())
-    names = rowless_tensors(spec)
-    assert {packs[1].params[k]["kind"] for k in names} == {kind}
-    if method_name != "finetune":
-        assert all(np.array_equal(materialize(packs[0], 0)[k], materialize(packs[1], 0)[k]) for k in names)
-
-
-def test_agscl_keeps_the_affine_per_task_and_resumes_it():
-    """Per task, resumed as packed; and the dead nodes it leaves (the affine's bias after them, cut from every reader
-    by the column masks) compact away with the logits unchanged."""
-    spec = from_torch(TinyHGNet(width=16), (1, 8, 8))
-    stream = make_stream("permuted-digits", 2, seed=0)
-    method = AGSCL(spec, AGSCLConfig(epochs=1))
-    for t in range(2):
-        method.learn_task(t, stream.tasks[t], CTX)
-    packed = method.pack()
-    assert {packed.params[k]["kind"] for k in rowless_tensors(spec)} == {"task"}
-    own = [tt["stem.3.bias"] for tt in packed.task_tensors]
-    assert not np.array_equal(own[0], own[1])  # each task trained its own
-    again = AGSCL(spec, AGSCLConfig(epochs=1))
-    again.resume(packed)
-    repacked = again.pack()
-    assert all(np.array_equal(a[k], b[k]) for a, b in zip(packed.task_tensors, repacked.task_tensors)
-               for k in rowless_tensors(spec))
-    weights = materialize(packed, 0)
-    small, compact, report = compact_task(spec, weights, channel_multiple=1)
-    assert report.params_compact < report.params_dense
-    x = torch.from_numpy(np.random.default_rng(0).standard_normal((8, 1, 8, 8)).astype(np.float32))
-    with torch.no_grad():
-        dense, fewer = forward(spec, from_numpy(weights), x), forward(small, from_numpy(compact), x)
-    assert np.abs(dense.numpy() - fewer.numpy()).max() < 1e-5
 
 
 @pytest.mark.slow

@@ -51,10 +51,9 @@ class _ClassifierConverter:
         if terms is None:
             linear = self._classifier(last, out)
             if linear is None or linear["op"] != "linear":
-                what = "the input" if last is None else f"{last['op']} ({last['name']}{self._where(last['name'])})"
-                raise UsageError(f"{self.name}: the model's last operation is {what}, not an nn.Linear classifier "
-                                 "(or a 1×1 convolution on pooled features, then a flatten, or an average of such "
-                                 f"classifiers). {_TRUNK_HINT}")
+                raise self._not_a_classifier("the model's last operation", last, "an nn.Linear classifier (or a 1×1 "
+                                             "convolution on pooled features, then a flatten, or an average of such "
+                                             "classifiers)")
             self.nodes.remove(linear)
             return self._trunk_left(linear["inputs"][0], [linear])
         chains = [self._chain(term, out) for term in terms]
@@ -97,10 +96,9 @@ class _ClassifierConverter:
         convolution's flatten). A BatchNorm only this chain reads is part of it."""
         linear = self._classifier(term, out)
         if linear is None or linear["op"] != "linear":
-            what = "the input" if term is None else f"{term['op']} ({term['name']}{self._where(term['name'])})"
-            raise UsageError(f"{self.name}: a term of the final average is {what}, not a classifier (an optional "
-                             "BatchNorm and dropout, then an nn.Linear, or a 1×1 convolution on pooled features "
-                             f"and a flatten). {_TRUNK_HINT}")
+            raise self._not_a_classifier("a term of the final average", term, "a classifier (an optional BatchNorm "
+                                         "and dropout, then an nn.Linear, or a 1×1 convolution on pooled features and "
+                                         "a flatten)")
         read = linear["inputs"][0]
         mapped = read in self.pointwise
         if mapped:
@@ -134,6 +132,11 @@ class _ClassifierConverter:
                              "nn.Linear with a head per task, which leaves no trunk; put at least one layer before "
                              "the classifier")
         return features
+
+    def _not_a_classifier(self, subject: str, node: dict[str, Any] | None, wanted: str) -> UsageError:
+        """The refusal of a model whose end is not a classifier: what `node` is, where, and what edgecl wanted."""
+        what = "the input" if node is None else f"{node['op']} ({node['name']}{self._where(node['name'])})"
+        return UsageError(f"{self.name}: {subject} is {what}, not {wanted}. {_TRUNK_HINT}")
 
     def _where(self, name: str) -> str:
         """' (fx node, module path, source line)' of the fx node that computes spec node `name`, or ''."""
