@@ -1,7 +1,7 @@
 """Small user networks, one per layer family `from_torch` follows beyond plain convolutions and BatchNorm (the graph
 tests run every method on each): TensorFlow's "same" padding (`TinyTF`), ECA channel attention (`TinyEca`), a Vision
-Transformer (`TinyViT`), PP-HGNetV2's scalar affines (`TinyHGNet`) and split attention (`TinySplitAttn`). Imports
-torch and timm."""
+Transformer (`TinyViT`), PP-HGNetV2's scalar affines (`TinyHGNet`), split attention (`TinySplitAttn`), GCNet's
+global context (`TinyGCNet`) and TResNet's space-to-depth stem (`TinyS2D`). Imports torch and timm."""
 from __future__ import annotations
 
 import torch
@@ -14,6 +14,8 @@ from edgecl.arch.factories import ensure_torchvision_imports
 ensure_torchvision_imports()
 from timm.layers import Attention, Conv2dSame, Mlp, create_pool2d  # noqa: E402
 from timm.layers.eca import CecaModule, EcaModule  # noqa: E402
+from timm.layers.global_context import GlobalContext  # noqa: E402
+from timm.layers.space_to_depth import SpaceToDepth  # noqa: E402
 from timm.layers.selective_kernel import SelectiveKernel  # noqa: E402
 from timm.layers.split_attn import SplitAttn  # noqa: E402
 from timm.models.hgnet import LearnableAffineBlock  # noqa: E402
@@ -171,3 +173,55 @@ class TinySplitAttn(nn.Module):
 
 def split_attn_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinySplitAttn(in_channels=input_shape[0]), tuple(input_shape))
+
+
+class TinyGCNet(nn.Module):
+    """GCNet in small: a stem, a residual block gated by timm's GlobalContext (attention pooling, fuse_scale: the
+    gcresnet default) and a second block whose GlobalContext also adds its context (fuse_add and fuse_scale)."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8):
+        super().__init__()
+        w = width
+
+        def block(gc: nn.Module):
+            return nn.Sequential(nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(), gc)
+
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.block1 = block(GlobalContext(w, rd_ratio=1 / 4))
+        self.block2 = block(GlobalContext(w, fuse_add=True, rd_ratio=1 / 2))
+        self.fc = nn.Linear(w, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.block1(x))
+        x = torch.relu(x + self.block2(x))
+        return self.fc(x.mean([2, 3]))
+
+
+def gc_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyGCNet(in_channels=input_shape[0]), tuple(input_shape))
+
+
+class TinyS2D(nn.Module):
+    """TResNet's stem in small: timm's SpaceToDepth (block 2, as the spec allows; timm's own asserts 4) from the
+    input, a conv reading its 4 copies of the input's channels, a residual block, LeakyReLU as TResNet's."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8, block: int = 2):
+        super().__init__()
+        w = width
+        self.s2d = SpaceToDepth()
+        self.s2d.bs = block
+        self.stem = nn.Sequential(nn.Conv2d(in_channels * block * block, w, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(w), nn.LeakyReLU(1e-3))
+        self.body = nn.Sequential(nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.LeakyReLU(1e-3),
+                                  SpaceToDepth(), nn.Conv2d(4 * w, w, 1))
+        self.body[3].bs = 2
+        self.fc = nn.Linear(w, classes)
+
+    def forward(self, x):
+        x = self.stem(self.s2d(x))
+        return self.fc(self.body(x).mean([2, 3]))
+
+
+def s2d_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyS2D(in_channels=input_shape[0]), tuple(input_shape))

@@ -91,17 +91,23 @@ NORMS = {"name": "norms", "input_shape": [3, 16, 16], "nodes": [
     {"name": "pool", "op": "gap", "inputs": ["max"]}, {"name": "flat", "op": "flatten", "inputs": ["pool"]},
     {"name": "feat_ln", "op": "layer_norm", "inputs": ["flat"], "ch": 8}], "output": "feat_ln"}
 
-# the layer families added later: a scalar affine (HGNetV2), ECA's channel_conv, split attention's branch_softmax, and
-# a ViT block on the (C, T, 1) token map (class token, position embedding, attention, token pooling)
+# the layer families added later: TResNet's space_to_depth, a scalar affine (HGNetV2), ECA's channel_conv, GCNet's
+# attention_pool and broadcast add, split attention's branch_softmax, and a ViT block on the (C, T, 1) token map
+# (class token, position embedding, attention, token pooling)
 LAYERS = {"name": "layers", "input_shape": [3, 16, 16], "nodes": [
-    {"name": "stem", "op": "conv", "inputs": ["input"], "in": 3, "out": 8, "k": 2, "stride": 2},
+    {"name": "s2d", "op": "space_to_depth", "inputs": ["input"], "block": 2},
+    {"name": "stem", "op": "conv", "inputs": ["s2d"], "in": 12, "out": 8, "k": 1},
     {"name": "act", "op": "relu", "inputs": ["stem"]},
     {"name": "lab", "op": "scalar_affine", "inputs": ["act"], "init": 0.9, "init_bias": 0.1},
     {"name": "eca_pool", "op": "gap", "inputs": ["lab"]},
     {"name": "eca", "op": "channel_conv", "inputs": ["eca_pool"], "ch": 8, "k": 3},
     {"name": "eca_gate", "op": "sigmoid", "inputs": ["eca"]}, {"name": "eca_out", "op": "mul", "inputs": ["lab", "eca_gate"]},
-    {"name": "path0", "op": "conv", "inputs": ["eca_out"], "in": 8, "out": 8, "k": 3, "pad": 1},
-    {"name": "path1", "op": "conv", "inputs": ["eca_out"], "in": 8, "out": 8, "k": 3, "pad": 2, "dilation": 2},
+    {"name": "gc_logits", "op": "conv", "inputs": ["eca_out"], "in": 8, "out": 1, "k": 1},
+    {"name": "gc_pool", "op": "attention_pool", "inputs": ["eca_out", "gc_logits"]},
+    {"name": "gc_fc", "op": "conv", "inputs": ["gc_pool"], "in": 8, "out": 8, "k": 1},
+    {"name": "gc", "op": "add", "inputs": ["eca_out", "gc_fc"]},
+    {"name": "path0", "op": "conv", "inputs": ["gc"], "in": 8, "out": 8, "k": 3, "pad": 1},
+    {"name": "path1", "op": "conv", "inputs": ["gc"], "in": 8, "out": 8, "k": 3, "pad": 2, "dilation": 2},
     {"name": "paths", "op": "add", "inputs": ["path0", "path1"]}, {"name": "sk_pool", "op": "gap", "inputs": ["paths"]},
     {"name": "sk_fc", "op": "conv", "inputs": ["sk_pool"], "in": 8, "out": 16, "k": 1},
     {"name": "sk_soft", "op": "branch_softmax", "inputs": ["sk_fc"], "branches": 2},

@@ -6,7 +6,10 @@ over channels, layer scales, activations, pooling) pass a tensor's channels on (
 its outputs depends on all of them, so none may be removed); a depthwise convolution's output channel i is its input
 channel i; a residual ``add`` and a per-channel ``mul`` gate make their inputs' channels one group (channel i of each
 branch is the same unit of the network); ``cat`` lays groups side by side; ``flatten`` turns each channel into H·W
-features; a ``slice`` takes whole groups: a group it cuts is first split in two there (every tensor with that group on
+features; a ``space_to_depth`` lays block² copies of its input's groups side by side (as ``cat(x, …, x)``: each copy
+holds the same channels at other positions); an ``attention_pool`` (GCNet) keeps its map's channels, as ``gap`` (its
+logits come from a conv that reads them all, an ordinary reader); a ``slice`` takes whole groups: a group it cuts is
+first split in two there (every tensor with that group on
 an axis then has both parts, side by side), so every group stays a set of channels that one decision can keep or drop.
 A ``shuffle`` interleaves channels of different groups: its input's groups are cut into single channels, listed in
 the shuffled order, and pinned (a shuffle of fewer channels would order the rest differently). A ``channel_conv``
@@ -180,6 +183,8 @@ def channel_map(arch: Arch) -> ChannelMap:
             out = _merge(uf, size, node, ins, [shapes[s] for s in node["inputs"]])
         elif op == "cat":
             out = [seg for segments in ins for seg in segments]
+        elif op == "space_to_depth":  # block² copies of the input's channels, as cat(x, …, x)
+            out = x * node["block"] ** 2
         elif op == "slice":
             out = _slice(uf, size, node, x)
         elif op == "shuffle":

@@ -8,7 +8,8 @@ untouched). Dropout and identity are dropped (identities at inference); view-lik
 …) become ``flatten``/``reshape`` with the shape they actually produced. Function and method calls are converted in
 `fx_calls`, channel slices in `fx_slices`, LayerNorm, channels-last stretches and layer scales (ConvNeXt) in `fx_norms`,
 channel shuffles in `fx_shuffle`, ECA in `fx_eca`, split attention (selective kernel, ResNeSt) in `fx_split_attn`,
-scalar affines (PP-HGNetV2) in `fx_affine`. The model's final `nn.Linear` classifier (or a 1×1 convolution on pooled
+scalar affines (PP-HGNetV2) in `fx_affine`, GCNet's global context in `fx_global_context`, TResNet's space-to-depth
+in `fx_space_to_depth`. The model's final `nn.Linear` classifier (or a 1×1 convolution on pooled
 features and a flatten, as DLA's, or an average of such classifiers, as RepViT's `(head(x) + head_dist(x)) / 2`) is
 detected and left out by `fx_classifier` (with a (log_)softmax after it): edgecl gives every task its own head on the
 features it reads. Anything else raises `UsageError` naming the op, the fx node, the module path and the user's
@@ -30,10 +31,12 @@ from edgecl.arch.fx_calls import (POOL_PARAMETERS, WITH_INDICES, _CallConverter,
                                   is_library_identity, location, pair, shape_of)
 from edgecl.arch.fx_classifier import _ClassifierConverter
 from edgecl.arch.fx_eca import _EcaConverter, is_eca
+from edgecl.arch.fx_global_context import _GlobalContextConverter, is_global_context
 from edgecl.arch.fx_norms import LAYER_NORMS, PERMUTES, _NormConverter, is_grn, is_view
 from edgecl.arch.fx_padding import PAD_FUNCTIONS, PAD_MODULES, _PaddingConverter, odd_same, same_kind
 from edgecl.arch.fx_shuffle import _ShuffleConverter
 from edgecl.arch.fx_slices import _SliceConverter
+from edgecl.arch.fx_space_to_depth import _SpaceToDepthConverter, is_space_to_depth
 from edgecl.arch.fx_split_attn import _SplitAttnConverter, is_split_attention
 from edgecl.arch.fx_tokens import _TokenConverter
 from edgecl.arch.ops import TENSOR_OPS
@@ -54,6 +57,10 @@ _SCALAR_FUNCTIONS = (operator.getitem, getattr, torch.Tensor.size, operator.mul,
                      operator.neg, operator.sub, operator.eq, operator.mod, torch._assert,
                      fx._symbolic_trace._assert_is_none)
 _SCALAR_METHODS = ("size", "dim")
+# library blocks the tracer keeps whole, each converted by a mixin's method(node, module, input, path)
+_WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention, "split_attention"),
+          (is_timm_attention, "timm_attention"), (is_global_context, "global_context"),
+          (is_space_to_depth, "space_to_depth"))
 
 
 class _Tracer(fx.Tracer):
@@ -66,7 +73,7 @@ class _Tracer(fx.Tracer):
         _check_own_forward(m, qualname)
         if isinstance(m, nn.LayerNorm):  # traced into: its F.layer_norm reads its parameters (`fx_norms`)
             return False
-        if is_grn(m) or is_eca(m) or is_split_attention(m) or is_timm_attention(m):
+        if any(kept(m) for kept, _ in _WHOLE):
             return True
         return isinstance(m, _LEAVES) or is_library_identity(m) or super().is_leaf_module(m, qualname)
 
@@ -181,7 +188,7 @@ def _propagate_shapes(traced: fx.GraphModule, shape: list[int]) -> None:
 
 class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverter, _PaddingConverter,
                  _ClassifierConverter, _EcaConverter, _AffineConverter, _SplitAttnConverter, _TokenConverter,
-                 _AttentionConverter):
+                 _AttentionConverter, _GlobalContextConverter, _SpaceToDepthConverter):
     activation_modules = _ACTIVATION_MODULES
 
     def __init__(self, traced: fx.GraphModule, module: nn.Module, shape: list[int], classifier: bool | None,
@@ -333,8 +340,9 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
         if isinstance(m, _IDENTITY_MODULES) or is_library_identity(m):  # identities at inference
             self.alias[node] = x
             return
-        if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)) or is_grn(m) or is_eca(m) or \
-                is_split_attention(m) or is_timm_attention(m):
+        whole = next((method for kept, method in _WHOLE if kept(m)), None)
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)) or \
+                whole and next(m.parameters(), None) is not None:
             if path in self.param_modules:
                 raise UsageError(f"{self.name}: module {path!r} is called twice (shared weights) {location(node)}; "
                                  "edgecl needs one call per layer")
@@ -371,14 +379,8 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
                                      "value": m.value})
         elif isinstance(m, nn.Upsample):  # nn.UpsamplingNearest2d too
             self.upsample(node, x, m.mode)
-        elif is_grn(m):
-            self.global_response_norm(node, m, x, path)
-        elif is_eca(m):
-            self.eca(node, m, x, path)
-        elif is_split_attention(m):
-            self.split_attention(node, m, x, path)
-        elif is_timm_attention(m):
-            self.timm_attention(node, m, x, path)
+        elif whole:
+            getattr(self, whole)(node, m, x, path)
         else:
             raise UsageError(f"{self.name}: unsupported layer {type(m).__name__} at {path!r} {location(node)}")
 

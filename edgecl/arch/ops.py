@@ -26,12 +26,19 @@ Ops (fields and defaults in `OPS`):
   [top, left, bottom, right] rows/columns: TensorFlow's "same" padding, which adds the odd one at the bottom and
   right, and ``F.pad``;
 - pooling: ``maxpool`` / ``avgpool`` (k, stride, pad, ceil_mode; avgpool's count_include_pad), ``gap`` (global
-  average → ``(C, 1, 1)``); ``upsample`` (nearest, by the integer ``scale`` of each spatial axis: every value
+  average → ``(C, 1, 1)``), ``attention_pool`` (GCNet's global context: inputs a ``(C, H, W)`` map x and ``(1, H, W)``
+  logits; softmax of the logits over the H·W positions, then each channel's sum of x weighted by it → ``(C, 1, 1)``;
+  the weights sum to 1, so a channel constant over the map pools to that constant, as under ``gap``); ``upsample``
+  (nearest, by the integer ``scale`` of each spatial axis: every value
   repeated);
-- structure: ``add`` (residual sum of equal shapes), ``mul`` (broadcast product, e.g. squeeze-and-excitation
+- structure: ``add`` (residual sum of equal shapes, or of a ``(C, 1, 1)`` vector broadcast over a ``(C, H, W)`` map:
+  GCNet's fused add), ``mul`` (broadcast product, e.g. squeeze-and-excitation
   gates), ``cat`` (channel concatenation), ``slice`` (channels ``start`` to ``stop``, of a map or of a feature
   vector: ``x[:, a:b]``, one part of ``torch.split``/``chunk``), ``shuffle`` (ShuffleNet's channel shuffle of a map:
   its C channels as ``groups`` × C/groups, transposed: output channel j·groups + i is input channel i·C/groups + j),
+  ``space_to_depth`` (TResNet's stem, ONNX's SpaceToDepth: each ``block`` × ``block`` patch into channels; output
+  channel (bh·block + bw)·C + c at (i, j) is input channel c at (i·block + bh, j·block + bw): ``block``² copies of the
+  input's channels side by side, each of another sub-grid),
   ``flatten``, ``reshape`` (to ``shape``);
 - ``branch_softmax``: split attention's softmax across ``branches`` (selective kernel, ResNeSt): the input's R·C
   channels are R consecutive blocks of C, one per branch, and output channel r·C + c is softmax over r' of input
@@ -41,7 +48,7 @@ Ops (fields and defaults in `OPS`):
   learned token put before the others, T → T + 1), ``pos_embed`` (weight ``(ch, tokens)``: added to the tokens; its
   module stores it ``(1, tokens, ch)``), ``attention`` (inputs q, k, v; per head, a contiguous block of channels:
   softmax((scale·q)ᵀk) over the keys times v; its heads × T² scores are bounded like an output,
-  `attention_intermediates`), ``token`` (the token at ``index``, as ``(C, 1, 1)``: class-token pooling).
+  `intermediates`), ``token`` (the token at ``index``, as ``(C, 1, 1)``: class-token pooling).
 
 """
 from __future__ import annotations
@@ -73,6 +80,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "maxpool": {**_POOL, "dilation": ("pair", [1, 1])},
     "avgpool": {**_POOL, "count_include_pad": ("bool", True)},
     "gap": {},
+    "attention_pool": {},
     "upsample": {"scale": ("pair", ...)},
     "pad": {"pads": ("pads", ...), "value": ("fill", 0.0)},
     "scale": {"factor": ("number", 1.0), "offset": ("number", 0.0)},
@@ -81,6 +89,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "cat": {"axis": ("axis", 1)},
     "slice": {"start": ("index", 0), "stop": ("size", ...)},
     "shuffle": {"groups": ("size", ...)},
+    "space_to_depth": {"block": ("size", ...)},
     "branch_softmax": {"branches": ("size", ...)},
     "flatten": {},
     "reshape": {"shape": ("shape", ...)},
@@ -104,12 +113,17 @@ TOKEN_TENSOR_OPS = ("class_token", "pos_embed")
 TENSOR_OPS = ("conv", "linear", *CHANNEL_AFFINE_OPS, *ROWLESS_OPS, *TOKEN_TENSOR_OPS)
 
 
-def attention_intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
-    """Elements per sample an ``attention`` node computes on the way to its output, as `edgecl.graph.builder` emits
-    it: the scores and their softmax (heads × T × T each: quadratic in the tokens, so a small spec file can ask for a
-    huge one; `spec.validate` bounds it) and the heads' copies of q, k, v and the output (an upper bound)."""
-    (c, t, _), cv, h = ins[0], ins[2][0], node["heads"]
-    return 2 * h * t * t + 4 * (c + cv) * t
+def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
+    """Elements per sample a node computes on the way to its output, as `edgecl.graph.builder` emits it (0 for
+    most). ``attention``: the scores and their softmax (heads × T × T each: quadratic in the tokens, so a small spec
+    file can ask for a huge one; `spec.validate` bounds it) and the heads' copies of q, k, v and the output (an upper
+    bound); ``attention_pool``: the logits' softmax and reshaped copies of the logits and the map (an upper bound)."""
+    if node["op"] == "attention":
+        (c, t, _), cv, h = ins[0], ins[2][0], node["heads"]
+        return 2 * h * t * t + 4 * (c + cv) * t
+    if node["op"] == "attention_pool":
+        return 2 * math.prod(ins[1]) + math.prod(ins[0])
+    return 0
 
 
 def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node") -> list[int]:
@@ -166,6 +180,17 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
         if len(x) != 3:
             raise UsageError(f"{where}: gap needs a (channels, height, width) input, gets {x}")
         return [x[0], 1, 1]
+    if op == "attention_pool":
+        if len(x) != 3 or ins[1] != [1, *x[1:]]:
+            raise UsageError(f"{where}: attention_pool needs a (channels, height, width) map and (1, height, width) "
+                             f"logits, gets {ins}")
+        return [x[0], 1, 1]
+    if op == "space_to_depth":
+        b = node["block"]
+        if len(x) != 3 or x[1] % b or x[2] % b:
+            raise UsageError(f"{where}: space_to_depth needs a (channels, height, width) map whose height and width "
+                             f"block={b} divides, gets {x}")
+        return [x[0] * b * b, x[1] // b, x[2] // b]
     if op == "pad":
         if len(x) != 3:
             raise UsageError(f"{where}: pad needs a (channels, height, width) input, gets {x}")
@@ -181,10 +206,11 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
         if math.prod(node["shape"]) != math.prod(x):
             raise UsageError(f"{where}: cannot reshape {x} to {node['shape']}")
         return list(node["shape"])
-    if op == "add":
-        if any(s != x for s in ins):
-            raise UsageError(f"{where}: add needs equal shapes, gets {ins}")
-        return list(x)
+    if op == "add":  # equal shapes, or spatial axes of 1 broadcast (never the channels: channel i meets channel i)
+        out = [max(d) for d in zip(*ins)]
+        if any(len(s) != len(x) or s[0] != x[0] or any(d not in (1, o) for d, o in zip(s[1:], out[1:])) for s in ins):
+            raise UsageError(f"{where}: add needs equal shapes or spatial axes of 1, gets {ins}")
+        return out
     if op == "mul":
         a, b = ins
         if len(a) != len(b) or any(p != q and 1 not in (p, q) for p, q in zip(a, b)):

@@ -42,7 +42,7 @@ MAX_DIM = 1 << 31
 MAX_NDIM = 3
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,159}")
 
-_MULTI_INPUT = ("add", "mul", "cat", "attention")
+_MULTI_INPUT = ("add", "mul", "cat", "attention", "attention_pool")
 
 
 def validate(arch: Any) -> Arch:
@@ -204,8 +204,9 @@ def _inputs(value: Any, op: str, where: str, shapes: dict[str, list[int]]) -> li
     for s in value:
         if not isinstance(s, str) or s not in shapes:
             raise UsageError(f"{where}: input {str(s)[:60]!r} is not an earlier node (nodes are in topological order)")
-    want = "2 or more" if op in ("add", "cat") else "2" if op == "mul" else "3" if op == "attention" else "1"
-    if (op in ("add", "cat") and len(value) < 2) or (op == "mul" and len(value) != 2) or \
+    want = "2 or more" if op in ("add", "cat") else "2" if op in ("mul", "attention_pool") else "3" if \
+        op == "attention" else "1"
+    if (op in ("add", "cat") and len(value) < 2) or (op in ("mul", "attention_pool") and len(value) != 2) or \
             (op == "attention" and len(value) != 3) or (op not in _MULTI_INPUT and len(value) != 1):
         raise UsageError(f"{where}: {op} takes {want} inputs, got {len(value)}")
     return list(value)

@@ -269,6 +269,11 @@ def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, shapes
         return b.op("AveragePool", [h], count_include_pad=int(node["count_include_pad"]), **attrs)
     if op == "gap":
         return b.op("GlobalAveragePool", [h])
+    if op == "attention_pool":  # (N, C, H·W) MatMul softmax(logits over H·W) as (N, H·W, 1) → (N, C, 1, 1)
+        weights = b.op("Softmax", [b.op("Flatten", [ins[1]], axis=1)], axis=1)
+        flat = b.op("Reshape", [h, constant(np.array([0, in_shape[0], -1], np.int64))])
+        pooled = b.op("MatMul", [flat, b.op("Unsqueeze", [weights, constant(np.array([2], np.int64))])])
+        return b.op("Unsqueeze", [pooled, constant(np.array([3], np.int64))])
     if op == "pad":  # ONNX pads: every axis's start, then every axis's end (N, C, H, W)
         top, left, bottom, right = node["pads"]
         pads = constant(np.array([0, 0, top, left, 0, 0, bottom, right], dtype=np.int64))
@@ -296,6 +301,8 @@ def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, shapes
         grouped = b.op("Reshape", [h, constant(np.array([0, node["groups"], c // node["groups"], -1], np.int64))])
         swapped = b.op("Transpose", [grouped], perm=[0, 2, 1, 3])
         return b.op("Reshape", [swapped, constant(np.array([0, c, height, width], np.int64))])
+    if op == "space_to_depth":  # the channel order of timm's SpaceToDepth: (bh·b + bw)·C + c
+        return b.op("SpaceToDepth", [h], blocksize=node["block"])
     if op == "branch_softmax":  # (N, R, C·H·W), Softmax over axis 1, back to (N, R·C, H, W)
         c, height, width = in_shape
         branches = b.op("Reshape", [h, constant(np.array([0, node["branches"], -1], np.int64))])

@@ -113,6 +113,8 @@ def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: 
         return v if not any(node["pads"]) else np.where(v == float(node["value"]), v, np.nan)
     if op == "avgpool" and (any(node["pad"]) or node["ceil_mode"]):
         return np.where(v == 0, 0.0, np.nan)
+    if op == "space_to_depth":  # block² copies of the channels, each a sub-grid of the map: constant where it was
+        return np.tile(v, node["block"] ** 2)
     if op == "shuffle":  # one value per channel, in the output's order
         return v.reshape(node["groups"], -1).T.reshape(-1)
     if op == "branch_softmax":  # a channel's R logits: its R outputs are constant when all R are (NaN spreads)
@@ -127,7 +129,9 @@ def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: 
         return np.where((a == 0) | (b == 0), 0.0, product)
     if op == "cat":
         return np.concatenate(ins)
-    return v  # maxpool, avgpool without padding, gap, flatten, reshape: a constant channel stays one
+    # maxpool, avgpool without padding, gap, flatten, reshape, attention_pool (its weights sum to 1, so a channel
+    # constant over the map pools to that constant, whatever the logits): a constant channel stays one
+    return v
 
 
 def weighted_constants(node: dict, params: dict[str, np.ndarray], inputs: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from typing import Iterable
 
 import numpy as np
 
-from edgecl.arch.ops import attention_intermediates
+from edgecl.arch.ops import intermediates
 from edgecl.arch.spec import Arch, dense_params, node_shapes, param_shapes, shapes_after
 from edgecl.runtime.budget import Ledger
 
@@ -71,9 +71,8 @@ def activation_bytes(arch: Arch, batch: int, n_classes: int) -> int:
     ONNX Runtime's planner keeps live, since it reuses buffers of dead activations."""
     per_sample = int(np.prod(arch["input_shape"])) + n_classes
     per_sample += sum(int(np.prod(shape)) for shape in shapes_after(arch))
-    shapes = node_shapes(arch)  # attention's scores (heads × T² each) are no node's output
-    per_sample += sum(attention_intermediates(n, [shapes[s] for s in n["inputs"]]) for n in arch["nodes"]
-                      if n["op"] == "attention")
+    shapes = node_shapes(arch)  # attention's scores (heads × T² each), attention pooling's softmax: no node's output
+    per_sample += sum(intermediates(n, [shapes[s] for s in n["inputs"]]) for n in arch["nodes"])
     return 4 * batch * per_sample
 
 

@@ -154,6 +154,9 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return F.avg_pool2d(h, node["k"], node["stride"], node["pad"], node["ceil_mode"], node["count_include_pad"])
     if op == "gap":
         return h.mean(dim=(2, 3), keepdim=True)
+    if op == "attention_pool":  # GCNet: (N, C, H·W) @ softmax over positions (N, H·W, 1), as timm's GlobalContext
+        weights = torch.softmax(ins[1].flatten(1), dim=1).unsqueeze(2)
+        return (h.flatten(2) @ weights).unsqueeze(3)
     if op == "pad":
         top, left, bottom, right = node["pads"]
         return F.pad(h, (left, right, top, bottom), value=float(node["value"]))
@@ -175,6 +178,10 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
     if op == "shuffle":  # (N, g, C/g, H, W) transposed to (N, C/g, g, H, W), as ShuffleNet writes it
         n, c, height, width = h.shape
         return h.reshape(n, node["groups"], c // node["groups"], height, width).transpose(1, 2).reshape(h.shape)
+    if op == "space_to_depth":  # timm's SpaceToDepth and ONNX's: channel (bh·b + bw)·C + c
+        n, c, height, width, b = *h.shape, node["block"]
+        return h.reshape(n, c, height // b, b, width // b, b).permute(0, 3, 5, 1, 2, 4).reshape(
+            n, c * b * b, height // b, width // b)
     if op == "branch_softmax":  # (N, R, C, H, W), softmax over R: timm's SelectiveKernelAttn and RadixSoftmax
         n, c, height, width = h.shape
         return torch.softmax(h.reshape(n, node["branches"], c // node["branches"], height, width), dim=1
