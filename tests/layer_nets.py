@@ -1,7 +1,8 @@
 """Small user networks, one per layer family `from_torch` follows beyond plain convolutions and BatchNorm (the graph
 tests run every method on each): TensorFlow's "same" padding (`TinyTF`), ECA channel attention (`TinyEca`), a Vision
 Transformer (`TinyViT`), PP-HGNetV2's scalar affines (`TinyHGNet`), split attention (`TinySplitAttn`), GCNet's
-global context (`TinyGCNet`) and TResNet's space-to-depth stem (`TinyS2D`). Imports torch and timm."""
+global context (`TinyGCNet`), TResNet's space-to-depth stem (`TinyS2D`) and MobileNetV4-hybrid's multi-query
+attention on a feature map (`TinyMNv4Hybrid`). Imports torch and timm."""
 from __future__ import annotations
 
 import torch
@@ -18,6 +19,7 @@ from timm.layers.global_context import GlobalContext  # noqa: E402
 from timm.layers.space_to_depth import SpaceToDepth  # noqa: E402
 from timm.layers.selective_kernel import SelectiveKernel  # noqa: E402
 from timm.layers.split_attn import SplitAttn  # noqa: E402
+from timm.models._efficientnet_blocks import MobileAttention  # noqa: E402
 from timm.models.hgnet import LearnableAffineBlock  # noqa: E402
 
 
@@ -225,3 +227,26 @@ class TinyS2D(nn.Module):
 
 def s2d_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyS2D(in_channels=input_shape[0]), tuple(input_shape))
+
+
+class TinyMNv4Hybrid(nn.Module):
+    """MobileNetV4-hybrid in small: a strided conv-BN-ReLU stem, timm's MobileAttention block (pre-norm, multi-query
+    attention of 2 query heads over one key/value head whose depthwise conv halves the map, layer scale, residual),
+    a 1×1 conv-BN-ReLU and average pooling."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w),
+                                  nn.ReLU())
+        self.attn = MobileAttention(w, w, num_heads=2, key_dim=4, value_dim=6, use_multi_query=True, kv_stride=2,
+                                    layer_scale_init_value=0.5)
+        self.mix = nn.Sequential(nn.Conv2d(w, 2 * w, 1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU())
+        self.fc = nn.Linear(2 * w, classes)
+
+    def forward(self, x):
+        return self.fc(self.mix(self.attn(self.stem(x))).mean([2, 3]))
+
+
+def mnv4_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyMNv4Hybrid(in_channels=input_shape[0]), tuple(input_shape))

@@ -200,7 +200,8 @@ def test_attention_scores_are_bounded_and_counted():
             {"name": "a", "op": "attention", "inputs": ["input"] * 3, "heads": 16, "scale": 1.0},
             {"name": "p", "op": "token", "inputs": ["a"]}, {"name": "f", "op": "flatten", "inputs": ["p"]}]}
 
-    with pytest.raises(UsageError, match="attention over 16384 tokens with 16 heads"):
+    with pytest.raises(UsageError, match=r"attention over \[16384, 1\] query and \[16384, 1\] key positions "
+                                         "with 16 heads"):
         validate(spec(1 << 14))
     assert activation_bytes(validate(spec(1 << 10)), 1, 2) > 4 * 2 * 16 * (1 << 20)  # scores and softmax
 

@@ -21,7 +21,9 @@ removing all R of them, or permuting every block alike, leaves every other chann
 ``(C, T, 1)`` map: a ``class_token`` or ``pos_embed`` keeps its input's channels and its weight's rows are them (like
 a bias); an ``attention`` ties q's channels to k's (channel i of each meets in the dot products, one unit), its output
 channels are v's, and q, k and v are pinned and ordered: each head is a contiguous block of channels, so removing or
-moving one would move every later channel to another head. This is the dependency
+moving one would move every later channel to another head. With fewer key/value heads than query heads (multi-query
+attention: one), every query head's block is tied to its k head's block, and the output lists v's block once per
+query head that reads it (a group repeated, as a concatenation of a tensor with itself). This is the dependency
 graph Torch-Pruning's DepGraph builds on a traced model, computed here on the spec with a
 union-find, without torch.
 
@@ -168,8 +170,7 @@ def channel_map(arch: Arch) -> ChannelMap:
             out = x
             rows[f"{name}.weight"] = x
         elif op == "attention":  # q·k pairs channel i of q with channel i of k; heads are contiguous blocks
-            _merge(uf, size, {"name": name, "op": "attention"}, ins[:2], [shapes[s] for s in node["inputs"][:2]])
-            out = ins[2]
+            out = _attend(uf, size, node, ins, [shapes[s] for s in node["inputs"]])
             pinned_by.extend(ins)
             ordered_by.extend(ins)
         elif op == "flatten":
@@ -257,6 +258,28 @@ def _tie_branches(uf: _UnionFind, size: dict[str, int], node: dict, x: Segments,
               for r in range(node["branches"])]
     _merge(uf, size, where, blocks, [[per, *shape[1:]]] * len(blocks))
     return x
+
+
+def _attend(uf: _UnionFind, size: dict[str, int], node: dict, ins: list[Segments], shapes: list[list[int]]
+            ) -> Segments:
+    """An attention's channels: q's head i meets its k/v head j = i // (heads / kv_heads) channel by channel, so q's
+    blocks are cut apart and each tied to k's block j (with kv_heads = heads, q and k whole: one tie); the output's
+    head i is v's block j — with one k/v head (multi-query), v's channels repeated once per query head."""
+    q, k, v = ins
+    where, h, kv = {"name": node["name"], "op": node["op"]}, node["heads"], node["kv_heads"]
+    if kv == h:
+        _merge(uf, size, where, [q, k], shapes[:2])
+        return v
+
+    def blocks(x: Segments, n: int, per: int) -> list[Segments]:
+        return [x] if n == 1 else [_slice(uf, size, {**where, "start": i * per, "stop": (i + 1) * per}, x)
+                                   for i in range(n)]
+
+    d, dv = shapes[0][0] // h, shapes[2][0] // kv
+    qs, ks, vs = blocks(q, h, d), blocks(k, kv, d), blocks(v, kv, dv)
+    for i, block in enumerate(qs):
+        _merge(uf, size, where, [block, ks[i * kv // h]], [[d, *shapes[0][1:]], [d, *shapes[1][1:]]])
+    return [segment for i in range(h) for segment in vs[i * kv // h]]
 
 
 def _cut(uf: _UnionFind, size: dict[str, int], segments: Segments, bound: int, node: dict) -> None:

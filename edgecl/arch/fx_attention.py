@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from torch import fx, nn
 
+from edgecl.arch.fx_attention2d import is_attention_2d
 from edgecl.arch.fx_calls import location, shape_of
 from edgecl.errors import UsageError
 
@@ -29,8 +30,9 @@ _MHA_PARAMETERS = ("query", "key", "value", "key_padding_mask", "need_weights", 
 
 
 def is_timm_attention(m: Any) -> bool:
-    """timm's ``Attention`` (ViT, DeiT), judged by its class; timm is not imported for this."""
-    return (type(m).__module__, type(m).__name__) == TIMM_ATTENTION
+    """timm's ``Attention`` (ViT, DeiT) or an attention over a map's positions (`fx_attention2d`: MobileNetV4's
+    MultiQueryAttention2d, Attention2d), judged by its class; timm is not imported for this."""
+    return (type(m).__module__, type(m).__name__) == TIMM_ATTENTION or is_attention_2d(m)
 
 
 class _AttentionConverter:
@@ -43,11 +45,14 @@ class _AttentionConverter:
     param_modules: set[str]
     _emit: Callable[..., str]
     _input: Callable[[Any, fx.Node], str]
+    attention_2d: Callable[..., None]
 
     def init_attention(self) -> None:
         self.mha: dict[fx.Node, str] = {}  # a MultiheadAttention call (its value a tuple) → its output's node
 
     def timm_attention(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
+        if is_attention_2d(m):
+            return self.attention_2d(node, m, x, path)
         where = f"Attention at {path!r} {location(node)}"
         extra = dict(zip(("attn_mask", "is_causal"), node.args[1:]), **node.kwargs)
         if extra.get("attn_mask") is not None or extra.get("is_causal", False) is not False:

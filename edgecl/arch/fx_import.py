@@ -27,6 +27,7 @@ from torch import fx, nn
 
 from edgecl.arch.fx_affine import _AffineConverter
 from edgecl.arch.fx_attention import _AttentionConverter, is_timm_attention
+from edgecl.arch.fx_attention2d import _Attention2dConverter
 from edgecl.arch.fx_calls import (POOL_PARAMETERS, WITH_INDICES, _CallConverter, is_elementwise,
                                   is_library_identity, location, pair, shape_of)
 from edgecl.arch.fx_classifier import _ClassifierConverter
@@ -188,7 +189,7 @@ def _propagate_shapes(traced: fx.GraphModule, shape: list[int]) -> None:
 
 class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverter, _PaddingConverter,
                  _ClassifierConverter, _EcaConverter, _AffineConverter, _SplitAttnConverter, _TokenConverter,
-                 _AttentionConverter, _GlobalContextConverter, _SpaceToDepthConverter):
+                 _AttentionConverter, _Attention2dConverter, _GlobalContextConverter, _SpaceToDepthConverter):
     activation_modules = _ACTIVATION_MODULES
 
     def __init__(self, traced: fx.GraphModule, module: nn.Module, shape: list[int], classifier: bool | None,

@@ -46,9 +46,14 @@ Ops (fields and defaults in `OPS`):
   channel by channel, as an ``add`` of them would; removing channel c of every block leaves the others' values);
 - tokens (Vision Transformers), a ``(C, T, 1)`` map of T tokens of C channels: ``class_token`` (weight ``(ch,)``: a
   learned token put before the others, T → T + 1), ``pos_embed`` (weight ``(ch, tokens)``: added to the tokens; its
-  module stores it ``(1, tokens, ch)``), ``attention`` (inputs q, k, v; per head, a contiguous block of channels:
-  softmax((scale·q)ᵀk) over the keys times v; its heads × T² scores are bounded like an output,
-  `intermediates`), ``token`` (the token at ``index``, as ``(C, 1, 1)``: class-token pooling).
+  module stores it ``(1, tokens, ch)``), ``token`` (the token at ``index``, as ``(C, 1, 1)``: class-token pooling);
+- ``attention`` (inputs q, k, v; over the positions of ``(C, H, W)`` maps, tokens being ``(C, T, 1)``; per head, a
+  contiguous block of channels: softmax((scale·q)ᵀk) over the keys times v): q has ``heads`` blocks of d channels, k
+  ``kv_heads`` blocks of d (default: ``heads``) and v ``kv_heads`` blocks of dv, at the keys' positions, which may be
+  fewer than the queries' (a strided key/value path); q's head i reads k's and v's block i // (heads / kv_heads) —
+  ``kv_heads`` 1 is multi-query attention (MobileNetV4's ``MultiQueryAttention2d``: one key and value head shared by
+  every query head). The output is ``(heads·dv, H_q, W_q)``, head-major; its heads × T_q × T_kv scores are bounded
+  like an output, `intermediates`.
 
 """
 from __future__ import annotations
@@ -95,7 +100,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "reshape": {"shape": ("shape", ...)},
     "class_token": {"ch": ("size", ...)},
     "pos_embed": {"ch": ("size", ...), "tokens": ("size", ...)},
-    "attention": {"heads": ("size", ...), "scale": ("number", ...)},
+    "attention": {"heads": ("size", ...), "scale": ("number", ...), "kv_heads": ("size", None)},
     "token": {"index": ("index", 0)},
 }
 OPS["gelu"] = {"approximate": ("approximate", "none")}
@@ -115,12 +120,15 @@ TENSOR_OPS = ("conv", "linear", *CHANNEL_AFFINE_OPS, *ROWLESS_OPS, *TOKEN_TENSOR
 
 def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
     """Elements per sample a node computes on the way to its output, as `edgecl.graph.builder` emits it (0 for
-    most). ``attention``: the scores and their softmax (heads × T × T each: quadratic in the tokens, so a small spec
-    file can ask for a huge one; `spec.validate` bounds it) and the heads' copies of q, k, v and the output (an upper
-    bound); ``attention_pool``: the logits' softmax and reshaped copies of the logits and the map (an upper bound)."""
+    most). ``attention``: the scores and their softmax (heads × T_q × T_kv each: quadratic in the positions, so a
+    small spec file can ask for a huge one; `spec.validate` bounds it) and the heads' copies of q, k, v and the output
+    (an upper bound); ``attention_pool``: the logits' softmax and reshaped copies of the logits and the map (an upper
+    bound)."""
     if node["op"] == "attention":
-        (c, t, _), cv, h = ins[0], ins[2][0], node["heads"]
-        return 2 * h * t * t + 4 * (c + cv) * t
+        (cq, *q), (ck, *k), (cv, _, _) = ins
+        tq, tk, h = math.prod(q), math.prod(k), node["heads"]
+        out = cv * h // (node.get("kv_heads") or h)
+        return 2 * h * tq * tk + 2 * (cq * tq + ck * tk) + 2 * (cv * tk + out * tq)
     if node["op"] == "attention_pool":
         return 2 * math.prod(ins[1]) + math.prod(ins[0])
     return 0
@@ -164,7 +172,9 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
             raise UsageError(f"{where}: channel_conv needs a pooled ({c}, 1, 1) input and an odd k (circular: at most "
                              f"{2 * c + 1}), gets {x} and k={k}")
         return list(x)
-    if op in (*TOKEN_TENSOR_OPS, "attention", "token"):
+    if op == "attention":
+        return _attention_shape(node, ins, where)
+    if op in (*TOKEN_TENSOR_OPS, "token"):
         return _token_shape(node, ins, where)
     if op == "shuffle":
         if len(x) != 3 or x[0] % node["groups"]:
@@ -237,14 +247,20 @@ def _token_shape(node: dict[str, Any], ins: list[list[int]], where: str) -> list
         if node["index"] >= x[1]:
             raise UsageError(f"{where}: token {node['index']} of {x[1]} tokens")
         return [x[0], 1, 1]
-    if op == "attention":
-        q, k, v = ins
-        h = node["heads"]
-        if q != k or len(v) != 3 or v[1:] != q[1:] or q[0] % h or v[0] % h or node["scale"] <= 0:
-            raise UsageError(f"{where}: attention needs q and k of one shape and v of as many tokens, channels that "
-                             f"{h} heads divide and a scale > 0, gets {ins} and scale {node['scale']}")
-        return list(v)
     if x[0] != node["ch"] or op == "pos_embed" and x[1] != node["tokens"]:
         tokens = f" and {node['tokens']} tokens" if op == "pos_embed" else ""
         raise UsageError(f"{where}: {op} has {node['ch']} channels{tokens}, gets {x}")
     return [x[0], x[1] + 1, 1] if op == "class_token" else list(x)
+
+
+def _attention_shape(node: dict[str, Any], ins: list[list[int]], where: str) -> list[int]:
+    """Output shape of ``attention``: q's positions, heads × v's channels per head."""
+    q, k, v = ins
+    h, kv = node["heads"], node.get("kv_heads") or node["heads"]
+    d = q[0] // h if len(q) == 3 and q[0] % h == 0 else 0
+    if len(q) != 3 or len(k) != 3 or len(v) != 3 or not d or h % kv or k[0] != kv * d or v[1:] != k[1:] or \
+            v[0] % kv or node["scale"] <= 0:
+        raise UsageError(f"{where}: attention needs maps q of {h} heads of d channels, k of {kv} heads of d, v of "
+                         f"{kv} heads at k's positions ({kv} dividing {h}) and a scale > 0, gets {ins} and scale "
+                         f"{node['scale']}")
+    return [v[0] // kv * h, *q[1:]]

@@ -165,6 +165,8 @@ def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
         out[key] = value
     if op in ("maxpool", "avgpool") and out["stride"] is None:
         out["stride"] = list(out["k"])
+    if op == "attention" and out["kv_heads"] is None:
+        out["kv_heads"] = out["heads"]
     if "module" in node:  # the layer's path in the user's module where the node name had to differ (`module_state`)
         if not isinstance(node["module"], str) or not 0 < len(node["module"]) <= 512 or \
                 not node["module"].isprintable():
@@ -175,9 +177,11 @@ def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
     shapes[name] = output_shape(out, [shapes[s] for s in out["inputs"]], where)
     if math.prod(shapes[name]) > MAX_ACTIVATION or max(shapes[name]) > MAX_DIM:
         raise UsageError(f"{where}: output {shapes[name]} has more than {MAX_ACTIVATION} elements per sample")
-    if op == "attention" and (scores := out["heads"] * shapes[out["inputs"][0]][1] ** 2) > MAX_ACTIVATION:
-        raise UsageError(f"{where}: attention over {shapes[out['inputs'][0]][1]} tokens with {out['heads']} heads "
-                         f"computes {scores} scores per sample, more than {MAX_ACTIVATION}")
+    if op == "attention" and (scores := out["heads"] * math.prod(shapes[out["inputs"][0]][1:]) *
+                              math.prod(shapes[out["inputs"][1]][1:])) > MAX_ACTIVATION:
+        raise UsageError(f"{where}: attention over {shapes[out['inputs'][0]][1:]} query and "
+                         f"{shapes[out['inputs'][1]][1:]} key positions with {out['heads']} heads computes {scores} "
+                         f"scores per sample, more than {MAX_ACTIVATION}")
     return out
 
 

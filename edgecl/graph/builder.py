@@ -16,6 +16,8 @@ input as the dense one.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -99,18 +101,25 @@ def _channel_conv(b: _Builder, h: str, node: dict, constant) -> str:
 
 
 def _attention(b: _Builder, q: str, k: str, v: str, node: dict, shapes: list[list[int]], constant) -> str:
-    """Multi-head self-attention on (N, C, T, 1) token maps, as `edgecl.train.models.attention`: per head (a block
-    of channels) softmax((scale·q)ᵀk) over the keys times v, by Reshape, Transpose, MatMul and Softmax."""
-    (c, t, _), cv, h = shapes[0], shapes[2][0], node["heads"]
+    """Multi-head attention over the positions of (N, C, H, W) maps, as `edgecl.train.models.attention`: per head (a
+    block of channels) softmax((scale·q)ᵀk) over the keys times v, by Reshape, Transpose, MatMul and Softmax; with
+    fewer k/v heads, each one's query heads stacked along the query positions."""
+    (c, *hw), (_, *khw), cv = shapes[0], shapes[1], shapes[2][0]
+    h, kv = node["heads"], node["kv_heads"]
+    t, tk, d, dv = math.prod(hw), math.prod(khw), c // h, cv // kv
 
-    def heads(x: str, ch: int) -> str:
-        return b.op("Reshape", [x, constant(np.array([0, h, ch // h, t], dtype=np.int64))])  # (N, h, d, T)
+    def shape(*dims: int) -> str:
+        return constant(np.array(dims, dtype=np.int64))
 
-    qh = b.op("Mul", [b.op("Transpose", [heads(q, c)], perm=[0, 1, 3, 2]), constant(float(node["scale"]))])
-    weights = b.op("Softmax", [b.op("MatMul", [qh, heads(k, c)])], axis=-1)
-    out = b.op("MatMul", [weights, b.op("Transpose", [heads(v, cv)], perm=[0, 1, 3, 2])])  # (N, h, T, dv)
-    return b.op("Reshape", [b.op("Transpose", [out], perm=[0, 1, 3, 2]),
-                            constant(np.array([0, cv, t, 1], dtype=np.int64))])
+    qh = b.op("Mul", [b.op("Transpose", [b.op("Reshape", [q, shape(0, h, d, t)])], perm=[0, 1, 3, 2]),
+                      constant(float(node["scale"]))])  # (N, h, T, d)
+    if kv != h:
+        qh = b.op("Reshape", [qh, shape(0, kv, h // kv * t, d)])
+    weights = b.op("Softmax", [b.op("MatMul", [qh, b.op("Reshape", [k, shape(0, kv, d, tk)])])], axis=-1)
+    out = b.op("MatMul", [weights, b.op("Transpose", [b.op("Reshape", [v, shape(0, kv, dv, tk)])], perm=[0, 1, 3, 2])])
+    if kv != h:
+        out = b.op("Reshape", [out, shape(0, h, t, dv)])
+    return b.op("Reshape", [b.op("Transpose", [out], perm=[0, 1, 3, 2]), shape(0, h * dv, *hw)])
 
 
 def _class_token(b: _Builder, h: str, node: dict, constant) -> str:

@@ -139,7 +139,7 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
     if op == "pos_embed":
         return h + params[f"{name}.weight"].unsqueeze(-1)
     if op == "attention":
-        return attention(*ins, node["heads"], node["scale"])
+        return attention(*ins, node["heads"], node["scale"], node["kv_heads"])
     if op == "token":
         return h[:, :, node["index"]:node["index"] + 1]
     if op in _ACTIVATIONS:
@@ -201,15 +201,22 @@ def _channel_conv(h: torch.Tensor, weight: torch.Tensor, circular: bool) -> torc
     return F.conv1d(seq, weight.reshape(1, 1, -1)).reshape(h.shape)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-    """Multi-head self-attention on (N, C, T, 1) token maps, each head a contiguous block of channels, as
-    `edgecl.graph.builder` emits it: softmax((scale·q)ᵀk) over the keys, times v."""
-    n, c, t = q.shape[:3]
-    qh = q.reshape(n, heads, c // heads, t).transpose(2, 3) * scale  # (N, h, T, d)
-    kh = k.reshape(n, heads, c // heads, t)  # (N, h, d, T)
-    vh = v.reshape(n, heads, v.shape[1] // heads, t).transpose(2, 3)  # (N, h, T, dv)
-    out = torch.softmax(qh @ kh, dim=-1) @ vh
-    return out.transpose(2, 3).reshape(n, v.shape[1], t, 1)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
+              kv_heads: int | None = None) -> torch.Tensor:
+    """Multi-head attention over the positions of (N, C, H, W) maps (tokens: (N, C, T, 1)), each head a contiguous
+    block of channels, as `edgecl.graph.builder` emits it: softmax((scale·q)ᵀk) over the keys, times v. With fewer
+    k/v heads (multi-query: one), the g = heads / kv_heads query heads of one k/v head are stacked along the query
+    positions, so one product serves them all."""
+    n, c, t, tk = q.shape[0], q.shape[1], q.shape[2] * q.shape[3], k.shape[2] * k.shape[3]
+    kv = kv_heads or heads
+    d, dv = c // heads, v.shape[1] // kv
+    qh = q.reshape(n, heads, d, t).transpose(2, 3) * scale  # (N, h, T, d)
+    if kv != heads:
+        qh = qh.reshape(n, kv, heads // kv * t, d)
+    kh = k.reshape(n, kv, d, tk)  # (N, kv, d, Tk)
+    vh = v.reshape(n, kv, dv, tk).transpose(2, 3)  # (N, kv, Tk, dv)
+    out = (torch.softmax(qh @ kh, dim=-1) @ vh).reshape(n, heads, t, dv)
+    return out.transpose(2, 3).reshape(n, heads * dv, *q.shape[2:])
 
 
 def to_numpy(params: Params) -> dict:

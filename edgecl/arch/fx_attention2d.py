@@ -1,0 +1,99 @@
+"""Attention over the positions of a (C, H, W) map (MobileNetV4-hybrid's timm ``MultiQueryAttention2d`` and timm's
+``Attention2d``), for `fx_import._Converter`. The tracer keeps either module whole (`fx_attention.is_timm_attention`);
+each becomes what its forward computes, in spec ops:
+
+    MultiQueryAttention2d: query.proj (1×1 conv) → q;  [key.down_conv (depthwise, kv_stride) → key.norm] → key.proj
+    (1×1 conv to ONE head of key_dim) → k;  the same for v;  attention {heads, kv_heads 1, scale} → output.proj
+    Attention2d: qkv (1×1 conv) → slices q, k, v → attention {heads, scale} → proj
+
+Keeping the module whole, rather than tracing its reshapes, transposes and ``scaled_dot_product_attention``, lets
+edgecl check the variant: an attention mask, query strides (an average pool and a bilinear up-sampling), Attention2d's
+``head_first`` layout (heads interleaved with q, k and v) and layers other than plain convolutions and BatchNorm are
+refused by name with the user's source line, never run as plain attention.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import fx, nn
+
+from edgecl.arch.fx_calls import location, shape_of
+from edgecl.errors import UsageError
+
+MULTI_QUERY = ("timm.layers.attention2d", "MultiQueryAttention2d")
+ATTENTION_2D = ("timm.layers.attention2d", "Attention2d")
+
+
+def is_attention_2d(m: Any) -> bool:
+    """timm's MultiQueryAttention2d or Attention2d, judged by its class; timm is not imported for this."""
+    return (type(m).__module__, type(m).__name__) in (MULTI_QUERY, ATTENTION_2D)
+
+
+class _Attention2dConverter:
+    """Mixin of `fx_import._Converter`: timm's attention modules on feature maps, kept whole by the tracer."""
+
+    name: str
+    last: set[fx.Node]
+    _emit: Callable[..., str]
+    _conv: Callable[..., str]
+    _norm: Callable[..., str]
+
+    def attention_2d(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
+        where = f"{type(m).__name__} at {path!r} {location(node)}"
+        shape = shape_of(node.args[0])
+        if node.args[0] in self.last or shape is None or len(shape) != 3:
+            raise UsageError(f"{self.name}: {where} reads a tensor of shape {shape}; edgecl supports it on a "
+                             "(channels, height, width) map")
+        extra = dict(zip(("attn_mask",), node.args[1:]), **node.kwargs)
+        if extra.get("attn_mask") is not None:
+            raise UsageError(f"{self.name}: {where} is called with an attention mask; edgecl supports plain "
+                             "attention (no mask)")
+        if (type(m).__module__, type(m).__name__) == MULTI_QUERY:
+            self._multi_query(node, m, x, path, where)
+        else:
+            self._attention_2d(node, m, x, path, where)
+
+    def _multi_query(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str) -> None:
+        heads, key_dim, value_dim = int(m.num_heads), int(m.key_dim), int(m.value_dim)
+        if m.has_query_strides:
+            raise UsageError(f"{self.name}: {where} has query_strides {tuple(m.query_strides)} (an average-pooled "
+                             "query and a bilinear up-sampling of the output); not supported")
+        shapes = {"query.proj": (heads * key_dim, None), "key.proj": (key_dim, None),
+                  "value.proj": (value_dim, None), "output.proj": (None, heads * value_dim)}
+        for part, (out, read) in shapes.items():
+            conv = m.get_submodule(part)
+            if out not in (None, getattr(conv, "out_channels", None)) or \
+                    read not in (None, getattr(conv, "in_channels", None)):
+                raise UsageError(f"{self.name}: {where}: {part} has {getattr(conv, 'in_channels', '?')} → "
+                                 f"{getattr(conv, 'out_channels', '?')} channels; edgecl follows timm's layout "
+                                 f"({heads} heads of key_dim {key_dim} and value_dim {value_dim})")
+        for part, known in (("query", {"proj"}), ("key", {"down_conv", "norm", "proj"}),
+                            ("value", {"down_conv", "norm", "proj"}), ("output", {"proj", "drop"})):
+            layers = dict(m.get_submodule(part).named_children())
+            if not set(layers) <= known:
+                raise UsageError(f"{self.name}: {where}: {part} has layers {sorted(set(layers) - known)} edgecl does "
+                                 "not know there")
+        q = self._conv(node, m.query.proj, x, f"{path}.query.proj", where)
+        k, v = (self._key_value(node, getattr(m, part), x, f"{path}.{part}", where) for part in ("key", "value"))
+        attended = self._emit(node, "attention", [q, k, v], f"{path}.attend", heads=heads, kv_heads=1,
+                              scale=float(m.scale))
+        self._conv(node, m.output.proj, attended, f"{path}.output.proj", where)
+
+    def _key_value(self, node: fx.Node, part: nn.Sequential, x: str, path: str, where: str) -> str:
+        """The key or value path: [depthwise down-sampling conv, BatchNorm], then the 1×1 projection to one head."""
+        if hasattr(part, "down_conv"):
+            x = self._norm(node, part.norm, self._conv(node, part.down_conv, x, f"{path}.down_conv", where),
+                           f"{path}.norm", where, required=True)
+        return self._conv(node, part.proj, x, f"{path}.proj", where)
+
+    def _attention_2d(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str) -> None:
+        if m.head_first:
+            raise UsageError(f"{self.name}: {where} has head_first=True (each head's q, k and v side by side); "
+                             "edgecl supports q, k and v each a block of heads (head_first=False)")
+        heads, width = int(m.num_heads), m.qkv.out_channels // 3
+        packed = self._conv(node, m.qkv, x, f"{path}.qkv", where)
+        q, k, v = (self._emit(node, "slice", [packed], f"{path}.{part}", start=i * width, stop=(i + 1) * width)
+                   for i, part in enumerate("qkv"))
+        attended = self._emit(node, "attention", [q, k, v], f"{path}.attend", heads=heads,
+                              scale=float(m.dim_head) ** -0.5)
+        self._conv(node, m.proj, attended, f"{path}.proj", where)

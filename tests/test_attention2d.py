@@ -1,0 +1,120 @@
+"""Attention over a feature map's positions through `from_torch`: timm's MultiQueryAttention2d (MobileNetV4-hybrid:
+one key/value head shared by every query head, keys and values optionally down-sampled by a strided depthwise conv)
+and Attention2d — parity of the spec's torch forward and its ONNX graph with the real modules, the channel map that
+keeps every method correct (each query head tied to the one key head; v's channels once per query head), the
+``kv_heads`` field and the score bound, refusals by name, and timm's mobilenetv4_hybrid_medium (slow)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from layer_nets import TinyMNv4Hybrid
+from torch import nn
+from torch_nets import check_parity, randomise_batchnorm, timm
+
+from edgecl.arch import channel_map, from_torch, validate
+from edgecl.arch.ops import intermediates
+from edgecl.errors import UsageError
+from edgecl.runtime.costs import activation_bytes
+
+
+class _Wrapped(nn.Module):
+    """A stem conv, an attention on its map, average pooling and a Linear classifier."""
+
+    def __init__(self, attention: nn.Module, width: int = 12):
+        super().__init__()
+        self.stem, self.attn = nn.Conv2d(3, width, 3, padding=1), attention
+        self.fc = nn.Linear(attention_out(attention), 2)
+
+    def forward(self, x):
+        return self.fc(self.attn(self.stem(x)).mean([2, 3]))
+
+
+def attention_out(m: nn.Module) -> int:
+    return (m.output.proj if hasattr(m, "output") else m.proj).out_channels
+
+
+def _multi_query(**kwargs) -> nn.Module:
+    return timm.layers.attention2d.MultiQueryAttention2d(12, **kwargs)
+
+
+def _parity(module: nn.Module, shape=(3, 8, 8)) -> dict:
+    torch.manual_seed(0)
+    randomise_batchnorm(module)
+    spec = from_torch(module.eval(), shape)
+    check_parity(module, spec, shape)
+    return spec
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(num_heads=1), dict(num_heads=4, key_dim=8, value_dim=6), dict(num_heads=3, kv_stride=2, dim_out=10),
+    dict(num_heads=2, key_dim=5, value_dim=7, kv_stride=2, dw_kernel_size=5)])
+def test_multi_query_attention_parity(kwargs):
+    torch.manual_seed(0)
+    spec = _parity(_Wrapped(_multi_query(**kwargs)))
+    attend = next(n for n in spec["nodes"] if n["op"] == "attention")
+    heads = kwargs["num_heads"]
+    assert attend["heads"] == heads and attend["kv_heads"] == 1
+    assert attend["scale"] == pytest.approx(kwargs.get("key_dim", 12 // heads) ** -0.5)
+    ops = [n["op"] for n in spec["nodes"]]
+    assert ops.count("bn") == (2 if kwargs.get("kv_stride") else 0)  # the key and value paths' norms
+
+
+def test_attention2d_parity():
+    spec = _parity(_Wrapped(timm.layers.attention2d.Attention2d(12, num_heads=3)))
+    attend = next(n for n in spec["nodes"] if n["op"] == "attention")
+    assert (attend["heads"], attend["kv_heads"]) == (3, 3) and attend["scale"] == pytest.approx(4 ** -0.5)
+
+
+def test_tiny_mnv4_hybrid_parity():
+    _parity(TinyMNv4Hybrid(in_channels=3), (3, 8, 8))
+
+
+def test_channel_map_ties_every_query_head_to_the_one_key_head():
+    spec = from_torch(_Wrapped(_multi_query(num_heads=3, key_dim=4, value_dim=5, kv_stride=2)), (3, 8, 8))
+    cm = channel_map(spec)
+    q, k, v = (cm.spaces[f"attn.{p}.proj"] for p in ("query", "key", "value"))
+    assert len(k) == len(v) == 1 and q == k * 3  # query head i meets the key head channel by channel
+    assert cm.rows["attn.query.proj.weight"] == k * 3
+    assert cm.spaces["attn.attend"] == v * 3 == cm.cols["attn.output.proj.weight"]  # v once per query head
+    assert {g for g, _ in q + v} <= cm.pinned & cm.ordered
+    assert cm.spaces["stem"][0][0] not in cm.ordered  # the map the keys are computed from stays free
+
+
+def _spec(q: list[int], k: list[int], v: list[int], **fields) -> dict:
+    inputs = [{"name": n, "op": "conv", "inputs": ["input"], "in": 4, "out": s[0], "k": 1,
+               "stride": 8 // s[1]} for n, s in zip("qkv", (q, k, v))]
+    return {"name": "mqa", "input_shape": [4, 8, 8], "output": "f", "nodes": [
+        *inputs, {"name": "a", "op": "attention", "inputs": ["q", "k", "v"], "scale": 0.5, **fields},
+        {"name": "p", "op": "gap", "inputs": ["a"]}, {"name": "f", "op": "flatten", "inputs": ["p"]}]}
+
+
+def test_kv_heads_field_shapes_and_costs():
+    old = validate(_spec([8, 8, 8], [8, 8, 8], [6, 8, 8], heads=2))
+    assert old["nodes"][3]["kv_heads"] == 2 and old["feature_dim"] == 6  # the default: one k/v head per q head
+    mqa = validate(_spec([8, 8, 8], [4, 4, 4], [3, 4, 4], heads=2, kv_heads=1))
+    assert mqa["feature_dim"] == 6  # heads × dv at the queries' positions
+    node = mqa["nodes"][3]
+    assert intermediates(node, [[8, 8, 8], [4, 4, 4], [3, 4, 4]]) == \
+        2 * 2 * 64 * 16 + 2 * (8 * 64 + 4 * 16) + 2 * (3 * 16 + 6 * 64)
+    assert activation_bytes(mqa, 1, 4) > 4 * 2 * 2 * 64 * 16
+    for bad in (dict(heads=2, kv_heads=3), dict(heads=4, kv_heads=2)):  # 3 ∤ 2; k is 1 head of d = 2, not 2
+        with pytest.raises(UsageError, match="attention needs maps q of"):
+            validate(_spec([8, 8, 8], [4, 4, 4], [3, 4, 4], **bad))
+    with pytest.raises(UsageError, match="attention needs maps"):  # v not at the keys' positions
+        validate(_spec([8, 8, 8], [4, 4, 4], [3, 8, 8], heads=2, kv_heads=1))
+
+
+@pytest.mark.parametrize("module, words", [
+    (lambda: _Wrapped(_multi_query(num_heads=2, query_strides=2)), "query_strides"),
+    (lambda: _Wrapped(timm.layers.attention2d.Attention2d(12, num_heads=3, head_first=True)), "head_first"),
+])
+def test_unsupported_variants_are_refused_by_name(module, words):
+    with pytest.raises(UsageError, match=words) as err:
+        from_torch(module(), (3, 8, 8))
+    assert "attention2d.py:" in str(err.value) or "test_attention2d.py:" in str(err.value)
+    assert "'attn'" in str(err.value)
+
+
+@pytest.mark.slow
+def test_mobilenetv4_hybrid_medium_at_64():
+    _parity(timm.create_model("mobilenetv4_hybrid_medium"), (3, 64, 64))
