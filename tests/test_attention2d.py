@@ -104,9 +104,20 @@ def test_kv_heads_field_shapes_and_costs():
         validate(_spec([8, 8, 8], [4, 4, 4], [3, 8, 8], heads=2, kv_heads=1))
 
 
+def _edited(edit, **kwargs) -> nn.Module:
+    """A MultiQueryAttention2d whose key/value path `edit` changed (its layers are read in timm's order)."""
+    m = _multi_query(num_heads=2, **kwargs)
+    edit(m)
+    return _Wrapped(m)
+
+
 @pytest.mark.parametrize("module, words", [
     (lambda: _Wrapped(_multi_query(num_heads=2, query_strides=2)), "query_strides"),
     (lambda: _Wrapped(timm.layers.attention2d.Attention2d(12, num_heads=3, head_first=True)), "head_first"),
+    # a norm after the key projection (was silently left out), a strided value path without its norm (a raw error)
+    (lambda: _edited(lambda m: m.key.add_module("norm", nn.BatchNorm2d(6))), r"key has layers \['proj', 'norm'\]"),
+    (lambda: _edited(lambda m: delattr(m.value, "norm"), kv_stride=2), r"value has layers \['down_conv', 'proj'\]"),
+    (lambda: _edited(lambda m: setattr(m.output, "drop", nn.ReLU())), "output.drop is a ReLU"),
 ])
 def test_unsupported_variants_are_refused_by_name(module, words):
     with pytest.raises(UsageError, match=words) as err:
