@@ -111,6 +111,13 @@ def _edited(edit, **kwargs) -> nn.Module:
     return _Wrapped(m)
 
 
+def _attention_2d_with(**parts) -> nn.Module:
+    m = timm.layers.attention2d.Attention2d(12, num_heads=3)
+    for name, layer in parts.items():
+        setattr(m, name, layer)
+    return m
+
+
 @pytest.mark.parametrize("module, words", [
     (lambda: _Wrapped(_multi_query(num_heads=2, query_strides=2)), "query_strides"),
     (lambda: _Wrapped(timm.layers.attention2d.Attention2d(12, num_heads=3, head_first=True)), "head_first"),
@@ -118,6 +125,7 @@ def _edited(edit, **kwargs) -> nn.Module:
     (lambda: _edited(lambda m: m.key.add_module("norm", nn.BatchNorm2d(6))), r"key has layers \['proj', 'norm'\]"),
     (lambda: _edited(lambda m: delattr(m.value, "norm"), kv_stride=2), r"value has layers \['down_conv', 'proj'\]"),
     (lambda: _edited(lambda m: setattr(m.output, "drop", nn.ReLU())), "output.drop is a ReLU"),
+    (lambda: _Wrapped(_attention_2d_with(proj_drop=nn.Hardswish())), "proj_drop is a Hardswish"),
 ])
 def test_unsupported_variants_are_refused_by_name(module, words):
     with pytest.raises(UsageError, match=words) as err:

@@ -51,6 +51,12 @@ class _Attention2dConverter:
         if extra.get("attn_mask") is not None:
             raise UsageError(f"{self.name}: {where} is called with an attention mask; edgecl supports plain "
                              "attention (no mask)")
+        drops = ("attn_drop", "output.drop") if (type(m).__module__, type(m).__name__) == MULTI_QUERY else \
+            ("attn_drop", "proj_drop")
+        for part in drops:  # identities at inference, never converted: anything else there would be skipped
+            if not isinstance(m.get_submodule(part), (nn.Dropout, nn.Identity)):
+                raise UsageError(f"{self.name}: {where}: {part} is a {type(m.get_submodule(part)).__name__}, not a "
+                                 "dropout")
         if (type(m).__module__, type(m).__name__) == MULTI_QUERY:
             self._multi_query(node, m, x, path, where)
         else:
@@ -66,8 +72,6 @@ class _Attention2dConverter:
             if layers not in layouts:
                 raise UsageError(f"{self.name}: {where}: {part} has layers {layers}; edgecl converts timm's "
                                  f"{' or '.join(map(str, layouts))} there")
-        if not isinstance(m.output.drop, (nn.Dropout, nn.Identity)):
-            raise UsageError(f"{self.name}: {where}: output.drop is a {type(m.output.drop).__name__}, not a dropout")
         shapes = {"query.proj": (heads * key_dim, None), "key.proj": (key_dim, None),
                   "value.proj": (value_dim, None), "output.proj": (None, heads * value_dim)}
         for part, (out, read) in shapes.items():
