@@ -137,3 +137,16 @@ def test_unsupported_variants_are_refused_by_name(module, words):
 @pytest.mark.slow
 def test_mobilenetv4_hybrid_medium_at_64():
     _parity(timm.create_model("mobilenetv4_hybrid_medium"), (3, 64, 64))
+
+
+def test_channel_map_follows_a_thousand_query_heads():
+    """Each query head is a cut of q's group: 1100 heads (one channel each) over one k/v head nest 1100 cuts, which
+    a recursive resolve of the group's parts did not survive (a raw RecursionError from a five-node spec file)."""
+    heads = 1100
+    spec = validate({"name": "many", "input_shape": [1, 1, 1], "output": "f", "nodes": [
+        *({"name": n, "op": "conv", "inputs": ["input"], "in": 1, "out": c, "k": 1} for n, c in
+          (("q", heads), ("k", 1), ("v", 1))),
+        {"name": "a", "op": "attention", "inputs": ["q", "k", "v"], "heads": heads, "kv_heads": 1, "scale": 1.0},
+        {"name": "f", "op": "flatten", "inputs": ["a"]}]})
+    cm = channel_map(spec)
+    assert cm.spaces["q"] == cm.spaces["k"] * heads and cm.spaces["a"] == cm.spaces["v"] * heads
