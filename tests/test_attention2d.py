@@ -104,9 +104,28 @@ def test_kv_heads_field_shapes_and_costs():
         validate(_spec([8, 8, 8], [4, 4, 4], [3, 8, 8], heads=2, kv_heads=1))
 
 
+def _edited(edit, **kwargs) -> nn.Module:
+    """A MultiQueryAttention2d whose key/value path `edit` changed (its layers are read in timm's order)."""
+    m = _multi_query(num_heads=2, **kwargs)
+    edit(m)
+    return _Wrapped(m)
+
+
+def _attention_2d_with(**parts) -> nn.Module:
+    m = timm.layers.attention2d.Attention2d(12, num_heads=3)
+    for name, layer in parts.items():
+        setattr(m, name, layer)
+    return m
+
+
 @pytest.mark.parametrize("module, words", [
     (lambda: _Wrapped(_multi_query(num_heads=2, query_strides=2)), "query_strides"),
     (lambda: _Wrapped(timm.layers.attention2d.Attention2d(12, num_heads=3, head_first=True)), "head_first"),
+    # a norm after the key projection (was silently left out), a strided value path without its norm (a raw error)
+    (lambda: _edited(lambda m: m.key.add_module("norm", nn.BatchNorm2d(6))), r"key has layers \['proj', 'norm'\]"),
+    (lambda: _edited(lambda m: delattr(m.value, "norm"), kv_stride=2), r"value has layers \['down_conv', 'proj'\]"),
+    (lambda: _edited(lambda m: setattr(m.output, "drop", nn.ReLU())), "output.drop is a ReLU"),
+    (lambda: _Wrapped(_attention_2d_with(proj_drop=nn.Hardswish())), "proj_drop is a Hardswish"),
 ])
 def test_unsupported_variants_are_refused_by_name(module, words):
     with pytest.raises(UsageError, match=words) as err:
@@ -118,3 +137,16 @@ def test_unsupported_variants_are_refused_by_name(module, words):
 @pytest.mark.slow
 def test_mobilenetv4_hybrid_medium_at_64():
     _parity(timm.create_model("mobilenetv4_hybrid_medium"), (3, 64, 64))
+
+
+def test_channel_map_follows_a_thousand_query_heads():
+    """Each query head is a cut of q's group: 1100 heads (one channel each) over one k/v head nest 1100 cuts, which
+    a recursive resolve of the group's parts did not survive (a raw RecursionError from a five-node spec file)."""
+    heads = 1100
+    spec = validate({"name": "many", "input_shape": [1, 1, 1], "output": "f", "nodes": [
+        *({"name": n, "op": "conv", "inputs": ["input"], "in": 1, "out": c, "k": 1} for n, c in
+          (("q", heads), ("k", 1), ("v", 1))),
+        {"name": "a", "op": "attention", "inputs": ["q", "k", "v"], "heads": heads, "kv_heads": 1, "scale": 1.0},
+        {"name": "f", "op": "flatten", "inputs": ["a"]}]})
+    cm = channel_map(spec)
+    assert cm.spaces["q"] == cm.spaces["k"] * heads and cm.spaces["a"] == cm.spaces["v"] * heads

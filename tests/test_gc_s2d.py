@@ -17,6 +17,7 @@ from edgecl.errors import UsageError
 from edgecl.graph.compact import compact_task
 from edgecl.train.models import forward, from_numpy, init_params, to_numpy
 from timm.layers.global_context import GlobalContext
+from timm.layers.norm import LayerNorm2d
 from timm.layers.space_to_depth import SpaceToDepth
 
 
@@ -135,6 +136,11 @@ def test_unsupported_variants_are_refused_by_name():
     gc.mlp_scale.norm = nn.BatchNorm2d(gc.mlp_scale.fc1.out_channels)
     with pytest.raises(UsageError, match=r"GlobalContext at 'layer' \(call_module layer, at .*test_gc_s2d.py:\d+: "
                                          r".*\): norm BatchNorm2d at layer.mlp_scale.norm is not supported"):
+        from_torch(_Wrapped(gc), (2, 7, 7))
+    gc = GlobalContext(6, fuse_add=True, fuse_scale=False)
+    gc.mlp_add.norm = LayerNorm2d(gc.mlp_add.fc1.out_channels, bias=False)  # its module has no bias to read
+    with pytest.raises(UsageError, match=r"GlobalContext at 'layer' \(call_module layer, at .*test_gc_s2d.py:\d+: "
+                                         r".*\): layer.mlp_add.norm has a weight but no bias"):
         from_torch(_Wrapped(gc), (2, 7, 7))
     gc = GlobalContext(6, act_layer=nn.Softplus)
     with pytest.raises(UsageError, match=r"GlobalContext at 'layer' .*activation Softplus"):

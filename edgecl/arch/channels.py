@@ -120,11 +120,15 @@ class _UnionFind:
             self.parent[second] = first
 
     def resolve(self, segments: Segments) -> Segments:
+        """The segments in current groups, split groups replaced by their parts in order. A stack, not recursion: a
+        group cut again and again (a slice per channel, an attention's many query heads) nests its parts deeply."""
         out: Segments = []
-        for g, r in segments:
+        stack = list(reversed(segments))
+        while stack:
+            g, r = stack.pop()
             root = self.find(g)
             if root in self.alias:
-                out += [(h, r * q) for h, q in self.resolve(self.alias[root])]
+                stack += [(h, r * q) for h, q in reversed(self.alias[root])]
             else:
                 out.append((root, r))
         return out

@@ -22,6 +22,9 @@ from edgecl.errors import UsageError
 
 MULTI_QUERY = ("timm.layers.attention2d", "MultiQueryAttention2d")
 ATTENTION_2D = ("timm.layers.attention2d", "Attention2d")
+# the layers of MultiQueryAttention2d's parts, in order: the key/value path with or without its strided depthwise conv
+_LAYOUTS = {"query": (["proj"],), "key": (["proj"], ["down_conv", "norm", "proj"]),
+            "value": (["proj"], ["down_conv", "norm", "proj"]), "output": (["proj", "drop"],)}
 
 
 def is_attention_2d(m: Any) -> bool:
@@ -48,6 +51,12 @@ class _Attention2dConverter:
         if extra.get("attn_mask") is not None:
             raise UsageError(f"{self.name}: {where} is called with an attention mask; edgecl supports plain "
                              "attention (no mask)")
+        drops = ("attn_drop", "output.drop") if (type(m).__module__, type(m).__name__) == MULTI_QUERY else \
+            ("attn_drop", "proj_drop")
+        for part in drops:  # identities at inference, never converted: anything else there would be skipped
+            if not isinstance(m.get_submodule(part), (nn.Dropout, nn.Identity)):
+                raise UsageError(f"{self.name}: {where}: {part} is a {type(m.get_submodule(part)).__name__}, not a "
+                                 "dropout")
         if (type(m).__module__, type(m).__name__) == MULTI_QUERY:
             self._multi_query(node, m, x, path, where)
         else:
@@ -58,6 +67,11 @@ class _Attention2dConverter:
         if m.has_query_strides:
             raise UsageError(f"{self.name}: {where} has query_strides {tuple(m.query_strides)} (an average-pooled "
                              "query and a bilinear up-sampling of the output); not supported")
+        for part, layouts in _LAYOUTS.items():  # timm's, in order: a layer elsewhere would be skipped or misread
+            layers = [name for name, _ in m.get_submodule(part).named_children()]
+            if layers not in layouts:
+                raise UsageError(f"{self.name}: {where}: {part} has layers {layers}; edgecl converts timm's "
+                                 f"{' or '.join(map(str, layouts))} there")
         shapes = {"query.proj": (heads * key_dim, None), "key.proj": (key_dim, None),
                   "value.proj": (value_dim, None), "output.proj": (None, heads * value_dim)}
         for part, (out, read) in shapes.items():
@@ -67,12 +81,6 @@ class _Attention2dConverter:
                 raise UsageError(f"{self.name}: {where}: {part} has {getattr(conv, 'in_channels', '?')} → "
                                  f"{getattr(conv, 'out_channels', '?')} channels; edgecl follows timm's layout "
                                  f"({heads} heads of key_dim {key_dim} and value_dim {value_dim})")
-        for part, known in (("query", {"proj"}), ("key", {"down_conv", "norm", "proj"}),
-                            ("value", {"down_conv", "norm", "proj"}), ("output", {"proj", "drop"})):
-            layers = dict(m.get_submodule(part).named_children())
-            if not set(layers) <= known:
-                raise UsageError(f"{self.name}: {where}: {part} has layers {sorted(set(layers) - known)} edgecl does "
-                                 "not know there")
         q = self._conv(node, m.query.proj, x, f"{path}.query.proj", where)
         k, v = (self._key_value(node, getattr(m, part), x, f"{path}.{part}", where) for part in ("key", "value"))
         attended = self._emit(node, "attention", [q, k, v], f"{path}.attend", heads=heads, kv_heads=1,

@@ -73,6 +73,9 @@ class _GlobalContextConverter:
         hidden = self._conv(node, mlp.fc1, x, f"{path}.fc1", where)
         norm = mlp.norm
         if (type(norm).__module__, type(norm).__name__) in _LAYER_NORM_2D:
+            if (norm.weight is None) != (norm.bias is None):
+                raise UsageError(f"{self.name}: {where}: {path}.norm has a weight but no bias (or the reverse); not "
+                                 "supported")
             hidden = self._emit(node, "layer_norm", [hidden], f"{path}.norm", ch=int(norm.normalized_shape[0]),
                                 eps=float(norm.eps), affine=norm.weight is not None)
         elif not isinstance(norm, nn.Identity):

@@ -31,11 +31,12 @@ Ops (fields and defaults in `OPS`):
   the weights sum to 1, so a channel constant over the map pools to that constant, as under ``gap``); ``upsample``
   (nearest, by the integer ``scale`` of each spatial axis: every value
   repeated);
-- structure: ``add`` (residual sum of equal shapes, or of a ``(C, 1, 1)`` vector broadcast over a ``(C, H, W)`` map:
-  GCNet's fused add), ``mul`` (broadcast product, e.g. squeeze-and-excitation
-  gates), ``cat`` (channel concatenation), ``slice`` (channels ``start`` to ``stop``, of a map or of a feature
-  vector: ``x[:, a:b]``, one part of ``torch.split``/``chunk``), ``shuffle`` (ShuffleNet's channel shuffle of a map:
-  its C channels as ``groups`` × C/groups, transposed: output channel j·groups + i is input channel i·C/groups + j),
+- structure: ``add`` (residual sum of equal shapes; an input's spatial axes of size 1 broadcast, as GCNet's fused add
+  of a ``(C, 1, 1)`` context over a ``(C, H, W)`` map — the channels never do), ``mul`` (broadcast product, e.g.
+  squeeze-and-excitation gates), ``cat`` (channel concatenation), ``slice`` (channels ``start`` to ``stop``, of a map
+  or of a feature vector: ``x[:, a:b]``, one part of ``torch.split``/``chunk``), ``shuffle`` (ShuffleNet's channel
+  shuffle of a map: its C channels as ``groups`` × C/groups, transposed: output channel j·groups + i is input
+  channel i·C/groups + j),
   ``space_to_depth`` (TResNet's stem, ONNX's SpaceToDepth: each ``block`` × ``block`` patch into channels; output
   channel (bh·block + bw)·C + c at (i, j) is input channel c at (i·block + bh, j·block + bw): ``block``² copies of the
   input's channels side by side, each of another sub-grid),
