@@ -48,12 +48,34 @@ def tf_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyTF(in_channels=input_shape[0]), tuple(input_shape))
 
 
-class TinyEca(nn.Module):
+class _Residual(nn.Module):
+    """A conv-BN-ReLU stem, residual blocks (the subclass's modules named in `blocks`, each added to its input and
+    followed by a ReLU), average pooling and a classifier: the frame of the small ECA, split-attention and GCNet
+    networks."""
+
+    blocks: tuple[str, ...] = ()
+
+    def __init__(self, classes: int, in_channels: int, width: int):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU())
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for name in self.blocks:
+            x = torch.relu(x + getattr(self, name)(x))
+        return self.fc(x.mean([2, 3]))
+
+
+class TinyEca(_Residual):
     """ECA-ResNet in small: a stem, a residual block whose second conv's output goes through timm's EcaModule (k=3,
     zero padding) before the add, and a second block gated by a CecaModule (k=5, circular padding)."""
 
+    blocks = ("block1", "block2")
+
     def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8):
-        super().__init__()
+        super().__init__(classes, in_channels, width)
         w = width
 
         def block(k_eca: int, gate: type[nn.Module]):
@@ -61,15 +83,7 @@ class TinyEca(nn.Module):
                                  nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w),
                                  gate(kernel_size=k_eca))
 
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
         self.block1, self.block2 = block(3, EcaModule), block(5, CecaModule)
-        self.fc = nn.Linear(w, classes)
-
-    def forward(self, x):
-        x = self.stem(x)
-        x = torch.relu(x + self.block1(x))
-        x = torch.relu(x + self.block2(x))
-        return self.fc(x.mean([2, 3]))
 
 
 class TinyViT(nn.Module):
@@ -150,54 +164,42 @@ def hgnet_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyHGNet(in_channels=input_shape[0]), tuple(input_shape))
 
 
-class TinySplitAttn(nn.Module):
+class TinySplitAttn(_Residual):
     """SKNet and ResNeSt in small: a stem, a residual block whose first conv is timm's SelectiveKernel (two paths of
     3×3, the second dilated, each on half the input), then a residual block whose 3×3 is timm's SplitAttn (radix 2,
     cardinality 2: its logits are laid out branch-major by slices and a cat)."""
 
+    blocks = ("sk", "splat")
+
     def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8):
-        super().__init__()
+        super().__init__(classes, in_channels, width)
         w = width
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
         self.sk = nn.Sequential(SelectiveKernel(w, w, rd_channels=4), nn.Conv2d(w, w, 3, padding=1, bias=False),
                                 nn.BatchNorm2d(w))
         self.splat = nn.Sequential(nn.Conv2d(w, w, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
                                    SplitAttn(w, w, radix=2, groups=2, rd_channels=4, norm_layer=nn.BatchNorm2d),
                                    nn.Conv2d(w, w, 1, bias=False), nn.BatchNorm2d(w))
-        self.fc = nn.Linear(w, classes)
-
-    def forward(self, x):
-        x = self.stem(x)
-        x = torch.relu(x + self.sk(x))
-        x = torch.relu(x + self.splat(x))
-        return self.fc(x.mean([2, 3]))
 
 
 def split_attn_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinySplitAttn(in_channels=input_shape[0]), tuple(input_shape))
 
 
-class TinyGCNet(nn.Module):
+class TinyGCNet(_Residual):
     """GCNet in small: a stem, a residual block gated by timm's GlobalContext (attention pooling, fuse_scale: the
     gcresnet default) and a second block whose GlobalContext also adds its context (fuse_add and fuse_scale)."""
 
+    blocks = ("block1", "block2")
+
     def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8):
-        super().__init__()
+        super().__init__(classes, in_channels, width)
         w = width
 
         def block(gc: nn.Module):
             return nn.Sequential(nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(), gc)
 
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
         self.block1 = block(GlobalContext(w, rd_ratio=1 / 4))
         self.block2 = block(GlobalContext(w, fuse_add=True, rd_ratio=1 / 2))
-        self.fc = nn.Linear(w, classes)
-
-    def forward(self, x):
-        x = self.stem(x)
-        x = torch.relu(x + self.block1(x))
-        x = torch.relu(x + self.block2(x))
-        return self.fc(x.mean([2, 3]))
 
 
 def gc_spec(input_shape=(1, 8, 8)) -> dict:

@@ -93,6 +93,15 @@ def shape_of(node: Any) -> list[int] | None:
     return list(meta.shape)[1:] if meta is not None and hasattr(meta, "shape") else None
 
 
+def map_shape(node: fx.Node, model: str, where: str) -> list[int]:
+    """The (channels, height, width) shape of the map a module kept whole reads (its first argument), or the
+    UsageError naming the model and the module (`where`: its class, path and source line)."""
+    shape = shape_of(node.args[0])
+    if shape is None or len(shape) != 3:
+        raise UsageError(f"{model}: {where} needs a (channels, height, width) map, gets {shape}")
+    return shape
+
+
 def pair(value: Any) -> list[Any]:
     """An int or a pair (torch's `_pair`) as a two-element list; None entries are kept (adaptive output sizes)."""
     if isinstance(value, (tuple, list)):

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from torch import fx, nn
 
-from edgecl.arch.fx_calls import location, shape_of
+from edgecl.arch.fx_calls import location, map_shape
 from edgecl.errors import UsageError
 
 # timm's own gate modules (create_act_layer's "sigmoid" / "hard_sigmoid"), beside torch's activations
@@ -58,9 +58,7 @@ class _EcaConverter:
         timm_gate = TIMM_GATES.get((type(m.gate).__module__, type(m.gate).__name__))
         if timm_gate is None and not isinstance(m.gate, tuple(self.activation_modules)):
             raise UsageError(f"{self.name}: {where}: gate {type(m.gate).__name__} is not an activation edgecl knows")
-        shape = shape_of(node.args[0])
-        if shape is None or len(shape) != 3:
-            raise UsageError(f"{self.name}: {where} needs a (channels, height, width) map, gets {shape}")
+        shape = map_shape(node, self.name, where)
         if circular and pad > shape[0]:
             raise UsageError(f"{self.name}: {where}: circular padding {pad} is wider than its {shape[0]} channels")
         pooled = self._emit(node, "gap", [x], f"{path}.pool")

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from torch import fx, nn
 
-from edgecl.arch.fx_calls import location, shape_of
+from edgecl.arch.fx_calls import location, map_shape
 from edgecl.arch.fx_eca import TIMM_GATES
 from edgecl.errors import UsageError
 
@@ -43,9 +43,7 @@ class _GlobalContextConverter:
 
     def global_context(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
         where = f"GlobalContext at {path!r} {location(node)}"
-        shape = shape_of(node.args[0])
-        if shape is None or len(shape) != 3:
-            raise UsageError(f"{self.name}: {where} needs a (channels, height, width) map, gets {shape}")
+        map_shape(node, self.name, where)
         if m.conv_attn is not None:
             conv = m.conv_attn
             if conv.out_channels != 1 or tuple(conv.kernel_size) != (1, 1) or tuple(conv.stride) != (1, 1) or \

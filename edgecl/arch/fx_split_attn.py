@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from torch import fx, nn
 
-from edgecl.arch.fx_calls import is_library_identity, location, shape_of
+from edgecl.arch.fx_calls import is_library_identity, location, map_shape, shape_of
 from edgecl.errors import UsageError
 
 SPLIT_ATTENTION = {("timm.layers.selective_kernel", "SelectiveKernel"), ("timm.layers.split_attn", "SplitAttn")}
@@ -43,9 +43,7 @@ class _SplitAttnConverter:
 
     def split_attention(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
         where = f"{type(m).__name__} at {path!r} {location(node)}"
-        shape = shape_of(node.args[0])
-        if shape is None or len(shape) != 3:
-            raise UsageError(f"{self.name}: {where} needs a (channels, height, width) map, gets {shape}")
+        map_shape(node, self.name, where)
         if type(m).__name__ == "SelectiveKernel":
             self._selective_kernel(node, m, x, path, where)
         else:
