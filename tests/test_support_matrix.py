@@ -1,6 +1,6 @@
 """The README's support matrix, cell by cell: every method on every kind of network a user brings — the three presets,
 torchvision resnet18 and mobilenet_v2, timm models (a ConvNeXt among them) and custom modules (a residual add and a
-concat, channel slices, ConvNeXt blocks, channel shuffles) — through the
+concat, channel slices, ConvNeXt blocks, channel shuffles, a Vision Transformer) and a TensorFlow port — through the
 path a user takes: `edgecl train`'s pipeline (an `.npz` stream file, `--arch` as a preset, `module:factory`,
 `timm:NAME` or `file.py:factory`) → artifact → the torch-free runtime and the exported ONNX. Two small real digit
 tasks each, one or two epochs: the cell holds when training finishes, the runtime's accuracy per task equals
@@ -43,6 +43,9 @@ NETWORKS = {
     "timm convnext_atto": ("timm:convnext_atto", (3, 32, 32)),
     "custom ConvNeXt (LayerNorm, layer scale)": ("{factories}:TinyConvNeXt3", (3, 8, 8)),
     "custom channel shuffle": ("{factories}:TinyShuffle3", (3, 8, 8)),
+    "timm tf_mobilenetv3_small_minimal_100 (TensorFlow same padding)": ("timm:tf_mobilenetv3_small_minimal_100",
+                                                                       (3, 16, 16)),
+    "custom ViT (class token, attention)": ("{factories}:TinyViT3", (3, 8, 8)),
 }
 FACTORIES = '''
     import sys
@@ -52,6 +55,11 @@ FACTORIES = '''
     from torch_nets import GhostSplit, ResCat, TinyConvNeXt, TinyShuffle  # custom nn.Modules: a residual add,
     # concat, depthwise conv, SE gate; a ghost module cut by x[:, :c], split and chunk parts meeting in an add;
     # ConvNeXt and ShuffleNet in small
+    from layer_nets import TinyViT  # a Vision Transformer in small
+
+
+    def TinyViT3():
+        return TinyViT(3, 3, dim=16)
 
 
     def TinyConvNeXt3():
@@ -74,7 +82,9 @@ NETWORK_SETTINGS = {("rgo", "torchvision resnet18"): {"max_projection_bytes": 4 
                     ("rgo", "custom residual + concat"): {"batchnorm": "task"},
                     ("rgo", "custom channel slices"): {"batchnorm": "task"},
                     ("rgo", "custom channel shuffle"): {"batchnorm": "task"},
-                    ("rgo", "timm mixnet_s"): {**RGO_WITH_BATCHNORM, "lr": 0.03}}
+                    ("rgo", "timm mixnet_s"): {**RGO_WITH_BATCHNORM, "lr": 0.03},
+                    ("rgo", "timm tf_mobilenetv3_small_minimal_100 (TensorFlow same padding)"):
+                        {**RGO_WITH_BATCHNORM, "lr": 0.03}}
 KEEPS_OLD_TASKS = {"lps", "agscl", "halrp", "stl"}  # BWT exactly 0
 SAMPLES = 96  # training samples per task (test splits stay whole)
 
