@@ -42,7 +42,7 @@ class _AttentionConverter:
     alias: dict[fx.Node, str]
     last: set[fx.Node]
     modules: dict[str, nn.Module]
-    param_modules: set[str]
+    one_call: Callable[[str, fx.Node], None]
     _emit: Callable[..., str]
     _input: Callable[[Any, fx.Node], str]
     attention_2d: Callable[..., None]
@@ -83,10 +83,7 @@ class _AttentionConverter:
 
     def _multihead(self, node: fx.Node, m: nn.MultiheadAttention, path: str) -> None:
         where = f"MultiheadAttention at {path!r} {location(node)}"
-        if path in self.param_modules:
-            raise UsageError(f"{self.name}: module {path!r} is called twice (shared weights) {location(node)}; "
-                             "edgecl needs one call per layer")
-        self.param_modules.add(path)
+        self.one_call(path, node)
         args = dict(zip(_MHA_PARAMETERS, node.args), **node.kwargs)
         q = args.get("query")
         if args.get("key") is not q or args.get("value") is not q:
@@ -117,11 +114,16 @@ class _AttentionConverter:
         width = linear.out_features // 3
         fields: dict[str, Any] = {"module": module} if module else {}
         packed = self._emit(node, "conv", [x], qkv_name, **_pointwise(linear), **fields)
-        q, k, v = (self._emit(node, "slice", [packed], f"{path}.{part}", start=i * width, stop=(i + 1) * width)
-                   for i, part in enumerate("qkv"))
-        attended = self._emit(node, "attention", [q, k, v], f"{path}.attend", heads=heads, scale=scale)
+        attended = self.attend_packed(node, packed, path, width, heads=heads, scale=scale)
         self._emit(node, "conv", [attended], proj_name, **_pointwise(out))
         self.last.add(node)
+
+    def attend_packed(self, node: fx.Node, packed: str, path: str, width: int, **fields: Any) -> str:
+        """q, k and v as the three `width`-channel slices of one packed projection, and the ``attention`` over them
+        (`fields`: heads, scale)."""
+        q, k, v = (self._emit(node, "slice", [packed], f"{path}.{part}", start=i * width, stop=(i + 1) * width)
+                   for i, part in enumerate("qkv"))
+        return self._emit(node, "attention", [q, k, v], f"{path}.attend", **fields)
 
 
 def _pointwise(linear: Any) -> dict[str, Any]:

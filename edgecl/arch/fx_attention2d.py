@@ -40,6 +40,7 @@ class _Attention2dConverter:
     _emit: Callable[..., str]
     _conv: Callable[..., str]
     _norm: Callable[..., str]
+    attend_packed: Callable[..., str]  # `fx_attention`'s: q, k, v slices of one projection and their attention
 
     def attention_2d(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
         where = f"{type(m).__name__} at {path!r} {location(node)}"
@@ -100,8 +101,5 @@ class _Attention2dConverter:
                              "edgecl supports q, k and v each a block of heads (head_first=False)")
         heads, width = int(m.num_heads), m.qkv.out_channels // 3
         packed = self._conv(node, m.qkv, x, f"{path}.qkv", where)
-        q, k, v = (self._emit(node, "slice", [packed], f"{path}.{part}", start=i * width, stop=(i + 1) * width)
-                   for i, part in enumerate("qkv"))
-        attended = self._emit(node, "attention", [q, k, v], f"{path}.attend", heads=heads,
-                              scale=float(m.dim_head) ** -0.5)
+        attended = self.attend_packed(node, packed, path, width, heads=heads, scale=float(m.dim_head) ** -0.5)
         self._conv(node, m.proj, attended, f"{path}.proj", where)

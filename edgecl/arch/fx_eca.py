@@ -17,9 +17,6 @@ from torch import fx, nn
 from edgecl.arch.fx_calls import location, map_shape
 from edgecl.errors import UsageError
 
-# timm's own gate modules (create_act_layer's "sigmoid" / "hard_sigmoid"), beside torch's activations
-TIMM_GATES = {("timm.layers.activations", "Sigmoid"): "sigmoid", ("timm.layers.activations", "HardSigmoid"):
-              "hardsigmoid"}
 ECA = {("timm.layers.eca", "EcaModule"): False, ("timm.layers.eca", "CecaModule"): True}  # class → circular
 
 
@@ -34,8 +31,7 @@ class _EcaConverter:
     name: str
     alias: dict[fx.Node, str]
     _emit: Callable[..., str]
-    _activation: Callable[..., None]
-    activation_modules: dict
+    _gate: Callable[..., str]  # `fx_split_attn`'s: timm's gate modules or an activation
 
     def eca(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
         kind = type(m).__name__
@@ -55,17 +51,10 @@ class _EcaConverter:
             raise UsageError(f"{self.name}: {where}: its Conv1d must be 1 → 1 channel, odd kernel, no bias, stride "
                              f"and dilation 1 and padding (k−1)/2 (has kernel {k}, padding {pad}, bias "
                              f"{conv.bias is not None})")
-        timm_gate = TIMM_GATES.get((type(m.gate).__module__, type(m.gate).__name__))
-        if timm_gate is None and not isinstance(m.gate, tuple(self.activation_modules)):
-            raise UsageError(f"{self.name}: {where}: gate {type(m.gate).__name__} is not an activation edgecl knows")
         shape = map_shape(node, self.name, where)
         if circular and pad > shape[0]:
             raise UsageError(f"{self.name}: {where}: circular padding {pad} is wider than its {shape[0]} channels")
         pooled = self._emit(node, "gap", [x], f"{path}.pool")
         mixed = self._emit(node, "channel_conv", [pooled], f"{path}.conv", ch=shape[0], k=k, circular=circular,
                            module_shape=[1, 1, k])
-        if timm_gate:
-            self._emit(node, timm_gate, [mixed], f"{path}.gate")
-        else:
-            self._activation(node, m.gate, mixed, f"{path}.gate")
-        self._emit(node, "mul", [x, self.alias[node]], path)
+        self._emit(node, "mul", [x, self._gate(node, m.gate, mixed, f"{path}.gate", where)], path)

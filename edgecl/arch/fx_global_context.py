@@ -17,7 +17,6 @@ from typing import Any, Callable
 from torch import fx, nn
 
 from edgecl.arch.fx_calls import location, map_shape
-from edgecl.arch.fx_eca import TIMM_GATES
 from edgecl.errors import UsageError
 
 GLOBAL_CONTEXT = ("timm.layers.global_context", "GlobalContext")
@@ -35,11 +34,10 @@ class _GlobalContextConverter:
 
     name: str
     alias: dict[fx.Node, str]
-    activation_modules: dict
     _emit: Callable[..., str]
-    _activation: Callable[..., None]
     _conv: Callable[..., str]  # `fx_split_attn`'s: a plain nn.Conv2d, named by its path
     _act: Callable[..., str]
+    _gate: Callable[..., str]
 
     def global_context(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
         where = f"GlobalContext at {path!r} {location(node)}"
@@ -83,9 +81,3 @@ class _GlobalContextConverter:
             raise UsageError(f"{self.name}: {where}: {path}.drop is a {type(mlp.drop).__name__}, not a dropout")
         hidden = self._act(node, mlp.act, hidden, f"{path}.act", where)
         return self._conv(node, mlp.fc2, hidden, f"{path}.fc2", where)
-
-    def _gate(self, node: fx.Node, gate: nn.Module, x: str, path: str, where: str) -> str:
-        timm_gate = TIMM_GATES.get((type(gate).__module__, type(gate).__name__))
-        if timm_gate:
-            return self._emit(node, timm_gate, [x], path)
-        return self._act(node, gate, x, path, where)

@@ -344,10 +344,7 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
         whole = next((method for kept, method in _WHOLE if kept(m)), None)
         if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)) or \
                 whole and next(m.parameters(), None) is not None:
-            if path in self.param_modules:
-                raise UsageError(f"{self.name}: module {path!r} is called twice (shared weights) {location(node)}; "
-                                 "edgecl needs one call per layer")
-            self.param_modules.add(path)
+            self.one_call(path, node)
         if same_kind(m):
             self.same_padded(node, m, x, path)
         elif odd_same(m):
@@ -384,6 +381,13 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
             getattr(self, whole)(node, m, x, path)
         else:
             raise UsageError(f"{self.name}: unsupported layer {type(m).__name__} at {path!r} {location(node)}")
+
+    def one_call(self, path: str, node: fx.Node) -> None:
+        """A layer with weights is called once: a second call would make one weight two in the spec."""
+        if path in self.param_modules:
+            raise UsageError(f"{self.name}: module {path!r} is called twice (shared weights) {location(node)}; "
+                             "edgecl needs one call per layer")
+        self.param_modules.add(path)
 
     def _batchnorm(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
         if not (m.affine and m.track_running_stats):

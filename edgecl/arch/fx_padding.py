@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch.nn.functional as F
 from torch import fx, nn
 
-from edgecl.arch.fx_calls import location, pair, shape_of
+from edgecl.arch.fx_calls import location, map_shape, pair, shape_of
 from edgecl.errors import UsageError
 
 SAME_LAYERS = {("timm.layers.conv2d_same", "Conv2dSame"): "conv",
@@ -59,10 +59,7 @@ class _PaddingConverter:
 
     def same_padded(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
         """A same-padded conv or pool (`same_kind`) as its fixed padding and the plain layer."""
-        shape = shape_of(node.args[0])
-        if shape is None or len(shape) != 3:
-            raise UsageError(f"{self.name}: {type(m).__name__} at {path!r} {location(node)} needs a (channels, "
-                             f"height, width) input, gets {shape}")
+        shape = map_shape(node, self.name, f"{type(m).__name__} at {path!r} {location(node)}")
         k, stride, dilation = pair(m.kernel_size), pair(m.stride or m.kernel_size), pair(getattr(m, "dilation", 1))
         (top, bottom), (left, right) = (same_padding(shape[1 + a], k[a], stride[a], dilation[a]) for a in range(2))
         if same_kind(m) == "conv":

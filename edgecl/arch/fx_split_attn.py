@@ -10,7 +10,9 @@ input); its logits ``attn.view(B, R, C, 1, 1)`` are branch-major, as ``branch_so
 branches are the R radix blocks of one grouped conv's R·C channels; its grouped fc2 writes the logits cardinality-major
 (``view(B, G, R, C/G).transpose(1, 2)``), so with cardinality G > 1 they are first laid out branch-major by slices and
 a ``cat``; radix 1 is a sigmoid gate. Every tensor node is named by its module path, so the modules' weights read as
-they are. Variants these ops do not compute are refused by name with the user's source line.
+they are. Variants these ops do not compute are refused by name with the user's source line. Its steps for one
+library layer (`_conv`, `_norm`, `_act`, `_gate`) serve the other modules kept whole too (ECA, GCNet, MobileNetV4's
+attention).
 """
 from __future__ import annotations
 
@@ -23,6 +25,9 @@ from edgecl.errors import UsageError
 
 SPLIT_ATTENTION = {("timm.layers.selective_kernel", "SelectiveKernel"), ("timm.layers.split_attn", "SplitAttn")}
 _RADIX_SOFTMAX = ("timm.layers.split_attn", "RadixSoftmax")
+# timm's own gate modules (create_act_layer's "sigmoid" / "hard_sigmoid"), beside torch's activations
+TIMM_GATES = {("timm.layers.activations", "Sigmoid"): "sigmoid", ("timm.layers.activations", "HardSigmoid"):
+              "hardsigmoid"}
 
 
 def is_split_attention(m: Any) -> bool:
@@ -143,6 +148,13 @@ class _SplitAttnConverter:
                              "BatchNorm2d there")
         self._batchnorm(node, norm, x, path)
         return self.alias[node]
+
+    def _gate(self, node: fx.Node, gate: nn.Module, x: str, path: str, where: str) -> str:
+        """A gate's activation: timm's own Sigmoid / HardSigmoid modules, or any activation edgecl knows."""
+        timm_gate = TIMM_GATES.get((type(gate).__module__, type(gate).__name__))
+        if timm_gate:
+            return self._emit(node, timm_gate, [x], path)
+        return self._act(node, gate, x, path, where)
 
     def _act(self, node: fx.Node, act: nn.Module, x: str, path: str, where: str) -> str:
         if not isinstance(act, tuple(self.activation_modules)):

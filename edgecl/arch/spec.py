@@ -42,7 +42,8 @@ MAX_DIM = 1 << 31
 MAX_NDIM = 3
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,159}")
 
-_MULTI_INPUT = ("add", "mul", "cat", "attention", "attention_pool")
+# op → (fewest, most) inputs; every other op reads one
+_ARITY = {"add": (2, MAX_INPUTS), "cat": (2, MAX_INPUTS), "mul": (2, 2), "attention_pool": (2, 2), "attention": (3, 3)}
 
 
 def validate(arch: Any) -> Arch:
@@ -208,10 +209,9 @@ def _inputs(value: Any, op: str, where: str, shapes: dict[str, list[int]]) -> li
     for s in value:
         if not isinstance(s, str) or s not in shapes:
             raise UsageError(f"{where}: input {str(s)[:60]!r} is not an earlier node (nodes are in topological order)")
-    want = "2 or more" if op in ("add", "cat") else "2" if op in ("mul", "attention_pool") else "3" if \
-        op == "attention" else "1"
-    if (op in ("add", "cat") and len(value) < 2) or (op in ("mul", "attention_pool") and len(value) != 2) or \
-            (op == "attention" and len(value) != 3) or (op not in _MULTI_INPUT and len(value) != 1):
+    fewest, most = _ARITY.get(op, (1, 1))
+    if not fewest <= len(value) <= most:
+        want = f"{fewest} or more" if most == MAX_INPUTS else f"{fewest}"
         raise UsageError(f"{where}: {op} takes {want} inputs, got {len(value)}")
     return list(value)
 

@@ -35,8 +35,8 @@ def init_params(arch: Arch, n_classes: int | None = None, generator: torch.Gener
             params[f"{node['name']}.bias"].fill_(node["init_bias"])
         if node["op"] in ("class_token", "pos_embed"):  # timm's start: normal, std 0.02 (the class token's 1e-6
             # would leave every task's token alike; a spread start is what torchvision and timm's pos_embed use)
-            params[f"{node['name']}.weight"] = torch.randn(param_shapes(arch)[f"{node['name']}.weight"],
-                                                           generator=generator) * 0.02
+            weight = params[f"{node['name']}.weight"]
+            params[f"{node['name']}.weight"] = torch.randn(weight.shape, generator=generator) * 0.02
         if node["op"] == "channel_conv":  # torch's Conv1d(1, 1, k) default: uniform within 1/√k
             bound = 1.0 / math.sqrt(node["k"])
             params[f"{node['name']}.weight"] = (torch.rand(node["k"], generator=generator) * 2 - 1) * bound
