@@ -100,7 +100,7 @@ def test_shared_layers_and_data_dependent_control_flow_are_refused():
 
     with pytest.raises(UsageError, match="called twice"):
         from_torch(Shared(), (3, 8, 8))
-    with pytest.raises(UsageError, match="cannot trace"):
+    with pytest.raises(UsageError, match="data-dependent control flow cannot be converted"):
         from_torch(Branchy(), (3, 8, 8))
 
 

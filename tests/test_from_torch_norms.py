@@ -137,8 +137,11 @@ def test_normalized_shape_computed_in_forward_is_the_weights():
     module = _ShapeFromForward()
     randomise_batchnorm(module)
     check_parity(module, from_torch(module, (3, 6, 6)), (3, 6, 6))
-    with pytest.raises(UsageError, match="normalized_shape computed in forward without a weight"):
-        from_torch(_ShapeFromForward(affine=False), (3, 6, 6))
+    # without a weight too: the shape is folded into numbers at the import shape (`fx_shape_flow`)
+    plain = _ShapeFromForward(affine=False)
+    spec = from_torch(plain, (3, 6, 6))
+    assert next(n for n in spec["nodes"] if n["op"] == "layer_norm")["affine"] is False
+    check_parity(plain, spec, (3, 6, 6))
 
 
 def test_one_weight_cannot_become_two():

@@ -255,7 +255,7 @@ class Inner(nn.Module):
     (lambda y: F.max_pool2d(y, 2, return_indices=True)[0], r"'max_pool2d_with_indices' .*return_indices"),
     (lambda y: F.softmax(y, dim=1), r"'softmax' .*only as the last op"),
     (lambda y: y.amax(1, keepdim=True) * y, r"'amax' .*only the spatial amax"),
-    (lambda y: y * y.size(1), r"'mul' .*computed in forward"),
+    (lambda y: y * y.size(0), r"'mul' .*computed in forward"),  # the batch size: not folded (`fx_shape_flow`)
     (lambda y: torch.clamp(y, 0, 1), r"'clamp'"),
     (lambda y: y + y.mean(1, keepdim=True), r"'mean' .*only the spatial mean"),
     (lambda y: y - y.mean((2, 3), keepdim=True), r"'sub' .*shapes \[8, 8, 8\] and \[8, 1, 1\]; only of equal"),

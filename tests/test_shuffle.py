@@ -92,7 +92,6 @@ class _Refused(nn.Module):
     ("pooled while grouped", r"'mean' .* reads a grouped view of channels"),
     ("returned grouped", r"returns a grouped view of channels"),
     ("viewed back transposed", r"'view' .* edgecl follows a channel shuffle"),
-    ("computed dims", r"'transpose' .* edgecl follows a channel shuffle"),
 ])
 def test_other_uses_of_a_grouped_view_are_refused(kind, match):
     with pytest.raises(UsageError, match=match):
@@ -101,11 +100,13 @@ def test_other_uses_of_a_grouped_view_are_refused(kind, match):
 
 def test_transpose_dims_by_keyword_and_a_group_held_twice():
     """torch.transpose(x, dim0=1, dim1=2) is the same shuffle; shuffle(cat(a, a)) splits a into channels once (no
-    orphaned groups for AGS-CL to count as nodes)."""
-    module = _Refused("keyword dims")
-    spec = from_torch(module, (3, 4, 6))
-    assert [n["op"] for n in spec["nodes"]].count("shuffle") == 1
-    check_parity(module, spec, (3, 4, 6))
+    orphaned groups for AGS-CL to count as nodes). Dims computed from the rank (``x.dim() - 3``) are numbers at the
+    import shape (`fx_shape_flow`): the same shuffle."""
+    for kind in ("keyword dims", "computed dims"):
+        module = _Refused(kind)
+        spec = from_torch(module, (3, 4, 6))
+        assert [n["op"] for n in spec["nodes"]].count("shuffle") == 1
+        check_parity(module, spec, (3, 4, 6))
     twice = validate({"input_shape": [1, 4, 4], "nodes": [
         {"name": "a", "op": "conv", "inputs": ["input"], "in": 1, "out": 3, "k": 1},
         {"name": "aa", "op": "cat", "inputs": ["a", "a"]}, {"name": "s", "op": "shuffle", "inputs": ["aa"], "groups": 2},

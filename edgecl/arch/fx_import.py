@@ -35,6 +35,7 @@ from edgecl.arch.fx_eca import _EcaConverter, is_eca
 from edgecl.arch.fx_global_context import _GlobalContextConverter, is_global_context
 from edgecl.arch.fx_norms import LAYER_NORMS, PERMUTES, _NormConverter, is_grn, is_view
 from edgecl.arch.fx_padding import PAD_FUNCTIONS, PAD_MODULES, _PaddingConverter, odd_same, same_kind
+from edgecl.arch.fx_shape_flow import ShapeFlowTracer, raised_at
 from edgecl.arch.fx_shuffle import _ShuffleConverter
 from edgecl.arch.fx_slices import _SliceConverter
 from edgecl.arch.fx_space_to_depth import _SpaceToDepthConverter, is_space_to_depth
@@ -64,9 +65,10 @@ _WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention
           (is_space_to_depth, "space_to_depth"))
 
 
-class _Tracer(fx.Tracer):
-    """Keeps standard layers and their subclasses (timm's BatchNormAct2d, …) as call_module nodes, and records each
-    node's Python stack so that a refusal can point at the user's source line."""
+class _Tracer(ShapeFlowTracer):
+    """Keeps standard layers and their subclasses (timm's BatchNormAct2d, …) as call_module nodes, records each
+    node's Python stack so that a refusal can point at the user's source line, and resolves control flow on shapes
+    at the import shape (`fx_shape_flow`)."""
 
     record_stack_traces = True
 
@@ -116,13 +118,12 @@ def from_torch(module: nn.Module, input_shape: tuple[int, ...] | list[int], *, c
     if isinstance(module, _LEAVES):  # fx traces into its root: a bare layer becomes the one child of a Sequential
         module = nn.Sequential(module)
     try:
-        graph = _Tracer().trace(module, concrete_args=_concrete_defaults(module))
+        graph = _Tracer(shape).trace(module, concrete_args=_concrete_defaults(module))
     except UsageError as exc:
         raise UsageError(f"{name}: {exc}") from None
-    except Exception as exc:  # torch.fx raises many types; the user needs the reason, not the trace
-        raise UsageError(f"cannot trace {type(module).__name__} with torch.fx ({type(exc).__name__}: "
-                         f"{str(exc)[:300]}); edgecl needs a forward without data-dependent Python control flow"
-                         ) from None
+    except Exception as exc:  # torch.fx raises many types; the user needs the reason and the line, not the trace
+        raise UsageError(f"cannot trace {type(module).__name__} with torch.fx at {raised_at(exc) or 'an unknown line'}"
+                         f" ({type(exc).__name__}: {str(exc)[:300]})") from None
     traced = fx.GraphModule(module, graph)
     _propagate_shapes(traced, shape)
     return _Converter(traced, module, shape, classifier, name).spec()

@@ -101,7 +101,8 @@ class _PaddingConverter:
         if not isinstance(pads, (list, tuple)) or len(pads) not in (2, 4) or \
                 not all(isinstance(p, int) and p >= 0 for p in pads):
             raise self.refuse(node, f"pad {str(pads)[:60]}: two or four ints ≥ 0 (left, right, top, bottom), "
-                                    "given in the code (not computed in forward); cropping is not supported")
+                                    "given in the code or computed from the input's shape (not from the batch size "
+                                    "or tensor values); cropping is not supported")
         left, right, top, bottom = (*pads, 0, 0)[:4]
         if value is None:
             value = 0.0

@@ -1,0 +1,298 @@
+"""Shape-specialised tracing: Python control flow on a traced value is resolved at the import shape.
+
+torch.fx cannot branch on a proxy, yet most control flow in real models reads only shapes (``if x.shape[-1] !=
+self.size``, ``assert x.dim() == 4``, ``if H % 2``, ``for i in range(x.size(1) // 4)``, a window padding's ``if
+pad_r > 0``). edgecl imports one network for one input shape, so such a value has one answer: `ShapeFlowTracer`
+computes it by running the part of the graph traced so far on example inputs of the import shape, and hands Python
+the concrete value (`to_bool`, `iter`, and `int()`/`float()`/`len()`/indexing through `_ShapeProxy`). Each decision is
+checked twice before it is taken, because a wrong branch would be a silently different network:
+  * it may read tensors only through their metadata (shape, dim, numel, dtype, device) — a value computed from tensor
+    data (``x.sum() > 0``, ``(x > 0).any()``, ``.item()``, a shape made by ``nonzero``) is refused with its source
+    line: edgecl builds one graph for every input;
+  * it must be the same at batch sizes 1, 2 and 3 — the spec runs at any batch size, so a branch on the batch is
+    refused too.
+dtype/device reads resolve as float32 on the CPU: the spec is float32 everywhere (torch build, ONNX, runtime), and
+the device a model was traced on does not change what its ops compute. After the trace, the shape arithmetic that
+fed a decision is folded into constants where it is also used as an argument (``F.pad(x, (0, pad_r, 0, pad_b))``)
+and the scalar nodes left without users are removed, so the converter sees the specialised network only.
+"""
+from __future__ import annotations
+
+import linecache
+import operator
+import os
+import sys
+import traceback
+from typing import Any, Iterator
+
+import torch
+from torch import fx
+from torch.fx._symbolic_trace import _maybe_revert_all_patches
+from torch.fx.proxy import Attribute
+
+from edgecl.errors import UsageError
+
+_BATCHES = (2, 1, 3)  # the import batch first: the value handed to Python is the one at batch 2
+_METADATA_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "is_floating_point", "is_complex",
+                     "get_device"}
+_METADATA_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda"}
+# ops whose output *shape* depends on the input's values
+_DATA_SHAPED = {torch.nonzero, torch.masked_select, torch.unique, torch.unique_consecutive, torch.argwhere,
+                torch.repeat_interleave, "nonzero", "masked_select", "unique", "unique_consecutive", "argwhere",
+                "repeat_interleave"}
+_OWN_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
+_FOLDABLE = (bool, int, float)
+
+
+def user_line(frames: list[tuple[str, int]]) -> str | None:
+    """The innermost of (file, line) `frames` (outermost first) outside torch and edgecl's importer, as
+    ``file:line: code`` — where a refusal points the user."""
+    for filename, line in reversed(frames):
+        if not os.path.abspath(filename).startswith(_OWN_DIRS) and not filename.startswith("<"):
+            return f"{filename}:{line}: {linecache.getline(filename, line).strip()[:120]}"
+    return None
+
+
+def raised_at(exc: BaseException) -> str | None:
+    """The user's line an exception raised inside the trace came from."""
+    return user_line([(f.filename, f.lineno or 0) for f in traceback.extract_tb(exc.__traceback__)])
+
+
+def _calling_line() -> str:
+    frames, frame = [], sys._getframe(1)
+    while frame is not None:
+        frames.append((frame.f_code.co_filename, frame.f_lineno))
+        frame = frame.f_back
+    return user_line(frames[::-1]) or "an unknown line"
+
+
+class ShapeFlowTracer(fx.Tracer):
+    """An fx tracer that resolves control flow on shapes at `input_shape` (see the module docstring)."""
+
+    def __init__(self, input_shape: list[int]) -> None:
+        super().__init__()
+        self.input_shape = list(input_shape)
+        self._envs: dict[int, dict[fx.Node, Any]] = {}
+        self._runners: dict[int, fx.Interpreter] = {}
+        self._sources: dict[fx.Node, fx.Node | None] = {}
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ShapeProxy(node, self)
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        self._envs = {b: {} for b in _BATCHES}
+        self._runners, self._sources = {}, {}
+        graph = super().trace(root, concrete_args)
+        self._fold(graph)
+        return graph
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return bool(self.resolve(obj, "a condition (if, assert, and/or, not)"))
+
+    def iter(self, obj: fx.Proxy) -> Iterator:
+        value = self.resolve(obj, "a for loop or unpacking", items=True)
+        if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+            return iter([obj[i] for i in range(len(value))])  # the parts of a split stay in the graph
+        return iter(value)
+
+    # -- resolving one value ----------------------------------------------------------------------------------------
+    def resolve(self, proxy: fx.Proxy, use: str, items: bool = False) -> Any:
+        """The concrete value of `proxy` at the import shape, if it depends on shapes only and not on the batch."""
+        node, where = proxy.node, _calling_line()
+        values = [self._evaluate(node, batch, where) for batch in _BATCHES]
+        if items and isinstance(values[0], torch.Tensor):
+            raise UsageError(f"the Python control flow at {where} ({use}) reads a tensor's first axis (the batch); "
+                             "edgecl builds one network for every batch size")
+        source = self._data_source(node)
+        if source is not None:
+            raise UsageError(f"the Python control flow at {where} ({use}) depends on tensor values, not only on "
+                             f"shapes (through {_describe(source)}); data-dependent control flow cannot be converted: "
+                             "edgecl builds one network for every input (compute both branches and select with "
+                             "torch.where, or decide in __init__)")
+        parts = items and _has_tensors(values[0])  # a split's parts: their number is checked, their values stay
+        if any(not _same(len(v) if parts else v, len(values[0]) if parts else values[0]) for v in values[1:]):
+            shown = ", ".join(f"{_short(v)} at batch {b}" for b, v in zip(_BATCHES, values))
+            raise UsageError(f"the Python control flow at {where} ({use}) depends on the batch size ({shown}); edgecl "
+                             "builds one network for every batch size, so the decision must depend only on the "
+                             "other axes of the input")
+        return values[0]
+
+    def _evaluate(self, node: fx.Node, batch: int, where: str) -> Any:
+        """`node`'s value on an example input of `batch` × the import shape: the graph traced so far, its ancestors
+        only, in eval mode without gradients (the module's state untouched), reusing values computed before."""
+        env = self._envs[batch]
+        if node not in env:
+            order = {n: i for i, n in enumerate(self.graph.nodes)}
+            todo = sorted(_ancestors(node, env), key=order.__getitem__)
+            runner = self._runners.get(batch)
+            if runner is None:
+                runner = self._runners[batch] = fx.Interpreter(self.root, graph=self.graph)
+                runner.env = env
+            modes = {m: m.training for m in self.root.modules()}
+            self.root.eval()
+            current = None
+            try:  # torch.fx's patches (nn.Module.__call__ → a proxy) lifted: the layers run for real
+                with torch.no_grad(), _maybe_revert_all_patches():
+                    for current in todo:
+                        env[current] = self._run(runner, current, batch)
+            except UsageError:
+                raise
+            except Exception as exc:  # the model's own failure, at the user's line
+                raise UsageError(f"deciding the control flow at {where}: the model does not run on inputs of shape "
+                                 f"({batch}, {', '.join(map(str, self.input_shape))}) at "
+                                 f"{raised_at(exc) or getattr(current, 'name', '?')}: {type(exc).__name__}: "
+                                 f"{str(exc)[:200]}") from None
+            finally:
+                for m, training in modes.items():
+                    m.training = training
+        return env[node]
+
+    def _run(self, runner: fx.Interpreter, node: fx.Node, batch: int) -> Any:
+        if node.op != "placeholder":
+            return runner.run_node(node)
+        if node is next(iter(self.graph.nodes)):  # the input
+            generator = torch.Generator().manual_seed(0)
+            return torch.randn(batch, *self.input_shape, generator=generator)
+        return node.args[0] if node.args else None  # an argument fixed at its default
+
+    def _data_source(self, node: fx.Node) -> fx.Node | None:
+        """The node through which tensor values (not only metadata) reach `node`'s value, if any (memoised: a node's
+        inputs never change while it is traced)."""
+        env, sources = self._envs[_BATCHES[0]], self._sources
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        for n in sorted(_ancestors(node, sources), key=order.__getitem__):
+            inputs = n.all_input_nodes
+            found = next((sources[i] for i in inputs if sources[i] is not None), None)
+            if found is None and (n.target in _DATA_SHAPED or _mask_index(n, env)):
+                found = n
+            if found is None and not _tensors(env[n]) and not _metadata(n) and any(_tensors(env[i]) for i in inputs):
+                found = n  # .item(), .tolist(), a tensor's data read into Python
+            sources[n] = found
+        if sources[node] is None and isinstance(env[node], torch.Tensor):
+            return node  # bool(tensor): its value decides
+        return sources[node]
+
+    # -- after the trace --------------------------------------------------------------------------------------------
+    def _fold(self, graph: fx.Graph) -> None:
+        """Shape arithmetic (a tensor's metadata and Python arithmetic on it) that is the same at every batch size
+        becomes constants in its uses (``F.pad(x, (0, W % 2, 0, H % 2))``, ``x * x.size(1)``); the scalar nodes
+        left without users (what decided a branch) are erased."""
+        scalars: set[fx.Node] = set()
+        for n in graph.nodes:
+            if n.op in ("call_function", "call_method") and not n.is_impure() and \
+                    (_metadata(n) or n.all_input_nodes and all(i in scalars for i in n.all_input_nodes)):
+                scalars.add(n)
+        env = self._envs[_BATCHES[0]]
+        for n in [n for n in graph.nodes if n in scalars and n.users]:
+            try:
+                values = [self._evaluate(n, batch, "a shape computation") for batch in _BATCHES]
+            except UsageError:  # the model does not run at another batch size here: left as it was
+                continue
+            if not _plain(values[0]) or any(not _same(v, values[0]) for v in values[1:]) or \
+                    self._data_source(n) is not None:
+                continue
+            for user in list(n.users):
+                user.args = fx.node.map_arg(user.args, lambda a, n=n: _constant(values[0]) if a is n else a)
+                user.kwargs = fx.node.map_arg(user.kwargs, lambda a, n=n: _constant(values[0]) if a is n else a)
+        changed = True
+        while changed:
+            changed = False
+            for n in reversed(list(graph.nodes)):
+                if n in env and not n.users and n.op in ("call_function", "call_method") and \
+                        not isinstance(env[n], torch.Tensor) and not _has_tensors(env[n]) and not n.is_impure():
+                    graph.erase_node(n)
+                    changed = True
+
+
+class _Concrete:
+    """Python's conversions of a traced value, resolved by the tracer: ``range(n)``, ``int(x)``, ``len(x.shape)``."""
+
+    tracer: ShapeFlowTracer
+
+    def __index__(self) -> int:
+        return operator.index(self.tracer.resolve(self, "an integer (range(), an index)"))  # type: ignore[arg-type]
+
+    def __int__(self) -> int:
+        return int(self.tracer.resolve(self, "int()"))  # type: ignore[arg-type]
+
+    def __float__(self) -> float:
+        return float(self.tracer.resolve(self, "float() or math"))  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self.tracer.resolve(self, "len()", items=True))  # type: ignore[arg-type]
+
+
+class _ShapeAttribute(_Concrete, Attribute):
+    """``x.shape`` and other attributes of a traced value, with the conversions above."""
+
+
+class _ShapeProxy(_Concrete, fx.Proxy):
+    def __getattr__(self, k: str) -> Any:
+        if k == "device":  # the spec is device-free: `torch.autocast(x.device.type)`, `if x.is_cuda`-style reads
+            return torch.device("cpu")
+        return _ShapeAttribute(self, k)
+
+
+def _ancestors(node: fx.Node, known: dict[fx.Node, Any]) -> set[fx.Node]:
+    found, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in found and n not in known:
+            found.add(n)
+            stack.extend(n.all_input_nodes)
+    return found
+
+
+def _metadata(node: fx.Node) -> bool:
+    """Reads a tensor's metadata only (its shape, rank, element count, dtype or device), not its values."""
+    if node.op == "call_method":
+        return node.target in _METADATA_METHODS
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in _METADATA_ATTRIBUTES
+    return node.op == "call_function" and node.target in (torch.Tensor.size, torch.Tensor.dim, torch.numel)
+
+
+def _mask_index(node: fx.Node, env: dict[fx.Node, Any]) -> bool:
+    """``x[mask]`` with a boolean tensor: its shape counts the mask's true values."""
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return False
+    found: list[bool] = []
+    fx.node.map_arg(node.args[1:], lambda a: found.append(isinstance(env.get(a), torch.Tensor) and
+                                                           env[a].dtype == torch.bool) or a)
+    return any(found)
+
+
+def _tensors(value: Any) -> bool:
+    """A tensor or a split's parts: values that stay in the graph, not read into Python."""
+    return isinstance(value, torch.Tensor) or _has_tensors(value)
+
+
+def _has_tensors(value: Any) -> bool:
+    return isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value)
+
+
+def _plain(value: Any) -> bool:
+    return isinstance(value, _FOLDABLE) or isinstance(value, (tuple, list)) and all(
+        isinstance(v, _FOLDABLE) for v in value)
+
+
+def _constant(value: Any) -> Any:
+    return tuple(value) if isinstance(value, (tuple, list)) else value
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+    try:
+        return bool(type(a) is type(b) and a == b)
+    except Exception:  # values that do not compare
+        return False
+
+
+def _describe(node: fx.Node) -> str:
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{node.op} {target}, node {node.name}"
+
+
+def _short(value: Any) -> str:
+    return f"tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else str(value)[:40]
