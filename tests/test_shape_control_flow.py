@@ -1,0 +1,242 @@
+"""Shape-specialised tracing (`edgecl.arch.fx_shape_flow`): a user's own module with Python control flow on shapes
+goes in at the import shape, its resolved network equal to the module (torch and ONNX Runtime parity); control flow
+on tensor values or on the batch size is refused naming the user's source line."""
+from __future__ import annotations
+
+import inspect
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch_nets import check_parity, randomise_batchnorm
+
+from edgecl.arch import from_torch
+from edgecl.errors import UsageError
+
+
+def _ops(spec: dict) -> list[str]:
+    return [n["op"] for n in spec["nodes"]]
+
+
+def _at(cls: type, text: str) -> str:
+    """A pattern for `text`'s source line in `cls.body`, as a refusal names it (``file:line: code``)."""
+    lines, first = inspect.getsourcelines(cls.body)
+    number = first + next(i for i, line in enumerate(lines) if text in line)
+    return re.escape(f"test_shape_control_flow.py:{number}: ") + ".*" + re.escape(text)
+
+
+class _Head(nn.Module):
+    """A conv stem and a pooled classifier around the control flow under test (`body`)."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, 5)
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def forward(self, x):
+        x = self.body(torch.relu(self.bn(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+class InterpolateIfSizeDiffers(_Head):
+    size = 8
+
+    def body(self, x):
+        assert x.dim() == 4, "a batch of maps"
+        if x.shape[-1] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="nearest")
+        return x
+
+
+class PadIfOdd(_Head):
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(8, 8, 2, stride=2)
+
+    def body(self, x):
+        H, W = x.shape[-2:]
+        if H % 2 or W % 2:
+            x = F.pad(x, (0, W % 2, 0, H % 2))
+        return self.down(x)
+
+
+class ShapeLoops(_Head):
+    """A chain built by loops over shape-derived ranges: a block per 4 channels, a stride-2 conv per halving down to
+    4×4 (`math.log2` on a size), and the parts of a split walked with `for`."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(4))
+        self.downs = nn.ModuleList(nn.Conv2d(8, 8, 3, stride=2, padding=1) for _ in range(4))
+        self.parts = nn.ModuleList(nn.Conv2d(4, 4, 1) for _ in range(2))
+
+    def body(self, x):
+        for i in range(x.size(1) // 4):
+            x = torch.relu(self.blocks[i](x))
+        for i in range(int(math.log2(x.shape[-1])) - 2):
+            x = self.downs[i](x)
+        x = torch.cat([conv(part) for conv, part in zip(self.parts, x.split(4, 1))], 1)
+        return x * x.size(1)  # a number computed from a shape: a constant at the import shape
+
+
+class WindowPadding(_Head):
+    """TinyViT's window branch on a map: the whole map at the window size, else pad to whole windows first."""
+
+    window = 4
+
+    def __init__(self):
+        super().__init__()
+        self.whole, self.local = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+
+    def body(self, x):
+        B, C, H, W = x.shape
+        ws = self.window
+        if H == ws and W == ws:
+            return self.whole(x)
+        pad_b = (ws - H % ws) % ws
+        pad_r = (ws - W % ws) % ws
+        if pad_b > 0 or pad_r > 0:
+            x = F.pad(x, (0, pad_r, 0, pad_b))
+        return self.local(F.avg_pool2d(x, ws))
+
+
+@pytest.mark.parametrize("cls, shape, expect", [
+    (InterpolateIfSizeDiffers, (3, 4, 4), ["upsample"]), (InterpolateIfSizeDiffers, (3, 8, 8), []),
+    (PadIfOdd, (3, 9, 7), ["pad"]), (PadIfOdd, (3, 8, 8), []),
+    (ShapeLoops, (3, 16, 16), ["slice", "cat", "scale"]),
+    (WindowPadding, (3, 10, 10), ["pad", "avgpool"]), (WindowPadding, (3, 4, 4), []),
+])
+def test_shape_control_flow_is_resolved_at_the_import_shape(cls, shape, expect):
+    torch.manual_seed(0)
+    module = cls()
+    randomise_batchnorm(module)
+    spec = from_torch(module, shape)
+    ops = _ops(spec)
+    for op in ("upsample", "pad", "avgpool"):  # the branch taken, and only that one
+        assert (op in ops) == (op in expect), (op, ops)
+    assert all(op in ops for op in expect)
+    check_parity(module, spec, shape)
+
+
+def test_the_branch_taken_depends_on_the_shape():
+    """One module, two import shapes, two networks: the loops run once per 4 channels and once per halving."""
+    counts = {}
+    for side in (16, 32):
+        spec = from_torch(ShapeLoops(), (3, side, side))
+        counts[side] = sum(1 for n in spec["nodes"] if n["op"] == "conv" and n["name"].startswith("downs."))
+        assert sum(1 for n in spec["nodes"] if n["name"].startswith("blocks.")) == 2
+    assert counts == {16: 2, 32: 3}
+    window = from_torch(WindowPadding(), (3, 4, 4))
+    assert any(n["name"] == "whole" for n in window["nodes"]) and not any(n["name"] == "local" for n in
+                                                                          window["nodes"])
+
+
+def test_tracing_leaves_the_module_as_it_was():
+    """Deciding runs the module's layers on examples: in eval mode, so a training module's BatchNorm statistics and
+    its mode are untouched."""
+    module = PadIfOdd().train()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    from_torch(module, (3, 9, 9))
+    assert module.training and module.bn.training
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+class _Data(_Head):
+    kind = "sum"
+
+    def body(self, x):
+        if self.kind == "sum":
+            if x.sum() > 0:
+                x = x * 2
+        elif self.kind == "any":
+            if (x > 0).any():
+                x = x * 2
+        elif self.kind == "item":
+            for _ in range(int(x.max().item())):
+                x = x * 2
+        elif self.kind == "weights":
+            if self.stem.weight.abs().max() > 1:
+                x = x * 2
+        elif self.kind == "nonzero":
+            if x.nonzero().shape[0] > 3:
+                x = x * 2
+        return x
+
+
+@pytest.mark.parametrize("kind, line", [
+    ("sum", "if x.sum() > 0:"), ("any", "if (x > 0).any():"), ("item", "for _ in range(int(x.max().item())):"),
+    ("weights", "if self.stem.weight.abs().max() > 1:"), ("nonzero", "if x.nonzero().shape[0] > 3:"),
+])
+def test_data_dependent_control_flow_is_refused_at_its_line(kind, line):
+    module = _Data()
+    module.kind = kind
+    with pytest.raises(UsageError, match="data-dependent control flow cannot be converted") as err:
+        from_torch(module, (3, 8, 8))
+    assert re.search(_at(_Data, line), str(err.value)), str(err.value)
+
+
+class _Batch(_Head):
+    kind = "if"
+
+    def body(self, x):
+        if self.kind == "if":
+            if x.shape[0] > 1:
+                x = x * 2
+        elif self.kind == "len":
+            x = x * (1.0 / len(x))
+        elif self.kind == "rows":
+            x = torch.cat([row.unsqueeze(0) for row in x])
+        elif self.kind == "view":
+            x = x.view(int(x.shape[0]), 8, -1).mean(2)[:, :, None, None]
+        return x
+
+
+@pytest.mark.parametrize("kind, line, why", [
+    ("if", "if x.shape[0] > 1:", "depends on the batch size"), ("len", "x = x * (1.0 / len(x))", "first axis"),
+    ("rows", "x = torch.cat([row.unsqueeze(0) for row in x])", "first axis"),
+    ("view", "x = x.view(int(x.shape[0]), 8, -1)", "depends on the batch size"),
+])
+def test_batch_dependent_control_flow_is_refused_at_its_line(kind, line, why):
+    module = _Batch()
+    module.kind = kind
+    with pytest.raises(UsageError, match=why) as err:
+        from_torch(module, (3, 8, 8))
+    assert re.search(_at(_Batch, line), str(err.value)), str(err.value)
+
+
+class _Checked(_Head):
+    def body(self, x):
+        assert x.shape[-1] % 4 == 0, "the width must be a multiple of 4"
+        return x
+
+
+def test_a_shape_check_the_import_shape_fails_names_its_line():
+    spec = from_torch(_Checked(), (3, 8, 8))
+    assert _ops(spec)[:3] == ["conv", "bn", "relu"]
+    with pytest.raises(UsageError, match="multiple of 4") as err:
+        from_torch(_Checked(), (3, 10, 10))
+    assert re.search(_at(_Checked, "assert x.shape[-1] % 4 == 0"), str(err.value)), str(err.value)
+
+
+class _Typed(_Head):
+    """dtype and device reads resolve as float32 on the CPU, the spec's own."""
+
+    def body(self, x):
+        if x.dtype != torch.float32 or not x.is_floating_point():
+            x = x.float()
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return x + 1.0
+
+
+def test_dtype_and_device_reads_resolve_as_float32_on_the_cpu():
+    module = _Typed()
+    randomise_batchnorm(module)
+    spec = from_torch(module, (3, 8, 8))
+    assert "scale" in _ops(spec)
+    check_parity(module, spec, (3, 8, 8))
