@@ -12,12 +12,15 @@ checked twice before it is taken, because a wrong branch would be a silently dif
   * it must be the same at batch sizes 1, 2 and 3 — the spec runs at any batch size, so a branch on the batch is
     refused too.
 dtype/device reads resolve as float32 on the CPU: the spec is float32 everywhere (torch build, ONNX, runtime), and
-the device a model was traced on does not change what its ops compute. After the trace, the shape arithmetic that
-fed a decision is folded into constants where it is also used as an argument (``F.pad(x, (0, pad_r, 0, pad_b))``)
-and the scalar nodes left without users are removed, so the converter sees the specialised network only.
+the device a model was traced on does not change what its ops compute. After the trace, shape arithmetic that is the
+same at every batch size is folded into constants where it is used as an argument (``F.pad(x, (0, pad_r, 0,
+pad_b))``, ``x * x.size(1)``; a batch size stays symbolic) and the scalar nodes left without users (what decided a
+branch) are erased, so the converter sees the specialised network only. A module without control flow or shape
+arithmetic traces as before.
 """
 from __future__ import annotations
 
+import contextlib
 import linecache
 import operator
 import os
@@ -26,11 +29,12 @@ import traceback
 from typing import Any, Iterator
 
 import torch
-from torch import fx
-from torch.fx._symbolic_trace import _maybe_revert_all_patches
+from torch import fx, nn
+from torch.fx import _symbolic_trace
 from torch.fx.proxy import Attribute
 
 from edgecl.errors import UsageError
+
 
 _BATCHES = (2, 1, 3)  # the import batch first: the value handed to Python is the one at batch 2
 _METADATA_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "is_floating_point", "is_complex",
@@ -42,6 +46,24 @@ _DATA_SHAPED = {torch.nonzero, torch.masked_select, torch.unique, torch.unique_c
                 "repeat_interleave"}
 _OWN_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
 _FOLDABLE = (bool, int, float)
+
+
+@contextlib.contextmanager
+def _unpatched() -> Iterator[None]:
+    """nn.Module's call and attribute access as they are outside a trace (the tracer patches them to record
+    proxies), so that the layers run for real on the examples; where torch offers it, every patch of the trace is
+    lifted."""
+    revert = getattr(_symbolic_trace, "_maybe_revert_all_patches", None)
+    if revert is not None:
+        with revert():
+            yield
+        return
+    patched = nn.Module.__call__, nn.Module.__getattr__
+    nn.Module.__call__, nn.Module.__getattr__ = _symbolic_trace._orig_module_call, _symbolic_trace._orig_module_getattr
+    try:
+        yield
+    finally:
+        nn.Module.__call__, nn.Module.__getattr__ = patched
 
 
 def user_line(frames: list[tuple[str, int]]) -> str | None:
@@ -82,8 +104,11 @@ class ShapeFlowTracer(fx.Tracer):
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         self._envs = {b: {} for b in _BATCHES}
         self._runners, self._sources = {}, {}
-        graph = super().trace(root, concrete_args)
-        self._fold(graph)
+        try:
+            graph = super().trace(root, concrete_args)
+            self._fold(graph)
+        finally:  # the examples' intermediate values are not kept with the tracer
+            self._envs, self._runners, self._sources = {}, {}, {}
         return graph
 
     def to_bool(self, obj: fx.Proxy) -> bool:
@@ -132,7 +157,7 @@ class ShapeFlowTracer(fx.Tracer):
             self.root.eval()
             current = None
             try:  # torch.fx's patches (nn.Module.__call__ → a proxy) lifted: the layers run for real
-                with torch.no_grad(), _maybe_revert_all_patches():
+                with torch.no_grad(), _unpatched():
                     for current in todo:
                         env[current] = self._run(runner, current, batch)
             except UsageError:
