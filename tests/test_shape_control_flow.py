@@ -14,7 +14,11 @@ from torch import nn
 from torch_nets import check_parity, randomise_batchnorm
 
 from edgecl.arch import from_torch
+from edgecl.deltas import check_consistent
 from edgecl.errors import UsageError
+from edgecl.train import engine, registry
+from edgecl.train.data import make_stream
+from edgecl.train.protocol import TrainContext
 
 
 def _ops(spec: dict) -> list[str]:
@@ -31,9 +35,9 @@ def _at(cls: type, text: str) -> str:
 class _Head(nn.Module):
     """A conv stem and a pooled classifier around the control flow under test (`body`)."""
 
-    def __init__(self, width: int = 8):
+    def __init__(self, width: int = 8, in_channels: int = 3):
         super().__init__()
-        self.stem, self.bn = nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width)
+        self.stem, self.bn = nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width)
         self.fc = nn.Linear(width, 5)
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,11 +92,10 @@ class ShapeLoops(_Head):
 class WindowPadding(_Head):
     """TinyViT's window branch on a map: the whole map at the window size, else pad to whole windows first."""
 
-    window = 4
-
-    def __init__(self):
-        super().__init__()
-        self.whole, self.local = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+    def __init__(self, in_channels: int = 3, window: int = 4, width: int = 8):
+        super().__init__(width, in_channels)
+        self.window = window
+        self.whole, self.local = nn.Conv2d(width, width, 1), nn.Conv2d(width, width, 1)
 
     def body(self, x):
         B, C, H, W = x.shape
@@ -240,3 +243,22 @@ def test_dtype_and_device_reads_resolve_as_float32_on_the_cpu():
     spec = from_torch(module, (3, 8, 8))
     assert "scale" in _ops(spec)
     check_parity(module, spec, (3, 8, 8))
+
+
+@pytest.mark.parametrize("method_name", ["lps", "agscl", "halrp", "rgo"])
+def test_every_method_learns_and_deploys_a_resolved_network(method_name, tmp_path):
+    """The window-padding network imported at the digits' 1×8×8 (windows of 3: the pad branch) learns two real tasks
+    with each method (at least twice chance: a small network, five short epochs), and its artifact's runtime and
+    exported ONNX give training's answers."""
+    from test_methods_on_graphs import _deploys
+
+    stream = make_stream("split-digits", 2, seed=0)
+    spec = from_torch(WindowPadding(in_channels=1, window=3, width=32), (1, 8, 8))
+    assert "pad" in _ops(spec)
+    method = registry.create(method_name, spec, {"epochs": 5})
+    for t, task in enumerate(stream.tasks):
+        method.learn_task(t, task, TrainContext(progress=False))
+    packed = method.pack()
+    check_consistent(packed)
+    assert all(engine.accuracy(packed, t, task) > 0.4 for t, task in enumerate(stream.tasks))  # 5 classes each
+    _deploys(packed, stream, tmp_path)
