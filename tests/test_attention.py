@@ -139,8 +139,6 @@ class _MHA(nn.Module):
     (lambda: _Wrapped(timm.layers.Attention(12, 2), is_causal=True), "causal"),
     (lambda: _MHA(nn.MultiheadAttention(12, 2, batch_first=True), mask=True), "mask"),
     (lambda: _MHA(nn.MultiheadAttention(12, 2)), "batch_first"),
-    (lambda: timm.models.vision_transformer.VisionTransformer(**SMALL, reg_tokens=1), "register tokens"),
-    (lambda: timm.models.vision_transformer.VisionTransformer(**SMALL, global_pool="avg"), "x[:, i]"),
 ])
 def test_unsupported_attention_is_refused_by_name(module, words):
     net = module()

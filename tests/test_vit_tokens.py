@@ -1,0 +1,118 @@
+"""The rest of the ViT token family through `from_torch`: register tokens (timm's ``reg_tokens``), DeiT's
+distillation token with its averaged head, the tokens after the prefix (timm's average pooling without the class and
+register tokens) — parity of the spec's torch forward and ONNX graph with the real module (TinyViT variants, timm
+VisionTransformer, deit_tiny_distilled_patch16_224 and two reg4 models, small), the module's tensors in and out,
+old specs reading as before, and refusals by name."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from layer_nets import TinyViT
+from torch_nets import averaged_head, check_parity, timm
+
+from edgecl.arch import channel_map, from_torch, validate
+from edgecl.arch.fx_import import tensors_of
+from edgecl.arch.module_state import state_shapes
+from edgecl.arch.spec import param_shapes
+from edgecl.errors import UsageError
+from edgecl.train.initial import starting_weights
+from test_attention import SMALL, _parity, _randomise_tokens
+
+
+def _distilled_head(module: nn.Module, dim: int) -> dict[str, np.ndarray]:
+    """The one head on [class token, distillation token] that computes (head(x0) + head_dist(x1)) / 2."""
+    return averaged_head([lambda z: module.head(z[:, :dim]), lambda z: module.head_dist(z[:, dim:])], 2 * dim)
+
+
+def _prefix_ops(spec: dict) -> list[tuple[str, int]]:
+    return [(n["name"], n["tokens"]) for n in spec["nodes"] if n["op"] == "class_token"]
+
+
+@pytest.mark.parametrize("registers, distilled", [(3, False), (0, True), (2, True)])
+def test_tiny_vit_with_register_and_distillation_tokens(registers, distilled):
+    torch.manual_seed(0)
+    module = TinyViT(3, 3, image=16, registers=registers, distilled=distilled).eval()
+    spec = from_torch(module, (3, 16, 16))
+    check_parity(module, spec, (3, 16, 16), head=_distilled_head(module, 12) if distilled else None)
+    # emitted from the last parameter: the class token ends up first
+    want = [("reg_token", registers)] * bool(registers) + [("dist_token", 1)] * distilled + [("cls_token", 1)]
+    assert _prefix_ops(spec) == want
+    assert spec["feature_dim"] == 24 if distilled else 12
+    if registers:
+        assert param_shapes(spec)["reg_token.weight"] == (12, registers)
+        assert state_shapes(spec)["reg_token.weight"] == (1, registers, 12)
+        ours = tensors_of(module, spec)
+        assert np.array_equal(ours["reg_token.weight"], module.reg_token.detach().numpy()[0].T)
+        start = starting_weights(module, spec)
+        assert np.array_equal(start.values["reg_token.weight"], ours["reg_token.weight"])
+        assert starting_weights(start, spec).sha256 == start.sha256
+        cm = channel_map(spec)  # the tokens' rows are the residual stream's channels, like the class token's
+        assert {g for g, _ in cm.rows["reg_token.weight"]} == {g for g, _ in cm.rows["cls_token.weight"]}
+
+
+@pytest.mark.parametrize("kwargs", [{"reg_tokens": 4, "no_embed_class": True},
+                                    {"reg_tokens": 2, "global_pool": "avg"},
+                                    {"reg_tokens": 4, "class_token": False, "global_pool": "avg",
+                                     "no_embed_class": True},
+                                    {"global_pool": "avg"}])
+def test_timm_register_tokens_and_average_after_the_prefix(kwargs):
+    """timm pools x[:, num_prefix_tokens:].mean(1) for global_pool='avg': a ``token`` range, then ``gap``."""
+    spec = _parity(timm.models.vision_transformer.VisionTransformer(**SMALL, **kwargs), (3, 32, 32))
+    pick = next(n for n in spec["nodes"] if n["op"] == "token")
+    prefix = kwargs.get("reg_tokens", 0) + kwargs.get("class_token", True)
+    if kwargs.get("global_pool") == "avg":
+        assert (pick["index"], pick["count"]) == (prefix, 16)
+    else:
+        assert (pick["index"], pick["count"]) == (0, 1)
+
+
+@pytest.mark.parametrize("name, kwargs, size", [
+    ("deit_tiny_distilled_patch16_224", {}, 64),
+    ("vit_base_patch16_reg4_gap_256", {"embed_dim": 96, "num_heads": 4}, 64),
+    ("vit_small_patch14_reg4_dinov2", {}, 56),  # patch 14: 56 is the nearest size to 64 it divides
+])
+def test_timm_models_with_token_prefixes(name, kwargs, size):
+    torch.manual_seed(0)
+    module = timm.create_model(name, pretrained=False, img_size=size, depth=2, num_classes=5, **kwargs).eval()
+    _randomise_tokens(module)
+    spec = from_torch(module, (3, size, size))
+    head = _distilled_head(module, module.embed_dim) if name.startswith("deit") else None
+    check_parity(module, spec, (3, size, size), head=head)
+    assert ("reg_token", 4) in _prefix_ops(spec) or ("dist_token", 1) in _prefix_ops(spec)
+
+
+def test_old_specs_read_as_before():
+    """A spec written before `tokens` and `count` existed: one class token of shape (ch,), one token picked."""
+    old = {"name": "old", "input_shape": [4, 3, 1], "nodes": [
+        {"name": "cls", "op": "class_token", "inputs": ["input"], "ch": 4, "module_shape": [1, 1, 4]},
+        {"name": "pos", "op": "pos_embed", "inputs": ["cls"], "ch": 4, "tokens": 4},
+        {"name": "first", "op": "token", "inputs": ["pos"], "index": 0},
+        {"name": "flat", "op": "flatten", "inputs": ["first"]}]}
+    spec = validate(old)
+    assert param_shapes(spec)["cls.weight"] == (4,) and state_shapes(spec)["cls.weight"] == (1, 1, 4)
+    assert spec["feature_dim"] == 4 and spec["nodes"][0]["tokens"] == 1 and spec["nodes"][2]["count"] == 1
+
+
+class _Prefix(nn.Module):
+    """A learned token put after the patch tokens ("after"), or a range of tokens averaged ("range")."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.proj, self.fc, self.how = nn.Conv2d(3, 12, 4, stride=4), nn.Linear(12, 2), how
+        self.cls = nn.Parameter(torch.randn(1, 1, 12))
+
+    def forward(self, x):
+        t = self.proj(x).flatten(2).transpose(1, 2)
+        if self.how == "after":
+            return self.fc(torch.cat([t, self.cls.expand(t.shape[0], -1, -1)], dim=1)[:, 0])
+        return self.fc(t[:, 1:3].mean(1))
+
+
+@pytest.mark.parametrize("how, words", [("after", "learned tokens put before the tokens"),
+                                        ("range", r"indexing tokens with .*slice\(1, 3")])
+def test_other_prefixes_and_token_ranges_are_refused_by_name(how, words):
+    with pytest.raises(UsageError, match=words) as err:
+        from_torch(_Prefix(how), (3, 8, 8))
+    assert "test_vit_tokens.py:" in str(err.value)
