@@ -91,10 +91,11 @@ class TinyViT(nn.Module):
     position embedding, `depth` pre-norm blocks of timm's Attention (fused qkv Linear) and Mlp (GELU), a final
     LayerNorm, the class token's features (x[:, 0]) and a Linear head. `registers` register tokens after the class
     token (timm's reg_tokens); `distilled`: DeiT's distillation token after the class token and the mean of two heads,
-    one on each (``(head(x[:, 0]) + head_dist(x[:, 1])) / 2``)."""
+    one on each (``(head(x[:, 0]) + head_dist(x[:, 1])) / 2``); `frozen_pos`: the position embedding a constant
+    (``requires_grad=False``, as MAE's fixed sin-cos)."""
 
     def __init__(self, classes: int = 3, in_channels: int = 1, dim: int = 12, heads: int = 2, depth: int = 2,
-                 patch: int = 4, image: int = 8, registers: int = 0, distilled: bool = False):
+                 patch: int = 4, image: int = 8, registers: int = 0, distilled: bool = False, frozen_pos: bool = False):
         super().__init__()
         tokens = (image // patch) ** 2 + 1 + registers + distilled
         self.patch = nn.Conv2d(in_channels, dim, patch, stride=patch)
@@ -102,7 +103,7 @@ class TinyViT(nn.Module):
         self.dist_token = nn.Parameter(0.5 * torch.randn(1, 1, dim)) if distilled else None
         self.reg_token = nn.Parameter(0.5 * torch.randn(1, registers, dim)) if registers else None
         self.head_dist = nn.Linear(dim, classes) if distilled else None
-        self.pos_embed = nn.Parameter(0.5 * torch.randn(1, tokens, dim))
+        self.pos_embed = nn.Parameter(0.5 * torch.randn(1, tokens, dim), requires_grad=not frozen_pos)
         self.blocks = nn.ModuleList(nn.ModuleDict({
             "norm1": nn.LayerNorm(dim), "attn": Attention(dim, heads, qkv_bias=True), "norm2": nn.LayerNorm(dim),
             "mlp": Mlp(dim, 2 * dim)}) for _ in range(depth))

@@ -1,6 +1,6 @@
 """AGS-CL on graphs: nodes are channel groups across residual adds, concatenations, depthwise convs, SE gates,
 BatchNorm, LayerNorm and attention (the resnet preset and the custom `ResCat`, `GhostSplit`, `TinyConvNeXt`,
-`TinyEca`, `TinyHGNet`, `TinySplitAttn`, `TinyViT` (also with register tokens and a distillation token) and
+`TinyEca`, `TinyHGNet`, `TinySplitAttn`, `TinyViT` (also with register tokens, a distillation token and a frozen position embedding) and
 `TinyMNv4Hybrid` (multi-query) modules; TinyHGNet's scalar affines make a dead node the
 affine's bias, not 0), on real digits training: dead node groups exactly zero, important ones frozen bit for bit, old
 tasks bit-identical, the runtime and ONNX export equal `materialize`, and `--resume` continues."""
@@ -48,7 +48,7 @@ def _arch(name: str) -> dict:
               "eca": lambda: TinyEca(in_channels=3, width=16), "hgnet": lambda: TinyHGNet(in_channels=3, width=16),
               "split": lambda: TinySplitAttn(in_channels=3, width=16), "vit": lambda: TinyViT(3, 3, dim=16),
               "mnv4": lambda: TinyMNv4Hybrid(in_channels=3, width=16),
-              "vit_tokens": lambda: TinyViT(3, 3, dim=16, registers=2, distilled=True)}
+              "vit_tokens": lambda: TinyViT(3, 3, dim=16, registers=2, distilled=True, frozen_pos=True)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 

@@ -15,7 +15,7 @@ from torch_nets import averaged_head, check_parity, timm
 from edgecl.arch import channel_map, from_torch, validate
 from edgecl.arch.fx_import import tensors_of
 from edgecl.arch.module_state import state_shapes
-from edgecl.arch.spec import param_shapes
+from edgecl.arch.spec import frozen_tensors, param_shapes, token_tensors
 from edgecl.errors import UsageError
 from edgecl.train.initial import starting_weights
 from test_attention import SMALL, _parity, _randomise_tokens
@@ -116,3 +116,48 @@ def test_other_prefixes_and_token_ranges_are_refused_by_name(how, words):
     with pytest.raises(UsageError, match=words) as err:
         from_torch(_Prefix(how), (3, 8, 8))
     assert "test_vit_tokens.py:" in str(err.value)
+
+
+@pytest.mark.parametrize("method_name", ["lps", "halrp", "rgo", "finetune", "stl", "agscl"])
+def test_a_frozen_position_embedding_stays_the_modules_stored_once(method_name):
+    """MAE's fixed embedding (requires_grad=False) is a constant: every method keeps the module's values in every
+    task (started from the module's weights) and stores them once, as a shared tensor."""
+    from edgecl.deltas import materialize
+    from edgecl.train import registry
+    from edgecl.train.data import make_stream
+    from edgecl.train.protocol import TrainContext
+
+    torch.manual_seed(0)
+    module = TinyViT(3, 3, image=8, registers=2, frozen_pos=True)
+    spec = from_torch(module, (3, 8, 8))
+    pos = next(n for n in spec["nodes"] if n["op"] == "pos_embed")
+    assert pos["frozen"] and frozen_tensors(spec) == ["pos_embed.weight"]
+    assert "pos_embed.weight" not in token_tensors(spec) and "reg_token.weight" in token_tensors(spec)
+    quick = {"lps": {"epochs": 1}, "halrp": {"epochs": 3}, "rgo": {"epochs": 1}, "finetune": {"epochs": 1},
+             "stl": {"epochs": 1}, "agscl": {"epochs": 1}}[method_name]
+    method = registry.create(method_name, spec, quick, start=module)
+    stream = make_stream("split-digits", 2, 0, (3, 8, 8))
+    for t in range(2):
+        method.learn_task(t, stream.tasks[t], TrainContext(progress=False))
+    packed = method.pack()
+    want = module.pos_embed.detach().numpy()[0].T
+    # one stored copy; RGO's feature encoding layers read it in each task's channel order (its rows permuted)
+    kind = "permute" if method_name == "rgo" else "shared"
+    assert packed.params["pos_embed.weight"]["kind"] == kind
+    assert np.array_equal(packed.base["pos_embed.weight"], want)
+    assert all("pos_embed.weight" not in tt for tt in packed.task_tensors)
+    for t in range(2):
+        got = materialize(packed, t)["pos_embed.weight"]
+        assert np.array_equal(got, want) if kind == "shared" else sorted(map(tuple, got)) == sorted(map(tuple, want))
+    # the learned tokens did train (the test can tell a constant from a tensor that merely was not stepped)
+    assert not np.array_equal(materialize(packed, 1)["reg_token.weight"], module.reg_token.detach().numpy()[0].T)
+
+
+def test_frozen_position_embedding_parity_and_old_specs():
+    torch.manual_seed(0)
+    module = TinyViT(3, 3, image=16, frozen_pos=True).eval()
+    spec = from_torch(module, (3, 16, 16))
+    check_parity(module, spec, (3, 16, 16))
+    learned = from_torch(TinyViT(3, 3, image=16), (3, 16, 16))
+    assert not next(n for n in learned["nodes"] if n["op"] == "pos_embed")["frozen"]
+    assert frozen_tensors(learned) == []

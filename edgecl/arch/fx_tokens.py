@@ -11,7 +11,8 @@ node (`_NormConverter.last`), as after ``permute(0, 2, 3, 1)``:
   ``permute(0, 2, 1)`` (timm's PatchEmbed, torchvision's ``_process_input``) → a ``reshape`` to ``(C, T, 1)``;
 - ``torch.cat([cls.expand(B, -1, -1), reg.expand(B, -1, -1), x], dim=1)`` → a ``class_token`` node per parameter
   of n tokens (class token, DeiT's distillation token, register tokens; the parameter's path names it);
-- ``x + param`` with a parameter of shape ``(1, T, C)`` → ``pos_embed``;
+- ``x + param`` with a parameter of shape ``(1, T, C)`` → ``pos_embed``, ``frozen`` when the parameter has
+  ``requires_grad=False`` (MAE's fixed sin-cos embedding: a constant no method trains);
 - ``x[:, i]`` → ``token`` i then a flatten (class-token pooling); ``x.mean(dim=1)`` → ``gap`` then a flatten;
   ``x[:, n:]`` → ``token`` n of count T - n (still tokens: timm's average without the class and register tokens);
   ``x[:, 0:]`` is ``x``. Other indexing of tokens (``x[:, 1:3]``, steps) is refused by name.
@@ -134,7 +135,8 @@ class _TokenConverter:
             raise self.refuse(node, f"a sum with the parameter {path!r} of shape {tuple(p.shape)}; edgecl supports "
                                     "a position embedding of shape (1, tokens, channels) added to the tokens")
         self.claim(path, node)
-        self._emit(node, "pos_embed", [self._input(a, node)], path, ch=shape[1], tokens=shape[0])
+        frozen = {"frozen": True} if not p.requires_grad else {}  # MAE's fixed sin-cos: a constant, never trained
+        self._emit(node, "pos_embed", [self._input(a, node)], path, ch=shape[1], tokens=shape[0], **frozen)
         self.last.add(node)
         return True
 

@@ -48,7 +48,8 @@ Ops (fields and defaults in `OPS`):
 - tokens (Vision Transformers), a ``(C, T, 1)`` map of T tokens of C channels: ``class_token`` (``tokens`` learned
   tokens put before the others, T → T + tokens: a class token, DeiT's distillation token, register tokens; weight
   ``(ch,)`` for one, ``(ch, tokens)`` for several, which the module stores ``(1, tokens, ch)``), ``pos_embed`` (weight ``(ch, tokens)``: added to the tokens; its
-  module stores it ``(1, tokens, ch)``), ``token`` (``count`` tokens from ``index``, as ``(C, count, 1)``: class-token pooling, or the tokens after the
+  module stores it ``(1, tokens, ch)``; ``frozen``: a constant, MAE's fixed sin-cos embedding, a parameter with
+  ``requires_grad=False``: no method trains it and an artifact stores it once, `spec.frozen_tensors`), ``token`` (``count`` tokens from ``index``, as ``(C, count, 1)``: class-token pooling, or the tokens after the
   class and register tokens that a ViT's average pooling reads);
 - ``attention`` (inputs q, k, v; over the positions of ``(C, H, W)`` maps, tokens being ``(C, T, 1)``; per head, a
   contiguous block of channels: softmax((scale·q)ᵀk) over the keys times v): q has ``heads`` blocks of d channels, k
@@ -102,7 +103,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "flatten": {},
     "reshape": {"shape": ("shape", ...)},
     "class_token": {"ch": ("size", ...), "tokens": ("size", 1)},
-    "pos_embed": {"ch": ("size", ...), "tokens": ("size", ...)},
+    "pos_embed": {"ch": ("size", ...), "tokens": ("size", ...), "frozen": ("bool", False)},
     "attention": {"heads": ("size", ...), "scale": ("number", ...), "kv_heads": ("size", None)},
     "token": {"index": ("index", 0), "count": ("size", 1)},
 }

@@ -315,8 +315,17 @@ def rowless_tensors(arch: Arch) -> list[str]:
 
 def token_tensors(arch: Arch) -> list[str]:
     """The learned class tokens and position embeddings (ViTs), in node order: one row per channel like a bias, and
-    kept as a method keeps biases (RGO has no projection for them: per task)."""
-    return [f"{n['name']}.weight" for n in arch["nodes"] if n["op"] in TOKEN_TENSOR_OPS]
+    kept as a method keeps biases (RGO has no projection for them: per task). Frozen ones are not learned: not here."""
+    frozen = frozen_tensors(arch)
+    return [f"{n['name']}.weight" for n in arch["nodes"] if n["op"] in TOKEN_TENSOR_OPS and
+            f"{n['name']}.weight" not in frozen]
+
+
+def frozen_tensors(arch: Arch) -> list[str]:
+    """Constants of the trunk (a frozen position embedding: MAE's fixed sin-cos), in node order: the training
+    forward detaches them, so no gradient reaches them in any method, and every method stores them once, shared by
+    all tasks, at their starting values."""
+    return [f"{n['name']}.weight" for n in arch["nodes"] if n["op"] == "pos_embed" and n["frozen"]]
 
 
 def prunable(arch: Arch) -> list[str]:

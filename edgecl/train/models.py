@@ -136,8 +136,9 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
     if op == "class_token":  # (N, C, T, 1) → (N, C, tokens + T, 1), the learned tokens first
         token = params[f"{name}.weight"].reshape(1, node["ch"], -1, 1).expand(h.shape[0], -1, -1, -1)
         return torch.cat([token, h], dim=2)
-    if op == "pos_embed":
-        return h + params[f"{name}.weight"].unsqueeze(-1)
+    if op == "pos_embed":  # a frozen one is a constant: no gradient reaches it, whatever a method steps
+        weight = params[f"{name}.weight"]
+        return h + (weight.detach() if node["frozen"] else weight).unsqueeze(-1)
     if op == "attention":
         return attention(*ins, node["heads"], node["scale"], node["kv_heads"])
     if op == "token":
