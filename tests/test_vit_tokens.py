@@ -1,8 +1,9 @@
 """The rest of the ViT token family through `from_torch`: register tokens (timm's ``reg_tokens``), DeiT's
 distillation token with its averaged head, the tokens after the prefix (timm's average pooling without the class and
-register tokens) — parity of the spec's torch forward and ONNX graph with the real module (TinyViT variants, timm
-VisionTransformer, deit_tiny_distilled_patch16_224 and two reg4 models, small), the module's tensors in and out,
-old specs reading as before, and refusals by name."""
+register tokens), frozen position embeddings (``requires_grad=False``: a constant) — parity of the spec's torch
+forward and ONNX graph with the real module (TinyViT variants, timm VisionTransformer, deit_tiny_distilled_patch16_224
+and two reg4 models, small), the module's tensors in and out, every method keeping a frozen embedding at the module's
+values and storing it once, old specs reading as before, and refusals by name."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 from layer_nets import TinyViT
-from torch_nets import averaged_head, check_parity, timm
+from torch_nets import check_parity, timm
 
 from edgecl.arch import channel_map, from_torch, validate
 from edgecl.arch.fx_import import tensors_of
@@ -19,11 +20,6 @@ from edgecl.arch.spec import frozen_tensors, param_shapes, token_tensors
 from edgecl.errors import UsageError
 from edgecl.train.initial import starting_weights
 from test_attention import SMALL, _parity, _randomise_tokens
-
-
-def _distilled_head(module: nn.Module, dim: int) -> dict[str, np.ndarray]:
-    """The one head on [class token, distillation token] that computes (head(x0) + head_dist(x1)) / 2."""
-    return averaged_head([lambda z: module.head(z[:, :dim]), lambda z: module.head_dist(z[:, dim:])], 2 * dim)
 
 
 def _prefix_ops(spec: dict) -> list[tuple[str, int]]:
@@ -35,7 +31,7 @@ def test_tiny_vit_with_register_and_distillation_tokens(registers, distilled):
     torch.manual_seed(0)
     module = TinyViT(3, 3, image=16, registers=registers, distilled=distilled).eval()
     spec = from_torch(module, (3, 16, 16))
-    check_parity(module, spec, (3, 16, 16), head=_distilled_head(module, 12) if distilled else None)
+    check_parity(module, spec, (3, 16, 16))  # distilled: one head on [cls, dist] (`classifier_of`)
     # emitted from the last parameter: the class token ends up first
     want = [("reg_token", registers)] * bool(registers) + [("dist_token", 1)] * distilled + [("cls_token", 1)]
     assert _prefix_ops(spec) == want
@@ -78,8 +74,7 @@ def test_timm_models_with_token_prefixes(name, kwargs, size):
     module = timm.create_model(name, pretrained=False, img_size=size, depth=2, num_classes=5, **kwargs).eval()
     _randomise_tokens(module)
     spec = from_torch(module, (3, size, size))
-    head = _distilled_head(module, module.embed_dim) if name.startswith("deit") else None
-    check_parity(module, spec, (3, size, size), head=head)
+    check_parity(module, spec, (3, size, size))
     assert ("reg_token", 4) in _prefix_ops(spec) or ("dist_token", 1) in _prefix_ops(spec)
 
 
@@ -161,3 +156,19 @@ def test_frozen_position_embedding_parity_and_old_specs():
     learned = from_torch(TinyViT(3, 3, image=16), (3, 16, 16))
     assert not next(n for n in learned["nodes"] if n["op"] == "pos_embed")["frozen"]
     assert frozen_tensors(learned) == []
+
+
+def test_a_position_embedding_in_a_buffer_is_refused_by_name():
+    """A buffer is no parameter: it would be neither loaded as starting weights nor kept as a spec tensor."""
+    class Buffered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.fc = nn.Conv2d(3, 12, 4, stride=4), nn.Linear(12, 2)
+            self.register_buffer("pos_embed", torch.randn(1, 4, 12))
+
+        def forward(self, x):
+            return self.fc((self.proj(x).flatten(2).transpose(1, 2) + self.pos_embed).mean(1))
+
+    with pytest.raises(UsageError, match="'pos_embed' is a tensor attribute that is no parameter") as err:
+        from_torch(Buffered(), (3, 8, 8))
+    assert "test_vit_tokens.py:" in str(err.value)
