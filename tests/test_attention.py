@@ -75,6 +75,7 @@ def test_timm_deit_and_torchvision_vit_parity():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["timm vit_tiny_patch16_224", "timm deit_tiny_patch16_224",
+                                  "timm deit_tiny_distilled_patch16_224", "timm vit_base_patch16_reg4_gap_256",
                                   "torchvision vit_b_16"])
 def test_full_size_vits_at_64(name):
     """The README's targets, built at 64×64 without pretrained weights."""
