@@ -222,8 +222,14 @@ def _spec(draw) -> dict:
             node["ch"] = dims[0] if fits else draw(hostile)
             if op == "pos_embed":
                 node["tokens"] = (dims[1] if len(dims) == 3 and dims[2] == 1 else 1) if fits else draw(hostile)
+                if draw(st.booleans()):  # a constant (MAE's fixed embedding), or a hostile flag
+                    node["frozen"] = draw(st.sampled_from([True, False])) if fits else draw(hostile)
+            elif draw(st.booleans()):  # several tokens (register tokens), or none said (one)
+                node["tokens"] = draw(st.sampled_from([1, 2, 4])) if fits else draw(hostile)
         elif op == "token":
             node["index"] = draw(st.sampled_from([0, 1, 5, -1]))
+            if draw(st.booleans()):  # a range of tokens (after a prefix)
+                node["count"] = draw(st.sampled_from([1, 2, 3, 0]))
         elif op == "reshape":
             node["shape"] = [int(np.prod(dims)), 1, 1] if fits else draw(st.lists(st.integers(1, 64), max_size=3))
         nodes.append(node)

@@ -89,15 +89,21 @@ class TinyEca(_Residual):
 class TinyViT(nn.Module):
     """A Vision Transformer in small: a patch conv, flatten(2).transpose(1, 2) to tokens, a learned class token and
     position embedding, `depth` pre-norm blocks of timm's Attention (fused qkv Linear) and Mlp (GELU), a final
-    LayerNorm, the class token's features (x[:, 0]) and a Linear head."""
+    LayerNorm, the class token's features (x[:, 0]) and a Linear head. `registers` register tokens after the class
+    token (timm's reg_tokens); `distilled`: DeiT's distillation token after the class token and the mean of two heads,
+    one on each (``(head(x[:, 0]) + head_dist(x[:, 1])) / 2``); `frozen_pos`: the position embedding a constant
+    (``requires_grad=False``, as MAE's fixed sin-cos)."""
 
     def __init__(self, classes: int = 3, in_channels: int = 1, dim: int = 12, heads: int = 2, depth: int = 2,
-                 patch: int = 4, image: int = 8):
+                 patch: int = 4, image: int = 8, registers: int = 0, distilled: bool = False, frozen_pos: bool = False):
         super().__init__()
-        tokens = (image // patch) ** 2 + 1
+        tokens = (image // patch) ** 2 + 1 + registers + distilled
         self.patch = nn.Conv2d(in_channels, dim, patch, stride=patch)
         self.cls_token = nn.Parameter(0.5 * torch.randn(1, 1, dim))
-        self.pos_embed = nn.Parameter(0.5 * torch.randn(1, tokens, dim))
+        self.dist_token = nn.Parameter(0.5 * torch.randn(1, 1, dim)) if distilled else None
+        self.reg_token = nn.Parameter(0.5 * torch.randn(1, registers, dim)) if registers else None
+        self.head_dist = nn.Linear(dim, classes) if distilled else None
+        self.pos_embed = nn.Parameter(0.5 * torch.randn(1, tokens, dim), requires_grad=not frozen_pos)
         self.blocks = nn.ModuleList(nn.ModuleDict({
             "norm1": nn.LayerNorm(dim), "attn": Attention(dim, heads, qkv_bias=True), "norm2": nn.LayerNorm(dim),
             "mlp": Mlp(dim, 2 * dim)}) for _ in range(depth))
@@ -106,15 +112,19 @@ class TinyViT(nn.Module):
 
     def forward(self, x):
         x = self.patch(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        prefix = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
+        x = torch.cat([t.expand(x.shape[0], -1, -1) for t in prefix] + [x], dim=1) + self.pos_embed
         for block in self.blocks:
             x = x + block["attn"](block["norm1"](x))
             x = x + block["mlp"](block["norm2"](x))
-        return self.head(self.norm(x)[:, 0])
+        x = self.norm(x)
+        if self.head_dist is not None:
+            return (self.head(x[:, 0]) + self.head_dist(x[:, 1])) / 2
+        return self.head(x[:, 0])
 
 
-def vit_spec(input_shape=(1, 8, 8)) -> dict:
-    return from_torch(TinyViT(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
+def vit_spec(input_shape=(1, 8, 8), **kwargs) -> dict:
+    return from_torch(TinyViT(in_channels=input_shape[0], image=input_shape[1], **kwargs), tuple(input_shape))
 
 
 def eca_spec(input_shape=(1, 8, 8)) -> dict:

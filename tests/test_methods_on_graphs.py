@@ -6,7 +6,9 @@ TinyHGNet (PP-HGNetV2's scalar affines after activations, concatenation, ESE gat
 SelectiveKernel and SplitAttn: softmax across branches), TinyViT (class token, position embedding, multi-head
 self-attention), TinyGCNet (GCNet's global context: attention pooling, gate and broadcast add), TinyS2D
 (TResNet's space-to-depth of the input and of a map) and TinyMNv4Hybrid (multi-query attention on a map, keys and
-values strided): two real digit tasks each,
+values strided), and TinyViT with register tokens, DeiT's distillation token (two averaged heads) and a frozen
+position embedding:
+two real digit tasks each,
 then what the method promises about the first task, the deployed runtime against the training evaluation, and the
 exported ONNX against the runtime."""
 from __future__ import annotations
@@ -37,8 +39,9 @@ QUICK = {"lps": {"epochs": 1}, "halrp": {"epochs": 3}, "rgo": {"epochs": 1}, "fi
 ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8, 8)), "dwres": dwres_spec,
          "ghost": ghost_spec, "convnext": convnext_spec, "shuffle": shuffle_spec, "tf": tf_spec, "eca": eca_spec,
          "hgnet": hgnet_spec, "split": split_attn_spec, "vit": vit_spec, "gc": gc_spec, "s2d": s2d_spec,
-         "mnv4": mnv4_spec}
-GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgnet", "split", "vit", "gc", "s2d", "mnv4"]
+         "mnv4": mnv4_spec, "vit_tokens": lambda: vit_spec(registers=2, distilled=True, frozen_pos=True)}
+GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgnet", "split", "vit", "gc", "s2d", "mnv4",
+          "vit_tokens"]
 
 
 @pytest.fixture(scope="module")

@@ -93,7 +93,7 @@ NORMS = {"name": "norms", "input_shape": [3, 16, 16], "nodes": [
 
 # the layer families added later: TResNet's space_to_depth, a scalar affine (HGNetV2), ECA's channel_conv, GCNet's
 # attention_pool and broadcast add, split attention's branch_softmax, and a ViT block on the (C, T, 1) token map
-# (class token, position embedding, attention, token pooling)
+# (register tokens, class token, position embedding, attention, token pooling)
 LAYERS = {"name": "layers", "input_shape": [3, 16, 16], "nodes": [
     {"name": "s2d", "op": "space_to_depth", "inputs": ["input"], "block": 2},
     {"name": "stem", "op": "conv", "inputs": ["s2d"], "in": 12, "out": 8, "k": 1},
@@ -116,8 +116,9 @@ LAYERS = {"name": "layers", "input_shape": [3, 16, 16], "nodes": [
     {"name": "p0", "op": "mul", "inputs": ["path0", "w0"]}, {"name": "p1", "op": "mul", "inputs": ["path1", "w1"]},
     {"name": "sk", "op": "add", "inputs": ["p0", "p1"]},
     {"name": "tokens", "op": "reshape", "inputs": ["sk"], "shape": [8, 64, 1]},
-    {"name": "cls", "op": "class_token", "inputs": ["tokens"], "ch": 8},
-    {"name": "pos", "op": "pos_embed", "inputs": ["cls"], "ch": 8, "tokens": 65},
+    {"name": "reg", "op": "class_token", "inputs": ["tokens"], "ch": 8, "tokens": 4},
+    {"name": "cls", "op": "class_token", "inputs": ["reg"], "ch": 8},
+    {"name": "pos", "op": "pos_embed", "inputs": ["cls"], "ch": 8, "tokens": 69},
     {"name": "ln", "op": "layer_norm", "inputs": ["pos"], "ch": 8},
     {"name": "qkv", "op": "conv", "inputs": ["ln"], "in": 8, "out": 24, "k": 1},
     {"name": "q", "op": "slice", "inputs": ["qkv"], "start": 0, "stop": 8},

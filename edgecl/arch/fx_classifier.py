@@ -6,9 +6,12 @@ Two forms are classifiers:
 - one classifier: a final `nn.Linear`, or a 1×1 convolution on globally pooled features then a flatten (DLA's and
   DPN's), which is a linear layer on the pooled features;
 - an average of classifiers: the sum of n ≥ 2 classifier chains times 1/n (``(head(x) + head_dist(x)) / 2``, as
-  timm's RepViT, and the distilled heads of DeiT, LeViT and EfficientFormer, compute in eval mode), every chain an
+  timm's RepViT, and the distilled heads of LeViT and EfficientFormer, compute in eval mode), every chain an
   optional BatchNorm (timm's NormLinear: BatchNorm1d → Dropout → Linear) then a classifier as above, all of them
-  reading one tensor. Dropouts and identities are no-ops at inference (the converter drops them everywhere).
+  reading one tensor. Dropouts and identities are no-ops at inference (the converter drops them everywhere);
+- DeiT's distilled head, ``(head(x[:, 0]) + head_dist(x[:, 1])) / 2``: linear classifiers each reading another
+  token of one token map. Its features are those tokens side by side (a ``cat`` of the picked tokens, 2·C): one
+  linear head of them computes the average exactly (weights [W₀, W₁] / 2), and edgecl's heads read them.
 
 The rule for both: the features are the last tensor that every classifier reads, and what only a classifier reads
 is dropped with it. So a BatchNorm that belongs to one chain of an average is part of that chain's classifier and is
@@ -57,6 +60,11 @@ class _ClassifierConverter:
             self.nodes.remove(linear)
             return self._trunk_left(linear["inputs"][0], [linear])
         chains = [self._chain(term, out) for term in terms]
+        tokens = self._tokens_read([read for _, read, mapped in chains if not mapped])
+        if tokens is not None and len(tokens) == len(chains):  # DeiT's class and distillation tokens, side by side
+            features = self._unique("tokens.features")
+            self.nodes.append({"name": features, "op": "cat", "inputs": tokens})
+            return features
         if len({(read, mapped) for _, read, mapped in chains}) != 1:
             reads = "; ".join(f"{linear.get('module', linear['name'])} reads {read}{self._where(read)}"
                               for linear, read, _ in chains)
@@ -84,6 +92,17 @@ class _ClassifierConverter:
                              f"{self._where(last['name']).strip()}; an average of classifiers is supported as their "
                              f"sum divided by their number ({len(terms)}), not a weighted sum. {_TRUNK_HINT}")
         return terms
+
+    def _tokens_read(self, reads: list[str]) -> list[str] | None:
+        """`reads` when they are two or more different tokens of one token map, each picked and flattened (DeiT's
+        ``(head(x[:, 0]) + head_dist(x[:, 1])) / 2``): the heads' features are then those tokens side by side, an
+        average of classifiers being one classifier of them (weights [W₀, W₁] / 2, bias the mean). None otherwise."""
+        picks = [self._node_named(r) for r in reads]
+        tokens = [self._node_named(p["inputs"][0]) if p is not None and p["op"] == "flatten" else None for p in picks]
+        if len(set(reads)) < 2 or len(set(reads)) != len(reads) or \
+                any(t is None or t["op"] != "token" for t in tokens) or len({t["inputs"][0] for t in tokens}) != 1:
+            return None
+        return reads
 
     def _terms(self, node: dict[str, Any] | None) -> list[dict[str, Any] | None]:
         """The summands of a tree of adds (a + b + c traces as (a + b) + c)."""

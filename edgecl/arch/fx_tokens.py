@@ -9,11 +9,13 @@ node (`_NormConverter.last`), as after ``permute(0, 2, 3, 1)``:
 
 - a map ``(B, C, H, W)`` flattened to ``(B, C, T)`` (``flatten(2)``, a reshape) then ``transpose(1, 2)`` /
   ``permute(0, 2, 1)`` (timm's PatchEmbed, torchvision's ``_process_input``) → a ``reshape`` to ``(C, T, 1)``;
-- ``torch.cat([param.expand(B, -1, -1), x], dim=1)`` → ``class_token`` (the parameter's path names it);
-- ``x + param`` with a parameter of shape ``(1, T, C)`` → ``pos_embed``;
+- ``torch.cat([cls.expand(B, -1, -1), reg.expand(B, -1, -1), x], dim=1)`` → a ``class_token`` node per parameter
+  of n tokens (class token, DeiT's distillation token, register tokens; the parameter's path names it);
+- ``x + param`` with a parameter of shape ``(1, T, C)`` → ``pos_embed``, ``frozen`` when the parameter has
+  ``requires_grad=False`` (MAE's fixed sin-cos embedding: a constant no method trains);
 - ``x[:, i]`` → ``token`` i then a flatten (class-token pooling); ``x.mean(dim=1)`` → ``gap`` then a flatten;
-  ``x[:, 0:]`` is ``x``. Other indexing of tokens (``x[:, 1:]``: averaging without the class token, register
-  tokens) is refused by name.
+  ``x[:, n:]`` → ``token`` n of count T - n (still tokens: timm's average without the class and register tokens);
+  ``x[:, 0:]`` is ``x``. Other indexing of tokens (``x[:, 1:3]``, steps) is refused by name.
 """
 from __future__ import annotations
 
@@ -81,30 +83,43 @@ class _TokenConverter:
         return True
 
     def _class_token(self, node: fx.Node) -> None:
-        """``torch.cat([token.expand(B, -1, -1), x], dim=1)``: a learned token put before the others."""
+        """``torch.cat([cls.expand(B, -1, -1), dist.expand(B, -1, -1), reg.expand(B, -1, -1), x], dim=1)``:
+        learned tokens put before the others, each parameter ``(1, n, C)`` one ``class_token`` node of n tokens
+        (a class token, DeiT's distillation token, register tokens), emitted from the last, so the first parameter's
+        tokens come first."""
         tensors = _tensors(node)
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
         x = tensors[-1] if tensors else None
         shape = shape_of(x)
-        if len(tensors) != 2 or tensors[0] not in self.attrs or x not in self.last or shape is None or \
-                len(shape) != 2 or dim not in (1, -2):
-            raise self.refuse(node, "a concatenation with a parameter; edgecl supports one learned class token put "
-                                    "before the tokens (torch.cat([cls_token.expand(B, -1, -1), x], dim=1)), not "
-                                    "register tokens or other places")
-        path = self.attrs[tensors[0]]
-        p = self.parameter(path, node)
-        ch = shape[1]
-        out = shape_of(node)  # one token more: not a token expanded to several copies (expand(B, 2, -1))
-        if p.numel() != ch or p.shape[-1] != ch or out is None or list(out) != [shape[0] + 1, ch]:
-            raise self.refuse(node, f"the class token {path!r} of shape {tuple(p.shape)} put before {shape[0]} "
-                                    f"tokens gives {out}; edgecl supports one token of shape (1, 1, {ch}) (register "
-                                    "tokens and copies of a token are refused)")
-        self.claim(path, node)
-        fields: dict[str, Any] = {"ch": ch}
-        if list(p.shape) != [ch]:
-            fields["module_shape"] = list(p.shape)
-        self._emit(node, "class_token", [self._input(x, node)], path, **fields)
+        if len(tensors) < 2 or any(t not in self.attrs for t in tensors[:-1]) or x not in self.last or \
+                shape is None or len(shape) != 2 or dim not in (1, -2):
+            raise self.refuse(node, "a concatenation with a parameter; edgecl supports learned tokens put before "
+                                    "the tokens (torch.cat([cls_token.expand(B, -1, -1), …, x], dim=1)), not other "
+                                    "places or mixtures")
+        ch, paths = shape[1], [self.attrs[t] for t in tensors[:-1]]
+        counts = [self._prepended(path, node, ch) for path in paths]
+        out = shape_of(node)  # the tokens given: not a token expanded to several copies (expand(B, 2, -1))
+        if out is None or list(out) != [shape[0] + sum(counts), ch]:
+            raise self.refuse(node, f"the token parameters {paths} ({counts} tokens) put before {shape[0]} tokens "
+                                    f"gives {out}; edgecl "
+                                    f"supports parameters of shape (1, n, {ch}) put before the tokens as they are "
+                                    "(copies of a token are refused)")
+        h = self._input(x, node)
+        for path, n in reversed(list(zip(paths, counts))):
+            self.claim(path, node)
+            fields: dict[str, Any] = {"ch": ch, "tokens": n}
+            if n == 1 and list(self.parameter(path, node).shape) != [ch]:
+                fields["module_shape"] = list(self.parameter(path, node).shape)
+            h = self._emit(node, "class_token", [h], path, **fields)
         self.last.add(node)
+
+    def _prepended(self, path: str, node: fx.Node, ch: int) -> int:
+        """How many tokens the parameter at `path` holds: n of shape (1, n, ch), or 1 of shape (ch,) / (1, ch)."""
+        p = self.parameter(path, node)
+        if p.shape[-1] != ch or p.dim() > 3 or p.dim() == 3 and p.shape[0] != 1 or p.dim() == 2 and p.shape[0] != 1:
+            raise self.refuse(node, f"the token parameter {path!r} of shape {tuple(p.shape)} put before tokens of "
+                                    f"{ch} channels; edgecl supports learned tokens of shape (1, n, {ch})")
+        return p.shape[-2] if p.dim() == 3 else 1
 
     def position_embedding(self, node: fx.Node, a: Any, b: Any) -> bool:
         """``x + pos_embed`` with tokens x and a parameter of shape (1, T, C): a ``pos_embed`` node. False when
@@ -120,7 +135,8 @@ class _TokenConverter:
             raise self.refuse(node, f"a sum with the parameter {path!r} of shape {tuple(p.shape)}; edgecl supports "
                                     "a position embedding of shape (1, tokens, channels) added to the tokens")
         self.claim(path, node)
-        self._emit(node, "pos_embed", [self._input(a, node)], path, ch=shape[1], tokens=shape[0])
+        frozen = {"frozen": True} if not p.requires_grad else {}  # MAE's fixed sin-cos: a constant, never trained
+        self._emit(node, "pos_embed", [self._input(a, node)], path, ch=shape[1], tokens=shape[0], **frozen)
         self.last.add(node)
         return True
 
@@ -138,8 +154,14 @@ class _TokenConverter:
                 self.alias[node] = x
                 self.last.add(node)
                 return
+            t = shape_of(source)[0]
+            if isinstance(i, slice) and isinstance(i.start, int) and 0 < i.start < t and i.stop is None and \
+                    i.step is None:  # the tokens after the class and register tokens (timm's avg pooling)
+                self._emit(node, "token", [x], f"{node.name}.tokens", index=i.start, count=t - i.start)
+                self.last.add(node)
+                return
         raise self.refuse(node, f"indexing tokens with {index!r}; edgecl supports x[:, i] (one token, as the class "
-                                "token's pooling) and the mean over all tokens")
+                                "token's pooling), x[:, n:] (the tokens from n on) and the mean over tokens")
 
     def _token_mean(self, node: fx.Node, source: fx.Node) -> None:
         """``x.mean(dim=1)``: the average token (``gap`` over the token map, then a flatten)."""

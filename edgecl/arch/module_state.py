@@ -24,23 +24,24 @@ def state_keys(arch: Arch) -> dict[str, str]:
 
 def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
     """Trunk tensor name → its shape as the traced module stores it (`param_shapes`, except a weight whose node has
-    a ``module_shape``, and a position embedding, stored ``(1, tokens, ch)``); `from_module` converts."""
+    a ``module_shape``, and a position embedding or several prepended tokens, stored ``(1, tokens, ch)``);
+    `from_module` converts."""
     shapes = param_shapes(arch)
     for node in arch["nodes"]:
         if "module_shape" in node:
             shapes[f"{node['name']}.weight"] = tuple(node["module_shape"])
-        if node["op"] == "pos_embed":
+        if _token_grid(node):
             shapes[f"{node['name']}.weight"] = (1, node["tokens"], node["ch"])
     return shapes
 
 
 def from_module(arch: Arch, name: str, array: Any) -> np.ndarray:
     """A tensor as the module stores it (`state_shapes`) → the spec's shape: a reshape (the same values in the same
-    order) except a position embedding, whose tokens-by-channels storage is transposed to rows of channels (the
-    tokens are a channels-first map in a spec: `edgecl.arch.ops`)."""
+    order) except a position embedding or several prepended tokens (register tokens), whose tokens-by-channels
+    storage is transposed to rows of channels (the tokens are a channels-first map in a spec: `edgecl.arch.ops`)."""
     node = node_by_name(arch)[name.rpartition(".")[0]]
     array = np.asarray(array)
-    if node["op"] == "pos_embed":
+    if _token_grid(node):
         return np.ascontiguousarray(array.reshape(node["tokens"], node["ch"]).T)
     return array.reshape(param_shapes(arch)[name])
 
@@ -49,6 +50,12 @@ def to_module(arch: Arch, name: str, array: Any) -> np.ndarray:
     """The inverse of `from_module`: a spec tensor in the shape the module stores it."""
     node = node_by_name(arch)[name.rpartition(".")[0]]
     array = np.asarray(array)
-    if node["op"] == "pos_embed":
+    if _token_grid(node):
         return np.ascontiguousarray(array.T).reshape(1, node["tokens"], node["ch"])
     return array.reshape(state_shapes(arch)[name])
+
+
+def _token_grid(node: dict[str, Any]) -> bool:
+    """A node whose weight the module stores tokens by channels, ``(1, tokens, ch)``: a position embedding, or
+    several tokens put before the others (one token's ``(ch,)`` reads the same either way)."""
+    return node["op"] == "pos_embed" or node["op"] == "class_token" and node["tokens"] > 1

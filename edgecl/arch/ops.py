@@ -45,9 +45,12 @@ Ops (fields and defaults in `OPS`):
   channels are R consecutive blocks of C, one per branch, and output channel r·C + c is softmax over r' of input
   channel r'·C + c — each channel's R logits compete, channels never mix (the channel map ties the R blocks
   channel by channel, as an ``add`` of them would; removing channel c of every block leaves the others' values);
-- tokens (Vision Transformers), a ``(C, T, 1)`` map of T tokens of C channels: ``class_token`` (weight ``(ch,)``: a
-  learned token put before the others, T → T + 1), ``pos_embed`` (weight ``(ch, tokens)``: added to the tokens; its
-  module stores it ``(1, tokens, ch)``), ``token`` (the token at ``index``, as ``(C, 1, 1)``: class-token pooling);
+- tokens (Vision Transformers), a ``(C, T, 1)`` map of T tokens of C channels: ``class_token`` (``tokens`` learned
+  tokens put before the others, T → T + tokens: a class token, DeiT's distillation token, register tokens; weight
+  ``(ch,)`` for one, ``(ch, tokens)`` for several, which the module stores ``(1, tokens, ch)``), ``pos_embed`` (weight ``(ch, tokens)``: added to the tokens; its
+  module stores it ``(1, tokens, ch)``; ``frozen``: a constant, MAE's fixed sin-cos embedding, a parameter with
+  ``requires_grad=False``: no method trains it and an artifact stores it once, `spec.frozen_tensors`), ``token`` (``count`` tokens from ``index``, as ``(C, count, 1)``: class-token pooling, or the tokens after the
+  class and register tokens that a ViT's average pooling reads);
 - ``attention`` (inputs q, k, v; over the positions of ``(C, H, W)`` maps, tokens being ``(C, T, 1)``; per head, a
   contiguous block of channels: softmax((scale·q)ᵀk) over the keys times v): q has ``heads`` blocks of d channels, k
   ``kv_heads`` blocks of d (default: ``heads``) and v ``kv_heads`` blocks of dv, at the keys' positions, which may be
@@ -99,10 +102,10 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "branch_softmax": {"branches": ("size", ...)},
     "flatten": {},
     "reshape": {"shape": ("shape", ...)},
-    "class_token": {"ch": ("size", ...)},
-    "pos_embed": {"ch": ("size", ...), "tokens": ("size", ...)},
+    "class_token": {"ch": ("size", ...), "tokens": ("size", 1)},
+    "pos_embed": {"ch": ("size", ...), "tokens": ("size", ...), "frozen": ("bool", False)},
     "attention": {"heads": ("size", ...), "scale": ("number", ...), "kv_heads": ("size", None)},
-    "token": {"index": ("index", 0)},
+    "token": {"index": ("index", 0), "count": ("size", 1)},
 }
 OPS["gelu"] = {"approximate": ("approximate", "none")}
 OPS["leaky_relu"] = {"slope": ("number", 0.01)}  # torch's negative_slope
@@ -245,13 +248,13 @@ def _token_shape(node: dict[str, Any], ins: list[list[int]], where: str) -> list
     if len(x) != 3 or x[2] != 1:
         raise UsageError(f"{where}: {op} needs tokens as a (channels, tokens, 1) map, gets {x}")
     if op == "token":
-        if node["index"] >= x[1]:
-            raise UsageError(f"{where}: token {node['index']} of {x[1]} tokens")
-        return [x[0], 1, 1]
+        if node["index"] + node["count"] > x[1]:
+            raise UsageError(f"{where}: tokens {node['index']} to {node['index'] + node['count'] - 1} of {x[1]} tokens")
+        return [x[0], node["count"], 1]
     if x[0] != node["ch"] or op == "pos_embed" and x[1] != node["tokens"]:
         tokens = f" and {node['tokens']} tokens" if op == "pos_embed" else ""
         raise UsageError(f"{where}: {op} has {node['ch']} channels{tokens}, gets {x}")
-    return [x[0], x[1] + 1, 1] if op == "class_token" else list(x)
+    return [x[0], x[1] + node["tokens"], 1] if op == "class_token" else list(x)
 
 
 def _attention_shape(node: dict[str, Any], ins: list[list[int]], where: str) -> list[int]:

@@ -190,12 +190,14 @@ def _module_shape(value: Any, node: dict[str, Any], where: str) -> list[int]:
     """A weight's shape as the traced module stores it: the spec's shape with axes of 1 added or removed, so the
     values are the same in the same order (a Linear over channels as a 1×1 conv, a γ of shape (C, 1, 1))."""
     # a LayerNorm's pair (and a GRN's) is stored as (C,) by torch: nothing to reshape
-    # a Conv1d stores a channel_conv's (k,) as (1, 1, k), timm a class token's (C,) as (1, 1, C)
+    # a Conv1d stores a channel_conv's (k,) as (1, 1, k), timm a class token's (C,) as (1, 1, C); several tokens
+    # are stored transposed, (1, tokens, C), as a position embedding (`module_state`)
     with_shape = (*WEIGHT_OPS, "layer_scale", "channel_conv", "class_token")
-    weight = list(node_tensor_shapes(node)["weight"]) if node["op"] in with_shape else None
+    one = node["op"] != "class_token" or node["tokens"] == 1
+    weight = list(node_tensor_shapes(node)["weight"]) if node["op"] in with_shape and one else None
     if weight is None:
-        raise UsageError(f"{where}: module_shape is for conv, linear, layer_scale, channel_conv and class_token "
-                         f"weights, not {node['op']}")
+        raise UsageError(f"{where}: module_shape is for conv, linear, layer_scale, channel_conv and one class_token's "
+                         f"weights, not {node['op']}{'' if one else ' of several tokens'}")
     if not isinstance(value, list) or not 0 < len(value) <= 4 or not all(_is_size(d) for d in value) or \
             [d for d in value if d != 1] != [d for d in weight if d != 1]:
         raise UsageError(f"{where}: module_shape {str(value)[:60]} must be the weight's shape {weight} with axes of "
@@ -292,7 +294,7 @@ def node_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     if op == "scalar_affine":
         return {"weight": (1,), "bias": (1,)}
     if op in TOKEN_TENSOR_OPS:
-        return {"weight": (node["ch"], node["tokens"]) if op == "pos_embed" else (node["ch"],)}
+        return {"weight": (node["ch"],) if op == "class_token" and node["tokens"] == 1 else (node["ch"], node["tokens"])}
     if op in NORMALISING_OPS and node.get("affine", True) or op == "layer_scale":
         return {k: (node["ch"],) for k in ("weight", "bias")[:1 + (op != "layer_scale")]}
     return {}
@@ -313,8 +315,17 @@ def rowless_tensors(arch: Arch) -> list[str]:
 
 def token_tensors(arch: Arch) -> list[str]:
     """The learned class tokens and position embeddings (ViTs), in node order: one row per channel like a bias, and
-    kept as a method keeps biases (RGO has no projection for them: per task)."""
-    return [f"{n['name']}.weight" for n in arch["nodes"] if n["op"] in TOKEN_TENSOR_OPS]
+    kept as a method keeps biases (RGO has no projection for them: per task). Frozen ones are not learned: not here."""
+    frozen = frozen_tensors(arch)
+    return [f"{n['name']}.weight" for n in arch["nodes"] if n["op"] in TOKEN_TENSOR_OPS and
+            f"{n['name']}.weight" not in frozen]
+
+
+def frozen_tensors(arch: Arch) -> list[str]:
+    """Constants of the trunk (a frozen position embedding: MAE's fixed sin-cos), in node order: the training
+    forward detaches them, so no gradient reaches them in any method, and every method stores them once, shared by
+    all tasks, at their starting values."""
+    return [f"{n['name']}.weight" for n in arch["nodes"] if n["op"] == "pos_embed" and n["frozen"]]
 
 
 def prunable(arch: Arch) -> list[str]:

@@ -123,10 +123,11 @@ def _attention(b: _Builder, q: str, k: str, v: str, node: dict, shapes: list[lis
 
 
 def _class_token(b: _Builder, h: str, node: dict, constant) -> str:
-    """The learned token, expanded over the batch (Shape of the input's first axis), put before the others."""
-    token = b.op("Reshape", [f"{node['name']}.weight", constant(np.array([1, node["ch"], 1, 1], dtype=np.int64))])
+    """The learned tokens, expanded over the batch (Shape of the input's first axis), put before the others."""
+    grid = [node["ch"], node["tokens"], 1]
+    token = b.op("Reshape", [f"{node['name']}.weight", constant(np.array([1, *grid], dtype=np.int64))])
     batch = b.op("Shape", [h], start=0, end=1)
-    size = b.op("Concat", [batch, constant(np.array([node["ch"], 1, 1], dtype=np.int64))], axis=0)
+    size = b.op("Concat", [batch, constant(np.array(grid, dtype=np.int64))], axis=0)
     return b.op("Concat", [b.op("Expand", [token, size]), h], axis=2)
 
 
@@ -249,7 +250,7 @@ def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, shapes
     if op == "pos_embed":  # (C, T) unsqueezed to (C, T, 1), broadcast over the batch
         return b.op("Add", [h, b.op("Unsqueeze", [f"{node['name']}.weight", constant(np.array([2], np.int64))])])
     if op == "token":
-        starts, ends, axes = (constant(np.array([v], dtype=np.int64)) for v in (node["index"], node["index"] + 1, 2))
+        starts, ends, axes = (constant(np.array([v], dtype=np.int64)) for v in (node["index"], node["index"] + node["count"], 2))
         return b.op("Slice", [h, starts, ends, axes])
     if op in _UNARY:
         return b.op(_UNARY[op], [h])

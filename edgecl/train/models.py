@@ -133,15 +133,16 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return h * params[f"{name}.weight"] + params[f"{name}.bias"]
     if op == "channel_conv":  # ECA: a 1-D convolution along the channels of the pooled (N, C, 1, 1) vector
         return _channel_conv(h, params[f"{name}.weight"], node["circular"])
-    if op == "class_token":  # (N, C, T, 1) → (N, C, T + 1, 1), the learned token first
-        token = params[f"{name}.weight"].reshape(1, -1, 1, 1).expand(h.shape[0], -1, -1, -1)
+    if op == "class_token":  # (N, C, T, 1) → (N, C, tokens + T, 1), the learned tokens first
+        token = params[f"{name}.weight"].reshape(1, node["ch"], -1, 1).expand(h.shape[0], -1, -1, -1)
         return torch.cat([token, h], dim=2)
-    if op == "pos_embed":
-        return h + params[f"{name}.weight"].unsqueeze(-1)
+    if op == "pos_embed":  # a frozen one is a constant: no gradient reaches it, whatever a method steps
+        weight = params[f"{name}.weight"]
+        return h + (weight.detach() if node["frozen"] else weight).unsqueeze(-1)
     if op == "attention":
         return attention(*ins, node["heads"], node["scale"], node["kv_heads"])
     if op == "token":
-        return h[:, :, node["index"]:node["index"] + 1]
+        return h[:, :, node["index"]:node["index"] + node["count"]]
     if op in _ACTIVATIONS:
         return _ACTIVATIONS[op](h)
     if op == "gelu":

@@ -10,7 +10,7 @@ This module only maps nodes to tensor positions (numpy, built once per architect
 and `pack` deploys with the delta specs it writes (``node`` kind, rows/cols as groups or ``[[group, repeat], …]``
 segments, ``groups`` for grouped convolutions; BatchNorm running statistics are per task, kind ``task``, and so are
 ECA's k weights and a scalar affine's two numbers, which have no channel rows: each task trains them from the previous
-task's values and keeps its own).
+task's values and keeps its own). A frozen position embedding is in no node: kind ``shared``, never trained.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from edgecl.arch import INPUT, Arch, ChannelError, channel_map, consumers, node_by_name, param_shapes
-from edgecl.arch.spec import rowless_tensors
+from edgecl.arch.spec import frozen_tensors, rowless_tensors
 from edgecl.errors import UsageError
 
 STATS = ("running_mean", "running_var")
@@ -111,7 +111,8 @@ def node_map(arch: Arch) -> NodeMap:
         return np.concatenate([np.full(cm.groups[g] * r, -1) if g == INPUT else
                                np.repeat(np.arange(cm.groups[g]) + offsets[g], r) for g, r in segments])
 
-    rows = {tensor: index(segments) for tensor, segments in cm.rows.items()}
+    fixed = frozen_tensors(arch)  # constants: in no node (never cut, zeroed or redrawn), shared by every task
+    rows = {tensor: index(segments) for tensor, segments in cm.rows.items() if tensor not in fixed}
     cols = {}
     for weight, segments in cm.cols.items():
         node, idx = nodes[weight.rsplit(".", 1)[0]], index(segments)
@@ -131,6 +132,7 @@ def node_map(arch: Arch) -> NodeMap:
     own = stats + rowless_tensors(arch)
     specs = {t: _spec(cm.rows[t], cm.cols.get(t), nodes[t.rsplit(".", 1)[0]]) if t not in own else {"kind": "task"}
              for t in shapes}
+    specs.update({t: {"kind": "shared"} for t in fixed})
     return NodeMap(groups, rows, cols, index(cm.head_cols), hooks, bn_after, stats, own, scale_free, specs)
 
 

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from edgecl.arch import param_shapes, prunable
+from edgecl.arch.spec import frozen_tensors
 from edgecl.deltas import PackedModel, TaskInfo
 from edgecl.errors import UsageError
 from edgecl.train import distributed
@@ -173,7 +174,8 @@ class HALRP(Method):
         self.layers = prunable(arch)
         self.shapes = param_shapes(arch)
         self.bn = BatchNorm(arch, self.config.batchnorm, self.initial_params())
-        self.own_names = [n for n in self.shapes if n not in self.layers and n not in self.bn.names]  # biases
+        self.fixed = frozen_tensors(arch)  # constants (a frozen position embedding): in the base, stored once
+        self.own_names = [n for n in self.shapes if n not in self.layers + self.fixed and n not in self.bn.names]
         self.base: dict[str, np.ndarray] = {}
         self.store: list[dict[str, np.ndarray]] = []   # per task: factors, biases, head (frozen numpy)
         self.infos: list[TaskInfo] = []
@@ -188,7 +190,7 @@ class HALRP(Method):
         fit(self.arch, params, trainable(params), task, self.config, ctx, 0, "halrp task 0 (base)")
         self.bn.settle(0, self.arch, params, task, ctx.device)
         arrays = to_numpy(params)
-        self.base = {n: arrays[n] for n in self.layers}
+        self.base = {n: arrays[n] for n in self.layers + self.fixed}
         self.store.append({n: arrays[n] for n in self.own_names + ["head.weight", "head.bias"]})
         self.bn.commit(0, params)
         self.ranks.append({n: 0 for n in self.layers})
@@ -212,7 +214,7 @@ class HALRP(Method):
         fit(self.arch, free, trainable(free), task, warm_cfg, ctx, t, f"halrp task {t} warm-up",
             self.bn.batch_stats(t))
         # 2–4. scalings, residual SVD, importance, global rank selection
-        base = {n: torch.from_numpy(self.base[n]).to(dev) for n in self.layers}
+        base = {n: torch.from_numpy(self.base[n]).to(dev) for n in self.layers + self.fixed}
         init, sigmas, svd = {}, {}, {}
         for n in self.layers:
             r, s = diag_scalings(free[n].detach(), base[n], cfg.ls_rounds)
@@ -235,7 +237,7 @@ class HALRP(Method):
         bn = leaves({k: free[k] for k in self.bn.names}, dev, lambda name: self.bn.learns(t))
         self._finetune(t, task, ctx, base, factors, own, bn)
         final = {n: lowrank_torch(base[n], *(factors[f"{n}:{f}"] for f in FACTORS)).detach() for n in self.layers}
-        self.bn.settle(t, self.arch, {**own, **bn, **final}, task, dev)
+        self.bn.settle(t, self.arch, {**base, **own, **bn, **final}, task, dev)
         # 6. prune, freeze
         tensors = {**to_numpy(factors), **to_numpy(own)}
         self.store.append(tensors)
@@ -254,8 +256,8 @@ class HALRP(Method):
         batch_stats = self.bn.batch_stats(t)
 
         def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            params = {**own, **bn, **{n: lowrank_torch(base[n], *(factors[f"{n}:{f}"] for f in FACTORS))
-                                      for n in self.layers}}
+            params = {**base, **own, **bn, **{n: lowrank_torch(base[n], *(factors[f"{n}:{f}"] for f in FACTORS))
+                                               for n in self.layers}}
             return F.cross_entropy(forward(self.arch, params, x, train=batch_stats), y)
 
         with ctx.bar(epochs, f"halrp task {t} low-rank fine-tune") as bar:
@@ -305,7 +307,7 @@ class HALRP(Method):
         self.config.batchnorm = self.bn.rule
         extra = packed.extra or {}
         # own writable copies: a loaded artifact's arrays are read-only views of the file
-        self.base = {n: np.array(packed.base[n]) for n in self.layers}
+        self.base = {n: np.array(packed.base[n]) for n in self.layers + self.fixed}
         self.store = [{k: np.array(v) for k, v in tt.items() if k not in self.bn.names} for tt in packed.task_tensors]
         self.infos = list(packed.tasks)
         self.ranks = [dict(r) for r in extra.get("ranks", [])] or [
@@ -315,6 +317,7 @@ class HALRP(Method):
     # -- deployment form ---------------------------------------------------------------------------------------
     def pack(self) -> PackedModel:
         params = {n: {"kind": "lowrank"} for n in self.layers}
+        params.update({n: {"kind": "shared"} for n in self.fixed})
         params.update({n: {"kind": "task"} for n in self.own_names + ["head.weight", "head.bias"]})
         params.update(self.bn.specs())
         return PackedModel(self.arch, self.name, self.config.to_json(), params, {**self.base, **self.bn.base()},

@@ -40,6 +40,7 @@ they have no rows for an input-side P; the channels it reads keep one order in e
 ViT class tokens and position embeddings: per task too (each task starting from task 0's, in its own channel order):
 they are added values, not weights that read an input, so no input-side P can keep an old task's function while a
 shared copy moves; a permuted channel group takes their rows as each task's order says, like per-task BatchNorm.
+A frozen position embedding is a constant: one copy in the shared trunk (permuted with it), never stepped.
 
 P is training state, not part of the artifact (no per-task tensors besides heads, per-task BatchNorm, layers): `edgecl
 train` saves it beside the artifact, and `resume` needs it.
@@ -55,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from edgecl.arch import param_shapes, prunable
-from edgecl.arch.spec import rowless_tensors, token_tensors
+from edgecl.arch.spec import frozen_tensors, rowless_tensors, token_tensors
 from edgecl.arch.channels import ChannelError
 from edgecl.deltas import PackedModel, TaskInfo
 from edgecl.errors import UsageError
@@ -83,6 +84,7 @@ class RGO(Method):
         init = self.initial_params(torch.Generator().manual_seed(self.config.seed))
         self.bn = BatchNorm(arch, self.config.batchnorm, init)
         self.tokens = token_tensors(arch)
+        self.fixed = frozen_tensors(arch)  # constants: in the shared trunk (permuted with it), never stepped
         self.fel = self._fel_plan()
         # per task: layers of several blocks (rgo_fel), ECA's k weights and scalar affines (no rows for P or a FEL to
         # act on), class tokens and position embeddings (added values, which no P protects)
@@ -163,7 +165,7 @@ class RGO(Method):
             raise UsageError(f"rgo: tasks must be learned in order; expected task {len(self.heads)}, got {t}")
         dev = ctx.device
         gen = task_generator(self.config, t)
-        self.trunk = {k: v.detach().to(dev).requires_grad_(True) for k, v in self.trunk.items()}
+        self.trunk = {k: v.detach().to(dev).requires_grad_(k not in self.fixed) for k, v in self.trunk.items()}
         head = {k: v.to(dev).requires_grad_(True) for k, v in init_head(self.arch, task.n_classes, gen).items()}
         perms = {k: v.to(dev) for k, v in self.permutations(t).items()}
         bn_order = self.fel.orders(perms, follows=True)  # shared or start copies are kept in the trunk's order
@@ -171,7 +173,7 @@ class RGO(Method):
         # what task t keeps for itself (and frozen BatchNorm)
         own = {**self.blocks.start(t, dev, bn_order), **bn, **head}
         normalized = {name: p.normalized().to(dev) for name, p in self.proj.items()}
-        steps = list(self.trunk.values()) + [v for v in own.values() if v.requires_grad]
+        steps = [v for v in (*self.trunk.values(), *own.values()) if v.requires_grad]
         opt = torch.optim.SGD(steps, lr=self.config.lr)
         start = time.perf_counter()
         weights = {layer: normalized[f"{layer}.weight"] for layer in self.layers}
