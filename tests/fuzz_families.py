@@ -227,13 +227,14 @@ def _spec(draw) -> dict:
         elif op == "attention":  # self-attention of one map, maybe with a (LeViT) bias table and its index
             node["inputs"] += [src, src]
             t = int(np.prod(dims[1:])) if len(dims) == 3 else 1
-            node.update({"heads": draw(st.sampled_from([1, 2, 3])), "scale": draw(st.sampled_from([0.5, 2, 0, -1]))})
+            node.update({"heads": 1 if fits else draw(st.sampled_from([2, 3, 0])),
+                         "scale": 0.5 if fits else draw(st.sampled_from([2, 0, -1]))})
             if draw(st.booleans()):
-                b = draw(st.sampled_from([1, t, t * t, t * t + 1, 0]))
+                b = draw(st.sampled_from([1, t, t * t])) if fits else draw(st.sampled_from([t * t + 1, 0]))
                 node["bias_offsets"] = b
-                node["bias_index"] = draw(st.sampled_from([
-                    [[(i * 7 + j) % max(b, 1) for j in range(t)] for i in range(t)], [[0] * (t + 1)] * t,
-                    [[b] * t] * t, [], [[-1]], "x", None]))
+                fitting = [[(i * 7 + j) % max(b, 1) for j in range(t)] for i in range(t)]
+                node["bias_index"] = fitting if draw(st.integers(0, 3)) else draw(st.sampled_from([
+                    [[0] * (t + 1)] * t, [[b] * t] * t, [], [[-1]], "x", None]))
         elif op == "reshape":
             node["shape"] = [int(np.prod(dims)), 1, 1] if fits else draw(st.lists(st.integers(1, 64), max_size=3))
         nodes.append(node)

@@ -1,6 +1,6 @@
 """Which torchvision and timm models go into edgecl as they are: each is built without pretrained weights, traced by
-`from_torch` at 3×64×64 (3×96×96 for inception_v3; models built for one input size, the plain ViTs, are built for
-64×64 by `BUILD_ARGS`), and — with `--parity` — its spec's torch forward and ONNX graph
+`from_torch` at 3×64×64 (3×96×96 for inception_v3; models built for one input size, the plain ViTs and LeViT, are
+built for 64×64 by `BUILD_ARGS`), and — with `--parity` — its spec's torch forward and ONNX graph
 are compared with the module (`tests/torch_nets.check_parity`). A refusal is recorded with edgecl's message, so the
 list says what is missing and where.
 
@@ -39,9 +39,9 @@ TIMM = ["resnet10t", "resnet18", "mobilenetv3_small_050", "mobilenetv2_050", "ef
         "gcresnet33ts", "tresnet_m", "lambda_resnet26t", "efficientformerv2_s0", "tiny_vit_5m_224",
         "mobilenetv4_hybrid_medium", "deit_tiny_patch16_224", "pit_ti_224", "fastvit_sa12", "efficientvit_m0",
         "nasnetalarge", "repvit_m0_9", "ecaresnet26t", "vit_tiny_patch16_224"]
-# models whose position embedding fixes the input size: built for the 64×64 the tool traces at
+# models whose position embedding (LeViT: attention-bias index) fixes the input size: built for the 64×64 traced
 BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_patch16_224": {"img_size": 64},
-              "timm:deit_tiny_patch16_224": {"img_size": 64}}
+              "timm:deit_tiny_patch16_224": {"img_size": 64}, "timm:levit_128s": {"img_size": 64}}
 RESULTS = ROOT / "tools" / "results" / "model_coverage.json"
 
 
