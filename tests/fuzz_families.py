@@ -184,7 +184,7 @@ def _spec(draw) -> dict:
         known = _shapes(shape, nodes)
         op = draw(st.sampled_from(["conv", "linear", "bn", "maxpool", "avgpool", "gap", "add", "mul", "cat", "flatten",
                                    "reshape", "pad", "scalar_affine", "channel_conv", "branch_softmax", "class_token",
-                                   "pos_embed", "token", *ACTIVATIONS]))
+                                   "pos_embed", "token", "attention", *ACTIVATIONS]))
         src = draw(st.sampled_from(names))
         node = {"name": f"n{i}", "op": op, "inputs": [src]}
         dims = known.get(src, [1])
@@ -230,6 +230,17 @@ def _spec(draw) -> dict:
             node["index"] = draw(st.sampled_from([0, 1, 5, -1]))
             if draw(st.booleans()):  # a range of tokens (after a prefix)
                 node["count"] = draw(st.sampled_from([1, 2, 3, 0]))
+        elif op == "attention":  # self-attention of one map, maybe with a (LeViT) bias table and its index
+            node["inputs"] += [src, src]
+            t = int(np.prod(dims[1:])) if len(dims) == 3 else 1
+            node.update({"heads": 1 if fits else draw(st.sampled_from([2, 3, 0])),
+                         "scale": 0.5 if fits else draw(st.sampled_from([2, 0, -1]))})
+            if draw(st.booleans()):
+                b = draw(st.sampled_from([1, t, t * t])) if fits else draw(st.sampled_from([t * t + 1, 0]))
+                node["bias_offsets"] = b
+                fitting = [[(i * 7 + j) % max(b, 1) for j in range(t)] for i in range(t)]
+                node["bias_index"] = fitting if draw(st.integers(0, 3)) else draw(st.sampled_from([
+                    [[0] * (t + 1)] * t, [[b] * t] * t, [], [[-1]], "x", None]))
         elif op == "reshape":
             node["shape"] = [int(np.prod(dims)), 1, 1] if fits else draw(st.lists(st.integers(1, 64), max_size=3))
         nodes.append(node)

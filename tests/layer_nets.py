@@ -1,8 +1,8 @@
 """Small user networks, one per layer family `from_torch` follows beyond plain convolutions and BatchNorm (the graph
 tests run every method on each): TensorFlow's "same" padding (`TinyTF`), ECA channel attention (`TinyEca`), a Vision
 Transformer (`TinyViT`), PP-HGNetV2's scalar affines (`TinyHGNet`), split attention (`TinySplitAttn`), GCNet's
-global context (`TinyGCNet`), TResNet's space-to-depth stem (`TinyS2D`) and MobileNetV4-hybrid's multi-query
-attention on a feature map (`TinyMNv4Hybrid`). Imports torch and timm."""
+global context (`TinyGCNet`), TResNet's space-to-depth stem (`TinyS2D`), MobileNetV4-hybrid's multi-query
+attention on a feature map (`TinyMNv4Hybrid`) and LeViT's attention biases and strided attention (`TinyLeViT`). Imports torch and timm."""
 from __future__ import annotations
 
 import torch
@@ -21,6 +21,8 @@ from timm.layers.selective_kernel import SelectiveKernel  # noqa: E402
 from timm.layers.split_attn import SplitAttn  # noqa: E402
 from timm.models._efficientnet_blocks import MobileAttention  # noqa: E402
 from timm.models.hgnet import LearnableAffineBlock  # noqa: E402
+from timm.models.levit import Attention as LevitAttention  # noqa: E402
+from timm.models.levit import AttentionDownsample, LevitMlp, NormLinear  # noqa: E402
 
 
 class TinyTF(nn.Module):
@@ -262,3 +264,32 @@ class TinyMNv4Hybrid(nn.Module):
 
 def mnv4_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyMNv4Hybrid(in_channels=input_shape[0]), tuple(input_shape))
+
+
+class TinyLeViT(nn.Module):
+    """LeViT in small, of timm's own layers: a strided conv-BN-hardswish stem to a 4×4 map (8×8 images), tokens
+    (flatten(2).transpose(1, 2)), a residual Attention (2 heads, q/k/v packed per head, learned attention biases over
+    the 16 tokens) and LevitMlp (LinearNorm: Linear + BatchNorm1d over the tokens), an AttentionDownsample (queries
+    from every other token, 2×2, more channels out), the mean token and two averaged NormLinear heads (LeViT's
+    distillation head)."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8, image: int = 8):
+        super().__init__()
+        w, r = width, image // 2
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w),
+                                  nn.Hardswish())
+        self.attn = LevitAttention(w, key_dim=4, num_heads=2, attn_ratio=2, resolution=r, act_layer=nn.Hardswish)
+        self.mlp = LevitMlp(w, 2 * w, act_layer=nn.Hardswish)
+        self.down = AttentionDownsample(w, 2 * w, key_dim=4, num_heads=2, attn_ratio=2, stride=2, resolution=r,
+                                        act_layer=nn.Hardswish)
+        self.head, self.head_dist = NormLinear(2 * w, classes), NormLinear(2 * w, classes)
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        x = x + self.attn(x)
+        x = self.down(x + self.mlp(x)).mean(1)
+        return (self.head(x) + self.head_dist(x)) / 2
+
+
+def levit_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyLeViT(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))

@@ -5,10 +5,9 @@ over channels, Linear layers on channels-last maps, layer scales), TinyShuffle (
 TinyHGNet (PP-HGNetV2's scalar affines after activations, concatenation, ESE gate), TinySplitAttn (timm's
 SelectiveKernel and SplitAttn: softmax across branches), TinyViT (class token, position embedding, multi-head
 self-attention), TinyGCNet (GCNet's global context: attention pooling, gate and broadcast add), TinyS2D
-(TResNet's space-to-depth of the input and of a map) and TinyMNv4Hybrid (multi-query attention on a map, keys and
-values strided), and TinyViT with register tokens, DeiT's distillation token (two averaged heads) and a frozen
-position embedding:
-two real digit tasks each,
+(TResNet's space-to-depth of the input and of a map), TinyMNv4Hybrid (multi-query attention on a map, keys and
+values strided), TinyLeViT (LeViT's attention biases, LinearNorm, strided queries) and TinyViT with register tokens,
+DeiT's distillation token (two averaged heads) and a frozen position embedding: two real digit tasks each,
 then what the method promises about the first task, the deployed runtime against the training evaluation, and the
 exported ONNX against the runtime."""
 from __future__ import annotations
@@ -30,7 +29,8 @@ from edgecl.train.batchnorm import RECALIBRATION_BATCH, batchnorm_names, is_stat
 from edgecl.train.data import make_stream
 from edgecl.train.models import from_numpy, init_params
 from edgecl.train.protocol import TrainContext, batches
-from layer_nets import eca_spec, gc_spec, hgnet_spec, mnv4_spec, s2d_spec, split_attn_spec, tf_spec, vit_spec
+from layer_nets import (eca_spec, gc_spec, hgnet_spec, levit_spec, mnv4_spec, s2d_spec, split_attn_spec, tf_spec,
+                        vit_spec)
 from torch_nets import convnext_spec, dwres_spec, ghost_spec, rescat_spec, shuffle_spec
 
 CTX = TrainContext(progress=False)
@@ -39,9 +39,10 @@ QUICK = {"lps": {"epochs": 1}, "halrp": {"epochs": 3}, "rgo": {"epochs": 1}, "fi
 ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8, 8)), "dwres": dwres_spec,
          "ghost": ghost_spec, "convnext": convnext_spec, "shuffle": shuffle_spec, "tf": tf_spec, "eca": eca_spec,
          "hgnet": hgnet_spec, "split": split_attn_spec, "vit": vit_spec, "gc": gc_spec, "s2d": s2d_spec,
-         "mnv4": mnv4_spec, "vit_tokens": lambda: vit_spec(registers=2, distilled=True, frozen_pos=True)}
+         "mnv4": mnv4_spec, "vit_tokens": lambda: vit_spec(registers=2, distilled=True, frozen_pos=True),
+         "levit": levit_spec}
 GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgnet", "split", "vit", "gc", "s2d", "mnv4",
-          "vit_tokens"]
+          "vit_tokens", "levit"]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,9 @@ def test_batchnorm_rules(method_name, arch_name, stream):
     """"task": each task's own affine pair and statistics (task-kind deltas, different per task); "frozen": one copy,
     task 0's, never moved by task 1."""
     _, (_, per_task) = two_tasks(method_name, arch_name, stream, batchnorm="task")
-    _, (first, frozen) = two_tasks(method_name, arch_name, stream, batchnorm="frozen")
+    # frozen BatchNorm is a fixed gain: LeViT's seven stacked ones under RGO's lr 0.1 diverge (its bias zeroed too)
+    slower = {"lr": 0.01} if (method_name, arch_name) == ("rgo", "levit") else {}
+    _, (first, frozen) = two_tasks(method_name, arch_name, stream, batchnorm="frozen", **slower)
     names = batchnorm_names(per_task.arch)
     assert names and {per_task.params[k]["kind"] for k in names} == {"task"}
     assert all(not np.array_equal(per_task.task_tensors[0][k], per_task.task_tensors[1][k]) for k in names)

@@ -1,6 +1,6 @@
 """Which torchvision and timm models go into edgecl as they are: each is built without pretrained weights, traced by
-`from_torch` at 3×64×64 (3×96×96 for inception_v3; models built for one input size, the plain ViTs, are built for
-64×64 by `BUILD_ARGS`), and — with `--parity` — its spec's torch forward and ONNX graph
+`from_torch` at 3×64×64 (3×96×96 for inception_v3; models built for one input size, the plain ViTs and LeViT, are
+built for 64×64 by `BUILD_ARGS`), and — with `--parity` — its spec's torch forward and ONNX graph
 are compared with the module (`tests/torch_nets.check_parity`). A refusal is recorded with edgecl's message, so the
 list says what is missing and where.
 
@@ -41,10 +41,11 @@ TIMM = ["resnet10t", "resnet18", "mobilenetv3_small_050", "mobilenetv2_050", "ef
         "nasnetalarge", "repvit_m0_9", "ecaresnet26t", "vit_tiny_patch16_224",
         # the rest of the ViT token family: DeiT's distillation token, register tokens (average after the prefix)
         "deit_tiny_distilled_patch16_224", "vit_base_patch16_reg4_gap_256"]
-# models whose position embedding fixes the input size: built for the 64×64 the tool traces at
+# models whose position embedding (LeViT: attention-bias index) fixes the input size: built for the 64×64 the tool traces at
 BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_patch16_224": {"img_size": 64},
               "timm:deit_tiny_patch16_224": {"img_size": 64}, "timm:deit_tiny_distilled_patch16_224": {"img_size": 64},
-              "timm:vit_base_patch16_reg4_gap_256": {"img_size": 64}}
+              "timm:vit_base_patch16_reg4_gap_256": {"img_size": 64},
+              "timm:levit_128s": {"img_size": 64}}
 RESULTS = ROOT / "tools" / "results" / "model_coverage.json"
 
 

@@ -9,7 +9,7 @@ untouched). Dropout and identity are dropped (identities at inference); view-lik
 `fx_calls`, channel slices in `fx_slices`, LayerNorm, channels-last stretches and layer scales (ConvNeXt) in `fx_norms`,
 channel shuffles in `fx_shuffle`, ECA in `fx_eca`, split attention (selective kernel, ResNeSt) in `fx_split_attn`,
 scalar affines (PP-HGNetV2) in `fx_affine`, GCNet's global context in `fx_global_context`, TResNet's space-to-depth
-in `fx_space_to_depth`; Python control flow on shapes is resolved at the import shape by `fx_shape_flow`. The
+in `fx_space_to_depth`, LeViT's layers in `fx_levit`; Python control flow on shapes is resolved at the import shape by `fx_shape_flow`. The
 model's final `nn.Linear` classifier (or a 1×1 convolution on pooled features and a flatten, as DLA's, or an average
 of such classifiers, as RepViT's `(head(x) + head_dist(x)) / 2`) is detected and left out by `fx_classifier` (with a
 (log_)softmax after it): edgecl gives every task its own head on the features it reads. Anything else raises
@@ -33,6 +33,7 @@ from edgecl.arch.fx_calls import (POOL_PARAMETERS, WITH_INDICES, _CallConverter,
 from edgecl.arch.fx_classifier import _ClassifierConverter
 from edgecl.arch.fx_eca import _EcaConverter, is_eca
 from edgecl.arch.fx_global_context import _GlobalContextConverter, is_global_context
+from edgecl.arch.fx_levit import _LevitConverter, is_levit
 from edgecl.arch.fx_norms import LAYER_NORMS, PERMUTES, _NormConverter, is_grn, is_view
 from edgecl.arch.fx_padding import PAD_FUNCTIONS, PAD_MODULES, _PaddingConverter, odd_same, same_kind
 from edgecl.arch.fx_shape_flow import ShapeFlowTracer, raised_at
@@ -62,7 +63,7 @@ _SCALAR_METHODS = ("size", "dim")
 # library blocks the tracer keeps whole, each converted by a mixin's method(node, module, input, path)
 _WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention, "split_attention"),
           (is_timm_attention, "timm_attention"), (is_global_context, "global_context"),
-          (is_space_to_depth, "space_to_depth"))
+          (is_space_to_depth, "space_to_depth"), (is_levit, "levit"))
 
 
 class _Tracer(ShapeFlowTracer):
@@ -190,7 +191,8 @@ def _propagate_shapes(traced: fx.GraphModule, shape: list[int]) -> None:
 
 class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverter, _PaddingConverter,
                  _ClassifierConverter, _EcaConverter, _AffineConverter, _SplitAttnConverter, _TokenConverter,
-                 _AttentionConverter, _Attention2dConverter, _GlobalContextConverter, _SpaceToDepthConverter):
+                 _AttentionConverter, _Attention2dConverter, _GlobalContextConverter, _SpaceToDepthConverter,
+                 _LevitConverter):
     activation_modules = _ACTIVATION_MODULES
 
     def __init__(self, traced: fx.GraphModule, module: nn.Module, shape: list[int], classifier: bool | None,
@@ -278,7 +280,7 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
         elif node.op == "call_module":
             m = self.modules[node.target]
             self.check_layout(node, isinstance(m, (nn.Linear, *_ACTIVATION_MODULES, *_IDENTITY_MODULES)) or
-                              is_library_identity(m) or is_grn(m) or is_timm_attention(m))
+                              is_library_identity(m) or is_grn(m) or is_timm_attention(m) or is_levit(m))
             self._module(node, m)
         elif node.target in PERMUTES:
             self.permute(node)

@@ -57,7 +57,12 @@ Ops (fields and defaults in `OPS`):
   fewer than the queries' (a strided key/value path); q's head i reads k's and v's block i // (heads / kv_heads) —
   ``kv_heads`` 1 is multi-query attention (MobileNetV4's ``MultiQueryAttention2d``: one key and value head shared by
   every query head). The output is ``(heads·dv, H_q, W_q)``, head-major; its heads × T_q × T_kv scores are bounded
-  like an output, `intermediates`.
+  like an output, `intermediates`. With ``bias_offsets`` B, a learned additive bias per head (LeViT's attention
+  biases): tensor ``bias`` ``(heads, B)``, a table of B relative offsets, and ``bias_index``, a fixed T_q × T_kv list
+  of offsets in [0, B); head i's score of query t and key s gets ``bias[i, bias_index[t][s]]`` before the softmax.
+  The table is what trains (positions at one offset share one number, as in LeViT), the index never changes; B is
+  at most T_q·T_kv, so the table is bounded by the scores. The bias belongs to no channel (`ROWLESS_OPS`: the heads
+  are never pruned); its module stores it as ``MODULE.attention_biases`` (timm's name).
 
 """
 from __future__ import annotations
@@ -104,7 +109,8 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "reshape": {"shape": ("shape", ...)},
     "class_token": {"ch": ("size", ...), "tokens": ("size", 1)},
     "pos_embed": {"ch": ("size", ...), "tokens": ("size", ...), "frozen": ("bool", False)},
-    "attention": {"heads": ("size", ...), "scale": ("number", ...), "kv_heads": ("size", None)},
+    "attention": {"heads": ("size", ...), "scale": ("number", ...), "kv_heads": ("size", None),
+                  "bias_offsets": ("size", None), "bias_index": ("index_table", None)},
     "token": {"index": ("index", 0), "count": ("size", 1)},
 }
 OPS["gelu"] = {"approximate": ("approximate", "none")}
@@ -115,8 +121,9 @@ CHANNEL_AFFINE_OPS = ("bn", "layer_norm", "layer_scale", "grn")
 NORMALISING_OPS = ("layer_norm", "grn")  # statistics over the channels: each output depends on all of them
 # each output channel reads its neighbours: the input's channels can be neither removed nor reordered
 NEIGHBOUR_OPS = ("channel_conv",)
-# tensors that belong to no channel (ECA's k weights, a scalar affine's two numbers): no row, no node, no pruning
-ROWLESS_OPS = (*NEIGHBOUR_OPS, "scalar_affine")
+# tensors that belong to no channel (ECA's k weights, a scalar affine's two numbers, an attention's bias table): no
+# row, no node, no pruning
+ROWLESS_OPS = (*NEIGHBOUR_OPS, "scalar_affine", "attention")
 # learned values added to (or put among) the tokens, one row per channel like a bias: a method keeps them as biases
 TOKEN_TENSOR_OPS = ("class_token", "pos_embed")
 TENSOR_OPS = ("conv", "linear", *CHANNEL_AFFINE_OPS, *ROWLESS_OPS, *TOKEN_TENSOR_OPS)
@@ -132,7 +139,8 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
         (cq, *q), (ck, *k), (cv, _, _) = ins
         tq, tk, h = math.prod(q), math.prod(k), node["heads"]
         out = cv * h // (node.get("kv_heads") or h)
-        return 2 * h * tq * tk + 2 * (cq * tq + ck * tk) + 2 * (cv * tk + out * tq)
+        bias = h * tq * tk if node.get("bias_offsets") else 0  # the gathered (heads, T_q, T_kv) bias
+        return 2 * h * tq * tk + bias + 2 * (cq * tq + ck * tk) + 2 * (cv * tk + out * tq)
     if node["op"] == "attention_pool":
         return 2 * math.prod(ins[1]) + math.prod(ins[0])
     return 0
@@ -267,4 +275,19 @@ def _attention_shape(node: dict[str, Any], ins: list[list[int]], where: str) -> 
         raise UsageError(f"{where}: attention needs maps q of {h} heads of d channels, k of {kv} heads of d, v of "
                          f"{kv} heads at k's positions ({kv} dividing {h}) and a scale > 0, gets {ins} and scale "
                          f"{node['scale']}")
+    _check_attention_bias(node, math.prod(q[1:]), math.prod(k[1:]), where)
     return [v[0] // kv * h, *q[1:]]
+
+
+def _check_attention_bias(node: dict[str, Any], tq: int, tk: int, where: str) -> None:
+    """An attention bias needs both its table size and its index, a T_q × T_kv table of offsets below it."""
+    offsets, index = node.get("bias_offsets"), node.get("bias_index")
+    if offsets is None and index is None:
+        return
+    if offsets is None or index is None or offsets > tq * tk:
+        raise UsageError(f"{where}: an attention bias needs bias_offsets (at most T_q·T_kv = {tq * tk}) and "
+                         f"bias_index together, gets bias_offsets {offsets} and "
+                         f"{'no' if index is None else 'a'} bias_index")
+    if len(index) != tq or any(len(row) != tk for row in index) or max(max(row) for row in index) >= offsets:
+        raise UsageError(f"{where}: bias_index must be {tq} rows (query positions) of {tk} offsets (key positions) "
+                         f"each below bias_offsets {offsets}")

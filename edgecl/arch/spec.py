@@ -103,14 +103,16 @@ def _check_minus_inf_pads(nodes: list[dict[str, Any]], shapes: dict[str, list[in
 def state_key(node: dict[str, Any], tensor: str) -> str:
     """The state-dict key of a node's tensor in the traced module (`edgecl.arch.module_state`): the node's name or
     its ``module`` path, then the tensor; a layer scale, a class token and a position embedding are bare parameters,
-    whose key is that path itself, and a scalar affine's weight is its module's ``scale`` (timm's LearnableAffineBlock).
+    whose key is that path itself, a scalar affine's weight is its module's ``scale`` (timm's LearnableAffineBlock)
+    and an attention's bias table its module's ``attention_biases`` (timm's LeViT).
     A ``module`` ending in ``*`` has the tensor's name in place of the ``*``: torch's packed parameters
     (``nn.MultiheadAttention``'s ``in_proj_weight`` / ``in_proj_bias``, module ``….in_proj_*``); a path that merely
     ends in ``_`` (``self.conv_``) is an ordinary one."""
     path = node.get("module", node["name"])
     if node["op"] in ("layer_scale", *TOKEN_TENSOR_OPS):
         return path
-    tensor = "scale" if node["op"] == "scalar_affine" and tensor == "weight" else tensor
+    tensor = "scale" if node["op"] == "scalar_affine" and tensor == "weight" else \
+        "attention_biases" if node["op"] == "attention" else tensor
     return f"{path[:-1]}{tensor}" if path.endswith("*") else f"{path}.{tensor}"
 
 
@@ -168,6 +170,8 @@ def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
         out["stride"] = list(out["k"])
     if op == "attention" and out["kv_heads"] is None:
         out["kv_heads"] = out["heads"]
+    if op == "attention" and out["bias_offsets"] is None and out["bias_index"] is None:
+        del out["bias_offsets"], out["bias_index"]  # no bias: the spec as before attention biases existed
     if "module" in node:  # the layer's path in the user's module where the node name had to differ (`module_state`)
         if not isinstance(node["module"], str) or not 0 < len(node["module"]) <= 512 or \
                 not node["module"].isprintable():
@@ -247,12 +251,16 @@ def _field(value: Any, kind: str, where: str) -> Any:
         return _shape(value, "reshape shape")
     if kind == "axis" and value == 1:
         return 1
+    if kind == "index_table" and isinstance(value, list) and value and \
+            all(isinstance(row, list) and row and all(_is_size(i, 0) for i in row) for row in value):
+        return [list(row) for row in value]
     expect = {"size": f"an int from 1 to {MAX_DIM}", "pair": "an int ≥ 1 or two of them",
               "pad": "an int ≥ 0 or two of them", "pads": "four ints ≥ 0 (top, left, bottom, right)",
               "fill": f"a finite number of magnitude at most {MAX_NUMBER:g}, or \"-inf\"",
               "index": f"an int from 0 to {MAX_DIM}", "bool": "true or false", "eps": "a number in (0, 1)",
               "momentum": "a number in (0, 1]",
               "approximate": "'none' or 'tanh'", "axis": "1 (channels)",
+              "index_table": "a non-empty list of non-empty lists of ints ≥ 0",
               "number": f"a finite number of magnitude at most {MAX_NUMBER:g}"}.get(kind, kind)
     shown = repr(value) if isinstance(value, str) else str(value)  # "1" is not 1
     raise UsageError(f"{where} = {shown[:60]} must be {expect}")
@@ -293,6 +301,8 @@ def node_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         return {"weight": (node["k"],)}
     if op == "scalar_affine":
         return {"weight": (1,), "bias": (1,)}
+    if op == "attention":  # LeViT's per-head table of relative offsets (`edgecl.arch.ops`)
+        return {"bias": (node["heads"], node["bias_offsets"])} if node.get("bias_offsets") else {}
     if op in TOKEN_TENSOR_OPS:
         return {"weight": (node["ch"],) if op == "class_token" and node["tokens"] == 1 else (node["ch"], node["tokens"])}
     if op in NORMALISING_OPS and node.get("affine", True) or op == "layer_scale":
@@ -307,8 +317,8 @@ def dense_params(arch: Arch, n_classes: int | None = None) -> int:
 
 
 def rowless_tensors(arch: Arch) -> list[str]:
-    """The tensors that belong to no channel, in node order: every ``channel_conv``'s k weights (ECA) and every
-    ``scalar_affine``'s weight and bias. No per-channel rule (pruning, node masks, BatchNorm's) covers them; methods
+    """The tensors that belong to no channel, in node order: every ``channel_conv``'s k weights (ECA), every
+    ``scalar_affine``'s weight and bias and every attention's bias table (LeViT). No per-channel rule (pruning, node masks, BatchNorm's) covers them; methods
     that share a trunk keep them per task."""
     return [f"{n['name']}.{k}" for n in arch["nodes"] if n["op"] in ROWLESS_OPS for k in node_tensor_shapes(n)]
 

@@ -103,7 +103,8 @@ def _channel_conv(b: _Builder, h: str, node: dict, constant) -> str:
 def _attention(b: _Builder, q: str, k: str, v: str, node: dict, shapes: list[list[int]], constant) -> str:
     """Multi-head attention over the positions of (N, C, H, W) maps, as `edgecl.train.models.attention`: per head (a
     block of channels) softmax((scale·q)ᵀk) over the keys times v, by Reshape, Transpose, MatMul and Softmax; with
-    fewer k/v heads, each one's query heads stacked along the query positions."""
+    fewer k/v heads, each one's query heads stacked along the query positions; a bias table (LeViT) is gathered by
+    its constant index and added to the scores."""
     (c, *hw), (_, *khw), cv = shapes[0], shapes[1], shapes[2][0]
     h, kv = node["heads"], node["kv_heads"]
     t, tk, d, dv = math.prod(hw), math.prod(khw), c // h, cv // kv
@@ -115,7 +116,12 @@ def _attention(b: _Builder, q: str, k: str, v: str, node: dict, shapes: list[lis
                       constant(float(node["scale"]))])  # (N, h, T, d)
     if kv != h:
         qh = b.op("Reshape", [qh, shape(0, kv, h // kv * t, d)])
-    weights = b.op("Softmax", [b.op("MatMul", [qh, b.op("Reshape", [k, shape(0, kv, d, tk)])])], axis=-1)
+    scores = b.op("MatMul", [qh, b.op("Reshape", [k, shape(0, kv, d, tk)])])
+    if node.get("bias_offsets"):  # LeViT's bias: the (heads, B) table gathered by the fixed (T_q, T_kv) offsets
+        index = constant(np.array(node["bias_index"], dtype=np.int64))
+        bias = b.op("Gather", [f"{node['name']}.bias", index], axis=1)
+        scores = b.op("Add", [scores, b.op("Reshape", [bias, shape(kv, h // kv * t, tk)])])
+    weights = b.op("Softmax", [scores], axis=-1)
     out = b.op("MatMul", [weights, b.op("Transpose", [b.op("Reshape", [v, shape(0, kv, dv, tk)])], perm=[0, 1, 3, 2])])
     if kv != h:
         out = b.op("Reshape", [out, shape(0, h, t, dv)])

@@ -37,6 +37,8 @@ def init_params(arch: Arch, n_classes: int | None = None, generator: torch.Gener
             # would leave every task's token alike; a spread start is what torchvision and timm's pos_embed use)
             weight = params[f"{node['name']}.weight"]
             params[f"{node['name']}.weight"] = torch.randn(weight.shape, generator=generator) * 0.02
+        if node["op"] == "attention" and node.get("bias_offsets"):  # LeViT's start: no bias
+            params[f"{node['name']}.bias"].zero_()
         if node["op"] == "channel_conv":  # torch's Conv1d(1, 1, k) default: uniform within 1/√k
             bound = 1.0 / math.sqrt(node["k"])
             params[f"{node['name']}.weight"] = (torch.rand(node["k"], generator=generator) * 2 - 1) * bound
@@ -140,7 +142,8 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         weight = params[f"{name}.weight"]
         return h + (weight.detach() if node["frozen"] else weight).unsqueeze(-1)
     if op == "attention":
-        return attention(*ins, node["heads"], node["scale"], node["kv_heads"])
+        bias = _gathered_bias(node, params[f"{name}.bias"]) if node.get("bias_offsets") else None
+        return attention(*ins, node["heads"], node["scale"], node["kv_heads"], bias)
     if op == "token":
         return h[:, :, node["index"]:node["index"] + node["count"]]
     if op in _ACTIVATIONS:
@@ -202,12 +205,19 @@ def _channel_conv(h: torch.Tensor, weight: torch.Tensor, circular: bool) -> torc
     return F.conv1d(seq, weight.reshape(1, 1, -1)).reshape(h.shape)
 
 
+def _gathered_bias(node: dict, table: torch.Tensor) -> torch.Tensor:
+    """An attention's (heads, T_q, T_kv) bias: its (heads, B) table read at the fixed offsets (gradients add up in
+    the table, as LeViT's)."""
+    return table[:, torch.tensor(node["bias_index"], dtype=torch.long, device=table.device)]
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
-              kv_heads: int | None = None) -> torch.Tensor:
+              kv_heads: int | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-head attention over the positions of (N, C, H, W) maps (tokens: (N, C, T, 1)), each head a contiguous
     block of channels, as `edgecl.graph.builder` emits it: softmax((scale·q)ᵀk) over the keys, times v. With fewer
     k/v heads (multi-query: one), the g = heads / kv_heads query heads of one k/v head are stacked along the query
-    positions, so one product serves them all."""
+    positions, so one product serves them all. `bias` (heads, T_q, T_kv), LeViT's gathered attention bias, is added
+    to the scores before the softmax."""
     n, c, t, tk = q.shape[0], q.shape[1], q.shape[2] * q.shape[3], k.shape[2] * k.shape[3]
     kv = kv_heads or heads
     d, dv = c // heads, v.shape[1] // kv
@@ -216,7 +226,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, sca
         qh = qh.reshape(n, kv, heads // kv * t, d)
     kh = k.reshape(n, kv, d, tk)  # (N, kv, d, Tk)
     vh = v.reshape(n, kv, dv, tk).transpose(2, 3)  # (N, kv, Tk, dv)
-    out = (torch.softmax(qh @ kh, dim=-1) @ vh).reshape(n, heads, t, dv)
+    scores = qh @ kh
+    if bias is not None:  # the heads of one k/v head stacked as the queries are
+        scores = scores + bias.reshape(kv, heads // kv * t, tk)
+    out = (torch.softmax(scores, dim=-1) @ vh).reshape(n, heads, t, dv)
     return out.transpose(2, 3).reshape(n, heads * dv, *q.shape[2:])
 
 
