@@ -3,17 +3,15 @@
 The tracer keeps torch's standard layers (and subclasses of them, such as timm's BatchNorm+activation) as leaves, so
 every conv/linear/BatchNorm node is named by its module path and its tensors by the module's state-dict keys
 (``layer1.0.conv1.weight``); the module's weights themselves are not part of the spec (`tensors_of` reads them). Shapes
-come from running the traced graph once on zeros (`_ShapeProp`, eval mode, no gradients, the module's own state
-untouched). Dropout and identity are dropped (identities at inference); view-like ops (view, reshape, flatten, squeeze,
-…) become ``flatten``/``reshape`` with the shape they actually produced. Function and method calls are converted in
-`fx_calls`, channel slices in `fx_slices`, LayerNorm, channels-last stretches and layer scales (ConvNeXt) in `fx_norms`,
-channel shuffles in `fx_shuffle`, ECA in `fx_eca`, split attention (selective kernel, ResNeSt) in `fx_split_attn`,
-scalar affines (PP-HGNetV2) in `fx_affine`, GCNet's global context in `fx_global_context`, TResNet's space-to-depth
-in `fx_space_to_depth`, LeViT's layers in `fx_levit`; Python control flow on shapes is resolved at the import shape by `fx_shape_flow`. The
-model's final `nn.Linear` classifier (or a 1×1 convolution on pooled features and a flatten, as DLA's, or an average
-of such classifiers, as RepViT's `(head(x) + head_dist(x)) / 2`) is detected and left out by `fx_classifier` (with a
-(log_)softmax after it): edgecl gives every task its own head on the features it reads. Anything else raises
-`UsageError` naming the op, the fx node, the module path and the user's source line, never a trace from inside torch.
+come from running the traced graph once on zeros (`_ShapeProp`, eval mode, no gradients, the module's state untouched).
+Dropout and identity are dropped (identities at inference); view-like ops become ``flatten``/``reshape`` with the shape
+they actually produced. Each family is converted by its own mixin module: calls (`fx_calls`), slices, norms (LayerNorm,
+ConvNeXt's channels-last stretches and layer scales), shuffles, ECA, split attention, scalar affines, global context,
+space-to-depth, LeViT (`fx_levit`), padding, tokens and attention; Python control flow on shapes is resolved at the
+import shape by `fx_shape_flow`. The final classifier (an `nn.Linear`, a 1×1 convolution on pooled features and a
+flatten, or an average of such, as RepViT's) is detected and left out by `fx_classifier`: edgecl gives every task its
+own head on the features it reads. Anything else raises `UsageError` naming the op, the fx node, the module path and
+the user's source line, never a trace from inside torch.
 """
 from __future__ import annotations
 

@@ -16,32 +16,20 @@ input as the dense one.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgecl.arch.spec import INPUT as SPEC_INPUT
 from edgecl.arch.spec import Arch, node_shapes, param_shapes
+from edgecl.graph.nodes import Builder as _Builder
+from edgecl.graph.token_ops import TOKEN_OPS, attention
 
 OPSET = 17
 INPUT, OUTPUT = "x", "logits"
 # A switched (input) weight of at least this many elements is GEMM's left operand; a smaller one (a head) stays the
 # right operand, where re-packing it costs less than the two transposes around it (tools/bench_switch.py)
 LEFT_OPERAND_MIN = 1 << 16
-
-
-class _Builder:
-    def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.count = 0
-
-    def op(self, op_type: str, inputs: list[str], **attrs) -> str:
-        self.count += 1
-        out = f"{op_type.lower()}_{self.count}"
-        self.nodes.append(helper.make_node(op_type, inputs, [out], name=f"n{self.count}_{op_type}", **attrs))
-        return out
 
 
 def _conv(b: _Builder, h: str, w: str, bias: str | None, k: list[int], stride: list[int] = (1, 1),
@@ -98,43 +86,6 @@ def _channel_conv(b: _Builder, h: str, node: dict, constant) -> str:
     pads = [0, 0] if node["circular"] else [pad, pad]
     out = b.op("Conv", [seq, weight], kernel_shape=[node["k"]], strides=[1], pads=pads, dilations=[1], group=1)
     return b.op("Reshape", [out, constant(np.array([-1, c, 1, 1], dtype=np.int64))])
-
-
-def _attention(b: _Builder, q: str, k: str, v: str, node: dict, shapes: list[list[int]], constant) -> str:
-    """Multi-head attention over the positions of (N, C, H, W) maps, as `edgecl.train.models.attention`: per head (a
-    block of channels) softmax((scale·q)ᵀk) over the keys times v, by Reshape, Transpose, MatMul and Softmax; with
-    fewer k/v heads, each one's query heads stacked along the query positions; a bias table (LeViT) is gathered by
-    its constant index and added to the scores."""
-    (c, *hw), (_, *khw), cv = shapes[0], shapes[1], shapes[2][0]
-    h, kv = node["heads"], node["kv_heads"]
-    t, tk, d, dv = math.prod(hw), math.prod(khw), c // h, cv // kv
-
-    def shape(*dims: int) -> str:
-        return constant(np.array(dims, dtype=np.int64))
-
-    qh = b.op("Mul", [b.op("Transpose", [b.op("Reshape", [q, shape(0, h, d, t)])], perm=[0, 1, 3, 2]),
-                      constant(float(node["scale"]))])  # (N, h, T, d)
-    if kv != h:
-        qh = b.op("Reshape", [qh, shape(0, kv, h // kv * t, d)])
-    scores = b.op("MatMul", [qh, b.op("Reshape", [k, shape(0, kv, d, tk)])])
-    if node.get("bias_offsets"):  # LeViT's bias: the (heads, B) table gathered by the fixed (T_q, T_kv) offsets
-        index = constant(np.array(node["bias_index"], dtype=np.int64))
-        bias = b.op("Gather", [f"{node['name']}.bias", index], axis=1)
-        scores = b.op("Add", [scores, b.op("Reshape", [bias, shape(kv, h // kv * t, tk)])])
-    weights = b.op("Softmax", [scores], axis=-1)
-    out = b.op("MatMul", [weights, b.op("Transpose", [b.op("Reshape", [v, shape(0, kv, dv, tk)])], perm=[0, 1, 3, 2])])
-    if kv != h:
-        out = b.op("Reshape", [out, shape(0, h, t, dv)])
-    return b.op("Reshape", [b.op("Transpose", [out], perm=[0, 1, 3, 2]), shape(0, h * dv, *hw)])
-
-
-def _class_token(b: _Builder, h: str, node: dict, constant) -> str:
-    """The learned tokens, expanded over the batch (Shape of the input's first axis), put before the others."""
-    grid = [node["ch"], node["tokens"], 1]
-    token = b.op("Reshape", [f"{node['name']}.weight", constant(np.array([1, *grid], dtype=np.int64))])
-    batch = b.op("Shape", [h], start=0, end=1)
-    size = b.op("Concat", [batch, constant(np.array(grid, dtype=np.int64))], axis=0)
-    return b.op("Concat", [b.op("Expand", [token, size]), h], axis=2)
 
 
 def _select_inputs(b: _Builder, arch: Arch) -> str:
@@ -250,14 +201,9 @@ def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, shapes
     if op == "channel_conv":
         return _channel_conv(b, h, node, constant)
     if op == "attention":
-        return _attention(b, *ins, node, shapes, constant)
-    if op == "class_token":
-        return _class_token(b, h, node, constant)
-    if op == "pos_embed":  # (C, T) unsqueezed to (C, T, 1), broadcast over the batch
-        return b.op("Add", [h, b.op("Unsqueeze", [f"{node['name']}.weight", constant(np.array([2], np.int64))])])
-    if op == "token":
-        starts, ends, axes = (constant(np.array([v], dtype=np.int64)) for v in (node["index"], node["index"] + node["count"], 2))
-        return b.op("Slice", [h, starts, ends, axes])
+        return attention(b, *ins, node, shapes, constant)
+    if op in TOKEN_OPS:
+        return TOKEN_OPS[op](b, h, node, constant)
     if op in _UNARY:
         return b.op(_UNARY[op], [h])
     if op == "relu6":

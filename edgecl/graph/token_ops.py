@@ -1,0 +1,61 @@
+"""ONNX forms of the token ops (Vision Transformers: tokens are a (N, C, T, 1) map) and of attention, as
+`edgecl.train.models` computes them; split from `builder` so the builder stays one screenful per family."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from edgecl.graph.nodes import Builder
+
+
+def attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list[int]], constant) -> str:
+    """Multi-head attention over the positions of (N, C, H, W) maps, as `edgecl.train.models.attention`: per head (a
+    block of channels) softmax((scale·q)ᵀk) over the keys times v, by Reshape, Transpose, MatMul and Softmax; with
+    fewer k/v heads, each one's query heads stacked along the query positions; a bias table (LeViT) is gathered by
+    its constant index and added to the scores."""
+    (c, *hw), (_, *khw), cv = shapes[0], shapes[1], shapes[2][0]
+    h, kv = node["heads"], node["kv_heads"]
+    t, tk, d, dv = math.prod(hw), math.prod(khw), c // h, cv // kv
+
+    def shape(*dims: int) -> str:
+        return constant(np.array(dims, dtype=np.int64))
+
+    qh = b.op("Mul", [b.op("Transpose", [b.op("Reshape", [q, shape(0, h, d, t)])], perm=[0, 1, 3, 2]),
+                      constant(float(node["scale"]))])  # (N, h, T, d)
+    if kv != h:
+        qh = b.op("Reshape", [qh, shape(0, kv, h // kv * t, d)])
+    scores = b.op("MatMul", [qh, b.op("Reshape", [k, shape(0, kv, d, tk)])])
+    if node.get("bias_offsets"):  # LeViT's bias: the (heads, B) table gathered by the fixed (T_q, T_kv) offsets
+        index = constant(np.array(node["bias_index"], dtype=np.int64))
+        bias = b.op("Gather", [f"{node['name']}.bias", index], axis=1)
+        scores = b.op("Add", [scores, b.op("Reshape", [bias, shape(kv, h // kv * t, tk)])])
+    weights = b.op("Softmax", [scores], axis=-1)
+    out = b.op("MatMul", [weights, b.op("Transpose", [b.op("Reshape", [v, shape(0, kv, dv, tk)])], perm=[0, 1, 3, 2])])
+    if kv != h:
+        out = b.op("Reshape", [out, shape(0, h, t, dv)])
+    return b.op("Reshape", [b.op("Transpose", [out], perm=[0, 1, 3, 2]), shape(0, h * dv, *hw)])
+
+
+def _class_token(b: Builder, h: str, node: dict, constant) -> str:
+    """The learned tokens, expanded over the batch (Shape of the input's first axis), put before the others."""
+    grid = [node["ch"], node["tokens"], 1]
+    token = b.op("Reshape", [f"{node['name']}.weight", constant(np.array([1, *grid], dtype=np.int64))])
+    batch = b.op("Shape", [h], start=0, end=1)
+    size = b.op("Concat", [batch, constant(np.array(grid, dtype=np.int64))], axis=0)
+    return b.op("Concat", [b.op("Expand", [token, size]), h], axis=2)
+
+
+def _pos_embed(b: Builder, h: str, node: dict, constant) -> str:
+    """The (C, T) embedding unsqueezed to (C, T, 1), broadcast over the batch."""
+    return b.op("Add", [h, b.op("Unsqueeze", [f"{node['name']}.weight", constant(np.array([2], np.int64))])])
+
+
+def _token(b: Builder, h: str, node: dict, constant) -> str:
+    """`count` tokens from `index` on (the class token, or the tokens after a prefix of class/register tokens)."""
+    bounds = (node["index"], node["index"] + node["count"], 2)
+    starts, ends, axes = (constant(np.array([v], dtype=np.int64)) for v in bounds)
+    return b.op("Slice", [h, starts, ends, axes])
+
+
+TOKEN_OPS = {"class_token": _class_token, "pos_embed": _pos_embed, "token": _token}
