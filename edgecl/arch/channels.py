@@ -42,7 +42,8 @@ from edgecl.errors import UsageError
 
 Segments = list[tuple[str, int]]
 # How many segments the map follows: per axis (a node's output, a tensor's rows or columns) and over the whole map. Every
-# network of tools/model_coverage.py stays far below (largest: shufflenet_v2_x0_5, 192 on one axis and 15 575 in all);
+# network of tools/model_coverage.py stays far below (largest: shufflenet_v2_x0_5, 192 on one axis and 15 575 in all;
+# shufflenet_v2_x2_0 976 and 78 001; resnet50, efficientnet_b0, ViTs at 224: 1-3 and under 650, TResNet's s2d 16);
 # past them a spec of a few nodes — a space_to_depth of a 1024×1024 input, 20 nested cat(x, x) — made 2^20 segments
 # (seconds, hundreds of MB), so `channel_map` refuses it by node as soon as a count passes, before building the rest.
 MAX_AXIS_SEGMENTS = 1 << 14
