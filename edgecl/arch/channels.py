@@ -41,6 +41,13 @@ from edgecl.arch.spec import INPUT, Arch, is_depthwise, node_by_name, node_shape
 from edgecl.errors import UsageError
 
 Segments = list[tuple[str, int]]
+# How many segments the map follows: per axis (a node's output, a tensor's rows or columns) and over the whole map. Every
+# network of tools/model_coverage.py stays far below (largest: shufflenet_v2_x0_5, 192 on one axis and 15 575 in all;
+# shufflenet_v2_x2_0 976 and 78 001; resnet50, efficientnet_b0, ViTs at 224: 1-3 and under 650, TResNet's s2d 16);
+# past them a spec of a few nodes — a space_to_depth of a 1024×1024 input, 20 nested cat(x, x) — made 2^20 segments
+# (seconds, hundreds of MB), so `channel_map` refuses it by node as soon as a count passes, before building the rest.
+MAX_AXIS_SEGMENTS = 1 << 14
+MAX_SEGMENTS = 1 << 19
 
 
 class ChannelError(UsageError):
@@ -102,6 +109,7 @@ class _UnionFind:
         self.order: dict[str, int] = {}
         self.alias: dict[str, Segments] = {}
         self.origin: dict[str, tuple[str, int]] = {}  # a part of a split group → (the layer it came from, offset)
+        self.where = ""  # what a too-long axis is refused as (the node or tensor being mapped)
 
     def add(self, g: str) -> None:
         self.parent[g] = g
@@ -131,7 +139,15 @@ class _UnionFind:
                 stack += [(h, r * q) for h, q in reversed(self.alias[root])]
             else:
                 out.append((root, r))
+                if len(out) > MAX_AXIS_SEGMENTS:
+                    raise _too_many(self.where, f"one of its axes has more than {MAX_AXIS_SEGMENTS}")
         return out
+
+
+def _too_many(where: str, what: str) -> ChannelError:
+    return ChannelError(f"{where}: {what} channel segments (groups laid side by side); edgecl follows at most "
+                        f"{MAX_AXIS_SEGMENTS} on one axis and {MAX_SEGMENTS} in all, far above any real network; "
+                        "channels cannot be followed through it")
 
 
 def channel_map(arch: Arch) -> ChannelMap:
@@ -150,8 +166,10 @@ def channel_map(arch: Arch) -> ChannelMap:
     cols: dict[str, Segments] = {}
     pinned_by: list[Segments] = []
     ordered_by: list[Segments] = []
+    total = 0
     for node in arch["nodes"]:
         op, name = node["op"], node["name"]
+        uf.where = f"node {name!r} ({op})"
         ins = [spaces[s] for s in node["inputs"]]
         x = ins[0]
         if op == "conv" and is_depthwise(node):
@@ -187,8 +205,10 @@ def channel_map(arch: Arch) -> ChannelMap:
         elif op in ("add", "mul"):
             out = _merge(uf, size, node, ins, [shapes[s] for s in node["inputs"]])
         elif op == "cat":
+            _bound(uf.where, sum(map(len, ins)))
             out = [seg for segments in ins for seg in segments]
         elif op == "space_to_depth":  # block² copies of the input's channels, as cat(x, …, x)
+            _bound(uf.where, len(x) * node["block"] ** 2)
             out = x * node["block"] ** 2
         elif op == "slice":
             out = _slice(uf, size, node, x)
@@ -202,15 +222,36 @@ def channel_map(arch: Arch) -> ChannelMap:
         if op in ("conv", "linear") and node["bias"]:
             rows[f"{name}.bias"] = out
         spaces[name] = out
+        total += _bound(uf.where, len(out))
+        if total > MAX_SEGMENTS:
+            raise _too_many(uf.where, f"the axes up to it have more than {MAX_SEGMENTS}")
 
-    resolve = uf.resolve
+    counted = [0]
+
+    def resolve(axes: dict[str, Segments], what: str) -> dict[str, Segments]:  # final layouts, within MAX_SEGMENTS
+        out = {}
+        for key, segments in axes.items():
+            uf.where = f"{what} {key!r}"
+            out[key] = uf.resolve(segments)
+            counted[0] += len(out[key])
+            if counted[0] > MAX_SEGMENTS:
+                raise _too_many(uf.where, f"the map's axes up to it have more than {MAX_SEGMENTS}")
+        return out
+
     groups = {g: size[g] for g in size if uf.find(g) == g and g not in uf.alias}
-    cm = ChannelMap(groups, {k: resolve(v) for k, v in rows.items()}, {k: resolve(v) for k, v in cols.items()},
-                    resolve(spaces[arch["output"]]), {k: resolve(v) for k, v in spaces.items()},
-                    {g for segments in pinned_by for g, _ in resolve(segments)},
-                    {g for segments in ordered_by for g, _ in resolve(segments)})
+    cm = ChannelMap(groups, resolve(rows, "tensor"), resolve(cols, "the input columns of"),
+                    resolve({"heads": spaces[arch["output"]]}, "the")["heads"], resolve(spaces, "node"),
+                    {g for segments in pinned_by for g, _ in uf.resolve(segments)},
+                    {g for segments in ordered_by for g, _ in uf.resolve(segments)})
     _check_widths(arch, cm, shapes)
     return cm
+
+
+def _bound(where: str, count: int) -> int:
+    """`count` segments on one axis, or ChannelError naming `where` past MAX_AXIS_SEGMENTS (before they are built)."""
+    if count > MAX_AXIS_SEGMENTS:
+        raise _too_many(where, f"{count}")
+    return count
 
 
 def _check_widths(arch: Arch, cm: ChannelMap, shapes: dict[str, list[int]]) -> None:
@@ -241,6 +282,7 @@ def _shuffle(uf: _UnionFind, size: dict[str, int], node: dict, x: Segments) -> S
     which the output lists in the shuffled order."""
     if any(r != 1 for _, r in uf.resolve(x)):
         raise ChannelError(f"node {node['name']!r} (shuffle) reads flattened features; channels cannot be followed")
+    _bound(uf.where, sum(size[g] for g, _ in uf.resolve(x)))  # one segment per channel once cut
     for g, _ in uf.resolve(x):
         if size[g] > 1 and g not in uf.alias:  # a group the input holds twice (cat(a, a)) is split once
             if g == INPUT:

@@ -15,7 +15,7 @@ task's values and keeps its own). A frozen position embedding is in no node: kin
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,7 @@ class NodeMap:
     own: list[str]  # kept per task: the statistics, ECA's k weights, scalar affines (no rows)
     scale_free: list[str]  # conv/linear rows (and biases) a BatchNorm normalises: their scale changes nothing
     specs: dict[str, dict[str, Any]]  # trunk tensor → its deployed delta spec
+    affines: dict[str, np.ndarray] = field(default_factory=dict)  # scalar affine → node of each output channel
 
     @property
     def n(self) -> int:
@@ -133,7 +134,8 @@ def node_map(arch: Arch) -> NodeMap:
     specs = {t: _spec(cm.rows[t], cm.cols.get(t), nodes[t.rsplit(".", 1)[0]]) if t not in own else {"kind": "task"}
              for t in shapes}
     specs.update({t: {"kind": "shared"} for t in fixed})
-    return NodeMap(groups, rows, cols, index(cm.head_cols), hooks, bn_after, stats, own, scale_free, specs)
+    affines = {n["name"]: index(cm.spaces[n["name"]]) for n in arch["nodes"] if n["op"] == "scalar_affine"}
+    return NodeMap(groups, rows, cols, index(cm.head_cols), hooks, bn_after, stats, own, scale_free, specs, affines)
 
 
 def _spec(rows: list[tuple[str, int]], cols: list[tuple[str, int]] | None, node: dict) -> dict[str, Any]:
