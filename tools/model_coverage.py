@@ -38,7 +38,9 @@ TIMM = ["resnet10t", "resnet18", "mobilenetv3_small_050", "mobilenetv2_050", "ef
         "seresnext26d_32x4d", "starnet_s1", "repghostnet_050", "cspdarknet53", "inception_v4", "hgnetv2_b0",
         "gcresnet33ts", "tresnet_m", "lambda_resnet26t", "efficientformerv2_s0", "tiny_vit_5m_224",
         "mobilenetv4_hybrid_medium", "deit_tiny_patch16_224", "pit_ti_224", "fastvit_sa12", "efficientvit_m0",
-        "nasnetalarge", "repvit_m0_9", "ecaresnet26t", "vit_tiny_patch16_224"]
+        "nasnetalarge", "repvit_m0_9", "ecaresnet26t", "vit_tiny_patch16_224",
+        # anti-aliased downsampling (BlurPool2d: reflect pad + binomial filter)
+        "resnetblur18", "resnetblur50d", "resnetaa34d"]
 # models whose position embedding fixes the input size: built for the 64×64 the tool traces at
 BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_patch16_224": {"img_size": 64},
               "timm:deit_tiny_patch16_224": {"img_size": 64}}

@@ -9,7 +9,7 @@ untouched). Dropout and identity are dropped (identities at inference); view-lik
 `fx_calls`, channel slices in `fx_slices`, LayerNorm, channels-last stretches and layer scales (ConvNeXt) in `fx_norms`,
 channel shuffles in `fx_shuffle`, ECA in `fx_eca`, split attention (selective kernel, ResNeSt) in `fx_split_attn`,
 scalar affines (PP-HGNetV2) in `fx_affine`, GCNet's global context in `fx_global_context`, TResNet's space-to-depth
-in `fx_space_to_depth`. The model's final `nn.Linear` classifier (or a 1×1 convolution on pooled
+in `fx_space_to_depth`, anti-aliased downsampling (BlurPool) in `fx_blur`. The model's final `nn.Linear` classifier (or a 1×1 convolution on pooled
 features and a flatten, as DLA's, or an average of such classifiers, as RepViT's `(head(x) + head_dist(x)) / 2`) is
 detected and left out by `fx_classifier` (with a (log_)softmax after it): edgecl gives every task its own head on the
 features it reads. Anything else raises `UsageError` naming the op, the fx node, the module path and the user's
@@ -30,11 +30,12 @@ from edgecl.arch.fx_attention import _AttentionConverter, is_timm_attention
 from edgecl.arch.fx_attention2d import _Attention2dConverter
 from edgecl.arch.fx_calls import (POOL_PARAMETERS, WITH_INDICES, _CallConverter, is_elementwise,
                                   is_library_identity, location, pair, shape_of)
+from edgecl.arch.fx_blur import _BlurConverter, is_blur_pool
 from edgecl.arch.fx_classifier import _ClassifierConverter
 from edgecl.arch.fx_eca import _EcaConverter, is_eca
 from edgecl.arch.fx_global_context import _GlobalContextConverter, is_global_context
 from edgecl.arch.fx_norms import LAYER_NORMS, PERMUTES, _NormConverter, is_grn, is_view
-from edgecl.arch.fx_padding import PAD_FUNCTIONS, PAD_MODULES, _PaddingConverter, odd_same, same_kind
+from edgecl.arch.fx_padding import PAD_FUNCTIONS, PAD_MODULES, _PaddingConverter, odd_same, pad_call, same_kind
 from edgecl.arch.fx_shuffle import _ShuffleConverter
 from edgecl.arch.fx_slices import _SliceConverter
 from edgecl.arch.fx_space_to_depth import _SpaceToDepthConverter, is_space_to_depth
@@ -61,7 +62,7 @@ _SCALAR_METHODS = ("size", "dim")
 # library blocks the tracer keeps whole, each converted by a mixin's method(node, module, input, path)
 _WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention, "split_attention"),
           (is_timm_attention, "timm_attention"), (is_global_context, "global_context"),
-          (is_space_to_depth, "space_to_depth"))
+          (is_space_to_depth, "space_to_depth"), (is_blur_pool, "blur_pool"))
 
 
 class _Tracer(fx.Tracer):
@@ -189,7 +190,8 @@ def _propagate_shapes(traced: fx.GraphModule, shape: list[int]) -> None:
 
 class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverter, _PaddingConverter,
                  _ClassifierConverter, _EcaConverter, _AffineConverter, _SplitAttnConverter, _TokenConverter,
-                 _AttentionConverter, _Attention2dConverter, _GlobalContextConverter, _SpaceToDepthConverter):
+                 _AttentionConverter, _Attention2dConverter, _GlobalContextConverter, _SpaceToDepthConverter,
+                 _BlurConverter):
     activation_modules = _ACTIVATION_MODULES
 
     def __init__(self, traced: fx.GraphModule, module: nn.Module, shape: list[int], classifier: bool | None,
@@ -372,9 +374,8 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
             self.pool(node, node.args[0], kind, {p: getattr(m, p) for p in POOL_PARAMETERS[kind][1:]})
         elif isinstance(m, nn.Flatten):
             self.view(node, x)
-        elif isinstance(m, PAD_MODULES):
-            self.explicit_pad(node, {"input": node.args[0], "pad": list(m.padding), "mode": "constant",
-                                     "value": m.value})
+        elif isinstance(m, tuple(PAD_MODULES)):
+            self.explicit_pad(node, pad_call(m, node))
         elif isinstance(m, nn.Upsample):  # nn.UpsamplingNearest2d too
             self.upsample(node, x, m.mode)
         elif whole:

@@ -24,7 +24,13 @@ Ops (fields and defaults in `OPS`):
 - ``pad``: a map padded with a constant ``value`` (0, or ``"-inf"``, read by max pools only, whose every window
   holds a real value: `spec._check_minus_inf_pads`), ``pads`` =
   [top, left, bottom, right] rows/columns: TensorFlow's "same" padding, which adds the odd one at the bottom and
-  right, and ``F.pad``;
+  right, and ``F.pad``; ``mode`` ``"reflect"`` (the map mirrored about its edge row/column, which is not repeated:
+  each pad smaller than that side) or ``"replicate"`` (the edge repeated; ONNX's "edge") instead of the constant
+  ``"constant"`` (their ``value`` stays 0): per channel, and a channel constant over the map stays that constant;
+- ``blur``: anti-aliased downsampling's fixed filter (timm's BlurPool2d after its pad): each channel convolved with
+  the normalised ``k`` × ``k`` binomial filter (`blur_filter`: the outer product of row k−1 of Pascal's triangle over
+  2^(k−1), ``k`` from 2 to `MAX_BLUR`) at ``stride``, without padding; no tensors (the filter follows from ``k``), per
+  channel, and its taps sum to 1, so a constant channel stays that constant;
 - pooling: ``maxpool`` / ``avgpool`` (k, stride, pad, ceil_mode; avgpool's count_include_pad), ``gap`` (global
   average → ``(C, 1, 1)``), ``attention_pool`` (GCNet's global context: inputs a ``(C, H, W)`` map x and ``(1, H, W)``
   logits; softmax of the logits over the H·W positions, then each channel's sum of x weighted by it → ``(C, 1, 1)``;
@@ -62,15 +68,19 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from edgecl.arch.windows import check_pool_windows, window_length
 from edgecl.errors import UsageError
 
 MAX_NUMBER = 3.0e38  # a `scale` constant must be a float32: ONNX and the runtime compute in float32
+MAX_BLUR = 16  # a blur filter's largest side: its binomial taps C(k−1, j) / 2^(k−1) are exact float32 numbers
+PAD_MODES = ("constant", "reflect", "replicate")  # torch F.pad's; ONNX Pad's "constant", "reflect", "edge"
 ACTIVATIONS = ("relu", "relu6", "hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu")
 
 # op → {field: (kind, default)}; a default of `...` means required. Kinds: size (int ≥ 1), pair (two sizes; an int
 # is taken for both), pad (two ints ≥ 0), pads (four), bool, eps, momentum, approximate, shape, axis, number (a
-# finite float), fill (a number or "-inf").
+# finite float), fill (a number or "-inf"), pad_mode (one of `PAD_MODES`).
 _POOL = {"k": ("pair", ...), "stride": ("pair", None), "pad": ("pad", [0, 0]), "ceil_mode": ("bool", False)}
 OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "conv": {"in": ("size", ...), "out": ("size", ...), "k": ("pair", ...), "stride": ("pair", [1, 1]),
@@ -88,7 +98,8 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "gap": {},
     "attention_pool": {},
     "upsample": {"scale": ("pair", ...)},
-    "pad": {"pads": ("pads", ...), "value": ("fill", 0.0)},
+    "pad": {"pads": ("pads", ...), "value": ("fill", 0.0), "mode": ("pad_mode", "constant")},
+    "blur": {"k": ("size", ...), "stride": ("size", 2)},
     "scale": {"factor": ("number", 1.0), "offset": ("number", 0.0)},
     "add": {},
     "mul": {},
@@ -117,6 +128,12 @@ ROWLESS_OPS = (*NEIGHBOUR_OPS, "scalar_affine")
 # learned values added to (or put among) the tokens, one row per channel like a bias: a method keeps them as biases
 TOKEN_TENSOR_OPS = ("class_token", "pos_embed")
 TENSOR_OPS = ("conv", "linear", *CHANNEL_AFFINE_OPS, *ROWLESS_OPS, *TOKEN_TENSOR_OPS)
+
+
+def blur_filter(k: int) -> np.ndarray:
+    """The ``blur`` op's (k, k) float32 filter, as timm's BlurPool2d computes it: binomial taps, summing to 1."""
+    taps = np.array([math.comb(k - 1, j) for j in range(k)], dtype=np.float64) / 2 ** (k - 1)
+    return np.outer(taps, taps).astype(np.float32)
 
 
 def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
@@ -203,10 +220,13 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
                              f"block={b} divides, gets {x}")
         return [x[0] * b * b, x[1] // b, x[2] // b]
     if op == "pad":
-        if len(x) != 3:
-            raise UsageError(f"{where}: pad needs a (channels, height, width) input, gets {x}")
-        top, left, bottom, right = node["pads"]
-        return [x[0], x[1] + top + bottom, x[2] + left + right]
+        return _pad_shape(node, x, where)
+    if op == "blur":
+        k, s = node["k"], node["stride"]
+        if len(x) != 3 or not 2 <= k <= MAX_BLUR or min(x[1:]) < k:
+            raise UsageError(f"{where}: blur needs a (channels, height, width) map at least k × k and k from 2 to "
+                             f"{MAX_BLUR}, gets {x} and k={k}")
+        return [x[0], *(window_length(d, k, s, 0, 1, False) for d in x[1:])]
     if op == "upsample":
         if len(x) != 3:
             raise UsageError(f"{where}: upsample needs a (channels, height, width) input, gets {x}")
@@ -237,6 +257,21 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
                              f"{x[0]} channels")
         return [node["stop"] - node["start"], *x[1:]]
     return list(x)  # element-wise activations
+
+
+def _pad_shape(node: dict[str, Any], x: list[int], where: str) -> list[int]:
+    """Output shape of ``pad``; a reflection must be smaller than the side it mirrors (torch and ONNX refuse
+    otherwise), and only a constant pad has a value."""
+    if len(x) != 3:
+        raise UsageError(f"{where}: pad needs a (channels, height, width) input, gets {x}")
+    top, left, bottom, right = node["pads"]
+    mode = node["mode"]
+    if mode != "constant" and node["value"] != 0.0:
+        raise UsageError(f"{where}: pad mode {mode!r} takes no value (gets {node['value']}); only mode 'constant' does")
+    if mode == "reflect" and (max(top, bottom) >= x[1] or max(left, right) >= x[2]):
+        raise UsageError(f"{where}: reflect pad {node['pads']} (top, left, bottom, right) must be smaller than the "
+                         f"input's height and width {x[1:]}")
+    return [x[0], x[1] + top + bottom, x[2] + left + right]
 
 
 def _token_shape(node: dict[str, Any], ins: list[list[int]], where: str) -> list[int]:
