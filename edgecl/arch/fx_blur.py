@@ -7,8 +7,8 @@ at the module's stride.
 The ``blur`` op computes its filter from its size (`edgecl.arch.ops.blur_filter`) rather than carrying the taps: the
 spec stays free of tensors, validation needs no numbers checked, and the constants rule is exact by construction
 (taps summing to 1). A module whose buffer holds anything else (a filter edited after construction, an older timm's
-layout, a subclass) is refused by name with its source line, as are a 'circular' pad, a reflection as large as the
-map, or a ``channels`` that is not the map's."""
+layout, a subclass) is refused by name with its source line, as is a 'circular' pad, a reflection as large as the
+map (torch's own reflect refuses it first, while shapes are traced) or a filter larger than the padded map."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -53,9 +53,7 @@ class _BlurConverter:
                 not all(_int(p) is not None and p >= 0 for p in padding):
             raise UsageError(f"{self.name}: {where}: padding {str(padding)[:60]} must be four ints ≥ 0 "
                              "(left, right, top, bottom)")
-        channels = getattr(m, "channels", None)
-        if channels is not None and channels != shape[0]:
-            raise UsageError(f"{self.name}: {where}: built for {channels} channels, reads {shape[0]}")
+        channels = getattr(m, "channels", None)  # torch refused a map of other channels while tracing shapes
         filt = getattr(m, "filt", None)
         want = blur_filter(k)
         if not isinstance(filt, torch.Tensor) or filt.dim() != 4 or tuple(filt.shape[1:]) != (1, k, k) or \
