@@ -259,7 +259,8 @@ def mnv4_spec(input_shape=(1, 8, 8)) -> dict:
 class TinyBlur(nn.Module):
     """timm's resnetblur in small: a reflection-padded stem, a residual block downsampling by BlurPool2d after its
     first conv (reflect padding, the 3×3 binomial filter) and on its shortcut (a 5×5 filter over replicated edges,
-    built without ``channels``), a zero-padded ``blurpc`` BlurPool2d, a 1×1 conv-BN-ReLU widening and the pooling."""
+    built without ``channels``), a zero-padded ``blurpc`` BlurPool2d, a 1×1 conv-BN-ReLU widening, adaptive average
+    pooling to 3×3 (windows of unequal lengths, as VGG's to 7×7) and the mean."""
 
     def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8):
         super().__init__()
@@ -277,7 +278,7 @@ class TinyBlur(nn.Module):
     def forward(self, x):
         x = self.stem(x)
         x = torch.relu(self.conv2(self.aa(self.conv1(x))) + self.shortcut(x))
-        return self.fc(self.mix(self.tail(x)).mean([2, 3]))
+        return self.fc(F.adaptive_avg_pool2d(self.mix(self.tail(x)), 3).mean([2, 3]))
 
 
 def blur_spec(input_shape=(1, 8, 8)) -> dict:

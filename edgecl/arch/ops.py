@@ -32,7 +32,10 @@ Ops (fields and defaults in `OPS`):
   2^(k−1), ``k`` from 2 to `MAX_BLUR`) at ``stride``, without padding; no tensors (the filter follows from ``k``), per
   channel, and its taps sum to 1, so a constant channel stays that constant;
 - pooling: ``maxpool`` / ``avgpool`` (k, stride, pad, ceil_mode; avgpool's count_include_pad), ``gap`` (global
-  average → ``(C, 1, 1)``), ``attention_pool`` (GCNet's global context: inputs a ``(C, H, W)`` map x and ``(1, H, W)``
+  average → ``(C, 1, 1)``), ``adaptive_avgpool`` (torch's adaptive average pooling to ``size`` [h, w] where it is
+  no plain pool, as VGG's 2×2 → 7×7: output row i averages input rows ⌊i·H/h⌋ to ⌈(i+1)·H/h⌉ − 1, windows of unequal
+  lengths that may overlap; a fixed linear map per axis, each row summing to 1; ``size`` at most `MAX_ADAPTIVE` and
+  the input's sides at most `MAX_ADAPTIVE_INPUT`, which bounds the work), ``attention_pool`` (GCNet's global context: inputs a ``(C, H, W)`` map x and ``(1, H, W)``
   logits; softmax of the logits over the H·W positions, then each channel's sum of x weighted by it → ``(C, 1, 1)``;
   the weights sum to 1, so a channel constant over the map pools to that constant, as under ``gap``); ``upsample``
   (nearest, by the integer ``scale`` of each spatial axis: every value
@@ -75,6 +78,7 @@ from edgecl.errors import UsageError
 
 MAX_NUMBER = 3.0e38  # a `scale` constant must be a float32: ONNX and the runtime compute in float32
 MAX_BLUR = 16  # a blur filter's largest side: its binomial taps C(k−1, j) / 2^(k−1) are exact float32 numbers
+MAX_ADAPTIVE, MAX_ADAPTIVE_INPUT = 64, 4096  # adaptive_avgpool's output and input sides: matrices of out × in
 PAD_MODES = ("constant", "reflect", "replicate")  # torch F.pad's; ONNX Pad's "constant", "reflect", "edge"
 ACTIVATIONS = ("relu", "relu6", "hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu")
 
@@ -96,6 +100,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "maxpool": {**_POOL, "dilation": ("pair", [1, 1])},
     "avgpool": {**_POOL, "count_include_pad": ("bool", True)},
     "gap": {},
+    "adaptive_avgpool": {"size": ("pair", ...)},
     "attention_pool": {},
     "upsample": {"scale": ("pair", ...)},
     "pad": {"pads": ("pads", ...), "value": ("fill", 0.0), "mode": ("pad_mode", "constant")},
@@ -204,6 +209,12 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
             raise UsageError(f"{where}: branch_softmax needs a (channels, height, width) input whose channels "
                              f"{node['branches']} branches divide, gets {x}")
         return list(x)
+    if op == "adaptive_avgpool":
+        if len(x) != 3 or max(node["size"]) > MAX_ADAPTIVE or max(x[1:]) > MAX_ADAPTIVE_INPUT:
+            raise UsageError(f"{where}: adaptive_avgpool needs a (channels, height, width) map of sides at most "
+                             f"{MAX_ADAPTIVE_INPUT} and a size of at most {MAX_ADAPTIVE}, gets {x} and "
+                             f"size={node['size']}")
+        return [x[0], *node["size"]]
     if op == "gap":
         if len(x) != 3:
             raise UsageError(f"{where}: gap needs a (channels, height, width) input, gets {x}")

@@ -133,8 +133,8 @@ def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: 
     if op == "cat":
         return np.concatenate(ins)
     # maxpool, avgpool without padding, gap, flatten, reshape, attention_pool (its weights sum to 1, so a channel
-    # constant over the map pools to that constant, whatever the logits), blur (no padding, taps summing to 1): a
-    # constant channel stays one
+    # constant over the map pools to that constant, whatever the logits), blur (no padding, taps summing to 1),
+    # adaptive_avgpool (every window an average): a constant channel stays one
     return v
 
 

@@ -1,5 +1,5 @@
 """ONNX forms of the parameter-free ops that resample a map along its spatial axes (``pad``, ``blur``,
-``upsample``), for `edgecl.graph.builder`: each channel alone, with fixed numbers only, exactly as
+``upsample``, ``adaptive_avgpool``), for `edgecl.graph.builder`: each channel alone, with fixed numbers only, exactly as
 `edgecl.train.models` runs them in torch."""
 from __future__ import annotations
 
@@ -9,8 +9,17 @@ import numpy as np
 
 from edgecl.arch.ops import blur_filter
 
-SPATIAL_OPS = ("pad", "blur", "upsample")
+SPATIAL_OPS = ("pad", "blur", "upsample", "adaptive_avgpool")
 _PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}  # the spec's → ONNX Pad's
+
+
+def adaptive_matrix(size: int, out: int) -> np.ndarray:
+    """(out, size) float32: row i averages torch's adaptive window i, input ⌊i·size/out⌋ to ⌈(i+1)·size/out⌉ − 1."""
+    m = np.zeros((out, size), dtype=np.float64)
+    for i in range(out):
+        start, stop = i * size // out, -(-(i + 1) * size // out)
+        m[i, start:stop] = 1.0 / (stop - start)
+    return m.astype(np.float32)
 
 
 def spatial_op(b: Any, node: dict, h: str, constant: Callable[[Any], str], in_shape: list[int]) -> str:
@@ -31,4 +40,8 @@ def spatial_op(b: Any, node: dict, h: str, constant: Callable[[Any], str], in_sh
         scales = constant(np.array([1.0, 1.0, *node["scale"]], dtype=np.float32))
         return b.op("Resize", [h, "", scales], mode="nearest", coordinate_transformation_mode="asymmetric",
                     nearest_mode="floor")
+    if op == "adaptive_avgpool":  # A_h · X · A_wᵀ: (N, C, H, W) MatMul (W, w), then (h, H) MatMul that (broadcast)
+        (_, height, width), (h_out, w_out) = in_shape, node["size"]
+        rows = b.op("MatMul", [h, constant(np.ascontiguousarray(adaptive_matrix(width, w_out).T))])
+        return b.op("MatMul", [constant(adaptive_matrix(height, h_out)), rows])
     raise ValueError(f"node {node['name']!r}: op {op!r} is not a spatial op")

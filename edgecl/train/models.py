@@ -153,6 +153,8 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return F.max_pool2d(h, node["k"], node["stride"], node["pad"], node["dilation"], node["ceil_mode"])
     if op == "avgpool":
         return F.avg_pool2d(h, node["k"], node["stride"], node["pad"], node["ceil_mode"], node["count_include_pad"])
+    if op == "adaptive_avgpool":  # torch's own windows; ONNX multiplies by the same averages (`onnx_spatial`)
+        return F.adaptive_avg_pool2d(h, node["size"])
     if op == "gap":
         return h.mean(dim=(2, 3), keepdim=True)
     if op == "attention_pool":  # GCNet: (N, C, H·W) @ softmax over positions (N, H·W, 1), as timm's GlobalContext
