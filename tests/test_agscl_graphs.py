@@ -1,8 +1,9 @@
 """AGS-CL on graphs: nodes are channel groups across residual adds, concatenations, depthwise convs, SE gates,
 BatchNorm, LayerNorm and attention (the resnet preset and the custom `ResCat`, `GhostSplit`, `TinyConvNeXt`,
-`TinyEca`, `TinyHGNet`, `TinySplitAttn`, `TinyViT`, `TinyMNv4Hybrid` (multi-query) and `TinyBlur` (BlurPool) modules; TinyHGNet's scalar affines make a dead node the
-affine's bias, not 0), on real digits training: dead node groups exactly zero, important ones frozen bit for bit, old
-tasks bit-identical, the runtime and ONNX export equal `materialize`, and `--resume` continues."""
+`TinyEca`, `TinyHGNet`, `TinySplitAttn`, `TinyViT`, `TinyMNv4Hybrid` (multi-query) and `TinyBlur` (BlurPool) modules;
+TinyHGNet's scalar affines make a dead node the affine's bias, not 0), on real digits training: dead node groups exactly
+zero, important ones frozen bit for bit, old tasks bit-identical, the runtime and ONNX export equal `materialize`, and
+`--resume` continues."""
 from __future__ import annotations
 
 import numpy as np

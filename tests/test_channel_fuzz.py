@@ -1,7 +1,7 @@
 """Property-based fuzzing of channel groups (`edgecl.arch.channel_map`), structural compaction and AGS-CL's node map
 on random small graph specs: convolutions (3×3 with and without padding, 1×1, depthwise, grouped, 2×2 after a
-``pad`` node of zeros or 0.5, 3×3 after a BlurPool's reflect / replicate / zero ``pad`` and ``blur``, 2×2 after adaptive average pooling to one
-more row and column), BatchNorm,
+``pad`` node of zeros or 0.5, 3×3 after a BlurPool's reflect / replicate / zero ``pad`` and ``blur``, 2×2 after
+adaptive average pooling to one more row and column), BatchNorm,
 ReLU / leaky ReLU, residual adds of equal-width tensors (existing tensors, slices taken at other offsets, slices of
 cats, slices of slices, cats of slices, new convolutions), gates (a one-channel spatial or scalar gate, a
 squeeze-and-excitation gate as wide as the data), concatenations and slices, ending in gap/flatten (and sometimes a

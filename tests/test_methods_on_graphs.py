@@ -5,9 +5,9 @@ over channels, Linear layers on channels-last maps, layer scales), TinyShuffle (
 TinyHGNet (PP-HGNetV2's scalar affines after activations, concatenation, ESE gate), TinySplitAttn (timm's
 SelectiveKernel and SplitAttn: softmax across branches), TinyViT (class token, position embedding, multi-head
 self-attention), TinyGCNet (GCNet's global context: attention pooling, gate and broadcast add), TinyS2D
-(TResNet's space-to-depth of the input and of a map) TinyMNv4Hybrid (multi-query attention on a map, keys and
-values strided) and TinyBlur (BlurPool2d: reflect, replicate and zero pads, the binomial filter; adaptive average pooling to
-3×3): two real digit tasks each,
+(TResNet's space-to-depth of the input and of a map), TinyMNv4Hybrid (multi-query attention on a map, keys and
+values strided) and TinyBlur (BlurPool2d: reflect, replicate and zero pads, the binomial filter; adaptive average
+pooling to 3×3): two real digit tasks each,
 then what the method promises about the first task, the deployed runtime against the training evaluation, and the
 exported ONNX against the runtime."""
 from __future__ import annotations

@@ -9,11 +9,11 @@ untouched). Dropout and identity are dropped (identities at inference); view-lik
 `fx_calls`, channel slices in `fx_slices`, LayerNorm, channels-last stretches and layer scales (ConvNeXt) in `fx_norms`,
 channel shuffles in `fx_shuffle`, ECA in `fx_eca`, split attention (selective kernel, ResNeSt) in `fx_split_attn`,
 scalar affines (PP-HGNetV2) in `fx_affine`, GCNet's global context in `fx_global_context`, TResNet's space-to-depth
-in `fx_space_to_depth`, anti-aliased downsampling (BlurPool) in `fx_blur`. The model's final `nn.Linear` classifier (or a 1×1 convolution on pooled
-features and a flatten, as DLA's, or an average of such classifiers, as RepViT's `(head(x) + head_dist(x)) / 2`) is
-detected and left out by `fx_classifier` (with a (log_)softmax after it): edgecl gives every task its own head on the
-features it reads. Anything else raises `UsageError` naming the op, the fx node, the module path and the user's
-source line, never a trace from inside torch.
+in `fx_space_to_depth`, anti-aliased downsampling (BlurPool) in `fx_blur`. The model's final `nn.Linear` classifier (or
+a 1×1 convolution on pooled features and a flatten, as DLA's, or an average of such classifiers, as RepViT's `(head(x) +
+head_dist(x)) / 2`) is detected and left out by `fx_classifier` (with a (log_)softmax after it): edgecl gives every task
+its own head on the features it reads. Anything else raises `UsageError` naming the op, the fx node, the module path and
+the user's source line, never a trace from inside torch.
 """
 from __future__ import annotations
 

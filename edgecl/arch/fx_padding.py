@@ -9,9 +9,9 @@ too: a convolution keeps the symmetric part in its own ``pad`` and gets a ``pad`
 only; a same-padded pool reads a ``pad`` node (of zeros, or −∞ for a max, as the layers pad) with no padding of its
 own. These layers are known by where they are defined, as the libraries' identities are: their forward is not
 traceable (it computes the padding from the input's size in Python). ``F.pad``'s modes 'reflect' and 'replicate'
-(and ``ReflectionPad2d`` / ``ReplicationPad2d``) are a ``pad`` node's ``mode``; 'circular' is refused by name. timm's ``Conv2dSameExport`` computes it at its
-first call only and keeps it (a ``ZeroPad2d``), then pads every input alike: once it holds one, that padding is
-what the layer computes, whatever the size.
+(and ``ReflectionPad2d`` / ``ReplicationPad2d``) are a ``pad`` node's ``mode``; 'circular' is refused by name.
+timm's ``Conv2dSameExport`` computes it at its first call only and keeps it (a ``ZeroPad2d``), then pads every
+input alike: once it holds one, that padding is what the layer computes, whatever the size.
 """
 from __future__ import annotations
 

@@ -35,10 +35,10 @@ Ops (fields and defaults in `OPS`):
   average → ``(C, 1, 1)``), ``adaptive_avgpool`` (torch's adaptive average pooling to ``size`` [h, w] where it is
   no plain pool, as VGG's 2×2 → 7×7: output row i averages input rows ⌊i·H/h⌋ to ⌈(i+1)·H/h⌉ − 1, windows of unequal
   lengths that may overlap; a fixed linear map per axis, each row summing to 1; ``size`` at most `MAX_ADAPTIVE` and
-  the input's sides at most `MAX_ADAPTIVE_INPUT`, which bounds the work), ``attention_pool`` (GCNet's global context: inputs a ``(C, H, W)`` map x and ``(1, H, W)``
-  logits; softmax of the logits over the H·W positions, then each channel's sum of x weighted by it → ``(C, 1, 1)``;
-  the weights sum to 1, so a channel constant over the map pools to that constant, as under ``gap``); ``upsample``
-  (nearest, by the integer ``scale`` of each spatial axis: every value
+  the input's sides at most `MAX_ADAPTIVE_INPUT`, which bounds the work), ``attention_pool`` (GCNet's global
+  context: inputs a ``(C, H, W)`` map x and ``(1, H, W)`` logits; softmax of the logits over the H·W positions, then
+  each channel's sum of x weighted by it → ``(C, 1, 1)``; the weights sum to 1, so a channel constant over the map pools
+  to that constant, as under ``gap``); ``upsample`` (nearest, by the integer ``scale`` of each spatial axis: every value
   repeated);
 - structure: ``add`` (residual sum of equal shapes; an input's spatial axes of size 1 broadcast, as GCNet's fused add
   of a ``(C, 1, 1)`` context over a ``(C, H, W)`` map — the channels never do), ``mul`` (broadcast product, e.g.

@@ -249,7 +249,8 @@ def _field(value: Any, kind: str, where: str) -> Any:
         return 1
     expect = {"size": f"an int from 1 to {MAX_DIM}", "pair": "an int ≥ 1 or two of them",
               "pad": "an int ≥ 0 or two of them", "pads": "four ints ≥ 0 (top, left, bottom, right)",
-              "pad_mode": " or ".join(map(repr, PAD_MODES)), "fill": f"a finite number of magnitude at most {MAX_NUMBER:g}, or \"-inf\"",
+              "pad_mode": " or ".join(map(repr, PAD_MODES)),
+              "fill": f"a finite number of magnitude at most {MAX_NUMBER:g}, or \"-inf\"",
               "index": f"an int from 0 to {MAX_DIM}", "bool": "true or false", "eps": "a number in (0, 1)",
               "momentum": "a number in (0, 1]",
               "approximate": "'none' or 'tanh'", "axis": "1 (channels)",
