@@ -12,6 +12,7 @@ from torch import nn
 from torch_nets import check_parity, randomise_batchnorm
 
 from edgecl.arch import channel_map, from_torch, node_by_name, validate
+from edgecl.arch.ops import intermediates
 from edgecl.errors import UsageError
 from edgecl.graph.compact import compact_task
 from edgecl.graph.constants import channel_constants
@@ -50,6 +51,11 @@ def test_the_averaging_matrix_is_torchs_adaptive_pooling(size, out):
     got = x.numpy()[:, 0, 0] @ adaptive_matrix(size, out).T
     assert np.abs(got - want).max() < 1e-6
     assert np.allclose(adaptive_matrix(size, out).sum(axis=1), 1.0)
+
+
+def test_the_width_pooled_map_between_the_matmuls_is_counted():
+    """ONNX holds (N, C, H, w) between its two MatMuls: the runtime's activation estimate counts it."""
+    assert intermediates({"op": "adaptive_avgpool", "size": [7, 5]}, [[16, 2, 3]]) == 16 * 2 * 5
 
 
 def test_dividing_and_multiple_sizes_stay_plain_pools():

@@ -100,6 +100,13 @@ def _edited(m: BlurPool2d) -> BlurPool2d:
     return m
 
 
+def _before_timm_1(m: BlurPool2d) -> BlurPool2d:
+    """timm 0.9's BlurPool2d: no pad_mode, a forward that always reflects."""
+    del m.pad_mode
+    m.forward = lambda x: F.conv2d(F.pad(x, m.padding, "reflect"), m.filt, stride=m.stride, groups=m.channels)
+    return m
+
+
 def _attr(m: nn.Module, **values) -> nn.Module:
     for k, v in values.items():
         setattr(m, k, v)
@@ -114,6 +121,7 @@ def _attr(m: nn.Module, **values) -> nn.Module:
     (_edited(BlurPool2d(None)), (2, 8, 8), "not the binomial filter of size 3"),
     (_attr(BlurPool2d(6), filt_size=40), (2, 8, 8), "filt_size 40 must be an int from 2 to 16"),
     (_attr(BlurPool2d(6), stride=(2, 2)), (2, 8, 8), r"stride \(2, 2\) an int ≥ 1"),
+    (_before_timm_1(BlurPool2d(6)), (2, 8, 8), r"without pad_mode \(timm before 1.0\)"),
 ])
 def test_blur_pools_edgecl_cannot_follow_are_refused_by_name(layer, shape, message):
     module = _Wrapped(layer, in_channels=shape[0]).eval()

@@ -61,8 +61,11 @@ class _BlurConverter:
                 not np.array_equal(filt.detach().cpu().float().numpy(), np.broadcast_to(want, filt.shape)):
             raise UsageError(f"{self.name}: {where}: its filter is not the binomial filter of size {k} on every "
                              "channel (a filter edited or built otherwise); only timm's is supported")
+        if not hasattr(m, "pad_mode"):  # timm before 1.0 reflected always, in a forward edgecl cannot check here
+            raise UsageError(f"{self.name}: {where}: a BlurPool2d without pad_mode (timm before 1.0) is not "
+                             "supported; timm 1.0 or later builds one edgecl follows")
         left, right, top, bottom = padding
-        pads, mode = [top, left, bottom, right], getattr(m, "pad_mode", None)
+        pads, mode = [top, left, bottom, right], m.pad_mode
         if (problem := pad_problem(shape, pads, mode)) is not None:
             raise UsageError(f"{self.name}: {where}: {problem}")
         if min(shape[1] + top + bottom, shape[2] + left + right) < k:

@@ -146,7 +146,7 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
     most). ``attention``: the scores and their softmax (heads × T_q × T_kv each: quadratic in the positions, so a
     small spec file can ask for a huge one; `spec.validate` bounds it) and the heads' copies of q, k, v and the output
     (an upper bound); ``attention_pool``: the logits' softmax and reshaped copies of the logits and the map (an upper
-    bound)."""
+    bound); ``adaptive_avgpool``: the map averaged along its width only, (C, H, w), between its two MatMuls."""
     if node["op"] == "attention":
         (cq, *q), (ck, *k), (cv, _, _) = ins
         tq, tk, h = math.prod(q), math.prod(k), node["heads"]
@@ -154,6 +154,8 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
         return 2 * h * tq * tk + 2 * (cq * tq + ck * tk) + 2 * (cv * tk + out * tq)
     if node["op"] == "attention_pool":
         return 2 * math.prod(ins[1]) + math.prod(ins[0])
+    if node["op"] == "adaptive_avgpool":
+        return ins[0][0] * ins[0][1] * node["size"][1]
     return 0
 
 
