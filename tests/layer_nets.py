@@ -245,7 +245,7 @@ class TinyMNv4Hybrid(nn.Module):
                                   nn.ReLU())
         self.attn = MobileAttention(w, w, num_heads=2, key_dim=4, value_dim=6, use_multi_query=True, kv_stride=2,
                                     layer_scale_init_value=0.5)
-        self.mix = nn.Sequential(nn.Conv2d(w, 4 * w, 1, bias=False), nn.BatchNorm2d(4 * w), nn.ReLU())
+        self.mix = nn.Sequential(nn.Conv2d(w, 2 * w, 1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU())
         self.fc = nn.Linear(2 * w, classes)
 
     def forward(self, x):
