@@ -183,8 +183,9 @@ def _spec(draw) -> dict:
     for i in range(draw(st.integers(1, 6))):
         known = _shapes(shape, nodes)
         op = draw(st.sampled_from(["conv", "linear", "bn", "maxpool", "avgpool", "gap", "add", "mul", "cat", "flatten",
-                                   "reshape", "pad", "scalar_affine", "channel_conv", "branch_softmax", "class_token",
-                                   "pos_embed", "token", "attention", *ACTIVATIONS]))
+                                   "reshape", "pad", "blur", "adaptive_avgpool", "scalar_affine", "channel_conv",
+                                   "branch_softmax", "class_token", "pos_embed", "token", "attention",
+                                   *ACTIVATIONS]))
         src = draw(st.sampled_from(names))
         node = {"name": f"n{i}", "op": op, "inputs": [src]}
         dims = known.get(src, [1])
@@ -211,6 +212,13 @@ def _spec(draw) -> dict:
         elif op == "pad":
             node["pads"] = draw(st.sampled_from([[0, 0, 1, 1], [2, 0, 1, 3], [0, 0, 0, 0], [-1, 0, 1, 1], [1, 1]]))
             node["value"] = draw(st.sampled_from([0.0, -2.5, "-inf", "inf", None, 3]))
+            if draw(st.booleans()):
+                node["mode"] = draw(st.sampled_from(["reflect", "replicate", "constant", "circular", None, 1]))
+        elif op == "adaptive_avgpool":
+            node["size"] = draw(st.sampled_from([3, [2, 5], [7, 1], 64, 65, 0, [1, 2, 3]]))
+        elif op == "blur":
+            node.update({"k": draw(st.sampled_from([2, 3, 5, 1, 17, 1000, "3"])),
+                         "stride": draw(st.sampled_from([1, 2, 3, 0]))})
         elif op == "scalar_affine":
             node.update({"init": draw(st.sampled_from([1.0, -0.5, 3])), "init_bias": draw(st.sampled_from([0.0, 0.2]))})
         elif op == "channel_conv":

@@ -2,7 +2,8 @@
 tests run every method on each): TensorFlow's "same" padding (`TinyTF`), ECA channel attention (`TinyEca`), a Vision
 Transformer (`TinyViT`), PP-HGNetV2's scalar affines (`TinyHGNet`), split attention (`TinySplitAttn`), GCNet's
 global context (`TinyGCNet`), TResNet's space-to-depth stem (`TinyS2D`), MobileNetV4-hybrid's multi-query
-attention on a feature map (`TinyMNv4Hybrid`) and LeViT's attention biases and strided attention (`TinyLeViT`). Imports torch and timm."""
+attention on a feature map (`TinyMNv4Hybrid`), LeViT's attention biases and strided attention (`TinyLeViT`) and
+anti-aliased downsampling (`TinyBlur`). Imports torch and timm."""
 from __future__ import annotations
 
 import torch
@@ -14,6 +15,7 @@ from edgecl.arch.factories import ensure_torchvision_imports
 
 ensure_torchvision_imports()
 from timm.layers import Attention, Conv2dSame, Mlp, create_pool2d  # noqa: E402
+from timm.layers.blur_pool import BlurPool2d  # noqa: E402
 from timm.layers.eca import CecaModule, EcaModule  # noqa: E402
 from timm.layers.global_context import GlobalContext  # noqa: E402
 from timm.layers.space_to_depth import SpaceToDepth  # noqa: E402
@@ -293,3 +295,32 @@ class TinyLeViT(nn.Module):
 
 def levit_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyLeViT(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
+
+
+class TinyBlur(nn.Module):
+    """timm's resnetblur in small: a reflection-padded stem, a residual block downsampling by BlurPool2d after its
+    first conv (reflect padding, the 3×3 binomial filter) and on its shortcut (a 5×5 filter over replicated edges,
+    built without ``channels``), a zero-padded ``blurpc`` BlurPool2d, a 1×1 conv-BN-ReLU widening, adaptive average
+    pooling to 3×3 (windows of unequal lengths, as VGG's to 7×7) and the mean."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(in_channels, w, 3, bias=False), nn.BatchNorm2d(w),
+                                  nn.ReLU())
+        self.conv1 = nn.Sequential(nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.aa = BlurPool2d(w, stride=2)
+        self.conv2 = nn.Sequential(nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w))
+        self.shortcut = BlurPool2d(None, filt_size=5, stride=2, pad_mode="replicate")
+        self.tail = BlurPool2d(w, stride=1, pad_mode="constant")
+        self.mix = nn.Sequential(nn.Conv2d(w, 4 * w, 1, bias=False), nn.BatchNorm2d(4 * w), nn.ReLU())
+        self.fc = nn.Linear(4 * w, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(self.conv2(self.aa(self.conv1(x))) + self.shortcut(x))
+        return self.fc(F.adaptive_avg_pool2d(self.mix(self.tail(x)), 3).mean([2, 3]))
+
+
+def blur_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyBlur(in_channels=input_shape[0]), tuple(input_shape))

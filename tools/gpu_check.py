@@ -71,8 +71,9 @@ GRAPH = {"name": "rescat", "input_shape": [3, 16, 16], "nodes": [
     {"name": "se2", "op": "conv", "inputs": ["se_act"], "in": 4, "out": 16, "k": 1},
     {"name": "gate", "op": "sigmoid", "inputs": ["se2"]}, {"name": "gated", "op": "mul", "inputs": ["cat", "gate"]},
     {"name": "pool", "op": "gap", "inputs": ["gated"]}, {"name": "flat", "op": "flatten", "inputs": ["pool"]}]}
-# a ConvNeXt block (LayerNorm, MLP as 1×1 convs, global response norm, layer scale), a ShuffleNet shuffle and
-# TensorFlow's "same" padding (pad nodes of zeros and of −∞)
+# a ConvNeXt block (LayerNorm, MLP as 1×1 convs, global response norm, layer scale), a ShuffleNet shuffle,
+# TensorFlow's "same" padding (pad nodes of zeros and of −∞), BlurPool (reflect pad, blur, replicate pad) and
+# adaptive average pooling of unequal windows (two MatMuls)
 NORMS = {"name": "norms", "input_shape": [3, 16, 16], "nodes": [
     {"name": "stem", "op": "conv", "inputs": ["input"], "in": 3, "out": 8, "k": 2, "stride": 2},
     {"name": "ln0", "op": "layer_norm", "inputs": ["stem"], "ch": 8, "eps": 1e-6},
@@ -88,7 +89,11 @@ NORMS = {"name": "norms", "input_shape": [3, 16, 16], "nodes": [
     {"name": "even", "op": "conv", "inputs": ["tf_pad"], "in": 8, "out": 8, "k": 2},
     {"name": "max_pad", "op": "pad", "inputs": ["even"], "pads": [0, 0, 1, 1], "value": "-inf"},
     {"name": "max", "op": "maxpool", "inputs": ["max_pad"], "k": 3, "stride": 2},
-    {"name": "pool", "op": "gap", "inputs": ["max"]}, {"name": "flat", "op": "flatten", "inputs": ["pool"]},
+    {"name": "aa_pad", "op": "pad", "inputs": ["max"], "pads": [1, 1, 1, 1], "mode": "reflect"},
+    {"name": "aa", "op": "blur", "inputs": ["aa_pad"], "k": 3, "stride": 2},
+    {"name": "edge_pad", "op": "pad", "inputs": ["aa"], "pads": [0, 1, 1, 0], "mode": "replicate"},
+    {"name": "adaptive", "op": "adaptive_avgpool", "inputs": ["edge_pad"], "size": [5, 2]},
+    {"name": "pool", "op": "gap", "inputs": ["adaptive"]}, {"name": "flat", "op": "flatten", "inputs": ["pool"]},
     {"name": "feat_ln", "op": "layer_norm", "inputs": ["flat"], "ch": 8}], "output": "feat_ln"}
 
 # the layer families added later: TResNet's space_to_depth, a scalar affine (HGNetV2), ECA's channel_conv, GCNet's

@@ -40,8 +40,10 @@ TIMM = ["resnet10t", "resnet18", "mobilenetv3_small_050", "mobilenetv2_050", "ef
         "mobilenetv4_hybrid_medium", "deit_tiny_patch16_224", "pit_ti_224", "fastvit_sa12", "efficientvit_m0",
         "nasnetalarge", "repvit_m0_9", "ecaresnet26t", "vit_tiny_patch16_224",
         # the rest of the ViT token family: DeiT's distillation token, register tokens (average after the prefix)
-        "deit_tiny_distilled_patch16_224", "vit_base_patch16_reg4_gap_256"]
-# models whose position embedding (LeViT: attention-bias index) fixes the input size: built for the 64×64 the tool traces at
+        "deit_tiny_distilled_patch16_224", "vit_base_patch16_reg4_gap_256",
+        # anti-aliased downsampling (BlurPool2d: reflect pad + binomial filter)
+        "resnetblur18", "resnetblur50d", "resnetaa34d"]
+# models whose position embedding (LeViT: attention-bias index) fixes the input size: built for the 64×64 traced
 BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_patch16_224": {"img_size": 64},
               "timm:deit_tiny_patch16_224": {"img_size": 64}, "timm:deit_tiny_distilled_patch16_224": {"img_size": 64},
               "timm:vit_base_patch16_reg4_gap_256": {"img_size": 64},

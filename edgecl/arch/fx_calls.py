@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from edgecl.arch.ops import MAX_ADAPTIVE, MAX_ADAPTIVE_INPUT
 from edgecl.errors import UsageError
 
 ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.hardswish: "hardswish",
@@ -243,7 +244,7 @@ class _CallConverter:
     def pool(self, node: fx.Node, source: Any, kind: str, args: dict[str, Any]) -> None:
         """A pooling layer or call, arguments as torch names them (`POOL_PARAMETERS`): ``maxpool`` / ``avgpool``,
         adaptive pooling as the plain pool it equals (output size dividing the input), ``gap`` for adaptive
-        average pooling to 1×1."""
+        average pooling to 1×1, ``adaptive_avgpool`` for any other adaptive average (windows of unequal lengths)."""
         if args.get("return_indices"):
             raise self.refuse(node, "return_indices=True is not supported")
         if args.get("divisor_override") is not None:
@@ -270,9 +271,15 @@ class _CallConverter:
         if all(s >= d and s % d == 0 for s, d in zip(size, shape[1:])):  # each window one value: repeated
             self.upsample(node, x, "nearest")
             return
+        if (shape[1] % size[0] or shape[2] % size[1]) and kind == "adaptive_avg":  # windows of unequal lengths
+            if max(size) > MAX_ADAPTIVE or max(shape[1:]) > MAX_ADAPTIVE_INPUT:
+                raise self.refuse(node, f"adaptive average pooling of {shape[1:]} to {size}: at most a "
+                                        f"{MAX_ADAPTIVE_INPUT}-sided map to a {MAX_ADAPTIVE}-sided output")
+            self._emit(node, "adaptive_avgpool", [x], size=size)
+            return
         if shape[1] % size[0] or shape[2] % size[1]:
-            raise self.refuse(node, f"adaptive pooling to {output_size} is supported only where it is a plain pool "
-                                    f"or repeats each value (output size dividing the input {shape[1:]}, or a "
+            raise self.refuse(node, f"adaptive max pooling to {output_size} is supported only where it is a plain "
+                                    f"pool or repeats each value (output size dividing the input {shape[1:]}, or a "
                                     "multiple of it)")
         k = [shape[1] // size[0], shape[2] // size[1]]
         if kind == "adaptive_max":

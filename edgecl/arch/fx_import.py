@@ -7,7 +7,7 @@ come from running the traced graph once on zeros (`_ShapeProp`, eval mode, no gr
 Dropout and identity are dropped (identities at inference); view-like ops become ``flatten``/``reshape`` with the shape
 they actually produced. Each family is converted by its own mixin module: calls (`fx_calls`), slices, norms (LayerNorm,
 ConvNeXt's channels-last stretches and layer scales), shuffles, ECA, split attention, scalar affines, global context,
-space-to-depth, LeViT (`fx_levit`), padding, tokens and attention; Python control flow on shapes is resolved at the
+space-to-depth, LeViT (`fx_levit`), BlurPool (`fx_blur`), padding, tokens and attention; Python control flow on shapes is resolved at the
 import shape by `fx_shape_flow`. The final classifier (an `nn.Linear`, a 1×1 convolution on pooled features and a
 flatten, or an average of such, as RepViT's) is detected and left out by `fx_classifier`: edgecl gives every task its
 own head on the features it reads. Anything else raises `UsageError` naming the op, the fx node, the module path and
@@ -28,12 +28,13 @@ from edgecl.arch.fx_attention import _AttentionConverter, is_timm_attention
 from edgecl.arch.fx_attention2d import _Attention2dConverter
 from edgecl.arch.fx_calls import (POOL_PARAMETERS, WITH_INDICES, _CallConverter, is_elementwise,
                                   is_library_identity, location, pair, shape_of)
+from edgecl.arch.fx_blur import _BlurConverter, is_blur_pool
 from edgecl.arch.fx_classifier import _ClassifierConverter
 from edgecl.arch.fx_eca import _EcaConverter, is_eca
 from edgecl.arch.fx_global_context import _GlobalContextConverter, is_global_context
 from edgecl.arch.fx_levit import _LevitConverter, is_levit
 from edgecl.arch.fx_norms import LAYER_NORMS, PERMUTES, _NormConverter, is_grn, is_view
-from edgecl.arch.fx_padding import PAD_FUNCTIONS, PAD_MODULES, _PaddingConverter, odd_same, same_kind
+from edgecl.arch.fx_padding import PAD_FUNCTIONS, PAD_MODULES, _PaddingConverter, odd_same, pad_call, same_kind
 from edgecl.arch.fx_shape_flow import ShapeFlowTracer, raised_at
 from edgecl.arch.fx_shuffle import _ShuffleConverter
 from edgecl.arch.fx_slices import _SliceConverter
@@ -61,7 +62,8 @@ _SCALAR_METHODS = ("size", "dim")
 # library blocks the tracer keeps whole, each converted by a mixin's method(node, module, input, path)
 _WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention, "split_attention"),
           (is_timm_attention, "timm_attention"), (is_global_context, "global_context"),
-          (is_space_to_depth, "space_to_depth"), (is_levit, "levit"))
+          (is_space_to_depth, "space_to_depth"), (is_levit, "levit"),
+          (is_blur_pool, "blur_pool"))
 
 
 class _Tracer(ShapeFlowTracer):
@@ -190,7 +192,7 @@ def _propagate_shapes(traced: fx.GraphModule, shape: list[int]) -> None:
 class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverter, _PaddingConverter,
                  _ClassifierConverter, _EcaConverter, _AffineConverter, _SplitAttnConverter, _TokenConverter,
                  _AttentionConverter, _Attention2dConverter, _GlobalContextConverter, _SpaceToDepthConverter,
-                 _LevitConverter):
+                 _LevitConverter, _BlurConverter):
     activation_modules = _ACTIVATION_MODULES
 
     def __init__(self, traced: fx.GraphModule, module: nn.Module, shape: list[int], classifier: bool | None,
@@ -373,9 +375,8 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
             self.pool(node, node.args[0], kind, {p: getattr(m, p) for p in POOL_PARAMETERS[kind][1:]})
         elif isinstance(m, nn.Flatten):
             self.view(node, x)
-        elif isinstance(m, PAD_MODULES):
-            self.explicit_pad(node, {"input": node.args[0], "pad": list(m.padding), "mode": "constant",
-                                     "value": m.value})
+        elif isinstance(m, tuple(PAD_MODULES)):
+            self.explicit_pad(node, pad_call(m, node))
         elif isinstance(m, nn.Upsample):  # nn.UpsamplingNearest2d too
             self.upsample(node, x, m.mode)
         elif whole:

@@ -8,9 +8,10 @@ torch's ``padding="same"`` does it for an even kernel extent. A spec has a fixed
 too: a convolution keeps the symmetric part in its own ``pad`` and gets a ``pad`` node for the extra row and column
 only; a same-padded pool reads a ``pad`` node (of zeros, or −∞ for a max, as the layers pad) with no padding of its
 own. These layers are known by where they are defined, as the libraries' identities are: their forward is not
-traceable (it computes the padding from the input's size in Python). timm's ``Conv2dSameExport`` computes it at its
-first call only and keeps it (a ``ZeroPad2d``), then pads every input alike: once it holds one, that padding is
-what the layer computes, whatever the size.
+traceable (it computes the padding from the input's size in Python). ``F.pad``'s modes 'reflect' and 'replicate'
+(and ``ReflectionPad2d`` / ``ReplicationPad2d``) are a ``pad`` node's ``mode``; 'circular' is refused by name.
+timm's ``Conv2dSameExport`` computes it at its first call only and keeps it (a ``ZeroPad2d``), then pads every
+input alike: once it holds one, that padding is what the layer computes, whatever the size.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from edgecl.arch.fx_calls import location, map_shape, pair, shape_of
+from edgecl.arch.ops import PAD_MODES
 from edgecl.errors import UsageError
 
 SAME_LAYERS = {("timm.layers.conv2d_same", "Conv2dSame"): "conv",
@@ -28,7 +30,9 @@ SAME_LAYERS = {("timm.layers.conv2d_same", "Conv2dSame"): "conv",
                ("timm.layers.pool2d_same", "AvgPool2dSame"): "avg",
                ("timm.layers.pool2d_same", "MaxPool2dSame"): "max"}
 PAD_FUNCTIONS = (F.pad,)
-PAD_MODULES = (nn.ZeroPad2d, nn.ConstantPad2d)  # padding (left, right, top, bottom) and a value, as F.pad
+# padding (left, right, top, bottom) as F.pad, and the mode each pads in (a constant one has a value)
+PAD_MODULES = {nn.ZeroPad2d: "constant", nn.ConstantPad2d: "constant", nn.ReflectionPad2d: "reflect",
+               nn.ReplicationPad2d: "replicate"}
 
 
 def same_kind(m: nn.Module) -> str | None:
@@ -40,6 +44,23 @@ def odd_same(m: nn.Module) -> bool:
     """A conv with torch's ``padding="same"`` whose kernel extent is even on an axis: padded asymmetrically."""
     return isinstance(m, nn.Conv2d) and m.padding == "same" and \
         any(d * (k - 1) % 2 for k, d in zip(pair(m.kernel_size), pair(m.dilation)))
+
+
+def pad_call(m: nn.Module, node: fx.Node) -> dict[str, Any]:
+    """A padding layer's call as ``F.pad``'s arguments, for `_PaddingConverter.explicit_pad`."""
+    mode = next(v for k, v in PAD_MODULES.items() if isinstance(m, k))
+    return {"input": node.args[0], "pad": list(m.padding), "mode": mode, "value": getattr(m, "value", None)}
+
+
+def pad_problem(shape: list[int], pads: list[int], mode: str) -> str | None:
+    """Why ``pads`` (top, left, bottom, right) in `mode` cannot pad a (C, H, W) map, or None: a reflection must be
+    smaller than the side it mirrors (torch and ONNX fail otherwise); modes other than `PAD_MODES` are not ops."""
+    if mode not in PAD_MODES:
+        return f"mode {mode!r}; only {', '.join(map(repr, PAD_MODES))}"
+    top, left, bottom, right = pads
+    if mode == "reflect" and (max(top, bottom) >= shape[1] or max(left, right) >= shape[2]):
+        return f"reflect padding {pads} (top, left, bottom, right) must be smaller than the map's sides {shape[1:]}"
+    return None
 
 
 def same_padding(size: int, k: int, stride: int, dilation: int) -> tuple[int, int]:
@@ -91,23 +112,26 @@ class _PaddingConverter:
         self._emit(node, "conv", [x], path, **fields)
 
     def explicit_pad(self, node: fx.Node, args: dict[str, Any]) -> None:
-        """``F.pad(x, (left, right[, top, bottom]), mode="constant", value=v)`` on a map: a ``pad`` node."""
+        """``F.pad(x, (left, right[, top, bottom]), mode=…, value=v)`` on a map: a ``pad`` node."""
         shape = shape_of(args["input"])
         pads, value, mode = args["pad"], args["value"], args["mode"] or "constant"
         if shape is None or len(shape) != 3:
             raise self.refuse(node, f"padding is supported on a (channels, height, width) map, gets {shape}")
-        if mode != "constant":
-            raise self.refuse(node, f"mode {mode!r}; only mode='constant' (zeros or a number)")
         if not isinstance(pads, (list, tuple)) or len(pads) not in (2, 4) or \
                 not all(isinstance(p, int) and p >= 0 for p in pads):
             raise self.refuse(node, f"pad {str(pads)[:60]}: two or four ints ≥ 0 (left, right, top, bottom), "
                                     "given in the code or computed from the input's shape (not from the batch size "
                                     "or tensor values); cropping is not supported")
         left, right, top, bottom = (*pads, 0, 0)[:4]
+        if (problem := pad_problem(shape, [top, left, bottom, right], mode)) is not None:
+            raise self.refuse(node, problem)
         if value is None:
             value = 0.0
+        if mode != "constant" and value != 0:
+            raise self.refuse(node, f"value {str(value)[:40]} with mode {mode!r}: only mode 'constant' has a value")
         if not isinstance(value, (int, float)) or isinstance(value, bool) or \
                 not (math.isfinite(value) or value == -math.inf):
             raise self.refuse(node, f"value {str(value)[:40]}: a finite number or -inf")
+        fields = {"mode": mode} if mode != "constant" else {}
         self._emit(node, "pad", [self._input(args["input"], node)], pads=[top, left, bottom, right],
-                   value="-inf" if value == -math.inf else float(value))
+                   value="-inf" if value == -math.inf else float(value), **fields)

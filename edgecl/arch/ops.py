@@ -24,12 +24,21 @@ Ops (fields and defaults in `OPS`):
 - ``pad``: a map padded with a constant ``value`` (0, or ``"-inf"``, read by max pools only, whose every window
   holds a real value: `spec._check_minus_inf_pads`), ``pads`` =
   [top, left, bottom, right] rows/columns: TensorFlow's "same" padding, which adds the odd one at the bottom and
-  right, and ``F.pad``;
+  right, and ``F.pad``; ``mode`` ``"reflect"`` (the map mirrored about its edge row/column, which is not repeated:
+  each pad smaller than that side) or ``"replicate"`` (the edge repeated; ONNX's "edge") instead of the constant
+  ``"constant"`` (their ``value`` stays 0): per channel, and a channel constant over the map stays that constant;
+- ``blur``: anti-aliased downsampling's fixed filter (timm's BlurPool2d after its pad): each channel convolved with
+  the normalised ``k`` × ``k`` binomial filter (`blur_filter`: the outer product of row k−1 of Pascal's triangle over
+  2^(k−1), ``k`` from 2 to `MAX_BLUR`) at ``stride``, without padding; no tensors (the filter follows from ``k``), per
+  channel, and its taps sum to 1, so a constant channel stays that constant;
 - pooling: ``maxpool`` / ``avgpool`` (k, stride, pad, ceil_mode; avgpool's count_include_pad), ``gap`` (global
-  average → ``(C, 1, 1)``), ``attention_pool`` (GCNet's global context: inputs a ``(C, H, W)`` map x and ``(1, H, W)``
-  logits; softmax of the logits over the H·W positions, then each channel's sum of x weighted by it → ``(C, 1, 1)``;
-  the weights sum to 1, so a channel constant over the map pools to that constant, as under ``gap``); ``upsample``
-  (nearest, by the integer ``scale`` of each spatial axis: every value
+  average → ``(C, 1, 1)``), ``adaptive_avgpool`` (torch's adaptive average pooling to ``size`` [h, w] where it is
+  no plain pool, as VGG's 2×2 → 7×7: output row i averages input rows ⌊i·H/h⌋ to ⌈(i+1)·H/h⌉ − 1, windows of unequal
+  lengths that may overlap; a fixed linear map per axis, each row summing to 1; ``size`` at most `MAX_ADAPTIVE` and
+  the input's sides at most `MAX_ADAPTIVE_INPUT`, which bounds the work), ``attention_pool`` (GCNet's global
+  context: inputs a ``(C, H, W)`` map x and ``(1, H, W)`` logits; softmax of the logits over the H·W positions, then
+  each channel's sum of x weighted by it → ``(C, 1, 1)``; the weights sum to 1, so a channel constant over the map pools
+  to that constant, as under ``gap``); ``upsample`` (nearest, by the integer ``scale`` of each spatial axis: every value
   repeated);
 - structure: ``add`` (residual sum of equal shapes; an input's spatial axes of size 1 broadcast, as GCNet's fused add
   of a ``(C, 1, 1)`` context over a ``(C, H, W)`` map — the channels never do), ``mul`` (broadcast product, e.g.
@@ -70,15 +79,20 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from edgecl.arch.windows import check_pool_windows, window_length
 from edgecl.errors import UsageError
 
 MAX_NUMBER = 3.0e38  # a `scale` constant must be a float32: ONNX and the runtime compute in float32
+MAX_BLUR = 16  # a blur filter's largest side: its binomial taps C(k−1, j) / 2^(k−1) are exact float32 numbers
+MAX_ADAPTIVE, MAX_ADAPTIVE_INPUT = 64, 4096  # adaptive_avgpool's output and input sides: matrices of out × in
+PAD_MODES = ("constant", "reflect", "replicate")  # torch F.pad's; ONNX Pad's "constant", "reflect", "edge"
 ACTIVATIONS = ("relu", "relu6", "hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu")
 
 # op → {field: (kind, default)}; a default of `...` means required. Kinds: size (int ≥ 1), pair (two sizes; an int
 # is taken for both), pad (two ints ≥ 0), pads (four), bool, eps, momentum, approximate, shape, axis, number (a
-# finite float), fill (a number or "-inf").
+# finite float), fill (a number or "-inf"), pad_mode (one of `PAD_MODES`).
 _POOL = {"k": ("pair", ...), "stride": ("pair", None), "pad": ("pad", [0, 0]), "ceil_mode": ("bool", False)}
 OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "conv": {"in": ("size", ...), "out": ("size", ...), "k": ("pair", ...), "stride": ("pair", [1, 1]),
@@ -94,9 +108,11 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "maxpool": {**_POOL, "dilation": ("pair", [1, 1])},
     "avgpool": {**_POOL, "count_include_pad": ("bool", True)},
     "gap": {},
+    "adaptive_avgpool": {"size": ("pair", ...)},
     "attention_pool": {},
     "upsample": {"scale": ("pair", ...)},
-    "pad": {"pads": ("pads", ...), "value": ("fill", 0.0)},
+    "pad": {"pads": ("pads", ...), "value": ("fill", 0.0), "mode": ("pad_mode", "constant")},
+    "blur": {"k": ("size", ...), "stride": ("size", 2)},
     "scale": {"factor": ("number", 1.0), "offset": ("number", 0.0)},
     "add": {},
     "mul": {},
@@ -129,12 +145,18 @@ TOKEN_TENSOR_OPS = ("class_token", "pos_embed")
 TENSOR_OPS = ("conv", "linear", *CHANNEL_AFFINE_OPS, *ROWLESS_OPS, *TOKEN_TENSOR_OPS)
 
 
+def blur_filter(k: int) -> np.ndarray:
+    """The ``blur`` op's (k, k) float32 filter, as timm's BlurPool2d computes it: binomial taps, summing to 1."""
+    taps = np.array([math.comb(k - 1, j) for j in range(k)], dtype=np.float64) / 2 ** (k - 1)
+    return np.outer(taps, taps).astype(np.float32)
+
+
 def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
     """Elements per sample a node computes on the way to its output, as `edgecl.graph.builder` emits it (0 for
     most). ``attention``: the scores and their softmax (heads × T_q × T_kv each: quadratic in the positions, so a
     small spec file can ask for a huge one; `spec.validate` bounds it) and the heads' copies of q, k, v and the output
     (an upper bound); ``attention_pool``: the logits' softmax and reshaped copies of the logits and the map (an upper
-    bound)."""
+    bound); ``adaptive_avgpool``: the map averaged along its width only, (C, H, w), between its two MatMuls."""
     if node["op"] == "attention":
         (cq, *q), (ck, *k), (cv, _, _) = ins
         tq, tk, h = math.prod(q), math.prod(k), node["heads"]
@@ -143,6 +165,8 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
         return 2 * h * tq * tk + bias + 2 * (cq * tq + ck * tk) + 2 * (cv * tk + out * tq)
     if node["op"] == "attention_pool":
         return 2 * math.prod(ins[1]) + math.prod(ins[0])
+    if node["op"] == "adaptive_avgpool":
+        return ins[0][0] * ins[0][1] * node["size"][1]
     return 0
 
 
@@ -198,6 +222,12 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
             raise UsageError(f"{where}: branch_softmax needs a (channels, height, width) input whose channels "
                              f"{node['branches']} branches divide, gets {x}")
         return list(x)
+    if op == "adaptive_avgpool":
+        if len(x) != 3 or max(node["size"]) > MAX_ADAPTIVE or max(x[1:]) > MAX_ADAPTIVE_INPUT:
+            raise UsageError(f"{where}: adaptive_avgpool needs a (channels, height, width) map of sides at most "
+                             f"{MAX_ADAPTIVE_INPUT} and a size of at most {MAX_ADAPTIVE}, gets {x} and "
+                             f"size={node['size']}")
+        return [x[0], *node["size"]]
     if op == "gap":
         if len(x) != 3:
             raise UsageError(f"{where}: gap needs a (channels, height, width) input, gets {x}")
@@ -214,10 +244,13 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
                              f"block={b} divides, gets {x}")
         return [x[0] * b * b, x[1] // b, x[2] // b]
     if op == "pad":
-        if len(x) != 3:
-            raise UsageError(f"{where}: pad needs a (channels, height, width) input, gets {x}")
-        top, left, bottom, right = node["pads"]
-        return [x[0], x[1] + top + bottom, x[2] + left + right]
+        return _pad_shape(node, x, where)
+    if op == "blur":
+        k, s = node["k"], node["stride"]
+        if len(x) != 3 or not 2 <= k <= MAX_BLUR or min(x[1:]) < k:
+            raise UsageError(f"{where}: blur needs a (channels, height, width) map at least k × k and k from 2 to "
+                             f"{MAX_BLUR}, gets {x} and k={k}")
+        return [x[0], *(window_length(d, k, s, 0, 1, False) for d in x[1:])]
     if op == "upsample":
         if len(x) != 3:
             raise UsageError(f"{where}: upsample needs a (channels, height, width) input, gets {x}")
@@ -248,6 +281,21 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
                              f"{x[0]} channels")
         return [node["stop"] - node["start"], *x[1:]]
     return list(x)  # element-wise activations
+
+
+def _pad_shape(node: dict[str, Any], x: list[int], where: str) -> list[int]:
+    """Output shape of ``pad``; a reflection must be smaller than the side it mirrors (torch and ONNX refuse
+    otherwise), and only a constant pad has a value."""
+    if len(x) != 3:
+        raise UsageError(f"{where}: pad needs a (channels, height, width) input, gets {x}")
+    top, left, bottom, right = node["pads"]
+    mode = node["mode"]
+    if mode != "constant" and node["value"] != 0.0:
+        raise UsageError(f"{where}: pad mode {mode!r} takes no value (gets {node['value']}); only mode 'constant' does")
+    if mode == "reflect" and (max(top, bottom) >= x[1] or max(left, right) >= x[2]):
+        raise UsageError(f"{where}: reflect pad {node['pads']} (top, left, bottom, right) must be smaller than the "
+                         f"input's height and width {x[1:]}")
+    return [x[0], x[1] + top + bottom, x[2] + left + right]
 
 
 def _token_shape(node: dict[str, Any], ins: list[list[int]], where: str) -> list[int]:

@@ -27,8 +27,8 @@ import re
 from typing import Any
 
 from edgecl.arch.legacy import layers_to_nodes
-from edgecl.arch.ops import (MAX_NUMBER, NORMALISING_OPS, OPS, ROWLESS_OPS, TENSOR_OPS, TOKEN_TENSOR_OPS, WEIGHT_OPS,
-                             output_shape)
+from edgecl.arch.ops import (MAX_NUMBER, NORMALISING_OPS, OPS, PAD_MODES, ROWLESS_OPS, TENSOR_OPS, TOKEN_TENSOR_OPS,
+                             WEIGHT_OPS, output_shape)
 from edgecl.errors import UsageError
 
 Arch = dict[str, Any]
@@ -236,6 +236,8 @@ def _field(value: Any, kind: str, where: str) -> Any:
         return list(value)
     if kind == "fill" and value == "-inf":
         return value
+    if kind == "pad_mode" and value in PAD_MODES:
+        return value
     if kind == "bool" and isinstance(value, bool):
         return value
     if kind == "eps" and isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1:
@@ -256,6 +258,7 @@ def _field(value: Any, kind: str, where: str) -> Any:
         return [list(row) for row in value]
     expect = {"size": f"an int from 1 to {MAX_DIM}", "pair": "an int ≥ 1 or two of them",
               "pad": "an int ≥ 0 or two of them", "pads": "four ints ≥ 0 (top, left, bottom, right)",
+              "pad_mode": " or ".join(map(repr, PAD_MODES)),
               "fill": f"a finite number of magnitude at most {MAX_NUMBER:g}, or \"-inf\"",
               "index": f"an int from 0 to {MAX_DIM}", "bool": "true or false", "eps": "a number in (0, 1)",
               "momentum": "a number in (0, 1]",

@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgecl.arch.spec import INPUT as SPEC_INPUT
 from edgecl.arch.spec import Arch, node_shapes, param_shapes
 from edgecl.graph.nodes import Builder as _Builder
+from edgecl.graph.onnx_spatial import SPATIAL_OPS, spatial_op
 from edgecl.graph.token_ops import TOKEN_OPS, attention
 
 OPSET = 17
@@ -236,14 +237,8 @@ def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, shapes
         flat = b.op("Reshape", [h, constant(np.array([0, in_shape[0], -1], np.int64))])
         pooled = b.op("MatMul", [flat, b.op("Unsqueeze", [weights, constant(np.array([2], np.int64))])])
         return b.op("Unsqueeze", [pooled, constant(np.array([3], np.int64))])
-    if op == "pad":  # ONNX pads: every axis's start, then every axis's end (N, C, H, W)
-        top, left, bottom, right = node["pads"]
-        pads = constant(np.array([0, 0, top, left, 0, 0, bottom, right], dtype=np.int64))
-        return b.op("Pad", [h, pads, constant(np.array(float(node["value"]), dtype=np.float32))], mode="constant")
-    if op == "upsample":  # out[i] = in[floor(i / scale)]: every value repeated, no interpolation
-        scales = constant(np.array([1.0, 1.0, *node["scale"]], dtype=np.float32))
-        return b.op("Resize", [h, "", scales], mode="nearest", coordinate_transformation_mode="asymmetric",
-                    nearest_mode="floor")
+    if op in SPATIAL_OPS:
+        return spatial_op(b, node, h, constant, in_shape)
     if op == "scale":
         h = h if node["factor"] == 1.0 else b.op("Mul", [h, constant(node["factor"])])
         return h if node["offset"] == 0.0 else b.op("Add", [h, constant(node["offset"])])

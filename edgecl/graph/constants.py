@@ -109,8 +109,11 @@ def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: 
         i, j = cm.sliced(source, node["start"], node["stop"])
         first = width(cm, source[:i])
         return v[first:first + width(cm, source[i:j])]
-    if op == "pad":  # the border holds the pad value: still one constant only where the channel's equals it
-        return v if not any(node["pads"]) else np.where(v == float(node["value"]), v, np.nan)
+    if op == "pad":  # a constant border holds the value: still one constant only where the channel's equals it
+        # (a reflected or replicated border copies the channel's own values)
+        if node["mode"] != "constant" or not any(node["pads"]):
+            return v
+        return np.where(v == float(node["value"]), v, np.nan)
     if op == "avgpool" and (any(node["pad"]) or node["ceil_mode"]):
         return np.where(v == 0, 0.0, np.nan)
     if op == "space_to_depth":  # block² copies of the channels, each a sub-grid of the map: constant where it was
@@ -130,7 +133,8 @@ def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: 
     if op == "cat":
         return np.concatenate(ins)
     # maxpool, avgpool without padding, gap, flatten, reshape, attention_pool (its weights sum to 1, so a channel
-    # constant over the map pools to that constant, whatever the logits): a constant channel stays one
+    # constant over the map pools to that constant, whatever the logits), blur (no padding, taps summing to 1),
+    # adaptive_avgpool (every window an average): a constant channel stays one
     return v
 
 

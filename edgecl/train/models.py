@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from edgecl.arch import INPUT, WEIGHT_OPS, Arch, param_shapes
+from edgecl.arch.ops import blur_filter
 from edgecl.train import distributed
 
 Params = dict[str, torch.Tensor]
@@ -156,6 +157,8 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return F.max_pool2d(h, node["k"], node["stride"], node["pad"], node["dilation"], node["ceil_mode"])
     if op == "avgpool":
         return F.avg_pool2d(h, node["k"], node["stride"], node["pad"], node["ceil_mode"], node["count_include_pad"])
+    if op == "adaptive_avgpool":  # torch's own windows; ONNX multiplies by the same averages (`onnx_spatial`)
+        return F.adaptive_avg_pool2d(h, node["size"])
     if op == "gap":
         return h.mean(dim=(2, 3), keepdim=True)
     if op == "attention_pool":  # GCNet: (N, C, H·W) @ softmax over positions (N, H·W, 1), as timm's GlobalContext
@@ -163,7 +166,13 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return (h.flatten(2) @ weights).unsqueeze(3)
     if op == "pad":
         top, left, bottom, right = node["pads"]
+        if node["mode"] != "constant":  # torch's reflect / replicate, ONNX's reflect / edge
+            return F.pad(h, (left, right, top, bottom), mode=node["mode"])
         return F.pad(h, (left, right, top, bottom), value=float(node["value"]))
+    if op == "blur":  # timm's BlurPool2d after its pad: the fixed binomial filter on each channel
+        k, c = node["k"], h.shape[1]
+        weight = torch.as_tensor(blur_filter(k), dtype=h.dtype, device=h.device).expand(c, 1, k, k)
+        return F.conv2d(h, weight, stride=node["stride"], groups=c)
     if op == "upsample":  # nearest by integer factors: each value repeated, exactly as ONNX Resize below
         return h.repeat_interleave(node["scale"][0], dim=2).repeat_interleave(node["scale"][1], dim=3)
     if op == "scale":  # a factor of 1 or offset of 0 is skipped, as in ONNX: the same float32 steps

@@ -1,0 +1,47 @@
+"""ONNX forms of the parameter-free ops that resample a map along its spatial axes (``pad``, ``blur``,
+``upsample``, ``adaptive_avgpool``), for `edgecl.graph.builder`: each channel alone, with fixed numbers only, exactly as
+`edgecl.train.models` runs them in torch."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from edgecl.arch.ops import blur_filter
+
+SPATIAL_OPS = ("pad", "blur", "upsample", "adaptive_avgpool")
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}  # the spec's → ONNX Pad's
+
+
+def adaptive_matrix(size: int, out: int) -> np.ndarray:
+    """(out, size) float32: row i averages torch's adaptive window i, input ⌊i·size/out⌋ to ⌈(i+1)·size/out⌉ − 1."""
+    m = np.zeros((out, size), dtype=np.float64)
+    for i in range(out):
+        start, stop = i * size // out, -(-(i + 1) * size // out)
+        m[i, start:stop] = 1.0 / (stop - start)
+    return m.astype(np.float32)
+
+
+def spatial_op(b: Any, node: dict, h: str, constant: Callable[[Any], str], in_shape: list[int]) -> str:
+    """One `SPATIAL_OPS` node on the (N, C, H, W) tensor `h`; `b` is the builder, `constant` makes a Constant."""
+    op = node["op"]
+    if op == "pad":  # ONNX pads: every axis's start, then every axis's end (N, C, H, W)
+        top, left, bottom, right = node["pads"]
+        pads = constant(np.array([0, 0, top, left, 0, 0, bottom, right], dtype=np.int64))
+        if node["mode"] != "constant":
+            return b.op("Pad", [h, pads], mode=_PAD_MODES[node["mode"]])
+        return b.op("Pad", [h, pads, constant(np.array(float(node["value"]), dtype=np.float32))], mode="constant")
+    if op == "blur":  # one fixed binomial filter per channel: a depthwise Conv with a constant weight
+        k, c = node["k"], in_shape[0]
+        weight = constant(np.ascontiguousarray(np.broadcast_to(blur_filter(k), (c, 1, k, k))))
+        return b.op("Conv", [h, weight], kernel_shape=[k, k], strides=[node["stride"]] * 2, pads=[0, 0, 0, 0],
+                    dilations=[1, 1], group=c)
+    if op == "upsample":  # out[i] = in[floor(i / scale)]: every value repeated, no interpolation
+        scales = constant(np.array([1.0, 1.0, *node["scale"]], dtype=np.float32))
+        return b.op("Resize", [h, "", scales], mode="nearest", coordinate_transformation_mode="asymmetric",
+                    nearest_mode="floor")
+    if op == "adaptive_avgpool":  # A_h · X · A_wᵀ: (N, C, H, W) MatMul (W, w), then (h, H) MatMul that (broadcast)
+        (_, height, width), (h_out, w_out) = in_shape, node["size"]
+        rows = b.op("MatMul", [h, constant(np.ascontiguousarray(adaptive_matrix(width, w_out).T))])
+        return b.op("MatMul", [constant(adaptive_matrix(height, h_out)), rows])
+    raise ValueError(f"node {node['name']!r}: op {op!r} is not a spatial op")
