@@ -197,6 +197,12 @@ class _Batch(_Head):
             x = torch.cat([row.unsqueeze(0) for row in x])
         elif self.kind == "view":
             x = x.view(int(x.shape[0]), 8, -1).mean(2)[:, :, None, None]
+        elif self.kind == "threshold":  # the same at batch 1, 2 and 3, not at 4
+            if x.shape[0] < 4:
+                x = torch.relu(x - 0.5)
+        elif self.kind == "numel":
+            if x.numel() < 2000:  # 512 elements a sample: the same at batch 1, 2 and 3, not at 4
+                x = x * 2
         return x
 
 
@@ -204,6 +210,8 @@ class _Batch(_Head):
     ("if", "if x.shape[0] > 1:", "depends on the batch size"), ("len", "x = x * (1.0 / len(x))", "first axis"),
     ("rows", "x = torch.cat([row.unsqueeze(0) for row in x])", "first axis"),
     ("view", "x = x.view(int(x.shape[0]), 8, -1)", "depends on the batch size"),
+    ("threshold", "if x.shape[0] < 4:", "depends on the batch size.*at batch 4"),
+    ("numel", "if x.numel() < 2000:", "depends on the batch size.*at batch 4"),
 ])
 def test_batch_dependent_control_flow_is_refused_at_its_line(kind, line, why):
     module = _Batch()
@@ -211,6 +219,27 @@ def test_batch_dependent_control_flow_is_refused_at_its_line(kind, line, why):
     with pytest.raises(UsageError, match=why) as err:
         from_torch(module, (3, 8, 8))
     assert re.search(_at(_Batch, line), str(err.value)), str(err.value)
+
+
+class _BatchFree(_Head):
+    """Decisions that read the batch axis yet are the same at every batch size: an empty-batch guard, the other
+    axes of a shape read whole."""
+
+    def body(self, x):
+        if x.shape[0] == 0 or x.numel() == 0:
+            return x
+        b, c, h, w = x.shape
+        if c * h * w > 100:
+            x = x * 2
+        return x
+
+
+def test_decisions_that_read_the_batch_but_never_change_with_it_go_in():
+    module = _BatchFree()
+    randomise_batchnorm(module)
+    spec = from_torch(module, (3, 8, 8))
+    assert "scale" in _ops(spec)
+    check_parity(module, spec, (3, 8, 8))
 
 
 class _Checked(_Head):
