@@ -291,3 +291,13 @@ def test_every_method_learns_and_deploys_a_resolved_network(method_name, tmp_pat
     check_consistent(packed)
     assert all(engine.accuracy(packed, t, task) > 0.4 for t, task in enumerate(stream.tasks))  # 5 classes each
     _deploys(packed, stream, tmp_path)
+
+
+def test_tracing_keeps_each_layers_own_mode():
+    """A frozen BatchNorm (eval) in a training module stays in eval after the import runs the module (shapes, and
+    the decisions of its control flow)."""
+    for module, shape in ((PadIfOdd(), (3, 9, 9)), (InterpolateIfSizeDiffers(), (3, 8, 8))):
+        module.train()
+        module.bn.eval()
+        from_torch(module, shape)
+        assert module.training and module.stem.training and not module.bn.training

@@ -72,6 +72,19 @@ def _unpatched() -> Iterator[None]:
         nn.Module.__call__, nn.Module.__getattr__ = patched
 
 
+@contextlib.contextmanager
+def evaluating(root: nn.Module) -> Iterator[None]:
+    """`root` and every layer in eval mode inside (BatchNorm statistics untouched), then each layer back in its own
+    mode: a frozen BatchNorm in a training model stays in eval (``root.train(was)`` would set them all alike)."""
+    modes = [(m, m.training) for m in root.modules()]
+    root.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def user_line(frames: list[tuple[str, int]]) -> str | None:
     """The innermost of (file, line) `frames` (outermost first) outside torch and edgecl's importer, as
     ``file:line: code`` — where a refusal points the user."""
@@ -163,11 +176,9 @@ class ShapeFlowTracer(fx.Tracer):
             if runner is None:
                 runner = self._runners[batch] = fx.Interpreter(self.root, graph=self.graph)
                 runner.env = env
-            modes = {m: m.training for m in self.root.modules()}
-            self.root.eval()
             current = None
             try:  # torch.fx's patches (nn.Module.__call__ → a proxy) lifted: the layers run for real
-                with torch.no_grad(), _unpatched():
+                with torch.no_grad(), _unpatched(), evaluating(self.root):
                     for current in todo:
                         env[current] = self._run(runner, current, batch)
             except UsageError:
@@ -177,9 +188,6 @@ class ShapeFlowTracer(fx.Tracer):
                                  f"({batch}, {', '.join(map(str, self.input_shape))}) at "
                                  f"{raised_at(exc) or getattr(current, 'name', '?')}: {type(exc).__name__}: "
                                  f"{str(exc)[:200]}") from None
-            finally:
-                for m, training in modes.items():
-                    m.training = training
         return env[node]
 
     def _run(self, runner: fx.Interpreter, node: fx.Node, batch: int) -> Any:
