@@ -73,16 +73,22 @@ def _unpatched() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def evaluating(root: nn.Module) -> Iterator[None]:
-    """`root` and every layer in eval mode inside (BatchNorm statistics untouched), then each layer back in its own
-    mode: a frozen BatchNorm in a training model stays in eval (``root.train(was)`` would set them all alike)."""
-    modes = [(m, m.training) for m in root.modules()]
-    root.eval()
+def evaluating(root: nn.Module, layers: list[nn.Module] | None = None) -> Iterator[None]:
+    """`root` and every layer (`layers`: ``root.modules()``, given when known) in eval mode inside (BatchNorm
+    statistics untouched), then each back in its own mode: a frozen BatchNorm in a training model stays in eval
+    (``root.train(was)`` would set them all alike). Only training layers are switched, by their flag, except one that
+    overrides train(), which is called (an eval forward may need what it prepares): no walk of every layer through
+    nn.Module.train, which cost seconds per decision on a model of thousands of layers."""
+    training = [m for m in (root.modules() if layers is None else layers) if m.training]
+    for m in training:
+        if type(m).train is not nn.Module.train:
+            m.train(False)
+        object.__setattr__(m, "training", False)  # nn.Module.__setattr__'s checks are for tensors and layers
     try:
         yield
     finally:
-        for m, training in modes:
-            m.training = training
+        for m in training:
+            object.__setattr__(m, "training", True)
 
 
 def user_line(frames: list[tuple[str, int]]) -> str | None:
@@ -117,6 +123,7 @@ class ShapeFlowTracer(fx.Tracer):
         self._runners: dict[int, fx.Interpreter] = {}
         self._sources: dict[fx.Node, fx.Node | None] = {}
         self._batch_reads: dict[fx.Node, bool] = {}
+        self._layers: list[nn.Module] = []
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ShapeProxy(node, self)
@@ -124,11 +131,12 @@ class ShapeFlowTracer(fx.Tracer):
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         self._envs = {b: {} for b in _BATCHES}
         self._runners, self._sources, self._batch_reads = {}, {}, {}
+        self._layers = list(root.modules()) if isinstance(root, nn.Module) else []
         try:
             graph = super().trace(root, concrete_args)
             self._fold(graph)
         finally:  # the examples' intermediate values are not kept with the tracer
-            self._envs, self._runners, self._sources, self._batch_reads = {}, {}, {}, {}
+            self._envs, self._runners, self._sources, self._batch_reads, self._layers = {}, {}, {}, {}, []
         return graph
 
     def to_bool(self, obj: fx.Proxy) -> bool:
@@ -178,7 +186,7 @@ class ShapeFlowTracer(fx.Tracer):
                 runner.env = env
             current = None
             try:  # torch.fx's patches (nn.Module.__call__ → a proxy) lifted: the layers run for real
-                with torch.no_grad(), _unpatched(), evaluating(self.root):
+                with torch.no_grad(), _unpatched(), evaluating(self.root, self._layers):
                     for current in todo:
                         env[current] = self._run(runner, current, batch)
             except UsageError:
