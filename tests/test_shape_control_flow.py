@@ -197,6 +197,12 @@ class _Batch(_Head):
             x = torch.cat([row.unsqueeze(0) for row in x])
         elif self.kind == "view":
             x = x.view(int(x.shape[0]), 8, -1).mean(2)[:, :, None, None]
+        elif self.kind == "threshold":  # the same at batch 1, 2 and 3, not at 4
+            if x.shape[0] < 4:
+                x = torch.relu(x - 0.5)
+        elif self.kind == "numel":
+            if x.numel() < 2000:  # 512 elements a sample: the same at batch 1, 2 and 3, not at 4
+                x = x * 2
         return x
 
 
@@ -204,6 +210,8 @@ class _Batch(_Head):
     ("if", "if x.shape[0] > 1:", "depends on the batch size"), ("len", "x = x * (1.0 / len(x))", "first axis"),
     ("rows", "x = torch.cat([row.unsqueeze(0) for row in x])", "first axis"),
     ("view", "x = x.view(int(x.shape[0]), 8, -1)", "depends on the batch size"),
+    ("threshold", "if x.shape[0] < 4:", "depends on the batch size.*at batch 4"),
+    ("numel", "if x.numel() < 2000:", "depends on the batch size.*at batch 4"),
 ])
 def test_batch_dependent_control_flow_is_refused_at_its_line(kind, line, why):
     module = _Batch()
@@ -211,6 +219,27 @@ def test_batch_dependent_control_flow_is_refused_at_its_line(kind, line, why):
     with pytest.raises(UsageError, match=why) as err:
         from_torch(module, (3, 8, 8))
     assert re.search(_at(_Batch, line), str(err.value)), str(err.value)
+
+
+class _BatchFree(_Head):
+    """Decisions that read the batch axis yet are the same at every batch size: an empty-batch guard, the other
+    axes of a shape read whole."""
+
+    def body(self, x):
+        if x.shape[0] == 0 or x.numel() == 0:
+            return x
+        b, c, h, w = x.shape
+        if c * h * w > 100:
+            x = x * 2
+        return x
+
+
+def test_decisions_that_read_the_batch_but_never_change_with_it_go_in():
+    module = _BatchFree()
+    randomise_batchnorm(module)
+    spec = from_torch(module, (3, 8, 8))
+    assert "scale" in _ops(spec)
+    check_parity(module, spec, (3, 8, 8))
 
 
 class _Checked(_Head):
@@ -262,3 +291,49 @@ def test_every_method_learns_and_deploys_a_resolved_network(method_name, tmp_pat
     check_consistent(packed)
     assert all(engine.accuracy(packed, t, task) > 0.4 for t, task in enumerate(stream.tasks))  # 5 classes each
     _deploys(packed, stream, tmp_path)
+
+
+def test_tracing_keeps_each_layers_own_mode():
+    """A frozen BatchNorm (eval) in a training module stays in eval after the import runs the module (shapes, and
+    the decisions of its control flow)."""
+    for module, shape in ((PadIfOdd(), (3, 9, 9)), (InterpolateIfSizeDiffers(), (3, 8, 8))):
+        module.train()
+        module.bn.eval()
+        from_torch(module, shape)
+        assert module.training and module.stem.training and not module.bn.training
+
+
+class _ManyLayers(_Head):
+    """Sixty shape decisions in a model that holds thousands of layers (here unused: no compute to time)."""
+
+    def __init__(self, layers: int):
+        super().__init__()
+        self.spare = nn.ModuleList(nn.Identity() for _ in range(layers))
+
+    def body(self, x):
+        for _ in range(60):
+            if x.shape[-1] % 2:
+                x = F.pad(x, (0, 1, 0, 1))
+        return x
+
+
+def test_deciding_does_not_walk_every_layer_per_decision(monkeypatch):
+    """Each decision runs the module in eval mode: switching the modes must not walk every layer through
+    nn.Module.train (before the fix: 60 decisions × 4,000 layers, ~6 s more than without the layers). Counted in
+    calls, not timed (speed is measured in tools/, never asserted in tests)."""
+    calls = [0]
+    original = nn.Module.train
+
+    def counting(self, mode=True):
+        calls[0] += 1
+        return original(self, mode)
+
+    monkeypatch.setattr(nn.Module, "train", counting)
+
+    def train_calls(layers: int) -> int:
+        module = _ManyLayers(layers).train()
+        calls[0] = 0
+        from_torch(module, (3, 8, 8))
+        return calls[0]
+
+    assert train_calls(4000) - train_calls(0) < 4000  # the walk was 2 calls per layer per decision: 480,000

@@ -172,3 +172,39 @@ def test_a_position_embedding_in_a_buffer_is_refused_by_name():
     with pytest.raises(UsageError, match="'pos_embed' is a tensor attribute that is no parameter") as err:
         from_torch(Buffered(), (3, 8, 8))
     assert "test_vit_tokens.py:" in str(err.value)
+
+
+@pytest.mark.parametrize("registers", [0, 2])
+def test_an_artifact_writes_the_new_fields_only_where_they_differ_from_their_defaults(registers, tmp_path):
+    """`tokens`, `count` and `frozen` at their defaults mean what a file without them meant: the file leaves them out,
+    so a plain ViT's artifact is read by an edgecl from before they existed (whose `validate` refuses a field it does
+    not know), and is read back here as the same arch."""
+    import json
+
+    from edgecl import artifact
+    from edgecl.artifact import container
+    from edgecl.train import registry
+    from edgecl.train.data import make_stream
+    from edgecl.train.protocol import TrainContext
+
+    spec = from_torch(TinyViT(3, 1, image=8, registers=registers), (1, 8, 8))
+    method = registry.create("finetune", spec, {"epochs": 1})
+    method.learn_task(0, make_stream("split-digits", 1, 0, (1, 8, 8)).tasks[0], TrainContext(progress=False))
+    path = str(tmp_path / "vit.edgecl")
+    artifact.save(method.pack(), path)
+    with open(path, "rb") as f:
+        data = f.read()
+    header = container.read_header(path, lambda n, offset, field: data[offset:offset + n], len(data))
+    written = json.loads(header.manifest_text)["arch"]["nodes"]
+    defaults = {"class_token": ("tokens", 1), "token": ("count", 1), "pos_embed": ("frozen", False)}
+    full = {n["name"]: n for n in validate(spec)["nodes"]}
+    checked = set()
+    for node in written:
+        if node["op"] in defaults:
+            field, default = defaults[node["op"]]
+            assert node.get(field, default) == full[node["name"]][field]
+            assert (field in node) == (full[node["name"]][field] != default)
+            checked.add((node["op"], field in node))
+    assert checked == {("class_token", False), ("token", False), ("pos_embed", False)} | (
+        {("class_token", True)} if registers else set())
+    assert artifact.load(path).manifest["arch"] == validate(spec)

@@ -35,7 +35,7 @@ from edgecl.arch.fx_global_context import _GlobalContextConverter, is_global_con
 from edgecl.arch.fx_levit import _LevitConverter, is_levit
 from edgecl.arch.fx_norms import LAYER_NORMS, PERMUTES, _NormConverter, is_grn, is_view
 from edgecl.arch.fx_padding import PAD_FUNCTIONS, PAD_MODULES, _PaddingConverter, odd_same, pad_call, same_kind
-from edgecl.arch.fx_shape_flow import ShapeFlowTracer, raised_at
+from edgecl.arch.fx_shape_flow import ShapeFlowTracer, evaluating, raised_at
 from edgecl.arch.fx_shuffle import _ShuffleConverter
 from edgecl.arch.fx_slices import _SliceConverter
 from edgecl.arch.fx_space_to_depth import _SpaceToDepthConverter, is_space_to_depth
@@ -175,18 +175,14 @@ class _ShapeProp(fx.Interpreter):
 
 
 def _propagate_shapes(traced: fx.GraphModule, shape: list[int]) -> None:
-    was_training = traced.training
-    traced.eval()
     prop = _ShapeProp(traced)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(traced):
             prop.run(torch.zeros(2, *shape))
     except Exception as exc:  # the model's own error, at the node that raised it
         where = f" {location(prop.current)}" if prop.current is not None else ""
         raise UsageError(f"the model does not run on inputs of shape {tuple(shape)}{where}: {type(exc).__name__}: "
                          f"{str(exc)[:300]}") from None
-    finally:
-        traced.train(was_training)
 
 
 class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverter, _PaddingConverter,

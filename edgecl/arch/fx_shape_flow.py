@@ -10,7 +10,10 @@ checked twice before it is taken, because a wrong branch would be a silently dif
     data (``x.sum() > 0``, ``(x > 0).any()``, ``.item()``, a shape made by ``nonzero``) is refused with its source
     line: edgecl builds one graph for every input;
   * it must be the same at batch sizes 1, 2 and 3 — the spec runs at any batch size, so a branch on the batch is
-    refused too.
+    refused too; and where it reads the batch axis at all (``x.shape[0]``, ``x.numel()``), the Python arithmetic
+    from those reads to the decision is replayed at the batch sizes in `_PROBES` (the reads extrapolated: they are
+    linear in the batch), so ``if B < 4`` is refused while ``if x.numel() == 0`` or ``b, c, h, w = x.shape; if c >
+    8`` go in.
 dtype/device reads resolve as float32 on the CPU: the spec is float32 everywhere (torch build, ONNX, runtime), and
 the device a model was traced on does not change what its ops compute. After the trace, shape arithmetic that is the
 same at every batch size is folded into constants where it is used as an argument (``F.pad(x, (0, pad_r, 0,
@@ -46,6 +49,9 @@ _DATA_SHAPED = {torch.nonzero, torch.masked_select, torch.unique, torch.unique_c
                 "repeat_interleave"}
 _OWN_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
 _FOLDABLE = (bool, int, float)
+# batch sizes at which a decision that reads the batch axis is replayed (beyond the 1, 2, 3 it is run at)
+_PROBES = (*range(4, 33), 48, 50, 63, 64, 65, 100, 127, 128, 129, 255, 256, 257, 500, 511, 512, 513, 1000, 1023, 1024,
+           1025, 2047, 2048, 4096, 10_000, 65536, 1 << 20)
 
 
 @contextlib.contextmanager
@@ -64,6 +70,25 @@ def _unpatched() -> Iterator[None]:
         yield
     finally:
         nn.Module.__call__, nn.Module.__getattr__ = patched
+
+
+@contextlib.contextmanager
+def evaluating(root: nn.Module, layers: list[nn.Module] | None = None) -> Iterator[None]:
+    """`root` and every layer (`layers`: ``root.modules()``, given when known) in eval mode inside (BatchNorm
+    statistics untouched), then each back in its own mode: a frozen BatchNorm in a training model stays in eval
+    (``root.train(was)`` would set them all alike). Only training layers are switched, by their flag, except one that
+    overrides train(), which is called (an eval forward may need what it prepares): no walk of every layer through
+    nn.Module.train, which cost seconds per decision on a model of thousands of layers."""
+    training = [m for m in (root.modules() if layers is None else layers) if m.training]
+    for m in training:
+        if type(m).train is not nn.Module.train:
+            m.train(False)
+        object.__setattr__(m, "training", False)  # nn.Module.__setattr__'s checks are for tensors and layers
+    try:
+        yield
+    finally:
+        for m in training:
+            object.__setattr__(m, "training", True)
 
 
 def user_line(frames: list[tuple[str, int]]) -> str | None:
@@ -97,18 +122,21 @@ class ShapeFlowTracer(fx.Tracer):
         self._envs: dict[int, dict[fx.Node, Any]] = {}
         self._runners: dict[int, fx.Interpreter] = {}
         self._sources: dict[fx.Node, fx.Node | None] = {}
+        self._batch_reads: dict[fx.Node, bool] = {}
+        self._layers: list[nn.Module] = []
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ShapeProxy(node, self)
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         self._envs = {b: {} for b in _BATCHES}
-        self._runners, self._sources = {}, {}
+        self._runners, self._sources, self._batch_reads = {}, {}, {}
+        self._layers = list(root.modules()) if isinstance(root, nn.Module) else []
         try:
             graph = super().trace(root, concrete_args)
             self._fold(graph)
         finally:  # the examples' intermediate values are not kept with the tracer
-            self._envs, self._runners, self._sources = {}, {}, {}
+            self._envs, self._runners, self._sources, self._batch_reads, self._layers = {}, {}, {}, {}, []
         return graph
 
     def to_bool(self, obj: fx.Proxy) -> bool:
@@ -135,8 +163,11 @@ class ShapeFlowTracer(fx.Tracer):
                              "edgecl builds one network for every input (compute both branches and select with "
                              "torch.where, or decide in __init__)")
         parts = items and _has_tensors(values[0])  # a split's parts: their number is checked, their values stay
-        if any(not _same(len(v) if parts else v, len(values[0]) if parts else values[0]) for v in values[1:]):
+        if any(not _same(len(v) if parts else v, len(values[0]) if parts else values[0]) for v in values[1:]) or \
+                not parts and self._replay(node) is not None:
             shown = ", ".join(f"{_short(v)} at batch {b}" for b, v in zip(_BATCHES, values))
+            other = None if parts else self._replay(node)
+            shown += f", but {_short(other[1])} at batch {other[0]}" if other else ""
             raise UsageError(f"the Python control flow at {where} ({use}) depends on the batch size ({shown}); edgecl "
                              "builds one network for every batch size, so the decision must depend only on the "
                              "other axes of the input")
@@ -153,11 +184,9 @@ class ShapeFlowTracer(fx.Tracer):
             if runner is None:
                 runner = self._runners[batch] = fx.Interpreter(self.root, graph=self.graph)
                 runner.env = env
-            modes = {m: m.training for m in self.root.modules()}
-            self.root.eval()
             current = None
             try:  # torch.fx's patches (nn.Module.__call__ → a proxy) lifted: the layers run for real
-                with torch.no_grad(), _unpatched():
+                with torch.no_grad(), _unpatched(), evaluating(self.root, self._layers):
                     for current in todo:
                         env[current] = self._run(runner, current, batch)
             except UsageError:
@@ -167,9 +196,6 @@ class ShapeFlowTracer(fx.Tracer):
                                  f"({batch}, {', '.join(map(str, self.input_shape))}) at "
                                  f"{raised_at(exc) or getattr(current, 'name', '?')}: {type(exc).__name__}: "
                                  f"{str(exc)[:200]}") from None
-            finally:
-                for m, training in modes.items():
-                    m.training = training
         return env[node]
 
     def _run(self, runner: fx.Interpreter, node: fx.Node, batch: int) -> Any:
@@ -197,6 +223,48 @@ class ShapeFlowTracer(fx.Tracer):
             return node  # bool(tensor): its value decides
         return sources[node]
 
+    # -- decisions that read the batch axis -------------------------------------------------------------------------
+    def _reads_batch(self, node: fx.Node) -> bool:
+        """Whether `node` is a Python value computed from a read that changes with the batch (``x.shape``,
+        ``x.size(0)``, ``x.numel()``): such a read differs at batch 1, 2 and 3; the taint flows through Python values,
+        never through tensors (memoised like `_data_source`)."""
+        reads, order = self._batch_reads, {n: i for i, n in enumerate(self.graph.nodes)}
+        for n in sorted(_ancestors(node, reads), key=order.__getitem__):
+            values = [self._envs[b][n] for b in _BATCHES]
+            reads[n] = not _tensors(values[0]) and (any(reads[i] for i in n.all_input_nodes) or
+                                                   any(not _same(v, values[0]) for v in values[1:]))
+        return reads[node]
+
+    def _replay(self, node: fx.Node) -> tuple[int, Any] | None:
+        """The first batch size in `_PROBES` at which `node` (a Python value reading the batch axis) differs from its
+        value at the import batch, with that value, or None: the batch-changing reads are extrapolated from batch 1,
+        2 and 3 (shape and element counts are linear in the batch) and the Python arithmetic after them rerun. A
+        read that is not linear, or arithmetic that reads a tensor or fails, counts as differing."""
+        if not self._reads_batch(node):
+            return None
+        envs = {b: self._envs[b] for b in _BATCHES}
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        chain = sorted(_ancestors(node, {n: 0 for n in self._batch_reads if not self._batch_reads[n]}),
+                       key=order.__getitem__)
+        for batch in _PROBES:
+            values: dict[fx.Node, Any] = {}
+            try:
+                for n in chain:
+                    if not any(i in values for i in n.all_input_nodes):  # a read of the batch: extrapolated
+                        values[n] = _extrapolate([envs[b][n] for b in (1, 2, 3)], batch)
+                        continue
+                    if any(_tensors(envs[2][i]) for i in n.all_input_nodes):
+                        raise ValueError("arithmetic on a tensor")
+                    args = fx.node.map_arg(n.args, lambda a: values[a] if a in values else envs[2][a])
+                    kwargs = fx.node.map_arg(n.kwargs, lambda a: values[a] if a in values else envs[2][a])
+                    values[n] = n.target(*args, **kwargs) if n.op == "call_function" else \
+                        getattr(args[0], n.target)(*args[1:], **kwargs)
+            except Exception:  # not replayable: the decision may change with the batch
+                return batch, "something else"
+            if not _same(values[node], envs[2][node]):
+                return batch, values[node]
+        return None
+
     # -- after the trace --------------------------------------------------------------------------------------------
     def _fold(self, graph: fx.Graph) -> None:
         """Shape arithmetic (a tensor's metadata and Python arithmetic on it) that is the same at every batch size
@@ -214,7 +282,7 @@ class ShapeFlowTracer(fx.Tracer):
             except UsageError:  # the model does not run at another batch size here: left as it was
                 continue
             if not _plain(values[0]) or any(not _same(v, values[0]) for v in values[1:]) or \
-                    self._data_source(n) is not None:
+                    self._data_source(n) is not None or self._replay(n) is not None:
                 continue
             for user in list(n.users):
                 user.args = fx.node.map_arg(user.args, lambda a, n=n: _constant(values[0]) if a is n else a)
@@ -266,6 +334,17 @@ def _ancestors(node: fx.Node, known: dict[fx.Node, Any]) -> set[fx.Node]:
             found.add(n)
             stack.extend(n.all_input_nodes)
     return found
+
+
+def _extrapolate(values: list[Any], batch: int) -> Any:
+    """A read at `batch` from its `values` at batch 1, 2 and 3: an int (or a shape's ints) linear in the batch."""
+    if isinstance(values[0], (tuple, list)):
+        if any(not isinstance(v, (tuple, list)) or len(v) != len(values[0]) for v in values):
+            raise ValueError("shapes of different ranks")
+        return type(values[0])(_extrapolate(list(column), batch) for column in zip(*values))
+    if not all(type(v) is int for v in values) or values[2] - values[1] != values[1] - values[0]:
+        raise ValueError("not linear in the batch")
+    return values[0] + (batch - 1) * (values[1] - values[0])
 
 
 def _metadata(node: fx.Node) -> bool:

@@ -78,6 +78,22 @@ def validate(arch: Any) -> Arch:
     return result
 
 
+# node fields added after files without them were written, with the default that means what their absence meant
+LATER_FIELDS: dict[str, dict[str, Any]] = {"class_token": {"tokens": 1}, "token": {"count": 1},
+                                           "pos_embed": {"frozen": False}, "pad": {"mode": "constant"}}
+
+
+def stored_form(arch: Arch) -> Arch:
+    """A validated spec as a file stores it: the `LATER_FIELDS` at their defaults left out (as an attention without
+    a bias has no bias fields), so a file that uses none of them is read by an edgecl from before they existed (its
+    `validate` refuses a field it does not know) and `validate` reads it back as the same spec."""
+    def kept(node: dict[str, Any], key: str) -> bool:
+        default = LATER_FIELDS.get(node["op"], {}).get(key, kept)
+        return type(node[key]) is not type(default) or node[key] != default
+
+    return {**arch, "nodes": [{k: v for k, v in node.items() if kept(node, k)} for node in arch["nodes"]]}
+
+
 def _check_minus_inf_pads(nodes: list[dict[str, Any]], shapes: dict[str, list[int]]) -> None:
     """A ``"-inf"`` pad exists for a max pool to read (TensorFlow's "same" pools): anything else reading it (a conv,
     an average, a sum) computes ±inf or NaN in every task, and so would a max-pool window holding only padding. So

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from edgecl import __version__
-from edgecl.arch.spec import validate as validate_arch
+from edgecl.arch.spec import stored_form, validate as validate_arch
 from edgecl.artifact import container, node_masks
 from edgecl.artifact.encodings import candidates, encode, support_mask, xor_ref
 from edgecl.artifact.limits import (MAX_CLASSES, MAX_HEADER_BYTES, MAX_JSON_CONTAINERS, MAX_NDIM, MAX_TASKS,
@@ -120,7 +120,7 @@ def serialise(packed: PackedModel, fp16: bool, old_names: int = 0) -> list[bytes
     tasks = [{**info.to_json(), "input_shape": list(arch["input_shape"]), "input_dtype": "float32"}
              for info in packed.tasks]
     manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "edgecl_version": __version__,
-                "method": packed.method, "config": packed.config, "arch": arch, "fp16": bool(fp16), "tasks": tasks,
+                "method": packed.method, "config": packed.config, "arch": stored_form(arch), "fp16": bool(fp16), "tasks": tasks,
                 "params": packed.params, "extra": packed.extra, "node_groups": layout,
                 "blobs": {k: {f: e[f] for f in BLOB_FIELDS} for k, e, _ in blobs}}
     try:
