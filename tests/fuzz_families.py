@@ -184,7 +184,7 @@ def _spec(draw) -> dict:
         known = _shapes(shape, nodes)
         op = draw(st.sampled_from(["conv", "linear", "bn", "maxpool", "avgpool", "gap", "add", "mul", "cat", "flatten",
                                    "reshape", "pad", "scalar_affine", "channel_conv", "branch_softmax", "class_token",
-                                   "pos_embed", "token", "attention", *ACTIVATIONS]))
+                                   "pos_embed", "token", "attention", "space_to_depth", *ACTIVATIONS]))
         src = draw(st.sampled_from(names))
         node = {"name": f"n{i}", "op": op, "inputs": [src]}
         dims = known.get(src, [1])
@@ -241,6 +241,16 @@ def _spec(draw) -> dict:
                 fitting = [[(i * 7 + j) % max(b, 1) for j in range(t)] for i in range(t)]
                 node["bias_index"] = fitting if draw(st.integers(0, 3)) else draw(st.sampled_from([
                     [[0] * (t + 1)] * t, [[b] * t] * t, [], [[-1]], "x", None]))
+                if draw(st.booleans()):  # stored as Swin stores it (or a hostile layout name)
+                    node["bias_table"] = "swin" if fits else draw(st.sampled_from(["levit", "other", 1]))
+            if draw(st.booleans()):  # Swin's windows, maybe shifted: tiling the map or not (a bias then per window)
+                node["window"] = draw(st.sampled_from([1, 2, [2, 1], [1, 3]] if fits else [0, 4, [3, 3], "2"]))
+                if draw(st.booleans()):
+                    node["shift"] = draw(st.sampled_from([0, 1, [1, 0]] if fits else [2, -1, [0, 5]]))
+        elif op == "space_to_depth":  # ONNX's order or Swin's patch merging's
+            node["block"] = draw(st.sampled_from([1, 2, 3]))
+            if draw(st.booleans()):
+                node["order"] = draw(st.sampled_from(["hw", "wh"] if fits else ["xy", 2, None]))
         elif op == "reshape":
             node["shape"] = [int(np.prod(dims)), 1, 1] if fits else draw(st.lists(st.integers(1, 64), max_size=3))
         nodes.append(node)

@@ -146,9 +146,11 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
     if node["op"] == "attention":
         (cq, *q), (ck, *k), (cv, _, _) = ins
         tq, tk, h = math.prod(q), math.prod(k), node["heads"]
-        if node.get("window"):  # each query meets the wh·ww keys of its window
-            tk = math.prod(node["window"])
         out = cv * h // (node.get("kv_heads") or h)
+        if node.get("window"):  # each query meets the w = wh·ww keys of its window; the scores, their masked sum and
+            # softmax; q, k, v and the output rolled, partitioned and transposed (an upper bound)
+            w = math.prod(node["window"])
+            return 3 * h * tq * w + (h * w * w if node.get("bias_offsets") else 0) + 3 * (cq + ck + cv + out) * tq
         bias = h * tq * tk if node.get("bias_offsets") else 0  # the gathered (heads, T_q, T_kv) bias
         return 2 * h * tq * tk + bias + 2 * (cq * tq + ck * tk) + 2 * (cv * tk + out * tq)
     if node["op"] == "attention_pool":
