@@ -1,8 +1,8 @@
 """Tensors that belong to no channel — ECA's k weights (`channel_conv`), a scalar affine's two numbers
-(PP-HGNetV2) and LeViT's and Swin's attention-bias tables — under every method: LPS learns them on the first task and holds them (its rule for biases), HALRP and
-RGO keep a copy per task (RGO: no rows for an input-side projection or a feature encoding), STL is all per task,
-finetune shares everything, AGS-CL keeps them per task and resumes them as packed; the first task's copy is
-bit-identical after the second task wherever the method promises it."""
+(PP-HGNetV2) and LeViT's and Swin's attention-bias tables — under every method: LPS learns them on the first task
+and holds them (its rule for biases), HALRP and RGO keep a copy per task (RGO: no rows for an input-side projection
+or a feature encoding), STL is all per task, finetune shares everything, AGS-CL keeps them per task and resumes them
+as packed; the first task's copy is bit-identical after the second task wherever the method promises it."""
 from __future__ import annotations
 
 import numpy as np

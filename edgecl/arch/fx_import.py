@@ -5,13 +5,12 @@ every conv/linear/BatchNorm node is named by its module path and its tensors by 
 (``layer1.0.conv1.weight``); the module's weights themselves are not part of the spec (`tensors_of` reads them). Shapes
 come from running the traced graph once on zeros (`_ShapeProp`, eval mode, no gradients, the module's state untouched).
 Dropout and identity are dropped (identities at inference); view-like ops become ``flatten``/``reshape`` with the shape
-they actually produced. Each family is converted by its own mixin module: calls (`fx_calls`), slices, norms (LayerNorm,
-ConvNeXt's channels-last stretches and layer scales), shuffles, ECA, split attention, scalar affines, global context,
-space-to-depth, LeViT (`fx_levit`), Swin (`fx_swin`), padding, tokens and attention; Python control flow on shapes is resolved at the
-import shape by `fx_shape_flow`. The final classifier (an `nn.Linear`, a 1×1 convolution on pooled features and a
-flatten, or an average of such, as RepViT's) is detected and left out by `fx_classifier`: edgecl gives every task its
-own head on the features it reads. Anything else raises `UsageError` naming the op, the fx node, the module path and
-the user's source line, never a trace from inside torch.
+they actually produced. Each family is converted by its own mixin module (`_Converter`'s bases: calls, norms and
+channels-last stretches, tokens, attention, LeViT, Swin, …); control flow on shapes is resolved at the import shape
+by `fx_shape_flow`. The final classifier (an `nn.Linear`, a 1×1 convolution on pooled features and a flatten, or an
+average of such, as RepViT's) is detected and left out by `fx_classifier`: edgecl gives every task its own head on
+the features it reads. Anything else raises `UsageError` naming the op, the fx node, the module path and the user's
+source line, never a trace from inside torch.
 """
 from __future__ import annotations
 
@@ -63,6 +62,7 @@ _SCALAR_METHODS = ("size", "dim")
 _WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention, "split_attention"),
           (is_timm_attention, "timm_attention"), (is_global_context, "global_context"),
           (is_space_to_depth, "space_to_depth"), (is_levit, "levit"), (is_swin, "swin"))
+_ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin)  # whole blocks that may read channels-last values
 
 
 class _Tracer(ShapeFlowTracer):
@@ -279,8 +279,7 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
         elif node.op == "call_module":
             m = self.modules[node.target]
             self.check_layout(node, isinstance(m, (nn.Linear, *_ACTIVATION_MODULES, *_IDENTITY_MODULES)) or
-                              is_library_identity(m) or is_grn(m) or is_timm_attention(m) or is_levit(m) or
-                              is_swin(m))
+                              is_library_identity(m) or any(kept(m) for kept in _ON_TOKENS))
             self._module(node, m)
         elif node.target in PERMUTES:
             self.permute(node)

@@ -217,8 +217,8 @@ def _gathered_bias(node: dict, table: torch.Tensor) -> torch.Tensor:
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, node: dict,
                      bias: torch.Tensor | None) -> torch.Tensor:
-    """Swin's (shifted) window attention (`edgecl.arch.attention_windows`): roll by (−sh, −sw), each wh × ww window as one
-    batch entry, `attention` with the shift's mask, the windows put back, roll back."""
+    """Swin's (shifted) window attention (`edgecl.arch.attention_windows`): roll by (−sh, −sw), each wh × ww window
+    as one batch entry, `attention` with the shift's mask, the windows put back, roll back."""
     wh, ww, sh, sw = window_of(node)
     n, height, width = q.shape[0], q.shape[2], q.shape[3]
     if sh or sw:
