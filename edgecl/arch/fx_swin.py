@@ -64,34 +64,40 @@ class _SwinConverter:
         self.last.add(node)
 
     def _swin_timm_block(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str, shape: list[int]) -> None:
-        _check_drops(self.name, where, m, "drop_path1", "drop_path2")
-        normed = self._swin_norm(node, m.norm1, x, f"{path}.norm1", where)
-        attended = self._window_attention(node, m.attn, normed, f"{path}.attn", where, shape, m.window_size,
+        check_drops(self.name, where, m, "drop_path1", "drop_path2")
+        normed = self.swin_norm(node, m.norm1, x, f"{path}.norm1", where)
+        attended = self.window_attention(node, m.attn, normed, f"{path}.attn", where, shape, m.window_size,
                                           m.shift_size)
         h = self._emit(node, "add", [x, attended], f"{path}.add1")
-        mlp = m.mlp
-        if (type(mlp).__module__, type(mlp).__name__) != ("timm.layers.mlp", "Mlp") or \
-                not isinstance(mlp.norm, nn.Identity) or not isinstance(mlp.act, tuple(self.activation_modules)):
-            raise UsageError(f"{self.name}: {where}: its mlp is a {type(mlp).__name__} with act "
-                             f"{type(getattr(mlp, 'act', None)).__name__} and norm "
-                             f"{type(getattr(mlp, 'norm', None)).__name__}; edgecl converts timm's Mlp with an "
+        if (type(m.mlp).__module__, type(m.mlp).__name__) != ("timm.layers.mlp", "Mlp") or \
+                not isinstance(m.mlp.norm, nn.Identity):
+            raise UsageError(f"{self.name}: {where}: its mlp is a {type(m.mlp).__name__} with norm "
+                             f"{type(getattr(m.mlp, 'norm', None)).__name__}; edgecl converts timm's Mlp with an "
                              "activation and no norm")
-        _check_drops(self.name, where, mlp, "drop1", "drop2")
-        inner = self._emit(node, "conv", [self._swin_norm(node, m.norm2, h, f"{path}.norm2", where)],
-                           f"{path}.mlp.fc1", **_pointwise(_linear(self.name, where, mlp.fc1)))
-        self._activation(node, mlp.act, inner, f"{path}.mlp.act")
-        out = self._emit(node, "conv", [self.alias[node]], f"{path}.mlp.fc2",
-                         **_pointwise(_linear(self.name, where, mlp.fc2)))
+        out = self.norm_mlp(node, m.mlp, self.swin_norm(node, m.norm2, h, f"{path}.norm2", where), f"{path}.mlp",
+                            where)
         self._emit(node, "add", [h, out], f"{path}.add2")
+
+    def norm_mlp(self, node: fx.Node, mlp: nn.Module, x: str, path: str, where: str) -> str:
+        """An MLP of two Linears over the channels with an activation between (timm's Mlp after the block's norm,
+        TinyViT's NormMlp with its own)."""
+        if not isinstance(getattr(mlp, "act", None), tuple(self.activation_modules)):
+            raise UsageError(f"{self.name}: {where}: its mlp's act is a {type(getattr(mlp, 'act', None)).__name__}; "
+                             "edgecl converts an activation there")
+        check_drops(self.name, where, mlp, "drop1", "drop2")
+        inner = self._emit(node, "conv", [x], f"{path}.fc1", **_pointwise(linear(self.name, where, mlp.fc1)))
+        self._activation(node, mlp.act, inner, f"{path}.act")
+        return self._emit(node, "conv", [self.alias[node]], f"{path}.fc2",
+                          **_pointwise(linear(self.name, where, mlp.fc2)))
 
     def _swin_torchvision_attention(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str,
                                     shape: list[int]) -> None:
         window = [int(w) for w in m.window_size]
         # torchvision's rule: no shift along a side the window covers
         shift = [0 if w >= side else int(s) for w, s, side in zip(window, m.shift_size, shape[:2])]
-        self._window_attention(node, m, x, path, where, shape, window, shift)
+        self.window_attention(node, m, x, path, where, shape, window, shift)
 
-    def _window_attention(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str, shape: list[int],
+    def window_attention(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str, shape: list[int],
                           window: Any, shift: Any) -> str:
         """qkv → attention within (shifted) windows with the relative position bias → proj."""
         window, shift = [int(w) for w in window], [int(s) for s in shift]
@@ -103,7 +109,7 @@ class _SwinConverter:
         for part in ("attn_drop", "proj_drop"):
             if hasattr(m, part) and type(getattr(m, part)).__name__ not in _DROPS:
                 raise UsageError(f"{self.name}: {where}: {part} is a {type(getattr(m, part)).__name__}")
-        qkv, proj = _linear(self.name, where, m.qkv), _linear(self.name, where, m.proj)
+        qkv, proj = linear(self.name, where, m.qkv), linear(self.name, where, m.proj)
         width = qkv.out_features // 3
         if qkv.out_features != 3 * width or width % heads or table.shape[1] != heads:
             raise UsageError(f"{self.name}: {where}: qkv of {qkv.out_features} outputs and a bias table of "
@@ -122,10 +128,10 @@ class _SwinConverter:
         if height % 2 or width % 2:  # both pad the bottom / right side by one zero row or column
             x = self._emit(node, "pad", [x], f"{path}.pad", pads=[0, 0, height % 2, width % 2], value=0.0)
         merged = self._emit(node, "space_to_depth", [x], f"{path}.merge", block=2, order="wh")
-        normed = self._swin_norm(node, m.norm, merged, f"{path}.norm", where)
-        self._emit(node, "conv", [normed], f"{path}.reduction", **_pointwise(_linear(self.name, where, m.reduction)))
+        normed = self.swin_norm(node, m.norm, merged, f"{path}.norm", where)
+        self._emit(node, "conv", [normed], f"{path}.reduction", **_pointwise(linear(self.name, where, m.reduction)))
 
-    def _swin_norm(self, node: fx.Node, norm: nn.Module, x: str, path: str, where: str) -> str:
+    def swin_norm(self, node: fx.Node, norm: nn.Module, x: str, path: str, where: str) -> str:
         """An nn.LayerNorm over the channels, with its weight and bias."""
         if type(norm) is not nn.LayerNorm or not norm.elementwise_affine or norm.bias is None or \
                 len(norm.normalized_shape) != 1:
@@ -135,14 +141,14 @@ class _SwinConverter:
                           affine=True)
 
 
-def _linear(model: str, where: str, m: nn.Module) -> nn.Module:
+def linear(model: str, where: str, m: nn.Module) -> nn.Module:
     """An nn.Linear (timm's subclass computes the same) inside a Swin layer."""
     if not isinstance(m, nn.Linear):
         raise UsageError(f"{model}: {where}: holds a {type(m).__name__} where edgecl converts an nn.Linear")
     return m
 
 
-def _check_drops(model: str, where: str, m: nn.Module, *parts: str) -> None:
+def check_drops(model: str, where: str, m: nn.Module, *parts: str) -> None:
     """Dropouts and drop paths are identities at inference; anything else there is refused."""
     for part in parts:
         kind = type(getattr(m, part, None)).__name__
