@@ -3,7 +3,8 @@ tests run every method on each): TensorFlow's "same" padding (`TinyTF`), ECA cha
 Transformer (`TinyViT`), PP-HGNetV2's scalar affines (`TinyHGNet`), split attention (`TinySplitAttn`), GCNet's
 global context (`TinyGCNet`), TResNet's space-to-depth stem (`TinyS2D`), MobileNetV4-hybrid's multi-query
 attention on a feature map (`TinyMNv4Hybrid`), LeViT's attention biases and strided attention (`TinyLeViT`) and
-Swin's shifted window attention and patch merging (`TinySwin`). Imports torch and timm."""
+Swin's shifted window attention and patch merging (`TinySwin`), TinyViT's windowed LeViT attention and local conv
+(`TinyTinyViT`). Imports torch and timm."""
 from __future__ import annotations
 
 import torch
@@ -25,6 +26,7 @@ from timm.models.hgnet import LearnableAffineBlock  # noqa: E402
 from timm.models.levit import Attention as LevitAttention  # noqa: E402
 from timm.models.levit import AttentionDownsample, LevitMlp, NormLinear  # noqa: E402
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock  # noqa: E402
+from timm.models.tiny_vit import TinyVitBlock  # noqa: E402
 
 
 class TinyTF(nn.Module):
@@ -319,3 +321,21 @@ class TinySwin(nn.Module):
 
 def swin_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinySwin(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
+
+
+class TinyTinyViT(nn.Module):
+    """TinyViT's block in small: a 2×2 patch embedding to a 4×4 map put channels-last, a TinyVitBlock of 2×2 windows
+    (LeViT's attention biases per window, a depthwise local conv with BatchNorm, NormMlp) and the mean over the map."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8, image: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, width, 2, stride=2)
+        self.block = TinyVitBlock(width, num_heads=2, window_size=2, mlp_ratio=2.0)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x).permute(0, 2, 3, 1)).mean((1, 2)))
+
+
+def tiny_vit_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyTinyViT(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
