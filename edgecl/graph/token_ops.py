@@ -21,7 +21,7 @@ def window_attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: lis
     """Swin's (shifted) window attention, as `edgecl.train.models.window_attention`: roll by Slice + Concat, windows
     into the batch by Reshape + Transpose, attention with the shift's mask as a constant, and back."""
     wh, ww, sh, sw = window_of(node)
-    (c, height, width), cv = shapes[0], shapes[2][0] // node["heads"] * node["heads"]
+    (c, height, width), cv = shapes[0], shapes[2][0]  # kv_heads = heads: the output has v's channels
 
     def ints(*dims: int) -> str:
         return constant(np.array(dims, dtype=np.int64))
