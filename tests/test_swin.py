@@ -11,6 +11,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from random_weights import random_params
 from torch_nets import check_parity, classifier_of, tensors_of, timm, torchvision
@@ -92,6 +94,43 @@ def test_windows_partition_the_map():
     assert np.abs(_logits(validate(_spec(window=[2, 3])), weights, x) - plain).max() > 1e-3
     # shifted, even one window of the whole map keeps the roll's regions apart (Swin's mask): another result
     assert np.abs(_logits(validate(_spec(window=[4, 6], shift=[2, 3])), weights, x) - plain).max() > 1e-3
+
+
+class _Block(nn.Module):
+    """A stem to a channels-last map and one timm SwinTransformerBlock (any window and shift), then the mean."""
+
+    def __init__(self, size: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.block = SwinBlock(8, size, num_heads=2, window_size=window, shift_size=shift, always_partition=True)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.block(self.stem(x).permute(0, 2, 3, 1)).mean((1, 2)))
+
+
+@pytest.mark.parametrize("size, window, shift", [((4, 6), (2, 3), (1, 1)), ((6, 4), (3, 2), (2, 0)),
+                                                 ((4, 4), (4, 4), (2, 2)), ((6, 6), (2, 3), (0, 2))])
+def test_rectangular_windows_and_one_sided_shifts(size, window, shift):
+    module = _randomised(_Block(size, window, shift))
+    spec = from_torch(module, (3, *size))
+    check_parity(module, spec, (3, *size), batch=2)
+    assert [(n["window"], n["shift"]) for n in spec["nodes"] if n["op"] == "attention"] == [(list(window), list(shift))]
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)
+@given(data=st.data())
+def test_random_window_attention_torch_equals_onnx(data):
+    """Windows that tile the map, any shift below them, 1 or 2 heads, with or without a bias: torch = ONNX."""
+    height, width = data.draw(st.sampled_from([2, 4, 6])), data.draw(st.sampled_from([1, 3, 4, 6]))
+    window = [data.draw(st.sampled_from([d for d in range(1, n + 1) if n % d == 0])) for n in (height, width)]
+    fields = {"window": window, "shift": [data.draw(st.integers(0, w - 1)) for w in window],
+              "heads": data.draw(st.sampled_from([1, 2]))}
+    if data.draw(st.booleans()):
+        t = window[0] * window[1]
+        fields.update(bias_offsets=t, bias_index=[[(3 * i + j) % t for j in range(t)] for i in range(t)])
+    spec = validate({**_spec(**fields), "input_shape": [2, height, width]})
+    _logits(spec, random_params(spec, 3, 0), torch.randn(2, 2, height, width))
 
 
 def test_the_mask_is_the_libraries_own():
