@@ -184,7 +184,7 @@ def _spec(draw) -> dict:
         known = _shapes(shape, nodes)
         op = draw(st.sampled_from(["conv", "linear", "bn", "maxpool", "avgpool", "gap", "add", "mul", "cat", "flatten",
                                    "reshape", "pad", "blur", "adaptive_avgpool", "scalar_affine", "channel_conv",
-                                   "branch_softmax", "class_token", "pos_embed", "token", "attention",
+                                   "branch_softmax", "class_token", "pos_embed", "token", "attention", "space_to_depth",
                                    *ACTIVATIONS]))
         src = draw(st.sampled_from(names))
         node = {"name": f"n{i}", "op": op, "inputs": [src]}
@@ -238,17 +238,31 @@ def _spec(draw) -> dict:
             node["index"] = draw(st.sampled_from([0, 1, 5, -1]))
             if draw(st.booleans()):  # a range of tokens (after a prefix)
                 node["count"] = draw(st.sampled_from([1, 2, 3, 0]))
-        elif op == "attention":  # self-attention of one map, maybe with a (LeViT) bias table and its index
+        elif op == "attention":  # self-attention of one map, maybe windowed (Swin) and with a bias table + index
             node["inputs"] += [src, src]
             t = int(np.prod(dims[1:])) if len(dims) == 3 else 1
             node.update({"heads": 1 if fits else draw(st.sampled_from([2, 3, 0])),
                          "scale": 0.5 if fits else draw(st.sampled_from([2, 0, -1]))})
+            if draw(st.booleans()):  # windows that tile the map (sides dividing its sides), maybe shifted, or not
+                sides = dims[1:] if len(dims) == 3 else [1, 1]
+                window = [draw(st.sampled_from([d for d in range(1, n + 1) if n % d == 0])) for n in sides]
+                node["window"] = window if fits else draw(st.sampled_from([0, [s + 1 for s in sides], "2"]))
+                if draw(st.booleans()):
+                    node["shift"] = [draw(st.integers(0, w - 1)) for w in window] if fits else \
+                        draw(st.sampled_from([-1, window]))
+                t = int(np.prod(window))  # the bias is per window
             if draw(st.booleans()):
                 b = draw(st.sampled_from([1, t, t * t])) if fits else draw(st.sampled_from([t * t + 1, 0]))
                 node["bias_offsets"] = b
                 fitting = [[(i * 7 + j) % max(b, 1) for j in range(t)] for i in range(t)]
                 node["bias_index"] = fitting if draw(st.integers(0, 3)) else draw(st.sampled_from([
                     [[0] * (t + 1)] * t, [[b] * t] * t, [], [[-1]], "x", None]))
+                if draw(st.booleans()):  # stored as Swin stores it (or a hostile layout name)
+                    node["bias_table"] = "swin" if fits else draw(st.sampled_from(["levit", "other", 1]))
+        elif op == "space_to_depth":  # ONNX's order or Swin's patch merging's
+            node["block"] = draw(st.sampled_from([1, 2, 3]))
+            if draw(st.booleans()):
+                node["order"] = draw(st.sampled_from(["hw", "wh"] if fits else ["xy", 2, None]))
         elif op == "reshape":
             node["shape"] = [int(np.prod(dims)), 1, 1] if fits else draw(st.lists(st.integers(1, 64), max_size=3))
         nodes.append(node)

@@ -3,7 +3,8 @@ tests run every method on each): TensorFlow's "same" padding (`TinyTF`), ECA cha
 Transformer (`TinyViT`), PP-HGNetV2's scalar affines (`TinyHGNet`), split attention (`TinySplitAttn`), GCNet's
 global context (`TinyGCNet`), TResNet's space-to-depth stem (`TinyS2D`), MobileNetV4-hybrid's multi-query
 attention on a feature map (`TinyMNv4Hybrid`), LeViT's attention biases and strided attention (`TinyLeViT`) and
-anti-aliased downsampling (`TinyBlur`). Imports torch and timm."""
+anti-aliased downsampling (`TinyBlur`), Swin's shifted window attention and patch merging (`TinySwin`), TinyViT's
+windowed LeViT attention and local conv (`TinyTinyViT`). Imports torch and timm."""
 from __future__ import annotations
 
 import torch
@@ -25,6 +26,8 @@ from timm.models._efficientnet_blocks import MobileAttention  # noqa: E402
 from timm.models.hgnet import LearnableAffineBlock  # noqa: E402
 from timm.models.levit import Attention as LevitAttention  # noqa: E402
 from timm.models.levit import AttentionDownsample, LevitMlp, NormLinear  # noqa: E402
+from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock  # noqa: E402
+from timm.models.tiny_vit import TinyVitBlock  # noqa: E402
 
 
 class TinyTF(nn.Module):
@@ -324,3 +327,45 @@ class TinyBlur(nn.Module):
 
 def blur_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyBlur(in_channels=input_shape[0]), tuple(input_shape))
+
+
+class TinySwin(nn.Module):
+    """Swin in small, of timm's own layers: a 2×2 patch embedding (stride-2 conv) to a 4×4 map put channels-last with
+    its LayerNorm, two SwinTransformerBlocks of 2×2 windows (the second shifted by 1: rolled, masked, rolled back;
+    relative position biases), a PatchMerging (2×2 neighbourhoods in Swin's order, LayerNorm, reduction) and the mean
+    over the map (timm's NHWC pooling)."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8, image: int = 8):
+        super().__init__()
+        w, r = width, image // 2
+        self.stem, self.norm = nn.Conv2d(in_channels, w, 2, stride=2), nn.LayerNorm(w)
+        self.blocks = nn.Sequential(*(SwinTransformerBlock(w, (r, r), num_heads=2, window_size=2, shift_size=s,
+                                                           mlp_ratio=2.0) for s in (0, 1)))
+        self.merge = PatchMerging(w)
+        self.head = nn.Linear(2 * w, classes)
+
+    def forward(self, x):
+        x = self.blocks(self.norm(self.stem(x).permute(0, 2, 3, 1)))
+        return self.head(self.merge(x).mean((1, 2)))
+
+
+def swin_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinySwin(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
+
+
+class TinyTinyViT(nn.Module):
+    """TinyViT's block in small: a 2×2 patch embedding to a 4×4 map put channels-last, a TinyVitBlock of 2×2 windows
+    (LeViT's attention biases per window, a depthwise local conv with BatchNorm, NormMlp) and the mean over the map."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8, image: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, width, 2, stride=2)
+        self.block = TinyVitBlock(width, num_heads=2, window_size=2, mlp_ratio=2.0)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x).permute(0, 2, 3, 1)).mean((1, 2)))
+
+
+def tiny_vit_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyTinyViT(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))

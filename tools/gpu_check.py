@@ -97,8 +97,8 @@ NORMS = {"name": "norms", "input_shape": [3, 16, 16], "nodes": [
     {"name": "feat_ln", "op": "layer_norm", "inputs": ["flat"], "ch": 8}], "output": "feat_ln"}
 
 # the layer families added later: TResNet's space_to_depth, a scalar affine (HGNetV2), ECA's channel_conv, GCNet's
-# attention_pool and broadcast add, split attention's branch_softmax, and a ViT block on the (C, T, 1) token map
-# (register tokens, class token, position embedding, attention, token pooling)
+# attention_pool and broadcast add, split attention's branch_softmax, Swin's shifted window attention, and a ViT
+# block on the (C, T, 1) token map (register tokens, class token, position embedding, attention, token pooling)
 LAYERS = {"name": "layers", "input_shape": [3, 16, 16], "nodes": [
     {"name": "s2d", "op": "space_to_depth", "inputs": ["input"], "block": 2},
     {"name": "stem", "op": "conv", "inputs": ["s2d"], "in": 12, "out": 8, "k": 1},
@@ -120,7 +120,14 @@ LAYERS = {"name": "layers", "input_shape": [3, 16, 16], "nodes": [
     {"name": "w1", "op": "slice", "inputs": ["sk_soft"], "start": 8, "stop": 16},
     {"name": "p0", "op": "mul", "inputs": ["path0", "w0"]}, {"name": "p1", "op": "mul", "inputs": ["path1", "w1"]},
     {"name": "sk", "op": "add", "inputs": ["p0", "p1"]},
-    {"name": "tokens", "op": "reshape", "inputs": ["sk"], "shape": [8, 64, 1]},
+    {"name": "w_qkv", "op": "conv", "inputs": ["sk"], "in": 8, "out": 24, "k": 1},
+    *({"name": f"w{p}", "op": "slice", "inputs": ["w_qkv"], "start": 8 * i, "stop": 8 * i + 8}
+      for i, p in enumerate("qkv")),
+    {"name": "w_attend", "op": "attention", "inputs": ["wq", "wk", "wv"], "heads": 2, "scale": 0.5, "window": [4, 4],
+     "shift": [2, 2], "bias_offsets": 49, "bias_table": "swin", "bias_index": [  # Swin's relative position index
+         [(t // 4 - s // 4 + 3) * 7 + t % 4 - s % 4 + 3 for s in range(16)] for t in range(16)]},
+    {"name": "w_res", "op": "add", "inputs": ["sk", "w_attend"]},
+    {"name": "tokens", "op": "reshape", "inputs": ["w_res"], "shape": [8, 64, 1]},
     {"name": "reg", "op": "class_token", "inputs": ["tokens"], "ch": 8, "tokens": 4},
     {"name": "cls", "op": "class_token", "inputs": ["reg"], "ch": 8},
     {"name": "pos", "op": "pos_embed", "inputs": ["cls"], "ch": 8, "tokens": 69},

@@ -5,13 +5,11 @@ every conv/linear/BatchNorm node is named by its module path and its tensors by 
 (``layer1.0.conv1.weight``); the module's weights themselves are not part of the spec (`tensors_of` reads them). Shapes
 come from running the traced graph once on zeros (`_ShapeProp`, eval mode, no gradients, the module's state untouched).
 Dropout and identity are dropped (identities at inference); view-like ops become ``flatten``/``reshape`` with the shape
-they actually produced. Each family is converted by its own mixin module: calls (`fx_calls`), slices, norms (LayerNorm,
-ConvNeXt's channels-last stretches and layer scales), shuffles, ECA, split attention, scalar affines, global context,
-space-to-depth, LeViT (`fx_levit`), BlurPool (`fx_blur`), padding, tokens and attention; Python control flow on shapes is resolved at the
-import shape by `fx_shape_flow`. The final classifier (an `nn.Linear`, a 1×1 convolution on pooled features and a
-flatten, or an average of such, as RepViT's) is detected and left out by `fx_classifier`: edgecl gives every task its
-own head on the features it reads. Anything else raises `UsageError` naming the op, the fx node, the module path and
-the user's source line, never a trace from inside torch.
+they produced. Each family has its own mixin module (`_Converter`'s bases: calls, norms and channels-last maps,
+tokens, attention, LeViT, Swin, TinyViT, BlurPool, …); control flow on shapes is resolved at the import shape by
+`fx_shape_flow`. The final classifier (an `nn.Linear`, a 1×1 conv on pooled features and a flatten, or an average of
+such, as RepViT's) is left out by `fx_classifier`: every task gets its own head on the features it reads. Anything
+else raises `UsageError` naming the op, the fx node, the module path and the user's source line, never a trace.
 """
 from __future__ import annotations
 
@@ -40,6 +38,8 @@ from edgecl.arch.fx_shuffle import _ShuffleConverter
 from edgecl.arch.fx_slices import _SliceConverter
 from edgecl.arch.fx_space_to_depth import _SpaceToDepthConverter, is_space_to_depth
 from edgecl.arch.fx_split_attn import _SplitAttnConverter, is_split_attention
+from edgecl.arch.fx_swin import _SwinConverter, is_swin
+from edgecl.arch.fx_tiny_vit import _TinyVitConverter, is_tiny_vit_block
 from edgecl.arch.fx_tokens import _TokenConverter
 from edgecl.arch.ops import TENSOR_OPS
 from edgecl.arch.spec import INPUT, NAME, Arch, validate
@@ -61,9 +61,10 @@ _SCALAR_FUNCTIONS = (operator.getitem, getattr, torch.Tensor.size, operator.mul,
 _SCALAR_METHODS = ("size", "dim")
 # library blocks the tracer keeps whole, each converted by a mixin's method(node, module, input, path)
 _WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention, "split_attention"),
-          (is_timm_attention, "timm_attention"), (is_global_context, "global_context"),
-          (is_space_to_depth, "space_to_depth"), (is_levit, "levit"),
+          (is_timm_attention, "timm_attention"), (is_global_context, "global_context"), (is_swin, "swin"),
+          (is_space_to_depth, "space_to_depth"), (is_levit, "levit"), (is_tiny_vit_block, "tiny_vit_block"),
           (is_blur_pool, "blur_pool"))
+_ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin, is_tiny_vit_block)  # may read channels-last values
 
 
 class _Tracer(ShapeFlowTracer):
@@ -188,7 +189,7 @@ def _propagate_shapes(traced: fx.GraphModule, shape: list[int]) -> None:
 class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverter, _PaddingConverter,
                  _ClassifierConverter, _EcaConverter, _AffineConverter, _SplitAttnConverter, _TokenConverter,
                  _AttentionConverter, _Attention2dConverter, _GlobalContextConverter, _SpaceToDepthConverter,
-                 _LevitConverter, _BlurConverter):
+                 _LevitConverter, _SwinConverter, _TinyVitConverter, _BlurConverter):
     activation_modules = _ACTIVATION_MODULES
 
     def __init__(self, traced: fx.GraphModule, module: nn.Module, shape: list[int], classifier: bool | None,
@@ -276,7 +277,7 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
         elif node.op == "call_module":
             m = self.modules[node.target]
             self.check_layout(node, isinstance(m, (nn.Linear, *_ACTIVATION_MODULES, *_IDENTITY_MODULES)) or
-                              is_library_identity(m) or is_grn(m) or is_timm_attention(m) or is_levit(m))
+                              is_library_identity(m) or any(kept(m) for kept in _ON_TOKENS))
             self._module(node, m)
         elif node.target in PERMUTES:
             self.permute(node)

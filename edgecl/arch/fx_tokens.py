@@ -65,6 +65,9 @@ class _TokenConverter:
         if node.target in _MEANS and tokens:
             self._token_mean(node, first)
             return True
+        if node.target in _MEANS and first in self.last:
+            self._last_map_mean(node, first)
+            return True
         return False
 
     def _to_tokens(self, node: fx.Node, source: fx.Node) -> bool:
@@ -172,6 +175,22 @@ class _TokenConverter:
                                     "(dim=1)")
         pooled = self._emit(node, "gap", [self._input(source, node)], f"{node.name}.pool")
         self._emit(node, "flatten", [pooled])
+
+
+    def _last_map_mean(self, node: fx.Node, source: fx.Node) -> None:
+        """``x.mean((1, 2))`` of a channels-last (B, H, W, C) map (timm's NHWC global pooling, Swin's head): ``gap``,
+        then a flatten unless keepdim (which stays channels-last)."""
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        dims = sorted(d % 4 for d in (dim if isinstance(dim, (list, tuple)) else [dim] if isinstance(dim, int) else []))
+        if dims != [1, 2] or "dtype" in node.kwargs:
+            raise self.refuse(node, f"a mean over dims {dim} of a channels-last map; edgecl supports the mean over "
+                                    "its height and width (dims 1 and 2)")
+        pooled = self._emit(node, "gap", [self._input(source, node)], None if keep else f"{node.name}.pool")
+        if keep:
+            self.last.add(node)
+        else:
+            self._emit(node, "flatten", [pooled])
 
 
 def _tensors(node: fx.Node) -> list[Any]:

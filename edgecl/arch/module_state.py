@@ -24,7 +24,8 @@ def state_keys(arch: Arch) -> dict[str, str]:
 
 def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
     """Trunk tensor name → its shape as the traced module stores it (`param_shapes`, except a weight whose node has
-    a ``module_shape``, and a position embedding or several prepended tokens, stored ``(1, tokens, ch)``);
+    a ``module_shape``, a position embedding or several prepended tokens, stored ``(1, tokens, ch)``, and Swin's
+    attention bias table, stored ``(offsets, heads)``);
     `from_module` converts."""
     shapes = param_shapes(arch)
     for node in arch["nodes"]:
@@ -32,17 +33,22 @@ def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
             shapes[f"{node['name']}.weight"] = tuple(node["module_shape"])
         if _token_grid(node):
             shapes[f"{node['name']}.weight"] = (1, node["tokens"], node["ch"])
+        if _swin_table(node):
+            shapes[f"{node['name']}.bias"] = (node["bias_offsets"], node["heads"])
     return shapes
 
 
 def from_module(arch: Arch, name: str, array: Any) -> np.ndarray:
     """A tensor as the module stores it (`state_shapes`) → the spec's shape: a reshape (the same values in the same
     order) except a position embedding or several prepended tokens (register tokens), whose tokens-by-channels
-    storage is transposed to rows of channels (the tokens are a channels-first map in a spec: `edgecl.arch.ops`)."""
+    storage is transposed to rows of channels (the tokens are a channels-first map in a spec: `edgecl.arch.ops`), and
+    Swin's ``(offsets, heads)`` bias table, transposed to ``(heads, offsets)``."""
     node = node_by_name(arch)[name.rpartition(".")[0]]
     array = np.asarray(array)
     if _token_grid(node):
         return np.ascontiguousarray(array.reshape(node["tokens"], node["ch"]).T)
+    if _swin_table(node):
+        return np.ascontiguousarray(array.reshape(node["bias_offsets"], node["heads"]).T)
     return array.reshape(param_shapes(arch)[name])
 
 
@@ -52,7 +58,14 @@ def to_module(arch: Arch, name: str, array: Any) -> np.ndarray:
     array = np.asarray(array)
     if _token_grid(node):
         return np.ascontiguousarray(array.T).reshape(1, node["tokens"], node["ch"])
+    if _swin_table(node):
+        return np.ascontiguousarray(array.T)
     return array.reshape(state_shapes(arch)[name])
+
+
+def _swin_table(node: dict[str, Any]) -> bool:
+    """An attention bias table Swin stores offsets by heads, ``(B, heads)`` (its relative_position_bias_table)."""
+    return node["op"] == "attention" and node.get("bias_table") == "swin"
 
 
 def _token_grid(node: dict[str, Any]) -> bool:

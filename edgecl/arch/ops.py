@@ -48,7 +48,8 @@ Ops (fields and defaults in `OPS`):
   channel i·C/groups + j),
   ``space_to_depth`` (TResNet's stem, ONNX's SpaceToDepth: each ``block`` × ``block`` patch into channels; output
   channel (bh·block + bw)·C + c at (i, j) is input channel c at (i·block + bh, j·block + bw): ``block``² copies of the
-  input's channels side by side, each of another sub-grid),
+  input's channels side by side, each of another sub-grid; ``order`` ``"wh"``: channel (bw·block + bh)·C + c, Swin's
+  patch merging's x0, x1, x2, x3 = (0, 0), (1, 0), (0, 1), (1, 1)),
   ``flatten``, ``reshape`` (to ``shape``);
 - ``branch_softmax``: split attention's softmax across ``branches`` (selective kernel, ResNeSt): the input's R·C
   channels are R consecutive blocks of C, one per branch, and output channel r·C + c is softmax over r' of input
@@ -71,7 +72,13 @@ Ops (fields and defaults in `OPS`):
   of offsets in [0, B); head i's score of query t and key s gets ``bias[i, bias_index[t][s]]`` before the softmax.
   The table is what trains (positions at one offset share one number, as in LeViT), the index never changes; B is
   at most T_q·T_kv, so the table is bounded by the scores. The bias belongs to no channel (`ROWLESS_OPS`: the heads
-  are never pruned); its module stores it as ``MODULE.attention_biases`` (timm's name).
+  are never pruned); its module stores it as ``MODULE.attention_biases`` (timm's name), or with ``bias_table``
+  ``"swin"`` as ``MODULE.relative_position_bias_table`` stored ``(B, heads)`` (Swin's name and layout). With
+  ``window`` [wh, ww] (Swin's window attention, `edgecl.arch.attention_windows`) it attends within each non-overlapping
+  wh × ww window of the map (q, k and v at the same positions, ``kv_heads`` = ``heads``, windows that tile the map);
+  T_q = T_kv = wh·ww for the bias, and the scores are heads × H·W × wh·ww. ``shift`` [sh, sw] (each below the
+  window's side) rolls the map by (−sh, −sw) first, masks the pairs from different regions of the roll, and rolls
+  the output back: Swin's shifted windows. The channel map is attention's, unchanged.
 
 """
 from __future__ import annotations
@@ -119,14 +126,15 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "cat": {"axis": ("axis", 1)},
     "slice": {"start": ("index", 0), "stop": ("size", ...)},
     "shuffle": {"groups": ("size", ...)},
-    "space_to_depth": {"block": ("size", ...)},
+    "space_to_depth": {"block": ("size", ...), "order": ("order", "hw")},
     "branch_softmax": {"branches": ("size", ...)},
     "flatten": {},
     "reshape": {"shape": ("shape", ...)},
     "class_token": {"ch": ("size", ...), "tokens": ("size", 1)},
     "pos_embed": {"ch": ("size", ...), "tokens": ("size", ...), "frozen": ("bool", False)},
     "attention": {"heads": ("size", ...), "scale": ("number", ...), "kv_heads": ("size", None),
-                  "bias_offsets": ("size", None), "bias_index": ("index_table", None)},
+                  "bias_offsets": ("size", None), "bias_index": ("index_table", None),
+                  "bias_table": ("bias_table", None), "window": ("pair", None), "shift": ("pad", None)},
     "token": {"index": ("index", 0), "count": ("size", 1)},
 }
 OPS["gelu"] = {"approximate": ("approximate", "none")}
@@ -161,6 +169,10 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
         (cq, *q), (ck, *k), (cv, _, _) = ins
         tq, tk, h = math.prod(q), math.prod(k), node["heads"]
         out = cv * h // (node.get("kv_heads") or h)
+        if node.get("window"):  # each query meets the w = wh·ww keys of its window; the scores, their masked sum and
+            # softmax; q, k, v and the output rolled, partitioned and transposed (an upper bound)
+            w = math.prod(node["window"])
+            return 3 * h * tq * w + (h * w * w if node.get("bias_offsets") else 0) + 3 * (cq + ck + cv + out) * tq
         bias = h * tq * tk if node.get("bias_offsets") else 0  # the gathered (heads, T_q, T_kv) bias
         return 2 * h * tq * tk + bias + 2 * (cq * tq + ck * tk) + 2 * (cv * tk + out * tq)
     if node["op"] == "attention_pool":
@@ -323,7 +335,17 @@ def _attention_shape(node: dict[str, Any], ins: list[list[int]], where: str) -> 
         raise UsageError(f"{where}: attention needs maps q of {h} heads of d channels, k of {kv} heads of d, v of "
                          f"{kv} heads at k's positions ({kv} dividing {h}) and a scale > 0, gets {ins} and scale "
                          f"{node['scale']}")
-    _check_attention_bias(node, math.prod(q[1:]), math.prod(k[1:]), where)
+    window = node.get("window")
+    if window:
+        shift = node.get("shift") or [0, 0]
+        if kv != h or q[1:] != k[1:] or q[1] % window[0] or q[2] % window[1] or \
+                any(s >= w for s, w in zip(shift, window)):
+            raise UsageError(f"{where}: a windowed attention needs q, k and v at the same positions, kv_heads = "
+                             f"heads, windows {window} that tile the map and a shift below the window, gets {ins}, "
+                             f"kv_heads {kv} and shift {shift}")
+        _check_attention_bias(node, math.prod(window), math.prod(window), where)
+    else:
+        _check_attention_bias(node, math.prod(q[1:]), math.prod(k[1:]), where)
     return [v[0] // kv * h, *q[1:]]
 
 

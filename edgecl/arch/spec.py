@@ -120,7 +120,8 @@ def state_key(node: dict[str, Any], tensor: str) -> str:
     """The state-dict key of a node's tensor in the traced module (`edgecl.arch.module_state`): the node's name or
     its ``module`` path, then the tensor; a layer scale, a class token and a position embedding are bare parameters,
     whose key is that path itself, a scalar affine's weight is its module's ``scale`` (timm's LearnableAffineBlock)
-    and an attention's bias table its module's ``attention_biases`` (timm's LeViT).
+    and an attention's bias table its module's ``attention_biases`` (timm's LeViT) or, ``bias_table`` "swin", its
+    ``relative_position_bias_table``.
     A ``module`` ending in ``*`` has the tensor's name in place of the ``*``: torch's packed parameters
     (``nn.MultiheadAttention``'s ``in_proj_weight`` / ``in_proj_bias``, module ``….in_proj_*``); a path that merely
     ends in ``_`` (``self.conv_``) is an ordinary one."""
@@ -128,7 +129,8 @@ def state_key(node: dict[str, Any], tensor: str) -> str:
     if node["op"] in ("layer_scale", *TOKEN_TENSOR_OPS):
         return path
     tensor = "scale" if node["op"] == "scalar_affine" and tensor == "weight" else \
-        "attention_biases" if node["op"] == "attention" else tensor
+        ("relative_position_bias_table" if node.get("bias_table") == "swin" else "attention_biases") \
+        if node["op"] == "attention" else tensor
     return f"{path[:-1]}{tensor}" if path.endswith("*") else f"{path}.{tensor}"
 
 
@@ -186,8 +188,10 @@ def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
         out["stride"] = list(out["k"])
     if op == "attention" and out["kv_heads"] is None:
         out["kv_heads"] = out["heads"]
-    if op == "attention" and out["bias_offsets"] is None and out["bias_index"] is None:
-        del out["bias_offsets"], out["bias_index"]  # no bias: the spec as before attention biases existed
+    if op == "attention":
+        _attention_fields(out, where)
+    if op == "space_to_depth" and out["order"] == "hw":
+        del out["order"]  # ONNX's order: the spec as before Swin's patch merging
     if "module" in node:  # the layer's path in the user's module where the node name had to differ (`module_state`)
         if not isinstance(node["module"], str) or not 0 < len(node["module"]) <= 512 or \
                 not node["module"].isprintable():
@@ -199,10 +203,10 @@ def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
     if math.prod(shapes[name]) > MAX_ACTIVATION or max(shapes[name]) > MAX_DIM:
         raise UsageError(f"{where}: output {shapes[name]} has more than {MAX_ACTIVATION} elements per sample")
     if op == "attention" and (scores := out["heads"] * math.prod(shapes[out["inputs"][0]][1:]) *
-                              math.prod(shapes[out["inputs"][1]][1:])) > MAX_ACTIVATION:
+                              math.prod(out.get("window") or shapes[out["inputs"][1]][1:])) > MAX_ACTIVATION:
         raise UsageError(f"{where}: attention over {shapes[out['inputs'][0]][1:]} query and "
-                         f"{shapes[out['inputs'][1]][1:]} key positions with {out['heads']} heads computes {scores} "
-                         f"scores per sample, more than {MAX_ACTIVATION}")
+                         f"{out.get('window') or shapes[out['inputs'][1]][1:]} key positions with {out['heads']} "
+                         f"heads computes {scores} scores per sample, more than {MAX_ACTIVATION}")
     return out
 
 
@@ -238,6 +242,19 @@ def _inputs(value: Any, op: str, where: str, shapes: dict[str, list[int]]) -> li
     return list(value)
 
 
+def _attention_fields(out: dict[str, Any], where: str) -> None:
+    """Leave out an attention's absent optional fields (the spec as before biases and windows existed); a shift or
+    a bias storage needs what it qualifies (a window, a table)."""
+    for key, needs in (("shift", "window"), ("bias_table", "bias_offsets")):
+        if out[key] is not None and out[needs] is None:
+            raise UsageError(f"{where}: attention {key} {out[key]} needs a {needs}")
+    if out["window"] is not None and out["shift"] is None:
+        out["shift"] = [0, 0]
+    for key in ("bias_offsets", "bias_index", "bias_table", "window", "shift"):
+        if out[key] is None:
+            del out[key]
+
+
 def _field(value: Any, kind: str, where: str) -> Any:
     if kind == "size" and _is_size(value):
         return value
@@ -269,6 +286,8 @@ def _field(value: Any, kind: str, where: str) -> Any:
         return _shape(value, "reshape shape")
     if kind == "axis" and value == 1:
         return 1
+    if kind == "order" and value in ("hw", "wh") or kind == "bias_table" and value in ("levit", "swin"):
+        return value
     if kind == "index_table" and isinstance(value, list) and value and \
             all(isinstance(row, list) and row and all(_is_size(i, 0) for i in row) for row in value):
         return [list(row) for row in value]
@@ -278,7 +297,8 @@ def _field(value: Any, kind: str, where: str) -> Any:
               "fill": f"a finite number of magnitude at most {MAX_NUMBER:g}, or \"-inf\"",
               "index": f"an int from 0 to {MAX_DIM}", "bool": "true or false", "eps": "a number in (0, 1)",
               "momentum": "a number in (0, 1]",
-              "approximate": "'none' or 'tanh'", "axis": "1 (channels)",
+              "approximate": "'none' or 'tanh'", "axis": "1 (channels)", "order": "'hw' or 'wh'",
+              "bias_table": "'levit' or 'swin'",
               "index_table": "a non-empty list of non-empty lists of ints ≥ 0",
               "number": f"a finite number of magnitude at most {MAX_NUMBER:g}"}.get(kind, kind)
     shown = repr(value) if isinstance(value, str) else str(value)  # "1" is not 1

@@ -258,6 +258,11 @@ def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, shapes
         grouped = b.op("Reshape", [h, constant(np.array([0, node["groups"], c // node["groups"], -1], np.int64))])
         swapped = b.op("Transpose", [grouped], perm=[0, 2, 1, 3])
         return b.op("Reshape", [swapped, constant(np.array([0, c, height, width], np.int64))])
+    if op == "space_to_depth" and node.get("order") == "wh":  # Swin's (bw·b + bh)·C + c: a 6-D transpose
+        c, height, width, k = *in_shape, node["block"]
+        grid = b.op("Reshape", [h, constant(np.array([0, c, height // k, k, width // k, k], np.int64))])
+        moved = b.op("Transpose", [grid], perm=[0, 5, 3, 1, 2, 4])
+        return b.op("Reshape", [moved, constant(np.array([0, c * k * k, height // k, width // k], np.int64))])
     if op == "space_to_depth":  # the channel order of timm's SpaceToDepth: (bh·b + bw)·C + c
         return b.op("SpaceToDepth", [h], blocksize=node["block"])
     if op == "branch_softmax":  # (N, R, C·H·W), Softmax over axis 1, back to (N, R·C, H, W)

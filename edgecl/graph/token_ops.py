@@ -6,14 +6,54 @@ import math
 
 import numpy as np
 
+from edgecl.arch.attention_windows import window_mask, window_of
 from edgecl.graph.nodes import Builder
 
 
 def attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list[int]], constant) -> str:
+    """An ``attention`` node: over the whole map, or windowed (Swin: `window_attention`)."""
+    if window_of(node):
+        return window_attention(b, q, k, v, node, shapes, constant)
+    return _attention(b, q, k, v, node, shapes, constant)
+
+
+def window_attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list[int]], constant) -> str:
+    """Swin's (shifted) window attention, as `edgecl.train.models.window_attention`: roll by Slice + Concat, windows
+    into the batch by Reshape + Transpose, attention with the shift's mask as a constant, and back."""
+    wh, ww, sh, sw = window_of(node)
+    (c, height, width), cv = shapes[0], shapes[2][0]  # kv_heads = heads: the output has v's channels
+
+    def ints(*dims: int) -> str:
+        return constant(np.array(dims, dtype=np.int64))
+
+    def roll(h: str, by: tuple[int, int]) -> str:  # torch.roll along H and W: the last `r` rows first
+        for axis, (r, size) in enumerate(zip(by, (height, width)), start=2):
+            if r % size:
+                cut = size - r % size
+                parts = [b.op("Slice", [h, ints(cut), ints(size), ints(axis)]),
+                         b.op("Slice", [h, ints(0), ints(cut), ints(axis)])]
+                h = b.op("Concat", parts, axis=axis)
+        return h
+
+    def windows(h: str, ch: int) -> str:  # (N, C, H, W) → (N·windows, C, wh, ww)
+        grid = b.op("Reshape", [h, ints(0, ch, height // wh, wh, width // ww, ww)])
+        return b.op("Reshape", [b.op("Transpose", [grid], perm=[0, 2, 4, 1, 3, 5]), ints(-1, ch, wh, ww)])
+
+    q, k, v = (windows(roll(t, (-sh, -sw)), s[0]) for t, s in zip((q, k, v), shapes))
+    mask = window_mask(height, width, wh, ww, sh, sw)
+    inner = [[c, wh, ww], [shapes[1][0], wh, ww], [shapes[2][0], wh, ww]]
+    out = _attention(b, q, k, v, node, inner, constant, None if mask is None else (constant(mask[:, None]), len(mask)))
+    grid = b.op("Reshape", [out, ints(-1, height // wh, width // ww, cv, wh, ww)])
+    out = b.op("Reshape", [b.op("Transpose", [grid], perm=[0, 3, 1, 4, 2, 5]), ints(0, cv, height, width)])
+    return roll(out, (sh, sw))
+
+
+def _attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list[int]], constant,
+               mask: tuple[str, int] | None = None) -> str:
     """Multi-head attention over the positions of (N, C, H, W) maps, as `edgecl.train.models.attention`: per head (a
     block of channels) softmax((scale·q)ᵀk) over the keys times v, by Reshape, Transpose, MatMul and Softmax; with
     fewer k/v heads, each one's query heads stacked along the query positions; a bias table (LeViT) is gathered by
-    its constant index and added to the scores."""
+    its constant index and added to the scores, then a window mask (windows, 1, T, T) over a window-minor batch."""
     (c, *hw), (_, *khw), cv = shapes[0], shapes[1], shapes[2][0]
     h, kv = node["heads"], node["kv_heads"]
     t, tk, d, dv = math.prod(hw), math.prod(khw), c // h, cv // kv
@@ -30,6 +70,9 @@ def attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list[
         index = constant(np.array(node["bias_index"], dtype=np.int64))
         bias = b.op("Gather", [f"{node['name']}.bias", index], axis=1)
         scores = b.op("Add", [scores, b.op("Reshape", [bias, shape(kv, h // kv * t, tk)])])
+    if mask is not None:  # windows need kv = h: (N·windows, h, T, T) as (N, windows, h, T, T) + (windows, 1, T, T)
+        per_window = b.op("Reshape", [scores, shape(-1, mask[1], h, t, tk)])
+        scores = b.op("Reshape", [b.op("Add", [per_window, mask[0]]), shape(-1, h, t, tk)])
     weights = b.op("Softmax", [scores], axis=-1)
     out = b.op("MatMul", [weights, b.op("Transpose", [b.op("Reshape", [v, shape(0, kv, dv, tk)])], perm=[0, 1, 3, 2])])
     if kv != h:

@@ -5,6 +5,7 @@ method runs the exact graph the exporter emits. Convolutions are plain conv2d; t
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from edgecl.arch import INPUT, WEIGHT_OPS, Arch, param_shapes
+from edgecl.arch.attention_windows import window_mask, window_of
 from edgecl.arch.ops import blur_filter
 from edgecl.train import distributed
 
@@ -144,6 +146,8 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return h + (weight.detach() if node["frozen"] else weight).unsqueeze(-1)
     if op == "attention":
         bias = _gathered_bias(node, params[f"{name}.bias"]) if node.get("bias_offsets") else None
+        if window_of(node):
+            return window_attention(*ins, node, bias)
         return attention(*ins, node["heads"], node["scale"], node["kv_heads"], bias)
     if op == "token":
         return h[:, :, node["index"]:node["index"] + node["count"]]
@@ -191,9 +195,10 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
     if op == "shuffle":  # (N, g, C/g, H, W) transposed to (N, C/g, g, H, W), as ShuffleNet writes it
         n, c, height, width = h.shape
         return h.reshape(n, node["groups"], c // node["groups"], height, width).transpose(1, 2).reshape(h.shape)
-    if op == "space_to_depth":  # timm's SpaceToDepth and ONNX's: channel (bh·b + bw)·C + c
+    if op == "space_to_depth":  # timm's SpaceToDepth and ONNX's: channel (bh·b + bw)·C + c; "wh": Swin's (bw·b + bh)
         n, c, height, width, b = *h.shape, node["block"]
-        return h.reshape(n, c, height // b, b, width // b, b).permute(0, 3, 5, 1, 2, 4).reshape(
+        perm = (0, 5, 3, 1, 2, 4) if node.get("order") == "wh" else (0, 3, 5, 1, 2, 4)
+        return h.reshape(n, c, height // b, b, width // b, b).permute(*perm).reshape(
             n, c * b * b, height // b, width // b)
     if op == "branch_softmax":  # (N, R, C, H, W), softmax over R: timm's SelectiveKernelAttn and RadixSoftmax
         n, c, height, width = h.shape
@@ -229,13 +234,42 @@ def _gathered_bias(node: dict, table: torch.Tensor) -> torch.Tensor:
     return table[:, cached[1].to(table.device)]
 
 
+@functools.lru_cache(maxsize=64)
+def _window_mask(height: int, width: int, wh: int, ww: int, sh: int, sw: int) -> torch.Tensor | None:
+    """`window_mask` as a tensor, built once per shape (0.7 ms at Swin-T's first stage, on every forward else)."""
+    mask = window_mask(height, width, wh, ww, sh, sw)
+    return None if mask is None else torch.from_numpy(mask)
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, node: dict,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """Swin's (shifted) window attention (`edgecl.arch.attention_windows`): roll by (−sh, −sw), each wh × ww window
+    as one batch entry, `attention` with the shift's mask, the windows put back, roll back."""
+    wh, ww, sh, sw = window_of(node)
+    n, height, width = q.shape[0], q.shape[2], q.shape[3]
+    if sh or sw:
+        q, k, v = (torch.roll(t, (-sh, -sw), (2, 3)) for t in (q, k, v))
+
+    def windows(t: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) → (N·windows, C, wh, ww)
+        return t.reshape(n, t.shape[1], height // wh, wh, width // ww, ww).permute(0, 2, 4, 1, 3, 5).reshape(
+            -1, t.shape[1], wh, ww)
+
+    mask = _window_mask(height, width, wh, ww, sh, sw)
+    out = attention(windows(q), windows(k), windows(v), node["heads"], node["scale"], None, bias,
+                    None if mask is None else mask.to(q.device, q.dtype))
+    c = out.shape[1]
+    out = out.reshape(n, height // wh, width // ww, c, wh, ww).permute(0, 3, 1, 4, 2, 5).reshape(n, c, height, width)
+    return torch.roll(out, (sh, sw), (2, 3)) if sh or sw else out
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
-              kv_heads: int | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+              kv_heads: int | None = None, bias: torch.Tensor | None = None,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-head attention over the positions of (N, C, H, W) maps (tokens: (N, C, T, 1)), each head a contiguous
     block of channels, as `edgecl.graph.builder` emits it: softmax((scale·q)ᵀk) over the keys, times v. With fewer
     k/v heads (multi-query: one), the g = heads / kv_heads query heads of one k/v head are stacked along the query
     positions, so one product serves them all. `bias` (heads, T_q, T_kv), LeViT's gathered attention bias, is added
-    to the scores before the softmax."""
+    to the scores before the softmax, then `mask` (windows, T, T): the batch is N·windows, window-minor (Swin)."""
     n, c, t, tk = q.shape[0], q.shape[1], q.shape[2] * q.shape[3], k.shape[2] * k.shape[3]
     kv = kv_heads or heads
     d, dv = c // heads, v.shape[1] // kv
@@ -247,6 +281,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, sca
     scores = qh @ kh
     if bias is not None:  # the heads of one k/v head stacked as the queries are
         scores = scores + bias.reshape(kv, heads // kv * t, tk)
+    if mask is not None:  # one mask per window, the same for every head
+        scores = (scores.reshape(-1, mask.shape[0], kv, t, tk) + mask.unsqueeze(1)).reshape(scores.shape)
     out = (torch.softmax(scores, dim=-1) @ vh).reshape(n, heads, t, dv)
     return out.transpose(2, 3).reshape(n, heads * dv, *q.shape[2:])
 

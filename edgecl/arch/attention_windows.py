@@ -1,0 +1,40 @@
+"""Windowed attention's fixed parts (Swin's shifted windows), shared by the torch form (`edgecl.train.models`) and
+the ONNX form (`edgecl.graph.token_ops`) so both compute the same network: numpy only (the runtime imports no torch).
+
+An ``attention`` with ``window`` [wh, ww] attends within each wh × ww window of its (C, H, W) map (windows in
+row-major order, positions row-major inside a window); with ``shift`` [sh, sw] the map is first rolled by
+(−sh, −sw), windows that straddle the roll's seam get a mask that keeps pairs from different original regions apart
+(−100 added to their scores, Swin's value), and the result is rolled back. The mask is built from the shape, never
+stored."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+MASKED = -100.0  # timm's and torchvision's value: exp(-100) is 0 in float32 next to any unmasked score
+
+
+def window_of(node: dict[str, Any]) -> tuple[int, int, int, int] | None:
+    """(wh, ww, sh, sw) of a windowed attention node, None for attention over the whole map."""
+    if not node.get("window"):
+        return None
+    shift = node.get("shift") or [0, 0]
+    return (*node["window"], *shift)
+
+
+def window_mask(height: int, width: int, wh: int, ww: int, sh: int, sw: int) -> np.ndarray | None:
+    """The (windows, wh·ww, wh·ww) float32 scores mask of a shifted window attention over a height × width map,
+    as timm's SwinTransformerBlock.get_attn_mask and torchvision's shifted_window_attention build it; None without
+    a shift (nothing masked)."""
+    if not (sh or sw):
+        return None
+    region = np.zeros((height, width), dtype=np.float32)
+    count = 0
+    for rows in ((0, -wh), (-wh, -sh), (-sh, None)) if sh else ((0, None),):
+        for cols in ((0, -ww), (-ww, -sw), (-sw, None)) if sw else ((0, None),):
+            region[rows[0]:rows[1], cols[0]:cols[1]] = count
+            count += 1
+    windows = region.reshape(height // wh, wh, width // ww, ww).transpose(0, 2, 1, 3).reshape(-1, wh * ww)
+    differ = windows[:, None, :] != windows[:, :, None]
+    return np.where(differ, np.float32(MASKED), np.float32(0.0)).astype(np.float32)
