@@ -56,10 +56,13 @@ Ops (fields and defaults in `OPS`):
   channel by channel, as an ``add`` of them would; removing channel c of every block leaves the others' values);
 - tokens (Vision Transformers), a ``(C, T, 1)`` map of T tokens of C channels: ``class_token`` (``tokens`` learned
   tokens put before the others, T → T + tokens: a class token, DeiT's distillation token, register tokens; weight
-  ``(ch,)`` for one, ``(ch, tokens)`` for several, which the module stores ``(1, tokens, ch)``), ``pos_embed`` (weight ``(ch, tokens)``: added to the tokens; its
-  module stores it ``(1, tokens, ch)``; ``frozen``: a constant, MAE's fixed sin-cos embedding, a parameter with
-  ``requires_grad=False``: no method trains it and an artifact stores it once, `spec.frozen_tensors`), ``token`` (``count`` tokens from ``index``, as ``(C, count, 1)``: class-token pooling, or the tokens after the
-  class and register tokens that a ViT's average pooling reads);
+  ``(ch,)`` for one, ``(ch, tokens)`` for several, which the module stores ``(1, tokens, ch)``), ``pos_embed``
+  (weight ``(ch, tokens)``: added to the tokens; its module stores it ``(1, tokens, ch)``; or added to a feature map
+  ``(ch, H, W)`` of H·W = ``tokens`` positions, row-major, as PiT and Visformer add theirs, whose module stores it
+  ``(1, ch, H, W)``: ``module_shape``; ``frozen``: a constant, MAE's fixed sin-cos embedding, a parameter with
+  ``requires_grad=False``: no method trains it and an artifact stores it once, `spec.frozen_tensors`), ``token``
+  (``count`` tokens from ``index``, as ``(C, count, 1)``: class-token pooling, or the tokens after the class and
+  register tokens that a ViT's average pooling reads);
 - ``attention`` (inputs q, k, v; over the positions of ``(C, H, W)`` maps, tokens being ``(C, T, 1)``; per head, a
   contiguous block of channels: softmax((scale·q)ᵀk) over the keys times v): q has ``heads`` blocks of d channels, k
   ``kv_heads`` blocks of d (default: ``heads``) and v ``kv_heads`` blocks of dv, at the keys' positions, which may be
@@ -299,16 +302,17 @@ def _pad_shape(node: dict[str, Any], x: list[int], where: str) -> list[int]:
 
 
 def _token_shape(node: dict[str, Any], ins: list[list[int]], where: str) -> list[int]:
-    """Output shape of the token ops: every input a ``(C, T, 1)`` token map."""
+    """Output shape of the token ops: every input a ``(C, T, 1)`` token map, except that a position embedding may
+    also be added to a feature map ``(C, H, W)`` (PiT, Visformer), one vector per position, H·W of them."""
     op, x = node["op"], ins[0]
-    if len(x) != 3 or x[2] != 1:
+    if len(x) != 3 or x[2] != 1 and op != "pos_embed":
         raise UsageError(f"{where}: {op} needs tokens as a (channels, tokens, 1) map, gets {x}")
     if op == "token":
         if node["index"] + node["count"] > x[1]:
             raise UsageError(f"{where}: tokens {node['index']} to {node['index'] + node['count'] - 1} of {x[1]} tokens")
         return [x[0], node["count"], 1]
-    if x[0] != node["ch"] or op == "pos_embed" and x[1] != node["tokens"]:
-        tokens = f" and {node['tokens']} tokens" if op == "pos_embed" else ""
+    if x[0] != node["ch"] or op == "pos_embed" and x[1] * x[2] != node["tokens"]:
+        tokens = f" and {node['tokens']} positions" if op == "pos_embed" else ""
         raise UsageError(f"{where}: {op} has {node['ch']} channels{tokens}, gets {x}")
     return [x[0], x[1] + node["tokens"], 1] if op == "class_token" else list(x)
 

@@ -212,12 +212,18 @@ def _module_shape(value: Any, node: dict[str, Any], where: str) -> list[int]:
     # a LayerNorm's pair (and a GRN's) is stored as (C,) by torch: nothing to reshape
     # a Conv1d stores a channel_conv's (k,) as (1, 1, k), timm a class token's (C,) as (1, 1, C); several tokens
     # are stored transposed, (1, tokens, C), as a position embedding (`module_state`)
+    if node["op"] == "pos_embed":  # a feature map's embedding, stored channels-first (1, ch, H, W): H·W positions
+        if not isinstance(value, list) or len(value) != 4 or not all(_is_size(d) for d in value) or \
+                value[:2] != [1, node["ch"]] or value[2] * value[3] != node["tokens"]:
+            raise UsageError(f"{where}: module_shape {str(value)[:60]} of a position embedding must be (1, "
+                             f"{node['ch']}, H, W) with H·W = {node['tokens']} positions")
+        return list(value)
     with_shape = (*WEIGHT_OPS, "layer_scale", "channel_conv", "class_token")
     one = node["op"] != "class_token" or node["tokens"] == 1
     weight = list(node_tensor_shapes(node)["weight"]) if node["op"] in with_shape and one else None
     if weight is None:
-        raise UsageError(f"{where}: module_shape is for conv, linear, layer_scale, channel_conv and one class_token's "
-                         f"weights, not {node['op']}{'' if one else ' of several tokens'}")
+        raise UsageError(f"{where}: module_shape is for conv, linear, layer_scale, channel_conv, pos_embed and one "
+                         f"class_token's weights, not {node['op']}{'' if one else ' of several tokens'}")
     if not isinstance(value, list) or not 0 < len(value) <= 4 or not all(_is_size(d) for d in value) or \
             [d for d in value if d != 1] != [d for d in weight if d != 1]:
         raise UsageError(f"{where}: module_shape {str(value)[:60]} must be the weight's shape {weight} with axes of "

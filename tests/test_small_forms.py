@@ -1,0 +1,92 @@
+"""Small forms `from_torch` follows: a position embedding added to a feature map (PiT, Visformer: a (1, C, H, W)
+parameter, stored channels-first) — parity of the spec's torch forward and ONNX Runtime graph with the real module,
+the module's tensors in and out, the channel map, old token specs reading as before, and refusals by name."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from layer_nets import TinyMapEmbed, vit_spec
+from torch_nets import check_parity
+
+from edgecl.arch import channel_map, from_torch, validate
+from edgecl.arch.fx_import import tensors_of
+from edgecl.arch.module_state import state_shapes
+from edgecl.arch.spec import frozen_tensors, param_shapes, stored_form, token_tensors
+from edgecl.errors import UsageError
+from edgecl.train.initial import starting_weights
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("shape", [(3, 8, 8), (2, 12, 6)])
+def test_map_position_embedding_parity_and_tensors(frozen, shape):
+    torch.manual_seed(0)
+    module = TinyMapEmbed(in_channels=shape[0], image=shape[1]).eval()
+    if shape[1] != shape[2]:  # a map of unequal sides: the embedding's rows are row-major positions
+        module.pos_embed = nn.Parameter(torch.randn(1, 8, shape[1] // 2, shape[2] // 2))
+    module.pos_embed.requires_grad_(not frozen)
+    spec = from_torch(module, shape)
+    check_parity(module, spec, shape)
+    node = next(n for n in spec["nodes"] if n["op"] == "pos_embed")
+    h, w = shape[1] // 2, shape[2] // 2
+    assert (node["ch"], node["tokens"], node["module_shape"], node["frozen"]) == (8, h * w, [1, 8, h, w], frozen)
+    assert param_shapes(spec)["pos_embed.weight"] == (8, h * w)
+    assert state_shapes(spec)["pos_embed.weight"] == (1, 8, h, w)
+    ours = tensors_of(module, spec)["pos_embed.weight"]
+    assert np.array_equal(ours, module.pos_embed.detach().numpy().reshape(8, h * w))
+    start = starting_weights(module, spec)
+    assert np.array_equal(start.values["pos_embed.weight"], ours)
+    assert (frozen_tensors(spec), token_tensors(spec)) == ((["pos_embed.weight"], []) if frozen else
+                                                          ([], ["pos_embed.weight"]))
+    cm = channel_map(spec)  # the embedding's rows are the stem's output channels, like a bias
+    assert {g for g, _ in cm.rows["pos_embed.weight"]} == {g for g, _ in cm.rows["stem.bias"]}
+    assert validate(stored_form(spec)) == spec
+
+
+def test_token_position_embeddings_read_as_before():
+    """A ViT's embedding has no module_shape (stored (1, T, C) by its module): its spec and file form are unchanged."""
+    spec = vit_spec((1, 8, 8))
+    node = next(n for n in spec["nodes"] if n["op"] == "pos_embed")
+    assert "module_shape" not in node and "module_shape" not in stored_form(spec)["nodes"][spec["nodes"].index(node)]
+    assert state_shapes(spec)[f"{node['name']}.weight"] == (1, node["tokens"], node["ch"])
+
+
+def _map_spec(**fields) -> dict:
+    return {"name": "m", "input_shape": [2, 4, 6], "nodes": [
+        {"name": "p", "op": "pos_embed", "inputs": ["input"], "ch": 2, "tokens": 24, **fields},
+        {"name": "f", "op": "flatten", "inputs": ["p"]}]}
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"tokens": 23}, "pos_embed has 2 channels and 23 positions, gets [2, 4, 6]"),
+    ({"module_shape": [1, 2, 4, 5]}, "of a position embedding must be (1, 2, H, W) with H·W = 24"),
+    ({"module_shape": [2, 4, 6]}, "of a position embedding must be (1, 2, H, W)"),
+    ({"module_shape": [1, 24, 2]}, "of a position embedding must be (1, 2, H, W)")])
+def test_map_position_embedding_specs_refused_by_field(fields, message):
+    with pytest.raises(UsageError, match=r"node 0 \(p\).*" + _escaped(message)):
+        validate(_map_spec(**fields))
+    assert validate(_map_spec())["nodes"][0]["tokens"] == 24  # no module_shape: a hand-written spec's embedding
+
+
+def _escaped(text: str) -> str:
+    import re
+    return re.escape(text)
+
+
+class _BiasPerChannel(nn.Module):
+    """A (1, C, 1, 1) parameter added to a (B, C, H, W) map: a broadcast, not one vector per position."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.offset = nn.Parameter(torch.zeros(1, 4, 1, 1))
+
+    def forward(self, x):
+        return (self.conv(x) + self.offset).mean([2, 3])
+
+
+def test_parameter_of_another_shape_added_to_a_map_refused_by_name():
+    """Only a parameter of the map's own shape is a position embedding; a broadcast one keeps its refusal."""
+    with pytest.raises(UsageError, match=r"the parameter 'offset' is used directly in forward"):
+        from_torch(_BiasPerChannel(), (1, 8, 8))
