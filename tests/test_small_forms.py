@@ -1,6 +1,8 @@
 """Small forms `from_torch` follows: a position embedding added to a feature map (PiT, Visformer: a (1, C, H, W)
 parameter, stored channels-first) — parity of the spec's torch forward and ONNX Runtime graph with the real module,
-the module's tensors in and out, the channel map, old token specs reading as before, and refusals by name."""
+the module's tensors in and out, the channel map, old token specs reading as before; timm's BatchNormAct2d with
+every activation edgecl has as a spec op (torch's and timm's modules: EfficientFormerV2's GELU); and refusals by
+name."""
 from __future__ import annotations
 
 import numpy as np
@@ -90,3 +92,52 @@ def test_parameter_of_another_shape_added_to_a_map_refused_by_name():
     """Only a parameter of the map's own shape is a position embedding; a broadcast one keeps its refusal."""
     with pytest.raises(UsageError, match=r"the parameter 'offset' is used directly in forward"):
         from_torch(_BiasPerChannel(), (1, 8, 8))
+
+
+class _ConvBnAct(nn.Module):
+    """timm's BatchNormAct2d with the activation `act` (a class or a create_act_layer name), after a conv."""
+
+    def __init__(self, act):
+        super().__init__()
+        from timm.layers import BatchNormAct2d
+
+        self.conv = nn.Conv2d(2, 6, 3, padding=1)
+        self.bn = BatchNormAct2d(6, act_layer=act)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(x)).mean([2, 3]))
+
+
+@pytest.mark.parametrize("act, op, fields", [
+    ("gelu", "gelu", {"approximate": "none"}), ("gelu_tanh", "gelu", {"approximate": "tanh"}),
+    ("swish", "silu", {}), ("sigmoid", "sigmoid", {}), ("tanh", "tanh", {}), ("relu6", "relu6", {}),
+    ("hard_swish", "hardswish", {}), ("hard_sigmoid", "hardsigmoid", {}), ("leaky_relu", "leaky_relu", {}),
+    ("timm.layers.activations.HardSwish", "hardswish", {}), ("timm.layers.activations.HardSigmoid", "hardsigmoid", {}),
+    ("timm.layers.activations.Swish", "silu", {}), ("timm.layers.activations_me.SwishMe", "silu", {}),
+    ("timm.layers.activations_me.HardSwishMe", "hardswish", {})])
+def test_batchnorm_act_with_every_spec_activation_parity(act, op, fields):
+    """torch's and timm's activation modules inside a BatchNormAct2d (kept whole): the spec op of the same function."""
+    import importlib
+
+    if act.startswith("timm."):
+        module_name, _, cls = act.rpartition(".")
+        act = getattr(importlib.import_module(module_name), cls)
+    torch.manual_seed(0)
+    module = _ConvBnAct(act).eval()
+    with torch.no_grad():  # statistics away from the identity, so each activation sees negative and large values
+        module.bn.running_mean.uniform_(-1, 1)
+        module.bn.running_var.uniform_(0.2, 2)
+        module.bn.weight.uniform_(0.5, 3)
+    spec = from_torch(module, (2, 6, 6))
+    check_parity(module, spec, (2, 6, 6))
+    node = next(n for n in spec["nodes"] if n["name"] == "bn.act")
+    assert node["op"] == op and {k: node[k] for k in fields} == fields
+
+
+@pytest.mark.parametrize("act, name", [("mish", "Mish"), ("elu", "ELU"), ("quick_gelu", "QuickGELU"),
+                                       ("prelu", "PReLU"), ("hard_mish", "HardMish(Me)?")])
+def test_batchnorm_act_with_another_activation_refused_by_name(act, name):
+    with pytest.raises(UsageError, match=rf"activation {name} at 'bn.act' is not one edgecl has as a spec op \(it "
+                                         r"has relu, .*\).*test_small_forms.py:\d+"):
+        from_torch(_ConvBnAct(act).eval(), (2, 6, 6))

@@ -1,6 +1,6 @@
 """Which torchvision and timm models go into edgecl as they are: each is built without pretrained weights, traced by
-`from_torch` at 3×64×64 (3×96×96 for inception_v3; models built for one input size, the plain ViTs and LeViT, are
-built for 64×64 by `BUILD_ARGS`), and — with `--parity` — its spec's torch forward and ONNX graph
+`from_torch` at 3×64×64 (3×96×96 for inception_v3; models built for one input size, the plain ViTs, LeViT, PiT,
+Visformer and EfficientFormerV2, are built for 64×64 by `BUILD_ARGS`), and — with `--parity` — its spec's torch forward and ONNX graph
 are compared with the module (`tests/torch_nets.check_parity`). A refusal is recorded with edgecl's message, so the
 list says what is missing and where.
 
@@ -47,7 +47,8 @@ TIMM = ["resnet10t", "resnet18", "mobilenetv3_small_050", "mobilenetv2_050", "ef
 BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_patch16_224": {"img_size": 64},
               "timm:deit_tiny_patch16_224": {"img_size": 64}, "timm:deit_tiny_distilled_patch16_224": {"img_size": 64},
               "timm:vit_base_patch16_reg4_gap_256": {"img_size": 64},
-              "timm:levit_128s": {"img_size": 64}}
+              "timm:levit_128s": {"img_size": 64}, "timm:pit_ti_224": {"img_size": 64},
+              "timm:visformer_tiny": {"img_size": 64}, "timm:efficientformerv2_s0": {"img_size": 64}}
 RESULTS = ROOT / "tools" / "results" / "model_coverage.json"
 
 
