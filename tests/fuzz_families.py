@@ -210,7 +210,8 @@ def _spec(draw) -> dict:
             if op == "maxpool" and draw(st.booleans()):
                 node["dilation"] = draw(st.sampled_from([1, 2, 3]))
         elif op == "pad":
-            node["pads"] = draw(st.sampled_from([[0, 0, 1, 1], [2, 0, 1, 3], [0, 0, 0, 0], [-1, 0, 1, 1], [1, 1]]))
+            node["pads"] = draw(st.sampled_from([[0, 0, 1, 1], [2, 0, 1, 3], [0, 0, 0, 0], [-1, 0, 1, 1], [1, 1],
+                                                 [-1, -1, 1, 1], [0, -2, -1, 0], [-3, 0, -3, 0], [0, -9, 0, 0]]))
             node["value"] = draw(st.sampled_from([0.0, -2.5, "-inf", "inf", None, 3]))
             if draw(st.booleans()):
                 node["mode"] = draw(st.sampled_from(["reflect", "replicate", "constant", "circular", None, 1]))

@@ -4,7 +4,7 @@ Transformer (`TinyViT`), PP-HGNetV2's scalar affines (`TinyHGNet`), split attent
 global context (`TinyGCNet`), TResNet's space-to-depth stem (`TinyS2D`), MobileNetV4-hybrid's multi-query
 attention on a feature map (`TinyMNv4Hybrid`), LeViT's attention biases and strided attention (`TinyLeViT`),
 anti-aliased downsampling (`TinyBlur`) and a position embedding added to a feature map (`TinyMapEmbed`, as PiT and
-Visformer add theirs). Imports torch and timm."""
+Visformer add theirs, with NASNet's cropping pad). Imports torch and timm."""
 from __future__ import annotations
 
 import torch
@@ -329,15 +329,17 @@ def blur_spec(input_shape=(1, 8, 8)) -> dict:
 
 class TinyMapEmbed(nn.Module):
     """PiT's and Visformer's position embedding in small: a strided conv stem, a learned (1, C, H, W) parameter added
-    to its feature map (one vector per position), a residual conv-BN-ReLU block and the mean."""
+    to its feature map (one vector per position), a residual conv-BN-ReLU block whose input NASNet's cropping pad
+    shifts by one (``ZeroPad2d((-1, 1, -1, 1))``: the first row and column cropped, a zero one added at the end)
+    and the mean."""
 
     def __init__(self, classes: int = 3, in_channels: int = 1, image: int = 8, width: int = 8):
         super().__init__()
         side = image // 2
         self.stem = nn.Conv2d(in_channels, width, 3, stride=2, padding=1)
         self.pos_embed = nn.Parameter(torch.randn(1, width, side, side) * 0.02)
-        self.block = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                                   nn.ReLU())
+        self.block = nn.Sequential(nn.ZeroPad2d((-1, 1, -1, 1)), nn.Conv2d(width, width, 3, padding=1, bias=False),
+                                   nn.BatchNorm2d(width), nn.ReLU())
         self.fc = nn.Linear(width, classes)
 
     def forward(self, x):

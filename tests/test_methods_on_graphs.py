@@ -8,7 +8,7 @@ self-attention), TinyGCNet (GCNet's global context: attention pooling, gate and 
 (TResNet's space-to-depth of the input and of a map), TinyMNv4Hybrid (multi-query attention on a map, keys and
 values strided), TinyLeViT (LeViT's attention biases, LinearNorm, strided queries), TinyBlur (BlurPool2d: reflect,
 replicate and zero pads, the binomial filter; adaptive average pooling to 3×3), TinyMapEmbed (a position embedding
-added to a feature map, as PiT's and Visformer's) and TinyViT with register tokens,
+added to a feature map, as PiT's and Visformer's; a cropping pad, as NASNet's) and TinyViT with register tokens,
 DeiT's distillation token (two averaged heads) and a frozen position embedding: two real digit tasks each,
 then what the method promises about the first task, the deployed runtime against the training evaluation, and the
 exported ONNX against the runtime."""

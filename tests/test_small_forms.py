@@ -1,13 +1,15 @@
 """Small forms `from_torch` follows: a position embedding added to a feature map (PiT, Visformer: a (1, C, H, W)
 parameter, stored channels-first) — parity of the spec's torch forward and ONNX Runtime graph with the real module,
 the module's tensors in and out, the channel map, old token specs reading as before; timm's BatchNormAct2d with
-every activation edgecl has as a spec op (torch's and timm's modules: EfficientFormerV2's GELU); and refusals by
-name."""
+every activation edgecl has as a spec op (torch's and timm's modules: EfficientFormerV2's GELU); negative padding
+that crops (NASNet's ZeroPad2d((-1, 1, -1, 1)), F.pad with negative sides; ONNX Pad in opset 17 on ONNX Runtime's
+CPU provider), its constants rule and compaction; and refusals by name."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from layer_nets import TinyMapEmbed, vit_spec
 from torch_nets import check_parity
@@ -15,8 +17,11 @@ from torch_nets import check_parity
 from edgecl.arch import channel_map, from_torch, validate
 from edgecl.arch.fx_import import tensors_of
 from edgecl.arch.module_state import state_shapes
-from edgecl.arch.spec import frozen_tensors, param_shapes, stored_form, token_tensors
+from edgecl.arch.spec import frozen_tensors, node_by_name, node_shapes, param_shapes, stored_form, token_tensors
 from edgecl.errors import UsageError
+from edgecl.graph.compact import compact_task
+from edgecl.graph.constants import channel_constants
+from edgecl.train.models import forward, from_numpy, init_params, to_numpy
 from edgecl.train.initial import starting_weights
 
 
@@ -141,3 +146,71 @@ def test_batchnorm_act_with_another_activation_refused_by_name(act, name):
     with pytest.raises(UsageError, match=rf"activation {name} at 'bn.act' is not one edgecl has as a spec op \(it "
                                          r"has relu, .*\).*test_small_forms.py:\d+"):
         from_torch(_ConvBnAct(act).eval(), (2, 6, 6))
+
+
+class _Crop(nn.Module):
+    """A conv, a cropping pad (a ZeroPad2d, or F.pad with `pads` and `value`), a conv reading it (unless `read` is
+    False: torch's conv fails on an empty map, its mean does not), the mean."""
+
+    def __init__(self, pads, value=None, read: bool = True):
+        super().__init__()
+        self.conv, self.pads, self.value = nn.Conv2d(2, 4, 3), pads, value
+        self.pad = nn.ZeroPad2d(pads) if value is None else None
+        self.after, self.fc = nn.Conv2d(4, 4, 1) if read else nn.Identity(), nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = self.pad(x) if self.pad is not None else F.pad(x, self.pads, value=self.value)
+        return self.fc(self.after(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("pads, value, out", [((-1, 1, -1, 1), None, [4, 6, 6]), ((-2, 0, -1, -3), None, [4, 2, 4]),
+                                              ((1, -2, 0, -1), 2.5, [4, 5, 5]), ((0, 0, -5, 0), 0.0, [4, 1, 6])])
+def test_cropping_pad_parity(pads, value, out):
+    """torch's negative padding crops; the spec's pad node does the same in torch and in ONNX Runtime's Pad."""
+    torch.manual_seed(0)
+    module = _Crop(pads, value).eval()
+    spec = from_torch(module, (2, 8, 8))
+    check_parity(module, spec, (2, 8, 8))
+    node = next(n for n in spec["nodes"] if n["op"] == "pad")
+    left, right, top, bottom = pads
+    assert node["pads"] == [top, left, bottom, right] and node_shapes(spec)[node["name"]] == out
+
+
+def test_a_crop_keeps_a_constant_channel_and_compacts():
+    """A crop adds no border: a dead channel stays constant through it (and folds away); a shift's zero row does not
+    keep a constant ≠ 0."""
+    for pads, constant in (((-1, 0, -2, 0), True), ((-1, 1, -1, 1), False)):
+        spec = from_torch(_Crop(pads).eval(), (2, 8, 8))
+        params = to_numpy(init_params(spec, 2, torch.Generator().manual_seed(0)))
+        params["conv.weight"][1], params["conv.bias"][1] = 0, 1.5
+        pad = next(n["name"] for n in spec["nodes"] if n["op"] == "pad")
+        values = channel_constants(spec, params, channel_map(spec))[pad]
+        assert bool(values[1] == 1.5) is constant and np.isnan(values[[0, 2, 3]]).all()
+        small, kept, _ = compact_task(spec, params, channel_multiple=1)
+        assert node_by_name(small)["after"]["in"] == (3 if constant else 4)
+        x = torch.from_numpy(np.random.default_rng(0).standard_normal((4, 2, 8, 8)).astype(np.float32))
+        with torch.no_grad():
+            dense, compact = forward(spec, from_numpy(params), x), forward(small, from_numpy(kept), x)
+        assert np.abs(dense.numpy() - compact.numpy()).max() < 1e-5
+
+
+@pytest.mark.parametrize("pads, value, message", [
+    ((-3, -3, 0, 0), None, r"pad \[0, -3, 0, -3\] \(top, left, bottom, right\) crops the whole 6×6 map away"),
+    ((0, 0, -6, 1), None, r"crops the whole 6×6 map away"),
+    ((-1, 0, 0, 0), float("-inf"), r"crops \(negative sides\) with mode 'constant' and value -inf")])
+def test_crops_refused_by_name(pads, value, message):
+    with pytest.raises(UsageError, match=r"test_small_forms.py:\d+.*" + message):
+        from_torch(_Crop(pads, value, read=False).eval(), (2, 8, 8))
+
+
+@pytest.mark.parametrize("pads, mode, message", [
+    ([0, -6, 0, 1], "constant", r"node 0 \(p\): pad \[0, -6, 0, 1\] .* crops the whole 6×6 map away"),
+    ([-1, 0, 0, 0], "reflect", r"node 0 \(p\): pad \[-1, 0, 0, 0\] crops \(negative sides\) with mode 'reflect'"),
+    ([-1, 0, 2 ** 40, 0], "constant", r"node 0 \(p\): pads .* four ints")])
+def test_cropping_specs_refused_by_field(pads, mode, message):
+    spec = {"name": "c", "input_shape": [2, 6, 6], "nodes": [
+        {"name": "p", "op": "pad", "inputs": ["input"], "pads": pads, "mode": mode},
+        {"name": "f", "op": "flatten", "inputs": ["p"]}]}
+    with pytest.raises(UsageError, match=message):
+        validate(spec)

@@ -94,8 +94,8 @@ PAD_MODES = ("constant", "reflect", "replicate")  # torch F.pad's; ONNX Pad's "c
 ACTIVATIONS = ("relu", "relu6", "hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu")
 
 # op → {field: (kind, default)}; a default of `...` means required. Kinds: size (int ≥ 1), pair (two sizes; an int
-# is taken for both), pad (two ints ≥ 0), pads (four), bool, eps, momentum, approximate, shape, axis, number (a
-# finite float), fill (a number or "-inf"), pad_mode (one of `PAD_MODES`).
+# is taken for both), pad (two ints ≥ 0), pads (four ints; a negative one crops), bool, eps, momentum, approximate,
+# shape, axis, number (a finite float), fill (a number or "-inf"), pad_mode (one of `PAD_MODES`).
 _POOL = {"k": ("pair", ...), "stride": ("pair", None), "pad": ("pad", [0, 0]), "ceil_mode": ("bool", False)}
 OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "conv": {"in": ("size", ...), "out": ("size", ...), "k": ("pair", ...), "stride": ("pair", [1, 1]),
@@ -295,10 +295,27 @@ def _pad_shape(node: dict[str, Any], x: list[int], where: str) -> list[int]:
     mode = node["mode"]
     if mode != "constant" and node["value"] != 0.0:
         raise UsageError(f"{where}: pad mode {mode!r} takes no value (gets {node['value']}); only mode 'constant' does")
+    if (problem := crop_problem(x, node["pads"], mode, node["value"])) is not None:
+        raise UsageError(f"{where}: {problem}")
     if mode == "reflect" and (max(top, bottom) >= x[1] or max(left, right) >= x[2]):
         raise UsageError(f"{where}: reflect pad {node['pads']} (top, left, bottom, right) must be smaller than the "
                          f"input's height and width {x[1:]}")
     return [x[0], x[1] + top + bottom, x[2] + left + right]
+
+
+def crop_problem(x: list[int], pads: list[int], mode: str, value: Any) -> str | None:
+    """Why negative ``pads`` (top, left, bottom, right; a crop, as torch's F.pad and ONNX Pad take them) cannot
+    apply to a (C, H, W) map, or None: a crop leaves at least one row and column, crops only with mode 'constant'
+    (which torch and ONNX agree on) and never with a -inf fill (which exists for a max pool's windows)."""
+    if min(pads) >= 0:
+        return None
+    top, left, bottom, right = pads
+    if x[1] + top + bottom < 1 or x[2] + left + right < 1 or min(top, bottom) <= -x[1] or min(left, right) <= -x[2]:
+        return f"pad {pads} (top, left, bottom, right) crops the whole {x[1]}×{x[2]} map away"
+    if mode != "constant" or value in ("-inf", -math.inf):
+        return (f"pad {pads} crops (negative sides) with mode {mode!r} and value {value!r}; a crop needs mode "
+                "'constant' and a finite value")
+    return None
 
 
 def _token_shape(node: dict[str, Any], ins: list[list[int]], where: str) -> list[int]:

@@ -254,7 +254,8 @@ def _field(value: Any, kind: str, where: str) -> Any:
         pair = [value, value] if type(value) is int else value
         if isinstance(pair, list) and len(pair) == 2 and all(_is_size(v, lo) for v in pair):
             return list(pair)
-    if kind == "pads" and isinstance(value, list) and len(value) == 4 and all(_is_size(v, 0) for v in value):
+    if kind == "pads" and isinstance(value, list) and len(value) == 4 and \
+            all(type(v) is int and abs(v) <= MAX_DIM for v in value):  # a negative side crops
         return list(value)
     if kind == "fill" and value == "-inf":
         return value
@@ -279,7 +280,8 @@ def _field(value: Any, kind: str, where: str) -> Any:
             all(isinstance(row, list) and row and all(_is_size(i, 0) for i in row) for row in value):
         return [list(row) for row in value]
     expect = {"size": f"an int from 1 to {MAX_DIM}", "pair": "an int ≥ 1 or two of them",
-              "pad": "an int ≥ 0 or two of them", "pads": "four ints ≥ 0 (top, left, bottom, right)",
+              "pad": "an int ≥ 0 or two of them",
+              "pads": "four ints (top, left, bottom, right; a negative one crops)",
               "pad_mode": " or ".join(map(repr, PAD_MODES)),
               "fill": f"a finite number of magnitude at most {MAX_NUMBER:g}, or \"-inf\"",
               "index": f"an int from 0 to {MAX_DIM}", "bool": "true or false", "eps": "a number in (0, 1)",
