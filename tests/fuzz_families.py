@@ -210,7 +210,8 @@ def _spec(draw) -> dict:
             if op == "maxpool" and draw(st.booleans()):
                 node["dilation"] = draw(st.sampled_from([1, 2, 3]))
         elif op == "pad":
-            node["pads"] = draw(st.sampled_from([[0, 0, 1, 1], [2, 0, 1, 3], [0, 0, 0, 0], [-1, 0, 1, 1], [1, 1]]))
+            node["pads"] = draw(st.sampled_from([[0, 0, 1, 1], [2, 0, 1, 3], [0, 0, 0, 0], [-1, 0, 1, 1], [1, 1],
+                                                 [-1, -1, 1, 1], [0, -2, -1, 0], [-3, 0, -3, 0], [0, -9, 0, 0]]))
             node["value"] = draw(st.sampled_from([0.0, -2.5, "-inf", "inf", None, 3]))
             if draw(st.booleans()):
                 node["mode"] = draw(st.sampled_from(["reflect", "replicate", "constant", "circular", None, 1]))
@@ -229,7 +230,11 @@ def _spec(draw) -> dict:
         elif op in ("class_token", "pos_embed"):
             node["ch"] = dims[0] if fits else draw(hostile)
             if op == "pos_embed":
-                node["tokens"] = (dims[1] if len(dims) == 3 and dims[2] == 1 else 1) if fits else draw(hostile)
+                # tokens (C, T, 1) or a feature map's H·W positions (PiT, Visformer)
+                node["tokens"] = (int(np.prod(dims[1:])) if len(dims) == 3 else 1) if fits else draw(hostile)
+                if len(dims) == 3 and draw(st.booleans()):  # the map's module storage, (1, C, H, W), or a wrong one
+                    node["module_shape"] = [1, *dims] if fits else draw(st.sampled_from(
+                        [[1, dims[0], dims[1] * dims[2] + 1, 1], [dims[0], *dims[1:]], [1, *dims, 1], "x"]))
                 if draw(st.booleans()):  # a constant (MAE's fixed embedding), or a hostile flag
                     node["frozen"] = draw(st.sampled_from([True, False])) if fits else draw(hostile)
             elif draw(st.booleans()):  # several tokens (register tokens), or none said (one)

@@ -2,9 +2,10 @@
 tests run every method on each): TensorFlow's "same" padding (`TinyTF`), ECA channel attention (`TinyEca`), a Vision
 Transformer (`TinyViT`), PP-HGNetV2's scalar affines (`TinyHGNet`), split attention (`TinySplitAttn`), GCNet's
 global context (`TinyGCNet`), TResNet's space-to-depth stem (`TinyS2D`), MobileNetV4-hybrid's multi-query
-attention on a feature map (`TinyMNv4Hybrid`), LeViT's attention biases and strided attention (`TinyLeViT`) and
+attention on a feature map (`TinyMNv4Hybrid`), LeViT's attention biases and strided attention (`TinyLeViT`),
 anti-aliased downsampling (`TinyBlur`), Swin's shifted window attention and patch merging (`TinySwin`), TinyViT's
-windowed LeViT attention and local conv (`TinyTinyViT`). Imports torch and timm."""
+windowed LeViT attention and local conv (`TinyTinyViT`) and a position embedding added to a feature map
+(`TinyMapEmbed`, as PiT and Visformer add theirs, with NASNet's cropping pad). Imports torch and timm."""
 from __future__ import annotations
 
 import torch
@@ -369,3 +370,27 @@ class TinyTinyViT(nn.Module):
 
 def tiny_vit_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyTinyViT(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
+
+
+class TinyMapEmbed(nn.Module):
+    """PiT's and Visformer's position embedding in small: a strided conv stem, a learned (1, C, H, W) parameter added
+    to its feature map (one vector per position), a residual conv-BN-ReLU block whose input NASNet's cropping pad
+    shifts by one (``ZeroPad2d((-1, 1, -1, 1))``: the first row and column cropped, a zero one added at the end)
+    and the mean."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, image: int = 8, width: int = 8):
+        super().__init__()
+        side = image // 2
+        self.stem = nn.Conv2d(in_channels, width, 3, stride=2, padding=1)
+        self.pos_embed = nn.Parameter(torch.randn(1, width, side, side) * 0.02)
+        self.block = nn.Sequential(nn.ZeroPad2d((-1, 1, -1, 1)), nn.Conv2d(width, width, 3, padding=1, bias=False),
+                                   nn.BatchNorm2d(width), nn.ReLU())
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = self.stem(x) + self.pos_embed
+        return self.fc((x + self.block(x)).mean([2, 3]))
+
+
+def map_embed_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyMapEmbed(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))

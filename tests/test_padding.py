@@ -106,7 +106,7 @@ class _Lambda(nn.Module):
 
 @pytest.mark.parametrize("pad, message", [
     (lambda x: F.pad(x, (1, 1, 1, 1), mode="circular"), "mode 'circular'"),
-    (nn.ZeroPad2d((-1, 1, -1, 1)), "cropping is not supported"),
+    (lambda x: F.pad(x, (-1, 1, 0, 0), value=float("-inf")), "crops .* with mode .constant. and value -inf"),
     (lambda x: F.pad(x, (1, 1, 1, 1, 0, 0)), "two or four ints"),
     (lambda x: F.pad(x, (x.shape[0] - 1, 0)), "given in the code"),  # the batch size: not folded
     (lambda x: F.pad(x, (1, 1), value=float("nan")), "a finite number or -inf"),
@@ -147,7 +147,7 @@ def test_pad_spec_fields_are_validated():
     spec = validate(_max_after_pad([0, 1, 1, 1], {"k": 2}))
     assert spec["nodes"][1]["value"] == "-inf"
     assert validate(_pad_spec([0, 0, 1, 1], 2))["nodes"][1]["value"] == 2.0
-    for pads, value, message in [([0, 1, 2], 0.0, "four ints"), ([0, -1, 0, 0], 0.0, "four ints"),
+    for pads, value, message in [([0, 1, 2], 0.0, "four ints"), ([0, -4, 0, 0], 0.0, "crops the whole 3×4 map away"),
                                  ([0, 0, 1, 1], "inf", "or \"-inf\""), ([0, 0, 1, 1], float("nan"), "finite"),
                                  ([0, 0, 1, 1], True, "finite"), ([0, 0, 0.5, 1], 0.0, "four ints")]:
         with pytest.raises(UsageError, match=message):

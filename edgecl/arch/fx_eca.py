@@ -31,7 +31,7 @@ class _EcaConverter:
     name: str
     alias: dict[fx.Node, str]
     _emit: Callable[..., str]
-    _gate: Callable[..., str]  # `fx_split_attn`'s: timm's gate modules or an activation
+    _act: Callable[..., str]  # `fx_split_attn`'s: torch's or timm's activation (gate) modules
 
     def eca(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
         kind = type(m).__name__
@@ -57,4 +57,4 @@ class _EcaConverter:
         pooled = self._emit(node, "gap", [x], f"{path}.pool")
         mixed = self._emit(node, "channel_conv", [pooled], f"{path}.conv", ch=shape[0], k=k, circular=circular,
                            module_shape=[1, 1, k])
-        self._emit(node, "mul", [x, self._gate(node, m.gate, mixed, f"{path}.gate", where)], path)
+        self._emit(node, "mul", [x, self._act(node, m.gate, mixed, f"{path}.gate", where)], path)

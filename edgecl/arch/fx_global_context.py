@@ -37,7 +37,6 @@ class _GlobalContextConverter:
     _emit: Callable[..., str]
     _conv: Callable[..., str]  # `fx_split_attn`'s: a plain nn.Conv2d, named by its path
     _act: Callable[..., str]
-    _gate: Callable[..., str]
 
     def global_context(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
         where = f"GlobalContext at {path!r} {location(node)}"
@@ -54,7 +53,7 @@ class _GlobalContextConverter:
             context = self._emit(node, "gap", [x], f"{path}.pool")
         out = x
         if m.mlp_scale is not None:
-            gate = self._gate(node, m.gate, self._mlp(node, m.mlp_scale, context, f"{path}.mlp_scale", where),
+            gate = self._act(node, m.gate, self._mlp(node, m.mlp_scale, context, f"{path}.mlp_scale", where),
                               f"{path}.gate", where)
             out = self._emit(node, "mul", [x, gate], path if m.mlp_add is None else f"{path}.scaled")
         if m.mlp_add is not None:

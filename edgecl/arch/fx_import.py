@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from edgecl.arch.fx_activations import ACTIVATION_MODULES, module_activation, unknown_activation
 from edgecl.arch.fx_affine import _AffineConverter
 from edgecl.arch.fx_attention import _AttentionConverter, is_timm_attention
 from edgecl.arch.fx_attention2d import _Attention2dConverter
@@ -45,14 +46,11 @@ from edgecl.arch.ops import TENSOR_OPS
 from edgecl.arch.spec import INPUT, NAME, Arch, validate
 from edgecl.errors import UsageError
 
-_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid",
-                       nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.GELU: "gelu", nn.Tanh: "tanh",
-                       nn.LeakyReLU: "leaky_relu"}
 _IDENTITY_MODULES = (nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.AlphaDropout, nn.Identity)
 _POOL_MODULES = {nn.MaxPool2d: "max", nn.AvgPool2d: "avg", nn.AdaptiveAvgPool2d: "adaptive_avg",
                  nn.AdaptiveMaxPool2d: "adaptive_max"}
 _LEAVES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d, nn.Flatten, nn.Upsample, *_POOL_MODULES,
-           *PAD_MODULES, *_ACTIVATION_MODULES, *_IDENTITY_MODULES)
+           *PAD_MODULES, *ACTIVATION_MODULES, *_IDENTITY_MODULES)
 # shape arithmetic and the shape checks written with it (torch._assert(h == self.image_size, …)), which the trace
 # already passed
 _SCALAR_FUNCTIONS = (operator.getitem, getattr, torch.Tensor.size, operator.mul, operator.floordiv, operator.add,
@@ -190,7 +188,6 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
                  _ClassifierConverter, _EcaConverter, _AffineConverter, _SplitAttnConverter, _TokenConverter,
                  _AttentionConverter, _Attention2dConverter, _GlobalContextConverter, _SpaceToDepthConverter,
                  _LevitConverter, _SwinConverter, _TinyVitConverter, _BlurConverter):
-    activation_modules = _ACTIVATION_MODULES
 
     def __init__(self, traced: fx.GraphModule, module: nn.Module, shape: list[int], classifier: bool | None,
                  name: str):
@@ -276,7 +273,7 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
             pass
         elif node.op == "call_module":
             m = self.modules[node.target]
-            self.check_layout(node, isinstance(m, (nn.Linear, *_ACTIVATION_MODULES, *_IDENTITY_MODULES)) or
+            self.check_layout(node, isinstance(m, (nn.Linear, *ACTIVATION_MODULES, *_IDENTITY_MODULES)) or
                               is_library_identity(m) or any(kept(m) for kept in _ON_TOKENS))
             self._module(node, m)
         elif node.target in PERMUTES:
@@ -365,7 +362,7 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
                                                      "bias": m.bias is not None})
         elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
             self._batchnorm(node, m, x, path)
-        elif isinstance(m, tuple(_ACTIVATION_MODULES)):
+        elif isinstance(m, tuple(ACTIVATION_MODULES)):
             self._activation(node, m, x)
         elif isinstance(m, tuple(_POOL_MODULES)):
             kind = next(v for k, v in _POOL_MODULES.items() if isinstance(m, k))
@@ -400,10 +397,9 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
                              "not supported (known: a BatchNorm followed by `.act`, as timm's BatchNormAct2d)")
         out = self._emit(node, "bn", [x], path, ch=m.num_features, eps=float(m.eps),
                          momentum=0.1 if m.momentum is None else float(m.momentum))
-        if act is not None and not isinstance(act, _IDENTITY_MODULES):
-            if not isinstance(act, tuple(_ACTIVATION_MODULES)):
-                raise UsageError(f"{self.name}: activation {type(act).__name__} at {path}.act {location(node)} is "
-                                 "not supported")
+        if act is not None and not isinstance(act, _IDENTITY_MODULES):  # timm's GELU, Swish, … too
+            if module_activation(act) is None:
+                raise UsageError(f"{self.name}: {unknown_activation(act, f'{path}.act')} {location(node)}")
             self._activation(node, act, out, f"{path}.act")
 
     def _conv_fields(self, node: fx.Node, m: nn.Conv2d, path: str, pad: list[int] | None = None) -> dict[str, Any]:
@@ -425,9 +421,7 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
                 "dilation": dilation, "groups": m.groups, "bias": m.bias is not None}
 
     def _activation(self, node: fx.Node, m: nn.Module, x: str, name: str | None = None) -> None:
-        op = next(v for k, v in _ACTIVATION_MODULES.items() if isinstance(m, k))
-        fields = {"gelu": lambda: {"approximate": m.approximate},
-                  "leaky_relu": lambda: {"slope": float(m.negative_slope)}}.get(op, dict)()
+        op, fields = module_activation(m)
         self._emit(node, op, [x], name, **fields)
 
 

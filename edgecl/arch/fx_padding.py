@@ -10,6 +10,8 @@ only; a same-padded pool reads a ``pad`` node (of zeros, or −∞ for a max, as
 own. These layers are known by where they are defined, as the libraries' identities are: their forward is not
 traceable (it computes the padding from the input's size in Python). ``F.pad``'s modes 'reflect' and 'replicate'
 (and ``ReflectionPad2d`` / ``ReplicationPad2d``) are a ``pad`` node's ``mode``; 'circular' is refused by name.
+Negative padding crops (torch's F.pad and ONNX Pad alike; NASNet's ``ZeroPad2d((-1, 1, -1, 1))`` shifts a map by
+one): a ``pad`` node with negative sides, in mode 'constant' only; a crop that leaves no row or column is refused.
 timm's ``Conv2dSameExport`` computes it at its first call only and keeps it (a ``ZeroPad2d``), then pads every
 input alike: once it holds one, that padding is what the layer computes, whatever the size.
 """
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from edgecl.arch.fx_calls import location, map_shape, pair, shape_of
-from edgecl.arch.ops import PAD_MODES
+from edgecl.arch.ops import PAD_MODES, crop_problem
 from edgecl.errors import UsageError
 
 SAME_LAYERS = {("timm.layers.conv2d_same", "Conv2dSame"): "conv",
@@ -118,15 +120,16 @@ class _PaddingConverter:
         if shape is None or len(shape) != 3:
             raise self.refuse(node, f"padding is supported on a (channels, height, width) map, gets {shape}")
         if not isinstance(pads, (list, tuple)) or len(pads) not in (2, 4) or \
-                not all(isinstance(p, int) and p >= 0 for p in pads):
-            raise self.refuse(node, f"pad {str(pads)[:60]}: two or four ints ≥ 0 (left, right, top, bottom), "
-                                    "given in the code or computed from the input's shape (not from the batch size "
-                                    "or tensor values); cropping is not supported")
+                not all(isinstance(p, int) and not isinstance(p, bool) for p in pads):
+            raise self.refuse(node, f"pad {str(pads)[:60]}: two or four ints (left, right, top, bottom; a negative "
+                                    "one crops), given in the code or computed from the input's shape (not from the "
+                                    "batch size or tensor values)")
         left, right, top, bottom = (*pads, 0, 0)[:4]
-        if (problem := pad_problem(shape, [top, left, bottom, right], mode)) is not None:
-            raise self.refuse(node, problem)
         if value is None:
             value = 0.0
+        if (problem := pad_problem(shape, [top, left, bottom, right], mode) or
+                crop_problem(shape, [top, left, bottom, right], mode, value)) is not None:
+            raise self.refuse(node, problem)
         if mode != "constant" and value != 0:
             raise self.refuse(node, f"value {str(value)[:40]} with mode {mode!r}: only mode 'constant' has a value")
         if not isinstance(value, (int, float)) or isinstance(value, bool) or \

@@ -11,8 +11,8 @@ branches are the R radix blocks of one grouped conv's R·C channels; its grouped
 (``view(B, G, R, C/G).transpose(1, 2)``), so with cardinality G > 1 they are first laid out branch-major by slices and
 a ``cat``; radix 1 is a sigmoid gate. Every tensor node is named by its module path, so the modules' weights read as
 they are. Variants these ops do not compute are refused by name with the user's source line. Its steps for one
-library layer (`_conv`, `_norm`, `_act`, `_gate`) serve the other modules kept whole too (ECA, GCNet, MobileNetV4's
-attention).
+library layer (`_conv`, `_norm`, `_act`: an activation or a gate) serve the other modules kept whole too (ECA,
+GCNet, MobileNetV4's attention).
 """
 from __future__ import annotations
 
@@ -20,14 +20,12 @@ from typing import Any, Callable
 
 from torch import fx, nn
 
+from edgecl.arch.fx_activations import module_activation, unknown_activation
 from edgecl.arch.fx_calls import is_library_identity, location, map_shape, shape_of
 from edgecl.errors import UsageError
 
 SPLIT_ATTENTION = {("timm.layers.selective_kernel", "SelectiveKernel"), ("timm.layers.split_attn", "SplitAttn")}
 _RADIX_SOFTMAX = ("timm.layers.split_attn", "RadixSoftmax")
-# timm's own gate modules (create_act_layer's "sigmoid" / "hard_sigmoid"), beside torch's activations
-TIMM_GATES = {("timm.layers.activations", "Sigmoid"): "sigmoid", ("timm.layers.activations", "HardSigmoid"):
-              "hardsigmoid"}
 
 
 def is_split_attention(m: Any) -> bool:
@@ -40,7 +38,6 @@ class _SplitAttnConverter:
 
     name: str
     alias: dict[fx.Node, str]
-    activation_modules: dict
     _emit: Callable[..., str]
     _activation: Callable[..., None]
     _batchnorm: Callable[..., None]
@@ -149,17 +146,10 @@ class _SplitAttnConverter:
         self._batchnorm(node, norm, x, path)
         return self.alias[node]
 
-    def _gate(self, node: fx.Node, gate: nn.Module, x: str, path: str, where: str) -> str:
-        """A gate's activation: timm's own Sigmoid / HardSigmoid modules, or any activation edgecl knows."""
-        timm_gate = TIMM_GATES.get((type(gate).__module__, type(gate).__name__))
-        if timm_gate:
-            return self._emit(node, timm_gate, [x], path)
-        return self._act(node, gate, x, path, where)
-
     def _act(self, node: fx.Node, act: nn.Module, x: str, path: str, where: str) -> str:
-        if not isinstance(act, tuple(self.activation_modules)):
-            raise UsageError(f"{self.name}: {where}: activation {type(act).__name__} at {path!r} is not one edgecl "
-                             "knows")
+        """An activation or gate module: torch's, or timm's own (create_act_layer's "sigmoid", "hard_sigmoid")."""
+        if module_activation(act) is None:
+            raise UsageError(f"{self.name}: {where}: {unknown_activation(act, path)}")
         self._activation(node, act, x, path)
         return self.alias[node]
 

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from torch import fx, nn
 
+from edgecl.arch.fx_activations import module_activation
 from edgecl.arch.fx_attention import _pointwise
 from edgecl.arch.fx_calls import location, shape_of
 from edgecl.errors import UsageError
@@ -47,7 +48,6 @@ class _SwinConverter:
     _emit: Callable[..., str]
     _activation: Callable[..., None]
     attend_packed: Callable[..., str]
-    activation_modules: dict[type, str]
 
     def swin(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
         kind = _KINDS[(type(m).__module__, type(m).__name__)]
@@ -81,7 +81,7 @@ class _SwinConverter:
     def norm_mlp(self, node: fx.Node, mlp: nn.Module, x: str, path: str, where: str) -> str:
         """An MLP of two Linears over the channels with an activation between (timm's Mlp after the block's norm,
         TinyViT's NormMlp with its own)."""
-        if not isinstance(getattr(mlp, "act", None), tuple(self.activation_modules)):
+        if module_activation(getattr(mlp, "act", None)) is None:
             raise UsageError(f"{self.name}: {where}: its mlp's act is a {type(getattr(mlp, 'act', None)).__name__}; "
                              "edgecl converts an activation there")
         check_drops(self.name, where, mlp, "drop1", "drop2")

@@ -12,7 +12,9 @@ node (`_NormConverter.last`), as after ``permute(0, 2, 3, 1)``:
 - ``torch.cat([cls.expand(B, -1, -1), reg.expand(B, -1, -1), x], dim=1)`` → a ``class_token`` node per parameter
   of n tokens (class token, DeiT's distillation token, register tokens; the parameter's path names it);
 - ``x + param`` with a parameter of shape ``(1, T, C)`` → ``pos_embed``, ``frozen`` when the parameter has
-  ``requires_grad=False`` (MAE's fixed sin-cos embedding: a constant no method trains);
+  ``requires_grad=False`` (MAE's fixed sin-cos embedding: a constant no method trains); ``x + param`` with a
+  channels-first map ``(B, C, H, W)`` and a parameter ``(1, C, H, W)`` (PiT, Visformer) → ``pos_embed`` over the
+  map's H·W positions, the parameter's storage kept as ``module_shape``;
 - ``x[:, i]`` → ``token`` i then a flatten (class-token pooling); ``x.mean(dim=1)`` → ``gap`` then a flatten;
   ``x[:, n:]`` → ``token`` n of count T - n (still tokens: timm's average without the class and register tokens);
   ``x[:, 0:]`` is ``x``. Other indexing of tokens (``x[:, 1:3]``, steps) is refused by name.
@@ -125,22 +127,33 @@ class _TokenConverter:
         return p.shape[-2] if p.dim() == 3 else 1
 
     def position_embedding(self, node: fx.Node, a: Any, b: Any) -> bool:
-        """``x + pos_embed`` with tokens x and a parameter of shape (1, T, C): a ``pos_embed`` node. False when
-        neither operand is a parameter or the other is no token sequence."""
+        """``x + pos_embed`` with tokens x and a parameter of shape (1, T, C), or with a channels-first map x
+        (B, C, H, W) and a parameter of its shape (1, C, H, W) (PiT, Visformer): a ``pos_embed`` node. False when
+        neither operand is a parameter or the other is neither tokens nor a channels-first map of the parameter's
+        shape."""
         if a in self.attrs:
             a, b = b, a
         shape = shape_of(a)
-        if b not in self.attrs or a not in self.last or shape is None or len(shape) != 2:
+        tokens = a in self.last and shape is not None and len(shape) == 2
+        feature_map = a not in self.last and shape is not None and len(shape) == 3
+        if b not in self.attrs or not tokens and not feature_map:
             return False
         path = self.attrs[b]
         p = self.parameter(path, node)
+        if feature_map and list(p.shape) != [1, *shape]:  # no embedding (a bias broadcast over the map): the
+            return False  # converter's refusal of a parameter used directly in forward stands
         if list(p.shape) != [1, *shape]:
             raise self.refuse(node, f"a sum with the parameter {path!r} of shape {tuple(p.shape)}; edgecl supports "
                                     "a position embedding of shape (1, tokens, channels) added to the tokens")
         self.claim(path, node)
-        frozen = {"frozen": True} if not p.requires_grad else {}  # MAE's fixed sin-cos: a constant, never trained
-        self._emit(node, "pos_embed", [self._input(a, node)], path, ch=shape[1], tokens=shape[0], **frozen)
-        self.last.add(node)
+        fields: dict[str, Any] = {"frozen": True} if not p.requires_grad else {}  # MAE's fixed sin-cos: a constant
+        if tokens:
+            fields.update(ch=shape[1], tokens=shape[0])
+        else:  # one vector per position of the map; the module keeps it channels-first
+            fields.update(ch=shape[0], tokens=shape[1] * shape[2], module_shape=list(p.shape))
+        self._emit(node, "pos_embed", [self._input(a, node)], path, **fields)
+        if tokens:
+            self.last.add(node)
         return True
 
     def _token_index(self, node: fx.Node, source: fx.Node) -> None:

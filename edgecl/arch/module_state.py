@@ -70,5 +70,8 @@ def _swin_table(node: dict[str, Any]) -> bool:
 
 def _token_grid(node: dict[str, Any]) -> bool:
     """A node whose weight the module stores tokens by channels, ``(1, tokens, ch)``: a position embedding, or
-    several tokens put before the others (one token's ``(ch,)`` reads the same either way)."""
+    several tokens put before the others (one token's ``(ch,)`` reads the same either way); not a feature map's
+    position embedding, which its module stores channels-first (``module_shape`` (1, ch, H, W))."""
+    if "module_shape" in node:  # a feature map's position embedding, (1, ch, H, W): the spec's rows, reshaped
+        return False
     return node["op"] == "pos_embed" or node["op"] == "class_token" and node["tokens"] > 1

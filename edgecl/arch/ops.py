@@ -57,10 +57,13 @@ Ops (fields and defaults in `OPS`):
   channel by channel, as an ``add`` of them would; removing channel c of every block leaves the others' values);
 - tokens (Vision Transformers), a ``(C, T, 1)`` map of T tokens of C channels: ``class_token`` (``tokens`` learned
   tokens put before the others, T → T + tokens: a class token, DeiT's distillation token, register tokens; weight
-  ``(ch,)`` for one, ``(ch, tokens)`` for several, which the module stores ``(1, tokens, ch)``), ``pos_embed`` (weight ``(ch, tokens)``: added to the tokens; its
-  module stores it ``(1, tokens, ch)``; ``frozen``: a constant, MAE's fixed sin-cos embedding, a parameter with
-  ``requires_grad=False``: no method trains it and an artifact stores it once, `spec.frozen_tensors`), ``token`` (``count`` tokens from ``index``, as ``(C, count, 1)``: class-token pooling, or the tokens after the
-  class and register tokens that a ViT's average pooling reads);
+  ``(ch,)`` for one, ``(ch, tokens)`` for several, which the module stores ``(1, tokens, ch)``), ``pos_embed``
+  (weight ``(ch, tokens)``: added to the tokens; its module stores it ``(1, tokens, ch)``; or added to a feature map
+  ``(ch, H, W)`` of H·W = ``tokens`` positions, row-major, as PiT and Visformer add theirs, whose module stores it
+  ``(1, ch, H, W)``: ``module_shape``; ``frozen``: a constant, MAE's fixed sin-cos embedding, a parameter with
+  ``requires_grad=False``: no method trains it and an artifact stores it once, `spec.frozen_tensors`), ``token``
+  (``count`` tokens from ``index``, as ``(C, count, 1)``: class-token pooling, or the tokens after the class and
+  register tokens that a ViT's average pooling reads);
 - ``attention`` (inputs q, k, v; over the positions of ``(C, H, W)`` maps, tokens being ``(C, T, 1)``; per head, a
   contiguous block of channels: softmax((scale·q)ᵀk) over the keys times v): q has ``heads`` blocks of d channels, k
   ``kv_heads`` blocks of d (default: ``heads``) and v ``kv_heads`` blocks of dv, at the keys' positions, which may be
@@ -98,8 +101,8 @@ PAD_MODES = ("constant", "reflect", "replicate")  # torch F.pad's; ONNX Pad's "c
 ACTIVATIONS = ("relu", "relu6", "hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu")
 
 # op → {field: (kind, default)}; a default of `...` means required. Kinds: size (int ≥ 1), pair (two sizes; an int
-# is taken for both), pad (two ints ≥ 0), pads (four), bool, eps, momentum, approximate, shape, axis, number (a
-# finite float), fill (a number or "-inf"), pad_mode (one of `PAD_MODES`).
+# is taken for both), pad (two ints ≥ 0), pads (four ints; a negative one crops), bool, eps, momentum, approximate,
+# shape, axis, number (a finite float), fill (a number or "-inf"), pad_mode (one of `PAD_MODES`).
 _POOL = {"k": ("pair", ...), "stride": ("pair", None), "pad": ("pad", [0, 0]), "ceil_mode": ("bool", False)}
 OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "conv": {"in": ("size", ...), "out": ("size", ...), "k": ("pair", ...), "stride": ("pair", [1, 1]),
@@ -304,23 +307,41 @@ def _pad_shape(node: dict[str, Any], x: list[int], where: str) -> list[int]:
     mode = node["mode"]
     if mode != "constant" and node["value"] != 0.0:
         raise UsageError(f"{where}: pad mode {mode!r} takes no value (gets {node['value']}); only mode 'constant' does")
+    if (problem := crop_problem(x, node["pads"], mode, node["value"])) is not None:
+        raise UsageError(f"{where}: {problem}")
     if mode == "reflect" and (max(top, bottom) >= x[1] or max(left, right) >= x[2]):
         raise UsageError(f"{where}: reflect pad {node['pads']} (top, left, bottom, right) must be smaller than the "
                          f"input's height and width {x[1:]}")
     return [x[0], x[1] + top + bottom, x[2] + left + right]
 
 
+def crop_problem(x: list[int], pads: list[int], mode: str, value: Any) -> str | None:
+    """Why negative ``pads`` (top, left, bottom, right; a crop, as torch's F.pad and ONNX Pad take them) cannot
+    apply to a (C, H, W) map, or None: a crop leaves at least one row and column, crops only with mode 'constant'
+    (which torch and ONNX agree on) and never with a -inf fill (which exists for a max pool's windows)."""
+    if min(pads) >= 0:
+        return None
+    top, left, bottom, right = pads
+    if x[1] + top + bottom < 1 or x[2] + left + right < 1 or min(top, bottom) <= -x[1] or min(left, right) <= -x[2]:
+        return f"pad {pads} (top, left, bottom, right) crops the whole {x[1]}×{x[2]} map away"
+    if mode != "constant" or value in ("-inf", -math.inf):
+        return (f"pad {pads} crops (negative sides) with mode {mode!r} and value {value!r}; a crop needs mode "
+                "'constant' and a finite value")
+    return None
+
+
 def _token_shape(node: dict[str, Any], ins: list[list[int]], where: str) -> list[int]:
-    """Output shape of the token ops: every input a ``(C, T, 1)`` token map."""
+    """Output shape of the token ops: every input a ``(C, T, 1)`` token map, except that a position embedding may
+    also be added to a feature map ``(C, H, W)`` (PiT, Visformer), one vector per position, H·W of them."""
     op, x = node["op"], ins[0]
-    if len(x) != 3 or x[2] != 1:
+    if len(x) != 3 or x[2] != 1 and op != "pos_embed":
         raise UsageError(f"{where}: {op} needs tokens as a (channels, tokens, 1) map, gets {x}")
     if op == "token":
         if node["index"] + node["count"] > x[1]:
             raise UsageError(f"{where}: tokens {node['index']} to {node['index'] + node['count'] - 1} of {x[1]} tokens")
         return [x[0], node["count"], 1]
-    if x[0] != node["ch"] or op == "pos_embed" and x[1] != node["tokens"]:
-        tokens = f" and {node['tokens']} tokens" if op == "pos_embed" else ""
+    if x[0] != node["ch"] or op == "pos_embed" and x[1] * x[2] != node["tokens"]:
+        tokens = f" and {node['tokens']} positions" if op == "pos_embed" else ""
         raise UsageError(f"{where}: {op} has {node['ch']} channels{tokens}, gets {x}")
     return [x[0], x[1] + node["tokens"], 1] if op == "class_token" else list(x)
 

@@ -216,12 +216,18 @@ def _module_shape(value: Any, node: dict[str, Any], where: str) -> list[int]:
     # a LayerNorm's pair (and a GRN's) is stored as (C,) by torch: nothing to reshape
     # a Conv1d stores a channel_conv's (k,) as (1, 1, k), timm a class token's (C,) as (1, 1, C); several tokens
     # are stored transposed, (1, tokens, C), as a position embedding (`module_state`)
+    if node["op"] == "pos_embed":  # a feature map's embedding, stored channels-first (1, ch, H, W): H·W positions
+        if not isinstance(value, list) or len(value) != 4 or not all(_is_size(d) for d in value) or \
+                value[:2] != [1, node["ch"]] or value[2] * value[3] != node["tokens"]:
+            raise UsageError(f"{where}: module_shape {str(value)[:60]} of a position embedding must be (1, "
+                             f"{node['ch']}, H, W) with H·W = {node['tokens']} positions")
+        return list(value)
     with_shape = (*WEIGHT_OPS, "layer_scale", "channel_conv", "class_token")
     one = node["op"] != "class_token" or node["tokens"] == 1
     weight = list(node_tensor_shapes(node)["weight"]) if node["op"] in with_shape and one else None
     if weight is None:
-        raise UsageError(f"{where}: module_shape is for conv, linear, layer_scale, channel_conv and one class_token's "
-                         f"weights, not {node['op']}{'' if one else ' of several tokens'}")
+        raise UsageError(f"{where}: module_shape is for conv, linear, layer_scale, channel_conv, pos_embed and one "
+                         f"class_token's weights, not {node['op']}{'' if one else ' of several tokens'}")
     if not isinstance(value, list) or not 0 < len(value) <= 4 or not all(_is_size(d) for d in value) or \
             [d for d in value if d != 1] != [d for d in weight if d != 1]:
         raise UsageError(f"{where}: module_shape {str(value)[:60]} must be the weight's shape {weight} with axes of "
@@ -265,7 +271,8 @@ def _field(value: Any, kind: str, where: str) -> Any:
         pair = [value, value] if type(value) is int else value
         if isinstance(pair, list) and len(pair) == 2 and all(_is_size(v, lo) for v in pair):
             return list(pair)
-    if kind == "pads" and isinstance(value, list) and len(value) == 4 and all(_is_size(v, 0) for v in value):
+    if kind == "pads" and isinstance(value, list) and len(value) == 4 and \
+            all(type(v) is int and abs(v) <= MAX_DIM for v in value):  # a negative side crops
         return list(value)
     if kind == "fill" and value == "-inf":
         return value
@@ -292,7 +299,8 @@ def _field(value: Any, kind: str, where: str) -> Any:
             all(isinstance(row, list) and row and all(_is_size(i, 0) for i in row) for row in value):
         return [list(row) for row in value]
     expect = {"size": f"an int from 1 to {MAX_DIM}", "pair": "an int ≥ 1 or two of them",
-              "pad": "an int ≥ 0 or two of them", "pads": "four ints ≥ 0 (top, left, bottom, right)",
+              "pad": "an int ≥ 0 or two of them",
+              "pads": "four ints (top, left, bottom, right; a negative one crops)",
               "pad_mode": " or ".join(map(repr, PAD_MODES)),
               "fill": f"a finite number of magnitude at most {MAX_NUMBER:g}, or \"-inf\"",
               "index": f"an int from 0 to {MAX_DIM}", "bool": "true or false", "eps": "a number in (0, 1)",

@@ -24,7 +24,7 @@ from edgecl.arch.spec import INPUT as SPEC_INPUT
 from edgecl.arch.spec import Arch, node_shapes, param_shapes
 from edgecl.graph.nodes import Builder as _Builder
 from edgecl.graph.onnx_spatial import SPATIAL_OPS, spatial_op
-from edgecl.graph.token_ops import TOKEN_OPS, attention
+from edgecl.graph.token_ops import TOKEN_OPS, attention, pos_embed
 
 OPSET = 17
 INPUT, OUTPUT = "x", "logits"
@@ -203,6 +203,8 @@ def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, shapes
         return _channel_conv(b, h, node, constant)
     if op == "attention":
         return attention(b, *ins, node, shapes, constant)
+    if op == "pos_embed":
+        return pos_embed(b, h, node, in_shape, constant)
     if op in TOKEN_OPS:
         return TOKEN_OPS[op](b, h, node, constant)
     if op in _UNARY:

@@ -111,7 +111,7 @@ def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: 
         return v[first:first + width(cm, source[i:j])]
     if op == "pad":  # a constant border holds the value: still one constant only where the channel's equals it
         # (a reflected or replicated border copies the channel's own values)
-        if node["mode"] != "constant" or not any(node["pads"]):
+        if node["mode"] != "constant" or max(node["pads"]) <= 0:  # (a crop adds no border)
             return v
         return np.where(v == float(node["value"]), v, np.nan)
     if op == "avgpool" and (any(node["pad"]) or node["ceil_mode"]):

@@ -89,9 +89,13 @@ def _class_token(b: Builder, h: str, node: dict, constant) -> str:
     return b.op("Concat", [b.op("Expand", [token, size]), h], axis=2)
 
 
-def _pos_embed(b: Builder, h: str, node: dict, constant) -> str:
-    """The (C, T) embedding unsqueezed to (C, T, 1), broadcast over the batch."""
-    return b.op("Add", [h, b.op("Unsqueeze", [f"{node['name']}.weight", constant(np.array([2], np.int64))])])
+def pos_embed(b: Builder, h: str, node: dict, shape: list[int], constant) -> str:
+    """The (C, T) embedding unsqueezed to tokens (C, T, 1), or reshaped to the feature map's (C, H, W), broadcast
+    over the batch."""
+    weight = f"{node['name']}.weight"
+    if shape[2] == 1:
+        return b.op("Add", [h, b.op("Unsqueeze", [weight, constant(np.array([2], np.int64))])])
+    return b.op("Add", [h, b.op("Reshape", [weight, constant(np.array(shape, np.int64))])])
 
 
 def _token(b: Builder, h: str, node: dict, constant) -> str:
@@ -101,4 +105,4 @@ def _token(b: Builder, h: str, node: dict, constant) -> str:
     return b.op("Slice", [h, starts, ends, axes])
 
 
-TOKEN_OPS = {"class_token": _class_token, "pos_embed": _pos_embed, "token": _token}
+TOKEN_OPS = {"class_token": _class_token, "token": _token}

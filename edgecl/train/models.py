@@ -143,7 +143,7 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return torch.cat([token, h], dim=2)
     if op == "pos_embed":  # a frozen one is a constant: no gradient reaches it, whatever a method steps
         weight = params[f"{name}.weight"]
-        return h + (weight.detach() if node["frozen"] else weight).unsqueeze(-1)
+        return h + (weight.detach() if node["frozen"] else weight).reshape(h.shape[1:])  # tokens or a map
     if op == "attention":
         bias = _gathered_bias(node, params[f"{name}.bias"]) if node.get("bias_offsets") else None
         if window_of(node):
