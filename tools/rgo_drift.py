@@ -71,11 +71,13 @@ for t, task in enumerate(stream.tasks):
         if c.w_shape.__len__() == 2:
             loc = F.linear(c.x, wk) - F.linear(c.x, w0)
         else:
-            loc = F.conv2d(c.x, wk, None, c.stride, c.padding, c.dilation, c.groups) - F.conv2d(c.x, w0, None, c.stride, c.padding, c.dilation, c.groups)
+            conf = (c.stride, c.padding, c.dilation, c.groups)
+            loc = F.conv2d(c.x, wk, None, *conf) - F.conv2d(c.x, w0, None, *conf)
         n0 = c.out.norm()
         rows.append((l, float((calls[l].out - c.out).norm() / n0), float(loc.norm() / n0),
                      float((wk - w0).norm() / w0.norm()), c.groups))
-    print(f"  logits drift {float((logits-l0).norm()/l0.norm()):.3f}  mean local {np.mean([r[2] for r in rows]):.4f}  max local {max(r[2] for r in rows):.4f}")
+    print(f"  logits drift {float((logits-l0).norm()/l0.norm()):.3f}  mean local {np.mean([r[2] for r in rows]):.4f}"
+          f"  max local {max(r[2] for r in rows):.4f}")
     if quiet:
         continue
     for l, g, lo, dw, grp in rows:
