@@ -22,7 +22,7 @@ Ops (fields and defaults in `OPS`):
 - element-wise: ``relu relu6 hardswish hardsigmoid silu sigmoid gelu tanh``, ``leaky_relu`` (its ``slope``), and
   ``scale`` (x·factor + offset with two constant numbers: arithmetic with a Python number, a negation);
 - ``pad``: a map padded with a constant ``value`` (0, or ``"-inf"``, read by max pools only, whose every window
-  holds a real value: `spec._check_minus_inf_pads`), ``pads`` =
+  holds a real value: `op_rules.check_minus_inf_pads`), ``pads`` =
   [top, left, bottom, right] rows/columns: TensorFlow's "same" padding, which adds the odd one at the bottom and
   right, and ``F.pad``; ``mode`` ``"reflect"`` (the map mirrored about its edge row/column, which is not repeated:
   each pad smaller than that side) or ``"replicate"`` (the edge repeated; ONNX's "edge") instead of the constant

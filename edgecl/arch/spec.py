@@ -27,6 +27,7 @@ import re
 from typing import Any
 
 from edgecl.arch.legacy import layers_to_nodes
+from edgecl.arch.op_rules import attention_fields, check_minus_inf_pads
 from edgecl.arch.ops import (MAX_NUMBER, NORMALISING_OPS, OPS, PAD_MODES, ROWLESS_OPS, TENSOR_OPS, TOKEN_TENSOR_OPS,
                              WEIGHT_OPS, output_shape)
 from edgecl.errors import UsageError
@@ -71,7 +72,7 @@ def validate(arch: Any) -> Arch:
     if len(shapes[output]) != 1:
         raise UsageError(f"architecture output {output!r} must be a flat feature vector, has shape {shapes[output]} "
                          "(end the trunk with a flatten)")
-    _check_minus_inf_pads(out_nodes, shapes)
+    check_minus_inf_pads(out_nodes, shapes)
     result = {"name": name, "input_shape": shape, "nodes": out_nodes, "output": output,
               "feature_dim": shapes[output][0]}
     _check_state_keys(result)
@@ -92,28 +93,6 @@ def stored_form(arch: Arch) -> Arch:
         return type(node[key]) is not type(default) or node[key] != default
 
     return {**arch, "nodes": [{k: v for k, v in node.items() if kept(node, k)} for node in arch["nodes"]]}
-
-
-def _check_minus_inf_pads(nodes: list[dict[str, Any]], shapes: dict[str, list[int]]) -> None:
-    """A ``"-inf"`` pad exists for a max pool to read (TensorFlow's "same" pools): anything else reading it (a conv,
-    an average, a sum) computes ±inf or NaN in every task, and so would a max-pool window holding only padding. So
-    it feeds max pools only, each of whose windows takes a real row and column: the first window does not end before
-    the map and the last does not start after it (every window between does too when the map is at least as tall
-    and wide as the dilation, which is required)."""
-    pads = {n["name"]: n for n in nodes if n["op"] == "pad" and n["value"] == "-inf"}
-    for node in nodes:
-        for src in set(node["inputs"]) & set(pads):
-            where = f"architecture node {node['name']!r} reads pad {src!r} of -inf"
-            if node["op"] != "maxpool":
-                raise UsageError(f"{where}: only a maxpool may (a {node['op']} computes inf or NaN from it)")
-            real = shapes[pads[src]["inputs"][0]][1:]
-            before = pads[src]["pads"][:2]
-            for a in range(2):
-                k, s, p, d = node["k"][a], node["stride"][a], node["pad"][a], node["dilation"][a]
-                n = shapes[node["name"]][1 + a]
-                if real[a] < d or -p + (k - 1) * d < before[a] or (n - 1) * s - p > before[a] + real[a] - 1:
-                    raise UsageError(f"{where}: a window on axis {a + 2} holds only padding (its map {real[a]}, "
-                                     f"pad before {before[a]}, k {k}, stride {s}, pad {p}, dilation {d}, {n} windows)")
 
 
 def state_key(node: dict[str, Any], tensor: str) -> str:
@@ -189,7 +168,7 @@ def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
     if op == "attention" and out["kv_heads"] is None:
         out["kv_heads"] = out["heads"]
     if op == "attention":
-        _attention_fields(out, where)
+        attention_fields(out, where)
     if op == "space_to_depth" and out["order"] == "hw":
         del out["order"]  # ONNX's order: the spec as before Swin's patch merging
     if "module" in node:  # the layer's path in the user's module where the node name had to differ (`module_state`)
@@ -246,19 +225,6 @@ def _inputs(value: Any, op: str, where: str, shapes: dict[str, list[int]]) -> li
         want = f"{fewest} or more" if most == MAX_INPUTS else f"{fewest}"
         raise UsageError(f"{where}: {op} takes {want} inputs, got {len(value)}")
     return list(value)
-
-
-def _attention_fields(out: dict[str, Any], where: str) -> None:
-    """Leave out an attention's absent optional fields (the spec as before biases and windows existed); a shift or
-    a bias storage needs what it qualifies (a window, a table)."""
-    for key, needs in (("shift", "window"), ("bias_table", "bias_offsets")):
-        if out[key] is not None and out[needs] is None:
-            raise UsageError(f"{where}: attention {key} {out[key]} needs a {needs}")
-    if out["window"] is not None and out["shift"] is None:
-        out["shift"] = [0, 0]
-    for key in ("bias_offsets", "bias_index", "bias_table", "window", "shift"):
-        if out[key] is None:
-            del out[key]
 
 
 def _field(value: Any, kind: str, where: str) -> Any:

@@ -1,0 +1,42 @@
+"""Rules of single ops that `spec.validate` applies across fields or nodes, after each field's own check: where a
+"-inf" pad may be read, and which of an attention's optional fields go together."""
+from __future__ import annotations
+
+from typing import Any
+
+from edgecl.errors import UsageError
+
+
+def check_minus_inf_pads(nodes: list[dict[str, Any]], shapes: dict[str, list[int]]) -> None:
+    """A ``"-inf"`` pad exists for a max pool to read (TensorFlow's "same" pools): anything else reading it (a conv,
+    an average, a sum) computes ±inf or NaN in every task, and so would a max-pool window holding only padding. So
+    it feeds max pools only, each of whose windows takes a real row and column: the first window does not end before
+    the map and the last does not start after it (every window between does too when the map is at least as tall
+    and wide as the dilation, which is required)."""
+    pads = {n["name"]: n for n in nodes if n["op"] == "pad" and n["value"] == "-inf"}
+    for node in nodes:
+        for src in set(node["inputs"]) & set(pads):
+            where = f"architecture node {node['name']!r} reads pad {src!r} of -inf"
+            if node["op"] != "maxpool":
+                raise UsageError(f"{where}: only a maxpool may (a {node['op']} computes inf or NaN from it)")
+            real = shapes[pads[src]["inputs"][0]][1:]
+            before = pads[src]["pads"][:2]
+            for a in range(2):
+                k, s, p, d = node["k"][a], node["stride"][a], node["pad"][a], node["dilation"][a]
+                n = shapes[node["name"]][1 + a]
+                if real[a] < d or -p + (k - 1) * d < before[a] or (n - 1) * s - p > before[a] + real[a] - 1:
+                    raise UsageError(f"{where}: a window on axis {a + 2} holds only padding (its map {real[a]}, "
+                                     f"pad before {before[a]}, k {k}, stride {s}, pad {p}, dilation {d}, {n} windows)")
+
+
+def attention_fields(out: dict[str, Any], where: str) -> None:
+    """Leave out an attention's absent optional fields (the spec as before biases and windows existed); a shift or
+    a bias storage needs what it qualifies (a window, a table)."""
+    for key, needs in (("shift", "window"), ("bias_table", "bias_offsets")):
+        if out[key] is not None and out[needs] is None:
+            raise UsageError(f"{where}: attention {key} {out[key]} needs a {needs}")
+    if out["window"] is not None and out["shift"] is None:
+        out["shift"] = [0, 0]
+    for key in ("bias_offsets", "bias_index", "bias_table", "window", "shift"):
+        if out[key] is None:
+            del out[key]
