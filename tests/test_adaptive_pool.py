@@ -67,6 +67,9 @@ def test_dividing_and_multiple_sizes_stay_plain_pools():
 @pytest.mark.parametrize("pool, shape, message", [
     (nn.AdaptiveMaxPool2d(3), (1, 5, 5), "adaptive max pooling to 3 is supported only"),
     (nn.AdaptiveAvgPool2d((65, 2)), (1, 4, 4), r"adaptive average pooling of \[4, 4\] to \[65, 2\]: at most"),
+    # before: a raw ZeroDivisionError (torch pools to an empty map)
+    (nn.AdaptiveAvgPool2d((0, 2)), (1, 5, 5), r"adaptive pooling to \(0, 2\): every output side must be an int ≥ 1"),
+    (nn.AdaptiveMaxPool2d((3, 0)), (1, 4, 4), r"adaptive pooling to \(3, 0\): every output side must be an int ≥ 1"),
 ])
 def test_adaptive_pooling_edgecl_cannot_follow_is_refused_by_name(pool, shape, message):
     with pytest.raises(UsageError, match=message) as e:

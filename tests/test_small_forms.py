@@ -148,6 +148,31 @@ def test_batchnorm_act_with_another_activation_refused_by_name(act, name):
         from_torch(_ConvBnAct(act).eval(), (2, 6, 6))
 
 
+class _ClampedReLU(nn.ReLU):
+    """A subclass of a torch activation that computes something else: its own forward."""
+
+    def forward(self, x):
+        return x.clamp(-1.0, 1.0)
+
+
+class _OwnActivation(nn.Module):
+    """A conv and `_ClampedReLU`, as a plain layer of the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.act, self.fc = nn.Conv2d(2, 6, 3), _ClampedReLU(), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv(x)).mean([2, 3]))
+
+
+@pytest.mark.parametrize("module, path", [(_OwnActivation, "act"), (lambda: _ConvBnAct(_ClampedReLU), "bn.act")])
+def test_an_activation_subclass_with_its_own_forward_refused_by_name(module, path):
+    """Before: read as relu by its base class, a network that computes another function (parity failed)."""
+    with pytest.raises(UsageError, match=rf"_ClampedReLU at '{path}' overrides ReLU.forward"):
+        from_torch(module().eval(), (2, 6, 6))
+
+
 class _Crop(nn.Module):
     """A conv, a cropping pad (a ZeroPad2d, or F.pad with `pads` and `value`), a conv reading it (unless `read` is
     False: torch's conv fails on an empty map, its mean does not), the mean."""

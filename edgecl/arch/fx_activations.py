@@ -27,11 +27,19 @@ TIMM_ACTIVATIONS: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {
     (_TIMM_ME, "HardSigmoidMe"): ("hardsigmoid", {})}
 
 
+def overridden(m: nn.Module) -> type | None:
+    """The torch activation class `m` subclasses with a forward of its own (it computes something else), or None."""
+    return next((k for k in ACTIVATION_MODULES if isinstance(m, k) and type(m).forward is not k.forward), None)
+
+
 def module_activation(m: nn.Module) -> tuple[str, dict[str, Any]] | None:
-    """The spec activation op and its fields that module `m` computes; None when edgecl has none for it."""
+    """The spec activation op and its fields that module `m` computes; None when edgecl has none for it (a subclass
+    of torch's activation that overrides its forward included)."""
     timm_op = TIMM_ACTIVATIONS.get((type(m).__module__, type(m).__name__))
     if timm_op:
         return timm_op[0], dict(timm_op[1])
+    if overridden(m) is not None:
+        return None
     op = next((v for k, v in ACTIVATION_MODULES.items() if isinstance(m, k)), None)
     if op == "gelu":
         return op, {"approximate": m.approximate}
@@ -42,5 +50,8 @@ def module_activation(m: nn.Module) -> tuple[str, dict[str, Any]] | None:
 
 def unknown_activation(m: nn.Module, path: str) -> str:
     """Why the activation module at `path` is refused: its class, and the activations edgecl has."""
+    if (base := overridden(m)) is not None:
+        return (f"activation {type(m).__name__} at {path!r} overrides {base.__name__}.forward ({type(m).__module__}), "
+                f"so it computes something else than a {base.__name__}; not supported")
     return (f"activation {type(m).__name__} at {path!r} is not one edgecl has as a spec op (it has "
             f"{', '.join(ACTIVATIONS)}, as torch's or timm's modules)")

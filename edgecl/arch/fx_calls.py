@@ -265,6 +265,8 @@ class _CallConverter:
         if shape is None or len(shape) != 3:
             raise self.refuse(node, f"adaptive pooling needs a (channels, height, width) input, gets {shape}")
         size = [s if s is not None else d for s, d in zip(pair(output_size), shape[1:])]
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size):  # torch pools to empty
+            raise self.refuse(node, f"adaptive pooling to {output_size}: every output side must be an int ≥ 1")
         if kind == "adaptive_avg" and size == [1, 1]:
             self._emit(node, "gap", [x])
             return

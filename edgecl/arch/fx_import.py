@@ -86,13 +86,14 @@ _SAME_FORWARD = {("timm.layers.linear", "Linear")}
 
 
 def _check_own_forward(m: nn.Module, path: str) -> None:
-    """A subclass of a layer edgecl converts by its attributes (a conv, linear, pooling, upsampling or flatten layer)
+    """A subclass of a layer edgecl converts by its attributes (a conv, linear, pooling, padding, activation,
+    upsampling or flatten layer)
     that overrides forward computes something else (weight standardisation, padding decided in forward): edgecl
     would run the base layer with its attributes and silently compute another network, so it is refused by name —
     except the same-padded layers `fx_padding` knows. (BatchNorm subclasses are judged by `_batchnorm`.)"""
     if same_kind(m):
         return
-    for base in (nn.Conv2d, nn.Linear, *_POOL_MODULES, *PAD_MODULES, nn.Upsample, nn.Flatten):
+    for base in (nn.Conv2d, nn.Linear, *_POOL_MODULES, *PAD_MODULES, *ACTIVATION_MODULES, nn.Upsample, nn.Flatten):
         kind = type(m)
         if isinstance(m, base) and kind.forward is not base.forward and \
                 (kind.__module__, kind.__name__) not in _SAME_FORWARD:
