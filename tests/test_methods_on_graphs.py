@@ -112,8 +112,9 @@ def test_batchnorm_rules(method_name, arch_name, stream):
     """"task": each task's own affine pair and statistics (task-kind deltas, different per task); "frozen": one copy,
     task 0's, never moved by task 1."""
     _, (_, per_task) = two_tasks(method_name, arch_name, stream, batchnorm="task")
-    # frozen BatchNorm is a fixed gain: LeViT's seven stacked ones under RGO's lr 0.1 diverge (its bias zeroed too)
-    slower = {"lr": 0.01} if (method_name, arch_name) == ("rgo", "levit") else {}
+    # frozen BatchNorm is a fixed gain: LeViT's seven stacked ones under RGO's lr 0.1 diverge (its bias zeroed too),
+    # and so do TinyEfficientFormerV2's eleven (a NaN loss in task 0's first epoch)
+    slower = {"lr": 0.01} if (method_name, arch_name) in (("rgo", "levit"), ("rgo", "efficientformer")) else {}
     _, (first, frozen) = two_tasks(method_name, arch_name, stream, batchnorm="frozen", **slower)
     names = batchnorm_names(per_task.arch)
     assert names and {per_task.params[k]["kind"] for k in names} == {"task"}
