@@ -34,8 +34,8 @@ from edgecl.train.batchnorm import RECALIBRATION_BATCH, batchnorm_names, is_stat
 from edgecl.train.data import make_stream
 from edgecl.train.models import from_numpy, init_params
 from edgecl.train.protocol import TrainContext, batches
-from layer_nets import (blur_spec, eca_spec, efficientformer_spec, gc_spec, hgnet_spec, levit_spec, map_embed_spec, mnv4_spec, s2d_spec,
-                        split_attn_spec, swin_spec, tf_spec, tiny_vit_spec, vit_spec)
+from layer_nets import (blur_spec, eca_spec, efficientformer_spec, gc_spec, hgnet_spec, levit_spec, map_embed_spec,
+                        mnv4_spec, s2d_spec, split_attn_spec, swin_spec, tf_spec, tiny_vit_spec, vit_spec)
 from torch_nets import convnext_spec, dwres_spec, ghost_spec, rescat_spec, shuffle_spec
 
 CTX = TrainContext(progress=False)

@@ -1,6 +1,6 @@
 """Attention over the positions of a (C, H, W) map (MobileNetV4-hybrid's timm ``MultiQueryAttention2d``, timm's
-``Attention2d`` and Visformer's ``Attention``), for `fx_import._Converter`. The tracer keeps either module whole (`fx_attention.is_timm_attention`);
-each becomes what its forward computes, in spec ops:
+``Attention2d`` and Visformer's ``Attention``), for `fx_import._Converter`. The tracer keeps each module whole
+(`fx_attention.is_timm_attention`); each becomes what its forward computes, in spec ops:
 
     MultiQueryAttention2d: query.proj (1×1 conv) → q;  [key.down_conv (depthwise, kv_stride) → key.norm] → key.proj
     (1×1 conv to ONE head of key_dim) → k;  the same for v;  attention {heads, kv_heads 1, scale} → output.proj
