@@ -1,8 +1,9 @@
 """Attention over a feature map's positions through `from_torch`: timm's MultiQueryAttention2d (MobileNetV4-hybrid:
 one key/value head shared by every query head, keys and values optionally down-sampled by a strided depthwise
 conv), Attention2d and Visformer's Attention — parity of the spec's torch forward and its ONNX graph with the real
-modules, the channel map that keeps every method correct (each query head tied to the one key head; v's channels once per query head), the
-``kv_heads`` field and the score bound, refusals by name, and timm's mobilenetv4_hybrid_medium (slow)."""
+modules, the channel map that keeps every method correct (each query head tied to the one key head; v's channels
+once per query head), the ``kv_heads`` field and the score bound, refusals by name, and timm's
+mobilenetv4_hybrid_medium and visformer_tiny (slow)."""
 from __future__ import annotations
 
 import pytest
