@@ -185,7 +185,7 @@ def _spec(draw) -> dict:
         op = draw(st.sampled_from(["conv", "linear", "bn", "maxpool", "avgpool", "gap", "add", "mul", "cat", "flatten",
                                    "reshape", "pad", "blur", "adaptive_avgpool", "scalar_affine", "channel_conv",
                                    "branch_softmax", "class_token", "pos_embed", "token", "attention", "space_to_depth",
-                                   *ACTIVATIONS]))
+                                   "upsample", *ACTIVATIONS]))
         src = draw(st.sampled_from(names))
         node = {"name": f"n{i}", "op": op, "inputs": [src]}
         dims = known.get(src, [1])
@@ -264,6 +264,12 @@ def _spec(draw) -> dict:
                     [[0] * (t + 1)] * t, [[b] * t] * t, [], [[-1]], "x", None]))
                 if draw(st.booleans()):  # stored as Swin stores it (or a hostile layout name)
                     node["bias_table"] = "swin" if fits else draw(st.sampled_from(["levit", "other", 1]))
+            if draw(st.integers(0, 3)) == 0:  # EfficientFormerV2's talking heads (refused with a window)
+                node["talking_heads"] = draw(st.booleans()) if fits else draw(st.sampled_from(["yes", 1, None]))
+        elif op == "upsample":  # nearest or bilinear (EfficientFormerV2's strided attention), by integer factors
+            node["scale"] = draw(st.sampled_from([1, 2, [2, 1]])) if fits else draw(st.sampled_from([0, [1, 2, 3]]))
+            if draw(st.booleans()):
+                node["mode"] = draw(st.sampled_from(["nearest", "bilinear"] if fits else ["bicubic", 1, None]))
         elif op == "space_to_depth":  # ONNX's order or Swin's patch merging's
             node["block"] = draw(st.sampled_from([1, 2, 3]))
             if draw(st.booleans()):

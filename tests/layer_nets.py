@@ -4,8 +4,9 @@ Transformer (`TinyViT`), PP-HGNetV2's scalar affines (`TinyHGNet`), split attent
 global context (`TinyGCNet`), TResNet's space-to-depth stem (`TinyS2D`), MobileNetV4-hybrid's multi-query
 attention on a feature map (`TinyMNv4Hybrid`), LeViT's attention biases and strided attention (`TinyLeViT`),
 anti-aliased downsampling (`TinyBlur`), Swin's shifted window attention and patch merging (`TinySwin`), TinyViT's
-windowed LeViT attention and local conv (`TinyTinyViT`) and a position embedding added to a feature map
-(`TinyMapEmbed`, as PiT and Visformer add theirs, with NASNet's cropping pad). Imports torch and timm."""
+windowed LeViT attention and local conv (`TinyTinyViT`), a position embedding added to a feature map
+(`TinyMapEmbed`, as PiT and Visformer add theirs, with NASNet's cropping pad) and EfficientFormerV2's strided
+talking-heads attention and attention downsampling (`TinyEfficientFormerV2`). Imports torch and timm."""
 from __future__ import annotations
 
 import torch
@@ -24,6 +25,8 @@ from timm.layers.space_to_depth import SpaceToDepth  # noqa: E402
 from timm.layers.selective_kernel import SelectiveKernel  # noqa: E402
 from timm.layers.split_attn import SplitAttn  # noqa: E402
 from timm.models._efficientnet_blocks import MobileAttention  # noqa: E402
+from timm.models.efficientformer_v2 import Attention2d as FormerAttention  # noqa: E402
+from timm.models.efficientformer_v2 import Attention2dDownsample  # noqa: E402
 from timm.models.hgnet import LearnableAffineBlock  # noqa: E402
 from timm.models.levit import Attention as LevitAttention  # noqa: E402
 from timm.models.levit import AttentionDownsample, LevitMlp, NormLinear  # noqa: E402
@@ -394,3 +397,24 @@ class TinyMapEmbed(nn.Module):
 
 def map_embed_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyMapEmbed(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
+
+
+class TinyEfficientFormerV2(nn.Module):
+    """EfficientFormerV2's attention in small: a conv stem, a strided Attention2d (depthwise stride conv, talking
+    heads, LeViT's biases, local v conv, bilinear up-sampling) added back to its input, an Attention2dDownsample
+    (local-global query) to half the map, and the mean."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, image: int = 8, width: int = 16):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.attn = FormerAttention(width, key_dim=4, num_heads=2, attn_ratio=2, resolution=image, stride=2)
+        self.down = Attention2dDownsample(width, key_dim=4, num_heads=2, attn_ratio=2, resolution=image)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.fc(self.down(x + self.attn(x)).mean([2, 3]))
+
+
+def efficientformer_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyEfficientFormerV2(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))

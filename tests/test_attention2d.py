@@ -1,8 +1,9 @@
 """Attention over a feature map's positions through `from_torch`: timm's MultiQueryAttention2d (MobileNetV4-hybrid:
-one key/value head shared by every query head, keys and values optionally down-sampled by a strided depthwise conv)
-and Attention2d — parity of the spec's torch forward and its ONNX graph with the real modules, the channel map that
-keeps every method correct (each query head tied to the one key head; v's channels once per query head), the
-``kv_heads`` field and the score bound, refusals by name, and timm's mobilenetv4_hybrid_medium (slow)."""
+one key/value head shared by every query head, keys and values optionally down-sampled by a strided depthwise
+conv), Attention2d and Visformer's Attention — parity of the spec's torch forward and its ONNX graph with the real
+modules, the channel map that keeps every method correct (each query head tied to the one key head; v's channels
+once per query head), the ``kv_heads`` field and the score bound, refusals by name, and timm's
+mobilenetv4_hybrid_medium and visformer_tiny (slow)."""
 from __future__ import annotations
 
 import pytest
@@ -63,6 +64,24 @@ def test_attention2d_parity():
     spec = _parity(_Wrapped(timm.layers.attention2d.Attention2d(12, num_heads=3)))
     attend = next(n for n in spec["nodes"] if n["op"] == "attention")
     assert (attend["heads"], attend["kv_heads"]) == (3, 3) and attend["scale"] == pytest.approx(4 ** -0.5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_heads=3), dict(num_heads=2, head_dim_ratio=0.5)])
+def test_visformer_attention_parity(kwargs):
+    """Visformer's Attention packs q, k and v as blocks of heads (reshape(B, 3, heads, head_dim, -1)); with
+    head_dim_ratio its heads are narrower than dim / heads."""
+    spec = _parity(_Wrapped(timm.models.visformer.Attention(12, **kwargs)))
+    attend = next(n for n in spec["nodes"] if n["op"] == "attention")
+    head_dim = round(12 // kwargs["num_heads"] * kwargs.get("head_dim_ratio", 1.0))
+    assert attend["heads"] == kwargs["num_heads"] and attend["scale"] == pytest.approx(head_dim ** -0.5)
+    assert [n["out"] for n in spec["nodes"] if n["name"] == "attn.qkv"] == [3 * kwargs["num_heads"] * head_dim]
+
+
+def _visformer_with(**parts) -> nn.Module:
+    m = timm.models.visformer.Attention(12, num_heads=3)
+    for name, layer in parts.items():
+        setattr(m, name, layer)
+    return _Wrapped(m)
 
 
 def test_tiny_mnv4_hybrid_parity():
@@ -126,17 +145,25 @@ def _attention_2d_with(**parts) -> nn.Module:
     (lambda: _edited(lambda m: delattr(m.value, "norm"), kv_stride=2), r"value has layers \['down_conv', 'proj'\]"),
     (lambda: _edited(lambda m: setattr(m.output, "drop", nn.ReLU())), "output.drop is a ReLU"),
     (lambda: _Wrapped(_attention_2d_with(proj_drop=nn.Hardswish())), "proj_drop is a Hardswish"),
+    # Visformer: a spatial qkv conv (its positions would move), an attention dropout that is no dropout
+    (lambda: _visformer_with(qkv=nn.Conv2d(12, 36, 3, padding=1, bias=False)), r"qkv is a Conv2d \(3, 3\)"),
+    (lambda: _visformer_with(attn_drop=nn.ReLU()), "attn_drop is a ReLU"),
 ])
 def test_unsupported_variants_are_refused_by_name(module, words):
     with pytest.raises(UsageError, match=words) as err:
         from_torch(module(), (3, 8, 8))
-    assert "attention2d.py:" in str(err.value) or "test_attention2d.py:" in str(err.value)
+    assert any(f in str(err.value) for f in ("attention2d.py:", "test_attention2d.py:", "visformer.py:"))
     assert "'attn'" in str(err.value)
 
 
 @pytest.mark.slow
 def test_mobilenetv4_hybrid_medium_at_64():
     _parity(timm.create_model("mobilenetv4_hybrid_medium"), (3, 64, 64))
+
+
+@pytest.mark.slow
+def test_visformer_tiny_at_64():
+    _parity(timm.create_model("visformer_tiny", img_size=64), (3, 64, 64))
 
 
 def test_channel_map_follows_a_thousand_query_heads():

@@ -10,7 +10,8 @@ values strided), TinyLeViT (LeViT's attention biases, LinearNorm, strided querie
 replicate and zero pads, the binomial filter; adaptive average pooling to 3×3), TinySwin (shifted window attention
 with relative position biases, patch merging), TinyTinyViT (windowed attention with LeViT's biases, a local conv
 between attention and MLP), TinyMapEmbed (a position embedding added to a feature map, as PiT's and Visformer's; a
-cropping pad, as NASNet's) and TinyViT with register tokens,
+cropping pad, as NASNet's), TinyEfficientFormerV2 (talking heads, a bilinear up-sampling, attention biases,
+a local-global strided query) and TinyViT with register tokens,
 DeiT's distillation token (two averaged heads) and a frozen position embedding: two real digit tasks each,
 then what the method promises about the first task, the deployed runtime against the training evaluation, and the
 exported ONNX against the runtime."""
@@ -33,8 +34,8 @@ from edgecl.train.batchnorm import RECALIBRATION_BATCH, batchnorm_names, is_stat
 from edgecl.train.data import make_stream
 from edgecl.train.models import from_numpy, init_params
 from edgecl.train.protocol import TrainContext, batches
-from layer_nets import (blur_spec, eca_spec, gc_spec, hgnet_spec, levit_spec, map_embed_spec, mnv4_spec, s2d_spec,
-                        split_attn_spec, swin_spec, tf_spec, tiny_vit_spec, vit_spec)
+from layer_nets import (blur_spec, eca_spec, efficientformer_spec, gc_spec, hgnet_spec, levit_spec, map_embed_spec,
+                        mnv4_spec, s2d_spec, split_attn_spec, swin_spec, tf_spec, tiny_vit_spec, vit_spec)
 from torch_nets import convnext_spec, dwres_spec, ghost_spec, rescat_spec, shuffle_spec
 
 CTX = TrainContext(progress=False)
@@ -45,9 +46,9 @@ ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8
          "hgnet": hgnet_spec, "split": split_attn_spec, "vit": vit_spec, "gc": gc_spec, "s2d": s2d_spec,
          "mnv4": mnv4_spec, "vit_tokens": lambda: vit_spec(registers=2, distilled=True, frozen_pos=True),
          "levit": levit_spec, "blur": blur_spec, "swin": swin_spec, "tiny_vit": tiny_vit_spec,
-         "map_embed": map_embed_spec}
+         "map_embed": map_embed_spec, "efficientformer": efficientformer_spec}
 GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgnet", "split", "vit", "gc", "s2d", "mnv4",
-          "vit_tokens", "levit", "blur", "swin", "tiny_vit", "map_embed"]
+          "vit_tokens", "levit", "blur", "swin", "tiny_vit", "map_embed", "efficientformer"]
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +112,9 @@ def test_batchnorm_rules(method_name, arch_name, stream):
     """"task": each task's own affine pair and statistics (task-kind deltas, different per task); "frozen": one copy,
     task 0's, never moved by task 1."""
     _, (_, per_task) = two_tasks(method_name, arch_name, stream, batchnorm="task")
-    # frozen BatchNorm is a fixed gain: LeViT's seven stacked ones under RGO's lr 0.1 diverge (its bias zeroed too)
-    slower = {"lr": 0.01} if (method_name, arch_name) == ("rgo", "levit") else {}
+    # frozen BatchNorm is a fixed gain: LeViT's seven stacked ones under RGO's lr 0.1 diverge (its bias zeroed too),
+    # and so do TinyEfficientFormerV2's eleven (a NaN loss in task 0's first epoch)
+    slower = {"lr": 0.01} if (method_name, arch_name) in (("rgo", "levit"), ("rgo", "efficientformer")) else {}
     _, (first, frozen) = two_tasks(method_name, arch_name, stream, batchnorm="frozen", **slower)
     names = batchnorm_names(per_task.arch)
     assert names and {per_task.params[k]["kind"] for k in names} == {"task"}

@@ -1,10 +1,11 @@
-"""Attention over the positions of a (C, H, W) map (MobileNetV4-hybrid's timm ``MultiQueryAttention2d`` and timm's
-``Attention2d``), for `fx_import._Converter`. The tracer keeps either module whole (`fx_attention.is_timm_attention`);
-each becomes what its forward computes, in spec ops:
+"""Attention over the positions of a (C, H, W) map (MobileNetV4-hybrid's timm ``MultiQueryAttention2d``, timm's
+``Attention2d`` and Visformer's ``Attention``), for `fx_import._Converter`. The tracer keeps each module whole
+(`fx_attention.is_timm_attention`); each becomes what its forward computes, in spec ops:
 
     MultiQueryAttention2d: query.proj (1×1 conv) → q;  [key.down_conv (depthwise, kv_stride) → key.norm] → key.proj
     (1×1 conv to ONE head of key_dim) → k;  the same for v;  attention {heads, kv_heads 1, scale} → output.proj
     Attention2d: qkv (1×1 conv) → slices q, k, v → attention {heads, scale} → proj
+    Visformer's Attention: the same (its qkv reshape(B, 3, heads, head_dim, -1) packs q, k and v as blocks of heads)
 
 Keeping the module whole, rather than tracing its reshapes, transposes and ``scaled_dot_product_attention``, lets
 edgecl check the variant: an attention mask, query strides (an average pool and a bilinear up-sampling), Attention2d's
@@ -22,14 +23,16 @@ from edgecl.errors import UsageError
 
 MULTI_QUERY = ("timm.layers.attention2d", "MultiQueryAttention2d")
 ATTENTION_2D = ("timm.layers.attention2d", "Attention2d")
+VISFORMER = ("timm.models.visformer", "Attention")
 # the layers of MultiQueryAttention2d's parts, in order: the key/value path with or without its strided depthwise conv
 _LAYOUTS = {"query": (["proj"],), "key": (["proj"], ["down_conv", "norm", "proj"]),
             "value": (["proj"], ["down_conv", "norm", "proj"]), "output": (["proj", "drop"],)}
 
 
 def is_attention_2d(m: Any) -> bool:
-    """timm's MultiQueryAttention2d or Attention2d, judged by its class; timm is not imported for this."""
-    return (type(m).__module__, type(m).__name__) in (MULTI_QUERY, ATTENTION_2D)
+    """timm's MultiQueryAttention2d, Attention2d or Visformer's Attention, judged by its class; timm is not imported
+    for this."""
+    return (type(m).__module__, type(m).__name__) in (MULTI_QUERY, ATTENTION_2D, VISFORMER)
 
 
 class _Attention2dConverter:
@@ -96,10 +99,19 @@ class _Attention2dConverter:
         return self._conv(node, part.proj, x, f"{path}.proj", where)
 
     def _attention_2d(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str) -> None:
-        if m.head_first:
+        if getattr(m, "head_first", False):
             raise UsageError(f"{self.name}: {where} has head_first=True (each head's q, k and v side by side); "
                              "edgecl supports q, k and v each a block of heads (head_first=False)")
         heads, width = int(m.num_heads), m.qkv.out_channels // 3
+        for part, conv in (("qkv", m.qkv), ("proj", m.proj)):  # a strided or spatial conv would move the positions
+            if type(conv) is not nn.Conv2d or tuple(conv.kernel_size) != (1, 1) or tuple(conv.stride) != (1, 1):
+                raise UsageError(f"{self.name}: {where}: {part} is a {type(conv).__name__} "
+                                 f"{getattr(conv, 'kernel_size', '')}; edgecl converts a 1×1 nn.Conv2d there")
+        head_dim = int(getattr(m, "head_dim", getattr(m, "dim_head", 0)))  # Visformer's name, Attention2d's
+        if width != heads * head_dim or m.proj.in_channels != width:
+            raise UsageError(f"{self.name}: {where}: qkv has {m.qkv.out_channels} channels and proj reads "
+                             f"{m.proj.in_channels}; edgecl follows timm's layout (q, k and v of {heads} heads)")
         packed = self._conv(node, m.qkv, x, f"{path}.qkv", where)
-        attended = self.attend_packed(node, packed, path, width, heads=heads, scale=float(m.dim_head) ** -0.5)
+        attended = self.attend_packed(node, packed, path, width, heads=heads,
+                                     scale=float(head_dim) ** -0.5)  # both use SDPA's default scale when fused
         self._conv(node, m.proj, attended, f"{path}.proj", where)

@@ -30,6 +30,7 @@ from edgecl.arch.fx_calls import (POOL_PARAMETERS, WITH_INDICES, _CallConverter,
 from edgecl.arch.fx_blur import _BlurConverter, is_blur_pool
 from edgecl.arch.fx_classifier import _ClassifierConverter
 from edgecl.arch.fx_eca import _EcaConverter, is_eca
+from edgecl.arch.fx_efficientformer import _EfficientFormerConverter, is_efficientformer_attention
 from edgecl.arch.fx_global_context import _GlobalContextConverter, is_global_context
 from edgecl.arch.fx_levit import _LevitConverter, is_levit
 from edgecl.arch.fx_norms import LAYER_NORMS, PERMUTES, _NormConverter, is_grn, is_view
@@ -61,7 +62,7 @@ _SCALAR_METHODS = ("size", "dim")
 _WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention, "split_attention"),
           (is_timm_attention, "timm_attention"), (is_global_context, "global_context"), (is_swin, "swin"),
           (is_space_to_depth, "space_to_depth"), (is_levit, "levit"), (is_tiny_vit_block, "tiny_vit_block"),
-          (is_blur_pool, "blur_pool"))
+          (is_blur_pool, "blur_pool"), (is_efficientformer_attention, "efficientformer_attention"))
 _ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin, is_tiny_vit_block)  # may read channels-last values
 
 
@@ -188,7 +189,8 @@ def _propagate_shapes(traced: fx.GraphModule, shape: list[int]) -> None:
 class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverter, _PaddingConverter,
                  _ClassifierConverter, _EcaConverter, _AffineConverter, _SplitAttnConverter, _TokenConverter,
                  _AttentionConverter, _Attention2dConverter, _GlobalContextConverter, _SpaceToDepthConverter,
-                 _LevitConverter, _SwinConverter, _TinyVitConverter, _BlurConverter):
+                 _LevitConverter, _SwinConverter, _TinyVitConverter, _BlurConverter,
+                 _EfficientFormerConverter):
 
     def __init__(self, traced: fx.GraphModule, module: nn.Module, shape: list[int], classifier: bool | None,
                  name: str):

@@ -25,7 +25,7 @@ def state_keys(arch: Arch) -> dict[str, str]:
 def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
     """Trunk tensor name → its shape as the traced module stores it (`param_shapes`, except a weight whose node has
     a ``module_shape``, a position embedding or several prepended tokens, stored ``(1, tokens, ch)``, and Swin's
-    attention bias table, stored ``(offsets, heads)``);
+    attention bias table, stored ``(offsets, heads)``, and talking heads' mixes, stored as (heads, heads, 1, 1) convs);
     `from_module` converts."""
     shapes = param_shapes(arch)
     for node in arch["nodes"]:
@@ -35,6 +35,9 @@ def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
             shapes[f"{node['name']}.weight"] = (1, node["tokens"], node["ch"])
         if _swin_table(node):
             shapes[f"{node['name']}.bias"] = (node["bias_offsets"], node["heads"])
+        if node["op"] == "attention" and node.get("talking_heads"):  # 1×1 convs over the heads
+            for mix in ("talk1_weight", "talk2_weight"):
+                shapes[f"{node['name']}.{mix}"] = (node["heads"], node["heads"], 1, 1)
     return shapes
 
 

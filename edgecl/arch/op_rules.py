@@ -1,5 +1,5 @@
 """Rules of single ops that `spec.validate` applies across fields or nodes, after each field's own check: where a
-"-inf" pad may be read, and which of an attention's optional fields go together."""
+"-inf" pad may be read, which of an attention's optional fields go together, and an attention's tensors."""
 from __future__ import annotations
 
 from typing import Any
@@ -35,8 +35,35 @@ def attention_fields(out: dict[str, Any], where: str) -> None:
     for key, needs in (("shift", "window"), ("bias_table", "bias_offsets")):
         if out[key] is not None and out[needs] is None:
             raise UsageError(f"{where}: attention {key} {out[key]} needs a {needs}")
+    if out["talking_heads"] and (out["window"] is not None or out["kv_heads"] != out["heads"]):
+        raise UsageError(f"{where}: attention talking_heads needs kv_heads = heads and no window")
+    if out["talking_heads"] is False:
+        out["talking_heads"] = None  # false is what its absence means: the spec as before talking heads existed
     if out["window"] is not None and out["shift"] is None:
         out["shift"] = [0, 0]
-    for key in ("bias_offsets", "bias_index", "bias_table", "window", "shift"):
+    for key in ("bias_offsets", "bias_index", "bias_table", "window", "shift", "talking_heads"):
         if out[key] is None:
             del out[key]
+
+
+# an attention's talking-head tensors → their names in its module (EfficientFormerV2's two 1×1 convs over the heads)
+TALKING = {"talk1_weight": "talking_head1.weight", "talk1_bias": "talking_head1.bias",
+            "talk2_weight": "talking_head2.weight", "talk2_bias": "talking_head2.bias"}
+
+
+def attention_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """An attention's tensors: its bias table (heads, offsets), and the talking heads' (heads, heads) mixes and their
+    (heads,) biases."""
+    h = node["heads"]
+    shapes = {"bias": (h, node["bias_offsets"])} if node.get("bias_offsets") else {}
+    if node.get("talking_heads"):
+        shapes.update({k: (h, h) if k.endswith("weight") else (h,) for k in TALKING})
+    return shapes
+
+
+def attention_state_name(node: dict[str, Any], tensor: str) -> str:
+    """The module's name of an attention's tensor: the bias table's ``attention_biases`` (timm's LeViT,
+    EfficientFormerV2) or, ``bias_table`` "swin", ``relative_position_bias_table``; the talking heads' convs."""
+    if tensor in TALKING:
+        return TALKING[tensor]
+    return "relative_position_bias_table" if node.get("bias_table") == "swin" else "attention_biases"

@@ -38,8 +38,9 @@ Ops (fields and defaults in `OPS`):
   the input's sides at most `MAX_ADAPTIVE_INPUT`, which bounds the work), ``attention_pool`` (GCNet's global
   context: inputs a ``(C, H, W)`` map x and ``(1, H, W)`` logits; softmax of the logits over the H·W positions, then
   each channel's sum of x weighted by it → ``(C, 1, 1)``; the weights sum to 1, so a channel constant over the map pools
-  to that constant, as under ``gap``); ``upsample`` (nearest, by the integer ``scale`` of each spatial axis: every value
-  repeated);
+  to that constant, as under ``gap``); ``upsample`` (by the integer ``scale`` of each spatial axis; ``mode``
+  "nearest": every value repeated, or "bilinear": torch's ``align_corners=False`` interpolation, ONNX Resize linear
+  half_pixel, as EfficientFormerV2's strided attention up-samples; either keeps a constant channel constant);
 - structure: ``add`` (residual sum of equal shapes; an input's spatial axes of size 1 broadcast, as GCNet's fused add
   of a ``(C, 1, 1)`` context over a ``(C, H, W)`` map — the channels never do), ``mul`` (broadcast product, e.g.
   squeeze-and-excitation gates), ``cat`` (channel concatenation), ``slice`` (channels ``start`` to ``stop``, of a map
@@ -81,7 +82,11 @@ Ops (fields and defaults in `OPS`):
   wh × ww window of the map (q, k and v at the same positions, ``kv_heads`` = ``heads``, windows that tile the map);
   T_q = T_kv = wh·ww for the bias, and the scores are heads × H·W × wh·ww. ``shift`` [sh, sw] (each below the
   window's side) rolls the map by (−sh, −sw) first, masks the pairs from different regions of the roll, and rolls
-  the output back: Swin's shifted windows. The channel map is attention's, unchanged.
+  the output back: Swin's shifted windows. The channel map is attention's, unchanged. ``talking_heads`` true
+  (EfficientFormerV2's talking heads; kv_heads = heads, no window) mixes the heads' scores by a learned heads × heads
+  matrix and bias before the softmax (tensors ``talk1_weight``, ``talk1_bias``) and the softmax's weights by a second
+  one after it (``talk2_weight``, ``talk2_bias``): its module's ``talking_head1`` / ``talking_head2`` 1×1 convs over
+  the heads. Like the bias they belong to no channel (the heads are never pruned).
 
 """
 from __future__ import annotations
@@ -102,7 +107,8 @@ ACTIVATIONS = ("relu", "relu6", "hardswish", "hardsigmoid", "silu", "sigmoid", "
 
 # op → {field: (kind, default)}; a default of `...` means required. Kinds: size (int ≥ 1), pair (two sizes; an int
 # is taken for both), pad (two ints ≥ 0), pads (four ints; a negative one crops), bool, eps, momentum, approximate,
-# shape, axis, number (a finite float), fill (a number or "-inf"), pad_mode (one of `PAD_MODES`).
+# shape, axis, number (a finite float), fill (a number or "-inf"), pad_mode (one of `PAD_MODES`), upsample_mode
+# ("nearest" or "bilinear").
 _POOL = {"k": ("pair", ...), "stride": ("pair", None), "pad": ("pad", [0, 0]), "ceil_mode": ("bool", False)}
 OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "conv": {"in": ("size", ...), "out": ("size", ...), "k": ("pair", ...), "stride": ("pair", [1, 1]),
@@ -120,7 +126,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "gap": {},
     "adaptive_avgpool": {"size": ("pair", ...)},
     "attention_pool": {},
-    "upsample": {"scale": ("pair", ...)},
+    "upsample": {"scale": ("pair", ...), "mode": ("upsample_mode", "nearest")},
     "pad": {"pads": ("pads", ...), "value": ("fill", 0.0), "mode": ("pad_mode", "constant")},
     "blur": {"k": ("size", ...), "stride": ("size", 2)},
     "scale": {"factor": ("number", 1.0), "offset": ("number", 0.0)},
@@ -137,7 +143,8 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "pos_embed": {"ch": ("size", ...), "tokens": ("size", ...), "frozen": ("bool", False)},
     "attention": {"heads": ("size", ...), "scale": ("number", ...), "kv_heads": ("size", None),
                   "bias_offsets": ("size", None), "bias_index": ("index_table", None),
-                  "bias_table": ("bias_table", None), "window": ("pair", None), "shift": ("pad", None)},
+                  "bias_table": ("bias_table", None), "window": ("pair", None), "shift": ("pad", None),
+                  "talking_heads": ("bool", None)},
     "token": {"index": ("index", 0), "count": ("size", 1)},
 }
 OPS["gelu"] = {"approximate": ("approximate", "none")}
@@ -177,6 +184,7 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
             w = math.prod(node["window"])
             return 3 * h * tq * w + (h * w * w if node.get("bias_offsets") else 0) + 3 * (cq + ck + cv + out) * tq
         bias = h * tq * tk if node.get("bias_offsets") else 0  # the gathered (heads, T_q, T_kv) bias
+        bias += 4 * h * tq * tk if node.get("talking_heads") else 0  # the mixed scores and weights, their sums
         return 2 * h * tq * tk + bias + 2 * (cq * tq + ck * tk) + 2 * (cv * tk + out * tq)
     if node["op"] == "attention_pool":
         return 2 * math.prod(ins[1]) + math.prod(ins[0])

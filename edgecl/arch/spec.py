@@ -27,7 +27,8 @@ import re
 from typing import Any
 
 from edgecl.arch.legacy import layers_to_nodes
-from edgecl.arch.op_rules import attention_fields, check_minus_inf_pads
+from edgecl.arch.op_rules import (attention_fields, attention_state_name, attention_tensor_shapes,
+                                   check_minus_inf_pads)
 from edgecl.arch.ops import (MAX_NUMBER, NORMALISING_OPS, OPS, PAD_MODES, ROWLESS_OPS, TENSOR_OPS, TOKEN_TENSOR_OPS,
                              WEIGHT_OPS, output_shape)
 from edgecl.errors import UsageError
@@ -81,7 +82,8 @@ def validate(arch: Any) -> Arch:
 
 # node fields added after files without them were written, with the default that means what their absence meant
 LATER_FIELDS: dict[str, dict[str, Any]] = {"class_token": {"tokens": 1}, "token": {"count": 1},
-                                           "pos_embed": {"frozen": False}, "pad": {"mode": "constant"}}
+                                           "pos_embed": {"frozen": False}, "pad": {"mode": "constant"},
+                                           "upsample": {"mode": "nearest"}}
 
 
 def stored_form(arch: Arch) -> Arch:
@@ -100,7 +102,7 @@ def state_key(node: dict[str, Any], tensor: str) -> str:
     its ``module`` path, then the tensor; a layer scale, a class token and a position embedding are bare parameters,
     whose key is that path itself, a scalar affine's weight is its module's ``scale`` (timm's LearnableAffineBlock)
     and an attention's bias table its module's ``attention_biases`` (timm's LeViT) or, ``bias_table`` "swin", its
-    ``relative_position_bias_table``.
+    ``relative_position_bias_table`` (talking heads: `op_rules.attention_state_name`).
     A ``module`` ending in ``*`` has the tensor's name in place of the ``*``: torch's packed parameters
     (``nn.MultiheadAttention``'s ``in_proj_weight`` / ``in_proj_bias``, module ``….in_proj_*``); a path that merely
     ends in ``_`` (``self.conv_``) is an ordinary one."""
@@ -108,8 +110,7 @@ def state_key(node: dict[str, Any], tensor: str) -> str:
     if node["op"] in ("layer_scale", *TOKEN_TENSOR_OPS):
         return path
     tensor = "scale" if node["op"] == "scalar_affine" and tensor == "weight" else \
-        ("relative_position_bias_table" if node.get("bias_table") == "swin" else "attention_biases") \
-        if node["op"] == "attention" else tensor
+        attention_state_name(node, tensor) if node["op"] == "attention" else tensor
     return f"{path[:-1]}{tensor}" if path.endswith("*") else f"{path}.{tensor}"
 
 
@@ -253,7 +254,8 @@ def _field(value: Any, kind: str, where: str) -> Any:
     if kind in ("number", "fill") and isinstance(value, (int, float)) and not isinstance(value, bool) and \
             math.isfinite(value) and abs(value) <= MAX_NUMBER:
         return float(value)
-    if kind == "approximate" and value in ("none", "tanh"):
+    if kind == "approximate" and value in ("none", "tanh") or kind == "upsample_mode" and value in ("nearest",
+                                                                                                   "bilinear"):
         return value
     if kind == "shape" and isinstance(value, list):
         return _shape(value, "reshape shape")
@@ -272,7 +274,7 @@ def _field(value: Any, kind: str, where: str) -> Any:
               "index": f"an int from 0 to {MAX_DIM}", "bool": "true or false", "eps": "a number in (0, 1)",
               "momentum": "a number in (0, 1]",
               "approximate": "'none' or 'tanh'", "axis": "1 (channels)", "order": "'hw' or 'wh'",
-              "bias_table": "'levit' or 'swin'",
+              "bias_table": "'levit' or 'swin'", "upsample_mode": "'nearest' or 'bilinear'",
               "index_table": "a non-empty list of non-empty lists of ints ≥ 0",
               "number": f"a finite number of magnitude at most {MAX_NUMBER:g}"}.get(kind, kind)
     shown = repr(value) if isinstance(value, str) else str(value)  # "1" is not 1
@@ -314,8 +316,8 @@ def node_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         return {"weight": (node["k"],)}
     if op == "scalar_affine":
         return {"weight": (1,), "bias": (1,)}
-    if op == "attention":  # LeViT's per-head table of relative offsets (`edgecl.arch.ops`)
-        return {"bias": (node["heads"], node["bias_offsets"])} if node.get("bias_offsets") else {}
+    if op == "attention":  # LeViT's per-head table of relative offsets, the talking heads' mixes (`edgecl.arch.ops`)
+        return attention_tensor_shapes(node)
     if op in TOKEN_TENSOR_OPS:
         return {"weight": (node["ch"],) if op == "class_token" and node["tokens"] == 1 else (node["ch"], node["tokens"])}
     if op in NORMALISING_OPS and node.get("affine", True) or op == "layer_scale":

@@ -73,11 +73,23 @@ def _attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list
     if mask is not None:  # windows need kv = h: (N·windows, h, T, T) as (N, windows, h, T, T) + (windows, 1, T, T)
         per_window = b.op("Reshape", [scores, shape(-1, mask[1], h, t, tk)])
         scores = b.op("Reshape", [b.op("Add", [per_window, mask[0]]), shape(-1, h, t, tk)])
+    if node.get("talking_heads"):  # kv = h: (N, h, T, Tk) mixed across the heads before and after the softmax
+        scores = _mix_heads(b, scores, node, "talk1", (h, t, tk), shape)
     weights = b.op("Softmax", [scores], axis=-1)
+    if node.get("talking_heads"):
+        weights = _mix_heads(b, weights, node, "talk2", (h, t, tk), shape)
     out = b.op("MatMul", [weights, b.op("Transpose", [b.op("Reshape", [v, shape(0, kv, dv, tk)])], perm=[0, 1, 3, 2])])
     if kv != h:
         out = b.op("Reshape", [out, shape(0, h, t, dv)])
     return b.op("Reshape", [b.op("Transpose", [out], perm=[0, 1, 3, 2]), shape(0, h * dv, *hw)])
+
+
+def _mix_heads(b: Builder, scores: str, node: dict, which: str, dims: tuple[int, int, int], shape) -> str:
+    """A talking-head mix, as `edgecl.train.models._mix_heads`: (h, h) MatMul (N, h, T·Tk), plus (h, 1)."""
+    h, t, tk = dims
+    flat = b.op("MatMul", [f"{node['name']}.{which}_weight", b.op("Reshape", [scores, shape(0, h, t * tk)])])
+    bias = b.op("Reshape", [f"{node['name']}.{which}_bias", shape(h, 1)])
+    return b.op("Reshape", [b.op("Add", [flat, bias]), shape(0, h, t, tk)])
 
 
 def _class_token(b: Builder, h: str, node: dict, constant) -> str:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from edgecl.arch import INPUT, WEIGHT_OPS, Arch, param_shapes
 from edgecl.arch.attention_windows import window_mask, window_of
+from edgecl.arch.op_rules import TALKING
 from edgecl.arch.ops import blur_filter
 from edgecl.train import distributed
 
@@ -148,7 +149,8 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         bias = _gathered_bias(node, params[f"{name}.bias"]) if node.get("bias_offsets") else None
         if window_of(node):
             return window_attention(*ins, node, bias)
-        return attention(*ins, node["heads"], node["scale"], node["kv_heads"], bias)
+        talking = tuple(params[f"{name}.{k}"] for k in TALKING) if node.get("talking_heads") else None
+        return attention(*ins, node["heads"], node["scale"], node["kv_heads"], bias, talking=talking)
     if op == "token":
         return h[:, :, node["index"]:node["index"] + node["count"]]
     if op in _ACTIVATIONS:
@@ -177,6 +179,9 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         k, c = node["k"], h.shape[1]
         weight = torch.as_tensor(blur_filter(k), dtype=h.dtype, device=h.device).expand(c, 1, k, k)
         return F.conv2d(h, weight, stride=node["stride"], groups=c)
+    if op == "upsample" and node.get("mode") == "bilinear":  # torch's nn.Upsample(scale_factor, "bilinear")
+        return F.interpolate(h, scale_factor=tuple(float(s) for s in node["scale"]), mode="bilinear",
+                             align_corners=False)
     if op == "upsample":  # nearest by integer factors: each value repeated, exactly as ONNX Resize below
         return h.repeat_interleave(node["scale"][0], dim=2).repeat_interleave(node["scale"][1], dim=3)
     if op == "scale":  # a factor of 1 or offset of 0 is skipped, as in ONNX: the same float32 steps
@@ -264,12 +269,14 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, node: di
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
               kv_heads: int | None = None, bias: torch.Tensor | None = None,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
+              mask: torch.Tensor | None = None, talking: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """Multi-head attention over the positions of (N, C, H, W) maps (tokens: (N, C, T, 1)), each head a contiguous
     block of channels, as `edgecl.graph.builder` emits it: softmax((scale·q)ᵀk) over the keys, times v. With fewer
     k/v heads (multi-query: one), the g = heads / kv_heads query heads of one k/v head are stacked along the query
     positions, so one product serves them all. `bias` (heads, T_q, T_kv), LeViT's gathered attention bias, is added
-    to the scores before the softmax, then `mask` (windows, T, T): the batch is N·windows, window-minor (Swin)."""
+    to the scores before the softmax, then `mask` (windows, T, T): the batch is N·windows, window-minor (Swin).
+    `talking` (w1, b1, w2, b2), EfficientFormerV2's talking heads (kv = heads): the scores mixed across the heads by
+    w1 (heads, heads) plus b1 before the softmax, its weights by w2 plus b2 after it."""
     n, c, t, tk = q.shape[0], q.shape[1], q.shape[2] * q.shape[3], k.shape[2] * k.shape[3]
     kv = kv_heads or heads
     d, dv = c // heads, v.shape[1] // kv
@@ -283,8 +290,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, sca
         scores = scores + bias.reshape(kv, heads // kv * t, tk)
     if mask is not None:  # one mask per window, the same for every head
         scores = (scores.reshape(-1, mask.shape[0], kv, t, tk) + mask.unsqueeze(1)).reshape(scores.shape)
-    out = (torch.softmax(scores, dim=-1) @ vh).reshape(n, heads, t, dv)
+    weights = torch.softmax(scores if talking is None else _mix_heads(scores, *talking[:2]), dim=-1)
+    out = ((weights if talking is None else _mix_heads(weights, *talking[2:])) @ vh).reshape(n, heads, t, dv)
     return out.transpose(2, 3).reshape(n, heads * dv, *q.shape[2:])
+
+
+def _mix_heads(scores: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """(N, h, T, Tk) mixed across the heads, as a 1×1 conv over them: out[i] = Σ_j weight[i, j]·in[j] + bias[i]."""
+    n, h, t, tk = scores.shape
+    return (weight @ scores.reshape(n, h, t * tk) + bias.reshape(h, 1)).reshape(n, h, t, tk)
 
 
 def to_numpy(params: Params) -> dict:
