@@ -237,6 +237,8 @@ def _timm_edited(edit) -> nn.Module:
     (lambda: _timm_edited(lambda b: setattr(b, "norm1", nn.Identity())), (3, 32, 32), "'layers.0.blocks.1.norm1'"),
     (lambda: _timm_edited(lambda b: setattr(b.attn, "proj_drop", nn.ReLU())), (3, 32, 32), "proj_drop is a ReLU"),
     (_OnFirst, (3, 8, 8), "channels-last"),
+    # built for an 8×16 map, fed a 16×8 one: timm applies its stored 8×16 mask (8 windows either way), not the map's
+    (lambda: _Block((8, 16), (4, 4), (2, 2)), (3, 16, 8), "attention mask built for an 8×16 map"),
 ])
 def test_what_edgecl_does_not_follow_is_refused_by_name(make, shape, words):
     with pytest.raises(UsageError, match=words) as err:
