@@ -220,6 +220,13 @@ class _OnFirst(nn.Module):
         return self.fc(self.block(self.stem(x)).mean((1, 2)))
 
 
+class _Unmixed(nn.Module):
+    """Runs where timm's WindowAttention does (windows and a mask in, windows out) but attends to nothing."""
+
+    def forward(self, x, mask=None):
+        return x
+
+
 def _timm_edited(edit) -> nn.Module:
     module = _timm_swin()
     edit(module.layers[0].blocks[1])
@@ -236,6 +243,7 @@ def _timm_edited(edit) -> nn.Module:
     (lambda: _timm_edited(lambda b: setattr(b.mlp, "norm", nn.LayerNorm(64))), (3, 32, 32), "Mlp with an activation"),
     (lambda: _timm_edited(lambda b: setattr(b, "norm1", nn.Identity())), (3, 32, 32), "'layers.0.blocks.1.norm1'"),
     (lambda: _timm_edited(lambda b: setattr(b.attn, "proj_drop", nn.ReLU())), (3, 32, 32), "proj_drop is a ReLU"),
+    (lambda: _timm_edited(lambda b: setattr(b, "attn", _Unmixed())), (3, 32, 32), "its attn is a _Unmixed"),
     (_OnFirst, (3, 8, 8), "channels-last"),
     # built for an 8×16 map, fed a 16×8 one: timm applies its stored 8×16 mask (8 windows either way), not the map's
     (lambda: _Block((8, 16), (4, 4), (2, 2)), (3, 16, 8), "attention mask built for an 8×16 map"),

@@ -67,6 +67,7 @@ class _SwinConverter:
 
     def _swin_timm_block(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str, shape: list[int]) -> None:
         check_drops(self.name, where, m, "drop_path1", "drop_path2")
+        check_kind(self.name, where, m, "attn", (_TIMM, "WindowAttention"))
         check_timm_mask(self.name, where, m, shape)
         normed = self.swin_norm(node, m.norm1, x, f"{path}.norm1", where)
         attended = self.window_attention(node, m.attn, normed, f"{path}.attn", where, shape, m.window_size,
@@ -157,6 +158,15 @@ def check_timm_mask(model: str, where: str, m: nn.Module, shape: list[int]) -> N
         raise UsageError(f"{model}: {where}: it applies its attention mask built for an {built} map to a "
                          f"{shape[0]}×{shape[1]} one; build it with input_resolution {tuple(shape[:2])} (or "
                          "dynamic_mask=True)")
+
+
+def check_kind(model: str, where: str, m: nn.Module, part: str, kind: tuple[str, str]) -> None:
+    """A library block's sublayer must be the library's own class (another one that runs in its place would be
+    read for attributes it lacks, or silently as the library's)."""
+    found = getattr(m, part, None)
+    if (type(found).__module__, type(found).__name__) != kind:
+        raise UsageError(f"{model}: {where}: its {part} is a {type(found).__name__}; edgecl converts {kind[0]}'s "
+                         f"{kind[1]} there")
 
 
 def linear(model: str, where: str, m: nn.Module) -> nn.Module:
