@@ -58,7 +58,8 @@ class _TinyVitConverter:
                                             None if shape[:2] == [ws, ws] else [ws, ws])
         h = self._emit(node, "add", [x, attended], f"{path}.add1")
         local = m.local_conv
-        if [name for name, _ in local.named_children()] != ["conv", "bn"] or type(local.conv) is not nn.Conv2d:
+        if [name for name, _ in local.named_children()] != ["conv", "bn"] or type(local.conv) is not nn.Conv2d or \
+                not isinstance(local.bn, nn.BatchNorm2d):
             raise UsageError(f"{self.name}: {where}: local_conv must be timm's ConvNorm (an nn.Conv2d then a "
                              "BatchNorm2d)")
         conv = self._emit(node, "conv", [h], f"{path}.local_conv.conv",
