@@ -99,10 +99,12 @@ def test_windows_partition_the_map():
 class _Block(nn.Module):
     """A stem to a channels-last map and one timm SwinTransformerBlock (any window and shift), then the mean."""
 
-    def __init__(self, size: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]):
+    def __init__(self, size: tuple[int, int], window: tuple[int, int], shift: tuple[int, int],
+                 block: nn.Module | None = None):
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 1)
-        self.block = SwinBlock(8, size, num_heads=2, window_size=window, shift_size=shift, always_partition=True)
+        self.block = block or SwinBlock(8, size, num_heads=2, window_size=window, shift_size=shift,
+                                        always_partition=True)
         self.fc = nn.Linear(8, 2)
 
     def forward(self, x):
@@ -116,6 +118,23 @@ def test_rectangular_windows_and_one_sided_shifts(size, window, shift):
     spec = from_torch(module, (3, *size))
     check_parity(module, spec, (3, *size), batch=2)
     assert [(n["window"], n["shift"]) for n in spec["nodes"] if n["op"] == "attention"] == [(list(window), list(shift))]
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, database=None)
+@given(data=st.data())
+def test_random_library_windows_equal_the_libraries(data):
+    """Any window (1 to 4 a side) on a map of 1 to 3 windows a side, any shift below it, 1, 2 or 4 heads, as timm
+    (partitioning always, or clamping window and shift to the map) and torchvision (no shift along a side the window
+    covers) compute it: the module = the spec's torch forward = its ONNX graph (the shifts at the map's edges, one
+    window a side, rectangular windows and maps)."""
+    window = [data.draw(st.integers(1, 4)) for _ in range(2)]
+    size = [w * data.draw(st.integers(1, 3)) for w in window]
+    shift, heads = [data.draw(st.integers(0, w - 1)) for w in window], data.draw(st.sampled_from([1, 2, 4]))
+    library = data.draw(st.sampled_from(["timm", "timm clamping", "torchvision"]))
+    block = TvSwin.ShiftedWindowAttention(8, window, shift, heads) if library == "torchvision" else \
+        SwinBlock(8, size, num_heads=heads, window_size=window, shift_size=shift, always_partition=library == "timm")
+    module = _randomised(_Block(size, window, shift, block))
+    check_parity(module, from_torch(module, (3, *size)), (3, *size), batch=2)
 
 
 @settings(max_examples=40, deadline=None, derandomize=True, database=None)
