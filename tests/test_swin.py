@@ -163,20 +163,21 @@ def test_the_mask_is_the_libraries_own():
 class _Merge(nn.Module):
     """A stem to a channels-last 5×5 map and one patch merging (an odd map: padded by a zero row and column)."""
 
-    def __init__(self, merge: nn.Module, keep: bool = False):
+    def __init__(self, merge: nn.Module, keep: str | None = None):
         super().__init__()
         self.stem, self.merge, self.fc = nn.Conv2d(3, 4, 3, stride=2, padding=1), merge, nn.Linear(8, 2)
         self.keep = keep
 
     def forward(self, x):
         merged = self.merge(self.stem(x).permute(0, 2, 3, 1))
-        kept = merged.mean((1, 2), keepdim=True).permute(0, 3, 1, 2).flatten(1) if self.keep else None
+        kept = merged.mean((1, 2), **{self.keep: True}).permute(0, 3, 1, 2).flatten(1) if self.keep else None
         pooled = merged.mean((1, 2)) if kept is None else kept
         return self.fc(pooled)
 
 
-@pytest.mark.parametrize("merge, keep", [(lambda: timm.models.swin_transformer.PatchMerging(4), False),
-                                         (lambda: TvSwin.PatchMerging(4), True)])
+@pytest.mark.parametrize("merge, keep", [(lambda: timm.models.swin_transformer.PatchMerging(4), None),
+                                         (lambda: TvSwin.PatchMerging(4), "keepdim"),
+                                         (lambda: TvSwin.PatchMerging(4), "keepdims")])  # numpy's name: torch's too
 def test_patch_merging_order_and_odd_maps(merge, keep):
     """Both libraries' merging on a 5×5 map, then the mean over the channels-last map (kept as (B, 1, 1, C), still
     channels-last, permuted back and flattened; or not kept)."""
