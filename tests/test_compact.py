@@ -294,6 +294,22 @@ def test_node_masks_on_residual_concat_depthwise_and_gates(seed, masks):
         _check(arch, p, c_arch, c_params, report, seed)
 
 
+@pytest.mark.parametrize("make", ["swin_spec", "tiny_vit_spec"])
+def test_node_masks_on_window_attention(make):
+    """Swin's shifted windows, TinyViT's windows: half of every channel group dead; the MLPs shrink, the attention
+    keeps its heads, windows and shift (its q, k, v channels are pinned), and the logits stay the same."""
+    import layer_nets
+
+    arch = getattr(layer_nets, make)((3, 16, 16))
+    p, _ = group_node_masks(arch, random_params(arch, 3, 0), 0.5, 0)
+    c_arch, c_params, report = compact(arch, p)
+    assert report.params_compact < report.params_dense
+    kept = ("name", "heads", "window", "shift")
+    assert [[n.get(k) for k in kept] for n in c_arch["nodes"] if n["op"] == "attention"] == \
+        [[n.get(k) for k in kept] for n in arch["nodes"] if n["op"] == "attention"]
+    _check(arch, p, c_arch, c_params, report)
+
+
 @pytest.mark.parametrize("name,unit", [("mlp", "column"), ("lenet", "row"), ("mlp", "row")])
 def test_structured_lps_task_gets_smaller_with_same_logits(name, unit):
     packed = structured_lps_model(preset(name), 0.5, unit=unit, seed=1)

@@ -99,10 +99,12 @@ def test_windows_partition_the_map():
 class _Block(nn.Module):
     """A stem to a channels-last map and one timm SwinTransformerBlock (any window and shift), then the mean."""
 
-    def __init__(self, size: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]):
+    def __init__(self, size: tuple[int, int], window: tuple[int, int], shift: tuple[int, int],
+                 block: nn.Module | None = None):
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 1)
-        self.block = SwinBlock(8, size, num_heads=2, window_size=window, shift_size=shift, always_partition=True)
+        self.block = block or SwinBlock(8, size, num_heads=2, window_size=window, shift_size=shift,
+                                        always_partition=True)
         self.fc = nn.Linear(8, 2)
 
     def forward(self, x):
@@ -116,6 +118,23 @@ def test_rectangular_windows_and_one_sided_shifts(size, window, shift):
     spec = from_torch(module, (3, *size))
     check_parity(module, spec, (3, *size), batch=2)
     assert [(n["window"], n["shift"]) for n in spec["nodes"] if n["op"] == "attention"] == [(list(window), list(shift))]
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, database=None)
+@given(data=st.data())
+def test_random_library_windows_equal_the_libraries(data):
+    """Any window (1 to 4 a side) on a map of 1 to 3 windows a side, any shift below it, 1, 2 or 4 heads, as timm
+    (partitioning always, or clamping window and shift to the map) and torchvision (no shift along a side the window
+    covers) compute it: the module = the spec's torch forward = its ONNX graph (the shifts at the map's edges, one
+    window a side, rectangular windows and maps)."""
+    window = [data.draw(st.integers(1, 4)) for _ in range(2)]
+    size = [w * data.draw(st.integers(1, 3)) for w in window]
+    shift, heads = [data.draw(st.integers(0, w - 1)) for w in window], data.draw(st.sampled_from([1, 2, 4]))
+    library = data.draw(st.sampled_from(["timm", "timm clamping", "torchvision"]))
+    block = TvSwin.ShiftedWindowAttention(8, window, shift, heads) if library == "torchvision" else \
+        SwinBlock(8, size, num_heads=heads, window_size=window, shift_size=shift, always_partition=library == "timm")
+    module = _randomised(_Block(size, window, shift, block))
+    check_parity(module, from_torch(module, (3, *size)), (3, *size), batch=2)
 
 
 @settings(max_examples=40, deadline=None, derandomize=True, database=None)
@@ -144,20 +163,21 @@ def test_the_mask_is_the_libraries_own():
 class _Merge(nn.Module):
     """A stem to a channels-last 5×5 map and one patch merging (an odd map: padded by a zero row and column)."""
 
-    def __init__(self, merge: nn.Module, keep: bool = False):
+    def __init__(self, merge: nn.Module, keep: str | None = None):
         super().__init__()
         self.stem, self.merge, self.fc = nn.Conv2d(3, 4, 3, stride=2, padding=1), merge, nn.Linear(8, 2)
         self.keep = keep
 
     def forward(self, x):
         merged = self.merge(self.stem(x).permute(0, 2, 3, 1))
-        kept = merged.mean((1, 2), keepdim=True).permute(0, 3, 1, 2).flatten(1) if self.keep else None
+        kept = merged.mean((1, 2), **{self.keep: True}).permute(0, 3, 1, 2).flatten(1) if self.keep else None
         pooled = merged.mean((1, 2)) if kept is None else kept
         return self.fc(pooled)
 
 
-@pytest.mark.parametrize("merge, keep", [(lambda: timm.models.swin_transformer.PatchMerging(4), False),
-                                         (lambda: TvSwin.PatchMerging(4), True)])
+@pytest.mark.parametrize("merge, keep", [(lambda: timm.models.swin_transformer.PatchMerging(4), None),
+                                         (lambda: TvSwin.PatchMerging(4), "keepdim"),
+                                         (lambda: TvSwin.PatchMerging(4), "keepdims")])  # numpy's name: torch's too
 def test_patch_merging_order_and_odd_maps(merge, keep):
     """Both libraries' merging on a 5×5 map, then the mean over the channels-last map (kept as (B, 1, 1, C), still
     channels-last, permuted back and flattened; or not kept)."""
@@ -220,6 +240,13 @@ class _OnFirst(nn.Module):
         return self.fc(self.block(self.stem(x)).mean((1, 2)))
 
 
+class _Unmixed(nn.Module):
+    """Runs where timm's WindowAttention does (windows and a mask in, windows out) but attends to nothing."""
+
+    def forward(self, x, mask=None):
+        return x
+
+
 def _timm_edited(edit) -> nn.Module:
     module = _timm_swin()
     edit(module.layers[0].blocks[1])
@@ -236,7 +263,10 @@ def _timm_edited(edit) -> nn.Module:
     (lambda: _timm_edited(lambda b: setattr(b.mlp, "norm", nn.LayerNorm(64))), (3, 32, 32), "Mlp with an activation"),
     (lambda: _timm_edited(lambda b: setattr(b, "norm1", nn.Identity())), (3, 32, 32), "'layers.0.blocks.1.norm1'"),
     (lambda: _timm_edited(lambda b: setattr(b.attn, "proj_drop", nn.ReLU())), (3, 32, 32), "proj_drop is a ReLU"),
+    (lambda: _timm_edited(lambda b: setattr(b, "attn", _Unmixed())), (3, 32, 32), "its attn is a _Unmixed"),
     (_OnFirst, (3, 8, 8), "channels-last"),
+    # built for an 8×16 map, fed a 16×8 one: timm applies its stored 8×16 mask (8 windows either way), not the map's
+    (lambda: _Block((8, 16), (4, 4), (2, 2)), (3, 16, 8), "attention mask built for an 8×16 map"),
 ])
 def test_what_edgecl_does_not_follow_is_refused_by_name(make, shape, words):
     with pytest.raises(UsageError, match=words) as err:

@@ -49,8 +49,10 @@ def _edited(edit) -> nn.Module:
     (lambda: _randomised(TinyVit(embed_dims=(8, 16), depths=(1, 1), num_heads=(1, 2),
                                  window_sizes=(2, 4))), "4×4 windows do not tile the 6×6 map"),
     (lambda: _edited(lambda b: setattr(b.local_conv, "act", nn.ReLU())), "local_conv must be timm's ConvNorm"),
+    (lambda: _edited(lambda b: setattr(b.local_conv, "bn", nn.GroupNorm(1, 16))), "local_conv must be timm's ConvNorm"),
     (lambda: _edited(lambda b: setattr(b.mlp, "act", nn.Softplus())), "act is a Softplus"),
     (lambda: _edited(lambda b: setattr(b.attn, "norm", nn.Identity())), "'stages.1.blocks.0.attn.norm'"),
+    (lambda: _edited(lambda b: setattr(b, "attn", nn.Identity())), "its attn is a Identity"),  # it runs: no attention
 ])
 def test_what_edgecl_does_not_follow_is_refused_by_name(make, words):
     side = 48 if "6×6" in words else 32

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import numpy as np
 from torch import fx, nn
 
+from edgecl.arch.attention_windows import window_mask
 from edgecl.arch.fx_activations import module_activation
 from edgecl.arch.fx_attention import _pointwise
 from edgecl.arch.fx_calls import location, shape_of
@@ -65,6 +67,8 @@ class _SwinConverter:
 
     def _swin_timm_block(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str, shape: list[int]) -> None:
         check_drops(self.name, where, m, "drop_path1", "drop_path2")
+        check_kind(self.name, where, m, "attn", (_TIMM, "WindowAttention"))
+        check_timm_mask(self.name, where, m, shape)
         normed = self.swin_norm(node, m.norm1, x, f"{path}.norm1", where)
         attended = self.window_attention(node, m.attn, normed, f"{path}.attn", where, shape, m.window_size,
                                           m.shift_size)
@@ -139,6 +143,30 @@ class _SwinConverter:
                              "nn.LayerNorm over the channels with a weight and a bias here")
         return self._emit(node, "layer_norm", [x], path, ch=int(norm.normalized_shape[0]), eps=float(norm.eps),
                           affine=True)
+
+
+def check_timm_mask(model: str, where: str, m: nn.Module, shape: list[int]) -> None:
+    """timm's block applies the mask it built for its ``input_resolution`` (unless ``dynamic_mask``); on a map of
+    another shape with as many windows it runs with that mask, which the spec (masking from the map) would not."""
+    window, shift = [int(w) for w in m.window_size], [int(s) for s in m.shift_size]
+    if getattr(m, "dynamic_mask", False) or shape[0] % window[0] or shape[1] % window[1]:
+        return  # built from the map itself; an untiled map is refused by `window_attention`
+    stored, want = getattr(m, "attn_mask", None), window_mask(shape[0], shape[1], *window, *shift)
+    if (stored is None) != (want is None) or want is not None and (
+            tuple(stored.shape) != want.shape or not np.array_equal(stored.detach().cpu().numpy(), want)):
+        built = "×".join(str(int(r)) for r in m.input_resolution)
+        raise UsageError(f"{model}: {where}: it applies its attention mask built for an {built} map to a "
+                         f"{shape[0]}×{shape[1]} one; build it with input_resolution {tuple(shape[:2])} (or "
+                         "dynamic_mask=True)")
+
+
+def check_kind(model: str, where: str, m: nn.Module, part: str, kind: tuple[str, str]) -> None:
+    """A library block's sublayer must be the library's own class (another one that runs in its place would be
+    read for attributes it lacks, or silently as the library's)."""
+    found = getattr(m, part, None)
+    if (type(found).__module__, type(found).__name__) != kind:
+        raise UsageError(f"{model}: {where}: its {part} is a {type(found).__name__}; edgecl converts {kind[0]}'s "
+                         f"{kind[1]} there")
 
 
 def linear(model: str, where: str, m: nn.Module) -> nn.Module:

@@ -18,7 +18,7 @@ from torch import fx, nn
 
 from edgecl.arch.fx_attention import _pointwise
 from edgecl.arch.fx_calls import location, shape_of
-from edgecl.arch.fx_swin import check_drops, linear
+from edgecl.arch.fx_swin import check_drops, check_kind, linear
 from edgecl.errors import UsageError
 
 TINY_VIT_BLOCK = ("timm.models.tiny_vit", "TinyVitBlock")
@@ -53,11 +53,13 @@ class _TinyVitConverter:
                              "(TinyViT pads it with zeros that join the attention); choose an input size whose "
                              "stage maps the windows divide (224 for tiny_vit_*_224)")
         check_drops(self.name, where, m, "drop_path1", "drop_path2")
+        check_kind(self.name, where, m, "attn", ("timm.models.tiny_vit", "Attention"))
         attended = self._tiny_vit_attention(node, m.attn, x, f"{path}.attn", where,
                                             None if shape[:2] == [ws, ws] else [ws, ws])
         h = self._emit(node, "add", [x, attended], f"{path}.add1")
         local = m.local_conv
-        if [name for name, _ in local.named_children()] != ["conv", "bn"] or type(local.conv) is not nn.Conv2d:
+        if [name for name, _ in local.named_children()] != ["conv", "bn"] or type(local.conv) is not nn.Conv2d or \
+                not isinstance(local.bn, nn.BatchNorm2d):
             raise UsageError(f"{self.name}: {where}: local_conv must be timm's ConvNorm (an nn.Conv2d then a "
                              "BatchNorm2d)")
         conv = self._emit(node, "conv", [h], f"{path}.local_conv.conv",

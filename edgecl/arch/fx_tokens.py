@@ -181,20 +181,17 @@ class _TokenConverter:
 
     def _token_mean(self, node: fx.Node, source: fx.Node) -> None:
         """``x.mean(dim=1)``: the average token (``gap`` over the token map, then a flatten)."""
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-        keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        dim, keep = _mean_args(node)
         if dim not in (1, -2, (1,), [1]) or keep or "dtype" in node.kwargs:
             raise self.refuse(node, f"a mean over dims {dim} of tokens; edgecl supports the mean over the tokens "
                                     "(dim=1)")
         pooled = self._emit(node, "gap", [self._input(source, node)], f"{node.name}.pool")
         self._emit(node, "flatten", [pooled])
 
-
     def _last_map_mean(self, node: fx.Node, source: fx.Node) -> None:
         """``x.mean((1, 2))`` of a channels-last (B, H, W, C) map (timm's NHWC global pooling, Swin's head): ``gap``,
         then a flatten unless keepdim (which stays channels-last)."""
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-        keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        dim, keep = _mean_args(node)
         dims = sorted(d % 4 for d in (dim if isinstance(dim, (list, tuple)) else [dim] if isinstance(dim, int) else []))
         if dims != [1, 2] or "dtype" in node.kwargs:
             raise self.refuse(node, f"a mean over dims {dim} of a channels-last map; edgecl supports the mean over "
@@ -204,6 +201,13 @@ class _TokenConverter:
             self.last.add(node)
         else:
             self._emit(node, "flatten", [pooled])
+
+
+def _mean_args(node: fx.Node) -> tuple[Any, Any]:
+    """A mean's dims and keepdim, by position or keyword, numpy's names too (torch takes ``axis`` and ``keepdims``:
+    read as absent, ``keepdims=True`` made a (B, C) where torch keeps (B, 1, 1, C))."""
+    dim = node.kwargs.get("dim", node.kwargs.get("axis", node.args[1] if len(node.args) > 1 else None))
+    return dim, node.kwargs.get("keepdim", node.kwargs.get("keepdims", node.args[2] if len(node.args) > 2 else False))
 
 
 def _tensors(node: fx.Node) -> list[Any]:
