@@ -255,6 +255,8 @@ def _spec(draw) -> dict:
                 if draw(st.booleans()):
                     node["shift"] = [draw(st.integers(0, w - 1)) for w in window] if fits else \
                         draw(st.sampled_from([-1, window]))
+                elif draw(st.booleans()):  # a grid (dilated windows: MaxViT, MobileViT), or a hostile flag
+                    node["dilated"] = True if fits else draw(st.sampled_from(["yes", 1]))
                 t = int(np.prod(window))  # the bias is per window
             if draw(st.booleans()):
                 b = draw(st.sampled_from([1, t, t * t])) if fits else draw(st.sampled_from([t * t + 1, 0]))

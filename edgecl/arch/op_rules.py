@@ -30,11 +30,15 @@ def check_minus_inf_pads(nodes: list[dict[str, Any]], shapes: dict[str, list[int
 
 
 def attention_fields(out: dict[str, Any], where: str) -> None:
-    """Leave out an attention's absent optional fields (the spec as before biases and windows existed); a shift or
-    a bias storage needs what it qualifies (a window, a table)."""
+    """Leave out an attention's absent optional fields (the spec as before biases and windows existed); a shift, a
+    dilation or a bias storage needs what it qualifies (a window, a table)."""
     for key, needs in (("shift", "window"), ("bias_table", "bias_offsets")):
         if out[key] is not None and out[needs] is None:
             raise UsageError(f"{where}: attention {key} {out[key]} needs a {needs}")
+    if out["dilated"] and out["window"] is None:
+        raise UsageError(f"{where}: attention dilated needs a window")
+    if not out["dilated"]:
+        del out["dilated"]  # side-by-side windows: the spec as before grid attention existed
     if out["window"] is not None and out["shift"] is None:
         out["shift"] = [0, 0]
     for key in ("bias_offsets", "bias_index", "bias_table", "window", "shift"):

@@ -81,7 +81,10 @@ Ops (fields and defaults in `OPS`):
   wh × ww window of the map (q, k and v at the same positions, ``kv_heads`` = ``heads``, windows that tile the map);
   T_q = T_kv = wh·ww for the bias, and the scores are heads × H·W × wh·ww. ``shift`` [sh, sw] (each below the
   window's side) rolls the map by (−sh, −sw) first, masks the pairs from different regions of the roll, and rolls
-  the output back: Swin's shifted windows. The channel map is attention's, unchanged.
+  the output back: Swin's shifted windows. ``dilated`` true spreads each window's wh × ww positions at stride
+  (H/wh, W/ww): attention among the positions at one offset of an (H/wh) × (W/ww) tiling — MaxViT's grid attention,
+  MobileViT's attention across patches — with no shift; bias, bound and scores as a window's. The channel map is
+  attention's, unchanged.
 
 """
 from __future__ import annotations
@@ -137,7 +140,8 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "pos_embed": {"ch": ("size", ...), "tokens": ("size", ...), "frozen": ("bool", False)},
     "attention": {"heads": ("size", ...), "scale": ("number", ...), "kv_heads": ("size", None),
                   "bias_offsets": ("size", None), "bias_index": ("index_table", None),
-                  "bias_table": ("bias_table", None), "window": ("pair", None), "shift": ("pad", None)},
+                  "bias_table": ("bias_table", None), "window": ("pair", None), "shift": ("pad", None),
+                  "dilated": ("bool", False)},
     "token": {"index": ("index", 0), "count": ("size", 1)},
 }
 OPS["gelu"] = {"approximate": ("approximate", "none")}
@@ -360,10 +364,10 @@ def _attention_shape(node: dict[str, Any], ins: list[list[int]], where: str) -> 
     if window:
         shift = node.get("shift") or [0, 0]
         if kv != h or q[1:] != k[1:] or q[1] % window[0] or q[2] % window[1] or \
-                any(s >= w for s, w in zip(shift, window)):
+                any(s >= w for s, w in zip(shift, window)) or node.get("dilated") and any(shift):
             raise UsageError(f"{where}: a windowed attention needs q, k and v at the same positions, kv_heads = "
-                             f"heads, windows {window} that tile the map and a shift below the window, gets {ins}, "
-                             f"kv_heads {kv} and shift {shift}")
+                             f"heads, windows {window} that tile the map and a shift below the window (none when "
+                             f"dilated), gets {ins}, kv_heads {kv} and shift {shift}")
         _check_attention_bias(node, math.prod(window), math.prod(window), where)
     else:
         _check_attention_bias(node, math.prod(q[1:]), math.prod(k[1:]), where)
