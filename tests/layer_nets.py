@@ -4,8 +4,9 @@ Transformer (`TinyViT`), PP-HGNetV2's scalar affines (`TinyHGNet`), split attent
 global context (`TinyGCNet`), TResNet's space-to-depth stem (`TinyS2D`), MobileNetV4-hybrid's multi-query
 attention on a feature map (`TinyMNv4Hybrid`), LeViT's attention biases and strided attention (`TinyLeViT`),
 anti-aliased downsampling (`TinyBlur`), Swin's shifted window attention and patch merging (`TinySwin`), TinyViT's
-windowed LeViT attention and local conv (`TinyTinyViT`) and a position embedding added to a feature map
-(`TinyMapEmbed`, as PiT and Visformer add theirs, with NASNet's cropping pad). Imports torch and timm."""
+windowed LeViT attention and local conv (`TinyTinyViT`), MobileViT's block (`TinyMobileViT`: grid attention) and a
+position embedding added to a feature map (`TinyMapEmbed`, as PiT and Visformer add theirs, with NASNet's cropping
+pad). Imports torch and timm."""
 from __future__ import annotations
 
 import torch
@@ -26,6 +27,7 @@ from timm.layers.split_attn import SplitAttn  # noqa: E402
 from timm.models._efficientnet_blocks import MobileAttention  # noqa: E402
 from timm.models.hgnet import LearnableAffineBlock  # noqa: E402
 from timm.models.levit import Attention as LevitAttention  # noqa: E402
+from timm.models.mobilevit import MobileVitBlock  # noqa: E402
 from timm.models.levit import AttentionDownsample, LevitMlp, NormLinear  # noqa: E402
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock  # noqa: E402
 from timm.models.tiny_vit import TinyVitBlock  # noqa: E402
@@ -394,3 +396,23 @@ class TinyMapEmbed(nn.Module):
 
 def map_embed_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyMapEmbed(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
+
+
+class TinyMobileViT(nn.Module):
+    """MobileViT's block in small: a strided conv stem to a 4×4 map and one timm MobileVitBlock of 2×2 patches (its
+    3×3 ConvNormAct and 1×1 conv, a transformer Block attending among the 2×2 patches at each pixel offset: dilated
+    window attention; LayerNorm, conv_proj, conv_fusion over the concatenated shortcut), then the mean."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8, image: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, width, 3, stride=2, padding=1)
+        self.block = MobileVitBlock(width, width, transformer_dim=width, transformer_depth=1, patch_size=2,
+                                    num_heads=2)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)).mean((2, 3)))
+
+
+def mobilevit_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyMobileViT(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
