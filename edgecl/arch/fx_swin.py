@@ -132,8 +132,11 @@ class _SwinConverter:
         self._emit(node, "conv", [normed], f"{path}.reduction", **_pointwise(linear(self.name, where, m.reduction)))
 
     def swin_norm(self, node: fx.Node, norm: nn.Module, x: str, path: str, where: str) -> str:
-        """An nn.LayerNorm over the channels, with its weight and bias."""
-        if type(norm) is not nn.LayerNorm or not norm.elementwise_affine or norm.bias is None or \
+        """An nn.LayerNorm over the channels, with its weight and bias (or timm's LayerNorm, the same computation
+        where its fast-norm option is off)."""
+        timm_norm = (type(norm).__module__, type(norm).__name__) == ("timm.layers.norm", "LayerNorm") and \
+            not getattr(norm, "_fast_norm", True)
+        if not (type(norm) is nn.LayerNorm or timm_norm) or not norm.elementwise_affine or norm.bias is None or \
                 len(norm.normalized_shape) != 1:
             raise UsageError(f"{self.name}: {where}: {path!r} is a {type(norm).__name__}; edgecl converts an "
                              "nn.LayerNorm over the channels with a weight and a bias here")

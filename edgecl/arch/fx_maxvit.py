@@ -1,0 +1,103 @@
+"""MaxViT's attention blocks (timm's ``timm.models.maxxvit.PartitionAttentionCl``) in a user's network, for
+`fx_import._Converter`. They read and write channels-last ``(B, H, W, C)`` maps (`fx_norms`); the tracer keeps them
+whole, because their window and grid partitions go through 6-D views that the spec has no values for. Each becomes
+what its forward computes on the (C, H, W) map, in spec ops:
+
+    norm1 → qkv (1×1 conv) → q, k, v (slices; per head blocks where timm packs each head's q, k, v together,
+    ``head_first``) → attention {window [ph, pw] for the block partition, or ``dilated`` for the grid partition
+    (the positions H/ph, W/pw apart, timm's grid_partition); the relative position bias} → proj → add the input →
+    norm2 → mlp (fc1, act, fc2) → add
+
+The bias is timm's RelPosBias (Swin's layout: ``relative_position_bias_table`` (offsets, heads) and its fixed
+``relative_position_index``, ``bias_table`` "swin", per window or grid window). Refused by name with the user's
+source line: a map the partition does not tile, the MLP-generated (``RelPosMlp``, ``maxvit_rmlp_*``) and
+TensorFlow-layout (``RelPosBiasTf``, ``maxvit_*_tf``) biases, the channels-first ``PartitionAttention2d`` and
+the parallel variant, layer scales, and other layers in the block's places.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import fx, nn
+
+from edgecl.arch.fx_attention import _pointwise
+from edgecl.arch.fx_calls import location, shape_of
+from edgecl.arch.fx_swin import check_drops, linear
+from edgecl.errors import UsageError
+
+_MAXXVIT = "timm.models.maxxvit"
+_KINDS = {"PartitionAttentionCl": True, "PartitionAttention2d": False, "ParallelPartitionAttention": False}
+
+
+def is_maxvit(m: Any) -> bool:
+    """A MaxViT partition attention block (the channels-first and parallel ones refused by name), by its class."""
+    return type(m).__module__ == _MAXXVIT and type(m).__name__ in _KINDS
+
+
+class _MaxVitConverter:
+    """Mixin of `fx_import._Converter`: MaxViT's window and grid attention blocks, kept whole."""
+
+    name: str
+    alias: dict[fx.Node, str]
+    last: set[fx.Node]
+    _emit: Callable[..., str]
+    _head_blocks: Callable[..., list[str]]
+    attend_packed: Callable[..., str]
+    swin_norm: Callable[..., str]
+    norm_mlp: Callable[..., str]
+
+    def maxvit(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
+        where = f"MaxViT {type(m).__name__} at {path!r} {location(node)}"
+        if not _KINDS[type(m).__name__]:
+            raise UsageError(f"{self.name}: {where} is not supported (channels-first or parallel partitions); "
+                             "edgecl converts timm's channels-last PartitionAttentionCl (maxvit_*_rw)")
+        shape, size = shape_of(node.args[0]), [int(p) for p in m.partition_size]
+        if node.args[0] not in self.last or shape is None or len(shape) != 3:
+            raise UsageError(f"{self.name}: {where} reads a tensor of shape {shape}; edgecl supports it on "
+                             "channels-last (batch, height, width, channels) maps")
+        if shape[0] % size[0] or shape[1] % size[1]:
+            raise UsageError(f"{self.name}: {where}: its {size[0]}×{size[1]} partition does not tile the "
+                             f"{shape[0]}×{shape[1]} map; build the model for the input size (img_size=…)")
+        check_drops(self.name, where, m, "drop_path1", "drop_path2", "ls1", "ls2")
+        normed = self.swin_norm(node, m.norm1, x, f"{path}.norm1", where)
+        attended = self._partition_attention(node, m.attn, normed, f"{path}.attn", where, size,
+                                             not m.partition_block)
+        h = self._emit(node, "add", [x, attended], f"{path}.add1")
+        if (type(m.mlp).__module__, type(m.mlp).__name__) != ("timm.layers.mlp", "Mlp") or \
+                not isinstance(m.mlp.norm, nn.Identity):
+            raise UsageError(f"{self.name}: {where}: its mlp is a {type(m.mlp).__name__}; edgecl converts timm's "
+                             "Mlp with an activation and no norm")
+        out = self.norm_mlp(node, m.mlp, self.swin_norm(node, m.norm2, h, f"{path}.norm2", where), f"{path}.mlp",
+                            where)
+        self._emit(node, "add", [h, out], f"{path}.add2")
+        self.last.add(node)
+
+    def _partition_attention(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str, size: list[int],
+                             grid: bool) -> str:
+        """AttentionCl over each window (or grid window): qkv, its relative position bias, proj."""
+        check_drops(self.name, where, m, "attn_drop", "proj_drop")
+        qkv, proj, heads, d = linear(self.name, where, m.qkv), linear(self.name, where, m.proj), \
+            int(m.num_heads), int(m.dim_head)
+        if qkv.out_features != 3 * heads * d:
+            raise UsageError(f"{self.name}: {where}: {path}.qkv has {qkv.out_features} outputs, not 3 × {heads} "
+                             f"heads × {d}")
+        fields: dict[str, Any] = {"heads": heads, "scale": float(m.scale), "window": size}
+        if grid:
+            fields["dilated"] = True
+        rel = m.rel_pos
+        if rel is not None:
+            kind = (type(rel).__module__, type(rel).__name__)
+            if kind != ("timm.layers.pos_embed_rel", "RelPosBias") or int(rel.prefix_tokens):
+                raise UsageError(f"{self.name}: {where}: its relative position bias is a {type(rel).__name__}; "
+                                 "edgecl converts timm's RelPosBias (a learned table, Swin's layout: maxvit_*_rw), "
+                                 "not an MLP-generated (RelPosMlp) or TensorFlow-layout (RelPosBiasTf) one")
+            t = size[0] * size[1]
+            fields.update(module=f"{path}.rel_pos", bias_offsets=int(rel.relative_position_bias_table.shape[0]),
+                          bias_index=rel.relative_position_index.reshape(t, t).tolist(), bias_table="swin")
+        packed = self._emit(node, "conv", [x], f"{path}.qkv", **_pointwise(qkv))
+        if m.head_first:  # timm packs each head's q, k, v side by side
+            q, k, v = self._head_blocks(node, packed, f"{path}.qkv", heads, [d, d, d])
+            attended = self._emit(node, "attention", [q, k, v], f"{path}.attend", **fields)
+        else:
+            attended = self.attend_packed(node, packed, path, heads * d, **fields)
+        return self._emit(node, "conv", [attended], f"{path}.proj", **_pointwise(proj))

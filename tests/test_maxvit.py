@@ -1,0 +1,96 @@
+"""MaxViT through `from_torch`: timm's MaxxVit with its channels-last PartitionAttentionCl blocks (window attention,
+then grid attention: a dilated window), relative position biases randomised (timm starts them near 0, where a wrong
+index would hide in rounding) — parity of the spec's torch forward and ONNX graph with the module for rectangular
+windows and grids and both qkv packings, what each attention node reads, refusals by name, and maxvit_pico_rw_256
+built at 64 (slow)."""
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+from torch_nets import check_parity, classifier_of, tensors_of, timm
+
+from edgecl.arch import from_torch, validate
+from edgecl.errors import UsageError
+from edgecl.graph.builder import build_onnx
+from edgecl.train.models import forward, from_numpy
+
+maxxvit = timm.models.maxxvit
+
+
+def _maxvit(window=(2, 4), grid=None, **transformer) -> nn.Module:
+    """Two MaxViT stages (16×16 → 8×8 and 4×4 maps at 32×32), one MBConv + window + grid block each."""
+    cfg = maxxvit._rw_max_cfg(dim_head=8, window_size=window)
+    cfg["transformer_cfg"] = replace(cfg["transformer_cfg"], grid_size=grid or window, **transformer)
+    torch.manual_seed(0)
+    module = maxxvit.MaxxVit(maxxvit.MaxxVitCfg(embed_dim=(16, 32), depths=(1, 1), block_type=("M", "M"),
+                                                stem_width=16, **cfg), img_size=32, num_classes=3)
+    for name, p in module.named_parameters():
+        if name.endswith("relative_position_bias_table"):
+            nn.init.normal_(p)
+    return module.eval()
+
+
+def _logits(spec: dict, weights: dict, x: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        got = forward(spec, from_numpy(weights), x).numpy()
+    session = ort.InferenceSession(build_onnx(spec, weights).SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.abs(session.run(None, {"x": x.numpy()})[0] - got).max() < 1e-4
+    return got
+
+
+@pytest.mark.parametrize("window, grid, head_first", [((2, 4), None, True), ((4, 4), (2, 4), False),
+                                                      ((2, 2), (4, 2), True)])
+def test_maxvit_parity_and_what_each_attention_reads(window, grid, head_first):
+    module = _maxvit(window, grid, head_first=head_first)
+    spec = from_torch(module, (3, 32, 32))
+    check_parity(module, spec, (3, 32, 32), batch=2)
+    grid = list(grid or window)
+    attends = [n for n in spec["nodes"] if n["op"] == "attention"]
+    assert [(n["window"], n.get("dilated", False)) for n in attends] == [(list(window), False), (grid, True)] * 2
+    assert all(n["bias_table"] == "swin" and n["module"].endswith(".rel_pos") for n in attends)
+    # the grid and the bias are read by both forms: side-by-side windows, or no bias, are another network
+    weights = {**tensors_of(module, spec), **classifier_of(module)}
+    weights["head.weight"] = np.random.default_rng(0).standard_normal(weights["head.weight"].shape, np.float32)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    want = _logits(spec, weights, x)
+    side_by_side, unbiased = copy.deepcopy(spec), dict(weights)
+    for n in side_by_side["nodes"]:
+        n.pop("dilated", None)
+    for n in attends:
+        unbiased[f"{n['name']}.bias"] = np.zeros_like(weights[f"{n['name']}.bias"])
+    assert np.abs(_logits(validate(side_by_side), weights, x) - want).max() > 1e-2
+    assert np.abs(_logits(spec, unbiased, x) - want).max() > 1e-2
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: _maxvit(rel_pos_type="mlp"), "RelPosMlp"),
+    (lambda: _maxvit(rel_pos_type="bias_tf"), "RelPosBiasTf"),
+    (lambda: _maxvit(use_nchw_attn=True), "PartitionAttention2d .*not supported"),
+    (lambda: _maxvit(init_values=1e-5), "ls1 is a LayerScale"),
+])
+def test_what_edgecl_does_not_follow_is_refused_by_name(make, words):
+    with pytest.raises(UsageError, match=words) as info:
+        from_torch(make(), (3, 32, 32))
+    assert "MaxViT" in str(info.value) and "stages.0.blocks.0" in str(info.value)
+
+
+def test_a_partition_that_does_not_tile_is_refused_typed():
+    """timm asserts the partition tiles the map: the module does not run, and edgecl says so, typed."""
+    with pytest.raises(UsageError, match="does not run on inputs of shape .*divisible by window"):
+        from_torch(_maxvit((3, 3)), (3, 32, 32))
+
+
+@pytest.mark.slow
+def test_timm_maxvit_pico_at_64():  # window and grid 2 (img_size // 32) on the 16, 8, 4 and 2 stage maps
+    module = timm.create_model("maxvit_pico_rw_256", pretrained=False, img_size=64).eval()
+    spec = from_torch(module, (3, 64, 64))
+    check_parity(module, spec, (3, 64, 64), batch=2)
+    attends = [n for n in spec["nodes"] if n["op"] == "attention"]
+    blocks = sum(type(m).__name__ == "MaxxVitBlock" for m in module.modules())
+    assert len(attends) == 2 * blocks and sum(n.get("dilated", False) for n in attends) == blocks
