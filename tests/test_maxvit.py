@@ -1,8 +1,9 @@
 """MaxViT through `from_torch`: timm's MaxxVit with its channels-last PartitionAttentionCl blocks (window attention,
-then grid attention: a dilated window), relative position biases randomised (timm starts them near 0, where a wrong
-index would hide in rounding) — parity of the spec's torch forward and ONNX graph with the module for rectangular
-windows and grids and both qkv packings, what each attention node reads, refusals by name, and maxvit_pico_rw_256
-built at 64 (slow)."""
+then grid attention: a dilated window) and torchvision's MaxVit (channels-first PartitionAttentionLayer), relative
+position biases randomised (the libraries start them near 0, where a wrong index would hide in rounding) — parity
+of the spec's torch forward and ONNX graph with the module for rectangular windows and grids and both qkv packings,
+what each attention node reads, refusals by name, timm's maxvit_pico_rw_256 built at 64 and torchvision's maxvit_t
+at 224 (slow)."""
 from __future__ import annotations
 
 import copy
@@ -13,7 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
-from torch_nets import check_parity, classifier_of, tensors_of, timm
+from torch_nets import check_parity, classifier_of, tensors_of, timm, torchvision
 
 from edgecl.arch import from_torch, validate
 from edgecl.errors import UsageError
@@ -23,17 +24,28 @@ from edgecl.train.models import forward, from_numpy
 maxxvit = timm.models.maxxvit
 
 
+def _randomised(module: nn.Module) -> nn.Module:
+    for name, p in module.named_parameters():
+        if name.endswith("relative_position_bias_table"):
+            nn.init.normal_(p)
+    return module.eval()
+
+
 def _maxvit(window=(2, 4), grid=None, **transformer) -> nn.Module:
     """Two MaxViT stages (16×16 → 8×8 and 4×4 maps at 32×32), one MBConv + window + grid block each."""
     cfg = maxxvit._rw_max_cfg(dim_head=8, window_size=window)
     cfg["transformer_cfg"] = replace(cfg["transformer_cfg"], grid_size=grid or window, **transformer)
     torch.manual_seed(0)
-    module = maxxvit.MaxxVit(maxxvit.MaxxVitCfg(embed_dim=(16, 32), depths=(1, 1), block_type=("M", "M"),
-                                                stem_width=16, **cfg), img_size=32, num_classes=3)
-    for name, p in module.named_parameters():
-        if name.endswith("relative_position_bias_table"):
-            nn.init.normal_(p)
-    return module.eval()
+    return _randomised(maxxvit.MaxxVit(maxxvit.MaxxVitCfg(embed_dim=(16, 32), depths=(1, 1), block_type=("M", "M"),
+                                                          stem_width=16, **cfg), img_size=32, num_classes=3))
+
+
+def _torchvision(partition: int = 2) -> nn.Module:
+    """torchvision's MaxVit in small: a stem to 16×16, two stages (8×8, 4×4 maps) of one MBConv + window + grid."""
+    torch.manual_seed(0)
+    return _randomised(torchvision.models.maxvit.MaxVit(
+        input_size=(32, 32), stem_channels=8, partition_size=partition, block_channels=[16, 32], block_layers=[1, 1],
+        head_dim=8, stochastic_depth_prob=0.0, num_classes=3))
 
 
 def _logits(spec: dict, weights: dict, x: torch.Tensor) -> np.ndarray:
@@ -44,16 +56,22 @@ def _logits(spec: dict, weights: dict, x: torch.Tensor) -> np.ndarray:
     return got
 
 
-@pytest.mark.parametrize("window, grid, head_first", [((2, 4), None, True), ((4, 4), (2, 4), False),
-                                                      ((2, 2), (4, 2), True)])
-def test_maxvit_parity_and_what_each_attention_reads(window, grid, head_first):
-    module = _maxvit(window, grid, head_first=head_first)
+@pytest.mark.parametrize("make, window, grid", [
+    (lambda: _maxvit((2, 4)), [[2, 4]] * 2, [[2, 4]] * 2),
+    (lambda: _maxvit((4, 4), (2, 4), head_first=False), [[4, 4]] * 2, [[2, 4]] * 2),
+    (lambda: _maxvit((2, 2), (4, 2)), [[2, 2]] * 2, [[4, 2]] * 2),
+    # torchvision: partition 2 → windows 2×2; the grid's windows of H/2 swapped: 2×2 positions H/2 apart
+    (lambda: _torchvision(2), [[2, 2]] * 2, [[2, 2]] * 2),
+    (lambda: _torchvision(4), [[4, 4]] * 2, [[4, 4]] * 2),
+])
+def test_maxvit_parity_and_what_each_attention_reads(make, window, grid):
+    module = make()
     spec = from_torch(module, (3, 32, 32))
     check_parity(module, spec, (3, 32, 32), batch=2)
-    grid = list(grid or window)
     attends = [n for n in spec["nodes"] if n["op"] == "attention"]
-    assert [(n["window"], n.get("dilated", False)) for n in attends] == [(list(window), False), (grid, True)] * 2
-    assert all(n["bias_table"] == "swin" and n["module"].endswith(".rel_pos") for n in attends)
+    assert [(n["window"], n.get("dilated", False)) for n in attends] == [
+        (w, d) for pair in zip(window, grid) for w, d in ((pair[0], False), (pair[1], True))]
+    assert all(n["bias_table"] == "swin" for n in attends)
     # the grid and the bias are read by both forms: side-by-side windows, or no bias, are another network
     weights = {**tensors_of(module, spec), **classifier_of(module)}
     weights["head.weight"] = np.random.default_rng(0).standard_normal(weights["head.weight"].shape, np.float32)
@@ -94,3 +112,11 @@ def test_timm_maxvit_pico_at_64():  # window and grid 2 (img_size // 32) on the 
     attends = [n for n in spec["nodes"] if n["op"] == "attention"]
     blocks = sum(type(m).__name__ == "MaxxVitBlock" for m in module.modules())
     assert len(attends) == 2 * blocks and sum(n.get("dilated", False) for n in attends) == blocks
+
+
+@pytest.mark.slow
+def test_torchvision_maxvit_t_at_224():  # partition 7 tiles the 56, 28, 14 and 7 stage maps
+    module = torchvision.models.maxvit_t().eval()
+    spec = from_torch(module, (3, 224, 224))
+    check_parity(module, spec, (3, 224, 224), batch=1)
+    assert sum(n.get("dilated", False) for n in spec["nodes"] if n["op"] == "attention") == 2 + 2 + 5 + 2

@@ -8,14 +8,22 @@ what its forward computes on the (C, H, W) map, in spec ops:
     (the positions H/ph, W/pw apart, timm's grid_partition); the relative position bias} → proj → add the input →
     norm2 → mlp (fc1, act, fc2) → add
 
-The bias is timm's RelPosBias (Swin's layout: ``relative_position_bias_table`` (offsets, heads) and its fixed
-``relative_position_index``, ``bias_table`` "swin", per window or grid window). Refused by name with the user's
+torchvision's ``PartitionAttentionLayer`` (maxvit_t) reads and writes a channels-first map and computes the same:
+its window partition of p × p, and its grid partition (windows of p = H / partition_size, the axes swapped so
+attention runs across the windows) is a dilated window [partition_size, partition_size]; attn_layer (LayerNorm,
+RelativePositionalMultiHeadAttention: to_qkv, scale (C)^-½, the bias, merge), mlp_layer (LayerNorm, Linear, act,
+Linear), each added.
+
+The bias is timm's RelPosBias or torchvision's table (Swin's layout: ``relative_position_bias_table`` (offsets,
+heads) and its fixed ``relative_position_index``, ``bias_table`` "swin", per window or grid window). Refused by
+name with the user's
 source line: a map the partition does not tile, the MLP-generated (``RelPosMlp``, ``maxvit_rmlp_*``) and
 TensorFlow-layout (``RelPosBiasTf``, ``maxvit_*_tf``) biases, the channels-first ``PartitionAttention2d`` and
 the parallel variant, layer scales, and other layers in the block's places.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any, Callable
 
 from torch import fx, nn
@@ -25,13 +33,14 @@ from edgecl.arch.fx_calls import location, shape_of
 from edgecl.arch.fx_swin import check_drops, linear
 from edgecl.errors import UsageError
 
-_MAXXVIT = "timm.models.maxxvit"
-_KINDS = {"PartitionAttentionCl": True, "PartitionAttention2d": False, "ParallelPartitionAttention": False}
+_MAXXVIT, _TORCHVISION = "timm.models.maxxvit", "torchvision.models.maxvit"
+_KINDS = {(_MAXXVIT, "PartitionAttentionCl"): "timm", (_MAXXVIT, "PartitionAttention2d"): None,
+          (_MAXXVIT, "ParallelPartitionAttention"): None, (_TORCHVISION, "PartitionAttentionLayer"): "torchvision"}
 
 
 def is_maxvit(m: Any) -> bool:
-    """A MaxViT partition attention block (the channels-first and parallel ones refused by name), by its class."""
-    return type(m).__module__ == _MAXXVIT and type(m).__name__ in _KINDS
+    """A MaxViT partition attention block (timm's channels-first and parallel ones refused by name), by class."""
+    return (type(m).__module__, type(m).__name__) in _KINDS
 
 
 class _MaxVitConverter:
@@ -48,13 +57,18 @@ class _MaxVitConverter:
 
     def maxvit(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
         where = f"MaxViT {type(m).__name__} at {path!r} {location(node)}"
-        if not _KINDS[type(m).__name__]:
+        kind = _KINDS[(type(m).__module__, type(m).__name__)]
+        if kind is None:
             raise UsageError(f"{self.name}: {where} is not supported (channels-first or parallel partitions); "
                              "edgecl converts timm's channels-last PartitionAttentionCl (maxvit_*_rw)")
-        shape, size = shape_of(node.args[0]), [int(p) for p in m.partition_size]
-        if node.args[0] not in self.last or shape is None or len(shape) != 3:
+        shape, last = shape_of(node.args[0]), kind == "timm"
+        if (node.args[0] in self.last) != last or shape is None or len(shape) != 3:
             raise UsageError(f"{self.name}: {where} reads a tensor of shape {shape}; edgecl supports it on "
-                             "channels-last (batch, height, width, channels) maps")
+                             f"{'channels-last (batch, height, width, channels)' if last else '(batch, channels, '}"
+                             f"{'' if last else 'height, width)'} maps")
+        if not last:
+            return self._torchvision_partition(node, m, x, path, where, shape[1:])
+        size = [int(p) for p in m.partition_size]
         if shape[0] % size[0] or shape[1] % size[1]:
             raise UsageError(f"{self.name}: {where}: its {size[0]}×{size[1]} partition does not tile the "
                              f"{shape[0]}×{shape[1]} map; build the model for the input size (img_size=…)")
@@ -71,6 +85,38 @@ class _MaxVitConverter:
                             where)
         self._emit(node, "add", [h, out], f"{path}.add2")
         self.last.add(node)
+
+    def _torchvision_partition(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str,
+                               shape: list[int]) -> None:
+        """torchvision's PartitionAttentionLayer on the channels-first map: window p × p, or grid (dilated)."""
+        p = int(m.p)
+        if shape[0] % p or shape[1] % p or list(m.grid_size) != shape:
+            raise UsageError(f"{self.name}: {where}: built for a {tuple(m.grid_size)} map with partitions of {p}, "
+                             f"reads {shape[0]}×{shape[1]}")
+        check_drops(self.name, where, m, "stochastic_dropout")
+        norm, attn, drop = _parts(self.name, where, m.attn_layer, 3)
+        mlp_norm, fc1, act, fc2, mlp_drop = _parts(self.name, where, m.mlp_layer, 5)
+        grid = m.partition_type == "grid"
+        size = [shape[0] // p, shape[1] // p] if grid else [p, p]
+        if type(attn).__name__ != "RelativePositionalMultiHeadAttention" or \
+                (type(drop).__name__, type(mlp_drop).__name__) != ("Dropout", "Dropout"):
+            raise UsageError(f"{self.name}: {where}: attn_layer holds a {type(attn).__name__}; edgecl converts "
+                             "torchvision's LayerNorm, RelativePositionalMultiHeadAttention, Dropout there")
+        heads, table, t = int(attn.n_heads), attn.relative_position_bias_table, size[0] * size[1]
+        qkv, merge = linear(self.name, where, attn.to_qkv), linear(self.name, where, attn.merge)
+        packed = self._emit(node, "conv", [self.swin_norm(node, norm, x, f"{path}.attn_layer.0", where)],
+                            f"{path}.attn_layer.1.to_qkv", **_pointwise(qkv))
+        attended = self.attend_packed(
+            node, packed, f"{path}.attn_layer.1", qkv.out_features // 3, module=f"{path}.attn_layer.1", heads=heads,
+            scale=float(attn.scale_factor), window=size, **({"dilated": True} if grid else {}),
+            bias_offsets=int(table.shape[0]), bias_index=attn.relative_position_index.reshape(t, t).tolist(),
+            bias_table="swin")
+        h = self._emit(node, "add", [x, self._emit(node, "conv", [attended], f"{path}.attn_layer.1.merge",
+                                                   **_pointwise(merge))], f"{path}.add1")
+        mlp = SimpleNamespace(fc1=fc1, act=act, fc2=fc2, drop1=nn.Identity(), drop2=nn.Identity())
+        out = self.norm_mlp(node, mlp, self.swin_norm(node, mlp_norm, h, f"{path}.mlp_layer.0", where),
+                            f"{path}.mlp_layer", where, ("1", "2", "3"))
+        self._emit(node, "add", [h, out], f"{path}.add2")
 
     def _partition_attention(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str, size: list[int],
                              grid: bool) -> str:
@@ -101,3 +147,11 @@ class _MaxVitConverter:
         else:
             attended = self.attend_packed(node, packed, path, heads * d, **fields)
         return self._emit(node, "conv", [attended], f"{path}.proj", **_pointwise(proj))
+
+
+def _parts(model: str, where: str, seq: nn.Module, n: int) -> list[nn.Module]:
+    """The n layers of an nn.Sequential inside a torchvision MaxViT layer."""
+    if not isinstance(seq, nn.Sequential) or len(seq) != n:
+        raise UsageError(f"{model}: {where}: holds a {type(seq).__name__} of {len(list(seq.children()))} layers "
+                         f"where edgecl converts torchvision's nn.Sequential of {n}")
+    return list(seq)

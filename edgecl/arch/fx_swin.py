@@ -78,16 +78,17 @@ class _SwinConverter:
                             where)
         self._emit(node, "add", [h, out], f"{path}.add2")
 
-    def norm_mlp(self, node: fx.Node, mlp: nn.Module, x: str, path: str, where: str) -> str:
+    def norm_mlp(self, node: fx.Node, mlp: Any, x: str, path: str, where: str,
+                 parts: tuple[str, str, str] = ("fc1", "act", "fc2")) -> str:
         """An MLP of two Linears over the channels with an activation between (timm's Mlp after the block's norm,
-        TinyViT's NormMlp with its own)."""
+        TinyViT's NormMlp with its own); `parts` name its layers under `path` (torchvision's are numbered)."""
         if module_activation(getattr(mlp, "act", None)) is None:
             raise UsageError(f"{self.name}: {where}: its mlp's act is a {type(getattr(mlp, 'act', None)).__name__}; "
                              "edgecl converts an activation there")
         check_drops(self.name, where, mlp, "drop1", "drop2")
-        inner = self._emit(node, "conv", [x], f"{path}.fc1", **_pointwise(linear(self.name, where, mlp.fc1)))
-        self._activation(node, mlp.act, inner, f"{path}.act")
-        return self._emit(node, "conv", [self.alias[node]], f"{path}.fc2",
+        inner = self._emit(node, "conv", [x], f"{path}.{parts[0]}", **_pointwise(linear(self.name, where, mlp.fc1)))
+        self._activation(node, mlp.act, inner, f"{path}.{parts[1]}")
+        return self._emit(node, "conv", [self.alias[node]], f"{path}.{parts[2]}",
                           **_pointwise(linear(self.name, where, mlp.fc2)))
 
     def _swin_torchvision_attention(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str,
