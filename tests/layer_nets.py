@@ -4,8 +4,8 @@ Transformer (`TinyViT`), PP-HGNetV2's scalar affines (`TinyHGNet`), split attent
 global context (`TinyGCNet`), TResNet's space-to-depth stem (`TinyS2D`), MobileNetV4-hybrid's multi-query
 attention on a feature map (`TinyMNv4Hybrid`), LeViT's attention biases and strided attention (`TinyLeViT`),
 anti-aliased downsampling (`TinyBlur`), Swin's shifted window attention and patch merging (`TinySwin`), TinyViT's
-windowed LeViT attention and local conv (`TinyTinyViT`), MobileViT's block (`TinyMobileViT`: grid attention) and a
-position embedding added to a feature map (`TinyMapEmbed`, as PiT and Visformer add theirs, with NASNet's cropping
+windowed LeViT attention and local conv (`TinyTinyViT`), MobileViT's block (`TinyMobileViT`: grid attention),
+MaxViT's window and grid attention with relative position biases (`TinyMaxViT`) and a position embedding added to a feature map (`TinyMapEmbed`, as PiT and Visformer add theirs, with NASNet's cropping
 pad). Imports torch and timm."""
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from timm.layers.split_attn import SplitAttn  # noqa: E402
 from timm.models._efficientnet_blocks import MobileAttention  # noqa: E402
 from timm.models.hgnet import LearnableAffineBlock  # noqa: E402
 from timm.models.levit import Attention as LevitAttention  # noqa: E402
+from timm.models.maxxvit import MaxxVitTransformerCfg, PartitionAttentionCl  # noqa: E402
 from timm.models.mobilevit import MobileVitBlock  # noqa: E402
 from timm.models.levit import AttentionDownsample, LevitMlp, NormLinear  # noqa: E402
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock  # noqa: E402
@@ -416,3 +417,23 @@ class TinyMobileViT(nn.Module):
 
 def mobilevit_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyMobileViT(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
+
+
+class TinyMaxViT(nn.Module):
+    """MaxViT's attention in small: a strided conv stem to a 4×4 map put channels-last, timm's PartitionAttentionCl
+    over 2×2 windows, then over the 2×2 grid (positions 2 apart: a dilated window), each with its relative position
+    bias table, and the mean over the map."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8, image: int = 8):
+        super().__init__()
+        cfg = MaxxVitTransformerCfg(dim_head=4, window_size=(2, 2), expand_ratio=2.0)
+        self.stem = nn.Conv2d(in_channels, width, 3, stride=2, padding=1)
+        self.blocks = nn.Sequential(*(PartitionAttentionCl(width, kind, cfg) for kind in ("block", "grid")))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x).permute(0, 2, 3, 1)).mean((1, 2)))
+
+
+def maxvit_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyMaxViT(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))

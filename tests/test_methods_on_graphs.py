@@ -11,7 +11,7 @@ replicate and zero pads, the binomial filter; adaptive average pooling to 3×3),
 with relative position biases, patch merging), TinyTinyViT (windowed attention with LeViT's biases, a local conv
 between attention and MLP), TinyMapEmbed (a position embedding added to a feature map, as PiT's and Visformer's; a
 cropping pad, as NASNet's), TinyMobileViT (MobileViT's block: attention among the patches at each pixel offset, a
-dilated window) and TinyViT with register tokens,
+dilated window), TinyMaxViT (MaxViT's window and grid attention with relative position biases) and TinyViT with register tokens,
 DeiT's distillation token (two averaged heads) and a frozen position embedding: two real digit tasks each,
 then what the method promises about the first task, the deployed runtime against the training evaluation, and the
 exported ONNX against the runtime."""
@@ -34,8 +34,8 @@ from edgecl.train.batchnorm import RECALIBRATION_BATCH, batchnorm_names, is_stat
 from edgecl.train.data import make_stream
 from edgecl.train.models import from_numpy, init_params
 from edgecl.train.protocol import TrainContext, batches
-from layer_nets import (blur_spec, eca_spec, gc_spec, hgnet_spec, levit_spec, map_embed_spec, mnv4_spec,
-                        mobilevit_spec, s2d_spec, split_attn_spec, swin_spec, tf_spec, tiny_vit_spec, vit_spec)
+from layer_nets import (blur_spec, eca_spec, gc_spec, hgnet_spec, levit_spec, map_embed_spec, maxvit_spec,
+                        mnv4_spec, mobilevit_spec, s2d_spec, split_attn_spec, swin_spec, tf_spec, tiny_vit_spec, vit_spec)
 from torch_nets import convnext_spec, dwres_spec, ghost_spec, rescat_spec, shuffle_spec
 
 CTX = TrainContext(progress=False)
@@ -46,9 +46,10 @@ ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8
          "hgnet": hgnet_spec, "split": split_attn_spec, "vit": vit_spec, "gc": gc_spec, "s2d": s2d_spec,
          "mnv4": mnv4_spec, "vit_tokens": lambda: vit_spec(registers=2, distilled=True, frozen_pos=True),
          "levit": levit_spec, "blur": blur_spec, "swin": swin_spec, "tiny_vit": tiny_vit_spec,
-         "map_embed": map_embed_spec, "mobilevit": mobilevit_spec}
+         "map_embed": map_embed_spec, "mobilevit": mobilevit_spec, "maxvit": maxvit_spec}
 GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgnet", "split", "vit", "gc", "s2d", "mnv4",
-          "vit_tokens", "levit", "blur", "swin", "tiny_vit", "map_embed", "mobilevit"]
+          "vit_tokens", "levit", "blur", "swin", "tiny_vit", "map_embed", "mobilevit",
+          "maxvit"]
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,15 @@
 """Tensors that belong to no channel — ECA's k weights (`channel_conv`), a scalar affine's two numbers
-(PP-HGNetV2) and LeViT's, Swin's and TinyViT's attention-bias tables — under every method: LPS learns them on the
-first task and holds them (its rule for biases), HALRP and RGO keep a copy per task (RGO: no rows for an input-side
-projection or a feature encoding), STL is all per task, finetune shares everything, AGS-CL keeps them per task and
-resumes them as packed; the first task's copy is bit-identical after the second task wherever the method promises it."""
+(PP-HGNetV2) and LeViT's, Swin's, TinyViT's and MaxViT's (window and grid) attention-bias tables — under every
+method: LPS learns them on the first task and holds them (its rule for biases), HALRP and RGO keep a copy per task
+(RGO: no rows for an input-side projection or a feature encoding), STL is all per task, finetune shares everything,
+AGS-CL keeps them per task and resumes them as packed; the first task's copy is bit-identical after the second task
+wherever the method promises it."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from layer_nets import TinyEca, TinyHGNet, TinyLeViT, TinySwin, TinyTinyViT
+from layer_nets import TinyEca, TinyHGNet, TinyLeViT, TinyMaxViT, TinySwin, TinyTinyViT
 
 from edgecl.arch import from_torch
 from edgecl.arch.spec import rowless_tensors
@@ -21,7 +22,8 @@ from edgecl.train.models import forward, from_numpy
 from edgecl.train.protocol import TrainContext
 
 CTX = TrainContext(progress=False)
-NETS = {"eca": TinyEca, "hgnet": TinyHGNet, "levit": TinyLeViT, "swin": TinySwin, "tiny_vit": TinyTinyViT}
+NETS = {"eca": TinyEca, "hgnet": TinyHGNet, "levit": TinyLeViT, "swin": TinySwin, "tiny_vit": TinyTinyViT,
+        "maxvit": TinyMaxViT}
 
 
 @pytest.fixture(scope="module")
