@@ -265,7 +265,8 @@ def _spec(draw) -> dict:
                 node["bias_index"] = fitting if draw(st.integers(0, 3)) else draw(st.sampled_from([
                     [[0] * (t + 1)] * t, [[b] * t] * t, [], [[-1]], "x", None]))
                 if draw(st.booleans()):  # stored as Swin stores it (or a hostile layout name)
-                    node["bias_table"] = "swin" if fits else draw(st.sampled_from(["levit", "other", 1]))
+                    node["bias_table"] = draw(st.sampled_from(["swin", "tf"])) if fits else \
+                        draw(st.sampled_from(["levit", "other", 1]))  # 'tf' holds where B = (2wh − 1)(2ww − 1)
         elif op == "space_to_depth":  # ONNX's order or Swin's patch merging's
             node["block"] = draw(st.sampled_from([1, 2, 3]))
             if draw(st.booleans()):

@@ -17,6 +17,7 @@ from torch import nn
 from torch_nets import check_parity, classifier_of, tensors_of, timm, torchvision
 
 from edgecl.arch import from_torch, validate
+from edgecl.arch.module_state import state_keys, state_shapes
 from edgecl.errors import UsageError
 from edgecl.graph.builder import build_onnx
 from edgecl.train.models import forward, from_numpy
@@ -60,6 +61,8 @@ def _logits(spec: dict, weights: dict, x: torch.Tensor) -> np.ndarray:
     (lambda: _maxvit((2, 4)), [[2, 4]] * 2, [[2, 4]] * 2),
     (lambda: _maxvit((4, 4), (2, 4), head_first=False), [[4, 4]] * 2, [[2, 4]] * 2),
     (lambda: _maxvit((2, 2), (4, 2)), [[2, 2]] * 2, [[4, 2]] * 2),
+    # TensorFlow MaxViT's bias layout (heads, 2·wh − 1, 2·ww − 1) through one-hot lookups; heads not packed first
+    (lambda: _maxvit((2, 4), (4, 2), rel_pos_type="bias_tf", head_first=False), [[2, 4]] * 2, [[4, 2]] * 2),
     # torchvision: partition 2 → windows 2×2; the grid's windows of H/2 swapped: 2×2 positions H/2 apart
     (lambda: _torchvision(2), [[2, 2]] * 2, [[2, 2]] * 2),
     (lambda: _torchvision(4), [[4, 4]] * 2, [[4, 4]] * 2),
@@ -71,7 +74,11 @@ def test_maxvit_parity_and_what_each_attention_reads(make, window, grid):
     attends = [n for n in spec["nodes"] if n["op"] == "attention"]
     assert [(n["window"], n.get("dilated", False)) for n in attends] == [
         (w, d) for pair in zip(window, grid) for w, d in ((pair[0], False), (pair[1], True))]
-    assert all(n["bias_table"] == "swin" for n in attends)
+    tables = dict(module.named_parameters())
+    for n in attends:  # the spec's (heads, offsets) is the module's table in its own layout
+        table = tables[f"{n['module']}.relative_position_bias_table"].detach().numpy()
+        want_table = table.T if n["bias_table"] == "swin" else table.reshape(table.shape[0], -1)
+        assert np.array_equal(tensors_of(module, spec)[f"{n['name']}.bias"], want_table)
     # the grid and the bias are read by both forms: side-by-side windows, or no bias, are another network
     weights = {**tensors_of(module, spec), **classifier_of(module)}
     weights["head.weight"] = np.random.default_rng(0).standard_normal(weights["head.weight"].shape, np.float32)
@@ -88,7 +95,6 @@ def test_maxvit_parity_and_what_each_attention_reads(make, window, grid):
 
 @pytest.mark.parametrize("make, words", [
     (lambda: _maxvit(rel_pos_type="mlp"), "RelPosMlp"),
-    (lambda: _maxvit(rel_pos_type="bias_tf"), "RelPosBiasTf"),
     (lambda: _maxvit(use_nchw_attn=True), "PartitionAttention2d .*not supported"),
     (lambda: _maxvit(init_values=1e-5), "ls1 is a LayerScale"),
 ])
@@ -96,6 +102,23 @@ def test_what_edgecl_does_not_follow_is_refused_by_name(make, words):
     with pytest.raises(UsageError, match=words) as info:
         from_torch(make(), (3, 32, 32))
     assert "MaxViT" in str(info.value) and "stages.0.blocks.0" in str(info.value)
+
+
+def test_tf_bias_table_fields():
+    """bias_table 'tf' is stored (heads, 2·wh − 1, 2·ww − 1) under relative_position_bias_table: it needs a window
+    and exactly that many offsets."""
+    spec = from_torch(_maxvit((2, 4), (4, 2), rel_pos_type="bias_tf"), (3, 32, 32))
+    node = next(n for n in spec["nodes"] if n["op"] == "attention")
+    assert (node["bias_table"], node["bias_offsets"], state_shapes(spec)[f"{node['name']}.bias"]) == ("tf", 21,
+                                                                                                      (2, 3, 7))
+    assert state_keys(spec)[f"{node['name']}.bias"] == f"{node['module']}.relative_position_bias_table"
+    for bad, words in [({"window": None, "shift": None}, "needs a window"), ({"bias_offsets": 20}, "gets window")]:
+        edited = copy.deepcopy(spec)
+        nodes = [n for n in edited["nodes"] if n["name"] == node["name"]]
+        for key, value in bad.items():
+            nodes[0].pop(key) if value is None else nodes[0].update({key: value})
+        with pytest.raises(UsageError, match=words):
+            validate(edited)
 
 
 def test_a_partition_that_does_not_tile_is_refused_typed():

@@ -15,11 +15,11 @@ RelativePositionalMultiHeadAttention: to_qkv, scale (C)^-½, the bias, merge), m
 Linear), each added.
 
 The bias is timm's RelPosBias or torchvision's table (Swin's layout: ``relative_position_bias_table`` (offsets,
-heads) and its fixed ``relative_position_index``, ``bias_table`` "swin", per window or grid window). Refused by
-name with the user's
-source line: a map the partition does not tile, the MLP-generated (``RelPosMlp``, ``maxvit_rmlp_*``) and
-TensorFlow-layout (``RelPosBiasTf``, ``maxvit_*_tf``) biases, the channels-first ``PartitionAttention2d`` and
-the parallel variant, layer scales, and other layers in the block's places.
+heads) and its fixed ``relative_position_index``, ``bias_table`` "swin"), or timm's RelPosBiasTf (TensorFlow
+MaxViT's: the table (heads, 2·wh − 1, 2·ww − 1) read through two one-hot lookups, which are the node's fixed index;
+``bias_table`` "tf"), per window or grid window. Refused by name with the user's source line: a map the partition
+does not tile, the MLP-generated bias (``RelPosMlp``, ``maxvit_rmlp_*``), the channels-first
+``PartitionAttention2d`` and the parallel variant, layer scales, and other layers in the block's places.
 """
 from __future__ import annotations
 
@@ -86,6 +86,22 @@ class _MaxVitConverter:
         self._emit(node, "add", [h, out], f"{path}.add2")
         self.last.add(node)
 
+    def _relative_bias(self, rel: nn.Module, where: str, size: list[int]) -> dict[str, Any]:
+        """The bias fields of timm's RelPosBias (Swin's layout) or RelPosBiasTf (TensorFlow MaxViT's)."""
+        kind, t = type(rel).__name__, size[0] * size[1]
+        known = type(rel).__module__ == "timm.layers.pos_embed_rel" and kind in ("RelPosBias", "RelPosBiasTf") and \
+            not int(getattr(rel, "prefix_tokens", 0) or 0)
+        if known and kind == "RelPosBias":
+            return {"bias_offsets": int(rel.relative_position_bias_table.shape[0]), "bias_table": "swin",
+                    "bias_index": rel.relative_position_index.reshape(t, t).tolist()}
+        index = _tf_index(rel, size) if known else None
+        if index is None:
+            raise UsageError(f"{self.name}: {where}: its relative position bias is a {kind}; edgecl converts timm's "
+                             "RelPosBias and RelPosBiasTf (learned tables: maxvit_*_rw, maxvit_*_tf), not an "
+                             "MLP-generated one (RelPosMlp: maxvit_rmlp_*)")
+        heads, vh, vw = rel.relative_position_bias_table.shape
+        return {"bias_offsets": int(vh * vw), "bias_table": "tf", "bias_index": index}
+
     def _torchvision_partition(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str,
                                shape: list[int]) -> None:
         """torchvision's PartitionAttentionLayer on the channels-first map: window p × p, or grid (dilated)."""
@@ -130,16 +146,8 @@ class _MaxVitConverter:
         fields: dict[str, Any] = {"heads": heads, "scale": float(m.scale), "window": size}
         if grid:
             fields["dilated"] = True
-        rel = m.rel_pos
-        if rel is not None:
-            kind = (type(rel).__module__, type(rel).__name__)
-            if kind != ("timm.layers.pos_embed_rel", "RelPosBias") or int(rel.prefix_tokens):
-                raise UsageError(f"{self.name}: {where}: its relative position bias is a {type(rel).__name__}; "
-                                 "edgecl converts timm's RelPosBias (a learned table, Swin's layout: maxvit_*_rw), "
-                                 "not an MLP-generated (RelPosMlp) or TensorFlow-layout (RelPosBiasTf) one")
-            t = size[0] * size[1]
-            fields.update(module=f"{path}.rel_pos", bias_offsets=int(rel.relative_position_bias_table.shape[0]),
-                          bias_index=rel.relative_position_index.reshape(t, t).tolist(), bias_table="swin")
+        if m.rel_pos is not None:
+            fields.update(module=f"{path}.rel_pos", **self._relative_bias(m.rel_pos, where, size))
         packed = self._emit(node, "conv", [x], f"{path}.qkv", **_pointwise(qkv))
         if m.head_first:  # timm packs each head's q, k, v side by side
             q, k, v = self._head_blocks(node, packed, f"{path}.qkv", heads, [d, d, d])
@@ -147,6 +155,18 @@ class _MaxVitConverter:
         else:
             attended = self.attend_packed(node, packed, path, heads * d, **fields)
         return self._emit(node, "conv", [attended], f"{path}.proj", **_pointwise(proj))
+
+
+def _tf_index(rel: nn.Module, size: list[int]) -> list[list[int]] | None:
+    """RelPosBiasTf's one-hot lookups as an index into its table flattened to (heads, (2·wh − 1)(2·ww − 1)):
+    query (i, j) and key (x, y) read row height_lookup[i, x], column width_lookup[j, y]; None unless each lookup
+    picks exactly one entry (timm zeroes distances beyond a maximum: no table entry)."""
+    rows, cols = rel.height_lookup, rel.width_lookup
+    if not all(bool(((t == 0) | (t == 1)).all()) and bool((t.sum(-1) == 1).all()) for t in (rows, cols)):
+        return None
+    r, c, width = rows.argmax(-1), cols.argmax(-1), cols.shape[-1]
+    cells = [(i, j) for i in range(size[0]) for j in range(size[1])]
+    return [[int(r[i, x]) * width + int(c[j, y]) for x, y in cells] for i, j in cells]
 
 
 def _parts(model: str, where: str, seq: nn.Module, n: int) -> list[nn.Module]:

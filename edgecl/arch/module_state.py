@@ -24,8 +24,8 @@ def state_keys(arch: Arch) -> dict[str, str]:
 
 def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
     """Trunk tensor name → its shape as the traced module stores it (`param_shapes`, except a weight whose node has
-    a ``module_shape``, a position embedding or several prepended tokens, stored ``(1, tokens, ch)``, and Swin's
-    attention bias table, stored ``(offsets, heads)``);
+    a ``module_shape``, a position embedding or several prepended tokens, stored ``(1, tokens, ch)``, Swin's
+    attention bias table, stored ``(offsets, heads)``, and TensorFlow MaxViT's, ``(heads, 2·wh − 1, 2·ww − 1)``);
     `from_module` converts."""
     shapes = param_shapes(arch)
     for node in arch["nodes"]:
@@ -35,6 +35,8 @@ def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
             shapes[f"{node['name']}.weight"] = (1, node["tokens"], node["ch"])
         if _swin_table(node):
             shapes[f"{node['name']}.bias"] = (node["bias_offsets"], node["heads"])
+        if node["op"] == "attention" and node.get("bias_table") == "tf":  # (heads, offsets) with its 2-D offsets
+            shapes[f"{node['name']}.bias"] = (node["heads"], *(2 * w - 1 for w in node["window"]))
     return shapes
 
 

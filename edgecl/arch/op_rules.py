@@ -35,6 +35,11 @@ def attention_fields(out: dict[str, Any], where: str) -> None:
     for key, needs in (("shift", "window"), ("bias_table", "bias_offsets")):
         if out[key] is not None and out[needs] is None:
             raise UsageError(f"{where}: attention {key} {out[key]} needs a {needs}")
+    if out["bias_table"] == "tf" and (out["window"] is None or out["bias_offsets"] !=
+                                      (2 * out["window"][0] - 1) * (2 * out["window"][1] - 1)):
+        raise UsageError(f"{where}: attention bias_table 'tf' (stored (heads, 2·wh − 1, 2·ww − 1)) needs a window "
+                         f"and bias_offsets (2·wh − 1)(2·ww − 1), gets window {out['window']} and bias_offsets "
+                         f"{out['bias_offsets']}")
     if out["dilated"] and out["window"] is None:
         raise UsageError(f"{where}: attention dilated needs a window")
     if not out["dilated"]:

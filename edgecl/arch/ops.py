@@ -76,15 +76,16 @@ Ops (fields and defaults in `OPS`):
   The table is what trains (positions at one offset share one number, as in LeViT), the index never changes; B is
   at most T_q·T_kv, so the table is bounded by the scores. The bias belongs to no channel (`ROWLESS_OPS`: the heads
   are never pruned); its module stores it as ``MODULE.attention_biases`` (timm's name), or with ``bias_table``
-  ``"swin"`` as ``MODULE.relative_position_bias_table`` stored ``(B, heads)`` (Swin's name and layout). With
-  ``window`` [wh, ww] (Swin's window attention, `edgecl.arch.attention_windows`) it attends within each non-overlapping
-  wh × ww window of the map (q, k and v at the same positions, ``kv_heads`` = ``heads``, windows that tile the map);
-  T_q = T_kv = wh·ww for the bias, and the scores are heads × H·W × wh·ww. ``shift`` [sh, sw] (each below the
-  window's side) rolls the map by (−sh, −sw) first, masks the pairs from different regions of the roll, and rolls
-  the output back: Swin's shifted windows. ``dilated`` true spreads each window's wh × ww positions at stride
-  (H/wh, W/ww): attention among the positions at one offset of an (H/wh) × (W/ww) tiling — MaxViT's grid attention,
-  MobileViT's attention across patches — with no shift; bias, bound and scores as a window's. The channel map is
-  attention's, unchanged.
+  ``"swin"`` as ``MODULE.relative_position_bias_table`` stored ``(B, heads)`` (Swin's name and layout), or ``"tf"``
+  under that name stored ``(heads, 2·wh − 1, 2·ww − 1)`` (TensorFlow MaxViT's; a window, B = (2·wh − 1)(2·ww − 1)).
+  With ``window`` [wh, ww] (Swin's window attention, `edgecl.arch.attention_windows`) it attends within each
+  non-overlapping wh × ww window of the map (q, k and v at the same positions, ``kv_heads`` = ``heads``, windows
+  that tile the map); T_q = T_kv = wh·ww for the bias, and the scores are heads × H·W × wh·ww. ``shift`` [sh, sw]
+  (each below the window's side) rolls the map by (−sh, −sw) first, masks the pairs from different regions of the
+  roll, and rolls the output back: Swin's shifted windows. ``dilated`` true spreads each window's wh × ww positions
+  at stride (H/wh, W/ww): attention among the positions at one offset of an (H/wh) × (W/ww) tiling — MaxViT's grid
+  attention, MobileViT's attention across patches — with no shift; bias, bound and scores as a window's. The
+  channel map is attention's, unchanged.
 
 """
 from __future__ import annotations
