@@ -17,7 +17,7 @@ from torch import nn
 from torch_nets import check_parity, classifier_of, tensors_of, timm, torchvision
 
 from edgecl.arch import from_torch, validate
-from edgecl.arch.module_state import state_keys, state_shapes
+from edgecl.arch.module_state import from_module, state_keys, state_shapes, to_module
 from edgecl.errors import UsageError
 from edgecl.graph.builder import build_onnx
 from edgecl.train.models import forward, from_numpy
@@ -112,6 +112,9 @@ def test_tf_bias_table_fields():
     assert (node["bias_table"], node["bias_offsets"], state_shapes(spec)[f"{node['name']}.bias"]) == ("tf", 21,
                                                                                                       (2, 3, 7))
     assert state_keys(spec)[f"{node['name']}.bias"] == f"{node['module']}.relative_position_bias_table"
+    table = np.arange(42, dtype=np.float32).reshape(2, 3, 7)  # the module's layout and back
+    assert np.array_equal(to_module(spec, f"{node['name']}.bias", from_module(spec, f"{node['name']}.bias", table)),
+                          table)
     for bad, words in [({"window": None, "shift": None}, "needs a window"), ({"bias_offsets": 20}, "gets window")]:
         edited = copy.deepcopy(spec)
         nodes = [n for n in edited["nodes"] if n["name"] == node["name"]]
