@@ -1,12 +1,12 @@
 """Small user networks, one per layer family `from_torch` follows beyond plain convolutions and BatchNorm (the graph
 tests run every method on each): TensorFlow's "same" padding (`TinyTF`), ECA channel attention (`TinyEca`), a Vision
-Transformer (`TinyViT`), PP-HGNetV2's scalar affines (`TinyHGNet`), split attention (`TinySplitAttn`), GCNet's
-global context (`TinyGCNet`), TResNet's space-to-depth stem (`TinyS2D`), MobileNetV4-hybrid's multi-query
-attention on a feature map (`TinyMNv4Hybrid`), LeViT's attention biases and strided attention (`TinyLeViT`),
-anti-aliased downsampling (`TinyBlur`), Swin's shifted window attention and patch merging (`TinySwin`), TinyViT's
-windowed LeViT attention and local conv (`TinyTinyViT`), MobileViT's block (`TinyMobileViT`: grid attention),
-MaxViT's window and grid attention with relative position biases (`TinyMaxViT`) and a position embedding added to a feature map (`TinyMapEmbed`, as PiT and Visformer add theirs, with NASNet's cropping
-pad). Imports torch and timm."""
+Transformer (`TinyViT`), PP-HGNetV2's scalar affines (`TinyHGNet`), split attention (`TinySplitAttn`), GCNet's global
+context (`TinyGCNet`), TResNet's space-to-depth stem (`TinyS2D`), MobileNetV4-hybrid's multi-query attention on a
+feature map (`TinyMNv4Hybrid`), LeViT's attention biases and strided attention (`TinyLeViT`), anti-aliased
+downsampling (`TinyBlur`), Swin's shifted window attention and patch merging (`TinySwin`), TinyViT's windowed LeViT
+attention and local conv (`TinyTinyViT`), MobileViT's block (`TinyMobileViT`: grid attention), MaxViT's window and
+grid attention with relative position biases (`TinyMaxViT`) and a position embedding added to a feature map
+(`TinyMapEmbed`, as PiT and Visformer add theirs, with NASNet's cropping pad). Imports torch and timm."""
 from __future__ import annotations
 
 import torch

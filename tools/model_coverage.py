@@ -1,9 +1,9 @@
 """Which torchvision and timm models go into edgecl as they are: each is built without pretrained weights, traced by
 `from_torch` at 3×64×64 (3×96×96 for inception_v3; models built for one input size, the plain ViTs, LeViT, PiT,
 Visformer, EfficientFormerV2 and timm's MaxViT, are built for 64×64 by `BUILD_ARGS`; Swin, TinyViT and
-torchvision's MaxViT at sizes whose stage maps their windows tile, `SIZES`), and — with `--parity` — its spec's torch forward and ONNX graph
-are compared with the module (`tests/torch_nets.check_parity`). A refusal is recorded with edgecl's message, so the
-list says what is missing and where.
+torchvision's MaxViT at sizes whose stage maps their windows tile, `SIZES`), and — with `--parity` — its spec's
+torch forward and ONNX graph are compared with the module (`tests/torch_nets.check_parity`). A refusal is recorded
+with edgecl's message, so the list says what is missing and where.
 
     python tools/model_coverage.py [--parity] [--out tools/results/model_coverage.json]   # ~4 min, ~8 with --parity
 """
