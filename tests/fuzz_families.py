@@ -255,6 +255,8 @@ def _spec(draw) -> dict:
                 if draw(st.booleans()):
                     node["shift"] = [draw(st.integers(0, w - 1)) for w in window] if fits else \
                         draw(st.sampled_from([-1, window]))
+                elif draw(st.booleans()):  # a grid (dilated windows: MaxViT, MobileViT), or a hostile flag
+                    node["dilated"] = True if fits else draw(st.sampled_from(["yes", 1]))
                 t = int(np.prod(window))  # the bias is per window
             if draw(st.booleans()):
                 b = draw(st.sampled_from([1, t, t * t])) if fits else draw(st.sampled_from([t * t + 1, 0]))
@@ -263,7 +265,8 @@ def _spec(draw) -> dict:
                 node["bias_index"] = fitting if draw(st.integers(0, 3)) else draw(st.sampled_from([
                     [[0] * (t + 1)] * t, [[b] * t] * t, [], [[-1]], "x", None]))
                 if draw(st.booleans()):  # stored as Swin stores it (or a hostile layout name)
-                    node["bias_table"] = "swin" if fits else draw(st.sampled_from(["levit", "other", 1]))
+                    node["bias_table"] = draw(st.sampled_from(["swin", "tf"])) if fits else \
+                        draw(st.sampled_from(["levit", "other", 1]))  # 'tf' holds where B = (2wh − 1)(2ww − 1)
             if draw(st.integers(0, 3)) == 0:  # EfficientFormerV2's talking heads (refused with a window)
                 node["talking_heads"] = draw(st.booleans()) if fits else draw(st.sampled_from(["yes", 1, None]))
         elif op == "upsample":  # nearest or bilinear (EfficientFormerV2's strided attention), by integer factors

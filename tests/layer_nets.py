@@ -1,12 +1,13 @@
 """Small user networks, one per layer family `from_torch` follows beyond plain convolutions and BatchNorm (the graph
 tests run every method on each): TensorFlow's "same" padding (`TinyTF`), ECA channel attention (`TinyEca`), a Vision
-Transformer (`TinyViT`), PP-HGNetV2's scalar affines (`TinyHGNet`), split attention (`TinySplitAttn`), GCNet's
-global context (`TinyGCNet`), TResNet's space-to-depth stem (`TinyS2D`), MobileNetV4-hybrid's multi-query
-attention on a feature map (`TinyMNv4Hybrid`), LeViT's attention biases and strided attention (`TinyLeViT`),
-anti-aliased downsampling (`TinyBlur`), Swin's shifted window attention and patch merging (`TinySwin`), TinyViT's
-windowed LeViT attention and local conv (`TinyTinyViT`), a position embedding added to a feature map
-(`TinyMapEmbed`, as PiT and Visformer add theirs, with NASNet's cropping pad) and EfficientFormerV2's strided
-talking-heads attention and attention downsampling (`TinyEfficientFormerV2`). Imports torch and timm."""
+Transformer (`TinyViT`), PP-HGNetV2's scalar affines (`TinyHGNet`), split attention (`TinySplitAttn`), GCNet's global
+context (`TinyGCNet`), TResNet's space-to-depth stem (`TinyS2D`), MobileNetV4-hybrid's multi-query attention on a
+feature map (`TinyMNv4Hybrid`), LeViT's attention biases and strided attention (`TinyLeViT`), anti-aliased
+downsampling (`TinyBlur`), Swin's shifted window attention and patch merging (`TinySwin`), TinyViT's windowed LeViT
+attention and local conv (`TinyTinyViT`), MobileViT's block (`TinyMobileViT`: grid attention), MaxViT's window and
+grid attention with relative position biases (`TinyMaxViT`) and a position embedding added to a feature map
+(`TinyMapEmbed`, as PiT and Visformer add theirs, with NASNet's cropping pad) and EfficientFormerV2's strided talking-heads attention and attention downsampling
+(`TinyEfficientFormerV2`). Imports torch and timm."""
 from __future__ import annotations
 
 import torch
@@ -29,6 +30,8 @@ from timm.models.efficientformer_v2 import Attention2d as FormerAttention  # noq
 from timm.models.efficientformer_v2 import Attention2dDownsample  # noqa: E402
 from timm.models.hgnet import LearnableAffineBlock  # noqa: E402
 from timm.models.levit import Attention as LevitAttention  # noqa: E402
+from timm.models.maxxvit import MaxxVitTransformerCfg, PartitionAttentionCl  # noqa: E402
+from timm.models.mobilevit import MobileVitBlock  # noqa: E402
 from timm.models.levit import AttentionDownsample, LevitMlp, NormLinear  # noqa: E402
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock  # noqa: E402
 from timm.models.tiny_vit import TinyVitBlock  # noqa: E402
@@ -418,3 +421,43 @@ class TinyEfficientFormerV2(nn.Module):
 
 def efficientformer_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyEfficientFormerV2(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
+
+
+class TinyMobileViT(nn.Module):
+    """MobileViT's block in small: a strided conv stem to a 4×4 map and one timm MobileVitBlock of 2×2 patches (its
+    3×3 ConvNormAct and 1×1 conv, a transformer Block attending among the 2×2 patches at each pixel offset: dilated
+    window attention; LayerNorm, conv_proj, conv_fusion over the concatenated shortcut), then the mean."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8, image: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, width, 3, stride=2, padding=1)
+        self.block = MobileVitBlock(width, width, transformer_dim=width, transformer_depth=1, patch_size=2,
+                                    num_heads=2)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)).mean((2, 3)))
+
+
+def mobilevit_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyMobileViT(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
+
+
+class TinyMaxViT(nn.Module):
+    """MaxViT's attention in small: a strided conv stem to a 4×4 map put channels-last, timm's PartitionAttentionCl
+    over 2×2 windows, then over the 2×2 grid (positions 2 apart: a dilated window), each with its relative position
+    bias table, and the mean over the map."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8, image: int = 8):
+        super().__init__()
+        cfg = MaxxVitTransformerCfg(dim_head=4, window_size=(2, 2), expand_ratio=2.0)
+        self.stem = nn.Conv2d(in_channels, width, 3, stride=2, padding=1)
+        self.blocks = nn.Sequential(*(PartitionAttentionCl(width, kind, cfg) for kind in ("block", "grid")))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x).permute(0, 2, 3, 1)).mean((1, 2)))
+
+
+def maxvit_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyMaxViT(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))

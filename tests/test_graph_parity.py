@@ -16,17 +16,18 @@ from edgecl.runtime import TaskRuntime
 from edgecl.runtime import plan as plan_module
 from edgecl.synthetic import SHAPES, random_packed
 from edgecl.train.models import forward, from_numpy
-from layer_nets import TinyEfficientFormerV2, TinyLeViT, TinySwin, TinyTF, TinyViT
+from layer_nets import TinyEfficientFormerV2, TinyLeViT, TinyMobileViT, TinySwin, TinyTF, TinyViT
 from torch_nets import TinyConvNeXt, TinyShuffle, spec_and_weights
 
 # LayerNorm, layer scales, a global response norm (TinyConvNeXt); channel shuffles (TinyShuffle); pad nodes (TinyTF);
 # class token, position embedding and self-attention (TinyViT); attention biases and strided queries (TinyLeViT);
 # shifted window attention and patch merging (TinySwin); talking heads and a bilinear up-sampling
-# (TinyEfficientFormerV2)
+# (TinyEfficientFormerV2); grid attention (TinyMobileViT)
 CUSTOM = {"custom ConvNeXt": lambda: TinyConvNeXt(in_channels=3), "custom shuffle": lambda: TinyShuffle(3, 3, 12),
           "custom TF padding": lambda: TinyTF(3, 3, 8), "custom ViT": lambda: TinyViT(3, 3, image=16),
           "custom LeViT": lambda: TinyLeViT(3, 3, image=16), "custom Swin": lambda: TinySwin(3, 3, image=16),
-          "custom EfficientFormerV2": lambda: TinyEfficientFormerV2(3, 3, image=16)}
+          "custom EfficientFormerV2": lambda: TinyEfficientFormerV2(3, 3, image=16),
+          "custom MobileViT": lambda: TinyMobileViT(3, 3, image=16)}
 
 TOL = 1e-4
 

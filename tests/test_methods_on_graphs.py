@@ -1,20 +1,20 @@
 """Every method on networks that are graphs — the resnet preset (residual adds, BatchNorm), ResCat (residual add,
-concatenation, depthwise conv, SE gate), GhostSplit (channel slices, split and chunk), TinyConvNeXt (LayerNorm
-over channels, Linear layers on channels-last maps, layer scales), TinyShuffle (channel shuffles), TinyTF
-(TensorFlow's "same" padding, ``pad`` nodes), TinyEca (ECA channel attention, zero and circular padding),
-TinyHGNet (PP-HGNetV2's scalar affines after activations, concatenation, ESE gate), TinySplitAttn (timm's
-SelectiveKernel and SplitAttn: softmax across branches), TinyViT (class token, position embedding, multi-head
-self-attention), TinyGCNet (GCNet's global context: attention pooling, gate and broadcast add), TinyS2D
-(TResNet's space-to-depth of the input and of a map), TinyMNv4Hybrid (multi-query attention on a map, keys and
-values strided), TinyLeViT (LeViT's attention biases, LinearNorm, strided queries), TinyBlur (BlurPool2d: reflect,
-replicate and zero pads, the binomial filter; adaptive average pooling to 3×3), TinySwin (shifted window attention
-with relative position biases, patch merging), TinyTinyViT (windowed attention with LeViT's biases, a local conv
-between attention and MLP), TinyMapEmbed (a position embedding added to a feature map, as PiT's and Visformer's; a
-cropping pad, as NASNet's), TinyEfficientFormerV2 (talking heads, a bilinear up-sampling, attention biases,
-a local-global strided query) and TinyViT with register tokens,
-DeiT's distillation token (two averaged heads) and a frozen position embedding: two real digit tasks each,
-then what the method promises about the first task, the deployed runtime against the training evaluation, and the
-exported ONNX against the runtime."""
+concatenation, depthwise conv, SE gate), GhostSplit (channel slices, split and chunk), TinyConvNeXt (LayerNorm over
+channels, Linear layers on channels-last maps, layer scales), TinyShuffle (channel shuffles), TinyTF (TensorFlow's
+"same" padding, ``pad`` nodes), TinyEca (ECA channel attention, zero and circular padding), TinyHGNet (PP-HGNetV2's
+scalar affines after activations, concatenation, ESE gate), TinySplitAttn (timm's SelectiveKernel and SplitAttn:
+softmax across branches), TinyViT (class token, position embedding, multi-head self-attention), TinyGCNet (GCNet's
+global context: attention pooling, gate and broadcast add), TinyS2D (TResNet's space-to-depth of the input and of a
+map), TinyMNv4Hybrid (multi-query attention on a map, keys and values strided), TinyLeViT (LeViT's attention biases,
+LinearNorm, strided queries), TinyBlur (BlurPool2d: reflect, replicate and zero pads, the binomial filter; adaptive
+average pooling to 3×3), TinySwin (shifted window attention with relative position biases, patch merging), TinyTinyViT
+(windowed attention with LeViT's biases, a local conv between attention and MLP), TinyMapEmbed (a position embedding
+added to a feature map, as PiT's and Visformer's; a cropping pad, as NASNet's), TinyEfficientFormerV2 (talking heads, a bilinear
+up-sampling, attention biases, a local-global strided query), TinyMobileViT (MobileViT's block:
+attention among the patches at each pixel offset, a dilated window), TinyMaxViT (MaxViT's window and grid attention
+with relative position biases) and TinyViT with register tokens, DeiT's distillation token (two averaged heads) and a
+frozen position embedding: two real digit tasks each, then what the method promises about the first task, the deployed
+runtime against the training evaluation, and the exported ONNX against the runtime."""
 from __future__ import annotations
 
 import numpy as np
@@ -35,7 +35,8 @@ from edgecl.train.data import make_stream
 from edgecl.train.models import from_numpy, init_params
 from edgecl.train.protocol import TrainContext, batches
 from layer_nets import (blur_spec, eca_spec, efficientformer_spec, gc_spec, hgnet_spec, levit_spec, map_embed_spec,
-                        mnv4_spec, s2d_spec, split_attn_spec, swin_spec, tf_spec, tiny_vit_spec, vit_spec)
+                        maxvit_spec, mnv4_spec, mobilevit_spec, s2d_spec, split_attn_spec, swin_spec, tf_spec,
+                        tiny_vit_spec, vit_spec)
 from torch_nets import convnext_spec, dwres_spec, ghost_spec, rescat_spec, shuffle_spec
 
 CTX = TrainContext(progress=False)
@@ -46,9 +47,10 @@ ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8
          "hgnet": hgnet_spec, "split": split_attn_spec, "vit": vit_spec, "gc": gc_spec, "s2d": s2d_spec,
          "mnv4": mnv4_spec, "vit_tokens": lambda: vit_spec(registers=2, distilled=True, frozen_pos=True),
          "levit": levit_spec, "blur": blur_spec, "swin": swin_spec, "tiny_vit": tiny_vit_spec,
-         "map_embed": map_embed_spec, "efficientformer": efficientformer_spec}
+         "map_embed": map_embed_spec, "efficientformer": efficientformer_spec, "mobilevit": mobilevit_spec,
+         "maxvit": maxvit_spec}
 GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgnet", "split", "vit", "gc", "s2d", "mnv4",
-          "vit_tokens", "levit", "blur", "swin", "tiny_vit", "map_embed", "efficientformer"]
+          "vit_tokens", "levit", "blur", "swin", "tiny_vit", "map_embed", "efficientformer", "mobilevit", "maxvit"]
 
 
 @pytest.fixture(scope="module")

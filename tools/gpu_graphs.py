@@ -72,7 +72,10 @@ LAYERS = {"name": "layers", "input_shape": [3, 16, 16], "nodes": [
      "shift": [2, 2], "bias_offsets": 49, "bias_table": "swin", "bias_index": [  # Swin's relative position index
          [(t // 4 - s // 4 + 3) * 7 + t % 4 - s % 4 + 3 for s in range(16)] for t in range(16)]},
     {"name": "w_res", "op": "add", "inputs": ["sk", "w_attend"]},
-    {"name": "tokens", "op": "reshape", "inputs": ["w_res"], "shape": [8, 64, 1]},
+    {"name": "g_attend", "op": "attention", "inputs": ["w_res", "w_res", "w_res"], "heads": 2, "scale": 0.5,
+     "window": [2, 4], "dilated": True},  # grid attention (MobileViT, MaxViT): positions 4 rows, 2 columns apart
+    {"name": "g_res", "op": "add", "inputs": ["w_res", "g_attend"]},
+    {"name": "tokens", "op": "reshape", "inputs": ["g_res"], "shape": [8, 64, 1]},
     {"name": "reg", "op": "class_token", "inputs": ["tokens"], "ch": 8, "tokens": 4},
     {"name": "cls", "op": "class_token", "inputs": ["reg"], "ch": 8},
     {"name": "pos", "op": "pos_embed", "inputs": ["cls"], "ch": 8, "tokens": 69},

@@ -1,9 +1,9 @@
 """Which torchvision and timm models go into edgecl as they are: each is built without pretrained weights, traced by
 `from_torch` at 3×64×64 (3×96×96 for inception_v3; models built for one input size, the plain ViTs, LeViT, PiT,
-Visformer and EfficientFormerV2, are built for 64×64 by `BUILD_ARGS`; Swin and TinyViT at sizes whose stage maps
-their windows tile, `SIZES`), and — with `--parity` — its spec's torch forward and ONNX graph
-are compared with the module (`tests/torch_nets.check_parity`). A refusal is recorded with edgecl's message, so the
-list says what is missing and where.
+Visformer, EfficientFormerV2 and timm's MaxViT, are built for 64×64 by `BUILD_ARGS`; Swin, TinyViT and
+torchvision's MaxViT at sizes whose stage maps their windows tile, `SIZES`), and — with `--parity` — its spec's
+torch forward and ONNX graph are compared with the module (`tests/torch_nets.check_parity`). A refusal is recorded
+with edgecl's message, so the list says what is missing and where.
 
     python tools/model_coverage.py [--parity] [--out tools/results/model_coverage.json]   # ~4 min, ~8 with --parity
 """
@@ -44,19 +44,22 @@ TIMM = ["resnet10t", "resnet18", "mobilenetv3_small_050", "mobilenetv2_050", "ef
         "deit_tiny_distilled_patch16_224", "vit_base_patch16_reg4_gap_256",
         # anti-aliased downsampling (BlurPool2d: reflect pad + binomial filter)
         "resnetblur18", "resnetblur50d", "resnetaa34d",
-        # shifted window attention
-        "swin_tiny_patch4_window7_224"]
+        # shifted window attention; grid (dilated window) attention
+        "swin_tiny_patch4_window7_224", "maxvit_pico_rw_256", "maxvit_tiny_tf_224"]
 # models whose position embedding (LeViT: attention-bias index) fixes the input size: built for the 64×64 traced
 BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_patch16_224": {"img_size": 64},
               "timm:deit_tiny_patch16_224": {"img_size": 64}, "timm:deit_tiny_distilled_patch16_224": {"img_size": 64},
               "timm:vit_base_patch16_reg4_gap_256": {"img_size": 64},
               "timm:levit_128s": {"img_size": 64}, "timm:swin_tiny_patch4_window7_224": {"img_size": 112},
               "timm:pit_ti_224": {"img_size": 64}, "timm:visformer_tiny": {"img_size": 64},
-              "timm:efficientformerv2_s0": {"img_size": 64}}
+              "timm:efficientformerv2_s0": {"img_size": 64}, "timm:maxvit_pico_rw_256": {"img_size": 64},
+              "timm:maxvit_tiny_tf_224": {"img_size": 64}}
 # input sides other than 64: Swin and TinyViT pad a map their windows do not tile with zeros that join the attention
 # (refused), so they are traced where the windows tile every stage (timm's Swin: 28, 14, 7, then 4 in one window;
-# torchvision's swin_t, whose window is fixed: 56, 28, 14, 7; TinyViT's windows 7, 14, 7: 28, 14, 7)
-SIZES = {"timm:swin_tiny_patch4_window7_224": 112, "torchvision.models:swin_t": 224, "timm:tiny_vit_5m_224": 224}
+# torchvision's swin_t, whose window is fixed: 56, 28, 14, 7; TinyViT's windows 7, 14, 7: 28, 14, 7); torchvision's
+# maxvit_t is built for 224 (its partitions of 7 fixed at construction)
+SIZES = {"timm:swin_tiny_patch4_window7_224": 112, "torchvision.models:swin_t": 224, "timm:tiny_vit_5m_224": 224,
+         "torchvision.models:maxvit_t": 224}
 RESULTS = ROOT / "tools" / "results" / "model_coverage.json"
 
 

@@ -9,7 +9,7 @@ Result: tools/results/own_network_tf_efficientnet_lite0_rgo_span.txt
 import sys
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import numpy as np, torch
+import torch
 from edgecl.arch.factories import ensure_torchvision_imports; ensure_torchvision_imports()
 from edgecl.arch.factories import resolve_arch_and_module
 from edgecl.train.data import make_stream, parse_input_shape

@@ -5,7 +5,12 @@ An ``attention`` with ``window`` [wh, ww] attends within each wh × ww window of
 row-major order, positions row-major inside a window); with ``shift`` [sh, sw] the map is first rolled by
 (−sh, −sw), windows that straddle the roll's seam get a mask that keeps pairs from different original regions apart
 (−100 added to their scores, Swin's value), and the result is rolled back. The mask is built from the shape, never
-stored."""
+stored.
+
+With ``dilated`` the window's wh × ww positions are spread over the map at stride (H/wh, W/ww) instead of side by
+side: attention among the positions at the same offset (i mod H/wh, j mod W/ww), a grid partition (MaxViT's grid
+attention with grid size [wh, ww]; MobileViT's attention over the patches at one pixel offset, wh × ww patches of
+H/wh × W/ww pixels). Only the 6-D view's factor order changes (`partition`); a dilated window takes no shift."""
 from __future__ import annotations
 
 from typing import Any
@@ -21,6 +26,17 @@ def window_of(node: dict[str, Any]) -> tuple[int, int, int, int] | None:
         return None
     shift = node.get("shift") or [0, 0]
     return (*node["window"], *shift)
+
+
+def partition(height: int, width: int, wh: int, ww: int, dilated: bool) -> tuple[tuple[int, ...], tuple[int, ...],
+                                                                                 tuple[int, ...]]:
+    """How (N, C, H, W) becomes (N·windows, C, wh, ww) and back, in both forms: the map's (H, W) as a 4-D grid, the
+    6-D permutation that moves the window index into the batch (after reshaping to (N, C, *grid)), and the one that
+    puts (N, H/wh, W/ww, C, wh, ww) back to (N, C, *grid). Side by side: H = (H/wh, wh); dilated: H = (wh, H/wh),
+    the window's rows H/wh apart; windows are row-major by their first row and column either way."""
+    if dilated:
+        return (wh, height // wh, ww, width // ww), (0, 3, 5, 1, 2, 4), (0, 3, 4, 1, 5, 2)
+    return (height // wh, wh, width // ww, ww), (0, 2, 4, 1, 3, 5), (0, 3, 1, 4, 2, 5)
 
 
 def window_mask(height: int, width: int, wh: int, ww: int, sh: int, sw: int) -> np.ndarray | None:

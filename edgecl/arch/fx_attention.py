@@ -35,6 +35,16 @@ def is_timm_attention(m: Any) -> bool:
     return (type(m).__module__, type(m).__name__) == TIMM_ATTENTION or is_attention_2d(m)
 
 
+def check_plain_attention(model: str, where: str, m: nn.Module) -> None:
+    """timm's Attention computes plain multi-head attention only without qk-norm, a norm before its projection or
+    a gate; each of those is refused by name."""
+    for part, why in (("q_norm", "qk-norm"), ("k_norm", "qk-norm"), ("norm", "a norm before the projection")):
+        if not isinstance(getattr(m, part, None), nn.Identity):
+            raise UsageError(f"{model}: {where} uses {why} ({part}); not supported")
+    if getattr(m, "gate", None) is not None:
+        raise UsageError(f"{model}: {where} is gated (a sigmoid gate on its output); not supported")
+
+
 class _AttentionConverter:
     """Mixin of `fx_import._Converter`: timm's Attention and torch's MultiheadAttention."""
 
@@ -58,11 +68,7 @@ class _AttentionConverter:
         if extra.get("attn_mask") is not None or extra.get("is_causal", False) is not False:
             raise UsageError(f"{self.name}: {where} is called with an attention mask or causal=True; edgecl "
                              "supports plain self-attention (no mask, not causal)")
-        for part, why in (("q_norm", "qk-norm"), ("k_norm", "qk-norm"), ("norm", "a norm before the projection")):
-            if not isinstance(getattr(m, part, None), nn.Identity):
-                raise UsageError(f"{self.name}: {where} uses {why} ({part}); not supported")
-        if getattr(m, "gate", None) is not None:
-            raise UsageError(f"{self.name}: {where} is gated (a sigmoid gate on its output); not supported")
+        check_plain_attention(self.name, where, m)
         self._attention(node, x, path, int(m.num_heads), float(m.scale), (m.qkv, f"{path}.qkv", None),
                         (m.proj, f"{path}.proj"), where)
 

@@ -6,10 +6,11 @@ every conv/linear/BatchNorm node is named by its module path and its tensors by 
 come from running the traced graph once on zeros (`_ShapeProp`, eval mode, no gradients, the module's state untouched).
 Dropout and identity are dropped (identities at inference); view-like ops become ``flatten``/``reshape`` with the shape
 they produced. Each family has its own mixin module (`_Converter`'s bases: calls, norms and channels-last maps,
-tokens, attention, LeViT, Swin, TinyViT, BlurPool, …); control flow on shapes is resolved at the import shape by
-`fx_shape_flow`. The final classifier (an `nn.Linear`, a 1×1 conv on pooled features and a flatten, or an average of
-such, as RepViT's) is left out by `fx_classifier`: every task gets its own head on the features it reads. Anything
-else raises `UsageError` naming the op, the fx node, the module path and the user's source line, never a trace.
+tokens, attention, LeViT, Swin, TinyViT, MobileViT, MaxViT, BlurPool, …); control flow on shapes is resolved at the
+import shape by `fx_shape_flow`. The final classifier (an `nn.Linear`, a 1×1 conv on pooled features and a flatten,
+or an average of such, as RepViT's) is left out by `fx_classifier`: every task gets its own head on the features it
+reads. Anything else raises `UsageError` naming the op, the fx node, the module path and the user's source line,
+never a trace.
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ from edgecl.arch.fx_efficientformer import _EfficientFormerConverter, is_efficie
 from edgecl.arch.fx_global_context import _GlobalContextConverter, is_global_context
 from edgecl.arch.fx_levit import _LevitConverter, is_levit
 from edgecl.arch.fx_norms import LAYER_NORMS, PERMUTES, _NormConverter, is_grn, is_view
+from edgecl.arch.fx_maxvit import _MaxVitConverter, is_maxvit
+from edgecl.arch.fx_mobilevit import _MobileVitConverter, is_mobilevit
 from edgecl.arch.fx_padding import PAD_FUNCTIONS, PAD_MODULES, _PaddingConverter, odd_same, pad_call, same_kind
 from edgecl.arch.fx_shape_flow import ShapeFlowTracer, evaluating, raised_at
 from edgecl.arch.fx_shuffle import _ShuffleConverter
@@ -62,8 +65,10 @@ _SCALAR_METHODS = ("size", "dim")
 _WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention, "split_attention"),
           (is_timm_attention, "timm_attention"), (is_global_context, "global_context"), (is_swin, "swin"),
           (is_space_to_depth, "space_to_depth"), (is_levit, "levit"), (is_tiny_vit_block, "tiny_vit_block"),
-          (is_blur_pool, "blur_pool"), (is_efficientformer_attention, "efficientformer_attention"))
-_ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin, is_tiny_vit_block)  # may read channels-last values
+          (is_blur_pool, "blur_pool"), (is_efficientformer_attention, "efficientformer_attention"),
+          (is_mobilevit, "mobilevit"), (is_maxvit, "maxvit"))
+# may read channels-last values
+_ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin, is_tiny_vit_block, is_maxvit)
 
 
 class _Tracer(ShapeFlowTracer):
@@ -190,7 +195,7 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
                  _ClassifierConverter, _EcaConverter, _AffineConverter, _SplitAttnConverter, _TokenConverter,
                  _AttentionConverter, _Attention2dConverter, _GlobalContextConverter, _SpaceToDepthConverter,
                  _LevitConverter, _SwinConverter, _TinyVitConverter, _BlurConverter,
-                 _EfficientFormerConverter):
+                 _EfficientFormerConverter, _MobileVitConverter, _MaxVitConverter):
 
     def __init__(self, traced: fx.GraphModule, module: nn.Module, shape: list[int], classifier: bool | None,
                  name: str):

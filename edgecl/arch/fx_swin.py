@@ -82,16 +82,17 @@ class _SwinConverter:
                             where)
         self._emit(node, "add", [h, out], f"{path}.add2")
 
-    def norm_mlp(self, node: fx.Node, mlp: nn.Module, x: str, path: str, where: str) -> str:
+    def norm_mlp(self, node: fx.Node, mlp: Any, x: str, path: str, where: str,
+                 parts: tuple[str, str, str] = ("fc1", "act", "fc2")) -> str:
         """An MLP of two Linears over the channels with an activation between (timm's Mlp after the block's norm,
-        TinyViT's NormMlp with its own)."""
+        TinyViT's NormMlp with its own); `parts` name its layers under `path` (torchvision's are numbered)."""
         if module_activation(getattr(mlp, "act", None)) is None:
             raise UsageError(f"{self.name}: {where}: its mlp's act is a {type(getattr(mlp, 'act', None)).__name__}; "
                              "edgecl converts an activation there")
         check_drops(self.name, where, mlp, "drop1", "drop2")
-        inner = self._emit(node, "conv", [x], f"{path}.fc1", **_pointwise(linear(self.name, where, mlp.fc1)))
-        self._activation(node, mlp.act, inner, f"{path}.act")
-        return self._emit(node, "conv", [self.alias[node]], f"{path}.fc2",
+        inner = self._emit(node, "conv", [x], f"{path}.{parts[0]}", **_pointwise(linear(self.name, where, mlp.fc1)))
+        self._activation(node, mlp.act, inner, f"{path}.{parts[1]}")
+        return self._emit(node, "conv", [self.alias[node]], f"{path}.{parts[2]}",
                           **_pointwise(linear(self.name, where, mlp.fc2)))
 
     def _swin_torchvision_attention(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str,
@@ -136,8 +137,11 @@ class _SwinConverter:
         self._emit(node, "conv", [normed], f"{path}.reduction", **_pointwise(linear(self.name, where, m.reduction)))
 
     def swin_norm(self, node: fx.Node, norm: nn.Module, x: str, path: str, where: str) -> str:
-        """An nn.LayerNorm over the channels, with its weight and bias."""
-        if type(norm) is not nn.LayerNorm or not norm.elementwise_affine or norm.bias is None or \
+        """An nn.LayerNorm over the channels, with its weight and bias (or timm's LayerNorm, the same computation
+        where its fast-norm option is off)."""
+        timm_norm = (type(norm).__module__, type(norm).__name__) == ("timm.layers.norm", "LayerNorm") and \
+            not getattr(norm, "_fast_norm", True)
+        if not (type(norm) is nn.LayerNorm or timm_norm) or not norm.elementwise_affine or norm.bias is None or \
                 len(norm.normalized_shape) != 1:
             raise UsageError(f"{self.name}: {where}: {path!r} is a {type(norm).__name__}; edgecl converts an "
                              "nn.LayerNorm over the channels with a weight and a bias here")

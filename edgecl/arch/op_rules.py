@@ -30,8 +30,8 @@ def check_minus_inf_pads(nodes: list[dict[str, Any]], shapes: dict[str, list[int
 
 
 def attention_fields(out: dict[str, Any], where: str) -> None:
-    """Leave out an attention's absent optional fields (the spec as before biases and windows existed); a shift or
-    a bias storage needs what it qualifies (a window, a table)."""
+    """Leave out an attention's absent optional fields (the spec as before biases and windows existed); a shift, a
+    dilation or a bias storage needs what it qualifies (a window, a table)."""
     for key, needs in (("shift", "window"), ("bias_table", "bias_offsets")):
         if out[key] is not None and out[needs] is None:
             raise UsageError(f"{where}: attention {key} {out[key]} needs a {needs}")
@@ -39,6 +39,15 @@ def attention_fields(out: dict[str, Any], where: str) -> None:
         raise UsageError(f"{where}: attention talking_heads needs kv_heads = heads and no window")
     if out["talking_heads"] is False:
         out["talking_heads"] = None  # false is what its absence means: the spec as before talking heads existed
+    if out["bias_table"] == "tf" and (out["window"] is None or out["bias_offsets"] !=
+                                      (2 * out["window"][0] - 1) * (2 * out["window"][1] - 1)):
+        raise UsageError(f"{where}: attention bias_table 'tf' (stored (heads, 2·wh − 1, 2·ww − 1)) needs a window "
+                         f"and bias_offsets (2·wh − 1)(2·ww − 1), gets window {out['window']} and bias_offsets "
+                         f"{out['bias_offsets']}")
+    if out["dilated"] and out["window"] is None:
+        raise UsageError(f"{where}: attention dilated needs a window")
+    if not out["dilated"]:
+        del out["dilated"]  # side-by-side windows: the spec as before grid attention existed
     if out["window"] is not None and out["shift"] is None:
         out["shift"] = [0, 0]
     for key in ("bias_offsets", "bias_index", "bias_table", "window", "shift", "talking_heads"):
@@ -63,7 +72,8 @@ def attention_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
 def attention_state_name(node: dict[str, Any], tensor: str) -> str:
     """The module's name of an attention's tensor: the bias table's ``attention_biases`` (timm's LeViT,
-    EfficientFormerV2) or, ``bias_table`` "swin", ``relative_position_bias_table``; the talking heads' convs."""
+    EfficientFormerV2) or, ``bias_table`` "swin" or "tf", ``relative_position_bias_table``; the talking heads'
+    convs."""
     if tensor in TALKING:
         return TALKING[tensor]
-    return "relative_position_bias_table" if node.get("bias_table") == "swin" else "attention_biases"
+    return "relative_position_bias_table" if node.get("bias_table") in ("swin", "tf") else "attention_biases"

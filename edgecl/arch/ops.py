@@ -77,12 +77,16 @@ Ops (fields and defaults in `OPS`):
   The table is what trains (positions at one offset share one number, as in LeViT), the index never changes; B is
   at most T_q·T_kv, so the table is bounded by the scores. The bias belongs to no channel (`ROWLESS_OPS`: the heads
   are never pruned); its module stores it as ``MODULE.attention_biases`` (timm's name), or with ``bias_table``
-  ``"swin"`` as ``MODULE.relative_position_bias_table`` stored ``(B, heads)`` (Swin's name and layout). With
-  ``window`` [wh, ww] (Swin's window attention, `edgecl.arch.attention_windows`) it attends within each non-overlapping
-  wh × ww window of the map (q, k and v at the same positions, ``kv_heads`` = ``heads``, windows that tile the map);
-  T_q = T_kv = wh·ww for the bias, and the scores are heads × H·W × wh·ww. ``shift`` [sh, sw] (each below the
-  window's side) rolls the map by (−sh, −sw) first, masks the pairs from different regions of the roll, and rolls
-  the output back: Swin's shifted windows. The channel map is attention's, unchanged. ``talking_heads`` true
+  ``"swin"`` as ``MODULE.relative_position_bias_table`` stored ``(B, heads)`` (Swin's name and layout), or ``"tf"``
+  under that name stored ``(heads, 2·wh − 1, 2·ww − 1)`` (TensorFlow MaxViT's; a window, B = (2·wh − 1)(2·ww − 1)).
+  With ``window`` [wh, ww] (Swin's window attention, `edgecl.arch.attention_windows`) it attends within each
+  non-overlapping wh × ww window of the map (q, k and v at the same positions, ``kv_heads`` = ``heads``, windows
+  that tile the map); T_q = T_kv = wh·ww for the bias, and the scores are heads × H·W × wh·ww. ``shift`` [sh, sw]
+  (each below the window's side) rolls the map by (−sh, −sw) first, masks the pairs from different regions of the
+  roll, and rolls the output back: Swin's shifted windows. ``dilated`` true spreads each window's wh × ww positions
+  at stride (H/wh, W/ww): attention among the positions at one offset of an (H/wh) × (W/ww) tiling — MaxViT's grid
+  attention, MobileViT's attention across patches — with no shift; bias, bound and scores as a window's. The
+  channel map is attention's, unchanged. ``talking_heads`` true
   (EfficientFormerV2's talking heads; kv_heads = heads, no window) mixes the heads' scores by a learned heads × heads
   matrix and bias before the softmax (tensors ``talk1_weight``, ``talk1_bias``) and the softmax's weights by a second
   one after it (``talk2_weight``, ``talk2_bias``): its module's ``talking_head1`` / ``talking_head2`` 1×1 convs over
@@ -144,7 +148,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "attention": {"heads": ("size", ...), "scale": ("number", ...), "kv_heads": ("size", None),
                   "bias_offsets": ("size", None), "bias_index": ("index_table", None),
                   "bias_table": ("bias_table", None), "window": ("pair", None), "shift": ("pad", None),
-                  "talking_heads": ("bool", None)},
+                  "talking_heads": ("bool", None), "dilated": ("bool", False)},
     "token": {"index": ("index", 0), "count": ("size", 1)},
 }
 OPS["gelu"] = {"approximate": ("approximate", "none")}
@@ -368,10 +372,10 @@ def _attention_shape(node: dict[str, Any], ins: list[list[int]], where: str) -> 
     if window:
         shift = node.get("shift") or [0, 0]
         if kv != h or q[1:] != k[1:] or q[1] % window[0] or q[2] % window[1] or \
-                any(s >= w for s, w in zip(shift, window)):
+                any(s >= w for s, w in zip(shift, window)) or node.get("dilated") and any(shift):
             raise UsageError(f"{where}: a windowed attention needs q, k and v at the same positions, kv_heads = "
-                             f"heads, windows {window} that tile the map and a shift below the window, gets {ins}, "
-                             f"kv_heads {kv} and shift {shift}")
+                             f"heads, windows {window} that tile the map and a shift below the window (none when "
+                             f"dilated), gets {ins}, kv_heads {kv} and shift {shift}")
         _check_attention_bias(node, math.prod(window), math.prod(window), where)
     else:
         _check_attention_bias(node, math.prod(q[1:]), math.prod(k[1:]), where)

@@ -101,8 +101,8 @@ def state_key(node: dict[str, Any], tensor: str) -> str:
     """The state-dict key of a node's tensor in the traced module (`edgecl.arch.module_state`): the node's name or
     its ``module`` path, then the tensor; a layer scale, a class token and a position embedding are bare parameters,
     whose key is that path itself, a scalar affine's weight is its module's ``scale`` (timm's LearnableAffineBlock)
-    and an attention's bias table its module's ``attention_biases`` (timm's LeViT) or, ``bias_table`` "swin", its
-    ``relative_position_bias_table`` (talking heads: `op_rules.attention_state_name`).
+    and an attention's bias table its module's ``attention_biases`` (timm's LeViT) or, ``bias_table`` "swin" or
+    "tf", its ``relative_position_bias_table`` (talking heads: `op_rules.attention_state_name`).
     A ``module`` ending in ``*`` has the tensor's name in place of the ``*``: torch's packed parameters
     (``nn.MultiheadAttention``'s ``in_proj_weight`` / ``in_proj_bias``, module ``….in_proj_*``); a path that merely
     ends in ``_`` (``self.conv_``) is an ordinary one."""
@@ -261,7 +261,7 @@ def _field(value: Any, kind: str, where: str) -> Any:
         return _shape(value, "reshape shape")
     if kind == "axis" and value == 1:
         return 1
-    if kind == "order" and value in ("hw", "wh") or kind == "bias_table" and value in ("levit", "swin"):
+    if kind == "order" and value in ("hw", "wh") or kind == "bias_table" and value in ("levit", "swin", "tf"):
         return value
     if kind == "index_table" and isinstance(value, list) and value and \
             all(isinstance(row, list) and row and all(_is_size(i, 0) for i in row) for row in value):
@@ -274,7 +274,7 @@ def _field(value: Any, kind: str, where: str) -> Any:
               "index": f"an int from 0 to {MAX_DIM}", "bool": "true or false", "eps": "a number in (0, 1)",
               "momentum": "a number in (0, 1]",
               "approximate": "'none' or 'tanh'", "axis": "1 (channels)", "order": "'hw' or 'wh'",
-              "bias_table": "'levit' or 'swin'", "upsample_mode": "'nearest' or 'bilinear'",
+              "bias_table": "'levit', 'swin' or 'tf'", "upsample_mode": "'nearest' or 'bilinear'",
               "index_table": "a non-empty list of non-empty lists of ints ≥ 0",
               "number": f"a finite number of magnitude at most {MAX_NUMBER:g}"}.get(kind, kind)
     shown = repr(value) if isinstance(value, str) else str(value)  # "1" is not 1

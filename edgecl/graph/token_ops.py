@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from edgecl.arch.attention_windows import window_mask, window_of
+from edgecl.arch.attention_windows import partition, window_mask, window_of
 from edgecl.graph.nodes import Builder
 
 
@@ -19,7 +19,8 @@ def attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list[
 
 def window_attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list[int]], constant) -> str:
     """Swin's (shifted) window attention, as `edgecl.train.models.window_attention`: roll by Slice + Concat, windows
-    into the batch by Reshape + Transpose, attention with the shift's mask as a constant, and back."""
+    (side by side or dilated) into the batch by Reshape + Transpose, attention with the shift's mask as a constant,
+    and back."""
     wh, ww, sh, sw = window_of(node)
     (c, height, width), cv = shapes[0], shapes[2][0]  # kv_heads = heads: the output has v's channels
 
@@ -35,16 +36,18 @@ def window_attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: lis
                 h = b.op("Concat", parts, axis=axis)
         return h
 
+    grid, into, back = partition(height, width, wh, ww, bool(node.get("dilated")))
+
     def windows(h: str, ch: int) -> str:  # (N, C, H, W) → (N·windows, C, wh, ww)
-        grid = b.op("Reshape", [h, ints(0, ch, height // wh, wh, width // ww, ww)])
-        return b.op("Reshape", [b.op("Transpose", [grid], perm=[0, 2, 4, 1, 3, 5]), ints(-1, ch, wh, ww)])
+        six = b.op("Reshape", [h, ints(0, ch, *grid)])
+        return b.op("Reshape", [b.op("Transpose", [six], perm=list(into)), ints(-1, ch, wh, ww)])
 
     q, k, v = (windows(roll(t, (-sh, -sw)), s[0]) for t, s in zip((q, k, v), shapes))
     mask = window_mask(height, width, wh, ww, sh, sw)
     inner = [[c, wh, ww], [shapes[1][0], wh, ww], [shapes[2][0], wh, ww]]
     out = _attention(b, q, k, v, node, inner, constant, None if mask is None else (constant(mask[:, None]), len(mask)))
     grid = b.op("Reshape", [out, ints(-1, height // wh, width // ww, cv, wh, ww)])
-    out = b.op("Reshape", [b.op("Transpose", [grid], perm=[0, 3, 1, 4, 2, 5]), ints(0, cv, height, width)])
+    out = b.op("Reshape", [b.op("Transpose", [grid], perm=list(back)), ints(0, cv, height, width)])
     return roll(out, (sh, sw))
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from edgecl.arch import INPUT, WEIGHT_OPS, Arch, param_shapes
-from edgecl.arch.attention_windows import window_mask, window_of
+from edgecl.arch.attention_windows import partition, window_mask, window_of
 from edgecl.arch.op_rules import TALKING
 from edgecl.arch.ops import blur_filter
 from edgecl.train import distributed
@@ -249,21 +249,23 @@ def _window_mask(height: int, width: int, wh: int, ww: int, sh: int, sw: int) ->
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, node: dict,
                      bias: torch.Tensor | None) -> torch.Tensor:
     """Swin's (shifted) window attention (`edgecl.arch.attention_windows`): roll by (−sh, −sw), each wh × ww window
-    as one batch entry, `attention` with the shift's mask, the windows put back, roll back."""
+    (side by side or dilated: `partition`) as one batch entry, `attention` with the shift's mask, the windows put
+    back, roll back."""
     wh, ww, sh, sw = window_of(node)
     n, height, width = q.shape[0], q.shape[2], q.shape[3]
     if sh or sw:
         q, k, v = (torch.roll(t, (-sh, -sw), (2, 3)) for t in (q, k, v))
 
+    grid, into, back = partition(height, width, wh, ww, bool(node.get("dilated")))
+
     def windows(t: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) → (N·windows, C, wh, ww)
-        return t.reshape(n, t.shape[1], height // wh, wh, width // ww, ww).permute(0, 2, 4, 1, 3, 5).reshape(
-            -1, t.shape[1], wh, ww)
+        return t.reshape(n, t.shape[1], *grid).permute(*into).reshape(-1, t.shape[1], wh, ww)
 
     mask = _window_mask(height, width, wh, ww, sh, sw)
     out = attention(windows(q), windows(k), windows(v), node["heads"], node["scale"], None, bias,
                     None if mask is None else mask.to(q.device, q.dtype))
     c = out.shape[1]
-    out = out.reshape(n, height // wh, width // ww, c, wh, ww).permute(0, 3, 1, 4, 2, 5).reshape(n, c, height, width)
+    out = out.reshape(n, height // wh, width // ww, c, wh, ww).permute(*back).reshape(n, c, height, width)
     return torch.roll(out, (sh, sw), (2, 3)) if sh or sw else out
 
 
