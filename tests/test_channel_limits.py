@@ -3,6 +3,7 @@ make it build 2^20 segments (a space_to_depth of a 1024×1024 input, 20 nested c
 measured); such a spec is refused by node, at once and in a few MB, and real networks stay far below the bounds."""
 from __future__ import annotations
 
+import time
 import tracemalloc
 
 import pytest
@@ -91,3 +92,44 @@ def test_real_networks_are_far_below_the_bounds(name, largest):
     cm = channel_map(from_torch(getattr(torchvision.models, name)().eval(), (3, 32, 32)))
     axes = [*cm.spaces.values(), *cm.rows.values(), *cm.cols.values(), cm.head_cols]
     assert max(map(len, axes)) == largest and sum(map(len, axes)) < MAX_SEGMENTS // 30
+
+
+def _mapped_quickly(spec: dict, seconds: float = 5.0) -> None:
+    """Mapped within `seconds` (each case took minutes when an axis was re-resolved per cut: 48 s at a quarter of
+    its size for the merge, 55 s at 4096 heads for the attention; well under 1 s now)."""
+    start = time.perf_counter()
+    channel_map(spec)
+    assert time.perf_counter() - start < seconds
+
+
+def test_adding_concatenations_cut_at_other_points_is_not_quadratic():
+    """add(cat of 8192 copies of a 2-channel group, cat(1 channel, copies of it, 1 channel)): every bound of one side
+    falls inside a group of the other, 8191 cuts of the same group — one split."""
+    depth = MAX_AXIS_SEGMENTS.bit_length() - 2  # 2^depth copies: 2^(depth+1) channels
+    nodes = [{"name": n, "op": "conv", "inputs": ["input"], "in": 1, "out": w, "k": 1} for n, w in
+             (("a", 2), ("b", 1), ("c", 1))]
+    parts = ["b"]
+    for d in range(depth, -1, -1):  # cat(b, 2^(depth-1) copies, …, 1 copy, c): 2^(depth+1) channels
+        last = "a"
+        for i in range(d):
+            nodes.append({"name": f"o{d}_{i}", "op": "cat", "inputs": [last, last]})
+            last = f"o{d}_{i}"
+        parts.append(last)
+    nodes.append({"name": "other", "op": "cat", "inputs": parts[:1] + parts[2:] + ["c"]})
+    nodes.append({"name": "last", "op": "add", "inputs": [parts[1], "other"]})
+    spec = _spec(nodes)
+    _mapped_quickly(spec)
+    cm = channel_map(spec)
+    assert sorted(cm.groups.values()) == [1, 1] and len(cm.spaces["last"]) == 2 ** (depth + 1)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 16384])
+def test_an_attention_of_very_many_heads_is_not_quadratic(kv_heads):
+    heads = 16384
+    nodes = [{"name": n, "op": "conv", "inputs": ["input"], "in": 1, "out": heads if n == "q" else kv_heads, "k": 1}
+             for n in "qkv"]
+    nodes.append({"name": "last", "op": "attention", "inputs": ["q", "k", "v"], "heads": heads, "kv_heads": kv_heads,
+                  "scale": 1.0})
+    spec = validate({"name": "heads", "input_shape": [1, 4, 1], "output": "f", "nodes": [*nodes, *HEAD]})
+    _mapped_quickly(spec)
+    assert len(channel_map(spec).spaces["last"]) == (heads if kv_heads < heads else 1)
