@@ -161,3 +161,28 @@ def test_a_zeroed_node_loses_b_and_gets_it_back_when_it_revives():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def test_resumed_mid_stream_the_next_task_deploys_what_it_trained_and_old_tasks_stay(monkeypatch, tmp_path):
+    """--resume past affines: the masks follow from the artifact's rows and node masks (nothing else is kept), so a
+    resumed task 1 deploys what it trained and task 0 reads bit for bit what it did."""
+    from edgecl import artifact
+
+    arch = from_torch(HeadHGNet(), (3, 8, 8))
+    config, tasks = AGSCLConfig(epochs=3, mu_adam=0.003), make_stream("permuted-digits", 2, 0, (3, 8, 8)).tasks
+    first = AGSCL(arch, config)
+    first.learn_task(0, tasks[0], TrainContext(progress=False))
+    path = tmp_path / "hg.edgecl"
+    artifact.save(first.pack(), path)
+    before = artifact.load(path).materialize(0)
+    again = AGSCL(arch, config)
+    again.resume(artifact.load(path).to_packed())
+    trained = _trained_networks(monkeypatch, again)
+    again.learn_task(1, tasks[1], TrainContext(progress=False))
+    x = torch.from_numpy(tasks[1].x_test)
+    with torch.no_grad():
+        gap = forward(arch, trained[0], x) - forward(arch, from_numpy(materialize(again.pack(), 1)), x)
+    assert float(gap.abs().max()) < 1e-5
+    artifact.append_task(path, again.pack())  # refuses if any earlier tensor would change
+    after = artifact.load(path).materialize(0)
+    assert all(np.array_equal(after[k], w) for k, w in before.items())
