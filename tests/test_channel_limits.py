@@ -1,5 +1,5 @@
-"""The channel map's bounds (`edgecl.arch.channels.MAX_AXIS_SEGMENTS`, `MAX_SEGMENTS`): a spec of a few nodes could
-make it build 2^20 segments (a space_to_depth of a 1024×1024 input, 20 nested cat(x, x): ~1-4 s and 166-631 MB
+"""The channel map's bounds (`edgecl.arch.channel_groups.MAX_AXIS_SEGMENTS`, `MAX_SEGMENTS`): a spec of a few nodes
+could make it build 2^20 segments (a space_to_depth of a 1024×1024 input, 20 nested cat(x, x): ~1-4 s and 166-631 MB
 measured); such a spec is refused by node, at once and in a few MB, and real networks stay far below the bounds."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from edgecl.arch import ChannelError, channel_map, from_torch, validate
-from edgecl.arch.channels import MAX_AXIS_SEGMENTS, MAX_SEGMENTS
+from edgecl.arch.channel_groups import MAX_AXIS_SEGMENTS, MAX_SEGMENTS
 from edgecl.arch.factories import ensure_torchvision_imports
 from edgecl.errors import UsageError
 from edgecl.train.methods.agscl import AGSCL
