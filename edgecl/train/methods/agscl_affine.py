@@ -17,10 +17,12 @@ A node can also be unimportant with rows not exactly zero (a ReLU silent on all 
 rows the lasso has not finished shrinking; hgnetv2_b0's head conv after 2 epochs: 147 of them, tasks after the first
 also the (I.2) redrawn rows): it is live while the task trains, so its channel is b past the affine, and the head's
 columns that read it are cut after the task. There the cut is folded into the head's bias (`fold_into_head`): the
-mean of each such feature over the task's data times its column — exact, as a head has no padding and the feature
-is the constant b. Before it, the deployed logits moved by 0.0077 on hgnetv2_b0 and by 0.087 on a TinyHGNet with
-an HGNetV2 head (task 1: 34.8 % trained, 32.2 % deployed). In the trunk such a node's b is still lost at the cut
-(it is not at the head; see below why no fold there): measured 0 there on those runs.
+mean of each such feature over the task's data times its column — exact where the feature is a constant (b through
+pooling and flattening, as in PP-HGNetV2's head: a head has no padding); where a data-dependent gate multiplies it
+after the affine it is b·gate and the mean is the nearest constant, not exact. Before it, the deployed logits moved
+by 0.0077 on hgnetv2_b0, by 0.087 on a TinyHGNet with an HGNetV2 head (task 1: 34.8 % trained, 32.2 % deployed) and
+by 0.15 / 0.29 with lasso="euclidean"; after it by < 1e-6. In the trunk such a node's b is still lost at the cut
+(see below why no fold there): measured 0 there on those runs.
 
 Weighed and left: folding b·(column sum) into the reader's bias at the cut is exact only for unpadded readers (a
 padded convolution's border windows read zeros there, not b — TinyHGNet's 3×3 layers do), needs a bias or the
