@@ -254,10 +254,12 @@ def node_segments(spec: dict[str, Any], axis: str) -> list[tuple[str, int]]:
     return [(str(g), int(r)) for g, r in value]
 
 
-def node_mask(packed: PackedModel, t: int, segments: list[tuple[str, int]]) -> np.ndarray:
-    """Task t's node mask over an axis made of `segments` (bool, one per position)."""
+def node_mask(packed: PackedModel, t: int, segments: list[tuple[str, int]], width: int, what: str) -> np.ndarray:
+    """Task t's node mask over an axis made of `segments` (bool, one per position); UsageError, before anything is
+    allocated, unless the segments cover exactly `width` positions (an artifact's repeat of 10^7 made the loader
+    allocate 954 MB before refusing the width; 10^9, ~100 GB)."""
     tt = packed.task_tensors[t]
-    parts = []
+    masks = []
     for group, repeat in segments:
         if group == INPUT:  # the network input is no node: never masked
             mask = np.ones(packed.arch["input_shape"][0], dtype=bool)
@@ -265,8 +267,14 @@ def node_mask(packed: PackedModel, t: int, segments: list[tuple[str, int]]) -> n
             mask = np.asarray(tt[f"nodes:{group}"])
             if mask.dtype != np.bool_ or mask.ndim != 1:
                 raise UsageError(f"node mask 'nodes:{group}' of task {t} is {mask.dtype}{mask.shape}, needs 1-D bool")
-        parts.append(np.repeat(mask, repeat))
-    return np.concatenate(parts)
+        if repeat < 1:
+            raise UsageError(f"node {what}: segment {group!r} repeats {repeat} times, needs at least 1")
+        masks.append((mask, repeat))
+    covered = sum(mask.size * repeat for mask, repeat in masks)
+    if covered != width:
+        raise UsageError(f"node {what} cover {covered} {'rows' if what == 'rows' else 'inputs'}, the tensor has "
+                         f"{width}")
+    return np.concatenate([np.repeat(mask, repeat) for mask, repeat in masks])
 
 
 def node_vectors(packed: PackedModel, t: int, spec: dict[str, Any],
@@ -276,15 +284,14 @@ def node_vectors(packed: PackedModel, t: int, spec: dict[str, Any],
     the spec has no rows/cols. UsageError when the masks do not cover the tensor."""
     rows = cols = None
     if node_segments(spec, "rows"):
-        rows = node_mask(packed, t, node_segments(spec, "rows"))
-        if len(shape) < 1 or rows.size != shape[0]:
-            raise UsageError(f"node rows cover {rows.size} rows, the tensor has shape {shape}")
+        if len(shape) < 1:
+            raise UsageError(f"node rows given for a tensor of shape {shape}")
+        rows = node_mask(packed, t, node_segments(spec, "rows"), shape[0], "rows")
     if node_segments(spec, "cols") and len(shape) > 1:
         groups = int(spec.get("groups", 1))
-        cols = node_mask(packed, t, node_segments(spec, "cols"))
-        if groups < 1 or shape[0] % groups or cols.size != shape[1] * groups:
-            raise UsageError(f"node cols cover {cols.size} inputs, the tensor {shape} with groups={groups} reads "
-                             f"{shape[1] * groups}")
+        if groups < 1 or shape[0] % groups:
+            raise UsageError(f"node cols: groups={groups} does not divide the tensor {shape}")
+        cols = node_mask(packed, t, node_segments(spec, "cols"), shape[1] * groups, f"cols (groups={groups})")
     return rows, cols
 
 

@@ -1,5 +1,5 @@
-"""The channel map's bounds (`edgecl.arch.channels.MAX_AXIS_SEGMENTS`, `MAX_SEGMENTS`): a spec of a few nodes could
-make it build 2^20 segments (a space_to_depth of a 1024×1024 input, 20 nested cat(x, x): ~1-4 s and 166-631 MB
+"""The channel map's bounds (`edgecl.arch.channel_groups.MAX_AXIS_SEGMENTS`, `MAX_SEGMENTS`): a spec of a few nodes
+could make it build 2^20 segments (a space_to_depth of a 1024×1024 input, 20 nested cat(x, x): ~1-4 s and 166-631 MB
 measured); such a spec is refused by node, at once and in a few MB, and real networks stay far below the bounds."""
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from edgecl.arch import ChannelError, channel_map, from_torch, validate
-from edgecl.arch.channels import MAX_AXIS_SEGMENTS, MAX_SEGMENTS
+from edgecl.arch.channel_groups import MAX_AXIS_SEGMENTS, MAX_SEGMENTS
 from edgecl.arch.factories import ensure_torchvision_imports
 from edgecl.errors import UsageError
 from edgecl.train.methods.agscl import AGSCL
+from tools_loader import load_tool
 
-HEAD = [{"name": "g", "op": "gap", "inputs": ["last"]}, {"name": "f", "op": "flatten", "inputs": ["g"]}]
+BENCH = load_tool("bench_channel_map")
+HEAD = BENCH.HEAD
 
 
 def _spec(nodes: list[dict], channels: int = 1, side: int = 1) -> dict:
@@ -91,3 +93,19 @@ def test_real_networks_are_far_below_the_bounds(name, largest):
     cm = channel_map(from_torch(getattr(torchvision.models, name)().eval(), (3, 32, 32)))
     axes = [*cm.spaces.values(), *cm.rows.values(), *cm.cols.values(), cm.head_cols]
     assert max(map(len, axes)) == largest and sum(map(len, axes)) < MAX_SEGMENTS // 30
+
+
+def test_adding_concatenations_cut_at_other_points():
+    """add(cat of 8192 copies of a 2-channel group, cat(1 channel, copies of it, 1 channel)): every bound of one side
+    falls inside a group of the other, 8191 cuts of the same group — one split (its time against a quarter-size
+    spec: tools/bench_channel_map.py; re-resolving the axis per cut took 48 s at a quarter of this size)."""
+    depth = MAX_AXIS_SEGMENTS.bit_length() - 2  # 2^depth copies: 2^(depth+1) channels
+    cm = channel_map(BENCH.merge_spec(depth))
+    assert sorted(cm.groups.values()) == [1, 1] and len(cm.spaces["last"]) == 2 ** (depth + 1)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 16384])
+def test_an_attention_of_very_many_heads(kv_heads):
+    """16384 query heads over 1, 2 or as many k/v heads (55 s at 4096 heads when each head re-resolved the axis)."""
+    heads = 16384
+    assert len(channel_map(BENCH.heads_spec(heads, kv_heads)).spaces["last"]) == (heads if kv_heads < heads else 1)

@@ -127,3 +127,26 @@ def test_lowrank_written_in_place_has_the_same_bits(shape, parts):
     assert lowrank_weight(base, r, s, u, v, out=out) is out
     for got in (out, lowrank_weight(base, r, s, u, v)):
         assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize("axis", ["rows", "cols"])
+def test_node_segments_of_the_wrong_width_are_refused_before_allocating(axis):
+    """An artifact's segment repeat is checked against the tensor before its mask is built: a repeat of 10^7 made
+    the loader allocate 954 MB (lenet's fc1) before refusing the width; 10^9 would have been ~100 GB."""
+    import tracemalloc
+
+    group = "fc" if axis == "rows" else "input"
+    p = _packed({"kind": "node", "rows": "fc", axis: [[group, 10 ** 7]]}, {"fc.weight": W},
+                [{"nodes:fc": np.array([True, False])}])
+    tracemalloc.start()
+    try:
+        with pytest.raises(UsageError, match=f"node {axis}.* cover {2 if axis == 'rows' else 3}0000000 "):
+            check_consistent(p)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 ** 20, peak
+    bad = _packed({"kind": "node", "rows": "fc", axis: [[group, -1]]}, {"fc.weight": W},
+                  [{"nodes:fc": np.array([True, False])}])
+    with pytest.raises(UsageError, match="repeats -1 times"):
+        check_consistent(bad)

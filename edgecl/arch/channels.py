@@ -36,23 +36,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from edgecl.arch.channel_groups import (MAX_SEGMENTS, ChannelError, Segments, UnionFind, bound_axis, cut_blocks,
+                                       cut_many, cut_slice, segment_bounds, segment_spans, split_group, too_many)
 from edgecl.arch.ops import CHANNEL_AFFINE_OPS, NEIGHBOUR_OPS, NORMALISING_OPS, TOKEN_TENSOR_OPS
 from edgecl.arch.spec import INPUT, Arch, is_depthwise, node_by_name, node_shapes, node_tensor_shapes, param_shapes
-from edgecl.errors import UsageError
-
-Segments = list[tuple[str, int]]
-# How many segments the map follows: per axis (a node's output, a tensor's rows or columns) and over the whole map. Every
-# network of tools/model_coverage.py stays far below (largest: shufflenet_v2_x0_5, 192 on one axis and 15 575 in all;
-# shufflenet_v2_x2_0 976 and 78 001; resnet50, efficientnet_b0, ViTs at 224: 1-3 and under 650, TResNet's s2d 16);
-# past them a spec of a few nodes — a space_to_depth of a 1024×1024 input, 20 nested cat(x, x) — made 2^20 segments
-# (seconds, hundreds of MB), so `channel_map` refuses it by node as soon as a count passes, before building the rest.
-MAX_AXIS_SEGMENTS = 1 << 14
-MAX_SEGMENTS = 1 << 19
-
-
-class ChannelError(UsageError):
-    """The graph mixes channels in a way no per-channel unit describes (e.g. a residual add over differently
-    concatenated branches, or a reshape that moves channels into space)."""
 
 
 @dataclass
@@ -74,7 +61,7 @@ class ChannelMap:
 
     def sliced(self, source: Segments, start: int, stop: int) -> tuple[int, int]:
         """The segments [i, j) of `source` that a slice of positions start:stop takes (always whole segments)."""
-        spans = _spans(source, self.groups)
+        spans = segment_spans(source, self.groups)
         bounds = {begin: i for i, (_, _, begin, _) in enumerate(spans)}
         bounds[self.size(source)] = len(source)
         if start not in bounds or stop not in bounds:  # `channel_map` cuts groups at every slice bound
@@ -100,60 +87,10 @@ class ChannelMap:
         return out
 
 
-class _UnionFind:
-    """Groups that are one unit, plus aliases: a group found to be a concatenation of others (an SE gate's conv
-    multiplying a concatenated tensor) stands for those segments from then on."""
-
-    def __init__(self) -> None:
-        self.parent: dict[str, str] = {}
-        self.order: dict[str, int] = {}
-        self.alias: dict[str, Segments] = {}
-        self.origin: dict[str, tuple[str, int]] = {}  # a part of a split group → (the layer it came from, offset)
-        self.where = ""  # what a too-long axis is refused as (the node or tensor being mapped)
-
-    def add(self, g: str) -> None:
-        self.parent[g] = g
-        self.order[g] = len(self.order)
-
-    def find(self, g: str) -> str:
-        while self.parent[g] != g:
-            self.parent[g] = self.parent[self.parent[g]]
-            g = self.parent[g]
-        return g
-
-    def union(self, a: str, b: str) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:  # the earlier group names the merged one, so names do not depend on the order of adds
-            first, second = (ra, rb) if self.order[ra] < self.order[rb] else (rb, ra)
-            self.parent[second] = first
-
-    def resolve(self, segments: Segments) -> Segments:
-        """The segments in current groups, split groups replaced by their parts in order. A stack, not recursion: a
-        group cut again and again (a slice per channel, an attention's many query heads) nests its parts deeply."""
-        out: Segments = []
-        stack = list(reversed(segments))
-        while stack:
-            g, r = stack.pop()
-            root = self.find(g)
-            if root in self.alias:
-                stack += [(h, r * q) for h, q in reversed(self.alias[root])]
-            else:
-                out.append((root, r))
-                if len(out) > MAX_AXIS_SEGMENTS:
-                    raise _too_many(self.where, f"one of its axes has more than {MAX_AXIS_SEGMENTS}")
-        return out
-
-
-def _too_many(where: str, what: str) -> ChannelError:
-    return ChannelError(f"{where}: {what} channel segments (groups laid side by side); edgecl follows at most "
-                        f"{MAX_AXIS_SEGMENTS} on one axis and {MAX_SEGMENTS} in all, far above any real network; "
-                        "channels cannot be followed through it")
-
-
 def channel_map(arch: Arch) -> ChannelMap:
     """The channel groups of a validated spec; ChannelError naming the node where channels cannot be followed."""
     shapes = node_shapes(arch)
-    uf = _UnionFind()
+    uf = UnionFind()
     size: dict[str, int] = {}
 
     def new_group(name: str, n: int) -> Segments:
@@ -205,13 +142,13 @@ def channel_map(arch: Arch) -> ChannelMap:
         elif op in ("add", "mul"):
             out = _merge(uf, size, node, ins, [shapes[s] for s in node["inputs"]])
         elif op == "cat":
-            _bound(uf.where, sum(map(len, ins)))
+            bound_axis(uf.where, sum(map(len, ins)))
             out = [seg for segments in ins for seg in segments]
         elif op == "space_to_depth":  # block² copies of the input's channels, as cat(x, …, x)
-            _bound(uf.where, len(x) * node["block"] ** 2)
+            bound_axis(uf.where, len(x) * node["block"] ** 2)
             out = x * node["block"] ** 2
         elif op == "slice":
-            out = _slice(uf, size, node, x)
+            out = cut_slice(uf, size, node, x)
         elif op == "shuffle":
             out = _shuffle(uf, size, node, x)
             pinned_by.append(x)  # an interleaving no shorter shuffle reproduces: its channels stay
@@ -222,9 +159,9 @@ def channel_map(arch: Arch) -> ChannelMap:
         if op in ("conv", "linear") and node["bias"]:
             rows[f"{name}.bias"] = out
         spaces[name] = out
-        total += _bound(uf.where, len(out))
+        total += bound_axis(uf.where, len(out))
         if total > MAX_SEGMENTS:
-            raise _too_many(uf.where, f"the axes up to it have more than {MAX_SEGMENTS}")
+            raise too_many(uf.where, f"the axes up to it have more than {MAX_SEGMENTS}")
 
     counted = [0]
 
@@ -235,7 +172,7 @@ def channel_map(arch: Arch) -> ChannelMap:
             out[key] = uf.resolve(segments)
             counted[0] += len(out[key])
             if counted[0] > MAX_SEGMENTS:
-                raise _too_many(uf.where, f"the map's axes up to it have more than {MAX_SEGMENTS}")
+                raise too_many(uf.where, f"the map's axes up to it have more than {MAX_SEGMENTS}")
         return out
 
     groups = {g: size[g] for g in size if uf.find(g) == g and g not in uf.alias}
@@ -245,13 +182,6 @@ def channel_map(arch: Arch) -> ChannelMap:
                     {g for segments in ordered_by for g, _ in uf.resolve(segments)})
     _check_widths(arch, cm, shapes)
     return cm
-
-
-def _bound(where: str, count: int) -> int:
-    """`count` segments on one axis, or ChannelError naming `where` past MAX_AXIS_SEGMENTS (before they are built)."""
-    if count > MAX_AXIS_SEGMENTS:
-        raise _too_many(where, f"{count}")
-    return count
 
 
 def _check_widths(arch: Arch, cm: ChannelMap, shapes: dict[str, list[int]]) -> None:
@@ -269,26 +199,18 @@ def _check_widths(arch: Arch, cm: ChannelMap, shapes: dict[str, list[int]]) -> N
                                f"channel groups {segments[:6]} cover {cm.size(segments)}")
 
 
-def _slice(uf: _UnionFind, size: dict[str, int], node: dict, x: Segments) -> Segments:
-    """The whole groups of `x` between the slice's start and stop, after splitting a group cut at either bound."""
-    for bound in (node["start"], node["stop"]):
-        _cut(uf, size, uf.resolve(x), bound, node)
-    return [(g, r) for g, r, begin, end in _spans(uf.resolve(x), size)
-            if node["start"] <= begin and end <= node["stop"]]
-
-
-def _shuffle(uf: _UnionFind, size: dict[str, int], node: dict, x: Segments) -> Segments:
+def _shuffle(uf: UnionFind, size: dict[str, int], node: dict, x: Segments) -> Segments:
     """A channel shuffle interleaves channels of different groups: every group of `x` is cut into single channels,
     which the output lists in the shuffled order."""
     if any(r != 1 for _, r in uf.resolve(x)):
         raise ChannelError(f"node {node['name']!r} (shuffle) reads flattened features; channels cannot be followed")
-    _bound(uf.where, sum(size[g] for g, _ in uf.resolve(x)))  # one segment per channel once cut
+    bound_axis(uf.where, sum(size[g] for g, _ in uf.resolve(x)))  # one segment per channel once cut
     for g, _ in uf.resolve(x):
         if size[g] > 1 and g not in uf.alias:  # a group the input holds twice (cat(a, a)) is split once
             if g == INPUT:
                 raise ChannelError(f"node {node['name']!r} (shuffle) reorders the network input's channels; "
                                    "channels cannot be followed through it")
-            _split(uf, size, g, [1] * size[g])
+            split_group(uf, size, g, [1] * size[g])
     singles = uf.resolve(x)
     width = len(singles)
     g = node["groups"]
@@ -296,17 +218,16 @@ def _shuffle(uf: _UnionFind, size: dict[str, int], node: dict, x: Segments) -> S
     return [singles[i * per + j] for j in range(per) for i in range(g)]
 
 
-def _tie_branches(uf: _UnionFind, size: dict[str, int], node: dict, x: Segments, shape: list[int]) -> Segments:
+def _tie_branches(uf: UnionFind, size: dict[str, int], node: dict, x: Segments, shape: list[int]) -> Segments:
     """A softmax across R branches: its input's R blocks of C channels are cut apart and tied channel by channel
     (as `_merge` ties an add's inputs); the output has the input's layout."""
     per, where = shape[0] // node["branches"], {"name": node["name"], "op": node["op"]}
-    blocks = [_slice(uf, size, {**where, "start": r * per, "stop": (r + 1) * per}, x)
-              for r in range(node["branches"])]
+    blocks = cut_blocks(uf, size, where, x, node["branches"], per)
     _merge(uf, size, where, blocks, [[per, *shape[1:]]] * len(blocks))
     return x
 
 
-def _attend(uf: _UnionFind, size: dict[str, int], node: dict, ins: list[Segments], shapes: list[list[int]]
+def _attend(uf: UnionFind, size: dict[str, int], node: dict, ins: list[Segments], shapes: list[list[int]]
             ) -> Segments:
     """An attention's channels: q's head i meets its k/v head j = i // (heads / kv_heads) channel by channel, so q's
     blocks are cut apart and each tied to k's block j (with kv_heads = heads, q and k whole: one tie); the output's
@@ -317,56 +238,14 @@ def _attend(uf: _UnionFind, size: dict[str, int], node: dict, ins: list[Segments
         _merge(uf, size, where, [q, k], shapes[:2])
         return v
 
-    def blocks(x: Segments, n: int, per: int) -> list[Segments]:
-        return [x] if n == 1 else [_slice(uf, size, {**where, "start": i * per, "stop": (i + 1) * per}, x)
-                                   for i in range(n)]
-
     d, dv = shapes[0][0] // h, shapes[2][0] // kv
-    qs, ks, vs = blocks(q, h, d), blocks(k, kv, d), blocks(v, kv, dv)
+    qs, ks, vs = (cut_blocks(uf, size, where, x, n, per) for x, n, per in ((q, h, d), (k, kv, d), (v, kv, dv)))
     for i, block in enumerate(qs):
         _merge(uf, size, where, [block, ks[i * kv // h]], [[d, *shapes[0][1:]], [d, *shapes[1][1:]]])
     return [segment for i in range(h) for segment in vs[i * kv // h]]
 
 
-def _cut(uf: _UnionFind, size: dict[str, int], segments: Segments, bound: int, node: dict) -> None:
-    """Split the group whose channels `bound` (a position of the axis `segments`) falls inside, into the channels
-    before it and those from it on: one group aliased to two new ones."""
-    for g, r, pos, end in _spans(segments, size):
-        if pos < bound < end:
-            if (bound - pos) % r:
-                raise ChannelError(f"node {node['name']!r} ({_op_text(node)}) cuts through the {r} features of one "
-                                   f"channel of {g!r}; channels cannot be followed through it")
-            if g == INPUT:
-                raise ChannelError(f"node {node['name']!r} ({_op_text(node)}) splits the network input's channels; "
-                                   "channels cannot be followed through it")
-            k = (bound - pos) // r
-            _split(uf, size, g, [k, size[g] - k])
-            return
-
-
-def _split(uf: _UnionFind, size: dict[str, int], g: str, widths: list[int]) -> None:
-    """Group `g` becomes consecutive new groups of `widths` channels (an alias of them), each named by the channels
-    of the layer it came from."""
-    base, start = uf.origin.get(g, (g, 0))
-    parts = []
-    for n in widths:
-        part = name = f"{base}:{start}-{start + n}"  # characters a blob key allows (nodes:GROUP)
-        while part in uf.parent:  # a layer of the user's may carry that name
-            part = f"{name}_{len(uf.parent)}"
-        uf.add(part)
-        uf.origin[part] = (base, start)
-        size[part] = n
-        parts.append((part, 1))
-        start += n
-    uf.alias[g] = parts
-
-
-def _op_text(node: dict) -> str:
-    """A node's op as a message names it: a slice with its bounds."""
-    return f"{node['op']} {node['start']}:{node['stop']}" if "start" in node else node["op"]
-
-
-def _alias(uf: _UnionFind, plain: str, segments: Segments, node: dict) -> None:
+def _alias(uf: UnionFind, plain: str, segments: Segments, node: dict) -> None:
     """A plain group met a concatenation channel by channel: it is those groups from now on. The network input is
     never one of them (it stays its own group: whatever adds to it is refused where that matters)."""
     if plain == INPUT:
@@ -375,7 +254,7 @@ def _alias(uf: _UnionFind, plain: str, segments: Segments, node: dict) -> None:
     uf.alias[plain] = [(g, 1) for g, _ in segments]
 
 
-def _merge(uf: _UnionFind, size: dict[str, int], node: dict, ins: list[Segments],
+def _merge(uf: UnionFind, size: dict[str, int], node: dict, ins: list[Segments],
            shapes: list[list[int]]) -> Segments:
     """add / mul: channel i of every input is one unit (`validate` checked the widths agree). A mul by a tensor with
     one channel (a spatial gate or a scalar) keeps the other input's channels. Inputs laid out in groups of other
@@ -396,12 +275,10 @@ def _merge(uf: _UnionFind, size: dict[str, int], node: dict, ins: list[Segments]
             first = other
         else:
             for _ in range(len(first) + len(other)):  # a cut of a group both sides hold moves both: repeat
-                for bound in sorted(_bounds(other, size) - _bounds(first, size)):
-                    _cut(uf, size, uf.resolve(ins[0]), bound, node)
-                for bound in sorted(_bounds(uf.resolve(ins[0]), size) - _bounds(other, size)):
-                    _cut(uf, size, uf.resolve(segments), bound, node)
+                cut_many(uf, size, ins[0], segment_bounds(other, size), node)
+                cut_many(uf, size, segments, segment_bounds(uf.resolve(ins[0]), size), node)
                 first, other = uf.resolve(ins[0]), uf.resolve(segments)
-                if _bounds(first, size) == _bounds(other, size):
+                if segment_bounds(first, size) == segment_bounds(other, size):
                     break
             if not _same_layout(first, other, size):
                 raise ChannelError(f"node {node['name']!r} ({node['op']}): its inputs are concatenated differently "
@@ -415,20 +292,6 @@ def _merge(uf: _UnionFind, size: dict[str, int], node: dict, ins: list[Segments]
 def _same_layout(a: Segments, b: Segments, size: dict[str, int]) -> bool:
     """Segment by segment, groups of the same number of channels, each repeated as often."""
     return len(a) == len(b) and all(size[g] == size[h] and r == q for (g, r), (h, q) in zip(a, b))
-
-
-def _bounds(segments: Segments, size: dict[str, int]) -> set[int]:
-    """Positions where one segment ends and the next begins."""
-    return {end for _, _, _, end in _spans(segments, size)[:-1]}
-
-
-def _spans(segments: Segments, size: dict[str, int]) -> list[tuple[str, int, int, int]]:
-    """(group, repeat, first position, end position) of every segment of an axis made of `segments`."""
-    out, pos = [], 0
-    for g, r in segments:
-        out.append((g, r, pos, pos + size[g] * r))
-        pos += size[g] * r
-    return out
 
 
 def _reshape(node: dict, x: Segments, before: list[int]) -> Segments:

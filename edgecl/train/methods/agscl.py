@@ -65,7 +65,7 @@ from edgecl.errors import UsageError
 from edgecl.train import distributed
 from edgecl.train.batchnorm import recalibrate
 from edgecl.train.data import TaskData
-from edgecl.train.methods.agscl_affine import BiasMasks, nonzero_nodes
+from edgecl.train.methods.agscl_affine import BiasMasks, fold_into_head, nonzero_nodes
 from edgecl.train.methods.agscl_config import AGSCLConfig
 from edgecl.train.methods.agscl_nodes import NodeMap, live_parameters, node_map
 from edgecl.train.models import Params, forward, from_numpy, init_head, to_numpy
@@ -193,7 +193,10 @@ class AGSCL(Method):
         self.update_omega(task, device, before)
         alive = before | (self.omega > 0).numpy()
         self.birth[alive & (self.birth == NEVER)] = t
-        zeroed = int((self._exact_zero() & ~alive).sum())
+        exact_zero = self._exact_zero()
+        zeroed = int((exact_zero & ~alive).sum())
+        folded = bias.affine_nodes().cpu().numpy() & ~alive & ~exact_zero  # live in training, cut now (agscl_affine)
+        fold_into_head(self.arch, bias.apply(params), head, task, np.append(folded, False)[nodes.head], device)
         self._zero_from_dead(alive, head)
         reinit = self._reinit(alive)
         self.heads.append(head)
