@@ -22,7 +22,8 @@ from edgecl.graph.builder import build_onnx
 from edgecl.graph.compact import compact_task
 from edgecl.graph.constants import channel_constants
 from edgecl.train.models import forward, from_numpy
-from torch_nets import check_parity, classifier_of, tensors_of
+from test_attention2d import _Wrapped
+from torch_nets import check_parity, classifier_of, randomise_batchnorm, tensors_of, timm
 
 
 class _Up(nn.Module):
@@ -153,3 +154,49 @@ def test_what_edgecl_cannot_follow_exactly_is_refused_by_name(case):
     with pytest.raises(UsageError, match=message) as info:
         from_torch(_Up(up), (3, 7, 5))
     assert "test_bilinear.py" in str(info.value) or "at 'up'" in str(info.value) or "in up" in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, shape", [
+    (dict(num_heads=2, query_strides=2), (3, 8, 8)),
+    (dict(num_heads=3, key_dim=5, value_dim=4, query_strides=(2, 3), kv_stride=2, dim_out=10), (3, 6, 9)),
+    (dict(num_heads=1, query_strides=2, padding="same"), (3, 6, 10)),  # timm's AvgPool2dSame: no pad here
+])
+def test_multi_query_attention_with_query_strides_equals_timm(kwargs, shape):
+    """MobileNetV4's MultiQueryAttention2d with query_strides: the query average-pooled by them and BatchNorm'd,
+    attention of the pooled positions over every key, the output bilinearly up-sampled back before its projection."""
+    torch.manual_seed(0)
+    module = _Wrapped(timm.layers.attention2d.MultiQueryAttention2d(12, **kwargs))
+    randomise_batchnorm(module)
+    spec = from_torch(module.eval(), shape)
+    ops = [n["op"] for n in spec["nodes"]]
+    strides = list(module.attn.query_strides)
+    pool = next(n for n in spec["nodes"] if n["name"] == "attn.query.down_pool")
+    up = next(n for n in spec["nodes"] if n["op"] == "upsample")
+    assert pool["op"] == "avgpool" and pool["k"] == strides and up["scale"] == strides and up["mode"] == "bilinear"
+    assert ops.index("avgpool") < ops.index("attention") < ops.index("upsample")
+    torch_dev, onnx_dev = _deviation(module, spec, shape)
+    print(f"query_strides {strides} on {shape}: torch {torch_dev:.2e}, onnx {onnx_dev:.2e}")
+    assert torch_dev <= 1e-5 and onnx_dev <= 1e-4
+
+
+def _strided_with(edit) -> nn.Module:
+    m = timm.layers.attention2d.MultiQueryAttention2d(12, num_heads=2, query_strides=2)
+    edit(m)
+    return _Wrapped(m)
+
+
+@pytest.mark.parametrize("module, shape, words", [
+    (lambda: _strided_with(lambda m: None), (3, 9, 8), r"query_strides \(2, 2\) on a 9×8 map"),
+    (lambda: _strided_with(lambda m: setattr(m.query, "down_pool", nn.MaxPool2d(2))), (3, 8, 8),
+     "query.down_pool is MaxPool2d"),
+    (lambda: _strided_with(lambda m: setattr(m.query, "down_pool", nn.AvgPool2d(2, ceil_mode=True))), (3, 8, 8),
+     "query.down_pool is AvgPool2d"),
+    (lambda: _strided_with(lambda m: setattr(m.output, "upsample", nn.Upsample(scale_factor=2, mode="bilinear",
+                                                                               align_corners=True))), (3, 8, 8),
+     "output.upsample is Upsample"),
+    (lambda: _strided_with(lambda m: delattr(m.query, "norm")), (3, 8, 8), r"query has layers \['down_pool', 'proj'\]"),
+])
+def test_query_strides_other_than_timms_are_refused_by_name(module, shape, words):
+    with pytest.raises(UsageError, match=words) as err:
+        from_torch(module(), shape)
+    assert "'attn'" in str(err.value)
