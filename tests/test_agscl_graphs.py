@@ -53,11 +53,13 @@ def _arch(name: str) -> dict:
               "mnv4": lambda: TinyMNv4Hybrid(in_channels=3, width=16),
               "vit_tokens": lambda: TinyViT(3, 3, dim=16, registers=2, distilled=True, frozen_pos=True),
               "blur": lambda: TinyBlur(in_channels=3, width=32),  # blurred maps keep more nodes alive: wider
-              "mobilevit": lambda: TinyMobileViT(in_channels=3, width=16), "fpn": lambda: TinyFPN(in_channels=3, width=16)}
+              "mobilevit": lambda: TinyMobileViT(in_channels=3, width=16),
+              "fpn": lambda: TinyFPN(in_channels=3, width=16)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
-_CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4", "vit_tokens", "blur", "mobilevit", "fpn")
+_CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4", "vit_tokens", "blur", "mobilevit",
+           "fpn")
 
 
 def _stream(name: str, n_tasks: int):

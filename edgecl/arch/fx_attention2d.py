@@ -9,9 +9,9 @@
     Visformer's Attention: the same (its qkv reshape(B, 3, heads, head_dim, -1) packs q, k and v as blocks of heads)
 
 Keeping the module whole, rather than tracing its reshapes, transposes and ``scaled_dot_product_attention``, lets
-edgecl check the variant: an attention mask, query strides other than timm's pool and bilinear up-sampling, Attention2d's
-``head_first`` layout (heads interleaved with q, k and v) and layers other than plain convolutions and BatchNorm are
-refused by name with the user's source line, never run as plain attention.
+edgecl check the variant: an attention mask, query strides other than timm's pool and bilinear up-sampling,
+Attention2d's ``head_first`` layout (heads interleaved with q, k and v) and layers other than plain convolutions and
+BatchNorm are refused by name with the user's source line, never run as plain attention.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ ATTENTION_2D = ("timm.layers.attention2d", "Attention2d")
 VISFORMER = ("timm.models.visformer", "Attention")
 # the layers of MultiQueryAttention2d's parts, in order: the key/value path with or without its strided depthwise conv
 _LAYOUTS = {"query": (["proj"], ["down_pool", "norm", "proj"]), "key": (["proj"], ["down_conv", "norm", "proj"]),
-            "value": (["proj"], ["down_conv", "norm", "proj"]), "output": (["proj", "drop"], ["upsample", "proj", "drop"])}
+            "value": (["proj"], ["down_conv", "norm", "proj"]),
+            "output": (["proj", "drop"], ["upsample", "proj", "drop"])}
 _SAME_POOL = ("timm.layers.pool2d_same", "AvgPool2dSame")  # padding='same': no padding where the stride divides the map
 
 
