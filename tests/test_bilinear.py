@@ -22,6 +22,7 @@ from edgecl.graph.builder import build_onnx
 from edgecl.graph.compact import compact_task
 from edgecl.graph.constants import channel_constants
 from edgecl.train.models import forward, from_numpy
+from neck_nets import fpn_spec
 from test_attention2d import _Wrapped
 from torch_nets import check_parity, classifier_of, randomise_batchnorm, tensors_of, timm
 
@@ -200,3 +201,15 @@ def test_query_strides_other_than_timms_are_refused_by_name(module, shape, words
     with pytest.raises(UsageError, match=words) as err:
         from_torch(module(), shape)
     assert "'attn'" in str(err.value)
+
+
+def test_the_channel_map_follows_each_channel_through_the_upsamplings_of_an_fpn_neck():
+    """Every up-sampling keeps its input's channels (each channel alone), so the laterals and the up-sampled levels
+    they are added to are one channel group: removing channel i removes it at every level."""
+    spec = fpn_spec((3, 8, 8))
+    ups = [n for n in spec["nodes"] if n["op"] == "upsample"]
+    assert [(n["scale"], n["align_corners"]) for n in ups] == [([2, 2], False), ([4, 4], True), ([2, 2], True)]
+    cm = channel_map(spec)
+    assert {str(cm.spaces[n]) for n in ("lat1", "lat2", "lat3", *(u["name"] for u in ups))} == \
+        {str(cm.spaces["lat3"])}
+    assert cm.groups["lat3"] == 8
