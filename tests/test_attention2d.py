@@ -138,7 +138,9 @@ def _attention_2d_with(**parts) -> nn.Module:
 
 
 @pytest.mark.parametrize("module, words", [
-    (lambda: _Wrapped(_multi_query(num_heads=2, query_strides=2)), "query_strides"),
+    # query strides with another up-sampling than timm's bilinear one (nearest would run as another network)
+    (lambda: _edited(lambda m: setattr(m.output, "upsample", nn.Upsample(scale_factor=2)), query_strides=2),
+     "output.upsample is Upsample"),
     (lambda: _Wrapped(timm.layers.attention2d.Attention2d(12, num_heads=3, head_first=True)), "head_first"),
     # a norm after the key projection (was silently left out), a strided value path without its norm (a raw error)
     (lambda: _edited(lambda m: m.key.add_module("norm", nn.BatchNorm2d(6))), r"key has layers \['proj', 'norm'\]"),

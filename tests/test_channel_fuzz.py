@@ -1,7 +1,8 @@
 """Property-based fuzzing of channel groups (`edgecl.arch.channel_map`), structural compaction and AGS-CL's node map
 on random small graph specs: convolutions (3×3 with and without padding, 1×1, depthwise, grouped, 2×2 after a
 ``pad`` node of zeros or 0.5, 3×3 after a BlurPool's reflect / replicate / zero ``pad`` and ``blur``, 2×2 after
-adaptive average pooling to one more row and column), BatchNorm,
+adaptive average pooling to one more row and column, 2×2 of stride 2 after a bilinear ×2 ``upsample`` with or
+without align_corners), BatchNorm,
 ReLU / leaky ReLU, residual adds of equal-width tensors (existing tensors, slices taken at other offsets, slices of
 cats, slices of slices, cats of slices, new convolutions), gates (a one-channel spatial or scalar gate, a
 squeeze-and-excitation gate as wide as the data), concatenations and slices, ending in gap/flatten (and sometimes a
@@ -79,7 +80,7 @@ class _Graph:
     def conv(self, src: str, out: int | None = None, kind: str | None = None) -> str:
         c, h, _ = self.shapes[src]
         kinds = ["1x1", "3x3p1", "same2x2"] + (["3x3p0"] if h >= 3 and out is None else []) + \
-                (["blurred"] if h >= 2 else []) + (["adaptive2x2"] if h <= 8 else []) + \
+                (["blurred"] if h >= 2 else []) + (["adaptive2x2"] if h <= 8 else []) + ["bilinear2x2"] + \
                 (["depthwise3x3", "depthwise1x1"] if c > 1 and out in (None, c) else [])
         if c % 2 == 0 and (out is None or out % 2 == 0):
             kinds.append("grouped")
@@ -90,7 +91,7 @@ class _Graph:
                 out = 2 * self.draw(st.integers(1, MAX_CH // 2))
         k, pad, groups = {"1x1": (1, 0, 1), "3x3p1": (3, 1, 1), "3x3p0": (3, 0, 1), "depthwise3x3": (3, 1, c),
                           "depthwise1x1": (1, 0, c), "grouped": (3, 1, 2), "same2x2": (2, 0, 1), "blurred": (3, 1, 1),
-                          "adaptive2x2": (2, 0, 1)}[kind]
+                          "adaptive2x2": (2, 0, 1), "bilinear2x2": (2, 0, 1)}[kind]
         if kind == "same2x2":  # TensorFlow's "same" for an even kernel: a pad node adds the bottom row, right column
             src = self.node("pad", [src], [c, h + 1, h + 1], pads=[0, 0, 1, 1],
                             value=self.draw(st.sampled_from([0.0, 0.5])))
@@ -102,9 +103,14 @@ class _Graph:
         if kind == "adaptive2x2":  # h → h + 1 positions: windows of one and two, overlapping
             src = self.node("adaptive_avgpool", [src], [c, h + 1, h + 1], size=[h + 1, h + 1])
             h += 1
-        h_out = h + 2 * pad - k + 1
+        stride = 1
+        if kind == "bilinear2x2":  # h → 2h, each channel alone, then back to h by a 2×2 conv of stride 2
+            src = self.node("upsample", [src], [c, 2 * h, 2 * h], scale=[2, 2], mode="bilinear",
+                            align_corners=self.draw(st.booleans()))
+            h, stride = 2 * h, 2
+        h_out = (h + 2 * pad - k) // stride + 1
         return self.node("conv", [src], [out, h_out, h_out], **{"in": c, "out": out}, k=[k, k], pad=[pad, pad],
-                         groups=groups, bias=self.draw(st.booleans()))
+                         stride=[stride, stride], groups=groups, bias=self.draw(st.booleans()))
 
     def slice(self, src: str, start: int, stop: int) -> str:
         return self.node("slice", [src], [stop - start, *self.shapes[src][1:]], start=start, stop=stop)

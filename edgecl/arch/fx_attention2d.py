@@ -2,15 +2,16 @@
 ``Attention2d`` and Visformer's ``Attention``), for `fx_import._Converter`. The tracer keeps each module whole
 (`fx_attention.is_timm_attention`); each becomes what its forward computes, in spec ops:
 
-    MultiQueryAttention2d: query.proj (1×1 conv) → q;  [key.down_conv (depthwise, kv_stride) → key.norm] → key.proj
-    (1×1 conv to ONE head of key_dim) → k;  the same for v;  attention {heads, kv_heads 1, scale} → output.proj
+    MultiQueryAttention2d: [query.down_pool (average, query_strides) → query.norm] → query.proj (1×1 conv) → q;
+    [key.down_conv (depthwise, kv_stride) → key.norm] → key.proj (1×1 conv to ONE head of key_dim) → k;  the same
+    for v;  attention {heads, kv_heads 1, scale} → [output.upsample (bilinear, query_strides)] → output.proj
     Attention2d: qkv (1×1 conv) → slices q, k, v → attention {heads, scale} → proj
     Visformer's Attention: the same (its qkv reshape(B, 3, heads, head_dim, -1) packs q, k and v as blocks of heads)
 
 Keeping the module whole, rather than tracing its reshapes, transposes and ``scaled_dot_product_attention``, lets
-edgecl check the variant: an attention mask, query strides (an average pool and a bilinear up-sampling), Attention2d's
-``head_first`` layout (heads interleaved with q, k and v) and layers other than plain convolutions and BatchNorm are
-refused by name with the user's source line, never run as plain attention.
+edgecl check the variant: an attention mask, query strides other than timm's pool and bilinear up-sampling,
+Attention2d's ``head_first`` layout (heads interleaved with q, k and v) and layers other than plain convolutions and
+BatchNorm are refused by name with the user's source line, never run as plain attention.
 """
 from __future__ import annotations
 
@@ -18,15 +19,17 @@ from typing import Any, Callable
 
 from torch import fx, nn
 
-from edgecl.arch.fx_calls import location, shape_of
+from edgecl.arch.fx_calls import location, pair, pair_floats, shape_of
 from edgecl.errors import UsageError
 
 MULTI_QUERY = ("timm.layers.attention2d", "MultiQueryAttention2d")
 ATTENTION_2D = ("timm.layers.attention2d", "Attention2d")
 VISFORMER = ("timm.models.visformer", "Attention")
 # the layers of MultiQueryAttention2d's parts, in order: the key/value path with or without its strided depthwise conv
-_LAYOUTS = {"query": (["proj"],), "key": (["proj"], ["down_conv", "norm", "proj"]),
-            "value": (["proj"], ["down_conv", "norm", "proj"]), "output": (["proj", "drop"],)}
+_LAYOUTS = {"query": (["proj"], ["down_pool", "norm", "proj"]), "key": (["proj"], ["down_conv", "norm", "proj"]),
+            "value": (["proj"], ["down_conv", "norm", "proj"]),
+            "output": (["proj", "drop"], ["upsample", "proj", "drop"])}
+_SAME_POOL = ("timm.layers.pool2d_same", "AvgPool2dSame")  # padding='same': no padding where the stride divides the map
 
 
 def is_attention_2d(m: Any) -> bool:
@@ -68,11 +71,10 @@ class _Attention2dConverter:
 
     def _multi_query(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str) -> None:
         heads, key_dim, value_dim = int(m.num_heads), int(m.key_dim), int(m.value_dim)
-        if m.has_query_strides:
-            raise UsageError(f"{self.name}: {where} has query_strides {tuple(m.query_strides)} (an average-pooled "
-                             "query and a bilinear up-sampling of the output); not supported")
         for part, layouts in _LAYOUTS.items():  # timm's, in order: a layer elsewhere would be skipped or misread
             layers = [name for name, _ in m.get_submodule(part).named_children()]
+            if part in ("query", "output"):  # the pool and the up-sampling with query strides, neither without
+                layouts = (layouts[1 if m.has_query_strides else 0],)
             if layers not in layouts:
                 raise UsageError(f"{self.name}: {where}: {part} has layers {layers}; edgecl converts timm's "
                                  f"{' or '.join(map(str, layouts))} there")
@@ -85,11 +87,44 @@ class _Attention2dConverter:
                 raise UsageError(f"{self.name}: {where}: {part} has {getattr(conv, 'in_channels', '?')} → "
                                  f"{getattr(conv, 'out_channels', '?')} channels; edgecl follows timm's layout "
                                  f"({heads} heads of key_dim {key_dim} and value_dim {value_dim})")
-        q = self._conv(node, m.query.proj, x, f"{path}.query.proj", where)
+        strides = self._query_strides(node, m, where)
+        query = x
+        if strides:
+            query = self._emit(node, "avgpool", [x], f"{path}.query.down_pool", k=strides, stride=strides, pad=[0, 0],
+                               ceil_mode=False, count_include_pad=True)
+            query = self._norm(node, m.query.norm, query, f"{path}.query.norm", where, required=True)
+        q = self._conv(node, m.query.proj, query, f"{path}.query.proj", where)
         k, v = (self._key_value(node, getattr(m, part), x, f"{path}.{part}", where) for part in ("key", "value"))
         attended = self._emit(node, "attention", [q, k, v], f"{path}.attend", heads=heads, kv_heads=1,
                               scale=float(m.scale))
+        if strides:
+            attended = self._emit(node, "upsample", [attended], f"{path}.output.upsample", scale=strides,
+                                  mode="bilinear")
         self._conv(node, m.output.proj, attended, f"{path}.output.proj", where)
+
+    def _query_strides(self, node: fx.Node, m: nn.Module, where: str) -> list[int] | None:
+        """The query strides as timm uses them (None without): an average pool of kernel = stride on a map they
+        divide (timm reshapes the output to H // stride), and a bilinear up-sampling by them with
+        align_corners=False; anything else there is refused, never run as another network."""
+        if not m.has_query_strides:
+            return None
+        strides, shape = [int(s) for s in m.query_strides], shape_of(node.args[0])
+        if shape[1] % strides[0] or shape[2] % strides[1]:
+            raise UsageError(f"{self.name}: {where} has query_strides {tuple(strides)} on a {shape[1]}×{shape[2]} map; "
+                             "edgecl needs them to divide the map (timm reshapes the output to H // stride)")
+        pool, up = m.query.down_pool, m.output.upsample
+        pool_kind = (type(pool).__module__, type(pool).__name__)
+        if not (type(pool) is nn.AvgPool2d or pool_kind == _SAME_POOL) or \
+                [list(pair(pool.kernel_size)), list(pair(pool.stride or pool.kernel_size)), list(pair(pool.padding))] \
+                != [strides, strides, [0, 0]] or pool.ceil_mode or \
+                getattr(pool, "divisor_override", None) is not None:
+            raise UsageError(f"{self.name}: {where}: query.down_pool is {pool!r}; edgecl converts timm's average pool "
+                             f"of kernel and stride {tuple(strides)} there")
+        if type(up) is not nn.Upsample or up.mode != "bilinear" or up.align_corners or up.size is not None or \
+                pair_floats(up.scale_factor) != [float(s) for s in strides]:
+            raise UsageError(f"{self.name}: {where}: output.upsample is {up!r}; edgecl converts timm's "
+                             f"nn.Upsample(scale_factor={tuple(strides)}, mode='bilinear') there")
+        return strides
 
     def _key_value(self, node: fx.Node, part: nn.Sequential, x: str, path: str, where: str) -> str:
         """The key or value path: [depthwise down-sampling conv, BatchNorm], then the 1×1 projection to one head."""

@@ -112,6 +112,12 @@ def pair(value: Any) -> list[Any]:
     return [int(value), int(value)]
 
 
+def pair_floats(value: Any) -> list[float]:
+    """A number or a sequence of two (one is taken for both) as two floats: an upsampling's scale_factor."""
+    values = list(value) if isinstance(value, (tuple, list)) else [value, value]
+    return [float(v) for v in (values * 2 if len(values) == 1 else values)]
+
+
 def describe(node: fx.Node) -> str:
     """'op' (fx node, module path, user source line): where to look in the user's code."""
     target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
@@ -198,7 +204,8 @@ class _CallConverter:
         elif target is F.interpolate:
             args = self.bind(node, ("input", "size", "scale_factor", "mode", "align_corners",
                                     "recompute_scale_factor", "antialias"))
-            self.upsample(node, self._input(args["input"], node), args["mode"] or "nearest")
+            self.upsample(node, self._input(args["input"], node), args.pop("mode") or "nearest",
+                          **{k: v for k, v in args.items() if k not in ("input", "size")})
         elif target in _DROPOUTS or is_library_identity(target):
             self.alias[node] = self._input(node.args[0], node)
         elif target in VIEWS:
@@ -289,17 +296,33 @@ class _CallConverter:
         else:
             self._emit(node, "avgpool", [x], k=k, stride=k, pad=[0, 0], ceil_mode=False, count_include_pad=True)
 
-    def upsample(self, node: fx.Node, x: str, mode: str) -> None:
-        """Nearest upsampling by integer factors (nn.Upsample, F.interpolate, adaptive pooling to a multiple of the
-        input): every value repeated, the factors read off the traced shapes."""
+    def upsample(self, node: fx.Node, x: str, mode: str, align_corners: Any = None, scale_factor: Any = None,
+                 recompute_scale_factor: Any = None, antialias: Any = False) -> None:
+        """Upsampling by integer factors (nn.Upsample, nn.UpsamplingBilinear2d, F.interpolate, adaptive pooling to a
+        multiple of the input), the factors read off the traced shapes: ``nearest`` (every value repeated) or
+        ``bilinear`` with torch's `align_corners` either way. A `scale_factor` torch would compute with must be those
+        integers: torch maps positions with the factor given (2.0000001 moves them), not with the sizes."""
         before, after = shape_of(node.args[0]), shape_of(node)
-        if mode != "nearest":
-            raise self.refuse(node, f"upsampling mode {mode!r}; only 'nearest' is supported")
+        if mode not in ("nearest", "bilinear"):
+            raise self.refuse(node, f"upsampling mode {mode!r}; only 'nearest' and 'bilinear' are supported")
+        if antialias:
+            raise self.refuse(node, "antialias=True is not supported (bilinear without it is)")
+        if isinstance(align_corners, fx.Node) or isinstance(scale_factor, fx.Node) or \
+                isinstance(recompute_scale_factor, fx.Node):
+            raise self.refuse(node, "align_corners, scale_factor and recompute_scale_factor must be constants, not "
+                                    "computed in forward")
         if before is None or len(before) != 3 or any(a % b for a, b in zip(after[1:], before[1:])):
             raise self.refuse(node, f"upsampling {before} to {after}; only by integer factors of a feature map")
         scale = [a // b for a, b in zip(after[1:], before[1:])]
+        given = None if scale_factor is None or recompute_scale_factor else pair_floats(scale_factor)
+        if given is not None and given != [float(s) for s in scale]:
+            raise self.refuse(node, f"scale_factor {scale_factor}: only integer factors are supported (torch "
+                                    "positions the samples by the factor given)")
+        corners = bool(align_corners) and mode == "bilinear"
         if scale == [1, 1]:
             self.alias[node] = x
+        elif mode == "bilinear":
+            self._emit(node, "upsample", [x], scale=scale, mode="bilinear", align_corners=corners)
         else:
             self._emit(node, "upsample", [x], scale=scale)
 

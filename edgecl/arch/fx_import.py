@@ -379,8 +379,8 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
             self.view(node, x)
         elif isinstance(m, tuple(PAD_MODULES)):
             self.explicit_pad(node, pad_call(m, node))
-        elif isinstance(m, nn.Upsample):  # nn.UpsamplingNearest2d too
-            self.upsample(node, x, m.mode)
+        elif isinstance(m, nn.Upsample):  # nn.UpsamplingNearest2d and nn.UpsamplingBilinear2d too
+            self.upsample(node, x, m.mode, m.align_corners, m.scale_factor, m.recompute_scale_factor)
         elif whole:
             getattr(self, whole)(node, m, x, path)
         else:

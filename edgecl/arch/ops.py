@@ -40,7 +40,9 @@ Ops (fields and defaults in `OPS`):
   each channel's sum of x weighted by it → ``(C, 1, 1)``; the weights sum to 1, so a channel constant over the map pools
   to that constant, as under ``gap``); ``upsample`` (by the integer ``scale`` of each spatial axis; ``mode``
   "nearest": every value repeated, or "bilinear": torch's ``align_corners=False`` interpolation, ONNX Resize linear
-  half_pixel, as EfficientFormerV2's strided attention up-samples; either keeps a constant channel constant);
+  half_pixel, as EfficientFormerV2's strided attention up-samples, or with ``align_corners`` true (bilinear only)
+  torch's ``align_corners=True`` (``nn.UpsamplingBilinear2d``), ONNX Resize linear align_corners; each channel alone,
+  its weights summing to 1, so either keeps a constant channel constant);
 - structure: ``add`` (residual sum of equal shapes; an input's spatial axes of size 1 broadcast, as GCNet's fused add
   of a ``(C, 1, 1)`` context over a ``(C, H, W)`` map — the channels never do), ``mul`` (broadcast product, e.g.
   squeeze-and-excitation gates), ``cat`` (channel concatenation), ``slice`` (channels ``start`` to ``stop``, of a map
@@ -130,7 +132,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "gap": {},
     "adaptive_avgpool": {"size": ("pair", ...)},
     "attention_pool": {},
-    "upsample": {"scale": ("pair", ...), "mode": ("upsample_mode", "nearest")},
+    "upsample": {"scale": ("pair", ...), "mode": ("upsample_mode", "nearest"), "align_corners": ("bool", False)},
     "pad": {"pads": ("pads", ...), "value": ("fill", 0.0), "mode": ("pad_mode", "constant")},
     "blur": {"k": ("size", ...), "stride": ("size", 2)},
     "scale": {"factor": ("number", 1.0), "offset": ("number", 0.0)},

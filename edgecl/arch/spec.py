@@ -83,7 +83,7 @@ def validate(arch: Any) -> Arch:
 # node fields added after files without them were written, with the default that means what their absence meant
 LATER_FIELDS: dict[str, dict[str, Any]] = {"class_token": {"tokens": 1}, "token": {"count": 1},
                                            "pos_embed": {"frozen": False}, "pad": {"mode": "constant"},
-                                           "upsample": {"mode": "nearest"}}
+                                           "upsample": {"mode": "nearest", "align_corners": False}}
 
 
 def stored_form(arch: Arch) -> Arch:
@@ -170,6 +170,8 @@ def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
         out["kv_heads"] = out["heads"]
     if op == "attention":
         attention_fields(out, where)
+    if op == "upsample" and out["align_corners"] and out["mode"] != "bilinear":
+        raise UsageError(f"{where}: upsample align_corners needs mode 'bilinear', gets {out['mode']!r}")
     if op == "space_to_depth" and out["order"] == "hw":
         del out["order"]  # ONNX's order: the spec as before Swin's patch merging
     if "module" in node:  # the layer's path in the user's module where the node name had to differ (`module_state`)

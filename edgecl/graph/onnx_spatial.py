@@ -38,8 +38,10 @@ def spatial_op(b: Any, node: dict, h: str, constant: Callable[[Any], str], in_sh
                     dilations=[1, 1], group=c)
     if op == "upsample":  # out[i] = in[floor(i / scale)]: every value repeated, no interpolation; or bilinear
         scales = constant(np.array([1.0, 1.0, *node["scale"]], dtype=np.float32))
-        if node.get("mode") == "bilinear":  # torch's align_corners=False: source (i + ½)/scale − ½, edges clamped
-            return b.op("Resize", [h, "", scales], mode="linear", coordinate_transformation_mode="half_pixel")
+        if node.get("mode") == "bilinear":  # torch's align_corners=False: source (i + ½)/scale − ½, edges clamped;
+            # align_corners=True: source i·(in − 1)/(out − 1), the corner pixels' centres kept
+            corners = "align_corners" if node.get("align_corners") else "half_pixel"
+            return b.op("Resize", [h, "", scales], mode="linear", coordinate_transformation_mode=corners)
         return b.op("Resize", [h, "", scales], mode="nearest", coordinate_transformation_mode="asymmetric",
                     nearest_mode="floor")
     if op == "adaptive_avgpool":  # A_h · X · A_wᵀ: (N, C, H, W) MatMul (W, w), then (h, H) MatMul that (broadcast)
