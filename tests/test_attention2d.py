@@ -10,7 +10,7 @@ import pytest
 import torch
 from layer_nets import TinyMNv4Hybrid
 from torch import nn
-from torch_nets import check_parity, randomise_batchnorm, timm
+from torch_nets import randomised_parity, timm
 
 from edgecl.arch import channel_map, from_torch, validate
 from edgecl.arch.ops import intermediates
@@ -38,12 +38,6 @@ def _multi_query(**kwargs) -> nn.Module:
     return timm.layers.attention2d.MultiQueryAttention2d(12, **kwargs)
 
 
-def _parity(module: nn.Module, shape=(3, 8, 8)) -> dict:
-    torch.manual_seed(0)
-    randomise_batchnorm(module)
-    spec = from_torch(module.eval(), shape)
-    check_parity(module, spec, shape)
-    return spec
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -51,7 +45,7 @@ def _parity(module: nn.Module, shape=(3, 8, 8)) -> dict:
     dict(num_heads=2, key_dim=5, value_dim=7, kv_stride=2, dw_kernel_size=5)])
 def test_multi_query_attention_parity(kwargs):
     torch.manual_seed(0)
-    spec = _parity(_Wrapped(_multi_query(**kwargs)))
+    spec = randomised_parity(_Wrapped(_multi_query(**kwargs)))
     attend = next(n for n in spec["nodes"] if n["op"] == "attention")
     heads = kwargs["num_heads"]
     assert attend["heads"] == heads and attend["kv_heads"] == 1
@@ -61,7 +55,7 @@ def test_multi_query_attention_parity(kwargs):
 
 
 def test_attention2d_parity():
-    spec = _parity(_Wrapped(timm.layers.attention2d.Attention2d(12, num_heads=3)))
+    spec = randomised_parity(_Wrapped(timm.layers.attention2d.Attention2d(12, num_heads=3)))
     attend = next(n for n in spec["nodes"] if n["op"] == "attention")
     assert (attend["heads"], attend["kv_heads"]) == (3, 3) and attend["scale"] == pytest.approx(4 ** -0.5)
 
@@ -70,7 +64,7 @@ def test_attention2d_parity():
 def test_visformer_attention_parity(kwargs):
     """Visformer's Attention packs q, k and v as blocks of heads (reshape(B, 3, heads, head_dim, -1)); with
     head_dim_ratio its heads are narrower than dim / heads."""
-    spec = _parity(_Wrapped(timm.models.visformer.Attention(12, **kwargs)))
+    spec = randomised_parity(_Wrapped(timm.models.visformer.Attention(12, **kwargs)))
     attend = next(n for n in spec["nodes"] if n["op"] == "attention")
     head_dim = round(12 // kwargs["num_heads"] * kwargs.get("head_dim_ratio", 1.0))
     assert attend["heads"] == kwargs["num_heads"] and attend["scale"] == pytest.approx(head_dim ** -0.5)
@@ -85,7 +79,7 @@ def _visformer_with(**parts) -> nn.Module:
 
 
 def test_tiny_mnv4_hybrid_parity():
-    _parity(TinyMNv4Hybrid(in_channels=3), (3, 8, 8))
+    randomised_parity(TinyMNv4Hybrid(in_channels=3), (3, 8, 8))
 
 
 def test_channel_map_ties_every_query_head_to_the_one_key_head():
@@ -160,12 +154,12 @@ def test_unsupported_variants_are_refused_by_name(module, words):
 
 @pytest.mark.slow
 def test_mobilenetv4_hybrid_medium_at_64():
-    _parity(timm.create_model("mobilenetv4_hybrid_medium"), (3, 64, 64))
+    randomised_parity(timm.create_model("mobilenetv4_hybrid_medium"), (3, 64, 64))
 
 
 @pytest.mark.slow
 def test_visformer_tiny_at_64():
-    _parity(timm.create_model("visformer_tiny", img_size=64), (3, 64, 64))
+    randomised_parity(timm.create_model("visformer_tiny", img_size=64), (3, 64, 64))
 
 
 def test_channel_map_follows_a_thousand_query_heads():

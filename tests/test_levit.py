@@ -12,7 +12,7 @@ import torch
 from layer_nets import TinyLeViT
 from torch import nn
 from random_weights import random_params
-from torch_nets import check_parity, classifier_of, randomise_batchnorm, tensors_of, timm
+from torch_nets import classifier_of, randomised_parity, tensors_of, timm
 
 from edgecl.arch import channel_map, from_torch, validate
 from edgecl.arch.ops import intermediates
@@ -22,18 +22,12 @@ from edgecl.graph.builder import build_onnx
 from edgecl.train.models import forward, from_numpy
 
 
-def _parity(module: nn.Module, shape=(3, 8, 8)) -> dict:
-    torch.manual_seed(0)
-    randomise_batchnorm(module)
-    spec = from_torch(module.eval(), shape)
-    check_parity(module, spec, shape)
-    return spec
 
 
 def test_tiny_levit_parity_and_its_attention_biases():
     torch.manual_seed(0)  # the module's starting weights: the size of the bias's effect must not hang on test order
     module = TinyLeViT(in_channels=3)
-    spec = _parity(module)
+    spec = randomised_parity(module)
     attends = [n for n in spec["nodes"] if n["op"] == "attention"]
     assert [(n["name"], n["heads"], n["bias_offsets"]) for n in attends] == [("attn.attend", 2, 16),
                                                                              ("down.attend", 2, 16)]
@@ -129,7 +123,7 @@ def _down(**kwargs) -> nn.Module:
 @pytest.mark.parametrize("layer", [lambda: _attention(act_layer=nn.Hardswish), lambda: _down(use_pool=True),
                                    lambda: _down(stride=3), lambda: timm.models.levit.LinearNorm(8, 8)])
 def test_levit_layers_parity(layer):
-    _parity(_Tokens(layer()))
+    randomised_parity(_Tokens(layer()))
 
 
 def _edited(make, edit) -> nn.Module:
@@ -157,6 +151,6 @@ def test_convolutional_levit_is_refused_by_name():
 
 @pytest.mark.slow
 def test_levit_128s_at_64():  # depths 2, 3, 4; the second and third stages begin with an AttentionDownsample
-    spec = _parity(timm.create_model("levit_128s", img_size=64), (3, 64, 64))
+    spec = randomised_parity(timm.create_model("levit_128s", img_size=64), (3, 64, 64))
     attends = [n for n in spec["nodes"] if n["op"] == "attention"]
     assert len(attends) == 2 + (1 + 3) + (1 + 4) and all(n.get("bias_offsets") for n in attends)

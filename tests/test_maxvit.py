@@ -10,17 +10,14 @@ import copy
 from dataclasses import replace
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
-from torch_nets import check_parity, classifier_of, tensors_of, timm, torchvision
+from torch_nets import check_parity, classifier_of, spec_logits, tensors_of, timm, torchvision
 
 from edgecl.arch import from_torch, validate
 from edgecl.arch.module_state import from_module, state_keys, state_shapes, to_module
 from edgecl.errors import UsageError
-from edgecl.graph.builder import build_onnx
-from edgecl.train.models import forward, from_numpy
 
 maxxvit = timm.models.maxxvit
 
@@ -49,12 +46,6 @@ def _torchvision(partition: int = 2) -> nn.Module:
         head_dim=8, stochastic_depth_prob=0.0, num_classes=3))
 
 
-def _logits(spec: dict, weights: dict, x: torch.Tensor) -> np.ndarray:
-    with torch.no_grad():
-        got = forward(spec, from_numpy(weights), x).numpy()
-    session = ort.InferenceSession(build_onnx(spec, weights).SerializeToString(), providers=["CPUExecutionProvider"])
-    assert np.abs(session.run(None, {"x": x.numpy()})[0] - got).max() < 1e-4
-    return got
 
 
 @pytest.mark.parametrize("make, window, grid", [
@@ -83,14 +74,14 @@ def test_maxvit_parity_and_what_each_attention_reads(make, window, grid):
     weights = {**tensors_of(module, spec), **classifier_of(module)}
     weights["head.weight"] = np.random.default_rng(0).standard_normal(weights["head.weight"].shape, np.float32)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    want = _logits(spec, weights, x)
+    want = spec_logits(spec, weights, x)
     side_by_side, unbiased = copy.deepcopy(spec), dict(weights)
     for n in side_by_side["nodes"]:
         n.pop("dilated", None)
     for n in attends:
         unbiased[f"{n['name']}.bias"] = np.zeros_like(weights[f"{n['name']}.bias"])
-    assert np.abs(_logits(validate(side_by_side), weights, x) - want).max() > 1e-2
-    assert np.abs(_logits(spec, unbiased, x) - want).max() > 1e-2
+    assert np.abs(spec_logits(validate(side_by_side), weights, x) - want).max() > 1e-2
+    assert np.abs(spec_logits(spec, unbiased, x) - want).max() > 1e-2
 
 
 @pytest.mark.parametrize("make, words", [

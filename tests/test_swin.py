@@ -8,22 +8,19 @@ from __future__ import annotations
 import copy
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from random_weights import random_params
-from torch_nets import check_parity, classifier_of, tensors_of, timm, torchvision
+from torch_nets import check_parity, classifier_of, spec_logits, tensors_of, timm, torchvision
 
 from edgecl.arch import from_torch, validate
 from edgecl.arch.attention_windows import window_mask
 from edgecl.arch.ops import intermediates
 from edgecl.arch.spec import param_shapes, rowless_tensors
 from edgecl.errors import UsageError
-from edgecl.graph.builder import build_onnx
-from edgecl.train.models import forward, from_numpy
 
 SwinBlock = timm.models.swin_transformer.SwinTransformerBlock
 TvSwin = torchvision.models.swin_transformer
@@ -48,13 +45,6 @@ def _torchvision_swin() -> nn.Module:
                                               window_size=[4, 4], num_classes=5))
 
 
-def _logits(spec: dict, weights: dict, x: torch.Tensor) -> np.ndarray:
-    """The spec's torch forward, checked against its ONNX graph."""
-    with torch.no_grad():
-        got = forward(spec, from_numpy(weights), x).numpy()
-    session = ort.InferenceSession(build_onnx(spec, weights).SerializeToString(), providers=["CPUExecutionProvider"])
-    assert np.abs(session.run(None, {"x": x.numpy()})[0] - got).max() < 1e-4
-    return got
 
 
 @pytest.mark.parametrize("make", [_timm_swin, _torchvision_swin])
@@ -76,24 +66,24 @@ def test_swin_parity_and_what_each_attention_reads(make):
     # weights: timm's small start would hide the change in rounding)
     weights["head.weight"] = np.random.default_rng(0).standard_normal(weights["head.weight"].shape, np.float32)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    want = _logits(spec, weights, x)
+    want = spec_logits(spec, weights, x)
     unshifted = copy.deepcopy(spec)
     for node in unshifted["nodes"]:
         node.update({"shift": [0, 0]} if node["op"] == "attention" else {})
     unbiased = {k: np.zeros_like(v) if k in rowless_tensors(spec) else v for k, v in weights.items()}
     for other, changed in ((validate(unshifted), weights), (spec, unbiased)):
-        assert np.abs(_logits(other, changed, x) - want).max() > 1e-2
+        assert np.abs(spec_logits(other, changed, x) - want).max() > 1e-2
 
 
 def test_windows_partition_the_map():
     """One window of the whole map is plain attention; smaller windows attend within themselves (torch and ONNX)."""
     weights = random_params(validate(_spec()), 3, 0)
     x = torch.randn(3, 2, 4, 6, generator=torch.Generator().manual_seed(0))
-    plain = _logits(validate(_spec()), weights, x)
-    assert np.abs(_logits(validate(_spec(window=[4, 6])), weights, x) - plain).max() < 1e-5
-    assert np.abs(_logits(validate(_spec(window=[2, 3])), weights, x) - plain).max() > 1e-3
+    plain = spec_logits(validate(_spec()), weights, x)
+    assert np.abs(spec_logits(validate(_spec(window=[4, 6])), weights, x) - plain).max() < 1e-5
+    assert np.abs(spec_logits(validate(_spec(window=[2, 3])), weights, x) - plain).max() > 1e-3
     # shifted, even one window of the whole map keeps the roll's regions apart (Swin's mask): another result
-    assert np.abs(_logits(validate(_spec(window=[4, 6], shift=[2, 3])), weights, x) - plain).max() > 1e-3
+    assert np.abs(spec_logits(validate(_spec(window=[4, 6], shift=[2, 3])), weights, x) - plain).max() > 1e-3
 
 
 class _Block(nn.Module):
@@ -149,7 +139,7 @@ def test_random_window_attention_torch_equals_onnx(data):
         t = window[0] * window[1]
         fields.update(bias_offsets=t, bias_index=[[(3 * i + j) % t for j in range(t)] for i in range(t)])
     spec = validate({**_spec(**fields), "input_shape": [2, height, width]})
-    _logits(spec, random_params(spec, 3, 0), torch.randn(2, 2, height, width))
+    spec_logits(spec, random_params(spec, 3, 0), torch.randn(2, 2, height, width))
 
 
 def test_the_mask_is_the_libraries_own():
@@ -189,7 +179,7 @@ def test_patch_merging_order_and_odd_maps(merge, keep):
     weights, x = {**tensors_of(module, spec), **classifier_of(module)}, torch.randn(2, 3, 10, 10)
     onnx_order = copy.deepcopy(spec)
     del next(n for n in onnx_order["nodes"] if n["op"] == "space_to_depth")["order"]  # ONNX's (0,0),(0,1),…
-    assert np.abs(_logits(onnx_order, weights, x) - _logits(spec, weights, x)).max() > 1e-3
+    assert np.abs(spec_logits(onnx_order, weights, x) - spec_logits(spec, weights, x)).max() > 1e-3
 
 
 def _spec(narrow: bool = False, **fields) -> dict:

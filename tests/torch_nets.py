@@ -282,6 +282,30 @@ def check_parity(module: nn.Module, spec: dict, input_shape: tuple[int, ...], po
     assert np.abs(onnx_out - want).max() <= 1e-4 * scale
 
 
+def randomised_parity(module: nn.Module, shape: tuple[int, ...] = (3, 8, 8)) -> dict:
+    """The module's spec, checked against the module (`check_parity`) with its BatchNorm statistics drawn at random
+    (fresh ones are the identity, which would hide a BatchNorm left out)."""
+    torch.manual_seed(0)
+    randomise_batchnorm(module)
+    spec = from_torch(module.eval(), shape)
+    check_parity(module, spec, shape)
+    return spec
+
+
+def spec_logits(spec: dict, weights: dict[str, np.ndarray], x: torch.Tensor) -> np.ndarray:
+    """The spec's torch forward on `x`, checked against its ONNX graph (ONNX Runtime) within 1e-4."""
+    import onnxruntime as ort
+
+    from edgecl.graph.builder import build_onnx
+    from edgecl.train.models import forward, from_numpy
+
+    with torch.no_grad():
+        got = forward(spec, from_numpy(weights), x).numpy()
+    session = ort.InferenceSession(build_onnx(spec, weights).SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.abs(session.run(None, {"x": x.numpy()})[0] - got).max() < 1e-4
+    return got
+
+
 def rescat_spec(input_shape=(1, 8, 8), width: int = 8) -> dict:
     """ResCat's spec for inputs of `input_shape` (`width` channels in the stem and each branch)."""
     return from_torch(ResCat(in_channels=input_shape[0], width=width), tuple(input_shape))
