@@ -294,17 +294,19 @@ def test_node_masks_on_residual_concat_depthwise_and_gates(seed, masks):
         _check(arch, p, c_arch, c_params, report, seed)
 
 
-@pytest.mark.parametrize("make", ["swin_spec", "tiny_vit_spec"])
+@pytest.mark.parametrize("make", ["swin_spec", "tiny_vit_spec", "mobilevit_spec", "maxvit_spec",
+                                  "efficientformer_spec"])
 def test_node_masks_on_window_attention(make):
-    """Swin's shifted windows, TinyViT's windows: half of every channel group dead; the MLPs shrink, the attention
-    keeps its heads, windows and shift (its q, k, v channels are pinned), and the logits stay the same."""
+    """Swin's shifted windows, TinyViT's windows, MobileViT's and MaxViT's grids, EfficientFormerV2's talking heads
+    and bilinear up-sampling: half of every channel group dead; the MLPs shrink, the attention keeps its heads,
+    windows, shift, grid, bias and talking heads (its q, k, v channels are pinned), and the logits stay the same."""
     import layer_nets
 
     arch = getattr(layer_nets, make)((3, 16, 16))
     p, _ = group_node_masks(arch, random_params(arch, 3, 0), 0.5, 0)
     c_arch, c_params, report = compact(arch, p)
     assert report.params_compact < report.params_dense
-    kept = ("name", "heads", "window", "shift")
+    kept = ("name", "heads", "window", "shift", "dilated", "bias_table", "bias_index", "talking_heads")
     assert [[n.get(k) for k in kept] for n in c_arch["nodes"] if n["op"] == "attention"] == \
         [[n.get(k) for k in kept] for n in arch["nodes"] if n["op"] == "attention"]
     _check(arch, p, c_arch, c_params, report)

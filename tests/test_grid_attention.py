@@ -96,12 +96,12 @@ def test_grid_fields_validate_and_store():
 class _Net(nn.Module):
     """A conv stem to a map and one timm MobileVitBlock, then the mean and a Linear."""
 
-    def __init__(self, patch, fusion: bool = True, depth: int = 2):
+    def __init__(self, patch, fusion: bool = True, depth: int = 2, stride: int = 1):
         super().__init__()
         torch.manual_seed(0)
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
         self.block = MobileVitBlock(8, 12, transformer_dim=16, transformer_depth=depth, patch_size=patch,
-                                    num_heads=2, no_fusion=not fusion)
+                                    num_heads=2, no_fusion=not fusion, stride=stride)
         self.fc = nn.Linear(12 if fusion else 12, 3)
 
     def forward(self, x):
@@ -130,6 +130,15 @@ def test_mobilevit_block_parity_and_its_grid(patch, size, fusion):
     assert np.abs(_both(validate(side_by_side), weights, x) - want).max() > 1e-3
 
 
+def test_a_strided_conv_kxk_puts_the_patches_on_the_map_it_makes():
+    """MobileVitBlock(stride=2) without fusion: the transformer sees conv_kxk's halved map, so the grid is that map's
+    patches (2×3 of the 4×6 map, not 4×6 of the 8×12 input: attention over the whole map, another network)."""
+    module = _Net(2, fusion=False, stride=2).eval()
+    spec = from_torch(module, (3, 8, 12))
+    assert [n["window"] for n in spec["nodes"] if n["op"] == "attention"] == [[2, 3]] * 2
+    check_parity(module, spec, (3, 8, 12), batch=2)
+
+
 def _edited(edit) -> nn.Module:
     module = _Net(2)
     edit(module.block)
@@ -138,6 +147,8 @@ def _edited(edit) -> nn.Module:
 
 @pytest.mark.parametrize("make, shape, words", [
     (lambda: _Net(3), (3, 8, 8), "3×3 patches do not tile the 8×8 map"),
+    # the 12×12 input is tiled by the 4×4 patches, conv_kxk's 6×6 map (which timm resizes to 8×8) is not
+    (lambda: _Net(4, fusion=False, stride=2), (3, 12, 12), "4×4 patches do not tile the 6×6 map"),
     (lambda: nn.Sequential(nn.Conv2d(3, 8, 1), timm.models.mobilevit.MobileVitV2Block(8, 8, patch_size=2)),
      (3, 8, 8), "MobileViTv2's LinearSelfAttention"),
     (lambda: _edited(lambda b: setattr(b.transformer[0], "ls1", timm.layers.LayerScale(16))), (3, 8, 8),

@@ -23,6 +23,7 @@ from torch import fx, nn
 from edgecl.arch.fx_attention import _pointwise, check_plain_attention
 from edgecl.arch.fx_calls import location, shape_of
 from edgecl.arch.fx_swin import check_drops, linear
+from edgecl.arch.ops import output_shape
 from edgecl.errors import UsageError
 
 _MOBILEVIT = "timm.models.mobilevit"
@@ -57,11 +58,14 @@ class _MobileVitConverter:
         if shape is None or len(shape) != 3:
             raise UsageError(f"{self.name}: {where} reads a tensor of shape {shape}; edgecl supports it on "
                              "(batch, channels, height, width) maps")
+        h = self._conv_norm_act(node, m.conv_kxk, x, f"{path}.conv_kxk", where)
+        # the patches tile the map conv_kxk makes (a strided one halves it), not the block's input
+        shape = output_shape({"op": "conv", **self._conv_fields(node, m.conv_kxk.conv, f"{path}.conv_kxk.conv")},
+                             [shape], where)
         if shape[1] % ph or shape[2] % pw:
             raise UsageError(f"{self.name}: {where}: its {ph}×{pw} patches do not tile the {shape[1]}×{shape[2]} map "
                              "(MobileViT then resizes the map bilinearly to a multiple of the patch and back); "
                              "choose an input size whose stage maps the patch divides (64 or 256 for mobilevit_*)")
-        h = self._conv_norm_act(node, m.conv_kxk, x, f"{path}.conv_kxk", where)
         if type(m.conv_1x1) is not nn.Conv2d:
             raise UsageError(f"{self.name}: {where}: conv_1x1 is a {type(m.conv_1x1).__name__}; edgecl converts an "
                              "nn.Conv2d there")
