@@ -19,6 +19,10 @@ node (`_NormConverter.last`), as after ``permute(0, 2, 3, 1)``:
   ``x[:, n:]`` → ``token`` n of count T - n (still tokens: timm's average without the class and register tokens);
   ``x[:, :n]`` → ``token`` 0 of count n (PiT's class tokens split off before its pooling); ``x[:, 0:]`` is ``x``.
   Other indexing of tokens (``x[:, 1:3]``, steps) is refused by name.
+- ``x.transpose(1, 2)`` of tokens read only by a reshape to a map ``(B, C, H, W)`` (PiT's tokens back to its grid)
+  → that ``reshape`` of the ``(C, T, 1)`` value to ``(C, H, W)``;
+- ``torch.cat((cls_tokens, x), dim=1)`` of computed tokens (PiT's class tokens after their own Linear) → each part a
+  ``pad`` of the token axis to the whole length at its place, the parts summed (``add``).
 """
 from __future__ import annotations
 
