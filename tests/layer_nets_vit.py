@@ -17,8 +17,9 @@ from timm.models.pit import PoolingVisionTransformer  # noqa: E402
 
 class TinyFastViT(nn.Module):
     """FastViT's attention stage in small: a strided conv stem, its conditional position encoding (a depthwise conv
-    added to the map), timm's AttentionBlock (BatchNorm, the attention of 2 heads of 16 channels over the 4×4 positions, layer
-    scale, ConvMlp) and average pooling. (timm builds the block's attention with heads of 32 channels, replaced.)"""
+    added to the map), timm's AttentionBlock (BatchNorm, the attention of 2 heads of 16 channels over the 4×4
+    positions, layer scale, ConvMlp) and average pooling. (timm builds the block's attention with heads of 32
+    channels; it is replaced.)"""
 
     def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 32, heads: int = 2):
         super().__init__()

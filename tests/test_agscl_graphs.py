@@ -1,8 +1,9 @@
 """AGS-CL on graphs: nodes are channel groups across residual adds, concatenations, depthwise convs, SE gates,
 BatchNorm, LayerNorm and attention (the resnet preset and the custom `ResCat`, `GhostSplit`, `TinyConvNeXt`,
 `TinyEca`, `TinyHGNet`, `TinySplitAttn`, `TinyViT` (also with register tokens, a distillation token and a frozen
-position embedding), `TinyMNv4Hybrid` (multi-query), `TinyBlur` (BlurPool), `TinyMobileViT` (grid attention), `TinyFastViT` (attention over a map's positions) and PiT
-(class tokens split off and joined around its pooling) modules; TinyHGNet's scalar affines
+position embedding), `TinyMNv4Hybrid` (multi-query), `TinyBlur` (BlurPool), `TinyMobileViT` (grid attention),
+`TinyFastViT` (attention over a map's positions) and PiT (class tokens split off and joined around its pooling)
+modules; TinyHGNet's scalar affines
 make a dead node the affine's bias, not 0), on real digits training: dead node groups exactly zero, important ones
 frozen bit for bit, old tasks bit-identical, the runtime and ONNX export equal `materialize`, and `--resume`
 continues."""
@@ -106,7 +107,8 @@ def test_dead_node_groups_are_exactly_zero_in_every_producer(graph_run):
     name, method, _, _ = graph_run
     zeroed = method.pack().extra["exact_zero_unimportant"]
     assert zeroed[0] > 0, name
-    fresh = AGSCL(_arch(name), AGSCLConfig(**{**FAST, **PER_ARCH.get(name, {})}, rho=0.0))  # no re-initialisation: the dead stay as the lasso left
+    # no re-initialisation: the dead stay as the lasso left
+    fresh = AGSCL(_arch(name), AGSCLConfig(**{**FAST, **PER_ARCH.get(name, {})}, rho=0.0))
     fresh.learn_task(0, _stream(name, 1).tasks[0], CTX)
     dead = ~fresh.alive[0]
     assert dead.any()

@@ -13,7 +13,8 @@ added to a feature map, as PiT's and Visformer's; a cropping pad, as NASNet's), 
 up-sampling, attention biases, a local-global strided query), TinyMobileViT (MobileViT's block:
 attention among the patches at each pixel offset, a dilated window), TinyMaxViT (MaxViT's window and grid attention
 with relative position biases), TinyFastViT (FastViT's attention over a map's positions, its conditional position
-encoding), tiny_pit (PiT: class tokens split off, the map pooled by a strided depthwise conv, the tokens joined) and TinyViT with register tokens, DeiT's distillation token (two averaged heads) and a
+encoding), tiny_pit (PiT: class tokens split off, the map pooled by a strided depthwise conv, the tokens joined)
+and TinyViT with register tokens, DeiT's distillation token (two averaged heads) and a
 frozen position embedding: two real digit tasks each, then what the method promises about the first task, the deployed
 runtime against the training evaluation, and the exported ONNX against the runtime."""
 from __future__ import annotations

@@ -33,8 +33,8 @@ _LAYOUTS = {"query": (["proj"],), "key": (["proj"], ["down_conv", "norm", "proj"
 
 
 def is_attention_2d(m: Any) -> bool:
-    """timm's MultiQueryAttention2d, Attention2d, Visformer's or FastViT's Attention, judged by its class; timm is not imported
-    for this."""
+    """timm's MultiQueryAttention2d, Attention2d, Visformer's or FastViT's Attention, judged by its class; timm is
+    not imported for this."""
     return (type(m).__module__, type(m).__name__) in (MULTI_QUERY, ATTENTION_2D, VISFORMER, FASTVIT)
 
 
