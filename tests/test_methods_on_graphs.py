@@ -13,7 +13,9 @@ added to a feature map, as PiT's and Visformer's; a cropping pad, as NASNet's), 
 up-sampling, attention biases, a local-global strided query), TinyMobileViT (MobileViT's block:
 attention among the patches at each pixel offset, a dilated window), TinyMaxViT (MaxViT's window and grid attention
 with relative position biases), TinyFPN (a feature-pyramid neck: bilinear up-sampling with and without
-align_corners) and TinyViT with register tokens, DeiT's distillation token (two averaged heads) and a
+align_corners), TinyFastViT (FastViT's attention over a map's positions, its conditional position encoding),
+tiny_pit (PiT: class tokens split off, the map pooled by a strided depthwise conv, the tokens joined) and TinyViT
+with register tokens, DeiT's distillation token (two averaged heads) and a
 frozen position embedding: two real digit tasks each, then what the method promises about the first task, the deployed
 runtime against the training evaluation, and the exported ONNX against the runtime."""
 from __future__ import annotations
@@ -38,6 +40,7 @@ from edgecl.train.protocol import TrainContext, batches
 from layer_nets import (blur_spec, eca_spec, efficientformer_spec, gc_spec, hgnet_spec, levit_spec, map_embed_spec,
                         maxvit_spec, mnv4_spec, mobilevit_spec, s2d_spec, split_attn_spec, swin_spec, tf_spec,
                         tiny_vit_spec, vit_spec)
+from layer_nets_vit import fastvit_spec, pit_spec
 from neck_nets import fpn_spec
 from torch_nets import convnext_spec, dwres_spec, ghost_spec, rescat_spec, shuffle_spec
 
@@ -50,10 +53,10 @@ ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8
          "mnv4": mnv4_spec, "vit_tokens": lambda: vit_spec(registers=2, distilled=True, frozen_pos=True),
          "levit": levit_spec, "blur": blur_spec, "swin": swin_spec, "tiny_vit": tiny_vit_spec,
          "map_embed": map_embed_spec, "efficientformer": efficientformer_spec, "mobilevit": mobilevit_spec,
-         "maxvit": maxvit_spec, "fpn": fpn_spec}
+         "maxvit": maxvit_spec, "fpn": fpn_spec, "fastvit": fastvit_spec, "pit": pit_spec}
 GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgnet", "split", "vit", "gc", "s2d", "mnv4",
           "vit_tokens", "levit", "blur", "swin", "tiny_vit", "map_embed", "efficientformer", "mobilevit", "maxvit",
-          "fpn"]
+          "fpn", "fastvit", "pit"]
 
 
 @pytest.fixture(scope="module")

@@ -228,11 +228,12 @@ def spec_and_weights(name: str, input_shape: tuple[int, ...] = (3, 32, 32)) -> t
 def classifier_of(module: nn.Module) -> dict[str, np.ndarray]:
     """The module's classifier as edgecl's head: its last nn.Linear, or (DLA, DPN) its last 1×1 convolution, or —
     where a module holds a `head` and a `head_dist` (timm's name for the averaged classifiers of RepViT and the
-    distilled heads) — their average, folded into one (`averaged_head`); with a `dist_token` (DeiT) each head reads its
-    own token and the features are [class token, distillation token] (`edgecl.arch.fx_classifier`)."""
+    distilled heads) — their average, folded into one (`averaged_head`); with a `dist_token` (DeiT) or two class
+    tokens (PiT's `num_tokens`) each head reads its own token and the features are [class token, distillation token]
+    (`edgecl.arch.fx_classifier`)."""
     pair = [m for m in module.modules() if isinstance(getattr(m, "head", None), nn.Module) and
             isinstance(getattr(m, "head_dist", None), nn.Module)]
-    if pair and getattr(pair[-1], "dist_token", None) is not None:
+    if pair and (getattr(pair[-1], "dist_token", None) is not None or getattr(pair[-1], "num_tokens", 1) == 2):
         owner, dim = pair[-1], pair[-1].head.in_features
         return averaged_head([lambda z: owner.head(z[:, :dim]), lambda z: owner.head_dist(z[:, dim:])], 2 * dim)
     if pair:

@@ -21,6 +21,7 @@ from typing import Any, Callable
 from torch import fx, nn
 
 from edgecl.arch.fx_attention2d import is_attention_2d
+from edgecl.arch.fx_attention2d import pointwise as _pointwise  # the name its users import
 from edgecl.arch.fx_calls import location, shape_of
 from edgecl.errors import UsageError
 
@@ -131,8 +132,3 @@ class _AttentionConverter:
                    for i, part in enumerate("qkv"))
         return self._emit(node, "attention", [q, k, v], f"{path}.attend", **fields)
 
-
-def _pointwise(linear: Any) -> dict[str, Any]:
-    """A Linear over the channels of tokens as a 1×1 conv's fields, its stored (out, in) weight as module_shape."""
-    return {"in": linear.in_features, "out": linear.out_features, "k": [1, 1], "groups": 1,
-            "bias": linear.bias is not None, "module_shape": [linear.out_features, linear.in_features]}

@@ -7,6 +7,8 @@
     for v;  attention {heads, kv_heads 1, scale} → [output.upsample (bilinear, query_strides)] → output.proj
     Attention2d: qkv (1×1 conv) → slices q, k, v → attention {heads, scale} → proj
     Visformer's Attention: the same (its qkv reshape(B, 3, heads, head_dim, -1) packs q, k and v as blocks of heads)
+    FastViT's Attention: the same, its qkv and proj Linears over the map's flattened positions as 1×1 convs (its
+    reshape(B, N, 3, heads, head_dim) packs q, k and v as blocks of heads too)
 
 Keeping the module whole, rather than tracing its reshapes, transposes and ``scaled_dot_product_attention``, lets
 edgecl check the variant: an attention mask, query strides other than timm's pool and bilinear up-sampling,
@@ -25,6 +27,7 @@ from edgecl.errors import UsageError
 MULTI_QUERY = ("timm.layers.attention2d", "MultiQueryAttention2d")
 ATTENTION_2D = ("timm.layers.attention2d", "Attention2d")
 VISFORMER = ("timm.models.visformer", "Attention")
+FASTVIT = ("timm.models.fastvit", "Attention")
 # the layers of MultiQueryAttention2d's parts, in order: the key/value path with or without its strided depthwise conv
 _LAYOUTS = {"query": (["proj"], ["down_pool", "norm", "proj"]), "key": (["proj"], ["down_conv", "norm", "proj"]),
             "value": (["proj"], ["down_conv", "norm", "proj"]),
@@ -33,9 +36,16 @@ _SAME_POOL = ("timm.layers.pool2d_same", "AvgPool2dSame")  # padding='same': no 
 
 
 def is_attention_2d(m: Any) -> bool:
-    """timm's MultiQueryAttention2d, Attention2d or Visformer's Attention, judged by its class; timm is not imported
-    for this."""
-    return (type(m).__module__, type(m).__name__) in (MULTI_QUERY, ATTENTION_2D, VISFORMER)
+    """timm's MultiQueryAttention2d, Attention2d, Visformer's or FastViT's Attention, judged by its class; timm is
+    not imported for this."""
+    return (type(m).__module__, type(m).__name__) in (MULTI_QUERY, ATTENTION_2D, VISFORMER, FASTVIT)
+
+
+def pointwise(linear: Any) -> dict[str, Any]:
+    """A Linear over the channels of tokens or of a map's positions as a 1×1 conv's fields, its stored (out, in)
+    weight as module_shape."""
+    return {"in": linear.in_features, "out": linear.out_features, "k": [1, 1], "groups": 1,
+            "bias": linear.bias is not None, "module_shape": [linear.out_features, linear.in_features]}
 
 
 class _Attention2dConverter:
@@ -137,16 +147,24 @@ class _Attention2dConverter:
         if getattr(m, "head_first", False):
             raise UsageError(f"{self.name}: {where} has head_first=True (each head's q, k and v side by side); "
                              "edgecl supports q, k and v each a block of heads (head_first=False)")
-        heads, width = int(m.num_heads), m.qkv.out_channels // 3
-        for part, conv in (("qkv", m.qkv), ("proj", m.proj)):  # a strided or spatial conv would move the positions
-            if type(conv) is not nn.Conv2d or tuple(conv.kernel_size) != (1, 1) or tuple(conv.stride) != (1, 1):
-                raise UsageError(f"{self.name}: {where}: {part} is a {type(conv).__name__} "
-                                 f"{getattr(conv, 'kernel_size', '')}; edgecl converts a 1×1 nn.Conv2d there")
+        linear = (type(m).__module__, type(m).__name__) == FASTVIT  # its qkv and proj are Linears
+        kind, sizes = (nn.Linear, ("out_features", "in_features")) if linear else (nn.Conv2d, ("out_channels",
+                                                                                              "in_channels"))
+        for part in ("qkv", "proj"):  # a strided or spatial conv would move the positions
+            layer = m.get_submodule(part)
+            if not isinstance(layer, kind) or not linear and (type(layer) is not nn.Conv2d or tuple(
+                    layer.kernel_size) != (1, 1) or tuple(layer.stride) != (1, 1)):
+                raise UsageError(f"{self.name}: {where}: {part} is a {type(layer).__name__} "
+                                 f"{getattr(layer, 'kernel_size', '')}; edgecl converts a "
+                                 f"{'nn.Linear' if linear else '1×1 nn.Conv2d'} there")
+        heads, width, read = int(m.num_heads), getattr(m.qkv, sizes[0]) // 3, getattr(m.proj, sizes[1])
         head_dim = int(getattr(m, "head_dim", getattr(m, "dim_head", 0)))  # Visformer's name, Attention2d's
-        if width != heads * head_dim or m.proj.in_channels != width:
-            raise UsageError(f"{self.name}: {where}: qkv has {m.qkv.out_channels} channels and proj reads "
-                             f"{m.proj.in_channels}; edgecl follows timm's layout (q, k and v of {heads} heads)")
-        packed = self._conv(node, m.qkv, x, f"{path}.qkv", where)
+        if width != heads * head_dim or read != width:
+            raise UsageError(f"{self.name}: {where}: qkv has {3 * width} channels and proj reads {read}; edgecl "
+                             f"follows timm's layout (q, k and v of {heads} heads)")
+        project = (lambda layer, value, name: self._emit(node, "conv", [value], name, **pointwise(layer))) \
+            if linear else (lambda layer, value, name: self._conv(node, layer, value, name, where))
+        packed = project(m.qkv, x, f"{path}.qkv")
         attended = self.attend_packed(node, packed, path, width, heads=heads,
-                                     scale=float(head_dim) ** -0.5)  # both use SDPA's default scale when fused
-        self._conv(node, m.proj, attended, f"{path}.proj", where)
+                                     scale=float(head_dim) ** -0.5)  # all use SDPA's default scale when fused
+        project(m.proj, attended, f"{path}.proj")

@@ -17,7 +17,12 @@ node (`_NormConverter.last`), as after ``permute(0, 2, 3, 1)``:
   map's H·W positions, the parameter's storage kept as ``module_shape``;
 - ``x[:, i]`` → ``token`` i then a flatten (class-token pooling); ``x.mean(dim=1)`` → ``gap`` then a flatten;
   ``x[:, n:]`` → ``token`` n of count T - n (still tokens: timm's average without the class and register tokens);
-  ``x[:, 0:]`` is ``x``. Other indexing of tokens (``x[:, 1:3]``, steps) is refused by name.
+  ``x[:, :n]`` → ``token`` 0 of count n (PiT's class tokens split off before its pooling); ``x[:, 0:]`` is ``x``.
+  Other indexing of tokens (``x[:, 1:3]``, steps) is refused by name.
+- ``x.transpose(1, 2)`` of tokens read only by a reshape to a map ``(B, C, H, W)`` (PiT's tokens back to its grid)
+  → that ``reshape`` of the ``(C, T, 1)`` value to ``(C, H, W)``;
+- ``torch.cat((cls_tokens, x), dim=1)`` of computed tokens (PiT's class tokens after their own Linear) → each part a
+  ``pad`` of the token axis to the whole length at its place, the parts summed (``add``).
 """
 from __future__ import annotations
 
@@ -60,6 +65,11 @@ class _TokenConverter:
         if node.target in _CATS and any(a in self.attrs for a in _tensors(node)):
             self._class_token(node)
             return True
+        if node.target in _CATS and len(_tensors(node)) > 1 and all(_is_tokens(self.last, t) for t in _tensors(node)):
+            self._join_tokens(node)
+            return True
+        if node.target in _SWAPS and _is_tokens(self.last, first):
+            return self._to_channels_first(node, first)
         tokens = first in self.last and len(shape_of(first) or ()) == 2  # not a channels-last map (B, H, W, C)
         if node.target is operator.getitem and tokens:
             self._token_index(node, first)
@@ -86,6 +96,39 @@ class _TokenConverter:
         self._emit(node, "reshape", [self._input(source, node)], f"{node.name}.tokens", shape=[ch, tokens, 1])
         self.last.add(node)
         return True
+
+    def _to_channels_first(self, node: fx.Node, source: fx.Node) -> bool:
+        """``x.transpose(1, 2)`` of tokens (B, T, C) read only by a reshape to a map (B, C, H, W) with H·W = T (PiT's
+        tokens back to its grid): the (C, T, 1) value itself, which that reshape (`fx_calls` view) turns into the
+        map. False for other swaps, which stay refused as channels-last values."""
+        dims = [d % 3 for d in node.args[1:] if isinstance(d, int)]
+        tokens, ch = shape_of(source)
+        maps = all(u.target in ("reshape", "view", torch.reshape) and len(shape_of(u) or ()) == 3 and
+                   (shape_of(u)[0], shape_of(u)[1] * shape_of(u)[2]) == (ch, tokens) for u in node.users)
+        if sorted(dims) != [1, 2] or len(node.args) != 3 or node.kwargs or not node.users or not maps:
+            return False
+        self.alias[node] = self._input(source, node)
+        return True
+
+    def _join_tokens(self, node: fx.Node) -> None:
+        """``torch.cat((cls_tokens, x), dim=1)`` of computed tokens (PiT's class tokens after their own Linear, put
+        back before the pooled map's tokens): each part zero-padded to the whole length at its place (a ``pad`` of
+        the token axis) and the parts summed — exactly the concatenation, with ops every method already knows
+        (the parts share channels, as an ``add`` ties them)."""
+        tensors = _tensors(node)
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        shapes = [shape_of(t) for t in tensors]
+        if dim not in (1, -2) or len({s[1] for s in shapes}) != 1:
+            raise self.refuse(node, f"a concatenation of tokens of shapes {shapes} along dim {dim}; edgecl supports "
+                                    "tokens of one width joined along the tokens (dim=1)")
+        total, start, joined = sum(s[0] for s in shapes), 0, None
+        for i, (t, s) in enumerate(zip(tensors, shapes)):
+            part = self._emit(node, "pad", [self._input(t, node)], f"{node.name}.part{i}",
+                              pads=[start, 0, total - start - s[0], 0])
+            joined = part if joined is None else self._emit(node, "add", [joined, part],
+                                                            None if i == len(tensors) - 1 else f"{node.name}.sum{i}")
+            start += s[0]
+        self.last.add(node)
 
     def _class_token(self, node: fx.Node) -> None:
         """``torch.cat([cls.expand(B, -1, -1), dist.expand(B, -1, -1), reg.expand(B, -1, -1), x], dim=1)``:
@@ -176,6 +219,11 @@ class _TokenConverter:
                 self._emit(node, "token", [x], f"{node.name}.tokens", index=i.start, count=t - i.start)
                 self.last.add(node)
                 return
+            if isinstance(i, slice) and i.start in (None, 0) and isinstance(i.stop, int) and 0 < i.stop < t and \
+                    i.step is None:  # the class tokens before the others (PiT's split around its pooling)
+                self._emit(node, "token", [x], f"{node.name}.tokens", index=0, count=i.stop)
+                self.last.add(node)
+                return
         raise self.refuse(node, f"indexing tokens with {index!r}; edgecl supports x[:, i] (one token, as the class "
                                 "token's pooling), x[:, n:] (the tokens from n on) and the mean over tokens")
 
@@ -208,6 +256,11 @@ def _mean_args(node: fx.Node) -> tuple[Any, Any]:
     read as absent, ``keepdims=True`` made a (B, C) where torch keeps (B, 1, 1, C))."""
     dim = node.kwargs.get("dim", node.kwargs.get("axis", node.args[1] if len(node.args) > 1 else None))
     return dim, node.kwargs.get("keepdim", node.kwargs.get("keepdims", node.args[2] if len(node.args) > 2 else False))
+
+
+def _is_tokens(last: set[fx.Node], value: Any) -> bool:
+    """A (B, T, C) token sequence edgecl follows (a channels-last value of rank 2 without the batch)."""
+    return isinstance(value, fx.Node) and value in last and len(shape_of(value) or ()) == 2
 
 
 def _tensors(node: fx.Node) -> list[Any]:

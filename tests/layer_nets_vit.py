@@ -1,0 +1,50 @@
+"""Tiny networks for the Vision Transformers whose blocks `from_torch` follows beyond `layer_nets`: FastViT's
+attention stage (multi-head self-attention over a map's positions written in forward) and PiT (class tokens split
+off, the rest pooled as a map, tokens joined again). Small enough for every method on real digit tasks
+(tests/test_methods_on_graphs.py)."""
+from __future__ import annotations
+
+from torch import nn
+
+from edgecl.arch import from_torch
+from edgecl.arch.factories import ensure_torchvision_imports
+
+ensure_torchvision_imports()
+from timm.models.fastvit import Attention as FastVitAttention  # noqa: E402
+from timm.models.fastvit import AttentionBlock, RepConditionalPosEnc  # noqa: E402
+from timm.models.pit import PoolingVisionTransformer  # noqa: E402
+
+
+class TinyFastViT(nn.Module):
+    """FastViT's attention stage in small: a strided conv stem, its conditional position encoding (a depthwise conv
+    added to the map), timm's AttentionBlock (BatchNorm, the attention of 2 heads of 16 channels over the 4×4
+    positions, layer scale, ConvMlp) and average pooling. (timm builds the block's attention with heads of 32
+    channels; it is replaced.)"""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 32, heads: int = 2):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, width, 3, stride=2, padding=1)
+        self.pos = RepConditionalPosEnc(width, spatial_shape=(3, 3))
+        self.block = AttentionBlock(width, mlp_ratio=2.0, layer_scale_init_value=0.5)
+        self.block.token_mixer = FastVitAttention(width, head_dim=width // heads, qkv_bias=True)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.fc(self.block(self.pos(self.stem(x))).mean((2, 3)))
+
+
+def fastvit_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyFastViT(in_channels=input_shape[0]), tuple(input_shape))
+
+
+def tiny_pit(classes: int = 3, in_channels: int = 1, image: int = 8, **kwargs) -> nn.Module:
+    """timm's PoolingVisionTransformer in small: 2×2 patches to a 4×4 grid, a stage of one block, the pooling (a
+    strided depthwise conv on the map, the class token's own Linear) to 2×2, a second stage, the class token's
+    head."""
+    args = dict(img_size=image, patch_size=2, stride=2, base_dims=(4, 4), depth=(1, 1), heads=(2, 4),
+                mlp_ratio=2, num_classes=classes, in_chans=in_channels, **kwargs)
+    return PoolingVisionTransformer(**args)
+
+
+def pit_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(tiny_pit(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
