@@ -149,6 +149,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
                   "bias_offsets": ("size", None), "bias_index": ("index_table", None),
                   "bias_table": ("bias_table", None), "window": ("pair", None), "shift": ("pad", None),
                   "talking_heads": ("bool", None), "dilated": ("bool", False)},
+    "linear_attention": {"heads": ("size", ...), "eps": ("eps", 1e-5), "kernel": ("kernel", "relu")},
     "token": {"index": ("index", 0), "count": ("size", 1)},
 }
 OPS["gelu"] = {"approximate": ("approximate", "none")}
@@ -190,6 +191,11 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
         bias = h * tq * tk if node.get("bias_offsets") else 0  # the gathered (heads, T_q, T_kv) bias
         bias += 4 * h * tq * tk if node.get("talking_heads") else 0  # the mixed scores and weights, their sums
         return 2 * h * tq * tk + bias + 2 * (cq * tq + ck * tk) + 2 * (cv * tk + out * tq)
+    if node["op"] == "linear_attention":  # q, k relu'd and reshaped; v reshaped; the heads' dv × d sums, the
+        # numerator, the keys' sums, the denominator and the quotient before its reshape (an upper bound)
+        (cq, *hw), (ck, _, _), (cv, _, _) = ins
+        t, h = math.prod(hw), node["heads"]
+        return 2 * (cq + ck) * t + 3 * cv * t + cv * (cq // h) + ck + 2 * h * t
     if node["op"] == "attention_pool":
         return 2 * math.prod(ins[1]) + math.prod(ins[0])
     if node["op"] == "adaptive_avgpool":
@@ -237,6 +243,13 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
         return list(x)
     if op == "attention":
         return _attention_shape(node, ins, where)
+    if op == "linear_attention":
+        q, k, v = ins
+        h = node["heads"]
+        if len(q) != 3 or q != k or v[1:] != q[1:] or q[0] % h or v[0] % h:
+            raise UsageError(f"{where}: linear_attention needs maps q and k of {h} heads of d channels and v of {h} "
+                             f"heads, all at the same positions, gets {ins}")
+        return list(v)
     if op in (*TOKEN_TENSOR_OPS, "token"):
         return _token_shape(node, ins, where)
     if op == "shuffle":

@@ -45,7 +45,8 @@ MAX_NDIM = 3
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,159}")
 
 # op → (fewest, most) inputs; every other op reads one
-_ARITY = {"add": (2, MAX_INPUTS), "cat": (2, MAX_INPUTS), "mul": (2, 2), "attention_pool": (2, 2), "attention": (3, 3)}
+_ARITY = {"add": (2, MAX_INPUTS), "cat": (2, MAX_INPUTS), "mul": (2, 2), "attention_pool": (2, 2), "attention": (3, 3),
+          "linear_attention": (3, 3)}
 
 
 def validate(arch: Any) -> Arch:
@@ -261,7 +262,8 @@ def _field(value: Any, kind: str, where: str) -> Any:
         return _shape(value, "reshape shape")
     if kind == "axis" and value == 1:
         return 1
-    if kind == "order" and value in ("hw", "wh") or kind == "bias_table" and value in ("levit", "swin", "tf"):
+    if kind == "order" and value in ("hw", "wh") or kind == "bias_table" and value in ("levit", "swin", "tf") or \
+            kind == "kernel" and value == "relu":
         return value
     if kind == "index_table" and isinstance(value, list) and value and \
             all(isinstance(row, list) and row and all(_is_size(i, 0) for i in row) for row in value):
@@ -274,7 +276,8 @@ def _field(value: Any, kind: str, where: str) -> Any:
               "index": f"an int from 0 to {MAX_DIM}", "bool": "true or false", "eps": "a number in (0, 1)",
               "momentum": "a number in (0, 1]",
               "approximate": "'none' or 'tanh'", "axis": "1 (channels)", "order": "'hw' or 'wh'",
-              "bias_table": "'levit', 'swin' or 'tf'", "upsample_mode": "'nearest' or 'bilinear'",
+              "bias_table": "'levit', 'swin' or 'tf'", "kernel": "'relu'",
+              "upsample_mode": "'nearest' or 'bilinear'",
               "index_table": "a non-empty list of non-empty lists of ints ≥ 0",
               "number": f"a finite number of magnitude at most {MAX_NUMBER:g}"}.get(kind, kind)
     shown = repr(value) if isinstance(value, str) else str(value)  # "1" is not 1

@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgecl.arch.spec import INPUT as SPEC_INPUT
 from edgecl.arch.spec import Arch, node_shapes, param_shapes
+from edgecl.graph.linear_ops import linear_attention
 from edgecl.graph.nodes import Builder as _Builder
 from edgecl.graph.onnx_spatial import SPATIAL_OPS, spatial_op
 from edgecl.graph.token_ops import TOKEN_OPS, attention, pos_embed
@@ -203,6 +204,8 @@ def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, shapes
         return _channel_conv(b, h, node, constant)
     if op == "attention":
         return attention(b, *ins, node, shapes, constant)
+    if op == "linear_attention":
+        return linear_attention(b, *ins, node, shapes, constant)
     if op == "pos_embed":
         return pos_embed(b, h, node, in_shape, constant)
     if op in TOKEN_OPS:

@@ -151,6 +151,8 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
             return window_attention(*ins, node, bias)
         talking = tuple(params[f"{name}.{k}"] for k in TALKING) if node.get("talking_heads") else None
         return attention(*ins, node["heads"], node["scale"], node["kv_heads"], bias, talking=talking)
+    if op == "linear_attention":
+        return linear_attention(*ins, node["heads"], node["eps"])
     if op == "token":
         return h[:, :, node["index"]:node["index"] + node["count"]]
     if op in _ACTIVATIONS:
@@ -295,6 +297,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, sca
     weights = torch.softmax(scores if talking is None else _mix_heads(scores, *talking[:2]), dim=-1)
     out = ((weights if talking is None else _mix_heads(weights, *talking[2:])) @ vh).reshape(n, heads, t, dv)
     return out.transpose(2, 3).reshape(n, heads * dv, *q.shape[2:])
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, eps: float) -> torch.Tensor:
+    """EfficientViT's (MIT) ReLU linear attention over the positions of (N, C, H, W) maps, each head a contiguous
+    block of channels, as `edgecl.graph.linear_ops` emits it: (v·relu(k)ᵀ)·relu(q) / ((Σ relu(k))ᵀ·relu(q) + eps),
+    which timm computes with v padded by a row of ones; linear in the positions."""
+    n, t = q.shape[0], q.shape[2] * q.shape[3]
+    qh, kh = (F.relu(x).reshape(n, heads, x.shape[1] // heads, t) for x in (q, k))  # (N, h, d, T)
+    vh = v.reshape(n, heads, v.shape[1] // heads, t)
+    below = kh.sum(dim=3, keepdim=True).transpose(2, 3) @ qh + eps  # (N, h, 1, T)
+    return ((vh @ kh.transpose(2, 3)) @ qh / below).reshape(n, v.shape[1], *q.shape[2:])
 
 
 def _mix_heads(scores: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
