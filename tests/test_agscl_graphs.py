@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from layer_nets import TinyBlur, TinyEca, TinyHGNet, TinyMNv4Hybrid, TinyMobileViT, TinySplitAttn, TinyViT
+from linear_nets import TinyEfficientViT
 from torch_nets import MODELS, GhostSplit, ResCat, TinyConvNeXt
 
 from edgecl import artifact
@@ -52,11 +53,13 @@ def _arch(name: str) -> dict:
               "mnv4": lambda: TinyMNv4Hybrid(in_channels=3, width=16),
               "vit_tokens": lambda: TinyViT(3, 3, dim=16, registers=2, distilled=True, frozen_pos=True),
               "blur": lambda: TinyBlur(in_channels=3, width=32),  # blurred maps keep more nodes alive: wider
-              "mobilevit": lambda: TinyMobileViT(in_channels=3, width=16)}
+              "mobilevit": lambda: TinyMobileViT(in_channels=3, width=16),
+              "efficientvit": lambda: TinyEfficientViT(in_channels=3, width=16)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
-_CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4", "vit_tokens", "blur", "mobilevit")
+_CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4", "vit_tokens", "blur", "mobilevit",
+           "efficientvit")
 
 
 def _stream(name: str, n_tasks: int):
@@ -77,7 +80,7 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
 
 
 @pytest.fixture(scope="module", params=["resnet", "rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit",
-                                                "mnv4", "vit_tokens", "blur", "mobilevit"])
+                                                "mnv4", "vit_tokens", "blur", "mobilevit", "efficientvit"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 
