@@ -1,6 +1,6 @@
-"""Small user networks for the attentions linear in the positions (split from `layer_nets`, which is full): EfficientViT's
-(MIT) multi-scale ReLU linear attention block (`TinyEfficientViT`). The graph tests run every method on each. Imports
-torch and timm."""
+"""Small user networks for the attentions linear in the positions (split from `layer_nets`, which is full):
+EfficientViT's (MIT) multi-scale ReLU linear attention block (`TinyEfficientViT`). The graph tests run every method
+on each. Imports torch and timm."""
 from __future__ import annotations
 
 from torch import nn

@@ -11,8 +11,8 @@ from edgecl.graph.nodes import Builder
 
 
 def linear_attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list[int]], constant) -> str:
-    """A ``linear_attention`` node: per head, (v·relu(k)ᵀ)·relu(q) over (relu(k) summed over the positions)ᵀ·relu(q)
-    + eps, by MatMuls on (N, heads, channels, T) views; the output head-major (N, heads·dv, H, W)."""
+    """A ``linear_attention`` node: per head, (v·relu(k)ᵀ)·relu(q) over (relu(k) summed over the positions)ᵀ ·
+    relu(q) + eps, by MatMuls on (N, heads, channels, T) views; the output head-major (N, heads·dv, H, W)."""
     (c, *hw), cv, h = shapes[0], shapes[2][0], node["heads"]
     t, d, dv = math.prod(hw), c // h, cv // h
 
