@@ -171,6 +171,9 @@ def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
         out["kv_heads"] = out["heads"]
     if op == "attention":
         attention_fields(out, where)
+    for key, absent in (("over", "channels"), ("patch", None)):  # the spec as before GroupNorm1 and MobileViTv2
+        if key in out and out[key] in (absent, None):
+            del out[key]
     if op == "space_to_depth" and out["order"] == "hw":
         del out["order"]  # ONNX's order: the spec as before Swin's patch merging
     if "module" in node:  # the layer's path in the user's module where the node name had to differ (`module_state`)
@@ -263,7 +266,7 @@ def _field(value: Any, kind: str, where: str) -> Any:
     if kind == "axis" and value == 1:
         return 1
     if kind == "order" and value in ("hw", "wh") or kind == "bias_table" and value in ("levit", "swin", "tf") or \
-            kind == "kernel" and value == "relu":
+            kind == "kernel" and value == "relu" or kind == "norm_over" and value in ("channels", "map"):
         return value
     if kind == "index_table" and isinstance(value, list) and value and \
             all(isinstance(row, list) and row and all(_is_size(i, 0) for i in row) for row in value):
@@ -276,7 +279,7 @@ def _field(value: Any, kind: str, where: str) -> Any:
               "index": f"an int from 0 to {MAX_DIM}", "bool": "true or false", "eps": "a number in (0, 1)",
               "momentum": "a number in (0, 1]",
               "approximate": "'none' or 'tanh'", "axis": "1 (channels)", "order": "'hw' or 'wh'",
-              "bias_table": "'levit', 'swin' or 'tf'", "kernel": "'relu'",
+              "bias_table": "'levit', 'swin' or 'tf'", "kernel": "'relu'", "norm_over": "'channels' or 'map'",
               "upsample_mode": "'nearest' or 'bilinear'",
               "index_table": "a non-empty list of non-empty lists of ints ≥ 0",
               "number": f"a finite number of magnitude at most {MAX_NUMBER:g}"}.get(kind, kind)

@@ -1,6 +1,7 @@
-"""ONNX forms of the softmax-free attentions (EfficientViT's (MIT) ReLU linear attention), as `edgecl.train.models`
-computes them; beside `token_ops`, one module for the attentions that are linear in the positions. Only ops ONNX
-Runtime's CPU and CUDA providers both have: Reshape, Relu, Transpose, MatMul, ReduceSum, Add, Div."""
+"""ONNX forms of the attentions linear in the positions (EfficientViT's (MIT) ReLU linear attention, MobileViTv2's
+context vector over the patches) and of GroupNorm1, as `edgecl.train.models` computes them; beside `token_ops`. Only
+ops ONNX Runtime's CPU and CUDA providers both have: Reshape, Relu, Transpose, MatMul, ReduceSum, ReduceMean, Softmax,
+Tile, Sqrt, Add, Sub, Mul, Div."""
 from __future__ import annotations
 
 import math
@@ -26,3 +27,34 @@ def linear_attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: lis
     below = b.op("Add", [b.op("MatMul", [keys, qh]), constant(float(node["eps"]))])  # (N, h, 1, T)
     out = b.op("Div", [b.op("MatMul", [kv, qh]), below])
     return b.op("Reshape", [out, shape(0, h * dv, *hw)])
+
+
+def patch_context(b: Builder, x: str, logits: str, node: dict, shape: list[int], constant) -> str:
+    """An ``attention_pool`` with ``patch``: the map and its logits unfolded to (N, C, ph, pw, patches) by Reshape +
+    Transpose, Softmax over the patches, Mul, ReduceSum, and the (N, C, ph, pw) pools tiled over the map."""
+    (c, height, width), (ph, pw) = shape, node["patch"]
+    nh, nw = height // ph, width // pw
+
+    def ints(*dims: int) -> str:
+        return constant(np.array(dims, dtype=np.int64))
+
+    def unfolded(t: str, ch: int) -> str:
+        six = b.op("Transpose", [b.op("Reshape", [t, ints(0, ch, nh, ph, nw, pw)])], perm=[0, 1, 3, 5, 2, 4])
+        return b.op("Reshape", [six, ints(0, ch, ph, pw, nh * nw)])
+
+    weights = b.op("Softmax", [unfolded(logits, 1)], axis=-1)
+    pooled = b.op("ReduceSum", [b.op("Mul", [unfolded(x, c), weights]), ints(4)], keepdims=0)
+    return b.op("Tile", [pooled, ints(1, 1, nh, nw)])
+
+
+def map_norm(b: Builder, h: str, node: dict, constant) -> str:
+    """A ``layer_norm`` over the whole map (timm's GroupNorm1): (h − mean) / √(variance + eps) over C, H, W per
+    sample, then the per-channel affine (unsqueezed to (C, 1, 1))."""
+    centred = b.op("Sub", [h, b.op("ReduceMean", [h], axes=[1, 2, 3], keepdims=1)])
+    variance = b.op("ReduceMean", [b.op("Mul", [centred, centred])], axes=[1, 2, 3], keepdims=1)
+    normed = b.op("Div", [centred, b.op("Sqrt", [b.op("Add", [variance, constant(float(node["eps"]))])])])
+    if not node["affine"]:
+        return normed
+    axes = constant(np.array([1, 2], dtype=np.int64))
+    scaled = b.op("Mul", [normed, b.op("Unsqueeze", [f"{node['name']}.weight", axes])])
+    return b.op("Add", [scaled, b.op("Unsqueeze", [f"{node['name']}.bias", axes])])
