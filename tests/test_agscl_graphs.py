@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from layer_nets import TinyBlur, TinyEca, TinyHGNet, TinyMNv4Hybrid, TinyMobileViT, TinySplitAttn, TinyViT
-from linear_nets import TinyEfficientViT
+from linear_nets import TinyEfficientViT, TinyMobileViTv2
 from torch_nets import MODELS, GhostSplit, ResCat, TinyConvNeXt
 
 from edgecl import artifact
@@ -54,12 +54,13 @@ def _arch(name: str) -> dict:
               "vit_tokens": lambda: TinyViT(3, 3, dim=16, registers=2, distilled=True, frozen_pos=True),
               "blur": lambda: TinyBlur(in_channels=3, width=32),  # blurred maps keep more nodes alive: wider
               "mobilevit": lambda: TinyMobileViT(in_channels=3, width=16),
-              "efficientvit": lambda: TinyEfficientViT(in_channels=3, width=16)}
+              "efficientvit": lambda: TinyEfficientViT(in_channels=3, width=16),
+              "mobilevit2": lambda: TinyMobileViTv2(in_channels=3, width=16)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
 _CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4", "vit_tokens", "blur", "mobilevit",
-           "efficientvit")
+           "efficientvit", "mobilevit2")
 
 
 def _stream(name: str, n_tasks: int):
@@ -80,7 +81,8 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
 
 
 @pytest.fixture(scope="module", params=["resnet", "rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit",
-                                                "mnv4", "vit_tokens", "blur", "mobilevit", "efficientvit"])
+                                                "mnv4", "vit_tokens", "blur", "mobilevit", "efficientvit",
+                                                "mobilevit2"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

@@ -138,8 +138,8 @@ def _edited(edit) -> nn.Module:
 
 @pytest.mark.parametrize("make, shape, words", [
     (lambda: _Net(3), (3, 8, 8), "3×3 patches do not tile the 8×8 map"),
-    (lambda: nn.Sequential(nn.Conv2d(3, 8, 1), timm.models.mobilevit.MobileVitV2Block(8, 8, patch_size=2)),
-     (3, 8, 8), "MobileViTv2's LinearSelfAttention"),
+    (lambda: nn.Sequential(nn.Conv2d(3, 8, 1), timm.models.mobilevit.MobileVitV2Block(8, 8, patch_size=3)),
+     (3, 8, 8), "3×3 patches do not tile the 8×8 map"),  # MobileViTv2's block: `test_mobilevit2`
     (lambda: _edited(lambda b: setattr(b.transformer[0], "ls1", timm.layers.LayerScale(16))), (3, 8, 8),
      "ls1 is a LayerScale"),
     (lambda: _edited(lambda b: setattr(b.transformer[1].attn, "q_norm", nn.LayerNorm(8))), (3, 8, 8), "qk-norm"),

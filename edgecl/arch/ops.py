@@ -237,8 +237,9 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
             check_pool_windows(node, x, hw, where)
         return [node["out"] if op == "conv" else x[0], *hw]
     if op in CHANNEL_AFFINE_OPS:
-        if x[0] != node["ch"] or (op == "grn" or node.get("over") == "map") and len(x) != 3:
-            raise UsageError(f"{where}: {op} has {node['ch']} channels{' of a map' * (op == 'grn')}, gets {x}")
+        of_map = op == "grn" or node.get("over") == "map"  # statistics over the map (GRN, GroupNorm1)
+        if x[0] != node["ch"] or of_map and len(x) != 3:
+            raise UsageError(f"{where}: {op} has {node['ch']} channels{' of a map' * of_map}, gets {x}")
         return list(x)
     if op == "channel_conv":
         k, c = node["k"], node["ch"]
