@@ -185,7 +185,8 @@ def _spec(draw) -> dict:
         op = draw(st.sampled_from(["conv", "linear", "bn", "maxpool", "avgpool", "gap", "add", "mul", "cat", "flatten",
                                    "reshape", "pad", "blur", "adaptive_avgpool", "scalar_affine", "channel_conv",
                                    "branch_softmax", "class_token", "pos_embed", "token", "attention", "space_to_depth",
-                                   "upsample", *ACTIVATIONS]))
+                                   "upsample", "linear_attention", "layer_norm", "attention_pool",
+                                   *ACTIVATIONS]))
         src = draw(st.sampled_from(names))
         node = {"name": f"n{i}", "op": op, "inputs": [src]}
         dims = known.get(src, [1])
@@ -269,6 +270,25 @@ def _spec(draw) -> dict:
                         draw(st.sampled_from(["levit", "other", 1]))  # 'tf' holds where B = (2wh − 1)(2ww − 1)
             if draw(st.integers(0, 3)) == 0:  # EfficientFormerV2's talking heads (refused with a window)
                 node["talking_heads"] = draw(st.booleans()) if fits else draw(st.sampled_from(["yes", 1, None]))
+        elif op == "linear_attention":  # EfficientViT's ReLU linear attention of one map (q = k = v), its heads
+            node["inputs"] += [src, src]
+            node["heads"] = draw(st.sampled_from([d for d in (1, 2, 3) if dims[0] % d == 0])) if fits else \
+                draw(st.sampled_from([0, dims[0] + 1, "2"]))
+            if draw(st.booleans()):
+                node["eps"] = draw(st.sampled_from([1e-5, 0.5])) if fits else draw(st.sampled_from([0, 1, -1e-5]))
+            if draw(st.booleans()):
+                node["kernel"] = "relu" if fits else draw(st.sampled_from(["softmax", 1, None]))
+        elif op == "layer_norm":  # over the channels, or over the whole map (MobileViTv2's GroupNorm1)
+            node["ch"] = dims[0] if fits else draw(hostile)
+            if draw(st.booleans()):
+                node["over"] = draw(st.sampled_from(["channels", "map"] if fits else ["groups", 1, None]))
+        elif op == "attention_pool":  # GCNet's pool over the map, or MobileViTv2's per patch offset (patch)
+            node["inputs"].append(draw(st.sampled_from([n for n in names if known.get(n, [0])[:1] == [1] and
+                                                        known.get(n)[1:] == dims[1:]] or names)))
+            if draw(st.booleans()):
+                sides = dims[1:] if len(dims) == 3 else [1, 1]
+                node["patch"] = [draw(st.sampled_from([d for d in range(1, n + 1) if n % d == 0])) for n in sides] \
+                    if fits else draw(st.sampled_from([0, [s + 1 for s in sides], "2"]))
         elif op == "upsample":  # nearest or bilinear (EfficientFormerV2's strided attention), by integer factors
             node["scale"] = draw(st.sampled_from([1, 2, [2, 1]])) if fits else draw(st.sampled_from([0, [1, 2, 3]]))
             if draw(st.booleans()):

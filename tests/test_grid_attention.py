@@ -149,8 +149,8 @@ def _edited(edit) -> nn.Module:
     (lambda: _Net(3), (3, 8, 8), "3×3 patches do not tile the 8×8 map"),
     # the 12×12 input is tiled by the 4×4 patches, conv_kxk's 6×6 map (which timm resizes to 8×8) is not
     (lambda: _Net(4, fusion=False, stride=2), (3, 12, 12), "4×4 patches do not tile the 6×6 map"),
-    (lambda: nn.Sequential(nn.Conv2d(3, 8, 1), timm.models.mobilevit.MobileVitV2Block(8, 8, patch_size=2)),
-     (3, 8, 8), "MobileViTv2's LinearSelfAttention"),
+    (lambda: nn.Sequential(nn.Conv2d(3, 8, 1), timm.models.mobilevit.MobileVitV2Block(8, 8, patch_size=3)),
+     (3, 8, 8), "3×3 patches do not tile the 8×8 map"),  # MobileViTv2's block: `test_mobilevit2`
     (lambda: _edited(lambda b: setattr(b.transformer[0], "ls1", timm.layers.LayerScale(16))), (3, 8, 8),
      "ls1 is a LayerScale"),
     (lambda: _edited(lambda b: setattr(b.transformer[1].attn, "q_norm", nn.LayerNorm(8))), (3, 8, 8), "qk-norm"),

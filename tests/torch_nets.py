@@ -185,9 +185,9 @@ def randomise_batchnorm(module: nn.Module, seed: int = 0) -> None:
         if type(m).__name__ == "GlobalResponseNorm":  # timm's starts at the identity (weight and bias 0)
             m.weight.data.copy_(0.5 * torch.randn(m.weight.shape, generator=g))
             m.bias.data.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
-        if isinstance(m, nn.LayerNorm) and m.weight is not None:
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:  # GroupNorm1: MobileViTv2
             m.weight.data.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
-        if isinstance(m, nn.LayerNorm) and m.bias is not None:
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.bias is not None:
             m.bias.data.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
         if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
             m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))

@@ -42,7 +42,8 @@ NORMS = {"name": "norms", "input_shape": [3, 16, 16], "nodes": [
     {"name": "feat_ln", "op": "layer_norm", "inputs": ["flat"], "ch": 8}], "output": "feat_ln"}
 
 # the layer families added later: TResNet's space_to_depth, a scalar affine (HGNetV2), ECA's channel_conv, GCNet's
-# attention_pool and broadcast add, split attention's branch_softmax, Swin's shifted window attention, and a ViT
+# attention_pool and broadcast add, split attention's branch_softmax, Swin's shifted window attention, EfficientViT's
+# linear attention, MobileViTv2's GroupNorm1 and patch context, and a ViT
 # block on the (C, T, 1) token map (register tokens, class token, position embedding, attention, token pooling)
 LAYERS = {"name": "layers", "input_shape": [3, 16, 16], "nodes": [
     {"name": "s2d", "op": "space_to_depth", "inputs": ["input"], "block": 2},
@@ -75,7 +76,12 @@ LAYERS = {"name": "layers", "input_shape": [3, 16, 16], "nodes": [
     {"name": "g_attend", "op": "attention", "inputs": ["w_res", "w_res", "w_res"], "heads": 2, "scale": 0.5,
      "window": [2, 4], "dilated": True},  # grid attention (MobileViT, MaxViT): positions 4 rows, 2 columns apart
     {"name": "g_res", "op": "add", "inputs": ["w_res", "g_attend"]},
-    {"name": "tokens", "op": "reshape", "inputs": ["g_res"], "shape": [8, 64, 1]},
+    {"name": "l_norm", "op": "layer_norm", "inputs": ["g_res"], "ch": 8, "over": "map"},  # MobileViTv2's GroupNorm1
+    {"name": "l_attend", "op": "linear_attention", "inputs": ["l_norm"] * 3, "heads": 2},  # EfficientViT's
+    {"name": "l_logits", "op": "conv", "inputs": ["l_attend"], "in": 8, "out": 1, "k": 1},
+    {"name": "l_context", "op": "attention_pool", "inputs": ["l_attend", "l_logits"], "patch": [2, 2]},  # MobileViTv2
+    {"name": "l_res", "op": "add", "inputs": ["g_res", "l_context"]},
+    {"name": "tokens", "op": "reshape", "inputs": ["l_res"], "shape": [8, 64, 1]},
     {"name": "reg", "op": "class_token", "inputs": ["tokens"], "ch": 8, "tokens": 4},
     {"name": "cls", "op": "class_token", "inputs": ["reg"], "ch": 8},
     {"name": "pos", "op": "pos_embed", "inputs": ["cls"], "ch": 8, "tokens": 69},

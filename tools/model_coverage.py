@@ -44,8 +44,8 @@ TIMM = ["resnet10t", "resnet18", "mobilenetv3_small_050", "mobilenetv2_050", "ef
         "deit_tiny_distilled_patch16_224", "vit_base_patch16_reg4_gap_256",
         # anti-aliased downsampling (BlurPool2d: reflect pad + binomial filter)
         "resnetblur18", "resnetblur50d", "resnetaa34d",
-        # shifted window attention; grid (dilated window) attention
-        "swin_tiny_patch4_window7_224", "maxvit_pico_rw_256", "maxvit_tiny_tf_224"]
+        # shifted window attention; grid (dilated window) attention; MobileViTv2's context vector over the patches
+        "swin_tiny_patch4_window7_224", "maxvit_pico_rw_256", "maxvit_tiny_tf_224", "mobilevitv2_050"]
 # models whose position embedding (LeViT: attention-bias index) fixes the input size: built for the 64×64 traced
 BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_patch16_224": {"img_size": 64},
               "timm:deit_tiny_patch16_224": {"img_size": 64}, "timm:deit_tiny_distilled_patch16_224": {"img_size": 64},

@@ -128,7 +128,8 @@ def channel_map(arch: Arch) -> ChannelMap:
         elif op in TOKEN_TENSOR_OPS:
             out = x
             rows[f"{name}.weight"] = x
-        elif op == "attention":  # q·k pairs channel i of q with channel i of k; heads are contiguous blocks
+        elif op in ("attention", "linear_attention"):  # q·k pairs channel i of q with channel i of k; heads are
+            # contiguous blocks
             out = _attend(uf, size, node, ins, [shapes[s] for s in node["inputs"]])
             pinned_by.extend(ins)
             ordered_by.extend(ins)
@@ -233,7 +234,8 @@ def _attend(uf: UnionFind, size: dict[str, int], node: dict, ins: list[Segments]
     blocks are cut apart and each tied to k's block j (with kv_heads = heads, q and k whole: one tie); the output's
     head i is v's block j — with one k/v head (multi-query), v's channels repeated once per query head."""
     q, k, v = ins
-    where, h, kv = {"name": node["name"], "op": node["op"]}, node["heads"], node["kv_heads"]
+    where, h = {"name": node["name"], "op": node["op"]}, node["heads"]
+    kv = node.get("kv_heads") or h  # a linear attention's q, k and v have the same heads
     if kv == h:
         _merge(uf, size, where, [q, k], shapes[:2])
         return v

@@ -10,9 +10,8 @@ other layer of it (LayerNorm, the Linears, the MLP) works per position, so on th
 
 with no unfold or fold at all: a dilated window holds exactly the patches' pixels at one offset, in the unfold's
 patch order (`edgecl.arch.attention_windows`). Refused by name with the user's source line: a map the patch does not
-tile (MobileViT then resizes it bilinearly to a multiple and back), MobileViTv2's block (LinearSelfAttention: one
-context vector from a softmax over the patches, not attention among them), a layer scale, qk-norm or any other
-layer in a place of the block.
+tile (MobileViT then resizes it bilinearly to a multiple and back), a layer scale, qk-norm or any other layer in a
+place of the block. MobileViTv2's block, kept whole here too, is converted by `fx_mobilevit2`.
 """
 from __future__ import annotations
 
@@ -22,6 +21,7 @@ from torch import fx, nn
 
 from edgecl.arch.fx_attention import _pointwise, check_plain_attention
 from edgecl.arch.fx_calls import location, shape_of
+from edgecl.arch.fx_mobilevit2 import _MobileVitV2Converter
 from edgecl.arch.fx_swin import check_drops, linear
 from edgecl.arch.ops import output_shape
 from edgecl.errors import UsageError
@@ -32,12 +32,12 @@ _VIT_BLOCK = ("timm.models.vision_transformer", "Block")
 
 
 def is_mobilevit(m: Any) -> bool:
-    """MobileViT's block (or MobileViTv2's, refused by name), judged by its class; timm is not imported."""
+    """MobileViT's block or MobileViTv2's, judged by its class; timm is not imported."""
     return type(m).__module__ == _MOBILEVIT and type(m).__name__ in _BLOCKS
 
 
-class _MobileVitConverter:
-    """Mixin of `fx_import._Converter`: MobileViT's blocks, kept whole."""
+class _MobileVitConverter(_MobileVitV2Converter):
+    """Mixin of `fx_import._Converter`: MobileViT's blocks, kept whole (MobileViTv2's by its base)."""
 
     name: str
     alias: dict[fx.Node, str]
@@ -50,15 +50,10 @@ class _MobileVitConverter:
 
     def mobilevit(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
         where = f"MobileViT {type(m).__name__} at {path!r} {location(node)}"
-        if not _BLOCKS[type(m).__name__]:
-            raise UsageError(f"{self.name}: {where}: MobileViTv2's LinearSelfAttention (a softmax over the patches "
-                             "makes one context vector, not attention among them) is not supported; MobileViT's "
-                             "MobileVitBlock (mobilevit_xxs/xs/s) is")
         shape, (ph, pw) = shape_of(node.args[0]), (int(p) for p in m.patch_size)
         if shape is None or len(shape) != 3:
             raise UsageError(f"{self.name}: {where} reads a tensor of shape {shape}; edgecl supports it on "
                              "(batch, channels, height, width) maps")
-        h = self._conv_norm_act(node, m.conv_kxk, x, f"{path}.conv_kxk", where)
         # the patches tile the map conv_kxk makes (a strided one halves it), not the block's input
         shape = output_shape({"op": "conv", **self._conv_fields(node, m.conv_kxk.conv, f"{path}.conv_kxk.conv")},
                              [shape], where)
@@ -66,6 +61,9 @@ class _MobileVitConverter:
             raise UsageError(f"{self.name}: {where}: its {ph}×{pw} patches do not tile the {shape[1]}×{shape[2]} map "
                              "(MobileViT then resizes the map bilinearly to a multiple of the patch and back); "
                              "choose an input size whose stage maps the patch divides (64 or 256 for mobilevit_*)")
+        if not _BLOCKS[type(m).__name__]:
+            return self.mobilevit_v2(node, m, x, path, where, [ph, pw])  # `fx_mobilevit2`
+        h = self._conv_norm_act(node, m.conv_kxk, x, f"{path}.conv_kxk", where)
         if type(m.conv_1x1) is not nn.Conv2d:
             raise UsageError(f"{self.name}: {where}: conv_1x1 is a {type(m.conv_1x1).__name__}; edgecl converts an "
                              "nn.Conv2d there")

@@ -5,8 +5,10 @@ inputs' shapes (`output_shape`). `edgecl.arch.spec` validates whole specs with t
 Ops (fields and defaults in `OPS`):
 - with tensors: ``conv`` (weight ``(out, in/groups, kh, kw)``, optional bias), ``linear`` (weight ``(out, in)``), ``bn``
   (weight, bias, running_mean, running_var of ``ch`` channels; eps, momentum), ``layer_norm`` (normalises each position
-  over its ``ch`` channels, as ConvNeXt's LayerNorm after a permute; eps; weight and bias when ``affine``),
-  ``layer_scale`` (weight: one learned factor per channel, ConvNeXt's γ, starting at ``init``), ``grn`` (ConvNeXt V2's
+  over its ``ch`` channels, as ConvNeXt's LayerNorm after a permute; eps; weight and bias when ``affine``; or, with
+  ``over`` "map" (timm's GroupNorm1, a GroupNorm of one group: MobileViTv2), over the whole (C, H, W) map of a
+  sample, its affine still per channel), ``layer_scale`` (weight: one learned factor per channel, ConvNeXt's γ,
+  starting at ``init``), ``grn`` (ConvNeXt V2's
   global response norm: x + bias + weight·x·n, n = each channel's spatial L2 norm over the channels' mean of it + eps;
   weight and bias start at 0, the identity), ``channel_conv`` (ECA channel attention's 1-D convolution along the
   channels of a pooled ``(ch, 1, 1)`` vector: output channel i is Σ_j weight[j] · x[i + j − (k−1)/2], its ``k`` (odd)
@@ -38,7 +40,9 @@ Ops (fields and defaults in `OPS`):
   the input's sides at most `MAX_ADAPTIVE_INPUT`, which bounds the work), ``attention_pool`` (GCNet's global
   context: inputs a ``(C, H, W)`` map x and ``(1, H, W)`` logits; softmax of the logits over the H·W positions, then
   each channel's sum of x weighted by it → ``(C, 1, 1)``; the weights sum to 1, so a channel constant over the map pools
-  to that constant, as under ``gap``); ``upsample`` (by the integer ``scale`` of each spatial axis; ``mode``
+  to that constant, as under ``gap``; with ``patch`` [ph, pw], MobileViTv2's context vector: the softmax and sum run
+  over the positions at each offset of the map's ph × pw patches separately, and each position gets its offset's
+  pool, ``(C, H, W)``); ``upsample`` (by the integer ``scale`` of each spatial axis; ``mode``
   "nearest": every value repeated, or "bilinear": torch's ``align_corners=False`` interpolation, ONNX Resize linear
   half_pixel, as EfficientFormerV2's strided attention up-samples, or with ``align_corners`` true (bilinear only)
   torch's ``align_corners=True`` (``nn.UpsamplingBilinear2d``), ONNX Resize linear align_corners; each channel alone,
@@ -121,7 +125,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
              "pad": ("pad", [0, 0]), "dilation": ("pair", [1, 1]), "groups": ("size", 1), "bias": ("bool", True)},
     "linear": {"in": ("size", ...), "out": ("size", ...), "bias": ("bool", True)},
     "bn": {"ch": ("size", ...), "eps": ("eps", 1e-5), "momentum": ("momentum", 0.1)},
-    "layer_norm": {"ch": ("size", ...), "eps": ("eps", 1e-5), "affine": ("bool", True)},
+    "layer_norm": {"ch": ("size", ...), "eps": ("eps", 1e-5), "affine": ("bool", True), "over": ("norm_over", None)},
     "layer_scale": {"ch": ("size", ...), "init": ("number", 1.0)},
     "grn": {"ch": ("size", ...), "eps": ("eps", 1e-6)},
     "channel_conv": {"ch": ("size", ...), "k": ("size", ...), "circular": ("bool", False)},
@@ -131,7 +135,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "avgpool": {**_POOL, "count_include_pad": ("bool", True)},
     "gap": {},
     "adaptive_avgpool": {"size": ("pair", ...)},
-    "attention_pool": {},
+    "attention_pool": {"patch": ("pair", None)},
     "upsample": {"scale": ("pair", ...), "mode": ("upsample_mode", "nearest"), "align_corners": ("bool", False)},
     "pad": {"pads": ("pads", ...), "value": ("fill", 0.0), "mode": ("pad_mode", "constant")},
     "blur": {"k": ("size", ...), "stride": ("size", 2)},
@@ -151,6 +155,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
                   "bias_offsets": ("size", None), "bias_index": ("index_table", None),
                   "bias_table": ("bias_table", None), "window": ("pair", None), "shift": ("pad", None),
                   "talking_heads": ("bool", None), "dilated": ("bool", False)},
+    "linear_attention": {"heads": ("size", ...), "eps": ("eps", 1e-5), "kernel": ("kernel", "relu")},
     "token": {"index": ("index", 0), "count": ("size", 1)},
 }
 OPS["gelu"] = {"approximate": ("approximate", "none")}
@@ -192,8 +197,15 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
         bias = h * tq * tk if node.get("bias_offsets") else 0  # the gathered (heads, T_q, T_kv) bias
         bias += 4 * h * tq * tk if node.get("talking_heads") else 0  # the mixed scores and weights, their sums
         return 2 * h * tq * tk + bias + 2 * (cq * tq + ck * tk) + 2 * (cv * tk + out * tq)
-    if node["op"] == "attention_pool":
-        return 2 * math.prod(ins[1]) + math.prod(ins[0])
+    if node["op"] == "linear_attention":  # q, k relu'd and reshaped; v reshaped; the heads' dv × d sums, the
+        # numerator, the keys' sums, the denominator and the quotient before its reshape (an upper bound)
+        (cq, *hw), (ck, _, _), (cv, _, _) = ins
+        t, h = math.prod(hw), node["heads"]
+        return 2 * (cq + ck) * t + 3 * cv * t + cv * (cq // h) + ck + 2 * h * t
+    if node["op"] == "attention_pool":  # with patches: the map and logits transposed, their product, the pool
+        return 2 * math.prod(ins[1]) + (3 if node.get("patch") else 1) * math.prod(ins[0])
+    if node["op"] == "layer_norm" and node.get("over") == "map":  # its mean, centred map, square, normalised map
+        return 4 * math.prod(ins[0])
     if node["op"] == "adaptive_avgpool":
         return ins[0][0] * ins[0][1] * node["size"][1]
     return 0
@@ -228,8 +240,9 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
             check_pool_windows(node, x, hw, where)
         return [node["out"] if op == "conv" else x[0], *hw]
     if op in CHANNEL_AFFINE_OPS:
-        if x[0] != node["ch"] or op == "grn" and len(x) != 3:
-            raise UsageError(f"{where}: {op} has {node['ch']} channels{' of a map' * (op == 'grn')}, gets {x}")
+        of_map = op == "grn" or node.get("over") == "map"  # statistics over the map (GRN, GroupNorm1)
+        if x[0] != node["ch"] or of_map and len(x) != 3:
+            raise UsageError(f"{where}: {op} has {node['ch']} channels{' of a map' * of_map}, gets {x}")
         return list(x)
     if op == "channel_conv":
         k, c = node["k"], node["ch"]
@@ -239,6 +252,13 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
         return list(x)
     if op == "attention":
         return _attention_shape(node, ins, where)
+    if op == "linear_attention":
+        q, k, v = ins
+        h = node["heads"]
+        if len(q) != 3 or q != k or v[1:] != q[1:] or q[0] % h or v[0] % h:
+            raise UsageError(f"{where}: linear_attention needs maps q and k of {h} heads of d channels and v of {h} "
+                             f"heads, all at the same positions, gets {ins}")
+        return list(v)
     if op in (*TOKEN_TENSOR_OPS, "token"):
         return _token_shape(node, ins, where)
     if op == "shuffle":
@@ -262,10 +282,11 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
             raise UsageError(f"{where}: gap needs a (channels, height, width) input, gets {x}")
         return [x[0], 1, 1]
     if op == "attention_pool":
-        if len(x) != 3 or ins[1] != [1, *x[1:]]:
+        patch = node.get("patch") or x[1:]  # one patch: the whole map
+        if len(x) != 3 or ins[1] != [1, *x[1:]] or x[1] % patch[0] or x[2] % patch[1]:
             raise UsageError(f"{where}: attention_pool needs a (channels, height, width) map and (1, height, width) "
-                             f"logits, gets {ins}")
-        return [x[0], 1, 1]
+                             f"logits (and patches that tile the map), gets {ins} and patch {node.get('patch')}")
+        return list(x) if node.get("patch") else [x[0], 1, 1]
     if op == "space_to_depth":
         b = node["block"]
         if len(x) != 3 or x[1] % b or x[2] % b:

@@ -45,7 +45,8 @@ MAX_NDIM = 3
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,159}")
 
 # op → (fewest, most) inputs; every other op reads one
-_ARITY = {"add": (2, MAX_INPUTS), "cat": (2, MAX_INPUTS), "mul": (2, 2), "attention_pool": (2, 2), "attention": (3, 3)}
+_ARITY = {"add": (2, MAX_INPUTS), "cat": (2, MAX_INPUTS), "mul": (2, 2), "attention_pool": (2, 2), "attention": (3, 3),
+          "linear_attention": (3, 3)}
 
 
 def validate(arch: Any) -> Arch:
@@ -172,6 +173,9 @@ def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
         attention_fields(out, where)
     if op == "upsample" and out["align_corners"] and out["mode"] != "bilinear":
         raise UsageError(f"{where}: upsample align_corners needs mode 'bilinear', gets {out['mode']!r}")
+    for key, absent in (("over", "channels"), ("patch", None)):  # the spec as before GroupNorm1 and MobileViTv2
+        if key in out and out[key] in (absent, None):
+            del out[key]
     if op == "space_to_depth" and out["order"] == "hw":
         del out["order"]  # ONNX's order: the spec as before Swin's patch merging
     if "module" in node:  # the layer's path in the user's module where the node name had to differ (`module_state`)
@@ -263,7 +267,8 @@ def _field(value: Any, kind: str, where: str) -> Any:
         return _shape(value, "reshape shape")
     if kind == "axis" and value == 1:
         return 1
-    if kind == "order" and value in ("hw", "wh") or kind == "bias_table" and value in ("levit", "swin", "tf"):
+    if kind == "order" and value in ("hw", "wh") or kind == "bias_table" and value in ("levit", "swin", "tf") or \
+            kind == "kernel" and value == "relu" or kind == "norm_over" and value in ("channels", "map"):
         return value
     if kind == "index_table" and isinstance(value, list) and value and \
             all(isinstance(row, list) and row and all(_is_size(i, 0) for i in row) for row in value):
@@ -276,7 +281,8 @@ def _field(value: Any, kind: str, where: str) -> Any:
               "index": f"an int from 0 to {MAX_DIM}", "bool": "true or false", "eps": "a number in (0, 1)",
               "momentum": "a number in (0, 1]",
               "approximate": "'none' or 'tanh'", "axis": "1 (channels)", "order": "'hw' or 'wh'",
-              "bias_table": "'levit', 'swin' or 'tf'", "upsample_mode": "'nearest' or 'bilinear'",
+              "bias_table": "'levit', 'swin' or 'tf'", "kernel": "'relu'", "norm_over": "'channels' or 'map'",
+              "upsample_mode": "'nearest' or 'bilinear'",
               "index_table": "a non-empty list of non-empty lists of ints ≥ 0",
               "number": f"a finite number of magnitude at most {MAX_NUMBER:g}"}.get(kind, kind)
     shown = repr(value) if isinstance(value, str) else str(value)  # "1" is not 1

@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgecl.arch.spec import INPUT as SPEC_INPUT
 from edgecl.arch.spec import Arch, node_shapes, param_shapes
+from edgecl.graph.linear_ops import linear_attention, map_norm, patch_context
 from edgecl.graph.nodes import Builder as _Builder
 from edgecl.graph.onnx_spatial import SPATIAL_OPS, spatial_op
 from edgecl.graph.token_ops import TOKEN_OPS, attention, pos_embed
@@ -190,6 +191,8 @@ def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, shapes
         return _conv_factored(b, h, node, form, parts)
     if op == "bn":
         return _bn(b, h, node)
+    if op == "layer_norm" and node.get("over") == "map":
+        return map_norm(b, h, node, constant)
     if op == "layer_norm":
         return _layer_norm(b, h, node, constant, flat)
     if op == "layer_scale":  # a (C,) weight times (N, C) features or, unsqueezed to (C, 1, 1), an NCHW map
@@ -203,6 +206,8 @@ def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, shapes
         return _channel_conv(b, h, node, constant)
     if op == "attention":
         return attention(b, *ins, node, shapes, constant)
+    if op == "linear_attention":
+        return linear_attention(b, *ins, node, shapes, constant)
     if op == "pos_embed":
         return pos_embed(b, h, node, in_shape, constant)
     if op in TOKEN_OPS:
@@ -234,6 +239,8 @@ def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, shapes
         return b.op("AveragePool", [h], count_include_pad=int(node["count_include_pad"]), **attrs)
     if op == "gap":
         return b.op("GlobalAveragePool", [h])
+    if op == "attention_pool" and node.get("patch"):
+        return patch_context(b, h, ins[1], node, in_shape, constant)
     if op == "attention_pool":  # (N, C, H·W) MatMul softmax(logits over H·W) as (N, H·W, 1) → (N, C, 1, 1)
         weights = b.op("Softmax", [b.op("Flatten", [ins[1]], axis=1)], axis=1)
         flat = b.op("Reshape", [h, constant(np.array([0, in_shape[0], -1], np.int64))])

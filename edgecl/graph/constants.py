@@ -95,7 +95,7 @@ def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: 
     if op == "scalar_affine":  # one number for every channel: a constant c (a dead channel's 0 too) is a·c + b after
         a, b = (float(params[f"{name}.{k}"].reshape(-1)[0]) for k in ("weight", "bias"))
         return v * a + b
-    if op in (*NORMALISING_OPS, *NEIGHBOUR_OPS, *TOKEN_TENSOR_OPS, "attention"):  # treated as varying: each
+    if op in (*NORMALISING_OPS, *NEIGHBOUR_OPS, *TOKEN_TENSOR_OPS, "attention", "linear_attention"):  # varying: each
         return np.full(width(cm, cm.spaces[name]), np.nan)  # depends on other channels, or positions differ
     if op in ACTIVATIONS:
         return ACTIVATIONS[op](v)

@@ -124,6 +124,8 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
                             momentum=node["momentum"], eps=node["eps"])
     if op == "layer_norm":  # over the channels at each position, as ConvNeXt's permute + LayerNorm computes it
         w, b = params.get(f"{name}.weight"), params.get(f"{name}.bias")
+        if node.get("over") == "map":  # timm's GroupNorm1: one group, the whole map of a sample
+            return F.group_norm(h, 1, w, b, node["eps"])
         if h.dim() == 2:
             return F.layer_norm(h, (node["ch"],), w, b, node["eps"])
         return F.layer_norm(h.permute(0, 2, 3, 1), (node["ch"],), w, b, node["eps"]).permute(0, 3, 1, 2)
@@ -151,6 +153,8 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
             return window_attention(*ins, node, bias)
         talking = tuple(params[f"{name}.{k}"] for k in TALKING) if node.get("talking_heads") else None
         return attention(*ins, node["heads"], node["scale"], node["kv_heads"], bias, talking=talking)
+    if op == "linear_attention":
+        return linear_attention(*ins, node["heads"], node["eps"])
     if op == "token":
         return h[:, :, node["index"]:node["index"] + node["count"]]
     if op in _ACTIVATIONS:
@@ -167,6 +171,8 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return F.adaptive_avg_pool2d(h, node["size"])
     if op == "gap":
         return h.mean(dim=(2, 3), keepdim=True)
+    if op == "attention_pool" and node.get("patch"):
+        return patch_context(h, ins[1], node["patch"])
     if op == "attention_pool":  # GCNet: (N, C, H·W) @ softmax over positions (N, H·W, 1), as timm's GlobalContext
         weights = torch.softmax(ins[1].flatten(1), dim=1).unsqueeze(2)
         return (h.flatten(2) @ weights).unsqueeze(3)
@@ -295,6 +301,30 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, sca
     weights = torch.softmax(scores if talking is None else _mix_heads(scores, *talking[:2]), dim=-1)
     out = ((weights if talking is None else _mix_heads(weights, *talking[2:])) @ vh).reshape(n, heads, t, dv)
     return out.transpose(2, 3).reshape(n, heads * dv, *q.shape[2:])
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, eps: float) -> torch.Tensor:
+    """EfficientViT's (MIT) ReLU linear attention over the positions of (N, C, H, W) maps, each head a contiguous
+    block of channels, as `edgecl.graph.linear_ops` emits it: (v·relu(k)ᵀ)·relu(q) / ((Σ relu(k))ᵀ·relu(q) +
+    eps), which timm computes with v padded by a row of ones; linear in the positions."""
+    n, t = q.shape[0], q.shape[2] * q.shape[3]
+    qh, kh = (F.relu(x).reshape(n, heads, x.shape[1] // heads, t) for x in (q, k))  # (N, h, d, T)
+    vh = v.reshape(n, heads, v.shape[1] // heads, t)
+    below = kh.sum(dim=3, keepdim=True).transpose(2, 3) @ qh + eps  # (N, h, 1, T)
+    return ((vh @ kh.transpose(2, 3)) @ qh / below).reshape(n, v.shape[1], *q.shape[2:])
+
+
+def patch_context(x: torch.Tensor, logits: torch.Tensor, patch: list[int]) -> torch.Tensor:
+    """MobileViTv2's context vector on the map: per offset of the ph × pw patches, the softmax of the logits over the
+    patches and each channel's sum of x weighted by it (timm's LinearSelfAttention on its unfolded (B, C, P, N)), each
+    position given its offset's value, as `edgecl.graph.linear_ops.patch_context` emits it."""
+    n, c, height, width = x.shape
+    (ph, pw), nh, nw = patch, height // patch[0], width // patch[1]
+
+    def unfolded(t: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) → (N, C, ph, pw, patches)
+        return t.reshape(n, t.shape[1], nh, ph, nw, pw).permute(0, 1, 3, 5, 2, 4).reshape(n, t.shape[1], ph, pw, -1)
+
+    return (unfolded(x) * torch.softmax(unfolded(logits), dim=-1)).sum(-1).repeat(1, 1, nh, nw)
 
 
 def _mix_heads(scores: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

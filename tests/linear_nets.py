@@ -1,0 +1,52 @@
+"""Small user networks for the attentions linear in the positions (split from `layer_nets`, which is full):
+EfficientViT's (MIT) multi-scale ReLU linear attention block (`TinyEfficientViT`) and MobileViTv2's block (the context
+vector over the patches, GroupNorm1: `TinyMobileViTv2`). The graph tests run every method on each. Imports torch and
+timm."""
+from __future__ import annotations
+
+from torch import nn
+
+from edgecl.arch import from_torch
+from edgecl.arch.factories import ensure_torchvision_imports
+
+ensure_torchvision_imports()
+from timm.models.efficientvit_mit import EfficientVitBlock  # noqa: E402
+from timm.models.mobilevit import MobileVitV2Block  # noqa: E402
+
+
+class TinyEfficientViT(nn.Module):
+    """EfficientViT's block in small: a strided conv stem to a 4×4 map, one timm EfficientVitBlock (LiteMLA: qkv
+    1×1 conv, the 5×5 multi-scale aggregation, ReLU linear attention over 2 × width/dim heads, proj with BatchNorm,
+    added back; then an MBConv, added back) and the mean."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 16, dim: int = 4):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, width, 3, stride=2, padding=1)
+        self.block = EfficientVitBlock(width, head_dim=dim, expand_ratio=2)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)).mean((2, 3)))
+
+
+def efficientvit_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyEfficientViT(in_channels=input_shape[0]), tuple(input_shape))
+
+
+class TinyMobileViTv2(nn.Module):
+    """MobileViTv2's block in small: a strided conv stem to a 4×4 map, one timm MobileVitV2Block of 2×2 patches (its
+    depthwise 3×3 ConvNormAct and 1×1 conv, a LinearTransformerBlock: GroupNorm1, the context vector per patch offset
+    times relu(value), ConvMlp; GroupNorm1, conv_proj) and the mean."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 16):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, width, 3, stride=2, padding=1)
+        self.block = MobileVitV2Block(width, width, patch_size=2, transformer_depth=1)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)).mean((2, 3)))
+
+
+def mobilevit2_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyMobileViTv2(in_channels=input_shape[0]), tuple(input_shape))
