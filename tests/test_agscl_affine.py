@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from layer_nets import ScalarAffine, TinyHGNet
+from timm.layers import LayerNorm2d
 from torch import nn
 
 from edgecl.arch import from_torch, validate
@@ -94,6 +95,31 @@ def test_live_but_unimportant_nodes_past_an_affine_keep_their_b_at_the_head(monk
     live_cut = [int((nonzero_nodes(trained[t], rows, nodes.n).numpy() & ~method.alive[t])[head_affine].sum())
                 for t in range(2)]
     assert max(live_cut) > 0, live_cut  # the case at hand: such nodes were cut
+
+
+class NormReadHGNet(nn.Module):
+    """A conv-BN-ReLU-affine whose channels the head reads (their mean) and a LayerNorm reads too: the affine is not
+    column-read, so its b reaches every channel in training, dead nodes' too."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                                  ScalarAffine(1.0, 0.5))
+        self.norm, self.mix = LayerNorm2d(width), nn.Sequential(nn.Conv2d(width, width, 1), nn.ReLU())
+        self.fc = nn.Linear(2 * width, 3)
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.fc(torch.cat([y.mean((2, 3)), self.mix(self.norm(y)).mean((2, 3))], 1))
+
+
+def test_head_columns_past_an_affine_a_layer_norm_reads_keep_their_b(monkeypatch):
+    """Before: the head's columns of dead nodes past such an affine were cut with the b they read in training (task
+    0's logits moved by 0.21, 16.9 % trained, 9.8 % deployed); now b is folded into the head's bias as for live ones."""
+    arch = from_torch(NormReadHGNet(), (3, 8, 8))
+    assert not column_read(arch, "stem.3")
+    _deployed_equals_trained(monkeypatch, arch, AGSCLConfig(epochs=3, mu=8.0),
+                             make_stream("permuted-digits", 2, 0, (3, 8, 8)).tasks)
 
 
 @pytest.mark.slow  # timm's hgnetv2_b0 at 32×32, two tasks of two epochs (~10-30 s)

@@ -195,7 +195,7 @@ class AGSCL(Method):
         self.birth[alive & (self.birth == NEVER)] = t
         exact_zero = self._exact_zero()
         zeroed = int((exact_zero & ~alive).sum())
-        folded = bias.affine_nodes().cpu().numpy() & ~alive & ~exact_zero  # live in training, cut now (agscl_affine)
+        folded = bias.carrying_b(exact_zero) & ~alive  # b reached them in training, cut now (agscl_affine)
         fold_into_head(self.arch, bias.apply(params), head, task, np.append(folded, False)[nodes.head], device)
         self._zero_from_dead(alive, head)
         reinit = self._reinit(alive)
