@@ -174,14 +174,18 @@ class TinyHGNet(nn.Module):
         self.aggregation, self.ese = layer(3 * w, w, 1), nn.Conv2d(w, w, 1)
         self.fc = nn.Linear(w, classes)
 
-    def forward(self, x):
+    def block(self, x):
+        """The stem and the HG block with its input added back (a subclass puts another head on it)."""
         x = self.stem(x)
         outputs = [x]
         for block_layer in self.layers:
             outputs.append(block_layer(outputs[-1]))
         y = self.aggregation(torch.cat(outputs, 1))
         y = y * torch.sigmoid(self.ese(y.mean((2, 3), keepdim=True)))
-        return self.fc((x + y).mean([2, 3]))
+        return x + y
+
+    def forward(self, x):
+        return self.fc(self.block(x).mean([2, 3]))
 
 
 def hgnet_spec(input_shape=(1, 8, 8)) -> dict:

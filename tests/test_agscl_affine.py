@@ -73,13 +73,7 @@ class HeadHGNet(TinyHGNet):
         self.fc = nn.Linear(hidden, 3)
 
     def forward(self, x):
-        x = self.stem(x)
-        outputs = [x]
-        for block_layer in self.layers:
-            outputs.append(block_layer(outputs[-1]))
-        y = self.aggregation(torch.cat(outputs, 1))
-        y = y * torch.sigmoid(self.ese(y.mean((2, 3), keepdim=True)))
-        return self.fc(self.last_conv((x + y).mean((2, 3), keepdim=True)).flatten(1))
+        return self.fc(self.last_conv(self.block(x).mean((2, 3), keepdim=True)).flatten(1))
 
 
 def test_live_but_unimportant_nodes_past_an_affine_keep_their_b_at_the_head(monkeypatch):
