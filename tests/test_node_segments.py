@@ -86,7 +86,7 @@ def test_a_grouped_conv_row_reads_only_its_groups_channels_and_the_input_is_neve
 
 def test_bad_segments_are_refused_naming_the_tensor():
     packed = _packed(GROUPED)
-    for edit, needle in ((dict(repeat=2), "repeat"), (dict(cols=[["a", 1], ["b", 1]]), "cols cover 4"),
+    for edit, needle in ((dict(repeat=2), "repeat"), (dict(cols=[["a", 1], ["b", 1]]), r"cols \(groups=\d+\) cover 4"),
                          (dict(groups=3), "groups=3"), (dict(rows=[["g", 2]]), "rows cover 20")):
         packed.params["g.weight"] = {**node_map(GROUPED).specs["g.weight"], **edit}
         with pytest.raises(UsageError, match=needle):
