@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch_nets import check_parity, randomise_batchnorm
+from torch_nets import check_parity, randomise_batchnorm, randomised_parity
 
 from edgecl.arch import from_torch
 from edgecl.deltas import check_consistent
@@ -235,11 +235,7 @@ class _BatchFree(_Head):
 
 
 def test_decisions_that_read_the_batch_but_never_change_with_it_go_in():
-    module = _BatchFree()
-    randomise_batchnorm(module)
-    spec = from_torch(module, (3, 8, 8))
-    assert "scale" in _ops(spec)
-    check_parity(module, spec, (3, 8, 8))
+    assert "scale" in _ops(randomised_parity(_BatchFree(), (3, 8, 8)))
 
 
 class _Checked(_Head):
@@ -267,11 +263,7 @@ class _Typed(_Head):
 
 
 def test_dtype_and_device_reads_resolve_as_float32_on_the_cpu():
-    module = _Typed()
-    randomise_batchnorm(module)
-    spec = from_torch(module, (3, 8, 8))
-    assert "scale" in _ops(spec)
-    check_parity(module, spec, (3, 8, 8))
+    assert "scale" in _ops(randomised_parity(_Typed(), (3, 8, 8)))
 
 
 @pytest.mark.parametrize("method_name", ["lps", "agscl", "halrp", "rgo"])
