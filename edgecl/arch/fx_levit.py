@@ -34,6 +34,13 @@ def is_levit(m: Any) -> bool:
     return type(m).__module__ == _LEVIT and type(m).__name__ in _KINDS
 
 
+def levit_bias_fields(m: nn.Module, path: str, heads: int) -> dict[str, Any]:
+    """The ``attention`` fields of a module with LeViT's bias (LeViT's, TinyViT's, EfficientFormerV2's attention):
+    heads, its scale, the ``attention_biases`` table (heads, offsets) read at the fixed ``attention_bias_idxs``."""
+    return {"module": path, "heads": heads, "scale": float(m.scale), "bias_offsets": int(m.attention_biases.shape[1]),
+            "bias_index": m.attention_bias_idxs.tolist()}
+
+
 class _LevitConverter:
     """Mixin of `fx_import._Converter`: LeViT's layers, kept whole by the tracer."""
 
@@ -84,10 +91,7 @@ class _LevitConverter:
             k, v = blocks
         else:
             q, k, v = blocks
-        index = m.attention_bias_idxs
-        attended = self._emit(node, "attention", [q, k, v], f"{path}.attend", module=path, heads=heads,
-                              scale=float(m.scale), bias_offsets=int(m.attention_biases.shape[1]),
-                              bias_index=index.tolist())
+        attended = self._emit(node, "attention", [q, k, v], f"{path}.attend", **levit_bias_fields(m, path, heads))
         if [name for name, _ in m.proj.named_children()] != ["act", "ln"]:
             raise UsageError(f"{self.name}: {where}: proj has layers {[n for n, _ in m.proj.named_children()]}; "
                              "edgecl converts timm's ['act', 'ln']")

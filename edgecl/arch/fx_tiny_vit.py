@@ -18,6 +18,7 @@ from torch import fx, nn
 
 from edgecl.arch.fx_attention import _pointwise
 from edgecl.arch.fx_calls import location, shape_of
+from edgecl.arch.fx_levit import levit_bias_fields
 from edgecl.arch.fx_swin import check_drops, check_kind, linear
 from edgecl.errors import UsageError
 
@@ -86,7 +87,6 @@ class _TinyVitConverter:
         packed = self._emit(node, "conv", [normed], f"{path}.qkv", **_pointwise(qkv))
         q, k, v = self._head_blocks(node, packed, f"{path}.qkv", heads, [key_dim, key_dim, val_dim])
         fields: dict[str, Any] = {"window": window} if window else {}
-        attended = self._emit(node, "attention", [q, k, v], f"{path}.attend", module=path, heads=heads,
-                              scale=float(m.scale), bias_offsets=int(m.attention_biases.shape[1]),
-                              bias_index=m.attention_bias_idxs.tolist(), **fields)
+        attended = self._emit(node, "attention", [q, k, v], f"{path}.attend", **levit_bias_fields(m, path, heads),
+                              **fields)
         return self._emit(node, "conv", [attended], f"{path}.proj", **_pointwise(proj))
