@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from torch import fx, nn
 
-from edgecl.arch.fx_attention import _pointwise
+from edgecl.arch.fx_attention2d import pointwise
 from edgecl.arch.fx_calls import location, pair, shape_of
 from edgecl.errors import UsageError
 
@@ -70,7 +70,7 @@ class _LevitConverter:
         if type(m.linear) is not nn.Linear or type(m.bn) is not nn.BatchNorm1d:
             raise UsageError(f"{self.name}: {where}: {path!r} holds a {type(m.linear).__name__} and a "
                              f"{type(m.bn).__name__}; edgecl converts timm's nn.Linear and nn.BatchNorm1d")
-        conv = self._emit(node, "conv", [x], f"{path}.linear", **_pointwise(m.linear))
+        conv = self._emit(node, "conv", [x], f"{path}.linear", **pointwise(m.linear))
         self._batchnorm(node, m.bn, conv, f"{path}.bn")
         return self.alias[node]
 
