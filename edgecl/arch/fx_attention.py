@@ -20,8 +20,7 @@ from typing import Any, Callable
 
 from torch import fx, nn
 
-from edgecl.arch.fx_attention2d import is_attention_2d
-from edgecl.arch.fx_attention2d import pointwise as _pointwise  # the name its users import
+from edgecl.arch.fx_attention2d import is_attention_2d, pointwise
 from edgecl.arch.fx_calls import location, shape_of
 from edgecl.errors import UsageError
 
@@ -120,9 +119,9 @@ class _AttentionConverter:
         (linear, qkv_name, module), (out, proj_name) = qkv, proj
         width = linear.out_features // 3
         fields: dict[str, Any] = {"module": module} if module else {}
-        packed = self._emit(node, "conv", [x], qkv_name, **_pointwise(linear), **fields)
+        packed = self._emit(node, "conv", [x], qkv_name, **pointwise(linear), **fields)
         attended = self.attend_packed(node, packed, path, width, heads=heads, scale=scale)
-        self._emit(node, "conv", [attended], proj_name, **_pointwise(out))
+        self._emit(node, "conv", [attended], proj_name, **pointwise(out))
         self.last.add(node)
 
     def attend_packed(self, node: fx.Node, packed: str, path: str, width: int, **fields: Any) -> str:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 from torch import fx, nn
 
 from edgecl.arch.fx_calls import location, map_shape
+from edgecl.arch.fx_levit import levit_bias_fields
 from edgecl.errors import UsageError
 
 _MODULE = "timm.models.efficientformer_v2"
@@ -69,9 +70,8 @@ class _EfficientFormerConverter:
         local = self._conv_norm(node, m.v_local, v, f"{path}.v_local", where)
         talking = not down and self._talking_heads(m, heads, where)
         fields: dict[str, Any] = {"talking_heads": True} if talking else {}
-        attended = self._emit(node, "attention", [q, k, v], f"{path}.attend", module=path, heads=heads,
-                              scale=float(m.scale), bias_offsets=int(m.attention_biases.shape[1]),
-                              bias_index=m.attention_bias_idxs.tolist(), **fields)
+        attended = self._emit(node, "attention", [q, k, v], f"{path}.attend", **levit_bias_fields(m, path, heads),
+                              **fields)
         out = self._emit(node, "add", [attended, local], f"{path}.add_local")
         if stride:
             up = m.upsample

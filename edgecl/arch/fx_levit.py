@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from torch import fx, nn
 
-from edgecl.arch.fx_attention import _pointwise
+from edgecl.arch.fx_attention2d import pointwise
 from edgecl.arch.fx_calls import location, pair, shape_of
 from edgecl.errors import UsageError
 
@@ -32,6 +32,13 @@ _KINDS = ("LinearNorm", "Attention", "AttentionDownsample")
 def is_levit(m: Any) -> bool:
     """timm's LeViT LinearNorm, Attention or AttentionDownsample, judged by its class; timm is not imported."""
     return type(m).__module__ == _LEVIT and type(m).__name__ in _KINDS
+
+
+def levit_bias_fields(m: nn.Module, path: str, heads: int) -> dict[str, Any]:
+    """The ``attention`` fields of a module with LeViT's bias (LeViT's, TinyViT's, EfficientFormerV2's attention):
+    heads, its scale, the ``attention_biases`` table (heads, offsets) read at the fixed ``attention_bias_idxs``."""
+    return {"module": path, "heads": heads, "scale": float(m.scale), "bias_offsets": int(m.attention_biases.shape[1]),
+            "bias_index": m.attention_bias_idxs.tolist()}
 
 
 class _LevitConverter:
@@ -63,7 +70,7 @@ class _LevitConverter:
         if type(m.linear) is not nn.Linear or type(m.bn) is not nn.BatchNorm1d:
             raise UsageError(f"{self.name}: {where}: {path!r} holds a {type(m.linear).__name__} and a "
                              f"{type(m.bn).__name__}; edgecl converts timm's nn.Linear and nn.BatchNorm1d")
-        conv = self._emit(node, "conv", [x], f"{path}.linear", **_pointwise(m.linear))
+        conv = self._emit(node, "conv", [x], f"{path}.linear", **pointwise(m.linear))
         self._batchnorm(node, m.bn, conv, f"{path}.bn")
         return self.alias[node]
 
@@ -84,10 +91,7 @@ class _LevitConverter:
             k, v = blocks
         else:
             q, k, v = blocks
-        index = m.attention_bias_idxs
-        attended = self._emit(node, "attention", [q, k, v], f"{path}.attend", module=path, heads=heads,
-                              scale=float(m.scale), bias_offsets=int(m.attention_biases.shape[1]),
-                              bias_index=index.tolist())
+        attended = self._emit(node, "attention", [q, k, v], f"{path}.attend", **levit_bias_fields(m, path, heads))
         if [name for name, _ in m.proj.named_children()] != ["act", "ln"]:
             raise UsageError(f"{self.name}: {where}: proj has layers {[n for n, _ in m.proj.named_children()]}; "
                              "edgecl converts timm's ['act', 'ln']")

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from torch import fx, nn
 
-from edgecl.arch.fx_attention import _pointwise
+from edgecl.arch.fx_attention2d import pointwise
 from edgecl.arch.fx_calls import location, shape_of
 from edgecl.arch.fx_swin import check_drops, linear
 from edgecl.errors import UsageError
@@ -121,14 +121,14 @@ class _MaxVitConverter:
         heads, table, t = int(attn.n_heads), attn.relative_position_bias_table, size[0] * size[1]
         qkv, merge = linear(self.name, where, attn.to_qkv), linear(self.name, where, attn.merge)
         packed = self._emit(node, "conv", [self.swin_norm(node, norm, x, f"{path}.attn_layer.0", where)],
-                            f"{path}.attn_layer.1.to_qkv", **_pointwise(qkv))
+                            f"{path}.attn_layer.1.to_qkv", **pointwise(qkv))
         attended = self.attend_packed(
             node, packed, f"{path}.attn_layer.1", qkv.out_features // 3, module=f"{path}.attn_layer.1", heads=heads,
             scale=float(attn.scale_factor), window=size, **({"dilated": True} if grid else {}),
             bias_offsets=int(table.shape[0]), bias_index=attn.relative_position_index.reshape(t, t).tolist(),
             bias_table="swin")
         h = self._emit(node, "add", [x, self._emit(node, "conv", [attended], f"{path}.attn_layer.1.merge",
-                                                   **_pointwise(merge))], f"{path}.add1")
+                                                   **pointwise(merge))], f"{path}.add1")
         mlp = SimpleNamespace(fc1=fc1, act=act, fc2=fc2, drop1=nn.Identity(), drop2=nn.Identity())
         out = self.norm_mlp(node, mlp, self.swin_norm(node, mlp_norm, h, f"{path}.mlp_layer.0", where),
                             f"{path}.mlp_layer", where, ("1", "2", "3"))
@@ -148,13 +148,13 @@ class _MaxVitConverter:
             fields["dilated"] = True
         if m.rel_pos is not None:
             fields.update(module=f"{path}.rel_pos", **self._relative_bias(m.rel_pos, where, size))
-        packed = self._emit(node, "conv", [x], f"{path}.qkv", **_pointwise(qkv))
+        packed = self._emit(node, "conv", [x], f"{path}.qkv", **pointwise(qkv))
         if m.head_first:  # timm packs each head's q, k, v side by side
             q, k, v = self._head_blocks(node, packed, f"{path}.qkv", heads, [d, d, d])
             attended = self._emit(node, "attention", [q, k, v], f"{path}.attend", **fields)
         else:
             attended = self.attend_packed(node, packed, path, heads * d, **fields)
-        return self._emit(node, "conv", [attended], f"{path}.proj", **_pointwise(proj))
+        return self._emit(node, "conv", [attended], f"{path}.proj", **pointwise(proj))
 
 
 def _tf_index(rel: nn.Module, size: list[int]) -> list[list[int]] | None:

@@ -25,7 +25,7 @@ from torch import fx, nn
 
 from edgecl.arch.attention_windows import window_mask
 from edgecl.arch.fx_activations import module_activation
-from edgecl.arch.fx_attention import _pointwise
+from edgecl.arch.fx_attention2d import pointwise
 from edgecl.arch.fx_calls import location, shape_of
 from edgecl.errors import UsageError
 
@@ -90,10 +90,10 @@ class _SwinConverter:
             raise UsageError(f"{self.name}: {where}: its mlp's act is a {type(getattr(mlp, 'act', None)).__name__}; "
                              "edgecl converts an activation there")
         check_drops(self.name, where, mlp, "drop1", "drop2")
-        inner = self._emit(node, "conv", [x], f"{path}.{parts[0]}", **_pointwise(linear(self.name, where, mlp.fc1)))
+        inner = self._emit(node, "conv", [x], f"{path}.{parts[0]}", **pointwise(linear(self.name, where, mlp.fc1)))
         self._activation(node, mlp.act, inner, f"{path}.{parts[1]}")
         return self._emit(node, "conv", [self.alias[node]], f"{path}.{parts[2]}",
-                          **_pointwise(linear(self.name, where, mlp.fc2)))
+                          **pointwise(linear(self.name, where, mlp.fc2)))
 
     def _swin_torchvision_attention(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str,
                                     shape: list[int]) -> None:
@@ -120,12 +120,12 @@ class _SwinConverter:
             raise UsageError(f"{self.name}: {where}: qkv of {qkv.out_features} outputs and a bias table of "
                              f"{tuple(table.shape)} do not make {heads} heads")
         index = m.relative_position_index.reshape(window[0] * window[1], -1).tolist()
-        packed = self._emit(node, "conv", [x], f"{path}.qkv", **_pointwise(qkv))
+        packed = self._emit(node, "conv", [x], f"{path}.qkv", **pointwise(qkv))
         scale = float(getattr(m, "scale", (width // heads) ** -0.5))  # torchvision scales by (C / heads)^-½
         attended = self.attend_packed(node, packed, path, width, module=path, heads=heads, scale=scale,
                                       window=window, shift=shift, bias_offsets=int(table.shape[0]),
                                       bias_index=index, bias_table="swin")
-        return self._emit(node, "conv", [attended], f"{path}.proj", **_pointwise(proj))
+        return self._emit(node, "conv", [attended], f"{path}.proj", **pointwise(proj))
 
     def _swin_merge(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str, shape: list[int]) -> None:
         """Both libraries' PatchMerging: x0..x3 = (0, 0), (1, 0), (0, 1), (1, 1) side by side, norm, reduction."""
@@ -134,7 +134,7 @@ class _SwinConverter:
             x = self._emit(node, "pad", [x], f"{path}.pad", pads=[0, 0, height % 2, width % 2], value=0.0)
         merged = self._emit(node, "space_to_depth", [x], f"{path}.merge", block=2, order="wh")
         normed = self.swin_norm(node, m.norm, merged, f"{path}.norm", where)
-        self._emit(node, "conv", [normed], f"{path}.reduction", **_pointwise(linear(self.name, where, m.reduction)))
+        self._emit(node, "conv", [normed], f"{path}.reduction", **pointwise(linear(self.name, where, m.reduction)))
 
     def swin_norm(self, node: fx.Node, norm: nn.Module, x: str, path: str, where: str) -> str:
         """An nn.LayerNorm over the channels, with its weight and bias (or timm's LayerNorm, the same computation

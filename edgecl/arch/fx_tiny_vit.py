@@ -16,8 +16,9 @@ from typing import Any, Callable
 
 from torch import fx, nn
 
-from edgecl.arch.fx_attention import _pointwise
+from edgecl.arch.fx_attention2d import pointwise
 from edgecl.arch.fx_calls import location, shape_of
+from edgecl.arch.fx_levit import levit_bias_fields
 from edgecl.arch.fx_swin import check_drops, check_kind, linear
 from edgecl.errors import UsageError
 
@@ -83,10 +84,9 @@ class _TinyVitConverter:
         if qkv.out_features != heads * (2 * key_dim + val_dim):
             raise UsageError(f"{self.name}: {where}: {path}.qkv has the wrong width for {heads} heads")
         normed = self.swin_norm(node, m.norm, x, f"{path}.norm", where)
-        packed = self._emit(node, "conv", [normed], f"{path}.qkv", **_pointwise(qkv))
+        packed = self._emit(node, "conv", [normed], f"{path}.qkv", **pointwise(qkv))
         q, k, v = self._head_blocks(node, packed, f"{path}.qkv", heads, [key_dim, key_dim, val_dim])
         fields: dict[str, Any] = {"window": window} if window else {}
-        attended = self._emit(node, "attention", [q, k, v], f"{path}.attend", module=path, heads=heads,
-                              scale=float(m.scale), bias_offsets=int(m.attention_biases.shape[1]),
-                              bias_index=m.attention_bias_idxs.tolist(), **fields)
-        return self._emit(node, "conv", [attended], f"{path}.proj", **_pointwise(proj))
+        attended = self._emit(node, "attention", [q, k, v], f"{path}.attend", **levit_bias_fields(m, path, heads),
+                              **fields)
+        return self._emit(node, "conv", [attended], f"{path}.proj", **pointwise(proj))
