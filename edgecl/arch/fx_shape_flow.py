@@ -163,10 +163,10 @@ class ShapeFlowTracer(fx.Tracer):
                              "edgecl builds one network for every input (compute both branches and select with "
                              "torch.where, or decide in __init__)")
         parts = items and _has_tensors(values[0])  # a split's parts: their number is checked, their values stay
+        other = None if parts else self._replay(node)
         if any(not _same(len(v) if parts else v, len(values[0]) if parts else values[0]) for v in values[1:]) or \
-                not parts and self._replay(node) is not None:
+                other is not None:
             shown = ", ".join(f"{_short(v)} at batch {b}" for b, v in zip(_BATCHES, values))
-            other = None if parts else self._replay(node)
             shown += f", but {_short(other[1])} at batch {other[0]}" if other else ""
             raise UsageError(f"the Python control flow at {where} ({use}) depends on the batch size ({shown}); edgecl "
                              "builds one network for every batch size, so the decision must depend only on the "
