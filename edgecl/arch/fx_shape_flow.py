@@ -163,10 +163,10 @@ class ShapeFlowTracer(fx.Tracer):
                              "edgecl builds one network for every input (compute both branches and select with "
                              "torch.where, or decide in __init__)")
         parts = items and _has_tensors(values[0])  # a split's parts: their number is checked, their values stay
+        other = None if parts else self._replay(node)
         if any(not _same(len(v) if parts else v, len(values[0]) if parts else values[0]) for v in values[1:]) or \
-                not parts and self._replay(node) is not None:
+                other is not None:
             shown = ", ".join(f"{_short(v)} at batch {b}" for b, v in zip(_BATCHES, values))
-            other = None if parts else self._replay(node)
             shown += f", but {_short(other[1])} at batch {other[0]}" if other else ""
             raise UsageError(f"the Python control flow at {where} ({use}) depends on the batch size ({shown}); edgecl "
                              "builds one network for every batch size, so the decision must depend only on the "
@@ -178,8 +178,7 @@ class ShapeFlowTracer(fx.Tracer):
         only, in eval mode without gradients (the module's state untouched), reusing values computed before."""
         env = self._envs[batch]
         if node not in env:
-            order = {n: i for i, n in enumerate(self.graph.nodes)}
-            todo = sorted(_ancestors(node, env), key=order.__getitem__)
+            todo = self._in_order(node, env)
             runner = self._runners.get(batch)
             if runner is None:
                 runner = self._runners[batch] = fx.Interpreter(self.root, graph=self.graph)
@@ -210,8 +209,7 @@ class ShapeFlowTracer(fx.Tracer):
         """The node through which tensor values (not only metadata) reach `node`'s value, if any (memoised: a node's
         inputs never change while it is traced)."""
         env, sources = self._envs[_BATCHES[0]], self._sources
-        order = {n: i for i, n in enumerate(self.graph.nodes)}
-        for n in sorted(_ancestors(node, sources), key=order.__getitem__):
+        for n in self._in_order(node, sources):
             inputs = n.all_input_nodes
             found = next((sources[i] for i in inputs if sources[i] is not None), None)
             if found is None and (n.target in _DATA_SHAPED or _mask_index(n, env)):
@@ -223,13 +221,18 @@ class ShapeFlowTracer(fx.Tracer):
             return node  # bool(tensor): its value decides
         return sources[node]
 
+    def _in_order(self, node: fx.Node, known: dict[fx.Node, Any]) -> list[fx.Node]:
+        """`node` and its ancestors not in `known`, in graph order (each after its inputs)."""
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        return sorted(_ancestors(node, known), key=order.__getitem__)
+
     # -- decisions that read the batch axis -------------------------------------------------------------------------
     def _reads_batch(self, node: fx.Node) -> bool:
         """Whether `node` is a Python value computed from a read that changes with the batch (``x.shape``,
         ``x.size(0)``, ``x.numel()``): such a read differs at batch 1, 2 and 3; the taint flows through Python values,
         never through tensors (memoised like `_data_source`)."""
-        reads, order = self._batch_reads, {n: i for i, n in enumerate(self.graph.nodes)}
-        for n in sorted(_ancestors(node, reads), key=order.__getitem__):
+        reads = self._batch_reads
+        for n in self._in_order(node, reads):
             values = [self._envs[b][n] for b in _BATCHES]
             reads[n] = not _tensors(values[0]) and (any(reads[i] for i in n.all_input_nodes) or
                                                    any(not _same(v, values[0]) for v in values[1:]))
@@ -243,9 +246,7 @@ class ShapeFlowTracer(fx.Tracer):
         if not self._reads_batch(node):
             return None
         envs = {b: self._envs[b] for b in _BATCHES}
-        order = {n: i for i, n in enumerate(self.graph.nodes)}
-        chain = sorted(_ancestors(node, {n: 0 for n in self._batch_reads if not self._batch_reads[n]}),
-                       key=order.__getitem__)
+        chain = self._in_order(node, {n: 0 for n in self._batch_reads if not self._batch_reads[n]})
         for batch in _PROBES:
             values: dict[fx.Node, Any] = {}
             try:
