@@ -52,11 +52,11 @@ def _bn(b: _Builder, h: str, node: dict) -> str:
                 epsilon=node["eps"])
 
 
-def _layer_norm(b: _Builder, h: str, node: dict, constant, flat: bool) -> str:
+def _layer_norm(b: _Builder, h: str, node: dict, flat: bool) -> str:
     """LayerNormalization normalises the trailing axes: an NCHW map is transposed to NHWC around it (as the torch
     model it comes from permutes), features (N, C) go in as they are. Without affine tensors: scale 1, no bias."""
     name, ch = node["name"], node["ch"]
-    scale = f"{name}.weight" if node["affine"] else constant(np.ones(ch, dtype=np.float32))
+    scale = f"{name}.weight" if node["affine"] else b.constant(np.ones(ch, dtype=np.float32))
     bias = [f"{name}.bias"] if node["affine"] else []
     if flat:
         return b.op("LayerNormalization", [h, scale, *bias], axis=-1, epsilon=node["eps"])
@@ -65,29 +65,29 @@ def _layer_norm(b: _Builder, h: str, node: dict, constant, flat: bool) -> str:
     return b.op("Transpose", [normed], perm=[0, 3, 1, 2])
 
 
-def _grn(b: _Builder, h: str, node: dict, constant) -> str:
+def _grn(b: _Builder, h: str, node: dict) -> str:
     """x + bias + weight·x·n, n = ‖x‖ over space ÷ (its mean over channels + eps), as `edgecl.train.models`."""
-    name, axes = node["name"], constant(np.array([1, 2], dtype=np.int64))
+    name, axes = node["name"], b.ints(1, 2)
     spatial = b.op("ReduceL2", [h], axes=[2, 3], keepdims=1)
     n = b.op("Div", [spatial, b.op("Add", [b.op("ReduceMean", [spatial], axes=[1], keepdims=1),
-                                           constant(float(node["eps"]))])])
+                                           b.constant(float(node["eps"]))])])
     scaled = b.op("Mul", [b.op("Mul", [h, n]), b.op("Unsqueeze", [f"{name}.weight", axes])])
     return b.op("Add", [h, b.op("Add", [scaled, b.op("Unsqueeze", [f"{name}.bias", axes])])])
 
 
-def _channel_conv(b: _Builder, h: str, node: dict, constant) -> str:
+def _channel_conv(b: _Builder, h: str, node: dict) -> str:
     """ECA's 1-D convolution along the channels, as `edgecl.train.models`: (N, C, 1, 1) → (N, 1, C), zero padding by
     Conv's pads or, circular, the last and first (k−1)/2 channels concatenated around it; Conv 1-D; back."""
     c, pad = node["ch"], (node["k"] - 1) // 2
-    seq = b.op("Reshape", [h, constant(np.array([-1, 1, c], dtype=np.int64))])
+    seq = b.op("Reshape", [h, b.ints(-1, 1, c)])
     if node["circular"] and pad:
         def part(start: int, stop: int) -> str:
-            return b.op("Slice", [seq, *(constant(np.array([v], dtype=np.int64)) for v in (start, stop, 2))])
+            return b.op("Slice", [seq, *(b.ints(v) for v in (start, stop, 2))])
         seq = b.op("Concat", [part(c - pad, c), seq, part(0, pad)], axis=2)
-    weight = b.op("Reshape", [f"{node['name']}.weight", constant(np.array([1, 1, node["k"]], dtype=np.int64))])
+    weight = b.op("Reshape", [f"{node['name']}.weight", b.ints(1, 1, node["k"])])
     pads = [0, 0] if node["circular"] else [pad, pad]
     out = b.op("Conv", [seq, weight], kernel_shape=[node["k"]], strides=[1], pads=pads, dilations=[1], group=1)
-    return b.op("Reshape", [out, constant(np.array([-1, c, 1, 1], dtype=np.int64))])
+    return b.op("Reshape", [out, b.ints(-1, c, 1, 1)])
 
 
 def _select_inputs(b: _Builder, arch: Arch) -> str:
@@ -181,7 +181,7 @@ _KEEP_TRANSPOSED = ("relu", "relu6", "sigmoid", "tanh", "hardswish", "hardsigmoi
                     "scale")
 
 
-def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, shapes: list[list[int]]) -> str:
+def _op(b: _Builder, node: dict, ins: list[str], factors: dict, shapes: list[list[int]]) -> str:
     """One non-linear node of the spec (conv included), exactly as `edgecl.train.models` runs it; `shapes`: its
     inputs' shapes without the batch axis."""
     op, h, in_shape = node["op"], ins[0], shapes[0]
@@ -192,30 +192,30 @@ def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, shapes
     if op == "bn":
         return _bn(b, h, node)
     if op == "layer_norm" and node.get("over") == "map":
-        return map_norm(b, h, node, constant)
+        return map_norm(b, h, node)
     if op == "layer_norm":
-        return _layer_norm(b, h, node, constant, flat)
+        return _layer_norm(b, h, node, flat)
     if op == "layer_scale":  # a (C,) weight times (N, C) features or, unsqueezed to (C, 1, 1), an NCHW map
         w = f"{node['name']}.weight"
-        return b.op("Mul", [h, w if flat else b.op("Unsqueeze", [w, constant(np.array([1, 2], dtype=np.int64))])])
+        return b.op("Mul", [h, w if flat else b.op("Unsqueeze", [w, b.ints(1, 2)])])
     if op == "grn":
-        return _grn(b, h, node, constant)
+        return _grn(b, h, node)
     if op == "scalar_affine":  # (1,) initializers broadcast over any shape
         return b.op("Add", [b.op("Mul", [h, f"{node['name']}.weight"]), f"{node['name']}.bias"])
     if op == "channel_conv":
-        return _channel_conv(b, h, node, constant)
+        return _channel_conv(b, h, node)
     if op == "attention":
-        return attention(b, *ins, node, shapes, constant)
+        return attention(b, *ins, node, shapes)
     if op == "linear_attention":
-        return linear_attention(b, *ins, node, shapes, constant)
+        return linear_attention(b, *ins, node, shapes)
     if op == "pos_embed":
-        return pos_embed(b, h, node, in_shape, constant)
+        return pos_embed(b, h, node, in_shape)
     if op in TOKEN_OPS:
-        return TOKEN_OPS[op](b, h, node, constant)
+        return TOKEN_OPS[op](b, h, node)
     if op in _UNARY:
         return b.op(_UNARY[op], [h])
     if op == "relu6":
-        return b.op("Clip", [h, constant(0.0), constant(6.0)])
+        return b.op("Clip", [h, b.constant(0.0), b.constant(6.0)])
     if op == "hardsigmoid":  # torch: relu6(x + 3) / 6
         return b.op("HardSigmoid", [h], alpha=1.0 / 6.0, beta=0.5)
     if op == "silu":
@@ -225,12 +225,12 @@ def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, shapes
     if op == "gelu":
         if node["approximate"] == "tanh":  # 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
             cube = b.op("Mul", [b.op("Mul", [h, h]), h])
-            inner = b.op("Mul", [b.op("Add", [h, b.op("Mul", [cube, constant(0.044715)])]),
-                                 constant(float(np.sqrt(2.0 / np.pi)))])
-            half = b.op("Add", [b.op("Tanh", [inner]), constant(1.0)])
+            inner = b.op("Mul", [b.op("Add", [h, b.op("Mul", [cube, b.constant(0.044715)])]),
+                                 b.constant(float(np.sqrt(2.0 / np.pi)))])
+            half = b.op("Add", [b.op("Tanh", [inner]), b.constant(1.0)])
         else:  # 0.5·x·(1 + erf(x/√2))
-            half = b.op("Add", [b.op("Erf", [b.op("Mul", [h, constant(float(1 / np.sqrt(2.0)))])]), constant(1.0)])
-        return b.op("Mul", [b.op("Mul", [h, half]), constant(0.5)])
+            half = b.op("Add", [b.op("Erf", [b.op("Mul", [h, b.constant(float(1 / np.sqrt(2.0)))])]), b.constant(1.0)])
+        return b.op("Mul", [b.op("Mul", [h, half]), b.constant(0.5)])
     if op in ("maxpool", "avgpool"):
         attrs = dict(kernel_shape=node["k"], strides=node["stride"], pads=node["pad"] * 2,
                      ceil_mode=int(node["ceil_mode"]))
@@ -240,17 +240,17 @@ def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, shapes
     if op == "gap":
         return b.op("GlobalAveragePool", [h])
     if op == "attention_pool" and node.get("patch"):
-        return patch_context(b, h, ins[1], node, in_shape, constant)
+        return patch_context(b, h, ins[1], node, in_shape)
     if op == "attention_pool":  # (N, C, H·W) MatMul softmax(logits over H·W) as (N, H·W, 1) → (N, C, 1, 1)
         weights = b.op("Softmax", [b.op("Flatten", [ins[1]], axis=1)], axis=1)
-        flat = b.op("Reshape", [h, constant(np.array([0, in_shape[0], -1], np.int64))])
-        pooled = b.op("MatMul", [flat, b.op("Unsqueeze", [weights, constant(np.array([2], np.int64))])])
-        return b.op("Unsqueeze", [pooled, constant(np.array([3], np.int64))])
+        flat = b.op("Reshape", [h, b.ints(0, in_shape[0], -1)])
+        pooled = b.op("MatMul", [flat, b.op("Unsqueeze", [weights, b.ints(2)])])
+        return b.op("Unsqueeze", [pooled, b.ints(3)])
     if op in SPATIAL_OPS:
-        return spatial_op(b, node, h, constant, in_shape)
+        return spatial_op(b, h, node, in_shape)
     if op == "scale":
-        h = h if node["factor"] == 1.0 else b.op("Mul", [h, constant(node["factor"])])
-        return h if node["offset"] == 0.0 else b.op("Add", [h, constant(node["offset"])])
+        h = h if node["factor"] == 1.0 else b.op("Mul", [h, b.constant(node["factor"])])
+        return h if node["offset"] == 0.0 else b.op("Add", [h, b.constant(node["offset"])])
     if op == "add":
         for other in ins[1:]:
             h = b.op("Add", [h, other])
@@ -260,29 +260,29 @@ def _op(b: _Builder, node: dict, ins: list[str], constant, factors: dict, shapes
     if op == "cat":
         return b.op("Concat", ins, axis=1)
     if op == "slice":
-        starts, ends, axes = (constant(np.array([v], dtype=np.int64)) for v in (node["start"], node["stop"], 1))
+        starts, ends, axes = (b.ints(v) for v in (node["start"], node["stop"], 1))
         return b.op("Slice", [h, starts, ends, axes])
     if op == "shuffle":  # (N, g, C/g, H·W) → (N, C/g, g, H·W) → (N, C, H, W)
         c, height, width = in_shape
-        grouped = b.op("Reshape", [h, constant(np.array([0, node["groups"], c // node["groups"], -1], np.int64))])
+        grouped = b.op("Reshape", [h, b.ints(0, node["groups"], c // node["groups"], -1)])
         swapped = b.op("Transpose", [grouped], perm=[0, 2, 1, 3])
-        return b.op("Reshape", [swapped, constant(np.array([0, c, height, width], np.int64))])
+        return b.op("Reshape", [swapped, b.ints(0, c, height, width)])
     if op == "space_to_depth" and node.get("order") == "wh":  # Swin's (bw·b + bh)·C + c: a 6-D transpose
         c, height, width, k = *in_shape, node["block"]
-        grid = b.op("Reshape", [h, constant(np.array([0, c, height // k, k, width // k, k], np.int64))])
+        grid = b.op("Reshape", [h, b.ints(0, c, height // k, k, width // k, k)])
         moved = b.op("Transpose", [grid], perm=[0, 5, 3, 1, 2, 4])
-        return b.op("Reshape", [moved, constant(np.array([0, c * k * k, height // k, width // k], np.int64))])
+        return b.op("Reshape", [moved, b.ints(0, c * k * k, height // k, width // k)])
     if op == "space_to_depth":  # the channel order of timm's SpaceToDepth: (bh·b + bw)·C + c
         return b.op("SpaceToDepth", [h], blocksize=node["block"])
     if op == "branch_softmax":  # (N, R, C·H·W), Softmax over axis 1, back to (N, R·C, H, W)
         c, height, width = in_shape
-        branches = b.op("Reshape", [h, constant(np.array([0, node["branches"], -1], np.int64))])
+        branches = b.op("Reshape", [h, b.ints(0, node["branches"], -1)])
         weights = b.op("Softmax", [branches], axis=1)
-        return b.op("Reshape", [weights, constant(np.array([0, c, height, width], np.int64))])
+        return b.op("Reshape", [weights, b.ints(0, c, height, width)])
     if op == "flatten":
         return b.op("Flatten", [h], axis=1)
     if op == "reshape":
-        return b.op("Reshape", [h, constant(np.array([0, *node["shape"]], dtype=np.int64))])
+        return b.op("Reshape", [h, b.ints(0, *node["shape"])])
     raise ValueError(f"node {node['name']!r}: op {op!r} has no ONNX form")
 
 
@@ -305,19 +305,15 @@ def _nodes(arch: Arch, b: _Builder, weights_left: bool = False, constants: froze
             env[name] = (h, False)
         return h
 
-    def constant(value) -> str:
-        array = np.asarray(value, dtype=np.float32) if isinstance(value, float) else value
-        return b.op("Constant", [], value=numpy_helper.from_array(array, f"c{b.count + 1}"))
-
     for node in arch["nodes"]:
         op, name = node["op"], node["name"]
         if op == "linear":
             env[name] = _linear(b, node, env[node["inputs"][0]], plain, weights_left, constants, factors)
         elif op in _KEEP_TRANSPOSED and env[node["inputs"][0]][1]:
-            env[name] = (_op(b, node, [env[node["inputs"][0]][0]], constant, factors, [shapes[node["inputs"][0]]]),
+            env[name] = (_op(b, node, [env[node["inputs"][0]][0]], factors, [shapes[node["inputs"][0]]]),
                          True)
         else:
-            env[name] = (_op(b, node, [plain(s) for s in node["inputs"]], constant, factors,
+            env[name] = (_op(b, node, [plain(s) for s in node["inputs"]], factors,
                              [shapes[s] for s in node["inputs"]]), False)
     return env[arch["output"]]
 

@@ -11,50 +11,44 @@ import numpy as np
 from edgecl.graph.nodes import Builder
 
 
-def linear_attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list[int]], constant) -> str:
+def linear_attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list[int]]) -> str:
     """A ``linear_attention`` node: per head, (v·relu(k)ᵀ)·relu(q) over (relu(k) summed over the positions)ᵀ ·
     relu(q) + eps, by MatMuls on (N, heads, channels, T) views; the output head-major (N, heads·dv, H, W)."""
     (c, *hw), cv, h = shapes[0], shapes[2][0], node["heads"]
     t, d, dv = math.prod(hw), c // h, cv // h
 
-    def shape(*dims: int) -> str:
-        return constant(np.array(dims, dtype=np.int64))
-
-    qh, kh = (b.op("Relu", [b.op("Reshape", [x, shape(0, h, d, t)])]) for x in (q, k))  # (N, h, d, T)
-    vh = b.op("Reshape", [v, shape(0, h, dv, t)])
+    qh, kh = (b.op("Relu", [b.op("Reshape", [x, b.ints(0, h, d, t)])]) for x in (q, k))  # (N, h, d, T)
+    vh = b.op("Reshape", [v, b.ints(0, h, dv, t)])
     kv = b.op("MatMul", [vh, b.op("Transpose", [kh], perm=[0, 1, 3, 2])])  # (N, h, dv, d)
-    keys = b.op("Transpose", [b.op("ReduceSum", [kh, shape(3)], keepdims=1)], perm=[0, 1, 3, 2])  # (N, h, 1, d)
-    below = b.op("Add", [b.op("MatMul", [keys, qh]), constant(float(node["eps"]))])  # (N, h, 1, T)
+    keys = b.op("Transpose", [b.op("ReduceSum", [kh, b.ints(3)], keepdims=1)], perm=[0, 1, 3, 2])  # (N, h, 1, d)
+    below = b.op("Add", [b.op("MatMul", [keys, qh]), b.constant(float(node["eps"]))])  # (N, h, 1, T)
     out = b.op("Div", [b.op("MatMul", [kv, qh]), below])
-    return b.op("Reshape", [out, shape(0, h * dv, *hw)])
+    return b.op("Reshape", [out, b.ints(0, h * dv, *hw)])
 
 
-def patch_context(b: Builder, x: str, logits: str, node: dict, shape: list[int], constant) -> str:
+def patch_context(b: Builder, x: str, logits: str, node: dict, shape: list[int]) -> str:
     """An ``attention_pool`` with ``patch``: the map and its logits unfolded to (N, C, ph, pw, patches) by Reshape +
     Transpose, Softmax over the patches, Mul, ReduceSum, and the (N, C, ph, pw) pools tiled over the map."""
     (c, height, width), (ph, pw) = shape, node["patch"]
     nh, nw = height // ph, width // pw
 
-    def ints(*dims: int) -> str:
-        return constant(np.array(dims, dtype=np.int64))
-
     def unfolded(t: str, ch: int) -> str:
-        six = b.op("Transpose", [b.op("Reshape", [t, ints(0, ch, nh, ph, nw, pw)])], perm=[0, 1, 3, 5, 2, 4])
-        return b.op("Reshape", [six, ints(0, ch, ph, pw, nh * nw)])
+        six = b.op("Transpose", [b.op("Reshape", [t, b.ints(0, ch, nh, ph, nw, pw)])], perm=[0, 1, 3, 5, 2, 4])
+        return b.op("Reshape", [six, b.ints(0, ch, ph, pw, nh * nw)])
 
     weights = b.op("Softmax", [unfolded(logits, 1)], axis=-1)
-    pooled = b.op("ReduceSum", [b.op("Mul", [unfolded(x, c), weights]), ints(4)], keepdims=0)
-    return b.op("Tile", [pooled, ints(1, 1, nh, nw)])
+    pooled = b.op("ReduceSum", [b.op("Mul", [unfolded(x, c), weights]), b.ints(4)], keepdims=0)
+    return b.op("Tile", [pooled, b.ints(1, 1, nh, nw)])
 
 
-def map_norm(b: Builder, h: str, node: dict, constant) -> str:
+def map_norm(b: Builder, h: str, node: dict) -> str:
     """A ``layer_norm`` over the whole map (timm's GroupNorm1): (h − mean) / √(variance + eps) over C, H, W per
     sample, then the per-channel affine (unsqueezed to (C, 1, 1))."""
     centred = b.op("Sub", [h, b.op("ReduceMean", [h], axes=[1, 2, 3], keepdims=1)])
     variance = b.op("ReduceMean", [b.op("Mul", [centred, centred])], axes=[1, 2, 3], keepdims=1)
-    normed = b.op("Div", [centred, b.op("Sqrt", [b.op("Add", [variance, constant(float(node["eps"]))])])])
+    normed = b.op("Div", [centred, b.op("Sqrt", [b.op("Add", [variance, b.constant(float(node["eps"]))])])])
     if not node["affine"]:
         return normed
-    axes = constant(np.array([1, 2], dtype=np.int64))
+    axes = b.ints(1, 2)
     scaled = b.op("Mul", [normed, b.op("Unsqueeze", [f"{node['name']}.weight", axes])])
     return b.op("Add", [scaled, b.op("Unsqueeze", [f"{node['name']}.bias", axes])])

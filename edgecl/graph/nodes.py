@@ -1,9 +1,10 @@
 """The list of ONNX nodes a graph is built into, each output named after its op and a counter (shared by the
-builder and its per-family modules such as `token_ops`)."""
+builder and its per-family modules such as `token_ops`), and the Constant nodes they read."""
 from __future__ import annotations
 
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 
 class Builder:
@@ -16,3 +17,12 @@ class Builder:
         out = f"{op_type.lower()}_{self.count}"
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=f"n{self.count}_{op_type}", **attrs))
         return out
+
+    def constant(self, value) -> str:
+        """A Constant node holding `value` (a Python float becomes a float32 scalar)."""
+        array = np.asarray(value, dtype=np.float32) if isinstance(value, float) else value
+        return self.op("Constant", [], value=numpy_helper.from_array(array, f"c{self.count + 1}"))
+
+    def ints(self, *dims: int) -> str:
+        """A Constant int64 vector, as Reshape, Slice, ReduceSum and Tile read their shapes and axes."""
+        return self.constant(np.array(dims, dtype=np.int64))

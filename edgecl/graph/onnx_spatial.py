@@ -3,11 +3,10 @@
 `edgecl.train.models` runs them in torch."""
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import numpy as np
 
 from edgecl.arch.ops import blur_filter
+from edgecl.graph.nodes import Builder
 
 SPATIAL_OPS = ("pad", "blur", "upsample", "adaptive_avgpool")
 _PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}  # the spec's → ONNX Pad's
@@ -22,22 +21,22 @@ def adaptive_matrix(size: int, out: int) -> np.ndarray:
     return m.astype(np.float32)
 
 
-def spatial_op(b: Any, node: dict, h: str, constant: Callable[[Any], str], in_shape: list[int]) -> str:
-    """One `SPATIAL_OPS` node on the (N, C, H, W) tensor `h`; `b` is the builder, `constant` makes a Constant."""
+def spatial_op(b: Builder, h: str, node: dict, in_shape: list[int]) -> str:
+    """One `SPATIAL_OPS` node on the (N, C, H, W) tensor `h`."""
     op = node["op"]
     if op == "pad":  # ONNX pads: every axis's start, then every axis's end (N, C, H, W)
         top, left, bottom, right = node["pads"]
-        pads = constant(np.array([0, 0, top, left, 0, 0, bottom, right], dtype=np.int64))
+        pads = b.ints(0, 0, top, left, 0, 0, bottom, right)
         if node["mode"] != "constant":
             return b.op("Pad", [h, pads], mode=_PAD_MODES[node["mode"]])
-        return b.op("Pad", [h, pads, constant(np.array(float(node["value"]), dtype=np.float32))], mode="constant")
+        return b.op("Pad", [h, pads, b.constant(np.array(float(node["value"]), dtype=np.float32))], mode="constant")
     if op == "blur":  # one fixed binomial filter per channel: a depthwise Conv with a constant weight
         k, c = node["k"], in_shape[0]
-        weight = constant(np.ascontiguousarray(np.broadcast_to(blur_filter(k), (c, 1, k, k))))
+        weight = b.constant(np.ascontiguousarray(np.broadcast_to(blur_filter(k), (c, 1, k, k))))
         return b.op("Conv", [h, weight], kernel_shape=[k, k], strides=[node["stride"]] * 2, pads=[0, 0, 0, 0],
                     dilations=[1, 1], group=c)
     if op == "upsample":  # out[i] = in[floor(i / scale)]: every value repeated, no interpolation; or bilinear
-        scales = constant(np.array([1.0, 1.0, *node["scale"]], dtype=np.float32))
+        scales = b.constant(np.array([1.0, 1.0, *node["scale"]], dtype=np.float32))
         if node.get("mode") == "bilinear":  # torch's align_corners=False: source (i + ½)/scale − ½, edges clamped;
             # align_corners=True: source i·(in − 1)/(out − 1), the corner pixels' centres kept
             corners = "align_corners" if node.get("align_corners") else "half_pixel"
@@ -46,6 +45,6 @@ def spatial_op(b: Any, node: dict, h: str, constant: Callable[[Any], str], in_sh
                     nearest_mode="floor")
     if op == "adaptive_avgpool":  # A_h · X · A_wᵀ: (N, C, H, W) MatMul (W, w), then (h, H) MatMul that (broadcast)
         (_, height, width), (h_out, w_out) = in_shape, node["size"]
-        rows = b.op("MatMul", [h, constant(np.ascontiguousarray(adaptive_matrix(width, w_out).T))])
-        return b.op("MatMul", [constant(adaptive_matrix(height, h_out)), rows])
+        rows = b.op("MatMul", [h, b.constant(np.ascontiguousarray(adaptive_matrix(width, w_out).T))])
+        return b.op("MatMul", [b.constant(adaptive_matrix(height, h_out)), rows])
     raise ValueError(f"node {node['name']!r}: op {op!r} is not a spatial op")

@@ -10,48 +10,45 @@ from edgecl.arch.attention_windows import partition, window_mask, window_of
 from edgecl.graph.nodes import Builder
 
 
-def attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list[int]], constant) -> str:
+def attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list[int]]) -> str:
     """An ``attention`` node: over the whole map, or windowed (Swin: `window_attention`)."""
     if window_of(node):
-        return window_attention(b, q, k, v, node, shapes, constant)
-    return _attention(b, q, k, v, node, shapes, constant)
+        return window_attention(b, q, k, v, node, shapes)
+    return _attention(b, q, k, v, node, shapes)
 
 
-def window_attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list[int]], constant) -> str:
+def window_attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list[int]]) -> str:
     """Swin's (shifted) window attention, as `edgecl.train.models.window_attention`: roll by Slice + Concat, windows
     (side by side or dilated) into the batch by Reshape + Transpose, attention with the shift's mask as a constant,
     and back."""
     wh, ww, sh, sw = window_of(node)
     (c, height, width), cv = shapes[0], shapes[2][0]  # kv_heads = heads: the output has v's channels
 
-    def ints(*dims: int) -> str:
-        return constant(np.array(dims, dtype=np.int64))
-
     def roll(h: str, by: tuple[int, int]) -> str:  # torch.roll along H and W: the last `r` rows first
         for axis, (r, size) in enumerate(zip(by, (height, width)), start=2):
             if r % size:
                 cut = size - r % size
-                parts = [b.op("Slice", [h, ints(cut), ints(size), ints(axis)]),
-                         b.op("Slice", [h, ints(0), ints(cut), ints(axis)])]
+                parts = [b.op("Slice", [h, b.ints(cut), b.ints(size), b.ints(axis)]),
+                         b.op("Slice", [h, b.ints(0), b.ints(cut), b.ints(axis)])]
                 h = b.op("Concat", parts, axis=axis)
         return h
 
     grid, into, back = partition(height, width, wh, ww, bool(node.get("dilated")))
 
     def windows(h: str, ch: int) -> str:  # (N, C, H, W) → (N·windows, C, wh, ww)
-        six = b.op("Reshape", [h, ints(0, ch, *grid)])
-        return b.op("Reshape", [b.op("Transpose", [six], perm=list(into)), ints(-1, ch, wh, ww)])
+        six = b.op("Reshape", [h, b.ints(0, ch, *grid)])
+        return b.op("Reshape", [b.op("Transpose", [six], perm=list(into)), b.ints(-1, ch, wh, ww)])
 
     q, k, v = (windows(roll(t, (-sh, -sw)), s[0]) for t, s in zip((q, k, v), shapes))
     mask = window_mask(height, width, wh, ww, sh, sw)
     inner = [[c, wh, ww], [shapes[1][0], wh, ww], [shapes[2][0], wh, ww]]
-    out = _attention(b, q, k, v, node, inner, constant, None if mask is None else (constant(mask[:, None]), len(mask)))
-    grid = b.op("Reshape", [out, ints(-1, height // wh, width // ww, cv, wh, ww)])
-    out = b.op("Reshape", [b.op("Transpose", [grid], perm=list(back)), ints(0, cv, height, width)])
+    out = _attention(b, q, k, v, node, inner, None if mask is None else (b.constant(mask[:, None]), len(mask)))
+    grid = b.op("Reshape", [out, b.ints(-1, height // wh, width // ww, cv, wh, ww)])
+    out = b.op("Reshape", [b.op("Transpose", [grid], perm=list(back)), b.ints(0, cv, height, width)])
     return roll(out, (sh, sw))
 
 
-def _attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list[int]], constant,
+def _attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list[int]],
                mask: tuple[str, int] | None = None) -> str:
     """Multi-head attention over the positions of (N, C, H, W) maps, as `edgecl.train.models.attention`: per head (a
     block of channels) softmax((scale·q)ᵀk) over the keys times v, by Reshape, Transpose, MatMul and Softmax; with
@@ -61,62 +58,59 @@ def _attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list
     h, kv = node["heads"], node["kv_heads"]
     t, tk, d, dv = math.prod(hw), math.prod(khw), c // h, cv // kv
 
-    def shape(*dims: int) -> str:
-        return constant(np.array(dims, dtype=np.int64))
-
-    qh = b.op("Mul", [b.op("Transpose", [b.op("Reshape", [q, shape(0, h, d, t)])], perm=[0, 1, 3, 2]),
-                      constant(float(node["scale"]))])  # (N, h, T, d)
+    qh = b.op("Mul", [b.op("Transpose", [b.op("Reshape", [q, b.ints(0, h, d, t)])], perm=[0, 1, 3, 2]),
+                      b.constant(float(node["scale"]))])  # (N, h, T, d)
     if kv != h:
-        qh = b.op("Reshape", [qh, shape(0, kv, h // kv * t, d)])
-    scores = b.op("MatMul", [qh, b.op("Reshape", [k, shape(0, kv, d, tk)])])
+        qh = b.op("Reshape", [qh, b.ints(0, kv, h // kv * t, d)])
+    scores = b.op("MatMul", [qh, b.op("Reshape", [k, b.ints(0, kv, d, tk)])])
     if node.get("bias_offsets"):  # LeViT's bias: the (heads, B) table gathered by the fixed (T_q, T_kv) offsets
-        index = constant(np.array(node["bias_index"], dtype=np.int64))
+        index = b.constant(np.array(node["bias_index"], dtype=np.int64))
         bias = b.op("Gather", [f"{node['name']}.bias", index], axis=1)
-        scores = b.op("Add", [scores, b.op("Reshape", [bias, shape(kv, h // kv * t, tk)])])
+        scores = b.op("Add", [scores, b.op("Reshape", [bias, b.ints(kv, h // kv * t, tk)])])
     if mask is not None:  # windows need kv = h: (N·windows, h, T, T) as (N, windows, h, T, T) + (windows, 1, T, T)
-        per_window = b.op("Reshape", [scores, shape(-1, mask[1], h, t, tk)])
-        scores = b.op("Reshape", [b.op("Add", [per_window, mask[0]]), shape(-1, h, t, tk)])
+        per_window = b.op("Reshape", [scores, b.ints(-1, mask[1], h, t, tk)])
+        scores = b.op("Reshape", [b.op("Add", [per_window, mask[0]]), b.ints(-1, h, t, tk)])
     if node.get("talking_heads"):  # kv = h: (N, h, T, Tk) mixed across the heads before and after the softmax
-        scores = _mix_heads(b, scores, node, "talk1", (h, t, tk), shape)
+        scores = _mix_heads(b, scores, node, "talk1", (h, t, tk))
     weights = b.op("Softmax", [scores], axis=-1)
     if node.get("talking_heads"):
-        weights = _mix_heads(b, weights, node, "talk2", (h, t, tk), shape)
-    out = b.op("MatMul", [weights, b.op("Transpose", [b.op("Reshape", [v, shape(0, kv, dv, tk)])], perm=[0, 1, 3, 2])])
+        weights = _mix_heads(b, weights, node, "talk2", (h, t, tk))
+    out = b.op("MatMul", [weights, b.op("Transpose", [b.op("Reshape", [v, b.ints(0, kv, dv, tk)])], perm=[0, 1, 3, 2])])
     if kv != h:
-        out = b.op("Reshape", [out, shape(0, h, t, dv)])
-    return b.op("Reshape", [b.op("Transpose", [out], perm=[0, 1, 3, 2]), shape(0, h * dv, *hw)])
+        out = b.op("Reshape", [out, b.ints(0, h, t, dv)])
+    return b.op("Reshape", [b.op("Transpose", [out], perm=[0, 1, 3, 2]), b.ints(0, h * dv, *hw)])
 
 
-def _mix_heads(b: Builder, scores: str, node: dict, which: str, dims: tuple[int, int, int], shape) -> str:
+def _mix_heads(b: Builder, scores: str, node: dict, which: str, dims: tuple[int, int, int]) -> str:
     """A talking-head mix, as `edgecl.train.models._mix_heads`: (h, h) MatMul (N, h, T·Tk), plus (h, 1)."""
     h, t, tk = dims
-    flat = b.op("MatMul", [f"{node['name']}.{which}_weight", b.op("Reshape", [scores, shape(0, h, t * tk)])])
-    bias = b.op("Reshape", [f"{node['name']}.{which}_bias", shape(h, 1)])
-    return b.op("Reshape", [b.op("Add", [flat, bias]), shape(0, h, t, tk)])
+    flat = b.op("MatMul", [f"{node['name']}.{which}_weight", b.op("Reshape", [scores, b.ints(0, h, t * tk)])])
+    bias = b.op("Reshape", [f"{node['name']}.{which}_bias", b.ints(h, 1)])
+    return b.op("Reshape", [b.op("Add", [flat, bias]), b.ints(0, h, t, tk)])
 
 
-def _class_token(b: Builder, h: str, node: dict, constant) -> str:
+def _class_token(b: Builder, h: str, node: dict) -> str:
     """The learned tokens, expanded over the batch (Shape of the input's first axis), put before the others."""
     grid = [node["ch"], node["tokens"], 1]
-    token = b.op("Reshape", [f"{node['name']}.weight", constant(np.array([1, *grid], dtype=np.int64))])
+    token = b.op("Reshape", [f"{node['name']}.weight", b.ints(1, *grid)])
     batch = b.op("Shape", [h], start=0, end=1)
-    size = b.op("Concat", [batch, constant(np.array(grid, dtype=np.int64))], axis=0)
+    size = b.op("Concat", [batch, b.ints(*grid)], axis=0)
     return b.op("Concat", [b.op("Expand", [token, size]), h], axis=2)
 
 
-def pos_embed(b: Builder, h: str, node: dict, shape: list[int], constant) -> str:
+def pos_embed(b: Builder, h: str, node: dict, shape: list[int]) -> str:
     """The (C, T) embedding unsqueezed to tokens (C, T, 1), or reshaped to the feature map's (C, H, W), broadcast
     over the batch."""
     weight = f"{node['name']}.weight"
     if shape[2] == 1:
-        return b.op("Add", [h, b.op("Unsqueeze", [weight, constant(np.array([2], np.int64))])])
-    return b.op("Add", [h, b.op("Reshape", [weight, constant(np.array(shape, np.int64))])])
+        return b.op("Add", [h, b.op("Unsqueeze", [weight, b.ints(2)])])
+    return b.op("Add", [h, b.op("Reshape", [weight, b.ints(*shape)])])
 
 
-def _token(b: Builder, h: str, node: dict, constant) -> str:
+def _token(b: Builder, h: str, node: dict) -> str:
     """`count` tokens from `index` on (the class token, or the tokens after a prefix of class/register tokens)."""
     bounds = (node["index"], node["index"] + node["count"], 2)
-    starts, ends, axes = (constant(np.array([v], dtype=np.int64)) for v in bounds)
+    starts, ends, axes = (b.ints(v) for v in bounds)
     return b.op("Slice", [h, starts, ends, axes])
 
 
