@@ -141,3 +141,27 @@ def test_starting_weights_of_an_averaged_model_are_its_trunk_alone(tmp_path):
     assert starting_weights(str(tmp_path / "w.npz"), spec).sha256 == start.sha256
     trunk_only = {k: v for k, v in state.items() if not k.startswith("head")}
     assert starting_weights(trunk_only, spec).sha256 == start.sha256
+
+
+class ReluClassifier(nn.Module):
+    """SqueezeNet's classifier: dropout, a 1×1 convolution, a ReLU, global pooling, a flatten."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3)
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(6, 5, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+
+    def forward(self, x):
+        return torch.flatten(self.classifier(self.stem(x)), 1)
+
+
+def test_a_relu_after_a_pointwise_classifier_is_refused_with_the_call_that_keeps_it():
+    """The ReLU sits between the convolution and the pooling, so no linear head computes the classifier: refused
+    naming the layer and the line, and the call the message gives keeps it as the trunk's last layer, exactly."""
+    module = ReluClassifier()
+    with pytest.raises(UsageError, match=r"1×1 convolution classifier \(classifier\.1 .*" + HERE +
+                       r".*relu between it and the pooling.*classifier=False\) \(its 5 pooled channels"):
+        from_torch(module, (3, 6, 6))
+    spec = from_torch(module, (3, 6, 6), classifier=False)
+    assert spec["feature_dim"] == 5 and [n["op"] for n in spec["nodes"]][-4:] == ["conv", "relu", "gap", "flatten"]
+    check_parity(module, spec, (3, 6, 6), head=averaged_head([nn.Identity()], 5))

@@ -6,6 +6,7 @@ torch forward and ONNX graph are compared with the module (`tests/torch_nets.che
 with edgecl's message, so the list says what is missing and where.
 
     python tools/model_coverage.py [--parity] [--out tools/results/model_coverage.json]   # ~4 min, ~8 with --parity
+    python tools/model_coverage.py --parity --only timm:nf_resnet26 …   # re-check these rows, keep the others
 """
 from __future__ import annotations
 
@@ -92,28 +93,56 @@ def check(name: str, parity: bool) -> dict:
     return row
 
 
+def _kept_rows(path: str, names: list[str], only: list[str] | None) -> tuple[dict, bool]:
+    """With `only`: (the rows of the results file at `path` that are not re-checked (every listed model must be in
+    the model list and every other model must have a row, so the totals stay those of one full list), and whether
+    they were checked with --parity."""
+    if not only:
+        return {}, True
+    import json
+
+    unknown = sorted(set(only) - set(names))
+    if unknown:
+        raise SystemExit(f"--only: {', '.join(unknown)} not in the model list (names look like timm:resnet18)")
+    try:
+        with open(path) as f:
+            kept = json.load(f)
+        rows, parity = kept["models"], bool(kept["parity_checked"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"--only keeps the other rows of {path}, which cannot be read ({exc}); run the full list")
+    missing = [n for n in names if n not in rows and n not in only]
+    if missing:
+        raise SystemExit(f"--only: {path} has no row for {', '.join(missing[:5])}; run the full list")
+    return {n: r for n, r in rows.items() if n in names}, parity
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--parity", action="store_true", help="also compare each spec's torch and ONNX outputs with the "
                                                          "module's")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--only", nargs="+", metavar="NAME", help="re-check only these models (as listed in the file, "
+                   "e.g. timm:nf_resnet26) and keep the other rows of --out; the totals are recomputed")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     import torch
 
     torch.set_num_threads(1)
     names = [f"torchvision.models:{n}" for n in TORCHVISION] + [f"timm:{n}" for n in TIMM]
-    rows = {}
-    for name in names:
+    (rows, kept_parity), todo = _kept_rows(args.out, names, args.only), names
+    if args.only:
+        todo = [n for n in names if n in args.only]
+    for name in todo:
         rows[name] = check(name, args.parity)
         row = rows[name]
         print(f"{name:45s} {'OK' if row['ok'] else 'refused'}{'' if 'parity' not in row else ' parity ' + str(row['parity'])}"
               f"  {row.get('refusal', '')[:150]}", flush=True)
+    rows = {name: rows[name] for name in names}
     ok = [n for n, r in rows.items() if r["ok"] and r.get("parity", True)]
     reasons = collections.Counter(r["refusal"].split(" (")[0].split(": ", 1)[-1][:60]
                                   for r in rows.values() if not r["ok"])
     out = {"what": __doc__.splitlines()[0], "torch": torch.__version__, "go_in": len(ok), "of": len(names),
-           "parity_checked": args.parity, "models": rows, "refusals": dict(reasons.most_common())}
+           "parity_checked": args.parity and kept_parity, "models": rows, "refusals": dict(reasons.most_common())}
     from edgecl.train.outputs import save_json
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

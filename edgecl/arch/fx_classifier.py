@@ -29,6 +29,7 @@ from typing import Any, Callable
 from torch import fx
 
 from edgecl.arch.fx_calls import location, shape_of
+from edgecl.arch.ops import ACTIVATIONS
 from edgecl.arch.spec import INPUT
 from edgecl.errors import UsageError
 
@@ -54,6 +55,7 @@ class _ClassifierConverter:
         if terms is None:
             linear = self._classifier(last, out)
             if linear is None or linear["op"] != "linear":
+                self._refuse_activated_conv(last)
                 raise self._not_a_classifier("the model's last operation", last, "an nn.Linear classifier (or a 1×1 "
                                              "convolution on pooled features, then a flatten, or an average of such "
                                              "classifiers)")
@@ -151,6 +153,25 @@ class _ClassifierConverter:
                              "nn.Linear with a head per task, which leaves no trunk; put at least one layer before "
                              "the classifier")
         return features
+
+    def _refuse_activated_conv(self, last: dict[str, Any] | None) -> None:
+        """SqueezeNet's classifier — a 1×1 convolution, an activation, global pooling, a flatten — is not linear in
+        the pooled features, so no head can replace it; say so and how to keep it (as the trunk's last layer)."""
+        chain, node = [], last
+        for op in ("flatten", "gap"):
+            if node is None or node["op"] != op:
+                return
+            chain.append(node)
+            node = self._node_named(node["inputs"][0])
+        conv = self._node_named(node["inputs"][0]) if node is not None and node["op"] in ACTIVATIONS else None
+        if conv is None or conv["op"] != "conv" or conv["k"] != [1, 1]:
+            return
+        raise UsageError(f"{self.name}: the model ends in a 1×1 convolution classifier ({conv['name']}"
+                         f"{self._where(conv['name'])}) with a {node['op']} between it and the pooling, so it is not "
+                         "linear in the pooled features and a per-task head cannot replace it. Keep it as the trunk's "
+                         f"last layer with from_torch(model, input_shape, classifier=False) (its {conv['out']} pooled "
+                         "channels become the features the heads read; CLI: --no-classifier), or pass the trunk "
+                         "before it (a module returning (batch, features)) with classifier=False")
 
     def _not_a_classifier(self, subject: str, node: dict[str, Any] | None, wanted: str) -> UsageError:
         """The refusal of a model whose end is not a classifier: what `node` is, where, and what edgecl wanted."""
