@@ -266,3 +266,18 @@ def test_bad_input_is_refused_clearly():
     with pytest.raises(UsageError, match="in order"):
         method.learn_task(3, task, CTX)
     assert AGSCLConfig.from_json(AGSCLConfig(mu=3.0).to_json()) == AGSCLConfig(mu=3.0)
+
+
+def test_a_group_lasso_that_zeroes_every_node_says_so():
+    """μ far too strong: every node feeding the head is cut, the task's logits are its bias; the run names the
+    setting to lower (beside the engine's generic "has not learned" line), results.json keeps the note."""
+    lines: list[str] = []
+    result = engine.run(AGSCL(preset("mlp"), AGSCLConfig(epochs=2, lasso="euclidean", mu=1e5)),
+                        make_stream("split-digits", 2, seed=0), TrainContext(progress=False), log=lines.append)
+    cut = [line for line in lines if "no feature the head reads is in use" in line]
+    assert len(cut) == 2 and all("lower mu (100000 now: --set mu=…)" in line for line in cut)
+    assert set(result.to_json()["notes"]) == {"0", "1"}
+    lines.clear()  # the default strength on the same data: no such line
+    engine.run(AGSCL(preset("mlp"), AGSCLConfig(epochs=2, lasso="euclidean")), make_stream("split-digits", 2, seed=0),
+               TrainContext(progress=False), log=lines.append)
+    assert not any("no feature the head reads" in line for line in lines)

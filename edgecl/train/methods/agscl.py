@@ -204,11 +204,19 @@ class AGSCL(Method):
         self.alive.append(alive)
         self.task_stats.append({k: self.trunk[k].clone() for k in nodes.own})
         self.stats.append({**freeze, "exact_zero_nodes": zeroed, "reinit_nodes": reinit})
+        warnings = []
         if freeze["frozen"][0] < freeze["frozen"][1] or freeze["old_task_max_drift"] > 0:
-            ctx.notes.setdefault(t, {})["warning"] = (
-                f"agscl task {t}: only {freeze['frozen'][0]} of {freeze['frozen'][1]} important nodes stayed exactly "
-                f"frozen; earlier tasks' weights moved by up to {freeze['old_task_max_drift']:.3g} "
-                f"(freeze={cfg.freeze!r}; freeze='exact' keeps them bit-identical)")
+            warnings.append(f"agscl task {t}: only {freeze['frozen'][0]} of {freeze['frozen'][1]} important nodes "
+                            f"stayed exactly frozen; earlier tasks' weights moved by up to "
+                            f"{freeze['old_task_max_drift']:.3g} (freeze={cfg.freeze!r}; freeze='exact' keeps them "
+                            "bit-identical)")
+        if not np.append(alive, True)[nodes.head].any():  # the group lasso won: the logits are the head's bias
+            name = "mu_adam" if cfg.uses_adam_metric(self.arch) else "mu"
+            warnings.append(f"agscl task {t}: no feature the head reads is in use after this task (the group lasso "
+                            f"zeroed every node feeding it), so its predictions do not depend on the input; lower "
+                            f"{name} ({getattr(cfg, name):g} now: --set {name}=…)")
+        if warnings:
+            ctx.notes.setdefault(t, {})["warning"] = "; ".join(warnings)
 
     def _cuts(self, device: str) -> dict[str, torch.Tensor]:
         """(I.1) connections fixed at zero for good, per reader weight (GEMM rows × columns × 1): node j reading
