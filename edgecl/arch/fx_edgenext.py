@@ -70,8 +70,6 @@ class _EdgeNextConverter:
         parts = len(m.convs) + 1
         size = math.ceil(ch / parts)
         bounds = [(i * size, min(ch, (i + 1) * size)) for i in range(parts)]
-        if parts == 1:
-            return x
         if bounds[-1][0] >= ch or any(c.in_channels != size or c.out_channels != size for c in m.convs):
             raise UsageError(f"{self.name}: {where}: chunking {ch} channels into {parts} parts gives {size}-channel "
                              f"parts; its convs read {[c.in_channels for c in m.convs]}")
