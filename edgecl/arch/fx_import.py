@@ -6,12 +6,11 @@ every conv/linear/BatchNorm node is named by its module path and its tensors by 
 come from running the traced graph once on zeros (`_ShapeProp`, eval mode, no gradients, the module's state untouched).
 Dropout and identity are dropped (identities at inference); view-like ops become ``flatten``/``reshape`` with the shape
 they produced. Each family has its own mixin module (`_Converter`'s bases: calls, norms and channels-last maps,
-tokens, attention, LeViT, Swin, TinyViT, MobileViT, MaxViT, BlurPool, …); control flow on shapes is resolved at the
-import shape by `fx_shape_flow`. The final classifier (an `nn.Linear`, a 1×1 conv on pooled features and a flatten,
-or an average of such, as RepViT's) is left out by `fx_classifier`: every task gets its own head on the features it
-reads. Anything else raises `UsageError` naming the op, the fx node, the module path and the user's source line,
-never a trace.
-"""
+tokens, attention, LeViT, Swin, TinyViT, MobileViT, MaxViT, EdgeNeXt, BlurPool, …); control flow on shapes is resolved
+at the import shape by `fx_shape_flow`. The final classifier (an `nn.Linear`, a 1×1 conv on pooled features and a
+flatten, or an average of such, as RepViT's) is left out by `fx_classifier`: every task gets its own head on the
+features it reads. Anything else raises `UsageError` naming the op, the fx node, the module path and the user's
+source line, never a trace."""
 from __future__ import annotations
 
 import inspect
