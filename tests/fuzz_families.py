@@ -186,7 +186,7 @@ def _spec(draw) -> dict:
                                    "reshape", "pad", "blur", "adaptive_avgpool", "scalar_affine", "channel_conv",
                                    "branch_softmax", "class_token", "pos_embed", "token", "attention", "space_to_depth",
                                    "upsample", "linear_attention", "layer_norm", "attention_pool",
-                                   *ACTIVATIONS]))
+                                   "channel_attention", "fourier_pos", *ACTIVATIONS]))
         src = draw(st.sampled_from(names))
         node = {"name": f"n{i}", "op": op, "inputs": [src]}
         dims = known.get(src, [1])
@@ -278,6 +278,17 @@ def _spec(draw) -> dict:
                 node["eps"] = draw(st.sampled_from([1e-5, 0.5])) if fits else draw(st.sampled_from([0, 1, -1e-5]))
             if draw(st.booleans()):
                 node["kernel"] = "relu" if fits else draw(st.sampled_from(["softmax", 1, None]))
+        elif op == "channel_attention":  # EdgeNeXt's XCA of one map (q = k = v), its heads, F.normalize's eps
+            node["inputs"] += [src, src]
+            node["heads"] = draw(st.sampled_from([d for d in (1, 2, 3) if dims[0] % d == 0])) if fits else \
+                draw(st.sampled_from([0, dims[0] + 1, "2"]))
+            if draw(st.booleans()):
+                node["eps"] = draw(st.sampled_from([1e-12, 0.5])) if fits else draw(st.sampled_from([0, 1, "1e-6"]))
+        elif op == "fourier_pos":  # EdgeNeXt's sine-cosine grid of the map's shape: no tensors
+            node["hidden"] = draw(st.sampled_from([1, 2, 4])) if fits else draw(st.sampled_from([0, 513, 2.0]))
+            if draw(st.booleans()):
+                node["temperature"] = draw(st.sampled_from([10000.0, 0.5])) if fits else \
+                    draw(st.sampled_from([float("inf"), "1", None]))
         elif op == "layer_norm":  # over the channels, or over the whole map (MobileViTv2's GroupNorm1)
             node["ch"] = dims[0] if fits else draw(hostile)
             if draw(st.booleans()):

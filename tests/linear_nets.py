@@ -1,7 +1,7 @@
 """Small user networks for the attentions linear in the positions (split from `layer_nets`, which is full):
-EfficientViT's (MIT) multi-scale ReLU linear attention block (`TinyEfficientViT`) and MobileViTv2's block (the context
-vector over the patches, GroupNorm1: `TinyMobileViTv2`). The graph tests run every method on each. Imports torch and
-timm."""
+EfficientViT's (MIT) multi-scale ReLU linear attention block (`TinyEfficientViT`), MobileViTv2's block (the context
+vector over the patches, GroupNorm1: `TinyMobileViTv2`) and EdgeNeXt's SDTA block (attention among the channels,
+the Fourier position grid: `TinyEdgeNeXt`). The graph tests run every method on each. Imports torch and timm."""
 from __future__ import annotations
 
 from torch import nn
@@ -11,6 +11,7 @@ from edgecl.arch.factories import ensure_torchvision_imports
 
 ensure_torchvision_imports()
 from timm.models.efficientvit_mit import EfficientVitBlock  # noqa: E402
+from timm.models.edgenext import SplitTransposeBlock  # noqa: E402
 from timm.models.mobilevit import MobileVitV2Block  # noqa: E402
 
 
@@ -50,3 +51,25 @@ class TinyMobileViTv2(nn.Module):
 
 def mobilevit2_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyMobileViTv2(in_channels=input_shape[0]), tuple(input_shape))
+
+
+class TinyEdgeNeXt(nn.Module):
+    """EdgeNeXt's SDTA block in small: a strided conv stem to a 4×4 map, one timm SplitTransposeBlock (the map
+    chunked into `scales` parts, all but the last through hierarchical depthwise 3×3 convs; the Fourier position
+    grid and its 1×1 conv added; LayerNorm, XCA over `heads` heads of channels with their temperatures, layer scale,
+    added; LayerNorm, MLP, layer scale, added back) and the mean."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 16, scales: int = 3, heads: int = 2,
+                 pos: bool = True, ls: float = 1.0):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, width, 3, stride=2, padding=1)
+        self.block = SplitTransposeBlock(width, num_scales=scales, num_heads=heads, expand_ratio=2, use_pos_emb=pos,
+                                         ls_init_value=ls)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)).mean((2, 3)))
+
+
+def edgenext_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyEdgeNeXt(in_channels=input_shape[0]), tuple(input_shape))

@@ -2,7 +2,8 @@
 BatchNorm, LayerNorm and attention (the resnet preset and the custom `ResCat`, `GhostSplit`, `TinyConvNeXt`,
 `TinyEca`, `TinyHGNet`, `TinySplitAttn`, `TinyViT` (also with register tokens, a distillation token and a frozen
 position embedding), `TinyMNv4Hybrid` (multi-query), `TinyBlur` (BlurPool), `TinyMobileViT` (grid attention),
-`TinyFPN` (bilinear up-sampling in a feature-pyramid neck), `TinyFastViT` (attention over a map's positions) and PiT
+`TinyFPN` (bilinear up-sampling in a feature-pyramid neck), `TinyFastViT` (attention over a map's positions),
+`TinyEdgeNeXt` (attention among channels, a Fourier position grid) and PiT
 (class tokens split off and joined around its pooling) modules; TinyHGNet's scalar affines
 make a dead node the affine's bias, not 0), on real digits training: dead node groups exactly zero, important ones
 frozen bit for bit, old tasks bit-identical, the runtime and ONNX export equal `materialize`, and `--resume`
@@ -16,7 +17,7 @@ import torch
 from layer_nets import TinyBlur, TinyEca, TinyHGNet, TinyMNv4Hybrid, TinyMobileViT, TinySplitAttn, TinyViT
 from neck_nets import TinyFPN
 from layer_nets_vit import TinyFastViT, tiny_pit
-from linear_nets import TinyEfficientViT, TinyMobileViTv2
+from linear_nets import TinyEdgeNeXt, TinyEfficientViT, TinyMobileViTv2
 from torch_nets import MODELS, GhostSplit, ResCat, TinyConvNeXt
 
 from edgecl import artifact
@@ -63,12 +64,13 @@ def _arch(name: str) -> dict:
               "fpn": lambda: TinyFPN(in_channels=3, width=16),
               "fastvit": lambda: TinyFastViT(in_channels=3), "pit": lambda: tiny_pit(in_channels=3),
               "efficientvit": lambda: TinyEfficientViT(in_channels=3, width=16),
-              "mobilevit2": lambda: TinyMobileViTv2(in_channels=3, width=16)}
+              "mobilevit2": lambda: TinyMobileViTv2(in_channels=3, width=16),
+              "edgenext": lambda: TinyEdgeNeXt(in_channels=3, width=16)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
 _CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4", "vit_tokens", "blur", "mobilevit",
-           "fpn", "fastvit", "pit", "efficientvit", "mobilevit2")
+           "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext")
 
 
 def _stream(name: str, n_tasks: int):
@@ -90,7 +92,7 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
 
 @pytest.fixture(scope="module", params=["resnet", "rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit",
                                                 "mnv4", "vit_tokens", "blur", "mobilevit", "fpn", "fastvit",
-                                                "pit", "efficientvit", "mobilevit2"])
+                                                "pit", "efficientvit", "mobilevit2", "edgenext"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

@@ -42,7 +42,7 @@ from layer_nets import (blur_spec, eca_spec, efficientformer_spec, gc_spec, hgne
                         tiny_vit_spec, vit_spec)
 from layer_nets_vit import fastvit_spec, pit_spec
 from neck_nets import fpn_spec
-from linear_nets import efficientvit_spec, mobilevit2_spec
+from linear_nets import edgenext_spec, efficientvit_spec, mobilevit2_spec
 from torch_nets import convnext_spec, dwres_spec, ghost_spec, rescat_spec, shuffle_spec
 
 CTX = TrainContext(progress=False)
@@ -55,10 +55,10 @@ ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8
          "levit": levit_spec, "blur": blur_spec, "swin": swin_spec, "tiny_vit": tiny_vit_spec,
          "map_embed": map_embed_spec, "efficientformer": efficientformer_spec, "mobilevit": mobilevit_spec,
          "maxvit": maxvit_spec, "fpn": fpn_spec, "fastvit": fastvit_spec, "pit": pit_spec,
-         "efficientvit": efficientvit_spec, "mobilevit2": mobilevit2_spec}
+         "efficientvit": efficientvit_spec, "mobilevit2": mobilevit2_spec, "edgenext": edgenext_spec}
 GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgnet", "split", "vit", "gc", "s2d", "mnv4",
           "vit_tokens", "levit", "blur", "swin", "tiny_vit", "map_embed", "efficientformer", "mobilevit", "maxvit",
-          "fpn", "fastvit", "pit", "efficientvit", "mobilevit2"]
+          "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext"]
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ NORMS = {"name": "norms", "input_shape": [3, 16, 16], "nodes": [
 
 # the layer families added later: TResNet's space_to_depth, a scalar affine (HGNetV2), ECA's channel_conv, GCNet's
 # attention_pool and broadcast add, split attention's branch_softmax, Swin's shifted window attention, EfficientViT's
-# linear attention, MobileViTv2's GroupNorm1 and patch context, and a ViT
+# linear attention, MobileViTv2's GroupNorm1 and patch context, EdgeNeXt's Fourier grid and channel attention, and a ViT
 # block on the (C, T, 1) token map (register tokens, class token, position embedding, attention, token pooling)
 LAYERS = {"name": "layers", "input_shape": [3, 16, 16], "nodes": [
     {"name": "s2d", "op": "space_to_depth", "inputs": ["input"], "block": 2},
@@ -81,7 +81,12 @@ LAYERS = {"name": "layers", "input_shape": [3, 16, 16], "nodes": [
     {"name": "l_logits", "op": "conv", "inputs": ["l_attend"], "in": 8, "out": 1, "k": 1},
     {"name": "l_context", "op": "attention_pool", "inputs": ["l_attend", "l_logits"], "patch": [2, 2]},  # MobileViTv2
     {"name": "l_res", "op": "add", "inputs": ["g_res", "l_context"]},
-    {"name": "tokens", "op": "reshape", "inputs": ["l_res"], "shape": [8, 64, 1]},
+    {"name": "e_grid", "op": "fourier_pos", "inputs": ["l_res"], "hidden": 4},  # EdgeNeXt's position grid
+    {"name": "e_pos", "op": "conv", "inputs": ["e_grid"], "in": 8, "out": 8, "k": 1},
+    {"name": "e_in", "op": "add", "inputs": ["l_res", "e_pos"]},
+    {"name": "e_attend", "op": "channel_attention", "inputs": ["e_in"] * 3, "heads": 2},  # EdgeNeXt's XCA
+    {"name": "e_res", "op": "add", "inputs": ["e_in", "e_attend"]},
+    {"name": "tokens", "op": "reshape", "inputs": ["e_res"], "shape": [8, 64, 1]},
     {"name": "reg", "op": "class_token", "inputs": ["tokens"], "ch": 8, "tokens": 4},
     {"name": "cls", "op": "class_token", "inputs": ["reg"], "ch": 8},
     {"name": "pos", "op": "pos_embed", "inputs": ["cls"], "ch": 8, "tokens": 69},

@@ -23,7 +23,10 @@ a bias); an ``attention`` ties q's channels to k's (channel i of each meets in t
 channels are v's, and q, k and v are pinned and ordered: each head is a contiguous block of channels, so removing or
 moving one would move every later channel to another head. With fewer key/value heads than query heads (multi-query
 attention: one), every query head's block is tied to its k head's block, and the output lists v's block once per
-query head that reads it (a group repeated, as a concatenation of a tensor with itself). This is the dependency
+query head that reads it (a group repeated, as a concatenation of a tensor with itself). A ``channel_attention``
+(EdgeNeXt's XCA: attention among a head's channels) ties q, k and v channel by channel and pins and orders them
+all (`edgecl.arch.sdta_ops`); a ``fourier_pos`` grid is a group of its own that no tensor produces.
+This is the dependency
 graph Torch-Pruning's DepGraph builds on a traced model, computed here on the spec with a
 union-find, without torch.
 
@@ -133,6 +136,16 @@ def channel_map(arch: Arch) -> ChannelMap:
             out = _attend(uf, size, node, ins, [shapes[s] for s in node["inputs"]])
             pinned_by.extend(ins)
             ordered_by.extend(ins)
+        elif op == "channel_attention":  # XCA: a dead q or k channel still takes its share of each head's
+            # softmax, so no channel of q, k or v may go, nor move (heads are contiguous); output channel i is q's row
+            _merge(uf, size, node, ins, [shapes[s] for s in node["inputs"]])
+            out = x
+            pinned_by.extend(ins)
+            ordered_by.extend(ins)
+        elif op == "fourier_pos":  # a fixed grid: channels of its own, produced by no tensor, never cut
+            out = new_group(name, 2 * node["hidden"])
+            pinned_by.append(out)
+            ordered_by.append(out)
         elif op == "flatten":
             hw = 1
             for d in shapes[node["inputs"][0]][1:]:

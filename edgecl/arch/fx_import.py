@@ -6,12 +6,11 @@ every conv/linear/BatchNorm node is named by its module path and its tensors by 
 come from running the traced graph once on zeros (`_ShapeProp`, eval mode, no gradients, the module's state untouched).
 Dropout and identity are dropped (identities at inference); view-like ops become ``flatten``/``reshape`` with the shape
 they produced. Each family has its own mixin module (`_Converter`'s bases: calls, norms and channels-last maps,
-tokens, attention, LeViT, Swin, TinyViT, MobileViT, MaxViT, BlurPool, …); control flow on shapes is resolved at the
-import shape by `fx_shape_flow`. The final classifier (an `nn.Linear`, a 1×1 conv on pooled features and a flatten,
-or an average of such, as RepViT's) is left out by `fx_classifier`: every task gets its own head on the features it
-reads. Anything else raises `UsageError` naming the op, the fx node, the module path and the user's source line,
-never a trace.
-"""
+tokens, attention, LeViT, Swin, TinyViT, MobileViT, MaxViT, EdgeNeXt, BlurPool, …); control flow on shapes is resolved
+at the import shape by `fx_shape_flow`. The final classifier (an `nn.Linear`, a 1×1 conv on pooled features and a
+flatten, or an average of such, as RepViT's) is left out by `fx_classifier`: every task gets its own head on the
+features it reads. Anything else raises `UsageError` naming the op, the fx node, the module path and the user's
+source line, never a trace."""
 from __future__ import annotations
 
 import inspect
@@ -32,6 +31,7 @@ from edgecl.arch.fx_blur import _BlurConverter, is_blur_pool
 from edgecl.arch.fx_classifier import _ClassifierConverter
 from edgecl.arch.fx_eca import _EcaConverter, is_eca
 from edgecl.arch.fx_efficientformer import _EfficientFormerConverter, is_efficientformer_attention
+from edgecl.arch.fx_edgenext import _EdgeNextConverter, is_sdta_block
 from edgecl.arch.fx_efficientvit import _EfficientVitConverter, is_lite_mla
 from edgecl.arch.fx_global_context import _GlobalContextConverter, is_global_context
 from edgecl.arch.fx_levit import _LevitConverter, is_levit
@@ -66,8 +66,8 @@ _SCALAR_METHODS = ("size", "dim")
 _WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention, "split_attention"),
           (is_timm_attention, "timm_attention"), (is_global_context, "global_context"), (is_swin, "swin"),
           (is_space_to_depth, "space_to_depth"), (is_levit, "levit"), (is_tiny_vit_block, "tiny_vit_block"),
-          (is_blur_pool, "blur_pool"), (is_efficientformer_attention, "efficientformer_attention"),
-          (is_mobilevit, "mobilevit"), (is_maxvit, "maxvit"), (is_lite_mla, "lite_mla"))
+          (is_blur_pool, "blur_pool"), (is_efficientformer_attention, "efficientformer_attention"), (is_mobilevit,
+          "mobilevit"), (is_maxvit, "maxvit"), (is_lite_mla, "lite_mla"), (is_sdta_block, "sdta_block"))
 # may read channels-last values
 _ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin, is_tiny_vit_block, is_maxvit)
 
@@ -195,8 +195,8 @@ def _propagate_shapes(traced: fx.GraphModule, shape: list[int]) -> None:
 class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverter, _PaddingConverter,
                  _ClassifierConverter, _EcaConverter, _AffineConverter, _SplitAttnConverter, _TokenConverter,
                  _AttentionConverter, _Attention2dConverter, _GlobalContextConverter, _SpaceToDepthConverter,
-                 _LevitConverter, _SwinConverter, _TinyVitConverter, _BlurConverter,
-                 _EfficientFormerConverter, _MobileVitConverter, _MaxVitConverter, _EfficientVitConverter):
+                 _LevitConverter, _SwinConverter, _TinyVitConverter, _BlurConverter, _EfficientFormerConverter,
+                 _MobileVitConverter, _MaxVitConverter, _EfficientVitConverter, _EdgeNextConverter):
 
     def __init__(self, traced: fx.GraphModule, module: nn.Module, shape: list[int], classifier: bool | None,
                  name: str):

@@ -217,14 +217,19 @@ class _NormConverter:
                              f"forward as a layer scale (shared weights) {location(node)}; edgecl needs one use per "
                              "weight")
         self.claim(path, node)
-        fields: dict[str, Any] = {"ch": ch}
-        first = float(p.detach().reshape(-1)[0])
-        if bool((p == first).all()) and first != 1.0:  # a fresh module's start (ConvNeXt: 1e-6), kept for training
-            fields["init"] = first
-        if list(p.shape) != [ch]:
-            fields["module_shape"] = list(p.shape)
-        self._emit(node, "layer_scale", [self._input(a, node)], path, **fields)
+        self._emit(node, "layer_scale", [self._input(a, node)], path, **layer_scale_fields(p, ch))
         if a in self.last:
             self.last.add(node)
         return True
 
+
+def layer_scale_fields(p: torch.Tensor, ch: int) -> dict[str, Any]:
+    """A ``layer_scale`` node's fields for the parameter `p` of `ch` factors: a fresh module's start where all are
+    equal (ConvNeXt's 1e-6, kept for training), the module's shape where it is not (ch,)."""
+    fields: dict[str, Any] = {"ch": ch}
+    first = float(p.detach().reshape(-1)[0])
+    if bool((p == first).all()) and first != 1.0:
+        fields["init"] = first
+    if list(p.shape) != [ch]:
+        fields["module_shape"] = list(p.shape)
+    return fields

@@ -26,7 +26,7 @@ def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
     """Trunk tensor name → its shape as the traced module stores it (`param_shapes`, except a weight whose node has
     a ``module_shape``, a position embedding or several prepended tokens, stored ``(1, tokens, ch)``, Swin's
     attention bias table, stored ``(offsets, heads)``, TensorFlow MaxViT's, ``(heads, 2·wh − 1, 2·ww − 1)``, and
-    talking heads' mixes, stored as (heads, heads, 1, 1) convs);
+    talking heads' mixes, stored as (heads, heads, 1, 1) convs, and XCA's temperature, (heads, 1, 1));
     `from_module` converts."""
     shapes = param_shapes(arch)
     for node in arch["nodes"]:
@@ -39,6 +39,8 @@ def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
         if node["op"] == "attention" and node.get("talking_heads"):  # 1×1 convs over the heads
             for mix in ("talk1_weight", "talk2_weight"):
                 shapes[f"{node['name']}.{mix}"] = (node["heads"], node["heads"], 1, 1)
+        if node["op"] == "channel_attention":  # timm's XCA temperature, (heads, 1, 1)
+            shapes[f"{node['name']}.temperature"] = (node["heads"], 1, 1)
         if node["op"] == "attention" and node.get("bias_table") == "tf":  # (heads, offsets) with its 2-D offsets
             shapes[f"{node['name']}.bias"] = (node["heads"], *(2 * w - 1 for w in node["window"]))
     return shapes

@@ -97,6 +97,8 @@ Ops (fields and defaults in `OPS`):
   matrix and bias before the softmax (tensors ``talk1_weight``, ``talk1_bias``) and the softmax's weights by a second
   one after it (``talk2_weight``, ``talk2_bias``): its module's ``talking_head1`` / ``talking_head2`` 1×1 convs over
   the heads. Like the bias they belong to no channel (the heads are never pruned).
+- EdgeNeXt's ``channel_attention`` (XCA: attention among a head's channels, over the positions) and ``fourier_pos``
+  (its sine–cosine position grid, a pure function of the map's shape): `edgecl.arch.sdta_ops`.
 
 """
 from __future__ import annotations
@@ -106,6 +108,7 @@ from typing import Any
 
 import numpy as np
 
+from edgecl.arch.sdta_ops import SDTA_OPS, sdta_intermediates, sdta_shape
 from edgecl.arch.windows import check_pool_windows, window_length
 from edgecl.errors import UsageError
 
@@ -157,6 +160,8 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
                   "talking_heads": ("bool", None), "dilated": ("bool", False)},
     "linear_attention": {"heads": ("size", ...), "eps": ("eps", 1e-5), "kernel": ("kernel", "relu")},
     "token": {"index": ("index", 0), "count": ("size", 1)},
+    "channel_attention": {"heads": ("size", ...), "eps": ("eps", 1e-12)},
+    "fourier_pos": {"hidden": ("size", ...), "temperature": ("number", 10000.0)},
 }
 OPS["gelu"] = {"approximate": ("approximate", "none")}
 OPS["leaky_relu"] = {"slope": ("number", 0.01)}  # torch's negative_slope
@@ -168,7 +173,7 @@ NORMALISING_OPS = ("layer_norm", "grn")  # statistics over the channels: each ou
 NEIGHBOUR_OPS = ("channel_conv",)
 # tensors that belong to no channel (ECA's k weights, a scalar affine's two numbers, an attention's bias table): no
 # row, no node, no pruning
-ROWLESS_OPS = (*NEIGHBOUR_OPS, "scalar_affine", "attention")
+ROWLESS_OPS = (*NEIGHBOUR_OPS, "scalar_affine", "attention", "channel_attention")
 # learned values added to (or put among) the tokens, one row per channel like a bias: a method keeps them as biases
 TOKEN_TENSOR_OPS = ("class_token", "pos_embed")
 TENSOR_OPS = ("conv", "linear", *CHANNEL_AFFINE_OPS, *ROWLESS_OPS, *TOKEN_TENSOR_OPS)
@@ -202,6 +207,8 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
         (cq, *hw), (ck, _, _), (cv, _, _) = ins
         t, h = math.prod(hw), node["heads"]
         return 2 * (cq + ck) * t + 3 * cv * t + cv * (cq // h) + ck + 2 * h * t
+    if node["op"] in SDTA_OPS:
+        return sdta_intermediates(node, ins)
     if node["op"] == "attention_pool":  # with patches: the map and logits transposed, their product, the pool
         return 2 * math.prod(ins[1]) + (3 if node.get("patch") else 1) * math.prod(ins[0])
     if node["op"] == "layer_norm" and node.get("over") == "map":  # its mean, centred map, square, normalised map
@@ -259,6 +266,8 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
             raise UsageError(f"{where}: linear_attention needs maps q and k of {h} heads of d channels and v of {h} "
                              f"heads, all at the same positions, gets {ins}")
         return list(v)
+    if op in SDTA_OPS:
+        return sdta_shape(node, ins, where)
     if op in (*TOKEN_TENSOR_OPS, "token"):
         return _token_shape(node, ins, where)
     if op == "shuffle":

@@ -25,6 +25,7 @@ from edgecl.arch.spec import Arch, node_shapes, param_shapes
 from edgecl.graph.linear_ops import linear_attention, map_norm, patch_context
 from edgecl.graph.nodes import Builder as _Builder
 from edgecl.graph.onnx_spatial import SPATIAL_OPS, spatial_op
+from edgecl.graph.sdta_ops import channel_attention, fourier_pos
 from edgecl.graph.token_ops import TOKEN_OPS, attention, pos_embed
 
 OPSET = 17
@@ -208,6 +209,10 @@ def _op(b: _Builder, node: dict, ins: list[str], factors: dict, shapes: list[lis
         return attention(b, *ins, node, shapes)
     if op == "linear_attention":
         return linear_attention(b, *ins, node, shapes)
+    if op == "channel_attention":
+        return channel_attention(b, *ins, node, shapes)
+    if op == "fourier_pos":
+        return fourier_pos(b, h, node, in_shape)
     if op == "pos_embed":
         return pos_embed(b, h, node, in_shape)
     if op in TOKEN_OPS:

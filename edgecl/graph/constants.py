@@ -11,7 +11,8 @@ tensor's channel axis as `edgecl.arch.channel_map` lays it out (``spaces``: afte
 channel, not per feature); NaN means "depends on the input". A LayerNorm's (and a GRN's) outputs are taken as
 varying (each depends on every channel at its position), and so are a ``channel_conv``'s (ECA: each reads its
 neighbours) and the token ops' (a class token or position embedding puts other values in some positions; attention
-mixes positions); a gate they drive still leaves a channel that is constant 0 at zero.
+mixes positions; EdgeNeXt's channel attention mixes a head's channels, its Fourier grid varies over the map); a gate
+they drive still leaves a channel that is constant 0 at zero.
 
 Exact or not, op by op: a convolution without padding sees a constant channel in every window (its contribution is
 the kernel's sum times the constant); with zero padding the border windows see zeros instead, so a constant ≠ 0 read
@@ -95,7 +96,8 @@ def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: 
     if op == "scalar_affine":  # one number for every channel: a constant c (a dead channel's 0 too) is a·c + b after
         a, b = (float(params[f"{name}.{k}"].reshape(-1)[0]) for k in ("weight", "bias"))
         return v * a + b
-    if op in (*NORMALISING_OPS, *NEIGHBOUR_OPS, *TOKEN_TENSOR_OPS, "attention", "linear_attention"):  # varying: each
+    if op in (*NORMALISING_OPS, *NEIGHBOUR_OPS, *TOKEN_TENSOR_OPS, "attention", "linear_attention",
+              "channel_attention", "fourier_pos"):  # varying: each
         return np.full(width(cm, cm.spaces[name]), np.nan)  # depends on other channels, or positions differ
     if op in ACTIVATIONS:
         return ACTIVATIONS[op](v)

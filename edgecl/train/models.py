@@ -16,6 +16,7 @@ from edgecl.arch import INPUT, WEIGHT_OPS, Arch, param_shapes
 from edgecl.arch.attention_windows import partition, window_mask, window_of
 from edgecl.arch.op_rules import TALKING
 from edgecl.arch.ops import blur_filter
+from edgecl.arch.sdta_ops import fourier_grid
 from edgecl.train import distributed
 
 Params = dict[str, torch.Tensor]
@@ -41,6 +42,8 @@ def init_params(arch: Arch, n_classes: int | None = None, generator: torch.Gener
             # would leave every task's token alike; a spread start is what torchvision and timm's pos_embed use)
             weight = params[f"{node['name']}.weight"]
             params[f"{node['name']}.weight"] = torch.randn(weight.shape, generator=generator) * 0.02
+        if node["op"] == "channel_attention":  # timm's XCA starts every head's temperature at 1
+            params[f"{node['name']}.temperature"].fill_(1.0)
         if node["op"] == "attention" and node.get("bias_offsets"):  # LeViT's start: no bias
             params[f"{node['name']}.bias"].zero_()
         if node["op"] == "channel_conv":  # torch's Conv1d(1, 1, k) default: uniform within 1/√k
@@ -155,6 +158,11 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return attention(*ins, node["heads"], node["scale"], node["kv_heads"], bias, talking=talking)
     if op == "linear_attention":
         return linear_attention(*ins, node["heads"], node["eps"])
+    if op == "channel_attention":
+        return channel_attention(*ins, params[f"{name}.temperature"], node["eps"])
+    if op == "fourier_pos":  # a constant of the map's shape, the same in every sample (`edgecl.arch.sdta_ops`)
+        grid = torch.from_numpy(fourier_grid(node["hidden"], node["temperature"], *h.shape[2:])).to(h)
+        return grid.unsqueeze(0).expand(h.shape[0], -1, -1, -1)
     if op == "token":
         return h[:, :, node["index"]:node["index"] + node["count"]]
     if op in _ACTIVATIONS:
@@ -325,6 +333,19 @@ def patch_context(x: torch.Tensor, logits: torch.Tensor, patch: list[int]) -> to
         return t.reshape(n, t.shape[1], nh, ph, nw, pw).permute(0, 1, 3, 5, 2, 4).reshape(n, t.shape[1], ph, pw, -1)
 
     return (unfolded(x) * torch.softmax(unfolded(logits), dim=-1)).sum(-1).repeat(1, 1, nh, nw)
+
+
+def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor, eps: float
+                      ) -> torch.Tensor:
+    """EdgeNeXt's cross-covariance (transposed) attention over (N, C, H, W) maps, each head a contiguous block of
+    channels, as `edgecl.graph.sdta_ops` emits it: q and k L2-normalised over the positions, softmax of the head's
+    d × d scores times its temperature over k's channels, times v (timm's CrossCovarianceAttn on its (B, heads, d,
+    N) views)."""
+    n, heads = q.shape[0], temperature.shape[0]
+    qh, kh, vh = (x.reshape(n, heads, x.shape[1] // heads, -1) for x in (q, k, v))  # (N, h, d, T)
+    scores = F.normalize(qh, dim=-1, eps=eps) @ F.normalize(kh, dim=-1, eps=eps).transpose(2, 3)
+    weights = torch.softmax(scores * temperature.reshape(1, heads, 1, 1), dim=-1)
+    return (weights @ vh).reshape(v.shape)
 
 
 def _mix_heads(scores: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

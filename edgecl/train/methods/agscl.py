@@ -307,7 +307,8 @@ class AGSCL(Method):
 
     def update_omega(self, task: TaskData, device: str = "cpu", important: np.ndarray | None = None) -> None:
         """(8): Ω ← ηΩ + mean ReLU activation of each node over the task's training data (spatial mean for convs),
-        averaged over the conv/linear outputs of its group, each after the BatchNorm that follows it; on the network
+        averaged over the conv/linear outputs of its group, each after the BatchNorm that follows it (the mean
+        |activation| of an output a channel_attention reads: `NodeMap.signed`); on the network
         the task trained (`important`: the nodes important before it, whose affine biases are never masked)."""
         nodes = self.nodes
         params = {k: v.to(device) for k, v in self.trunk.items()}
@@ -323,7 +324,7 @@ class AGSCL(Method):
                 b = bn["name"]
                 a = F.batch_norm(a, params[f"{b}.running_mean"], params[f"{b}.running_var"], params[f"{b}.weight"],
                                  params[f"{b}.bias"], training=False, eps=bn["eps"])
-            a = F.relu(a)
+            a = a.abs() if name in nodes.signed else F.relu(a)
             total.index_add_(0, rows[nodes.hooks[name]], (a.flatten(2).mean(2) if a.dim() > 2 else a).sum(0))
             return h
 

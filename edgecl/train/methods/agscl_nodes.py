@@ -43,6 +43,8 @@ class NodeMap:
     scale_free: list[str]  # conv/linear rows (and biases) a BatchNorm normalises: their scale changes nothing
     specs: dict[str, dict[str, Any]]  # trunk tensor → its deployed delta spec
     affines: dict[str, np.ndarray] = field(default_factory=dict)  # scalar affine → node of each output channel
+    # conv/linear nodes whose outputs a channel_attention (EdgeNeXt's XCA) reads: Ω by |activation|, not ReLU's
+    signed: set[str] = field(default_factory=set)
 
     @property
     def n(self) -> int:
@@ -135,7 +137,13 @@ def node_map(arch: Arch) -> NodeMap:
              for t in shapes}
     specs.update({t: {"kind": "shared"} for t in fixed})
     affines = {n["name"]: index(cm.spaces[n["name"]]) for n in arch["nodes"] if n["op"] == "scalar_affine"}
-    return NodeMap(groups, rows, cols, index(cm.head_cols), hooks, bn_after, stats, own, scale_free, specs, affines)
+    # a negative q, k or v value is used as much as a positive one (and a dead q or k channel is no dead output):
+    # such a node may only die with all its rows exactly zero
+    attended = {g for n in arch["nodes"] if n["op"] == "channel_attention"
+                for s in n["inputs"] for g, _ in cm.spaces[s]}
+    signed = {n for n in hooks if {g for g, _ in cm.spaces[n]} & attended}
+    return NodeMap(groups, rows, cols, index(cm.head_cols), hooks, bn_after, stats, own, scale_free, specs, affines,
+                   signed)
 
 
 def _spec(rows: list[tuple[str, int]], cols: list[tuple[str, int]] | None, node: dict) -> dict[str, Any]:

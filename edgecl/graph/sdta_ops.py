@@ -1,0 +1,39 @@
+"""ONNX forms of EdgeNeXt's SDTA ops (`edgecl.arch.sdta_ops`), as `edgecl.train.models` computes them. Only ops ONNX
+Runtime's CPU and CUDA providers both have: Reshape, Transpose, Mul, ReduceSum, Sqrt, Max, Div, MatMul, Softmax,
+Shape, Concat, Expand."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from edgecl.arch.sdta_ops import fourier_grid
+from edgecl.graph.nodes import Builder
+
+
+def channel_attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list[int]]) -> str:
+    """A ``channel_attention`` node: on (N, heads, d, T) views, q and k divided by max(their L2 norm over T, eps)
+    (``F.normalize``), Softmax over k's channels of q̂·k̂ᵀ times the head's temperature, MatMul with v; back to the
+    map's (N, C, H, W)."""
+    (c, *hw), h = shapes[0], node["heads"]
+    heads = b.ints(0, h, c // h, math.prod(hw))
+    eps = b.constant(float(node["eps"]))
+
+    def normalised(x: str) -> str:
+        xh = b.op("Reshape", [x, heads])
+        norm = b.op("Sqrt", [b.op("ReduceSum", [b.op("Mul", [xh, xh]), b.ints(3)], keepdims=1)])
+        return b.op("Div", [xh, b.op("Max", [norm, eps])])
+
+    scores = b.op("MatMul", [normalised(q), b.op("Transpose", [normalised(k)], perm=[0, 1, 3, 2])])  # (N, h, d, d)
+    temperature = b.op("Reshape", [f"{node['name']}.temperature", b.ints(1, h, 1, 1)])
+    weights = b.op("Softmax", [b.op("Mul", [scores, temperature])], axis=-1)
+    out = b.op("MatMul", [weights, b.op("Reshape", [v, heads])])
+    return b.op("Reshape", [out, b.ints(0, c, *hw)])
+
+
+def fourier_pos(b: Builder, h: str, node: dict, shape: list[int]) -> str:
+    """A ``fourier_pos`` node: its grid for the map's fixed height and width as a Constant (1, 2·hidden, H, W),
+    expanded over the batch (the input's first axis)."""
+    grid = fourier_grid(node["hidden"], node["temperature"], *shape[1:])[None]
+    size = b.op("Concat", [b.op("Shape", [h], start=0, end=1), b.ints(*grid.shape[1:])], axis=0)
+    return b.op("Expand", [b.constant(np.ascontiguousarray(grid)), size])
