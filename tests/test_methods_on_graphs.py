@@ -40,7 +40,7 @@ from edgecl.train.protocol import TrainContext, batches
 from layer_nets import (blur_spec, eca_spec, efficientformer_spec, gc_spec, hgnet_spec, levit_spec, map_embed_spec,
                         maxvit_spec, mnv4_spec, mobilevit_spec, s2d_spec, split_attn_spec, swin_spec, tf_spec,
                         tiny_vit_spec, vit_spec)
-from layer_nets_vit import fastvit_spec, pit_spec
+from layer_nets_vit import efficientvit_msra_spec, fastvit_spec, pit_spec
 from neck_nets import fpn_spec
 from linear_nets import efficientvit_spec, mobilevit2_spec
 from torch_nets import convnext_spec, dwres_spec, ghost_spec, rescat_spec, shuffle_spec
@@ -55,10 +55,11 @@ ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8
          "levit": levit_spec, "blur": blur_spec, "swin": swin_spec, "tiny_vit": tiny_vit_spec,
          "map_embed": map_embed_spec, "efficientformer": efficientformer_spec, "mobilevit": mobilevit_spec,
          "maxvit": maxvit_spec, "fpn": fpn_spec, "fastvit": fastvit_spec, "pit": pit_spec,
-         "efficientvit": efficientvit_spec, "mobilevit2": mobilevit2_spec}
+         "efficientvit": efficientvit_spec, "mobilevit2": mobilevit2_spec,
+         "efficientvit_msra": efficientvit_msra_spec}
 GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgnet", "split", "vit", "gc", "s2d", "mnv4",
           "vit_tokens", "levit", "blur", "swin", "tiny_vit", "map_embed", "efficientformer", "mobilevit", "maxvit",
-          "fpn", "fastvit", "pit", "efficientvit", "mobilevit2"]
+          "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "efficientvit_msra"]
 
 
 @pytest.fixture(scope="module")
