@@ -54,6 +54,22 @@ def test_parity_padded_and_exact_windows(window, img, pads):  # windows 7, 4 at 
     assert all(n["heads"] == 1 and "window" not in n for n in _attends(spec))
 
 
+def test_one_head_of_another_value_width_and_a_bad_split():
+    lwa = timm.models.efficientvit_msra.LocalWindowAttention
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1),
+                        lwa(8, key_dim=4, num_heads=1, attn_ratio=3, resolution=5, window_resolution=5, kernels=(3,)))
+    torch.manual_seed(0)
+    randomise_batchnorm(net)
+    net = nn.Sequential(net, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+    spec = from_torch(net, (3, 8, 8))  # a 4×4 map padded to the 5×5 window; values of 12 channels, no cascade
+    check_parity(net, spec, (3, 8, 8), batch=2)
+    assert [n["bias_rows"] for n in _attends(spec)] == [[0, 1]] and not any(".cascade" in n["name"]
+                                                                           for n in spec["nodes"])
+    net[0][1].attn.num_heads = 2  # its qkvs say one head: which split timm means cannot be told
+    with pytest.raises(UsageError, match="1 heads of 12 value channels must split its 8 channels evenly"):
+        from_torch(net, (3, 8, 8))
+
+
 def test_the_cascade_feeds_each_head_the_previous_output():
     spec = from_torch(_small(), (3, 64, 64))
     cascade = [n for n in spec["nodes"] if ".cascade" in n["name"]]
@@ -61,7 +77,7 @@ def test_the_cascade_feeds_each_head_the_previous_output():
     assert [n["inputs"][0] for n in cascade] == [attends[0], attends[2], attends[3]]
 
 
-def test_bias_rows_storage_and_starting_weights():
+def test_bias_rows_storage_and_starting_weights(tmp_path):
     module = _small()
     spec = from_torch(module, (3, 64, 64))
     names = [f"{n['name']}.bias" for n in _attends(spec)][:2]
@@ -75,6 +91,8 @@ def test_bias_rows_storage_and_starting_weights():
     again = starting_weights(start, spec)  # written back to the module's keys (rows joined) and read again
     assert again.sha256 == start.sha256
     assert np.array_equal(again.values[names[1]], table[1:])
+    np.savez(tmp_path / "w.npz", **{k: v.numpy() for k, v in module.state_dict().items() if v.is_floating_point()})
+    assert starting_weights(str(tmp_path / "w.npz"), spec).sha256 == start.sha256  # the file's one table, by rows
 
 
 def _attention(**fields) -> dict:

@@ -66,7 +66,8 @@ class _EfficientVitMsraConverter:
         """CascadedGroupAttention on one window: each head reads its channels plus the previous head's output."""
         heads, key_dim, val_dim = len(m.qkvs), int(m.key_dim), int(m.val_dim)
         part = channels // heads
-        if heads != int(m.num_heads) or len(m.dws) != heads or part * heads != channels or val_dim != part:
+        if heads != int(m.num_heads) or len(m.dws) != heads or part * heads != channels or \
+                heads > 1 and val_dim != part:  # one head has no cascade: its value width is free
             raise UsageError(f"{self.name}: {where}: {heads} heads of {val_dim} value channels must split its "
                              f"{channels} channels evenly (timm's chunk and cascade)")
         bias = levit_bias_fields(m, path, heads)
