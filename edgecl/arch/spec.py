@@ -27,8 +27,8 @@ import re
 from typing import Any
 
 from edgecl.arch.legacy import layers_to_nodes
-from edgecl.arch.op_rules import (attention_fields, attention_state_name, attention_tensor_shapes, stored_rows,
-                                   check_minus_inf_pads)
+from edgecl.arch.op_rules import (attention_fields, attention_state_name, attention_tensor_shapes,
+                                   check_minus_inf_pads, stored_rows)
 from edgecl.arch.ops import (MAX_NUMBER, NORMALISING_OPS, OPS, PAD_MODES, ROWLESS_OPS, TENSOR_OPS, TOKEN_TENSOR_OPS,
                              WEIGHT_OPS, output_shape)
 from edgecl.errors import UsageError
