@@ -1,7 +1,7 @@
 """Tiny networks for the Vision Transformers whose blocks `from_torch` follows beyond `layer_nets`: FastViT's
-attention stage (multi-head self-attention over a map's positions written in forward) and PiT (class tokens split
-off, the rest pooled as a map, tokens joined again). Small enough for every method on real digit tasks
-(tests/test_methods_on_graphs.py)."""
+attention stage (multi-head self-attention over a map's positions written in forward), PiT (class tokens split
+off, the rest pooled as a map, tokens joined again) and EfficientViT-MSRA's cascaded window attention. Small
+enough for every method on real digit tasks (tests/test_methods_on_graphs.py)."""
 from __future__ import annotations
 
 from torch import nn
@@ -10,6 +10,7 @@ from edgecl.arch import from_torch
 from edgecl.arch.factories import ensure_torchvision_imports
 
 ensure_torchvision_imports()
+from timm.models.efficientvit_msra import ConvMlp, LocalWindowAttention  # noqa: E402
 from timm.models.fastvit import Attention as FastVitAttention  # noqa: E402
 from timm.models.fastvit import AttentionBlock, RepConditionalPosEnc  # noqa: E402
 from timm.models.pit import PoolingVisionTransformer  # noqa: E402
@@ -48,3 +49,27 @@ def tiny_pit(classes: int = 3, in_channels: int = 1, image: int = 8, **kwargs) -
 
 def pit_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(tiny_pit(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
+
+
+class TinyEfficientViTMsra(nn.Module):
+    """EfficientViT-MSRA's window attention in small: a strided conv stem to a 4×4 map, timm's LocalWindowAttention
+    of 2 cascaded heads (key 4, value 8, 3×3 depthwise conv on q, LeViT's biases) over a 5×5 window (the map padded
+    to it with zeros that join the attention, then cropped) added back, its block's ConvMlp (1×1 ConvNorm, ReLU, 1×1
+    ConvNorm) added back, and the mean."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 16):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, width, 3, stride=2, padding=1)
+        self.mixer = LocalWindowAttention(width, key_dim=4, num_heads=2, attn_ratio=2, resolution=5,
+                                          window_resolution=5, kernels=(3, 3))
+        self.ffn = ConvMlp(width, 2 * width)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.mixer(x)
+        return self.fc((x + self.ffn(x)).mean((2, 3)))
+
+
+def efficientvit_msra_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyEfficientViTMsra(in_channels=input_shape[0]), tuple(input_shape))

@@ -16,7 +16,7 @@ import pytest
 import torch
 from layer_nets import TinyBlur, TinyEca, TinyHGNet, TinyMNv4Hybrid, TinyMobileViT, TinySplitAttn, TinyViT
 from neck_nets import TinyFPN
-from layer_nets_vit import TinyFastViT, tiny_pit
+from layer_nets_vit import TinyEfficientViTMsra, TinyFastViT, tiny_pit
 from linear_nets import TinyEdgeNeXt, TinyEfficientViT, TinyMobileViTv2
 from torch_nets import MODELS, GhostSplit, ResCat, TinyConvNeXt
 
@@ -65,12 +65,13 @@ def _arch(name: str) -> dict:
               "fastvit": lambda: TinyFastViT(in_channels=3), "pit": lambda: tiny_pit(in_channels=3),
               "efficientvit": lambda: TinyEfficientViT(in_channels=3, width=16),
               "mobilevit2": lambda: TinyMobileViTv2(in_channels=3, width=16),
-              "edgenext": lambda: TinyEdgeNeXt(in_channels=3, width=16)}
+              "edgenext": lambda: TinyEdgeNeXt(in_channels=3, width=16),
+              "efficientvit_msra": lambda: TinyEfficientViTMsra(in_channels=3, width=16)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
 _CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4", "vit_tokens", "blur", "mobilevit",
-           "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext")
+           "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra")
 
 
 def _stream(name: str, n_tasks: int):
@@ -92,7 +93,7 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
 
 @pytest.fixture(scope="module", params=["resnet", "rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit",
                                                 "mnv4", "vit_tokens", "blur", "mobilevit", "fpn", "fastvit",
-                                                "pit", "efficientvit", "mobilevit2", "edgenext"])
+                                                "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

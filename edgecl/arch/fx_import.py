@@ -23,30 +23,32 @@ from torch import fx, nn
 
 from edgecl.arch.fx_activations import ACTIVATION_MODULES, module_activation, unknown_activation
 from edgecl.arch.fx_affine import _AffineConverter
-from edgecl.arch.fx_attention import _AttentionConverter, is_timm_attention
+from edgecl.arch.fx_attention import _AttentionConverter
 from edgecl.arch.fx_attention2d import _Attention2dConverter
 from edgecl.arch.fx_calls import (POOL_PARAMETERS, WITH_INDICES, _CallConverter, is_elementwise,
                                   is_library_identity, location, pair, shape_of)
-from edgecl.arch.fx_blur import _BlurConverter, is_blur_pool
+from edgecl.arch.fx_blur import _BlurConverter
 from edgecl.arch.fx_classifier import _ClassifierConverter
-from edgecl.arch.fx_eca import _EcaConverter, is_eca
-from edgecl.arch.fx_efficientformer import _EfficientFormerConverter, is_efficientformer_attention
-from edgecl.arch.fx_edgenext import _EdgeNextConverter, is_sdta_block
-from edgecl.arch.fx_efficientvit import _EfficientVitConverter, is_lite_mla
-from edgecl.arch.fx_global_context import _GlobalContextConverter, is_global_context
-from edgecl.arch.fx_levit import _LevitConverter, is_levit
-from edgecl.arch.fx_norms import LAYER_NORMS, PERMUTES, _NormConverter, is_grn, is_view
-from edgecl.arch.fx_maxvit import _MaxVitConverter, is_maxvit
-from edgecl.arch.fx_mobilevit import _MobileVitConverter, is_mobilevit
+from edgecl.arch.fx_eca import _EcaConverter
+from edgecl.arch.fx_efficientformer import _EfficientFormerConverter
+from edgecl.arch.fx_edgenext import _EdgeNextConverter
+from edgecl.arch.fx_efficientvit import _EfficientVitConverter
+from edgecl.arch.fx_efficientvit_msra import _EfficientVitMsraConverter
+from edgecl.arch.fx_global_context import _GlobalContextConverter
+from edgecl.arch.fx_levit import _LevitConverter
+from edgecl.arch.fx_norms import LAYER_NORMS, PERMUTES, _NormConverter, is_view
+from edgecl.arch.fx_maxvit import _MaxVitConverter
+from edgecl.arch.fx_mobilevit import _MobileVitConverter
 from edgecl.arch.fx_padding import PAD_FUNCTIONS, PAD_MODULES, _PaddingConverter, odd_same, pad_call, same_kind
 from edgecl.arch.fx_shape_flow import ShapeFlowTracer, evaluating, raised_at
 from edgecl.arch.fx_shuffle import _ShuffleConverter
 from edgecl.arch.fx_slices import _SliceConverter
-from edgecl.arch.fx_space_to_depth import _SpaceToDepthConverter, is_space_to_depth
-from edgecl.arch.fx_split_attn import _SplitAttnConverter, is_split_attention
-from edgecl.arch.fx_swin import _SwinConverter, is_swin
-from edgecl.arch.fx_tiny_vit import _TinyVitConverter, is_tiny_vit_block
+from edgecl.arch.fx_space_to_depth import _SpaceToDepthConverter
+from edgecl.arch.fx_split_attn import _SplitAttnConverter
+from edgecl.arch.fx_swin import _SwinConverter
+from edgecl.arch.fx_tiny_vit import _TinyVitConverter
 from edgecl.arch.fx_tokens import _TokenConverter
+from edgecl.arch.fx_whole import ON_TOKENS, WHOLE
 from edgecl.arch.ops import TENSOR_OPS
 from edgecl.arch.spec import INPUT, NAME, Arch, validate
 from edgecl.errors import UsageError
@@ -62,14 +64,6 @@ _SCALAR_FUNCTIONS = (operator.getitem, getattr, torch.Tensor.size, operator.mul,
                      operator.neg, operator.sub, operator.eq, operator.mod, torch._assert,
                      fx._symbolic_trace._assert_is_none)
 _SCALAR_METHODS = ("size", "dim")
-# library blocks the tracer keeps whole, each converted by a mixin's method(node, module, input, path)
-_WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention, "split_attention"),
-          (is_timm_attention, "timm_attention"), (is_global_context, "global_context"), (is_swin, "swin"),
-          (is_space_to_depth, "space_to_depth"), (is_levit, "levit"), (is_tiny_vit_block, "tiny_vit_block"),
-          (is_blur_pool, "blur_pool"), (is_efficientformer_attention, "efficientformer_attention"), (is_mobilevit,
-          "mobilevit"), (is_maxvit, "maxvit"), (is_lite_mla, "lite_mla"), (is_sdta_block, "sdta_block"))
-# may read channels-last values
-_ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin, is_tiny_vit_block, is_maxvit)
 
 
 class _Tracer(ShapeFlowTracer):
@@ -83,7 +77,7 @@ class _Tracer(ShapeFlowTracer):
         _check_own_forward(m, qualname)
         if isinstance(m, nn.LayerNorm):  # traced into: its F.layer_norm reads its parameters (`fx_norms`)
             return False
-        if any(kept(m) for kept, _ in _WHOLE):
+        if any(kept(m) for kept, _ in WHOLE):
             return True
         return isinstance(m, _LEAVES) or is_library_identity(m) or super().is_leaf_module(m, qualname)
 
@@ -195,8 +189,9 @@ def _propagate_shapes(traced: fx.GraphModule, shape: list[int]) -> None:
 class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverter, _PaddingConverter,
                  _ClassifierConverter, _EcaConverter, _AffineConverter, _SplitAttnConverter, _TokenConverter,
                  _AttentionConverter, _Attention2dConverter, _GlobalContextConverter, _SpaceToDepthConverter,
-                 _LevitConverter, _SwinConverter, _TinyVitConverter, _BlurConverter, _EfficientFormerConverter,
-                 _MobileVitConverter, _MaxVitConverter, _EfficientVitConverter, _EdgeNextConverter):
+                 _LevitConverter, _SwinConverter, _TinyVitConverter, _BlurConverter,
+                 _EfficientFormerConverter, _MobileVitConverter, _MaxVitConverter, _EfficientVitConverter,
+                 _EfficientVitMsraConverter, _EdgeNextConverter):
 
     def __init__(self, traced: fx.GraphModule, module: nn.Module, shape: list[int], classifier: bool | None,
                  name: str):
@@ -283,7 +278,7 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
         elif node.op == "call_module":
             m = self.modules[node.target]
             self.check_layout(node, isinstance(m, (nn.Linear, *ACTIVATION_MODULES, *_IDENTITY_MODULES)) or
-                              is_library_identity(m) or any(kept(m) for kept in _ON_TOKENS))
+                              is_library_identity(m) or any(kept(m) for kept in ON_TOKENS))
             self._module(node, m)
         elif node.target in PERMUTES:
             self.permute(node)
@@ -347,7 +342,7 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
         if isinstance(m, _IDENTITY_MODULES) or is_library_identity(m):  # identities at inference
             self.alias[node] = x
             return
-        whole = next((method for kept, method in _WHOLE if kept(m)), None)
+        whole = next((method for kept, method in WHOLE if kept(m)), None)
         if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)) or \
                 whole and next(m.parameters(), None) is not None:
             self.one_call(path, node)

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from edgecl.arch.op_rules import stored_rows
 from edgecl.arch.spec import Arch, node_by_name, param_shapes, state_key
 
 
@@ -43,6 +44,8 @@ def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
             shapes[f"{node['name']}.temperature"] = (node["heads"], 1, 1)
         if node["op"] == "attention" and node.get("bias_table") == "tf":  # (heads, offsets) with its 2-D offsets
             shapes[f"{node['name']}.bias"] = (node["heads"], *(2 * w - 1 for w in node["window"]))
+        if node["op"] == "attention" and node.get("bias_rows"):  # its rows of a table of more heads
+            shapes[f"{node['name']}.bias"] = (node["bias_rows"][1], node["bias_offsets"])
     return shapes
 
 
@@ -57,13 +60,31 @@ def from_module(arch: Arch, name: str, array: Any) -> np.ndarray:
         return np.ascontiguousarray(array.reshape(node["tokens"], node["ch"]).T)
     if _swin_table(node):
         return np.ascontiguousarray(array.reshape(node["bias_offsets"], node["heads"]).T)
+    if (rows := stored_rows(node, name.rpartition(".")[2])) is not None:
+        return np.ascontiguousarray(array.reshape(node["bias_rows"][1], -1)[rows.start:rows.stop])
     return array.reshape(param_shapes(arch)[name])
+
+
+def to_module_state(arch: Arch, values: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Spec tensors (by name) as the module's state dict holds them (by key, `to_module`); the nodes that are rows of
+    one tensor (`op_rules.stored_rows`) fill it together, rows no node reads being zeros."""
+    keys, nodes, stored, out = state_keys(arch), node_by_name(arch), state_shapes(arch), {}
+    for name, array in values.items():
+        layer, _, tensor = name.rpartition(".")
+        if (rows := stored_rows(nodes[layer], tensor)) is None:
+            out[keys[name]] = to_module(arch, name, array)
+            continue
+        table = out.setdefault(keys[name], np.zeros(stored[name], dtype=np.float32))
+        table[rows.start:rows.stop] = np.asarray(array)
+    return out
 
 
 def to_module(arch: Arch, name: str, array: Any) -> np.ndarray:
     """The inverse of `from_module`: a spec tensor in the shape the module stores it."""
     node = node_by_name(arch)[name.rpartition(".")[0]]
     array = np.asarray(array)
+    if stored_rows(node, name.rpartition(".")[2]) is not None:
+        raise ValueError(f"{name} is rows of its module's tensor: `to_module_state` puts them together")
     if _token_grid(node):
         return np.ascontiguousarray(array.T).reshape(1, node["tokens"], node["ch"])
     if _swin_table(node):

@@ -32,7 +32,7 @@ def check_minus_inf_pads(nodes: list[dict[str, Any]], shapes: dict[str, list[int
 def attention_fields(out: dict[str, Any], where: str) -> None:
     """Leave out an attention's absent optional fields (the spec as before biases and windows existed); a shift, a
     dilation or a bias storage needs what it qualifies (a window, a table)."""
-    for key, needs in (("shift", "window"), ("bias_table", "bias_offsets")):
+    for key, needs in (("shift", "window"), ("bias_table", "bias_offsets"), ("bias_rows", "bias_offsets")):
         if out[key] is not None and out[needs] is None:
             raise UsageError(f"{where}: attention {key} {out[key]} needs a {needs}")
     if out["talking_heads"] and (out["window"] is not None or out["kv_heads"] != out["heads"]):
@@ -44,13 +44,17 @@ def attention_fields(out: dict[str, Any], where: str) -> None:
         raise UsageError(f"{where}: attention bias_table 'tf' (stored (heads, 2·wh − 1, 2·ww − 1)) needs a window "
                          f"and bias_offsets (2·wh − 1)(2·ww − 1), gets window {out['window']} and bias_offsets "
                          f"{out['bias_offsets']}")
+    rows = out["bias_rows"]
+    if rows is not None and (out["bias_table"] not in (None, "levit") or rows[0] + out["heads"] > rows[1]):
+        raise UsageError(f"{where}: attention bias_rows {rows} (first row, rows of the module's table) must hold "
+                         f"its {out['heads']} heads' rows in LeViT's (heads, offsets) layout")
     if out["dilated"] and out["window"] is None:
         raise UsageError(f"{where}: attention dilated needs a window")
     if not out["dilated"]:
         del out["dilated"]  # side-by-side windows: the spec as before grid attention existed
     if out["window"] is not None and out["shift"] is None:
         out["shift"] = [0, 0]
-    for key in ("bias_offsets", "bias_index", "bias_table", "window", "shift", "talking_heads"):
+    for key in ("bias_offsets", "bias_index", "bias_table", "window", "shift", "talking_heads", "bias_rows"):
         if out[key] is None:
             del out[key]
 
@@ -68,6 +72,13 @@ def attention_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     if node.get("talking_heads"):
         shapes.update({k: (h, h) if k.endswith("weight") else (h,) for k in TALKING})
     return shapes
+
+
+def stored_rows(node: dict[str, Any], tensor: str) -> range | None:
+    """The rows of its module's tensor that a node's tensor is (an attention bias with ``bias_rows``), or None: the
+    whole tensor."""
+    rows = node.get("bias_rows") if node["op"] == "attention" and tensor == "bias" else None
+    return None if rows is None else range(rows[0], rows[0] + node["heads"])
 
 
 def attention_state_name(node: dict[str, Any], tensor: str) -> str:

@@ -85,6 +85,9 @@ Ops (fields and defaults in `OPS`):
   are never pruned); its module stores it as ``MODULE.attention_biases`` (timm's name), or with ``bias_table``
   ``"swin"`` as ``MODULE.relative_position_bias_table`` stored ``(B, heads)`` (Swin's name and layout), or ``"tf"``
   under that name stored ``(heads, 2·wh − 1, 2·ww − 1)`` (TensorFlow MaxViT's; a window, B = (2·wh − 1)(2·ww − 1)).
+  ``bias_rows`` [first, of] (LeViT's layout only): the module's ``attention_biases`` holds ``of`` heads' rows and
+  this node's heads are rows first … first + heads − 1 of it (EfficientViT-MSRA's cascade: one attention node per
+  head, each reading its row of the one table); storage only, the node computes as without it.
   With ``window`` [wh, ww] (Swin's window attention, `edgecl.arch.attention_windows`) it attends within each
   non-overlapping wh × ww window of the map (q, k and v at the same positions, ``kv_heads`` = ``heads``, windows
   that tile the map); T_q = T_kv = wh·ww for the bias, and the scores are heads × H·W × wh·ww. ``shift`` [sh, sw]
@@ -157,7 +160,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "attention": {"heads": ("size", ...), "scale": ("number", ...), "kv_heads": ("size", None),
                   "bias_offsets": ("size", None), "bias_index": ("index_table", None),
                   "bias_table": ("bias_table", None), "window": ("pair", None), "shift": ("pad", None),
-                  "talking_heads": ("bool", None), "dilated": ("bool", False)},
+                  "talking_heads": ("bool", None), "dilated": ("bool", False), "bias_rows": ("pad", None)},
     "linear_attention": {"heads": ("size", ...), "eps": ("eps", 1e-5), "kernel": ("kernel", "relu")},
     "token": {"index": ("index", 0), "count": ("size", 1)},
     "channel_attention": {"heads": ("size", ...), "eps": ("eps", 1e-12)},

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from edgecl.arch.module_state import from_module, state_keys, state_shapes, to_module
+from edgecl.arch.module_state import from_module, state_keys, state_shapes, to_module_state
 from edgecl.arch.ops import CHANNEL_AFFINE_OPS
 from edgecl.arch.spec import Arch, param_shapes
 from edgecl.artifact.report import INITIAL_WEIGHTS, initial_weights
@@ -52,8 +52,9 @@ def starting_weights(source: Any, arch: Arch, *, label: str | None = None) -> St
     `arch`'s trunk tensors; UsageError naming the file and tensor for anything missing, misshapen or non-finite."""
     if isinstance(source, StartingWeights):  # checked for some spec: checked again for this one, as stored
         keys, shapes = state_keys(arch), param_shapes(arch)
-        return _checked({keys.get(k, k): to_module(arch, k, v) if v.shape == shapes.get(k) else v
-                         for k, v in source.values.items()}, arch, source.source)
+        spec_shaped = {k: v for k, v in source.values.items() if v.shape == shapes.get(k)}
+        others = {keys.get(k, k): v for k, v in source.values.items() if k not in spec_shaped}
+        return _checked({**others, **to_module_state(arch, spec_shaped)}, arch, source.source)
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         values, held = read_weights_file(path, arch)

@@ -1,0 +1,31 @@
+"""The library blocks `from_torch`'s tracer keeps whole (their forwards hold views or Python branches the spec has no
+nodes for), each with the `fx_import._Converter` method that converts it, and those of them that may read
+channels-last values; judged by class, the libraries not imported."""
+from __future__ import annotations
+
+from edgecl.arch.fx_attention import is_timm_attention
+from edgecl.arch.fx_blur import is_blur_pool
+from edgecl.arch.fx_eca import is_eca
+from edgecl.arch.fx_edgenext import is_sdta_block
+from edgecl.arch.fx_efficientformer import is_efficientformer_attention
+from edgecl.arch.fx_efficientvit import is_lite_mla
+from edgecl.arch.fx_efficientvit_msra import is_local_window_attention
+from edgecl.arch.fx_global_context import is_global_context
+from edgecl.arch.fx_levit import is_levit
+from edgecl.arch.fx_maxvit import is_maxvit
+from edgecl.arch.fx_mobilevit import is_mobilevit
+from edgecl.arch.fx_norms import is_grn
+from edgecl.arch.fx_space_to_depth import is_space_to_depth
+from edgecl.arch.fx_split_attn import is_split_attention
+from edgecl.arch.fx_swin import is_swin
+from edgecl.arch.fx_tiny_vit import is_tiny_vit_block
+
+# library blocks the tracer keeps whole, each converted by a mixin's method(node, module, input, path)
+WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention, "split_attention"),
+         (is_timm_attention, "timm_attention"), (is_global_context, "global_context"), (is_swin, "swin"),
+         (is_space_to_depth, "space_to_depth"), (is_levit, "levit"), (is_tiny_vit_block, "tiny_vit_block"),
+         (is_blur_pool, "blur_pool"), (is_efficientformer_attention, "efficientformer_attention"),
+         (is_mobilevit, "mobilevit"), (is_maxvit, "maxvit"), (is_lite_mla, "lite_mla"),
+         (is_local_window_attention, "local_window_attention"), (is_sdta_block, "sdta_block"))
+# may read channels-last values
+ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin, is_tiny_vit_block, is_maxvit)

@@ -1,0 +1,151 @@
+"""EfficientViT-MSRA through `from_torch`: timm's LocalWindowAttention kept whole — its map padded up to one window
+(zeros that join the attention), the cascaded heads (each head's channels plus the previous head's output, per-head
+qkv ConvNorm, depthwise ConvNorm on q, single-head attention with its row of LeViT's bias table: ``bias_rows``),
+proj, the crop — with parity of the spec's torch forward and ONNX graph against timm's EfficientVitMsra (biases
+randomised: timm starts them at 0), the rows' storage (state keys, shapes, starting weights), spec refusals, the
+refusal of several windows by name, and timm's efficientvit_m0 at 64 (slow)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch_nets import check_parity, randomise_batchnorm, timm
+
+from edgecl.arch import from_torch
+from edgecl.arch.fx_import import tensors_of
+from edgecl.arch.module_state import state_keys, state_shapes
+from edgecl.arch.spec import validate
+from edgecl.errors import UsageError
+from edgecl.train.initial import starting_weights
+
+EfficientVitMsra = timm.models.efficientvit_msra.EfficientVitMsra
+
+
+def _small(window: int = 7, img: int = 112, heads: tuple[int, ...] = (2, 3), **kwargs) -> nn.Module:
+    """Built for `img` (timm's windows: `window`, at most the stage's map at that size), traced at 64: stage maps 4
+    and 2 (subsampled); the heads' value width is the channels per head."""
+    args = dict(img_size=img, embed_dim=(8, 12), key_dim=(4, 4), depth=(1, 1), num_heads=heads,
+                window_size=(window, window), kernels=(5, 3, 3), num_classes=5, **kwargs)
+    torch.manual_seed(0)
+    module = EfficientVitMsra(**args)
+    randomise_batchnorm(module)
+    for name, p in module.named_parameters():
+        if name.endswith("attention_biases"):
+            nn.init.normal_(p)
+    return module.eval()
+
+
+def _attends(spec: dict) -> list[dict]:
+    return [n for n in spec["nodes"] if n["op"] == "attention"]
+
+
+@pytest.mark.parametrize("window, img, pads", [(7, 112, [[0, 0, 3, 3], [0, 0, 2, 2]]), (4, 112, [[0, 0, 2, 2]]),
+                                               (7, 64, [])])
+def test_parity_padded_and_exact_windows(window, img, pads):  # windows 7, 4 at 112; 4, 2 at 64: the maps themselves
+    module = _small(window, img)
+    spec = from_torch(module, (3, 64, 64))
+    check_parity(module, spec, (3, 64, 64), batch=2)
+    assert [n["pads"] for n in spec["nodes"] if n["op"] == "pad" and n["name"].endswith(".pad")] == pads
+    assert [n["pads"] for n in spec["nodes"] if n["op"] == "pad" and n["name"].endswith(".crop")] == \
+        [[-p for p in pad] for pad in pads]
+    rows = [n["bias_rows"] for n in _attends(spec)]
+    assert rows == [[0, 2], [1, 2], [0, 3], [1, 3], [2, 3]]  # one single-head node per head, its row of the table
+    assert all(n["heads"] == 1 and "window" not in n for n in _attends(spec))
+
+
+def test_one_head_of_another_value_width_and_a_bad_split():
+    lwa = timm.models.efficientvit_msra.LocalWindowAttention
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1),
+                        lwa(8, key_dim=4, num_heads=1, attn_ratio=3, resolution=5, window_resolution=5, kernels=(3,)))
+    torch.manual_seed(0)
+    randomise_batchnorm(net)
+    net = nn.Sequential(net, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+    spec = from_torch(net, (3, 8, 8))  # a 4×4 map padded to the 5×5 window; values of 12 channels, no cascade
+    check_parity(net, spec, (3, 8, 8), batch=2)
+    assert [n["bias_rows"] for n in _attends(spec)] == [[0, 1]] and not any(".cascade" in n["name"]
+                                                                           for n in spec["nodes"])
+    net[0][1].attn.num_heads = 2  # its qkvs say one head: which split timm means cannot be told
+    with pytest.raises(UsageError, match="1 heads of 12 value channels must split its 8 channels evenly"):
+        from_torch(net, (3, 8, 8))
+
+
+def test_the_cascade_feeds_each_head_the_previous_output():
+    spec = from_torch(_small(), (3, 64, 64))
+    cascade = [n for n in spec["nodes"] if ".cascade" in n["name"]]
+    attends = [n["name"] for n in _attends(spec)]
+    assert [n["inputs"][0] for n in cascade] == [attends[0], attends[2], attends[3]]
+
+
+def test_bias_rows_storage_and_starting_weights(tmp_path):
+    module = _small()
+    spec = from_torch(module, (3, 64, 64))
+    names = [f"{n['name']}.bias" for n in _attends(spec)][:2]
+    key = "stages.0.blocks.0.mixer.m.attn.attention_biases"
+    assert [state_keys(spec)[n] for n in names] == [key, key]
+    assert [state_shapes(spec)[n] for n in names] == [(2, 49), (2, 49)]  # a 7×7 window: 49 offsets
+    table = module.state_dict()[key].numpy()
+    values = tensors_of(module, spec)
+    assert [values[n].tolist() for n in names] == [table[:1].tolist(), table[1:].tolist()]
+    start = starting_weights(module, spec)
+    again = starting_weights(start, spec)  # written back to the module's keys (rows joined) and read again
+    assert again.sha256 == start.sha256
+    assert np.array_equal(again.values[names[1]], table[1:])
+    np.savez(tmp_path / "w.npz", **{k: v.numpy() for k, v in module.state_dict().items() if v.is_floating_point()})
+    assert starting_weights(str(tmp_path / "w.npz"), spec).sha256 == start.sha256  # the file's one table, by rows
+
+
+def _attention(**fields) -> dict:
+    node = {"name": "a", "op": "attention", "inputs": ["input"] * 3, "heads": 1, "scale": 0.5, "bias_offsets": 4,
+            "bias_index": [[i % 4 for i in range(4)]] * 4}
+    return {k: v for k, v in {**node, **fields}.items() if v is not None}  # None: the field left out
+
+
+def _spec(*nodes: dict) -> dict:
+    tail = [{"name": "g", "op": "gap", "inputs": [nodes[-1]["name"]]}, {"name": "f", "op": "flatten", "inputs": ["g"]}]
+    return {"name": "t", "input_shape": [2, 2, 2], "nodes": [*nodes, *tail]}
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"bias_rows": [2, 2]}, "bias_rows \\[2, 2\\]"),
+    ({"bias_rows": [0, 2], "bias_offsets": None, "bias_index": None}, "bias_rows \\[0, 2\\] needs a bias_offsets"),
+    ({"bias_rows": [0, 2], "bias_table": "swin"}, "LeViT's \\(heads, offsets\\) layout"),
+    ({"bias_rows": [-1, 2]}, "bias_rows"),
+])
+def test_bad_bias_rows_are_refused(fields, words):
+    with pytest.raises(UsageError, match=words):
+        validate(_spec(_attention(**fields)))
+
+
+def test_two_nodes_on_one_row_are_refused_and_on_two_rows_accepted():
+    first = _attention(module="m", bias_rows=[0, 2])
+    validate(_spec(first, {**first, "name": "b", "inputs": ["a"] * 3, "bias_rows": [1, 2]}))
+    with pytest.raises(UsageError, match="both name the module's 'm.attention_biases'"):
+        validate(_spec(first, {**first, "name": "b", "inputs": ["a"] * 3}))
+    with pytest.raises(UsageError, match="both name"):  # a whole table and a row of it
+        validate(_spec(first, _attention(name="b", inputs=["a"] * 3, module="m", heads=2)))
+
+
+def test_several_windows_are_refused_by_name():
+    module = _small(window=2)
+    with pytest.raises(UsageError, match="4×4 map is larger than its 2×2 window") as err:
+        from_torch(module, (3, 64, 64))
+    assert "LocalWindowAttention at 'stages.0.blocks.0.mixer.m'" in str(err.value)
+    assert "efficientvit_msra.py:" in str(err.value)
+
+
+def test_other_layers_in_the_block_are_refused_by_name():
+    module = _small()
+    module.stages[0].blocks[0].mixer.m.attn.proj[0] = nn.GELU()
+    with pytest.raises(UsageError, match="proj must be timm's ReLU then ConvNorm"):
+        from_torch(module, (3, 64, 64))
+
+
+@pytest.mark.slow
+def test_efficientvit_m0_at_64():  # stage maps 4, 2, 1: each padded to its one window (7, 7, 4)
+    module = timm.create_model("efficientvit_m0")
+    torch.manual_seed(0)
+    randomise_batchnorm(module)
+    spec = from_torch(module.eval(), (3, 64, 64))
+    check_parity(module, spec, (3, 64, 64), batch=2)
+    assert len(_attends(spec)) == 4 * (1 + 2 + 3)
