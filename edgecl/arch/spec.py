@@ -349,6 +349,14 @@ def rowless_tensors(arch: Arch) -> list[str]:
     return [f"{n['name']}.{k}" for n in arch["nodes"] if n["op"] in ROWLESS_OPS for k in node_tensor_shapes(n)]
 
 
+def standardized_tensors(arch: Arch) -> list[str]:
+    """Every tensor of the weight-standardised convs (weight, bias, gain), in node order: their output is not linear
+    in the weight (each filter is standardised first), so a method whose rule assumes it (RGO's input-side
+    projection) keeps them per task instead."""
+    return [f"{n['name']}.{k}" for n in arch["nodes"] if n["op"] == "conv" and n.get("standardize")
+            for k in node_tensor_shapes(n)]
+
+
 def token_tensors(arch: Arch) -> list[str]:
     """The learned class tokens and position embeddings (ViTs), in node order: one row per channel like a bias, and
     kept as a method keeps biases (RGO has no projection for them: per task). Frozen ones are not learned: not here."""

@@ -56,3 +56,24 @@ def standardized_onnx(b: Builder, node: dict, weight: str) -> str:
         gain = b.op("Mul", [gain, b.constant(float(node["gain_scale"]))])
     normed = b.op("Div", [centred, b.op("Sqrt", [b.op("Add", [var, b.constant(float(node["standardize"]))])])])
     return b.op("Reshape", [b.op("Mul", [normed, gain]), b.ints(*shape)])
+
+
+def cut_keeping_standardized(rows: np.ndarray, dead: np.ndarray, eps: float) -> np.ndarray:
+    """Filters (out, n) with the entries `dead` (out, n) set to 0 and the others moved by one affine map a·w + c per
+    filter, chosen so that the standardised values of the kept entries are unchanged: cutting a connection out of a
+    weight-standardised filter (AGS-CL's (I.1)) would otherwise change its mean and variance, and so what it
+    computes on the inputs it keeps. With z the standardised filter, the cut filter's σ' = t solves
+    t² = eps / (1 − K), K = (Σ_kept z² + n_dead·mean_dead(z)²) / n < var / (var + eps) ≤ 1 (Jensen), so a = t/σ,
+    and its mean is −t·mean_dead(z). Filters with nothing to cut, or nothing kept, are plain zeroings."""
+    w = np.asarray(rows, dtype=np.float64)
+    n = w.shape[1]
+    mean = w.mean(axis=1, keepdims=True)
+    sigma = np.sqrt(((w - mean) ** 2).mean(axis=1, keepdims=True) + eps)
+    z = (w - mean) / sigma
+    n_dead = dead.sum(axis=1, keepdims=True)
+    mean_dead = np.where(dead, z, 0.0).sum(axis=1, keepdims=True) / np.maximum(n_dead, 1)
+    k = (np.where(dead, 0.0, z * z).sum(axis=1, keepdims=True) + n_dead * mean_dead ** 2) / n
+    t = np.sqrt(eps / np.maximum(1.0 - k, 1e-300))
+    out = np.where(dead, 0.0, (t / sigma) * (w - mean) - t * mean_dead)
+    plain = ((n_dead == 0) | (n_dead == n) | ~np.where(dead, w != 0, False).any(axis=1, keepdims=True))
+    return np.where(plain, np.where(dead, 0.0, w), out).astype(np.float32)
