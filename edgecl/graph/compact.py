@@ -106,13 +106,13 @@ def compact_task(arch: Arch, params: dict[str, np.ndarray], *,
     convolutions use their blocked layout only for such counts and run 2-3× slower on others
     (`CONV_CHANNEL_MULTIPLE`, tools/bench_infer.py). Weight-standardised convs are folded into plain ones first
     (`fold_standardized`): removing a dead input channel's columns before would change their filters' statistics."""
-    arch, params = fold_standardized(arch, params)
     dense = count_params(params)
+    arch, params = fold_standardized(arch, params)
     try:
         net = _Net(arch, params, channel_multiple)
     except ChannelError as exc:
-        return (copy.deepcopy(arch), dict(params),
-                CompactionReport(False, f"kept dense: {exc}", dense, dense))
+        return (copy.deepcopy(arch), dict(params),  # folded: a standardised conv's gain is in its weight now
+                CompactionReport(False, f"kept dense: {exc}", dense, count_params(params)))
     try:
         while net.compact_round():
             pass
