@@ -25,8 +25,8 @@ def state_keys(arch: Arch) -> dict[str, str]:
 def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
     """Trunk tensor name → its shape as the traced module stores it (`param_shapes`, except a weight whose node has
     a ``module_shape``, a position embedding or several prepended tokens, stored ``(1, tokens, ch)``, Swin's
-    attention bias table, stored ``(offsets, heads)``, a standardised conv's gain, ``(out, 1, 1, 1)``, TensorFlow MaxViT's, ``(heads, 2·wh − 1, 2·ww − 1)``, and
-    talking heads' mixes, stored as (heads, heads, 1, 1) convs);
+    attention bias table, stored ``(offsets, heads)``, TensorFlow MaxViT's, ``(heads, 2·wh − 1, 2·ww − 1)``,
+    talking heads' mixes, stored as (heads, heads, 1, 1) convs, and a standardised conv's gain, ``(out, 1, 1, 1)``);
     `from_module` converts."""
     shapes = param_shapes(arch)
     for node in arch["nodes"]:
