@@ -156,6 +156,22 @@ def test_agscl_cut_leaves_the_trained_logits_and_standardised_convs_never_factor
     assert np.abs(_onnx(build_onnx(small_arch, small), task.x_test) - deployed.numpy()).max() <= 1e-4
 
 
+@pytest.mark.parametrize("stride,padded", [(2, True), (1, False)])
+def test_scaled_std_conv_same_pads_as_tensorflow_when_its_padding_is_dynamic(stride, padded):
+    """DeepMind's NFNets' ScaledStdConv2dSame: at stride 2 on an 8×8 map "same" pads one row and column, at the
+    bottom and right (a ``pad`` node before the standardised conv); at stride 1 its padding is static, its own."""
+    from timm.layers import ScaledStdConv2dSame
+
+    conv = ScaledStdConv2dSame(2, 4, 3, stride=stride, gain_init=0.7)
+    assert conv.same_pad == padded
+    side = 8 // stride
+    net = torch.nn.Sequential(conv, torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * side * side, 3))
+    spec = randomised_parity(net, (2, 8, 8))
+    node = next(n for n in spec["nodes"] if n["op"] == "conv")
+    assert node["standardize"] == conv.eps and node["gain_scale"] == conv.scale
+    assert [n["op"] for n in spec["nodes"]].count("pad") == int(padded)
+
+
 def test_other_standardised_convs_stay_refused_by_name():
     from timm.layers import StdConv2d
 
