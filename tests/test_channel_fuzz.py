@@ -1,5 +1,6 @@
 """Property-based fuzzing of channel groups (`edgecl.arch.channel_map`), structural compaction and AGS-CL's node map
-on random small graph specs: convolutions (3×3 with and without padding, 1×1, depthwise, grouped, 2×2 after a
+on random small graph specs: convolutions (3×3 with and without padding, 1×1, depthwise, grouped, a quarter of them
+weight-standardised, 2×2 after a
 ``pad`` node of zeros or 0.5, 3×3 after a BlurPool's reflect / replicate / zero ``pad`` and ``blur``, 2×2 after
 adaptive average pooling to one more row and column, 2×2 of stride 2 after a bilinear ×2 ``upsample`` with or
 without align_corners), BatchNorm,
@@ -109,8 +110,10 @@ class _Graph:
                             align_corners=self.draw(st.booleans()))
             h, stride = 2 * h, 2
         h_out = (h + 2 * pad - k) // stride + 1
+        standardized = {"standardize": 1e-5, "gain_scale": self.draw(st.sampled_from([1.0, 0.4]))} \
+            if self.draw(st.integers(0, 3)) == 0 else {}  # NF-ResNet's weight standardisation: folded first
         return self.node("conv", [src], [out, h_out, h_out], **{"in": c, "out": out}, k=[k, k], pad=[pad, pad],
-                         stride=[stride, stride], groups=groups, bias=self.draw(st.booleans()))
+                         stride=[stride, stride], groups=groups, bias=self.draw(st.booleans()), **standardized)
 
     def slice(self, src: str, start: int, stop: int) -> str:
         return self.node("slice", [src], [stop - start, *self.shapes[src][1:]], start=start, stop=stop)
@@ -364,6 +367,8 @@ def _check_channel_map(arch, cm) -> None:
             assert space == x, name
         if op in ("conv", "linear") and node["bias"]:
             assert cm.rows[f"{name}.bias"] == cm.rows[f"{name}.weight"]
+        if op == "conv" and node.get("standardize"):
+            assert cm.rows[f"{name}.gain"] == cm.rows[f"{name}.weight"]
     assert cm.head_cols == cm.spaces[arch["output"]]
 
 

@@ -41,13 +41,15 @@ NORMS = {"name": "norms", "input_shape": [3, 16, 16], "nodes": [
     {"name": "pool", "op": "gap", "inputs": ["adaptive"]}, {"name": "flat", "op": "flatten", "inputs": ["pool"]},
     {"name": "feat_ln", "op": "layer_norm", "inputs": ["flat"], "ch": 8}], "output": "feat_ln"}
 
-# the layer families added later: TResNet's space_to_depth, a scalar affine (HGNetV2), ECA's channel_conv, GCNet's
-# attention_pool and broadcast add, split attention's branch_softmax, Swin's shifted window attention, EfficientViT's
-# linear attention, MobileViTv2's GroupNorm1 and patch context, EdgeNeXt's Fourier grid and channel attention, and a ViT
+# the layer families added later: TResNet's space_to_depth, a weight-standardised conv (NF-ResNet), a scalar affine
+# (HGNetV2), ECA's channel_conv, GCNet's attention_pool and broadcast add, split attention's branch_softmax, Swin's
+# shifted window attention, EfficientViT's linear attention, MobileViTv2's GroupNorm1 and patch context, EdgeNeXt's
+# Fourier grid and channel attention, and a ViT
 # block on the (C, T, 1) token map (register tokens, class token, position embedding, attention, token pooling)
 LAYERS = {"name": "layers", "input_shape": [3, 16, 16], "nodes": [
     {"name": "s2d", "op": "space_to_depth", "inputs": ["input"], "block": 2},
-    {"name": "stem", "op": "conv", "inputs": ["s2d"], "in": 12, "out": 8, "k": 1},
+    {"name": "stem", "op": "conv", "inputs": ["s2d"], "in": 12, "out": 8, "k": 1, "standardize": 1e-5,
+     "gain_scale": 0.5},
     {"name": "act", "op": "relu", "inputs": ["stem"]},
     {"name": "lab", "op": "scalar_affine", "inputs": ["act"], "init": 0.9, "init_bias": 0.1},
     {"name": "eca_pool", "op": "gap", "inputs": ["lab"]},

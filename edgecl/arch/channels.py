@@ -172,6 +172,8 @@ def channel_map(arch: Arch) -> ChannelMap:
             out = x
         if op in ("conv", "linear") and node["bias"]:
             rows[f"{name}.bias"] = out
+        if op == "conv" and node.get("standardize"):  # a standardised conv's gain: one per output channel
+            rows[f"{name}.gain"] = out
         spaces[name] = out
         total += bound_axis(uf.where, len(out))
         if total > MAX_SEGMENTS:

@@ -45,6 +45,7 @@ from edgecl.arch.fx_shuffle import _ShuffleConverter
 from edgecl.arch.fx_slices import _SliceConverter
 from edgecl.arch.fx_space_to_depth import _SpaceToDepthConverter
 from edgecl.arch.fx_split_attn import _SplitAttnConverter
+from edgecl.arch.fx_std_conv import is_std_conv, std_conv_fields
 from edgecl.arch.fx_swin import _SwinConverter
 from edgecl.arch.fx_tiny_vit import _TinyVitConverter
 from edgecl.arch.fx_tokens import _TokenConverter
@@ -87,12 +88,11 @@ _SAME_FORWARD = {("timm.layers.linear", "Linear")}
 
 
 def _check_own_forward(m: nn.Module, path: str) -> None:
-    """A subclass of a layer edgecl converts by its attributes (a conv, linear, pooling, padding, activation,
-    upsampling or flatten layer)
-    that overrides forward computes something else (weight standardisation, padding decided in forward): edgecl
-    would run the base layer with its attributes and silently compute another network, so it is refused by name —
-    except the same-padded layers `fx_padding` knows. (BatchNorm subclasses are judged by `_batchnorm`.)"""
-    if same_kind(m):
+    """A subclass of a layer edgecl converts by its attributes (conv, linear, pooling, padding, activation, upsampling,
+    flatten) that overrides forward computes something else (weight standardisation, padding decided in forward): run
+    as the base layer it would silently be another network, so it is refused by name — except the same-padded layers
+    of `fx_padding` and timm's ScaledStdConv2d (`fx_std_conv`). (BatchNorm subclasses are judged by `_batchnorm`.)"""
+    if same_kind(m) or is_std_conv(m):
         return
     for base in (nn.Conv2d, nn.Linear, *_POOL_MODULES, *PAD_MODULES, *ACTIVATION_MODULES, nn.Upsample, nn.Flatten):
         kind = type(m)
@@ -422,7 +422,7 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
                                  f"for kernel {k}; not supported")
             pad = [t // 2 for t in total]
         return {"in": m.in_channels, "out": m.out_channels, "k": k, "stride": pair(m.stride), "pad": pair(pad),
-                "dilation": dilation, "groups": m.groups, "bias": m.bias is not None}
+                "dilation": dilation, "groups": m.groups, "bias": m.bias is not None, **std_conv_fields(m)}
 
     def _activation(self, node: fx.Node, m: nn.Module, x: str, name: str | None = None) -> None:
         op, fields = module_activation(m)

@@ -28,6 +28,7 @@ from edgecl.arch.ops import PAD_MODES, crop_problem
 from edgecl.errors import UsageError
 
 SAME_LAYERS = {("timm.layers.conv2d_same", "Conv2dSame"): "conv",
+               ("timm.layers.std_conv", "ScaledStdConv2dSame"): "conv",  # weight-standardised too (`fx_std_conv`)
                ("timm.layers.conv2d_same", "Conv2dSameExport"): "conv",
                ("timm.layers.pool2d_same", "AvgPool2dSame"): "avg",
                ("timm.layers.pool2d_same", "MaxPool2dSame"): "max"}
@@ -38,8 +39,10 @@ PAD_MODULES = {nn.ZeroPad2d: "constant", nn.ConstantPad2d: "constant", nn.Reflec
 
 
 def same_kind(m: nn.Module) -> str | None:
-    """"conv", "avg" or "max" for a known layer that pads as TensorFlow's "same" in forward, else None."""
-    return SAME_LAYERS.get((type(m).__module__, type(m).__name__))
+    """"conv", "avg" or "max" for a known layer that pads as TensorFlow's "same" in forward, else None (also for a
+    ``ScaledStdConv2dSame`` whose "same" padding is static: ``same_pad`` false, its padding its own)."""
+    kind = SAME_LAYERS.get((type(m).__module__, type(m).__name__))
+    return kind if getattr(m, "same_pad", True) else None
 
 
 def odd_same(m: nn.Module) -> bool:

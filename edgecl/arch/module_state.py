@@ -26,13 +26,16 @@ def state_keys(arch: Arch) -> dict[str, str]:
 def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
     """Trunk tensor name → its shape as the traced module stores it (`param_shapes`, except a weight whose node has
     a ``module_shape``, a position embedding or several prepended tokens, stored ``(1, tokens, ch)``, Swin's
-    attention bias table, stored ``(offsets, heads)``, TensorFlow MaxViT's, ``(heads, 2·wh − 1, 2·ww − 1)``, and
-    talking heads' mixes, stored as (heads, heads, 1, 1) convs, and XCA's temperature, (heads, 1, 1));
+    attention bias table, stored ``(offsets, heads)``, TensorFlow MaxViT's, ``(heads, 2·wh − 1, 2·ww − 1)``,
+    talking heads' mixes, stored as (heads, heads, 1, 1) convs, XCA's temperature, (heads, 1, 1), and a standardised
+    conv's gain, ``(out, 1, 1, 1)``);
     `from_module` converts."""
     shapes = param_shapes(arch)
     for node in arch["nodes"]:
         if "module_shape" in node:
             shapes[f"{node['name']}.weight"] = tuple(node["module_shape"])
+        if node["op"] == "conv" and node.get("standardize"):  # timm's ScaledStdConv2d.gain
+            shapes[f"{node['name']}.gain"] = (node["out"], 1, 1, 1)
         if _token_grid(node):
             shapes[f"{node['name']}.weight"] = (1, node["tokens"], node["ch"])
         if _swin_table(node):

@@ -88,3 +88,14 @@ def attention_state_name(node: dict[str, Any], tensor: str) -> str:
     if tensor in TALKING:
         return TALKING[tensor]
     return "relative_position_bias_table" if node.get("bias_table") in ("swin", "tf") else "attention_biases"
+
+
+def standardized_fields(out: dict[str, Any], where: str) -> None:
+    """A conv's weight-standardisation fields, normalised: both left out of a plain conv (the spec as before they
+    existed); ``gain_scale`` only with ``standardize``, which it defaults to 1 for."""
+    if out["standardize"] is None:
+        if out["gain_scale"] is not None:
+            raise UsageError(f"{where}: gain_scale needs standardize (the eps of a weight-standardised conv)")
+        del out["standardize"], out["gain_scale"]
+    elif out["gain_scale"] is None:
+        out["gain_scale"] = 1.0

@@ -3,7 +3,12 @@ rest of edgecl asks about (`WEIGHT_OPS`, `CHANNEL_AFFINE_OPS`, …), and the out
 inputs' shapes (`output_shape`). `edgecl.arch.spec` validates whole specs with these.
 
 Ops (fields and defaults in `OPS`):
-- with tensors: ``conv`` (weight ``(out, in/groups, kh, kw)``, optional bias), ``linear`` (weight ``(out, in)``), ``bn``
+- with tensors: ``conv`` (weight ``(out, in/groups, kh, kw)``, optional bias; with ``standardize`` (an eps) a
+  weight-standardised conv, timm's ScaledStdConv2d (NF-ResNet): each filter w is replaced by
+  gain·gain_scale·(w − mean(w)) / √(var(w) + eps), mean and (biased) variance over the filter's in/groups·kh·kw
+  numbers, tensor ``gain`` ``(out,)`` (its module stores ``(out, 1, 1, 1)``), ``gain_scale`` a constant (timm's
+  γ/√fan_in, default 1); the rule is applied to the task's *effective* weight, whatever delta made it:
+  `edgecl.graph.standardize`), ``linear`` (weight ``(out, in)``), ``bn``
   (weight, bias, running_mean, running_var of ``ch`` channels; eps, momentum), ``layer_norm`` (normalises each position
   over its ``ch`` channels, as ConvNeXt's LayerNorm after a permute; eps; weight and bias when ``affine``; or, with
   ``over`` "map" (timm's GroupNorm1, a GroupNorm of one group: MobileViTv2), over the whole (C, H, W) map of a
@@ -128,7 +133,8 @@ ACTIVATIONS = ("relu", "relu6", "hardswish", "hardsigmoid", "silu", "sigmoid", "
 _POOL = {"k": ("pair", ...), "stride": ("pair", None), "pad": ("pad", [0, 0]), "ceil_mode": ("bool", False)}
 OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "conv": {"in": ("size", ...), "out": ("size", ...), "k": ("pair", ...), "stride": ("pair", [1, 1]),
-             "pad": ("pad", [0, 0]), "dilation": ("pair", [1, 1]), "groups": ("size", 1), "bias": ("bool", True)},
+             "pad": ("pad", [0, 0]), "dilation": ("pair", [1, 1]), "groups": ("size", 1), "bias": ("bool", True),
+             "standardize": ("eps", None), "gain_scale": ("number", None)},
     "linear": {"in": ("size", ...), "out": ("size", ...), "bias": ("bool", True)},
     "bn": {"ch": ("size", ...), "eps": ("eps", 1e-5), "momentum": ("momentum", 0.1)},
     "layer_norm": {"ch": ("size", ...), "eps": ("eps", 1e-5), "affine": ("bool", True), "over": ("norm_over", None)},

@@ -28,7 +28,7 @@ from typing import Any
 
 from edgecl.arch.legacy import layers_to_nodes
 from edgecl.arch.op_rules import (attention_fields, attention_state_name, attention_tensor_shapes,
-                                   check_minus_inf_pads, stored_rows)
+                                   check_minus_inf_pads, stored_rows, standardized_fields)
 from edgecl.arch.ops import (MAX_NUMBER, NORMALISING_OPS, OPS, PAD_MODES, ROWLESS_OPS, TENSOR_OPS, TOKEN_TENSOR_OPS,
                              WEIGHT_OPS, output_shape)
 from edgecl.errors import UsageError
@@ -175,6 +175,8 @@ def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
         attention_fields(out, where)
     if op == "upsample" and out["align_corners"] and out["mode"] != "bilinear":
         raise UsageError(f"{where}: upsample align_corners needs mode 'bilinear', gets {out['mode']!r}")
+    if op == "conv":
+        standardized_fields(out, where)
     for key, absent in (("over", "channels"), ("patch", None)):  # the spec as before GroupNorm1 and MobileViTv2
         if key in out and out[key] in (absent, None):
             del out[key]
@@ -319,7 +321,8 @@ def node_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     op = node["op"]
     if op in WEIGHT_OPS:
         weight = (node["out"], node["in"] // node["groups"], *node["k"]) if op == "conv" else (node["out"], node["in"])
-        return {"weight": weight, **({"bias": (node["out"],)} if node["bias"] else {})}
+        return {"weight": weight, **({"bias": (node["out"],)} if node["bias"] else {}),
+                **({"gain": (node["out"],)} if node.get("standardize") else {})}
     if op == "bn":
         return {k: (node["ch"],) for k in BN_TENSORS}
     if op == "channel_conv":
@@ -349,6 +352,14 @@ def rowless_tensors(arch: Arch) -> list[str]:
     per-head temperature (EdgeNeXt). No per-channel rule (pruning, node masks, BatchNorm's) covers them; methods that
     share a trunk keep them per task."""
     return [f"{n['name']}.{k}" for n in arch["nodes"] if n["op"] in ROWLESS_OPS for k in node_tensor_shapes(n)]
+
+
+def standardized_tensors(arch: Arch) -> list[str]:
+    """Every tensor of the weight-standardised convs (weight, bias, gain), in node order: their output is not linear
+    in the weight (each filter is standardised first), so a method whose rule assumes it (RGO's input-side
+    projection) keeps them per task instead."""
+    return [f"{n['name']}.{k}" for n in arch["nodes"] if n["op"] == "conv" and n.get("standardize")
+            for k in node_tensor_shapes(n)]
 
 
 def token_tensors(arch: Arch) -> list[str]:

@@ -26,6 +26,7 @@ from edgecl.io import write_atomic
 from edgecl.errors import UsageError
 from edgecl.graph.compact import CompactionReport, compact_task, count_params
 from edgecl.graph.builder import INPUT, OPSET, OUTPUT, build_onnx
+from edgecl.graph.standardize import fold_standardized
 from edgecl.export.selection import select_tasks
 from edgecl.progress import bar
 from edgecl.source import IN_MEMORY, ModelSource, open_model
@@ -119,7 +120,9 @@ def task_model(arch: Arch, params: dict[str, np.ndarray], *, compact: bool = Tru
                verify: bool = True, name: str = "task",
                latency: bool = False) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """One task's folded (and optionally compacted / fp16) ONNX model, checked, plus what was done to it; with
-    `latency`, the dense and compacted graphs' timings (`edgecl.export.latency`) when compaction removed anything."""
+    `latency`, the dense and compacted graphs' timings (`edgecl.export.latency`) when compaction removed anything.
+    Weight-standardised convs are folded into plain convs first: the task's model is a plain network."""
+    arch, params = fold_standardized(arch, params)
     dense_model = build_onnx(arch, params, graph_name=name)
     model, report = dense_model, None
     if compact:

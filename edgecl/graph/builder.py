@@ -26,6 +26,7 @@ from edgecl.graph.linear_ops import linear_attention, map_norm, patch_context
 from edgecl.graph.nodes import Builder as _Builder
 from edgecl.graph.onnx_spatial import SPATIAL_OPS, spatial_op
 from edgecl.graph.sdta_ops import channel_attention, fourier_pos
+from edgecl.graph.standardize import fold_standardized, is_standardized, standardized_onnx
 from edgecl.graph.token_ops import TOKEN_OPS, attention, pos_embed
 
 OPSET = 17
@@ -43,7 +44,10 @@ def _conv(b: _Builder, h: str, w: str, bias: str | None, k: list[int], stride: l
 
 
 def _conv_node(b: _Builder, h: str, node: dict, bias: str | None) -> str:
-    return _conv(b, h, f"{node['name']}.weight", bias, node["k"], node["stride"], node["pad"], node["dilation"],
+    weight = f"{node['name']}.weight"
+    if is_standardized(node):  # the switchable graph: a folded one has none left (`fold_standardized`)
+        weight = standardized_onnx(b, node, weight)
+    return _conv(b, h, weight, bias, node["k"], node["stride"], node["pad"], node["dilation"],
                  node["groups"])
 
 
@@ -363,9 +367,13 @@ def build_onnx(arch: Arch, params: dict[str, np.ndarray] | None = None, *, weigh
     symbolic dimension, so tasks with different class counts share the graph. `params` is ignored. `constants`
     (switchable only) are embedded as initializers instead; `factors` maps a linear layer whose weight is constant
     to (form, {part: shape}) — the per-task vectors ``LAYER.weight:PART`` it reads as inputs (`edgecl.runtime.plan`).
+    A weight-standardised conv is folded into a plain one in the folded form (`edgecl.graph.standardize`) and
+    standardised in the graph in the switchable one, where its weight is bound per task.
     `external_constants`: the constants are declared as external data with no bytes in the model, to be supplied
     from memory (`SessionOptions.add_external_initializers`): no serialised copy of the weights is ever made.
     """
+    if not weights_as_inputs and params is not None:  # a task's model: standardised convs become plain ones
+        arch, params = fold_standardized(arch, params)
     b = _Builder()
     constants = constants or {}
     factors = factors or {}

@@ -64,6 +64,7 @@ from edgecl.arch.channels import ChannelError, ChannelMap, Segments, channel_map
 from edgecl.arch.ops import CHANNEL_AFFINE_OPS, TOKEN_TENSOR_OPS, WEIGHT_OPS, output_shape
 from edgecl.arch.spec import INPUT, Arch, consumers, is_depthwise, validate
 from edgecl.graph.constants import channel_constants, expand, is_reader
+from edgecl.graph.standardize import fold_standardized
 
 HEAD = "head.weight"
 # ONNX Runtime's CPU convolutions take the blocked NCHWc layout for channel counts that are multiples of its block
@@ -103,13 +104,15 @@ def compact_task(arch: Arch, params: dict[str, np.ndarray], *,
     `channel_multiple`: keep every channel group a convolution reads or writes at a multiple of this many channels
     where the group has that many (dead channels kept are zero, or constant, as before): ONNX Runtime's CPU
     convolutions use their blocked layout only for such counts and run 2-3× slower on others
-    (`CONV_CHANNEL_MULTIPLE`, tools/bench_infer.py)."""
+    (`CONV_CHANNEL_MULTIPLE`, tools/bench_infer.py). Weight-standardised convs are folded into plain ones first
+    (`fold_standardized`): removing a dead input channel's columns before would change their filters' statistics."""
     dense = count_params(params)
+    arch, params = fold_standardized(arch, params)
     try:
         net = _Net(arch, params, channel_multiple)
     except ChannelError as exc:
-        return (copy.deepcopy(arch), dict(params),
-                CompactionReport(False, f"kept dense: {exc}", dense, dense))
+        return (copy.deepcopy(arch), dict(params),  # folded: a standardised conv's gain is in its weight now
+                CompactionReport(False, f"kept dense: {exc}", dense, count_params(params)))
     try:
         while net.compact_round():
             pass

@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgecl.graph.builder import INPUT, build_onnx
+from edgecl.graph.standardize import fold_standardized
 from edgecl.graph.compact import compact_task, count_params
 from edgecl.runtime import costs
 from edgecl.runtime.budget import Ledger
@@ -44,7 +45,7 @@ class PerTaskSessions:
             # what building it holds, reserved before its weights are materialised (refused before allocation),
             # then what the (compacted) session keeps: never more
             self.ledger.reserve(item, costs.task_session_build_bytes(src.arch, info.n_classes))
-            arch, params = src.arch, src.materialize(t)
+            arch, params = fold_standardized(src.arch, src.materialize(t))  # a plain conv per standardised one
             if t == 0 and src.origin != IN_MEMORY:
                 # the opened file keeps its decoded shared tensors (weights, owner maps) until every session is
                 # built: charged from the first task on (measured: the demo-shaped model's 10 sessions peaked

@@ -157,7 +157,8 @@ def factor_forms(src: ModelSource, ranks: dict[str, int] | None = None) -> dict[
     filter to its group's input channels, so permuting its outputs is not permuting its filters, and its low-rank
     column scaling has in/groups entries, not one per input channel; the low-rank residual's window sum needs
     groups = 1 and dilation = 1 (`edgecl.graph.builder`). Such layers are folded on a switch. Node masks factor on
-    any convolution (output rows scale outputs; input columns scale input channels)."""
+    any convolution (output rows scale outputs; input columns scale input channels). A weight-standardised conv
+    never factors: its filters are standardised after the delta, which no scaling of activations reproduces."""
     forms = {}
     for layer in src.arch["nodes"]:
         if layer["op"] not in ("linear", "conv"):
@@ -166,7 +167,7 @@ def factor_forms(src: ModelSource, ranks: dict[str, int] | None = None) -> dict[
         weight = f"{name}.weight"
         spec = src.params.get(weight, {})
         kind = spec.get("kind")
-        if kind not in ("node", "lowrank", "permute") or not _factorable(layer, kind):
+        if kind not in ("node", "lowrank", "permute") or not _factorable(layer, kind) or layer.get("standardize"):
             continue
         shape = src.read_base(weight).shape
         wide_conv = layer["op"] == "conv" and kind != "lowrank" and shape[1] >= CONV_FACTOR_MIN_CHANNELS

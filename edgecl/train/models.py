@@ -27,12 +27,15 @@ Hook = Callable[[str, torch.Tensor], torch.Tensor]
 
 def init_params(arch: Arch, n_classes: int | None = None, generator: torch.Generator | None = None) -> Params:
     """Kaiming-uniform weights (torch's nn.Linear/Conv2d/Conv1d default), zero biases, identity BatchNorm, LayerNorm
-    and global response norm, layer scales at their ``init`` (ConvNeXt's 1e-6: each residual block starts close to
-    the identity), class tokens and position embeddings normal with std 0.02 (as ViTs start)."""
+    and global response norm, standardised convs' gains at 1, layer scales at their ``init`` (ConvNeXt's 1e-6: each
+    residual block starts close to the identity), class tokens and position embeddings normal with std 0.02 (as ViTs
+    start)."""
     params = _init(param_shapes(arch, n_classes), generator)
     for node in arch["nodes"]:
         if node["op"] == "layer_scale":
             params[f"{node['name']}.weight"].fill_(node["init"])
+        if node["op"] == "conv" and node.get("standardize"):  # timm's ScaledStdConv2d gain_init
+            params[f"{node['name']}.gain"].fill_(1.0)
         if node["op"] == "grn":  # ConvNeXt V2's start: the identity
             params[f"{node['name']}.weight"].zero_()
         if node["op"] == "scalar_affine":  # a fresh LearnableAffineBlock's numbers (1 and 0 in timm)
@@ -113,8 +116,11 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
     """One node of the spec, exactly as `edgecl.graph.builder` emits it in ONNX."""
     op, name, h = node["op"], node["name"], ins[0]
     if op == "conv":
-        return F.conv2d(h, params[f"{name}.weight"], params.get(f"{name}.bias"), node["stride"], node["pad"],
-                        node["dilation"], node["groups"])
+        weight = params[f"{name}.weight"]
+        if node.get("standardize"):  # of the task's effective weight (`edgecl.graph.standardize`)
+            weight = standardized(weight, params[f"{name}.gain"], node["standardize"], node["gain_scale"])
+        return F.conv2d(h, weight, params.get(f"{name}.bias"), node["stride"], node["pad"], node["dilation"],
+                        node["groups"])
     if op == "linear":
         return F.linear(h, params[f"{name}.weight"], params.get(f"{name}.bias"))
     if op == "bn":
@@ -228,6 +234,14 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
     if op == "reshape":
         return h.reshape((h.shape[0], *node["shape"]))
     raise ValueError(f"node {name!r}: op {op!r} has no torch form")
+
+
+def standardized(weight: torch.Tensor, gain: torch.Tensor, eps: float, scale: float) -> torch.Tensor:
+    """Each filter as gain·scale·(w − mean) / √(var + eps), biased variance: timm's ScaledStdConv2d computes it by
+    this same ``F.batch_norm`` of the weight, so the two agree bit for bit."""
+    out = weight.shape[0]
+    return F.batch_norm(weight.reshape(1, out, -1), None, None, weight=(gain * scale).reshape(-1), training=True,
+                        momentum=0.0, eps=eps).reshape_as(weight)
 
 
 def _channel_conv(h: torch.Tensor, weight: torch.Tensor, circular: bool) -> torch.Tensor:

@@ -60,8 +60,10 @@ import torch
 import torch.nn.functional as F
 
 from edgecl.arch import Arch, dense_params
+from edgecl.arch.spec import node_by_name
 from edgecl.deltas import PackedModel, TaskInfo
 from edgecl.errors import UsageError
+from edgecl.graph.standardize import cut_keeping_standardized
 from edgecl.train import distributed
 from edgecl.train.batchnorm import recalibrate
 from edgecl.train.data import TaskData
@@ -342,12 +344,21 @@ class AGSCL(Method):
 
     def _zero_from_dead(self, alive: np.ndarray, head: Params) -> None:
         """(I.1): zero every connection out of an unimportant node, in every reader and the new head (it is fixed
-        at zero for good where the reader is important: `_cuts`)."""
+        at zero for good where the reader is important: `_cuts`). A weight-standardised reader's kept entries are
+        moved with the cut so that its filters compute what they trained to (`cut_keeping_standardized`)."""
         live = np.append(alive, True)
+        nodes = node_by_name(self.arch)
         with torch.no_grad():
             for weight, cols in self.nodes.cols.items():
                 w = self.trunk[weight]
                 dead = torch.from_numpy(np.ascontiguousarray(~live[cols]))[:, :, None]
+                layer = nodes[weight.rsplit(".", 1)[0]]
+                if layer.get("standardize"):  # the kept entries keep their standardised values
+                    mask = np.broadcast_to(dead.numpy(), w.view(w.shape[0], w.shape[1], -1).shape)
+                    cut = cut_keeping_standardized(w.reshape(w.shape[0], -1).numpy(), mask.reshape(w.shape[0], -1),
+                                                   layer["standardize"])
+                    w.copy_(torch.from_numpy(cut).reshape(w.shape))
+                    continue
                 w.view(w.shape[0], w.shape[1], -1).masked_fill_(dead, 0)
             head["head.weight"].masked_fill_(torch.from_numpy(~live[self.nodes.head])[None, :], 0)
 

@@ -40,7 +40,8 @@ class NodeMap:
     bn_after: dict[str, dict]  # conv/linear node name → the BatchNorm node normalising its output
     stats: list[str]  # BatchNorm running statistics: kept per task
     own: list[str]  # kept per task: the statistics, ECA's k weights, scalar affines (no rows)
-    scale_free: list[str]  # conv/linear rows (and biases) a BatchNorm normalises: their scale changes nothing
+    scale_free: list[str]  # conv/linear rows (and biases) a BatchNorm normalises, standardised convs' weights: their
+    #                        scale changes nothing
     specs: dict[str, dict[str, Any]]  # trunk tensor → its deployed delta spec
     affines: dict[str, np.ndarray] = field(default_factory=dict)  # scalar affine → node of each output channel
     # conv/linear nodes whose outputs a channel_attention (EdgeNeXt's XCA) reads: Ω by |activation|, not ReLU's
@@ -131,6 +132,8 @@ def node_map(arch: Arch) -> NodeMap:
             if len(after) == 1 and nodes[after[0]]["op"] == "bn":
                 bn_after[node["name"]] = nodes[after[0]]
                 scale_free += [t for t in (f"{node['name']}.weight", f"{node['name']}.bias") if t in shapes]
+            elif node.get("standardize"):  # its filters are standardised: the gain carries their scale
+                scale_free.append(f"{node['name']}.weight")
     stats = [t for t in cm.rows if t.rsplit(".", 1)[1] in STATS]
     own = stats + rowless_tensors(arch)
     specs = {t: _spec(cm.rows[t], cm.cols.get(t), nodes[t.rsplit(".", 1)[0]]) if t not in own else {"kind": "task"}

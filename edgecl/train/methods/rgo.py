@@ -42,6 +42,10 @@ they are added values, not weights that read an input, so no input-side P can ke
 shared copy moves; a permuted channel group takes their rows as each task's order says, like per-task BatchNorm.
 A frozen position embedding is a constant: one copy in the shared trunk (permuted with it), never stepped.
 
+Weight-standardised convs (NF-ResNet's ScaledStdConv2d): weight, bias and gain per task (each task starting from
+task 0's, in its own channel order), since the conv's output is not linear in its weight — each filter is
+standardised first — so an input-side P cannot keep an old task's outputs while a shared copy moves.
+
 P is training state, not part of the artifact (no per-task tensors besides heads, per-task BatchNorm, layers): `edgecl
 train` saves it beside the artifact, and `resume` needs it.
 """
@@ -56,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from edgecl.arch import param_shapes, prunable
-from edgecl.arch.spec import frozen_tensors, rowless_tensors, token_tensors
+from edgecl.arch.spec import frozen_tensors, rowless_tensors, standardized_tensors, token_tensors
 from edgecl.arch.channels import ChannelError
 from edgecl.deltas import PackedModel, TaskInfo
 from edgecl.errors import UsageError
@@ -84,11 +88,14 @@ class RGO(Method):
         init = self.initial_params(torch.Generator().manual_seed(self.config.seed))
         self.bn = BatchNorm(arch, self.config.batchnorm, init)
         self.tokens = token_tensors(arch)
+        self.standardized = standardized_tensors(arch)
         self.fixed = frozen_tensors(arch)  # constants: in the shared trunk (permuted with it), never stepped
         self.fel = self._fel_plan()
         # per task: layers of several blocks (rgo_fel), ECA's k weights and scalar affines (no rows for P or a FEL to
         # act on), class tokens and position embeddings (added values, which no P protects)
-        self.blocks = RuledTensors(self.fel.per_task + rowless_tensors(arch) + self.tokens, "task", init)
+        # and weight-standardised convs (their output is not linear in the weight: no input-side P keeps it)
+        self.blocks = RuledTensors(self.fel.per_task + rowless_tensors(arch) + self.tokens + self.standardized, "task",
+                                   init)
         shapes = param_shapes(arch)
         conv_groups = {n["name"]: n.get("groups", 1) for n in arch["nodes"]}
         self.layers = [w.rsplit(".", 1)[0] for w in prunable(arch) if w not in self.blocks.names]
@@ -111,7 +118,7 @@ class RGO(Method):
             return FELPlan()
         # per-task BatchNorm follows each task's order by being trained in it; the identity is the same in any order
         per_task = set(self.bn.names) if self.bn.rule in ("task", "identity") else set()
-        per_task.update(self.tokens)
+        per_task.update(self.tokens + self.standardized)
         try:
             return fel_plan(self.arch, per_task)
         except ChannelError as exc:

@@ -1,0 +1,79 @@
+"""Weight standardisation (timm's ScaledStdConv2d, NF-ResNet) outside torch: each filter of a conv with
+``standardize`` is replaced by gain·gain_scale·(w − mean) / √(var + eps) over its in/groups·kh·kw numbers (biased
+variance, as timm's ``F.batch_norm`` of the weight computes it). numpy only: the exporter, compaction and the runtime
+use it; `edgecl.train.models` computes the same in torch.
+
+Why a field of the conv and folded here: standardisation re-parametrises the weight, so it is applied to the weight
+a task *runs* — after its method's delta (LPS masks, AGS-CL node masks, HALRP's factors, RGO's permutation) — never
+to a stored base. A folded per-task model (`fold_standardized`) then holds a plain conv, and compaction folds first,
+because removing a dead input channel's columns would change the filter's mean and variance."""
+from __future__ import annotations
+
+import numpy as np
+
+from edgecl.arch.spec import Arch
+from edgecl.graph.nodes import Builder
+
+
+def standardized(weight: np.ndarray, gain: np.ndarray, eps: float, scale: float) -> np.ndarray:
+    """The standardised (out, in/groups, kh, kw) weight, float32 (statistics in float64)."""
+    w = np.asarray(weight, dtype=np.float64).reshape(weight.shape[0], -1)
+    mean = w.mean(axis=1, keepdims=True)
+    var = ((w - mean) ** 2).mean(axis=1, keepdims=True)
+    g = np.asarray(gain, dtype=np.float64).reshape(-1, 1) * scale
+    return (g * (w - mean) / np.sqrt(var + eps)).reshape(weight.shape).astype(np.float32)
+
+
+def is_standardized(node: dict) -> bool:
+    return node["op"] == "conv" and bool(node.get("standardize"))
+
+
+def fold_standardized(arch: Arch, params: dict[str, np.ndarray]) -> tuple[Arch, dict[str, np.ndarray]]:
+    """`arch` with every standardised conv a plain one and `params` with its weight standardised and its gain gone:
+    the same network (float rounding aside); `arch` and `params` unchanged (and returned) when it has none."""
+    if not any(is_standardized(n) for n in arch["nodes"]):
+        return arch, params
+    params, nodes = dict(params), []
+    for node in arch["nodes"]:
+        if is_standardized(node):
+            name = node["name"]
+            params[f"{name}.weight"] = standardized(params[f"{name}.weight"], params.pop(f"{name}.gain"),
+                                                    node["standardize"], node["gain_scale"])
+            node = {k: v for k, v in node.items() if k not in ("standardize", "gain_scale")}
+        nodes.append(node)
+    return {**arch, "nodes": nodes}, params
+
+
+def standardized_onnx(b: Builder, node: dict, weight: str) -> str:
+    """The standardised weight computed in the graph from the `weight` and ``NODE.gain`` it reads (the switchable
+    graph, whose weights are bound per task): the same statistics as `standardized`, in float32."""
+    shape = [node["out"], node["in"] // node["groups"], *node["k"]]
+    rows = b.op("Reshape", [weight, b.ints(node["out"], -1)])
+    centred = b.op("Sub", [rows, b.op("ReduceMean", [rows], axes=[1], keepdims=1)])
+    var = b.op("ReduceMean", [b.op("Mul", [centred, centred])], axes=[1], keepdims=1)
+    gain = b.op("Unsqueeze", [f"{node['name']}.gain", b.ints(1)])
+    if node["gain_scale"] != 1.0:
+        gain = b.op("Mul", [gain, b.constant(float(node["gain_scale"]))])
+    normed = b.op("Div", [centred, b.op("Sqrt", [b.op("Add", [var, b.constant(float(node["standardize"]))])])])
+    return b.op("Reshape", [b.op("Mul", [normed, gain]), b.ints(*shape)])
+
+
+def cut_keeping_standardized(rows: np.ndarray, dead: np.ndarray, eps: float) -> np.ndarray:
+    """Filters (out, n) with the entries `dead` (out, n) set to 0 and the others moved by one affine map a·w + c per
+    filter, chosen so that the standardised values of the kept entries are unchanged: cutting a connection out of a
+    weight-standardised filter (AGS-CL's (I.1)) would otherwise change its mean and variance, and so what it
+    computes on the inputs it keeps. With z the standardised filter, the cut filter's σ' = t solves
+    t² = eps / (1 − K), K = (Σ_kept z² + n_dead·mean_dead(z)²) / n < var / (var + eps) ≤ 1 (Jensen), so a = t/σ,
+    and its mean is −t·mean_dead(z). Filters with nothing to cut, or nothing kept, are plain zeroings."""
+    w = np.asarray(rows, dtype=np.float64)
+    n = w.shape[1]
+    mean = w.mean(axis=1, keepdims=True)
+    sigma = np.sqrt(((w - mean) ** 2).mean(axis=1, keepdims=True) + eps)
+    z = (w - mean) / sigma
+    n_dead = dead.sum(axis=1, keepdims=True)
+    mean_dead = np.where(dead, z, 0.0).sum(axis=1, keepdims=True) / np.maximum(n_dead, 1)
+    k = (np.where(dead, 0.0, z * z).sum(axis=1, keepdims=True) + n_dead * mean_dead ** 2) / n
+    t = np.sqrt(eps / np.maximum(1.0 - k, 1e-300))
+    out = np.where(dead, 0.0, (t / sigma) * (w - mean) - t * mean_dead)
+    plain = ((n_dead == 0) | (n_dead == n) | ~np.where(dead, w != 0, False).any(axis=1, keepdims=True))
+    return np.where(plain, np.where(dead, 0.0, w), out).astype(np.float32)

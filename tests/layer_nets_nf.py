@@ -1,0 +1,49 @@
+"""A tiny NF-ResNet (timm's NormFreeNet in small) for the weight-standardised convolution: timm's ScaledStdConv2d
+in the stem and in NormFreeBlocks (α/β residual scaling, a DownsampleAvg shortcut, a grouped 3×3), small enough for
+every method on real digit tasks (tests/test_methods_on_graphs.py, tests/test_agscl_graphs.py)."""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+from edgecl.arch import from_torch
+from edgecl.arch.factories import ensure_torchvision_imports
+
+ensure_torchvision_imports()
+from timm.layers import ScaledStdConv2d  # noqa: E402
+from timm.models.nfnet import NormFreeBlock  # noqa: E402
+
+RELU_GAMMA = 1.7139588594436646  # timm's _nonlin_gamma["relu"]
+
+
+class TinyNFNet(nn.Module):
+    """Stem (ScaledStdConv2d 3×3), a downsampling NormFreeBlock (avg-pool + 1×1 standardised conv shortcut, 3×3 in
+    groups of 4), an identity-shortcut block, final ReLU, average pooling. `gains` draws every gain at random (timm
+    starts each block's last gain at 0, which would hide the residual branch)."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8, gains: bool = True):
+        super().__init__()
+        conv = partial(ScaledStdConv2d, gamma=RELU_GAMMA, eps=1e-5)
+        self.stem = conv(in_channels, width, 3, stride=1)
+        expected = 1.0
+        self.block1 = NormFreeBlock(width, 2 * width, stride=2, alpha=0.2, beta=1.0, bottle_ratio=1.0, group_size=4,
+                                    act_layer=nn.ReLU, conv_layer=conv)
+        expected += 0.2 ** 2
+        self.block2 = NormFreeBlock(2 * width, 2 * width, alpha=0.2, beta=expected ** -0.5, bottle_ratio=0.5,
+                                    act_layer=nn.ReLU, conv_layer=conv)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(2 * width, classes)
+        if gains:
+            with torch.no_grad():
+                for name, p in self.named_parameters():
+                    if name.endswith(".gain"):
+                        p.copy_(torch.rand(p.shape, generator=torch.Generator().manual_seed(len(name))) + 0.5)
+
+    def forward(self, x):
+        return self.fc(self.act(self.block2(self.block1(self.stem(x)))).mean((2, 3)))
+
+
+def nf_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyNFNet(in_channels=input_shape[0]), tuple(input_shape))
