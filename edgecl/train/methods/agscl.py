@@ -310,8 +310,8 @@ class AGSCL(Method):
     def update_omega(self, task: TaskData, device: str = "cpu", important: np.ndarray | None = None) -> None:
         """(8): Ω ← ηΩ + mean ReLU activation of each node over the task's training data (spatial mean for convs),
         averaged over the conv/linear outputs of its group, each after the BatchNorm that follows it (the mean
-        |activation| of an output a channel_attention reads: `NodeMap.signed`); on the network
-        the task trained (`important`: the nodes important before it, whose affine biases are never masked)."""
+        |activation| of an output a channel_attention reads: `NodeMap.signed`); on the network the task trained
+        (`important`: the nodes important before it, whose affine biases are never masked)."""
         nodes = self.nodes
         params = {k: v.to(device) for k, v in self.trunk.items()}
         bias = BiasMasks(self.arch, nodes, device)
