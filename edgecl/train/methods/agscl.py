@@ -59,8 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgecl.arch import Arch, dense_params
-from edgecl.arch.spec import node_by_name
+from edgecl.arch import Arch, dense_params, node_by_name
 from edgecl.deltas import PackedModel, TaskInfo
 from edgecl.errors import UsageError
 from edgecl.graph.standardize import cut_keeping_standardized
@@ -208,10 +207,10 @@ class AGSCL(Method):
         self.stats.append({**freeze, "exact_zero_nodes": zeroed, "reinit_nodes": reinit})
         warnings = []
         if freeze["frozen"][0] < freeze["frozen"][1] or freeze["old_task_max_drift"] > 0:
-            warnings.append(f"agscl task {t}: only {freeze['frozen'][0]} of {freeze['frozen'][1]} important nodes "
-                            f"stayed exactly frozen; earlier tasks' weights moved by up to "
-                            f"{freeze['old_task_max_drift']:.3g} (freeze={cfg.freeze!r}; freeze='exact' keeps them "
-                            "bit-identical)")
+            (kept, important), drift = freeze["frozen"], freeze["old_task_max_drift"]
+            warnings.append(f"agscl task {t}: only {kept} of {important} important nodes stayed exactly frozen; earlier "
+                            f"tasks' weights moved by up to {drift:.3g} (freeze={cfg.freeze!r}; freeze='exact' keeps "
+                            "them bit-identical)")
         if not np.append(alive, True)[nodes.head].any():  # the group lasso won: the logits are the head's bias
             name = "mu_adam" if cfg.uses_adam_metric(self.arch) else "mu"
             warnings.append(f"agscl task {t}: no feature the head reads is in use after this task (the group lasso "
