@@ -126,6 +126,23 @@ def test_two_nodes_on_one_row_are_refused_and_on_two_rows_accepted():
         validate(_spec(first, _attention(name="b", inputs=["a"] * 3, module="m", heads=2)))
 
 
+@pytest.mark.parametrize("second, words", [
+    ({"bias_rows": [1, 3]}, "give it different \\(rows, offsets\\): \\[\\(2, 4\\), \\(3, 4\\)\\]"),  # 2 or 3 rows?
+    ({"bias_offsets": 2, "bias_index": [[i % 2 for i in range(4)]] * 4}, "different \\(rows, offsets\\)"),
+    ({"bias_rows": [0, 2]}, "both name the module's 'm.attention_biases'"),
+])
+def test_the_rows_of_one_table_must_agree_on_its_shape(second, words):  # accepted before: no module fits both
+    first = _attention(module="m", bias_rows=[0, 2])
+    with pytest.raises(UsageError, match=words):
+        validate(_spec(first, {**first, "name": "b", "inputs": ["a"] * 3, "bias_rows": [1, 2], **second}))
+
+
+@pytest.mark.parametrize("rows", [[1, 3], [0, 2], [0, 1 << 31]])
+def test_a_row_no_node_holds_is_refused(rows):  # accepted before: written back as zeros (2³¹ rows: 32 GB of them)
+    with pytest.raises(UsageError, match=f"of {rows[1]} rows, but row {1 - rows[0] % 2} of it is no node's"):
+        validate(_spec(_attention(module="m", bias_rows=rows)))
+
+
 def test_several_windows_are_refused_by_name():
     module = _small(window=2)
     with pytest.raises(UsageError, match="4×4 map is larger than its 2×2 window") as err:
@@ -138,6 +155,11 @@ def test_other_layers_in_the_block_are_refused_by_name():
     module = _small()
     module.stages[0].blocks[0].mixer.m.attn.proj[0] = nn.GELU()
     with pytest.raises(UsageError, match="proj must be timm's ReLU then ConvNorm"):
+        from_torch(module, (3, 64, 64))
+    module = _small()
+    module.stages[0].blocks[0].mixer.m.attn.qkvs[1] = nn.Conv2d(4, 12, 1)  # a plain conv where a ConvNorm was
+    with pytest.raises(UsageError, match="'stages.0.blocks.0.mixer.m.attn.qkvs.1' has layers \\[\\]; edgecl converts "
+                       "timm's ConvNorm"):
         from_torch(module, (3, 64, 64))
 
 

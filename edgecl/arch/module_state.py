@@ -67,7 +67,7 @@ def from_module(arch: Arch, name: str, array: Any) -> np.ndarray:
 
 def to_module_state(arch: Arch, values: dict[str, Any]) -> dict[str, np.ndarray]:
     """Spec tensors (by name) as the module's state dict holds them (by key, `to_module`); the nodes that are rows of
-    one tensor (`op_rules.stored_rows`) fill it together, rows no node reads being zeros."""
+    one tensor (`op_rules.stored_rows`) fill it together (`spec.validate` has them hold each of its rows once)."""
     keys, nodes, stored, out = state_keys(arch), node_by_name(arch), state_shapes(arch), {}
     for name, array in values.items():
         layer, _, tensor = name.rpartition(".")
