@@ -17,7 +17,7 @@ from edgecl.arch.fx_import import tensors_of
 from edgecl.arch.module_state import state_keys, state_shapes
 from edgecl.arch.spec import validate
 from edgecl.errors import UsageError
-from edgecl.train.initial import starting_weights
+from edgecl.train.initial import StartingWeights, starting_weights
 
 EfficientVitMsra = timm.models.efficientvit_msra.EfficientVitMsra
 
@@ -93,6 +93,17 @@ def test_bias_rows_storage_and_starting_weights(tmp_path):
     assert np.array_equal(again.values[names[1]], table[1:])
     np.savez(tmp_path / "w.npz", **{k: v.numpy() for k, v in module.state_dict().items() if v.is_floating_point()})
     assert starting_weights(str(tmp_path / "w.npz"), spec).sha256 == start.sha256  # the file's one table, by rows
+
+
+def test_starting_weights_missing_a_row_say_so():  # before: the table was filled in with a row of zeros
+    module = _small()
+    spec = from_torch(module, (3, 64, 64))
+    start = starting_weights(module, spec)
+    name = f"{_attends(spec)[1]['name']}.bias"
+    partial = StartingWeights({k: v for k, v in start.values.items() if k != name}, "partial", "")
+    with pytest.raises(UsageError, match="partial: no starting value for 2 of the .* trunk tensors "
+                                         "\\(stages.0.blocks.0.mixer.m.attn.attention_biases, "):  # both rows
+        starting_weights(partial, spec)
 
 
 def _attention(**fields) -> dict:
