@@ -182,3 +182,47 @@ def test_efficientvit_m0_at_64():  # stage maps 4, 2, 1: each padded to its one 
     spec = from_torch(module.eval(), (3, 64, 64))
     check_parity(module, spec, (3, 64, 64), batch=2)
     assert len(_attends(spec)) == 4 * (1 + 2 + 3)
+
+
+class _OneHead(nn.Module):
+    """A stem (conv + BatchNorm: a dead channel is its BatchNorm's constant) and one head's window attention on a 4×4
+    map padded to 5×5, added back: no cascade, so the stream's channels are no attention's v and can go."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8))
+        self.mixer = timm.models.efficientvit_msra.LocalWindowAttention(8, key_dim=4, num_heads=1, attn_ratio=2,
+                                                                        resolution=5, window_resolution=5, kernels=(3,))
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.fc((x + self.mixer(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("columns", [True, False])
+@pytest.mark.parametrize("make", ["cascade", "one head"])
+def test_compaction_keeps_the_padded_window_the_cascade_and_the_rows(make, columns):
+    """AGS-CL-shaped dead channels (rows only: their BatchNorm constants reach the pad, whose zeros then differ from
+    them, so no reader behind it may absorb them) compact to the same logits, the pad, the crop and every
+    attention's heads and bias rows kept."""
+    from layer_nets_vit import efficientvit_msra_spec
+    from random_weights import random_params
+
+    from edgecl.export import compact_task
+    from edgecl.export.onnx_export import run_onnx
+    from edgecl.graph.builder import build_onnx
+    from edgecl.synthetic import group_node_masks
+
+    arch = efficientvit_msra_spec((3, 8, 8)) if make == "cascade" else from_torch(_OneHead().eval(), (3, 8, 8))
+    x = np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    kept = ("name", "op", "pads", "heads", "bias_rows", "bias_offsets")
+    for seed in range(3):
+        params, _ = group_node_masks(arch, random_params(arch, 3, seed), 0.5, seed, columns=columns)
+        small, small_params, report = compact_task(arch, params, channel_multiple=1)
+        assert report.params_compact < report.params_dense or not columns and make == "one head"  # all kept
+        dense = run_onnx(build_onnx(arch, params), x)
+        assert np.abs(run_onnx(build_onnx(validate(small), small_params), x) - dense).max() <= \
+            1e-5 * max(1.0, np.abs(dense).max())
+        assert [[n.get(k) for k in kept] for n in small["nodes"] if n["op"] in ("pad", "attention")] == \
+            [[n.get(k) for k in kept] for n in arch["nodes"] if n["op"] in ("pad", "attention")]
