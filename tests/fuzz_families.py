@@ -273,8 +273,8 @@ def _spec(draw) -> dict:
                     node["bias_table"] = draw(st.sampled_from(["swin", "tf"])) if fits else \
                         draw(st.sampled_from(["levit", "other", 1]))  # 'tf' holds where B = (2wh − 1)(2ww − 1)
                 if draw(st.integers(0, 3)) == 0:  # its row of a table of more heads (EfficientViT-MSRA's cascade)
-                    node["bias_rows"] = draw(st.sampled_from([[0, 1], [1, 3]])) if fits else \
-                        draw(st.sampled_from([[3, 3], [-1, 2], [0], "x", None]))
+                    node["bias_rows"] = [0, 1] if fits else draw(st.sampled_from(  # a lone node holds its table
+                        [[1, 3], [0, 1 << 31], [3, 3], [-1, 2], [0], "x", None]))  # rows no node holds, a bomb
             if draw(st.integers(0, 3)) == 0:  # EfficientFormerV2's talking heads (refused with a window)
                 node["talking_heads"] = draw(st.booleans()) if fits else draw(st.sampled_from(["yes", 1, None]))
         elif op == "linear_attention":  # EfficientViT's ReLU linear attention of one map (q = k = v), its heads

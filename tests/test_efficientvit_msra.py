@@ -17,7 +17,7 @@ from edgecl.arch.fx_import import tensors_of
 from edgecl.arch.module_state import state_keys, state_shapes
 from edgecl.arch.spec import validate
 from edgecl.errors import UsageError
-from edgecl.train.initial import starting_weights
+from edgecl.train.initial import StartingWeights, starting_weights
 
 EfficientVitMsra = timm.models.efficientvit_msra.EfficientVitMsra
 
@@ -95,6 +95,17 @@ def test_bias_rows_storage_and_starting_weights(tmp_path):
     assert starting_weights(str(tmp_path / "w.npz"), spec).sha256 == start.sha256  # the file's one table, by rows
 
 
+def test_starting_weights_missing_a_row_say_so():  # before: the table was filled in with a row of zeros
+    module = _small()
+    spec = from_torch(module, (3, 64, 64))
+    start = starting_weights(module, spec)
+    name = f"{_attends(spec)[1]['name']}.bias"
+    partial = StartingWeights({k: v for k, v in start.values.items() if k != name}, "partial", "")
+    with pytest.raises(UsageError, match="partial: no starting value for 2 of the .* trunk tensors "
+                                         "\\(stages.0.blocks.0.mixer.m.attn.attention_biases, "):  # both rows
+        starting_weights(partial, spec)
+
+
 def _attention(**fields) -> dict:
     node = {"name": "a", "op": "attention", "inputs": ["input"] * 3, "heads": 1, "scale": 0.5, "bias_offsets": 4,
             "bias_index": [[i % 4 for i in range(4)]] * 4}
@@ -126,6 +137,23 @@ def test_two_nodes_on_one_row_are_refused_and_on_two_rows_accepted():
         validate(_spec(first, _attention(name="b", inputs=["a"] * 3, module="m", heads=2)))
 
 
+@pytest.mark.parametrize("second, words", [
+    ({"bias_rows": [1, 3]}, "give it different \\(rows, offsets\\): \\[\\(2, 4\\), \\(3, 4\\)\\]"),  # 2 or 3 rows?
+    ({"bias_offsets": 2, "bias_index": [[i % 2 for i in range(4)]] * 4}, "different \\(rows, offsets\\)"),
+    ({"bias_rows": [0, 2]}, "both name the module's 'm.attention_biases'"),
+])
+def test_the_rows_of_one_table_must_agree_on_its_shape(second, words):  # accepted before: no module fits both
+    first = _attention(module="m", bias_rows=[0, 2])
+    with pytest.raises(UsageError, match=words):
+        validate(_spec(first, {**first, "name": "b", "inputs": ["a"] * 3, "bias_rows": [1, 2], **second}))
+
+
+@pytest.mark.parametrize("rows", [[1, 3], [0, 2], [0, 1 << 31]])
+def test_a_row_no_node_holds_is_refused(rows):  # accepted before: written back as zeros (2³¹ rows: 32 GB of them)
+    with pytest.raises(UsageError, match=f"of {rows[1]} rows, but row {1 - rows[0] % 2} of it is no node's"):
+        validate(_spec(_attention(module="m", bias_rows=rows)))
+
+
 def test_several_windows_are_refused_by_name():
     module = _small(window=2)
     with pytest.raises(UsageError, match="4×4 map is larger than its 2×2 window") as err:
@@ -139,6 +167,11 @@ def test_other_layers_in_the_block_are_refused_by_name():
     module.stages[0].blocks[0].mixer.m.attn.proj[0] = nn.GELU()
     with pytest.raises(UsageError, match="proj must be timm's ReLU then ConvNorm"):
         from_torch(module, (3, 64, 64))
+    module = _small()
+    module.stages[0].blocks[0].mixer.m.attn.qkvs[1] = nn.Conv2d(4, 12, 1)  # a plain conv where a ConvNorm was
+    with pytest.raises(UsageError, match="'stages.0.blocks.0.mixer.m.attn.qkvs.1' has layers \\[\\]; edgecl converts "
+                       "timm's ConvNorm"):
+        from_torch(module, (3, 64, 64))
 
 
 @pytest.mark.slow
@@ -149,3 +182,47 @@ def test_efficientvit_m0_at_64():  # stage maps 4, 2, 1: each padded to its one 
     spec = from_torch(module.eval(), (3, 64, 64))
     check_parity(module, spec, (3, 64, 64), batch=2)
     assert len(_attends(spec)) == 4 * (1 + 2 + 3)
+
+
+class _OneHead(nn.Module):
+    """A stem (conv + BatchNorm: a dead channel is its BatchNorm's constant) and one head's window attention on a 4×4
+    map padded to 5×5, added back: no cascade, so the stream's channels are no attention's v and can go."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8))
+        self.mixer = timm.models.efficientvit_msra.LocalWindowAttention(8, key_dim=4, num_heads=1, attn_ratio=2,
+                                                                        resolution=5, window_resolution=5, kernels=(3,))
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.fc((x + self.mixer(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("columns", [True, False])
+@pytest.mark.parametrize("make", ["cascade", "one head"])
+def test_compaction_keeps_the_padded_window_the_cascade_and_the_rows(make, columns):
+    """AGS-CL-shaped dead channels (rows only: their BatchNorm constants reach the pad, whose zeros then differ from
+    them, so no reader behind it may absorb them) compact to the same logits, the pad, the crop and every
+    attention's heads and bias rows kept."""
+    from layer_nets_vit import efficientvit_msra_spec
+    from random_weights import random_params
+
+    from edgecl.export import compact_task
+    from edgecl.export.onnx_export import run_onnx
+    from edgecl.graph.builder import build_onnx
+    from edgecl.synthetic import group_node_masks
+
+    arch = efficientvit_msra_spec((3, 8, 8)) if make == "cascade" else from_torch(_OneHead().eval(), (3, 8, 8))
+    x = np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    kept = ("name", "op", "pads", "heads", "bias_rows", "bias_offsets")
+    for seed in range(3):
+        params, _ = group_node_masks(arch, random_params(arch, 3, seed), 0.5, seed, columns=columns)
+        small, small_params, report = compact_task(arch, params, channel_multiple=1)
+        assert report.params_compact < report.params_dense or not columns and make == "one head"  # all kept
+        dense = run_onnx(build_onnx(arch, params), x)
+        assert np.abs(run_onnx(build_onnx(validate(small), small_params), x) - dense).max() <= \
+            1e-5 * max(1.0, np.abs(dense).max())
+        assert [[n.get(k) for k in kept] for n in small["nodes"] if n["op"] in ("pad", "attention")] == \
+            [[n.get(k) for k in kept] for n in arch["nodes"] if n["op"] in ("pad", "attention")]

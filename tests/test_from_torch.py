@@ -288,3 +288,14 @@ def test_a_conv_that_overrides_its_forward_is_refused_not_run_as_a_plain_conv():
         with pytest.raises(UsageError, match=rf"layer {kind.__name__} at '0' overrides Conv2d.forward"):
             from_torch(nn.Sequential(kind(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 2)), (3, 8, 8))
     assert from_torch(build_module("timm:lcnet_050"), (3, 32, 32))  # timm's Linear computes nn.Linear's forward
+
+
+def test_no_two_converter_mixins_define_one_method():  # the later one would never run (EfficientViT-MSRA's ConvNorm)
+    from edgecl.arch.fx_import import _Converter
+
+    owners: dict[str, list[str]] = {}
+    for mixin in _Converter.__mro__[1:-1]:
+        for name, value in vars(mixin).items():
+            if callable(value) and not name.startswith("__"):
+                owners.setdefault(name, []).append(mixin.__name__)
+    assert {name: found for name, found in owners.items() if len(found) > 1} == {}

@@ -42,8 +42,7 @@ class _EfficientVitMsraConverter:
     name: str
     alias: dict[fx.Node, str]
     _emit: Callable[..., str]
-    _conv: Callable[..., str]  # `fx_split_attn`'s: a plain nn.Conv2d, named by its path
-    _norm: Callable[..., str]
+    _conv_norm: Callable[..., str]  # `fx_efficientformer`'s: timm's ConvNorm (conv, bn)
     _act: Callable[..., str]
 
     def local_window_attention(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
@@ -88,11 +87,3 @@ class _EfficientVitMsraConverter:
             raise UsageError(f"{self.name}: {where}: its proj must be timm's ReLU then ConvNorm")
         h = self._act(node, m.proj[0], h, f"{path}.proj.0", where)
         return self._conv_norm(node, m.proj[1], h, f"{path}.proj.1", where)
-
-    def _conv_norm(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str) -> str:
-        """timm's ConvNorm: an nn.Conv2d then a BatchNorm2d, named by their paths."""
-        if [n for n, _ in m.named_children()] != ["conv", "bn"]:
-            raise UsageError(f"{self.name}: {where}: {path!r} is a {type(m).__name__}; edgecl converts timm's "
-                             "ConvNorm (conv, bn) there")
-        h = self._conv(node, m.conv, x, f"{path}.conv", where)
-        return self._norm(node, m.bn, h, f"{path}.bn", where, required=True)

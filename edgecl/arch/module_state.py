@@ -70,8 +70,9 @@ def from_module(arch: Arch, name: str, array: Any) -> np.ndarray:
 
 def to_module_state(arch: Arch, values: dict[str, Any]) -> dict[str, np.ndarray]:
     """Spec tensors (by name) as the module's state dict holds them (by key, `to_module`); the nodes that are rows of
-    one tensor (`op_rules.stored_rows`) fill it together, rows no node reads being zeros."""
-    keys, nodes, stored, out = state_keys(arch), node_by_name(arch), state_shapes(arch), {}
+    one tensor (`op_rules.stored_rows`) fill it together (`spec.validate` has them hold each of its rows once), and a
+    tensor some of whose rows are not in `values` is left out (missing, as it is: no row is made up)."""
+    keys, nodes, stored, out, given = state_keys(arch), node_by_name(arch), state_shapes(arch), {}, {}
     for name, array in values.items():
         layer, _, tensor = name.rpartition(".")
         if (rows := stored_rows(nodes[layer], tensor)) is None:
@@ -79,7 +80,8 @@ def to_module_state(arch: Arch, values: dict[str, Any]) -> dict[str, np.ndarray]
             continue
         table = out.setdefault(keys[name], np.zeros(stored[name], dtype=np.float32))
         table[rows.start:rows.stop] = np.asarray(array)
-    return out
+        given[keys[name]] = given.get(keys[name], 0) + len(rows)
+    return {key: v for key, v in out.items() if given.get(key, len(v)) == len(v)}
 
 
 def to_module(arch: Arch, name: str, array: Any) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Rules of single ops that `spec.validate` applies across fields or nodes, after each field's own check: where a
-"-inf" pad may be read, which of an attention's optional fields go together, and an attention's tensors."""
+"-inf" pad may be read, which of an attention's optional fields go together, and an attention's tensors (and
+the bias tables several attentions share by rows)."""
 from __future__ import annotations
 
 from typing import Any
@@ -79,6 +80,32 @@ def stored_rows(node: dict[str, Any], tensor: str) -> range | None:
     whole tensor."""
     rows = node.get("bias_rows") if node["op"] == "attention" and tensor == "bias" else None
     return None if rows is None else range(rows[0], rows[0] + node["heads"])
+
+
+def check_table_rows(key: str, parts: list[tuple[str, dict[str, Any]]]) -> None:
+    """The attention biases stored as rows of one module tensor `key` (`stored_rows`; each part: tensor name, node)
+    are one table: each says it holds the same rows ``of`` and offsets, and together they hold each of its rows once.
+    A row no node reads would be made up (zeros) when the rows are written back to the module, and a table no node
+    set agrees on fits no module (nor does ``of`` beyond the nodes that read it: a hostile artifact's size bomb)."""
+    tables = {(n["bias_rows"][1], n["bias_offsets"]) for _, n in parts}
+    if len(tables) > 1:
+        raise UsageError(f"architecture tensors {', '.join(repr(t) for t, _ in parts[:4])} are rows of the module's "
+                         f"{key!r} but give it different (rows, offsets): {sorted(tables)[:4]}; one table has one "
+                         "shape")
+    (rows, _), = tables
+    end, ordered = 0, sorted(parts, key=lambda part: part[1]["bias_rows"][0])
+    for (name, node), before in zip(ordered, [None, *ordered]):
+        first = node["bias_rows"][0]
+        if first < end:
+            raise UsageError(f"architecture tensors {before[0]!r} and {name!r} both name the module's {key!r} (a "
+                             "node's 'module' field, or its bias_rows): one weight cannot be two")
+        if first > end:
+            break
+        end = first + node["heads"]
+    if end != rows:
+        raise UsageError(f"architecture tensors {', '.join(repr(t) for t, _ in ordered[:4])} are rows of the module's "
+                         f"{key!r} of {rows} rows, but row {end} of it is no node's (bias_rows [first, of]: the nodes "
+                         "of one table hold each of its rows once)")
 
 
 def attention_state_name(node: dict[str, Any], tensor: str) -> str:

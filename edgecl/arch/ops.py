@@ -92,7 +92,8 @@ Ops (fields and defaults in `OPS`):
   under that name stored ``(heads, 2·wh − 1, 2·ww − 1)`` (TensorFlow MaxViT's; a window, B = (2·wh − 1)(2·ww − 1)).
   ``bias_rows`` [first, of] (LeViT's layout only): the module's ``attention_biases`` holds ``of`` heads' rows and
   this node's heads are rows first … first + heads − 1 of it (EfficientViT-MSRA's cascade: one attention node per
-  head, each reading its row of the one table); storage only, the node computes as without it.
+  head, each reading its row of the one table); storage only, the node computes as without it. The nodes naming
+  one table agree on ``of`` and ``bias_offsets`` and hold each of its rows once.
   With ``window`` [wh, ww] (Swin's window attention, `edgecl.arch.attention_windows`) it attends within each
   non-overlapping wh × ww window of the map (q, k and v at the same positions, ``kv_heads`` = ``heads``, windows
   that tile the map); T_q = T_kv = wh·ww for the bias, and the scores are heads × H·W × wh·ww. ``shift`` [sh, sw]

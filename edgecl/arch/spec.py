@@ -28,7 +28,7 @@ from typing import Any
 
 from edgecl.arch.legacy import layers_to_nodes
 from edgecl.arch.op_rules import (attention_fields, attention_state_name, attention_tensor_shapes,
-                                   check_minus_inf_pads, stored_rows, standardized_fields)
+                                   check_minus_inf_pads, check_table_rows, standardized_fields, stored_rows)
 from edgecl.arch.ops import (MAX_NUMBER, NORMALISING_OPS, OPS, PAD_MODES, ROWLESS_OPS, TENSOR_OPS, TOKEN_TENSOR_OPS,
                              WEIGHT_OPS, output_shape)
 from edgecl.errors import UsageError
@@ -118,15 +118,19 @@ def state_key(node: dict[str, Any], tensor: str) -> str:
 def _check_state_keys(arch: Arch) -> None:
     """Two tensors read from one state-dict key would be one weight in the module and two in training (unless each
     is its own rows of it: `op_rules.stored_rows`)."""
-    nodes, seen = node_by_name(arch), {}
+    nodes, seen, tables = node_by_name(arch), {}, {}
     for name in param_shapes(arch):
         layer, _, tensor = name.rpartition(".")
         key, rows = state_key(nodes[layer], tensor), stored_rows(nodes[layer], tensor)
         for other, taken in seen.get(key, []):
-            if rows is None or taken is None or set(rows) & set(taken):
+            if rows is None or taken is None:
                 raise UsageError(f"architecture tensors {other!r} and {name!r} both name the module's {key!r} (a "
                                  "node's 'module' field, or its bias_rows): one weight cannot be two")
         seen.setdefault(key, []).append((name, rows))
+        if rows is not None:
+            tables.setdefault(key, []).append((name, nodes[layer]))
+    for key, parts in tables.items():
+        check_table_rows(key, parts)
 
 
 def _shape(value: Any, what: str) -> list[int]:
