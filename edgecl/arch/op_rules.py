@@ -82,7 +82,13 @@ def stored_rows(node: dict[str, Any], tensor: str) -> range | None:
     return None if rows is None else range(rows[0], rows[0] + node["heads"])
 
 
-def check_table_rows(key: str, parts: list[tuple[str, dict[str, Any]]]) -> None:
+def check_table_rows(tables: dict[str, list[tuple[str, dict[str, Any]]]]) -> None:
+    """Each module tensor (key) whose rows several attention nodes' biases are (`stored_rows`) is one table."""
+    for key, parts in tables.items():
+        _check_table(key, parts)
+
+
+def _check_table(key: str, parts: list[tuple[str, dict[str, Any]]]) -> None:
     """The attention biases stored as rows of one module tensor `key` (`stored_rows`; each part: tensor name, node)
     are one table: each says it holds the same rows ``of`` and offsets, and together they hold each of its rows once.
     A row no node reads would be made up (zeros) when the rows are written back to the module, and a table no node

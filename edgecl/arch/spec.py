@@ -129,8 +129,7 @@ def _check_state_keys(arch: Arch) -> None:
         seen.setdefault(key, []).append((name, rows))
         if rows is not None:
             tables.setdefault(key, []).append((name, nodes[layer]))
-    for key, parts in tables.items():
-        check_table_rows(key, parts)
+    check_table_rows(tables)
 
 
 def _shape(value: Any, what: str) -> list[int]:
