@@ -115,6 +115,7 @@ def test_fields_shapes_bounds_state_and_channel_map():
     cm = channel_map(spec)
     groups = [{g for g, _ in cm.spaces[n]} for n in "qkv"]
     assert groups[0] == groups[1] == groups[2] and groups[0] <= cm.pinned and groups[0] <= cm.ordered
+    assert cm.spaces["a"] == [("a", 1)] and "a" in cm.pinned  # its output mixes a head's v channels: its own
     assert cm.spaces["g"] == [("g", 1)] and "g" in cm.pinned  # the grid: its own channels, never cut
     for bad, words in [(dict(eps=0), r"number in \(0, 1\)"), (dict(hidden=600), "hidden at most 512")]:
         with pytest.raises(UsageError, match=words):

@@ -9,7 +9,8 @@ output shapes and work bounds (`edgecl.arch.ops` asks here), and the Fourier pos
   v_j. Tensor ``temperature`` ``(heads,)`` (stored ``(heads, 1, 1)`` as timm's ``MODULE.temperature``, starting at
   1); like an attention's bias it belongs to no channel (`ROWLESS_OPS`: methods keep it per task). A dead channel
   of q or k is not a dead output (its scores are 0, not −∞, and it still takes its share of the softmax), so every
-  channel of q, k and v is pinned and kept in order (`edgecl.arch.channels`); its output is varying.
+  channel of q, k and v is pinned and kept in order (`edgecl.arch.channels`); its output is varying, and channels of
+  its own (channel i mixes its head's v channels: not 0 when q_i, k_i and v_i are), pinned too.
 - ``fourier_pos`` (input a map (C, H, W), read for its height and width only): EdgeNeXt's fixed sine–cosine position
   grid of 2·``hidden`` channels, (2·hidden, H, W), the same for every sample: channel 2m of the first ``hidden`` is
   sin(y / t_m), 2m + 1 cos(y / t_m), with y = 2π·(row + 1) / (H + 1e-6) and t_m = ``temperature`` ^ (2m / hidden);

@@ -24,8 +24,10 @@ warning note (the CLI prints it) whenever that change is not zero.
 Importance (8): after a task, Ω ← η·Ω + the mean ReLU activation of the node over the task's training data
 (spatial mean for convolutions), where a node's activation is the mean over its group's conv/linear outputs, each
 read after the BatchNorm that follows it — the value it adds to the residual stream. On a chain this is the
-paper's activation; on a stream written by several layers a channel is used when any of them writes into it.
-Nodes with Ω = 0 are the unimportant set G₀; a node once important stays important (the node masks only grow).
+paper's activation; on a stream written by several layers a channel is used when any of them writes into it. An
+output a GELU, SiLU, … reads counts by |GELU(a)| (they pass negative values: a node below 0 is still read).
+Nodes with Ω = 0 are the unimportant set G₀ (channels no layer writes, an EdgeNeXt grid's, are read like the
+input: always important, `NodeMap.unwritten`); a node once important stays important (the node masks only grow).
 Then (I.1) the connections from unimportant nodes are zeroed in every layer and head that reads them — for good
 where the reading node is important — and (I.2) a fraction ρ of the unimportant nodes of each group get freshly
 initialised rows (BatchNorm weight 1, bias 0).
@@ -68,7 +70,7 @@ from edgecl.train.data import TaskData
 from edgecl.train.methods.agscl_affine import BiasMasks, fold_into_head, nonzero_nodes
 from edgecl.train.methods.agscl_config import AGSCLConfig
 from edgecl.train.methods.agscl_nodes import NodeMap, live_parameters, node_map
-from edgecl.train.models import Params, forward, from_numpy, init_head, to_numpy
+from edgecl.train.models import Params, activation, forward, from_numpy, init_head, to_numpy
 from edgecl.train.protocol import Method, TrainContext, adam, batches, check_resumable, run_epochs, task_generator
 
 NEVER = np.iinfo(np.int64).max  # birth of a node never important
@@ -191,7 +193,7 @@ class AGSCL(Method):
         self.trunk = {**{k: v.detach().cpu() for k, v in learn.items()}, **{k: v.cpu() for k, v in running.items()}}
         head = {k: v.detach().cpu() for k, v in head.items()}
         self.update_omega(task, device, before)
-        alive = before | (self.omega > 0).numpy()
+        alive = before | (self.omega > 0).numpy() | nodes.unwritten
         self.birth[alive & (self.birth == NEVER)] = t
         exact_zero = self._exact_zero()
         zeroed = int((exact_zero & ~alive).sum())
@@ -308,7 +310,8 @@ class AGSCL(Method):
     def update_omega(self, task: TaskData, device: str = "cpu", important: np.ndarray | None = None) -> None:
         """(8): Ω ← ηΩ + mean ReLU activation of each node over the task's training data (spatial mean for convs),
         averaged over the conv/linear outputs of its group, each after the BatchNorm that follows it (the mean
-        |activation| of an output a channel_attention reads: `NodeMap.signed`); on the network
+        |activation| of an output a channel_attention reads: `NodeMap.signed`; the mean |GELU(a)| of one a GELU,
+        SiLU, … reads: `NodeMap.passes`); on the network
         the task trained (`important`: the nodes important before it, whose affine biases are never masked)."""
         nodes = self.nodes
         params = {k: v.to(device) for k, v in self.trunk.items()}
@@ -324,7 +327,8 @@ class AGSCL(Method):
                 b = bn["name"]
                 a = F.batch_norm(a, params[f"{b}.running_mean"], params[f"{b}.running_var"], params[f"{b}.weight"],
                                  params[f"{b}.bias"], training=False, eps=bn["eps"])
-            a = a.abs() if name in nodes.signed else F.relu(a)
+            a = activation(nodes.passes[name], a).abs() if name in nodes.passes else \
+                a.abs() if name in nodes.signed else F.relu(a)
             total.index_add_(0, rows[nodes.hooks[name]], (a.flatten(2).mean(2) if a.dim() > 2 else a).sum(0))
             return h
 
@@ -332,7 +336,7 @@ class AGSCL(Method):
             for x, _ in batches(task, 512, torch.Generator().manual_seed(0), device):  # order is irrelevant
                 forward(self.arch, params, x, hook=hook, head=False)
         total = distributed.all_sum(total)  # every rank's samples (each read its slice of every batch)
-        counts = torch.from_numpy(nodes.row_counts()).to(total.dtype)
+        counts = torch.from_numpy(nodes.row_counts()).to(total.dtype).clamp(min=1)  # unwritten nodes: Ω stays 0
         self.omega = self.config.eta * self.omega + total.cpu() / len(task.x_train) / counts
 
     def _exact_zero(self) -> np.ndarray:
