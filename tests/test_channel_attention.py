@@ -117,9 +117,15 @@ def test_fields_shapes_bounds_state_and_channel_map():
     assert groups[0] == groups[1] == groups[2] and groups[0] <= cm.pinned and groups[0] <= cm.ordered
     assert cm.spaces["a"] == [("a", 1)] and "a" in cm.pinned  # its output mixes a head's v channels: its own
     assert cm.spaces["g"] == [("g", 1)] and "g" in cm.pinned  # the grid: its own channels, never cut
-    for bad, words in [(dict(eps=0), r"number in \(0, 1\)"), (dict(hidden=600), "hidden at most 512")]:
+    for bad, words in [(dict(eps=0), r"number in \(0, 1\)"), (dict(hidden=600), "hidden at most 512"),
+                       (dict(eps=1e-300), "at least 1.2e-38")]:  # float32's 0: a zero q channel's 0 / 0 was NaN
         with pytest.raises(UsageError, match=words):
             validate(_spec(**bad))
+    for temperature in (0.0, -1.0, 1e-300):  # were accepted: a grid of NaN or inf, and every output with it
+        hostile = _spec(hidden=4)
+        hostile["nodes"][4]["temperature"] = temperature
+        with pytest.raises(UsageError, match="node 4 \\(g\\): fourier_pos temperature=.* not finite"):
+            validate(hostile)
     for field, value, words in [("heads", 3, "whose channels 3 heads divide"),
                                 ("inputs", ["q", "k", "input"], "of one shape")]:
         wrong = _spec()
