@@ -165,6 +165,14 @@ def _edited(edit) -> nn.Module:
     (lambda: _edited(lambda m: setattr(m.xca, "attn_drop", nn.ReLU())), "attn_drop is a ReLU"),
     (lambda: _edited(lambda m: setattr(m.pos_embd, "scale", 1.0)), "PositionalEncodingFourier"),
     (lambda: _edited(lambda m: setattr(m, "norm_xca", nn.RMSNorm(16))), "'block.norm_xca' is a RMSNorm"),
+    # raw AttributeErrors before: a conv, the temperature, a layer scale or the mlp that is not timm's kind
+    (lambda: _edited(lambda m: m.convs.__setitem__(0, nn.Sequential(nn.Conv2d(6, 6, 3, padding=1, groups=6)))),
+     "its convs.0 is a Sequential"),
+    (lambda: _edited(lambda m: m.convs.__setitem__(1, nn.Identity())), "its convs.1 is a Identity"),
+    (lambda: _edited(lambda m: (delattr(m.xca, "temperature"), setattr(m.xca, "temperature", 1.0))),
+     "a temperature of float"),
+    (lambda: _edited(lambda m: (delattr(m, "gamma"), setattr(m, "gamma", 0.5))), "its gamma is a float"),
+    (lambda: _edited(lambda m: setattr(m, "mlp", nn.Identity())), "its mlp is a Identity"),
 ])
 def test_what_edgecl_does_not_follow_is_refused_by_name(make, words):
     with pytest.raises(UsageError, match=words) as info:
