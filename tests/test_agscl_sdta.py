@@ -33,6 +33,7 @@ def test_grid_and_attention_output_are_never_cut_and_each_task_deploys_what_it_t
     trained = _trained_networks(monkeypatch, method)
     unwritten = {"block.pos_embd.grid": 64, "block.xca.attend": 16}
     assert {g: n for g, n in method.nodes.groups.items() if g in unwritten} == unwritten
+    assert {k: v["op"] for k, v in method.nodes.passes.items()} == {"block.mlp.fc1": "gelu"}  # measured after it
     tasks = make_stream("permuted-digits", 2, 0, (3, 8, 8)).tasks
     for t, task in enumerate(tasks):
         method.learn_task(t, task, TrainContext(progress=False))
