@@ -290,12 +290,12 @@ def _spec(draw) -> dict:
             node["heads"] = draw(st.sampled_from([d for d in (1, 2, 3) if dims[0] % d == 0])) if fits else \
                 draw(st.sampled_from([0, dims[0] + 1, "2"]))
             if draw(st.booleans()):
-                node["eps"] = draw(st.sampled_from([1e-12, 0.5])) if fits else draw(st.sampled_from([0, 1, "1e-6"]))
+                node["eps"] = draw(st.sampled_from([1e-12, 0.5])) if fits else draw(st.sampled_from([0, 1, "1e-6", 1e-300]))
         elif op == "fourier_pos":  # EdgeNeXt's sine-cosine grid of the map's shape: no tensors
             node["hidden"] = draw(st.sampled_from([1, 2, 4])) if fits else draw(st.sampled_from([0, 513, 2.0]))
             if draw(st.booleans()):
                 node["temperature"] = draw(st.sampled_from([10000.0, 0.5])) if fits else \
-                    draw(st.sampled_from([float("inf"), "1", None]))
+                    draw(st.sampled_from([float("inf"), "1", None, 0.0, -2.0, 1e-300]))  # no finite grid
         elif op == "layer_norm":  # over the channels, or over the whole map (MobileViTv2's GroupNorm1)
             node["ch"] = dims[0] if fits else draw(hostile)
             if draw(st.booleans()):

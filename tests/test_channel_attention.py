@@ -115,10 +115,17 @@ def test_fields_shapes_bounds_state_and_channel_map():
     cm = channel_map(spec)
     groups = [{g for g, _ in cm.spaces[n]} for n in "qkv"]
     assert groups[0] == groups[1] == groups[2] and groups[0] <= cm.pinned and groups[0] <= cm.ordered
+    assert cm.spaces["a"] == [("a", 1)] and "a" in cm.pinned  # its output mixes a head's v channels: its own
     assert cm.spaces["g"] == [("g", 1)] and "g" in cm.pinned  # the grid: its own channels, never cut
-    for bad, words in [(dict(eps=0), r"number in \(0, 1\)"), (dict(hidden=600), "hidden at most 512")]:
+    for bad, words in [(dict(eps=0), r"number in \(0, 1\)"), (dict(hidden=600), "hidden at most 512"),
+                       (dict(eps=1e-300), "at least 1.2e-38")]:  # float32's 0: a zero q channel's 0 / 0 was NaN
         with pytest.raises(UsageError, match=words):
             validate(_spec(**bad))
+    for temperature in (0.0, -1.0, 1e-300):  # were accepted: a grid of NaN or inf, and every output with it
+        hostile = _spec(hidden=4)
+        hostile["nodes"][4]["temperature"] = temperature
+        with pytest.raises(UsageError, match="node 4 \\(g\\): fourier_pos temperature=.* not finite"):
+            validate(hostile)
     for field, value, words in [("heads", 3, "whose channels 3 heads divide"),
                                 ("inputs", ["q", "k", "input"], "of one shape")]:
         wrong = _spec()
@@ -158,6 +165,14 @@ def _edited(edit) -> nn.Module:
     (lambda: _edited(lambda m: setattr(m.xca, "attn_drop", nn.ReLU())), "attn_drop is a ReLU"),
     (lambda: _edited(lambda m: setattr(m.pos_embd, "scale", 1.0)), "PositionalEncodingFourier"),
     (lambda: _edited(lambda m: setattr(m, "norm_xca", nn.RMSNorm(16))), "'block.norm_xca' is a RMSNorm"),
+    # raw AttributeErrors before: a conv, the temperature, a layer scale or the mlp that is not timm's kind
+    (lambda: _edited(lambda m: m.convs.__setitem__(0, nn.Sequential(nn.Conv2d(6, 6, 3, padding=1, groups=6)))),
+     "its convs.0 is a Sequential"),
+    (lambda: _edited(lambda m: m.convs.__setitem__(1, nn.Identity())), "its convs.1 is a Identity"),
+    (lambda: _edited(lambda m: (delattr(m.xca, "temperature"), setattr(m.xca, "temperature", 1.0))),
+     "a temperature of float"),
+    (lambda: _edited(lambda m: (delattr(m, "gamma"), setattr(m, "gamma", 0.5))), "its gamma is a float"),
+    (lambda: _edited(lambda m: setattr(m, "mlp", nn.Identity())), "its mlp is a Identity"),
 ])
 def test_what_edgecl_does_not_follow_is_refused_by_name(make, words):
     with pytest.raises(UsageError, match=words) as info:

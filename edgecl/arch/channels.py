@@ -25,7 +25,8 @@ moving one would move every later channel to another head. With fewer key/value 
 attention: one), every query head's block is tied to its k head's block, and the output lists v's block once per
 query head that reads it (a group repeated, as a concatenation of a tensor with itself). A ``channel_attention``
 (EdgeNeXt's XCA: attention among a head's channels) ties q, k and v channel by channel and pins and orders them
-all (`edgecl.arch.sdta_ops`); a ``fourier_pos`` grid is a group of its own that no tensor produces.
+all (`edgecl.arch.sdta_ops`); its output (each channel a mix of its head's v channels) and a ``fourier_pos`` grid
+are groups of their own that no tensor produces, pinned.
 This is the dependency
 graph Torch-Pruning's DepGraph builds on a traced model, computed here on the spec with a
 union-find, without torch.
@@ -137,11 +138,12 @@ def channel_map(arch: Arch) -> ChannelMap:
             pinned_by.extend(ins)
             ordered_by.extend(ins)
         elif op == "channel_attention":  # XCA: a dead q or k channel still takes its share of each head's
-            # softmax, so no channel of q, k or v may go, nor move (heads are contiguous); output channel i is q's row
+            # softmax, so no channel of q, k or v may go, nor move (heads are contiguous); output channel i mixes
+            # every v channel of its head (not 0 when q_i, k_i, v_i are): channels of its own, never cut
             _merge(uf, size, node, ins, [shapes[s] for s in node["inputs"]])
-            out = x
-            pinned_by.extend(ins)
-            ordered_by.extend(ins)
+            out = new_group(name, shapes[name][0])
+            pinned_by.extend([*ins, out])
+            ordered_by.extend([*ins, out])
         elif op == "fourier_pos":  # a fixed grid: channels of its own, produced by no tensor, never cut
             out = new_group(name, 2 * node["hidden"])
             pinned_by.append(out)

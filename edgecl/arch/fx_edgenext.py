@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+import torch
 from torch import fx, nn
 
 from edgecl.arch.fx_attention2d import pointwise
@@ -56,17 +57,23 @@ class _EdgeNextConverter:
             h = self._emit(node, "add", [h, self._fourier(node, m.pos_embd, h, f"{path}.pos_embd", where)],
                            f"{path}.add_pos")
         normed = self.swin_norm(node, m.norm_xca, h, f"{path}.norm_xca", where)
-        attended = self._scaled(node, m, "gamma_xca", self._xca(node, m.xca, normed, f"{path}.xca", where), path)
+        attended = self._scaled(node, m, "gamma_xca", self._xca(node, m.xca, normed, f"{path}.xca", where), path,
+                                where)
         h = self._emit(node, "add", [h, attended], f"{path}.add_xca")
+        check_kind(self.name, where, m, "mlp", ("timm.layers.mlp", "Mlp"))
         if not isinstance(m.mlp.norm, nn.Identity):
             raise UsageError(f"{self.name}: {where}: its mlp has a {type(m.mlp.norm).__name__} norm; edgecl converts "
                              "timm's Mlp without one")
         out = self.norm_mlp(node, m.mlp, self.swin_norm(node, m.norm, h, f"{path}.norm", where), f"{path}.mlp", where)
-        self._emit(node, "add", [x, self._scaled(node, m, "gamma", out, path)], f"{path}.add")
+        self._emit(node, "add", [x, self._scaled(node, m, "gamma", out, path, where)], f"{path}.add")
 
     def _split_convs(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str, ch: int) -> str:
         """x.chunk(len(convs) + 1) along the channels, each part but the last through its depthwise conv after the
         previous conv's output is added (Res2Net's hierarchy), then all side by side again."""
+        for i, conv in enumerate(m.convs):
+            if not isinstance(conv, nn.Conv2d):
+                raise UsageError(f"{self.name}: {where}: its convs.{i} is a {type(conv).__name__}; edgecl converts "
+                                 "an nn.Conv2d there (timm's depthwise 3×3)")
         parts = len(m.convs) + 1
         size = math.ceil(ch / parts)
         bounds = [(i * size, min(ch, (i + 1) * size)) for i in range(parts)]
@@ -100,18 +107,22 @@ class _EdgeNextConverter:
         check_drops(self.name, where, m, "attn_drop", "proj_drop")
         qkv, proj, heads = linear(self.name, where, m.qkv), linear(self.name, where, m.proj), int(m.num_heads)
         ch = qkv.in_features
-        if qkv.out_features != 3 * ch or ch % heads or tuple(m.temperature.shape) != (heads, 1, 1):
-            raise UsageError(f"{self.name}: {where}: qkv of {qkv.out_features} outputs and a temperature of "
-                             f"{tuple(m.temperature.shape)} do not make q, k, v of {heads} heads of {ch} channels")
+        shape = tuple(m.temperature.shape) if isinstance(m.temperature, torch.Tensor) else type(m.temperature).__name__
+        if qkv.out_features != 3 * ch or ch % heads or shape != (heads, 1, 1):
+            raise UsageError(f"{self.name}: {where}: qkv of {qkv.out_features} outputs and a temperature of {shape} "
+                             f"(a tensor of its heads) do not make q, k, v of {heads} heads of {ch} channels")
         packed = self._emit(node, "conv", [x], f"{path}.qkv", **pointwise(qkv))
         q, k, v = (self._emit(node, "slice", [packed], f"{path}.{part}", start=i * ch, stop=(i + 1) * ch)
                    for i, part in enumerate("qkv"))
         attended = self._emit(node, "channel_attention", [q, k, v], f"{path}.attend", module=path, heads=heads)
         return self._emit(node, "conv", [attended], f"{path}.proj", **pointwise(proj))
 
-    def _scaled(self, node: fx.Node, m: nn.Module, gamma: str, x: str, path: str) -> str:
+    def _scaled(self, node: fx.Node, m: nn.Module, gamma: str, x: str, path: str, where: str) -> str:
         """The block's layer scale γ (a per-channel parameter), or x where timm has none (ls_init_value 0)."""
         p = getattr(m, gamma)
         if p is None:
             return x
+        if not isinstance(p, torch.Tensor):
+            raise UsageError(f"{self.name}: {where}: its {gamma} is a {type(p).__name__}; edgecl converts a "
+                             "per-channel tensor (timm's layer scale) or None there")
         return self._emit(node, "layer_scale", [x], f"{path}.{gamma}", **layer_scale_fields(p, int(p.numel())))

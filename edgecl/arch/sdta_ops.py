@@ -9,7 +9,8 @@ output shapes and work bounds (`edgecl.arch.ops` asks here), and the Fourier pos
   v_j. Tensor ``temperature`` ``(heads,)`` (stored ``(heads, 1, 1)`` as timm's ``MODULE.temperature``, starting at
   1); like an attention's bias it belongs to no channel (`ROWLESS_OPS`: methods keep it per task). A dead channel
   of q or k is not a dead output (its scores are 0, not −∞, and it still takes its share of the softmax), so every
-  channel of q, k and v is pinned and kept in order (`edgecl.arch.channels`); its output is varying.
+  channel of q, k and v is pinned and kept in order (`edgecl.arch.channels`); its output is varying, and channels of
+  its own (channel i mixes its head's v channels: not 0 when q_i, k_i and v_i are), pinned too.
 - ``fourier_pos`` (input a map (C, H, W), read for its height and width only): EdgeNeXt's fixed sine–cosine position
   grid of 2·``hidden`` channels, (2·hidden, H, W), the same for every sample: channel 2m of the first ``hidden`` is
   sin(y / t_m), 2m + 1 cos(y / t_m), with y = 2π·(row + 1) / (H + 1e-6) and t_m = ``temperature`` ^ (2m / hidden);
@@ -31,13 +32,20 @@ SDTA_OPS = ("channel_attention", "fourier_pos")
 MAX_FOURIER = 512  # fourier_pos's hidden channels: timm's is 32
 
 
+def fourier_periods(hidden: int, temperature: float) -> np.ndarray:
+    """t_m = temperature ^ (2⌊m/2⌋ / hidden) for the ``hidden`` channels of one axis, float32 as timm's."""
+    f32 = np.float32
+    with np.errstate(all="ignore"):  # a hostile temperature: `sdta_shape` refuses what is not finite
+        return (f32(temperature) ** (f32(2) * (np.arange(hidden) // 2).astype(f32) / f32(hidden))).astype(f32)
+
+
 def fourier_grid(hidden: int, temperature: float, height: int, width: int) -> np.ndarray:
     """The ``fourier_pos`` grid, (2·hidden, height, width) float32, in timm's float32 steps (cumulative counts over
     the side plus 1e-6, times 2π, over t_m, sin or cos by channel parity)."""
     f32 = np.float32
     rows = (np.arange(1, height + 1, dtype=f32) / (f32(height) + f32(1e-6)) * f32(2 * math.pi)).astype(f32)
     cols = (np.arange(1, width + 1, dtype=f32) / (f32(width) + f32(1e-6)) * f32(2 * math.pi)).astype(f32)
-    dim_t = (f32(temperature) ** (f32(2) * (np.arange(hidden) // 2).astype(f32) / f32(hidden))).astype(f32)
+    dim_t = fourier_periods(hidden, temperature)
 
     def waves(axis: np.ndarray) -> np.ndarray:  # (hidden, len(axis)): sin on even channels, cos on odd
         arg = (axis[None, :] / dim_t[:, None]).astype(f32)
@@ -55,6 +63,13 @@ def sdta_shape(node: dict[str, Any], ins: list[list[int]], where: str) -> list[i
         if len(x) != 3 or node["hidden"] > MAX_FOURIER:
             raise UsageError(f"{where}: fourier_pos needs a (channels, height, width) map and hidden at most "
                              f"{MAX_FOURIER}, gets {x} and hidden={node['hidden']}")
+        with np.errstate(all="ignore"):  # every angle is at most 2π: the grid is finite when 2π / t_m is
+            periods = fourier_periods(node["hidden"], node["temperature"])
+            finite = node["temperature"] > 0 and bool(np.isfinite(np.float32(2 * math.pi) / periods).all())
+        if not finite:
+            raise UsageError(f"{where}: fourier_pos temperature={node['temperature']:g} gives periods "
+                             f"{periods.min():g} to {periods.max():g} and a grid that is not finite (an angle "
+                             "of at most 2π over each period must be a float32); timm's is 10000")
         return [2 * node["hidden"], *x[1:]]
     h = node["heads"]
     if len(x) != 3 or any(s != x for s in ins) or x[0] % h:

@@ -29,8 +29,8 @@ from typing import Any
 from edgecl.arch.legacy import layers_to_nodes
 from edgecl.arch.op_rules import (attention_fields, attention_state_name, attention_tensor_shapes,
                                    check_minus_inf_pads, check_table_rows, standardized_fields, stored_rows)
-from edgecl.arch.ops import (MAX_NUMBER, NORMALISING_OPS, OPS, PAD_MODES, ROWLESS_OPS, TENSOR_OPS, TOKEN_TENSOR_OPS,
-                             WEIGHT_OPS, output_shape)
+from edgecl.arch.ops import (MAX_NUMBER, MIN_EPS, NORMALISING_OPS, OPS, PAD_MODES, ROWLESS_OPS, TENSOR_OPS,
+                             TOKEN_TENSOR_OPS, WEIGHT_OPS, output_shape)
 from edgecl.errors import UsageError
 
 Arch = dict[str, Any]
@@ -260,7 +260,7 @@ def _field(value: Any, kind: str, where: str) -> Any:
         return value
     if kind == "bool" and isinstance(value, bool):
         return value
-    if kind == "eps" and isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1:
+    if kind == "eps" and isinstance(value, (int, float)) and not isinstance(value, bool) and MIN_EPS <= value < 1:
         return float(value)
     if kind == "momentum" and isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1:
         return float(value)
@@ -285,9 +285,9 @@ def _field(value: Any, kind: str, where: str) -> Any:
               "pads": "four ints (top, left, bottom, right; a negative one crops)",
               "pad_mode": " or ".join(map(repr, PAD_MODES)),
               "fill": f"a finite number of magnitude at most {MAX_NUMBER:g}, or \"-inf\"",
-              "index": f"an int from 0 to {MAX_DIM}", "bool": "true or false", "eps": "a number in (0, 1)",
-              "momentum": "a number in (0, 1]",
-              "approximate": "'none' or 'tanh'", "axis": "1 (channels)", "order": "'hw' or 'wh'",
+              "index": f"an int from 0 to {MAX_DIM}", "bool": "true or false",
+              "eps": f"a number in (0, 1), at least {MIN_EPS:.3g} (float32 rounds a smaller one to 0)",
+              "momentum": "a number in (0, 1]", "approximate": "'none' or 'tanh'", "axis": "1 (channels)", "order": "'hw' or 'wh'",
               "bias_table": "'levit', 'swin' or 'tf'", "kernel": "'relu'", "norm_over": "'channels' or 'map'",
               "upsample_mode": "'nearest' or 'bilinear'",
               "index_table": "a non-empty list of non-empty lists of ints ≥ 0",

@@ -77,3 +77,11 @@ def cut_keeping_standardized(rows: np.ndarray, dead: np.ndarray, eps: float) -> 
     out = np.where(dead, 0.0, (t / sigma) * (w - mean) - t * mean_dead)
     plain = ((n_dead == 0) | (n_dead == n) | ~np.where(dead, w != 0, False).any(axis=1, keepdims=True))
     return np.where(plain, np.where(dead, 0.0, w), out).astype(np.float32)
+
+
+def cut_columns_keeping_standardized(weight: np.ndarray, dead: np.ndarray, eps: float) -> np.ndarray:
+    """`cut_keeping_standardized` of a conv weight (out, in, k…) whose input columns `dead` ((out or 1), in, 1) are
+    cut, at every kernel position."""
+    rows = weight.reshape(weight.shape[0], -1)
+    mask = np.broadcast_to(dead, (weight.shape[0], weight.shape[1], rows.shape[1] // weight.shape[1]))
+    return cut_keeping_standardized(rows, mask.reshape(rows.shape), eps).reshape(weight.shape)

@@ -112,6 +112,15 @@ _ACTIVATIONS = {"relu": F.relu, "relu6": F.relu6, "hardswish": F.hardswish, "har
                 "silu": F.silu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
 
 
+def activation(node: dict, h: torch.Tensor) -> torch.Tensor:
+    """An activation node (`edgecl.arch.ops.ACTIVATIONS`) on h; also what AGS-CL measures a node's use by."""
+    if node["op"] == "gelu":
+        return F.gelu(h, approximate=node["approximate"])
+    if node["op"] == "leaky_relu":
+        return F.leaky_relu(h, node["slope"])
+    return _ACTIVATIONS[node["op"]](h)
+
+
 def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> torch.Tensor:
     """One node of the spec, exactly as `edgecl.graph.builder` emits it in ONNX."""
     op, name, h = node["op"], node["name"], ins[0]
@@ -171,12 +180,8 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return grid.unsqueeze(0).expand(h.shape[0], -1, -1, -1)
     if op == "token":
         return h[:, :, node["index"]:node["index"] + node["count"]]
-    if op in _ACTIVATIONS:
-        return _ACTIVATIONS[op](h)
-    if op == "gelu":
-        return F.gelu(h, approximate=node["approximate"])
-    if op == "leaky_relu":
-        return F.leaky_relu(h, node["slope"])
+    if op in (*_ACTIVATIONS, "gelu", "leaky_relu"):
+        return activation(node, h)
     if op == "maxpool":
         return F.max_pool2d(h, node["k"], node["stride"], node["pad"], node["dilation"], node["ceil_mode"])
     if op == "avgpool":

@@ -16,16 +16,17 @@ loss gradient is small, not when Adam's ≈ lr-sized steps lose to a fixed shrin
 
 Freezing. With `freeze="exact"` (default) every important node is held at θ̂_n bit for bit: its gradient is masked
 before each Adam step and the proximal step sets it to θ̂_n (term (b) at λ → ∞). With `"proximal"` the finite λ
-holds a node only while its drift after a step is within αλΩ_n; Adam moves every coordinate by about lr whatever
-its gradient, so weakly active nodes (Ω_n ≲ √d_n/λ) escape and earlier tasks drift — each task records its
-important and exactly frozen nodes and the largest change of the previous task's deployed weights, and leaves a
-warning note (the CLI prints it) whenever that change is not zero.
+holds a node only while its drift after a step is within αλΩ_n, which Adam's ≈ lr-per-coordinate steps break for
+weakly active nodes (Ω_n ≲ √d_n/λ): each task records its important and exactly frozen nodes and the largest change
+of the previous task's deployed weights, and leaves a warning note (the CLI prints it) when that change is not zero.
 
 Importance (8): after a task, Ω ← η·Ω + the mean ReLU activation of the node over the task's training data
 (spatial mean for convolutions), where a node's activation is the mean over its group's conv/linear outputs, each
 read after the BatchNorm that follows it — the value it adds to the residual stream. On a chain this is the
-paper's activation; on a stream written by several layers a channel is used when any of them writes into it.
-Nodes with Ω = 0 are the unimportant set G₀; a node once important stays important (the node masks only grow).
+paper's activation; on a stream written by several layers a channel is used when any of them writes into it. An
+output a GELU, SiLU, … reads counts by |GELU(a)| (they pass negative values). Nodes with Ω = 0 are the unimportant
+set G₀ (channels no layer writes, an EdgeNeXt grid's, are always important, as the input: `NodeMap.unwritten`); a
+node once important stays important (the node masks only grow).
 Then (I.1) the connections from unimportant nodes are zeroed in every layer and head that reads them — for good
 where the reading node is important — and (I.2) a fraction ρ of the unimportant nodes of each group get freshly
 initialised rows (BatchNorm weight 1, bias 0).
@@ -62,14 +63,14 @@ import torch.nn.functional as F
 from edgecl.arch import Arch, dense_params, node_by_name
 from edgecl.deltas import PackedModel, TaskInfo
 from edgecl.errors import UsageError
-from edgecl.graph.standardize import cut_keeping_standardized
+from edgecl.graph.standardize import cut_columns_keeping_standardized
 from edgecl.train import distributed
 from edgecl.train.batchnorm import recalibrate
 from edgecl.train.data import TaskData
 from edgecl.train.methods.agscl_affine import BiasMasks, fold_into_head, nonzero_nodes
 from edgecl.train.methods.agscl_config import AGSCLConfig
 from edgecl.train.methods.agscl_nodes import NodeMap, live_parameters, node_map
-from edgecl.train.models import Params, forward, from_numpy, init_head, to_numpy
+from edgecl.train.models import Params, activation, forward, from_numpy, init_head, to_numpy
 from edgecl.train.protocol import Method, TrainContext, adam, batches, check_resumable, run_epochs, task_generator
 
 NEVER = np.iinfo(np.int64).max  # birth of a node never important
@@ -192,7 +193,7 @@ class AGSCL(Method):
         self.trunk = {**{k: v.detach().cpu() for k, v in learn.items()}, **{k: v.cpu() for k, v in running.items()}}
         head = {k: v.detach().cpu() for k, v in head.items()}
         self.update_omega(task, device, before)
-        alive = before | (self.omega > 0).numpy()
+        alive = before | (self.omega > 0).numpy() | nodes.unwritten
         self.birth[alive & (self.birth == NEVER)] = t
         exact_zero = self._exact_zero()
         zeroed = int((exact_zero & ~alive).sum())
@@ -309,8 +310,9 @@ class AGSCL(Method):
     def update_omega(self, task: TaskData, device: str = "cpu", important: np.ndarray | None = None) -> None:
         """(8): Ω ← ηΩ + mean ReLU activation of each node over the task's training data (spatial mean for convs),
         averaged over the conv/linear outputs of its group, each after the BatchNorm that follows it (the mean
-        |activation| of an output a channel_attention reads: `NodeMap.signed`); on the network the task trained
-        (`important`: the nodes important before it, whose affine biases are never masked)."""
+        |activation| of an output a channel_attention reads: `NodeMap.signed`; the mean |GELU(a)| of one a GELU,
+        SiLU, … reads: `NodeMap.passes`); on the network the task trained (`important`: the nodes important before
+        it, whose affine biases are never masked)."""
         nodes = self.nodes
         params = {k: v.to(device) for k, v in self.trunk.items()}
         bias = BiasMasks(self.arch, nodes, device)
@@ -325,7 +327,8 @@ class AGSCL(Method):
                 b = bn["name"]
                 a = F.batch_norm(a, params[f"{b}.running_mean"], params[f"{b}.running_var"], params[f"{b}.weight"],
                                  params[f"{b}.bias"], training=False, eps=bn["eps"])
-            a = a.abs() if name in nodes.signed else F.relu(a)
+            a = activation(nodes.passes[name], a).abs() if name in nodes.passes else \
+                a.abs() if name in nodes.signed else F.relu(a)
             total.index_add_(0, rows[nodes.hooks[name]], (a.flatten(2).mean(2) if a.dim() > 2 else a).sum(0))
             return h
 
@@ -333,7 +336,7 @@ class AGSCL(Method):
             for x, _ in batches(task, 512, torch.Generator().manual_seed(0), device):  # order is irrelevant
                 forward(self.arch, params, x, hook=hook, head=False)
         total = distributed.all_sum(total)  # every rank's samples (each read its slice of every batch)
-        counts = torch.from_numpy(nodes.row_counts()).to(total.dtype)
+        counts = torch.from_numpy(nodes.row_counts()).to(total.dtype).clamp(min=1)  # unwritten nodes: Ω stays 0
         self.omega = self.config.eta * self.omega + total.cpu() / len(task.x_train) / counts
 
     def _exact_zero(self) -> np.ndarray:
@@ -342,9 +345,8 @@ class AGSCL(Method):
         return ~nonzero_nodes(self.trunk, rows, self.nodes.n).numpy()
 
     def _zero_from_dead(self, alive: np.ndarray, head: Params) -> None:
-        """(I.1): zero every connection out of an unimportant node, in every reader and the new head (it is fixed
-        at zero for good where the reader is important: `_cuts`). A weight-standardised reader's kept entries are
-        moved with the cut so that its filters compute what they trained to (`cut_keeping_standardized`)."""
+        """(I.1): zero every connection out of an unimportant node, in every reader and the new head (for good where
+        the reader is important: `_cuts`); a weight-standardised reader's kept entries move with the cut."""
         live = np.append(alive, True)
         nodes = node_by_name(self.arch)
         with torch.no_grad():
@@ -353,10 +355,8 @@ class AGSCL(Method):
                 dead = torch.from_numpy(np.ascontiguousarray(~live[cols]))[:, :, None]
                 layer = nodes[weight.rsplit(".", 1)[0]]
                 if layer.get("standardize"):  # the kept entries keep their standardised values
-                    mask = np.broadcast_to(dead.numpy(), w.view(w.shape[0], w.shape[1], -1).shape)
-                    cut = cut_keeping_standardized(w.reshape(w.shape[0], -1).numpy(), mask.reshape(w.shape[0], -1),
-                                                   layer["standardize"])
-                    w.copy_(torch.from_numpy(cut).reshape(w.shape))
+                    w.copy_(torch.from_numpy(cut_columns_keeping_standardized(w.numpy(), dead.numpy(),
+                                                                              layer["standardize"])))
                     continue
                 w.view(w.shape[0], w.shape[1], -1).masked_fill_(dead, 0)
             head["head.weight"].masked_fill_(torch.from_numpy(~live[self.nodes.head])[None, :], 0)

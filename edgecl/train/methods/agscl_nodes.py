@@ -25,6 +25,8 @@ from edgecl.arch.spec import frozen_tensors, rowless_tensors
 from edgecl.errors import UsageError
 
 STATS = ("running_mean", "running_var")
+# activations that are not 0 for every negative input (ReLU and ReLU6 are: the paper's mean ReLU activation stays)
+NEGATIVE_PASSING = ("gelu", "silu", "hardswish", "leaky_relu", "tanh")
 
 
 @dataclass
@@ -46,6 +48,9 @@ class NodeMap:
     affines: dict[str, np.ndarray] = field(default_factory=dict)  # scalar affine → node of each output channel
     # conv/linear nodes whose outputs a channel_attention (EdgeNeXt's XCA) reads: Ω by |activation|, not ReLU's
     signed: set[str] = field(default_factory=set)
+    # conv/linear node → the activation that alone reads it (after its BatchNorm) where that passes negative values
+    # (GELU, SiLU, …): Ω by |its output|, what the readers see, not by ReLU's (0 for a node always below 0)
+    passes: dict[str, dict] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -82,6 +87,13 @@ class NodeMap:
         for weight in self.hooks.values():
             np.add.at(counts, self.rows[weight], 1)
         return counts
+
+    @property
+    def unwritten(self) -> np.ndarray:
+        """Nodes of groups no conv/linear layer writes (a ``fourier_pos`` grid, a ``channel_attention``'s output):
+        they have no rows to zero and no activation of their own to measure, so, like the network input, they are
+        always read — important from the first task on, never cut (Ω alone would leave them 0, their readers cut)."""
+        return self.row_counts() == 0
 
     def kept(self, alive: np.ndarray, tensor: str) -> np.ndarray | None:
         """Bool over a tensor's GEMM view (rows × columns, broadcast over kernel positions) of what a task with node
@@ -145,8 +157,13 @@ def node_map(arch: Arch) -> NodeMap:
     attended = {g for n in arch["nodes"] if n["op"] == "channel_attention"
                 for s in n["inputs"] for g, _ in cm.spaces[s]}
     signed = {n for n in hooks if {g for g, _ in cm.spaces[n]} & attended}
+    passes = {}
+    for name in hooks:
+        after = readers[bn_after[name]["name"] if name in bn_after else name]
+        if len(after) == 1 and nodes[after[0]]["op"] in NEGATIVE_PASSING:
+            passes[name] = nodes[after[0]]
     return NodeMap(groups, rows, cols, index(cm.head_cols), hooks, bn_after, stats, own, scale_free, specs, affines,
-                   signed)
+                   signed, passes)
 
 
 def _spec(rows: list[tuple[str, int]], cols: list[tuple[str, int]] | None, node: dict) -> dict[str, Any]:
