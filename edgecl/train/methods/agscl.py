@@ -190,13 +190,16 @@ class AGSCL(Method):
         recalibrate(self.arch, bias.apply(params), task, device, batch_size=512, silence=False)
         self.trunk = {**{k: v.detach().cpu() for k, v in learn.items()}, **{k: v.cpu() for k, v in running.items()}}
         head = {k: v.detach().cpu() for k, v in head.items()}
-        self.update_omega(task, device, before)
+        exact_zero = self._exact_zero()
+        carrying = bias.carrying_b(exact_zero)  # b reached them in training: cut now if unimportant (agscl_affine)
+        # Ω's pass reads the network the task trained (`bias` rebuilt from the same rows and `before`, bit for bit),
+        # so it also sums the head's features for the fold: one pass over the task's data, not two
+        features = self.update_omega(task, device, before,
+                                     features=bool(np.append(carrying & ~before, False)[nodes.head].any()))
         alive = before | (self.omega > 0).numpy()
         self.birth[alive & (self.birth == NEVER)] = t
-        exact_zero = self._exact_zero()
         zeroed = int((exact_zero & ~alive).sum())
-        folded = bias.carrying_b(exact_zero) & ~alive  # b reached them in training, cut now (agscl_affine)
-        fold_into_head(self.arch, bias.apply(params), head, task, np.append(folded, False)[nodes.head], device)
+        fold_into_head(head, features, np.append(carrying & ~alive, False)[nodes.head])
         self._zero_from_dead(alive, head)
         reinit = self._reinit(alive)
         self.heads.append(head)
@@ -297,10 +300,12 @@ class AGSCL(Method):
             worst = max(worst, float(np.where(kept[..., None], delta, 0).max(initial=0.0)))
         return {"frozen": [int((important & ~changed).sum()), int(important.sum())], "old_task_max_drift": worst}
 
-    def update_omega(self, task: TaskData, device: str = "cpu", important: np.ndarray | None = None) -> None:
+    def update_omega(self, task: TaskData, device: str = "cpu", important: np.ndarray | None = None,
+                     features: bool = False) -> torch.Tensor | None:
         """(8): Ω ← ηΩ + mean ReLU activation of each node over the task's training data (spatial mean for convs),
         averaged over the conv/linear outputs of its group, each after the BatchNorm that follows it; on the network
-        the task trained (`important`: the nodes important before it, whose affine biases are never masked)."""
+        the task trained (`important`: the nodes important before it, whose affine biases are never masked). With
+        `features`, the same pass also returns the mean of the head's input features (what `fold_into_head` folds)."""
         nodes = self.nodes
         params = {k: v.to(device) for k, v in self.trunk.items()}
         bias = BiasMasks(self.arch, nodes, device)
@@ -308,6 +313,7 @@ class AGSCL(Method):
         params = bias.apply(params)
         rows = {w: torch.from_numpy(nodes.rows[w]).to(device) for w in nodes.hooks.values()}
         total = torch.zeros(nodes.n, device=device)
+        summed = torch.zeros(len(nodes.head), device=device)  # the head's input features, summed over the data
 
         def hook(name: str, h: torch.Tensor) -> torch.Tensor:
             a, bn = h, nodes.bn_after.get(name)
@@ -321,10 +327,13 @@ class AGSCL(Method):
 
         with torch.no_grad():
             for x, _ in batches(task, 512, torch.Generator().manual_seed(0), device):  # order is irrelevant
-                forward(self.arch, params, x, hook=hook, head=False)
+                out = forward(self.arch, params, x, hook=hook, head=False)
+                if features:
+                    summed += out.reshape(len(x), -1).sum(0)
         total = distributed.all_sum(total)  # every rank's samples (each read its slice of every batch)
         counts = torch.from_numpy(nodes.row_counts()).to(total.dtype)
         self.omega = self.config.eta * self.omega + total.cpu() / len(task.x_train) / counts
+        return (distributed.all_sum(summed) / len(task.x_train)).cpu() if features else None
 
     def _exact_zero(self) -> np.ndarray:
         """Nodes whose every row is exactly zero."""
