@@ -1,13 +1,15 @@
 """The example values a shape-specialised trace keeps between decisions: only those later decisions may still need.
 
 `ShapeFlowTracer` answers each decision by running the graph traced so far on example inputs (batches 1, 2 and 3)
-and keeps every value it computed, so the next decision runs only the nodes traced since. Kept as they are, those
-values are every activation of the network at three batch sizes until the trace ends (+1.07 GB peak on timm's
-swin_tiny at 224×224). A later node can read a value only through a proxy the model's Python code still holds, or as
-the input of a node already traced but not yet run; any other tensor is replaced by a meta tensor of its shape and
-dtype (`ExampleValues.release`), which is all the tracer's checks read of an input (a tensor or not, its shape, its
-dtype). A value released and then needed after all (a proxy dropped, the node reached again through the graph) is
-recomputed from its inputs (`known` leaves it out), so what the tracer decides never depends on what was released.
+and keeps what it computed, so the next decision runs only the nodes traced since. Kept whole, those values are
+every activation up to the last decision at three batch sizes until the trace ends (torchvision's vit_b_16 at
+224×224: 548 MB held, the import's peak RSS +615 MB; now 87 MB held, +171 MB, as at the floor `keep_reachable=False`
+gives; `tools/bench_trace_memory.py`). A later node can read a value only through a proxy the model's Python code
+still holds, or as the input of a node already traced but not yet run; any other tensor is replaced by a meta tensor
+of its shape and dtype (`ExampleValues.release`), which is all the tracer's checks read of an input (a tensor or not,
+its shape, its dtype). A value released and then needed after all (a proxy dropped, the node reached again through
+the graph) is recomputed from its inputs (`Known` leaves it out), so what the tracer decides never depends on what
+was released.
 """
 from __future__ import annotations
 
@@ -41,7 +43,8 @@ class ExampleValues:
 
     def release(self, nodes: Iterable[fx.Node] | None = None, *, keep_reachable: bool = True) -> None:
         """Release the tensors among `nodes` (every held one by default) that no later node can read: every user
-        has run and, with `keep_reachable`, no proxy of the model's code refers to the node."""
+        has run and, with `keep_reachable`, no proxy of the model's code refers to the node (without: the memory
+        floor, a value the code reads again is recomputed)."""
         for node in list(self._held if nodes is None else nodes):
             if node not in self._held or any(u not in self.env for u in node.users):
                 continue
