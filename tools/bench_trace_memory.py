@@ -9,9 +9,12 @@ tracer keeps of its example values between decisions (`edgecl/arch/fx_shape_valu
 Each (model, policy, repeat) runs in a fresh process (a peak RSS is per process): the model is built, the process's
 RSS high-water mark is reset (``/proc/self/clear_refs``; where that is refused the peak since start is reported, so the
 figures are upper bounds) and the increase of the peak over the RSS before `from_torch` is the figure; the medians of
-`--repeats` runs are reported, with the ratio of each policy's peak increase and time to ``none``'s, the nodes run
-per trace (``needed`` reruns a node only where a value was released and read again) and a hash of the spec (the same
-for every policy, or the script fails). Result: tools/results/bench_trace_memory.json
+`--repeats` runs are reported, with the ratio of each policy's peak increase to ``none``'s, the real tensor bytes
+the values held at most (counted once per policy), the nodes run per trace (``needed`` reruns a node only where a value
+was released and read again) and a hash of the spec (the same for every policy, or the script fails). Time is
+compared in one process: `--rounds` rounds of every policy after a warm-up, their order rotated, the fastest round's
+and the median's ratio to ``all`` (each fresh process's own time is kept in the JSON as context only: on a shared
+machine it spreads by ×4). Result: tools/results/bench_trace_memory.json
 
     PYTHONPATH=. python tools/bench_trace_memory.py [--models swin_tiny_224,...] [--repeats 3] [--out FILE]
 """
@@ -46,25 +49,24 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def child(name: str, policy: str, retained: bool = False) -> dict:
-    """One trace of `name` under `policy` in this (fresh) process; with `retained`, instead of the peak RSS and
-    time, the largest number of bytes of real tensor storage the example values held after any decision (a
-    deterministic figure: no allocator or other process in it, but counted in Python after every evaluation)."""
+def _module(name: str):
     from edgecl.arch.factories import ensure_torchvision_imports
     ensure_torchvision_imports()
     import torch
-    from edgecl.arch import fx_import
-    from edgecl.arch.fx_shape_values import ExampleValues
-
     library, model, kwargs, side = MODELS[name]
     torch.manual_seed(0)
     if library == "timm":
         import timm
-        module = timm.create_model(model, pretrained=False, **kwargs).eval()
-    else:
-        import torchvision
-        module = getattr(torchvision.models, model)(**kwargs).eval()
-    runs, held = [0], [0]
+        return timm.create_model(model, pretrained=False, **kwargs).eval(), side
+    import torchvision
+    return getattr(torchvision.models, model)(**kwargs).eval(), side
+
+
+def _tracer(policy: str, runs: list[int], held: list[int], retained: bool = False) -> type:
+    """edgecl's tracer with `policy`'s release, counting the nodes run (and with `retained` the bytes held)."""
+    import torch
+    from edgecl.arch import fx_import
+    from edgecl.arch.fx_shape_values import ExampleValues
 
     class Tracer(fx_import._Tracer):
         def _release(self, values: ExampleValues, nodes=None) -> None:
@@ -85,6 +87,33 @@ def child(name: str, policy: str, retained: bool = False) -> dict:
                 held[0] = max(held[0], sum(storages.values()))
             return value
 
+    return Tracer
+
+
+def timed(name: str, rounds: int, policies: list[str]) -> dict:
+    """Seconds of `from_torch` per policy in this one process, the policies alternated (their order rotated) for
+    `rounds` rounds after one warm-up round."""
+    from edgecl.arch import fx_import
+    module, side = _module(name)
+    seconds: dict[str, list[float]] = {p: [] for p in policies}
+    for i in range(rounds + 1):
+        for policy in policies[i % len(policies):] + policies[:i % len(policies)]:
+            fx_import._Tracer = _tracer(policy, [0], [0])
+            start = time.perf_counter()
+            fx_import.from_torch(module, (3, side, side))
+            if i:
+                seconds[policy].append(time.perf_counter() - start)
+    return seconds
+
+
+def child(name: str, policy: str, retained: bool = False) -> dict:
+    """One trace of `name` under `policy` in this (fresh) process; with `retained`, instead of the peak RSS and
+    time, the largest number of bytes of real tensor storage the example values held after any decision (a
+    deterministic figure: no allocator or other process in it, but counted in Python after every evaluation)."""
+    from edgecl.arch import fx_import
+    module, side = _module(name)
+    runs, held = [0], [0]
+    Tracer = _tracer(policy, runs, held, retained)
     fx_import._Tracer = Tracer
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -118,11 +147,15 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6, help="rounds of the in-process time comparison")
     parser.add_argument("--out", default=str(ROOT / "tools/results/bench_trace_memory.json"))
     parser.add_argument("--child", nargs="+", metavar="MODEL POLICY [retained]", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], args.child[1], args.child[2:] == ["retained"])))
+        if args.child[0] == "time":
+            print(json.dumps(timed(args.child[1], int(args.child[2]), args.child[3].split(","))))
+        else:
+            print(json.dumps(child(args.child[0], args.child[1], args.child[2:] == ["retained"])))
         return
     import torch
     results: dict = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
@@ -133,25 +166,31 @@ def main() -> None:
         for _ in range(args.repeats):  # interleaved, so that a noisy stretch hits every policy alike
             for policy in args.policies.split(","):
                 runs.setdefault(policy, []).append(_run_child(name, policy))
+        policies = args.policies.split(",")
+        seconds = _run_child("time", name, str(args.rounds), ",".join(policies))
         digests = {r["spec_sha256"] for rs in [*runs.values(), list(counted.values())] for r in rs}
         if len(digests) != 1:
             raise SystemExit(f"{name}: the policies import different specs: {digests}")
         table = {p: {"peak_increase_mb": statistics.median(r["peak_increase_mb"] for r in rs),
                      "seconds": statistics.median(r["seconds"] for r in rs), "nodes_run": rs[0]["nodes_run"],
-                     "retained_peak_mb": counted[p]["retained_peak_mb"], "hwm_reset": all(r["hwm_reset"] for r in rs),
-                     "runs": rs} for p, rs in runs.items()}
-        floor = table.get("none")
+                     "retained_peak_mb": counted[p]["retained_peak_mb"], "in_process_seconds": seconds[p],
+                     "hwm_reset": all(r["hwm_reset"] for r in rs), "runs": rs} for p, rs in runs.items()}
+        floor, before = table.get("none"), table.get("all")
         for row in table.values():
+            if before:  # time against edgecl before, in the same process: the fastest round, and the median
+                row["min_seconds_vs_all"] = min(row["in_process_seconds"]) / min(before["in_process_seconds"])
+                row["median_seconds_vs_all"] = statistics.median(row["in_process_seconds"]) / statistics.median(
+                    before["in_process_seconds"])
             if floor:
                 row["peak_vs_none"] = row["peak_increase_mb"] / max(floor["peak_increase_mb"], 1e-9)
-                row["seconds_vs_none"] = row["seconds"] / floor["seconds"]
         results["models"][name] = {"spec_sha256": digests.pop(), "policies": table}
         print(f"{name}:")
         for policy, row in table.items():
             print(f"  {policy:7s} peak +{row['peak_increase_mb']:8.1f} MB  retained {row['retained_peak_mb']:7.1f} MB  "
-                  f"{row['seconds']:7.2f} s  "
-                  f"{row['nodes_run']:7d} nodes run  " +
-                  (f"peak ×{row['peak_vs_none']:.2f}, time ×{row['seconds_vs_none']:.2f} vs none" if floor else ""),
+                  f"{row['nodes_run']:5d} nodes run  " +
+                  (f"peak ×{row['peak_vs_none']:.2f} vs none  " if floor else "") +
+                  (f"in one process: min {min(row['in_process_seconds']):.2f} s, ×{row['min_seconds_vs_all']:.2f} "
+                   f"(median ×{row['median_seconds_vs_all']:.2f}) vs all" if before else ""),
                   flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))

@@ -3,7 +3,7 @@
 `ShapeFlowTracer` answers each decision by running the graph traced so far on example inputs (batches 1, 2 and 3)
 and keeps what it computed, so the next decision runs only the nodes traced since. Kept whole, those values are
 every activation up to the last decision at three batch sizes until the trace ends (torchvision's vit_b_16 at
-224×224: 548 MB held, the import's peak RSS +615 MB; now 87 MB held, +171 MB, as at the floor `keep_reachable=False`
+224×224: 548 MB held, the import's peak RSS +596 MB; now 87 MB held, +171 MB, as at the floor `keep_reachable=False`
 gives; `tools/bench_trace_memory.py`). A later node can read a value only through a proxy the model's Python code
 still holds, or as the input of a node already traced but not yet run; any other tensor is replaced by a meta tensor
 of its shape and dtype (`ExampleValues.release`), which is all the tracer's checks read of an input (a tensor or not,
