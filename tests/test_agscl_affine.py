@@ -18,6 +18,7 @@ from edgecl.train.methods import agscl as agscl_module
 from edgecl.train.methods.agscl import AGSCL, AGSCLConfig
 from edgecl.train.methods.agscl_affine import BiasMasks, column_read, nonzero_nodes
 from edgecl.train.methods.agscl_nodes import node_map
+from edgecl.train import batchnorm, protocol
 from edgecl.train.models import forward, from_numpy
 from edgecl.train.protocol import TrainContext
 
@@ -36,13 +37,32 @@ def _trained_networks(monkeypatch, method: AGSCL) -> list[dict]:
     return seen
 
 
+def _passes(monkeypatch) -> list[int]:
+    """Counts the passes over a task's training data: the calls of the loader every epoch, BatchNorm recalibration
+    and every no-grad pass draw their batches from."""
+    count, shards = [0], protocol.shards
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return shards(*args, **kwargs)
+
+    monkeypatch.setattr(protocol, "shards", counted)
+    monkeypatch.setattr(batchnorm, "shards", counted)
+    return count
+
+
 def _deployed_equals_trained(monkeypatch, arch: dict, config: AGSCLConfig, tasks: list) -> tuple[AGSCL, list]:
     """Each task's deployed logits are the trained network's (its head as trained, before the cut), with zeroed nodes
-    past affines whose b is not 0."""
+    past affines whose b is not 0; each task reads its data once per epoch, then once to recalibrate BatchNorm and
+    once for Ω, whose pass also sums the head's features where cut columns' b is folded into the head's bias (before,
+    the fold made a pass of its own)."""
     method = AGSCL(arch, config)
     trained = _trained_networks(monkeypatch, method)
+    passes = _passes(monkeypatch)
     for t, task in enumerate(tasks):
+        passes[0] = 0
         method.learn_task(t, task, TrainContext(progress=False))
+        assert passes[0] == config.epochs + 2, (t, passes[0])  # the epochs, recalibration, Ω (and the fold)
         assert method.stats[t]["exact_zero_nodes"] > 0  # the case at hand: zeroed nodes past affines
         x = torch.from_numpy(task.x_test)
         with torch.no_grad():

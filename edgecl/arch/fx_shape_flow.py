@@ -3,9 +3,10 @@
 torch.fx cannot branch on a proxy, yet most control flow in real models reads only shapes (``if x.shape[-1] !=
 self.size``, ``assert x.dim() == 4``, ``if H % 2``, ``for i in range(x.size(1) // 4)``, a window padding's ``if
 pad_r > 0``). edgecl imports one network for one input shape, so such a value has one answer: `ShapeFlowTracer`
-computes it by running the part of the graph traced so far on example inputs of the import shape, and hands Python
-the concrete value (`to_bool`, `iter`, and `int()`/`float()`/`len()`/indexing through `_ShapeProxy`). Each decision is
-checked twice before it is taken, because a wrong branch would be a silently different network:
+computes it by running the part of the graph traced so far on example inputs of the import shape (keeping of their
+values only those a later node can read, `fx_shape_values`), and hands Python the concrete value (`to_bool`, `iter`,
+and `int()`/`float()`/`len()`/indexing through `_ShapeProxy`). Each decision is checked twice before it is taken,
+because a wrong branch would be a silently different network:
   * it may read tensors only through their metadata (shape, dim, numel, dtype, device) — a value computed from tensor
     data (``x.sum() > 0``, ``(x > 0).any()``, ``.item()``, a shape made by ``nonzero``) is refused with its source
     line: edgecl builds one graph for every input;
@@ -29,13 +30,15 @@ import operator
 import os
 import sys
 import traceback
-from typing import Any, Iterator
+import weakref
+from typing import Any, Container, Iterator
 
 import torch
 from torch import fx, nn
 from torch.fx import _symbolic_trace
 from torch.fx.proxy import Attribute
 
+from edgecl.arch.fx_shape_values import ExampleValues, Known, hold
 from edgecl.errors import UsageError
 
 
@@ -120,16 +123,22 @@ class ShapeFlowTracer(fx.Tracer):
         super().__init__()
         self.input_shape = list(input_shape)
         self._envs: dict[int, dict[fx.Node, Any]] = {}
+        self._values: dict[int, ExampleValues] = {}  # the same environments, with what is released (fx_shape_values)
+        self._holders: dict[fx.Node, list[weakref.ref]] = {}
         self._runners: dict[int, fx.Interpreter] = {}
         self._sources: dict[fx.Node, fx.Node | None] = {}
         self._batch_reads: dict[fx.Node, bool] = {}
         self._layers: list[nn.Module] = []
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
-        return _ShapeProxy(node, self)
+        proxy = _ShapeProxy(node, self)
+        hold(self._holders, node, proxy)
+        return proxy
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
-        self._envs = {b: {} for b in _BATCHES}
+        self._holders = {}
+        self._values = {b: ExampleValues(self._holders) for b in _BATCHES}
+        self._envs = {b: values.env for b, values in self._values.items()}
         self._runners, self._sources, self._batch_reads = {}, {}, {}
         self._layers = list(root.modules()) if isinstance(root, nn.Module) else []
         try:
@@ -137,6 +146,7 @@ class ShapeFlowTracer(fx.Tracer):
             self._fold(graph)
         finally:  # the examples' intermediate values are not kept with the tracer
             self._envs, self._runners, self._sources, self._batch_reads, self._layers = {}, {}, {}, {}, []
+            self._values, self._holders = {}, {}
         return graph
 
     def to_bool(self, obj: fx.Proxy) -> bool:
@@ -175,10 +185,13 @@ class ShapeFlowTracer(fx.Tracer):
 
     def _evaluate(self, node: fx.Node, batch: int, where: str) -> Any:
         """`node`'s value on an example input of `batch` × the import shape: the graph traced so far, its ancestors
-        only, in eval mode without gradients (the module's state untouched), reusing values computed before."""
-        env = self._envs[batch]
-        if node not in env:
-            todo = self._in_order(node, env)
+        only, in eval mode without gradients (the module's state untouched), reusing values computed before and
+        releasing those no later node can read (`fx_shape_values`)."""
+        values = self._values[batch]
+        env = values.env
+        if not values.known(node):
+            self._release(values)  # what the model's code dropped since the last decision
+            todo = self._in_order(node, Known(values))
             runner = self._runners.get(batch)
             if runner is None:
                 runner = self._runners[batch] = fx.Interpreter(self.root, graph=self.graph)
@@ -187,7 +200,8 @@ class ShapeFlowTracer(fx.Tracer):
             try:  # torch.fx's patches (nn.Module.__call__ → a proxy) lifted: the layers run for real
                 with torch.no_grad(), _unpatched(), evaluating(self.root, self._layers):
                     for current in todo:
-                        env[current] = self._run(runner, current, batch)
+                        values.store(current, self._run(runner, current, batch))
+                        self._release(values, current.all_input_nodes)
             except UsageError:
                 raise
             except Exception as exc:  # the model's own failure, at the user's line
@@ -196,6 +210,10 @@ class ShapeFlowTracer(fx.Tracer):
                                  f"{raised_at(exc) or getattr(current, 'name', '?')}: {type(exc).__name__}: "
                                  f"{str(exc)[:200]}") from None
         return env[node]
+
+    def _release(self, values: ExampleValues, nodes: list[fx.Node] | None = None) -> None:
+        """Release the example tensors among `nodes` (all by default) that no later node can read."""
+        values.release(nodes)
 
     def _run(self, runner: fx.Interpreter, node: fx.Node, batch: int) -> Any:
         if node.op != "placeholder":
@@ -221,7 +239,7 @@ class ShapeFlowTracer(fx.Tracer):
             return node  # bool(tensor): its value decides
         return sources[node]
 
-    def _in_order(self, node: fx.Node, known: dict[fx.Node, Any]) -> list[fx.Node]:
+    def _in_order(self, node: fx.Node, known: Container[fx.Node]) -> list[fx.Node]:
         """`node` and its ancestors not in `known`, in graph order (each after its inputs)."""
         order = {n: i for i, n in enumerate(self.graph.nodes)}
         return sorted(_ancestors(node, known), key=order.__getitem__)
@@ -319,6 +337,15 @@ class _Concrete:
 class _ShapeAttribute(_Concrete, Attribute):
     """``x.shape`` and other attributes of a traced value, with the conversions above."""
 
+    @property
+    def node(self) -> fx.Node:  # type: ignore[override]
+        """Attribute's node, made on first use; this attribute holds it (``y = x.mT``: `y` is read later)."""
+        made = self._node is None
+        node = Attribute.node.fget(self)  # type: ignore[attr-defined]
+        if made:
+            hold(self.tracer._holders, node, self)
+        return node
+
 
 class _ShapeProxy(_Concrete, fx.Proxy):
     def __getattr__(self, k: str) -> Any:
@@ -327,7 +354,7 @@ class _ShapeProxy(_Concrete, fx.Proxy):
         return _ShapeAttribute(self, k)
 
 
-def _ancestors(node: fx.Node, known: dict[fx.Node, Any]) -> set[fx.Node]:
+def _ancestors(node: fx.Node, known: Container[fx.Node]) -> set[fx.Node]:
     found, stack = set(), [node]
     while stack:
         n = stack.pop()

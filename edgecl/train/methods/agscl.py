@@ -64,14 +64,14 @@ from edgecl.arch import Arch, dense_params, node_by_name
 from edgecl.deltas import PackedModel, TaskInfo
 from edgecl.errors import UsageError
 from edgecl.graph.standardize import cut_columns_keeping_standardized
-from edgecl.train import distributed
 from edgecl.train.batchnorm import recalibrate
 from edgecl.train.data import TaskData
 from edgecl.train.methods.agscl_affine import BiasMasks, fold_into_head, nonzero_nodes
 from edgecl.train.methods.agscl_config import AGSCLConfig
+from edgecl.train.methods.agscl_importance import node_activity
 from edgecl.train.methods.agscl_nodes import NodeMap, live_parameters, node_map
-from edgecl.train.models import Params, activation, forward, from_numpy, init_head, to_numpy
-from edgecl.train.protocol import Method, TrainContext, adam, batches, check_resumable, run_epochs, task_generator
+from edgecl.train.models import Params, forward, from_numpy, init_head, to_numpy
+from edgecl.train.protocol import Method, TrainContext, adam, check_resumable, run_epochs, task_generator
 
 NEVER = np.iinfo(np.int64).max  # birth of a node never important
 HEAD = ("head.weight", "head.bias")
@@ -192,13 +192,16 @@ class AGSCL(Method):
         recalibrate(self.arch, bias.apply(params), task, device, batch_size=512, silence=False)
         self.trunk = {**{k: v.detach().cpu() for k, v in learn.items()}, **{k: v.cpu() for k, v in running.items()}}
         head = {k: v.detach().cpu() for k, v in head.items()}
-        self.update_omega(task, device, before)
+        exact_zero = self._exact_zero()
+        carrying = bias.carrying_b(exact_zero)  # b reached them in training: cut now if unimportant (agscl_affine)
+        # Ω's pass reads the network the task trained (`bias` rebuilt from the same rows and `before`, bit for bit),
+        # so it also sums the head's features for the fold: one pass over the task's data, not two
+        features = self.update_omega(task, device, before,
+                                     features=bool(np.append(carrying & ~before, False)[nodes.head].any()))
         alive = before | (self.omega > 0).numpy() | nodes.unwritten
         self.birth[alive & (self.birth == NEVER)] = t
-        exact_zero = self._exact_zero()
         zeroed = int((exact_zero & ~alive).sum())
-        folded = bias.carrying_b(exact_zero) & ~alive  # b reached them in training, cut now (agscl_affine)
-        fold_into_head(self.arch, bias.apply(params), head, task, np.append(folded, False)[nodes.head], device)
+        fold_into_head(head, features, np.append(carrying & ~alive, False)[nodes.head])
         self._zero_from_dead(alive, head)
         reinit = self._reinit(alive)
         self.heads.append(head)
@@ -307,37 +310,13 @@ class AGSCL(Method):
             worst = max(worst, float(np.where(kept[..., None], delta, 0).max(initial=0.0)))
         return {"frozen": [int((important & ~changed).sum()), int(important.sum())], "old_task_max_drift": worst}
 
-    def update_omega(self, task: TaskData, device: str = "cpu", important: np.ndarray | None = None) -> None:
-        """(8): Ω ← ηΩ + mean ReLU activation of each node over the task's training data (spatial mean for convs),
-        averaged over the conv/linear outputs of its group, each after the BatchNorm that follows it (the mean
-        |activation| of an output a channel_attention reads: `NodeMap.signed`; the mean |GELU(a)| of one a GELU,
-        SiLU, … reads: `NodeMap.passes`); on the network the task trained (`important`: the nodes important before
-        it, whose affine biases are never masked)."""
-        nodes = self.nodes
-        params = {k: v.to(device) for k, v in self.trunk.items()}
-        bias = BiasMasks(self.arch, nodes, device)
-        bias.update(params, np.zeros(nodes.n, bool) if important is None else important)
-        params = bias.apply(params)
-        rows = {w: torch.from_numpy(nodes.rows[w]).to(device) for w in nodes.hooks.values()}
-        total = torch.zeros(nodes.n, device=device)
-
-        def hook(name: str, h: torch.Tensor) -> torch.Tensor:
-            a, bn = h, nodes.bn_after.get(name)
-            if bn is not None:
-                b = bn["name"]
-                a = F.batch_norm(a, params[f"{b}.running_mean"], params[f"{b}.running_var"], params[f"{b}.weight"],
-                                 params[f"{b}.bias"], training=False, eps=bn["eps"])
-            a = activation(nodes.passes[name], a).abs() if name in nodes.passes else \
-                a.abs() if name in nodes.signed else F.relu(a)
-            total.index_add_(0, rows[nodes.hooks[name]], (a.flatten(2).mean(2) if a.dim() > 2 else a).sum(0))
-            return h
-
-        with torch.no_grad():
-            for x, _ in batches(task, 512, torch.Generator().manual_seed(0), device):  # order is irrelevant
-                forward(self.arch, params, x, hook=hook, head=False)
-        total = distributed.all_sum(total)  # every rank's samples (each read its slice of every batch)
-        counts = torch.from_numpy(nodes.row_counts()).to(total.dtype).clamp(min=1)  # unwritten nodes: Ω stays 0
-        self.omega = self.config.eta * self.omega + total.cpu() / len(task.x_train) / counts
+    def update_omega(self, task: TaskData, device: str = "cpu", important: np.ndarray | None = None,
+                     features: bool = False) -> torch.Tensor | None:
+        """(8): Ω ← ηΩ + each node's activity on the task's training data (`agscl_importance.node_activity`), on
+        the network the task trained; with `features`, the mean of the head's input features from the same pass."""
+        activity, mean_features = node_activity(self.arch, self.nodes, self.trunk, task, device, important, features)
+        self.omega = self.config.eta * self.omega + activity
+        return mean_features
 
     def _exact_zero(self) -> np.ndarray:
         """Nodes whose every row is exactly zero."""

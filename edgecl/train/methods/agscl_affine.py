@@ -44,11 +44,8 @@ import torch
 from edgecl.arch import Arch, consumers, is_depthwise, node_by_name
 from edgecl.arch.ops import ACTIVATIONS
 from edgecl.arch.spec import node_shapes
-from edgecl.train import distributed
-from edgecl.train.data import TaskData
 from edgecl.train.methods.agscl_nodes import NodeMap
-from edgecl.train.models import Params, forward
-from edgecl.train.protocol import batches
+from edgecl.train.models import Params
 
 # each output channel is computed from the same channel of its inputs: a masked channel stays the node's own
 PER_CHANNEL_OPS = frozenset((*ACTIVATIONS, "bn", "layer_scale", "scalar_affine", "maxpool", "avgpool", "gap",
@@ -133,17 +130,15 @@ class BiasMasks:
         return (masked[:-1].cpu().numpy() & ~exact_zero) | self.unmasked[:-1].cpu().numpy()
 
 
-def fold_into_head(arch: Arch, params: Params, head: Params, task: TaskData, cut: np.ndarray,
-                   device: str | torch.device = "cpu") -> None:
+def fold_into_head(head: Params, mean: torch.Tensor | None, cut: np.ndarray) -> None:
     """Add to the head's bias what its columns `cut` (bool per feature) read on average over the task's training data
-    in the network `params` (the one the task trained), before they are cut: the b a live but unimportant node
-    carries past an affine (module docstring)."""
+    (`mean`: the head's input features in the network the task trained, summed in AGS-CL's Ω pass, which reads that
+    network bit for bit), before they are cut: the b a live but unimportant node carries past an affine (module
+    docstring)."""
     if not cut.any():
         return
-    total = torch.zeros(int(cut.size), device=device)
+    if mean is None:
+        raise ValueError("fold_into_head: columns to cut but no feature mean (update_omega(features=True))")
+    keep = torch.from_numpy(cut)
     with torch.no_grad():
-        for x, _ in batches(task, 512, torch.Generator().manual_seed(0), device):  # order is irrelevant
-            total += forward(arch, params, x, head=False).reshape(len(x), -1).sum(0)
-        mean = (distributed.all_sum(total) / len(task.x_train)).cpu()
-        keep = torch.from_numpy(cut)
         head["head.bias"] += head["head.weight"][:, keep] @ mean[keep]
