@@ -5,7 +5,6 @@ patches), refusals by name, and the full mobilevitv2_050 at 64 (slow)."""
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,13 +12,12 @@ from hypothesis import strategies as st
 from torch import nn
 from linear_nets import TinyMobileViTv2
 from random_weights import random_params
-from torch_nets import check_parity, randomise_batchnorm, timm
+from torch_nets import check_parity, randomise_batchnorm, spec_logits, timm
 
 from edgecl.arch import from_torch, validate
 from edgecl.arch.ops import intermediates
 from edgecl.arch.spec import node_shapes, stored_form
 from edgecl.errors import UsageError
-from edgecl.graph.builder import build_onnx
 from edgecl.train.models import forward, from_numpy, patch_context
 
 mobilevit = timm.models.mobilevit
@@ -35,13 +33,6 @@ def _spec(shape=(2, 4, 6), patch=None, over=None, ch: int = 3) -> dict:
         {"name": "p", "op": "attention_pool", "inputs": ["n", "q"], **pool},
         {"name": "f", "op": "flatten", "inputs": ["p"]}]}
 
-
-def _both(spec: dict, weights: dict, x: torch.Tensor) -> np.ndarray:
-    with torch.no_grad():
-        got = forward(spec, from_numpy(weights), x).numpy()
-    session = ort.InferenceSession(build_onnx(spec, weights).SerializeToString(), providers=["CPUExecutionProvider"])
-    assert np.abs(session.run(None, {"x": x.numpy()})[0] - got).max() <= 1e-4 * max(1.0, np.abs(got).max())
-    return got
 
 
 @pytest.mark.parametrize("patch", [[2, 2], [2, 3], [1, 1], [4, 6]])
@@ -77,7 +68,7 @@ def test_map_norm_is_group_norm1():
     with torch.no_grad():
         assert np.abs(forward(spec, from_numpy(weights), x, head=False).numpy() - norm(x).reshape(2, -1).numpy()
                       ).max() < 1e-5
-    _both(spec, weights, x)
+    spec_logits(spec, weights, x)
 
 
 @settings(max_examples=30, deadline=None, derandomize=True, database=None)
@@ -86,7 +77,7 @@ def test_random_patch_context_and_map_norm_torch_equals_onnx(data):
     height, width = data.draw(st.sampled_from([1, 2, 4, 6])), data.draw(st.sampled_from([1, 3, 4]))
     patch = [data.draw(st.sampled_from([d for d in range(1, n + 1) if n % d == 0])) for n in (height, width)]
     spec = validate(_spec((2, height, width), patch, data.draw(st.sampled_from(["map", "channels"]))))
-    _both(spec, random_params(spec, 3, data.draw(st.integers(0, 9))), torch.randn(3, 2, height, width) * 2)
+    spec_logits(spec, random_params(spec, 3, data.draw(st.integers(0, 9))), torch.randn(3, 2, height, width) * 2)
 
 
 def test_fields_validate_store_and_bound():

@@ -295,7 +295,8 @@ def randomised_parity(module: nn.Module, shape: tuple[int, ...] = (3, 8, 8)) -> 
 
 
 def spec_logits(spec: dict, weights: dict[str, np.ndarray], x: torch.Tensor) -> np.ndarray:
-    """The spec's torch forward on `x`, checked against its ONNX graph (ONNX Runtime) within 1e-4."""
+    """The spec's torch forward on `x`, checked against its ONNX graph (ONNX Runtime) within 1e-4 of the largest
+    logit (at least 1e-4: float32 rounding grows with the logits)."""
     import onnxruntime as ort
 
     from edgecl.graph.builder import build_onnx
@@ -304,7 +305,7 @@ def spec_logits(spec: dict, weights: dict[str, np.ndarray], x: torch.Tensor) -> 
     with torch.no_grad():
         got = forward(spec, from_numpy(weights), x).numpy()
     session = ort.InferenceSession(build_onnx(spec, weights).SerializeToString(), providers=["CPUExecutionProvider"])
-    assert np.abs(session.run(None, {"x": x.numpy()})[0] - got).max() < 1e-4
+    assert np.abs(session.run(None, {"x": x.numpy()})[0] - got).max() <= 1e-4 * max(1.0, np.abs(got).max())
     return got
 
 
