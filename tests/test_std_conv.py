@@ -191,3 +191,19 @@ def test_nf_resnet26_has_module_parity_with_random_gains():
     spec = from_torch(net, (3, 64, 64))
     assert sum(bool(n.get("standardize")) for n in spec["nodes"]) == 29
     check_parity(net, spec, (3, 64, 64), batch=2)
+
+
+def test_an_eps_below_float32s_smallest_normal_is_refused_and_the_smallest_kept_one_runs_finite():
+    """The switchable graph adds eps in float32: 1e-50 is 0 there, so a zero filter (a masked or cut row) is 0/0 and
+    the runtime's logits NaN while torch and the folded model give numbers (measured before the rule: NaN on every
+    input, reported as an input overflowing float32). The smallest eps kept runs finite in both graphs."""
+    tiny = float(np.finfo(np.float32).tiny)
+    with pytest.raises(UsageError, match=r"node 0 \(c\).*standardize.*float32"):
+        _spec(standardize=1e-50)
+    spec = _spec(standardize=tiny)
+    params = random_params(spec, 3, seed=0)
+    params["c.weight"][0] = 0.0  # a dead filter
+    x = np.random.default_rng(0).standard_normal((2, 4, 6, 6)).astype(np.float32)
+    switchable = _onnx(build_onnx(spec, weights_as_inputs=True), x, params)
+    folded = _onnx(build_onnx(spec, params), x)
+    assert np.isfinite(switchable).all() and np.abs(switchable - folded).max() <= 1e-5
