@@ -207,3 +207,32 @@ def test_an_eps_below_float32s_smallest_normal_is_refused_and_the_smallest_kept_
     switchable = _onnx(build_onnx(spec, weights_as_inputs=True), x, params)
     folded = _onnx(build_onnx(spec, params), x)
     assert np.isfinite(switchable).all() and np.abs(switchable - folded).max() <= 1e-5
+
+
+def test_gains_that_overflow_the_standardised_weight_are_refused_naming_the_conv(tmp_path):
+    """Finite gains times gain_scale can overflow float32 once multiplied by a standardised filter's values (up to
+    √n): export wrote a model with inf weights before (and the runtime blamed the input); now each path names the
+    conv."""
+    from edgecl import artifact
+    from edgecl.deltas import PackedModel, TaskInfo
+    from edgecl.export import export_onnx
+    from edgecl.runtime import TaskRuntime
+
+    spec = _spec(standardize=1e-5)
+    params = random_params(spec, 3, seed=0)
+    params["c.gain"] = np.full(6, 3e38, np.float32)
+    with pytest.raises(UsageError, match=r"architecture node 'c': its standardised weight overflows float32"):
+        fold_standardized(spec, params)
+    trunk = {k: v for k, v in params.items() if not k.startswith("head.")}
+    heads = {k: v for k, v in params.items() if k.startswith("head.")}
+    packed = PackedModel(spec, "finetune", {}, {**{k: {"kind": "shared"} for k in trunk},
+                                               **{k: {"kind": "task"} for k in heads}}, trunk, [TaskInfo("a", 3)],
+                         [heads], {})
+    path = tmp_path / "m.edgecl"
+    artifact.save(packed, path)
+    with pytest.raises(UsageError, match="node 'c'"):
+        export_onnx(path, tmp_path / "onnx", progress=False)
+    for strategy in ("inplace", "sessions"):
+        with pytest.raises(UsageError, match="node 'c'"):
+            with TaskRuntime(str(path), strategy=strategy, factor=False) as rt:
+                rt.infer(np.ones((1, 4, 6, 6), np.float32), task=0)

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from edgecl.arch.spec import Arch
-from edgecl.graph.standardize import is_standardized, standardized
+from edgecl.graph.standardize import check_finite, is_standardized, standardized
 from edgecl.runtime.plan import TensorPlan
 
 CHUNK_ELEMENTS = 1 << 16  # rows standardised at a time: float64 temporaries of ~0.5 MB, whatever the conv's size
@@ -57,7 +57,8 @@ class SwitchStandardized:
         out = np.empty(weight.shape, np.float32) if out is None else out
         step = max(1, CHUNK_ELEMENTS // max(1, int(np.prod(weight.shape[1:]))))
         for lo in range(0, weight.shape[0], step):
-            out[lo:lo + step] = standardized(weight[lo:lo + step], gain[lo:lo + step], eps, scale)
+            out[lo:lo + step] = check_finite(name, standardized(weight[lo:lo + step], gain[lo:lo + step], eps, scale),
+                                             gain, scale)
         return out
 
     def after_fill(self, host: dict[str, np.ndarray], gain_of: Callable[[str], np.ndarray]) -> None:
