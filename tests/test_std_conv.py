@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from layer_nets_nf import TinyNFNet
+from layer_nets_nf import TinyNFNet, shared_model
 from random_weights import random_params
 from torch_nets import check_parity, classifier_of, randomised_parity, tensors_of
 
@@ -214,7 +214,6 @@ def test_gains_that_overflow_the_standardised_weight_are_refused_naming_the_conv
     √n): export wrote a model with inf weights before (and the runtime blamed the input); now each path names the
     conv."""
     from edgecl import artifact
-    from edgecl.deltas import PackedModel, TaskInfo
     from edgecl.export import export_onnx
     from edgecl.runtime import TaskRuntime
 
@@ -223,13 +222,8 @@ def test_gains_that_overflow_the_standardised_weight_are_refused_naming_the_conv
     params["c.gain"] = np.full(6, 3e38, np.float32)
     with pytest.raises(UsageError, match=r"architecture node 'c': its standardised weight overflows float32"):
         fold_standardized(spec, params)
-    trunk = {k: v for k, v in params.items() if not k.startswith("head.")}
-    heads = {k: v for k, v in params.items() if k.startswith("head.")}
-    packed = PackedModel(spec, "finetune", {}, {**{k: {"kind": "shared"} for k in trunk},
-                                               **{k: {"kind": "task"} for k in heads}}, trunk, [TaskInfo("a", 3)],
-                         [heads], {})
     path = tmp_path / "m.edgecl"
-    artifact.save(packed, path)
+    artifact.save(shared_model(spec, params), path)
     with pytest.raises(UsageError, match="node 'c'"):
         export_onnx(path, tmp_path / "onnx", progress=False)
     for strategy in ("inplace", "sessions"):

@@ -8,11 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from layer_nets_nf import nf_spec
+from layer_nets_nf import nf_spec, shared_model
 
 from edgecl import artifact
 from edgecl.arch import param_shapes, validate
-from edgecl.deltas import PackedModel, TaskInfo, materialize
+from edgecl.deltas import materialize
 from edgecl.graph.standardize import standardized
 from edgecl.runtime import TaskRuntime
 from edgecl.runtime.plan import TensorPlan
@@ -78,11 +78,7 @@ def test_a_shared_standardised_conv_is_standardised_once_or_folded_by_onnx_runti
     arch = nf_spec()
     rng = np.random.default_rng(0)
     params = {k: (rng.standard_normal(s) * 0.1).astype(np.float32) for k, s in param_shapes(arch, 3).items()}
-    trunk = {k: v for k, v in params.items() if not k.startswith("head.")}
-    heads = {k: v for k, v in params.items() if k.startswith("head.")}
-    packed = PackedModel(arch, "finetune", {}, {**{k: {"kind": "shared"} for k in trunk},
-                                                **{k: {"kind": "task"} for k in heads}},
-                         trunk, [TaskInfo("a", 3), TaskInfo("b", 3)], [heads, heads], {})
+    packed = shared_model(arch, params, n_tasks=2)
     x = rng.standard_normal((4, 1, 8, 8)).astype(np.float32)
     with torch.no_grad():
         want = forward(arch, from_numpy(params), torch.from_numpy(x)).numpy()
