@@ -13,10 +13,10 @@ from layer_nets_nf import nf_spec, shared_model
 from edgecl import artifact
 from edgecl.arch import param_shapes, validate
 from edgecl.deltas import materialize
-from edgecl.graph.standardize import standardized
+from edgecl.graph.standardize import CHUNK_ELEMENTS, standardized
 from edgecl.runtime import TaskRuntime
 from edgecl.runtime.plan import TensorPlan
-from edgecl.runtime.switch_standardize import CHUNK_ELEMENTS, SwitchStandardized
+from edgecl.runtime.switch_standardize import SwitchStandardized
 from edgecl.train import registry
 from edgecl.train.data import make_stream
 from edgecl.train.models import forward, from_numpy
@@ -52,8 +52,8 @@ def test_runtime_standardises_on_the_switch_and_equals_torch_across_switches(met
 
 
 def test_standardising_in_row_chunks_gives_the_exported_models_numbers_bit_for_bit():
-    """A conv larger than one chunk is standardised chunk by chunk into its slot: the same numbers as
-    `fold_standardized` gives a per-task session (and an exported file)."""
+    """A conv larger than one chunk is standardised chunk by chunk, in place into its slot: the numbers of the whole
+    filter bank at once in float64, which a per-task session's and an exported file's fold has too."""
     spec = validate({"name": "s", "input_shape": [64, 4, 4], "nodes": [
         {"name": "c", "op": "conv", "inputs": ["input"], "in": 64, "out": 256, "k": 3, "pad": 1, "standardize": 1e-5,
          "gain_scale": 0.2}, {"name": "g", "op": "gap", "inputs": ["c"]}, {"name": "f", "op": "flatten",
@@ -67,7 +67,12 @@ def test_standardising_in_row_chunks_gives_the_exported_models_numbers_bit_for_b
     assert std.written == ["c"] and std.unread == {"c.gain"} and "standardize" not in std.arch["nodes"][0]
     slot = {"c.weight": w.copy()}
     std.after_fill(slot, lambda name: gain)
-    assert np.array_equal(slot["c.weight"], standardized(w, gain, 1e-5, 0.2))
+    rows = w.reshape(256, -1).astype(np.float64)
+    centred = rows - rows.mean(axis=1, keepdims=True)
+    var = (centred ** 2).mean(axis=1, keepdims=True)
+    whole = gain[:, None].astype(np.float64) * 0.2 * centred / np.sqrt(var + 1e-5)
+    assert np.array_equal(slot["c.weight"], whole.reshape(w.shape).astype(np.float32))
+    assert np.array_equal(standardized(w, gain, 1e-5, 0.2), slot["c.weight"])
 
 
 @pytest.mark.parametrize("factor", [False, True])

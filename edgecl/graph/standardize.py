@@ -16,14 +16,23 @@ from edgecl.errors import UsageError
 from edgecl.graph.nodes import Builder
 
 
-def standardized(weight: np.ndarray, gain: np.ndarray, eps: float, scale: float) -> np.ndarray:
-    """The standardised (out, in/groups, kh, kw) weight, float32 (statistics in float64)."""
-    w = np.asarray(weight, dtype=np.float64).reshape(weight.shape[0], -1)
-    mean = w.mean(axis=1, keepdims=True)
-    var = ((w - mean) ** 2).mean(axis=1, keepdims=True)
-    g = np.asarray(gain, dtype=np.float64).reshape(-1, 1) * scale
-    with np.errstate(over="ignore"):  # an overflow is inf here, refused by `check_finite` where it would be served
-        return (g * (w - mean) / np.sqrt(var + eps)).reshape(weight.shape).astype(np.float32)
+CHUNK_ELEMENTS = 1 << 16  # filters standardised at a time: float64 temporaries of ~0.5 MB whatever the conv's size
+
+
+def standardized(weight: np.ndarray, gain: np.ndarray, eps: float, scale: float, out: np.ndarray | None = None
+                 ) -> np.ndarray:
+    """The standardised (out, in/groups, kh, kw) weight, float32 (statistics in float64), written into `out` (may be
+    `weight` itself) or a new array; a few filters at a time, so a large conv needs no float64 copy of itself."""
+    out = np.empty(weight.shape, np.float32) if out is None else out
+    step = max(1, CHUNK_ELEMENTS // max(1, int(np.prod(weight.shape[1:]))))
+    for lo in range(0, weight.shape[0], step):
+        w = np.asarray(weight[lo:lo + step], dtype=np.float64).reshape(-1, int(np.prod(weight.shape[1:])))
+        mean = w.mean(axis=1, keepdims=True)
+        var = ((w - mean) ** 2).mean(axis=1, keepdims=True)
+        g = np.asarray(gain[lo:lo + step], dtype=np.float64).reshape(-1, 1) * scale
+        with np.errstate(over="ignore"):  # an overflow is inf here, refused by `check_finite` where it is served
+            out[lo:lo + step] = (g * (w - mean) / np.sqrt(var + eps)).reshape(out[lo:lo + step].shape)
+    return out
 
 
 def check_finite(name: str, weight: np.ndarray, gain: np.ndarray, scale: float) -> np.ndarray:

@@ -22,8 +22,6 @@ from edgecl.arch.spec import Arch
 from edgecl.graph.standardize import check_finite, is_standardized, standardized
 from edgecl.runtime.plan import TensorPlan
 
-CHUNK_ELEMENTS = 1 << 16  # rows standardised at a time: float64 temporaries of ~0.5 MB, whatever the conv's size
-
 
 class SwitchStandardized:
     """The standardised convs the host store standardises itself (`convs`: node name → (eps, gain_scale)), and
@@ -54,12 +52,7 @@ class SwitchStandardized:
     def _standardized(self, name: str, weight: np.ndarray, gain: np.ndarray, out: np.ndarray | None = None
                       ) -> np.ndarray:
         eps, scale = self.convs[name]
-        out = np.empty(weight.shape, np.float32) if out is None else out
-        step = max(1, CHUNK_ELEMENTS // max(1, int(np.prod(weight.shape[1:]))))
-        for lo in range(0, weight.shape[0], step):
-            out[lo:lo + step] = check_finite(name, standardized(weight[lo:lo + step], gain[lo:lo + step], eps, scale),
-                                             gain, scale)
-        return out
+        return check_finite(name, standardized(weight, gain, eps, scale, out), gain, scale)
 
     def after_fill(self, host: dict[str, np.ndarray], gain_of: Callable[[str], np.ndarray]) -> None:
         """Standardise, in place, each written weight a slot's fill left in `host`; `gain_of(tensor)`: its gain."""
