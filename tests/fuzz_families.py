@@ -200,7 +200,7 @@ def _spec(draw) -> dict:
                          "stride": draw(st.sampled_from([1, 2, 3])), "pad": draw(st.sampled_from([0, 1, 2])),
                          "dilation": draw(st.sampled_from([1, 2])), "groups": g})
             if draw(st.integers(0, 3)) == 0:  # weight-standardised (NF-ResNet), with a hostile eps or scale
-                node["standardize"] = draw(st.sampled_from([1e-5, 1e-6, 0.5, 0, 1, -1e-5, "x"]))
+                node["standardize"] = draw(st.sampled_from([1e-5, 1e-6, 0.5, 0, 1, -1e-5, 1e-50, "x"]))
                 if draw(st.booleans()):
                     node["gain_scale"] = draw(st.sampled_from([0.3, -2.0, 1.0, float("nan"), None]))
         elif op == "linear":

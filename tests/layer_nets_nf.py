@@ -47,3 +47,14 @@ class TinyNFNet(nn.Module):
 
 def nf_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyNFNet(in_channels=input_shape[0]), tuple(input_shape))
+
+
+def shared_model(arch: dict, params: dict, n_tasks: int = 1):
+    """A finetune-shaped PackedModel: the trunk of `params` shared by `n_tasks` tasks, their heads the same."""
+    from edgecl.deltas import PackedModel, TaskInfo
+
+    trunk = {k: v for k, v in params.items() if not k.startswith("head.")}
+    heads = {k: v for k, v in params.items() if k.startswith("head.")}
+    kinds = {**{k: {"kind": "shared"} for k in trunk}, **{k: {"kind": "task"} for k in heads}}
+    return PackedModel(arch, "finetune", {}, kinds, trunk, [TaskInfo(f"t{t}", heads["head.bias"].shape[0])
+                                                            for t in range(n_tasks)], [heads] * n_tasks, {})

@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from layer_nets_nf import TinyNFNet
+from layer_nets_nf import TinyNFNet, shared_model
 from random_weights import random_params
 from torch_nets import check_parity, classifier_of, randomised_parity, tensors_of
 
@@ -191,3 +191,42 @@ def test_nf_resnet26_has_module_parity_with_random_gains():
     spec = from_torch(net, (3, 64, 64))
     assert sum(bool(n.get("standardize")) for n in spec["nodes"]) == 29
     check_parity(net, spec, (3, 64, 64), batch=2)
+
+
+def test_an_eps_below_float32s_smallest_normal_is_refused_and_the_smallest_kept_one_runs_finite():
+    """The switchable graph adds eps in float32: 1e-50 is 0 there, so a zero filter (a masked or cut row) is 0/0 and
+    the runtime's logits NaN while torch and the folded model give numbers (measured before the rule: NaN on every
+    input, reported as an input overflowing float32). The smallest eps kept runs finite in both graphs."""
+    tiny = float(np.finfo(np.float32).tiny)
+    with pytest.raises(UsageError, match=r"node 0 \(c\).*standardize.*float32"):
+        _spec(standardize=1e-50)
+    spec = _spec(standardize=tiny)
+    params = random_params(spec, 3, seed=0)
+    params["c.weight"][0] = 0.0  # a dead filter
+    x = np.random.default_rng(0).standard_normal((2, 4, 6, 6)).astype(np.float32)
+    switchable = _onnx(build_onnx(spec, weights_as_inputs=True), x, params)
+    folded = _onnx(build_onnx(spec, params), x)
+    assert np.isfinite(switchable).all() and np.abs(switchable - folded).max() <= 1e-5
+
+
+def test_gains_that_overflow_the_standardised_weight_are_refused_naming_the_conv(tmp_path):
+    """Finite gains times gain_scale can overflow float32 once multiplied by a standardised filter's values (up to
+    √n): export wrote a model with inf weights before (and the runtime blamed the input); now each path names the
+    conv."""
+    from edgecl import artifact
+    from edgecl.export import export_onnx
+    from edgecl.runtime import TaskRuntime
+
+    spec = _spec(standardize=1e-5)
+    params = random_params(spec, 3, seed=0)
+    params["c.gain"] = np.full(6, 3e38, np.float32)
+    with pytest.raises(UsageError, match=r"architecture node 'c': its standardised weight overflows float32"):
+        fold_standardized(spec, params)
+    path = tmp_path / "m.edgecl"
+    artifact.save(shared_model(spec, params), path)
+    with pytest.raises(UsageError, match="node 'c'"):
+        export_onnx(path, tmp_path / "onnx", progress=False)
+    for strategy in ("inplace", "sessions"):
+        with pytest.raises(UsageError, match="node 'c'"):
+            with TaskRuntime(str(path), strategy=strategy, factor=False) as rt:
+                rt.infer(np.ones((1, 4, 6, 6), np.float32), task=0)

@@ -12,16 +12,37 @@ from __future__ import annotations
 import numpy as np
 
 from edgecl.arch.spec import Arch
+from edgecl.errors import UsageError
 from edgecl.graph.nodes import Builder
 
 
-def standardized(weight: np.ndarray, gain: np.ndarray, eps: float, scale: float) -> np.ndarray:
-    """The standardised (out, in/groups, kh, kw) weight, float32 (statistics in float64)."""
-    w = np.asarray(weight, dtype=np.float64).reshape(weight.shape[0], -1)
-    mean = w.mean(axis=1, keepdims=True)
-    var = ((w - mean) ** 2).mean(axis=1, keepdims=True)
-    g = np.asarray(gain, dtype=np.float64).reshape(-1, 1) * scale
-    return (g * (w - mean) / np.sqrt(var + eps)).reshape(weight.shape).astype(np.float32)
+CHUNK_ELEMENTS = 1 << 16  # filters standardised at a time: float64 temporaries of ~0.5 MB whatever the conv's size
+
+
+def standardized(weight: np.ndarray, gain: np.ndarray, eps: float, scale: float, out: np.ndarray | None = None
+                 ) -> np.ndarray:
+    """The standardised (out, in/groups, kh, kw) weight, float32 (statistics in float64), written into `out` (may be
+    `weight` itself) or a new array; a few filters at a time, so a large conv needs no float64 copy of itself."""
+    out = np.empty(weight.shape, np.float32) if out is None else out
+    step = max(1, CHUNK_ELEMENTS // max(1, int(np.prod(weight.shape[1:]))))
+    for lo in range(0, weight.shape[0], step):
+        w = np.asarray(weight[lo:lo + step], dtype=np.float64).reshape(-1, int(np.prod(weight.shape[1:])))
+        mean = w.mean(axis=1, keepdims=True)
+        var = ((w - mean) ** 2).mean(axis=1, keepdims=True)
+        g = np.asarray(gain[lo:lo + step], dtype=np.float64).reshape(-1, 1) * scale
+        with np.errstate(over="ignore"):  # an overflow is inf here, refused by `check_finite` where it is served
+            out[lo:lo + step] = (g * (w - mean) / np.sqrt(var + eps)).reshape(out[lo:lo + step].shape)
+    return out
+
+
+def check_finite(name: str, weight: np.ndarray, gain: np.ndarray, scale: float) -> np.ndarray:
+    """`weight`, the standardised weight of conv `name`, if finite: finite gains times gain_scale can still overflow
+    float32 (|z| ≤ √n), and a folded model would then hold inf weights that every input turns into inf or NaN."""
+    if not np.isfinite(weight).all():
+        raise UsageError(f"architecture node {name!r}: its standardised weight overflows float32 (largest |gain| "
+                         f"{float(np.abs(gain).max()):g}, gain_scale {scale:g}): every input's logits would be inf or "
+                         "NaN")
+    return weight
 
 
 def is_standardized(node: dict) -> bool:
@@ -37,8 +58,10 @@ def fold_standardized(arch: Arch, params: dict[str, np.ndarray]) -> tuple[Arch, 
     for node in arch["nodes"]:
         if is_standardized(node):
             name = node["name"]
-            params[f"{name}.weight"] = standardized(params[f"{name}.weight"], params.pop(f"{name}.gain"),
-                                                    node["standardize"], node["gain_scale"])
+            gain = params.pop(f"{name}.gain")
+            params[f"{name}.weight"] = check_finite(name, standardized(params[f"{name}.weight"], gain,
+                                                                       node["standardize"], node["gain_scale"]),
+                                                    gain, node["gain_scale"])
             node = {k: v for k, v in node.items() if k not in ("standardize", "gain_scale")}
         nodes.append(node)
     return {**arch, "nodes": nodes}, params

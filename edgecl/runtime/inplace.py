@@ -34,6 +34,7 @@ from edgecl.errors import UsageError
 from edgecl.runtime.plan import TensorPlan, read_on_miss, read_plans, task_tensor_plans
 from edgecl.runtime.providers import require_placement, session_options, session_providers, to_ortvalue
 from edgecl.runtime.slots import Slot, SlotCache
+from edgecl.runtime.switch_standardize import SwitchStandardized, gain_value
 from edgecl.source import IN_MEMORY, ModelSource
 
 DEFAULT_SLOTS = 4  # slots without a budget: enough for a few alternating tasks, not a copy of every task
@@ -66,13 +67,15 @@ class _HostStore:
     arrays = None  # results are host arrays
 
     def __init__(self, plans: list[TensorPlan], varying: list[TensorPlan], n_tasks: int, ledger: Ledger,
-                 threads: int | None):
-        self.varying, self.ledger = varying, ledger
-        self._read = [p for p in varying if p.plan == "read"]  # task tensors read from the file on a miss
+                 threads: int | None, std: SwitchStandardized):
+        self.varying, self.ledger, self._std = varying, ledger, std
+        self._by_name = {p.name: p for p in plans}
+        self._read = [p for p in varying if p.plan == "read" and p.name not in std.unread]  # read on a miss
         self.slot_bytes = costs.slot_bytes(p.shape for p in varying)
         self.task_bytes = costs.held_bytes(a for p in plans for a in p.task_arrays())
-        self._static = {p.name: to_ortvalue(p.base) for p in plans if p.plan == "static"}
-        self._own = [{p.name: to_ortvalue(p.per_task[t]) for p in plans if p.plan == "own"}
+        bound = [p for p in plans if p.name not in std.unread]  # a gain standardised here is not the graph's
+        self._static = {p.name: to_ortvalue(p.base) for p in bound if p.plan == "static"}
+        self._own = [{p.name: to_ortvalue(p.per_task[t]) for p in bound if p.plan == "own"}
                      for t in range(n_tasks)]
         # masked tensors are written by as many threads as ONNX Runtime may use (all cores by default)
         self._workers = threads or os.cpu_count() or 1
@@ -81,11 +84,13 @@ class _HostStore:
 
     def new_slot(self, index: int) -> _Buffers:
         host = {p.name: np.zeros(p.shape, np.float32) for p in self.varying}
-        return _Buffers(host, {p.name: to_ortvalue(host[p.name]) for p in self.varying if p.plan != "read"})
+        return _Buffers(host, {p.name: to_ortvalue(host[p.name]) for p in self.varying
+                               if p.plan != "read" and p.name not in self._std.unread})
 
     def fill(self, buffers: _Buffers, t: int) -> None:
         for plan in self.varying:
             plan.fill(t, buffers.host[plan.name], self._pool, self._workers)
+        self._std.after_fill(buffers.host, lambda gain: gain_value(self._by_name[gain], t, buffers.host))
         values = {}
         for plan in self._read:
             key = (plan.name, tuple(plan.task_shapes[t]))
@@ -140,6 +145,8 @@ class InPlace:
             self.plans, self._blobs = read_on_miss(self.plans, src)
         self.task_tensors = "cached" if self._blobs is not None else "resident"  # what "auto" became
         self.varying = [p for p in self.plans if p.varies]  # the plans a switch writes into a slot
+        # host slots: standardised convs standardised on a switch (`switch_standardize`), not in every call
+        self._std = SwitchStandardized(self.arch, self.plans if resident == "host" else [])
         self._factors = switch.graph_factors()
         self.ledger.reserve("model tensors", _model_tensor_bytes(self.plans))
         self.session_params: list[int] = []
@@ -147,7 +154,7 @@ class InPlace:
         self._local = threading.local()
         if resident == "host":
             self._mask_bytes = sum(p.mask_bytes for p in self.plans)  # reserved at `start`, after the fixed costs
-            self._store: Any = _HostStore(self.plans, self.varying, self.n_tasks, ledger, threads)
+            self._store: Any = _HostStore(self.plans, self.varying, self.n_tasks, ledger, threads, self._std)
             self._slot_ledger, self._slot_extra = ledger, costs.SLOT_OVERHEAD
         else:  # every task's delta goes to the device now; the host keeps only the session's constants
             self._mask_bytes = 0
@@ -168,12 +175,13 @@ class InPlace:
     def start(self, cache_tasks: int | None) -> None:
         if self._mask_bytes:
             self.ledger.reserve("task masks", self._mask_bytes)
-        constants = {p.name: p.base for p in self.plans if p.constant}
+        constants = {p.name: p.base for p in self.plans if p.constant and p.name not in self._std.unread}
         self.ledger.reserve("session", costs.switchable_session_bytes(constants.values(), self.arch, self._factors))
         if self.device == "cuda":  # the CUDA EP copies the constants to the device
             self._slot_ledger.reserve("device session constants", costs.held_bytes(constants.values()))
-        model = build_onnx(self.arch, weights_as_inputs=True, constants=constants, factors=self._factors,
+        model = build_onnx(self._std.arch, weights_as_inputs=True, constants=constants, factors=self._factors,
                            external_constants=True)
+        self.graph_ops = frozenset(n.op_type for n in model.graph.node)  # what each call computes, for tests
         options = session_options(self.threads)
         if constants:
             self._constant_values = [to_ortvalue(a) for a in constants.values()]  # must outlive the session
