@@ -108,7 +108,7 @@ def test_fields_shapes_bounds_state_and_channel_map():
     assert cm.spaces["a"] == [("a", 1)] and "a" in cm.pinned  # its output mixes a head's v channels: its own
     assert cm.spaces["g"] == [("g", 1)] and "g" in cm.pinned  # the grid: its own channels, never cut
     for bad, words in [(dict(eps=0), r"number in \(0, 1\)"), (dict(hidden=600), "hidden at most 512"),
-                       (dict(eps=1e-300), "at least 1.2e-38")]:  # float32's 0: a zero q channel's 0 / 0 was NaN
+                       (dict(eps=1e-300), "at least 1.18e-38")]:  # float32's 0: a zero q channel's 0 / 0 was NaN
         with pytest.raises(UsageError, match=words):
             validate(_spec(**bad))
     for temperature in (0.0, -1.0, 1e-300):  # were accepted: a grid of NaN or inf, and every output with it

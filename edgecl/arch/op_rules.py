@@ -7,7 +7,6 @@ from typing import Any
 
 from edgecl.errors import UsageError
 
-FLOAT32_TINY = 1.1754943508222875e-38  # float32's smallest normal: below it an eps is 0 (or flushed) in float32
 
 
 def check_minus_inf_pads(nodes: list[dict[str, Any]], shapes: dict[str, list[int]]) -> None:
@@ -127,14 +126,11 @@ def attention_state_name(node: dict[str, Any], tensor: str) -> str:
 
 def standardized_fields(out: dict[str, Any], where: str) -> None:
     """A conv's weight-standardisation fields, normalised: both left out of a plain conv (the spec as before they
-    existed); ``gain_scale`` only with ``standardize``, which it defaults to 1 for. The eps is at least float32's
-    smallest normal: the switchable graph adds it in float32, where a smaller one is 0 and a zero filter 0/0."""
+    existed); ``gain_scale`` only with ``standardize``, which it defaults to 1 for. (The eps, as every eps, is at
+    least `ops.MIN_EPS`: float32 adds it, where a smaller one is 0 and a zero filter 0/0.)"""
     if out["standardize"] is None:
         if out["gain_scale"] is not None:
             raise UsageError(f"{where}: gain_scale needs standardize (the eps of a weight-standardised conv)")
         del out["standardize"], out["gain_scale"]
-    elif out["standardize"] < FLOAT32_TINY:
-        raise UsageError(f"{where}: standardize = {out['standardize']:g} is below float32's smallest normal number "
-                         f"({FLOAT32_TINY:g}): the graph adds it in float32, where it is 0 and a zero filter NaN")
     elif out["gain_scale"] is None:
         out["gain_scale"] = 1.0

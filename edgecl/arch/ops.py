@@ -122,8 +122,9 @@ from edgecl.arch.windows import check_pool_windows, window_length
 from edgecl.errors import UsageError
 
 MAX_NUMBER = 3.0e38  # a `scale` constant must be a float32: ONNX and the runtime compute in float32
-MIN_EPS = 1.2e-38  # an eps must be a float32 normal: a smaller one rounds to 0 (or a denormal) and a zero channel
-#                   (a node AGS-CL zeroed) is 0 / 0 = NaN in F.normalize's max(‖x‖, eps), a BatchNorm's var + eps
+# float32's smallest normal: a smaller eps rounds to 0 (or a denormal) and a zero channel (a node AGS-CL zeroed) is
+# 0 / 0 = NaN in F.normalize's max(‖x‖, eps), a BatchNorm's var + eps, a standardised filter's
+MIN_EPS = 1.1754943508222875e-38
 MAX_BLUR = 16  # a blur filter's largest side: its binomial taps C(k−1, j) / 2^(k−1) are exact float32 numbers
 MAX_ADAPTIVE, MAX_ADAPTIVE_INPUT = 64, 4096  # adaptive_avgpool's output and input sides: matrices of out × in
 PAD_MODES = ("constant", "reflect", "replicate")  # torch F.pad's; ONNX Pad's "constant", "reflect", "edge"
