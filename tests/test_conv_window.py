@@ -97,3 +97,45 @@ def test_rgo_learns_a_network_with_windowed_convs(config):
     p = method.proj[conv].normalized()
     assert not torch.allclose(p, torch.eye(p.shape[-1], dtype=p.dtype).expand_as(p))  # task 0's patches went in
     assert all(np.isfinite(v).all() for v in materialize(method.pack(), 1).values())
+
+
+def _windowed_net() -> dict:
+    """A stem, a plain conv in 4×4 windows (HALRP's low-rank branch: its window sums inside each window) and a
+    depthwise one in 2×2 windows (RGO's permuted rows), on 8×8 digits."""
+    conv = {"op": "conv", "k": 3, "pad": 1}
+    nodes = [{"name": "stem", **conv, "inputs": ["input"], "in": 1, "out": 8},
+             {"name": "r0", "op": "relu", "inputs": ["stem"]},
+             {"name": "plain", **conv, "inputs": ["r0"], "in": 8, "out": 8, "window": [4, 4]},
+             {"name": "r1", "op": "relu", "inputs": ["plain"]},
+             {"name": "dw", **conv, "inputs": ["r1"], "in": 8, "out": 8, "groups": 8, "window": [2, 2]},
+             {"name": "r2", "op": "relu", "inputs": ["dw"]},
+             {"name": "gap", "op": "gap", "inputs": ["r2"]}, {"name": "f", "op": "flatten", "inputs": ["gap"]}]
+    return validate({"name": "windowed", "input_shape": [1, 8, 8], "nodes": nodes})
+
+
+@pytest.mark.parametrize("method_name", ["halrp", "rgo"])
+def test_factored_runtime_equals_the_exported_graph(method_name, monkeypatch):
+    """Every layer factored (low rank, permuted rows) inside the windows: the runtime gives each task's exported
+    logits."""
+    import onnxruntime as ort
+
+    from edgecl.graph.builder import build_onnx
+    from edgecl.runtime import TaskRuntime
+    from edgecl.runtime import plan as plan_module
+
+    stream = make_stream("split-digits", 2, seed=0)
+    method = registry.create(method_name, _windowed_net(), {"epochs": 2})
+    for t in range(2):
+        method.learn_task(t, stream.tasks[t], TrainContext(progress=False))
+    packed = method.pack()
+    monkeypatch.setattr(plan_module, "FACTOR_MIN_ELEMENTS", 0)
+    chosen = []
+    forms = plan_module.factor_forms
+    monkeypatch.setattr(plan_module, "factor_forms", lambda *a, **k: chosen.append(forms(*a, **k)) or chosen[-1])
+    x = stream.tasks[0].x_test[:64]
+    with TaskRuntime(packed) as rt:
+        for t in range(2):
+            graph = build_onnx(packed.arch, materialize(packed, t)).SerializeToString()
+            want = ort.InferenceSession(graph, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+            assert np.abs(rt.infer(x, task=t) - want).max() <= 1e-4
+    assert chosen and chosen[-1].get("plain") == {"halrp": "lowrank", "rgo": "permute+bias"}[method_name]

@@ -205,7 +205,8 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
     most). ``attention``: the scores and their softmax (heads × T_q × T_kv each: quadratic in the positions, so a
     small spec file can ask for a huge one; `spec.validate` bounds it) and the heads' copies of q, k, v and the output
     (an upper bound); ``attention_pool``: the logits' softmax and reshaped copies of the logits and the map (an upper
-    bound); ``adaptive_avgpool``: the map averaged along its width only, (C, H, w), between its two MatMuls."""
+    bound); ``adaptive_avgpool``: the map averaged along its width only, (C, H, w), between its two MatMuls; a conv
+    with ``window``: its input and output, each once more in the windows' order."""
     if node["op"] == "attention":
         (cq, *q), (ck, *k), (cv, _, _) = ins
         tq, tk, h = math.prod(q), math.prod(k), node["heads"]
@@ -230,6 +231,8 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
         return 4 * math.prod(ins[0])
     if node["op"] == "adaptive_avgpool":
         return ins[0][0] * ins[0][1] * node["size"][1]
+    if node["op"] == "conv" and node.get("window"):  # the input in windows and the conv's windowed output: Transposes
+        return math.prod(ins[0]) + math.prod(conv_window_shape(node, ins[0], node["name"]))
     return 0
 
 
