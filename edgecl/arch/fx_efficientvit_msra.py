@@ -3,11 +3,11 @@
 chooses by the map's size whether to window it, through channels-last views. On the (C, H, W) map it is, in spec
 ops:
 
-    pad (zeros right and bottom up to a multiple of the window, when the window does not tile the map) → per head h: slice h of the
-    channels (timm's chunk), plus the previous head's output from the second head on (the cascade) → qkvs.h (1×1
-    conv + BatchNorm) → slices q, k, v → dws.h on q (depthwise conv + BatchNorm) → attention {heads 1, scale,
-    LeViT's bias: row h of the module's table, ``bias_rows`` [h, heads]} → cat of the heads → proj (ReLU, 1×1 conv +
-    BatchNorm) → crop (a negative pad) back to the map
+    pad (zeros right and bottom up to a multiple of the window, when the window does not tile the map) → per head h:
+    slice h of the channels (timm's chunk), plus the previous head's output from the second head on (the cascade) →
+    qkvs.h (1×1 conv + BatchNorm) → slices q, k, v → dws.h on q (depthwise conv + BatchNorm) → attention {heads 1,
+    scale, LeViT's bias: row h of the module's table, ``bias_rows`` [h, heads]} → cat of the heads → proj (ReLU, 1×1
+    conv + BatchNorm) → crop (a negative pad) back to the map
 
 The padded positions are zeros before the qkv convs, so they join the attention as timm's do (their keys are the
 BatchNorms' shifts); the crop drops their outputs. Each head is its own attention node because its input depends on
@@ -83,8 +83,8 @@ class _EfficientVitMsraConverter:
             q = self._conv_norm(node, m.dws[i], q, f"{path}.dws.{i}", where)
             if window:
                 self._conv_in_windows(q, window)
-            outs.append(self._emit(node, "attention", [q, k, v], f"{path}.attend{i}",
-                                   **{**bias, "heads": 1, "bias_rows": [i, heads]}, **({"window": window} if window else {})))
+            fields = {**bias, "heads": 1, "bias_rows": [i, heads], **({"window": window} if window else {})}
+            outs.append(self._emit(node, "attention", [q, k, v], f"{path}.attend{i}", **fields))
         h = outs[0] if heads == 1 else self._emit(node, "cat", outs, f"{path}.heads")
         if len(m.proj) != 2 or type(m.proj[0]) is not nn.ReLU:
             raise UsageError(f"{self.name}: {where}: its proj must be timm's ReLU then ConvNorm")
