@@ -55,13 +55,14 @@ class TinyEfficientViTMsra(nn.Module):
     """EfficientViT-MSRA's window attention in small: a strided conv stem to a 4×4 map, timm's LocalWindowAttention
     of 2 cascaded heads (key 4, value 8, 3×3 depthwise conv on q, LeViT's biases) over a 5×5 window (the map padded
     to it with zeros that join the attention, then cropped) added back, its block's ConvMlp (1×1 ConvNorm, ReLU, 1×1
-    ConvNorm) added back, and the mean."""
+    ConvNorm) added back, and the mean. With ``window`` 3 the 4×4 map is padded to 6×6: four windows, each head's
+    depthwise conv on q and its attention run in each on its own (a conv ``window``)."""
 
-    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 16):
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 16, window: int = 5):
         super().__init__()
         self.stem = nn.Conv2d(in_channels, width, 3, stride=2, padding=1)
-        self.mixer = LocalWindowAttention(width, key_dim=4, num_heads=2, attn_ratio=2, resolution=5,
-                                          window_resolution=5, kernels=(3, 3))
+        self.mixer = LocalWindowAttention(width, key_dim=4, num_heads=2, attn_ratio=2, resolution=max(window, 4),
+                                          window_resolution=window, kernels=(3, 3))
         self.ffn = ConvMlp(width, 2 * width)
         self.fc = nn.Linear(width, classes)
 
@@ -71,5 +72,10 @@ class TinyEfficientViTMsra(nn.Module):
         return self.fc((x + self.ffn(x)).mean((2, 3)))
 
 
-def efficientvit_msra_spec(input_shape=(1, 8, 8)) -> dict:
-    return from_torch(TinyEfficientViTMsra(in_channels=input_shape[0]), tuple(input_shape))
+def efficientvit_msra_spec(input_shape=(1, 8, 8), window: int = 5) -> dict:
+    return from_torch(TinyEfficientViTMsra(in_channels=input_shape[0], window=window), tuple(input_shape))
+
+
+def efficientvit_msra_windows_spec(input_shape=(1, 8, 8)) -> dict:
+    """Several windows (`TinyEfficientViTMsra` with window 3)."""
+    return efficientvit_msra_spec(input_shape, window=3)

@@ -71,12 +71,14 @@ def _arch(name: str) -> dict:
               "mobilevit2": lambda: TinyMobileViTv2(in_channels=3, width=16),
               "edgenext": lambda: TinyEdgeNeXt(in_channels=3, width=16),
               "efficientvit_msra": lambda: TinyEfficientViTMsra(in_channels=3, width=16),
+              "efficientvit_msra_windows": lambda: TinyEfficientViTMsra(in_channels=3, width=16, window=3),
               "nf": lambda: TinyNFNet(in_channels=3, width=16)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
 _CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4", "vit_tokens", "blur", "mobilevit",
-           "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra", "nf")
+           "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra",
+           "efficientvit_msra_windows", "nf")
 
 
 def _stream(name: str, n_tasks: int):
@@ -98,7 +100,8 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
 
 @pytest.fixture(scope="module", params=["resnet", "rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit",
                                                 "mnv4", "vit_tokens", "blur", "mobilevit", "fpn", "fastvit",
-                                                "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra", "nf"])
+                                                "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra",
+                                                "efficientvit_msra_windows", "nf"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

@@ -1,6 +1,6 @@
 """Property-based fuzzing of channel groups (`edgecl.arch.channel_map`), structural compaction and AGS-CL's node map
 on random small graph specs: convolutions (3×3 with and without padding, 1×1, depthwise, grouped, a quarter of them
-weight-standardised, 2×2 after a
+weight-standardised, some in two windows, 2×2 after a
 ``pad`` node of zeros or 0.5, 3×3 after a BlurPool's reflect / replicate / zero ``pad`` and ``blur``, 2×2 after
 adaptive average pooling to one more row and column, 2×2 of stride 2 after a bilinear ×2 ``upsample`` with or
 without align_corners), BatchNorm,
@@ -112,6 +112,8 @@ class _Graph:
         h_out = (h + 2 * pad - k) // stride + 1
         standardized = {"standardize": 1e-5, "gain_scale": self.draw(st.sampled_from([1.0, 0.4]))} \
             if self.draw(st.integers(0, 3)) == 0 else {}  # NF-ResNet's weight standardisation: folded first
+        if k - 2 * pad == 1 and stride == 1 and h % 2 == 0 and self.draw(st.integers(0, 3)) == 0:
+            standardized["window"] = [h // 2, h]  # each half on its own (EfficientViT-MSRA's conv on q)
         return self.node("conv", [src], [out, h_out, h_out], **{"in": c, "out": out}, k=[k, k], pad=[pad, pad],
                          stride=[stride, stride], groups=groups, bias=self.draw(st.booleans()), **standardized)
 

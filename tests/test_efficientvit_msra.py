@@ -2,8 +2,9 @@
 (zeros that join the attention), the cascaded heads (each head's channels plus the previous head's output, per-head
 qkv ConvNorm, depthwise ConvNorm on q, single-head attention with its row of LeViT's bias table: ``bias_rows``),
 proj, the crop — with parity of the spec's torch forward and ONNX graph against timm's EfficientVitMsra (biases
-randomised: timm starts them at 0), the rows' storage (state keys, shapes, starting weights), spec refusals, the
-refusal of several windows by name, and timm's efficientvit_m0 at 64 (slow)."""
+randomised: timm starts them at 0), on one window or several (a windowed depthwise conv and window attention), the
+rows' storage (state keys, shapes, starting weights), spec refusals, and timm's efficientvit_m0 at 64 and m0, m1, m2
+at 224 (slow)."""
 from __future__ import annotations
 
 import numpy as np
@@ -154,12 +155,35 @@ def test_a_row_no_node_holds_is_refused(rows):  # accepted before: written back 
         validate(_spec(_attention(module="m", bias_rows=rows)))
 
 
-def test_several_windows_are_refused_by_name():
-    module = _small(window=2)
-    with pytest.raises(UsageError, match="4×4 map is larger than its 2×2 window") as err:
-        from_torch(module, (3, 64, 64))
-    assert "LocalWindowAttention at 'stages.0.blocks.0.mixer.m'" in str(err.value)
-    assert "efficientvit_msra.py:" in str(err.value)
+@pytest.mark.parametrize("window, pads", [(2, []), (3, [[0, 0, 2, 2], [0, 0, 1, 1]])])
+def test_parity_on_several_windows(window, pads):
+    """Stage maps 4 and 2: windows 2 (four of them, then one) and 3 (the 4×4 map padded to four, the 2×2 to one);
+    each head's depthwise conv on q and its attention run in each window on its own."""
+    module = _small(window=window)
+    spec = from_torch(module, (3, 64, 64))
+    check_parity(module, spec, (3, 64, 64), batch=2)
+    assert [n["pads"] for n in spec["nodes"] if n["op"] == "pad" and n["name"].endswith(".pad")] == pads
+    windowed = [n["name"] for n in spec["nodes"] if n.get("window") == [window, window]]
+    assert windowed == [f"stages.0.blocks.0.mixer.m.attn.{part}" for i in range(2)
+                        for part in (f"dws.{i}.conv", f"attend{i}")]  # stage 1 is one window: none
+
+
+def test_the_depthwise_conv_on_q_needs_its_windows():
+    """A 4×4 map padded to four 3×3 windows, its positions flattened into the classifier (a mean would hide q's
+    part); the conv over the whole map (its window borders reading their neighbours) misses timm's logits."""
+    lwa = timm.models.efficientvit_msra.LocalWindowAttention
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), lwa(8, key_dim=4, num_heads=2, attn_ratio=1,
+                                                                     resolution=4, window_resolution=3, kernels=(3, 3)),
+                        nn.Flatten(), nn.Linear(8 * 16, 3))
+    randomise_batchnorm(net)
+    spec = from_torch(net.eval(), (3, 8, 8))
+    check_parity(net, spec, (3, 8, 8), batch=2)
+    for node in spec["nodes"]:
+        if node["op"] == "conv" and node.pop("window", None):
+            with pytest.raises(AssertionError):
+                check_parity(net, validate(spec), (3, 8, 8), batch=2)
+            node["window"] = [3, 3]
 
 
 def test_other_layers_in_the_block_are_refused_by_name():
@@ -184,6 +208,20 @@ def test_efficientvit_m0_at_64():  # stage maps 4, 2, 1: each padded to its one 
     assert len(_attends(spec)) == 4 * (1 + 2 + 3)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name, windowed", [("efficientvit_m0", 4), ("efficientvit_m1", 2), ("efficientvit_m2", 4)])
+def test_efficientvit_at_224(name, windowed):  # the first stage's 14×14 map: four 7×7 windows
+    module = timm.create_model(name)
+    torch.manual_seed(0)
+    randomise_batchnorm(module)
+    for key, p in module.named_parameters():
+        if key.endswith("attention_biases"):
+            nn.init.normal_(p)
+    spec = from_torch(module.eval(), (3, 224, 224))
+    check_parity(module, spec, (3, 224, 224), batch=2)
+    assert sum(n["op"] == "conv" and n.get("window") == [7, 7] for n in spec["nodes"]) == windowed
+
+
 class _OneHead(nn.Module):
     """A stem (conv + BatchNorm: a dead channel is its BatchNorm's constant) and one head's window attention on a 4×4
     map padded to 5×5, added back: no cascade, so the stream's channels are no attention's v and can go."""
@@ -201,12 +239,12 @@ class _OneHead(nn.Module):
 
 
 @pytest.mark.parametrize("columns", [True, False])
-@pytest.mark.parametrize("make", ["cascade", "one head"])
+@pytest.mark.parametrize("make", ["cascade", "one head", "windows"])
 def test_compaction_keeps_the_padded_window_the_cascade_and_the_rows(make, columns):
     """AGS-CL-shaped dead channels (rows only: their BatchNorm constants reach the pad, whose zeros then differ from
     them, so no reader behind it may absorb them) compact to the same logits, the pad, the crop and every
     attention's heads and bias rows kept."""
-    from layer_nets_vit import efficientvit_msra_spec
+    from layer_nets_vit import efficientvit_msra_spec, efficientvit_msra_windows_spec
     from random_weights import random_params
 
     from edgecl.export import compact_task
@@ -214,9 +252,10 @@ def test_compaction_keeps_the_padded_window_the_cascade_and_the_rows(make, colum
     from edgecl.graph.builder import build_onnx
     from edgecl.synthetic import group_node_masks
 
-    arch = efficientvit_msra_spec((3, 8, 8)) if make == "cascade" else from_torch(_OneHead().eval(), (3, 8, 8))
+    arch = efficientvit_msra_spec((3, 8, 8)) if make == "cascade" else efficientvit_msra_windows_spec((3, 8, 8)) \
+        if make == "windows" else from_torch(_OneHead().eval(), (3, 8, 8))
     x = np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)
-    kept = ("name", "op", "pads", "heads", "bias_rows", "bias_offsets")
+    kept = ("name", "op", "pads", "heads", "bias_rows", "bias_offsets", "window")
     for seed in range(3):
         params, _ = group_node_masks(arch, random_params(arch, 3, seed), 0.5, seed, columns=columns)
         small, small_params, report = compact_task(arch, params, channel_multiple=1)
@@ -224,5 +263,6 @@ def test_compaction_keeps_the_padded_window_the_cascade_and_the_rows(make, colum
         dense = run_onnx(build_onnx(arch, params), x)
         assert np.abs(run_onnx(build_onnx(validate(small), small_params), x) - dense).max() <= \
             1e-5 * max(1.0, np.abs(dense).max())
-        assert [[n.get(k) for k in kept] for n in small["nodes"] if n["op"] in ("pad", "attention")] == \
-            [[n.get(k) for k in kept] for n in arch["nodes"] if n["op"] in ("pad", "attention")]
+        marked = [[[n.get(k) for k in kept] for n in spec["nodes"] if n["op"] in ("pad", "attention") or
+                   n.get("window")] for spec in (small, arch)]
+        assert marked[0] == marked[1]

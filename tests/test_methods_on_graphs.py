@@ -14,7 +14,9 @@ up-sampling, attention biases, a local-global strided query), TinyMobileViT (Mob
 attention among the patches at each pixel offset, a dilated window), TinyMaxViT (MaxViT's window and grid attention
 with relative position biases), TinyFPN (a feature-pyramid neck: bilinear up-sampling with and without
 align_corners), TinyFastViT (FastViT's attention over a map's positions, its conditional position encoding),
-tiny_pit (PiT: class tokens split off, the map pooled by a strided depthwise conv, the tokens joined), TinyNFNet
+tiny_pit (PiT: class tokens split off, the map pooled by a strided depthwise conv, the tokens joined),
+TinyEfficientViTMsra (cascaded window attention; with window 3 its padded map is four windows: a windowed depthwise
+conv and window attention), TinyNFNet
 (NF-ResNet's weight-standardised convolutions with learned gains, α/β-scaled residuals) and TinyViT
 with register tokens, DeiT's distillation token (two averaged heads) and a
 frozen position embedding: two real digit tasks each, then what the method promises about the first task, the deployed
@@ -42,7 +44,7 @@ from layer_nets import (blur_spec, eca_spec, efficientformer_spec, gc_spec, hgne
                         maxvit_spec, mnv4_spec, mobilevit_spec, s2d_spec, split_attn_spec, swin_spec, tf_spec,
                         tiny_vit_spec, vit_spec)
 from layer_nets_nf import nf_spec
-from layer_nets_vit import efficientvit_msra_spec, fastvit_spec, pit_spec
+from layer_nets_vit import efficientvit_msra_spec, efficientvit_msra_windows_spec, fastvit_spec, pit_spec
 from neck_nets import fpn_spec
 from linear_nets import edgenext_spec, efficientvit_spec, mobilevit2_spec
 from torch_nets import convnext_spec, dwres_spec, ghost_spec, rescat_spec, shuffle_spec
@@ -58,11 +60,12 @@ ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8
          "map_embed": map_embed_spec, "efficientformer": efficientformer_spec, "mobilevit": mobilevit_spec,
          "maxvit": maxvit_spec, "fpn": fpn_spec, "fastvit": fastvit_spec, "pit": pit_spec,
          "efficientvit": efficientvit_spec, "mobilevit2": mobilevit2_spec, "edgenext": edgenext_spec,
-         "efficientvit_msra": efficientvit_msra_spec, "nf": nf_spec}
+         "efficientvit_msra": efficientvit_msra_spec, "efficientvit_msra_windows": efficientvit_msra_windows_spec,
+         "nf": nf_spec}
 GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgnet", "split", "vit", "gc", "s2d", "mnv4",
           "vit_tokens", "levit", "blur", "swin", "tiny_vit", "map_embed", "efficientformer", "mobilevit", "maxvit",
           "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext",
-          "efficientvit_msra", "nf"]
+          "efficientvit_msra", "efficientvit_msra_windows", "nf"]
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +138,8 @@ def test_batchnorm_rules(method_name, arch_name, stream):
     # 1/(relu(k)-sum · relu(q) + eps) where a position's relu(q) is near 0) and train at 0.001; TinyEfficientViTMsra's
     # seven (cascade, proj, ConvMlp) give a NaN loss in task 1's first epoch at 0.1 and train at 0.01
     slower = {"lr": 0.01} if (method_name, arch_name) in (("rgo", "levit"), ("rgo", "efficientformer"),
-                                                          ("rgo", "efficientvit_msra")) else \
+                                                          ("rgo", "efficientvit_msra"),
+                                                          ("rgo", "efficientvit_msra_windows")) else \
         {"lr": 0.001} if (method_name, arch_name) == ("rgo", "efficientvit") else {}
     _, (first, frozen) = two_tasks(method_name, arch_name, stream, batchnorm="frozen", **slower)
     names = batchnorm_names(per_task.arch)

@@ -1,7 +1,8 @@
 """Which torchvision and timm models go into edgecl as they are: each is built without pretrained weights, traced by
 `from_torch` at 3×64×64 (3×96×96 for inception_v3; models built for one input size, the plain ViTs, LeViT, PiT,
 Visformer, EfficientFormerV2 and timm's MaxViT, are built for 64×64 by `BUILD_ARGS`; Swin, TinyViT and
-torchvision's MaxViT at sizes whose stage maps their windows tile, `SIZES`), and — with `--parity` — its spec's
+torchvision's MaxViT at sizes whose stage maps their windows tile, and EfficientViT-M0 at its native 224 (its first
+stage map four windows), `SIZES`), and — with `--parity` — its spec's
 torch forward and ONNX graph are compared with the module (`tests/torch_nets.check_parity`). A refusal is recorded
 with edgecl's message, so the list says what is missing and where.
 
@@ -58,9 +59,10 @@ BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_
 # input sides other than 64: Swin and TinyViT pad a map their windows do not tile with zeros that join the attention
 # (refused), so they are traced where the windows tile every stage (timm's Swin: 28, 14, 7, then 4 in one window;
 # torchvision's swin_t, whose window is fixed: 56, 28, 14, 7; TinyViT's windows 7, 14, 7: 28, 14, 7); torchvision's
-# maxvit_t is built for 224 (its partitions of 7 fixed at construction)
+# maxvit_t is built for 224 (its partitions of 7 fixed at construction); EfficientViT-M0 at its native 224: stage maps
+# 14 (four windows of 7: a windowed conv on q), 7 and 4 (one window each)
 SIZES = {"timm:swin_tiny_patch4_window7_224": 112, "torchvision.models:swin_t": 224, "timm:tiny_vit_5m_224": 224,
-         "torchvision.models:maxvit_t": 224}
+         "torchvision.models:maxvit_t": 224, "timm:efficientvit_m0": 224}
 RESULTS = ROOT / "tools" / "results" / "model_coverage.json"
 
 

@@ -3,18 +3,20 @@
 chooses by the map's size whether to window it, through channels-last views. On the (C, H, W) map it is, in spec
 ops:
 
-    pad (zeros right and bottom up to the window, when the map is smaller than it) → per head h: slice h of the
-    channels (timm's chunk), plus the previous head's output from the second head on (the cascade) → qkvs.h (1×1
-    conv + BatchNorm) → slices q, k, v → dws.h on q (depthwise conv + BatchNorm) → attention {heads 1, scale,
-    LeViT's bias: row h of the module's table, ``bias_rows`` [h, heads]} → cat of the heads → proj (ReLU, 1×1 conv +
-    BatchNorm) → crop (a negative pad) back to the map
+    pad (zeros right and bottom up to a multiple of the window, when the window does not tile the map) → per head h:
+    slice h of the channels (timm's chunk), plus the previous head's output from the second head on (the cascade) →
+    qkvs.h (1×1 conv + BatchNorm) → slices q, k, v → dws.h on q (depthwise conv + BatchNorm) → attention {heads 1,
+    scale, LeViT's bias: row h of the module's table, ``bias_rows`` [h, heads]} → cat of the heads → proj (ReLU, 1×1
+    conv + BatchNorm) → crop (a negative pad) back to the map
 
 The padded positions are zeros before the qkv convs, so they join the attention as timm's do (their keys are the
 BatchNorms' shifts); the crop drops their outputs. Each head is its own attention node because its input depends on
 the previous head's output; its bias is its row of the one ``attention_biases`` table (`module_state` reads rows).
-A map larger than the window (several windows: timm runs the depthwise conv on q inside each window, with zeros at
-every window's border, which no conv on the whole map computes) is refused by name with the user's source line; so
-are other layers in the block's place.
+A (padded) map of several windows: timm runs the whole cascade in each window on its own; the 1×1 convs, BatchNorms,
+slices, cat and ReLU act per position, so only the depthwise conv on q (zeros at every window's border, which no conv
+on the whole map computes) and the attention need the window: the conv's ``window`` and the attention's (Swin's side
+by side windows, no shift; LeViT's bias per window). Other layers in the block's place are refused by name with the
+user's source line.
 """
 from __future__ import annotations
 
@@ -50,19 +52,18 @@ class _EfficientVitMsraConverter:
         channels, height, width = map_shape(node, self.name, where)
         check_kind(self.name, where, m, "attn", (_MSRA, "CascadedGroupAttention"))
         ws = int(m.attn.resolution)
-        if height > ws or width > ws:
-            raise UsageError(f"{self.name}: {where}: its {height}×{width} map is larger than its {ws}×{ws} window; "
-                             "edgecl supports a map of one window (timm runs the depthwise conv on q inside each of "
-                             "several windows, with zeros at every window's border); choose an input size whose "
-                             "stage maps are at most the window")
-        pad = [0, 0, ws - height, ws - width]  # (top, left, bottom, right): timm pads right and bottom
+        # timm pads right and bottom up to a multiple of the window (zeros that join the attention), then crops
+        pad = [0, 0, -height % ws, -width % ws]  # (top, left, bottom, right)
+        several = height + pad[2] > ws or width + pad[3] > ws
         h = self._emit(node, "pad", [x], f"{path}.pad", pads=pad) if any(pad) else x
-        h = self._cascade(node, m.attn, h, f"{path}.attn", where, channels)
+        h = self._cascade(node, m.attn, h, f"{path}.attn", where, channels, [ws, ws] if several else None)
         if any(pad):
             self._emit(node, "pad", [h], f"{path}.crop", pads=[-p for p in pad])
 
-    def _cascade(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str, channels: int) -> str:
-        """CascadedGroupAttention on one window: each head reads its channels plus the previous head's output."""
+    def _cascade(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str, channels: int,
+                 window: list[int] | None) -> str:
+        """CascadedGroupAttention on one window, or on each ``window`` of the map (the depthwise conv on q and the
+        attention windowed): each head reads its channels plus the previous head's output."""
         heads, key_dim, val_dim = len(m.qkvs), int(m.key_dim), int(m.val_dim)
         part = channels // heads
         if heads != int(m.num_heads) or len(m.dws) != heads or part * heads != channels or \
@@ -80,10 +81,17 @@ class _EfficientVitMsraConverter:
             q, k, v = (self._emit(node, "slice", [packed], f"{path}.qkvs.{i}.{n}", start=a, stop=b) for n, a, b in
                        (("q", 0, key_dim), ("k", key_dim, 2 * key_dim), ("v", 2 * key_dim, 2 * key_dim + val_dim)))
             q = self._conv_norm(node, m.dws[i], q, f"{path}.dws.{i}", where)
-            outs.append(self._emit(node, "attention", [q, k, v], f"{path}.attend{i}",
-                                   **{**bias, "heads": 1, "bias_rows": [i, heads]}))
+            if window:
+                self._conv_in_windows(q, window)
+            fields = {**bias, "heads": 1, "bias_rows": [i, heads], **({"window": window} if window else {})}
+            outs.append(self._emit(node, "attention", [q, k, v], f"{path}.attend{i}", **fields))
         h = outs[0] if heads == 1 else self._emit(node, "cat", outs, f"{path}.heads")
         if len(m.proj) != 2 or type(m.proj[0]) is not nn.ReLU:
             raise UsageError(f"{self.name}: {where}: its proj must be timm's ReLU then ConvNorm")
         h = self._act(node, m.proj[0], h, f"{path}.proj.0", where)
         return self._conv_norm(node, m.proj[1], h, f"{path}.proj.1", where)
+
+    def _conv_in_windows(self, normed: str, window: list[int]) -> None:
+        """The conv of the ConvNorm just emitted (its BatchNorm ``normed`` reads it) runs in each window."""
+        nodes = {n["name"]: n for n in self.nodes}
+        nodes[nodes[normed]["inputs"][0]]["window"] = window

@@ -134,3 +134,11 @@ def standardized_fields(out: dict[str, Any], where: str) -> None:
         del out["standardize"], out["gain_scale"]
     elif out["gain_scale"] is None:
         out["gain_scale"] = 1.0
+
+
+def conv_fields(out: dict[str, Any], where: str) -> None:
+    """A conv's optional fields, normalised: standardisation (`standardized_fields`); ``window`` left out of a conv
+    over the whole map (the spec as before windowed convs existed, for older readers)."""
+    standardized_fields(out, where)
+    if out["window"] is None:
+        del out["window"]

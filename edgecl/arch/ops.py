@@ -8,7 +8,9 @@ Ops (fields and defaults in `OPS`):
   gain·gain_scale·(w − mean(w)) / √(var(w) + eps), mean and (biased) variance over the filter's in/groups·kh·kw
   numbers, tensor ``gain`` ``(out,)`` (its module stores ``(out, 1, 1, 1)``), ``gain_scale`` a constant (timm's
   γ/√fan_in, default 1); the rule is applied to the task's *effective* weight, whatever delta made it:
-  `edgecl.graph.standardize`), ``linear`` (weight ``(out, in)``), ``bn``
+  `edgecl.graph.standardize`; with ``window`` [wh, ww] it runs on each wh × ww window of the map on its own, zeros
+  padding every window's border, the outputs put back side by side: EfficientViT-MSRA's depthwise conv on q; same
+  weights, so every channel and method rule is a conv's: `edgecl.arch.windows.conv_window_shape`), ``linear`` (weight ``(out, in)``), ``bn``
   (weight, bias, running_mean, running_var of ``ch`` channels; eps, momentum), ``layer_norm`` (normalises each position
   over its ``ch`` channels, as ConvNeXt's LayerNorm after a permute; eps; weight and bias when ``affine``; or, with
   ``over`` "map" (timm's GroupNorm1, a GroupNorm of one group: MobileViTv2), over the whole (C, H, W) map of a
@@ -118,7 +120,7 @@ from typing import Any
 import numpy as np
 
 from edgecl.arch.sdta_ops import SDTA_OPS, sdta_intermediates, sdta_shape
-from edgecl.arch.windows import check_pool_windows, window_length
+from edgecl.arch.windows import check_pool_windows, conv_window_shape, window_length
 from edgecl.errors import UsageError
 
 MAX_NUMBER = 3.0e38  # a `scale` constant must be a float32: ONNX and the runtime compute in float32
@@ -138,7 +140,7 @@ _POOL = {"k": ("pair", ...), "stride": ("pair", None), "pad": ("pad", [0, 0]), "
 OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "conv": {"in": ("size", ...), "out": ("size", ...), "k": ("pair", ...), "stride": ("pair", [1, 1]),
              "pad": ("pad", [0, 0]), "dilation": ("pair", [1, 1]), "groups": ("size", 1), "bias": ("bool", True),
-             "standardize": ("eps", None), "gain_scale": ("number", None)},
+             "standardize": ("eps", None), "gain_scale": ("number", None), "window": ("pair", None)},
     "linear": {"in": ("size", ...), "out": ("size", ...), "bias": ("bool", True)},
     "bn": {"ch": ("size", ...), "eps": ("eps", 1e-5), "momentum": ("momentum", 0.1)},
     "layer_norm": {"ch": ("size", ...), "eps": ("eps", 1e-5), "affine": ("bool", True), "over": ("norm_over", None)},
@@ -203,7 +205,8 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
     most). ``attention``: the scores and their softmax (heads × T_q × T_kv each: quadratic in the positions, so a
     small spec file can ask for a huge one; `spec.validate` bounds it) and the heads' copies of q, k, v and the output
     (an upper bound); ``attention_pool``: the logits' softmax and reshaped copies of the logits and the map (an upper
-    bound); ``adaptive_avgpool``: the map averaged along its width only, (C, H, w), between its two MatMuls."""
+    bound); ``adaptive_avgpool``: the map averaged along its width only, (C, H, w), between its two MatMuls; a conv
+    with ``window``: its input and output, each once more in the windows' order."""
     if node["op"] == "attention":
         (cq, *q), (ck, *k), (cv, _, _) = ins
         tq, tk, h = math.prod(q), math.prod(k), node["heads"]
@@ -228,6 +231,8 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
         return 4 * math.prod(ins[0])
     if node["op"] == "adaptive_avgpool":
         return ins[0][0] * ins[0][1] * node["size"][1]
+    if node["op"] == "conv" and node.get("window"):  # the input in windows and the conv's windowed output: Transposes
+        return math.prod(ins[0]) + math.prod(conv_window_shape(node, ins[0], node["name"]))
     return 0
 
 
@@ -248,6 +253,8 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
             g = node["groups"]
             if node["in"] % g or node["out"] % g:
                 raise UsageError(f"{where}: groups={g} must divide in={node['in']} and out={node['out']}")
+        if op == "conv" and node.get("window"):
+            return conv_window_shape(node, x, where)
         pad = node["pad"]
         dil = node.get("dilation", [1, 1])
         if op != "conv" and any(2 * p > k for p, k in zip(pad, node["k"])):

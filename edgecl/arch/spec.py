@@ -28,7 +28,7 @@ from typing import Any
 
 from edgecl.arch.legacy import layers_to_nodes
 from edgecl.arch.op_rules import (attention_fields, attention_state_name, attention_tensor_shapes,
-                                   check_minus_inf_pads, check_table_rows, standardized_fields, stored_rows)
+                                   check_minus_inf_pads, check_table_rows, conv_fields, stored_rows)
 from edgecl.arch.ops import (MAX_NUMBER, MIN_EPS, NORMALISING_OPS, OPS, PAD_MODES, ROWLESS_OPS, TENSOR_OPS,
                              TOKEN_TENSOR_OPS, WEIGHT_OPS, output_shape)
 from edgecl.errors import UsageError
@@ -179,7 +179,7 @@ def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
     if op == "upsample" and out["align_corners"] and out["mode"] != "bilinear":
         raise UsageError(f"{where}: upsample align_corners needs mode 'bilinear', gets {out['mode']!r}")
     if op == "conv":
-        standardized_fields(out, where)
+        conv_fields(out, where)
     for key, absent in (("over", "channels"), ("patch", None)):  # the spec as before GroupNorm1 and MobileViTv2
         if key in out and out[key] in (absent, None):
             del out[key]

@@ -36,3 +36,19 @@ def check_pool_windows(node: dict[str, Any], x: list[int], out: list[int], where
                 if start % dil >= size or -(-(-start) // dil) > k - 1:
                     raise UsageError(f"{where}: window {i} along axis {a} covers padding only (input {size}, k {k}, "
                                      f"dilation {dil}, pad {pad}): its maximum is undefined")
+
+
+def conv_window_shape(node: dict[str, Any], x: list[int], where: str) -> list[int]:
+    """Output shape of a conv with ``window`` [wh, ww] (EfficientViT-MSRA's depthwise conv on q): the conv runs on each
+    wh × ww window of the (C, H, W) input on its own, its padding zeros at every window's border; the windows' outputs
+    are put back side by side. The windows must tile the map (a user pads it first) and each give an output."""
+    wh, ww = node["window"]
+    if x[1] % wh or x[2] % ww:
+        raise UsageError(f"{where}: conv window {node['window']} does not tile the {x[1]}×{x[2]} map; pad the map "
+                         "to a multiple of the window first")
+    out = [window_length(size, node["k"][a], node["stride"][a], node["pad"][a], node["dilation"][a], False)
+           for a, size in enumerate((wh, ww))]
+    if min(out) <= 0:
+        raise UsageError(f"{where}: the kernel {node['k']} does not fit the conv window {node['window']}; each "
+                         "window's output would be empty")
+    return [node["out"], x[1] // wh * out[0], x[2] // ww * out[1]]

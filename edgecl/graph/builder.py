@@ -27,7 +27,7 @@ from edgecl.graph.nodes import Builder as _Builder
 from edgecl.graph.onnx_spatial import SPATIAL_OPS, spatial_op
 from edgecl.graph.sdta_ops import channel_attention, fourier_pos
 from edgecl.graph.standardize import fold_standardized, is_standardized, standardized_onnx
-from edgecl.graph.token_ops import TOKEN_OPS, attention, pos_embed
+from edgecl.graph.token_ops import TOKEN_OPS, attention, in_windows, pos_embed
 
 OPSET = 17
 INPUT, OUTPUT = "x", "logits"
@@ -193,6 +193,8 @@ def _op(b: _Builder, node: dict, ins: list[str], factors: dict, shapes: list[lis
     flat = len(in_shape) == 1
     if op == "conv":
         form, parts = factors.get(node["name"], (None, {}))
+        if node.get("window"):
+            return in_windows(b, h, in_shape, node, lambda x: _conv_factored(b, x, node, form, parts))
         return _conv_factored(b, h, node, form, parts)
     if op == "bn":
         return _bn(b, h, node)

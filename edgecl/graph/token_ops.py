@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 
 from edgecl.arch.attention_windows import partition, window_mask, window_of
+from edgecl.arch.windows import conv_window_shape
 from edgecl.graph.nodes import Builder
 
 
@@ -46,6 +48,20 @@ def window_attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: lis
     grid = b.op("Reshape", [out, b.ints(-1, height // wh, width // ww, cv, wh, ww)])
     out = b.op("Reshape", [b.op("Transpose", [grid], perm=list(back)), b.ints(0, cv, height, width)])
     return roll(out, (sh, sw))
+
+
+def in_windows(b: Builder, h: str, shape: list[int], node: dict, fn: Callable[[str], str]) -> str:
+    """`fn` (a conv's ONNX form) on each window of a conv with ``window``, as `edgecl.train.models.in_windows`: the
+    windows into the batch by Reshape + Transpose, and back; ``shape`` is the (C, H, W) input's."""
+    (c, height, width), (wh, ww) = shape, node["window"]
+    oc, oh, ow = conv_window_shape(node, shape, node["name"])
+    oh, ow = oh // (height // wh), ow // (width // ww)  # one window's output
+    grid, into, back = partition(height, width, wh, ww, False)
+    six = b.op("Reshape", [h, b.ints(0, c, *grid)])
+    out = fn(b.op("Reshape", [b.op("Transpose", [six], perm=list(into)), b.ints(-1, c, wh, ww)]))
+    six = b.op("Reshape", [out, b.ints(-1, height // wh, width // ww, oc, oh, ow)])
+    return b.op("Reshape", [b.op("Transpose", [six], perm=list(back)), b.ints(0, oc, height // wh * oh,
+                                                                           width // ww * ow)])
 
 
 def _attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list[int]],

@@ -128,8 +128,10 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         weight = params[f"{name}.weight"]
         if node.get("standardize"):  # of the task's effective weight (`edgecl.graph.standardize`)
             weight = standardized(weight, params[f"{name}.gain"], node["standardize"], node["gain_scale"])
-        return F.conv2d(h, weight, params.get(f"{name}.bias"), node["stride"], node["pad"], node["dilation"],
-                        node["groups"])
+        bias = params.get(f"{name}.bias")
+        conv = functools.partial(F.conv2d, weight=weight, bias=bias, stride=node["stride"], padding=node["pad"],
+                                 dilation=node["dilation"], groups=node["groups"])
+        return in_windows(conv, h, *node["window"]) if node.get("window") else conv(h)
     if op == "linear":
         return F.linear(h, params[f"{name}.weight"], params.get(f"{name}.bias"))
     if op == "bn":
@@ -277,6 +279,17 @@ def _window_mask(height: int, width: int, wh: int, ww: int, sh: int, sw: int) ->
     """`window_mask` as a tensor, built once per shape (0.7 ms at Swin-T's first stage, on every forward else)."""
     mask = window_mask(height, width, wh, ww, sh, sw)
     return None if mask is None else torch.from_numpy(mask)
+
+
+def in_windows(fn: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
+    """`fn` (a conv) on each wh × ww window of the (N, C, H, W) map on its own, as one batch entry (`partition`), its
+    outputs put back side by side: a conv with ``window`` (RGO's tap sees the windows as its input patches)."""
+    n, c, height, width = h.shape
+    grid, into, back = partition(height, width, wh, ww, False)
+    out = fn(h.reshape(n, c, *grid).permute(*into).reshape(-1, c, wh, ww))
+    oc, oh, ow = out.shape[1:]
+    return out.reshape(n, height // wh, width // ww, oc, oh, ow).permute(*back).reshape(n, oc, height // wh * oh,
+                                                                                         width // ww * ow)
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, node: dict,

@@ -249,7 +249,9 @@ class RGO(Method):
         out: dict[str, torch.Tensor] = {}
         for layer, delta in zip(self.layers, deltas):
             call, weight = calls[layer], f"{layer}.weight"
-            d = delta.flatten(2).sum(2) if delta.dim() == 4 else delta  # ∂f_y/∂b_eff per sample
+            d = delta  # ∂f_y/∂b_eff per sample; a windowed conv's output is per window, each sample's in turn
+            if delta.dim() == 4:
+                d = delta.reshape(len(x), len(delta) // max(len(x), 1), *delta.shape[1:]).sum((1, 3, 4))
             scale = root
             if self.config.weight_vectors == "backprop":
                 scale = root * d.pow(2).mean(1).sqrt()
@@ -257,7 +259,7 @@ class RGO(Method):
                 out[weight] = scale[:, None] * call.x.flatten(1)
             else:
                 rows = conv_patches(call.x, call.w_shape, call.stride, call.padding,
-                                    self.config.conv_vectors == "mean", call.dilation, call.groups)
+                                    self.config.conv_vectors == "mean", call.dilation, call.groups, len(x))
                 rows = rows * scale.repeat_interleave(rows.shape[1] // max(len(x), 1))[None, :, None]  # per sample
                 if self.dims[weight][0] > 1 and weight in orders:  # back to the stored channels' Ps
                     rows = rows.index_select(0, torch.argsort(orders[weight]))

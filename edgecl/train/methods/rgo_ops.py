@@ -137,15 +137,17 @@ def group_patches(x: torch.Tensor, w_shape: tuple[int, ...], stride: Any, paddin
 
 
 def conv_patches(x: torch.Tensor, w_shape: tuple[int, ...], stride: Any, padding: Any, mean: bool,
-                 dilation: Any = 1, groups: int = 1) -> torch.Tensor:
+                 dilation: Any = 1, groups: int = 1, samples: int | None = None) -> torch.Tensor:
     """A conv layer's input vectors for P, per conv group (groups × rows × c_in/groups·kh·kw). The kernel's gradient
     Σ_positions δ·patchᵀ spans every input patch, so by default every patch is a row (sample-major), scaled by
     1/sqrt(positions) so that one sample contributes the average of its patches' outer products. With `mean`, one
-    row per sample: the average patch."""
+    row per sample: the average patch. `samples`: how many samples x's batch holds where a windowed conv's x holds
+    each sample's windows in turn (`edgecl.train.models.in_windows`): a sample's positions are all its windows'."""
+    samples = len(x) if samples is None else samples
     rows = group_patches(x, w_shape, stride, padding, dilation, groups)
-    positions = rows.shape[1] // len(x) if len(x) else 1
+    positions = rows.shape[1] // samples if samples else 1
     if mean:
-        return rows.reshape(groups, len(x), positions, rows.shape[-1]).mean(2)
+        return rows.reshape(groups, samples, positions, rows.shape[-1]).mean(2)
     return rows / positions ** 0.5
 
 
