@@ -26,6 +26,7 @@ import math
 import re
 from typing import Any
 
+from edgecl.arch.lambda_ops import lambda_tensor_shapes
 from edgecl.arch.legacy import layers_to_nodes
 from edgecl.arch.op_rules import (attention_fields, attention_state_name, attention_tensor_shapes,
                                    check_minus_inf_pads, check_table_rows, standardized_fields, stored_rows)
@@ -46,7 +47,7 @@ NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,159}")
 
 # op → (fewest, most) inputs; every other op reads one
 _ARITY = {"add": (2, MAX_INPUTS), "cat": (2, MAX_INPUTS), "mul": (2, 2), "attention_pool": (2, 2), "attention": (3, 3),
-          "linear_attention": (3, 3), "channel_attention": (3, 3)}
+          "linear_attention": (3, 3), "channel_attention": (3, 3), "lambda_layer": (3, 3)}
 
 
 def validate(arch: Any) -> Arch:
@@ -336,6 +337,8 @@ def node_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         return attention_tensor_shapes(node)
     if op == "channel_attention":  # XCA's per-head temperature (`edgecl.arch.sdta_ops`)
         return {"temperature": (node["heads"],)}
+    if op == "lambda_layer":  # the position lambdas' filters and bias (`edgecl.arch.lambda_ops`)
+        return lambda_tensor_shapes(node)
     if op in TOKEN_TENSOR_OPS:
         return {"weight": (node["ch"],) if op == "class_token" and node["tokens"] == 1 else (node["ch"], node["tokens"])}
     if op in NORMALISING_OPS and node.get("affine", True) or op == "layer_scale":
@@ -351,9 +354,9 @@ def dense_params(arch: Arch, n_classes: int | None = None) -> int:
 
 def rowless_tensors(arch: Arch) -> list[str]:
     """The tensors that belong to no channel, in node order: every ``channel_conv``'s k weights (ECA), every
-    ``scalar_affine``'s weight and bias, every attention's bias table (LeViT) and every ``channel_attention``'s
-    per-head temperature (EdgeNeXt). No per-channel rule (pruning, node masks, BatchNorm's) covers them; methods that
-    share a trunk keep them per task."""
+    ``scalar_affine``'s weight and bias, every attention's bias table (LeViT), every ``channel_attention``'s
+    per-head temperature (EdgeNeXt) and every ``lambda_layer``'s position filters and bias. No per-channel rule
+    (pruning, node masks, BatchNorm's) covers them; methods that share a trunk keep them per task."""
     return [f"{n['name']}.{k}" for n in arch["nodes"] if n["op"] in ROWLESS_OPS for k in node_tensor_shapes(n)]
 
 
