@@ -7,7 +7,7 @@ a Conv3d over v as a volume, which the spec has no nodes for. On the (C, H, W) m
 
 Every tensor node is named by its module path, so the module's weights read as they are. The relative position
 variant (``r=None``: a learned embedding gathered by index), norms other than BatchNorm2d and a position conv other
-than timm's (1 → dim, kernel (r, r, 1), padding (r // 2, r // 2, 0), stride 1) are refused by name with the user's
+than timm's (1 → dim, kernel (r, r, 1), zero padding (r // 2, r // 2, 0), stride 1, bias) are refused by name with the user's
 source line.
 """
 from __future__ import annotations
@@ -47,9 +47,10 @@ class _LambdaConverter:
         r = conv.kernel_size[0] if isinstance(conv, nn.Conv3d) else 0
         if not isinstance(conv, nn.Conv3d) or (conv.in_channels, conv.out_channels) != (1, dim) or \
                 tuple(conv.kernel_size) != (r, r, 1) or r % 2 == 0 or tuple(conv.padding) != (r // 2, r // 2, 0) or \
-                tuple(conv.stride) != (1, 1, 1) or tuple(conv.dilation) != (1, 1, 1) or conv.bias is None:
+                tuple(conv.stride) != (1, 1, 1) or tuple(conv.dilation) != (1, 1, 1) or conv.bias is None or \
+                conv.groups != 1 or conv.padding_mode != "zeros":
             raise UsageError(f"{self.name}: {where}: conv_lambda is {conv}; edgecl converts timm's Conv3d(1, "
-                             f"{dim}, (r, r, 1), padding (r // 2, r // 2, 0)) with bias and an odd r")
+                             f"{dim}, (r, r, 1), padding (r // 2, r // 2, 0)) of zeros, with bias and an odd r")
         if m.qkv.out_channels != heads * dim + dim + dv:
             raise UsageError(f"{self.name}: {where}: qkv has {m.qkv.out_channels} outputs, not heads {heads} × dim "
                              f"{dim} + dim + dv {dv}")
