@@ -79,7 +79,7 @@ def edgenext_spec(input_shape=(1, 8, 8)) -> dict:
 
 class TinyLambdaNet(nn.Module):
     """LambdaNetworks' layer in small, as lambda_resnet's SelfAttnBlock uses it: a strided conv stem (BatchNorm,
-    ReLU) to a 4×4 map, a 1×1 conv, one timm LambdaLayer (qkv 1×1 conv, q and v BatchNorms, k softmaxed over the
+    ReLU) to a 4×4 map, a 1×1 conv (BatchNorm, ReLU), one timm LambdaLayer (qkv 1×1 conv, q and v BatchNorms, k softmaxed over the
     positions, content and r × r local position lambdas over `heads` query heads; a 2×2 average pool where `stride`
     is 2), BatchNorm, ReLU, a 1×1 conv added back (pooled where strided) and the mean."""
 
@@ -88,7 +88,7 @@ class TinyLambdaNet(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, stride=2, padding=1), nn.BatchNorm2d(width),
                                   nn.ReLU())
-        self.conv1 = nn.Conv2d(width, width, 1)
+        self.conv1 = nn.Sequential(nn.Conv2d(width, width, 1), nn.BatchNorm2d(width), nn.ReLU())
         self.attn = LambdaLayer(width, width, stride=stride, num_heads=heads, dim_head=dim, r=r, qkv_bias=qkv_bias)
         self.post = nn.Sequential(nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, width, 1))
         self.skip = nn.AvgPool2d(2, 2) if stride == 2 else nn.Identity()

@@ -44,7 +44,7 @@ from layer_nets import (blur_spec, eca_spec, efficientformer_spec, gc_spec, hgne
 from layer_nets_nf import nf_spec
 from layer_nets_vit import efficientvit_msra_spec, fastvit_spec, pit_spec
 from neck_nets import fpn_spec
-from linear_nets import edgenext_spec, efficientvit_spec, mobilevit2_spec
+from linear_nets import edgenext_spec, efficientvit_spec, lambda_spec, mobilevit2_spec
 from torch_nets import convnext_spec, dwres_spec, ghost_spec, rescat_spec, shuffle_spec
 
 CTX = TrainContext(progress=False)
@@ -58,11 +58,11 @@ ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8
          "map_embed": map_embed_spec, "efficientformer": efficientformer_spec, "mobilevit": mobilevit_spec,
          "maxvit": maxvit_spec, "fpn": fpn_spec, "fastvit": fastvit_spec, "pit": pit_spec,
          "efficientvit": efficientvit_spec, "mobilevit2": mobilevit2_spec, "edgenext": edgenext_spec,
-         "efficientvit_msra": efficientvit_msra_spec, "nf": nf_spec}
+         "efficientvit_msra": efficientvit_msra_spec, "nf": nf_spec, "lambda": lambda_spec}
 GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgnet", "split", "vit", "gc", "s2d", "mnv4",
           "vit_tokens", "levit", "blur", "swin", "tiny_vit", "map_embed", "efficientformer", "mobilevit", "maxvit",
           "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext",
-          "efficientvit_msra", "nf"]
+          "efficientvit_msra", "nf", "lambda"]
 
 
 @pytest.fixture(scope="module")
