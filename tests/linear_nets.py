@@ -79,9 +79,9 @@ def edgenext_spec(input_shape=(1, 8, 8)) -> dict:
 
 class TinyLambdaNet(nn.Module):
     """LambdaNetworks' layer in small, as lambda_resnet's SelfAttnBlock uses it: a strided conv stem (BatchNorm,
-    ReLU) to a 4×4 map, a 1×1 conv (BatchNorm, ReLU), one timm LambdaLayer (qkv 1×1 conv, q and v BatchNorms, k softmaxed over the
-    positions, content and r × r local position lambdas over `heads` query heads; a 2×2 average pool where `stride`
-    is 2), BatchNorm, ReLU, a 1×1 conv added back (pooled where strided) and the mean."""
+    ReLU) to a 4×4 map, a 1×1 conv (BatchNorm, ReLU), one timm LambdaLayer (qkv 1×1 conv, q and v BatchNorms, k
+    softmaxed over the positions, content and r × r local position lambdas over `heads` query heads; a 2×2 average
+    pool where `stride` is 2), BatchNorm, ReLU, a 1×1 conv added back (pooled where strided) and the mean."""
 
     def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 16, heads: int = 4, dim: int = 4,
                  r: int = 3, stride: int = 1, qkv_bias: bool = False):

@@ -3,12 +3,11 @@ BatchNorm, LayerNorm and attention (the resnet preset and the custom `ResCat`, `
 `TinyEca`, `TinyHGNet`, `TinySplitAttn`, `TinyViT` (also with register tokens, a distillation token and a frozen
 position embedding), `TinyMNv4Hybrid` (multi-query), `TinyBlur` (BlurPool), `TinyMobileViT` (grid attention),
 `TinyFPN` (bilinear up-sampling in a feature-pyramid neck), `TinyFastViT` (attention over a map's positions),
-`TinyEdgeNeXt` (attention among channels, a Fourier position grid), `TinyLambdaNet` (a lambda layer), `TinyNFNet` (weight-standardised convs, whose cut
-connections must leave the kept ones' standardised values) and PiT
-(class tokens split off and joined around its pooling) modules; TinyHGNet's scalar affines
-make a dead node the affine's bias, not 0), on real digits training: dead node groups exactly zero, important ones
-frozen bit for bit, old tasks bit-identical, the runtime and ONNX export equal `materialize`, and `--resume`
-continues."""
+`TinyEdgeNeXt` (attention among channels, a Fourier position grid), `TinyLambdaNet` (a lambda layer), `TinyNFNet`
+(weight-standardised convs, whose cut connections must leave the kept ones' standardised values) and PiT (class
+tokens split off and joined around its pooling) modules; TinyHGNet's scalar affines make a dead node the affine's
+bias, not 0), on real digits training: dead node groups exactly zero, important ones frozen bit for bit, old tasks
+bit-identical, the runtime and ONNX export equal `materialize`, and `--resume` continues."""
 from __future__ import annotations
 
 import numpy as np
@@ -99,8 +98,8 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
 
 @pytest.fixture(scope="module", params=["resnet", "rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit",
                                                 "mnv4", "vit_tokens", "blur", "mobilevit", "fpn", "fastvit",
-                                                "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra", "nf",
-                                                "lambda"])
+                                                "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra",
+                                                "nf", "lambda"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

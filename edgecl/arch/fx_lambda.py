@@ -7,8 +7,8 @@ a Conv3d over v as a volume, which the spec has no nodes for. On the (C, H, W) m
 
 Every tensor node is named by its module path, so the module's weights read as they are. The relative position
 variant (``r=None``: a learned embedding gathered by index), norms other than BatchNorm2d and a position conv other
-than timm's (1 → dim, kernel (r, r, 1), zero padding (r // 2, r // 2, 0), stride 1, bias) are refused by name with the user's
-source line.
+than timm's (1 → dim, kernel (r, r, 1), zero padding (r // 2, r // 2, 0), stride 1, bias) are refused by name with
+the user's source line.
 """
 from __future__ import annotations
 
