@@ -66,7 +66,7 @@ def test_fields_shapes_bounds_state_and_channel_map():
     node = spec["nodes"][3]
     assert node_shapes(spec)["a"] == [8, 4, 5]  # heads × dv
     t = 20
-    assert intermediates(node, [[6, 4, 5], [3, 4, 5], [4, 4, 5]]) == 3 * t + 12 + 12 * t + 2 * 12 * t + 2 * 8 * t
+    assert intermediates(node, [[6, 4, 5], [3, 4, 5], [4, 4, 5]]) == 3 * t + 12 + 9 * t + 12 * t + 2 * 12 * t + 2 * 8 * t
     assert stored_form(spec)["nodes"][3] == {"name": "a", "op": "lambda_layer", "inputs": ["q", "k", "v"],
                                              "heads": 2, "dim": 3, "r": 3}
     assert rowless_tensors(spec) == ["a.weight", "a.bias"]  # per task in every method that shares a trunk

@@ -34,12 +34,12 @@ def lambda_shape(node: dict[str, Any], ins: list[list[int]], where: str) -> list
 
 
 def lambda_intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
-    """Values held besides inputs and output: k's softmax, the content lambda, the position lambdas (dim × dv per
-    position) and their product with q before the sum over dim (heads × dim × dv per position), and the content
-    output (an upper bound)."""
-    (_, *hw), d, dv, h = ins[0], node["dim"], ins[2][0], node["heads"]
+    """Values held besides inputs and output: k's softmax, the content lambda, one image's r²·T unfolded windows
+    (a Conv's im2col), the position lambdas (dim × dv per position) and their product with q before the sum over dim
+    (heads × dim × dv per position), and the content output (an upper bound)."""
+    (_, *hw), d, dv, h, r = ins[0], node["dim"], ins[2][0], node["heads"], node["r"]
     t = math.prod(hw)
-    return d * t + d * dv + d * dv * t + h * d * dv * t + 2 * h * dv * t
+    return d * t + d * dv + r * r * t + d * dv * t + h * d * dv * t + 2 * h * dv * t
 
 
 def lambda_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
