@@ -26,7 +26,6 @@ import math
 import re
 from typing import Any
 
-from edgecl.arch.lambda_ops import lambda_tensor_shapes
 from edgecl.arch.legacy import layers_to_nodes
 from edgecl.arch.op_rules import (attention_fields, attention_state_name, attention_tensor_shapes,
                                    check_minus_inf_pads, check_table_rows, standardized_fields, stored_rows)
@@ -333,12 +332,8 @@ def node_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         return {"weight": (node["k"],)}
     if op == "scalar_affine":
         return {"weight": (1,), "bias": (1,)}
-    if op == "attention":  # LeViT's per-head table of relative offsets, the talking heads' mixes (`edgecl.arch.ops`)
-        return attention_tensor_shapes(node)
-    if op == "channel_attention":  # XCA's per-head temperature (`edgecl.arch.sdta_ops`)
-        return {"temperature": (node["heads"],)}
-    if op == "lambda_layer":  # the position lambdas' filters and bias (`edgecl.arch.lambda_ops`)
-        return lambda_tensor_shapes(node)
+    if op in ("attention", "channel_attention", "lambda_layer"):  # LeViT's per-head table of relative offsets, the
+        return attention_tensor_shapes(node)  # talking heads' mixes, XCA's temperature, a lambda layer's filters
     if op in TOKEN_TENSOR_OPS:
         return {"weight": (node["ch"],) if op == "class_token" and node["tokens"] == 1 else (node["ch"], node["tokens"])}
     if op in NORMALISING_OPS and node.get("affine", True) or op == "layer_scale":
