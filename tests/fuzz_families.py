@@ -186,7 +186,7 @@ def _spec(draw) -> dict:
                                    "reshape", "pad", "blur", "adaptive_avgpool", "scalar_affine", "channel_conv",
                                    "branch_softmax", "class_token", "pos_embed", "token", "attention", "space_to_depth",
                                    "upsample", "linear_attention", "layer_norm", "attention_pool",
-                                   "channel_attention", "fourier_pos", *ACTIVATIONS]))
+                                   "channel_attention", "fourier_pos", "lambda_layer", *ACTIVATIONS]))
         src = draw(st.sampled_from(names))
         node = {"name": f"n{i}", "op": op, "inputs": [src]}
         dims = known.get(src, [1])
@@ -293,6 +293,11 @@ def _spec(draw) -> dict:
                 draw(st.sampled_from([0, dims[0] + 1, "2"]))
             if draw(st.booleans()):
                 node["eps"] = draw(st.sampled_from([1e-12, 0.5])) if fits else draw(st.sampled_from([0, 1, "1e-6", 1e-300]))
+        elif op == "lambda_layer":  # a lambda layer of one map (q = k = v: one head of dim = its channels), r
+            node["inputs"] += [src, src]
+            node["heads"] = 1 if fits else draw(st.sampled_from([0, 2, "1"]))
+            node["dim"] = dims[0] if fits else draw(st.sampled_from([0, dims[0] + 1, 2.0]))
+            node["r"] = draw(st.sampled_from([1, 3, 5])) if fits else draw(st.sampled_from([0, 2, 33, None]))
         elif op == "fourier_pos":  # EdgeNeXt's sine-cosine grid of the map's shape: no tensors
             node["hidden"] = draw(st.sampled_from([1, 2, 4])) if fits else draw(st.sampled_from([0, 513, 2.0]))
             if draw(st.booleans()):

@@ -1,7 +1,8 @@
 """Small user networks for the attentions linear in the positions (split from `layer_nets`, which is full):
 EfficientViT's (MIT) multi-scale ReLU linear attention block (`TinyEfficientViT`), MobileViTv2's block (the context
 vector over the patches, GroupNorm1: `TinyMobileViTv2`) and EdgeNeXt's SDTA block (attention among the channels,
-the Fourier position grid: `TinyEdgeNeXt`). The graph tests run every method on each. Imports torch and timm."""
+the Fourier position grid: `TinyEdgeNeXt`) and LambdaNetworks' lambda layer (`TinyLambdaNet`). The graph tests run
+every method on each. Imports torch and timm."""
 from __future__ import annotations
 
 from torch import nn
@@ -12,6 +13,7 @@ from edgecl.arch.factories import ensure_torchvision_imports
 ensure_torchvision_imports()
 from timm.models.efficientvit_mit import EfficientVitBlock  # noqa: E402
 from timm.models.edgenext import SplitTransposeBlock  # noqa: E402
+from timm.layers.lambda_layer import LambdaLayer  # noqa: E402
 from timm.models.mobilevit import MobileVitV2Block  # noqa: E402
 
 
@@ -73,3 +75,29 @@ class TinyEdgeNeXt(nn.Module):
 
 def edgenext_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyEdgeNeXt(in_channels=input_shape[0]), tuple(input_shape))
+
+
+class TinyLambdaNet(nn.Module):
+    """LambdaNetworks' layer in small, as lambda_resnet's SelfAttnBlock uses it: a strided conv stem (BatchNorm,
+    ReLU) to a 4×4 map, a 1×1 conv (BatchNorm, ReLU), one timm LambdaLayer (qkv 1×1 conv, q and v BatchNorms, k
+    softmaxed over the positions, content and r × r local position lambdas over `heads` query heads; a 2×2 average
+    pool where `stride` is 2), BatchNorm, ReLU, a 1×1 conv added back (pooled where strided) and the mean."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 16, heads: int = 4, dim: int = 4,
+                 r: int = 3, stride: int = 1, qkv_bias: bool = False):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, stride=2, padding=1), nn.BatchNorm2d(width),
+                                  nn.ReLU())
+        self.conv1 = nn.Sequential(nn.Conv2d(width, width, 1), nn.BatchNorm2d(width), nn.ReLU())
+        self.attn = LambdaLayer(width, width, stride=stride, num_heads=heads, dim_head=dim, r=r, qkv_bias=qkv_bias)
+        self.post = nn.Sequential(nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, width, 1))
+        self.skip = nn.AvgPool2d(2, 2) if stride == 2 else nn.Identity()
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head((self.skip(h) + self.post(self.attn(self.conv1(h)))).mean((2, 3)))
+
+
+def lambda_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyLambdaNet(in_channels=input_shape[0]), tuple(input_shape))

@@ -3,12 +3,11 @@ BatchNorm, LayerNorm and attention (the resnet preset and the custom `ResCat`, `
 `TinyEca`, `TinyHGNet`, `TinySplitAttn`, `TinyViT` (also with register tokens, a distillation token and a frozen
 position embedding), `TinyMNv4Hybrid` (multi-query), `TinyBlur` (BlurPool), `TinyMobileViT` (grid attention),
 `TinyFPN` (bilinear up-sampling in a feature-pyramid neck), `TinyFastViT` (attention over a map's positions),
-`TinyEdgeNeXt` (attention among channels, a Fourier position grid), `TinyNFNet` (weight-standardised convs, whose cut
-connections must leave the kept ones' standardised values) and PiT
-(class tokens split off and joined around its pooling) modules; TinyHGNet's scalar affines
-make a dead node the affine's bias, not 0), on real digits training: dead node groups exactly zero, important ones
-frozen bit for bit, old tasks bit-identical, the runtime and ONNX export equal `materialize`, and `--resume`
-continues."""
+`TinyEdgeNeXt` (attention among channels, a Fourier position grid), `TinyLambdaNet` (a lambda layer), `TinyNFNet`
+(weight-standardised convs, whose cut connections must leave the kept ones' standardised values) and PiT (class
+tokens split off and joined around its pooling) modules; TinyHGNet's scalar affines make a dead node the affine's
+bias, not 0), on real digits training: dead node groups exactly zero, important ones frozen bit for bit, old tasks
+bit-identical, the runtime and ONNX export equal `materialize`, and `--resume` continues."""
 from __future__ import annotations
 
 import numpy as np
@@ -19,7 +18,7 @@ from layer_nets import TinyBlur, TinyEca, TinyHGNet, TinyMNv4Hybrid, TinyMobileV
 from neck_nets import TinyFPN
 from layer_nets_nf import TinyNFNet
 from layer_nets_vit import TinyEfficientViTMsra, TinyFastViT, tiny_pit
-from linear_nets import TinyEdgeNeXt, TinyEfficientViT, TinyMobileViTv2
+from linear_nets import TinyEdgeNeXt, TinyEfficientViT, TinyLambdaNet, TinyMobileViTv2
 from torch_nets import MODELS, GhostSplit, ResCat, TinyConvNeXt
 
 from edgecl import artifact
@@ -72,13 +71,13 @@ def _arch(name: str) -> dict:
               "edgenext": lambda: TinyEdgeNeXt(in_channels=3, width=16),
               "efficientvit_msra": lambda: TinyEfficientViTMsra(in_channels=3, width=16),
               "efficientvit_msra_windows": lambda: TinyEfficientViTMsra(in_channels=3, width=16, window=3),
-              "nf": lambda: TinyNFNet(in_channels=3, width=16)}
+              "nf": lambda: TinyNFNet(in_channels=3, width=16), "lambda": lambda: TinyLambdaNet(in_channels=3)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
 _CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4", "vit_tokens", "blur", "mobilevit",
            "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra",
-           "efficientvit_msra_windows", "nf")
+           "efficientvit_msra_windows", "nf", "lambda")
 
 
 def _stream(name: str, n_tasks: int):
@@ -101,7 +100,7 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
 @pytest.fixture(scope="module", params=["resnet", "rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit",
                                                 "mnv4", "vit_tokens", "blur", "mobilevit", "fpn", "fastvit",
                                                 "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra",
-                                                "efficientvit_msra_windows", "nf"])
+                                                "efficientvit_msra_windows", "nf", "lambda"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

@@ -88,7 +88,11 @@ LAYERS = {"name": "layers", "input_shape": [3, 16, 16], "nodes": [
     {"name": "e_in", "op": "add", "inputs": ["l_res", "e_pos"]},
     {"name": "e_attend", "op": "channel_attention", "inputs": ["e_in"] * 3, "heads": 2},  # EdgeNeXt's XCA
     {"name": "e_res", "op": "add", "inputs": ["e_in", "e_attend"]},
-    {"name": "tokens", "op": "reshape", "inputs": ["e_res"], "shape": [8, 64, 1]},
+    {"name": "lam_k", "op": "conv", "inputs": ["e_res"], "in": 8, "out": 4, "k": 1},
+    {"name": "lam_v", "op": "conv", "inputs": ["e_res"], "in": 8, "out": 4, "k": 1},
+    {"name": "lam", "op": "lambda_layer", "inputs": ["e_res", "lam_k", "lam_v"], "heads": 2, "dim": 4, "r": 3},
+    {"name": "lam_res", "op": "add", "inputs": ["e_res", "lam"]},  # a lambda layer (lambda_resnet)
+    {"name": "tokens", "op": "reshape", "inputs": ["lam_res"], "shape": [8, 64, 1]},
     {"name": "reg", "op": "class_token", "inputs": ["tokens"], "ch": 8, "tokens": 4},
     {"name": "cls", "op": "class_token", "inputs": ["reg"], "ch": 8},
     {"name": "pos", "op": "pos_embed", "inputs": ["cls"], "ch": 8, "tokens": 69},

@@ -137,6 +137,12 @@ def channel_map(arch: Arch) -> ChannelMap:
             out = _attend(uf, size, node, ins, [shapes[s] for s in node["inputs"]])
             pinned_by.extend(ins)
             ordered_by.extend(ins)
+        elif op == "lambda_layer":  # a dead k channel still takes its share of the softmax, a dead v channel's
+            # position lambda is the filter's bias: q, k, v pinned and ordered (heads are contiguous blocks of q);
+            # output channel h·dv + j mixes every q channel of head h: channels of its own, never cut
+            out = new_group(name, shapes[name][0])
+            pinned_by.extend([*ins, out])
+            ordered_by.extend([*ins, out])
         elif op == "channel_attention":  # XCA: a dead q or k channel still takes its share of each head's
             # softmax, so no channel of q, k or v may go, nor move (heads are contiguous); output channel i mixes
             # every v channel of its head (not 0 when q_i, k_i, v_i are): channels of its own, never cut

@@ -35,6 +35,7 @@ from edgecl.arch.fx_edgenext import _EdgeNextConverter
 from edgecl.arch.fx_efficientvit import _EfficientVitConverter
 from edgecl.arch.fx_efficientvit_msra import _EfficientVitMsraConverter
 from edgecl.arch.fx_global_context import _GlobalContextConverter
+from edgecl.arch.fx_lambda import _LambdaConverter
 from edgecl.arch.fx_levit import _LevitConverter
 from edgecl.arch.fx_norms import LAYER_NORMS, PERMUTES, _NormConverter, is_view
 from edgecl.arch.fx_maxvit import _MaxVitConverter
@@ -191,7 +192,7 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
                  _AttentionConverter, _Attention2dConverter, _GlobalContextConverter, _SpaceToDepthConverter,
                  _LevitConverter, _SwinConverter, _TinyVitConverter, _BlurConverter,
                  _EfficientFormerConverter, _MobileVitConverter, _MaxVitConverter, _EfficientVitConverter,
-                 _EfficientVitMsraConverter, _EdgeNextConverter):
+                 _EfficientVitMsraConverter, _EdgeNextConverter, _LambdaConverter):
 
     def __init__(self, traced: fx.GraphModule, module: nn.Module, shape: list[int], classifier: bool | None,
                  name: str):

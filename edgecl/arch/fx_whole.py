@@ -11,6 +11,7 @@ from edgecl.arch.fx_efficientformer import is_efficientformer_attention
 from edgecl.arch.fx_efficientvit import is_lite_mla
 from edgecl.arch.fx_efficientvit_msra import is_local_window_attention
 from edgecl.arch.fx_global_context import is_global_context
+from edgecl.arch.fx_lambda import is_lambda_layer
 from edgecl.arch.fx_levit import is_levit
 from edgecl.arch.fx_maxvit import is_maxvit
 from edgecl.arch.fx_mobilevit import is_mobilevit
@@ -26,6 +27,7 @@ WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention,
          (is_space_to_depth, "space_to_depth"), (is_levit, "levit"), (is_tiny_vit_block, "tiny_vit_block"),
          (is_blur_pool, "blur_pool"), (is_efficientformer_attention, "efficientformer_attention"),
          (is_mobilevit, "mobilevit"), (is_maxvit, "maxvit"), (is_lite_mla, "lite_mla"),
-         (is_local_window_attention, "local_window_attention"), (is_sdta_block, "sdta_block"))
+         (is_local_window_attention, "local_window_attention"), (is_sdta_block, "sdta_block"),
+         (is_lambda_layer, "lambda_layer"))
 # may read channels-last values
 ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin, is_tiny_vit_block, is_maxvit)

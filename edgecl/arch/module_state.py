@@ -28,7 +28,8 @@ def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
     a ``module_shape``, a position embedding or several prepended tokens, stored ``(1, tokens, ch)``, Swin's
     attention bias table, stored ``(offsets, heads)``, TensorFlow MaxViT's, ``(heads, 2·wh − 1, 2·ww − 1)``,
     talking heads' mixes, stored as (heads, heads, 1, 1) convs, XCA's temperature, (heads, 1, 1), and a standardised
-    conv's gain, ``(out, 1, 1, 1)``);
+    conv's gain, ``(out, 1, 1, 1)``, and a lambda layer's position filters,
+    ``(dim, 1, r, r, 1)``);
     `from_module` converts."""
     shapes = param_shapes(arch)
     for node in arch["nodes"]:
@@ -43,6 +44,8 @@ def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
         if node["op"] == "attention" and node.get("talking_heads"):  # 1×1 convs over the heads
             for mix in ("talk1_weight", "talk2_weight"):
                 shapes[f"{node['name']}.{mix}"] = (node["heads"], node["heads"], 1, 1)
+        if node["op"] == "lambda_layer":  # timm's Conv3d of kernel (r, r, 1)
+            shapes[f"{node['name']}.weight"] = (*shapes[f"{node['name']}.weight"], 1)
         if node["op"] == "channel_attention":  # timm's XCA temperature, (heads, 1, 1)
             shapes[f"{node['name']}.temperature"] = (node["heads"], 1, 1)
         if node["op"] == "attention" and node.get("bias_table") == "tf":  # (heads, offsets) with its 2-D offsets

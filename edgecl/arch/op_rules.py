@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgecl.arch.lambda_ops import lambda_tensor_shapes
 from edgecl.errors import UsageError
 
 
@@ -68,8 +69,13 @@ TALKING = {"talk1_weight": "talking_head1.weight", "talk1_bias": "talking_head1.
 
 def attention_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """An attention's tensors: its bias table (heads, offsets), and the talking heads' (heads, heads) mixes and their
-    (heads,) biases."""
+    (heads,) biases; XCA's per-head temperature (`edgecl.arch.sdta_ops`); a lambda layer's position filters and their
+    bias (`edgecl.arch.lambda_ops`)."""
     h = node["heads"]
+    if node["op"] == "channel_attention":
+        return {"temperature": (h,)}
+    if node["op"] == "lambda_layer":
+        return lambda_tensor_shapes(node)
     shapes = {"bias": (h, node["bias_offsets"])} if node.get("bias_offsets") else {}
     if node.get("talking_heads"):
         shapes.update({k: (h, h) if k.endswith("weight") else (h,) for k in TALKING})

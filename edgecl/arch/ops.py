@@ -110,6 +110,7 @@ Ops (fields and defaults in `OPS`):
   the heads. Like the bias they belong to no channel (the heads are never pruned).
 - EdgeNeXt's ``channel_attention`` (XCA: attention among a head's channels, over the positions) and ``fourier_pos``
   (its sine–cosine position grid, a pure function of the map's shape): `edgecl.arch.sdta_ops`.
+- LambdaNetworks' ``lambda_layer`` (content and local position lambdas, timm's LambdaLayer): `edgecl.arch.lambda_ops`.
 
 """
 from __future__ import annotations
@@ -119,6 +120,7 @@ from typing import Any
 
 import numpy as np
 
+from edgecl.arch.lambda_ops import lambda_intermediates, lambda_shape
 from edgecl.arch.sdta_ops import SDTA_OPS, sdta_intermediates, sdta_shape
 from edgecl.arch.windows import check_pool_windows, conv_window_shape, window_length
 from edgecl.errors import UsageError
@@ -177,6 +179,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "token": {"index": ("index", 0), "count": ("size", 1)},
     "channel_attention": {"heads": ("size", ...), "eps": ("eps", 1e-12)},
     "fourier_pos": {"hidden": ("size", ...), "temperature": ("number", 10000.0)},
+    "lambda_layer": {"heads": ("size", ...), "dim": ("size", ...), "r": ("size", ...)},
 }
 OPS["gelu"] = {"approximate": ("approximate", "none")}
 OPS["leaky_relu"] = {"slope": ("number", 0.01)}  # torch's negative_slope
@@ -188,7 +191,7 @@ NORMALISING_OPS = ("layer_norm", "grn")  # statistics over the channels: each ou
 NEIGHBOUR_OPS = ("channel_conv",)
 # tensors that belong to no channel (ECA's k weights, a scalar affine's two numbers, an attention's bias table): no
 # row, no node, no pruning
-ROWLESS_OPS = (*NEIGHBOUR_OPS, "scalar_affine", "attention", "channel_attention")
+ROWLESS_OPS = (*NEIGHBOUR_OPS, "scalar_affine", "attention", "channel_attention", "lambda_layer")
 # learned values added to (or put among) the tokens, one row per channel like a bias: a method keeps them as biases
 TOKEN_TENSOR_OPS = ("class_token", "pos_embed")
 TENSOR_OPS = ("conv", "linear", *CHANNEL_AFFINE_OPS, *ROWLESS_OPS, *TOKEN_TENSOR_OPS)
@@ -225,6 +228,8 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
         return 2 * (cq + ck) * t + 3 * cv * t + cv * (cq // h) + ck + 2 * h * t
     if node["op"] in SDTA_OPS:
         return sdta_intermediates(node, ins)
+    if node["op"] == "lambda_layer":
+        return lambda_intermediates(node, ins)
     if node["op"] == "attention_pool":  # with patches: the map and logits transposed, their product, the pool
         return 2 * math.prod(ins[1]) + (3 if node.get("patch") else 1) * math.prod(ins[0])
     if node["op"] == "layer_norm" and node.get("over") == "map":  # its mean, centred map, square, normalised map
@@ -288,6 +293,8 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
         return list(v)
     if op in SDTA_OPS:
         return sdta_shape(node, ins, where)
+    if op == "lambda_layer":
+        return lambda_shape(node, ins, where)
     if op in (*TOKEN_TENSOR_OPS, "token"):
         return _token_shape(node, ins, where)
     if op == "shuffle":

@@ -46,7 +46,7 @@ NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,159}")
 
 # op → (fewest, most) inputs; every other op reads one
 _ARITY = {"add": (2, MAX_INPUTS), "cat": (2, MAX_INPUTS), "mul": (2, 2), "attention_pool": (2, 2), "attention": (3, 3),
-          "linear_attention": (3, 3), "channel_attention": (3, 3)}
+          "linear_attention": (3, 3), "channel_attention": (3, 3), "lambda_layer": (3, 3)}
 
 
 def validate(arch: Any) -> Arch:
@@ -332,10 +332,8 @@ def node_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         return {"weight": (node["k"],)}
     if op == "scalar_affine":
         return {"weight": (1,), "bias": (1,)}
-    if op == "attention":  # LeViT's per-head table of relative offsets, the talking heads' mixes (`edgecl.arch.ops`)
-        return attention_tensor_shapes(node)
-    if op == "channel_attention":  # XCA's per-head temperature (`edgecl.arch.sdta_ops`)
-        return {"temperature": (node["heads"],)}
+    if op in ("attention", "channel_attention", "lambda_layer"):  # LeViT's per-head table of relative offsets, the
+        return attention_tensor_shapes(node)  # talking heads' mixes, XCA's temperature, a lambda layer's filters
     if op in TOKEN_TENSOR_OPS:
         return {"weight": (node["ch"],) if op == "class_token" and node["tokens"] == 1 else (node["ch"], node["tokens"])}
     if op in NORMALISING_OPS and node.get("affine", True) or op == "layer_scale":
@@ -351,9 +349,9 @@ def dense_params(arch: Arch, n_classes: int | None = None) -> int:
 
 def rowless_tensors(arch: Arch) -> list[str]:
     """The tensors that belong to no channel, in node order: every ``channel_conv``'s k weights (ECA), every
-    ``scalar_affine``'s weight and bias, every attention's bias table (LeViT) and every ``channel_attention``'s
-    per-head temperature (EdgeNeXt). No per-channel rule (pruning, node masks, BatchNorm's) covers them; methods that
-    share a trunk keep them per task."""
+    ``scalar_affine``'s weight and bias, every attention's bias table (LeViT), every ``channel_attention``'s
+    per-head temperature (EdgeNeXt) and every ``lambda_layer``'s position filters and bias. No per-channel rule
+    (pruning, node masks, BatchNorm's) covers them; methods that share a trunk keep them per task."""
     return [f"{n['name']}.{k}" for n in arch["nodes"] if n["op"] in ROWLESS_OPS for k in node_tensor_shapes(n)]
 
 

@@ -97,7 +97,7 @@ def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: 
         a, b = (float(params[f"{name}.{k}"].reshape(-1)[0]) for k in ("weight", "bias"))
         return v * a + b
     if op in (*NORMALISING_OPS, *NEIGHBOUR_OPS, *TOKEN_TENSOR_OPS, "attention", "linear_attention",
-              "channel_attention", "fourier_pos"):  # varying: each
+              "channel_attention", "fourier_pos", "lambda_layer"):  # varying: each
         return np.full(width(cm, cm.spaces[name]), np.nan)  # depends on other channels, or positions differ
     if op in ACTIVATIONS:
         return ACTIVATIONS[op](v)

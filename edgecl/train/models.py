@@ -177,6 +177,8 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return linear_attention(*ins, node["heads"], node["eps"])
     if op == "channel_attention":
         return channel_attention(*ins, params[f"{name}.temperature"], node["eps"])
+    if op == "lambda_layer":
+        return lambda_layer(*ins, node["heads"], params[f"{name}.weight"], params[f"{name}.bias"])
     if op == "fourier_pos":  # a constant of the map's shape, the same in every sample (`edgecl.arch.sdta_ops`)
         grid = torch.from_numpy(fourier_grid(node["hidden"], node["temperature"], *h.shape[2:])).to(h)
         return grid.unsqueeze(0).expand(h.shape[0], -1, -1, -1)
@@ -378,6 +380,20 @@ def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tempera
     scores = F.normalize(qh, dim=-1, eps=eps) @ F.normalize(kh, dim=-1, eps=eps).transpose(2, 3)
     weights = torch.softmax(scores * temperature.reshape(1, heads, 1, 1), dim=-1)
     return (weights @ vh).reshape(v.shape)
+
+
+def lambda_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, weight: torch.Tensor,
+                 bias: torch.Tensor) -> torch.Tensor:
+    """A lambda layer over (N, C, H, W) maps (`edgecl.arch.lambda_ops`), as `edgecl.graph.lambda_onnx` emits it:
+    k softmaxed over the positions, the content lambda k̂·vᵀ, the position lambdas a conv of each v channel alone
+    with the (dim, 1, r, r) filters (timm's Conv3d of kernel (r, r, 1)), both applied to each head of q."""
+    (n, d, hh, ww), dv, t = k.shape, v.shape[1], k.shape[2] * k.shape[3]
+    qh = q.reshape(n, heads, d, t)
+    content = torch.softmax(k.reshape(n, d, t), dim=-1) @ v.reshape(n, dv, t).transpose(1, 2)  # (N, d, dv)
+    out = content.transpose(1, 2).unsqueeze(1) @ qh  # (N, heads, dv, T)
+    position = F.conv2d(v.reshape(n * dv, 1, hh, ww), weight, bias, padding=weight.shape[-1] // 2)
+    out = out + (qh.unsqueeze(2) * position.reshape(n, 1, dv, d, t)).sum(3)
+    return out.reshape(n, heads * dv, hh, ww)
 
 
 def _mix_heads(scores: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

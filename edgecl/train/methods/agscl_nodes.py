@@ -46,7 +46,8 @@ class NodeMap:
     #                        scale changes nothing
     specs: dict[str, dict[str, Any]]  # trunk tensor → its deployed delta spec
     affines: dict[str, np.ndarray] = field(default_factory=dict)  # scalar affine → node of each output channel
-    # conv/linear nodes whose outputs a channel_attention (EdgeNeXt's XCA) reads: Ω by |activation|, not ReLU's
+    # conv/linear nodes whose outputs a channel_attention (EdgeNeXt's XCA) or a lambda layer reads: Ω by
+    # |activation|, not ReLU's
     signed: set[str] = field(default_factory=set)
     # conv/linear node → the activation that alone reads it (after its BatchNorm) where that passes negative values
     # (GELU, SiLU, …): Ω by |its output|, what the readers see, not by ReLU's (0 for a node always below 0)
@@ -152,9 +153,10 @@ def node_map(arch: Arch) -> NodeMap:
              for t in shapes}
     specs.update({t: {"kind": "shared"} for t in fixed})
     affines = {n["name"]: index(cm.spaces[n["name"]]) for n in arch["nodes"] if n["op"] == "scalar_affine"}
-    # a negative q, k or v value is used as much as a positive one (and a dead q or k channel is no dead output):
+    # a negative q, k or v value is used as much as a positive one (and a dead q or k channel is no dead output)
+    # by XCA and by a lambda layer:
     # such a node may only die with all its rows exactly zero
-    attended = {g for n in arch["nodes"] if n["op"] == "channel_attention"
+    attended = {g for n in arch["nodes"] if n["op"] in ("channel_attention", "lambda_layer")
                 for s in n["inputs"] for g, _ in cm.spaces[s]}
     signed = {n for n in hooks if {g for g, _ in cm.spaces[n]} & attended}
     passes = {}

@@ -1,0 +1,76 @@
+"""LambdaNetworks' lambda layer (timm's ``LambdaLayer``, ``lambda_resnet*``) in a user's network, for
+`fx_import._Converter`. The tracer keeps it whole: its forward reshapes q, k, v to (B, heads, M, K) views and runs
+a Conv3d over v as a volume, which the spec has no nodes for. On the (C, H, W) map it is
+
+    qkv (1×1 conv) → slices q (heads·dim), k (dim), v (dv) → norm_q, norm_v (BatchNorms)
+    → lambda_layer {heads, dim, r} (tensors: conv_lambda's weight and bias) → pool (2×2 average, where stride 2)
+
+Every tensor node is named by its module path, so the module's weights read as they are. The relative position
+variant (``r=None``: a learned embedding gathered by index), norms other than BatchNorm2d and a position conv other
+than timm's (1 → dim, kernel (r, r, 1), zero padding (r // 2, r // 2, 0), stride 1, bias) are refused by name with
+the user's source line.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import fx, nn
+
+from edgecl.arch.fx_calls import location, map_shape
+from edgecl.errors import UsageError
+
+LAMBDA = ("timm.layers.lambda_layer", "LambdaLayer")
+
+
+def is_lambda_layer(m: Any) -> bool:
+    """timm's LambdaLayer (judged by its class; timm is not imported for this)."""
+    return (type(m).__module__, type(m).__name__) == LAMBDA
+
+
+class _LambdaConverter:
+    """Mixin of `fx_import._Converter`: timm's LambdaLayer modules kept whole."""
+
+    name: str
+    alias: dict[fx.Node, str]
+    _emit: Callable[..., str]
+    _conv: Callable[..., str]
+    _norm: Callable[..., str]
+
+    def lambda_layer(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
+        where = f"LambdaLayer at {path!r} {location(node)}"
+        map_shape(node, self.name, where)
+        heads, dim, dv = int(m.num_heads), int(m.dim_qk), int(m.dim_v)
+        conv = m.conv_lambda
+        if conv is None:
+            raise UsageError(f"{self.name}: {where}: the relative position variant (r=None, a learned pos_emb "
+                             "gathered by index) is not converted; edgecl converts the local lambda conv (r set)")
+        r = conv.kernel_size[0] if isinstance(conv, nn.Conv3d) else 0
+        if not isinstance(conv, nn.Conv3d) or (conv.in_channels, conv.out_channels) != (1, dim) or \
+                tuple(conv.kernel_size) != (r, r, 1) or r % 2 == 0 or tuple(conv.padding) != (r // 2, r // 2, 0) or \
+                tuple(conv.stride) != (1, 1, 1) or tuple(conv.dilation) != (1, 1, 1) or conv.bias is None or \
+                conv.groups != 1 or conv.padding_mode != "zeros":
+            raise UsageError(f"{self.name}: {where}: conv_lambda is {conv}; edgecl converts timm's Conv3d(1, "
+                             f"{dim}, (r, r, 1), padding (r // 2, r // 2, 0)) of zeros, with bias and an odd r")
+        if m.qkv.out_channels != heads * dim + dim + dv:
+            raise UsageError(f"{self.name}: {where}: qkv has {m.qkv.out_channels} outputs, not heads {heads} × dim "
+                             f"{dim} + dim + dv {dv}")
+        if not isinstance(m.pool, (nn.Identity, nn.AvgPool2d)):
+            raise UsageError(f"{self.name}: {where}: pool is a {type(m.pool).__name__}; edgecl converts timm's "
+                             "identity or AvgPool2d(2, 2)")
+        packed = self._conv(node, m.qkv, x, f"{path}.qkv", where)
+        bounds = [0, heads * dim, heads * dim + dim, heads * dim + dim + dv]
+        q, k, v = (self._emit(node, "slice", [packed], f"{path}.{part}", start=a, stop=b)
+                   for part, a, b in zip("qkv", bounds, bounds[1:]))
+        q = self._norm(node, m.norm_q, q, f"{path}.norm_q", where, required=True)
+        v = self._norm(node, m.norm_v, v, f"{path}.norm_v", where, required=True)
+        out = self._emit(node, "lambda_layer", [q, k, v], f"{path}.conv_lambda", heads=heads, dim=dim, r=r)
+        if isinstance(m.pool, nn.AvgPool2d):
+            out = self._lambda_pool(node, m.pool, out, f"{path}.pool", where)
+        self.alias[node] = out
+
+    def _lambda_pool(self, node: fx.Node, pool: nn.AvgPool2d, x: str, path: str, where: str) -> str:
+        """timm's AvgPool2d(2, 2): no padding, floor mode."""
+        if (pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode) not in ((2, 2, 0, False),):
+            raise UsageError(f"{self.name}: {where}: {path!r} is {pool}; edgecl converts timm's AvgPool2d(2, 2)")
+        return self._emit(node, "avgpool", [x], path, k=[2, 2], stride=[2, 2], pad=[0, 0], ceil_mode=False,
+                          count_include_pad=True)
