@@ -151,7 +151,8 @@ def node_map(arch: Arch) -> NodeMap:
     specs = {t: _spec(cm.rows[t], cm.cols.get(t), nodes[t.rsplit(".", 1)[0]]) if t not in own else {"kind": "task"}
              for t in shapes}
     specs.update({t: {"kind": "shared"} for t in fixed})
-    affines = {n["name"]: index(cm.spaces[n["name"]]) for n in arch["nodes"] if n["op"] == "scalar_affine"}
+    affines = {n["name"]: index(cm.spaces[n["name"]]) for n in arch["nodes"]  # a bias-less one keeps a zero node 0
+               if n["op"] == "scalar_affine" and n["bias"]}
     # a negative q, k or v value is used as much as a positive one (and a dead q or k channel is no dead output):
     # such a node may only die with all its rows exactly zero
     attended = {g for n in arch["nodes"] if n["op"] == "channel_attention"
