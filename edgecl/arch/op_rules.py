@@ -143,11 +143,18 @@ def standardized_fields(out: dict[str, Any], where: str) -> None:
 
 
 def scalar_affine_fields(out: dict[str, Any], where: str) -> None:
-    """A scalar affine without ``bias`` (a learned number times x alone, NFNet's skipinit gain) starts no bias."""
-    if not out["bias"] and out["init_bias"] != 0.0:
+    """``bias`` kept only when false (a learned number times x alone, NFNet's skipinit gain), so an affine with a
+    bias reads as before the field; without one, no bias to start."""
+    if out["bias"]:
+        del out["bias"]
+    elif out["init_bias"] != 0.0:
         raise UsageError(f"{where}: init_bias {out['init_bias']:g} needs bias (a scalar_affine without one adds 0)")
 
 
 def has_gain(node: dict[str, Any]) -> bool:
     """Whether a conv node has a learned ``gain`` tensor: a standardised one unless ``std_gain`` is false."""
     return node["op"] == "conv" and bool(node.get("standardize")) and node.get("std_gain", True)
+
+
+# op → its fields' joint rule, run by `spec.validate` after each field is read alone
+FIELD_RULES = {"attention": attention_fields, "conv": standardized_fields, "scalar_affine": scalar_affine_fields}

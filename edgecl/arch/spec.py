@@ -27,9 +27,8 @@ import re
 from typing import Any
 
 from edgecl.arch.legacy import layers_to_nodes
-from edgecl.arch.op_rules import (attention_fields, attention_state_name, attention_tensor_shapes,
-                                   check_minus_inf_pads, check_table_rows, has_gain, scalar_affine_fields,
-                                   standardized_fields, stored_rows)
+from edgecl.arch.op_rules import (FIELD_RULES, attention_state_name, attention_tensor_shapes, check_minus_inf_pads,
+                                   check_table_rows, has_gain, stored_rows)
 from edgecl.arch.ops import (MAX_NUMBER, MIN_EPS, NORMALISING_OPS, OPS, PAD_MODES, ROWLESS_OPS, TENSOR_OPS,
                              TOKEN_TENSOR_OPS, WEIGHT_OPS, output_shape)
 from edgecl.errors import UsageError
@@ -84,7 +83,6 @@ def validate(arch: Any) -> Arch:
 
 # node fields added after files without them were written, with the default that means what their absence meant
 LATER_FIELDS: dict[str, dict[str, Any]] = {"class_token": {"tokens": 1}, "token": {"count": 1},
-                                           "scalar_affine": {"bias": True},
                                            "pos_embed": {"frozen": False}, "pad": {"mode": "constant"},
                                            "upsample": {"mode": "nearest", "align_corners": False}}
 
@@ -111,7 +109,7 @@ def state_key(node: dict[str, Any], tensor: str) -> str:
     (``nn.MultiheadAttention``'s ``in_proj_weight`` / ``in_proj_bias``, module ``….in_proj_*``); a path that merely
     ends in ``_`` (``self.conv_``) is an ordinary one."""
     path = node.get("module", node["name"])
-    if node["op"] in ("layer_scale", *TOKEN_TENSOR_OPS) or node["op"] == "scalar_affine" and not node["bias"]:
+    if node["op"] in ("layer_scale", *TOKEN_TENSOR_OPS) or node["op"] == "scalar_affine" and "bias" in node:
         return path
     tensor = "scale" if node["op"] == "scalar_affine" and tensor == "weight" else \
         attention_state_name(node, tensor) if node["op"] == "attention" else tensor
@@ -177,14 +175,10 @@ def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
         out["stride"] = list(out["k"])
     if op == "attention" and out["kv_heads"] is None:
         out["kv_heads"] = out["heads"]
-    if op == "attention":
-        attention_fields(out, where)
+    if op in FIELD_RULES:  # attention, conv (weight standardisation), scalar_affine (bias)
+        FIELD_RULES[op](out, where)
     if op == "upsample" and out["align_corners"] and out["mode"] != "bilinear":
         raise UsageError(f"{where}: upsample align_corners needs mode 'bilinear', gets {out['mode']!r}")
-    if op == "conv":
-        standardized_fields(out, where)
-    if op == "scalar_affine":
-        scalar_affine_fields(out, where)
     for key, absent in (("over", "channels"), ("patch", None)):  # the spec as before GroupNorm1 and MobileViTv2
         if key in out and out[key] in (absent, None):
             del out[key]

@@ -40,7 +40,7 @@ def init_params(arch: Arch, n_classes: int | None = None, generator: torch.Gener
             params[f"{node['name']}.weight"].zero_()
         if node["op"] == "scalar_affine":  # a fresh LearnableAffineBlock's numbers (1 and 0 in timm)
             params[f"{node['name']}.weight"].fill_(node["init"])
-            if node["bias"]:
+            if node.get("bias", True):
                 params[f"{node['name']}.bias"].fill_(node["init_bias"])
         if node["op"] in ("class_token", "pos_embed"):  # timm's start: normal, std 0.02 (the class token's 1e-6
             # would leave every task's token alike; a spread start is what torchvision and timm's pos_embed use)
@@ -157,7 +157,7 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return h + torch.addcmul(params[f"{name}.bias"].reshape(-1, 1, 1), params[f"{name}.weight"].reshape(-1, 1, 1),
                                  h * n)
     if op == "scalar_affine":  # one learned number times every value, plus one: (1,) tensors broadcast
-        return h * params[f"{name}.weight"] + params[f"{name}.bias"] if node["bias"] else h * params[f"{name}.weight"]
+        return h * params[f"{name}.weight"] + params[f"{name}.bias"] if node.get("bias", True) else h * params[f"{name}.weight"]
     if op == "channel_conv":  # ECA: a 1-D convolution along the channels of the pooled (N, C, 1, 1) vector
         return _channel_conv(h, params[f"{name}.weight"], node["circular"])
     if op == "class_token":  # (N, C, T, 1) → (N, C, tokens + T, 1), the learned tokens first
