@@ -103,8 +103,8 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
 
 @pytest.fixture(scope="module", params=["resnet", "rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit",
                                                 "mnv4", "vit_tokens", "blur", "mobilevit", "fpn", "fastvit",
-                                                "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra", "nf",
-                                                "std"])
+                                                "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra",
+                                                "nf", "std"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

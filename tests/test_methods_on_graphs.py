@@ -100,7 +100,7 @@ def test_method_on_graph_keeps_its_promise_and_deploys(method_name, arch_name, s
         assert _changed(before, after, after) == []
     elif method_name == "rgo":  # one trunk keeps learning; heads and per-task BatchNorm stay
         assert _changed(before, after, ["head.weight", "head.bias", *bn]) == []
-        if arch_name in ("nf", "std"):  # every conv standardised: all per task (`spec.standardized_tensors`), none moves
+        if arch_name in ("nf", "std"):  # every conv standardised: per task (`spec.standardized_tensors`), none moves
             assert {second.params[k]["kind"] for k in trunk} == {"task"} and _changed(before, after, trunk) == []
         else:
             assert _changed(before, after, trunk)

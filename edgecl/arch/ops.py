@@ -7,7 +7,8 @@ Ops (fields and defaults in `OPS`):
   weight-standardised conv, timm's ScaledStdConv2d (NF-ResNet): each filter w is replaced by
   gain·gain_scale·(w − mean(w)) / √(var(w) + eps), mean and (biased) variance over the filter's in/groups·kh·kw
   numbers, tensor ``gain`` ``(out,)`` (its module stores ``(out, 1, 1, 1)``), ``gain_scale`` a constant (timm's
-  γ/√fan_in, default 1); the rule is applied to the task's *effective* weight, whatever delta made it:
+  γ/√fan_in, default 1); ``std_gain`` false: no gain tensor, the factor 1 (timm's StdConv2d, BiT); the rule is
+  applied to the task's *effective* weight, whatever delta made it:
   `edgecl.graph.standardize`), ``linear`` (weight ``(out, in)``), ``bn``
   (weight, bias, running_mean, running_var of ``ch`` channels; eps, momentum), ``layer_norm`` (normalises each position
   over its ``ch`` channels, as ConvNeXt's LayerNorm after a permute; eps; weight and bias when ``affine``; or, with
@@ -21,7 +22,8 @@ Ops (fields and defaults in `OPS`):
   channel, so its input's channels are pinned and keep their order), ``scalar_affine`` (PP-HGNetV2's learnable affine
   block: y = weight·x + bias with one learned number each, weight ``(1,)`` starting at ``init`` and bias ``(1,)`` at
   ``init_bias``, on any tensor; its module stores them as ``MODULE.scale`` and ``MODULE.bias``; they belong to no
-  channel, and a channel that is 0 before it is ``bias`` after it) — tensor names are ``NODE.weight`` etc.; an optional
+  channel, and a channel that is 0 before it is ``bias`` after it; ``bias`` false: y = weight·x, no bias tensor,
+  the weight a bare parameter named by the node, NFNet's ``skipinit_gain``) — tensor names are ``NODE.weight`` etc.; an optional
   ``module`` names the layer's path in the traced module where the node's name had to differ (a layer_scale's: its
   parameter's path), and an optional ``module_shape`` the shape in which that module stores the weight where it differs
   by axes of 1 (a 1×1 conv that is an ``nn.Linear`` applied over the channels stores ``(out, in)``; a γ of shape ``(C,

@@ -219,10 +219,10 @@ def _module_shape(value: Any, node: dict[str, Any], where: str) -> list[int]:
     weight = list(node_tensor_shapes(node)["weight"]) if node["op"] in with_shape and one else None
     if weight is None:
         raise UsageError(f"{where}: module_shape is for conv, linear, layer_scale, channel_conv, scalar_affine, "
-                         "pos_embed and one "
-                         f"class_token's weights, not {node['op']}{'' if one else ' of several tokens'}")
-    if not isinstance(value, list) or not 0 < len(value) + (node["op"] == "scalar_affine") <= 4 or not all(_is_size(d) for d in value) or \
-            [d for d in value if d != 1] != [d for d in weight if d != 1]:
+                         f"pos_embed and one class_token's weights, not {node['op']}"
+                         f"{'' if one else ' of several tokens'}")
+    if not isinstance(value, list) or not 0 < len(value) + (node["op"] == "scalar_affine") <= 4 or \
+            not all(_is_size(d) for d in value) or [d for d in value if d != 1] != [d for d in weight if d != 1]:
         raise UsageError(f"{where}: module_shape {str(value)[:60]} must be the weight's shape {weight} with axes of "
                          "1 added or removed")
     return list(value)

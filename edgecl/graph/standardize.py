@@ -44,8 +44,8 @@ def check_finite(name: str, weight: np.ndarray, gain: np.ndarray | None, scale: 
     float32 (|z| ≤ √n), and a folded model would then hold inf weights that every input turns into inf or NaN."""
     if not np.isfinite(weight).all():
         raise UsageError(f"architecture node {name!r}: its standardised weight overflows float32 (largest |gain| "
-                         f"{1.0 if gain is None else float(np.abs(gain).max()):g}, gain_scale {scale:g}): every input's logits would be inf or "
-                         "NaN")
+                         f"{1.0 if gain is None else float(np.abs(gain).max()):g}, gain_scale {scale:g}): every "
+                         "input's logits would be inf or NaN")
     return weight
 
 

@@ -157,7 +157,8 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return h + torch.addcmul(params[f"{name}.bias"].reshape(-1, 1, 1), params[f"{name}.weight"].reshape(-1, 1, 1),
                                  h * n)
     if op == "scalar_affine":  # one learned number times every value, plus one: (1,) tensors broadcast
-        return h * params[f"{name}.weight"] + params[f"{name}.bias"] if node.get("bias", True) else h * params[f"{name}.weight"]
+        scaled = h * params[f"{name}.weight"]
+        return scaled + params[f"{name}.bias"] if node.get("bias", True) else scaled  # none: NFNet's skipinit gain
     if op == "channel_conv":  # ECA: a 1-D convolution along the channels of the pooled (N, C, 1, 1) vector
         return _channel_conv(h, params[f"{name}.weight"], node["circular"])
     if op == "class_token":  # (N, C, T, 1) → (N, C, tokens + T, 1), the learned tokens first
