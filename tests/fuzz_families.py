@@ -203,6 +203,8 @@ def _spec(draw) -> dict:
                 node["standardize"] = draw(st.sampled_from([1e-5, 1e-6, 0.5, 0, 1, -1e-5, 1e-50, "x"]))
                 if draw(st.booleans()):
                     node["gain_scale"] = draw(st.sampled_from([0.3, -2.0, 1.0, float("nan"), None]))
+                if draw(st.booleans()):  # BiT's StdConv2d: no gain (a hostile non-bool too)
+                    node["std_gain"] = draw(st.sampled_from([False, True, 0, "no"]))
             if draw(st.integers(0, 3)) == 0:  # run in each window (EfficientViT-MSRA's conv on q), or a bad window
                 node["window"] = draw(st.sampled_from([[2, 2], [1, 3], 3, [3, 2], [4, 4], [0, 2], [2, 2, 2], None]))
         elif op == "linear":

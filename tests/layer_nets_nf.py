@@ -12,7 +12,7 @@ from edgecl.arch import from_torch
 from edgecl.arch.factories import ensure_torchvision_imports
 
 ensure_torchvision_imports()
-from timm.layers import ScaledStdConv2d  # noqa: E402
+from timm.layers import ScaledStdConv2d, StdConv2d, StdConv2dSame  # noqa: E402
 from timm.models.nfnet import NormFreeBlock  # noqa: E402
 
 RELU_GAMMA = 1.7139588594436646  # timm's _nonlin_gamma["relu"]
@@ -58,3 +58,33 @@ def shared_model(arch: dict, params: dict, n_tasks: int = 1):
     kinds = {**{k: {"kind": "shared"} for k in trunk}, **{k: {"kind": "task"} for k in heads}}
     return PackedModel(arch, "finetune", {}, kinds, trunk, [TaskInfo(f"t{t}", heads["head.bias"].shape[0])
                                                             for t in range(n_tasks)], [heads] * n_tasks, {})
+
+
+class TinyStdNet(nn.Module):
+    """BiT's StdConv2d (no gain) and NFNet's skipinit gain (``out.mul_(self.skipinit_gain)``, a learned number timm
+    starts at 0): a StdConv2d stem, a downsampling NormFreeBlock of StdConv2dSame convs (dynamic "same" padding,
+    stride 2) and an identity-shortcut one of ScaledStdConv2d, both with skipinit gains drawn at random."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8):
+        super().__init__()
+        self.stem = StdConv2d(in_channels, width, 3, eps=1e-8)
+        def same(*args, gain_init=None, **kwargs):  # NormFreeBlock passes ScaledStdConv2d's gain_init
+            return StdConv2dSame(*args, eps=1e-8, **kwargs)
+
+        self.block1 = NormFreeBlock(width, 2 * width, stride=2, alpha=0.2, beta=1.0, bottle_ratio=1.0, group_size=4,
+                                    act_layer=nn.ReLU, conv_layer=same, skipinit=True)
+        self.block2 = NormFreeBlock(2 * width, 2 * width, alpha=0.2, beta=0.9, bottle_ratio=0.5, skipinit=True,
+                                    act_layer=nn.ReLU, conv_layer=partial(ScaledStdConv2d, gamma=RELU_GAMMA))
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(2 * width, classes)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith((".gain", "skipinit_gain")):
+                    p.copy_(torch.rand(p.shape, generator=torch.Generator().manual_seed(len(name))) + 0.5)
+
+    def forward(self, x):
+        return self.fc(self.act(self.block2(self.block1(self.stem(x)))).mean((2, 3)))
+
+
+def std_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyStdNet(in_channels=input_shape[0]), tuple(input_shape))

@@ -16,7 +16,7 @@ import pytest
 import torch
 from layer_nets import TinyBlur, TinyEca, TinyHGNet, TinyMNv4Hybrid, TinyMobileViT, TinySplitAttn, TinyViT
 from neck_nets import TinyFPN
-from layer_nets_nf import TinyNFNet
+from layer_nets_nf import TinyNFNet, TinyStdNet
 from layer_nets_vit import TinyEfficientViTMsra, TinyFastViT, tiny_pit
 from linear_nets import TinyEdgeNeXt, TinyEfficientViT, TinyLambdaNet, TinyMobileViTv2
 from torch_nets import MODELS, GhostSplit, ResCat, TinyConvNeXt
@@ -40,7 +40,11 @@ CTX = TrainContext(progress=False)
 FAST = dict(epochs=3, mu=8.0)
 # TinyFastViT's BatchNorm picks the Adam-metric lasso, whose default μ_adam zeroes all its 160 nodes within three
 # epochs (measured; at 0.003 about a third of them, and the rest are important and frozen)
-PER_ARCH = {"fastvit": dict(mu_adam=0.003), "nf": dict(lasso="adam", mu_adam=0.01)}
+PER_ARCH = {"fastvit": dict(mu_adam=0.003), "nf": dict(lasso="adam", mu_adam=0.01),
+            "std": dict(lasso="adam", mu_adam=0.03)}
+# TinyStdNet (StdConv2d rows without gain are measured themselves, not scale-free): the Euclidean lasso at μ 8 zeroes
+# all 112 nodes; Adam's at 0.01 none, 0.03 two, 0.1 28 — but there a dead node kept a bias of ~1e-5 (block2.conv2,
+# not understood yet), so 0.03
 # TinyNFNet (no BatchNorm, so "auto" picks the Euclidean lasso): at μ 6 two of 18 unimportant nodes stay short of
 # zero after three epochs; in Adam's metric at μ_adam 0.01 all 83 of 83 reach it, 29 important (0.03 zeroes all 112)
 # a grouped (not depthwise) conv whose two conv groups read a concatenation of two layers' channels
@@ -71,13 +75,14 @@ def _arch(name: str) -> dict:
               "edgenext": lambda: TinyEdgeNeXt(in_channels=3, width=16),
               "efficientvit_msra": lambda: TinyEfficientViTMsra(in_channels=3, width=16),
               "efficientvit_msra_windows": lambda: TinyEfficientViTMsra(in_channels=3, width=16, window=3),
-              "nf": lambda: TinyNFNet(in_channels=3, width=16), "lambda": lambda: TinyLambdaNet(in_channels=3)}
+              "nf": lambda: TinyNFNet(in_channels=3, width=16), "lambda": lambda: TinyLambdaNet(in_channels=3),
+              "std": lambda: TinyStdNet(in_channels=3, width=16)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
 _CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4", "vit_tokens", "blur", "mobilevit",
            "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra",
-           "efficientvit_msra_windows", "nf", "lambda")
+           "efficientvit_msra_windows", "nf", "lambda", "std")
 
 
 def _stream(name: str, n_tasks: int):
@@ -100,7 +105,7 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
 @pytest.fixture(scope="module", params=["resnet", "rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit",
                                                 "mnv4", "vit_tokens", "blur", "mobilevit", "fpn", "fastvit",
                                                 "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra",
-                                                "efficientvit_msra_windows", "nf", "lambda"])
+                                                "efficientvit_msra_windows", "nf", "lambda", "std"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

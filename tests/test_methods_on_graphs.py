@@ -17,7 +17,8 @@ align_corners), TinyFastViT (FastViT's attention over a map's positions, its con
 tiny_pit (PiT: class tokens split off, the map pooled by a strided depthwise conv, the tokens joined),
 TinyEfficientViTMsra (cascaded window attention; with window 3 its padded map is four windows: a windowed depthwise
 conv and window attention), TinyNFNet
-(NF-ResNet's weight-standardised convolutions with learned gains, α/β-scaled residuals) and TinyViT
+(NF-ResNet's weight-standardised convolutions with learned gains, α/β-scaled residuals), TinyStdNet (BiT's
+StdConv2d without gain, NFNet's skipinit gain) and TinyViT
 with register tokens, DeiT's distillation token (two averaged heads) and a
 frozen position embedding: two real digit tasks each, then what the method promises about the first task, the deployed
 runtime against the training evaluation, and the exported ONNX against the runtime."""
@@ -43,7 +44,7 @@ from edgecl.train.protocol import TrainContext, batches
 from layer_nets import (blur_spec, eca_spec, efficientformer_spec, gc_spec, hgnet_spec, levit_spec, map_embed_spec,
                         maxvit_spec, mnv4_spec, mobilevit_spec, s2d_spec, split_attn_spec, swin_spec, tf_spec,
                         tiny_vit_spec, vit_spec)
-from layer_nets_nf import nf_spec
+from layer_nets_nf import nf_spec, std_spec
 from layer_nets_vit import efficientvit_msra_spec, efficientvit_msra_windows_spec, fastvit_spec, pit_spec
 from neck_nets import fpn_spec
 from linear_nets import edgenext_spec, efficientvit_spec, lambda_spec, mobilevit2_spec
@@ -61,11 +62,11 @@ ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8
          "maxvit": maxvit_spec, "fpn": fpn_spec, "fastvit": fastvit_spec, "pit": pit_spec,
          "efficientvit": efficientvit_spec, "mobilevit2": mobilevit2_spec, "edgenext": edgenext_spec,
          "efficientvit_msra": efficientvit_msra_spec, "efficientvit_msra_windows": efficientvit_msra_windows_spec,
-         "nf": nf_spec, "lambda": lambda_spec}
+         "nf": nf_spec, "lambda": lambda_spec, "std": std_spec}
 GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgnet", "split", "vit", "gc", "s2d", "mnv4",
           "vit_tokens", "levit", "blur", "swin", "tiny_vit", "map_embed", "efficientformer", "mobilevit", "maxvit",
           "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext",
-          "efficientvit_msra", "efficientvit_msra_windows", "nf", "lambda"]
+          "efficientvit_msra", "efficientvit_msra_windows", "nf", "lambda", "std"]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def test_method_on_graph_keeps_its_promise_and_deploys(method_name, arch_name, s
         assert _changed(before, after, after) == []
     elif method_name == "rgo":  # one trunk keeps learning; heads and per-task BatchNorm stay
         assert _changed(before, after, ["head.weight", "head.bias", *bn]) == []
-        if arch_name == "nf":  # every conv standardised: all per task (`spec.standardized_tensors`), none moves
+        if arch_name in ("nf", "std"):  # every conv standardised: per task (`spec.standardized_tensors`), none moves
             assert {second.params[k]["kind"] for k in trunk} == {"task"} and _changed(before, after, trunk) == []
         else:
             assert _changed(before, after, trunk)
@@ -126,7 +127,7 @@ def _deploys(packed, stream, tmp_path) -> None:
             assert np.abs(session.run(None, {"x": task.x_test})[0] - logits).max() <= 1e-4
 
 
-@pytest.mark.parametrize("arch_name", [g for g in GRAPHS if g != "nf"])  # NF-ResNet has no BatchNorm
+@pytest.mark.parametrize("arch_name", [g for g in GRAPHS if g not in ("nf", "std")])  # NF nets have no BatchNorm
 @pytest.mark.parametrize("method_name", ["lps", "halrp", "rgo"])
 def test_batchnorm_rules(method_name, arch_name, stream):
     """"task": each task's own affine pair and statistics (task-kind deltas, different per task); "frozen": one copy,

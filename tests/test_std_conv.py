@@ -172,13 +172,6 @@ def test_scaled_std_conv_same_pads_as_tensorflow_when_its_padding_is_dynamic(str
     assert [n["op"] for n in spec["nodes"]].count("pad") == int(padded)
 
 
-def test_other_standardised_convs_stay_refused_by_name():
-    from timm.layers import StdConv2d
-
-    with pytest.raises(UsageError, match="layer StdConv2d at '0' overrides Conv2d.forward"):
-        from_torch(torch.nn.Sequential(StdConv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(144, 2)), (1, 8, 8))
-
-
 @pytest.mark.slow
 def test_nf_resnet26_has_module_parity_with_random_gains():
     """timm builds each block's last gain at 0 (the branch off); random gains check every standardised conv."""

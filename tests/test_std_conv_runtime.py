@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from layer_nets_nf import nf_spec, shared_model
+from layer_nets_nf import nf_spec, shared_model, std_spec
 
 from edgecl import artifact
 from edgecl.arch import param_shapes, validate
@@ -28,10 +28,13 @@ def stream():
     return make_stream("split-digits", 2, seed=0)
 
 
-@pytest.mark.parametrize("method_name,task_tensors", [("lps", "auto"), ("stl", "resident"), ("stl", "cached")])
-def test_runtime_standardises_on_the_switch_and_equals_torch_across_switches(method_name, task_tensors, stream,
+@pytest.mark.parametrize("method_name,task_tensors,net", [("lps", "auto", nf_spec), ("stl", "resident", nf_spec),
+                                                        ("stl", "cached", nf_spec), ("lps", "auto", std_spec),
+                                                        ("stl", "resident", std_spec)])
+def test_runtime_standardises_on_the_switch_and_equals_torch_across_switches(method_name, task_tensors, net, stream,
                                                                                tmp_path):
-    arch = nf_spec()
+    """NF-ResNet's gained convs, and BiT's StdConv2d without gain next to NFNet's skipinit gain (`std_spec`)."""
+    arch = net()
     method = registry.create(method_name, arch, {"epochs": 1})
     for t in range(2):
         method.learn_task(t, stream.tasks[t], TrainContext(progress=False))

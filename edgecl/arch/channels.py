@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 from edgecl.arch.channel_groups import (MAX_SEGMENTS, ChannelError, Segments, UnionFind, bound_axis, cut_blocks,
                                        cut_many, cut_slice, segment_bounds, segment_spans, split_group, too_many)
+from edgecl.arch.op_rules import has_gain
 from edgecl.arch.ops import CHANNEL_AFFINE_OPS, NEIGHBOUR_OPS, NORMALISING_OPS, TOKEN_TENSOR_OPS
 from edgecl.arch.spec import INPUT, Arch, is_depthwise, node_by_name, node_shapes, node_tensor_shapes, param_shapes
 
@@ -180,7 +181,7 @@ def channel_map(arch: Arch) -> ChannelMap:
             out = x
         if op in ("conv", "linear") and node["bias"]:
             rows[f"{name}.bias"] = out
-        if op == "conv" and node.get("standardize"):  # a standardised conv's gain: one per output channel
+        if has_gain(node):  # a standardised conv's gain: one per output channel
             rows[f"{name}.gain"] = out
         spaces[name] = out
         total += bound_axis(uf.where, len(out))

@@ -5,9 +5,12 @@ read from that module's ``scale`` and ``bias`` (`edgecl.arch.spec.state_key`).
 
 The product is converted when the tracer reaches it, the sum later: the product's only user must be a sum with the
 other parameter, and that sum is then an alias of the node (`absorbed`). Near misses are refused by name with the
-source line: a one-number parameter multiplied without a one-number bias added to the product alone, a bias that is
-no parameter of one number, parameters not named ``scale`` and ``bias`` of one module (a submodule: the network's own
-``scale`` and ``bias`` have no module path to name the node by), a product read twice.
+source line: a bias that is no parameter of one number, parameters not named ``scale`` and ``bias`` of one module (a
+submodule: the network's own ``scale`` and ``bias`` have no module path to name the node by).
+
+A one-number parameter of any name multiplied with nothing added to the product alone (NFNet's ``skipinit_gain``,
+shape (), in ``out.mul_(self.skipinit_gain)``: `fx_inplace` makes the block read the product) is a ``scalar_affine``
+with ``bias`` false, named by the parameter's path (`_gain`).
 """
 from __future__ import annotations
 
@@ -64,8 +67,7 @@ class _AffineConverter:
         if found is None:
             if shape and shape[-1 if a in self.last else 0] == 1:
                 return False  # one channel: its one factor is a layer_scale (`fx_norms`)
-            raise self.refuse(node, f"a product with the parameter {scale_path!r} of shape {tuple(scale.shape)} (one "
-                                    f"number) and no one-number parameter added to it alone; {FORM}")
+            return self._gain(node, a, scale_path, scale)
         total, bias_path = found
         bias = self.parameter(bias_path, node)
         owner, _, leaf = scale_path.rpartition(".")
@@ -90,6 +92,18 @@ class _AffineConverter:
             fields["init_bias"] = offset
         self._emit(node, "scalar_affine", [self._input(a, node)], owner, **fields)
         self.absorbed[total] = node
+        if a in self.last:
+            self.last.add(node)
+        return True
+
+    def _gain(self, node: fx.Node, a: Any, path: str, p: Any) -> bool:
+        """x · p alone, p a learned number of any name (NFNet's ``skipinit_gain``, shape ()): a ``scalar_affine``
+        without bias named by the parameter's path, which is its tensor's state key, as a layer scale's."""
+        self.claim(path, node)
+        fields: dict[str, Any] = {"bias": False, **({"module_shape": list(p.shape)} if tuple(p.shape) != (1,) else {})}
+        if float(p.detach().reshape(-1)[0]) != 1.0:
+            fields["init"] = float(p.detach().reshape(-1)[0])
+        self._emit(node, "scalar_affine", [self._input(a, node)], path, **fields)
         if a in self.last:
             self.last.add(node)
         return True

@@ -46,6 +46,7 @@ from edgecl.arch.fx_shuffle import _ShuffleConverter
 from edgecl.arch.fx_slices import _SliceConverter
 from edgecl.arch.fx_space_to_depth import _SpaceToDepthConverter
 from edgecl.arch.fx_split_attn import _SplitAttnConverter
+from edgecl.arch.fx_inplace import rewire_inplace
 from edgecl.arch.fx_std_conv import is_std_conv, std_conv_fields
 from edgecl.arch.fx_swin import _SwinConverter
 from edgecl.arch.fx_tiny_vit import _TinyVitConverter
@@ -127,6 +128,7 @@ def from_torch(module: nn.Module, input_shape: tuple[int, ...] | list[int], *, c
     except Exception as exc:  # torch.fx raises many types; the user needs the reason and the line, not the trace
         raise UsageError(f"cannot trace {type(module).__name__} with torch.fx at {raised_at(exc) or 'an unknown line'}"
                          f" ({type(exc).__name__}: {str(exc)[:300]})") from None
+    rewire_inplace(graph)  # `x.mul_(g)`: later reads of x read the product
     traced = fx.GraphModule(module, graph)
     _propagate_shapes(traced, shape)
     return _Converter(traced, module, shape, classifier, name).spec()

@@ -29,6 +29,7 @@ from edgecl.errors import UsageError
 
 SAME_LAYERS = {("timm.layers.conv2d_same", "Conv2dSame"): "conv",
                ("timm.layers.std_conv", "ScaledStdConv2dSame"): "conv",  # weight-standardised too (`fx_std_conv`)
+               ("timm.layers.std_conv", "StdConv2dSame"): "conv",
                ("timm.layers.conv2d_same", "Conv2dSameExport"): "conv",
                ("timm.layers.pool2d_same", "AvgPool2dSame"): "avg",
                ("timm.layers.pool2d_same", "MaxPool2dSame"): "max"}

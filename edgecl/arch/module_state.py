@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecl.arch.op_rules import stored_rows
+from edgecl.arch.op_rules import has_gain, stored_rows
 from edgecl.arch.spec import Arch, node_by_name, param_shapes, state_key
 
 
@@ -35,7 +35,7 @@ def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
     for node in arch["nodes"]:
         if "module_shape" in node:
             shapes[f"{node['name']}.weight"] = tuple(node["module_shape"])
-        if node["op"] == "conv" and node.get("standardize"):  # timm's ScaledStdConv2d.gain
+        if has_gain(node):  # timm's ScaledStdConv2d.gain
             shapes[f"{node['name']}.gain"] = (node["out"], 1, 1, 1)
         if _token_grid(node):
             shapes[f"{node['name']}.weight"] = (1, node["tokens"], node["ch"])

@@ -132,14 +132,20 @@ def attention_state_name(node: dict[str, Any], tensor: str) -> str:
 
 def standardized_fields(out: dict[str, Any], where: str) -> None:
     """A conv's weight-standardisation fields, normalised: both left out of a plain conv (the spec as before they
-    existed); ``gain_scale`` only with ``standardize``, which it defaults to 1 for. (The eps, as every eps, is at
-    least `ops.MIN_EPS`: float32 adds it, where a smaller one is 0 and a zero filter 0/0.)"""
+    existed); ``gain_scale`` and ``std_gain`` only with ``standardize``, which they default to 1 and true for;
+    ``std_gain`` is kept only when false (timm's StdConv2d: no learned gain), so a conv with a gain reads as before
+    the field. (The eps, as every eps, is at least `ops.MIN_EPS`: float32 adds it, where a smaller one is 0 and a
+    zero filter 0/0.)"""
     if out["standardize"] is None:
-        if out["gain_scale"] is not None:
-            raise UsageError(f"{where}: gain_scale needs standardize (the eps of a weight-standardised conv)")
-        del out["standardize"], out["gain_scale"]
-    elif out["gain_scale"] is None:
+        for key in ("gain_scale", "std_gain"):
+            if out[key] is not None:
+                raise UsageError(f"{where}: {key} needs standardize (the eps of a weight-standardised conv)")
+        del out["standardize"], out["gain_scale"], out["std_gain"]
+        return
+    if out["gain_scale"] is None:
         out["gain_scale"] = 1.0
+    if out["std_gain"] is not False:
+        del out["std_gain"]
 
 
 def conv_fields(out: dict[str, Any], where: str) -> None:
@@ -148,3 +154,21 @@ def conv_fields(out: dict[str, Any], where: str) -> None:
     standardized_fields(out, where)
     if out["window"] is None:
         del out["window"]
+
+
+def scalar_affine_fields(out: dict[str, Any], where: str) -> None:
+    """``bias`` kept only when false (a learned number times x alone, NFNet's skipinit gain), so an affine with a
+    bias reads as before the field; without one, no bias to start."""
+    if out["bias"]:
+        del out["bias"]
+    elif out["init_bias"] != 0.0:
+        raise UsageError(f"{where}: init_bias {out['init_bias']:g} needs bias (a scalar_affine without one adds 0)")
+
+
+def has_gain(node: dict[str, Any]) -> bool:
+    """Whether a conv node has a learned ``gain`` tensor: a standardised one unless ``std_gain`` is false."""
+    return node["op"] == "conv" and bool(node.get("standardize")) and node.get("std_gain", True)
+
+
+# op → its fields' joint rule, run by `spec.validate` after each field is read alone
+FIELD_RULES = {"attention": attention_fields, "conv": conv_fields, "scalar_affine": scalar_affine_fields}

@@ -7,10 +7,11 @@ Ops (fields and defaults in `OPS`):
   weight-standardised conv, timm's ScaledStdConv2d (NF-ResNet): each filter w is replaced by
   gain·gain_scale·(w − mean(w)) / √(var(w) + eps), mean and (biased) variance over the filter's in/groups·kh·kw
   numbers, tensor ``gain`` ``(out,)`` (its module stores ``(out, 1, 1, 1)``), ``gain_scale`` a constant (timm's
-  γ/√fan_in, default 1); the rule is applied to the task's *effective* weight, whatever delta made it:
-  `edgecl.graph.standardize`; with ``window`` [wh, ww] it runs on each wh × ww window of the map on its own, zeros
-  padding every window's border, the outputs put back side by side: EfficientViT-MSRA's depthwise conv on q; same
-  weights, so every channel and method rule is a conv's: `edgecl.arch.windows.conv_window_shape`), ``linear`` (weight ``(out, in)``), ``bn``
+  γ/√fan_in, default 1); ``std_gain`` false: no gain tensor, the factor 1 (timm's StdConv2d, BiT); the rule is
+  applied to the task's *effective* weight, whatever delta made it: `edgecl.graph.standardize`; with ``window``
+  [wh, ww] it runs on each wh × ww window of the map on its own, zeros padding every window's border, the outputs
+  put back side by side: EfficientViT-MSRA's depthwise conv on q; same weights, so every channel and method rule is
+  a conv's: `edgecl.arch.windows.conv_window_shape`), ``linear`` (weight ``(out, in)``), ``bn``
   (weight, bias, running_mean, running_var of ``ch`` channels; eps, momentum), ``layer_norm`` (normalises each position
   over its ``ch`` channels, as ConvNeXt's LayerNorm after a permute; eps; weight and bias when ``affine``; or, with
   ``over`` "map" (timm's GroupNorm1, a GroupNorm of one group: MobileViTv2), over the whole (C, H, W) map of a
@@ -23,7 +24,8 @@ Ops (fields and defaults in `OPS`):
   channel, so its input's channels are pinned and keep their order), ``scalar_affine`` (PP-HGNetV2's learnable affine
   block: y = weight·x + bias with one learned number each, weight ``(1,)`` starting at ``init`` and bias ``(1,)`` at
   ``init_bias``, on any tensor; its module stores them as ``MODULE.scale`` and ``MODULE.bias``; they belong to no
-  channel, and a channel that is 0 before it is ``bias`` after it) — tensor names are ``NODE.weight`` etc.; an optional
+  channel, and a channel that is 0 before it is ``bias`` after it; ``bias`` false: y = weight·x, no bias tensor,
+  the weight a bare parameter named by the node, NFNet's ``skipinit_gain``) — tensor names are ``NODE.weight`` etc.; an optional
   ``module`` names the layer's path in the traced module where the node's name had to differ (a layer_scale's: its
   parameter's path), and an optional ``module_shape`` the shape in which that module stores the weight where it differs
   by axes of 1 (a 1×1 conv that is an ``nn.Linear`` applied over the channels stores ``(out, in)``; a γ of shape ``(C,
@@ -143,14 +145,15 @@ _POOL = {"k": ("pair", ...), "stride": ("pair", None), "pad": ("pad", [0, 0]), "
 OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "conv": {"in": ("size", ...), "out": ("size", ...), "k": ("pair", ...), "stride": ("pair", [1, 1]),
              "pad": ("pad", [0, 0]), "dilation": ("pair", [1, 1]), "groups": ("size", 1), "bias": ("bool", True),
-             "standardize": ("eps", None), "gain_scale": ("number", None), "window": ("pair", None)},
+             "standardize": ("eps", None), "gain_scale": ("number", None), "std_gain": ("bool", None),
+             "window": ("pair", None)},
     "linear": {"in": ("size", ...), "out": ("size", ...), "bias": ("bool", True)},
     "bn": {"ch": ("size", ...), "eps": ("eps", 1e-5), "momentum": ("momentum", 0.1)},
     "layer_norm": {"ch": ("size", ...), "eps": ("eps", 1e-5), "affine": ("bool", True), "over": ("norm_over", None)},
     "layer_scale": {"ch": ("size", ...), "init": ("number", 1.0)},
     "grn": {"ch": ("size", ...), "eps": ("eps", 1e-6)},
     "channel_conv": {"ch": ("size", ...), "k": ("size", ...), "circular": ("bool", False)},
-    "scalar_affine": {"init": ("number", 1.0), "init_bias": ("number", 0.0)},
+    "scalar_affine": {"init": ("number", 1.0), "init_bias": ("number", 0.0), "bias": ("bool", True)},
     **{act: {} for act in ACTIVATIONS},
     "maxpool": {**_POOL, "dilation": ("pair", [1, 1])},
     "avgpool": {**_POOL, "count_include_pad": ("bool", True)},

@@ -27,8 +27,8 @@ import re
 from typing import Any
 
 from edgecl.arch.legacy import layers_to_nodes
-from edgecl.arch.op_rules import (attention_fields, attention_state_name, attention_tensor_shapes,
-                                   check_minus_inf_pads, check_table_rows, conv_fields, stored_rows)
+from edgecl.arch.op_rules import (FIELD_RULES, attention_state_name, attention_tensor_shapes, check_minus_inf_pads,
+                                   check_table_rows, has_gain, stored_rows)
 from edgecl.arch.ops import (MAX_NUMBER, MIN_EPS, NORMALISING_OPS, OPS, PAD_MODES, ROWLESS_OPS, TENSOR_OPS,
                              TOKEN_TENSOR_OPS, WEIGHT_OPS, output_shape)
 from edgecl.errors import UsageError
@@ -101,14 +101,15 @@ def stored_form(arch: Arch) -> Arch:
 def state_key(node: dict[str, Any], tensor: str) -> str:
     """The state-dict key of a node's tensor in the traced module (`edgecl.arch.module_state`): the node's name or
     its ``module`` path, then the tensor; a layer scale, a class token and a position embedding are bare parameters,
-    whose key is that path itself, a scalar affine's weight is its module's ``scale`` (timm's LearnableAffineBlock)
+    whose key is that path itself (a scalar affine's without bias too: NFNet's ``skipinit_gain``), a scalar
+    affine's weight is otherwise its module's ``scale`` (timm's LearnableAffineBlock)
     and an attention's bias table its module's ``attention_biases`` (timm's LeViT) or, ``bias_table`` "swin" or
     "tf", its ``relative_position_bias_table`` (talking heads: `op_rules.attention_state_name`).
     A ``module`` ending in ``*`` has the tensor's name in place of the ``*``: torch's packed parameters
     (``nn.MultiheadAttention``'s ``in_proj_weight`` / ``in_proj_bias``, module ``….in_proj_*``); a path that merely
     ends in ``_`` (``self.conv_``) is an ordinary one."""
     path = node.get("module", node["name"])
-    if node["op"] in ("layer_scale", *TOKEN_TENSOR_OPS):
+    if node["op"] in ("layer_scale", *TOKEN_TENSOR_OPS) or node["op"] == "scalar_affine" and "bias" in node:
         return path
     tensor = "scale" if node["op"] == "scalar_affine" and tensor == "weight" else \
         attention_state_name(node, tensor) if node["op"] == "attention" else tensor
@@ -174,12 +175,10 @@ def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
         out["stride"] = list(out["k"])
     if op == "attention" and out["kv_heads"] is None:
         out["kv_heads"] = out["heads"]
-    if op == "attention":
-        attention_fields(out, where)
+    if op in FIELD_RULES:  # attention, conv (weight standardisation), scalar_affine (bias)
+        FIELD_RULES[op](out, where)
     if op == "upsample" and out["align_corners"] and out["mode"] != "bilinear":
         raise UsageError(f"{where}: upsample align_corners needs mode 'bilinear', gets {out['mode']!r}")
-    if op == "conv":
-        conv_fields(out, where)
     for key, absent in (("over", "channels"), ("patch", None)):  # the spec as before GroupNorm1 and MobileViTv2
         if key in out and out[key] in (absent, None):
             del out[key]
@@ -215,14 +214,15 @@ def _module_shape(value: Any, node: dict[str, Any], where: str) -> list[int]:
             raise UsageError(f"{where}: module_shape {str(value)[:60]} of a position embedding must be (1, "
                              f"{node['ch']}, H, W) with H·W = {node['tokens']} positions")
         return list(value)
-    with_shape = (*WEIGHT_OPS, "layer_scale", "channel_conv", "class_token")
+    with_shape = (*WEIGHT_OPS, "layer_scale", "channel_conv", "class_token", "scalar_affine")  # () for skipinit
     one = node["op"] != "class_token" or node["tokens"] == 1
     weight = list(node_tensor_shapes(node)["weight"]) if node["op"] in with_shape and one else None
     if weight is None:
-        raise UsageError(f"{where}: module_shape is for conv, linear, layer_scale, channel_conv, pos_embed and one "
-                         f"class_token's weights, not {node['op']}{'' if one else ' of several tokens'}")
-    if not isinstance(value, list) or not 0 < len(value) <= 4 or not all(_is_size(d) for d in value) or \
-            [d for d in value if d != 1] != [d for d in weight if d != 1]:
+        raise UsageError(f"{where}: module_shape is for conv, linear, layer_scale, channel_conv, scalar_affine, "
+                         f"pos_embed and one class_token's weights, not {node['op']}"
+                         f"{'' if one else ' of several tokens'}")
+    if not isinstance(value, list) or not 0 < len(value) + (node["op"] == "scalar_affine") <= 4 or \
+            not all(_is_size(d) for d in value) or [d for d in value if d != 1] != [d for d in weight if d != 1]:
         raise UsageError(f"{where}: module_shape {str(value)[:60]} must be the weight's shape {weight} with axes of "
                          "1 added or removed")
     return list(value)
@@ -325,13 +325,13 @@ def node_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     if op in WEIGHT_OPS:
         weight = (node["out"], node["in"] // node["groups"], *node["k"]) if op == "conv" else (node["out"], node["in"])
         return {"weight": weight, **({"bias": (node["out"],)} if node["bias"] else {}),
-                **({"gain": (node["out"],)} if node.get("standardize") else {})}
+                **({"gain": (node["out"],)} if has_gain(node) else {})}
     if op == "bn":
         return {k: (node["ch"],) for k in BN_TENSORS}
     if op == "channel_conv":
         return {"weight": (node["k"],)}
     if op == "scalar_affine":
-        return {"weight": (1,), "bias": (1,)}
+        return {"weight": (1,), **({"bias": (1,)} if node.get("bias", True) else {})}
     if op in ("attention", "channel_attention", "lambda_layer"):  # LeViT's per-head table of relative offsets, the
         return attention_tensor_shapes(node)  # talking heads' mixes, XCA's temperature, a lambda layer's filters
     if op in TOKEN_TENSOR_OPS:

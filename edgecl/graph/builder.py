@@ -209,7 +209,8 @@ def _op(b: _Builder, node: dict, ins: list[str], factors: dict, shapes: list[lis
     if op == "grn":
         return _grn(b, h, node)
     if op == "scalar_affine":  # (1,) initializers broadcast over any shape
-        return b.op("Add", [b.op("Mul", [h, f"{node['name']}.weight"]), f"{node['name']}.bias"])
+        scaled = b.op("Mul", [h, f"{node['name']}.weight"])
+        return b.op("Add", [scaled, f"{node['name']}.bias"]) if node.get("bias", True) else scaled
     if op == "channel_conv":
         return _channel_conv(b, h, node)
     if op == "attention":

@@ -94,7 +94,8 @@ def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: 
     if op == "layer_scale":
         return collapse(expand(v, source, cm) * params[f"{name}.weight"].astype(np.float64), source, cm)
     if op == "scalar_affine":  # one number for every channel: a constant c (a dead channel's 0 too) is a·c + b after
-        a, b = (float(params[f"{name}.{k}"].reshape(-1)[0]) for k in ("weight", "bias"))
+        a = float(params[f"{name}.weight"].reshape(-1)[0])
+        b = float(params[f"{name}.bias"].reshape(-1)[0]) if node.get("bias", True) else 0.0  # none: a skipinit gain
         return v * a + b
     if op in (*NORMALISING_OPS, *NEIGHBOUR_OPS, *TOKEN_TENSOR_OPS, "attention", "linear_attention",
               "channel_attention", "fourier_pos", "lambda_layer"):  # varying: each

@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgecl.arch.op_rules import has_gain
 from edgecl.arch.spec import Arch
 from edgecl.errors import UsageError
 from edgecl.graph.nodes import Builder
 
 
+STANDARDIZE_FIELDS = ("standardize", "gain_scale", "std_gain")  # a conv's fields that a folded one has none of
 CHUNK_ELEMENTS = 1 << 16  # filters standardised at a time: float64 temporaries of ~0.5 MB whatever the conv's size
 
 
-def standardized(weight: np.ndarray, gain: np.ndarray, eps: float, scale: float, out: np.ndarray | None = None
-                 ) -> np.ndarray:
+def standardized(weight: np.ndarray, gain: np.ndarray | None, eps: float, scale: float,
+                 out: np.ndarray | None = None) -> np.ndarray:
     """The standardised (out, in/groups, kh, kw) weight, float32 (statistics in float64), written into `out` (may be
-    `weight` itself) or a new array; a few filters at a time, so a large conv needs no float64 copy of itself."""
+    `weight` itself) or a new array; a few filters at a time, so a large conv needs no float64 copy of itself.
+    `gain` None: a conv without one (``std_gain`` false, timm's StdConv2d), each filter's factor `scale` alone."""
+    gain = np.ones(weight.shape[0], np.float32) if gain is None else gain
     out = np.empty(weight.shape, np.float32) if out is None else out
     step = max(1, CHUNK_ELEMENTS // max(1, int(np.prod(weight.shape[1:]))))
     for lo in range(0, weight.shape[0], step):
@@ -35,13 +39,13 @@ def standardized(weight: np.ndarray, gain: np.ndarray, eps: float, scale: float,
     return out
 
 
-def check_finite(name: str, weight: np.ndarray, gain: np.ndarray, scale: float) -> np.ndarray:
+def check_finite(name: str, weight: np.ndarray, gain: np.ndarray | None, scale: float) -> np.ndarray:
     """`weight`, the standardised weight of conv `name`, if finite: finite gains times gain_scale can still overflow
     float32 (|z| ≤ √n), and a folded model would then hold inf weights that every input turns into inf or NaN."""
     if not np.isfinite(weight).all():
         raise UsageError(f"architecture node {name!r}: its standardised weight overflows float32 (largest |gain| "
-                         f"{float(np.abs(gain).max()):g}, gain_scale {scale:g}): every input's logits would be inf or "
-                         "NaN")
+                         f"{1.0 if gain is None else float(np.abs(gain).max()):g}, gain_scale {scale:g}): every "
+                         "input's logits would be inf or NaN")
     return weight
 
 
@@ -58,27 +62,29 @@ def fold_standardized(arch: Arch, params: dict[str, np.ndarray]) -> tuple[Arch, 
     for node in arch["nodes"]:
         if is_standardized(node):
             name = node["name"]
-            gain = params.pop(f"{name}.gain")
+            gain = params.pop(f"{name}.gain", None)
             params[f"{name}.weight"] = check_finite(name, standardized(params[f"{name}.weight"], gain,
                                                                        node["standardize"], node["gain_scale"]),
                                                     gain, node["gain_scale"])
-            node = {k: v for k, v in node.items() if k not in ("standardize", "gain_scale")}
+            node = {k: v for k, v in node.items() if k not in STANDARDIZE_FIELDS}
         nodes.append(node)
     return {**arch, "nodes": nodes}, params
 
 
 def standardized_onnx(b: Builder, node: dict, weight: str) -> str:
     """The standardised weight computed in the graph from the `weight` and ``NODE.gain`` it reads (the switchable
-    graph, whose weights are bound per task): the same statistics as `standardized`, in float32."""
+    graph, whose weights are bound per task): the same statistics as `standardized`, in float32; no gain without
+    ``std_gain``."""
     shape = [node["out"], node["in"] // node["groups"], *node["k"]]
     rows = b.op("Reshape", [weight, b.ints(node["out"], -1)])
     centred = b.op("Sub", [rows, b.op("ReduceMean", [rows], axes=[1], keepdims=1)])
     var = b.op("ReduceMean", [b.op("Mul", [centred, centred])], axes=[1], keepdims=1)
-    gain = b.op("Unsqueeze", [f"{node['name']}.gain", b.ints(1)])
-    if node["gain_scale"] != 1.0:
-        gain = b.op("Mul", [gain, b.constant(float(node["gain_scale"]))])
     normed = b.op("Div", [centred, b.op("Sqrt", [b.op("Add", [var, b.constant(float(node["standardize"]))])])])
-    return b.op("Reshape", [b.op("Mul", [normed, gain]), b.ints(*shape)])
+    gain = b.op("Unsqueeze", [f"{node['name']}.gain", b.ints(1)]) if has_gain(node) else None
+    if node["gain_scale"] != 1.0:
+        scale = b.constant(float(node["gain_scale"]))
+        gain = scale if gain is None else b.op("Mul", [gain, scale])
+    return b.op("Reshape", [normed if gain is None else b.op("Mul", [normed, gain]), b.ints(*shape)])
 
 
 def cut_keeping_standardized(rows: np.ndarray, dead: np.ndarray, eps: float) -> np.ndarray:

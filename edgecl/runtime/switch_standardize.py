@@ -18,8 +18,9 @@ from typing import Callable
 
 import numpy as np
 
+from edgecl.arch.op_rules import has_gain
 from edgecl.arch.spec import Arch
-from edgecl.graph.standardize import check_finite, is_standardized, standardized
+from edgecl.graph.standardize import STANDARDIZE_FIELDS, check_finite, is_standardized, standardized
 from edgecl.runtime.plan import TensorPlan
 
 
@@ -32,24 +33,25 @@ class SwitchStandardized:
         self.convs: dict[str, tuple[float, float]] = {}
         for node in arch["nodes"]:
             weight, gain = by_name.get(f"{node['name']}.weight"), by_name.get(f"{node['name']}.gain")
-            if not is_standardized(node) or weight is None or gain is None:
+            if not is_standardized(node) or weight is None or gain is None and has_gain(node):
                 continue
-            if weight.varies or weight.plan == "own" and not gain.varies or \
-                    weight.plan == "static" and gain.plan in ("static", "const"):
-                self.convs[node["name"]] = (node["standardize"], node["gain_scale"])
-        self.unread = {f"{name}.gain" for name in self.convs}  # tensors the graph does not read
-        self.arch = {**arch, "nodes": [{k: v for k, v in n.items() if k not in ("standardize", "gain_scale")}
+            if weight.varies or weight.plan == "own" and (gain is None or not gain.varies) or \
+                    weight.plan == "static" and (gain is None or gain.plan in ("static", "const")):
+                self.convs[node["name"]] = (node["standardize"], node["gain_scale"])  # no gain: StdConv2d's
+        self.gains = {f"{name}.gain" for name in self.convs if f"{name}.gain" in by_name}
+        self.unread = set(self.gains)  # tensors the graph does not read
+        self.arch = {**arch, "nodes": [{k: v for k, v in n.items() if k not in STANDARDIZE_FIELDS}
                                        if n["name"] in self.convs else n for n in arch["nodes"]]}
         self.written = [name for name in self.convs if by_name[f"{name}.weight"].varies]
         for name in self.convs:
             plan = by_name[f"{name}.weight"]
-            gain = by_name[f"{name}.gain"]
+            gain = by_name.get(f"{name}.gain")
             if plan.plan == "own":  # each task's own weight, standardised once: the plan's arrays from now on
                 plan.per_task = [self._standardized(name, w, gain_value(gain, t)) for t, w in enumerate(plan.per_task)]
             elif plan.plan == "static":  # one weight and gain for every task (an unfactored shared one): once
-                plan.base = self._standardized(name, plan.base, gain.base)
+                plan.base = self._standardized(name, plan.base, gain_value(gain, 0))
 
-    def _standardized(self, name: str, weight: np.ndarray, gain: np.ndarray, out: np.ndarray | None = None
+    def _standardized(self, name: str, weight: np.ndarray, gain: np.ndarray | None, out: np.ndarray | None = None
                       ) -> np.ndarray:
         eps, scale = self.convs[name]
         return check_finite(name, standardized(weight, gain, eps, scale, out), gain, scale)
@@ -58,11 +60,15 @@ class SwitchStandardized:
         """Standardise, in place, each written weight a slot's fill left in `host`; `gain_of(tensor)`: its gain."""
         for name in self.written:
             weight = host[f"{name}.weight"]
-            self._standardized(name, weight, gain_of(f"{name}.gain"), out=weight)
+            self._standardized(name, weight, gain_of(f"{name}.gain") if f"{name}.gain" in self.gains else None,
+                               out=weight)
 
 
-def gain_value(plan: TensorPlan, t: int, host: dict[str, np.ndarray] | None = None) -> np.ndarray:
-    """Task t's value of a gain tensor whatever its plan: a slot's buffer (filled for t), its own array, the base."""
+def gain_value(plan: TensorPlan | None, t: int, host: dict[str, np.ndarray] | None = None) -> np.ndarray | None:
+    """Task t's value of a gain tensor whatever its plan: a slot's buffer (filled for t), its own array, the base;
+    None for a conv without a gain (``std_gain`` false)."""
+    if plan is None:
+        return None
     if plan.varies:
         return plan.task_view(host[plan.name], t)
     return plan.per_task[t] if plan.plan == "own" else plan.base

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from edgecl.arch import INPUT, WEIGHT_OPS, Arch, param_shapes
 from edgecl.arch.attention_windows import partition, window_mask, window_of
-from edgecl.arch.op_rules import TALKING
+from edgecl.arch.op_rules import TALKING, has_gain
 from edgecl.arch.ops import blur_filter
 from edgecl.arch.sdta_ops import fourier_grid
 from edgecl.train import distributed
@@ -34,13 +34,14 @@ def init_params(arch: Arch, n_classes: int | None = None, generator: torch.Gener
     for node in arch["nodes"]:
         if node["op"] == "layer_scale":
             params[f"{node['name']}.weight"].fill_(node["init"])
-        if node["op"] == "conv" and node.get("standardize"):  # timm's ScaledStdConv2d gain_init
+        if has_gain(node):  # timm's ScaledStdConv2d gain_init
             params[f"{node['name']}.gain"].fill_(1.0)
         if node["op"] == "grn":  # ConvNeXt V2's start: the identity
             params[f"{node['name']}.weight"].zero_()
         if node["op"] == "scalar_affine":  # a fresh LearnableAffineBlock's numbers (1 and 0 in timm)
             params[f"{node['name']}.weight"].fill_(node["init"])
-            params[f"{node['name']}.bias"].fill_(node["init_bias"])
+            if node.get("bias", True):
+                params[f"{node['name']}.bias"].fill_(node["init_bias"])
         if node["op"] in ("class_token", "pos_embed"):  # timm's start: normal, std 0.02 (the class token's 1e-6
             # would leave every task's token alike; a spread start is what torchvision and timm's pos_embed use)
             weight = params[f"{node['name']}.weight"]
@@ -127,7 +128,7 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
     if op == "conv":
         weight = params[f"{name}.weight"]
         if node.get("standardize"):  # of the task's effective weight (`edgecl.graph.standardize`)
-            weight = standardized(weight, params[f"{name}.gain"], node["standardize"], node["gain_scale"])
+            weight = standardized(weight, params.get(f"{name}.gain"), node["standardize"], node["gain_scale"])
         bias = params.get(f"{name}.bias")
         conv = functools.partial(F.conv2d, weight=weight, bias=bias, stride=node["stride"], padding=node["pad"],
                                  dilation=node["dilation"], groups=node["groups"])
@@ -158,7 +159,8 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return h + torch.addcmul(params[f"{name}.bias"].reshape(-1, 1, 1), params[f"{name}.weight"].reshape(-1, 1, 1),
                                  h * n)
     if op == "scalar_affine":  # one learned number times every value, plus one: (1,) tensors broadcast
-        return h * params[f"{name}.weight"] + params[f"{name}.bias"]
+        scaled = h * params[f"{name}.weight"]
+        return scaled + params[f"{name}.bias"] if node.get("bias", True) else scaled  # none: NFNet's skipinit gain
     if op == "channel_conv":  # ECA: a 1-D convolution along the channels of the pooled (N, C, 1, 1) vector
         return _channel_conv(h, params[f"{name}.weight"], node["circular"])
     if op == "class_token":  # (N, C, T, 1) → (N, C, tokens + T, 1), the learned tokens first
@@ -245,12 +247,14 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
     raise ValueError(f"node {name!r}: op {op!r} has no torch form")
 
 
-def standardized(weight: torch.Tensor, gain: torch.Tensor, eps: float, scale: float) -> torch.Tensor:
-    """Each filter as gain·scale·(w − mean) / √(var + eps), biased variance: timm's ScaledStdConv2d computes it by
-    this same ``F.batch_norm`` of the weight, so the two agree bit for bit."""
+def standardized(weight: torch.Tensor, gain: torch.Tensor | None, eps: float, scale: float) -> torch.Tensor:
+    """Each filter as gain·scale·(w − mean) / √(var + eps), biased variance (no gain: 1): timm's ScaledStdConv2d
+    and StdConv2d compute it by this same ``F.batch_norm`` of the weight, so they agree bit for bit."""
     out = weight.shape[0]
-    return F.batch_norm(weight.reshape(1, out, -1), None, None, weight=(gain * scale).reshape(-1), training=True,
-                        momentum=0.0, eps=eps).reshape_as(weight)
+    factor = (gain * scale).reshape(-1) if gain is not None else None if scale == 1.0 else \
+        torch.full((out,), scale, dtype=weight.dtype)
+    return F.batch_norm(weight.reshape(1, out, -1), None, None, weight=factor, training=True, momentum=0.0,
+                        eps=eps).reshape_as(weight)
 
 
 def _channel_conv(h: torch.Tensor, weight: torch.Tensor, circular: bool) -> torch.Tensor:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from edgecl.arch import INPUT, Arch, ChannelError, channel_map, consumers, node_by_name, param_shapes
+from edgecl.arch.op_rules import has_gain
 from edgecl.arch.spec import frozen_tensors, rowless_tensors
 from edgecl.errors import UsageError
 
@@ -145,14 +146,16 @@ def node_map(arch: Arch) -> NodeMap:
             if len(after) == 1 and nodes[after[0]]["op"] == "bn":
                 bn_after[node["name"]] = nodes[after[0]]
                 scale_free += [t for t in (f"{node['name']}.weight", f"{node['name']}.bias") if t in shapes]
-            elif node.get("standardize"):  # its filters are standardised: the gain carries their scale
+            elif has_gain(node):  # its filters are standardised: the gain carries their scale (without one
+                # (StdConv2d) nothing does: the rows themselves are measured and shrunk, their output 0 only at 0)
                 scale_free.append(f"{node['name']}.weight")
     stats = [t for t in cm.rows if t.rsplit(".", 1)[1] in STATS]
     own = stats + rowless_tensors(arch)
     specs = {t: _spec(cm.rows[t], cm.cols.get(t), nodes[t.rsplit(".", 1)[0]]) if t not in own else {"kind": "task"}
              for t in shapes}
     specs.update({t: {"kind": "shared"} for t in fixed})
-    affines = {n["name"]: index(cm.spaces[n["name"]]) for n in arch["nodes"] if n["op"] == "scalar_affine"}
+    affines = {n["name"]: index(cm.spaces[n["name"]]) for n in arch["nodes"]  # a bias-less one keeps a zero node 0
+               if n["op"] == "scalar_affine" and n.get("bias", True)}
     # a negative q, k or v value is used as much as a positive one (and a dead q or k channel is no dead output)
     # by XCA and by a lambda layer:
     # such a node may only die with all its rows exactly zero
