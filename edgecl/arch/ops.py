@@ -10,12 +10,12 @@ Ops (fields and defaults in `OPS`):
   γ/√fan_in, default 1); the rule is applied to the task's *effective* weight, whatever delta made it:
   `edgecl.graph.standardize`; with ``window`` [wh, ww] it runs on each wh × ww window of the map on its own, zeros
   padding every window's border, the outputs put back side by side: EfficientViT-MSRA's depthwise conv on q; same
-  weights, so every channel and method rule is a conv's: `edgecl.arch.windows.conv_window_shape`), ``linear`` (weight ``(out, in)``), ``bn``
-  (weight, bias, running_mean, running_var of ``ch`` channels; eps, momentum), ``layer_norm`` (normalises each position
-  over its ``ch`` channels, as ConvNeXt's LayerNorm after a permute; eps; weight and bias when ``affine``; or, with
-  ``over`` "map" (timm's GroupNorm1, a GroupNorm of one group: MobileViTv2), over the whole (C, H, W) map of a
-  sample, its affine still per channel), ``layer_scale`` (weight: one learned factor per channel, ConvNeXt's γ,
-  starting at ``init``), ``grn`` (ConvNeXt V2's
+  weights, so every channel and method rule is a conv's: `edgecl.arch.windows.conv_window_shape`), ``linear``
+  (weight ``(out, in)``), ``bn`` (weight, bias, running_mean, running_var of ``ch`` channels; eps, momentum),
+  ``layer_norm`` (normalises each position over its ``ch`` channels, as ConvNeXt's LayerNorm after a permute; eps;
+  weight and bias when ``affine``; or, with ``over`` "map" (timm's GroupNorm1, a GroupNorm of one group: MobileViTv2),
+  over the whole (C, H, W) map of a sample, its affine still per channel), ``layer_scale`` (weight: one learned factor
+  per channel, ConvNeXt's γ, starting at ``init``), ``grn`` (ConvNeXt V2's
   global response norm: x + bias + weight·x·n, n = each channel's spatial L2 norm over the channels' mean of it + eps;
   weight and bias start at 0, the identity), ``channel_conv`` (ECA channel attention's 1-D convolution along the
   channels of a pooled ``(ch, 1, 1)`` vector: output channel i is Σ_j weight[j] · x[i + j − (k−1)/2], its ``k`` (odd)
