@@ -140,3 +140,63 @@ def test_factored_runtime_equals_the_exported_graph(method_name, monkeypatch):
             want = ort.InferenceSession(graph, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
             assert np.abs(rt.infer(x, task=t) - want).max() <= 1e-4
     assert chosen and chosen[-1].get("plain") == {"halrp": "lowrank", "rgo": "permute+bias"}[method_name]
+
+
+def test_random_windows_match_a_conv_cut_by_hand():
+    """Non-square maps and windows, strides that do not divide the window, dilation, groups, padding wider than the
+    kernel, batch 1 and 2: torch and ONNX give the conv cut window by window; a window the size of the map is the
+    plain conv, a 1×1 window of a 1×1 kernel a per-position product (held on the current code)."""
+    rng, checked = np.random.default_rng(0), 0
+    for trial in range(60):
+        (wh, ww), (nh, nw) = rng.integers(1, 6, 2).tolist(), rng.integers(1, 4, 2).tolist()
+        fields = {"k": rng.integers(1, 5, 2).tolist(), "stride": rng.integers(1, 4, 2).tolist(),
+                  "pad": rng.integers(0, 4, 2).tolist(), "dilation": rng.integers(1, 3, 2).tolist(),
+                  "groups": int(rng.choice([1, 2, 4])), "window": [wh, ww]}
+        try:
+            spec = validate(_spec(fields, (4, nh * wh, nw * ww)))
+        except UsageError:  # the kernel does not fit the window
+            continue
+        weights = random_params(spec, seed=trial)
+        x = torch.randn(1 + trial % 2, 4, nh * wh, nw * ww, generator=torch.Generator().manual_seed(trial))
+        w, b = (torch.from_numpy(weights[f"c.{k}"]) for k in ("weight", "bias"))
+        conv = {"stride": fields["stride"], "padding": fields["pad"], "dilation": fields["dilation"],
+                "groups": fields["groups"]}
+        head = [torch.from_numpy(weights[f"head.{k}"]) for k in ("weight", "bias")]
+        want = F.linear(_by_hand(x, w, b, [wh, ww], **conv).flatten(1), *head)
+        assert np.abs(spec_logits(spec, weights, x) - want.numpy()).max() <= 1e-5 * max(1.0, float(want.abs().max()))
+        checked += 1
+    assert checked >= 30
+    x = torch.randn(2, 4, 6, 9, generator=torch.Generator().manual_seed(1))
+    for fields, window in (({"stride": 2, "dilation": [2, 1], "pad": 2, "groups": 2}, [6, 9]),
+                           ({"k": 1, "pad": 0}, [1, 1])):
+        weights = random_params(validate(_spec(fields)), seed=2)
+        assert np.abs(spec_logits(validate(_spec({**fields, "window": window})), weights, x) -
+                      spec_logits(validate(_spec(fields)), weights, x)).max() <= 1e-5
+
+
+@pytest.mark.parametrize("pad, k, stride, kept", [(1, 3, 1, 5), (0, 3, 1, 4), (0, 1, 2, 4), (1, 3, 2, 5)])
+def test_compaction_folds_a_constant_through_a_windowed_conv_only_without_padding(pad, k, stride, kept):
+    """A constant channel (0.7) read by a windowed conv: padded, every window's border sees zeros, so the channel
+    stays; unpadded, it folds into the conv's bias; the compacted graph's logits are the dense one's (held)."""
+    from edgecl.export import compact_task
+    from edgecl.export.onnx_export import run_onnx
+    from edgecl.graph.builder import build_onnx
+
+    nodes = [{"name": "c1", "op": "conv", "inputs": ["input"], "in": 2, "out": 6, "k": 3, "pad": 1},
+             {"name": "r", "op": "relu", "inputs": ["c1"]},
+             {"name": "c2", "op": "conv", "inputs": ["r"], "in": 6, "out": 6, "k": k, "pad": pad, "stride": stride,
+              "window": [4, 3]},
+             {"name": "dw", "op": "conv", "inputs": ["c2"], "in": 6, "out": 6, "k": 3, "pad": 1, "groups": 6,
+              "window": [1, 1] if stride == 2 else [2, 2]},
+             {"name": "f", "op": "flatten", "inputs": ["dw"]}]
+    arch = validate({"name": "w", "input_shape": [2, 12, 12], "nodes": nodes})
+    p = random_params(arch, 3)
+    p["c1.weight"][0], p["c1.bias"][0] = 0, 0.7  # constant 0.7 into c2
+    p["c1.weight"][1], p["c1.bias"][1] = 0, -0.3  # ReLU makes it 0: goes
+    p["dw.weight"][4] = 0  # c2's channel 4 reaches the logits as dw's bias only: folds
+    c_arch, c_params, report = compact_task(arch, p, channel_multiple=1)
+    assert report.layers["c1"] == [6, kept] and report.layers["c2"] == [6, 5]
+    assert [n.get("window") for n in c_arch["nodes"][2:4]] == [[4, 3], nodes[3]["window"]]
+    x = np.random.default_rng(0).random((4, 2, 12, 12), dtype=np.float32)
+    dense, small = run_onnx(build_onnx(arch, p), x), run_onnx(build_onnx(c_arch, c_params), x)
+    assert np.abs(dense - small).max() <= 1e-4 * max(1.0, np.abs(dense).max())
