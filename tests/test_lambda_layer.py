@@ -115,6 +115,8 @@ def _edited(edit, stride: int = 1) -> nn.Module:
     (lambda: _edited(lambda m: setattr(m, "norm_q", nn.Identity())), "'attn.norm_q' is a Identity"),
     (lambda: _edited(lambda m: setattr(m, "pool", nn.MaxPool2d(2)), 2), "pool is a MaxPool2d"),
     (lambda: _edited(lambda m: setattr(m, "pool", nn.AvgPool2d(2, 2, ceil_mode=True)), 2), "'attn.pool' is AvgPool2d"),
+    (lambda: _edited(lambda m: setattr(m, "pool", nn.AvgPool2d(2, 2, divisor_override=3)), 2),
+     "'attn.pool' is AvgPool2d"),  # was converted as a plain average: outputs 4/3 of the module's
 ])
 def test_what_edgecl_does_not_follow_is_refused_by_name(make, words):
     with pytest.raises(UsageError, match=words) as info:

@@ -69,8 +69,10 @@ class _LambdaConverter:
         self.alias[node] = out
 
     def _lambda_pool(self, node: fx.Node, pool: nn.AvgPool2d, x: str, path: str, where: str) -> str:
-        """timm's AvgPool2d(2, 2): no padding, floor mode."""
-        if (pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode) not in ((2, 2, 0, False),):
+        """timm's AvgPool2d(2, 2): no padding, floor mode, dividing by the window (a divisor_override would
+        otherwise be dropped silently: another network)."""
+        if (pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode, pool.divisor_override) != (2, 2, 0, False,
+                                                                                                    None):
             raise UsageError(f"{self.name}: {where}: {path!r} is {pool}; edgecl converts timm's AvgPool2d(2, 2)")
         return self._emit(node, "avgpool", [x], path, k=[2, 2], stride=[2, 2], pad=[0, 0], ceil_mode=False,
                           count_include_pad=True)
