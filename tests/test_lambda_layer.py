@@ -136,9 +136,12 @@ def test_timm_lambda_resnet26t_at_64():
 
 
 def test_a_small_spec_asking_for_huge_lambda_work_is_refused():
-    """Three 1×1 convs of 4096 outputs (12 K weights) over a 64×64 map: q times the position lambdas would be
-    heads × dim × dv × T = 4096³ products per sample (550 GB of float32) — refused at validation, as an attention's
-    scores are; timm's lambda_resnet26t at 224 stays far under the bound."""
+    """Three 1×1 convs of 4096 outputs over a 64×64 map, averaged to a head (33 K trunk weights in all): q times the
+    position lambdas would be heads × dim × dv × T = 4096³ products per sample (550 GB of float32) — refused at
+    validation, as an attention's scores are; timm's lambda_resnet26t at 224 stays far under the bound."""
+    hostile = _spec(1, 4096, 4096, 1, (1, 64, 64))
+    hostile["nodes"][-1:] = [{"name": "g", "op": "gap", "inputs": ["a"]},
+                             {"name": "f", "op": "flatten", "inputs": ["g"]}]
     with pytest.raises(UsageError, match="products per sample"):
-        validate(_spec(1, 4096, 4096, 1, (1, 64, 64)))
+        validate(hostile)
     assert node_shapes(validate(_spec(4, 16, 128, 9, (1, 28, 28))))["a"] == [512, 28, 28]
