@@ -113,6 +113,7 @@ def _edited(edit, stride: int = 1) -> nn.Module:
     (lambda: _edited(lambda m: setattr(m, "conv_lambda", nn.Conv3d(1, 4, (3, 3, 1), padding=(1, 1, 0),
                                                                    bias=False))), "with bias"),
     (lambda: _edited(lambda m: setattr(m, "norm_q", nn.Identity())), "'attn.norm_q' is a Identity"),
+    (lambda: _edited(lambda m: setattr(m, "qkv", nn.Sequential(nn.Conv2d(16, 24, 1)))), "qkv is a Sequential"),
     (lambda: _edited(lambda m: setattr(m, "pool", nn.MaxPool2d(2)), 2), "pool is a MaxPool2d"),
     (lambda: _edited(lambda m: setattr(m, "pool", nn.AvgPool2d(2, 2, ceil_mode=True)), 2), "'attn.pool' is AvgPool2d"),
     (lambda: _edited(lambda m: setattr(m, "pool", nn.AvgPool2d(2, 2, divisor_override=3)), 2),

@@ -51,6 +51,8 @@ class _LambdaConverter:
                 conv.groups != 1 or conv.padding_mode != "zeros":
             raise UsageError(f"{self.name}: {where}: conv_lambda is {conv}; edgecl converts timm's Conv3d(1, "
                              f"{dim}, (r, r, 1), padding (r // 2, r // 2, 0)) of zeros, with bias and an odd r")
+        if not isinstance(m.qkv, nn.Conv2d):  # its outputs are read as q, k and v by their count
+            raise UsageError(f"{self.name}: {where}: qkv is a {type(m.qkv).__name__}; edgecl converts timm's Conv2d")
         if m.qkv.out_channels != heads * dim + dim + dv:
             raise UsageError(f"{self.name}: {where}: qkv has {m.qkv.out_channels} outputs, not heads {heads} × dim "
                              f"{dim} + dim + dv {dv}")
