@@ -113,8 +113,11 @@ def _edited(edit, stride: int = 1) -> nn.Module:
     (lambda: _edited(lambda m: setattr(m, "conv_lambda", nn.Conv3d(1, 4, (3, 3, 1), padding=(1, 1, 0),
                                                                    bias=False))), "with bias"),
     (lambda: _edited(lambda m: setattr(m, "norm_q", nn.Identity())), "'attn.norm_q' is a Identity"),
+    (lambda: _edited(lambda m: setattr(m, "qkv", nn.Sequential(nn.Conv2d(16, 24, 1)))), "qkv is a Sequential"),
     (lambda: _edited(lambda m: setattr(m, "pool", nn.MaxPool2d(2)), 2), "pool is a MaxPool2d"),
     (lambda: _edited(lambda m: setattr(m, "pool", nn.AvgPool2d(2, 2, ceil_mode=True)), 2), "'attn.pool' is AvgPool2d"),
+    (lambda: _edited(lambda m: setattr(m, "pool", nn.AvgPool2d(2, 2, divisor_override=3)), 2),
+     "'attn.pool' is AvgPool2d"),  # was converted as a plain average: outputs 4/3 of the module's
 ])
 def test_what_edgecl_does_not_follow_is_refused_by_name(make, words):
     with pytest.raises(UsageError, match=words) as info:
@@ -131,3 +134,15 @@ def test_timm_lambda_resnet26t_at_64():
     assert [n["r"] for n in spec["nodes"] if n["op"] == "lambda_layer"] == [9, 9, 9]
     randomise_batchnorm(module)
     check_parity(module, spec, (3, 64, 64), batch=2)
+
+
+def test_a_small_spec_asking_for_huge_lambda_work_is_refused():
+    """Three 1×1 convs of 4096 outputs over a 64×64 map, averaged to a head (33 K trunk weights in all): q times the
+    position lambdas would be heads × dim × dv × T = 4096³ products per sample (550 GB of float32) — refused at
+    validation, as an attention's scores are; timm's lambda_resnet26t at 224 stays far under the bound."""
+    hostile = _spec(1, 4096, 4096, 1, (1, 64, 64))
+    hostile["nodes"][-1:] = [{"name": "g", "op": "gap", "inputs": ["a"]},
+                             {"name": "f", "op": "flatten", "inputs": ["g"]}]
+    with pytest.raises(UsageError, match="products per sample"):
+        validate(hostile)
+    assert node_shapes(validate(_spec(4, 16, 128, 9, (1, 28, 28))))["a"] == [512, 28, 28]

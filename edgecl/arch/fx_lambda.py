@@ -51,6 +51,8 @@ class _LambdaConverter:
                 conv.groups != 1 or conv.padding_mode != "zeros":
             raise UsageError(f"{self.name}: {where}: conv_lambda is {conv}; edgecl converts timm's Conv3d(1, "
                              f"{dim}, (r, r, 1), padding (r // 2, r // 2, 0)) of zeros, with bias and an odd r")
+        if not isinstance(m.qkv, nn.Conv2d):  # its outputs are read as q, k and v by their count
+            raise UsageError(f"{self.name}: {where}: qkv is a {type(m.qkv).__name__}; edgecl converts timm's Conv2d")
         if m.qkv.out_channels != heads * dim + dim + dv:
             raise UsageError(f"{self.name}: {where}: qkv has {m.qkv.out_channels} outputs, not heads {heads} × dim "
                              f"{dim} + dim + dv {dv}")
@@ -69,8 +71,10 @@ class _LambdaConverter:
         self.alias[node] = out
 
     def _lambda_pool(self, node: fx.Node, pool: nn.AvgPool2d, x: str, path: str, where: str) -> str:
-        """timm's AvgPool2d(2, 2): no padding, floor mode."""
-        if (pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode) not in ((2, 2, 0, False),):
+        """timm's AvgPool2d(2, 2): no padding, floor mode, dividing by the window (a divisor_override would
+        otherwise be dropped silently: another network)."""
+        if (pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode, pool.divisor_override) != (2, 2, 0, False,
+                                                                                                    None):
             raise UsageError(f"{self.name}: {where}: {path!r} is {pool}; edgecl converts timm's AvgPool2d(2, 2)")
         return self._emit(node, "avgpool", [x], path, k=[2, 2], stride=[2, 2], pad=[0, 0], ceil_mode=False,
                           count_include_pad=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from edgecl.arch.limits import MAX_ACTIVATION
 from edgecl.errors import UsageError
 
 MAX_RADIUS = 31  # the position window's side: timm's is 9
@@ -30,6 +31,10 @@ def lambda_shape(node: dict[str, Any], ins: list[list[int]], where: str) -> list
             r % 2 == 0 or r > MAX_RADIUS:
         raise UsageError(f"{where}: lambda_layer needs maps q of {h} heads × dim {d} channels, k of {d} and v at the "
                          f"same positions, and an odd r of at most {MAX_RADIUS}, gets {ins} and r={r}")
+    if (products := h * d * v[0] * math.prod(q[1:])) > MAX_ACTIVATION:  # q times the position lambdas before the
+        # sum over dim: a spec of a few thousand weights could otherwise ask for hundreds of GB
+        raise UsageError(f"{where}: lambda_layer of {h} heads, dim {d}, {v[0]} value channels over {q[1:]} computes "
+                         f"{products} products per sample, more than {MAX_ACTIVATION}")
     return [h * v[0], *q[1:]]
 
 

@@ -27,6 +27,7 @@ import re
 from typing import Any
 
 from edgecl.arch.legacy import layers_to_nodes
+from edgecl.arch.limits import MAX_ACTIVATION
 from edgecl.arch.op_rules import (FIELD_RULES, attention_state_name, attention_tensor_shapes, check_minus_inf_pads,
                                    check_table_rows, has_gain, stored_rows)
 from edgecl.arch.ops import (MAX_NUMBER, MIN_EPS, NORMALISING_OPS, OPS, PAD_MODES, ROWLESS_OPS, TENSOR_OPS,
@@ -38,8 +39,6 @@ INPUT = "input"
 MAX_NODES = 10_000  # ~20× a ResNet-152; bounds the work a spec read from a file can cause
 MAX_INPUTS = 256
 MAX_EDGES = 2 * MAX_NODES  # inputs of all nodes: 10,000 adds of 256 inputs (an 18 MB file) took 2 min, 8.7 GB to run
-MAX_ACTIVATION = 1 << 28  # elements of one node's output per sample (1 GiB of float32): cat can multiply channels;
-#                          also bounds an attention's heads × T² scores
 MAX_DIM = 1 << 31
 MAX_NDIM = 3
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,159}")

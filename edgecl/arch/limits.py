@@ -1,0 +1,7 @@
+"""Bounds on the work one spec node may ask for, shared by `edgecl.arch.spec` and the op modules that check their
+own intermediates (`edgecl.arch.lambda_ops`): a spec read from a file must not make a small artifact allocate
+gigabytes."""
+from __future__ import annotations
+
+MAX_ACTIVATION = 1 << 28  # elements of one node's output per sample (1 GiB of float32): cat can multiply channels;
+#                          also bounds an attention's heads × T² scores and a lambda layer's heads × dim × dv × T
