@@ -76,7 +76,8 @@ def _arch(name: str) -> dict:
               "efficientvit_msra": lambda: TinyEfficientViTMsra(in_channels=3, width=16),
               "efficientvit_msra_windows": lambda: TinyEfficientViTMsra(in_channels=3, width=16, window=3),
               "nf": lambda: TinyNFNet(in_channels=3, width=16), "lambda": lambda: TinyLambdaNet(in_channels=3),
-              "std": lambda: TinyStdNet(in_channels=3, width=16), "gn": lambda: TinyGroupNormNet(in_channels=3, width=16)}
+              "std": lambda: TinyStdNet(in_channels=3, width=16),
+              "gn": lambda: TinyGroupNormNet(in_channels=3, width=16)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 

@@ -16,8 +16,8 @@ Ops (fields and defaults in `OPS`):
   over its ``ch`` channels, as ConvNeXt's LayerNorm after a permute; eps; weight and bias when ``affine``; or, with
   ``over`` "map" (timm's GroupNorm1, a GroupNorm of one group: MobileViTv2), over the whole (C, H, W) map of a
   sample, its affine still per channel; with ``groups`` G (a GroupNorm of G groups: BiT), over each of the G
-  contiguous blocks of C/G channels of the map separately; G 1 is left out of the stored spec), ``layer_scale`` (weight: one learned factor per channel, ConvNeXt's γ,
-  starting at ``init``), ``grn`` (ConvNeXt V2's
+  contiguous blocks of C/G channels of the map separately; G 1 is left out of the stored spec), ``layer_scale``
+  (weight: one learned factor per channel, ConvNeXt's γ, starting at ``init``), ``grn`` (ConvNeXt V2's
   global response norm: x + bias + weight·x·n, n = each channel's spatial L2 norm over the channels' mean of it + eps;
   weight and bias start at 0, the identity), ``channel_conv`` (ECA channel attention's 1-D convolution along the
   channels of a pooled ``(ch, 1, 1)`` vector: output channel i is Σ_j weight[j] · x[i + j − (k−1)/2], its ``k`` (odd)
