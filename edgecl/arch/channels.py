@@ -18,7 +18,8 @@ the shuffled order, and pinned (a shuffle of fewer channels would order the rest
 contiguous block of channels whose statistics every one of its channels shifts). A ``branch_softmax`` (split
 attention) makes channel c of each of its R blocks one unit, as an ``add`` of the blocks would: the blocks are cut
 apart and tied channel by channel, so a decision about channel c is taken for all R of its logits at once
-(removing one branch's logit would change the others' softmax; removing all R of them, or permuting every block alike, leaves every other channel's values). Tokens are a
+(removing one branch's logit would change the others' softmax; removing all R of them, or permuting every block
+alike, leaves every other channel's values). Tokens are a
 ``(C, T, 1)`` map: a ``class_token`` or ``pos_embed`` keeps its input's channels and its weight's rows are them (like
 a bias); an ``attention`` ties q's channels to k's (channel i of each meets in the dot products, one unit), its output
 channels are v's, and q, k and v are pinned and ordered: each head is a contiguous block of channels, so removing or
