@@ -305,10 +305,13 @@ def _spec(draw) -> dict:
             if draw(st.booleans()):
                 node["temperature"] = draw(st.sampled_from([10000.0, 0.5])) if fits else \
                     draw(st.sampled_from([float("inf"), "1", None, 0.0, -2.0, 1e-300]))  # no finite grid
-        elif op == "layer_norm":  # over the channels, or over the whole map (MobileViTv2's GroupNorm1)
+        elif op == "layer_norm":  # over the channels, or over the whole map (GroupNorm1, or of G groups: BiT)
             node["ch"] = dims[0] if fits else draw(hostile)
             if draw(st.booleans()):
                 node["over"] = draw(st.sampled_from(["channels", "map"] if fits else ["groups", 1, None]))
+            if draw(st.booleans()):  # fitting: groups dividing the channels (over the channels only 1 fits)
+                node["groups"] = draw(st.sampled_from([g for g in (1, 2, 4) if dims[0] % g == 0])) if fits else \
+                    draw(st.sampled_from([0, dims[0] + 1, "2", 2.0, None]))
         elif op == "attention_pool":  # GCNet's pool over the map, or MobileViTv2's per patch offset (patch)
             node["inputs"].append(draw(st.sampled_from([n for n in names if known.get(n, [0])[:1] == [1] and
                                                         known.get(n)[1:] == dims[1:]] or names)))

@@ -12,7 +12,7 @@ from edgecl.arch import from_torch
 from edgecl.arch.factories import ensure_torchvision_imports
 
 ensure_torchvision_imports()
-from timm.layers import ScaledStdConv2d, StdConv2d, StdConv2dSame  # noqa: E402
+from timm.layers import GroupNormAct, ScaledStdConv2d, StdConv2d, StdConv2dSame  # noqa: E402
 from timm.models.nfnet import NormFreeBlock  # noqa: E402
 
 RELU_GAMMA = 1.7139588594436646  # timm's _nonlin_gamma["relu"]
@@ -88,3 +88,31 @@ class TinyStdNet(nn.Module):
 
 def std_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyStdNet(in_channels=input_shape[0]), tuple(input_shape))
+
+
+class TinyGroupNormNet(nn.Module):
+    """BiT's normalisation in small: nn.GroupNorm of 4 groups after a StdConv2d stem, then a residual pair of convs
+    each followed by timm's GroupNormAct (2 groups, ReLU), the second without an affine; weights and biases drawn at
+    random (a fresh GroupNorm's are 1 and 0, which would hide them)."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8):
+        super().__init__()
+        self.stem = StdConv2d(in_channels, width, 3, padding=1, eps=1e-8)
+        self.norm = nn.GroupNorm(4, width)
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1)
+        self.norm1 = GroupNormAct(width, 2, act_layer=nn.ReLU)
+        self.conv2 = nn.Conv2d(width, width, 1)
+        self.norm2 = GroupNormAct(width, 2, affine=False, act_layer=nn.ReLU)
+        self.fc = nn.Linear(width, classes)
+        with torch.no_grad():
+            for p in (*self.norm.parameters(), *self.norm1.parameters()):
+                p.copy_(torch.rand(p.shape, generator=torch.Generator().manual_seed(p.numel())) + 0.5)
+
+    def forward(self, x):
+        h = torch.relu(self.norm(self.stem(x)))
+        h = h + self.norm2(self.conv2(self.norm1(self.conv1(h))))
+        return self.fc(h.mean((2, 3)))
+
+
+def group_norm_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyGroupNormNet(in_channels=input_shape[0]), tuple(input_shape))

@@ -16,7 +16,7 @@ import pytest
 import torch
 from layer_nets import TinyBlur, TinyEca, TinyHGNet, TinyMNv4Hybrid, TinyMobileViT, TinySplitAttn, TinyViT
 from neck_nets import TinyFPN
-from layer_nets_nf import TinyNFNet, TinyStdNet
+from layer_nets_nf import TinyGroupNormNet, TinyNFNet, TinyStdNet
 from layer_nets_vit import TinyEfficientViTMsra, TinyFastViT, tiny_pit
 from linear_nets import TinyEdgeNeXt, TinyEfficientViT, TinyLambdaNet, TinyMobileViTv2
 from torch_nets import MODELS, GhostSplit, ResCat, TinyConvNeXt
@@ -76,13 +76,14 @@ def _arch(name: str) -> dict:
               "efficientvit_msra": lambda: TinyEfficientViTMsra(in_channels=3, width=16),
               "efficientvit_msra_windows": lambda: TinyEfficientViTMsra(in_channels=3, width=16, window=3),
               "nf": lambda: TinyNFNet(in_channels=3, width=16), "lambda": lambda: TinyLambdaNet(in_channels=3),
-              "std": lambda: TinyStdNet(in_channels=3, width=16)}
+              "std": lambda: TinyStdNet(in_channels=3, width=16),
+              "gn": lambda: TinyGroupNormNet(in_channels=3, width=16)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
 _CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4", "vit_tokens", "blur", "mobilevit",
            "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra",
-           "efficientvit_msra_windows", "nf", "lambda", "std")
+           "efficientvit_msra_windows", "nf", "lambda", "std", "gn")
 
 
 def _stream(name: str, n_tasks: int):
@@ -105,7 +106,7 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
 @pytest.fixture(scope="module", params=["resnet", "rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit",
                                                 "mnv4", "vit_tokens", "blur", "mobilevit", "fpn", "fastvit",
                                                 "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra",
-                                                "efficientvit_msra_windows", "nf", "lambda", "std"])
+                                                "efficientvit_msra_windows", "nf", "lambda", "std", "gn"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

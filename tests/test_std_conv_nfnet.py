@@ -137,13 +137,6 @@ def test_a_subclass_of_std_conv_is_refused_by_name():
         from_torch(nn.Sequential(Mine(1, 4, 3), nn.Flatten(), nn.Linear(256, 2)), (1, 8, 8))
 
 
-def test_bit_resnetv2_stays_refused_at_its_group_norm():
-    """resnetv2_50x1_bit's StdConv2d goes in; its GroupNorm of 32 groups has no spec form (left out, named)."""
-    net = build_module("timm:resnetv2_50x1_bit").eval()
-    with pytest.raises(UsageError, match=r"unsupported op 'group_norm' .* in stages\.0\.blocks\.0\.norm1"):
-        from_torch(net, (3, 32, 32))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name, convs, gains", [("dm_nfnet_f0", 57, 12), ("nf_regnet_b0", 54, 0)])
 def test_nfnets_have_module_parity_with_random_gains(name, convs, gains):

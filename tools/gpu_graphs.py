@@ -43,8 +43,8 @@ NORMS = {"name": "norms", "input_shape": [3, 16, 16], "nodes": [
 
 # the layer families added later: TResNet's space_to_depth, a weight-standardised conv (NF-ResNet), a scalar affine
 # (HGNetV2), ECA's channel_conv, GCNet's attention_pool and broadcast add, split attention's branch_softmax, Swin's
-# shifted window attention, EfficientViT's linear attention, MobileViTv2's GroupNorm1 and patch context, EdgeNeXt's
-# Fourier grid and channel attention, and a ViT
+# shifted window attention, EfficientViT's linear attention, MobileViTv2's GroupNorm1 and patch context, BiT's GroupNorm
+# of 4 groups, EdgeNeXt's Fourier grid and channel attention, and a ViT
 # block on the (C, T, 1) token map (register tokens, class token, position embedding, attention, token pooling)
 LAYERS = {"name": "layers", "input_shape": [3, 16, 16], "nodes": [
     {"name": "s2d", "op": "space_to_depth", "inputs": ["input"], "block": 2},
@@ -79,7 +79,8 @@ LAYERS = {"name": "layers", "input_shape": [3, 16, 16], "nodes": [
      "window": [2, 4], "dilated": True},  # grid attention (MobileViT, MaxViT): positions 4 rows, 2 columns apart
     {"name": "g_res", "op": "add", "inputs": ["w_res", "g_attend"]},
     {"name": "l_norm", "op": "layer_norm", "inputs": ["g_res"], "ch": 8, "over": "map"},  # MobileViTv2's GroupNorm1
-    {"name": "l_attend", "op": "linear_attention", "inputs": ["l_norm"] * 3, "heads": 2},  # EfficientViT's
+    {"name": "gn_norm", "op": "layer_norm", "inputs": ["l_norm"], "ch": 8, "over": "map", "groups": 4},  # BiT's
+    {"name": "l_attend", "op": "linear_attention", "inputs": ["gn_norm"] * 3, "heads": 2},  # EfficientViT's
     {"name": "l_logits", "op": "conv", "inputs": ["l_attend"], "in": 8, "out": 1, "k": 1},
     {"name": "l_context", "op": "attention_pool", "inputs": ["l_attend", "l_logits"], "patch": [2, 2]},  # MobileViTv2
     {"name": "l_res", "op": "add", "inputs": ["g_res", "l_context"]},

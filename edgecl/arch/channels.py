@@ -14,10 +14,12 @@ an axis then has both parts, side by side), so every group stays a set of channe
 A ``shuffle`` interleaves channels of different groups: its input's groups are cut into single channels, listed in
 the shuffled order, and pinned (a shuffle of fewer channels would order the rest differently). A ``channel_conv``
 (ECA) reads each channel's neighbours: its input's groups are pinned and *ordered* (no channel may go or move; its
-``(k,)`` weight has no rows). A ``branch_softmax`` (split attention) makes channel c of each of its R blocks one
-unit, as an ``add`` of the blocks would: the blocks are cut apart and tied channel by channel, so a decision about
-channel c is taken for all R of its logits at once (removing one branch's logit would change the others' softmax;
-removing all R of them, or permuting every block alike, leaves every other channel's values). Tokens are a
+``(k,)`` weight has no rows); so are a GroupNorm's of G > 1 groups (a ``layer_norm`` with ``groups``: each group a
+contiguous block of channels whose statistics every one of its channels shifts). A ``branch_softmax`` (split
+attention) makes channel c of each of its R blocks one unit, as an ``add`` of the blocks would: the blocks are cut
+apart and tied channel by channel, so a decision about channel c is taken for all R of its logits at once
+(removing one branch's logit would change the others' softmax; removing all R of them, or permuting every block
+alike, leaves every other channel's values). Tokens are a
 ``(C, T, 1)`` map: a ``class_token`` or ``pos_embed`` keeps its input's channels and its weight's rows are them (like
 a bias); an ``attention`` ties q's channels to k's (channel i of each meets in the dot products, one unit), its output
 channels are v's, and q, k and v are pinned and ordered: each head is a contiguous block of channels, so removing or
@@ -126,6 +128,8 @@ def channel_map(arch: Arch) -> ChannelMap:
             rows.update({f"{name}.{k}": x for k in node_tensor_shapes(node)})
             if op in NORMALISING_OPS:
                 pinned_by.append(x)
+            if node.get("groups", 1) > 1:  # a GroupNorm's groups are contiguous blocks: moving a channel would
+                ordered_by.append(x)  # move it into another group's statistics
         elif op in NEIGHBOUR_OPS:
             out = x
             pinned_by.append(x)

@@ -78,7 +78,7 @@ class _Tracer(ShapeFlowTracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         _check_own_forward(m, qualname)
-        if isinstance(m, nn.LayerNorm):  # traced into: its F.layer_norm reads its parameters (`fx_norms`)
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)):  # traced into: F.layer_norm / F.group_norm (`fx_norms`)
             return False
         if any(kept(m) for kept, _ in WHOLE):
             return True

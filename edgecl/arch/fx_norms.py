@@ -9,6 +9,8 @@
 - ``F.layer_norm(x, (C,), weight, bias, eps)`` — what ``nn.LayerNorm`` and the libraries' ``LayerNorm2d`` (permute,
   layer_norm, permute) run, traced into — becomes a ``layer_norm`` node over the channels of a channels-last map or
   of a feature vector, named by the layer's path (its tensors keep their state-dict keys).
+- ``F.group_norm(x, G, weight, bias, eps)`` — what ``nn.GroupNorm`` and timm's ``GroupNormAct`` (BiT) run — on a
+  channels-first map becomes a ``layer_norm`` over the map with ``groups`` G (left out for one group).
 - A parameter multiplying a tensor channel by channel (ConvNeXt's ``gamma`` / ``layer_scale``, of shape
   ``(C,)`` or ``(C, 1, 1)``) becomes a ``layer_scale`` node named by the parameter's path.
 - timm's ``GlobalResponseNorm`` (ConvNeXt V2), kept whole by the tracer, becomes a ``grn`` node.
@@ -30,7 +32,8 @@ from edgecl.errors import UsageError
 
 TO_LAST, FROM_LAST = [0, 2, 3, 1], [0, 3, 1, 2]
 PERMUTES = (torch.permute, "permute")
-LAYER_NORMS = (F.layer_norm, torch.layer_norm)
+GROUP_NORMS = (F.group_norm, torch.group_norm)
+LAYER_NORMS = (F.layer_norm, torch.layer_norm, *GROUP_NORMS)  # `_NormConverter.layer_norm` takes both
 GRN = ("timm.layers.grn", "GlobalResponseNorm")  # ConvNeXt V2's layer, known by where it is defined
 
 
@@ -142,6 +145,8 @@ class _NormConverter:
     # -- layers -----------------------------------------------------------------------------------------------------
     def layer_norm(self, node: fx.Node) -> None:
         """F.layer_norm over the channels: of a channels-last map, or of a feature vector (N, C)."""
+        if node.target in GROUP_NORMS:
+            return self.group_norm(node)
         args = self.bind(node, ("input", "normalized_shape", "weight", "bias", "eps", "cudnn_enable"))
         source, shape = args["input"], shape_of(args["input"])
         last = source in self.last
@@ -160,28 +165,48 @@ class _NormConverter:
                                     "over the channels: of a feature vector, or of a map put channels-last by "
                                     "permute(0, 2, 3, 1) (ConvNeXt's LayerNorm)")
         x, ch = self._input(source, node), shape[-1]
-        weight, bias = args["weight"], args["bias"]
-        if (weight is None) != (bias is None):
-            raise self.refuse(node, "a LayerNorm with a weight but no bias (or the reverse) is not supported")
-        fields: dict[str, Any] = {"ch": ch, "eps": float(args["eps"] if args["eps"] is not None else 1e-5),
-                                  "affine": weight is not None}
-        stack = list(node.meta.get("nn_module_stack") or [])  # the module it runs in (the traced copy lacks some)
-        path = stack[-1] if stack and isinstance(self.module_at(stack[-1]), nn.LayerNorm) else None
-        if weight is not None:
-            paths = [self.attrs.get(t) for t in (weight, bias)]
-            if None in paths or paths[0][:-len("weight")] != paths[1][:-len("bias")] or \
-                    not paths[0].endswith(".weight") or not paths[1].endswith(".bias"):
-                raise self.refuse(node, "its weight and bias must be a LayerNorm's own parameters (LAYER.weight, "
-                                        "LAYER.bias)")
-            path = paths[0][:-len(".weight")]
-            for p in paths:
-                found = tuple(self.parameter(p, node).shape)
-                if found != (ch,):
-                    raise self.refuse(node, f"{p!r} has shape {found}, not ({ch},)")
-            self.claim(path, node)  # one call per set of weights (a LayerNorm without any may run twice)
-        self._emit(node, "layer_norm", [x], path, **fields)
+        fields: dict[str, Any] = {"ch": ch, "eps": float(args["eps"] if args["eps"] is not None else 1e-5)}
+        self._emit(node, "layer_norm", [x], self._norm_path(node, args, ch, nn.LayerNorm, fields), **fields)
         if last:
             self.last.add(node)
+
+    def group_norm(self, node: fx.Node) -> None:
+        """F.group_norm of a channels-first (N, C, H, W) map: a ``layer_norm`` over the map with ``groups`` G."""
+        args = self.bind(node, ("input", "num_groups", "weight", "bias", "eps", "cudnn_enabled"))
+        source, shape, groups = args["input"], shape_of(args["input"]), args["num_groups"]
+        if source in self.last or shape is None or len(shape) != 3 or type(groups) is not int or groups < 1 or \
+                shape[0] % groups:
+            raise self.refuse(node, f"group_norm of {groups} groups of a tensor of shape {shape}; only a whole "
+                                    "number of groups of a channels-first (N, C, H, W) map")
+        ch = shape[0]
+        fields: dict[str, Any] = {"ch": ch, "eps": float(args["eps"] if args["eps"] is not None else 1e-5),
+                                  "over": "map", **({"groups": groups} if groups > 1 else {})}
+        path = self._norm_path(node, args, ch, nn.GroupNorm, fields)
+        self._emit(node, "layer_norm", [self._input(source, node)], path, **fields)
+
+    def _norm_path(self, node: fx.Node, args: dict[str, Any], ch: int, kind: type, fields: dict[str, Any]) -> Any:
+        """The norm's node name: its weight and bias's layer (claimed, each ``(ch,)``), else the `kind` module it
+        runs in; sets ``affine`` in `fields`. Both or neither of weight and bias, the layer's own."""
+        weight, bias, label = args["weight"], args["bias"], kind.__name__
+        if (weight is None) != (bias is None):
+            raise self.refuse(node, f"a {label} with a weight but no bias (or the reverse) is not supported")
+        fields["affine"] = weight is not None
+        stack = list(node.meta.get("nn_module_stack") or [])  # the module it runs in (the traced copy lacks some)
+        path = stack[-1] if stack and isinstance(self.module_at(stack[-1]), kind) else None
+        if weight is None:
+            return path
+        paths = [self.attrs.get(t) for t in (weight, bias)]
+        if None in paths or paths[0][:-len("weight")] != paths[1][:-len("bias")] or \
+                not paths[0].endswith(".weight") or not paths[1].endswith(".bias"):
+            raise self.refuse(node, f"its weight and bias must be a {label}'s own parameters (LAYER.weight, "
+                                    "LAYER.bias)")
+        path = paths[0][:-len(".weight")]
+        for p in paths:
+            found = tuple(self.parameter(p, node).shape)
+            if found != (ch,):
+                raise self.refuse(node, f"{p!r} has shape {found}, not ({ch},)")
+        self.claim(path, node)  # one call per set of weights (a norm without any may run twice)
+        return path
 
     def global_response_norm(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
         """timm's GlobalResponseNorm (kept whole by the tracer): a ``grn`` node, on the layout it was built for."""

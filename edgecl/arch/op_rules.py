@@ -171,4 +171,16 @@ def has_gain(node: dict[str, Any]) -> bool:
 
 
 # op → its fields' joint rule, run by `spec.validate` after each field is read alone
-FIELD_RULES = {"attention": attention_fields, "conv": conv_fields, "scalar_affine": scalar_affine_fields}
+def layer_norm_fields(out: dict[str, Any], where: str) -> None:
+    """A GroupNorm's ``groups`` G: over the map, G dividing the channels; one group left out (the spec as before
+    groups existed, so older readers read it)."""
+    groups = out.pop("groups") or 1
+    if groups > 1 and (out["over"] != "map" or out["ch"] % groups):
+        raise UsageError(f"{where}: layer_norm groups {groups} needs over 'map' and {out['ch']} channels that the "
+                         "groups divide")
+    if groups > 1:
+        out["groups"] = groups
+
+
+FIELD_RULES = {"attention": attention_fields, "conv": conv_fields, "scalar_affine": scalar_affine_fields,
+               "layer_norm": layer_norm_fields}

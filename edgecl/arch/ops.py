@@ -15,8 +15,9 @@ Ops (fields and defaults in `OPS`):
   (weight, bias, running_mean, running_var of ``ch`` channels; eps, momentum), ``layer_norm`` (normalises each position
   over its ``ch`` channels, as ConvNeXt's LayerNorm after a permute; eps; weight and bias when ``affine``; or, with
   ``over`` "map" (timm's GroupNorm1, a GroupNorm of one group: MobileViTv2), over the whole (C, H, W) map of a
-  sample, its affine still per channel), ``layer_scale`` (weight: one learned factor per channel, ConvNeXt's γ,
-  starting at ``init``), ``grn`` (ConvNeXt V2's
+  sample, its affine still per channel; with ``groups`` G (a GroupNorm of G groups: BiT), over each of the G
+  contiguous blocks of C/G channels of the map separately; G 1 is left out of the stored spec), ``layer_scale``
+  (weight: one learned factor per channel, ConvNeXt's γ, starting at ``init``), ``grn`` (ConvNeXt V2's
   global response norm: x + bias + weight·x·n, n = each channel's spatial L2 norm over the channels' mean of it + eps;
   weight and bias start at 0, the identity), ``channel_conv`` (ECA channel attention's 1-D convolution along the
   channels of a pooled ``(ch, 1, 1)`` vector: output channel i is Σ_j weight[j] · x[i + j − (k−1)/2], its ``k`` (odd)
@@ -149,7 +150,8 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
              "window": ("pair", None)},
     "linear": {"in": ("size", ...), "out": ("size", ...), "bias": ("bool", True)},
     "bn": {"ch": ("size", ...), "eps": ("eps", 1e-5), "momentum": ("momentum", 0.1)},
-    "layer_norm": {"ch": ("size", ...), "eps": ("eps", 1e-5), "affine": ("bool", True), "over": ("norm_over", None)},
+    "layer_norm": {"ch": ("size", ...), "eps": ("eps", 1e-5), "affine": ("bool", True), "over": ("norm_over", None),
+                   "groups": ("size", None)},
     "layer_scale": {"ch": ("size", ...), "init": ("number", 1.0)},
     "grn": {"ch": ("size", ...), "eps": ("eps", 1e-6)},
     "channel_conv": {"ch": ("size", ...), "k": ("size", ...), "circular": ("bool", False)},

@@ -174,7 +174,7 @@ def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
         out["stride"] = list(out["k"])
     if op == "attention" and out["kv_heads"] is None:
         out["kv_heads"] = out["heads"]
-    if op in FIELD_RULES:  # attention, conv (weight standardisation), scalar_affine (bias)
+    if op in FIELD_RULES:  # attention, conv (weight standardisation), scalar_affine (bias), layer_norm (groups)
         FIELD_RULES[op](out, where)
     if op == "upsample" and out["align_corners"] and out["mode"] != "bilinear":
         raise UsageError(f"{where}: upsample align_corners needs mode 'bilinear', gets {out['mode']!r}")

@@ -200,7 +200,7 @@ def _op(b: _Builder, node: dict, ins: list[str], factors: dict, shapes: list[lis
     if op == "bn":
         return _bn(b, h, node)
     if op == "layer_norm" and node.get("over") == "map":
-        return map_norm(b, h, node)
+        return map_norm(b, h, node, in_shape)
     if op == "layer_norm":
         return _layer_norm(b, h, node, flat)
     if op == "layer_scale":  # a (C,) weight times (N, C) features or, unsqueezed to (C, 1, 1), an NCHW map

@@ -39,12 +39,18 @@ def patch_context(b: Builder, x: str, logits: str, node: dict, shape: list[int])
     return b.op("Tile", [pooled, b.ints(1, 1, nh, nw)])
 
 
-def map_norm(b: Builder, h: str, node: dict) -> str:
-    """A ``layer_norm`` over the whole map (timm's GroupNorm1): (h − mean) / √(variance + eps) over C, H, W per
-    sample, then the per-channel affine (unsqueezed to (C, 1, 1))."""
-    centred = b.op("Sub", [h, b.op("ReduceMean", [h], axes=[1, 2, 3], keepdims=1)])
-    variance = b.op("ReduceMean", [b.op("Mul", [centred, centred])], axes=[1, 2, 3], keepdims=1)
+def map_norm(b: Builder, h: str, node: dict, shape: list[int]) -> str:
+    """A ``layer_norm`` over the whole map (a GroupNorm): (h − mean) / √(variance + eps) over C, H, W per sample
+    (GroupNorm1) or, with G ``groups``, over each group of the map Reshaped to (N, G, C/G·H·W) and back; then the
+    per-channel affine (unsqueezed to (C, 1, 1)). One group keeps the graph it had before groups existed."""
+    groups = node.get("groups", 1)
+    x = h if groups == 1 else b.op("Reshape", [h, b.ints(0, groups, -1)])
+    axes = [1, 2, 3] if groups == 1 else [2]
+    centred = b.op("Sub", [x, b.op("ReduceMean", [x], axes=axes, keepdims=1)])
+    variance = b.op("ReduceMean", [b.op("Mul", [centred, centred])], axes=axes, keepdims=1)
     normed = b.op("Div", [centred, b.op("Sqrt", [b.op("Add", [variance, b.constant(float(node["eps"]))])])])
+    if groups > 1:
+        normed = b.op("Reshape", [normed, b.ints(0, *shape)])
     if not node["affine"]:
         return normed
     axes = b.ints(1, 2)

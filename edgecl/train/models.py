@@ -145,8 +145,8 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
                             momentum=node["momentum"], eps=node["eps"])
     if op == "layer_norm":  # over the channels at each position, as ConvNeXt's permute + LayerNorm computes it
         w, b = params.get(f"{name}.weight"), params.get(f"{name}.bias")
-        if node.get("over") == "map":  # timm's GroupNorm1: one group, the whole map of a sample
-            return F.group_norm(h, 1, w, b, node["eps"])
+        if node.get("over") == "map":  # a GroupNorm: each of its groups of channels over the whole map of a sample
+            return F.group_norm(h, node.get("groups", 1), w, b, node["eps"])
         if h.dim() == 2:
             return F.layer_norm(h, (node["ch"],), w, b, node["eps"])
         return F.layer_norm(h.permute(0, 2, 3, 1), (node["ch"],), w, b, node["eps"]).permute(0, 3, 1, 2)
