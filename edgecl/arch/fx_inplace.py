@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from edgecl.arch.fx_calls import describe
+from edgecl.arch.fx_calls import describe, is_library_identity
 from edgecl.errors import UsageError
 
 # the results that share memory with their first argument (views, and calls that return the tensor itself)
@@ -85,12 +85,16 @@ def _inplace_argument(node: fx.Node) -> bool:
 
 
 def _is_alias(node: fx.Node, root: nn.Module) -> bool:
-    """Whether `node`'s result shares memory with its first argument (a view, or the tensor itself)."""
+    """Whether `node`'s result shares memory with its first argument (a view, or the tensor itself: an identity,
+    dropout in eval)."""
     if node.op == "call_method":
         return node.target in _VIEW_METHODS
     if node.op == "call_function":
-        return node.target in _VIEW_FUNCTIONS
-    return node.op == "call_module" and isinstance(root.get_submodule(str(node.target)), _VIEW_MODULES)
+        return node.target in _VIEW_FUNCTIONS or is_library_identity(node.target)
+    if node.op != "call_module":
+        return False
+    layer = root.get_submodule(str(node.target))  # timm's DropPath & co. return their input itself in eval
+    return isinstance(layer, _VIEW_MODULES) or is_library_identity(layer)
 
 
 def _memory(node: fx.Node, root: nn.Module) -> set[fx.Node]:
