@@ -151,3 +151,22 @@ def test_nfnets_have_module_parity_with_random_gains(name, convs, gains):
     assert sum(bool(n.get("standardize")) for n in spec["nodes"]) == convs
     assert sum(n["op"] == "scalar_affine" and n.get("bias") is False for n in spec["nodes"]) == gains
     check_parity(net, spec, (3, 64, 64), batch=2)
+
+
+def test_starting_weights_of_a_one_number_parameter_round_trip(tmp_path):
+    """NFNet's skipinit gain is stored with shape (): starting weights from the module, again from the checked
+    weights, and from the .npz of the module's state give its number (numpy's ascontiguousarray made it (1,) and the
+    module was refused; `to_module_state` raised a TypeError on its len())."""
+    from edgecl.arch.module_state import to_module_state
+    from edgecl.train.initial import starting_weights
+
+    net = TinyStdNet().eval()
+    spec = from_torch(net, (1, 8, 8))
+    first = starting_weights(net, spec)
+    want = float(net.block1.skipinit_gain.detach())
+    assert first.values["block1.skipinit_gain.weight"].tolist() == [want]
+    state = to_module_state(spec, first.values)
+    assert state["block1.skipinit_gain"].shape == ()
+    np.savez(tmp_path / "w.npz", **state)
+    for again in (starting_weights(first, spec), starting_weights(str(tmp_path / "w.npz"), spec)):
+        assert again.sha256 == first.sha256

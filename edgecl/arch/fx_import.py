@@ -123,12 +123,12 @@ def from_torch(module: nn.Module, input_shape: tuple[int, ...] | list[int], *, c
         module = nn.Sequential(module)
     try:
         graph = _Tracer(shape).trace(module, concrete_args=_concrete_defaults(module))
+        rewire_inplace(graph, module)  # `x.mul_(g)`: later reads of x read the product (`fx_inplace`)
     except UsageError as exc:
         raise UsageError(f"{name}: {exc}") from None
     except Exception as exc:  # torch.fx raises many types; the user needs the reason and the line, not the trace
         raise UsageError(f"cannot trace {type(module).__name__} with torch.fx at {raised_at(exc) or 'an unknown line'}"
                          f" ({type(exc).__name__}: {str(exc)[:300]})") from None
-    rewire_inplace(graph)  # `x.mul_(g)`: later reads of x read the product
     traced = fx.GraphModule(module, graph)
     _propagate_shapes(traced, shape)
     return _Converter(traced, module, shape, classifier, name).spec()

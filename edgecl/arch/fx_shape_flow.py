@@ -38,6 +38,7 @@ from torch import fx, nn
 from torch.fx import _symbolic_trace
 from torch.fx.proxy import Attribute
 
+from edgecl.arch.fx_inplace import AugmentedAssignment
 from edgecl.arch.fx_shape_values import ExampleValues, Known, hold
 from edgecl.errors import UsageError
 
@@ -157,6 +158,10 @@ class ShapeFlowTracer(fx.Tracer):
         if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
             return iter([obj[i] for i in range(len(value))])  # the parts of a split stay in the graph
         return iter(value)
+
+    def example(self, proxy: fx.Proxy) -> Any:
+        """`proxy`'s value on the example input at the import batch (a tensor, or a Python value of shapes)."""
+        return self._evaluate(proxy.node, _BATCHES[0], _calling_line())
 
     # -- resolving one value ----------------------------------------------------------------------------------------
     def resolve(self, proxy: fx.Proxy, use: str, items: bool = False) -> Any:
@@ -347,7 +352,7 @@ class _ShapeAttribute(_Concrete, Attribute):
         return node
 
 
-class _ShapeProxy(_Concrete, fx.Proxy):
+class _ShapeProxy(_Concrete, AugmentedAssignment, fx.Proxy):
     def __getattr__(self, k: str) -> Any:
         if k == "device":  # the spec is device-free: `torch.autocast(x.device.type)`, `if x.is_cuda`-style reads
             return torch.device("cpu")

@@ -84,7 +84,7 @@ def to_module_state(arch: Arch, values: dict[str, Any]) -> dict[str, np.ndarray]
         table = out.setdefault(keys[name], np.zeros(stored[name], dtype=np.float32))
         table[rows.start:rows.stop] = np.asarray(array)
         given[keys[name]] = given.get(keys[name], 0) + len(rows)
-    return {key: v for key, v in out.items() if given.get(key, len(v)) == len(v)}
+    return {key: v for key, v in out.items() if key not in given or given[key] == len(v)}  # () tensors have no len
 
 
 def to_module(arch: Arch, name: str, array: Any) -> np.ndarray:

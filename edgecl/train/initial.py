@@ -185,7 +185,7 @@ def _float32(value: Any, name: str, where: str) -> np.ndarray:
     if array.dtype.kind != "f":
         raise UsageError(f"{where}: tensor {name!r} has dtype {array.dtype}; starting weights are floating point")
     with np.errstate(over="ignore"):
-        array = np.ascontiguousarray(array, dtype=np.float32)
+        array = np.array(array, dtype=np.float32, order="C")  # not ascontiguousarray: it makes a () tensor (1,)
     if not np.isfinite(array).all():
         raise UsageError(f"{where}: tensor {name!r} holds {int((~np.isfinite(array)).sum())} NaN, infinite or "
                          "beyond-float32 values")
