@@ -77,12 +77,15 @@ def test_outputs_read_below_zero_count_as_used(monkeypatch, seed):
 
 
 def test_relu_read_is_every_path_through_a_relu():
-    """The resnet preset's outputs all reach a ReLU (the block's second BatchNorm through the residual add); an
-    output the head reads directly, or one any reader reads without a ReLU, is not."""
-    assert node_map(preset("resnet")).relu_read == set(node_map(preset("resnet")).hooks)
-    mlp = node_map(preset("mlp"))
-    assert mlp.relu_read == set(mlp.hooks)
-    assert not node_map(_arch("vit")).relu_read & {"blocks.0.attn.proj", "blocks.0.mlp.fc2"}
+    """The ReLU networks' outputs all reach a ReLU (the resnet block's second BatchNorm through the residual add),
+    so their Ω stays the paper's; a stream a LayerNorm, attention or the head reads, a gate's logit, an output
+    gated before its add (ResCat's branch) are read as they are."""
+    for name in ("resnet", "lenet", "mlp"):
+        nodes = node_map(preset(name))
+        assert nodes.relu_read == set(nodes.hooks) and not nodes.passes, name
+    assert not node_map(_arch("vit")).relu_read  # patch embedding, qkv, proj, fc2: the stream; fc1: its GELU's
+    rescat = node_map(_arch("rescat"))
+    assert rescat.relu_read == {"stem.0", "se_reduce"} and set(rescat.passes) == {"branch_b.0"}
 
 
 @pytest.mark.slow  # every graph of test_agscl_graphs, two seeds, two short tasks each (~1-3 min)
