@@ -20,11 +20,16 @@ holds a node only while its drift after a step is within αλΩ_n, which Adam's 
 weakly active nodes (Ω_n ≲ √d_n/λ): each task records its important and exactly frozen nodes and the largest change
 of the previous task's deployed weights, and leaves a warning note (the CLI prints it) when that change is not zero.
 
-Importance (8): after a task, Ω ← η·Ω + the mean ReLU activation of the node over the task's training data
-(spatial mean for convolutions), where a node's activation is the mean over its group's conv/linear outputs, each
-read after the BatchNorm that follows it — the value it adds to the residual stream. On a chain this is the
-paper's activation; on a stream written by several layers a channel is used when any of them writes into it. An
-output a GELU, SiLU, … reads counts by |GELU(a)| (they pass negative values). Nodes with Ω = 0 are the unimportant
+Importance (8): after a task, Ω ← η·Ω + the node's mean activity over the task's training data (spatial mean for
+convolutions): the mean over its group's conv/linear outputs, each read after the BatchNorm that follows it — the
+value it adds to the residual stream — as its readers read it. Ω measures how much a node's value is *used*, so
+that a node cut for Ω = 0 was 0 wherever it was read and the cut changes no logit: an output every reader reads
+through a ReLU/ReLU6 (past adds, concatenations, pools: `agscl_nodes.relu_read_only`) counts by its mean ReLU
+activation — the paper's measure, unchanged on ReLU networks (resnet preset, LeNet, MLP); one a GELU, SiLU, …
+alone reads by |GELU(a)|; any other (read by a LayerNorm, attention, a plain conv or linear — a linear bottleneck —,
+a sigmoid gate, the head) by its mean |value|, since a value always ≤ 0 there is used (ReLU's measure called it 0
+and the cut moved the logits: `tests/test_agscl_deployed.py`). On a stream written by several layers a channel is
+used when any of them writes into it. Nodes with Ω = 0 are the unimportant
 set G₀ (channels no layer writes, an EdgeNeXt grid's, are always important, as the input: `NodeMap.unwritten`); a
 node once important stays important (the node masks only grow).
 Then (I.1) the connections from unimportant nodes are zeroed in every layer and head that reads them — for good

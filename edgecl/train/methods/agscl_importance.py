@@ -17,11 +17,12 @@ from edgecl.train.protocol import batches
 
 def node_activity(arch: Arch, nodes: NodeMap, trunk: Params, task: TaskData, device: str,
                   important: np.ndarray | None, features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Each node's mean ReLU activation over the task's training data (spatial mean for convs), averaged over the
-    conv/linear outputs of its group, each after the BatchNorm that follows it — the mean |activation| of an output
-    a channel_attention reads (`NodeMap.signed`: a negative q, k or v is used), the mean |GELU(a)| of one a GELU,
-    SiLU, … reads (`NodeMap.passes`: they pass negative values); channels no layer writes stay 0. Measured on the
-    network the task trained (`important`: the nodes important before it, whose affine biases are never masked).
+    """Each node's mean activity over the task's training data (spatial mean for convs), averaged over the
+    conv/linear outputs of its group, each after the BatchNorm that follows it and read as its readers read it: the
+    mean ReLU activation where every reader reads it through a ReLU (`NodeMap.relu_read`: the paper's), the mean
+    |GELU(a)| of one a GELU, SiLU, … alone reads (`NodeMap.passes`), else the mean |a| (a value below 0 that a
+    LayerNorm, attention, a plain layer, a gate or the head reads is used); channels no layer writes stay 0. Measured
+    on the network the task trained (`important`: the nodes important before it, whose affine biases are never masked).
     With `features`, the same pass also gives the mean of the head's input features (what `fold_into_head` folds):
     one pass over the data, not two. Every rank's samples count (`distributed.all_sum`)."""
     params = {k: v.to(device) for k, v in trunk.items()}
@@ -38,8 +39,8 @@ def node_activity(arch: Arch, nodes: NodeMap, trunk: Params, task: TaskData, dev
             b = bn["name"]
             a = F.batch_norm(a, params[f"{b}.running_mean"], params[f"{b}.running_var"], params[f"{b}.weight"],
                              params[f"{b}.bias"], training=False, eps=bn["eps"])
-        a = activation(nodes.passes[name], a).abs() if name in nodes.passes else \
-            a.abs() if name in nodes.signed else F.relu(a)
+        a = F.relu(a) if name in nodes.relu_read else \
+            activation(nodes.passes[name], a).abs() if name in nodes.passes else a.abs()
         total.index_add_(0, rows[nodes.hooks[name]], (a.flatten(2).mean(2) if a.dim() > 2 else a).sum(0))
         return h
 

@@ -28,6 +28,10 @@ from edgecl.errors import UsageError
 STATS = ("running_mean", "running_var")
 # activations that are not 0 for every negative input (ReLU and ReLU6 are: the paper's mean ReLU activation stays)
 NEGATIVE_PASSING = ("gelu", "silu", "hardswish", "leaky_relu", "tanh")
+RELU_OPS = ("relu", "relu6")  # 0 for every input ≤ 0
+# ops whose every output is ≤ 0 when every input is (sums, maxima, means, moves of channels): a value that reaches a
+# ReLU through them alone is read as ReLU reads it
+NONPOSITIVE_KEEPING = ("add", "cat", "maxpool", "avgpool", "gap", "adaptive_avgpool", "flatten")
 
 
 @dataclass
@@ -47,9 +51,9 @@ class NodeMap:
     #                        scale changes nothing
     specs: dict[str, dict[str, Any]]  # trunk tensor → its deployed delta spec
     affines: dict[str, np.ndarray] = field(default_factory=dict)  # scalar affine → node of each output channel
-    # conv/linear nodes whose outputs a channel_attention (EdgeNeXt's XCA) or a lambda layer reads: Ω by
-    # |activation|, not ReLU's
-    signed: set[str] = field(default_factory=set)
+    # conv/linear nodes (after their BatchNorm) that every reader reads through a ReLU (`relu_read`): Ω by the
+    # paper's mean ReLU activation; any other output by its mean |value| (a negative value is used as much)
+    relu_read: set[str] = field(default_factory=set)
     # conv/linear node → the activation that alone reads it (after its BatchNorm) where that passes negative values
     # (GELU, SiLU, …): Ω by |its output|, what the readers see, not by ReLU's (0 for a node always below 0)
     passes: dict[str, dict] = field(default_factory=dict)
@@ -156,19 +160,35 @@ def node_map(arch: Arch) -> NodeMap:
     specs.update({t: {"kind": "shared"} for t in fixed})
     affines = {n["name"]: index(cm.spaces[n["name"]]) for n in arch["nodes"]  # a bias-less one keeps a zero node 0
                if n["op"] == "scalar_affine" and n.get("bias", True)}
-    # a negative q, k or v value is used as much as a positive one (and a dead q or k channel is no dead output)
-    # by XCA and by a lambda layer:
-    # such a node may only die with all its rows exactly zero
-    attended = {g for n in arch["nodes"] if n["op"] in ("channel_attention", "lambda_layer")
-                for s in n["inputs"] for g, _ in cm.spaces[s]}
-    signed = {n for n in hooks if {g for g, _ in cm.spaces[n]} & attended}
-    passes = {}
+    relu_read, passes = set(), {}
     for name in hooks:
-        after = readers[bn_after[name]["name"] if name in bn_after else name]
-        if len(after) == 1 and nodes[after[0]]["op"] in NEGATIVE_PASSING:
-            passes[name] = nodes[after[0]]
+        out = bn_after[name]["name"] if name in bn_after else name
+        if relu_read_only(arch, readers, nodes, out):
+            relu_read.add(name)
+        elif len(readers[out]) == 1 and nodes[readers[out][0]]["op"] in NEGATIVE_PASSING:
+            passes[name] = nodes[readers[out][0]]
     return NodeMap(groups, rows, cols, index(cm.head_cols), hooks, bn_after, stats, own, scale_free, specs, affines,
-                   signed, passes)
+                   relu_read, passes)
+
+
+def relu_read_only(arch: Arch, readers: dict[str, list[str]], nodes: dict[str, dict], name: str) -> bool:
+    """Whether every path from `name`'s output meets a ReLU/ReLU6 before anything else reads it (only
+    `NONPOSITIVE_KEEPING` ops between; the head reads the trunk's output). Only then is a node whose every producer
+    writes ≤ 0 unused (ReLU makes it 0 wherever it is read), so that Ω = 0 may cut it: the paper's networks. A value
+    a LayerNorm, attention, a plain linear or conv, a sigmoid gate or the head reads is used when negative too."""
+    todo, seen = [name], {name}
+    while todo:
+        here = todo.pop()
+        if here == arch["output"] or not readers[here]:
+            return False
+        for reader in readers[here]:
+            op = nodes[reader]["op"]
+            if op in NONPOSITIVE_KEEPING and reader not in seen:
+                seen.add(reader)
+                todo.append(reader)
+            elif op not in RELU_OPS and op not in NONPOSITIVE_KEEPING:
+                return False
+    return True
 
 
 def _spec(rows: list[tuple[str, int]], cols: list[tuple[str, int]] | None, node: dict) -> dict[str, Any]:
