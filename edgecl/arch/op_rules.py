@@ -165,9 +165,14 @@ def scalar_affine_fields(out: dict[str, Any], where: str) -> None:
         raise UsageError(f"{where}: init_bias {out['init_bias']:g} needs bias (a scalar_affine without one adds 0)")
 
 
+def is_standardized(node: dict[str, Any]) -> bool:
+    """Whether a node is a weight-standardised conv (``standardize``: its eps)."""
+    return node["op"] == "conv" and bool(node.get("standardize"))
+
+
 def has_gain(node: dict[str, Any]) -> bool:
     """Whether a conv node has a learned ``gain`` tensor: a standardised one unless ``std_gain`` is false."""
-    return node["op"] == "conv" and bool(node.get("standardize")) and node.get("std_gain", True)
+    return is_standardized(node) and node.get("std_gain", True)
 
 
 # op → its fields' joint rule, run by `spec.validate` after each field is read alone

@@ -29,7 +29,8 @@ from typing import Any
 from edgecl.arch.legacy import layers_to_nodes
 from edgecl.arch.limits import MAX_ACTIVATION
 from edgecl.arch.op_rules import (FIELD_RULES, attention_state_name, attention_tensor_shapes, check_minus_inf_pads,
-                                   check_table_rows, has_gain, stored_rows)
+                                   check_table_rows, has_gain, is_standardized,
+                                   stored_rows)
 from edgecl.arch.ops import (MAX_NUMBER, MIN_EPS, NORMALISING_OPS, OPS, PAD_MODES, ROWLESS_OPS, TENSOR_OPS,
                              TOKEN_TENSOR_OPS, WEIGHT_OPS, output_shape)
 from edgecl.errors import UsageError
@@ -358,7 +359,7 @@ def standardized_tensors(arch: Arch) -> list[str]:
     """Every tensor of the weight-standardised convs (weight, bias, gain), in node order: their output is not linear
     in the weight (each filter is standardised first), so a method whose rule assumes it (RGO's input-side
     projection) keeps them per task instead."""
-    return [f"{n['name']}.{k}" for n in arch["nodes"] if n["op"] == "conv" and n.get("standardize")
+    return [f"{n['name']}.{k}" for n in arch["nodes"] if is_standardized(n)
             for k in node_tensor_shapes(n)]
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edgecl.arch.op_rules import is_standardized
 from edgecl.arch.spec import INPUT as SPEC_INPUT
 from edgecl.arch.spec import Arch, node_shapes, param_shapes
 from edgecl.graph.lambda_onnx import lambda_layer
@@ -27,7 +28,7 @@ from edgecl.graph.linear_ops import linear_attention, map_norm, patch_context
 from edgecl.graph.nodes import Builder as _Builder
 from edgecl.graph.onnx_spatial import SPATIAL_OPS, spatial_op
 from edgecl.graph.sdta_ops import channel_attention, fourier_pos
-from edgecl.graph.standardize import fold_standardized, is_standardized, standardized_onnx
+from edgecl.graph.standardize import fold_standardized, standardized_onnx
 from edgecl.graph.token_ops import TOKEN_OPS, attention, in_windows, pos_embed
 
 OPSET = 17

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgecl.arch.op_rules import has_gain
+from edgecl.arch.op_rules import has_gain, is_standardized
 from edgecl.arch.spec import Arch
 from edgecl.errors import UsageError
 from edgecl.graph.nodes import Builder
@@ -47,10 +47,6 @@ def check_finite(name: str, weight: np.ndarray, gain: np.ndarray | None, scale: 
                          f"{1.0 if gain is None else float(np.abs(gain).max()):g}, gain_scale {scale:g}): every "
                          "input's logits would be inf or NaN")
     return weight
-
-
-def is_standardized(node: dict) -> bool:
-    return node["op"] == "conv" and bool(node.get("standardize"))
 
 
 def fold_standardized(arch: Arch, params: dict[str, np.ndarray]) -> tuple[Arch, dict[str, np.ndarray]]:

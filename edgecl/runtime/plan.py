@@ -37,6 +37,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from edgecl.arch.op_rules import is_standardized
 from edgecl.arch.spec import param_shapes
 from edgecl.deltas import PackedModel, lps_keep, materialize_param, node_factor, node_vectors, task_permutation
 from edgecl.errors import ArtifactError, UsageError
@@ -167,7 +168,7 @@ def factor_forms(src: ModelSource, ranks: dict[str, int] | None = None) -> dict[
         weight = f"{name}.weight"
         spec = src.params.get(weight, {})
         kind = spec.get("kind")
-        if kind not in ("node", "lowrank", "permute") or not _factorable(layer, kind) or layer.get("standardize"):
+        if kind not in ("node", "lowrank", "permute") or not _factorable(layer, kind) or is_standardized(layer):
             continue
         shape = src.read_base(weight).shape
         wide_conv = layer["op"] == "conv" and kind != "lowrank" and shape[1] >= CONV_FACTOR_MIN_CHANNELS

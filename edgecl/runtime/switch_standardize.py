@@ -18,9 +18,9 @@ from typing import Callable
 
 import numpy as np
 
-from edgecl.arch.op_rules import has_gain
+from edgecl.arch.op_rules import has_gain, is_standardized
 from edgecl.arch.spec import Arch
-from edgecl.graph.standardize import STANDARDIZE_FIELDS, check_finite, is_standardized, standardized
+from edgecl.graph.standardize import STANDARDIZE_FIELDS, check_finite, standardized
 from edgecl.runtime.plan import TensorPlan
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from edgecl.arch import INPUT, WEIGHT_OPS, Arch, param_shapes
 from edgecl.arch.attention_windows import partition, window_mask, window_of
-from edgecl.arch.op_rules import TALKING, has_gain
+from edgecl.arch.op_rules import TALKING, has_gain, is_standardized
 from edgecl.arch.ops import blur_filter
 from edgecl.arch.sdta_ops import fourier_grid
 from edgecl.train import distributed
@@ -127,7 +127,7 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
     op, name, h = node["op"], node["name"], ins[0]
     if op == "conv":
         weight = params[f"{name}.weight"]
-        if node.get("standardize"):  # of the task's effective weight (`edgecl.graph.standardize`)
+        if is_standardized(node):  # of the task's effective weight (`edgecl.graph.standardize`)
             weight = standardized(weight, params.get(f"{name}.gain"), node["standardize"], node["gain_scale"])
         bias = params.get(f"{name}.bias")
         conv = functools.partial(F.conv2d, weight=weight, bias=bias, stride=node["stride"], padding=node["pad"],

@@ -66,6 +66,7 @@ import torch
 import torch.nn.functional as F
 
 from edgecl.arch import Arch, dense_params, node_by_name
+from edgecl.arch.op_rules import is_standardized
 from edgecl.deltas import PackedModel, TaskInfo
 from edgecl.errors import UsageError
 from edgecl.graph.standardize import cut_columns_keeping_standardized
@@ -338,7 +339,7 @@ class AGSCL(Method):
                 w = self.trunk[weight]
                 dead = torch.from_numpy(np.ascontiguousarray(~live[cols]))[:, :, None]
                 layer = nodes[weight.rsplit(".", 1)[0]]
-                if layer.get("standardize"):  # the kept entries keep their standardised values
+                if is_standardized(layer):  # the kept entries keep their standardised values
                     w.copy_(torch.from_numpy(cut_columns_keeping_standardized(w.numpy(), dead.numpy(),
                                                                               layer["standardize"])))
                     continue
