@@ -32,7 +32,9 @@ def test_self_test_runs_every_section_on_the_cpu_twin(tmp_path):
     for mode in ("plain", "cuda_graph"):
         for batch in ("batch 1", "batch 64"):
             assert switch["inference"][mode][batch]["max_abs_logits"] <= 1e-4
-    assert report["memory"]["predicted"]["device base weights"] > 0
+    memory = report["memory"]["models"][0]
+    assert memory["predicted"]["device base weights"] > 0 and memory["predicted_total"] > 0
+    assert all(r["batch"] in (1, 4, 16) and r["seconds"]["device_infer"] > 0 for r in report["parity"])
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers() and cupy_problem() is None,

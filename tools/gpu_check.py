@@ -18,8 +18,9 @@ Sections of the JSON, each with its goal and whether it was met:
    task from bytes (goal ≥ 100× faster).
 3. ``inference`` — right after a switch (a miss), batch 1 and 64, input and output on the device, against a dense CUDA
    session of that task bound the same way, in the same switched order (goal ≤ 1.05×); without and with CUDA graphs.
-4. ``memory`` — the audit's predicted device bytes (`edgecl audit --device cuda`) against the GPU's measured increase
-   in used memory (goal within 15 %), and the CUDA EP's fixed cost per session (a one-layer model), measured.
+4. ``memory`` — per model (the MLP, resnet18), the audit's predicted device bytes (the resident part of `edgecl
+   audit --device cuda`, in a fresh process) against the GPU's measured increase in used memory (goal within 15 %),
+   and the CUDA EP's fixed cost per session (a one-layer model) measured against `costs.CUDA_SESSION_FIXED`.
 
 Times are medians of `--repeats`, each synchronised (a switch returns once its kernels have finished). In
 ``--self-test`` every section runs on the CPU with numpy standing in for the GPU and tiny sizes: it checks the script
@@ -30,10 +31,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -46,10 +50,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgecl.arch import preset, validate  # noqa: E402
+from edgecl.artifact import save  # noqa: E402
 from edgecl.deltas import materialize  # noqa: E402
 from edgecl.graph.builder import INPUT, OUTPUT, build_onnx  # noqa: E402
 from edgecl.runtime import TaskRuntime  # noqa: E402
-from edgecl.runtime.audit import resident_audit  # noqa: E402
+from edgecl.runtime import costs  # noqa: E402
 from edgecl.runtime.device_arrays import backend_for  # noqa: E402
 from edgecl.runtime.providers import resolve_providers, session_providers  # noqa: E402
 from edgecl.synthetic import group_node_model, random_packed, structured_lps_model  # noqa: E402
@@ -73,31 +78,48 @@ def median_ms(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> 
 
 def parity_models(quick: bool) -> list[tuple[str, Any]]:
     """(label, model) for every delta kind on the presets and the graph spec."""
-    models = [(f"{arch} {shape}", random_packed(preset(arch), n_tasks=4, shape=shape, classes=(10, 3, 7)))
-              for arch in ("mlp", "lenet", "resnet") for shape in ("lps", "finetune", "mixed", "node", "lowrank",
-                                                                   "permute")]
-    models += [(f"graph {shape}", random_packed(validate(GRAPH), n_tasks=3, shape=shape, classes=(5, 3)))
-               for shape in ("lps", "mixed", "node", "lowrank", "permute")]
+    models = [(f"graph {shape}", random_packed(validate(GRAPH), n_tasks=3, shape=shape, classes=(5, 3)))
+              for shape in ("lps", "mixed", "node", "lowrank", "permute")]
     models += [(f"{arch} lps {unit}s", structured_lps_model(preset(arch), 0.3, n_tasks=3, unit=unit))
                for arch in ("mlp", "lenet") for unit in ("row", "column")]
     models += [(f"{arch} node groups", group_node_model(preset(arch), 0.5, n_tasks=3)) for arch in ("lenet", "resnet")]
     models += [(f"{name} {shape}", random_packed(validate(arch), n_tasks=3, shape=shape, classes=(5, 3)))
                for name, arch in (("norms", NORMS), ("layers", LAYERS))
                for shape in ("lps", "mixed", "node", "lowrank", "permute")]
-    return models[::4] if quick else models
+    models += [(f"{arch} {shape}", random_packed(preset(arch), n_tasks=4, shape=shape, classes=(10, 3, 7)))
+               for arch in ("mlp", "lenet", "resnet") for shape in ("lps", "finetune", "mixed", "node", "lowrank",
+                                                                    "permute")]
+    if quick:  # the first model of each delta kind
+        kinds: dict[str, tuple[str, Any]] = {}
+        for label, packed in models:
+            kinds.setdefault(label.split(" ", 1)[1], (label, packed))
+        return list(kinds.values())
+    return models
 
 
 def check_parity(label: str, packed: Any, kw: dict, switches: int, seed: int) -> dict:
-    """Random switches on the device runtime against the host runtime; bound tensors against `materialize`."""
+    """Random switches on the device runtime against the host runtime; bound tensors against `materialize`. One
+    batch size per model (1, 4 or 16 by seed): on an H200, with the size drawn per call, an iteration of the conv
+    presets took 20-70 ms (0.4-1 ms on a CPU) and 300 switches of every model did not fit the check's five minutes.
+    The cause is not isolated yet: the time of each part is recorded."""
     host = TaskRuntime(packed, cache_tasks=2)
     device = TaskRuntime(packed, cache_tasks=2, **kw)
     rng = np.random.default_rng(seed)
-    worst = 0.0
+    batch = (1, 4, 16)[seed % 3]
+    worst, spent = 0.0, {"switch": 0.0, "device_infer": 0.0, "host_infer": 0.0}
     for _ in range(switches):
         t = int(rng.integers(packed.n_tasks))
-        x = rng.standard_normal((int(rng.choice([1, 4, 16])), *packed.arch["input_shape"])).astype(np.float32)
+        x = rng.standard_normal((batch, *packed.arch["input_shape"])).astype(np.float32)
+        marks = [time.perf_counter()]
         device.switch(t)
-        worst = max(worst, float(np.abs(device.infer(x) - host.infer(x, task=t)).max()))
+        marks.append(time.perf_counter())
+        got = device.infer(x)
+        marks.append(time.perf_counter())
+        want = host.infer(x, task=t)
+        marks.append(time.perf_counter())
+        for key, a, b in zip(spent, marks, marks[1:]):
+            spent[key] += b - a
+        worst = max(worst, float(np.abs(got - want).max()))
     mismatched, lowrank = [], 0.0
     for t in range(packed.n_tasks):
         want = materialize(packed, t)
@@ -110,7 +132,8 @@ def check_parity(label: str, packed: Any, kw: dict, switches: int, seed: int) ->
                 mismatched.append(f"task {t} {name}")
     device.close()
     host.close()
-    return {"model": label, "switches": switches, "max_abs_logits": worst, "bits_mismatched": mismatched[:10],
+    return {"model": label, "switches": switches, "batch": batch, "seconds": spent, "max_abs_logits": worst,
+            "bits_mismatched": mismatched[:10],
             "lowrank_max_abs_weight": lowrank, "ok": worst <= TOL and not mismatched}
 
 
@@ -177,11 +200,14 @@ def bench_inference(packed: Any, kw: dict, providers: list, arrays: Any, cuda_gr
     for batch in (1, 64):
         x = arrays.upload(np.random.default_rng(batch).standard_normal(
             (batch, *packed.arch["input_shape"])).astype(np.float32))
-        times: dict[str, list[float]] = {"runtime": [], "dense": []}
+        times: dict[str, list[float]] = {"runtime": [], "unchecked": [], "dense": []}
         for i in range(repeats + packed.n_tasks):  # the first round warms every (task, batch)
             t = i % packed.n_tasks
             runtime.switch(t)
+            # "unchecked": the runtime's session run alone, without `infer`'s input and output checks (finite, shape),
+            # measured after the first call: where the time over the dense session goes
             for name, run in (("runtime", lambda: runtime.infer(x, task=t, on_device=True)),
+                              ("unchecked", lambda: runtime._strategy.run(t, x)),
                               ("dense", lambda: dense[t].run(x))):
                 start = time.perf_counter()
                 run()
@@ -189,22 +215,52 @@ def bench_inference(packed: Any, kw: dict, providers: list, arrays: Any, cuda_gr
                 if i >= packed.n_tasks:
                     times[name].append(time.perf_counter() - start)
         got, want = arrays.to_host(runtime.infer(x, task=0, on_device=True)), arrays.to_host(dense[0].run(x))
-        runtime_ms, dense_ms = (1e3 * statistics.median(v) for v in (times["runtime"], times["dense"]))
+        runtime_ms, unchecked_ms, dense_ms = (1e3 * statistics.median(v) for v in times.values())
         out[f"batch {batch}"] = {"runtime_ms": runtime_ms, "dense_ms": dense_ms, "ratio": runtime_ms / dense_ms,
+                                 "unchecked_ms": unchecked_ms,
                                  "max_abs_logits": float(np.abs(got - want).max())}
     runtime.close()
     return out
 
 
-def check_memory(packed: Any, kw: dict, providers: list) -> dict:
-    """The audit's device prediction against the measured increase, and the CUDA EP's fixed cost per session. Run
-    first, with CuPy's pool emptied: memory cached by earlier sections would hide new allocations."""
-    arrays = backend_for(kw.get("device", "cpu"))
+AUDIT = ("import json, sys\n"
+         "from edgecl.runtime.audit import resident_audit\n"
+         "print(json.dumps(resident_audit(sys.argv[1], batch=64, device=sys.argv[2], resident='device')['device'], "
+         "default=str))")
+
+
+def audit_in_fresh_process(packed: Any, device: str, folder: Path) -> dict:
+    """The resident part of `edgecl audit ART --device DEVICE --batch 64` (the function the command calls), run in a
+    fresh process as a user runs it: a CUDA context, cuBLAS and cuDNN loaded by that process alone, so the increase
+    it measures is what a runtime costs on its own."""
+    path = folder / f"model{len(list(folder.iterdir()))}.edgecl"
+    save(packed, path)
+    done = subprocess.run([sys.executable, "-c", AUDIT, str(path), device], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"the audit process failed (exit {done.returncode}): {done.stderr.strip()[-1200:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def check_memory(models: list[tuple[str, Any]], kw: dict, providers: list) -> dict:
+    """Per model, the audit's predicted device bytes against the GPU's measured increase (goal within 15 %), and
+    the CUDA EP's fixed cost per session measured here with a one-layer model, to show how much of the prediction
+    is that constant (`costs.CUDA_SESSION_FIXED`). Run first, with CuPy's pool emptied: memory cached by earlier
+    sections would hide new allocations."""
+    device = kw.get("device", "cpu")
+    arrays = backend_for(device)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for label, packed in models:
+            report = audit_in_fresh_process(packed, device, Path(folder))
+            rows.append({"model": label, "predicted": report["predicted"],
+                         "predicted_total": report["predicted_total"],
+                         "measured_increase": report["measured_increase"],
+                         "relative_error": report["relative_error"]})
     gc.collect()
-    if kw.get("device") == "cuda":
+    if device == "cuda":
         arrays.cupy.get_default_memory_pool().free_all_blocks()
-    report = resident_audit(packed, batch=64, device=kw.get("device", "cpu"), resident=kw.get("resident"))
-    device = report["device"]
     tiny = random_packed(validate({"name": "tiny", "input_shape": [4], "layers": [
         {"op": "linear", "name": "l", "in": 4, "out": 4}]}), n_tasks=1, shape="finetune")
     before = arrays.used_bytes()
@@ -212,13 +268,11 @@ def check_memory(packed: Any, kw: dict, providers: list) -> dict:
     session.run(arrays.upload(np.zeros((1, 4), np.float32)))
     after = arrays.used_bytes()
     fixed = None if before is None else after - before
-    measured = device["measured_increase"]
-    without_fixed = None if measured is None or fixed is None else measured - fixed
-    return {"predicted": device["predicted"], "predicted_total": device["predicted_total"],
-            "measured_increase": measured, "relative_error": device["relative_error"],
-            "session_fixed_bytes": fixed, "measured_without_fixed": without_fixed,
-            "relative_error_without_fixed": None if not without_fixed else
-            (device["predicted_total"] - without_fixed) / without_fixed}
+    for row in rows:  # the prediction's model-dependent part against the measured increase less the fixed cost
+        constant = row["predicted"].get("device CUDA EP session", 0)
+        rest = None if row["measured_increase"] is None or fixed is None else row["measured_increase"] - fixed
+        row["relative_error_without_fixed"] = None if not rest else (row["predicted_total"] - constant - rest) / rest
+    return {"models": rows, "session_fixed_bytes": fixed, "session_fixed_predicted": costs.CUDA_SESSION_FIXED}
 
 
 def resnet18() -> tuple[dict | None, str | None]:
@@ -273,7 +327,11 @@ def run_section(name: str, quick: bool, kw: dict, providers: list, switches: int
                 deadline: float | None) -> Any:
     width = 1 if quick else 8  # width 8: the 4.35 M-parameter MLP of tools/bench_switch.py
     if name == "memory":
-        return check_memory(random_packed(preset("mlp", width=width), n_tasks=3, shape="lps"), kw, providers)
+        models = [(f"MLP width {width} (lps)", preset("mlp", width=width))]
+        arch = None if quick else resnet18()[0]
+        models += [("torchvision resnet18 3x32x32 (lps)", arch)] if arch else []
+        return check_memory([(label, random_packed(a, n_tasks=3, shape="lps")) for label, a in models], kw,
+                            providers)
     if name == "parity":  # stops starting models at 60 % of the deadline: the timings still get their turn
         cutoff = None if deadline is None else time.perf_counter() + 0.6 * (deadline - time.perf_counter())
         return [isolated(label, lambda: check_parity(label, packed, kw, switches, seed), cutoff)
@@ -363,13 +421,14 @@ def verdict(result: dict) -> dict:
     def goal(holds: Callable[[dict], bool]) -> bool | None:
         return None if not rows else len(measured) == len(rows) and all(holds(s) for s in measured)
 
-    mem = result["memory"]["relative_error"] if "memory" in result else None
+    errors = [row["relative_error"] for row in result["memory"]["models"]] if "memory" in result else []
     return {"parity": parity,
             "switch_vs_copy": goal(lambda s: s["switch_vs_copy"] <= GOALS["switch_vs_copy"]),
             "new_session_vs_switch": goal(lambda s: s["new_session_vs_switch"] >= GOALS["new_session_vs_switch"]),
             "infer_vs_dense": goal(lambda s: all(b["ratio"] <= GOALS["infer_vs_dense"]
                                                  for mode in s["inference"].values() for b in mode.values())),
-            "memory": None if mem is None else abs(mem) <= GOALS["memory_relative_error"]}
+            "memory": None if not errors else all(e is not None and abs(e) <= GOALS["memory_relative_error"]
+                                                  for e in errors)}
 
 
 if __name__ == "__main__":

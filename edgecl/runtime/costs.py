@@ -26,6 +26,10 @@ RUNTIME_OVERHEAD = 1_600_000  # every runtime: the opened model's and the plans'
 SESSION_OVERHEAD = 200_000  # every further session (graph, kernels, allocation plan)
 TASK_SESSION_OVERHEAD = 300_000  # ... a per-task session: ~290 KB each for the trained demo's 10 once each has
 #                                  run twice at batch 64 (with 200 KB, B = "needed" was reached at 101 % of B)
+CUDA_SESSION_FIXED = 154_000_000  # device bytes a CUDA EP session holds whatever its model: cuBLAS and cuDNN handles
+#                                   and workspaces, the arena's first chunk, kernels loaded on first use. Measured by
+#                                   tools/gpu_check.py as the GPU's used-memory increase for a one-layer session:
+#                                   153.1 and 155.2 MB on an H200 (onnxruntime-gpu 1.31.1, CUDA 13.0), 2026-11-30
 SLOT_OVERHEAD = 65_536  # every in-place cache slot beside its buffers: OrtValues, each thread's IOBinding, logits
 SESSION_WEIGHT_FACTOR = 2  # a folded session holds ~2× its weights: parsed initializers and pre-packed GEMM copies
 #                            (measured 1.9× for 4.4 MB weights, RSS after start-up with freed heap returned)

@@ -177,8 +177,9 @@ class InPlace:
             self.ledger.reserve("task masks", self._mask_bytes)
         constants = {p.name: p.base for p in self.plans if p.constant and p.name not in self._std.unread}
         self.ledger.reserve("session", costs.switchable_session_bytes(constants.values(), self.arch, self._factors))
-        if self.device == "cuda":  # the CUDA EP copies the constants to the device
+        if self.device == "cuda":  # the CUDA EP copies the constants to the device, and has its fixed cost
             self._slot_ledger.reserve("device session constants", costs.held_bytes(constants.values()))
+            self._slot_ledger.reserve("device CUDA EP session", costs.CUDA_SESSION_FIXED)
         model = build_onnx(self._std.arch, weights_as_inputs=True, constants=constants, factors=self._factors,
                            external_constants=True)
         self.graph_ops = frozenset(n.op_type for n in model.graph.node)  # what each call computes, for tests

@@ -79,8 +79,11 @@ def preload_cuda_libraries() -> str:
 
 def session_providers(providers: list[str], cuda_graph: bool = False) -> list[Any]:
     """`providers` with the CUDA EP's options: its arena grows by what is asked (not the next power of two), so
-    device memory stays near the audit's prediction; CUDA graphs where asked (`edgecl.runtime.device_store`)."""
-    options = {"device_id": "0", "arena_extend_strategy": "kSameAsRequested",
+    device memory stays near the audit's prediction; CUDA graphs where asked (`edgecl.runtime.device_store`); no
+    TF32. The CUDA EP's default rounds matmul and conv inputs to TF32's 10-bit mantissa on Ampere and later: on an
+    H200 that moved logits by up to 1.8e-3 against the CPU runtime (tools/gpu_check.py, 2026-11-30), where full
+    fp32 keeps them within 1e-6."""
+    options = {"device_id": "0", "arena_extend_strategy": "kSameAsRequested", "use_tf32": "0",
                "enable_cuda_graph": "1" if cuda_graph else "0"}
     return [(p, options) if p == "CUDAExecutionProvider" else p for p in providers]
 

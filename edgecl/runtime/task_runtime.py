@@ -312,6 +312,7 @@ class TaskRuntime:
             on_device = {k: v for k, v in floor.items() if k != "session"}
             if self.device == "cuda":
                 on_device["activations"] = fixed.pop("activations")
+                on_device["device CUDA EP session"] = costs.CUDA_SESSION_FIXED
             _refuse_below(self.device_ledger, "device memory budget", on_device, strategy)
         _refuse_below(self.ledger, "memory budget", {**floor, **fixed}, strategy)
 
