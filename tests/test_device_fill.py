@@ -187,15 +187,55 @@ def _nvrtc():
         pytest.skip(f"NVRTC through CuPy unavailable: {type(exc).__name__}")
 
 
-def test_cuda_kernel_compiles_with_nvrtc_for_hopper():
-    """Where the gpu extra is installed (no GPU needed): NVRTC, what CuPy compiles the kernel with, accepts the
-    source for sm_90 and emits the one entry point the runtime launches."""
+@pytest.mark.parametrize("source, name", [(device_kernel.cuda_source, device_kernel.KERNEL_NAME),
+                                          (device_kernel.flag_cuda_source, device_kernel.FLAG_NAME)])
+def test_cuda_kernel_compiles_with_nvrtc_for_hopper(source, name):
+    """Where the gpu extra is installed (no GPU needed): NVRTC, what CuPy compiles the kernels with, accepts each
+    source for sm_90 and emits the entry point the runtime launches."""
     nvrtc = _nvrtc()
-    program = nvrtc.createProgram(device_kernel.cuda_source(), "edgecl_masked_select.cu", [], [])
+    program = nvrtc.createProgram(source(), f"{name}.cu", [], [])
     try:
         nvrtc.compileProgram(program, ["--gpu-architecture=compute_90"])
     except Exception:  # noqa: BLE001 - the compiler's log says why
         pytest.fail(nvrtc.getProgramLog(program))
     ptx = nvrtc.getPTX(program)
     ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
-    assert f".visible .entry {device_kernel.KERNEL_NAME}(" in ptx and ".target sm_90" in ptx
+    assert f".visible .entry {name}(" in ptx and ".target sm_90" in ptx
+
+
+def _compiled_flag_kernel(tmp_path):
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build the kernel's element function")
+    src, lib = tmp_path / "flag.c", tmp_path / "flag.so"
+    src.write_text(device_kernel.flag_c_source())
+    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
+    fn = getattr(ctypes.CDLL(str(lib)), device_kernel.FLAG_NAME)
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong, ctypes.c_void_p, ctypes.c_ulonglong, ctypes.c_void_p,
+                   ctypes.c_uint]
+    return fn
+
+
+@pytest.mark.parametrize("bad", [None, np.inf, -np.inf, np.nan, -np.nan])
+@pytest.mark.parametrize("where", ["a", "b", "last of b"])
+def test_finiteness_kernel_compiled_as_c_flags_what_numpy_flags(tmp_path, bad, where):
+    """`infer`'s one-launch finiteness check over the batch and the logits, compiled by the host's C compiler:
+    flags exactly when numpy's isfinite does (not for -0.0, subnormals or float32's largest value), wherever the
+    element is, and leaves an earlier token in the flag when it finds nothing."""
+    fn = _compiled_flag_kernel(tmp_path)
+    a = rng.standard_normal(37).astype(np.float32)
+    b = rng.standard_normal((3, 10)).astype(np.float32)
+    a[:4] = -0.0, np.float32(1e-45), np.finfo(np.float32).max, -np.finfo(np.float32).max
+    if bad is not None:
+        target, index = {"a": (a, 11), "b": (b.reshape(-1), 0), "last of b": (b.reshape(-1), -1)}[where]
+        target[index] = bad
+    flag = np.array([5], np.uint32)
+    fn(a.ctypes.data, a.size, b.ctypes.data, b.size, flag.ctypes.data, 9)
+    assert (flag[0] == 9) == device_kernel.any_nonfinite_numpy(a, b) == (bad is not None)
+    assert flag[0] in (5, 9)
+
+
+def test_finiteness_kernel_source_shares_its_element_function():
+    cuda = device_kernel.flag_cuda_source()
+    assert device_kernel.NONFINITE in cuda and device_kernel.NONFINITE in device_kernel.flag_c_source()
+    assert f'extern "C" KERNEL void {device_kernel.FLAG_NAME}(' in cuda and "#define KERNEL __global__" in cuda

@@ -227,3 +227,18 @@ def test_cli_on_cuda_without_the_gpu_extra_exits_2(tmp_path, capsys):
     assert cli(["audit", str(path), "--budget", "1GiB", "--device", "cuda", "--device-budget", "2GiB"]) == 2
     assert cli(["run", str(path), "--task", "0", "--benchmark", "2", "--device", "cuda", "--cuda-graph"]) == 2
     assert "pip install 'edgecl[gpu]'" in capsys.readouterr().err
+
+
+def test_cuda_sessions_are_made_without_tf32_and_with_a_tight_arena():
+    """On an H200 the CUDA EP's TF32 default put the device runtime's logits up to 1.8e-3 from the CPU runtime's
+    (tools/results/gpu_check_nvidia_h200_run1_tf32.json); every CUDA session is made with it off. The arena grows
+    by what is asked, so device memory stays near the audit's prediction."""
+    from edgecl.runtime.providers import session_providers
+
+    for cuda_graph in (False, True):
+        chosen = session_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], cuda_graph)
+        assert chosen[1] == "CPUExecutionProvider"
+        name, options = chosen[0]
+        assert name == "CUDAExecutionProvider" and options["use_tf32"] == "0"
+        assert options["arena_extend_strategy"] == "kSameAsRequested"
+        assert options["enable_cuda_graph"] == ("1" if cuda_graph else "0")

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import threading
 from typing import Any
 
 import numpy as np
 
 from edgecl.errors import UsageError
-from edgecl.runtime.device_kernel import KERNEL_NAME, cuda_source, masked_select_numpy
+from edgecl.runtime.device_kernel import (FLAG_NAME, KERNEL_NAME, any_nonfinite_numpy, cuda_source, flag_cuda_source,
+                                          masked_select_numpy)
 
 GPU_EXTRA = "pip install 'edgecl[gpu]'"
 THREADS_PER_BLOCK = 256
@@ -68,6 +70,10 @@ class HostArrays:
     def all_finite(self, a: np.ndarray) -> bool:
         return bool(np.isfinite(a).all())
 
+    def any_nonfinite(self, *arrays: np.ndarray) -> bool:
+        """Whether any float32 element of one or two arrays is inf or NaN (the device's one-launch check's twin)."""
+        return any_nonfinite_numpy(*arrays)
+
     def used_bytes(self) -> int | None:
         """Device memory in use: not separate from the host's (the audit measures RSS instead)."""
         return None
@@ -108,7 +114,8 @@ class CupyArrays:
         if count <= device_id:
             raise UsageError(f"device 'cuda': {count} GPUs visible, device {device_id} asked for")
         self.cupy.cuda.Device(device_id).use()
-        self._kernel = None
+        self._kernel = self._flag_kernel = None
+        self._flags = threading.local()  # each thread's flag and token: calls run concurrently from threads
 
     def upload(self, a: np.ndarray) -> Any:
         return self.cupy.asarray(np.ascontiguousarray(a))
@@ -146,6 +153,23 @@ class CupyArrays:
 
     def all_finite(self, a: Any) -> bool:
         return bool(self.cupy.isfinite(a).all())
+
+    def any_nonfinite(self, *arrays: Any) -> bool:
+        """Whether any element of one or two float32 device arrays is inf or NaN: one launch over both and one
+        4-byte read. The kernel stores this call's token in this thread's flag, so the flag is never cleared."""
+        if self._flag_kernel is None:
+            self._flag_kernel = self.cupy.RawKernel(flag_cuda_source(), FLAG_NAME)
+        local = self._flags
+        if getattr(local, "flag", None) is None:
+            local.flag, local.token = self.cupy.zeros(1, self.cupy.uint32), 0
+        local.token = local.token % 0xFFFFFFFF + 1  # 1 .. 2**32 - 1: the zeroed flag never matches
+        a = arrays[0].reshape(-1).view(self.cupy.uint32)
+        b = arrays[1].reshape(-1).view(self.cupy.uint32) if len(arrays) > 1 else a[:0]
+        n = a.size + b.size
+        blocks = max(1, min(-(-n // THREADS_PER_BLOCK), MAX_BLOCKS))
+        self._flag_kernel((blocks,), (THREADS_PER_BLOCK,),
+                          (a, np.uint64(a.size), b, np.uint64(b.size), local.flag, np.uint32(local.token)))
+        return int(local.flag.get()[0]) == local.token
 
     def used_bytes(self) -> int | None:
         """Device memory in use on the whole GPU (every process, the CUDA context and every allocator)."""

@@ -1,4 +1,4 @@
-"""The one raw kernel of the device-resident switch: ``out[i] = bit i of bits ? base[i] : +0.0`` (MSB-first bits, as
+"""The device path's two raw kernels. The switch's:  ``out[i] = bit i of bits ? base[i] : +0.0`` (MSB-first bits, as
 `numpy.packbits` writes them), on the float32 bit patterns, so the result is bit-identical to `deltas.materialize`
 (``np.where(keep, base, +0.0)``: NaN payloads and -0.0 pass through where kept, +0.0 where not).
 
@@ -12,7 +12,13 @@ them out in one buffer). CuPy compiles it (NVRTC) on first use.
 The per-element function is plain C shared by both builds: `cuda_source()` wraps it in a grid-stride CUDA kernel;
 `c_source()` wraps the *same text* in a C loop, which the tests compile with the host's C compiler, so the kernel's
 arithmetic is checked bit for bit on a CPU-only machine too. `masked_select_numpy` is its numpy twin, what the
-device path runs on the CPU (`TaskRuntime(resident="device")` on device "cpu")."""
+device path runs on the CPU (`TaskRuntime(resident="device")` on device "cpu").
+
+The second, `FLAG_NAME`, is `infer`'s finiteness check of a device batch and its logits in one launch: it writes the
+call's token into a flag where any element is inf or NaN, so one 4-byte read answers for both. On an H200 the
+CuPy reductions it replaces (isfinite + all, once per array, each read back) cost 0.2-0.45 ms a call, more than a
+batch-1 MLP's inference (tools/results/gpu_check_nvidia_h200.json, "unchecked_ms"). Its element function is shared
+with a C twin in the same way."""
 from __future__ import annotations
 
 import numpy as np
@@ -57,3 +63,42 @@ def masked_select_numpy(base: np.ndarray, bits: np.ndarray, out: np.ndarray) -> 
     n = base.size
     keep = np.unpackbits(bits, count=n).view(bool)
     np.copyto(out.reshape(-1).view(np.uint32), np.where(keep, base.reshape(-1).view(np.uint32), np.uint32(0)))
+
+
+FLAG_NAME = "edgecl_flag_nonfinite"
+
+# One element: inf or NaN is an all-ones exponent in the float32 bit pattern.
+NONFINITE = r"""
+SELECT_FN unsigned int nonfinite_element(const unsigned int *a, unsigned long long i) {
+    return (a[i] & 0x7f800000u) == 0x7f800000u;
+}
+"""
+
+
+def _flag_body(prefix: str) -> str:
+    return (prefix + NONFINITE + f"""
+extern "C" KERNEL void {FLAG_NAME}(const unsigned int *a, unsigned long long na, const unsigned int *b,
+                                    unsigned long long nb, unsigned int *flag, unsigned int token) {{
+    for (unsigned long long i = FIRST; i < na + nb; i += STRIDE)
+        if (i < na ? nonfinite_element(a, i) : nonfinite_element(b, i - na))
+            *flag = token;
+}}
+""")
+
+
+def flag_cuda_source() -> str:
+    """The finiteness kernel: a grid-stride loop over a then b; every thread that meets inf/NaN stores the same
+    token (a benign race)."""
+    return _flag_body("#define SELECT_FN __device__ __forceinline__\n#define KERNEL __global__\n"
+                      "#define FIRST ((unsigned long long)blockIdx.x * blockDim.x + threadIdx.x)\n"
+                      "#define STRIDE ((unsigned long long)blockDim.x * gridDim.x)\n")
+
+
+def flag_c_source() -> str:
+    """The same element function and loop in C (for the tests)."""
+    return _flag_body("#define SELECT_FN static inline\n#define KERNEL\n#define FIRST 0\n#define STRIDE 1\n").replace('extern "C" ', "")
+
+
+def any_nonfinite_numpy(*arrays: np.ndarray) -> bool:
+    """The finiteness kernel's numpy twin."""
+    return not all(bool(np.isfinite(a).all()) for a in arrays)
