@@ -242,3 +242,26 @@ def test_cuda_sessions_are_made_without_tf32_and_with_a_tight_arena():
         assert name == "CUDAExecutionProvider" and options["use_tf32"] == "0"
         assert options["arena_extend_strategy"] == "kSameAsRequested"
         assert options["enable_cuda_graph"] == ("1" if cuda_graph else "0")
+
+
+def test_a_refused_device_batch_is_refused_before_it_runs(mixed):
+    """A device batch with NaN/inf is refused as a host batch is: before the run, with the same UsageError, so it
+    neither fills a cache slot, captures a CUDA graph, reserves device bytes, nor meets the activations budget first
+    (a BudgetError would hide what is wrong with it). (c634fd2 checked it after the run, with the logits.)"""
+    x = np.random.default_rng(5).standard_normal((4, 1, 8, 8)).astype(np.float32)
+    bad = np.random.default_rng(6).standard_normal((6, 1, 8, 8)).astype(np.float32)
+    bad[1, 0, 2, 3] = np.inf
+    runtime = TaskRuntime(mixed, resident="device", cache_tasks=2, cuda_graph=True)
+    runtime.infer(x, task=0)
+    before = runtime.cache_info(), dict(runtime.device_ledger.items), dict(runtime.ledger.items)
+    for given in (bad, DLPackOnly(bad), DLPackOnly(bad.astype(np.float16)), DLPackOnly(np.asfortranarray(bad))):
+        with pytest.raises(UsageError, match=r"1 NaN/inf values \(first at index \(1, 0, 2, 3\)\)"):
+            runtime.infer(given, task=3)
+    assert (runtime.cache_info(), runtime.device_ledger.items, runtime.ledger.items) == before
+    huge = np.zeros((200_000, 1, 8, 8), np.float32)
+    huge[7, 0, 0, 0] = np.nan
+    tight = TaskRuntime(mixed, resident="device", cache_tasks=1, budget="48MiB")
+    for given in (huge, DLPackOnly(huge)):  # the batch is over the budget too: its NaN is what is named
+        with pytest.raises(UsageError, match=r"1 NaN/inf values \(first at index \(7, 0, 0, 0\)\)") as caught:
+            tight.infer(given, task=1)
+        assert not isinstance(caught.value, BudgetError)

@@ -67,9 +67,6 @@ class HostArrays:
     def copy_into(self, out: np.ndarray, x: Any) -> None:
         np.copyto(out, x)
 
-    def all_finite(self, a: np.ndarray) -> bool:
-        return bool(np.isfinite(a).all())
-
     def any_nonfinite(self, *arrays: np.ndarray) -> bool:
         """Whether any float32 element of one or two arrays is inf or NaN (the device's one-launch check's twin)."""
         return any_nonfinite_numpy(*arrays)
@@ -150,9 +147,6 @@ class CupyArrays:
             out.set(np.ascontiguousarray(x, dtype=out.dtype))
         else:
             self.cupy.copyto(out, x)
-
-    def all_finite(self, a: Any) -> bool:
-        return bool(self.cupy.isfinite(a).all())
 
     def any_nonfinite(self, *arrays: Any) -> bool:
         """Whether any element of one or two float32 device arrays is inf or NaN: one launch over both and one

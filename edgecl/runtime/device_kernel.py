@@ -14,11 +14,12 @@ The per-element function is plain C shared by both builds: `cuda_source()` wraps
 arithmetic is checked bit for bit on a CPU-only machine too. `masked_select_numpy` is its numpy twin, what the
 device path runs on the CPU (`TaskRuntime(resident="device")` on device "cpu").
 
-The second, `FLAG_NAME`, is `infer`'s finiteness check of a device batch and its logits in one launch: it writes the
-call's token into a flag where any element is inf or NaN, so one 4-byte read answers for both. On an H200 the
-CuPy reductions it replaces (isfinite + all, once per array, each read back) cost 0.2-0.45 ms a call, more than a
-batch-1 MLP's inference (tools/results/gpu_check_nvidia_h200.json, "unchecked_ms"). Its element function is shared
-with a C twin in the same way."""
+The second, `FLAG_NAME`, is `infer`'s finiteness check, one launch per array (or over two at once): it writes the
+call's token into a flag where any element is inf or NaN, so one 4-byte read answers. `infer` checks a device batch
+with it before the run (a refused batch must run nothing) and the logits after. It replaced CuPy reductions
+(isfinite + all, each read back); on an H200 `infer` with them took 0.14-0.45 ms a call more than the session run
+alone (tools/results/gpu_check_nvidia_h200.json, "runtime_ms" less "unchecked_ms"), more than a batch-1 MLP's
+inference. Its element function is shared with a C twin in the same way."""
 from __future__ import annotations
 
 import numpy as np

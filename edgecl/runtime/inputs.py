@@ -58,13 +58,17 @@ def check_input(x: Any, input_shape: tuple[int, ...], what: str = "input") -> np
 
 
 def check_device_input(x: Any, input_shape: tuple[int, ...], arrays: Any, what: str = "input") -> Any:
-    """`check_input`'s layout part for a batch already on the device (a CuPy array, or numpy on the CPU twin): dtype,
-    shape, a contiguous float32 copy where needed. Whether it is finite is checked after the run, with the logits,
-    in one pass (`check_device_result`)."""
+    """`check_input` for a batch already on the device (a CuPy array, or numpy on the CPU twin): the same policy,
+    checked where the batch lives and before the run, as a host batch is (a refused batch fills no slot, captures no
+    CUDA graph and meets no budget first); only a refused batch is copied to the host, for the message. The check is
+    one launch and one 4-byte read (`device_kernel.FLAG_NAME`), which waits for this thread's stream: a cast or
+    contiguous copy made here has finished before ONNX Runtime reads the batch on its own stream."""
     _check_layout(x, input_shape, what)
     if x.dtype != np.float32 or not x.flags.c_contiguous:
         with np.errstate(over="ignore"):
             x = arrays.xp.ascontiguousarray(x, dtype=np.float32)
+    if arrays.any_nonfinite(x):
+        check_input(arrays.to_host(x), input_shape, what)  # raises; a false flag would pass on
     return x
 
 
@@ -91,15 +95,12 @@ def check_output(logits: np.ndarray, x: np.ndarray, task: str) -> np.ndarray:
                      "inside the model; scale inputs as in training")
 
 
-def check_device_result(logits: Any, x: Any, input_shape: tuple[int, ...], task: str, arrays: Any,
-                        x_checked: bool) -> Any:
-    """The logits on the device if they are finite and, unless `x_checked` (a host batch, checked on the host before
-    the run), so is the batch `x`: one pass over both on the device. Otherwise both are judged on the host, for
-    `check_input`'s and `check_output`'s messages."""
-    if not arrays.any_nonfinite(logits, *([] if x_checked else [x])):
+def check_device_output(logits: Any, x: Any, task: str, arrays: Any) -> Any:
+    """`check_output` for logits on the device: one launch and one 4-byte read there; only refused logits (and
+    their batch, for the message) are copied to the host."""
+    if not arrays.any_nonfinite(logits):
         return logits
-    host_x = arrays.to_host(x)
-    check_input(host_x, input_shape)
+    host_x = x if isinstance(x, np.ndarray) else arrays.to_host(x)
     check_output(arrays.to_host(logits), host_x, task)
     return logits
 

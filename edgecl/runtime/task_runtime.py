@@ -32,7 +32,7 @@ from edgecl.runtime import costs, maskfill
 from edgecl.runtime.budget import Ledger, format_bytes, parse_budget
 from edgecl.runtime.device_arrays import host_value
 from edgecl.runtime.inplace import InPlace, may_read_on_miss
-from edgecl.runtime.inputs import check_device_input, check_device_result, check_input, check_output
+from edgecl.runtime.inputs import check_device_input, check_device_output, check_input, check_output
 from edgecl.runtime.per_task import PerTaskSessions
 from edgecl.runtime.process_memory import process_rss, return_free_heap
 from edgecl.runtime.providers import resolve_providers, session_options
@@ -222,7 +222,7 @@ class TaskRuntime:
         logits = self._strategy.run(t, x)
         if arrays is None:
             return check_output(logits, x, name)
-        logits = check_device_result(logits, x, self.input_shape, name, arrays, x_checked=on_device_x is None)
+        logits = check_device_output(logits, x, name, arrays)
         return logits if on_device else arrays.to_host(logits)
 
     def bound_tensors(self, task: int | str) -> dict[str, np.ndarray]:
