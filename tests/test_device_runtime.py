@@ -254,7 +254,10 @@ def test_a_refused_device_batch_is_refused_before_it_runs(mixed):
     runtime = TaskRuntime(mixed, resident="device", cache_tasks=2, cuda_graph=True)
     runtime.infer(x, task=0)
     before = runtime.cache_info(), dict(runtime.device_ledger.items), dict(runtime.ledger.items)
-    for given in (bad, DLPackOnly(bad), DLPackOnly(bad.astype(np.float16)), DLPackOnly(np.asfortranarray(bad))):
+    overflow = bad.astype(np.float64)
+    overflow[1, 0, 2, 3] = 1e39  # finite in float64, inf once cast to float32
+    for given in (bad, ort.OrtValue.ortvalue_from_numpy(bad), DLPackOnly(bad), DLPackOnly(bad.astype(np.float16)),
+                  DLPackOnly(np.asfortranarray(bad)), DLPackOnly(overflow)):
         with pytest.raises(UsageError, match=r"1 NaN/inf values \(first at index \(1, 0, 2, 3\)\)"):
             runtime.infer(given, task=3)
     assert (runtime.cache_info(), runtime.device_ledger.items, runtime.ledger.items) == before

@@ -97,7 +97,8 @@ def flag_cuda_source() -> str:
 
 def flag_c_source() -> str:
     """The same element function and loop in C (for the tests)."""
-    return _flag_body("#define SELECT_FN static inline\n#define KERNEL\n#define FIRST 0\n#define STRIDE 1\n").replace('extern "C" ', "")
+    return _flag_body("#define SELECT_FN static inline\n#define KERNEL\n#define FIRST 0\n#define STRIDE 1\n"
+                      ).replace('extern "C" ', "")
 
 
 def any_nonfinite_numpy(*arrays: np.ndarray) -> bool:
