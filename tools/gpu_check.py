@@ -29,6 +29,7 @@ and the device path's logic, and its timings are labelled as not GPU figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -41,7 +42,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnxruntime as ort
@@ -54,7 +55,7 @@ from edgecl.artifact import save  # noqa: E402
 from edgecl.deltas import materialize  # noqa: E402
 from edgecl.graph.builder import INPUT, OUTPUT, build_onnx  # noqa: E402
 from edgecl.runtime import TaskRuntime  # noqa: E402
-from edgecl.runtime import costs  # noqa: E402
+from edgecl.runtime import costs, inplace  # noqa: E402
 from edgecl.runtime.device_arrays import backend_for  # noqa: E402
 from edgecl.runtime.providers import resolve_providers, session_providers  # noqa: E402
 from edgecl.synthetic import group_node_model, random_packed, structured_lps_model  # noqa: E402
@@ -97,13 +98,56 @@ def parity_models(quick: bool) -> list[tuple[str, Any]]:
     return models
 
 
+@contextlib.contextmanager
+def profiled_runtime_sessions(folder: str) -> Iterator[None]:
+    """Runtime sessions made inside this block record ONNX Runtime's profile: which execution provider ran each
+    node. A node left to the CPU EP on "cuda" would copy activations over the bus on every call."""
+    plain = inplace.session_options
+
+    def profiling(threads: int | None) -> ort.SessionOptions:
+        options = plain(threads)
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(folder, "runtime")
+        return options
+
+    inplace.session_options = profiling
+    try:
+        yield
+    finally:
+        inplace.session_options = plain
+
+
+def placement(session: ort.InferenceSession) -> dict[str, list[str]]:
+    """Execution provider → the op types it ran, from the session's profile (ends profiling)."""
+    path = Path(session.end_profiling())
+    ran: dict[str, set[str]] = {}
+    for event in json.loads(path.read_text()):
+        args = event.get("args", {})
+        if event.get("cat") == "Node" and "provider" in args:
+            ran.setdefault(args["provider"], set()).add(args.get("op_name", "?"))
+    path.unlink()
+    return {provider: sorted(ops) for provider, ops in ran.items()}
+
+
 def check_parity(label: str, packed: Any, kw: dict, switches: int, seed: int) -> dict:
     """Random switches on the device runtime against the host runtime; bound tensors against `materialize`. One
     batch size per model (1, 4 or 16 by seed): on an H200, with the size drawn per call, an iteration of the conv
     presets took 20-70 ms (0.4-1 ms on a CPU) and 300 switches of every model did not fit the check's five minutes.
     The cause is not isolated yet: the time of each part is recorded."""
     host = TaskRuntime(packed, cache_tasks=2)
-    device = TaskRuntime(packed, cache_tasks=2, **kw)
+    with tempfile.TemporaryDirectory() as folder, profiled_runtime_sessions(folder):
+        device = TaskRuntime(packed, cache_tasks=2, **kw)
+        device.infer(np.zeros((1, *packed.arch["input_shape"]), np.float32), task=0)  # one profiled call
+        ran = placement(device._strategy._session)  # ends profiling: the timed switches run without it
+    row = parity_run(device, host, packed, switches, seed)
+    row.update(model=label, placement=ran)
+    device.close()
+    host.close()
+    return row
+
+
+def parity_run(device: TaskRuntime, host: TaskRuntime, packed: Any, switches: int, seed: int) -> dict:
+    """`switches` random switches and batches on both runtimes; then every bound tensor against `materialize`."""
     rng = np.random.default_rng(seed)
     batch = (1, 4, 16)[seed % 3]
     worst, spent = 0.0, {"switch": 0.0, "device_infer": 0.0, "host_infer": 0.0}
@@ -130,9 +174,7 @@ def check_parity(label: str, packed: Any, kw: dict, switches: int, seed: int) ->
                 lowrank = max(lowrank, float(np.abs(got - want[name]).max()))
             elif got.shape != want[name].shape or not np.array_equal(got.view(np.uint32), want[name].view(np.uint32)):
                 mismatched.append(f"task {t} {name}")
-    device.close()
-    host.close()
-    return {"model": label, "switches": switches, "batch": batch, "seconds": spent, "max_abs_logits": worst,
+    return {"switches": switches, "batch": batch, "seconds": spent, "max_abs_logits": worst,
             "bits_mismatched": mismatched[:10],
             "lowrank_max_abs_weight": lowrank, "ok": worst <= TOL and not mismatched}
 
@@ -322,8 +364,9 @@ def isolated(label: str, run: Callable[[], dict], before: float | None) -> dict:
         row = run()
     except Exception as exc:  # noqa: BLE001 - recorded in the JSON, the other models still run
         row = {"model": label, "ok": False, "error": failure(exc)}
+    on_cpu = row.get("placement", {}).get("CPUExecutionProvider") if len(row.get("placement", {})) > 1 else None
     log(f"  {label}: {'ok' if row.get('ok', 'error' not in row) else 'FAILED'} ({time.perf_counter() - started:.1f} s)"
-        + (f" {row['error'][:300]}" if "error" in row else ""))
+        + (f" {row['error'][:300]}" if "error" in row else "") + (f"; ops on the CPU EP: {on_cpu}" if on_cpu else ""))
     return row
 
 
