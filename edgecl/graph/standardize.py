@@ -41,7 +41,7 @@ def standardized(weight: Any, gain: Any | None, eps: float, scale: float, out: A
         w *= xp.asarray(gain[lo:lo + step], dtype=xp.float64).reshape(-1, 1) * scale
         with np.errstate(over="ignore"):  # an overflow is inf here, refused by `check_finite` where it is served
             w /= xp.sqrt(var + eps)
-        out[lo:lo + step] = w.reshape(out[lo:lo + step].shape)
+            out[lo:lo + step] = w.reshape(out[lo:lo + step].shape)
     return out
 
 

@@ -72,6 +72,16 @@ class SwitchStandardized:
                 check_finite(name, weight, gain, self.convs[name][1], xp)
 
 
+    def fold(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`params` (a task's `materialize`) with the weights of the convs standardised here standardised: what the
+        session reads for them (`TaskRuntime.bound_tensors`); `params` unchanged."""
+        out = dict(params)
+        for name in self.convs:
+            gain = params.get(f"{name}.gain") if f"{name}.gain" in self.gains else None
+            out[f"{name}.weight"] = self._standardized(name, params[f"{name}.weight"], gain)
+        return out
+
+
 def gain_value(plan: TensorPlan | None, t: int, host: dict[str, np.ndarray] | None = None) -> np.ndarray | None:
     """Task t's value of a gain tensor whatever its plan: a slot's buffer (filled for t), its own array, the base;
     None for a conv without a gain (``std_gain`` false)."""
