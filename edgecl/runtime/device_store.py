@@ -2,6 +2,9 @@
 written by a `DeviceProgram` on the device, bound to ONNX Runtime's IOBinding by device pointer — one buffer per
 slot, each tensor a view of it (ONNX Runtime reads the weights where CuPy wrote them: no OrtValue copies).
 
+A weight-standardised conv's weight written by a switch is standardised in the slot right after the fill
+(`device_standardize`), so the session's graph holds a plain conv and reads no gain.
+
 Inference takes a host batch (ONNX Runtime copies it to the device) or an array already on the device (bound as
 is), and leaves the logits in a device array the caller may keep there.
 
