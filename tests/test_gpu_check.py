@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 from tools_loader import load_tool
@@ -81,3 +82,23 @@ def test_only_and_deadline_choose_what_runs(tmp_path):
     assert set(report["errors"]) == {"memory", "parity", "switch"}
     with pytest.raises(SystemExit):
         module.main(["--self-test", "--only", "memroy"])
+
+
+def test_parity_models_keep_a_standardised_conv_whose_switched_weight_is_compared_standardised():
+    """The GPU run must meet a weight-standardised conv standardised on the device by a switch (`gpu_graphs.LAYERS`'
+    stem): its bound weight is the standardised `materialize` (bit for bit on the twin), not the raw one."""
+    from edgecl.arch.op_rules import is_standardized
+    from edgecl.deltas import materialize
+
+    module = _gpu_check()
+    models = dict(module.parity_models(False))
+    label = "layers lps"
+    assert any(is_standardized(n) for n in models[label].arch["nodes"])
+    kw = {"device": "cpu", "resident": "device"}
+    report = module.check_parity(label, models[label], kw, 10, 0)
+    assert report["ok"] and not report["bits_mismatched"] and report["standardized_max_rel_weight"] == 0.0
+    runtime = module.TaskRuntime(models[label], cache_tasks=1, **kw)
+    assert "stem" in runtime._strategy.std.written  # its graph reads no gain: a plain conv
+    assert "stem.gain" not in {i.name for i in runtime._strategy._session.get_inputs()}
+    raw = materialize(models[label], 0)["stem.weight"]
+    assert not np.array_equal(runtime.bound_tensors(0)["stem.weight"], raw)

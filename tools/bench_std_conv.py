@@ -5,7 +5,11 @@ bound weight on every call (tools/results/bench_std_conv_in_graph.json: 55.9 aga
 host slots standardise on the switch (bench_std_conv_on_switch.json). Per-task weights (delta kind ``task``, as STL;
 LPS's masked weights go through a slot's fill instead), random, no training; medians of interleaved calls.
 
-    python tools/bench_std_conv.py [--arch timm:nf_resnet26] [--side 64] [--threads 1] [--repeats 15] [--out F]
+    python tools/bench_std_conv.py [--arch timm:nf_resnet26] [--side 64] [--threads 1] [--repeats 15]
+                                   [--resident host|device] [--out F]
+
+``--resident device`` runs the device path (on the CPU: its numpy twin), which standardises on the switch too
+(`edgecl.runtime.device_standardize`; bench_std_conv_device.json).
 """
 from __future__ import annotations
 
@@ -41,13 +45,15 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--resident", default="host", choices=("host", "device"))
     ap.add_argument("--out")
     args = ap.parse_args()
     ensure_torchvision_imports()
     arch = from_torch(build_module(args.arch).eval(), (3, args.side, args.side))
-    runtimes = {name: TaskRuntime(packed(arch, 2, fold), strategy="inplace", threads=args.threads, cache_tasks=2)
+    runtimes = {name: TaskRuntime(packed(arch, 2, fold), strategy="inplace", threads=args.threads, cache_tasks=2,
+                                  resident=args.resident)
                 for name, fold in (("as_stored", False), ("folded", True))}
-    result = {"arch": args.arch, "side": args.side, "threads": args.threads,
+    result = {"arch": args.arch, "side": args.side, "threads": args.threads, "resident": args.resident,
               "standardized_convs": sum(bool(n.get("standardize")) for n in arch["nodes"])}
     for batch in (1, 8):
         x = np.random.default_rng(1).standard_normal((batch, 3, args.side, args.side)).astype(np.float32)

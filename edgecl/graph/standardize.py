@@ -9,6 +9,8 @@ to a stored base. A folded per-task model (`fold_standardized`) then holds a pla
 because removing a dead input channel's columns would change the filter's mean and variance."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from edgecl.arch.op_rules import has_gain, is_standardized
@@ -21,30 +23,47 @@ STANDARDIZE_FIELDS = ("standardize", "gain_scale", "std_gain")  # a conv's field
 CHUNK_ELEMENTS = 1 << 16  # filters standardised at a time: float64 temporaries of ~0.5 MB whatever the conv's size
 
 
-def standardized(weight: np.ndarray, gain: np.ndarray | None, eps: float, scale: float,
-                 out: np.ndarray | None = None) -> np.ndarray:
+def standardized(weight: Any, gain: Any | None, eps: float, scale: float, out: Any | None = None,
+                 xp: Any = np) -> Any:
     """The standardised (out, in/groups, kh, kw) weight, float32 (statistics in float64), written into `out` (may be
     `weight` itself) or a new array; a few filters at a time, so a large conv needs no float64 copy of itself.
-    `gain` None: a conv without one (``std_gain`` false, timm's StdConv2d), each filter's factor `scale` alone."""
-    gain = np.ones(weight.shape[0], np.float32) if gain is None else gain
-    out = np.empty(weight.shape, np.float32) if out is None else out
-    step = max(1, CHUNK_ELEMENTS // max(1, int(np.prod(weight.shape[1:]))))
+    `gain` None: a conv without one (``std_gain`` false, timm's StdConv2d), each filter's factor `scale` alone.
+    `xp`: the arrays' namespace — numpy, or CuPy for a device slot (`edgecl.runtime.device_standardize`): only
+    operations both have, and float64 temporaries of at most `chunk_elements` numbers, twice (`scratch_bytes`)."""
+    gain = xp.ones(weight.shape[0], xp.float32) if gain is None else gain
+    out = xp.empty(weight.shape, xp.float32) if out is None else out
+    n = int(np.prod(weight.shape[1:]))
+    step = max(1, CHUNK_ELEMENTS // max(1, n))
     for lo in range(0, weight.shape[0], step):
-        w = np.asarray(weight[lo:lo + step], dtype=np.float64).reshape(-1, int(np.prod(weight.shape[1:])))
-        mean = w.mean(axis=1, keepdims=True)
-        var = ((w - mean) ** 2).mean(axis=1, keepdims=True)
-        g = np.asarray(gain[lo:lo + step], dtype=np.float64).reshape(-1, 1) * scale
+        w = xp.array(weight[lo:lo + step], dtype=xp.float64).reshape(-1, n)  # a copy: centred in place below
+        w -= w.mean(axis=1, keepdims=True)
+        var = (w * w).mean(axis=1, keepdims=True)
+        w *= xp.asarray(gain[lo:lo + step], dtype=xp.float64).reshape(-1, 1) * scale
         with np.errstate(over="ignore"):  # an overflow is inf here, refused by `check_finite` where it is served
-            out[lo:lo + step] = (g * (w - mean) / np.sqrt(var + eps)).reshape(out[lo:lo + step].shape)
+            w /= xp.sqrt(var + eps)
+            out[lo:lo + step] = w.reshape(out[lo:lo + step].shape)
     return out
 
 
-def check_finite(name: str, weight: np.ndarray, gain: np.ndarray | None, scale: float) -> np.ndarray:
+def chunk_elements(shape: tuple[int, ...]) -> int:
+    """The most numbers `standardized` takes at a time from a weight of `shape`: whole filters, `CHUNK_ELEMENTS`
+    or one filter if larger."""
+    n = int(np.prod(shape[1:]))
+    return min(int(np.prod(shape)), max(1, CHUNK_ELEMENTS // max(1, n)) * n)
+
+
+def scratch_bytes(shapes: list[tuple[int, ...]]) -> int:
+    """The float64 temporaries `standardized` needs at once for the largest of `shapes`' chunks (the chunk's copy
+    and its square), plus one float32 chunk for a backend that casts through a temporary: what a device charges."""
+    return max((20 * chunk_elements(s) for s in shapes), default=0)
+
+
+def check_finite(name: str, weight: Any, gain: Any | None, scale: float, xp: Any = np) -> Any:
     """`weight`, the standardised weight of conv `name`, if finite: finite gains times gain_scale can still overflow
     float32 (|z| ≤ √n), and a folded model would then hold inf weights that every input turns into inf or NaN."""
-    if not np.isfinite(weight).all():
+    if not bool(xp.isfinite(weight).all()):
         raise UsageError(f"architecture node {name!r}: its standardised weight overflows float32 (largest |gain| "
-                         f"{1.0 if gain is None else float(np.abs(gain).max()):g}, gain_scale {scale:g}): every "
+                         f"{1.0 if gain is None else float(xp.abs(gain).max()):g}, gain_scale {scale:g}): every "
                          "input's logits would be inf or NaN")
     return weight
 

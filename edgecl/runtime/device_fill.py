@@ -152,13 +152,15 @@ class DeviceProgram:
         """A slot's buffer (zeros: padding between tensors stays +0.0)."""
         return self.arrays.zeros(max(1, self.slot_elements))
 
-    def fill(self, t: int, slot: Any) -> None:
-        """Write task t's switched tensors into `slot`, on the device; returns once they are written."""
+    def fill(self, t: int, slot: Any, sync: bool = True) -> None:
+        """Write task t's switched tensors into `slot`, on the device; returns once they are written (`sync`
+        false: once queued, for a caller that writes more into the slot and then waits)."""
         if self.masked_elements:
             self.arrays.masked_select(self._masked_base, self._bits[t], slot[:self.masked_elements])
         for seg, write in self._writers:
             write(t, self._view(slot, seg, t))
-        self.arrays.synchronize()
+        if sync:
+            self.arrays.synchronize()
 
     def _view(self, slot: Any, seg: Segment, t: int) -> Any:
         shape, itemsize = seg.shapes[t], np.dtype(seg.dtype).itemsize

@@ -2,6 +2,9 @@
 written by a `DeviceProgram` on the device, bound to ONNX Runtime's IOBinding by device pointer — one buffer per
 slot, each tensor a view of it (ONNX Runtime reads the weights where CuPy wrote them: no OrtValue copies).
 
+A weight-standardised conv's weight written by a switch is standardised in the slot right after the fill
+(`device_standardize`), so the session's graph holds a plain conv and reads no gain.
+
 Inference takes a host batch (ONNX Runtime copies it to the device) or an array already on the device (bound as
 is), and leaves the logits in a device array the caller may keep there.
 
@@ -24,7 +27,9 @@ from edgecl.graph.builder import INPUT, OUTPUT
 from edgecl.runtime.budget import Ledger
 from edgecl.runtime.device_arrays import backend_for
 from edgecl.runtime.device_fill import DeviceProgram
+from edgecl.runtime.device_standardize import DeviceStandardized
 from edgecl.runtime.plan import TensorPlan
+from edgecl.runtime.switch_standardize import SwitchStandardized
 
 
 @dataclass
@@ -41,10 +46,11 @@ class DeviceStore:
     """Task deltas and slots in device memory (reserved in `device_ledger` before they are allocated)."""
 
     def __init__(self, plans: list[TensorPlan], device: str, device_ledger: Ledger, n_tasks: int,
-                 cuda_graph: bool, activation_bytes: Any):
+                 cuda_graph: bool, activation_bytes: Any, std: SwitchStandardized):
         self.arrays = backend_for(device)
         self.ledger, self.cuda_graph = device_ledger, cuda_graph
         self.program = DeviceProgram(plans, self.arrays, device_ledger.reserve, n_tasks, own_in_slot=cuda_graph)
+        self._std = DeviceStandardized(std, plans, self.arrays, device_ledger.reserve)
         self.slot_bytes = 4 * self.program.slot_elements
         self.task_bytes = self.program.task_bytes
         self._activation_bytes = activation_bytes  # batch → bytes of a run's activations (a graph keeps its own)
@@ -57,7 +63,15 @@ class DeviceStore:
         return self.program.new_slot()
 
     def fill(self, buffers: Any, t: int) -> None:
-        self.program.fill(t, buffers)
+        """Write task t's tensors into a slot, standardised convs standardised there; returns once written."""
+        self.program.fill(t, buffers, sync=not self._std.active)
+        if self._std.active:
+            self._std.after_fill(self.program.tensors(buffers, t))
+            self.arrays.synchronize()
+
+    def tensors(self, buffers: Any, t: int) -> dict[str, Any]:
+        """Every tensor the session reads for task t once `buffers` holds it."""
+        return self._std.bound(self.program.tensors(buffers, t))
 
     def bind(self, io: ort.IOBinding, tensors: dict[str, Any]) -> None:
         """Bind each array where it lives (device pointer, dtype, shape): no copy."""
@@ -66,10 +80,10 @@ class DeviceStore:
                           self.arrays.pointer(a))
 
     def bind_slot(self, io: ort.IOBinding, buffers: Any) -> None:
-        self.bind(io, self.program.slot_tensors(buffers))
+        self.bind(io, self._std.bound(self.program.slot_tensors(buffers)))
 
     def bind_task(self, io: ort.IOBinding, buffers: Any, t: int) -> None:
-        self.bind(io, self.program.task_tensors(buffers, t))
+        self.bind(io, self._std.bound(self.program.task_tensors(buffers, t)))
 
     def run(self, session: ort.InferenceSession, binding: Any, x: Any, n_classes: int) -> Any:
         """Logits of `x` (a checked host batch or a device array) as a device array; `binding` is the calling
@@ -94,7 +108,7 @@ class DeviceStore:
         with self._graph_lock:
             graph = self._graph_of.get((slot_index, x.shape[0], t))  # the per-call path: no dicts built
             if graph is None:
-                task = self.program.task_tensors(buffers, t)
+                task = self._std.bound(self.program.task_tensors(buffers, t))
                 key = (slot_index, x.shape[0], tuple((name, a.shape) for name, a in sorted(task.items())))
                 graph = self._graphs.get(key)
                 if graph is None:
@@ -113,7 +127,7 @@ class DeviceStore:
         self.ledger.reserve(f"device CUDA graph {len(self._graphs) + 1}",
                             self._activation_bytes(n) + 4 * (gx.size + out.size))
         io = session.io_binding()
-        self.bind(io, {**self.program.slot_tensors(buffers), **task, INPUT: gx})
+        self.bind(io, {**self._std.bound(self.program.slot_tensors(buffers)), **task, INPUT: gx})
         io.bind_output(OUTPUT, self.arrays.device_type, self.arrays.device_id, np.float32, list(out.shape),
                        self.arrays.pointer(out))
         options = ort.RunOptions()

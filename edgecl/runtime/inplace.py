@@ -145,8 +145,8 @@ class InPlace:
             self.plans, self._blobs = read_on_miss(self.plans, src)
         self.task_tensors = "cached" if self._blobs is not None else "resident"  # what "auto" became
         self.varying = [p for p in self.plans if p.varies]  # the plans a switch writes into a slot
-        # host slots: standardised convs standardised on a switch (`switch_standardize`), not in every call
-        self._std = SwitchStandardized(self.arch, self.plans if resident == "host" else [])
+        # standardised convs standardised on a switch (`switch_standardize`, on the device `device_standardize`)
+        self.std = SwitchStandardized(self.arch, self.plans)
         self._factors = switch.graph_factors()
         self.ledger.reserve("model tensors", _model_tensor_bytes(self.plans))
         self.session_params: list[int] = []
@@ -154,11 +154,12 @@ class InPlace:
         self._local = threading.local()
         if resident == "host":
             self._mask_bytes = sum(p.mask_bytes for p in self.plans)  # reserved at `start`, after the fixed costs
-            self._store: Any = _HostStore(self.plans, self.varying, self.n_tasks, ledger, threads, self._std)
+            self._store: Any = _HostStore(self.plans, self.varying, self.n_tasks, ledger, threads, self.std)
             self._slot_ledger, self._slot_extra = ledger, costs.SLOT_OVERHEAD
         else:  # every task's delta goes to the device now; the host keeps only the session's constants
             self._mask_bytes = 0
-            self._store = DeviceStore(self.plans, device, device_ledger, self.n_tasks, cuda_graph, activation_bytes)
+            self._store = DeviceStore(self.plans, device, device_ledger, self.n_tasks, cuda_graph, activation_bytes,
+                                      self.std)
             self.plans = [p if p.constant else TensorPlan(p.name, p.plan, p.shape) for p in self.plans]
             self.varying = [p for p in self.plans if p.varies]
             self.ledger.release("model tensors")
@@ -175,12 +176,12 @@ class InPlace:
     def start(self, cache_tasks: int | None) -> None:
         if self._mask_bytes:
             self.ledger.reserve("task masks", self._mask_bytes)
-        constants = {p.name: p.base for p in self.plans if p.constant and p.name not in self._std.unread}
+        constants = {p.name: p.base for p in self.plans if p.constant and p.name not in self.std.unread}
         self.ledger.reserve("session", costs.switchable_session_bytes(constants.values(), self.arch, self._factors))
         if self.device == "cuda":  # the CUDA EP copies the constants to the device, and has its fixed cost
             self._slot_ledger.reserve("device session constants", costs.held_bytes(constants.values()))
             self._slot_ledger.reserve("device CUDA EP session", costs.CUDA_SESSION_FIXED)
-        model = build_onnx(self._std.arch, weights_as_inputs=True, constants=constants, factors=self._factors,
+        model = build_onnx(self.std.arch, weights_as_inputs=True, constants=constants, factors=self._factors,
                            external_constants=True)
         self.graph_ops = frozenset(n.op_type for n in model.graph.node)  # what each call computes, for tests
         options = session_options(self.threads)
@@ -228,7 +229,7 @@ class InPlace:
         """Host copies of every tensor the session reads for task t on the device path (filling a slot on a miss):
         what `tools/gpu_check.py` compares with `materialize` bit for bit."""
         with self.cache.use(t) as slot:
-            return {name: self.arrays.to_host(a) for name, a in self._store.program.tensors(slot.buffers, t).items()}
+            return {name: self.arrays.to_host(a) for name, a in self._store.tensors(slot.buffers, t).items()}
 
     def _binding(self, slot: Slot, t: int) -> _Binding:
         """This thread's IOBinding for `slot`: static and slot tensors bound once, task-owned tensors on change."""

@@ -10,11 +10,12 @@ that slot right after the fill, and one whose weight each task owns is standardi
 copies, counted as the model's tensors), as is a shared one bound as an input with a shared gain (``factor=False``:
 55.0 ms a call against 11.0 folded before); the graph then holds a plain conv for it and does not read its gain. The
 numbers are `standardized`'s, as a per-task session's folded model has them. A conv whose weight is a constant keeps
-the graph's form (ONNX Runtime folds the constant part: 9.6 ms against 9.5 folded). The device store keeps the
-graph's form too."""
+the graph's form (ONNX Runtime folds the constant part: 9.6 ms against 9.5 folded). The device store
+(`edgecl.runtime.device_standardize`) uses the same rules and, through `after_fill`'s `xp`, the same arithmetic on
+its slots in device memory."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -56,12 +57,29 @@ class SwitchStandardized:
         eps, scale = self.convs[name]
         return check_finite(name, standardized(weight, gain, eps, scale, out), gain, scale)
 
-    def after_fill(self, host: dict[str, np.ndarray], gain_of: Callable[[str], np.ndarray]) -> None:
-        """Standardise, in place, each written weight a slot's fill left in `host`; `gain_of(tensor)`: its gain."""
+    def after_fill(self, tensors: dict[str, Any], gain_of: Callable[[str], Any], xp: Any = np) -> None:
+        """Standardise, in place, each written weight a slot's fill left in `tensors` (numpy arrays, or `xp`'s: a
+        device slot's views); `gain_of(tensor)`: its gain. One finiteness check over all of them (on a device: one
+        read back), then, only if it fails, the conv to name."""
+        done = []
         for name in self.written:
-            weight = host[f"{name}.weight"]
-            self._standardized(name, weight, gain_of(f"{name}.gain") if f"{name}.gain" in self.gains else None,
-                               out=weight)
+            weight = tensors[f"{name}.weight"]
+            gain = gain_of(f"{name}.gain") if f"{name}.gain" in self.gains else None
+            standardized(weight, gain, *self.convs[name], out=weight, xp=xp)
+            done.append((name, weight, gain))
+        if done and not bool(xp.stack([xp.isfinite(w).all() for _, w, _ in done]).all()):
+            for name, weight, gain in done:
+                check_finite(name, weight, gain, self.convs[name][1], xp)
+
+
+    def fold(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`params` (a task's `materialize`) with the weights of the convs standardised here standardised: what the
+        session reads for them (`TaskRuntime.bound_tensors`); `params` unchanged."""
+        out = dict(params)
+        for name in self.convs:
+            gain = params.get(f"{name}.gain") if f"{name}.gain" in self.gains else None
+            out[f"{name}.weight"] = self._standardized(name, params[f"{name}.weight"], gain)
+        return out
 
 
 def gain_value(plan: TensorPlan | None, t: int, host: dict[str, np.ndarray] | None = None) -> np.ndarray | None:
