@@ -7,6 +7,7 @@ bias rows, pooled patches, Swin's order, padding modes, bilinear up-sampling).""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from layer_nets import (blur_spec, efficientformer_spec, hgnet_spec, maxvit_spec, s2d_spec, swin_spec, tf_spec,
@@ -81,3 +82,11 @@ def test_the_normal_form_keeps_its_fields_at_their_default_and_the_stored_form_l
     assert ("class_token", "tokens") in kept and ("pos_embed", "frozen") in kept
     assert all(LATER_FIELDS[op][key].in_normal_form for op, key in kept)
     assert not any(n["op"] == op and key in n for n in stored_form(plain)["nodes"] for op, key in kept)
+
+
+def test_the_format_doc_names_every_later_field():
+    doc = (Path(__file__).parent.parent / "docs" / "ARTIFACT.md").read_text()
+    paragraph = doc[doc.index("A new spec op or node field"):doc.index("| version | change |")]
+    missing = [f"{op}.{key}" for op, fields in LATER_FIELDS.items() for key in fields if f"`{key}`" not in paragraph
+               and f"`{op}.{key}`" not in paragraph]
+    assert not missing, f"docs/ARTIFACT.md does not name {missing}"
