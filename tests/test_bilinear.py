@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgecl.arch import channel_map, from_torch, param_shapes, validate
-from edgecl.arch.spec import stored_form
+from edgecl.arch.later_fields import stored_form
 from edgecl.errors import UsageError
 from edgecl.export.onnx_export import run_onnx
 from edgecl.graph.builder import build_onnx

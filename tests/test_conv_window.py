@@ -13,7 +13,8 @@ from layer_nets_vit import efficientvit_msra_windows_spec
 from random_weights import random_params
 from torch_nets import spec_logits
 
-from edgecl.arch.spec import stored_form, validate
+from edgecl.arch.later_fields import stored_form
+from edgecl.arch.spec import validate
 from edgecl.deltas import materialize
 from edgecl.errors import UsageError
 from edgecl.train import registry

@@ -11,8 +11,9 @@ from torch import nn
 from torch_nets import check_parity, randomise_batchnorm, timm
 
 from edgecl.arch import from_torch, validate
+from edgecl.arch.later_fields import stored_form
 from edgecl.arch.module_state import state_keys
-from edgecl.arch.spec import rowless_tensors, stored_form
+from edgecl.arch.spec import rowless_tensors
 from edgecl.errors import UsageError
 
 

@@ -18,7 +18,7 @@ from random_weights import random_params
 from torch_nets import check_parity, classifier_of, tensors_of, timm
 
 from edgecl.arch import from_torch, validate
-from edgecl.arch.spec import stored_form
+from edgecl.arch.later_fields import stored_form
 from edgecl.errors import UsageError
 from edgecl.graph.builder import build_onnx
 from edgecl.train.models import attention, forward, from_numpy

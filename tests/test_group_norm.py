@@ -18,7 +18,7 @@ from torch_nets import check_parity, spec_logits
 from edgecl.arch import from_torch, validate
 from edgecl.arch.channels import channel_map
 from edgecl.arch.factories import build_module
-from edgecl.arch.spec import stored_form
+from edgecl.arch.later_fields import stored_form
 from edgecl.errors import UsageError
 from edgecl.train.models import forward, from_numpy
 

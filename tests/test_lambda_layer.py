@@ -16,9 +16,10 @@ from torch_nets import check_parity, randomise_batchnorm, spec_logits, timm
 
 from edgecl.arch import from_torch, validate
 from edgecl.arch.channels import channel_map
+from edgecl.arch.later_fields import stored_form
 from edgecl.arch.module_state import from_module, state_keys, state_shapes
 from edgecl.arch.ops import intermediates
-from edgecl.arch.spec import node_shapes, rowless_tensors, stored_form
+from edgecl.arch.spec import node_shapes, rowless_tensors
 from edgecl.errors import UsageError
 from edgecl.train.models import lambda_layer
 

@@ -15,8 +15,9 @@ from random_weights import random_params
 from torch_nets import check_parity, randomise_batchnorm, spec_logits, timm
 
 from edgecl.arch import from_torch, validate
+from edgecl.arch.later_fields import stored_form
 from edgecl.arch.ops import intermediates
-from edgecl.arch.spec import node_shapes, stored_form
+from edgecl.arch.spec import node_shapes
 from edgecl.errors import UsageError
 from edgecl.train.models import forward, from_numpy, patch_context
 

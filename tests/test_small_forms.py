@@ -16,8 +16,9 @@ from torch_nets import check_parity
 
 from edgecl.arch import channel_map, from_torch, validate
 from edgecl.arch.fx_import import tensors_of
+from edgecl.arch.later_fields import stored_form
 from edgecl.arch.module_state import state_shapes
-from edgecl.arch.spec import frozen_tensors, node_by_name, node_shapes, param_shapes, stored_form, token_tensors
+from edgecl.arch.spec import frozen_tensors, node_by_name, node_shapes, param_shapes, token_tensors
 from edgecl.errors import UsageError
 from edgecl.graph.compact import compact_task
 from edgecl.graph.constants import channel_constants

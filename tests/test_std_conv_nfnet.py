@@ -15,8 +15,9 @@ from torch_nets import check_parity, classifier_of, randomised_parity, tensors_o
 
 from edgecl.arch import from_torch, validate
 from edgecl.arch.factories import build_module
+from edgecl.arch.later_fields import stored_form
 from edgecl.arch.module_state import state_keys, state_shapes
-from edgecl.arch.spec import param_shapes, stored_form
+from edgecl.arch.spec import param_shapes
 from edgecl.errors import UsageError
 from edgecl.graph.builder import build_onnx
 from edgecl.train.models import forward, from_numpy

@@ -33,15 +33,13 @@ def check_minus_inf_pads(nodes: list[dict[str, Any]], shapes: dict[str, list[int
 
 
 def attention_fields(out: dict[str, Any], where: str) -> None:
-    """Leave out an attention's absent optional fields (the spec as before biases and windows existed); a shift, a
-    dilation or a bias storage needs what it qualifies (a window, a table)."""
+    """An attention's optional fields go together: a shift, a dilation or a bias storage needs what it qualifies (a
+    window, a table); a window without a shift is not shifted."""
     for key, needs in (("shift", "window"), ("bias_table", "bias_offsets"), ("bias_rows", "bias_offsets")):
         if out[key] is not None and out[needs] is None:
             raise UsageError(f"{where}: attention {key} {out[key]} needs a {needs}")
     if out["talking_heads"] and (out["window"] is not None or out["kv_heads"] != out["heads"]):
         raise UsageError(f"{where}: attention talking_heads needs kv_heads = heads and no window")
-    if out["talking_heads"] is False:
-        out["talking_heads"] = None  # false is what its absence means: the spec as before talking heads existed
     if out["bias_table"] == "tf" and (out["window"] is None or out["bias_offsets"] !=
                                       (2 * out["window"][0] - 1) * (2 * out["window"][1] - 1)):
         raise UsageError(f"{where}: attention bias_table 'tf' (stored (heads, 2·wh − 1, 2·ww − 1)) needs a window "
@@ -53,13 +51,8 @@ def attention_fields(out: dict[str, Any], where: str) -> None:
                          f"its {out['heads']} heads' rows in LeViT's (heads, offsets) layout")
     if out["dilated"] and out["window"] is None:
         raise UsageError(f"{where}: attention dilated needs a window")
-    if not out["dilated"]:
-        del out["dilated"]  # side-by-side windows: the spec as before grid attention existed
     if out["window"] is not None and out["shift"] is None:
         out["shift"] = [0, 0]
-    for key in ("bias_offsets", "bias_index", "bias_table", "window", "shift", "talking_heads", "bias_rows"):
-        if out[key] is None:
-            del out[key]
 
 
 # an attention's talking-head tensors → their names in its module (EfficientFormerV2's two 1×1 convs over the heads)
@@ -131,37 +124,21 @@ def attention_state_name(node: dict[str, Any], tensor: str) -> str:
 
 
 def standardized_fields(out: dict[str, Any], where: str) -> None:
-    """A conv's weight-standardisation fields, normalised: both left out of a plain conv (the spec as before they
-    existed); ``gain_scale`` and ``std_gain`` only with ``standardize``, which they default to 1 and true for;
-    ``std_gain`` is kept only when false (timm's StdConv2d: no learned gain), so a conv with a gain reads as before
-    the field. (The eps, as every eps, is at least `ops.MIN_EPS`: float32 adds it, where a smaller one is 0 and a
-    zero filter 0/0.)"""
+    """A conv's weight-standardisation fields: ``gain_scale`` and ``std_gain`` only with ``standardize``, whose
+    ``gain_scale`` defaults to 1 (stored: it came with the field); ``std_gain`` false is timm's StdConv2d (no learned
+    gain). (The eps, as every eps, is at least `ops.MIN_EPS`: float32 adds it, where a smaller one is 0 and a zero
+    filter 0/0.)"""
     if out["standardize"] is None:
         for key in ("gain_scale", "std_gain"):
             if out[key] is not None:
                 raise UsageError(f"{where}: {key} needs standardize (the eps of a weight-standardised conv)")
-        del out["standardize"], out["gain_scale"], out["std_gain"]
-        return
-    if out["gain_scale"] is None:
+    elif out["gain_scale"] is None:
         out["gain_scale"] = 1.0
-    if out["std_gain"] is not False:
-        del out["std_gain"]
-
-
-def conv_fields(out: dict[str, Any], where: str) -> None:
-    """A conv's optional fields, normalised: standardisation (`standardized_fields`); ``window`` left out of a conv
-    over the whole map (the spec as before windowed convs existed, for older readers)."""
-    standardized_fields(out, where)
-    if out["window"] is None:
-        del out["window"]
 
 
 def scalar_affine_fields(out: dict[str, Any], where: str) -> None:
-    """``bias`` kept only when false (a learned number times x alone, NFNet's skipinit gain), so an affine with a
-    bias reads as before the field; without one, no bias to start."""
-    if out["bias"]:
-        del out["bias"]
-    elif out["init_bias"] != 0.0:
+    """Without a ``bias`` (a learned number times x alone, NFNet's skipinit gain), no bias to start."""
+    if not out["bias"] and out["init_bias"] != 0.0:
         raise UsageError(f"{where}: init_bias {out['init_bias']:g} needs bias (a scalar_affine without one adds 0)")
 
 
@@ -175,17 +152,15 @@ def has_gain(node: dict[str, Any]) -> bool:
     return is_standardized(node) and node.get("std_gain", True)
 
 
-# op → its fields' joint rule, run by `spec.validate` after each field is read alone
 def layer_norm_fields(out: dict[str, Any], where: str) -> None:
-    """A GroupNorm's ``groups`` G: over the map, G dividing the channels; one group left out (the spec as before
-    groups existed, so older readers read it)."""
-    groups = out.pop("groups") or 1
+    """A GroupNorm's ``groups`` G: over the map, G dividing the channels."""
+    groups = out["groups"] or 1
     if groups > 1 and (out["over"] != "map" or out["ch"] % groups):
         raise UsageError(f"{where}: layer_norm groups {groups} needs over 'map' and {out['ch']} channels that the "
                          "groups divide")
-    if groups > 1:
-        out["groups"] = groups
 
 
-FIELD_RULES = {"attention": attention_fields, "conv": conv_fields, "scalar_affine": scalar_affine_fields,
+# op → its fields' joint rule (checks, and defaults that depend on other fields), run by `spec.validate` after each
+# field is read alone and before the later fields at their default are left out (`later_fields.drop_defaults`)
+FIELD_RULES = {"attention": attention_fields, "conv": standardized_fields, "scalar_affine": scalar_affine_fields,
                "layer_norm": layer_norm_fields}

@@ -26,6 +26,7 @@ import math
 import re
 from typing import Any
 
+from edgecl.arch.later_fields import drop_defaults
 from edgecl.arch.legacy import layers_to_nodes
 from edgecl.arch.limits import MAX_ACTIVATION
 from edgecl.arch.op_rules import (FIELD_RULES, attention_state_name, attention_tensor_shapes, check_minus_inf_pads,
@@ -79,23 +80,6 @@ def validate(arch: Any) -> Arch:
               "feature_dim": shapes[output][0]}
     _check_state_keys(result)
     return result
-
-
-# node fields added after files without them were written, with the default that means what their absence meant
-LATER_FIELDS: dict[str, dict[str, Any]] = {"class_token": {"tokens": 1}, "token": {"count": 1},
-                                           "pos_embed": {"frozen": False}, "pad": {"mode": "constant"},
-                                           "upsample": {"mode": "nearest", "align_corners": False}}
-
-
-def stored_form(arch: Arch) -> Arch:
-    """A validated spec as a file stores it: the `LATER_FIELDS` at their defaults left out (as an attention without
-    a bias has no bias fields), so a file that uses none of them is read by an edgecl from before they existed (its
-    `validate` refuses a field it does not know) and `validate` reads it back as the same spec."""
-    def kept(node: dict[str, Any], key: str) -> bool:
-        default = LATER_FIELDS.get(node["op"], {}).get(key, kept)
-        return type(node[key]) is not type(default) or node[key] != default
-
-    return {**arch, "nodes": [{k: v for k, v in node.items() if kept(node, k)} for node in arch["nodes"]]}
 
 
 def state_key(node: dict[str, Any], tensor: str) -> str:
@@ -179,11 +163,7 @@ def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
         FIELD_RULES[op](out, where)
     if op == "upsample" and out["align_corners"] and out["mode"] != "bilinear":
         raise UsageError(f"{where}: upsample align_corners needs mode 'bilinear', gets {out['mode']!r}")
-    for key, absent in (("over", "channels"), ("patch", None)):  # the spec as before GroupNorm1 and MobileViTv2
-        if key in out and out[key] in (absent, None):
-            del out[key]
-    if op == "space_to_depth" and out["order"] == "hw":
-        del out["order"]  # ONNX's order: the spec as before Swin's patch merging
+    drop_defaults(out)  # the later fields at their default: the spec as before they existed
     if "module" in node:  # the layer's path in the user's module where the node name had to differ (`module_state`)
         if not isinstance(node["module"], str) or not 0 < len(node["module"]) <= 512 or \
                 not node["module"].isprintable():

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from edgecl import __version__
-from edgecl.arch.spec import stored_form, validate as validate_arch
+from edgecl.arch.later_fields import stored_form
+from edgecl.arch.spec import validate as validate_arch
 from edgecl.artifact import container, node_masks
 from edgecl.artifact.encodings import candidates, encode, support_mask, xor_ref
 from edgecl.artifact.limits import (MAX_CLASSES, MAX_HEADER_BYTES, MAX_JSON_CONTAINERS, MAX_NDIM, MAX_TASKS,
