@@ -32,6 +32,9 @@ RELU_OPS = ("relu", "relu6")  # 0 for every input ≤ 0
 # ops whose every output is ≤ 0 when every input is (sums, maxima, means, moves of channels): a value that reaches a
 # ReLU through them alone is read as ReLU reads it
 NONPOSITIVE_KEEPING = ("add", "cat", "maxpool", "avgpool", "gap", "adaptive_avgpool", "flatten")
+MOVES = ("reshape", "slice", "shuffle", "space_to_depth", "token", "blur", "upsample")  # each output a convex mix
+# (or a copy) of one channel's values: ≤ 0 stays ≤ 0, 0 stays 0
+ZERO_KEEPING = (*NONPOSITIVE_KEEPING, *MOVES, *RELU_OPS, *NEGATIVE_PASSING, "layer_scale")  # f(0) = 0
 
 
 @dataclass
@@ -161,21 +164,83 @@ def node_map(arch: Arch) -> NodeMap:
     affines = {n["name"]: index(cm.spaces[n["name"]]) for n in arch["nodes"]  # a bias-less one keeps a zero node 0
                if n["op"] == "scalar_affine" and n.get("bias", True)}
     relu_read, passes = set(), {}
-    for name in hooks:
-        out = bn_after[name]["name"] if name in bn_after else name
+    measured = {measured_out(name, bn_after): name for name in hooks}
+    for out, name in measured.items():
         if relu_read_only(arch, readers, nodes, out):
             relu_read.add(name)
         elif len(readers[out]) == 1 and nodes[readers[out][0]]["op"] in NEGATIVE_PASSING:
             passes[name] = nodes[readers[out][0]]
+    # a ReLU read counts only where every addend on the way is ≤ 0 when the node is dead; the rest fall back to
+    # |value|. Once is enough: a dropped output reaches nothing but sums, pools and ReLUs, where ≤ 0 and 0 alike
+    # keep `below` as it is
+    below = nonpositive_when_dead(arch, measured, relu_read | set(passes))
+    relu_read = {name for name in relu_read if relu_read_only(arch, readers, nodes, measured_out(name, bn_after),
+                                                                  below)}
     return NodeMap(groups, rows, cols, index(cm.head_cols), hooks, bn_after, stats, own, scale_free, specs, affines,
                    relu_read, passes)
 
 
-def relu_read_only(arch: Arch, readers: dict[str, list[str]], nodes: dict[str, dict], name: str) -> bool:
+def measured_out(name: str, bn_after: dict[str, dict]) -> str:
+    """Where a conv/linear node's Ω is read: after the BatchNorm that follows it, if one does."""
+    return bn_after[name]["name"] if name in bn_after else name
+
+
+def nonpositive_when_dead(arch: Arch, measured: dict[str, str], signed: set[str]) -> set[str]:
+    """Nodes whose every channel is ≤ 0 wherever that channel's node has Ω = 0. A measured output (`measured`:
+    output → its conv/linear) is: ≤ 0 where ReLU's or an activation's measure is 0 (`signed`), exactly 0 where
+    |value|'s is. So is what ReLU/ReLU6, sums, pools and moves (`NONPOSITIVE_KEEPING`, `MOVES`, a pad filling ≤ 0,
+    a ``scale`` by ≥ 0 without a positive offset) make of such values alone, what 0-keeping ops (a gain, an
+    activation, a pad filling 0, a bias-free scalar affine) make of exact zeros, and a product with one. An add
+    with any other addend — a BatchNorm's or a position embedding's shift, an offset, a grid no layer writes — is
+    not: Ω = 0 of its measured addends leaves it free to be > 0, and cutting the node changes what a ReLU after it
+    passes on."""
+    zero: set[str] = set()
+    below: set[str] = set()
+    for node in arch["nodes"]:  # in order: every input comes first
+        name, op, ins = node["name"], node["op"], node["inputs"]
+        if name in measured:
+            (below if measured[name] in signed else zero).add(name)
+        elif op in RELU_OPS and all(i in below for i in ins) or _keeps_zero(node) and all(i in zero for i in ins) \
+                or op == "mul" and any(i in zero for i in ins):  # a product with a 0 factor
+            zero.add(name)
+        elif _keeps_nonpositive(node) and all(i in below for i in ins):
+            below.add(name)
+        if name in zero:
+            below.add(name)
+    return below
+
+
+def _keeps_nonpositive(node: dict) -> bool:
+    """Whether every output of `node` is ≤ 0 when every input is."""
+    op = node["op"]
+    if op == "pad":
+        return float(node.get("value", 0.0)) <= 0  # a "-inf" fill too
+    if op == "scale":
+        return node.get("factor", 1.0) >= 0 and node.get("offset", 0.0) <= 0
+    return op in (*NONPOSITIVE_KEEPING, *MOVES, *RELU_OPS)
+
+
+def _keeps_zero(node: dict) -> bool:
+    """Whether every output of `node` is 0 when every input is."""
+    op = node["op"]
+    if op == "pad":
+        return float(node.get("value", 0.0)) == 0
+    if op == "scale":
+        return node.get("offset", 0.0) == 0
+    if op == "scalar_affine":
+        return not node.get("bias", True)
+    return op in ZERO_KEEPING
+
+
+def relu_read_only(arch: Arch, readers: dict[str, list[str]], nodes: dict[str, dict], name: str,
+                   dead_below_zero: set[str] | None = None) -> bool:
     """Whether every path from `name`'s output meets a ReLU/ReLU6 before anything else reads it (only
-    `NONPOSITIVE_KEEPING` ops between; the head reads the trunk's output). Only then is a node whose every producer
-    writes ≤ 0 unused (ReLU makes it 0 wherever it is read), so that Ω = 0 may cut it: the paper's networks. A value
-    a LayerNorm, attention, a plain linear or conv, a sigmoid gate or the head reads is used when negative too."""
+    `NONPOSITIVE_KEEPING` ops between; the head reads the trunk's output), every value on the way being ≤ 0 where
+    the node is dead (`nonpositive_when_dead`: every addend of an add is a measured output, or a ReLU, sum, pool
+    of them). Only then is a node whose every producer writes ≤ 0 unused (ReLU makes it 0 wherever it is read), so
+    that Ω = 0 may cut it: the paper's networks (a residual add's identity is the group's own earlier output). A
+    value a LayerNorm, attention, a plain linear or conv, a sigmoid gate or the head reads is used when negative too;
+    so is one added to a shift the cut does not remove (ReLU(a + β) > 0 with every a ≤ 0)."""
     todo, seen = [name], {name}
     while todo:
         here = todo.pop()
@@ -183,6 +248,8 @@ def relu_read_only(arch: Arch, readers: dict[str, list[str]], nodes: dict[str, d
             return False
         for reader in readers[here]:
             op = nodes[reader]["op"]
+            if op in NONPOSITIVE_KEEPING and dead_below_zero is not None and reader not in dead_below_zero:
+                return False
             if op in NONPOSITIVE_KEEPING and reader not in seen:
                 seen.add(reader)
                 todo.append(reader)
