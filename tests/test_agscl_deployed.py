@@ -7,8 +7,10 @@ LayerNorm or a sigmoid gate is used; it had ReLU's Ω = 0 and was cut (`Negative
 cut, now 39.8 / 14.4 % at 12.5 %). On the graphs of test_agscl_graphs at its settings
 the old measure left no gap (≤ 3e-8, TinyNFNet: float rounding): their always-≤ 0 outputs were all exactly zero,
 and TinyViT (seeds 0, 1) / TinyConvNeXt (seed 0) at the default config, 4 epochs, 3 tasks keep the same
-sparsity and accuracy either way. A ReLU read counts only where every addend before the ReLU is ≤ 0 where the node is
-dead: `ShiftedAddend` adds a BatchNorm's shift after a dead ReLU, and ReLU's measure had cut the node it kept in use."""
+sparsity and accuracy either way. A ReLU read counts only where every addend before the ReLU is ≤ 0 and what layers
+read after it is 0 where the node is dead: `ShiftedAddend` adds a BatchNorm's shift after a dead ReLU, and ReLU's
+measure had cut the node it kept in use. Still open (`ReluThenBn`, xfail): a measured output exactly 0 whose group's
+BatchNorm shift after the ReLU is still read."""
 from __future__ import annotations
 
 import numpy as np
@@ -151,14 +153,47 @@ def test_a_shift_added_before_the_relu_keeps_the_node(monkeypatch, seed):
     method, gaps = _gaps(monkeypatch, shift_addend(AGSCL(arch, AGSCLConfig(epochs=2, mu_adam=0.01, seed=seed))),
                          make_stream("permuted-digits", 2, 0, (3, 8, 8)).tasks)
     assert max(gaps) < 1e-5, gaps
-    assert method.nodes.relu_read == {"stem.0", "shifted.0"}  # main.0's add has an addend no cut zeroes
+    # main.0's add has an addend no cut zeroes, shifted.0's ReLU is read through a BatchNorm's shift
+    assert method.nodes.relu_read == {"stem.0"}
     assert method.nodes.split(method.omega.numpy())["main.0"].min() > 0
+
+
+class ReluThenBn(nn.Module):
+    """conv → ReLU → BatchNorm → conv: the BatchNorm's shift β is read where its ReLU is 0."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(width, width, 1), nn.ReLU(), nn.BatchNorm2d(width))
+        self.b = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.fc = nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.fc(self.b(self.a(self.stem(x))).mean((2, 3)))
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: a.0 is read by |value| now, but Adam's-metric lasso zeroes its "
+                   "gradient-free rows exactly while the used β of its BatchNorm stays (≈0.8-1.3), so Ω = 0 and the cut "
+                   "drops β (logit gap 0.61 on task 0); closing it needs Ω measured where β is read")
+def test_a_shift_after_a_dead_relu_keeps_the_node(monkeypatch):
+    torch.manual_seed(0)
+    arch = from_torch(ReluThenBn(), (3, 8, 8))
+    method = AGSCL(arch, AGSCLConfig(epochs=2, mu_adam=0.01, seed=0))
+    assert method.nodes.relu_read == {"stem.0", "b.0"}  # a.0's ReLU is read through its BatchNorm's shift
+    trunk = method.trunk
+    trunk["a.0.weight"].fill_(0.0)
+    trunk["a.0.bias"].fill_(-1.0)
+    trunk["a.2.bias"].fill_(2.0)
+    _, gaps = _gaps(monkeypatch, method, make_stream("permuted-digits", 2, 0, (3, 8, 8)).tasks)
+    assert max(gaps) < 1e-5, gaps
 
 
 @pytest.mark.parametrize("kind, relu_read", [
     ("offset", {"stem.0"}), ("frozen_pos", {"stem.0"}),  # a constant no cut removes: main by |value|
     ("scaled", {"stem.0", "main.0", "other.0"}), ("pooled", {"stem.0", "main.0", "other.0"}),  # ≤ 0 kept ≤ 0
-    ("gated", {"stem.0", "main.0"})])  # other by |value| (a gate reads it): 0 where dead, and so is its product
+    # other by |value| (a gate reads it): 0 where dead, and so is its product; stem's ReLU is read by a sigmoid
+    # (0.5 at 0: read as used, though only through that product)
+    ("gated", {"main.0"})])
 def test_relu_read_needs_every_addend_nonpositive_where_the_node_is_dead(kind, relu_read):
     assert node_map(from_torch(Addends(kind), (3, 8, 8))).relu_read == relu_read, kind
 

@@ -25,7 +25,8 @@ convolutions): the mean over its group's conv/linear outputs, each read after th
 value it adds to the residual stream — as its readers read it. Ω measures how much a node's value is *used*, so
 that a node cut for Ω = 0 was 0 wherever it was read and the cut changes no logit: an output every reader reads
 through a ReLU/ReLU6 (past adds, concatenations, pools: `agscl_nodes.relu_read_only`), every addend on the way ≤ 0
-where the node is dead (`agscl_nodes.nonpositive_when_dead`: not a shift the cut leaves), counts by its mean ReLU
+and what the layers read after the ReLU 0 where the node is dead (`agscl_nodes.read_as_zero_when_dead`: no shift
+added before the ReLU or after it), counts by its mean ReLU
 activation — the paper's measure, unchanged on ReLU networks (resnet preset, LeNet, MLP); one a GELU, SiLU, …
 alone reads by |GELU(a)|; any other (read by a LayerNorm, attention, a plain conv or linear — a linear bottleneck —,
 a sigmoid gate, the head) by its mean |value|, since a value always ≤ 0 there is used (ReLU's measure called it 0
