@@ -194,8 +194,8 @@ def test_a_shift_right_after_a_dead_relu_keeps_the_node(monkeypatch):
 
 
 @pytest.mark.xfail(strict=True, reason="known gap: a.0 is read by |value| now, but Adam's-metric lasso zeroes its "
-                   "gradient-free rows exactly while the used β of its BatchNorm stays (≈0.8-1.3), so Ω = 0 and the cut "
-                   "drops β (logit gap 0.61 on task 0); closing it needs Ω measured where β is read")
+                   "gradient-free rows exactly while the used β of its BatchNorm stays (≈0.8-1.3), so Ω = 0 and the "
+                   "cut drops β (logit gap 0.61 on task 0); closing it needs Ω measured where β is read")
 def test_known_gap_adams_lasso_zeroes_the_conv_but_not_the_shift_after_its_relu(monkeypatch):
     torch.manual_seed(0)
     arch = from_torch(ReluThenBn(), (3, 8, 8))
