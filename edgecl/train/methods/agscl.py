@@ -24,7 +24,9 @@ Importance (8): after a task, Ω ← η·Ω + the node's mean activity over the 
 convolutions): the mean over its group's conv/linear outputs, each read after the BatchNorm that follows it — the
 value it adds to the residual stream — as its readers read it. Ω measures how much a node's value is *used*, so
 that a node cut for Ω = 0 was 0 wherever it was read and the cut changes no logit: an output every reader reads
-through a ReLU/ReLU6 (past adds, concatenations, pools: `agscl_nodes.relu_read_only`) counts by its mean ReLU
+through a ReLU/ReLU6 (past adds, concatenations, pools: `agscl_nodes.relu_read_only`), every addend on the way ≤ 0
+and what the layers read after the ReLU 0 where the node is dead (`agscl_nodes.read_as_zero_when_dead`: no shift
+added before the ReLU or after it), counts by its mean ReLU
 activation — the paper's measure, unchanged on ReLU networks (resnet preset, LeNet, MLP); one a GELU, SiLU, …
 alone reads by |GELU(a)|; any other (read by a LayerNorm, attention, a plain conv or linear — a linear bottleneck —,
 a sigmoid gate, the head) by its mean |value|, since a value always ≤ 0 there is used (ReLU's measure called it 0

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from edgecl.arch import INPUT, Arch, ChannelError, channel_map, consumers, node_by_name, param_shapes
+from edgecl.arch import (INPUT, WEIGHT_OPS, Arch, ChannelError, channel_map, consumers, node_by_name,
+                         param_shapes)
 from edgecl.arch.op_rules import has_gain
 from edgecl.arch.spec import frozen_tensors, rowless_tensors
 from edgecl.errors import UsageError
@@ -32,6 +33,9 @@ RELU_OPS = ("relu", "relu6")  # 0 for every input ≤ 0
 # ops whose every output is ≤ 0 when every input is (sums, maxima, means, moves of channels): a value that reaches a
 # ReLU through them alone is read as ReLU reads it
 NONPOSITIVE_KEEPING = ("add", "cat", "maxpool", "avgpool", "gap", "adaptive_avgpool", "flatten")
+MOVES = ("reshape", "slice", "shuffle", "space_to_depth", "token", "blur", "upsample")  # each output a convex mix
+# (or a copy) of one channel's values: ≤ 0 stays ≤ 0, 0 stays 0
+ZERO_KEEPING = (*NONPOSITIVE_KEEPING, *MOVES, *RELU_OPS, *NEGATIVE_PASSING, "layer_scale")  # f(0) = 0
 
 
 @dataclass
@@ -161,21 +165,83 @@ def node_map(arch: Arch) -> NodeMap:
     affines = {n["name"]: index(cm.spaces[n["name"]]) for n in arch["nodes"]  # a bias-less one keeps a zero node 0
                if n["op"] == "scalar_affine" and n.get("bias", True)}
     relu_read, passes = set(), {}
-    for name in hooks:
-        out = bn_after[name]["name"] if name in bn_after else name
+    measured = {measured_out(name, bn_after): name for name in hooks}
+    for out, name in measured.items():
         if relu_read_only(arch, readers, nodes, out):
             relu_read.add(name)
         elif len(readers[out]) == 1 and nodes[readers[out][0]]["op"] in NEGATIVE_PASSING:
             passes[name] = nodes[readers[out][0]]
+    # a ReLU read counts only where what the layers read of it is 0 when the node is dead; the rest fall back to
+    # |value| (judged once, with the first pass's measures: an output dropped to |value| is 0 where dead, not only
+    # ≤ 0, so a second pass could keep more ReLU reads, never fewer)
+    dead = nonpositive_when_dead(arch, measured, relu_read | set(passes))
+    relu_read = {name for name in relu_read if relu_read_only(arch, readers, nodes, measured_out(name, bn_after),
+                                                                  dead)}
     return NodeMap(groups, rows, cols, index(cm.head_cols), hooks, bn_after, stats, own, scale_free, specs, affines,
                    relu_read, passes)
 
 
-def relu_read_only(arch: Arch, readers: dict[str, list[str]], nodes: dict[str, dict], name: str) -> bool:
+def measured_out(name: str, bn_after: dict[str, dict]) -> str:
+    """Where a conv/linear node's Ω is read: after the BatchNorm that follows it, if one does."""
+    return bn_after[name]["name"] if name in bn_after else name
+
+
+def nonpositive_when_dead(arch: Arch, measured: dict[str, str], signed: set[str]) -> tuple[set[str], set[str]]:
+    """Nodes whose every channel is ≤ 0 wherever that channel's node has Ω = 0. A measured output (`measured`:
+    output → its conv/linear) is: ≤ 0 where ReLU's or an activation's measure is 0 (`signed`), exactly 0 where
+    |value|'s is. So is what ReLU/ReLU6, sums, pools and moves (`NONPOSITIVE_KEEPING`, `MOVES`, a pad filling ≤ 0,
+    a ``scale`` by ≥ 0 without a positive offset) make of such values alone, what 0-keeping ops (a gain, an
+    activation, a pad filling 0, a scalar affine) make of exact zeros, and a product with one. An add
+    with any other addend — a BatchNorm's or a position embedding's shift, an offset, a grid no layer writes — is
+    not: Ω = 0 of its measured addends leaves it free to be > 0, and cutting the node changes what a ReLU after it
+    passes on. Returns (≤ 0, exactly 0) nodes."""
+    zero: set[str] = set()
+    below: set[str] = set()
+    for node in arch["nodes"]:  # in order: every input comes first
+        name, op, ins = node["name"], node["op"], node["inputs"]
+        if name in measured:
+            (below if measured[name] in signed else zero).add(name)
+        elif op in RELU_OPS and all(i in below for i in ins) or _keeps_zero(node) and all(i in zero for i in ins) \
+                or op == "mul" and any(i in zero for i in ins):  # a product with a 0 factor
+            zero.add(name)
+        elif _keeps_nonpositive(node) and all(i in below for i in ins):
+            below.add(name)
+        if name in zero:
+            below.add(name)
+    return below, zero
+
+
+def _keeps_nonpositive(node: dict) -> bool:
+    """Whether every output of `node` is ≤ 0 when every input is."""
+    op = node["op"]
+    if op == "pad":
+        return float(node.get("value", 0.0)) <= 0  # a "-inf" fill too
+    if op == "scale":
+        return node.get("factor", 1.0) >= 0 and node.get("offset", 0.0) <= 0
+    return op in (*NONPOSITIVE_KEEPING, *MOVES, *RELU_OPS, *NEGATIVE_PASSING)
+
+
+def _keeps_zero(node: dict) -> bool:
+    """Whether every output of `node` is 0 when every input is."""
+    op = node["op"]
+    if op == "pad":
+        return float(node.get("value", 0.0)) == 0
+    if op == "scale":
+        return node.get("offset", 0.0) == 0
+    if op == "scalar_affine":  # its bias reaches only the channels of live nodes (`agscl_affine.BiasMasks`)
+        return True
+    return op in ZERO_KEEPING
+
+
+def relu_read_only(arch: Arch, readers: dict[str, list[str]], nodes: dict[str, dict], name: str,
+                   dead: tuple[set[str], set[str]] | None = None) -> bool:
     """Whether every path from `name`'s output meets a ReLU/ReLU6 before anything else reads it (only
     `NONPOSITIVE_KEEPING` ops between; the head reads the trunk's output). Only then is a node whose every producer
     writes ≤ 0 unused (ReLU makes it 0 wherever it is read), so that Ω = 0 may cut it: the paper's networks. A value
-    a LayerNorm, attention, a plain linear or conv, a sigmoid gate or the head reads is used when negative too."""
+    a LayerNorm, attention, a plain linear or conv, a sigmoid gate or the head reads is used when negative too.
+    With `dead` (`nonpositive_when_dead`), `read_as_zero_when_dead` must hold too."""
+    if dead is not None:
+        return read_as_zero_when_dead(arch, readers, nodes, name, dead)
     todo, seen = [name], {name}
     while todo:
         here = todo.pop()
@@ -188,6 +254,41 @@ def relu_read_only(arch: Arch, readers: dict[str, list[str]], nodes: dict[str, d
                 todo.append(reader)
             elif op not in RELU_OPS and op not in NONPOSITIVE_KEEPING:
                 return False
+    return True
+
+
+def read_as_zero_when_dead(arch: Arch, readers: dict[str, list[str]], nodes: dict[str, dict], name: str,
+                           dead: tuple[set[str], set[str]]) -> bool:
+    """Whether, where `name`'s node is dead (its output ≤ 0), every layer and the head read 0 of it: its channels
+    followed forward, ≤ 0 or exactly 0, until a conv/linear or the head reads them (which needs 0). An add keeps them
+    ≤ 0 (0) only when every other addend is (`dead`: ≤ 0 and 0 nodes; a residual add's identity is the group's own
+    earlier output): not with a BatchNorm's or a position embedding's shift, an offset, a grid no layer writes
+    (ReLU(a + β) > 0 with every a ≤ 0 is read). A ReLU makes them 0; after it a BatchNorm's shift is read too."""
+    below, zero = dead
+    todo, seen = [(name, False)], {(name, False)}  # (node, its channels of `name` exactly 0)
+    while todo:
+        here, is_zero = todo.pop()
+        if here == arch["output"] and not is_zero or not readers[here] and here != arch["output"]:
+            return False
+        for reader in readers[here]:
+            node, others = nodes[reader], [i for i in nodes[reader]["inputs"] if i != here]
+            if node["op"] in WEIGHT_OPS:
+                if not is_zero:
+                    return False
+                continue
+            if node["op"] == "add":
+                state = is_zero and all(i in zero for i in others) if all(i in below for i in others) else None
+            elif node["op"] == "mul":
+                state = True if is_zero or any(i in zero for i in others) else None
+            elif node["op"] in RELU_OPS:
+                state = True
+            else:
+                state = True if is_zero and _keeps_zero(node) else False if _keeps_nonpositive(node) else None
+            if state is None:
+                return False
+            if (reader, state) not in seen:
+                seen.add((reader, state))
+                todo.append((reader, state))
     return True
 
 
