@@ -6,6 +6,7 @@ to the device ledger."""
 from __future__ import annotations
 
 import threading
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -171,3 +172,21 @@ def test_the_device_holds_no_gain_that_nothing_reads(nets, shape, cuda_graph, ta
         assert dict(device.device_ledger.items)["device base weights"] == \
             sum(a.nbytes for name, a in bound.items() if not name.startswith("head."))
     device.close()
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 3, 1, 1), (65536, 1, 1, 1), (100000, 2, 1, 1), (50000, 3, 1, 1),
+                                   (2048, 64, 3, 3), (2, 200000, 1, 1), (7, 65537, 1, 1)])
+def test_the_scratch_charged_covers_what_standardising_allocates(shape):
+    """`scratch_bytes` is what the device ledger charges for standardising a slot: at least what `standardized`
+    allocates at its peak (measured with tracemalloc on numpy), for huge single filters and for filters of 1-3
+    numbers too, whose per-filter float64 statistics are as large as the chunk itself."""
+    weight = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    gain = np.ones(shape[0], np.float32)
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        standardized(weight, gain, 1e-5, 1.0, out=weight)
+        peak = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+    assert peak <= scratch_bytes([shape]), (peak, scratch_bytes([shape]))
