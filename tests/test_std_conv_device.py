@@ -150,30 +150,6 @@ def test_concurrent_misses_standardise_one_slot_at_a_time_as_the_scratch_is_char
     device.close()
 
 
-@pytest.mark.parametrize("shape,cuda_graph,task_gains", [("finetune", False, False), ("mixed", True, True)])
-def test_the_device_holds_no_gain_that_nothing_reads(nets, shape, cuda_graph, task_gains):
-    """A gain whose conv is standardised once at start-up (a shared or per-task weight, not written by a switch) is
-    read neither by the session nor by a switch: it is not uploaded, copied into a slot or charged."""
-    packed = random_packed(nets["nf"], n_tasks=3, shape=shape, classes=(5, 3))
-    if task_gains:  # per-task gains (the `own` plan; copied into the slot for a CUDA graph)
-        for name in [k for k in packed.base if k.endswith(".gain")]:
-            gain = packed.base.pop(name)
-            packed.params[name] = {"kind": "task"}
-            for t, tensors in enumerate(packed.task_tensors):
-                tensors[name] = gain * np.float32(1 + 0.1 * t)
-    device = TaskRuntime(packed, resident="device", cache_tasks=1, cuda_graph=cuda_graph, factor=False)
-    std, program = device._strategy.std, device._strategy._store.program
-    idle = {f"{name}.gain" for name in std.convs if name not in std.written} & std.gains
-    assert idle  # the case under test: convs standardised at start-up, with gains
-    held = set(program._static) | set(program._own[0]) | {seg.name for seg in program.segments}
-    assert not held & idle, sorted(held & idle)
-    if shape == "finetune":  # every trunk tensor static: the base weights charged are what the session reads
-        bound = device.bound_tensors(0)
-        assert dict(device.device_ledger.items)["device base weights"] == \
-            sum(a.nbytes for name, a in bound.items() if not name.startswith("head."))
-    device.close()
-
-
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 3, 1, 1), (65536, 1, 1, 1), (100000, 2, 1, 1), (50000, 3, 1, 1),
                                    (2048, 64, 3, 3), (2, 200000, 1, 1), (7, 65537, 1, 1)])
 def test_the_scratch_charged_covers_what_standardising_allocates(shape):
@@ -190,3 +166,23 @@ def test_the_scratch_charged_covers_what_standardising_allocates(shape):
     finally:
         tracemalloc.stop()
     assert peak <= scratch_bytes([shape]), (peak, scratch_bytes([shape]))
+
+
+@pytest.mark.parametrize("shape,options", [("finetune", {"factor": False}), ("lps", {"factor": True}),
+                                           ("mixed", {"factor": False, "cuda_graph": True})])
+def test_a_device_budget_of_exactly_what_is_charged_runs_and_a_byte_less_is_refused(nets, shape, options):
+    """The device ledger after every task has run (slots, scratch, gains, CUDA graphs) is what the device path needs:
+    that budget runs every task (the manifest's floor does not refuse it), one byte less is a BudgetError."""
+    packed = random_packed(nets["nf"], n_tasks=3, shape=shape, classes=(5, 3))
+    x = np.ones((1, 1, 8, 8), np.float32)
+
+    def run_all(budget: int | None) -> int:
+        with TaskRuntime(packed, resident="device", cache_tasks=2, device_budget=budget, **options) as device:
+            for t in range(3):
+                device.infer(x, task=t)
+            return device.device_ledger.used
+
+    need = run_all(None)
+    assert run_all(need) == need
+    with pytest.raises(BudgetError):
+        run_all(need - 1)

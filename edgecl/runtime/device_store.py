@@ -49,7 +49,6 @@ class DeviceStore:
                  cuda_graph: bool, activation_bytes: Any, std: SwitchStandardized):
         self.arrays = backend_for(device)
         self.ledger, self.cuda_graph = device_ledger, cuda_graph
-        plans = [p for p in plans if p.name not in std.idle]  # neither the session nor a switch reads those
         self.program = DeviceProgram(plans, self.arrays, device_ledger.reserve, n_tasks, own_in_slot=cuda_graph)
         self._std = DeviceStandardized(std, plans, self.arrays, device_ledger.reserve)
         self.slot_bytes = 4 * self.program.slot_elements

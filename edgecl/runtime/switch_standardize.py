@@ -44,8 +44,6 @@ class SwitchStandardized:
         self.arch = {**arch, "nodes": [{k: v for k, v in n.items() if k not in STANDARDIZE_FIELDS}
                                        if n["name"] in self.convs else n for n in arch["nodes"]]}
         self.written = [name for name in self.convs if by_name[f"{name}.weight"].varies]
-        # gains of convs standardised once below: read by nothing after start-up (a device need not hold them)
-        self.idle = self.gains - {f"{name}.gain" for name in self.written}
         for name in self.convs:
             plan = by_name[f"{name}.weight"]
             gain = by_name.get(f"{name}.gain")
