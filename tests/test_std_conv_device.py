@@ -5,6 +5,9 @@ random switches, with and without the CUDA-graph layout, and what the standardis
 to the device ledger."""
 from __future__ import annotations
 
+import threading
+import tracemalloc
+
 import numpy as np
 import pytest
 from layer_nets_nf import nf_spec, std_spec
@@ -13,7 +16,7 @@ from test_runtime import references
 from edgecl.arch import validate
 from edgecl.deltas import materialize
 from edgecl.errors import BudgetError, UsageError
-from edgecl.graph.standardize import scratch_bytes
+from edgecl.graph.standardize import scratch_bytes, standardized
 from edgecl.runtime import TaskRuntime
 from edgecl.synthetic import random_packed
 
@@ -101,3 +104,85 @@ def test_a_switch_whose_standardised_weight_overflows_names_the_conv_on_the_devi
     device = TaskRuntime(packed, resident="device", cache_tasks=1)
     with pytest.raises(UsageError, match=r"architecture node 'c': its standardised weight overflows float32"):
         device.infer(np.ones((1, 4, 6, 6), np.float32), task=0)
+
+
+BIG_STD = {"name": "big", "input_shape": [64, 4, 4], "nodes": [  # one standardised conv of ~18 scratch chunks
+    {"name": "c", "op": "conv", "inputs": ["input"], "in": 64, "out": 2048, "k": 3, "pad": 1, "standardize": 1e-5},
+    {"name": "g", "op": "gap", "inputs": ["c"]}, {"name": "f", "op": "flatten", "inputs": ["g"]}]}
+
+
+def test_concurrent_misses_standardise_one_slot_at_a_time_as_the_scratch_is_charged():
+    """The device ledger charges the float64 scratch of one standardisation, but the slot cache fills slots outside
+    its lock: four threads missing on four slots at once must take turns standardising (else the device holds up to
+    four scratches, CuPy's pool keeping them, against one charged). Observed on the real calls through a profiler
+    hook on `graph.standardize.standardized`; the logits still equal the per-task sessions'."""
+    packed = random_packed(validate(BIG_STD), n_tasks=4, shape="permute", classes=(3,))
+    refs = references(packed)
+    device = TaskRuntime(packed, resident="device", cache_tasks=4)
+    x = np.random.default_rng(0).standard_normal((1, 64, 4, 4)).astype(np.float32)
+    live, most, count, lock = [0], [0], [0], threading.Lock()
+
+    def profile(frame, event, arg):
+        if frame.f_code is standardized.__code__ and event in ("call", "return"):
+            with lock:
+                live[0] += 1 if event == "call" else -1
+                most[0], count[0] = max(most[0], live[0]), count[0] + (event == "call")
+
+    barrier, got = threading.Barrier(4), {}
+
+    def work(t: int) -> None:
+        barrier.wait()
+        got[t] = device.infer(x, task=t)
+
+    threading.setprofile(profile)
+    try:
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        threading.setprofile(None)
+    assert count[0] == 4 and device.cache_info()["misses"] == 4  # one standardisation per miss, all concurrent
+    assert most[0] == 1, f"{most[0]} standardisations ran at once against one scratch charged"
+    for t in range(4):
+        np.testing.assert_allclose(got[t], refs[t].run(None, {"x": x})[0], atol=1e-5)
+    device.close()
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 3, 1, 1), (65536, 1, 1, 1), (100000, 2, 1, 1), (50000, 3, 1, 1),
+                                   (2048, 64, 3, 3), (2, 200000, 1, 1), (7, 65537, 1, 1)])
+def test_the_scratch_charged_covers_what_standardising_allocates(shape):
+    """`scratch_bytes` is what the device ledger charges for standardising a slot: at least what `standardized`
+    allocates at its peak (measured with tracemalloc on numpy), for huge single filters and for filters of 1-3
+    numbers too, whose per-filter float64 statistics are as large as the chunk itself."""
+    weight = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    gain = np.ones(shape[0], np.float32)
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        standardized(weight, gain, 1e-5, 1.0, out=weight)
+        peak = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+    assert peak <= scratch_bytes([shape]), (peak, scratch_bytes([shape]))
+
+
+@pytest.mark.parametrize("shape,options", [("finetune", {"factor": False}), ("lps", {"factor": True}),
+                                           ("mixed", {"factor": False, "cuda_graph": True})])
+def test_a_device_budget_of_exactly_what_is_charged_runs_and_a_byte_less_is_refused(nets, shape, options):
+    """The device ledger after every task has run (slots, scratch, gains, CUDA graphs) is what the device path needs:
+    that budget runs every task (the manifest's floor does not refuse it), one byte less is a BudgetError."""
+    packed = random_packed(nets["nf"], n_tasks=3, shape=shape, classes=(5, 3))
+    x = np.ones((1, 1, 8, 8), np.float32)
+
+    def run_all(budget: int | None) -> int:
+        with TaskRuntime(packed, resident="device", cache_tasks=2, device_budget=budget, **options) as device:
+            for t in range(3):
+                device.infer(x, task=t)
+            return device.device_ledger.used
+
+    need = run_all(None)
+    assert run_all(need) == need
+    with pytest.raises(BudgetError):
+        run_all(need - 1)

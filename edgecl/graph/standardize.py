@@ -52,10 +52,19 @@ def chunk_elements(shape: tuple[int, ...]) -> int:
     return min(int(np.prod(shape)), max(1, CHUNK_ELEMENTS // max(1, n)) * n)
 
 
+SCRATCH_FIXED = 8 * 512  # a few small temporaries, each at least one block of CuPy's pool (512 bytes)
+
+
 def scratch_bytes(shapes: list[tuple[int, ...]]) -> int:
-    """The float64 temporaries `standardized` needs at once for the largest of `shapes`' chunks (the chunk's copy
-    and its square), plus one float32 chunk for a backend that casts through a temporary: what a device charges."""
-    return max((20 * chunk_elements(s) for s in shapes), default=0)
+    """The temporaries `standardized` needs at once for the largest of `shapes`' chunks: the chunk's float64 copy
+    and its square, one float32 chunk for a backend that casts through a temporary, and up to four float64 numbers
+    per filter (mean, variance, gain, their quotient: as large as the chunk itself for a filter of one number, a
+    depthwise 1×1), each at least a pool block: what a device charges."""
+    def chunk(shape: tuple[int, ...]) -> int:
+        elements = chunk_elements(shape)
+        return 20 * elements + 32 * (elements // max(1, int(np.prod(shape[1:])))) + SCRATCH_FIXED
+
+    return max((chunk(s) for s in shapes), default=0)
 
 
 def check_finite(name: str, weight: Any, gain: Any | None, scale: float, xp: Any = np) -> Any:

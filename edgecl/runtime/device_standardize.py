@@ -7,9 +7,11 @@ recomputed every filter's mean and variance on every call (nf_resnet26 on the CP
 `DeviceProgram.fill`, in place in the slot — a CUDA graph's addresses stay fixed — and its gains where they live:
 the slot (switched or copied per task), the program's static or per-task arrays, or, for a gain that is a constant of
 the session (shared, factored), a device copy made here. What this adds on the device is charged before it is
-allocated: those gains, and the float64 temporaries of the largest chunk (`graph.standardize.scratch_bytes`)."""
+allocated: those gains, and the float64 temporaries of the largest chunk (`graph.standardize.scratch_bytes`) —
+once: slots filled at the same time (the slot cache fills outside its lock) take turns here."""
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable
 
 from edgecl.graph.standardize import scratch_bytes
@@ -32,6 +34,7 @@ class DeviceStandardized:
         if scratch:
             reserve("device standardisation scratch", scratch)
         self._const = {p.name: arrays.upload(p.base) for p in const}
+        self._lock = threading.Lock()  # one standardisation's scratch at a time, as charged
 
     @property
     def active(self) -> bool:
@@ -39,9 +42,12 @@ class DeviceStandardized:
         return bool(self.std.written)
 
     def after_fill(self, tensors: dict[str, Any]) -> None:
-        """Standardise the written convs among a filled slot's `tensors` (`DeviceProgram.tensors`) in place."""
-        self.std.after_fill(tensors, lambda gain: tensors[gain] if gain in tensors else self._const[gain],
-                            self.arrays.xp)
+        """Standardise the written convs among a filled slot's `tensors` (`DeviceProgram.tensors`) in place; returns
+        once written, its temporaries freed before another slot's standardisation starts."""
+        with self._lock:
+            self.std.after_fill(tensors, lambda gain: tensors[gain] if gain in tensors else self._const[gain],
+                                self.arrays.xp)
+            self.arrays.synchronize()
 
     def bound(self, tensors: dict[str, Any]) -> dict[str, Any]:
         """`tensors` without those the graph no longer reads (the gains standardised here)."""

@@ -66,8 +66,7 @@ class DeviceStore:
         """Write task t's tensors into a slot, standardised convs standardised there; returns once written."""
         self.program.fill(t, buffers, sync=not self._std.active)
         if self._std.active:
-            self._std.after_fill(self.program.tensors(buffers, t))
-            self.arrays.synchronize()
+            self._std.after_fill(self.program.tensors(buffers, t))  # waits for the slot
 
     def tensors(self, buffers: Any, t: int) -> dict[str, Any]:
         """Every tensor the session reads for task t once `buffers` holds it."""

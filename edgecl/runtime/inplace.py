@@ -221,9 +221,12 @@ class InPlace:
     def run(self, t: int, x: Any) -> Any:
         """Logits of task t: a host array, or with a device store a device array."""
         with self.cache.use(t) as slot:
+            session = self._session  # read once: `close` may drop it while this call holds its slot
+            if session is None:
+                raise UsageError("this TaskRuntime is closed")
             if self.cuda_graph:
-                return self._store.run_graph(self._session, slot.buffers, slot.index, t, x, self._n_classes[t])
-            return self._store.run(self._session, self._binding(slot, t), x, self._n_classes[t])
+                return self._store.run_graph(session, slot.buffers, slot.index, t, x, self._n_classes[t])
+            return self._store.run(session, self._binding(session, slot, t), x, self._n_classes[t])
 
     def bound_tensors(self, t: int) -> dict[str, np.ndarray]:
         """Host copies of every tensor the session reads for task t on the device path (filling a slot on a miss):
@@ -231,14 +234,15 @@ class InPlace:
         with self.cache.use(t) as slot:
             return {name: self.arrays.to_host(a) for name, a in self._store.tensors(slot.buffers, t).items()}
 
-    def _binding(self, slot: Slot, t: int) -> _Binding:
-        """This thread's IOBinding for `slot`: static and slot tensors bound once, task-owned tensors on change."""
+    def _binding(self, session: ort.InferenceSession, slot: Slot, t: int) -> _Binding:
+        """This thread's IOBinding of `session` for `slot`: static and slot tensors bound once, task-owned tensors
+        on change."""
         bindings = getattr(self._local, "bindings", None)
         if bindings is None:
             bindings = self._local.bindings = {}
         binding = bindings.get(slot.index)
         if binding is None:
-            io = self._session.io_binding()
+            io = session.io_binding()
             self._store.bind_slot(io, slot.buffers)
             binding = bindings[slot.index] = _Binding(io)
         if binding.task != t:
