@@ -27,7 +27,7 @@ ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.
 _ACTIVATIONS = {**ACTIVATION_FUNCTIONS, "relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
                 "tanh": "tanh", "tanh_": "tanh"}
 _LEAKY = (F.leaky_relu, F.leaky_relu_)
-# x², a spec ``square``: torch.square, and a power whose exponent is the number 2 (MetaFormer's StarReLU ``relu(x) ** 2``)
+# x², a spec ``square``: torch.square, and a power whose exponent is the number 2 (StarReLU's ``relu(x) ** 2``)
 _SQUARES = (torch.square, "square")
 _POWERS = (operator.pow, torch.pow, "pow")
 # arithmetic: x + y and x * y of two tensors, and x (+ - * /) c or c (+ - *) x with a Python number c
