@@ -312,6 +312,10 @@ def _spec(draw) -> dict:
             if draw(st.booleans()):  # fitting: groups dividing the channels (over the channels only 1 fits)
                 node["groups"] = draw(st.sampled_from([g for g in (1, 2, 4) if dims[0] % g == 0])) if fits else \
                     draw(st.sampled_from([0, dims[0] + 1, "2", 2.0, None]))
+            if draw(st.booleans()):  # MetaFormer v2's bias-less norm (refused without affine), or a hostile value
+                node["bias"] = draw(st.booleans()) if fits else draw(st.sampled_from([0, "no", None, 1]))
+            if draw(st.integers(0, 3)) == 0:
+                node["affine"] = draw(st.booleans())
         elif op == "attention_pool":  # GCNet's pool over the map, or MobileViTv2's per patch offset (patch)
             node["inputs"].append(draw(st.sampled_from([n for n in names if known.get(n, [0])[:1] == [1] and
                                                         known.get(n)[1:] == dims[1:]] or names)))

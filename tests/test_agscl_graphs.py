@@ -4,7 +4,8 @@ BatchNorm, LayerNorm and attention (the resnet preset and the custom `ResCat`, `
 position embedding), `TinyMNv4Hybrid` (multi-query), `TinyBlur` (BlurPool), `TinyMobileViT` (grid attention),
 `TinyFPN` (bilinear up-sampling in a feature-pyramid neck), `TinyFastViT` (attention over a map's positions),
 `TinyEdgeNeXt` (attention among channels, a Fourier position grid), `TinyLambdaNet` (a lambda layer), `TinyNFNet`
-(weight-standardised convs, whose cut connections must leave the kept ones' standardised values) and PiT (class
+(weight-standardised convs, whose cut connections must leave the kept ones' standardised values), `TinyMetaFormer`
+(bias-less norms, StarReLU: a scalar affine after a squared ReLU, pooling and SepConv mixers) and PiT (class
 tokens split off and joined around its pooling) modules; TinyHGNet's scalar affines make a dead node the affine's
 bias, not 0), on real digits training: dead node groups exactly zero, important ones frozen bit for bit, old tasks
 bit-identical, the runtime and ONNX export equal `materialize`, and `--resume` continues."""
@@ -16,6 +17,7 @@ import pytest
 import torch
 from layer_nets import TinyBlur, TinyEca, TinyHGNet, TinyMNv4Hybrid, TinyMobileViT, TinySplitAttn, TinyViT
 from neck_nets import TinyFPN
+from layer_nets_meta import TinyMetaFormer
 from layer_nets_nf import TinyGroupNormNet, TinyNFNet, TinyStdNet
 from layer_nets_vit import TinyEfficientViTMsra, TinyFastViT, tiny_pit
 from linear_nets import TinyEdgeNeXt, TinyEfficientViT, TinyLambdaNet, TinyMobileViTv2
@@ -41,7 +43,10 @@ FAST = dict(epochs=3, mu=8.0)
 # TinyFastViT's BatchNorm picks the Adam-metric lasso, whose default μ_adam zeroes all its 160 nodes within three
 # epochs (measured; at 0.003 about a third of them, and the rest are important and frozen)
 PER_ARCH = {"fastvit": dict(mu_adam=0.003), "nf": dict(lasso="adam", mu_adam=0.01),
-            "std": dict(lasso="adam", mu_adam=0.03)}
+            "std": dict(lasso="adam", mu_adam=0.03), "meta": dict(lasso="euclidean")}
+# TinyMetaFormer (LayerNorms: "auto" picks Adam's metric): at μ_adam 0.001 to 0.1 one of its 16 `hidden` nodes (ReLU
+# then square) is silent on every input, Ω = 0, with rows not yet exactly zero (as TinyStdNet's below; deployed =
+# trained); the Euclidean lasso at μ 8 zeroes all 288 unimportant nodes of 336 in three epochs (measured)
 # TinyStdNet (StdConv2d rows without gain are measured themselves, not scale-free): the Euclidean lasso at μ 8 zeroes
 # all 112 nodes; Adam's at 0.01 none, 0.03 two, 0.1 28 — but there two unimportant block2.conv2 nodes are not exactly
 # zero (gain 0.16 / 0.05, bias −2.2e-5 / −3.1e-6): all 16 block2.conv1 nodes died, so conv2 reads zeros, its output
@@ -79,13 +84,14 @@ def _arch(name: str) -> dict:
               "efficientvit_msra_windows": lambda: TinyEfficientViTMsra(in_channels=3, width=16, window=3),
               "nf": lambda: TinyNFNet(in_channels=3, width=16), "lambda": lambda: TinyLambdaNet(in_channels=3),
               "std": lambda: TinyStdNet(in_channels=3, width=16),
-              "gn": lambda: TinyGroupNormNet(in_channels=3, width=16)}
+              "gn": lambda: TinyGroupNormNet(in_channels=3, width=16),
+              "meta": lambda: TinyMetaFormer(in_channels=3, width=16)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
 _CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4", "vit_tokens", "blur", "mobilevit",
            "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra",
-           "efficientvit_msra_windows", "nf", "lambda", "std", "gn")
+           "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta")
 
 
 def _stream(name: str, n_tasks: int):
@@ -108,7 +114,7 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
 @pytest.fixture(scope="module", params=["resnet", "rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit",
                                                 "mnv4", "vit_tokens", "blur", "mobilevit", "fpn", "fastvit",
                                                 "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra",
-                                                "efficientvit_msra_windows", "nf", "lambda", "std", "gn"])
+                                                "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

@@ -257,7 +257,7 @@ class _Refused(nn.Module):
     def __init__(self, kind: str):
         super().__init__()
         self.kind, self.conv = kind, nn.Conv2d(3, 4, 3, padding=1)
-        self.norm = nn.LayerNorm(4, bias=kind != "no bias")
+        self.norm = nn.LayerNorm(4)
         self.fc1, self.fc = nn.Linear(4, 4), nn.Linear(4, 2)
         self.shift = nn.Parameter(torch.zeros(4, 1, 1))
         self.full = nn.Parameter(torch.ones(4, 4, 4))
@@ -281,8 +281,8 @@ class _Refused(nn.Module):
             x = x * self.fixed
         elif k == "norm twice":
             x = self.norm(self.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
-        elif k == "no bias":
-            x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        elif k == "bias alone":  # a weight alone is MetaFormer v2's bias-less norm; a bias alone has no spec form
+            x = F.layer_norm(x.permute(0, 2, 3, 1), (4,), None, self.norm.bias).permute(0, 3, 1, 2)
         elif k == "mixed add":  # a channels-last tensor plus a channels-first one (equal shapes here)
             x = (x.permute(0, 2, 3, 1) + x).permute(0, 3, 1, 2)
         elif k == "indexed parameter":
@@ -299,7 +299,7 @@ class _Refused(nn.Module):
     ("full-size factor", r"parameter 'full' of shape \(4, 4, 4\); only one factor per channel"),
     ("buffer factor", r"'fixed' is a tensor attribute that is no parameter"),
     ("norm twice", r"'norm' is used twice"),
-    ("no bias", r"weight but no bias"),
+    ("bias alone", r"LayerNorm with a bias but no weight"),
     ("mixed add", r"'add' .* reads a channels-last tensor"),
     ("indexed parameter", r"the parameter 'shift' is used directly in forward"),
 ])

@@ -89,26 +89,29 @@ def test_tiny_group_norm_net_goes_in_with_parity():
 
 
 class _Functional(nn.Module):
-    """F.group_norm written in forward: with a weight but no bias, or on a channels-last map."""
+    """F.group_norm written in forward: with a bias but no weight, with the network's own weight (no layer to name
+    the node by), or on a channels-last map."""
 
-    def __init__(self, last: bool = False):
+    def __init__(self, last: bool = False, bias: bool = True):
         super().__init__()
-        self.conv, self.fc, self.last = nn.Conv2d(3, 8, 3), nn.Linear(8, 2), last
-        self.weight = nn.Parameter(torch.ones(8))
+        self.conv, self.fc, self.last, self.use_bias = nn.Conv2d(3, 8, 3), nn.Linear(8, 2), last, bias
+        self.weight, self.bias = nn.Parameter(torch.ones(8)), nn.Parameter(torch.zeros(8))
 
     def forward(self, x):
         h = self.conv(x)
         if self.last:
             h = F.group_norm(h.permute(0, 2, 3, 1), 2).permute(0, 3, 1, 2)
         else:
-            h = F.group_norm(h, 2, self.weight, None)
+            h = F.group_norm(h, 2, None, self.bias) if self.use_bias else F.group_norm(h, 2, self.weight, None)
         return self.fc(h.mean((2, 3)))
 
 
 @pytest.mark.parametrize("make, words", [
     (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.GroupNorm(2, 8 * 36), nn.Linear(8 * 36, 2)),
      r"group_norm of 2 groups of a tensor of shape \[288\].*channels-first"),
-    (lambda: _Functional(), r"test_group_norm.py:\d+: h = F.group_norm.*a GroupNorm with a weight but no bias"),
+    (lambda: _Functional(), r"test_group_norm.py:\d+: h = F.group_norm.*a GroupNorm with a bias but no weight"),
+    (lambda: _Functional(bias=False), r"F.group_norm.*its weight and bias must be a GroupNorm's own parameters .*a "
+                                      r"bias-less one's LAYER.weight"),
     (lambda: _Functional(last=True), r"group_norm of 2 groups of a tensor of shape \[6, 6, 8\].*channels-first"),
 ])
 def test_group_norms_edgecl_does_not_compute_are_refused_by_name(make, words):

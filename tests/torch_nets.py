@@ -173,12 +173,13 @@ def ghost_spec(input_shape=(1, 8, 8)) -> dict:
 
 def randomise_batchnorm(module: nn.Module, seed: int = 0) -> None:
     """Non-trivial running statistics and affine parameters (fresh modules have identity BatchNorm and LayerNorm,
-    ConvNeXt's and EdgeNeXt's layer scales are 1e-6, PP-HGNetV2's scalar affines 1 and 0, LeViT's attention biases
-    0 and EdgeNeXt's temperatures 1, which would hide them from a parity check)."""
+    ConvNeXt's and EdgeNeXt's layer scales are 1e-6, PP-HGNetV2's scalar affines and MetaFormer's StarReLU 1 and 0,
+    MetaFormer's res scales 1, LeViT's attention biases 0 and EdgeNeXt's temperatures 1, which would hide them from a
+    parity check)."""
     g = torch.Generator().manual_seed(seed)
     for name, p in module.named_parameters():
-        if name.endswith(("gamma", "gamma_xca", "layer_scale", "temperature")) or \
-                name.endswith(".scale") and p.numel() == 1:  # EdgeNeXt's XCA: its layer scale, per-head temperature
+        if name.endswith(("gamma", "gamma_xca", "layer_scale", "temperature", ".scale")):  # EdgeNeXt's XCA: its
+            # layer scale, per-head temperature; MetaFormer's Scale layers
             p.data.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
         if name.endswith(".bias") and p.numel() == 1 or name.endswith("attention_biases"):  # a scalar affine's, LeViT's
             p.data.copy_(0.2 * torch.randn(p.shape, generator=g))

@@ -49,7 +49,9 @@ TIMM = ["resnet10t", "resnet18", "mobilenetv3_small_050", "mobilenetv2_050", "ef
         # shifted window attention; grid (dilated window) attention; MobileViTv2's context vector over the patches
         "swin_tiny_patch4_window7_224", "maxvit_pico_rw_256", "maxvit_tiny_tf_224", "mobilevitv2_050",
         # weight standardisation without gain and GroupNorm of 32 groups (BiT), NFNet's skipinit gain
-        "resnetv2_50x1_bit", "dm_nfnet_f0", "nf_regnet_b0"]
+        "resnetv2_50x1_bit", "dm_nfnet_f0", "nf_regnet_b0",
+        # MetaFormer v2: bias-less norms, StarReLU (relu, square, scalar affine), pooling / SepConv / attention mixers
+        "poolformerv2_s12", "convformer_s18", "caformer_s18"]
 # models whose position embedding (LeViT: attention-bias index) fixes the input size: built for the 64×64 traced
 BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_patch16_224": {"img_size": 64},
               "timm:deit_tiny_patch16_224": {"img_size": 64}, "timm:deit_tiny_distilled_patch16_224": {"img_size": 64},

@@ -25,6 +25,8 @@ from edgecl.arch.fx_calls import location, shape_of
 from edgecl.errors import UsageError
 
 TIMM_ATTENTION = ("timm.layers.attention", "Attention")
+# MetaFormer's (CAFormer's) own copy: qkv, SDPA at head_dim ** -0.5, proj; no mask argument, no qk-norm, norm or gate
+METAFORMER_ATTENTION = ("timm.models.metaformer", "Attention")
 _MHA_PARAMETERS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
                    "is_causal")
 
@@ -32,12 +34,14 @@ _MHA_PARAMETERS = ("query", "key", "value", "key_padding_mask", "need_weights", 
 def is_timm_attention(m: Any) -> bool:
     """timm's ``Attention`` (ViT, DeiT) or an attention over a map's positions (`fx_attention2d`: MobileNetV4's
     MultiQueryAttention2d, Attention2d), judged by its class; timm is not imported for this."""
-    return (type(m).__module__, type(m).__name__) == TIMM_ATTENTION or is_attention_2d(m)
+    return (type(m).__module__, type(m).__name__) in (TIMM_ATTENTION, METAFORMER_ATTENTION) or is_attention_2d(m)
 
 
 def check_plain_attention(model: str, where: str, m: nn.Module) -> None:
     """timm's Attention computes plain multi-head attention only without qk-norm, a norm before its projection or
-    a gate; each of those is refused by name."""
+    a gate; each of those is refused by name. MetaFormer's has none of them (its forward takes x alone)."""
+    if (type(m).__module__, type(m).__name__) == METAFORMER_ATTENTION:
+        return
     for part, why in (("q_norm", "qk-norm"), ("k_norm", "qk-norm"), ("norm", "a norm before the projection")):
         if not isinstance(getattr(m, part, None), nn.Identity):
             raise UsageError(f"{model}: {where} uses {why} ({part}); not supported")

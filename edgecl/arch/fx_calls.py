@@ -27,6 +27,9 @@ ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.
 _ACTIVATIONS = {**ACTIVATION_FUNCTIONS, "relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
                 "tanh": "tanh", "tanh_": "tanh"}
 _LEAKY = (F.leaky_relu, F.leaky_relu_)
+# x², a spec ``square``: torch.square, and a power whose exponent is the number 2 (StarReLU's ``relu(x) ** 2``)
+_SQUARES = (torch.square, "square")
+_POWERS = (operator.pow, torch.pow, "pow")
 # arithmetic: x + y and x * y of two tensors, and x (+ - * /) c or c (+ - *) x with a Python number c
 _ARITHMETIC = {operator.add: "add", operator.iadd: "add", torch.add: "add",
                          operator.sub: "sub", operator.isub: "sub", torch.sub: "sub", torch.subtract: "sub",
@@ -85,7 +88,7 @@ def arithmetic_kind(node: fx.Node) -> str | None:
 def is_elementwise(target: Any) -> bool:
     """An activation, arithmetic, a negation or a dropout: ops that act on each value alone, in any layout."""
     return target in _ACTIVATIONS or target in _LEAKY or target in _ARITHMETIC or target in _NEGATIONS or \
-        target in _DROPOUTS or is_library_identity(target)
+        target in _SQUARES or target in _POWERS or target in _DROPOUTS or is_library_identity(target)
 
 
 def shape_of(node: Any) -> list[int] | None:
@@ -191,6 +194,8 @@ class _CallConverter:
             self.arithmetic(node, _ARITHMETIC[target], args["input"], args["other"])
         elif target in _NEGATIONS:
             self._emit(node, "scale", [self._input(node.args[0], node)], factor=-1.0, offset=0.0)
+        elif target in _SQUARES or target in _POWERS:
+            self.square(node)
         elif target in _POOL_FUNCTIONS:
             args = self.bind(node, POOL_PARAMETERS[_POOL_FUNCTIONS[target]])
             self.pool(node, args.pop("input"), _POOL_FUNCTIONS[target], args)
@@ -238,6 +243,18 @@ class _CallConverter:
         factor, offset = {"add": (1.0, c), "sub": (1.0, -c) if tensor_first else (-1.0, c), "mul": (c, 0.0),
                           "div": (1.0 / c if c else 0.0, 0.0)}[kind]
         self._emit(node, "scale", [x], factor=factor, offset=offset)
+
+    def square(self, node: fx.Node) -> None:
+        """x², a ``square`` node: ``torch.square(x)``, or ``x ** 2`` / ``torch.pow(x, 2)`` of a tensor x with the
+        exponent the number 2; any other power (a tensor exponent, a number base) is refused by its exponent."""
+        args = self.bind(node, ("input", "exponent") if node.target in _POWERS else ("input",))
+        exponent = args.get("exponent", 2)
+        if shape_of(args["input"]) is None or isinstance(exponent, bool) or \
+                not isinstance(exponent, (int, float)) or exponent != 2:
+            shown = getattr(exponent, "name", exponent)
+            raise self.refuse(node, f"a power with exponent {shown!r}; edgecl supports x ** 2 of a tensor (a spec "
+                                    "'square') only")
+        self._emit(node, "square", [self._input(args["input"], node)])
 
     def number(self, value: Any, node: fx.Node) -> float:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):

@@ -186,20 +186,23 @@ class _NormConverter:
 
     def _norm_path(self, node: fx.Node, args: dict[str, Any], ch: int, kind: type, fields: dict[str, Any]) -> Any:
         """The norm's node name: its weight and bias's layer (claimed, each ``(ch,)``), else the `kind` module it
-        runs in; sets ``affine`` in `fields`. Both or neither of weight and bias, the layer's own."""
+        runs in; sets ``affine`` (and ``bias`` false for a weight alone: MetaFormer v2's LayerNorm2dNoBias,
+        GroupNorm1NoBias) in `fields`. Both, neither or the weight alone, the layer's own; a bias alone is refused."""
         weight, bias, label = args["weight"], args["bias"], kind.__name__
-        if (weight is None) != (bias is None):
-            raise self.refuse(node, f"a {label} with a weight but no bias (or the reverse) is not supported")
+        if weight is None and bias is not None:
+            raise self.refuse(node, f"a {label} with a bias but no weight is not supported")
         fields["affine"] = weight is not None
+        if weight is not None and bias is None:
+            fields["bias"] = False
         stack = list(node.meta.get("nn_module_stack") or [])  # the module it runs in (the traced copy lacks some)
         path = stack[-1] if stack and isinstance(self.module_at(stack[-1]), kind) else None
         if weight is None:
             return path
-        paths = [self.attrs.get(t) for t in (weight, bias)]
-        if None in paths or paths[0][:-len("weight")] != paths[1][:-len("bias")] or \
-                not paths[0].endswith(".weight") or not paths[1].endswith(".bias"):
+        paths = [self.attrs.get(t) for t in ((weight, bias) if bias is not None else (weight,))]
+        if None in paths or not paths[0].endswith(".weight") or len(paths) > 1 and \
+                (paths[0][:-len("weight")] != paths[1][:-len("bias")] or not paths[1].endswith(".bias")):
             raise self.refuse(node, f"its weight and bias must be a {label}'s own parameters (LAYER.weight, "
-                                    "LAYER.bias)")
+                                    "LAYER.bias; a bias-less one's LAYER.weight)")
         path = paths[0][:-len(".weight")]
         for p in paths:
             found = tuple(self.parameter(p, node).shape)

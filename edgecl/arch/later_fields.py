@@ -29,7 +29,8 @@ LATER_FIELDS: dict[str, dict[str, LaterField]] = {
              "std_gain": LaterField((True, None)),  # a standardised conv with a learned gain (timm's ScaledStdConv2d)
              "window": _NONE},  # a conv over the whole map
     "layer_norm": {"over": LaterField(("channels", None)),  # over the channels (before GroupNorm1)
-                   "groups": LaterField((1, None))},  # one group (before GroupNorm)
+                   "groups": LaterField((1, None)),  # one group (before GroupNorm)
+                   "bias": LaterField((True,))},  # with a bias when affine (before MetaFormer v2's bias-less norms)
     "scalar_affine": {"bias": LaterField((True,))},  # with a bias (before NFNet's skipinit gain)
     "attention_pool": {"patch": _NONE},  # a pool over the whole map (before MobileViTv2)
     "space_to_depth": {"order": LaterField(("hw",))},  # ONNX's order (before Swin's patch merging)

@@ -153,7 +153,10 @@ def has_gain(node: dict[str, Any]) -> bool:
 
 
 def layer_norm_fields(out: dict[str, Any], where: str) -> None:
-    """A GroupNorm's ``groups`` G: over the map, G dividing the channels."""
+    """A GroupNorm's ``groups`` G: over the map, G dividing the channels. ``bias`` false (MetaFormer v2's norms: a
+    weight, no bias) needs ``affine``: a norm without affine tensors has no bias to leave out."""
+    if not out["bias"] and not out["affine"]:
+        raise UsageError(f"{where}: layer_norm bias false needs affine (a layer_norm without affine has no bias)")
     groups = out["groups"] or 1
     if groups > 1 and (out["over"] != "map" or out["ch"] % groups):
         raise UsageError(f"{where}: layer_norm groups {groups} needs over 'map' and {out['ch']} channels that the "

@@ -16,7 +16,9 @@ Ops (fields and defaults in `OPS`):
   over its ``ch`` channels, as ConvNeXt's LayerNorm after a permute; eps; weight and bias when ``affine``; or, with
   ``over`` "map" (timm's GroupNorm1, a GroupNorm of one group: MobileViTv2), over the whole (C, H, W) map of a
   sample, its affine still per channel; with ``groups`` G (a GroupNorm of G groups: BiT), over each of the G
-  contiguous blocks of C/G channels of the map separately; G 1 is left out of the stored spec), ``layer_scale``
+  contiguous blocks of C/G channels of the map separately; G 1 is left out of the stored spec; ``bias`` false: the
+  weight alone, no bias tensor, as MetaFormer v2's norms (timm's LayerNorm2dNoBias, GroupNorm1NoBias); left out of
+  the stored spec at its default true), ``layer_scale``
   (weight: one learned factor per channel, ConvNeXt's γ, starting at ``init``), ``grn`` (ConvNeXt V2's
   global response norm: x + bias + weight·x·n, n = each channel's spatial L2 norm over the channels' mean of it + eps;
   weight and bias start at 0, the identity), ``channel_conv`` (ECA channel attention's 1-D convolution along the
@@ -136,7 +138,8 @@ MIN_EPS = 1.1754943508222875e-38
 MAX_BLUR = 16  # a blur filter's largest side: its binomial taps C(k−1, j) / 2^(k−1) are exact float32 numbers
 MAX_ADAPTIVE, MAX_ADAPTIVE_INPUT = 64, 4096  # adaptive_avgpool's output and input sides: matrices of out × in
 PAD_MODES = ("constant", "reflect", "replicate")  # torch F.pad's; ONNX Pad's "constant", "reflect", "edge"
-ACTIVATIONS = ("relu", "relu6", "hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu")
+ACTIVATIONS = ("relu", "relu6", "hardswish", "hardsigmoid", "silu", "sigmoid", "gelu", "tanh", "leaky_relu",
+               "square")
 
 # op → {field: (kind, default)}; a default of `...` means required. Kinds: size (int ≥ 1), pair (two sizes; an int
 # is taken for both), pad (two ints ≥ 0), pads (four ints; a negative one crops), bool, eps, momentum, approximate,
@@ -151,7 +154,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "linear": {"in": ("size", ...), "out": ("size", ...), "bias": ("bool", True)},
     "bn": {"ch": ("size", ...), "eps": ("eps", 1e-5), "momentum": ("momentum", 0.1)},
     "layer_norm": {"ch": ("size", ...), "eps": ("eps", 1e-5), "affine": ("bool", True), "over": ("norm_over", None),
-                   "groups": ("size", None)},
+                   "groups": ("size", None), "bias": ("bool", True)},
     "layer_scale": {"ch": ("size", ...), "init": ("number", 1.0)},
     "grn": {"ch": ("size", ...), "eps": ("eps", 1e-6)},
     "channel_conv": {"ch": ("size", ...), "k": ("size", ...), "circular": ("bool", False)},

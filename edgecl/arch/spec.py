@@ -316,8 +316,8 @@ def node_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         return attention_tensor_shapes(node)  # talking heads' mixes, XCA's temperature, a lambda layer's filters
     if op in TOKEN_TENSOR_OPS:
         return {"weight": (node["ch"],) if op == "class_token" and node["tokens"] == 1 else (node["ch"], node["tokens"])}
-    if op in NORMALISING_OPS and node.get("affine", True) or op == "layer_scale":
-        return {k: (node["ch"],) for k in ("weight", "bias")[:1 + (op != "layer_scale")]}
+    if op in NORMALISING_OPS and node.get("affine", True) or op == "layer_scale":  # a bias-less LayerNorm's weight
+        return {k: (node["ch"],) for k in ("weight", "bias")[:1 + (op != "layer_scale" and node.get("bias", True))]}
     return {}
 
 

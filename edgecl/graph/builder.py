@@ -61,10 +61,11 @@ def _bn(b: _Builder, h: str, node: dict) -> str:
 
 def _layer_norm(b: _Builder, h: str, node: dict, flat: bool) -> str:
     """LayerNormalization normalises the trailing axes: an NCHW map is transposed to NHWC around it (as the torch
-    model it comes from permutes), features (N, C) go in as they are. Without affine tensors: scale 1, no bias."""
+    model it comes from permutes), features (N, C) go in as they are. Without affine tensors: scale 1, no bias;
+    ``bias`` false: the weight, no bias (LayerNormalization's bias is optional)."""
     name, ch = node["name"], node["ch"]
     scale = f"{name}.weight" if node["affine"] else b.constant(np.ones(ch, dtype=np.float32))
-    bias = [f"{name}.bias"] if node["affine"] else []
+    bias = [f"{name}.bias"] if node["affine"] and node.get("bias", True) else []
     if flat:
         return b.op("LayerNormalization", [h, scale, *bias], axis=-1, epsilon=node["eps"])
     last = b.op("Transpose", [h], perm=[0, 2, 3, 1])
@@ -185,7 +186,7 @@ def _conv_factored(b: _Builder, h: str, node: dict, form: str | None, parts: dic
 
 _UNARY = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "hardswish": "HardSwish"}
 _KEEP_TRANSPOSED = ("relu", "relu6", "sigmoid", "tanh", "hardswish", "hardsigmoid", "silu", "gelu", "leaky_relu",
-                    "scale")
+                    "square", "scale")
 
 
 def _op(b: _Builder, node: dict, ins: list[str], factors: dict, shapes: list[list[int]]) -> str:
@@ -236,6 +237,8 @@ def _op(b: _Builder, node: dict, ins: list[str], factors: dict, shapes: list[lis
         return b.op("HardSigmoid", [h], alpha=1.0 / 6.0, beta=0.5)
     if op == "silu":
         return b.op("Mul", [h, b.op("Sigmoid", [h])])
+    if op == "square":  # x · x, as torch.square (MetaFormer's StarReLU and SquaredReLU square a ReLU)
+        return b.op("Mul", [h, h])
     if op == "leaky_relu":
         return b.op("LeakyRelu", [h], alpha=node["slope"])
     if op == "gelu":

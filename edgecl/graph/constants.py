@@ -38,7 +38,7 @@ ACTIVATIONS = {
     "relu": lambda v: np.maximum(v, 0.0), "relu6": lambda v: np.clip(v, 0.0, 6.0),
     "sigmoid": lambda v: 1 / (1 + np.exp(-v)), "tanh": np.tanh,
     "hardsigmoid": lambda v: np.clip(v + 3, 0, 6) / 6, "hardswish": lambda v: v * np.clip(v + 3, 0, 6) / 6,
-    "silu": lambda v: v / (1 + np.exp(-v))}
+    "silu": lambda v: v / (1 + np.exp(-v)), "square": np.square}
 
 
 def _gelu(v: np.ndarray, approximate: str) -> np.ndarray:

@@ -42,7 +42,8 @@ def patch_context(b: Builder, x: str, logits: str, node: dict, shape: list[int])
 def map_norm(b: Builder, h: str, node: dict, shape: list[int]) -> str:
     """A ``layer_norm`` over the whole map (a GroupNorm): (h − mean) / √(variance + eps) over C, H, W per sample
     (GroupNorm1) or, with G ``groups``, over each group of the map Reshaped to (N, G, C/G·H·W) and back; then the
-    per-channel affine (unsqueezed to (C, 1, 1)). One group keeps the graph it had before groups existed."""
+    per-channel affine (unsqueezed to (C, 1, 1)), its bias left out with ``bias`` false (GroupNorm1NoBias). One group
+    keeps the graph it had before groups existed."""
     groups = node.get("groups", 1)
     x = h if groups == 1 else b.op("Reshape", [h, b.ints(0, groups, -1)])
     axes = [1, 2, 3] if groups == 1 else [2]
@@ -55,4 +56,6 @@ def map_norm(b: Builder, h: str, node: dict, shape: list[int]) -> str:
         return normed
     axes = b.ints(1, 2)
     scaled = b.op("Mul", [normed, b.op("Unsqueeze", [f"{node['name']}.weight", axes])])
+    if not node.get("bias", True):
+        return scaled
     return b.op("Add", [scaled, b.op("Unsqueeze", [f"{node['name']}.bias", axes])])

@@ -110,7 +110,7 @@ def _reader_counts(arch: Arch) -> dict[str, int]:
 
 
 _ACTIVATIONS = {"relu": F.relu, "relu6": F.relu6, "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid,
-                "silu": F.silu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+                "silu": F.silu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "square": torch.square}
 
 
 def activation(node: dict, h: torch.Tensor) -> torch.Tensor:

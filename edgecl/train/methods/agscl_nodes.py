@@ -28,7 +28,7 @@ from edgecl.errors import UsageError
 
 STATS = ("running_mean", "running_var")
 # activations that are not 0 for every negative input (ReLU and ReLU6 are: the paper's mean ReLU activation stays)
-NEGATIVE_PASSING = ("gelu", "silu", "hardswish", "leaky_relu", "tanh")
+NEGATIVE_PASSING = ("gelu", "silu", "hardswish", "leaky_relu", "tanh", "square")
 RELU_OPS = ("relu", "relu6")  # 0 for every input ≤ 0
 # ops whose every output is ≤ 0 when every input is (sums, maxima, means, moves of channels): a value that reaches a
 # ReLU through them alone is read as ReLU reads it
