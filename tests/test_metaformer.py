@@ -11,14 +11,18 @@ import pytest
 import torch
 from layer_nets_meta import TinyCAFormer, TinyMetaFormer
 from torch import nn
+from test_runtime import references
 from torch_nets import check_parity, randomise_batchnorm
 
 from edgecl.arch import channel_map, from_torch, node_by_name, validate
 from edgecl.arch.later_fields import stored_form
 from edgecl.arch.spec import param_shapes
+from edgecl.deltas import materialize
 from edgecl.errors import UsageError
 from edgecl.graph.builder import build_onnx
 from edgecl.graph.compact import compact_task
+from edgecl.runtime import TaskRuntime
+from edgecl.synthetic import random_packed
 from edgecl.train.models import forward, from_numpy
 
 
@@ -158,3 +162,32 @@ def test_timm_metaformer_v2_models_go_in_with_parity(name):
     spec = from_torch(module, (3, 64, 64))
     assert {"square", "scalar_affine", "layer_norm"} <= {n["op"] for n in spec["nodes"]}
     check_parity(module, spec, (3, 64, 64), batch=2)
+
+
+@pytest.mark.parametrize("net", ["metaformer", "caformer"])
+@pytest.mark.parametrize("shape", ["lps", "mixed", "node", "lowrank", "permute"])
+def test_runtime_host_and_device_twin_equal_training_on_bias_less_norms_and_squares(net, shape):
+    """Every delta kind on the tiny MetaFormer / CAFormer (bias-less LayerNorm, GroupNorm1 and token LayerNorm,
+    StarReLU's square, a squared ReLU): random switches over 3 tasks with 2 slots, the host runtime and the device
+    path (its numpy twin, with and without the CUDA-graph layout) against training's forward of `materialize` and
+    the exporter's per-task sessions."""
+    module = TinyMetaFormer() if net == "metaformer" else TinyCAFormer()
+    arch = validate(from_torch(module.eval(), (1, 8, 8)))
+    packed = random_packed(arch, n_tasks=3, shape=shape, classes=(5, 3))
+    refs = references(packed)
+    runtimes = [TaskRuntime(packed, cache_tasks=2), TaskRuntime(packed, resident="device", cache_tasks=2),
+                TaskRuntime(packed, resident="device", cache_tasks=2, cuda_graph=True)]
+    rng = np.random.default_rng(3)
+    worst = 0.0
+    for _ in range(24):
+        t = int(rng.integers(3))
+        x = rng.standard_normal((int(rng.choice([1, 3])), 1, 8, 8)).astype(np.float32)
+        with torch.no_grad():
+            trained = forward(packed.arch, from_numpy(materialize(packed, t)), torch.from_numpy(x)).numpy()
+        want = refs[t].run(None, {"x": x})[0]
+        assert np.abs(want - trained).max() < 1e-4
+        for rt in runtimes:
+            worst = max(worst, float(np.abs(rt.infer(x, task=t) - want).max()))
+    for rt in runtimes:
+        rt.close()
+    assert worst <= 1e-5, worst
