@@ -2,12 +2,13 @@
 on random small graph specs: convolutions (3×3 with and without padding, 1×1, depthwise, grouped, a quarter of them
 weight-standardised, some in two windows, 2×2 after a ``pad`` node of zeros or 0.5, 3×3 after a BlurPool's reflect
 / replicate / zero ``pad`` and ``blur``, 2×2 after adaptive average pooling to one more row and column, 2×2 of stride
-2 after a bilinear ×2 ``upsample`` with or without align_corners), BatchNorm, ReLU / leaky ReLU, residual adds of
-equal-width tensors (existing tensors, slices taken at other offsets, slices of cats, slices of slices, cats of slices,
-new convolutions), gates (a one-channel spatial or scalar gate, a squeeze-and-excitation gate as wide as the data),
-concatenations and slices, ending in gap/flatten (and sometimes a linear layer). Random weights, then some conv/linear
-output channels killed (a zero row and bias, a zero row and a bias that ReLU turns into a constant, a zero BatchNorm
-scale), some whole channel groups killed in every producer, some input columns zeroed. For every spec:
+2 after a bilinear ×2 ``upsample`` with or without align_corners), BatchNorm, ReLU / leaky ReLU / square, residual
+adds of equal-width tensors (existing tensors, slices taken at other offsets, slices of cats, slices of slices, cats
+of slices, new convolutions), gates (a one-channel spatial or scalar gate, a squeeze-and-excitation gate as wide as
+the data), concatenations and slices, ending in gap/flatten (and sometimes a linear layer). Random weights, then
+some conv/linear output channels killed (a zero row and bias, a zero row and a bias that ReLU or a square turns into
+a constant, a zero BatchNorm scale), some whole channel groups killed in every producer, some input columns zeroed.
+For every spec:
 
 1. `channel_map` raises ChannelError or returns a map in which every axis is as wide as its tensor and every op's
    channels follow from its inputs' (an add's inputs and output are the same units, a cat lays its inputs side by
@@ -157,11 +158,9 @@ class _Graph:
             self.node("bn", [src], list(self.shapes[src]), ch=self.shapes[src][0])
         elif action == "act":
             src = self.pick()
-            if self.draw(st.booleans()):
-                self.node("relu", [src], list(self.shapes[src]))
-            else:
-                self.node("leaky_relu", [src], list(self.shapes[src]),
-                          slope=self.draw(st.sampled_from([0.01, 0.2, -0.5])))
+            act = self.draw(st.sampled_from(["relu", "leaky_relu", "square"]))  # square: MetaFormer's StarReLU
+            slope = {"slope": self.draw(st.sampled_from([0.01, 0.2, -0.5]))} if act == "leaky_relu" else {}
+            self.node(act, [src], list(self.shapes[src]), **slope)
         elif action == "add":
             a = self.pick()
             c, h, _ = self.shapes[a]

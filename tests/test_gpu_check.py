@@ -102,3 +102,18 @@ def test_parity_models_keep_a_standardised_conv_whose_switched_weight_is_compare
     assert "stem.gain" not in {i.name for i in runtime._strategy._session.get_inputs()}
     raw = materialize(models[label], 0)["stem.weight"]
     assert not np.array_equal(runtime.bound_tensors(0)["stem.weight"], raw)
+
+
+@pytest.mark.parametrize("label", ["norms lps", "norms lowrank", "layers node", "layers permute"])
+def test_parity_models_carry_metaformer_v2s_bias_less_norms_and_square_and_the_twin_equals_the_host(label):
+    """The GPU run meets MetaFormer v2's forms (`gpu_graphs`): a bias-less LayerNorm over the channels and square
+    (NORMS), a bias-less GroupNorm1 (LAYERS), whose ONNX graphs read no bias for them; here on the numpy twin, with
+    and without the CUDA-graph layout, against the host runtime and `materialize`."""
+    module = _gpu_check()
+    packed = dict(module.parity_models(False))[label]
+    ops = {(n["op"], n.get("over"), n.get("bias", True)) for n in packed.arch["nodes"]}
+    assert (("layer_norm", None, False) in ops and ("square", None, True) in ops) if label.startswith("norms") else \
+        ("layer_norm", "map", False) in ops
+    for kw in ({"device": "cpu", "resident": "device"}, {"device": "cpu", "resident": "device", "cuda_graph": True}):
+        report = module.check_parity(label, packed, kw, 12, 1)
+        assert report["ok"] and report["max_abs_logits"] <= 1e-4 and not report["bits_mismatched"], report

@@ -16,16 +16,17 @@ GRAPH = {"name": "rescat", "input_shape": [3, 16, 16], "nodes": [
     {"name": "se2", "op": "conv", "inputs": ["se_act"], "in": 4, "out": 16, "k": 1},
     {"name": "gate", "op": "sigmoid", "inputs": ["se2"]}, {"name": "gated", "op": "mul", "inputs": ["cat", "gate"]},
     {"name": "pool", "op": "gap", "inputs": ["gated"]}, {"name": "flat", "op": "flatten", "inputs": ["pool"]}]}
-# a ConvNeXt block (LayerNorm, MLP as 1×1 convs, global response norm, layer scale), a ShuffleNet shuffle,
-# TensorFlow's "same" padding (pad nodes of zeros and of −∞), BlurPool (reflect pad, blur, replicate pad) and
-# adaptive average pooling of unequal windows (two MatMuls)
+# a ConvNeXt block (LayerNorm, a bias-less one and a square as MetaFormer v2's, MLP as 1×1 convs, global response
+# norm, layer scale), a ShuffleNet shuffle, TensorFlow's "same" padding (pad nodes of zeros and of −∞), BlurPool
+# (reflect pad, blur, replicate pad) and adaptive average pooling of unequal windows (two MatMuls)
 NORMS = {"name": "norms", "input_shape": [3, 16, 16], "nodes": [
     {"name": "stem", "op": "conv", "inputs": ["input"], "in": 3, "out": 8, "k": 2, "stride": 2},
     {"name": "ln0", "op": "layer_norm", "inputs": ["stem"], "ch": 8, "eps": 1e-6},
     {"name": "dw", "op": "conv", "inputs": ["ln0"], "in": 8, "out": 8, "k": 3, "pad": 1, "groups": 8},
-    {"name": "ln1", "op": "layer_norm", "inputs": ["dw"], "ch": 8, "eps": 1e-6},
+    {"name": "ln1", "op": "layer_norm", "inputs": ["dw"], "ch": 8, "eps": 1e-6, "bias": False},  # MetaFormer v2's
     {"name": "fc1", "op": "conv", "inputs": ["ln1"], "in": 8, "out": 16, "k": 1},
-    {"name": "act", "op": "gelu", "inputs": ["fc1"]}, {"name": "grn", "op": "grn", "inputs": ["act"], "ch": 16},
+    {"name": "act", "op": "gelu", "inputs": ["fc1"]}, {"name": "sq", "op": "square", "inputs": ["act"]},  # StarReLU's
+    {"name": "grn", "op": "grn", "inputs": ["sq"], "ch": 16},
     {"name": "fc2", "op": "conv", "inputs": ["grn"], "in": 16, "out": 8, "k": 1},
     {"name": "gamma", "op": "layer_scale", "inputs": ["fc2"], "ch": 8, "init": 1e-6},
     {"name": "res", "op": "add", "inputs": ["ln0", "gamma"]},
@@ -43,8 +44,8 @@ NORMS = {"name": "norms", "input_shape": [3, 16, 16], "nodes": [
 
 # the layer families added later: TResNet's space_to_depth, a weight-standardised conv (NF-ResNet), a scalar affine
 # (HGNetV2), ECA's channel_conv, GCNet's attention_pool and broadcast add, split attention's branch_softmax, Swin's
-# shifted window attention, EfficientViT's linear attention, MobileViTv2's GroupNorm1 and patch context, BiT's GroupNorm
-# of 4 groups, EdgeNeXt's Fourier grid and channel attention, and a ViT
+# shifted window attention, EfficientViT's linear attention, MobileViTv2's GroupNorm1 (and MetaFormer v2's bias-less
+# one) and patch context, BiT's GroupNorm of 4 groups, EdgeNeXt's Fourier grid and channel attention, and a ViT
 # block on the (C, T, 1) token map (register tokens, class token, position embedding, attention, token pooling)
 LAYERS = {"name": "layers", "input_shape": [3, 16, 16], "nodes": [
     {"name": "s2d", "op": "space_to_depth", "inputs": ["input"], "block": 2},
@@ -79,7 +80,9 @@ LAYERS = {"name": "layers", "input_shape": [3, 16, 16], "nodes": [
      "window": [2, 4], "dilated": True},  # grid attention (MobileViT, MaxViT): positions 4 rows, 2 columns apart
     {"name": "g_res", "op": "add", "inputs": ["w_res", "g_attend"]},
     {"name": "l_norm", "op": "layer_norm", "inputs": ["g_res"], "ch": 8, "over": "map"},  # MobileViTv2's GroupNorm1
-    {"name": "gn_norm", "op": "layer_norm", "inputs": ["l_norm"], "ch": 8, "over": "map", "groups": 4},  # BiT's
+    {"name": "l_norm_nb", "op": "layer_norm", "inputs": ["l_norm"], "ch": 8, "over": "map", "bias": False},  # its
+    # bias-less form (MetaFormer v2's GroupNorm1NoBias)
+    {"name": "gn_norm", "op": "layer_norm", "inputs": ["l_norm_nb"], "ch": 8, "over": "map", "groups": 4},  # BiT's
     {"name": "l_attend", "op": "linear_attention", "inputs": ["gn_norm"] * 3, "heads": 2},  # EfficientViT's
     {"name": "l_logits", "op": "conv", "inputs": ["l_attend"], "in": 8, "out": 1, "k": 1},
     {"name": "l_context", "op": "attention_pool", "inputs": ["l_attend", "l_logits"], "patch": [2, 2]},  # MobileViTv2
