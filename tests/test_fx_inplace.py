@@ -3,7 +3,8 @@ to what torch computes (module parity through the torch forward and ONNX Runtime
 naming the call — never a network that silently drops or misplaces the write. Before the rewiring covered them, every
 case here but the chain, the view after the call, ``+=`` on a shape and ``detach`` (refused as an unknown op)
 converted to another network: a dropped ``relu_``, ``y = x; x *= g`` reading the old ``x``, a write into a view
-lost."""
+lost; and before ``**=`` was recorded in place, ``y = x; x **= 2`` read the old ``x`` (``pow_`` and ``square_``
+were refused as unknown ops)."""
 from __future__ import annotations
 
 import pytest
@@ -79,6 +80,23 @@ def _augmented_add_alias(s, out):
     return y * out
 
 
+def _augmented_pow_alias(s, out):
+    y = out
+    out **= 2  # torch: in place (Tensor.__ipow__), y is squared too; fx's fallback out = out ** 2 left y as it was
+    return y + out
+
+
+def _pow_method(s, out):
+    out.pow_(2)  # MetaFormer's x² written in place
+    return out
+
+
+def _square_kept(s, out):
+    y = out
+    out.square_()
+    return y - 0.5 * out
+
+
 def _augmented_on_shape(s, out):
     h = out.shape[2]
     k = h
@@ -100,7 +118,7 @@ def _view_after(s, out):
 
 CONVERTED = [_relu_method, _relu_kept, _sigmoid_method, _neg_method, _functional_inplace,
              _functional_inplace_positional, _module_inplace_alias, _augmented_mul_alias, _augmented_add_alias,
-             _augmented_on_shape, _chain, _view_after]
+             _augmented_on_shape, _chain, _view_after, _augmented_pow_alias, _pow_method, _square_kept]
 
 
 @pytest.mark.parametrize("step", CONVERTED, ids=lambda f: f.__name__)
@@ -145,6 +163,12 @@ def _write_through_drop_path(s, out):
     return y + out
 
 
+def _square_through_dropout(s, out):
+    y = s.drop(out)  # eval: out itself
+    y **= 2
+    return y + out
+
+
 def _write_into_parameter(s, out):
     return out * s.g.mul_(1.0)
 
@@ -152,14 +176,15 @@ def _write_into_parameter(s, out):
 SHARED = "writes into memory that .* shares and reads after it"
 REFUSED = {_write_into_slice: SHARED, _view_taken_before: SHARED, _write_into_view: SHARED,
            _write_into_detached: SHARED, _write_through_dropout: SHARED, _write_through_drop_path: SHARED,
-           _write_into_parameter: "module's own tensor 'g'"}
+           _write_into_parameter: "module's own tensor 'g'", _square_through_dropout: SHARED}
 
 
 @pytest.mark.parametrize("step", list(REFUSED), ids=lambda f: f.__name__)
 def test_in_place_writes_the_graph_cannot_express_are_refused(step):
     with pytest.raises(UsageError, match=REFUSED[step]) as info:
         from_torch(_Net(step).eval(), (2, 5, 5))
-    assert ("mul_" in str(info.value) or "iadd" in str(info.value)) and "test_fx_inplace.py" in str(info.value)  # the call and the user's line
+    assert any(call in str(info.value) for call in ("mul_", "iadd", "ipow")) and \
+        "test_fx_inplace.py" in str(info.value)  # the call and the user's line
 
 
 def test_a_view_read_only_before_the_call_is_fine():

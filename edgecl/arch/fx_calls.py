@@ -28,8 +28,8 @@ _ACTIVATIONS = {**ACTIVATION_FUNCTIONS, "relu": "relu", "relu_": "relu", "sigmoi
                 "tanh": "tanh", "tanh_": "tanh"}
 _LEAKY = (F.leaky_relu, F.leaky_relu_)
 # x², a spec ``square``: torch.square, and a power whose exponent is the number 2 (StarReLU's ``relu(x) ** 2``)
-_SQUARES = (torch.square, "square")
-_POWERS = (operator.pow, torch.pow, "pow")
+_SQUARES = (torch.square, "square", "square_")
+_POWERS = (operator.pow, operator.ipow, torch.pow, "pow", "pow_")  # in place too (`fx_inplace` rewires readers)
 # arithmetic: x + y and x * y of two tensors, and x (+ - * /) c or c (+ - *) x with a Python number c
 _ARITHMETIC = {operator.add: "add", operator.iadd: "add", torch.add: "add",
                          operator.sub: "sub", operator.isub: "sub", torch.sub: "sub", torch.subtract: "sub",

@@ -31,7 +31,7 @@ _VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d
 
 
 class AugmentedAssignment:
-    """``x += y`` (and ``-=``, ``*=``, ``/=``) on a traced tensor, recorded as ``operator.iadd`` and the like:
+    """``x += y`` (and ``-=``, ``*=``, ``/=``, ``**=``) on a traced tensor, recorded as ``operator.iadd`` and the like:
     without these fx falls back to ``x = x + y``, and a name bound to ``x`` before (``y = x; x *= g``) would keep the
     old value where torch's tensor changed. Shape values (Python numbers at the import shape) stay ``x = x + y``."""
 
@@ -54,6 +54,9 @@ class AugmentedAssignment:
     def __itruediv__(self, other: Any) -> Any:
         return self._augmented(operator.itruediv, operator.truediv, other)
 
+    def __ipow__(self, other: Any) -> Any:  # a tensor's x **= 2 squares it in place (MetaFormer's x²)
+        return self._augmented(operator.ipow, operator.pow, other)
+
 
 def inplace_target(node: fx.Node, root: nn.Module) -> fx.Node | None:
     """The tensor `node` writes into, or None: ``x.op_(…)`` methods, ``torch.op_`` / ``operator.iop`` /
@@ -72,7 +75,7 @@ def inplace_target(node: fx.Node, root: nn.Module) -> fx.Node | None:
     else:
         return None
     return first if name.endswith("_") and not name.startswith("_") or name in ("iadd", "isub", "imul",
-                                                                               "itruediv") else None
+                                                                               "itruediv", "ipow") else None
 
 
 def _inplace_argument(node: fx.Node) -> bool:
