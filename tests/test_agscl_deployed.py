@@ -26,7 +26,7 @@ from edgecl.arch import from_torch, preset
 from edgecl.deltas import materialize
 from edgecl.train.data import make_stream
 from edgecl.train.methods.agscl import AGSCL, AGSCLConfig
-from edgecl.train.methods.agscl_nodes import node_map
+from edgecl.train.methods.agscl_nodes import node_map, nonpositive_when_dead
 from edgecl.train.models import forward, from_numpy
 from edgecl.train.protocol import TrainContext
 
@@ -91,7 +91,8 @@ class Addends(nn.Module):
         y = self.stem(x)
         other = {"offset": lambda: self.other(y) + 1.0, "scaled": lambda: 0.5 * torch.relu(self.other(y)),
                  "frozen_pos": lambda: self.other(y) + self.pos, "pooled": lambda: F.max_pool2d(
-                     torch.relu(self.other(y)), 3, 1, 1), "gated": lambda: self.other(y) * torch.sigmoid(y)}
+                     torch.relu(self.other(y)), 3, 1, 1), "gated": lambda: self.other(y) * torch.sigmoid(y),
+                 "squared": lambda: torch.square(self.other(y)), "leaky": lambda: F.leaky_relu(self.other(y), -0.5)}
         return self.fc(torch.relu(self.main(y) + other[self.kind]()).mean((2, 3)))
 
 
@@ -209,15 +210,32 @@ def test_known_gap_adams_lasso_zeroes_the_conv_but_not_the_shift_after_its_relu(
     ("scaled", {"stem.0", "main.0", "other.0"}), ("pooled", {"stem.0", "main.0", "other.0"}),  # ≤ 0 kept ≤ 0
     # other by |value| (a gate reads it): 0 where dead, and so is its product; stem's ReLU is read by a sigmoid
     # (0.5 at 0: read as used, though only through that product)
-    ("gated", {"main.0"})])
+    ("gated", {"main.0"}),
+    # other by |its square| / |its leaky ReLU|: that activation is 0 where the node is dead, and so is the addend
+    ("squared", {"stem.0", "main.0"}), ("leaky", {"stem.0", "main.0"})])
 def test_relu_read_needs_every_addend_nonpositive_where_the_node_is_dead(kind, relu_read):
     assert node_map(from_torch(Addends(kind), (3, 8, 8))).relu_read == relu_read, kind
+
+
+@pytest.mark.parametrize("kind, activation", [("squared", "square"), ("leaky", "leaky_relu")])
+def test_a_square_or_a_negative_slope_of_values_below_zero_is_not_below_zero(kind, activation):
+    """`nonpositive_when_dead`: x² of an x ≤ 0 is ≥ 0, and so is a leaky ReLU of slope −0.5 of it; neither keeps
+    ≤ 0 what a measure of 0 left ≤ 0 (before, both were taken to, as GELU does: a square in `NEGATIVE_PASSING`), and
+    an add with it before a ReLU would have kept the ReLU's measure for a node the cut changes. The activation whose
+    |output| is a node's measure (`NodeMap.passes`) is exactly 0 where that node is dead."""
+    arch = from_torch(Addends(kind), (3, 8, 8))
+    measured = {"stem.0": "stem.0", "main.1": "main.0", "other.1": "other.0"}
+    below, zero = nonpositive_when_dead(arch, measured, {"stem.0", "main.0", "other.0"})  # other.1 by a signed measure
+    assert "other.1" in below and activation not in below and "add" not in below
+    below, zero = nonpositive_when_dead(arch, measured, {"stem.0", "main.0", "other.0"}, {activation})
+    assert activation in zero and "add" in below and "add" not in zero
+    assert node_map(arch).passes["other.0"]["name"] == activation
 
 
 @pytest.mark.slow  # every graph of test_agscl_graphs, two seeds, two short tasks each (~1-3 min)
 @pytest.mark.parametrize("name", ["resnet", "rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4",
                                   "vit_tokens", "blur", "mobilevit", "fpn", "fastvit", "pit", "efficientvit",
-                                  "mobilevit2", "edgenext", "efficientvit_msra", "nf", "grouped"])
+                                  "mobilevit2", "edgenext", "efficientvit_msra", "nf", "grouped", "meta"])
 def test_every_graph_deploys_what_each_task_trained(monkeypatch, name):
     for seed in (0, 1):
         torch.manual_seed(seed)

@@ -33,8 +33,9 @@ Ops (fields and defaults in `OPS`):
   parameter's path), and an optional ``module_shape`` the shape in which that module stores the weight where it differs
   by axes of 1 (a 1×1 conv that is an ``nn.Linear`` applied over the channels stores ``(out, in)``; a γ of shape ``(C,
   1, 1)``) (`edgecl.arch.module_state`);
-- element-wise: ``relu relu6 hardswish hardsigmoid silu sigmoid gelu tanh``, ``leaky_relu`` (its ``slope``), and
-  ``scale`` (x·factor + offset with two constant numbers: arithmetic with a Python number, a negation);
+- element-wise: ``relu relu6 hardswish hardsigmoid silu sigmoid gelu tanh``, ``square`` (x²: MetaFormer's StarReLU
+  and squared ReLU), ``leaky_relu`` (its ``slope``), and ``scale`` (x·factor + offset with two constant numbers:
+  arithmetic with a Python number, a negation);
 - ``pad``: a map padded with a constant ``value`` (0, or ``"-inf"``, read by max pools only, whose every window
   holds a real value: `op_rules.check_minus_inf_pads`), ``pads`` =
   [top, left, bottom, right] rows/columns: TensorFlow's "same" padding, which adds the odd one at the bottom and

@@ -29,6 +29,8 @@ from edgecl.errors import UsageError
 STATS = ("running_mean", "running_var")
 # activations that are not 0 for every negative input (ReLU and ReLU6 are: the paper's mean ReLU activation stays)
 NEGATIVE_PASSING = ("gelu", "silu", "hardswish", "leaky_relu", "tanh", "square")
+# those whose output is ≤ 0 for every input ≤ 0: not square (x² > 0), nor a leaky ReLU of negative slope
+SIGN_KEEPING = ("gelu", "silu", "hardswish", "tanh")
 RELU_OPS = ("relu", "relu6")  # 0 for every input ≤ 0
 # ops whose every output is ≤ 0 when every input is (sums, maxima, means, moves of channels): a value that reaches a
 # ReLU through them alone is read as ReLU reads it
@@ -174,7 +176,7 @@ def node_map(arch: Arch) -> NodeMap:
     # a ReLU read counts only where what the layers read of it is 0 when the node is dead; the rest fall back to
     # |value| (judged once, with the first pass's measures: an output dropped to |value| is 0 where dead, not only
     # ≤ 0, so a second pass could keep more ReLU reads, never fewer)
-    dead = nonpositive_when_dead(arch, measured, relu_read | set(passes))
+    dead = nonpositive_when_dead(arch, measured, relu_read | set(passes), {a["name"] for a in passes.values()})
     relu_read = {name for name in relu_read if relu_read_only(arch, readers, nodes, measured_out(name, bn_after),
                                                                   dead)}
     return NodeMap(groups, rows, cols, index(cm.head_cols), hooks, bn_after, stats, own, scale_free, specs, affines,
@@ -186,10 +188,12 @@ def measured_out(name: str, bn_after: dict[str, dict]) -> str:
     return bn_after[name]["name"] if name in bn_after else name
 
 
-def nonpositive_when_dead(arch: Arch, measured: dict[str, str], signed: set[str]) -> tuple[set[str], set[str]]:
+def nonpositive_when_dead(arch: Arch, measured: dict[str, str], signed: set[str],
+                          passed: frozenset[str] | set[str] = frozenset()) -> tuple[set[str], set[str]]:
     """Nodes whose every channel is ≤ 0 wherever that channel's node has Ω = 0. A measured output (`measured`:
     output → its conv/linear) is: ≤ 0 where ReLU's or an activation's measure is 0 (`signed`), exactly 0 where
-    |value|'s is. So is what ReLU/ReLU6, sums, pools and moves (`NONPOSITIVE_KEEPING`, `MOVES`, a pad filling ≤ 0,
+    |value|'s is; an activation whose |output| is the measure (`passed`: `NodeMap.passes`) is exactly 0 there. So
+    is what ReLU/ReLU6, sums, pools and moves (`NONPOSITIVE_KEEPING`, `MOVES`, a pad filling ≤ 0,
     a ``scale`` by ≥ 0 without a positive offset) make of such values alone, what 0-keeping ops (a gain, an
     activation, a pad filling 0, a scalar affine) make of exact zeros, and a product with one. An add
     with any other addend — a BatchNorm's or a position embedding's shift, an offset, a grid no layer writes — is
@@ -201,8 +205,9 @@ def nonpositive_when_dead(arch: Arch, measured: dict[str, str], signed: set[str]
         name, op, ins = node["name"], node["op"], node["inputs"]
         if name in measured:
             (below if measured[name] in signed else zero).add(name)
-        elif op in RELU_OPS and all(i in below for i in ins) or _keeps_zero(node) and all(i in zero for i in ins) \
-                or op == "mul" and any(i in zero for i in ins):  # a product with a 0 factor
+        elif name in passed or op in RELU_OPS and all(i in below for i in ins) or \
+                _keeps_zero(node) and all(i in zero for i in ins) or \
+                op == "mul" and any(i in zero for i in ins):  # a product with a 0 factor
             zero.add(name)
         elif _keeps_nonpositive(node) and all(i in below for i in ins):
             below.add(name)
@@ -218,7 +223,9 @@ def _keeps_nonpositive(node: dict) -> bool:
         return float(node.get("value", 0.0)) <= 0  # a "-inf" fill too
     if op == "scale":
         return node.get("factor", 1.0) >= 0 and node.get("offset", 0.0) <= 0
-    return op in (*NONPOSITIVE_KEEPING, *MOVES, *RELU_OPS, *NEGATIVE_PASSING)
+    if op == "leaky_relu":  # slope · x ≥ 0 for x ≤ 0 when the slope is negative
+        return node.get("slope", 0.01) >= 0
+    return op in (*NONPOSITIVE_KEEPING, *MOVES, *RELU_OPS, *SIGN_KEEPING)
 
 
 def _keeps_zero(node: dict) -> bool:
