@@ -80,6 +80,17 @@ def test_bias_field_rules_and_normal_form():
             validate(_norm_spec(bias=hostile))
 
 
+@pytest.mark.parametrize("node", [{"op": "bn", "ch": 4, "bias": False}, {"op": "grn", "ch": 4, "bias": False},
+                                  {"op": "layer_scale", "ch": 4, "bias": False}, {"op": "relu", "bias": False},
+                                  {"op": "square", "bias": False}, {"op": "square", "exponent": 3}])
+def test_bias_on_other_ops_and_a_squares_exponent_are_refused_by_name(node):
+    spec = _norm_spec()
+    spec["nodes"][1] = {"name": "n", "inputs": ["a"], **node}
+    field = "bias" if "bias" in node else "exponent"
+    with pytest.raises(UsageError, match=rf"node 1 \(n\): unknown fields \['{field}'\] for op '{node['op']}'"):
+        validate(spec)
+
+
 @pytest.mark.parametrize("over", ["channels", "map"])
 def test_a_bias_less_norm_pins_its_channels_and_compacts_to_the_dense_logits(over):
     spec = validate(_norm_spec(bias=False, over=over))
