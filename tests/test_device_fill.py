@@ -143,16 +143,22 @@ def test_layout_one_masked_range_aligned_and_reserved_first():
         _program(packed, ledger=Ledger(1000))
 
 
-def _compiled_kernel(tmp_path):
+def _compiled(tmp_path, source: str, name: str, argtypes: list):
+    """A device kernel's C twin built by the host's C compiler and loaded by ctypes."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.skip("no C compiler to build the kernel's element function")
-    src, lib = tmp_path / "select.c", tmp_path / "select.so"
-    src.write_text(device_kernel.c_source())
+    src, lib = tmp_path / f"{name}.c", tmp_path / f"{name}.so"
+    src.write_text(source)
     subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
-    fn = getattr(ctypes.CDLL(str(lib)), device_kernel.KERNEL_NAME)
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_ulonglong]
+    fn = getattr(ctypes.CDLL(str(lib)), name)
+    fn.argtypes = argtypes
     return fn
+
+
+def _compiled_kernel(tmp_path):
+    return _compiled(tmp_path, device_kernel.c_source(), device_kernel.KERNEL_NAME,
+                     [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_ulonglong])
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, 65_537])
@@ -204,16 +210,9 @@ def test_cuda_kernel_compiles_with_nvrtc_for_hopper(source, name):
 
 
 def _compiled_flag_kernel(tmp_path):
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler to build the kernel's element function")
-    src, lib = tmp_path / "flag.c", tmp_path / "flag.so"
-    src.write_text(device_kernel.flag_c_source())
-    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
-    fn = getattr(ctypes.CDLL(str(lib)), device_kernel.FLAG_NAME)
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong, ctypes.c_void_p, ctypes.c_ulonglong, ctypes.c_void_p,
-                   ctypes.c_uint]
-    return fn
+    return _compiled(tmp_path, device_kernel.flag_c_source(), device_kernel.FLAG_NAME,
+                     [ctypes.c_void_p, ctypes.c_ulonglong, ctypes.c_void_p, ctypes.c_ulonglong, ctypes.c_void_p,
+                      ctypes.c_uint])
 
 
 @pytest.mark.parametrize("bad", [None, np.inf, -np.inf, np.nan, -np.nan])
