@@ -70,7 +70,7 @@ class AGSCLConfig(MethodConfig):
     #                              LayerNorm or GRN
     mu_adam: float = 0.03  # term (a)'s strength with lasso="adam" (a loss-gradient norm)
     faithful: Faithful = "keep"  # a cut that moves the task's logits (agscl_faithful): "keep" the nodes that move
-    #                              them important, "warn" only (either way the gap is recorded and a remaining one warned)
+    #                              them important, or "warn" only (the gap is recorded either way; one left warns)
 
     BOUNDS: ClassVar[dict[str, Bounds]] = {"mu": at_least(0), "mu_adam": at_least(0), "lam": at_least(0),
                                            "rho": FRACTION, "eta": POSITIVE_FRACTION}

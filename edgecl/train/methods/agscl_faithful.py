@@ -112,7 +112,8 @@ def cut_keeping_logits(method: Any, info: TaskInfo, head: Params, alive: np.ndar
     return Cut(trunk, cut_head, alive, first, moving, kept)
 
 
-def warning(t: int, gap_now: float, tol: float, examples: int, nodes: NodeMap, cut: Cut, config: Any, arch: dict) -> str:
+def warning(t: int, gap_now: float, tol: float, examples: int, nodes: NodeMap, cut: Cut, config: Any,
+            arch: dict) -> str:
     """The note a task leaves when its deployed logits differ from the trained ones: the gap, the groups whose cut
     moved them, and the setting to change."""
     groups = [g for g, m in nodes.split(cut.moving).items() if m.any()]
