@@ -53,6 +53,8 @@ Deployed form: one shared set of weights, per task a node bit vector per group (
 BatchNorm statistics, ECA weights, scalar affines and head; because of (I.1) task t's function reads only the nodes
 important up to t, and `materialize(t)` reproduces it exactly. Grouped (non-depthwise) convolutions are handled: a row
 reads its own conv group's input channels. A layer that adds to the raw input's channels is refused (they are no node).
+Each task checks it (`agscl_faithful`): trained against deployed logits on a sample of its data, `deploy_gap` per task,
+nodes whose cut moves them kept important (`faithful="keep"`), a warning note where a gap remains.
 
 Differences from the reference code, on purpose: the learning rate stays constant (no validation split, so no
 plateau decay and no restore of the best epoch); a cut connection stays zero for all later tasks, as the paper
