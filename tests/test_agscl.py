@@ -12,7 +12,8 @@ from edgecl.deltas import check_consistent, materialize
 from edgecl.errors import UsageError
 from edgecl.train import engine, registry
 from edgecl.train.data import make_stream
-from edgecl.train.methods.agscl import AGSCL, AGSCLConfig, adam_prox_groups, live_parameters, prox_groups
+from edgecl.train.methods.agscl import AGSCL, AGSCLConfig, live_parameters
+from edgecl.train.methods.agscl_prox import adam_prox_groups, prox_groups
 from edgecl.train.models import forward, from_numpy
 from edgecl.train.protocol import TrainContext
 

@@ -305,9 +305,9 @@ def test_a_node_silenced_by_dead_inputs_deploys_as_trained(monkeypatch):
     snapshot = {}
     cut = AGSCL._zero_from_dead
 
-    def keep(self, alive, head):  # the network as trained, before (I.1) cuts the dead nodes' connections
-        snapshot.update({k: v.clone() for k, v in {**self.trunk, **head}.items()})
-        return cut(self, alive, head)
+    def keep(self, alive, head, trunk):  # the network as trained, before (I.1) cuts the dead nodes' connections
+        snapshot.update({k: v.clone() for k, v in {**trunk, **head}.items()})
+        return cut(self, alive, head, trunk)
 
     monkeypatch.setattr(AGSCL, "_zero_from_dead", keep)
     method = AGSCL(_arch("std"), AGSCLConfig(**{**FAST, "lasso": "adam", "mu_adam": 0.1}, rho=0.0))

@@ -53,6 +53,8 @@ Deployed form: one shared set of weights, per task a node bit vector per group (
 BatchNorm statistics, ECA weights, scalar affines and head; because of (I.1) task t's function reads only the nodes
 important up to t, and `materialize(t)` reproduces it exactly. Grouped (non-depthwise) convolutions are handled: a row
 reads its own conv group's input channels. A layer that adds to the raw input's channels is refused (they are no node).
+Each task checks it (`agscl_faithful`): trained against deployed logits on a sample of its data, `deploy_gap` per task,
+nodes whose cut moves them kept important (`faithful="keep"`), a warning note where a gap remains.
 
 Differences from the reference code, on purpose: the learning rate stays constant (no validation split, so no
 plateau decay and no restore of the best epoch); a cut connection stays zero for all later tasks, as the paper
@@ -69,56 +71,24 @@ import torch.nn.functional as F
 
 from edgecl.arch import Arch, dense_params, node_by_name
 from edgecl.arch.op_rules import is_standardized
-from edgecl.deltas import PackedModel, TaskInfo
+from edgecl.deltas import PackedModel, TaskInfo, materialize
 from edgecl.errors import UsageError
 from edgecl.graph.standardize import cut_columns_keeping_standardized
 from edgecl.train.batchnorm import recalibrate
 from edgecl.train.data import TaskData
+from edgecl.train.methods import agscl_faithful as faithful
 from edgecl.train.methods.agscl_affine import BiasMasks, fold_into_head, nonzero_nodes
 from edgecl.train.methods.agscl_config import AGSCLConfig
 from edgecl.train.methods.agscl_importance import node_activity
 from edgecl.train.methods.agscl_nodes import NodeMap, live_parameters, node_map
+from edgecl.train.methods.agscl_prox import adam_lasso_coefficients, prox_coefficients
 from edgecl.train.models import Params, forward, from_numpy, init_head, to_numpy
 from edgecl.train.protocol import Method, TrainContext, adam, check_resumable, run_epochs, task_generator
 
 NEVER = np.iinfo(np.int64).max  # birth of a node never important
 HEAD = ("head.weight", "head.bias")
-
-
-def prox_coefficients(norm: torch.Tensor, drift: torch.Tensor, omega: torch.Tensor, alpha: float, mu: float,
-                      lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group (a, b) with prox(θ_n) = a_n θ_n + b_n θ̂_n, the closed form (7), from ‖θ_n‖ and ‖θ_n − θ̂_n‖.
-
-    Ω_n = 0: group-lasso shrinkage a = (1 − αμ/‖θ_n‖)₊, b = 0 — exactly zero when ‖θ_n‖ ≤ αμ.
-    Ω_n > 0: a = γ = (1 − αλΩ_n/‖θ_n − θ̂_n‖)₊, b = 1 − γ — exactly θ̂_n (a = 0, b = 1) when the drift ≤ αλΩ_n."""
-    shrink = torch.where(norm > alpha * mu, 1 - alpha * mu / norm.clamp_min(1e-30), torch.zeros_like(norm))
-    limit = alpha * lam * omega
-    gamma = torch.where(drift > limit, 1 - limit / drift.clamp_min(1e-30), torch.zeros_like(drift))
-    important = omega > 0
-    return torch.where(important, gamma, shrink), torch.where(important, 1 - gamma, torch.zeros_like(gamma))
-
-
-def adam_lasso_coefficients(scaled_norm: torch.Tensor, norm: torch.Tensor, alpha: float, mu: float
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Term (a)'s prox in Adam's metric H = diag(h)/α, h = √v̂ + ε (proximal Adam): argmin μ‖θ‖ + ½‖θ − z‖²_H.
-    Per group from ‖h ⊙ z‖ and ‖z‖: (dead, step) — exactly zero iff ‖h ⊙ z‖ ≤ αμ (then, at a fixed point, iff the
-    group's loss gradient has norm ≤ μ: the group lasso's own optimality condition, whatever Adam's step size);
-    otherwise coordinate i is multiplied by h_i / (h_i + step), step = αμ/‖z‖ (one fixed-point step of the exact
-    solution, from ‖θ‖ ≈ ‖z‖: it shrinks slightly less than the exact prox)."""
-    return scaled_norm <= alpha * mu, alpha * mu / norm.clamp_min(1e-30)
-
-
-def adam_prox_groups(theta: torch.Tensor, h: torch.Tensor, alpha: float, mu: float) -> torch.Tensor:
-    """Term (a)'s prox in Adam's metric on groups stored as rows of `theta` (N × d), `h` = √v̂ + ε alike."""
-    dead, step = adam_lasso_coefficients((h * theta).norm(dim=1), theta.norm(dim=1), alpha, mu)
-    return torch.where(dead[:, None], torch.zeros_like(theta), theta * h / (h + step[:, None]))
-
-
-def prox_groups(theta: torch.Tensor, theta_hat: torch.Tensor, omega: torch.Tensor, alpha: float, mu: float,
-                lam: float) -> torch.Tensor:
-    """The proximal step (7) on groups stored as rows of `theta` (N × d), anchors θ̂ in `theta_hat`."""
-    a, b = prox_coefficients(theta.norm(dim=1), (theta - theta_hat).norm(dim=1), omega, alpha, mu, lam)
-    return a[:, None] * theta + b[:, None] * theta_hat
+# per task (agscl_faithful): the largest |trained − deployed| logit, the same before nodes were kept for it, how many
+FAITHFUL_STATS = {"deploy_gap": 0.0, "deploy_gap_before_keep": 0.0, "kept_for_gap": 0}
 
 
 class AGSCL(Method):
@@ -198,6 +168,9 @@ class AGSCL(Method):
         # the resnet preset a dead channel kept a running mean of 0.13 and the deployed accuracy fell to chance while
         # batch statistics gave 100 %). No noise silencing: γ is a node tensor shared with earlier tasks.
         recalibrate(self.arch, bias.apply(params), task, device, batch_size=512, silence=False)
+        x = faithful.sample(task, cfg.seed, t, device)  # the trained logits, before the cut (agscl_faithful)
+        with torch.no_grad():
+            trained = forward(self.arch, bias.apply(params), x)
         self.trunk = {**{k: v.detach().cpu() for k, v in learn.items()}, **{k: v.cpu() for k, v in running.items()}}
         head = {k: v.detach().cpu() for k, v in head.items()}
         exact_zero = self._exact_zero()
@@ -207,17 +180,23 @@ class AGSCL(Method):
         features = self.update_omega(task, device, before,
                                      features=bool(np.append(carrying & ~before, False)[nodes.head].any()))
         alive = before | (self.omega > 0).numpy() | nodes.unwritten
+        info = TaskInfo(task.name, task.n_classes)
+        tol = faithful.tolerance(trained)
+        cut = faithful.cut_keeping_logits(self, info, head, alive, features, carrying, x, trained, tol)
+        self.trunk, head, alive = cut.trunk, cut.head, cut.alive
         self.birth[alive & (self.birth == NEVER)] = t
         zeroed = int((exact_zero & ~alive).sum())
-        fold_into_head(head, features, np.append(carrying & ~alive, False)[nodes.head])
-        self._zero_from_dead(alive, head)
         reinit = self._reinit(alive)
         self.heads.append(head)
-        self.infos.append(TaskInfo(task.name, task.n_classes))
+        self.infos.append(info)
         self.alive.append(alive)
         self.task_stats.append({k: self.trunk[k].clone() for k in nodes.own})
-        self.stats.append({**freeze, "exact_zero_nodes": zeroed, "reinit_nodes": reinit})
-        warnings = []
+        with torch.no_grad():  # what `materialize(pack(), t)` deploys, measured (the cuts tried were its parts)
+            deployed = forward(self.arch, from_numpy(self.deployed(t), device), x)
+        gap = faithful.gap(trained, deployed)
+        self.stats.append({**freeze, "exact_zero_nodes": zeroed, "reinit_nodes": reinit, "deploy_gap": gap,
+                           "deploy_gap_before_keep": cut.gap, "kept_for_gap": int(cut.kept.sum())})
+        warnings = [faithful.warning(t, gap, tol, len(x), nodes, cut, cfg, self.arch)] if gap > tol else []
         if freeze["frozen"][0] < freeze["frozen"][1] or freeze["old_task_max_drift"] > 0:
             (kept, important), drift = freeze["frozen"], freeze["old_task_max_drift"]
             warnings.append(f"agscl task {t}: only {kept} of {important} important nodes stayed exactly frozen; earlier "
@@ -331,14 +310,24 @@ class AGSCL(Method):
         rows = {k: torch.from_numpy(idx) for k, idx in self.nodes.trainable.items()}
         return ~nonzero_nodes(self.trunk, rows, self.nodes.n).numpy()
 
-    def _zero_from_dead(self, alive: np.ndarray, head: Params) -> None:
+    def _cut(self, head: Params, alive: np.ndarray, features: torch.Tensor | None, carrying: np.ndarray
+             ) -> tuple[Params, Params]:
+        """The trunk and head after the cut for node mask `alive` (`fold_into_head`, `_zero_from_dead`) as new
+        tensors where they change, `self.trunk` and `head` untouched: the faithfulness check tries several."""
+        trunk = {k: v.clone() if k in self.nodes.cols else v for k, v in self.trunk.items()}
+        head = {k: v.clone() for k, v in head.items()}
+        fold_into_head(head, features, np.append(carrying & ~alive, False)[self.nodes.head])
+        self._zero_from_dead(alive, head, trunk)
+        return trunk, head
+
+    def _zero_from_dead(self, alive: np.ndarray, head: Params, trunk: Params) -> None:
         """(I.1): zero every connection out of an unimportant node, in every reader and the new head (for good where
         the reader is important: `_cuts`); a weight-standardised reader's kept entries move with the cut."""
         live = np.append(alive, True)
         nodes = node_by_name(self.arch)
         with torch.no_grad():
             for weight, cols in self.nodes.cols.items():
-                w = self.trunk[weight]
+                w = trunk[weight]
                 dead = torch.from_numpy(np.ascontiguousarray(~live[cols]))[:, :, None]
                 layer = nodes[weight.rsplit(".", 1)[0]]
                 if is_standardized(layer):  # the kept entries keep their standardised values
@@ -367,16 +356,32 @@ class AGSCL(Method):
 
     # ---------------------------------------------------------------- deployment
     def pack(self) -> PackedModel:
+        return self._packed(self.trunk, list(zip(self.infos, self.heads, self.alive, self.task_stats)), self._extra())
+
+    def deployed(self, t: int) -> dict[str, np.ndarray]:
+        """Task t's deployed tensors, `materialize(pack(), t)` without packing every task."""
+        return self._deployed(self.trunk, self.infos[t], self.heads[t], self.alive[t], self.task_stats[t])
+
+    def _deployed(self, trunk: Params, info: TaskInfo, head: Params, alive: np.ndarray,
+                  running: Params | None = None) -> dict[str, np.ndarray]:
+        """The tensors one task with this trunk, head and node mask deploys (its statistics: `running`, else the
+        trunk's), by the artifact's own arithmetic (`materialize` of a one-task pack)."""
+        running = {k: trunk[k] for k in self.nodes.own} if running is None else running
+        return materialize(self._packed(trunk, [(info, head, alive, running)], {}), 0)
+
+    def _packed(self, trunk: Params, tasks: list[tuple[TaskInfo, Params, np.ndarray, Params]],
+                extra: dict[str, Any]) -> PackedModel:
+        """The deployed form of `tasks` (info, head, node mask, own tensors each) over one shared trunk."""
         nodes = self.nodes
         params = {**nodes.specs, **{k: {"kind": "task"} for k in HEAD}}
         task_tensors = []
-        for head, alive, running in zip(self.heads, self.alive, self.task_stats):
+        for _, head, alive, running in tasks:
             tensors = {**to_numpy(head), **to_numpy(running)}
             tensors.update({f"nodes:{g}": mask.copy() for g, mask in nodes.split(alive).items()})
             task_tensors.append(tensors)
-        base = to_numpy({k: v for k, v in self.trunk.items() if k not in nodes.own})
-        return PackedModel(self.arch, self.name, self.config.to_json(), params, base, list(self.infos), task_tensors,
-                           self._extra())
+        base = to_numpy({k: v for k, v in trunk.items() if k not in nodes.own})
+        return PackedModel(self.arch, self.name, self.config.to_json(), params, base, [i for i, *_ in tasks],
+                           task_tensors, extra)
 
     def _extra(self) -> dict[str, Any]:
         """Used capacity and sparsity per task, parameters each task's sub-network touches, node-mask bits, the
@@ -396,6 +401,7 @@ class AGSCL(Method):
                 "old_task_max_drift": [s["old_task_max_drift"] for s in self.stats],
                 "exact_zero_unimportant": [s["exact_zero_nodes"] for s in self.stats],
                 "reinit_nodes": [s["reinit_nodes"] for s in self.stats],
+                **{k: [s[k] for s in self.stats] for k in FAITHFUL_STATS},
                 "omega": {k: [float(x) for x in v] for k, v in nodes.split(self.omega).items()}}
 
     def resume(self, packed: PackedModel, state: dict | None = None) -> None:
@@ -421,7 +427,8 @@ class AGSCL(Method):
         self.stats = [{"frozen": _listed(extra, "frozen_important", t, [0, 0]),
                        "old_task_max_drift": _listed(extra, "old_task_max_drift", t, 0.0),
                        "exact_zero_nodes": _listed(extra, "exact_zero_unimportant", t, 0),
-                       "reinit_nodes": _listed(extra, "reinit_nodes", t, 0)} for t in range(n)]
+                       "reinit_nodes": _listed(extra, "reinit_nodes", t, 0),
+                       **{k: _listed(extra, k, t, default) for k, default in FAITHFUL_STATS.items()}} for t in range(n)]
 
 
 def _listed(extra: dict[str, Any], key: str, t: int, default: Any) -> Any:

@@ -11,6 +11,7 @@ ProxSchedule = Literal["epoch", "step"]
 PROX_SCHEDULES = get_args(ProxSchedule)
 Freeze = Literal["exact", "proximal"]
 LassoMetric = Literal["auto", "euclidean", "adam"]
+Faithful = Literal["keep", "warn"]
 
 
 @dataclass
@@ -68,6 +69,8 @@ class AGSCLConfig(MethodConfig):
     lasso: LassoMetric = "auto"  # term (a)'s prox: "euclidean", "adam" (Adam's metric), "auto": adam iff BatchNorm,
     #                              LayerNorm or GRN
     mu_adam: float = 0.03  # term (a)'s strength with lasso="adam" (a loss-gradient norm)
+    faithful: Faithful = "keep"  # a cut that moves the task's logits (agscl_faithful): "keep" the nodes that move
+    #                              them important, or "warn" only (the gap is recorded either way; one left warns)
 
     BOUNDS: ClassVar[dict[str, Bounds]] = {"mu": at_least(0), "mu_adam": at_least(0), "lam": at_least(0),
                                            "rho": FRACTION, "eta": POSITIVE_FRACTION}
