@@ -133,10 +133,10 @@ def test_agscl_cut_leaves_the_trained_logits_and_standardised_convs_never_factor
     seen = {}
     cut = method._zero_from_dead
 
-    def spy(alive, head):
-        seen["trunk"], seen["head"] = {k: v.clone() for k, v in method.trunk.items()}, dict(head)
+    def spy(alive, head, trunk):  # the trunk a cut writes: a copy of the trained one (the faithfulness check)
+        seen["trunk"], seen["head"] = {k: v.clone() for k, v in trunk.items()}, dict(head)
         seen["dead"] = alive
-        cut(alive, head)
+        cut(alive, head, trunk)
 
     method._zero_from_dead = spy
     method.learn_task(0, task, TrainContext(progress=False))
