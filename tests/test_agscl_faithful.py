@@ -4,6 +4,7 @@ run), a cut that moves the logits keeps the nodes that move them (``faithful="ke
 CLI prints the warning. `AGSCL.deployed(t)` is `materialize(pack(), t)` without packing every task."""
 from __future__ import annotations
 
+import inspect
 import json
 import textwrap
 
@@ -85,20 +86,7 @@ def test_the_sample_is_fixed_per_seed_and_task():
     assert len(small.x_train) <= SAMPLE and torch.equal(sample(small, 0, 0, "cpu"), torch.from_numpy(small.x_train))
 
 
-FACTORY = textwrap.dedent("""
-    import torch
-    from torch import nn
-
-    class ReluThenBn(nn.Module):
-        def __init__(self, width=8):
-            super().__init__()
-            self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
-            self.a = nn.Sequential(nn.Conv2d(width, width, 1), nn.ReLU(), nn.BatchNorm2d(width))
-            self.b = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
-            self.fc = nn.Linear(width, 3)
-
-        def forward(self, x):
-            return self.fc(self.b(self.a(self.stem(x))).mean((2, 3)))
+FACTORY = "import torch\nfrom torch import nn\n\n\n" + inspect.getsource(ReluThenBn) + textwrap.dedent("""
 
     def relu_then_bn():
         torch.manual_seed(0)
@@ -106,7 +94,7 @@ FACTORY = textwrap.dedent("""
         with torch.no_grad():  # a.0's ReLU is 0 everywhere; its BatchNorm adds β = 2
             net.a[0].weight.zero_(), net.a[0].bias.fill_(-1.0), net.a[2].bias.fill_(2.0)
         return net
-    """)
+    """)  # the class's own source: the factory file the CLI loads builds the same net
 
 
 def test_the_cli_prints_the_warning_and_results_json_keeps_it(tmp_path, capsys):
