@@ -51,7 +51,9 @@ TIMM = ["resnet10t", "resnet18", "mobilenetv3_small_050", "mobilenetv2_050", "ef
         # weight standardisation without gain and GroupNorm of 32 groups (BiT), NFNet's skipinit gain
         "resnetv2_50x1_bit", "dm_nfnet_f0", "nf_regnet_b0",
         # MetaFormer v2: bias-less norms, StarReLU (relu, square, scalar affine), pooling / SepConv / attention mixers
-        "poolformerv2_s12", "convformer_s18", "caformer_s18"]
+        "poolformerv2_s12", "convformer_s18", "caformer_s18",
+        # found going in by a probe of further timm families (2026-11-30): focal modulation, InceptionNeXt, RDNet
+        "focalnet_tiny_srf", "inception_next_tiny", "rdnet_tiny"]
 # models whose position embedding (LeViT: attention-bias index) fixes the input size: built for the 64×64 traced
 BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_patch16_224": {"img_size": 64},
               "timm:deit_tiny_patch16_224": {"img_size": 64}, "timm:deit_tiny_distilled_patch16_224": {"img_size": 64},
