@@ -52,6 +52,7 @@ from edgecl.arch.fx_swin import _SwinConverter
 from edgecl.arch.fx_tiny_vit import _TinyVitConverter
 from edgecl.arch.fx_tokens import _TokenConverter
 from edgecl.arch.fx_whole import ON_TOKENS, WHOLE
+from edgecl.arch.fx_xcit import _XcitConverter, is_xcit_pos
 from edgecl.arch.ops import TENSOR_OPS
 from edgecl.arch.spec import INPUT, NAME, Arch, validate
 from edgecl.errors import UsageError
@@ -175,6 +176,8 @@ class _ShapeProp(fx.Interpreter):
         meta = fx.node.map_aggregate(result, shape)
         if found:  # scalars (sizes) and other values keep no shape
             n.meta["tensor_meta"] = meta
+        elif isinstance(result, int):  # a size, read by layers called with sizes (`fx_xcit`)
+            n.meta["value"] = result
         return result
 
 
@@ -194,7 +197,7 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
                  _AttentionConverter, _Attention2dConverter, _GlobalContextConverter, _SpaceToDepthConverter,
                  _LevitConverter, _SwinConverter, _TinyVitConverter, _BlurConverter,
                  _EfficientFormerConverter, _MobileVitConverter, _MaxVitConverter, _EfficientVitConverter,
-                 _EfficientVitMsraConverter, _EdgeNextConverter, _LambdaConverter):
+                 _EfficientVitMsraConverter, _EdgeNextConverter, _LambdaConverter, _XcitConverter):
 
     def __init__(self, traced: fx.GraphModule, module: nn.Module, shape: list[int], classifier: bool | None,
                  name: str):
@@ -340,8 +343,11 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
 
     # -- modules ----------------------------------------------------------------------------------------------------
     def _module(self, node: fx.Node, m: nn.Module) -> None:
-        x = self._input(node.args[0], node)
         path = str(node.target)
+        if is_xcit_pos(m):  # called with sizes, not a tensor
+            self.xcit_pos(node, m, path)
+            return
+        x = self._input(node.args[0], node)
         if isinstance(m, _IDENTITY_MODULES) or is_library_identity(m):  # identities at inference
             self.alias[node] = x
             return
