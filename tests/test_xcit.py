@@ -1,6 +1,6 @@
 """XCiT's layers through `from_torch` (`edgecl.arch.fx_xcit`): the tiny XCiT (position encoding, XCA, LPI) against
-the module, torch and ONNX, with learned temperatures and layer scales drawn at random; refusals by name; timm's
-xcit_nano and xcit_tiny (p16) at 64 without class attention against timm (slow), and with it refused by name."""
+the module, torch and ONNX, with CaiT's class attention (timm's ClassAttentionBlock) or without, with learned temperatures and layer scales drawn at random; refusals by name; timm's
+xcit_nano and xcit_tiny (p16) at 64, with and without class attention, against timm (slow)."""
 from __future__ import annotations
 
 import pytest
@@ -10,6 +10,7 @@ from torch_nets import check_parity, randomise_batchnorm, timm
 from xcit_nets import TinyXCiT
 
 from edgecl.arch import from_torch
+from edgecl.arch.spec import node_shapes
 from edgecl.errors import UsageError
 
 
@@ -25,12 +26,15 @@ def _randomise(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"heads": 4, "depth": 2}, {"heads": 1, "hidden": 4, "width": 8}])
+@pytest.mark.parametrize("kwargs", [{}, {"heads": 4, "depth": 2, "class_layers": 2},
+                                    {"heads": 1, "hidden": 4, "width": 8, "class_layers": 0},
+                                    {"class_layers": 2, "tokens_norm": True}])
 def test_tiny_xcit_parity(kwargs):
     module = _randomise(TinyXCiT(in_channels=3, **kwargs))
     spec = from_torch(module, (3, 8, 8))
     ops = [n["op"] for n in spec["nodes"]]
     assert ops.count("fourier_pos") == 1 and ops.count("channel_attention") == kwargs.get("depth", 1)
+    assert ops.count("attention") == ops.count("class_token") * kwargs.get("class_layers", 1)
     grid = next(n for n in spec["nodes"] if n["op"] == "fourier_pos")
     assert (grid["hidden"], grid["temperature"]) == (kwargs.get("hidden", 8), 10000.0)
     assert [n["shape"] for n in spec["nodes"] if n["name"].endswith("local_mp.grid")][0] == \
@@ -52,22 +56,28 @@ def _edited(edit) -> nn.Module:
      "LPI at 'blocks.0.local_mp'.*its bn is a Identity"),
     (lambda: _edited(lambda m: setattr(m.blocks[0].attn, "attn_drop", nn.ReLU())),
      "XCA at 'blocks.0.attn'.*attn_drop is a ReLU"),
+    (lambda: _edited(lambda m: setattr(m.cls_blocks[0].attn, "proj_drop", nn.ReLU())),
+     "ClassAttn\\) at 'cls_blocks.0.attn'.*proj_drop"),
 ])
 def test_what_edgecl_does_not_follow_is_refused_by_name(make, words):
     with pytest.raises(UsageError, match=words):
         from_torch(make(), (3, 8, 8))
 
 
-def test_class_attention_is_refused_by_name():
-    module = timm.models.xcit.Xcit(img_size=32, embed_dim=16, depth=1, num_heads=2, cls_attn_layers=1).eval()
-    with pytest.raises(UsageError, match="cls_attn_blocks.0.attn"):
-        from_torch(module, (3, 32, 32))
+def test_class_attention_queries_with_the_class_token_only():
+    spec = from_torch(_randomise(TinyXCiT(in_channels=3)), (3, 8, 8))
+    shapes = node_shapes(spec)
+    attend = next(n for n in spec["nodes"] if n["op"] == "attention")
+    assert [shapes[i] for i in attend["inputs"]] == [[16, 1, 1], [16, 17, 1], [16, 17, 1]]  # 16 patches + class
+    assert attend["scale"] == pytest.approx(8 ** -0.5)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, nodes", [("xcit_nano_12_p16_224", 311), ("xcit_tiny_12_p16_224", 311)])
-def test_timm_xcit_without_class_attention_at_64(name, nodes):
-    module = _randomise(timm.create_model(name, pretrained=False, img_size=64, cls_attn_layers=0, global_pool="avg"))
+@pytest.mark.parametrize("name, nodes, kwargs", [("xcit_nano_12_p16_224", 368, {}), ("xcit_tiny_12_p16_224", 358, {}),
+                                                 ("xcit_nano_12_p16_224", 311,
+                                                  {"cls_attn_layers": 0, "global_pool": "avg"})])
+def test_timm_xcit_at_64(name, nodes, kwargs):
+    module = _randomise(timm.create_model(name, pretrained=False, img_size=64, **kwargs))
     spec = from_torch(module, (3, 64, 64))
     assert len(spec["nodes"]) == nodes
     check_parity(module, spec, (3, 64, 64), batch=2)

@@ -19,7 +19,9 @@ from typing import Any, Callable
 
 from torch import fx, nn
 
+from edgecl.arch.fx_attention2d import pointwise
 from edgecl.arch.fx_calls import location, shape_of
+from edgecl.arch.fx_swin import check_drops, linear
 from edgecl.errors import UsageError
 
 _MODULE = "timm.models.xcit"
@@ -37,6 +39,11 @@ def is_xcit_pos(m: Any) -> bool:
 def is_xcit_xca(m: Any) -> bool:
     """timm's XCiT cross-covariance attention (``XCA``)."""
     return _is(m, "XCA")
+
+
+def is_class_attn(m: Any) -> bool:
+    """timm's CaiT class attention (``ClassAttn``, XCiT's class-attention layers use it)."""
+    return (type(m).__module__, type(m).__name__) == ("timm.models.cait", "ClassAttn")
 
 
 def is_xcit_lpi(m: Any) -> bool:
@@ -104,6 +111,21 @@ class _XcitConverter:
     def xcit_xca(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
         """XCA over the tokens: EdgeNeXt's channel attention, the tokens as a (C, T, 1) map."""
         self._xca(node, m, x, path, f"XCiT XCA at {path!r} {location(node)}")
+
+    def class_attn(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
+        """CaiT's class attention on tokens (C, T, 1): q of the class token (token 0) only, k and v of every token,
+        ``attention`` {heads, scale} of that one query over them, proj; the class token's new value (C, 1, 1)."""
+        where = f"class attention (ClassAttn) at {path!r} {location(node)}"
+        check_drops(self.name, where, m, "attn_drop", "proj_drop")
+        q, k, v, proj = (linear(self.name, where, getattr(m, p)) for p in ("q", "k", "v", "proj"))
+        ch, heads = q.in_features, int(m.num_heads)
+        if any(lin.in_features != ch or lin.out_features != ch for lin in (q, k, v, proj)) or ch % heads:
+            raise UsageError(f"{self.name}: {where}: q, k, v and proj must map {ch} channels to {ch} of {heads} heads")
+        cls = self._emit(node, "token", [x], f"{path}.cls", index=0, count=1)
+        qs = self._emit(node, "conv", [cls], f"{path}.q", **pointwise(q))
+        ks, vs = (self._emit(node, "conv", [x], f"{path}.{p}", **pointwise(lin)) for p, lin in (("k", k), ("v", v)))
+        attended = self._emit(node, "attention", [qs, ks, vs], f"{path}.attend", heads=heads, scale=float(m.scale))
+        self._emit(node, "conv", [attended], f"{path}.proj", **pointwise(proj))
 
     def xcit_lpi(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
         """LPI(x, H, W): the tokens as their H × W grid, two depthwise convs with act and BatchNorm, tokens again."""
