@@ -51,6 +51,7 @@ from layer_nets_nf import group_norm_spec, nf_spec, std_spec
 from layer_nets_vit import efficientvit_msra_spec, efficientvit_msra_windows_spec, fastvit_spec, pit_spec
 from neck_nets import fpn_spec
 from linear_nets import edgenext_spec, efficientvit_spec, lambda_spec, mobilevit2_spec
+from xcit_nets import xcit_spec
 from torch_nets import convnext_spec, dwres_spec, ghost_spec, rescat_spec, shuffle_spec
 
 CTX = TrainContext(progress=False)
@@ -65,11 +66,12 @@ ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8
          "maxvit": maxvit_spec, "fpn": fpn_spec, "fastvit": fastvit_spec, "pit": pit_spec,
          "efficientvit": efficientvit_spec, "mobilevit2": mobilevit2_spec, "edgenext": edgenext_spec,
          "efficientvit_msra": efficientvit_msra_spec, "efficientvit_msra_windows": efficientvit_msra_windows_spec,
-         "nf": nf_spec, "lambda": lambda_spec, "std": std_spec, "gn": group_norm_spec, "meta": metaformer_spec}
+         "nf": nf_spec, "lambda": lambda_spec, "std": std_spec, "gn": group_norm_spec, "meta": metaformer_spec,
+         "xcit": xcit_spec}
 GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgnet", "split", "vit", "gc", "s2d", "mnv4",
           "vit_tokens", "levit", "blur", "swin", "tiny_vit", "map_embed", "efficientformer", "mobilevit", "maxvit",
           "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext",
-          "efficientvit_msra", "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta"]
+          "efficientvit_msra", "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta", "xcit"]
 
 
 @pytest.fixture(scope="module")

@@ -29,8 +29,9 @@ from edgecl.arch.fx_swin import check_drops, check_kind, linear
 from edgecl.errors import UsageError
 
 SDTA_BLOCK = ("timm.models.edgenext", "SplitTransposeBlock")
-_XCA = ("timm.models.edgenext", "CrossCovarianceAttn")
-_POS = ("timm.models.edgenext", "PositionalEncodingFourier")
+# the same XCA and Fourier encoding in EdgeNeXt and in XCiT (`fx_xcit`): one formula, one conversion
+_XCA = (("timm.models.edgenext", "CrossCovarianceAttn"), ("timm.models.xcit", "XCA"))
+_POS = (("timm.models.edgenext", "PositionalEncodingFourier"), ("timm.models.xcit", "PositionalEncodingFourier"))
 
 
 def is_sdta_block(m: Any) -> bool:
@@ -90,10 +91,10 @@ class _EdgeNextConverter:
     def _fourier(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str) -> str:
         """timm's PositionalEncodingFourier: the sine–cosine grid of the map's shape and its learned 1×1 conv."""
         check_kind(self.name, where, m, "token_projection", ("torch.nn.modules.conv", "Conv2d"))
-        if (type(m).__module__, type(m).__name__) != _POS or m.scale != 2 * math.pi or \
-                m.token_projection.in_channels != 2 * m.hidden_dim:
+        if (type(m).__module__, type(m).__name__) not in _POS or m.scale != 2 * math.pi or \
+                getattr(m, "eps", 1e-6) != 1e-6 or m.token_projection.in_channels != 2 * m.hidden_dim:
             raise UsageError(f"{self.name}: {where}: pos_embd is a {type(m).__name__}; edgecl converts timm's "
-                             "PositionalEncodingFourier (scale 2π, a 1×1 conv of its 2·hidden_dim channels)")
+                             "PositionalEncodingFourier (scale 2π, eps 1e-6, a 1×1 conv of its 2·hidden_dim channels)")
         grid = self._emit(node, "fourier_pos", [x], f"{path}.grid", hidden=int(m.hidden_dim),
                           temperature=float(m.temperature))
         return self._conv(node, m.token_projection, grid, f"{path}.token_projection", where)
@@ -101,9 +102,9 @@ class _EdgeNextConverter:
     def _xca(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str) -> str:
         """timm's CrossCovarianceAttn on the map: qkv packs q, k and v as three blocks of heads; channel attention
         with the per-head temperature; proj."""
-        if (type(m).__module__, type(m).__name__) != _XCA:
+        if (type(m).__module__, type(m).__name__) not in _XCA:
             raise UsageError(f"{self.name}: {where}: its xca is a {type(m).__name__}; edgecl converts timm's "
-                             "CrossCovarianceAttn")
+                             "CrossCovarianceAttn (EdgeNeXt) or XCA (XCiT)")
         check_drops(self.name, where, m, "attn_drop", "proj_drop")
         qkv, proj, heads = linear(self.name, where, m.qkv), linear(self.name, where, m.proj), int(m.num_heads)
         ch = qkv.in_features

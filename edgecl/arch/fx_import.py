@@ -22,36 +22,16 @@ import torch
 from torch import fx, nn
 
 from edgecl.arch.fx_activations import ACTIVATION_MODULES, module_activation, unknown_activation
-from edgecl.arch.fx_affine import _AffineConverter
-from edgecl.arch.fx_attention import _AttentionConverter
-from edgecl.arch.fx_attention2d import _Attention2dConverter
-from edgecl.arch.fx_calls import (POOL_PARAMETERS, WITH_INDICES, _CallConverter, is_elementwise,
-                                  is_library_identity, location, pair, shape_of)
-from edgecl.arch.fx_blur import _BlurConverter
-from edgecl.arch.fx_classifier import _ClassifierConverter
-from edgecl.arch.fx_eca import _EcaConverter
-from edgecl.arch.fx_efficientformer import _EfficientFormerConverter
-from edgecl.arch.fx_edgenext import _EdgeNextConverter
-from edgecl.arch.fx_efficientvit import _EfficientVitConverter
-from edgecl.arch.fx_efficientvit_msra import _EfficientVitMsraConverter
-from edgecl.arch.fx_global_context import _GlobalContextConverter
-from edgecl.arch.fx_lambda import _LambdaConverter
-from edgecl.arch.fx_levit import _LevitConverter
-from edgecl.arch.fx_norms import LAYER_NORMS, PERMUTES, _NormConverter, is_view
-from edgecl.arch.fx_maxvit import _MaxVitConverter
-from edgecl.arch.fx_mobilevit import _MobileVitConverter
-from edgecl.arch.fx_padding import PAD_FUNCTIONS, PAD_MODULES, _PaddingConverter, odd_same, pad_call, same_kind
+from edgecl.arch.fx_calls import (POOL_PARAMETERS, WITH_INDICES, is_elementwise, is_library_identity, location, pair,
+                                  shape_of)
+from edgecl.arch.fx_norms import LAYER_NORMS, PERMUTES, is_view
+from edgecl.arch.fx_padding import PAD_FUNCTIONS, PAD_MODULES, odd_same, pad_call, same_kind
 from edgecl.arch.fx_shape_flow import ShapeFlowTracer, evaluating, raised_at
-from edgecl.arch.fx_shuffle import _ShuffleConverter
-from edgecl.arch.fx_slices import _SliceConverter
-from edgecl.arch.fx_space_to_depth import _SpaceToDepthConverter
-from edgecl.arch.fx_split_attn import _SplitAttnConverter
 from edgecl.arch.fx_inplace import rewire_inplace
 from edgecl.arch.fx_std_conv import is_std_conv, std_conv_fields
-from edgecl.arch.fx_swin import _SwinConverter
-from edgecl.arch.fx_tiny_vit import _TinyVitConverter
-from edgecl.arch.fx_tokens import _TokenConverter
+from edgecl.arch.fx_families import Families
 from edgecl.arch.fx_whole import ON_TOKENS, WHOLE
+from edgecl.arch.fx_xcit import is_xcit_pos
 from edgecl.arch.ops import TENSOR_OPS
 from edgecl.arch.spec import INPUT, NAME, Arch, validate
 from edgecl.errors import UsageError
@@ -175,6 +155,8 @@ class _ShapeProp(fx.Interpreter):
         meta = fx.node.map_aggregate(result, shape)
         if found:  # scalars (sizes) and other values keep no shape
             n.meta["tensor_meta"] = meta
+        elif isinstance(result, int):  # a size, read by layers called with sizes (`fx_xcit`)
+            n.meta["value"] = result
         return result
 
 
@@ -189,12 +171,7 @@ def _propagate_shapes(traced: fx.GraphModule, shape: list[int]) -> None:
                          f"{str(exc)[:300]}") from None
 
 
-class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverter, _PaddingConverter,
-                 _ClassifierConverter, _EcaConverter, _AffineConverter, _SplitAttnConverter, _TokenConverter,
-                 _AttentionConverter, _Attention2dConverter, _GlobalContextConverter, _SpaceToDepthConverter,
-                 _LevitConverter, _SwinConverter, _TinyVitConverter, _BlurConverter,
-                 _EfficientFormerConverter, _MobileVitConverter, _MaxVitConverter, _EfficientVitConverter,
-                 _EfficientVitMsraConverter, _EdgeNextConverter, _LambdaConverter):
+class _Converter(Families):
 
     def __init__(self, traced: fx.GraphModule, module: nn.Module, shape: list[int], classifier: bool | None,
                  name: str):
@@ -340,8 +317,11 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
 
     # -- modules ----------------------------------------------------------------------------------------------------
     def _module(self, node: fx.Node, m: nn.Module) -> None:
-        x = self._input(node.args[0], node)
         path = str(node.target)
+        if is_xcit_pos(m):  # called with sizes, not a tensor
+            self.xcit_pos(node, m, path)
+            return
+        x = self._input(node.args[0], node)
         if isinstance(m, _IDENTITY_MODULES) or is_library_identity(m):  # identities at inference
             self.alias[node] = x
             return

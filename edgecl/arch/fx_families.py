@@ -1,0 +1,41 @@
+"""The layer families `from_torch`'s converter is made of: one mixin per family of layers or calls (its own module,
+docs/FROM_TORCH.md), gathered here so that `fx_import` holds the tracing and the dispatch alone. The order is the
+method resolution order: earlier families answer first where two define the same hook."""
+from __future__ import annotations
+
+from edgecl.arch.fx_affine import _AffineConverter
+from edgecl.arch.fx_attention import _AttentionConverter
+from edgecl.arch.fx_attention2d import _Attention2dConverter
+from edgecl.arch.fx_blur import _BlurConverter
+from edgecl.arch.fx_calls import _CallConverter
+from edgecl.arch.fx_classifier import _ClassifierConverter
+from edgecl.arch.fx_eca import _EcaConverter
+from edgecl.arch.fx_edgenext import _EdgeNextConverter
+from edgecl.arch.fx_efficientformer import _EfficientFormerConverter
+from edgecl.arch.fx_efficientvit import _EfficientVitConverter
+from edgecl.arch.fx_efficientvit_msra import _EfficientVitMsraConverter
+from edgecl.arch.fx_global_context import _GlobalContextConverter
+from edgecl.arch.fx_lambda import _LambdaConverter
+from edgecl.arch.fx_levit import _LevitConverter
+from edgecl.arch.fx_maxvit import _MaxVitConverter
+from edgecl.arch.fx_mobilevit import _MobileVitConverter
+from edgecl.arch.fx_norms import _NormConverter
+from edgecl.arch.fx_padding import _PaddingConverter
+from edgecl.arch.fx_shuffle import _ShuffleConverter
+from edgecl.arch.fx_slices import _SliceConverter
+from edgecl.arch.fx_space_to_depth import _SpaceToDepthConverter
+from edgecl.arch.fx_split_attn import _SplitAttnConverter
+from edgecl.arch.fx_swin import _SwinConverter
+from edgecl.arch.fx_tiny_vit import _TinyVitConverter
+from edgecl.arch.fx_tokens import _TokenConverter
+from edgecl.arch.fx_xcit import _XcitConverter
+
+
+class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverter,
+               _PaddingConverter, _ClassifierConverter, _EcaConverter, _AffineConverter,
+               _SplitAttnConverter, _TokenConverter, _AttentionConverter, _Attention2dConverter,
+               _GlobalContextConverter, _SpaceToDepthConverter, _LevitConverter, _SwinConverter,
+               _TinyVitConverter, _BlurConverter, _EfficientFormerConverter, _MobileVitConverter,
+               _MaxVitConverter, _EfficientVitConverter, _EfficientVitMsraConverter, _EdgeNextConverter,
+               _LambdaConverter, _XcitConverter):
+    """Every family's conversions, in one base class."""
