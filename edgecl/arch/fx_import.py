@@ -50,6 +50,7 @@ from edgecl.arch.fx_inplace import rewire_inplace
 from edgecl.arch.fx_std_conv import is_std_conv, std_conv_fields
 from edgecl.arch.fx_swin import _SwinConverter
 from edgecl.arch.fx_tiny_vit import _TinyVitConverter
+from edgecl.arch.fx_token_mix import _TokenMixConverter
 from edgecl.arch.fx_tokens import _TokenConverter
 from edgecl.arch.fx_whole import ON_TOKENS, WHOLE
 from edgecl.arch.ops import TENSOR_OPS
@@ -194,7 +195,7 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
                  _AttentionConverter, _Attention2dConverter, _GlobalContextConverter, _SpaceToDepthConverter,
                  _LevitConverter, _SwinConverter, _TinyVitConverter, _BlurConverter,
                  _EfficientFormerConverter, _MobileVitConverter, _MaxVitConverter, _EfficientVitConverter,
-                 _EfficientVitMsraConverter, _EdgeNextConverter, _LambdaConverter):
+                 _EfficientVitMsraConverter, _EdgeNextConverter, _LambdaConverter, _TokenMixConverter):
 
     def __init__(self, traced: fx.GraphModule, module: nn.Module, shape: list[int], classifier: bool | None,
                  name: str):
@@ -276,6 +277,8 @@ class _Converter(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConver
     def _convert(self, node: fx.Node) -> None:
         if self.reads_grouped(node):  # inside a channel shuffle
             self.shuffle_step(node)
+        elif self.token_axis_step(node):  # tokens swapped to (B, C, T): MLP-Mixer's token mixing
+            pass
         elif node.op != "call_module" and self.tokens_step(node):
             pass
         elif node.op == "call_module":
