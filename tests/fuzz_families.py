@@ -186,7 +186,7 @@ def _spec(draw) -> dict:
                                    "reshape", "pad", "blur", "adaptive_avgpool", "scalar_affine", "channel_conv",
                                    "branch_softmax", "class_token", "pos_embed", "token", "attention", "space_to_depth",
                                    "upsample", "linear_attention", "layer_norm", "attention_pool",
-                                   "channel_attention", "fourier_pos", "lambda_layer", *ACTIVATIONS]))
+                                   "channel_attention", "fourier_pos", "lambda_layer", "token_mix", *ACTIVATIONS]))
         src = draw(st.sampled_from(names))
         node = {"name": f"n{i}", "op": op, "inputs": [src]}
         dims = known.get(src, [1])
@@ -234,6 +234,9 @@ def _spec(draw) -> dict:
         elif op == "channel_conv":
             node.update({"ch": dims[0] if fits else draw(hostile), "k": draw(st.sampled_from([1, 3, 5, 2, 0])),
                          "circular": draw(st.booleans())})
+        elif op == "token_mix":  # MLP-Mixer's Linear over the tokens of a (C, T, 1) map
+            node.update({"in": (dims[1] if len(dims) == 3 else 1) if fits else draw(hostile),
+                         "out": draw(st.sampled_from([1, 3, 5])), "bias": draw(st.booleans())})
         elif op == "branch_softmax":
             node["branches"] = draw(st.sampled_from([1, 2, 3, 0]))
         elif op in ("class_token", "pos_embed"):

@@ -18,6 +18,7 @@ import torch
 from layer_nets import TinyBlur, TinyEca, TinyHGNet, TinyMNv4Hybrid, TinyMobileViT, TinySplitAttn, TinyViT
 from neck_nets import TinyFPN
 from layer_nets_meta import TinyMetaFormer
+from layer_nets_mixer import TinyMixer
 from layer_nets_nf import TinyGroupNormNet, TinyNFNet, TinyStdNet
 from layer_nets_vit import TinyEfficientViTMsra, TinyFastViT, tiny_pit
 from linear_nets import TinyEdgeNeXt, TinyEfficientViT, TinyLambdaNet, TinyMobileViTv2
@@ -87,13 +88,13 @@ def _arch(name: str) -> dict:
               "std": lambda: TinyStdNet(in_channels=3, width=16),
               "gn": lambda: TinyGroupNormNet(in_channels=3, width=16),
               "meta": lambda: TinyMetaFormer(in_channels=3, width=16),
-              "xcit": lambda: TinyXCiT(in_channels=3, width=16)}
+              "xcit": lambda: TinyXCiT(in_channels=3, width=16), "mixer": lambda: TinyMixer(in_channels=3)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
 _CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4", "vit_tokens", "blur", "mobilevit",
            "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra",
-           "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta", "xcit")
+           "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta", "xcit", "mixer")
 
 
 def _stream(name: str, n_tasks: int):
@@ -117,7 +118,7 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
                                                 "mnv4", "vit_tokens", "blur", "mobilevit", "fpn", "fastvit",
                                                 "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra",
                                                 "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta",
-                                                "xcit"])
+                                                "xcit", "mixer"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

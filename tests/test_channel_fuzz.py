@@ -4,7 +4,8 @@ weight-standardised, some in two windows, 2×2 after a ``pad`` node of zeros or 
 / replicate / zero ``pad`` and ``blur``, 2×2 after adaptive average pooling to one more row and column, 2×2 of stride
 2 after a bilinear ×2 ``upsample`` with or without align_corners), BatchNorm, ReLU / leaky ReLU / square, residual
 adds of equal-width tensors (existing tensors, slices taken at other offsets, slices of cats, slices of slices, cats
-of slices, new convolutions), gates (a one-channel spatial or scalar gate, a squeeze-and-excitation gate as wide as
+of slices, new convolutions), token mixing (the map reshaped to tokens, a ``token_mix`` with or without a bias,
+reshaped back), gates (a one-channel spatial or scalar gate, a squeeze-and-excitation gate as wide as
 the data), concatenations and slices, ending in gap/flatten (and sometimes a linear layer). Random weights, then
 some conv/linear output channels killed (a zero row and bias, a zero row and a bias that ReLU or a square turns into
 a constant, a zero BatchNorm scale), some whole channel groups killed in every producer, some input columns zeroed.
@@ -32,7 +33,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, note, settings, strategies as st
 
 from edgecl.arch import ChannelError, channel_map, param_shapes, validate
-from edgecl.arch.spec import INPUT, is_depthwise, node_shapes
+from edgecl.arch.spec import INPUT, is_depthwise, node_shapes, rowless_tensors
 from edgecl.errors import UsageError
 from edgecl.export import compact_task, count_params
 from edgecl.export.onnx_export import run_onnx
@@ -57,7 +58,7 @@ class _Graph:
         self.shapes: dict[str, list[int]] = {INPUT: [in_ch, HW, HW]}
         self.used: set[str] = set()
 
-    def node(self, op: str, inputs: list[str], shape: list[int], **fields) -> str:
+    def node(self, op: str, inputs: list[str], shape: list[int], /, **fields) -> str:  # fields may hold a shape
         name = f"{op}{len(self.nodes)}"
         self.nodes.append({"name": name, "op": op, "inputs": inputs, **fields})
         self.shapes[name] = shape
@@ -150,7 +151,7 @@ class _Graph:
 
     # -- one random step ----------------------------------------------------------------------------------------
     def step(self) -> None:
-        action = self.draw(st.sampled_from(["conv", "bn", "act", "add", "slice", "cat", "gate"]))
+        action = self.draw(st.sampled_from(["conv", "bn", "act", "add", "slice", "cat", "gate", "mix"]))
         if action == "conv":
             self.conv(self.pick())
         elif action == "bn":
@@ -183,6 +184,14 @@ class _Graph:
             if self.draw(st.booleans()):
                 parts.reverse()
             self.cat(parts)
+        elif action == "mix":  # MLP-Mixer's token mixing: the map as tokens, a Linear over them, back to the map
+            src = self.pick()
+            c, h, _ = self.shapes[src]
+            tokens = self.node("reshape", [src], [c, h * h, 1], shape=[c, h * h, 1])
+            mixed = self.node("token_mix", [tokens], [c, h * h, 1], **{"in": h * h, "out": h * h,
+                                                                       "bias": self.draw(st.booleans())})
+            self.node("reshape", [mixed], [c, h, h], shape=[c, h, h])
+            del self.shapes[tokens], self.shapes[mixed]  # token maps: nothing else here reads them
         else:
             self.gate()
 
@@ -335,7 +344,7 @@ def _check_channel_map(arch, cm) -> None:
         assert cm.size(cm.spaces[name]) == shape[0], name
     for tensor, segments in cm.rows.items():
         assert cm.size(segments) == params[tensor][0], tensor
-    assert set(cm.rows) == set(params)
+    assert set(cm.rows) == set(params) - set(rowless_tensors(arch))  # a token mix's weight is no channel's
     for node in arch["nodes"]:
         op, name = node["op"], node["name"]
         space, x = cm.spaces[name], cm.spaces[node["inputs"][0]]

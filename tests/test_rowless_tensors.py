@@ -1,6 +1,7 @@
 """Tensors that belong to no channel — ECA's k weights (`channel_conv`), a scalar affine's two numbers (PP-HGNetV2),
 LeViT's, Swin's, TinyViT's, MaxViT's (window and grid) and EfficientFormerV2's attention-bias tables and the latter's
-talking heads, EdgeNeXt's XCA temperatures, a lambda layer's position filters — under every method: LPS learns them
+talking heads, EdgeNeXt's XCA temperatures, a lambda layer's position filters, MLP-Mixer's token mixing weights
+(rows and columns are token positions) — under every method: LPS learns them
 on the first task and holds them (its rule for biases), HALRP and RGO keep a copy per task (RGO: no rows for an
 input-side projection or a feature encoding), STL is all per task, finetune shares everything, AGS-CL keeps them per
 task and resumes them as packed; the first task's copy is bit-identical after the second task wherever the method
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from layer_nets import TinyEca, TinyEfficientFormerV2, TinyHGNet, TinyLeViT, TinyMaxViT, TinySwin, TinyTinyViT
+from layer_nets_mixer import TinyMixer
 from linear_nets import TinyEdgeNeXt, TinyLambdaNet
 
 from edgecl.arch import from_torch
@@ -26,7 +28,7 @@ from edgecl.train.protocol import TrainContext
 CTX = TrainContext(progress=False)
 NETS = {"eca": TinyEca, "hgnet": TinyHGNet, "levit": TinyLeViT, "swin": TinySwin, "tiny_vit": TinyTinyViT,
         "efficientformer": TinyEfficientFormerV2, "maxvit": TinyMaxViT, "edgenext": TinyEdgeNeXt,
-        "lambda": TinyLambdaNet}
+        "lambda": TinyLambdaNet, "mixer": TinyMixer}
 
 
 @pytest.fixture(scope="module")

@@ -174,8 +174,8 @@ def ghost_spec(input_shape=(1, 8, 8)) -> dict:
 def randomise_batchnorm(module: nn.Module, seed: int = 0) -> None:
     """Non-trivial running statistics and affine parameters (fresh modules have identity BatchNorm and LayerNorm,
     ConvNeXt's and EdgeNeXt's layer scales are 1e-6, PP-HGNetV2's scalar affines and MetaFormer's StarReLU 1 and 0,
-    MetaFormer's res scales 1, LeViT's attention biases 0 and EdgeNeXt's temperatures 1, which would hide them from a
-    parity check)."""
+    MetaFormer's res scales 1, LeViT's attention biases 0, EdgeNeXt's temperatures 1, and weights initialised to 0 —
+    heads, class tokens, NF nets' last gains —, which would hide them from a parity check)."""
     g = torch.Generator().manual_seed(seed)
     for name, p in module.named_parameters():
         if name.endswith(("gamma", "gamma_xca", "layer_scale", "temperature", ".scale")):  # EdgeNeXt's XCA: its
@@ -183,6 +183,9 @@ def randomise_batchnorm(module: nn.Module, seed: int = 0) -> None:
             p.data.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
         if name.endswith(".bias") and p.numel() == 1 or name.endswith("attention_biases"):  # a scalar affine's, LeViT's
             p.data.copy_(0.2 * torch.randn(p.shape, generator=g))
+        if p.numel() > 1 and not name.endswith("bias") and float(p.detach().abs().max()) == 0.0:  # zero-initialised:
+            # a classifier (torchvision's ViT, timm's Mixer), a class token, NF nets' last gains, a GC block's fc2
+            p.data.copy_(0.1 * torch.randn(p.shape, generator=g))
     for m in module.modules():
         if type(m).__name__ == "GlobalResponseNorm":  # timm's starts at the identity (weight and bias 0)
             m.weight.data.copy_(0.5 * torch.randn(m.weight.shape, generator=g))
@@ -278,6 +281,7 @@ def check_parity(module: nn.Module, spec: dict, input_shape: tuple[int, ...], po
     with torch.no_grad():
         want = module(x).numpy()
         got = post(forward(spec, from_numpy(weights), x)).numpy()
+    assert np.abs(want).max() > 1e-6, "the module's logits are all 0: parity would prove nothing (randomise_batchnorm)"
     scale = max(1.0, float(np.abs(want).max()))
     assert np.abs(got - want).max() <= 1e-5 * scale
     session = ort.InferenceSession(build_onnx(spec, weights).SerializeToString(), providers=["CPUExecutionProvider"])

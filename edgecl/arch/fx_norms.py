@@ -62,6 +62,7 @@ class _NormConverter:
 
     def init_norms(self) -> None:
         self.last: set[fx.Node] = set()  # fx nodes whose value is the channels-last view of their spec node
+        self.tmix: set[fx.Node] = set()  # tokens swapped to (B, C, T), token-last (`fx_token_mix`)
         self.attrs: dict[fx.Node, str] = {}  # get_attr nodes (and views of them) → the parameter's path
 
     # -- parameters -------------------------------------------------------------------------------------------------

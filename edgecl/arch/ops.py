@@ -114,6 +114,12 @@ Ops (fields and defaults in `OPS`):
   matrix and bias before the softmax (tensors ``talk1_weight``, ``talk1_bias``) and the softmax's weights by a second
   one after it (``talk2_weight``, ``talk2_bias``): its module's ``talking_head1`` / ``talking_head2`` 1×1 convs over
   the heads. Like the bias they belong to no channel (the heads are never pruned).
+- ``token_mix`` (MLP-Mixer's token mixing, timm's ``mlp_tokens``: an ``nn.Linear`` over the token axis of
+  ``x.transpose(1, 2)``): a ``(C, in, 1)`` token map to ``(C, out, 1)``, output token t of channel c is
+  Σ_s weight[t, s]·x[c, s] + bias[t]; weight ``(out, in)``, bias ``(out,)`` when ``bias``; every channel alone, by the
+  same matrix. Its rows and columns are token positions, not channels: its tensors belong to no channel
+  (`ROWLESS_OPS`: no node, no pruning; methods keep them per task), and a channel constant over the tokens is not
+  constant after it (the constants rule treats it as varying).
 - EdgeNeXt's ``channel_attention`` (XCA: attention among a head's channels, over the positions) and ``fourier_pos``
   (its sine–cosine position grid, a pure function of the map's shape): `edgecl.arch.sdta_ops`.
 - LambdaNetworks' ``lambda_layer`` (content and local position lambdas, timm's LambdaLayer): `edgecl.arch.lambda_ops`.
@@ -187,6 +193,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
                   "talking_heads": ("bool", None), "dilated": ("bool", False), "bias_rows": ("pad", None)},
     "linear_attention": {"heads": ("size", ...), "eps": ("eps", 1e-5), "kernel": ("kernel", "relu")},
     "token": {"index": ("index", 0), "count": ("size", 1)},
+    "token_mix": {"in": ("size", ...), "out": ("size", ...), "bias": ("bool", True)},
     "channel_attention": {"heads": ("size", ...), "eps": ("eps", 1e-12)},
     "fourier_pos": {"hidden": ("size", ...), "temperature": ("number", 10000.0)},
     "lambda_layer": {"heads": ("size", ...), "dim": ("size", ...), "r": ("size", ...)},
@@ -201,7 +208,7 @@ NORMALISING_OPS = ("layer_norm", "grn")  # statistics over the channels: each ou
 NEIGHBOUR_OPS = ("channel_conv",)
 # tensors that belong to no channel (ECA's k weights, a scalar affine's two numbers, an attention's bias table): no
 # row, no node, no pruning
-ROWLESS_OPS = (*NEIGHBOUR_OPS, "scalar_affine", "attention", "channel_attention", "lambda_layer")
+ROWLESS_OPS = (*NEIGHBOUR_OPS, "scalar_affine", "attention", "channel_attention", "lambda_layer", "token_mix")
 # learned values added to (or put among) the tokens, one row per channel like a bias: a method keeps them as biases
 TOKEN_TENSOR_OPS = ("class_token", "pos_embed")
 TENSOR_OPS = ("conv", "linear", *CHANNEL_AFFINE_OPS, *ROWLESS_OPS, *TOKEN_TENSOR_OPS)
@@ -246,6 +253,8 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
         return 4 * math.prod(ins[0])
     if node["op"] == "adaptive_avgpool":
         return ins[0][0] * ins[0][1] * node["size"][1]
+    if node["op"] == "token_mix":  # the MatMul's output before the bias is added
+        return ins[0][0] * node["out"]
     if node["op"] == "conv" and node.get("window"):  # the input in windows and the conv's windowed output: Transposes
         return math.prod(ins[0]) + math.prod(conv_window_shape(node, ins[0], node["name"]))
     return 0
@@ -305,7 +314,7 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
         return sdta_shape(node, ins, where)
     if op == "lambda_layer":
         return lambda_shape(node, ins, where)
-    if op in (*TOKEN_TENSOR_OPS, "token"):
+    if op in (*TOKEN_TENSOR_OPS, "token", "token_mix"):
         return token_shape(node, ins, where)
     if op == "shuffle":
         if len(x) != 3 or x[0] % node["groups"]:

@@ -310,6 +310,8 @@ def node_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         return {k: (node["ch"],) for k in BN_TENSORS}
     if op == "channel_conv":
         return {"weight": (node["k"],)}
+    if op == "token_mix":  # rows and columns are token positions, not channels
+        return {"weight": (node["out"], node["in"]), **({"bias": (node["out"],)} if node["bias"] else {})}
     if op == "scalar_affine":
         return {"weight": (1,), **({"bias": (1,)} if node.get("bias", True) else {})}
     if op in ("attention", "channel_attention", "lambda_layer"):  # LeViT's per-head table of relative offsets, the

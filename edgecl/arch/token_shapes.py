@@ -14,6 +14,10 @@ def token_shape(node: dict[str, Any], ins: list[list[int]], where: str) -> list[
     op, x = node["op"], ins[0]
     if len(x) != 3 or x[2] != 1 and op != "pos_embed":
         raise UsageError(f"{where}: {op} needs tokens as a (channels, tokens, 1) map, gets {x}")
+    if op == "token_mix":
+        if x[1] != node["in"]:
+            raise UsageError(f"{where}: token_mix mixes {node['in']} tokens, gets {x}")
+        return [x[0], node["out"], 1]
     if op == "token":
         if node["index"] + node["count"] > x[1]:
             raise UsageError(f"{where}: tokens {node['index']} to {node['index'] + node['count'] - 1} of {x[1]} tokens")

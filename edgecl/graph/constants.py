@@ -83,6 +83,14 @@ def channel_constants(arch: Arch, params: dict[str, np.ndarray], cm: ChannelMap)
     return values
 
 
+def _token_mix_constants(node: dict, v: np.ndarray, params: dict[str, np.ndarray]) -> np.ndarray:
+    """Per channel: the token mix of a channel holding c at every token, where every output token gets one value."""
+    w = params[f"{node['name']}.weight"].astype(np.float64)
+    b = params[f"{node['name']}.bias"].astype(np.float64) if node["bias"] else np.zeros(w.shape[0])
+    tokens = v[:, None] * w.sum(axis=1)[None, :] + b[None, :]  # (channels, out tokens); NaN stays NaN
+    return np.where((tokens == tokens[:, :1]).all(axis=1), tokens[:, 0], np.nan)
+
+
 def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: ChannelMap) -> np.ndarray:
     op, name, v = node["op"], node["name"], ins[0]
     source = cm.spaces[node["inputs"][0]]
@@ -97,6 +105,9 @@ def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: 
         a = float(params[f"{name}.weight"].reshape(-1)[0])
         b = float(params[f"{name}.bias"].reshape(-1)[0]) if node.get("bias", True) else 0.0  # none: a skipinit gain
         return v * a + b
+    if op == "token_mix":  # channel c constant over the tokens is c·rowsum(W) + b at each token: constant only where
+        # those agree (0 without a bias stays 0)
+        return _token_mix_constants(node, v, params)
     if op in (*NORMALISING_OPS, *NEIGHBOUR_OPS, *TOKEN_TENSOR_OPS, "attention", "linear_attention",
               "channel_attention", "fourier_pos", "lambda_layer"):  # varying: each
         return np.full(width(cm, cm.spaces[name]), np.nan)  # depends on other channels, or positions differ

@@ -130,4 +130,14 @@ def _token(b: Builder, h: str, node: dict) -> str:
     return b.op("Slice", [h, starts, ends, axes])
 
 
-TOKEN_OPS = {"class_token": _class_token, "token": _token}
+def _token_mix(b: Builder, h: str, node: dict) -> str:
+    """MLP-Mixer's Linear over the tokens, as `edgecl.train.models`: (N, C, T, 1) squeezed to (N, C, T), MatMul by
+    the transposed (out, T) weight, plus the (out,) bias, unsqueezed back to (N, C, out, 1)."""
+    name = node["name"]
+    mixed = b.op("MatMul", [b.op("Squeeze", [h, b.ints(3)]), b.op("Transpose", [f"{name}.weight"], perm=[1, 0])])
+    if node["bias"]:
+        mixed = b.op("Add", [mixed, f"{name}.bias"])
+    return b.op("Unsqueeze", [mixed, b.ints(3)])
+
+
+TOKEN_OPS = {"class_token": _class_token, "token": _token, "token_mix": _token_mix}

@@ -163,6 +163,8 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return scaled + params[f"{name}.bias"] if node.get("bias", True) else scaled  # none: NFNet's skipinit gain
     if op == "channel_conv":  # ECA: a 1-D convolution along the channels of the pooled (N, C, 1, 1) vector
         return _channel_conv(h, params[f"{name}.weight"], node["circular"])
+    if op == "token_mix":  # MLP-Mixer's Linear over the tokens: (N, C, T, 1) → (N, C, out, 1), every channel alike
+        return F.linear(h.squeeze(3), params[f"{name}.weight"], params.get(f"{name}.bias")).unsqueeze(3)
     if op == "class_token":  # (N, C, T, 1) → (N, C, tokens + T, 1), the learned tokens first
         token = params[f"{name}.weight"].reshape(1, node["ch"], -1, 1).expand(h.shape[0], -1, -1, -1)
         return torch.cat([token, h], dim=2)
