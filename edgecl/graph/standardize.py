@@ -33,7 +33,7 @@ def standardized(weight: Any, gain: Any | None, eps: float, scale: float, out: A
     gain = xp.ones(weight.shape[0], xp.float32) if gain is None else gain
     out = xp.empty(weight.shape, xp.float32) if out is None else out
     n = int(np.prod(weight.shape[1:]))
-    step = max(1, CHUNK_ELEMENTS // max(1, n))
+    step = filters_per_chunk(n)
     for lo in range(0, weight.shape[0], step):
         w = xp.array(weight[lo:lo + step], dtype=xp.float64).reshape(-1, n)  # a copy: centred in place below
         w -= w.mean(axis=1, keepdims=True)
@@ -45,11 +45,16 @@ def standardized(weight: Any, gain: Any | None, eps: float, scale: float, out: A
     return out
 
 
+def filters_per_chunk(n: int) -> int:
+    """Filters of `n` numbers `standardized` takes at a time: `CHUNK_ELEMENTS` numbers' worth, at least one."""
+    return max(1, CHUNK_ELEMENTS // max(1, n))
+
+
 def chunk_elements(shape: tuple[int, ...]) -> int:
-    """The most numbers `standardized` takes at a time from a weight of `shape`: whole filters, `CHUNK_ELEMENTS`
-    or one filter if larger."""
+    """The most numbers `standardized` takes at a time from a weight of `shape` (`filters_per_chunk` whole
+    filters, no more than the weight has): what `scratch_bytes` charges for."""
     n = int(np.prod(shape[1:]))
-    return min(int(np.prod(shape)), max(1, CHUNK_ELEMENTS // max(1, n)) * n)
+    return min(int(np.prod(shape)), filters_per_chunk(n) * n)
 
 
 SCRATCH_FIXED = 8 * 512  # a few small temporaries, each at least one block of CuPy's pool (512 bytes)
