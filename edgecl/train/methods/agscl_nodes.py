@@ -177,8 +177,8 @@ def node_map(arch: Arch) -> NodeMap:
     # |value| (judged once, with the first pass's measures: an output dropped to |value| is 0 where dead, not only
     # ≤ 0, so a second pass could keep more ReLU reads, never fewer)
     dead = nonpositive_when_dead(arch, measured, relu_read | set(passes), {a["name"] for a in passes.values()})
-    relu_read = {name for name in relu_read if relu_read_only(arch, readers, nodes, measured_out(name, bn_after),
-                                                                  dead)}
+    relu_read = {name for name in relu_read
+                 if read_as_zero_when_dead(arch, readers, nodes, measured_out(name, bn_after), dead)}
     return NodeMap(groups, rows, cols, index(cm.head_cols), hooks, bn_after, stats, own, scale_free, specs, affines,
                    relu_read, passes)
 
@@ -240,15 +240,12 @@ def _keeps_zero(node: dict) -> bool:
     return op in ZERO_KEEPING
 
 
-def relu_read_only(arch: Arch, readers: dict[str, list[str]], nodes: dict[str, dict], name: str,
-                   dead: tuple[set[str], set[str]] | None = None) -> bool:
+def relu_read_only(arch: Arch, readers: dict[str, list[str]], nodes: dict[str, dict], name: str) -> bool:
     """Whether every path from `name`'s output meets a ReLU/ReLU6 before anything else reads it (only
     `NONPOSITIVE_KEEPING` ops between; the head reads the trunk's output). Only then is a node whose every producer
     writes ≤ 0 unused (ReLU makes it 0 wherever it is read), so that Ω = 0 may cut it: the paper's networks. A value
     a LayerNorm, attention, a plain linear or conv, a sigmoid gate or the head reads is used when negative too.
-    With `dead` (`nonpositive_when_dead`), `read_as_zero_when_dead` must hold too."""
-    if dead is not None:
-        return read_as_zero_when_dead(arch, readers, nodes, name, dead)
+    `node_map` then also asks `read_as_zero_when_dead` of each such output."""
     todo, seen = [name], {name}
     while todo:
         here = todo.pop()
