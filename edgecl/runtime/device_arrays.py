@@ -67,9 +67,9 @@ class HostArrays:
     def copy_into(self, out: np.ndarray, x: Any) -> None:
         np.copyto(out, x)
 
-    def any_nonfinite(self, *arrays: np.ndarray) -> bool:
-        """Whether any float32 element of one or two arrays is inf or NaN (the device's one-launch check's twin)."""
-        return any_nonfinite_numpy(*arrays)
+    def any_nonfinite(self, a: np.ndarray) -> bool:
+        """Whether any float32 element of `a` is inf or NaN (the device's one-launch check's twin)."""
+        return any_nonfinite_numpy(a)
 
     def used_bytes(self) -> int | None:
         """Device memory in use: not separate from the host's (the audit measures RSS instead)."""
@@ -148,21 +148,18 @@ class CupyArrays:
         else:
             self.cupy.copyto(out, x)
 
-    def any_nonfinite(self, *arrays: Any) -> bool:
-        """Whether any element of one or two float32 device arrays is inf or NaN: one launch over both and one
-        4-byte read. The kernel stores this call's token in this thread's flag, so the flag is never cleared."""
+    def any_nonfinite(self, a: Any) -> bool:
+        """Whether any element of a float32 device array is inf or NaN: one launch and one 4-byte read. The kernel stores this call's token in this thread's flag, so the flag is never cleared."""
         if self._flag_kernel is None:
             self._flag_kernel = self.cupy.RawKernel(flag_cuda_source(), FLAG_NAME)
         local = self._flags
         if getattr(local, "flag", None) is None:
             local.flag, local.token = self.cupy.zeros(1, self.cupy.uint32), 0
         local.token = local.token % 0xFFFFFFFF + 1  # 1 .. 2**32 - 1: the zeroed flag never matches
-        a = arrays[0].reshape(-1).view(self.cupy.uint32)
-        b = arrays[1].reshape(-1).view(self.cupy.uint32) if len(arrays) > 1 else a[:0]
-        n = a.size + b.size
-        blocks = max(1, min(-(-n // THREADS_PER_BLOCK), MAX_BLOCKS))
+        bits = a.reshape(-1).view(self.cupy.uint32)
+        blocks = max(1, min(-(-bits.size // THREADS_PER_BLOCK), MAX_BLOCKS))
         self._flag_kernel((blocks,), (THREADS_PER_BLOCK,),
-                          (a, np.uint64(a.size), b, np.uint64(b.size), local.flag, np.uint32(local.token)))
+                          (bits, np.uint64(bits.size), local.flag, np.uint32(local.token)))
         return int(local.flag.get()[0]) == local.token
 
     def used_bytes(self) -> int | None:

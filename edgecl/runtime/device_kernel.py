@@ -14,8 +14,7 @@ The per-element function is plain C shared by both builds: `cuda_source()` wraps
 arithmetic is checked bit for bit on a CPU-only machine too. `masked_select_numpy` is its numpy twin, what the
 device path runs on the CPU (`TaskRuntime(resident="device")` on device "cpu").
 
-The second, `FLAG_NAME`, is `infer`'s finiteness check, one launch per array (or over two at once): it writes the
-call's token into a flag where any element is inf or NaN, so one 4-byte read answers. `infer` checks a device batch
+The second, `FLAG_NAME`, is `infer`'s finiteness check, one launch per array: it writes the call's token into a flag where any element is inf or NaN, so one 4-byte read answers. `infer` checks a device batch
 with it before the run (a refused batch must run nothing) and the logits after. It replaced CuPy reductions
 (isfinite + all, each read back); on an H200 `infer` with them took 0.14-0.45 ms a call more than the session run
 alone (tools/results/gpu_check_nvidia_h200.json, "runtime_ms" less "unchecked_ms"), more than a batch-1 MLP's
@@ -78,17 +77,17 @@ SELECT_FN unsigned int nonfinite_element(const unsigned int *a, unsigned long lo
 
 def _flag_body(prefix: str) -> str:
     return (prefix + NONFINITE + f"""
-extern "C" KERNEL void {FLAG_NAME}(const unsigned int *a, unsigned long long na, const unsigned int *b,
-                                    unsigned long long nb, unsigned int *flag, unsigned int token) {{
-    for (unsigned long long i = FIRST; i < na + nb; i += STRIDE)
-        if (i < na ? nonfinite_element(a, i) : nonfinite_element(b, i - na))
+extern "C" KERNEL void {FLAG_NAME}(const unsigned int *a, unsigned long long n, unsigned int *flag,
+                                    unsigned int token) {{
+    for (unsigned long long i = FIRST; i < n; i += STRIDE)
+        if (nonfinite_element(a, i))
             *flag = token;
 }}
 """)
 
 
 def flag_cuda_source() -> str:
-    """The finiteness kernel: a grid-stride loop over a then b; every thread that meets inf/NaN stores the same
+    """The finiteness kernel: a grid-stride loop over a; every thread that meets inf/NaN stores the same
     token (a benign race)."""
     return _flag_body("#define SELECT_FN __device__ __forceinline__\n#define KERNEL __global__\n"
                       "#define FIRST ((unsigned long long)blockIdx.x * blockDim.x + threadIdx.x)\n"
@@ -101,6 +100,6 @@ def flag_c_source() -> str:
                       ).replace('extern "C" ', "")
 
 
-def any_nonfinite_numpy(*arrays: np.ndarray) -> bool:
+def any_nonfinite_numpy(a: np.ndarray) -> bool:
     """The finiteness kernel's numpy twin."""
-    return not all(bool(np.isfinite(a).all()) for a in arrays)
+    return not bool(np.isfinite(a).all())
