@@ -194,6 +194,7 @@ def _nvrtc():
 
 
 @pytest.mark.parametrize("source, name", [(device_kernel.cuda_source, device_kernel.KERNEL_NAME),
+                                          (device_kernel.scale_cuda_source, device_kernel.SCALE_NAME),
                                           (device_kernel.flag_cuda_source, device_kernel.FLAG_NAME)])
 def test_cuda_kernel_compiles_with_nvrtc_for_hopper(source, name):
     """Where the gpu extra is installed (no GPU needed): NVRTC, what CuPy compiles the kernels with, accepts each
@@ -210,6 +211,7 @@ def test_cuda_kernel_compiles_with_nvrtc_for_hopper(source, name):
 
 
 @pytest.mark.parametrize("source, name", [(device_kernel.cuda_source, device_kernel.KERNEL_NAME),
+                                          (device_kernel.scale_cuda_source, device_kernel.SCALE_NAME),
                                           (device_kernel.flag_cuda_source, device_kernel.FLAG_NAME)])
 def test_cuda_kernel_compiles_with_nvcc_for_hopper(tmp_path, source, name):
     """Where the CUDA toolkit is installed (no GPU needed; CI's machines have it): nvcc accepts each source for
@@ -223,7 +225,8 @@ def test_cuda_kernel_compiles_with_nvcc_for_hopper(tmp_path, source, name):
     assert done.returncode == 0, done.stderr
     entry = ptx.read_text().split(f".visible .entry {name}(", 1)[1].split(")", 1)[0]
     params = [line.split()[1] for line in entry.strip().splitlines()]
-    assert params == {device_kernel.KERNEL_NAME: [".u64"] * 4, device_kernel.FLAG_NAME: [".u64"] * 3 + [".u32"]}[name]
+    assert params == {device_kernel.KERNEL_NAME: [".u64"] * 4, device_kernel.SCALE_NAME: [".u64"] * 5,
+                      device_kernel.FLAG_NAME: [".u64"] * 3 + [".u32"]}[name]
 
 
 def _compiled_flag_kernel(tmp_path):

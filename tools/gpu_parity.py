@@ -110,16 +110,22 @@ def parity_run(device: TaskRuntime, host: TaskRuntime, packed: Any, switches: in
             spent[key] += b - a
         worst = max(worst, float(np.abs(got - want).max()))
     mismatched, lowrank, std = [], 0.0, 0.0
-    folded = device._strategy.std  # weight-standardised convs the runtime standardises itself, on a switch or once
+    strategy = device._strategy
+    folded = strategy.std  # weight-standardised convs the runtime standardises itself, on a switch or once
+    bn_folded = {f"{conv}.{k}" for conv in strategy.folded_bn.pairs for k in ("weight", "bias")}
     for t in range(packed.n_tasks):
-        want = folded.fold(materialize(packed, t))
+        want = strategy.as_bound(materialize(packed, t))  # standardised and BatchNorm-folded as the session reads
         for name, got in device.bound_tensors(t).items():
             if name not in want:
                 continue  # a factored layer's vectors
+            kind = packed.params[name]["kind"] if name in packed.params else None  # a folded bias may be new
             if name.removesuffix(".weight") in folded.convs:  # statistics summed in another order: a few ulps
                 std = max(std, float(np.abs(got - want[name]).max() / max(1.0, np.abs(want[name]).max())))
-            elif packed.params[name]["kind"] == "lowrank":
+            elif kind == "lowrank":
                 lowrank = max(lowrank, float(np.abs(got - want[name]).max()))
+            elif name in bn_folded:  # the same float32 products; a dropped weight is +0.0 there, ±0.0 here
+                if got.shape != want[name].shape or not np.array_equal(got, want[name]):
+                    mismatched.append(f"task {t} {name}")
             elif got.shape != want[name].shape or not np.array_equal(got.view(np.uint32), want[name].view(np.uint32)):
                 mismatched.append(f"task {t} {name}")
     return {"switches": switches, "batch": batch, "seconds": spent, "max_abs_logits": worst,

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from edgecl.errors import UsageError
-from edgecl.runtime.device_kernel import (FLAG_NAME, KERNEL_NAME, any_nonfinite_numpy, cuda_source, flag_cuda_source,
-                                          masked_select_numpy)
+from edgecl.runtime.device_kernel import (FLAG_NAME, KERNEL_NAME, SCALE_NAME, any_nonfinite_numpy, cuda_source,
+                                          flag_cuda_source, masked_scale_numpy, masked_select_numpy, scale_cuda_source)
 
 GPU_EXTRA = "pip install 'edgecl[gpu]'"
 THREADS_PER_BLOCK = 256
@@ -54,6 +54,12 @@ class HostArrays:
 
     def masked_select(self, base: np.ndarray, bits: np.ndarray, out: np.ndarray) -> None:
         masked_select_numpy(base, bits, out)
+
+    def masked_scale(self, base: np.ndarray, bits: np.ndarray, scale: np.ndarray, out: np.ndarray,
+                     table: np.ndarray, max_rows: int) -> None:
+        """The scaled select over the segments of `table` (`device_kernel.SCALE_NAME`'s twin)."""
+        del max_rows  # the twin walks every row
+        masked_scale_numpy(base, bits, scale, out, table)
 
     def pointer(self, a: np.ndarray) -> int:
         return a.ctypes.data
@@ -111,7 +117,7 @@ class CupyArrays:
         if count <= device_id:
             raise UsageError(f"device 'cuda': {count} GPUs visible, device {device_id} asked for")
         self.cupy.cuda.Device(device_id).use()
-        self._kernel = self._flag_kernel = None
+        self._kernel = self._flag_kernel = self._scale_kernel = None
         self._flags = threading.local()  # each thread's flag and token: calls run concurrently from threads
 
     def upload(self, a: np.ndarray) -> Any:
@@ -131,6 +137,14 @@ class CupyArrays:
         blocks = max(1, min(-(-n // THREADS_PER_BLOCK), MAX_BLOCKS))
         self._kernel((blocks,), (THREADS_PER_BLOCK,),
                      (base.view(self.cupy.uint32), bits, out.view(self.cupy.uint32), np.uint64(n)))
+
+    def masked_scale(self, base: Any, bits: Any, scale: Any, out: Any, table: Any, max_rows: int) -> None:
+        """One launch over every row of every segment of `table` (a (segments, 4) uint64 device array)."""
+        if self._scale_kernel is None:
+            self._scale_kernel = self.cupy.RawKernel(scale_cuda_source(), SCALE_NAME)
+        grid = (max(1, min(max_rows, MAX_BLOCKS)), table.shape[0])
+        self._scale_kernel(grid, (THREADS_PER_BLOCK,),
+                           (base.view(self.cupy.uint32), bits, scale, out.view(self.cupy.uint32), table))
 
     def pointer(self, a: Any) -> int:
         return int(a.data.ptr)

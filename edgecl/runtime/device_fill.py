@@ -8,9 +8,12 @@ numpy on the CPU, where CI checks it bit for bit against `deltas.materialize`):
 plan        resident on the device                  a switch (task t)
 ==========  =====================================  ================================================================
 masked      every masked base in one flat buffer;   one launch of the masked-select kernel over all of them
-            per task one flat buffer of keep bits   (`device_kernel`): where(bit, base, +0.0) on the bit patterns
+            per task one flat buffer of keep bits   (`device_kernel`): where(bit, base, +0.0) on the bit patterns;
+            (and of BatchNorm scales, `fold_bn`)    weights a BatchNorm is folded into: one launch of the scaled
+                                                    select over all of those, base · scale of the row
 permute     base; per task its int64 permutation    ``take(base, perm, axis=0, out=slot view)`` (none: a copy)
 generic     base; per task r, s, U, V as stored     ``deltas.lowrank_weight(..., xp=)``: the same operations
+            (both: a folded BatchNorm's scales)     then each row times its scale, in place
 static      the shared tensor                       nothing: bound once
 own         per task its array (heads, vectors of   nothing: rebound (with ``own_in_slot``, for CUDA graphs whose
             factored layers)                        addresses must not change: copied into the slot)
@@ -67,7 +70,9 @@ class DeviceProgram:
         unknown = [p.name for p in plans if p.plan not in ("masked", "permute", "generic", "static", "own", "const")]
         if unknown:
             raise UsageError(f"no device program for tensors {unknown}")
-        masked = [p for p in plans if p.plan == "masked"]
+        # plain masked tensors, then those a BatchNorm is folded into: two kernel ranges
+        masked = sorted((p for p in plans if p.plan == "masked"), key=lambda p: p.row_scale is not None)
+        scaled = [p for p in masked if p.row_scale is not None]
         other = [p for p in plans if p.plan in ("permute", "generic")]
         own = [p for p in plans if p.plan == "own"]
         static = [p for p in plans if p.plan == "static"]
@@ -82,17 +87,27 @@ class DeviceProgram:
             self.segments.append(Segment(p.name, offset, size, shapes, dtype))
             offset += aligned(size)
         self.masked_elements = sum(aligned(int(np.prod(p.shape))) for p in masked)
+        self.plain_elements = self.masked_elements - sum(aligned(int(np.prod(p.shape))) for p in scaled)
         self.slot_elements = offset
+        # the scaled kernel's table (first element, rows, row length, first scale) and each task's scales
+        firsts = np.cumsum([0] + [p.shape[0] for p in scaled])
+        self._table = np.array([[seg.offset, p.shape[0], seg.size // p.shape[0], first] for seg, p, first
+                                in zip(self.segments[len(masked) - len(scaled):], scaled, firsts)], np.uint64)
+        if len(scaled) > 65_535:  # the kernel's grid has one row of blocks per tensor
+            raise UsageError(f"{len(scaled)} convolutions with a folded BatchNorm: at most 65535")
+        row_scaled = [p for p in masked + other if p.row_scale is not None]
         # what stays on the device, reserved before a byte is uploaded
-        shared = 4 * self.masked_elements + sum(p.base.nbytes for p in other + static)
+        shared = 4 * self.masked_elements + sum(p.base.nbytes for p in other + static) + self._table.nbytes
         per_task = [self.masked_elements // 8 + sum(p.per_task[t].nbytes for p in own)
                     + sum(p.per_task[t].nbytes for p in other if p.plan == "permute" and p.per_task[t] is not None)
                     + sum(a.nbytes for per in pieces.values() for a in per[t].values())
+                    + sum(p.row_scale[t].nbytes for p in row_scaled)
                     for t in range(n_tasks)]
         reserve("device base weights", shared)
         reserve("device task deltas", sum(per_task))
         self.shared_bytes, self.task_bytes = shared, sum(per_task)
         self._upload(masked, other, own, static, pieces)
+        self._upload_scales(scaled)
 
     # ----------------------------------------------------------------- upload
     def _upload(self, masked: list[TensorPlan], other: list[TensorPlan], own: list[TensorPlan],
@@ -116,10 +131,13 @@ class DeviceProgram:
             base = up(p.base)
             if p.plan == "permute":
                 perms = [None if perm is None else up(np.ascontiguousarray(perm, np.int64)) for perm in p.per_task]
-                self._writers.append((seg, self._permute(base, perms)))
+                write = self._permute(base, perms)
             else:
                 parts = [{k: up(a) for k, a in task.items()} for task in pieces[p.name]]
-                self._writers.append((seg, self._lowrank(base, parts)))
+                write = self._lowrank(base, parts)
+            if p.row_scale is not None:
+                write = self._scaled(write, [up(a) for a in p.row_scale])
+            self._writers.append((seg, write))
         self._static = {p.name: up(p.base) for p in static}
         self._own = [{p.name: up(p.per_task[t]) for p in own} for t in range(self.n_tasks)]
         if self.own_in_slot:
@@ -140,6 +158,24 @@ class DeviceProgram:
             lowrank_weight(base, *(parts[t].get(k) for k in LOWRANK_PARTS), out=out, xp=xp)
         return write
 
+    def _upload_scales(self, scaled: list[TensorPlan]) -> None:
+        """The scaled kernel's table and, per task, every scaled tensor's row scales in one buffer."""
+        self._scales = self._table_on_device = None
+        self._max_rows = max((p.shape[0] for p in scaled), default=0)
+        if scaled:
+            self._table_on_device = self.arrays.upload(self._table)
+            self._scales = [self.arrays.upload(np.concatenate([p.row_scale[t] for p in scaled]).astype(np.float32))
+                            for t in range(self.n_tasks)]
+
+    @staticmethod
+    def _scaled(write: Callable[[int, Any], None], scales: list[Any]) -> Callable[[int, Any], None]:
+        """`write`, then each output row times task t's scale (a folded BatchNorm), in place."""
+        def scaled_write(t: int, out: Any) -> None:
+            write(t, out)
+            rows = out.reshape(out.shape[0], -1)
+            rows *= scales[t].reshape(-1, 1)
+        return scaled_write
+
     def _copy_own(self, name: str) -> Callable[[int, Any], None]:
         xp = self.arrays.xp
 
@@ -155,8 +191,12 @@ class DeviceProgram:
     def fill(self, t: int, slot: Any, sync: bool = True) -> None:
         """Write task t's switched tensors into `slot`, on the device; returns once they are written (`sync`
         false: once queued, for a caller that writes more into the slot and then waits)."""
-        if self.masked_elements:
-            self.arrays.masked_select(self._masked_base, self._bits[t], slot[:self.masked_elements])
+        if self.plain_elements:
+            plain = self.plain_elements
+            self.arrays.masked_select(self._masked_base[:plain], self._bits[t][:plain // 8], slot[:plain])
+        if self._scales is not None:
+            self.arrays.masked_scale(self._masked_base, self._bits[t], self._scales[t], slot, self._table_on_device,
+                                     self._max_rows)
         for seg, write in self._writers:
             write(t, self._view(slot, seg, t))
         if sync:

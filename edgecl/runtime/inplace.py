@@ -30,6 +30,7 @@ from edgecl.graph.builder import INPUT, OUTPUT, build_onnx
 from edgecl.runtime import costs
 from edgecl.runtime.budget import Ledger
 from edgecl.runtime.device_store import DeviceStore
+from edgecl.runtime.fold_bn import FoldedBN
 from edgecl.errors import UsageError
 from edgecl.runtime.plan import TensorPlan, read_on_miss, read_plans, task_tensor_plans
 from edgecl.runtime.providers import require_placement, session_options, session_providers, to_ortvalue
@@ -147,6 +148,7 @@ class InPlace:
         self.varying = [p for p in self.plans if p.varies]  # the plans a switch writes into a slot
         # standardised convs standardised on a switch (`switch_standardize`, on the device `device_standardize`)
         self.std = SwitchStandardized(self.arch, self.plans)
+        self.folded_bn = FoldedBN(self.std.arch, [], self.n_tasks)  # the host path folds none (yet)
         self._factors = switch.graph_factors()
         self.ledger.reserve("model tensors", _model_tensor_bytes(self.plans))
         self.session_params: list[int] = []
@@ -158,6 +160,9 @@ class InPlace:
             self._slot_ledger, self._slot_extra = ledger, costs.SLOT_OVERHEAD
         else:  # every task's delta goes to the device now; the host keeps only the session's constants
             self._mask_bytes = 0
+            # a BatchNorm after a conv the switch writes is folded into it there (`fold_bn`)
+            self.folded_bn = FoldedBN(self.std.arch, self.plans, self.n_tasks, skip=set(self.std.convs))
+            self.plans = self.folded_bn.plans
             self._store = DeviceStore(self.plans, device, device_ledger, self.n_tasks, cuda_graph, activation_bytes,
                                       self.std)
             self.plans = [p if p.constant else TensorPlan(p.name, p.plan, p.shape) for p in self.plans]
@@ -181,7 +186,7 @@ class InPlace:
         if self.device == "cuda":  # the CUDA EP copies the constants to the device, and has its fixed cost
             self._slot_ledger.reserve("device session constants", costs.held_bytes(constants.values()))
             self._slot_ledger.reserve("device CUDA EP session", costs.CUDA_SESSION_FIXED)
-        model = build_onnx(self.std.arch, weights_as_inputs=True, constants=constants, factors=self._factors,
+        model = build_onnx(self.folded_bn.arch, weights_as_inputs=True, constants=constants, factors=self._factors,
                            external_constants=True)
         self.graph_ops = frozenset(n.op_type for n in model.graph.node)  # what each call computes, for tests
         options = session_options(self.threads)
@@ -227,6 +232,10 @@ class InPlace:
             if self.cuda_graph:
                 return self._store.run_graph(session, slot.buffers, slot.index, t, x, self._n_classes[t])
             return self._store.run(session, self._binding(session, slot, t), x, self._n_classes[t])
+
+    def as_bound(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A task's `materialize` as the session reads it: standardised convs standardised, BatchNorms folded."""
+        return self.folded_bn.fold(self.std.fold(params))
 
     def bound_tensors(self, t: int) -> dict[str, np.ndarray]:
         """Host copies of every tensor the session reads for task t on the device path (filling a slot on a miss):

@@ -66,6 +66,9 @@ class TensorPlan:
     per_task: list = field(default_factory=list)
     reader: Any = None  # read: the `TaskBlobs` a miss reads this tensor from
     task_shapes: list = field(default_factory=list)  # read: each task's shape (`shape`, the buffer's, is the largest)
+    # per task, one float32 per output row (axis 0) the written weight is multiplied by: a BatchNorm folded into it at
+    # a switch (`edgecl.runtime.fold_bn`, the device path); None: written as the delta gives it
+    row_scale: list | None = None
 
     @property
     def constant(self) -> bool:
