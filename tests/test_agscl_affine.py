@@ -17,6 +17,7 @@ from edgecl.train.data import make_stream
 from edgecl.train.methods import agscl as agscl_module
 from edgecl.train.methods.agscl import AGSCL, AGSCLConfig
 from edgecl.train.methods.agscl_affine import BiasMasks, column_read, nonzero_nodes
+from edgecl.train.methods.agscl_faithful import tolerance
 from edgecl.train.methods.agscl_nodes import node_map
 from edgecl.train import batchnorm, protocol
 from edgecl.train.models import forward, from_numpy
@@ -51,11 +52,13 @@ def _passes(monkeypatch) -> list[int]:
     return count
 
 
-def _deployed_equals_trained(monkeypatch, arch: dict, config: AGSCLConfig, tasks: list) -> tuple[AGSCL, list]:
+def _deployed_equals_trained(monkeypatch, arch: dict, config: AGSCLConfig, tasks: list,
+                             within_rounding: bool = False) -> tuple[AGSCL, list]:
     """Each task's deployed logits are the trained network's (its head as trained, before the cut), with zeroed nodes
     past affines whose b is not 0; each task reads its data once per epoch, then once to recalibrate BatchNorm and
     once for Ω, whose pass also sums the head's features where cut columns' b is folded into the head's bias (before,
-    the fold made a pass of its own)."""
+    the fold made a pass of its own). Within 1e-5, or with `within_rounding` (a deep network) within what AGS-CL's own
+    check calls float rounding (`agscl_faithful.tolerance`: 1e-4 of the largest logit + 1e-6)."""
     method = AGSCL(arch, config)
     trained = _trained_networks(monkeypatch, method)
     passes = _passes(monkeypatch)
@@ -71,7 +74,7 @@ def _deployed_equals_trained(monkeypatch, arch: dict, config: AGSCLConfig, tasks
         biases = [float(trained[t][f"{n['name']}.bias"].abs().max()) for n in arch["nodes"]
                   if n["op"] == "scalar_affine"]
         assert max(biases) > 1e-3  # b is not 0: unmasked, the cut would move the logits
-        assert float((was - now).abs().max()) < 1e-5, t
+        assert float((was - now).abs().max()) < (tolerance(was) if within_rounding else 1e-5), t
     return method, trained
 
 
@@ -139,13 +142,16 @@ def test_head_columns_past_an_affine_a_layer_norm_reads_keep_their_b(monkeypatch
 @pytest.mark.slow  # timm's hgnetv2_b0 at 32×32, two tasks of two epochs (~10-30 s)
 def test_timm_hgnetv2_b0_deploys_what_each_task_trained(monkeypatch):
     """Before: this test failed with logits moved by 0.0078 on task 0 (default config); then passed comparing the
-    head after its cut, while the head as trained read 0.0077 more from 147 live-but-unimportant head units' b."""
+    head after its cut, while the head as trained read 0.0077 more from 147 live-but-unimportant head units' b.
+    The full network rounds differently on different CPUs: on an AMD EPYC the gap is 1.2e-4 with logits up to 1.7
+    (the Xeon of earlier runs stayed below 1e-5), so it is held to AGS-CL's own rounding tolerance (1.7e-4 here),
+    which the 0.0078 this test caught exceeds 46×."""
     import timm
 
     torch.manual_seed(0)
     arch = from_torch(timm.create_model("hgnetv2_b0", pretrained=False, num_classes=5).eval(), (3, 32, 32))
     _deployed_equals_trained(monkeypatch, arch, AGSCLConfig(epochs=2),
-                             make_stream("split-digits", 2, 0, (3, 32, 32)).tasks)
+                             make_stream("split-digits", 2, 0, (3, 32, 32)).tasks, within_rounding=True)
 
 
 def test_only_column_read_affines_are_masked():
