@@ -151,3 +151,23 @@ def test_an_input_shape_that_differs_names_the_array_that_differs(tmp_path, caps
     code, _, err = train(capsys, path, tmp_path / "out")
     assert code == 2
     assert "task 0 x_test has input shape (1, 4, 4), the stream's is (1, 8, 8) (task 0 x_train's)" in err
+
+
+def test_rgo_at_chance_on_a_batchnorm_network_names_its_batchnorm_default(tmp_path, capsys):
+    """RGO's default holds BatchNorm at the identity, under which a user's BatchNorm network can stay at chance
+    (README, support matrix ³); the warning said only 'try more epochs or another learning rate'. It now names
+    `batchnorm=task` where that default applies to BatchNorm layers, and nowhere else."""
+    stream = stream_file(tmp_path / "s.npz", n_tasks=1, size=120)
+
+    def warning(out_dir, *extra):
+        capsys.readouterr()
+        code = main(["train", "--method", "rgo", "--stream", stream, "--set", "epochs=1", "--set", "lr=1e-12",
+                     "--no-progress", *extra, "--out", str(tmp_path / out_dir)])
+        out = capsys.readouterr().out
+        assert code == 0 and "it has not learned" in out  # lr 1e-12: every run stays at chance
+        return out
+
+    hint = "which RGO holds at the identity by default (batchnorm=identity); try --set batchnorm=task"
+    assert hint in warning("bn", "--arch", "resnet")
+    assert "batchnorm=identity" not in warning("task", "--arch", "resnet", "--set", "batchnorm=task")
+    assert "batchnorm=identity" not in warning("mlp", "--arch", "mlp")  # no BatchNorm layer to hold
