@@ -101,6 +101,7 @@ def _edgecl_without_torch(argv: list[str], cwd) -> subprocess.CompletedProcess:
     (["--method", "stl", "--stream", "cifar"], "unknown stream 'cifar'"),
     (["--method", "stl", "--set", "epochs"], "KEY=VALUE"),
     (["--method", "stl", "--arch", "vgg"], "unknown architecture 'vgg'"),
+    (["--method", "stl", "--arch", "net.py"], "net.py is a Python file: add the factory that builds your module"),
     (["--method", "stl", "--arch", "missing.json"], "missing.json: file not found"),
     (["--method", "stl", "--input-shape", "3,x"], "--input-shape expects channels,height,width"),
     (["--method", "stl", "--input-shape", "2,32,32"], "1 or 3 channels"),
