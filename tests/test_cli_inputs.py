@@ -88,6 +88,19 @@ def test_bad_input_files_are_named_and_refused(model, tmp_path, capsys, setup, m
     assert code == 2 and message in err and "allow_pickle" not in err, err
 
 
+@pytest.mark.parametrize("array, message", [
+    (np.zeros((4, 1, 8, 8), np.float32), "input has shape (4, 1, 8, 8); expected (batch, 1, 4, 4)"),
+    (np.zeros((4, 1, 4, 4), np.int64), "input has dtype int64"),
+    (np.full((2, 1, 4, 4), np.nan, np.float32), "input has 32 NaN/inf values"),
+])
+def test_an_input_array_the_task_cannot_take_names_the_file_and_task(model, tmp_path, capsys, array, message):
+    """'input has shape ...' named neither the file nor the task it was fed to."""
+    path, _ = model
+    np.save(tmp_path / "batch.npy", array)
+    code, _, err = _run(capsys, "run", path, "--task", "2", "--input", str(tmp_path / "batch.npy"))
+    assert code == 2 and f"--input {tmp_path / 'batch.npy'} for task 2 (" in err and message in err, err
+
+
 def test_a_text_file_as_artifact_is_not_an_artifact(tmp_path, capsys):
     text = tmp_path / "notes.txt"
     text.write_text("these are my notes, not a model\n" * 3)

@@ -96,10 +96,12 @@ def _edgecl_without_torch(argv: list[str], cwd) -> subprocess.CompletedProcess:
     (["--method", "lps", "--set", "epochs=abc"], "LPSConfig: epochs must be an integer, got 'abc'"),
     (["--method", "lps", "--set", "alpha=2"], "LPSConfig: alpha must be in (0, 1], got 2"),
     (["--method", "halrp", "--set", "prune=sometimes"], "HALRPConfig: prune must be one of"),
+    (["--method", "halrp", "--set", "epochs=1"], "HALRP needs epochs >= 2 (--set epochs=2)"),  # a user's 'small epochs'
     (["--method", "stl", "--set", "epoch=3"], "unknown config fields ['epoch']"),
     (["--method", "stl", "--stream", "cifar"], "unknown stream 'cifar'"),
     (["--method", "stl", "--set", "epochs"], "KEY=VALUE"),
     (["--method", "stl", "--arch", "vgg"], "unknown architecture 'vgg'"),
+    (["--method", "stl", "--arch", "net.py"], "net.py is a Python file: add the factory that builds your module"),
     (["--method", "stl", "--arch", "missing.json"], "missing.json: file not found"),
     (["--method", "stl", "--input-shape", "3,x"], "--input-shape expects channels,height,width"),
     (["--method", "stl", "--input-shape", "2,32,32"], "1 or 3 channels"),

@@ -1,5 +1,7 @@
 """Your own network: torchvision, timm and custom `nn.Module`s become specs (`edgecl.arch.from_torch`), whose torch
 forward and ONNX graph compute what the module computes; unsupported ops get a UsageError naming op and module path."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,6 +85,39 @@ def test_a_model_without_a_final_linear_says_how_to_pass_the_trunk():
     spec = from_torch(Tail(nn.ReLU()), (3, 6, 6), classifier=False)
     assert spec["feature_dim"] == 4 * 4 * 4
     assert from_torch(Tail(nn.Linear(64, 3)), (3, 6, 6))["feature_dim"] == 64
+
+
+class _Several(nn.Module):
+    """A user's net returning logits with an auxiliary output, as a tuple or a dict (`kind`)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.conv, self.fc = kind, nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 2)
+
+    def forward(self, x):
+        feats = torch.flatten(F.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1), 1)
+        logits = self.fc(feats)
+        return (logits, feats) if self.kind == "tuple" else {"logits": logits, "feats": feats}
+
+
+class _First(nn.Module):
+    """The wrapper the refusal suggests: forward returns the logits alone."""
+
+    def __init__(self, net, key):
+        super().__init__()
+        self.net, self.key = net, key
+
+    def forward(self, x):
+        return self.net(x)[self.key]
+
+
+@pytest.mark.parametrize("kind, shown, key", [("tuple", "a tuple of 2 values", 0),
+                                              ("dict", "a dict with keys ['logits', 'feats']", "logits")])
+def test_a_forward_returning_several_values_is_refused_with_the_wrapper_that_fixes_it(kind, shown, key):
+    """It said 'returns immutable_dict' (torch.fx's type), leaving the user to guess what edgecl wanted."""
+    with pytest.raises(UsageError, match=rf"returns {re.escape(shown)}; return that tensor alone.*net\(x\)\[0\]"):
+        from_torch(_Several(kind), (3, 8, 8))
+    assert from_torch(_First(_Several(kind), key), (3, 8, 8))["feature_dim"] == 4
 
 
 def test_shared_layers_and_data_dependent_control_flow_are_refused():

@@ -252,6 +252,18 @@ def test_a_shape_check_the_import_shape_fails_names_its_line():
     assert re.search(_at(_Checked, "assert x.shape[-1] % 4 == 0"), str(err.value)), str(err.value)
 
 
+def test_a_model_that_does_not_take_the_input_shape_says_so_first():
+    """A 3-channel model on 1-channel data, failing where the control flow runs it, led with 'deciding the control
+    flow at ...' (a torchvision file's `result += input`), hiding that the input shape was the problem."""
+    with pytest.raises(UsageError) as err:
+        from_torch(InterpolateIfSizeDiffers(), (1, 8, 8))
+    text = str(err.value)
+    assert re.match(r"InterpolateIfSizeDiffers: the model does not run on inputs of shape \(2, 1, 8, 8\) at stem: "
+                    r"RuntimeError: .*3 channels", text), text
+    assert re.search(r"\(met while deciding the control flow at .*" + _at(InterpolateIfSizeDiffers, "assert x.dim()"),
+                     text), text
+
+
 class _Typed(_Head):
     """dtype and device reads resolve as float32 on the CPU, the spec's own."""
 

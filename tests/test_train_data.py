@@ -128,3 +128,46 @@ def test_the_chance_rule_allows_for_imbalanced_tasks():
     assert not engine.not_learned(1.0, 0.97) and engine.not_learned(0.98, 0.97)
     assert not engine.not_learned(1.0, 1.0)
     assert engine.not_learned(0.37, 0.34) and not engine.not_learned(0.40, 0.34)
+
+
+@pytest.mark.parametrize("y_test, needle", [
+    (np.arange(20) % 3 + 7, "task 1 y_test has labels 7, 8, 9 that y_train never holds (its labels are 0..2)"),
+    (np.where(np.arange(20) == 4, 5, np.arange(20) % 3), "task 1 y_test has label 5 that y_train never holds"),
+])
+def test_test_labels_the_training_split_never_holds_are_refused_not_scored_as_wrong(tmp_path, capsys, y_test,
+                                                                                     needle):
+    """A test label array shifted against its training one (here by 7) trained a 10-class head and reported a low
+    accuracy, as if the model were weak: a class never trained on cannot be predicted, so the data is refused."""
+    code, out, err = train(capsys, stream_file(tmp_path / "f.npz", task1_y_test=y_test), tmp_path / "out")
+    assert code == 2 and "edgecl: finetune on" not in out
+    assert "f.npz: " + needle in err and "add training examples" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_input_shape_that_differs_names_the_array_that_differs(tmp_path, capsys):
+    """Task 0's x_test at 4×4 against its x_train at 8×8 was reported as 'input shape (1, 8, 8) differs from the
+    stream's (1, 8, 8)': both shapes were x_train's."""
+    path = stream_file(tmp_path / "f.npz", task0_x_test=np.zeros((20, 1, 4, 4), np.float32))
+    code, _, err = train(capsys, path, tmp_path / "out")
+    assert code == 2
+    assert "task 0 x_test has input shape (1, 4, 4), the stream's is (1, 8, 8) (task 0 x_train's)" in err
+
+
+def test_rgo_at_chance_on_a_batchnorm_network_names_its_batchnorm_default(tmp_path, capsys):
+    """RGO's default holds BatchNorm at the identity, under which a user's BatchNorm network can stay at chance
+    (README, support matrix ³); the warning said only 'try more epochs or another learning rate'. It now names
+    `batchnorm=task` where that default applies to BatchNorm layers, and nowhere else."""
+    stream = stream_file(tmp_path / "s.npz", n_tasks=1, size=120)
+
+    def warning(out_dir, *extra):
+        capsys.readouterr()
+        code = main(["train", "--method", "rgo", "--stream", stream, "--set", "epochs=1", "--set", "lr=1e-12",
+                     "--no-progress", *extra, "--out", str(tmp_path / out_dir)])
+        out = capsys.readouterr().out
+        assert code == 0 and "it has not learned" in out  # lr 1e-12: every run stays at chance
+        return out
+
+    hint = "which RGO holds at the identity by default (batchnorm=identity); try --set batchnorm=task"
+    assert hint in warning("bn", "--arch", "resnet")
+    assert "batchnorm=identity" not in warning("task", "--arch", "resnet", "--set", "batchnorm=task")
+    assert "batchnorm=identity" not in warning("mlp", "--arch", "mlp")  # no BatchNorm layer to hold

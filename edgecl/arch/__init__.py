@@ -21,7 +21,16 @@ def from_torch(module: Any, input_shape: tuple[int, ...] | list[int], *, classif
     return _from_torch(module, input_shape, classifier=classifier, name=name)
 
 
+def ensure_torchvision_imports() -> None:
+    """Call before `import torchvision` in your own code: where torchvision's compiled ops do not load on this torch
+    (the pinned CPU torch with PyPI's torchvision) its import fails on 'operator torchvision::nms does not exist';
+    `edgecl.arch.factories.ensure_torchvision_imports` declares what it needs (the CLI does this itself)."""
+    from edgecl.arch.factories import ensure_torchvision_imports as _ensure
+
+    _ensure()
+
+
 __all__ = ["INPUT", "OPS", "PRESETS", "WEIGHT_OPS", "Arch", "ChannelError", "ChannelMap", "channel_map", "check_preset",
-           "consumers", "dense_params", "from_torch", "gemm_shape", "is_depthwise", "is_sequential", "last_layer",
-           "node_by_name", "node_shapes", "param_shapes", "preset", "prunable", "shapes_after", "unit_sources",
-           "validate"]
+           "consumers", "dense_params", "ensure_torchvision_imports", "from_torch", "gemm_shape", "is_depthwise",
+           "is_sequential", "last_layer", "node_by_name", "node_shapes", "param_shapes", "preset", "prunable",
+           "shapes_after", "unit_sources", "validate"]

@@ -38,8 +38,7 @@ def check_arch_string(value: str, factory_args: dict[str, Any] | None = None) ->
         return
     target, _, attr = value.rpartition(":")
     if not target or not attr or not attr.isidentifier() and target != "timm":
-        raise UsageError(f"unknown architecture {value!r}: use a preset ({', '.join(PRESETS)}), a .json spec file, or "
-                         "module:factory (e.g. torchvision.models:resnet18, timm:mobilenetv3_small_050)")
+        raise _unknown(value)
 
 
 def _check_factory_args(value: str, factory_args: dict[str, Any] | None) -> None:
@@ -95,8 +94,17 @@ def resolve_arch_and_module(value: str, input_shape: tuple[int, ...], *, classif
 
         module = build_module(value, factory_args)
         return from_torch(module, input_shape, classifier=classifier, name=value.rsplit(":", 1)[1]), module
-    raise UsageError(f"unknown architecture {value!r}: use a preset ({', '.join(PRESETS)}), a .json spec file, or "
-                     "module:factory (e.g. torchvision.models:resnet18, timm:mobilenetv3_small_050)")
+    raise _unknown(value)
+
+
+def _unknown(value: str) -> UsageError:
+    """The refusal of an --arch that is none of the forms, naming the factory form a file path needs ('net.py'
+    alone does not say which callable builds the module)."""
+    hint = (f" ({value} is a Python file: add the factory that builds your module, e.g. {value}:build)"
+            if value.endswith(".py") else "")
+    return UsageError(f"unknown architecture {value!r}{hint}: use a preset ({', '.join(PRESETS)}), a .json spec file, "
+                      "path/to/file.py:factory or module:factory (e.g. torchvision.models:resnet18, "
+                      "timm:mobilenetv3_small_050)")
 
 
 def _spec_file(path: str, input_shape: tuple[int, ...]) -> Arch:

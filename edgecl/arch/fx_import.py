@@ -49,6 +49,16 @@ _SCALAR_FUNCTIONS = (operator.getitem, getattr, torch.Tensor.size, operator.mul,
 _SCALAR_METHODS = ("size", "dim")
 
 
+
+def _returned(result: Any) -> str:
+    """What a forward returns instead of one tensor, as its author would name it: 'a tuple of 2 values', 'a dict
+    with keys ['logits', 'aux']' (fx shows them as immutable_list/immutable_dict)."""
+    if isinstance(result, dict):
+        return f"a dict with keys {list(result)[:8]}"
+    if isinstance(result, (tuple, list)):
+        return f"a {'tuple' if isinstance(result, tuple) else 'list'} of {len(result)} values"
+    return "a constant" if not isinstance(result, fx.Node) else "a value that is not a tensor of the graph"
+
 class _Tracer(ShapeFlowTracer):
     """Keeps standard layers and their subclasses (timm's BatchNormAct2d, …) as call_module nodes, records each
     node's Python stack so that a refusal can point at the user's source line, and resolves control flow on shapes
@@ -218,7 +228,9 @@ class _Converter(Families):
         result = output.args[0]
         self.refuse_grouped_output(result)
         if not isinstance(result, fx.Node) or result not in self.alias:
-            raise UsageError(f"{self.name}: forward must return one tensor, returns {type(result).__name__}")
+            raise UsageError(f"{self.name}: forward must return one tensor, the logits (or with classifier=False / "
+                             f"--no-classifier the features), but returns {_returned(result)}; return that tensor "
+                             "alone, e.g. from a wrapper module whose forward returns net(x)[0] or net(x)['logits']")
         if result in self.last:
             raise UsageError(f"{self.name}: forward returns a channels-last tensor (after permute(0, 2, 3, 1)); "
                              "permute it back with permute(0, 3, 1, 2)")

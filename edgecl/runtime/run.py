@@ -51,7 +51,10 @@ def run_task(artifact: Any, task: int | str, *, input: str | None = None, output
     name = f"task {t} ({runtime.tasks[t]})"
     done: dict[str, Any] = {"task": t}
     if x is not None:
-        logits = done["logits"] = runtime.infer(x)
+        try:
+            logits = done["logits"] = runtime.infer(x)
+        except UsageError as exc:  # the file and the task it was fed to, beside what was wrong with the array
+            raise UsageError(f"--input {input} for {name}: {exc}") from None
         if output:
             path = _save_npy(output, logits)
             log(f"{name}: logits {logits.shape} written to {path}")

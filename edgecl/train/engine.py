@@ -148,6 +148,12 @@ def run(method: Method, stream: Stream, ctx: TrainContext | None = None, first_t
         if not_learned(acc[t, t], chance):
             log(f"[{method.name}] WARNING: task {stream.tasks[t].name} reached {100 * acc[t, t]:.1f}%, no better than "
                 f"always answering its most frequent class ({100 * chance:.1f}%): it has not learned; try more epochs "
-                "or another learning rate (--set epochs=… lr=…)")
+                "or another learning rate (--set epochs=… lr=…)" + _hint(method))
     rows = [[float(acc[i, j]) for j in range(i + 1)] for i in range(n)]
     return RunResult(method.name, stream.name, rows, packed, times, ctx.notes, first_task, digests)
+
+
+def _hint(method: Any) -> str:
+    """The method's own likely cause of a task at chance, if it names one (duck-typed methods may not)."""
+    hint = getattr(method, "not_learned_hint", lambda: None)()
+    return f"; {hint}" if hint else ""

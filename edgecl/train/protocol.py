@@ -63,6 +63,11 @@ class Method(ABC):
         self.start_record = start.record() if start is not None else None  # what the artifact says it started from
         seed_everything(self.config.seed)
 
+    def not_learned_hint(self) -> str | None:
+        """A method's own likely cause when a task stays at chance (a default that does not suit this network),
+        printed after the engine's generic one; None where it has none."""
+        return None
+
     def initial_params(self, generator: torch.Generator | None = None) -> Params:
         """The trunk a method starts from (every draw it makes: first, per task, re-initialisations): a fresh
         draw, or the starting weights in its place. The draw is made either way, so the generator advances alike and

@@ -6,7 +6,8 @@ Policy (README, "Your own data"; tests/test_data.py):
   refused like the runtime refuses them (`edgecl.runtime.inputs`): the deployed model takes scaled floats, so a
   model trained on raw integers could not be fed the same data; complex, string, date and object arrays are not
   numbers a model can take;
-- labels are integer arrays of 0..C−1 with C ≤ the artifact's class limit (`MAX_CLASSES`);
+- labels are integer arrays of 0..C−1 with C ≤ the artifact's class limit (`MAX_CLASSES`), and every test label
+  occurs in its training split (a class never trained on cannot be predicted);
 - task names are the stream's name plus '-index' (a file's stem: `my-tasks.npz` → my-tasks-0, my-tasks-1, …) and
   must be names the artifact can store and select, checked here rather than when the trained model is written;
 - a stream file holds exactly task0_x_train, task0_y_train, task0_x_test, task0_y_test, task1_…, numbered without
@@ -58,9 +59,12 @@ def checked_tasks(name: str, tasks: list[tuple],
             raise UsageError(f"task {i}: expected (x_train, y_train, x_test, y_test), got {len(tup)} items")
         out.append(checked_task(f"{name}-{i}", i, *(_plain(v, i, f) for v, f in zip(tup, FIELDS))))
     shape = tuple(input_shape or out[0][1].shape[1:])
+    origin = "input_shape" if input_shape else "task 0 x_train's"
     for i, t in enumerate(out):
-        if t[1].shape[1:] != shape or t[3].shape[1:] != shape:
-            raise UsageError(f"task {i}: input shape {t[1].shape[1:]} differs from the stream's {shape}")
+        for field, x in (("x_train", t[1]), ("x_test", t[3])):
+            if x.shape[1:] != shape:  # name the array that differs, not its task's x_train
+                raise UsageError(f"task {i} {field} has input shape {x.shape[1:]}, the stream's is {shape} ({origin}): "
+                                 "every task's inputs have one shape, (N, *input_shape)")
     return shape, out
 
 
@@ -85,6 +89,7 @@ def checked_task(name: str, i: int, xtr: np.ndarray, ytr: np.ndarray, xte: np.nd
                              f"and {y.shape}")
         _check_labels(y, i, f"y_{what}")
         _check_input_dtype(x, i, f"x_{what}")
+    _check_test_classes_trained(ytr, yte, i)
     xs = [_finite_float32(x, i, f"x_{what}") for what, x in (("train", xtr), ("test", xte))]
     n_classes = int(max(ytr.max(), yte.max())) + 1
     return name, xs[0], ytr.astype(np.int64), xs[1], yte.astype(np.int64), n_classes
@@ -100,6 +105,17 @@ def _check_labels(y: np.ndarray, i: int, field: str) -> None:
     if high >= MAX_CLASSES:
         raise UsageError(f"task {i} {field} has label {high}; a task has at most {MAX_CLASSES} classes (labels "
                          f"0-{MAX_CLASSES - 1}: the artifact's limit, docs/ARTIFACT.md)")
+
+
+def _check_test_classes_trained(ytr: np.ndarray, yte: np.ndarray, i: int) -> None:
+    """Every test label is a class the training split holds: one it never shows cannot be learned, so its test
+    samples would be scored wrong by construction (a shifted or swapped label array read as a weak model)."""
+    unseen = np.setdiff1d(yte, ytr)
+    if unseen.size:
+        shown = ", ".join(str(int(v)) for v in unseen[:8]) + (", …" if unseen.size > 8 else "")
+        raise UsageError(f"task {i} y_test has label{'s' * (unseen.size > 1)} {shown} that y_train never holds (its "
+                         f"labels are {int(ytr.min())}..{int(ytr.max())}): a class never trained on cannot be "
+                         "predicted; add training examples of it or drop those test samples")
 
 
 def _check_input_dtype(x: np.ndarray, i: int, field: str) -> None:

@@ -49,5 +49,7 @@ class HALRPConfig(MethodConfig):
 
     def check(self) -> list[str]:
         if self.warmup_epochs >= self.epochs:  # later tasks need at least one fine-tune epoch after the warm-up
-            return [f"warmup_epochs must be in [1, epochs), got {self.warmup_epochs} with epochs={self.epochs}"]
+            return [f"warmup_epochs must be in [1, epochs), got {self.warmup_epochs} with epochs={self.epochs}: "
+                    f"each later task warms up for warmup_epochs, then fine-tunes at least one epoch, so HALRP "
+                    f"needs epochs >= {self.warmup_epochs + 1} (--set epochs={self.warmup_epochs + 1})"]
         return []

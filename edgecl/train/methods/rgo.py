@@ -113,6 +113,14 @@ class RGO(Method):
         self.train_seconds: list[float] = []
 
     # -- configuration checks -------------------------------------------------------------------------------
+    def not_learned_hint(self) -> str | None:
+        """The default holds BatchNorm at the identity (the paper's rule), under which networks built with BatchNorm
+        can train to chance without the signal check catching it (README, support matrix ³)."""
+        if self.bn.rule == "identity" and self.bn.names:
+            return ("this network has BatchNorm, which RGO holds at the identity by default (batchnorm=identity); "
+                    "try --set batchnorm=task")
+        return None
+
     def _fel_plan(self) -> FELPlan:
         if not self.config.fel:
             return FELPlan()
