@@ -49,7 +49,6 @@ _SCALAR_FUNCTIONS = (operator.getitem, getattr, torch.Tensor.size, operator.mul,
 _SCALAR_METHODS = ("size", "dim")
 
 
-
 def _returned(result: Any) -> str:
     """What a forward returns instead of one tensor, as its author would name it: 'a tuple of 2 values', 'a dict
     with keys ['logits', 'aux']' (fx shows them as immutable_list/immutable_dict)."""
@@ -58,6 +57,7 @@ def _returned(result: Any) -> str:
     if isinstance(result, (tuple, list)):
         return f"a {'tuple' if isinstance(result, tuple) else 'list'} of {len(result)} values"
     return "a constant" if not isinstance(result, fx.Node) else "a value that is not a tensor of the graph"
+
 
 class _Tracer(ShapeFlowTracer):
     """Keeps standard layers and their subclasses (timm's BatchNormAct2d, …) as call_module nodes, records each
