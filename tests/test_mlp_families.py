@@ -77,7 +77,8 @@ def test_an_affine_keeps_a_constant_channel_constant_at_its_factor_and_offset():
     ({"ch": 3, "module_shape": [1, 1, 4]}, "module_shape"),
     ({"ch": 3, "bias": False}, "bias")])
 def test_an_affine_spec_is_checked(node, match):
-    nodes = [{"name": "a", "op": "affine", "inputs": ["input"], **node}, {"name": "f", "op": "flatten", "inputs": ["a"]}]
+    nodes = [{"name": "a", "op": "affine", "inputs": ["input"], **node},
+             {"name": "f", "op": "flatten", "inputs": ["a"]}]
     with pytest.raises(UsageError, match=match):
         validate({"name": "aff", "input_shape": [3, 2, 2], "nodes": nodes})
 

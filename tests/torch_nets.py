@@ -175,8 +175,8 @@ def randomise_batchnorm(module: nn.Module, seed: int = 0) -> None:
     """Non-trivial running statistics and affine parameters (fresh modules have identity BatchNorm and LayerNorm,
     ConvNeXt's and EdgeNeXt's layer scales are 1e-6, PP-HGNetV2's scalar affines and MetaFormer's StarReLU 1 and 0,
     MetaFormer's res scales 1, LeViT's attention biases 0, EdgeNeXt's temperatures 1, ResMLP's Affine 1 and 0, and
-    weights initialised to 0 or near it — heads, class tokens, NF nets' last gains, gMLP's token mixing —, which would
-    hide them from a parity check)."""
+    weights initialised to 0 or near it — heads, class tokens, NF nets' last gains, gMLP's token mixing —, which
+    would hide them from a parity check)."""
     g = torch.Generator().manual_seed(seed)
     for name, p in module.named_parameters():
         if name.endswith(("gamma", "gamma_xca", "layer_scale", "temperature", ".scale", ".alpha")):  # EdgeNeXt's XCA:
