@@ -186,7 +186,8 @@ def _spec(draw) -> dict:
                                    "reshape", "pad", "blur", "adaptive_avgpool", "scalar_affine", "channel_conv",
                                    "branch_softmax", "class_token", "pos_embed", "token", "attention", "space_to_depth",
                                    "upsample", "linear_attention", "layer_norm", "attention_pool",
-                                   "channel_attention", "fourier_pos", "lambda_layer", "token_mix", *ACTIVATIONS]))
+                                   "channel_attention", "fourier_pos", "lambda_layer", "token_mix", "affine",
+                                   *ACTIVATIONS]))
         src = draw(st.sampled_from(names))
         node = {"name": f"n{i}", "op": op, "inputs": [src]}
         dims = known.get(src, [1])
@@ -211,6 +212,8 @@ def _spec(draw) -> dict:
             node.update({"in": int(np.prod(dims)) if fits else draw(hostile), "out": draw(st.integers(1, 8))})
         elif op == "bn":
             node.update({"ch": dims[0] if fits else draw(hostile), "eps": draw(st.sampled_from([1e-5, 0.5, 0, 2]))})
+        elif op == "affine":  # ResMLP's per-channel factor and offset
+            node["ch"] = dims[0] if fits else draw(hostile)
         elif op in ("maxpool", "avgpool"):
             node.update({"k": draw(st.sampled_from([1, 2, 3, [2, 3], 1000])), "pad": draw(st.sampled_from([0, 1, 2])),
                          "ceil_mode": draw(st.booleans())})

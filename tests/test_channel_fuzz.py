@@ -154,9 +154,10 @@ class _Graph:
         action = self.draw(st.sampled_from(["conv", "bn", "act", "add", "slice", "cat", "gate", "mix"]))
         if action == "conv":
             self.conv(self.pick())
-        elif action == "bn":
+        elif action == "bn":  # or ResMLP's per-channel affine (a killed channel leaves its offset)
             src = self.pick()
-            self.node("bn", [src], list(self.shapes[src]), ch=self.shapes[src][0])
+            self.node(self.draw(st.sampled_from(["bn", "affine"])), [src], list(self.shapes[src]),
+                      ch=self.shapes[src][0])
         elif action == "act":
             src = self.pick()
             act = self.draw(st.sampled_from(["relu", "leaky_relu", "square"]))  # square: MetaFormer's StarReLU
@@ -293,10 +294,10 @@ def _cases(draw):
             w[:, col] = 0
             kills.append(f"{name} column {col}: unread")
     for node in arch["nodes"]:
-        if node["op"] == "bn" and draw(st.integers(0, 3)) == 0:
+        if node["op"] in ("bn", "affine") and draw(st.integers(0, 3)) == 0:  # the channel is its bias after it
             ch = draw(st.integers(0, node["ch"] - 1))
             params[f"{node['name']}.weight"][ch] = 0
-            kills.append(f"{node['name']} channel {ch}: zero BatchNorm scale")
+            kills.append(f"{node['name']} channel {ch}: zero {node['op']} scale")
     try:
         cm = channel_map(arch)
     except Exception:  # noqa: BLE001 - refused (or a bug, which the tests report): no group kills
@@ -356,9 +357,9 @@ def _check_channel_map(arch, cm) -> None:
             assert cm.cols[f"{name}.weight"] == x, name
             assert cm.size(cm.cols[f"{name}.weight"]) == node["in"]
             assert cm.rows[f"{name}.weight"] == space, name
-        elif op == "bn":
-            assert space == x and all(cm.rows[f"{name}.{k}"] == x for k in ("weight", "bias", "running_mean",
-                                                                             "running_var")), name
+        elif op in ("bn", "affine"):
+            keys = ("weight", "bias", "running_mean", "running_var")[:4 if op == "bn" else 2]
+            assert space == x and all(cm.rows[f"{name}.{k}"] == x for k in keys), name
         elif op == "flatten":
             hw = int(np.prod(shapes[node["inputs"][0]][1:]))
             assert space == [(g, r * hw) for g, r in x], name

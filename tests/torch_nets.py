@@ -174,17 +174,19 @@ def ghost_spec(input_shape=(1, 8, 8)) -> dict:
 def randomise_batchnorm(module: nn.Module, seed: int = 0) -> None:
     """Non-trivial running statistics and affine parameters (fresh modules have identity BatchNorm and LayerNorm,
     ConvNeXt's and EdgeNeXt's layer scales are 1e-6, PP-HGNetV2's scalar affines and MetaFormer's StarReLU 1 and 0,
-    MetaFormer's res scales 1, LeViT's attention biases 0, EdgeNeXt's temperatures 1, and weights initialised to 0 —
-    heads, class tokens, NF nets' last gains —, which would hide them from a parity check)."""
+    MetaFormer's res scales 1, LeViT's attention biases 0, EdgeNeXt's temperatures 1, ResMLP's Affine 1 and 0, and
+    weights initialised to 0 or near it — heads, class tokens, NF nets' last gains, gMLP's token mixing —, which
+    would hide them from a parity check)."""
     g = torch.Generator().manual_seed(seed)
     for name, p in module.named_parameters():
-        if name.endswith(("gamma", "gamma_xca", "layer_scale", "temperature", ".scale")):  # EdgeNeXt's XCA: its
-            # layer scale, per-head temperature; MetaFormer's Scale layers
+        if name.endswith(("gamma", "gamma_xca", "layer_scale", "temperature", ".scale", ".alpha")):  # EdgeNeXt's XCA:
+            # its layer scale, per-head temperature; MetaFormer's Scale layers; ResMLP's Affine (1)
             p.data.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
         if name.endswith(".bias") and p.numel() == 1 or name.endswith("attention_biases"):  # a scalar affine's, LeViT's
             p.data.copy_(0.2 * torch.randn(p.shape, generator=g))
-        if p.numel() > 1 and not name.endswith("bias") and float(p.detach().abs().max()) == 0.0:  # zero-initialised:
-            # a classifier (torchvision's ViT, timm's Mixer), a class token, NF nets' last gains, a GC block's fc2
+        if p.numel() > 1 and not name.endswith("bias") and float(p.detach().abs().max()) < 1e-4:  # (near) zero:
+            # a classifier (torchvision's ViT, timm's Mixer), a class token, NF nets' last gains, a GC block's fc2,
+            # ResMLP's Affine beta and its layer scales (1e-5), gMLP's token mixing (std 1e-6)
             p.data.copy_(0.1 * torch.randn(p.shape, generator=g))
     for m in module.modules():
         if type(m).__name__ == "GlobalResponseNorm":  # timm's starts at the identity (weight and bias 0)

@@ -8,6 +8,10 @@ other parameter, and that sum is then an alias of the node (`absorbed`). Near mi
 source line: a bias that is no parameter of one number, parameters not named ``scale`` and ``bias`` of one module (a
 submodule: the network's own ``scale`` and ``bias`` have no module path to name the node by).
 
+ResMLP's ``Affine`` norm, ``torch.addcmul(self.beta, self.alpha, x)`` with two parameters holding one number per
+channel of x (timm stores them ``(1, 1, C)`` for tokens ``(B, T, C)``), becomes one ``affine`` node named by the module
+that owns both, its tensors read from that module's ``alpha`` and ``beta`` (`channel_affine`).
+
 A one-number parameter of any name multiplied with nothing added to the product alone (NFNet's ``skipinit_gain``,
 shape (), in ``out.mul_(self.skipinit_gain)``: `fx_inplace` makes the block read the product) is a ``scalar_affine``
 with ``bias`` false, named by the parameter's path (`_gain`).
@@ -16,12 +20,16 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 from torch import fx, nn
 
 from edgecl.arch.fx_calls import arithmetic_kind, shape_of
 from edgecl.arch.fx_norms import is_view
 from edgecl.errors import UsageError
 
+ADDCMUL = (torch.addcmul, "addcmul")
+AFFINE = ("edgecl supports torch.addcmul(beta, alpha, x) where alpha and beta are parameters of one number per channel "
+          "of x that one module holds as MODULE.alpha and MODULE.beta (ResMLP's Affine), with value 1")
 FORM = ("edgecl supports a one-number parameter only in a learnable affine `scale * x + bias` (PP-HGNetV2's "
         "LearnableAffineBlock: parameters MODULE.scale and MODULE.bias of shape (1,))")
 
@@ -37,6 +45,8 @@ class _AffineConverter:
     refuse: Callable[..., UsageError]
     parameter: Callable[..., Any]
     claim: Callable[[str, fx.Node], None]
+    bind: Callable[..., dict[str, Any]]
+    per_channel: Callable[[fx.Node, Any, fx.Node], int | None]
     _emit: Callable[..., str]
     _input: Callable[[Any, fx.Node], str]
 
@@ -95,6 +105,30 @@ class _AffineConverter:
         if a in self.last:
             self.last.add(node)
         return True
+
+    def channel_affine(self, node: fx.Node) -> None:
+        """``torch.addcmul(beta, alpha, x)`` (ResMLP's Affine): beta + alpha·x, one factor and one offset per channel
+        of x, an ``affine`` node named by the module holding ``alpha`` and ``beta``; anything else is refused."""
+        args = self.bind(node, ("input", "tensor1", "tensor2", "value"))
+        bias, x, weight = args["input"], args["tensor1"], args["tensor2"]
+        if x in self.attrs:
+            x, weight = weight, x
+        if bias not in self.attrs or weight not in self.attrs or x in self.attrs or shape_of(x) is None or \
+                args["value"] not in (None, 1):
+            raise self.refuse(node, AFFINE)
+        paths = (self.attrs[weight], self.attrs[bias])
+        owner = paths[0].rpartition(".")[0]
+        stored = {tuple(self.parameter(path, node).shape) for path in paths}
+        ch = self.per_channel(node, x, weight) if self.per_channel(node, x, bias) is not None else None
+        if not owner or paths != (f"{owner}.alpha", f"{owner}.beta") or ch is None or len(stored) != 1:
+            raise self.refuse(node, f"{AFFINE}; gets {paths[0]!r} and {paths[1]!r} of shapes {sorted(stored)}")
+        for path in paths:
+            self.claim(path, node)
+        shape = list(stored.pop())
+        self._emit(node, "affine", [self._input(x, node)], owner, ch=ch,
+                   **({"module_shape": shape} if shape != [ch] else {}))
+        if x in self.last:
+            self.last.add(node)
 
     def _gain(self, node: fx.Node, a: Any, path: str, p: Any) -> bool:
         """x · p alone, p a learned number of any name (NFNet's ``skipinit_gain``, shape ()): a ``scalar_affine``

@@ -151,6 +151,7 @@ class _CallConverter:
     name: str
     classifier: bool | None
     alias: dict[fx.Node, str]
+    last: set[fx.Node]
     parts: dict[fx.Node, tuple[str, int, list[tuple[int, int]]]]  # a split → (its input, channels, part ranges)
 
     def _emit(self, node: fx.Node, op: str, inputs: list[str], name: str | None = None, **fields: Any) -> str:
@@ -377,7 +378,12 @@ class _CallConverter:
             self.alias[node] = names[0]
             return
         rank = len(shape_of(node)) + 1
-        if rank not in (2, 4) or dim % rank != 1:
+        if node in self.last or isinstance(tensors, fx.Node) and tensors in self.last:  # channels-last parts
+            if dim % rank != rank - 1:
+                raise self.refuse(node, f"concatenation of channels-last values along dim {dim}; only along their "
+                                        "channels (the last dim)")
+            self.last.add(node)
+        elif rank not in (2, 4) or dim % rank != 1:
             raise self.refuse(node, f"concatenation along dim {dim}; only along channels (1) of a feature map or of "
                                     "a feature vector")
         self._emit(node, "cat", names)

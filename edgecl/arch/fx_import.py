@@ -22,6 +22,7 @@ import torch
 from torch import fx, nn
 
 from edgecl.arch.fx_activations import ACTIVATION_MODULES, module_activation, unknown_activation
+from edgecl.arch.fx_affine import ADDCMUL
 from edgecl.arch.fx_calls import (POOL_PARAMETERS, WITH_INDICES, is_elementwise, is_library_identity, location, pair,
                                   shape_of)
 from edgecl.arch.fx_norms import LAYER_NORMS, PERMUTES, is_view
@@ -276,12 +277,14 @@ class _Converter(Families):
             self.permute(node)
         elif node.target in LAYER_NORMS:
             self.layer_norm(node)
+        elif node.target in ADDCMUL:  # ResMLP's Affine (`fx_affine`)
+            self.channel_affine(node)
         elif node.target in PAD_FUNCTIONS:
             self.explicit_pad(node, self.bind(node, ("input", "pad", "mode", "value")))
         elif node.args and node.args[0] in self.attrs and is_view(node.target):  # gamma.reshape(1, -1, 1, 1)
             self.parameter_view(node)
         else:
-            self.check_layout(node, is_elementwise(node.target))
+            self.check_layout(node, is_elementwise(node.target) or node.target is torch.cat)  # cat: channels-last
             self.call(node)
 
     def view(self, node: fx.Node, x: str) -> None:

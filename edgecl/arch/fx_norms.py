@@ -229,15 +229,8 @@ class _NormConverter:
             return False
         path = self.attrs[b]
         p = self.parameter(path, node)
-        shape, view = shape_of(a), list(b.meta["tensor_meta"].shape) if "tensor_meta" in b.meta else None
-        if shape is None or view is None:
-            raise self.refuse(node, f"a product with the parameter {path!r}")
-        full = [None, *shape]  # the batch axis
-        axis = len(full) - 1 if a in self.last else 1
-        aligned = [1] * (len(full) - len(view)) + view
-        ch = full[axis]
-        if len(view) > len(full) or any(d != (ch if i == axis else 1) for i, d in enumerate(aligned)) or \
-                p.numel() != ch:
+        ch = self.per_channel(node, a, b)
+        if ch is None:
             raise self.refuse(node, f"a product with the parameter {path!r} of shape {tuple(p.shape)}; only one "
                                     "factor per channel (a layer scale) is supported")
         owner = self.module_at(path.rpartition(".")[0])
@@ -250,6 +243,24 @@ class _NormConverter:
         if a in self.last:
             self.last.add(node)
         return True
+
+
+    def per_channel(self, node: fx.Node, x: Any, param: fx.Node) -> int | None:
+        """The channels of `x` when the parameter `param` holds one number per channel of it, broadcast along its
+        channel axis (the last of a channels-last value, else axis 1); None otherwise."""
+        path = self.attrs[param]
+        shape = shape_of(x)
+        view = list(param.meta["tensor_meta"].shape) if "tensor_meta" in param.meta else None
+        if shape is None or view is None:
+            raise self.refuse(node, f"a product with the parameter {path!r}")
+        full = [None, *shape]  # the batch axis
+        axis = len(full) - 1 if x in self.last else 1
+        aligned = [1] * (len(full) - len(view)) + view
+        ch = full[axis]
+        if len(view) > len(full) or any(d != (ch if i == axis else 1) for i, d in enumerate(aligned)) or \
+                self.parameter(path, node).numel() != ch:
+            return None
+        return ch
 
 
 def layer_scale_fields(p: torch.Tensor, ch: int) -> dict[str, Any]:

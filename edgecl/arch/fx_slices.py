@@ -2,7 +2,9 @@
 ``torch.split`` / ``chunk`` along channels become the spec's ``slice`` nodes (a no-op slice becomes nothing). A
 split's parts are a tuple, not a tensor: each part's range is remembered (`parts`) and emitted where ``parts[i]``
 or ``torch.cat(parts)`` reads it. Part widths and computed bounds are read off the traced shapes, so sizes computed
-in forward (``x.shape[1] // 2``) work."""
+in forward (``x.shape[1] // 2``) work. A split of a channels-last value (tokens ``(B, T, C)`` or a map after
+``permute(0, 2, 3, 1)``) along its last axis is the same split of the channels (gMLP's ``x.chunk(2, dim=-1)``,
+MambaOut's ``torch.split(x, [g, i, c], dim=-1)``): the same slices, their values channels-last too."""
 from __future__ import annotations
 
 import operator
@@ -22,6 +24,7 @@ class _SliceConverter:
     `_emit` and `_input`, it uses): the converters of slices and splits."""
 
     alias: dict[fx.Node, str]
+    last: set[fx.Node]
     parts: dict[fx.Node, tuple[str, int, list[tuple[int, int]]]]  # a split → (its input, channels, part ranges)
     refuse: Callable[..., UsageError]
     _emit: Callable[..., str]
@@ -39,13 +42,17 @@ class _SliceConverter:
             return False
         dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
         shape = shape_of(node.args[0])
-        self._channel_axis(node, dim, shape)
+        last = node.args[0] in self.last
+        self._channel_axis(node, dim, shape, last)
         metas = node.meta.get("tensor_meta")
         if not isinstance(metas, (tuple, list)) or not all(hasattr(m, "shape") for m in metas):
             raise self.refuse(node, "its parts were not traced as tensors")
-        sizes = [int(m.shape[1]) for m in metas]
+        axis = -1 if last else 1
+        sizes = [int(m.shape[axis]) for m in metas]
         bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-        self.parts[node] = (self._input(node.args[0], node), shape[0], list(zip(bounds, bounds[1:])))
+        self.parts[node] = (self._input(node.args[0], node), shape[axis], list(zip(bounds, bounds[1:])))
+        if last:
+            self.last.add(node)  # its parts are channels-last
         return True
 
     def index(self, node: fx.Node) -> None:
@@ -55,6 +62,8 @@ class _SliceConverter:
         source, index = node.args
         if source in self.parts:
             x, n, ranges = self.parts[source]
+            if source in self.last:
+                self.last.add(node)
             if isinstance(index, slice):  # parts[1:], parts[::-1]: a tuple of some of the parts
                 self.parts[node] = (x, n, ranges[index])
                 return
@@ -101,6 +110,9 @@ class _SliceConverter:
         else:
             self._emit(node, "slice", [x], start=start, stop=stop)
 
-    def _channel_axis(self, node: fx.Node, dim: Any, shape: list[int] | None) -> None:
-        if shape is None or type(dim) is not int or dim % (len(shape) + 1) != 1:
-            raise self.refuse(node, f"a split along dim {dim!r}; only along channels (dim 1) is supported")
+    def _channel_axis(self, node: fx.Node, dim: Any, shape: list[int] | None, last: bool) -> None:
+        """The split is along the channels: dim 1, or the last dim of a channels-last value."""
+        rank = len(shape or ()) + 1
+        if shape is None or type(dim) is not int or dim % rank != (rank - 1 if last else 1):
+            where = "the last dim of a channels-last value" if last else "channels (dim 1)"
+            raise self.refuse(node, f"a split along dim {dim!r}; only along {where} is supported")

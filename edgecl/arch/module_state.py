@@ -35,6 +35,8 @@ def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
     for node in arch["nodes"]:
         if "module_shape" in node:
             shapes[f"{node['name']}.weight"] = tuple(node["module_shape"])
+        if "module_shape" in node and node["op"] == "affine":  # ResMLP's alpha and beta, both (1, 1, C)
+            shapes[f"{node['name']}.bias"] = tuple(node["module_shape"])
         if has_gain(node):  # timm's ScaledStdConv2d.gain
             shapes[f"{node['name']}.gain"] = (node["out"], 1, 1, 1)
         if _token_grid(node):

@@ -19,7 +19,10 @@ Ops (fields and defaults in `OPS`):
   contiguous blocks of C/G channels of the map separately; G 1 is left out of the stored spec; ``bias`` false: the
   weight alone, no bias tensor, as MetaFormer v2's norms (timm's LayerNorm2dNoBias, GroupNorm1NoBias); left out of
   the stored spec at its default true), ``layer_scale``
-  (weight: one learned factor per channel, ConvNeXt's γ, starting at ``init``), ``grn`` (ConvNeXt V2's
+  (weight: one learned factor per channel, ConvNeXt's γ, starting at ``init``), ``affine`` (y = weight·x + bias,
+  one learned factor and offset per channel, starting at 1 and 0: ResMLP's ``Affine`` norm, timm's
+  ``torch.addcmul(beta, alpha, x)``; its module stores them as ``MODULE.alpha`` and ``MODULE.beta``, both in the
+  ``module_shape`` when given, timm's ``(1, 1, C)``), ``grn`` (ConvNeXt V2's
   global response norm: x + bias + weight·x·n, n = each channel's spatial L2 norm over the channels' mean of it + eps;
   weight and bias start at 0, the identity), ``channel_conv`` (ECA channel attention's 1-D convolution along the
   channels of a pooled ``(ch, 1, 1)`` vector: output channel i is Σ_j weight[j] · x[i + j − (k−1)/2], its ``k`` (odd)
@@ -163,6 +166,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "layer_norm": {"ch": ("size", ...), "eps": ("eps", 1e-5), "affine": ("bool", True), "over": ("norm_over", None),
                    "groups": ("size", None), "bias": ("bool", True)},
     "layer_scale": {"ch": ("size", ...), "init": ("number", 1.0)},
+    "affine": {"ch": ("size", ...)},
     "grn": {"ch": ("size", ...), "eps": ("eps", 1e-6)},
     "channel_conv": {"ch": ("size", ...), "k": ("size", ...), "circular": ("bool", False)},
     "scalar_affine": {"init": ("number", 1.0), "init_bias": ("number", 0.0), "bias": ("bool", True)},
@@ -202,7 +206,7 @@ OPS["gelu"] = {"approximate": ("approximate", "none")}
 OPS["leaky_relu"] = {"slope": ("number", 0.01)}  # torch's negative_slope
 WEIGHT_OPS = ("conv", "linear")
 # per-channel affine layers: BatchNorm, LayerNorm over channels, layer scale (a method's `batchnorm` rule covers them)
-CHANNEL_AFFINE_OPS = ("bn", "layer_norm", "layer_scale", "grn")
+CHANNEL_AFFINE_OPS = ("bn", "layer_norm", "layer_scale", "affine", "grn")
 NORMALISING_OPS = ("layer_norm", "grn")  # statistics over the channels: each output depends on all of them
 # each output channel reads its neighbours: the input's channels can be neither removed nor reordered
 NEIGHBOUR_OPS = ("channel_conv",)

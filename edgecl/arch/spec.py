@@ -87,6 +87,7 @@ def state_key(node: dict[str, Any], tensor: str) -> str:
     its ``module`` path, then the tensor; a layer scale, a class token and a position embedding are bare parameters,
     whose key is that path itself (a scalar affine's without bias too: NFNet's ``skipinit_gain``), a scalar
     affine's weight is otherwise its module's ``scale`` (timm's LearnableAffineBlock)
+    and a per-channel affine's weight and bias its module's ``alpha`` and ``beta`` (ResMLP's Affine),
     and an attention's bias table its module's ``attention_biases`` (timm's LeViT) or, ``bias_table`` "swin" or
     "tf", its ``relative_position_bias_table`` (talking heads: `op_rules.attention_state_name`).
     A ``module`` ending in ``*`` has the tensor's name in place of the ``*``: torch's packed parameters
@@ -96,7 +97,8 @@ def state_key(node: dict[str, Any], tensor: str) -> str:
     if node["op"] in ("layer_scale", *TOKEN_TENSOR_OPS) or node["op"] == "scalar_affine" and "bias" in node:
         return path
     tensor = "scale" if node["op"] == "scalar_affine" and tensor == "weight" else \
-        attention_state_name(node, tensor) if node["op"] == "attention" else tensor
+        attention_state_name(node, tensor) if node["op"] == "attention" else \
+        {"weight": "alpha", "bias": "beta"}[tensor] if node["op"] == "affine" else tensor
     return f"{path[:-1]}{tensor}" if path.endswith("*") else f"{path}.{tensor}"
 
 
@@ -194,12 +196,12 @@ def _module_shape(value: Any, node: dict[str, Any], where: str) -> list[int]:
             raise UsageError(f"{where}: module_shape {str(value)[:60]} of a position embedding must be (1, "
                              f"{node['ch']}, H, W) with H·W = {node['tokens']} positions")
         return list(value)
-    with_shape = (*WEIGHT_OPS, "layer_scale", "channel_conv", "class_token", "scalar_affine")  # () for skipinit
+    with_shape = (*WEIGHT_OPS, "layer_scale", "affine", "channel_conv", "class_token", "scalar_affine")  # () skipinit
     one = node["op"] != "class_token" or node["tokens"] == 1
     weight = list(node_tensor_shapes(node)["weight"]) if node["op"] in with_shape and one else None
     if weight is None:
-        raise UsageError(f"{where}: module_shape is for conv, linear, layer_scale, channel_conv, scalar_affine, "
-                         f"pos_embed and one class_token's weights, not {node['op']}"
+        raise UsageError(f"{where}: module_shape is for conv, linear, layer_scale, affine, channel_conv, "
+                         f"scalar_affine, pos_embed and one class_token's weights, not {node['op']}"
                          f"{'' if one else ' of several tokens'}")
     if not isinstance(value, list) or not 0 < len(value) + (node["op"] == "scalar_affine") <= 4 or \
             not all(_is_size(d) for d in value) or [d for d in value if d != 1] != [d for d in weight if d != 1]:
@@ -318,6 +320,8 @@ def node_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         return attention_tensor_shapes(node)  # talking heads' mixes, XCA's temperature, a lambda layer's filters
     if op in TOKEN_TENSOR_OPS:
         return {"weight": (node["ch"],) if op == "class_token" and node["tokens"] == 1 else (node["ch"], node["tokens"])}
+    if op == "affine":  # ResMLP's per-channel factor and offset
+        return {"weight": (node["ch"],), "bias": (node["ch"],)}
     if op in NORMALISING_OPS and node.get("affine", True) or op == "layer_scale":  # a bias-less LayerNorm's weight
         return {k: (node["ch"],) for k in ("weight", "bias")[:1 + (op != "layer_scale" and node.get("bias", True))]}
     return {}

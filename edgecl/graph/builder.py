@@ -205,9 +205,11 @@ def _op(b: _Builder, node: dict, ins: list[str], factors: dict, shapes: list[lis
         return map_norm(b, h, node, in_shape)
     if op == "layer_norm":
         return _layer_norm(b, h, node, flat)
-    if op == "layer_scale":  # a (C,) weight times (N, C) features or, unsqueezed to (C, 1, 1), an NCHW map
-        w = f"{node['name']}.weight"
-        return b.op("Mul", [h, w if flat else b.op("Unsqueeze", [w, b.ints(1, 2)])])
+    if op in ("layer_scale", "affine"):  # (C,) tensors on (N, C) features or, unsqueezed to (C, 1, 1), an NCHW map
+        w, bias = (f"{node['name']}.{k}" for k in ("weight", "bias"))
+        scaled = b.op("Mul", [h, w if flat else b.op("Unsqueeze", [w, b.ints(1, 2)])])
+        return scaled if op == "layer_scale" else b.op("Add", [scaled, bias if flat else
+                                                              b.op("Unsqueeze", [bias, b.ints(1, 2)])])
     if op == "grn":
         return _grn(b, h, node)
     if op == "scalar_affine":  # (1,) initializers broadcast over any shape

@@ -101,6 +101,9 @@ def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: 
         return collapse((expand(v, source, cm) - m) / np.sqrt(var + node["eps"]) * g + b, source, cm)
     if op == "layer_scale":
         return collapse(expand(v, source, cm) * params[f"{name}.weight"].astype(np.float64), source, cm)
+    if op == "affine":  # a constant c (a dead channel's 0 too) is w·c + b on its channel
+        w, b = (params[f"{name}.{k}"].astype(np.float64) for k in ("weight", "bias"))
+        return collapse(expand(v, source, cm) * w + b, source, cm)
     if op == "scalar_affine":  # one number for every channel: a constant c (a dead channel's 0 too) is a·c + b after
         a = float(params[f"{name}.weight"].reshape(-1)[0])
         b = float(params[f"{name}.bias"].reshape(-1)[0]) if node.get("bias", True) else 0.0  # none: a skipinit gain

@@ -153,6 +153,9 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
     if op == "layer_scale":
         w = params[f"{name}.weight"]
         return h * (w if h.dim() == 2 else w.reshape(-1, 1, 1))
+    if op == "affine":  # ResMLP's Affine: a factor and an offset per channel
+        w, b = params[f"{name}.weight"], params[f"{name}.bias"]
+        return torch.addcmul(b, w, h) if h.dim() == 2 else torch.addcmul(b.reshape(-1, 1, 1), w.reshape(-1, 1, 1), h)
     if op == "grn":  # timm's GlobalResponseNorm, on the channels-first map
         g = h.norm(p=2, dim=(2, 3), keepdim=True)
         n = g / (g.mean(dim=1, keepdim=True) + node["eps"])
