@@ -59,7 +59,9 @@ TIMM = ["resnet10t", "resnet18", "mobilenetv3_small_050", "mobilenetv2_050", "ef
         # MLP-Mixer: a Linear over the tokens (token mixing); ResMLP's Affine norms (a factor and an offset per
         # channel); gMLP's spatial gating (a channel split of tokens, token
         # mixing, a gating product); MambaOut's gated conv block (a channel split of a channels-last map)
-        "mixer_s16_224", "resmlp_12_224", "gmlp_ti16_224", "mambaout_femto"]
+        "mixer_s16_224", "resmlp_12_224", "gmlp_ti16_224", "mambaout_femto",
+        # GhostNetV3 (its re-parameterisable branches, run as they are in eval mode)
+        "ghostnetv3_050"]
 # models whose position embedding (LeViT: attention-bias index) fixes the input size: built for the 64×64 traced
 BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_patch16_224": {"img_size": 64},
               "timm:deit_tiny_patch16_224": {"img_size": 64}, "timm:deit_tiny_distilled_patch16_224": {"img_size": 64},
