@@ -148,6 +148,34 @@ def test_an_affine_of_other_parameter_names_is_refused_naming_them():
         from_torch(_Named(), (1, 8, 8))
 
 
+class _ChannelFirstSplit(nn.Module):
+    """Channel splits that are not channels-last: of a map whose channels (8) outnumber its rows (4), whose first
+    part is as wide as the map is high, and of a pooled feature vector (B, 8)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(1, 8, 3, padding=1, stride=2)  # (8, 4, 4) from 8×8
+        self.fc = nn.Linear(8 if how == "map_cat" else 4, 3)
+
+    def forward(self, x):
+        m = self.conv(x)
+        if self.how == "map_add":  # parts (0, 4) and (4, 8): the first is not the whole map
+            a, b = m.split([4, 4], 1)
+            return self.fc((2 * a + b).mean((2, 3)))
+        if self.how == "map_cat":
+            return self.fc(torch.cat(m.chunk(2, 1)[::-1], 1).mean((2, 3)))
+        a, b = m.mean((2, 3)).split([4, 4], 1)  # a feature vector
+        return self.fc(a - b)
+
+
+@pytest.mark.parametrize("how", ["map_add", "map_cat", "vector"])
+def test_a_channels_first_split_is_read_off_the_channel_axis(how):
+    """Before: a split read its channel count off the value's second axis (a map's rows): the (0, 4) part of 8
+    channels over 4 rows was taken for the whole map, and a feature vector's split raised IndexError."""
+    randomised_parity(_ChannelFirstSplit(how), (1, 8, 8))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, args, ops", [
     ("resmlp_12_224", {"img_size": 64}, {"affine": 25, "token_mix": 12}),
