@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from layer_nets_mixer import TinyGMLP, TinyMambaOut, TinyResMLP
+from timm.models.mlp_mixer import Affine
 from torch import nn
 from torch_nets import check_parity, randomise_batchnorm, randomised_parity
 
@@ -174,6 +175,40 @@ def test_a_channels_first_split_is_read_off_the_channel_axis(how):
     """Before: a split read its channel count off the value's second axis (a map's rows): the (0, 4) part of 8
     channels over 4 rows was taken for the whole map, and a feature vector's split raised IndexError."""
     randomised_parity(_ChannelFirstSplit(how), (1, 8, 8))
+
+
+class _TokenParts(nn.Module):
+    """Tokens (B, 16, 8) whose channel parts are joined again by a list, as a list of computed tokens is."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.stem = nn.Conv2d(1, 8, 2, stride=2)
+        self.norm = Affine(4)  # timm's: alpha, beta (1, 1, 4)
+        self.fc = nn.Linear({"reordered": 8, "affine": 8, "gated": 5, "doubled": 16}[how], 3)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        if self.how == "reordered":
+            parts = t.split([2, 6], -1)
+            t = torch.cat([parts[-1], parts[-2]], -1)
+        elif self.how == "affine":  # an Affine on one half only
+            u, v = t.chunk(2, dim=-1)
+            t = torch.cat([self.norm(u), v], dim=-1)
+        elif self.how == "gated":  # uneven chunks: 3, 3, 2
+            a, b, c = t.chunk(3, dim=-1)
+            t = torch.cat([a * b, c], dim=2)
+        else:
+            t = torch.cat([t, 2 * t], dim=-1)
+        return self.fc(t.mean(dim=1))
+
+
+@pytest.mark.parametrize("how", ["reordered", "affine", "gated", "doubled"])
+def test_a_list_of_token_parts_joined_along_the_channels_computes_the_module(how):
+    """Before: refused as 'a concatenation of tokens ... edgecl supports tokens joined along the tokens (dim=1)',
+    while the same parts joined as the split's own tuple converted."""
+    spec = randomised_parity(_TokenParts(how), (1, 8, 8))
+    assert sum(n["op"] == "cat" for n in spec["nodes"]) == 1
 
 
 @pytest.mark.slow
