@@ -64,7 +64,8 @@ class _Tokens(nn.Module):
 @pytest.mark.parametrize("edit, words", [
     (lambda m, t: t[:, 1:3], "indexing tokens with"),
     (lambda m, t: torch.cat((m.fc(t[:, :1]), t[:, :, :6]), dim=1), "unsupported op 'getitem'"),
-    (lambda m, t: torch.cat((t, t), dim=2), r"tokens of shapes \[\[16, 8\], \[16, 8\]\] along dim 2"),
+    (lambda m, t: torch.cat((t, t), dim=0), r"tokens of shapes \[\[16, 8\], \[16, 8\]\] along dim 0"),  # dim 2: the
+    # channels, supported (tests/test_mlp_families.py)
     (lambda m, t: t.transpose(1, 2).mean(2), "channels-last tensor"),  # not back to a map
 ])
 def test_unsupported_token_forms_are_refused_by_name(edit, words):

@@ -97,6 +97,10 @@ class _Several(nn.Module):
     def forward(self, x):
         feats = torch.flatten(F.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1), 1)
         logits = self.fc(feats)
+        if self.kind == "split":  # a split's parts (here one: all 2 logits) returned as they come: a tuple too
+            return logits.split(2, 1)
+        if self.kind == "one":
+            return (logits,)
         return (logits, feats) if self.kind == "tuple" else {"logits": logits, "feats": feats}
 
 
@@ -112,9 +116,11 @@ class _First(nn.Module):
 
 
 @pytest.mark.parametrize("kind, shown, key", [("tuple", "a tuple of 2 values", 0),
-                                              ("dict", "a dict with keys ['logits', 'feats']", "logits")])
+                                              ("dict", "a dict with keys ['logits', 'feats']", "logits"),
+                                              ("split", "a tuple of 1 value", 0), ("one", "a tuple of 1 value", 0)])
 def test_a_forward_returning_several_values_is_refused_with_the_wrapper_that_fixes_it(kind, shown, key):
-    """It said 'returns immutable_dict' (torch.fx's type), leaving the user to guess what edgecl wanted."""
+    """It said 'returns immutable_dict' (torch.fx's type), leaving the user to guess what edgecl wanted; a split's
+    parts returned whole were 'a value that is not a tensor of the graph', one value '1 values'."""
     with pytest.raises(UsageError, match=rf"returns {re.escape(shown)}; return that tensor alone.*net\(x\)\[0\]"):
         from_torch(_Several(kind), (3, 8, 8))
     assert from_torch(_First(_Several(kind), key), (3, 8, 8))["feature_dim"] == 4

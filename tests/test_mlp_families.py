@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from layer_nets_mixer import TinyGMLP, TinyMambaOut, TinyResMLP
+from timm.models.mlp_mixer import Affine
 from torch import nn
 from torch_nets import check_parity, randomise_batchnorm, randomised_parity
 
@@ -146,6 +147,68 @@ def test_near_misses_are_refused_by_name(how, match):
 def test_an_affine_of_other_parameter_names_is_refused_naming_them():
     with pytest.raises(UsageError, match=r"addcmul.*gets 'norm.scale' and 'norm.shift'"):
         from_torch(_Named(), (1, 8, 8))
+
+
+class _ChannelFirstSplit(nn.Module):
+    """Channel splits that are not channels-last: of a map whose channels (8) outnumber its rows (4), whose first
+    part is as wide as the map is high, and of a pooled feature vector (B, 8)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(1, 8, 3, padding=1, stride=2)  # (8, 4, 4) from 8×8
+        self.fc = nn.Linear(8 if how == "map_cat" else 4, 3)
+
+    def forward(self, x):
+        m = self.conv(x)
+        if self.how == "map_add":  # parts (0, 4) and (4, 8): the first is not the whole map
+            a, b = m.split([4, 4], 1)
+            return self.fc((2 * a + b).mean((2, 3)))
+        if self.how == "map_cat":
+            return self.fc(torch.cat(m.chunk(2, 1)[::-1], 1).mean((2, 3)))
+        a, b = m.mean((2, 3)).split([4, 4], 1)  # a feature vector
+        return self.fc(a - b)
+
+
+@pytest.mark.parametrize("how", ["map_add", "map_cat", "vector"])
+def test_a_channels_first_split_is_read_off_the_channel_axis(how):
+    """Before: a split read its channel count off the value's second axis (a map's rows): the (0, 4) part of 8
+    channels over 4 rows was taken for the whole map, and a feature vector's split raised IndexError."""
+    randomised_parity(_ChannelFirstSplit(how), (1, 8, 8))
+
+
+class _TokenParts(nn.Module):
+    """Tokens (B, 16, 8) whose channel parts are joined again by a list, as a list of computed tokens is."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.stem = nn.Conv2d(1, 8, 2, stride=2)
+        self.norm = Affine(4)  # timm's: alpha, beta (1, 1, 4)
+        self.fc = nn.Linear({"reordered": 8, "affine": 8, "gated": 5, "doubled": 16}[how], 3)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        if self.how == "reordered":
+            parts = t.split([2, 6], -1)
+            t = torch.cat([parts[-1], parts[-2]], -1)
+        elif self.how == "affine":  # an Affine on one half only
+            u, v = t.chunk(2, dim=-1)
+            t = torch.cat([self.norm(u), v], dim=-1)
+        elif self.how == "gated":  # uneven chunks: 3, 3, 2
+            a, b, c = t.chunk(3, dim=-1)
+            t = torch.cat([a * b, c], dim=2)
+        else:
+            t = torch.cat([t, 2 * t], dim=-1)
+        return self.fc(t.mean(dim=1))
+
+
+@pytest.mark.parametrize("how", ["reordered", "affine", "gated", "doubled"])
+def test_a_list_of_token_parts_joined_along_the_channels_computes_the_module(how):
+    """Before: refused as 'a concatenation of tokens ... edgecl supports tokens joined along the tokens (dim=1)',
+    while the same parts joined as the split's own tuple converted."""
+    spec = randomised_parity(_TokenParts(how), (1, 8, 8))
+    assert sum(n["op"] == "cat" for n in spec["nodes"]) == 1
 
 
 @pytest.mark.slow

@@ -144,6 +144,19 @@ def test_test_labels_the_training_split_never_holds_are_refused_not_scored_as_wr
     assert not (tmp_path / "out").exists()
 
 
+def test_an_unseen_test_label_inside_the_training_range_names_the_labels_trained():
+    """Training labels 0 and 2 with a test label 1 were described as 'its labels are 0..2', which holds 1."""
+    from edgecl.train.data import Stream
+
+    x = np.zeros((6, 4), np.float32)
+    with pytest.raises(UsageError, match=r"task 0 y_test has label 1 that y_train never holds \(its labels are 0, 2\)"):
+        Stream.from_arrays("gap", [(x, np.array([0, 2, 0, 2, 0, 2]), x, np.array([0, 1, 2, 0, 1, 2]))])
+    many = np.arange(12) * 2  # 0, 2, …, 22: the first eight shown
+    with pytest.raises(UsageError, match=r"label 1 that y_train never holds \(its labels are 0, 2, 4, 6, 8, 10, 12, "
+                                         r"14, … 22\)"):
+        Stream.from_arrays("gap", [(np.zeros((12, 4), np.float32), many, x[:1], np.array([1]))])
+
+
 def test_an_input_shape_that_differs_names_the_array_that_differs(tmp_path, capsys):
     """Task 0's x_test at 4×4 against its x_train at 8×8 was reported as 'input shape (1, 8, 8) differs from the
     stream's (1, 8, 8)': both shapes were x_train's."""

@@ -52,11 +52,14 @@ _SCALAR_METHODS = ("size", "dim")
 
 def _returned(result: Any) -> str:
     """What a forward returns instead of one tensor, as its author would name it: 'a tuple of 2 values', 'a dict
-    with keys ['logits', 'aux']' (fx shows them as immutable_list/immutable_dict)."""
+    with keys ['logits', 'aux']' (fx shows them as immutable_list/immutable_dict; a split's parts are one node)."""
     if isinstance(result, dict):
         return f"a dict with keys {list(result)[:8]}"
+    if isinstance(result, fx.Node) and isinstance(result.meta.get("tensor_meta"), (tuple, list)):  # x.chunk(2, 1)
+        result = tuple(result.meta["tensor_meta"])
     if isinstance(result, (tuple, list)):
-        return f"a {'tuple' if isinstance(result, tuple) else 'list'} of {len(result)} values"
+        kind = "tuple" if isinstance(result, tuple) else "list"
+        return f"a {kind} of {len(result)} value{'s' * (len(result) != 1)}"
     return "a constant" if not isinstance(result, fx.Node) else "a value that is not a tensor of the graph"
 
 

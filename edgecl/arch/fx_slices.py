@@ -47,10 +47,10 @@ class _SliceConverter:
         metas = node.meta.get("tensor_meta")
         if not isinstance(metas, (tuple, list)) or not all(hasattr(m, "shape") for m in metas):
             raise self.refuse(node, "its parts were not traced as tensors")
-        axis = -1 if last else 1
+        axis = -1 if last else 1  # of the parts' traced shapes, which hold the batch axis; `shape` does not
         sizes = [int(m.shape[axis]) for m in metas]
         bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-        self.parts[node] = (self._input(node.args[0], node), shape[axis], list(zip(bounds, bounds[1:])))
+        self.parts[node] = (self._input(node.args[0], node), shape[-1 if last else 0], list(zip(bounds, bounds[1:])))
         if last:
             self.last.add(node)  # its parts are channels-last
         return True

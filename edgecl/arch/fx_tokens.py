@@ -65,7 +65,8 @@ class _TokenConverter:
         if node.target in _CATS and any(a in self.attrs for a in _tensors(node)):
             self._class_token(node)
             return True
-        if node.target in _CATS and len(_tensors(node)) > 1 and all(_is_tokens(self.last, t) for t in _tensors(node)):
+        if node.target in _CATS and len(_tensors(node)) > 1 and all(_is_tokens(self.last, t) for t in _tensors(node)) \
+                and _cat_dim(node) % 3 != 2:  # along the channels (gMLP's parts): `concatenate`, as a map's
             self._join_tokens(node)
             return True
         if node.target in _SWAPS and _is_tokens(self.last, first):
@@ -261,6 +262,12 @@ def _mean_args(node: fx.Node) -> tuple[Any, Any]:
 def _is_tokens(last: set[fx.Node], value: Any) -> bool:
     """A (B, T, C) token sequence edgecl follows (a channels-last value of rank 2 without the batch)."""
     return isinstance(value, fx.Node) and value in last and len(shape_of(value) or ()) == 2
+
+
+def _cat_dim(node: fx.Node) -> Any:
+    """The dim a ``torch.cat`` call joins along (0 unless given)."""
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    return dim if type(dim) is int else 1  # anything else: `_join_tokens` refuses it by name
 
 
 def _tensors(node: fx.Node) -> list[Any]:

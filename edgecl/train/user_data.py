@@ -114,8 +114,17 @@ def _check_test_classes_trained(ytr: np.ndarray, yte: np.ndarray, i: int) -> Non
     if unseen.size:
         shown = ", ".join(str(int(v)) for v in unseen[:8]) + (", …" if unseen.size > 8 else "")
         raise UsageError(f"task {i} y_test has label{'s' * (unseen.size > 1)} {shown} that y_train never holds (its "
-                         f"labels are {int(ytr.min())}..{int(ytr.max())}): a class never trained on cannot be "
-                         "predicted; add training examples of it or drop those test samples")
+                         f"labels are {_labels(np.unique(ytr))}): a class never trained on cannot be predicted; add "
+                         "training examples of it or drop those test samples")
+
+
+def _labels(held: np.ndarray) -> str:
+    """Sorted distinct labels as a reader checks them: 'a..b' when they are every label from a to b, else the
+    first eight and the last (a range would hide the gap an unseen test label sits in)."""
+    lo, hi = int(held[0]), int(held[-1])
+    if held.size == hi - lo + 1:
+        return f"{lo}..{hi}" if hi > lo else str(lo)
+    return ", ".join(str(int(v)) for v in held[:8]) + (f", … {hi}" if held.size > 8 else "")
 
 
 def _check_input_dtype(x: np.ndarray, i: int, field: str) -> None:
