@@ -4,7 +4,8 @@ layout, with the task's BatchNorm folded in, so the switch stays about a copy.
 - masked (LPS, node masks on unfactored convs): the base and each task's keep bits are reordered into blocked order
   once at load (padding: keep 0), so the compiled masked fill writes the blocked buffer directly. A BatchNorm scale
   that is the same for every task is folded into that base; a per-task one multiplies the buffer after the fill,
-  viewed as (O_pad/B, -1, B) in blocked order (one pass over the weight).
+  in the same compiled pass (`maskfill.masked_scale`: the output channel of a blocked element is known from its
+  index), so a switch still reads and writes the weight once.
 - permute, generic (low rank): written as today into a scratch logical tensor, then gathered into blocked order
   through an index made once at load, then scaled.
 - the fused bias (b − mean)·scale + β, padded, is computed once per task at load: an ``own`` plan, bound per task.
@@ -19,7 +20,8 @@ from typing import Iterator
 import numpy as np
 
 from edgecl.runtime.blocked_convs import Blocked, BlockedConv, pad_to, reorder, reorder_index
-from edgecl.runtime.plan import TensorPlan
+from edgecl.runtime.maskfill import masked_scale
+from edgecl.runtime.plan import TensorPlan, in_ranges
 
 
 @dataclass
@@ -43,13 +45,18 @@ class BlockedPlan(TensorPlan):
                 yield s
 
     def fill(self, t: int, out: np.ndarray, pool: Executor | None = None, workers: int = 1) -> None:
+        if self.logical is None and self.scales is not None:  # masked and scaled in one compiled pass
+            base, bits, scale, flat = self.base.reshape(-1), self.per_task[t], self.scales[t], out.reshape(-1)
+            in_ranges(lambda lo, hi: masked_scale(base, bits, scale, flat, self.block, lo, hi), base.size,
+                      pool if self.splits else None, workers)
+            return
         if self.logical is None:
             super().fill(t, out, pool, workers)
-        else:
-            scratch = np.empty(int(np.prod(self.logical.shape)) + 1, np.float32)
-            scratch[-1] = 0
-            self.logical.fill(t, scratch[:-1].reshape(self.logical.shape))
-            np.take(scratch, self.index, out=out.reshape(-1))
+            return
+        scratch = np.empty(int(np.prod(self.logical.shape)) + 1, np.float32)
+        scratch[-1] = 0
+        self.logical.fill(t, scratch[:-1].reshape(self.logical.shape))
+        np.take(scratch, self.index, out=out.reshape(-1))
         if self.scales is not None:
             o = self.shape[0]
             view = out.reshape(o // self.block, -1, self.block)
