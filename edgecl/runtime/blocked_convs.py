@@ -298,7 +298,8 @@ def _finish(model: onnx.ModelProto, accepted: dict[str, BlockedConv]) -> Blocked
             kept.append(init)
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    return Blocked(model, constants, accepted)
+    # parsed anew: the loaded model's protobuf arena still holds every initializer's bytes (~ the weights' size)
+    return Blocked(onnx.load_from_string(model.SerializeToString()), constants, accepted)
 
 
 def session_level() -> Any:
