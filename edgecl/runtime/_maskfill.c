@@ -59,20 +59,24 @@ void edgecl_masked_copy_stream(const uint32_t *restrict base, const uint8_t *res
 void edgecl_masked_scale(const float *restrict base, const uint8_t *restrict bits, const float *restrict scale,
                          uint32_t *restrict out, size_t lo, size_t hi, size_t inner, size_t block) {
     size_t i = lo;
-    for (; i + 8 <= hi; i += 8) {
-        const float *s = scale + (i / inner) * block + (i % block);
-        const uint32_t *m = table[bits[i >> 3]];
-        for (int j = 0; j < 8; j++) {
-            float v = base[i + j] * s[j];
+    while (i < hi) {
+        const size_t ob = i / inner, end = (ob + 1) * inner < hi ? (ob + 1) * inner : hi; /* one division a block */
+        const float *sb = scale + ob * block;
+        for (; i + 8 <= end; i += 8) {
+            const float *s = sb + (i & (block - 1)); /* block: a power of two */
+            const uint32_t *m = table[bits[i >> 3]];
+            for (int j = 0; j < 8; j++) {
+                float v = base[i + j] * s[j];
+                uint32_t u;
+                __builtin_memcpy(&u, &v, 4);
+                out[i + j] = u & m[j];
+            }
+        }
+        for (; i < end; i++) {
+            float v = base[i] * sb[i & (block - 1)];
             uint32_t u;
             __builtin_memcpy(&u, &v, 4);
-            out[i + j] = u & m[j];
+            out[i] = u & table[bits[i >> 3]][i & 7];
         }
-    }
-    for (; i < hi; i++) {
-        float v = base[i] * scale[(i / inner) * block + (i % block)];
-        uint32_t u;
-        __builtin_memcpy(&u, &v, 4);
-        out[i] = u & table[bits[i >> 3]][i & 7];
     }
 }
