@@ -215,3 +215,25 @@ def test_derived_graph_reads_no_placeholder(net):
     assert not names & {i.name for i in blocked.model.graph.initializer}
     assert any(n.domain == "com.microsoft.nchwc" for n in blocked.model.graph.node)
     onnx.checker.check_model(blocked.model)  # external constants: structure only
+
+
+@needs_nchwc
+def test_reorder_and_bn_fold_equal_onnx_runtimes_own_on_a_dense_graph(net):
+    """Independently of the derivation: a dense graph of task 0's weights optimised by ONNX Runtime holds, for each
+    conv, exactly `reorder(bn_fold(W))` in one of the layouts and blocks tried (the first conv and the depthwise one
+    OIHWBo, the others OIHWBiBo)."""
+    from edgecl.runtime.blocked_convs import _initializers, _optimise
+
+    packed = random_packed(net, 2, "lps", bn="task")
+    dense = materialize(packed, 0)
+    model = _optimise(net, dense, {}, ["GemmTransposeFusion"])
+    inits = _initializers(model)
+    weights = [inits[n.input[1]] for n in model.graph.node if n.domain == "com.microsoft.nchwc" and n.op_type == "Conv"]
+    cands = find_candidates(net, {p.name: p for p in read_plans(open_model(packed), factored=True).plans})
+    for c in cands:
+        w, _, _ = c.folded(dense, c.bn is not None)
+        found = [(layout, block) for layout in LAYOUTS for block in BLOCKS for got in weights
+                 if got.shape == padded_shape(w.shape, block, layout)
+                 and np.allclose(got, reorder(w, block, layout), rtol=1e-6, atol=0)]
+        assert found, c.conv
+        assert found[0][0] == ("OIHWBo" if c.conv in ("c0", "dw") else "OIHWBiBo"), (c.conv, found)

@@ -272,13 +272,31 @@ def derive(arch: dict, plans: list[TensorPlan], factors: dict, *, candidates: li
         owner = {t: c.conv for c in cands for t in c.tensors}
         used = {i for node in model.graph.node for i in node.input}
         dirty = {owner[n] for n in (varying | used) if n in owner}  # a placeholder still read as itself
+        for name in varying - set(owner):  # derived from a placeholder, and not reproduced
+            culprit = _culprit(a_inits[name], cands, runs[0][0])
+            if culprit is None:
+                return None  # by no convolution we can name: block nothing
+            dirty.add(culprit)
         clean = [c for c in cands if c.conv in accepted and c.conv not in dirty
                  and (accepted[c.conv].fold or c.bn is None)]
         if len(clean) == len(cands):
-            if varying - set(owner):
-                return None  # derived from a placeholder, by no convolution we can name: block nothing
             return _finish(model, {c.conv: accepted[c.conv] for c in clean})
         cands = clean
+    return None
+
+
+def _culprit(value: np.ndarray, cands: list[Candidate], values: dict[str, np.ndarray]) -> str | None:
+    """The candidate a derived initializer we could not reproduce was made from, recognised by its first element
+    (its weight or bias, BatchNorm folded or not, or the BatchNorm's scale: placeholders are distinct random
+    values), or None."""
+    if value.size == 0:
+        return None
+    for c in cands:
+        for fold in ((True, False) if c.bn else (False,)):
+            w, b, scale = c.folded(values, fold)
+            if any(a is not None and np.isclose(a.flat[0], value.flat[0], rtol=RTOL, atol=0)
+                   for a in (w, b, scale if fold else None)):
+                return c.conv
     return None
 
 
