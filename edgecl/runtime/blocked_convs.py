@@ -65,7 +65,7 @@ def reorder_index(shape: tuple[int, ...], block: int, layout: str) -> np.ndarray
     n = int(np.prod(shape))
     index = reorder(np.arange(1, n + 1, dtype=np.int64).reshape(shape), block, layout).reshape(-1) - 1
     index[index < 0] = n
-    return index
+    return index.astype(np.int32) if n < np.iinfo(np.int32).max else index  # half the bytes where it fits
 
 
 def unblock(buffer: np.ndarray, shape: tuple[int, ...], block: int, layout: str) -> np.ndarray:
@@ -189,6 +189,7 @@ def _optimise(arch: dict, constants: dict[str, np.ndarray], factors: dict, disab
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # not the warning that an NCHWc model is machine-specific: it is used right here
     values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a, np.float32)) for a in constants.values()]
     if constants:
         options.add_external_initializers(list(constants), values)
