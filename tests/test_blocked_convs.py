@@ -237,3 +237,24 @@ def test_reorder_and_bn_fold_equal_onnx_runtimes_own_on_a_dense_graph(net):
                  and np.allclose(got, reorder(w, block, layout), rtol=1e-6, atol=0)]
         assert found, c.conv
         assert found[0][0] == ("OIHWBo" if c.conv in ("c0", "dw") else "OIHWBiBo"), (c.conv, found)
+
+
+@needs_nchwc
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["lps", "lowrank"])
+def test_torchvision_resnet18_runs_every_switched_conv_blocked(shape):
+    """torchvision resnet18 at 3×32×32, per-task BatchNorm: every conv whose weight a switch writes runs blocked
+    (all 20 for LPS), and logits match the folded references (measured ≤ 8e-7)."""
+    from edgecl.arch.factories import ensure_torchvision_imports
+
+    ensure_torchvision_imports()
+    import torchvision
+
+    arch = from_torch(torchvision.models.resnet18(num_classes=10).eval(), (3, 32, 32))
+    packed = random_packed(arch, 3, shape, bn="task")
+    runtime = TaskRuntime(packed, strategy="inplace", cache_tasks=2, threads=1)
+    switched = {p.name.rsplit(".", 1)[0] for p in read_plans(open_model(packed), factored=True).plans
+                if p.varies and p.name.endswith(".weight") and len(p.shape) == 4}
+    assert set(runtime._strategy.blocked_convs) == switched and (shape != "lps" or len(switched) == 20)
+    check_parity(packed, runtime, np.random.default_rng(8).standard_normal((2, 3, 32, 32)).astype(np.float32),
+                 order=(0, 1, 2, 0))
