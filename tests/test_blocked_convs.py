@@ -258,3 +258,26 @@ def test_torchvision_resnet18_runs_every_switched_conv_blocked(shape):
     assert set(runtime._strategy.blocked_convs) == switched and (shape != "lps" or len(switched) == 20)
     check_parity(packed, runtime, np.random.default_rng(8).standard_normal((2, 3, 32, 32)).astype(np.float32),
                  order=(0, 1, 2, 0))
+
+
+@needs_nchwc
+@pytest.mark.slow
+def test_a_trained_lps_resnet_with_per_task_batchnorm():
+    """Real LPS training (the resnet preset, per-task BatchNorm: LPS's default) on split digits: the blocked
+    runtime's logits match the folded references and its predictions the training engine's."""
+    from edgecl.train.data import make_stream
+    from edgecl.train.engine import predict, run
+    from edgecl.train.protocol import TrainContext
+    from edgecl.train.registry import create
+
+    torch.manual_seed(0)
+    stream = make_stream("split-digits", 2, 0)
+    method = create("lps", preset("resnet"), {"epochs": 1})
+    packed = run(method, stream, TrainContext(progress=False), log=lambda *a: None).packed
+    assert any(spec.get("kind") == "task" and name.endswith("running_var") for name, spec in packed.params.items())
+    runtime = TaskRuntime(packed, strategy="inplace", cache_tasks=1, threads=1)
+    assert runtime._strategy.blocked_convs
+    for t, task in enumerate(stream.tasks):
+        x = task.x_test[:64]
+        np.testing.assert_allclose(runtime.infer(x, task=t), references(packed, x)[t], atol=TOL, rtol=0)
+        assert np.mean(runtime.infer(x, task=t).argmax(1) == predict(packed, t, x)) >= 0.98
