@@ -29,11 +29,12 @@ SHAPES = ("lps", "finetune", "mixed", "node", "lowrank", "permute")
 
 
 def random_packed(arch: Arch, n_tasks: int = 4, shape: str = "lps", classes: tuple[int, ...] = (10, 5),
-                  seed: int = 0) -> PackedModel:
+                  seed: int = 0, bn: str = "shared") -> PackedModel:
     """`lps`: element-wise LPS (disjoint owners, sharing masks over earlier support) on every prunable layer;
     `finetune`: one shared trunk; `mixed`: prunable layers cycle through lps / node / lowrank / permute / task kinds;
     `node`, `lowrank`, `permute`: every prunable layer of that kind (AGS-CL-, HALRP-, RGO-shaped).
-    Heads are per task, with class counts cycling through `classes`."""
+    Heads are per task, with class counts cycling through `classes`. `bn="task"`: every BatchNorm's four tensors are
+    the task's own (LPS's default, ``batchnorm="task"``), else shared."""
     if shape not in SHAPES:
         raise ValueError(f"unknown synthetic shape {shape!r} (known: {', '.join(SHAPES)})")
     rng = np.random.default_rng(seed)
@@ -42,15 +43,19 @@ def random_packed(arch: Arch, n_tasks: int = 4, shape: str = "lps", classes: tup
     tasks = [TaskInfo(f"task{t}", classes[t % len(classes)], seed=1000 + t) for t in range(n_tasks)]
     per_task: list[dict[str, np.ndarray]] = [{} for _ in range(n_tasks)]
     kinds = {"finetune": ["shared"], "mixed": ["lps", "node", "lowrank", "permute", "task"]}.get(shape, [shape])
+    task_bn = {f"{n['name']}.{k}" for n in arch["nodes"] if n["op"] == "bn" and bn == "task"
+               for k in ("weight", "bias", "running_mean", "running_var")}
     for name, dims in param_shapes(arch).items():
         w = (rng.standard_normal(dims) / np.sqrt(np.prod(dims[1:]) if len(dims) > 1 else 10)).astype(np.float32)
         if name.endswith("running_var"):  # a variance: positive (BatchNorm of a negative one is NaN)
             w = np.abs(w) + np.float32(0.5)
-        kind = kinds[weights.index(name) % len(kinds)] if name in weights else "shared"
+        kind = kinds[weights.index(name) % len(kinds)] if name in weights else "task" if name in task_bn else "shared"
         params[name] = {"kind": kind}
         if kind == "task":
             for tt in per_task:
-                tt[name] = (w + 0.01 * rng.standard_normal(dims)).astype(np.float32)
+                tt[name] = (w + (0.1 if name in task_bn else 0.01) * rng.standard_normal(dims)).astype(np.float32)
+                if name.endswith("running_var"):
+                    tt[name] = np.abs(tt[name])
             continue
         base[name] = w
         if kind == "lps":

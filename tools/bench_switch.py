@@ -129,7 +129,7 @@ def bench_arch(args: argparse.Namespace) -> dict:
 
 
 def bench_shape(shape: str, arch: dict, args: argparse.Namespace) -> dict:
-    return bench_packed(shape, random_packed(arch, n_tasks=args.tasks, shape=shape, classes=(10, 7)), args)
+    return bench_packed(shape, random_packed(arch, n_tasks=args.tasks, shape=shape, classes=(10, 7), bn=args.bn), args)
 
 
 def bench_packed(shape: str, packed, args: argparse.Namespace) -> dict:
@@ -151,6 +151,8 @@ def bench_packed(shape: str, packed, args: argparse.Namespace) -> dict:
     artifact.save(packed, model_file)  # as deployed: from a file, heads read on a miss where a miss writes weights
     file_rt = TaskRuntime(model_file, strategy="inplace", cache_tasks=1, threads=args.threads)
     fold_rt = TaskRuntime(packed, strategy="inplace", cache_tasks=1, threads=args.threads, factor=False)
+    # the same, switched convolutions left plain graph inputs (before `edgecl.runtime.blocked_convs`)
+    plain_rt = TaskRuntime(packed, strategy="inplace", cache_tasks=1, threads=args.threads, blocked_convs=False)
     hit_rt = TaskRuntime(packed, strategy="inplace", cache_tasks=packed.n_tasks, threads=args.threads)
     for t in range(packed.n_tasks):
         hit_rt.switch(t)
@@ -161,6 +163,7 @@ def bench_packed(shape: str, packed, args: argparse.Namespace) -> dict:
         "file_miss": (lambda t: None, lambda t: file_rt.switch(int(next(order)))),
         "hit": (lambda t: None, lambda t: hit_rt.switch(int(next(order)))),
         "fold": (lambda t: None, lambda t: fold_rt.switch(int(next(order)))),
+        "unblocked": (lambda t: None, lambda t: plain_rt.switch(int(next(order)))),
     }, packed.n_tasks, args.repeats, warm=False)
     floor, miss, hit = switch_times["floor"], switch_times["miss"], switch_times["hit"]
     session_times = interleaved({
@@ -179,19 +182,23 @@ def bench_packed(shape: str, packed, args: argparse.Namespace) -> dict:
         variants = {"dense": (lambda t: None, lambda t: dense_sessions[t].run(None, {"x": x})),
                     "inplace": (miss_rt.switch, lambda t: miss_rt.infer(x)),
                     "fold": (fold_rt.switch, lambda t: fold_rt.infer(x)),
+                    "unblocked": (plain_rt.switch, lambda t: plain_rt.infer(x)),
                     "sessions": (sessions_rt.switch, lambda t: sessions_rt.infer(x))}
         row = {}
         for name, ms in interleaved(variants, packed.n_tasks, args.repeats, warm=False).items():
             row[f"{name}_after_switch_ms"] = ms
         for name, ms in interleaved(variants, packed.n_tasks, args.repeats, warm=True).items():
             row[f"{name}_warm_ms"] = ms
-        for name in ("inplace", "fold", "sessions"):
+        for name in ("inplace", "fold", "sessions", "unblocked"):
             row[f"{name}_ratio"] = row[f"{name}_after_switch_ms"] / row["dense_after_switch_ms"]
             row[f"{name}_warm_ratio"] = row[f"{name}_warm_ms"] / row["dense_warm_ms"]
         infer[batch] = row
     return {"shape": shape, "arch": arch.get("name", "custom"), "params": int(n_params),
             "dense_mib": 4 * n_params / 2**20, "floor_ms": floor,
             "switch_miss_ms": miss, "switch_hit_ms": hit, "sessions_switch_ms": session_switch,
+            "blocked_convs": len(miss_rt._strategy.blocked_convs),
+            "unblocked_switch_miss_ms": switch_times["unblocked"],
+            "unblocked_miss_over_floor": switch_times["unblocked"] / floor,
             "factored_layers": factor_forms(packed),
             "switched_mib": 4 * sum(int(np.prod(p.shape)) for p in miss_rt.varying) / 2**20,
             "fold_switch_miss_ms": switch_times["fold"], "fold_miss_over_floor": switch_times["fold"] / floor,
@@ -216,6 +223,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="ONNX Runtime intra-op threads, same for every session, and the threads of a switch")
     p.add_argument("--repeats", type=int, default=48)
+    p.add_argument("--bn", choices=("shared", "task"), default="shared",
+                   help="BatchNorm tensors shared, or per task (LPS's default batchnorm='task')")
     p.add_argument("--shapes", default="lps,finetune,node,lowrank,permute")
     p.add_argument("--artifact", nargs="+", default=None,
                    help="benchmark these trained artifacts (at least 2 tasks) instead of the synthetic shapes")
@@ -256,6 +265,10 @@ def main() -> None:
                           "per-task sessions inference ≤ 1.05× dense (b1, b64)":
                               max(r["infer"][b]["sessions_ratio"] for b in (1, 64)) <= 1.05} for r in rows}
     for r in rows:
+        i1, i64 = r["infer"][1], r["infer"][64]
+        print(f"  {r['shape']:9} {r['blocked_convs']} convs blocked; unblocked (plain graph inputs): miss "
+              f"{r['unblocked_miss_over_floor']:.2f}× floor, after a switch b1 {i1['unblocked_ratio']:.2f}× "
+              f"b64 {i64['unblocked_ratio']:.2f}× dense")
         print(f"  {r['shape']:9} miss from the artifact file: {r['file_switch_miss_ms']:.3f} ms = "
               f"{r['file_miss_over_floor']:.2f}× the copy floor (heads read on a miss: {r['file_heads_read_on_miss']})")
     for shape, met in goals.items():

@@ -8,8 +8,8 @@ conv reads a per-task bias b' = (b − μ) · s + β (b = 0 without a bias). The
 it held conv → BatchNorm, as a folded per-task session does after ONNX Runtime's own fusion.
 
 Which pairs: a conv whose weight a switch writes (`TensorPlan.varies`), not weight-standardised (that rewrite has its
-own pass, `skip`), read by one BatchNorm only and not the network's output, whose BatchNorm tensors and conv bias are known
-per task without a switch (own, shared or permuted arrays). Each task's s and b' are computed once here, in float32;
+own pass, `skip`), read by one BatchNorm only and not the network's output. Each task's s and b' are computed once
+here, in float32 (`bn_fold`, from the BatchNorm's and bias's values for that task, whatever their plans);
 the weight plan carries s (`TensorPlan.row_scale`) for the device program to apply as it writes, and b' becomes the
 conv's bias, an ``own`` plan. The BatchNorm's four tensors are no longer read, nor kept.
 """
@@ -77,29 +77,30 @@ def scaled_rows(weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return (weight.reshape(weight.shape[0], -1) * scale.reshape(-1, 1)).reshape(weight.shape).astype(np.float32)
 
 
+def bn_fold(gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float,
+            bias: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, bias') of a BatchNorm folded into the convolution before it, in float32 as ONNX Runtime's
+    ConvBnFusion computes them: scale = γ/√(var+ε), bias' = (b − mean)·scale + β, or β − mean·scale. The one place
+    both switch-time folds (this device path's and `blocked_convs`' on the CPU) take it from."""
+    f = np.float32
+    scale = (gamma.astype(f) / np.sqrt(var.astype(f) + f(eps))).astype(f)
+    fused = (bias.astype(f) - mean.astype(f)) * scale + beta.astype(f) if bias is not None else \
+        beta.astype(f) - mean.astype(f) * scale
+    return scale, fused.astype(f)
+
+
 def _fold(gamma: list, beta: list, mean: list, var: list, bias: list, eps: float
           ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per task: s = γ / √(σ² + ε) and b' = (b − μ)·s + β (float32, in ONNX Runtime's order of operations)."""
-    scales, biases = [], []
-    for g, b, m, v, cb in zip(gamma, beta, mean, var, bias):
-        s = (np.asarray(g, np.float32) / np.sqrt(np.asarray(v, np.float32) + np.float32(eps))).astype(np.float32)
-        shifted = -np.asarray(m, np.float32) if cb is None else np.asarray(cb, np.float32) - m
-        scales.append(s)
-        biases.append((shifted * s + np.asarray(b, np.float32)).astype(np.float32))
-    return scales, biases
+    """Per task: `bn_fold`'s scale and bias'."""
+    folded = [bn_fold(*(np.asarray(a).reshape(-1) for a in (g, b, m, v)), eps,
+                      None if cb is None else np.asarray(cb).reshape(-1))
+              for g, b, m, v, cb in zip(gamma, beta, mean, var, bias)]
+    return [s for s, _ in folded], [b for _, b in folded]
 
 
 def _task_values(plan: TensorPlan | None, n_tasks: int) -> list[np.ndarray] | None:
-    """Each task's value of a small tensor known without a switch, or None (a switched one: not folded)."""
-    if plan is None:
-        return None
-    if plan.plan == "own":
-        return list(plan.per_task)
-    if plan.plan in ("const", "static"):
-        return [plan.base] * n_tasks
-    if plan.plan == "permute":
-        return [plan.base if perm is None else np.take(plan.base, perm, axis=0) for perm in plan.per_task]
-    return None
+    """Each task's value of a tensor, computed once here (a switched one is written into a new array)."""
+    return None if plan is None else [plan.value(t) for t in range(n_tasks)]
 
 
 def _folded_arch(arch: Arch, pairs: dict[str, dict]) -> Arch:

@@ -27,7 +27,8 @@ import numpy as np
 import onnxruntime as ort
 
 from edgecl.graph.builder import INPUT, OUTPUT, build_onnx
-from edgecl.runtime import costs
+from edgecl.runtime import blocked_convs, costs
+from edgecl.runtime.blocked_plans import BlockedPlan, blocked_plans
 from edgecl.runtime.budget import Ledger
 from edgecl.runtime.device_store import DeviceStore
 from edgecl.runtime.fold_bn import FoldedBN
@@ -133,7 +134,7 @@ class InPlace:
 
     def __init__(self, src: ModelSource, ledger: Ledger, *, device: str, providers: list[str], threads: int | None,
                  factor: bool, resident: str = "host", device_ledger: Ledger | None = None, cuda_graph: bool = False,
-                 activation_bytes: Any = None, task_tensors: str = "auto"):
+                 activation_bytes: Any = None, task_tensors: str = "auto", blocked: bool = True):
         self.ledger, self.device, self.providers, self.threads = ledger, device, providers, threads
         self.cuda_graph = cuda_graph
         self.arch = src.arch
@@ -145,11 +146,19 @@ class InPlace:
         if _reads_on_miss(task_tensors, resident, self.plans, src):
             self.plans, self._blobs = read_on_miss(self.plans, src)
         self.task_tensors = "cached" if self._blobs is not None else "resident"  # what "auto" became
-        self.varying = [p for p in self.plans if p.varies]  # the plans a switch writes into a slot
         # standardised convs standardised on a switch (`switch_standardize`, on the device `device_standardize`)
         self.std = SwitchStandardized(self.arch, self.plans)
         self.folded_bn = FoldedBN(self.std.arch, [], self.n_tasks)  # the host path folds none (yet)
         self._factors = switch.graph_factors()
+        # on the CPU EP, switched convs in ONNX Runtime's blocked layout with BatchNorm folded (`blocked_convs`)
+        self._blocked = None
+        if blocked and resident == "host" and device == "cpu" and providers == ["CPUExecutionProvider"]:
+            cands = blocked_convs.find_candidates(self.arch, {p.name: p for p in self.plans})
+            self._blocked = blocked_convs.derive(self.std.arch, self.plans, self._factors, candidates=cands,
+                                                 unread=self.std.unread)
+            if self._blocked is not None:
+                self.plans = blocked_plans(self._blocked, self.plans, self.n_tasks, keep=self.std.unread)
+        self.varying = [p for p in self.plans if p.varies]  # the plans a switch writes into a slot
         self.ledger.reserve("model tensors", _model_tensor_bytes(self.plans))
         self.session_params: list[int] = []
         self.cache: SlotCache | None = None
@@ -175,6 +184,11 @@ class InPlace:
         self.task_bytes = self._store.task_bytes
 
     @property
+    def blocked_convs(self) -> list[str]:
+        """The convolutions whose weights a switch writes in ONNX Runtime's blocked layout (`blocked_convs`)."""
+        return [p.conv for p in self.plans if isinstance(p, BlockedPlan)]
+
+    @property
     def n_slots(self) -> int:
         return 0 if self.cache is None else len(self.cache)
 
@@ -186,10 +200,14 @@ class InPlace:
         if self.device == "cuda":  # the CUDA EP copies the constants to the device, and has its fixed cost
             self._slot_ledger.reserve("device session constants", costs.held_bytes(constants.values()))
             self._slot_ledger.reserve("device CUDA EP session", costs.CUDA_SESSION_FIXED)
-        model = build_onnx(self.folded_bn.arch, weights_as_inputs=True, constants=constants, factors=self._factors,
-                           external_constants=True)
-        self.graph_ops = frozenset(n.op_type for n in model.graph.node)  # what each call computes, for tests
         options = session_options(self.threads)
+        if self._blocked is not None:  # optimised already; its external constants are the const plans' arrays
+            model = self._blocked.model
+            options.graph_optimization_level = blocked_convs.session_level()
+        else:
+            model = build_onnx(self.folded_bn.arch, weights_as_inputs=True, constants=constants,
+                               factors=self._factors, external_constants=True)
+        self.graph_ops = frozenset(n.op_type for n in model.graph.node)  # what each call computes, for tests
         if constants:
             self._constant_values = [to_ortvalue(a) for a in constants.values()]  # must outlive the session
             options.add_external_initializers(list(constants), self._constant_values)

@@ -39,6 +39,11 @@ def _load_kernel():
     for fn in loops.values():
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
         fn.restype = None
+    scaled = getattr(lib, "edgecl_masked_scale", None)  # absent from a build older than blocked convolutions
+    if scaled is not None:
+        scaled.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_size_t] * 4
+        scaled.restype = None
+        SCALED.append(scaled)
     return loops
 
 
@@ -57,6 +62,7 @@ def _c_fill(kernel):
 
 
 STATUS: dict[str, str | None] = {"library": None, "why": None}  # for `edgecl doctor`
+SCALED: list = []  # the compiled scaled fill, when the build has it
 _LOOPS = _load_kernel()
 IMPLEMENTATIONS = {"numpy": _numpy_fill, **{name: _c_fill(fn) for name, fn in (_LOOPS or {}).items()}}
 _FORCED = os.environ.get("EDGECL_MASKFILL", "").lower()
@@ -105,3 +111,31 @@ def _check(base: np.ndarray, bits: np.ndarray, out: np.ndarray, lo: int, hi: int
         raise ValueError(f"masked_copy: {bits.size} mask bytes cover {bits.size * 8} elements, base has {base.size}")
     if not (0 <= lo <= hi <= base.size) or lo % 8:
         raise ValueError(f"masked_copy: range [{lo}, {hi}) must lie in [0, {base.size}] and start on a multiple of 8")
+
+
+def masked_scale(base: np.ndarray, bits: np.ndarray, scale: np.ndarray, out: np.ndarray, block: int,
+                 lo: int = 0, hi: int | None = None) -> None:
+    """`masked_copy`, then elements [lo, hi) times the per-output-channel `scale` of a weight in blocked order
+    ((O/block, inner/block, block) with the output channel lane last, `edgecl.runtime.blocked_plans`): one compiled
+    pass where the build has it (a fill and a multiply would read and write the weight twice)."""
+    hi = base.size if hi is None else hi
+    _check(base, bits, out, lo, hi)
+    inner = base.size // (scale.size // block)
+    if scale.dtype != np.float32 or not scale.flags.c_contiguous or scale.size % block or inner % block \
+            or inner * (scale.size // block) != base.size:
+        raise ValueError(f"masked_scale: scale of {scale.size} float32 in blocks of {block} does not cover "
+                         f"{base.size} elements")
+    if SCALED and IMPLEMENTATION != "numpy":
+        SCALED[0](base.ctypes.data, bits.ctypes.data, scale.ctypes.data, out.ctypes.data, lo, hi, inner, block)
+        return
+    masked_copy(base, bits, out, lo, hi)
+    first, last = lo // inner, -(-hi // inner)  # the blocks of output channels [lo, hi) touches
+    flat = out.reshape(-1)
+    for ob in range(first, last):
+        a, b = max(lo, ob * inner), min(hi, (ob + 1) * inner)
+        view = flat[a:b].reshape(-1, block) if a % block == 0 and (b - a) % block == 0 else None
+        if view is not None:
+            view *= scale[ob * block:(ob + 1) * block]
+        else:
+            lanes = np.arange(a, b) % block
+            flat[a:b] *= scale[ob * block + lanes]

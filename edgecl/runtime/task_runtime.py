@@ -77,13 +77,16 @@ class TaskRuntime:
 
     ``task_tensors``: "cached" keeps heads and other per-task tensors only in the cache slots, read from the artifact
     file on a miss; "resident" keeps every task's; "auto" caches them for a file whose switches write weights anyway
-    and where they would be a large share of the model (docs/RUNTIME.md, "What stays resident of the model")."""
+    and where they would be a large share of the model (docs/RUNTIME.md, "What stays resident of the model").
+    ``blocked_convs`` (in place on the CPU EP): switched convolutions are written in ONNX Runtime's blocked NCHWc
+    layout with their BatchNorm folded, so they run at a dense model's speed (`edgecl.runtime.blocked_convs`); False
+    keeps them plain graph inputs (to compare)."""
 
     def __init__(self, artifact: Any, backend: str = "auto", device: str = "cpu", budget: int | str | None = None,
                  *, strategy: str = "auto", cache_tasks: int | None = None, threads: int | None = None,
                  max_batch: int = DEFAULT_BATCH, charge_environment: bool | None = None, factor: bool = True,
                  device_budget: int | str | None = None, resident: str | None = None, cuda_graph: bool = False,
-                 task_tensors: str = "auto"):
+                 task_tensors: str = "auto", blocked_convs: bool = True):
         if strategy not in STRATEGIES:
             raise UsageError(f"strategy {strategy!r} unknown (known: {', '.join(STRATEGIES)})")
         if task_tensors not in TASK_TENSORS:
@@ -120,7 +123,7 @@ class TaskRuntime:
             self.ledger.reserve("runtime overhead", costs.RUNTIME_OVERHEAD)
             in_place = {"resident": self.resident, "device_ledger": self.device_ledger, "cuda_graph": cuda_graph,
                         "activation_bytes": lambda n: n * self._act_per_sample,
-                        "task_tensors": task_tensors} if chosen == "inplace" else {}
+                        "task_tensors": task_tensors, "blocked": blocked_convs} if chosen == "inplace" else {}
             self._strategy: Strategy = _STRATEGY_TYPES[chosen](src, self.ledger, device=device,
                                                                providers=self.providers, threads=threads,
                                                                factor=factor, **in_place)
@@ -261,6 +264,7 @@ class TaskRuntime:
         measurable, `measured_rss`: the whole process's RSS, not comparable with the budget. What the runtime adds to
         a process is measured by `edgecl.runtime.audit`."""
         report: dict[str, Any] = {"strategy": self.strategy, "providers": self.providers,
+                                  "blocked_convs": list(getattr(self._strategy, "blocked_convs", [])),
                                   "task_tensors": getattr(self._strategy, "task_tensors", None),
                                   "masked_fill": maskfill.IMPLEMENTATION, "budget": self.ledger.limit,
                                   "predicted": dict(self.ledger.items), "predicted_total": self.ledger.used}
@@ -349,7 +353,9 @@ def _refuse_below(ledger: Ledger, what: str, parts: dict[str, int], strategy: st
 def describe(runtime: TaskRuntime) -> str:
     """One line for logs: strategy, slots, and the budget use."""
     limit = "none" if runtime.ledger.limit is None else format_bytes(runtime.ledger.limit)
-    return (f"{runtime.strategy} on {runtime.providers[0]}, {runtime.n_tasks} tasks, {runtime.n_slots} cached, "
+    blocked = len(getattr(runtime._strategy, "blocked_convs", []))
+    convs = f", {blocked} switched convs blocked (NCHWc)" if blocked else ""
+    return (f"{runtime.strategy} on {runtime.providers[0]}, {runtime.n_tasks} tasks, {runtime.n_slots} cached{convs}, "
             f"{format_bytes(runtime.ledger.used)} of budget {limit}")
 
 

@@ -1,0 +1,283 @@
+"""The in-place runtime's switched convolutions in ONNX Runtime's blocked (NCHWc) layout (`edgecl.runtime.blocked_convs`,
+`edgecl.runtime.blocked_plans`): real sessions, compared with `materialize` + a folded dense session per task.
+
+Tolerance: the blocked graph folds BatchNorm into the convolution (as ONNX Runtime does in a dense session) and sums in
+a blocked order, so logits agree with the folded reference within float rounding: 1e-5 absolute on logits of
+magnitude ~1 (measured up to 8e-7 on resnet18)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from edgecl.arch import from_torch, preset
+from edgecl.deltas import materialize
+from edgecl.graph.builder import build_onnx
+from edgecl.runtime import TaskRuntime
+from edgecl.runtime.blocked_convs import (BLOCKS, LAYOUTS, Candidate, derive, find_candidates, padded_shape,
+                                          reorder, reorder_index, unblock)
+from edgecl.runtime.blocked_plans import BlockedPlan
+from edgecl.runtime.plan import read_plans
+from edgecl.source import open_model
+from edgecl.synthetic import random_packed
+
+TOL = 1e-5
+
+
+class Net(nn.Module):
+    """Every case the derivation meets: a first conv on 3 input channels, channel counts not a multiple of any block
+    (padding), a depthwise conv, a conv with a bias and no BatchNorm, and a conv whose output a BatchNorm and a
+    residual add both read (the BatchNorm must not be folded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0, self.b0 = nn.Conv2d(3, 20, 3, padding=1, bias=False), nn.BatchNorm2d(20)
+        self.dw, self.b1 = nn.Conv2d(20, 20, 3, padding=1, groups=20, bias=False), nn.BatchNorm2d(20)
+        self.c2 = nn.Conv2d(20, 24, 1, bias=True)
+        self.c3, self.b3 = nn.Conv2d(24, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.b0(self.c0(x)))
+        h = torch.relu(self.b1(self.dw(h)))
+        h = torch.relu(self.c2(h))
+        y = self.c3(h)
+        h = torch.relu(self.b3(y) + y)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+
+
+@pytest.fixture(scope="module")
+def net():
+    return from_torch(Net().eval(), (3, 8, 8))
+
+
+def references(packed, x):
+    return [ort.InferenceSession(build_onnx(packed.arch, materialize(packed, t)).SerializeToString(),
+                                 providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+            for t in range(packed.n_tasks)]
+
+
+def check_parity(packed, runtime, x, order=(0, 1, 2, 0, 2, 1)):
+    refs = references(packed, x)
+    for t in order:
+        np.testing.assert_allclose(runtime.infer(x, task=t), refs[t], atol=TOL, rtol=0)
+
+
+def nchwc_available() -> bool:
+    """Whether this CPU's ONNX Runtime has NCHWc kernels (x86-64 with AVX2 or AVX-512)."""
+    return bool(derive(preset("lenet"), read_plans(open_model(random_packed(preset("lenet"), 2, "lps"))).plans, {}))
+
+
+needs_nchwc = pytest.mark.skipif(not nchwc_available(), reason="no NCHWc kernels on this CPU")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("block", BLOCKS)
+def test_reorder_index_and_unblock_invert_reorder(layout, block):
+    w = np.random.default_rng(0).standard_normal((20, 13, 3, 3)).astype(np.float32)
+    blocked = reorder(w, block, layout)
+    assert blocked.shape == padded_shape(w.shape, block, layout)
+    flat = np.append(w.reshape(-1), np.float32(0))
+    assert np.array_equal(flat[reorder_index(w.shape, block, layout)], blocked.reshape(-1))
+    assert np.array_equal(unblock(blocked, w.shape, block, layout), w)
+    assert not blocked.reshape(-1)[:w.size].tolist() == w.reshape(-1).tolist()  # a real permutation
+
+
+@needs_nchwc
+def test_every_accepted_conv_reproduces_onnx_runtimes_bytes(net):
+    """The derivation accepts only what it reproduced; the test reproduces it again from the runtime's own buffers:
+    the blocked buffer mapped back (`unblock`) is the task's materialised weight times its BatchNorm scale."""
+    packed = random_packed(net, 3, "lps", bn="task")
+    runtime = TaskRuntime(packed, strategy="inplace", cache_tasks=3, threads=1)
+    strategy = runtime._strategy
+    assert set(strategy.blocked_convs) == {"c0", "dw", "c2", "c3"}
+    convs = strategy._blocked.convs
+    assert convs["c0"].layout == "OIHWBo" and convs["dw"].layout == "OIHWBo" and convs["c2"].layout == "OIHWBiBo"
+    assert convs["c0"].shape[0] > 20 and convs["c0"].fold and not convs["c3"].fold and not convs["c2"].fold
+    assert all(f"{bn}.weight" not in {p.name for p in strategy.plans} for bn in ("b0", "b1"))
+    assert "b3.weight" in {p.name for p in strategy.plans}  # read by the graph: not folded
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    check_parity(packed, runtime, x)
+    for t in range(3):
+        dense = materialize(packed, t)
+        with strategy.cache.use(t) as slot:
+            for plan in strategy.varying:
+                if not isinstance(plan, BlockedPlan):
+                    continue
+                bc = convs[plan.conv]
+                got = unblock(slot.buffers.host[plan.name], bc.shape, bc.block, bc.layout)
+                o, i = bc.cand.shape[:2]
+                assert not got[o:].any() and not got[:, i:].any()  # padding is zero
+                _, scale = bc.cand.vectors(dense, bc.fold)
+                want = dense[bc.cand.weight] * scale[:, None, None, None]
+                np.testing.assert_allclose(got[:o, :i], want, rtol=1e-6, atol=0)
+    assert "switched convs blocked" in __import__("edgecl.runtime.task_runtime", fromlist=["describe"]).describe(
+        runtime)
+    assert runtime.memory_report(measure=False)["blocked_convs"] == ["c0", "dw", "c2", "c3"]
+
+
+@needs_nchwc
+@pytest.mark.parametrize("shape", ["lps", "node", "lowrank", "permute", "mixed"])
+@pytest.mark.parametrize("bn", ["shared", "task"])
+def test_every_delta_kind_matches_materialize(net, shape, bn):
+    packed = random_packed(net, 3, shape, bn=bn)
+    runtime = TaskRuntime(packed, strategy="inplace", cache_tasks=2, threads=1)
+    x = np.random.default_rng(2).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    check_parity(packed, runtime, x)
+    assert runtime._strategy.blocked_convs  # something ran blocked (the 3-channel first conv at least)
+
+
+@needs_nchwc
+def test_from_a_file_with_heads_and_batchnorm_read_on_miss(net, tmp_path):
+    from edgecl import artifact
+
+    packed = random_packed(net, 3, "lps", bn="task")
+    path = tmp_path / "m.edgecl"
+    artifact.save(packed, str(path))
+    runtime = TaskRuntime(str(path), strategy="inplace", cache_tasks=1, threads=2, task_tensors="cached")
+    assert runtime._strategy.blocked_convs
+    check_parity(packed, runtime, np.random.default_rng(3).standard_normal((2, 3, 8, 8)).astype(np.float32))
+
+
+@needs_nchwc
+def test_a_conv_that_would_bake_a_placeholder_is_excluded(net):
+    """Forced as a candidate with the BatchNorm that a residual add also reads: ONNX Runtime does not fold that
+    BatchNorm into the conv, so its placeholders survive (or are baked into a derived initializer); the conv must
+    not be blocked with its BatchNorm, and the runtime built without it still matches."""
+    packed = random_packed(net, 3, "lps", bn="task")
+    plans = read_plans(open_model(packed), factored=True).plans
+    by_name = {p.name: p for p in plans}
+    cands = find_candidates(net, by_name)
+    assert {c.conv: c.bn for c in cands} == {"c0": "b0", "dw": "b1", "c2": None, "c3": None}
+    forced = [Candidate(c.conv, c.shape, c.bias, "b3", 1e-5) if c.conv == "c3" else c for c in cands]
+    blocked = derive(net, plans, {}, candidates=forced)
+    assert blocked is not None and "c3" not in blocked.convs and {"c0", "dw", "c2"} <= set(blocked.convs)
+    graph_inputs = {i.name for i in blocked.model.graph.input}
+    assert {"c3.weight", "b3.weight", "b3.running_var"} <= graph_inputs  # left as today's inputs
+    assert not any(i.name.startswith(("c3.", "b3.")) for i in blocked.model.graph.initializer)
+
+
+@needs_nchwc
+def test_fallback_when_the_transformer_does_nothing(net):
+    packed = random_packed(net, 3, "lps", bn="task")
+    plans = read_plans(open_model(packed), factored=True).plans
+    assert derive(net, plans, {}, disabled=("GemmTransposeFusion", "NchwcTransformer", "ConvBNFusion",
+                                            "ConvAddFusion", "ConvActivationFusion")) is None
+    mlp = random_packed(preset("mlp"), 3, "lps")
+    runtime = TaskRuntime(mlp, strategy="inplace", threads=1)
+    assert runtime._strategy.blocked_convs == [] and runtime._strategy._blocked is None
+    unblocked = TaskRuntime(packed, strategy="inplace", threads=1, blocked_convs=False)
+    assert unblocked._strategy.blocked_convs == []
+    check_parity(packed, unblocked, np.random.default_rng(4).standard_normal((2, 3, 8, 8)).astype(np.float32))
+
+
+@needs_nchwc
+def test_threads_and_fewer_slots_than_tasks(net):
+    from concurrent.futures import ThreadPoolExecutor
+
+    packed = random_packed(net, 4, "lps", bn="task")
+    runtime = TaskRuntime(packed, strategy="inplace", cache_tasks=2, threads=1)
+    x = np.random.default_rng(5).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    refs = references(packed, x)
+    order = np.random.default_rng(6).integers(0, 4, 120)
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda t: (t, runtime.infer(x, task=int(t))), order))
+    for t, y in outs:
+        np.testing.assert_allclose(y, refs[t], atol=TOL, rtol=0)
+    assert runtime.cache_info()["misses"] > 2
+
+
+@needs_nchwc
+def test_parallel_masked_fill_of_a_blocked_weight(net):
+    """A blocked weight of several fill chunks is written by many threads, then scaled: same as one thread."""
+    from edgecl.runtime import maskfill
+
+    arch = from_torch(nn.Sequential(nn.Conv2d(3, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(),
+                                    nn.Conv2d(256, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(),
+                                    nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 10)).eval(), (3, 8, 8))
+    packed = random_packed(arch, 3, "lps", bn="task")
+    runtime = TaskRuntime(packed, strategy="inplace", cache_tasks=1, threads=4)
+    big = [p for p in runtime._strategy.varying if isinstance(p, BlockedPlan) and p.splits]
+    assert big and int(np.prod(big[0].shape)) >= 2 * maskfill.CHUNK
+    check_parity(packed, runtime, np.random.default_rng(7).standard_normal((2, 3, 8, 8)).astype(np.float32))
+
+
+@needs_nchwc
+def test_derived_graph_reads_no_placeholder(net):
+    """No initializer of the session's graph is a candidate tensor: each became an input or was folded away."""
+    packed = random_packed(net, 3, "lps", bn="task")
+    plans = read_plans(open_model(packed), factored=True).plans
+    blocked = derive(net, plans, {})
+    names = {t for c in find_candidates(net, {p.name: p for p in plans}) for t in c.tensors}
+    assert not names & {i.name for i in blocked.model.graph.initializer}
+    assert any(n.domain == "com.microsoft.nchwc" for n in blocked.model.graph.node)
+    onnx.checker.check_model(blocked.model)  # external constants: structure only
+
+
+@needs_nchwc
+def test_reorder_and_bn_fold_equal_onnx_runtimes_own_on_a_dense_graph(net):
+    """Independently of the derivation: a dense graph of task 0's weights optimised by ONNX Runtime holds, for each
+    conv, exactly `reorder(bn_fold(W))` in one of the layouts and blocks tried (the first conv and the depthwise one
+    OIHWBo, the others OIHWBiBo)."""
+    from edgecl.runtime.blocked_convs import _initializers, _optimise
+
+    packed = random_packed(net, 2, "lps", bn="task")
+    dense = materialize(packed, 0)
+    model = _optimise(net, dense, {}, ["GemmTransposeFusion"])
+    inits = _initializers(model)
+    weights = [inits[n.input[1]] for n in model.graph.node if n.domain == "com.microsoft.nchwc" and n.op_type == "Conv"]
+    cands = find_candidates(net, {p.name: p for p in read_plans(open_model(packed), factored=True).plans})
+    for c in cands:
+        w, _, _ = c.folded(dense, c.bn is not None)
+        found = [(layout, block) for layout in LAYOUTS for block in BLOCKS for got in weights
+                 if got.shape == padded_shape(w.shape, block, layout)
+                 and np.allclose(got, reorder(w, block, layout), rtol=1e-6, atol=0)]
+        assert found, c.conv
+        assert found[0][0] == ("OIHWBo" if c.conv in ("c0", "dw") else "OIHWBiBo"), (c.conv, found)
+
+
+@needs_nchwc
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["lps", "lowrank"])
+def test_torchvision_resnet18_runs_every_switched_conv_blocked(shape):
+    """torchvision resnet18 at 3×32×32, per-task BatchNorm: every conv whose weight a switch writes runs blocked
+    (all 20 for LPS), and logits match the folded references (measured ≤ 8e-7)."""
+    from edgecl.arch.factories import ensure_torchvision_imports
+
+    ensure_torchvision_imports()
+    import torchvision
+
+    arch = from_torch(torchvision.models.resnet18(num_classes=10).eval(), (3, 32, 32))
+    packed = random_packed(arch, 3, shape, bn="task")
+    runtime = TaskRuntime(packed, strategy="inplace", cache_tasks=2, threads=1)
+    switched = {p.name.rsplit(".", 1)[0] for p in read_plans(open_model(packed), factored=True).plans
+                if p.varies and p.name.endswith(".weight") and len(p.shape) == 4}
+    assert set(runtime._strategy.blocked_convs) == switched and (shape != "lps" or len(switched) == 20)
+    check_parity(packed, runtime, np.random.default_rng(8).standard_normal((2, 3, 32, 32)).astype(np.float32),
+                 order=(0, 1, 2, 0))
+
+
+@needs_nchwc
+@pytest.mark.slow
+def test_a_trained_lps_resnet_with_per_task_batchnorm():
+    """Real LPS training (the resnet preset, per-task BatchNorm: LPS's default) on split digits: the blocked
+    runtime's logits match the folded references and its predictions the training engine's."""
+    from edgecl.train.data import make_stream
+    from edgecl.train.engine import predict, run
+    from edgecl.train.protocol import TrainContext
+    from edgecl.train.registry import create
+
+    torch.manual_seed(0)
+    stream = make_stream("split-digits", 2, 0)
+    method = create("lps", preset("resnet"), {"epochs": 1})
+    packed = run(method, stream, TrainContext(progress=False), log=lambda *a: None).packed
+    assert any(spec.get("kind") == "task" and name.endswith("running_var") for name, spec in packed.params.items())
+    runtime = TaskRuntime(packed, strategy="inplace", cache_tasks=1, threads=1)
+    assert runtime._strategy.blocked_convs
+    for t, task in enumerate(stream.tasks):
+        x = task.x_test[:64]
+        np.testing.assert_allclose(runtime.infer(x, task=t), references(packed, x)[t], atol=TOL, rtol=0)
+        assert np.mean(runtime.infer(x, task=t).argmax(1) == predict(packed, t, x)) >= 0.98
