@@ -281,3 +281,34 @@ def test_a_trained_lps_resnet_with_per_task_batchnorm():
         x = task.x_test[:64]
         np.testing.assert_allclose(runtime.infer(x, task=t), references(packed, x)[t], atol=TOL, rtol=0)
         assert np.mean(runtime.infer(x, task=t).argmax(1) == predict(packed, t, x)) >= 0.98
+
+
+@needs_nchwc
+def test_no_usable_temp_dir_falls_back_to_the_unblocked_graph_with_a_warning(net, tmp_path, monkeypatch):
+    """The derivation reads ONNX Runtime's optimised graph back from a temporary file; on a device whose temp dir is
+    unusable (read-only root, a path that is a file) the runtime must still start, unblocked — it needs no file
+    otherwise — say why in an EdgeclWarning and its memory report, and match the references; no file is left."""
+    import tempfile
+
+    from edgecl.errors import EdgeclWarning
+
+    packed = random_packed(net, 3, "lps", bn="task")
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(not_a_dir))
+    with pytest.warns(EdgeclWarning, match="blocked layout unavailable.*Not a directory"):
+        runtime = TaskRuntime(packed, strategy="inplace", cache_tasks=2, threads=1)
+    assert runtime._strategy.blocked_convs == [] and runtime._strategy._blocked is None
+    assert "Not a directory" in runtime.memory_report(measure=False)["blocked_fallback"]
+    check_parity(packed, runtime, np.random.default_rng(9).standard_normal((2, 3, 8, 8)).astype(np.float32))
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
+
+
+@needs_nchwc
+def test_start_up_leaves_no_temporary_file(net, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    runtime = TaskRuntime(random_packed(net, 3, "lps", bn="task"), strategy="inplace", cache_tasks=2, threads=1)
+    assert runtime._strategy.blocked_convs and list(tmp_path.iterdir()) == []
+    assert runtime.memory_report(measure=False)["blocked_fallback"] is None

@@ -10,6 +10,9 @@ module (`reorder`, `bn_fold`) and accepted only where the reproduction matches O
 different placeholders. Accepted initializers become graph inputs, written at a switch in the blocked layout with
 the task's BatchNorm folded in; the optimised graph then runs with optimisations off.
 
+Where ONNX Runtime's optimised graph cannot be had at all (no usable temporary directory to write it to, ONNX Runtime
+raising on the graph), `derive` raises `Unavailable` and the runtime serves the unblocked graph, saying why.
+
 Safety: a derived initializer that changes with the placeholders and that this module cannot reproduce would bake a
 placeholder into every task. Its convolution is excluded (its tensors stay graph inputs) and the graph derived
 again; where the culprit cannot be named, nothing is blocked (`derive` returns None: today's switchable graph).
@@ -17,6 +20,7 @@ The same holds where the transformer does nothing (no convolutions, a CPU withou
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -25,7 +29,9 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
 
 from edgecl.arch.op_rules import is_standardized
 from edgecl.arch.spec import BN_TENSORS
@@ -39,6 +45,13 @@ BLOCKS = (8, 16)  # MLAS's NCHWc block: 8 channels on AVX2, 16 on AVX-512; found
 SWITCHED = ("masked", "permute", "generic")  # weight plans a switch writes (own/read weights are not blocked)
 MIN_EXTERNAL = 256  # float initializers of at least this many elements are supplied from memory, not the proto
 RTOL = 1e-6  # reproduced vs ONNX Runtime's derived values (float32 ops in the same order: equal in practice)
+# what getting the optimised graph may raise: the temporary file (OSError), ONNX Runtime's own errors, reading it back
+OPTIMISE_ERRORS = (OSError, DecodeError, *(v for v in vars(_ort_errors).values()
+                                           if isinstance(v, type) and issubclass(v, Exception)))
+
+
+class Unavailable(Exception):
+    """ONNX Runtime's optimised graph could not be obtained: nothing runs blocked (the message says why)."""
 
 
 def padded_shape(shape: tuple[int, ...], block: int, layout: str) -> tuple[int, ...]:
@@ -174,7 +187,8 @@ def _placeholders(cands: list[Candidate], plans: dict[str, TensorPlan], seed: in
 
 
 def _optimise(arch: dict, constants: dict[str, np.ndarray], factors: dict, disabled: list[str]) -> onnx.ModelProto:
-    """The switchable graph with `constants` as initializers, optimised by ONNX Runtime (ORT_ENABLE_ALL, CPU EP)."""
+    """The switchable graph with `constants` as initializers, optimised by ONNX Runtime (ORT_ENABLE_ALL, CPU EP);
+    `Unavailable` where ONNX Runtime or the temporary file it is written to fails."""
     model = build_onnx(arch, weights_as_inputs=True, constants=constants, factors=factors, external_constants=True)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
@@ -183,15 +197,20 @@ def _optimise(arch: dict, constants: dict[str, np.ndarray], factors: dict, disab
     values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a, np.float32)) for a in constants.values()]
     if constants:
         options.add_external_initializers(list(constants), values)
-    handle, path = tempfile.mkstemp(suffix=".onnx", prefix="edgecl-nchwc-")
-    os.close(handle)
+    path = None
     try:
+        handle, path = tempfile.mkstemp(suffix=".onnx", prefix="edgecl-nchwc-")
+        os.close(handle)
         options.optimized_model_filepath = path
         ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
                              disabled_optimizers=disabled)
         return onnx.load(path)
+    except OPTIMISE_ERRORS as exc:
+        raise Unavailable(f"{type(exc).__name__}: {exc}") from exc
     finally:
-        os.unlink(path)
+        if path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -240,7 +259,7 @@ def derive(arch: dict, plans: list[TensorPlan], factors: dict, *, candidates: li
            unread: frozenset[str] | set[str] = frozenset(),
            disabled: tuple[str, ...] = ("GemmTransposeFusion",)) -> Blocked | None:
     """The blocked graph of `arch` and which convolutions run blocked, or None where none can (see the module
-    docstring for the safety rule). `candidates` overrides `find_candidates` (tests)."""
+    docstring for the safety rule); `Unavailable` where ONNX Runtime's optimised graph cannot be had. `candidates` overrides `find_candidates` (tests)."""
     by_name = {p.name: p for p in plans}
     cands = find_candidates(arch, by_name) if candidates is None else list(candidates)
     constants = {p.name: p.base for p in plans if p.constant and p.name not in unread}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,7 @@ from edgecl.runtime.blocked_plans import BlockedPlan, blocked_plans
 from edgecl.runtime.budget import Ledger
 from edgecl.runtime.device_store import DeviceStore
 from edgecl.runtime.fold_bn import FoldedBN
-from edgecl.errors import UsageError
+from edgecl.errors import EdgeclWarning, UsageError
 from edgecl.runtime.plan import TensorPlan, read_on_miss, read_plans, task_tensor_plans
 from edgecl.runtime.providers import require_placement, session_options, session_providers, to_ortvalue
 from edgecl.runtime.slots import Slot, SlotCache
@@ -151,11 +152,16 @@ class InPlace:
         self.folded_bn = FoldedBN(self.std.arch, [], self.n_tasks)  # the host path folds none (yet)
         self._factors = switch.graph_factors()
         # on the CPU EP, switched convs in ONNX Runtime's blocked layout with BatchNorm folded (`blocked_convs`)
-        self._blocked = None
+        self._blocked, self.blocked_fallback = None, None  # why nothing runs blocked where it was tried and failed
         if blocked and resident == "host" and device == "cpu" and providers == ["CPUExecutionProvider"]:
             cands = blocked_convs.find_candidates(self.arch, {p.name: p for p in self.plans})
-            self._blocked = blocked_convs.derive(self.std.arch, self.plans, self._factors, candidates=cands,
-                                                 unread=self.std.unread)
+            try:
+                self._blocked = blocked_convs.derive(self.std.arch, self.plans, self._factors, candidates=cands,
+                                                     unread=self.std.unread)
+            except blocked_convs.Unavailable as exc:  # an optimisation only: the unblocked graph is as correct
+                self.blocked_fallback = str(exc)
+                warnings.warn(f"blocked layout unavailable, switched convs run unblocked (slower): {exc}",
+                              EdgeclWarning, stacklevel=2)
             if self._blocked is not None:
                 self.plans = blocked_plans(self._blocked, self.plans, self.n_tasks, keep=self.std.unread)
         self.varying = [p for p in self.plans if p.varies]  # the plans a switch writes into a slot

@@ -265,6 +265,7 @@ class TaskRuntime:
         a process is measured by `edgecl.runtime.audit`."""
         report: dict[str, Any] = {"strategy": self.strategy, "providers": self.providers,
                                   "blocked_convs": list(getattr(self._strategy, "blocked_convs", [])),
+                                  "blocked_fallback": getattr(self._strategy, "blocked_fallback", None),
                                   "task_tensors": getattr(self._strategy, "task_tensors", None),
                                   "masked_fill": maskfill.IMPLEMENTATION, "budget": self.ledger.limit,
                                   "predicted": dict(self.ledger.items), "predicted_total": self.ledger.used}
