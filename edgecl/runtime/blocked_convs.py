@@ -21,6 +21,7 @@ The same holds where the transformer does nothing (no convolutions, a CPU withou
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -259,31 +260,39 @@ def derive(arch: dict, plans: list[TensorPlan], factors: dict, *, candidates: li
            unread: frozenset[str] | set[str] = frozenset(),
            disabled: tuple[str, ...] = ("GemmTransposeFusion",)) -> Blocked | None:
     """The blocked graph of `arch` and which convolutions run blocked, or None where none can (see the module
-    docstring for the safety rule); `Unavailable` where ONNX Runtime's optimised graph cannot be had. `candidates` overrides `find_candidates` (tests)."""
+    docstring for the safety rule); `Unavailable` where ONNX Runtime's optimised graph cannot be had. `candidates`
+    overrides `find_candidates` (tests).
+
+    Memory: one optimised model is held at a time, and its initializers are read as arrays one by one (the first
+    run is remembered by digests), so start-up's peak stays near ONNX Runtime's own optimisation of one copy."""
     by_name = {p.name: p for p in plans}
     cands = find_candidates(arch, by_name) if candidates is None else list(candidates)
     constants = {p.name: p.base for p in plans if p.constant and p.name not in unread}
     while cands:
-        runs, models = [], []
-        for seed in (1, 2):
-            values = _placeholders(cands, by_name, seed)
-            models.append(_optimise(arch, {**constants, **values}, factors, list(disabled)))
-            runs.append((values, _initializers(models[-1])))
-        model = models[0]
-        accepted: dict[str, BlockedConv] = {}
+        values = _placeholders(cands, by_name, 1)
+        model = _optimise(arch, {**constants, **values}, factors, list(disabled))
+        inits = _Inits(model)
+        found: dict[str, BlockedConv] = {}
         for node in model.graph.node:
             if node.domain == NCHWC and node.op_type == "Conv":
-                found = _match(node, [c for c in cands if c.conv not in accepted], runs)
-                if found is not None:
-                    accepted[found.cand.conv] = found
+                match = _match(node, [c for c in cands if c.conv not in found], [(values, inits)])
+                if match is not None:
+                    found[match.cand.conv] = match
+        first = inits.digests()
+        del model, inits, values  # before the second run: one optimised model at a time
+        values = _placeholders(cands, by_name, 2)
+        model = _optimise(arch, {**constants, **values}, factors, list(disabled))
+        inits = _Inits(model)
+        accepted = {conv: b for conv, b in found.items()
+                    if _reproduces(b.cand, b.fold, b.layout, b.block, b.w_input, b.b_input, values, inits)}
         explained = {n for b in accepted.values() for n in (b.w_input, b.b_input) if n}
-        (a_inits, b_inits) = (runs[0][1], runs[1][1])
-        varying = {n for n in a_inits if n not in b_inits or not np.array_equal(a_inits[n], b_inits[n])} - explained
+        second = inits.digests()
+        varying = {n for n, d in first.items() if second.get(n) != d} - explained
         owner = {t: c.conv for c in cands for t in c.tensors}
         used = {i for node in model.graph.node for i in node.input}
         dirty = {owner[n] for n in (varying | used) if n in owner}  # a placeholder still read as itself
         for name in varying - set(owner):  # derived from a placeholder, and not reproduced
-            culprit = _culprit(a_inits[name], cands, runs[0][0])
+            culprit = _culprit(inits.get(name, np.empty(0)), cands, values)
             if culprit is None:
                 return None  # by no convolution we can name: block nothing
             dirty.add(culprit)
@@ -293,6 +302,26 @@ def derive(arch: dict, plans: list[TensorPlan], factors: dict, *, candidates: li
             return _finish(model, {c.conv: accepted[c.conv] for c in clean})
         cands = clean
     return None
+
+
+class _Inits:
+    """An optimised model's initializers by name, each read as an array only when asked (not cached: the model's
+    proto holds the bytes once; a dict of arrays of every initializer doubled start-up's memory per run)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self._protos = {i.name: i for i in model.graph.initializer}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._protos
+
+    def get(self, name: str, default: np.ndarray | None = None) -> np.ndarray | None:
+        proto = self._protos.get(name)
+        return default if proto is None else numpy_helper.to_array(proto)
+
+    def digests(self) -> dict[str, bytes]:
+        """Name → a digest of the initializer's dims, type and bytes: what two runs compare."""
+        return {name: hashlib.blake2b(p.SerializeToString(), digest_size=16).digest()
+                for name, p in self._protos.items()}
 
 
 def _culprit(value: np.ndarray, cands: list[Candidate], values: dict[str, np.ndarray]) -> str | None:
