@@ -337,3 +337,19 @@ def test_derivation_holds_no_copy_of_every_initializer_per_run():
         tracemalloc.stop()
     assert blocked is not None and len(blocked.convs) == 9
     assert peak < 3.5 * weights, peak / weights
+
+
+@needs_nchwc
+def test_a_layer_scale_folded_into_a_conv_excludes_that_conv_not_the_model():
+    """ONNX Runtime folds a constant per-channel Mul after a conv (MetaFormer's layer scale) into the conv's weight:
+    a derived initializer that is the placeholder times that scale, whose first element matches nothing. It used to
+    block nothing at all (0 of 9 convs); it is recognised as that conv's weight scaled per output channel, only that
+    conv stays a graph input, and the rest run blocked with logits equal to the references."""
+    from layer_nets_meta import metaformer_spec
+
+    arch = metaformer_spec((3, 16, 16))
+    packed = random_packed(arch, 3, "lps", bn="task", classes=(4, 7))
+    runtime = TaskRuntime(packed, strategy="inplace", cache_tasks=2, threads=1)
+    blocked = set(runtime._strategy.blocked_convs)
+    assert len(blocked) >= 6 and "conv_block.mlp.fc2" not in blocked, blocked
+    check_parity(packed, runtime, np.random.default_rng(10).standard_normal((2, 3, 16, 16)).astype(np.float32))
