@@ -304,6 +304,58 @@ def test_no_usable_temp_dir_falls_back_to_the_unblocked_graph_with_a_warning(net
     assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
 
 
+class Wide(nn.Module):
+    """Weights large next to its activations at batch 1: the derivation's moment outweighs the rest."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                                  nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _budget_runtimes(packed, **kw):
+    """The unblocked and blocked runtimes' ledgers without a budget (charge_environment=False: ONNX Runtime's
+    environment is charged only to a process's first runtime), closed."""
+    kw = dict(strategy="inplace", cache_tasks=1, threads=1, charge_environment=False, **kw)
+    unblocked = TaskRuntime(packed, blocked_convs=False, **kw)
+    blocked = TaskRuntime(packed, **kw)
+    assert blocked._strategy.blocked_convs and not unblocked._strategy.blocked_convs
+    peaks = unblocked.ledger.peak, blocked.ledger.peak, blocked._strategy.blocked_convs
+    unblocked.close()
+    blocked.close()
+    return peaks, kw
+
+
+@needs_nchwc
+@pytest.mark.parametrize("wide", [False, True])
+def test_a_budget_the_unblocked_runtime_fits_is_never_exceeded_by_the_blocked_layout(net, wide):
+    """The blocked layout needs more than the unblocked graph: a moment at start-up (the derivation, charged while it
+    runs: `costs.BLOCKED_DERIVE_FACTOR` × the weights) and a little after (channels padded to the block). A budget
+    that fits the unblocked runtime gets it — refused before deriving where that moment does not fit (`wide`: big
+    weights, batch 1), else when the blocked one runs out — never a BudgetError, never a reservation past it, and
+    its memory report says why; a budget with room for the blocked layout gets it."""
+    from edgecl.runtime.inplace import DERIVING
+
+    arch = from_torch(Wide().eval(), (3, 8, 8), classifier=False) if wide else net
+    packed = random_packed(arch, 3, "lps", bn="task")
+    (unblocked_peak, blocked_peak, convs), kw = _budget_runtimes(packed, max_batch=1 if wide else 64)
+    assert blocked_peak > unblocked_peak
+    tight = TaskRuntime(packed, budget=unblocked_peak, **kw)
+    assert tight._strategy.blocked_convs == [] and tight.ledger.peak <= unblocked_peak
+    assert DERIVING not in tight.ledger.items
+    why = tight.memory_report(measure=False)["blocked_fallback"]
+    assert ("no room for deriving it" if wide else "the budget does not fit it") in why
+    check_parity(packed, tight, np.random.default_rng(4).standard_normal((1, 3, 8, 8)).astype(np.float32))
+    roomy = TaskRuntime(packed, budget=blocked_peak, **kw)
+    assert roomy._strategy.blocked_convs == convs and DERIVING not in roomy.ledger.items
+    tight.close()
+    roomy.close()
+
+
 @needs_nchwc
 def test_start_up_leaves_no_temporary_file(net, tmp_path, monkeypatch):
     import tempfile

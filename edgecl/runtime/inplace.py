@@ -30,10 +30,10 @@ import onnxruntime as ort
 from edgecl.graph.builder import INPUT, OUTPUT, build_onnx
 from edgecl.runtime import blocked_convs, costs
 from edgecl.runtime.blocked_plans import BlockedPlan, blocked_plans
-from edgecl.runtime.budget import Ledger
+from edgecl.runtime.budget import Ledger, format_bytes
 from edgecl.runtime.device_store import DeviceStore
 from edgecl.runtime.fold_bn import FoldedBN
-from edgecl.errors import EdgeclWarning, UsageError
+from edgecl.errors import BudgetError, EdgeclWarning, UsageError
 from edgecl.runtime.plan import TensorPlan, read_on_miss, read_plans, task_tensor_plans
 from edgecl.runtime.providers import require_placement, session_options, session_providers, to_ortvalue
 from edgecl.runtime.slots import Slot, SlotCache
@@ -41,6 +41,7 @@ from edgecl.runtime.switch_standardize import SwitchStandardized, gain_value
 from edgecl.source import IN_MEMORY, ModelSource
 
 DEFAULT_SLOTS = 4  # slots without a budget: enough for a few alternating tasks, not a copy of every task
+DERIVING = "start-up: deriving the blocked layout"  # a ledger item held only while `blocked_convs.derive` runs
 
 
 @dataclass
@@ -154,14 +155,7 @@ class InPlace:
         # on the CPU EP, switched convs in ONNX Runtime's blocked layout with BatchNorm folded (`blocked_convs`)
         self._blocked, self.blocked_fallback = None, None  # why nothing runs blocked where it was tried and failed
         if blocked and resident == "host" and device == "cpu" and providers == ["CPUExecutionProvider"]:
-            cands = blocked_convs.find_candidates(self.arch, {p.name: p for p in self.plans})
-            try:
-                self._blocked = blocked_convs.derive(self.std.arch, self.plans, self._factors, candidates=cands,
-                                                     unread=self.std.unread)
-            except blocked_convs.Unavailable as exc:  # an optimisation only: the unblocked graph is as correct
-                self.blocked_fallback = str(exc)
-                warnings.warn(f"blocked layout unavailable, switched convs run unblocked (slower): {exc}",
-                              EdgeclWarning, stacklevel=2)
+            self._blocked = self._derive_blocked()
             if self._blocked is not None:
                 self.plans = blocked_plans(self._blocked, self.plans, self.n_tasks, keep=self.std.unread)
         self.varying = [p for p in self.plans if p.varies]  # the plans a switch writes into a slot
@@ -188,6 +182,29 @@ class InPlace:
         self.arrays = self._store.arrays  # None: results are host arrays
         self.slot_bytes = self._store.slot_bytes
         self.task_bytes = self._store.task_bytes
+
+    def _derive_blocked(self) -> blocked_convs.Blocked | None:
+        """`blocked_convs.derive`, charged while it runs (`costs.BLOCKED_DERIVE_FACTOR` × the graph's weights, beside
+        the model's tensors read so far); None, the reason in `blocked_fallback`, where it is unavailable or the
+        budget leaves no room for that moment: the unblocked graph is as correct, only slower."""
+        cands = blocked_convs.find_candidates(self.arch, {p.name: p for p in self.plans})
+        transient = costs.BLOCKED_DERIVE_FACTOR * 4 * sum(int(np.prod(p.shape)) for p in self.plans)
+        try:
+            self.ledger.reserve(DERIVING, transient + _model_tensor_bytes(self.plans))
+        except BudgetError:
+            self.blocked_fallback = (f"the budget leaves no room for deriving it ({format_bytes(transient)} for a "
+                                     "moment at start-up); switched convs run unblocked (slower)")
+            return None
+        try:
+            return blocked_convs.derive(self.std.arch, self.plans, self._factors, candidates=cands,
+                                        unread=self.std.unread)
+        except blocked_convs.Unavailable as exc:
+            self.blocked_fallback = str(exc)
+            warnings.warn(f"blocked layout unavailable, switched convs run unblocked (slower): {exc}",
+                          EdgeclWarning, stacklevel=3)
+            return None
+        finally:
+            self.ledger.release(DERIVING)
 
     @property
     def blocked_convs(self) -> list[str]:

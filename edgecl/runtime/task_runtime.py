@@ -124,16 +124,43 @@ class TaskRuntime:
             in_place = {"resident": self.resident, "device_ledger": self.device_ledger, "cuda_graph": cuda_graph,
                         "activation_bytes": lambda n: n * self._act_per_sample,
                         "task_tensors": task_tensors, "blocked": blocked_convs} if chosen == "inplace" else {}
-            self._strategy: Strategy = _STRATEGY_TYPES[chosen](src, self.ledger, device=device,
-                                                               providers=self.providers, threads=threads,
-                                                               factor=factor, **in_place)
-            costs.ENVIRONMENT.charge(self.ledger, charge_environment)
-            self._reserve_activations(max_batch)
-            self._strategy.start(cache_tasks)
+            build = (src, chosen, device, threads, factor, charge_environment, max_batch, cache_tasks)
+            try:
+                self._build(*build, in_place)
+            except BudgetError as exc:
+                if not in_place.get("blocked") or self.ledger.limit is None:
+                    raise
+                # the blocked layout holds a little more (channels padded to the block, the derivation's moment):
+                # a budget the unblocked graph fits gets that one, as before the layout existed
+                self._undo_build()
+                self._build(*build, {**in_place, "blocked": False})
+                self._strategy.blocked_fallback = f"the budget does not fit it: {exc}"
         finally:
             if isinstance(artifact, (str, os.PathLike)):
                 src.close()  # opened here: nothing of it stays but what the strategy kept
         del src
+        return_free_heap()
+
+    def _build(self, src: Any, chosen: str, device: str, threads: int | None, factor: bool,
+               charge_environment: bool | None, max_batch: int, cache_tasks: int | None, in_place: dict) -> None:
+        """The strategy, read from `src` and started, its costs reserved as it goes."""
+        self._strategy: Strategy = _STRATEGY_TYPES[chosen](src, self.ledger, device=device, providers=self.providers,
+                                                           threads=threads, factor=factor, **in_place)
+        costs.ENVIRONMENT.charge(self.ledger, charge_environment)
+        self._reserve_activations(max_batch)
+        self._strategy.start(cache_tasks)
+
+    def _undo_build(self) -> None:
+        """Drop a strategy whose start ran out of budget and every reservation but the runtime's own and the
+        environment's (charged once per process)."""
+        strategy = getattr(self, "_strategy", None)
+        if strategy is not None:
+            strategy.close()
+            del self._strategy
+        for item in list(self.ledger.items):
+            if item not in ("runtime overhead", "onnxruntime environment"):
+                self.ledger.release(item)
+        self._batch_reserved = 0
         return_free_heap()
 
     # ----------------------------------------------------------------- public API
