@@ -1,6 +1,7 @@
 """Tiny networks for the Vision Transformers whose blocks `from_torch` follows beyond `layer_nets`: FastViT's
 attention stage (multi-head self-attention over a map's positions written in forward), PiT (class tokens split
-off, the rest pooled as a map, tokens joined again) and EfficientViT-MSRA's cascaded window attention. Small
+off, the rest pooled as a map, tokens joined again), EfficientViT-MSRA's cascaded window attention and Twins
+(window attention on zero-padded maps, sub-sampled keys and values). Small
 enough for every method on real digit tasks (tests/test_methods_on_graphs.py)."""
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from timm.models.efficientvit_msra import ConvMlp, LocalWindowAttention  # noqa:
 from timm.models.fastvit import Attention as FastVitAttention  # noqa: E402
 from timm.models.fastvit import AttentionBlock, RepConditionalPosEnc  # noqa: E402
 from timm.models.pit import PoolingVisionTransformer  # noqa: E402
+from timm.models.twins import Twins  # noqa: E402
 
 
 class TinyFastViT(nn.Module):
@@ -79,3 +81,18 @@ def efficientvit_msra_spec(input_shape=(1, 8, 8), window: int = 5) -> dict:
 def efficientvit_msra_windows_spec(input_shape=(1, 8, 8)) -> dict:
     """Several windows (`TinyEfficientViTMsra` with window 3)."""
     return efficientvit_msra_spec(input_shape, window=3)
+
+
+def tiny_twins(classes: int = 3, in_channels: int = 1, image: int = 8, window: int = 3, sr: int = 2,
+               **kwargs) -> nn.Module:
+    """timm's Twins (SVT) in small: 2×2 patches to a 4×4 map of 8 channels, a locally grouped attention over
+    `window`² windows (3: the map zero-padded to 6×6, four windows; 2: four exact ones; 4: one), PosConv, a global
+    sub-sampled attention whose keys and values come from the map reduced by `sr`; a second stage on the 2×2 map
+    (16 channels, 2 heads, window 2, keys and values of every token); the mean of the tokens."""
+    args = dict(img_size=image, patch_size=2, in_chans=in_channels, num_classes=classes, embed_dims=(8, 16),
+                num_heads=(1, 2), mlp_ratios=(2, 2), depths=(2, 2), wss=(window, 2), sr_ratios=(sr, 1))
+    return Twins(**{**args, **kwargs})
+
+
+def twins_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(tiny_twins(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))

@@ -22,7 +22,7 @@ from neck_nets import TinyFPN
 from layer_nets_meta import TinyMetaFormer
 from layer_nets_mixer import TinyGMLP, TinyMambaOut, TinyMixer, TinyResMLP
 from layer_nets_nf import TinyGroupNormNet, TinyNFNet, TinyStdNet
-from layer_nets_vit import TinyEfficientViTMsra, TinyFastViT, tiny_pit
+from layer_nets_vit import TinyEfficientViTMsra, TinyFastViT, tiny_pit, tiny_twins
 from linear_nets import TinyEdgeNeXt, TinyEfficientViT, TinyLambdaNet, TinyMobileViTv2
 from xcit_nets import TinyXCiT
 from torch_nets import MODELS, GhostSplit, ResCat, TinyConvNeXt
@@ -92,14 +92,14 @@ def _arch(name: str) -> dict:
               "meta": lambda: TinyMetaFormer(in_channels=3, width=16),
               "xcit": lambda: TinyXCiT(in_channels=3, width=16), "mixer": lambda: TinyMixer(in_channels=3),
               "resmlp": lambda: TinyResMLP(in_channels=3), "gmlp": lambda: TinyGMLP(in_channels=3),
-              "mambaout": lambda: TinyMambaOut(in_channels=3)}
+              "mambaout": lambda: TinyMambaOut(in_channels=3), "twins": lambda: tiny_twins(in_channels=3)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
 _CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4", "vit_tokens", "blur", "mobilevit",
            "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra",
            "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta", "xcit", "mixer", "resmlp", "gmlp",
-           "mambaout")
+           "mambaout", "twins")
 
 
 def _stream(name: str, n_tasks: int):
@@ -123,7 +123,8 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
                                                 "mnv4", "vit_tokens", "blur", "mobilevit", "fpn", "fastvit",
                                                 "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra",
                                                 "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta",
-                                                "xcit", "mixer", "resmlp", "gmlp", "mambaout"])
+                                                "xcit", "mixer", "resmlp", "gmlp", "mambaout",
+                                                "twins"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

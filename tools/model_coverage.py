@@ -61,7 +61,9 @@ TIMM = ["resnet10t", "resnet18", "mobilenetv3_small_050", "mobilenetv2_050", "ef
         # mixing, a gating product); MambaOut's gated conv block (a channel split of a channels-last map)
         "mixer_s16_224", "resmlp_12_224", "gmlp_ti16_224", "mambaout_femto",
         # GhostNetV3 (its re-parameterisable branches, run as they are in eval mode)
-        "ghostnetv3_050"]
+        "ghostnetv3_050",
+        # Twins: locally grouped (window) attention on zero-padded maps, global sub-sampled attention (PCPVT, SVT)
+        "twins_pcpvt_small", "twins_svt_small"]
 # models whose position embedding (LeViT: attention-bias index) fixes the input size: built for the 64×64 traced
 BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_patch16_224": {"img_size": 64},
               "timm:deit_tiny_patch16_224": {"img_size": 64}, "timm:deit_tiny_distilled_patch16_224": {"img_size": 64},
@@ -71,7 +73,8 @@ BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_
               "timm:efficientformerv2_s0": {"img_size": 64}, "timm:maxvit_pico_rw_256": {"img_size": 64},
               "timm:maxvit_tiny_tf_224": {"img_size": 64}, "timm:xcit_nano_12_p16_224": {"img_size": 64},
               "timm:xcit_tiny_12_p16_224": {"img_size": 64}, "timm:mixer_s16_224": {"img_size": 64},
-              "timm:resmlp_12_224": {"img_size": 64}, "timm:gmlp_ti16_224": {"img_size": 64}}
+              "timm:resmlp_12_224": {"img_size": 64}, "timm:gmlp_ti16_224": {"img_size": 64},
+              "timm:twins_pcpvt_small": {"img_size": 64}, "timm:twins_svt_small": {"img_size": 64}}
 # input sides other than 64: Swin and TinyViT pad a map their windows do not tile with zeros that join the attention
 # (refused), so they are traced where the windows tile every stage (timm's Swin: 28, 14, 7, then 4 in one window;
 # torchvision's swin_t, whose window is fixed: 56, 28, 14, 7; TinyViT's windows 7, 14, 7: 28, 14, 7); torchvision's

@@ -29,6 +29,7 @@ from edgecl.arch.fx_swin import _SwinConverter
 from edgecl.arch.fx_tiny_vit import _TinyVitConverter
 from edgecl.arch.fx_token_mix import _TokenMixConverter
 from edgecl.arch.fx_tokens import _TokenConverter
+from edgecl.arch.fx_twins import _TwinsConverter
 from edgecl.arch.fx_xcit import _XcitConverter
 
 
@@ -38,5 +39,5 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _GlobalContextConverter, _SpaceToDepthConverter, _LevitConverter, _SwinConverter,
                _TinyVitConverter, _BlurConverter, _EfficientFormerConverter, _MobileVitConverter,
                _MaxVitConverter, _EfficientVitConverter, _EfficientVitMsraConverter, _EdgeNextConverter,
-               _LambdaConverter, _TokenMixConverter, _XcitConverter):
+               _LambdaConverter, _TokenMixConverter, _XcitConverter, _TwinsConverter):
     """Every family's conversions, in one base class."""

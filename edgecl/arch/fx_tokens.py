@@ -78,6 +78,8 @@ class _TokenConverter:
         if node.target in _MEANS and tokens:
             self._token_mean(node, first)
             return True
+        if node.target in ("reshape", "view", torch.reshape) and tokens:
+            return self._tokens_to_grid(node, first)
         if node.target in _MEANS and first in self.last:
             self._last_map_mean(node, first)
             return True
@@ -109,6 +111,16 @@ class _TokenConverter:
         if sorted(dims) != [1, 2] or len(node.args) != 3 or node.kwargs or not node.users or not maps:
             return False
         self.alias[node] = self._input(source, node)
+        return True
+
+    def _tokens_to_grid(self, node: fx.Node, source: fx.Node) -> bool:
+        """``x.reshape(B, H, W, C)`` of tokens (B, H·W, C) (Twins' tokens back to a map between stages): the
+        channels-last map of the (C, T, 1) value, a ``reshape`` to (C, H, W). False for other reshapes."""
+        (tokens, ch), shape = shape_of(source), shape_of(node)
+        if shape is None or len(shape) != 3 or shape[2] != ch or shape[0] * shape[1] != tokens:
+            return False
+        self._emit(node, "reshape", [self._input(source, node)], shape=[ch, shape[0], shape[1]])
+        self.last.add(node)
         return True
 
     def _join_tokens(self, node: fx.Node) -> None:

@@ -20,6 +20,7 @@ from edgecl.arch.fx_space_to_depth import is_space_to_depth
 from edgecl.arch.fx_split_attn import is_split_attention
 from edgecl.arch.fx_swin import is_swin
 from edgecl.arch.fx_tiny_vit import is_tiny_vit_block
+from edgecl.arch.fx_twins import is_twins_attention
 from edgecl.arch.fx_xcit import is_class_attn, is_xcit_lpi, is_xcit_pos, is_xcit_xca
 
 # library blocks the tracer keeps whole, each converted by a mixin's method(node, module, input, path)
@@ -30,7 +31,7 @@ WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention,
          (is_mobilevit, "mobilevit"), (is_maxvit, "maxvit"), (is_lite_mla, "lite_mla"),
          (is_local_window_attention, "local_window_attention"), (is_sdta_block, "sdta_block"),
          (is_lambda_layer, "lambda_layer"), (is_xcit_xca, "xcit_xca"), (is_xcit_lpi, "xcit_lpi"),
-         (is_xcit_pos, "xcit_pos"), (is_class_attn, "class_attn"))
+         (is_xcit_pos, "xcit_pos"), (is_class_attn, "class_attn"), (is_twins_attention, "twins_attention"))
 # may read channels-last values
 ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin, is_tiny_vit_block, is_maxvit, is_xcit_xca, is_xcit_lpi,
-             is_class_attn)
+             is_class_attn, is_twins_attention)
