@@ -316,3 +316,60 @@ def test_returned_logits_are_the_callers_own(mixed):
     runtime.infer(x2, task=0)
     runtime.infer(x2, task=1)
     assert np.array_equal(y1, kept)
+
+
+class _DLPackOnly:
+    """A host array handed over only through the DLPack protocol, as a CPU torch or JAX tensor is."""
+
+    def __init__(self, array):
+        self._array = array
+
+    def __dlpack__(self, **kwargs):
+        return self._array.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._array.__dlpack_device__()
+
+
+def test_host_path_takes_ortvalue_and_dlpack_inputs(mixed):
+    """On the host path an OrtValue and a DLPack-only CPU array give the numpy batch's logits (a DLPack carrier used
+    to become a 0-d object array, refused as "dtype object"); a DLPack batch of the wrong shape is refused by shape."""
+    x = np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32)
+    with TaskRuntime(mixed, cache_tasks=1) as runtime:
+        want = runtime.infer(x, task=2)
+        for given in (ort.OrtValue.ortvalue_from_numpy(x), _DLPackOnly(x), _DLPackOnly(x.astype(np.float64))):
+            np.testing.assert_array_equal(runtime.infer(given, task=2), want)
+        with pytest.raises(UsageError, match=r"shape \(3, 64\)"):
+            runtime.infer(_DLPackOnly(x.reshape(3, 64)), task=2)
+
+
+def _documented_report_keys():
+    """The keys of the `memory_report()` table in docs/RUNTIME.md."""
+    import pathlib
+    import re
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "RUNTIME.md").read_text()
+    table = text.split("Every key of `memory_report()`", 1)[1].split("\n\n", 2)[1]
+    return set(re.findall(r"^\| `(\w+)` \|", table, flags=re.M))
+
+
+@pytest.mark.parametrize("strategy", ["inplace", "sessions"])
+def test_memory_report_describe_and_close_are_as_documented(tmp_path, strategy):
+    """A deployer reads memory_report() by docs/RUNTIME.md's table: every key it returns is documented there (and
+    every documented key but the device path's is returned); describe() is a method naming the strategy; after
+    close() every call is refused instead of reporting a stale cache."""
+    from edgecl import artifact
+    path = tmp_path / "m.edgecl"
+    artifact.save(random_packed(preset("lenet"), n_tasks=2), path)
+    runtime = TaskRuntime(str(path), strategy=strategy, budget="64MiB")
+    runtime.infer(np.zeros((2, 1, 8, 8), np.float32), task=1)
+    report = runtime.memory_report()
+    documented = _documented_report_keys()
+    assert set(report) == documented - {"device"}
+    assert report["strategy"] == strategy and report["budget"] == 64 * 2**20
+    assert report["predicted_total"] == sum(report["predicted"].values())
+    assert runtime.describe().startswith(f"{strategy} on CPUExecutionProvider, 2 tasks")
+    runtime.close()
+    for call in (runtime.memory_report, runtime.cache_info, runtime.describe, lambda: runtime.infer(
+            np.zeros((1, 1, 8, 8), np.float32), task=0)):
+        with pytest.raises(UsageError, match="closed"):
+            call()

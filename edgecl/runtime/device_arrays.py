@@ -210,10 +210,26 @@ def is_ortvalue(x: Any) -> bool:
     return type(x).__name__ == "OrtValue" and hasattr(x, "device_name")
 
 
-def host_value(x: Any) -> Any:
-    """An OrtValue in host memory as the numpy array it holds (read like any host input); anything else as is."""
+DLPACK_CPU = 1  # DLPack's kDLCPU
+
+
+def host_value(x: Any, dlpack: bool = False) -> Any:
+    """An OrtValue in host memory as the numpy array it holds (read like any host input), and with `dlpack` (the
+    host path, which has no `adopt`) a DLPack array in host memory too: a DLPack carrier that is not an ndarray (a
+    CPU torch or JAX array) would otherwise become a 0-d object array, refused as "dtype object". Anything else as
+    is."""
     if is_ortvalue(x) and x.device_name().lower() == "cpu":
         return x.numpy()
+    if dlpack and not isinstance(x, np.ndarray) and hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
+        try:
+            on_host = x.__dlpack_device__()[0] == DLPACK_CPU
+        except Exception as exc:  # noqa: BLE001 - a foreign object's own failure, reported as bad input
+            raise UsageError(f"input's __dlpack_device__() failed: {type(exc).__name__}: {exc}") from None
+        if on_host:
+            try:
+                return np.from_dlpack(x)
+            except (BufferError, TypeError, ValueError, RuntimeError) as exc:
+                raise UsageError(f"input DLPack array cannot be read as a numpy array: {exc}") from None
     return x
 
 

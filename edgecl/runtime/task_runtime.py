@@ -242,7 +242,7 @@ class TaskRuntime:
             t = resolve_task(self._tasks, task)
         name = f"{t} ({self._tasks[t].name})"
         arrays = self._strategy.arrays
-        x = host_value(x)
+        x = host_value(x, dlpack=arrays is None)
         on_device_x = None if arrays is None else arrays.adopt(x)
         if on_device_x is not None:
             x = check_device_input(on_device_x, self.input_shape, arrays)
@@ -282,14 +282,25 @@ class TaskRuntime:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def describe(self) -> str:
+        """One line for logs: strategy, provider, slots, blocked convs and the budget use."""
+        self._check_open()
+        limit = "none" if self.ledger.limit is None else format_bytes(self.ledger.limit)
+        blocked = len(getattr(self._strategy, "blocked_convs", []))
+        convs = f", {blocked} switched convs blocked (NCHWc)" if blocked else ""
+        return (f"{self.strategy} on {self.providers[0]}, {self.n_tasks} tasks, {self.n_slots} cached{convs}, "
+                f"{format_bytes(self.ledger.used)} of budget {limit}")
+
     def cache_info(self) -> dict[str, Any]:
         """Hits, misses, and which task each slot holds (most recently used last)."""
+        self._check_open()
         return self._strategy.cache_info()
 
     def memory_report(self, measure: bool = True) -> dict[str, Any]:
         """Predicted resident bytes per component (what the budget ledger holds and `budget` bounds) and, where
         measurable, `measured_rss`: the whole process's RSS, not comparable with the budget. What the runtime adds to
-        a process is measured by `edgecl.runtime.audit`."""
+        a process is measured by `edgecl.runtime.audit`. Keys: docs/RUNTIME.md, first section."""
+        self._check_open()
         report: dict[str, Any] = {"strategy": self.strategy, "providers": self.providers,
                                   "blocked_convs": list(getattr(self._strategy, "blocked_convs", [])),
                                   "blocked_fallback": getattr(self._strategy, "blocked_fallback", None),
@@ -376,15 +387,6 @@ def _refuse_below(ledger: Ledger, what: str, parts: dict[str, int], strategy: st
                       f"under {strategy!r}: {format_bytes(sum(parts.values()))} ("
                       + ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items() if v)
                       + "); refused before reading any tensor")
-
-
-def describe(runtime: TaskRuntime) -> str:
-    """One line for logs: strategy, slots, and the budget use."""
-    limit = "none" if runtime.ledger.limit is None else format_bytes(runtime.ledger.limit)
-    blocked = len(getattr(runtime._strategy, "blocked_convs", []))
-    convs = f", {blocked} switched convs blocked (NCHWc)" if blocked else ""
-    return (f"{runtime.strategy} on {runtime.providers[0]}, {runtime.n_tasks} tasks, {runtime.n_slots} cached{convs}, "
-            f"{format_bytes(runtime.ledger.used)} of budget {limit}")
 
 
 def auto_strategy(arch: Any, tasks: list[Any], budget: int | None, max_batch: int,
