@@ -182,4 +182,6 @@ def test_the_default_audit_judges_what_the_runtime_will_run(demo_like):
         chosen[budget] = done.stdout.strip()
         audited = edgecl("audit", path, "--budget", budget, "--json")
         assert json.loads(audited.stdout)["resident"]["strategy"] == chosen[budget], audited.stderr
+        text = edgecl("audit", path, "--budget", budget).stdout.splitlines()[0]  # the summary names it too
+        assert text.endswith({"sessions": "one session per task)", "inplace": "in its cache slots)"}[chosen[budget]])
     assert set(chosen.values()) == {"sessions", "inplace"}, chosen

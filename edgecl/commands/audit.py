@@ -13,7 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=path_arg, help="artifact file (model.edgecl)")
     p.add_argument("--budget", required=True, help="memory budget, e.g. 32MiB, 1.5GB, or bytes")
     p.add_argument("--batch", type=int_arg(1, MAX_BATCH), default=8,
-                   help=f"inference batch the activations are sized for (at most {MAX_BATCH})")
+                   help=f"inference batch the activations are sized for (default 8, at most {MAX_BATCH})")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: tasks resident in GPU memory, reported apart)")
     p.add_argument("--device-budget", default=None,
                    help="GPU memory budget for --device cuda, e.g. 2GiB (--budget stays the host RAM budget)")

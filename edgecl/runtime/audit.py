@@ -214,6 +214,10 @@ def _judge(resident: dict[str, Any], static: dict[str, Any], limit: int, device_
     return out
 
 
+STRATEGY_WORDS = {"inplace": "in place: one session, tasks switched in its cache slots",
+                  "sessions": "one session per task"}  # what a deployer reads the audited strategy as
+
+
 def budget_summary(report_or_artifact: Any, budget: int | str | None = None, batch: int = 8,
                    device: str = "cpu") -> str:
     """A short human summary of an audit: pass `audit(...)`'s report, or an artifact and a budget to audit now
@@ -230,7 +234,7 @@ def budget_summary(report_or_artifact: Any, budget: int | str | None = None, bat
                 f"  artifact {format_bytes(s['total_bytes'])} for {s['tasks']} tasks; audit a smaller --batch")
     lines = [
         f"budget {format_bytes(report['budget'])}: {'FITS' if report['fits'] else 'DOES NOT FIT'} "
-        f"(needs {format_bytes(report['needed'])} resident at batch {r['batch']})",
+        f"(needs {format_bytes(report['needed'])} resident at batch {r['batch']}, {STRATEGY_WORDS[r['strategy']]})",
         f"  artifact {format_bytes(s['total_bytes'])} for {s['tasks']} tasks = {s['bits_per_param']:.2f} bits per "
         f"parameter of one model; {s['tasks']} separate dense models: {format_bytes(s['separate_dense_bytes'])} "
         f"({s['separate_dense_bytes'] / s['total_bytes']:.1f}x larger)",
