@@ -230,3 +230,30 @@ def test_latency_before_and_after_compaction_is_reported_per_task(tmp_path, caps
             assert set(timing) == {"dense", "compact", "speedup"} and set(timing["speedup"]) == {"1", "64"}
             assert all(v > 0 for part in timing.values() for v in part.values())
         assert "faster b1/b64" in capsys.readouterr().out
+
+
+def test_exported_files_name_their_task_in_plain_onnxruntime(tmp_path):
+    """A deployer opens task_NNN.onnx in plain ONNX Runtime, away from index.json: the graph's metadata names its
+    task, classes and model (they held none), the input and output are the ones index.json gives, and the logits
+    are the runtime's."""
+    import onnxruntime as ort
+    from edgecl.runtime import TaskRuntime
+    packed = random_packed(preset("lenet"), n_tasks=3, classes=(4, 2, 3))
+    path = tmp_path / "m.edgecl"
+    artifact.save(packed, path)
+    done = subprocess.run([sys.executable, "-m", "edgecl", "export", str(path), "--out", str(tmp_path / "onnx"),
+                           "--quiet"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    index = json.loads((tmp_path / "onnx" / "index.json").read_text())
+    x = np.random.default_rng(0).random((2, *packed.arch["input_shape"]), dtype=np.float32)
+    runtime = TaskRuntime(str(path))
+    for entry in index["tasks"]:
+        session = ort.InferenceSession(str(tmp_path / "onnx" / entry["file"]), providers=["CPUExecutionProvider"])
+        meta = session.get_modelmeta().custom_metadata_map
+        assert meta == {"edgecl.task_index": str(entry["index"]), "edgecl.task_name": entry["name"],
+                        "edgecl.n_classes": str(entry["n_classes"]), "edgecl.method": index["method"],
+                        "edgecl.arch": index["arch"], "edgecl.n_tasks": "3", "edgecl.version": index["edgecl_version"]}
+        assert [i.name for i in session.get_inputs()] == [index["input"]["name"]]
+        assert [o.name for o in session.get_outputs()] == [index["output"]["name"]]
+        logits = session.run(None, {index["input"]["name"]: x})[0]
+        np.testing.assert_allclose(logits, runtime.infer(x, task=entry["index"]), atol=1e-4, rtol=1e-4)

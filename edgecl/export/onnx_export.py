@@ -184,10 +184,21 @@ def _export_task(src: ModelSource, t: int, out: Path, fp16: bool, compact: bool,
     params = src.materialize(t)
     model, stats = task_model(src.arch, params, compact=compact, fp16=fp16, verify=verify, name=f"task_{t}",
                               latency=latency)
+    helper.set_model_props(model, task_metadata(src, t))
     data = model.SerializeToString()
     write_atomic(out / task_file(t), data)
     return {"index": t, "name": info.name, "n_classes": int(info.n_classes), "file": task_file(t),
             "bytes": len(data), **stats}
+
+
+def task_metadata(src: ModelSource, t: int) -> dict[str, str]:
+    """What a task's graph says about itself (ONNX `metadata_props`, read by any ONNX Runtime as
+    `InferenceSession.get_modelmeta().custom_metadata_map`): a `task_007.onnx` copied away from its `index.json`
+    still names its task, its classes and the model it came from."""
+    info = src.tasks[t]
+    return {"edgecl.task_index": str(t), "edgecl.task_name": info.name, "edgecl.n_classes": str(int(info.n_classes)),
+            "edgecl.method": src.method, "edgecl.arch": src.arch.get("name", "custom"),
+            "edgecl.n_tasks": str(src.n_tasks), "edgecl.version": __version__}
 
 
 def _verified(model: onnx.ModelProto, dense: onnx.ModelProto, arch: Arch,
