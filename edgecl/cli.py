@@ -57,11 +57,30 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeclError as exc:
         print(f"edgecl {name}: error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in EXTRA_OF:
+            raise
+        print(f"edgecl {name}: error: {_missing_extra(name, exc.name or '')}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"edgecl {name}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return _stdout_closed()
+
+
+EXTRA_OF = {"torch": "train", "sklearn": "train", "scipy": "train", "tqdm": "train", "matplotlib": "train",
+            "torchvision": "vision", "timm": "vision"}
+"""Packages a device install (numpy + onnxruntime: the `runtime` extra) lacks, and the extra that brings each."""
+
+
+def _missing_extra(command: str, module: str) -> str:
+    """The message for a command that needs a package this install does not have: which one, and the pip line,
+    instead of an import traceback (`edgecl train` on a torch-free device)."""
+    package = module.split(".")[0]
+    return (f"{package} is not installed: `edgecl {command}` needs the '{EXTRA_OF[package]}' extra (pip install "
+            f"'edgecl[{EXTRA_OF[package]}]'); a device install (numpy + onnxruntime) runs inspect, audit, export, run "
+            f"and doctor")
 
 
 def _labelled(name: str, show: Callable[..., None]) -> Callable[..., None]:

@@ -98,3 +98,44 @@ def test_doctor_exits_1_when_onnxruntime_is_missing():
     assert done.returncode == 1, done.stderr[-2000:]
     report = json.loads(done.stdout)
     assert not report["runtime_ready"] and "cannot import onnxruntime" in report["onnxruntime"]["error"]
+
+
+ABSENT = textwrap.dedent("""
+    import importlib.abc, sys
+
+    class Absent(importlib.abc.MetaPathFinder):  # as a runtime-only install: these packages do not exist
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in {"torch", "tqdm", "sklearn", "scipy", "matplotlib", "torchvision", "timm"}:
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+
+    sys.meta_path.insert(0, Absent())
+    from edgecl.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_device_commands_run_and_train_says_what_to_install_without_torch(tmp_path):
+    """On a device install (no torch, no training packages) the device commands run on a real artifact file, and
+    `edgecl train`/`demo` exit 2 naming the missing package and the extra to install (they died with an import
+    traceback, exit 1)."""
+    import numpy as np
+    from edgecl import artifact
+    from edgecl.arch import preset
+    from edgecl.synthetic import random_packed
+    path = tmp_path / "model.edgecl"
+    artifact.save(random_packed(preset("mlp"), n_tasks=2), path)
+    np.save(tmp_path / "x.npy", np.zeros((2, 1, 8, 8), np.float32))
+
+    def edgecl(*argv):
+        return subprocess.run([sys.executable, "-c", ABSENT, *argv], capture_output=True, text=True, timeout=180)
+
+    for argv in (["inspect", str(path)], ["audit", str(path), "--budget", "64MiB"],
+                 ["run", str(path), "--task", "1", "--input", str(tmp_path / "x.npy")],
+                 ["export", str(path), "--out", str(tmp_path / "onnx"), "--quiet"]):
+        done = edgecl(*argv)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, (argv, done.stderr[-2000:])
+    for argv in (["train", "--method", "lps", "--out", str(tmp_path / "t")], ["demo", "--out", str(tmp_path / "d")]):
+        done = edgecl(*argv)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, (argv, done.stderr[-2000:])
+        assert f"error: torch is not installed: `edgecl {argv[0]}` needs the 'train' extra" in done.stderr
