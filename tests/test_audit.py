@@ -185,3 +185,28 @@ def test_the_default_audit_judges_what_the_runtime_will_run(demo_like):
         text = edgecl("audit", path, "--budget", budget).stdout.splitlines()[0]  # the summary names it too
         assert text.endswith({"sessions": "one session per task)", "inplace": "in its cache slots)"}[chosen[budget]])
     assert set(chosen.values()) == {"sessions", "inplace"}, chosen
+
+
+def test_audit_at_a_budget_without_room_for_the_blocked_layout_audits_the_unblocked_runtime(tmp_path):
+    """A budget that leaves no room for deriving the blocked layout makes the runtime start unblocked and run; the
+    audit judged the blocked runtime's start-up peak instead and said DOES NOT FIT (a resnet18 RGO artifact that
+    runs in 128 MiB was audited as needing 300 MiB). Now it audits what the runtime builds under that budget."""
+    from edgecl import artifact
+    from edgecl.arch import preset
+    from edgecl.runtime import TaskRuntime
+    from edgecl.synthetic import random_packed
+    path = tmp_path / "wide.edgecl"
+    artifact.save(random_packed(preset("resnet", input_shape=(3, 16, 16), width=16), n_tasks=2, shape="lps"), path)
+    peaks = {}
+    for blocked in (True, False):
+        with TaskRuntime(str(path), max_batch=8, cache_tasks=1, charge_environment=True, strategy="inplace",
+                         blocked_convs=blocked) as runtime:
+            peaks[blocked] = runtime.ledger.peak
+    budget = int(1.25 * peaks[False])
+    assert budget < peaks[True]  # no room for deriving: the runtime starts unblocked
+    with TaskRuntime(str(path), max_batch=8, budget=budget, strategy="inplace") as runtime:
+        assert "no room for deriving" in runtime.memory_report()["blocked_fallback"]
+    done = edgecl("audit", str(path), "--budget", str(budget), "--strategy", "inplace", "--json")
+    report = json.loads(done.stdout)
+    assert done.returncode == 0 and report["fits"], (done.stderr, report["needed"], budget, peaks)
+    assert report["resident"]["predicted_peak"] <= budget
