@@ -404,3 +404,22 @@ def test_a_layer_scale_folded_into_a_conv_excludes_that_conv_not_the_model():
     blocked = set(runtime._strategy.blocked_convs)
     assert len(blocked) >= 6 and "conv_block.mlp.fc2" not in blocked, blocked
     check_parity(packed, runtime, np.random.default_rng(10).standard_normal((2, 3, 16, 16)).astype(np.float32))
+
+
+@needs_nchwc
+def test_the_unblocked_retry_charges_the_environment_once(net):
+    """charge_environment=True (the audit's): the blocked build that runs out of budget has charged ONNX Runtime's
+    environment already; the unblocked retry keeps that charge instead of reserving it a second time (a budget of
+    exactly the unblocked runtime's need raised BudgetError asking for the environment again)."""
+    from edgecl.runtime.costs import ENVIRONMENT_ITEM, ORT_ENVIRONMENT
+
+    packed = random_packed(net, 3, "lps", bn="task")
+    (unblocked_peak, _, _), kw = _budget_runtimes(packed, max_batch=64)
+    kw["charge_environment"] = True
+    budget = unblocked_peak + ORT_ENVIRONMENT
+    tight = TaskRuntime(packed, budget=budget, **kw)
+    assert tight._strategy.blocked_convs == [] and tight.ledger.peak <= budget
+    assert tight.ledger.items[ENVIRONMENT_ITEM] == ORT_ENVIRONMENT
+    assert "the budget does not fit it" in tight.memory_report(measure=False)["blocked_fallback"]
+    check_parity(packed, tight, np.random.default_rng(5).standard_normal((1, 3, 8, 8)).astype(np.float32))
+    tight.close()

@@ -77,3 +77,18 @@ def test_library_twins_at_64(name):
     module = build_module(f"timm:{name}", {"img_size": 64}).eval()
     spec = from_torch(module, (3, 64, 64))
     check_parity(module, spec, (3, 64, 64), batch=2)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("where", ["blocks.0.0.attn", "blocks.0.1.attn"])
+def test_the_scale_is_the_one_timm_applies(fused, where):
+    """timm's fused path (its default) calls scaled_dot_product_attention without `scale`, so head_dim^-0.5 applies
+    whatever `m.scale` says; the unfused path multiplies by `m.scale`. A scale (or head count) changed after
+    construction converted with `m.scale` gave logits unlike the module's (no error)."""
+    module = _randomised(tiny_twins())
+    attn = module.get_submodule(where)
+    attn.scale, attn.fused_attn = 0.1, fused
+    check_parity(module, from_torch(module, (1, 8, 8)), (1, 8, 8))
+    if where == "blocks.0.1.attn":  # two heads of 4 channels where the scale was computed for one of 8
+        attn.num_heads = 2
+        check_parity(module, from_torch(module, (1, 8, 8)), (1, 8, 8))

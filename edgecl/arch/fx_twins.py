@@ -35,6 +35,12 @@ def is_twins_attention(m: Any) -> bool:
     return (type(m).__module__, type(m).__name__) in _KINDS
 
 
+def applied_scale(m: nn.Module, ch: int, heads: int) -> float:
+    """The scale timm's forward applies: its fused path (``F.scaled_dot_product_attention`` without ``scale``, the
+    default) uses head_dim^-0.5 whatever ``m.scale`` says; only the unfused path multiplies by ``m.scale``."""
+    return (ch // heads) ** -0.5 if getattr(m, "fused_attn", False) else float(m.scale)
+
+
 class _TwinsConverter:
     """Mixin of `fx_import._Converter`: Twins' window and sub-sampled attentions, kept whole."""
 
@@ -76,7 +82,8 @@ class _TwinsConverter:
         grid = self._emit(node, "reshape", [x], f"{path}.grid", shape=[ch, *hw])
         grid = self._emit(node, "pad", [grid], f"{path}.pad", pads=pad) if any(pad) else grid
         packed = self._emit(node, "conv", [grid], f"{path}.qkv", **pointwise(qkv))
-        out = self.attend_packed(node, packed, path, ch, heads=heads, scale=float(m.scale), window=[ws, ws])
+        out = self.attend_packed(node, packed, path, ch, heads=heads, scale=applied_scale(m, ch, heads),
+                                  window=[ws, ws])
         out = self._emit(node, "pad", [out], f"{path}.crop", pads=[-p for p in pad]) if any(pad) else out
         return self._emit(node, "reshape", [out], f"{path}.tokens", shape=[ch, hw[0] * hw[1], 1])
 
@@ -106,4 +113,5 @@ class _TwinsConverter:
         packed = self._emit(node, "conv", [source], f"{path}.kv", **pointwise(kv))
         k, v = (self._emit(node, "slice", [packed], f"{path}.{p}", start=i * ch, stop=(i + 1) * ch)
                 for i, p in enumerate("kv"))
-        return self._emit(node, "attention", [qs, k, v], f"{path}.attend", heads=heads, scale=float(m.scale))
+        return self._emit(node, "attention", [qs, k, v], f"{path}.attend", heads=heads,
+                          scale=applied_scale(m, ch, heads))

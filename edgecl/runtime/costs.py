@@ -46,6 +46,9 @@ SESSION_CONV_OVERHEAD = 40_000  # per convolution of a session: its kernel's sta
 #                                 resnet18 and the presets were within 0.5 MB (tools/results/session_memory.json)
 
 
+ENVIRONMENT_ITEM = "onnxruntime environment"  # its ledger item
+
+
 class Environment:
     """ONNX Runtime's one-off cost per process (environment, thread pool, kernel registry, first arena).
 
@@ -66,10 +69,11 @@ class Environment:
         return ORT_ENVIRONMENT if always or (always is None and not self._charged) else 0
 
     def charge(self, ledger: Ledger, always: bool | None = None) -> None:
-        """Reserve the environment in `ledger` if this process has not paid it yet (None), or in any case (True)."""
+        """Reserve the environment in `ledger` if this process has not paid it yet (None), or in any case (True);
+        never twice in one ledger (a runtime built again unblocked keeps the first build's charge)."""
         with self._lock:
-            if self.due(always):
-                ledger.reserve("onnxruntime environment", ORT_ENVIRONMENT)
+            if self.due(always) and ENVIRONMENT_ITEM not in ledger.items:
+                ledger.reserve(ENVIRONMENT_ITEM, ORT_ENVIRONMENT)
                 self._charged = True
 
 

@@ -158,7 +158,7 @@ class TaskRuntime:
             strategy.close()
             del self._strategy
         for item in list(self.ledger.items):
-            if item not in ("runtime overhead", "onnxruntime environment"):
+            if item not in ("runtime overhead", costs.ENVIRONMENT_ITEM):
                 self.ledger.release(item)
         self._batch_reserved = 0
         return_free_heap()
