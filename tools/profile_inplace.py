@@ -28,9 +28,10 @@ import numpy as np
 import onnxruntime as ort
 
 from edgecl.deltas import materialize
-from edgecl.graph.builder import build_onnx
+from edgecl.graph.builder import INPUT, OUTPUT, build_onnx
 from edgecl.machine import machine_info
 from edgecl.runtime import TaskRuntime
+from edgecl.runtime.inputs import check_input
 from edgecl.synthetic import random_packed
 
 SHAPES = {"lps": ("lps", "shared"), "lps_task_bn": ("lps", "task"), "node": ("node", "shared"),
@@ -126,8 +127,36 @@ def profile_shape(arch: dict, shape: str, bn: str, args: argparse.Namespace, tmp
         # the runtime's Python call beyond its model_run (switch on a hit, input checks, binding, logits copy)
         row["inplace_call_extra_us"] = 1e3 * row["inplace_wall_ms"] - row["inplace"]["model_run_us"]
         row["dense_call_extra_us"] = 1e3 * row["dense_wall_ms"] - row["dense"]["model_run_us"]
+    out["call_parts_us"] = call_parts(rt, arch)
     rt.close()
     return out
+
+
+def call_parts(rt: TaskRuntime, arch: dict, calls: int = 2000) -> dict[str, float]:
+    """Median µs of the pieces of `infer` beside the session's run, each repeated alone at batch 1 (`_HostStore`'s
+    binding steps, the input check, a switch that hits its slot)."""
+    strategy = rt._strategy
+    x = np.zeros((1, *arch["input_shape"]), np.float32)
+    rt.switch(0)
+    rt.infer(x)
+    slot = strategy.cache.slots[0]
+    binding = strategy._binding(strategy._session, slot, 0)
+    out = np.empty((1, strategy._n_classes[0]), np.float32)
+
+    def median_us(fn) -> float:
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return 1e6 * statistics.median(times)
+
+    return {"bind_task": median_us(lambda: strategy._store.bind_task(binding.io, slot.buffers, 0)),
+            "bind_output": median_us(lambda: binding.io.bind_output(OUTPUT, "cpu", element_type=np.float32,
+                                                                    shape=out.shape, buffer_ptr=out.ctypes.data)),
+            "bind_input": median_us(lambda: binding.io.bind_cpu_input(INPUT, x)),
+            "check_input": median_us(lambda: check_input(x, rt.input_shape)),
+            "switch_hit": median_us(lambda: rt.switch(0))}
 
 
 def merge(parts: list[dict]) -> dict:
@@ -165,6 +194,7 @@ def main() -> None:
                 top = ", ".join(f"{op} {us:+.0f}" for op, us in list(c["per_op_extra_us"].items())[:4])
                 print(f"{name:12s} b{batch:<3d} wall {row['wall_ratio']:.2f}× kernels {c['kernel_ratio']:.2f}× "
                       f"run {c['model_run_ratio']:.2f}× | extra µs: {top} | nodes {c['node_count_diff']}")
+            print(f"{name:12s} call parts (µs):", {k: round(v, 1) for k, v in result["shapes"][name]["call_parts_us"].items()})
             for f in glob.glob(os.path.join(tmp, "*.json")):
                 os.remove(f)
     with open(args.out, "w") as f:
