@@ -39,11 +39,13 @@ SHAPES = {"lps": ("lps", "shared"), "lps_task_bn": ("lps", "task"), "node": ("no
 
 
 def read_profile(path: str, calls: int, drop_last: int) -> dict:
-    """Per call means (µs) from one profiler file: the `calls` model_run events that end `drop_last` runs before the
-    file's end, and the node kernels inside them."""
+    """Per call means (µs; means, so the kernels add up inside model_run) from one profiler file: the `calls`
+    model_run events that end `drop_last` runs before the file's end, and the node kernels inside them."""
     with open(path) as f:
         events = json.load(f)
     runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
+    if calls < 1 or len(runs) < drop_last + calls:  # a negative slice start would wrap round to other runs
+        raise ValueError(f"{path}: {len(runs)} model_run events, {calls} + {drop_last} asked")
     runs = runs[len(runs) - drop_last - calls:len(runs) - drop_last]
     lo, hi = runs[0]["ts"], runs[-1]["ts"] + runs[-1]["dur"]
     nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and lo <= e["ts"] <= hi]
@@ -56,7 +58,7 @@ def read_profile(path: str, calls: int, drop_last: int) -> dict:
         if e["name"] not in names:
             names.add(e["name"])
             count[op] += 1
-    return {"model_run_us": statistics.median(e["dur"] for e in runs),
+    return {"model_run_us": statistics.mean(e["dur"] for e in runs),  # means: its kernels add up inside it
             "kernels_us": sum(per_op.values()), "per_op_us": dict(sorted(per_op.items(), key=lambda kv: -kv[1])),
             "nodes": dict(sorted(count.items()))}
 
@@ -194,7 +196,8 @@ def main() -> None:
                 top = ", ".join(f"{op} {us:+.0f}" for op, us in list(c["per_op_extra_us"].items())[:4])
                 print(f"{name:12s} b{batch:<3d} wall {row['wall_ratio']:.2f}× kernels {c['kernel_ratio']:.2f}× "
                       f"run {c['model_run_ratio']:.2f}× | extra µs: {top} | nodes {c['node_count_diff']}")
-            print(f"{name:12s} call parts (µs):", {k: round(v, 1) for k, v in result["shapes"][name]["call_parts_us"].items()})
+            parts = result["shapes"][name]["call_parts_us"]
+            print(f"{name:12s} call parts (µs):", {k: round(v, 1) for k, v in parts.items()})
             for f in glob.glob(os.path.join(tmp, "*.json")):
                 os.remove(f)
     with open(args.out, "w") as f:
