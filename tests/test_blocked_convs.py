@@ -21,6 +21,7 @@ from edgecl.runtime.blocked_convs import (BLOCKS, LAYOUTS, Candidate, derive, fi
                                           reorder, reorder_index, unblock)
 from edgecl.runtime.blocked_plans import BlockedPlan
 from edgecl.runtime.plan import read_plans
+from edgecl.runtime.providers import ALIGN, aligned_zeros
 from edgecl.source import open_model
 from edgecl.synthetic import random_packed
 
@@ -127,6 +128,32 @@ def test_every_delta_kind_matches_materialize(net, shape, bn):
     x = np.random.default_rng(2).standard_normal((3, 3, 8, 8)).astype(np.float32)
     check_parity(packed, runtime, x)
     assert runtime._strategy.blocked_convs  # something ran blocked (the 3-channel first conv at least)
+
+
+@needs_nchwc
+@pytest.mark.parametrize("shape", ["lps", "node"])
+def test_what_mlas_reads_in_place_starts_on_a_cache_line(net, shape):
+    """Slot buffers (LPS: blocked filters written at a switch) and the derived graph's external constants (node
+    masks: ONNX Runtime's reordered shared filters) are read by MLAS where they lie; numpy's 16-byte alignment made
+    its 64-byte loads straddle cache lines (resnet18 LPS convs 1.15× dense at batch 64, tools/profile_inplace.py)."""
+    packed = random_packed(net, 3, shape, bn="task")
+    runtime = TaskRuntime(packed, strategy="inplace", cache_tasks=2, threads=1)
+    strategy = runtime._strategy
+    runtime.switch(1)
+    host = [a for slot in strategy.cache.slots for a in slot.buffers.host.values()]
+    constants = list(strategy._blocked.constants.values())
+    assert host and (shape == "lps" or constants)
+    assert all(a.ctypes.data % ALIGN == 0 and a.flags.c_contiguous for a in host + constants)
+    check_parity(packed, runtime, np.random.default_rng(3).standard_normal((2, 3, 8, 8)).astype(np.float32))
+
+
+@pytest.mark.parametrize("shape", [(1,), (3, 5), (64, 3, 7, 7), (0, 4)])
+def test_aligned_zeros(shape):
+    a = aligned_zeros(shape)
+    assert a.shape == shape and a.dtype == np.float32 and not a.any() and a.flags.writeable
+    assert a.size == 0 or a.ctypes.data % ALIGN == 0
+    a[...] = 1  # its own memory: writing it touches nothing else
+    assert a.sum() == a.size
 
 
 @needs_nchwc

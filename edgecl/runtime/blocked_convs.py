@@ -39,6 +39,7 @@ from edgecl.arch.spec import BN_TENSORS
 from edgecl.graph.builder import _external, build_onnx
 from edgecl.runtime.fold_bn import bn_fold
 from edgecl.runtime.plan import TensorPlan
+from edgecl.runtime.providers import aligned_zeros
 
 NCHWC = "com.microsoft.nchwc"
 LAYOUTS = ("OIHWBiBo", "OIHWBo")  # MLAS filter formats: input channels blocked too, or not (NCHW input, depthwise)
@@ -382,7 +383,10 @@ def _finish(model: onnx.ModelProto, accepted: dict[str, BlockedConv]) -> Blocked
             graph.input.append(helper.make_tensor_value_info(init.name, TensorProto.FLOAT, list(init.dims)))
             continue
         if init.data_type == TensorProto.FLOAT and int(np.prod(init.dims)) >= MIN_EXTERNAL:
-            constants[init.name] = np.ascontiguousarray(numpy_helper.to_array(init), np.float32)
+            # 64-byte aligned: an NCHWc filter here is read in place by MLAS (no pre-packing with optimisation off)
+            value = numpy_helper.to_array(init)
+            constants[init.name] = aligned_zeros(value.shape)
+            constants[init.name][...] = value
             kept.append(_external(init.name, constants[init.name]))
         else:
             kept.append(init)

@@ -35,7 +35,7 @@ from edgecl.runtime.device_store import DeviceStore
 from edgecl.runtime.fold_bn import FoldedBN
 from edgecl.errors import BudgetError, EdgeclWarning, UsageError
 from edgecl.runtime.plan import TensorPlan, read_on_miss, read_plans, task_tensor_plans
-from edgecl.runtime.providers import require_placement, session_options, session_providers, to_ortvalue
+from edgecl.runtime.providers import aligned_zeros, require_placement, session_options, session_providers, to_ortvalue
 from edgecl.runtime.slots import Slot, SlotCache
 from edgecl.runtime.switch_standardize import SwitchStandardized, gain_value
 from edgecl.source import IN_MEMORY, ModelSource
@@ -87,7 +87,7 @@ class _HostStore:
             if any(p.splits for p in varying) and self._workers > 1 else None
 
     def new_slot(self, index: int) -> _Buffers:
-        host = {p.name: np.zeros(p.shape, np.float32) for p in self.varying}
+        host = {p.name: aligned_zeros(p.shape) for p in self.varying}
         return _Buffers(host, {p.name: to_ortvalue(host[p.name]) for p in self.varying
                                if p.plan != "read" and p.name not in self._std.unread})
 
@@ -161,6 +161,7 @@ class InPlace:
         self.varying = [p for p in self.plans if p.varies]  # the plans a switch writes into a slot
         self.ledger.reserve("model tensors", _model_tensor_bytes(self.plans))
         self.session_params: list[int] = []
+        self._constant_values: list[Any] | None = None
         self.cache: SlotCache | None = None
         self._local = threading.local()
         if resident == "host":
@@ -218,27 +219,12 @@ class InPlace:
     def start(self, cache_tasks: int | None) -> None:
         if self._mask_bytes:
             self.ledger.reserve("task masks", self._mask_bytes)
-        constants = {p.name: p.base for p in self.plans if p.constant and p.name not in self.std.unread}
+        constants = self._constants()
         self.ledger.reserve("session", costs.switchable_session_bytes(constants.values(), self.arch, self._factors))
         if self.device == "cuda":  # the CUDA EP copies the constants to the device, and has its fixed cost
             self._slot_ledger.reserve("device session constants", costs.held_bytes(constants.values()))
             self._slot_ledger.reserve("device CUDA EP session", costs.CUDA_SESSION_FIXED)
-        options = session_options(self.threads)
-        if self._blocked is not None:  # optimised already; its external constants are the const plans' arrays
-            model = self._blocked.model
-            options.graph_optimization_level = blocked_convs.session_level()
-        else:
-            model = build_onnx(self.folded_bn.arch, weights_as_inputs=True, constants=constants,
-                               factors=self._factors, external_constants=True)
-        self.graph_ops = frozenset(n.op_type for n in model.graph.node)  # what each call computes, for tests
-        if constants:
-            self._constant_values = [to_ortvalue(a) for a in constants.values()]  # must outlive the session
-            options.add_external_initializers(list(constants), self._constant_values)
-        # GemmTransposeFusion would turn a permuted layer's GEMM + transpose into one GEMM that reads the weight
-        # un-packed: 0.9× at batch 64 but 1.5× at batch 1 (tools/bench_switch.py); devices mostly run batch 1
-        self._session = ort.InferenceSession(model.SerializeToString(), options,
-                                             providers=session_providers(self.providers, self.cuda_graph),
-                                             disabled_optimizers=["GemmTransposeFusion"])
+        self._session = self.new_session()
         require_placement(self._session, self.device)
         buffers = []
         for i in range(self._slot_count(cache_tasks)):
@@ -247,6 +233,33 @@ class InPlace:
             self.ledger.reserve(f"cache slot {i}", host_bytes + costs.SLOT_OVERHEAD)
             buffers.append(self._store.new_slot(i))
         self.cache = SlotCache(buffers, lambda slot, t: self._store.fill(slot.buffers, t), owner="this TaskRuntime")
+
+    def _constants(self) -> dict[str, np.ndarray]:
+        return {p.name: p.base for p in self.plans if p.constant and p.name not in self.std.unread}
+
+    def new_session(self, profile_prefix: str | None = None) -> ort.InferenceSession:
+        """The session every task runs (`start`); `profile_prefix` turns on ONNX Runtime's profiler for the same
+        graph and options, so `tools/profile_inplace.py` times exactly what `infer` runs."""
+        constants = self._constants()
+        options = session_options(self.threads)
+        if profile_prefix is not None:
+            options.enable_profiling, options.profile_file_prefix = True, profile_prefix
+        if self._blocked is not None:  # optimised already; its external constants are the const plans' arrays
+            model = self._blocked.model
+            options.graph_optimization_level = blocked_convs.session_level()
+        else:
+            model = build_onnx(self.folded_bn.arch, weights_as_inputs=True, constants=constants,
+                               factors=self._factors, external_constants=True)
+        self.graph_ops = frozenset(n.op_type for n in model.graph.node)  # what each call computes, for tests
+        if constants:
+            if self._constant_values is None:  # must outlive every session made here: made once
+                self._constant_values = [to_ortvalue(a) for a in constants.values()]
+            options.add_external_initializers(list(constants), self._constant_values)
+        # GemmTransposeFusion would turn a permuted layer's GEMM + transpose into one GEMM that reads the weight
+        # un-packed: 0.9× at batch 64 but 1.5× at batch 1 (tools/bench_switch.py); devices mostly run batch 1
+        return ort.InferenceSession(model.SerializeToString(), options,
+                                    providers=session_providers(self.providers, self.cuda_graph),
+                                    disabled_optimizers=["GemmTransposeFusion"])
 
     def _slot_count(self, cache_tasks: int | None) -> int:
         """As asked, else as many as the budget (the device's for device slots) leaves room for (`DEFAULT_SLOTS`

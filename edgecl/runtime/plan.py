@@ -51,7 +51,10 @@ FACTOR_MIN_ELEMENTS = 1 << 16
 # ... except node masks and permutations of convolutions reading at least this many channels per group: ONNX Runtime
 # runs a convolution whose weight is a graph input without its blocked layout and BatchNorm fusion, 1.1-2.8× slower
 # than with a constant weight (16-64 channels), while the factored form's Mul or Gather costs 1.0-1.4× (with one
-# input channel the Mul cost more than it saved) (tools/results/bench_switch_resnet18.json)
+# input channel the Mul cost more than it saved) (tools/results/bench_switch_resnet18.json). Kept now that switched
+# convs run blocked: folding resnet18's node masks runs 0.98-1.00× dense at batch 64 against 1.08-1.12× factored,
+# but each switch then copies every weight (4-8 ms, 10-40× under a new session, against 0.02-0.04 ms) and batch 1
+# gains nothing measurable; `factor=False` is the choice for large batches (bench_switch_resnet18_aligned*.json)
 CONV_FACTOR_MIN_CHANNELS = 8
 
 

@@ -134,6 +134,20 @@ def shared_cpu_arena() -> bool:
         return _ARENA[0]
 
 
+ALIGN = 64  # bytes: one cache line, MLAS's widest (AVX-512) vector
+
+
+def aligned_zeros(shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+    """Zeros starting on a 64-byte boundary, as ONNX Runtime allocates its own tensors. numpy only guarantees 16
+    bytes: a blocked conv's filter bound from such a buffer made MLAS's 64-byte vector loads straddle cache lines
+    (tools/profile_inplace.py: resnet18 LPS convs' kernels 1.15× a dense session's at batch 64)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.zeros(n + ALIGN, np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start:start + n].view(dtype).reshape(shape)
+
+
 def to_ortvalue(array: np.ndarray) -> ort.OrtValue:
     """A bind-ready value sharing the numpy memory (no copy; keep the array alive). Host memory only: the device path
     binds device arrays by pointer (`edgecl.runtime.device_store`)."""
