@@ -301,6 +301,9 @@ def _spec(draw) -> dict:
                 draw(st.sampled_from([0, dims[0] + 1, "2"]))
             if draw(st.booleans()):
                 node["eps"] = draw(st.sampled_from([1e-12, 0.5])) if fits else draw(st.sampled_from([0, 1, "1e-6", 1e-300]))
+            if draw(st.booleans()):  # DaViT's: no L2 norms and a fixed scale (no temperature tensor)
+                node["normalize"] = draw(st.booleans()) if fits else draw(st.sampled_from([0, "false", None]))
+                node["scale"] = draw(st.sampled_from([0.25, 2.0])) if fits else draw(st.sampled_from([1e300, "0.5", True]))
         elif op == "lambda_layer":  # a lambda layer of one map (q = k = v: one head of dim = its channels), r
             node["inputs"] += [src, src]
             node["heads"] = 1 if fits else draw(st.sampled_from([0, 2, "1"]))

@@ -1,7 +1,8 @@
 """Tiny networks for the Vision Transformers whose blocks `from_torch` follows beyond `layer_nets`: FastViT's
 attention stage (multi-head self-attention over a map's positions written in forward), PiT (class tokens split
-off, the rest pooled as a map, tokens joined again), EfficientViT-MSRA's cascaded window attention and Twins
-(window attention on zero-padded maps, sub-sampled keys and values). Small
+off, the rest pooled as a map, tokens joined again), EfficientViT-MSRA's cascaded window attention, Twins
+(window attention on zero-padded maps, sub-sampled keys and values) and DaViT (window attention on zero-padded maps,
+channel attention kᵀv applied to q). Small
 enough for every method on real digit tasks (tests/test_methods_on_graphs.py)."""
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from edgecl.arch import from_torch
 from edgecl.arch.factories import ensure_torchvision_imports
 
 ensure_torchvision_imports()
+from timm.models.davit import DaVit  # noqa: E402
 from timm.models.efficientvit_msra import ConvMlp, LocalWindowAttention  # noqa: E402
 from timm.models.fastvit import Attention as FastVitAttention  # noqa: E402
 from timm.models.fastvit import AttentionBlock, RepConditionalPosEnc  # noqa: E402
@@ -96,3 +98,16 @@ def tiny_twins(classes: int = 3, in_channels: int = 1, image: int = 8, window: i
 
 def twins_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(tiny_twins(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
+
+
+def tiny_davit(classes: int = 3, in_channels: int = 1, image: int = 8, window: int = 3, **kwargs) -> nn.Module:
+    """timm's DaViT in small: its stride-4 stem to an (image / 4)² map of 8 channels, a spatial block (window
+    attention over `window`² windows: 3 pads the 2×2 map of an 8-pixel image to 3×3) and a channel block (1 head);
+    a second stage of 16 channels (2 heads) on the halved map; LayerNorm'd mean of the map and the classifier."""
+    args = dict(in_chans=in_channels, num_classes=classes, depths=(1, 1), embed_dims=(8, 16), num_heads=(1, 2),
+                window_size=window, mlp_ratio=2)
+    return DaVit(**{**args, **kwargs})
+
+
+def davit_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(tiny_davit(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))

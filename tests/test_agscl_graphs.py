@@ -7,7 +7,8 @@ position embedding), `TinyMNv4Hybrid` (multi-query), `TinyBlur` (BlurPool), `Tin
 (weight-standardised convs, whose cut connections must leave the kept ones' standardised values), `TinyMetaFormer`
 (bias-less norms, StarReLU: a scalar affine after a squared ReLU, pooling and SepConv mixers), `TinyMixer`,
 `TinyResMLP` (Affine norms: a dead node is its offset, not 0), `TinyGMLP` (a gate over a channel split of tokens),
-`TinyMambaOut` (channel splits and a concatenation of channels-last maps) and PiT (class
+`TinyMambaOut` (channel splits and a concatenation of channels-last maps), Twins and DaViT (window attention on
+zero-padded maps; DaViT's channel attention kᵀv applied to q) and PiT (class
 tokens split off and joined around its pooling) modules; TinyHGNet's scalar affines make a dead node the affine's
 bias, not 0), on real digits training: dead node groups exactly zero, important ones frozen bit for bit, old tasks
 bit-identical, the runtime and ONNX export equal `materialize`, and `--resume` continues."""
@@ -22,7 +23,7 @@ from neck_nets import TinyFPN
 from layer_nets_meta import TinyMetaFormer
 from layer_nets_mixer import TinyGMLP, TinyMambaOut, TinyMixer, TinyResMLP
 from layer_nets_nf import TinyGroupNormNet, TinyNFNet, TinyStdNet
-from layer_nets_vit import TinyEfficientViTMsra, TinyFastViT, tiny_pit, tiny_twins
+from layer_nets_vit import TinyEfficientViTMsra, TinyFastViT, tiny_davit, tiny_pit, tiny_twins
 from linear_nets import TinyEdgeNeXt, TinyEfficientViT, TinyLambdaNet, TinyMobileViTv2
 from xcit_nets import TinyXCiT
 from torch_nets import MODELS, GhostSplit, ResCat, TinyConvNeXt
@@ -92,14 +93,15 @@ def _arch(name: str) -> dict:
               "meta": lambda: TinyMetaFormer(in_channels=3, width=16),
               "xcit": lambda: TinyXCiT(in_channels=3, width=16), "mixer": lambda: TinyMixer(in_channels=3),
               "resmlp": lambda: TinyResMLP(in_channels=3), "gmlp": lambda: TinyGMLP(in_channels=3),
-              "mambaout": lambda: TinyMambaOut(in_channels=3), "twins": lambda: tiny_twins(in_channels=3)}
+              "mambaout": lambda: TinyMambaOut(in_channels=3), "twins": lambda: tiny_twins(in_channels=3),
+              "davit": lambda: tiny_davit(in_channels=3)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
 _CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4", "vit_tokens", "blur", "mobilevit",
            "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra",
            "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta", "xcit", "mixer", "resmlp", "gmlp",
-           "mambaout", "twins")
+           "mambaout", "twins", "davit")
 
 
 def _stream(name: str, n_tasks: int):
@@ -124,7 +126,7 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
                                                 "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra",
                                                 "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta",
                                                 "xcit", "mixer", "resmlp", "gmlp", "mambaout",
-                                                "twins"])
+                                                "twins", "davit"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

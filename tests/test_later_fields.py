@@ -3,7 +3,8 @@ default means its absence; a spec with every later field written out at any of i
 same normal form (key order too: the file's JSON), whose fields at a default are only the ones it keeps, and the
 stored form leaves every one out and reads back as the same spec, on graphs that use these fields off their
 defaults too (GroupNorm, weight standardisation, skipinit, tokens, windows, grid and talking-head attention, shared
-bias rows, pooled patches, Swin's order, padding modes, bilinear up-sampling, MetaFormer's bias-less norms)."""
+bias rows, pooled patches, Swin's order, padding modes, bilinear up-sampling, MetaFormer's bias-less norms,
+XCA's and DaViT's channel attention)."""
 from __future__ import annotations
 
 import json
@@ -14,8 +15,8 @@ from layer_nets import (blur_spec, efficientformer_spec, hgnet_spec, maxvit_spec
                         vit_spec)
 from layer_nets_meta import metaformer_spec
 from layer_nets_nf import group_norm_spec, nf_spec, std_spec
-from layer_nets_vit import efficientvit_msra_windows_spec, pit_spec
-from linear_nets import mobilevit2_spec
+from layer_nets_vit import davit_spec, efficientvit_msra_windows_spec, pit_spec
+from linear_nets import edgenext_spec, mobilevit2_spec
 from neck_nets import fpn_spec
 
 from edgecl.arch import validate
@@ -29,7 +30,7 @@ GRAPHS = {"upsample": lambda: UPSAMPLE, "hgnet": hgnet_spec, "s2d": s2d_spec, "g
           "efficientformer": efficientformer_spec, "maxvit": maxvit_spec, "swin": swin_spec, "pit": pit_spec,
           "vit_tokens": lambda: vit_spec(registers=2, distilled=True, frozen_pos=True),
           "efficientvit_msra_windows": efficientvit_msra_windows_spec, "mobilevit2": mobilevit2_spec,
-          "metaformer": metaformer_spec}
+          "metaformer": metaformer_spec, "edgenext": edgenext_spec, "davit": davit_spec}
 
 
 def test_each_later_field_is_a_field_of_its_op_and_its_default_means_absence():

@@ -63,7 +63,9 @@ TIMM = ["resnet10t", "resnet18", "mobilenetv3_small_050", "mobilenetv2_050", "ef
         # GhostNetV3 (its re-parameterisable branches, run as they are in eval mode)
         "ghostnetv3_050",
         # Twins: locally grouped (window) attention on zero-padded maps, global sub-sampled attention (PCPVT, SVT)
-        "twins_pcpvt_small", "twins_svt_small"]
+        "twins_pcpvt_small", "twins_svt_small",
+        # DaViT: window attention on zero-padded maps, channel attention (k^T·v applied to q, fixed scale)
+        "davit_tiny"]
 # models whose position embedding (LeViT: attention-bias index) fixes the input size: built for the 64×64 traced
 BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_patch16_224": {"img_size": 64},
               "timm:deit_tiny_patch16_224": {"img_size": 64}, "timm:deit_tiny_distilled_patch16_224": {"img_size": 64},

@@ -9,6 +9,7 @@ from edgecl.arch.fx_attention2d import _Attention2dConverter
 from edgecl.arch.fx_blur import _BlurConverter
 from edgecl.arch.fx_calls import _CallConverter
 from edgecl.arch.fx_classifier import _ClassifierConverter
+from edgecl.arch.fx_davit import _DavitConverter
 from edgecl.arch.fx_eca import _EcaConverter
 from edgecl.arch.fx_edgenext import _EdgeNextConverter
 from edgecl.arch.fx_efficientformer import _EfficientFormerConverter
@@ -39,5 +40,5 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _GlobalContextConverter, _SpaceToDepthConverter, _LevitConverter, _SwinConverter,
                _TinyVitConverter, _BlurConverter, _EfficientFormerConverter, _MobileVitConverter,
                _MaxVitConverter, _EfficientVitConverter, _EfficientVitMsraConverter, _EdgeNextConverter,
-               _LambdaConverter, _TokenMixConverter, _XcitConverter, _TwinsConverter):
+               _LambdaConverter, _TokenMixConverter, _XcitConverter, _TwinsConverter, _DavitConverter):
     """Every family's conversions, in one base class."""

@@ -42,6 +42,8 @@ LATER_FIELDS: dict[str, dict[str, LaterField]] = {
     "token": {"count": LaterField((1,), **_KEPT)},  # one token picked
     "pos_embed": {"frozen": LaterField((False,), **_KEPT)},  # a learned embedding
     "pad": {"mode": LaterField(("constant",), **_KEPT)},
+    # XCA: q and k L2-normalised, a learned per-head temperature (before DaViT's fixed scale, no normalisation)
+    "channel_attention": {"normalize": LaterField((True,)), "scale": _NONE},
     "upsample": {"mode": LaterField(("nearest",), **_KEPT), "align_corners": LaterField((False,), **_KEPT)},
 }
 

@@ -48,7 +48,7 @@ def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
                 shapes[f"{node['name']}.{mix}"] = (node["heads"], node["heads"], 1, 1)
         if node["op"] == "lambda_layer":  # timm's Conv3d of kernel (r, r, 1)
             shapes[f"{node['name']}.weight"] = (*shapes[f"{node['name']}.weight"], 1)
-        if node["op"] == "channel_attention":  # timm's XCA temperature, (heads, 1, 1)
+        if node["op"] == "channel_attention" and node.get("scale") is None:  # timm's XCA temperature, (heads, 1, 1)
             shapes[f"{node['name']}.temperature"] = (node["heads"], 1, 1)
         if node["op"] == "attention" and node.get("bias_table") == "tf":  # (heads, offsets) with its 2-D offsets
             shapes[f"{node['name']}.bias"] = (node["heads"], *(2 * w - 1 for w in node["window"]))

@@ -65,8 +65,8 @@ def attention_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     (heads,) biases; XCA's per-head temperature (`edgecl.arch.sdta_ops`); a lambda layer's position filters and their
     bias (`edgecl.arch.lambda_ops`)."""
     h = node["heads"]
-    if node["op"] == "channel_attention":
-        return {"temperature": (h,)}
+    if node["op"] == "channel_attention":  # none where its scale is fixed (DaViT's)
+        return {"temperature": (h,)} if node.get("scale") is None else {}
     if node["op"] == "lambda_layer":
         return lambda_tensor_shapes(node)
     shapes = {"bias": (h, node["bias_offsets"])} if node.get("bias_offsets") else {}

@@ -198,7 +198,8 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "linear_attention": {"heads": ("size", ...), "eps": ("eps", 1e-5), "kernel": ("kernel", "relu")},
     "token": {"index": ("index", 0), "count": ("size", 1)},
     "token_mix": {"in": ("size", ...), "out": ("size", ...), "bias": ("bool", True)},
-    "channel_attention": {"heads": ("size", ...), "eps": ("eps", 1e-12)},
+    "channel_attention": {"heads": ("size", ...), "eps": ("eps", 1e-12), "normalize": ("bool", True),
+                          "scale": ("number", None)},
     "fourier_pos": {"hidden": ("size", ...), "temperature": ("number", 10000.0)},
     "lambda_layer": {"heads": ("size", ...), "dim": ("size", ...), "r": ("size", ...)},
 }

@@ -7,7 +7,9 @@ output shapes and work bounds (`edgecl.arch.ops` asks here), and the Fourier pos
   positions (divided by max(‖·‖, ``eps``), ``F.normalize``), the d × d scores q̂·k̂ᵀ times the head's learned
   ``temperature`` and their softmax over k's channels, times v: output channel i of a head is Σ_j softmax_j ·
   v_j. Tensor ``temperature`` ``(heads,)`` (stored ``(heads, 1, 1)`` as timm's ``MODULE.temperature``, starting at
-  1); like an attention's bias it belongs to no channel (`ROWLESS_OPS`: methods keep it per task). A dead channel
+  1); like an attention's bias it belongs to no channel (`ROWLESS_OPS`: methods keep it per task). DaViT's channel
+  attention is the same op with ``normalize`` false (the scores of q and k as they are) and a fixed ``scale`` in
+  place of the temperature (no tensor), reading its k, v, q as q, k, v (softmax of kᵀv applied to q). A dead channel
   of q or k is not a dead output (its scores are 0, not −∞, and it still takes its share of the softmax), so every
   channel of q, k and v is pinned and kept in order (`edgecl.arch.channels`); its output is varying, and channels of
   its own (channel i mixes its head's v channels: not 0 when q_i, k_i and v_i are), pinned too.

@@ -13,20 +13,24 @@ from edgecl.graph.nodes import Builder
 
 def channel_attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list[int]]) -> str:
     """A ``channel_attention`` node: on (N, heads, d, T) views, q and k divided by max(their L2 norm over T, eps)
-    (``F.normalize``), Softmax over k's channels of q̂·k̂ᵀ times the head's temperature, MatMul with v; back to the
-    map's (N, C, H, W)."""
+    (``F.normalize``; not where ``normalize`` is false), Softmax over k's channels of q̂·k̂ᵀ times the head's
+    temperature (or the fixed ``scale``), MatMul with v; back to the map's (N, C, H, W)."""
     (c, *hw), h = shapes[0], node["heads"]
     heads = b.ints(0, h, c // h, math.prod(hw))
-    eps = b.constant(float(node["eps"]))
+    eps = b.constant(float(node["eps"])) if node.get("normalize", True) else None
 
     def normalised(x: str) -> str:
         xh = b.op("Reshape", [x, heads])
+        if eps is None:  # DaViT's: the scores of q and k as they are
+            return xh
         norm = b.op("Sqrt", [b.op("ReduceSum", [b.op("Mul", [xh, xh]), b.ints(3)], keepdims=1)])
         return b.op("Div", [xh, b.op("Max", [norm, eps])])
 
     scores = b.op("MatMul", [normalised(q), b.op("Transpose", [normalised(k)], perm=[0, 1, 3, 2])])  # (N, h, d, d)
-    temperature = b.op("Reshape", [f"{node['name']}.temperature", b.ints(1, h, 1, 1)])
-    weights = b.op("Softmax", [b.op("Mul", [scores, temperature])], axis=-1)
+    scale = node.get("scale")
+    factor = b.op("Reshape", [f"{node['name']}.temperature", b.ints(1, h, 1, 1)]) if scale is None else \
+        b.constant(float(scale))
+    weights = b.op("Softmax", [b.op("Mul", [scores, factor])], axis=-1)
     out = b.op("MatMul", [weights, b.op("Reshape", [v, heads])])
     return b.op("Reshape", [out, b.ints(0, c, *hw)])
 

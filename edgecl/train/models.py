@@ -46,7 +46,7 @@ def init_params(arch: Arch, n_classes: int | None = None, generator: torch.Gener
             # would leave every task's token alike; a spread start is what torchvision and timm's pos_embed use)
             weight = params[f"{node['name']}.weight"]
             params[f"{node['name']}.weight"] = torch.randn(weight.shape, generator=generator) * 0.02
-        if node["op"] == "channel_attention":  # timm's XCA starts every head's temperature at 1
+        if node["op"] == "channel_attention" and node.get("scale") is None:  # timm's XCA: every head's at 1
             params[f"{node['name']}.temperature"].fill_(1.0)
         if node["op"] == "attention" and node.get("bias_offsets"):  # LeViT's start: no bias
             params[f"{node['name']}.bias"].zero_()
@@ -183,7 +183,9 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
     if op == "linear_attention":
         return linear_attention(*ins, node["heads"], node["eps"])
     if op == "channel_attention":
-        return channel_attention(*ins, params[f"{name}.temperature"], node["eps"])
+        scale = node.get("scale")
+        return channel_attention(*ins, params[f"{name}.temperature"] if scale is None else scale, node["eps"],
+                                 node.get("normalize", True), node["heads"])
     if op == "lambda_layer":
         return lambda_layer(*ins, node["heads"], params[f"{name}.weight"], params[f"{name}.bias"])
     if op == "fourier_pos":  # a constant of the map's shape, the same in every sample (`edgecl.arch.sdta_ops`)
@@ -378,16 +380,19 @@ def patch_context(x: torch.Tensor, logits: torch.Tensor, patch: list[int]) -> to
     return (unfolded(x) * torch.softmax(unfolded(logits), dim=-1)).sum(-1).repeat(1, 1, nh, nw)
 
 
-def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor, eps: float
-                      ) -> torch.Tensor:
+def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor | float,
+                      eps: float, normalize: bool = True, heads: int | None = None) -> torch.Tensor:
     """EdgeNeXt's cross-covariance (transposed) attention over (N, C, H, W) maps, each head a contiguous block of
-    channels, as `edgecl.graph.sdta_ops` emits it: q and k L2-normalised over the positions, softmax of the head's
-    d × d scores times its temperature over k's channels, times v (timm's CrossCovarianceAttn on its (B, heads, d,
-    N) views)."""
-    n, heads = q.shape[0], temperature.shape[0]
+    channels, as `edgecl.graph.sdta_ops` emits it: q and k L2-normalised over the positions (unless not
+    `normalize`: DaViT's), softmax of the head's d × d scores times its temperature (a tensor (heads,)) or a fixed
+    `scale` over k's channels, times v (timm's CrossCovarianceAttn on its (B, heads, d, N) views)."""
+    learned = isinstance(scale, torch.Tensor)
+    n, heads = q.shape[0], scale.shape[0] if learned else heads
     qh, kh, vh = (x.reshape(n, heads, x.shape[1] // heads, -1) for x in (q, k, v))  # (N, h, d, T)
-    scores = F.normalize(qh, dim=-1, eps=eps) @ F.normalize(kh, dim=-1, eps=eps).transpose(2, 3)
-    weights = torch.softmax(scores * temperature.reshape(1, heads, 1, 1), dim=-1)
+    if normalize:
+        qh, kh = F.normalize(qh, dim=-1, eps=eps), F.normalize(kh, dim=-1, eps=eps)
+    scores = qh @ kh.transpose(2, 3)
+    weights = torch.softmax(scores * (scale.reshape(1, heads, 1, 1) if learned else scale), dim=-1)
     return (weights @ vh).reshape(v.shape)
 
 

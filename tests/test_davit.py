@@ -1,0 +1,102 @@
+"""DaViT (timm's ``timm.models.davit``) through `from_torch`: its spatial block (window attention on the zero-padded
+map, cropped after, between two convolutional position encodings) and its channel attention (per head, softmax of
+scale·kᵀv over v's channels applied to q: ``channel_attention`` without normalisation, a fixed scale, inputs
+(k, v, q); v2's qᵀk applied to v) against the module, torch form and ONNX; the fields the spec records and the
+stored form; other layers in their places refused by name; the library's davit_tiny at 64 (slow)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from layer_nets_vit import tiny_davit
+from torch_nets import check_parity
+
+from edgecl.arch import from_torch
+from edgecl.arch.factories import build_module
+from edgecl.arch.later_fields import stored_form
+from edgecl.arch.spec import param_shapes, validate
+from edgecl.errors import UsageError
+
+
+def _randomised(module: nn.Module) -> nn.Module:
+    """Every weight, bias and norm drawn at random: a zero qkv bias would make the padded keys' scores 0 and hide
+    padding left out; a unit LayerNorm would hide one skipped."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.3)
+    return module.eval()
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"window": 2}, {"image": 16}, {"image": 12, "window": 2},
+                                     {"channel_attn_v2": True}, {"cpe_act": True}, {"in_channels": 3}],
+                         ids=["padded", "exact", "16px", "12px", "v2", "cpe_act", "rgb"])
+def test_tiny_davit_parity(kwargs):
+    image, channels = kwargs.get("image", 8), kwargs.get("in_channels", 1)
+    module = _randomised(tiny_davit(**kwargs))
+    spec = from_torch(module, (channels, image, image))
+    check_parity(module, spec, (channels, image, image))
+
+
+def _one_node(fields: dict) -> dict:
+    """A spec of one ``channel_attention`` node 'a' with `fields`, flattened."""
+    return {"input_shape": [4, 2, 2], "nodes": [
+        {"name": "a", "op": "channel_attention", "inputs": ["input"] * 3, "heads": 2, **fields},
+        {"name": "f", "op": "flatten", "inputs": ["a"]}]}
+
+
+def test_channel_attention_fields_and_stored_form():
+    spec = from_torch(_randomised(tiny_davit()), (1, 8, 8))
+    nodes = {n["name"]: n for n in spec["nodes"]}
+    spatial, channel = "stages.0.blocks.0.0", "stages.0.blocks.0.1.attn"
+    assert nodes[f"{spatial}.attn.attend"]["window"] == [3, 3]
+    assert nodes[f"{spatial}.pad"]["pads"] == [0, 0, 1, 1] and nodes[f"{spatial}.crop"]["pads"] == [0, 0, -1, -1]
+    attend = nodes[f"{channel}.attend"]
+    assert attend["inputs"] == [f"{channel}.k", f"{channel}.v", f"{channel}.q"]
+    assert attend["normalize"] is False and attend["scale"] == pytest.approx(8 ** -0.5)
+    # a fixed scale: no temperature tensor
+    assert not any(k.startswith(f"{channel}.attend.") for k in param_shapes(spec))
+    # the stored form keeps the new fields (not at their default) and reads back as the same spec
+    stored = {n["name"]: n for n in stored_form(spec)["nodes"]}
+    assert stored[f"{channel}.attend"]["normalize"] is False
+    assert validate(stored_form(spec)) == validate(spec)
+    # XCA's defaults are left out of the stored form: an older file's bytes
+    xca = validate(_one_node({}))
+    assert set(stored_form(xca)["nodes"][0]) == {"name", "op", "inputs", "heads", "eps"}
+
+
+def test_bad_channel_attention_fields_are_refused_by_field():
+    for field, value in (("normalize", 1), ("scale", "fixed"), ("scale", float("inf"))):
+        with pytest.raises(UsageError, match=f"\\(a\\): {field}"):
+            validate(_one_node({field: value}))
+
+
+def _refused(module: nn.Module, *words: str) -> None:
+    with pytest.raises(UsageError) as info:
+        from_torch(module.eval(), (1, 8, 8))
+    for word in words:
+        assert word in str(info.value), str(info.value)
+
+
+def test_other_layers_in_davit_places_are_refused_by_name():
+    module = tiny_davit()
+    module.stages[0].blocks[0][0].attn.proj = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+    _refused(module, "SpatialBlock", "stages.0.blocks.0.0", "Sequential", "nn.Linear")
+    module = tiny_davit()
+    module.stages[0].blocks[0][0].cpe1.act = nn.Softmax(dim=1)
+    _refused(module, "SpatialBlock", "cpe1.act", "Softmax")
+    module = tiny_davit()
+    module.stages[0].blocks[0][0].drop_path1 = nn.ReLU()
+    _refused(module, "SpatialBlock", "drop_path1")
+    module = tiny_davit()
+    module.stages[0].blocks[0][1].attn.proj = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+    _refused(module, "ChannelAttention", "stages.0.blocks.0.1.attn", "Sequential", "nn.Linear")
+
+
+@pytest.mark.slow
+def test_library_davit_tiny_at_64():
+    torch.manual_seed(0)
+    module = build_module("timm:davit_tiny", {}).eval()
+    spec = from_torch(module, (3, 64, 64))
+    check_parity(module, spec, (3, 64, 64), batch=2)
