@@ -16,7 +16,7 @@ from torch import nn
 from edgecl.arch import from_torch, preset
 from edgecl.deltas import materialize
 from edgecl.graph.builder import build_onnx
-from edgecl.runtime import TaskRuntime
+from edgecl.runtime import TaskRuntime, costs
 from edgecl.runtime.blocked_convs import (BLOCKS, LAYOUTS, Candidate, derive, find_candidates, padded_shape,
                                           reorder, reorder_index, unblock)
 from edgecl.runtime.blocked_plans import BlockedPlan
@@ -378,6 +378,9 @@ def test_a_budget_the_unblocked_runtime_fits_is_never_exceeded_by_the_blocked_la
     check_parity(packed, tight, np.random.default_rng(4).standard_normal((1, 3, 8, 8)).astype(np.float32))
     roomy = TaskRuntime(packed, budget=blocked_peak, **kw)
     assert roomy._strategy.blocked_convs == convs and DERIVING not in roomy.ledger.items
+    # what the process keeps of the derivation (3.1-4.0 MB measured, unseen by the ledger before) stays charged
+    assert roomy.ledger.items["blocked layout (what deriving it leaves)"] == costs.BLOCKED_FIXED
+    assert "blocked layout (what deriving it leaves)" not in tight.ledger.items
     tight.close()
     roomy.close()
 

@@ -197,8 +197,8 @@ class InPlace:
                                      "moment at start-up); switched convs run unblocked (slower)")
             return None
         try:
-            return blocked_convs.derive(self.std.arch, self.plans, self._factors, candidates=cands,
-                                        unread=self.std.unread)
+            derived = blocked_convs.derive(self.std.arch, self.plans, self._factors, candidates=cands,
+                                           unread=self.std.unread)
         except blocked_convs.Unavailable as exc:
             self.blocked_fallback = str(exc)
             warnings.warn(f"blocked layout unavailable, switched convs run unblocked (slower): {exc}",
@@ -206,6 +206,9 @@ class InPlace:
             return None
         finally:
             self.ledger.release(DERIVING)
+        if derived is not None:  # what the process keeps of the derivation (`costs.BLOCKED_FIXED`)
+            self.ledger.reserve("blocked layout (what deriving it leaves)", costs.BLOCKED_FIXED)
+        return derived
 
     @property
     def blocked_convs(self) -> list[str]:
