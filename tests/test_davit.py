@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from layer_nets_vit import tiny_davit
-from torch_nets import check_parity
+from torch_nets import check_parity, randomised_all
 
 from edgecl.arch import from_torch
 from edgecl.arch.factories import build_module
@@ -19,22 +19,12 @@ from edgecl.arch.spec import param_shapes, validate
 from edgecl.errors import UsageError
 
 
-def _randomised(module: nn.Module) -> nn.Module:
-    """Every weight, bias and norm drawn at random: a zero qkv bias would make the padded keys' scores 0 and hide
-    padding left out; a unit LayerNorm would hide one skipped."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0.0, 0.3)
-    return module.eval()
-
-
 @pytest.mark.parametrize("kwargs", [{}, {"window": 2}, {"image": 16}, {"image": 12, "window": 2},
                                      {"channel_attn_v2": True}, {"cpe_act": True}, {"in_channels": 3}],
                          ids=["padded", "exact", "16px", "12px", "v2", "cpe_act", "rgb"])
 def test_tiny_davit_parity(kwargs):
     image, channels = kwargs.get("image", 8), kwargs.get("in_channels", 1)
-    module = _randomised(tiny_davit(**kwargs))
+    module = randomised_all(tiny_davit(**kwargs))
     spec = from_torch(module, (channels, image, image))
     check_parity(module, spec, (channels, image, image))
 
@@ -47,7 +37,7 @@ def _one_node(fields: dict) -> dict:
 
 
 def test_channel_attention_fields_and_stored_form():
-    spec = from_torch(_randomised(tiny_davit()), (1, 8, 8))
+    spec = from_torch(randomised_all(tiny_davit()), (1, 8, 8))
     nodes = {n["name"]: n for n in spec["nodes"]}
     spatial, channel = "stages.0.blocks.0.0", "stages.0.blocks.0.1.attn"
     assert nodes[f"{spatial}.attn.attend"]["window"] == [3, 3]

@@ -9,21 +9,11 @@ import torch
 from torch import nn
 
 from layer_nets_vit import tiny_twins
-from torch_nets import check_parity
+from torch_nets import check_parity, randomised_all
 
 from edgecl.arch import from_torch
 from edgecl.arch.factories import build_module
 from edgecl.errors import UsageError
-
-
-def _randomised(module: nn.Module) -> nn.Module:
-    """Every weight, bias and norm drawn at random: a zero qkv bias would make the padded keys' scores 0 and hide
-    padding left out; a unit LayerNorm would hide one skipped."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0.0, 0.3)
-    return module.eval()
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"window": 2}, {"window": 4}, {"sr": 4}, {"image": 12},
@@ -31,13 +21,13 @@ def _randomised(module: nn.Module) -> nn.Module:
                          ids=["padded", "exact", "one_window", "sr4", "12px", "pcpvt"])
 def test_tiny_twins_parity(kwargs):
     image = kwargs.get("image", 8)
-    module = _randomised(tiny_twins(**kwargs))
+    module = randomised_all(tiny_twins(**kwargs))
     spec = from_torch(module, (1, image, image))
     check_parity(module, spec, (1, image, image))
 
 
 def test_padded_windows_and_sub_sampling_are_recorded():
-    spec = from_torch(_randomised(tiny_twins()), (1, 8, 8))
+    spec = from_torch(randomised_all(tiny_twins()), (1, 8, 8))
     nodes = {n["name"]: n for n in spec["nodes"]}
     local, glob = "blocks.0.0.attn", "blocks.0.1.attn"
     assert nodes[f"{local}.attend"]["window"] == [3, 3] and nodes[f"{local}.attend"]["shift"] == [0, 0]
@@ -85,7 +75,7 @@ def test_the_scale_is_the_one_timm_applies(fused, where):
     """timm's fused path (its default) calls scaled_dot_product_attention without `scale`, so head_dim^-0.5 applies
     whatever `m.scale` says; the unfused path multiplies by `m.scale`. A scale (or head count) changed after
     construction converted with `m.scale` gave logits unlike the module's (no error)."""
-    module = _randomised(tiny_twins())
+    module = randomised_all(tiny_twins())
     attn = module.get_submodule(where)
     attn.scale, attn.fused_attn = 0.1, fused
     check_parity(module, from_torch(module, (1, 8, 8)), (1, 8, 8))

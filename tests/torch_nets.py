@@ -171,6 +171,16 @@ def ghost_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(GhostSplit(in_channels=input_shape[0]), tuple(input_shape))
 
 
+def randomised_all(module: nn.Module) -> nn.Module:
+    """`module` in eval mode with every weight, bias and norm drawn at random (N(0, 0.3²), seed 0): a zero qkv bias
+    would make padded keys' scores 0 and hide padding left out; a unit LayerNorm would hide one skipped."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.3)
+    return module.eval()
+
+
 def randomise_batchnorm(module: nn.Module, seed: int = 0) -> None:
     """Non-trivial running statistics and affine parameters (fresh modules have identity BatchNorm and LayerNorm,
     ConvNeXt's and EdgeNeXt's layer scales are 1e-6, PP-HGNetV2's scalar affines and MetaFormer's StarReLU 1 and 0,
