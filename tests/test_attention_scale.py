@@ -32,12 +32,16 @@ _NETS = {
 }
 
 
-def _randomised(module: nn.Module) -> nn.Module:
+# weights of std 0.3 leave MobileNetV4's 4 keys too alike for the scale to move its logits past the tolerance
+_STD = {"mnv4_mqa": 1.0}
+
+
+def _randomised(module: nn.Module, std: float = 0.3) -> nn.Module:
     """Every parameter and BatchNorm statistic drawn at random (non-zero logits, no identity norm hiding a scale)."""
     torch.manual_seed(0)
     with torch.no_grad():
         for p in module.parameters():
-            p.normal_(0.0, 0.3)
+            p.normal_(0.0, std)
         for m in module.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.normal_(0.0, 0.3)
@@ -49,7 +53,7 @@ def _randomised(module: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("net", list(_NETS))
 def test_the_scale_is_the_one_the_forward_applies(net, fused):
     build, shape, kind = _NETS[net]
-    module = _randomised(build())
+    module = _randomised(build(), _STD.get(net, 0.3))
     changed = [m for m in module.modules() if (type(m).__module__, type(m).__name__) == kind]
     assert changed, f"{net} holds no {kind}: the test would prove nothing"
     for m in changed:
@@ -59,7 +63,7 @@ def test_the_scale_is_the_one_the_forward_applies(net, fused):
 
 def test_multi_query_einsum_path_reads_the_scale():
     """MultiQueryAttention2d's einsum path multiplies by `m.scale` whether fused_attn is set or not."""
-    module = _randomised(TinyMNv4Hybrid())
+    module = _randomised(TinyMNv4Hybrid(), _STD["mnv4_mqa"])
     for m in module.modules():
         if type(m).__name__ == "MultiQueryAttention2d":
             m.scale, m.fused_attn, m.einsum = 4.0, True, True
