@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from torch import fx, nn
 
-from edgecl.arch.fx_attention2d import is_attention_2d, pointwise
+from edgecl.arch.fx_attention2d import applied_scale, is_attention_2d, pointwise
 from edgecl.arch.fx_calls import location, shape_of
 from edgecl.errors import UsageError
 
@@ -73,7 +73,9 @@ class _AttentionConverter:
             raise UsageError(f"{self.name}: {where} is called with an attention mask or causal=True; edgecl "
                              "supports plain self-attention (no mask, not causal)")
         check_plain_attention(self.name, where, m)
-        self._attention(node, x, path, int(m.num_heads), float(m.scale), (m.qkv, f"{path}.qkv", None),
+        heads = int(m.num_heads)
+        scale = applied_scale(m, m.qkv.out_features // 3 // heads)
+        self._attention(node, x, path, heads, scale, (m.qkv, f"{path}.qkv", None),
                         (m.proj, f"{path}.proj"), where)
 
     def attention_step(self, node: fx.Node) -> bool:

@@ -41,6 +41,14 @@ def is_attention_2d(m: Any) -> bool:
     return (type(m).__module__, type(m).__name__) in (MULTI_QUERY, ATTENTION_2D, VISFORMER, FASTVIT)
 
 
+def applied_scale(m: nn.Module, head_dim: int) -> float:
+    """The scale a timm attention's forward really applies to q·kᵀ: its fused path (``scaled_dot_product_attention``
+    without ``scale=``, timm's default) uses q's head size^-0.5 whatever ``m.scale`` says; only the unfused path
+    multiplies by ``m.scale``. Reading ``m.scale`` alone converted a scale (or head count) changed after construction
+    silently wrong. `head_dim`: the channels of one head of q."""
+    return head_dim ** -0.5 if getattr(m, "fused_attn", False) else float(m.scale)
+
+
 def pointwise(linear: Any) -> dict[str, Any]:
     """A Linear over the channels of tokens or of a map's positions as a 1×1 conv's fields, its stored (out, in)
     weight as module_shape."""
@@ -106,7 +114,7 @@ class _Attention2dConverter:
         q = self._conv(node, m.query.proj, query, f"{path}.query.proj", where)
         k, v = (self._key_value(node, getattr(m, part), x, f"{path}.{part}", where) for part in ("key", "value"))
         attended = self._emit(node, "attention", [q, k, v], f"{path}.attend", heads=heads, kv_heads=1,
-                              scale=float(m.scale))
+                              scale=float(m.scale) if m.einsum else applied_scale(m, key_dim))
         if strides:
             attended = self._emit(node, "upsample", [attended], f"{path}.output.upsample", scale=strides,
                                   mode="bilinear")
@@ -165,6 +173,8 @@ class _Attention2dConverter:
         project = (lambda layer, value, name: self._emit(node, "conv", [value], name, **pointwise(layer))) \
             if linear else (lambda layer, value, name: self._conv(node, layer, value, name, where))
         packed = project(m.qkv, x, f"{path}.qkv")
-        attended = self.attend_packed(node, packed, path, width, heads=heads,
-                                     scale=float(head_dim) ** -0.5)  # all use SDPA's default scale when fused
+        # Attention2d has no `scale`: q.size(-1)^-0.5 on both paths; Visformer's and FastViT's unfused read m.scale
+        plain = (type(m).__module__, type(m).__name__) == ATTENTION_2D
+        scale = head_dim ** -0.5 if plain else applied_scale(m, head_dim)
+        attended = self.attend_packed(node, packed, path, width, heads=heads, scale=scale)
         project(m.proj, attended, f"{path}.proj")

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from torch import fx, nn
 
 from edgecl.arch.fx_activations import module_activation
-from edgecl.arch.fx_attention2d import pointwise
+from edgecl.arch.fx_attention2d import applied_scale, pointwise
 from edgecl.arch.fx_calls import location, map_shape, shape_of
 from edgecl.arch.fx_swin import check_drops, check_kind, linear
 from edgecl.errors import UsageError
@@ -74,7 +74,8 @@ class _DavitConverter:
         pad = [0, 0, -hw[0] % ws[0], -hw[1] % ws[1]]  # (top, left, bottom, right): timm pads right and bottom
         h = self._emit(node, "pad", [h], f"{path}.pad", pads=pad) if any(pad) else h
         packed = self._emit(node, "conv", [h], f"{path}.attn.qkv", **pointwise(qkv))
-        h = self.attend_packed(node, packed, f"{path}.attn", ch, heads=heads, scale=float(attn.scale), window=ws)
+        h = self.attend_packed(node, packed, f"{path}.attn", ch, heads=heads, scale=applied_scale(attn, ch // heads),
+                                window=ws)
         h = self._emit(node, "pad", [h], f"{path}.crop", pads=[-p for p in pad]) if any(pad) else h
         h = self._emit(node, "conv", [h], f"{path}.attn.proj", **pointwise(proj))
         h = self._cpe(node, m.cpe2, self._emit(node, "add", [shortcut, h], f"{path}.add1"), f"{path}.cpe2", where)

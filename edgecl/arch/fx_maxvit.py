@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from torch import fx, nn
 
-from edgecl.arch.fx_attention2d import pointwise
+from edgecl.arch.fx_attention2d import applied_scale, pointwise
 from edgecl.arch.fx_calls import location, shape_of
 from edgecl.arch.fx_swin import check_drops, linear
 from edgecl.errors import UsageError
@@ -143,7 +143,7 @@ class _MaxVitConverter:
         if qkv.out_features != 3 * heads * d:
             raise UsageError(f"{self.name}: {where}: {path}.qkv has {qkv.out_features} outputs, not 3 × {heads} "
                              f"heads × {d}")
-        fields: dict[str, Any] = {"heads": heads, "scale": float(m.scale), "window": size}
+        fields: dict[str, Any] = {"heads": heads, "scale": applied_scale(m, d), "window": size}
         if grid:
             fields["dilated"] = True
         if m.rel_pos is not None:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 from torch import fx, nn
 
 from edgecl.arch.fx_attention import check_plain_attention
-from edgecl.arch.fx_attention2d import pointwise
+from edgecl.arch.fx_attention2d import applied_scale, pointwise
 from edgecl.arch.fx_calls import location, shape_of
 from edgecl.arch.fx_mobilevit2 import _MobileVitV2Converter
 from edgecl.arch.fx_swin import check_drops, linear
@@ -92,8 +92,9 @@ class _MobileVitConverter(_MobileVitV2Converter):
         qkv, proj, heads = linear(self.name, where, attn.qkv), linear(self.name, where, attn.proj), int(attn.num_heads)
         packed = self._emit(node, "conv", [self.swin_norm(node, block.norm1, x, f"{path}.norm1", where)],
                             f"{path}.attn.qkv", **pointwise(qkv))
-        attended = self.attend_packed(node, packed, f"{path}.attn", qkv.out_features // 3, heads=heads,
-                                      scale=float(attn.scale), window=grid, dilated=True)
+        width = qkv.out_features // 3
+        attended = self.attend_packed(node, packed, f"{path}.attn", width, heads=heads,
+                                      scale=applied_scale(attn, width // heads), window=grid, dilated=True)
         h = self._emit(node, "add", [x, self._emit(node, "conv", [attended], f"{path}.attn.proj",
                                                    **pointwise(proj))], f"{path}.add1")
         if (type(block.mlp).__module__, type(block.mlp).__name__) != ("timm.layers.mlp", "Mlp") or \

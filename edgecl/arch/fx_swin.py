@@ -25,7 +25,7 @@ from torch import fx, nn
 
 from edgecl.arch.attention_windows import window_mask
 from edgecl.arch.fx_activations import module_activation
-from edgecl.arch.fx_attention2d import pointwise
+from edgecl.arch.fx_attention2d import applied_scale, pointwise
 from edgecl.arch.fx_calls import location, shape_of
 from edgecl.errors import UsageError
 
@@ -121,7 +121,8 @@ class _SwinConverter:
                              f"{tuple(table.shape)} do not make {heads} heads")
         index = m.relative_position_index.reshape(window[0] * window[1], -1).tolist()
         packed = self._emit(node, "conv", [x], f"{path}.qkv", **pointwise(qkv))
-        scale = float(getattr(m, "scale", (width // heads) ** -0.5))  # torchvision scales by (C / heads)^-½
+        # torchvision's (no `scale`) multiplies q by (C / heads)^-½ in its forward; timm's as `applied_scale`
+        scale = applied_scale(m, width // heads) if type(m).__module__ == _TIMM else (width // heads) ** -0.5
         attended = self.attend_packed(node, packed, path, width, module=path, heads=heads, scale=scale,
                                       window=window, shift=shift, bias_offsets=int(table.shape[0]),
                                       bias_index=index, bias_table="swin")

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from torch import fx, nn
 
-from edgecl.arch.fx_attention2d import pointwise
+from edgecl.arch.fx_attention2d import applied_scale, pointwise
 from edgecl.arch.fx_calls import location, shape_of
 from edgecl.arch.fx_levit import levit_bias_fields
 from edgecl.arch.fx_swin import check_drops, check_kind, linear
@@ -87,6 +87,7 @@ class _TinyVitConverter:
         packed = self._emit(node, "conv", [normed], f"{path}.qkv", **pointwise(qkv))
         q, k, v = self._head_blocks(node, packed, f"{path}.qkv", heads, [key_dim, key_dim, val_dim])
         fields: dict[str, Any] = {"window": window} if window else {}
-        attended = self._emit(node, "attention", [q, k, v], f"{path}.attend", **levit_bias_fields(m, path, heads),
-                              **fields)
+        fields["scale"] = applied_scale(m, key_dim)  # LeViT's fields, but TinyViT's fused path ignores m.scale
+        attended = self._emit(node, "attention", [q, k, v], f"{path}.attend", **{**levit_bias_fields(m, path, heads),
+                                                                                 **fields})
         return self._emit(node, "conv", [attended], f"{path}.proj", **pointwise(proj))

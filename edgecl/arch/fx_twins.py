@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from torch import fx, nn
 
-from edgecl.arch.fx_attention2d import pointwise
+from edgecl.arch.fx_attention2d import applied_scale, pointwise
 from edgecl.arch.fx_calls import location, shape_of
 from edgecl.arch.fx_swin import check_drops, linear
 from edgecl.arch.fx_xcit import traced_int
@@ -33,12 +33,6 @@ _KINDS = {(_TWINS, "LocallyGroupedAttn"): "local", (_TWINS, "GlobalSubSampleAttn
 def is_twins_attention(m: Any) -> bool:
     """Twins' locally grouped (windowed) or global sub-sampled attention, judged by its class."""
     return (type(m).__module__, type(m).__name__) in _KINDS
-
-
-def applied_scale(m: nn.Module, ch: int, heads: int) -> float:
-    """The scale timm's forward applies: its fused path (``F.scaled_dot_product_attention`` without ``scale``, the
-    default) uses head_dim^-0.5 whatever ``m.scale`` says; only the unfused path multiplies by ``m.scale``."""
-    return (ch // heads) ** -0.5 if getattr(m, "fused_attn", False) else float(m.scale)
 
 
 class _TwinsConverter:
@@ -82,7 +76,7 @@ class _TwinsConverter:
         grid = self._emit(node, "reshape", [x], f"{path}.grid", shape=[ch, *hw])
         grid = self._emit(node, "pad", [grid], f"{path}.pad", pads=pad) if any(pad) else grid
         packed = self._emit(node, "conv", [grid], f"{path}.qkv", **pointwise(qkv))
-        out = self.attend_packed(node, packed, path, ch, heads=heads, scale=applied_scale(m, ch, heads),
+        out = self.attend_packed(node, packed, path, ch, heads=heads, scale=applied_scale(m, ch // heads),
                                   window=[ws, ws])
         out = self._emit(node, "pad", [out], f"{path}.crop", pads=[-p for p in pad]) if any(pad) else out
         return self._emit(node, "reshape", [out], f"{path}.tokens", shape=[ch, hw[0] * hw[1], 1])
@@ -114,4 +108,4 @@ class _TwinsConverter:
         k, v = (self._emit(node, "slice", [packed], f"{path}.{p}", start=i * ch, stop=(i + 1) * ch)
                 for i, p in enumerate("kv"))
         return self._emit(node, "attention", [qs, k, v], f"{path}.attend", heads=heads,
-                          scale=applied_scale(m, ch, heads))
+                          scale=applied_scale(m, ch // heads))

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from torch import fx, nn
 
-from edgecl.arch.fx_attention2d import pointwise
+from edgecl.arch.fx_attention2d import applied_scale, pointwise
 from edgecl.arch.fx_calls import location, shape_of
 from edgecl.arch.fx_swin import check_drops, linear
 from edgecl.errors import UsageError
@@ -124,7 +124,8 @@ class _XcitConverter:
         cls = self._emit(node, "token", [x], f"{path}.cls", index=0, count=1)
         qs = self._emit(node, "conv", [cls], f"{path}.q", **pointwise(q))
         ks, vs = (self._emit(node, "conv", [x], f"{path}.{p}", **pointwise(lin)) for p, lin in (("k", k), ("v", v)))
-        attended = self._emit(node, "attention", [qs, ks, vs], f"{path}.attend", heads=heads, scale=float(m.scale))
+        attended = self._emit(node, "attention", [qs, ks, vs], f"{path}.attend", heads=heads,
+                              scale=applied_scale(m, ch // heads))
         self._emit(node, "conv", [attended], f"{path}.proj", **pointwise(proj))
 
     def xcit_lpi(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
