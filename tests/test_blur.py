@@ -101,9 +101,13 @@ def _edited(m: BlurPool2d) -> BlurPool2d:
 
 
 def _before_timm_1(m: BlurPool2d) -> BlurPool2d:
-    """timm 0.9's BlurPool2d: no pad_mode, a forward that always reflects."""
+    """timm 0.9's BlurPool2d: no pad_mode, a forward that always reflects (its class's, as timm 0.9 had it; a forward
+    set on the instance is refused as such)."""
     del m.pad_mode
-    m.forward = lambda x: F.conv2d(F.pad(x, m.padding, "reflect"), m.filt, stride=m.stride, groups=m.channels)
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, self.padding, "reflect"), self.filt, stride=self.stride, groups=self.channels)
+    m.__class__ = type("BlurPool2d", (BlurPool2d,), {"forward": forward, "__module__": BlurPool2d.__module__})
     return m
 
 

@@ -90,3 +90,27 @@ def test_library_davit_tiny_at_64():
     module = build_module("timm:davit_tiny", {}).eval()
     spec = from_torch(module, (3, 64, 64))
     check_parity(module, spec, (3, 64, 64), batch=2)
+
+
+def _doubled(m: nn.Module) -> nn.Module:
+    """`m`'s output times 2 by a forward set on the instance (its class and attributes unchanged)."""
+    plain = m.forward
+    m.forward = lambda x: plain(x) * 2
+    return m
+
+
+@pytest.mark.parametrize("change", ["instance forward", "forward hook", "pre-hook"])
+@pytest.mark.parametrize("where", ["ChannelAttention", "SpatialBlock", "Conv2d"])
+def test_a_kept_layer_whose_call_is_not_its_class_forward_is_refused(change, where):
+    """A layer kept whole (or converted by its attributes) whose instance has its own forward or hooks: that code
+    changes the module's output, and the conversion, which reads the class and attributes, would leave it out."""
+    module = randomised_all(tiny_davit())
+    block = module.stages[0].blocks[0]
+    layer = {"ChannelAttention": block[1].attn, "SpatialBlock": block[0], "Conv2d": module.stem.conv}[where]
+    if change == "instance forward":
+        _doubled(layer)
+    elif change == "forward hook":
+        layer.register_forward_hook(lambda _m, _args, out: out * 2)
+    else:
+        layer.register_forward_pre_hook(lambda _m, args: (args[0] * 2,))
+    _refused(module, where, change.split()[-1])

@@ -31,7 +31,7 @@ from edgecl.arch.fx_shape_flow import ShapeFlowTracer, evaluating, raised_at
 from edgecl.arch.fx_inplace import rewire_inplace
 from edgecl.arch.fx_std_conv import is_std_conv, std_conv_fields
 from edgecl.arch.fx_families import Families
-from edgecl.arch.fx_whole import ON_TOKENS, WHOLE
+from edgecl.arch.fx_whole import ON_TOKENS, WHOLE, check_plain_call
 from edgecl.arch.fx_xcit import is_xcit_pos
 from edgecl.arch.ops import TENSOR_OPS
 from edgecl.arch.spec import INPUT, NAME, Arch, validate
@@ -75,8 +75,9 @@ class _Tracer(ShapeFlowTracer):
         if isinstance(m, (nn.LayerNorm, nn.GroupNorm)):  # traced into: F.layer_norm / F.group_norm (`fx_norms`)
             return False
         if any(kept(m) for kept, _ in WHOLE):
-            return True
-        return isinstance(m, _LEAVES) or is_library_identity(m) or super().is_leaf_module(m, qualname)
+            return check_plain_call(m, qualname)
+        leaf = isinstance(m, _LEAVES) or is_library_identity(m) or super().is_leaf_module(m, qualname)
+        return check_plain_call(m, qualname) if leaf else False
 
 
 # subclasses whose forward computes what the base class's does (timm's Linear only adds a TorchScript cast)

@@ -1,7 +1,10 @@
 """The library blocks `from_torch`'s tracer keeps whole (their forwards hold views or Python branches the spec has no
 nodes for), each with the `fx_import._Converter` method that converts it, and those of them that may read
-channels-last values; judged by class, the libraries not imported."""
+channels-last values; judged by class, the libraries not imported. And what makes a leaf layer's call other than
+its class's forward (`check_plain_call`)."""
 from __future__ import annotations
+
+from torch import nn
 
 from edgecl.arch.fx_attention import is_timm_attention
 from edgecl.arch.fx_blur import is_blur_pool
@@ -23,6 +26,7 @@ from edgecl.arch.fx_swin import is_swin
 from edgecl.arch.fx_tiny_vit import is_tiny_vit_block
 from edgecl.arch.fx_twins import is_twins_attention
 from edgecl.arch.fx_xcit import is_class_attn, is_xcit_lpi, is_xcit_pos, is_xcit_xca
+from edgecl.errors import UsageError
 
 # library blocks the tracer keeps whole, each converted by a mixin's method(node, module, input, path)
 WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention, "split_attention"),
@@ -37,3 +41,17 @@ WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention,
 # may read channels-last values
 ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin, is_tiny_vit_block, is_maxvit, is_xcit_xca, is_xcit_lpi,
              is_class_attn, is_twins_attention, is_davit_channel)
+
+
+def check_plain_call(m: nn.Module, path: str) -> bool:
+    """A layer edgecl keeps whole is converted from its class and attributes, not traced: a forward set on the
+    instance (``m.forward = …``) or a forward hook or pre-hook (which may change its input or output) is code the
+    conversion never sees, so the spec would silently be another network; refused by name. True: it may be a leaf."""
+    extra = ["a forward set on the instance"] if "forward" in vars(m) else []
+    extra += [f"{len(h)} forward {kind}" for kind, h in (("hook(s)", m._forward_hooks),
+                                                        ("pre-hook(s)", m._forward_pre_hooks)) if h]
+    if extra:
+        raise UsageError(f"layer {type(m).__name__} at {path!r} has {' and '.join(extra)}: edgecl converts it by "
+                         "its class and attributes, so what that code computes would be silently left out; remove "
+                         "it (or call it from a module of your own, which is traced) before from_torch")
+    return True
