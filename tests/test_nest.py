@@ -1,7 +1,7 @@
 """NesT (timm's ``timm.models.nest``) through `from_torch`: each level on the map (a ConvPool between levels, the
 position embedding timm stores block by block, window attention over its blocks) against the module, torch form and
 ONNX; the embedding's map order and its module layout read back; other layers in its places refused by name; the
-library's nest_tiny at 64 (slow)."""
+library's nest_tiny and nest_tiny_jx at 64 (slow)."""
 from __future__ import annotations
 
 import numpy as np
@@ -78,8 +78,9 @@ def test_other_layers_in_nest_places_are_refused_by_name():
 
 
 @pytest.mark.slow
-def test_library_nest_tiny_at_64():
+@pytest.mark.parametrize("name", ["nest_tiny", "nest_tiny_jx"])  # jx: TensorFlow "same" pooling
+def test_library_nest_tiny_at_64(name):
     torch.manual_seed(0)
-    module = build_module("timm:nest_tiny", {"img_size": 64}).eval()
+    module = build_module(f"timm:{name}", {"img_size": 64}).eval()
     spec = from_torch(module, (3, 64, 64))
     check_parity(module, spec, (3, 64, 64), batch=2)
