@@ -111,3 +111,17 @@ def tiny_davit(classes: int = 3, in_channels: int = 1, image: int = 8, window: i
 
 def davit_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(tiny_davit(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
+
+
+def tiny_nest(classes: int = 3, in_channels: int = 1, image: int = 8, pad_type: str = "", **kwargs) -> nn.Module:
+    """timm's NesT in small: a stride-2 patch embedding to an (image / 2)² map of 8 channels, cut into four blocks
+    (window attention per block, 1 head, its block-ordered position embedding), then a ConvPool (conv, channels'
+    LayerNorm, max pool; `pad_type` "same" pools as TensorFlow) to 16 channels (2 heads) in one block."""
+    from timm.models.nest import Nest
+    args = dict(img_size=image, in_chans=in_channels, patch_size=2, num_levels=2, embed_dims=(8, 16),
+                num_heads=(1, 2), depths=(1, 1), mlp_ratio=2, num_classes=classes, pad_type=pad_type)
+    return Nest(**{**args, **kwargs})
+
+
+def nest_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(tiny_nest(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))

@@ -1,7 +1,7 @@
 """The window families on channels-last maps that still do not go in (README's refused list) are refused by name —
-the op, the module path and the user's source line — never traced into a wrong network: NesT (a position embedding
-stored in block order, blocks of the map as 6-D views) and GC ViT (one global query shared by every window). Built
-small from timm's own classes. (DaViT went in: tests/test_davit.py.)"""
+the op, the module path and the user's source line — never traced into a wrong network: GC ViT (one global query
+shared by every window). Built small from timm's own classes. (DaViT and NesT went in: tests/test_davit.py,
+tests/test_nest.py.)"""
 from __future__ import annotations
 
 import re
@@ -14,11 +14,8 @@ from edgecl.errors import UsageError
 
 ensure_torchvision_imports()
 from timm.models.gcvit import GlobalContextVit  # noqa: E402
-from timm.models.nest import Nest  # noqa: E402
 
 CASES = {
-    "nest": (lambda: Nest(img_size=16, patch_size=2, embed_dims=(8, 16), num_heads=(1, 2), depths=(1, 1),
-                          num_levels=2, num_classes=3), 16, "levels.0", r"nest\.py:\d+"),
     "gcvit": (lambda: GlobalContextVit(img_size=32, depths=(1, 1), num_heads=(1, 2), window_ratio=(8, 16),
                                        embed_dim=8, num_classes=3), 32, "stages.0.blocks.0", r"gcvit\.py:\d+"),
 }

@@ -65,7 +65,9 @@ TIMM = ["resnet10t", "resnet18", "mobilenetv3_small_050", "mobilenetv2_050", "ef
         # Twins: locally grouped (window) attention on zero-padded maps, global sub-sampled attention (PCPVT, SVT)
         "twins_pcpvt_small", "twins_svt_small",
         # DaViT: window attention on zero-padded maps, channel attention (k^T·v applied to q, fixed scale)
-        "davit_tiny"]
+        "davit_tiny",
+        # NesT: window attention over its blocks, a position embedding stored block by block, ConvPool
+        "nest_tiny"]
 # models whose position embedding (LeViT: attention-bias index) fixes the input size: built for the 64×64 traced
 BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_patch16_224": {"img_size": 64},
               "timm:deit_tiny_patch16_224": {"img_size": 64}, "timm:deit_tiny_distilled_patch16_224": {"img_size": 64},
@@ -76,7 +78,8 @@ BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_
               "timm:maxvit_tiny_tf_224": {"img_size": 64}, "timm:xcit_nano_12_p16_224": {"img_size": 64},
               "timm:xcit_tiny_12_p16_224": {"img_size": 64}, "timm:mixer_s16_224": {"img_size": 64},
               "timm:resmlp_12_224": {"img_size": 64}, "timm:gmlp_ti16_224": {"img_size": 64},
-              "timm:twins_pcpvt_small": {"img_size": 64}, "timm:twins_svt_small": {"img_size": 64}}
+              "timm:twins_pcpvt_small": {"img_size": 64}, "timm:twins_svt_small": {"img_size": 64},
+              "timm:nest_tiny": {"img_size": 64}}
 # input sides other than 64: Swin and TinyViT pad a map their windows do not tile with zeros that join the attention
 # (refused), so they are traced where the windows tile every stage (timm's Swin: 28, 14, 7, then 4 in one window;
 # torchvision's swin_t, whose window is fixed: 56, 28, 14, 7; TinyViT's windows 7, 14, 7: 28, 14, 7); torchvision's

@@ -20,6 +20,7 @@ from edgecl.arch.fx_lambda import _LambdaConverter
 from edgecl.arch.fx_levit import _LevitConverter
 from edgecl.arch.fx_maxvit import _MaxVitConverter
 from edgecl.arch.fx_mobilevit import _MobileVitConverter
+from edgecl.arch.fx_nest import _NestConverter
 from edgecl.arch.fx_norms import _NormConverter
 from edgecl.arch.fx_padding import _PaddingConverter
 from edgecl.arch.fx_shuffle import _ShuffleConverter
@@ -40,5 +41,6 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _GlobalContextConverter, _SpaceToDepthConverter, _LevitConverter, _SwinConverter,
                _TinyVitConverter, _BlurConverter, _EfficientFormerConverter, _MobileVitConverter,
                _MaxVitConverter, _EfficientVitConverter, _EfficientVitMsraConverter, _EdgeNextConverter,
-               _LambdaConverter, _TokenMixConverter, _XcitConverter, _TwinsConverter, _DavitConverter):
+               _LambdaConverter, _TokenMixConverter, _XcitConverter, _TwinsConverter, _DavitConverter,
+               _NestConverter):
     """Every family's conversions, in one base class."""

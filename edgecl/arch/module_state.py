@@ -3,6 +3,7 @@ link `from_torch`'s specs keep to the user's module, for starting weights (`edge
 the module's own values (`fx_import.tensors_of`); nothing else needs the module."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,9 @@ def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
             shapes[f"{node['name']}.gain"] = (node["out"], 1, 1, 1)
         if _token_grid(node):
             shapes[f"{node['name']}.weight"] = (1, node["tokens"], node["ch"])
+        if node["op"] == "pos_embed" and node.get("block"):  # NesT's, block by block: (1, blocks, positions, ch)
+            shapes[f"{node['name']}.weight"] = (1, node["tokens"] // node["block"] ** 2, node["block"] ** 2,
+                                                node["ch"])
         if _swin_table(node):
             shapes[f"{node['name']}.bias"] = (node["bias_offsets"], node["heads"])
         if node["op"] == "attention" and node.get("talking_heads"):  # 1×1 convs over the heads
@@ -64,6 +68,10 @@ def from_module(arch: Arch, name: str, array: Any) -> np.ndarray:
     Swin's ``(offsets, heads)`` bias table, transposed to ``(heads, offsets)``."""
     node = node_by_name(arch)[name.rpartition(".")[0]]
     array = np.asarray(array)
+    if node["op"] == "pos_embed" and node.get("block"):  # (block row, block col, row, col, ch) → (ch, row, col)
+        g, s = _block_grid(node)
+        return np.ascontiguousarray(array.reshape(g, g, s, s, node["ch"]).transpose(4, 0, 2, 1, 3)
+                                    .reshape(node["ch"], node["tokens"]))
     if _token_grid(node):
         return np.ascontiguousarray(array.reshape(node["tokens"], node["ch"]).T)
     if _swin_table(node):
@@ -95,11 +103,22 @@ def to_module(arch: Arch, name: str, array: Any) -> np.ndarray:
     array = np.asarray(array)
     if stored_rows(node, name.rpartition(".")[2]) is not None:
         raise ValueError(f"{name} is rows of its module's tensor: `to_module_state` puts them together")
+    if node["op"] == "pos_embed" and node.get("block"):  # the inverse of `from_module`'s reordering
+        g, s = _block_grid(node)
+        return np.ascontiguousarray(array.reshape(node["ch"], g, s, g, s).transpose(1, 3, 2, 4, 0)) \
+            .reshape(1, g * g, s * s, node["ch"])
     if _token_grid(node):
         return np.ascontiguousarray(array.T).reshape(1, node["tokens"], node["ch"])
     if _swin_table(node):
         return np.ascontiguousarray(array.T)
     return array.reshape(state_shapes(arch)[name])
+
+
+def _block_grid(node: dict[str, Any]) -> tuple[int, int]:
+    """A block-stored position embedding's blocks per side and block side: NesT's square map of square blocks (its
+    ``blockify``: blocks row by row, each block's positions row by row), so the spec's map order is a transpose."""
+    s = node["block"]
+    return math.isqrt(node["tokens"]) // s, s
 
 
 def _swin_table(node: dict[str, Any]) -> bool:
@@ -111,6 +130,6 @@ def _token_grid(node: dict[str, Any]) -> bool:
     """A node whose weight the module stores tokens by channels, ``(1, tokens, ch)``: a position embedding, or
     several tokens put before the others (one token's ``(ch,)`` reads the same either way); not a feature map's
     position embedding, which its module stores channels-first (``module_shape`` (1, ch, H, W))."""
-    if "module_shape" in node:  # a feature map's position embedding, (1, ch, H, W): the spec's rows, reshaped
-        return False
+    if "module_shape" in node or node.get("block"):  # a feature map's position embedding: (1, ch, H, W), the
+        return False  # spec's rows reshaped, or NesT's block by block (`_block_grid`)
     return node["op"] == "pos_embed" or node["op"] == "class_token" and node["tokens"] > 1

@@ -192,9 +192,9 @@ def _module_shape(value: Any, node: dict[str, Any], where: str) -> list[int]:
     # are stored transposed, (1, tokens, C), as a position embedding (`module_state`)
     if node["op"] == "pos_embed":  # a feature map's embedding, stored channels-first (1, ch, H, W): H·W positions
         if not isinstance(value, list) or len(value) != 4 or not all(_is_size(d) for d in value) or \
-                value[:2] != [1, node["ch"]] or value[2] * value[3] != node["tokens"]:
+                value[:2] != [1, node["ch"]] or value[2] * value[3] != node["tokens"] or node.get("block"):
             raise UsageError(f"{where}: module_shape {str(value)[:60]} of a position embedding must be (1, "
-                             f"{node['ch']}, H, W) with H·W = {node['tokens']} positions")
+                             f"{node['ch']}, H, W) with H·W = {node['tokens']} positions, and without a block")
         return list(value)
     with_shape = (*WEIGHT_OPS, "layer_scale", "affine", "channel_conv", "class_token", "scalar_affine")  # () skipinit
     one = node["op"] != "class_token" or node["tokens"] == 1

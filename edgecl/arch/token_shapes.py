@@ -25,6 +25,9 @@ def token_shape(node: dict[str, Any], ins: list[list[int]], where: str) -> list[
     if x[0] != node["ch"] or op == "pos_embed" and x[1] * x[2] != node["tokens"]:
         tokens = f" and {node['tokens']} positions" if op == "pos_embed" else ""
         raise UsageError(f"{where}: {op} has {node['ch']} channels{tokens}, gets {x}")
+    if op == "pos_embed" and node.get("block") and (x[1] != x[2] or x[1] % node["block"]):  # NesT's (`module_state`)
+        raise UsageError(f"{where}: pos_embed stored in blocks of {node['block']} × {node['block']} needs a square map "
+                         f"of whole blocks, gets {x}")
     return [x[0], x[1] + node["tokens"], 1] if op == "class_token" else list(x)
 
 
