@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from layer_nets_vit import tiny_nest
-from torch_nets import check_parity, randomised_all
+from torch_nets import assert_refused, check_parity, randomised_all
 
 from edgecl.arch import from_torch
 from edgecl.arch.factories import build_module
@@ -55,26 +55,19 @@ def test_block_embedding_needs_whole_square_blocks():
         validate(spec)
 
 
-def _refused(module: nn.Module, *words: str) -> None:
-    with pytest.raises(UsageError) as info:
-        from_torch(module.eval(), (1, 8, 8))
-    for word in words:
-        assert word in str(info.value), str(info.value)
-
-
 def test_other_layers_in_nest_places_are_refused_by_name():
     module = tiny_nest()
     module.levels[0].transformer_encoder[0].attn.proj = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
-    _refused(module, "NestLevel", "levels.0", "Sequential", "nn.Linear")
+    assert_refused(module, "NestLevel", "levels.0", "Sequential", "nn.Linear")
     module = tiny_nest()
     module.levels[0].transformer_encoder[0].drop_path1 = nn.ReLU()
-    _refused(module, "NestLevel", "drop_path1")
+    assert_refused(module, "NestLevel", "drop_path1")
     module = tiny_nest()
     module.levels[1].pool.pool = nn.AvgPool2d(3, 2, 1)
-    _refused(module, "NestLevel", "levels.1", "AvgPool2d")
+    assert_refused(module, "NestLevel", "levels.1", "AvgPool2d")
     module = tiny_nest()
     module.levels[1].pool = nn.Conv2d(8, 16, 2, 2)
-    _refused(module, "levels.1.pool", "ConvPool")
+    assert_refused(module, "levels.1.pool", "ConvPool")
 
 
 @pytest.mark.slow

@@ -9,11 +9,10 @@ import torch
 from torch import nn
 
 from layer_nets_vit import tiny_twins
-from torch_nets import check_parity, randomised_all
+from torch_nets import assert_refused, check_parity, randomised_all
 
 from edgecl.arch import from_torch
 from edgecl.arch.factories import build_module
-from edgecl.errors import UsageError
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"window": 2}, {"window": 4}, {"sr": 4}, {"image": 12},
@@ -41,23 +40,16 @@ def test_padded_windows_and_sub_sampling_are_recorded():
     assert "blocks.1.0.attn.pad" not in nodes and nodes["blocks.1.0.attn.attend"]["window"] == [2, 2]
 
 
-def _refused(module: nn.Module, *words: str) -> None:
-    with pytest.raises(UsageError) as info:
-        from_torch(module.eval(), (1, 8, 8))
-    for word in words:
-        assert word in str(info.value)
-
-
 def test_other_layers_in_twins_places_are_refused_by_name():
     module = tiny_twins()
     module.blocks[0][0].attn.proj = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
-    _refused(module, "LocallyGroupedAttn", "blocks.0.0.attn", "Sequential", "nn.Linear")
+    assert_refused(module, "LocallyGroupedAttn", "blocks.0.0.attn", "Sequential", "nn.Linear")
     module = tiny_twins()
     module.blocks[0][1].attn.attn_drop = nn.ReLU()
-    _refused(module, "GlobalSubSampleAttn", "blocks.0.1.attn", "attn_drop")
+    assert_refused(module, "GlobalSubSampleAttn", "blocks.0.1.attn", "attn_drop")
     module = tiny_twins()
     module.blocks[0][1].attn.sr = nn.Conv2d(8, 8, 3, stride=2, padding=1)
-    _refused(module, "GlobalSubSampleAttn", "its sr", "stride 2")
+    assert_refused(module, "GlobalSubSampleAttn", "its sr", "stride 2")
 
 
 @pytest.mark.slow

@@ -181,6 +181,19 @@ def randomised_all(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
+def assert_refused(module: nn.Module, *words: str, input_shape: tuple[int, ...] = (1, 8, 8)) -> None:
+    """`from_torch` refuses `module` with a UsageError whose message holds every one of `words` (the class, the
+    module path, the offending layer...)."""
+    import pytest
+
+    from edgecl.errors import UsageError
+
+    with pytest.raises(UsageError) as info:
+        from_torch(module.eval(), input_shape)
+    for word in words:
+        assert word in str(info.value), str(info.value)
+
+
 def randomise_batchnorm(module: nn.Module, seed: int = 0) -> None:
     """Non-trivial running statistics and affine parameters (fresh modules have identity BatchNorm and LayerNorm,
     ConvNeXt's and EdgeNeXt's layer scales are 1e-6, PP-HGNetV2's scalar affines and MetaFormer's StarReLU 1 and 0,
