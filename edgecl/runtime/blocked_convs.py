@@ -37,7 +37,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
 from edgecl.arch.op_rules import is_standardized
 from edgecl.arch.spec import BN_TENSORS
 from edgecl.graph.builder import _external, build_onnx
-from edgecl.runtime.fold_bn import bn_fold
+from edgecl.runtime.fold_bn import batchnorm_after, bn_fold, scaled_rows
 from edgecl.runtime.plan import TensorPlan
 from edgecl.runtime.providers import aligned_zeros
 
@@ -129,7 +129,7 @@ class Candidate:
         """(weight, bias or None, per-output-channel scale) with the BatchNorm folded in when `fold`."""
         b, scale = self.vectors(values, fold)
         w = values[self.weight]
-        return ((w * scale[:, None, None, None]).astype(np.float32) if fold else w), b, scale
+        return (scaled_rows(w, scale) if fold else w), b, scale
 
 
 @dataclass
@@ -158,10 +158,7 @@ class Blocked:
 
 def find_candidates(arch: dict, plans: dict[str, TensorPlan]) -> list[Candidate]:
     """Convolutions whose weight a switch writes, with their bias and a BatchNorm that is their only reader."""
-    readers: dict[str, list[dict]] = {}
-    for node in arch["nodes"]:
-        for name in node["inputs"]:
-            readers.setdefault(name, []).append(node)
+    bn_of = batchnorm_after(arch)
     out = []
     for node in arch["nodes"]:
         plan = plans.get(f"{node['name']}.weight")
@@ -169,8 +166,7 @@ def find_candidates(arch: dict, plans: dict[str, TensorPlan]) -> list[Candidate]
                 or plan.plan not in SWITCHED:
             continue
         bias = f"{node['name']}.bias" if node["bias"] and f"{node['name']}.bias" in plans else None
-        after = readers.get(node["name"], [])
-        bn = after[0] if len(after) == 1 and after[0]["op"] == "bn" and node["name"] != arch.get("output") else None
+        bn = bn_of.get(node["name"])
         bn_ok = bn is not None and all(f"{bn['name']}.{k}" in plans for k in BN_TENSORS)
         out.append(Candidate(node["name"], tuple(plan.shape), bias, bn["name"] if bn_ok else None,
                              bn["eps"] if bn_ok else 1e-5))

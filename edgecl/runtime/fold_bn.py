@@ -28,16 +28,13 @@ class FoldedBN:
 
     def __init__(self, arch: Arch, plans: list[TensorPlan], n_tasks: int, skip: set[str] = frozenset()):
         by_name = {p.name: p for p in plans}
-        nodes, readers = node_by_name(arch), consumers(arch)
+        bn_of = batchnorm_after(arch)
         self.pairs: dict[str, dict] = {}
         folded: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}  # conv → (scales, biases) per task
         for conv in arch["nodes"]:
             name, weight = conv["name"], by_name.get(f"{conv['name']}.weight")
-            if conv["op"] != "conv" or weight is None or not weight.varies or is_standardized(conv) \
-                    or name in skip or name == arch["output"] or len(readers[name]) != 1:
-                continue
-            bn = nodes[readers[name][0]]
-            if bn["op"] != "bn":
+            bn = bn_of.get(name)
+            if bn is None or weight is None or not weight.varies or is_standardized(conv) or name in skip:
                 continue
             values = [_task_values(by_name.get(f"{bn['name']}.{k}"), n_tasks) for k in BN_TENSORS]
             bias = _task_values(by_name.get(f"{name}.bias"), n_tasks) if conv["bias"] else [None] * n_tasks
@@ -73,8 +70,18 @@ class FoldedBN:
 
 
 def scaled_rows(weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """`weight` with output channel (row) o multiplied by scale[o], in float32: what the device program writes."""
+    """`weight` with output channel (row) o multiplied by scale[o], in float32: what the device program and the
+    blocked layout's fold write."""
     return (weight.reshape(weight.shape[0], -1) * scale.reshape(-1, 1)).reshape(weight.shape).astype(np.float32)
+
+
+def batchnorm_after(arch: Arch) -> dict[str, dict]:
+    """Conv name → the BatchNorm node that alone reads it (a conv that is the network's output has none): the pairs
+    a switch-time fold may merge, here and in `blocked_convs`."""
+    nodes, readers = node_by_name(arch), consumers(arch)
+    return {node["name"]: nodes[readers[node["name"]][0]] for node in arch["nodes"]
+            if node["op"] == "conv" and node["name"] != arch.get("output") and len(readers[node["name"]]) == 1
+            and nodes[readers[node["name"]][0]]["op"] == "bn"}
 
 
 def bn_fold(gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float,
