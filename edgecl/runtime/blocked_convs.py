@@ -289,7 +289,7 @@ def derive(arch: dict, plans: list[TensorPlan], factors: dict, *, candidates: li
         used = {i for node in model.graph.node for i in node.input}
         dirty = {owner[n] for n in (varying | used) if n in owner}  # a placeholder still read as itself
         for name in varying - set(owner):  # derived from a placeholder, and not reproduced
-            culprit = _culprit(name, inits.get(name, np.empty(0)), model, cands, values, accepted)
+            culprit = _culprit(name, inits, model, cands, values, accepted)
             if culprit is None:
                 return None  # by no convolution we can name: block nothing
             dirty.add(culprit)
@@ -321,13 +321,14 @@ class _Inits:
                 for name, p in self._protos.items()}
 
 
-def _culprit(name: str, value: np.ndarray, model: onnx.ModelProto, cands: list[Candidate],
+def _culprit(name: str, inits: "_Inits", model: onnx.ModelProto, cands: list[Candidate],
              values: dict[str, np.ndarray], accepted: dict[str, BlockedConv]) -> str | None:
     """The candidate a derived initializer `name` we could not reproduce was made from, or None: recognised by its
     first element (its weight or bias, BatchNorm folded or not, or the BatchNorm's scale: placeholders are distinct
     random values); else as a candidate's weight times a constant per output channel (a Mul ONNX Runtime folded in:
     MetaFormer's layer scale); else as the bias of a conv whose weight is recognised. A wrong name costs speed only:
     the graph is derived again without that conv, and the real culprit found again."""
+    value = inits.get(name, np.empty(0))
     if value.size == 0:
         return None
     for c in cands:
@@ -336,12 +337,12 @@ def _culprit(name: str, value: np.ndarray, model: onnx.ModelProto, cands: list[C
             if any(a is not None and np.isclose(a.flat[0], value.flat[0], rtol=RTOL, atol=0)
                    for a in (w, b, scale if fold else None)) or _scaled_copy(value, w):
                 return c.conv
+    by_input = {b.w_input: conv for conv, b in accepted.items()}
     for node in model.graph.node:  # a bias: the conv reading it as such, known by its weight
         if node.op_type == "Conv" and len(node.input) > 2 and node.input[2] == name:
-            by_input = {b.w_input: conv for conv, b in accepted.items()}
             if node.input[1] in by_input:
                 return by_input[node.input[1]]
-            weight = _Inits(model).get(node.input[1], np.empty(0))
+            weight = inits.get(node.input[1], np.empty(0))
             return next((c.conv for c in cands for fold in ((True, False) if c.bn else (False,))
                          if _scaled_copy(weight, c.folded(values, fold)[0])), None)
     return None
