@@ -20,6 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from edgecl.runtime.blocked_convs import Blocked, BlockedConv, pad_to, reorder, reorder_index
+from edgecl.runtime.fold_bn import scaled_rows
 from edgecl.runtime.maskfill import masked_scale
 from edgecl.runtime.plan import TensorPlan, in_ranges
 
@@ -84,8 +85,7 @@ def _conv_plans(bc: BlockedConv, by_name: dict[str, TensorPlan], n_tasks: int) -
     plans: list[TensorPlan] = []
     common = dict(block=bc.block, conv=c.conv)
     if weight.plan == "masked":
-        base = weight.base if varies or not bc.fold else \
-            (weight.base * scales[0][:weight.shape[0], None, None, None]).astype(np.float32)
+        base = weight.base if varies or not bc.fold else scaled_rows(weight.base, scales[0][:weight.shape[0]])
         bits = [_reordered_bits(b, weight.shape, bc.block, bc.layout) for b in weight.per_task]
         plans.append(BlockedPlan(bc.w_input, "masked", bc.shape, reorder(base, bc.block, bc.layout), bits,
                                  scales=scales if varies else None, **common))
