@@ -125,7 +125,8 @@ def test_environment_picks_a_build_or_is_ignored_with_a_reason(value, expect):
 @pytest.mark.parametrize("block,o_blocks,inner", [(8, 3, 8 * 9), (16, 2, 16 * 5), (16, 4, 16 * 64 * 9)])
 def test_masked_scale_is_where_keep_base_times_channel_scale(monkeypatch, compiled, block, o_blocks, inner):
     """A blocked conv weight (o_blocks, inner/block, block) masked and scaled per output channel, whole and in
-    ranges of whole bytes (the parallel split); the compiled pass and the numpy fallback agree with the reference."""
+    ranges of whole bytes (the parallel split); the compiled pass and the numpy fallback agree with the reference
+    bit for bit: a dropped weight is +0.0 under a negative scale too, a kept -0.0 stays -0.0."""
     if compiled and not maskfill.SCALED:
         pytest.skip("the compiled scaled fill is not built here")
     if not compiled:
@@ -133,17 +134,18 @@ def test_masked_scale_is_where_keep_base_times_channel_scale(monkeypatch, compil
     rng = np.random.default_rng(block + inner)
     n = o_blocks * inner
     base = rng.standard_normal(n).astype(np.float32)
+    base[::7] = -0.0
     keep = rng.random(n) < 0.6
     scale = rng.standard_normal(o_blocks * block).astype(np.float32)
     channel = (np.arange(n) // inner) * block + np.arange(n) % block
     expected = np.where(keep, base * scale[channel], np.float32(0.0))
     out = np.full(n, 7.0, np.float32)
     maskfill.masked_scale(base, np.packbits(keep), scale, out, block)
-    np.testing.assert_array_equal(out, expected)  # numerically: ±0.0 compare equal
+    np.testing.assert_array_equal(out.view(np.uint32), expected.view(np.uint32))
     out[:] = 7.0
     cuts = [0, 8 * (n // 24), 8 * (n // 12), n]
     for lo, hi in zip(cuts, cuts[1:]):
         maskfill.masked_scale(base, np.packbits(keep), scale, out, block, lo, hi)
-    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(out.view(np.uint32), expected.view(np.uint32))
     with pytest.raises(ValueError, match="does not cover"):
         maskfill.masked_scale(base, np.packbits(keep), scale[:-1], out, block)

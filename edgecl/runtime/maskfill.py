@@ -128,14 +128,10 @@ def masked_scale(base: np.ndarray, bits: np.ndarray, scale: np.ndarray, out: np.
     if SCALED and IMPLEMENTATION != "numpy":
         SCALED[0](base.ctypes.data, bits.ctypes.data, scale.ctypes.data, out.ctypes.data, lo, hi, inner, block)
         return
-    masked_copy(base, bits, out, lo, hi)
     first, last = lo // inner, -(-hi // inner)  # the blocks of output channels [lo, hi) touches
-    flat = out.reshape(-1)
-    for ob in range(first, last):
-        a, b = max(lo, ob * inner), min(hi, (ob + 1) * inner)
-        view = flat[a:b].reshape(-1, block) if a % block == 0 and (b - a) % block == 0 else None
-        if view is not None:
-            view *= scale[ob * block:(ob + 1) * block]
-        else:
-            lanes = np.arange(a, b) % block
-            flat[a:b] *= scale[ob * block + lanes]
+    flat_base, flat_out = base.reshape(-1), out.reshape(-1)
+    for ob in range(first, last):  # where(keep, base·s, +0.0): a dropped weight is +0.0 whatever the sign of s
+        a, b = max(lo, ob * inner), min(hi, (ob + 1) * inner)  # a: a multiple of 8 (lo and inner are)
+        keep = np.unpackbits(bits[a // 8:(b + 7) // 8], count=b - a).view(bool)
+        scaled = flat_base[a:b] * scale[ob * block + np.arange(a, b) % block]
+        np.copyto(flat_out[a:b], np.where(keep, scaled, np.float32(0.0)))
