@@ -87,6 +87,4 @@ def gain_value(plan: TensorPlan | None, t: int, host: dict[str, np.ndarray] | No
     None for a conv without a gain (``std_gain`` false)."""
     if plan is None:
         return None
-    if plan.varies:
-        return plan.task_view(host[plan.name], t)
-    return plan.per_task[t] if plan.plan == "own" else plan.base
+    return plan.task_view(host[plan.name], t) if plan.varies else plan.value(t)  # a filled buffer is not refilled
