@@ -252,6 +252,10 @@ def _spec(draw) -> dict:
                         [[1, dims[0], dims[1] * dims[2] + 1, 1], [dims[0], *dims[1:]], [1, *dims, 1], "x"]))
                 if draw(st.booleans()):  # a constant (MAE's fixed embedding), or a hostile flag
                     node["frozen"] = draw(st.sampled_from([True, False])) if fits else draw(hostile)
+                if len(dims) == 3 and "module_shape" not in node and draw(st.booleans()):  # NesT's, block by block
+                    sides = [b for b in (1, 2, 3) if dims[1] == dims[2] and dims[1] % b == 0]
+                    node["block"] = draw(st.sampled_from(sides)) if fits and sides else \
+                        draw(st.sampled_from([0, -2, "2", 2.5, True, dims[1] + 1]))
             elif draw(st.booleans()):  # several tokens (register tokens), or none said (one)
                 node["tokens"] = draw(st.sampled_from([1, 2, 4])) if fits else draw(hostile)
         elif op == "token":
