@@ -2,7 +2,7 @@
 attention stage (multi-head self-attention over a map's positions written in forward), PiT (class tokens split
 off, the rest pooled as a map, tokens joined again), EfficientViT-MSRA's cascaded window attention, Twins
 (window attention on zero-padded maps, sub-sampled keys and values) and DaViT (window attention on zero-padded maps,
-channel attention kᵀv applied to q). Small
+channel attention kᵀv applied to q) and PVT v2 (keys and values of a reduced map, a depthwise conv in the MLP). Small
 enough for every method on real digit tasks (tests/test_methods_on_graphs.py)."""
 from __future__ import annotations
 
@@ -125,3 +125,17 @@ def tiny_nest(classes: int = 3, in_channels: int = 1, image: int = 8, pad_type: 
 
 def nest_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(tiny_nest(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
+
+
+def tiny_pvt(classes: int = 3, in_channels: int = 1, image: int = 16, **kwargs) -> nn.Module:
+    """timm's PVT v2 in small: its 7×7 stride-4 patch embedding to an (image / 4)² map of 8 channels, a block whose
+    keys and values come from the map reduced by sr 2 (1 head), then a stride-2 downsample to 16 channels (2 heads,
+    keys and values of every position); each block's MLP with its 3×3 depthwise conv; the mean of the map."""
+    from timm.models.pvt_v2 import PyramidVisionTransformerV2
+    args = dict(in_chans=in_channels, num_classes=classes, depths=(1, 1), embed_dims=(8, 16), num_heads=(1, 2),
+                sr_ratios=(2, 1), mlp_ratios=(2, 2))
+    return PyramidVisionTransformerV2(**{**args, **kwargs})
+
+
+def pvt_spec(input_shape=(1, 16, 16)) -> dict:
+    return from_torch(tiny_pvt(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))

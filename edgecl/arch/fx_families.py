@@ -23,6 +23,7 @@ from edgecl.arch.fx_mobilevit import _MobileVitConverter
 from edgecl.arch.fx_nest import _NestConverter
 from edgecl.arch.fx_norms import _NormConverter
 from edgecl.arch.fx_padding import _PaddingConverter
+from edgecl.arch.fx_pvt import _PvtConverter
 from edgecl.arch.fx_shuffle import _ShuffleConverter
 from edgecl.arch.fx_slices import _SliceConverter
 from edgecl.arch.fx_space_to_depth import _SpaceToDepthConverter
@@ -42,5 +43,5 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _TinyVitConverter, _BlurConverter, _EfficientFormerConverter, _MobileVitConverter,
                _MaxVitConverter, _EfficientVitConverter, _EfficientVitMsraConverter, _EdgeNextConverter,
                _LambdaConverter, _TokenMixConverter, _XcitConverter, _TwinsConverter, _DavitConverter,
-               _NestConverter):
+               _NestConverter, _PvtConverter):
     """Every family's conversions, in one base class."""
