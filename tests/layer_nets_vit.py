@@ -127,8 +127,9 @@ def nest_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(tiny_nest(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
 
 
-def tiny_pvt(classes: int = 3, in_channels: int = 1, image: int = 16, **kwargs) -> nn.Module:
-    """timm's PVT v2 in small: its 7×7 stride-4 patch embedding to an (image / 4)² map of 8 channels, a block whose
+def tiny_pvt(classes: int = 3, in_channels: int = 1, **kwargs) -> nn.Module:
+    """timm's PVT v2 in small (any input size): its 7×7 stride-4 patch embedding to a quarter-side map of 8
+    channels, a block whose
     keys and values come from the map reduced by sr 2 (1 head), then a stride-2 downsample to 16 channels (2 heads,
     keys and values of every position); each block's MLP with its 3×3 depthwise conv; the mean of the map."""
     from timm.models.pvt_v2 import PyramidVisionTransformerV2
@@ -137,5 +138,5 @@ def tiny_pvt(classes: int = 3, in_channels: int = 1, image: int = 16, **kwargs) 
     return PyramidVisionTransformerV2(**{**args, **kwargs})
 
 
-def pvt_spec(input_shape=(1, 16, 16)) -> dict:
-    return from_torch(tiny_pvt(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
+def pvt_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(tiny_pvt(in_channels=input_shape[0]), tuple(input_shape))

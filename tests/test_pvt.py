@@ -21,7 +21,7 @@ from edgecl.arch.factories import build_module
                          ids=["sr2", "sr4_2", "no_sr", "24px", "deeper"])
 def test_tiny_pvt_parity(kwargs):
     image = kwargs.pop("image", 16)
-    module = randomised_all(tiny_pvt(image=image, **kwargs))
+    module = randomised_all(tiny_pvt(**kwargs))
     spec = from_torch(module, (1, image, image))
     check_parity(module, spec, (1, image, image))
 
@@ -69,7 +69,7 @@ def test_other_layers_in_pvt_places_are_refused_by_name():
 def test_linear_attention_parity(image):
     """pvt_v2_b2_li's linear attention: keys and values of the map pooled adaptively to 7 × 7 (from a 4×4 or 2×2
     map: windows overlapping, from 16×16 and 8×8: unequal), a 1×1 sr, LayerNorm and GELU; a ReLU in the MLP."""
-    module = randomised_all(tiny_pvt(linear=True, image=image))
+    module = randomised_all(tiny_pvt(linear=True))
     spec = from_torch(module, (1, image, image))
     nodes = {n["name"]: n for n in spec["nodes"]}
     assert nodes["stages.0.blocks.0.attn.pool"]["size"] == [7, 7] and "stages.0.blocks.0.mlp.relu" in nodes
