@@ -140,3 +140,31 @@ def tiny_pvt(classes: int = 3, in_channels: int = 1, **kwargs) -> nn.Module:
 
 def pvt_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(tiny_pvt(in_channels=input_shape[0]), tuple(input_shape))
+
+
+class TinyNextViT(nn.Module):
+    """Next-ViT in small, of timm's own blocks (timm's NextViT fixes its widths at 96 and up): a stride-2 conv stem,
+    an NCB (NextConvBlock: grouped-conv attention, BatchNorm, ConvMlp), an NTB (NextTransformerBlock) whose E-MHSA
+    over 32 channels (timm rounds them to 32s) in `heads` heads averages its keys' tokens in runs of `sr`² (sr 2 on
+    a 4×4 map: a run is a row; `stride` 2 first pools the map), concatenated with its conv attention's output (one
+    head's channels); the final BatchNorm, mean and classifier."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, sr: int = 2, heads: int = 2, stride: int = 1):
+        super().__init__()
+        from timm.models.nextvit import ConvNormAct, NextConvBlock, NextTransformerBlock
+        head_dim = 32 // heads
+        width = 32 + head_dim
+        self.stem = ConvNormAct(in_channels, 16, stride=2)
+        self.ncb = NextConvBlock(16, 16, head_dim=8)
+        self.ntb = NextTransformerBlock(16, width, drop_path=0.0, stride=stride, sr_ratio=sr, head_dim=head_dim,
+                                        mix_block_ratio=32.5 / width)
+        self.norm = nn.BatchNorm2d(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = self.norm(self.ntb(self.ncb(self.stem(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def nextvit_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyNextViT(in_channels=input_shape[0]), tuple(input_shape))

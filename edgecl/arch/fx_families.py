@@ -21,6 +21,7 @@ from edgecl.arch.fx_levit import _LevitConverter
 from edgecl.arch.fx_maxvit import _MaxVitConverter
 from edgecl.arch.fx_mobilevit import _MobileVitConverter
 from edgecl.arch.fx_nest import _NestConverter
+from edgecl.arch.fx_nextvit import _NextVitConverter
 from edgecl.arch.fx_norms import _NormConverter
 from edgecl.arch.fx_padding import _PaddingConverter
 from edgecl.arch.fx_pvt import _PvtConverter
@@ -43,5 +44,5 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _TinyVitConverter, _BlurConverter, _EfficientFormerConverter, _MobileVitConverter,
                _MaxVitConverter, _EfficientVitConverter, _EfficientVitMsraConverter, _EdgeNextConverter,
                _LambdaConverter, _TokenMixConverter, _XcitConverter, _TwinsConverter, _DavitConverter,
-               _NestConverter, _PvtConverter):
+               _NestConverter, _PvtConverter, _NextVitConverter):
     """Every family's conversions, in one base class."""
