@@ -168,3 +168,23 @@ class TinyNextViT(nn.Module):
 
 def nextvit_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyNextViT(in_channels=input_shape[0]), tuple(input_shape))
+
+
+class TinySHViT(nn.Module):
+    """SHViT in small, of timm's own blocks: a stride-2 Conv2dNorm stem to a half-side map of `dim` channels, one
+    BasicBlock (residual depthwise Conv2dNorm, SHSA: single-head attention of qk_dim `qk` over the first `pdim`
+    channels, the rest passed by; FFN), the mean and the classifier."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, dim: int = 16, pdim: int = 8, qk: int = 4):
+        super().__init__()
+        from timm.models.shvit import BasicBlock, Conv2dNorm
+        self.stem = Conv2dNorm(in_channels, dim, 3, 2, 1)
+        self.block = BasicBlock(dim, qk, pdim, "s")
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x).relu()).mean((2, 3)))
+
+
+def shvit_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinySHViT(in_channels=input_shape[0]), tuple(input_shape))

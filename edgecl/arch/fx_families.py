@@ -26,6 +26,7 @@ from edgecl.arch.fx_norms import _NormConverter
 from edgecl.arch.fx_padding import _PaddingConverter
 from edgecl.arch.fx_pvt import _PvtConverter
 from edgecl.arch.fx_shuffle import _ShuffleConverter
+from edgecl.arch.fx_shvit import _ShvitConverter
 from edgecl.arch.fx_slices import _SliceConverter
 from edgecl.arch.fx_space_to_depth import _SpaceToDepthConverter
 from edgecl.arch.fx_split_attn import _SplitAttnConverter
@@ -44,5 +45,6 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _TinyVitConverter, _BlurConverter, _EfficientFormerConverter, _MobileVitConverter,
                _MaxVitConverter, _EfficientVitConverter, _EfficientVitMsraConverter, _EdgeNextConverter,
                _LambdaConverter, _TokenMixConverter, _XcitConverter, _TwinsConverter, _DavitConverter,
-               _NestConverter, _PvtConverter, _NextVitConverter):
+               _NestConverter, _PvtConverter, _NextVitConverter,
+               _ShvitConverter):
     """Every family's conversions, in one base class."""

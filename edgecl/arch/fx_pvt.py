@@ -108,7 +108,8 @@ class _PvtConverter:
         r = sr.kernel_size[0] if isinstance(sr, nn.Conv2d) else 0
         if type(sr) is not nn.Conv2d or sr.kernel_size != (r, r) or sr.stride != (r, r) or sr.padding != (0, 0) or \
                 sr.groups != 1 or sr.dilation != (1, 1) or sr.in_channels != ch or sr.out_channels != ch or \
-                pool is not None and (type(pool) is not nn.AdaptiveAvgPool2d or r != 1 or None in pair(pool.output_size)):
+                pool is not None and (type(pool) is not nn.AdaptiveAvgPool2d or r != 1 or
+                                      None in pair(pool.output_size)):
             raise UsageError(f"{self.name}: {where}: its sr is a {type(sr).__name__} (pool "
                              f"{type(pool).__name__}); edgecl converts an nn.Conv2d of {ch} channels with kernel "
                              "and stride alike and no padding (timm's), 1×1 after an nn.AdaptiveAvgPool2d to a "
