@@ -188,3 +188,18 @@ class TinySHViT(nn.Module):
 
 def shvit_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinySHViT(in_channels=input_shape[0]), tuple(input_shape))
+
+
+def tiny_gcvit(classes: int = 3, in_channels: int = 1, image: int = 8, **kwargs) -> nn.Module:
+    """timm's GC ViT in small: its stride-4 stem to an (image / 4)² map of 8 channels; two stages (1 and 2 heads) of
+    a local window block and a global-query block each (the FeatureBlock pools the map down to one window: the
+    query every window shares, tiled over the map); 1×1 windows at 8 px (the 2×2 map's four windows read one
+    global query), else `window_ratio`."""
+    from timm.models.gcvit import GlobalContextVit
+    args = dict(img_size=image, in_chans=in_channels, num_classes=classes, depths=(2, 2), num_heads=(1, 2),
+                embed_dim=8, mlp_ratio=2, **({"window_size": 1} if image == 8 else {"window_ratio": (8, 16)}))
+    return GlobalContextVit(**{**args, **kwargs})
+
+
+def gcvit_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(tiny_gcvit(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
