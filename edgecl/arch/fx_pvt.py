@@ -22,7 +22,6 @@ from typing import Any, Callable
 
 from torch import fx, nn
 
-from edgecl.arch.fx_activations import module_activation
 from edgecl.arch.fx_attention2d import applied_scale, pointwise
 from edgecl.arch.fx_calls import location, pair, shape_of
 from edgecl.arch.fx_swin import check_drops, check_kind, linear
@@ -44,7 +43,7 @@ class _PvtConverter:
     last: set[fx.Node]
     _emit: Callable[..., str]
     _conv: Callable[..., str]
-    _activation: Callable[..., None]
+    _act: Callable[..., str]
     swin_norm: Callable[..., str]
 
     def pvt_stage(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
@@ -63,7 +62,7 @@ class _PvtConverter:
         elif not channels_last:
             raise UsageError(f"{self.name}: {where}: without a downsample it reads a channels-last map (the patch "
                              "embedding's); gets a channels-first one")
-        ch, *hw = shape_of(node)
+        ch = shape_of(node)[0]  # the stage's output: (C, H, W), channels-first
         for i, block in enumerate(m.blocks):
             x = self._pvt_block(node, block, x, f"{path}.blocks.{i}", where, ch)
         self.swin_norm(node, m.norm, x, f"{path}.norm", where)
@@ -118,13 +117,7 @@ class _PvtConverter:
             size = [int(s) for s in pair(pool.output_size)]
             x = self._emit(node, "adaptive_avgpool", [x], f"{path}.pool", size=size)
         h = self.swin_norm(node, m.norm, self._conv(node, sr, x, f"{path}.sr", where), f"{path}.norm", where)
-        if pool is None:
-            return h
-        if module_activation(m.act) is None:
-            raise UsageError(f"{self.name}: {where}: {path}.act is a {type(m.act).__name__}; edgecl converts an "
-                             "activation there")
-        self._activation(node, m.act, h, f"{path}.act")
-        return self.alias[node]
+        return h if pool is None else self._act(node, m.act, h, f"{path}.act", where)
 
     def _pvt_mlp(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str) -> str:
         """timm's MlpWithDepthwiseConv: fc1 → [ReLU] → depthwise 3×3 conv on the map → act → fc2."""
@@ -138,14 +131,7 @@ class _PvtConverter:
                              f"{type(dw).__name__} and fc2 of {fc2.in_features}→{fc2.out_features} are not PVT v2's "
                              "MLP (a 3×3 depthwise conv, stride 1, padding 1, between its Linears)")
         h = self._emit(node, "conv", [x], f"{path}.fc1", **pointwise(fc1))
-        for part in ("relu", "dwconv", "act"):
-            layer = getattr(m, part)
-            if part == "dwconv":
-                h = self._conv(node, layer, h, f"{path}.dwconv", where)
-            elif not isinstance(layer, nn.Identity):
-                if module_activation(layer) is None:
-                    raise UsageError(f"{self.name}: {where}: {path}.{part} is a {type(layer).__name__}; edgecl "
-                                     "converts an activation or an identity there")
-                self._activation(node, layer, h, f"{path}.{part}")
-                h = self.alias[node]
+        h = h if isinstance(m.relu, nn.Identity) else self._act(node, m.relu, h, f"{path}.relu", where)
+        h = self._conv(node, dw, h, f"{path}.dwconv", where)
+        h = h if isinstance(m.act, nn.Identity) else self._act(node, m.act, h, f"{path}.act", where)
         return self._emit(node, "conv", [h], f"{path}.fc2", **pointwise(fc2))

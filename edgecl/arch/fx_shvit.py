@@ -16,7 +16,6 @@ from typing import Any, Callable
 
 from torch import fx, nn
 
-from edgecl.arch.fx_activations import module_activation
 from edgecl.arch.fx_calls import location, map_shape
 from edgecl.errors import UsageError
 
@@ -36,7 +35,7 @@ class _ShvitConverter:
     _emit: Callable[..., str]
     _conv: Callable[..., str]
     _batchnorm: Callable[..., None]
-    _activation: Callable[..., None]
+    _act: Callable[..., str]
     _group_norm1: Callable[..., str]
 
     def shvit_attention(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
@@ -56,11 +55,11 @@ class _ShvitConverter:
             x2 = self._emit(node, "slice", [x], f"{path}.x2", start=pdim, stop=dim)
             h = self._emit(node, "cat", [h, x2], f"{path}.cat")
         proj = m.proj
-        if not isinstance(proj, nn.Sequential) or len(proj) != 2 or module_activation(proj[0]) is None:
+        if not isinstance(proj, nn.Sequential) or len(proj) != 2:
             raise UsageError(f"{self.name}: {where}: its proj is a {type(proj).__name__}; edgecl converts SHViT's "
                              "(an activation, then a Conv2dNorm)")
-        self._activation(node, proj[0], h, f"{path}.proj.0")
-        self._shvit_conv_norm(node, proj[1], self.alias[node], f"{path}.proj.1", where, dim, dim)
+        h = self._act(node, proj[0], h, f"{path}.proj.0", where)
+        self._shvit_conv_norm(node, proj[1], h, f"{path}.proj.1", where, dim, dim)
 
     def _shvit_conv_norm(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str, ch_in: int,
                          ch_out: int) -> str:
