@@ -46,6 +46,5 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _TinyVitConverter, _BlurConverter, _EfficientFormerConverter, _MobileVitConverter,
                _MaxVitConverter, _EfficientVitConverter, _EfficientVitMsraConverter, _EdgeNextConverter,
                _LambdaConverter, _TokenMixConverter, _XcitConverter, _TwinsConverter, _DavitConverter,
-               _NestConverter, _PvtConverter, _NextVitConverter,
-               _ShvitConverter, _GcVitConverter):
+               _NestConverter, _PvtConverter, _NextVitConverter, _ShvitConverter, _GcVitConverter):
     """Every family's conversions, in one base class."""

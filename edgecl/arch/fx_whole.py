@@ -44,12 +44,10 @@ WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention,
          (is_xcit_pos, "xcit_pos"), (is_class_attn, "class_attn"), (is_twins_attention, "twins_attention"),
          (is_davit_spatial, "davit_spatial"), (is_davit_channel, "davit_channel"), (is_nest_level, "nest_level"),
          (is_pvt_stage, "pvt_stage"), (is_nextvit_attention, "nextvit_attention"),
-         (is_shvit_attention, "shvit_attention"),
-         (is_gcvit_block, "gcvit_block"))
+         (is_shvit_attention, "shvit_attention"), (is_gcvit_block, "gcvit_block"))
 # may read channels-last values
 ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin, is_tiny_vit_block, is_maxvit, is_xcit_xca, is_xcit_lpi,
-             is_class_attn, is_twins_attention, is_davit_channel, is_pvt_stage,
-             is_nextvit_attention, is_gcvit_block)
+             is_class_attn, is_twins_attention, is_davit_channel, is_pvt_stage, is_nextvit_attention, is_gcvit_block)
 
 
 def check_plain_call(m: nn.Module, path: str) -> bool:
