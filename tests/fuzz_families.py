@@ -339,7 +339,7 @@ def _spec(draw) -> dict:
         elif op == "upsample":  # nearest or bilinear (EfficientFormerV2's strided attention), by integer factors
             node["scale"] = draw(st.sampled_from([1, 2, [2, 1]])) if fits else draw(st.sampled_from([0, [1, 2, 3]]))
             if draw(st.booleans()):
-                node["mode"] = draw(st.sampled_from(["nearest", "bilinear"] if fits else ["bicubic", 1, None]))
+                node["mode"] = draw(st.sampled_from(["nearest", "bilinear", "tile"] if fits else ["bicubic", 1, None]))
             if draw(st.booleans()):  # bilinear only (refused with nearest), or a hostile value
                 node["align_corners"] = draw(st.booleans()) if fits else draw(st.sampled_from([1, "true", None]))
         elif op == "space_to_depth":  # ONNX's order or Swin's patch merging's

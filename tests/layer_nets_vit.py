@@ -2,7 +2,7 @@
 attention stage (multi-head self-attention over a map's positions written in forward), PiT (class tokens split
 off, the rest pooled as a map, tokens joined again), EfficientViT-MSRA's cascaded window attention, Twins
 (window attention on zero-padded maps, sub-sampled keys and values) and DaViT (window attention on zero-padded maps,
-channel attention kᵀv applied to q). Small
+channel attention kᵀv applied to q) and PVT v2 (keys and values of a reduced map, a depthwise conv in the MLP). Small
 enough for every method on real digit tasks (tests/test_methods_on_graphs.py)."""
 from __future__ import annotations
 
@@ -125,3 +125,81 @@ def tiny_nest(classes: int = 3, in_channels: int = 1, image: int = 8, pad_type: 
 
 def nest_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(tiny_nest(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
+
+
+def tiny_pvt(classes: int = 3, in_channels: int = 1, **kwargs) -> nn.Module:
+    """timm's PVT v2 in small (any input size): its 7×7 stride-4 patch embedding to a quarter-side map of 8
+    channels, a block whose
+    keys and values come from the map reduced by sr 2 (1 head), then a stride-2 downsample to 16 channels (2 heads,
+    keys and values of every position); each block's MLP with its 3×3 depthwise conv; the mean of the map."""
+    from timm.models.pvt_v2 import PyramidVisionTransformerV2
+    args = dict(in_chans=in_channels, num_classes=classes, depths=(1, 1), embed_dims=(8, 16), num_heads=(1, 2),
+                sr_ratios=(2, 1), mlp_ratios=(2, 2))
+    return PyramidVisionTransformerV2(**{**args, **kwargs})
+
+
+def pvt_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(tiny_pvt(in_channels=input_shape[0]), tuple(input_shape))
+
+
+class TinyNextViT(nn.Module):
+    """Next-ViT in small, of timm's own blocks (timm's NextViT fixes its widths at 96 and up): a stride-2 conv stem,
+    an NCB (NextConvBlock: grouped-conv attention, BatchNorm, ConvMlp), an NTB (NextTransformerBlock) whose E-MHSA
+    over 32 channels (timm rounds them to 32s) in `heads` heads averages its keys' tokens in runs of `sr`² (sr 2 on
+    a 4×4 map: a run is a row; `stride` 2 first pools the map), concatenated with its conv attention's output (one
+    head's channels); the final BatchNorm, mean and classifier."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, sr: int = 2, heads: int = 2, stride: int = 1):
+        super().__init__()
+        from timm.models.nextvit import ConvNormAct, NextConvBlock, NextTransformerBlock
+        head_dim = 32 // heads
+        width = 32 + head_dim
+        self.stem = ConvNormAct(in_channels, 16, stride=2)
+        self.ncb = NextConvBlock(16, 16, head_dim=8)
+        self.ntb = NextTransformerBlock(16, width, drop_path=0.0, stride=stride, sr_ratio=sr, head_dim=head_dim,
+                                        mix_block_ratio=32.5 / width)
+        self.norm = nn.BatchNorm2d(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = self.norm(self.ntb(self.ncb(self.stem(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def nextvit_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyNextViT(in_channels=input_shape[0]), tuple(input_shape))
+
+
+class TinySHViT(nn.Module):
+    """SHViT in small, of timm's own blocks: a stride-2 Conv2dNorm stem to a half-side map of `dim` channels, one
+    BasicBlock (residual depthwise Conv2dNorm, SHSA: single-head attention of qk_dim `qk` over the first `pdim`
+    channels, the rest passed by; FFN), the mean and the classifier."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, dim: int = 16, pdim: int = 8, qk: int = 4):
+        super().__init__()
+        from timm.models.shvit import BasicBlock, Conv2dNorm
+        self.stem = Conv2dNorm(in_channels, dim, 3, 2, 1)
+        self.block = BasicBlock(dim, qk, pdim, "s")
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x).relu()).mean((2, 3)))
+
+
+def shvit_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinySHViT(in_channels=input_shape[0]), tuple(input_shape))
+
+
+def tiny_gcvit(classes: int = 3, in_channels: int = 1, image: int = 8, **kwargs) -> nn.Module:
+    """timm's GC ViT in small: its stride-4 stem to an (image / 4)² map of 8 channels; two stages (1 and 2 heads) of
+    a local window block and a global-query block each (the FeatureBlock pools the map down to one window: the
+    query every window shares, tiled over the map); 1×1 windows at 8 px (the 2×2 map's four windows read one
+    global query), else `window_ratio`."""
+    from timm.models.gcvit import GlobalContextVit
+    args = dict(img_size=image, in_chans=in_channels, num_classes=classes, depths=(2, 2), num_heads=(1, 2),
+                embed_dim=8, mlp_ratio=2, **({"window_size": 1} if image == 8 else {"window_ratio": (8, 16)}))
+    return GlobalContextVit(**{**args, **kwargs})
+
+
+def gcvit_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(tiny_gcvit(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))

@@ -113,7 +113,7 @@ def test_fields_validate_and_their_defaults_are_left_out_of_the_stored_form():
             validate(_attention_spec(**bad))
     wrong = _attention_spec()
     wrong["nodes"][4]["mode"] = "bicubic"
-    with pytest.raises(UsageError, match="'nearest' or 'bilinear'"):
+    with pytest.raises(UsageError, match="'nearest', 'bilinear' or 'tile'"):
         validate(wrong)
 
 

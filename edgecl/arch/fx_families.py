@@ -15,15 +15,19 @@ from edgecl.arch.fx_edgenext import _EdgeNextConverter
 from edgecl.arch.fx_efficientformer import _EfficientFormerConverter
 from edgecl.arch.fx_efficientvit import _EfficientVitConverter
 from edgecl.arch.fx_efficientvit_msra import _EfficientVitMsraConverter
+from edgecl.arch.fx_gcvit import _GcVitConverter
 from edgecl.arch.fx_global_context import _GlobalContextConverter
 from edgecl.arch.fx_lambda import _LambdaConverter
 from edgecl.arch.fx_levit import _LevitConverter
 from edgecl.arch.fx_maxvit import _MaxVitConverter
 from edgecl.arch.fx_mobilevit import _MobileVitConverter
 from edgecl.arch.fx_nest import _NestConverter
+from edgecl.arch.fx_nextvit import _NextVitConverter
 from edgecl.arch.fx_norms import _NormConverter
 from edgecl.arch.fx_padding import _PaddingConverter
+from edgecl.arch.fx_pvt import _PvtConverter
 from edgecl.arch.fx_shuffle import _ShuffleConverter
+from edgecl.arch.fx_shvit import _ShvitConverter
 from edgecl.arch.fx_slices import _SliceConverter
 from edgecl.arch.fx_space_to_depth import _SpaceToDepthConverter
 from edgecl.arch.fx_split_attn import _SplitAttnConverter
@@ -42,5 +46,5 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _TinyVitConverter, _BlurConverter, _EfficientFormerConverter, _MobileVitConverter,
                _MaxVitConverter, _EfficientVitConverter, _EfficientVitMsraConverter, _EdgeNextConverter,
                _LambdaConverter, _TokenMixConverter, _XcitConverter, _TwinsConverter, _DavitConverter,
-               _NestConverter):
+               _NestConverter, _PvtConverter, _NextVitConverter, _ShvitConverter, _GcVitConverter):
     """Every family's conversions, in one base class."""

@@ -14,13 +14,17 @@ from edgecl.arch.fx_edgenext import is_sdta_block
 from edgecl.arch.fx_efficientformer import is_efficientformer_attention
 from edgecl.arch.fx_efficientvit import is_lite_mla
 from edgecl.arch.fx_efficientvit_msra import is_local_window_attention
+from edgecl.arch.fx_gcvit import is_gcvit_block
 from edgecl.arch.fx_global_context import is_global_context
 from edgecl.arch.fx_lambda import is_lambda_layer
 from edgecl.arch.fx_levit import is_levit
 from edgecl.arch.fx_maxvit import is_maxvit
 from edgecl.arch.fx_mobilevit import is_mobilevit
 from edgecl.arch.fx_nest import is_nest_level
+from edgecl.arch.fx_nextvit import is_nextvit_attention
 from edgecl.arch.fx_norms import is_grn
+from edgecl.arch.fx_pvt import is_pvt_stage
+from edgecl.arch.fx_shvit import is_shvit_attention
 from edgecl.arch.fx_space_to_depth import is_space_to_depth
 from edgecl.arch.fx_split_attn import is_split_attention
 from edgecl.arch.fx_swin import is_swin
@@ -38,10 +42,12 @@ WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention,
          (is_local_window_attention, "local_window_attention"), (is_sdta_block, "sdta_block"),
          (is_lambda_layer, "lambda_layer"), (is_xcit_xca, "xcit_xca"), (is_xcit_lpi, "xcit_lpi"),
          (is_xcit_pos, "xcit_pos"), (is_class_attn, "class_attn"), (is_twins_attention, "twins_attention"),
-         (is_davit_spatial, "davit_spatial"), (is_davit_channel, "davit_channel"), (is_nest_level, "nest_level"))
+         (is_davit_spatial, "davit_spatial"), (is_davit_channel, "davit_channel"), (is_nest_level, "nest_level"),
+         (is_pvt_stage, "pvt_stage"), (is_nextvit_attention, "nextvit_attention"),
+         (is_shvit_attention, "shvit_attention"), (is_gcvit_block, "gcvit_block"))
 # may read channels-last values
 ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin, is_tiny_vit_block, is_maxvit, is_xcit_xca, is_xcit_lpi,
-             is_class_attn, is_twins_attention, is_davit_channel)
+             is_class_attn, is_twins_attention, is_davit_channel, is_pvt_stage, is_nextvit_attention, is_gcvit_block)
 
 
 def check_plain_call(m: nn.Module, path: str) -> bool:

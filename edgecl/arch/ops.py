@@ -61,7 +61,9 @@ Ops (fields and defaults in `OPS`):
   pool, ``(C, H, W)``); ``upsample`` (by the integer ``scale`` of each spatial axis; ``mode``
   "nearest": every value repeated, or "bilinear": torch's ``align_corners=False`` interpolation, ONNX Resize linear
   half_pixel, as EfficientFormerV2's strided attention up-samples, or with ``align_corners`` true (bilinear only)
-  torch's ``align_corners=True`` (``nn.UpsamplingBilinear2d``), ONNX Resize linear align_corners; each channel alone,
+  torch's ``align_corners=True`` (``nn.UpsamplingBilinear2d``), ONNX Resize linear align_corners, or "tile": the
+  whole map repeated side by side, out[i] = in[i mod size], ONNX Tile, as GC ViT shares its global query with every
+  window; each channel alone,
   its weights summing to 1, so either keeps a constant channel constant);
 - structure: ``add`` (residual sum of equal shapes; an input's spatial axes of size 1 broadcast, as GCNet's fused add
   of a ``(C, 1, 1)`` context over a ``(C, H, W)`` map — the channels never do), ``mul`` (broadcast product, e.g.

@@ -250,7 +250,7 @@ def _field(value: Any, kind: str, where: str) -> Any:
             math.isfinite(value) and abs(value) <= MAX_NUMBER:
         return float(value)
     if kind == "approximate" and value in ("none", "tanh") or kind == "upsample_mode" and value in ("nearest",
-                                                                                                   "bilinear"):
+                                                                                                   "bilinear", "tile"):
         return value
     if kind == "shape" and isinstance(value, list):
         return _shape(value, "reshape shape")
@@ -271,7 +271,7 @@ def _field(value: Any, kind: str, where: str) -> Any:
               "eps": f"a number in (0, 1), at least {MIN_EPS:.3g} (float32 rounds a smaller one to 0)",
               "momentum": "a number in (0, 1]", "approximate": "'none' or 'tanh'", "axis": "1 (channels)", "order": "'hw' or 'wh'",
               "bias_table": "'levit', 'swin' or 'tf'", "kernel": "'relu'", "norm_over": "'channels' or 'map'",
-              "upsample_mode": "'nearest' or 'bilinear'",
+              "upsample_mode": "'nearest', 'bilinear' or 'tile'",
               "index_table": "a non-empty list of non-empty lists of ints ≥ 0",
               "number": f"a finite number of magnitude at most {MAX_NUMBER:g}"}.get(kind, kind)
     shown = repr(value) if isinstance(value, str) else str(value)  # "1" is not 1

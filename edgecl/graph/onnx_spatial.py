@@ -35,6 +35,8 @@ def spatial_op(b: Builder, h: str, node: dict, in_shape: list[int]) -> str:
         weight = b.constant(np.ascontiguousarray(np.broadcast_to(blur_filter(k), (c, 1, k, k))))
         return b.op("Conv", [h, weight], kernel_shape=[k, k], strides=[node["stride"]] * 2, pads=[0, 0, 0, 0],
                     dilations=[1, 1], group=c)
+    if op == "upsample" and node.get("mode") == "tile":  # out[i] = in[i mod size]: the whole map repeated
+        return b.op("Tile", [h, b.ints(1, 1, *node["scale"])])
     if op == "upsample":  # out[i] = in[floor(i / scale)]: every value repeated, no interpolation; or bilinear
         scales = b.constant(np.array([1.0, 1.0, *node["scale"]], dtype=np.float32))
         if node.get("mode") == "bilinear":  # torch's align_corners=False: source (i + ½)/scale − ½, edges clamped;

@@ -220,6 +220,8 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
     if op == "upsample" and node.get("mode") == "bilinear":  # torch's nn.Upsample(scale_factor, "bilinear")
         return F.interpolate(h, scale_factor=tuple(float(s) for s in node["scale"]), mode="bilinear",
                              align_corners=bool(node.get("align_corners")))
+    if op == "upsample" and node.get("mode") == "tile":  # the whole map repeated (GC ViT's global query per window)
+        return h.repeat(1, 1, *node["scale"])
     if op == "upsample":  # nearest by integer factors: each value repeated, exactly as ONNX Resize below
         return h.repeat_interleave(node["scale"][0], dim=2).repeat_interleave(node["scale"][1], dim=3)
     if op == "scale":  # a factor of 1 or offset of 0 is skipped, as in ONNX: the same float32 steps
