@@ -67,7 +67,10 @@ TIMM = ["resnet10t", "resnet18", "mobilenetv3_small_050", "mobilenetv2_050", "ef
         # DaViT: window attention on zero-padded maps, channel attention (k^T·v applied to q, fixed scale)
         "davit_tiny",
         # NesT: window attention over its blocks, a position embedding stored block by block, ConvPool
-        "nest_tiny"]
+        "nest_tiny",
+        # PVT v2 (spatial-reduction attention, DWConv MLP), Next-ViT (keys averaged over runs of tokens), SHViT
+        # (single-head attention on a channel split), GC ViT (a global query tiled over the windows)
+        "pvt_v2_b0", "nextvit_small", "shvit_s1", "gcvit_xxtiny"]
 # models whose position embedding (LeViT: attention-bias index) fixes the input size: built for the 64×64 traced
 BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_patch16_224": {"img_size": 64},
               "timm:deit_tiny_patch16_224": {"img_size": 64}, "timm:deit_tiny_distilled_patch16_224": {"img_size": 64},
@@ -85,7 +88,7 @@ BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_
 # torchvision's swin_t, whose window is fixed: 56, 28, 14, 7; TinyViT's windows 7, 14, 7: 28, 14, 7); torchvision's
 # maxvit_t is built for 224 (its partitions of 7 fixed at construction); EfficientViT-M0 at its native 224: stage maps
 # 14 (four windows of 7: a windowed conv on q), 7 and 4 (one window each)
-SIZES = {"timm:swin_tiny_patch4_window7_224": 112, "torchvision.models:swin_t": 224, "timm:tiny_vit_5m_224": 224,
+SIZES = {"timm:swin_tiny_patch4_window7_224": 112, "timm:gcvit_xxtiny": 224, "torchvision.models:swin_t": 224, "timm:tiny_vit_5m_224": 224,
          "torchvision.models:maxvit_t": 224, "timm:efficientvit_m0": 224}
 RESULTS = ROOT / "tools" / "results" / "model_coverage.json"
 
