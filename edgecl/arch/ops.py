@@ -116,7 +116,9 @@ Ops (fields and defaults in `OPS`):
   (EfficientFormerV2's talking heads; kv_heads = heads, no window) mixes the heads' scores by a learned heads × heads
   matrix and bias before the softmax (tensors ``talk1_weight``, ``talk1_bias``) and the softmax's weights by a second
   one after it (``talk2_weight``, ``talk2_bias``): its module's ``talking_head1`` / ``talking_head2`` 1×1 convs over
-  the heads. Like the bias they belong to no channel (the heads are never pruned).
+  the heads; with ``talking_linear`` true (CaiT's ``TalkingHeadAttn``) its ``proj_l`` / ``proj_w`` ``nn.Linear``s
+  over the heads, stored (heads, heads) (the same mixes: storage only). Like the bias they belong to no channel (the
+  heads are never pruned).
 - ``token_mix`` (MLP-Mixer's token mixing, timm's ``mlp_tokens``: an ``nn.Linear`` over the token axis of
   ``x.transpose(1, 2)``): a ``(C, in, 1)`` token map to ``(C, out, 1)``, output token t of channel c is
   Σ_s weight[t, s]·x[c, s] + bias[t]; weight ``(out, in)``, bias ``(out,)`` when ``bias``; every channel alone, by the
@@ -194,7 +196,8 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "attention": {"heads": ("size", ...), "scale": ("number", ...), "kv_heads": ("size", None),
                   "bias_offsets": ("size", None), "bias_index": ("index_table", None),
                   "bias_table": ("bias_table", None), "window": ("pair", None), "shift": ("pad", None),
-                  "talking_heads": ("bool", None), "dilated": ("bool", False), "bias_rows": ("pad", None)},
+                  "talking_heads": ("bool", None), "dilated": ("bool", False), "bias_rows": ("pad", None),
+                  "talking_linear": ("bool", False)},
     "linear_attention": {"heads": ("size", ...), "eps": ("eps", 1e-5), "kernel": ("kernel", "relu")},
     "token": {"index": ("index", 0), "count": ("size", 1)},
     "token_mix": {"in": ("size", ...), "out": ("size", ...), "bias": ("bool", True)},
