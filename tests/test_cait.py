@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from layer_nets_cait import tiny_cait
+from layer_nets_cait import compacts_with_the_same_logits, tiny_cait
 from torch import nn
 from torch_nets import assert_refused, check_parity, classifier_of, randomised_all, timm
 
@@ -88,3 +88,9 @@ def test_timm_cait_xxs24_at_64():
     spec = from_torch(module, (3, 64, 64))
     assert sum(bool(n.get("talking_linear")) for n in spec["nodes"]) == 24
     check_parity(module, spec, (3, 64, 64))
+
+
+def test_compaction_keeps_the_talking_heads_and_the_logits():
+    spec = from_torch(tiny_cait(in_channels=3).eval(), (3, 8, 8))
+    small = compacts_with_the_same_logits(spec)
+    assert [n.get("talking_linear") for n in small["nodes"] if n["op"] == "attention"] == [True, None]
