@@ -299,7 +299,8 @@ def _spec(draw) -> dict:
             if draw(st.booleans()):
                 node["eps"] = draw(st.sampled_from([1e-5, 0.5])) if fits else draw(st.sampled_from([0, 1, -1e-5]))
             if draw(st.booleans()):
-                node["kernel"] = "relu" if fits else draw(st.sampled_from(["softmax", 1, None]))
+                node["kernel"] = draw(st.sampled_from(["relu", "softmax"])) if fits else \
+                    draw(st.sampled_from(["exp", 1, None]))
         elif op == "channel_attention":  # EdgeNeXt's XCA of one map (q = k = v), its heads, F.normalize's eps
             node["inputs"] += [src, src]
             node["heads"] = draw(st.sampled_from([d for d in (1, 2, 3) if dims[0] % d == 0])) if fits else \

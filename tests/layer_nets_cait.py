@@ -1,5 +1,6 @@
 """Small instances of timm's class-attention and convolutional-attention transformers for from_torch's tests and the
-methods' graph runs: CaiT (talking-heads attention, class-attention blocks), ConViT (gated positional attention)."""
+methods' graph runs: CaiT (talking-heads attention, class-attention blocks), ConViT (gated positional attention),
+CoaT-Lite (factorised attention with a convolutional position encoding)."""
 from __future__ import annotations
 
 from torch import nn
@@ -54,3 +55,47 @@ def compacts_with_the_same_logits(spec: dict) -> dict:
     dense, fewer = run_onnx(build_onnx(spec, params), x), run_onnx(build_onnx(small, small_params), x)
     assert np.abs(dense - fewer).max() <= 1e-4 * max(1.0, np.abs(dense).max())
     return small
+
+
+def tiny_coat(classes: int = 3, in_channels: int = 1, image: int = 32, **kwargs) -> nn.Module:
+    """timm's CoaT-Lite in small (its stages need an image of at least 32), one serial block per stage (timm shares a
+    stage's position encodings among its blocks, which edgecl refuses): stride-4 patches to an (image / 4)² grid of
+    8 channels, then stride-2 patch embeddings; 2 heads, the crpe's 3×3 conv on one head and 5×5 on the other."""
+    from timm.models.coat import CoaT
+    args = dict(img_size=image, in_chans=in_channels, patch_size=4, embed_dims=[8, 8, 8, 8], serial_depths=[1] * 4,
+                num_heads=2, mlp_ratios=[2] * 4, crpe_window={3: 1, 5: 1}, num_classes=classes)
+    return CoaT(**{**args, **kwargs})
+
+
+class TinyCoatStage(nn.Module):
+    """One CoaT-Lite stage of timm's layers for 8×8 inputs: a stride-2 conv to 4×4 tokens of 8 channels, a class
+    token, a SerialBlock (ConvPosEnc, factorised attention of 2 heads with its 3×3 and 5×5 crpe convs, MLP), the
+    class token's norm and a Linear."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1):
+        super().__init__()
+        import torch
+        from timm.models.coat import ConvPosEnc, ConvRelPosEnc, SerialBlock
+        self.embed = nn.Conv2d(in_channels, 8, 2, stride=2)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 8))
+        self.block = SerialBlock(8, num_heads=2, mlp_ratio=2, qkv_bias=True, shared_cpe=ConvPosEnc(8, k=3),
+                                 shared_crpe=ConvRelPosEnc(head_chs=4, num_heads=2, window={3: 1, 5: 1}))
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, x):
+        x = self.embed(x)
+        size = (x.shape[2], x.shape[3])
+        x = x.flatten(2).transpose(1, 2)
+        x = self.block(torch_cat(self.cls_token, x), size=size)
+        return self.head(self.norm(x)[:, 0])
+
+
+def torch_cat(cls_token, x):
+    """The class token put before the tokens (timm's insert_cls)."""
+    import torch
+    return torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+
+
+def coat_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyCoatStage(in_channels=input_shape[0]), tuple(input_shape))

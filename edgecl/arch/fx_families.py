@@ -10,6 +10,7 @@ from edgecl.arch.fx_blur import _BlurConverter
 from edgecl.arch.fx_cait import _CaitConverter
 from edgecl.arch.fx_calls import _CallConverter
 from edgecl.arch.fx_classifier import _ClassifierConverter
+from edgecl.arch.fx_coat import _CoatConverter
 from edgecl.arch.fx_convit import _ConvitConverter
 from edgecl.arch.fx_davit import _DavitConverter
 from edgecl.arch.fx_eca import _EcaConverter
@@ -44,5 +45,6 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _TinyVitConverter, _BlurConverter, _EfficientFormerConverter, _MobileVitConverter,
                _MaxVitConverter, _EfficientVitConverter, _EfficientVitMsraConverter, _EdgeNextConverter,
                _LambdaConverter, _TokenMixConverter, _XcitConverter, _TwinsConverter, _DavitConverter,
-               _NestConverter, _CaitConverter, _ConvitConverter):
+               _NestConverter, _CaitConverter, _ConvitConverter,
+               _CoatConverter):
     """Every family's conversions, in one base class."""

@@ -226,8 +226,11 @@ class _TokenConverter:
         return True
 
     def _token_index(self, node: fx.Node, source: fx.Node) -> None:
-        """``x[:, i]`` picks token i (class-token pooling); ``x[:, 0:]`` is x."""
+        """``x[:, i]`` picks token i (class-token pooling); ``x[:, 0:]`` is x; a last index of every channel
+        (``x[:, 1:, :]``, ``x[:, 1:, ...]``, CoaT's) changes nothing."""
         index = node.args[1]
+        if isinstance(index, tuple) and len(index) == 3 and index[2] in (slice(None), Ellipsis):
+            index = index[:2]
         x = self._input(source, node)
         if isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None):
             i = index[1]

@@ -186,7 +186,7 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         gated = tuple(params[f"{name}.{k}"] for k in GATED_POS) if node.get("gated_pos") else None
         return attention(*ins, node["heads"], node["scale"], node["kv_heads"], bias, talking=talking, gated=gated)
     if op == "linear_attention":
-        return linear_attention(*ins, node["heads"], node["eps"])
+        return linear_attention(*ins, node["heads"], node["eps"], node["kernel"])
     if op == "channel_attention":
         scale = node.get("scale")
         return channel_attention(*ins, params[f"{name}.temperature"] if scale is None else scale, node["eps"],
@@ -365,11 +365,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, sca
     return out.transpose(2, 3).reshape(n, heads * dv, *q.shape[2:])
 
 
-def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, eps: float) -> torch.Tensor:
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, eps: float,
+                     kernel: str = "relu") -> torch.Tensor:
     """EfficientViT's (MIT) ReLU linear attention over the positions of (N, C, H, W) maps, each head a contiguous
     block of channels, as `edgecl.graph.linear_ops` emits it: (v·relu(k)ᵀ)·relu(q) / ((Σ relu(k))ᵀ·relu(q) +
-    eps), which timm computes with v padded by a row of ones; linear in the positions."""
+    eps), which timm computes with v padded by a row of ones; linear in the positions. `kernel` "softmax" (CoaT's
+    factorised attention): (v·softmax(k)ᵀ)·q, k's softmax over the positions, no denominator (eps unused)."""
     n, t = q.shape[0], q.shape[2] * q.shape[3]
+    if kernel == "softmax":
+        qh, kh = (x.reshape(n, heads, x.shape[1] // heads, t) for x in (q, k))
+        vh = v.reshape(n, heads, v.shape[1] // heads, t)
+        return ((vh @ torch.softmax(kh, dim=3).transpose(2, 3)) @ qh).reshape(n, v.shape[1], *q.shape[2:])
     qh, kh = (F.relu(x).reshape(n, heads, x.shape[1] // heads, t) for x in (q, k))  # (N, h, d, T)
     vh = v.reshape(n, heads, v.shape[1] // heads, t)
     below = kh.sum(dim=3, keepdim=True).transpose(2, 3) @ qh + eps  # (N, h, 1, T)
