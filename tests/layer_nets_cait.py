@@ -99,3 +99,17 @@ def torch_cat(cls_token, x):
 
 def coat_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyCoatStage(in_channels=input_shape[0]), tuple(input_shape))
+
+
+def round_trips_into_the_module(module: nn.Module, spec: dict) -> dict:
+    """The spec's tensors read from the module and written back as its state (`to_module_state`): every key is one
+    of the module's, of its shape, with its values; the state written."""
+    import numpy as np
+
+    from edgecl.arch.fx_import import tensors_of
+    from edgecl.arch.module_state import to_module_state
+
+    state = {k: v.detach().numpy() for k, v in module.state_dict().items()}
+    back = to_module_state(spec, tensors_of(module, spec))
+    assert all(k in state and np.array_equal(v, state[k]) for k, v in back.items())
+    return back

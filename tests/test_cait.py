@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from layer_nets_cait import compacts_with_the_same_logits, tiny_cait
+from layer_nets_cait import compacts_with_the_same_logits, round_trips_into_the_module, tiny_cait
 from torch import nn
 from torch_nets import assert_refused, check_parity, classifier_of, randomised_all, timm
 
@@ -94,3 +94,9 @@ def test_compaction_keeps_the_talking_heads_and_the_logits():
     spec = from_torch(tiny_cait(in_channels=3).eval(), (3, 8, 8))
     small = compacts_with_the_same_logits(spec)
     assert [n.get("talking_linear") for n in small["nodes"] if n["op"] == "attention"] == [True, None]
+
+
+def test_tensors_go_back_into_the_module():
+    module = randomised_all(tiny_cait(in_channels=3))
+    back = round_trips_into_the_module(module, from_torch(module, (3, 8, 8)))
+    assert back["blocks.0.attn.proj_l.weight"].shape == (2, 2) and "blocks.0.attn.proj_w.bias" in back

@@ -6,7 +6,7 @@ compaction; refusals by name, timm's shared position encodings (coat_lite_tiny) 
 from __future__ import annotations
 
 import pytest
-from layer_nets_cait import TinyCoatStage, compacts_with_the_same_logits, tiny_coat
+from layer_nets_cait import TinyCoatStage, compacts_with_the_same_logits, round_trips_into_the_module, tiny_coat
 from torch import nn
 from torch_nets import assert_refused, check_parity, randomised_all, timm
 
@@ -72,3 +72,9 @@ def test_a_stage_of_timms_layers_in_a_network_of_ones_own():
     """TinyCoatStage (the methods' graph runs' CoaT): the grid size read off the map in forward, timm's SerialBlock."""
     module = randomised_all(TinyCoatStage(in_channels=3))
     check_parity(module, from_torch(module, (3, 8, 8)), (3, 8, 8))
+
+
+def test_tensors_go_back_into_the_module():
+    module = randomised_all(tiny_coat(in_channels=3))
+    back = round_trips_into_the_module(module, from_torch(module, (3, 32, 32)))
+    assert back["crpe1.conv_list.1.weight"].shape == (4, 1, 5, 5) and "cpe1.proj.weight" in back

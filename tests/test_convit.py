@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from layer_nets_cait import compacts_with_the_same_logits, tiny_convit
+from layer_nets_cait import compacts_with_the_same_logits, round_trips_into_the_module, tiny_convit
 from torch import nn
 from torch_nets import assert_refused, check_parity, classifier_of, randomised_all, timm
 
@@ -120,3 +120,9 @@ def test_compaction_keeps_the_gated_attention_and_the_logits():
     spec = from_torch(tiny_convit(in_channels=3).eval(), (3, 8, 8))
     small = compacts_with_the_same_logits(spec)
     assert [n.get("gated_pos") for n in small["nodes"] if n["op"] == "attention"] == [True, None]
+
+
+def test_tensors_go_back_into_the_module():
+    module = randomised_all(tiny_convit(in_channels=3))
+    back = round_trips_into_the_module(module, from_torch(module, (3, 8, 8)))
+    assert back["blocks.0.attn.pos_proj.weight"].shape == (2, 3) and back["blocks.0.attn.gating_param"].shape == (2,)

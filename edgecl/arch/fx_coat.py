@@ -101,7 +101,8 @@ class _CoatConverter:
             k = conv.kernel_size[0] if isinstance(conv, nn.Conv2d) else 0
             if not isinstance(conv, nn.Conv2d) or conv.groups != conv.in_channels or \
                     conv.out_channels != conv.in_channels or conv.in_channels % width or conv.stride != (1, 1) or \
-                    conv.dilation != (1, 1) or conv.kernel_size != (k, k) or k % 2 == 0 or conv.padding != (k // 2,) * 2:
+                    conv.dilation != (1, 1) or conv.kernel_size != (k, k) or k % 2 == 0 or \
+                    conv.padding != (k // 2, k // 2):
                 raise UsageError(f"{self.name}: {where}: its crpe conv {conv!r} is not a depthwise stride-1 'same' "
                                  f"nn.Conv2d of whole heads ({width} channels each)")
         if sum(c.in_channels for c in convs) != ch:

@@ -28,8 +28,8 @@ def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
     """Trunk tensor name → its shape as the traced module stores it (`param_shapes`, except a weight whose node has
     a ``module_shape``, a position embedding or several prepended tokens, stored ``(1, tokens, ch)``, Swin's
     attention bias table, stored ``(offsets, heads)``, TensorFlow MaxViT's, ``(heads, 2·wh − 1, 2·ww − 1)``,
-    talking heads' mixes, stored as (heads, heads, 1, 1) convs (CaiT's Linears as they are), XCA's temperature, (heads, 1, 1), and a standardised
-    conv's gain, ``(out, 1, 1, 1)``, and a lambda layer's position filters,
+    talking heads' mixes, stored as (heads, heads, 1, 1) convs (CaiT's Linears as they are), XCA's temperature,
+    (heads, 1, 1), and a standardised conv's gain, ``(out, 1, 1, 1)``, and a lambda layer's position filters,
     ``(dim, 1, r, r, 1)``);
     `from_module` converts."""
     shapes = param_shapes(arch)
