@@ -78,3 +78,12 @@ def test_tensors_go_back_into_the_module():
     module = randomised_all(tiny_coat(in_channels=3))
     back = round_trips_into_the_module(module, from_torch(module, (3, 32, 32)))
     assert back["crpe1.conv_list.1.weight"].shape == (4, 1, 5, 5) and "cpe1.proj.weight" in back
+
+
+@pytest.mark.slow
+def test_timm_coat_lite_tiny_of_one_block_per_stage_at_64():
+    module = randomised_all(timm.create_model("coat_lite_tiny", pretrained=False, img_size=64,
+                                              serial_depths=[1, 1, 1, 1]))
+    spec = from_torch(module, (3, 64, 64))
+    assert sum(n["op"] == "linear_attention" for n in spec["nodes"]) == 4
+    check_parity(module, spec, (3, 64, 64))
