@@ -291,6 +291,11 @@ def _spec(draw) -> dict:
                         [[1, 3], [0, 1 << 31], [3, 3], [-1, 2], [0], "x", None]))  # rows no node holds, a bomb
             if draw(st.integers(0, 3)) == 0:  # EfficientFormerV2's talking heads (refused with a window)
                 node["talking_heads"] = draw(st.booleans()) if fits else draw(st.sampled_from(["yes", 1, None]))
+                if draw(st.booleans()):  # stored as CaiT's Linears (needs talking heads), or a hostile flag
+                    node["talking_linear"] = node["talking_heads"] is True if fits else \
+                        draw(st.sampled_from(["yes", 1, None]))
+            if draw(st.integers(0, 3)) == 0:  # ConViT's gated positions (a square grid, no window, bias or mix)
+                node["gated_pos"] = draw(st.booleans()) if fits else draw(st.sampled_from(["yes", 1, None]))
         elif op == "linear_attention":  # EfficientViT's ReLU linear attention of one map (q = k = v), its heads
             node["inputs"] += [src, src]
             node["heads"] = draw(st.sampled_from([d for d in (1, 2, 3) if dims[0] % d == 0])) if fits else \
@@ -298,7 +303,8 @@ def _spec(draw) -> dict:
             if draw(st.booleans()):
                 node["eps"] = draw(st.sampled_from([1e-5, 0.5])) if fits else draw(st.sampled_from([0, 1, -1e-5]))
             if draw(st.booleans()):
-                node["kernel"] = "relu" if fits else draw(st.sampled_from(["softmax", 1, None]))
+                node["kernel"] = draw(st.sampled_from(["relu", "softmax"])) if fits else \
+                    draw(st.sampled_from(["exp", 1, None]))
         elif op == "channel_attention":  # EdgeNeXt's XCA of one map (q = k = v), its heads, F.normalize's eps
             node["inputs"] += [src, src]
             node["heads"] = draw(st.sampled_from([d for d in (1, 2, 3) if dims[0] % d == 0])) if fits else \

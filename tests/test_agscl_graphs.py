@@ -23,6 +23,7 @@ from neck_nets import TinyFPN
 from layer_nets_meta import TinyMetaFormer
 from layer_nets_mixer import TinyGMLP, TinyMambaOut, TinyMixer, TinyResMLP
 from layer_nets_nf import TinyGroupNormNet, TinyNFNet, TinyStdNet
+from layer_nets_cait import TinyCoatStage, tiny_cait, tiny_convit
 from layer_nets_vit import (TinyEfficientViTMsra, TinyFastViT, TinyNextViT, TinySHViT, tiny_davit, tiny_gcvit,
                              tiny_nest, tiny_pit, tiny_pvt, tiny_twins)
 from linear_nets import TinyEdgeNeXt, TinyEfficientViT, TinyLambdaNet, TinyMobileViTv2
@@ -49,7 +50,8 @@ FAST = dict(epochs=3, mu=8.0)
 # TinyFastViT's BatchNorm picks the Adam-metric lasso, whose default μ_adam zeroes all its 160 nodes within three
 # epochs (measured; at 0.003 about a third of them, and the rest are important and frozen)
 PER_ARCH = {"fastvit": dict(mu_adam=0.003), "nf": dict(lasso="adam", mu_adam=0.01),
-            "std": dict(lasso="adam", mu_adam=0.03), "meta": dict(lasso="euclidean")}
+            "std": dict(lasso="adam", mu_adam=0.03), "meta": dict(lasso="euclidean"),
+            "coat": dict(mu_adam=0.1)}  # TinyCoatStage: the default μ_adam leaves one node dead, 0.1 ten (measured)
 # TinyMetaFormer (LayerNorms: "auto" picks Adam's metric): at μ_adam 0.001 to 0.1 one of its 16 `hidden` nodes (ReLU
 # then square) is silent on every input, Ω = 0, with rows not yet exactly zero (as TinyStdNet's below; deployed =
 # trained); the Euclidean lasso at μ 8 zeroes all 288 unimportant nodes of 336 in three epochs (measured)
@@ -98,14 +100,17 @@ def _arch(name: str) -> dict:
               "davit": lambda: tiny_davit(in_channels=3), "nest": lambda: tiny_nest(in_channels=3),
               "pvt": lambda: tiny_pvt(in_channels=3),
               "nextvit": lambda: TinyNextViT(in_channels=3), "shvit": lambda: TinySHViT(in_channels=3),
-              "gcvit": lambda: tiny_gcvit(in_channels=3)}
+              "gcvit": lambda: tiny_gcvit(in_channels=3),
+              "cait": lambda: tiny_cait(in_channels=3), "convit": lambda: tiny_convit(in_channels=3),
+              "coat": lambda: TinyCoatStage(in_channels=3)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
 _CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4", "vit_tokens", "blur", "mobilevit",
            "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra",
            "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta", "xcit", "mixer", "resmlp", "gmlp",
-           "mambaout", "twins", "davit", "nest", "pvt", "nextvit", "shvit", "gcvit")
+           "mambaout", "twins", "davit", "nest", "pvt", "nextvit", "shvit", "gcvit", "cait", "convit",
+           "coat")
 
 
 def _stream(name: str, n_tasks: int):
@@ -131,7 +136,7 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
                                                 "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta",
                                                 "xcit", "mixer", "resmlp", "gmlp", "mambaout",
                                                 "twins", "davit", "nest", "pvt", "nextvit", "shvit",
-                                                "gcvit"])
+                                                "gcvit", "cait", "convit", "coat"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

@@ -74,7 +74,7 @@ def test_fields_shape_bound_and_channel_map():
     cm = channel_map(spec)
     q, k = cm.spaces["q"], cm.spaces["k"]
     assert [g for g, _ in q] == [g for g, _ in k] and {g for g, _ in q} <= cm.ordered  # channel i of q meets k's
-    for bad, words in [(dict(heads=3), "q and k of 3 heads"), (dict(kernel="softmax"), "'relu'"),
+    for bad, words in [(dict(heads=3), "q and k of 3 heads"), (dict(kernel="exp"), "'relu' or 'softmax'"),
                        (dict(eps=0), r"number in \(0, 1\)"), (dict(channels=(4, 2, 6)), "same positions"),
                        (dict(heads=2, channels=(4, 4, 5)), "v of 2 heads")]:
         channels = bad.pop("channels", (4, 4, 6))

@@ -28,7 +28,11 @@ zero-padded map, keys and values of the map reduced by a strided conv), tiny_dav
 zero-padded map, channel attention kᵀv applied to q), tiny_nest (NesT: window attention over its blocks, a
 block-ordered position embedding, a ConvPool), tiny_pvt (PVT v2: keys and values of a reduced map, a depthwise
 conv in the MLP), TinyNextViT (Next-ViT's NCB and NTB: E-MHSA over runs of averaged tokens), TinySHViT (SHViT:
-single-head attention on a channel split), tiny_gcvit (GC ViT: a global query tiled over every window) and TinyViT
+single-head attention on a channel split), tiny_gcvit (GC ViT: a global query tiled over every window),
+tiny_cait (CaiT: talking-heads attention stored as Linears, a
+class-attention block whose class token is read again after it is prepended), tiny_convit (ConViT: gated positional
+attention, the class token prepended after it), TinyCoatStage (CoaT-Lite: factorised attention, a softmax-kernel
+linear attention, with depthwise convs of v's head groups times q) and TinyViT
 with register tokens, DeiT's distillation token (two averaged heads) and a
 frozen position embedding: two real digit tasks each, then what the method promises about the first task, the deployed
 runtime against the training evaluation, and the exported ONNX against the runtime."""
@@ -54,6 +58,7 @@ from edgecl.train.protocol import TrainContext, batches
 from layer_nets import (blur_spec, eca_spec, efficientformer_spec, gc_spec, hgnet_spec, levit_spec, map_embed_spec,
                         maxvit_spec, mnv4_spec, mobilevit_spec, s2d_spec, split_attn_spec, swin_spec, tf_spec,
                         tiny_vit_spec, vit_spec)
+from layer_nets_cait import cait_spec, coat_spec, convit_spec
 from layer_nets_meta import metaformer_spec
 from layer_nets_mixer import gmlp_spec, mambaout_spec, mixer_spec, resmlp_spec
 from layer_nets_nf import group_norm_spec, nf_spec, std_spec
@@ -80,13 +85,14 @@ ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8
          "nf": nf_spec, "lambda": lambda_spec, "std": std_spec, "gn": group_norm_spec, "meta": metaformer_spec,
          "xcit": xcit_spec, "mixer": mixer_spec, "resmlp": resmlp_spec, "gmlp": gmlp_spec, "mambaout": mambaout_spec,
          "twins": twins_spec, "davit": davit_spec, "nest": nest_spec, "pvt": pvt_spec,
-         "nextvit": nextvit_spec, "shvit": shvit_spec, "gcvit": gcvit_spec}
+         "nextvit": nextvit_spec, "shvit": shvit_spec, "gcvit": gcvit_spec, "cait": cait_spec,
+         "convit": convit_spec, "coat": coat_spec}
 GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgnet", "split", "vit", "gc", "s2d", "mnv4",
           "vit_tokens", "levit", "blur", "swin", "tiny_vit", "map_embed", "efficientformer", "mobilevit", "maxvit",
           "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext",
           "efficientvit_msra", "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta", "xcit", "mixer",
           "resmlp", "gmlp", "mambaout", "twins", "davit", "nest", "pvt", "nextvit", "shvit",
-          "gcvit"]
+          "gcvit", "cait", "convit", "coat"]
 
 
 @pytest.fixture(scope="module")

@@ -115,8 +115,9 @@ class _AttentionConverter:
         self.mha[node] = self.alias[node]
 
     def _attention(self, node: fx.Node, x: str, path: str, heads: int, scale: float, qkv: tuple, proj: tuple,
-                   where: str, source: fx.Node | None = None) -> None:
-        """qkv conv, the three slices, attention and the output projection, on tokens (a channels-last value)."""
+                   where: str, source: fx.Node | None = None, fields: dict[str, Any] | None = None) -> None:
+        """qkv conv, the three slices, attention and the output projection, on tokens (a channels-last value);
+        `fields`: the attention node's others (CaiT's talking heads)."""
         source = node.args[0] if source is None else source
         shape = shape_of(source)
         if source not in self.last or shape is None or len(shape) != 2:
@@ -124,9 +125,8 @@ class _AttentionConverter:
                              "channels) token sequence edgecl follows (patch embedding flatten(2).transpose(1, 2))")
         (linear, qkv_name, module), (out, proj_name) = qkv, proj
         width = linear.out_features // 3
-        fields: dict[str, Any] = {"module": module} if module else {}
-        packed = self._emit(node, "conv", [x], qkv_name, **pointwise(linear), **fields)
-        attended = self.attend_packed(node, packed, path, width, heads=heads, scale=scale)
+        packed = self._emit(node, "conv", [x], qkv_name, **pointwise(linear), **({"module": module} if module else {}))
+        attended = self.attend_packed(node, packed, path, width, heads=heads, scale=scale, **(fields or {}))
         self._emit(node, "conv", [attended], proj_name, **pointwise(out))
         self.last.add(node)
 

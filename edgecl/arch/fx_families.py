@@ -7,8 +7,11 @@ from edgecl.arch.fx_affine import _AffineConverter
 from edgecl.arch.fx_attention import _AttentionConverter
 from edgecl.arch.fx_attention2d import _Attention2dConverter
 from edgecl.arch.fx_blur import _BlurConverter
+from edgecl.arch.fx_cait import _CaitConverter
 from edgecl.arch.fx_calls import _CallConverter
 from edgecl.arch.fx_classifier import _ClassifierConverter
+from edgecl.arch.fx_coat import _CoatConverter
+from edgecl.arch.fx_convit import _ConvitConverter
 from edgecl.arch.fx_davit import _DavitConverter
 from edgecl.arch.fx_eca import _EcaConverter
 from edgecl.arch.fx_edgenext import _EdgeNextConverter
@@ -46,5 +49,6 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _TinyVitConverter, _BlurConverter, _EfficientFormerConverter, _MobileVitConverter,
                _MaxVitConverter, _EfficientVitConverter, _EfficientVitMsraConverter, _EdgeNextConverter,
                _LambdaConverter, _TokenMixConverter, _XcitConverter, _TwinsConverter, _DavitConverter,
-               _NestConverter, _PvtConverter, _NextVitConverter, _ShvitConverter, _GcVitConverter):
+               _NestConverter, _PvtConverter, _NextVitConverter, _ShvitConverter, _GcVitConverter,
+               _CaitConverter, _ConvitConverter, _CoatConverter):
     """Every family's conversions, in one base class."""

@@ -173,6 +173,19 @@ class _TokenConverter:
                 fields["module_shape"] = list(self.parameter(path, node).shape)
             h = self._emit(node, "class_token", [h], path, **fields)
         self.last.add(node)
+        self._read_again(node, h, tensors[:-1], counts)
+
+    def _read_again(self, node: fx.Node, joined: str, params: list[fx.Node], counts: list[int]) -> None:
+        """A prepended parameter's expansion read again after the concatenation (CaiT's class token, the first
+        class-attention block's ``x_cls + …``): those values are its tokens of the joined map, so a ``token`` node
+        of them (one parameter, one use: nothing is claimed twice)."""
+        start = 0
+        for t, n in zip(params, counts):
+            if len(t.users) > 1 and t.op != "get_attr":
+                self._emit(t, "token", [joined], f"{node.name}.{t.name}", index=start, count=n)
+                del self.attrs[t]
+                self.last.add(t)
+            start += n
 
     def _prepended(self, path: str, node: fx.Node, ch: int) -> int:
         """How many tokens the parameter at `path` holds: n of shape (1, n, ch), or 1 of shape (ch,) / (1, ch)."""
@@ -213,8 +226,11 @@ class _TokenConverter:
         return True
 
     def _token_index(self, node: fx.Node, source: fx.Node) -> None:
-        """``x[:, i]`` picks token i (class-token pooling); ``x[:, 0:]`` is x."""
+        """``x[:, i]`` picks token i (class-token pooling); ``x[:, 0:]`` is x; a last index of every channel
+        (``x[:, 1:, :]``, ``x[:, 1:, ...]``, CoaT's) changes nothing."""
         index = node.args[1]
+        if isinstance(index, tuple) and len(index) == 3 and index[2] in (slice(None), Ellipsis):
+            index = index[:2]
         x = self._input(source, node)
         if isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None):
             i = index[1]

@@ -8,6 +8,9 @@ from torch import nn
 
 from edgecl.arch.fx_attention import is_timm_attention
 from edgecl.arch.fx_blur import is_blur_pool
+from edgecl.arch.fx_cait import is_talking_head_attn
+from edgecl.arch.fx_coat import is_factor_attn
+from edgecl.arch.fx_convit import is_convit_mhsa, is_gpsa
 from edgecl.arch.fx_davit import is_davit_channel, is_davit_spatial
 from edgecl.arch.fx_eca import is_eca
 from edgecl.arch.fx_edgenext import is_sdta_block
@@ -44,10 +47,13 @@ WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention,
          (is_xcit_pos, "xcit_pos"), (is_class_attn, "class_attn"), (is_twins_attention, "twins_attention"),
          (is_davit_spatial, "davit_spatial"), (is_davit_channel, "davit_channel"), (is_nest_level, "nest_level"),
          (is_pvt_stage, "pvt_stage"), (is_nextvit_attention, "nextvit_attention"),
-         (is_shvit_attention, "shvit_attention"), (is_gcvit_block, "gcvit_block"))
+         (is_shvit_attention, "shvit_attention"), (is_gcvit_block, "gcvit_block"),
+         (is_talking_head_attn, "talking_head_attn"), (is_gpsa, "gpsa"), (is_convit_mhsa, "convit_mhsa"),
+         (is_factor_attn, "factor_attn"))
 # may read channels-last values
 ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin, is_tiny_vit_block, is_maxvit, is_xcit_xca, is_xcit_lpi,
-             is_class_attn, is_twins_attention, is_davit_channel, is_pvt_stage, is_nextvit_attention, is_gcvit_block)
+             is_class_attn, is_twins_attention, is_davit_channel, is_pvt_stage, is_nextvit_attention, is_gcvit_block,
+             is_talking_head_attn, is_gpsa, is_convit_mhsa, is_factor_attn)
 
 
 def check_plain_call(m: nn.Module, path: str) -> bool:

@@ -10,8 +10,7 @@ of them whole, each becoming ops edgecl already has, on tokens as their (C, T, 1
 - ``LPI`` (local patch interaction): tokens → their (C, H, W) grid (``reshape``) → conv1 (depthwise) → act →
   BatchNorm → conv2 (depthwise) → tokens again.
 
-Class attention (``ClassAttentionBlock``, CaiT's) is not converted: a model with class-attention layers is refused
-at its class token by the token converter; one built with ``cls_attn_layers=0`` and average pooling goes in.
+CaiT's class attention (``ClassAttn``, XCiT's class-attention layers) is kept whole too (`class_attn`).
 """
 from __future__ import annotations
 

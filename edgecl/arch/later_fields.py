@@ -37,7 +37,9 @@ LATER_FIELDS: dict[str, dict[str, LaterField]] = {
     # attention over the whole map, no bias table (LeViT), windows (Swin), talking heads (EfficientFormerV2), grid
     # (MaxViT) or rows of a shared table (EfficientViT-MSRA)
     "attention": {"bias_offsets": _NONE, "bias_index": _NONE, "bias_table": _NONE, "window": _NONE, "shift": _NONE,
-                  "talking_heads": LaterField((None, False)), "dilated": LaterField((False,)), "bias_rows": _NONE},
+                  "talking_heads": LaterField((None, False)), "dilated": LaterField((False,)), "bias_rows": _NONE,
+                  "talking_linear": LaterField((False,)),  # talking heads stored as 1×1 convs (before CaiT's Linears)
+                  "gated_pos": LaterField((False,))},  # no gated positions (before ConViT's GPSA)
     "class_token": {"tokens": LaterField((1,), **_KEPT)},  # one prepended token, weight (ch,)
     "token": {"count": LaterField((1,), **_KEPT)},  # one token picked
     # a learned embedding; its module stores it in map order (before NesT's block by block)

@@ -28,8 +28,8 @@ def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
     """Trunk tensor name → its shape as the traced module stores it (`param_shapes`, except a weight whose node has
     a ``module_shape``, a position embedding or several prepended tokens, stored ``(1, tokens, ch)``, Swin's
     attention bias table, stored ``(offsets, heads)``, TensorFlow MaxViT's, ``(heads, 2·wh − 1, 2·ww − 1)``,
-    talking heads' mixes, stored as (heads, heads, 1, 1) convs, XCA's temperature, (heads, 1, 1), and a standardised
-    conv's gain, ``(out, 1, 1, 1)``, and a lambda layer's position filters,
+    talking heads' mixes, stored as (heads, heads, 1, 1) convs (CaiT's Linears as they are), XCA's temperature,
+    (heads, 1, 1), and a standardised conv's gain, ``(out, 1, 1, 1)``, and a lambda layer's position filters,
     ``(dim, 1, r, r, 1)``);
     `from_module` converts."""
     shapes = param_shapes(arch)
@@ -47,7 +47,7 @@ def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
                                                 node["ch"])
         if _swin_table(node):
             shapes[f"{node['name']}.bias"] = (node["bias_offsets"], node["heads"])
-        if node["op"] == "attention" and node.get("talking_heads"):  # 1×1 convs over the heads
+        if node["op"] == "attention" and node.get("talking_heads") and not node.get("talking_linear"):  # 1×1 convs
             for mix in ("talk1_weight", "talk2_weight"):
                 shapes[f"{node['name']}.{mix}"] = (node["heads"], node["heads"], 1, 1)
         if node["op"] == "lambda_layer":  # timm's Conv3d of kernel (r, r, 1)

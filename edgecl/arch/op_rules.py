@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgecl.arch.gpsa_ops import GATED_POS, gated_pos_shapes
 from edgecl.arch.lambda_ops import lambda_tensor_shapes
 from edgecl.errors import UsageError
 
@@ -40,6 +41,12 @@ def attention_fields(out: dict[str, Any], where: str) -> None:
             raise UsageError(f"{where}: attention {key} {out[key]} needs a {needs}")
     if out["talking_heads"] and (out["window"] is not None or out["kv_heads"] != out["heads"]):
         raise UsageError(f"{where}: attention talking_heads needs kv_heads = heads and no window")
+    if out["talking_linear"] and not out["talking_heads"]:
+        raise UsageError(f"{where}: attention talking_linear (CaiT's Linear talking heads) needs talking_heads")
+    if out["gated_pos"] and (out["window"] is not None or out["kv_heads"] != out["heads"] or out["talking_heads"] or
+                             out["bias_offsets"] is not None):
+        raise UsageError(f"{where}: attention gated_pos (ConViT's GPSA) needs kv_heads = heads, no window, no "
+                         "talking heads and no bias table")
     if out["bias_table"] == "tf" and (out["window"] is None or out["bias_offsets"] !=
                                       (2 * out["window"][0] - 1) * (2 * out["window"][1] - 1)):
         raise UsageError(f"{where}: attention bias_table 'tf' (stored (heads, 2·wh − 1, 2·ww − 1)) needs a window "
@@ -58,6 +65,9 @@ def attention_fields(out: dict[str, Any], where: str) -> None:
 # an attention's talking-head tensors → their names in its module (EfficientFormerV2's two 1×1 convs over the heads)
 TALKING = {"talk1_weight": "talking_head1.weight", "talk1_bias": "talking_head1.bias",
             "talk2_weight": "talking_head2.weight", "talk2_bias": "talking_head2.bias"}
+# with ``talking_linear``: CaiT's two nn.Linear over the heads
+TALKING_LINEAR = {"talk1_weight": "proj_l.weight", "talk1_bias": "proj_l.bias",
+                  "talk2_weight": "proj_w.weight", "talk2_bias": "proj_w.bias"}
 
 
 def attention_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -72,6 +82,8 @@ def attention_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     shapes = {"bias": (h, node["bias_offsets"])} if node.get("bias_offsets") else {}
     if node.get("talking_heads"):
         shapes.update({k: (h, h) if k.endswith("weight") else (h,) for k in TALKING})
+    if node.get("gated_pos"):
+        shapes.update(gated_pos_shapes(h))
     return shapes
 
 
@@ -117,9 +129,11 @@ def _check_table(key: str, parts: list[tuple[str, dict[str, Any]]]) -> None:
 def attention_state_name(node: dict[str, Any], tensor: str) -> str:
     """The module's name of an attention's tensor: the bias table's ``attention_biases`` (timm's LeViT,
     EfficientFormerV2) or, ``bias_table`` "swin" or "tf", ``relative_position_bias_table``; the talking heads'
-    convs."""
+    convs, or CaiT's Linears (``talking_linear``)."""
     if tensor in TALKING:
-        return TALKING[tensor]
+        return (TALKING_LINEAR if node.get("talking_linear") else TALKING)[tensor]
+    if tensor in GATED_POS:
+        return GATED_POS[tensor]
     return "relative_position_bias_table" if node.get("bias_table") in ("swin", "tf") else "attention_biases"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from edgecl.arch.gpsa_ops import grid_side
 from edgecl.errors import UsageError
 
 
@@ -52,6 +53,9 @@ def attention_shape(node: dict[str, Any], ins: list[list[int]], where: str) -> l
         _check_attention_bias(node, math.prod(window), math.prod(window), where)
     else:
         _check_attention_bias(node, math.prod(q[1:]), math.prod(k[1:]), where)
+    if node.get("gated_pos") and (q[1:] != k[1:] or grid_side(math.prod(q[1:])) is None):
+        raise UsageError(f"{where}: a gated_pos attention needs q and k at the same positions, a square number of "
+                         f"them (a grid row by row), gets {ins}")
     return [v[0] // kv * h, *q[1:]]
 
 

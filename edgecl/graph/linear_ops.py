@@ -11,9 +11,15 @@ from edgecl.graph.nodes import Builder
 
 def linear_attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list[int]]) -> str:
     """A ``linear_attention`` node: per head, (v·relu(k)ᵀ)·relu(q) over (relu(k) summed over the positions)ᵀ ·
-    relu(q) + eps, by MatMuls on (N, heads, channels, T) views; the output head-major (N, heads·dv, H, W)."""
+    relu(q) + eps, by MatMuls on (N, heads, channels, T) views; the output head-major (N, heads·dv, H, W). Kernel
+    "softmax" (CoaT's factorised attention): (v·softmax(k)ᵀ)·q, k's Softmax over the positions, no denominator."""
     (c, *hw), cv, h = shapes[0], shapes[2][0], node["heads"]
     t, d, dv = math.prod(hw), c // h, cv // h
+    if node["kernel"] == "softmax":
+        qh, kh = (b.op("Reshape", [x, b.ints(0, h, d, t)]) for x in (q, k))
+        keys = b.op("Transpose", [b.op("Softmax", [kh], axis=-1)], perm=[0, 1, 3, 2])  # (N, h, T, d)
+        kv = b.op("MatMul", [b.op("Reshape", [v, b.ints(0, h, dv, t)]), keys])  # (N, h, dv, d)
+        return b.op("Reshape", [b.op("MatMul", [kv, qh]), b.ints(0, h * dv, *hw)])
 
     qh, kh = (b.op("Relu", [b.op("Reshape", [x, b.ints(0, h, d, t)])]) for x in (q, k))  # (N, h, d, T)
     vh = b.op("Reshape", [v, b.ints(0, h, dv, t)])

@@ -8,6 +8,7 @@ from typing import Callable
 import numpy as np
 
 from edgecl.arch.attention_windows import partition, window_mask, window_of
+from edgecl.arch.gpsa_ops import grid_side, relative_offsets
 from edgecl.arch.windows import conv_window_shape
 from edgecl.graph.nodes import Builder
 
@@ -91,6 +92,8 @@ def _attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list
     weights = b.op("Softmax", [scores], axis=-1)
     if node.get("talking_heads"):
         weights = _mix_heads(b, weights, node, "talk2", (h, t, tk))
+    if node.get("gated_pos"):
+        weights = _gated_positions(b, weights, node, h, t)
     out = b.op("MatMul", [weights, b.op("Transpose", [b.op("Reshape", [v, b.ints(0, kv, dv, tk)])], perm=[0, 1, 3, 2])])
     if kv != h:
         out = b.op("Reshape", [out, b.ints(0, h, t, dv)])
@@ -103,6 +106,19 @@ def _mix_heads(b: Builder, scores: str, node: dict, which: str, dims: tuple[int,
     flat = b.op("MatMul", [f"{node['name']}.{which}_weight", b.op("Reshape", [scores, b.ints(0, h, t * tk)])])
     bias = b.op("Reshape", [f"{node['name']}.{which}_bias", b.ints(h, 1)])
     return b.op("Reshape", [b.op("Add", [flat, bias]), b.ints(0, h, t, tk)])
+
+
+def _gated_positions(b: Builder, weights: str, node: dict, h: int, t: int) -> str:
+    """ConViT's mix, as `edgecl.train.gated_attention.gated_positions`: the offsets' scores (h, 3) MatMul (3, T·T)
+    plus (h, 1), their Softmax, (1 − σ(g))·w + σ(g)·that, divided by its ReduceSum over the keys."""
+    offsets = b.constant(relative_offsets(grid_side(t)).reshape(3, t * t))
+    scores = b.op("Add", [b.op("MatMul", [f"{node['name']}.pos_weight", offsets]),
+                          b.op("Reshape", [f"{node['name']}.pos_bias", b.ints(h, 1)])])
+    positions = b.op("Softmax", [b.op("Reshape", [scores, b.ints(1, h, t, t)])], axis=-1)
+    gate = b.op("Sigmoid", [b.op("Reshape", [f"{node['name']}.gating", b.ints(1, h, 1, 1)])])
+    mixed = b.op("Add", [b.op("Mul", [b.op("Sub", [b.constant(1.0), gate]), weights]),
+                         b.op("Mul", [gate, positions])])
+    return b.op("Div", [mixed, b.op("ReduceSum", [mixed, b.ints(-1)], keepdims=1)])
 
 
 def _class_token(b: Builder, h: str, node: dict) -> str:

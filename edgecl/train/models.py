@@ -14,10 +14,12 @@ import torch.nn.functional as F
 
 from edgecl.arch import INPUT, WEIGHT_OPS, Arch, param_shapes
 from edgecl.arch.attention_windows import partition, window_mask, window_of
+from edgecl.arch.gpsa_ops import GATED_POS
 from edgecl.arch.op_rules import TALKING, has_gain, is_standardized
 from edgecl.arch.ops import blur_filter
 from edgecl.arch.sdta_ops import fourier_grid
 from edgecl.train import distributed
+from edgecl.train.gated_attention import gated_positions
 
 Params = dict[str, torch.Tensor]
 # Optional hook applied to each linear/conv output, keyed by layer name (RGO's feature encoding, AGS-CL's
@@ -50,6 +52,8 @@ def init_params(arch: Arch, n_classes: int | None = None, generator: torch.Gener
             params[f"{node['name']}.temperature"].fill_(1.0)
         if node["op"] == "attention" and node.get("bias_offsets"):  # LeViT's start: no bias
             params[f"{node['name']}.bias"].zero_()
+        if node["op"] == "attention" and node.get("gated_pos"):  # timm's GPSA start: every gate at 1
+            params[f"{node['name']}.gating"].fill_(1.0)
         if node["op"] == "channel_conv":  # torch's Conv1d(1, 1, k) default: uniform within 1/√k
             bound = 1.0 / math.sqrt(node["k"])
             params[f"{node['name']}.weight"] = (torch.rand(node["k"], generator=generator) * 2 - 1) * bound
@@ -179,9 +183,10 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         if window_of(node):
             return window_attention(*ins, node, bias)
         talking = tuple(params[f"{name}.{k}"] for k in TALKING) if node.get("talking_heads") else None
-        return attention(*ins, node["heads"], node["scale"], node["kv_heads"], bias, talking=talking)
+        gated = tuple(params[f"{name}.{k}"] for k in GATED_POS) if node.get("gated_pos") else None
+        return attention(*ins, node["heads"], node["scale"], node["kv_heads"], bias, talking=talking, gated=gated)
     if op == "linear_attention":
-        return linear_attention(*ins, node["heads"], node["eps"])
+        return linear_attention(*ins, node["heads"], node["eps"], node["kernel"])
     if op == "channel_attention":
         scale = node.get("scale")
         return channel_attention(*ins, params[f"{name}.temperature"] if scale is None else scale, node["eps"],
@@ -332,14 +337,16 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, node: di
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
               kv_heads: int | None = None, bias: torch.Tensor | None = None,
-              mask: torch.Tensor | None = None, talking: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+              mask: torch.Tensor | None = None, talking: tuple[torch.Tensor, ...] | None = None,
+              gated: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """Multi-head attention over the positions of (N, C, H, W) maps (tokens: (N, C, T, 1)), each head a contiguous
     block of channels, as `edgecl.graph.builder` emits it: softmax((scale·q)ᵀk) over the keys, times v. With fewer
     k/v heads (multi-query: one), the g = heads / kv_heads query heads of one k/v head are stacked along the query
     positions, so one product serves them all. `bias` (heads, T_q, T_kv), LeViT's gathered attention bias, is added
     to the scores before the softmax, then `mask` (windows, T, T): the batch is N·windows, window-minor (Swin).
     `talking` (w1, b1, w2, b2), EfficientFormerV2's talking heads (kv = heads): the scores mixed across the heads by
-    w1 (heads, heads) plus b1 before the softmax, its weights by w2 plus b2 after it."""
+    w1 (heads, heads) plus b1 before the softmax, its weights by w2 plus b2 after it. `gated` (pos_weight, pos_bias,
+    gating): ConViT's gated positional weights mixed in (`edgecl.train.gated_attention`)."""
     n, c, t, tk = q.shape[0], q.shape[1], q.shape[2] * q.shape[3], k.shape[2] * k.shape[3]
     kv = kv_heads or heads
     d, dv = c // heads, v.shape[1] // kv
@@ -354,15 +361,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, sca
     if mask is not None:  # one mask per window, the same for every head
         scores = (scores.reshape(-1, mask.shape[0], kv, t, tk) + mask.unsqueeze(1)).reshape(scores.shape)
     weights = torch.softmax(scores if talking is None else _mix_heads(scores, *talking[:2]), dim=-1)
-    out = ((weights if talking is None else _mix_heads(weights, *talking[2:])) @ vh).reshape(n, heads, t, dv)
+    weights = weights if talking is None else _mix_heads(weights, *talking[2:])
+    out = (weights if gated is None else gated_positions(weights, *gated)) @ vh
+    out = out.reshape(n, heads, t, dv)
     return out.transpose(2, 3).reshape(n, heads * dv, *q.shape[2:])
 
 
-def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, eps: float) -> torch.Tensor:
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, eps: float,
+                     kernel: str = "relu") -> torch.Tensor:
     """EfficientViT's (MIT) ReLU linear attention over the positions of (N, C, H, W) maps, each head a contiguous
     block of channels, as `edgecl.graph.linear_ops` emits it: (v·relu(k)ᵀ)·relu(q) / ((Σ relu(k))ᵀ·relu(q) +
-    eps), which timm computes with v padded by a row of ones; linear in the positions."""
+    eps), which timm computes with v padded by a row of ones; linear in the positions. `kernel` "softmax" (CoaT's
+    factorised attention): (v·softmax(k)ᵀ)·q, k's softmax over the positions, no denominator (eps unused)."""
     n, t = q.shape[0], q.shape[2] * q.shape[3]
+    if kernel == "softmax":
+        qh, kh = (x.reshape(n, heads, x.shape[1] // heads, t) for x in (q, k))
+        vh = v.reshape(n, heads, v.shape[1] // heads, t)
+        return ((vh @ torch.softmax(kh, dim=3).transpose(2, 3)) @ qh).reshape(n, v.shape[1], *q.shape[2:])
     qh, kh = (F.relu(x).reshape(n, heads, x.shape[1] // heads, t) for x in (q, k))  # (N, h, d, T)
     vh = v.reshape(n, heads, v.shape[1] // heads, t)
     below = kh.sum(dim=3, keepdim=True).transpose(2, 3) @ qh + eps  # (N, h, 1, T)
