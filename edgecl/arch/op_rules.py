@@ -40,6 +40,8 @@ def attention_fields(out: dict[str, Any], where: str) -> None:
             raise UsageError(f"{where}: attention {key} {out[key]} needs a {needs}")
     if out["talking_heads"] and (out["window"] is not None or out["kv_heads"] != out["heads"]):
         raise UsageError(f"{where}: attention talking_heads needs kv_heads = heads and no window")
+    if out["cosine"] and (out["talking_heads"] or out["kv_heads"] != out["heads"]):
+        raise UsageError(f"{where}: attention cosine (Swin V2's) needs kv_heads = heads and no talking heads")
     if out["bias_table"] == "tf" and (out["window"] is None or out["bias_offsets"] !=
                                       (2 * out["window"][0] - 1) * (2 * out["window"][1] - 1)):
         raise UsageError(f"{where}: attention bias_table 'tf' (stored (heads, 2·wh − 1, 2·ww − 1)) needs a window "
@@ -62,7 +64,7 @@ TALKING = {"talk1_weight": "talking_head1.weight", "talk1_bias": "talking_head1.
 
 def attention_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """An attention's tensors: its bias table (heads, offsets), and the talking heads' (heads, heads) mixes and their
-    (heads,) biases; XCA's per-head temperature (`edgecl.arch.sdta_ops`); a lambda layer's position filters and their
+    (heads,) biases, Swin V2's (heads,) logit scale; XCA's per-head temperature (`edgecl.arch.sdta_ops`); a lambda layer's position filters and their
     bias (`edgecl.arch.lambda_ops`)."""
     h = node["heads"]
     if node["op"] == "channel_attention":  # none where its scale is fixed (DaViT's)
@@ -72,6 +74,8 @@ def attention_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     shapes = {"bias": (h, node["bias_offsets"])} if node.get("bias_offsets") else {}
     if node.get("talking_heads"):
         shapes.update({k: (h, h) if k.endswith("weight") else (h,) for k in TALKING})
+    if node.get("cosine"):  # Swin V2's per-head logit scale
+        shapes["logit_scale"] = (h,)
     return shapes
 
 
@@ -117,9 +121,11 @@ def _check_table(key: str, parts: list[tuple[str, dict[str, Any]]]) -> None:
 def attention_state_name(node: dict[str, Any], tensor: str) -> str:
     """The module's name of an attention's tensor: the bias table's ``attention_biases`` (timm's LeViT,
     EfficientFormerV2) or, ``bias_table`` "swin" or "tf", ``relative_position_bias_table``; the talking heads'
-    convs."""
+    convs; Swin V2's ``logit_scale``."""
     if tensor in TALKING:
         return TALKING[tensor]
+    if tensor == "logit_scale":
+        return tensor
     return "relative_position_bias_table" if node.get("bias_table") in ("swin", "tf") else "attention_biases"
 
 

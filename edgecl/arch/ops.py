@@ -116,7 +116,11 @@ Ops (fields and defaults in `OPS`):
   (EfficientFormerV2's talking heads; kv_heads = heads, no window) mixes the heads' scores by a learned heads × heads
   matrix and bias before the softmax (tensors ``talk1_weight``, ``talk1_bias``) and the softmax's weights by a second
   one after it (``talk2_weight``, ``talk2_bias``): its module's ``talking_head1`` / ``talking_head2`` 1×1 convs over
-  the heads. Like the bias they belong to no channel (the heads are never pruned).
+  the heads. Like the bias they belong to no channel (the heads are never pruned). ``cosine`` true (Swin V2's
+  scaled cosine attention; kv_heads = heads, no talking heads): each head's q and k are L2-normalised over its d
+  channels (divided by max(‖·‖, 1e-12), ``F.normalize``) and their scores multiplied by the head's
+  exp(min(logit_scale, ln 100)) as well as ``scale``; tensor ``logit_scale`` ``(heads,)``, its module's
+  ``MODULE.logit_scale`` stored ``(heads, 1, 1)``, starting at ln 10 (timm's), belonging to no channel.
 - ``token_mix`` (MLP-Mixer's token mixing, timm's ``mlp_tokens``: an ``nn.Linear`` over the token axis of
   ``x.transpose(1, 2)``): a ``(C, in, 1)`` token map to ``(C, out, 1)``, output token t of channel c is
   Σ_s weight[t, s]·x[c, s] + bias[t]; weight ``(out, in)``, bias ``(out,)`` when ``bias``; every channel alone, by the
@@ -194,7 +198,8 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "attention": {"heads": ("size", ...), "scale": ("number", ...), "kv_heads": ("size", None),
                   "bias_offsets": ("size", None), "bias_index": ("index_table", None),
                   "bias_table": ("bias_table", None), "window": ("pair", None), "shift": ("pad", None),
-                  "talking_heads": ("bool", None), "dilated": ("bool", False), "bias_rows": ("pad", None)},
+                  "talking_heads": ("bool", None), "dilated": ("bool", False), "bias_rows": ("pad", None),
+                  "cosine": ("bool", None)},
     "linear_attention": {"heads": ("size", ...), "eps": ("eps", 1e-5), "kernel": ("kernel", "relu")},
     "token": {"index": ("index", 0), "count": ("size", 1)},
     "token_mix": {"in": ("size", ...), "out": ("size", ...), "bias": ("bool", True)},
@@ -239,8 +244,11 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
         if node.get("window"):  # each query meets the w = wh·ww keys of its window; the scores, their masked sum and
             # softmax; q, k, v and the output rolled, partitioned and transposed (an upper bound)
             w = math.prod(node["window"])
-            return 3 * h * tq * w + (h * w * w if node.get("bias_offsets") else 0) + 3 * (cq + ck + cv + out) * tq
+            cosine = h * tq * w + (cq + ck) * tq if node.get("cosine") else 0  # normalised q, k; scaled scores
+            return 3 * h * tq * w + (h * w * w if node.get("bias_offsets") else 0) + 3 * (cq + ck + cv + out) * tq + \
+                cosine
         bias = h * tq * tk if node.get("bias_offsets") else 0  # the gathered (heads, T_q, T_kv) bias
+        bias += h * tq * tk + cq * tq + ck * tk if node.get("cosine") else 0  # normalised q, k; scaled scores
         bias += 4 * h * tq * tk if node.get("talking_heads") else 0  # the mixed scores and weights, their sums
         return 2 * h * tq * tk + bias + 2 * (cq * tq + ck * tk) + 2 * (cv * tk + out * tq)
     if node["op"] == "linear_attention":  # q, k relu'd and reshaped; v reshaped; the heads' dv × d sums, the
