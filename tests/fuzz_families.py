@@ -287,6 +287,8 @@ def _spec(draw) -> dict:
                         [[1, 3], [0, 1 << 31], [3, 3], [-1, 2], [0], "x", None]))  # rows no node holds, a bomb
             if draw(st.integers(0, 3)) == 0:  # EfficientFormerV2's talking heads (refused with a window)
                 node["talking_heads"] = draw(st.booleans()) if fits else draw(st.sampled_from(["yes", 1, None]))
+            if draw(st.integers(0, 3)) == 0:  # Swin V2's cosine attention (refused with talking heads)
+                node["cosine"] = draw(st.booleans()) if fits else draw(st.sampled_from(["yes", 1, None, 0.0]))
         elif op == "linear_attention":  # EfficientViT's ReLU linear attention of one map (q = k = v), its heads
             node["inputs"] += [src, src]
             node["heads"] = draw(st.sampled_from([d for d in (1, 2, 3) if dims[0] % d == 0])) if fits else \

@@ -16,9 +16,11 @@ from torch_nets import check_parity, classifier_of, randomise_batchnorm, spec_lo
 
 from edgecl.arch import from_torch, validate
 from edgecl.arch.later_fields import stored_form
+from edgecl.arch.module_state import state_keys
 from edgecl.arch.spec import param_shapes, rowless_tensors
 from edgecl.errors import UsageError
 from edgecl.train.initial import starting_weights
+from edgecl.train.models import forward
 
 V2 = timm.models.swin_transformer_v2
 
@@ -147,6 +149,27 @@ def test_starting_weights_from_the_module_hold_what_it_computes():
     assert set(start.values) == set(want) and all(np.array_equal(start.values[k], want[k]) for k in want)
     with pytest.raises(UsageError, match="relative_position_bias_table"):
         starting_weights({k: v.numpy() for k, v in module.state_dict().items()}, spec)
+
+
+def test_the_spec_trains_as_the_module():
+    """The gradients of the module's own parameters through the spec's torch forward are the module's (cosine
+    attention, the logit scale's exp, post-norms), and the spec's qkv bias gets q_bias's and v_bias's gradients."""
+    module = _swinv2()
+    spec = from_torch(module, (3, 32, 32))
+    params = {k: torch.tensor(v, requires_grad=True) for k, v in {**tensors_of(module, spec),
+                                                                  **classifier_of(module)}.items()}
+    x, y = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)), torch.tensor([1, 4])
+    nn.functional.cross_entropy(forward(spec, params, x), y).backward()
+    nn.functional.cross_entropy(module(x), y).backward()
+    own, keys = dict(module.named_parameters()), state_keys(spec)
+    shared = {name: keys[name] for name in keys if keys[name] in own}  # the spec's name → the module's
+    assert len(shared) > 40 and shared["layers.0.blocks.0.attn.attend.logit_scale"].endswith("attn.logit_scale")
+    for name, key in shared.items():
+        want = own[key].grad.reshape(-1)
+        assert (params[name].grad.reshape(-1) - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max())), key
+    attn, qkv = own["layers.0.blocks.0.attn.q_bias"], params["layers.0.blocks.0.attn.qkv.bias"].grad
+    assert torch.allclose(qkv[:16], attn.grad, atol=1e-6)
+    assert torch.allclose(qkv[32:], own["layers.0.blocks.0.attn.v_bias"].grad, atol=1e-6)
 
 
 @pytest.mark.slow
