@@ -32,7 +32,7 @@ def _randomised(module: nn.Module, seed: int = 0) -> nn.Module:
     randomise_batchnorm(module, seed)
     torch.manual_seed(seed)
     for name, p in module.named_parameters():
-        if "cpb_mlp" in name or name.endswith(("q_bias", "v_bias")):
+        if "cpb_mlp" in name or "meta_mlp" in name or name.endswith(("q_bias", "v_bias")):
             nn.init.normal_(p)
         if name.endswith("logit_scale"):
             nn.init.uniform_(p, 0.0, 3.0)
@@ -170,6 +170,51 @@ def test_the_spec_trains_as_the_module():
     attn, qkv = own["layers.0.blocks.0.attn.q_bias"], params["layers.0.blocks.0.attn.qkv.bias"].grad
     assert torch.allclose(qkv[:16], attn.grad, atol=1e-6)
     assert torch.allclose(qkv[32:], own["layers.0.blocks.0.attn.v_bias"].grad, atol=1e-6)
+
+
+CR = timm.models.swin_transformer_v2_cr
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"extra_norm_stage": True}, {"extra_norm_period": 1}])
+def test_swinv2_cr_parity_and_its_position_bias(kwargs):
+    """timm's V2-CR: a plain qkv Linear, a (heads,) logit scale, the bias its meta MLP gives every pair of a window's
+    positions (no index), the merging's norm before its reduction (Swin V1's), and its extra main-branch norms."""
+    module = _randomised(CR.SwinTransformerV2Cr(img_size=(32, 32), patch_size=2, window_size=4, embed_dim=16,
+                                                depths=(2, 2), num_heads=(2, 4), num_classes=5, **kwargs))
+    spec = from_torch(module, (3, 32, 32))
+    check_parity(module, spec, (3, 32, 32), batch=2)
+    attends = [n for n in spec["nodes"] if n["op"] == "attention"]
+    assert [(n["window"], n["shift"], n["bias_offsets"], n["cosine"]) for n in attends] == [
+        ([4, 4], [0, 0], 256, True), ([4, 4], [2, 2], 256, True)] * 2
+    assert attends[0]["bias_index"][1][:3] == [16, 17, 18]  # pair (t, s) reads row t·16 + s
+    attn, first = module.stages[0].blocks[0].attn, attends[0]["name"]
+    weights = tensors_of(module, spec)
+    with torch.no_grad():
+        table = attn.meta_mlp(attn.relative_coordinates_log)
+    assert np.array_equal(weights[f"{first}.bias"], table.numpy().T)
+    assert np.array_equal(weights[f"{first}.logit_scale"], attn.logit_scale.detach().numpy())
+    names = {n["name"]: n for n in spec["nodes"]}
+    assert names["stages.1.downsample.reduction"]["inputs"] == ["stages.1.downsample.norm"]
+    norms3 = sorted(n for n in names if n.endswith("norm3"))
+    assert norms3 == {"extra_norm_stage": ["stages.0.blocks.1.norm3", "stages.1.blocks.1.norm3"],
+                      "extra_norm_period": [f"stages.{i}.blocks.{j}.norm3" for i in (0, 1) for j in (0, 1)]
+                      }.get(next(iter(kwargs), ""), ["stages.1.blocks.1.norm3"])  # the final norm, by default
+
+
+def test_swinv2_cr_sequential_attention_is_refused():
+    module = _randomised(CR.SwinTransformerV2Cr(img_size=(32, 32), patch_size=2, window_size=4, embed_dim=16,
+                                                depths=(2, 2), num_heads=(2, 4), num_classes=5, sequential_attn=True))
+    with pytest.raises(UsageError, match="stages.0.blocks.0.*sequential"):
+        from_torch(module, (3, 32, 32))
+
+
+@pytest.mark.slow
+def test_swinv2_cr_tiny_224_at_64():
+    """The named V2-CR model at 64×64 (its windows follow the image: 2×2 at every stage)."""
+    module = _randomised(timm.create_model("swinv2_cr_tiny_224", pretrained=False, img_size=64))
+    spec = from_torch(module, (3, 64, 64))
+    check_parity(module, spec, (3, 64, 64), batch=2)
+    assert sum(n["op"] == "attention" and n["cosine"] for n in spec["nodes"]) == 12
 
 
 @pytest.mark.slow

@@ -104,12 +104,13 @@ class _SwinConverter:
 
     def window_attention(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str, shape: list[int],
                           window: Any, shift: Any, table: Any = None, qkv_bias: bool | None = None,
-                          **fields: Any) -> str:
+                          index: Any = None, **fields: Any) -> str:
         """qkv → attention within (shifted) windows with the relative position bias → proj. Swin V2 (`fx_swin_v2`)
-        passes the shape of the `table` its module computes, whether its qkv has a bias (its q_bias, k_bias and
-        v_bias) and its attention's other `fields` (cosine, scale)."""
+        passes the `table` its module computes, whether its qkv has a bias (V2's q_bias, k_bias and v_bias), its
+        `index` (V2-CR's bias has none: every pair its own) and its attention's other `fields` (cosine, scale)."""
         window, shift = [int(w) for w in window], [int(s) for s in shift]
         heads, table = int(m.num_heads), m.relative_position_bias_table if table is None else table
+        index = m.relative_position_index if index is None else index
         if shape[0] % window[0] or shape[1] % window[1]:
             raise UsageError(f"{self.name}: {where}: its {window[0]}×{window[1]} windows do not tile the "
                              f"{shape[0]}×{shape[1]} map (Swin pads it with zeros that join the attention); "
@@ -122,7 +123,7 @@ class _SwinConverter:
         if qkv.out_features != 3 * width or width % heads or table.shape[1] != heads:
             raise UsageError(f"{self.name}: {where}: qkv of {qkv.out_features} outputs and a bias table of "
                              f"{tuple(table.shape)} do not make {heads} heads")
-        index = m.relative_position_index.reshape(window[0] * window[1], -1).tolist()
+        index = index.reshape(window[0] * window[1], -1).tolist()
         packed = self._emit(node, "conv", [x], f"{path}.qkv", **{**pointwise(qkv), **(
             {} if qkv_bias is None else {"bias": qkv_bias})})
         # torchvision's (no `scale`) multiplies q by (C / heads)^-½ in its forward; timm's as `applied_scale`
@@ -165,7 +166,7 @@ def check_timm_mask(model: str, where: str, m: nn.Module, shape: list[int]) -> N
     stored, want = getattr(m, "attn_mask", None), window_mask(shape[0], shape[1], *window, *shift)
     if (stored is None) != (want is None) or want is not None and (
             tuple(stored.shape) != want.shape or not np.array_equal(stored.detach().cpu().numpy(), want)):
-        built = "×".join(str(int(r)) for r in m.input_resolution)
+        built = "×".join(str(int(r)) for r in getattr(m, "input_resolution", getattr(m, "feat_size", ())))
         raise UsageError(f"{model}: {where}: it applies its attention mask built for an {built} map to a "
                          f"{shape[0]}×{shape[1]} one; build it with input_resolution {tuple(shape[:2])} (or "
                          "dynamic_mask=True)")

@@ -1,4 +1,5 @@
-"""Swin Transformer V2 layers (timm's ``timm.models.swin_transformer_v2``) in a user's network, for
+"""Swin Transformer V2 layers (timm's ``timm.models.swin_transformer_v2`` and ``swin_transformer_v2_cr``) in a user's
+network, for
 `fx_import._Converter`. Kept whole by the tracer as Swin V1's are (`fx_swin`: channels-last maps, windows through
 6-D views, ``torch.roll``, a mask buffer) and converted to the same spec ops, on the (C, H, W) map:
 
@@ -7,6 +8,9 @@
     (post-norm: each norm after its branch, before the residual sum)
     PatchMerging: pad an odd side by one zero row/column → space_to_depth {block 2, order "wh"} → reduction (1×1
     conv without bias) → norm (the norm after the reduction)
+    V2-CR (``swinv2_cr_*``): the same block with a plain qkv Linear, a (heads,) logit scale, its bias table
+    meta_mlp(log coordinates) for every pair of a window's positions (index t·wh·ww + s), an optional norm3 after
+    the block; its PatchMerging is Swin V1's (norm, then reduction)
 
 Scaled cosine attention is the attention's ``cosine``, its ``logit_scale`` the module's (`edgecl.arch.ops`). The
 continuous position bias, 16·sigmoid(cpb_mlp(relative_coords_table)) read at the fixed relative_position_index,
@@ -29,13 +33,14 @@ from edgecl.arch.fx_calls import location, shape_of
 from edgecl.arch.fx_swin import check_drops, check_kind, check_timm_mask, linear
 from edgecl.errors import UsageError
 
-_V2 = "timm.models.swin_transformer_v2"
-_KINDS = {"SwinTransformerV2Block": "block", "PatchMerging": "merge"}
+_V2, _CR = "timm.models.swin_transformer_v2", "timm.models.swin_transformer_v2_cr"
+_KINDS = {(_V2, "SwinTransformerV2Block"): "block", (_V2, "PatchMerging"): "merge",
+          (_CR, "SwinTransformerV2CrBlock"): "cr_block", (_CR, "PatchMerging"): "cr_merge"}
 
 
 def is_swin_v2(m: Any) -> bool:
-    """timm's Swin V2 block or patch merging, judged by its class; nothing is imported."""
-    return type(m).__module__ == _V2 and type(m).__name__ in _KINDS
+    """timm's Swin V2 (and V2-CR) block or patch merging, judged by its class; nothing is imported."""
+    return (type(m).__module__, type(m).__name__) in _KINDS
 
 
 def swin_v2_values(path: str, m: nn.Module) -> dict[str, torch.Tensor]:
@@ -43,6 +48,8 @@ def swin_v2_values(path: str, m: nn.Module) -> dict[str, torch.Tensor]:
     spec names them with: ``qkv.bias``, cat(q_bias, k_bias, v_bias) (none without a qkv bias), and
     ``relative_position_bias_table``, 16·sigmoid(cpb_mlp(relative_coords_table)) as ``(offsets, heads)``: what its
     forward adds, before gathering by the index (sigmoid and the gather commute). Empty for any other module."""
+    if (type(m).__module__, type(m).__name__) == (_CR, "WindowMultiHeadAttention"):
+        return _cr_values(path, m)
     if (type(m).__module__, type(m).__name__) != (_V2, "WindowAttention"):
         return {}
     with torch.no_grad():
@@ -60,6 +67,7 @@ class _SwinV2Converter:
     last: set[fx.Node]
     _emit: Callable[..., str]
     window_attention: Callable[..., str]
+    _swin_merge: Callable[..., None]
     norm_mlp: Callable[..., str]
     swin_norm: Callable[..., str]
 
@@ -69,7 +77,7 @@ class _SwinV2Converter:
         if node.args[0] not in self.last or shape is None or len(shape) != 3:
             raise UsageError(f"{self.name}: {where} reads a tensor of shape {shape}; edgecl supports Swin's layers "
                              "on channels-last (batch, height, width, channels) maps")
-        getattr(self, f"_swin_v2_{_KINDS[type(m).__name__]}")(node, m, x, path, where, shape)
+        getattr(self, f"_swin_v2_{_KINDS[(type(m).__module__, type(m).__name__)]}")(node, m, x, path, where, shape)
         self.last.add(node)
 
     def _swin_v2_block(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str, shape: list[int]) -> None:
@@ -84,6 +92,10 @@ class _SwinV2Converter:
         table = swin_v2_values(f"{path}.attn", attn)[f"{path}.attn.relative_position_bias_table"]
         attended = self.window_attention(node, attn, x, f"{path}.attn", where, shape, m.window_size, m.shift_size,
                                          table=table, qkv_bias=attn.q_bias is not None, cosine=True, scale=1.0)
+        self._post_norm_rest(node, m, x, attended, path, where)
+
+    def _post_norm_rest(self, node: fx.Node, m: nn.Module, x: str, attended: str, path: str, where: str) -> str:
+        """A post-norm block after its attention: norm1 → add → mlp → norm2 → add (→ V2-CR's norm3)."""
         h = self._emit(node, "add", [x, self.swin_norm(node, m.norm1, attended, f"{path}.norm1", where)],
                        f"{path}.add1")
         if (type(m.mlp).__module__, type(m.mlp).__name__) != ("timm.layers.mlp", "Mlp") or \
@@ -93,7 +105,34 @@ class _SwinV2Converter:
                              "activation and no norm")
         out = self.swin_norm(node, m.norm2, self.norm_mlp(node, m.mlp, h, f"{path}.mlp", where), f"{path}.norm2",
                              where)
-        self._emit(node, "add", [h, out], f"{path}.add2")
+        out = self._emit(node, "add", [h, out], f"{path}.add2")
+        norm3 = getattr(m, "norm3", None)  # V2-CR's extra main-branch norm (huge and giant models, stage ends)
+        return out if norm3 is None or isinstance(norm3, nn.Identity) else \
+            self.swin_norm(node, norm3, out, f"{path}.norm3", where)
+
+    def _swin_v2_cr_block(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str,
+                          shape: list[int]) -> None:
+        """V2-CR's block: V2's, its qkv a plain Linear, its logit scale (heads,), its position bias an MLP's output
+        for every pair of a window's positions (no index: the table is (window², heads), each pair its own row)."""
+        check_drops(self.name, where, m, "drop_path1", "drop_path2")
+        check_kind(self.name, where, m, "attn", (_CR, "WindowMultiHeadAttention"))
+        check_timm_mask(self.name, where, m, shape)
+        attn = m.attn
+        if attn.sequential_attn or tuple(attn.window_size) != tuple(m.window_size):
+            raise UsageError(f"{self.name}: {where}: its attention is sequential or its window "
+                             f"{tuple(attn.window_size)} is not the block's {tuple(m.window_size)}; edgecl converts "
+                             "timm's parallel window attention")
+        check_kind(self.name, where, attn, "meta_mlp", ("timm.layers.mlp", "Mlp"))
+        area = m.window_size[0] * m.window_size[1]
+        table = _cr_values(f"{path}.attn", attn)[f"{path}.attn.relative_position_bias_table"]
+        attended = self.window_attention(node, attn, x, f"{path}.attn", where, shape, m.window_size, m.shift_size,
+                                         table=table, index=torch.arange(area * area), cosine=True, scale=1.0)
+        self._post_norm_rest(node, m, x, attended, path, where)
+
+    def _swin_v2_cr_merge(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str,
+                          shape: list[int]) -> None:
+        """V2-CR's merging is Swin V1's: norm, then reduction (`fx_swin`)."""
+        self._swin_merge(node, m, x, path, where, shape)
 
     def _swin_v2_merge(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str, shape: list[int]) -> None:
         """x0..x3 = (0, 0), (1, 0), (0, 1), (1, 1) side by side (Swin V1's order), reduction, then norm."""
@@ -105,3 +144,12 @@ class _SwinV2Converter:
                              **pointwise(linear(self.name, where, m.reduction)))
         self.swin_norm(node, m.norm, reduced, f"{path}.norm", where)
 
+
+def _cr_values(path: str, m: nn.Module) -> dict[str, torch.Tensor]:
+    """V2-CR's WindowMultiHeadAttention: its position bias, meta_mlp(relative_coordinates_log) as timm's Mlp
+    computes it at inference (its dropouts identities) — ``(window², heads)``, every pair of positions its own row —
+    and its (heads,) logit scale in the ``(heads, 1, 1)`` the spec names it with (V2's shape)."""
+    mlp = m.meta_mlp
+    with torch.no_grad():
+        table = mlp.fc2(mlp.norm(mlp.act(mlp.fc1(m.relative_coordinates_log))))
+    return {f"{path}.relative_position_bias_table": table, f"{path}.logit_scale": m.logit_scale.reshape(-1, 1, 1)}

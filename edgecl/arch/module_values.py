@@ -10,10 +10,9 @@ from edgecl.arch.fx_swin_v2 import swin_v2_values
 
 
 def module_values(module: Any) -> dict[str, Any]:
-    """`module.state_dict()` with the derived tensors added under the keys the spec names them by (none of which the
-    state dict holds)."""
+    """`module.state_dict()` with the derived tensors under the keys the spec names them by (which the state dict
+    lacks, or holds in another shape: V2-CR's logit scale)."""
     values = dict(module.state_dict())
     for path, layer in getattr(module, "named_modules", lambda: ())():
-        for key, value in swin_v2_values(path, layer).items():
-            values.setdefault(key, value)
+        values.update(swin_v2_values(path, layer))
     return values

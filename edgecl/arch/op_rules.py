@@ -64,8 +64,8 @@ TALKING = {"talk1_weight": "talking_head1.weight", "talk1_bias": "talking_head1.
 
 def attention_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """An attention's tensors: its bias table (heads, offsets), and the talking heads' (heads, heads) mixes and their
-    (heads,) biases, Swin V2's (heads,) logit scale; XCA's per-head temperature (`edgecl.arch.sdta_ops`); a lambda layer's position filters and their
-    bias (`edgecl.arch.lambda_ops`)."""
+    (heads,) biases, Swin V2's (heads,) logit scale; XCA's per-head temperature (`edgecl.arch.sdta_ops`); a lambda
+    layer's position filters and their bias (`edgecl.arch.lambda_ops`)."""
     h = node["heads"]
     if node["op"] == "channel_attention":  # none where its scale is fixed (DaViT's)
         return {"temperature": (h,)} if node.get("scale") is None else {}
