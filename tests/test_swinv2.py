@@ -224,3 +224,29 @@ def test_swinv2_tiny_window8_256_at_64():
     spec = from_torch(module, (3, 64, 64))
     check_parity(module, spec, (3, 64, 64), batch=2)
     assert sum(n["op"] == "attention" and n["cosine"] for n in spec["nodes"]) == 12
+
+
+class _Pads(nn.Module):
+    """Swin V2's pad to a window multiple the map already is: F.pad of zeros only, on a channels-first map (four),
+    a channels-last one (six, as timm's `_attn`) and with a value; `pad` pads (1, 0, …) instead."""
+
+    def __init__(self, pad: int = 0):
+        super().__init__()
+        self.conv, self.linear, self.fc, self.pad = nn.Conv2d(3, 4, 1), nn.Linear(4, 4), nn.Linear(4, 2), pad
+
+    def forward(self, x):
+        x = self.conv(x)
+        h = x.shape[2] % 4  # 0 at 8×8
+        x = nn.functional.pad(x, (0, h, 0, h))
+        y = self.linear(x.permute(0, 2, 3, 1))
+        y = nn.functional.pad(y, (0, 0, 0, h, 0, h + self.pad))
+        return self.fc(nn.functional.pad(y, (0, 0, 0, 0, 0, 0), value=1.0).mean((1, 2)))
+
+
+def test_pads_of_zeros_are_their_input_and_others_still_refused():
+    module = _Pads().eval()
+    spec = from_torch(module, (3, 8, 8))
+    assert [n["op"] for n in spec["nodes"]] == ["conv", "conv", "gap", "flatten"]
+    check_parity(module, spec, (3, 8, 8))
+    with pytest.raises(UsageError, match="two or four ints"):  # a channels-last pad that pads
+        from_torch(_Pads(pad=1).eval(), (3, 8, 8))
