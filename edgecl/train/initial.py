@@ -25,7 +25,6 @@ from typing import Any, Mapping
 import numpy as np
 
 from edgecl.arch.module_state import from_module, state_keys, state_shapes, to_module_state
-from edgecl.arch.module_values import module_values
 from edgecl.arch.ops import CHANNEL_AFFINE_OPS
 from edgecl.arch.spec import Arch, param_shapes
 from edgecl.artifact.report import INITIAL_WEIGHTS, initial_weights
@@ -65,6 +64,8 @@ def starting_weights(source: Any, arch: Arch, *, label: str | None = None) -> St
     state_dict = getattr(source, "state_dict", None)
     if callable(state_dict):  # its tensors (and those it computes: Swin V2's), converted (`_float32`) only where
         # the spec names them
+        from edgecl.arch.module_values import module_values  # torch's: a module was given
+
         return _checked(module_values(source), arch, label or f"module {type(source).__name__}")
     raise UsageError(f"starting weights must be a torch.nn.Module, a mapping of arrays or an .npz/.safetensors file, "
                      f"not {type(source).__name__}")
