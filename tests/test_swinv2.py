@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from random_weights import random_params
 from torch_nets import check_parity, classifier_of, randomise_batchnorm, spec_logits, tensors_of, timm
 
 from edgecl.arch import from_torch, validate
@@ -250,3 +251,29 @@ def test_pads_of_zeros_are_their_input_and_others_still_refused():
     check_parity(module, spec, (3, 8, 8))
     with pytest.raises(UsageError, match="two or four ints"):  # a channels-last pad that pads
         from_torch(_Pads(pad=1).eval(), (3, 8, 8))
+
+
+def _cosine_spec(**fields) -> dict:
+    """q, k, v 1×1 convs of a 2×4×6 map and one attention of 2 heads (Swin V2's fields), pooled."""
+    conv = {"op": "conv", "inputs": ["input"], "in": 2, "out": 4, "k": 1}
+    return validate({"name": "c", "input_shape": [2, 4, 6], "output": "f", "nodes": [
+        *({"name": n, **conv} for n in "qkv"),
+        {"name": "a", "op": "attention", "inputs": ["q", "k", "v"], "heads": 2, "scale": 1.0, "cosine": True,
+         **fields},
+        {"name": "p", "op": "gap", "inputs": ["a"]}, {"name": "f", "op": "flatten", "inputs": ["p"]}]})
+
+
+@pytest.mark.parametrize("fields", [{}, {"window": [2, 3]}, {"window": [2, 3], "shift": [1, 1]},
+                                    {"window": [2, 2], "dilated": True}])
+def test_cosine_attention_torch_equals_onnx_and_reads_its_scale(fields):
+    """Over the whole map or in windows (shifted, dilated): the torch form = the ONNX graph (`spec_logits`), each
+    head's logit scale read, and q's scale (a factor on q) gone in the normalisation."""
+    spec = _cosine_spec(**fields)
+    weights = random_params(spec, 3, 0)
+    assert weights["a.logit_scale"].shape == (2,)
+    x = torch.randn(3, 2, 4, 6, generator=torch.Generator().manual_seed(0))
+    want = spec_logits(spec, weights, x)
+    scaled_q = {**weights, "q.weight": weights["q.weight"] * 3, "q.bias": weights["q.bias"] * 3}
+    assert np.abs(spec_logits(spec, scaled_q, x) - want).max() < 1e-4  # cosine: q's length does not count
+    other_head = {**weights, "a.logit_scale": weights["a.logit_scale"] + np.float32([0, 1])}
+    assert np.abs(spec_logits(spec, other_head, x) - want).max() > 1e-4
