@@ -47,7 +47,8 @@ def swin_v2_values(path: str, m: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors a spec holds that a timm Swin V2 WindowAttention at `path` computes from its own, by the keys the
     spec names them with: ``qkv.bias``, cat(q_bias, k_bias, v_bias) (none without a qkv bias), and
     ``relative_position_bias_table``, 16·sigmoid(cpb_mlp(relative_coords_table)) as ``(offsets, heads)``: what its
-    forward adds, before gathering by the index (sigmoid and the gather commute). Empty for any other module."""
+    forward adds, before gathering by the index (sigmoid and the gather commute); a V2-CR WindowMultiHeadAttention's
+    by `_cr_values`. Empty for any other module."""
     if (type(m).__module__, type(m).__name__) == (_CR, "WindowMultiHeadAttention"):
         return _cr_values(path, m)
     if (type(m).__module__, type(m).__name__) != (_V2, "WindowAttention"):
