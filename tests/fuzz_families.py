@@ -296,6 +296,8 @@ def _spec(draw) -> dict:
                         draw(st.sampled_from(["yes", 1, None]))
             if draw(st.integers(0, 3)) == 0:  # ConViT's gated positions (a square grid, no window, bias or mix)
                 node["gated_pos"] = draw(st.booleans()) if fits else draw(st.sampled_from(["yes", 1, None]))
+            if draw(st.integers(0, 3)) == 0:  # Swin V2's cosine attention (refused with talking heads)
+                node["cosine"] = draw(st.booleans()) if fits else draw(st.sampled_from(["yes", 1, None, 0.0]))
         elif op == "linear_attention":  # EfficientViT's ReLU linear attention of one map (q = k = v), its heads
             node["inputs"] += [src, src]
             node["heads"] = draw(st.sampled_from([d for d in (1, 2, 3) if dims[0] % d == 0])) if fits else \

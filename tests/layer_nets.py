@@ -465,3 +465,31 @@ class TinyMaxViT(nn.Module):
 
 def maxvit_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyMaxViT(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
+
+
+from timm.models.swin_transformer_v2 import PatchMerging as PatchMergingV2  # noqa: E402
+from timm.models.swin_transformer_v2 import SwinTransformerV2Block  # noqa: E402
+
+
+class TinySwinV2(nn.Module):
+    """Swin V2 in small, of timm's own layers: a 2×2 patch embedding to a 4×4 map put channels-last with its
+    LayerNorm, two SwinTransformerV2Blocks of 2×2 windows (scaled cosine attention, the position bias of its MLP,
+    q and v biases, norms after attention and MLP; the second shifted by 1), a V2 PatchMerging (reduction, then its
+    LayerNorm) and the mean over the map."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8, image: int = 8):
+        super().__init__()
+        w, r = width, image // 2
+        self.stem, self.norm = nn.Conv2d(in_channels, w, 2, stride=2), nn.LayerNorm(w)
+        self.blocks = nn.Sequential(*(SwinTransformerV2Block(w, (r, r), num_heads=2, window_size=2, shift_size=s,
+                                                             mlp_ratio=2.0) for s in (0, 1)))
+        self.merge = PatchMergingV2(w)
+        self.head = nn.Linear(2 * w, classes)
+
+    def forward(self, x):
+        x = self.blocks(self.norm(self.stem(x).permute(0, 2, 3, 1)))
+        return self.head(self.merge(x).mean((1, 2)))
+
+
+def swinv2_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinySwinV2(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))

@@ -18,7 +18,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from layer_nets import TinyBlur, TinyEca, TinyHGNet, TinyMNv4Hybrid, TinyMobileViT, TinySplitAttn, TinyViT
+from layer_nets import (TinyBlur, TinyEca, TinyHGNet, TinyMNv4Hybrid, TinyMobileViT, TinySplitAttn, TinySwinV2,
+                        TinyViT)
 from neck_nets import TinyFPN
 from layer_nets_meta import TinyMetaFormer
 from layer_nets_mixer import TinyGMLP, TinyMambaOut, TinyMixer, TinyResMLP
@@ -102,7 +103,9 @@ def _arch(name: str) -> dict:
               "nextvit": lambda: TinyNextViT(in_channels=3), "shvit": lambda: TinySHViT(in_channels=3),
               "gcvit": lambda: tiny_gcvit(in_channels=3),
               "cait": lambda: tiny_cait(in_channels=3), "convit": lambda: tiny_convit(in_channels=3),
-              "coat": lambda: TinyCoatStage(in_channels=3)}
+              "coat": lambda: TinyCoatStage(in_channels=3),
+              "swinv2": lambda: TinySwinV2(in_channels=3, width=16)}
+
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
@@ -110,7 +113,7 @@ _CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4"
            "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra",
            "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta", "xcit", "mixer", "resmlp", "gmlp",
            "mambaout", "twins", "davit", "nest", "pvt", "nextvit", "shvit", "gcvit", "cait", "convit",
-           "coat")
+           "coat", "swinv2")
 
 
 def _stream(name: str, n_tasks: int):
@@ -136,7 +139,7 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
                                                 "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta",
                                                 "xcit", "mixer", "resmlp", "gmlp", "mambaout",
                                                 "twins", "davit", "nest", "pvt", "nextvit", "shvit",
-                                                "gcvit", "cait", "convit", "coat"])
+                                                "gcvit", "cait", "convit", "coat", "swinv2"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

@@ -295,7 +295,7 @@ def test_node_masks_on_residual_concat_depthwise_and_gates(seed, masks):
 
 
 @pytest.mark.parametrize("make", ["swin_spec", "tiny_vit_spec", "mobilevit_spec", "maxvit_spec",
-                                  "efficientformer_spec"])
+                                  "efficientformer_spec", "swinv2_spec"])
 def test_node_masks_on_window_attention(make):
     """Swin's shifted windows, TinyViT's windows, MobileViT's and MaxViT's grids, EfficientFormerV2's talking heads
     and bilinear up-sampling: half of every channel group dead; the MLPs shrink, the attention keeps its heads,
@@ -306,7 +306,7 @@ def test_node_masks_on_window_attention(make):
     p, _ = group_node_masks(arch, random_params(arch, 3, 0), 0.5, 0)
     c_arch, c_params, report = compact(arch, p)
     assert report.params_compact < report.params_dense
-    kept = ("name", "heads", "window", "shift", "dilated", "bias_table", "bias_index", "talking_heads")
+    kept = ("name", "heads", "window", "shift", "dilated", "bias_table", "bias_index", "talking_heads", "cosine")
     assert [[n.get(k) for k in kept] for n in c_arch["nodes"] if n["op"] == "attention"] == \
         [[n.get(k) for k in kept] for n in arch["nodes"] if n["op"] == "attention"]
     _check(arch, p, c_arch, c_params, report)

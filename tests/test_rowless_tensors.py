@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from layer_nets import TinyEca, TinyEfficientFormerV2, TinyHGNet, TinyLeViT, TinyMaxViT, TinySwin, TinyTinyViT
+from layer_nets import (TinyEca, TinyEfficientFormerV2, TinyHGNet, TinyLeViT, TinyMaxViT, TinySwin, TinySwinV2,
+                        TinyTinyViT)
 from layer_nets_mixer import TinyMixer
 from linear_nets import TinyEdgeNeXt, TinyLambdaNet
 
@@ -28,7 +29,7 @@ from edgecl.train.protocol import TrainContext
 CTX = TrainContext(progress=False)
 NETS = {"eca": TinyEca, "hgnet": TinyHGNet, "levit": TinyLeViT, "swin": TinySwin, "tiny_vit": TinyTinyViT,
         "efficientformer": TinyEfficientFormerV2, "maxvit": TinyMaxViT, "edgenext": TinyEdgeNeXt,
-        "lambda": TinyLambdaNet, "mixer": TinyMixer}
+        "lambda": TinyLambdaNet, "mixer": TinyMixer, "swinv2": TinySwinV2}  # Swin V2: its logit scales too
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ from edgecl.arch.fx_slices import _SliceConverter
 from edgecl.arch.fx_space_to_depth import _SpaceToDepthConverter
 from edgecl.arch.fx_split_attn import _SplitAttnConverter
 from edgecl.arch.fx_swin import _SwinConverter
+from edgecl.arch.fx_swin_v2 import _SwinV2Converter
 from edgecl.arch.fx_tiny_vit import _TinyVitConverter
 from edgecl.arch.fx_token_mix import _TokenMixConverter
 from edgecl.arch.fx_tokens import _TokenConverter
@@ -50,5 +51,5 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _MaxVitConverter, _EfficientVitConverter, _EfficientVitMsraConverter, _EdgeNextConverter,
                _LambdaConverter, _TokenMixConverter, _XcitConverter, _TwinsConverter, _DavitConverter,
                _NestConverter, _PvtConverter, _NextVitConverter, _ShvitConverter, _GcVitConverter,
-               _CaitConverter, _ConvitConverter, _CoatConverter):
+               _CaitConverter, _ConvitConverter, _CoatConverter, _SwinV2Converter):
     """Every family's conversions, in one base class."""

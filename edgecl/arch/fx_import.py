@@ -435,9 +435,10 @@ def tensors_of(module: nn.Module, arch: Arch) -> dict[str, Any]:
     """The module's own values of the spec's trunk tensors (state-dict keys), as float32 numpy arrays: a trained or
     pretrained network's weights as a starting point, and what `from_torch`'s parity check runs."""
     from edgecl.arch.module_state import from_module, state_keys, state_shapes
+    from edgecl.arch.module_values import module_values
     from edgecl.arch.spec import param_shapes
 
-    state, keys, stored = module.state_dict(), state_keys(arch), state_shapes(arch)
+    state, keys, stored = module_values(module), state_keys(arch), state_shapes(arch)
     out = {}
     for name in param_shapes(arch):
         key = keys[name]

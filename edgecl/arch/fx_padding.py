@@ -79,6 +79,8 @@ class _PaddingConverter:
     """Mixin of `fx_import._Converter`: same-padded layers and explicit ``F.pad`` calls."""
 
     name: str
+    alias: dict[fx.Node, str]
+    last: set[fx.Node]
     refuse: Callable[..., UsageError]
     _emit: Callable[..., str]
     _input: Callable[..., str]
@@ -118,9 +120,17 @@ class _PaddingConverter:
         self._emit(node, "conv", [x], path, **fields)
 
     def explicit_pad(self, node: fx.Node, args: dict[str, Any]) -> None:
-        """``F.pad(x, (left, right[, top, bottom]), mode=…, value=v)`` on a map: a ``pad`` node."""
+        """``F.pad(x, (left, right[, top, bottom]), mode=…, value=v)`` on a map: a ``pad`` node; one of zeros only (of
+        any length) is no node: its input."""
         shape = shape_of(args["input"])
         pads, value, mode = args["pad"], args["value"], args["mode"] or "constant"
+        if isinstance(pads, (list, tuple)) and len(pads) % 2 == 0 and \
+                all(type(p) is int and p == 0 for p in pads):  # pads nothing (a pad to a multiple it already is,
+            # Swin V2-CR's windows): the input itself, whatever its layout or length of pads
+            self.alias[node] = self._input(args["input"], node)
+            if args["input"] in self.last:
+                self.last.add(node)
+            return
         if shape is None or len(shape) != 3:
             raise self.refuse(node, f"padding is supported on a (channels, height, width) map, gets {shape}")
         if not isinstance(pads, (list, tuple)) or len(pads) not in (2, 4) or \

@@ -13,8 +13,8 @@ spec has no values for. Each becomes what its forward computes on the (C, H, W) 
 The relative position bias is the module's ``relative_position_bias_table`` ``(offsets, heads)`` with its fixed
 ``relative_position_index`` as the node's ``bias_index`` (``bias_table`` "swin"). The window and shift are the
 module's own after its clamping to the map (timm's and torchvision's rules). A map the window does not tile (both
-libraries then pad it with zeros that join the attention) and Swin V2 (cosine attention, post-norm merging) are
-refused by name with the user's source line.
+libraries then pad it with zeros that join the attention) and torchvision's Swin V2 are refused by name with the
+user's source line (timm's Swin V2 goes in: `fx_swin_v2`).
 """
 from __future__ import annotations
 
@@ -56,9 +56,9 @@ class _SwinConverter:
         where = f"Swin {type(m).__name__} at {path!r} {location(node)}"
         shape = shape_of(node.args[0])
         if kind is None:
-            raise UsageError(f"{self.name}: {where}: Swin V2 (cosine attention with a continuous position bias, "
-                             "norm after the merging) is not supported; Swin V1 (timm's swin_*, torchvision's "
-                             "swin_t/s/b) is")
+            raise UsageError(f"{self.name}: {where}: torchvision's Swin V2 (cosine attention with a continuous "
+                             "position bias, norm after the merging) is not supported; timm's swinv2_* and Swin V1 "
+                             "(timm's swin_*, torchvision's swin_t/s/b) are")
         if node.args[0] not in self.last or shape is None or len(shape) != 3:
             raise UsageError(f"{self.name}: {where} reads a tensor of shape {shape}; edgecl supports Swin's layers "
                              "on channels-last (batch, height, width, channels) maps")
@@ -103,10 +103,14 @@ class _SwinConverter:
         self.window_attention(node, m, x, path, where, shape, window, shift)
 
     def window_attention(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str, shape: list[int],
-                          window: Any, shift: Any) -> str:
-        """qkv → attention within (shifted) windows with the relative position bias → proj."""
+                          window: Any, shift: Any, table: Any = None, qkv_bias: bool | None = None,
+                          index: Any = None, **fields: Any) -> str:
+        """qkv → attention within (shifted) windows with the relative position bias → proj. Swin V2 (`fx_swin_v2`)
+        passes the `table` its module computes, whether its qkv has a bias (V2's q_bias, k_bias and v_bias), its
+        `index` (V2-CR's bias has none: every pair its own) and its attention's other `fields` (cosine, scale)."""
         window, shift = [int(w) for w in window], [int(s) for s in shift]
-        heads, table = int(m.num_heads), m.relative_position_bias_table
+        heads, table = int(m.num_heads), m.relative_position_bias_table if table is None else table
+        index = m.relative_position_index if index is None else index
         if shape[0] % window[0] or shape[1] % window[1]:
             raise UsageError(f"{self.name}: {where}: its {window[0]}×{window[1]} windows do not tile the "
                              f"{shape[0]}×{shape[1]} map (Swin pads it with zeros that join the attention); "
@@ -119,13 +123,16 @@ class _SwinConverter:
         if qkv.out_features != 3 * width or width % heads or table.shape[1] != heads:
             raise UsageError(f"{self.name}: {where}: qkv of {qkv.out_features} outputs and a bias table of "
                              f"{tuple(table.shape)} do not make {heads} heads")
-        index = m.relative_position_index.reshape(window[0] * window[1], -1).tolist()
-        packed = self._emit(node, "conv", [x], f"{path}.qkv", **pointwise(qkv))
+        index = index.reshape(window[0] * window[1], -1).tolist()
+        packed = self._emit(node, "conv", [x], f"{path}.qkv", **{**pointwise(qkv), **(
+            {} if qkv_bias is None else {"bias": qkv_bias})})
         # torchvision's (no `scale`) multiplies q by (C / heads)^-½ in its forward; timm's as `applied_scale`
-        scale = applied_scale(m, width // heads) if type(m).__module__ == _TIMM else (width // heads) ** -0.5
-        attended = self.attend_packed(node, packed, path, width, module=path, heads=heads, scale=scale,
-                                      window=window, shift=shift, bias_offsets=int(table.shape[0]),
-                                      bias_index=index, bias_table="swin")
+        if "scale" not in fields:
+            fields["scale"] = applied_scale(m, width // heads) if type(m).__module__ == _TIMM else \
+                (width // heads) ** -0.5
+        attended = self.attend_packed(node, packed, path, width, module=path, heads=heads, window=window,
+                                      shift=shift, bias_offsets=int(table.shape[0]), bias_index=index,
+                                      bias_table="swin", **fields)
         return self._emit(node, "conv", [attended], f"{path}.proj", **pointwise(proj))
 
     def _swin_merge(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str, shape: list[int]) -> None:
@@ -159,7 +166,7 @@ def check_timm_mask(model: str, where: str, m: nn.Module, shape: list[int]) -> N
     stored, want = getattr(m, "attn_mask", None), window_mask(shape[0], shape[1], *window, *shift)
     if (stored is None) != (want is None) or want is not None and (
             tuple(stored.shape) != want.shape or not np.array_equal(stored.detach().cpu().numpy(), want)):
-        built = "×".join(str(int(r)) for r in m.input_resolution)
+        built = "×".join(str(int(r)) for r in getattr(m, "input_resolution", getattr(m, "feat_size", ())))
         raise UsageError(f"{model}: {where}: it applies its attention mask built for an {built} map to a "
                          f"{shape[0]}×{shape[1]} one; build it with input_resolution {tuple(shape[:2])} (or "
                          "dynamic_mask=True)")

@@ -39,7 +39,8 @@ LATER_FIELDS: dict[str, dict[str, LaterField]] = {
     "attention": {"bias_offsets": _NONE, "bias_index": _NONE, "bias_table": _NONE, "window": _NONE, "shift": _NONE,
                   "talking_heads": LaterField((None, False)), "dilated": LaterField((False,)), "bias_rows": _NONE,
                   "talking_linear": LaterField((False,)),  # talking heads stored as 1×1 convs (before CaiT's Linears)
-                  "gated_pos": LaterField((False,))},  # no gated positions (before ConViT's GPSA)
+                  "gated_pos": LaterField((False,)),  # no gated positions (before ConViT's GPSA)
+                  "cosine": LaterField((None, False))},  # dot-product scores (before Swin V2's cosine attention)
     "class_token": {"tokens": LaterField((1,), **_KEPT)},  # one prepended token, weight (ch,)
     "token": {"count": LaterField((1,), **_KEPT)},  # one token picked
     # a learned embedding; its module stores it in map order (before NesT's block by block)

@@ -28,8 +28,8 @@ def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
     """Trunk tensor name → its shape as the traced module stores it (`param_shapes`, except a weight whose node has
     a ``module_shape``, a position embedding or several prepended tokens, stored ``(1, tokens, ch)``, Swin's
     attention bias table, stored ``(offsets, heads)``, TensorFlow MaxViT's, ``(heads, 2·wh − 1, 2·ww − 1)``,
-    talking heads' mixes, stored as (heads, heads, 1, 1) convs (CaiT's Linears as they are), XCA's temperature,
-    (heads, 1, 1), and a standardised conv's gain, ``(out, 1, 1, 1)``, and a lambda layer's position filters,
+    talking heads' mixes, stored as (heads, heads, 1, 1) convs (CaiT's Linears as they are), XCA's temperature and Swin V2's
+    logit scale, (heads, 1, 1), and a standardised conv's gain, ``(out, 1, 1, 1)``, and a lambda layer's position filters,
     ``(dim, 1, r, r, 1)``);
     `from_module` converts."""
     shapes = param_shapes(arch)
@@ -56,6 +56,8 @@ def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
             shapes[f"{node['name']}.temperature"] = (node["heads"], 1, 1)
         if node["op"] == "attention" and node.get("bias_table") == "tf":  # (heads, offsets) with its 2-D offsets
             shapes[f"{node['name']}.bias"] = (node["heads"], *(2 * w - 1 for w in node["window"]))
+        if node["op"] == "attention" and node.get("cosine"):  # Swin V2's logit scale, (heads, 1, 1)
+            shapes[f"{node['name']}.logit_scale"] = (node["heads"], 1, 1)
         if node["op"] == "attention" and node.get("bias_rows"):  # its rows of a table of more heads
             shapes[f"{node['name']}.bias"] = (node["bias_rows"][1], node["bias_offsets"])
     return shapes
@@ -74,7 +76,7 @@ def from_module(arch: Arch, name: str, array: Any) -> np.ndarray:
                                     .reshape(node["ch"], node["tokens"]))
     if _token_grid(node):
         return np.ascontiguousarray(array.reshape(node["tokens"], node["ch"]).T)
-    if _swin_table(node):
+    if _swin_table(node) and name.endswith(".bias"):  # not Swin V2's logit scale
         return np.ascontiguousarray(array.reshape(node["bias_offsets"], node["heads"]).T)
     if (rows := stored_rows(node, name.rpartition(".")[2])) is not None:
         return np.ascontiguousarray(array.reshape(node["bias_rows"][1], -1)[rows.start:rows.stop])
@@ -109,7 +111,7 @@ def to_module(arch: Arch, name: str, array: Any) -> np.ndarray:
             .reshape(1, g * g, s * s, node["ch"])
     if _token_grid(node):
         return np.ascontiguousarray(array.T).reshape(1, node["tokens"], node["ch"])
-    if _swin_table(node):
+    if _swin_table(node) and name.endswith(".bias"):
         return np.ascontiguousarray(array.T)
     return array.reshape(state_shapes(arch)[name])
 

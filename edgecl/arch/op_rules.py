@@ -47,6 +47,10 @@ def attention_fields(out: dict[str, Any], where: str) -> None:
                              out["bias_offsets"] is not None):
         raise UsageError(f"{where}: attention gated_pos (ConViT's GPSA) needs kv_heads = heads, no window, no "
                          "talking heads and no bias table")
+    if out["cosine"] and (out["talking_heads"] or out["kv_heads"] != out["heads"]):
+        raise UsageError(f"{where}: attention cosine (Swin V2's) needs kv_heads = heads and no talking heads")
+    if out["gated_pos"] and out["cosine"]:
+        raise UsageError(f"{where}: attention gated_pos (ConViT's GPSA) and cosine (Swin V2's) do not go together")
     if out["bias_table"] == "tf" and (out["window"] is None or out["bias_offsets"] !=
                                       (2 * out["window"][0] - 1) * (2 * out["window"][1] - 1)):
         raise UsageError(f"{where}: attention bias_table 'tf' (stored (heads, 2·wh − 1, 2·ww − 1)) needs a window "
@@ -72,8 +76,8 @@ TALKING_LINEAR = {"talk1_weight": "proj_l.weight", "talk1_bias": "proj_l.bias",
 
 def attention_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """An attention's tensors: its bias table (heads, offsets), and the talking heads' (heads, heads) mixes and their
-    (heads,) biases; XCA's per-head temperature (`edgecl.arch.sdta_ops`); a lambda layer's position filters and their
-    bias (`edgecl.arch.lambda_ops`)."""
+    (heads,) biases, Swin V2's (heads,) logit scale; XCA's per-head temperature (`edgecl.arch.sdta_ops`); a lambda
+    layer's position filters and their bias (`edgecl.arch.lambda_ops`)."""
     h = node["heads"]
     if node["op"] == "channel_attention":  # none where its scale is fixed (DaViT's)
         return {"temperature": (h,)} if node.get("scale") is None else {}
@@ -84,6 +88,8 @@ def attention_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         shapes.update({k: (h, h) if k.endswith("weight") else (h,) for k in TALKING})
     if node.get("gated_pos"):
         shapes.update(gated_pos_shapes(h))
+    if node.get("cosine"):  # Swin V2's per-head logit scale
+        shapes["logit_scale"] = (h,)
     return shapes
 
 
@@ -129,11 +135,13 @@ def _check_table(key: str, parts: list[tuple[str, dict[str, Any]]]) -> None:
 def attention_state_name(node: dict[str, Any], tensor: str) -> str:
     """The module's name of an attention's tensor: the bias table's ``attention_biases`` (timm's LeViT,
     EfficientFormerV2) or, ``bias_table`` "swin" or "tf", ``relative_position_bias_table``; the talking heads'
-    convs, or CaiT's Linears (``talking_linear``)."""
+    convs, or CaiT's Linears (``talking_linear``); Swin V2's ``logit_scale``."""
     if tensor in TALKING:
         return (TALKING_LINEAR if node.get("talking_linear") else TALKING)[tensor]
     if tensor in GATED_POS:
         return GATED_POS[tensor]
+    if tensor == "logit_scale":
+        return tensor
     return "relative_position_bias_table" if node.get("bias_table") in ("swin", "tf") else "attention_biases"
 
 

@@ -121,6 +121,10 @@ Ops (fields and defaults in `OPS`):
   the heads; with ``talking_linear`` true (CaiT's ``TalkingHeadAttn``) its ``proj_l`` / ``proj_w`` ``nn.Linear``s
   over the heads, stored (heads, heads) (the same mixes: storage only). Like the bias they belong to no channel (the
   heads are never pruned). ``gated_pos`` true: ConViT's gated positional attention, `edgecl.arch.gpsa_ops`.
+  ``cosine`` true (Swin V2's scaled cosine attention; kv_heads = heads, no talking heads, no gated_pos): each head's q and k are L2-normalised over its d
+  channels (divided by max(‖·‖, 1e-12), ``F.normalize``) and their scores multiplied by the head's
+  exp(min(logit_scale, ln 100)) as well as ``scale``; tensor ``logit_scale`` ``(heads,)``, its module's
+  ``MODULE.logit_scale`` stored ``(heads, 1, 1)``, starting at ln 10 (timm's), belonging to no channel.
 - ``token_mix`` (MLP-Mixer's token mixing, timm's ``mlp_tokens``: an ``nn.Linear`` over the token axis of
   ``x.transpose(1, 2)``): a ``(C, in, 1)`` token map to ``(C, out, 1)``, output token t of channel c is
   Σ_s weight[t, s]·x[c, s] + bias[t]; weight ``(out, in)``, bias ``(out,)`` when ``bias``; every channel alone, by the
@@ -199,7 +203,8 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
                   "bias_offsets": ("size", None), "bias_index": ("index_table", None),
                   "bias_table": ("bias_table", None), "window": ("pair", None), "shift": ("pad", None),
                   "talking_heads": ("bool", None), "dilated": ("bool", False), "bias_rows": ("pad", None),
-                  "talking_linear": ("bool", False), "gated_pos": ("bool", False)},
+                  "talking_linear": ("bool", False), "gated_pos": ("bool", False),
+                  "cosine": ("bool", None)},
     "linear_attention": {"heads": ("size", ...), "eps": ("eps", 1e-5), "kernel": ("kernel", "relu")},
     "token": {"index": ("index", 0), "count": ("size", 1)},
     "token_mix": {"in": ("size", ...), "out": ("size", ...), "bias": ("bool", True)},
@@ -244,8 +249,11 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
         if node.get("window"):  # each query meets the w = wh·ww keys of its window; the scores, their masked sum and
             # softmax; q, k, v and the output rolled, partitioned and transposed (an upper bound)
             w = math.prod(node["window"])
-            return 3 * h * tq * w + (h * w * w if node.get("bias_offsets") else 0) + 3 * (cq + ck + cv + out) * tq
+            cosine = h * tq * w + (cq + ck) * tq if node.get("cosine") else 0  # normalised q, k; scaled scores
+            return 3 * h * tq * w + (h * w * w if node.get("bias_offsets") else 0) + 3 * (cq + ck + cv + out) * tq + \
+                cosine
         bias = h * tq * tk if node.get("bias_offsets") else 0  # the gathered (heads, T_q, T_kv) bias
+        bias += h * tq * tk + cq * tq + ck * tk if node.get("cosine") else 0  # normalised q, k; scaled scores
         bias += 4 * h * tq * tk if node.get("talking_heads") else 0  # the mixed scores and weights, their sums
         bias += 5 * h * tq * tk + 3 * tq * tk if node.get("gated_pos") else 0  # offsets, scores, softmax, the mix
         return 2 * h * tq * tk + bias + 2 * (cq * tq + ck * tk) + 2 * (cv * tk + out * tq)

@@ -21,10 +21,7 @@ def channel_attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: li
 
     def normalised(x: str) -> str:
         xh = b.op("Reshape", [x, heads])
-        if eps is None:  # DaViT's: the scores of q and k as they are
-            return xh
-        norm = b.op("Sqrt", [b.op("ReduceSum", [b.op("Mul", [xh, xh]), b.ints(3)], keepdims=1)])
-        return b.op("Div", [xh, b.op("Max", [norm, eps])])
+        return xh if eps is None else l2_normalised(b, xh, 3, eps)  # DaViT's: the scores of q and k as they are
 
     scores = b.op("MatMul", [normalised(q), b.op("Transpose", [normalised(k)], perm=[0, 1, 3, 2])])  # (N, h, d, d)
     scale = node.get("scale")
@@ -33,6 +30,12 @@ def channel_attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: li
     weights = b.op("Softmax", [b.op("Mul", [scores, factor])], axis=-1)
     out = b.op("MatMul", [weights, b.op("Reshape", [v, heads])])
     return b.op("Reshape", [out, b.ints(0, c, *hw)])
+
+
+def l2_normalised(b: Builder, x: str, axis: int, eps: str) -> str:
+    """``F.normalize(x, dim=axis)``: x divided by max(its L2 norm along `axis`, the constant `eps`)."""
+    norm = b.op("Sqrt", [b.op("ReduceSum", [b.op("Mul", [x, x]), b.ints(axis)], keepdims=1)])
+    return b.op("Div", [x, b.op("Max", [norm, eps])])
 
 
 def fourier_pos(b: Builder, h: str, node: dict, shape: list[int]) -> str:

@@ -11,6 +11,7 @@ from edgecl.arch.attention_windows import partition, window_mask, window_of
 from edgecl.arch.gpsa_ops import grid_side, relative_offsets
 from edgecl.arch.windows import conv_window_shape
 from edgecl.graph.nodes import Builder
+from edgecl.graph.sdta_ops import l2_normalised
 
 
 def attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list[int]]) -> str:
@@ -70,16 +71,23 @@ def _attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list
     """Multi-head attention over the positions of (N, C, H, W) maps, as `edgecl.train.models.attention`: per head (a
     block of channels) softmax((scale·q)ᵀk) over the keys times v, by Reshape, Transpose, MatMul and Softmax; with
     fewer k/v heads, each one's query heads stacked along the query positions; a bias table (LeViT) is gathered by
-    its constant index and added to the scores, then a window mask (windows, 1, T, T) over a window-minor batch."""
+    its constant index and added to the scores, then a window mask (windows, 1, T, T) over a window-minor batch;
+    with ``cosine`` (Swin V2) q and k L2-normalised per head and the scores times exp(min(logit_scale, ln 100))."""
     (c, *hw), (_, *khw), cv = shapes[0], shapes[1], shapes[2][0]
     h, kv = node["heads"], node["kv_heads"]
     t, tk, d, dv = math.prod(hw), math.prod(khw), c // h, cv // kv
 
-    qh = b.op("Mul", [b.op("Transpose", [b.op("Reshape", [q, b.ints(0, h, d, t)])], perm=[0, 1, 3, 2]),
-                      b.constant(float(node["scale"]))])  # (N, h, T, d)
+    qh, kh = b.op("Reshape", [q, b.ints(0, h, d, t)]), b.op("Reshape", [k, b.ints(0, kv, d, tk)])
+    if node.get("cosine"):  # Swin V2's: q and k L2-normalised per head (kv = h)
+        eps = b.constant(1e-12)
+        qh, kh = l2_normalised(b, qh, 2, eps), l2_normalised(b, kh, 2, eps)
+    qh = b.op("Mul", [b.op("Transpose", [qh], perm=[0, 1, 3, 2]), b.constant(float(node["scale"]))])  # (N, h, T, d)
     if kv != h:
         qh = b.op("Reshape", [qh, b.ints(0, kv, h // kv * t, d)])
-    scores = b.op("MatMul", [qh, b.op("Reshape", [k, b.ints(0, kv, d, tk)])])
+    scores = b.op("MatMul", [qh, kh])
+    if node.get("cosine"):  # times each head's exp(min(logit_scale, ln 100))
+        clamped = b.op("Min", [f"{node['name']}.logit_scale", b.constant(math.log(100.0))])
+        scores = b.op("Mul", [scores, b.op("Reshape", [b.op("Exp", [clamped]), b.ints(h, 1, 1)])])
     if node.get("bias_offsets"):  # LeViT's bias: the (heads, B) table gathered by the fixed (T_q, T_kv) offsets
         index = b.constant(np.array(node["bias_index"], dtype=np.int64))
         bias = b.op("Gather", [f"{node['name']}.bias", index], axis=1)

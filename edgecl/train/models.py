@@ -54,6 +54,8 @@ def init_params(arch: Arch, n_classes: int | None = None, generator: torch.Gener
             params[f"{node['name']}.bias"].zero_()
         if node["op"] == "attention" and node.get("gated_pos"):  # timm's GPSA start: every gate at 1
             params[f"{node['name']}.gating"].fill_(1.0)
+        if node["op"] == "attention" and node.get("cosine"):  # Swin V2's start: every head's scores times 10
+            params[f"{node['name']}.logit_scale"].fill_(math.log(10))
         if node["op"] == "channel_conv":  # torch's Conv1d(1, 1, k) default: uniform within 1/√k
             bound = 1.0 / math.sqrt(node["k"])
             params[f"{node['name']}.weight"] = (torch.rand(node["k"], generator=generator) * 2 - 1) * bound
@@ -180,11 +182,13 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return h + (weight.detach() if node["frozen"] else weight).reshape(h.shape[1:])  # tokens or a map
     if op == "attention":
         bias = _gathered_bias(node, params[f"{name}.bias"]) if node.get("bias_offsets") else None
+        cosine = params[f"{name}.logit_scale"] if node.get("cosine") else None
         if window_of(node):
-            return window_attention(*ins, node, bias)
+            return window_attention(*ins, node, bias, cosine)
         talking = tuple(params[f"{name}.{k}"] for k in TALKING) if node.get("talking_heads") else None
         gated = tuple(params[f"{name}.{k}"] for k in GATED_POS) if node.get("gated_pos") else None
-        return attention(*ins, node["heads"], node["scale"], node["kv_heads"], bias, talking=talking, gated=gated)
+        return attention(*ins, node["heads"], node["scale"], node["kv_heads"], bias, talking=talking, gated=gated,
+                         cosine=cosine)
     if op == "linear_attention":
         return linear_attention(*ins, node["heads"], node["eps"], node["kernel"])
     if op == "channel_attention":
@@ -313,7 +317,7 @@ def in_windows(fn: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, wh: 
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, node: dict,
-                     bias: torch.Tensor | None) -> torch.Tensor:
+                     bias: torch.Tensor | None, cosine: torch.Tensor | None = None) -> torch.Tensor:
     """Swin's (shifted) window attention (`edgecl.arch.attention_windows`): roll by (−sh, −sw), each wh × ww window
     (side by side or dilated: `partition`) as one batch entry, `attention` with the shift's mask, the windows put
     back, roll back."""
@@ -329,7 +333,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, node: di
 
     mask = _window_mask(height, width, wh, ww, sh, sw)
     out = attention(windows(q), windows(k), windows(v), node["heads"], node["scale"], None, bias,
-                    None if mask is None else mask.to(q.device, q.dtype))
+                    None if mask is None else mask.to(q.device, q.dtype), cosine=cosine)
     c = out.shape[1]
     out = out.reshape(n, height // wh, width // ww, c, wh, ww).permute(*back).reshape(n, c, height, width)
     return torch.roll(out, (sh, sw), (2, 3)) if sh or sw else out
@@ -338,7 +342,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, node: di
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
               kv_heads: int | None = None, bias: torch.Tensor | None = None,
               mask: torch.Tensor | None = None, talking: tuple[torch.Tensor, ...] | None = None,
-              gated: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+              gated: tuple[torch.Tensor, ...] | None = None, cosine: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-head attention over the positions of (N, C, H, W) maps (tokens: (N, C, T, 1)), each head a contiguous
     block of channels, as `edgecl.graph.builder` emits it: softmax((scale·q)ᵀk) over the keys, times v. With fewer
     k/v heads (multi-query: one), the g = heads / kv_heads query heads of one k/v head are stacked along the query
@@ -346,16 +350,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, sca
     to the scores before the softmax, then `mask` (windows, T, T): the batch is N·windows, window-minor (Swin).
     `talking` (w1, b1, w2, b2), EfficientFormerV2's talking heads (kv = heads): the scores mixed across the heads by
     w1 (heads, heads) plus b1 before the softmax, its weights by w2 plus b2 after it. `gated` (pos_weight, pos_bias,
-    gating): ConViT's gated positional weights mixed in (`edgecl.train.gated_attention`)."""
+    gating): ConViT's gated positional weights mixed in (`edgecl.train.gated_attention`).
+    `cosine` (heads,), Swin V2's logit scale (kv = heads): q and k L2-normalised per head, the scores times
+    exp(min(logit_scale, ln 100)), as timm's WindowAttention computes them, before the bias."""
     n, c, t, tk = q.shape[0], q.shape[1], q.shape[2] * q.shape[3], k.shape[2] * k.shape[3]
     kv = kv_heads or heads
     d, dv = c // heads, v.shape[1] // kv
-    qh = q.reshape(n, heads, d, t).transpose(2, 3) * scale  # (N, h, T, d)
+    qh, kh = q.reshape(n, heads, d, t), k.reshape(n, kv, d, tk)  # kh: (N, kv, d, Tk)
+    if cosine is not None:  # F.normalize over each head's channels
+        qh, kh = F.normalize(qh, dim=2), F.normalize(kh, dim=2)
+    qh = qh.transpose(2, 3) * scale  # (N, h, T, d)
     if kv != heads:
         qh = qh.reshape(n, kv, heads // kv * t, d)
-    kh = k.reshape(n, kv, d, tk)  # (N, kv, d, Tk)
     vh = v.reshape(n, kv, dv, tk).transpose(2, 3)  # (N, kv, Tk, dv)
     scores = qh @ kh
+    if cosine is not None:
+        scores = scores * torch.clamp(cosine, max=math.log(100.0)).exp().reshape(heads, 1, 1)
     if bias is not None:  # the heads of one k/v head stacked as the queries are
         scores = scores + bias.reshape(kv, heads // kv * t, tk)
     if mask is not None:  # one mask per window, the same for every head
