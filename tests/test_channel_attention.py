@@ -23,7 +23,8 @@ from edgecl.arch.ops import intermediates
 from edgecl.arch.sdta_ops import fourier_grid
 from edgecl.arch.spec import node_shapes, rowless_tensors
 from edgecl.errors import UsageError
-from edgecl.train.models import channel_attention, init_params
+from edgecl.train.attention_forms import channel_attention
+from edgecl.train.models import init_params
 
 XCA = timm.models.edgenext.CrossCovarianceAttn
 Fourier = timm.models.edgenext.PositionalEncodingFourier

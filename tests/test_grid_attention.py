@@ -21,7 +21,8 @@ from edgecl.arch import from_torch, validate
 from edgecl.arch.later_fields import stored_form
 from edgecl.errors import UsageError
 from edgecl.graph.builder import build_onnx
-from edgecl.train.models import attention, forward, from_numpy
+from edgecl.train.attention_forms import attention
+from edgecl.train.models import forward, from_numpy
 
 MobileVitBlock = timm.models.mobilevit.MobileVitBlock
 maxxvit = timm.models.maxxvit

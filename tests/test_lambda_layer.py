@@ -21,7 +21,7 @@ from edgecl.arch.module_state import from_module, state_keys, state_shapes
 from edgecl.arch.ops import intermediates
 from edgecl.arch.spec import node_shapes, rowless_tensors
 from edgecl.errors import UsageError
-from edgecl.train.models import lambda_layer
+from edgecl.train.attention_forms import lambda_layer
 
 
 def _spec(heads: int = 2, dim: int = 3, dv: int = 4, r: int = 3, shape=(2, 4, 5)) -> dict:

@@ -21,7 +21,7 @@ from edgecl.arch.channels import channel_map
 from edgecl.arch.ops import intermediates
 from edgecl.arch.spec import node_shapes
 from edgecl.errors import UsageError
-from edgecl.train.models import linear_attention
+from edgecl.train.attention_forms import linear_attention
 
 LiteMLA = timm.models.efficientvit_mit.LiteMLA
 

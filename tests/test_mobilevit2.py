@@ -19,7 +19,8 @@ from edgecl.arch.later_fields import stored_form
 from edgecl.arch.ops import intermediates
 from edgecl.arch.spec import node_shapes
 from edgecl.errors import UsageError
-from edgecl.train.models import forward, from_numpy, patch_context
+from edgecl.train.attention_forms import patch_context
+from edgecl.train.models import forward, from_numpy
 
 mobilevit = timm.models.mobilevit
 
