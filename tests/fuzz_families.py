@@ -187,7 +187,7 @@ def _spec(draw) -> dict:
                                    "branch_softmax", "class_token", "pos_embed", "token", "attention", "space_to_depth",
                                    "upsample", "linear_attention", "layer_norm", "attention_pool",
                                    "channel_attention", "fourier_pos", "lambda_layer", "token_mix", "affine",
-                                   *ACTIVATIONS]))
+                                   "bicubic", *ACTIVATIONS]))
         src = draw(st.sampled_from(names))
         node = {"name": f"n{i}", "op": op, "inputs": [src]}
         dims = known.get(src, [1])
@@ -229,6 +229,8 @@ def _spec(draw) -> dict:
                 node["mode"] = draw(st.sampled_from(["reflect", "replicate", "constant", "circular", None, 1]))
         elif op == "adaptive_avgpool":
             node["size"] = draw(st.sampled_from([3, [2, 5], [7, 1], 64, 65, 0, [1, 2, 3]]))
+        elif op == "bicubic":  # CrossViT's resampling to any size: sides past 4096 or none refused
+            node["size"] = draw(st.sampled_from([3, [2, 5], [7, 1], 4097, 0, -2, [1, 2, 3], "4", 2.5]))
         elif op == "blur":
             node.update({"k": draw(st.sampled_from([2, 3, 5, 1, 17, 1000, "3"])),
                          "stride": draw(st.sampled_from([1, 2, 3, 0]))})

@@ -125,3 +125,18 @@ def tiny_nest(classes: int = 3, in_channels: int = 1, image: int = 8, pad_type: 
 
 def nest_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(tiny_nest(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
+
+
+def tiny_crossvit(classes: int = 3, in_channels: int = 1, image: int = 8, **kwargs) -> nn.Module:
+    """timm's CrossViT in small: branch 0 embeds the image in 2 × 2 patches (8 channels), branch 1 first resamples it
+    bicubically to 1.5 times its side, then 4 × 4 patches (16 channels); one multi-scale block (a ViT block per
+    branch, each class token projected to the other's width, cross attention to the other branch's tokens and back),
+    and the two class heads averaged."""
+    from timm.models.crossvit import CrossVit
+    args = dict(img_size=image, img_scale=(1.0, 1.5), patch_size=(2, 4), in_chans=in_channels, num_classes=classes,
+                embed_dim=(8, 16), depth=((1, 1, 1),), num_heads=(2, 2), mlp_ratio=(2, 2, 1))
+    return CrossVit(**{**args, **kwargs})
+
+
+def crossvit_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(tiny_crossvit(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))

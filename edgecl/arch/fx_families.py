@@ -26,6 +26,7 @@ from edgecl.arch.fx_padding import _PaddingConverter
 from edgecl.arch.fx_shuffle import _ShuffleConverter
 from edgecl.arch.fx_slices import _SliceConverter
 from edgecl.arch.fx_space_to_depth import _SpaceToDepthConverter
+from edgecl.arch.fx_stack import _StackConverter
 from edgecl.arch.fx_split_attn import _SplitAttnConverter
 from edgecl.arch.fx_swin import _SwinConverter
 from edgecl.arch.fx_tiny_vit import _TinyVitConverter
@@ -42,5 +43,5 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _TinyVitConverter, _BlurConverter, _EfficientFormerConverter, _MobileVitConverter,
                _MaxVitConverter, _EfficientVitConverter, _EfficientVitMsraConverter, _EdgeNextConverter,
                _LambdaConverter, _TokenMixConverter, _XcitConverter, _TwinsConverter, _DavitConverter,
-               _NestConverter):
+               _NestConverter, _StackConverter):
     """Every family's conversions, in one base class."""

@@ -270,7 +270,8 @@ class _Converter(Families):
     def _convert(self, node: fx.Node) -> None:
         if self.reads_grouped(node):  # inside a channel shuffle
             self.shuffle_step(node)
-        elif self.token_axis_step(node) or node.op != "call_module" and self.tokens_step(node):  # (B, C, T): Mixer
+        elif self.token_axis_step(node) or node.op != "call_module" and (self.stack_mean_step(node) or
+                                                                           self.tokens_step(node)):  # (B, C, T): Mixer
             pass
         elif node.op == "call_module":
             m = self.modules[node.target]

@@ -17,8 +17,9 @@ node (`_NormConverter.last`), as after ``permute(0, 2, 3, 1)``:
   map's H·W positions, the parameter's storage kept as ``module_shape``;
 - ``x[:, i]`` → ``token`` i then a flatten (class-token pooling); ``x.mean(dim=1)`` → ``gap`` then a flatten;
   ``x[:, n:]`` → ``token`` n of count T - n (still tokens: timm's average without the class and register tokens);
-  ``x[:, :n]`` → ``token`` 0 of count n (PiT's class tokens split off before its pooling); ``x[:, 0:]`` is ``x``.
-  Other indexing of tokens (``x[:, 1:3]``, steps) is refused by name.
+  ``x[:, :n]`` → ``token`` 0 of count n (PiT's class tokens split off before its pooling); any range ``x[:, a:b]``
+  (``x[:, 0:1, ...]``: CrossViT's class token) → ``token`` a of count b − a; ``x[:, 0:]`` is ``x``. Other indexing of
+  tokens (steps, an empty range) is refused by name.
 - ``x.transpose(1, 2)`` of tokens read only by a reshape to a map ``(B, C, H, W)`` (PiT's tokens back to its grid)
   → that ``reshape`` of the ``(C, T, 1)`` value to ``(C, H, W)``;
 - ``torch.cat((cls_tokens, x), dim=1)`` of computed tokens (PiT's class tokens after their own Linear) → each part a
@@ -213,32 +214,32 @@ class _TokenConverter:
         return True
 
     def _token_index(self, node: fx.Node, source: fx.Node) -> None:
-        """``x[:, i]`` picks token i (class-token pooling); ``x[:, 0:]`` is x."""
+        """``x[:, i]`` picks token i (class-token pooling); ``x[:, a:b]`` the tokens a to b − 1 (still tokens:
+        timm's average after the prefix, PiT's class tokens, CrossViT's class token ``x[:, 0:1, ...]``; a trailing
+        ``...`` takes every channel); ``x[:, 0:]`` is x."""
         index = node.args[1]
-        x = self._input(source, node)
+        if isinstance(index, tuple) and len(index) == 3 and index[2] is Ellipsis:
+            index = index[:2]
+        x, t = self._input(source, node), shape_of(source)[0]
         if isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None):
             i = index[1]
-            if isinstance(i, int) and 0 <= i < shape_of(source)[0]:
+            if isinstance(i, int) and 0 <= i < t:
                 picked = self._emit(node, "token", [x], f"{node.name}.token", index=i)
                 self._emit(node, "flatten", [picked])
                 return
-            if i in (slice(None), slice(0, None)):
-                self.alias[node] = x
-                self.last.add(node)
-                return
-            t = shape_of(source)[0]
-            if isinstance(i, slice) and isinstance(i.start, int) and 0 < i.start < t and i.stop is None and \
-                    i.step is None:  # the tokens after the class and register tokens (timm's avg pooling)
-                self._emit(node, "token", [x], f"{node.name}.tokens", index=i.start, count=t - i.start)
-                self.last.add(node)
-                return
-            if isinstance(i, slice) and i.start in (None, 0) and isinstance(i.stop, int) and 0 < i.stop < t and \
-                    i.step is None:  # the class tokens before the others (PiT's split around its pooling)
-                self._emit(node, "token", [x], f"{node.name}.tokens", index=0, count=i.stop)
-                self.last.add(node)
-                return
+            if isinstance(i, slice) and all(v is None or type(v) is int for v in (i.start, i.stop)) and \
+                    i.step in (None, 1):
+                start, stop, _ = i.indices(t)
+                if (start, stop) == (0, t):
+                    self.alias[node] = x
+                    self.last.add(node)
+                    return
+                if start < stop:
+                    self._emit(node, "token", [x], f"{node.name}.tokens", index=start, count=stop - start)
+                    self.last.add(node)
+                    return
         raise self.refuse(node, f"indexing tokens with {index!r}; edgecl supports x[:, i] (one token, as the class "
-                                "token's pooling), x[:, n:] (the tokens from n on) and the mean over tokens")
+                                "token's pooling), x[:, a:b] (a range of tokens, no step) and the mean over tokens")
 
     def _token_mean(self, node: fx.Node, source: fx.Node) -> None:
         """``x.mean(dim=1)``: the average token (``gap`` over the token map, then a flatten)."""

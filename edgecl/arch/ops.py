@@ -62,7 +62,11 @@ Ops (fields and defaults in `OPS`):
   "nearest": every value repeated, or "bilinear": torch's ``align_corners=False`` interpolation, ONNX Resize linear
   half_pixel, as EfficientFormerV2's strided attention up-samples, or with ``align_corners`` true (bilinear only)
   torch's ``align_corners=True`` (``nn.UpsamplingBilinear2d``), ONNX Resize linear align_corners; each channel alone,
-  its weights summing to 1, so either keeps a constant channel constant);
+  its weights summing to 1, so either keeps a constant channel constant), ``bicubic`` (torch's ``F.interpolate(x,
+  size, mode="bicubic", align_corners=False)`` to ``size`` [h, w], any ratio: CrossViT scales its input to a second
+  branch's side; cubic convolution with A = −0.75, source (i + ½)·in/out − ½, the four taps' indices clamped to the
+  map; a fixed linear map per axis whose rows sum to 1, so a constant channel stays constant; sides at most
+  `MAX_ADAPTIVE_INPUT`);
 - structure: ``add`` (residual sum of equal shapes; an input's spatial axes of size 1 broadcast, as GCNet's fused add
   of a ``(C, 1, 1)`` context over a ``(C, H, W)`` map — the channels never do), ``mul`` (broadcast product, e.g.
   squeeze-and-excitation gates), ``cat`` (channel concatenation), ``slice`` (channels ``start`` to ``stop``, of a map
@@ -176,6 +180,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "gap": {},
     "adaptive_avgpool": {"size": ("pair", ...)},
     "attention_pool": {"patch": ("pair", None)},
+    "bicubic": {"size": ("pair", ...)},
     "upsample": {"scale": ("pair", ...), "mode": ("upsample_mode", "nearest"), "align_corners": ("bool", False)},
     "pad": {"pads": ("pads", ...), "value": ("fill", 0.0), "mode": ("pad_mode", "constant")},
     "blur": {"k": ("size", ...), "stride": ("size", 2)},
@@ -230,8 +235,8 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
     most). ``attention``: the scores and their softmax (heads × T_q × T_kv each: quadratic in the positions, so a
     small spec file can ask for a huge one; `spec.validate` bounds it) and the heads' copies of q, k, v and the output
     (an upper bound); ``attention_pool``: the logits' softmax and reshaped copies of the logits and the map (an upper
-    bound); ``adaptive_avgpool``: the map averaged along its width only, (C, H, w), between its two MatMuls; a conv
-    with ``window``: its input and output, each once more in the windows' order."""
+    bound); ``adaptive_avgpool``, ``bicubic``: the map resampled along its width only, (C, H, w), between its two
+    MatMuls; a conv with ``window``: its input and output, each once more in the windows' order."""
     if node["op"] == "attention":
         (cq, *q), (ck, *k), (cv, _, _) = ins
         tq, tk, h = math.prod(q), math.prod(k), node["heads"]
@@ -336,6 +341,11 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
             raise UsageError(f"{where}: adaptive_avgpool needs a (channels, height, width) map of sides at most "
                              f"{MAX_ADAPTIVE_INPUT} and a size of at most {MAX_ADAPTIVE}, gets {x} and "
                              f"size={node['size']}")
+        return [x[0], *node["size"]]
+    if op == "bicubic":
+        if len(x) != 3 or max(*node["size"], *x[1:]) > MAX_ADAPTIVE_INPUT:
+            raise UsageError(f"{where}: bicubic needs a (channels, height, width) map and a size of sides at most "
+                             f"{MAX_ADAPTIVE_INPUT}, gets {x} and size={node['size']}")
         return [x[0], *node["size"]]
     if op == "gap":
         if len(x) != 3:

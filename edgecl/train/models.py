@@ -201,6 +201,8 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return F.avg_pool2d(h, node["k"], node["stride"], node["pad"], node["ceil_mode"], node["count_include_pad"])
     if op == "adaptive_avgpool":  # torch's own windows; ONNX multiplies by the same averages (`onnx_spatial`)
         return F.adaptive_avg_pool2d(h, node["size"])
+    if op == "bicubic":  # torch's own resampling; ONNX multiplies by the same weights (`onnx_spatial`)
+        return F.interpolate(h, size=tuple(node["size"]), mode="bicubic", align_corners=False)
     if op == "gap":
         return h.mean(dim=(2, 3), keepdim=True)
     if op == "attention_pool" and node.get("patch"):
