@@ -187,7 +187,7 @@ def _spec(draw) -> dict:
                                    "branch_softmax", "class_token", "pos_embed", "token", "attention", "space_to_depth",
                                    "upsample", "linear_attention", "layer_norm", "attention_pool",
                                    "channel_attention", "fourier_pos", "lambda_layer", "token_mix", "affine",
-                                   "bicubic", *ACTIVATIONS]))
+                                   "bicubic", "outlook_attention", *ACTIVATIONS]))
         src = draw(st.sampled_from(names))
         node = {"name": f"n{i}", "op": op, "inputs": [src]}
         dims = known.get(src, [1])
@@ -252,6 +252,11 @@ def _spec(draw) -> dict:
                 if len(dims) == 3 and draw(st.booleans()):  # the map's module storage, (1, C, H, W), or a wrong one
                     node["module_shape"] = [1, *dims] if fits else draw(st.sampled_from(
                         [[1, dims[0], dims[1] * dims[2] + 1, 1], [dims[0], *dims[1:]], [1, *dims, 1], "x"]))
+                elif len(dims) == 3 and draw(st.booleans()):  # VOLO's channels-last storage (1, H, W, C)
+                    node["channels_last"] = True if fits else draw(st.sampled_from(["yes", 1, None, False]))
+                    if fits or draw(st.booleans()):  # a wrong storage, or none (channels_last needs one)
+                        node["module_shape"] = [1, *dims[1:], dims[0]] if fits else draw(st.sampled_from(
+                            [[1, *dims], [1, dims[1], dims[2] + 1, dims[0]], [dims[1], dims[2], dims[0]]]))
                 if draw(st.booleans()):  # a constant (MAE's fixed embedding), or a hostile flag
                     node["frozen"] = draw(st.sampled_from([True, False])) if fits else draw(hostile)
             elif draw(st.booleans()):  # several tokens (register tokens), or none said (one)
@@ -311,6 +316,15 @@ def _spec(draw) -> dict:
             node["heads"] = 1 if fits else draw(st.sampled_from([0, 2, "1"]))
             node["dim"] = dims[0] if fits else draw(st.sampled_from([0, dims[0] + 1, 2.0]))
             node["r"] = draw(st.sampled_from([1, 3, 5])) if fits else draw(st.sampled_from([0, 2, 33, None]))
+        elif op == "outlook_attention":  # VOLO's: v and logits one map, so heads = C and 1 × 1 windows fit
+            node["inputs"].append(src)
+            node.update({"heads": dims[0] if fits else draw(st.sampled_from([0, dims[0] + 1, "2"])),
+                         "k": 1 if fits else draw(st.sampled_from([2, 3, 16, 0])),
+                         "scale": draw(st.sampled_from([0.5, 2.0])) if fits else draw(st.sampled_from([0, -1, "1"]))})
+            if draw(st.booleans()):
+                node["stride"] = 1 if fits else draw(st.sampled_from([2, 0]))
+            if draw(st.booleans()):
+                node["pad"] = 0 if fits else draw(st.sampled_from([1, -1, 2.0]))
         elif op == "fourier_pos":  # EdgeNeXt's sine-cosine grid of the map's shape: no tensors
             node["hidden"] = draw(st.sampled_from([1, 2, 4])) if fits else draw(st.sampled_from([0, 513, 2.0]))
             if draw(st.booleans()):

@@ -140,3 +140,20 @@ def tiny_crossvit(classes: int = 3, in_channels: int = 1, image: int = 8, **kwar
 
 def crossvit_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(tiny_crossvit(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
+
+
+def tiny_volo(classes: int = 3, in_channels: int = 1, image: int = 8, **kwargs) -> nn.Module:
+    """timm's VOLO in small, without its token-labelling aux head: a stride-4 patch embedding (conv stem) to an
+    (image / 4)² channels-last map of 8 channels, an outlooker (outlook attention: 3 × 3 windows at stride 2, 2
+    heads), two transformer blocks over the map's positions with the channels-last position embedding before the
+    second, then the class token and a class-attention block."""
+    from timm.models.volo import VOLO
+    args = dict(img_size=image, in_chans=in_channels, num_classes=classes, layers=(1, 1, 1), embed_dims=(8, 8, 8),
+                num_heads=(2, 2, 2), patch_size=4, stem_hidden_dim=4, downsamples=(False, False, False),
+                outlook_attention=(True, False, False), pooling_scale=1, mlp_ratio=2.0, post_layers=("ca",),
+                use_aux_head=False)
+    return VOLO(**{**args, **kwargs})
+
+
+def volo_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(tiny_volo(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))

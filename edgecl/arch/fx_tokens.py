@@ -14,7 +14,9 @@ node (`_NormConverter.last`), as after ``permute(0, 2, 3, 1)``:
 - ``x + param`` with a parameter of shape ``(1, T, C)`` → ``pos_embed``, ``frozen`` when the parameter has
   ``requires_grad=False`` (MAE's fixed sin-cos embedding: a constant no method trains); ``x + param`` with a
   channels-first map ``(B, C, H, W)`` and a parameter ``(1, C, H, W)`` (PiT, Visformer) → ``pos_embed`` over the
-  map's H·W positions, the parameter's storage kept as ``module_shape``;
+  map's H·W positions, the parameter's storage kept as ``module_shape`` (a channels-last map ``(B, H, W, C)`` and a
+  ``(1, H, W, C)`` parameter, VOLO's: ``channels_last`` too);
+- a channels-last map ``(B, H, W, C)`` reshaped to ``(B, H·W, C)`` (VOLO's tokens) → a ``reshape`` to ``(C, H·W, 1)``;
 - ``x[:, i]`` → ``token`` i then a flatten (class-token pooling); ``x.mean(dim=1)`` → ``gap`` then a flatten;
   ``x[:, n:]`` → ``token`` n of count T - n (still tokens: timm's average without the class and register tokens);
   ``x[:, :n]`` → ``token`` 0 of count n (PiT's class tokens split off before its pooling); any range ``x[:, a:b]``
@@ -81,6 +83,9 @@ class _TokenConverter:
             return True
         if node.target in ("reshape", "view", torch.reshape) and tokens:
             return self._tokens_to_grid(node, first)
+        if node.target in ("reshape", "view", torch.reshape) and first in self.last and \
+                len(shape_of(first) or ()) == 3:
+            return self._map_to_tokens(node, first)
         if node.target in _MEANS and first in self.last:
             self._last_map_mean(node, first)
             return True
@@ -121,6 +126,15 @@ class _TokenConverter:
         if shape is None or len(shape) != 3 or shape[2] != ch or shape[0] * shape[1] != tokens:
             return False
         self._emit(node, "reshape", [self._input(source, node)], shape=[ch, shape[0], shape[1]])
+        self.last.add(node)
+        return True
+
+    def _map_to_tokens(self, node: fx.Node, source: fx.Node) -> bool:
+        """A channels-last map (B, H, W, C) viewed as its H·W tokens (B, H·W, C), row by row (VOLO)."""
+        (h, w, ch), shape = shape_of(source), shape_of(node)
+        if shape != [h * w, ch]:
+            return False
+        self._emit(node, "reshape", [self._input(source, node)], shape=[ch, h * w, 1])
         self.last.add(node)
         return True
 
@@ -192,7 +206,7 @@ class _TokenConverter:
             a, b = b, a
         shape = shape_of(a)
         tokens = a in self.last and shape is not None and len(shape) == 2
-        feature_map = a not in self.last and shape is not None and len(shape) == 3
+        feature_map = shape is not None and len(shape) == 3  # channels-first, or channels-last (VOLO's)
         if b not in self.attrs or not tokens and not feature_map:
             return False
         path = self.attrs[b]
@@ -206,10 +220,12 @@ class _TokenConverter:
         fields: dict[str, Any] = {"frozen": True} if not p.requires_grad else {}  # MAE's fixed sin-cos: a constant
         if tokens:
             fields.update(ch=shape[1], tokens=shape[0])
+        elif a in self.last:  # a channels-last map (B, H, W, C) and its (1, H, W, C) embedding (VOLO)
+            fields.update(ch=shape[2], tokens=shape[0] * shape[1], module_shape=list(p.shape), channels_last=True)
         else:  # one vector per position of the map; the module keeps it channels-first
             fields.update(ch=shape[0], tokens=shape[1] * shape[2], module_shape=list(p.shape))
         self._emit(node, "pos_embed", [self._input(a, node)], path, **fields)
-        if tokens:
+        if a in self.last:
             self.last.add(node)
         return True
 

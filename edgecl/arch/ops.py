@@ -87,7 +87,7 @@ Ops (fields and defaults in `OPS`):
   ``(ch,)`` for one, ``(ch, tokens)`` for several, which the module stores ``(1, tokens, ch)``), ``pos_embed``
   (weight ``(ch, tokens)``: added to the tokens; its module stores it ``(1, tokens, ch)``; or added to a feature map
   ``(ch, H, W)`` of H·W = ``tokens`` positions, row-major, as PiT and Visformer add theirs, whose module stores it
-  ``(1, ch, H, W)``: ``module_shape``; ``frozen``: a constant, MAE's fixed sin-cos embedding, a parameter with
+  ``(1, ch, H, W)``: ``module_shape``, or with ``channels_last`` ``(1, H, W, ch)``, VOLO's; ``frozen``: a constant, MAE's fixed sin-cos embedding, a parameter with
   ``requires_grad=False``: no method trains it and an artifact stores it once, `spec.frozen_tensors`), ``token``
   (``count`` tokens from ``index``, as ``(C, count, 1)``: class-token pooling, or the tokens after the class and
   register tokens that a ViT's average pooling reads);
@@ -130,6 +130,8 @@ Ops (fields and defaults in `OPS`):
 - EdgeNeXt's ``channel_attention`` (XCA: attention among a head's channels, over the positions) and ``fourier_pos``
   (its sine–cosine position grid, a pure function of the map's shape): `edgecl.arch.sdta_ops`.
 - LambdaNetworks' ``lambda_layer`` (content and local position lambdas, timm's LambdaLayer): `edgecl.arch.lambda_ops`.
+- VOLO's ``outlook_attention`` (attention within each k × k window, its weights predicted per window):
+  `edgecl.arch.outlook_ops`.
 
 """
 from __future__ import annotations
@@ -140,6 +142,7 @@ from typing import Any
 import numpy as np
 
 from edgecl.arch.lambda_ops import lambda_intermediates, lambda_shape
+from edgecl.arch.outlook_ops import OUTLOOK_FIELDS, outlook_intermediates, outlook_shape
 from edgecl.arch.sdta_ops import SDTA_OPS, sdta_intermediates, sdta_shape
 from edgecl.arch.token_shapes import attention_shape, token_shape
 from edgecl.arch.windows import check_pool_windows, conv_window_shape, window_length
@@ -195,7 +198,8 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "flatten": {},
     "reshape": {"shape": ("shape", ...)},
     "class_token": {"ch": ("size", ...), "tokens": ("size", 1)},
-    "pos_embed": {"ch": ("size", ...), "tokens": ("size", ...), "frozen": ("bool", False), "block": ("size", None)},
+    "pos_embed": {"ch": ("size", ...), "tokens": ("size", ...), "frozen": ("bool", False), "block": ("size", None),
+                  "channels_last": ("bool", False)},
     "attention": {"heads": ("size", ...), "scale": ("number", ...), "kv_heads": ("size", None),
                   "bias_offsets": ("size", None), "bias_index": ("index_table", None),
                   "bias_table": ("bias_table", None), "window": ("pair", None), "shift": ("pad", None),
@@ -207,6 +211,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
                           "scale": ("number", None)},
     "fourier_pos": {"hidden": ("size", ...), "temperature": ("number", 10000.0)},
     "lambda_layer": {"heads": ("size", ...), "dim": ("size", ...), "r": ("size", ...)},
+    "outlook_attention": OUTLOOK_FIELDS,
 }
 OPS["gelu"] = {"approximate": ("approximate", "none")}
 OPS["leaky_relu"] = {"slope": ("number", 0.01)}  # torch's negative_slope
@@ -257,6 +262,8 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
         return sdta_intermediates(node, ins)
     if node["op"] == "lambda_layer":
         return lambda_intermediates(node, ins)
+    if node["op"] == "outlook_attention":
+        return outlook_intermediates(node, ins)
     if node["op"] == "attention_pool":  # with patches: the map and logits transposed, their product, the pool
         return 2 * math.prod(ins[1]) + (3 if node.get("patch") else 1) * math.prod(ins[0])
     if node["op"] == "layer_norm" and node.get("over") == "map":  # its mean, centred map, square, normalised map
@@ -324,6 +331,8 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
         return sdta_shape(node, ins, where)
     if op == "lambda_layer":
         return lambda_shape(node, ins, where)
+    if op == "outlook_attention":
+        return outlook_shape(node, ins, where)
     if op in (*TOKEN_TENSOR_OPS, "token", "token_mix"):
         return token_shape(node, ins, where)
     if op == "shuffle":

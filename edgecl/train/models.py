@@ -17,6 +17,7 @@ from edgecl.arch.attention_windows import partition, window_mask, window_of
 from edgecl.arch.op_rules import TALKING, has_gain, is_standardized
 from edgecl.arch.ops import blur_filter
 from edgecl.arch.sdta_ops import fourier_grid
+from edgecl.train.outlook import outlook_attention
 from edgecl.train import distributed
 
 Params = dict[str, torch.Tensor]
@@ -188,6 +189,8 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
                                  node.get("normalize", True), node["heads"])
     if op == "lambda_layer":
         return lambda_layer(*ins, node["heads"], params[f"{name}.weight"], params[f"{name}.bias"])
+    if op == "outlook_attention":
+        return outlook_attention(*ins, node)
     if op == "fourier_pos":  # a constant of the map's shape, the same in every sample (`edgecl.arch.sdta_ops`)
         grid = torch.from_numpy(fourier_grid(node["hidden"], node["temperature"], *h.shape[2:])).to(h)
         return grid.unsqueeze(0).expand(h.shape[0], -1, -1, -1)
