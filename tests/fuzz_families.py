@@ -249,10 +249,17 @@ def _spec(draw) -> dict:
             if op == "pos_embed":
                 # tokens (C, T, 1) or a feature map's H·W positions (PiT, Visformer)
                 node["tokens"] = (int(np.prod(dims[1:])) if len(dims) == 3 else 1) if fits else draw(hostile)
-                if len(dims) == 3 and draw(st.booleans()):  # the map's module storage, (1, C, H, W), or a wrong one
+                storage = draw(st.sampled_from(["map", "tile", "last", None])) if len(dims) == 3 else None
+                if storage == "map":  # the map's module storage, (1, C, H, W), or a wrong one
                     node["module_shape"] = [1, *dims] if fits else draw(st.sampled_from(
                         [[1, dims[0], dims[1] * dims[2] + 1, 1], [dims[0], *dims[1:]], [1, *dims, 1], "x"]))
-                elif len(dims) == 3 and draw(st.booleans()):  # VOLO's channels-last storage (1, H, W, C)
+                elif storage == "tile":  # TNT's: one embedding for each window of the map
+                    tile = [draw(st.sampled_from([d for d in range(1, n + 1) if n % d == 0])) for n in dims[1:]]
+                    node["tile"] = tile if fits else draw(st.sampled_from([[dims[1] + 1, 1], 0, "2", [2, 2, 2]]))
+                    node["tokens"] = tile[0] * tile[1]
+                    if fits or draw(st.booleans()):  # its storage (1, C, wh, ww), or none (tile needs one)
+                        node["module_shape"] = [1, dims[0], *tile]
+                elif storage == "last":  # VOLO's channels-last storage (1, H, W, C)
                     node["channels_last"] = True if fits else draw(st.sampled_from(["yes", 1, None, False]))
                     if fits or draw(st.booleans()):  # a wrong storage, or none (channels_last needs one)
                         node["module_shape"] = [1, *dims[1:], dims[0]] if fits else draw(st.sampled_from(

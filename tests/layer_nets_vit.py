@@ -157,3 +157,17 @@ def tiny_volo(classes: int = 3, in_channels: int = 1, image: int = 8, **kwargs) 
 
 def volo_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(tiny_volo(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
+
+
+def tiny_tnt(classes: int = 3, in_channels: int = 1, image: int = 8, **kwargs) -> nn.Module:
+    """timm's TNT in small: 4 × 4 patches, each embedded by a stride-2 conv into 2 × 2 pixels of 4 channels (a
+    windowed conv on the image, its pixel position embedding tiled over the windows), two blocks of inner attention
+    among each patch's pixels (2 heads) and outer attention among the 16-channel patch tokens (2 heads)."""
+    from timm.models.tnt import TNT
+    args = dict(img_size=image, patch_size=4, in_chans=in_channels, num_classes=classes, embed_dim=16, inner_dim=4,
+                depth=2, num_heads_inner=2, num_heads_outer=2, mlp_ratio=2.0, first_stride=2)
+    return TNT(**{**args, **kwargs})
+
+
+def tnt_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(tiny_tnt(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))

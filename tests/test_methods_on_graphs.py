@@ -28,7 +28,9 @@ zero-padded map, keys and values of the map reduced by a strided conv), tiny_dav
 zero-padded map, channel attention kᵀv applied to q), tiny_nest (NesT: window attention over its blocks, a
 block-ordered position embedding, a ConvPool), tiny_crossvit (CrossViT: two branches, one of the bicubically
 resampled input, class tokens attending to the other branch's tokens, two heads averaged), tiny_volo (VOLO: outlook
-attention, attention over a channels-last map, its channels-last position embedding, class attention) and TinyViT
+attention, attention over a channels-last map, its channels-last position embedding, class attention), tiny_tnt
+(TNT: a windowed conv pixel embedding, a tiled pixel position embedding, inner window attention, pixels to patch
+tokens by space-to-depth) and TinyViT
 with register tokens, DeiT's distillation token (two averaged heads) and a
 frozen position embedding: two real digit tasks each, then what the method promises about the first task, the deployed
 runtime against the training evaluation, and the exported ONNX against the runtime."""
@@ -58,7 +60,7 @@ from layer_nets_meta import metaformer_spec
 from layer_nets_mixer import gmlp_spec, mambaout_spec, mixer_spec, resmlp_spec
 from layer_nets_nf import group_norm_spec, nf_spec, std_spec
 from layer_nets_vit import (crossvit_spec, davit_spec, efficientvit_msra_spec, efficientvit_msra_windows_spec,
-                            fastvit_spec, nest_spec, pit_spec, twins_spec, volo_spec)
+                            fastvit_spec, nest_spec, pit_spec, tnt_spec, twins_spec, volo_spec)
 from neck_nets import fpn_spec
 from linear_nets import edgenext_spec, efficientvit_spec, lambda_spec, mobilevit2_spec
 from xcit_nets import xcit_spec
@@ -79,12 +81,12 @@ ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8
          "nf": nf_spec, "lambda": lambda_spec, "std": std_spec, "gn": group_norm_spec, "meta": metaformer_spec,
          "xcit": xcit_spec, "mixer": mixer_spec, "resmlp": resmlp_spec, "gmlp": gmlp_spec, "mambaout": mambaout_spec,
          "twins": twins_spec, "davit": davit_spec, "nest": nest_spec, "crossvit": crossvit_spec,
-         "volo": volo_spec}
+         "volo": volo_spec, "tnt": tnt_spec}
 GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgnet", "split", "vit", "gc", "s2d", "mnv4",
           "vit_tokens", "levit", "blur", "swin", "tiny_vit", "map_embed", "efficientformer", "mobilevit", "maxvit",
           "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext",
           "efficientvit_msra", "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta", "xcit", "mixer",
-          "resmlp", "gmlp", "mambaout", "twins", "davit", "nest", "crossvit", "volo"]
+          "resmlp", "gmlp", "mambaout", "twins", "davit", "nest", "crossvit", "volo", "tnt"]
 
 
 @pytest.fixture(scope="module")

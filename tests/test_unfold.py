@@ -91,7 +91,7 @@ def test_a_channels_last_embedding_needs_its_module_storage():
     spec = {"name": "e", "input_shape": [2, 3, 4], "nodes": [
         {"name": "pos", "op": "pos_embed", "inputs": ["input"], "ch": 2, "tokens": 12, "channels_last": True},
         {"name": "f", "op": "flatten", "inputs": ["pos"]}]}
-    with pytest.raises(UsageError, match="channels_last needs a module_shape"):
+    with pytest.raises(UsageError, match="needs a module_shape"):
         validate(spec)
     spec["nodes"][0]["module_shape"] = [1, 2, 3, 4]  # channels first: not what channels_last says
     with pytest.raises(UsageError, match=r"must be \(1, H, W, 2\)"):

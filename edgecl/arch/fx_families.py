@@ -32,6 +32,7 @@ from edgecl.arch.fx_swin import _SwinConverter
 from edgecl.arch.fx_tiny_vit import _TinyVitConverter
 from edgecl.arch.fx_token_mix import _TokenMixConverter
 from edgecl.arch.fx_tokens import _TokenConverter
+from edgecl.arch.fx_tnt import _TntConverter
 from edgecl.arch.fx_twins import _TwinsConverter
 from edgecl.arch.fx_volo import _VoloConverter
 from edgecl.arch.fx_xcit import _XcitConverter
@@ -44,5 +45,5 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _TinyVitConverter, _BlurConverter, _EfficientFormerConverter, _MobileVitConverter,
                _MaxVitConverter, _EfficientVitConverter, _EfficientVitMsraConverter, _EdgeNextConverter,
                _LambdaConverter, _TokenMixConverter, _XcitConverter, _TwinsConverter, _DavitConverter,
-               _NestConverter, _StackConverter, _VoloConverter):
+               _NestConverter, _StackConverter, _VoloConverter, _TntConverter):
     """Every family's conversions, in one base class."""

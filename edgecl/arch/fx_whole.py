@@ -25,6 +25,7 @@ from edgecl.arch.fx_space_to_depth import is_space_to_depth
 from edgecl.arch.fx_split_attn import is_split_attention
 from edgecl.arch.fx_swin import is_swin
 from edgecl.arch.fx_tiny_vit import is_tiny_vit_block
+from edgecl.arch.fx_tnt import is_pixel_embed, is_tnt_block
 from edgecl.arch.fx_twins import is_twins_attention
 from edgecl.arch.fx_volo import is_outlook, is_volo_attention
 from edgecl.arch.fx_xcit import is_class_attn, is_xcit_lpi, is_xcit_pos, is_xcit_xca
@@ -40,7 +41,8 @@ WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention,
          (is_lambda_layer, "lambda_layer"), (is_xcit_xca, "xcit_xca"), (is_xcit_lpi, "xcit_lpi"),
          (is_xcit_pos, "xcit_pos"), (is_class_attn, "class_attn"), (is_twins_attention, "twins_attention"),
          (is_davit_spatial, "davit_spatial"), (is_davit_channel, "davit_channel"), (is_nest_level, "nest_level"),
-         (is_outlook, "outlook"), (is_volo_attention, "volo_attention"))
+         (is_outlook, "outlook"), (is_volo_attention, "volo_attention"), (is_pixel_embed, "pixel_embed"),
+         (is_tnt_block, "tnt_block"))
 # may read channels-last values
 ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin, is_tiny_vit_block, is_maxvit, is_xcit_xca, is_xcit_lpi,
              is_class_attn, is_twins_attention, is_davit_channel, is_outlook, is_volo_attention)

@@ -87,7 +87,9 @@ Ops (fields and defaults in `OPS`):
   ``(ch,)`` for one, ``(ch, tokens)`` for several, which the module stores ``(1, tokens, ch)``), ``pos_embed``
   (weight ``(ch, tokens)``: added to the tokens; its module stores it ``(1, tokens, ch)``; or added to a feature map
   ``(ch, H, W)`` of H·W = ``tokens`` positions, row-major, as PiT and Visformer add theirs, whose module stores it
-  ``(1, ch, H, W)``: ``module_shape``, or with ``channels_last`` ``(1, H, W, ch)``, VOLO's; ``frozen``: a constant, MAE's fixed sin-cos embedding, a parameter with
+  ``(1, ch, H, W)``: ``module_shape``, or with ``channels_last`` ``(1, H, W, ch)``, VOLO's; with ``tile`` [wh, ww] one
+  embedding of ``tokens`` = wh·ww positions added to every wh × ww window of the map, TNT's pixel embedding;
+  ``frozen``: a constant, MAE's fixed sin-cos embedding, a parameter with
   ``requires_grad=False``: no method trains it and an artifact stores it once, `spec.frozen_tensors`), ``token``
   (``count`` tokens from ``index``, as ``(C, count, 1)``: class-token pooling, or the tokens after the class and
   register tokens that a ViT's average pooling reads);
@@ -199,7 +201,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "reshape": {"shape": ("shape", ...)},
     "class_token": {"ch": ("size", ...), "tokens": ("size", 1)},
     "pos_embed": {"ch": ("size", ...), "tokens": ("size", ...), "frozen": ("bool", False), "block": ("size", None),
-                  "channels_last": ("bool", False)},
+                  "channels_last": ("bool", False), "tile": ("pair", None)},
     "attention": {"heads": ("size", ...), "scale": ("number", ...), "kv_heads": ("size", None),
                   "bias_offsets": ("size", None), "bias_index": ("index_table", None),
                   "bias_table": ("bias_table", None), "window": ("pair", None), "shift": ("pad", None),

@@ -174,7 +174,11 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return torch.cat([token, h], dim=2)
     if op == "pos_embed":  # a frozen one is a constant: no gradient reaches it, whatever a method steps
         weight = params[f"{name}.weight"]
-        return h + (weight.detach() if node["frozen"] else weight).reshape(h.shape[1:])  # tokens or a map
+        weight = weight.detach() if node["frozen"] else weight
+        if node.get("tile"):  # TNT's: every window of the map gets the one embedding
+            (wh, ww), (height, width) = node["tile"], h.shape[2:]
+            return h + weight.reshape(node["ch"], wh, ww).repeat(1, height // wh, width // ww)
+        return h + weight.reshape(h.shape[1:])  # tokens or a map
     if op == "attention":
         bias = _gathered_bias(node, params[f"{name}.bias"]) if node.get("bias_offsets") else None
         if window_of(node):
