@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from torch import nn
 
 from layer_nets_vit import tiny_tnt
-from torch_nets import check_parity, randomised_all, timm
+from torch_nets import assert_refused, check_parity, randomised_all, timm
 
 from edgecl.arch import from_torch
 from edgecl.arch.fx_import import tensors_of
@@ -50,8 +51,10 @@ def test_tnt_tensors_round_trip():
     assert stored_form(validate(spec))["nodes"] == stored_form(spec)["nodes"]
 
 
-@pytest.mark.parametrize("fields, words", [({"tile": [2, 2]}, None), ({"tile": [3, 2], "tokens": 6, "module_shape": [1, 3, 3, 2]}, "tile"),
-                                           ({"tile": [2, 2], "tokens": 8, "module_shape": [1, 3, 2, 4]}, "tokens = 2·2"),
+@pytest.mark.parametrize("fields, words", [({"tile": [2, 2]}, None),
+                                           ({"tile": [3, 2], "tokens": 6, "module_shape": [1, 3, 3, 2]}, "tile"),
+                                           ({"tile": [2, 2], "tokens": 8, "module_shape": [1, 3, 2, 4]},
+                                            "tokens = 2·2"),
                                            ({"tile": [2, 2], "module_shape": None}, "needs a module_shape"),
                                            ({"tile": [2, 2], "channels_last": True,
                                              "module_shape": [1, 2, 2, 3]}, "no block or channels_last")])
@@ -65,6 +68,15 @@ def test_a_tiled_embedding_is_checked(fields, words):
         return
     with pytest.raises(UsageError, match=words):
         validate(spec)
+
+
+def test_other_layers_in_tnts_places_are_refused_by_name():
+    module = tiny_tnt()
+    module.pixel_embed.unfold = nn.Unfold(kernel_size=2, stride=2)  # not the model's 4 × 4 patches
+    assert_refused(module, "TNT PixelEmbed at 'pixel_embed'", "Unfold must cut the image into its square patches")
+    module = tiny_tnt()
+    module.blocks[1].attn_out = nn.Identity()
+    assert_refused(module, "TNT Block at 'blocks.1'", "edgecl converts TNT's Attention there")
 
 
 @pytest.mark.slow

@@ -106,6 +106,13 @@ def test_the_token_labelling_aux_head_is_refused_by_name():
     assert_refused(tiny_volo(use_aux_head=True), "aux_head", "use_aux_head=False", "volo.py:")
 
 
+def test_another_pool_in_an_outlook_attention_is_refused_by_name():
+    module = tiny_volo(image=16)
+    module.network[0][0].attn.pool = torch.nn.MaxPool2d(2, 2, ceil_mode=True)  # runs, but is not timm's average
+    assert_refused(module, "VOLO OutlookAttention at 'network.0.0.attn'", "windows at the pooled positions",
+                   input_shape=(1, 16, 16))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("side", [224, 64])
 def test_volo_d1_224_parity(side):

@@ -26,6 +26,7 @@ from torch import fx, nn
 from edgecl.arch.fx_attention2d import pointwise
 from edgecl.arch.fx_calls import location, pair, shape_of
 from edgecl.arch.fx_swin import check_drops, linear
+from edgecl.arch.windows import window_length
 from edgecl.errors import UsageError
 
 _TNT = "timm.models.tnt"
@@ -121,9 +122,12 @@ class _TntConverter:
         self._emit(node, "pos_embed", [h], pos_path, ch=conv.out_channels, tokens=p * p, tile=[p, p],
                    module_shape=[1, conv.out_channels, p, p], **frozen)
         grid = [conv.out_channels, m.grid_size[0] * p, m.grid_size[1] * p]
-        if m.legacy and shape_of(node.args[0]) is not None and \
-                [conv.out_channels, *(-(-d // conv.stride[0]) for d in image[1:])] != grid:
-            raise UsageError(f"{self.name}: {where}: its conv's map is not the patches' {grid[1:]} pixels")
+        padding = conv.padding if isinstance(conv.padding, tuple) else (-1, -1)  # 'same': no patches' map
+        conv_map = [window_length(d, conv.kernel_size[a], conv.stride[a], padding[a], conv.dilation[a], False)
+                    for a, d in enumerate(image[1:])]
+        if m.legacy and conv_map != grid[1:]:  # the unfold would drop the rows and columns past whole patches
+            raise UsageError(f"{self.name}: {where}: its conv's {conv_map} map is not the patches' {grid[1:]} "
+                             "pixels")
         self._tnt_state()[0][node] = (p, grid)
 
     def _per_patch(self, node: fx.Node, pixels: str, p: int, grid: list[int], want: list[int] | None) -> str:

@@ -1,6 +1,6 @@
 """ONNX forms of the parameter-free ops that resample a map along its spatial axes (``pad``, ``blur``,
-``upsample``, ``adaptive_avgpool``, ``bicubic``), for `edgecl.graph.builder`: each channel alone, with fixed numbers only, exactly as
-`edgecl.train.models` runs them in torch."""
+``upsample``, ``adaptive_avgpool``, ``bicubic``), for `edgecl.graph.builder`: each channel alone, with fixed numbers
+only, exactly as `edgecl.train.models` runs them in torch."""
 from __future__ import annotations
 
 import math
