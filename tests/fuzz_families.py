@@ -187,7 +187,7 @@ def _spec(draw) -> dict:
                                    "branch_softmax", "class_token", "pos_embed", "token", "attention", "space_to_depth",
                                    "upsample", "linear_attention", "layer_norm", "attention_pool",
                                    "channel_attention", "fourier_pos", "lambda_layer", "token_mix", "affine",
-                                   *ACTIVATIONS]))
+                                   "bicubic", "outlook_attention", *ACTIVATIONS]))
         src = draw(st.sampled_from(names))
         node = {"name": f"n{i}", "op": op, "inputs": [src]}
         dims = known.get(src, [1])
@@ -229,6 +229,8 @@ def _spec(draw) -> dict:
                 node["mode"] = draw(st.sampled_from(["reflect", "replicate", "constant", "circular", None, 1]))
         elif op == "adaptive_avgpool":
             node["size"] = draw(st.sampled_from([3, [2, 5], [7, 1], 64, 65, 0, [1, 2, 3]]))
+        elif op == "bicubic":  # CrossViT's resampling to any size: sides past 4096 or none refused
+            node["size"] = draw(st.sampled_from([3, [2, 5], [7, 1], 4097, 0, -2, [1, 2, 3], "4", 2.5]))
         elif op == "blur":
             node.update({"k": draw(st.sampled_from([2, 3, 5, 1, 17, 1000, "3"])),
                          "stride": draw(st.sampled_from([1, 2, 3, 0]))})
@@ -247,9 +249,21 @@ def _spec(draw) -> dict:
             if op == "pos_embed":
                 # tokens (C, T, 1) or a feature map's H·W positions (PiT, Visformer)
                 node["tokens"] = (int(np.prod(dims[1:])) if len(dims) == 3 else 1) if fits else draw(hostile)
-                if len(dims) == 3 and draw(st.booleans()):  # the map's module storage, (1, C, H, W), or a wrong one
+                storage = draw(st.sampled_from(["map", "tile", "last", None])) if len(dims) == 3 else None
+                if storage == "map":  # the map's module storage, (1, C, H, W), or a wrong one
                     node["module_shape"] = [1, *dims] if fits else draw(st.sampled_from(
                         [[1, dims[0], dims[1] * dims[2] + 1, 1], [dims[0], *dims[1:]], [1, *dims, 1], "x"]))
+                elif storage == "tile":  # TNT's: one embedding for each window of the map
+                    tile = [draw(st.sampled_from([d for d in range(1, n + 1) if n % d == 0])) for n in dims[1:]]
+                    node["tile"] = tile if fits else draw(st.sampled_from([[dims[1] + 1, 1], 0, "2", [2, 2, 2]]))
+                    node["tokens"] = tile[0] * tile[1]
+                    if fits or draw(st.booleans()):  # its storage (1, C, wh, ww), or none (tile needs one)
+                        node["module_shape"] = [1, dims[0], *tile]
+                elif storage == "last":  # VOLO's channels-last storage (1, H, W, C)
+                    node["channels_last"] = True if fits else draw(st.sampled_from(["yes", 1, None, False]))
+                    if fits or draw(st.booleans()):  # a wrong storage, or none (channels_last needs one)
+                        node["module_shape"] = [1, *dims[1:], dims[0]] if fits else draw(st.sampled_from(
+                            [[1, *dims], [1, dims[1], dims[2] + 1, dims[0]], [dims[1], dims[2], dims[0]]]))
                 if draw(st.booleans()):  # a constant (MAE's fixed embedding), or a hostile flag
                     node["frozen"] = draw(st.sampled_from([True, False])) if fits else draw(hostile)
                 if len(dims) == 3 and "module_shape" not in node and draw(st.booleans()):  # NesT's, block by block
@@ -321,6 +335,15 @@ def _spec(draw) -> dict:
             node["heads"] = 1 if fits else draw(st.sampled_from([0, 2, "1"]))
             node["dim"] = dims[0] if fits else draw(st.sampled_from([0, dims[0] + 1, 2.0]))
             node["r"] = draw(st.sampled_from([1, 3, 5])) if fits else draw(st.sampled_from([0, 2, 33, None]))
+        elif op == "outlook_attention":  # VOLO's: v and logits one map, so heads = C and 1 × 1 windows fit
+            node["inputs"].append(src)
+            node.update({"heads": dims[0] if fits else draw(st.sampled_from([0, dims[0] + 1, "2"])),
+                         "k": 1 if fits else draw(st.sampled_from([2, 3, 16, 0])),
+                         "scale": draw(st.sampled_from([0.5, 2.0])) if fits else draw(st.sampled_from([0, -1, "1"]))})
+            if draw(st.booleans()):
+                node["stride"] = 1 if fits else draw(st.sampled_from([2, 0]))
+            if draw(st.booleans()):
+                node["pad"] = 0 if fits else draw(st.sampled_from([1, -1, 2.0]))
         elif op == "fourier_pos":  # EdgeNeXt's sine-cosine grid of the map's shape: no tensors
             node["hidden"] = draw(st.sampled_from([1, 2, 4])) if fits else draw(st.sampled_from([0, 513, 2.0]))
             if draw(st.booleans()):

@@ -203,3 +203,49 @@ def tiny_gcvit(classes: int = 3, in_channels: int = 1, image: int = 8, **kwargs)
 
 def gcvit_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(tiny_gcvit(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
+
+
+def tiny_crossvit(classes: int = 3, in_channels: int = 1, image: int = 8, **kwargs) -> nn.Module:
+    """timm's CrossViT in small: branch 0 embeds the image in 2 × 2 patches (8 channels), branch 1 first resamples it
+    bicubically to 1.5 times its side, then 4 × 4 patches (16 channels); one multi-scale block (a ViT block per
+    branch, each class token projected to the other's width, cross attention to the other branch's tokens and back),
+    and the two class heads averaged."""
+    from timm.models.crossvit import CrossVit
+    args = dict(img_size=image, img_scale=(1.0, 1.5), patch_size=(2, 4), in_chans=in_channels, num_classes=classes,
+                embed_dim=(8, 16), depth=((1, 1, 1),), num_heads=(2, 2), mlp_ratio=(2, 2, 1))
+    return CrossVit(**{**args, **kwargs})
+
+
+def crossvit_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(tiny_crossvit(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
+
+
+def tiny_volo(classes: int = 3, in_channels: int = 1, image: int = 8, **kwargs) -> nn.Module:
+    """timm's VOLO in small, without its token-labelling aux head: a stride-4 patch embedding (conv stem) to an
+    (image / 4)² channels-last map of 8 channels, an outlooker (outlook attention: 3 × 3 windows at stride 2, 2
+    heads), two transformer blocks over the map's positions with the channels-last position embedding before the
+    second, then the class token and a class-attention block."""
+    from timm.models.volo import VOLO
+    args = dict(img_size=image, in_chans=in_channels, num_classes=classes, layers=(1, 1, 1), embed_dims=(8, 8, 8),
+                num_heads=(2, 2, 2), patch_size=4, stem_hidden_dim=4, downsamples=(False, False, False),
+                outlook_attention=(True, False, False), pooling_scale=1, mlp_ratio=2.0, post_layers=("ca",),
+                use_aux_head=False)
+    return VOLO(**{**args, **kwargs})
+
+
+def volo_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(tiny_volo(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
+
+
+def tiny_tnt(classes: int = 3, in_channels: int = 1, image: int = 8, **kwargs) -> nn.Module:
+    """timm's TNT in small: 4 × 4 patches, each embedded by a stride-2 conv into 2 × 2 pixels of 4 channels (a
+    windowed conv on the image, its pixel position embedding tiled over the windows), two blocks of inner attention
+    among each patch's pixels (2 heads) and outer attention among the 16-channel patch tokens (2 heads)."""
+    from timm.models.tnt import TNT
+    args = dict(img_size=image, patch_size=4, in_chans=in_channels, num_classes=classes, embed_dim=16, inner_dim=4,
+                depth=2, num_heads_inner=2, num_heads_outer=2, mlp_ratio=2.0, first_stride=2)
+    return TNT(**{**args, **kwargs})
+
+
+def tnt_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(tiny_tnt(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))

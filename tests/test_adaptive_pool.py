@@ -12,7 +12,7 @@ from torch import nn
 from torch_nets import check_parity, randomise_batchnorm
 
 from edgecl.arch import channel_map, from_torch, node_by_name, validate
-from edgecl.arch.ops import intermediates
+from edgecl.arch.op_shapes import intermediates
 from edgecl.errors import UsageError
 from edgecl.graph.compact import compact_task
 from edgecl.graph.constants import channel_constants

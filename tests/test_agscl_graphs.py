@@ -25,8 +25,8 @@ from layer_nets_meta import TinyMetaFormer
 from layer_nets_mixer import TinyGMLP, TinyMambaOut, TinyMixer, TinyResMLP
 from layer_nets_nf import TinyGroupNormNet, TinyNFNet, TinyStdNet
 from layer_nets_cait import TinyCoatStage, tiny_cait, tiny_convit
-from layer_nets_vit import (TinyEfficientViTMsra, TinyFastViT, TinyNextViT, TinySHViT, tiny_davit, tiny_gcvit,
-                             tiny_nest, tiny_pit, tiny_pvt, tiny_twins)
+from layer_nets_vit import (TinyEfficientViTMsra, TinyFastViT, TinyNextViT, TinySHViT, tiny_crossvit, tiny_davit,
+                             tiny_gcvit, tiny_nest, tiny_pit, tiny_pvt, tiny_tnt, tiny_twins, tiny_volo)
 from linear_nets import TinyEdgeNeXt, TinyEfficientViT, TinyLambdaNet, TinyMobileViTv2
 from xcit_nets import TinyXCiT
 from torch_nets import MODELS, GhostSplit, ResCat, TinyConvNeXt
@@ -104,8 +104,9 @@ def _arch(name: str) -> dict:
               "gcvit": lambda: tiny_gcvit(in_channels=3),
               "cait": lambda: tiny_cait(in_channels=3), "convit": lambda: tiny_convit(in_channels=3),
               "coat": lambda: TinyCoatStage(in_channels=3),
-              "swinv2": lambda: TinySwinV2(in_channels=3, width=16)}
-
+              "swinv2": lambda: TinySwinV2(in_channels=3, width=16),
+              "crossvit": lambda: tiny_crossvit(in_channels=3), "volo": lambda: tiny_volo(in_channels=3),
+              "tnt": lambda: tiny_tnt(in_channels=3)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
@@ -113,7 +114,7 @@ _CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4"
            "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra",
            "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta", "xcit", "mixer", "resmlp", "gmlp",
            "mambaout", "twins", "davit", "nest", "pvt", "nextvit", "shvit", "gcvit", "cait", "convit",
-           "coat", "swinv2")
+           "coat", "swinv2", "crossvit", "volo", "tnt")
 
 
 def _stream(name: str, n_tasks: int):
@@ -139,7 +140,8 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
                                                 "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta",
                                                 "xcit", "mixer", "resmlp", "gmlp", "mambaout",
                                                 "twins", "davit", "nest", "pvt", "nextvit", "shvit",
-                                                "gcvit", "cait", "convit", "coat", "swinv2"])
+                                                "gcvit", "cait", "convit", "coat", "swinv2", "crossvit", "volo",
+                                                "tnt"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

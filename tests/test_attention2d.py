@@ -13,7 +13,7 @@ from torch import nn
 from torch_nets import randomised_parity, timm
 
 from edgecl.arch import channel_map, from_torch, validate
-from edgecl.arch.ops import intermediates
+from edgecl.arch.op_shapes import intermediates
 from edgecl.errors import UsageError
 from edgecl.runtime.costs import activation_bytes
 

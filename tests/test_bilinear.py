@@ -143,7 +143,8 @@ REFUSALS = {
     "fraction": (lambda x: F.interpolate(x, scale_factor=1.5, mode="bilinear"), "integer factors"),
     "near_integer": (lambda x: F.interpolate(x, scale_factor=2.0000001, mode="bilinear"), "scale_factor 2.0000001"),
     "size_not_multiple": (lambda x: F.interpolate(x, size=(10, 7), mode="bilinear"), "integer factors"),
-    "bicubic": (lambda x: F.interpolate(x, scale_factor=2, mode="bicubic"), "mode 'bicubic'"),
+    "bicubic": (lambda x: F.interpolate(x, scale_factor=1.5, mode="bicubic"), "bicubic by scale_factor 1.5"),
+    "area": (lambda x: F.interpolate(x, scale_factor=2, mode="area"), "mode 'area'"),
     "module_fraction": (nn.Upsample(scale_factor=2.5, mode="bilinear"), "integer factors"),
     "nearest_near_integer": (nn.Upsample(scale_factor=2.0000001), "scale_factor 2.0000001"),
 }

@@ -19,7 +19,7 @@ from edgecl.arch import from_torch, validate
 from edgecl.arch.channels import channel_map
 from edgecl.arch.later_fields import stored_form
 from edgecl.arch.module_state import state_keys, state_shapes
-from edgecl.arch.ops import intermediates
+from edgecl.arch.op_shapes import intermediates
 from edgecl.arch.sdta_ops import fourier_grid
 from edgecl.arch.spec import node_shapes, rowless_tensors
 from edgecl.errors import UsageError

@@ -249,7 +249,7 @@ class Inner(nn.Module):
     (lambda y: y[:, :, :4], r"'getitem' .*only a slice of the channel axis"),
     (lambda y: y * y[:, 0, None], r"'getitem' .*only a slice of the channel axis"),
     (lambda y: torch.cat(torch.split(y, 4, dim=2), 2), r"'split' .*along dim 2; only along channels"),
-    (lambda y: F.avg_pool2d(F.interpolate(y, scale_factor=2, mode="bicubic"), 2), r"'interpolate' .*'bicubic'"),
+    (lambda y: F.avg_pool2d(F.interpolate(y, scale_factor=2, mode="area"), 2), r"'interpolate' .*'area'"),
     (lambda y: F.avg_pool2d(F.interpolate(y, scale_factor=2, mode="bilinear", antialias=True), 2),
      r"'interpolate' .*antialias=True"),
     (lambda y: F.interpolate(F.interpolate(y, scale_factor=1.5), size=(8, 8)), r"'interpolate' .*integer factors"),

@@ -18,7 +18,7 @@ from edgecl.arch import from_torch, validate
 from edgecl.arch.channels import channel_map
 from edgecl.arch.later_fields import stored_form
 from edgecl.arch.module_state import from_module, state_keys, state_shapes
-from edgecl.arch.ops import intermediates
+from edgecl.arch.op_shapes import intermediates
 from edgecl.arch.spec import node_shapes, rowless_tensors
 from edgecl.errors import UsageError
 from edgecl.train.attention_forms import lambda_layer

@@ -15,7 +15,7 @@ from layer_nets import (blur_spec, efficientformer_spec, hgnet_spec, maxvit_spec
                         vit_spec)
 from layer_nets_meta import metaformer_spec
 from layer_nets_nf import group_norm_spec, nf_spec, std_spec
-from layer_nets_vit import davit_spec, efficientvit_msra_windows_spec, nest_spec, pit_spec
+from layer_nets_vit import davit_spec, efficientvit_msra_windows_spec, nest_spec, pit_spec, tnt_spec, volo_spec
 from linear_nets import edgenext_spec, mobilevit2_spec
 from neck_nets import fpn_spec
 
@@ -31,7 +31,7 @@ GRAPHS = {"upsample": lambda: UPSAMPLE, "hgnet": hgnet_spec, "s2d": s2d_spec, "g
           "vit_tokens": lambda: vit_spec(registers=2, distilled=True, frozen_pos=True),
           "efficientvit_msra_windows": efficientvit_msra_windows_spec, "mobilevit2": mobilevit2_spec,
           "metaformer": metaformer_spec, "edgenext": edgenext_spec, "davit": davit_spec,
-          "nest": nest_spec}
+          "nest": nest_spec, "volo": volo_spec, "tnt": tnt_spec}
 
 
 def test_each_later_field_is_a_field_of_its_op_and_its_default_means_absence():

@@ -15,7 +15,7 @@ from random_weights import random_params
 from torch_nets import classifier_of, randomised_parity, tensors_of, timm
 
 from edgecl.arch import channel_map, from_torch, validate
-from edgecl.arch.ops import intermediates
+from edgecl.arch.op_shapes import intermediates
 from edgecl.arch.spec import param_shapes, rowless_tensors
 from edgecl.errors import UsageError
 from edgecl.graph.builder import build_onnx

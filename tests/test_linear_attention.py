@@ -18,7 +18,7 @@ from torch_nets import check_parity, randomise_batchnorm, spec_logits, timm
 
 from edgecl.arch import from_torch, validate
 from edgecl.arch.channels import channel_map
-from edgecl.arch.ops import intermediates
+from edgecl.arch.op_shapes import intermediates
 from edgecl.arch.spec import node_shapes
 from edgecl.errors import UsageError
 from edgecl.train.attention_forms import linear_attention

@@ -32,7 +32,12 @@ single-head attention on a channel split), tiny_gcvit (GC ViT: a global query ti
 tiny_cait (CaiT: talking-heads attention stored as Linears, a
 class-attention block whose class token is read again after it is prepended), tiny_convit (ConViT: gated positional
 attention, the class token prepended after it), TinyCoatStage (CoaT-Lite: factorised attention, a softmax-kernel
-linear attention, with depthwise convs of v's head groups times q) and TinyViT
+linear attention, with depthwise convs of v's head groups times q),
+tiny_crossvit (CrossViT: two branches, one of the bicubically
+resampled input, class tokens attending to the other branch's tokens, two heads averaged), tiny_volo (VOLO: outlook
+attention, attention over a channels-last map, its channels-last position embedding, class attention), tiny_tnt
+(TNT: a windowed conv pixel embedding, a tiled pixel position embedding, inner window attention, pixels to patch
+tokens by space-to-depth) and TinyViT
 with register tokens, DeiT's distillation token (two averaged heads) and a
 frozen position embedding: two real digit tasks each, then what the method promises about the first task, the deployed
 runtime against the training evaluation, and the exported ONNX against the runtime."""
@@ -62,9 +67,9 @@ from layer_nets_cait import cait_spec, coat_spec, convit_spec
 from layer_nets_meta import metaformer_spec
 from layer_nets_mixer import gmlp_spec, mambaout_spec, mixer_spec, resmlp_spec
 from layer_nets_nf import group_norm_spec, nf_spec, std_spec
-from layer_nets_vit import (davit_spec, efficientvit_msra_spec, efficientvit_msra_windows_spec, fastvit_spec,
-                            gcvit_spec, nest_spec, nextvit_spec, pit_spec, pvt_spec, shvit_spec,
-                            twins_spec)
+from layer_nets_vit import (crossvit_spec, davit_spec, efficientvit_msra_spec, efficientvit_msra_windows_spec,
+                            fastvit_spec, gcvit_spec, nest_spec, nextvit_spec, pit_spec, pvt_spec, shvit_spec,
+                            tnt_spec, twins_spec, volo_spec)
 from neck_nets import fpn_spec
 from linear_nets import edgenext_spec, efficientvit_spec, lambda_spec, mobilevit2_spec
 from xcit_nets import xcit_spec
@@ -87,13 +92,14 @@ ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8
          "twins": twins_spec, "davit": davit_spec, "nest": nest_spec, "pvt": pvt_spec,
          "nextvit": nextvit_spec, "shvit": shvit_spec, "gcvit": gcvit_spec, "cait": cait_spec,
          "convit": convit_spec, "coat": coat_spec,
-         "swinv2": swinv2_spec}
+         "swinv2": swinv2_spec, "crossvit": crossvit_spec, "volo": volo_spec, "tnt": tnt_spec}
 GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgnet", "split", "vit", "gc", "s2d", "mnv4",
           "vit_tokens", "levit", "blur", "swin", "tiny_vit", "map_embed", "efficientformer", "mobilevit", "maxvit",
           "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext",
           "efficientvit_msra", "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta", "xcit", "mixer",
           "resmlp", "gmlp", "mambaout", "twins", "davit", "nest", "pvt", "nextvit", "shvit",
-          "gcvit", "cait", "convit", "coat", "swinv2"]
+          "gcvit", "cait", "convit", "coat", "swinv2", "crossvit", "volo",
+          "tnt"]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from torch_nets import check_parity, randomise_batchnorm, spec_logits, timm
 
 from edgecl.arch import from_torch, validate
 from edgecl.arch.later_fields import stored_form
-from edgecl.arch.ops import intermediates
+from edgecl.arch.op_shapes import intermediates
 from edgecl.arch.spec import node_shapes
 from edgecl.errors import UsageError
 from edgecl.train.attention_forms import patch_context

@@ -18,7 +18,7 @@ from torch_nets import check_parity, classifier_of, spec_logits, tensors_of, tim
 
 from edgecl.arch import from_torch, validate
 from edgecl.arch.attention_windows import window_mask
-from edgecl.arch.ops import intermediates
+from edgecl.arch.op_shapes import intermediates
 from edgecl.arch.spec import param_shapes, rowless_tensors
 from edgecl.errors import UsageError
 

@@ -28,7 +28,8 @@ attention: one), every query head's block is tied to its k head's block, and the
 query head that reads it (a group repeated, as a concatenation of a tensor with itself). A ``channel_attention``
 (EdgeNeXt's XCA: attention among a head's channels) ties q, k and v channel by channel and pins and orders them
 all (`edgecl.arch.sdta_ops`); its output (each channel a mix of its head's v channels) and a ``fourier_pos`` grid
-are groups of their own that no tensor produces, pinned.
+are groups of their own that no tensor produces, pinned. An ``outlook_attention`` (VOLO) keeps v's channels (each
+output channel mixes its own v channel over a window) and pins and orders v and its logits (`edgecl.arch.outlook_ops`).
 This is the dependency
 graph Torch-Pruning's DepGraph builds on a traced model, computed here on the spec with a
 union-find, without torch.
@@ -155,6 +156,11 @@ def channel_map(arch: Arch) -> ChannelMap:
             out = new_group(name, shapes[name][0])
             pinned_by.extend([*ins, out])
             ordered_by.extend([*ins, out])
+        elif op == "outlook_attention":  # VOLO: output channel i mixes v's channel i only (at other positions), but
+            # heads are contiguous blocks of v and a dead logit takes its share of the softmax: both pinned, ordered
+            out = x
+            pinned_by.extend(ins)
+            ordered_by.extend(ins)
         elif op == "fourier_pos":  # a fixed grid: channels of its own, produced by no tensor, never cut
             out = new_group(name, 2 * node["hidden"])
             pinned_by.append(out)

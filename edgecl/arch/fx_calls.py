@@ -14,6 +14,7 @@ import os
 import re
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx
@@ -321,8 +322,12 @@ class _CallConverter:
         ``bilinear`` with torch's `align_corners` either way. A `scale_factor` torch would compute with must be those
         integers: torch maps positions with the factor given (2.0000001 moves them), not with the sizes."""
         before, after = shape_of(node.args[0]), shape_of(node)
+        if mode == "bicubic":
+            self._bicubic(node, x, before, after, align_corners, scale_factor, recompute_scale_factor, antialias)
+            return
         if mode not in ("nearest", "bilinear"):
-            raise self.refuse(node, f"upsampling mode {mode!r}; only 'nearest' and 'bilinear' are supported")
+            raise self.refuse(node, f"upsampling mode {mode!r}; only 'nearest', 'bilinear' and 'bicubic' are "
+                                    "supported")
         if antialias:
             raise self.refuse(node, "antialias=True is not supported (bilinear without it is)")
         if isinstance(align_corners, fx.Node) or isinstance(scale_factor, fx.Node) or \
@@ -343,6 +348,27 @@ class _CallConverter:
             self._emit(node, "upsample", [x], scale=scale, mode="bilinear", align_corners=corners)
         else:
             self._emit(node, "upsample", [x], scale=scale)
+
+    def _bicubic(self, node: fx.Node, x: str, before: list[int] | None, after: list[int] | None, align_corners: Any,
+                 scale_factor: Any, recompute_scale_factor: Any, antialias: Any) -> None:
+        """``F.interpolate(x, size, mode='bicubic', align_corners=False)`` of a map to any size (CrossViT's input to
+        its second branch): a ``bicubic`` node. Given a `scale_factor`, torch places the samples by it rather than by
+        the sizes: a factor is followed where torch's float32 1/factor is the sizes' ratio (integer factors)."""
+        if align_corners or antialias or isinstance(align_corners, fx.Node):
+            raise self.refuse(node, "bicubic with align_corners=True or antialias=True is not supported (torch's "
+                                    "default align_corners=False is)")
+        if before is None or len(before) != 3 or max(*after[1:], *before[1:]) > MAX_ADAPTIVE_INPUT:
+            raise self.refuse(node, f"bicubic of {before} to {after}: a feature map of sides at most "
+                                    f"{MAX_ADAPTIVE_INPUT} is supported")
+        if scale_factor is not None and not recompute_scale_factor and (isinstance(scale_factor, fx.Node) or any(
+                np.float32(1.0) / np.float32(f) != np.float32(a) / np.float32(b)
+                for f, a, b in zip(pair_floats(scale_factor), before[1:], after[1:]))):
+            raise self.refuse(node, f"bicubic by scale_factor {scale_factor}: torch places the samples by the factor; "
+                                    "edgecl follows bicubic to a size (size=…, or recompute_scale_factor=True)")
+        if after[1:] == before[1:]:  # torch copies the input
+            self.alias[node] = x
+        else:
+            self._emit(node, "bicubic", [x], size=after[1:])
 
     def spatial_reduction(self, node: fx.Node, kind: str, args: dict[str, Any]) -> None:
         """A mean or amax over the two spatial axes (squeeze-and-excitation, global pooling written by hand):

@@ -10,8 +10,10 @@ Two forms are classifiers:
   optional BatchNorm (timm's NormLinear: BatchNorm1d → Dropout → Linear) then a classifier as above, all of them
   reading one tensor. Dropouts and identities are no-ops at inference (the converter drops them everywhere);
 - DeiT's distilled head, ``(head(x[:, 0]) + head_dist(x[:, 1])) / 2``: linear classifiers each reading another
-  token of one token map. Its features are those tokens side by side (a ``cat`` of the picked tokens, 2·C): one
-  linear head of them computes the average exactly (weights [W₀, W₁] / 2), and edgecl's heads read them.
+  token of one token map (or of several: CrossViT's two branches' class tokens, averaged as
+  ``torch.mean(torch.stack(…, dim=0), dim=0)``, `fx_stack`). Its features are those tokens side by side (a ``cat``
+  of the picked tokens, 2·C): one linear head of them computes the average exactly (weights [W₀, W₁] / 2), and
+  edgecl's heads read them.
 
 The rule for both: the features are the last tensor that every classifier reads, and what only a classifier reads
 is dropped with it. So a BatchNorm that belongs to one chain of an average is part of that chain's classifier and is
@@ -96,13 +98,13 @@ class _ClassifierConverter:
         return terms
 
     def _tokens_read(self, reads: list[str]) -> list[str] | None:
-        """`reads` when they are two or more different tokens of one token map, each picked and flattened (DeiT's
-        ``(head(x[:, 0]) + head_dist(x[:, 1])) / 2``): the heads' features are then those tokens side by side, an
-        average of classifiers being one classifier of them (weights [W₀, W₁] / 2, bias the mean). None otherwise."""
+        """`reads` when they are two or more different tokens, each picked and flattened (DeiT's
+        ``(head(x[:, 0]) + head_dist(x[:, 1])) / 2`` of one token map; CrossViT's class tokens of its two branches,
+        of two widths): the heads' features are then those tokens side by side, an average of classifiers being one
+        classifier of them (weights [W₀, W₁] / 2, bias the mean). None otherwise."""
         picks = [self._node_named(r) for r in reads]
         tokens = [self._node_named(p["inputs"][0]) if p is not None and p["op"] == "flatten" else None for p in picks]
-        if len(set(reads)) < 2 or len(set(reads)) != len(reads) or \
-                any(t is None or t["op"] != "token" for t in tokens) or len({t["inputs"][0] for t in tokens}) != 1:
+        if len(set(reads)) < 2 or len(set(reads)) != len(reads) or any(t is None or t["op"] != "token" for t in tokens):
             return None
         return reads
 

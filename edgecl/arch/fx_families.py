@@ -33,13 +33,16 @@ from edgecl.arch.fx_shuffle import _ShuffleConverter
 from edgecl.arch.fx_shvit import _ShvitConverter
 from edgecl.arch.fx_slices import _SliceConverter
 from edgecl.arch.fx_space_to_depth import _SpaceToDepthConverter
+from edgecl.arch.fx_stack import _StackConverter
 from edgecl.arch.fx_split_attn import _SplitAttnConverter
 from edgecl.arch.fx_swin import _SwinConverter
 from edgecl.arch.fx_swin_v2 import _SwinV2Converter
 from edgecl.arch.fx_tiny_vit import _TinyVitConverter
 from edgecl.arch.fx_token_mix import _TokenMixConverter
 from edgecl.arch.fx_tokens import _TokenConverter
+from edgecl.arch.fx_tnt import _TntConverter
 from edgecl.arch.fx_twins import _TwinsConverter
+from edgecl.arch.fx_volo import _VoloConverter
 from edgecl.arch.fx_xcit import _XcitConverter
 
 
@@ -51,5 +54,6 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _MaxVitConverter, _EfficientVitConverter, _EfficientVitMsraConverter, _EdgeNextConverter,
                _LambdaConverter, _TokenMixConverter, _XcitConverter, _TwinsConverter, _DavitConverter,
                _NestConverter, _PvtConverter, _NextVitConverter, _ShvitConverter, _GcVitConverter,
-               _CaitConverter, _ConvitConverter, _CoatConverter, _SwinV2Converter):
+               _CaitConverter, _ConvitConverter, _CoatConverter, _SwinV2Converter,
+               _StackConverter, _VoloConverter, _TntConverter):
     """Every family's conversions, in one base class."""

@@ -31,6 +31,7 @@ from edgecl.arch.fx_shape_flow import ShapeFlowTracer, evaluating, raised_at
 from edgecl.arch.fx_inplace import rewire_inplace
 from edgecl.arch.fx_std_conv import is_std_conv, std_conv_fields
 from edgecl.arch.fx_families import Families
+from edgecl.arch.fx_volo import no_tensor_why
 from edgecl.arch.fx_whole import ON_TOKENS, WHOLE, check_plain_call
 from edgecl.arch.fx_xcit import is_xcit_pos
 from edgecl.arch.ops import TENSOR_OPS
@@ -217,7 +218,7 @@ class _Converter(Families):
                 output = node
             elif node.op == "get_attr":
                 self.attribute(node)
-            elif self.attention_step(node):
+            elif self.attention_step(node) or self.tnt_step(node):
                 pass
             elif shape_of(node) is None:
                 if not self.split(node):
@@ -265,12 +266,13 @@ class _Converter(Families):
         if node.op == "call_function" and node.target in _SCALAR_FUNCTIONS:
             return
         raise self.refuse(node, "return_indices=True is not supported" if node.target in WITH_INDICES else
-                          "it returns no tensor")
+                          no_tensor_why(node))
 
     def _convert(self, node: fx.Node) -> None:
         if self.reads_grouped(node):  # inside a channel shuffle
             self.shuffle_step(node)
-        elif self.token_axis_step(node) or node.op != "call_module" and self.tokens_step(node):  # (B, C, T): Mixer
+        elif self.token_axis_step(node) or node.op != "call_module" and (self.stack_mean_step(node) or
+                                                                           self.tokens_step(node)):  # (B, C, T): Mixer
             pass
         elif node.op == "call_module":
             m = self.modules[node.target]

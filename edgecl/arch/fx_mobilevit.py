@@ -24,7 +24,7 @@ from edgecl.arch.fx_attention2d import applied_scale, pointwise
 from edgecl.arch.fx_calls import location, shape_of
 from edgecl.arch.fx_mobilevit2 import _MobileVitV2Converter
 from edgecl.arch.fx_swin import check_drops, linear
-from edgecl.arch.ops import output_shape
+from edgecl.arch.op_shapes import output_shape
 from edgecl.errors import UsageError
 
 _MOBILEVIT = "timm.models.mobilevit"

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from edgecl.arch.fx_calls import location, map_shape, pair, shape_of
-from edgecl.arch.ops import PAD_MODES, crop_problem
+from edgecl.arch.op_shapes import crop_problem
+from edgecl.arch.ops import PAD_MODES
 from edgecl.errors import UsageError
 
 SAME_LAYERS = {("timm.layers.conv2d_same", "Conv2dSame"): "conv",

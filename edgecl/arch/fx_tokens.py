@@ -14,11 +14,14 @@ node (`_NormConverter.last`), as after ``permute(0, 2, 3, 1)``:
 - ``x + param`` with a parameter of shape ``(1, T, C)`` → ``pos_embed``, ``frozen`` when the parameter has
   ``requires_grad=False`` (MAE's fixed sin-cos embedding: a constant no method trains); ``x + param`` with a
   channels-first map ``(B, C, H, W)`` and a parameter ``(1, C, H, W)`` (PiT, Visformer) → ``pos_embed`` over the
-  map's H·W positions, the parameter's storage kept as ``module_shape``;
+  map's H·W positions, the parameter's storage kept as ``module_shape`` (a channels-last map ``(B, H, W, C)`` and a
+  ``(1, H, W, C)`` parameter, VOLO's: ``channels_last`` too);
+- a channels-last map ``(B, H, W, C)`` reshaped to ``(B, H·W, C)`` (VOLO's tokens) → a ``reshape`` to ``(C, H·W, 1)``;
 - ``x[:, i]`` → ``token`` i then a flatten (class-token pooling); ``x.mean(dim=1)`` → ``gap`` then a flatten;
   ``x[:, n:]`` → ``token`` n of count T - n (still tokens: timm's average without the class and register tokens);
-  ``x[:, :n]`` → ``token`` 0 of count n (PiT's class tokens split off before its pooling); ``x[:, 0:]`` is ``x``.
-  Other indexing of tokens (``x[:, 1:3]``, steps) is refused by name.
+  ``x[:, :n]`` → ``token`` 0 of count n (PiT's class tokens split off before its pooling); any range ``x[:, a:b]``
+  (``x[:, 0:1, ...]``: CrossViT's class token) → ``token`` a of count b − a; ``x[:, 0:]`` is ``x``. Other indexing of
+  tokens (steps, an empty range) is refused by name.
 - ``x.transpose(1, 2)`` of tokens read only by a reshape to a map ``(B, C, H, W)`` (PiT's tokens back to its grid)
   → that ``reshape`` of the ``(C, T, 1)`` value to ``(C, H, W)``;
 - ``torch.cat((cls_tokens, x), dim=1)`` of computed tokens (PiT's class tokens after their own Linear) → each part a
@@ -80,6 +83,9 @@ class _TokenConverter:
             return True
         if node.target in ("reshape", "view", torch.reshape) and tokens:
             return self._tokens_to_grid(node, first)
+        if node.target in ("reshape", "view", torch.reshape) and first in self.last and \
+                len(shape_of(first) or ()) == 3:
+            return self._map_to_tokens(node, first)
         if node.target in _MEANS and first in self.last:
             self._last_map_mean(node, first)
             return True
@@ -120,6 +126,15 @@ class _TokenConverter:
         if shape is None or len(shape) != 3 or shape[2] != ch or shape[0] * shape[1] != tokens:
             return False
         self._emit(node, "reshape", [self._input(source, node)], shape=[ch, shape[0], shape[1]])
+        self.last.add(node)
+        return True
+
+    def _map_to_tokens(self, node: fx.Node, source: fx.Node) -> bool:
+        """A channels-last map (B, H, W, C) viewed as its H·W tokens (B, H·W, C), row by row (VOLO)."""
+        (h, w, ch), shape = shape_of(source), shape_of(node)
+        if shape != [h * w, ch]:
+            return False
+        self._emit(node, "reshape", [self._input(source, node)], shape=[ch, h * w, 1])
         self.last.add(node)
         return True
 
@@ -204,7 +219,7 @@ class _TokenConverter:
             a, b = b, a
         shape = shape_of(a)
         tokens = a in self.last and shape is not None and len(shape) == 2
-        feature_map = a not in self.last and shape is not None and len(shape) == 3
+        feature_map = shape is not None and len(shape) == 3  # channels-first, or channels-last (VOLO's)
         if b not in self.attrs or not tokens and not feature_map:
             return False
         path = self.attrs[b]
@@ -218,43 +233,42 @@ class _TokenConverter:
         fields: dict[str, Any] = {"frozen": True} if not p.requires_grad else {}  # MAE's fixed sin-cos: a constant
         if tokens:
             fields.update(ch=shape[1], tokens=shape[0])
+        elif a in self.last:  # a channels-last map (B, H, W, C) and its (1, H, W, C) embedding (VOLO)
+            fields.update(ch=shape[2], tokens=shape[0] * shape[1], module_shape=list(p.shape), channels_last=True)
         else:  # one vector per position of the map; the module keeps it channels-first
             fields.update(ch=shape[0], tokens=shape[1] * shape[2], module_shape=list(p.shape))
         self._emit(node, "pos_embed", [self._input(a, node)], path, **fields)
-        if tokens:
+        if a in self.last:
             self.last.add(node)
         return True
 
     def _token_index(self, node: fx.Node, source: fx.Node) -> None:
-        """``x[:, i]`` picks token i (class-token pooling); ``x[:, 0:]`` is x; a last index of every channel
-        (``x[:, 1:, :]``, ``x[:, 1:, ...]``, CoaT's) changes nothing."""
+        """``x[:, i]`` picks token i (class-token pooling); ``x[:, a:b]`` the tokens a to b − 1 (still tokens:
+        timm's average after the prefix, PiT's class tokens, CrossViT's class token ``x[:, 0:1, ...]``; a trailing
+        ``...`` or ``:`` takes every channel, CoaT's ``x[:, 1:, :]``); ``x[:, 0:]`` is x."""
         index = node.args[1]
         if isinstance(index, tuple) and len(index) == 3 and index[2] in (slice(None), Ellipsis):
             index = index[:2]
-        x = self._input(source, node)
+        x, t = self._input(source, node), shape_of(source)[0]
         if isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None):
             i = index[1]
-            if isinstance(i, int) and 0 <= i < shape_of(source)[0]:
+            if isinstance(i, int) and 0 <= i < t:
                 picked = self._emit(node, "token", [x], f"{node.name}.token", index=i)
                 self._emit(node, "flatten", [picked])
                 return
-            if i in (slice(None), slice(0, None)):
-                self.alias[node] = x
-                self.last.add(node)
-                return
-            t = shape_of(source)[0]
-            if isinstance(i, slice) and isinstance(i.start, int) and 0 < i.start < t and i.stop is None and \
-                    i.step is None:  # the tokens after the class and register tokens (timm's avg pooling)
-                self._emit(node, "token", [x], f"{node.name}.tokens", index=i.start, count=t - i.start)
-                self.last.add(node)
-                return
-            if isinstance(i, slice) and i.start in (None, 0) and isinstance(i.stop, int) and 0 < i.stop < t and \
-                    i.step is None:  # the class tokens before the others (PiT's split around its pooling)
-                self._emit(node, "token", [x], f"{node.name}.tokens", index=0, count=i.stop)
-                self.last.add(node)
-                return
+            if isinstance(i, slice) and all(v is None or type(v) is int for v in (i.start, i.stop)) and \
+                    i.step in (None, 1):
+                start, stop, _ = i.indices(t)
+                if (start, stop) == (0, t):
+                    self.alias[node] = x
+                    self.last.add(node)
+                    return
+                if start < stop:
+                    self._emit(node, "token", [x], f"{node.name}.tokens", index=start, count=stop - start)
+                    self.last.add(node)
+                    return
         raise self.refuse(node, f"indexing tokens with {index!r}; edgecl supports x[:, i] (one token, as the class "
-                                "token's pooling), x[:, n:] (the tokens from n on) and the mean over tokens")
+                                "token's pooling), x[:, a:b] (a range of tokens, no step) and the mean over tokens")
 
     def _token_mean(self, node: fx.Node, source: fx.Node) -> None:
         """``x.mean(dim=1)``: the average token (``gap`` over the token map, then a flatten)."""

@@ -40,9 +40,15 @@ def is_xcit_xca(m: Any) -> bool:
     return _is(m, "XCA")
 
 
+# class attentions by class → their q, k, v Linears' names: CaiT's ClassAttn (XCiT's class-attention layers use it)
+# and CrossViT's CrossAttention (the one branch's class token attending to the other branch's tokens)
+_CLASS_ATTNS = {("timm.models.cait", "ClassAttn"): ("q", "k", "v"),
+                ("timm.models.crossvit", "CrossAttention"): ("wq", "wk", "wv")}
+
+
 def is_class_attn(m: Any) -> bool:
-    """timm's CaiT class attention (``ClassAttn``, XCiT's class-attention layers use it)."""
-    return (type(m).__module__, type(m).__name__) == ("timm.models.cait", "ClassAttn")
+    """timm's class attention: CaiT's ``ClassAttn`` or CrossViT's ``CrossAttention`` (`_CLASS_ATTNS`)."""
+    return (type(m).__module__, type(m).__name__) in _CLASS_ATTNS
 
 
 def is_xcit_lpi(m: Any) -> bool:
@@ -114,15 +120,16 @@ class _XcitConverter:
     def class_attn(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
         """CaiT's class attention on tokens (C, T, 1): q of the class token (token 0) only, k and v of every token,
         ``attention`` {heads, scale} of that one query over them, proj; the class token's new value (C, 1, 1)."""
-        where = f"class attention (ClassAttn) at {path!r} {location(node)}"
+        where = f"class attention ({type(m).__name__}) at {path!r} {location(node)}"
         check_drops(self.name, where, m, "attn_drop", "proj_drop")
-        q, k, v, proj = (linear(self.name, where, getattr(m, p)) for p in ("q", "k", "v", "proj"))
+        names = (*_CLASS_ATTNS[(type(m).__module__, type(m).__name__)], "proj")
+        q, k, v, proj = (linear(self.name, where, getattr(m, p)) for p in names)
         ch, heads = q.in_features, int(m.num_heads)
         if any(lin.in_features != ch or lin.out_features != ch for lin in (q, k, v, proj)) or ch % heads:
             raise UsageError(f"{self.name}: {where}: q, k, v and proj must map {ch} channels to {ch} of {heads} heads")
         cls = self._emit(node, "token", [x], f"{path}.cls", index=0, count=1)
-        qs = self._emit(node, "conv", [cls], f"{path}.q", **pointwise(q))
-        ks, vs = (self._emit(node, "conv", [x], f"{path}.{p}", **pointwise(lin)) for p, lin in (("k", k), ("v", v)))
+        qs = self._emit(node, "conv", [cls], f"{path}.{names[0]}", **pointwise(q))
+        ks, vs = (self._emit(node, "conv", [x], f"{path}.{p}", **pointwise(lin)) for p, lin in zip(names[1:3], (k, v)))
         attended = self._emit(node, "attention", [qs, ks, vs], f"{path}.attend", heads=heads,
                               scale=applied_scale(m, ch // heads))
         self._emit(node, "conv", [attended], f"{path}.proj", **pointwise(proj))

@@ -1,5 +1,5 @@
 """The ``lambda_layer`` op (LambdaNetworks' lambda layer, timm's ``LambdaLayer`` with its local position lambdas):
-its output shape, work bound and tensors (`edgecl.arch.ops` and `edgecl.arch.spec` ask here).
+its output shape, work bound and tensors (`edgecl.arch.op_shapes` and `edgecl.arch.spec` ask here).
 
 Inputs q (heads·dim, H, W), k (dim, H, W), v (dv, H, W) — the qkv conv's three blocks, q and v after their
 BatchNorms; fields ``heads``, ``dim`` (the key depth), ``r`` (the odd side of the position window). Each of k's

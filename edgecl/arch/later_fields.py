@@ -43,8 +43,10 @@ LATER_FIELDS: dict[str, dict[str, LaterField]] = {
                   "cosine": LaterField((None, False))},  # dot-product scores (before Swin V2's cosine attention)
     "class_token": {"tokens": LaterField((1,), **_KEPT)},  # one prepended token, weight (ch,)
     "token": {"count": LaterField((1,), **_KEPT)},  # one token picked
-    # a learned embedding; its module stores it in map order (before NesT's block by block)
-    "pos_embed": {"frozen": LaterField((False,), **_KEPT), "block": _NONE},
+    # a learned embedding; its module stores it in map order (before NesT's block by block), channels first (before
+    # VOLO's (1, H, W, C)); one per position of the map (before TNT's, one per position of every window)
+    "pos_embed": {"frozen": LaterField((False,), **_KEPT), "block": _NONE, "channels_last": LaterField((False,)),
+                  "tile": _NONE},
     "pad": {"mode": LaterField(("constant",), **_KEPT)},
     # XCA: q and k L2-normalised, a learned per-head temperature (before DaViT's fixed scale, no normalisation)
     "channel_attention": {"normalize": LaterField((True,)), "scale": _NONE},

@@ -74,7 +74,7 @@ def from_module(arch: Arch, name: str, array: Any) -> np.ndarray:
         g, s = _block_grid(node)
         return np.ascontiguousarray(array.reshape(g, g, s, s, node["ch"]).transpose(4, 0, 2, 1, 3)
                                     .reshape(node["ch"], node["tokens"]))
-    if _token_grid(node):
+    if _token_grid(node) or node.get("channels_last"):  # (1, tokens, ch) or VOLO's (1, H, W, ch)
         return np.ascontiguousarray(array.reshape(node["tokens"], node["ch"]).T)
     if _swin_table(node) and name.endswith(".bias"):  # not Swin V2's logit scale
         return np.ascontiguousarray(array.reshape(node["bias_offsets"], node["heads"]).T)
@@ -109,8 +109,8 @@ def to_module(arch: Arch, name: str, array: Any) -> np.ndarray:
         g, s = _block_grid(node)
         return np.ascontiguousarray(array.reshape(node["ch"], g, s, g, s).transpose(1, 3, 2, 4, 0)) \
             .reshape(1, g * g, s * s, node["ch"])
-    if _token_grid(node):
-        return np.ascontiguousarray(array.T).reshape(1, node["tokens"], node["ch"])
+    if _token_grid(node) or node.get("channels_last"):
+        return np.ascontiguousarray(array.T).reshape(state_shapes(arch)[name])
     if _swin_table(node) and name.endswith(".bias"):
         return np.ascontiguousarray(array.T)
     return array.reshape(state_shapes(arch)[name])

@@ -1,6 +1,6 @@
 """The ops a spec's nodes can have: each op's fields with their kinds and defaults (`OPS`), the families the
 rest of edgecl asks about (`WEIGHT_OPS`, `CHANNEL_AFFINE_OPS`, …), and the output shape each op computes from its
-inputs' shapes (`output_shape`). `edgecl.arch.spec` validates whole specs with these.
+inputs' shapes (`edgecl.arch.op_shapes`). `edgecl.arch.spec` validates whole specs with these.
 
 Ops (fields and defaults in `OPS`):
 - with tensors: ``conv`` (weight ``(out, in/groups, kh, kw)``, optional bias; with ``standardize`` (an eps) a
@@ -64,7 +64,11 @@ Ops (fields and defaults in `OPS`):
   torch's ``align_corners=True`` (``nn.UpsamplingBilinear2d``), ONNX Resize linear align_corners, or "tile": the
   whole map repeated side by side, out[i] = in[i mod size], ONNX Tile, as GC ViT shares its global query with every
   window; each channel alone,
-  its weights summing to 1, so either keeps a constant channel constant);
+  its weights summing to 1, so either keeps a constant channel constant), ``bicubic`` (torch's ``F.interpolate(x,
+  size, mode="bicubic", align_corners=False)`` to ``size`` [h, w], any ratio: CrossViT scales its input to a second
+  branch's side; cubic convolution with A = −0.75, source (i + ½)·in/out − ½, the four taps' indices clamped to the
+  map; a fixed linear map per axis whose rows sum to 1, so a constant channel stays constant; sides at most
+  `MAX_ADAPTIVE_INPUT`);
 - structure: ``add`` (residual sum of equal shapes; an input's spatial axes of size 1 broadcast, as GCNet's fused add
   of a ``(C, 1, 1)`` context over a ``(C, H, W)`` map — the channels never do), ``mul`` (broadcast product, e.g.
   squeeze-and-excitation gates), ``cat`` (channel concatenation), ``slice`` (channels ``start`` to ``stop``, of a map
@@ -85,7 +89,9 @@ Ops (fields and defaults in `OPS`):
   ``(ch,)`` for one, ``(ch, tokens)`` for several, which the module stores ``(1, tokens, ch)``), ``pos_embed``
   (weight ``(ch, tokens)``: added to the tokens; its module stores it ``(1, tokens, ch)``; or added to a feature map
   ``(ch, H, W)`` of H·W = ``tokens`` positions, row-major, as PiT and Visformer add theirs, whose module stores it
-  ``(1, ch, H, W)``: ``module_shape``; ``frozen``: a constant, MAE's fixed sin-cos embedding, a parameter with
+  ``(1, ch, H, W)``: ``module_shape``, or with ``channels_last`` ``(1, H, W, ch)``, VOLO's; with ``tile`` [wh, ww] one
+  embedding of ``tokens`` = wh·ww positions added to every wh × ww window of the map, TNT's pixel embedding;
+  ``frozen``: a constant, MAE's fixed sin-cos embedding, a parameter with
   ``requires_grad=False``: no method trains it and an artifact stores it once, `spec.frozen_tensors`), ``token``
   (``count`` tokens from ``index``, as ``(C, count, 1)``: class-token pooling, or the tokens after the class and
   register tokens that a ViT's average pooling reads);
@@ -134,6 +140,8 @@ Ops (fields and defaults in `OPS`):
 - EdgeNeXt's ``channel_attention`` (XCA: attention among a head's channels, over the positions) and ``fourier_pos``
   (its sine–cosine position grid, a pure function of the map's shape): `edgecl.arch.sdta_ops`.
 - LambdaNetworks' ``lambda_layer`` (content and local position lambdas, timm's LambdaLayer): `edgecl.arch.lambda_ops`.
+- VOLO's ``outlook_attention`` (attention within each k × k window, its weights predicted per window):
+  `edgecl.arch.outlook_ops`.
 
 """
 from __future__ import annotations
@@ -143,11 +151,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecl.arch.lambda_ops import lambda_intermediates, lambda_shape
-from edgecl.arch.sdta_ops import SDTA_OPS, sdta_intermediates, sdta_shape
-from edgecl.arch.token_shapes import attention_shape, token_shape
-from edgecl.arch.windows import check_pool_windows, conv_window_shape, window_length
-from edgecl.errors import UsageError
+from edgecl.arch.outlook_ops import OUTLOOK_FIELDS
 
 MAX_NUMBER = 3.0e38  # a `scale` constant must be a float32: ONNX and the runtime compute in float32
 # float32's smallest normal: a smaller eps rounds to 0 (or a denormal) and a zero channel (a node AGS-CL zeroed) is
@@ -184,6 +188,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "gap": {},
     "adaptive_avgpool": {"size": ("pair", ...)},
     "attention_pool": {"patch": ("pair", None)},
+    "bicubic": {"size": ("pair", ...)},
     "upsample": {"scale": ("pair", ...), "mode": ("upsample_mode", "nearest"), "align_corners": ("bool", False)},
     "pad": {"pads": ("pads", ...), "value": ("fill", 0.0), "mode": ("pad_mode", "constant")},
     "blur": {"k": ("size", ...), "stride": ("size", 2)},
@@ -198,7 +203,8 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "flatten": {},
     "reshape": {"shape": ("shape", ...)},
     "class_token": {"ch": ("size", ...), "tokens": ("size", 1)},
-    "pos_embed": {"ch": ("size", ...), "tokens": ("size", ...), "frozen": ("bool", False), "block": ("size", None)},
+    "pos_embed": {"ch": ("size", ...), "tokens": ("size", ...), "frozen": ("bool", False), "block": ("size", None),
+                  "channels_last": ("bool", False), "tile": ("pair", None)},
     "attention": {"heads": ("size", ...), "scale": ("number", ...), "kv_heads": ("size", None),
                   "bias_offsets": ("size", None), "bias_index": ("index_table", None),
                   "bias_table": ("bias_table", None), "window": ("pair", None), "shift": ("pad", None),
@@ -212,6 +218,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
                           "scale": ("number", None)},
     "fourier_pos": {"hidden": ("size", ...), "temperature": ("number", 10000.0)},
     "lambda_layer": {"heads": ("size", ...), "dim": ("size", ...), "r": ("size", ...)},
+    "outlook_attention": OUTLOOK_FIELDS,
 }
 OPS["gelu"] = {"approximate": ("approximate", "none")}
 OPS["leaky_relu"] = {"slope": ("number", 0.01)}  # torch's negative_slope
@@ -233,207 +240,3 @@ def blur_filter(k: int) -> np.ndarray:
     """The ``blur`` op's (k, k) float32 filter, as timm's BlurPool2d computes it: binomial taps, summing to 1."""
     taps = np.array([math.comb(k - 1, j) for j in range(k)], dtype=np.float64) / 2 ** (k - 1)
     return np.outer(taps, taps).astype(np.float32)
-
-
-def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
-    """Elements per sample a node computes on the way to its output, as `edgecl.graph.builder` emits it (0 for
-    most). ``attention``: the scores and their softmax (heads × T_q × T_kv each: quadratic in the positions, so a
-    small spec file can ask for a huge one; `spec.validate` bounds it) and the heads' copies of q, k, v and the output
-    (an upper bound); ``attention_pool``: the logits' softmax and reshaped copies of the logits and the map (an upper
-    bound); ``adaptive_avgpool``: the map averaged along its width only, (C, H, w), between its two MatMuls; a conv
-    with ``window``: its input and output, each once more in the windows' order."""
-    if node["op"] == "attention":
-        (cq, *q), (ck, *k), (cv, _, _) = ins
-        tq, tk, h = math.prod(q), math.prod(k), node["heads"]
-        out = cv * h // (node.get("kv_heads") or h)
-        if node.get("window"):  # each query meets the w = wh·ww keys of its window; the scores, their masked sum and
-            # softmax; q, k, v and the output rolled, partitioned and transposed (an upper bound)
-            w = math.prod(node["window"])
-            cosine = h * tq * w + (cq + ck) * tq if node.get("cosine") else 0  # normalised q, k; scaled scores
-            return 3 * h * tq * w + (h * w * w if node.get("bias_offsets") else 0) + 3 * (cq + ck + cv + out) * tq + \
-                cosine
-        bias = h * tq * tk if node.get("bias_offsets") else 0  # the gathered (heads, T_q, T_kv) bias
-        bias += h * tq * tk + cq * tq + ck * tk if node.get("cosine") else 0  # normalised q, k; scaled scores
-        bias += 4 * h * tq * tk if node.get("talking_heads") else 0  # the mixed scores and weights, their sums
-        bias += 5 * h * tq * tk + 3 * tq * tk if node.get("gated_pos") else 0  # offsets, scores, softmax, the mix
-        return 2 * h * tq * tk + bias + 2 * (cq * tq + ck * tk) + 2 * (cv * tk + out * tq)
-    if node["op"] == "linear_attention":  # q, k relu'd and reshaped; v reshaped; the heads' dv × d sums, the
-        # numerator, the keys' sums, the denominator and the quotient before its reshape (an upper bound)
-        (cq, *hw), (ck, _, _), (cv, _, _) = ins
-        t, h = math.prod(hw), node["heads"]
-        return 2 * (cq + ck) * t + 3 * cv * t + cv * (cq // h) + ck + 2 * h * t
-    if node["op"] in SDTA_OPS:
-        return sdta_intermediates(node, ins)
-    if node["op"] == "lambda_layer":
-        return lambda_intermediates(node, ins)
-    if node["op"] == "attention_pool":  # with patches: the map and logits transposed, their product, the pool
-        return 2 * math.prod(ins[1]) + (3 if node.get("patch") else 1) * math.prod(ins[0])
-    if node["op"] == "layer_norm" and node.get("over") == "map":  # its mean, centred map, square, normalised map
-        return 4 * math.prod(ins[0])
-    if node["op"] == "adaptive_avgpool":
-        return ins[0][0] * ins[0][1] * node["size"][1]
-    if node["op"] == "token_mix":  # the MatMul's output before the bias is added
-        return ins[0][0] * node["out"]
-    if node["op"] == "conv" and node.get("window"):  # the input in windows and the conv's windowed output: Transposes
-        return math.prod(ins[0]) + math.prod(conv_window_shape(node, ins[0], node["name"]))
-    return 0
-
-
-def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node") -> list[int]:
-    """Shape (without batch) of a normalised node's output from its inputs' shapes; UsageError when they do not
-    fit the op."""
-    op, x = node["op"], ins[0]
-    if op == "linear":
-        if x != [node["in"]]:
-            raise UsageError(f"{where}: linear expects [{node['in']}] features, gets {x}")
-        return [node["out"]]
-    if op in ("conv", "maxpool", "avgpool"):
-        if len(x) != 3:
-            raise UsageError(f"{where}: {op} needs a (channels, height, width) input, gets {x}")
-        if op == "conv":
-            if x[0] != node["in"]:
-                raise UsageError(f"{where}: conv expects {node['in']} channels, gets {x}")
-            g = node["groups"]
-            if node["in"] % g or node["out"] % g:
-                raise UsageError(f"{where}: groups={g} must divide in={node['in']} and out={node['out']}")
-        if op == "conv" and node.get("window"):
-            return conv_window_shape(node, x, where)
-        pad = node["pad"]
-        dil = node.get("dilation", [1, 1])
-        if op != "conv" and any(2 * p > k for p, k in zip(pad, node["k"])):
-            raise UsageError(f"{where}: pad {pad} must be at most half the window {node['k']}")
-        hw = [window_length(x[1 + a], node["k"][a], node["stride"][a], pad[a], dil[a], node.get("ceil_mode", False))
-              for a in range(2)]
-        if min(hw) <= 0:
-            raise UsageError(f"{where}: the window {node['k']} does not fit the input {x}; output would be empty")
-        if op != "conv":
-            check_pool_windows(node, x, hw, where)
-        return [node["out"] if op == "conv" else x[0], *hw]
-    if op in CHANNEL_AFFINE_OPS:
-        of_map = op == "grn" or node.get("over") == "map"  # statistics over the map (GRN, GroupNorm1)
-        if x[0] != node["ch"] or of_map and len(x) != 3:
-            raise UsageError(f"{where}: {op} has {node['ch']} channels{' of a map' * of_map}, gets {x}")
-        return list(x)
-    if op == "channel_conv":
-        k, c = node["k"], node["ch"]
-        if x != [c, 1, 1] or k % 2 == 0 or node["circular"] and k // 2 > c:
-            raise UsageError(f"{where}: channel_conv needs a pooled ({c}, 1, 1) input and an odd k (circular: at most "
-                             f"{2 * c + 1}), gets {x} and k={k}")
-        return list(x)
-    if op == "attention":
-        return attention_shape(node, ins, where)
-    if op == "linear_attention":
-        q, k, v = ins
-        h = node["heads"]
-        if len(q) != 3 or q != k or v[1:] != q[1:] or q[0] % h or v[0] % h:
-            raise UsageError(f"{where}: linear_attention needs maps q and k of {h} heads of d channels and v of {h} "
-                             f"heads, all at the same positions, gets {ins}")
-        return list(v)
-    if op in SDTA_OPS:
-        return sdta_shape(node, ins, where)
-    if op == "lambda_layer":
-        return lambda_shape(node, ins, where)
-    if op in (*TOKEN_TENSOR_OPS, "token", "token_mix"):
-        return token_shape(node, ins, where)
-    if op == "shuffle":
-        if len(x) != 3 or x[0] % node["groups"]:
-            raise UsageError(f"{where}: shuffle needs a (channels, height, width) input whose channels "
-                             f"{node['groups']} groups divide, gets {x}")
-        return list(x)
-    if op == "branch_softmax":
-        if len(x) != 3 or x[0] % node["branches"]:
-            raise UsageError(f"{where}: branch_softmax needs a (channels, height, width) input whose channels "
-                             f"{node['branches']} branches divide, gets {x}")
-        return list(x)
-    if op == "adaptive_avgpool":
-        if len(x) != 3 or max(node["size"]) > MAX_ADAPTIVE or max(x[1:]) > MAX_ADAPTIVE_INPUT:
-            raise UsageError(f"{where}: adaptive_avgpool needs a (channels, height, width) map of sides at most "
-                             f"{MAX_ADAPTIVE_INPUT} and a size of at most {MAX_ADAPTIVE}, gets {x} and "
-                             f"size={node['size']}")
-        return [x[0], *node["size"]]
-    if op == "gap":
-        if len(x) != 3:
-            raise UsageError(f"{where}: gap needs a (channels, height, width) input, gets {x}")
-        return [x[0], 1, 1]
-    if op == "attention_pool":
-        patch = node.get("patch") or x[1:]  # one patch: the whole map
-        if len(x) != 3 or ins[1] != [1, *x[1:]] or x[1] % patch[0] or x[2] % patch[1]:
-            raise UsageError(f"{where}: attention_pool needs a (channels, height, width) map and (1, height, width) "
-                             f"logits (and patches that tile the map), gets {ins} and patch {node.get('patch')}")
-        return list(x) if node.get("patch") else [x[0], 1, 1]
-    if op == "space_to_depth":
-        b = node["block"]
-        if len(x) != 3 or x[1] % b or x[2] % b:
-            raise UsageError(f"{where}: space_to_depth needs a (channels, height, width) map whose height and width "
-                             f"block={b} divides, gets {x}")
-        return [x[0] * b * b, x[1] // b, x[2] // b]
-    if op == "pad":
-        return _pad_shape(node, x, where)
-    if op == "blur":
-        k, s = node["k"], node["stride"]
-        if len(x) != 3 or not 2 <= k <= MAX_BLUR or min(x[1:]) < k:
-            raise UsageError(f"{where}: blur needs a (channels, height, width) map at least k × k and k from 2 to "
-                             f"{MAX_BLUR}, gets {x} and k={k}")
-        return [x[0], *(window_length(d, k, s, 0, 1, False) for d in x[1:])]
-    if op == "upsample":
-        if len(x) != 3:
-            raise UsageError(f"{where}: upsample needs a (channels, height, width) input, gets {x}")
-        return [x[0], x[1] * node["scale"][0], x[2] * node["scale"][1]]
-    if op == "flatten":
-        return [math.prod(x)]
-    if op == "reshape":
-        if math.prod(node["shape"]) != math.prod(x):
-            raise UsageError(f"{where}: cannot reshape {x} to {node['shape']}")
-        return list(node["shape"])
-    if op == "add":  # equal shapes, or spatial axes of 1 broadcast (never the channels: channel i meets channel i)
-        out = [max(d) for d in zip(*ins)]
-        if any(len(s) != len(x) or s[0] != x[0] or any(d not in (1, o) for d, o in zip(s[1:], out[1:])) for s in ins):
-            raise UsageError(f"{where}: add needs equal shapes or spatial axes of 1, gets {ins}")
-        return out
-    if op == "mul":
-        a, b = ins
-        if len(a) != len(b) or any(p != q and 1 not in (p, q) for p, q in zip(a, b)):
-            raise UsageError(f"{where}: mul needs broadcastable shapes of one rank, gets {a} and {b}")
-        return [max(p, q) for p, q in zip(a, b)]
-    if op == "cat":
-        if any(len(s) != len(x) or s[1:] != x[1:] for s in ins):
-            raise UsageError(f"{where}: cat needs inputs that differ only in channels, gets {ins}")
-        return [sum(s[0] for s in ins), *x[1:]]
-    if op == "slice":
-        if not node["start"] < node["stop"] <= x[0]:
-            raise UsageError(f"{where}: slice {node['start']}:{node['stop']} must be a non-empty range of the input's "
-                             f"{x[0]} channels")
-        return [node["stop"] - node["start"], *x[1:]]
-    return list(x)  # element-wise activations
-
-
-def _pad_shape(node: dict[str, Any], x: list[int], where: str) -> list[int]:
-    """Output shape of ``pad``; a reflection must be smaller than the side it mirrors (torch and ONNX refuse
-    otherwise), and only a constant pad has a value."""
-    if len(x) != 3:
-        raise UsageError(f"{where}: pad needs a (channels, height, width) input, gets {x}")
-    top, left, bottom, right = node["pads"]
-    mode = node["mode"]
-    if mode != "constant" and node["value"] != 0.0:
-        raise UsageError(f"{where}: pad mode {mode!r} takes no value (gets {node['value']}); only mode 'constant' does")
-    if (problem := crop_problem(x, node["pads"], mode, node["value"])) is not None:
-        raise UsageError(f"{where}: {problem}")
-    if mode == "reflect" and (max(top, bottom) >= x[1] or max(left, right) >= x[2]):
-        raise UsageError(f"{where}: reflect pad {node['pads']} (top, left, bottom, right) must be smaller than the "
-                         f"input's height and width {x[1:]}")
-    return [x[0], x[1] + top + bottom, x[2] + left + right]
-
-
-def crop_problem(x: list[int], pads: list[int], mode: str, value: Any) -> str | None:
-    """Why negative ``pads`` (top, left, bottom, right; a crop, as torch's F.pad and ONNX Pad take them) cannot
-    apply to a (C, H, W) map, or None: a crop leaves at least one row and column, crops only with mode 'constant'
-    (which torch and ONNX agree on) and never with a -inf fill (which exists for a max pool's windows)."""
-    if min(pads) >= 0:
-        return None
-    top, left, bottom, right = pads
-    if x[1] + top + bottom < 1 or x[2] + left + right < 1 or min(top, bottom) <= -x[1] or min(left, right) <= -x[2]:
-        return f"pad {pads} (top, left, bottom, right) crops the whole {x[1]}×{x[2]} map away"
-    if mode != "constant" or value in ("-inf", -math.inf):
-        return (f"pad {pads} crops (negative sides) with mode {mode!r} and value {value!r}; a crop needs mode "
-                "'constant' and a finite value")
-    return None

@@ -1,5 +1,5 @@
 """The two ops of EdgeNeXt's split depth-wise transposed attention (SDTA) block that no other op computes, their
-output shapes and work bounds (`edgecl.arch.ops` asks here), and the Fourier position grid both the torch form
+output shapes and work bounds (`edgecl.arch.op_shapes` asks here), and the Fourier position grid both the torch form
 (`edgecl.train.models`) and the ONNX form (`edgecl.graph.sdta_ops`) read, so that the two are the same numbers.
 
 - ``channel_attention`` (inputs q, k, v, maps of equal shape (C, H, W); XCA, timm's ``CrossCovarianceAttn``): per

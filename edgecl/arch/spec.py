@@ -32,8 +32,9 @@ from edgecl.arch.limits import MAX_ACTIVATION
 from edgecl.arch.op_rules import (FIELD_RULES, attention_state_name, attention_tensor_shapes, check_minus_inf_pads,
                                    check_table_rows, has_gain, is_standardized,
                                    stored_rows)
+from edgecl.arch.op_shapes import output_shape
 from edgecl.arch.ops import (MAX_NUMBER, MIN_EPS, NORMALISING_OPS, OPS, PAD_MODES, ROWLESS_OPS, TENSOR_OPS,
-                             TOKEN_TENSOR_OPS, WEIGHT_OPS, output_shape)
+                             TOKEN_TENSOR_OPS, WEIGHT_OPS)
 from edgecl.errors import UsageError
 
 Arch = dict[str, Any]
@@ -47,7 +48,8 @@ NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,159}")
 
 # op → (fewest, most) inputs; every other op reads one
 _ARITY = {"add": (2, MAX_INPUTS), "cat": (2, MAX_INPUTS), "mul": (2, 2), "attention_pool": (2, 2), "attention": (3, 3),
-          "linear_attention": (3, 3), "channel_attention": (3, 3), "lambda_layer": (3, 3)}
+          "linear_attention": (3, 3), "channel_attention": (3, 3), "lambda_layer": (3, 3),
+          "outlook_attention": (2, 2)}
 
 
 def validate(arch: Any) -> Arch:
@@ -173,6 +175,9 @@ def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
         out["module"] = node["module"]
     if "module_shape" in node:
         out["module_shape"] = _module_shape(node["module_shape"], out, where)
+    elif out.get("channels_last") or out.get("tile"):  # how a module stores the weight: it needs that shape
+        raise UsageError(f"{where}: pos_embed channels_last or tile needs a module_shape (1, H, W, ch) or (1, ch, "
+                         "wh, ww)")
     shapes[name] = output_shape(out, [shapes[s] for s in out["inputs"]], where)
     if math.prod(shapes[name]) > MAX_ACTIVATION or max(shapes[name]) > MAX_DIM:
         raise UsageError(f"{where}: output {shapes[name]} has more than {MAX_ACTIVATION} elements per sample")
@@ -190,11 +195,15 @@ def _module_shape(value: Any, node: dict[str, Any], where: str) -> list[int]:
     # a LayerNorm's pair (and a GRN's) is stored as (C,) by torch: nothing to reshape
     # a Conv1d stores a channel_conv's (k,) as (1, 1, k), timm a class token's (C,) as (1, 1, C); several tokens
     # are stored transposed, (1, tokens, C), as a position embedding (`module_state`)
-    if node["op"] == "pos_embed":  # a feature map's embedding, stored channels-first (1, ch, H, W): H·W positions
-        if not isinstance(value, list) or len(value) != 4 or not all(_is_size(d) for d in value) or \
-                value[:2] != [1, node["ch"]] or value[2] * value[3] != node["tokens"] or node.get("block"):
-            raise UsageError(f"{where}: module_shape {str(value)[:60]} of a position embedding must be (1, "
-                             f"{node['ch']}, H, W) with H·W = {node['tokens']} positions, and without a block")
+    if node["op"] == "pos_embed":  # a feature map's embedding, stored channels-first (1, ch, H, W): H·W positions;
+        # channels_last (VOLO's): (1, H, W, ch)
+        last = bool(node.get("channels_last"))
+        ch, hw = (value[3:], value[1:3]) if last and isinstance(value, list) else (value[1:2], value[2:])
+        if not isinstance(value, list) or len(value) != 4 or not all(_is_size(d) for d in value) or value[0] != 1 or \
+                ch != [node["ch"]] or math.prod(hw) != node["tokens"] or node.get("block"):
+            form = f"(1, H, W, {node['ch']})" if last else f"(1, {node['ch']}, H, W)"
+            raise UsageError(f"{where}: module_shape {str(value)[:60]} of a position embedding must be {form} with "
+                             f"H·W = {node['tokens']} positions, and without a block")
         return list(value)
     with_shape = (*WEIGHT_OPS, "layer_scale", "affine", "channel_conv", "class_token", "scalar_affine")  # () skipinit
     one = node["op"] != "class_token" or node["tokens"] == 1

@@ -1,4 +1,4 @@
-"""Output shapes of the token and attention ops (`ops.output_shape` dispatches here): the checks that a token map,
+"""Output shapes of the token and attention ops (`op_shapes.output_shape` dispatches here): the checks that a token map,
 an attention's q, k and v, its windows and its bias table fit together, each a UsageError naming the node."""
 from __future__ import annotations
 
@@ -23,7 +23,12 @@ def token_shape(node: dict[str, Any], ins: list[list[int]], where: str) -> list[
         if node["index"] + node["count"] > x[1]:
             raise UsageError(f"{where}: tokens {node['index']} to {node['index'] + node['count'] - 1} of {x[1]} tokens")
         return [x[0], node["count"], 1]
-    if x[0] != node["ch"] or op == "pos_embed" and x[1] * x[2] != node["tokens"]:
+    tile = node.get("tile") if op == "pos_embed" else None
+    if tile and (x[1] % tile[0] or x[2] % tile[1] or tile[0] * tile[1] != node["tokens"] or node.get("block") or
+                 node.get("channels_last")):  # TNT's: one embedding for every window
+        raise UsageError(f"{where}: pos_embed tile {tile} needs windows that tile the {x[1:]} map, tokens = "
+                         f"{tile[0]}·{tile[1]} (gets {node['tokens']}), and no block or channels_last")
+    if x[0] != node["ch"] or op == "pos_embed" and not tile and x[1] * x[2] != node["tokens"]:
         tokens = f" and {node['tokens']} positions" if op == "pos_embed" else ""
         raise UsageError(f"{where}: {op} has {node['ch']} channels{tokens}, gets {x}")
     if op == "pos_embed" and node.get("block") and (x[1] != x[2] or x[1] % node["block"]):  # NesT's (`module_state`)

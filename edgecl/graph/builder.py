@@ -24,6 +24,7 @@ from edgecl.arch.op_rules import is_standardized
 from edgecl.arch.spec import INPUT as SPEC_INPUT
 from edgecl.arch.spec import Arch, node_shapes, param_shapes
 from edgecl.graph.lambda_onnx import lambda_layer
+from edgecl.graph.outlook_onnx import outlook_attention
 from edgecl.graph.linear_ops import linear_attention, map_norm, patch_context
 from edgecl.graph.nodes import Builder as _Builder
 from edgecl.graph.onnx_spatial import SPATIAL_OPS, spatial_op
@@ -227,6 +228,8 @@ def _op(b: _Builder, node: dict, ins: list[str], factors: dict, shapes: list[lis
         return fourier_pos(b, h, node, in_shape)
     if op == "lambda_layer":
         return lambda_layer(b, *ins, node, shapes)
+    if op == "outlook_attention":
+        return outlook_attention(b, *ins, node, shapes)
     if op == "pos_embed":
         return pos_embed(b, h, node, in_shape)
     if op in TOKEN_OPS:

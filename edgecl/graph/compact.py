@@ -61,7 +61,8 @@ from typing import Any
 import numpy as np
 
 from edgecl.arch.channels import ChannelError, ChannelMap, Segments, channel_map
-from edgecl.arch.ops import CHANNEL_AFFINE_OPS, TOKEN_TENSOR_OPS, WEIGHT_OPS, output_shape
+from edgecl.arch.op_shapes import output_shape
+from edgecl.arch.ops import CHANNEL_AFFINE_OPS, TOKEN_TENSOR_OPS, WEIGHT_OPS
 from edgecl.arch.spec import INPUT, Arch, consumers, is_depthwise, validate
 from edgecl.graph.constants import channel_constants, expand, is_reader
 from edgecl.graph.standardize import fold_standardized

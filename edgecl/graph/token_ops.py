@@ -142,6 +142,10 @@ def pos_embed(b: Builder, h: str, node: dict, shape: list[int]) -> str:
     """The (C, T) embedding unsqueezed to tokens (C, T, 1), or reshaped to the feature map's (C, H, W), broadcast
     over the batch."""
     weight = f"{node['name']}.weight"
+    if node.get("tile"):  # TNT's: the (C, wh, ww) embedding tiled over the windows
+        (wh, ww), (c, height, width) = node["tile"], shape
+        tiled = b.op("Tile", [b.op("Reshape", [weight, b.ints(c, wh, ww)]), b.ints(1, height // wh, width // ww)])
+        return b.op("Add", [h, tiled])
     if shape[2] == 1:
         return b.op("Add", [h, b.op("Unsqueeze", [weight, b.ints(2)])])
     return b.op("Add", [h, b.op("Reshape", [weight, b.ints(*shape)])])

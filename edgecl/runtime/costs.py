@@ -12,7 +12,7 @@ from typing import Iterable
 
 import numpy as np
 
-from edgecl.arch.ops import intermediates
+from edgecl.arch.op_shapes import intermediates
 from edgecl.arch.spec import Arch, dense_params, node_shapes, param_shapes, shapes_after
 from edgecl.runtime.budget import Ledger
 

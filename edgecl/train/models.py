@@ -18,6 +18,7 @@ from edgecl.arch.gpsa_ops import GATED_POS
 from edgecl.arch.op_rules import TALKING, has_gain, is_standardized
 from edgecl.arch.ops import blur_filter
 from edgecl.arch.sdta_ops import fourier_grid
+from edgecl.train.outlook import outlook_attention
 from edgecl.train import distributed
 from edgecl.train.attention_forms import (attention, channel_attention, gathered_bias, in_windows, lambda_layer,
                                          linear_attention, patch_context, window_attention)
@@ -180,7 +181,11 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return torch.cat([token, h], dim=2)
     if op == "pos_embed":  # a frozen one is a constant: no gradient reaches it, whatever a method steps
         weight = params[f"{name}.weight"]
-        return h + (weight.detach() if node["frozen"] else weight).reshape(h.shape[1:])  # tokens or a map
+        weight = weight.detach() if node["frozen"] else weight
+        if node.get("tile"):  # TNT's: every window of the map gets the one embedding
+            (wh, ww), (height, width) = node["tile"], h.shape[2:]
+            return h + weight.reshape(node["ch"], wh, ww).repeat(1, height // wh, width // ww)
+        return h + weight.reshape(h.shape[1:])  # tokens or a map
     if op == "attention":
         bias = gathered_bias(node, params[f"{name}.bias"]) if node.get("bias_offsets") else None
         cosine = params[f"{name}.logit_scale"] if node.get("cosine") else None
@@ -198,6 +203,8 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
                                  node.get("normalize", True), node["heads"])
     if op == "lambda_layer":
         return lambda_layer(*ins, node["heads"], params[f"{name}.weight"], params[f"{name}.bias"])
+    if op == "outlook_attention":
+        return outlook_attention(*ins, node)
     if op == "fourier_pos":  # a constant of the map's shape, the same in every sample (`edgecl.arch.sdta_ops`)
         grid = torch.from_numpy(fourier_grid(node["hidden"], node["temperature"], *h.shape[2:])).to(h)
         return grid.unsqueeze(0).expand(h.shape[0], -1, -1, -1)
@@ -211,6 +218,8 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return F.avg_pool2d(h, node["k"], node["stride"], node["pad"], node["ceil_mode"], node["count_include_pad"])
     if op == "adaptive_avgpool":  # torch's own windows; ONNX multiplies by the same averages (`onnx_spatial`)
         return F.adaptive_avg_pool2d(h, node["size"])
+    if op == "bicubic":  # torch's own resampling; ONNX multiplies by the same weights (`onnx_spatial`)
+        return F.interpolate(h, size=tuple(node["size"]), mode="bicubic", align_corners=False)
     if op == "gap":
         return h.mean(dim=(2, 3), keepdim=True)
     if op == "attention_pool" and node.get("patch"):

@@ -49,8 +49,8 @@ from edgecl.train.models import Params
 
 # each output channel is computed from the same channel of its inputs: a masked channel stays the node's own
 PER_CHANNEL_OPS = frozenset((*ACTIVATIONS, "bn", "layer_scale", "affine", "scalar_affine", "maxpool", "avgpool",
-                             "gap", "upsample", "pad", "blur", "adaptive_avgpool", "scale", "add", "mul", "cat",
-                             "slice", "shuffle", "space_to_depth", "flatten"))
+                             "gap", "upsample", "pad", "blur", "adaptive_avgpool", "bicubic", "scale", "add", "mul",
+                             "cat", "slice", "shuffle", "space_to_depth", "flatten"))
 
 
 def column_read(arch: Arch, name: str) -> bool:

@@ -37,7 +37,8 @@ RELU_OPS = ("relu", "relu6")  # 0 for every input ≤ 0
 NONPOSITIVE_KEEPING = ("add", "cat", "maxpool", "avgpool", "gap", "adaptive_avgpool", "flatten")
 MOVES = ("reshape", "slice", "shuffle", "space_to_depth", "token", "blur", "upsample")  # each output a convex mix
 # (or a copy) of one channel's values: ≤ 0 stays ≤ 0, 0 stays 0
-ZERO_KEEPING = (*NONPOSITIVE_KEEPING, *MOVES, *RELU_OPS, *NEGATIVE_PASSING, "layer_scale")  # f(0) = 0
+ZERO_KEEPING = (*NONPOSITIVE_KEEPING, *MOVES, *RELU_OPS, *NEGATIVE_PASSING, "layer_scale",  # f(0) = 0
+                "bicubic")  # linear in each channel, but its negative taps can make a value ≤ 0 positive
 
 
 @dataclass
