@@ -127,3 +127,22 @@ def test_a_global_module_hook_is_refused_not_left_out_of_kept_layers(kind):
     finally:
         handle.remove()
     from_torch(net.eval(), (1, 5, 5))  # without the hook: converted
+
+
+@pytest.mark.parametrize("where", ["DaViT SpatialBlock's attn", "NesT level's layer"])
+def test_a_submodule_shared_inside_kept_layers_is_refused_not_untied(where):
+    """A layer kept whole names its tensors by its own paths: an attention assigned to two DaViT spatial blocks, or
+    one NesT transformer layer placed twice in a level, went in as two layers with equal weights (parity held, the
+    tie silently gone, trained apart). Refused as shared weights, naming both places, as a layer called twice is."""
+    from layer_nets_vit import tiny_nest
+    if where.startswith("DaViT"):
+        module = randomised_all(tiny_davit(depths=(2, 1)))
+        blocks = module.stages[0].blocks
+        blocks[1][0].attn = blocks[0][0].attn
+        words = ("SpatialBlock", "stages.0.blocks.1.0.attn.qkv.weight", "shared weights")
+    else:
+        module = randomised_all(tiny_nest(depths=(2, 1)))
+        layers = module.levels[0].transformer_encoder
+        layers[1] = layers[0]
+        words = ("NestLevel", "levels.0.transformer_encoder.1.", "shared weights")
+    assert_refused(module, *words)

@@ -31,7 +31,7 @@ from edgecl.arch.fx_shape_flow import ShapeFlowTracer, evaluating, raised_at
 from edgecl.arch.fx_inplace import rewire_inplace
 from edgecl.arch.fx_std_conv import is_std_conv, std_conv_fields
 from edgecl.arch.fx_families import Families
-from edgecl.arch.fx_whole import ON_TOKENS, WHOLE, check_plain_call
+from edgecl.arch.fx_whole import ON_TOKENS, WHOLE, check_plain_call, check_unshared, shared_parameters
 from edgecl.arch.fx_xcit import is_xcit_pos
 from edgecl.arch.ops import TENSOR_OPS
 from edgecl.arch.spec import INPUT, NAME, Arch, validate
@@ -193,6 +193,7 @@ class _Converter(Families):
         self.traced, self.module, self.input_shape = traced, module, shape
         self.classifier, self.name = classifier, name
         self.modules = dict(traced.named_modules())
+        self.shared = shared_parameters(module)  # tied tensors: refused in layers kept whole
         self.alias: dict[fx.Node, str] = {}  # fx node → the spec node holding its value
         self.parts: dict[fx.Node, tuple[str, int, list[tuple[int, int]]]] = {}  # splits, read by x[i]
         self.nodes: list[dict[str, Any]] = []
@@ -348,6 +349,8 @@ class _Converter(Families):
         if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)) or \
                 whole and next(m.parameters(), None) is not None:
             self.one_call(path, node)
+        if whole:
+            check_unshared(self.name, m, path, self.shared)
         if same_kind(m):
             self.same_padded(node, m, x, path)
         elif odd_same(m):

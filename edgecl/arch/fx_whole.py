@@ -63,3 +63,23 @@ def check_plain_call(m: nn.Module, path: str) -> bool:
                          "its class and attributes, so what that code computes would be silently left out; remove "
                          "it (or call it from a module of your own, which is traced) before from_torch")
     return True
+
+
+def shared_parameters(root: nn.Module) -> dict[int, list[str]]:
+    """Parameter (by id) → its names, for each parameter `root` holds under two names or more (a layer or tensor
+    assigned in two places: tied weights)."""
+    names: dict[int, list[str]] = {}
+    for name, p in root.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {k: v for k, v in names.items() if len(v) > 1}
+
+
+def check_unshared(model: str, m: nn.Module, path: str, shared: dict[int, list[str]]) -> None:
+    """A layer kept whole names its tensors by its own paths, so a tensor it shares with another place (its
+    attention or MLP assigned to two blocks) would become two in the spec, trained apart: refused, as a layer
+    called twice is (`fx_import`'s `one_call`)."""
+    for name, p in m.named_parameters():
+        if id(p) in shared:
+            others = [n for n in shared[id(p)] if n != f"{path}.{name}"]
+            raise UsageError(f"{model}: {type(m).__name__} at {path!r}: its tensor {name!r} is also {others[:3]} "
+                             "(shared weights); edgecl needs one use per layer")
