@@ -193,7 +193,7 @@ class _Converter(Families):
         self.traced, self.module, self.input_shape = traced, module, shape
         self.classifier, self.name = classifier, name
         self.modules = dict(traced.named_modules())
-        self.shared = shared_parameters(module)  # tied tensors: refused in layers kept whole
+        self.shared = shared_parameters(module)  # tied tensors: refused in the layers not traced into
         self.alias: dict[fx.Node, str] = {}  # fx node → the spec node holding its value
         self.parts: dict[fx.Node, tuple[str, int, list[tuple[int, int]]]] = {}  # splits, read by x[i]
         self.nodes: list[dict[str, Any]] = []
@@ -349,8 +349,7 @@ class _Converter(Families):
         if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)) or \
                 whole and next(m.parameters(), None) is not None:
             self.one_call(path, node)
-        if whole:
-            check_unshared(self.name, m, path, self.shared)
+        check_unshared(self.name, m, path, self.shared)  # a leaf's tensors: named by its path
         if same_kind(m):
             self.same_padded(node, m, x, path)
         elif odd_same(m):

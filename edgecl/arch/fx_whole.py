@@ -75,9 +75,10 @@ def shared_parameters(root: nn.Module) -> dict[int, list[str]]:
 
 
 def check_unshared(model: str, m: nn.Module, path: str, shared: dict[int, list[str]]) -> None:
-    """A layer kept whole names its tensors by its own paths, so a tensor it shares with another place (its
-    attention or MLP assigned to two blocks) would become two in the spec, trained apart: refused, as a layer
-    called twice is (`fx_import`'s `one_call`)."""
+    """A layer converted from its attributes (a Conv2d, Linear or BatchNorm, or a library block kept whole) names its
+    tensors by its own path, so a tensor it shares with another place (`b.weight = a.weight`, an attention assigned
+    to two blocks) would become two in the spec, trained apart: refused, as a layer called twice is (`fx_import`'s
+    `one_call`)."""
     for name, p in m.named_parameters():
         if id(p) in shared:
             others = [n for n in shared[id(p)] if n != f"{path}.{name}"]
