@@ -358,3 +358,21 @@ def test_a_weight_tied_between_two_layers_is_refused_not_untied(layer):
 
     with pytest.raises(UsageError, match=r"'a'.*'b\.weight'.*shared weights"):
         from_torch(Tied().eval(), (4, 4, 4))
+
+
+def test_a_layer_aliased_under_a_second_name_still_converts():
+    """``self.classifier = self.fc``: one module under two names, called once, is one layer (fx calls it by one
+    name); the tied-weight refusal reads only the names the graph converts."""
+
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 3)
+            self.classifier, self.features = self.fc, self.conv
+
+        def forward(self, x):
+            return self.classifier(self.features(x).mean((2, 3)))
+
+    module = Aliased().eval()
+    spec = from_torch(module, (4, 4, 4))
+    check_parity(module, spec, (4, 4, 4))

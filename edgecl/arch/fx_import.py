@@ -193,7 +193,8 @@ class _Converter(Families):
         self.traced, self.module, self.input_shape = traced, module, shape
         self.classifier, self.name = classifier, name
         self.modules = dict(traced.named_modules())
-        self.shared = shared_parameters(module)  # tied tensors: refused in the layers not traced into
+        self.shared = shared_parameters(module, {str(n.target) for n in traced.graph.nodes  # tied tensors
+                                                 if n.op in ("call_module", "get_attr")})
         self.alias: dict[fx.Node, str] = {}  # fx node → the spec node holding its value
         self.parts: dict[fx.Node, tuple[str, int, list[tuple[int, int]]]] = {}  # splits, read by x[i]
         self.nodes: list[dict[str, Any]] = []

@@ -65,12 +65,15 @@ def check_plain_call(m: nn.Module, path: str) -> bool:
     return True
 
 
-def shared_parameters(root: nn.Module) -> dict[int, list[str]]:
-    """Parameter (by id) → its names, for each parameter `root` holds under two names or more (a layer or tensor
-    assigned in two places: tied weights)."""
+def shared_parameters(root: nn.Module, converted: set[str]) -> dict[int, list[str]]:
+    """Parameter (by id) → its names under the modules and attributes the graph reads (`converted`: call_module
+    and get_attr targets), for each parameter read under two names or more (tied weights). A name the graph never
+    reads is an alias (``self.classifier = self.fc``): fx calls a module by one name, so it becomes no tensor."""
     names: dict[int, list[str]] = {}
     for name, p in root.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
+        parts = name.split(".")
+        if any(".".join(parts[:i]) in converted for i in range(1, len(parts) + 1)):
+            names.setdefault(id(p), []).append(name)
     return {k: v for k, v in names.items() if len(v) > 1}
 
 
