@@ -47,6 +47,9 @@ def test_npz_with_one_array_runs_like_npy(model, tmp_path, capsys):
     np.savez(tmp_path / "two.npz", a=X, b=X)
     code, _, err = _run(capsys, "run", path, "--task", "1", "--input", str(tmp_path / "two.npz"))
     assert code == 2 and "holds 2 arrays ['a', 'b']" in err
+    np.savez(tmp_path / "none.npz")  # an archive with no array (the array left out of the call): a zip all the same
+    code, _, err = _run(capsys, "run", path, "--task", "1", "--input", str(tmp_path / "none.npz"))
+    assert code == 2 and "holds 0 arrays" in err and "not a .npy or .npz file" not in err, err
 
 
 def _npy_header(shape, dtype="<f4") -> bytes:

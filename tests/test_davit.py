@@ -94,7 +94,7 @@ def _doubled(m: nn.Module) -> nn.Module:
 
 @pytest.mark.parametrize("change", ["instance forward", "forward hook", "pre-hook"])
 @pytest.mark.parametrize("where", ["ChannelAttention", "SpatialBlock", "Conv2d"])
-def test_a_kept_layer_whose_call_is_not_its_class_forward_isassert_refused(change, where):
+def test_a_kept_layer_whose_call_is_not_its_class_forward_is_refused(change, where):
     """A layer kept whole (or converted by its attributes) whose instance has its own forward or hooks: that code
     changes the module's output, and the conversion, which reads the class and attributes, would leave it out."""
     module = randomised_all(tiny_davit())
@@ -107,3 +107,42 @@ def test_a_kept_layer_whose_call_is_not_its_class_forward_isassert_refused(chang
     else:
         layer.register_forward_pre_hook(lambda _m, args: (args[0] * 2,))
     assert_refused(module, where, change.split()[-1])
+
+
+@pytest.mark.parametrize("kind", ["hook", "pre-hook"])
+def test_a_global_module_hook_is_refused_not_left_out_of_kept_layers(kind):
+    """A hook registered for every module (`torch.nn.modules.module.register_module_forward_hook`, as profilers and
+    activation recorders do) runs in each layer's call; `from_torch` traces through containers but converts the
+    layers it keeps whole by their attributes, so the hook's change to a Conv2d's output would be silently left out
+    (a parity failure before this was refused)."""
+    from torch.nn.modules import module as torch_module
+    register = {"hook": torch_module.register_module_forward_hook,
+                "pre-hook": torch_module.register_module_forward_pre_hook}[kind]
+    doubled = {"hook": lambda m, _args, out: out * 2 if isinstance(m, nn.Conv2d) else None,
+               "pre-hook": lambda m, args: (args[0] * 2,) if isinstance(m, nn.Conv2d) else None}[kind]
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(36, 3))
+    handle = register(doubled)
+    try:
+        assert_refused(net, "global", kind, input_shape=(1, 5, 5))
+    finally:
+        handle.remove()
+    from_torch(net.eval(), (1, 5, 5))  # without the hook: converted
+
+
+@pytest.mark.parametrize("where", ["DaViT SpatialBlock's attn", "NesT level's layer"])
+def test_a_submodule_shared_inside_kept_layers_is_refused_not_untied(where):
+    """A layer kept whole names its tensors by its own paths: an attention assigned to two DaViT spatial blocks, or
+    one NesT transformer layer placed twice in a level, went in as two layers with equal weights (parity held, the
+    tie silently gone, trained apart). Refused as shared weights, naming both places, as a layer called twice is."""
+    from layer_nets_vit import tiny_nest
+    if where.startswith("DaViT"):
+        module = randomised_all(tiny_davit(depths=(2, 1)))
+        blocks = module.stages[0].blocks
+        blocks[1][0].attn = blocks[0][0].attn
+        words = ("SpatialBlock", "stages.0.blocks.1.0.attn.qkv.weight", "shared weights")
+    else:
+        module = randomised_all(tiny_nest(depths=(2, 1)))
+        layers = module.levels[0].transformer_encoder
+        layers[1] = layers[0]
+        words = ("NestLevel", "levels.0.transformer_encoder.1.", "shared weights")
+    assert_refused(module, *words)

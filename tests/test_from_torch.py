@@ -336,3 +336,43 @@ def test_no_two_converter_mixins_define_one_method():  # the later one would nev
             if callable(value) and not name.startswith("__"):
                 owners.setdefault(name, []).append(mixin.__name__)
     assert {name: found for name, found in owners.items() if len(found) > 1} == {}
+
+
+@pytest.mark.parametrize("layer", ["conv", "linear"])
+def test_a_weight_tied_between_two_layers_is_refused_not_untied(layer):
+    """`b.weight = a.weight`: two layers, one tensor. Each layer is converted from its attributes and names its
+    tensors by its path, so the spec held a.weight and b.weight, equal at conversion and trained apart (parity
+    held, the tie silently gone). Refused as shared weights, naming both."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            make = (lambda: nn.Conv2d(4, 4, 3, padding=1)) if layer == "conv" else (lambda: nn.Linear(4, 4))
+            self.a, self.b, self.fc = make(), make(), nn.Linear(4, 3)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            if layer == "conv":
+                return self.fc(self.b(torch.relu(self.a(x))).mean((2, 3)))
+            return self.fc(self.b(torch.relu(self.a(x.mean((2, 3))))))
+
+    with pytest.raises(UsageError, match=r"'a'.*'b\.weight'.*shared weights"):
+        from_torch(Tied().eval(), (4, 4, 4))
+
+
+def test_a_layer_aliased_under_a_second_name_still_converts():
+    """``self.classifier = self.fc``: one module under two names, called once, is one layer (fx calls it by one
+    name); the tied-weight refusal reads only the names the graph converts."""
+
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 3)
+            self.classifier, self.features = self.fc, self.conv
+
+        def forward(self, x):
+            return self.classifier(self.features(x).mean((2, 3)))
+
+    module = Aliased().eval()
+    spec = from_torch(module, (4, 4, 4))
+    check_parity(module, spec, (4, 4, 4))

@@ -3,7 +3,7 @@
 The tracer keeps torch's standard layers (and subclasses of them, such as timm's BatchNorm+activation) as leaves, so
 every conv/linear/BatchNorm node is named by its module path and its tensors by the module's state-dict keys
 (``layer1.0.conv1.weight``); the module's weights themselves are not part of the spec (`tensors_of` reads them). Shapes
-come from running the traced graph once on zeros (`_ShapeProp`, eval mode, no gradients, the module's state untouched).
+come from running the traced graph once on zeros (`fx_shape_prop`, eval mode, no gradients, the module's state untouched).
 Dropout and identity are dropped (identities at inference); view-like ops become ``flatten``/``reshape`` with the shape
 they produced. Each family has its own mixin module (`_Converter`'s bases: calls, norms and channels-last maps,
 tokens, attention, LeViT, Swin, TinyViT, MobileViT, MaxViT, EdgeNeXt, BlurPool, …); control flow on shapes is resolved
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import inspect
 import operator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,12 +26,13 @@ from edgecl.arch.fx_calls import (POOL_PARAMETERS, WITH_INDICES, is_elementwise,
                                   shape_of)
 from edgecl.arch.fx_norms import LAYER_NORMS, PERMUTES, is_view
 from edgecl.arch.fx_padding import PAD_FUNCTIONS, PAD_MODULES, odd_same, pad_call, same_kind
-from edgecl.arch.fx_shape_flow import ShapeFlowTracer, evaluating, raised_at
+from edgecl.arch.fx_shape_flow import ShapeFlowTracer, raised_at
+from edgecl.arch.fx_shape_prop import propagate_shapes
 from edgecl.arch.fx_inplace import rewire_inplace
 from edgecl.arch.fx_std_conv import is_std_conv, std_conv_fields
 from edgecl.arch.fx_families import Families
 from edgecl.arch.fx_volo import no_tensor_why
-from edgecl.arch.fx_whole import ON_TOKENS, WHOLE, check_plain_call
+from edgecl.arch.fx_whole import ON_TOKENS, WHOLE, check_plain_call, check_unshared, shared_parameters
 from edgecl.arch.fx_xcit import is_xcit_pos
 from edgecl.arch.ops import TENSOR_OPS
 from edgecl.arch.spec import INPUT, NAME, Arch, validate
@@ -126,7 +126,7 @@ def from_torch(module: nn.Module, input_shape: tuple[int, ...] | list[int], *, c
         raise UsageError(f"cannot trace {type(module).__name__} with torch.fx at {raised_at(exc) or 'an unknown line'}"
                          f" ({type(exc).__name__}: {str(exc)[:300]})") from None
     traced = fx.GraphModule(module, graph)
-    _propagate_shapes(traced, shape)
+    propagate_shapes(traced, shape)
     return _Converter(traced, module, shape, classifier, name).spec()
 
 
@@ -142,51 +142,6 @@ def _concrete_defaults(module: nn.Module) -> dict[str, Any] | None:
     return defaults or None
 
 
-@dataclass(frozen=True)
-class TracedShape:
-    """A node's traced output shape (batch first), as `shape_of` reads it from ``node.meta["tensor_meta"]``."""
-
-    shape: tuple[int, ...]
-
-
-class _ShapeProp(fx.Interpreter):
-    """Runs the traced graph once and records every tensor's shape, remembering the node it runs, so a model that
-    fails on the input shape is reported at the user's line. (torch's ShapeProp records more, and prints a
-    traceback to stderr before it re-raises.)"""
-
-    current: fx.Node | None = None
-
-    def run_node(self, n: fx.Node) -> Any:
-        self.current = n
-        result = super().run_node(n)
-        found = False
-
-        def shape(value: Any) -> Any:
-            nonlocal found
-            if isinstance(value, torch.Tensor):
-                found = True
-                return TracedShape(tuple(value.shape))
-            return value
-
-        meta = fx.node.map_aggregate(result, shape)
-        if found:  # scalars (sizes) and other values keep no shape
-            n.meta["tensor_meta"] = meta
-        elif isinstance(result, int):  # a size, read by layers called with sizes (`fx_xcit`)
-            n.meta["value"] = result
-        return result
-
-
-def _propagate_shapes(traced: fx.GraphModule, shape: list[int]) -> None:
-    prop = _ShapeProp(traced)
-    try:
-        with torch.no_grad(), evaluating(traced):
-            prop.run(torch.zeros(2, *shape))
-    except Exception as exc:  # the model's own error, at the node that raised it
-        where = f" {location(prop.current)}" if prop.current is not None else ""
-        raise UsageError(f"the model does not run on inputs of shape {tuple(shape)}{where}: {type(exc).__name__}: "
-                         f"{str(exc)[:300]}") from None
-
-
 class _Converter(Families):
 
     def __init__(self, traced: fx.GraphModule, module: nn.Module, shape: list[int], classifier: bool | None,
@@ -194,6 +149,8 @@ class _Converter(Families):
         self.traced, self.module, self.input_shape = traced, module, shape
         self.classifier, self.name = classifier, name
         self.modules = dict(traced.named_modules())
+        self.shared = shared_parameters(module, {str(n.target) for n in traced.graph.nodes  # tied tensors
+                                                 if n.op in ("call_module", "get_attr")})
         self.alias: dict[fx.Node, str] = {}  # fx node → the spec node holding its value
         self.parts: dict[fx.Node, tuple[str, int, list[tuple[int, int]]]] = {}  # splits, read by x[i]
         self.nodes: list[dict[str, Any]] = []
@@ -350,6 +307,7 @@ class _Converter(Families):
         if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)) or \
                 whole and next(m.parameters(), None) is not None:
             self.one_call(path, node)
+        check_unshared(self.name, m, path, self.shared)  # a leaf's tensors: named by its path
         if same_kind(m):
             self.same_padded(node, m, x, path)
         elif odd_same(m):

@@ -5,6 +5,7 @@ its class's forward (`check_plain_call`)."""
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from edgecl.arch.fx_attention import is_timm_attention
 from edgecl.arch.fx_blur import is_blur_pool
@@ -65,12 +66,42 @@ ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin, is_tiny_vit_block, is
 def check_plain_call(m: nn.Module, path: str) -> bool:
     """A layer edgecl keeps whole is converted from its class and attributes, not traced: a forward set on the
     instance (``m.forward = …``) or a forward hook or pre-hook (which may change its input or output) is code the
-    conversion never sees, so the spec would silently be another network; refused by name. True: it may be a leaf."""
+    conversion never sees, so the spec would silently be another network; refused by name, as are hooks registered
+    for every module (torch's global ones). True: it may be a leaf."""
     extra = ["a forward set on the instance"] if "forward" in vars(m) else []
     extra += [f"{len(h)} forward {kind}" for kind, h in (("hook(s)", m._forward_hooks),
                                                         ("pre-hook(s)", m._forward_pre_hooks)) if h]
+    # hooks registered for every module (register_module_forward_hook): they run in the layer's call too
+    extra += [f"{len(h)} global forward {kind} (torch.nn.modules.module.register_module_forward_{name})"
+              for kind, name, h in (("hook(s)", "hook", getattr(_torch_module, "_global_forward_hooks", {})),
+                                    ("pre-hook(s)", "pre_hook", getattr(_torch_module, "_global_forward_pre_hooks",
+                                                                        {}))) if h]
     if extra:
         raise UsageError(f"layer {type(m).__name__} at {path!r} has {' and '.join(extra)}: edgecl converts it by "
                          "its class and attributes, so what that code computes would be silently left out; remove "
                          "it (or call it from a module of your own, which is traced) before from_torch")
     return True
+
+
+def shared_parameters(root: nn.Module, converted: set[str]) -> dict[int, list[str]]:
+    """Parameter (by id) → its names under the modules and attributes the graph reads (`converted`: call_module
+    and get_attr targets), for each parameter read under two names or more (tied weights). A name the graph never
+    reads is an alias (``self.classifier = self.fc``): fx calls a module by one name, so it becomes no tensor."""
+    names: dict[int, list[str]] = {}
+    for name, p in root.named_parameters(remove_duplicate=False):
+        parts = name.split(".")
+        if any(".".join(parts[:i]) in converted for i in range(1, len(parts) + 1)):
+            names.setdefault(id(p), []).append(name)
+    return {k: v for k, v in names.items() if len(v) > 1}
+
+
+def check_unshared(model: str, m: nn.Module, path: str, shared: dict[int, list[str]]) -> None:
+    """A layer converted from its attributes (a Conv2d, Linear or BatchNorm, or a library block kept whole) names its
+    tensors by its own path, so a tensor it shares with another place (`b.weight = a.weight`, an attention assigned
+    to two blocks) would become two in the spec, trained apart: refused, as a layer called twice is (`fx_import`'s
+    `one_call`)."""
+    for name, p in m.named_parameters():
+        if id(p) in shared:
+            others = [n for n in shared[id(p)] if n != f"{path}.{name}"]
+            raise UsageError(f"{model}: {type(m).__name__} at {path!r}: its tensor {name!r} is also {others[:3]} "
+                             "(shared weights); edgecl needs one use per layer")

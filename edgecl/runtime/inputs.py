@@ -31,6 +31,7 @@ from edgecl.npy import read_npy_header
 from edgecl.runtime.budget import format_bytes, parse_budget
 
 NPY_MAGIC, ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
+EMPTY_ZIP_MAGIC = b"PK\x05\x06"  # an archive of no member (np.savez(path) without an array) starts at its end
 NUMERIC_KINDS = "biufc"  # bool, ints, floats, complex: the header's dtype may be read (`check_input` wants floats)
 MAX_INPUT_BYTES = 1 << 29  # 512 MiB of data in one input file: beyond it, split the batch (docs/RUNTIME.md)
 
@@ -126,7 +127,7 @@ def load_input(path: str | os.PathLike, budget: int | str | None = None) -> np.n
             if magic == NPY_MAGIC:
                 f.seek(0)
                 return _read_npy(f, info.st_size, path, limit)
-        if magic[:4] == ZIP_MAGIC:
+        if magic[:4] in (ZIP_MAGIC, EMPTY_ZIP_MAGIC):
             return _read_npz(path, limit)
     except OSError as exc:
         raise UsageError(f"input file {path!r}: {exc.strerror or exc}") from None
