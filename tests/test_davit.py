@@ -109,6 +109,24 @@ def test_a_kept_layer_whose_call_is_not_its_class_forward_is_refused(change, whe
     assert_refused(module, where, change.split()[-1])
 
 
+@pytest.mark.parametrize("change", ["instance forward", "forward hook", "pre-hook"])
+@pytest.mark.parametrize("where", ["ChannelAttention.qkv", "SpatialBlock.attn.proj"])
+def test_a_layer_inside_a_kept_layer_whose_call_is_not_its_class_forward_is_refused(change, where):
+    """A layer inside one edgecl keeps whole (the qkv Linear of DaViT's channel attention, the proj of its window
+    attention): the kept layer is converted from its attributes, so a hook or instance forward on a layer inside
+    it is code the conversion never sees either; refused naming the inner layer and the one around it."""
+    module = randomised_all(tiny_davit())
+    block = module.stages[0].blocks[0]
+    layer = {"ChannelAttention.qkv": block[1].attn.qkv, "SpatialBlock.attn.proj": block[0].attn.proj}[where]
+    if change == "instance forward":
+        _doubled(layer)
+    elif change == "forward hook":
+        layer.register_forward_hook(lambda _m, _args, out: out * 2)
+    else:
+        layer.register_forward_pre_hook(lambda _m, args: (args[0] * 2,))
+    assert_refused(module, "inside", where.split(".")[0], change.split()[-1])
+
+
 @pytest.mark.parametrize("kind", ["hook", "pre-hook"])
 def test_a_global_module_hook_is_refused_not_left_out_of_kept_layers(kind):
     """A hook registered for every module (`torch.nn.modules.module.register_module_forward_hook`, as profilers and

@@ -65,17 +65,25 @@ ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin, is_tiny_vit_block, is
 
 def check_plain_call(m: nn.Module, path: str) -> bool:
     """A layer edgecl keeps whole is converted from its class and attributes, not traced: a forward set on the
-    instance (``m.forward = …``) or a forward hook or pre-hook (which may change its input or output) is code the
-    conversion never sees, so the spec would silently be another network; refused by name, as are hooks registered
-    for every module (torch's global ones). True: it may be a leaf."""
-    extra = ["a forward set on the instance"] if "forward" in vars(m) else []
-    extra += [f"{len(h)} forward {kind}" for kind, h in (("hook(s)", m._forward_hooks),
-                                                        ("pre-hook(s)", m._forward_pre_hooks)) if h]
+    instance (``m.forward = …``) or a forward hook or pre-hook (which may change its input or output), on it or on
+    any layer inside it (a hook on an attention's ``qkv``), is code the conversion never sees, so the spec would
+    silently be another network; refused by name, as are hooks registered for every module (torch's global ones).
+    True: it may be a leaf."""
+    for sub_path, sub in m.named_modules():
+        extra = ["a forward set on the instance"] if "forward" in vars(sub) else []
+        extra += [f"{len(h)} forward {kind}" for kind, h in (("hook(s)", sub._forward_hooks),
+                                                            ("pre-hook(s)", sub._forward_pre_hooks)) if h]
+        if extra:
+            inside = f" (inside {type(m).__name__} at {path!r})" if sub_path else ""
+            raise UsageError(f"layer {type(sub).__name__} at {'.'.join(filter(None, (path, sub_path)))!r}{inside} "
+                             f"has {' and '.join(extra)}: edgecl converts {'the layer around it' if sub_path else 'it'}"
+                             " by its class and attributes, so what that code computes would be silently left out; "
+                             "remove it (or call it from a module of your own, which is traced) before from_torch")
     # hooks registered for every module (register_module_forward_hook): they run in the layer's call too
-    extra += [f"{len(h)} global forward {kind} (torch.nn.modules.module.register_module_forward_{name})"
-              for kind, name, h in (("hook(s)", "hook", getattr(_torch_module, "_global_forward_hooks", {})),
-                                    ("pre-hook(s)", "pre_hook", getattr(_torch_module, "_global_forward_pre_hooks",
-                                                                        {}))) if h]
+    extra = [f"{len(h)} global forward {kind} (torch.nn.modules.module.register_module_forward_{name})"
+             for kind, name, h in (("hook(s)", "hook", getattr(_torch_module, "_global_forward_hooks", {})),
+                                   ("pre-hook(s)", "pre_hook", getattr(_torch_module, "_global_forward_pre_hooks",
+                                                                       {}))) if h]
     if extra:
         raise UsageError(f"layer {type(m).__name__} at {path!r} has {' and '.join(extra)}: edgecl converts it by "
                          "its class and attributes, so what that code computes would be silently left out; remove "
