@@ -208,6 +208,12 @@ def _spec(draw) -> dict:
                     node["std_gain"] = draw(st.sampled_from([False, True, 0, "no"]))
             if draw(st.integers(0, 3)) == 0:  # run in each window (EfficientViT-MSRA's conv on q), or a bad window
                 node["window"] = draw(st.sampled_from([[2, 2], [1, 3], 3, [3, 2], [4, 4], [0, 2], [2, 2, 2], None]))
+            if draw(st.integers(0, 4)) == 0:  # its bias stored in parts (BEiT's q_bias, v_bias) or hostile parts; a
+                # null part (a fixed zero) read by anything but slices read as attentions' keys is refused
+                node["bias_parts"] = draw(st.sampled_from([["a", "b"], ["a", None, "b"], [None, "a"], ["a"], ["a", "a"],
+                                                          ["a.b", "c"], [None, None], "a", None, [1, 2], ["a"] * 9]))
+                if draw(st.integers(0, 3)) == 0:
+                    node["bias"] = False
         elif op == "linear":
             node.update({"in": int(np.prod(dims)) if fits else draw(hostile), "out": draw(st.integers(1, 8))})
         elif op == "bn":

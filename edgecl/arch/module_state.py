@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from edgecl.arch.bias_parts import split
 from edgecl.arch.op_rules import has_gain, stored_rows
 from edgecl.arch.spec import Arch, node_by_name, param_shapes, state_key
 
@@ -84,7 +85,8 @@ def from_module(arch: Arch, name: str, array: Any) -> np.ndarray:
 def to_module_state(arch: Arch, values: dict[str, Any]) -> dict[str, np.ndarray]:
     """Spec tensors (by name) as the module's state dict holds them (by key, `to_module`); the nodes that are rows of
     one tensor (`op_rules.stored_rows`) fill it together (`spec.validate` has them hold each of its rows once), and a
-    tensor some of whose rows are not in `values` is left out (missing, as it is: no row is made up)."""
+    tensor some of whose rows are not in `values` is left out (missing, as it is: no row is made up); a bias the
+    module stores in parts is its parts (`bias_parts.split`)."""
     keys, nodes, stored, out, given = state_keys(arch), node_by_name(arch), state_shapes(arch), {}, {}
     for name, array in values.items():
         layer, _, tensor = name.rpartition(".")
@@ -94,7 +96,8 @@ def to_module_state(arch: Arch, values: dict[str, Any]) -> dict[str, np.ndarray]
         table = out.setdefault(keys[name], np.zeros(stored[name], dtype=np.float32))
         table[rows.start:rows.stop] = np.asarray(array)
         given[keys[name]] = given.get(keys[name], 0) + len(rows)
-    return {key: v for key, v in out.items() if key not in given or given[key] == len(v)}  # () tensors have no len
+    whole = {key: v for key, v in out.items() if key not in given or given[key] == len(v)}  # () tensors have no len
+    return split(arch, whole, keys)
 
 
 def to_module(arch: Arch, name: str, array: Any) -> np.ndarray:

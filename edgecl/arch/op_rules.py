@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgecl.arch.bias_parts import bias_parts_fields
 from edgecl.arch.lambda_ops import lambda_tensor_shapes
 from edgecl.errors import UsageError
 
@@ -163,7 +164,13 @@ def layer_norm_fields(out: dict[str, Any], where: str) -> None:
                          "groups divide")
 
 
+def conv_fields(out: dict[str, Any], where: str) -> None:
+    """A conv's weight standardisation and its bias's storage in parts (`bias_parts`)."""
+    standardized_fields(out, where)
+    bias_parts_fields(out, where)
+
+
 # op → its fields' joint rule (checks, and defaults that depend on other fields), run by `spec.validate` after each
 # field is read alone and before the later fields at their default are left out (`later_fields.drop_defaults`)
-FIELD_RULES = {"attention": attention_fields, "conv": standardized_fields, "scalar_affine": scalar_affine_fields,
+FIELD_RULES = {"attention": attention_fields, "conv": conv_fields, "scalar_affine": scalar_affine_fields,
                "layer_norm": layer_norm_fields}

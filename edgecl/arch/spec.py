@@ -26,6 +26,7 @@ import math
 import re
 from typing import Any
 
+from edgecl.arch.bias_parts import check_null_parts, check_part_keys, is_bias_parts
 from edgecl.arch.later_fields import drop_defaults
 from edgecl.arch.legacy import layers_to_nodes
 from edgecl.arch.limits import MAX_ACTIVATION
@@ -76,6 +77,7 @@ def validate(arch: Any) -> Arch:
         raise UsageError(f"architecture output {output!r} must be a flat feature vector, has shape {shapes[output]} "
                          "(end the trunk with a flatten)")
     check_minus_inf_pads(out_nodes, shapes)
+    check_null_parts(out_nodes)
     result = {"name": name, "input_shape": shape, "nodes": out_nodes, "output": output,
               "feature_dim": shapes[output][0]}
     _check_state_keys(result)
@@ -117,6 +119,7 @@ def _check_state_keys(arch: Arch) -> None:
         if rows is not None:
             tables.setdefault(key, []).append((name, nodes[layer]))
     check_table_rows(tables)
+    check_part_keys(arch, set(seen))
 
 
 def _shape(value: Any, what: str) -> list[int]:
@@ -259,6 +262,8 @@ def _field(value: Any, kind: str, where: str) -> Any:
     if kind == "order" and value in ("hw", "wh") or kind == "bias_table" and value in ("levit", "swin", "tf") or \
             kind == "kernel" and value == "relu" or kind == "norm_over" and value in ("channels", "map"):
         return value
+    if kind == "bias_parts" and is_bias_parts(value):
+        return list(value)
     if kind == "index_table" and isinstance(value, list) and value and \
             all(isinstance(row, list) and row and all(_is_size(i, 0) for i in row) for row in value):
         return [list(row) for row in value]
@@ -273,6 +278,7 @@ def _field(value: Any, kind: str, where: str) -> Any:
               "bias_table": "'levit', 'swin' or 'tf'", "kernel": "'relu'", "norm_over": "'channels' or 'map'",
               "upsample_mode": "'nearest' or 'bilinear'",
               "index_table": "a non-empty list of non-empty lists of ints ≥ 0",
+              "bias_parts": "2-8 distinct tensor names (Python names) or nulls, at least one a name",
               "number": f"a finite number of magnitude at most {MAX_NUMBER:g}"}.get(kind, kind)
     shown = repr(value) if isinstance(value, str) else str(value)  # "1" is not 1
     raise UsageError(f"{where} = {shown[:60]} must be {expect}")

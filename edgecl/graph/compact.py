@@ -336,6 +336,7 @@ class _Net:
         for node in self.arch["nodes"]:
             op, name = node["op"], node["name"]
             node.pop("module_shape", None)  # how the user's module stores the dense weight: nothing here reads it
+            node.pop("bias_parts", None)  # and where it stores the dense bias (`edgecl.arch.bias_parts`)
             if op in WEIGHT_OPS:
                 w = self.params[f"{name}.weight"]
                 node["out"] = int(w.shape[0])

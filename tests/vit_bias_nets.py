@@ -1,0 +1,39 @@
+"""Small BEiT and relative-position ViTs (timm's ``Beit``, ``VisionTransformerRelPos``) for the tests: learned q and v
+biases beside a bias-less qkv, a relative position bias table over the tokens (the class token's rows and column
+included), layer scales."""
+from __future__ import annotations
+
+from edgecl.arch.factories import ensure_torchvision_imports
+
+ensure_torchvision_imports()
+
+from torch import nn  # noqa: E402
+
+from edgecl.arch import from_torch  # noqa: E402
+
+
+def tiny_beit(classes: int = 3, in_channels: int = 1, image: int = 8, **kwargs) -> nn.Module:
+    """timm's Beit in small: a stride-2 patch embedding to a 4×4 grid of 8 channels and a class token (17 tokens), two
+    blocks of 2 heads with q/v biases, each its own relative position bias table, layer scales; mean pooling."""
+    from timm.models.beit import Beit
+    args = dict(img_size=image, in_chans=in_channels, patch_size=2, num_classes=classes, embed_dim=8, depth=2,
+                num_heads=2, mlp_ratio=2, qkv_bias=True, use_abs_pos_emb=False, use_rel_pos_bias=True,
+                init_values=0.1)
+    return Beit(**{**args, **kwargs})
+
+
+def tiny_vit_relpos(classes: int = 3, in_channels: int = 1, image: int = 8, **kwargs) -> nn.Module:
+    """timm's VisionTransformerRelPos in small, its relative position bias a learned table (RelPosBias); no class
+    token by default (as vit_relpos_small), average pooling and a norm before the head."""
+    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
+    args = dict(img_size=image, in_chans=in_channels, patch_size=2, num_classes=classes, embed_dim=8, depth=2,
+                num_heads=2, mlp_ratio=2, rel_pos_type="bias", fc_norm=True, qkv_bias=True)
+    return VisionTransformerRelPos(**{**args, **kwargs})
+
+
+def beit_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(tiny_beit(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
+
+
+def vit_relpos_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(tiny_vit_relpos(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
