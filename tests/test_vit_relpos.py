@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from torch_nets import assert_refused, check_parity, randomise_batchnorm, randomised_all
-from vit_bias_nets import tiny_beit, tiny_vit_relpos
+from vit_bias_nets import tiny_beit, tiny_eva, tiny_vit_relpos
 
 from edgecl.arch import from_torch
 from edgecl.arch.factories import build_module
@@ -29,7 +29,14 @@ _KINDS = {"beit": tiny_beit, "beit_12px": lambda: tiny_beit(image=12),
           "beit_abs_pos": lambda: tiny_beit(use_abs_pos_emb=True, use_rel_pos_bias=False),
           "beit_token_pool": lambda: tiny_beit(global_pool="token"),
           "relpos": tiny_vit_relpos, "relpos_cls": lambda: tiny_vit_relpos(class_token=True, global_pool="token"),
-          "relpos_no_bias": lambda: tiny_vit_relpos(qkv_bias=False, init_values=0.5)}
+          "relpos_no_bias": lambda: tiny_vit_relpos(qkv_bias=False, init_values=0.5),
+          # EVA without RoPE: SwiGLU + sub-LN MLP, q/v bias parts; separate q/k/v projections; the sub-LN before
+          # the attention's projection; timm's AttentionRope (fused, and grouped-query: k and v of one head)
+          "eva": tiny_eva, "eva_separate": lambda: tiny_eva(qkv_fused=False),
+          "eva_inner_norm": lambda: tiny_eva(scale_attn_inner=True),
+          "eva_rope_attention": lambda: tiny_eva(attn_type="rope"),
+          "eva_grouped": lambda: tiny_eva(attn_type="rope", qkv_fused=False, num_kv_heads=1),
+          "eva_plain_mlp": lambda: tiny_eva(swiglu_mlp=False, scale_mlp=False)}
 
 
 @pytest.mark.parametrize("kind", list(_KINDS))
@@ -154,10 +161,25 @@ def test_refused_by_name():
     assert_refused(module, "blocks.1.attn", "k_bias buffer of zeros")
 
 
+def test_eva_refused_by_name():
+    for attn_type in ("eva", "rope"):  # EVA-02's and the RoPE ViTs' rotary embedding
+        module = tiny_eva(use_rot_pos_emb=True, attn_type=attn_type)
+        assert_refused(module, "blocks.0.attn", "rotary position embedding", "use_rot_pos_emb=False")
+    assert_refused(tiny_eva(qk_norm=True), "blocks.0.attn", "qk-norm (q_norm)")
+    module = tiny_eva()
+    module.blocks[1].attn.gate = torch.nn.Linear(8, 8)  # timm's gated attention (gated_attn)
+    assert_refused(module, "blocks.1.attn", "gated")
+    module = tiny_eva()
+    module.blocks[0].attn.norm = torch.nn.LayerNorm(8, elementwise_affine=False)  # a sub-LN without its affine
+    assert_refused(module, "blocks.0.attn.norm", "with a weight and a bias")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, size, kwargs", [
     ("beit_base_patch16_224", 64, {}), ("beit_base_patch16_224", 96, {}), ("beitv2_base_patch16_224", 64, {}),
-    ("vit_relpos_small_patch16_224", 64, {"rel_pos_type": "bias"})])
+    ("vit_relpos_small_patch16_224", 64, {"rel_pos_type": "bias"}),
+    ("eva02_tiny_patch14_224", 56, {"use_rot_pos_emb": False, "num_classes": 10}),
+    ("eva02_tiny_patch14_224", 64, {"use_rot_pos_emb": False, "num_classes": 10})])
 def test_library_models(name, size, kwargs):
     torch.manual_seed(0)
     module = build_module(f"timm:{name}", {"img_size": size, **kwargs}).eval()

@@ -37,3 +37,17 @@ def beit_spec(input_shape=(1, 8, 8)) -> dict:
 
 def vit_relpos_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(tiny_vit_relpos(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
+
+
+def tiny_eva(classes: int = 3, in_channels: int = 1, image: int = 8, **kwargs) -> nn.Module:
+    """timm's Eva in small without a rotary embedding (which is refused): EVA-02's SwiGLU MLP with its sub-LN,
+    q/v biases beside a bias-less qkv, layer scales, a class token and a learned position embedding."""
+    from timm.models.eva import Eva
+    args = dict(img_size=image, in_chans=in_channels, patch_size=2, num_classes=classes, embed_dim=8, depth=2,
+                num_heads=2, mlp_ratio=2, qkv_bias=True, swiglu_mlp=True, scale_mlp=True, init_values=0.1,
+                use_rot_pos_emb=False)
+    return Eva(**{**args, **kwargs})
+
+
+def eva_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(tiny_eva(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))

@@ -15,6 +15,7 @@ from edgecl.arch.fx_edgenext import _EdgeNextConverter
 from edgecl.arch.fx_efficientformer import _EfficientFormerConverter
 from edgecl.arch.fx_efficientvit import _EfficientVitConverter
 from edgecl.arch.fx_efficientvit_msra import _EfficientVitMsraConverter
+from edgecl.arch.fx_eva import _EvaConverter
 from edgecl.arch.fx_global_context import _GlobalContextConverter
 from edgecl.arch.fx_lambda import _LambdaConverter
 from edgecl.arch.fx_levit import _LevitConverter
@@ -42,5 +43,5 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _TinyVitConverter, _BlurConverter, _EfficientFormerConverter, _MobileVitConverter,
                _MaxVitConverter, _EfficientVitConverter, _EfficientVitMsraConverter, _EdgeNextConverter,
                _LambdaConverter, _TokenMixConverter, _XcitConverter, _TwinsConverter, _DavitConverter,
-               _NestConverter):
+               _NestConverter, _EvaConverter):
     """Every family's conversions, in one base class."""

@@ -1,7 +1,7 @@
 """What BEiT's and timm's relative-position ViT's attentions add to a ViT's (`fx_attention`), as the fields of the
 qkv conv and of the ``attention`` node:
 
-- BEiT's qkv bias: a bias-less ``qkv`` Linear and ``torch.cat((q_bias, k_bias, v_bias))`` added in its forward,
+- BEiT's (and EVA's, `fx_eva`) qkv bias: a bias-less ``qkv`` Linear and ``torch.cat((q_bias, k_bias, v_bias))`` added in its forward,
   ``k_bias`` a zero buffer → the conv's ordinary bias, stored in the module as ``q_bias``, a fixed zero and
   ``v_bias`` (``bias_parts``, `edgecl.arch.bias_parts`);
 - a relative position bias from a learned table ``(offsets, heads)`` gathered by a fixed index of the token pairs,
@@ -22,14 +22,15 @@ from torch import nn
 from edgecl.errors import UsageError
 
 _BEIT = ("timm.models.beit", "Attention")
+_SEPARATE_BIASES = (_BEIT, ("timm.models.eva", "EvaAttention"))  # q_bias, k_bias (zero), v_bias beside a bias-less qkv
 _RELPOS = "timm.layers.pos_embed_rel"
 
 
 def qkv_bias_fields(model: str, where: str, m: nn.Module) -> dict[str, Any]:
-    """The qkv conv's bias fields for BEiT's separate q and v biases; {} where the qkv Linear holds its own (or
-    none)."""
+    """The qkv conv's bias fields for BEiT's (and EVA's) separate q and v biases; {} where the qkv Linear holds its
+    own (or none)."""
     q_bias = getattr(m, "q_bias", None)
-    if (type(m).__module__, type(m).__name__) != _BEIT or q_bias is None:
+    if (type(m).__module__, type(m).__name__) not in _SEPARATE_BIASES or q_bias is None:
         return {}
     width = m.qkv.out_features // 3
     k_bias = getattr(m, "k_bias", None)

@@ -14,6 +14,7 @@ from edgecl.arch.fx_edgenext import is_sdta_block
 from edgecl.arch.fx_efficientformer import is_efficientformer_attention
 from edgecl.arch.fx_efficientvit import is_lite_mla
 from edgecl.arch.fx_efficientvit_msra import is_local_window_attention
+from edgecl.arch.fx_eva import is_eva_attention
 from edgecl.arch.fx_global_context import is_global_context
 from edgecl.arch.fx_lambda import is_lambda_layer
 from edgecl.arch.fx_levit import is_levit
@@ -38,10 +39,11 @@ WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention,
          (is_local_window_attention, "local_window_attention"), (is_sdta_block, "sdta_block"),
          (is_lambda_layer, "lambda_layer"), (is_xcit_xca, "xcit_xca"), (is_xcit_lpi, "xcit_lpi"),
          (is_xcit_pos, "xcit_pos"), (is_class_attn, "class_attn"), (is_twins_attention, "twins_attention"),
-         (is_davit_spatial, "davit_spatial"), (is_davit_channel, "davit_channel"), (is_nest_level, "nest_level"))
+         (is_davit_spatial, "davit_spatial"), (is_davit_channel, "davit_channel"), (is_nest_level, "nest_level"),
+         (is_eva_attention, "eva_attention"))
 # may read channels-last values
 ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin, is_tiny_vit_block, is_maxvit, is_xcit_xca, is_xcit_lpi,
-             is_class_attn, is_twins_attention, is_davit_channel)
+             is_class_attn, is_twins_attention, is_davit_channel, is_eva_attention)
 
 
 def check_plain_call(m: nn.Module, path: str) -> bool:
