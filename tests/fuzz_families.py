@@ -187,7 +187,7 @@ def _spec(draw) -> dict:
                                    "branch_softmax", "class_token", "pos_embed", "token", "attention", "space_to_depth",
                                    "upsample", "linear_attention", "layer_norm", "attention_pool",
                                    "channel_attention", "fourier_pos", "lambda_layer", "token_mix", "affine",
-                                   *ACTIVATIONS]))
+                                   "rotary", *ACTIVATIONS]))
         src = draw(st.sampled_from(names))
         node = {"name": f"n{i}", "op": op, "inputs": [src]}
         dims = known.get(src, [1])
@@ -315,6 +315,19 @@ def _spec(draw) -> dict:
             node["heads"] = 1 if fits else draw(st.sampled_from([0, 2, "1"]))
             node["dim"] = dims[0] if fits else draw(st.sampled_from([0, dims[0] + 1, 2.0]))
             node["r"] = draw(st.sampled_from([1, 3, 5])) if fits else draw(st.sampled_from([0, 2, 33, None]))
+        elif op == "rotary":  # RoPE on a (C, T, 1) token map: heads of an even size, a table row per token after
+            # the prefix (d sines, d cosines), or hostile heads, prefix and tables
+            t = dims[1] if len(dims) == 3 else 1
+            heads = draw(st.sampled_from([h for h in (1, 2) if dims[0] % (2 * h) == 0] or [1])) if fits else \
+                draw(st.sampled_from([0, 3, "1"]))
+            d = dims[0] // heads if type(heads) is int and heads > 0 else 2
+            prefix = draw(st.sampled_from([p for p in (0, 1) if p < t] or [0])) if fits else \
+                draw(st.sampled_from([-1, t, t + 1]))
+            rows = np.random.default_rng(draw(st.integers(0, 9))).uniform(-1, 1, (max(t - prefix, 1), 2 * d))
+            node.update({"heads": heads, "prefix": prefix, "half": draw(st.booleans()),
+                         "table": rows.tolist() if fits else draw(st.sampled_from(
+                             [[], [[float("nan")] * 2 * d], [[1e5] * 2 * d], "x", [[1.0, 2.0], [3.0]],
+                              rows[:, :-1].tolist(), [[True] * 2 * d]]))})
         elif op == "fourier_pos":  # EdgeNeXt's sine-cosine grid of the map's shape: no tensors
             node["hidden"] = draw(st.sampled_from([1, 2, 4])) if fits else draw(st.sampled_from([0, 513, 2.0]))
             if draw(st.booleans()):

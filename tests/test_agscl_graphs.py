@@ -97,14 +97,15 @@ def _arch(name: str) -> dict:
               "mambaout": lambda: TinyMambaOut(in_channels=3), "twins": lambda: tiny_twins(in_channels=3),
               "davit": lambda: tiny_davit(in_channels=3), "nest": lambda: tiny_nest(in_channels=3),
               "beit": lambda: tiny_beit(in_channels=3), "vit_relpos": lambda: tiny_vit_relpos(in_channels=3),
-              "eva": lambda: tiny_eva(in_channels=3)}
+              "eva": lambda: tiny_eva(in_channels=3),
+              "eva_rope": lambda: tiny_eva(in_channels=3, use_rot_pos_emb=True, qkv_fused=False)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
 _CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4", "vit_tokens", "blur", "mobilevit",
            "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra",
            "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta", "xcit", "mixer", "resmlp", "gmlp",
-           "mambaout", "twins", "davit", "nest", "beit", "vit_relpos", "eva")
+           "mambaout", "twins", "davit", "nest", "beit", "vit_relpos", "eva", "eva_rope")
 
 
 def _stream(name: str, n_tasks: int):
@@ -129,7 +130,7 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
                                                 "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra",
                                                 "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta",
                                                 "xcit", "mixer", "resmlp", "gmlp", "mambaout",
-                                                "twins", "davit", "nest", "beit", "vit_relpos", "eva"])
+                                                "twins", "davit", "nest", "beit", "vit_relpos", "eva", "eva_rope"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

@@ -27,8 +27,8 @@ concatenation of channels-last maps, a depthwise conv on one part), tiny_twins (
 zero-padded map, keys and values of the map reduced by a strided conv), tiny_davit (DaViT: window attention on a
 zero-padded map, channel attention kᵀv applied to q), tiny_nest (NesT: window attention over its blocks, a
 block-ordered position embedding, a ConvPool), tiny_beit and tiny_vit_relpos (BEiT's q/v biases beside a bias-less
-qkv, relative position bias tables over the tokens, layer scales), tiny_eva (EVA without RoPE: SwiGLU with its
-sub-LN) and TinyViT
+qkv, relative position bias tables over the tokens, layer scales), tiny_eva (EVA: SwiGLU with its sub-LN; without
+and with its rotary embedding, RoPE) and TinyViT
 with register tokens, DeiT's distillation token (two averaged heads) and a
 frozen position embedding: two real digit tasks each, then what the method promises about the first task, the deployed
 runtime against the training evaluation, and the exported ONNX against the runtime."""
@@ -63,7 +63,7 @@ from neck_nets import fpn_spec
 from linear_nets import edgenext_spec, efficientvit_spec, lambda_spec, mobilevit2_spec
 from xcit_nets import xcit_spec
 from torch_nets import convnext_spec, dwres_spec, ghost_spec, rescat_spec, shuffle_spec
-from vit_bias_nets import beit_spec, eva_spec, vit_relpos_spec
+from vit_bias_nets import beit_spec, eva_rope_spec, eva_spec, vit_relpos_spec
 
 CTX = TrainContext(progress=False)
 QUICK = {"lps": {"epochs": 1}, "halrp": {"epochs": 3}, "rgo": {"epochs": 1}, "finetune": {"epochs": 2},
@@ -80,12 +80,12 @@ ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8
          "nf": nf_spec, "lambda": lambda_spec, "std": std_spec, "gn": group_norm_spec, "meta": metaformer_spec,
          "xcit": xcit_spec, "mixer": mixer_spec, "resmlp": resmlp_spec, "gmlp": gmlp_spec, "mambaout": mambaout_spec,
          "twins": twins_spec, "davit": davit_spec, "nest": nest_spec, "beit": beit_spec,
-         "vit_relpos": vit_relpos_spec, "eva": eva_spec}
+         "vit_relpos": vit_relpos_spec, "eva": eva_spec, "eva_rope": eva_rope_spec}
 GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgnet", "split", "vit", "gc", "s2d", "mnv4",
           "vit_tokens", "levit", "blur", "swin", "tiny_vit", "map_embed", "efficientformer", "mobilevit", "maxvit",
           "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext",
           "efficientvit_msra", "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta", "xcit", "mixer",
-          "resmlp", "gmlp", "mambaout", "twins", "davit", "nest", "beit", "vit_relpos", "eva"]
+          "resmlp", "gmlp", "mambaout", "twins", "davit", "nest", "beit", "vit_relpos", "eva", "eva_rope"]
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@
 `from_torch`: q and v biases beside a bias-less qkv as the conv's bias stored in parts (``bias_parts``), each
 attention's relative position bias table over the tokens (the class token's too), layer scales — against the module,
 torch form and ONNX; the parts read from and written back to the module, from a weights file, through validation;
-what stays refused by name; the library's BEiT, BEiT v2 and vit_relpos (table) at 64 (slow)."""
+EVA's attentions without a rotary embedding (with one: tests/test_rotary.py); what stays refused by name; the
+library's BEiT, BEiT v2, vit_relpos (table) and EVA-02 tiny without RoPE at 64 (slow)."""
 from __future__ import annotations
 
 import copy
@@ -161,10 +162,7 @@ def test_refused_by_name():
     assert_refused(module, "blocks.1.attn", "k_bias buffer of zeros")
 
 
-def test_eva_refused_by_name():
-    for attn_type in ("eva", "rope"):  # EVA-02's and the RoPE ViTs' rotary embedding
-        module = tiny_eva(use_rot_pos_emb=True, attn_type=attn_type)
-        assert_refused(module, "blocks.0.attn", "rotary position embedding", "use_rot_pos_emb=False")
+def test_eva_refused_by_name():  # (its rotary embedding: tests/test_rotary.py)
     assert_refused(tiny_eva(qk_norm=True), "blocks.0.attn", "qk-norm (q_norm)")
     module = tiny_eva()
     module.blocks[1].attn.gate = torch.nn.Linear(8, 8)  # timm's gated attention (gated_attn)

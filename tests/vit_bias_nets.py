@@ -1,6 +1,6 @@
-"""Small BEiT and relative-position ViTs (timm's ``Beit``, ``VisionTransformerRelPos``) for the tests: learned q and v
-biases beside a bias-less qkv, a relative position bias table over the tokens (the class token's rows and column
-included), layer scales."""
+"""Small BEiT, relative-position ViTs and EVAs (timm's ``Beit``, ``VisionTransformerRelPos``, ``Eva``) for the tests:
+learned q and v biases beside a bias-less qkv, a relative position bias table over the tokens (the class token's rows
+and column included), layer scales, EVA-02's SwiGLU and sub-LN, a rotary position embedding."""
 from __future__ import annotations
 
 from edgecl.arch.factories import ensure_torchvision_imports
@@ -51,3 +51,9 @@ def tiny_eva(classes: int = 3, in_channels: int = 1, image: int = 8, **kwargs) -
 
 def eva_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(tiny_eva(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
+
+
+def eva_rope_spec(input_shape=(1, 8, 8)) -> dict:
+    """EVA-02's layout with its rotary embedding: separate q/k/v projections (k without a bias), RoPE on q and k."""
+    module = tiny_eva(in_channels=input_shape[0], image=input_shape[1], use_rot_pos_emb=True, qkv_fused=False)
+    return from_torch(module, tuple(input_shape))

@@ -1,19 +1,24 @@
 """EVA's attentions (timm's ``timm.models.eva`` ``EvaAttention`` and ``timm.layers.attention`` ``AttentionRope``, the
-``Eva`` class's two kinds) in a user's network, for `fx_import._Converter`. The tracer keeps them whole; without a
-rotary embedding each is plain multi-head attention on the tokens:
+``Eva`` class's two kinds) in a user's network, for `fx_import._Converter`. The tracer keeps them whole:
 
     qkv (1×1 conv, BEiT's q/v bias parts: `fx_vit_bias`) → slices q, k, v, or q_proj, k_proj, v_proj (1×1 convs; k
-    and v of ``num_kv_heads`` heads: the attention's ``kv_heads``) → attention {heads, scale} → norm (EVA's
+    and v of ``num_kv_heads`` heads: the attention's ``kv_heads``) → ``rotary`` on q and on k (its rotary position
+    embedding, RoPE, where it is given one: EVA-02, the RoPE ViTs) → attention {heads, scale} → norm (EVA's
     ``scale_norm`` LayerNorm, where it has one) → proj (1×1 conv)
 
-Refused by name with the user's source line: a rotary position embedding (RoPE: q and k rotated by fixed sin/cos
-tables per token, which the spec has no op for — EVA-02 and the RoPE ViTs), a mask or causal attention, qk-norm and a
-gate.
+The rotary table is the model's fixed ``rope`` buffer (timm's ``emb``: sines then cosines per token after the class
+token), read once into the node (`edgecl.arch.rotary_ops`). Refused by name with the user's source line: a rotary
+embedding that is learned or computed in the forward (RoPE-Mixed's per-block frequencies), RoPE on a fused qkv with
+q/v biases (its k part, a fixed zero, would be trained: rotated, it is no longer cancelled by the softmax; built with
+``qkv_fused=False`` it goes in), a mask or causal attention, qk-norm, a gate and a sub-LN that is no affine
+``nn.LayerNorm``.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
+import torch
 from torch import fx, nn
 
 from edgecl.arch.fx_attention2d import applied_scale, pointwise
@@ -35,17 +40,13 @@ class _EvaConverter:
 
     name: str
     last: set[fx.Node]
+    traced: fx.GraphModule
     _emit: Callable[..., str]
-    attend_packed: Callable[..., str]
     swin_norm: Callable[..., str]
 
     def eva_attention(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
         where = f"{type(m).__name__} at {path!r} {location(node)}"
         args = dict(zip(_PARAMETERS, node.args[1:]), **node.kwargs)
-        if args.get("rope") is not None:
-            raise UsageError(f"{self.name}: {where} is given a rotary position embedding (RoPE: q and k rotated by "
-                             "fixed sin/cos tables of each token's position); edgecl has no op for it yet — EVA-02 "
-                             "and the RoPE ViTs are refused (an Eva built with use_rot_pos_emb=False goes in)")
         if args.get("attn_mask") is not None or args.get("is_causal", False) is not False:
             raise UsageError(f"{self.name}: {where} is called with an attention mask or causal=True; edgecl "
                              "supports plain self-attention (no mask, not causal)")
@@ -59,17 +60,46 @@ class _EvaConverter:
             raise UsageError(f"{self.name}: {where} reads a tensor of shape {shape} that is no (batch, tokens, "
                              "channels) token sequence edgecl follows")
         heads, kv_heads = int(m.num_heads), int(getattr(m, "num_kv_heads", m.num_heads))
+        table = self._rope_table(args["rope"], m, where, shape[0]) if args.get("rope") is not None else None
         fields: dict[str, Any] = {"heads": heads, "scale": applied_scale(m, int(m.head_dim))}
+        if m.qkv is not None and table is not None and getattr(m, "q_bias", None) is not None:
+            raise UsageError(f"{self.name}: {where}: its qkv bias (q_bias, k_bias, v_bias) leaves k's part a fixed "
+                             "zero, which the rotary embedding turns into a term that differs from key to key: as "
+                             "the qkv conv's bias edgecl would train that part, which the module cannot hold; build "
+                             "it with qkv_fused=False (q_proj and v_proj with biases, k_proj without: the same "
+                             "attention)")
         if m.qkv is not None:
             packed = self._emit(node, "conv", [x], f"{path}.qkv",
                                 **{**pointwise(m.qkv), **qkv_bias_fields(self.name, where, m)})
-            attended = self.attend_packed(node, packed, path, m.qkv.out_features // 3, **fields)
+            width = m.qkv.out_features // 3
+            q, k, v = (self._emit(node, "slice", [packed], f"{path}.{part}", start=i * width, stop=(i + 1) * width)
+                       for i, part in enumerate("qkv"))
         else:
             q, k, v = (self._emit(node, "conv", [x], f"{path}.{part}", **pointwise(getattr(m, part)))
                        for part in ("q_proj", "k_proj", "v_proj"))
             fields.update({"kv_heads": kv_heads} if kv_heads != heads else {})
-            attended = self._emit(node, "attention", [q, k, v], f"{path}.attend", **fields)
+        if table is not None:  # RoPE on q and on k, each head alike (k's heads: kv_heads)
+            rope = {"prefix": int(m.num_prefix_tokens), "half": bool(getattr(m, "rotate_half", False)),
+                    "table": table}
+            q = self._emit(node, "rotary", [q], f"{path}.q_rope", heads=heads, **rope)
+            k = self._emit(node, "rotary", [k], f"{path}.k_rope", heads=kv_heads, **rope)
+        attended = self._emit(node, "attention", [q, k, v], f"{path}.attend", **fields)
         if not isinstance(m.norm, nn.Identity):  # EVA's sub-LN before the projection
             attended = self.swin_norm(node, m.norm, attended, f"{path}.norm", where)
         self._emit(node, "conv", [attended], f"{path}.proj", **pointwise(m.proj))
         self.last.add(node)
+
+    def _rope_table(self, rope: Any, m: nn.Module, where: str, tokens: int) -> list[list[float]]:
+        """The rotary table the attention is given: a fixed buffer of the model (get_attr), (tokens − prefix,
+        2·head_dim)."""
+        value = functools.reduce(getattr, str(rope.target).split("."), self.traced) \
+            if isinstance(rope, fx.Node) and rope.op == "get_attr" else None
+        if not isinstance(value, torch.Tensor) or isinstance(value, nn.Parameter) or value.requires_grad:
+            raise UsageError(f"{self.name}: {where} is given a rotary position embedding that is learned or computed "
+                             "in the forward (RoPE-Mixed's per-block frequencies); edgecl supports a fixed table "
+                             "(the model's rope buffer)")
+        want = (tokens - int(m.num_prefix_tokens), 2 * int(m.head_dim))
+        if tuple(value.shape) != want:
+            raise UsageError(f"{self.name}: {where} is given a rotary table of shape {tuple(value.shape)}; its "
+                             f"{tokens} tokens need {want} (build the model for the input size it runs on)")
+        return value.detach().cpu().to(torch.float32).tolist()

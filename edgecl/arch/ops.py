@@ -127,6 +127,8 @@ Ops (fields and defaults in `OPS`):
 - EdgeNeXt's ``channel_attention`` (XCA: attention among a head's channels, over the positions) and ``fourier_pos``
   (its sine–cosine position grid, a pure function of the map's shape): `edgecl.arch.sdta_ops`.
 - LambdaNetworks' ``lambda_layer`` (content and local position lambdas, timm's LambdaLayer): `edgecl.arch.lambda_ops`.
+- ``rotary`` (a rotary position embedding on q or k, EVA-02's and the RoPE ViTs': fixed per-token rotations of channel
+  pairs within each head, its ``table`` part of the architecture): `edgecl.arch.rotary_ops`.
 
 """
 from __future__ import annotations
@@ -138,6 +140,7 @@ import numpy as np
 
 from edgecl.arch.lambda_ops import lambda_intermediates, lambda_shape
 from edgecl.arch.sdta_ops import SDTA_OPS, sdta_intermediates, sdta_shape
+from edgecl.arch.rotary_ops import rotary_intermediates, rotary_shape
 from edgecl.arch.token_shapes import attention_shape, token_shape
 from edgecl.arch.windows import check_pool_windows, conv_window_shape, window_length
 from edgecl.errors import UsageError
@@ -203,6 +206,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
                           "scale": ("number", None)},
     "fourier_pos": {"hidden": ("size", ...), "temperature": ("number", 10000.0)},
     "lambda_layer": {"heads": ("size", ...), "dim": ("size", ...), "r": ("size", ...)},
+    "rotary": {"heads": ("size", ...), "prefix": ("index", 0), "half": ("bool", False), "table": ("number_table", ...)},
 }
 OPS["gelu"] = {"approximate": ("approximate", "none")}
 OPS["leaky_relu"] = {"slope": ("number", 0.01)}  # torch's negative_slope
@@ -253,6 +257,8 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
         return sdta_intermediates(node, ins)
     if node["op"] == "lambda_layer":
         return lambda_intermediates(node, ins)
+    if node["op"] == "rotary":
+        return rotary_intermediates(ins[0])
     if node["op"] == "attention_pool":  # with patches: the map and logits transposed, their product, the pool
         return 2 * math.prod(ins[1]) + (3 if node.get("patch") else 1) * math.prod(ins[0])
     if node["op"] == "layer_norm" and node.get("over") == "map":  # its mean, centred map, square, normalised map
@@ -320,6 +326,8 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
         return sdta_shape(node, ins, where)
     if op == "lambda_layer":
         return lambda_shape(node, ins, where)
+    if op == "rotary":
+        return rotary_shape(node, x, where)
     if op in (*TOKEN_TENSOR_OPS, "token", "token_mix"):
         return token_shape(node, ins, where)
     if op == "shuffle":

@@ -35,6 +35,7 @@ from edgecl.arch.op_rules import (FIELD_RULES, attention_state_name, attention_t
                                    stored_rows)
 from edgecl.arch.ops import (MAX_NUMBER, MIN_EPS, NORMALISING_OPS, OPS, PAD_MODES, ROWLESS_OPS, TENSOR_OPS,
                              TOKEN_TENSOR_OPS, WEIGHT_OPS, output_shape)
+from edgecl.arch.rotary_ops import is_number_table
 from edgecl.errors import UsageError
 
 Arch = dict[str, Any]
@@ -264,6 +265,8 @@ def _field(value: Any, kind: str, where: str) -> Any:
         return value
     if kind == "bias_parts" and is_bias_parts(value):
         return list(value)
+    if kind == "number_table" and is_number_table(value):
+        return [[float(v) for v in row] for row in value]
     if kind == "index_table" and isinstance(value, list) and value and \
             all(isinstance(row, list) and row and all(_is_size(i, 0) for i in row) for row in value):
         return [list(row) for row in value]
@@ -279,6 +282,7 @@ def _field(value: Any, kind: str, where: str) -> Any:
               "upsample_mode": "'nearest' or 'bilinear'",
               "index_table": "a non-empty list of non-empty lists of ints ≥ 0",
               "bias_parts": "2-8 distinct tensor names (Python names) or nulls, at least one a name",
+              "number_table": "a non-empty list of equally long lists of finite numbers (|v| ≤ 1e4)",
               "number": f"a finite number of magnitude at most {MAX_NUMBER:g}"}.get(kind, kind)
     shown = repr(value) if isinstance(value, str) else str(value)  # "1" is not 1
     raise UsageError(f"{where} = {shown[:60]} must be {expect}")
