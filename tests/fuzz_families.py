@@ -328,6 +328,9 @@ def _spec(draw) -> dict:
                          "table": rows.tolist() if fits else draw(st.sampled_from(
                              [[], [[float("nan")] * 2 * d], [[1e5] * 2 * d], "x", [[1.0, 2.0], [3.0]],
                               rows[:, :-1].tolist(), [[True] * 2 * d]]))})
+            if draw(st.integers(0, 3)) == 0:  # the table another node stores (a file's later blocks), or a bad name
+                node.pop("table")
+                node["table_from"] = draw(st.sampled_from([*names[1:], "nope", 3]))
         elif op == "fourier_pos":  # EdgeNeXt's sine-cosine grid of the map's shape: no tensors
             node["hidden"] = draw(st.sampled_from([1, 2, 4])) if fits else draw(st.sampled_from([0, 513, 2.0]))
             if draw(st.booleans()):

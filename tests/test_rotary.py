@@ -5,6 +5,7 @@ EVA-02 tiny (separate projections) at 64 and another size (slow)."""
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from vit_bias_nets import tiny_eva
 
 from edgecl.arch import from_torch
 from edgecl.arch.factories import build_module
+from edgecl.arch.later_fields import stored_form
 from edgecl.arch.rotary_ops import rotary_constants
 from edgecl.arch.spec import validate
 from edgecl.errors import UsageError
@@ -74,6 +76,31 @@ def test_validation_refuses_bad_tables(change, words):
     change(next(n for n in spec["nodes"] if n["op"] == "rotary"))
     with pytest.raises(UsageError, match=words):
         validate(spec)
+
+
+def test_a_file_stores_each_table_once():
+    spec = validate(_rope_spec())
+    stored = stored_form(spec)
+    rotary = [n for n in stored["nodes"] if n["op"] == "rotary"]
+    assert "table" in rotary[0] and all(n["table_from"] == rotary[0]["name"] for n in rotary[1:])
+    assert validate(stored) == spec
+    assert json.dumps(stored).count('"table":') == 1 and json.dumps(spec).count('"table":') == 4
+
+
+@pytest.mark.parametrize("source, words", [
+    ("nope", "earlier rotary node"), ("blocks.1.attn.q_rope", "earlier rotary node"),  # unknown; a later node
+    ("blocks.0.attn.q_proj", "earlier rotary node"),  # not a rotary node
+    (None, "earlier rotary node")])
+def test_table_from_must_name_an_earlier_table(source, words):
+    stored = copy.deepcopy(stored_form(validate(_rope_spec())))
+    node = next(n for n in stored["nodes"] if n["name"] == "blocks.0.attn.k_rope")
+    node["table_from"] = source
+    with pytest.raises(UsageError, match=words):
+        validate(stored)
+    node["table_from"] = "blocks.0.attn.q_rope"
+    node["table"] = [[0.0]]  # a table beside it
+    with pytest.raises(UsageError, match="no table beside it"):
+        validate(stored)
 
 
 def test_refused_by_name():

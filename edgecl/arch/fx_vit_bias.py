@@ -1,9 +1,9 @@
 """What BEiT's and timm's relative-position ViT's attentions add to a ViT's (`fx_attention`), as the fields of the
 qkv conv and of the ``attention`` node:
 
-- BEiT's (and EVA's, `fx_eva`) qkv bias: a bias-less ``qkv`` Linear and ``torch.cat((q_bias, k_bias, v_bias))`` added in its forward,
-  ``k_bias`` a zero buffer → the conv's ordinary bias, stored in the module as ``q_bias``, a fixed zero and
-  ``v_bias`` (``bias_parts``, `edgecl.arch.bias_parts`);
+- BEiT's (and EVA's, `fx_eva`) qkv bias: a bias-less ``qkv`` Linear and ``torch.cat((q_bias, k_bias, v_bias))``
+  added in its forward, ``k_bias`` a zero buffer → the conv's ordinary bias, stored in the module as ``q_bias``, a
+  fixed zero and ``v_bias`` (``bias_parts``, `edgecl.arch.bias_parts`);
 - a relative position bias from a learned table ``(offsets, heads)`` gathered by a fixed index of the token pairs,
   the class token's rows and column included (BEiT's ``relative_position_bias_table`` and
   ``relative_position_index``; timm's ``RelPosBias`` as the attention's ``rel_pos``) → the attention's bias table in

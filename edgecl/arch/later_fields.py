@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from edgecl.arch.rotary_ops import share_tables
+
 
 class LaterField(NamedTuple):
     """A later field's values that mean what its absence meant (compared with their type: 1 is not true), and
@@ -68,5 +70,5 @@ def stored_form(arch: dict[str, Any]) -> dict[str, Any]:
     """A validated spec as a file stores it: every later field at its default left out (as an attention without a
     bias has no bias fields), so a file that uses none of them is read by an edgecl from before they existed and
     `spec.validate` reads it back as the same spec."""
-    return {**arch, "nodes": [{k: v for k, v in node.items() if not at_default(node["op"], k, v, stored=True)}
-                              for node in arch["nodes"]]}
+    nodes = [{k: v for k, v in node.items() if not at_default(node["op"], k, v, stored=True)} for node in arch["nodes"]]
+    return {**arch, "nodes": share_tables(nodes)}  # and a rotary table repeated, once (`rotary_ops`)

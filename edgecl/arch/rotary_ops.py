@@ -8,8 +8,10 @@ with timm's pairing: interleaved (``half`` false) p(2i) = 2i + 1, s = −1 and p
 true, p(j) = j + d/2, s = −1 for j < d/2 and p(j) = j − d/2, s = +1 after. ``table`` holds timm's ``emb``: one row
 per token after the first ``prefix`` (the class token, which is left as it is), d sines then d cosines, the same for
 every head. No tensors: the table is part of the architecture, like an attention's bias index (timm computes it from
-the grid, never learns it). Its output channel j reads input channels j and p(j), so its input's channels are pinned
-and kept in order (`edgecl.arch.channels`), and a channel constant over the tokens does not stay constant.
+the grid, never learns it); a file stores it once, the other rotary nodes of the same table naming that node
+(``table_from``: `share_tables`, `resolve_tables`). Its output channel j reads input channels j and p(j), so its
+input's channels are pinned and kept in order (`edgecl.arch.channels`), and a channel constant over the tokens does
+not stay constant.
 """
 from __future__ import annotations
 
@@ -62,6 +64,41 @@ def rotary_constants(node: dict[str, Any], shape: list[int]) -> tuple[np.ndarray
     sin[:, prefix:] = (table[:, :d] * sign.astype(np.float32)).T
     partners = (np.arange(heads)[:, None] * d + partner[None, :]).reshape(-1).astype(np.int64)
     return np.tile(cos, (heads, 1))[:, :, None], np.tile(sin, (heads, 1))[:, :, None], partners
+
+
+def resolve_tables(nodes: list[Any]) -> list[Any]:
+    """A file's rotary nodes as `spec.validate` reads them: one whose ``table_from`` names an earlier rotary node
+    with a table of its own has that table (`share_tables` wrote the name in its place)."""
+    tables: dict[str, Any] = {}
+    out = []
+    for node in nodes:
+        if isinstance(node, dict) and node.get("op") == "rotary" and "table_from" in node:
+            source = node["table_from"]
+            if "table" in node or not isinstance(source, str) or source not in tables:
+                raise UsageError(f"architecture node {node.get('name')!r}: rotary table_from {str(source)[:60]!r} "
+                                 "must name an earlier rotary node with a table of its own (and no table beside it)")
+            node = {**{k: v for k, v in node.items() if k != "table_from"}, "table": tables[source]}
+        elif isinstance(node, dict) and node.get("op") == "rotary" and isinstance(node.get("name"), str):
+            tables[node["name"]] = node.get("table")
+        out.append(node)
+    return out
+
+
+def share_tables(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The stored form of validated nodes: a rotary node whose table equals an earlier one's names that node
+    (``table_from``) instead of repeating it — every block of a RoPE ViT rotates by the same table, which written out
+    each time would make a 224-pixel model's header tens of MB (`resolve_tables` reads it back)."""
+    first: list[tuple[str, Any]] = []
+    out = []
+    for node in nodes:
+        if node["op"] == "rotary":
+            source = next((name for name, table in first if table == node["table"]), None)
+            if source is None:
+                first.append((node["name"], node["table"]))
+            else:
+                node = {**{k: v for k, v in node.items() if k != "table"}, "table_from": source}
+        out.append(node)
+    return out
 
 
 def rotary_intermediates(x: list[int]) -> int:

@@ -35,7 +35,7 @@ from edgecl.arch.op_rules import (FIELD_RULES, attention_state_name, attention_t
                                    stored_rows)
 from edgecl.arch.ops import (MAX_NUMBER, MIN_EPS, NORMALISING_OPS, OPS, PAD_MODES, ROWLESS_OPS, TENSOR_OPS,
                              TOKEN_TENSOR_OPS, WEIGHT_OPS, output_shape)
-from edgecl.arch.rotary_ops import is_number_table
+from edgecl.arch.rotary_ops import is_number_table, resolve_tables
 from edgecl.errors import UsageError
 
 Arch = dict[str, Any]
@@ -63,6 +63,7 @@ def validate(arch: Any) -> Arch:
     nodes = arch["nodes"]
     if not isinstance(nodes, list) or not nodes or len(nodes) > MAX_NODES:
         raise UsageError(f"architecture nodes must be a non-empty list of at most {MAX_NODES} objects")
+    nodes = resolve_tables(nodes)  # a rotary table a file stores once (`rotary_ops.share_tables`)
     name = arch.get("name", "custom")
     if not isinstance(name, str) or not 0 < len(name) <= 128 or not name.isprintable():
         raise UsageError(f"architecture name {name!r} must be 1-128 printable characters")
