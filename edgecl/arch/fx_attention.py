@@ -153,7 +153,12 @@ class _AttentionConverter:
     def attend_packed(self, node: fx.Node, packed: str, path: str, width: int, **fields: Any) -> str:
         """q, k and v as the three `width`-channel slices of one packed projection, and the ``attention`` over them
         (`fields`: heads, scale)."""
+        return self._emit(node, "attention", list(self.packed_slices(node, packed, path, width)), f"{path}.attend",
+                          **fields)
+
+    def packed_slices(self, node: fx.Node, packed: str, path: str, width: int) -> tuple[str, str, str]:
+        """q, k and v: the three `width`-channel slices of one packed projection."""
         q, k, v = (self._emit(node, "slice", [packed], f"{path}.{part}", start=i * width, stop=(i + 1) * width)
                    for i, part in enumerate("qkv"))
-        return self._emit(node, "attention", [q, k, v], f"{path}.attend", **fields)
+        return q, k, v
 

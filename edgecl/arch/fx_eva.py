@@ -42,6 +42,7 @@ class _EvaConverter:
     last: set[fx.Node]
     traced: fx.GraphModule
     _emit: Callable[..., str]
+    packed_slices: Callable[..., tuple[str, str, str]]  # `fx_attention`'s
     swin_norm: Callable[..., str]
 
     def eva_attention(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
@@ -71,9 +72,7 @@ class _EvaConverter:
         if m.qkv is not None:
             packed = self._emit(node, "conv", [x], f"{path}.qkv",
                                 **{**pointwise(m.qkv), **qkv_bias_fields(self.name, where, m)})
-            width = m.qkv.out_features // 3
-            q, k, v = (self._emit(node, "slice", [packed], f"{path}.{part}", start=i * width, stop=(i + 1) * width)
-                       for i, part in enumerate("qkv"))
+            q, k, v = self.packed_slices(node, packed, path, m.qkv.out_features // 3)
         else:
             q, k, v = (self._emit(node, "conv", [x], f"{path}.{part}", **pointwise(getattr(m, part)))
                        for part in ("q_proj", "k_proj", "v_proj"))
