@@ -214,6 +214,9 @@ def _spec(draw) -> dict:
                                                           ["a.b", "c"], [None, None], "a", None, [1, 2], ["a"] * 9]))
                 if draw(st.integers(0, 3)) == 0:
                     node["bias"] = False
+            if draw(st.integers(0, 5)) == 0:  # its weight a row block of a fused one (EVA's q, k, v): alone it holds
+                # a part only, refused unless it is the whole ([0, 1]); or hostile rows
+                node["weight_rows"] = draw(st.sampled_from([[0, 1], [0, 3], [2, 2], [-1, 2], [0], "x", [0, 1 << 31]]))
         elif op == "linear":
             node.update({"in": int(np.prod(dims)) if fits else draw(hostile), "out": draw(st.integers(1, 8))})
         elif op == "bn":

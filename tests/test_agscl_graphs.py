@@ -98,7 +98,7 @@ def _arch(name: str) -> dict:
               "davit": lambda: tiny_davit(in_channels=3), "nest": lambda: tiny_nest(in_channels=3),
               "beit": lambda: tiny_beit(in_channels=3), "vit_relpos": lambda: tiny_vit_relpos(in_channels=3),
               "eva": lambda: tiny_eva(in_channels=3),
-              "eva_rope": lambda: tiny_eva(in_channels=3, use_rot_pos_emb=True, qkv_fused=False)}
+              "eva_rope": lambda: tiny_eva(in_channels=3, use_rot_pos_emb=True)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 

@@ -1,7 +1,7 @@
 """The ``rotary`` op (RoPE, `edgecl.arch.rotary_ops`) and EVA's / the RoPE ViTs' attentions with it through
 `from_torch`: against timm's own rotation, the module (torch form and ONNX), over prefix tokens, both of timm's pair
 layouts and grouped-query keys; the op's table validated; what stays refused by name; the library's RoPE ViT and
-EVA-02 tiny (separate projections) at 64 and another size (slow)."""
+EVA-02 tiny as built (q, k, v as rows of its fused qkv) and with separate projections at 64 and 56 (slow)."""
 from __future__ import annotations
 
 import copy
@@ -16,10 +16,13 @@ from vit_bias_nets import tiny_eva
 
 from edgecl.arch import from_torch
 from edgecl.arch.factories import build_module
+from edgecl.arch.fx_import import tensors_of
 from edgecl.arch.later_fields import stored_form
+from edgecl.arch.module_state import to_module_state
 from edgecl.arch.rotary_ops import rotary_constants
 from edgecl.arch.spec import validate
 from edgecl.errors import UsageError
+from edgecl.train.initial import starting_weights
 
 
 @pytest.mark.parametrize("half", [False, True])
@@ -38,7 +41,7 @@ def test_constants_rotate_as_timm(half):
     assert torch.allclose(got.reshape(3, heads, d, t).permute(0, 1, 3, 2), want, atol=1e-6)
 
 
-_KINDS = {"eva_separate": dict(qkv_fused=False), "eva_no_qkv_bias": dict(qkv_bias=False),
+_KINDS = {"eva_as_built": {}, "eva_separate": dict(qkv_fused=False), "eva_no_qkv_bias": dict(qkv_bias=False),
           "eva_no_class_token": dict(qkv_fused=False, class_token=False, global_pool="avg"),
           "rope_vit": dict(attn_type="rope"), "rope_vit_registers": dict(attn_type="rope", num_reg_tokens=2),
           "rope_vit_grouped": dict(attn_type="rope", qkv_fused=False, num_kv_heads=1),
@@ -57,8 +60,44 @@ def test_tiny_parity(kind):
     check_parity(module, spec, (1, image, image))
 
 
-def _rope_spec() -> dict:
-    return copy.deepcopy(from_torch(tiny_eva(use_rot_pos_emb=True, qkv_fused=False), (1, 8, 8)))
+def _rope_spec(**kwargs) -> dict:
+    return copy.deepcopy(from_torch(tiny_eva(use_rot_pos_emb=True, **{"qkv_fused": False, **kwargs}), (1, 8, 8)))
+
+
+def test_fused_qkv_under_rope_is_three_convs_of_its_rows():
+    """EVA-02's fused qkv with q/v biases: q, k, v each a conv of its rows of qkv.weight; q's and v's biases the
+    module's q_bias and v_bias; back to the module as they were."""
+    module = randomised_all(tiny_eva(use_rot_pos_emb=True))
+    spec = from_torch(module, (1, 8, 8))
+    nodes = {n["name"]: n for n in spec["nodes"]}
+    q, k, v = (nodes[f"blocks.0.attn.{p}"] for p in "qkv")
+    assert [n["weight_rows"] for n in (q, k, v)] == [[0, 3], [1, 3], [2, 3]]
+    assert (q["bias_parts"], k["bias"], v["bias_parts"], q["module"]) == (["q_bias"], False, ["v_bias"],
+                                                                          "blocks.0.attn.qkv")
+    weights = tensors_of(module, spec)
+    attn = module.blocks[0].attn
+    assert np.array_equal(weights["blocks.0.attn.k.weight"].reshape(8, 8), attn.qkv.weight[8:16].detach().numpy())
+    assert np.array_equal(weights["blocks.0.attn.v.bias"], attn.v_bias.detach().numpy())
+    state = to_module_state(spec, weights)
+    assert "blocks.0.attn.qkv.bias" not in state and "blocks.0.attn.q.bias" not in state
+    for key in ("blocks.0.attn.qkv.weight", "blocks.0.attn.q_bias", "blocks.0.attn.v_bias"):
+        assert np.array_equal(state[key], module.state_dict()[key].numpy()), key
+    assert starting_weights(module, spec).sha256 == starting_weights(state, spec).sha256
+    assert validate(stored_form(spec)) == spec
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda n: n["blocks.0.attn.k"].update(weight_rows=[3, 3]), "needs part < parts"),
+    (lambda n: n["blocks.0.attn.k"].update(bias=True), "needs part < parts and, with a bias, its bias_parts"),
+    (lambda n: n["blocks.0.attn.k"].update(weight_rows=[0, 3]), "one weight cannot be two"),  # q's rows
+    (lambda n: n["blocks.0.attn.k"].update(weight_rows=[1, 4]), "different shapes"),
+    (lambda n: n["blocks.0.attn.k"].update(module="blocks.0.attn.kk"), "row 8 of it is no node's"),
+])
+def test_validation_refuses_bad_weight_rows(change, words):
+    spec = copy.deepcopy(from_torch(tiny_eva(use_rot_pos_emb=True), (1, 8, 8)))
+    change({n["name"]: n for n in spec["nodes"]})
+    with pytest.raises(UsageError, match=words):
+        validate(spec)
 
 
 @pytest.mark.parametrize("change, words", [
@@ -104,8 +143,6 @@ def test_table_from_must_name_an_earlier_table(source, words):
 
 
 def test_refused_by_name():
-    module = tiny_eva(use_rot_pos_emb=True)  # fused qkv with q/v biases: its k part would be trained under RoPE
-    assert_refused(module, "EvaAttention", "blocks.0.attn", "qkv_fused=False")
     module = tiny_eva(use_rot_pos_emb=True, attn_type="rope", rope_type="mixed")  # learned per-block frequencies
     assert_refused(module, "pos_embed_sincos.py")
 
@@ -114,7 +151,7 @@ def test_refused_by_name():
 @pytest.mark.parametrize("name, size, kwargs", [
     ("vit_small_patch16_rope_224", 64, {}), ("vit_small_patch16_rope_224", 96, {}),
     ("vit_small_patch16_rope_ape_224", 64, {}),
-    ("eva02_tiny_patch14_224", 56, {"qkv_fused": False, "num_classes": 10}),
+    ("eva02_tiny_patch14_224", 56, {"num_classes": 10}), ("eva02_tiny_patch14_224", 64, {"num_classes": 10}),
     ("eva02_tiny_patch14_224", 64, {"qkv_fused": False, "num_classes": 10})])
 def test_library_models(name, size, kwargs):
     torch.manual_seed(0)

@@ -54,6 +54,7 @@ def eva_spec(input_shape=(1, 8, 8)) -> dict:
 
 
 def eva_rope_spec(input_shape=(1, 8, 8)) -> dict:
-    """EVA-02's layout with its rotary embedding: separate q/k/v projections (k without a bias), RoPE on q and k."""
-    module = tiny_eva(in_channels=input_shape[0], image=input_shape[1], use_rot_pos_emb=True, qkv_fused=False)
+    """EVA-02 as timm builds it, in small: RoPE on q and k, which come with v from a fused qkv with q/v biases (q, k,
+    v each a conv of its rows of that weight)."""
+    module = tiny_eva(in_channels=input_shape[0], image=input_shape[1], use_rot_pos_emb=True)
     return from_torch(module, tuple(input_shape))

@@ -24,9 +24,10 @@ _PART = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 def is_bias_parts(value: Any) -> bool:
-    """The field's form: 2 to `MAX_PARTS` entries, each null or a distinct Python name, at least one a name."""
+    """The field's form: 1 to `MAX_PARTS` entries, each null or a distinct Python name, at least one a name (one
+    part: the bias stored whole under another name, as EVA's q_bias for a q conv that is rows of a fused qkv)."""
     names = [v for v in value if v is not None] if isinstance(value, list) else []
-    return isinstance(value, list) and 2 <= len(value) <= MAX_PARTS and bool(names) and \
+    return isinstance(value, list) and 1 <= len(value) <= MAX_PARTS and bool(names) and \
         all(isinstance(v, str) and _PART.fullmatch(v) for v in names) and len(set(names)) == len(names)
 
 

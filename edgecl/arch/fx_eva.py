@@ -2,15 +2,14 @@
 ``Eva`` class's two kinds) in a user's network, for `fx_import._Converter`. The tracer keeps them whole:
 
     qkv (1×1 conv, BEiT's q/v bias parts: `fx_vit_bias`) → slices q, k, v, or q_proj, k_proj, v_proj (1×1 convs; k
-    and v of ``num_kv_heads`` heads: the attention's ``kv_heads``) → ``rotary`` on q and on k (its rotary position
+    and v of ``num_kv_heads`` heads: the attention's ``kv_heads``), or under RoPE with q/v biases (EVA-02) q, k, v
+    each a 1×1 conv of its rows of the fused qkv weight (`_fused_rows`) → ``rotary`` on q and on k (its rotary position
     embedding, RoPE, where it is given one: EVA-02, the RoPE ViTs) → attention {heads, scale} → norm (EVA's
     ``scale_norm`` LayerNorm, where it has one) → proj (1×1 conv)
 
 The rotary table is the model's fixed ``rope`` buffer (timm's ``emb``: sines then cosines per token after the class
 token), read once into the node (`edgecl.arch.rotary_ops`). Refused by name with the user's source line: a rotary
-embedding that is learned or computed in the forward (RoPE-Mixed's per-block frequencies), RoPE on a fused qkv with
-q/v biases (its k part, a fixed zero, would be trained: rotated, it is no longer cancelled by the softmax; built with
-``qkv_fused=False`` it goes in), a mask or causal attention, qk-norm, a gate and a sub-LN that is no affine
+embedding that is learned or computed in the forward (RoPE-Mixed's per-block frequencies), a mask or causal attention, qk-norm, a gate and a sub-LN that is no affine
 ``nn.LayerNorm``.
 """
 from __future__ import annotations
@@ -64,12 +63,8 @@ class _EvaConverter:
         table = self._rope_table(args["rope"], m, where, shape[0]) if args.get("rope") is not None else None
         fields: dict[str, Any] = {"heads": heads, "scale": applied_scale(m, int(m.head_dim))}
         if m.qkv is not None and table is not None and getattr(m, "q_bias", None) is not None:
-            raise UsageError(f"{self.name}: {where}: its qkv bias (q_bias, k_bias, v_bias) leaves k's part a fixed "
-                             "zero, which the rotary embedding turns into a term that differs from key to key: as "
-                             "the qkv conv's bias edgecl would train that part, which the module cannot hold; build "
-                             "it with qkv_fused=False (q_proj and v_proj with biases, k_proj without: the same "
-                             "attention)")
-        if m.qkv is not None:
+            q, k, v = self._fused_rows(node, m, x, path, where)
+        elif m.qkv is not None:
             packed = self._emit(node, "conv", [x], f"{path}.qkv",
                                 **{**pointwise(m.qkv), **qkv_bias_fields(self.name, where, m)})
             q, k, v = self.packed_slices(node, packed, path, m.qkv.out_features // 3)
@@ -87,6 +82,18 @@ class _EvaConverter:
             attended = self.swin_norm(node, m.norm, attended, f"{path}.norm", where)
         self._emit(node, "conv", [attended], f"{path}.proj", **pointwise(m.proj))
         self.last.add(node)
+
+    def _fused_rows(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str) -> tuple[str, str, str]:
+        """EVA-02's fused qkv with q and v biases under RoPE: q, k and v each a conv of its rows of the qkv weight
+        (``weight_rows``), q's and v's biases the module's q_bias and v_bias (``bias_parts``), k's none. (One conv's
+        bias with k's part a fixed zero, as without RoPE, would not do: rotated, that part no longer cancels in the
+        softmax, and training would move it where the module holds none.)"""
+        qkv_bias_fields(self.name, where, m)  # checks BEiT's form: q_bias and v_bias on a bias-less qkv, k's zero
+        width = m.qkv.out_features // 3
+        base = {**pointwise(m.qkv), "out": width, "module_shape": [width, m.qkv.in_features], "module": f"{path}.qkv"}
+        return tuple(self._emit(node, "conv", [x], f"{path}.{part}", **{**base, "weight_rows": [i, 3], **(
+            {"bias": True, "bias_parts": [f"{part}_bias"]} if part != "k" else {"bias": False})})
+                     for i, part in enumerate("qkv"))
 
     def _rope_table(self, rope: Any, m: nn.Module, where: str, tokens: int) -> list[list[float]]:
         """The rotary table the attention is given: a fixed buffer of the model (get_attr), (tokens − prefix,

@@ -30,7 +30,8 @@ LATER_FIELDS: dict[str, dict[str, LaterField]] = {
     "conv": {"standardize": _NONE, "gain_scale": _NONE,  # no weight standardisation
              "std_gain": LaterField((True, None)),  # a standardised conv with a learned gain (timm's ScaledStdConv2d)
              "window": _NONE,  # a conv over the whole map
-             "bias_parts": _NONE},  # its bias stored whole, as the conv's own (before BEiT's q_bias, v_bias)
+             "bias_parts": _NONE,  # its bias stored whole, as the conv's own (before BEiT's q_bias, v_bias)
+             "weight_rows": _NONE},  # its weight the module's whole (before EVA's q, k, v read from a fused qkv)
     "layer_norm": {"over": LaterField(("channels", None)),  # over the channels (before GroupNorm1)
                    "groups": LaterField((1, None)),  # one group (before GroupNorm)
                    "bias": LaterField((True,))},  # with a bias when affine (before MetaFormer v2's bias-less norms)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from edgecl.arch.bias_parts import split
-from edgecl.arch.op_rules import has_gain, stored_rows
+from edgecl.arch.op_rules import has_gain, row_table, stored_rows
 from edgecl.arch.spec import Arch, node_by_name, param_shapes, state_key
 
 
@@ -57,8 +57,9 @@ def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
             shapes[f"{node['name']}.temperature"] = (node["heads"], 1, 1)
         if node["op"] == "attention" and node.get("bias_table") == "tf":  # (heads, offsets) with its 2-D offsets
             shapes[f"{node['name']}.bias"] = (node["heads"], *(2 * w - 1 for w in node["window"]))
-        if node["op"] == "attention" and node.get("bias_rows"):  # its rows of a table of more heads
-            shapes[f"{node['name']}.bias"] = (node["bias_rows"][1], node["bias_offsets"])
+        for tensor in ("bias", "weight"):  # its rows of a table of more heads, of a fused weight (`row_table`)
+            if (table := row_table(node, tensor)) is not None:
+                shapes[f"{node['name']}.{tensor}"] = tuple(table[1])
     return shapes
 
 
@@ -77,8 +78,10 @@ def from_module(arch: Arch, name: str, array: Any) -> np.ndarray:
         return np.ascontiguousarray(array.reshape(node["tokens"], node["ch"]).T)
     if _swin_table(node):
         return np.ascontiguousarray(array.reshape(node["bias_offsets"], node["heads"]).T)
-    if (rows := stored_rows(node, name.rpartition(".")[2])) is not None:
-        return np.ascontiguousarray(array.reshape(node["bias_rows"][1], -1)[rows.start:rows.stop])
+    if (table := row_table(node, name.rpartition(".")[2])) is not None:
+        rows, stored = table
+        return np.ascontiguousarray(array.reshape(stored[0], -1)[rows.start:rows.stop]) \
+            .reshape(param_shapes(arch)[name])
     return array.reshape(param_shapes(arch)[name])
 
 
@@ -94,7 +97,7 @@ def to_module_state(arch: Arch, values: dict[str, Any]) -> dict[str, np.ndarray]
             out[keys[name]] = to_module(arch, name, array)
             continue
         table = out.setdefault(keys[name], np.zeros(stored[name], dtype=np.float32))
-        table[rows.start:rows.stop] = np.asarray(array)
+        table[rows.start:rows.stop] = np.asarray(array).reshape(len(rows), *table.shape[1:])
         given[keys[name]] = given.get(keys[name], 0) + len(rows)
     whole = {key: v for key, v in out.items() if key not in given or given[key] == len(v)}  # () tensors have no len
     return split(arch, whole, keys)

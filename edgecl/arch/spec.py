@@ -98,6 +98,8 @@ def state_key(node: dict[str, Any], tensor: str) -> str:
     (``nn.MultiheadAttention``'s ``in_proj_weight`` / ``in_proj_bias``, module ``….in_proj_*``); a path that merely
     ends in ``_`` (``self.conv_``) is an ordinary one."""
     path = node.get("module", node["name"])
+    if tensor == "bias" and node.get("bias_parts"):  # stored in parts (`bias_parts.gather`): the node's own name
+        return f"{node['name']}.bias"
     if node["op"] in ("layer_scale", *TOKEN_TENSOR_OPS) or node["op"] == "scalar_affine" and "bias" in node:
         return path
     tensor = "scale" if node["op"] == "scalar_affine" and tensor == "weight" else \
@@ -116,7 +118,7 @@ def _check_state_keys(arch: Arch) -> None:
         for other, taken in seen.get(key, []):
             if rows is None or taken is None:
                 raise UsageError(f"architecture tensors {other!r} and {name!r} both name the module's {key!r} (a "
-                                 "node's 'module' field, or its bias_rows): one weight cannot be two")
+                                 "node's 'module' field, or its bias_rows / weight_rows): one weight cannot be two")
         seen.setdefault(key, []).append((name, rows))
         if rows is not None:
             tables.setdefault(key, []).append((name, nodes[layer]))
@@ -282,7 +284,7 @@ def _field(value: Any, kind: str, where: str) -> Any:
               "bias_table": "'levit', 'swin' or 'tf'", "kernel": "'relu'", "norm_over": "'channels' or 'map'",
               "upsample_mode": "'nearest' or 'bilinear'",
               "index_table": "a non-empty list of non-empty lists of ints ≥ 0",
-              "bias_parts": "2-8 distinct tensor names (Python names) or nulls, at least one a name",
+              "bias_parts": "1-8 distinct tensor names (Python names) or nulls, at least one a name",
               "number_table": "a non-empty list of equally long lists of finite numbers (|v| ≤ 1e4)",
               "number": f"a finite number of magnitude at most {MAX_NUMBER:g}"}.get(kind, kind)
     shown = repr(value) if isinstance(value, str) else str(value)  # "1" is not 1
