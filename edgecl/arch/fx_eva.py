@@ -3,14 +3,14 @@
 
     qkv (1×1 conv, BEiT's q/v bias parts: `fx_vit_bias`) → slices q, k, v, or q_proj, k_proj, v_proj (1×1 convs; k
     and v of ``num_kv_heads`` heads: the attention's ``kv_heads``), or under RoPE with q/v biases (EVA-02) q, k, v
-    each a 1×1 conv of its rows of the fused qkv weight (`_fused_rows`) → ``rotary`` on q and on k (its rotary position
-    embedding, RoPE, where it is given one: EVA-02, the RoPE ViTs) → attention {heads, scale} → norm (EVA's
+    each a 1×1 conv of its rows of the fused qkv weight (`_fused_rows`) → ``rotary`` on q and on k (its rotary
+    position embedding, RoPE, where it is given one: EVA-02, the RoPE ViTs) → attention {heads, scale} → norm (EVA's
     ``scale_norm`` LayerNorm, where it has one) → proj (1×1 conv)
 
 The rotary table is the model's fixed ``rope`` buffer (timm's ``emb``: sines then cosines per token after the class
 token), read once into the node (`edgecl.arch.rotary_ops`). Refused by name with the user's source line: a rotary
-embedding that is learned or computed in the forward (RoPE-Mixed's per-block frequencies), a mask or causal attention, qk-norm, a gate and a sub-LN that is no affine
-``nn.LayerNorm``.
+embedding that is learned or computed in the forward (RoPE-Mixed's per-block frequencies), a mask or causal
+attention, qk-norm, a gate and a sub-LN that is no affine ``nn.LayerNorm``.
 """
 from __future__ import annotations
 
