@@ -187,7 +187,8 @@ def _spec(draw) -> dict:
                                    "branch_softmax", "class_token", "pos_embed", "token", "attention", "space_to_depth",
                                    "upsample", "linear_attention", "layer_norm", "attention_pool",
                                    "channel_attention", "fourier_pos", "lambda_layer", "token_mix", "affine",
-                                   "bicubic", "outlook_attention", *ACTIVATIONS]))
+                                   "bicubic", "outlook_attention", "rotary",
+                                   *ACTIVATIONS]))
         src = draw(st.sampled_from(names))
         node = {"name": f"n{i}", "op": op, "inputs": [src]}
         dims = known.get(src, [1])
@@ -208,6 +209,15 @@ def _spec(draw) -> dict:
                     node["std_gain"] = draw(st.sampled_from([False, True, 0, "no"]))
             if draw(st.integers(0, 3)) == 0:  # run in each window (EfficientViT-MSRA's conv on q), or a bad window
                 node["window"] = draw(st.sampled_from([[2, 2], [1, 3], 3, [3, 2], [4, 4], [0, 2], [2, 2, 2], None]))
+            if draw(st.integers(0, 4)) == 0:  # its bias stored in parts (BEiT's q_bias, v_bias) or hostile parts; a
+                # null part (a fixed zero) read by anything but slices read as attentions' keys is refused
+                node["bias_parts"] = draw(st.sampled_from([["a", "b"], ["a", None, "b"], [None, "a"], ["a"], ["a", "a"],
+                                                          ["a.b", "c"], [None, None], "a", None, [1, 2], ["a"] * 9]))
+                if draw(st.integers(0, 3)) == 0:
+                    node["bias"] = False
+            if draw(st.integers(0, 5)) == 0:  # its weight a row block of a fused one (EVA's q, k, v): alone it holds
+                # a part only, refused unless it is the whole ([0, 1]); or hostile rows
+                node["weight_rows"] = draw(st.sampled_from([[0, 1], [0, 3], [2, 2], [-1, 2], [0], "x", [0, 1 << 31]]))
         elif op == "linear":
             node.update({"in": int(np.prod(dims)) if fits else draw(hostile), "out": draw(st.integers(1, 8))})
         elif op == "bn":
@@ -344,6 +354,22 @@ def _spec(draw) -> dict:
                 node["stride"] = 1 if fits else draw(st.sampled_from([2, 0]))
             if draw(st.booleans()):
                 node["pad"] = 0 if fits else draw(st.sampled_from([1, -1, 2.0]))
+        elif op == "rotary":  # RoPE on a (C, T, 1) token map: heads of an even size, a table row per token after
+            # the prefix (d sines, d cosines), or hostile heads, prefix and tables
+            t = dims[1] if len(dims) == 3 else 1
+            heads = draw(st.sampled_from([h for h in (1, 2) if dims[0] % (2 * h) == 0] or [1])) if fits else \
+                draw(st.sampled_from([0, 3, "1"]))
+            d = dims[0] // heads if type(heads) is int and heads > 0 else 2
+            prefix = draw(st.sampled_from([p for p in (0, 1) if p < t] or [0])) if fits else \
+                draw(st.sampled_from([-1, t, t + 1]))
+            rows = np.random.default_rng(draw(st.integers(0, 9))).uniform(-1, 1, (max(t - prefix, 1), 2 * d))
+            node.update({"heads": heads, "prefix": prefix, "half": draw(st.booleans()),
+                         "table": rows.tolist() if fits else draw(st.sampled_from(
+                             [[], [[float("nan")] * 2 * d], [[1e5] * 2 * d], "x", [[1.0, 2.0], [3.0]],
+                              rows[:, :-1].tolist(), [[True] * 2 * d]]))})
+            if draw(st.integers(0, 3)) == 0:  # the table another node stores (a file's later blocks), or a bad name
+                node.pop("table")
+                node["table_from"] = draw(st.sampled_from([*names[1:], "nope", 3]))
         elif op == "fourier_pos":  # EdgeNeXt's sine-cosine grid of the map's shape: no tensors
             node["hidden"] = draw(st.sampled_from([1, 2, 4])) if fits else draw(st.sampled_from([0, 513, 2.0]))
             if draw(st.booleans()):

@@ -27,6 +27,7 @@ from layer_nets_nf import TinyGroupNormNet, TinyNFNet, TinyStdNet
 from layer_nets_cait import TinyCoatStage, tiny_cait, tiny_convit
 from layer_nets_vit import (TinyEfficientViTMsra, TinyFastViT, TinyNextViT, TinySHViT, tiny_crossvit, tiny_davit,
                              tiny_gcvit, tiny_nest, tiny_pit, tiny_pvt, tiny_tnt, tiny_twins, tiny_volo)
+from vit_bias_nets import tiny_beit, tiny_eva, tiny_vit_relpos
 from linear_nets import TinyEdgeNeXt, TinyEfficientViT, TinyLambdaNet, TinyMobileViTv2
 from xcit_nets import TinyXCiT
 from torch_nets import MODELS, GhostSplit, ResCat, TinyConvNeXt
@@ -106,7 +107,11 @@ def _arch(name: str) -> dict:
               "coat": lambda: TinyCoatStage(in_channels=3),
               "swinv2": lambda: TinySwinV2(in_channels=3, width=16),
               "crossvit": lambda: tiny_crossvit(in_channels=3), "volo": lambda: tiny_volo(in_channels=3),
-              "tnt": lambda: tiny_tnt(in_channels=3)}
+              "tnt": lambda: tiny_tnt(in_channels=3),
+              "beit": lambda: tiny_beit(in_channels=3), "vit_relpos": lambda: tiny_vit_relpos(in_channels=3),
+              "eva": lambda: tiny_eva(in_channels=3),
+              "eva_rope": lambda: tiny_eva(in_channels=3, use_rot_pos_emb=True)}
+
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
@@ -114,7 +119,8 @@ _CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4"
            "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra",
            "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta", "xcit", "mixer", "resmlp", "gmlp",
            "mambaout", "twins", "davit", "nest", "pvt", "nextvit", "shvit", "gcvit", "cait", "convit",
-           "coat", "swinv2", "crossvit", "volo", "tnt")
+           "coat", "swinv2", "crossvit", "volo", "tnt", "beit", "vit_relpos",
+           "eva", "eva_rope")
 
 
 def _stream(name: str, n_tasks: int):
@@ -141,7 +147,8 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
                                                 "xcit", "mixer", "resmlp", "gmlp", "mambaout",
                                                 "twins", "davit", "nest", "pvt", "nextvit", "shvit",
                                                 "gcvit", "cait", "convit", "coat", "swinv2", "crossvit", "volo",
-                                                "tnt"])
+                                                "tnt", "beit", "vit_relpos", "eva",
+                                                "eva_rope"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

@@ -37,7 +37,10 @@ tiny_crossvit (CrossViT: two branches, one of the bicubically
 resampled input, class tokens attending to the other branch's tokens, two heads averaged), tiny_volo (VOLO: outlook
 attention, attention over a channels-last map, its channels-last position embedding, class attention), tiny_tnt
 (TNT: a windowed conv pixel embedding, a tiled pixel position embedding, inner window attention, pixels to patch
-tokens by space-to-depth) and TinyViT
+tokens by space-to-depth),
+tiny_beit and tiny_vit_relpos (BEiT's q/v biases beside a bias-less
+qkv, relative position bias tables over the tokens, layer scales), tiny_eva (EVA: SwiGLU with its sub-LN; without
+and with its rotary embedding, RoPE) and TinyViT
 with register tokens, DeiT's distillation token (two averaged heads) and a
 frozen position embedding: two real digit tasks each, then what the method promises about the first task, the deployed
 runtime against the training evaluation, and the exported ONNX against the runtime."""
@@ -74,6 +77,7 @@ from neck_nets import fpn_spec
 from linear_nets import edgenext_spec, efficientvit_spec, lambda_spec, mobilevit2_spec
 from xcit_nets import xcit_spec
 from torch_nets import convnext_spec, dwres_spec, ghost_spec, rescat_spec, shuffle_spec
+from vit_bias_nets import beit_spec, eva_rope_spec, eva_spec, vit_relpos_spec
 
 CTX = TrainContext(progress=False)
 QUICK = {"lps": {"epochs": 1}, "halrp": {"epochs": 3}, "rgo": {"epochs": 1}, "finetune": {"epochs": 2},
@@ -92,14 +96,15 @@ ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8
          "twins": twins_spec, "davit": davit_spec, "nest": nest_spec, "pvt": pvt_spec,
          "nextvit": nextvit_spec, "shvit": shvit_spec, "gcvit": gcvit_spec, "cait": cait_spec,
          "convit": convit_spec, "coat": coat_spec,
-         "swinv2": swinv2_spec, "crossvit": crossvit_spec, "volo": volo_spec, "tnt": tnt_spec}
+         "swinv2": swinv2_spec, "crossvit": crossvit_spec, "volo": volo_spec, "tnt": tnt_spec,
+         "beit": beit_spec, "vit_relpos": vit_relpos_spec, "eva": eva_spec, "eva_rope": eva_rope_spec}
 GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgnet", "split", "vit", "gc", "s2d", "mnv4",
           "vit_tokens", "levit", "blur", "swin", "tiny_vit", "map_embed", "efficientformer", "mobilevit", "maxvit",
           "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext",
           "efficientvit_msra", "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta", "xcit", "mixer",
           "resmlp", "gmlp", "mambaout", "twins", "davit", "nest", "pvt", "nextvit", "shvit",
           "gcvit", "cait", "convit", "coat", "swinv2", "crossvit", "volo",
-          "tnt"]
+          "tnt", "beit", "vit_relpos", "eva", "eva_rope"]
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,17 @@ from torch import fx, nn
 
 from edgecl.arch.fx_attention2d import applied_scale, is_attention_2d, pointwise
 from edgecl.arch.fx_calls import location, shape_of
+from edgecl.arch.fx_vit_bias import qkv_bias_fields, relative_bias_fields
 from edgecl.errors import UsageError
 
 TIMM_ATTENTION = ("timm.layers.attention", "Attention")
+# BEiT's (q_bias and v_bias beside a bias-less qkv, a relative position bias table) and timm's relative-position ViT's
+# (its bias from `rel_pos`): `fx_vit_bias`
+BEIT_ATTENTION = ("timm.models.beit", "Attention")
+RELPOS_ATTENTION = ("timm.models.vision_transformer_relpos", "RelPosAttention")
+# the names of what each one's forward takes beside x, by position or keyword (each refused unless None / False)
+_CALL_EXTRAS = {TIMM_ATTENTION: ("attn_mask", "is_causal"), BEIT_ATTENTION: ("shared_rel_pos_bias",),
+                RELPOS_ATTENTION: ("shared_rel_pos",)}
 # MetaFormer's (CAFormer's) own copy: qkv, SDPA at head_dim ** -0.5, proj; no mask argument, no qk-norm, norm or gate
 METAFORMER_ATTENTION = ("timm.models.metaformer", "Attention")
 _MHA_PARAMETERS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
@@ -34,16 +42,19 @@ _MHA_PARAMETERS = ("query", "key", "value", "key_padding_mask", "need_weights", 
 def is_timm_attention(m: Any) -> bool:
     """timm's ``Attention`` (ViT, DeiT) or an attention over a map's positions (`fx_attention2d`: MobileNetV4's
     MultiQueryAttention2d, Attention2d), judged by its class; timm is not imported for this."""
-    return (type(m).__module__, type(m).__name__) in (TIMM_ATTENTION, METAFORMER_ATTENTION) or is_attention_2d(m)
+    return (type(m).__module__, type(m).__name__) in (TIMM_ATTENTION, METAFORMER_ATTENTION, BEIT_ATTENTION,
+                                                      RELPOS_ATTENTION) or is_attention_2d(m)
 
 
 def check_plain_attention(model: str, where: str, m: nn.Module) -> None:
     """timm's Attention computes plain multi-head attention only without qk-norm, a norm before its projection or
-    a gate; each of those is refused by name. MetaFormer's has none of them (its forward takes x alone)."""
-    if (type(m).__module__, type(m).__name__) == METAFORMER_ATTENTION:
+    a gate; each of those is refused by name. MetaFormer's has none of them (its forward takes x alone), BEiT's none
+    and the relative-position ViT's no norm or gate (a part the class lacks is no computation)."""
+    kind = (type(m).__module__, type(m).__name__)
+    if kind == METAFORMER_ATTENTION:
         return
     for part, why in (("q_norm", "qk-norm"), ("k_norm", "qk-norm"), ("norm", "a norm before the projection")):
-        if not isinstance(getattr(m, part, None), nn.Identity):
+        if not isinstance(getattr(m, part, None if kind == TIMM_ATTENTION else nn.Identity()), nn.Identity):
             raise UsageError(f"{model}: {where} uses {why} ({part}); not supported")
     if getattr(m, "gate", None) is not None:
         raise UsageError(f"{model}: {where} is gated (a sigmoid gate on its output); not supported")
@@ -67,16 +78,23 @@ class _AttentionConverter:
     def timm_attention(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
         if is_attention_2d(m):
             return self.attention_2d(node, m, x, path)
-        where = f"Attention at {path!r} {location(node)}"
-        extra = dict(zip(("attn_mask", "is_causal"), node.args[1:]), **node.kwargs)
+        kind = (type(m).__module__, type(m).__name__)
+        where = f"{kind[1]} at {path!r} {location(node)}"
+        extra = dict(zip(_CALL_EXTRAS.get(kind, ()), node.args[1:]), **node.kwargs)
         if extra.get("attn_mask") is not None or extra.get("is_causal", False) is not False:
             raise UsageError(f"{self.name}: {where} is called with an attention mask or causal=True; edgecl "
                              "supports plain self-attention (no mask, not causal)")
+        if any(extra.get(k) is not None for k in ("shared_rel_pos_bias", "shared_rel_pos")):
+            raise UsageError(f"{self.name}: {where} is called with a relative position bias shared by all blocks "
+                             "(BEiT's use_shared_rel_pos_bias, timm's shared_rel_pos); edgecl supports each "
+                             "attention's own table (use_rel_pos_bias=True)")
         check_plain_attention(self.name, where, m)
         heads = int(m.num_heads)
         scale = applied_scale(m, m.qkv.out_features // 3 // heads)
+        tokens = (shape_of(node.args[0]) or [0])[0]
         self._attention(node, x, path, heads, scale, (m.qkv, f"{path}.qkv", None),
-                        (m.proj, f"{path}.proj"), where)
+                        (m.proj, f"{path}.proj"), where, qkv_fields=qkv_bias_fields(self.name, where, m),
+                        bias_fields=relative_bias_fields(self.name, where, m, path, tokens))
 
     def attention_step(self, node: fx.Node) -> bool:
         """A MultiheadAttention call and the parts of its (output, weights) tuple; False for any other node."""
@@ -115,9 +133,11 @@ class _AttentionConverter:
         self.mha[node] = self.alias[node]
 
     def _attention(self, node: fx.Node, x: str, path: str, heads: int, scale: float, qkv: tuple, proj: tuple,
-                   where: str, source: fx.Node | None = None, fields: dict[str, Any] | None = None) -> None:
+                   where: str, source: fx.Node | None = None, qkv_fields: dict[str, Any] | None = None,
+                   bias_fields: dict[str, Any] | None = None) -> None:
         """qkv conv, the three slices, attention and the output projection, on tokens (a channels-last value);
-        `fields`: the attention node's others (CaiT's talking heads)."""
+        `qkv_fields` / `bias_fields` replace or add the qkv conv's and the attention's fields (`fx_vit_bias`,
+        CaiT's talking heads)."""
         source = node.args[0] if source is None else source
         shape = shape_of(source)
         if source not in self.last or shape is None or len(shape) != 2:
@@ -125,15 +145,21 @@ class _AttentionConverter:
                              "channels) token sequence edgecl follows (patch embedding flatten(2).transpose(1, 2))")
         (linear, qkv_name, module), (out, proj_name) = qkv, proj
         width = linear.out_features // 3
-        packed = self._emit(node, "conv", [x], qkv_name, **pointwise(linear), **({"module": module} if module else {}))
-        attended = self.attend_packed(node, packed, path, width, heads=heads, scale=scale, **(fields or {}))
+        fields: dict[str, Any] = {"module": module} if module else {}
+        packed = self._emit(node, "conv", [x], qkv_name, **{**pointwise(linear), **fields, **(qkv_fields or {})})
+        attended = self.attend_packed(node, packed, path, width, heads=heads, scale=scale, **(bias_fields or {}))
         self._emit(node, "conv", [attended], proj_name, **pointwise(out))
         self.last.add(node)
 
     def attend_packed(self, node: fx.Node, packed: str, path: str, width: int, **fields: Any) -> str:
         """q, k and v as the three `width`-channel slices of one packed projection, and the ``attention`` over them
         (`fields`: heads, scale)."""
+        return self._emit(node, "attention", list(self.packed_slices(node, packed, path, width)), f"{path}.attend",
+                          **fields)
+
+    def packed_slices(self, node: fx.Node, packed: str, path: str, width: int) -> tuple[str, str, str]:
+        """q, k and v: the three `width`-channel slices of one packed projection."""
         q, k, v = (self._emit(node, "slice", [packed], f"{path}.{part}", start=i * width, stop=(i + 1) * width)
                    for i, part in enumerate("qkv"))
-        return self._emit(node, "attention", [q, k, v], f"{path}.attend", **fields)
+        return q, k, v
 

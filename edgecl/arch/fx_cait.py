@@ -50,4 +50,4 @@ class _CaitConverter:
                                  f"{heads} heads with a bias there (timm's talking heads)")
         fields: dict[str, Any] = {"module": path, "talking_heads": True, "talking_linear": True}
         self._attention(node, x, path, heads, float(m.scale), (qkv, f"{path}.qkv", None), (proj, f"{path}.proj"),
-                        where, fields=fields)
+                        where, bias_fields=fields)

@@ -18,6 +18,7 @@ from edgecl.arch.fx_edgenext import _EdgeNextConverter
 from edgecl.arch.fx_efficientformer import _EfficientFormerConverter
 from edgecl.arch.fx_efficientvit import _EfficientVitConverter
 from edgecl.arch.fx_efficientvit_msra import _EfficientVitMsraConverter
+from edgecl.arch.fx_eva import _EvaConverter
 from edgecl.arch.fx_gcvit import _GcVitConverter
 from edgecl.arch.fx_global_context import _GlobalContextConverter
 from edgecl.arch.fx_lambda import _LambdaConverter
@@ -55,5 +56,6 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _LambdaConverter, _TokenMixConverter, _XcitConverter, _TwinsConverter, _DavitConverter,
                _NestConverter, _PvtConverter, _NextVitConverter, _ShvitConverter, _GcVitConverter,
                _CaitConverter, _ConvitConverter, _CoatConverter, _SwinV2Converter,
-               _StackConverter, _VoloConverter, _TntConverter):
+               _StackConverter, _VoloConverter, _TntConverter,
+               _EvaConverter):
     """Every family's conversions, in one base class."""

@@ -394,15 +394,18 @@ class _Converter(Families):
 def tensors_of(module: nn.Module, arch: Arch) -> dict[str, Any]:
     """The module's own values of the spec's trunk tensors (state-dict keys), as float32 numpy arrays: a trained or
     pretrained network's weights as a starting point, and what `from_torch`'s parity check runs."""
+    from edgecl.arch.bias_parts import gather
     from edgecl.arch.module_state import from_module, state_keys, state_shapes
     from edgecl.arch.module_values import module_values
     from edgecl.arch.spec import param_shapes
 
-    state, keys, stored = module_values(module), state_keys(arch), state_shapes(arch)
+    state, keys, stored = gather(arch, module_values(module)), state_keys(arch), state_shapes(arch)
     out = {}
     for name in param_shapes(arch):
         key = keys[name]
         if key not in state or tuple(state[key].shape) != stored[name]:
             raise UsageError(f"tensor {key!r}: not in the module's state dict with shape {stored[name]}")
-        out[name] = from_module(arch, name, state[key].detach().cpu().to(torch.float32).numpy()).copy()
+        value = state[key]  # a tensor, or a bias put together from its parts (`bias_parts`)
+        array = value.detach().cpu().to(torch.float32).numpy() if hasattr(value, "detach") else value
+        out[name] = from_module(arch, name, array).copy()
     return out

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from edgecl.arch.rotary_ops import share_tables
+
 
 class LaterField(NamedTuple):
     """A later field's values that mean what its absence meant (compared with their type: 1 is not true), and
@@ -27,7 +29,9 @@ _KEPT = {"in_normal_form": True}
 LATER_FIELDS: dict[str, dict[str, LaterField]] = {
     "conv": {"standardize": _NONE, "gain_scale": _NONE,  # no weight standardisation
              "std_gain": LaterField((True, None)),  # a standardised conv with a learned gain (timm's ScaledStdConv2d)
-             "window": _NONE},  # a conv over the whole map
+             "window": _NONE,  # a conv over the whole map
+             "bias_parts": _NONE,  # its bias stored whole, as the conv's own (before BEiT's q_bias, v_bias)
+             "weight_rows": _NONE},  # its weight the module's whole (before EVA's q, k, v read from a fused qkv)
     "layer_norm": {"over": LaterField(("channels", None)),  # over the channels (before GroupNorm1)
                    "groups": LaterField((1, None)),  # one group (before GroupNorm)
                    "bias": LaterField((True,))},  # with a bias when affine (before MetaFormer v2's bias-less norms)
@@ -72,5 +76,5 @@ def stored_form(arch: dict[str, Any]) -> dict[str, Any]:
     """A validated spec as a file stores it: every later field at its default left out (as an attention without a
     bias has no bias fields), so a file that uses none of them is read by an edgecl from before they existed and
     `spec.validate` reads it back as the same spec."""
-    return {**arch, "nodes": [{k: v for k, v in node.items() if not at_default(node["op"], k, v, stored=True)}
-                              for node in arch["nodes"]]}
+    nodes = [{k: v for k, v in node.items() if not at_default(node["op"], k, v, stored=True)} for node in arch["nodes"]]
+    return {**arch, "nodes": share_tables(nodes)}  # and a rotary table repeated, once (`rotary_ops`)

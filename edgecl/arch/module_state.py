@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from edgecl.arch.op_rules import has_gain, stored_rows
+from edgecl.arch.bias_parts import split
+from edgecl.arch.op_rules import has_gain, row_table, stored_rows
 from edgecl.arch.spec import Arch, node_by_name, param_shapes, state_key
 
 
@@ -58,8 +59,9 @@ def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
             shapes[f"{node['name']}.bias"] = (node["heads"], *(2 * w - 1 for w in node["window"]))
         if node["op"] == "attention" and node.get("cosine"):  # Swin V2's logit scale, (heads, 1, 1)
             shapes[f"{node['name']}.logit_scale"] = (node["heads"], 1, 1)
-        if node["op"] == "attention" and node.get("bias_rows"):  # its rows of a table of more heads
-            shapes[f"{node['name']}.bias"] = (node["bias_rows"][1], node["bias_offsets"])
+        for tensor in ("bias", "weight"):  # its rows of a table of more heads, of a fused weight (`row_table`)
+            if (table := row_table(node, tensor)) is not None:
+                shapes[f"{node['name']}.{tensor}"] = tuple(table[1])
     return shapes
 
 
@@ -78,15 +80,18 @@ def from_module(arch: Arch, name: str, array: Any) -> np.ndarray:
         return np.ascontiguousarray(array.reshape(node["tokens"], node["ch"]).T)
     if _swin_table(node) and name.endswith(".bias"):  # not Swin V2's logit scale
         return np.ascontiguousarray(array.reshape(node["bias_offsets"], node["heads"]).T)
-    if (rows := stored_rows(node, name.rpartition(".")[2])) is not None:
-        return np.ascontiguousarray(array.reshape(node["bias_rows"][1], -1)[rows.start:rows.stop])
+    if (table := row_table(node, name.rpartition(".")[2])) is not None:
+        rows, stored = table
+        return np.ascontiguousarray(array.reshape(stored[0], -1)[rows.start:rows.stop]) \
+            .reshape(param_shapes(arch)[name])
     return array.reshape(param_shapes(arch)[name])
 
 
 def to_module_state(arch: Arch, values: dict[str, Any]) -> dict[str, np.ndarray]:
     """Spec tensors (by name) as the module's state dict holds them (by key, `to_module`); the nodes that are rows of
     one tensor (`op_rules.stored_rows`) fill it together (`spec.validate` has them hold each of its rows once), and a
-    tensor some of whose rows are not in `values` is left out (missing, as it is: no row is made up)."""
+    tensor some of whose rows are not in `values` is left out (missing, as it is: no row is made up); a bias the
+    module stores in parts is its parts (`bias_parts.split`)."""
     keys, nodes, stored, out, given = state_keys(arch), node_by_name(arch), state_shapes(arch), {}, {}
     for name, array in values.items():
         layer, _, tensor = name.rpartition(".")
@@ -94,9 +99,10 @@ def to_module_state(arch: Arch, values: dict[str, Any]) -> dict[str, np.ndarray]
             out[keys[name]] = to_module(arch, name, array)
             continue
         table = out.setdefault(keys[name], np.zeros(stored[name], dtype=np.float32))
-        table[rows.start:rows.stop] = np.asarray(array)
+        table[rows.start:rows.stop] = np.asarray(array).reshape(len(rows), *table.shape[1:])
         given[keys[name]] = given.get(keys[name], 0) + len(rows)
-    return {key: v for key, v in out.items() if key not in given or given[key] == len(v)}  # () tensors have no len
+    whole = {key: v for key, v in out.items() if key not in given or given[key] == len(v)}  # () tensors have no len
+    return split(arch, whole, keys)
 
 
 def to_module(arch: Arch, name: str, array: Any) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgecl.arch.bias_parts import bias_parts_fields
 from edgecl.arch.gpsa_ops import GATED_POS, gated_pos_shapes
 from edgecl.arch.lambda_ops import lambda_tensor_shapes
 from edgecl.errors import UsageError
@@ -93,43 +94,67 @@ def attention_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def row_table(node: dict[str, Any], tensor: str) -> tuple[range, tuple[int, ...]] | None:
+    """Where a node's tensor is rows of a bigger module tensor: (its rows, that tensor's shape), or None. An attention
+    bias with ``bias_rows`` [first, of] (rows of a table of ``of`` heads' offsets); a conv weight with ``weight_rows``
+    [part, parts] (part ``part`` of ``parts`` equal row blocks: EVA's q, k, v, each its own conv, read from one fused
+    qkv weight), its rows as the module stores them (``module_shape``)."""
+    if node["op"] == "attention" and tensor == "bias" and node.get("bias_rows"):
+        first, of = node["bias_rows"]
+        return range(first, first + node["heads"]), (of, node["bias_offsets"])
+    if node["op"] == "conv" and tensor == "weight" and node.get("weight_rows"):
+        (part, parts), out = node["weight_rows"], node["out"]
+        row = node["module_shape"][1:] if "module_shape" in node else [node["in"] // node["groups"], *node["k"]]
+        return range(part * out, (part + 1) * out), (parts * out, *row)
+    return None
+
+
 def stored_rows(node: dict[str, Any], tensor: str) -> range | None:
-    """The rows of its module's tensor that a node's tensor is (an attention bias with ``bias_rows``), or None: the
-    whole tensor."""
-    rows = node.get("bias_rows") if node["op"] == "attention" and tensor == "bias" else None
-    return None if rows is None else range(rows[0], rows[0] + node["heads"])
+    """The rows of its module's tensor that a node's tensor is (`row_table`), or None: the whole tensor."""
+    table = row_table(node, tensor)
+    return None if table is None else table[0]
+
+
+def weight_rows_fields(out: dict[str, Any], where: str) -> None:
+    """A conv's ``weight_rows`` [part, parts]: a part of the parts; its bias, if any, named on its own (``bias_parts``:
+    the module's fused weight has no bias of these rows)."""
+    rows = out.get("weight_rows")
+    if rows is not None and (rows[0] >= rows[1] or out["bias"] and out.get("bias_parts") is None):
+        raise UsageError(f"{where}: weight_rows {rows} (part, parts) needs part < parts and, with a bias, its "
+                         "bias_parts")
 
 
 def check_table_rows(tables: dict[str, list[tuple[str, dict[str, Any]]]]) -> None:
-    """Each module tensor (key) whose rows several attention nodes' biases are (`stored_rows`) is one table."""
+    """Each module tensor (key) whose rows several nodes' tensors are (`stored_rows`) is one table."""
     for key, parts in tables.items():
         _check_table(key, parts)
 
 
 def _check_table(key: str, parts: list[tuple[str, dict[str, Any]]]) -> None:
-    """The attention biases stored as rows of one module tensor `key` (`stored_rows`; each part: tensor name, node)
-    are one table: each says it holds the same rows ``of`` and offsets, and together they hold each of its rows once.
-    A row no node reads would be made up (zeros) when the rows are written back to the module, and a table no node
-    set agrees on fits no module (nor does ``of`` beyond the nodes that read it: a hostile artifact's size bomb)."""
-    tables = {(n["bias_rows"][1], n["bias_offsets"]) for _, n in parts}
+    """The tensors stored as rows of one module tensor `key` (`row_table`; each part: tensor name, node) are one
+    table: each says it has the same shape (an attention's rows ``of`` and offsets), and together they hold each of its
+    rows once. A row no node reads would be made up (zeros) when the rows are written back to the module, and a table
+    no node set agrees on fits no module (nor does ``of`` beyond the nodes that read it: a hostile artifact's size
+    bomb)."""
+    spans = [(name, *row_table(node, name.rpartition(".")[2])) for name, node in parts]
+    tables = {shape for _, _, shape in spans}
     if len(tables) > 1:
+        what = "(rows, offsets)" if parts[0][1]["op"] == "attention" else "shapes"
         raise UsageError(f"architecture tensors {', '.join(repr(t) for t, _ in parts[:4])} are rows of the module's "
-                         f"{key!r} but give it different (rows, offsets): {sorted(tables)[:4]}; one table has one "
-                         "shape")
-    (rows, _), = tables
-    end, ordered = 0, sorted(parts, key=lambda part: part[1]["bias_rows"][0])
-    for (name, node), before in zip(ordered, [None, *ordered]):
-        first = node["bias_rows"][0]
-        if first < end:
+                         f"{key!r} but give it different {what}: {sorted(tables)[:4]}; one table has one shape")
+    (rows, *_), = tables
+    end, ordered = 0, sorted(spans, key=lambda span: span[1].start)
+    for (name, span, _), before in zip(ordered, [None, *ordered]):
+        if span.start < end:
             raise UsageError(f"architecture tensors {before[0]!r} and {name!r} both name the module's {key!r} (a "
-                             "node's 'module' field, or its bias_rows): one weight cannot be two")
-        if first > end:
+                             "node's 'module' field, or its bias_rows / weight_rows): one weight cannot be two")
+        if span.start > end:
             break
-        end = first + node["heads"]
+        end = span.stop
     if end != rows:
-        raise UsageError(f"architecture tensors {', '.join(repr(t) for t, _ in ordered[:4])} are rows of the module's "
-                         f"{key!r} of {rows} rows, but row {end} of it is no node's (bias_rows [first, of]: the nodes "
-                         "of one table hold each of its rows once)")
+        raise UsageError(f"architecture tensors {', '.join(repr(t) for t, *_ in ordered[:4])} are rows of the "
+                         f"module's {key!r} of {rows} rows, but row {end} of it is no node's (bias_rows [first, of], "
+                         "weight_rows [part, parts]: the nodes of one table hold each of its rows once)")
 
 
 def attention_state_name(node: dict[str, Any], tensor: str) -> str:
@@ -185,7 +210,15 @@ def layer_norm_fields(out: dict[str, Any], where: str) -> None:
                          "groups divide")
 
 
+def conv_fields(out: dict[str, Any], where: str) -> None:
+    """A conv's weight standardisation and its tensors' storage: its bias in parts (`bias_parts`), its weight as rows
+    of a fused one (``weight_rows``)."""
+    standardized_fields(out, where)
+    bias_parts_fields(out, where)
+    weight_rows_fields(out, where)
+
+
 # op → its fields' joint rule (checks, and defaults that depend on other fields), run by `spec.validate` after each
 # field is read alone and before the later fields at their default are left out (`later_fields.drop_defaults`)
-FIELD_RULES = {"attention": attention_fields, "conv": standardized_fields, "scalar_affine": scalar_affine_fields,
+FIELD_RULES = {"attention": attention_fields, "conv": conv_fields, "scalar_affine": scalar_affine_fields,
                "layer_norm": layer_norm_fields}

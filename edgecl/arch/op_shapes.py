@@ -9,6 +9,7 @@ from typing import Any
 from edgecl.arch.lambda_ops import lambda_intermediates, lambda_shape
 from edgecl.arch.ops import CHANNEL_AFFINE_OPS, MAX_ADAPTIVE, MAX_ADAPTIVE_INPUT, MAX_BLUR, TOKEN_TENSOR_OPS
 from edgecl.arch.outlook_ops import outlook_intermediates, outlook_shape
+from edgecl.arch.rotary_ops import rotary_intermediates, rotary_shape
 from edgecl.arch.sdta_ops import SDTA_OPS, sdta_intermediates, sdta_shape
 from edgecl.arch.token_shapes import attention_shape, token_shape
 from edgecl.arch.windows import check_pool_windows, conv_window_shape, window_length
@@ -46,6 +47,8 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
         return sdta_intermediates(node, ins)
     if node["op"] == "lambda_layer":
         return lambda_intermediates(node, ins)
+    if node["op"] == "rotary":
+        return rotary_intermediates(ins[0])
     if node["op"] == "outlook_attention":
         return outlook_intermediates(node, ins)
     if node["op"] == "attention_pool":  # with patches: the map and logits transposed, their product, the pool
@@ -115,6 +118,8 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
         return sdta_shape(node, ins, where)
     if op == "lambda_layer":
         return lambda_shape(node, ins, where)
+    if op == "rotary":
+        return rotary_shape(node, x, where)
     if op == "outlook_attention":
         return outlook_shape(node, ins, where)
     if op in (*TOKEN_TENSOR_OPS, "token", "token_mix"):

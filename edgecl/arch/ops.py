@@ -11,7 +11,9 @@ Ops (fields and defaults in `OPS`):
   applied to the task's *effective* weight, whatever delta made it: `edgecl.graph.standardize`; with ``window``
   [wh, ww] it runs on each wh × ww window of the map on its own, zeros padding every window's border, the outputs
   put back side by side: EfficientViT-MSRA's depthwise conv on q; same weights, so every channel and method rule is
-  a conv's: `edgecl.arch.windows.conv_window_shape`), ``linear`` (weight ``(out, in)``), ``bn``
+  a conv's: `edgecl.arch.windows.conv_window_shape`; ``bias_parts``: where its module stores the bias, in equal
+  parts, storage only: `edgecl.arch.bias_parts`; ``weight_rows`` [part, parts]: its weight is that row block of its
+  module's, storage only: `op_rules.row_table`), ``linear`` (weight ``(out, in)``), ``bn``
   (weight, bias, running_mean, running_var of ``ch`` channels; eps, momentum), ``layer_norm`` (normalises each position
   over its ``ch`` channels, as ConvNeXt's LayerNorm after a permute; eps; weight and bias when ``affine``; or, with
   ``over`` "map" (timm's GroupNorm1, a GroupNorm of one group: MobileViTv2), over the whole (C, H, W) map of a
@@ -142,6 +144,8 @@ Ops (fields and defaults in `OPS`):
 - LambdaNetworks' ``lambda_layer`` (content and local position lambdas, timm's LambdaLayer): `edgecl.arch.lambda_ops`.
 - VOLO's ``outlook_attention`` (attention within each k × k window, its weights predicted per window):
   `edgecl.arch.outlook_ops`.
+- ``rotary`` (a rotary position embedding on q or k, EVA-02's and the RoPE ViTs': fixed per-token rotations of channel
+  pairs within each head, its ``table`` part of the architecture): `edgecl.arch.rotary_ops`.
 
 """
 from __future__ import annotations
@@ -172,7 +176,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "conv": {"in": ("size", ...), "out": ("size", ...), "k": ("pair", ...), "stride": ("pair", [1, 1]),
              "pad": ("pad", [0, 0]), "dilation": ("pair", [1, 1]), "groups": ("size", 1), "bias": ("bool", True),
              "standardize": ("eps", None), "gain_scale": ("number", None), "std_gain": ("bool", None),
-             "window": ("pair", None)},
+             "window": ("pair", None), "bias_parts": ("bias_parts", None), "weight_rows": ("pad", None)},
     "linear": {"in": ("size", ...), "out": ("size", ...), "bias": ("bool", True)},
     "bn": {"ch": ("size", ...), "eps": ("eps", 1e-5), "momentum": ("momentum", 0.1)},
     "layer_norm": {"ch": ("size", ...), "eps": ("eps", 1e-5), "affine": ("bool", True), "over": ("norm_over", None),
@@ -219,6 +223,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "fourier_pos": {"hidden": ("size", ...), "temperature": ("number", 10000.0)},
     "lambda_layer": {"heads": ("size", ...), "dim": ("size", ...), "r": ("size", ...)},
     "outlook_attention": OUTLOOK_FIELDS,
+    "rotary": {"heads": ("size", ...), "prefix": ("index", 0), "half": ("bool", False), "table": ("number_table", ...)},
 }
 OPS["gelu"] = {"approximate": ("approximate", "none")}
 OPS["leaky_relu"] = {"slope": ("number", 0.01)}  # torch's negative_slope

@@ -26,6 +26,7 @@ import math
 import re
 from typing import Any
 
+from edgecl.arch.bias_parts import check_null_parts, check_part_keys
 from edgecl.arch.later_fields import drop_defaults
 from edgecl.arch.legacy import layers_to_nodes
 from edgecl.arch.limits import MAX_ACTIVATION
@@ -33,8 +34,9 @@ from edgecl.arch.op_rules import (FIELD_RULES, attention_state_name, attention_t
                                    check_table_rows, has_gain, is_standardized,
                                    stored_rows)
 from edgecl.arch.op_shapes import output_shape
-from edgecl.arch.ops import (MAX_NUMBER, MIN_EPS, NORMALISING_OPS, OPS, PAD_MODES, ROWLESS_OPS, TENSOR_OPS,
-                             TOKEN_TENSOR_OPS, WEIGHT_OPS)
+from edgecl.arch.ops import NORMALISING_OPS, OPS, ROWLESS_OPS, TENSOR_OPS, TOKEN_TENSOR_OPS, WEIGHT_OPS
+from edgecl.arch.rotary_ops import resolve_tables
+from edgecl.arch.spec_fields import MAX_DIM, field_value, is_size, shape_list
 from edgecl.errors import UsageError
 
 Arch = dict[str, Any]
@@ -42,8 +44,6 @@ INPUT = "input"
 MAX_NODES = 10_000  # ~20× a ResNet-152; bounds the work a spec read from a file can cause
 MAX_INPUTS = 256
 MAX_EDGES = 2 * MAX_NODES  # inputs of all nodes: 10,000 adds of 256 inputs (an 18 MB file) took 2 min, 8.7 GB to run
-MAX_DIM = 1 << 31
-MAX_NDIM = 3
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,159}")
 
 # op → (fewest, most) inputs; every other op reads one
@@ -59,10 +59,11 @@ def validate(arch: Any) -> Arch:
         raise UsageError("architecture spec must be a JSON object with 'input_shape' and 'nodes' (or 'layers')")
     if "nodes" not in arch:
         arch = {**arch, "nodes": layers_to_nodes(arch["layers"])}
-    shape = _shape(arch["input_shape"], "input_shape")
+    shape = shape_list(arch["input_shape"], "input_shape")
     nodes = arch["nodes"]
     if not isinstance(nodes, list) or not nodes or len(nodes) > MAX_NODES:
         raise UsageError(f"architecture nodes must be a non-empty list of at most {MAX_NODES} objects")
+    nodes = resolve_tables(nodes)  # a rotary table a file stores once (`rotary_ops.share_tables`)
     name = arch.get("name", "custom")
     if not isinstance(name, str) or not 0 < len(name) <= 128 or not name.isprintable():
         raise UsageError(f"architecture name {name!r} must be 1-128 printable characters")
@@ -78,6 +79,7 @@ def validate(arch: Any) -> Arch:
         raise UsageError(f"architecture output {output!r} must be a flat feature vector, has shape {shapes[output]} "
                          "(end the trunk with a flatten)")
     check_minus_inf_pads(out_nodes, shapes)
+    check_null_parts(out_nodes)
     result = {"name": name, "input_shape": shape, "nodes": out_nodes, "output": output,
               "feature_dim": shapes[output][0]}
     _check_state_keys(result)
@@ -96,6 +98,8 @@ def state_key(node: dict[str, Any], tensor: str) -> str:
     (``nn.MultiheadAttention``'s ``in_proj_weight`` / ``in_proj_bias``, module ``….in_proj_*``); a path that merely
     ends in ``_`` (``self.conv_``) is an ordinary one."""
     path = node.get("module", node["name"])
+    if tensor == "bias" and node.get("bias_parts"):  # stored in parts (`bias_parts.gather`): the node's own name
+        return f"{node['name']}.bias"
     if node["op"] in ("layer_scale", *TOKEN_TENSOR_OPS) or node["op"] == "scalar_affine" and "bias" in node:
         return path
     tensor = "scale" if node["op"] == "scalar_affine" and tensor == "weight" else \
@@ -114,21 +118,12 @@ def _check_state_keys(arch: Arch) -> None:
         for other, taken in seen.get(key, []):
             if rows is None or taken is None:
                 raise UsageError(f"architecture tensors {other!r} and {name!r} both name the module's {key!r} (a "
-                                 "node's 'module' field, or its bias_rows): one weight cannot be two")
+                                 "node's 'module' field, or its bias_rows / weight_rows): one weight cannot be two")
         seen.setdefault(key, []).append((name, rows))
         if rows is not None:
             tables.setdefault(key, []).append((name, nodes[layer]))
     check_table_rows(tables)
-
-
-def _shape(value: Any, what: str) -> list[int]:
-    if not isinstance(value, list) or not 0 < len(value) <= MAX_NDIM or not all(_is_size(d) for d in value):
-        raise UsageError(f"architecture {what} {value!r} must be 1-{MAX_NDIM} positive ints")
-    return list(value)
-
-
-def _is_size(x: Any, lo: int = 1) -> bool:
-    return type(x) is int and lo <= x <= MAX_DIM
+    check_part_keys(arch, set(seen))
 
 
 def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
@@ -157,7 +152,7 @@ def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
                 raise UsageError(f"{where}: missing field {key!r}")
             value = copy.copy(default)
         else:
-            value = _field(node[key], kind, f"{where}: {key}")
+            value = field_value(node[key], kind, f"{where}: {key}")
         out[key] = value
     if op in ("maxpool", "avgpool") and out["stride"] is None:
         out["stride"] = list(out["k"])
@@ -199,7 +194,7 @@ def _module_shape(value: Any, node: dict[str, Any], where: str) -> list[int]:
         # channels_last (VOLO's): (1, H, W, ch)
         last = bool(node.get("channels_last"))
         ch, hw = (value[3:], value[1:3]) if last and isinstance(value, list) else (value[1:2], value[2:])
-        if not isinstance(value, list) or len(value) != 4 or not all(_is_size(d) for d in value) or value[0] != 1 or \
+        if not isinstance(value, list) or len(value) != 4 or not all(is_size(d) for d in value) or value[0] != 1 or \
                 ch != [node["ch"]] or math.prod(hw) != node["tokens"] or node.get("block"):
             form = f"(1, H, W, {node['ch']})" if last else f"(1, {node['ch']}, H, W)"
             raise UsageError(f"{where}: module_shape {str(value)[:60]} of a position embedding must be {form} with "
@@ -213,7 +208,7 @@ def _module_shape(value: Any, node: dict[str, Any], where: str) -> list[int]:
                          f"scalar_affine, pos_embed and one class_token's weights, not {node['op']}"
                          f"{'' if one else ' of several tokens'}")
     if not isinstance(value, list) or not 0 < len(value) + (node["op"] == "scalar_affine") <= 4 or \
-            not all(_is_size(d) for d in value) or [d for d in value if d != 1] != [d for d in weight if d != 1]:
+            not all(is_size(d) for d in value) or [d for d in value if d != 1] != [d for d in weight if d != 1]:
         raise UsageError(f"{where}: module_shape {str(value)[:60]} must be the weight's shape {weight} with axes of "
                          "1 added or removed")
     return list(value)
@@ -230,62 +225,6 @@ def _inputs(value: Any, op: str, where: str, shapes: dict[str, list[int]]) -> li
         want = f"{fewest} or more" if most == MAX_INPUTS else f"{fewest}"
         raise UsageError(f"{where}: {op} takes {want} inputs, got {len(value)}")
     return list(value)
-
-
-def _field(value: Any, kind: str, where: str) -> Any:
-    if kind == "size" and _is_size(value):
-        return value
-    if kind == "index" and _is_size(value, 0):
-        return value
-    if kind in ("pair", "pad"):
-        lo = 0 if kind == "pad" else 1
-        pair = [value, value] if type(value) is int else value
-        if isinstance(pair, list) and len(pair) == 2 and all(_is_size(v, lo) for v in pair):
-            return list(pair)
-    if kind == "pads" and isinstance(value, list) and len(value) == 4 and \
-            all(type(v) is int and abs(v) <= MAX_DIM for v in value):  # a negative side crops
-        return list(value)
-    if kind == "fill" and value == "-inf":
-        return value
-    if kind == "pad_mode" and value in PAD_MODES:
-        return value
-    if kind == "bool" and isinstance(value, bool):
-        return value
-    if kind == "eps" and isinstance(value, (int, float)) and not isinstance(value, bool) and MIN_EPS <= value < 1:
-        return float(value)
-    if kind == "momentum" and isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1:
-        return float(value)
-    if kind in ("number", "fill") and isinstance(value, (int, float)) and not isinstance(value, bool) and \
-            math.isfinite(value) and abs(value) <= MAX_NUMBER:
-        return float(value)
-    if kind == "approximate" and value in ("none", "tanh") or kind == "upsample_mode" and value in ("nearest",
-                                                                                                   "bilinear", "tile"):
-        return value
-    if kind == "shape" and isinstance(value, list):
-        return _shape(value, "reshape shape")
-    if kind == "axis" and value == 1:
-        return 1
-    if kind == "order" and value in ("hw", "wh") or kind == "bias_table" and value in ("levit", "swin", "tf") or \
-            kind == "kernel" and value in ("relu", "softmax") or kind == "norm_over" and value in ("channels", "map"):
-        return value
-    if kind == "index_table" and isinstance(value, list) and value and \
-            all(isinstance(row, list) and row and all(_is_size(i, 0) for i in row) for row in value):
-        return [list(row) for row in value]
-    expect = {"size": f"an int from 1 to {MAX_DIM}", "pair": "an int ≥ 1 or two of them",
-              "pad": "an int ≥ 0 or two of them",
-              "pads": "four ints (top, left, bottom, right; a negative one crops)",
-              "pad_mode": " or ".join(map(repr, PAD_MODES)),
-              "fill": f"a finite number of magnitude at most {MAX_NUMBER:g}, or \"-inf\"",
-              "index": f"an int from 0 to {MAX_DIM}", "bool": "true or false",
-              "eps": f"a number in (0, 1), at least {MIN_EPS:.3g} (float32 rounds a smaller one to 0)",
-              "momentum": "a number in (0, 1]", "approximate": "'none' or 'tanh'", "axis": "1 (channels)", "order": "'hw' or 'wh'",
-              "bias_table": "'levit', 'swin' or 'tf'", "kernel": "'relu' or 'softmax'",
-              "norm_over": "'channels' or 'map'",
-              "upsample_mode": "'nearest', 'bilinear' or 'tile'",
-              "index_table": "a non-empty list of non-empty lists of ints ≥ 0",
-              "number": f"a finite number of magnitude at most {MAX_NUMBER:g}"}.get(kind, kind)
-    shown = repr(value) if isinstance(value, str) else str(value)  # "1" is not 1
-    raise UsageError(f"{where} = {shown[:60]} must be {expect}")
 
 
 def node_shapes(arch: Arch) -> dict[str, list[int]]:

@@ -30,7 +30,7 @@ from edgecl.graph.nodes import Builder as _Builder
 from edgecl.graph.onnx_spatial import SPATIAL_OPS, spatial_op
 from edgecl.graph.sdta_ops import channel_attention, fourier_pos
 from edgecl.graph.standardize import fold_standardized, standardized_onnx
-from edgecl.graph.token_ops import TOKEN_OPS, attention, in_windows, pos_embed
+from edgecl.graph.token_ops import TOKEN_OPS, attention, in_windows, pos_embed, rotary
 
 OPSET = 17
 INPUT, OUTPUT = "x", "logits"
@@ -206,11 +206,12 @@ def _op(b: _Builder, node: dict, ins: list[str], factors: dict, shapes: list[lis
         return map_norm(b, h, node, in_shape)
     if op == "layer_norm":
         return _layer_norm(b, h, node, flat)
-    if op in ("layer_scale", "affine"):  # (C,) tensors on (N, C) features or, unsqueezed to (C, 1, 1), an NCHW map
+    if op in ("layer_scale", "affine"):  # (C,) tensors on (N, C) features or, unsqueezed to (C, 1, …), a map
         w, bias = (f"{node['name']}.{k}" for k in ("weight", "bias"))
-        scaled = b.op("Mul", [h, w if flat else b.op("Unsqueeze", [w, b.ints(1, 2)])])
+        axes = b.ints(*range(1, len(in_shape)))  # a (C, H, W) map's 1, 2; a (C, L) one's 1
+        scaled = b.op("Mul", [h, w if flat else b.op("Unsqueeze", [w, axes])])
         return scaled if op == "layer_scale" else b.op("Add", [scaled, bias if flat else
-                                                              b.op("Unsqueeze", [bias, b.ints(1, 2)])])
+                                                              b.op("Unsqueeze", [bias, axes])])
     if op == "grn":
         return _grn(b, h, node)
     if op == "scalar_affine":  # (1,) initializers broadcast over any shape
@@ -232,6 +233,8 @@ def _op(b: _Builder, node: dict, ins: list[str], factors: dict, shapes: list[lis
         return outlook_attention(b, *ins, node, shapes)
     if op == "pos_embed":
         return pos_embed(b, h, node, in_shape)
+    if op == "rotary":
+        return rotary(b, h, node, in_shape)
     if op in TOKEN_OPS:
         return TOKEN_OPS[op](b, h, node)
     if op in _UNARY:

@@ -337,6 +337,8 @@ class _Net:
         for node in self.arch["nodes"]:
             op, name = node["op"], node["name"]
             node.pop("module_shape", None)  # how the user's module stores the dense weight: nothing here reads it
+            node.pop("bias_parts", None)  # and where it stores the dense bias (`edgecl.arch.bias_parts`) and
+            node.pop("weight_rows", None)  # a weight that is rows of a fused one
             if op in WEIGHT_OPS:
                 w = self.params[f"{name}.weight"]
                 node["out"] = int(w.shape[0])

@@ -9,6 +9,7 @@ import numpy as np
 
 from edgecl.arch.attention_windows import partition, window_mask, window_of
 from edgecl.arch.gpsa_ops import grid_side, relative_offsets
+from edgecl.arch.rotary_ops import rotary_constants
 from edgecl.arch.windows import conv_window_shape
 from edgecl.graph.nodes import Builder
 from edgecl.graph.sdta_ops import l2_normalised
@@ -166,6 +167,14 @@ def _token_mix(b: Builder, h: str, node: dict) -> str:
     if node["bias"]:
         mixed = b.op("Add", [mixed, f"{name}.bias"])
     return b.op("Unsqueeze", [mixed, b.ints(3)])
+
+
+def rotary(b: Builder, h: str, node: dict, shape: list[int]) -> str:
+    """A ``rotary`` node (`edgecl.arch.rotary_ops`): x·cos + Gather(x, partners)·sin, its tables Constants of the
+    map's (C, T, 1) shape broadcast over the batch."""
+    cos, sin, partners = rotary_constants(node, shape)
+    turned = b.op("Gather", [h, b.constant(partners)], axis=1)
+    return b.op("Add", [b.op("Mul", [h, b.constant(cos)]), b.op("Mul", [turned, b.constant(sin)])])
 
 
 TOKEN_OPS = {"class_token": _class_token, "token": _token, "token_mix": _token_mix}

@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from edgecl.arch.bias_parts import gather, stored_shapes
 from edgecl.arch.module_state import from_module, state_keys, state_shapes, to_module_state
 from edgecl.arch.ops import CHANNEL_AFFINE_OPS
 from edgecl.arch.spec import Arch, param_shapes
@@ -155,6 +156,7 @@ def check_resumed_start(extra: dict[str, Any], start: StartingWeights | None, re
 def _checked(values: dict[str, Any], arch: Arch, where: str, held: list[str] | None = None) -> StartingWeights:
     """`values` keyed by the module's state-dict keys (`state_keys`), checked; the result keyed by spec names."""
     shapes, keys, stored = param_shapes(arch), state_keys(arch), state_shapes(arch)
+    values = gather(arch, values)  # a bias the module stores in parts, put together
     missing = [keys[name] for name in shapes if keys[name] not in values]
     if missing:
         held = sorted(values) if held is None else held
@@ -199,8 +201,7 @@ def read_weights_file(path: str, arch: Arch) -> tuple[dict[str, np.ndarray], lis
     """The arrays of `path` that `arch`'s trunk names, each judged by its header (shape, dtype) before its data is
     read, the others never read; and the names of every array the file holds (for the error of a missing one)."""
     _check_file(path)
-    keys = state_keys(arch)
-    shapes = {keys[name]: shape for name, shape in state_shapes(arch).items()}  # by the file's names
+    shapes = stored_shapes(arch, state_shapes(arch), state_keys(arch))  # by the file's names
     if path.lower().endswith(".safetensors"):
         return _read_safetensors(path, shapes)
     return _read_npz(path, shapes)

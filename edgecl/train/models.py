@@ -17,6 +17,7 @@ from edgecl.arch.attention_windows import window_of
 from edgecl.arch.gpsa_ops import GATED_POS
 from edgecl.arch.op_rules import TALKING, has_gain, is_standardized
 from edgecl.arch.ops import blur_filter
+from edgecl.arch.rotary_ops import rotary_constants
 from edgecl.arch.sdta_ops import fourier_grid
 from edgecl.train.outlook import outlook_attention
 from edgecl.train import distributed
@@ -158,12 +159,11 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         if h.dim() == 2:
             return F.layer_norm(h, (node["ch"],), w, b, node["eps"])
         return F.layer_norm(h.permute(0, 2, 3, 1), (node["ch"],), w, b, node["eps"]).permute(0, 3, 1, 2)
-    if op == "layer_scale":
-        w = params[f"{name}.weight"]
-        return h * (w if h.dim() == 2 else w.reshape(-1, 1, 1))
+    if op == "layer_scale":  # (C,) over the channels of features (N, C) or of any map (N, C, …)
+        return h * params[f"{name}.weight"].reshape(-1, *[1] * (h.dim() - 2))
     if op == "affine":  # ResMLP's Affine: a factor and an offset per channel
-        w, b = params[f"{name}.weight"], params[f"{name}.bias"]
-        return torch.addcmul(b, w, h) if h.dim() == 2 else torch.addcmul(b.reshape(-1, 1, 1), w.reshape(-1, 1, 1), h)
+        w, b = (params[f"{name}.{k}"].reshape(-1, *[1] * (h.dim() - 2)) for k in ("weight", "bias"))
+        return torch.addcmul(b, w, h)
     if op == "grn":  # timm's GlobalResponseNorm, on the channels-first map
         g = h.norm(p=2, dim=(2, 3), keepdim=True)
         n = g / (g.mean(dim=1, keepdim=True) + node["eps"])
@@ -210,6 +210,9 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return grid.unsqueeze(0).expand(h.shape[0], -1, -1, -1)
     if op == "token":
         return h[:, :, node["index"]:node["index"] + node["count"]]
+    if op == "rotary":  # RoPE: fixed per-token rotations of channel pairs (`edgecl.arch.rotary_ops`)
+        cos, sin, partners = (torch.from_numpy(a).to(h.device) for a in rotary_constants(node, list(h.shape[1:])))
+        return h * cos.to(h.dtype) + h[:, partners] * sin.to(h.dtype)
     if op in (*_ACTIVATIONS, "gelu", "leaky_relu"):
         return activation(node, h)
     if op == "maxpool":
