@@ -1,5 +1,5 @@
 """The ``rotary`` op (a rotary position embedding, RoPE: EVA-02's and the RoPE ViTs' q and k), its output shape and
-work bound (`edgecl.arch.ops` asks here), and the fixed tables both the torch form (`edgecl.train.models`) and the
+work bound (`edgecl.arch.op_shapes` asks here), and the fixed tables both the torch form (`edgecl.train.models`) and the
 ONNX form (`edgecl.graph.builder`) read, so that the two are the same numbers.
 
 ``rotary`` (input a ``(C, T, 1)`` token map, C = ``heads`` · d, d even): per head, each token's d channels rotated
