@@ -64,7 +64,7 @@ def test_what_edgecl_does_not_follow_is_refused_by_name():
 def test_timms_shared_position_encodings_are_refused_by_name():
     """coat_lite_tiny's blocks share their stage's ConvPosEnc and ConvRelPosEnc: shared weights, no spec form."""
     module = timm.create_model("coat_lite_tiny", pretrained=False, img_size=32)
-    assert_refused(module, "FactorAttnConvRelPosEnc at 'serial_blocks1.0.factoratt_crpe'", "shared_crpe",
+    assert_refused(module, "FactorAttnConvRelPosEnc at 'serial_blocks1.0.factoratt_crpe'", "shared weights",
                    "serial_blocks1.1.factoratt_crpe", "one use per layer", input_shape=(3, 32, 32))
 
 

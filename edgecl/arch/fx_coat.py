@@ -12,8 +12,8 @@ as their (C, 1 + H·W, 1) map:
     → ``add`` → proj (1×1 conv)
 
 timm shares one ConvPosEnc and one ConvRelPosEnc among every block of a stage (``shared_cpe``, ``shared_crpe``): a
-layer called twice, shared weights, which the spec has no form for; such a CoaT is refused by name (one serial block
-per stage goes in). ConvPosEnc and the stages' class tokens are traced.
+layer called twice, shared weights, which the spec has no form for; such a CoaT is refused naming both places
+(`fx_whole.check_unshared`; one serial block per stage goes in). ConvPosEnc and the stages' class tokens are traced.
 """
 from __future__ import annotations
 
@@ -85,16 +85,12 @@ class _CoatConverter:
 
     def _crpe(self, node: fx.Node, m: nn.Module, ch: int, heads: int, where: str) -> tuple[str, list[nn.Conv2d]]:
         """The ConvRelPosEnc's path (its first name in the module) and its depthwise convs, one per head group, in
-        channel order; refused where shared with another attention (timm's ``shared_crpe``) or not timm's."""
+        channel order; refused where not timm's (one shared with another attention, timm's ``shared_crpe``, is refused
+        before: `fx_whole.check_unshared`)."""
         crpe = m.crpe
         if (type(crpe).__module__, type(crpe).__name__) != (_MODULE, "ConvRelPosEnc"):
             raise UsageError(f"{self.name}: {where}: its crpe is a {type(crpe).__name__}; edgecl converts timm's "
                              "ConvRelPosEnc")
-        users = [p for p, mod in self.module.named_modules() if is_factor_attn(mod) and mod.crpe is crpe]
-        if len(users) > 1:
-            raise UsageError(f"{self.name}: {where}: its ConvRelPosEnc is shared by the attentions {users} "
-                             f"(timm's shared_crpe: one layer called by {len(users)} attentions, shared weights); "
-                             "edgecl needs one use per layer (a CoaT of one serial block per stage goes in)")
         path = next(p for p, mod in self.module.named_modules() if mod is crpe)
         convs, width = list(crpe.conv_list), ch // heads
         for conv in convs:
