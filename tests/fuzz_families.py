@@ -287,6 +287,11 @@ def _spec(draw) -> dict:
                         [[1, 3], [0, 1 << 31], [3, 3], [-1, 2], [0], "x", None]))  # rows no node holds, a bomb
             if draw(st.integers(0, 3)) == 0:  # EfficientFormerV2's talking heads (refused with a window)
                 node["talking_heads"] = draw(st.booleans()) if fits else draw(st.sampled_from(["yes", 1, None]))
+            if draw(st.integers(0, 3)) == 0:  # BotNet's relative position logits over the map (refused with a window)
+                node["rel_pos"] = dims[1:] if fits and len(dims) == 3 else draw(st.sampled_from([0, [1, 2, 3], "x"]))
+                node["rel_dim"] = dims[0] if fits else draw(st.sampled_from([0, dims[0] + 1, 1 << 31, None]))
+                if draw(st.booleans()):
+                    node["rel_scaled"] = draw(st.booleans()) if fits else draw(st.sampled_from([1, "yes", None]))
         elif op == "linear_attention":  # EfficientViT's ReLU linear attention of one map (q = k = v), its heads
             node["inputs"] += [src, src]
             node["heads"] = draw(st.sampled_from([d for d in (1, 2, 3) if dims[0] % d == 0])) if fits else \

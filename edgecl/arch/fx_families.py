@@ -7,6 +7,7 @@ from edgecl.arch.fx_affine import _AffineConverter
 from edgecl.arch.fx_attention import _AttentionConverter
 from edgecl.arch.fx_attention2d import _Attention2dConverter
 from edgecl.arch.fx_blur import _BlurConverter
+from edgecl.arch.fx_byoa import _ByoaConverter
 from edgecl.arch.fx_calls import _CallConverter
 from edgecl.arch.fx_classifier import _ClassifierConverter
 from edgecl.arch.fx_davit import _DavitConverter
@@ -42,5 +43,5 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _TinyVitConverter, _BlurConverter, _EfficientFormerConverter, _MobileVitConverter,
                _MaxVitConverter, _EfficientVitConverter, _EfficientVitMsraConverter, _EdgeNextConverter,
                _LambdaConverter, _TokenMixConverter, _XcitConverter, _TwinsConverter, _DavitConverter,
-               _NestConverter):
+               _NestConverter, _ByoaConverter):
     """Every family's conversions, in one base class."""

@@ -74,8 +74,8 @@ class _Tracer(ShapeFlowTracer):
         _check_own_forward(m, qualname)
         if isinstance(m, (nn.LayerNorm, nn.GroupNorm)):  # traced into: F.layer_norm / F.group_norm (`fx_norms`)
             return False
-        if any(kept(m) for kept, _ in WHOLE):
-            return check_plain_call(m, qualname)
+        if any(kept(m) for kept, _ in WHOLE):  # converted from attributes: no submodule's forward or hook runs
+            return all(check_plain_call(sub, path) for path, sub in m.named_modules(prefix=qualname))
         leaf = isinstance(m, _LEAVES) or is_library_identity(m) or super().is_leaf_module(m, qualname)
         return check_plain_call(m, qualname) if leaf else False
 

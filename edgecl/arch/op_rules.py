@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgecl.arch.lambda_ops import lambda_tensor_shapes
+from edgecl.arch.rel_pos import REL_TENSORS, rel_fields, rel_tensor_shapes
 from edgecl.errors import UsageError
 
 
@@ -53,6 +54,7 @@ def attention_fields(out: dict[str, Any], where: str) -> None:
         raise UsageError(f"{where}: attention dilated needs a window")
     if out["window"] is not None and out["shift"] is None:
         out["shift"] = [0, 0]
+    rel_fields(out, where)
 
 
 # an attention's talking-head tensors → their names in its module (EfficientFormerV2's two 1×1 convs over the heads)
@@ -72,7 +74,7 @@ def attention_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     shapes = {"bias": (h, node["bias_offsets"])} if node.get("bias_offsets") else {}
     if node.get("talking_heads"):
         shapes.update({k: (h, h) if k.endswith("weight") else (h,) for k in TALKING})
-    return shapes
+    return {**shapes, **rel_tensor_shapes(node)}
 
 
 def stored_rows(node: dict[str, Any], tensor: str) -> range | None:
@@ -117,9 +119,9 @@ def _check_table(key: str, parts: list[tuple[str, dict[str, Any]]]) -> None:
 def attention_state_name(node: dict[str, Any], tensor: str) -> str:
     """The module's name of an attention's tensor: the bias table's ``attention_biases`` (timm's LeViT,
     EfficientFormerV2) or, ``bias_table`` "swin" or "tf", ``relative_position_bias_table``; the talking heads'
-    convs."""
-    if tensor in TALKING:
-        return TALKING[tensor]
+    convs; BotNet's relative position embeddings (`rel_pos`)."""
+    if tensor in TALKING or tensor in REL_TENSORS:
+        return {**TALKING, **REL_TENSORS}[tensor]
     return "relative_position_bias_table" if node.get("bias_table") in ("swin", "tf") else "attention_biases"
 
 

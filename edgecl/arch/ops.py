@@ -116,7 +116,9 @@ Ops (fields and defaults in `OPS`):
   (EfficientFormerV2's talking heads; kv_heads = heads, no window) mixes the heads' scores by a learned heads × heads
   matrix and bias before the softmax (tensors ``talk1_weight``, ``talk1_bias``) and the softmax's weights by a second
   one after it (``talk2_weight``, ``talk2_bias``): its module's ``talking_head1`` / ``talking_head2`` 1×1 convs over
-  the heads. Like the bias they belong to no channel (the heads are never pruned).
+  the heads. Like the bias they belong to no channel (the heads are never pruned). ``rel_pos`` [kh, kw] with
+  ``rel_dim`` (and ``rel_scaled``): BotNet's relative position logits, q times learned row and column embeddings
+  (tensors ``rel_h``, ``rel_w``), `edgecl.arch.rel_pos`.
 - ``token_mix`` (MLP-Mixer's token mixing, timm's ``mlp_tokens``: an ``nn.Linear`` over the token axis of
   ``x.transpose(1, 2)``): a ``(C, in, 1)`` token map to ``(C, out, 1)``, output token t of channel c is
   Σ_s weight[t, s]·x[c, s] + bias[t]; weight ``(out, in)``, bias ``(out,)`` when ``bias``; every channel alone, by the
@@ -136,6 +138,7 @@ from typing import Any
 import numpy as np
 
 from edgecl.arch.lambda_ops import lambda_intermediates, lambda_shape
+from edgecl.arch.rel_pos import rel_intermediates
 from edgecl.arch.sdta_ops import SDTA_OPS, sdta_intermediates, sdta_shape
 from edgecl.arch.token_shapes import attention_shape, token_shape
 from edgecl.arch.windows import check_pool_windows, conv_window_shape, window_length
@@ -194,7 +197,8 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "attention": {"heads": ("size", ...), "scale": ("number", ...), "kv_heads": ("size", None),
                   "bias_offsets": ("size", None), "bias_index": ("index_table", None),
                   "bias_table": ("bias_table", None), "window": ("pair", None), "shift": ("pad", None),
-                  "talking_heads": ("bool", None), "dilated": ("bool", False), "bias_rows": ("pad", None)},
+                  "talking_heads": ("bool", None), "dilated": ("bool", False), "bias_rows": ("pad", None),
+                  "rel_pos": ("pair", None), "rel_dim": ("size", None), "rel_scaled": ("bool", False)},
     "linear_attention": {"heads": ("size", ...), "eps": ("eps", 1e-5), "kernel": ("kernel", "relu")},
     "token": {"index": ("index", 0), "count": ("size", 1)},
     "token_mix": {"in": ("size", ...), "out": ("size", ...), "bias": ("bool", True)},
@@ -242,6 +246,7 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
             return 3 * h * tq * w + (h * w * w if node.get("bias_offsets") else 0) + 3 * (cq + ck + cv + out) * tq
         bias = h * tq * tk if node.get("bias_offsets") else 0  # the gathered (heads, T_q, T_kv) bias
         bias += 4 * h * tq * tk if node.get("talking_heads") else 0  # the mixed scores and weights, their sums
+        bias += rel_intermediates(node, tq)  # BotNet's relative position logits
         return 2 * h * tq * tk + bias + 2 * (cq * tq + ck * tk) + 2 * (cv * tk + out * tq)
     if node["op"] == "linear_attention":  # q, k relu'd and reshaped; v reshaped; the heads' dv × d sums, the
         # numerator, the keys' sums, the denominator and the quotient before its reshape (an upper bound)

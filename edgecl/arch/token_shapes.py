@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from edgecl.arch.rel_pos import check_rel_shape
 from edgecl.errors import UsageError
 
 
@@ -52,6 +53,7 @@ def attention_shape(node: dict[str, Any], ins: list[list[int]], where: str) -> l
         _check_attention_bias(node, math.prod(window), math.prod(window), where)
     else:
         _check_attention_bias(node, math.prod(q[1:]), math.prod(k[1:]), where)
+        check_rel_shape(node, q, k, where)
     return [v[0] // kv * h, *q[1:]]
 
 

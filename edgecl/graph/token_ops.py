@@ -10,6 +10,7 @@ import numpy as np
 from edgecl.arch.attention_windows import partition, window_mask, window_of
 from edgecl.arch.windows import conv_window_shape
 from edgecl.graph.nodes import Builder
+from edgecl.graph.rel_pos_onnx import rel_logits
 
 
 def attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list[int]]) -> str:
@@ -83,6 +84,8 @@ def _attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list
         index = b.constant(np.array(node["bias_index"], dtype=np.int64))
         bias = b.op("Gather", [f"{node['name']}.bias", index], axis=1)
         scores = b.op("Add", [scores, b.op("Reshape", [bias, b.ints(kv, h // kv * t, tk)])])
+    if node.get("rel_pos"):  # BotNet's relative position logits (kv = h, no window)
+        scores = b.op("Add", [scores, rel_logits(b, q, node, shapes[0])])
     if mask is not None:  # windows need kv = h: (N·windows, h, T, T) as (N, windows, h, T, T) + (windows, 1, T, T)
         per_window = b.op("Reshape", [scores, b.ints(-1, mask[1], h, t, tk)])
         scores = b.op("Reshape", [b.op("Add", [per_window, mask[0]]), b.ints(-1, h, t, tk)])

@@ -18,6 +18,7 @@ from edgecl.arch.op_rules import TALKING, has_gain, is_standardized
 from edgecl.arch.ops import blur_filter
 from edgecl.arch.sdta_ops import fourier_grid
 from edgecl.train import distributed
+from edgecl.train.rel_logits import rel_logits
 
 Params = dict[str, torch.Tensor]
 # Optional hook applied to each linear/conv output, keyed by layer name (RGO's feature encoding, AGS-CL's
@@ -179,7 +180,9 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         if window_of(node):
             return window_attention(*ins, node, bias)
         talking = tuple(params[f"{name}.{k}"] for k in TALKING) if node.get("talking_heads") else None
-        return attention(*ins, node["heads"], node["scale"], node["kv_heads"], bias, talking=talking)
+        logits = rel_logits(ins[0], node, params[f"{name}.rel_h"], params[f"{name}.rel_w"]) \
+            if node.get("rel_pos") else None
+        return attention(*ins, node["heads"], node["scale"], node["kv_heads"], bias, talking=talking, logits=logits)
     if op == "linear_attention":
         return linear_attention(*ins, node["heads"], node["eps"])
     if op == "channel_attention":
@@ -330,14 +333,16 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, node: di
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
               kv_heads: int | None = None, bias: torch.Tensor | None = None,
-              mask: torch.Tensor | None = None, talking: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+              mask: torch.Tensor | None = None, talking: tuple[torch.Tensor, ...] | None = None,
+              logits: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-head attention over the positions of (N, C, H, W) maps (tokens: (N, C, T, 1)), each head a contiguous
     block of channels, as `edgecl.graph.builder` emits it: softmax((scale·q)ᵀk) over the keys, times v. With fewer
     k/v heads (multi-query: one), the g = heads / kv_heads query heads of one k/v head are stacked along the query
     positions, so one product serves them all. `bias` (heads, T_q, T_kv), LeViT's gathered attention bias, is added
     to the scores before the softmax, then `mask` (windows, T, T): the batch is N·windows, window-minor (Swin).
     `talking` (w1, b1, w2, b2), EfficientFormerV2's talking heads (kv = heads): the scores mixed across the heads by
-    w1 (heads, heads) plus b1 before the softmax, its weights by w2 plus b2 after it."""
+    w1 (heads, heads) plus b1 before the softmax, its weights by w2 plus b2 after it. `logits` (N, heads, T, T_kv),
+    BotNet's relative position logits (kv = heads), are added to the scores."""
     n, c, t, tk = q.shape[0], q.shape[1], q.shape[2] * q.shape[3], k.shape[2] * k.shape[3]
     kv = kv_heads or heads
     d, dv = c // heads, v.shape[1] // kv
@@ -349,6 +354,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, sca
     scores = qh @ kh
     if bias is not None:  # the heads of one k/v head stacked as the queries are
         scores = scores + bias.reshape(kv, heads // kv * t, tk)
+    if logits is not None:
+        scores = scores + logits
     if mask is not None:  # one mask per window, the same for every head
         scores = (scores.reshape(-1, mask.shape[0], kv, t, tk) + mask.unsqueeze(1)).reshape(scores.shape)
     weights = torch.softmax(scores if talking is None else _mix_heads(scores, *talking[:2]), dim=-1)

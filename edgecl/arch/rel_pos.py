@@ -1,0 +1,76 @@
+"""Relative position logits of an ``attention`` (Bottleneck Transformers' ``PosEmbedRel``, timm's BotNet): fields,
+shape checks, work bound and tensors (`edgecl.arch.ops`, `op_rules` and `token_shapes` ask here).
+
+Fields ``rel_pos`` [kh, kw] (the map the logits are laid on: the queries' and keys' positions, H × W) and
+``rel_dim`` d (the channels of one head of q) go together; ``rel_scaled`` true multiplies the logits by the
+attention's scale too (timm's ``scale_pos_embed``). Tensors ``rel_h`` (2·kh − 1, d) and ``rel_w`` (2·kw − 1, d),
+one learned embedding per relative row and column offset, shared by every head (timm's ``pos_embed.height_rel`` and
+``width_rel``). Query (a, b) meets key (y, x) with the extra logit
+
+    q(a, b) · (rel_h[y − a + kh − 1] + rel_w[x − b + kw − 1])
+
+(unscaled q unless ``rel_scaled``), added to its score before the softmax. The logit depends on q, so it is no
+additive bias: the tables are what trains and the index (`rel_index`) follows from the map alone, so nothing is
+stored for it. The tables belong to no channel (`ROWLESS_OPS`: methods keep them per task); q and k are pinned and
+ordered already (an attention's heads are contiguous blocks), so their d columns never lose a channel. They start
+as any (rows, d) tensor does (uniform within d^-½, `edgecl.train.models.init_params`; timm: normal, std d^-½).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edgecl.errors import UsageError
+
+REL_TENSORS = {"rel_h": "pos_embed.height_rel", "rel_w": "pos_embed.width_rel"}  # → the name in timm's module
+
+
+def rel_fields(out: dict[str, Any], where: str) -> None:
+    """``rel_pos`` and ``rel_dim`` go together; ``rel_scaled`` qualifies them; not with a window, talking heads,
+    fewer k/v heads or a bias table (no model combines them, and each would need its own layout of the logits)."""
+    if (out["rel_pos"] is None) != (out["rel_dim"] is None) or out["rel_scaled"] and out["rel_pos"] is None:
+        raise UsageError(f"{where}: attention rel_pos {out['rel_pos']}, rel_dim {out['rel_dim']} and rel_scaled "
+                         f"{out['rel_scaled']}: relative position logits need rel_pos and rel_dim together")
+    if out["rel_pos"] is not None and (out["window"] is not None or out["talking_heads"] or
+                                       out["bias_offsets"] is not None or
+                                       out["kv_heads"] not in (None, out["heads"])):
+        raise UsageError(f"{where}: attention rel_pos goes with no window, talking heads, bias table or fewer k/v "
+                         "heads")
+
+
+def check_rel_shape(node: dict[str, Any], q: list[int], k: list[int], where: str) -> None:
+    """q and k on the node's ``rel_pos`` map, q's heads of ``rel_dim`` channels."""
+    rel = node.get("rel_pos")
+    if rel is not None and (q[1:] != list(rel) or k[1:] != list(rel) or q[0] != node["heads"] * node["rel_dim"]):
+        raise UsageError(f"{where}: attention rel_pos {rel} with rel_dim {node['rel_dim']} needs q ({node['heads']} "
+                         f"heads × {node['rel_dim']}) and k on a {rel} map, gets q {q} and k {k}")
+
+
+def rel_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The row and column embeddings, (2·kh − 1, d) and (2·kw − 1, d)."""
+    if node.get("rel_pos") is None:
+        return {}
+    (kh, kw), d = node["rel_pos"], node["rel_dim"]
+    return {"rel_h": (2 * kh - 1, d), "rel_w": (2 * kw - 1, d)}
+
+
+def rel_intermediates(node: dict[str, Any], tq: int) -> int:
+    """Values the logits hold besides the scores: q per head by position, the two gathered (k, k, d) tables, the
+    per-row and per-column logits and their sum over the scores (an upper bound)."""
+    if node.get("rel_pos") is None:
+        return 0
+    (kh, kw), d, h = node["rel_pos"], node["rel_dim"], node["heads"]
+    return h * d * tq + (kh * kh + kw * kw) * d + h * tq * (kh + kw) + h * tq * kh * kw
+
+
+def rel_index(n: int) -> np.ndarray:
+    """(n, n) int64: row a, column y holds y − a + n − 1, the table row query a reads for key y."""
+    a = np.arange(n)
+    return (a[None, :] - a[:, None] + n - 1).astype(np.int64)
+
+
+def rel_scale(node: dict[str, Any]) -> float:
+    """What q is multiplied by before the logits: the attention's scale with ``rel_scaled``, else 1."""
+    return float(node["scale"]) if node.get("rel_scaled") else 1.0
+

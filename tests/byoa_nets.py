@@ -1,0 +1,39 @@
+"""Bottleneck Transformers' self-attention in small (`TinyBotNet`, timm's BottleneckAttn with relative position
+logits), for the method and AGS-CL graph tests and tests/test_byoa_attention.py. Imports torch and timm."""
+from __future__ import annotations
+
+from torch import nn
+
+from edgecl.arch import from_torch
+from edgecl.arch.factories import ensure_torchvision_imports
+
+ensure_torchvision_imports()
+from timm.layers.bottleneck_attn import BottleneckAttn  # noqa: E402
+
+
+class TinyBotNet(nn.Module):
+    """BotNet's block in small, as byobnet's SelfAttnBlock uses it: a strided conv stem (BatchNorm, ReLU) to a 4×4
+    map, a 1×1 conv (BatchNorm, ReLU), one timm BottleneckAttn (qkv 1×1 conv, `heads` heads over the whole map with
+    relative position logits from learned row and column embeddings; a 2×2 average pool where `stride` is 2),
+    BatchNorm, ReLU, a 1×1 conv added back (pooled where strided) and the mean."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 16, heads: int = 4, dim: int = 4,
+                 stride: int = 1, scale_pos_embed: bool = False, side: tuple[int, int] = (4, 4)):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, stride=2, padding=1), nn.BatchNorm2d(width),
+                                  nn.ReLU())
+        self.conv1 = nn.Sequential(nn.Conv2d(width, width, 1), nn.BatchNorm2d(width), nn.ReLU())
+        self.attn = BottleneckAttn(width, width, feat_size=side, stride=stride, num_heads=heads, dim_head=dim,
+                                   scale_pos_embed=scale_pos_embed)
+        self.post = nn.Sequential(nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, width, 1))
+        self.skip = nn.AvgPool2d(2, 2) if stride == 2 else nn.Identity()
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = self.skip(h) + self.post(self.attn(self.conv1(h)))
+        return self.fc(h.mean((2, 3)))
+
+
+def botnet_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyBotNet(in_channels=input_shape[0]), tuple(input_shape))
