@@ -87,7 +87,7 @@ def test_fields_shapes_bounds_state_and_channel_map():
 @pytest.mark.parametrize("fields, words", [
     ({"rel_dim": None}, "need rel_pos and rel_dim together"), ({"rel_pos": None}, "need rel_pos and rel_dim"),
     ({"rel_pos": None, "rel_dim": None, "rel_scaled": True}, "need rel_pos and rel_dim"),
-    ({"rel_dim": 2}, "rel_dim 2 needs q"), ({"rel_pos": [4, 4]}, "needs q (2 heads × 3) and k on a [4, 4] map"),
+    ({"rel_dim": 2}, "rel_dim 2 needs q"), ({"rel_pos": [4, 4]}, "needs q of 2 heads × 3 and q and k on a [4, 4] map"),
     ({"window": [2, 5]}, "goes with no window"), ({"talking_heads": True}, "goes with no window, talking heads"),
     ({"bias_offsets": 1, "bias_index": [[0] * 20] * 20}, "bias table"),
     ({"rel_pos": 0}, "rel_pos = 0 must be"), ({"rel_pos": [4, 5, 1]}, "rel_pos"), ({"rel_dim": "3"}, "rel_dim"),

@@ -1,13 +1,14 @@
 """Relative position logits of an ``attention`` (Bottleneck Transformers' ``PosEmbedRel``, timm's BotNet): fields,
 shape checks, work bound and tensors (`edgecl.arch.ops`, `op_rules` and `token_shapes` ask here).
 
-Fields ``rel_pos`` [kh, kw] (the map the logits are laid on: the queries' and keys' positions, H × W) and
+Fields ``rel_pos`` [kh, kw] (the keys' extent: the map, H × W, where queries and keys are its positions; with a
+halo, `edgecl.arch.halo`, each query block's haloed key window) and
 ``rel_dim`` d (the channels of one head of q) go together; ``rel_scaled`` true multiplies the logits by the
 attention's scale too (timm's ``scale_pos_embed``). Tensors ``rel_h`` (2·kh − 1, d) and ``rel_w`` (2·kw − 1, d),
 one learned embedding per relative row and column offset, shared by every head (timm's ``pos_embed.height_rel`` and
 ``width_rel``). Query (a, b) meets key (y, x) with the extra logit
 
-    q(a, b) · (rel_h[y − a + kh − 1] + rel_w[x − b + kw − 1])
+    q(a, b) · (rel_h[y − a + kh − 1] + rel_w[x − b + kw − 1])     (a, b in the map or the query's block)
 
 (unscaled q unless ``rel_scaled``), added to its score before the softmax. The logit depends on q, so it is no
 additive bias: the tables are what trains and the index (`rel_index`) follows from the map alone, so nothing is
@@ -40,11 +41,17 @@ def rel_fields(out: dict[str, Any], where: str) -> None:
 
 
 def check_rel_shape(node: dict[str, Any], q: list[int], k: list[int], where: str) -> None:
-    """q and k on the node's ``rel_pos`` map, q's heads of ``rel_dim`` channels."""
+    """q's heads of ``rel_dim`` channels; q and k on the ``rel_pos`` map, or with a halo (`edgecl.arch.halo`) the
+    haloed key window ``rel_pos``."""
     rel = node.get("rel_pos")
-    if rel is not None and (q[1:] != list(rel) or k[1:] != list(rel) or q[0] != node["heads"] * node["rel_dim"]):
-        raise UsageError(f"{where}: attention rel_pos {rel} with rel_dim {node['rel_dim']} needs q ({node['heads']} "
-                         f"heads × {node['rel_dim']}) and k on a {rel} map, gets q {q} and k {k}")
+    if rel is None:
+        return
+    win = node["halo_blocks"][1] + 2 * node["halo"] if node.get("halo_blocks") else None
+    maps = list(rel) == [win, win] if win else q[1:] == list(rel) and k[1:] == list(rel)
+    if not maps or q[0] != node["heads"] * node["rel_dim"]:
+        keys = f"a haloed window of {win} × {win}" if win else f"q and k on a {rel} map"
+        raise UsageError(f"{where}: attention rel_pos {rel} with rel_dim {node['rel_dim']} needs q of "
+                         f"{node['heads']} heads × {node['rel_dim']} and {keys}, gets q {q} and k {k}")
 
 
 def rel_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -64,10 +71,10 @@ def rel_intermediates(node: dict[str, Any], tq: int) -> int:
     return h * d * tq + (kh * kh + kw * kw) * d + h * tq * (kh + kw) + h * tq * kh * kw
 
 
-def rel_index(n: int) -> np.ndarray:
-    """(n, n) int64: row a, column y holds y − a + n − 1, the table row query a reads for key y."""
-    a = np.arange(n)
-    return (a[None, :] - a[:, None] + n - 1).astype(np.int64)
+def rel_index(queries: int, keys: int) -> np.ndarray:
+    """(queries, keys) int64: row a, column y holds y − a + keys − 1, the table row query a reads for key y (the
+    query's position in its map or block, the key's in its map or window)."""
+    return (np.arange(keys)[None, :] - np.arange(queries)[:, None] + keys - 1).astype(np.int64)
 
 
 def rel_scale(node: dict[str, Any]) -> float:
