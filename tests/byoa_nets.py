@@ -1,5 +1,5 @@
 """Bottleneck Transformers' self-attention in small (`TinyBotNet`, timm's BottleneckAttn with relative position
-logits), for the method and AGS-CL graph tests and tests/test_byoa_attention.py. Imports torch and timm."""
+logits) and HaloNet's blocked attention (`TinyHaloNet`, timm's HaloAttn), for the method and AGS-CL graph tests and tests/test_byoa_attention.py. Imports torch and timm."""
 from __future__ import annotations
 
 from torch import nn
@@ -9,6 +9,7 @@ from edgecl.arch.factories import ensure_torchvision_imports
 
 ensure_torchvision_imports()
 from timm.layers.bottleneck_attn import BottleneckAttn  # noqa: E402
+from timm.layers.halo_attn import HaloAttn  # noqa: E402
 
 
 class TinyBotNet(nn.Module):
@@ -18,13 +19,16 @@ class TinyBotNet(nn.Module):
     BatchNorm, ReLU, a 1×1 conv added back (pooled where strided) and the mean."""
 
     def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 16, heads: int = 4, dim: int = 4,
-                 stride: int = 1, scale_pos_embed: bool = False, side: tuple[int, int] = (4, 4)):
+                 stride: int = 1, scale_pos_embed: bool = False, side: tuple[int, int] = (4, 4),
+                 halo: dict | None = None):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, stride=2, padding=1), nn.BatchNorm2d(width),
                                   nn.ReLU())
         self.conv1 = nn.Sequential(nn.Conv2d(width, width, 1), nn.BatchNorm2d(width), nn.ReLU())
         self.attn = BottleneckAttn(width, width, feat_size=side, stride=stride, num_heads=heads, dim_head=dim,
-                                   scale_pos_embed=scale_pos_embed)
+                                   scale_pos_embed=scale_pos_embed) if halo is None else \
+            HaloAttn(width, width, stride=stride, num_heads=heads, dim_head=dim, scale_pos_embed=scale_pos_embed,
+                     **halo)
         self.post = nn.Sequential(nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, width, 1))
         self.skip = nn.AvgPool2d(2, 2) if stride == 2 else nn.Identity()
         self.fc = nn.Linear(width, classes)
@@ -35,5 +39,20 @@ class TinyBotNet(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
+class TinyHaloNet(TinyBotNet):
+    """`TinyBotNet` with timm's HaloAttn in place of BottleneckAttn: its 4×4 map in 2×2 query blocks, each over the
+    4×4 window of its block and a halo of 1 (zeros beyond the map)."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 16, heads: int = 4, dim: int = 4,
+                 stride: int = 1, scale_pos_embed: bool = False, block_size: int = 2, halo_size: int = 1,
+                 avg_down: bool = False):
+        super().__init__(classes, in_channels, width, heads, dim, stride, scale_pos_embed,
+                         halo={"block_size": block_size, "halo_size": halo_size, "avg_down": avg_down})
+
+
 def botnet_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyBotNet(in_channels=input_shape[0]), tuple(input_shape))
+
+
+def halonet_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyHaloNet(in_channels=input_shape[0]), tuple(input_shape))

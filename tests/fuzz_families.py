@@ -292,6 +292,10 @@ def _spec(draw) -> dict:
                 node["rel_dim"] = dims[0] if fits else draw(st.sampled_from([0, dims[0] + 1, 1 << 31, None]))
                 if draw(st.booleans()):
                     node["rel_scaled"] = draw(st.booleans()) if fits else draw(st.sampled_from([1, "yes", None]))
+            if draw(st.integers(0, 3)) == 0:  # HaloNet's blocks of the map, haloed key windows (refused with a window)
+                side = min(dims[1:]) if len(dims) == 3 else 1
+                node["halo_blocks"] = [side, side] if fits else draw(st.sampled_from([0, [side + 1, side], "x"]))
+                node["halo"] = draw(st.integers(0, 2)) if fits else draw(st.sampled_from([-1, 65, 1 << 31, None]))
         elif op == "linear_attention":  # EfficientViT's ReLU linear attention of one map (q = k = v), its heads
             node["inputs"] += [src, src]
             node["heads"] = draw(st.sampled_from([d for d in (1, 2, 3) if dims[0] % d == 0])) if fits else \

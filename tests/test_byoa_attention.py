@@ -1,7 +1,8 @@
 """timm's attention ResNets ("bring your own attention", byobnet) through `from_torch`: BotNet's BottleneckAttn as an
-``attention`` with relative position logits (`edgecl.arch.rel_pos`): the torch form against timm's PosEmbedRel,
-torch = ONNX on random specs, the fields' validation, stored form, state keys and channel map, small BottleneckAttn
-variants against the module, refusals by name, and timm's BotNets (slow but the first)."""
+``attention`` with relative position logits (`edgecl.arch.rel_pos`) and HaloNet's HaloAttn as one over blocks and
+haloed windows (`edgecl.arch.halo`): the torch form against timm's PosEmbedRel and unfold, torch = ONNX on random
+specs, the fields' validation, stored form, state keys and channel map, small variants against the modules,
+refusals by name, and timm's BotNets and HaloNets (slow but botnet26t at 64)."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,17 +11,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from byoa_nets import BottleneckAttn, TinyBotNet
+from byoa_nets import BottleneckAttn, HaloAttn, TinyBotNet, TinyHaloNet
 from random_weights import random_params
 from torch_nets import assert_refused, check_parity, randomise_batchnorm, randomised_all, spec_logits, timm
 
 from edgecl.arch import from_torch, validate
 from edgecl.arch.channels import channel_map
+from edgecl.arch.halo import halo_index
 from edgecl.arch.later_fields import stored_form
 from edgecl.arch.module_state import state_keys, state_shapes
 from edgecl.arch.ops import intermediates
 from edgecl.arch.spec import rowless_tensors
 from edgecl.errors import UsageError
+from edgecl.train.halo_attention import halo_blocks
 from edgecl.train.rel_logits import rel_logits
 
 
@@ -198,3 +201,138 @@ def test_timm_botnets(name, side):
     module = timm.create_model(name, pretrained=False, **({} if side == 256 else {"img_size": side})).eval()
     randomise_batchnorm(module)
     check_parity(module, from_torch(module, (3, side, side)), (3, side, side), batch=2)
+
+
+# -- HaloNet ----------------------------------------------------------------------------------------------------------
+def _halo_spec(heads: int = 2, d: int = 3, dv: int = 4, shape=(2, 4, 6), blocks=(2, 2), halo: int = 1,
+               stride: int = 1, rel: bool = True, **fields) -> dict:
+    """q (strided by `stride`), k and v 1×1 convs of one map and their blocked attention with halos."""
+    win = blocks[1] + 2 * halo
+    nodes = [{"name": "q", "op": "conv", "inputs": ["input"], "in": shape[0], "out": heads * d, "k": 1,
+              "stride": stride},
+             {"name": "k", "op": "conv", "inputs": ["input"], "in": shape[0], "out": heads * d, "k": 1},
+             {"name": "v", "op": "conv", "inputs": ["input"], "in": shape[0], "out": heads * dv, "k": 1},
+             {"name": "a", "op": "attention", "inputs": ["q", "k", "v"], "heads": heads, "scale": 0.7,
+              "halo_blocks": list(blocks), "halo": halo,
+              **({"rel_pos": [win, win], "rel_dim": d} if rel else {}), **fields},
+             {"name": "f", "op": "flatten", "inputs": ["a"]}]
+    return {"name": "x", "input_shape": list(shape), "output": "f", "nodes": nodes}
+
+
+@pytest.mark.parametrize("height, width, block, halo", [(4, 6, 2, 1), (6, 6, 3, 2), (4, 4, 4, 0), (2, 4, 2, 3)])
+def test_halo_windows_are_timms_unfold(height, width, block, halo):
+    """The torch form's windows (timm's pad + unfold) and the ONNX form's constant index pick the same keys."""
+    k = torch.arange(float(2 * height * width)).reshape(1, 2, height, width) + 1
+    node = {"halo_blocks": [block, block], "halo": halo}
+    _, windows, _ = halo_blocks(k, k, k, node)
+    padded = torch.nn.functional.pad(k, [halo] * 4).reshape(1, 2, -1)
+    gathered = padded[:, :, torch.from_numpy(halo_index(height, width, block, halo))]  # (1, 2, blocks, win²)
+    assert torch.equal(windows.flatten(2), gathered.permute(0, 2, 1, 3).reshape(windows.shape[0], 2, -1))
+
+
+@settings(max_examples=20, deadline=None, derandomize=True, database=None)
+@given(data=st.data())
+def test_random_halo_attention_torch_equals_onnx(data):
+    """Random heads, blocks, halos, strided queries, with and without relative logits: torch = ONNX, finite."""
+    bq, stride = data.draw(st.integers(1, 3)), data.draw(st.sampled_from([1, 2]))
+    shape = (2, bq * stride * data.draw(st.integers(1, 3)), bq * stride * data.draw(st.integers(1, 2)))
+    spec = validate(_halo_spec(data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3)),
+                               data.draw(st.integers(1, 3)), shape, (bq, bq * stride), data.draw(st.integers(0, 3)),
+                               stride, data.draw(st.booleans()), rel_scaled=False))
+    got = spec_logits(spec, random_params(spec, 3, data.draw(st.integers(0, 9))), torch.randn(3, *shape))
+    assert np.isfinite(got).all()
+
+
+def test_halo_fields_stored_form_and_state():
+    spec = validate(_halo_spec(module="blocks.0.attn"))
+    assert {k: v for k, v in stored_form(spec)["nodes"][3].items() if k.startswith(("halo", "rel"))} == {
+        "halo_blocks": [2, 2], "halo": 1, "rel_pos": [4, 4], "rel_dim": 3}
+    assert state_keys(spec)["a.rel_h"] == "blocks.0.attn.pos_embed.height_rel"
+    assert state_shapes(spec)["a.rel_w"] == (7, 3) and rowless_tensors(spec) == ["a.rel_h", "a.rel_w"]
+    assert intermediates(spec["nodes"][3], [[6, 4, 6], [6, 4, 6], [8, 4, 6]]) > 3 * 2 * 24 * 16  # the scores
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"halo": None}, "halo_blocks [2, 2] and halo None go together"),
+    ({"window": [2, 2]}, "goes with no window"), ({"talking_heads": True}, "goes with no window, talking heads"),
+    ({"halo_blocks": [3, 3]}, "in whole 3 × 3 blocks"), ({"halo_blocks": [2, 4]}, "as many 4 × 4 blocks"),
+    ({"halo": 65, "rel_pos": [132, 132]}, "a halo of at most 64"), ({"halo": -1}, "halo = -1 must be"),
+    ({"halo_blocks": [0, 2]}, "halo_blocks"), ({"rel_pos": [5, 5]}, "a haloed window of 4 × 4"),
+])
+def test_bad_halo_fields_are_refused(fields, words):
+    spec = _halo_spec()
+    for key, value in fields.items():
+        if value is None:
+            del spec["nodes"][3][key]
+        else:
+            spec["nodes"][3][key] = value
+    with pytest.raises(UsageError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        validate(spec)
+
+
+def test_halo_scores_are_bounded():
+    spec = _halo_spec(heads=1, d=1, dv=1, shape=(1, 512, 512), blocks=(64, 64), halo=64)
+    with pytest.raises(UsageError, match="scores per sample"):
+        validate(spec)
+
+
+class _Halo(nn.Module):
+    """A HaloAttn with a qkv bias on a non-square map, all its weights random."""
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.attn = HaloAttn(16, 24, num_heads=3, dim_head=4, qkv_bias=True, **kwargs)
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, x):
+        return self.fc(self.attn(self.stem(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("kwargs, shape", [
+    ({"block_size": 4, "halo_size": 1}, (3, 12, 8)), ({"block_size": 4, "halo_size": 1, "stride": 2}, (3, 12, 8)),
+    ({"block_size": 4, "halo_size": 1, "stride": 2, "avg_down": True}, (3, 12, 8)),
+    ({"block_size": 3, "halo_size": 2, "scale_pos_embed": True}, (3, 6, 9)),
+    ({"block_size": 4, "halo_size": 0}, (3, 12, 8)), ({"block_size": 3, "halo_size": 1, "stride": 2}, (3, 6, 9)),
+])
+def test_halo_attn_parity(kwargs, shape):
+    """Strided queries (block 4, stride 2: q blocks of 2 over key blocks of 4), an average pool where the stride
+    does not divide the block (3) or avg_down, a scaled position embedding, no halo."""
+    module = randomised_all(_Halo(**kwargs))
+    spec = from_torch(module, shape)
+    attn = [n for n in spec["nodes"] if n["op"] == "attention"]
+    assert len(attn) == 1 and attn[0]["halo"] == kwargs["halo_size"]
+    check_parity(module, spec, shape)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"stride": 2}, {"heads": 2, "dim": 8, "halo_size": 2}])
+def test_tiny_halonet_parity(kwargs):
+    torch.manual_seed(0)
+    module = TinyHaloNet(in_channels=3, **kwargs).eval()
+    randomise_batchnorm(module)
+    check_parity(module, from_torch(module, (3, 8, 8)), (3, 8, 8))
+
+
+def _edited_halo(edit) -> nn.Module:
+    module = TinyHaloNet(in_channels=3)
+    edit(module.attn)
+    return module.eval()
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: _edited_halo(lambda m: setattr(m, "kv", nn.Sequential(nn.Conv2d(16, 32, 1)))), "Sequential"),
+    (lambda: _edited_halo(lambda m: setattr(m, "pool", nn.MaxPool2d(1))), "pool is a MaxPool2d"),
+    (lambda: _edited_halo(lambda m: m.pos_embed.register_forward_pre_hook(lambda mod, i: i)), "forward pre-hook"),
+])
+def test_what_edgecl_does_not_follow_in_halo_attn_is_refused_by_name(make, words):
+    with pytest.raises(UsageError, match=words) as info:
+        from_torch(make(), (3, 8, 8))
+    assert "attn" in str(info.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["halonet26t", "sehalonet33ts", "eca_halonext26ts", "halonet50ts"])
+def test_timm_halonets_at_256(name):
+    module = timm.create_model(name, pretrained=False).eval()
+    randomise_batchnorm(module)
+    check_parity(module, from_torch(module, (3, 256, 256)), (3, 256, 256), batch=2)

@@ -8,7 +8,7 @@ from torch import nn
 
 from edgecl.arch.fx_attention import is_timm_attention
 from edgecl.arch.fx_blur import is_blur_pool
-from edgecl.arch.fx_byoa import is_bottleneck_attn
+from edgecl.arch.fx_byoa import is_byoa_attention
 from edgecl.arch.fx_davit import is_davit_channel, is_davit_spatial
 from edgecl.arch.fx_eca import is_eca
 from edgecl.arch.fx_edgenext import is_sdta_block
@@ -40,7 +40,7 @@ WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention,
          (is_lambda_layer, "lambda_layer"), (is_xcit_xca, "xcit_xca"), (is_xcit_lpi, "xcit_lpi"),
          (is_xcit_pos, "xcit_pos"), (is_class_attn, "class_attn"), (is_twins_attention, "twins_attention"),
          (is_davit_spatial, "davit_spatial"), (is_davit_channel, "davit_channel"), (is_nest_level, "nest_level"),
-         (is_bottleneck_attn, "bottleneck_attn"))
+         (is_byoa_attention, "byoa_attention"))
 # may read channels-last values
 ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin, is_tiny_vit_block, is_maxvit, is_xcit_xca, is_xcit_lpi,
              is_class_attn, is_twins_attention, is_davit_channel)

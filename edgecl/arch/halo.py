@@ -15,7 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from edgecl.arch.limits import MAX_ACTIVATION
 from edgecl.errors import UsageError
+
+MAX_HALO = 64  # rows and columns around a block: timm's are 2 and 3
 
 
 def halo_fields(out: dict[str, Any], where: str) -> None:
@@ -36,9 +39,13 @@ def check_halo_shape(node: dict[str, Any], q: list[int], k: list[int], where: st
     """q's map whole blocks of bq, k's as many blocks of bk (v at k's positions is checked already); (T_q, T_kv) of
     one block."""
     (bq, bk), win = node["halo_blocks"], halo_window(node)
-    if q[1] % bq or q[2] % bq or [k[1], k[2]] != [q[1] // bq * bk, q[2] // bq * bk]:
-        raise UsageError(f"{where}: attention halo_blocks [{bq}, {bk}] needs q's map in whole {bq} × {bq} blocks and "
-                         f"k's in as many {bk} × {bk} blocks, gets q {q} and k {k}")
+    if q[1] % bq or q[2] % bq or [k[1], k[2]] != [q[1] // bq * bk, q[2] // bq * bk] or node["halo"] > MAX_HALO:
+        raise UsageError(f"{where}: attention halo_blocks [{bq}, {bk}] needs q's map in whole {bq} × {bq} blocks, "
+                         f"k's in as many {bk} × {bk} blocks and a halo of at most {MAX_HALO}, gets q {q}, k {k} and "
+                         f"halo {node['halo']}")
+    if (scores := node["heads"] * q[1] * q[2] * win * win) > MAX_ACTIVATION:  # each query meets its window's keys
+        raise UsageError(f"{where}: attention over {q[1:]} queries in blocks of {bq}, each meeting {win} × {win} keys "
+                         f"with {node['heads']} heads, computes {scores} scores per sample, more than {MAX_ACTIVATION}")
     return bq * bq, win * win
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgecl.arch.halo import halo_fields
 from edgecl.arch.lambda_ops import lambda_tensor_shapes
 from edgecl.arch.rel_pos import REL_TENSORS, rel_fields, rel_tensor_shapes
 from edgecl.errors import UsageError
@@ -55,6 +56,7 @@ def attention_fields(out: dict[str, Any], where: str) -> None:
     if out["window"] is not None and out["shift"] is None:
         out["shift"] = [0, 0]
     rel_fields(out, where)
+    halo_fields(out, where)
 
 
 # an attention's talking-head tensors → their names in its module (EfficientFormerV2's two 1×1 convs over the heads)

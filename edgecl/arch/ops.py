@@ -118,7 +118,8 @@ Ops (fields and defaults in `OPS`):
   one after it (``talk2_weight``, ``talk2_bias``): its module's ``talking_head1`` / ``talking_head2`` 1×1 convs over
   the heads. Like the bias they belong to no channel (the heads are never pruned). ``rel_pos`` [kh, kw] with
   ``rel_dim`` (and ``rel_scaled``): BotNet's relative position logits, q times learned row and column embeddings
-  (tensors ``rel_h``, ``rel_w``), `edgecl.arch.rel_pos`.
+  (tensors ``rel_h``, ``rel_w``), `edgecl.arch.rel_pos`. ``halo_blocks`` [bq, bk] with ``halo`` h: HaloNet's
+  blocked attention, each bq × bq query block over its bk × bk key block and h around it, `edgecl.arch.halo`.
 - ``token_mix`` (MLP-Mixer's token mixing, timm's ``mlp_tokens``: an ``nn.Linear`` over the token axis of
   ``x.transpose(1, 2)``): a ``(C, in, 1)`` token map to ``(C, out, 1)``, output token t of channel c is
   Σ_s weight[t, s]·x[c, s] + bias[t]; weight ``(out, in)``, bias ``(out,)`` when ``bias``; every channel alone, by the
@@ -138,6 +139,7 @@ from typing import Any
 import numpy as np
 
 from edgecl.arch.lambda_ops import lambda_intermediates, lambda_shape
+from edgecl.arch.halo import halo_intermediates
 from edgecl.arch.rel_pos import rel_intermediates
 from edgecl.arch.sdta_ops import SDTA_OPS, sdta_intermediates, sdta_shape
 from edgecl.arch.token_shapes import attention_shape, token_shape
@@ -198,7 +200,8 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
                   "bias_offsets": ("size", None), "bias_index": ("index_table", None),
                   "bias_table": ("bias_table", None), "window": ("pair", None), "shift": ("pad", None),
                   "talking_heads": ("bool", None), "dilated": ("bool", False), "bias_rows": ("pad", None),
-                  "rel_pos": ("pair", None), "rel_dim": ("size", None), "rel_scaled": ("bool", False)},
+                  "rel_pos": ("pair", None), "rel_dim": ("size", None), "rel_scaled": ("bool", False),
+                  "halo_blocks": ("pair", None), "halo": ("index", None)},
     "linear_attention": {"heads": ("size", ...), "eps": ("eps", 1e-5), "kernel": ("kernel", "relu")},
     "token": {"index": ("index", 0), "count": ("size", 1)},
     "token_mix": {"in": ("size", ...), "out": ("size", ...), "bias": ("bool", True)},
@@ -240,6 +243,8 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
         (cq, *q), (ck, *k), (cv, _, _) = ins
         tq, tk, h = math.prod(q), math.prod(k), node["heads"]
         out = cv * h // (node.get("kv_heads") or h)
+        if node.get("halo_blocks"):  # HaloNet's blocks and haloed windows
+            return halo_intermediates(node, ins) + rel_intermediates(node, tq)
         if node.get("window"):  # each query meets the w = wh·ww keys of its window; the scores, their masked sum and
             # softmax; q, k, v and the output rolled, partitioned and transposed (an upper bound)
             w = math.prod(node["window"])

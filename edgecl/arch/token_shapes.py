@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from edgecl.arch.halo import check_halo_shape
 from edgecl.arch.rel_pos import check_rel_shape
 from edgecl.errors import UsageError
 
@@ -43,7 +44,10 @@ def attention_shape(node: dict[str, Any], ins: list[list[int]], where: str) -> l
                          f"{kv} heads at k's positions ({kv} dividing {h}) and a scale > 0, gets {ins} and scale "
                          f"{node['scale']}")
     window = node.get("window")
-    if window:
+    if node.get("halo_blocks"):  # HaloNet's blocks: k and v may be on a larger map (a strided q)
+        check_halo_shape(node, q, k, where)
+        check_rel_shape(node, q, k, where)
+    elif window:
         shift = node.get("shift") or [0, 0]
         if kv != h or q[1:] != k[1:] or q[1] % window[0] or q[2] % window[1] or \
                 any(s >= w for s, w in zip(shift, window)) or node.get("dilated") and any(shift):

@@ -9,6 +9,7 @@ import numpy as np
 
 from edgecl.arch.attention_windows import partition, window_mask, window_of
 from edgecl.arch.windows import conv_window_shape
+from edgecl.graph.halo_onnx import halo_blocks, halo_unblock
 from edgecl.graph.nodes import Builder
 from edgecl.graph.rel_pos_onnx import rel_logits
 
@@ -17,6 +18,9 @@ def attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list[
     """An ``attention`` node: over the whole map, or windowed (Swin: `window_attention`)."""
     if window_of(node):
         return window_attention(b, q, k, v, node, shapes)
+    if node.get("halo_blocks"):  # HaloNet: q's blocks, k's and v's haloed windows into the batch, and back
+        blocks, inner = halo_blocks(b, q, k, v, node, shapes)
+        return halo_unblock(b, _attention(b, *blocks, node, inner), node, [shapes[2][0], *shapes[0][1:]])
     return _attention(b, q, k, v, node, shapes)
 
 

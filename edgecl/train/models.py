@@ -18,6 +18,7 @@ from edgecl.arch.op_rules import TALKING, has_gain, is_standardized
 from edgecl.arch.ops import blur_filter
 from edgecl.arch.sdta_ops import fourier_grid
 from edgecl.train import distributed
+from edgecl.train.halo_attention import halo_blocks, halo_unblock
 from edgecl.train.rel_logits import rel_logits
 
 Params = dict[str, torch.Tensor]
@@ -180,9 +181,11 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         if window_of(node):
             return window_attention(*ins, node, bias)
         talking = tuple(params[f"{name}.{k}"] for k in TALKING) if node.get("talking_heads") else None
-        logits = rel_logits(ins[0], node, params[f"{name}.rel_h"], params[f"{name}.rel_w"]) \
+        blocks = halo_blocks(*ins, node) if node.get("halo_blocks") else ins  # HaloNet: q blocks, k, v windows
+        logits = rel_logits(blocks[0], node, params[f"{name}.rel_h"], params[f"{name}.rel_w"]) \
             if node.get("rel_pos") else None
-        return attention(*ins, node["heads"], node["scale"], node["kv_heads"], bias, talking=talking, logits=logits)
+        out = attention(*blocks, node["heads"], node["scale"], node["kv_heads"], bias, talking=talking, logits=logits)
+        return halo_unblock(out, node, *ins[0].shape[2:]) if node.get("halo_blocks") else out
     if op == "linear_attention":
         return linear_attention(*ins, node["heads"], node["eps"])
     if op == "channel_attention":
