@@ -1,11 +1,17 @@
 """Bottleneck Transformers' self-attention in small (`TinyBotNet`, timm's BottleneckAttn with relative position
-logits) and HaloNet's blocked attention (`TinyHaloNet`, timm's HaloAttn), for the method and AGS-CL graph tests and tests/test_byoa_attention.py. Imports torch and timm."""
+logits) and HaloNet's blocked attention (`TinyHaloNet`, timm's HaloAttn), for the method and AGS-CL graph tests and
+tests/test_byoa_attention.py, and `deep_parity` for timm's deep networks. Imports torch and timm."""
 from __future__ import annotations
 
+import numpy as np
+import torch
 from torch import nn
+from torch_nets import classifier_of, randomise_batchnorm, spec_logits
 
 from edgecl.arch import from_torch
 from edgecl.arch.factories import ensure_torchvision_imports
+from edgecl.arch.fx_import import tensors_of
+from edgecl.train.models import forward, from_numpy
 
 ensure_torchvision_imports()
 from timm.layers.bottleneck_attn import BottleneckAttn  # noqa: E402
@@ -56,3 +62,21 @@ def botnet_spec(input_shape=(1, 8, 8)) -> dict:
 
 def halonet_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyHaloNet(in_channels=input_shape[0]), tuple(input_shape))
+
+
+def deep_parity(module: nn.Module, side: int) -> None:
+    """A deep network with random BatchNorm statistics: its own float32 logits drift from its float64 ones by as
+    much as check_parity's 1e-5 (botnet50ts at 64: 1.5e-4 of 17.8, by the seed), so the spec's torch forward is
+    held to the module in float64 (1e-9 of the largest logit; measured 1e-13) and ONNX to torch in float32."""
+    torch.manual_seed(0)
+    randomise_batchnorm(module)
+    spec = from_torch(module.eval(), (3, side, side))
+    x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0))
+    module = module.double()
+    weights = {**tensors_of(module, spec), **classifier_of(module)}
+    with torch.no_grad():
+        want = module(x.double()).numpy()
+        got = forward(spec, from_numpy({k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}),
+                      x.double()).numpy()
+    assert np.abs(want).max() > 1e-6 and np.abs(got - want).max() <= 1e-9 * max(1.0, np.abs(want).max())
+    spec_logits(spec, {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}, x)

@@ -11,10 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from byoa_nets import BottleneckAttn, HaloAttn, TinyBotNet, TinyHaloNet
+from byoa_nets import BottleneckAttn, HaloAttn, TinyBotNet, TinyHaloNet, deep_parity
 from random_weights import random_params
-from torch_nets import (assert_refused, check_parity, classifier_of, randomise_batchnorm, randomised_all, spec_logits,
-                        timm)
+from torch_nets import assert_refused, check_parity, randomise_batchnorm, randomised_all, spec_logits, timm
 
 from edgecl.arch import from_torch, validate
 from edgecl.arch.channels import channel_map
@@ -23,10 +22,8 @@ from edgecl.arch.later_fields import stored_form
 from edgecl.arch.module_state import state_keys, state_shapes
 from edgecl.arch.ops import intermediates
 from edgecl.arch.spec import rowless_tensors
-from edgecl.arch.fx_import import tensors_of
 from edgecl.errors import UsageError
 from edgecl.train.halo_attention import halo_blocks
-from edgecl.train.models import forward, from_numpy
 from edgecl.train.rel_logits import rel_logits
 
 
@@ -198,29 +195,11 @@ def test_timm_botnet26t_at_64():
     check_parity(module, spec, (3, 64, 64), batch=2)
 
 
-def _deep_parity(module: nn.Module, side: int) -> None:
-    """A deep network with random BatchNorm statistics: its own float32 logits drift from its float64 ones by as
-    much as check_parity's 1e-5 (botnet50ts at 64: 1.5e-4 of 17.8, by the seed), so the spec's torch forward is
-    held to the module in float64 (1e-9 of the largest logit; measured 1e-13) and ONNX to torch in float32."""
-    torch.manual_seed(0)
-    randomise_batchnorm(module)
-    spec = from_torch(module.eval(), (3, side, side))
-    x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0))
-    module = module.double()
-    weights = {**tensors_of(module, spec), **classifier_of(module)}
-    with torch.no_grad():
-        want = module(x.double()).numpy()
-        got = forward(spec, from_numpy({k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}),
-                      x.double()).numpy()
-    assert np.abs(want).max() > 1e-6 and np.abs(got - want).max() <= 1e-9 * max(1.0, np.abs(want).max())
-    spec_logits(spec, {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}, x)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name, side", [("botnet26t_256", 256), ("sebotnet33ts_256", 64), ("botnet50ts_256", 64),
                                         ("eca_botnext26ts_256", 64)])
 def test_timm_botnets(name, side):
-    _deep_parity(timm.create_model(name, pretrained=False, **({} if side == 256 else {"img_size": side})), side)
+    deep_parity(timm.create_model(name, pretrained=False, **({} if side == 256 else {"img_size": side})), side)
 
 
 # -- HaloNet ----------------------------------------------------------------------------------------------------------
@@ -354,4 +333,4 @@ def test_what_edgecl_does_not_follow_in_halo_attn_is_refused_by_name(make, words
 @pytest.mark.parametrize("name, side", [("halonet26t", 256), ("sehalonet33ts", 256), ("eca_halonext26ts", 256),
                                         ("halonet50ts", 256), ("haloregnetz_b", 224)])
 def test_timm_halonets(name, side):
-    _deep_parity(timm.create_model(name, pretrained=False), side)
+    deep_parity(timm.create_model(name, pretrained=False), side)

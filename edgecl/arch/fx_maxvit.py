@@ -17,7 +17,10 @@ Linear), each added.
 The bias is timm's RelPosBias or torchvision's table (Swin's layout: ``relative_position_bias_table`` (offsets,
 heads) and its fixed ``relative_position_index``, ``bias_table`` "swin"), or timm's RelPosBiasTf (TensorFlow
 MaxViT's: the table (heads, 2·wh − 1, 2·ww − 1) read through two one-hot lookups, which are the node's fixed index;
-``bias_table`` "tf"), per window or grid window. Refused by name with the user's source line: a map the partition
+``bias_table`` "tf"), per window or grid window. CoAtNet's channels-first ``Attention2d`` (timm.models.maxxvit, in its TransformerBlock2d) is kept whole too: qkv (1×1
+conv) → q, k, v → attention over the whole map {its RelPosBias over the map} → proj.
+
+Refused by name with the user's source line: a map the partition
 does not tile, the MLP-generated bias (``RelPosMlp``, ``maxvit_rmlp_*``), the channels-first
 ``PartitionAttention2d`` and the parallel variant, layer scales, and other layers in the block's places.
 """
@@ -43,6 +46,11 @@ def is_maxvit(m: Any) -> bool:
     return (type(m).__module__, type(m).__name__) in _KINDS
 
 
+def is_attention2d(m: Any) -> bool:
+    """timm's channels-first ``Attention2d`` (CoAtNet's transformer blocks: attention over the whole map)."""
+    return (type(m).__module__, type(m).__name__) == (_MAXXVIT, "Attention2d")
+
+
 class _MaxVitConverter:
     """Mixin of `fx_import._Converter`: MaxViT's window and grid attention blocks, kept whole."""
 
@@ -54,6 +62,7 @@ class _MaxVitConverter:
     attend_packed: Callable[..., str]
     swin_norm: Callable[..., str]
     norm_mlp: Callable[..., str]
+    _conv_fields: Callable[..., dict]
 
     def maxvit(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
         where = f"MaxViT {type(m).__name__} at {path!r} {location(node)}"
@@ -85,6 +94,38 @@ class _MaxVitConverter:
                             where)
         self._emit(node, "add", [h, out], f"{path}.add2")
         self.last.add(node)
+
+    def attention2d(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
+        """CoAtNet's Attention2d on the (C, H, W) map: qkv (1×1 conv; each head's q, k, v side by side where
+        ``head_first``) → attention over the whole map {its RelPosBias over the map} → proj (1×1 conv)."""
+        where = f"Attention2d at {path!r} {location(node)}"
+        shape = shape_of(node.args[0])
+        if node.args[0] in self.last or shape is None or len(shape) != 3 or len(node.args) > 1 or \
+                any(v is not None for v in node.kwargs.values()):
+            raise UsageError(f"{self.name}: {where} reads {shape} with {len(node.args) - 1} more argument(s) and "
+                             f"{dict(node.kwargs)}; edgecl converts it on a (batch, channels, height, width) map, "
+                             "without a shared relative position bias")
+        check_drops(self.name, where, m, "attn_drop", "proj_drop")
+        heads, d = int(m.num_heads), int(m.dim_head)
+        for conv, width in ((m.qkv, 3 * heads * d), (m.proj, None)):
+            if type(conv) is not nn.Conv2d or tuple(conv.kernel_size) != (1, 1) or tuple(conv.stride) != (1, 1) or \
+                    conv.groups != 1 or width is not None and conv.out_channels != width:
+                raise UsageError(f"{self.name}: {where}: {conv} where edgecl converts timm's 1×1 Conv2d"
+                                 f"{'' if width is None else f' of {width} outputs ({heads} heads × 3 × {d})'}")
+        fields: dict[str, Any] = {"heads": heads, "scale": applied_scale(m, d)}
+        if m.rel_pos is not None:
+            if list(getattr(m.rel_pos, "window_size", ())) != shape[1:]:
+                raise UsageError(f"{self.name}: {where}: its relative position bias covers a "
+                                 f"{getattr(m.rel_pos, 'window_size', None)} map, it reads {shape[1:]}; build the "
+                                 "model for the input size (img_size=…)")
+            fields.update(module=f"{path}.rel_pos", **self._relative_bias(m.rel_pos, where, shape[1:]))
+        packed = self._emit(node, "conv", [x], f"{path}.qkv", **self._conv_fields(node, m.qkv, f"{path}.qkv"))
+        if m.head_first:
+            q, k, v = self._head_blocks(node, packed, f"{path}.qkv", heads, [d, d, d])
+            attended = self._emit(node, "attention", [q, k, v], f"{path}.attend", **fields)
+        else:
+            attended = self.attend_packed(node, packed, path, heads * d, **fields)
+        self._emit(node, "conv", [attended], f"{path}.proj", **self._conv_fields(node, m.proj, f"{path}.proj"))
 
     def _relative_bias(self, rel: nn.Module, where: str, size: list[int]) -> dict[str, Any]:
         """The bias fields of timm's RelPosBias (Swin's layout) or RelPosBiasTf (TensorFlow MaxViT's)."""

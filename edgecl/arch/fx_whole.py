@@ -18,7 +18,7 @@ from edgecl.arch.fx_efficientvit_msra import is_local_window_attention
 from edgecl.arch.fx_global_context import is_global_context
 from edgecl.arch.fx_lambda import is_lambda_layer
 from edgecl.arch.fx_levit import is_levit
-from edgecl.arch.fx_maxvit import is_maxvit
+from edgecl.arch.fx_maxvit import is_attention2d, is_maxvit
 from edgecl.arch.fx_mobilevit import is_mobilevit
 from edgecl.arch.fx_nest import is_nest_level
 from edgecl.arch.fx_norms import is_grn
@@ -40,7 +40,7 @@ WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention,
          (is_lambda_layer, "lambda_layer"), (is_xcit_xca, "xcit_xca"), (is_xcit_lpi, "xcit_lpi"),
          (is_xcit_pos, "xcit_pos"), (is_class_attn, "class_attn"), (is_twins_attention, "twins_attention"),
          (is_davit_spatial, "davit_spatial"), (is_davit_channel, "davit_channel"), (is_nest_level, "nest_level"),
-         (is_byoa_attention, "byoa_attention"))
+         (is_byoa_attention, "byoa_attention"), (is_attention2d, "attention2d"))
 # may read channels-last values
 ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin, is_tiny_vit_block, is_maxvit, is_xcit_xca, is_xcit_lpi,
              is_class_attn, is_twins_attention, is_davit_channel)
