@@ -16,6 +16,7 @@ from edgecl.train.models import forward, from_numpy
 ensure_torchvision_imports()
 from timm.layers.bottleneck_attn import BottleneckAttn  # noqa: E402
 from timm.layers.halo_attn import HaloAttn  # noqa: E402
+from timm.layers.lambda_layer import LambdaLayer  # noqa: E402, F401 (tests/test_byoa_attention.py's)
 
 
 class TinyBotNet(nn.Module):

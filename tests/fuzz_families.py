@@ -317,7 +317,12 @@ def _spec(draw) -> dict:
             node["inputs"] += [src, src]
             node["heads"] = 1 if fits else draw(st.sampled_from([0, 2, "1"]))
             node["dim"] = dims[0] if fits else draw(st.sampled_from([0, dims[0] + 1, 2.0]))
-            node["r"] = draw(st.sampled_from([1, 3, 5])) if fits else draw(st.sampled_from([0, 2, 33, None]))
+            if draw(st.integers(0, 3)) == 0:  # the relative embedding of the map (r left out), or both, or neither
+                node["rel_pos"] = dims[1:] if fits and len(dims) == 3 else draw(st.sampled_from([0, [2, 2, 2], "x"]))
+                if not fits:
+                    node["r"] = draw(st.sampled_from([3, None]))
+            else:
+                node["r"] = draw(st.sampled_from([1, 3, 5])) if fits else draw(st.sampled_from([0, 2, 33, None]))
         elif op == "fourier_pos":  # EdgeNeXt's sine-cosine grid of the map's shape: no tensors
             node["hidden"] = draw(st.sampled_from([1, 2, 4])) if fits else draw(st.sampled_from([0, 513, 2.0]))
             if draw(st.booleans()):

@@ -1,8 +1,9 @@
 """timm's attention ResNets ("bring your own attention", byobnet) through `from_torch`: BotNet's BottleneckAttn as an
-``attention`` with relative position logits (`edgecl.arch.rel_pos`) and HaloNet's HaloAttn as one over blocks and
-haloed windows (`edgecl.arch.halo`): the torch form against timm's PosEmbedRel and unfold, torch = ONNX on random
-specs, the fields' validation, stored form, state keys and channel map, small variants against the modules,
-refusals by name, and timm's BotNets and HaloNets (slow but botnet26t at 64)."""
+``attention`` with relative position logits (`edgecl.arch.rel_pos`), HaloNet's HaloAttn as one over blocks and
+haloed windows (`edgecl.arch.halo`) and the relative position LambdaLayer (``r=None``) as a ``lambda_layer`` with
+``rel_pos``: the torch forms against timm's, torch = ONNX on random specs, the fields' validation, stored form,
+state keys and channel map, small variants against the modules, refusals by name, and timm's BotNets, HaloNets and
+lambda_resnet26rpt_256 (slow but botnet26t and lambda_resnet26rpt at 64)."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from byoa_nets import BottleneckAttn, HaloAttn, TinyBotNet, TinyHaloNet, deep_parity
+from byoa_nets import LambdaLayer, BottleneckAttn, HaloAttn, TinyBotNet, TinyHaloNet, deep_parity
 from random_weights import random_params
 from torch_nets import assert_refused, check_parity, randomise_batchnorm, randomised_all, spec_logits, timm
 
@@ -24,6 +25,7 @@ from edgecl.arch.ops import intermediates
 from edgecl.arch.spec import rowless_tensors
 from edgecl.errors import UsageError
 from edgecl.train.halo_attention import halo_blocks
+from edgecl.train.models import lambda_layer
 from edgecl.train.rel_logits import rel_logits
 
 
@@ -334,3 +336,97 @@ def test_what_edgecl_does_not_follow_in_halo_attn_is_refused_by_name(make, words
                                         ("halonet50ts", 256), ("haloregnetz_b", 224)])
 def test_timm_halonets(name, side):
     deep_parity(timm.create_model(name, pretrained=False), side)
+
+
+# -- the relative position lambda layer ----------------------------------------------------------------------------
+def _lambda_spec(heads: int = 2, dim: int = 3, dv: int = 4, shape=(2, 4, 5), **fields) -> dict:
+    """q, k, v 1×1 convs of one map and their lambda layer with a relative embedding over it."""
+    outs = {"q": heads * dim, "k": dim, "v": dv}
+    nodes = [{"name": n, "op": "conv", "inputs": ["input"], "in": shape[0], "out": c, "k": 1} for n, c in outs.items()]
+    nodes += [{"name": "a", "op": "lambda_layer", "inputs": ["q", "k", "v"], "heads": heads, "dim": dim,
+               "rel_pos": list(shape[1:]), **fields}, {"name": "f", "op": "flatten", "inputs": ["a"]}]
+    return {"name": "x", "input_shape": list(shape), "output": "f", "nodes": nodes}
+
+
+@pytest.mark.parametrize("heads, side", [(1, (4, 4)), (3, (5, 3)), (2, (1, 6))])
+def test_torch_form_is_timms_relative_lambda_layer(heads, side):
+    """timm's forward (``r=None``: pos_emb gathered by its rel_pos_indices) against the op's torch form on its q, k,
+    v (the qkv conv's three blocks, q and v through the module's BatchNorms, their statistics random)."""
+    g = torch.Generator().manual_seed(heads)
+    layer = LambdaLayer(4 * heads, 4 * heads, feat_size=side, r=None, num_heads=heads, dim_head=3).eval()
+    randomise_batchnorm(layer)
+    with torch.no_grad():
+        layer.pos_emb.copy_(torch.randn(layer.pos_emb.shape, generator=g))
+    x = torch.randn(2, 4 * heads, *side, generator=g)
+    with torch.no_grad():
+        want = layer(x)
+        q, k, v = layer.qkv(x).split([heads * 3, 3, 4], dim=1)
+        got = lambda_layer(layer.norm_q(q), k, layer.norm_v(v), heads, pos_emb=layer.pos_emb)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+@settings(max_examples=15, deadline=None, derandomize=True, database=None)
+@given(data=st.data())
+def test_random_relative_lambda_torch_equals_onnx(data):
+    shape = (2, data.draw(st.integers(1, 5)), data.draw(st.integers(1, 5)))
+    spec = validate(_lambda_spec(data.draw(st.integers(1, 3)), data.draw(st.integers(1, 4)),
+                                 data.draw(st.integers(1, 4)), shape))
+    got = spec_logits(spec, random_params(spec, 3, data.draw(st.integers(0, 9))), torch.randn(3, *shape))
+    assert np.isfinite(got).all()
+
+
+def test_relative_lambda_fields_state_and_refusals():
+    spec = validate(_lambda_spec(module="blocks.0.attn"))
+    assert {k: v for k, v in stored_form(spec)["nodes"][3].items() if k in ("r", "rel_pos")} == {"rel_pos": [4, 5]}
+    assert state_keys(spec)["a.pos_emb"] == "blocks.0.attn.pos_emb" and state_shapes(spec)["a.pos_emb"] == (7, 9, 3)
+    assert rowless_tensors(spec) == ["a.pos_emb"]
+    local = _lambda_spec()
+    local["nodes"][3].pop("rel_pos")
+    local["nodes"][3]["r"] = 3
+    assert stored_form(validate(local))["nodes"][3]["r"] == 3 and "rel_pos" not in validate(local)["nodes"][3]
+    for fields, words in [({"r": 3}, "needs one of r"), ({"rel_pos": None}, "needs one of r"),
+                          ({"rel_pos": [4, 4]}, "rel_pos the map"), ({"rel_pos": [0, 4]}, "rel_pos")]:
+        wrong = _lambda_spec()
+        for key, value in fields.items():
+            if value is None:
+                del wrong["nodes"][3][key]
+            else:
+                wrong["nodes"][3][key] = value
+        with pytest.raises(UsageError, match=words):
+            validate(wrong)
+
+
+class _RelLambda(nn.Module):
+    def __init__(self, side=(4, 6), heads: int = 2, stride: int = 1):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.attn = LambdaLayer(16, 16, feat_size=side, r=None, num_heads=heads, dim_head=4, stride=stride)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.fc(self.attn(self.stem(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"heads": 4, "stride": 2}])
+def test_relative_lambda_parity(kwargs):
+    module = randomised_all(_RelLambda(**kwargs))
+    randomise_batchnorm(module)
+    spec = from_torch(module, (3, 4, 6))
+    assert [(n["name"], n["rel_pos"]) for n in spec["nodes"] if n["op"] == "lambda_layer"] == [("attn.lambda", [4, 6])]
+    check_parity(module, spec, (3, 4, 6))
+
+
+def test_an_edited_relative_index_is_refused():
+    module = _RelLambda()
+    module.attn.rel_pos_indices[1] = module.attn.rel_pos_indices[1].flip(-1)
+    with pytest.raises(UsageError, match="with its rel_pos_indices"):
+        from_torch(module.eval(), (3, 4, 6))
+
+
+def test_timm_lambda_resnet26rpt_at_64():
+    deep_parity(timm.create_model("lambda_resnet26rpt_256", pretrained=False, img_size=64), 64)
+
+
+@pytest.mark.slow
+def test_timm_lambda_resnet26rpt_at_256():
+    deep_parity(timm.create_model("lambda_resnet26rpt_256", pretrained=False), 256)

@@ -47,6 +47,8 @@ LATER_FIELDS: dict[str, dict[str, LaterField]] = {
     "pad": {"mode": LaterField(("constant",), **_KEPT)},
     # XCA: q and k L2-normalised, a learned per-head temperature (before DaViT's fixed scale, no normalisation)
     "channel_attention": {"normalize": LaterField((True,)), "scale": _NONE},
+    # local position lambdas (before lambda_resnet26rpt's relative embedding, with which r is left out)
+    "lambda_layer": {"rel_pos": _NONE, "r": _NONE},
     "upsample": {"mode": LaterField(("nearest",), **_KEPT), "align_corners": LaterField((False,), **_KEPT)},
 }
 

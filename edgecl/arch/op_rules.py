@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgecl.arch.halo import halo_fields
-from edgecl.arch.lambda_ops import lambda_tensor_shapes
+from edgecl.arch.lambda_ops import lambda_fields, lambda_tensor_shapes
 from edgecl.arch.rel_pos import REL_TENSORS, rel_fields, rel_tensor_shapes
 from edgecl.errors import UsageError
 
@@ -170,4 +170,4 @@ def layer_norm_fields(out: dict[str, Any], where: str) -> None:
 # op → its fields' joint rule (checks, and defaults that depend on other fields), run by `spec.validate` after each
 # field is read alone and before the later fields at their default are left out (`later_fields.drop_defaults`)
 FIELD_RULES = {"attention": attention_fields, "conv": standardized_fields, "scalar_affine": scalar_affine_fields,
-               "layer_norm": layer_norm_fields}
+               "layer_norm": layer_norm_fields, "lambda_layer": lambda_fields}

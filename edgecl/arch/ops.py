@@ -208,7 +208,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "channel_attention": {"heads": ("size", ...), "eps": ("eps", 1e-12), "normalize": ("bool", True),
                           "scale": ("number", None)},
     "fourier_pos": {"hidden": ("size", ...), "temperature": ("number", 10000.0)},
-    "lambda_layer": {"heads": ("size", ...), "dim": ("size", ...), "r": ("size", ...)},
+    "lambda_layer": {"heads": ("size", ...), "dim": ("size", ...), "r": ("size", None), "rel_pos": ("pair", None)},
 }
 OPS["gelu"] = {"approximate": ("approximate", "none")}
 OPS["leaky_relu"] = {"slope": ("number", 0.01)}  # torch's negative_slope

@@ -19,7 +19,7 @@ from edgecl.arch.ops import blur_filter
 from edgecl.arch.sdta_ops import fourier_grid
 from edgecl.train import distributed
 from edgecl.train.halo_attention import halo_blocks, halo_unblock
-from edgecl.train.rel_logits import rel_logits
+from edgecl.train.rel_logits import lambda_rel_position, rel_logits
 
 Params = dict[str, torch.Tensor]
 # Optional hook applied to each linear/conv output, keyed by layer name (RGO's feature encoding, AGS-CL's
@@ -192,7 +192,9 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         scale = node.get("scale")
         return channel_attention(*ins, params[f"{name}.temperature"] if scale is None else scale, node["eps"],
                                  node.get("normalize", True), node["heads"])
-    if op == "lambda_layer":
+    if op == "lambda_layer":  # local position lambdas (a conv), or a relative embedding
+        if node.get("rel_pos"):
+            return lambda_layer(*ins, node["heads"], pos_emb=params[f"{name}.pos_emb"])
         return lambda_layer(*ins, node["heads"], params[f"{name}.weight"], params[f"{name}.bias"])
     if op == "fourier_pos":  # a constant of the map's shape, the same in every sample (`edgecl.arch.sdta_ops`)
         grid = torch.from_numpy(fourier_grid(node["hidden"], node["temperature"], *h.shape[2:])).to(h)
@@ -406,15 +408,18 @@ def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return (weights @ vh).reshape(v.shape)
 
 
-def lambda_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, weight: torch.Tensor,
-                 bias: torch.Tensor) -> torch.Tensor:
+def lambda_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, weight: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, pos_emb: torch.Tensor | None = None) -> torch.Tensor:
     """A lambda layer over (N, C, H, W) maps (`edgecl.arch.lambda_ops`), as `edgecl.graph.lambda_onnx` emits it:
     k softmaxed over the positions, the content lambda k̂·vᵀ, the position lambdas a conv of each v channel alone
-    with the (dim, 1, r, r) filters (timm's Conv3d of kernel (r, r, 1)), both applied to each head of q."""
+    with the (dim, 1, r, r) filters (timm's Conv3d of kernel (r, r, 1)), both applied to each head of q; or with
+    `pos_emb` the relative position output (`lambda_rel_position`)."""
     (n, d, hh, ww), dv, t = k.shape, v.shape[1], k.shape[2] * k.shape[3]
     qh = q.reshape(n, heads, d, t)
     content = torch.softmax(k.reshape(n, d, t), dim=-1) @ v.reshape(n, dv, t).transpose(1, 2)  # (N, d, dv)
     out = content.transpose(1, 2).unsqueeze(1) @ qh  # (N, heads, dv, T)
+    if pos_emb is not None:
+        return (out + lambda_rel_position(qh, v, pos_emb)).reshape(n, heads * dv, hh, ww)
     position = F.conv2d(v.reshape(n * dv, 1, hh, ww), weight, bias, padding=weight.shape[-1] // 2)
     out = out + (qh.unsqueeze(2) * position.reshape(n, 1, dv, d, t)).sum(3)
     return out.reshape(n, heads * dv, hh, ww)

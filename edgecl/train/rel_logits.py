@@ -1,12 +1,14 @@
-"""Torch side of an attention's relative position logits (BotNet's and HaloNet's ``PosEmbedRel``,
-`edgecl.arch.rel_pos`), as `edgecl.graph.rel_pos_onnx` emits them: the tables read at the fixed offsets, then one
-product per axis with q."""
+"""Torch side of relative position logits, as `edgecl.graph.rel_pos_onnx` and `edgecl.graph.lambda_onnx` emit
+them: an attention's (BotNet's and HaloNet's ``PosEmbedRel``, `edgecl.arch.rel_pos`: the tables read at the fixed
+offsets, then one product per axis with q) and a lambda layer's relative position lambdas (`edgecl.arch.lambda_ops`:
+the embedding read at the fixed offsets, q's logits against it times v)."""
 from __future__ import annotations
 
 import functools
 
 import torch
 
+from edgecl.arch.lambda_ops import lambda_rel_index
 from edgecl.arch.rel_pos import rel_index, rel_scale
 
 
@@ -27,3 +29,18 @@ def rel_logits(q: torch.Tensor, node: dict, rel_h: torch.Tensor, rel_w: torch.Te
     by_row = torch.einsum("nhabd,ayd->nhaby", qh, rows)  # (N, h, A, B, kh)
     by_col = torch.einsum("nhabd,bxd->nhabx", qh, cols)  # (N, h, A, B, kw)
     return (by_row.unsqueeze(-1) + by_col.unsqueeze(-2)).reshape(n, h, rows_q * cols_q, kh * kw)
+
+
+@functools.lru_cache(maxsize=64)
+def _lambda_index(height: int, width: int) -> torch.Tensor:
+    """`lambda_rel_index` as a tensor, built once per map."""
+    return torch.from_numpy(lambda_rel_index(height, width))
+
+
+def lambda_rel_position(qh: torch.Tensor, v: torch.Tensor, pos_emb: torch.Tensor) -> torch.Tensor:
+    """(N, heads, dv, T): a lambda layer's relative position output, Σ_n (q(m)·E(m, n))·v(n), with q as
+    (N, heads, dim, T), v (N, dv, H, W) and E the (2H − 1, 2W − 1, dim) embedding read at the fixed offsets."""
+    n, dv, height, width = v.shape
+    table = pos_emb.reshape(-1, pos_emb.shape[-1])[_lambda_index(height, width).to(v.device)]  # (T, T, dim)
+    logits = torch.einsum("nhdm,mjd->nhmj", qh, table)  # (N, heads, T, T)
+    return torch.einsum("nhmj,ncj->nhcm", logits, v.reshape(n, dv, height * width))
