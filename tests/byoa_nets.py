@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+from linear_nets import TinyLambdaNet
 from torch_nets import classifier_of, randomise_batchnorm, spec_logits
 
 from edgecl.arch import from_torch
@@ -16,7 +17,7 @@ from edgecl.train.models import forward, from_numpy
 ensure_torchvision_imports()
 from timm.layers.bottleneck_attn import BottleneckAttn  # noqa: E402
 from timm.layers.halo_attn import HaloAttn  # noqa: E402
-from timm.layers.lambda_layer import LambdaLayer  # noqa: E402, F401 (tests/test_byoa_attention.py's)
+from timm.layers.lambda_layer import LambdaLayer  # noqa: E402
 
 
 class TinyBotNet(nn.Module):
@@ -57,6 +58,15 @@ class TinyHaloNet(TinyBotNet):
                          halo={"block_size": block_size, "halo_size": halo_size, "avg_down": avg_down})
 
 
+class TinyRelLambdaNet(TinyLambdaNet):
+    """`TinyLambdaNet` with the relative position LambdaLayer (r=None: a learned (7, 7, dim) embedding over its 4×4
+    map, gathered by index) in place of the local conv lambda."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 16, heads: int = 4, dim: int = 4):
+        super().__init__(classes, in_channels, width, heads, dim)
+        self.attn = LambdaLayer(width, width, feat_size=(4, 4), r=None, num_heads=heads, dim_head=dim)
+
+
 def botnet_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyBotNet(in_channels=input_shape[0]), tuple(input_shape))
 
@@ -81,3 +91,7 @@ def deep_parity(module: nn.Module, side: int) -> None:
                       x.double()).numpy()
     assert np.abs(want).max() > 1e-6 and np.abs(got - want).max() <= 1e-9 * max(1.0, np.abs(want).max())
     spec_logits(spec, {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}, x)
+
+
+def rel_lambda_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyRelLambdaNet(in_channels=input_shape[0]), tuple(input_shape))
