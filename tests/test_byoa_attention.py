@@ -68,8 +68,9 @@ def test_random_rel_pos_attention_torch_equals_onnx(data):
 def test_fields_shapes_bounds_state_and_channel_map():
     spec = validate(_spec())
     node = spec["nodes"][3]
-    assert stored_form(spec)["nodes"][3] == {"name": "a", "op": "attention", "inputs": ["q", "k", "v"], "heads": 2, "kv_heads": 2,
-                                             "scale": 0.7, "rel_pos": [4, 5], "rel_dim": 3}  # rel_scaled false: left out
+    assert stored_form(spec)["nodes"][3] == {"name": "a", "op": "attention", "inputs": ["q", "k", "v"], "heads": 2,
+                                             "kv_heads": 2, "scale": 0.7, "rel_pos": [4, 5],
+                                             "rel_dim": 3}  # rel_scaled false: left out
     assert stored_form(validate(_spec(rel_scaled=True)))["nodes"][3]["rel_scaled"] is True
     plain = _spec()
     for key in ("rel_pos", "rel_dim"):
@@ -83,7 +84,8 @@ def test_fields_shapes_bounds_state_and_channel_map():
     assert state_shapes(spec)["a.rel_h"] == (7, 3) and state_shapes(spec)["a.rel_w"] == (9, 3)
     t, plain_node = 20, validate(plain)["nodes"][3]
     ins = [[6, 4, 5], [6, 4, 5], [8, 4, 5]]
-    assert intermediates(node, ins) - intermediates(plain_node, ins) == 2 * 3 * t + (16 + 25) * 3 + 2 * t * 9 + 2 * t * t
+    extra = intermediates(node, ins) - intermediates(plain_node, ins)
+    assert extra == 2 * 3 * t + (16 + 25) * 3 + 2 * t * 9 + 2 * t * t  # q, the tables, per-axis logits, their sum
     cm = channel_map(spec)
     for n in "qkv":
         assert {g for g, _ in cm.spaces[n]} <= cm.pinned & cm.ordered, n  # heads are blocks: nothing cut or moved

@@ -17,12 +17,14 @@ Linear), each added.
 The bias is timm's RelPosBias or torchvision's table (Swin's layout: ``relative_position_bias_table`` (offsets,
 heads) and its fixed ``relative_position_index``, ``bias_table`` "swin"), or timm's RelPosBiasTf (TensorFlow
 MaxViT's: the table (heads, 2·wh − 1, 2·ww − 1) read through two one-hot lookups, which are the node's fixed index;
-``bias_table`` "tf"), per window or grid window. CoAtNet's channels-first ``Attention2d`` (timm.models.maxxvit, in its TransformerBlock2d) is kept whole too: qkv (1×1
-conv) → q, k, v → attention over the whole map {its RelPosBias over the map} → proj.
-
-Refused by name with the user's source line: a map the partition
+``bias_table`` "tf"), per window or grid window. Refused by name with the user's source line: a map the partition
 does not tile, the MLP-generated bias (``RelPosMlp``, ``maxvit_rmlp_*``), the channels-first
 ``PartitionAttention2d`` and the parallel variant, layer scales, and other layers in the block's places.
+
+CoAtNet's channels-first ``Attention2d`` (timm.models.maxxvit, in its TransformerBlock2d) is kept whole too: qkv (1×1
+conv; each head's q, k, v side by side where ``head_first``) → attention over the whole map {its RelPosBias over the
+map} → proj (1×1 conv). Refused by name: RelPosMlp, a bias built for another map, a shared bias passed in, other
+projections.
 """
 from __future__ import annotations
 

@@ -128,7 +128,8 @@ Ops (fields and defaults in `OPS`):
   constant after it (the constants rule treats it as varying).
 - EdgeNeXt's ``channel_attention`` (XCA: attention among a head's channels, over the positions) and ``fourier_pos``
   (its sine–cosine position grid, a pure function of the map's shape): `edgecl.arch.sdta_ops`.
-- LambdaNetworks' ``lambda_layer`` (content and local position lambdas, timm's LambdaLayer): `edgecl.arch.lambda_ops`.
+- LambdaNetworks' ``lambda_layer`` (content and local position lambdas, or with ``rel_pos`` relative ones, timm's
+  LambdaLayer): `edgecl.arch.lambda_ops`.
 
 """
 from __future__ import annotations
