@@ -3,6 +3,8 @@ logits) and HaloNet's blocked attention (`TinyHaloNet`, timm's HaloAttn), for th
 tests/test_byoa_attention.py, and `deep_parity` for timm's deep networks. Imports torch and timm."""
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 from torch import nn
@@ -18,6 +20,8 @@ ensure_torchvision_imports()
 from timm.layers.bottleneck_attn import BottleneckAttn  # noqa: E402
 from timm.layers.halo_attn import HaloAttn  # noqa: E402
 from timm.layers.lambda_layer import LambdaLayer  # noqa: E402
+from timm.layers.pos_embed_rel import RelPosMlp  # noqa: E402
+from timm.models.maxxvit import Attention2d  # noqa: E402
 
 
 class TinyBotNet(nn.Module):
@@ -67,6 +71,16 @@ class TinyRelLambdaNet(TinyLambdaNet):
         self.attn = LambdaLayer(width, width, feat_size=(4, 4), r=None, num_heads=heads, dim_head=dim)
 
 
+class TinyCoAtMlp(TinyBotNet):
+    """`TinyBotNet` with CoAtNet's Attention2d (heads first) and its MLP-generated relative position bias (timm's
+    RelPosMlp over the 4×4 map, hidden width 8) in place of BottleneckAttn."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 16):
+        super().__init__(classes, in_channels, width)
+        self.attn = Attention2d(width, width, dim_head=4,
+                                rel_pos_cls=partial(RelPosMlp, window_size=(4, 4), hidden_dim=8))
+
+
 def botnet_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyBotNet(in_channels=input_shape[0]), tuple(input_shape))
 
@@ -91,6 +105,10 @@ def deep_parity(module: nn.Module, side: int) -> None:
                       x.double()).numpy()
     assert np.abs(want).max() > 1e-6 and np.abs(got - want).max() <= 1e-9 * max(1.0, np.abs(want).max())
     spec_logits(spec, {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}, x)
+
+
+def coat_mlp_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyCoAtMlp(in_channels=input_shape[0]), tuple(input_shape))
 
 
 def rel_lambda_spec(input_shape=(1, 8, 8)) -> dict:

@@ -282,6 +282,9 @@ def _spec(draw) -> dict:
                 if draw(st.booleans()):  # stored as Swin stores it (or a hostile layout name)
                     node["bias_table"] = draw(st.sampled_from(["swin", "tf"])) if fits else \
                         draw(st.sampled_from(["levit", "other", 1]))  # 'tf' holds where B = (2wh − 1)(2ww − 1)
+                if draw(st.integers(0, 5)) == 0:  # RelPosMlp's MLP-generated table (or a hostile hidden width)
+                    node.update({"bias_table": "mlp", "bias_mlp": draw(st.sampled_from([1, 4])) if fits else
+                                 draw(st.sampled_from([0, 1 << 31, "8", None]))})
                 if draw(st.integers(0, 3)) == 0:  # its row of a table of more heads (EfficientViT-MSRA's cascade)
                     node["bias_rows"] = [0, 1] if fits else draw(st.sampled_from(  # a lone node holds its table
                         [[1, 3], [0, 1 << 31], [3, 3], [-1, 2], [0], "x", None]))  # rows no node holds, a bomb

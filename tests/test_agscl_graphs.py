@@ -26,7 +26,7 @@ from layer_nets_nf import TinyGroupNormNet, TinyNFNet, TinyStdNet
 from layer_nets_vit import TinyEfficientViTMsra, TinyFastViT, tiny_davit, tiny_nest, tiny_pit, tiny_twins
 from linear_nets import TinyEdgeNeXt, TinyEfficientViT, TinyLambdaNet, TinyMobileViTv2
 from xcit_nets import TinyXCiT
-from byoa_nets import TinyBotNet, TinyHaloNet, TinyRelLambdaNet
+from byoa_nets import TinyBotNet, TinyCoAtMlp, TinyHaloNet, TinyRelLambdaNet
 from torch_nets import MODELS, GhostSplit, ResCat, TinyConvNeXt
 
 from edgecl import artifact
@@ -97,14 +97,14 @@ def _arch(name: str) -> dict:
               "mambaout": lambda: TinyMambaOut(in_channels=3), "twins": lambda: tiny_twins(in_channels=3),
               "davit": lambda: tiny_davit(in_channels=3), "nest": lambda: tiny_nest(in_channels=3),
               "botnet": lambda: TinyBotNet(in_channels=3), "halonet": lambda: TinyHaloNet(in_channels=3),
-              "lambda_rpt": lambda: TinyRelLambdaNet(in_channels=3)}
+              "lambda_rpt": lambda: TinyRelLambdaNet(in_channels=3), "coat_mlp": lambda: TinyCoAtMlp(in_channels=3)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
 _CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4", "vit_tokens", "blur", "mobilevit",
            "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext", "efficientvit_msra",
            "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta", "xcit", "mixer", "resmlp", "gmlp",
-           "mambaout", "twins", "davit", "nest", "botnet", "halonet", "lambda_rpt")
+           "mambaout", "twins", "davit", "nest", "botnet", "halonet", "lambda_rpt", "coat_mlp")
 
 
 def _stream(name: str, n_tasks: int):
@@ -130,7 +130,7 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
                                                 "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta",
                                                 "xcit", "mixer", "resmlp", "gmlp", "mambaout",
                                                 "twins", "davit", "nest", "botnet", "halonet",
-                                                "lambda_rpt"])
+                                                "lambda_rpt", "coat_mlp"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

@@ -61,7 +61,7 @@ from neck_nets import fpn_spec
 from linear_nets import edgenext_spec, efficientvit_spec, lambda_spec, mobilevit2_spec
 from xcit_nets import xcit_spec
 from torch_nets import convnext_spec, dwres_spec, ghost_spec, rescat_spec, shuffle_spec
-from byoa_nets import botnet_spec, halonet_spec, rel_lambda_spec
+from byoa_nets import botnet_spec, coat_mlp_spec, halonet_spec, rel_lambda_spec
 
 CTX = TrainContext(progress=False)
 QUICK = {"lps": {"epochs": 1}, "halrp": {"epochs": 3}, "rgo": {"epochs": 1}, "finetune": {"epochs": 2},
@@ -78,12 +78,14 @@ ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8
          "nf": nf_spec, "lambda": lambda_spec, "std": std_spec, "gn": group_norm_spec, "meta": metaformer_spec,
          "xcit": xcit_spec, "mixer": mixer_spec, "resmlp": resmlp_spec, "gmlp": gmlp_spec, "mambaout": mambaout_spec,
          "twins": twins_spec, "davit": davit_spec, "nest": nest_spec, "botnet": botnet_spec,
-         "halonet": halonet_spec, "lambda_rpt": rel_lambda_spec}
+         "halonet": halonet_spec, "lambda_rpt": rel_lambda_spec,
+         "coat_mlp": coat_mlp_spec}
 GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgnet", "split", "vit", "gc", "s2d", "mnv4",
           "vit_tokens", "levit", "blur", "swin", "tiny_vit", "map_embed", "efficientformer", "mobilevit", "maxvit",
           "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext",
           "efficientvit_msra", "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta", "xcit", "mixer",
-          "resmlp", "gmlp", "mambaout", "twins", "davit", "nest", "botnet", "halonet", "lambda_rpt"]
+          "resmlp", "gmlp", "mambaout", "twins", "davit", "nest", "botnet", "halonet", "lambda_rpt",
+          "coat_mlp"]
 
 
 @pytest.fixture(scope="module")

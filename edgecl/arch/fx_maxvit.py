@@ -31,11 +31,13 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any, Callable
 
+import numpy as np
 from torch import fx, nn
 
 from edgecl.arch.fx_attention2d import applied_scale, pointwise
 from edgecl.arch.fx_calls import location, shape_of
 from edgecl.arch.fx_swin import check_drops, linear
+from edgecl.arch.rel_pos import mlp_coords
 from edgecl.errors import UsageError
 
 _MAXXVIT, _TORCHVISION = "timm.models.maxxvit", "torchvision.models.maxvit"
@@ -137,11 +139,13 @@ class _MaxVitConverter:
         if known and kind == "RelPosBias":
             return {"bias_offsets": int(rel.relative_position_bias_table.shape[0]), "bias_table": "swin",
                     "bias_index": rel.relative_position_index.reshape(t, t).tolist()}
+        if type(rel).__module__ == "timm.layers.pos_embed_rel" and kind == "RelPosMlp":
+            return _mlp_bias(self.name, where, rel, size)
         index = _tf_index(rel, size) if known else None
         if index is None:
             raise UsageError(f"{self.name}: {where}: its relative position bias is a {kind}; edgecl converts timm's "
-                             "RelPosBias and RelPosBiasTf (learned tables: maxvit_*_rw, maxvit_*_tf), not an "
-                             "MLP-generated one (RelPosMlp: maxvit_rmlp_*)")
+                             "RelPosBias and RelPosBiasTf (learned tables: maxvit_*_rw, maxvit_*_tf) and RelPosMlp "
+                             "(mode 'cr': maxvit_rmlp_*, coatnet_rmlp_*)")
         heads, vh, vw = rel.relative_position_bias_table.shape
         return {"bias_offsets": int(vh * vw), "bias_table": "tf", "bias_index": index}
 
@@ -198,6 +202,25 @@ class _MaxVitConverter:
         else:
             attended = self.attend_packed(node, packed, path, heads * d, **fields)
         return self._emit(node, "conv", [attended], f"{path}.proj", **pointwise(proj))
+
+
+def _mlp_bias(model: str, where: str, rel: nn.Module, size: list[int]) -> dict[str, Any]:
+    """RelPosMlp in timm's mode "cr" (no prefix tokens, no gain): fc1 (2 → hidden, bias), ReLU, fc2 (hidden →
+    heads, bias) over its log coordinates of `size`'s offsets, read at its index."""
+    mlp, t = rel.mlp, size[0] * size[1]
+    plain = rel.mode == "cr" and not rel.prefix_tokens and rel.bias_gain is None and \
+        isinstance(rel.bias_act, nn.Identity) and list(rel.window_size) == size and \
+        (type(mlp).__module__, type(mlp).__name__) == ("timm.layers.mlp", "Mlp") and \
+        isinstance(mlp.act, nn.ReLU) and isinstance(mlp.norm, nn.Identity) and \
+        all(type(fc) is nn.Linear and fc.bias is not None for fc in (mlp.fc1, mlp.fc2)) and \
+        mlp.fc1.in_features == 2 and mlp.fc2.out_features == rel.num_heads and \
+        np.allclose(rel.rel_coords_log.detach().cpu().numpy().reshape(-1, 2), mlp_coords(*size), atol=1e-6)
+    if not plain:
+        raise UsageError(f"{model}: {where}: its RelPosMlp (mode {rel.mode!r}, window {rel.window_size}) is not "
+                         f"timm's mode 'cr' over the {size[0]}×{size[1]} map or window with fc1 (2 → hidden) + bias, "
+                         "ReLU, fc2 (hidden → heads) + bias and its own log coordinates; edgecl converts that one")
+    return {"bias_offsets": (2 * size[0] - 1) * (2 * size[1] - 1), "bias_table": "mlp",
+            "bias_mlp": mlp.fc1.out_features, "bias_index": rel.relative_position_index.reshape(t, t).tolist()}
 
 
 def _tf_index(rel: nn.Module, size: list[int]) -> list[list[int]] | None:

@@ -39,7 +39,8 @@ LATER_FIELDS: dict[str, dict[str, LaterField]] = {
     "attention": {"bias_offsets": _NONE, "bias_index": _NONE, "bias_table": _NONE, "window": _NONE, "shift": _NONE,
                   "talking_heads": LaterField((None, False)), "dilated": LaterField((False,)), "bias_rows": _NONE,
                   "rel_pos": _NONE, "rel_dim": _NONE, "rel_scaled": LaterField((False,)),  # BotNet's logits
-                  "halo_blocks": _NONE, "halo": _NONE},  # HaloNet's blocks
+                  "halo_blocks": _NONE, "halo": _NONE,  # HaloNet's blocks
+                  "bias_mlp": _NONE},  # a learned bias table (before RelPosMlp's MLP of the offsets)
     "class_token": {"tokens": LaterField((1,), **_KEPT)},  # one prepended token, weight (ch,)
     "token": {"count": LaterField((1,), **_KEPT)},  # one token picked
     # a learned embedding; its module stores it in map order (before NesT's block by block)

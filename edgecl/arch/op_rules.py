@@ -7,7 +7,7 @@ from typing import Any
 
 from edgecl.arch.halo import halo_fields
 from edgecl.arch.lambda_ops import lambda_fields, lambda_tensor_shapes
-from edgecl.arch.rel_pos import REL_TENSORS, rel_fields, rel_tensor_shapes
+from edgecl.arch.rel_pos import MLP_TENSORS, REL_TENSORS, mlp_tensor_shapes, rel_fields, rel_tensor_shapes
 from edgecl.errors import UsageError
 
 
@@ -57,6 +57,9 @@ def attention_fields(out: dict[str, Any], where: str) -> None:
         out["shift"] = [0, 0]
     rel_fields(out, where)
     halo_fields(out, where)
+    if (out["bias_table"] == "mlp") != (out["bias_mlp"] is not None):  # (bias_rows is LeViT's layout alone)
+        raise UsageError(f"{where}: attention bias_table 'mlp' and bias_mlp (its hidden width) go together; gets "
+                         f"bias_table {out['bias_table']} and bias_mlp {out['bias_mlp']}")
 
 
 # an attention's talking-head tensors → their names in its module (EfficientFormerV2's two 1×1 convs over the heads)
@@ -74,6 +77,8 @@ def attention_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     if node["op"] == "lambda_layer":
         return lambda_tensor_shapes(node)
     shapes = {"bias": (h, node["bias_offsets"])} if node.get("bias_offsets") else {}
+    if node.get("bias_mlp"):  # RelPosMlp: the table is an MLP's output, its weights are the tensors
+        shapes = mlp_tensor_shapes(node)
     if node.get("talking_heads"):
         shapes.update({k: (h, h) if k.endswith("weight") else (h,) for k in TALKING})
     return {**shapes, **rel_tensor_shapes(node)}
@@ -122,8 +127,8 @@ def attention_state_name(node: dict[str, Any], tensor: str) -> str:
     """The module's name of an attention's tensor: the bias table's ``attention_biases`` (timm's LeViT,
     EfficientFormerV2) or, ``bias_table`` "swin" or "tf", ``relative_position_bias_table``; the talking heads'
     convs; BotNet's relative position embeddings (`rel_pos`)."""
-    if tensor in TALKING or tensor in REL_TENSORS:
-        return {**TALKING, **REL_TENSORS}[tensor]
+    if tensor in TALKING or tensor in REL_TENSORS or tensor in MLP_TENSORS:
+        return {**TALKING, **REL_TENSORS, **MLP_TENSORS}[tensor]
     return "relative_position_bias_table" if node.get("bias_table") in ("swin", "tf") else "attention_biases"
 
 

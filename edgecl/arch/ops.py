@@ -118,7 +118,8 @@ Ops (fields and defaults in `OPS`):
   one after it (``talk2_weight``, ``talk2_bias``): its module's ``talking_head1`` / ``talking_head2`` 1×1 convs over
   the heads. Like the bias they belong to no channel (the heads are never pruned). ``rel_pos`` [kh, kw] with
   ``rel_dim`` (and ``rel_scaled``): BotNet's relative position logits, q times learned row and column embeddings
-  (tensors ``rel_h``, ``rel_w``), `edgecl.arch.rel_pos`. ``halo_blocks`` [bq, bk] with ``halo`` h: HaloNet's
+  (tensors ``rel_h``, ``rel_w``), `edgecl.arch.rel_pos`; ``bias_table`` "mlp" with ``bias_mlp`` the hidden width:
+  the bias table is an MLP of each offset's log coordinates (timm's RelPosMlp), same place. ``halo_blocks`` [bq, bk] with ``halo`` h: HaloNet's
   blocked attention, each bq × bq query block over its bk × bk key block and h around it, `edgecl.arch.halo`.
 - ``token_mix`` (MLP-Mixer's token mixing, timm's ``mlp_tokens``: an ``nn.Linear`` over the token axis of
   ``x.transpose(1, 2)``): a ``(C, in, 1)`` token map to ``(C, out, 1)``, output token t of channel c is
@@ -202,7 +203,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
                   "bias_table": ("bias_table", None), "window": ("pair", None), "shift": ("pad", None),
                   "talking_heads": ("bool", None), "dilated": ("bool", False), "bias_rows": ("pad", None),
                   "rel_pos": ("pair", None), "rel_dim": ("size", None), "rel_scaled": ("bool", False),
-                  "halo_blocks": ("pair", None), "halo": ("index", None)},
+                  "halo_blocks": ("pair", None), "halo": ("index", None), "bias_mlp": ("size", None)},
     "linear_attention": {"heads": ("size", ...), "eps": ("eps", 1e-5), "kernel": ("kernel", "relu")},
     "token": {"index": ("index", 0), "count": ("size", 1)},
     "token_mix": {"in": ("size", ...), "out": ("size", ...), "bias": ("bool", True)},

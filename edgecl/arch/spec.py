@@ -256,7 +256,7 @@ def _field(value: Any, kind: str, where: str) -> Any:
         return _shape(value, "reshape shape")
     if kind == "axis" and value == 1:
         return 1
-    if kind == "order" and value in ("hw", "wh") or kind == "bias_table" and value in ("levit", "swin", "tf") or \
+    if kind == "order" and value in ("hw", "wh") or kind == "bias_table" and value in ("levit", "swin", "tf", "mlp") or \
             kind == "kernel" and value == "relu" or kind == "norm_over" and value in ("channels", "map"):
         return value
     if kind == "index_table" and isinstance(value, list) and value and \
@@ -270,7 +270,7 @@ def _field(value: Any, kind: str, where: str) -> Any:
               "index": f"an int from 0 to {MAX_DIM}", "bool": "true or false",
               "eps": f"a number in (0, 1), at least {MIN_EPS:.3g} (float32 rounds a smaller one to 0)",
               "momentum": "a number in (0, 1]", "approximate": "'none' or 'tanh'", "axis": "1 (channels)", "order": "'hw' or 'wh'",
-              "bias_table": "'levit', 'swin' or 'tf'", "kernel": "'relu'", "norm_over": "'channels' or 'map'",
+              "bias_table": "'levit', 'swin', 'tf' or 'mlp'", "kernel": "'relu'", "norm_over": "'channels' or 'map'",
               "upsample_mode": "'nearest' or 'bilinear'",
               "index_table": "a non-empty list of non-empty lists of ints ≥ 0",
               "number": f"a finite number of magnitude at most {MAX_NUMBER:g}"}.get(kind, kind)

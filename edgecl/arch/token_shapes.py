@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from edgecl.arch.halo import check_halo_shape
-from edgecl.arch.rel_pos import check_rel_shape
+from edgecl.arch.rel_pos import check_rel_shape, mlp_extent
 from edgecl.errors import UsageError
 
 
@@ -58,6 +58,11 @@ def attention_shape(node: dict[str, Any], ins: list[list[int]], where: str) -> l
     else:
         _check_attention_bias(node, math.prod(q[1:]), math.prod(k[1:]), where)
         check_rel_shape(node, q, k, where)
+    if node.get("bias_mlp") and (node["bias_offsets"] != math.prod(2 * s - 1 for s in mlp_extent(node, q)) or
+                                 q[1:] != k[1:]):
+        raise UsageError(f"{where}: an MLP bias (bias_table 'mlp') spans the offsets of its window or map, "
+                         f"{mlp_extent(node, q)}: bias_offsets (2·H − 1)(2·W − 1) with q and k at the same "
+                         f"positions, gets bias_offsets {node['bias_offsets']}, q {q} and k {k}")
     return [v[0] // kv * h, *q[1:]]
 
 

@@ -1,9 +1,9 @@
 """ONNX form of an attention's relative position logits (BotNet, HaloNet: `edgecl.arch.rel_pos`), as
 `edgecl.train.rel_logits` computes them. Only ops ONNX Runtime's CPU and CUDA providers both have: Reshape,
-Transpose, Gather, MatMul, Mul, Unsqueeze, Add."""
+Transpose, Gather, MatMul, Mul, Unsqueeze, Add; and RelPosMlp's bias table (Gemm, Relu)."""
 from __future__ import annotations
 
-from edgecl.arch.rel_pos import rel_index, rel_scale
+from edgecl.arch.rel_pos import MLP_TENSORS, mlp_coords, mlp_extent, rel_index, rel_scale
 from edgecl.graph.nodes import Builder
 
 
@@ -26,3 +26,11 @@ def rel_logits(b: Builder, q: str, node: dict, shape: list[int]) -> str:
     rows = b.op("Unsqueeze", [per_axis(f"{name}.rel_h", rows_q, kh, cols_q, 2), b.ints(5)])  # (N, h, A, B, kh, 1)
     cols = b.op("Unsqueeze", [per_axis(f"{name}.rel_w", cols_q, kw, rows_q, 3), b.ints(4)])  # (N, h, A, B, 1, kw)
     return b.op("Reshape", [b.op("Add", [rows, cols]), b.ints(0, h, rows_q * cols_q, kh * kw)])
+
+
+def mlp_bias_table(b: Builder, node: dict, shape: list[int]) -> str:
+    """(heads, B): RelPosMlp's bias table, as `edgecl.train.rel_logits.mlp_bias_table`: the offsets' constant log
+    coordinates through Gemm (fc1), Relu and Gemm (fc2), transposed. `shape` is q's (C, H, W)."""
+    w1, b1, w2, b2 = (f"{node['name']}.{k}" for k in MLP_TENSORS)
+    hidden = b.op("Relu", [b.op("Gemm", [b.constant(mlp_coords(*mlp_extent(node, shape))), w1, b1], transB=1)])
+    return b.op("Transpose", [b.op("Gemm", [hidden, w2, b2], transB=1)], perm=[1, 0])

@@ -11,7 +11,7 @@ from edgecl.arch.attention_windows import partition, window_mask, window_of
 from edgecl.arch.windows import conv_window_shape
 from edgecl.graph.halo_onnx import halo_blocks, halo_unblock
 from edgecl.graph.nodes import Builder
-from edgecl.graph.rel_pos_onnx import rel_logits
+from edgecl.graph.rel_pos_onnx import mlp_bias_table, rel_logits
 
 
 def attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list[int]]) -> str:
@@ -86,7 +86,8 @@ def _attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list
     scores = b.op("MatMul", [qh, b.op("Reshape", [k, b.ints(0, kv, d, tk)])])
     if node.get("bias_offsets"):  # LeViT's bias: the (heads, B) table gathered by the fixed (T_q, T_kv) offsets
         index = b.constant(np.array(node["bias_index"], dtype=np.int64))
-        bias = b.op("Gather", [f"{node['name']}.bias", index], axis=1)
+        table = mlp_bias_table(b, node, shapes[0]) if node.get("bias_mlp") else f"{node['name']}.bias"
+        bias = b.op("Gather", [table, index], axis=1)
         scores = b.op("Add", [scores, b.op("Reshape", [bias, b.ints(kv, h // kv * t, tk)])])
     if node.get("rel_pos"):  # BotNet's relative position logits (kv = h, no window)
         scores = b.op("Add", [scores, rel_logits(b, q, node, shapes[0])])

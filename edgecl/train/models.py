@@ -16,10 +16,11 @@ from edgecl.arch import INPUT, WEIGHT_OPS, Arch, param_shapes
 from edgecl.arch.attention_windows import partition, window_mask, window_of
 from edgecl.arch.op_rules import TALKING, has_gain, is_standardized
 from edgecl.arch.ops import blur_filter
+from edgecl.arch.rel_pos import MLP_TENSORS, mlp_extent
 from edgecl.arch.sdta_ops import fourier_grid
 from edgecl.train import distributed
 from edgecl.train.halo_attention import halo_blocks, halo_unblock
-from edgecl.train.rel_logits import lambda_rel_position, rel_logits
+from edgecl.train.rel_logits import lambda_rel_position, mlp_bias_table, rel_logits
 
 Params = dict[str, torch.Tensor]
 # Optional hook applied to each linear/conv output, keyed by layer name (RGO's feature encoding, AGS-CL's
@@ -50,7 +51,8 @@ def init_params(arch: Arch, n_classes: int | None = None, generator: torch.Gener
             params[f"{node['name']}.weight"] = torch.randn(weight.shape, generator=generator) * 0.02
         if node["op"] == "channel_attention" and node.get("scale") is None:  # timm's XCA: every head's at 1
             params[f"{node['name']}.temperature"].fill_(1.0)
-        if node["op"] == "attention" and node.get("bias_offsets"):  # LeViT's start: no bias
+        if node["op"] == "attention" and node.get("bias_offsets") and not node.get("bias_mlp"):  # LeViT's start:
+            # no bias (an MLP-generated one starts from its layers' draw, as timm's)
             params[f"{node['name']}.bias"].zero_()
         if node["op"] == "channel_conv":  # torch's Conv1d(1, 1, k) default: uniform within 1/√k
             bound = 1.0 / math.sqrt(node["k"])
@@ -177,7 +179,9 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         weight = params[f"{name}.weight"]
         return h + (weight.detach() if node["frozen"] else weight).reshape(h.shape[1:])  # tokens or a map
     if op == "attention":
-        bias = _gathered_bias(node, params[f"{name}.bias"]) if node.get("bias_offsets") else None
+        mlp = [params[f"{name}.{k}"] for k in MLP_TENSORS] if node.get("bias_mlp") else None  # RelPosMlp's
+        table = mlp_bias_table(mlp_extent(node, [0, *h.shape[2:]]), *mlp) if mlp else params.get(f"{name}.bias")
+        bias = _gathered_bias(node, table) if node.get("bias_offsets") else None
         if window_of(node):
             return window_attention(*ins, node, bias)
         talking = tuple(params[f"{name}.{k}"] for k in TALKING) if node.get("talking_heads") else None

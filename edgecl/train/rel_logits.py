@@ -9,7 +9,7 @@ import functools
 import torch
 
 from edgecl.arch.lambda_ops import lambda_rel_index
-from edgecl.arch.rel_pos import rel_index, rel_scale
+from edgecl.arch.rel_pos import mlp_coords, rel_index, rel_scale
 
 
 @functools.lru_cache(maxsize=64)
@@ -44,3 +44,11 @@ def lambda_rel_position(qh: torch.Tensor, v: torch.Tensor, pos_emb: torch.Tensor
     table = pos_emb.reshape(-1, pos_emb.shape[-1])[_lambda_index(height, width).to(v.device)]  # (T, T, dim)
     logits = torch.einsum("nhdm,mjd->nhmj", qh, table)  # (N, heads, T, T)
     return torch.einsum("nhmj,ncj->nhcm", logits, v.reshape(n, dv, height * width))
+
+
+def mlp_bias_table(extent: tuple[int, int], w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                   b2: torch.Tensor) -> torch.Tensor:
+    """(heads, B): RelPosMlp's bias table, fc2(relu(fc1(coords))) over the (2H − 1)(2W − 1) offsets' log
+    coordinates of `extent` (`edgecl.arch.rel_pos.mlp_coords`), as `edgecl.graph.rel_pos_onnx.mlp_bias_table`."""
+    coords = torch.from_numpy(mlp_coords(*extent)).to(w1)
+    return (torch.relu(coords @ w1.T + b1) @ w2.T + b2).T
