@@ -310,6 +310,9 @@ def _spec(draw) -> dict:
                 if draw(st.booleans()):  # stored as Swin stores it (or a hostile layout name)
                     node["bias_table"] = draw(st.sampled_from(["swin", "tf"])) if fits else \
                         draw(st.sampled_from(["levit", "other", 1]))  # 'tf' holds where B = (2wh − 1)(2ww − 1)
+                if draw(st.integers(0, 5)) == 0:  # RelPosMlp's MLP-generated table (or a hostile hidden width)
+                    node.update({"bias_table": "mlp", "bias_mlp": draw(st.sampled_from([1, 4])) if fits else
+                                 draw(st.sampled_from([0, 1 << 31, "8", None]))})
                 if draw(st.integers(0, 3)) == 0:  # its row of a table of more heads (EfficientViT-MSRA's cascade)
                     node["bias_rows"] = [0, 1] if fits else draw(st.sampled_from(  # a lone node holds its table
                         [[1, 3], [0, 1 << 31], [3, 3], [-1, 2], [0], "x", None]))  # rows no node holds, a bomb
@@ -322,6 +325,15 @@ def _spec(draw) -> dict:
                 node["gated_pos"] = draw(st.booleans()) if fits else draw(st.sampled_from(["yes", 1, None]))
             if draw(st.integers(0, 3)) == 0:  # Swin V2's cosine attention (refused with talking heads)
                 node["cosine"] = draw(st.booleans()) if fits else draw(st.sampled_from(["yes", 1, None, 0.0]))
+            if draw(st.integers(0, 3)) == 0:  # BotNet's relative position logits over the map (refused with a window)
+                node["rel_pos"] = dims[1:] if fits and len(dims) == 3 else draw(st.sampled_from([0, [1, 2, 3], "x"]))
+                node["rel_dim"] = dims[0] if fits else draw(st.sampled_from([0, dims[0] + 1, 1 << 31, None]))
+                if draw(st.booleans()):
+                    node["rel_scaled"] = draw(st.booleans()) if fits else draw(st.sampled_from([1, "yes", None]))
+            if draw(st.integers(0, 3)) == 0:  # HaloNet's blocks of the map, haloed key windows (refused with a window)
+                side = min(dims[1:]) if len(dims) == 3 else 1
+                node["halo_blocks"] = [side, side] if fits else draw(st.sampled_from([0, [side + 1, side], "x"]))
+                node["halo"] = draw(st.integers(0, 2)) if fits else draw(st.sampled_from([-1, 65, 1 << 31, None]))
         elif op == "linear_attention":  # EfficientViT's ReLU linear attention of one map (q = k = v), its heads
             node["inputs"] += [src, src]
             node["heads"] = draw(st.sampled_from([d for d in (1, 2, 3) if dims[0] % d == 0])) if fits else \
@@ -344,7 +356,12 @@ def _spec(draw) -> dict:
             node["inputs"] += [src, src]
             node["heads"] = 1 if fits else draw(st.sampled_from([0, 2, "1"]))
             node["dim"] = dims[0] if fits else draw(st.sampled_from([0, dims[0] + 1, 2.0]))
-            node["r"] = draw(st.sampled_from([1, 3, 5])) if fits else draw(st.sampled_from([0, 2, 33, None]))
+            if draw(st.integers(0, 3)) == 0:  # the relative embedding of the map (r left out), or both, or neither
+                node["rel_pos"] = dims[1:] if fits and len(dims) == 3 else draw(st.sampled_from([0, [2, 2, 2], "x"]))
+                if not fits:
+                    node["r"] = draw(st.sampled_from([3, None]))
+            else:
+                node["r"] = draw(st.sampled_from([1, 3, 5])) if fits else draw(st.sampled_from([0, 2, 33, None]))
         elif op == "outlook_attention":  # VOLO's: v and logits one map, so heads = C and 1 × 1 windows fit
             node["inputs"].append(src)
             node.update({"heads": dims[0] if fits else draw(st.sampled_from([0, dims[0] + 1, "2"])),

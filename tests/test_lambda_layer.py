@@ -107,7 +107,6 @@ def _edited(edit, stride: int = 1) -> nn.Module:
 
 
 @pytest.mark.parametrize("make, words", [
-    (lambda: nn.Sequential(nn.Conv2d(3, 16, 1), LambdaLayer(16, feat_size=8, r=None)), "relative position variant"),
     (lambda: _edited(lambda m: setattr(m, "conv_lambda", nn.Conv3d(1, 4, 3, padding=1))), "conv_lambda is Conv3d"),
     (lambda: _edited(lambda m: setattr(m, "conv_lambda", nn.Conv3d(1, 4, (3, 3, 1), padding=(1, 1, 0),
                                                                    padding_mode="circular"))), "of zeros"),

@@ -85,7 +85,6 @@ def test_maxvit_parity_and_what_each_attention_reads(make, window, grid):
 
 
 @pytest.mark.parametrize("make, words", [
-    (lambda: _maxvit(rel_pos_type="mlp"), "RelPosMlp"),
     (lambda: _maxvit(use_nchw_attn=True), "PartitionAttention2d .*not supported"),
     (lambda: _maxvit(init_values=1e-5), "ls1 is a LayerScale"),
 ])
@@ -93,6 +92,15 @@ def test_what_edgecl_does_not_follow_is_refused_by_name(make, words):
     with pytest.raises(UsageError, match=words) as info:
         from_torch(make(), (3, 32, 32))
     assert "MaxViT" in str(info.value) and "stages.0.blocks.0" in str(info.value)
+
+
+def test_mlp_generated_bias_goes_in():
+    """RelPosMlp (maxvit_rmlp_*) was refused; its MLP over the offsets' log coordinates is bias_table 'mlp' now
+    (tests/test_coatnet.py: its fields, CoAtNet's and the named rmlp networks)."""
+    module = _maxvit(rel_pos_type="mlp")
+    spec = from_torch(module, (3, 32, 32))
+    assert {n.get("bias_table") for n in spec["nodes"] if n["op"] == "attention"} == {"mlp"}
+    check_parity(module, spec, (3, 32, 32))
 
 
 def test_tf_bias_table_fields():

@@ -96,7 +96,16 @@ LAYERS = {"name": "layers", "input_shape": [3, 16, 16], "nodes": [
     {"name": "lam_v", "op": "conv", "inputs": ["e_res"], "in": 8, "out": 4, "k": 1},
     {"name": "lam", "op": "lambda_layer", "inputs": ["e_res", "lam_k", "lam_v"], "heads": 2, "dim": 4, "r": 3},
     {"name": "lam_res", "op": "add", "inputs": ["e_res", "lam"]},  # a lambda layer (lambda_resnet)
-    {"name": "tokens", "op": "reshape", "inputs": ["lam_res"], "shape": [8, 64, 1]},
+    {"name": "bot", "op": "attention", "inputs": ["lam_res"] * 3, "heads": 2, "scale": 0.5, "rel_pos": [8, 8],
+     "rel_dim": 4},  # BotNet's relative position logits over the map
+    {"name": "bot_res", "op": "add", "inputs": ["lam_res", "bot"]},
+    {"name": "halo", "op": "attention", "inputs": ["bot_res"] * 3, "heads": 2, "scale": 0.5, "halo_blocks": [4, 4],
+     "halo": 1, "rel_pos": [6, 6], "rel_dim": 4, "rel_scaled": True},  # HaloNet's blocks and haloed windows
+    {"name": "halo_res", "op": "add", "inputs": ["bot_res", "halo"]},
+    {"name": "lam_rel", "op": "lambda_layer", "inputs": ["halo_res", "lam_k", "lam_v"], "heads": 2, "dim": 4,
+     "rel_pos": [8, 8]},  # lambda_resnet26rpt's relative position lambdas
+    {"name": "rel_res", "op": "add", "inputs": ["halo_res", "lam_rel"]},
+    {"name": "tokens", "op": "reshape", "inputs": ["rel_res"], "shape": [8, 64, 1]},
     {"name": "reg", "op": "class_token", "inputs": ["tokens"], "ch": 8, "tokens": 4},
     {"name": "cls", "op": "class_token", "inputs": ["reg"], "ch": 8},
     {"name": "pos", "op": "pos_embed", "inputs": ["cls"], "ch": 8, "tokens": 69},

@@ -7,6 +7,7 @@ from edgecl.arch.fx_affine import _AffineConverter
 from edgecl.arch.fx_attention import _AttentionConverter
 from edgecl.arch.fx_attention2d import _Attention2dConverter
 from edgecl.arch.fx_blur import _BlurConverter
+from edgecl.arch.fx_byoa import _ByoaConverter
 from edgecl.arch.fx_cait import _CaitConverter
 from edgecl.arch.fx_calls import _CallConverter
 from edgecl.arch.fx_classifier import _ClassifierConverter
@@ -57,5 +58,5 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _NestConverter, _PvtConverter, _NextVitConverter, _ShvitConverter, _GcVitConverter,
                _CaitConverter, _ConvitConverter, _CoatConverter, _SwinV2Converter,
                _StackConverter, _VoloConverter, _TntConverter,
-               _EvaConverter):
+               _EvaConverter, _ByoaConverter):
     """Every family's conversions, in one base class."""

@@ -75,7 +75,7 @@ class _Tracer(ShapeFlowTracer):
         _check_own_forward(m, qualname)
         if isinstance(m, (nn.LayerNorm, nn.GroupNorm)):  # traced into: F.layer_norm / F.group_norm (`fx_norms`)
             return False
-        if any(kept(m) for kept, _ in WHOLE):
+        if any(kept(m) for kept, _ in WHOLE):  # converted from attributes: no forward or hook inside it runs
             return check_plain_call(m, qualname)
         leaf = isinstance(m, _LEAVES) or is_library_identity(m) or super().is_leaf_module(m, qualname)
         return check_plain_call(m, qualname) if leaf else False

@@ -6,7 +6,9 @@ a Conv3d over v as a volume, which the spec has no nodes for. On the (C, H, W) m
     → lambda_layer {heads, dim, r} (tensors: conv_lambda's weight and bias) → pool (2×2 average, where stride 2)
 
 Every tensor node is named by its module path, so the module's weights read as they are. The relative position
-variant (``r=None``: a learned embedding gathered by index), norms other than BatchNorm2d and a position conv other
+variant (``r=None``, ``lambda_resnet26rpt_256``: a learned ``pos_emb`` gathered by index) is a ``lambda_layer``
+{heads, dim, rel_pos [H, W]} named ``….lambda`` with its module's path, its tensor the module's ``pos_emb``. Norms
+other than BatchNorm2d, a relative embedding built for another map, and a position conv other
 than timm's (1 → dim, kernel (r, r, 1), zero padding (r // 2, r // 2, 0), stride 1, bias) are refused by name with
 the user's source line.
 """
@@ -14,9 +16,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 from torch import fx, nn
 
 from edgecl.arch.fx_calls import location, map_shape
+from edgecl.arch.lambda_ops import lambda_rel_index
 from edgecl.errors import UsageError
 
 LAMBDA = ("timm.layers.lambda_layer", "LambdaLayer")
@@ -38,14 +42,13 @@ class _LambdaConverter:
 
     def lambda_layer(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
         where = f"LambdaLayer at {path!r} {location(node)}"
-        map_shape(node, self.name, where)
+        shape = map_shape(node, self.name, where)
         heads, dim, dv = int(m.num_heads), int(m.dim_qk), int(m.dim_v)
         conv = m.conv_lambda
-        if conv is None:
-            raise UsageError(f"{self.name}: {where}: the relative position variant (r=None, a learned pos_emb "
-                             "gathered by index) is not converted; edgecl converts the local lambda conv (r set)")
         r = conv.kernel_size[0] if isinstance(conv, nn.Conv3d) else 0
-        if not isinstance(conv, nn.Conv3d) or (conv.in_channels, conv.out_channels) != (1, dim) or \
+        if conv is None:
+            self._relative_lambda(m, where, shape[1:])
+        elif not isinstance(conv, nn.Conv3d) or (conv.in_channels, conv.out_channels) != (1, dim) or \
                 tuple(conv.kernel_size) != (r, r, 1) or r % 2 == 0 or tuple(conv.padding) != (r // 2, r // 2, 0) or \
                 tuple(conv.stride) != (1, 1, 1) or tuple(conv.dilation) != (1, 1, 1) or conv.bias is None or \
                 conv.groups != 1 or conv.padding_mode != "zeros":
@@ -65,10 +68,23 @@ class _LambdaConverter:
                    for part, a, b in zip("qkv", bounds, bounds[1:]))
         q = self._norm(node, m.norm_q, q, f"{path}.norm_q", where, required=True)
         v = self._norm(node, m.norm_v, v, f"{path}.norm_v", where, required=True)
-        out = self._emit(node, "lambda_layer", [q, k, v], f"{path}.conv_lambda", heads=heads, dim=dim, r=r)
+        out = self._emit(node, "lambda_layer", [q, k, v], f"{path}.conv_lambda", heads=heads, dim=dim, r=r) \
+            if conv is not None else self._emit(node, "lambda_layer", [q, k, v], f"{path}.lambda", module=path,
+                                                heads=heads, dim=dim, rel_pos=shape[1:])
         if isinstance(m.pool, nn.AvgPool2d):
             out = self._lambda_pool(node, m.pool, out, f"{path}.pool", where)
         self.alias[node] = out
+
+    def _relative_lambda(self, m: nn.Module, where: str, side: list[int]) -> None:
+        """The relative position variant: timm's pos_emb (2H − 1, 2W − 1, dim) for this map, read at timm's
+        offsets (its rel_pos_indices, a buffer: edited, it would be another network)."""
+        rows, cols = (2 * s - 1 for s in side)
+        if list(m.feat_size) != side or tuple(m.pos_emb.shape) != (rows, cols, int(m.dim_qk)) or \
+                not torch.equal(m.rel_pos_indices[0].cpu() * cols + m.rel_pos_indices[1].cpu(),
+                                torch.from_numpy(lambda_rel_index(*side))):
+            raise UsageError(f"{self.name}: {where}: built for a {tuple(m.feat_size)} map (pos_emb "
+                             f"{tuple(m.pos_emb.shape)}), reads {side[0]}×{side[1]}; edgecl converts timm's "
+                             "relative embedding at its feat_size with its rel_pos_indices")
 
     def _lambda_pool(self, node: fx.Node, pool: nn.AvgPool2d, x: str, path: str, where: str) -> str:
         """timm's AvgPool2d(2, 2): no padding, floor mode, dividing by the window (a divisor_override would

@@ -20,17 +20,24 @@ MaxViT's: the table (heads, 2·wh − 1, 2·ww − 1) read through two one-hot l
 ``bias_table`` "tf"), per window or grid window. Refused by name with the user's source line: a map the partition
 does not tile, the MLP-generated bias (``RelPosMlp``, ``maxvit_rmlp_*``), the channels-first
 ``PartitionAttention2d`` and the parallel variant, layer scales, and other layers in the block's places.
+
+CoAtNet's channels-first ``Attention2d`` (timm.models.maxxvit, in its TransformerBlock2d) is kept whole too: qkv (1×1
+conv; each head's q, k, v side by side where ``head_first``) → attention over the whole map {its RelPosBias over the
+map} → proj (1×1 conv). Refused by name: RelPosMlp, a bias built for another map, a shared bias passed in, other
+projections.
 """
 from __future__ import annotations
 
 from types import SimpleNamespace
 from typing import Any, Callable
 
+import numpy as np
 from torch import fx, nn
 
 from edgecl.arch.fx_attention2d import applied_scale, pointwise
 from edgecl.arch.fx_calls import location, shape_of
 from edgecl.arch.fx_swin import check_drops, linear
+from edgecl.arch.rel_pos import mlp_coords
 from edgecl.errors import UsageError
 
 _MAXXVIT, _TORCHVISION = "timm.models.maxxvit", "torchvision.models.maxvit"
@@ -41,6 +48,11 @@ _KINDS = {(_MAXXVIT, "PartitionAttentionCl"): "timm", (_MAXXVIT, "PartitionAtten
 def is_maxvit(m: Any) -> bool:
     """A MaxViT partition attention block (timm's channels-first and parallel ones refused by name), by class."""
     return (type(m).__module__, type(m).__name__) in _KINDS
+
+
+def is_attention2d(m: Any) -> bool:
+    """timm's channels-first ``Attention2d`` (CoAtNet's transformer blocks: attention over the whole map)."""
+    return (type(m).__module__, type(m).__name__) == (_MAXXVIT, "Attention2d")
 
 
 class _MaxVitConverter:
@@ -54,6 +66,7 @@ class _MaxVitConverter:
     attend_packed: Callable[..., str]
     swin_norm: Callable[..., str]
     norm_mlp: Callable[..., str]
+    _conv_fields: Callable[..., dict]
 
     def maxvit(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
         where = f"MaxViT {type(m).__name__} at {path!r} {location(node)}"
@@ -86,6 +99,38 @@ class _MaxVitConverter:
         self._emit(node, "add", [h, out], f"{path}.add2")
         self.last.add(node)
 
+    def attention2d(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
+        """CoAtNet's Attention2d on the (C, H, W) map: qkv (1×1 conv; each head's q, k, v side by side where
+        ``head_first``) → attention over the whole map {its RelPosBias over the map} → proj (1×1 conv)."""
+        where = f"Attention2d at {path!r} {location(node)}"
+        shape = shape_of(node.args[0])
+        if node.args[0] in self.last or shape is None or len(shape) != 3 or len(node.args) > 1 or \
+                any(v is not None for v in node.kwargs.values()):
+            raise UsageError(f"{self.name}: {where} reads {shape} with {len(node.args) - 1} more argument(s) and "
+                             f"{dict(node.kwargs)}; edgecl converts it on a (batch, channels, height, width) map, "
+                             "without a shared relative position bias")
+        check_drops(self.name, where, m, "attn_drop", "proj_drop")
+        heads, d = int(m.num_heads), int(m.dim_head)
+        for conv, width in ((m.qkv, 3 * heads * d), (m.proj, None)):
+            if type(conv) is not nn.Conv2d or tuple(conv.kernel_size) != (1, 1) or tuple(conv.stride) != (1, 1) or \
+                    conv.groups != 1 or width is not None and conv.out_channels != width:
+                raise UsageError(f"{self.name}: {where}: {conv} where edgecl converts timm's 1×1 Conv2d"
+                                 f"{'' if width is None else f' of {width} outputs ({heads} heads × 3 × {d})'}")
+        fields: dict[str, Any] = {"heads": heads, "scale": applied_scale(m, d)}
+        if m.rel_pos is not None:
+            if list(getattr(m.rel_pos, "window_size", ())) != shape[1:]:
+                raise UsageError(f"{self.name}: {where}: its relative position bias covers a "
+                                 f"{getattr(m.rel_pos, 'window_size', None)} map, it reads {shape[1:]}; build the "
+                                 "model for the input size (img_size=…)")
+            fields.update(module=f"{path}.rel_pos", **self._relative_bias(m.rel_pos, where, shape[1:]))
+        packed = self._emit(node, "conv", [x], f"{path}.qkv", **self._conv_fields(node, m.qkv, f"{path}.qkv"))
+        if m.head_first:
+            q, k, v = self._head_blocks(node, packed, f"{path}.qkv", heads, [d, d, d])
+            attended = self._emit(node, "attention", [q, k, v], f"{path}.attend", **fields)
+        else:
+            attended = self.attend_packed(node, packed, path, heads * d, **fields)
+        self._emit(node, "conv", [attended], f"{path}.proj", **self._conv_fields(node, m.proj, f"{path}.proj"))
+
     def _relative_bias(self, rel: nn.Module, where: str, size: list[int]) -> dict[str, Any]:
         """The bias fields of timm's RelPosBias (Swin's layout) or RelPosBiasTf (TensorFlow MaxViT's)."""
         kind, t = type(rel).__name__, size[0] * size[1]
@@ -94,11 +139,13 @@ class _MaxVitConverter:
         if known and kind == "RelPosBias":
             return {"bias_offsets": int(rel.relative_position_bias_table.shape[0]), "bias_table": "swin",
                     "bias_index": rel.relative_position_index.reshape(t, t).tolist()}
+        if type(rel).__module__ == "timm.layers.pos_embed_rel" and kind == "RelPosMlp":
+            return _mlp_bias(self.name, where, rel, size)
         index = _tf_index(rel, size) if known else None
         if index is None:
             raise UsageError(f"{self.name}: {where}: its relative position bias is a {kind}; edgecl converts timm's "
-                             "RelPosBias and RelPosBiasTf (learned tables: maxvit_*_rw, maxvit_*_tf), not an "
-                             "MLP-generated one (RelPosMlp: maxvit_rmlp_*)")
+                             "RelPosBias and RelPosBiasTf (learned tables: maxvit_*_rw, maxvit_*_tf) and RelPosMlp "
+                             "(mode 'cr': maxvit_rmlp_*, coatnet_rmlp_*)")
         heads, vh, vw = rel.relative_position_bias_table.shape
         return {"bias_offsets": int(vh * vw), "bias_table": "tf", "bias_index": index}
 
@@ -155,6 +202,25 @@ class _MaxVitConverter:
         else:
             attended = self.attend_packed(node, packed, path, heads * d, **fields)
         return self._emit(node, "conv", [attended], f"{path}.proj", **pointwise(proj))
+
+
+def _mlp_bias(model: str, where: str, rel: nn.Module, size: list[int]) -> dict[str, Any]:
+    """RelPosMlp in timm's mode "cr" (no prefix tokens, no gain): fc1 (2 → hidden, bias), ReLU, fc2 (hidden →
+    heads, bias) over its log coordinates of `size`'s offsets, read at its index."""
+    mlp, t = rel.mlp, size[0] * size[1]
+    plain = rel.mode == "cr" and not rel.prefix_tokens and rel.bias_gain is None and \
+        isinstance(rel.bias_act, nn.Identity) and list(rel.window_size) == size and \
+        (type(mlp).__module__, type(mlp).__name__) == ("timm.layers.mlp", "Mlp") and \
+        isinstance(mlp.act, nn.ReLU) and isinstance(mlp.norm, nn.Identity) and \
+        all(type(fc) is nn.Linear and fc.bias is not None for fc in (mlp.fc1, mlp.fc2)) and \
+        mlp.fc1.in_features == 2 and mlp.fc2.out_features == rel.num_heads and \
+        np.allclose(rel.rel_coords_log.detach().cpu().numpy().reshape(-1, 2), mlp_coords(*size), atol=1e-6)
+    if not plain:
+        raise UsageError(f"{model}: {where}: its RelPosMlp (mode {rel.mode!r}, window {rel.window_size}) is not "
+                         f"timm's mode 'cr' over the {size[0]}×{size[1]} map or window with fc1 (2 → hidden) + bias, "
+                         "ReLU, fc2 (hidden → heads) + bias and its own log coordinates; edgecl converts that one")
+    return {"bias_offsets": (2 * size[0] - 1) * (2 * size[1] - 1), "bias_table": "mlp",
+            "bias_mlp": mlp.fc1.out_features, "bias_index": rel.relative_position_index.reshape(t, t).tolist()}
 
 
 def _tf_index(rel: nn.Module, size: list[int]) -> list[list[int]] | None:

@@ -9,6 +9,7 @@ from torch.nn.modules import module as _torch_module
 
 from edgecl.arch.fx_attention import is_timm_attention
 from edgecl.arch.fx_blur import is_blur_pool
+from edgecl.arch.fx_byoa import is_byoa_attention
 from edgecl.arch.fx_cait import is_talking_head_attn
 from edgecl.arch.fx_coat import is_factor_attn
 from edgecl.arch.fx_convit import is_convit_mhsa, is_gpsa
@@ -23,7 +24,7 @@ from edgecl.arch.fx_gcvit import is_gcvit_block
 from edgecl.arch.fx_global_context import is_global_context
 from edgecl.arch.fx_lambda import is_lambda_layer
 from edgecl.arch.fx_levit import is_levit
-from edgecl.arch.fx_maxvit import is_maxvit
+from edgecl.arch.fx_maxvit import is_attention2d, is_maxvit
 from edgecl.arch.fx_mobilevit import is_mobilevit
 from edgecl.arch.fx_nest import is_nest_level
 from edgecl.arch.fx_nextvit import is_nextvit_attention
@@ -56,7 +57,8 @@ WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention,
          (is_talking_head_attn, "talking_head_attn"), (is_gpsa, "gpsa"), (is_convit_mhsa, "convit_mhsa"),
          (is_factor_attn, "factor_attn"), (is_swin_v2, "swin_v2"),
          (is_outlook, "outlook"), (is_volo_attention, "volo_attention"), (is_pixel_embed, "pixel_embed"),
-         (is_tnt_block, "tnt_block"), (is_eva_attention, "eva_attention"))
+         (is_tnt_block, "tnt_block"), (is_eva_attention, "eva_attention"),
+         (is_byoa_attention, "byoa_attention"), (is_attention2d, "attention2d"))
 # may read channels-last values
 ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin, is_tiny_vit_block, is_maxvit, is_xcit_xca, is_xcit_lpi,
              is_class_attn, is_twins_attention, is_davit_channel, is_pvt_stage, is_nextvit_attention, is_gcvit_block,

@@ -44,7 +44,10 @@ LATER_FIELDS: dict[str, dict[str, LaterField]] = {
                   "talking_heads": LaterField((None, False)), "dilated": LaterField((False,)), "bias_rows": _NONE,
                   "talking_linear": LaterField((False,)),  # talking heads stored as 1×1 convs (before CaiT's Linears)
                   "gated_pos": LaterField((False,)),  # no gated positions (before ConViT's GPSA)
-                  "cosine": LaterField((None, False))},  # dot-product scores (before Swin V2's cosine attention)
+                  "cosine": LaterField((None, False)),  # dot-product scores (before Swin V2's cosine attention)
+                  "rel_pos": _NONE, "rel_dim": _NONE, "rel_scaled": LaterField((False,)),  # BotNet's logits
+                  "halo_blocks": _NONE, "halo": _NONE,  # HaloNet's blocks
+                  "bias_mlp": _NONE},  # a learned bias table (before RelPosMlp's MLP of the offsets)
     "class_token": {"tokens": LaterField((1,), **_KEPT)},  # one prepended token, weight (ch,)
     "token": {"count": LaterField((1,), **_KEPT)},  # one token picked
     # a learned embedding; its module stores it in map order (before NesT's block by block), channels first (before
@@ -54,6 +57,8 @@ LATER_FIELDS: dict[str, dict[str, LaterField]] = {
     "pad": {"mode": LaterField(("constant",), **_KEPT)},
     # XCA: q and k L2-normalised, a learned per-head temperature (before DaViT's fixed scale, no normalisation)
     "channel_attention": {"normalize": LaterField((True,)), "scale": _NONE},
+    # local position lambdas (before lambda_resnet26rpt's relative embedding, with which r is left out)
+    "lambda_layer": {"rel_pos": _NONE, "r": _NONE},
     "upsample": {"mode": LaterField(("nearest",), **_KEPT), "align_corners": LaterField((False,), **_KEPT)},
 }
 

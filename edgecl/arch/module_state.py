@@ -51,7 +51,7 @@ def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
         if node["op"] == "attention" and node.get("talking_heads") and not node.get("talking_linear"):  # 1×1 convs
             for mix in ("talk1_weight", "talk2_weight"):
                 shapes[f"{node['name']}.{mix}"] = (node["heads"], node["heads"], 1, 1)
-        if node["op"] == "lambda_layer":  # timm's Conv3d of kernel (r, r, 1)
+        if node["op"] == "lambda_layer" and node.get("r"):  # timm's Conv3d of kernel (r, r, 1)
             shapes[f"{node['name']}.weight"] = (*shapes[f"{node['name']}.weight"], 1)
         if node["op"] == "channel_attention" and node.get("scale") is None:  # timm's XCA temperature, (heads, 1, 1)
             shapes[f"{node['name']}.temperature"] = (node["heads"], 1, 1)

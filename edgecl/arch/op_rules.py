@@ -7,7 +7,9 @@ from typing import Any
 
 from edgecl.arch.bias_parts import bias_parts_fields
 from edgecl.arch.gpsa_ops import GATED_POS, gated_pos_shapes
-from edgecl.arch.lambda_ops import lambda_tensor_shapes
+from edgecl.arch.halo import halo_fields
+from edgecl.arch.lambda_ops import lambda_fields, lambda_tensor_shapes
+from edgecl.arch.rel_pos import MLP_TENSORS, REL_TENSORS, mlp_tensor_shapes, rel_fields, rel_tensor_shapes
 from edgecl.errors import UsageError
 
 
@@ -65,6 +67,15 @@ def attention_fields(out: dict[str, Any], where: str) -> None:
         raise UsageError(f"{where}: attention dilated needs a window")
     if out["window"] is not None and out["shift"] is None:
         out["shift"] = [0, 0]
+    rel_fields(out, where)
+    halo_fields(out, where)
+    for key in ("gated_pos", "cosine"):  # no network has both; their forms were not written to compose
+        for other in ("rel_pos", "halo_blocks", "bias_mlp"):
+            if out[key] and out[other] is not None:
+                raise UsageError(f"{where}: attention {key} and {other} do not go together")
+    if (out["bias_table"] == "mlp") != (out["bias_mlp"] is not None):  # (bias_rows is LeViT's layout alone)
+        raise UsageError(f"{where}: attention bias_table 'mlp' and bias_mlp (its hidden width) go together; gets "
+                         f"bias_table {out['bias_table']} and bias_mlp {out['bias_mlp']}")
 
 
 # an attention's talking-head tensors → their names in its module (EfficientFormerV2's two 1×1 convs over the heads)
@@ -85,13 +96,15 @@ def attention_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     if node["op"] == "lambda_layer":
         return lambda_tensor_shapes(node)
     shapes = {"bias": (h, node["bias_offsets"])} if node.get("bias_offsets") else {}
+    if node.get("bias_mlp"):  # RelPosMlp: the table is an MLP's output, its weights are the tensors
+        shapes = mlp_tensor_shapes(node)
     if node.get("talking_heads"):
         shapes.update({k: (h, h) if k.endswith("weight") else (h,) for k in TALKING})
     if node.get("gated_pos"):
         shapes.update(gated_pos_shapes(h))
     if node.get("cosine"):  # Swin V2's per-head logit scale
         shapes["logit_scale"] = (h,)
-    return shapes
+    return {**shapes, **rel_tensor_shapes(node)}
 
 
 def row_table(node: dict[str, Any], tensor: str) -> tuple[range, tuple[int, ...]] | None:
@@ -160,11 +173,14 @@ def _check_table(key: str, parts: list[tuple[str, dict[str, Any]]]) -> None:
 def attention_state_name(node: dict[str, Any], tensor: str) -> str:
     """The module's name of an attention's tensor: the bias table's ``attention_biases`` (timm's LeViT,
     EfficientFormerV2) or, ``bias_table`` "swin" or "tf", ``relative_position_bias_table``; the talking heads'
-    convs, or CaiT's Linears (``talking_linear``); Swin V2's ``logit_scale``."""
+    convs, or CaiT's Linears (``talking_linear``); Swin V2's ``logit_scale``; BotNet's relative position embeddings
+    (`rel_pos`)."""
     if tensor in TALKING:
         return (TALKING_LINEAR if node.get("talking_linear") else TALKING)[tensor]
     if tensor in GATED_POS:
         return GATED_POS[tensor]
+    if tensor in REL_TENSORS or tensor in MLP_TENSORS:
+        return {**REL_TENSORS, **MLP_TENSORS}[tensor]
     if tensor == "logit_scale":
         return tensor
     return "relative_position_bias_table" if node.get("bias_table") in ("swin", "tf") else "attention_biases"
@@ -221,4 +237,4 @@ def conv_fields(out: dict[str, Any], where: str) -> None:
 # op → its fields' joint rule (checks, and defaults that depend on other fields), run by `spec.validate` after each
 # field is read alone and before the later fields at their default are left out (`later_fields.drop_defaults`)
 FIELD_RULES = {"attention": attention_fields, "conv": conv_fields, "scalar_affine": scalar_affine_fields,
-               "layer_norm": layer_norm_fields}
+               "layer_norm": layer_norm_fields, "lambda_layer": lambda_fields}

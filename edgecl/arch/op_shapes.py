@@ -6,9 +6,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from edgecl.arch.halo import halo_intermediates
 from edgecl.arch.lambda_ops import lambda_intermediates, lambda_shape
 from edgecl.arch.ops import CHANNEL_AFFINE_OPS, MAX_ADAPTIVE, MAX_ADAPTIVE_INPUT, MAX_BLUR, TOKEN_TENSOR_OPS
 from edgecl.arch.outlook_ops import outlook_intermediates, outlook_shape
+from edgecl.arch.rel_pos import rel_intermediates
 from edgecl.arch.rotary_ops import rotary_intermediates, rotary_shape
 from edgecl.arch.sdta_ops import SDTA_OPS, sdta_intermediates, sdta_shape
 from edgecl.arch.token_shapes import attention_shape, token_shape
@@ -27,6 +29,8 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
         (cq, *q), (ck, *k), (cv, _, _) = ins
         tq, tk, h = math.prod(q), math.prod(k), node["heads"]
         out = cv * h // (node.get("kv_heads") or h)
+        if node.get("halo_blocks"):  # HaloNet's blocks and haloed windows
+            return halo_intermediates(node, ins) + rel_intermediates(node, tq)
         if node.get("window"):  # each query meets the w = wh·ww keys of its window; the scores, their masked sum and
             # softmax; q, k, v and the output rolled, partitioned and transposed (an upper bound)
             w = math.prod(node["window"])
@@ -36,6 +40,7 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
         bias = h * tq * tk if node.get("bias_offsets") else 0  # the gathered (heads, T_q, T_kv) bias
         bias += h * tq * tk + cq * tq + ck * tk if node.get("cosine") else 0  # normalised q, k; scaled scores
         bias += 4 * h * tq * tk if node.get("talking_heads") else 0  # the mixed scores and weights, their sums
+        bias += rel_intermediates(node, tq)  # BotNet's relative position logits
         bias += 5 * h * tq * tk + 3 * tq * tk if node.get("gated_pos") else 0  # offsets, scores, softmax, the mix
         return 2 * h * tq * tk + bias + 2 * (cq * tq + ck * tk) + 2 * (cv * tk + out * tq)
     if node["op"] == "linear_attention":  # q, k relu'd and reshaped; v reshaped; the heads' dv × d sums, the

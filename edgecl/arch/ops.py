@@ -128,11 +128,16 @@ Ops (fields and defaults in `OPS`):
   one after it (``talk2_weight``, ``talk2_bias``): its module's ``talking_head1`` / ``talking_head2`` 1×1 convs over
   the heads; with ``talking_linear`` true (CaiT's ``TalkingHeadAttn``) its ``proj_l`` / ``proj_w`` ``nn.Linear``s
   over the heads, stored (heads, heads) (the same mixes: storage only). Like the bias they belong to no channel (the
-  heads are never pruned). ``gated_pos`` true: ConViT's gated positional attention, `edgecl.arch.gpsa_ops`.
-  ``cosine`` true (Swin V2's scaled cosine attention; kv_heads = heads, no talking heads, no gated_pos): each head's q and k are L2-normalised over its d
-  channels (divided by max(‖·‖, 1e-12), ``F.normalize``) and their scores multiplied by the head's
-  exp(min(logit_scale, ln 100)) as well as ``scale``; tensor ``logit_scale`` ``(heads,)``, its module's
-  ``MODULE.logit_scale`` stored ``(heads, 1, 1)``, starting at ln 10 (timm's), belonging to no channel.
+  heads are never pruned). ``gated_pos`` true: ConViT's gated positional attention, `edgecl.arch.gpsa_ops`. ``cosine``
+  true (Swin V2's scaled cosine attention; kv_heads = heads, no talking heads, no gated_pos): each head's q and k are
+  L2-normalised over its d channels (divided by max(‖·‖, 1e-12), ``F.normalize``) and their scores multiplied by the
+  head's exp(min(logit_scale, ln 100)) as well as ``scale``; tensor ``logit_scale`` ``(heads,)``, its module's
+  ``MODULE.logit_scale`` stored ``(heads, 1, 1)``, starting at ln 10 (timm's), belonging to no channel. ``rel_pos``
+  [kh, kw] with ``rel_dim`` (and ``rel_scaled``): BotNet's relative position logits, q times learned row and column
+  embeddings (tensors ``rel_h``, ``rel_w``), `edgecl.arch.rel_pos`; ``bias_table`` "mlp" with ``bias_mlp`` the hidden
+  width: the bias table is an MLP of each offset's log coordinates (timm's RelPosMlp), same place. ``halo_blocks``
+  [bq, bk] with ``halo`` h: HaloNet's blocked attention, each bq × bq query block over its bk × bk key block and h
+  around it, `edgecl.arch.halo`.
 - ``token_mix`` (MLP-Mixer's token mixing, timm's ``mlp_tokens``: an ``nn.Linear`` over the token axis of
   ``x.transpose(1, 2)``): a ``(C, in, 1)`` token map to ``(C, out, 1)``, output token t of channel c is
   Σ_s weight[t, s]·x[c, s] + bias[t]; weight ``(out, in)``, bias ``(out,)`` when ``bias``; every channel alone, by the
@@ -141,7 +146,8 @@ Ops (fields and defaults in `OPS`):
   constant after it (the constants rule treats it as varying).
 - EdgeNeXt's ``channel_attention`` (XCA: attention among a head's channels, over the positions) and ``fourier_pos``
   (its sine–cosine position grid, a pure function of the map's shape): `edgecl.arch.sdta_ops`.
-- LambdaNetworks' ``lambda_layer`` (content and local position lambdas, timm's LambdaLayer): `edgecl.arch.lambda_ops`.
+- LambdaNetworks' ``lambda_layer`` (content and local position lambdas, or with ``rel_pos`` relative ones, timm's
+  LambdaLayer): `edgecl.arch.lambda_ops`.
 - VOLO's ``outlook_attention`` (attention within each k × k window, its weights predicted per window):
   `edgecl.arch.outlook_ops`.
 - ``rotary`` (a rotary position embedding on q or k, EVA-02's and the RoPE ViTs': fixed per-token rotations of channel
@@ -214,14 +220,17 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
                   "bias_table": ("bias_table", None), "window": ("pair", None), "shift": ("pad", None),
                   "talking_heads": ("bool", None), "dilated": ("bool", False), "bias_rows": ("pad", None),
                   "talking_linear": ("bool", False), "gated_pos": ("bool", False),
-                  "cosine": ("bool", None)},
+                  "cosine": ("bool", None),
+
+                  "rel_pos": ("pair", None), "rel_dim": ("size", None), "rel_scaled": ("bool", False),
+                  "halo_blocks": ("pair", None), "halo": ("index", None), "bias_mlp": ("size", None)},
     "linear_attention": {"heads": ("size", ...), "eps": ("eps", 1e-5), "kernel": ("kernel", "relu")},
     "token": {"index": ("index", 0), "count": ("size", 1)},
     "token_mix": {"in": ("size", ...), "out": ("size", ...), "bias": ("bool", True)},
     "channel_attention": {"heads": ("size", ...), "eps": ("eps", 1e-12), "normalize": ("bool", True),
                           "scale": ("number", None)},
     "fourier_pos": {"hidden": ("size", ...), "temperature": ("number", 10000.0)},
-    "lambda_layer": {"heads": ("size", ...), "dim": ("size", ...), "r": ("size", ...)},
+    "lambda_layer": {"heads": ("size", ...), "dim": ("size", ...), "r": ("size", None), "rel_pos": ("pair", None)},
     "outlook_attention": OUTLOOK_FIELDS,
     "rotary": {"heads": ("size", ...), "prefix": ("index", 0), "half": ("bool", False), "table": ("number_table", ...)},
 }

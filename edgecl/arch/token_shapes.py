@@ -6,6 +6,8 @@ import math
 from typing import Any
 
 from edgecl.arch.gpsa_ops import grid_side
+from edgecl.arch.halo import check_halo_shape
+from edgecl.arch.rel_pos import check_rel_shape, mlp_extent
 from edgecl.errors import UsageError
 
 
@@ -48,7 +50,10 @@ def attention_shape(node: dict[str, Any], ins: list[list[int]], where: str) -> l
                          f"{kv} heads at k's positions ({kv} dividing {h}) and a scale > 0, gets {ins} and scale "
                          f"{node['scale']}")
     window = node.get("window")
-    if window:
+    if node.get("halo_blocks"):  # HaloNet's blocks: k and v may be on a larger map (a strided q)
+        check_halo_shape(node, q, k, where)
+        check_rel_shape(node, q, k, where)
+    elif window:
         shift = node.get("shift") or [0, 0]
         if kv != h or q[1:] != k[1:] or q[1] % window[0] or q[2] % window[1] or \
                 any(s >= w for s, w in zip(shift, window)) or node.get("dilated") and any(shift):
@@ -58,6 +63,12 @@ def attention_shape(node: dict[str, Any], ins: list[list[int]], where: str) -> l
         _check_attention_bias(node, math.prod(window), math.prod(window), where)
     else:
         _check_attention_bias(node, math.prod(q[1:]), math.prod(k[1:]), where)
+        check_rel_shape(node, q, k, where)
+    if node.get("bias_mlp") and (node["bias_offsets"] != math.prod(2 * s - 1 for s in mlp_extent(node, q)) or
+                                 q[1:] != k[1:]):
+        raise UsageError(f"{where}: an MLP bias (bias_table 'mlp') spans the offsets of its window or map, "
+                         f"{mlp_extent(node, q)}: bias_offsets (2·H − 1)(2·W − 1) with q and k at the same "
+                         f"positions, gets bias_offsets {node['bias_offsets']}, q {q} and k {k}")
     if node.get("gated_pos") and (q[1:] != k[1:] or grid_side(math.prod(q[1:])) is None):
         raise UsageError(f"{where}: a gated_pos attention needs q and k at the same positions, a square number of "
                          f"them (a grid row by row), gets {ins}")

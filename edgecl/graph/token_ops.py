@@ -11,14 +11,19 @@ from edgecl.arch.attention_windows import partition, window_mask, window_of
 from edgecl.arch.gpsa_ops import grid_side, relative_offsets
 from edgecl.arch.rotary_ops import rotary_constants
 from edgecl.arch.windows import conv_window_shape
+from edgecl.graph.halo_onnx import halo_blocks, halo_unblock
 from edgecl.graph.nodes import Builder
 from edgecl.graph.sdta_ops import l2_normalised
+from edgecl.graph.rel_pos_onnx import mlp_bias_table, rel_logits
 
 
 def attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list[int]]) -> str:
     """An ``attention`` node: over the whole map, or windowed (Swin: `window_attention`)."""
     if window_of(node):
         return window_attention(b, q, k, v, node, shapes)
+    if node.get("halo_blocks"):  # HaloNet: q's blocks, k's and v's haloed windows into the batch, and back
+        blocks, inner = halo_blocks(b, q, k, v, node, shapes)
+        return halo_unblock(b, _attention(b, *blocks, node, inner), node, [shapes[2][0], *shapes[0][1:]])
     return _attention(b, q, k, v, node, shapes)
 
 
@@ -91,8 +96,11 @@ def _attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list
         scores = b.op("Mul", [scores, b.op("Reshape", [b.op("Exp", [clamped]), b.ints(h, 1, 1)])])
     if node.get("bias_offsets"):  # LeViT's bias: the (heads, B) table gathered by the fixed (T_q, T_kv) offsets
         index = b.constant(np.array(node["bias_index"], dtype=np.int64))
-        bias = b.op("Gather", [f"{node['name']}.bias", index], axis=1)
+        table = mlp_bias_table(b, node, shapes[0]) if node.get("bias_mlp") else f"{node['name']}.bias"
+        bias = b.op("Gather", [table, index], axis=1)
         scores = b.op("Add", [scores, b.op("Reshape", [bias, b.ints(kv, h // kv * t, tk)])])
+    if node.get("rel_pos"):  # BotNet's relative position logits (kv = h, no window)
+        scores = b.op("Add", [scores, rel_logits(b, q, node, shapes[0])])
     if mask is not None:  # windows need kv = h: (N·windows, h, T, T) as (N, windows, h, T, T) + (windows, 1, T, T)
         per_window = b.op("Reshape", [scores, b.ints(-1, mask[1], h, t, tk)])
         scores = b.op("Reshape", [b.op("Add", [per_window, mask[0]]), b.ints(-1, h, t, tk)])

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from edgecl.arch.attention_windows import partition, window_mask, window_of
 from edgecl.train.gated_attention import gated_positions
+from edgecl.train.rel_logits import lambda_rel_position
 
 _BIAS_INDEX: dict[int, tuple[dict, torch.Tensor]] = {}  # id(node) → (node, its index as a tensor): built once
 
@@ -72,7 +73,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, node: di
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
               kv_heads: int | None = None, bias: torch.Tensor | None = None,
               mask: torch.Tensor | None = None, talking: tuple[torch.Tensor, ...] | None = None,
-              gated: tuple[torch.Tensor, ...] | None = None, cosine: torch.Tensor | None = None) -> torch.Tensor:
+              gated: tuple[torch.Tensor, ...] | None = None, cosine: torch.Tensor | None = None,
+              logits: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-head attention over the positions of (N, C, H, W) maps (tokens: (N, C, T, 1)), each head a contiguous
     block of channels, as `edgecl.graph.builder` emits it: softmax((scale·q)ᵀk) over the keys, times v. With fewer
     k/v heads (multi-query: one), the g = heads / kv_heads query heads of one k/v head are stacked along the query
@@ -82,7 +84,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, sca
     w1 (heads, heads) plus b1 before the softmax, its weights by w2 plus b2 after it. `gated` (pos_weight, pos_bias,
     gating): ConViT's gated positional weights mixed in (`edgecl.train.gated_attention`).
     `cosine` (heads,), Swin V2's logit scale (kv = heads): q and k L2-normalised per head, the scores times
-    exp(min(logit_scale, ln 100)), as timm's WindowAttention computes them, before the bias."""
+    exp(min(logit_scale, ln 100)), as timm's WindowAttention computes them, before the bias. `logits` (N, heads,
+    T, T_kv), BotNet's relative position logits (kv = heads), are added to the scores."""
     n, c, t, tk = q.shape[0], q.shape[1], q.shape[2] * q.shape[3], k.shape[2] * k.shape[3]
     kv = kv_heads or heads
     d, dv = c // heads, v.shape[1] // kv
@@ -98,6 +101,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, sca
         scores = scores * torch.clamp(cosine, max=math.log(100.0)).exp().reshape(heads, 1, 1)
     if bias is not None:  # the heads of one k/v head stacked as the queries are
         scores = scores + bias.reshape(kv, heads // kv * t, tk)
+    if logits is not None:
+        scores = scores + logits
     if mask is not None:  # one mask per window, the same for every head
         scores = (scores.reshape(-1, mask.shape[0], kv, t, tk) + mask.unsqueeze(1)).reshape(scores.shape)
     weights = torch.softmax(scores if talking is None else _mix_heads(scores, *talking[:2]), dim=-1)
@@ -153,15 +158,18 @@ def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return (weights @ vh).reshape(v.shape)
 
 
-def lambda_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, weight: torch.Tensor,
-                 bias: torch.Tensor) -> torch.Tensor:
+def lambda_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, weight: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, pos_emb: torch.Tensor | None = None) -> torch.Tensor:
     """A lambda layer over (N, C, H, W) maps (`edgecl.arch.lambda_ops`), as `edgecl.graph.lambda_onnx` emits it:
     k softmaxed over the positions, the content lambda k̂·vᵀ, the position lambdas a conv of each v channel alone
-    with the (dim, 1, r, r) filters (timm's Conv3d of kernel (r, r, 1)), both applied to each head of q."""
+    with the (dim, 1, r, r) filters (timm's Conv3d of kernel (r, r, 1)), both applied to each head of q; or with
+    `pos_emb` the relative position output (`lambda_rel_position`)."""
     (n, d, hh, ww), dv, t = k.shape, v.shape[1], k.shape[2] * k.shape[3]
     qh = q.reshape(n, heads, d, t)
     content = torch.softmax(k.reshape(n, d, t), dim=-1) @ v.reshape(n, dv, t).transpose(1, 2)  # (N, d, dv)
     out = content.transpose(1, 2).unsqueeze(1) @ qh  # (N, heads, dv, T)
+    if pos_emb is not None:
+        return (out + lambda_rel_position(qh, v, pos_emb)).reshape(n, heads * dv, hh, ww)
     position = F.conv2d(v.reshape(n * dv, 1, hh, ww), weight, bias, padding=weight.shape[-1] // 2)
     out = out + (qh.unsqueeze(2) * position.reshape(n, 1, dv, d, t)).sum(3)
     return out.reshape(n, heads * dv, hh, ww)

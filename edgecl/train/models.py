@@ -17,12 +17,15 @@ from edgecl.arch.attention_windows import window_of
 from edgecl.arch.gpsa_ops import GATED_POS
 from edgecl.arch.op_rules import TALKING, has_gain, is_standardized
 from edgecl.arch.ops import blur_filter
+from edgecl.arch.rel_pos import MLP_TENSORS, mlp_extent
 from edgecl.arch.rotary_ops import rotary_constants
 from edgecl.arch.sdta_ops import fourier_grid
 from edgecl.train.outlook import outlook_attention
 from edgecl.train import distributed
 from edgecl.train.attention_forms import (attention, channel_attention, gathered_bias, in_windows, lambda_layer,
                                          linear_attention, patch_context, window_attention)
+from edgecl.train.halo_attention import halo_blocks, halo_unblock
+from edgecl.train.rel_logits import mlp_bias_table, rel_logits
 
 Params = dict[str, torch.Tensor]
 # Optional hook applied to each linear/conv output, keyed by layer name (RGO's feature encoding, AGS-CL's
@@ -53,7 +56,8 @@ def init_params(arch: Arch, n_classes: int | None = None, generator: torch.Gener
             params[f"{node['name']}.weight"] = torch.randn(weight.shape, generator=generator) * 0.02
         if node["op"] == "channel_attention" and node.get("scale") is None:  # timm's XCA: every head's at 1
             params[f"{node['name']}.temperature"].fill_(1.0)
-        if node["op"] == "attention" and node.get("bias_offsets"):  # LeViT's start: no bias
+        if node["op"] == "attention" and node.get("bias_offsets") and not node.get("bias_mlp"):  # LeViT's start:
+            # no bias (an MLP-generated one starts from its layers' draw, as timm's)
             params[f"{node['name']}.bias"].zero_()
         if node["op"] == "attention" and node.get("gated_pos"):  # timm's GPSA start: every gate at 1
             params[f"{node['name']}.gating"].fill_(1.0)
@@ -187,21 +191,29 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
             return h + weight.reshape(node["ch"], wh, ww).repeat(1, height // wh, width // ww)
         return h + weight.reshape(h.shape[1:])  # tokens or a map
     if op == "attention":
-        bias = gathered_bias(node, params[f"{name}.bias"]) if node.get("bias_offsets") else None
+        mlp = [params[f"{name}.{k}"] for k in MLP_TENSORS] if node.get("bias_mlp") else None  # RelPosMlp's
+        table = mlp_bias_table(mlp_extent(node, [0, *h.shape[2:]]), *mlp) if mlp else params.get(f"{name}.bias")
+        bias = gathered_bias(node, table) if node.get("bias_offsets") else None
         cosine = params[f"{name}.logit_scale"] if node.get("cosine") else None
         if window_of(node):
             return window_attention(*ins, node, bias, cosine)
         talking = tuple(params[f"{name}.{k}"] for k in TALKING) if node.get("talking_heads") else None
         gated = tuple(params[f"{name}.{k}"] for k in GATED_POS) if node.get("gated_pos") else None
-        return attention(*ins, node["heads"], node["scale"], node["kv_heads"], bias, talking=talking, gated=gated,
-                         cosine=cosine)
+        blocks = halo_blocks(*ins, node) if node.get("halo_blocks") else ins  # HaloNet: q blocks, k, v windows
+        logits = rel_logits(blocks[0], node, params[f"{name}.rel_h"], params[f"{name}.rel_w"]) \
+            if node.get("rel_pos") else None
+        out = attention(*blocks, node["heads"], node["scale"], node["kv_heads"], bias, talking=talking, gated=gated,
+                        cosine=cosine, logits=logits)
+        return halo_unblock(out, node, *ins[0].shape[2:]) if node.get("halo_blocks") else out
     if op == "linear_attention":
         return linear_attention(*ins, node["heads"], node["eps"], node["kernel"])
     if op == "channel_attention":
         scale = node.get("scale")
         return channel_attention(*ins, params[f"{name}.temperature"] if scale is None else scale, node["eps"],
                                  node.get("normalize", True), node["heads"])
-    if op == "lambda_layer":
+    if op == "lambda_layer":  # local position lambdas (a conv), or a relative embedding
+        if node.get("rel_pos"):
+            return lambda_layer(*ins, node["heads"], pos_emb=params[f"{name}.pos_emb"])
         return lambda_layer(*ins, node["heads"], params[f"{name}.weight"], params[f"{name}.bias"])
     if op == "outlook_attention":
         return outlook_attention(*ins, node)

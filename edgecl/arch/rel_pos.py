@@ -1,0 +1,108 @@
+"""Relative position logits of an ``attention`` (Bottleneck Transformers' ``PosEmbedRel``, timm's BotNet): fields,
+shape checks, work bound and tensors (`edgecl.arch.ops`, `op_rules` and `token_shapes` ask here).
+
+Fields ``rel_pos`` [kh, kw] (the keys' extent: the map, H × W, where queries and keys are its positions; with a
+halo, `edgecl.arch.halo`, each query block's haloed key window) and
+``rel_dim`` d (the channels of one head of q) go together; ``rel_scaled`` true multiplies the logits by the
+attention's scale too (timm's ``scale_pos_embed``). Tensors ``rel_h`` (2·kh − 1, d) and ``rel_w`` (2·kw − 1, d),
+one learned embedding per relative row and column offset, shared by every head (timm's ``pos_embed.height_rel`` and
+``width_rel``). Query (a, b) meets key (y, x) with the extra logit
+
+    q(a, b) · (rel_h[y − a + kh − 1] + rel_w[x − b + kw − 1])     (a, b in the map or the query's block)
+
+(unscaled q unless ``rel_scaled``), added to its score before the softmax. The logit depends on q, so it is no
+additive bias: the tables are what trains and the index (`rel_index`) follows from the map alone, so nothing is
+stored for it. The tables belong to no channel (`ROWLESS_OPS`: methods keep them per task); q and k are pinned and
+ordered already (an attention's heads are contiguous blocks), so their d columns never lose a channel. They start
+as any (rows, d) tensor does (uniform within d^-½, `edgecl.train.models.init_params`; timm: normal, std d^-½).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edgecl.errors import UsageError
+
+REL_TENSORS = {"rel_h": "pos_embed.height_rel", "rel_w": "pos_embed.width_rel"}  # → the name in timm's module
+
+
+def rel_fields(out: dict[str, Any], where: str) -> None:
+    """``rel_pos`` and ``rel_dim`` go together; ``rel_scaled`` qualifies them; not with a window, talking heads,
+    fewer k/v heads or a bias table (no model combines them, and each would need its own layout of the logits)."""
+    if (out["rel_pos"] is None) != (out["rel_dim"] is None) or out["rel_scaled"] and out["rel_pos"] is None:
+        raise UsageError(f"{where}: attention rel_pos {out['rel_pos']}, rel_dim {out['rel_dim']} and rel_scaled "
+                         f"{out['rel_scaled']}: relative position logits need rel_pos and rel_dim together")
+    if out["rel_pos"] is not None and (out["window"] is not None or out["talking_heads"] or
+                                       out["bias_offsets"] is not None or
+                                       out["kv_heads"] not in (None, out["heads"])):
+        raise UsageError(f"{where}: attention rel_pos goes with no window, talking heads, bias table or fewer k/v "
+                         "heads")
+
+
+def check_rel_shape(node: dict[str, Any], q: list[int], k: list[int], where: str) -> None:
+    """q's heads of ``rel_dim`` channels; q and k on the ``rel_pos`` map, or with a halo (`edgecl.arch.halo`) the
+    haloed key window ``rel_pos``."""
+    rel = node.get("rel_pos")
+    if rel is None:
+        return
+    win = node["halo_blocks"][1] + 2 * node["halo"] if node.get("halo_blocks") else None
+    maps = list(rel) == [win, win] if win else q[1:] == list(rel) and k[1:] == list(rel)
+    if not maps or q[0] != node["heads"] * node["rel_dim"]:
+        keys = f"a haloed window of {win} × {win}" if win else f"q and k on a {rel} map"
+        raise UsageError(f"{where}: attention rel_pos {rel} with rel_dim {node['rel_dim']} needs q of "
+                         f"{node['heads']} heads × {node['rel_dim']} and {keys}, gets q {q} and k {k}")
+
+
+def rel_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The row and column embeddings, (2·kh − 1, d) and (2·kw − 1, d)."""
+    if node.get("rel_pos") is None:
+        return {}
+    (kh, kw), d = node["rel_pos"], node["rel_dim"]
+    return {"rel_h": (2 * kh - 1, d), "rel_w": (2 * kw - 1, d)}
+
+
+def rel_intermediates(node: dict[str, Any], tq: int) -> int:
+    """Values the logits hold besides the scores: q per head by position, the two gathered (k, k, d) tables, the
+    per-row and per-column logits and their sum over the scores (an upper bound)."""
+    if node.get("rel_pos") is None:
+        return 0
+    (kh, kw), d, h = node["rel_pos"], node["rel_dim"], node["heads"]
+    return h * d * tq + (kh * kh + kw * kw) * d + h * tq * (kh + kw) + h * tq * kh * kw
+
+
+def rel_index(queries: int, keys: int) -> np.ndarray:
+    """(queries, keys) int64: row a, column y holds y − a + keys − 1, the table row query a reads for key y (the
+    query's position in its map or block, the key's in its map or window)."""
+    return (np.arange(keys)[None, :] - np.arange(queries)[:, None] + keys - 1).astype(np.int64)
+
+
+def rel_scale(node: dict[str, Any]) -> float:
+    """What q is multiplied by before the logits: the attention's scale with ``rel_scaled``, else 1."""
+    return float(node["scale"]) if node.get("rel_scaled") else 1.0
+
+
+
+# an MLP-generated relative position bias (timm's RelPosMlp, mode "cr": coatnet_rmlp_*, maxvit_rmlp_*): its tensors
+# → their names in the module (`bias_table` "mlp", ``bias_mlp`` the hidden width)
+MLP_TENSORS = {"mlp1_weight": "mlp.fc1.weight", "mlp1_bias": "mlp.fc1.bias", "mlp2_weight": "mlp.fc2.weight",
+               "mlp2_bias": "mlp.fc2.bias"}
+
+
+def mlp_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """fc1 (hidden, 2) over an offset's two log coordinates, ReLU, fc2 (heads, hidden): one bias per head."""
+    hidden, h = node["bias_mlp"], node["heads"]
+    return {"mlp1_weight": (hidden, 2), "mlp1_bias": (hidden,), "mlp2_weight": (h, hidden), "mlp2_bias": (h,)}
+
+
+def mlp_coords(height: int, width: int) -> np.ndarray:
+    """((2H − 1)(2W − 1), 2) float32: each relative offset (dy, dx), row-major, as sign·log(1 + |offset|) (timm's
+    ``gen_relative_log_coords`` in mode "cr"); the table row the bias index reads."""
+    dy, dx = np.meshgrid(np.arange(1 - height, height), np.arange(1 - width, width), indexing="ij")
+    coords = np.stack([dy, dx], axis=-1).reshape(-1, 2).astype(np.float32)
+    return (np.sign(coords) * np.log(np.float32(1) + np.abs(coords))).astype(np.float32)
+
+
+def mlp_extent(node: dict[str, Any], q: list[int]) -> tuple[int, int]:
+    """The (H, W) the bias's offsets span: the window, or q's map."""
+    return tuple(node["window"]) if node.get("window") else (q[1], q[2])

@@ -1,0 +1,36 @@
+"""ONNX form of an attention's relative position logits (BotNet, HaloNet: `edgecl.arch.rel_pos`), as
+`edgecl.train.rel_logits` computes them. Only ops ONNX Runtime's CPU and CUDA providers both have: Reshape,
+Transpose, Gather, MatMul, Mul, Unsqueeze, Add; and RelPosMlp's bias table (Gemm, Relu)."""
+from __future__ import annotations
+
+from edgecl.arch.rel_pos import MLP_TENSORS, mlp_coords, mlp_extent, rel_index, rel_scale
+from edgecl.graph.nodes import Builder
+
+
+def rel_logits(b: Builder, q: str, node: dict, shape: list[int]) -> str:
+    """(N, heads, A·B, kh·kw) logits to add to the scores: q as (N, heads, A, B, d); per axis the table gathered by
+    its constant (A, kh) offsets and one MatMul batched over the query's row (column) with it, the two broadcast
+    over the other axis and summed. `shape` is q's (C, A, B): its map, or one block of it."""
+    (c, rows_q, cols_q), h, name, (kh, kw) = shape, node["heads"], node["name"], node["rel_pos"]
+    qh = b.op("Transpose", [b.op("Reshape", [q, b.ints(0, h, c // h, rows_q, cols_q)])], perm=[0, 1, 3, 4, 2])
+    if node.get("rel_scaled"):
+        qh = b.op("Mul", [qh, b.constant(rel_scale(node))])
+
+    def per_axis(table: str, n: int, keys: int, other: int, axis: int) -> str:  # (N, h, A, B, keys)
+        gathered = b.op("Gather", [table, b.constant(rel_index(n, keys))], axis=0)  # (n, keys, d)
+        front = b.op("Reshape", [b.op("Transpose", [qh], perm=[axis, 0, 1, 5 - axis, 4]), b.ints(n, -1, c // h)])
+        out = b.op("MatMul", [front, b.op("Transpose", [gathered], perm=[0, 2, 1])])  # (n, N·h·other, keys)
+        out = b.op("Reshape", [out, b.ints(n, -1, h, other, keys)])
+        return b.op("Transpose", [out], perm=[1, 2, 0, 3, 4] if axis == 2 else [1, 2, 3, 0, 4])
+
+    rows = b.op("Unsqueeze", [per_axis(f"{name}.rel_h", rows_q, kh, cols_q, 2), b.ints(5)])  # (N, h, A, B, kh, 1)
+    cols = b.op("Unsqueeze", [per_axis(f"{name}.rel_w", cols_q, kw, rows_q, 3), b.ints(4)])  # (N, h, A, B, 1, kw)
+    return b.op("Reshape", [b.op("Add", [rows, cols]), b.ints(0, h, rows_q * cols_q, kh * kw)])
+
+
+def mlp_bias_table(b: Builder, node: dict, shape: list[int]) -> str:
+    """(heads, B): RelPosMlp's bias table, as `edgecl.train.rel_logits.mlp_bias_table`: the offsets' constant log
+    coordinates through Gemm (fc1), Relu and Gemm (fc2), transposed. `shape` is q's (C, H, W)."""
+    w1, b1, w2, b2 = (f"{node['name']}.{k}" for k in MLP_TENSORS)
+    hidden = b.op("Relu", [b.op("Gemm", [b.constant(mlp_coords(*mlp_extent(node, shape))), w1, b1], transB=1)])
+    return b.op("Transpose", [b.op("Gemm", [hidden, w2, b2], transB=1)], perm=[1, 0])

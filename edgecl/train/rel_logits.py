@@ -1,0 +1,54 @@
+"""Torch side of relative position logits, as `edgecl.graph.rel_pos_onnx` and `edgecl.graph.lambda_onnx` emit
+them: an attention's (BotNet's and HaloNet's ``PosEmbedRel``, `edgecl.arch.rel_pos`: the tables read at the fixed
+offsets, then one product per axis with q) and a lambda layer's relative position lambdas (`edgecl.arch.lambda_ops`:
+the embedding read at the fixed offsets, q's logits against it times v)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from edgecl.arch.lambda_ops import lambda_rel_index
+from edgecl.arch.rel_pos import mlp_coords, rel_index, rel_scale
+
+
+@functools.lru_cache(maxsize=64)
+def _index(queries: int, keys: int) -> torch.Tensor:
+    """`rel_index` as a tensor, built once per shape."""
+    return torch.from_numpy(rel_index(queries, keys))
+
+
+def rel_logits(q: torch.Tensor, node: dict, rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
+    """(N, heads, A·B, kh·kw): query (a, b) of q's (N, heads·d, A, B) map (or block) and key (y, x) of the node's
+    ``rel_pos`` [kh, kw] get q(a, b)·(rel_h[y − a + kh − 1] + rel_w[x − b + kw − 1]) (q times the scale with
+    ``rel_scaled``)."""
+    n, h, (rows_q, cols_q), (kh, kw) = q.shape[0], node["heads"], q.shape[2:], node["rel_pos"]
+    qh = q.reshape(n, h, -1, rows_q, cols_q).permute(0, 1, 3, 4, 2) * rel_scale(node)  # (N, h, A, B, d)
+    rows = rel_h[_index(rows_q, kh).to(q.device)]  # (A, kh, d): query row a, key row y
+    cols = rel_w[_index(cols_q, kw).to(q.device)]  # (B, kw, d)
+    by_row = torch.einsum("nhabd,ayd->nhaby", qh, rows)  # (N, h, A, B, kh)
+    by_col = torch.einsum("nhabd,bxd->nhabx", qh, cols)  # (N, h, A, B, kw)
+    return (by_row.unsqueeze(-1) + by_col.unsqueeze(-2)).reshape(n, h, rows_q * cols_q, kh * kw)
+
+
+@functools.lru_cache(maxsize=64)
+def _lambda_index(height: int, width: int) -> torch.Tensor:
+    """`lambda_rel_index` as a tensor, built once per map."""
+    return torch.from_numpy(lambda_rel_index(height, width))
+
+
+def lambda_rel_position(qh: torch.Tensor, v: torch.Tensor, pos_emb: torch.Tensor) -> torch.Tensor:
+    """(N, heads, dv, T): a lambda layer's relative position output, Σ_n (q(m)·E(m, n))·v(n), with q as
+    (N, heads, dim, T), v (N, dv, H, W) and E the (2H − 1, 2W − 1, dim) embedding read at the fixed offsets."""
+    n, dv, height, width = v.shape
+    table = pos_emb.reshape(-1, pos_emb.shape[-1])[_lambda_index(height, width).to(v.device)]  # (T, T, dim)
+    logits = torch.einsum("nhdm,mjd->nhmj", qh, table)  # (N, heads, T, T)
+    return torch.einsum("nhmj,ncj->nhcm", logits, v.reshape(n, dv, height * width))
+
+
+def mlp_bias_table(extent: tuple[int, int], w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                   b2: torch.Tensor) -> torch.Tensor:
+    """(heads, B): RelPosMlp's bias table, fc2(relu(fc1(coords))) over the (2H − 1)(2W − 1) offsets' log
+    coordinates of `extent` (`edgecl.arch.rel_pos.mlp_coords`), as `edgecl.graph.rel_pos_onnx.mlp_bias_table`."""
+    coords = torch.from_numpy(mlp_coords(*extent)).to(w1)
+    return (torch.relu(coords @ w1.T + b1) @ w2.T + b2).T
