@@ -21,11 +21,11 @@ from edgecl.arch.channels import channel_map
 from edgecl.arch.halo import halo_index
 from edgecl.arch.later_fields import stored_form
 from edgecl.arch.module_state import state_keys, state_shapes
-from edgecl.arch.ops import intermediates
+from edgecl.arch.op_shapes import intermediates
 from edgecl.arch.spec import rowless_tensors
 from edgecl.errors import UsageError
 from edgecl.train.halo_attention import halo_blocks
-from edgecl.train.models import lambda_layer
+from edgecl.train.attention_forms import lambda_layer
 from edgecl.train.rel_logits import rel_logits
 
 
