@@ -1,12 +1,13 @@
 """Which torchvision and timm models go into edgecl as they are: each is built without pretrained weights, traced by
 `from_torch` at 3×64×64 (3×96×96 for inception_v3; models built for one input size, the plain ViTs, LeViT, PiT,
-Visformer, EfficientFormerV2 and timm's MaxViT, are built for 64×64 by `BUILD_ARGS`; Swin, TinyViT and
-torchvision's MaxViT at sizes whose stage maps their windows tile, and EfficientViT-M0 at its native 224 (its first
-stage map four windows), `SIZES`), and — with `--parity` — its spec's
+Visformer, EfficientFormerV2, timm's MaxViT and most newer transformers, are built for 64×64 by `BUILD_ARGS`; Swin,
+TinyViT and torchvision's MaxViT at sizes whose stage maps their windows tile, EfficientViT-M0 and GC ViT at their
+native 224, HaloNet at its 256 and CrossViT at 120 (both branches' patches tile it), `SIZES`), and — with
+`--parity` — its spec's
 torch forward and ONNX graph are compared with the module (`tests/torch_nets.check_parity`). A refusal is recorded
 with edgecl's message, so the list says what is missing and where.
 
-    python tools/model_coverage.py [--parity] [--out tools/results/model_coverage.json]   # ~4 min, ~8 with --parity
+    python tools/model_coverage.py [--parity] [--out tools/results/model_coverage.json]   # ~6 min, ~12 with --parity
     python tools/model_coverage.py --parity --only timm:nf_resnet26 …   # re-check these rows, keep the others
 """
 from __future__ import annotations
@@ -70,7 +71,18 @@ TIMM = ["resnet10t", "resnet18", "mobilenetv3_small_050", "mobilenetv2_050", "ef
         "nest_tiny",
         # PVT v2 (spatial-reduction attention, DWConv MLP), Next-ViT (keys averaged over runs of tokens), SHViT
         # (single-head attention on a channel split), GC ViT (a global query tiled over the windows)
-        "pvt_v2_b0", "nextvit_small", "shvit_s1", "gcvit_xxtiny"]
+        "pvt_v2_b0", "nextvit_small", "shvit_s1", "gcvit_xxtiny",
+        # CaiT (talking heads, class attention), ConViT (gated positional attention), Swin V2 and V2-CR (cosine
+        # attention, the MLP position bias as its table), CrossViT (bicubic, cross attention), VOLO (outlook
+        # attention; without its token-labelling aux head), TNT (pixels within patches)
+        "cait_xxs24_224", "convit_tiny", "swinv2_tiny_window8_256", "swinv2_cr_tiny_224", "crossvit_tiny_240",
+        "volo_d1_224", "tnt_s_patch16_224",
+        # BEiT (q/v biases, relative position tables), EVA-02 (rotary embedding, SwiGLU, sub-LN), a RoPE ViT
+        "beit_base_patch16_224", "eva02_tiny_patch14_224", "vit_small_patch16_rope_224",
+        # BotNet and HaloNet (relative position logits; HaloNet's haloed blocks), CoAtNet, relative-position lambdas,
+        # RelPosMlp (an MLP's bias table: CoAtNet-rmlp, MaxViT-rmlp)
+        "botnet26t_256", "halonet26t", "coatnet_nano_rw_224", "lambda_resnet26rpt_256", "coatnet_rmlp_nano_rw_224",
+        "maxvit_rmlp_pico_rw_256"]
 # models whose position embedding (LeViT: attention-bias index) fixes the input size: built for the 64×64 traced
 BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_patch16_224": {"img_size": 64},
               "timm:deit_tiny_patch16_224": {"img_size": 64}, "timm:deit_tiny_distilled_patch16_224": {"img_size": 64},
@@ -82,13 +94,22 @@ BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_
               "timm:xcit_tiny_12_p16_224": {"img_size": 64}, "timm:mixer_s16_224": {"img_size": 64},
               "timm:resmlp_12_224": {"img_size": 64}, "timm:gmlp_ti16_224": {"img_size": 64},
               "timm:twins_pcpvt_small": {"img_size": 64}, "timm:twins_svt_small": {"img_size": 64},
-              "timm:nest_tiny": {"img_size": 64}}
+              "timm:nest_tiny": {"img_size": 64}, "timm:cait_xxs24_224": {"img_size": 64},
+              "timm:convit_tiny": {"img_size": 64}, "timm:swinv2_tiny_window8_256": {"img_size": 64},
+              "timm:swinv2_cr_tiny_224": {"img_size": 64}, "timm:crossvit_tiny_240": {"img_size": 120},
+              "timm:volo_d1_224": {"img_size": 64, "use_aux_head": False}, "timm:tnt_s_patch16_224": {"img_size": 64},
+              "timm:beit_base_patch16_224": {"img_size": 64},
+              "timm:eva02_tiny_patch14_224": {"img_size": 64, "num_classes": 10},  # no classifier by default
+              "timm:vit_small_patch16_rope_224": {"img_size": 64}, "timm:botnet26t_256": {"img_size": 64},
+              "timm:coatnet_nano_rw_224": {"img_size": 64}, "timm:lambda_resnet26rpt_256": {"img_size": 64},
+              "timm:coatnet_rmlp_nano_rw_224": {"img_size": 64}, "timm:maxvit_rmlp_pico_rw_256": {"img_size": 64}}
 # input sides other than 64: Swin and TinyViT pad a map their windows do not tile with zeros that join the attention
 # (refused), so they are traced where the windows tile every stage (timm's Swin: 28, 14, 7, then 4 in one window;
 # torchvision's swin_t, whose window is fixed: 56, 28, 14, 7; TinyViT's windows 7, 14, 7: 28, 14, 7); torchvision's
 # maxvit_t is built for 224 (its partitions of 7 fixed at construction); EfficientViT-M0 at its native 224: stage maps
 # 14 (four windows of 7: a windowed conv on q), 7 and 4 (one window each)
-SIZES = {"timm:swin_tiny_patch4_window7_224": 112, "timm:gcvit_xxtiny": 224, "torchvision.models:swin_t": 224, "timm:tiny_vit_5m_224": 224,
+SIZES = {"timm:swin_tiny_patch4_window7_224": 112, "timm:gcvit_xxtiny": 224, "timm:crossvit_tiny_240": 120,
+         "timm:halonet26t": 256, "torchvision.models:swin_t": 224, "timm:tiny_vit_5m_224": 224,
          "torchvision.models:maxvit_t": 224, "timm:efficientvit_m0": 224}
 RESULTS = ROOT / "tools" / "results" / "model_coverage.json"
 

@@ -238,7 +238,12 @@ class RGO(Method):
                 if not bool(torch.isfinite(g).all()):
                     raise UsageError(f"rgo: task {len(self.heads)}'s curvature vectors of {name} are not finite: "
                                      f"training diverged (lower lr={self.config.lr})")
-                self.proj[name].update(g.cpu())
+                try:
+                    self.proj[name].update(g.cpu())
+                except torch.linalg.LinAlgError:  # finite but so large that float64 cannot solve the update
+                    raise UsageError(f"rgo: task {len(self.heads)}'s projection update of {name} is singular "
+                                     f"(curvature vectors up to {float(g.abs().max()):.3g}): training diverged "
+                                     f"(lower lr={self.config.lr})") from None
 
     def curvature_vectors(self, x: torch.Tensor, y: torch.Tensor, own: Params,
                           perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
