@@ -426,3 +426,19 @@ def test_conv_channel_groups_round_to_the_blocked_layout():
         rounded += after > exact.groups[g][1]
     assert rounded > 10
     _check(arch, p, c_arch, c_params, report)
+
+
+@pytest.mark.parametrize("make", ["volo_spec", "tnt_spec"])
+def test_node_masks_on_channels_last_and_tiled_position_embeddings(make):
+    """VOLO's channels-last position embedding (storage only: compaction drops it with the module's shape) and TNT's
+    embedding tiled over the windows (its window shape kept, with the channels left): half of every channel group
+    dead, the compacted spec validates and gives the same logits (before, a spec with either was left invalid)."""
+    import layer_nets_vit
+
+    arch = getattr(layer_nets_vit, make)((3, 8, 8))
+    p, _ = group_node_masks(arch, random_params(arch, 3, 0), 0.5, 0)
+    c_arch, c_params, report = compact(arch, p)
+    tiled = [n for n in c_arch["nodes"] if n["op"] == "pos_embed" and n.get("tile")]
+    assert all(n["module_shape"] == [1, n["ch"], *n["tile"]] for n in tiled)
+    assert not any(n.get("channels_last") for n in c_arch["nodes"])
+    _check(arch, p, c_arch, c_params, report)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layer_nets_vit import tiny_crossvit
-from torch_nets import assert_refused, averaged_head, check_parity, randomised_all, timm
+from torch_nets import assert_refused, check_parity, crossvit_head, randomised_all, timm
 
 from edgecl.arch import from_torch
 from edgecl.arch.fx_import import tensors_of
@@ -22,13 +22,6 @@ from edgecl.arch.module_state import to_module_state
 from edgecl.arch.spec import validate
 from edgecl.errors import UsageError
 from edgecl.graph.onnx_spatial import bicubic_matrix
-
-
-def crossvit_head(module: nn.Module) -> dict[str, np.ndarray]:
-    """CrossViT's averaged classifiers as one head on the two class tokens side by side."""
-    d = module.embed_dim[0]
-    return averaged_head([lambda z: module.head[0](z[:, :d]), lambda z: module.head[1](z[:, d:])],
-                         sum(module.embed_dim))
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"in_channels": 3}, {"img_scale": (1.0, 0.75), "image": 16},

@@ -68,6 +68,10 @@ def test_fields_stored_form_and_refusals():
     for eps in (0, 1.5, "x", True):
         with pytest.raises(UsageError, match="standardize"):
             _spec(standardize=eps)
+    # a depthwise 1×1 filter holds one weight: centring leaves 0 (and torch's batch_norm of it raises ValueError)
+    with pytest.raises(UsageError, match="standardize needs filters of more than one weight"):
+        _spec(standardize=1e-5, k=1, groups=4, out=4)
+    _spec(standardize=1e-5, k=1, groups=2, out=4)  # two weights a filter: standardised as usual
 
 
 @pytest.mark.parametrize("groups", [1, 2])

@@ -288,6 +288,13 @@ def averaged_head(chains: list[nn.Module], features: int | None = None) -> dict[
     return {"head.weight": (out[1:] - out[0]).T.float().numpy().copy(), "head.bias": out[0].float().numpy().copy()}
 
 
+def crossvit_head(module: nn.Module) -> dict[str, np.ndarray]:
+    """CrossViT's averaged classifiers as one head on the two class tokens side by side."""
+    d = module.embed_dim[0]
+    return averaged_head([lambda z: module.head[0](z[:, :d]), lambda z: module.head[1](z[:, d:])],
+                         sum(module.embed_dim))
+
+
 def check_parity(module: nn.Module, spec: dict, input_shape: tuple[int, ...], post=None, batch: int = 4,
                  head: dict[str, np.ndarray] | None = None) -> None:
     """The spec's torch forward and its ONNX graph (ONNX Runtime) give the module's output, with the module's own

@@ -130,10 +130,10 @@ def check(name: str, parity: bool) -> dict:
         spec = from_torch(module, shape)
         row = {"ok": True, "nodes": len(spec["nodes"]), "ops": sorted({n["op"] for n in spec["nodes"]})}
         if parity:
-            from torch_nets import check_parity, randomise_batchnorm
+            from torch_nets import check_parity, crossvit_head, randomise_batchnorm
 
-            randomise_batchnorm(module)
-            check_parity(module, spec, shape, batch=2)
+            randomise_batchnorm(module)  # CrossViT averages two classifiers: one head on both class tokens
+            check_parity(module, spec, shape, batch=2, head=crossvit_head(module) if "crossvit" in name else None)
             row["parity"] = True
     except UsageError as exc:
         row = {"ok": False, "refusal": str(exc).splitlines()[0][:400]}

@@ -336,7 +336,8 @@ class _Net:
         shapes = {INPUT: self.arch["input_shape"]}
         for node in self.arch["nodes"]:
             op, name = node["op"], node["name"]
-            node.pop("module_shape", None)  # how the user's module stores the dense weight: nothing here reads it
+            node.pop("module_shape", None)  # how the user's module stores the dense weight: nothing here reads it,
+            node.pop("channels_last", None)  # nor that it stores a map's embedding channels-last (VOLO's)
             node.pop("bias_parts", None)  # and where it stores the dense bias (`edgecl.arch.bias_parts`) and
             node.pop("weight_rows", None)  # a weight that is rows of a fused one
             if op in WEIGHT_OPS:
@@ -349,6 +350,8 @@ class _Net:
             ins = [shapes[s] for s in node["inputs"]]
             if op in (*CHANNEL_AFFINE_OPS, *TOKEN_TENSOR_OPS):
                 node["ch"] = ins[0][0]
+            if node.get("tile"):  # TNT's tiled embedding: its window's shape, which `validate` reads from here
+                node["module_shape"] = [1, node["ch"], *node["tile"]]
             if op == "reshape":  # a flatten (1-D) or a spatial reshape that keeps the channels
                 node["shape"] = [math.prod(ins[0])] if len(node["shape"]) == 1 else [ins[0][0], *node["shape"][1:]]
             shapes[name] = output_shape(node, ins, name)
