@@ -426,3 +426,21 @@ def test_conv_channel_groups_round_to_the_blocked_layout():
         rounded += after > exact.groups[g][1]
     assert rounded > 10
     _check(arch, p, c_arch, c_params, report)
+
+
+@pytest.mark.parametrize("make", ["volo_spec", "tnt_spec"])
+def test_node_masks_on_stored_position_embeddings(make):
+    """VOLO's channels-last (1, H, W, C) and TNT's tiled (1, C, wh, ww) position embeddings, whose stored shape
+    validate requires: half of every channel group dead, the embedding keeps its storage with the channels it has
+    left (compaction dropped it, so the compacted spec failed validate: per-task sessions of these models failed)."""
+    import layer_nets_vit
+
+    arch = getattr(layer_nets_vit, make)((1, 8, 8))
+    p, _ = group_node_masks(arch, random_params(arch, 3, 0), 0.5, 0)
+    c_arch, c_params, report = compact(arch, p)
+    assert report.params_compact < report.params_dense
+    embeds = [n for n in c_arch["nodes"] if n["op"] == "pos_embed" and (n.get("channels_last") or n.get("tile"))]
+    assert embeds
+    for node in embeds:
+        assert node["module_shape"][3 if node.get("channels_last") else 1] == node["ch"]
+    _check(arch, p, c_arch, c_params, report)

@@ -336,7 +336,8 @@ class _Net:
         shapes = {INPUT: self.arch["input_shape"]}
         for node in self.arch["nodes"]:
             op, name = node["op"], node["name"]
-            node.pop("module_shape", None)  # how the user's module stores the dense weight: nothing here reads it
+            stored = node.pop("module_shape", None)  # how the user's module stores the dense weight: nothing
+            # here reads it, but validate needs a stored pos_embed layout (channels_last, tile) kept, with its channels
             node.pop("bias_parts", None)  # and where it stores the dense bias (`edgecl.arch.bias_parts`) and
             node.pop("weight_rows", None)  # a weight that is rows of a fused one
             if op in WEIGHT_OPS:
@@ -349,6 +350,9 @@ class _Net:
             ins = [shapes[s] for s in node["inputs"]]
             if op in (*CHANNEL_AFFINE_OPS, *TOKEN_TENSOR_OPS):
                 node["ch"] = ins[0][0]
+            if op == "pos_embed" and stored and (node.get("channels_last") or node.get("tile")):
+                stored[3 if node.get("channels_last") else 1] = node["ch"]  # (1, H, W, ch) or (1, ch, wh, ww)
+                node["module_shape"] = stored
             if op == "reshape":  # a flatten (1-D) or a spatial reshape that keeps the channels
                 node["shape"] = [math.prod(ins[0])] if len(node["shape"]) == 1 else [ins[0][0], *node["shape"][1:]]
             shapes[name] = output_shape(node, ins, name)
