@@ -438,6 +438,7 @@ def test_node_masks_on_channels_last_and_tiled_position_embeddings(make):
     arch = getattr(layer_nets_vit, make)((3, 8, 8))
     p, _ = group_node_masks(arch, random_params(arch, 3, 0), 0.5, 0)
     c_arch, c_params, report = compact(arch, p)
+    assert report.params_compact < report.params_dense
     tiled = [n for n in c_arch["nodes"] if n["op"] == "pos_embed" and n.get("tile")]
     assert all(n["module_shape"] == [1, n["ch"], *n["tile"]] for n in tiled)
     assert not any(n.get("channels_last") for n in c_arch["nodes"])

@@ -308,3 +308,22 @@ def test_what_edgecl_cannot_follow_is_refused_by_name(kind, match):
         from_torch(_Refused(kind), (3, 4, 4))  # every axis 4 long: any permute runs
     if kind not in ("returns channels-last", "norm twice"):
         assert "test_from_torch_norms.py" in str(err.value)  # the user's source line
+
+
+@pytest.mark.parametrize("fields", [{}, {"affine": False}, {"bias": False}])
+def test_layer_norm_over_the_channels_of_a_rank_2_map(fields):
+    """A layer_norm on a (C, L) map (validate takes one: a rank-2 input, as layer_scale and affine run on) normalises
+    each position over the channels in torch and ONNX alike; both forms assumed (C, H, W) and failed to run."""
+    from random_weights import random_params
+    from torch_nets import spec_logits
+
+    spec = validate({"name": "x", "input_shape": [4, 3], "output": "f", "nodes": [
+        {"name": "n", "op": "layer_norm", "inputs": ["input"], "ch": 4, **fields},
+        {"name": "f", "op": "flatten", "inputs": ["n"]}]})
+    weights = random_params(spec, 3, 0)
+    x = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(0))
+    got = spec_logits(spec, weights, x)
+    w, b = (torch.from_numpy(weights[f"n.{k}"]) if f"n.{k}" in weights else None for k in ("weight", "bias"))
+    normed = F.layer_norm(x.transpose(1, 2), (4,), w, b, 1e-5).transpose(1, 2).reshape(2, -1)
+    want = normed @ torch.from_numpy(weights["head.weight"]).T + torch.from_numpy(weights["head.bias"])
+    assert np.abs(got - want.numpy()).max() < 1e-5

@@ -149,6 +149,44 @@ def test_a_null_part_read_past_the_keys_is_refused():
         validate(spec)
 
 
+
+def _null_key_spec(**fields) -> dict:
+    """A qkv conv whose bias is stored as q_bias, a fixed zero for k and v_bias (BEiT's), sliced into an attention
+    of 2 heads over a 4×4 map with `fields`."""
+    return {"name": "x", "input_shape": [2, 4, 4], "output": "f", "nodes": [
+        {"name": "blk.qkv", "op": "conv", "inputs": ["input"], "in": 2, "out": 12, "k": 1,
+         "bias_parts": ["q_bias", None, "v_bias"]},
+        *({"name": n, "op": "slice", "inputs": ["blk.qkv"], "start": 4 * i, "stop": 4 * i + 4}
+          for i, n in enumerate("qkv")),
+        {"name": "a", "op": "attention", "inputs": ["q", "k", "v"], "heads": 2, "scale": 0.7, **fields},
+        {"name": "f", "op": "flatten", "inputs": ["a"]}]}
+
+
+@pytest.mark.parametrize("fields", [{}, {"talking_heads": True}, {"rel_pos": [4, 4], "rel_dim": 2},
+                                    {"window": [2, 2], "shift": [1, 1]}, {"gated_pos": True}])
+def test_a_null_key_part_changes_no_output_where_it_is_taken(fields):
+    """Where a null key part is valid, what training puts there changes no output (the softmax cancels it), so
+    writing the module's zero back keeps the network."""
+    from random_weights import random_params
+    from torch_nets import spec_logits
+
+    spec = validate(_null_key_spec(**fields))
+    weights = random_params(spec, 3, 0)
+    x = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    zero_k = {**weights, "blk.qkv.bias": np.concatenate([weights["blk.qkv.bias"][:4], np.zeros(4, np.float32),
+                                                         weights["blk.qkv.bias"][8:]])}
+    assert np.abs(spec_logits(spec, weights, x) - spec_logits(spec, zero_k, x)).max() < 1e-4
+
+
+@pytest.mark.parametrize("fields", [{"cosine": True}, {"cosine": True, "window": [2, 2]},
+                                    {"halo_blocks": [2, 2], "halo": 1}])
+def test_a_null_key_part_is_refused_where_a_key_bias_counts(fields):
+    """Swin V2's cosine attention normalises k (a bias turns it) and HaloNet's zero-padded halo has keys without
+    it: there a key bias changes the output, so a null part (the module's fixed zero, what `to_module_state` writes
+    back) would make the module another network than the one trained."""
+    with pytest.raises(UsageError, match="attentions' keys"):
+        validate(_null_key_spec(**fields))
+
 def test_refused_by_name():
     module = tiny_vit_relpos(rel_pos_type="mlp")  # timm's default: the bias is an MLP's output
     assert_refused(module, "RelPosAttention", "blocks.0.attn", "RelPosMlp", "rel_pos_type='bias'")

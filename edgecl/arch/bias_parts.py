@@ -5,7 +5,9 @@ each of its equal consecutive parts lives in the module: a tensor beside the con
 ``blocks.0.attn.qkv``: ``blocks.0.attn.q_bias``, …) or, null, a fixed zero the module does not store.
 
 A null part must be keys of attentions only (`check_null_parts`): a bias b on the keys adds scale·q·b to every score
-of a query, one number across its keys, which the softmax cancels. So what training puts there changes no output,
+of a query, one number across its keys, which the softmax cancels — not in a ``cosine`` attention (k normalised: a
+bias turns it) nor a haloed one (``halo_blocks``: the zero padding has no bias), which are refused. So what training
+puts there changes no output,
 and writing the module's zero back (`split`) keeps the network; anywhere else a dropped part would be another
 network, so such a spec is refused. The module link is all the field is: compaction, which cuts the dense weight's
 channels, drops it (as it drops ``module_shape``).
@@ -69,11 +71,12 @@ def check_null_parts(nodes: list[dict[str, Any]]) -> None:
                     raise UsageError(f"{where}, so it is read by slices of exactly that part only, not by "
                                      f"{reader['op']} {reader['name']!r}")
                 keys_only = all(r["op"] == "attention" and r["inputs"][1] == reader["name"] and
-                                reader["name"] not in (r["inputs"][0], r["inputs"][2])
+                                reader["name"] not in (r["inputs"][0], r["inputs"][2]) and
+                                not r.get("cosine") and not r.get("halo_blocks")
                                 for r in readers.get(reader["name"], []))
                 if span == (start, stop) and not keys_only:
                     raise UsageError(f"{where}: slice {reader['name']!r} of it must be read only as attentions' "
-                                     "keys (where a bias changes no output)")
+                                     "keys (where a bias changes no output: not a cosine or haloed attention's)")
 
 
 def check_part_keys(arch: dict[str, Any], taken: set[str]) -> None:

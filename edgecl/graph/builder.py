@@ -60,18 +60,19 @@ def _bn(b: _Builder, h: str, node: dict) -> str:
                 epsilon=node["eps"])
 
 
-def _layer_norm(b: _Builder, h: str, node: dict, flat: bool) -> str:
-    """LayerNormalization normalises the trailing axes: an NCHW map is transposed to NHWC around it (as the torch
-    model it comes from permutes), features (N, C) go in as they are. Without affine tensors: scale 1, no bias;
+def _layer_norm(b: _Builder, h: str, node: dict, shape: list[int]) -> str:
+    """LayerNormalization normalises the trailing axes: an NCHW map (or NCL) is transposed to NHWC around it (as the
+    torch model it comes from permutes), features (N, C) go in as they are; `shape` is the input's without N. Without affine tensors: scale 1, no bias;
     ``bias`` false: the weight, no bias (LayerNormalization's bias is optional)."""
     name, ch = node["name"], node["ch"]
     scale = f"{name}.weight" if node["affine"] else b.constant(np.ones(ch, dtype=np.float32))
     bias = [f"{name}.bias"] if node["affine"] and node.get("bias", True) else []
-    if flat:
+    if len(shape) == 1:
         return b.op("LayerNormalization", [h, scale, *bias], axis=-1, epsilon=node["eps"])
-    last = b.op("Transpose", [h], perm=[0, 2, 3, 1])
+    rank = len(shape) + 1  # (N, C, H, W), or (N, C, L)
+    last = b.op("Transpose", [h], perm=[0, *range(2, rank), 1])
     normed = b.op("LayerNormalization", [last, scale, *bias], axis=-1, epsilon=node["eps"])
-    return b.op("Transpose", [normed], perm=[0, 3, 1, 2])
+    return b.op("Transpose", [normed], perm=[0, rank - 1, *range(1, rank - 1)])
 
 
 def _grn(b: _Builder, h: str, node: dict) -> str:
@@ -205,7 +206,7 @@ def _op(b: _Builder, node: dict, ins: list[str], factors: dict, shapes: list[lis
     if op == "layer_norm" and node.get("over") == "map":
         return map_norm(b, h, node, in_shape)
     if op == "layer_norm":
-        return _layer_norm(b, h, node, flat)
+        return _layer_norm(b, h, node, in_shape)
     if op in ("layer_scale", "affine"):  # (C,) tensors on (N, C) features or, unsqueezed to (C, 1, …), a map
         w, bias = (f"{node['name']}.{k}" for k in ("weight", "bias"))
         axes = b.ints(*range(1, len(in_shape)))  # a (C, H, W) map's 1, 2; a (C, L) one's 1

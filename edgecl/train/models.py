@@ -162,7 +162,7 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
             return F.group_norm(h, node.get("groups", 1), w, b, node["eps"])
         if h.dim() == 2:
             return F.layer_norm(h, (node["ch"],), w, b, node["eps"])
-        return F.layer_norm(h.permute(0, 2, 3, 1), (node["ch"],), w, b, node["eps"]).permute(0, 3, 1, 2)
+        return F.layer_norm(h.movedim(1, -1), (node["ch"],), w, b, node["eps"]).movedim(-1, 1)  # (C, H, W), (C, L)
     if op == "layer_scale":  # (C,) over the channels of features (N, C) or of any map (N, C, …)
         return h * params[f"{name}.weight"].reshape(-1, *[1] * (h.dim() - 2))
     if op == "affine":  # ResMLP's Affine: a factor and an offset per channel
