@@ -7,7 +7,7 @@ native 224, HaloNet at its 256 and CrossViT at 120 (both branches' patches tile 
 torch forward and ONNX graph are compared with the module (`tests/torch_nets.check_parity`). A refusal is recorded
 with edgecl's message, so the list says what is missing and where.
 
-    python tools/model_coverage.py [--parity] [--out tools/results/model_coverage.json]   # ~6 min, ~12 with --parity
+    python tools/model_coverage.py [--parity] [--out tools/results/model_coverage.json]   # ~3 min, ~4 with --parity (2-core AMD EPYC)
     python tools/model_coverage.py --parity --only timm:nf_resnet26 …   # re-check these rows, keep the others
 """
 from __future__ import annotations
