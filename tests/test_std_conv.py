@@ -19,6 +19,7 @@ from edgecl.arch.module_state import state_shapes
 from edgecl.arch.spec import param_shapes
 from edgecl.deltas import materialize
 from edgecl.errors import UsageError
+from edgecl.export.onnx_export import run_onnx
 from edgecl.graph.builder import build_onnx
 from edgecl.graph.compact import compact_task
 from edgecl.graph.standardize import cut_keeping_standardized, fold_standardized, standardized
@@ -68,10 +69,6 @@ def test_fields_stored_form_and_refusals():
     for eps in (0, 1.5, "x", True):
         with pytest.raises(UsageError, match="standardize"):
             _spec(standardize=eps)
-    # a depthwise 1×1 filter holds one weight: centring leaves 0 (and torch's batch_norm of it raises ValueError)
-    with pytest.raises(UsageError, match="standardize needs filters of more than one weight"):
-        _spec(standardize=1e-5, k=1, groups=4, out=4)
-    _spec(standardize=1e-5, k=1, groups=2, out=4)  # two weights a filter: standardised as usual
 
 
 @pytest.mark.parametrize("groups", [1, 2])
@@ -228,3 +225,16 @@ def test_gains_that_overflow_the_standardised_weight_are_refused_naming_the_conv
         with pytest.raises(UsageError, match="node 'c'"):
             with TaskRuntime(str(path), strategy=strategy, factor=False) as rt:
                 rt.infer(np.ones((1, 4, 6, 6), np.float32), task=0)
+
+
+def test_a_filter_of_one_weight_standardises_to_zero_in_torch_numpy_and_onnx():
+    """A depthwise 1×1 standardised conv: each filter is one weight, which centring leaves 0 (torch's batch_norm
+    refuses a single value, so the torch form says 0 itself): torch forward = the switchable ONNX graph = the
+    folded one, every output the bias (found by the hostile-spec fuzzer: a ValueError from torch before)."""
+    spec = _spec(standardize=1e-5, k=1, groups=4, out=4, pad=0)
+    params = random_params(spec, 3, seed=0)
+    x = np.random.default_rng(0).standard_normal((2, 4, 6, 6)).astype(np.float32)
+    with torch.no_grad():
+        want = forward(spec, from_numpy(params), torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(run_onnx(build_onnx(spec, params), x), want, rtol=1e-5, atol=1e-6)
+    assert float(np.abs(standardized(params["c.weight"], params["c.gain"], 1e-5, 1.0)).max()) == 0.0

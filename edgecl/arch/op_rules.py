@@ -3,7 +3,6 @@
 the bias tables several attentions share by rows)."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from edgecl.arch.bias_parts import bias_parts_fields
@@ -196,9 +195,6 @@ def standardized_fields(out: dict[str, Any], where: str) -> None:
         for key in ("gain_scale", "std_gain"):
             if out[key] is not None:
                 raise UsageError(f"{where}: {key} needs standardize (the eps of a weight-standardised conv)")
-    elif out["in"] // out["groups"] * math.prod(out["k"]) == 1:  # centring one weight leaves 0, whatever it is
-        raise UsageError(f"{where}: standardize needs filters of more than one weight (in/groups·kh·kw is 1: a "
-                         "single weight standardises to 0; torch's and timm's batch_norm of it refuse)")
     elif out["gain_scale"] is None:
         out["gain_scale"] = 1.0
 

@@ -296,6 +296,8 @@ def standardized(weight: torch.Tensor, gain: torch.Tensor | None, eps: float, sc
     out = weight.shape[0]
     factor = (gain * scale).reshape(-1) if gain is not None else None if scale == 1.0 else \
         torch.full((out,), scale, dtype=weight.dtype)
+    if weight[0].numel() == 1:  # one weight a filter: centred, it is 0 (batch_norm refuses a single value); as the
+        return weight - weight  # numpy and ONNX forms compute it (`edgecl.graph.standardize`), gradient 0 too
     return F.batch_norm(weight.reshape(1, out, -1), None, None, weight=factor, training=True, momentum=0.0,
                         eps=eps).reshape_as(weight)
 
