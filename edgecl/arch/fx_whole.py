@@ -66,6 +66,10 @@ ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin, is_tiny_vit_block, is
              is_outlook, is_volo_attention, is_eva_attention)
 
 
+_LEFT_OUT = (" by its class and attributes, so what that code computes would be silently left out; remove it (or call "
+             "it from a module of your own, which is traced) before from_torch")
+
+
 def check_plain_call(m: nn.Module, path: str) -> bool:
     """A layer edgecl keeps whole is converted from its class and attributes, not traced: a forward set on the
     instance (``m.forward = …``) or a forward hook or pre-hook (which may change its input or output), on it or on
@@ -80,17 +84,15 @@ def check_plain_call(m: nn.Module, path: str) -> bool:
             inside = f" (inside {type(m).__name__} at {path!r})" if sub_path else ""
             raise UsageError(f"layer {type(sub).__name__} at {'.'.join(filter(None, (path, sub_path)))!r}{inside} "
                              f"has {' and '.join(extra)}: edgecl converts {'the layer around it' if sub_path else 'it'}"
-                             " by its class and attributes, so what that code computes would be silently left out; "
-                             "remove it (or call it from a module of your own, which is traced) before from_torch")
+                             f"{_LEFT_OUT}")
     # hooks registered for every module (register_module_forward_hook): they run in the layer's call too
     extra = [f"{len(h)} global forward {kind} (torch.nn.modules.module.register_module_forward_{name})"
              for kind, name, h in (("hook(s)", "hook", getattr(_torch_module, "_global_forward_hooks", {})),
                                    ("pre-hook(s)", "pre_hook", getattr(_torch_module, "_global_forward_pre_hooks",
                                                                        {}))) if h]
     if extra:
-        raise UsageError(f"layer {type(m).__name__} at {path!r} has {' and '.join(extra)}: edgecl converts it by "
-                         "its class and attributes, so what that code computes would be silently left out; remove "
-                         "it (or call it from a module of your own, which is traced) before from_torch")
+        raise UsageError(f"layer {type(m).__name__} at {path!r} has {' and '.join(extra)}: edgecl converts it"
+                         f"{_LEFT_OUT}")
     return True
 
 

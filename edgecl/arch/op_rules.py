@@ -52,8 +52,6 @@ def attention_fields(out: dict[str, Any], where: str) -> None:
                          "talking heads and no bias table")
     if out["cosine"] and (out["talking_heads"] or out["kv_heads"] != out["heads"]):
         raise UsageError(f"{where}: attention cosine (Swin V2's) needs kv_heads = heads and no talking heads")
-    if out["gated_pos"] and out["cosine"]:
-        raise UsageError(f"{where}: attention gated_pos (ConViT's GPSA) and cosine (Swin V2's) do not go together")
     if out["bias_table"] == "tf" and (out["window"] is None or out["bias_offsets"] !=
                                       (2 * out["window"][0] - 1) * (2 * out["window"][1] - 1)):
         raise UsageError(f"{where}: attention bias_table 'tf' (stored (heads, 2·wh − 1, 2·ww − 1)) needs a window "
@@ -69,9 +67,10 @@ def attention_fields(out: dict[str, Any], where: str) -> None:
         out["shift"] = [0, 0]
     rel_fields(out, where)
     halo_fields(out, where)
-    for key in ("gated_pos", "cosine"):  # no network has both; their forms were not written to compose
-        for other in ("rel_pos", "halo_blocks", "bias_mlp"):
-            if out[key] and out[other] is not None:
+    for key, others in (("gated_pos", ("cosine", "rel_pos", "halo_blocks", "bias_mlp")),  # no network has two of
+                        ("cosine", ("rel_pos", "halo_blocks", "bias_mlp"))):  # these; their forms do not compose
+        for other in others:
+            if out[key] and out[other] not in (None, False):
                 raise UsageError(f"{where}: attention {key} and {other} do not go together")
     if (out["bias_table"] == "mlp") != (out["bias_mlp"] is not None):  # (bias_rows is LeViT's layout alone)
         raise UsageError(f"{where}: attention bias_table 'mlp' and bias_mlp (its hidden width) go together; gets "
