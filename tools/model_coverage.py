@@ -82,7 +82,12 @@ TIMM = ["resnet10t", "resnet18", "mobilenetv3_small_050", "mobilenetv2_050", "ef
         # BotNet and HaloNet (relative position logits; HaloNet's haloed blocks), CoAtNet, relative-position lambdas,
         # RelPosMlp (an MLP's bias table: CoAtNet-rmlp, MaxViT-rmlp)
         "botnet26t_256", "halonet26t", "coatnet_nano_rw_224", "lambda_resnet26rpt_256", "coatnet_rmlp_nano_rw_224",
-        "maxvit_rmlp_pico_rw_256"]
+        "maxvit_rmlp_pico_rw_256",
+        # found going in as they are by a probe of every further timm module (2026-12-01): ConvMixer, CSPNeXt,
+        # FasterNet (partial convs), PP-LCNetV2, the legacy SE-ResNet and Xception ports, Inception-ResNet-v2,
+        # PNASNet, a hybrid ResNet-ViT, ViTamin
+        "convmixer_768_32", "cspnext_tiny", "fasternet_t0", "lcnetv2_small", "legacy_seresnet18", "legacy_xception",
+        "inception_resnet_v2", "pnasnet5large", "vit_small_r26_s32_224", "vitamin_small_224"]
 # models whose position embedding (LeViT: attention-bias index) fixes the input size: built for the 64×64 traced
 BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_patch16_224": {"img_size": 64},
               "timm:deit_tiny_patch16_224": {"img_size": 64}, "timm:deit_tiny_distilled_patch16_224": {"img_size": 64},
@@ -102,7 +107,8 @@ BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_
               "timm:eva02_tiny_patch14_224": {"img_size": 64, "num_classes": 10},  # no classifier by default
               "timm:vit_small_patch16_rope_224": {"img_size": 64}, "timm:botnet26t_256": {"img_size": 64},
               "timm:coatnet_nano_rw_224": {"img_size": 64}, "timm:lambda_resnet26rpt_256": {"img_size": 64},
-              "timm:coatnet_rmlp_nano_rw_224": {"img_size": 64}, "timm:maxvit_rmlp_pico_rw_256": {"img_size": 64}}
+              "timm:coatnet_rmlp_nano_rw_224": {"img_size": 64}, "timm:maxvit_rmlp_pico_rw_256": {"img_size": 64},
+              "timm:vit_small_r26_s32_224": {"img_size": 64}, "timm:vitamin_small_224": {"img_size": 64}}
 # input sides other than 64: Swin and TinyViT pad a map their windows do not tile with zeros that join the attention
 # (refused), so they are traced where the windows tile every stage (timm's Swin: 28, 14, 7, then 4 in one window;
 # torchvision's swin_t, whose window is fixed: 56, 28, 14, 7; TinyViT's windows 7, 14, 7: 28, 14, 7); torchvision's
