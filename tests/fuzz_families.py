@@ -325,11 +325,14 @@ def _spec(draw) -> dict:
                 node["gated_pos"] = draw(st.booleans()) if fits else draw(st.sampled_from(["yes", 1, None]))
             if draw(st.integers(0, 3)) == 0:  # Swin V2's cosine attention (refused with talking heads)
                 node["cosine"] = draw(st.booleans()) if fits else draw(st.sampled_from(["yes", 1, None, 0.0]))
-            if draw(st.integers(0, 3)) == 0:  # BotNet's relative position logits over the map (refused with a window)
-                node["rel_pos"] = dims[1:] if fits and len(dims) == 3 else draw(st.sampled_from([0, [1, 2, 3], "x"]))
+            if draw(st.integers(0, 3)) == 0:  # BotNet's relative position logits over the map or SAM's window
+                extent = node["window"] if isinstance(node.get("window"), list) and draw(st.booleans()) else dims[1:]
+                node["rel_pos"] = extent if fits and len(dims) == 3 else draw(st.sampled_from([0, [1, 2, 3], "x"]))
                 node["rel_dim"] = dims[0] if fits else draw(st.sampled_from([0, dims[0] + 1, 1 << 31, None]))
                 if draw(st.booleans()):
                     node["rel_scaled"] = draw(st.booleans()) if fits else draw(st.sampled_from([1, "yes", None]))
+                if draw(st.booleans()):  # read at query − key (MViTv2's, SAM's), or a hostile flag
+                    node["rel_mvit"] = draw(st.booleans()) if fits else draw(st.sampled_from([1, "yes", None, 0.0]))
             if draw(st.integers(0, 3)) == 0:  # HaloNet's blocks of the map, haloed key windows (refused with a window)
                 side = min(dims[1:]) if len(dims) == 3 else 1
                 node["halo_blocks"] = [side, side] if fits else draw(st.sampled_from([0, [side + 1, side], "x"]))

@@ -8,7 +8,8 @@ position embedding), `TinyMNv4Hybrid` (multi-query), `TinyBlur` (BlurPool), `Tin
 (bias-less norms, StarReLU: a scalar affine after a squared ReLU, pooling and SepConv mixers), `TinyMixer`,
 `TinyResMLP` (Affine norms: a dead node is its offset, not 0), `TinyGMLP` (a gate over a channel split of tokens),
 `TinyMambaOut` (channel splits and a concatenation of channels-last maps), Twins and DaViT (window attention on
-zero-padded maps; DaViT's channel attention kᵀv applied to q) and PiT (class
+zero-padded maps; DaViT's channel attention kᵀv applied to q), SAM's ViT (the same, with decomposed relative
+positions, and global blocks) and PiT (class
 tokens split off and joined around its pooling) modules; TinyHGNet's scalar affines make a dead node the affine's
 bias, not 0), on real digits training: dead node groups exactly zero, important ones frozen bit for bit, old tasks
 bit-identical, the runtime and ONNX export equal `materialize`, and `--resume` continues."""
@@ -31,6 +32,7 @@ from vit_bias_nets import tiny_beit, tiny_eva, tiny_vit_relpos
 from linear_nets import TinyEdgeNeXt, TinyEfficientViT, TinyLambdaNet, TinyMobileViTv2
 from xcit_nets import TinyXCiT
 from byoa_nets import TinyBotNet, TinyCoAtMlp, TinyHaloNet, TinyRelLambdaNet
+from sam_nets import tiny_sam
 from torch_nets import MODELS, GhostSplit, ResCat, TinyConvNeXt
 
 from edgecl import artifact
@@ -113,7 +115,8 @@ def _arch(name: str) -> dict:
               "eva": lambda: tiny_eva(in_channels=3),
               "eva_rope": lambda: tiny_eva(in_channels=3, use_rot_pos_emb=True),
               "botnet": lambda: TinyBotNet(in_channels=3), "halonet": lambda: TinyHaloNet(in_channels=3),
-              "lambda_rpt": lambda: TinyRelLambdaNet(in_channels=3), "coat_mlp": lambda: TinyCoAtMlp(in_channels=3)}
+              "lambda_rpt": lambda: TinyRelLambdaNet(in_channels=3), "coat_mlp": lambda: TinyCoAtMlp(in_channels=3),
+              "sam": lambda: tiny_sam(in_channels=3)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
@@ -122,7 +125,7 @@ _CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4"
            "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta", "xcit", "mixer", "resmlp", "gmlp",
            "mambaout", "twins", "davit", "nest", "pvt", "nextvit", "shvit", "gcvit", "cait", "convit",
            "coat", "swinv2", "crossvit", "volo", "tnt", "beit", "vit_relpos",
-           "eva", "eva_rope", "botnet", "halonet", "lambda_rpt", "coat_mlp")
+           "eva", "eva_rope", "botnet", "halonet", "lambda_rpt", "coat_mlp", "sam")
 
 
 def _stream(name: str, n_tasks: int):
@@ -151,7 +154,7 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
                                                 "gcvit", "cait", "convit", "coat", "swinv2", "crossvit", "volo",
                                                 "tnt", "beit", "vit_relpos", "eva",
                                                 "eva_rope", "botnet", "halonet", "lambda_rpt",
-                                                "coat_mlp"])
+                                                "coat_mlp", "sam"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

@@ -1,7 +1,7 @@
 """Every combination of an attention's optional fields, as today's families brought them (windows, shifts and grids;
 LeViT, Swin, TensorFlow and RelPosMlp bias tables; talking heads as convs or CaiT's Linears; ConViT's gated
-positions; Swin V2's cosine scores; BotNet's relative logits; HaloNet's blocks; fewer k/v heads; strided keys):
-`validate` refuses it with a UsageError, or the torch form and the ONNX graph compute the same (`spec_logits`) and
+positions; Swin V2's cosine scores; BotNet's relative logits, SAM's (in windows too, read the other way round);
+HaloNet's blocks; fewer k/v heads; strided keys): `validate` refuses it with a UsageError, or the torch form and the ONNX graph compute the same (`spec_logits`) and
 the stored form reads back to the same spec. The fields were merged by hand from six branches; a combination one
 branch's form forgot would show here."""
 from __future__ import annotations
@@ -52,8 +52,9 @@ def _fields(window: str | None, bias: str | None, talk: str | None, gated: bool,
     out.update({"talking_linear": True} if talk == "linear" else {})
     out.update({"gated_pos": True} if gated else {})
     out.update({"cosine": True} if cosine else {})
-    if rel:
-        out.update(rel_pos=[SIDE, SIDE], rel_dim=3, **({"rel_scaled": True} if rel == "scaled" else {}))
+    if rel:  # over the map or within each window (SAM's); read key − query (BotNet) or query − key (MViTv2, SAM)
+        out.update(rel_pos=out.get("window", [SIDE, SIDE]), rel_dim=3,
+                   **({"rel_scaled": True} if rel == "scaled" else {"rel_mvit": True} if rel == "mvit" else {}))
     out.update({"halo_blocks": [2, 2], "halo": 1} if halo else {})
     return out
 
@@ -61,7 +62,7 @@ def _fields(window: str | None, bias: str | None, talk: str | None, gated: bool,
 def test_every_combination_is_refused_or_computes_the_same_in_torch_and_onnx():
     grid = itertools.product([None, 1], [1, 2], [None, "plain", "shifted", "grid"],
                              [None, "levit", "swin", "tf", "mlp"], [None, "conv", "linear"], [False, True],
-                             [False, True], [None, "plain", "scaled"], [False, True])
+                             [False, True], [None, "plain", "scaled", "mvit"], [False, True])
     accepted = []
     for kv, stride, window, bias, talk, gated, cosine, rel, halo in grid:
         try:
@@ -75,5 +76,6 @@ def test_every_combination_is_refused_or_computes_the_same_in_torch_and_onnx():
         assert np.isfinite(spec_logits(spec, random_params(spec, 3, len(accepted)), x)).all()
     fields = [set(s["nodes"][3]) for s in accepted]  # each field met at least once, and the pairs the families use
     for together in ({"cosine", "shift", "bias_offsets"}, {"bias_mlp", "dilated"}, {"talking_linear", "bias_mlp"},
-                     {"rel_scaled", "halo"}, {"kv_heads", "bias_table"}, {"gated_pos"}, {"cosine", "bias_table"}):
+                     {"rel_scaled", "halo"}, {"kv_heads", "bias_table"}, {"gated_pos"}, {"cosine", "bias_table"},
+                     {"rel_mvit", "window"}, {"rel_mvit", "kv_heads"}):
         assert any(together <= f for f in fields), together

@@ -95,7 +95,9 @@ def test_fields_shapes_bounds_state_and_channel_map():
     ({"rel_dim": None}, "need rel_pos and rel_dim together"), ({"rel_pos": None}, "need rel_pos and rel_dim"),
     ({"rel_pos": None, "rel_dim": None, "rel_scaled": True}, "need rel_pos and rel_dim"),
     ({"rel_dim": 2}, "rel_dim 2 needs q"), ({"rel_pos": [4, 4]}, "needs q of 2 heads × 3 and q and k on a [4, 4] map"),
-    ({"window": [2, 5]}, "goes with no window"), ({"talking_heads": True}, "goes with no window, talking heads"),
+    ({"window": [2, 5]}, "needs q of 2 heads × 3 and windows of [2, 5]"),  # a window is the logits' extent (SAM)
+    ({"window": [2, 5], "shift": [1, 1]}, "goes with no shifted or dilated window"),
+    ({"talking_heads": True}, "goes with no shifted or dilated window, talking heads"),
     ({"bias_offsets": 1, "bias_index": [[0] * 20] * 20}, "bias table"),
     ({"rel_pos": 0}, "rel_pos = 0 must be"), ({"rel_pos": [4, 5, 1]}, "rel_pos"), ({"rel_dim": "3"}, "rel_dim"),
     ({"rel_dim": 0}, "rel_dim = 0 must be"), ({"rel_scaled": 1}, "rel_scaled = 1 must be true or false"),
@@ -257,7 +259,8 @@ def test_halo_fields_stored_form_and_state():
 
 @pytest.mark.parametrize("fields, words", [
     ({"halo": None}, "halo_blocks [2, 2] and halo None go together"),
-    ({"window": [2, 2]}, "goes with no window"), ({"talking_heads": True}, "goes with no window, talking heads"),
+    ({"window": [2, 2]}, "halo goes with no window"),
+    ({"talking_heads": True}, "goes with no shifted or dilated window, talking heads"),
     ({"halo_blocks": [3, 3]}, "in whole 3 × 3 blocks"), ({"halo_blocks": [2, 4]}, "as many 4 × 4 blocks"),
     ({"halo": 65, "rel_pos": [132, 132]}, "a halo of at most 64"), ({"halo": -1}, "halo = -1 must be"),
     ({"halo_blocks": [0, 2]}, "halo_blocks"), ({"rel_pos": [5, 5]}, "a haloed window of 4 × 4"),

@@ -81,12 +81,12 @@ class _GcVitConverter:
                                   "module": f"{path}.attn.rel_pos",
                                   **self._relative_bias(attn.rel_pos, where, ws)}
         h = self._emit(node, "attention", [sliced["q"], sliced["k"], sliced["v"]], f"{path}.attn.attend", **fields)
-        h = self._gcvit_scaled(node, m.ls1, self._emit(node, "conv", [h], f"{path}.attn.proj", **pointwise(proj)),
-                         f"{path}.ls1", where)
+        h = self.timm_layer_scale(node, m.ls1, self._emit(node, "conv", [h], f"{path}.attn.proj",
+                                                          **pointwise(proj)), f"{path}.ls1", where)
         x = self._emit(node, "add", [x, h], f"{path}.add1")
         h = self.norm_mlp(node, m.mlp, self.swin_norm(node, m.norm2, x, f"{path}.norm2", where), f"{path}.mlp",
                           where)
-        self._emit(node, "add", [x, self._gcvit_scaled(node, m.ls2, h, f"{path}.ls2", where)], f"{path}.add2")
+        self._emit(node, "add", [x, self.timm_layer_scale(node, m.ls2, h, f"{path}.ls2", where)], f"{path}.add2")
         self.last.add(node)
 
     def _global_query(self, node: fx.Node, query: Any, path: str, where: str, ch: int, ws: list[int],
@@ -100,8 +100,8 @@ class _GcVitConverter:
         return g if windows == [1, 1] else self._emit(node, "upsample", [g], f"{path}.attn.q_global", scale=windows,
                                                      mode="tile")
 
-    def _gcvit_scaled(self, node: fx.Node, ls: nn.Module, x: str, path: str, where: str) -> str:
-        """timm's LayerScale (x · gamma per channel) or nothing where the block has an identity."""
+    def timm_layer_scale(self, node: fx.Node, ls: nn.Module, x: str, path: str, where: str) -> str:
+        """timm's LayerScale (x · gamma per channel) or nothing where the block has an identity (SAM's blocks too)."""
         if isinstance(ls, nn.Identity):
             return x
         if (type(ls).__module__, type(ls).__name__) != ("timm.layers.layer_scale", "LayerScale"):

@@ -46,6 +46,7 @@ LATER_FIELDS: dict[str, dict[str, LaterField]] = {
                   "gated_pos": LaterField((False,)),  # no gated positions (before ConViT's GPSA)
                   "cosine": LaterField((None, False)),  # dot-product scores (before Swin V2's cosine attention)
                   "rel_pos": _NONE, "rel_dim": _NONE, "rel_scaled": LaterField((False,)),  # BotNet's logits
+                  "rel_mvit": LaterField((False,)),  # read at key − query (before MViTv2's / SAM's query − key)
                   "halo_blocks": _NONE, "halo": _NONE,  # HaloNet's blocks
                   "bias_mlp": _NONE},  # a learned bias table (before RelPosMlp's MLP of the offsets)
     "class_token": {"tokens": LaterField((1,), **_KEPT)},  # one prepended token, weight (ch,)

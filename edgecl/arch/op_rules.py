@@ -9,7 +9,7 @@ from edgecl.arch.bias_parts import bias_parts_fields
 from edgecl.arch.gpsa_ops import GATED_POS, gated_pos_shapes
 from edgecl.arch.halo import halo_fields
 from edgecl.arch.lambda_ops import lambda_fields, lambda_tensor_shapes
-from edgecl.arch.rel_pos import MLP_TENSORS, REL_TENSORS, mlp_tensor_shapes, rel_fields, rel_tensor_shapes
+from edgecl.arch.rel_pos import MLP_TENSORS, MVIT_TENSORS, REL_TENSORS, mlp_tensor_shapes, rel_fields, rel_tensor_shapes
 from edgecl.errors import UsageError
 
 
@@ -173,11 +173,13 @@ def attention_state_name(node: dict[str, Any], tensor: str) -> str:
     """The module's name of an attention's tensor: the bias table's ``attention_biases`` (timm's LeViT,
     EfficientFormerV2) or, ``bias_table`` "swin" or "tf", ``relative_position_bias_table``; the talking heads'
     convs, or CaiT's Linears (``talking_linear``); Swin V2's ``logit_scale``; BotNet's relative position embeddings
-    (`rel_pos`)."""
+    (`rel_pos`), SAM's and MViTv2's with ``rel_mvit``."""
     if tensor in TALKING:
         return (TALKING_LINEAR if node.get("talking_linear") else TALKING)[tensor]
     if tensor in GATED_POS:
         return GATED_POS[tensor]
+    if tensor in REL_TENSORS and node.get("rel_mvit"):
+        return MVIT_TENSORS[tensor]
     if tensor in REL_TENSORS or tensor in MLP_TENSORS:
         return {**REL_TENSORS, **MLP_TENSORS}[tensor]
     if tensor == "logit_scale":

@@ -36,7 +36,7 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
             w = math.prod(node["window"])
             cosine = h * tq * w + (cq + ck) * tq if node.get("cosine") else 0  # normalised q, k; scaled scores
             return 3 * h * tq * w + (h * w * w if node.get("bias_offsets") else 0) + 3 * (cq + ck + cv + out) * tq + \
-                cosine
+                cosine + rel_intermediates(node, tq)  # SAM's logits: each window's, tq queries in all
         bias = h * tq * tk if node.get("bias_offsets") else 0  # the gathered (heads, T_q, T_kv) bias
         bias += h * tq * tk + cq * tq + ck * tk if node.get("cosine") else 0  # normalised q, k; scaled scores
         bias += 4 * h * tq * tk if node.get("talking_heads") else 0  # the mixed scores and weights, their sums

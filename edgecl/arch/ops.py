@@ -134,10 +134,11 @@ Ops (fields and defaults in `OPS`):
   head's exp(min(logit_scale, ln 100)) as well as ``scale``; tensor ``logit_scale`` ``(heads,)``, its module's
   ``MODULE.logit_scale`` stored ``(heads, 1, 1)``, starting at ln 10 (timm's), belonging to no channel. ``rel_pos``
   [kh, kw] with ``rel_dim`` (and ``rel_scaled``): BotNet's relative position logits, q times learned row and column
-  embeddings (tensors ``rel_h``, ``rel_w``), `edgecl.arch.rel_pos`; ``bias_table`` "mlp" with ``bias_mlp`` the hidden
-  width: the bias table is an MLP of each offset's log coordinates (timm's RelPosMlp), same place. ``halo_blocks``
-  [bq, bk] with ``halo`` h: HaloNet's blocked attention, each bq × bq query block over its bk × bk key block and h
-  around it, `edgecl.arch.halo`.
+  embeddings (tensors ``rel_h``, ``rel_w``), `edgecl.arch.rel_pos` (also within each unshifted window: SAM's; with
+  ``rel_mvit`` read at the query's offset minus the key's, MViTv2's and SAM's form); ``bias_table`` "mlp" with
+  ``bias_mlp`` the hidden width: the bias table is an MLP of each offset's log coordinates (timm's RelPosMlp), same
+  place. ``halo_blocks`` [bq, bk] with ``halo`` h: HaloNet's blocked attention, each bq × bq query block over its
+  bk × bk key block and h around it, `edgecl.arch.halo`.
 - ``token_mix`` (MLP-Mixer's token mixing, timm's ``mlp_tokens``: an ``nn.Linear`` over the token axis of
   ``x.transpose(1, 2)``): a ``(C, in, 1)`` token map to ``(C, out, 1)``, output token t of channel c is
   Σ_s weight[t, s]·x[c, s] + bias[t]; weight ``(out, in)``, bias ``(out,)`` when ``bias``; every channel alone, by the
@@ -223,6 +224,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
                   "cosine": ("bool", None),
 
                   "rel_pos": ("pair", None), "rel_dim": ("size", None), "rel_scaled": ("bool", False),
+                  "rel_mvit": ("bool", False),
                   "halo_blocks": ("pair", None), "halo": ("index", None), "bias_mlp": ("size", None)},
     "linear_attention": {"heads": ("size", ...), "eps": ("eps", 1e-5), "kernel": ("kernel", "relu")},
     "token": {"index": ("index", 0), "count": ("size", 1)},

@@ -10,7 +10,12 @@ one learned embedding per relative row and column offset, shared by every head (
 
     q(a, b) · (rel_h[y − a + kh − 1] + rel_w[x − b + kw − 1])     (a, b in the map or the query's block)
 
-(unscaled q unless ``rel_scaled``), added to its score before the softmax. The logit depends on q, so it is no
+(unscaled q unless ``rel_scaled``), added to its score before the softmax. With a ``window`` (no shift, not dilated)
+``rel_pos`` is the window and (a, b), (y, x) are positions within one window (SAM's windowed blocks). With
+``rel_mvit`` true the tables are read the other way round, at the query's offset minus the key's (MViTv2's
+decomposed relative positions, timm's ``get_rel_pos``, also SAM's): rel_h[a − y + kh − 1] (`mvit_index`, written for
+q and k maps of different sizes too, as MViTv2's pooled keys need), and the module stores them as
+``rel_pos_h`` / ``rel_pos_w`` (`MVIT_TENSORS`). The logit depends on q, so it is no
 additive bias: the tables are what trains and the index (`rel_index`) follows from the map alone, so nothing is
 stored for it. The tables belong to no channel (`ROWLESS_OPS`: methods keep them per task); q and k are pinned and
 ordered already (an attention's heads are contiguous blocks), so their d columns never lose a channel. They start
@@ -25,31 +30,38 @@ import numpy as np
 from edgecl.errors import UsageError
 
 REL_TENSORS = {"rel_h": "pos_embed.height_rel", "rel_w": "pos_embed.width_rel"}  # → the name in timm's module
+MVIT_TENSORS = {"rel_h": "rel_pos_h", "rel_w": "rel_pos_w"}  # with ``rel_mvit``: timm's SAM and MViTv2 attentions'
 
 
 def rel_fields(out: dict[str, Any], where: str) -> None:
-    """``rel_pos`` and ``rel_dim`` go together; ``rel_scaled`` qualifies them; not with a window, talking heads,
-    fewer k/v heads or a bias table (no model combines them, and each would need its own layout of the logits)."""
-    if (out["rel_pos"] is None) != (out["rel_dim"] is None) or out["rel_scaled"] and out["rel_pos"] is None:
-        raise UsageError(f"{where}: attention rel_pos {out['rel_pos']}, rel_dim {out['rel_dim']} and rel_scaled "
-                         f"{out['rel_scaled']}: relative position logits need rel_pos and rel_dim together")
-    if out["rel_pos"] is not None and (out["window"] is not None or out["talking_heads"] or
-                                       out["bias_offsets"] is not None or
-                                       out["kv_heads"] not in (None, out["heads"])):
-        raise UsageError(f"{where}: attention rel_pos goes with no window, talking heads, bias table or fewer k/v "
-                         "heads")
+    """``rel_pos`` and ``rel_dim`` go together; ``rel_scaled`` and ``rel_mvit`` qualify them; not with talking heads,
+    fewer k/v heads, a bias table, a shifted or dilated window (no model combines them, and each would need its own
+    layout of the logits); an unshifted window is the logits' extent (SAM)."""
+    if (out["rel_pos"] is None) != (out["rel_dim"] is None) or \
+            (out["rel_scaled"] or out["rel_mvit"]) and out["rel_pos"] is None:
+        raise UsageError(f"{where}: attention rel_pos {out['rel_pos']}, rel_dim {out['rel_dim']}, rel_scaled "
+                         f"{out['rel_scaled']} and rel_mvit {out['rel_mvit']}: relative position logits need rel_pos "
+                         "and rel_dim together")
+    if out["rel_pos"] is not None and (out["shift"] not in (None, [0, 0]) or out["dilated"] or
+                                       out["talking_heads"] or out["bias_offsets"] is not None or
+                                       out["kv_heads"] not in (None, out["heads"]) or
+                                       out["rel_mvit"] and out["halo_blocks"] is not None):
+        raise UsageError(f"{where}: attention rel_pos goes with no shifted or dilated window, talking heads, bias "
+                         "table or fewer k/v heads, and rel_mvit with no halo")
 
 
 def check_rel_shape(node: dict[str, Any], q: list[int], k: list[int], where: str) -> None:
     """q's heads of ``rel_dim`` channels; q and k on the ``rel_pos`` map, or with a halo (`edgecl.arch.halo`) the
-    haloed key window ``rel_pos``."""
+    haloed key window ``rel_pos``; with a ``window``, that window."""
     rel = node.get("rel_pos")
     if rel is None:
         return
     win = node["halo_blocks"][1] + 2 * node["halo"] if node.get("halo_blocks") else None
-    maps = list(rel) == [win, win] if win else q[1:] == list(rel) and k[1:] == list(rel)
+    maps = list(rel) == [win, win] if win else list(rel) == list(node["window"]) if node.get("window") else \
+        q[1:] == list(rel) and k[1:] == list(rel)
     if not maps or q[0] != node["heads"] * node["rel_dim"]:
-        keys = f"a haloed window of {win} × {win}" if win else f"q and k on a {rel} map"
+        keys = f"a haloed window of {win} × {win}" if win else f"windows of {node['window']}" \
+            if node.get("window") else f"q and k on a {rel} map"
         raise UsageError(f"{where}: attention rel_pos {rel} with rel_dim {node['rel_dim']} needs q of "
                          f"{node['heads']} heads × {node['rel_dim']} and {keys}, gets q {q} and k {k}")
 
@@ -71,10 +83,23 @@ def rel_intermediates(node: dict[str, Any], tq: int) -> int:
     return h * d * tq + (kh * kh + kw * kw) * d + h * tq * (kh + kw) + h * tq * kh * kw
 
 
-def rel_index(queries: int, keys: int) -> np.ndarray:
+def rel_index(queries: int, keys: int, mvit: bool = False) -> np.ndarray:
     """(queries, keys) int64: row a, column y holds y − a + keys − 1, the table row query a reads for key y (the
-    query's position in its map or block, the key's in its map or window)."""
+    query's position in its map, block or window, the key's in its map or window); with `mvit` (``rel_mvit``),
+    `mvit_index`."""
+    if mvit:
+        return mvit_index(queries, keys)
     return (np.arange(keys)[None, :] - np.arange(queries)[:, None] + keys - 1).astype(np.int64)
+
+
+def mvit_index(queries: int, keys: int) -> np.ndarray:
+    """(queries, keys) int64, as timm's ``get_rel_pos`` (MViTv2, SAM) computes it in float32 and truncates: row
+    a, column y holds a·max(k/q, 1) − y·max(q/k, 1) + (k − 1)·max(q/k, 1), rows of a table of 2·max(q, k) − 1;
+    for q = k, a − y + k − 1."""
+    q_ratio, k_ratio = np.float32(max(keys / queries, 1.0)), np.float32(max(queries / keys, 1.0))
+    coords = np.arange(queries, dtype=np.float32)[:, None] * q_ratio - np.arange(keys, dtype=np.float32)[None, :] * \
+        k_ratio
+    return (coords + np.float32((keys - 1) * max(queries / keys, 1.0))).astype(np.int64)
 
 
 def rel_scale(node: dict[str, Any]) -> float:

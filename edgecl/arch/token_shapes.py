@@ -61,6 +61,7 @@ def attention_shape(node: dict[str, Any], ins: list[list[int]], where: str) -> l
                              f"heads, windows {window} that tile the map and a shift below the window (none when "
                              f"dilated), gets {ins}, kv_heads {kv} and shift {shift}")
         _check_attention_bias(node, math.prod(window), math.prod(window), where)
+        check_rel_shape(node, q, k, where)
     else:
         _check_attention_bias(node, math.prod(q[1:]), math.prod(k[1:]), where)
         check_rel_shape(node, q, k, where)

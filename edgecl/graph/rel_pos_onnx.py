@@ -17,7 +17,8 @@ def rel_logits(b: Builder, q: str, node: dict, shape: list[int]) -> str:
         qh = b.op("Mul", [qh, b.constant(rel_scale(node))])
 
     def per_axis(table: str, n: int, keys: int, other: int, axis: int) -> str:  # (N, h, A, B, keys)
-        gathered = b.op("Gather", [table, b.constant(rel_index(n, keys))], axis=0)  # (n, keys, d)
+        index = rel_index(n, keys, bool(node.get("rel_mvit")))  # (n, keys): BotNet's k − q, or MViTv2's q − k
+        gathered = b.op("Gather", [table, b.constant(index)], axis=0)  # (n, keys, d)
         front = b.op("Reshape", [b.op("Transpose", [qh], perm=[axis, 0, 1, 5 - axis, 4]), b.ints(n, -1, c // h)])
         out = b.op("MatMul", [front, b.op("Transpose", [gathered], perm=[0, 2, 1])])  # (n, N·h·other, keys)
         out = b.op("Reshape", [out, b.ints(n, -1, h, other, keys)])

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from edgecl.arch.attention_windows import partition, window_mask, window_of
 from edgecl.train.gated_attention import gated_positions
-from edgecl.train.rel_logits import lambda_rel_position
+from edgecl.train.rel_logits import lambda_rel_position, rel_logits
 
 _BIAS_INDEX: dict[int, tuple[dict, torch.Tensor]] = {}  # id(node) → (node, its index as a tensor): built once
 
@@ -48,10 +48,11 @@ def in_windows(fn: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, wh: 
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, node: dict,
-                     bias: torch.Tensor | None, cosine: torch.Tensor | None = None) -> torch.Tensor:
+                     bias: torch.Tensor | None, cosine: torch.Tensor | None = None,
+                     rel: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Swin's (shifted) window attention (`edgecl.arch.attention_windows`): roll by (−sh, −sw), each wh × ww window
     (side by side or dilated: `partition`) as one batch entry, `attention` with the shift's mask, the windows put
-    back, roll back."""
+    back, roll back. `rel` (rel_h, rel_w): SAM's relative position logits of each window's q (unshifted)."""
     wh, ww, sh, sw = window_of(node)
     n, height, width = q.shape[0], q.shape[2], q.shape[3]
     if sh or sw:
@@ -63,8 +64,10 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, node: di
         return t.reshape(n, t.shape[1], *grid).permute(*into).reshape(-1, t.shape[1], wh, ww)
 
     mask = _window_mask(height, width, wh, ww, sh, sw)
-    out = attention(windows(q), windows(k), windows(v), node["heads"], node["scale"], None, bias,
-                    None if mask is None else mask.to(q.device, q.dtype), cosine=cosine)
+    q = windows(q)
+    out = attention(q, windows(k), windows(v), node["heads"], node["scale"], None, bias,
+                    None if mask is None else mask.to(q.device, q.dtype), cosine=cosine,
+                    logits=None if rel is None else rel_logits(q, node, *rel))
     c = out.shape[1]
     out = out.reshape(n, height // wh, width // ww, c, wh, ww).permute(*back).reshape(n, c, height, width)
     return torch.roll(out, (sh, sw), (2, 3)) if sh or sw else out

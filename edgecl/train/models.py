@@ -195,13 +195,13 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         table = mlp_bias_table(mlp_extent(node, [0, *h.shape[2:]]), *mlp) if mlp else params.get(f"{name}.bias")
         bias = gathered_bias(node, table) if node.get("bias_offsets") else None
         cosine = params[f"{name}.logit_scale"] if node.get("cosine") else None
+        rel = (params[f"{name}.rel_h"], params[f"{name}.rel_w"]) if node.get("rel_pos") else None
         if window_of(node):
-            return window_attention(*ins, node, bias, cosine)
+            return window_attention(*ins, node, bias, cosine, rel)
         talking = tuple(params[f"{name}.{k}"] for k in TALKING) if node.get("talking_heads") else None
         gated = tuple(params[f"{name}.{k}"] for k in GATED_POS) if node.get("gated_pos") else None
         blocks = halo_blocks(*ins, node) if node.get("halo_blocks") else ins  # HaloNet: q blocks, k, v windows
-        logits = rel_logits(blocks[0], node, params[f"{name}.rel_h"], params[f"{name}.rel_w"]) \
-            if node.get("rel_pos") else None
+        logits = rel_logits(blocks[0], node, *rel) if rel else None
         out = attention(*blocks, node["heads"], node["scale"], node["kv_heads"], bias, talking=talking, gated=gated,
                         cosine=cosine, logits=logits)
         return halo_unblock(out, node, *ins[0].shape[2:]) if node.get("halo_blocks") else out

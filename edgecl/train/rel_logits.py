@@ -13,19 +13,20 @@ from edgecl.arch.rel_pos import mlp_coords, rel_index, rel_scale
 
 
 @functools.lru_cache(maxsize=64)
-def _index(queries: int, keys: int) -> torch.Tensor:
-    """`rel_index` as a tensor, built once per shape."""
-    return torch.from_numpy(rel_index(queries, keys))
+def _index(queries: int, keys: int, mvit: bool) -> torch.Tensor:
+    """`rel_index` as a tensor, built once per shape and direction."""
+    return torch.from_numpy(rel_index(queries, keys, mvit))
 
 
 def rel_logits(q: torch.Tensor, node: dict, rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
     """(N, heads, A·B, kh·kw): query (a, b) of q's (N, heads·d, A, B) map (or block) and key (y, x) of the node's
     ``rel_pos`` [kh, kw] get q(a, b)·(rel_h[y − a + kh − 1] + rel_w[x − b + kw − 1]) (q times the scale with
-    ``rel_scaled``)."""
+    ``rel_scaled``; with ``rel_mvit`` the rows a − y + kh − 1 and b − x + kw − 1)."""
     n, h, (rows_q, cols_q), (kh, kw) = q.shape[0], node["heads"], q.shape[2:], node["rel_pos"]
+    mvit = bool(node.get("rel_mvit"))
     qh = q.reshape(n, h, -1, rows_q, cols_q).permute(0, 1, 3, 4, 2) * rel_scale(node)  # (N, h, A, B, d)
-    rows = rel_h[_index(rows_q, kh).to(q.device)]  # (A, kh, d): query row a, key row y
-    cols = rel_w[_index(cols_q, kw).to(q.device)]  # (B, kw, d)
+    rows = rel_h[_index(rows_q, kh, mvit).to(q.device)]  # (A, kh, d): query row a, key row y
+    cols = rel_w[_index(cols_q, kw, mvit).to(q.device)]  # (B, kw, d)
     by_row = torch.einsum("nhabd,ayd->nhaby", qh, rows)  # (N, h, A, B, kh)
     by_col = torch.einsum("nhabd,bxd->nhabx", qh, cols)  # (N, h, A, B, kw)
     return (by_row.unsqueeze(-1) + by_col.unsqueeze(-2)).reshape(n, h, rows_q * cols_q, kh * kw)
