@@ -412,3 +412,19 @@ def test_the_mlp_form_fields_are_checked(fields, words):
         return
     with pytest.raises(UsageError, match=words):
         validate(hostile)
+
+
+def test_a_position_bias_mlp_of_another_form_is_refused_by_name():
+    """Another activation in V2's cpb_mlp or V2-CR's meta_mlp, or V2's coordinates changed in its buffer: not the
+    MLP the spec computes, so refused naming the block (never converted into another network)."""
+    gelu = _swinv2()
+    gelu.layers[0].blocks[1].attn.cpb_mlp[1] = nn.GELU()
+    shifted = _swinv2()
+    shifted.layers[1].blocks[0].attn.relative_coords_table.mul_(0.5)
+    cr = _tiny_cr(in_chans=3)
+    cr.stages[0].blocks[0].attn.meta_mlp.act = nn.GELU()
+    for module, side, words in ((gelu, 32, r"layers\.0\.blocks\.1.*cpb_mlp is not timm's"),
+                                (shifted, 32, r"layers\.1\.blocks\.0.*own log-spaced coordinates"),
+                                (cr, 8, r"stages\.0\.blocks\.0.*meta_mlp is not timm's Mlp")):
+        with pytest.raises(UsageError, match=words):
+            from_torch(module, (3, side, side))
