@@ -1,7 +1,8 @@
 """Every combination of an attention's optional fields, as today's families brought them (windows, shifts and grids;
-LeViT, Swin, TensorFlow and RelPosMlp bias tables; talking heads as convs or CaiT's Linears; ConViT's gated
-positions; Swin V2's cosine scores; BotNet's relative logits, SAM's (in windows too, read the other way round);
-HaloNet's blocks; fewer k/v heads; strided keys): `validate` refuses it with a UsageError, or the torch form and the ONNX graph compute the same (`spec_logits`) and
+LeViT, Swin, TensorFlow, RelPosMlp and Swin V2's / V2-CR's MLP bias tables; talking heads as convs or CaiT's Linears;
+ConViT's gated positions; Swin V2's cosine scores; BotNet's relative logits, SAM's (in windows too, read the other
+way round); HaloNet's blocks; fewer k/v heads; strided keys): `validate` refuses it with a UsageError, or the torch
+form and the ONNX graph compute the same (`spec_logits`) and
 the stored form reads back to the same spec. The fields were merged by hand from six branches; a combination one
 branch's form forgot would show here."""
 from __future__ import annotations
@@ -44,10 +45,12 @@ def _fields(window: str | None, bias: str | None, talk: str | None, gated: bool,
         out.update({"shift": [1, 1]} if window == "shifted" else {"dilated": True} if window == "grid" else {})
     if bias:
         extent = out.get("window", [SIDE, SIDE])
-        offsets = (2 * extent[0] - 1) * (2 * extent[1] - 1) if bias in ("tf", "mlp") else 5
+        offsets = (2 * extent[0] - 1) * (2 * extent[1] - 1) if bias in ("tf", "mlp", "swin_v2", "swin_v2_cr") else 5
         out.update(bias_offsets=offsets, bias_index=[[(i * 7 + j * 3) % offsets for j in range(tk)] for i in range(tq)])
-        out.update({} if bias == "levit" else {"bias_table": bias})
-        out.update({"bias_mlp": 4} if bias == "mlp" else {})
+        out.update({} if bias == "levit" else {"bias_table": bias} if bias in ("swin", "tf", "mlp") else
+                   {"bias_table": "mlp", "bias_mlp_form": bias})
+        out.update({"bias_mlp": 4} if bias in ("mlp", "swin_v2", "swin_v2_cr") else {})
+        out.update({"bias_mlp_span": [3, 2]} if bias == "swin_v2" else {})
     out.update({"talking_heads": True} if talk else {})
     out.update({"talking_linear": True} if talk == "linear" else {})
     out.update({"gated_pos": True} if gated else {})
@@ -61,8 +64,8 @@ def _fields(window: str | None, bias: str | None, talk: str | None, gated: bool,
 
 def test_every_combination_is_refused_or_computes_the_same_in_torch_and_onnx():
     grid = itertools.product([None, 1], [1, 2], [None, "plain", "shifted", "grid"],
-                             [None, "levit", "swin", "tf", "mlp"], [None, "conv", "linear"], [False, True],
-                             [False, True], [None, "plain", "scaled", "mvit"], [False, True])
+                             [None, "levit", "swin", "tf", "mlp", "swin_v2", "swin_v2_cr"], [None, "conv", "linear"],
+                             [False, True], [False, True], [None, "plain", "scaled", "mvit"], [False, True])
     accepted = []
     for kv, stride, window, bias, talk, gated, cosine, rel, halo in grid:
         try:
@@ -77,5 +80,6 @@ def test_every_combination_is_refused_or_computes_the_same_in_torch_and_onnx():
     fields = [set(s["nodes"][3]) for s in accepted]  # each field met at least once, and the pairs the families use
     for together in ({"cosine", "shift", "bias_offsets"}, {"bias_mlp", "dilated"}, {"talking_linear", "bias_mlp"},
                      {"rel_scaled", "halo"}, {"kv_heads", "bias_table"}, {"gated_pos"}, {"cosine", "bias_table"},
-                     {"rel_mvit", "window"}, {"rel_mvit", "kv_heads"}):
+                     {"rel_mvit", "window"}, {"rel_mvit", "kv_heads"}, {"cosine", "shift", "bias_mlp_span"},
+                     {"cosine", "dilated", "bias_mlp_form"}):
         assert any(together <= f for f in fields), together

@@ -1,12 +1,16 @@
 """timm's Swin Transformer V2 through `from_torch`: parity of the spec's torch forward and ONNX graph with real
 SwinTransformerV2 modules (their continuous position bias MLP, q/v biases and logit scales randomised: timm starts
 the biases at 0 and every logit scale alike), what each attention reads (scaled cosine attention, the logit scale's
-clamp, the bias table the MLP computes, the qkv bias), post-norm blocks and merging, odd maps, the ``cosine``
-field's validation, starting weights from the module, refusals by name, and the named model (slow)."""
+clamp, the position-bias MLP as the module's weights, q, k and v of the qkv's rows with the q and v biases),
+post-norm blocks and merging, odd maps, the ``cosine`` and ``bias_mlp_form`` fields' validation, starting weights
+from the module and its state-dict file, trained values written back into the module (V2 and V2-CR), specs of the
+earlier table form (tests/data), refusals by name, and the named models (slow)."""
 from __future__ import annotations
 
 import copy
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,11 +21,13 @@ from torch_nets import check_parity, classifier_of, randomise_batchnorm, spec_lo
 
 from edgecl.arch import from_torch, validate
 from edgecl.arch.later_fields import stored_form
+from edgecl.arch.mlp_bias import offset_index
 from edgecl.arch.module_state import state_keys
 from edgecl.arch.spec import param_shapes, rowless_tensors
 from edgecl.errors import UsageError
 from edgecl.train.initial import starting_weights
-from edgecl.train.models import forward
+from edgecl.train.models import forward, from_numpy
+from edgecl.train.rel_logits import mlp_bias_table
 
 V2 = timm.models.swin_transformer_v2
 
@@ -55,17 +61,30 @@ def test_swinv2_parity_and_what_each_attention_reads():
         ([4, 4], [0, 0], 49, True, 1.0), ([4, 4], [2, 2], 49, True, 1.0), ([4, 4], [0, 0], 49, True, 1.0),
         ([4, 4], [2, 2], 49, True, 1.0)]
     first, attn = attends[0]["name"], module.layers[0].blocks[0].attn
+    assert [attends[0][k] for k in ("bias_table", "bias_mlp", "bias_mlp_form", "bias_mlp_span")] == \
+        ["mlp", 512, "swin_v2", [4, 4]]
+    assert np.array_equal(attends[0]["bias_index"], attn.relative_position_index.numpy())
     weights = {**tensors_of(module, spec), **classifier_of(module)}
     assert param_shapes(spec)[f"{first}.logit_scale"] == (2,)
     assert np.array_equal(weights[f"{first}.logit_scale"], attn.logit_scale.detach().numpy().reshape(2))
-    with torch.no_grad():  # the table is what timm's forward adds: 16·sigmoid of its MLP on the coordinates
+    # the MLP is the module's own weights under its keys (fc2 without bias); the table it makes is timm's
+    keys = state_keys(spec)
+    assert [keys.get(f"{first}.{t}") for t in ("mlp1_weight", "mlp1_bias", "mlp2_weight", "mlp2_bias")] == [
+        f"layers.0.blocks.0.attn.cpb_mlp.{k}" for k in ("0.weight", "0.bias", "2.weight")] + [None]
+    with torch.no_grad():
         table = 16 * torch.sigmoid(attn.cpb_mlp(attn.relative_coords_table).view(-1, 2))
-        qkv_bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-    assert np.allclose(weights[f"{first}.bias"], table.numpy().T, atol=0)
-    assert np.array_equal(weights["layers.0.blocks.0.attn.qkv.bias"], qkv_bias.numpy())
-    assert set(rowless_tensors(spec)) == {f"{n['name']}.{t}" for n in attends for t in ("bias", "logit_scale")}
-    # post-norm: each block's norms read its attention's and MLP's outputs, the merging's norm its reduction
+        ours = mlp_bias_table(attends[0], from_numpy(weights), [0, 16, 16])
+    assert np.abs(ours.numpy() - table.numpy().T).max() < 1e-5
+    # q, k and v: the qkv's rows, q's and v's biases the module's q_bias and v_bias, k's none (its zero buffer)
     names = {n["name"]: n for n in spec["nodes"]}
+    qkv = [names[f"layers.0.blocks.0.attn.{part}"] for part in "qkv"]
+    assert [(n["weight_rows"], n.get("bias_parts"), n["bias"]) for n in qkv] == [
+        ([0, 3], ["q_bias"], True), ([1, 3], None, False), ([2, 3], ["v_bias"], True)]
+    assert np.array_equal(weights["layers.0.blocks.0.attn.q.bias"], attn.q_bias.detach().numpy())
+    assert np.array_equal(weights["layers.0.blocks.0.attn.v.bias"], attn.v_bias.detach().numpy())
+    assert set(rowless_tensors(spec)) == {f"{n['name']}.{t}" for n in attends for t in (
+        "mlp1_weight", "mlp1_bias", "mlp2_weight", "logit_scale")}
+    # post-norm: each block's norms read its attention's and MLP's outputs, the merging's norm its reduction
     assert names["layers.0.blocks.0.norm1"]["inputs"] == ["layers.0.blocks.0.attn.proj"]
     assert names["layers.0.blocks.0.norm2"]["inputs"] == ["layers.0.blocks.0.mlp.fc2"]
     assert names["layers.1.downsample.norm"]["inputs"] == ["layers.1.downsample.reduction"]
@@ -79,9 +98,8 @@ def test_swinv2_parity_and_what_each_attention_reads():
         node.pop("cosine", None)
     dot_weights = {k: v for k, v in weights.items() if not k.endswith("logit_scale")}
     scaled = {k: v * 0.5 if k.endswith("logit_scale") else v for k, v in weights.items()}
-    unbiased = {k: np.zeros_like(v) if k.endswith(".bias") and k.rpartition(".")[0] in
-                {n["name"] for n in attends} else v for k, v in weights.items()}
-    for other, changed in ((validate(dot), dot_weights), (spec, scaled), (spec, unbiased)):
+    other_bias = {k: -v if k.endswith("mlp2_weight") else v for k, v in weights.items()}  # 16 − its table
+    for other, changed in ((validate(dot), dot_weights), (spec, scaled), (spec, other_bias)):
         assert np.abs(spec_logits(other, changed, x) - want).max() > 1e-2
 
 
@@ -109,8 +127,13 @@ def test_swinv2_variants(img, window, kwargs):
     module = _swinv2(img, window, **kwargs)
     spec = from_torch(module, (3, img, img))
     check_parity(module, spec, (3, img, img), batch=2)
-    qkv = next(n for n in spec["nodes"] if n["name"].endswith("attn.qkv"))
-    assert qkv["bias"] is kwargs.get("qkv_bias", True)
+    convs = {n["name"].rpartition(".")[2]: n for n in spec["nodes"] if n["name"].startswith("layers.0.blocks.0.attn.")}
+    if kwargs.get("qkv_bias", True):  # q, k, v of the qkv's rows; k without bias
+        assert "qkv" not in convs and [convs[p]["bias"] for p in "qkv"] == [True, False, True]
+    else:  # one packed qkv conv without bias, sliced
+        assert convs["qkv"]["bias"] is False and convs["q"]["op"] == "slice"
+    span = [8, 8] if "pretrained_window_sizes" in kwargs else [min(window, img // 2)] * 2
+    assert next(n for n in spec["nodes"] if n["op"] == "attention")["bias_mlp_span"] == span
     assert [n["pads"] for n in spec["nodes"] if n["op"] == "pad"] == ([[0, 0, 1, 1]] if img == 10 else [])
 
 
@@ -140,21 +163,22 @@ def test_cosine_field_validates_and_is_stored_only_when_set():
     assert all(n["cosine"] is True for n in stored_form(spec)["nodes"] if n["op"] == "attention")
 
 
-def test_starting_weights_from_the_module_hold_what_it_computes():
-    """``--init-weights module``: the qkv bias and the position-bias table the module computes go in as the spec's
-    tensors; a state-dict file lacks them and is refused naming the key."""
+def test_starting_weights_from_the_module_and_from_its_state_dict_file(tmp_path):
+    """``--init-weights module`` and a file of the module's state dict give the same start: every tensor the spec
+    holds is one the module holds (the MLP's weights, q_bias and v_bias), none it computes."""
     module = _swinv2()
     spec = from_torch(module, (3, 32, 32))
     start = starting_weights(module, spec)
     want = tensors_of(module, spec)
     assert set(start.values) == set(want) and all(np.array_equal(start.values[k], want[k]) for k in want)
-    with pytest.raises(UsageError, match="relative_position_bias_table"):
-        starting_weights({k: v.numpy() for k, v in module.state_dict().items()}, spec)
+    np.savez(tmp_path / "w.npz", **{k: v.numpy() for k, v in module.state_dict().items()})
+    assert starting_weights(str(tmp_path / "w.npz"), spec).sha256 == start.sha256
 
 
 def test_the_spec_trains_as_the_module():
     """The gradients of the module's own parameters through the spec's torch forward are the module's (cosine
-    attention, the logit scale's exp, post-norms), and the spec's qkv bias gets q_bias's and v_bias's gradients."""
+    attention, the logit scale's exp, the position-bias MLP, post-norms), and the spec's q and v biases get
+    q_bias's and v_bias's gradients."""
     module = _swinv2()
     spec = from_torch(module, (3, 32, 32))
     params = {k: torch.tensor(v, requires_grad=True) for k, v in {**tensors_of(module, spec),
@@ -165,12 +189,17 @@ def test_the_spec_trains_as_the_module():
     own, keys = dict(module.named_parameters()), state_keys(spec)
     shared = {name: keys[name] for name in keys if keys[name] in own}  # the spec's name → the module's
     assert len(shared) > 40 and shared["layers.0.blocks.0.attn.attend.logit_scale"].endswith("attn.logit_scale")
+    assert shared["layers.0.blocks.0.attn.attend.mlp1_weight"] == "layers.0.blocks.0.attn.cpb_mlp.0.weight"
+    rows = {n["name"] for n in spec["nodes"] if n.get("weight_rows")}  # q, k, v: their rows of qkv.weight
     for name, key in shared.items():
+        layer = name.rpartition(".")[0]
+        got = torch.cat([params[f"{layer[:-1]}{p}.weight"].grad for p in "qkv"]) if layer in rows else \
+            params[name].grad
         want = own[key].grad.reshape(-1)
-        assert (params[name].grad.reshape(-1) - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max())), key
-    attn, qkv = own["layers.0.blocks.0.attn.q_bias"], params["layers.0.blocks.0.attn.qkv.bias"].grad
-    assert torch.allclose(qkv[:16], attn.grad, atol=1e-6)
-    assert torch.allclose(qkv[32:], own["layers.0.blocks.0.attn.v_bias"].grad, atol=1e-6)
+        assert (got.reshape(-1) - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max())), key
+    for part in "qv":
+        want = own[f"layers.0.blocks.0.attn.{part}_bias"].grad
+        assert torch.allclose(params[f"layers.0.blocks.0.attn.{part}.bias"].grad, want, atol=1e-6)
 
 
 CR = timm.models.swin_transformer_v2_cr
@@ -179,20 +208,23 @@ CR = timm.models.swin_transformer_v2_cr
 @pytest.mark.parametrize("kwargs", [{}, {"extra_norm_stage": True}, {"extra_norm_period": 1}])
 def test_swinv2_cr_parity_and_its_position_bias(kwargs):
     """timm's V2-CR: a plain qkv Linear, a (heads,) logit scale, the bias its meta MLP gives every pair of a window's
-    positions (no index), the merging's norm before its reduction (Swin V1's), and its extra main-branch norms."""
+    positions (the MLP of the window's offsets read at Swin's index), the merging's norm before its reduction (Swin
+    V1's), and its extra main-branch norms."""
     module = _randomised(CR.SwinTransformerV2Cr(img_size=(32, 32), patch_size=2, window_size=4, embed_dim=16,
                                                 depths=(2, 2), num_heads=(2, 4), num_classes=5, **kwargs))
     spec = from_torch(module, (3, 32, 32))
     check_parity(module, spec, (3, 32, 32), batch=2)
     attends = [n for n in spec["nodes"] if n["op"] == "attention"]
-    assert [(n["window"], n["shift"], n["bias_offsets"], n["cosine"]) for n in attends] == [
-        ([4, 4], [0, 0], 256, True), ([4, 4], [2, 2], 256, True)] * 2
-    assert attends[0]["bias_index"][1][:3] == [16, 17, 18]  # pair (t, s) reads row t·16 + s
+    assert [(n["window"], n["shift"], n["bias_offsets"], n["cosine"], n["bias_mlp_form"]) for n in attends] == [
+        ([4, 4], [0, 0], 49, True, "swin_v2_cr"), ([4, 4], [2, 2], 49, True, "swin_v2_cr")] * 2
+    assert attends[0]["bias_index"] == offset_index(4, 4).tolist() and "bias_mlp_span" not in attends[0]
     attn, first = module.stages[0].blocks[0].attn, attends[0]["name"]
     weights = tensors_of(module, spec)
-    with torch.no_grad():
+    assert state_keys(spec)[f"{first}.mlp2_bias"] == "stages.0.blocks.0.attn.meta_mlp.fc2.bias"
+    with torch.no_grad():  # the module's bias of pair (t, s) is the offsets' table at row index[t, s]
         table = attn.meta_mlp(attn.relative_coordinates_log)
-    assert np.array_equal(weights[f"{first}.bias"], table.numpy().T)
+        ours = mlp_bias_table(attends[0], from_numpy(weights), [0, 16, 16])[:, offset_index(4, 4).reshape(-1)]
+    assert np.abs(ours.numpy() - table.numpy().T).max() < 1e-5
     assert np.array_equal(weights[f"{first}.logit_scale"], attn.logit_scale.detach().numpy())
     names = {n["name"]: n for n in spec["nodes"]}
     assert names["stages.1.downsample.reduction"]["inputs"] == ["stages.1.downsample.norm"]
@@ -216,6 +248,18 @@ def test_swinv2_cr_tiny_224_at_64():
     spec = from_torch(module, (3, 64, 64))
     check_parity(module, spec, (3, 64, 64), batch=2)
     assert sum(n["op"] == "attention" and n["cosine"] for n in spec["nodes"]) == 12
+    _round_trips(module, spec)
+
+
+def _round_trips(module: nn.Module, spec: dict) -> None:
+    """The spec's tensors read from the module and written back (`to_module_state`) are the module's, key for key,
+    and every parameter but the classifier is one of them."""
+    from edgecl.arch.module_state import to_module_state
+
+    own = module.state_dict()
+    back = to_module_state(spec, tensors_of(module, spec))
+    assert all(np.array_equal(v, own[k].numpy()) for k, v in back.items())
+    assert {k.rpartition(".")[0] for k in set(dict(module.named_parameters())) - set(back)} == {"head.fc"}
 
 
 @pytest.mark.slow
@@ -225,6 +269,7 @@ def test_swinv2_tiny_window8_256_at_64():
     spec = from_torch(module, (3, 64, 64))
     check_parity(module, spec, (3, 64, 64), batch=2)
     assert sum(n["op"] == "attention" and n["cosine"] for n in spec["nodes"]) == 12
+    _round_trips(module, spec)
 
 
 class _Pads(nn.Module):
@@ -277,3 +322,109 @@ def test_cosine_attention_torch_equals_onnx_and_reads_its_scale(fields):
     assert np.abs(spec_logits(spec, scaled_q, x) - want).max() < 1e-4  # cosine: q's length does not count
     other_head = {**weights, "a.logit_scale": weights["a.logit_scale"] + np.float32([0, 1])}
     assert np.abs(spec_logits(spec, other_head, x) - want).max() > 1e-4
+
+
+def _tiny_v2(in_chans: int = 1, classes: int = 5) -> nn.Module:  # 4×4 maps of 2×2 windows, then 2×2: digits
+    return _randomised(V2.SwinTransformerV2(img_size=8, patch_size=2, in_chans=in_chans, embed_dim=8, depths=(2, 2),
+                                            num_heads=(2, 2), window_size=2, num_classes=classes))
+
+
+def _tiny_cr(in_chans: int = 1, classes: int = 5) -> nn.Module:
+    return _randomised(CR.SwinTransformerV2Cr(img_size=(8, 8), patch_size=2, in_chans=in_chans, window_size=2,
+                                              embed_dim=8, depths=(2, 2), num_heads=(2, 2), num_classes=classes))
+
+
+@pytest.mark.parametrize("make, head", [(_tiny_v2, "head.fc"), (_tiny_cr, "head.fc")], ids=["v2", "v2_cr"])
+def test_trained_values_go_back_into_the_module(make, head, tmp_path):
+    """Train the spec with a method (its position-bias MLPs and logit scales move), write task 0's values back into
+    the module (`to_module_state`: every key one of the module's, of its shape; every parameter but the classifier
+    written) and give it the task's head: the module computes what the artifact's runtime does."""
+    from edgecl import artifact
+    from edgecl.arch.module_state import to_module_state
+    from edgecl.deltas import materialize
+    from edgecl.runtime import TaskRuntime
+    from edgecl.train import registry
+    from edgecl.train.data import make_stream
+    from edgecl.train.protocol import TrainContext
+
+    stream = make_stream("split-digits", 1, seed=0)
+    task = stream.tasks[0]
+    module = make(classes=task.n_classes)
+    spec = from_torch(module, (1, 8, 8))
+    method = registry.create("finetune", spec, {"epochs": 1})
+    method.learn_task(0, task, TrainContext(progress=False))
+    packed = method.pack()
+    trained = materialize(packed, 0)
+    start = tensors_of(module, spec)
+    moved = [k for k in start if "mlp" in k.rpartition(".")[2] or k.endswith("logit_scale")]
+    assert moved and all(not np.array_equal(start[k], trained[k]) for k in moved)  # the MLPs trained
+    state = to_module_state(spec, {k: v for k, v in trained.items() if not k.startswith("head.")})
+    own = module.state_dict()
+    assert all(key in own and tuple(own[key].shape) == value.shape for key, value in state.items())
+    assert set(dict(module.named_parameters())) - set(state) == {f"{head}.weight", f"{head}.bias"}
+    state.update({f"{head}.weight": trained["head.weight"], f"{head}.bias": trained["head.bias"]})
+    module.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}, strict=False)
+    artifact.save(packed, tmp_path / "m.edgecl")
+    with TaskRuntime(str(tmp_path / "m.edgecl")) as runtime, torch.no_grad():
+        want = runtime.infer(task.x_test[:16], task=0)
+        got = module.eval()(torch.from_numpy(task.x_test[:16])).numpy()
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
+
+
+def test_specs_of_the_earlier_table_form_still_equal_the_module():
+    """Specs edb2fc8's from_torch made (the position bias as the table the MLP computes, a packed qkv bias; V2-CR's
+    table a row per pair): they load unchanged, read the module's values (which it computes: `module_values`) and
+    compute the module's output; writing trained values back is refused naming the table, which no module tensor
+    holds."""
+    from edgecl.arch.module_state import to_module_state
+
+    specs = json.loads((Path(__file__).parent / "data" / "swinv2-table-specs.json").read_text())
+    modules = {"swinv2": _randomised(V2.SwinTransformerV2(img_size=16, patch_size=2, embed_dim=16, depths=(2, 2),
+                                                          num_heads=(2, 4), window_size=4, num_classes=5)),
+               "swinv2_cr": _randomised(CR.SwinTransformerV2Cr(img_size=(16, 16), patch_size=2, window_size=4,
+                                                               embed_dim=16, depths=(2, 2), num_heads=(2, 4),
+                                                               num_classes=5))}
+    for name, old in specs.items():
+        spec = validate(old)
+        assert stored_form(spec) == old
+        assert {n.get("bias_table") for n in spec["nodes"] if n["op"] == "attention"} == {"swin"}
+        check_parity(modules[name], spec, (3, 16, 16), batch=2)
+        with pytest.raises(UsageError, match=r"tensor 'layers\.0\.blocks\.0\.attn\.attend\.bias'|"
+                                             r"tensor 'stages\.0\.blocks\.0\.attn\.attend\.bias'.*re-import"):
+            to_module_state(spec, tensors_of(modules[name], spec))
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"bias_mlp_form": "swin"}, "bias_mlp_form"), ({"bias_mlp_form": 1}, "bias_mlp_form"),
+    ({"bias_mlp_span": None}, "bias_mlp_span"), ({"bias_mlp_span": [0, 4]}, "bias_mlp_span"),
+    ({"bias_mlp_form": "swin_v2_cr"}, "bias_mlp_span .* goes with bias_mlp_form 'swin_v2'"),
+    ({"bias_mlp_form": None, "bias_mlp_span": None}, None),  # RelPosMlp's form: valid, other tensors
+    ({"bias_mlp": None, "bias_table": "swin"}, "bias_mlp_form .* needs bias_mlp")])
+def test_the_mlp_form_fields_are_checked(fields, words):
+    spec = from_torch(_swinv2(), (3, 32, 32))
+    hostile = copy.deepcopy(spec)
+    node = next(n for n in hostile["nodes"] if n["op"] == "attention")
+    node.update(fields)
+    for key in [k for k, v in node.items() if v is None]:
+        del node[key]
+    if words is None:
+        assert "mlp2_bias" in {t.rpartition(".")[2] for t in param_shapes(validate(hostile))}
+        return
+    with pytest.raises(UsageError, match=words):
+        validate(hostile)
+
+
+def test_a_position_bias_mlp_of_another_form_is_refused_by_name():
+    """Another activation in V2's cpb_mlp or V2-CR's meta_mlp, or V2's coordinates changed in its buffer: not the
+    MLP the spec computes, so refused naming the block (never converted into another network)."""
+    gelu = _swinv2()
+    gelu.layers[0].blocks[1].attn.cpb_mlp[1] = nn.GELU()
+    shifted = _swinv2()
+    shifted.layers[1].blocks[0].attn.relative_coords_table.mul_(0.5)
+    cr = _tiny_cr(in_chans=3)
+    cr.stages[0].blocks[0].attn.meta_mlp.act = nn.GELU()
+    for module, side, words in ((gelu, 32, r"layers\.0\.blocks\.1.*cpb_mlp is not timm's"),
+                                (shifted, 32, r"layers\.1\.blocks\.0.*own log-spaced coordinates"),
+                                (cr, 8, r"stages\.0\.blocks\.0.*meta_mlp is not timm's Mlp")):
+        with pytest.raises(UsageError, match=words):
+            from_torch(module, (3, side, side))

@@ -3,7 +3,7 @@
 
     qkv (1×1 conv, BEiT's q/v bias parts: `fx_vit_bias`) → slices q, k, v, or q_proj, k_proj, v_proj (1×1 convs; k
     and v of ``num_kv_heads`` heads: the attention's ``kv_heads``), or under RoPE with q/v biases (EVA-02) q, k, v
-    each a 1×1 conv of its rows of the fused qkv weight (`_fused_rows`) → ``rotary`` on q and on k (its rotary
+    each a 1×1 conv of its rows of the fused qkv weight (`fused_rows`) → ``rotary`` on q and on k (its rotary
     position embedding, RoPE, where it is given one: EVA-02, the RoPE ViTs) → attention {heads, scale} → norm (EVA's
     ``scale_norm`` LayerNorm, where it has one) → proj (1×1 conv)
 
@@ -63,7 +63,7 @@ class _EvaConverter:
         table = self._rope_table(args["rope"], m, where, shape[0]) if args.get("rope") is not None else None
         fields: dict[str, Any] = {"heads": heads, "scale": applied_scale(m, int(m.head_dim))}
         if m.qkv is not None and table is not None and getattr(m, "q_bias", None) is not None:
-            q, k, v = self._fused_rows(node, m, x, path, where)
+            q, k, v = self.fused_rows(node, m, x, path, where)
         elif m.qkv is not None:
             packed = self._emit(node, "conv", [x], f"{path}.qkv",
                                 **{**pointwise(m.qkv), **qkv_bias_fields(self.name, where, m)})
@@ -83,8 +83,9 @@ class _EvaConverter:
         self._emit(node, "conv", [attended], f"{path}.proj", **pointwise(m.proj))
         self.last.add(node)
 
-    def _fused_rows(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str) -> tuple[str, str, str]:
-        """EVA-02's fused qkv with q and v biases under RoPE: q, k and v each a conv of its rows of the qkv weight
+    def fused_rows(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str) -> tuple[str, str, str]:
+        """EVA-02's fused qkv with q and v biases under RoPE (Swin V2's under cosine attention, `fx_swin_v2`): q, k
+        and v each a conv of its rows of the qkv weight
         (``weight_rows``), q's and v's biases the module's q_bias and v_bias (``bias_parts``), k's none. (One conv's
         bias with k's part a fixed zero, as without RoPE, would not do: rotated, that part no longer cancels in the
         softmax, and training would move it where the module holds none.)"""

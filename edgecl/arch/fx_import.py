@@ -399,7 +399,7 @@ def tensors_of(module: nn.Module, arch: Arch) -> dict[str, Any]:
     from edgecl.arch.module_values import module_values
     from edgecl.arch.spec import param_shapes
 
-    state, keys, stored = gather(arch, module_values(module)), state_keys(arch), state_shapes(arch)
+    state, keys, stored = gather(arch, module_values(module, arch)), state_keys(arch), state_shapes(arch)
     out = {}
     for name in param_shapes(arch):
         key = keys[name]

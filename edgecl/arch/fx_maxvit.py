@@ -37,7 +37,7 @@ from torch import fx, nn
 from edgecl.arch.fx_attention2d import applied_scale, pointwise
 from edgecl.arch.fx_calls import location, shape_of
 from edgecl.arch.fx_swin import check_drops, linear
-from edgecl.arch.rel_pos import mlp_coords
+from edgecl.arch.mlp_bias import mlp_coords
 from edgecl.errors import UsageError
 
 _MAXXVIT, _TORCHVISION = "timm.models.maxxvit", "torchvision.models.maxvit"
@@ -210,11 +210,7 @@ def _mlp_bias(model: str, where: str, rel: nn.Module, size: list[int]) -> dict[s
     mlp, t = rel.mlp, size[0] * size[1]
     plain = rel.mode == "cr" and not rel.prefix_tokens and rel.bias_gain is None and \
         isinstance(rel.bias_act, nn.Identity) and list(rel.window_size) == size and \
-        (type(mlp).__module__, type(mlp).__name__) == ("timm.layers.mlp", "Mlp") and \
-        isinstance(mlp.act, nn.ReLU) and isinstance(mlp.norm, nn.Identity) and \
-        all(type(fc) is nn.Linear and fc.bias is not None for fc in (mlp.fc1, mlp.fc2)) and \
-        mlp.fc1.in_features == 2 and mlp.fc2.out_features == rel.num_heads and \
-        np.allclose(rel.rel_coords_log.detach().cpu().numpy().reshape(-1, 2), mlp_coords(*size), atol=1e-6)
+        is_relu_mlp(mlp, rel.num_heads) and np.allclose(rel.rel_coords_log.detach().cpu().numpy().reshape(-1, 2), mlp_coords({}, *size), atol=1e-6)
     if not plain:
         raise UsageError(f"{model}: {where}: its RelPosMlp (mode {rel.mode!r}, window {rel.window_size}) is not "
                          f"timm's mode 'cr' over the {size[0]}×{size[1]} map or window with fc1 (2 → hidden) + bias, "
@@ -241,3 +237,12 @@ def _parts(model: str, where: str, seq: nn.Module, n: int) -> list[nn.Module]:
         raise UsageError(f"{model}: {where}: holds a {type(seq).__name__} of {len(list(seq.children()))} layers "
                          f"where edgecl converts torchvision's nn.Sequential of {n}")
     return list(seq)
+
+
+def is_relu_mlp(mlp: nn.Module, heads: int) -> bool:
+    """timm's Mlp as a position-bias MLP: fc1 (2 → hidden) with a bias, ReLU, no norm, fc2 (hidden → heads) with a
+    bias (its dropouts identities at inference): RelPosMlp's and Swin V2-CR's meta MLP."""
+    return (type(mlp).__module__, type(mlp).__name__) == ("timm.layers.mlp", "Mlp") and \
+        isinstance(mlp.act, nn.ReLU) and isinstance(mlp.norm, nn.Identity) and \
+        all(type(fc) is nn.Linear and fc.bias is not None for fc in (mlp.fc1, mlp.fc2)) and \
+        mlp.fc1.in_features == 2 and mlp.fc2.out_features == heads

@@ -14,7 +14,7 @@ The relative position bias is the module's ``relative_position_bias_table`` ``(o
 ``relative_position_index`` as the node's ``bias_index`` (``bias_table`` "swin"). The window and shift are the
 module's own after its clamping to the map (timm's and torchvision's rules). A map the window does not tile (both
 libraries then pad it with zeros that join the attention) and torchvision's Swin V2 are refused by name with the
-user's source line (timm's Swin V2 goes in: `fx_swin_v2`).
+user's source line (timm's Swin V2 goes in: `fx_swin_v2`, its layers dispatched here by class as these are).
 """
 from __future__ import annotations
 
@@ -30,14 +30,19 @@ from edgecl.arch.fx_calls import location, shape_of
 from edgecl.errors import UsageError
 
 _TIMM, _TORCHVISION = "timm.models.swin_transformer", "torchvision.models.swin_transformer"
+_V2, _CR = "timm.models.swin_transformer_v2", "timm.models.swin_transformer_v2_cr"
+# each layer's converter, `_swin_KIND` (timm's Swin V2 and V2-CR ones in `fx_swin_v2`; V2-CR merges as V1)
 _KINDS = {(_TIMM, "SwinTransformerBlock"): "timm_block", (_TIMM, "PatchMerging"): "merge",
           (_TORCHVISION, "ShiftedWindowAttention"): "torchvision_attention", (_TORCHVISION, "PatchMerging"): "merge",
-          (_TORCHVISION, "ShiftedWindowAttentionV2"): None, (_TORCHVISION, "PatchMergingV2"): None}
+          (_TORCHVISION, "ShiftedWindowAttentionV2"): None, (_TORCHVISION, "PatchMergingV2"): None,
+          (_V2, "SwinTransformerV2Block"): "v2_block", (_V2, "PatchMerging"): "v2_merge",
+          (_CR, "SwinTransformerV2CrBlock"): "v2_cr_block", (_CR, "PatchMerging"): "merge"}
 _DROPS = ("Dropout", "Identity", "DropPath", "StochasticDepth")  # identities at inference
 
 
 def is_swin(m: Any) -> bool:
-    """A Swin layer edgecl keeps whole (or refuses by name: Swin V2's), judged by its class; nothing is imported."""
+    """A Swin (V1, timm's V2 and V2-CR) layer edgecl keeps whole (or refuses by name: torchvision's Swin V2's),
+    judged by its class; nothing is imported."""
     return (type(m).__module__, type(m).__name__) in _KINDS
 
 
@@ -50,10 +55,12 @@ class _SwinConverter:
     _emit: Callable[..., str]
     _activation: Callable[..., None]
     attend_packed: Callable[..., str]
+    fused_rows: Callable[..., tuple[str, str, str]]
 
     def swin(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
         kind = _KINDS[(type(m).__module__, type(m).__name__)]
-        where = f"Swin {type(m).__name__} at {path!r} {location(node)}"
+        family = "Swin V2" if type(m).__module__ in (_V2, _CR) else "Swin"
+        where = f"{family} {type(m).__name__} at {path!r} {location(node)}"
         shape = shape_of(node.args[0])
         if kind is None:
             raise UsageError(f"{self.name}: {where}: torchvision's Swin V2 (cosine attention with a continuous "
@@ -103,14 +110,20 @@ class _SwinConverter:
         self.window_attention(node, m, x, path, where, shape, window, shift)
 
     def window_attention(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str, shape: list[int],
-                          window: Any, shift: Any, table: Any = None, qkv_bias: bool | None = None,
-                          index: Any = None, **fields: Any) -> str:
+                          window: Any, shift: Any, bias: dict[str, Any] | None = None, separate_qkv: bool = False,
+                          **fields: Any) -> str:
         """qkv → attention within (shifted) windows with the relative position bias → proj. Swin V2 (`fx_swin_v2`)
-        passes the `table` its module computes, whether its qkv has a bias (V2's q_bias, k_bias and v_bias), its
-        `index` (V2-CR's bias has none: every pair its own) and its attention's other `fields` (cosine, scale)."""
+        passes its `bias` fields (its MLP-generated table), `separate_qkv` (q, k and v each a conv of its rows of
+        qkv: V2's q_bias and v_bias, k's none) and its attention's other `fields` (cosine, scale)."""
         window, shift = [int(w) for w in window], [int(s) for s in shift]
-        heads, table = int(m.num_heads), m.relative_position_bias_table if table is None else table
-        index = m.relative_position_index if index is None else index
+        heads = int(m.num_heads)
+        if bias is None:  # the module's learned table (offsets, heads), read at its fixed index
+            table = m.relative_position_bias_table
+            if table.shape[1] != heads:
+                raise UsageError(f"{self.name}: {where}: a bias table of {tuple(table.shape)} does not make {heads} "
+                                 "heads")
+            bias = {"bias_offsets": int(table.shape[0]), "bias_table": "swin", "bias_index":
+                    m.relative_position_index.reshape(window[0] * window[1], -1).tolist()}
         if shape[0] % window[0] or shape[1] % window[1]:
             raise UsageError(f"{self.name}: {where}: its {window[0]}×{window[1]} windows do not tile the "
                              f"{shape[0]}×{shape[1]} map (Swin pads it with zeros that join the attention); "
@@ -120,19 +133,19 @@ class _SwinConverter:
                 raise UsageError(f"{self.name}: {where}: {part} is a {type(getattr(m, part)).__name__}")
         qkv, proj = linear(self.name, where, m.qkv), linear(self.name, where, m.proj)
         width = qkv.out_features // 3
-        if qkv.out_features != 3 * width or width % heads or table.shape[1] != heads:
-            raise UsageError(f"{self.name}: {where}: qkv of {qkv.out_features} outputs and a bias table of "
-                             f"{tuple(table.shape)} do not make {heads} heads")
-        index = index.reshape(window[0] * window[1], -1).tolist()
-        packed = self._emit(node, "conv", [x], f"{path}.qkv", **{**pointwise(qkv), **(
-            {} if qkv_bias is None else {"bias": qkv_bias})})
+        if qkv.out_features != 3 * width or width % heads:
+            raise UsageError(f"{self.name}: {where}: qkv of {qkv.out_features} outputs does not make {heads} heads")
         # torchvision's (no `scale`) multiplies q by (C / heads)^-½ in its forward; timm's as `applied_scale`
         if "scale" not in fields:
             fields["scale"] = applied_scale(m, width // heads) if type(m).__module__ == _TIMM else \
                 (width // heads) ** -0.5
-        attended = self.attend_packed(node, packed, path, width, module=path, heads=heads, window=window,
-                                      shift=shift, bias_offsets=int(table.shape[0]), bias_index=index,
-                                      bias_table="swin", **fields)
+        fields = {"module": path, "heads": heads, "window": window, "shift": shift, **bias, **fields}
+        if separate_qkv:
+            attended = self._emit(node, "attention", list(self.fused_rows(node, m, x, path, where)),
+                                  f"{path}.attend", **fields)
+        else:
+            attended = self.attend_packed(node, self._emit(node, "conv", [x], f"{path}.qkv", **pointwise(qkv)), path,
+                                          width, **fields)
         return self._emit(node, "conv", [attended], f"{path}.proj", **pointwise(proj))
 
     def _swin_merge(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str, shape: list[int]) -> None:

@@ -22,7 +22,8 @@ from torch import nn
 from edgecl.errors import UsageError
 
 _BEIT = ("timm.models.beit", "Attention")
-_SEPARATE_BIASES = (_BEIT, ("timm.models.eva", "EvaAttention"))  # q_bias, k_bias (zero), v_bias beside a bias-less qkv
+# q_bias, k_bias (zero), v_bias beside a bias-less qkv (Swin V2's: as EVA's under RoPE, `fx_eva.fused_rows`)
+_SEPARATE_BIASES = (_BEIT, ("timm.models.eva", "EvaAttention"), ("timm.models.swin_transformer_v2", "WindowAttention"))
 _RELPOS = "timm.layers.pos_embed_rel"
 
 

@@ -48,7 +48,8 @@ LATER_FIELDS: dict[str, dict[str, LaterField]] = {
                   "rel_pos": _NONE, "rel_dim": _NONE, "rel_scaled": LaterField((False,)),  # BotNet's logits
                   "rel_mvit": LaterField((False,)),  # read at key − query (before MViTv2's / SAM's query − key)
                   "halo_blocks": _NONE, "halo": _NONE,  # HaloNet's blocks
-                  "bias_mlp": _NONE},  # a learned bias table (before RelPosMlp's MLP of the offsets)
+                  "bias_mlp": _NONE,  # a learned bias table (before RelPosMlp's MLP of the offsets)
+                  "bias_mlp_form": _NONE, "bias_mlp_span": _NONE},  # RelPosMlp's MLP (before Swin V2's)
     "class_token": {"tokens": LaterField((1,), **_KEPT)},  # one prepended token, weight (ch,)
     "token": {"count": LaterField((1,), **_KEPT)},  # one token picked
     # a learned embedding; its module stores it in map order (before NesT's block by block), channels first (before

@@ -11,6 +11,7 @@ import numpy as np
 from edgecl.arch.bias_parts import split
 from edgecl.arch.op_rules import has_gain, row_table, stored_rows
 from edgecl.arch.spec import Arch, node_by_name, param_shapes, state_key
+from edgecl.errors import UsageError
 
 
 def state_keys(arch: Arch) -> dict[str, str]:
@@ -30,7 +31,7 @@ def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
     a ``module_shape``, a position embedding or several prepended tokens, stored ``(1, tokens, ch)``, Swin's
     attention bias table, stored ``(offsets, heads)``, TensorFlow MaxViT's, ``(heads, 2·wh − 1, 2·ww − 1)``,
     talking heads' mixes, stored as (heads, heads, 1, 1) convs (CaiT's Linears as they are), XCA's temperature and Swin V2's
-    logit scale, (heads, 1, 1), and a standardised conv's gain, ``(out, 1, 1, 1)``, and a lambda layer's position filters,
+    logit scale, (heads, 1, 1) (V2-CR's as it is), and a standardised conv's gain, ``(out, 1, 1, 1)``, and a lambda layer's position filters,
     ``(dim, 1, r, r, 1)``);
     `from_module` converts."""
     shapes = param_shapes(arch)
@@ -57,8 +58,9 @@ def state_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
             shapes[f"{node['name']}.temperature"] = (node["heads"], 1, 1)
         if node["op"] == "attention" and node.get("bias_table") == "tf":  # (heads, offsets) with its 2-D offsets
             shapes[f"{node['name']}.bias"] = (node["heads"], *(2 * w - 1 for w in node["window"]))
-        if node["op"] == "attention" and node.get("cosine"):  # Swin V2's logit scale, (heads, 1, 1)
-            shapes[f"{node['name']}.logit_scale"] = (node["heads"], 1, 1)
+        if node["op"] == "attention" and node.get("cosine"):  # Swin V2's logit scale, (heads, 1, 1); V2-CR's (heads,)
+            shapes[f"{node['name']}.logit_scale"] = (node["heads"],) if node.get("bias_mlp_form") == "swin_v2_cr" \
+                else (node["heads"], 1, 1)
         for tensor in ("bias", "weight"):  # its rows of a table of more heads, of a fused weight (`row_table`)
             if (table := row_table(node, tensor)) is not None:
                 shapes[f"{node['name']}.{tensor}"] = tuple(table[1])
@@ -91,8 +93,10 @@ def to_module_state(arch: Arch, values: dict[str, Any]) -> dict[str, np.ndarray]
     """Spec tensors (by name) as the module's state dict holds them (by key, `to_module`); the nodes that are rows of
     one tensor (`op_rules.stored_rows`) fill it together (`spec.validate` has them hold each of its rows once), and a
     tensor some of whose rows are not in `values` is left out (missing, as it is: no row is made up); a bias the
-    module stores in parts is its parts (`bias_parts.split`)."""
+    module stores in parts is its parts (`bias_parts.split`). A tensor the module computes rather than holds is
+    refused by name (`_check_held`)."""
     keys, nodes, stored, out, given = state_keys(arch), node_by_name(arch), state_shapes(arch), {}, {}
+    _check_held(arch, values)
     for name, array in values.items():
         layer, _, tensor = name.rpartition(".")
         if (rows := stored_rows(nodes[layer], tensor)) is None:
@@ -103,6 +107,18 @@ def to_module_state(arch: Arch, values: dict[str, Any]) -> dict[str, np.ndarray]
         given[keys[name]] = given.get(keys[name], 0) + len(rows)
     whole = {key: v for key, v in out.items() if key not in given or given[key] == len(v)}  # () tensors have no len
     return split(arch, whole, keys)
+
+
+def _check_held(arch: Arch, values: dict[str, Any]) -> None:
+    """A cosine attention's table (``bias_table`` "swin": specs `from_torch` made of timm's Swin V2 before its MLP
+    went in whole, `edgecl.arch.mlp_bias`) is what the module's position-bias MLP computes, and its qkv bias
+    cat(q_bias, k_bias, v_bias) with k_bias a fixed zero: no module tensor holds either, so neither goes back."""
+    for node in arch["nodes"]:
+        name = f"{node['name']}.bias"
+        if node["op"] == "attention" and node.get("cosine") and node.get("bias_table") == "swin" and name in values:
+            raise UsageError(f"tensor {name!r}: a Swin V2 position-bias table, which its module computes with an MLP "
+                             "and cannot hold; re-import the module with this edgecl's from_torch (its MLP goes in "
+                             "whole, to train and write back) and train that spec")
 
 
 def to_module(arch: Arch, name: str, array: Any) -> np.ndarray:

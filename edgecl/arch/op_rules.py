@@ -9,7 +9,8 @@ from edgecl.arch.bias_parts import bias_parts_fields
 from edgecl.arch.gpsa_ops import GATED_POS, gated_pos_shapes
 from edgecl.arch.halo import halo_fields
 from edgecl.arch.lambda_ops import lambda_fields, lambda_tensor_shapes
-from edgecl.arch.rel_pos import MLP_TENSORS, MVIT_TENSORS, REL_TENSORS, mlp_tensor_shapes, rel_fields, rel_tensor_shapes
+from edgecl.arch.mlp_bias import MLP_TENSORS, mlp_fields, mlp_names, mlp_tensor_shapes
+from edgecl.arch.rel_pos import MVIT_TENSORS, REL_TENSORS, rel_fields, rel_tensor_shapes
 from edgecl.errors import UsageError
 
 
@@ -68,13 +69,14 @@ def attention_fields(out: dict[str, Any], where: str) -> None:
     rel_fields(out, where)
     halo_fields(out, where)
     for key, others in (("gated_pos", ("cosine", "rel_pos", "halo_blocks", "bias_mlp")),  # no network has two of
-                        ("cosine", ("rel_pos", "halo_blocks", "bias_mlp"))):  # these; their forms do not compose
+                        ("cosine", ("rel_pos", "halo_blocks"))):  # these; their forms do not compose
         for other in others:
             if out[key] and out[other] not in (None, False):
                 raise UsageError(f"{where}: attention {key} and {other} do not go together")
     if (out["bias_table"] == "mlp") != (out["bias_mlp"] is not None):  # (bias_rows is LeViT's layout alone)
         raise UsageError(f"{where}: attention bias_table 'mlp' and bias_mlp (its hidden width) go together; gets "
                          f"bias_table {out['bias_table']} and bias_mlp {out['bias_mlp']}")
+    mlp_fields(out, where)
 
 
 # an attention's talking-head tensors → their names in its module (EfficientFormerV2's two 1×1 convs over the heads)
@@ -180,8 +182,10 @@ def attention_state_name(node: dict[str, Any], tensor: str) -> str:
         return GATED_POS[tensor]
     if tensor in REL_TENSORS and node.get("rel_mvit"):
         return MVIT_TENSORS[tensor]
-    if tensor in REL_TENSORS or tensor in MLP_TENSORS:
-        return {**REL_TENSORS, **MLP_TENSORS}[tensor]
+    if tensor in REL_TENSORS:
+        return REL_TENSORS[tensor]
+    if tensor in MLP_TENSORS:
+        return mlp_names(node)[tensor]
     if tensor == "logit_scale":
         return tensor
     return "relative_position_bias_table" if node.get("bias_table") in ("swin", "tf") else "attention_biases"

@@ -132,13 +132,14 @@ Ops (fields and defaults in `OPS`):
   true (Swin V2's scaled cosine attention; kv_heads = heads, no talking heads, no gated_pos): each head's q and k are
   L2-normalised over its d channels (divided by max(‖·‖, 1e-12), ``F.normalize``) and their scores multiplied by the
   head's exp(min(logit_scale, ln 100)) as well as ``scale``; tensor ``logit_scale`` ``(heads,)``, its module's
-  ``MODULE.logit_scale`` stored ``(heads, 1, 1)``, starting at ln 10 (timm's), belonging to no channel. ``rel_pos``
+  ``MODULE.logit_scale`` stored ``(heads, 1, 1)`` (V2-CR's ``(heads,)``: `edgecl.arch.mlp_bias`), starting at ln 10 (timm's), belonging to no channel. ``rel_pos``
   [kh, kw] with ``rel_dim`` (and ``rel_scaled``): BotNet's relative position logits, q times learned row and column
   embeddings (tensors ``rel_h``, ``rel_w``), `edgecl.arch.rel_pos` (also within each unshifted window: SAM's; with
   ``rel_mvit`` read at the query's offset minus the key's, MViTv2's and SAM's form); ``bias_table`` "mlp" with
-  ``bias_mlp`` the hidden width: the bias table is an MLP of each offset's log coordinates (timm's RelPosMlp), same
-  place. ``halo_blocks`` [bq, bk] with ``halo`` h: HaloNet's blocked attention, each bq × bq query block over its
-  bk × bk key block and h around it, `edgecl.arch.halo`.
+  ``bias_mlp`` the hidden width: the bias table is an MLP of each offset's log coordinates (timm's RelPosMlp;
+  ``bias_mlp_form`` "swin_v2" with ``bias_mlp_span``, Swin V2's continuous position bias, or "swin_v2_cr", V2-CR's
+  meta MLP), `edgecl.arch.mlp_bias`. ``halo_blocks`` [bq, bk] with ``halo`` h: HaloNet's blocked attention, each
+  bq × bq query block over its bk × bk key block and h around it, `edgecl.arch.halo`.
 - ``token_mix`` (MLP-Mixer's token mixing, timm's ``mlp_tokens``: an ``nn.Linear`` over the token axis of
   ``x.transpose(1, 2)``): a ``(C, in, 1)`` token map to ``(C, out, 1)``, output token t of channel c is
   Σ_s weight[t, s]·x[c, s] + bias[t]; weight ``(out, in)``, bias ``(out,)`` when ``bias``; every channel alone, by the
@@ -225,7 +226,8 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
 
                   "rel_pos": ("pair", None), "rel_dim": ("size", None), "rel_scaled": ("bool", False),
                   "rel_mvit": ("bool", False),
-                  "halo_blocks": ("pair", None), "halo": ("index", None), "bias_mlp": ("size", None)},
+                  "halo_blocks": ("pair", None), "halo": ("index", None), "bias_mlp": ("size", None),
+                  "bias_mlp_form": ("bias_mlp_form", None), "bias_mlp_span": ("pair", None)},
     "linear_attention": {"heads": ("size", ...), "eps": ("eps", 1e-5), "kernel": ("kernel", "relu")},
     "token": {"index": ("index", 0), "count": ("size", 1)},
     "token_mix": {"in": ("size", ...), "out": ("size", ...), "bias": ("bool", True)},

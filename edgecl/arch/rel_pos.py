@@ -105,29 +105,3 @@ def mvit_index(queries: int, keys: int) -> np.ndarray:
 def rel_scale(node: dict[str, Any]) -> float:
     """What q is multiplied by before the logits: the attention's scale with ``rel_scaled``, else 1."""
     return float(node["scale"]) if node.get("rel_scaled") else 1.0
-
-
-
-# an MLP-generated relative position bias (timm's RelPosMlp, mode "cr": coatnet_rmlp_*, maxvit_rmlp_*): its tensors
-# → their names in the module (`bias_table` "mlp", ``bias_mlp`` the hidden width)
-MLP_TENSORS = {"mlp1_weight": "mlp.fc1.weight", "mlp1_bias": "mlp.fc1.bias", "mlp2_weight": "mlp.fc2.weight",
-               "mlp2_bias": "mlp.fc2.bias"}
-
-
-def mlp_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """fc1 (hidden, 2) over an offset's two log coordinates, ReLU, fc2 (heads, hidden): one bias per head."""
-    hidden, h = node["bias_mlp"], node["heads"]
-    return {"mlp1_weight": (hidden, 2), "mlp1_bias": (hidden,), "mlp2_weight": (h, hidden), "mlp2_bias": (h,)}
-
-
-def mlp_coords(height: int, width: int) -> np.ndarray:
-    """((2H − 1)(2W − 1), 2) float32: each relative offset (dy, dx), row-major, as sign·log(1 + |offset|) (timm's
-    ``gen_relative_log_coords`` in mode "cr"); the table row the bias index reads."""
-    dy, dx = np.meshgrid(np.arange(1 - height, height), np.arange(1 - width, width), indexing="ij")
-    coords = np.stack([dy, dx], axis=-1).reshape(-1, 2).astype(np.float32)
-    return (np.sign(coords) * np.log(np.float32(1) + np.abs(coords))).astype(np.float32)
-
-
-def mlp_extent(node: dict[str, Any], q: list[int]) -> tuple[int, int]:
-    """The (H, W) the bias's offsets span: the window, or q's map."""
-    return tuple(node["window"]) if node.get("window") else (q[1], q[2])

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from edgecl.arch.bias_parts import is_bias_parts
+from edgecl.arch.mlp_bias import MLP_FORMS
 from edgecl.arch.ops import MAX_NUMBER, MIN_EPS, PAD_MODES
 from edgecl.arch.rotary_ops import is_number_table
 from edgecl.errors import UsageError
@@ -58,6 +59,7 @@ def field_value(value: Any, kind: str, where: str) -> Any:
     if kind == "axis" and value == 1:
         return 1
     if kind == "order" and value in ("hw", "wh") or kind == "bias_table" and value in ("levit", "swin", "tf", "mlp") or \
+            kind == "bias_mlp_form" and value in MLP_FORMS or \
             kind == "kernel" and value in ("relu", "softmax") or kind == "norm_over" and value in ("channels", "map"):
         return value
     if kind == "bias_parts" and is_bias_parts(value):
@@ -75,7 +77,7 @@ def field_value(value: Any, kind: str, where: str) -> Any:
               "index": f"an int from 0 to {MAX_DIM}", "bool": "true or false",
               "eps": f"a number in (0, 1), at least {MIN_EPS:.3g} (float32 rounds a smaller one to 0)",
               "momentum": "a number in (0, 1]", "approximate": "'none' or 'tanh'", "axis": "1 (channels)", "order": "'hw' or 'wh'",
-              "bias_table": "'levit', 'swin', 'tf' or 'mlp'", "kernel": "'relu' or 'softmax'",
+              "bias_table": "'levit', 'swin', 'tf' or 'mlp'", "bias_mlp_form": " or ".join(map(repr, MLP_FORMS)), "kernel": "'relu' or 'softmax'",
               "norm_over": "'channels' or 'map'",
               "upsample_mode": "'nearest', 'bilinear' or 'tile'",
               "index_table": "a non-empty list of non-empty lists of ints ≥ 0",

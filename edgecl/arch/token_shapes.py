@@ -7,7 +7,8 @@ from typing import Any
 
 from edgecl.arch.gpsa_ops import grid_side
 from edgecl.arch.halo import check_halo_shape
-from edgecl.arch.rel_pos import check_rel_shape, mlp_extent
+from edgecl.arch.mlp_bias import mlp_extent
+from edgecl.arch.rel_pos import check_rel_shape
 from edgecl.errors import UsageError
 
 

@@ -339,7 +339,8 @@ class _Net:
             node.pop("module_shape", None)  # how the user's module stores the dense weight: nothing here reads it,
             node.pop("channels_last", None)  # nor that it stores a map's embedding channels-last (VOLO's)
             node.pop("bias_parts", None)  # and where it stores the dense bias (`edgecl.arch.bias_parts`) and
-            node.pop("weight_rows", None)  # a weight that is rows of a fused one
+            if node.pop("weight_rows", None) is not None:  # a weight that is rows of a fused one, which the
+                node.pop("module", None)  # compacted rows no longer are: each its own (q, k, v: three convs)
             if op in WEIGHT_OPS:
                 w = self.params[f"{name}.weight"]
                 node["out"] = int(w.shape[0])

@@ -3,7 +3,8 @@
 Transpose, Gather, MatMul, Mul, Unsqueeze, Add; and RelPosMlp's bias table (Gemm, Relu)."""
 from __future__ import annotations
 
-from edgecl.arch.rel_pos import MLP_TENSORS, mlp_coords, mlp_extent, rel_index, rel_scale
+from edgecl.arch.mlp_bias import mlp_coords, mlp_extent, mlp_names, mlp_squashed
+from edgecl.arch.rel_pos import rel_index, rel_scale
 from edgecl.graph.nodes import Builder
 
 
@@ -30,8 +31,12 @@ def rel_logits(b: Builder, q: str, node: dict, shape: list[int]) -> str:
 
 
 def mlp_bias_table(b: Builder, node: dict, shape: list[int]) -> str:
-    """(heads, B): RelPosMlp's bias table, as `edgecl.train.rel_logits.mlp_bias_table`: the offsets' constant log
-    coordinates through Gemm (fc1), Relu and Gemm (fc2), transposed. `shape` is q's (C, H, W)."""
-    w1, b1, w2, b2 = (f"{node['name']}.{k}" for k in MLP_TENSORS)
-    hidden = b.op("Relu", [b.op("Gemm", [b.constant(mlp_coords(*mlp_extent(node, shape))), w1, b1], transB=1)])
-    return b.op("Transpose", [b.op("Gemm", [hidden, w2, b2], transB=1)], perm=[1, 0])
+    """(heads, B): an MLP-generated bias table, as `edgecl.train.rel_logits.mlp_bias_table`: the offsets' constant
+    coordinates through Gemm (fc1), Relu and Gemm (fc2, without C where it has no bias), 16·Sigmoid where the form
+    squashes, transposed. `shape` is q's (C, H, W)."""
+    w1, b1, w2, *b2 = (f"{node['name']}.{k}" for k in mlp_names(node))
+    hidden = b.op("Relu", [b.op("Gemm", [b.constant(mlp_coords(node, *mlp_extent(node, shape))), w1, b1], transB=1)])
+    out = b.op("Gemm", [hidden, w2, *b2], transB=1)
+    if mlp_squashed(node):
+        out = b.op("Mul", [b.op("Sigmoid", [out]), b.constant(16.0)])
+    return b.op("Transpose", [out], perm=[1, 0])

@@ -63,11 +63,11 @@ def starting_weights(source: Any, arch: Arch, *, label: str | None = None) -> St
     if isinstance(source, Mapping):
         return _checked(dict(source), arch, label or "<arrays>")
     state_dict = getattr(source, "state_dict", None)
-    if callable(state_dict):  # its tensors (and those it computes: Swin V2's), converted (`_float32`) only where
-        # the spec names them
+    if callable(state_dict):  # its tensors (and those an earlier Swin V2 spec holds that it computes), converted
+        # (`_float32`) only where the spec names them
         from edgecl.arch.module_values import module_values  # torch's: a module was given
 
-        return _checked(module_values(source), arch, label or f"module {type(source).__name__}")
+        return _checked(module_values(source, arch), arch, label or f"module {type(source).__name__}")
     raise UsageError(f"starting weights must be a torch.nn.Module, a mapping of arrays or an .npz/.safetensors file, "
                      f"not {type(source).__name__}")
 

@@ -17,7 +17,6 @@ from edgecl.arch.attention_windows import window_of
 from edgecl.arch.gpsa_ops import GATED_POS
 from edgecl.arch.op_rules import TALKING, has_gain, is_standardized
 from edgecl.arch.ops import blur_filter
-from edgecl.arch.rel_pos import MLP_TENSORS, mlp_extent
 from edgecl.arch.rotary_ops import rotary_constants
 from edgecl.arch.sdta_ops import fourier_grid
 from edgecl.train.outlook import outlook_attention
@@ -191,8 +190,8 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
             return h + weight.reshape(node["ch"], wh, ww).repeat(1, height // wh, width // ww)
         return h + weight.reshape(h.shape[1:])  # tokens or a map
     if op == "attention":
-        mlp = [params[f"{name}.{k}"] for k in MLP_TENSORS] if node.get("bias_mlp") else None  # RelPosMlp's
-        table = mlp_bias_table(mlp_extent(node, [0, *h.shape[2:]]), *mlp) if mlp else params.get(f"{name}.bias")
+        table = mlp_bias_table(node, params, [0, *h.shape[2:]]) if node.get("bias_mlp") else \
+            params.get(f"{name}.bias")  # an MLP's output (RelPosMlp's, Swin V2's), or the table itself
         bias = gathered_bias(node, table) if node.get("bias_offsets") else None
         cosine = params[f"{name}.logit_scale"] if node.get("cosine") else None
         rel = (params[f"{name}.rel_h"], params[f"{name}.rel_w"]) if node.get("rel_pos") else None

@@ -9,7 +9,8 @@ import functools
 import torch
 
 from edgecl.arch.lambda_ops import lambda_rel_index
-from edgecl.arch.rel_pos import mlp_coords, rel_index, rel_scale
+from edgecl.arch.mlp_bias import MLP_TENSORS, mlp_coords, mlp_extent, mlp_squashed
+from edgecl.arch.rel_pos import rel_index, rel_scale
 
 
 @functools.lru_cache(maxsize=64)
@@ -47,9 +48,12 @@ def lambda_rel_position(qh: torch.Tensor, v: torch.Tensor, pos_emb: torch.Tensor
     return torch.einsum("nhmj,ncj->nhcm", logits, v.reshape(n, dv, height * width))
 
 
-def mlp_bias_table(extent: tuple[int, int], w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-                   b2: torch.Tensor) -> torch.Tensor:
-    """(heads, B): RelPosMlp's bias table, fc2(relu(fc1(coords))) over the (2H − 1)(2W − 1) offsets' log
-    coordinates of `extent` (`edgecl.arch.rel_pos.mlp_coords`), as `edgecl.graph.rel_pos_onnx.mlp_bias_table`."""
-    coords = torch.from_numpy(mlp_coords(*extent)).to(w1)
-    return (torch.relu(coords @ w1.T + b1) @ w2.T + b2).T
+def mlp_bias_table(node: dict, params: dict[str, torch.Tensor], q_shape: list[int]) -> torch.Tensor:
+    """(heads, B): an MLP-generated bias table (`edgecl.arch.mlp_bias`), fc2(relu(fc1(coords))) over the
+    (2H − 1)(2W − 1) offsets' coordinates of the window or q's (C, H, W) map (fc2's bias where the form has one,
+    then 16·sigmoid where it squashes), as `edgecl.graph.rel_pos_onnx.mlp_bias_table`."""
+    w1, b1, w2, b2 = (params.get(f"{node['name']}.{k}") for k in MLP_TENSORS)
+    coords = torch.from_numpy(mlp_coords(node, *mlp_extent(node, q_shape))).to(w1)
+    out = torch.relu(coords @ w1.T + b1) @ w2.T
+    out = out if b2 is None else out + b2
+    return (16 * torch.sigmoid(out) if mlp_squashed(node) else out).T
