@@ -12,6 +12,7 @@ from edgecl.arch.fx_cait import _CaitConverter
 from edgecl.arch.fx_calls import _CallConverter
 from edgecl.arch.fx_classifier import _ClassifierConverter
 from edgecl.arch.fx_coat import _CoatConverter
+from edgecl.arch.fx_conv_attention import _ConvAttentionConverter
 from edgecl.arch.fx_convit import _ConvitConverter
 from edgecl.arch.fx_davit import _DavitConverter
 from edgecl.arch.fx_eca import _EcaConverter
@@ -58,5 +59,5 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _NestConverter, _PvtConverter, _NextVitConverter, _ShvitConverter, _GcVitConverter,
                _CaitConverter, _ConvitConverter, _CoatConverter, _SwinV2Converter,
                _StackConverter, _VoloConverter, _TntConverter,
-               _EvaConverter, _ByoaConverter):
+               _EvaConverter, _ByoaConverter, _ConvAttentionConverter):
     """Every family's conversions, in one base class."""

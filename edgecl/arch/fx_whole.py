@@ -12,6 +12,7 @@ from edgecl.arch.fx_blur import is_blur_pool
 from edgecl.arch.fx_byoa import is_byoa_attention
 from edgecl.arch.fx_cait import is_talking_head_attn
 from edgecl.arch.fx_coat import is_factor_attn
+from edgecl.arch.fx_conv_attention import is_conv_attention
 from edgecl.arch.fx_convit import is_convit_mhsa, is_gpsa
 from edgecl.arch.fx_davit import is_davit_channel, is_davit_spatial
 from edgecl.arch.fx_eca import is_eca
@@ -58,7 +59,8 @@ WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention,
          (is_factor_attn, "factor_attn"), (is_swin_v2, "swin_v2"),
          (is_outlook, "outlook"), (is_volo_attention, "volo_attention"), (is_pixel_embed, "pixel_embed"),
          (is_tnt_block, "tnt_block"), (is_eva_attention, "eva_attention"),
-         (is_byoa_attention, "byoa_attention"), (is_attention2d, "attention2d"))
+         (is_byoa_attention, "byoa_attention"), (is_attention2d, "attention2d"),
+         (is_conv_attention, "conv_attention"))
 # may read channels-last values
 ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin, is_tiny_vit_block, is_maxvit, is_xcit_xca, is_xcit_lpi,
              is_class_attn, is_twins_attention, is_davit_channel, is_pvt_stage, is_nextvit_attention, is_gcvit_block,
