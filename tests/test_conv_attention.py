@@ -101,3 +101,12 @@ def test_library_models_at_64(name):
 def test_lowformer_attention_is_refused_by_name():
     assert_refused(build_module("timm:lowformer_b0", {"num_classes": 10}), "stages.2.1.attn.main.1.upsampling",
                    "ConvTranspose2d", input_shape=(3, 64, 64))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_scale_the_forward_applies(fused):
+    """timm's fused path scales by head_dim^-0.5 whatever `scale` says; the unfused one multiplies by `scale`."""
+    module = _randomised(TinyConvAttention("cpubone"))
+    module.attn.fused_attn, module.attn.scale = fused, 0.9
+    spec = from_torch(module, (1, 8, 8))
+    check_parity(module, spec, (1, 8, 8))

@@ -4,7 +4,7 @@ user's network, for `fx_import._Converter`. The tracer keeps it whole: its forwa
 
     [pad (right, bottom) to a multiple of the stride: CPUBone's 2×2 projection] → conv_proj (depthwise strided conv
     [after its ZeroPad2d], BatchNorm) → pwise (1×1 conv) → each head's q, k, v (packed side by side) by `slice`s and
-    `cat`s → attention {heads, scale head_dim^-0.5} → o_proj (1×1 conv or none) → upsampling (a 1×1 conv and a
+    `cat`s → attention {heads, the scale it applies} → o_proj (1×1 conv or none) → upsampling (a 1×1 conv and a
     nearest upsample, either or none) → the crop back to H × W (a `pad` of negative sides) where it overshoots
 
 Every tensor node is named by its module path, so the module's weights read as they are. A learned
@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from torch import fx, nn
 
+from edgecl.arch.fx_attention2d import applied_scale
 from edgecl.arch.fx_calls import location, map_shape, pair
 from edgecl.errors import UsageError
 
@@ -42,9 +43,9 @@ class _ConvAttentionConverter:
         where = f"ConvAttention at {path!r} {location(node)}"
         ch, rows, cols = map_shape(node, self.name, where)
         heads, dim, stride = int(m.num_heads), int(m.head_dim), int(m.att_stride)
-        if int(m.num_keys) != 3 or m.pwise.out_channels != 3 * heads * dim or float(m.scale) != dim ** -0.5:
-            raise UsageError(f"{self.name}: {where}: pwise has {m.pwise.out_channels} outputs and scale "
-                             f"{float(m.scale)}; edgecl converts 3 × heads {heads} × head_dim {dim} and head_dim^-0.5")
+        if int(m.num_keys) != 3 or m.pwise.out_channels != 3 * heads * dim:
+            raise UsageError(f"{self.name}: {where}: pwise has {m.pwise.out_channels} outputs; edgecl converts 3 × "
+                             f"heads {heads} × head_dim {dim}")
         h, size = x, [rows, cols]
         if getattr(m, "small_kernels", False) and stride > 1 and (rows % stride or cols % stride):
             h = self._emit(node, "pad", [h], f"{path}.pad", pads=[0, 0, -rows % stride, -cols % stride], value=0.0)
@@ -52,7 +53,7 @@ class _ConvAttentionConverter:
         h, size = self._conv_layer(node, m.conv_proj, h, f"{path}.conv_proj", where, size)
         packed = self._conv(node, m.pwise, h, f"{path}.pwise", where)
         q, k, v = self._head_blocks(node, packed, path, heads, [dim, dim, dim])
-        h = self._emit(node, "attention", [q, k, v], f"{path}.attend", heads=heads, scale=float(m.scale))
+        h = self._emit(node, "attention", [q, k, v], f"{path}.attend", heads=heads, scale=applied_scale(m, dim))
         if not isinstance(m.o_proj, nn.Identity):
             h = self._conv(node, m.o_proj, h, f"{path}.o_proj", where)
         h, up = self._upsampling(node, m.upsampling, h, f"{path}.upsampling", where)
