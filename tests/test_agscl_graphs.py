@@ -31,6 +31,7 @@ from vit_bias_nets import tiny_beit, tiny_eva, tiny_vit_relpos
 from linear_nets import TinyEdgeNeXt, TinyEfficientViT, TinyLambdaNet, TinyMobileViTv2
 from xcit_nets import TinyXCiT
 from byoa_nets import TinyBotNet, TinyCoAtMlp, TinyHaloNet, TinyRelLambdaNet
+from edge_nets import conv_attention_graph, iformer_graph
 from torch_nets import MODELS, GhostSplit, ResCat, TinyConvNeXt
 
 from edgecl import artifact
@@ -54,7 +55,8 @@ FAST = dict(epochs=3, mu=8.0)
 # epochs (measured; at 0.003 about a third of them, and the rest are important and frozen)
 PER_ARCH = {"fastvit": dict(mu_adam=0.003), "nf": dict(lasso="adam", mu_adam=0.01),
             "std": dict(lasso="adam", mu_adam=0.03), "meta": dict(lasso="euclidean"),
-            "coat": dict(mu_adam=0.1)}  # TinyCoatStage: the default μ_adam leaves one node dead, 0.1 ten (measured)
+            "coat": dict(mu_adam=0.1),  # TinyCoatStage: the default μ_adam leaves one node dead, 0.1 ten (measured)
+            "iformer": dict(mu_adam=0.1)}  # iformer_graph: the default and 0.01 leave none of 72 dead, 0.1 19 (measured)
 # TinyMetaFormer (LayerNorms: "auto" picks Adam's metric): at μ_adam 0.001 to 0.1 one of its 16 `hidden` nodes (ReLU
 # then square) is silent on every input, Ω = 0, with rows not yet exactly zero (as TinyStdNet's below; deployed =
 # trained); the Euclidean lasso at μ 8 zeroes all 288 unimportant nodes of 336 in three epochs (measured)
@@ -113,7 +115,8 @@ def _arch(name: str) -> dict:
               "eva": lambda: tiny_eva(in_channels=3),
               "eva_rope": lambda: tiny_eva(in_channels=3, use_rot_pos_emb=True),
               "botnet": lambda: TinyBotNet(in_channels=3), "halonet": lambda: TinyHaloNet(in_channels=3),
-              "lambda_rpt": lambda: TinyRelLambdaNet(in_channels=3), "coat_mlp": lambda: TinyCoAtMlp(in_channels=3)}
+              "lambda_rpt": lambda: TinyRelLambdaNet(in_channels=3), "coat_mlp": lambda: TinyCoAtMlp(in_channels=3),
+              "conv_attention": lambda: conv_attention_graph(3), "iformer": lambda: iformer_graph(3)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
@@ -122,7 +125,7 @@ _CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4"
            "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta", "xcit", "mixer", "resmlp", "gmlp",
            "mambaout", "twins", "davit", "nest", "pvt", "nextvit", "shvit", "gcvit", "cait", "convit",
            "coat", "swinv2", "crossvit", "volo", "tnt", "beit", "vit_relpos",
-           "eva", "eva_rope", "botnet", "halonet", "lambda_rpt", "coat_mlp")
+           "eva", "eva_rope", "botnet", "halonet", "lambda_rpt", "coat_mlp", "conv_attention", "iformer")
 
 
 def _stream(name: str, n_tasks: int):
@@ -151,7 +154,7 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
                                                 "gcvit", "cait", "convit", "coat", "swinv2", "crossvit", "volo",
                                                 "tnt", "beit", "vit_relpos", "eva",
                                                 "eva_rope", "botnet", "halonet", "lambda_rpt",
-                                                "coat_mlp"])
+                                                "coat_mlp", "conv_attention", "iformer"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

@@ -9,35 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from edgecl.arch.factories import ensure_torchvision_imports
+from edge_nets import TinyConvAttention, conv_attention_graph
+from torch_nets import assert_refused, check_parity, randomise_batchnorm, randomised_all
 
-ensure_torchvision_imports()
-
-from torch_nets import assert_refused, check_parity, randomise_batchnorm, randomised_all  # noqa: E402
-
-from edgecl.arch import from_torch  # noqa: E402
-from edgecl.arch.factories import build_module  # noqa: E402
-
-
-class TinyConvAttention(nn.Module):
-    """A stride-2 stem to a `dim`-channel map, GroupNorm1 and a residual ConvAttention (timm's CPUBone or
-    LowFormer class, `family`), the mean and a classifier."""
-
-    def __init__(self, family: str = "cpubone", dim: int = 16, classes: int = 3, **kwargs):
-        super().__init__()
-        from timm.layers import GroupNorm1
-        module = __import__(f"timm.models.{family}", fromlist=["ConvAttention"])
-        args = {"head_dim_mul": 0.5, "att_stride": 2, "att_kernel": 5, "fuse_out_proj": True}
-        if family == "cpubone":
-            args.update(small_kernels=True, upsample_mode="nearest")
-        self.stem = nn.Conv2d(1, dim, 3, 2, 1)
-        self.norm = GroupNorm1(dim)
-        self.attn = module.ConvAttention(dim, **{**args, **kwargs})
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, x):
-        x = self.stem(x)
-        return self.head((x + self.attn(self.norm(x))).mean((2, 3)))
+from edgecl.arch import from_torch
+from edgecl.arch.factories import build_module
 
 
 def _randomised(module: nn.Module) -> nn.Module:
@@ -109,4 +85,12 @@ def test_the_scale_the_forward_applies(fused):
     module = _randomised(TinyConvAttention("cpubone"))
     module.attn.fused_attn, module.attn.scale = fused, 0.9
     spec = from_torch(module, (1, 8, 8))
+    check_parity(module, spec, (1, 8, 8))
+
+
+def test_methods_graph_net_crops_and_matches():
+    """The network every method trains on (test_methods_on_graphs): 8×8 → 3×3 → upsampled 9×9 → cropped to 8×8."""
+    module = _randomised(conv_attention_graph())
+    spec = from_torch(module, (1, 8, 8))
+    assert next(n for n in spec["nodes"] if n["name"] == "attn.crop")["pads"] == [0, 0, -1, -1]
     check_parity(module, spec, (1, 8, 8))

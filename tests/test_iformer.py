@@ -9,23 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from edgecl.arch.factories import ensure_torchvision_imports
+from edge_nets import iformer_graph, tiny_iformer
+from torch_nets import assert_refused, check_parity, randomise_batchnorm, randomised_all
 
-ensure_torchvision_imports()
-
-from torch_nets import assert_refused, check_parity, randomise_batchnorm, randomised_all  # noqa: E402
-
-from edgecl.arch import from_torch  # noqa: E402
-from edgecl.arch.factories import build_module  # noqa: E402
-
-
-def tiny_iformer(**kwargs) -> nn.Module:
-    """timm's IFormer in small: its stride-4 stem to 8 channels, a conv stage, a stage of 16 channels (stride 2)
-    holding one attention group (RepCPE, SHMA of dim_attn 16 / `hdrr`, FFN); 3 classes of a 1-channel image."""
-    from timm.models.iformer import IFormer
-    args = dict(in_chans=1, num_classes=3, dims=(8, 16), depths=(1, 3), attn_groups=(0, 1),
-                attn_head_dim_reduction=(0, 2), conv_ratio=2, ffn_ratio=2)
-    return IFormer(**{**args, **kwargs})
+from edgecl.arch import from_torch
+from edgecl.arch.factories import build_module
 
 
 def _randomised(module: nn.Module) -> nn.Module:
@@ -87,3 +75,11 @@ def test_the_scale_the_forward_applies(fused):
     module.stages[1].blocks[1].mixer.module.scale = 0.9
     spec = from_torch(module, (1, 16, 16))
     check_parity(module, spec, (1, 16, 16))
+
+
+def test_methods_graph_net_matches():
+    """The network every method trains on (test_methods_on_graphs): SHMA over the 2×2 map of an 8×8 input."""
+    module = _randomised(iformer_graph())
+    spec = from_torch(module, (1, 8, 8))
+    assert any(n["op"] == "attention" for n in spec["nodes"])
+    check_parity(module, spec, (1, 8, 8))
