@@ -45,7 +45,7 @@ def tiny_iformer(**kwargs) -> nn.Module:
 
 
 def conv_attention_graph(in_channels: int = 1) -> nn.Module:
-    """CPUBone's attention over an 8×8 map: a 5×5 stride-3 projection to 3×3, nearest upsampling to 9×9, the crop."""
+    """CPUBone's attention over an 8×8 map: a 5×5 stride-3 projection to 3×3, nearest upsampling to 9×9, a crop."""
     return TinyConvAttention(in_channels=in_channels, stem_stride=1, att_stride=3, small_kernels=False)
 
 

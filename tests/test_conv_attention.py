@@ -89,7 +89,7 @@ def test_the_scale_the_forward_applies(fused):
 
 
 def test_methods_graph_net_crops_and_matches():
-    """The network every method trains on (test_methods_on_graphs): 8×8 → 3×3 → upsampled 9×9 → cropped to 8×8."""
+    """The network every method trains on (test_methods_on_graphs): 8×8 → 3×3, upsampled to 9×9, cropped to 8×8."""
     module = _randomised(conv_attention_graph())
     spec = from_torch(module, (1, 8, 8))
     assert next(n for n in spec["nodes"] if n["name"] == "attn.crop")["pads"] == [0, 0, -1, -1]

@@ -4,7 +4,7 @@ user's network, for `fx_import._Converter`. The tracer keeps it whole: its forwa
 
     [pad (right, bottom) to a multiple of the stride: CPUBone's 2×2 projection] → conv_proj (depthwise strided conv
     [after its ZeroPad2d], BatchNorm) → pwise (1×1 conv) → each head's q, k, v (packed side by side) by `slice`s and
-    `cat`s → attention {heads, the scale it applies} → o_proj (1×1 conv or none) → upsampling (a 1×1 conv and a
+    `cat`s → attention {heads, the scale it applies} → o_proj (1×1 conv or none) → upsampling (a 1×1 conv, a
     nearest upsample, either or none) → the crop back to H × W (a `pad` of negative sides) where it overshoots
 
 Every tensor node is named by its module path, so the module's weights read as they are. A learned
