@@ -56,7 +56,7 @@ FAST = dict(epochs=3, mu=8.0)
 PER_ARCH = {"fastvit": dict(mu_adam=0.003), "nf": dict(lasso="adam", mu_adam=0.01),
             "std": dict(lasso="adam", mu_adam=0.03), "meta": dict(lasso="euclidean"),
             "coat": dict(mu_adam=0.1),  # TinyCoatStage: the default μ_adam leaves one node dead, 0.1 ten (measured)
-            "iformer": dict(mu_adam=0.1)}  # iformer_graph: the default and 0.01 leave none of 72 dead, 0.1 19 (measured)
+            "iformer": dict(mu_adam=0.1)}  # iformer_graph: the default, 0.01 leave none of 72 dead, 0.1 19 (measured)
 # TinyMetaFormer (LayerNorms: "auto" picks Adam's metric): at μ_adam 0.001 to 0.1 one of its 16 `hidden` nodes (ReLU
 # then square) is silent on every input, Ω = 0, with rows not yet exactly zero (as TinyStdNet's below; deployed =
 # trained); the Euclidean lasso at μ 8 zeroes all 288 unimportant nodes of 336 in three epochs (measured)
