@@ -41,7 +41,7 @@ class _ConvAttentionConverter:
 
     def conv_attention(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
         where = f"ConvAttention at {path!r} {location(node)}"
-        ch, rows, cols = map_shape(node, self.name, where)
+        _, rows, cols = map_shape(node, self.name, where)
         heads, dim, stride = int(m.num_heads), int(m.head_dim), int(m.att_stride)
         if int(m.num_keys) != 3 or m.pwise.out_channels != 3 * heads * dim:
             raise UsageError(f"{self.name}: {where}: pwise has {m.pwise.out_channels} outputs; edgecl converts 3 × "
@@ -77,9 +77,10 @@ class _ConvAttentionConverter:
                              "there")
         conv, conv_path = m.conv, f"{path}.conv"
         if isinstance(conv, nn.Sequential):
-            if len(conv) != 2 or type(conv[0]) is not nn.ZeroPad2d:
+            if len(conv) != 2 or type(conv[0]) is not nn.ZeroPad2d or min(conv[0].padding) < 0:
                 raise UsageError(f"{self.name}: {where}: {conv_path!r} is an nn.Sequential of "
-                                 f"{[type(c).__name__ for c in conv]}; edgecl converts a ZeroPad2d then a conv there")
+                                 f"{[type(c).__name__ for c in conv]}; edgecl converts a ZeroPad2d (no crop) then a "
+                                 "conv there")
             left, right, top, bottom = conv[0].padding
             x = self._emit(node, "pad", [x], f"{conv_path}.0", pads=[top, left, bottom, right], value=0.0)
             size = [size[0] + top + bottom, size[1] + left + right]
