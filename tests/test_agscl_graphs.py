@@ -33,6 +33,7 @@ from linear_nets import TinyEdgeNeXt, TinyEfficientViT, TinyLambdaNet, TinyMobil
 from xcit_nets import TinyXCiT
 from byoa_nets import TinyBotNet, TinyCoAtMlp, TinyHaloNet, TinyRelLambdaNet
 from sam_nets import tiny_sam
+from edge_nets import conv_attention_graph, iformer_graph
 from torch_nets import MODELS, GhostSplit, ResCat, TinyConvNeXt
 
 from edgecl import artifact
@@ -56,7 +57,8 @@ FAST = dict(epochs=3, mu=8.0)
 # epochs (measured; at 0.003 about a third of them, and the rest are important and frozen)
 PER_ARCH = {"fastvit": dict(mu_adam=0.003), "nf": dict(lasso="adam", mu_adam=0.01),
             "std": dict(lasso="adam", mu_adam=0.03), "meta": dict(lasso="euclidean"),
-            "coat": dict(mu_adam=0.1)}  # TinyCoatStage: the default μ_adam leaves one node dead, 0.1 ten (measured)
+            "coat": dict(mu_adam=0.1),  # TinyCoatStage: the default μ_adam leaves one node dead, 0.1 ten (measured)
+            "iformer": dict(mu_adam=0.1)}  # iformer_graph: the default, 0.01 leave none of 72 dead, 0.1 19 (measured)
 # TinyMetaFormer (LayerNorms: "auto" picks Adam's metric): at μ_adam 0.001 to 0.1 one of its 16 `hidden` nodes (ReLU
 # then square) is silent on every input, Ω = 0, with rows not yet exactly zero (as TinyStdNet's below; deployed =
 # trained); the Euclidean lasso at μ 8 zeroes all 288 unimportant nodes of 336 in three epochs (measured)
@@ -116,7 +118,8 @@ def _arch(name: str) -> dict:
               "eva_rope": lambda: tiny_eva(in_channels=3, use_rot_pos_emb=True),
               "botnet": lambda: TinyBotNet(in_channels=3), "halonet": lambda: TinyHaloNet(in_channels=3),
               "lambda_rpt": lambda: TinyRelLambdaNet(in_channels=3), "coat_mlp": lambda: TinyCoAtMlp(in_channels=3),
-              "sam": lambda: tiny_sam(in_channels=3)}
+              "sam": lambda: tiny_sam(in_channels=3),
+              "conv_attention": lambda: conv_attention_graph(3), "iformer": lambda: iformer_graph(3)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
@@ -125,7 +128,8 @@ _CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4"
            "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta", "xcit", "mixer", "resmlp", "gmlp",
            "mambaout", "twins", "davit", "nest", "pvt", "nextvit", "shvit", "gcvit", "cait", "convit",
            "coat", "swinv2", "crossvit", "volo", "tnt", "beit", "vit_relpos",
-           "eva", "eva_rope", "botnet", "halonet", "lambda_rpt", "coat_mlp", "sam")
+           "eva", "eva_rope", "botnet", "halonet", "lambda_rpt", "coat_mlp", "sam", "conv_attention",
+           "iformer")
 
 
 def _stream(name: str, n_tasks: int):
@@ -154,7 +158,7 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
                                                 "gcvit", "cait", "convit", "coat", "swinv2", "crossvit", "volo",
                                                 "tnt", "beit", "vit_relpos", "eva",
                                                 "eva_rope", "botnet", "halonet", "lambda_rpt",
-                                                "coat_mlp", "sam"])
+                                                "coat_mlp", "sam", "conv_attention", "iformer"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

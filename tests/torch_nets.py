@@ -262,7 +262,8 @@ def classifier_of(module: nn.Module) -> dict[str, np.ndarray]:
     tokens (PiT's `num_tokens`) each head reads its own token and the features are [class token, distillation token]
     (`edgecl.arch.fx_classifier`)."""
     pair = [m for m in module.modules() if isinstance(getattr(m, "head", None), nn.Module) and
-            isinstance(getattr(m, "head_dist", None), nn.Module)]
+            isinstance(getattr(m, "head_dist", None), nn.Module) and not isinstance(m.head_dist, nn.Identity)]
+    # an identity head_dist is no second classifier (iFormer's RepVitClassifier without distillation: head alone)
     if pair and (getattr(pair[-1], "dist_token", None) is not None or getattr(pair[-1], "num_tokens", 1) == 2):
         owner, dim = pair[-1], pair[-1].head.in_features
         return averaged_head([lambda z: owner.head(z[:, :dim]), lambda z: owner.head_dist(z[:, dim:])], 2 * dim)

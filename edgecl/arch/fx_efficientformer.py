@@ -95,12 +95,13 @@ class _EfficientFormerConverter:
         return True
 
     def _conv_norm(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str) -> str:
-        """timm's ConvNorm: an nn.Conv2d then a BatchNorm2d."""
-        if [name for name, _ in m.named_children()] != ["conv", "bn"]:
-            raise UsageError(f"{self.name}: {where}: {path!r} has layers {[n for n, _ in m.named_children()]}; "
-                             "edgecl converts timm's ConvNorm ['conv', 'bn'] there")
-        return self._norm(node, m.bn, self._conv(node, m.conv, x, f"{path}.conv", where), f"{path}.bn", where,
-                          required=True)
+        """timm's ConvNorm: an nn.Conv2d then a BatchNorm2d (named `conv`, or `c` as iFormer's)."""
+        names = [name for name, _ in m.named_children()]
+        if names not in (["conv", "bn"], ["c", "bn"]):
+            raise UsageError(f"{self.name}: {where}: {path!r} has layers {names}; edgecl converts timm's ConvNorm "
+                             "['conv', 'bn'] (or iFormer's ['c', 'bn']) there")
+        conv = self._conv(node, getattr(m, names[0]), x, f"{path}.{names[0]}", where)
+        return self._norm(node, m.bn, conv, f"{path}.bn", where, required=True)
 
     def _local_global_query(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str) -> str:
         """LocalGlobalQuery: a strided depthwise conv plus every stride-th position (AvgPool2d(1, 2)), then proj."""

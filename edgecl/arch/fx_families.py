@@ -12,6 +12,7 @@ from edgecl.arch.fx_cait import _CaitConverter
 from edgecl.arch.fx_calls import _CallConverter
 from edgecl.arch.fx_classifier import _ClassifierConverter
 from edgecl.arch.fx_coat import _CoatConverter
+from edgecl.arch.fx_conv_attention import _ConvAttentionConverter
 from edgecl.arch.fx_convit import _ConvitConverter
 from edgecl.arch.fx_davit import _DavitConverter
 from edgecl.arch.fx_eca import _EcaConverter
@@ -22,6 +23,7 @@ from edgecl.arch.fx_efficientvit_msra import _EfficientVitMsraConverter
 from edgecl.arch.fx_eva import _EvaConverter
 from edgecl.arch.fx_gcvit import _GcVitConverter
 from edgecl.arch.fx_global_context import _GlobalContextConverter
+from edgecl.arch.fx_iformer import _IFormerConverter
 from edgecl.arch.fx_lambda import _LambdaConverter
 from edgecl.arch.fx_levit import _LevitConverter
 from edgecl.arch.fx_maxvit import _MaxVitConverter
@@ -59,5 +61,6 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _NestConverter, _PvtConverter, _NextVitConverter, _ShvitConverter, _GcVitConverter,
                _CaitConverter, _ConvitConverter, _CoatConverter, _SwinV2Converter,
                _StackConverter, _VoloConverter, _TntConverter,
-               _EvaConverter, _ByoaConverter, _SamConverter):
+               _EvaConverter, _ByoaConverter, _SamConverter, _ConvAttentionConverter,
+               _IFormerConverter):
     """Every family's conversions, in one base class."""

@@ -12,6 +12,7 @@ from edgecl.arch.fx_blur import is_blur_pool
 from edgecl.arch.fx_byoa import is_byoa_attention
 from edgecl.arch.fx_cait import is_talking_head_attn
 from edgecl.arch.fx_coat import is_factor_attn
+from edgecl.arch.fx_conv_attention import is_conv_attention
 from edgecl.arch.fx_convit import is_convit_mhsa, is_gpsa
 from edgecl.arch.fx_davit import is_davit_channel, is_davit_spatial
 from edgecl.arch.fx_eca import is_eca
@@ -21,6 +22,7 @@ from edgecl.arch.fx_efficientvit import is_lite_mla
 from edgecl.arch.fx_efficientvit_msra import is_local_window_attention
 from edgecl.arch.fx_eva import is_eva_attention
 from edgecl.arch.fx_gcvit import is_gcvit_block
+from edgecl.arch.fx_iformer import is_shma
 from edgecl.arch.fx_global_context import is_global_context
 from edgecl.arch.fx_lambda import is_lambda_layer
 from edgecl.arch.fx_levit import is_levit
@@ -58,7 +60,8 @@ WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention,
          (is_factor_attn, "factor_attn"),
          (is_outlook, "outlook"), (is_volo_attention, "volo_attention"), (is_pixel_embed, "pixel_embed"),
          (is_tnt_block, "tnt_block"), (is_eva_attention, "eva_attention"),
-         (is_byoa_attention, "byoa_attention"), (is_attention2d, "attention2d"), (is_sam_block, "sam_block"))
+         (is_byoa_attention, "byoa_attention"), (is_attention2d, "attention2d"), (is_sam_block, "sam_block"),
+         (is_conv_attention, "conv_attention"), (is_shma, "shma"))
 # may read channels-last values
 ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin, is_tiny_vit_block, is_maxvit, is_xcit_xca, is_xcit_lpi,
              is_class_attn, is_twins_attention, is_davit_channel, is_pvt_stage, is_nextvit_attention, is_gcvit_block,
