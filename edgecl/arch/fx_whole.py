@@ -16,7 +16,7 @@ from edgecl.arch.fx_convit import is_convit_mhsa, is_gpsa
 from edgecl.arch.fx_davit import is_davit_channel, is_davit_spatial
 from edgecl.arch.fx_eca import is_eca
 from edgecl.arch.fx_edgenext import is_sdta_block
-from edgecl.arch.fx_efficientformer import is_efficientformer_attention
+from edgecl.arch.fx_efficientformer import is_efficientformer_attention, is_efficientformer_v1_attention
 from edgecl.arch.fx_efficientvit import is_lite_mla
 from edgecl.arch.fx_efficientvit_msra import is_local_window_attention
 from edgecl.arch.fx_eva import is_eva_attention
@@ -63,7 +63,7 @@ WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention,
 ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin, is_tiny_vit_block, is_maxvit, is_xcit_xca, is_xcit_lpi,
              is_class_attn, is_twins_attention, is_davit_channel, is_pvt_stage, is_nextvit_attention, is_gcvit_block,
              is_talking_head_attn, is_gpsa, is_convit_mhsa, is_factor_attn, is_swin_v2,
-             is_outlook, is_volo_attention, is_eva_attention)
+             is_outlook, is_volo_attention, is_eva_attention, is_efficientformer_v1_attention)
 
 
 _LEFT_OUT = (" by its class and attributes, so what that code computes would be silently left out; remove it (or call "
