@@ -1,7 +1,7 @@
 """EfficientFormer's attention: V2's on feature maps (timm's ``timm.models.efficientformer_v2``) and V1's on tokens
-(``timm.models.efficientformer``), for `fx_import._Converter`. The tracer keeps ``Attention2d`` and ``Attention2dDownsample`` whole (their q/k/v reshapes
-and permutes, the bias gathered by a cached index and the talking heads would be fragile to trace); each becomes
-what its forward computes on the (C, H, W) map, in spec ops:
+(``timm.models.efficientformer``), for `fx_import._Converter`. The tracer keeps V2's ``Attention2d`` and
+``Attention2dDownsample`` whole (their q/k/v reshapes and permutes, the bias gathered by a cached index and the
+talking heads would be fragile to trace); each becomes what its forward computes on the (C, H, W) map, in spec ops:
 
     Attention2d: [stride_conv (depthwise conv + BatchNorm)] → q, k, v (1×1 conv + BatchNorm each); v_local
     (depthwise conv + BatchNorm of v); attention {heads, scale, LeViT's bias table and index, talking_heads} → add
@@ -18,8 +18,8 @@ timm's in their places are refused by name with the user's source line.
 EfficientFormer (V1)'s ``Attention`` reads the last stage's tokens (after its ``Flat``), a ``(C, T, 1)`` map
 (`fx_tokens`): qkv (1×1 conv: the Linear) → per head, slices q_h, k_h, v_h (timm packs each head's parts side by
 side, as LeViT: `fx_levit`'s head blocks) → attention {heads, scale, LeViT's bias table and index} → proj (1×1 conv).
-Its bias table is built for a fixed 7×7 grid (224×224 inputs; timm's ``img_size`` does not change it): other token
-counts are refused by name.
+Its bias table is built for a fixed 7×7 grid (224×224 inputs; timm's ``img_size`` does not change it): other
+token counts are refused by name.
 """
 from __future__ import annotations
 

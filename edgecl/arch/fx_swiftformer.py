@@ -5,8 +5,8 @@ the (C, H, W) map it reads it becomes
 
     q = ``normalize`` (L2 over the channels) of to_query (1×1 conv: the Linear); k likewise of to_key →
     s = q · w_g (a bias-less 1×1 conv to one channel, its weight the module's bare ``w_g`` parameter: ``module``
-    ``PATH.w_g=``) → ``scale`` by scale_factor → ``normalize`` over the map (the one-channel scores over the tokens)
-    → g = Σ over the positions of s·q (``mul``, ``gap``, ``scale`` by H·W) → proj (1×1 conv) of g·k (``mul``) →
+    ``PATH.w_g=``) → ``scale`` by scale_factor → ``normalize`` over the map (the one-channel scores over the
+    tokens) → g = Σ over the positions of s·q (``mul``, ``gap``, ``scale`` by H·W) → proj (1×1 conv) of g·k (``mul``) →
     ``add`` q → final (1×1 conv)
 
 Layers other than timm's ``nn.Linear``s of the module's widths in their places are refused by name with the user's
