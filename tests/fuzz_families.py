@@ -187,7 +187,7 @@ def _spec(draw) -> dict:
                                    "branch_softmax", "class_token", "pos_embed", "token", "attention", "space_to_depth",
                                    "upsample", "linear_attention", "layer_norm", "attention_pool",
                                    "channel_attention", "fourier_pos", "lambda_layer", "token_mix", "affine",
-                                   "bicubic", "outlook_attention", "rotary",
+                                   "bicubic", "outlook_attention", "rotary", "normalize",
                                    *ACTIVATIONS]))
         src = draw(st.sampled_from(names))
         node = {"name": f"n{i}", "op": op, "inputs": [src]}
@@ -215,6 +215,9 @@ def _spec(draw) -> dict:
                                                           ["a.b", "c"], [None, None], "a", None, [1, 2], ["a"] * 9]))
                 if draw(st.integers(0, 3)) == 0:
                     node["bias"] = False
+            if draw(st.integers(0, 5)) == 0:  # its weight a bare parameter (SwiftFormer's w_g: a key ending in "="),
+                # which needs a node of one tensor (no bias) and a path; or another module path
+                node["module"] = draw(st.sampled_from(["attn.w_g=", "=", "attn.w_g", "a=b", ""]))
             if draw(st.integers(0, 5)) == 0:  # its weight a row block of a fused one (EVA's q, k, v): alone it holds
                 # a part only, refused unless it is the whole ([0, 1]); or hostile rows
                 node["weight_rows"] = draw(st.sampled_from([[0, 1], [0, 3], [2, 2], [-1, 2], [0], "x", [0, 1 << 31]]))
@@ -239,6 +242,11 @@ def _spec(draw) -> dict:
                 node["mode"] = draw(st.sampled_from(["reflect", "replicate", "constant", "circular", None, 1]))
         elif op == "adaptive_avgpool":
             node["size"] = draw(st.sampled_from([3, [2, 5], [7, 1], 64, 65, 0, [1, 2, 3]]))
+        elif op == "normalize":  # L2 over the channels or the map (SwiftFormer): hostile eps and over refused
+            if draw(st.booleans()):
+                node["over"] = draw(st.sampled_from(["channels", "map", "map", "tokens", None, 1]))
+            if draw(st.booleans()):
+                node["eps"] = draw(st.sampled_from([1e-12, 1e-6, 0, -1e-12, 1e-50, "x", float("nan")]))
         elif op == "bicubic":  # CrossViT's resampling to any size: sides past 4096 or none refused
             node["size"] = draw(st.sampled_from([3, [2, 5], [7, 1], 4097, 0, -2, [1, 2, 3], "4", 2.5]))
         elif op == "blur":

@@ -34,6 +34,7 @@ from xcit_nets import TinyXCiT
 from byoa_nets import TinyBotNet, TinyCoAtMlp, TinyHaloNet, TinyRelLambdaNet
 from sam_nets import tiny_sam
 from edge_nets import conv_attention_graph, iformer_graph
+from mobile_attention_nets import TinySwiftFormer
 from torch_nets import MODELS, GhostSplit, ResCat, TinyConvNeXt
 
 from edgecl import artifact
@@ -119,7 +120,8 @@ def _arch(name: str) -> dict:
               "botnet": lambda: TinyBotNet(in_channels=3), "halonet": lambda: TinyHaloNet(in_channels=3),
               "lambda_rpt": lambda: TinyRelLambdaNet(in_channels=3), "coat_mlp": lambda: TinyCoAtMlp(in_channels=3),
               "sam": lambda: tiny_sam(in_channels=3),
-              "conv_attention": lambda: conv_attention_graph(3), "iformer": lambda: iformer_graph(3)}
+              "conv_attention": lambda: conv_attention_graph(3), "iformer": lambda: iformer_graph(3),
+              "swiftformer": lambda: TinySwiftFormer(in_channels=3)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
@@ -129,7 +131,7 @@ _CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4"
            "mambaout", "twins", "davit", "nest", "pvt", "nextvit", "shvit", "gcvit", "cait", "convit",
            "coat", "swinv2", "crossvit", "volo", "tnt", "beit", "vit_relpos",
            "eva", "eva_rope", "botnet", "halonet", "lambda_rpt", "coat_mlp", "sam", "conv_attention",
-           "iformer")
+           "iformer", "swiftformer")
 
 
 def _stream(name: str, n_tasks: int):
@@ -158,7 +160,8 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
                                                 "gcvit", "cait", "convit", "coat", "swinv2", "crossvit", "volo",
                                                 "tnt", "beit", "vit_relpos", "eva",
                                                 "eva_rope", "botnet", "halonet", "lambda_rpt",
-                                                "coat_mlp", "sam", "conv_attention", "iformer"])
+                                                "coat_mlp", "sam", "conv_attention", "iformer",
+                                                "swiftformer"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

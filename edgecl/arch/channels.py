@@ -131,6 +131,9 @@ def channel_map(arch: Arch) -> ChannelMap:
                 pinned_by.append(x)
             if node.get("groups", 1) > 1:  # a GroupNorm's groups are contiguous blocks: moving a channel would
                 ordered_by.append(x)  # move it into another group's statistics
+        elif op == "normalize":  # each output divided by a norm of every channel: none may go
+            out = x
+            pinned_by.append(x)
         elif op in (*NEIGHBOUR_OPS, "rotary"):  # ECA's neighbours, RoPE's channel pairs (`rotary_ops`)
             out = x
             pinned_by.append(x)

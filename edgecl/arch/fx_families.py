@@ -40,6 +40,7 @@ from edgecl.arch.fx_slices import _SliceConverter
 from edgecl.arch.fx_space_to_depth import _SpaceToDepthConverter
 from edgecl.arch.fx_stack import _StackConverter
 from edgecl.arch.fx_split_attn import _SplitAttnConverter
+from edgecl.arch.fx_swiftformer import _SwiftFormerConverter
 from edgecl.arch.fx_swin import _SwinConverter
 from edgecl.arch.fx_swin_v2 import _SwinV2Converter
 from edgecl.arch.fx_tiny_vit import _TinyVitConverter
@@ -62,5 +63,5 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _CaitConverter, _ConvitConverter, _CoatConverter, _SwinV2Converter,
                _StackConverter, _VoloConverter, _TntConverter,
                _EvaConverter, _ByoaConverter, _SamConverter, _ConvAttentionConverter,
-               _IFormerConverter):
+               _IFormerConverter, _SwiftFormerConverter):
     """Every family's conversions, in one base class."""

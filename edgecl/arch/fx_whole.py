@@ -17,7 +17,7 @@ from edgecl.arch.fx_convit import is_convit_mhsa, is_gpsa
 from edgecl.arch.fx_davit import is_davit_channel, is_davit_spatial
 from edgecl.arch.fx_eca import is_eca
 from edgecl.arch.fx_edgenext import is_sdta_block
-from edgecl.arch.fx_efficientformer import is_efficientformer_attention
+from edgecl.arch.fx_efficientformer import is_efficientformer_attention, is_efficientformer_v1_attention
 from edgecl.arch.fx_efficientvit import is_lite_mla
 from edgecl.arch.fx_efficientvit_msra import is_local_window_attention
 from edgecl.arch.fx_eva import is_eva_attention
@@ -36,6 +36,7 @@ from edgecl.arch.fx_sam import is_sam_block
 from edgecl.arch.fx_shvit import is_shvit_attention
 from edgecl.arch.fx_space_to_depth import is_space_to_depth
 from edgecl.arch.fx_split_attn import is_split_attention
+from edgecl.arch.fx_swiftformer import is_swiftformer_attention
 from edgecl.arch.fx_swin import is_swin
 from edgecl.arch.fx_tiny_vit import is_tiny_vit_block
 from edgecl.arch.fx_tnt import is_pixel_embed, is_tnt_block
@@ -61,12 +62,14 @@ WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention,
          (is_outlook, "outlook"), (is_volo_attention, "volo_attention"), (is_pixel_embed, "pixel_embed"),
          (is_tnt_block, "tnt_block"), (is_eva_attention, "eva_attention"),
          (is_byoa_attention, "byoa_attention"), (is_attention2d, "attention2d"), (is_sam_block, "sam_block"),
-         (is_conv_attention, "conv_attention"), (is_shma, "shma"))
+         (is_conv_attention, "conv_attention"), (is_shma, "shma"),
+         (is_swiftformer_attention, "swiftformer_attention"))
 # may read channels-last values
 ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin, is_tiny_vit_block, is_maxvit, is_xcit_xca, is_xcit_lpi,
              is_class_attn, is_twins_attention, is_davit_channel, is_pvt_stage, is_nextvit_attention, is_gcvit_block,
              is_talking_head_attn, is_gpsa, is_convit_mhsa, is_factor_attn,
-             is_outlook, is_volo_attention, is_eva_attention, is_sam_block)
+             is_outlook, is_volo_attention, is_eva_attention, is_sam_block,
+             is_efficientformer_v1_attention)
 
 
 _LEFT_OUT = (" by its class and attributes, so what that code computes would be silently left out; remove it (or call "

@@ -104,6 +104,8 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
         if x[0] != node["ch"] or of_map and len(x) != 3:
             raise UsageError(f"{where}: {op} has {node['ch']} channels{' of a map' * of_map}, gets {x}")
         return list(x)
+    if op == "normalize" and node["over"] == "map" and len(x) != 3:
+        raise UsageError(f"{where}: normalize over the map needs a (channels, height, width) map, gets {x}")
     if op == "channel_conv":
         k, c = node["k"], node["ch"]
         if x != [c, 1, 1] or k % 2 == 0 or node["circular"] and k // 2 > c:

@@ -38,6 +38,11 @@ Ops (fields and defaults in `OPS`):
   parameter's path), and an optional ``module_shape`` the shape in which that module stores the weight where it differs
   by axes of 1 (a 1×1 conv that is an ``nn.Linear`` applied over the channels stores ``(out, in)``; a γ of shape ``(C,
   1, 1)``) (`edgecl.arch.module_state`);
+- ``normalize``: L2 normalisation, ``F.normalize``: each position's vector over the channels divided by max(its L2
+  norm, ``eps``) (``over`` "channels", the default), or with ``over`` "map" the whole (C, H, W) map of a sample by
+  the norm of all its values (SwiftFormer's additive attention normalises its one-channel token scores over the
+  tokens); no tensors; every output depends on every channel, so its input's channels are pinned, and a zero vector
+  stays 0;
 - element-wise: ``relu relu6 hardswish hardsigmoid silu sigmoid gelu tanh``, ``square`` (x²: MetaFormer's StarReLU
   and squared ReLU), ``leaky_relu`` (its ``slope``), and ``scale`` (x·factor + offset with two constant numbers:
   arithmetic with a Python number, a negation);
@@ -192,6 +197,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "layer_scale": {"ch": ("size", ...), "init": ("number", 1.0)},
     "affine": {"ch": ("size", ...)},
     "grn": {"ch": ("size", ...), "eps": ("eps", 1e-6)},
+    "normalize": {"over": ("norm_over", "channels"), "eps": ("eps", 1e-12)},
     "channel_conv": {"ch": ("size", ...), "k": ("size", ...), "circular": ("bool", False)},
     "scalar_affine": {"init": ("number", 1.0), "init_bias": ("number", 0.0), "bias": ("bool", True)},
     **{act: {} for act in ACTIVATIONS},

@@ -96,8 +96,11 @@ def state_key(node: dict[str, Any], tensor: str) -> str:
     "tf", its ``relative_position_bias_table`` (talking heads: `op_rules.attention_state_name`).
     A ``module`` ending in ``*`` has the tensor's name in place of the ``*``: torch's packed parameters
     (``nn.MultiheadAttention``'s ``in_proj_weight`` / ``in_proj_bias``, module ``….in_proj_*``); a path that merely
-    ends in ``_`` (``self.conv_``) is an ordinary one."""
+    ends in ``_`` (``self.conv_``) is an ordinary one. A ``module`` ending in ``=`` is the key itself, less the
+    ``=``: a bare parameter a layer of one tensor uses as its weight (SwiftFormer's ``w_g``, a bias-less 1×1 conv)."""
     path = node.get("module", node["name"])
+    if path.endswith("="):
+        return path[:-1]
     if tensor == "bias" and node.get("bias_parts"):  # stored in parts (`bias_parts.gather`): the node's own name
         return f"{node['name']}.bias"
     if node["op"] in ("layer_scale", *TOKEN_TENSOR_OPS) or node["op"] == "scalar_affine" and "bias" in node:
@@ -167,6 +170,9 @@ def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
         if not isinstance(node["module"], str) or not 0 < len(node["module"]) <= 512 or \
                 not node["module"].isprintable():
             raise UsageError(f"{where}: module {str(node['module'])[:60]!r} must be a module path")
+        if node["module"].endswith("=") and (len(node["module"]) == 1 or len(node_tensor_shapes(out)) != 1):
+            raise UsageError(f"{where}: module {node['module'][:60]!r} names one bare parameter (a key ending in "
+                             f"'='): it needs a path and a node of one tensor, has {sorted(node_tensor_shapes(out))}")
         out["module"] = node["module"]
     if "module_shape" in node:
         out["module_shape"] = _module_shape(node["module_shape"], out, where)

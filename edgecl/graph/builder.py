@@ -28,7 +28,7 @@ from edgecl.graph.outlook_onnx import outlook_attention
 from edgecl.graph.linear_ops import linear_attention, map_norm, patch_context
 from edgecl.graph.nodes import Builder as _Builder
 from edgecl.graph.onnx_spatial import SPATIAL_OPS, spatial_op
-from edgecl.graph.sdta_ops import channel_attention, fourier_pos
+from edgecl.graph.sdta_ops import channel_attention, fourier_pos, normalize
 from edgecl.graph.standardize import fold_standardized, standardized_onnx
 from edgecl.graph.token_ops import TOKEN_OPS, attention, in_windows, pos_embed, rotary
 
@@ -215,6 +215,8 @@ def _op(b: _Builder, node: dict, ins: list[str], factors: dict, shapes: list[lis
                                                               b.op("Unsqueeze", [bias, axes])])
     if op == "grn":
         return _grn(b, h, node)
+    if op == "normalize":
+        return normalize(b, h, node, in_shape)
     if op == "scalar_affine":  # (1,) initializers broadcast over any shape
         scaled = b.op("Mul", [h, f"{node['name']}.weight"])
         return b.op("Add", [scaled, f"{node['name']}.bias"]) if node.get("bias", True) else scaled

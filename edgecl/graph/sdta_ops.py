@@ -1,6 +1,6 @@
-"""ONNX forms of EdgeNeXt's SDTA ops (`edgecl.arch.sdta_ops`), as `edgecl.train.models` computes them. Only ops ONNX
-Runtime's CPU and CUDA providers both have: Reshape, Transpose, Mul, ReduceSum, Sqrt, Max, Div, MatMul, Softmax,
-Shape, Concat, Expand."""
+"""ONNX forms of EdgeNeXt's SDTA ops (`edgecl.arch.sdta_ops`) and of the L2 ``normalize`` they share with SwiftFormer,
+as `edgecl.train.models` computes them. Only ops ONNX Runtime's CPU and CUDA providers both have: Reshape,
+Transpose, Mul, ReduceSum, Sqrt, Max, Div, MatMul, Softmax, Shape, Concat, Expand, Flatten."""
 from __future__ import annotations
 
 import math
@@ -36,6 +36,15 @@ def l2_normalised(b: Builder, x: str, axis: int, eps: str) -> str:
     """``F.normalize(x, dim=axis)``: x divided by max(its L2 norm along `axis`, the constant `eps`)."""
     norm = b.op("Sqrt", [b.op("ReduceSum", [b.op("Mul", [x, x]), b.ints(axis)], keepdims=1)])
     return b.op("Div", [x, b.op("Max", [norm, eps])])
+
+
+def normalize(b: Builder, h: str, node: dict, shape: list[int]) -> str:
+    """A ``normalize`` node: `l2_normalised` over the channels (axis 1), or over the whole map of each sample, as
+    (N, C·H·W) and back."""
+    eps = b.constant(float(node["eps"]))
+    if node["over"] != "map":
+        return l2_normalised(b, h, 1, eps)
+    return b.op("Reshape", [l2_normalised(b, b.op("Flatten", [h], axis=1), 1, eps), b.ints(0, *shape)])
 
 
 def fourier_pos(b: Builder, h: str, node: dict, shape: list[int]) -> str:

@@ -172,6 +172,10 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         n = g / (g.mean(dim=1, keepdim=True) + node["eps"])
         return h + torch.addcmul(params[f"{name}.bias"].reshape(-1, 1, 1), params[f"{name}.weight"].reshape(-1, 1, 1),
                                  h * n)
+    if op == "normalize":  # F.normalize over the channels, or over each sample's whole map
+        if node["over"] == "map":
+            return F.normalize(h.flatten(1), dim=1, eps=node["eps"]).reshape(h.shape)
+        return F.normalize(h, dim=1, eps=node["eps"])
     if op == "scalar_affine":  # one learned number times every value, plus one: (1,) tensors broadcast
         scaled = h * params[f"{name}.weight"]
         return scaled + params[f"{name}.bias"] if node.get("bias", True) else scaled  # none: NFNet's skipinit gain
