@@ -1,11 +1,11 @@
 """Which torchvision and timm models go into edgecl as they are: each is built without pretrained weights, traced by
 `from_torch` at 3×64×64 (3×96×96 for inception_v3; models built for one input size, the plain ViTs, LeViT, PiT,
 Visformer, EfficientFormerV2, timm's MaxViT and most newer transformers, are built for 64×64 by `BUILD_ARGS`; Swin,
-TinyViT and torchvision's MaxViT at sizes whose stage maps their windows tile, EfficientViT-M0 and GC ViT at their
-native 224, HaloNet at its 256 and CrossViT at 120 (both branches' patches tile it), `SIZES`), and — with
-`--parity` — its spec's
-torch forward and ONNX graph are compared with the module (`tests/torch_nets.check_parity`). A refusal is recorded
-with edgecl's message, so the list says what is missing and where.
+TinyViT and torchvision's MaxViT at sizes whose stage maps their windows tile, EfficientViT-M0, GC ViT and
+EfficientFormer (v1) at their native 224, HaloNet at its 256 and CrossViT at 120 (both branches' patches tile it),
+`SIZES`), and — with `--parity` — its spec's torch forward and ONNX graph are compared with the module
+(`tests/torch_nets.check_parity`). A refusal is recorded with edgecl's message, so the list says what is missing and
+where.
 
     python tools/model_coverage.py [--parity] [--out tools/results/model_coverage.json]   # ~3 min, ~4 with --parity (2-core AMD EPYC)
     python tools/model_coverage.py --parity --only timm:nf_resnet26 …   # re-check these rows, keep the others
@@ -87,7 +87,11 @@ TIMM = ["resnet10t", "resnet18", "mobilenetv3_small_050", "mobilenetv2_050", "ef
         # FasterNet (partial convs), PP-LCNetV2, the legacy SE-ResNet and Xception ports, Inception-ResNet-v2,
         # PNASNet, a hybrid ResNet-ViT, ViTamin
         "convmixer_768_32", "cspnext_tiny", "fasternet_t0", "lcnetv2_small", "legacy_seresnet18", "legacy_xception",
-        "inception_resnet_v2", "pnasnet5large", "vit_small_r26_s32_224", "vitamin_small_224"]
+        "inception_resnet_v2", "pnasnet5large", "vit_small_r26_s32_224", "vitamin_small_224",
+        # SAM's ViT (padded windows, decomposed relative positions), CPUBone's and LowFormer's conv attention (the
+        # attention-free LowFormer), iFormer's single-head modulation attention, EfficientFormer (v1), SwiftFormer's
+        # additive attention
+        "samvit_base_patch16", "cpubone_s0", "lowformer_e1", "iformer_t", "efficientformer_l1", "swiftformer_xs"]
 # models whose position embedding (LeViT: attention-bias index) fixes the input size: built for the 64×64 traced
 BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_patch16_224": {"img_size": 64},
               "timm:deit_tiny_patch16_224": {"img_size": 64}, "timm:deit_tiny_distilled_patch16_224": {"img_size": 64},
@@ -108,15 +112,17 @@ BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_
               "timm:vit_small_patch16_rope_224": {"img_size": 64}, "timm:botnet26t_256": {"img_size": 64},
               "timm:coatnet_nano_rw_224": {"img_size": 64}, "timm:lambda_resnet26rpt_256": {"img_size": 64},
               "timm:coatnet_rmlp_nano_rw_224": {"img_size": 64}, "timm:maxvit_rmlp_pico_rw_256": {"img_size": 64},
-              "timm:vit_small_r26_s32_224": {"img_size": 64}, "timm:vitamin_small_224": {"img_size": 64}}
+              "timm:vit_small_r26_s32_224": {"img_size": 64}, "timm:vitamin_small_224": {"img_size": 64},
+              "timm:samvit_base_patch16": {"img_size": 64}}
 # input sides other than 64: Swin and TinyViT pad a map their windows do not tile with zeros that join the attention
 # (refused), so they are traced where the windows tile every stage (timm's Swin: 28, 14, 7, then 4 in one window;
 # torchvision's swin_t, whose window is fixed: 56, 28, 14, 7; TinyViT's windows 7, 14, 7: 28, 14, 7); torchvision's
 # maxvit_t is built for 224 (its partitions of 7 fixed at construction); EfficientViT-M0 at its native 224: stage maps
 # 14 (four windows of 7: a windowed conv on q), 7 and 4 (one window each)
+# (EfficientFormer v1's attention bias is fixed at a 7×7 grid, the 224 input's, whatever img_size says)
 SIZES = {"timm:swin_tiny_patch4_window7_224": 112, "timm:gcvit_xxtiny": 224, "timm:crossvit_tiny_240": 120,
          "timm:halonet26t": 256, "torchvision.models:swin_t": 224, "timm:tiny_vit_5m_224": 224,
-         "torchvision.models:maxvit_t": 224, "timm:efficientvit_m0": 224}
+         "torchvision.models:maxvit_t": 224, "timm:efficientvit_m0": 224, "timm:efficientformer_l1": 224}
 RESULTS = ROOT / "tools" / "results" / "model_coverage.json"
 
 
