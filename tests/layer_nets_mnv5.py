@@ -35,24 +35,25 @@ def tiny_mnv5(classes: int = 5, msfa_output_resolution: int = 2) -> nn.Module:
 
 class GraphMNv5(nn.Module):
     """MobileNetV5's forward in small for 8×8 images (the methods' graph tests; MobileNetV5 itself needs a stride at
-    every stage), of its own timm layers: an RmsNormAct2d stem (4×4), a strided UIR (2×2), a multi-query attention
-    block whose keys and values a strided depthwise conv and an RmsNorm2d halve, a strided UIR (1×1), and the MSFA of
-    the last two maps (the 1×1 up-sampled to 2×2, concatenated, a UIR, resized bilinearly to 4×4, RmsNorm2d)."""
+    every stage), of its own timm layers: an RmsNormAct2d stem (4×4), a multi-query attention block whose keys and
+    values a strided depthwise conv and an RmsNorm2d halve (2×2: four keys, so they matter), two strided UIRs (2×2,
+    1×1), and the MSFA of their maps (the 1×1 up-sampled to 2×2, concatenated, a UIR, resized bilinearly to 4×4,
+    RmsNorm2d)."""
 
     def __init__(self, classes: int = 3, in_channels: int = 1):
         super().__init__()
         kw = dict(act_layer=_GELU, norm_layer=RmsNorm2d, layer_scale_init_value=1e-5)
         self.stem = ConvNormAct(in_channels, 8, 3, stride=2, norm_layer=RmsNorm2d, act_layer=_GELU)
-        self.down = UniversalInvertedResidual(8, 12, dw_kernel_size_start=3, stride=2, exp_ratio=2, **kw)
-        self.attn = MobileAttention(12, 12, num_heads=2, key_dim=4, value_dim=4, use_multi_query=True, kv_stride=2,
+        self.attn = MobileAttention(8, 8, num_heads=2, key_dim=4, value_dim=4, use_multi_query=True, kv_stride=2,
                                     **kw)
+        self.down = UniversalInvertedResidual(8, 12, dw_kernel_size_start=3, stride=2, exp_ratio=2, **kw)
         self.last = UniversalInvertedResidual(12, 16, dw_kernel_size_start=3, stride=2, exp_ratio=2, **kw)
         self.msfa = MobileNetV5MultiScaleFusionAdapter([12, 16], 16, output_resolution=4, norm_layer=RmsNorm2d,
                                                        act_layer=_GELU)
         self.fc = nn.Linear(16, classes)
 
     def forward(self, x):
-        middle = self.attn(self.down(self.stem(x)))
+        middle = self.down(self.attn(self.stem(x)))
         return self.fc(self.msfa([middle, self.last(middle)]).mean((2, 3)))
 
 

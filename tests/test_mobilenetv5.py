@@ -138,7 +138,7 @@ def test_a_hooked_rms_norm_is_refused():
 
 def test_an_attention_key_norm_of_another_kind_is_refused():
     net = GraphMNv5()
-    net.attn.attn.key.norm = nn.GroupNorm(1, 12)
+    net.attn.attn.key.norm = nn.GroupNorm(1, 8)
     with pytest.raises(UsageError, match=r"'attn.attn.key.norm' is a GroupNorm; edgecl converts a BatchNorm2d or "
                                          r"timm's RmsNorm2d there"):
         from_torch(net.eval(), (1, 8, 8))
