@@ -24,13 +24,13 @@ _ARCH = [["er_r1_k3_s2_e4_c8"],
          ["uir_r1_a5_k5_s2_e2_c24", "mqa_r1_k3_h3_s1_d8_c24", "uir_r1_a0_k0_s1_e2_c24"]]
 _GELU = partial(nn.GELU, approximate="tanh")
 
-def tiny_mnv5(classes: int = 5, msfa_output_resolution: int = 2) -> nn.Module:
+def tiny_mnv5(classes: int = 5, msfa_output_resolution: int = 2, **kwargs) -> nn.Module:
     """A MobileNetV5 of 9 narrow blocks for 64×64 inputs (maps 32, 16, 8, 4, 2 after the stem and each stage). The
     MSFA fuses the 4×4 and 2×2 maps at 4×4, then average-pools to `msfa_output_resolution` where it divides 4, else
-    resizes bilinearly (8: ×2)."""
+    resizes bilinearly (8: ×2). `kwargs`: MobileNetV5's own (``pad_type="same"``: mobilenetv5_300m_enc's)."""
     return MobileNetV5(decode_arch_def(_ARCH), num_classes=classes, stem_size=8, num_features=32,
                        msfa_output_resolution=msfa_output_resolution, norm_layer=RmsNorm2d,
-                       act_layer=_GELU, layer_scale_init_value=1e-5)
+                       act_layer=_GELU, layer_scale_init_value=1e-5, **kwargs)
 
 
 class GraphMNv5(nn.Module):

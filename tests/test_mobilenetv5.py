@@ -101,6 +101,17 @@ def test_tiny_mobilenetv5_goes_in_with_parity(resolution, resize):
     assert after["op"] == (resize or "layer_norm")
 
 
+def test_tensorflow_same_padding_in_the_attention_goes_in_with_parity():
+    """``pad_type="same"`` (mobilenetv5_300m_enc's): the attention's strided key/value convs are timm's Conv2dSame,
+    which pads an even map by one row and column at the bottom and right only; a pad node before each, parity."""
+    net = tiny_mnv5(pad_type="same")
+    assert type(net.blocks[2][1].attn.key.down_conv).__name__ == "Conv2dSame"
+    spec = randomised_parity(net, (3, 64, 64))
+    pads = {n["name"]: n["pads"] for n in spec["nodes"] if n["op"] == "pad"}
+    assert pads["blocks.2.1.attn.key.down_conv.same_pad"] == pads["blocks.2.1.attn.value.down_conv.same_pad"] == \
+        [0, 0, 1, 1]
+
+
 class _Edited(nn.Module):
     """A conv and an RMSNorm (`norm`) of 8 channels, then pooled features."""
 
