@@ -1,7 +1,7 @@
 """ONNX forms of the attentions linear in the positions (EfficientViT's (MIT) ReLU linear attention, MobileViTv2's
-context vector over the patches) and of GroupNorm1 and RMSNorm, as `edgecl.train.models` computes them; beside `token_ops`. Only
-ops ONNX Runtime's CPU and CUDA providers both have: Reshape, Relu, Transpose, MatMul, ReduceSum, ReduceMean, Softmax,
-Tile, Sqrt, Add, Sub, Mul, Div."""
+context vector over the patches) and of GroupNorm1 and RMSNorm, as `edgecl.train.models` computes them; beside
+`token_ops`. Only ops ONNX Runtime's CPU and CUDA providers both have: Reshape, Relu, Transpose, MatMul, ReduceSum,
+ReduceMean, Softmax, Tile, Sqrt, Add, Sub, Mul, Div."""
 from __future__ import annotations
 
 import math
