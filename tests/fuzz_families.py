@@ -427,6 +427,8 @@ def _spec(draw) -> dict:
                 node["bias"] = draw(st.booleans()) if fits else draw(st.sampled_from([0, "no", None, 1]))
             if draw(st.integers(0, 3)) == 0:
                 node["affine"] = draw(st.booleans())
+            if draw(st.integers(0, 3)) == 0:  # an RMSNorm (MobileNetV5: over the channels, no bias), or hostile
+                node["rms"] = draw(st.booleans()) if fits else draw(st.sampled_from([1, "yes", None, 0]))
         elif op == "attention_pool":  # GCNet's pool over the map, or MobileViTv2's per patch offset (patch)
             node["inputs"].append(draw(st.sampled_from([n for n in names if known.get(n, [0])[:1] == [1] and
                                                         known.get(n)[1:] == dims[1:]] or names)))

@@ -4,7 +4,8 @@ same normal form (key order too: the file's JSON), whose fields at a default are
 stored form leaves every one out and reads back as the same spec, on graphs that use these fields off their
 defaults too (GroupNorm, weight standardisation, skipinit, tokens, windows, grid and talking-head attention, shared
 bias rows, pooled patches, Swin's order, padding modes, bilinear up-sampling, MetaFormer's bias-less norms,
-XCA's and DaViT's channel attention, BEiT's qkv bias in parts, EVA-02's q, k, v as rows of a fused qkv)."""
+XCA's and DaViT's channel attention, BEiT's qkv bias in parts, EVA-02's q, k, v as rows of a fused qkv,
+MobileNetV5's RMSNorms)."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ from layer_nets import (blur_spec, efficientformer_spec, hgnet_spec, maxvit_spec
 from layer_nets_meta import metaformer_spec
 from layer_nets_nf import group_norm_spec, nf_spec, std_spec
 from layer_nets_vit import davit_spec, efficientvit_msra_windows_spec, nest_spec, pit_spec, tnt_spec, volo_spec
+from layer_nets_mnv5 import mnv5_spec
 from linear_nets import edgenext_spec, mobilevit2_spec
 from neck_nets import fpn_spec
 from vit_bias_nets import beit_spec, eva_rope_spec
@@ -33,7 +35,7 @@ GRAPHS = {"upsample": lambda: UPSAMPLE, "hgnet": hgnet_spec, "s2d": s2d_spec, "g
           "efficientvit_msra_windows": efficientvit_msra_windows_spec, "mobilevit2": mobilevit2_spec,
           "metaformer": metaformer_spec, "edgenext": edgenext_spec, "davit": davit_spec,
           "nest": nest_spec, "volo": volo_spec, "tnt": tnt_spec, "beit": beit_spec,
-          "eva_rope": eva_rope_spec}
+          "eva_rope": eva_rope_spec, "mnv5": mnv5_spec}
 
 
 def test_each_later_field_is_a_field_of_its_op_and_its_default_means_absence():

@@ -215,6 +215,8 @@ def randomise_batchnorm(module: nn.Module, seed: int = 0) -> None:
         if type(m).__name__ == "GlobalResponseNorm":  # timm's starts at the identity (weight and bias 0)
             m.weight.data.copy_(0.5 * torch.randn(m.weight.shape, generator=g))
             m.bias.data.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
+        if type(m).__name__.startswith("RmsNorm") and getattr(m, "weight", None) is not None:  # timm's (MobileNetV5)
+            m.weight.data.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
         if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:  # GroupNorm1: MobileViTv2
             m.weight.data.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
         if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.bias is not None:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 from torch import fx, nn
 
 from edgecl.arch.fx_calls import location, pair, pair_floats, shape_of
+from edgecl.arch.fx_padding import same_kind
 from edgecl.errors import UsageError
 
 MULTI_QUERY = ("timm.layers.attention2d", "MultiQueryAttention2d")
@@ -64,6 +65,8 @@ class _Attention2dConverter:
     _emit: Callable[..., str]
     _conv: Callable[..., str]
     _norm: Callable[..., str]
+    same_padded: Callable[..., None]
+    alias: dict[fx.Node, str]
     attend_packed: Callable[..., str]  # `fx_attention`'s: q, k, v slices of one projection and their attention
 
     def attention_2d(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
@@ -145,10 +148,16 @@ class _Attention2dConverter:
         return strides
 
     def _key_value(self, node: fx.Node, part: nn.Sequential, x: str, path: str, where: str) -> str:
-        """The key or value path: [depthwise down-sampling conv, BatchNorm], then the 1×1 projection to one head."""
+        """The key or value path: [depthwise down-sampling conv, BatchNorm or RmsNorm2d], then the 1×1 projection to
+        one head. The down-sampling conv reads the module's input, so a TensorFlow-"same" one (timm's Conv2dSame,
+        ``pad_type='same'``: mobilenetv5_300m_enc) is padded as that map needs (`fx_padding`)."""
         if hasattr(part, "down_conv"):
-            x = self._norm(node, part.norm, self._conv(node, part.down_conv, x, f"{path}.down_conv", where),
-                           f"{path}.norm", where, required=True)
+            if same_kind(part.down_conv) == "conv":
+                self.same_padded(node, part.down_conv, x, f"{path}.down_conv")
+                down = self.alias[node]
+            else:
+                down = self._conv(node, part.down_conv, x, f"{path}.down_conv", where)
+            x = self._norm(node, part.norm, down, f"{path}.norm", where, required=True)
         return self._conv(node, part.proj, x, f"{path}.proj", where)
 
     def _attention_2d(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str) -> None:

@@ -34,6 +34,7 @@ from edgecl.arch.fx_norms import _NormConverter
 from edgecl.arch.fx_padding import _PaddingConverter
 from edgecl.arch.fx_pvt import _PvtConverter
 from edgecl.arch.fx_sam import _SamConverter
+from edgecl.arch.fx_rms_norm import _RmsNormConverter
 from edgecl.arch.fx_shuffle import _ShuffleConverter
 from edgecl.arch.fx_shvit import _ShvitConverter
 from edgecl.arch.fx_slices import _SliceConverter
@@ -63,5 +64,6 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _CaitConverter, _ConvitConverter, _CoatConverter, _SwinV2Converter,
                _StackConverter, _VoloConverter, _TntConverter,
                _EvaConverter, _ByoaConverter, _SamConverter, _ConvAttentionConverter,
-               _IFormerConverter, _SwiftFormerConverter):
+               _IFormerConverter, _SwiftFormerConverter,
+               _RmsNormConverter):
     """Every family's conversions, in one base class."""

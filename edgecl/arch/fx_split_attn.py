@@ -22,6 +22,7 @@ from torch import fx, nn
 
 from edgecl.arch.fx_activations import module_activation, unknown_activation
 from edgecl.arch.fx_calls import is_library_identity, location, map_shape, shape_of
+from edgecl.arch.fx_rms_norm import is_rms_norm_2d
 from edgecl.errors import UsageError
 
 SPLIT_ATTENTION = {("timm.layers.selective_kernel", "SelectiveKernel"), ("timm.layers.split_attn", "SplitAttn")}
@@ -42,6 +43,7 @@ class _SplitAttnConverter:
     _activation: Callable[..., None]
     _batchnorm: Callable[..., None]
     _conv_fields: Callable[..., dict]
+    rms_norm: Callable[..., str]
 
     def split_attention(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
         where = f"{type(m).__name__} at {path!r} {location(node)}"
@@ -140,9 +142,11 @@ class _SplitAttnConverter:
         """A BatchNorm (with timm's `.act`), or nothing where the module has an identity (SplitAttn's default)."""
         if _identity(norm) and not required:
             return x
+        if is_rms_norm_2d(norm):  # MobileNetV5's attention: timm's RmsNorm2d after the key/value down-sampling
+            return self.rms_norm(node, norm, x, path)
         if not isinstance(norm, (nn.BatchNorm2d,)):
             raise UsageError(f"{self.name}: {where}: {path!r} is a {type(norm).__name__}; edgecl converts a "
-                             "BatchNorm2d there")
+                             "BatchNorm2d or timm's RmsNorm2d there")
         self._batchnorm(node, norm, x, path)
         return self.alias[node]
 

@@ -33,6 +33,7 @@ from edgecl.arch.fx_nextvit import is_nextvit_attention
 from edgecl.arch.fx_norms import is_grn
 from edgecl.arch.fx_pvt import is_pvt_stage
 from edgecl.arch.fx_sam import is_sam_block
+from edgecl.arch.fx_rms_norm import is_rms_norm_2d
 from edgecl.arch.fx_shvit import is_shvit_attention
 from edgecl.arch.fx_space_to_depth import is_space_to_depth
 from edgecl.arch.fx_split_attn import is_split_attention
@@ -63,7 +64,7 @@ WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention,
          (is_tnt_block, "tnt_block"), (is_eva_attention, "eva_attention"),
          (is_byoa_attention, "byoa_attention"), (is_attention2d, "attention2d"), (is_sam_block, "sam_block"),
          (is_conv_attention, "conv_attention"), (is_shma, "shma"),
-         (is_swiftformer_attention, "swiftformer_attention"))
+         (is_swiftformer_attention, "swiftformer_attention"), (is_rms_norm_2d, "rms_norm"))
 # may read channels-last values
 ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin, is_tiny_vit_block, is_maxvit, is_xcit_xca, is_xcit_lpi,
              is_class_attn, is_twins_attention, is_davit_channel, is_pvt_stage, is_nextvit_attention, is_gcvit_block,

@@ -222,9 +222,13 @@ def has_gain(node: dict[str, Any]) -> bool:
 
 def layer_norm_fields(out: dict[str, Any], where: str) -> None:
     """A GroupNorm's ``groups`` G: over the map, G dividing the channels. ``bias`` false (MetaFormer v2's norms: a
-    weight, no bias) needs ``affine``: a norm without affine tensors has no bias to leave out."""
+    weight, no bias) needs ``affine``: a norm without affine tensors has no bias to leave out. ``rms`` (an RMSNorm)
+    is over the channels, with no bias (its weight alone, or no affine tensors)."""
     if not out["bias"] and not out["affine"]:
         raise UsageError(f"{where}: layer_norm bias false needs affine (a layer_norm without affine has no bias)")
+    if out["rms"] and (out["over"] == "map" or (out["groups"] or 1) > 1 or out["affine"] and out["bias"]):
+        raise UsageError(f"{where}: layer_norm rms (an RMSNorm) is over the channels, one group, without a bias "
+                         "(affine with bias false, or no affine)")
     groups = out["groups"] or 1
     if groups > 1 and (out["over"] != "map" or out["ch"] % groups):
         raise UsageError(f"{where}: layer_norm groups {groups} needs over 'map' and {out['ch']} channels that the "

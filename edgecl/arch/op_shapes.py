@@ -60,6 +60,8 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
         return 2 * math.prod(ins[1]) + (3 if node.get("patch") else 1) * math.prod(ins[0])
     if node["op"] == "layer_norm" and node.get("over") == "map":  # its mean, centred map, square, normalised map
         return 4 * math.prod(ins[0])
+    if node["op"] == "layer_norm" and node.get("rms"):  # its square, normalised map, its mean of squares
+        return 2 * math.prod(ins[0]) + math.prod(ins[0][1:])
     if node["op"] == "adaptive_avgpool":
         return ins[0][0] * ins[0][1] * node["size"][1]
     if node["op"] == "token_mix":  # the MatMul's output before the bias is added

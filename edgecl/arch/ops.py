@@ -20,7 +20,8 @@ Ops (fields and defaults in `OPS`):
   sample, its affine still per channel; with ``groups`` G (a GroupNorm of G groups: BiT), over each of the G
   contiguous blocks of C/G channels of the map separately; G 1 is left out of the stored spec; ``bias`` false: the
   weight alone, no bias tensor, as MetaFormer v2's norms (timm's LayerNorm2dNoBias, GroupNorm1NoBias); left out of
-  the stored spec at its default true), ``layer_scale``
+  the stored spec at its default true; ``rms`` true: an RMSNorm over the channels, x / √(mean of x² + eps) · weight,
+  no mean subtracted and no bias, timm's RmsNorm2d (MobileNetV5); left out at its default false), ``layer_scale``
   (weight: one learned factor per channel, ConvNeXt's γ, starting at ``init``), ``affine`` (y = weight·x + bias,
   one learned factor and offset per channel, starting at 1 and 0: ResMLP's ``Affine`` norm, timm's
   ``torch.addcmul(beta, alpha, x)``; its module stores them as ``MODULE.alpha`` and ``MODULE.beta``, both in the
@@ -193,7 +194,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "linear": {"in": ("size", ...), "out": ("size", ...), "bias": ("bool", True)},
     "bn": {"ch": ("size", ...), "eps": ("eps", 1e-5), "momentum": ("momentum", 0.1)},
     "layer_norm": {"ch": ("size", ...), "eps": ("eps", 1e-5), "affine": ("bool", True), "over": ("norm_over", None),
-                   "groups": ("size", None), "bias": ("bool", True)},
+                   "groups": ("size", None), "bias": ("bool", True), "rms": ("bool", False)},
     "layer_scale": {"ch": ("size", ...), "init": ("number", 1.0)},
     "affine": {"ch": ("size", ...)},
     "grn": {"ch": ("size", ...), "eps": ("eps", 1e-6)},

@@ -25,7 +25,7 @@ from edgecl.arch.spec import INPUT as SPEC_INPUT
 from edgecl.arch.spec import Arch, node_shapes, param_shapes
 from edgecl.graph.lambda_onnx import lambda_layer
 from edgecl.graph.outlook_onnx import outlook_attention
-from edgecl.graph.linear_ops import linear_attention, map_norm, patch_context
+from edgecl.graph.linear_ops import linear_attention, map_norm, patch_context, rms_norm
 from edgecl.graph.nodes import Builder as _Builder
 from edgecl.graph.onnx_spatial import SPATIAL_OPS, spatial_op
 from edgecl.graph.sdta_ops import channel_attention, fourier_pos, normalize
@@ -205,6 +205,8 @@ def _op(b: _Builder, node: dict, ins: list[str], factors: dict, shapes: list[lis
         return _bn(b, h, node)
     if op == "layer_norm" and node.get("over") == "map":
         return map_norm(b, h, node, in_shape)
+    if op == "layer_norm" and node.get("rms"):
+        return rms_norm(b, h, node, in_shape)
     if op == "layer_norm":
         return _layer_norm(b, h, node, in_shape)
     if op in ("layer_scale", "affine"):  # (C,) tensors on (N, C) features or, unsqueezed to (C, 1, …), a map

@@ -1,7 +1,7 @@
 """ONNX forms of the attentions linear in the positions (EfficientViT's (MIT) ReLU linear attention, MobileViTv2's
-context vector over the patches) and of GroupNorm1, as `edgecl.train.models` computes them; beside `token_ops`. Only
-ops ONNX Runtime's CPU and CUDA providers both have: Reshape, Relu, Transpose, MatMul, ReduceSum, ReduceMean, Softmax,
-Tile, Sqrt, Add, Sub, Mul, Div."""
+context vector over the patches) and of GroupNorm1 and RMSNorm, as `edgecl.train.models` computes them; beside
+`token_ops`. Only ops ONNX Runtime's CPU and CUDA providers both have: Reshape, Relu, Transpose, MatMul, ReduceSum,
+ReduceMean, Softmax, Tile, Sqrt, Add, Sub, Mul, Div."""
 from __future__ import annotations
 
 import math
@@ -65,3 +65,17 @@ def map_norm(b: Builder, h: str, node: dict, shape: list[int]) -> str:
     if not node.get("bias", True):
         return scaled
     return b.op("Add", [scaled, b.op("Unsqueeze", [f"{node['name']}.bias", axes])])
+
+
+def rms_norm(b: Builder, h: str, node: dict, shape: list[int]) -> str:
+    """A ``layer_norm`` with ``rms`` (timm's RmsNorm2d): h / √(mean of h² over the channels + eps) at each position of
+    a map (or of features: `shape` is the input's without N), then the weight per channel (unsqueezed to (C, 1, …))
+    when affine; no mean is subtracted and there is no bias."""
+    mean_square = b.op("ReduceMean", [b.op("Mul", [h, h])], axes=[1], keepdims=1)
+    normed = b.op("Div", [h, b.op("Sqrt", [b.op("Add", [mean_square, b.constant(float(node["eps"]))])])])
+    if not node["affine"]:
+        return normed
+    weight = f"{node['name']}.weight"
+    if len(shape) > 1:
+        weight = b.op("Unsqueeze", [weight, b.ints(*range(1, len(shape)))])
+    return b.op("Mul", [normed, weight])

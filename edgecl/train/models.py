@@ -159,6 +159,9 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         w, b = params.get(f"{name}.weight"), params.get(f"{name}.bias")
         if node.get("over") == "map":  # a GroupNorm: each of its groups of channels over the whole map of a sample
             return F.group_norm(h, node.get("groups", 1), w, b, node["eps"])
+        if node.get("rms"):  # an RMSNorm over the channels at each position, as timm's rms_norm2d
+            h = h * torch.rsqrt(h.pow(2).mean(1, keepdim=True) + node["eps"])
+            return h if w is None else h * w.reshape(-1, *[1] * (h.dim() - 2))
         if h.dim() == 2:
             return F.layer_norm(h, (node["ch"],), w, b, node["eps"])
         return F.layer_norm(h.movedim(1, -1), (node["ch"],), w, b, node["eps"]).movedim(-1, 1)  # (C, H, W), (C, L)
