@@ -23,6 +23,7 @@ from edgecl.arch.fx_eva import _EvaConverter
 from edgecl.arch.fx_gcvit import _GcVitConverter
 from edgecl.arch.fx_global_context import _GlobalContextConverter
 from edgecl.arch.fx_hiera import _HieraConverter
+from edgecl.arch.fx_hieradet import _HieraDetConverter
 from edgecl.arch.fx_lambda import _LambdaConverter
 from edgecl.arch.fx_levit import _LevitConverter
 from edgecl.arch.fx_maxvit import _MaxVitConverter
@@ -59,5 +60,5 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _NestConverter, _PvtConverter, _NextVitConverter, _ShvitConverter, _GcVitConverter,
                _CaitConverter, _ConvitConverter, _CoatConverter, _SwinV2Converter,
                _StackConverter, _VoloConverter, _TntConverter,
-               _EvaConverter, _ByoaConverter, _HieraConverter):
+               _EvaConverter, _ByoaConverter, _HieraConverter, _HieraDetConverter):
     """Every family's conversions, in one base class."""
