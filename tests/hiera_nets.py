@@ -28,22 +28,24 @@ def hiera_spec(input_shape=(1, 8, 8)) -> dict:
 
 
 class TinyHieraDet(nn.Module):
-    """SAM 2's HieraDet in small, without its position embedding (a parameter resized in forward, which edgecl
-    refuses): timm's 3×3 stride-1 patch embedding of 8 channels to a channels-last map, three stages of one, one and
-    two blocks (1, 2, 4 heads), q-pools of 2 at the first block of stages 2 and 3 (each in the windows of the stage
-    before: timm lags the window by a block); on an 8×8 image 4×4 windows on the 8×8 map, then 8×8 windows padding
-    the 4×4 map (the padded keys join the attention; the pooled output cropped back to 2×2) and the 2×2 one; timm's
-    head averages the map."""
+    """SAM 2's HieraDet in small: timm's 3×3 stride-1 patch embedding of 8 channels to a channels-last map, its
+    position embedding (a 3×3 grid resized bicubically to the map, plus a 4×4 one tiled over it), three stages of
+    one, one and two blocks (1, 2, 4 heads), q-pools of 2 at the first block of stages 2 and 3 (each in the windows
+    of the stage before: timm lags the window by a block); on an 8×8 image 4×4 windows on the 8×8 map, then 8×8
+    windows padding the 4×4 map (the padded keys join the attention; the pooled output cropped back to 2×2) and the
+    2×2 one; timm's head averages the map. `positions` False leaves the position embedding out (any image side)."""
 
-    def __init__(self, classes: int = 3, in_channels: int = 1, **kwargs):
+    def __init__(self, classes: int = 3, in_channels: int = 1, positions: bool = True, **kwargs):
         super().__init__()
         from timm.models.hieradet_sam2 import HieraDet
         args = dict(in_chans=in_channels, num_classes=classes, embed_dim=8, num_heads=1, stages=(1, 1, 2), q_pool=2,
                     window_spec=(4, 8, 8), global_att_blocks=(), patch_kernel=(3, 3), patch_stride=(1, 1),
-                    patch_padding=(1, 1))
-        self.net = HieraDet(**{**args, **kwargs})
+                    patch_padding=(1, 1), global_pos_size=(3, 3))
+        self.net, self.positions = HieraDet(**{**args, **kwargs}), positions
 
     def forward(self, x):
+        if self.positions:
+            return self.net(x)
         return self.net.head(self.net.blocks(self.net.patch_embed(x)))
 
 
