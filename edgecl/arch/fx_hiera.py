@@ -55,7 +55,6 @@ class _HieraConverter:
     _emit: Callable[..., str]
     swin_norm: Callable[..., str]
     norm_mlp: Callable[..., str]
-    attend_packed: Callable[..., str]
     packed_slices: Callable[..., tuple[str, str, str]]
     _gcvit_scaled: Callable[..., str]  # timm's LayerScale or an identity
 
