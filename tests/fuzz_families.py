@@ -267,7 +267,7 @@ def _spec(draw) -> dict:
             if op == "pos_embed":
                 # tokens (C, T, 1) or a feature map's H·W positions (PiT, Visformer)
                 node["tokens"] = (int(np.prod(dims[1:])) if len(dims) == 3 else 1) if fits else draw(hostile)
-                storage = draw(st.sampled_from(["map", "tile", "last", None])) if len(dims) == 3 else None
+                storage = draw(st.sampled_from(["map", "tile", "last", "resize", None])) if len(dims) == 3 else None
                 if storage == "map":  # the map's module storage, (1, C, H, W), or a wrong one
                     node["module_shape"] = [1, *dims] if fits else draw(st.sampled_from(
                         [[1, dims[0], dims[1] * dims[2] + 1, 1], [dims[0], *dims[1:]], [1, *dims, 1], "x"]))
@@ -277,6 +277,12 @@ def _spec(draw) -> dict:
                     node["tokens"] = tile[0] * tile[1]
                     if fits or draw(st.booleans()):  # its storage (1, C, wh, ww), or none (tile needs one)
                         node["module_shape"] = [1, dims[0], *tile]
+                elif storage == "resize":  # HieraDet's: a grid of its own, resized to the map (bicubic)
+                    grid = [draw(st.integers(1, 5)), draw(st.integers(1, 5))]
+                    node["resize"] = grid if fits else draw(st.sampled_from([[0, 2], "2", [2, 2, 2], [5000, 1], 2.5]))
+                    node["tokens"] = grid[0] * grid[1] if fits or draw(st.booleans()) else grid[0] * grid[1] + 1
+                    if fits or draw(st.booleans()):  # its storage (1, C, gh, gw), or none (resize needs one)
+                        node["module_shape"] = [1, dims[0], *grid]
                 elif storage == "last":  # VOLO's channels-last storage (1, H, W, C)
                     node["channels_last"] = True if fits else draw(st.sampled_from(["yes", 1, None, False]))
                     if fits or draw(st.booleans()):  # a wrong storage, or none (channels_last needs one)

@@ -428,18 +428,21 @@ def test_conv_channel_groups_round_to_the_blocked_layout():
     _check(arch, p, c_arch, c_params, report)
 
 
-@pytest.mark.parametrize("make", ["volo_spec", "tnt_spec"])
+@pytest.mark.parametrize("make", ["layer_nets_vit.volo_spec", "layer_nets_vit.tnt_spec", "hiera_nets.hieradet_spec"])
 def test_node_masks_on_channels_last_and_tiled_position_embeddings(make):
-    """VOLO's channels-last position embedding (storage only: compaction drops it with the module's shape) and TNT's
-    embedding tiled over the windows (its window shape kept, with the channels left): half of every channel group
-    dead, the compacted spec validates and gives the same logits (before, a spec with either was left invalid)."""
-    import layer_nets_vit
+    """VOLO's channels-last position embedding (storage only: compaction drops it with the module's shape), TNT's
+    embedding tiled over the windows (its window shape kept, with the channels left) and HieraDet's resized grid
+    and tiled window (their grids kept): half of every channel group dead, the compacted spec validates and gives the
+    same logits (before, a spec with either was left invalid)."""
+    import importlib
 
-    arch = getattr(layer_nets_vit, make)((3, 8, 8))
+    module, name = make.split(".")
+    arch = getattr(importlib.import_module(module), name)((3, 8, 8))
     p, _ = group_node_masks(arch, random_params(arch, 3, 0), 0.5, 0)
     c_arch, c_params, report = compact(arch, p)
     assert report.params_compact < report.params_dense
-    tiled = [n for n in c_arch["nodes"] if n["op"] == "pos_embed" and n.get("tile")]
-    assert all(n["module_shape"] == [1, n["ch"], *n["tile"]] for n in tiled)
+    grids = [n for n in c_arch["nodes"] if n["op"] == "pos_embed" and (n.get("tile") or n.get("resize"))]
+    assert all(n["module_shape"] == [1, n["ch"], *(n.get("tile") or n["resize"])] for n in grids)
+    assert any(n.get("resize") for n in grids) == (name == "hieradet_spec")
     assert not any(n.get("channels_last") for n in c_arch["nodes"])
     _check(arch, p, c_arch, c_params, report)

@@ -24,6 +24,8 @@ from edgecl.arch.fx_eva import _EvaConverter
 from edgecl.arch.fx_gcvit import _GcVitConverter
 from edgecl.arch.fx_global_context import _GlobalContextConverter
 from edgecl.arch.fx_iformer import _IFormerConverter
+from edgecl.arch.fx_hiera import _HieraConverter
+from edgecl.arch.fx_hieradet import _HieraDetConverter
 from edgecl.arch.fx_lambda import _LambdaConverter
 from edgecl.arch.fx_levit import _LevitConverter
 from edgecl.arch.fx_maxvit import _MaxVitConverter
@@ -32,6 +34,7 @@ from edgecl.arch.fx_nest import _NestConverter
 from edgecl.arch.fx_nextvit import _NextVitConverter
 from edgecl.arch.fx_norms import _NormConverter
 from edgecl.arch.fx_padding import _PaddingConverter
+from edgecl.arch.fx_param_embed import _ParamEmbedConverter
 from edgecl.arch.fx_pvt import _PvtConverter
 from edgecl.arch.fx_sam import _SamConverter
 from edgecl.arch.fx_rms_norm import _RmsNormConverter
@@ -65,5 +68,6 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _StackConverter, _VoloConverter, _TntConverter,
                _EvaConverter, _ByoaConverter, _SamConverter, _ConvAttentionConverter,
                _IFormerConverter, _SwiftFormerConverter,
-               _RmsNormConverter):
+               _RmsNormConverter, _HieraConverter,
+               _HieraDetConverter, _ParamEmbedConverter):
     """Every family's conversions, in one base class."""

@@ -226,6 +226,8 @@ class _Converter(Families):
                           no_tensor_why(node))
 
     def _convert(self, node: fx.Node) -> None:
+        if self.param_embed_step(node):  # a position embedding resized or tiled from parameters (`fx_param_embed`)
+            return
         if self.reads_grouped(node):  # inside a channel shuffle
             self.shuffle_step(node)
         elif self.token_axis_step(node) or node.op != "call_module" and (self.stack_mean_step(node) or

@@ -56,7 +56,7 @@ LATER_FIELDS: dict[str, dict[str, LaterField]] = {
     # a learned embedding; its module stores it in map order (before NesT's block by block), channels first (before
     # VOLO's (1, H, W, C)); one per position of the map (before TNT's, one per position of every window)
     "pos_embed": {"frozen": LaterField((False,), **_KEPT), "block": _NONE, "channels_last": LaterField((False,)),
-                  "tile": _NONE},
+                  "tile": _NONE, "resize": _NONE},
     "pad": {"mode": LaterField(("constant",), **_KEPT)},
     # XCA: q and k L2-normalised, a learned per-head temperature (before DaViT's fixed scale, no normalisation)
     "channel_attention": {"normalize": LaterField((True,)), "scale": _NONE},

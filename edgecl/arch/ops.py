@@ -99,6 +99,9 @@ Ops (fields and defaults in `OPS`):
   ``(ch, H, W)`` of H·W = ``tokens`` positions, row-major, as PiT and Visformer add theirs, whose module stores it
   ``(1, ch, H, W)``: ``module_shape``, or with ``channels_last`` ``(1, H, W, ch)``, VOLO's; with ``tile`` [wh, ww] one
   embedding of ``tokens`` = wh·ww positions added to every wh × ww window of the map, TNT's pixel embedding;
+  with ``resize`` [gh, gw] one embedding of a gh × gw grid (``tokens`` = gh·gw, stored ``(1, ch, gh, gw)``) resized
+  to the map by torch's bicubic interpolation (``F.interpolate(pos_embed, size=(H, W), mode="bicubic")``, the
+  ``bicubic`` op's numbers) and added, HieraDet's (SAM 2) global embedding;
   ``frozen``: a constant, MAE's fixed sin-cos embedding, a parameter with
   ``requires_grad=False``: no method trains it and an artifact stores it once, `spec.frozen_tensors`), ``token``
   (``count`` tokens from ``index``, as ``(C, count, 1)``: class-token pooling, or the tokens after the class and
@@ -223,7 +226,8 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "reshape": {"shape": ("shape", ...)},
     "class_token": {"ch": ("size", ...), "tokens": ("size", 1)},
     "pos_embed": {"ch": ("size", ...), "tokens": ("size", ...), "frozen": ("bool", False), "block": ("size", None),
-                  "channels_last": ("bool", False), "tile": ("pair", None)},
+                  "channels_last": ("bool", False), "tile": ("pair", None),
+                  "resize": ("pair", None)},
     "attention": {"heads": ("size", ...), "scale": ("number", ...), "kv_heads": ("size", None),
                   "bias_offsets": ("size", None), "bias_index": ("index_table", None),
                   "bias_table": ("bias_table", None), "window": ("pair", None), "shift": ("pad", None),

@@ -176,9 +176,9 @@ def _node(node: Any, i: int, shapes: dict[str, list[int]]) -> dict[str, Any]:
         out["module"] = node["module"]
     if "module_shape" in node:
         out["module_shape"] = _module_shape(node["module_shape"], out, where)
-    elif out.get("channels_last") or out.get("tile"):  # how a module stores the weight: it needs that shape
-        raise UsageError(f"{where}: pos_embed channels_last or tile needs a module_shape (1, H, W, ch) or (1, ch, "
-                         "wh, ww)")
+    elif out.get("channels_last") or out.get("tile") or out.get("resize"):  # how a module stores the weight
+        raise UsageError(f"{where}: pos_embed channels_last, tile or resize needs a module_shape (1, H, W, ch) or "
+                         "(1, ch, wh, ww)")
     shapes[name] = output_shape(out, [shapes[s] for s in out["inputs"]], where)
     if math.prod(shapes[name]) > MAX_ACTIVATION or max(shapes[name]) > MAX_DIM:
         raise UsageError(f"{where}: output {shapes[name]} has more than {MAX_ACTIVATION} elements per sample")

@@ -8,6 +8,7 @@ from typing import Any
 from edgecl.arch.gpsa_ops import grid_side
 from edgecl.arch.halo import check_halo_shape
 from edgecl.arch.mlp_bias import mlp_extent
+from edgecl.arch.ops import MAX_ADAPTIVE_INPUT
 from edgecl.arch.rel_pos import check_rel_shape
 from edgecl.errors import UsageError
 
@@ -31,7 +32,14 @@ def token_shape(node: dict[str, Any], ins: list[list[int]], where: str) -> list[
                  node.get("channels_last")):  # TNT's: one embedding for every window
         raise UsageError(f"{where}: pos_embed tile {tile} needs windows that tile the {x[1:]} map, tokens = "
                          f"{tile[0]}·{tile[1]} (gets {node['tokens']}), and no block or channels_last")
-    if x[0] != node["ch"] or op == "pos_embed" and not tile and x[1] * x[2] != node["tokens"]:
+    resize = node.get("resize") if op == "pos_embed" else None
+    if resize and (resize[0] * resize[1] != node["tokens"] or tile or node.get("block") or node.get("channels_last")
+                   or (node.get("module_shape") or [0, 0, *resize])[2:] != resize or
+                   max(*resize, *x[1:]) > MAX_ADAPTIVE_INPUT):  # HieraDet's: its grid resized to the map
+        raise UsageError(f"{where}: pos_embed resize {resize} needs tokens = {resize[0]}·{resize[1]} (gets "
+                         f"{node['tokens']}) stored (1, ch, {resize[0]}, {resize[1]}), no tile, block or "
+                         f"channels_last, and the grid and the {x[1:]} map of sides at most {MAX_ADAPTIVE_INPUT}")
+    if x[0] != node["ch"] or op == "pos_embed" and not (tile or resize) and x[1] * x[2] != node["tokens"]:
         tokens = f" and {node['tokens']} positions" if op == "pos_embed" else ""
         raise UsageError(f"{where}: {op} has {node['ch']} channels{tokens}, gets {x}")
     if op == "pos_embed" and node.get("block") and (x[1] != x[2] or x[1] % node["block"]):  # NesT's (`module_state`)

@@ -351,8 +351,9 @@ class _Net:
             ins = [shapes[s] for s in node["inputs"]]
             if op in (*CHANNEL_AFFINE_OPS, *TOKEN_TENSOR_OPS):
                 node["ch"] = ins[0][0]
-            if node.get("tile"):  # TNT's tiled embedding: its window's shape, which `validate` reads from here
-                node["module_shape"] = [1, node["ch"], *node["tile"]]
+            if node.get("tile") or node.get("resize"):  # TNT's tiled embedding (its window's shape), HieraDet's
+                # resized one (its grid's): what `validate` reads them from
+                node["module_shape"] = [1, node["ch"], *(node.get("tile") or node["resize"])]
             if op == "reshape":  # a flatten (1-D) or a spatial reshape that keeps the channels
                 node["shape"] = [math.prod(ins[0])] if len(node["shape"]) == 1 else [ins[0][0], *node["shape"][1:]]
             shapes[name] = output_shape(node, ins, name)

@@ -13,6 +13,7 @@ from edgecl.arch.rotary_ops import rotary_constants
 from edgecl.arch.windows import conv_window_shape
 from edgecl.graph.halo_onnx import halo_blocks, halo_unblock
 from edgecl.graph.nodes import Builder
+from edgecl.graph.onnx_spatial import bicubic_matrix
 from edgecl.graph.sdta_ops import l2_normalised
 from edgecl.graph.rel_pos_onnx import mlp_bias_table, rel_logits
 
@@ -151,6 +152,11 @@ def pos_embed(b: Builder, h: str, node: dict, shape: list[int]) -> str:
     """The (C, T) embedding unsqueezed to tokens (C, T, 1), or reshaped to the feature map's (C, H, W), broadcast
     over the batch."""
     weight = f"{node['name']}.weight"
+    if node.get("resize"):  # HieraDet's: B_h · (C, gh, gw) · B_wᵀ, torch's bicubic as the `bicubic` op's matrices
+        (gh, gw), (c, height, width) = node["resize"], shape
+        grid = b.op("Reshape", [weight, b.ints(c, gh, gw)])
+        rows = b.op("MatMul", [grid, b.constant(np.ascontiguousarray(bicubic_matrix(gw, width).T))])
+        return b.op("Add", [h, b.op("MatMul", [b.constant(bicubic_matrix(gh, height)), rows])])
     if node.get("tile"):  # TNT's: the (C, wh, ww) embedding tiled over the windows
         (wh, ww), (c, height, width) = node["tile"], shape
         tiled = b.op("Tile", [b.op("Reshape", [weight, b.ints(c, wh, ww)]), b.ints(1, height // wh, width // ww)])

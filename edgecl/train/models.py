@@ -192,6 +192,9 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
     if op == "pos_embed":  # a frozen one is a constant: no gradient reaches it, whatever a method steps
         weight = params[f"{name}.weight"]
         weight = weight.detach() if node["frozen"] else weight
+        if node.get("resize"):  # HieraDet's: its grid resized to the map, torch's bicubic (`onnx_spatial`'s matrices)
+            grid = weight.reshape(1, node["ch"], *node["resize"])
+            return h + F.interpolate(grid, size=tuple(h.shape[2:]), mode="bicubic", align_corners=False)
         if node.get("tile"):  # TNT's: every window of the map gets the one embedding
             (wh, ww), (height, width) = node["tile"], h.shape[2:]
             return h + weight.reshape(node["ch"], wh, ww).repeat(1, height // wh, width // ww)
