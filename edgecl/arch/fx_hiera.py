@@ -56,7 +56,7 @@ class _HieraConverter:
     swin_norm: Callable[..., str]
     norm_mlp: Callable[..., str]
     packed_slices: Callable[..., tuple[str, str, str]]
-    _gcvit_scaled: Callable[..., str]  # timm's LayerScale or an identity
+    timm_layer_scale: Callable[..., str]  # timm's LayerScale or an identity
 
     def hiera(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
         kind = _KINDS[type(m).__name__]
@@ -133,11 +133,11 @@ class _HieraConverter:
         normed = self.swin_norm(node, m.norm1, x, f"{path}.norm1", where)
         residual = self._hiera_residual(node, m, x, normed, path, where, step)
         attended = self._hiera_attention(node, attn, normed, f"{path}.attn", where, strides, grid, step)
-        h = self._emit(node, "add", [residual, self._gcvit_scaled(node, m.ls1, attended, f"{path}.ls1", where)],
+        h = self._emit(node, "add", [residual, self.timm_layer_scale(node, m.ls1, attended, f"{path}.ls1", where)],
                        f"{path}.add1")
         out = self.norm_mlp(node, m.mlp, self.swin_norm(node, m.norm2, h, f"{path}.norm2", where), f"{path}.mlp",
                             where)
-        self._emit(node, "add", [h, self._gcvit_scaled(node, m.ls2, out, f"{path}.ls2", where)], f"{path}.add2")
+        self._emit(node, "add", [h, self.timm_layer_scale(node, m.ls2, out, f"{path}.ls2", where)], f"{path}.add2")
         if q_stride > 1:
             return strides[1:], (grid[0] // step[0], grid[1] // step[1])
         return strides, grid

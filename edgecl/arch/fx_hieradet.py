@@ -42,7 +42,7 @@ class _HieraDetConverter:
     swin_norm: Callable[..., str]
     norm_mlp: Callable[..., str]
     packed_slices: Callable[..., tuple[str, str, str]]
-    _gcvit_scaled: Callable[..., str]  # timm's LayerScale or an identity
+    timm_layer_scale: Callable[..., str]  # timm's LayerScale or an identity
 
     def hieradet_block(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
         where = f"HieraDet MultiScaleBlock at {path!r} {location(node)}"
@@ -71,11 +71,11 @@ class _HieraDetConverter:
             raise UsageError(f"{self.name}: {where}: it pools q but keeps its width, so its shortcut (not pooled) "
                              "and attention differ in positions")
         attended = self._hieradet_attention(node, m, normed, path, where, (height, width), step)
-        h = self._emit(node, "add", [shortcut, self._gcvit_scaled(node, m.ls1, attended, f"{path}.ls1", where)],
+        h = self._emit(node, "add", [shortcut, self.timm_layer_scale(node, m.ls1, attended, f"{path}.ls1", where)],
                        f"{path}.add1")
         out = self.norm_mlp(node, m.mlp, self.swin_norm(node, m.norm2, h, f"{path}.norm2", where), f"{path}.mlp",
                             where)
-        self._emit(node, "add", [h, self._gcvit_scaled(node, m.ls2, out, f"{path}.ls2", where)], f"{path}.add2")
+        self._emit(node, "add", [h, self.timm_layer_scale(node, m.ls2, out, f"{path}.ls2", where)], f"{path}.add2")
         self.last.add(node)
 
     def _hieradet_stride(self, m: nn.Module, where: str) -> list[int] | None:
