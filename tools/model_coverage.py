@@ -91,7 +91,10 @@ TIMM = ["resnet10t", "resnet18", "mobilenetv3_small_050", "mobilenetv2_050", "ef
         # SAM's ViT (padded windows, decomposed relative positions), CPUBone's and LowFormer's conv attention (the
         # attention-free LowFormer), iFormer's single-head modulation attention, EfficientFormer (v1), SwiftFormer's
         # additive attention
-        "samvit_base_patch16", "cpubone_s0", "lowformer_e1", "iformer_t", "efficientformer_l1", "swiftformer_xs"]
+        "samvit_base_patch16", "cpubone_s0", "lowformer_e1", "iformer_t", "efficientformer_l1", "swiftformer_xs",
+        # MobileNetV5 (RMSNorms, multi-query attention, its multi-scale fusion), Hiera (mask units over the unrolled
+        # tokens, q-pools), SAM 2's HieraDet (its position embedding resized from a parameter)
+        "mobilenetv5_base", "hiera_tiny_224", "hieradet_small"]
 # models whose position embedding (LeViT: attention-bias index) fixes the input size: built for the 64×64 traced
 BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_patch16_224": {"img_size": 64},
               "timm:deit_tiny_patch16_224": {"img_size": 64}, "timm:deit_tiny_distilled_patch16_224": {"img_size": 64},
@@ -113,7 +116,7 @@ BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_
               "timm:coatnet_nano_rw_224": {"img_size": 64}, "timm:lambda_resnet26rpt_256": {"img_size": 64},
               "timm:coatnet_rmlp_nano_rw_224": {"img_size": 64}, "timm:maxvit_rmlp_pico_rw_256": {"img_size": 64},
               "timm:vit_small_r26_s32_224": {"img_size": 64}, "timm:vitamin_small_224": {"img_size": 64},
-              "timm:samvit_base_patch16": {"img_size": 64}}
+              "timm:samvit_base_patch16": {"img_size": 64}, "timm:hiera_tiny_224": {"img_size": 64}}
 # input sides other than 64: Swin and TinyViT pad a map their windows do not tile with zeros that join the attention
 # (refused), so they are traced where the windows tile every stage (timm's Swin: 28, 14, 7, then 4 in one window;
 # torchvision's swin_t, whose window is fixed: 56, 28, 14, 7; TinyViT's windows 7, 14, 7: 28, 14, 7); torchvision's
