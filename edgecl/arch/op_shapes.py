@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from edgecl.arch.conv_transpose import conv_transpose_shape
 from edgecl.arch.halo import halo_intermediates
 from edgecl.arch.lambda_ops import lambda_intermediates, lambda_shape
 from edgecl.arch.ops import CHANNEL_AFFINE_OPS, MAX_ADAPTIVE, MAX_ADAPTIVE_INPUT, MAX_BLUR, TOKEN_TENSOR_OPS
@@ -99,6 +100,8 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
         if op != "conv":
             check_pool_windows(node, x, hw, where)
         return [node["out"] if op == "conv" else x[0], *hw]
+    if op == "conv_transpose":
+        return conv_transpose_shape(node, x, where)
     if op in CHANNEL_AFFINE_OPS:
         of_map = op == "grn" or node.get("over") == "map"  # statistics over the map (GRN, GroupNorm1)
         if x[0] != node["ch"] or of_map and len(x) != 3:
