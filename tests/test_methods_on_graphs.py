@@ -45,7 +45,8 @@ map and global attention, both with decomposed relative positions read query −
 TinyViT
 with register tokens, DeiT's distillation token (two averaged heads) and a
 frozen position embedding, conv_attention (CPUBone's ConvAttention: a strided projection, packed heads, nearest
-upsampling cropped back) and iformer (iFormer's SHMA: a sigmoid-gated v split into v and the gate): two real digit
+upsampling cropped back), iformer (iFormer's SHMA: a sigmoid-gated v split into v and the gate) and unet
+(TinyUNet: transposed convs, a skip concatenation): two real digit
 tasks each, then what the method promises about the first task, the deployed
 runtime against the training evaluation, and the exported ONNX against the runtime."""
 from __future__ import annotations
@@ -87,6 +88,7 @@ from vit_bias_nets import beit_spec, eva_rope_spec, eva_spec, vit_relpos_spec
 from sam_nets import sam_spec
 from edge_nets import conv_attention_spec, iformer_spec
 from mobile_attention_nets import swiftformer_spec
+from conv_transpose_nets import unet_spec
 
 CTX = TrainContext(progress=False)
 QUICK = {"lps": {"epochs": 1}, "halrp": {"epochs": 3}, "rgo": {"epochs": 1}, "finetune": {"epochs": 2},
@@ -109,7 +111,7 @@ ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8
          "beit": beit_spec, "vit_relpos": vit_relpos_spec, "eva": eva_spec, "eva_rope": eva_rope_spec,
          "botnet": botnet_spec, "halonet": halonet_spec, "lambda_rpt": rel_lambda_spec, "coat_mlp": coat_mlp_spec,
          "sam": sam_spec, "conv_attention": conv_attention_spec, "iformer": iformer_spec,
-         "swiftformer": swiftformer_spec}
+         "swiftformer": swiftformer_spec, "unet": unet_spec}
 GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgnet", "split", "vit", "gc", "s2d", "mnv4",
           "vit_tokens", "levit", "blur", "swin", "tiny_vit", "map_embed", "efficientformer", "mobilevit", "maxvit",
           "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext",
@@ -117,7 +119,7 @@ GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgne
           "resmlp", "gmlp", "mambaout", "twins", "davit", "nest", "pvt", "nextvit", "shvit",
           "gcvit", "cait", "convit", "coat", "swinv2", "crossvit", "volo",
           "tnt", "beit", "vit_relpos", "eva", "eva_rope", "botnet", "halonet", "lambda_rpt",
-          "coat_mlp", "sam", "conv_attention", "iformer", "swiftformer"]
+          "coat_mlp", "sam", "conv_attention", "iformer", "swiftformer", "unet"]
 
 
 @pytest.fixture(scope="module")

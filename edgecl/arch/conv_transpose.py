@@ -2,8 +2,8 @@
 ONNX's ConvTranspose (decoders, U-Nets, upsampling heads; LowFormer's and CPUBone's transposed-conv upsampling).
 
 Fields: ``in``, ``out``, ``k``, ``stride``, ``pad`` (torch's ``padding``: rows/columns cut from each side of the full
-output), ``output_padding`` (rows/columns added at the bottom and right only; each below max(stride, dilation),
-torch's rule), ``dilation``, ``groups`` (dividing ``in`` and ``out``), ``bias``. Its weight is stored as torch stores
+output), ``output_padding`` (rows/columns added at the bottom and right only; each below the stride: ONNX
+Runtime's rule, stricter than torch's max(stride, dilation)), ``dilation``, ``groups`` (dividing ``in`` and ``out``), ``bias``. Its weight is stored as torch stores
 it, ``(in, out/groups, kh, kw)``: axis 0 is the *input* channels and its output channels are axis 1 (group by group),
 the bias ``(out,)``. Each output side is (n − 1)·stride − 2·pad + dilation·(k − 1) + output_padding + 1.
 
@@ -26,16 +26,16 @@ CONV_TRANSPOSE_FIELDS: dict[str, tuple[str, Any]] = {
 
 
 def conv_transpose_fields(out: dict[str, Any], where: str) -> None:
-    """torch's rules: ``groups`` divides ``in`` and ``out``; each ``output_padding`` below max(stride, dilation) (a
-    larger one would add rows no input reaches, which torch refuses)."""
+    """``groups`` divides ``in`` and ``out``; each ``output_padding`` below the stride: torch allows it below
+    max(stride, dilation), but ONNX Runtime's ConvTranspose refuses one of at least the stride, so such a node
+    would train and then not deploy."""
     g = out["groups"]
     if out["in"] % g or out["out"] % g:
         raise UsageError(f"{where}: conv_transpose groups={g} must divide in={out['in']} and out={out['out']}")
     for a in range(2):
-        if out["output_padding"][a] >= max(out["stride"][a], out["dilation"][a]):
-            raise UsageError(f"{where}: conv_transpose output_padding {out['output_padding']} must be below "
-                             f"max(stride, dilation) on each axis (stride {out['stride']}, dilation "
-                             f"{out['dilation']})")
+        if out["output_padding"][a] >= out["stride"][a]:
+            raise UsageError(f"{where}: conv_transpose output_padding {out['output_padding']} must be below the "
+                             f"stride {out['stride']} on each axis (ONNX Runtime's ConvTranspose refuses more)")
 
 
 def conv_transpose_shape(node: dict[str, Any], x: list[int], where: str) -> list[int]:

@@ -1,6 +1,7 @@
 """`from_torch` of ``nn.ConvTranspose2d``: the ``conv_transpose`` node's fields (`edgecl.arch.conv_transpose`) of a
 module called on one map. An ``output_size`` argument (torch then picks the output padding per call) and a padding
-mode other than zeros are refused by name: the spec's node has one fixed output padding."""
+mode other than zeros are refused by name: the spec's node has one fixed output padding; so is an output padding of at
+least the stride (torch allows it below a larger dilation; ONNX Runtime does not)."""
 from __future__ import annotations
 
 from typing import Any
@@ -19,6 +20,9 @@ def conv_transpose_fields(name: str, node: fx.Node, m: nn.ConvTranspose2d, path:
                          "input alone (its output padding fixed by the layer)")
     if m.padding_mode != "zeros":
         raise UsageError(f"{where}: padding_mode={m.padding_mode!r} is not supported (zeros only)")
+    if any(p >= s for p, s in zip(pair(m.output_padding), pair(m.stride))):
+        raise UsageError(f"{where}: output_padding {m.output_padding} is not below the stride {m.stride}; ONNX "
+                         "Runtime's ConvTranspose refuses it (torch allows it below the dilation)")
     return {"in": m.in_channels, "out": m.out_channels, "k": pair(m.kernel_size), "stride": pair(m.stride),
             "pad": pair(m.padding), "output_padding": pair(m.output_padding), "dilation": pair(m.dilation),
             "groups": m.groups, "bias": m.bias is not None}
