@@ -145,3 +145,28 @@ def test_methods_keep_its_tensors_whole(method_name, kind):
     assert all(np.array_equal(first[k], second[k]) for k in tensors)
     if kind == "task":  # the second task trained its own
         assert not all(np.array_equal(materialize(packs[1], 1)[k], first[k]) for k in tensors)
+
+
+@pytest.mark.parametrize("method_name", ["rgo", "agscl"])
+def test_runtime_switches_its_per_task_tensors(method_name, tmp_path):
+    """Its per-task weight and bias bound per task in place (plain layout) and in per-task sessions: each task's
+    logits are the training forward's of that task's materialised weights."""
+    from edgecl import artifact
+    from edgecl.runtime import TaskRuntime
+    from edgecl.train.models import forward, from_numpy
+
+    stream = make_stream("split-digits", 2, seed=0)
+    method = registry.create(method_name, unet_spec(), {} if method_name == "agscl" else {"epochs": 1})
+    for t in range(2):
+        method.learn_task(t, stream.tasks[t], TrainContext(progress=False))
+    packed = method.pack()
+    path = tmp_path / "m.edgecl"
+    artifact.save(packed, path)
+    x = stream.tasks[0].x_test[:16]
+    for strategy in ("inplace", "sessions"):
+        with TaskRuntime(str(path), strategy=strategy) as rt:
+            for t in (1, 0, 1):
+                with torch.no_grad():
+                    want = forward(packed.arch, from_numpy(materialize(packed, t)), torch.from_numpy(x)).numpy()
+                got = rt.infer(x, task=t)
+                assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), (strategy, t)
