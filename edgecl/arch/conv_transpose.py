@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgecl.arch.limits import MAX_ACTIVATION
 from edgecl.errors import UsageError
 
 CONV_TRANSPOSE_FIELDS: dict[str, tuple[str, Any]] = {
@@ -47,7 +48,18 @@ def conv_transpose_shape(node: dict[str, Any], x: list[int], where: str) -> list
           node["output_padding"][a] + 1 for a in range(2)]
     if min(hw) <= 0:
         raise UsageError(f"{where}: conv_transpose pad {node['pad']} cuts the whole output of {x}")
+    if (columns := conv_transpose_intermediates(node, [x])) > MAX_ACTIVATION:
+        raise UsageError(f"{where}: conv_transpose of a {x} map by a {node['k']} kernel to {node['out']} channels "
+                         f"spreads {columns} column values per sample (out·kh·kw·H·W), more than {MAX_ACTIVATION}")
     return [node["out"], *hw]
+
+
+def conv_transpose_intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
+    """Elements per sample ONNX Runtime's ConvTranspose computes before scattering them into the output: every input
+    position times each output channel's kh × kw taps (its col2im buffer), out·kh·kw·H·W. A small spec (a big kernel
+    over a big map) could ask for gigabytes of it, so `conv_transpose_shape` bounds it as an activation."""
+    _, h, w = ins[0]
+    return node["out"] * node["k"][0] * node["k"][1] * h * w
 
 
 def conv_transpose_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
