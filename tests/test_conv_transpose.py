@@ -84,7 +84,8 @@ def _spec(**fields) -> dict:
     ({"output_padding": 2}, "output_padding"), ({"output_padding": [0, 2], "dilation": 3}, "output_padding"),
     ({"output_padding": -1}, "output_padding"), ({"groups": 4}, "groups=4"), ({"groups": 3}, "groups=3"),
     ({"in": 3}, "expects a (3"), ({"pad": 9}, "cuts the whole output"), ({"k": 0}, "k"),
-    ({"stride": 1 << 20}, "elements per sample"), ({"k": 2048, "out": 128}, "column values"), ({"bias": 1}, "bias"), ({"window": [2, 2]}, "window"),
+    ({"stride": 1 << 20}, "elements per sample"), ({"k": 2048, "out": 128}, "column values"), ({"bias": 1}, "bias"),
+    ({"window": [2, 2]}, "window"),
     ({"standardize": 1e-5}, "standardize")])
 def test_malformed_specs_refused(fields, words):
     with pytest.raises(UsageError, match=words.replace("(", r"\(")):

@@ -2,16 +2,17 @@
 ONNX's ConvTranspose (decoders, U-Nets, upsampling heads; LowFormer's and CPUBone's transposed-conv upsampling).
 
 Fields: ``in``, ``out``, ``k``, ``stride``, ``pad`` (torch's ``padding``: rows/columns cut from each side of the full
-output), ``output_padding`` (rows/columns added at the bottom and right only; each below the stride: ONNX
-Runtime's rule, stricter than torch's max(stride, dilation)), ``dilation``, ``groups`` (dividing ``in`` and ``out``), ``bias``. Its weight is stored as torch stores
-it, ``(in, out/groups, kh, kw)``: axis 0 is the *input* channels and its output channels are axis 1 (group by group),
-the bias ``(out,)``. Each output side is (n − 1)·stride − 2·pad + dilation·(k − 1) + output_padding + 1.
+output), ``output_padding`` (rows/columns added at the bottom and right only; each below the stride: ONNX Runtime's
+rule, stricter than torch's max(stride, dilation)), ``dilation``, ``groups`` (dividing ``in`` and ``out``),
+``bias``. Its weight is stored as torch stores it, ``(in, out/groups, kh, kw)``: axis 0 is the *input* channels and
+its output channels are axis 1 (group by group), the bias ``(out,)``. Each output side is (n − 1)·stride − 2·pad +
+dilation·(k − 1) + output_padding + 1.
 
 Channels: the weight's axes are not a conv's (rows = outputs), so no per-channel rule (node masks, pruning,
-compaction, permutations) reads them: like an attention's bias table its tensors belong to no channel
-(`ops.ROWLESS_OPS`: every method keeps them per task, trained as the task's own, never masked, shared, projected or
-factored), and its input's and output's channels are pinned and ordered (`edgecl.arch.channels`): none removed, none
-moved.
+compaction, permutations, projections, low-rank factors) reads them: like an attention's bias table its tensors
+belong to no channel (`ops.ROWLESS_OPS`: RGO, HALRP and AGS-CL keep them per task; LPS, as its biases, learns them on
+the first task and freezes them), and its input's and output's channels are pinned and ordered
+(`edgecl.arch.channels`): none removed, none moved.
 """
 from __future__ import annotations
 
@@ -55,9 +56,9 @@ def conv_transpose_shape(node: dict[str, Any], x: list[int], where: str) -> list
 
 
 def conv_transpose_intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
-    """Elements per sample ONNX Runtime's ConvTranspose computes before scattering them into the output: every input
-    position times each output channel's kh × kw taps (its col2im buffer), out·kh·kw·H·W. A small spec (a big kernel
-    over a big map) could ask for gigabytes of it, so `conv_transpose_shape` bounds it as an activation."""
+    """Elements per sample ONNX Runtime's ConvTranspose computes before scattering them into the output: every
+    input position times each output channel's kh × kw taps (its col2im buffer), out·kh·kw·H·W. A small spec (a big
+    kernel over a big map) could ask for gigabytes of it, so `conv_transpose_shape` bounds it as an activation."""
     _, h, w = ins[0]
     return node["out"] * node["k"][0] * node["k"][1] * h * w
 

@@ -14,7 +14,8 @@ Ops (fields and defaults in `OPS`):
   a conv's: `edgecl.arch.windows.conv_window_shape`; ``bias_parts``: where its module stores the bias, in equal
   parts, storage only: `edgecl.arch.bias_parts`; ``weight_rows`` [part, parts]: its weight is that row block of its
   module's, storage only: `op_rules.row_table`), ``conv_transpose`` (a transposed convolution, weight ``(in,
-  out/groups, kh, kw)`` as torch stores it; its tensors belong to no channel: `edgecl.arch.conv_transpose`), ``linear`` (weight ``(out, in)``), ``bn``
+  out/groups, kh, kw)`` as torch stores it; its tensors belong to no channel: `edgecl.arch.conv_transpose`),
+  ``linear`` (weight ``(out, in)``), ``bn``
   (weight, bias, running_mean, running_var of ``ch`` channels; eps, momentum), ``layer_norm`` (normalises each position
   over its ``ch`` channels, as ConvNeXt's LayerNorm after a permute; eps; weight and bias when ``affine``; or, with
   ``over`` "map" (timm's GroupNorm1, a GroupNorm of one group: MobileViTv2), over the whole (C, H, W) map of a
