@@ -188,7 +188,7 @@ def _spec(draw) -> dict:
                                    "upsample", "linear_attention", "layer_norm", "attention_pool",
                                    "channel_attention", "fourier_pos", "lambda_layer", "token_mix", "affine",
                                    "bicubic", "outlook_attention", "rotary", "normalize",
-                                   *ACTIVATIONS]))
+                                   "conv_transpose", *ACTIVATIONS]))
         src = draw(st.sampled_from(names))
         node = {"name": f"n{i}", "op": op, "inputs": [src]}
         dims = known.get(src, [1])
@@ -221,6 +221,19 @@ def _spec(draw) -> dict:
             if draw(st.integers(0, 5)) == 0:  # its weight a row block of a fused one (EVA's q, k, v): alone it holds
                 # a part only, refused unless it is the whole ([0, 1]); or hostile rows
                 node["weight_rows"] = draw(st.sampled_from([[0, 1], [0, 3], [2, 2], [-1, 2], [0], "x", [0, 1 << 31]]))
+        elif op == "conv_transpose":  # a transposed conv: hostile output_padding (≥ the stride, negative), groups
+            # not dividing, a pad cutting the whole output, a huge stride (refused by the activation bound)
+            c = dims[0] if fits else draw(hostile)
+            g = draw(st.sampled_from([1, 1, c if isinstance(c, int) and c > 0 else 1, 2]))
+            stride = draw(st.sampled_from([1, 2, 3, [2, 1]]))
+            below = [[p, q] for p in range(max(stride if isinstance(stride, int) else stride[0], 1))
+                     for q in range(stride if isinstance(stride, int) else stride[1])]
+            node.update({"in": c, "out": g * draw(st.integers(1, 3)), "k": draw(st.sampled_from([1, 2, 3, [3, 1]])),
+                         "stride": stride if fits else draw(st.sampled_from([1 << 20, 0, [2, 2, 2]])),
+                         "pad": draw(st.sampled_from([0, 0, 1] if fits else [2, 9, -1])), "groups": g,
+                         "output_padding": draw(st.sampled_from(below)) if fits else
+                         draw(st.sampled_from([[0, 3], 2, -1, "1", 1])),
+                         "dilation": draw(st.sampled_from([1, 2])), "bias": draw(st.booleans())})
         elif op == "linear":
             node.update({"in": int(np.prod(dims)) if fits else draw(hostile), "out": draw(st.integers(1, 8))})
         elif op == "bn":

@@ -1,8 +1,9 @@
 """CPUBone's and LowFormer's conv-projected attention (timm's ``ConvAttention``) through `from_torch`: kept whole —
 a strided depthwise projection (CPUBone's 2×2 kernels with their pads), each head's packed q, k, v, softmax
 attention, the output projection, CPUBone's nearest upsampling and the crop back to the input's size — against the
-module (torch form and ONNX); LowFormer's learned ConvTranspose2d upsampling and other layers refused by name;
-cpubone_nano, cpubone_s0 and the attention-free lowformer_e1 at 64 (slow, a few seconds each)."""
+module (torch form and ONNX); LowFormer's and CPUBone's learned ConvTranspose2d upsampling (a ``conv_transpose``,
+depthwise or fused with the output projection, at strides 1 to 4); other layers refused by name; cpubone_nano,
+cpubone_s0, the attention-free lowformer_e1 and lowformer_b0 at 64 (slow, a few seconds each)."""
 from __future__ import annotations
 
 import pytest
@@ -48,10 +49,23 @@ def test_heads_scale_pads_and_crop_are_recorded():
     assert nodes["attn.crop"]["pads"] == [0, 0, -1, -1]  # the 6×6 upsampled map cropped back to 5×5
 
 
-def test_transposed_upsampling_and_other_layers_are_refused_by_name():
-    assert_refused(TinyConvAttention("lowformer"), "ConvAttention", "attn.upsampling", "ConvTranspose2d",
-                   "no transposed convolution")
-    assert_refused(TinyConvAttention("cpubone", upsample_mode="transpose"), "attn.upsampling", "ConvTranspose2d")
+@pytest.mark.parametrize("family,kwargs,image", [
+    ("lowformer", {}, 8), ("lowformer", {"fuse_out_proj": False}, 10), ("lowformer", {"att_stride": 1}, 8),
+    ("lowformer", {"att_stride": 3, "fuse_out_proj": False}, 14), ("lowformer", {"att_stride": 4}, 16),
+    ("cpubone", {"upsample_mode": "transpose"}, 10), ("cpubone", {"upsample_mode": "transpose", "att_stride": 3}, 8)],
+    ids=["fused_stride2", "depthwise_stride2", "fused_stride1", "depthwise_stride3_crop", "fused_stride4",
+         "cpubone_transpose", "cpubone_transpose_stride3_crop"])
+def test_transposed_upsampling_parity(family, kwargs, image):
+    """The learned ConvTranspose2d upsampling (fused: o_proj's outputs to the input's channels; else depthwise) is a
+    conv_transpose with the module's weight, cropped back to the input's side where it overshoots."""
+    module = _randomised(TinyConvAttention(family, **kwargs))
+    spec = from_torch(module, (1, image, image))
+    node = next(n for n in spec["nodes"] if n["name"] == "attn.upsampling")
+    assert node["op"] == "conv_transpose" and node["groups"] == (1 if kwargs.get("fuse_out_proj", True) else 16)
+    check_parity(module, spec, (1, image, image))
+
+
+def test_other_layers_are_refused_by_name():
     module = TinyConvAttention("cpubone")
     module.attn.conv_proj.act = nn.ReLU()
     assert_refused(module, "attn.conv_proj", "no activation")
@@ -67,7 +81,7 @@ def test_transposed_upsampling_and_other_layers_are_refused_by_name():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["cpubone_nano", "cpubone_s0", "lowformer_e1"])
+@pytest.mark.parametrize("name", ["cpubone_nano", "cpubone_s0", "lowformer_e1", "lowformer_b0"])
 def test_library_models_at_64(name):
     torch.manual_seed(0)
     module = build_module(f"timm:{name}", {"num_classes": 10}).eval()
@@ -77,9 +91,14 @@ def test_library_models_at_64(name):
 
 
 @pytest.mark.slow
-def test_lowformer_attention_is_refused_by_name():
-    assert_refused(build_module("timm:lowformer_b0", {"num_classes": 10}), "stages.2.1.attn.main.1.upsampling",
-                   "ConvTranspose2d", input_shape=(3, 64, 64))
+def test_cpubone_with_transposed_upsampling_at_64():
+    """CPUBone's attn_upsample='transpose' (its class default; the registered models pass 'nearest')."""
+    torch.manual_seed(0)
+    module = build_module("timm:cpubone_nano", {"num_classes": 10, "attn_upsample": "transpose"}).eval()
+    randomise_batchnorm(module)
+    spec = from_torch(module, (3, 64, 64))
+    assert any(n["op"] == "conv_transpose" for n in spec["nodes"])
+    check_parity(module, spec, (3, 64, 64), batch=2)
 
 
 @pytest.mark.parametrize("fused", [True, False])

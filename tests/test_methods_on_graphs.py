@@ -45,7 +45,8 @@ map and global attention, both with decomposed relative positions read query −
 TinyViT
 with register tokens, DeiT's distillation token (two averaged heads) and a
 frozen position embedding, conv_attention (CPUBone's ConvAttention: a strided projection, packed heads, nearest
-upsampling cropped back) and iformer (iFormer's SHMA: a sigmoid-gated v split into v and the gate): two real digit
+upsampling cropped back), iformer (iFormer's SHMA: a sigmoid-gated v split into v and the gate) and unet
+(TinyUNet: transposed convs, a skip concatenation): two real digit
 tasks each, then what the method promises about the first task, the deployed
 runtime against the training evaluation, and the exported ONNX against the runtime."""
 from __future__ import annotations
@@ -89,6 +90,7 @@ from edge_nets import conv_attention_spec, iformer_spec
 from mobile_attention_nets import swiftformer_spec
 from layer_nets_mnv5 import mnv5_spec
 from hiera_nets import hiera_spec, hieradet_spec
+from conv_transpose_nets import unet_spec
 
 CTX = TrainContext(progress=False)
 QUICK = {"lps": {"epochs": 1}, "halrp": {"epochs": 3}, "rgo": {"epochs": 1}, "finetune": {"epochs": 2},
@@ -112,7 +114,7 @@ ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8
          "botnet": botnet_spec, "halonet": halonet_spec, "lambda_rpt": rel_lambda_spec, "coat_mlp": coat_mlp_spec,
          "sam": sam_spec, "conv_attention": conv_attention_spec, "iformer": iformer_spec,
          "swiftformer": swiftformer_spec, "mnv5": mnv5_spec,
-         "hiera": hiera_spec, "hieradet": hieradet_spec}
+         "hiera": hiera_spec, "hieradet": hieradet_spec, "unet": unet_spec}
 GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgnet", "split", "vit", "gc", "s2d", "mnv4",
           "vit_tokens", "levit", "blur", "swin", "tiny_vit", "map_embed", "efficientformer", "mobilevit", "maxvit",
           "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext",
@@ -120,7 +122,7 @@ GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgne
           "resmlp", "gmlp", "mambaout", "twins", "davit", "nest", "pvt", "nextvit", "shvit",
           "gcvit", "cait", "convit", "coat", "swinv2", "crossvit", "volo",
           "tnt", "beit", "vit_relpos", "eva", "eva_rope", "botnet", "halonet", "lambda_rpt",
-          "coat_mlp", "sam", "conv_attention", "iformer", "swiftformer", "mnv5", "hiera", "hieradet"]
+          "coat_mlp", "sam", "conv_attention", "iformer", "swiftformer", "mnv5", "hiera", "hieradet", "unet"]
 
 
 @pytest.fixture(scope="module")

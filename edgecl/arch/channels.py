@@ -164,6 +164,11 @@ def channel_map(arch: Arch) -> ChannelMap:
             out = x
             pinned_by.extend(ins)
             ordered_by.extend(ins)
+        elif op == "conv_transpose":  # its weight (in, out/groups, kh, kw) is no conv's (rows = outputs): no rule
+            # reads it (`edgecl.arch.conv_transpose`), so its input's and output's channels neither go nor move
+            out = new_group(name, node["out"])
+            pinned_by.extend([x, out])
+            ordered_by.extend([x, out])
         elif op == "fourier_pos":  # a fixed grid: channels of its own, produced by no tensor, never cut
             out = new_group(name, 2 * node["hidden"])
             pinned_by.append(out)

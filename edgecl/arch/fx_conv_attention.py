@@ -5,11 +5,11 @@ user's network, for `fx_import._Converter`. The tracer keeps it whole: its forwa
     [pad (right, bottom) to a multiple of the stride: CPUBone's 2×2 projection] → conv_proj (depthwise strided conv
     [after its ZeroPad2d], BatchNorm) → pwise (1×1 conv) → each head's q, k, v (packed side by side) by `slice`s and
     `cat`s → attention {heads, the scale it applies} → o_proj (1×1 conv or none) → upsampling (a 1×1 conv, a
-    nearest upsample, either or none) → the crop back to H × W (a `pad` of negative sides) where it overshoots
+    nearest upsample, either or none; or a learned ``ConvTranspose2d``, LowFormer's and CPUBone's 'transpose'
+    mode: a ``conv_transpose``) → the crop back to H × W (a `pad` of negative sides) where it overshoots
 
-Every tensor node is named by its module path, so the module's weights read as they are. A learned
-``ConvTranspose2d`` upsampling (LowFormer's, CPUBone's 'transpose' mode) is refused by name: the spec has no
-transposed convolution. Other layers in its places are refused by name with the user's source line.
+Every tensor node is named by its module path, so the module's weights read as they are. Other layers in its places
+are refused by name with the user's source line.
 """
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from typing import Any, Callable
 from torch import fx, nn
 
 from edgecl.arch.fx_attention2d import applied_scale
+from edgecl.arch.conv_transpose import conv_transpose_shape
 from edgecl.arch.fx_calls import location, map_shape, pair
+from edgecl.arch.fx_conv_transpose import conv_transpose_fields
 from edgecl.errors import UsageError
 
 _CONV_ATTENTION = {("timm.models.lowformer", "ConvAttention"), ("timm.models.cpubone", "ConvAttention")}
@@ -56,8 +58,7 @@ class _ConvAttentionConverter:
         h = self._emit(node, "attention", [q, k, v], f"{path}.attend", heads=heads, scale=applied_scale(m, dim))
         if not isinstance(m.o_proj, nn.Identity):
             h = self._conv(node, m.o_proj, h, f"{path}.o_proj", where)
-        h, up = self._upsampling(node, m.upsampling, h, f"{path}.upsampling", where)
-        size = [s * up for s in size]
+        h, size = self._upsampling(node, m.upsampling, h, f"{path}.upsampling", where, size)
         if size[0] < rows or size[1] < cols:
             raise UsageError(f"{self.name}: {where}: its upsampling makes a {size[0]}×{size[1]} map of a "
                              f"{rows}×{cols} input; the crop needs at least the input's size")
@@ -93,12 +94,15 @@ class _ConvAttentionConverter:
         k, s, p, d = (pair(a) for a in (conv.kernel_size, conv.stride, conv.padding, conv.dilation))
         return h, [(size[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(2)]
 
-    def _upsampling(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str) -> tuple[str, int]:
-        """CPUBone's nearest mode: [a 1×1 conv (the fused output projection)], a nearest upsample or an identity;
-        the map and the factor it is upsampled by."""
-        if isinstance(m, nn.ConvTranspose2d):
-            raise UsageError(f"{self.name}: {where}: {path!r} is an nn.ConvTranspose2d (a learned upsampling); "
-                             "edgecl has no transposed convolution (CPUBone's attn_upsample='nearest' goes in)")
+    def _upsampling(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str,
+                    size: list[int]) -> tuple[str, list[int]]:
+        """A learned ``ConvTranspose2d`` (LowFormer's, CPUBone's 'transpose' mode), or CPUBone's nearest mode: [a
+        1×1 conv (the fused output projection)], a nearest upsample or an identity; the map and its (height, width)
+        from a `size` one."""
+        if type(m) is nn.ConvTranspose2d:
+            fields = conv_transpose_fields(self.name, node, m, path)
+            out = conv_transpose_shape(fields, [fields["in"], *size], f"{self.name}: {where}: {path!r}")
+            return self._emit(node, "conv_transpose", [x], path, **fields), out[1:]
         parts = list(m) if isinstance(m, nn.Sequential) else [m]
         names = [f"{path}.{i}" for i in range(len(parts))] if isinstance(m, nn.Sequential) else [path]
         if parts and type(parts[0]) is nn.Conv2d:
@@ -109,10 +113,10 @@ class _ConvAttentionConverter:
             raise UsageError(f"{self.name}: {where}: {path!r} holds {[type(p).__name__ for p in parts]}; edgecl "
                              "converts CPUBone's [1×1 conv,] nearest nn.Upsample (or identity) there")
         if isinstance(parts[0], nn.Identity):
-            return x, 1
+            return x, size
         scale = pair(parts[0].scale_factor)
         if scale[0] != scale[1] or scale[0] != int(scale[0]) or scale[0] < 1:
             raise UsageError(f"{self.name}: {where}: {path!r} upsamples by {parts[0].scale_factor}; edgecl converts "
                              "one integer factor for both sides")
         factor = int(scale[0])
-        return self._emit(node, "upsample", [x], names[0], scale=[factor, factor]), factor
+        return self._emit(node, "upsample", [x], names[0], scale=[factor, factor]), [s * factor for s in size]

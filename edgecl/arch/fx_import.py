@@ -22,6 +22,7 @@ from torch import fx, nn
 
 from edgecl.arch.fx_activations import ACTIVATION_MODULES, module_activation, unknown_activation
 from edgecl.arch.fx_affine import ADDCMUL
+from edgecl.arch.fx_conv_transpose import conv_transpose_fields
 from edgecl.arch.fx_calls import (POOL_PARAMETERS, WITH_INDICES, is_elementwise, is_library_identity, location, pair,
                                   shape_of)
 from edgecl.arch.fx_norms import LAYER_NORMS, PERMUTES, is_view
@@ -306,7 +307,7 @@ class _Converter(Families):
             self.alias[node] = x
             return
         whole = next((method for kept, method in WHOLE if kept(m)), None)
-        if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)) or \
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)) or \
                 whole and next(m.parameters(), None) is not None:
             self.one_call(path, node)
         check_unshared(self.name, m, path, self.shared)  # a leaf's tensors: named by its path
@@ -316,6 +317,8 @@ class _Converter(Families):
             self.asymmetric_same(node, m, x, path)
         elif isinstance(m, nn.Conv2d):
             self._emit(node, "conv", [x], path, **self._conv_fields(node, m, path))
+        elif type(m) is nn.ConvTranspose2d:
+            self._emit(node, "conv_transpose", [x], path, **conv_transpose_fields(self.name, node, m, path))
         elif isinstance(m, nn.Linear) and node in self.last:  # over the channels of a channels-last map: a 1×1 conv
             self._emit(node, "conv", [x], path, **{"in": m.in_features, "out": m.out_features, "k": [1, 1],
                                                    "groups": 1, "bias": m.bias is not None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgecl.arch.bias_parts import bias_parts_fields
+from edgecl.arch.conv_transpose import conv_transpose_fields
 from edgecl.arch.gpsa_ops import GATED_POS, gated_pos_shapes
 from edgecl.arch.halo import halo_fields
 from edgecl.arch.lambda_ops import lambda_fields, lambda_tensor_shapes
@@ -246,4 +247,4 @@ def conv_fields(out: dict[str, Any], where: str) -> None:
 # op → its fields' joint rule (checks, and defaults that depend on other fields), run by `spec.validate` after each
 # field is read alone and before the later fields at their default are left out (`later_fields.drop_defaults`)
 FIELD_RULES = {"attention": attention_fields, "conv": conv_fields, "scalar_affine": scalar_affine_fields,
-               "layer_norm": layer_norm_fields, "lambda_layer": lambda_fields}
+               "layer_norm": layer_norm_fields, "lambda_layer": lambda_fields, "conv_transpose": conv_transpose_fields}

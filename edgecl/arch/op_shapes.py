@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from edgecl.arch.conv_transpose import conv_transpose_intermediates, conv_transpose_shape
 from edgecl.arch.halo import halo_intermediates
 from edgecl.arch.lambda_ops import lambda_intermediates, lambda_shape
 from edgecl.arch.ops import CHANNEL_AFFINE_OPS, MAX_ADAPTIVE, MAX_ADAPTIVE_INPUT, MAX_BLUR, TOKEN_TENSOR_OPS
@@ -24,7 +25,8 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
     small spec file can ask for a huge one; `spec.validate` bounds it) and the heads' copies of q, k, v and the output
     (an upper bound); ``attention_pool``: the logits' softmax and reshaped copies of the logits and the map (an upper
     bound); ``adaptive_avgpool``, ``bicubic``: the map resampled along its width only, (C, H, w), between its two
-    MatMuls; a conv with ``window``: its input and output, each once more in the windows' order."""
+    MatMuls; a conv with ``window``: its input and output, each once more in the windows' order; ``conv_transpose``:
+    its column buffer, out·kh·kw·H·W (`edgecl.arch.conv_transpose`)."""
     if node["op"] == "attention":
         (cq, *q), (ck, *k), (cv, _, _) = ins
         tq, tk, h = math.prod(q), math.prod(k), node["heads"]
@@ -64,6 +66,8 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
         return 2 * math.prod(ins[0]) + math.prod(ins[0][1:])
     if node["op"] == "adaptive_avgpool":
         return ins[0][0] * ins[0][1] * node["size"][1]
+    if node["op"] == "conv_transpose":  # its col2im buffer
+        return conv_transpose_intermediates(node, ins)
     if node["op"] == "token_mix":  # the MatMul's output before the bias is added
         return ins[0][0] * node["out"]
     if node["op"] == "conv" and node.get("window"):  # the input in windows and the conv's windowed output: Transposes
@@ -101,6 +105,8 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
         if op != "conv":
             check_pool_windows(node, x, hw, where)
         return [node["out"] if op == "conv" else x[0], *hw]
+    if op == "conv_transpose":
+        return conv_transpose_shape(node, x, where)
     if op in CHANNEL_AFFINE_OPS:
         of_map = op == "grn" or node.get("over") == "map"  # statistics over the map (GRN, GroupNorm1)
         if x[0] != node["ch"] or of_map and len(x) != 3:

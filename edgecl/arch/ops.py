@@ -13,7 +13,9 @@ Ops (fields and defaults in `OPS`):
   put back side by side: EfficientViT-MSRA's depthwise conv on q; same weights, so every channel and method rule is
   a conv's: `edgecl.arch.windows.conv_window_shape`; ``bias_parts``: where its module stores the bias, in equal
   parts, storage only: `edgecl.arch.bias_parts`; ``weight_rows`` [part, parts]: its weight is that row block of its
-  module's, storage only: `op_rules.row_table`), ``linear`` (weight ``(out, in)``), ``bn``
+  module's, storage only: `op_rules.row_table`), ``conv_transpose`` (a transposed convolution, weight ``(in,
+  out/groups, kh, kw)`` as torch stores it; its tensors belong to no channel: `edgecl.arch.conv_transpose`),
+  ``linear`` (weight ``(out, in)``), ``bn``
   (weight, bias, running_mean, running_var of ``ch`` channels; eps, momentum), ``layer_norm`` (normalises each position
   over its ``ch`` channels, as ConvNeXt's LayerNorm after a permute; eps; weight and bias when ``affine``; or, with
   ``over`` "map" (timm's GroupNorm1, a GroupNorm of one group: MobileViTv2), over the whole (C, H, W) map of a
@@ -172,6 +174,7 @@ from typing import Any
 
 import numpy as np
 
+from edgecl.arch.conv_transpose import CONV_TRANSPOSE_FIELDS
 from edgecl.arch.outlook_ops import OUTLOOK_FIELDS
 
 MAX_NUMBER = 3.0e38  # a `scale` constant must be a float32: ONNX and the runtime compute in float32
@@ -194,6 +197,7 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
              "pad": ("pad", [0, 0]), "dilation": ("pair", [1, 1]), "groups": ("size", 1), "bias": ("bool", True),
              "standardize": ("eps", None), "gain_scale": ("number", None), "std_gain": ("bool", None),
              "window": ("pair", None), "bias_parts": ("bias_parts", None), "weight_rows": ("pad", None)},
+    "conv_transpose": CONV_TRANSPOSE_FIELDS,
     "linear": {"in": ("size", ...), "out": ("size", ...), "bias": ("bool", True)},
     "bn": {"ch": ("size", ...), "eps": ("eps", 1e-5), "momentum": ("momentum", 0.1)},
     "layer_norm": {"ch": ("size", ...), "eps": ("eps", 1e-5), "affine": ("bool", True), "over": ("norm_over", None),
@@ -259,7 +263,8 @@ NORMALISING_OPS = ("layer_norm", "grn")  # statistics over the channels: each ou
 NEIGHBOUR_OPS = ("channel_conv",)
 # tensors that belong to no channel (ECA's k weights, a scalar affine's two numbers, an attention's bias table): no
 # row, no node, no pruning
-ROWLESS_OPS = (*NEIGHBOUR_OPS, "scalar_affine", "attention", "channel_attention", "lambda_layer", "token_mix")
+ROWLESS_OPS = (*NEIGHBOUR_OPS, "scalar_affine", "attention", "channel_attention", "lambda_layer", "token_mix",
+               "conv_transpose")
 # learned values added to (or put among) the tokens, one row per channel like a bias: a method keeps them as biases
 TOKEN_TENSOR_OPS = ("class_token", "pos_embed")
 TENSOR_OPS = ("conv", "linear", *CHANNEL_AFFINE_OPS, *ROWLESS_OPS, *TOKEN_TENSOR_OPS)

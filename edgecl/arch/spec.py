@@ -27,6 +27,7 @@ import re
 from typing import Any
 
 from edgecl.arch.bias_parts import check_null_parts, check_part_keys
+from edgecl.arch.conv_transpose import conv_transpose_tensor_shapes
 from edgecl.arch.later_fields import drop_defaults
 from edgecl.arch.legacy import layers_to_nodes
 from edgecl.arch.limits import MAX_ACTIVATION
@@ -267,6 +268,8 @@ def node_tensor_shapes(node: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         return {k: (node["ch"],) for k in BN_TENSORS}
     if op == "channel_conv":
         return {"weight": (node["k"],)}
+    if op == "conv_transpose":  # (in, out/groups, kh, kw), as torch stores it
+        return conv_transpose_tensor_shapes(node)
     if op == "token_mix":  # rows and columns are token positions, not channels
         return {"weight": (node["out"], node["in"]), **({"bias": (node["out"],)} if node["bias"] else {})}
     if op == "scalar_affine":

@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgecl.arch.op_rules import is_standardized
 from edgecl.arch.spec import INPUT as SPEC_INPUT
 from edgecl.arch.spec import Arch, node_shapes, param_shapes
+from edgecl.graph.conv_transpose_onnx import conv_transpose
 from edgecl.graph.lambda_onnx import lambda_layer
 from edgecl.graph.outlook_onnx import outlook_attention
 from edgecl.graph.linear_ops import linear_attention, map_norm, patch_context, rms_norm
@@ -201,6 +202,8 @@ def _op(b: _Builder, node: dict, ins: list[str], factors: dict, shapes: list[lis
         if node.get("window"):
             return in_windows(b, h, in_shape, node, lambda x: _conv_factored(b, x, node, form, parts))
         return _conv_factored(b, h, node, form, parts)
+    if op == "conv_transpose":
+        return conv_transpose(b, h, node)
     if op == "bn":
         return _bn(b, h, node)
     if op == "layer_norm" and node.get("over") == "map":

@@ -145,6 +145,9 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         conv = functools.partial(F.conv2d, weight=weight, bias=bias, stride=node["stride"], padding=node["pad"],
                                  dilation=node["dilation"], groups=node["groups"])
         return in_windows(conv, h, *node["window"]) if node.get("window") else conv(h)
+    if op == "conv_transpose":  # weight (in, out/groups, kh, kw), as torch stores it
+        return F.conv_transpose2d(h, params[f"{name}.weight"], params.get(f"{name}.bias"), node["stride"],
+                                  node["pad"], node["output_padding"], node["groups"], node["dilation"])
     if op == "linear":
         return F.linear(h, params[f"{name}.weight"], params.get(f"{name}.bias"))
     if op == "bn":
