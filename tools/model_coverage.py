@@ -94,7 +94,9 @@ TIMM = ["resnet10t", "resnet18", "mobilenetv3_small_050", "mobilenetv2_050", "ef
         "samvit_base_patch16", "cpubone_s0", "lowformer_e1", "iformer_t", "efficientformer_l1", "swiftformer_xs",
         # MobileNetV5 (RMSNorms, multi-query attention, its multi-scale fusion), Hiera (mask units over the unrolled
         # tokens, q-pools), SAM 2's HieraDet (its position embedding resized from a parameter)
-        "mobilenetv5_base", "hiera_tiny_224", "hieradet_small"]
+        "mobilenetv5_base", "hiera_tiny_224", "hieradet_small",
+        # LowFormer's attention, upsampled by a transposed convolution
+        "lowformer_b0"]
 # models whose position embedding (LeViT: attention-bias index) fixes the input size: built for the 64×64 traced
 BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_patch16_224": {"img_size": 64},
               "timm:deit_tiny_patch16_224": {"img_size": 64}, "timm:deit_tiny_distilled_patch16_224": {"img_size": 64},
