@@ -135,7 +135,8 @@ Ops (fields and defaults in `OPS`):
   ``MODULE.logit_scale`` stored ``(heads, 1, 1)``, starting at ln 10 (timm's), belonging to no channel. ``rel_pos``
   [kh, kw] with ``rel_dim`` (and ``rel_scaled``): BotNet's relative position logits, q times learned row and column
   embeddings (tensors ``rel_h``, ``rel_w``), `edgecl.arch.rel_pos` (also within each unshifted window: SAM's; with
-  ``rel_mvit`` read at the query's offset minus the key's, MViTv2's and SAM's form); ``bias_table`` "mlp" with
+  ``rel_mvit`` read at the query's offset minus the key's, MViTv2's and SAM's form, q and k then on maps of any
+  sizes, ``rel_pos`` the larger); ``bias_table`` "mlp" with
   ``bias_mlp`` the hidden width: the bias table is an MLP of each offset's log coordinates (timm's RelPosMlp), same
   place. ``halo_blocks`` [bq, bk] with ``halo`` h: HaloNet's blocked attention, each bq × bq query block over its
   bk × bk key block and h around it, `edgecl.arch.halo`.
