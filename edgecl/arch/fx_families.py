@@ -31,6 +31,7 @@ from edgecl.arch.fx_nextvit import _NextVitConverter
 from edgecl.arch.fx_norms import _NormConverter
 from edgecl.arch.fx_padding import _PaddingConverter
 from edgecl.arch.fx_pvt import _PvtConverter
+from edgecl.arch.fx_mvit import _MvitConverter
 from edgecl.arch.fx_sam import _SamConverter
 from edgecl.arch.fx_shuffle import _ShuffleConverter
 from edgecl.arch.fx_shvit import _ShvitConverter
@@ -59,5 +60,5 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _NestConverter, _PvtConverter, _NextVitConverter, _ShvitConverter, _GcVitConverter,
                _CaitConverter, _ConvitConverter, _CoatConverter, _SwinV2Converter,
                _StackConverter, _VoloConverter, _TntConverter,
-               _EvaConverter, _ByoaConverter, _SamConverter):
+               _EvaConverter, _ByoaConverter, _SamConverter, _MvitConverter):
     """Every family's conversions, in one base class."""
