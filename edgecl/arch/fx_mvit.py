@@ -88,7 +88,9 @@ class _MvitConverter:
         h = self.swin_norm(node, m.norm1, x, f"{path}.norm1", where)
         short = x if m.shortcut_proj_attn is None else self._emit(
             node, "conv", [h], f"{path}.shortcut_proj_attn", **pointwise(linear(self.name, where, m.shortcut_proj_attn)))
-        short = self._mvit_skip_pool(node, m.shortcut_pool_attn, short, path, where)
+        if m.shortcut_pool_attn is not None:
+            short = self._mvit_pool(node, m.shortcut_pool_attn, short, f"{path}.shortcut_pool_attn", where,
+                                    [int(m.dim_out if m.shortcut_proj_attn is not None else ch), height, width])[0]
         h, (rows, cols) = self._mvit_attention(node, m.attn, h, f"{path}.attn", where, [ch, height, width])
         x = self._emit(node, "add", [short, h], f"{path}.add1")
         h = self.swin_norm(node, m.norm2, x, f"{path}.norm2", where)
@@ -98,22 +100,29 @@ class _MvitConverter:
         self._emit(node, "reshape", [x], f"{path}.tokens", shape=[int(m.dim_out), rows * cols, 1])
         self.last.add(node)
 
-    def _mvit_skip_pool(self, node: fx.Node, pool: nn.Module | None, x: str, path: str, where: str) -> str:
-        if pool is None:
-            return x
-        if type(pool) is not nn.MaxPool2d or pool.dilation not in (1, (1, 1)) or pool.ceil_mode:
-            raise UsageError(f"{self.name}: {where}: its shortcut_pool_attn is a {type(pool).__name__}; edgecl "
-                             "converts timm's nn.MaxPool2d")
-        k, s, p = (list(v) if isinstance(v, (tuple, list)) else [v, v]
-                   for v in (pool.kernel_size, pool.stride, pool.padding))
-        return self._emit(node, "maxpool", [x], f"{path}.shortcut_pool_attn", k=k, stride=s, pad=p)
+    def _mvit_pool(self, node: fx.Node, pool: nn.Module, x: str, name: str, where: str,
+                   shape: list[int]) -> tuple[str, list[int]]:
+        """timm's max pool (a shortcut's, or q's, k's, v's in mode 'max') or average pool (mode 'avg') on the map:
+        the pooled map and its size."""
+        avg = type(pool) is nn.AvgPool2d
+        if type(pool) not in (nn.MaxPool2d, nn.AvgPool2d) or pool.ceil_mode or \
+                not avg and pool.dilation not in (1, (1, 1)) or avg and pool.divisor_override is not None:
+            raise UsageError(f"{self.name}: {where}: {name!r} is a {type(pool).__name__}; edgecl converts timm's "
+                             "nn.MaxPool2d or nn.AvgPool2d there")
+        (kh, kw), (sh, sw), (ph, pw) = (list(v) if isinstance(v, (tuple, list)) else [v, v]
+                                        for v in (pool.kernel_size, pool.stride, pool.padding))
+        fields = {"count_include_pad": bool(pool.count_include_pad)} if avg else {}
+        out = self._emit(node, "avgpool" if avg else "maxpool", [x], name, k=[kh, kw], stride=[sh, sw],
+                         pad=[ph, pw], **fields)
+        return out, [(shape[1] + 2 * ph - kh) // sh + 1, (shape[2] + 2 * pw - kw) // sw + 1]
 
     def _mvit_attention(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str,
                         shape: list[int]) -> tuple[str, list[int]]:
         """timm's MultiScaleAttention on the (C, H, W) map: the attended map and q's (pooled) size."""
-        if m.mode != "conv" or m.unshared:
-            raise UsageError(f"{self.name}: {where}: its attention pools in mode {m.mode!r}; edgecl converts timm's "
-                             "default 'conv' (a depthwise conv and LayerNorm per head, shared by the heads)")
+        if m.mode not in ("conv", "max", "avg"):
+            raise UsageError(f"{self.name}: {where}: its attention pools in mode {m.mode!r}; edgecl converts 'conv' "
+                             "(timm's default: a depthwise conv and LayerNorm per head, shared by the heads), 'max' "
+                             "and 'avg'")
         qkv, proj = linear(self.name, where, m.qkv), linear(self.name, where, m.proj)
         heads, dim = int(m.num_heads), int(m.dim_out)
         d = dim // heads
@@ -139,9 +148,6 @@ class _MvitConverter:
                                  f"{(2 * extent[1] - 1, d)}; build the model for this input size (img_size) so "
                                  "that its tables fit")
             fields.update(module=path, rel_pos=extent, rel_dim=d, rel_mvit=True)
-        elif m.rel_pos_type not in ("", None, "none"):
-            raise UsageError(f"{self.name}: {where}: rel_pos_type {m.rel_pos_type!r}; edgecl converts 'spatial' or "
-                             "none")
         h = self._emit(node, "attention", [q, k, v], f"{path}.attend", **fields)
         if m.residual_pooling:
             h = self._emit(node, "add", [h, q], f"{path}.residual")
@@ -157,6 +163,8 @@ class _MvitConverter:
             return x, shape[1:]
         c, height, width = shape
         d = c // heads
+        if type(pool) in (nn.MaxPool2d, nn.AvgPool2d) and norm is None:  # modes 'max', 'avg': each channel alone
+            return self._mvit_pool(node, pool, x, f"{path}.pool_{part}", where, shape)
         if type(pool) is not nn.Conv2d or pool.in_channels != d or pool.out_channels != d or pool.groups != d or \
                 pool.bias is not None or pool.dilation != (1, 1) or isinstance(pool.padding, str) or \
                 tuple(getattr(norm, "normalized_shape", ())) != (d,):
