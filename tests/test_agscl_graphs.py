@@ -33,6 +33,7 @@ from linear_nets import TinyEdgeNeXt, TinyEfficientViT, TinyLambdaNet, TinyMobil
 from xcit_nets import TinyXCiT
 from byoa_nets import TinyBotNet, TinyCoAtMlp, TinyHaloNet, TinyRelLambdaNet
 from sam_nets import tiny_sam
+from mvit_nets import graph_mvit
 from torch_nets import MODELS, GhostSplit, ResCat, TinyConvNeXt
 
 from edgecl import artifact
@@ -116,7 +117,7 @@ def _arch(name: str) -> dict:
               "eva_rope": lambda: tiny_eva(in_channels=3, use_rot_pos_emb=True),
               "botnet": lambda: TinyBotNet(in_channels=3), "halonet": lambda: TinyHaloNet(in_channels=3),
               "lambda_rpt": lambda: TinyRelLambdaNet(in_channels=3), "coat_mlp": lambda: TinyCoAtMlp(in_channels=3),
-              "sam": lambda: tiny_sam(in_channels=3)}
+              "sam": lambda: tiny_sam(in_channels=3), "mvit": lambda: graph_mvit(in_channels=3)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
@@ -125,7 +126,7 @@ _CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4"
            "efficientvit_msra_windows", "nf", "lambda", "std", "gn", "meta", "xcit", "mixer", "resmlp", "gmlp",
            "mambaout", "twins", "davit", "nest", "pvt", "nextvit", "shvit", "gcvit", "cait", "convit",
            "coat", "swinv2", "crossvit", "volo", "tnt", "beit", "vit_relpos",
-           "eva", "eva_rope", "botnet", "halonet", "lambda_rpt", "coat_mlp", "sam")
+           "eva", "eva_rope", "botnet", "halonet", "lambda_rpt", "coat_mlp", "sam", "mvit")
 
 
 def _stream(name: str, n_tasks: int):
@@ -154,7 +155,7 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
                                                 "gcvit", "cait", "convit", "coat", "swinv2", "crossvit", "volo",
                                                 "tnt", "beit", "vit_relpos", "eva",
                                                 "eva_rope", "botnet", "halonet", "lambda_rpt",
-                                                "coat_mlp", "sam"])
+                                                "coat_mlp", "sam", "mvit"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

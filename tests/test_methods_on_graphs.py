@@ -83,6 +83,7 @@ from torch_nets import convnext_spec, dwres_spec, ghost_spec, rescat_spec, shuff
 from byoa_nets import botnet_spec, coat_mlp_spec, halonet_spec, rel_lambda_spec
 from vit_bias_nets import beit_spec, eva_rope_spec, eva_spec, vit_relpos_spec
 from sam_nets import sam_spec
+from mvit_nets import mvit_spec
 
 CTX = TrainContext(progress=False)
 QUICK = {"lps": {"epochs": 1}, "halrp": {"epochs": 3}, "rgo": {"epochs": 1}, "finetune": {"epochs": 2},
@@ -104,7 +105,7 @@ ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8
          "swinv2": swinv2_spec, "crossvit": crossvit_spec, "volo": volo_spec, "tnt": tnt_spec,
          "beit": beit_spec, "vit_relpos": vit_relpos_spec, "eva": eva_spec, "eva_rope": eva_rope_spec,
          "botnet": botnet_spec, "halonet": halonet_spec, "lambda_rpt": rel_lambda_spec, "coat_mlp": coat_mlp_spec,
-         "sam": sam_spec}
+         "sam": sam_spec, "mvit": mvit_spec}
 GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgnet", "split", "vit", "gc", "s2d", "mnv4",
           "vit_tokens", "levit", "blur", "swin", "tiny_vit", "map_embed", "efficientformer", "mobilevit", "maxvit",
           "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext",
@@ -112,7 +113,7 @@ GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgne
           "resmlp", "gmlp", "mambaout", "twins", "davit", "nest", "pvt", "nextvit", "shvit",
           "gcvit", "cait", "convit", "coat", "swinv2", "crossvit", "volo",
           "tnt", "beit", "vit_relpos", "eva", "eva_rope", "botnet", "halonet", "lambda_rpt",
-          "coat_mlp", "sam"]
+          "coat_mlp", "sam", "mvit"]
 
 
 @pytest.fixture(scope="module")

@@ -71,3 +71,19 @@ def test_library_mvitv2_at_64(name):
     module = randomised_all(build_module(f"timm:{name}", {"img_size": 64, "num_classes": 5}))
     spec = from_torch(module.eval(), (3, 64, 64))
     check_parity(module, spec, (3, 64, 64), batch=2)
+
+
+def test_channel_map_ties_each_pooled_channel_across_the_heads():
+    """The stacking reshape makes channel j of every head one unit (the shared pooling conv's row j reads them all):
+    q's rows of the qkv conv are d groups, each listed once per head, pinned and ordered; the pooling conv's rows are
+    those d groups; the reshape back lists each once per head again."""
+    from edgecl.arch.channels import channel_map
+
+    spec = from_torch(tiny_mvit().eval(), (1, 16, 16))  # stage 1: 4 heads of 4 channels, 16 channels
+    cm = channel_map(spec)
+    block = "stages.1.blocks.1.attn"
+    q_rows = [g for g, _ in cm.rows[f"{block}.qkv.weight"]][:16]  # each a single channel
+    assert all(q_rows[i * 4 + j] == q_rows[j] for i in range(4) for j in range(4)) and len(set(q_rows)) == 4
+    assert [g for g, _ in cm.rows[f"{block}.pool_q.weight"]] == q_rows[:4]
+    assert [g for g, _ in cm.spaces[f"{block}.q_unstacked"]] == [g for g in q_rows[:4] for _ in range(4)]
+    assert set(q_rows) <= cm.pinned and set(q_rows) <= cm.ordered
