@@ -69,7 +69,8 @@ def _timm(x: torch.Tensor, w: dict[str, np.ndarray], scale: float) -> torch.Tens
 
 @pytest.mark.parametrize("side,q_stride,k_stride", [(8, 1, 4), (8, 1, 2), (8, 2, 2), (8, 2, 1), (8, 4, 1), (6, 1, 2),
                                                     (8, 2, 4)],
-                         ids=["k_quarter", "k_half", "both_half", "q_half", "q_quarter", "6_k_half", "q_half_k_quarter"])
+                         ids=["k_quarter", "k_half", "both_half", "q_half", "q_quarter", "6_k_half",
+                              "q_half_k_quarter"])
 def test_pooled_q_and_k_match_timm(side, q_stride, k_stride):
     """The spec (torch form and ONNX, `spec_logits`) computes timm's attention with its decomposed relative
     positions for q and k on maps of different sizes (q on the larger: MViTv2's first stage; q on the smaller:

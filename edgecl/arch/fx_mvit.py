@@ -15,9 +15,10 @@ LayerNorm over those d channels (weight and bias shared too). The spec's conv ha
 each head's map padded to a block of rows the stride tiles, the blocks stacked as one (d, heads·L, W) map, the conv
 and the LayerNorm of d channels run on it — timm's own tensors, shared as in timm — and each block's valid rows cut
 back and the channels regrouped head-major. The zero rows between the blocks are each head's own padding, so no
-output reads another head. Class tokens (``use_cls_token``), pooling first (``pool_first``), max or average pooling
-modes, unshared pooling, tables built for another size and a layer other than timm's in any place are refused by
-name with the user's source line.
+output reads another head (`edgecl.arch.channels` ties channel j of every head into one pinned unit). The 'max' and
+'avg' modes pool each channel alone: the spec's pools. A class token (``use_cls_token``: its query and key meet
+the map's without relative positions), other modes, tables built for another size and a layer other than timm's in
+any place are refused by name with the user's source line.
 """
 from __future__ import annotations
 
@@ -86,8 +87,9 @@ class _MvitConverter:
             raise UsageError(f"{self.name}: {where}: built for {m.dim} channels, reads {ch}")
         x = self._emit(node, "reshape", [x], f"{path}.map", shape=[ch, height, width])
         h = self.swin_norm(node, m.norm1, x, f"{path}.norm1", where)
-        short = x if m.shortcut_proj_attn is None else self._emit(
-            node, "conv", [h], f"{path}.shortcut_proj_attn", **pointwise(linear(self.name, where, m.shortcut_proj_attn)))
+        short = x if m.shortcut_proj_attn is None else self._emit(node, "conv", [h], f"{path}.shortcut_proj_attn",
+                                                                   **pointwise(linear(self.name, where,
+                                                                                      m.shortcut_proj_attn)))
         if m.shortcut_pool_attn is not None:
             short = self._mvit_pool(node, m.shortcut_pool_attn, short, f"{path}.shortcut_pool_attn", where,
                                     [int(m.dim_out if m.shortcut_proj_attn is not None else ch), height, width])[0]

@@ -16,9 +16,9 @@ one learned embedding per relative row and column offset, shared by every head (
 decomposed relative positions, timm's ``get_rel_pos``, also SAM's): rel_h[a − y + kh − 1] (`mvit_index`), and the
 module stores them as ``rel_pos_h`` / ``rel_pos_w`` (`MVIT_TENSORS`). Without a window q and k may then lie on maps
 of different sizes (MViTv2's pooled queries and keys): ``rel_pos`` is the larger of the two on each axis (the tables
-have 2·max − 1 rows, as timm builds them) and `mvit_index` scales the smaller map's coordinates up to it. The logit depends on q, so it is no
-additive bias: the tables are what trains and the index (`rel_index`) follows from the map alone, so nothing is
-stored for it. The tables belong to no channel (`ROWLESS_OPS`: methods keep them per task); q and k are pinned and
+have 2·max − 1 rows, as timm builds them) and `mvit_index` scales the smaller map's coordinates up to it. The
+logit depends on q, so it is no additive bias: the tables are what trains and the index (`rel_index`) follows from
+the map alone, so nothing is stored for it. The tables belong to no channel (`ROWLESS_OPS`: methods keep them per task); q and k are pinned and
 ordered already (an attention's heads are contiguous blocks), so their d columns never lose a channel. They start
 as any (rows, d) tensor does (uniform within d^-½, `edgecl.train.models.init_params`; timm: normal, std d^-½).
 """
