@@ -14,28 +14,33 @@ from torch_nets import assert_refused, check_parity, randomised_all
 from edgecl.arch import from_torch
 from edgecl.arch.factories import build_module
 from edgecl.arch.fx_import import tensors_of
+from edgecl.arch.module_state import state_keys
 
 
 @pytest.mark.parametrize("cfg,image", [
     ({}, 16), ({"num_heads": 1}, 16), ({"num_heads": 3, "embed_dim": 6}, 16), ({"expand_attn": False}, 16),
     ({"mode": "max"}, 16), ({"mode": "avg"}, 16), ({"rel_pos_type": ""}, 20), ({"residual_pooling": False}, 16),
     ({"qkv_bias": False, "kernel_qkv": (5, 5)}, 16), ({"stride_kv_adaptive": (2, 2)}, 16),
-    ({"depths": (1, 1, 1), "stride_q": ((1, 1), (2, 2), (2, 2))}, 32)],
+    ({"depths": (1, 1, 1), "stride_q": ((1, 1), (2, 2), (2, 2))}, 32),
+    ({"rel_pos_type": "", "num_heads": 3, "embed_dim": 6}, (12, 20)), ({"kernel_qkv": (1, 1)}, 16)],
     ids=["default", "one_head", "three_heads", "expand_mlp", "max_pool_mode", "avg_pool_mode", "odd_map_no_rel",
-         "no_residual_pooling", "no_qkv_bias_kernel5", "kv_stride2", "three_stages"])
+         "no_residual_pooling", "no_qkv_bias_kernel5", "kv_stride2", "three_stages", "6x10_map_no_rel",
+         "kernel1_subsampling"])
 def test_tiny_mvit_parity(cfg, image):
     """Heads of 4 channels (1, 2, 3 or 2 then 4), the shortcuts projected before the MLP (expand_attn False), the
     max and average pooling modes, a 10×10 map pooled to 5×5 and 3×3 (no tables, the crops uneven), no residual
-    pooling, 5×5 pooling kernels without qkv bias, keys pooled by 2, three stages. Every weight drawn at random:
-    timm's pooling norms start at 1 and 0 and its tables near 0, which would hide a misplaced head."""
+    pooling, 5×5 pooling kernels without qkv bias, keys pooled by 2, three stages, a 6×10 map (timm's tables need a
+    square one), 1×1 pooling kernels (strided subsampling). Every weight drawn at random: timm's pooling norms start
+    at 1 and 0 and its tables near 0, which would hide a misplaced head."""
+    side = tuple(image) if isinstance(image, tuple) else (image, image)
     module = randomised_all(tiny_mvit(image=image, **cfg))
-    spec = from_torch(module.eval(), (1, image, image))
-    check_parity(module, spec, (1, image, image))
+    spec = from_torch(module.eval(), (1, *side))
+    check_parity(module, spec, (1, *side))
 
 
 def test_pooling_reads_timms_shared_tensors():
-    """The pooling convs and norms are timm's (d channels, one kernel per channel shared by the heads), named by
-    their module paths; the attention reads the larger of q's and k's maps (8×8 q over 2×2 keys in stage 0, 4×4
+    """The spec names every tensor of the module (the classifier aside) by its state key; the pooling convs and
+    norms are timm's (d channels, one kernel per channel shared by the heads); the attention reads the larger of q's and k's maps (8×8 q over 2×2 keys in stage 0, 4×4
     over 2×2 in stage 1) with tables of 2·max − 1 rows."""
     module = randomised_all(tiny_mvit())
     spec = from_torch(module.eval(), (1, 16, 16))
@@ -46,6 +51,8 @@ def test_pooling_reads_timms_shared_tensors():
     assert nodes["stages.0.blocks.0.attn.attend"]["rel_pos"] == [8, 8]
     assert nodes["stages.1.blocks.1.attn.attend"]["rel_pos"] == [4, 4]
     assert all(nodes[f"stages.1.blocks.1.attn.{p}_by_head"]["op"] == "shuffle" for p in "qkv")
+    named = set(state_keys(spec).values())  # every tensor of the module but the classifier, each once
+    assert named == set(module.state_dict()) - {"head.fc.weight", "head.fc.bias"}
     weights = tensors_of(module, spec)
     block = module.stages[1].blocks[1].attn
     assert np.array_equal(weights["stages.1.blocks.1.attn.pool_k.weight"], block.pool_k.weight.detach().numpy())
