@@ -37,6 +37,7 @@ from sam_nets import tiny_sam
 from edge_nets import conv_attention_graph, iformer_graph
 from mobile_attention_nets import TinySwiftFormer
 from conv_transpose_nets import TinyUNet
+from mvit_nets import graph_mvit
 from torch_nets import MODELS, GhostSplit, ResCat, TinyConvNeXt
 from hiera_nets import TinyHieraDet, tiny_hiera
 
@@ -126,7 +127,7 @@ def _arch(name: str) -> dict:
               "conv_attention": lambda: conv_attention_graph(3), "iformer": lambda: iformer_graph(3),
               "swiftformer": lambda: TinySwiftFormer(in_channels=3), "mnv5": lambda: GraphMNv5(in_channels=3),
               "hiera": lambda: tiny_hiera(in_channels=3), "hieradet": lambda: TinyHieraDet(in_channels=3),
-              "unet": lambda: TinyUNet(in_channels=3, width=16)}
+              "unet": lambda: TinyUNet(in_channels=3, width=16), "mvit": lambda: graph_mvit(in_channels=3)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
@@ -136,7 +137,7 @@ _CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4"
            "mambaout", "twins", "davit", "nest", "pvt", "nextvit", "shvit", "gcvit", "cait", "convit",
            "coat", "swinv2", "crossvit", "volo", "tnt", "beit", "vit_relpos",
            "eva", "eva_rope", "botnet", "halonet", "lambda_rpt", "coat_mlp", "sam", "conv_attention",
-           "iformer", "swiftformer", "mnv5", "hiera", "hieradet", "unet")
+           "iformer", "swiftformer", "mnv5", "hiera", "hieradet", "unet", "mvit")
 
 
 def _stream(name: str, n_tasks: int):
@@ -166,7 +167,7 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
                                                 "tnt", "beit", "vit_relpos", "eva",
                                                 "eva_rope", "botnet", "halonet", "lambda_rpt",
                                                 "coat_mlp", "sam", "conv_attention", "iformer",
-                                                "swiftformer", "mnv5", "hiera", "hieradet", "unet"])
+                                                "swiftformer", "mnv5", "hiera", "hieradet", "unet", "mvit"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

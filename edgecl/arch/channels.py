@@ -12,7 +12,10 @@ logits come from a conv that reads them all, an ordinary reader); a ``slice`` ta
 first split in two there (every tensor with that group on
 an axis then has both parts, side by side), so every group stays a set of channels that one decision can keep or drop.
 A ``shuffle`` interleaves channels of different groups: its input's groups are cut into single channels, listed in
-the shuffled order, and pinned (a shuffle of fewer channels would order the rest differently). A ``channel_conv``
+the shuffled order, and pinned (a shuffle of fewer channels would order the rest differently). A ``reshape`` of a
+(k·C, H, W) map to (C, k·H, W) stacks each k channels' maps along the rows (MViTv2's pooling shared by the heads):
+its input is cut into single channels, each k of them one unit, and the reshape back lists each unit k times; both
+sides pinned and ordered. A ``channel_conv``
 (ECA) reads each channel's neighbours: its input's groups are pinned and *ordered* (no channel may go or move; its
 ``(k,)`` weight has no rows); so are a GroupNorm's of G > 1 groups (a ``layer_norm`` with ``groups``: each group a
 contiguous block of channels whose statistics every one of its channels shifts). A ``branch_softmax`` (split
@@ -178,6 +181,10 @@ def channel_map(arch: Arch) -> ChannelMap:
             for d in shapes[node["inputs"][0]][1:]:
                 hw *= d
             out = [(g, r * hw) for g, r in x]
+        elif op == "reshape" and stacks(shapes[node["inputs"][0]], node["shape"]):  # heads along the rows
+            out = _stack(uf, size, node, x, shapes[node["inputs"][0]])
+            pinned_by.extend([x, out])
+            ordered_by.extend([x, out])
         elif op == "reshape":
             out = _reshape(node, x, shapes[node["inputs"][0]])
         elif op in ("add", "mul"):
@@ -245,20 +252,26 @@ def _check_widths(arch: Arch, cm: ChannelMap, shapes: dict[str, list[int]]) -> N
 def _shuffle(uf: UnionFind, size: dict[str, int], node: dict, x: Segments) -> Segments:
     """A channel shuffle interleaves channels of different groups: every group of `x` is cut into single channels,
     which the output lists in the shuffled order."""
-    if any(r != 1 for _, r in uf.resolve(x)):
-        raise ChannelError(f"node {node['name']!r} (shuffle) reads flattened features; channels cannot be followed")
-    bound_axis(uf.where, sum(size[g] for g, _ in uf.resolve(x)))  # one segment per channel once cut
-    for g, _ in uf.resolve(x):
-        if size[g] > 1 and g not in uf.alias:  # a group the input holds twice (cat(a, a)) is split once
-            if g == INPUT:
-                raise ChannelError(f"node {node['name']!r} (shuffle) reorders the network input's channels; "
-                                   "channels cannot be followed through it")
-            split_group(uf, size, g, [1] * size[g])
-    singles = uf.resolve(x)
+    singles = _singles(uf, size, node, x)
     width = len(singles)
     g = node["groups"]
     per = width // g
     return [singles[i * per + j] for j in range(per) for i in range(g)]
+
+
+def _singles(uf: UnionFind, size: dict[str, int], node: dict, x: Segments) -> Segments:
+    """`x` with every group cut into single channels (a shuffle's or a stacking reshape's input)."""
+    op = node["op"]
+    if any(r != 1 for _, r in uf.resolve(x)):
+        raise ChannelError(f"node {node['name']!r} ({op}) reads flattened features; channels cannot be followed")
+    bound_axis(uf.where, sum(size[g] for g, _ in uf.resolve(x)))  # one segment per channel once cut
+    for g, _ in uf.resolve(x):
+        if size[g] > 1 and g not in uf.alias:  # a group the input holds twice (cat(a, a)) is split once
+            if g == INPUT:
+                raise ChannelError(f"node {node['name']!r} ({op}) reorders the network input's channels; "
+                                   "channels cannot be followed through it")
+            split_group(uf, size, g, [1] * size[g])
+    return uf.resolve(x)
 
 
 def _tie_branches(uf: UnionFind, size: dict[str, int], node: dict, x: Segments, shape: list[int]) -> Segments:
@@ -336,6 +349,31 @@ def _merge(uf: UnionFind, size: dict[str, int], node: dict, ins: list[Segments],
 def _same_layout(a: Segments, b: Segments, size: dict[str, int]) -> bool:
     """Segment by segment, groups of the same number of channels, each repeated as often."""
     return len(a) == len(b) and all(size[g] == size[h] and r == q for (g, r), (h, q) in zip(a, b))
+
+
+def stacks(before: list[int], after: list[int]) -> bool:
+    """A (k·C, H, W) map viewed as (C, k·H, W), each k channels' maps one above another, or back (MViTv2's pooling
+    shared by the heads, `edgecl.arch.fx_mvit.head_pool`)."""
+    if len(before) != 3 or len(after) != 3 or before[2] != after[2] or before[0] == after[0]:
+        return False
+    (c, h), (c2, h2) = before[:2], after[:2]
+    return c % c2 == 0 and h2 == c // c2 * h if c > c2 else c2 % c == 0 and h == c2 // c * h2
+
+
+def _stack(uf: UnionFind, size: dict[str, int], node: dict, x: Segments, before: list[int]) -> Segments:
+    """Channels stacked into space: output channel j holds input channels j·k … j·k + k − 1, which become one unit
+    (one decision keeps or drops them all); unstacked: input channel j becomes output channels j·k … j·k + k − 1,
+    each that unit. Cut into single channels first, as a shuffle's; the caller pins and orders both sides."""
+    singles = _singles(uf, size, node, x)
+    if node["shape"][0] < before[0]:
+        k = before[0] // node["shape"][0]
+        for j in range(0, len(singles), k):
+            for g, _ in singles[j + 1:j + k]:
+                uf.union(singles[j][0], g)
+        return [singles[j] for j in range(0, len(singles), k)]
+    k = node["shape"][0] // before[0]
+    bound_axis(uf.where, len(singles) * k)
+    return [seg for seg in singles for _ in range(k)]
 
 
 def _reshape(node: dict, x: Segments, before: list[int]) -> Segments:

@@ -36,6 +36,7 @@ from edgecl.arch.fx_norms import _NormConverter
 from edgecl.arch.fx_padding import _PaddingConverter
 from edgecl.arch.fx_param_embed import _ParamEmbedConverter
 from edgecl.arch.fx_pvt import _PvtConverter
+from edgecl.arch.fx_mvit import _MvitConverter
 from edgecl.arch.fx_sam import _SamConverter
 from edgecl.arch.fx_rms_norm import _RmsNormConverter
 from edgecl.arch.fx_shuffle import _ShuffleConverter
@@ -69,5 +70,5 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _EvaConverter, _ByoaConverter, _SamConverter, _ConvAttentionConverter,
                _IFormerConverter, _SwiftFormerConverter,
                _RmsNormConverter, _HieraConverter,
-               _HieraDetConverter, _ParamEmbedConverter):
+               _HieraDetConverter, _ParamEmbedConverter, _MvitConverter):
     """Every family's conversions, in one base class."""

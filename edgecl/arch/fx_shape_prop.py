@@ -43,6 +43,8 @@ class _ShapeProp(fx.Interpreter):
             n.meta["tensor_meta"] = meta
         elif isinstance(result, int):  # a size, read by layers called with sizes (`fx_xcit`)
             n.meta["value"] = result
+        elif isinstance(result, (tuple, list)) and result and all(isinstance(v, int) for v in result):
+            n.meta["value"] = tuple(result)  # sizes (``x.shape[-2:]``), passed to MViTv2's blocks (`fx_mvit`)
         return result
 
 

@@ -30,6 +30,7 @@ from edgecl.arch.fx_lambda import is_lambda_layer
 from edgecl.arch.fx_levit import is_levit
 from edgecl.arch.fx_maxvit import is_attention2d, is_maxvit
 from edgecl.arch.fx_mobilevit import is_mobilevit
+from edgecl.arch.fx_mvit import is_mvit_block
 from edgecl.arch.fx_nest import is_nest_level
 from edgecl.arch.fx_nextvit import is_nextvit_attention
 from edgecl.arch.fx_norms import is_grn
@@ -67,13 +68,15 @@ WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention,
          (is_byoa_attention, "byoa_attention"), (is_attention2d, "attention2d"), (is_sam_block, "sam_block"),
          (is_conv_attention, "conv_attention"), (is_shma, "shma"),
          (is_swiftformer_attention, "swiftformer_attention"), (is_rms_norm_2d, "rms_norm"),
-         (is_hiera, "hiera"), (is_hieradet_block, "hieradet_block"))
+         (is_hiera, "hiera"), (is_hieradet_block, "hieradet_block"),
+         (is_mvit_block, "mvit_block"))
 # may read channels-last values
 ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin, is_tiny_vit_block, is_maxvit, is_xcit_xca, is_xcit_lpi,
              is_class_attn, is_twins_attention, is_davit_channel, is_pvt_stage, is_nextvit_attention, is_gcvit_block,
              is_talking_head_attn, is_gpsa, is_convit_mhsa, is_factor_attn,
              is_outlook, is_volo_attention, is_eva_attention, is_sam_block,
-             is_efficientformer_v1_attention, is_hiera, is_hieradet_block)
+             is_efficientformer_v1_attention, is_hiera, is_hieradet_block,
+             is_mvit_block)
 
 
 _LEFT_OUT = (" by its class and attributes, so what that code computes would be silently left out; remove it (or call "

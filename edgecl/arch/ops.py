@@ -146,7 +146,8 @@ Ops (fields and defaults in `OPS`):
   ``MODULE.logit_scale`` stored ``(heads, 1, 1)`` (V2-CR's ``(heads,)``: `edgecl.arch.mlp_bias`), starting at ln 10 (timm's), belonging to no channel. ``rel_pos``
   [kh, kw] with ``rel_dim`` (and ``rel_scaled``): BotNet's relative position logits, q times learned row and column
   embeddings (tensors ``rel_h``, ``rel_w``), `edgecl.arch.rel_pos` (also within each unshifted window: SAM's; with
-  ``rel_mvit`` read at the query's offset minus the key's, MViTv2's and SAM's form); ``bias_table`` "mlp" with
+  ``rel_mvit`` read at the query's offset minus the key's, MViTv2's and SAM's form, q and k then on maps of any
+  sizes, ``rel_pos`` the larger); ``bias_table`` "mlp" with
   ``bias_mlp`` the hidden width: the bias table is an MLP of each offset's log coordinates (timm's RelPosMlp;
   ``bias_mlp_form`` "swin_v2" with ``bias_mlp_span``, Swin V2's continuous position bias, or "swin_v2_cr", V2-CR's
   meta MLP), `edgecl.arch.mlp_bias`. ``halo_blocks`` [bq, bk] with ``halo`` h: HaloNet's blocked attention, each

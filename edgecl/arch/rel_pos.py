@@ -13,11 +13,12 @@ one learned embedding per relative row and column offset, shared by every head (
 (unscaled q unless ``rel_scaled``), added to its score before the softmax. With a ``window`` (no shift, not dilated)
 ``rel_pos`` is the window and (a, b), (y, x) are positions within one window (SAM's windowed blocks). With
 ``rel_mvit`` true the tables are read the other way round, at the query's offset minus the key's (MViTv2's
-decomposed relative positions, timm's ``get_rel_pos``, also SAM's): rel_h[a − y + kh − 1] (`mvit_index`, written for
-q and k maps of different sizes too, as MViTv2's pooled keys need), and the module stores them as
-``rel_pos_h`` / ``rel_pos_w`` (`MVIT_TENSORS`). The logit depends on q, so it is no
-additive bias: the tables are what trains and the index (`rel_index`) follows from the map alone, so nothing is
-stored for it. The tables belong to no channel (`ROWLESS_OPS`: methods keep them per task); q and k are pinned and
+decomposed relative positions, timm's ``get_rel_pos``, also SAM's): rel_h[a − y + kh − 1] (`mvit_index`), and the
+module stores them as ``rel_pos_h`` / ``rel_pos_w`` (`MVIT_TENSORS`). Without a window q and k may then lie on maps
+of different sizes (MViTv2's pooled queries and keys): ``rel_pos`` is the larger of the two on each axis (the tables
+have 2·max − 1 rows, as timm builds them) and `mvit_index` scales the smaller map's coordinates up to it. The
+logit depends on q, so it is no additive bias: the tables are what trains and the index (`rel_index`) follows from
+the map alone, so nothing is stored for it. The tables belong to no channel (`ROWLESS_OPS`: methods keep them per task); q and k are pinned and
 ordered already (an attention's heads are contiguous blocks), so their d columns never lose a channel. They start
 as any (rows, d) tensor does (uniform within d^-½, `edgecl.train.models.init_params`; timm: normal, std d^-½).
 """
@@ -52,16 +53,24 @@ def rel_fields(out: dict[str, Any], where: str) -> None:
 
 def check_rel_shape(node: dict[str, Any], q: list[int], k: list[int], where: str) -> None:
     """q's heads of ``rel_dim`` channels; q and k on the ``rel_pos`` map, or with a halo (`edgecl.arch.halo`) the
-    haloed key window ``rel_pos``; with a ``window``, that window."""
+    haloed key window ``rel_pos``; with a ``window``, that window; with ``rel_mvit`` (no window) q and k maps of
+    any sizes whose larger is ``rel_pos`` on each axis."""
     rel = node.get("rel_pos")
     if rel is None:
         return
     win = node["halo_blocks"][1] + 2 * node["halo"] if node.get("halo_blocks") else None
-    maps = list(rel) == [win, win] if win else list(rel) == list(node["window"]) if node.get("window") else \
-        q[1:] == list(rel) and k[1:] == list(rel)
+    if win:
+        maps = list(rel) == [win, win]
+    elif node.get("window"):
+        maps = list(rel) == list(node["window"])
+    elif node.get("rel_mvit"):  # MViTv2's pooled q or k: the tables span the larger map
+        maps = list(rel) == [max(q[1], k[1]), max(q[2], k[2])]
+    else:
+        maps = q[1:] == list(rel) and k[1:] == list(rel)
     if not maps or q[0] != node["heads"] * node["rel_dim"]:
         keys = f"a haloed window of {win} × {win}" if win else f"windows of {node['window']}" \
-            if node.get("window") else f"q and k on a {rel} map"
+            if node.get("window") else f"q and k maps whose larger is {rel} on each axis (rel_mvit)" \
+            if node.get("rel_mvit") else f"q and k on a {rel} map"
         raise UsageError(f"{where}: attention rel_pos {rel} with rel_dim {node['rel_dim']} needs q of "
                          f"{node['heads']} heads × {node['rel_dim']} and {keys}, gets q {q} and k {k}")
 

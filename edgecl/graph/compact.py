@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecl.arch.channels import ChannelError, ChannelMap, Segments, channel_map
+from edgecl.arch.channels import ChannelError, ChannelMap, Segments, channel_map, stacks
 from edgecl.arch.op_shapes import output_shape
 from edgecl.arch.ops import CHANNEL_AFFINE_OPS, TOKEN_TENSOR_OPS, WEIGHT_OPS
 from edgecl.arch.spec import INPUT, Arch, consumers, is_depthwise, validate
@@ -354,7 +354,8 @@ class _Net:
             if node.get("tile") or node.get("resize"):  # TNT's tiled embedding (its window's shape), HieraDet's
                 # resized one (its grid's): what `validate` reads them from
                 node["module_shape"] = [1, node["ch"], *(node.get("tile") or node["resize"])]
-            if op == "reshape":  # a flatten (1-D) or a spatial reshape that keeps the channels
+            if op == "reshape" and not stacks(ins[0], node["shape"]):  # a flatten (1-D) or a spatial reshape that
+                # keeps the channels (one that stacks channels along the rows has them pinned: unchanged)
                 node["shape"] = [math.prod(ins[0])] if len(node["shape"]) == 1 else [ins[0][0], *node["shape"][1:]]
             shapes[name] = output_shape(node, ins, name)
         self.arch = validate(self.arch)

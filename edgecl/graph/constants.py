@@ -136,6 +136,12 @@ def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: 
         return np.where(v == 0, 0.0, np.nan)
     if op == "space_to_depth":  # block² copies of the channels, each a sub-grid of the map: constant where it was
         return np.tile(v, node["block"] ** 2)
+    if op == "reshape" and len(node["shape"]) == 3 and node["shape"][0] != len(v):  # k channels' maps stacked
+        # along the rows (one value where all k agree), or back (`channels.stacks`)
+        if node["shape"][0] > len(v):
+            return np.repeat(v, node["shape"][0] // len(v))
+        block = v.reshape(-1, len(v) // node["shape"][0])
+        return np.where((block == block[:, :1]).all(axis=1), block[:, 0], np.nan)
     if op == "shuffle":  # one value per channel, in the output's order
         return v.reshape(node["groups"], -1).T.reshape(-1)
     if op == "branch_softmax":  # a channel's R logits: its R outputs are constant when all R are (NaN spreads)

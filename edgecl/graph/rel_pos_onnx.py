@@ -8,11 +8,13 @@ from edgecl.arch.rel_pos import rel_index, rel_scale
 from edgecl.graph.nodes import Builder
 
 
-def rel_logits(b: Builder, q: str, node: dict, shape: list[int]) -> str:
+def rel_logits(b: Builder, q: str, node: dict, shape: list[int], keys: list[int] | None = None) -> str:
     """(N, heads, A·B, kh·kw) logits to add to the scores: q as (N, heads, A, B, d); per axis the table gathered by
     its constant (A, kh) offsets and one MatMul batched over the query's row (column) with it, the two broadcast
-    over the other axis and summed. `shape` is q's (C, A, B): its map, or one block of it."""
-    (c, rows_q, cols_q), h, name, (kh, kw) = shape, node["heads"], node["name"], node["rel_pos"]
+    over the other axis and summed. `shape` is q's (C, A, B): its map, or one block of it; `keys` k's map where it
+    is not ``rel_pos`` (MViTv2's pooled keys, ``rel_mvit`` only)."""
+    (c, rows_q, cols_q), h, name = shape, node["heads"], node["name"]
+    kh, kw = keys if keys is not None else node["rel_pos"]
     qh = b.op("Transpose", [b.op("Reshape", [q, b.ints(0, h, c // h, rows_q, cols_q)])], perm=[0, 1, 3, 4, 2])
     if node.get("rel_scaled"):
         qh = b.op("Mul", [qh, b.constant(rel_scale(node))])

@@ -101,7 +101,8 @@ def _attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list
         bias = b.op("Gather", [table, index], axis=1)
         scores = b.op("Add", [scores, b.op("Reshape", [bias, b.ints(kv, h // kv * t, tk)])])
     if node.get("rel_pos"):  # BotNet's relative position logits (kv = h, no window)
-        scores = b.op("Add", [scores, rel_logits(b, q, node, shapes[0])])
+        keys = shapes[1][1:] if node.get("rel_mvit") else None  # MViTv2: pooled keys, their own map
+        scores = b.op("Add", [scores, rel_logits(b, q, node, shapes[0], keys)])
     if mask is not None:  # windows need kv = h: (N·windows, h, T, T) as (N, windows, h, T, T) + (windows, 1, T, T)
         per_window = b.op("Reshape", [scores, b.ints(-1, mask[1], h, t, tk)])
         scores = b.op("Reshape", [b.op("Add", [per_window, mask[0]]), b.ints(-1, h, t, tk)])

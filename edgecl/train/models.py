@@ -213,7 +213,8 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         talking = tuple(params[f"{name}.{k}"] for k in TALKING) if node.get("talking_heads") else None
         gated = tuple(params[f"{name}.{k}"] for k in GATED_POS) if node.get("gated_pos") else None
         blocks = halo_blocks(*ins, node) if node.get("halo_blocks") else ins  # HaloNet: q blocks, k, v windows
-        logits = rel_logits(blocks[0], node, *rel) if rel else None
+        keys = tuple(ins[1].shape[2:]) if node.get("rel_mvit") else None  # MViTv2: pooled keys, their own map
+        logits = rel_logits(blocks[0], node, *rel, keys=keys) if rel else None
         out = attention(*blocks, node["heads"], node["scale"], node["kv_heads"], bias, talking=talking, gated=gated,
                         cosine=cosine, logits=logits)
         return halo_unblock(out, node, *ins[0].shape[2:]) if node.get("halo_blocks") else out

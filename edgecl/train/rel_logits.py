@@ -19,11 +19,14 @@ def _index(queries: int, keys: int, mvit: bool) -> torch.Tensor:
     return torch.from_numpy(rel_index(queries, keys, mvit))
 
 
-def rel_logits(q: torch.Tensor, node: dict, rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
+def rel_logits(q: torch.Tensor, node: dict, rel_h: torch.Tensor, rel_w: torch.Tensor,
+               keys: tuple[int, int] | None = None) -> torch.Tensor:
     """(N, heads, A·B, kh·kw): query (a, b) of q's (N, heads·d, A, B) map (or block) and key (y, x) of the node's
     ``rel_pos`` [kh, kw] get q(a, b)·(rel_h[y − a + kh − 1] + rel_w[x − b + kw − 1]) (q times the scale with
-    ``rel_scaled``; with ``rel_mvit`` the rows a − y + kh − 1 and b − x + kw − 1)."""
-    n, h, (rows_q, cols_q), (kh, kw) = q.shape[0], node["heads"], q.shape[2:], node["rel_pos"]
+    ``rel_scaled``; with ``rel_mvit`` the rows `mvit_index` gives, a − y + kh − 1 and b − x + kw − 1 where q and k
+    are alike). `keys`: k's map where it is not ``rel_pos`` (MViTv2's pooled keys, ``rel_mvit`` only)."""
+    n, h, (rows_q, cols_q) = q.shape[0], node["heads"], q.shape[2:]
+    kh, kw = keys if keys is not None else node["rel_pos"]
     mvit = bool(node.get("rel_mvit"))
     qh = q.reshape(n, h, -1, rows_q, cols_q).permute(0, 1, 3, 4, 2) * rel_scale(node)  # (N, h, A, B, d)
     rows = rel_h[_index(rows_q, kh, mvit).to(q.device)]  # (A, kh, d): query row a, key row y
