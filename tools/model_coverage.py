@@ -95,8 +95,9 @@ TIMM = ["resnet10t", "resnet18", "mobilenetv3_small_050", "mobilenetv2_050", "ef
         # MobileNetV5 (RMSNorms, multi-query attention, its multi-scale fusion), Hiera (mask units over the unrolled
         # tokens, q-pools), SAM 2's HieraDet (its position embedding resized from a parameter)
         "mobilenetv5_base", "hiera_tiny_224", "hieradet_small",
-        # LowFormer's attention, upsampled by a transposed convolution
-        "lowformer_b0"]
+        # LowFormer's attention, upsampled by a transposed convolution; MViTv2 (pooled q, k, v by one head's conv
+        # shared by every head, decomposed relative positions over maps of two sizes, residual pooling)
+        "lowformer_b0", "mvitv2_tiny"]
 # models whose position embedding (LeViT: attention-bias index) fixes the input size: built for the 64×64 traced
 BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_patch16_224": {"img_size": 64},
               "timm:deit_tiny_patch16_224": {"img_size": 64}, "timm:deit_tiny_distilled_patch16_224": {"img_size": 64},
@@ -118,7 +119,8 @@ BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_
               "timm:coatnet_nano_rw_224": {"img_size": 64}, "timm:lambda_resnet26rpt_256": {"img_size": 64},
               "timm:coatnet_rmlp_nano_rw_224": {"img_size": 64}, "timm:maxvit_rmlp_pico_rw_256": {"img_size": 64},
               "timm:vit_small_r26_s32_224": {"img_size": 64}, "timm:vitamin_small_224": {"img_size": 64},
-              "timm:samvit_base_patch16": {"img_size": 64}, "timm:hiera_tiny_224": {"img_size": 64}}
+              "timm:samvit_base_patch16": {"img_size": 64}, "timm:hiera_tiny_224": {"img_size": 64},
+              "timm:mvitv2_tiny": {"img_size": 64}}
 # input sides other than 64: Swin and TinyViT pad a map their windows do not tile with zeros that join the attention
 # (refused), so they are traced where the windows tile every stage (timm's Swin: 28, 14, 7, then 4 in one window;
 # torchvision's swin_t, whose window is fixed: 56, 28, 14, 7; TinyViT's windows 7, 14, 7: 28, 14, 7); torchvision's
