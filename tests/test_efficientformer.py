@@ -8,7 +8,7 @@ import pytest
 import torch
 from layer_nets import FormerAttention, TinyEfficientFormerV2
 from torch import nn
-from torch_nets import check_parity, randomise_batchnorm, timm
+from torch_nets import check_parity, randomised_with_biases, timm
 
 from edgecl.arch import from_torch, validate
 from edgecl.arch.later_fields import stored_form
@@ -17,22 +17,8 @@ from edgecl.arch.spec import rowless_tensors
 from edgecl.errors import UsageError
 
 
-def _randomised(module: nn.Module) -> nn.Module:
-    """BatchNorm statistics and the attention biases (timm starts them at 0) random, the bias cache cleared."""
-    torch.manual_seed(0)
-    randomise_batchnorm(module)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("attention_biases"):
-                p.normal_(0, 1)
-    for m in module.modules():
-        if hasattr(m, "attention_bias_cache"):
-            m.attention_bias_cache = {}
-    return module.eval()
-
-
 def _parity(module: nn.Module, shape=(1, 8, 8)) -> dict:
-    spec = from_torch(_randomised(module), shape)
+    spec = from_torch(randomised_with_biases(module), shape)
     check_parity(module, spec, shape)
     return spec
 
@@ -78,7 +64,7 @@ def test_tiny_efficientformer_parity_and_its_rowless_tensors():
 
 def test_talking_heads_change_the_output_in_both_forms():
     """A spec that dropped the talking heads would still run: parity must see them (both mixes are read)."""
-    module = _randomised(_One(FormerAttention(16, key_dim=4, num_heads=2, attn_ratio=2, resolution=8)))
+    module = randomised_with_biases(_One(FormerAttention(16, key_dim=4, num_heads=2, attn_ratio=2, resolution=8)))
     with torch.no_grad():
         module.attn.talking_head2.weight.mul_(3.0)
     check_parity(module, from_torch(module, (1, 8, 8)), (1, 8, 8))

@@ -6,9 +6,8 @@ and timm's efficientformer_l1 at its native 224 (slow; its bias table is built f
 from __future__ import annotations
 
 import pytest
-import torch
 from torch import nn
-from torch_nets import check_parity, randomise_batchnorm, timm
+from torch_nets import check_parity, randomised_with_biases, timm
 
 from edgecl.arch import from_torch
 from edgecl.arch.module_state import state_keys
@@ -17,22 +16,8 @@ from edgecl.errors import UsageError
 from timm.models.efficientformer import Attention, EfficientFormer  # noqa: E402  (torch_nets set up the imports)
 
 
-def _randomised(module: nn.Module) -> nn.Module:
-    """Norms, layer scales and the attention biases (timm starts them at 0) random, the bias cache cleared."""
-    torch.manual_seed(0)
-    randomise_batchnorm(module)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("attention_biases"):
-                p.normal_(0, 1)
-    for m in module.modules():
-        if hasattr(m, "attention_bias_cache"):
-            m.attention_bias_cache = {}
-    return module.eval()
-
-
 def _parity(module: nn.Module, shape: tuple[int, ...]) -> dict:
-    spec = from_torch(_randomised(module), shape)
+    spec = from_torch(randomised_with_biases(module), shape)
     check_parity(module, spec, shape)
     return spec
 
@@ -61,7 +46,7 @@ def test_attention_parity(heads, key_dim, ratio):
 
 def test_head_packing_is_read_per_head():
     """timm packs q_h k_h v_h per head: a spec that read q, k, v as three plain thirds would differ."""
-    module = _randomised(_Tokens(Attention(16, key_dim=4, num_heads=2, attn_ratio=2, resolution=4)))
+    module = randomised_with_biases(_Tokens(Attention(16, key_dim=4, num_heads=2, attn_ratio=2, resolution=4)))
     spec = from_torch(module, (1, 4, 4))
     slices = [(n["start"], n["stop"]) for n in spec["nodes"] if n["op"] == "slice"]
     assert slices == [(0, 4), (16, 20), (4, 8), (20, 24), (8, 16), (24, 32)]  # q_0 q_1, k_0 k_1, v_0 v_1

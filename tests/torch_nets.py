@@ -181,6 +181,21 @@ def randomised_all(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
+def randomised_with_biases(module: nn.Module) -> nn.Module:
+    """`randomise_batchnorm` (norms, layer scales) and LeViT-style attention biases drawn at random (timm starts
+    them at 0, which would hide a misread bias index), the bias cache cleared; in eval mode."""
+    torch.manual_seed(0)
+    randomise_batchnorm(module)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("attention_biases"):
+                p.normal_(0, 1)
+    for m in module.modules():
+        if hasattr(m, "attention_bias_cache"):
+            m.attention_bias_cache = {}
+    return module.eval()
+
+
 def assert_refused(module: nn.Module, *words: str, input_shape: tuple[int, ...] = (1, 8, 8)) -> None:
     """`from_torch` refuses `module` with a UsageError whose message holds every one of `words` (the class, the
     module path, the offending layer...)."""
