@@ -102,6 +102,18 @@ def test_a_channels_last_embedding_needs_its_module_storage():
     assert "channels_last" not in validate(spec)["nodes"][0]
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("value", [3, 1.5, None, True, {}, "1,2,3,4", [1, 2, [3], 4]])
+def test_a_position_embedding_module_shape_that_is_no_list_of_sizes_is_refused(channels_last, value):
+    # a hand-edited or hostile file: validate sliced the value before checking it was a list (TypeError)
+    spec = {"name": "e", "input_shape": [2, 3, 4], "nodes": [
+        {"name": "pos", "op": "pos_embed", "inputs": ["input"], "ch": 2, "tokens": 12, "channels_last": channels_last,
+         "module_shape": value},
+        {"name": "f", "op": "flatten", "inputs": ["pos"]}]}
+    with pytest.raises(UsageError, match="module_shape .* of a position embedding must be"):
+        validate(spec)
+
+
 def test_the_token_labelling_aux_head_is_refused_by_name():
     assert_refused(tiny_volo(use_aux_head=True), "aux_head", "use_aux_head=False", "volo.py:")
 
