@@ -267,8 +267,10 @@ def _spec(draw) -> dict:
                     tile = [draw(st.sampled_from([d for d in range(1, n + 1) if n % d == 0])) for n in dims[1:]]
                     node["tile"] = tile if fits else draw(st.sampled_from([[dims[1] + 1, 1], 0, "2", [2, 2, 2]]))
                     node["tokens"] = tile[0] * tile[1]
-                    if fits or draw(st.booleans()):  # its storage (1, C, wh, ww), or none (tile needs one)
-                        node["module_shape"] = [1, dims[0], *tile]
+                    if fits or draw(st.booleans()):  # its storage (1, C, wh, ww), or none (tile needs one), or
+                        # another layout of as many positions, or no list (validate sliced it: a TypeError)
+                        node["module_shape"] = [1, dims[0], *tile] if fits else draw(st.sampled_from(
+                            [[1, dims[0], *tile], [1, dims[0], tile[0] * tile[1], 1], [1, dims[0], *tile[::-1]], 3]))
                 elif storage == "last":  # VOLO's channels-last storage (1, H, W, C)
                     node["channels_last"] = True if fits else draw(st.sampled_from(["yes", 1, None, False]))
                     if fits or draw(st.booleans()):  # a wrong storage, or none (channels_last needs one)

@@ -132,3 +132,16 @@ def test_volo_d1_224_parity(side):
     spec = from_torch(module, (3, side, side))
     check_parity(module, spec, (3, side, side), batch=2)
     assert sum(n["op"] == "outlook_attention" for n in spec["nodes"]) == 4
+
+
+def test_a_tiled_embedding_module_shape_is_its_window():
+    """TNT's pixel embedding is stored (1, C, wh, ww) (docs/ARTIFACT.md): another layout of as many positions, which
+    `to_module_state` would hand back in a shape the module does not have, is refused."""
+    spec = {"name": "e", "input_shape": [2, 4, 4], "nodes": [
+        {"name": "pos", "op": "pos_embed", "inputs": ["input"], "ch": 2, "tokens": 4, "tile": [2, 2],
+         "module_shape": [1, 2, 4, 1]},
+        {"name": "f", "op": "flatten", "inputs": ["pos"]}]}
+    with pytest.raises(UsageError, match=r"must be \(1, 2, 2, 2\)"):
+        validate(spec)
+    spec["nodes"][0]["module_shape"] = [1, 2, 2, 2]
+    assert validate(spec)["nodes"][0]["tile"] == [2, 2]

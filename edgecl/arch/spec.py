@@ -195,8 +195,11 @@ def _module_shape(value: Any, node: dict[str, Any], where: str) -> list[int]:
         last = bool(node.get("channels_last"))
         sizes = isinstance(value, list) and len(value) == 4 and all(is_size(d) for d in value)
         ch, hw = ((value[3:], value[1:3]) if last else (value[1:2], value[2:])) if sizes else (None, [])
-        if not sizes or value[0] != 1 or ch != [node["ch"]] or math.prod(hw) != node["tokens"] or node.get("block"):
-            form = f"(1, H, W, {node['ch']})" if last else f"(1, {node['ch']}, H, W)"
+        tile = node.get("tile")  # TNT's: the one window's embedding, stored (1, ch, wh, ww)
+        if not sizes or value[0] != 1 or ch != [node["ch"]] or math.prod(hw) != node["tokens"] or node.get("block") \
+                or tile and math.prod(tile) == node["tokens"] and hw != list(tile):  # (tokens: the op's message)
+            form = f"(1, H, W, {node['ch']})" if last else f"(1, {node['ch']}, {', '.join(map(str, tile))})" if tile \
+                else f"(1, {node['ch']}, H, W)"
             raise UsageError(f"{where}: module_shape {str(value)[:60]} of a position embedding must be {form} with "
                              f"H·W = {node['tokens']} positions, and without a block")
         return list(value)
