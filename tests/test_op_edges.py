@@ -23,6 +23,7 @@ from torch_nets import spec_logits
 from edgecl import artifact
 from edgecl.arch import validate
 from edgecl.arch.later_fields import stored_form
+from edgecl.errors import UsageError
 from edgecl.runtime import TaskRuntime
 from edgecl.train.models import forward
 
@@ -126,3 +127,23 @@ def test_an_edge_value_computes_the_same_in_torch_onnx_and_the_runtime(name, tmp
         for batch in (1, 7):
             got = TaskRuntime(path, strategy=strategy).infer(x[:batch], task=1)
             assert np.abs(got - want[:batch]).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
+
+
+def test_the_fixed_matrices_of_a_spec_are_bounded_in_all():
+    """Bicubic and adaptive pooling hold a fixed matrix per axis and outlook attention a one-hot window weight, from
+    fields alone: a 2 KB file of ten 4096-sided bicubic nodes had the runtime allocate 5.5 GB and fail inside ONNX
+    Runtime. One such node (2 × 4096², CrossViT's at 240 is 107,520) goes in; the sum past `MAX_CONSTANTS` is refused
+    by validate, naming the node, and so by `artifact.save`."""
+    def chain(n: int) -> dict:
+        nodes = [{"name": f"b{i}", "op": "bicubic", "inputs": [f"b{i - 1}" if i else "input"],
+                  "size": [4096 - i % 2] * 2} for i in range(n)]
+        return _spec([1, 4096, 4096], [*nodes, {"name": "g", "op": "gap", "inputs": [nodes[-1]["name"]]}])
+
+    assert validate(chain(1))
+    with pytest.raises(UsageError, match=r"node 'b2' \(bicubic\): the graph's fixed .* more than 67108864"):
+        validate(chain(10))
+    outlook = _spec([1400, 1, 1], [_conv("a", 1400, 15 ** 4), {"name": "o", "op": "outlook_attention",
+                                                                "inputs": ["input", "a"], "heads": 1, "k": 15,
+                                                                "pad": 7, "stride": 1, "scale": 0.5}])
+    with pytest.raises(UsageError, match=r"node 'o' \(outlook_attention\)"):  # 1400 · 15⁴ one-hot weights
+        validate(outlook)

@@ -69,6 +69,18 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
     return 0
 
 
+def fixed_constants(node: dict[str, Any], ins: list[list[int]]) -> int:
+    """Elements of the fixed arrays the node's ONNX form holds that no tensor stands for (`spec.validate` bounds
+    their sum): ``bicubic`` and ``adaptive_avgpool``'s matrix per axis (out × in), ``outlook_attention``'s one-hot
+    window weight (C·k⁴); 0 for the others."""
+    if node["op"] in ("bicubic", "adaptive_avgpool"):
+        (_, height, width), (h, w) = ins[0], node["size"]
+        return h * height + w * width
+    if node["op"] == "outlook_attention":
+        return ins[0][0] * node["k"] ** 4
+    return 0
+
+
 def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node") -> list[int]:
     """Shape (without batch) of a normalised node's output from its inputs' shapes; UsageError when they do not
     fit the op."""
