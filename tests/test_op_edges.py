@@ -147,3 +147,16 @@ def test_the_fixed_matrices_of_a_spec_are_bounded_in_all():
                                                                 "pad": 7, "stride": 1, "scale": 0.5}])
     with pytest.raises(UsageError, match=r"node 'o' \(outlook_attention\)"):  # 1400 · 15⁴ one-hot weights
         validate(outlook)
+
+
+@pytest.mark.parametrize("node, shape", [
+    ({"op": "lambda_layer", "heads": 1, "dim": 1, "rel_pos": [96, 96]}, [1, 96, 96]),
+    ({"op": "attention", "heads": 1, "scale": 1.0, "gated_pos": True}, [1, 8100, 1])])
+def test_an_index_or_offsets_past_the_bound_are_refused(node, shape):
+    """A relative lambda's (T, T) int64 index and ConViT's (3, T²) offsets are constants of the ONNX graph made from
+    the map's size alone, each node within its own bounds (a 96² map's lambda index is 680 MB, an 8100-token gated
+    attention's offsets 790 MB): a few such nodes in a small file made gigabytes."""
+    nodes = [_conv("q", 1, 1), _conv("k", 1, 1, "q"), _conv("v", 1, 1, "q"),
+             {"name": "n0", "inputs": ["q", "k", "v"], **node}, {"name": "n1", "inputs": ["n0", "k", "v"], **node}]
+    with pytest.raises(UsageError, match=r"node 'n\d' \((lambda_layer|attention)\): the graph's fixed"):
+        validate(_spec(shape, nodes))
