@@ -82,7 +82,8 @@ CASES = {
     **{f"bicubic {a}->{b}": _spec([2, *a], [{"name": "b", "op": "bicubic", "inputs": ["input"], "size": b}])
        for a in ([1, 1], [3, 3], [4, 6]) for b in ([1, 1], [3, 3], [5, 7], [2, 9])},
     **{f"tile {a}x{s}": _spec([2, *a], [{"name": "u", "op": "upsample", "inputs": ["input"], "scale": s,
-                                          "mode": "tile"}]) for a in ([1, 1], [3, 2]) for s in ([1, 1], [3, 1], [2, 3])},
+                                          "mode": "tile"}])
+       for a in ([1, 1], [3, 2]) for s in ([1, 1], [3, 1], [2, 3])},
     **{f"rotary {args}": _rotary(*args) for args in ((1, 2, 1, 0, False), (1, 2, 2, 1, True), (3, 2, 5, 0, True),
                                                      (2, 4, 3, 2, False))},
     **{f"outlook {args}": _outlook(*args) for args in ((1, 1, 0, 1), (3, 3, 1, 1), (5, 3, 1, 2), (3, 3, 1, 3),
