@@ -288,8 +288,10 @@ def _spec(draw) -> dict:
                     tile = [draw(st.sampled_from([d for d in range(1, n + 1) if n % d == 0])) for n in dims[1:]]
                     node["tile"] = tile if fits else draw(st.sampled_from([[dims[1] + 1, 1], 0, "2", [2, 2, 2]]))
                     node["tokens"] = tile[0] * tile[1]
-                    if fits or draw(st.booleans()):  # its storage (1, C, wh, ww), or none (tile needs one)
-                        node["module_shape"] = [1, dims[0], *tile]
+                    if fits or draw(st.booleans()):  # its storage (1, C, wh, ww), or none (tile needs one), or
+                        # another layout of as many positions, or no list (validate sliced it: a TypeError)
+                        node["module_shape"] = [1, dims[0], *tile] if fits else draw(st.sampled_from(
+                            [[1, dims[0], *tile], [1, dims[0], tile[0] * tile[1], 1], [1, dims[0], *tile[::-1]], 3]))
                 elif storage == "resize":  # HieraDet's: a grid of its own, resized to the map (bicubic)
                     grid = [draw(st.integers(1, 5)), draw(st.integers(1, 5))]
                     node["resize"] = grid if fits else draw(st.sampled_from([[0, 2], "2", [2, 2, 2], [5000, 1], 2.5]))

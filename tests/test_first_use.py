@@ -80,14 +80,15 @@ def test_the_readme_cites_each_paper_rather_than_a_local_folder():
 def test_the_readmes_own_network_snippet_imports_torchvision_and_converts_it():
     """The README's Python path to your own network, run as a user runs it (a fresh interpreter, torchvision imported
     by the user's code, not edgecl's CLI): with the pinned CPU torch, `import torchvision` alone failed on
-    'operator torchvision::nms does not exist'; the snippet calls `edgecl.arch.ensure_torchvision_imports` first."""
+    'operator torchvision::nms does not exist'; the snippet calls `edgecl.arch.ensure_torchvision_imports` first. The
+    whole snippet runs, `registry.create` included (it used `registry` without importing it)."""
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     block = re.search(r"```python\n(from edgecl\.arch import ensure_torchvision_imports.*?)```", readme, re.S).group(1)
-    code = block.split("\nmethod = ")[0] + "\nprint(spec['feature_dim'])\n"
+    code = block + "print(spec['feature_dim'], type(method).__name__)\n"  # through registry.create, as written
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
                           env={**os.environ, "PYTHONPATH": ROOT})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert int(proc.stdout.split()[-1]) > 0
+    assert int(proc.stdout.split()[-2]) > 0 and proc.stdout.split()[-1] != "NoneType"
     light = "import sys, edgecl.arch; print('torch' in sys.modules)"  # the new name keeps edgecl.arch torch-free
     assert subprocess.run([sys.executable, "-c", light], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": ROOT}).stdout.strip() == "False"

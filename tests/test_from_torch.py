@@ -376,3 +376,21 @@ def test_a_layer_aliased_under_a_second_name_still_converts():
     module = Aliased().eval()
     spec = from_torch(module, (4, 4, 4))
     check_parity(module, spec, (4, 4, 4))
+
+
+def test_a_timm_model_built_for_another_size_is_refused_saying_how_to_build_it_for_this_one():
+    """A first-time user's `--arch timm:volo_d1_224 --input-shape 3,32,32`: the model's own error (here a ViT's
+    patch embedding assert) comes without torch.fx's appended graph node and traceback, and says the model was built
+    for 224×224 and how to build it for the input (`img_size`); built so, it goes in."""
+    timm = pytest.importorskip("timm")
+    module = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, depth=1)
+    with pytest.raises(UsageError) as refused:
+        from_torch(module, (3, 32, 32))
+    message = str(refused.value)
+    assert "does not run on inputs of shape (3, 32, 32)" in message and "While executing" not in message
+    assert "built this model for 224×224 inputs" in message and "--arch-arg img_size=32" in message
+    assert from_torch(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, depth=1,
+                                        img_size=32), (3, 32, 32))["feature_dim"] == 192
+    with pytest.raises(UsageError) as plain:  # a module of one's own, no built-for size: the error alone
+        from_torch(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 30 * 30, 2)), (3, 31, 31))
+    assert "does not run" in str(plain.value) and "img_size" not in str(plain.value)

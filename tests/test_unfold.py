@@ -102,6 +102,18 @@ def test_a_channels_last_embedding_needs_its_module_storage():
     assert "channels_last" not in validate(spec)["nodes"][0]
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("value", [3, 1.5, None, True, {}, "1,2,3,4", [1, 2, [3], 4]])
+def test_a_position_embedding_module_shape_that_is_no_list_of_sizes_is_refused(channels_last, value):
+    # a hand-edited or hostile file: validate sliced the value before checking it was a list (TypeError)
+    spec = {"name": "e", "input_shape": [2, 3, 4], "nodes": [
+        {"name": "pos", "op": "pos_embed", "inputs": ["input"], "ch": 2, "tokens": 12, "channels_last": channels_last,
+         "module_shape": value},
+        {"name": "f", "op": "flatten", "inputs": ["pos"]}]}
+    with pytest.raises(UsageError, match="module_shape .* of a position embedding must be"):
+        validate(spec)
+
+
 def test_the_token_labelling_aux_head_is_refused_by_name():
     assert_refused(tiny_volo(use_aux_head=True), "aux_head", "use_aux_head=False", "volo.py:")
 
@@ -120,3 +132,16 @@ def test_volo_d1_224_parity(side):
     spec = from_torch(module, (3, side, side))
     check_parity(module, spec, (3, side, side), batch=2)
     assert sum(n["op"] == "outlook_attention" for n in spec["nodes"]) == 4
+
+
+def test_a_tiled_embedding_module_shape_is_its_window():
+    """TNT's pixel embedding is stored (1, C, wh, ww) (docs/ARTIFACT.md): another layout of as many positions, which
+    `to_module_state` would hand back in a shape the module does not have, is refused."""
+    spec = {"name": "e", "input_shape": [2, 4, 4], "nodes": [
+        {"name": "pos", "op": "pos_embed", "inputs": ["input"], "ch": 2, "tokens": 4, "tile": [2, 2],
+         "module_shape": [1, 2, 4, 1]},
+        {"name": "f", "op": "flatten", "inputs": ["pos"]}]}
+    with pytest.raises(UsageError, match=r"must be \(1, 2, 2, 2\)"):
+        validate(spec)
+    spec["nodes"][0]["module_shape"] = [1, 2, 2, 2]
+    assert validate(spec)["nodes"][0]["tile"] == [2, 2]

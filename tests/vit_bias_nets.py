@@ -40,7 +40,8 @@ def vit_relpos_spec(input_shape=(1, 8, 8)) -> dict:
 
 
 def tiny_eva(classes: int = 3, in_channels: int = 1, image: int = 8, **kwargs) -> nn.Module:
-    """timm's Eva in small without a rotary embedding (which is refused): EVA-02's SwiGLU MLP with its sub-LN,
+    """timm's Eva in small, by default without a rotary embedding (`use_rot_pos_emb=True` adds it: `eva_rope_spec`):
+    EVA-02's SwiGLU MLP with its sub-LN,
     q/v biases beside a bias-less qkv, layer scales, a class token and a learned position embedding."""
     from timm.models.eva import Eva
     args = dict(img_size=image, in_chans=in_channels, patch_size=2, num_classes=classes, embed_dim=8, depth=2,

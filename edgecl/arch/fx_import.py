@@ -28,7 +28,7 @@ from edgecl.arch.fx_calls import (POOL_PARAMETERS, WITH_INDICES, is_elementwise,
 from edgecl.arch.fx_norms import LAYER_NORMS, PERMUTES, is_view
 from edgecl.arch.fx_padding import PAD_FUNCTIONS, PAD_MODULES, odd_same, pad_call, same_kind
 from edgecl.arch.fx_shape_flow import ShapeFlowTracer, raised_at
-from edgecl.arch.fx_shape_prop import propagate_shapes
+from edgecl.arch.fx_shape_prop import built_for_hint, propagate_shapes
 from edgecl.arch.fx_inplace import rewire_inplace
 from edgecl.arch.fx_std_conv import is_std_conv, std_conv_fields
 from edgecl.arch.fx_families import Families
@@ -122,13 +122,21 @@ def from_torch(module: nn.Module, input_shape: tuple[int, ...] | list[int], *, c
         graph = _Tracer(shape).trace(module, concrete_args=_concrete_defaults(module))
         rewire_inplace(graph, module)  # `x.mul_(g)`: later reads of x read the product (`fx_inplace`)
     except UsageError as exc:
-        raise UsageError(f"{name}: {exc}") from None
+        raise UsageError(f"{name}: {exc}{_built_for(exc, module, shape)}") from None
     except Exception as exc:  # torch.fx raises many types; the user needs the reason and the line, not the trace
         raise UsageError(f"cannot trace {type(module).__name__} with torch.fx at {raised_at(exc) or 'an unknown line'}"
                          f" ({type(exc).__name__}: {str(exc)[:300]})") from None
     traced = fx.GraphModule(module, graph)
-    propagate_shapes(traced, shape)
+    try:
+        propagate_shapes(traced, shape)
+    except UsageError as exc:
+        raise UsageError(f"{exc}{_built_for(exc, module, shape)}") from None
     return _Converter(traced, module, shape, classifier, name).spec()
+
+
+def _built_for(exc: UsageError, module: nn.Module, shape: list[int]) -> str:
+    """`built_for_hint` where the model failed to run on the shape, else nothing."""
+    return built_for_hint(module, shape) if str(exc).startswith("the model does not run on inputs") else ""
 
 
 def _concrete_defaults(module: nn.Module) -> dict[str, Any] | None:

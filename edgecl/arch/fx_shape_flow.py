@@ -210,10 +210,11 @@ class ShapeFlowTracer(fx.Tracer):
             except UsageError:
                 raise
             except Exception as exc:  # the model's own failure, at the user's line
+                reason = str(exc).split("\n\nWhile executing")[0]  # torch.fx appends the graph node and a traceback
                 raise UsageError(f"the model does not run on inputs of shape "  # the cause first, where it met it after
                                  f"({batch}, {', '.join(map(str, self.input_shape))}) at "
                                  f"{raised_at(exc) or getattr(current, 'name', '?')}: {type(exc).__name__}: "
-                                 f"{str(exc)[:200]} (met while deciding the control flow at {where})") from None
+                                 f"{reason[:200]} (met while deciding the control flow at {where})") from None
         return env[node]
 
     def _release(self, values: ExampleValues, nodes: list[fx.Node] | None = None) -> None:

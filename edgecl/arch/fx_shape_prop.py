@@ -57,5 +57,18 @@ def propagate_shapes(traced: fx.GraphModule, shape: list[int]) -> None:
             prop.run(torch.zeros(2, *shape))
     except Exception as exc:  # the model's own error, at the node that raised it
         where = f" {location(prop.current)}" if prop.current is not None else ""
+        reason = str(exc).split("\n\nWhile executing")[0]  # torch.fx appends the graph node and a traceback
         raise UsageError(f"the model does not run on inputs of shape {tuple(shape)}{where}: {type(exc).__name__}: "
-                         f"{str(exc)[:300]}") from None
+                         f"{reason[:300]}") from None
+
+
+def built_for_hint(module: torch.nn.Module, shape: list[int]) -> str:
+    """Where a timm model that does not run on `shape` was built for another input size (its ``pretrained_cfg``
+    input size; ViTs, VOLO, GC ViT... fix their embeddings and windows to it at build time): how to build it for
+    this one. Empty otherwise."""
+    size = (getattr(module, "pretrained_cfg", None) or {}).get("input_size")
+    if not isinstance(size, (tuple, list)) or len(size) != 3 or list(size[1:]) == list(shape[1:]):
+        return ""
+    side = shape[1] if len(shape) == 3 and shape[1] == shape[2] else tuple(shape[1:])
+    return (f"; timm built this model for {size[1]}×{size[2]} inputs: build it for yours where its factory takes "
+            f"img_size (timm.create_model(name, img_size={side}), `--arch-arg img_size={side}`)")

@@ -83,6 +83,30 @@ def conv_columns(node: dict[str, Any], hw: list[int]) -> int:
     return node["in"] // node["groups"] * node["k"][0] * node["k"][1] * hw[0] * hw[1]
 
 
+def fixed_constants(node: dict[str, Any], ins: list[list[int]]) -> int:
+    """Elements (float32's; an int64 index counts twice) of the fixed arrays the node's ONNX form holds that no
+    tensor stands for (`spec.validate` bounds their sum): ``bicubic`` and ``adaptive_avgpool``'s matrix per axis
+    (out × in), a ``pos_embed`` ``resize``'s (map side × grid side), ``outlook_attention``'s one-hot window weight
+    (C·k⁴), a relative ``lambda_layer``'s (T, T) index, an attention's gated positions' (3, T²) offsets and a
+    shift's window mask (windows × w²); 0 for the others."""
+    op = node["op"]
+    if op in ("bicubic", "adaptive_avgpool"):
+        (_, height, width), (h, w) = ins[0], node["size"]
+        return h * height + w * width
+    if op == "pos_embed" and node.get("resize"):  # HieraDet's grid resized to the map: the bicubic's matrices
+        (_, height, width), (h, w) = ins[0], node["resize"]
+        return h * height + w * width
+    if op == "outlook_attention":
+        return ins[0][0] * node["k"] ** 4
+    if op == "lambda_layer" and node.get("rel_pos"):
+        return 2 * math.prod(ins[0][1:]) ** 2
+    if op != "attention":
+        return 0
+    tq = math.prod(ins[0][1:])
+    gated = 3 * tq * tq if node.get("gated_pos") else 0
+    return gated + (tq * math.prod(node["window"]) if node.get("shift") else 0)
+
+
 def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node") -> list[int]:
     """Shape (without batch) of a normalised node's output from its inputs' shapes; UsageError when they do not
     fit the op."""
