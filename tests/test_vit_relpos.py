@@ -188,8 +188,6 @@ def test_a_null_key_part_is_refused_where_a_key_bias_counts(fields):
         validate(_null_key_spec(**fields))
 
 def test_refused_by_name():
-    module = tiny_vit_relpos(rel_pos_type="mlp")  # timm's default: the bias is an MLP's output
-    assert_refused(module, "RelPosAttention", "blocks.0.attn", "RelPosMlp", "rel_pos_type='bias'")
     # one table for all blocks, gathered in the model's forward: that gather is refused where it is, by its line
     module = tiny_vit_relpos(rel_pos_type="bias", shared_rel_pos=True)
     assert_refused(module, "shared_rel_pos.relative_position_bias_table", "pos_embed_rel.py")
@@ -213,7 +211,7 @@ def test_eva_refused_by_name():  # (its rotary embedding: tests/test_rotary.py)
 @pytest.mark.slow
 @pytest.mark.parametrize("name, size, kwargs", [
     ("beit_base_patch16_224", 64, {}), ("beit_base_patch16_224", 96, {}), ("beitv2_base_patch16_224", 64, {}),
-    ("vit_relpos_small_patch16_224", 64, {"rel_pos_type": "bias"}),
+    ("vit_relpos_small_patch16_224", 64, {"rel_pos_type": "bias"}), ("vit_relpos_small_patch16_224", 64, {}),
     ("eva02_tiny_patch14_224", 56, {"use_rot_pos_emb": False, "num_classes": 10}),
     ("eva02_tiny_patch14_224", 64, {"use_rot_pos_emb": False, "num_classes": 10})])
 def test_library_models(name, size, kwargs):
@@ -222,3 +220,28 @@ def test_library_models(name, size, kwargs):
     randomise_batchnorm(module)
     spec = from_torch(module, (3, size, size))
     check_parity(module, spec, (3, size, size), batch=2)
+
+
+def test_rel_pos_mlp_goes_in_as_its_mlp_and_trains_back(tmp_path):
+    """timm's default RelPosMlp (mode 'cr'): the attention reads the tokens as their grid, its bias table the MLP
+    of the grid's log-spaced offsets, the MLP's weights the module's ``rel_pos.mlp`` (a 4×6 grid: rows and columns
+    not confused); trained one epoch, its values go back into the module, which then computes the runtime's
+    output."""
+    from write_back import trained_back_into
+
+    module = randomised_all(tiny_vit_relpos(rel_pos_type="mlp", image=(8, 12)))
+    spec = from_torch(module, (1, 8, 12))
+    check_parity(module, spec, (1, 8, 12))
+    attend = _nodes(spec)["blocks.1.attn.attend"]
+    assert (attend["module"], attend["bias_table"], attend["bias_mlp"], attend["bias_offsets"]) == \
+        ("blocks.1.attn.rel_pos", "mlp", 128, 7 * 11)
+    assert _nodes(spec)["blocks.1.attn.qkv_grid"]["shape"] == [24, 4, 6]
+    assert to_module_state(spec, tensors_of(module, spec))["blocks.1.attn.rel_pos.mlp.fc2.bias"].shape == (2,)
+    trained_back_into(lambda n: tiny_vit_relpos(rel_pos_type="mlp", classes=n), "head", ("attend.mlp",), tmp_path)
+
+
+def test_rel_pos_mlp_of_another_form_is_refused_by_name():
+    """RelPosMlp's 'swin' mode (16·sigmoid, Swin V2's coordinates) and its padding for a class token are not what
+    the spec computes: refused naming the attention."""
+    assert_refused(tiny_vit_relpos(rel_pos_type="mlp_swin"), "blocks.0.attn", "RelPosMlp (mode 'swin'")
+    assert_refused(tiny_vit_relpos(rel_pos_type="mlp", class_token=True), "blocks.0.attn", "class_token=False")

@@ -140,7 +140,7 @@ class _MaxVitConverter:
             return {"bias_offsets": int(rel.relative_position_bias_table.shape[0]), "bias_table": "swin",
                     "bias_index": rel.relative_position_index.reshape(t, t).tolist()}
         if type(rel).__module__ == "timm.layers.pos_embed_rel" and kind == "RelPosMlp":
-            return _mlp_bias(self.name, where, rel, size)
+            return rel_pos_mlp_fields(self.name, where, rel, size)
         index = _tf_index(rel, size) if known else None
         if index is None:
             raise UsageError(f"{self.name}: {where}: its relative position bias is a {kind}; edgecl converts timm's "
@@ -204,9 +204,10 @@ class _MaxVitConverter:
         return self._emit(node, "conv", [attended], f"{path}.proj", **pointwise(proj))
 
 
-def _mlp_bias(model: str, where: str, rel: nn.Module, size: list[int]) -> dict[str, Any]:
+def rel_pos_mlp_fields(model: str, where: str, rel: nn.Module, size: list[int]) -> dict[str, Any]:
     """RelPosMlp in timm's mode "cr" (no prefix tokens, no gain): fc1 (2 → hidden, bias), ReLU, fc2 (hidden →
-    heads, bias) over its log coordinates of `size`'s offsets, read at its index."""
+    heads, bias) over its log coordinates of `size`'s offsets, read at its index (MaxViT's and the relative-position
+    ViT's, `fx_vit_bias`)."""
     mlp, t = rel.mlp, size[0] * size[1]
     plain = rel.mode == "cr" and not rel.prefix_tokens and rel.bias_gain is None and \
         isinstance(rel.bias_act, nn.Identity) and list(rel.window_size) == size and \
