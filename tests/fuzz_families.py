@@ -221,6 +221,8 @@ def _spec(draw) -> dict:
             if draw(st.integers(0, 5)) == 0:  # its weight a row block of a fused one (EVA's q, k, v): alone it holds
                 # a part only, refused unless it is the whole ([0, 1]); or hostile rows
                 node["weight_rows"] = draw(st.sampled_from([[0, 1], [0, 3], [2, 2], [-1, 2], [0], "x", [0, 1 << 31]]))
+                if draw(st.booleans()):  # its bias the same rows of the fused bias (torchvision's Swin V2), or not
+                    node["fused_bias"] = draw(st.sampled_from([True, False, 1, "yes", None]))
         elif op == "linear":
             node.update({"in": int(np.prod(dims)) if fits else draw(hostile), "out": draw(st.integers(1, 8))})
         elif op == "bn":

@@ -57,7 +57,8 @@ class _SwinV2Converter:
                              f"block's {tuple(m.window_size)} (set it with the block's set_input_size)")
         attended = self.window_attention(node, attn, x, f"{path}.attn", where, shape, m.window_size, m.shift_size,
                                          bias=_cpb_fields(self.name, where, attn),
-                                         separate_qkv=attn.q_bias is not None, cosine=True, scale=1.0)
+                                         rows=self.fused_rows if attn.q_bias is not None else None, cosine=True,
+                                         scale=1.0)
         self._post_norm_rest(node, m, x, attended, path, where)
 
     def _post_norm_rest(self, node: fx.Node, m: nn.Module, x: str, attended: str, path: str, where: str) -> str:
@@ -92,6 +93,24 @@ class _SwinV2Converter:
                                          bias=_meta_mlp_fields(self.name, where, attn), cosine=True, scale=1.0)
         self._post_norm_rest(node, m, x, attended, path, where)
 
+    def _swin_torchvision_v2_attention(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str,
+                                       shape: list[int]) -> None:
+        """torchvision's ShiftedWindowAttentionV2 (its block around it traced): V1's window attention with V2's
+        cosine attention, logit scale and cpb_mlp, its q, k and v rows of qkv (`_torchvision_rows`)."""
+        self._swin_torchvision_attention(node, m, x, path, where, shape, bias=_cpb_fields(self.name, where, m),
+                                         rows=self._torchvision_rows, cosine=True, scale=1.0)
+
+    def _torchvision_rows(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str) -> tuple[str, str, str]:
+        """q, k and v, each a 1×1 conv of its rows of torchvision's qkv (``weight_rows``); q's and v's biases its rows
+        of qkv.bias (``fused_bias``), k's none: the forward zeroes k's part (a key bias would turn a cosine
+        attention's scores), so k's rows go back into the module as zeros (`op_rules.zero_rows`)."""
+        qkv = linear(self.name, where, m.qkv)
+        width = qkv.out_features // 3
+        base = {**pointwise(qkv), "out": width, "module_shape": [width, qkv.in_features], "module": f"{path}.qkv"}
+        biased = {"bias": True, "fused_bias": True} if qkv.bias is not None else {"bias": False}
+        return tuple(self._emit(node, "conv", [x], f"{path}.{part}", **{**base, "weight_rows": [i, 3], **(
+            biased if part != "k" else {"bias": False})}) for i, part in enumerate("qkv"))
+
     def _swin_v2_merge(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str, shape: list[int]) -> None:
         """x0..x3 = (0, 0), (1, 0), (0, 1), (1, 1) side by side (Swin V1's order), reduction, then norm."""
         height, width, _ = shape
@@ -108,7 +127,7 @@ def _cpb_fields(model: str, where: str, attn: nn.Module) -> dict[str, Any]:
     Linear(hidden → heads, no bias) over the log-spaced coordinates its buffer holds (normalised by the pretrained
     window, or its own), read at relative_position_index."""
     mlp, heads, window = attn.cpb_mlp, int(attn.num_heads), [int(w) for w in attn.window_size]
-    pretrained = [int(p) for p in attn.pretrained_window_size]
+    pretrained = [int(p) for p in getattr(attn, "pretrained_window_size", (0, 0))]  # torchvision's: none
     span = [max(s, 1) for s in (pretrained if pretrained[0] > 0 else window)]  # timm divides by max(s − 1, 1)
     fields = {"bias_offsets": (2 * window[0] - 1) * (2 * window[1] - 1), "bias_table": "mlp",
               "bias_mlp_form": "swin_v2", "bias_mlp_span": span}

@@ -13,7 +13,8 @@ Ops (fields and defaults in `OPS`):
   put back side by side: EfficientViT-MSRA's depthwise conv on q; same weights, so every channel and method rule is
   a conv's: `edgecl.arch.windows.conv_window_shape`; ``bias_parts``: where its module stores the bias, in equal
   parts, storage only: `edgecl.arch.bias_parts`; ``weight_rows`` [part, parts]: its weight is that row block of its
-  module's, storage only: `op_rules.row_table`), ``linear`` (weight ``(out, in)``), ``bn``
+  module's, storage only: `op_rules.row_table`, ``fused_bias`` with it: its bias the same rows of the module's
+  fused bias, a bias-less part's rows a fixed zero: `op_rules.zero_rows`), ``linear`` (weight ``(out, in)``), ``bn``
   (weight, bias, running_mean, running_var of ``ch`` channels; eps, momentum), ``layer_norm`` (normalises each position
   over its ``ch`` channels, as ConvNeXt's LayerNorm after a permute; eps; weight and bias when ``affine``; or, with
   ``over`` "map" (timm's GroupNorm1, a GroupNorm of one group: MobileViTv2), over the whole (C, H, W) map of a
@@ -189,7 +190,8 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "conv": {"in": ("size", ...), "out": ("size", ...), "k": ("pair", ...), "stride": ("pair", [1, 1]),
              "pad": ("pad", [0, 0]), "dilation": ("pair", [1, 1]), "groups": ("size", 1), "bias": ("bool", True),
              "standardize": ("eps", None), "gain_scale": ("number", None), "std_gain": ("bool", None),
-             "window": ("pair", None), "bias_parts": ("bias_parts", None), "weight_rows": ("pad", None)},
+             "window": ("pair", None), "bias_parts": ("bias_parts", None), "weight_rows": ("pad", None),
+             "fused_bias": ("bool", False)},
     "linear": {"in": ("size", ...), "out": ("size", ...), "bias": ("bool", True)},
     "bn": {"ch": ("size", ...), "eps": ("eps", 1e-5), "momentum": ("momentum", 0.1)},
     "layer_norm": {"ch": ("size", ...), "eps": ("eps", 1e-5), "affine": ("bool", True), "over": ("norm_over", None),
