@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from torch_nets import check_parity, randomise_batchnorm, tensors_of
+from swin_v2_nets import tiny_tv_swinv2
 from write_back import trained_back_into
 
 from edgecl.arch import from_torch, validate
@@ -39,15 +40,8 @@ def _randomised(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
-def _tiny(classes: int = 5, in_chans: int = 3, window: int = 2, image_patch: int = 2) -> nn.Module:
-    """torchvision's SwinTransformer with V2 blocks and merging: 4×4 maps of 2×2 windows (shifted in every second
-    block), then 2×2, on an 8×8 image."""
-    module = tv.SwinTransformer(patch_size=[image_patch] * 2, embed_dim=8, depths=[2, 2], num_heads=[2, 2],
-                                window_size=[window] * 2, num_classes=classes, block=tv.SwinTransformerBlockV2,
-                                downsample_layer=tv.PatchMergingV2)
-    if in_chans != 3:
-        module.features[0][0] = nn.Conv2d(in_chans, 8, image_patch, image_patch)
-    return _randomised(module)
+def _tiny(**kwargs) -> nn.Module:
+    return _randomised(tiny_tv_swinv2(**kwargs))
 
 
 @pytest.mark.parametrize("side, window", [(8, 2), (16, 2), (16, 4)])

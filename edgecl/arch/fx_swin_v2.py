@@ -1,7 +1,8 @@
-"""Swin Transformer V2 layers (timm's ``timm.models.swin_transformer_v2`` and ``swin_transformer_v2_cr``) in a user's
-network, for `fx_import._Converter`, dispatched by Swin V1's `fx_swin._SwinConverter.swin` (by class: ``_swin_v2_*``).
-Kept whole by the tracer as Swin V1's are (channels-last maps, windows through 6-D views, ``torch.roll``, a mask
-buffer) and converted to the same spec ops, on the (C, H, W) map:
+"""Swin Transformer V2 layers (timm's ``timm.models.swin_transformer_v2`` and ``swin_transformer_v2_cr``,
+torchvision's ``ShiftedWindowAttentionV2`` and ``PatchMergingV2``) in a user's network, for `fx_import._Converter`,
+dispatched by Swin V1's `fx_swin._SwinConverter.swin` (by class: ``_swin_v2_*``). Kept whole by the tracer as Swin
+V1's are (channels-last maps, windows through 6-D views, ``torch.roll``, a mask buffer) and converted to the same
+spec ops, on the (C, H, W) map:
 
     SwinTransformerV2Block: q, k, v (1×1 convs of their rows of qkv, q's and v's biases the module's q_bias and v_bias,
     k's none; one qkv conv without them) → attention {window, shift, ``cosine``, bias table "mlp" of form "swin_v2"}
@@ -12,6 +13,9 @@ buffer) and converted to the same spec ops, on the (C, H, W) map:
     V2-CR (``swinv2_cr_*``): the same block with a plain qkv Linear, a (heads,) logit scale, its bias table "mlp" of
     form "swin_v2_cr" (meta_mlp), an optional norm3 after the block; its PatchMerging is Swin V1's (norm, then
     reduction)
+    torchvision's ShiftedWindowAttentionV2 (its block around it traced): q, k, v as V2's, their biases the same rows
+    of its one qkv.bias (``fused_bias``; k's part, which its forward zeroes, none) → attention (V2's, the window and
+    shift by torchvision's V1 rules) → proj; PatchMergingV2 as V2's PatchMerging
 
 Scaled cosine attention is the attention's ``cosine``, its ``logit_scale`` the module's (`edgecl.arch.ops`). The
 continuous position bias, 16·sigmoid(cpb_mlp(relative_coords_table)) read at the fixed relative_position_index (V2-CR:
