@@ -2,7 +2,7 @@
 parity with real modules (cpb_mlp, qkv bias — its k part too, which the forward zeroes — and logit scales
 randomised, one past the clamp), q, k and v as rows of qkv with q's and v's biases rows of qkv.bias (``fused_bias``)
 and k's none, trained values written back into the module (k's rows as zeros), the field's validation and stored
-form, and the named model swin_v2_t at 256 (slow)."""
+form, and the named models swin_v2_t/s/b at 256 (slow)."""
 from __future__ import annotations
 
 import copy
@@ -104,13 +104,15 @@ def test_fused_bias_is_checked_and_left_out_of_older_forms():
 
 
 @pytest.mark.slow
-def test_swin_v2_t_at_256():
-    """The named model at 256 (maps 64, 32, 16, 8: its 8×8 windows tile each; the last stage's unshifted)."""
+@pytest.mark.parametrize("name, blocks", [("swin_v2_t", 12), ("swin_v2_s", 24), ("swin_v2_b", 24)])
+def test_named_models_at_256(name, blocks):
+    """The named models at 256 (maps 64, 32, 16, 8: their 8×8 windows tile each; the last stage's unshifted; at 128
+    the last map is 4×4, which torchvision pads: refused)."""
     torch.manual_seed(0)
-    module = _randomised(tv.swin_v2_t(num_classes=10))
+    module = _randomised(getattr(tv, name)(num_classes=10))
     spec = from_torch(module, (3, 256, 256))
     check_parity(module, spec, (3, 256, 256), batch=1)
-    assert sum(n["op"] == "attention" and n["cosine"] for n in spec["nodes"]) == 12
+    assert sum(n["op"] == "attention" and n["cosine"] for n in spec["nodes"]) == blocks
     own, back = module.state_dict(), to_module_state(spec, tensors_of(module, spec))
     assert {k.rpartition(".")[0] for k in set(dict(module.named_parameters())) - set(back)} == {"head"}
     for key, value in back.items():

@@ -3,7 +3,7 @@
 attention's relative position bias table over the tokens (the class token's too), layer scales — against the module,
 torch form and ONNX; the parts read from and written back to the module, from a weights file, through validation;
 EVA's attentions without a rotary embedding (with one: tests/test_rotary.py); what stays refused by name; the
-library's BEiT, BEiT v2, vit_relpos (table) and EVA-02 tiny without RoPE at 64 (slow)."""
+library's BEiT, BEiT v2, vit_relpos (table and its default RelPosMlp) and EVA-02 tiny without RoPE at 64 (slow)."""
 from __future__ import annotations
 
 import copy
@@ -212,6 +212,7 @@ def test_eva_refused_by_name():  # (its rotary embedding: tests/test_rotary.py)
 @pytest.mark.parametrize("name, size, kwargs", [
     ("beit_base_patch16_224", 64, {}), ("beit_base_patch16_224", 96, {}), ("beitv2_base_patch16_224", 64, {}),
     ("vit_relpos_small_patch16_224", 64, {"rel_pos_type": "bias"}), ("vit_relpos_small_patch16_224", 64, {}),
+    ("vit_relpos_small_patch16_rpn_224", 64, {}),  # its default RelPosMlp; res-post-norm blocks
     ("eva02_tiny_patch14_224", 56, {"use_rot_pos_emb": False, "num_classes": 10}),
     ("eva02_tiny_patch14_224", 64, {"use_rot_pos_emb": False, "num_classes": 10})])
 def test_library_models(name, size, kwargs):

@@ -13,9 +13,8 @@ spec has no values for. Each becomes what its forward computes on the (C, H, W) 
 The relative position bias is the module's ``relative_position_bias_table`` ``(offsets, heads)`` with its fixed
 ``relative_position_index`` as the node's ``bias_index`` (``bias_table`` "swin"). The window and shift are the
 module's own after its clamping to the map (timm's and torchvision's rules). A map the window does not tile (both
-libraries then pad it with zeros that join the attention) is refused by name with the
-user's source line (Swin V2, timm's and torchvision's, goes in: `fx_swin_v2`, its layers dispatched here by class as
-these are).
+libraries then pad it with zeros that join the attention) is refused by name with the user's source line. Swin V2,
+timm's and torchvision's, goes in too (`fx_swin_v2`, its layers dispatched here by class as these are).
 """
 from __future__ import annotations
 
