@@ -223,26 +223,48 @@ def test_library_models(name, size, kwargs):
     check_parity(module, spec, (3, size, size), batch=2)
 
 
-def test_rel_pos_mlp_goes_in_as_its_mlp_and_trains_back(tmp_path):
-    """timm's default RelPosMlp (mode 'cr'): the attention reads the tokens as their grid, its bias table the MLP
-    of the grid's log-spaced offsets, the MLP's weights the module's ``rel_pos.mlp`` (a 4×6 grid: rows and columns
-    not confused); trained one epoch, its values go back into the module, which then computes the runtime's
-    output."""
+@pytest.mark.parametrize("kind, form", [("mlp", None), ("mlp_swin", "rel_pos_swin")])
+def test_rel_pos_mlp_goes_in_as_its_mlp_and_trains_back(kind, form, tmp_path):
+    """timm's RelPosMlp, its default mode 'cr' and mode 'swin' (rel_pos_type 'mlp_swin': 16·sigmoid of an MLP
+    whose fc2 has no bias, over Swin V2's coordinates): the attention reads the tokens as their grid, its bias table
+    the MLP of the grid's log-spaced offsets, the MLP's weights the module's ``rel_pos.mlp`` (a 4×6 grid: rows and
+    columns not confused); trained one epoch, its values go back into the module, which then computes the
+    runtime's output."""
     from write_back import trained_back_into
 
-    module = randomised_all(tiny_vit_relpos(rel_pos_type="mlp", image=(8, 12)))
+    module = randomised_all(tiny_vit_relpos(rel_pos_type=kind, image=(8, 12)))
     spec = from_torch(module, (1, 8, 12))
     check_parity(module, spec, (1, 8, 12))
     attend = _nodes(spec)["blocks.1.attn.attend"]
     assert (attend["module"], attend["bias_table"], attend["bias_mlp"], attend["bias_offsets"]) == \
         ("blocks.1.attn.rel_pos", "mlp", 128, 7 * 11)
+    assert (attend.get("bias_mlp_form"), attend.get("bias_mlp_span")) == (form, [4, 6] if form else None)
     assert _nodes(spec)["blocks.1.attn.qkv_grid"]["shape"] == [24, 4, 6]
-    assert to_module_state(spec, tensors_of(module, spec))["blocks.1.attn.rel_pos.mlp.fc2.bias"].shape == (2,)
-    trained_back_into(lambda n: tiny_vit_relpos(rel_pos_type="mlp", classes=n), "head", ("attend.mlp",), tmp_path)
+    state = to_module_state(spec, tensors_of(module, spec))
+    assert ("blocks.1.attn.rel_pos.mlp.fc2.bias" in state) == (form is None)
+    assert np.array_equal(state["blocks.1.attn.rel_pos.mlp.fc2.weight"],
+                          module.blocks[1].attn.rel_pos.mlp.fc2.weight.detach().numpy())
+    trained_back_into(lambda n: tiny_vit_relpos(rel_pos_type=kind, classes=n), "head", ("attend.mlp",), tmp_path)
 
 
 def test_rel_pos_mlp_of_another_form_is_refused_by_name():
-    """RelPosMlp's 'swin' mode (16·sigmoid, Swin V2's coordinates) and its padding for a class token are not what
-    the spec computes: refused naming the attention."""
-    assert_refused(tiny_vit_relpos(rel_pos_type="mlp_swin"), "blocks.0.attn", "RelPosMlp (mode 'swin'")
+    """A RelPosMlp of another gain, or padded for a class token, is not what the spec computes: refused naming the
+    attention."""
+    module = tiny_vit_relpos(rel_pos_type="mlp_swin")
+    module.blocks[1].attn.rel_pos.bias_gain = 8
+    assert_refused(module, "blocks.1.attn", "RelPosMlp (mode 'swin'")
     assert_refused(tiny_vit_relpos(rel_pos_type="mlp", class_token=True), "blocks.0.attn", "class_token=False")
+
+
+@pytest.mark.parametrize("fields, words", [({"bias_mlp_span": None}, "bias_mlp_span None goes with"),
+                                           ({"bias_mlp_span": [0, 4]}, "bias_mlp_span"),
+                                           ({"bias_mlp_form": "rel_pos"}, "bias_mlp_form")])
+def test_the_rel_pos_swin_form_is_checked(fields, words):
+    """RelPosMlp's mode 'swin' needs its span (its coordinates' normalisation); a bad span or form is refused."""
+    spec = copy.deepcopy(from_torch(tiny_vit_relpos(rel_pos_type="mlp_swin"), (1, 8, 8)))
+    node = _nodes(spec)["blocks.0.attn.attend"]
+    node.update(fields)
+    for key in [k for k, v in node.items() if v is None]:
+        del node[key]
+    with pytest.raises(UsageError, match=words):
+        validate(spec)

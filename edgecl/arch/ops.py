@@ -143,8 +143,8 @@ Ops (fields and defaults in `OPS`):
   embeddings (tensors ``rel_h``, ``rel_w``), `edgecl.arch.rel_pos` (also within each unshifted window: SAM's; with
   ``rel_mvit`` read at the query's offset minus the key's, MViTv2's and SAM's form); ``bias_table`` "mlp" with
   ``bias_mlp`` the hidden width: the bias table is an MLP of each offset's log coordinates (timm's RelPosMlp;
-  ``bias_mlp_form`` "swin_v2" with ``bias_mlp_span``, Swin V2's continuous position bias, or "swin_v2_cr", V2-CR's
-  meta MLP), `edgecl.arch.mlp_bias`. ``halo_blocks`` [bq, bk] with ``halo`` h: HaloNet's blocked attention, each
+  ``bias_mlp_form`` "swin_v2" with ``bias_mlp_span``, Swin V2's continuous position bias, "rel_pos_swin" (with it
+  too), RelPosMlp's mode 'swin', or "swin_v2_cr", V2-CR's meta MLP), `edgecl.arch.mlp_bias`. ``halo_blocks`` [bq, bk] with ``halo`` h: HaloNet's blocked attention, each
   bq × bq query block over its bk × bk key block and h around it, `edgecl.arch.halo`.
 - ``token_mix`` (MLP-Mixer's token mixing, timm's ``mlp_tokens``: an ``nn.Linear`` over the token axis of
   ``x.transpose(1, 2)``): a ``(C, in, 1)`` token map to ``(C, out, 1)``, output token t of channel c is
