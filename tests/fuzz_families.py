@@ -221,6 +221,8 @@ def _spec(draw) -> dict:
             if draw(st.integers(0, 5)) == 0:  # its weight a row block of a fused one (EVA's q, k, v): alone it holds
                 # a part only, refused unless it is the whole ([0, 1]); or hostile rows
                 node["weight_rows"] = draw(st.sampled_from([[0, 1], [0, 3], [2, 2], [-1, 2], [0], "x", [0, 1 << 31]]))
+                if draw(st.booleans()):  # its bias the same rows of the fused bias (torchvision's Swin V2), or not
+                    node["fused_bias"] = draw(st.sampled_from([True, False, 1, "yes", None]))
         elif op == "conv_transpose":  # a transposed conv: hostile output_padding (≥ the stride, negative), groups
             # not dividing, a pad cutting the whole output, a huge stride (refused by the activation bound)
             c = dims[0] if fits else draw(hostile)
@@ -342,17 +344,19 @@ def _spec(draw) -> dict:
                 if draw(st.integers(0, 5)) == 0:  # RelPosMlp's MLP-generated table (or a hostile hidden width)
                     node.update({"bias_table": "mlp", "bias_mlp": draw(st.sampled_from([1, 4])) if fits else
                                  draw(st.sampled_from([0, 1 << 31, "8", None]))})
-                    form = draw(st.sampled_from([None, "swin_v2", "swin_v2_cr"]))  # Swin V2's / V2-CR's MLP
+                    # Swin V2's / V2-CR's MLP, RelPosMlp's mode 'swin'
+                    form = draw(st.sampled_from([None, "swin_v2", "swin_v2_cr", "rel_pos_swin"]))
                     if form and fits:  # with the offsets of its window or map (the MLP's extent), read in range
                         extent = node.get("window") or (dims[1:] if len(dims) == 3 else [1, 1])
                         offsets = (2 * extent[0] - 1) * (2 * extent[1] - 1)
                         node.update({"bias_mlp_form": form, "bias_offsets": offsets, "bias_index": [
                             [(i * 5 + j) % offsets for j in range(t)] for i in range(t)]}, **({"bias_mlp_span": draw(
-                                st.sampled_from([[1, 1], [2, 8]]))} if form == "swin_v2" else {}))
+                                st.sampled_from([[1, 1], [2, 8]]))} if form != "swin_v2_cr" else {}))
                     elif form:  # an unknown form, a span without its form, a form without its span, a bad span
                         node.update(draw(st.sampled_from([{"bias_mlp_form": "swin"}, {"bias_mlp_form": 2},
                                                           {"bias_mlp_span": [2, 2]}, {"bias_mlp_form": "swin_v2"},
                                                           {"bias_mlp_form": "swin_v2", "bias_mlp_span": [0, 2]},
+                                                          {"bias_mlp_form": "rel_pos_swin"},
                                                           {"bias_mlp_form": "swin_v2_cr",
                                                            "bias_mlp_span": [2, 2]}])))
                 if draw(st.integers(0, 3)) == 0:  # its row of a table of more heads (EfficientViT-MSRA's cascade)

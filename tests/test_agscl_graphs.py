@@ -28,6 +28,7 @@ from layer_nets_nf import TinyGroupNormNet, TinyNFNet, TinyStdNet
 from layer_nets_cait import TinyCoatStage, tiny_cait, tiny_convit
 from layer_nets_vit import (TinyEfficientViTMsra, TinyFastViT, TinyNextViT, TinySHViT, tiny_crossvit, tiny_davit,
                              tiny_gcvit, tiny_nest, tiny_pit, tiny_pvt, tiny_tnt, tiny_twins, tiny_volo)
+from swin_v2_nets import tiny_tv_swinv2
 from vit_bias_nets import tiny_beit, tiny_eva, tiny_vit_relpos
 from layer_nets_mnv5 import GraphMNv5
 from linear_nets import TinyEdgeNeXt, TinyEfficientViT, TinyLambdaNet, TinyMobileViTv2
@@ -127,7 +128,9 @@ def _arch(name: str) -> dict:
               "conv_attention": lambda: conv_attention_graph(3), "iformer": lambda: iformer_graph(3),
               "swiftformer": lambda: TinySwiftFormer(in_channels=3), "mnv5": lambda: GraphMNv5(in_channels=3),
               "hiera": lambda: tiny_hiera(in_channels=3), "hieradet": lambda: TinyHieraDet(in_channels=3),
-              "unet": lambda: TinyUNet(in_channels=3, width=16), "mvit": lambda: graph_mvit(in_channels=3)}
+              "unet": lambda: TinyUNet(in_channels=3, width=16), "mvit": lambda: graph_mvit(in_channels=3),
+              "tv_swinv2": lambda: tiny_tv_swinv2(in_chans=3).eval(),
+              "vit_relpos_mlp": lambda: tiny_vit_relpos(in_channels=3, rel_pos_type="mlp")}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
@@ -137,7 +140,7 @@ _CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4"
            "mambaout", "twins", "davit", "nest", "pvt", "nextvit", "shvit", "gcvit", "cait", "convit",
            "coat", "swinv2", "crossvit", "volo", "tnt", "beit", "vit_relpos",
            "eva", "eva_rope", "botnet", "halonet", "lambda_rpt", "coat_mlp", "sam", "conv_attention",
-           "iformer", "swiftformer", "mnv5", "hiera", "hieradet", "unet", "mvit")
+           "iformer", "swiftformer", "mnv5", "hiera", "hieradet", "unet", "mvit", "tv_swinv2", "vit_relpos_mlp")
 
 
 def _stream(name: str, n_tasks: int):
@@ -167,7 +170,8 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
                                                 "tnt", "beit", "vit_relpos", "eva",
                                                 "eva_rope", "botnet", "halonet", "lambda_rpt",
                                                 "coat_mlp", "sam", "conv_attention", "iformer",
-                                                "swiftformer", "mnv5", "hiera", "hieradet", "unet", "mvit"])
+                                                "swiftformer", "mnv5", "hiera", "hieradet", "unet", "mvit", "tv_swinv2",
+                                                "vit_relpos_mlp"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

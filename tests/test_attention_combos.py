@@ -20,6 +20,7 @@ from edgecl.arch.later_fields import stored_form
 from edgecl.errors import UsageError
 
 SIDE = 4  # q's map is SIDE × SIDE; the windows, blocks and halo below fit it
+_FORMS = ("swin_v2", "swin_v2_cr", "rel_pos_swin")  # the MLP bias forms (`edgecl.arch.mlp_bias`)
 
 
 def _spec(kv: int | None, stride: int, fields: dict) -> dict:
@@ -45,12 +46,12 @@ def _fields(window: str | None, bias: str | None, talk: str | None, gated: bool,
         out.update({"shift": [1, 1]} if window == "shifted" else {"dilated": True} if window == "grid" else {})
     if bias:
         extent = out.get("window", [SIDE, SIDE])
-        offsets = (2 * extent[0] - 1) * (2 * extent[1] - 1) if bias in ("tf", "mlp", "swin_v2", "swin_v2_cr") else 5
+        offsets = (2 * extent[0] - 1) * (2 * extent[1] - 1) if bias in ("tf", "mlp", *_FORMS) else 5
         out.update(bias_offsets=offsets, bias_index=[[(i * 7 + j * 3) % offsets for j in range(tk)] for i in range(tq)])
         out.update({} if bias == "levit" else {"bias_table": bias} if bias in ("swin", "tf", "mlp") else
                    {"bias_table": "mlp", "bias_mlp_form": bias})
-        out.update({"bias_mlp": 4} if bias in ("mlp", "swin_v2", "swin_v2_cr") else {})
-        out.update({"bias_mlp_span": [3, 2]} if bias == "swin_v2" else {})
+        out.update({"bias_mlp": 4} if bias in ("mlp", *_FORMS) else {})
+        out.update({"bias_mlp_span": [3, 2]} if bias in ("swin_v2", "rel_pos_swin") else {})
     out.update({"talking_heads": True} if talk else {})
     out.update({"talking_linear": True} if talk == "linear" else {})
     out.update({"gated_pos": True} if gated else {})
@@ -64,7 +65,7 @@ def _fields(window: str | None, bias: str | None, talk: str | None, gated: bool,
 
 def test_every_combination_is_refused_or_computes_the_same_in_torch_and_onnx():
     grid = itertools.product([None, 1], [1, 2], [None, "plain", "shifted", "grid"],
-                             [None, "levit", "swin", "tf", "mlp", "swin_v2", "swin_v2_cr"], [None, "conv", "linear"],
+                             [None, "levit", "swin", "tf", "mlp", *_FORMS], [None, "conv", "linear"],
                              [False, True], [False, True], [None, "plain", "scaled", "mvit"], [False, True])
     accepted = []
     for kv, stride, window, bias, talk, gated, cosine, rel, halo in grid:

@@ -37,7 +37,8 @@ class _CoAt(nn.Module):
 
 @pytest.mark.parametrize("kwargs", [{}, {"head_first": False}, {"expand_first": False}, {"bias": False},
                                     {"rel": None}, {"rel": partial(RelPosMlp, hidden_dim=8)},
-                                    {"rel": partial(RelPosMlp, hidden_dim=8), "head_first": False}])
+                                    {"rel": partial(RelPosMlp, hidden_dim=8), "head_first": False},
+                                    {"rel": partial(RelPosMlp, hidden_dim=8, mode="swin")}])  # 'rel_pos_swin'
 def test_attention2d_parity(kwargs):
     """Random weights and bias table on a non-square map: heads first (each head's q, k, v side by side) or q, k, v
     blocks; 24 or 16 attention channels (expand_first: before or after the qkv projection)."""
@@ -50,13 +51,21 @@ def test_attention2d_parity(kwargs):
 
 
 @pytest.mark.parametrize("make, words", [
-    (lambda: _CoAt(rel=partial(RelPosMlp, hidden_dim=8, mode="swin")), "its RelPosMlp \\(mode 'swin'"),
+    # mode 'swin' goes in (above); with another gain than its 16 it is not what the spec computes
+    (lambda: _edited_rel(_CoAt(rel=partial(RelPosMlp, hidden_dim=8, mode="swin")), bias_gain=8),
+     "its RelPosMlp \\(mode 'swin'"),
     (lambda: _with_hook(), "1 forward hook"),
 ])
 def test_what_edgecl_does_not_follow_is_refused_by_name(make, words):
     with pytest.raises(UsageError, match=words) as info:
         from_torch(make().eval(), (3, 4, 6))
     assert "attn" in str(info.value)
+
+
+def _edited_rel(module: nn.Module, **attributes) -> nn.Module:
+    for name, value in attributes.items():
+        setattr(module.attn.rel_pos, name, value)
+    return module
 
 
 def _with_hook() -> nn.Module:

@@ -237,6 +237,13 @@ class _Unmixed(nn.Module):
         return x
 
 
+def _tv_v2_edited(edit) -> nn.Module:
+    module = TvSwin.SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[2], num_heads=[2], window_size=[4, 4],
+                                    block=TvSwin.SwinTransformerBlockV2, downsample_layer=TvSwin.PatchMergingV2)
+    edit(module.features[1][1].attn)
+    return module
+
+
 def _timm_edited(edit) -> nn.Module:
     module = _timm_swin()
     edit(module.layers[0].blocks[1])
@@ -247,9 +254,8 @@ def _timm_edited(edit) -> nn.Module:
     (lambda: timm.models.swin_transformer.SwinTransformer(img_size=24, patch_size=2, embed_dim=16, depths=(2,),
                                                          num_heads=(2,), window_size=5), (3, 24, 24),
      "5×5 windows do not tile the 12×12 map"),
-    (lambda: TvSwin.SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[2], num_heads=[2], window_size=[4, 4],
-                                    block=TvSwin.SwinTransformerBlockV2, downsample_layer=TvSwin.PatchMergingV2),
-     (3, 16, 16), "Swin V2"),
+    # torchvision's Swin V2 goes in (tests/test_swinv2_torchvision.py); a cpb_mlp of another activation does not
+    (lambda: _tv_v2_edited(lambda a: a.cpb_mlp.__setitem__(1, nn.GELU())), (3, 16, 16), "Swin V2.*cpb_mlp is not"),
     (lambda: _timm_edited(lambda b: setattr(b.mlp, "norm", nn.LayerNorm(64))), (3, 32, 32), "Mlp with an activation"),
     (lambda: _timm_edited(lambda b: setattr(b, "norm1", nn.Identity())), (3, 32, 32), "'layers.0.blocks.1.norm1'"),
     (lambda: _timm_edited(lambda b: setattr(b.attn, "proj_drop", nn.ReLU())), (3, 32, 32), "proj_drop is a ReLU"),

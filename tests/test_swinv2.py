@@ -338,37 +338,11 @@ def _tiny_cr(in_chans: int = 1, classes: int = 5) -> nn.Module:
 def test_trained_values_go_back_into_the_module(make, head, tmp_path):
     """Train the spec with a method (its position-bias MLPs and logit scales move), write task 0's values back into
     the module (`to_module_state`: every key one of the module's, of its shape; every parameter but the classifier
-    written) and give it the task's head: the module computes what the artifact's runtime does."""
-    from edgecl import artifact
-    from edgecl.arch.module_state import to_module_state
-    from edgecl.deltas import materialize
-    from edgecl.runtime import TaskRuntime
-    from edgecl.train import registry
-    from edgecl.train.data import make_stream
-    from edgecl.train.protocol import TrainContext
+    written) and give it the task's head: the module computes what the artifact's runtime does
+    (`write_back.trained_back_into`)."""
+    from write_back import trained_back_into
 
-    stream = make_stream("split-digits", 1, seed=0)
-    task = stream.tasks[0]
-    module = make(classes=task.n_classes)
-    spec = from_torch(module, (1, 8, 8))
-    method = registry.create("finetune", spec, {"epochs": 1})
-    method.learn_task(0, task, TrainContext(progress=False))
-    packed = method.pack()
-    trained = materialize(packed, 0)
-    start = tensors_of(module, spec)
-    moved = [k for k in start if "mlp" in k.rpartition(".")[2] or k.endswith("logit_scale")]
-    assert moved and all(not np.array_equal(start[k], trained[k]) for k in moved)  # the MLPs trained
-    state = to_module_state(spec, {k: v for k, v in trained.items() if not k.startswith("head.")})
-    own = module.state_dict()
-    assert all(key in own and tuple(own[key].shape) == value.shape for key, value in state.items())
-    assert set(dict(module.named_parameters())) - set(state) == {f"{head}.weight", f"{head}.bias"}
-    state.update({f"{head}.weight": trained["head.weight"], f"{head}.bias": trained["head.bias"]})
-    module.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}, strict=False)
-    artifact.save(packed, tmp_path / "m.edgecl")
-    with TaskRuntime(str(tmp_path / "m.edgecl")) as runtime, torch.no_grad():
-        want = runtime.infer(task.x_test[:16], task=0)
-        got = module.eval()(torch.from_numpy(task.x_test[:16])).numpy()
-    assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
+    trained_back_into(lambda n: make(classes=n), head, ("attend.mlp", "logit_scale"), tmp_path)
 
 
 def test_specs_of_the_earlier_table_form_still_equal_the_module():

@@ -3,7 +3,7 @@
 attention's relative position bias table over the tokens (the class token's too), layer scales — against the module,
 torch form and ONNX; the parts read from and written back to the module, from a weights file, through validation;
 EVA's attentions without a rotary embedding (with one: tests/test_rotary.py); what stays refused by name; the
-library's BEiT, BEiT v2, vit_relpos (table) and EVA-02 tiny without RoPE at 64 (slow)."""
+library's BEiT, BEiT v2, vit_relpos (table and its default RelPosMlp) and EVA-02 tiny without RoPE at 64 (slow)."""
 from __future__ import annotations
 
 import copy
@@ -188,8 +188,6 @@ def test_a_null_key_part_is_refused_where_a_key_bias_counts(fields):
         validate(_null_key_spec(**fields))
 
 def test_refused_by_name():
-    module = tiny_vit_relpos(rel_pos_type="mlp")  # timm's default: the bias is an MLP's output
-    assert_refused(module, "RelPosAttention", "blocks.0.attn", "RelPosMlp", "rel_pos_type='bias'")
     # one table for all blocks, gathered in the model's forward: that gather is refused where it is, by its line
     module = tiny_vit_relpos(rel_pos_type="bias", shared_rel_pos=True)
     assert_refused(module, "shared_rel_pos.relative_position_bias_table", "pos_embed_rel.py")
@@ -213,7 +211,8 @@ def test_eva_refused_by_name():  # (its rotary embedding: tests/test_rotary.py)
 @pytest.mark.slow
 @pytest.mark.parametrize("name, size, kwargs", [
     ("beit_base_patch16_224", 64, {}), ("beit_base_patch16_224", 96, {}), ("beitv2_base_patch16_224", 64, {}),
-    ("vit_relpos_small_patch16_224", 64, {"rel_pos_type": "bias"}),
+    ("vit_relpos_small_patch16_224", 64, {"rel_pos_type": "bias"}), ("vit_relpos_small_patch16_224", 64, {}),
+    ("vit_relpos_small_patch16_rpn_224", 64, {}),  # its default RelPosMlp; res-post-norm blocks
     ("eva02_tiny_patch14_224", 56, {"use_rot_pos_emb": False, "num_classes": 10}),
     ("eva02_tiny_patch14_224", 64, {"use_rot_pos_emb": False, "num_classes": 10})])
 def test_library_models(name, size, kwargs):
@@ -222,3 +221,50 @@ def test_library_models(name, size, kwargs):
     randomise_batchnorm(module)
     spec = from_torch(module, (3, size, size))
     check_parity(module, spec, (3, size, size), batch=2)
+
+
+@pytest.mark.parametrize("kind, form", [("mlp", None), ("mlp_swin", "rel_pos_swin")])
+def test_rel_pos_mlp_goes_in_as_its_mlp_and_trains_back(kind, form, tmp_path):
+    """timm's RelPosMlp, its default mode 'cr' and mode 'swin' (rel_pos_type 'mlp_swin': 16·sigmoid of an MLP
+    whose fc2 has no bias, over Swin V2's coordinates): the attention reads the tokens as their grid, its bias table
+    the MLP of the grid's log-spaced offsets, the MLP's weights the module's ``rel_pos.mlp`` (a 4×6 grid: rows and
+    columns not confused); trained one epoch, its values go back into the module, which then computes the
+    runtime's output."""
+    from write_back import trained_back_into
+
+    module = randomised_all(tiny_vit_relpos(rel_pos_type=kind, image=(8, 12)))
+    spec = from_torch(module, (1, 8, 12))
+    check_parity(module, spec, (1, 8, 12))
+    attend = _nodes(spec)["blocks.1.attn.attend"]
+    assert (attend["module"], attend["bias_table"], attend["bias_mlp"], attend["bias_offsets"]) == \
+        ("blocks.1.attn.rel_pos", "mlp", 128, 7 * 11)
+    assert (attend.get("bias_mlp_form"), attend.get("bias_mlp_span")) == (form, [4, 6] if form else None)
+    assert _nodes(spec)["blocks.1.attn.qkv_grid"]["shape"] == [24, 4, 6]
+    state = to_module_state(spec, tensors_of(module, spec))
+    assert ("blocks.1.attn.rel_pos.mlp.fc2.bias" in state) == (form is None)
+    assert np.array_equal(state["blocks.1.attn.rel_pos.mlp.fc2.weight"],
+                          module.blocks[1].attn.rel_pos.mlp.fc2.weight.detach().numpy())
+    trained_back_into(lambda n: tiny_vit_relpos(rel_pos_type=kind, classes=n), "head", ("attend.mlp",), tmp_path)
+
+
+def test_rel_pos_mlp_of_another_form_is_refused_by_name():
+    """A RelPosMlp of another gain, or padded for a class token, is not what the spec computes: refused naming the
+    attention."""
+    module = tiny_vit_relpos(rel_pos_type="mlp_swin")
+    module.blocks[1].attn.rel_pos.bias_gain = 8
+    assert_refused(module, "blocks.1.attn", "RelPosMlp (mode 'swin'")
+    assert_refused(tiny_vit_relpos(rel_pos_type="mlp", class_token=True), "blocks.0.attn", "class_token=False")
+
+
+@pytest.mark.parametrize("fields, words", [({"bias_mlp_span": None}, "bias_mlp_span None goes with"),
+                                           ({"bias_mlp_span": [0, 4]}, "bias_mlp_span"),
+                                           ({"bias_mlp_form": "rel_pos"}, "bias_mlp_form")])
+def test_the_rel_pos_swin_form_is_checked(fields, words):
+    """RelPosMlp's mode 'swin' needs its span (its coordinates' normalisation); a bad span or form is refused."""
+    spec = copy.deepcopy(from_torch(tiny_vit_relpos(rel_pos_type="mlp_swin"), (1, 8, 8)))
+    node = _nodes(spec)["blocks.0.attn.attend"]
+    node.update(fields)
+    for key in [k for k, v in node.items() if v is None]:
+        del node[key]
+    with pytest.raises(UsageError, match=words):
+        validate(spec)

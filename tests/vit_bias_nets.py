@@ -39,6 +39,12 @@ def vit_relpos_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(tiny_vit_relpos(in_channels=input_shape[0], image=input_shape[1]), tuple(input_shape))
 
 
+def vit_relpos_mlp_spec(input_shape=(1, 8, 8)) -> dict:
+    """timm's default relative position bias, RelPosMlp: an MLP of the token grid's offsets."""
+    return from_torch(tiny_vit_relpos(in_channels=input_shape[0], image=input_shape[1], rel_pos_type="mlp"),
+                      tuple(input_shape))
+
+
 def tiny_eva(classes: int = 3, in_channels: int = 1, image: int = 8, **kwargs) -> nn.Module:
     """timm's Eva in small, by default without a rotary embedding (`use_rot_pos_emb=True` adds it: `eva_rope_spec`):
     EVA-02's SwiGLU MLP with its sub-LN,

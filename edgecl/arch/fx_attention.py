@@ -137,7 +137,8 @@ class _AttentionConverter:
                    bias_fields: dict[str, Any] | None = None) -> None:
         """qkv conv, the three slices, attention and the output projection, on tokens (a channels-last value);
         `qkv_fields` / `bias_fields` replace or add the qkv conv's and the attention's fields (`fx_vit_bias`,
-        CaiT's talking heads)."""
+        CaiT's talking heads); a ``grid`` (H, W) among `bias_fields` has the attention read the tokens as that
+        row-major map, whose offsets its MLP bias spans."""
         source = node.args[0] if source is None else source
         shape = shape_of(source)
         if source not in self.last or shape is None or len(shape) != 2:
@@ -147,7 +148,13 @@ class _AttentionConverter:
         width = linear.out_features // 3
         fields: dict[str, Any] = {"module": module} if module else {}
         packed = self._emit(node, "conv", [x], qkv_name, **{**pointwise(linear), **fields, **(qkv_fields or {})})
-        attended = self.attend_packed(node, packed, path, width, heads=heads, scale=scale, **(bias_fields or {}))
+        bias_fields = dict(bias_fields or {})
+        grid = bias_fields.pop("grid", None)  # an MLP bias over the token grid's offsets: attend on the grid's map
+        if grid is not None:
+            packed = self._emit(node, "reshape", [packed], f"{path}.qkv_grid", shape=[3 * width, *grid])
+        attended = self.attend_packed(node, packed, path, width, heads=heads, scale=scale, **bias_fields)
+        if grid is not None:
+            attended = self._emit(node, "reshape", [attended], f"{path}.tokens", shape=[width, shape[0], 1])
         self._emit(node, "conv", [attended], proj_name, **pointwise(out))
         self.last.add(node)
 

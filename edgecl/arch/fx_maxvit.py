@@ -140,7 +140,7 @@ class _MaxVitConverter:
             return {"bias_offsets": int(rel.relative_position_bias_table.shape[0]), "bias_table": "swin",
                     "bias_index": rel.relative_position_index.reshape(t, t).tolist()}
         if type(rel).__module__ == "timm.layers.pos_embed_rel" and kind == "RelPosMlp":
-            return _mlp_bias(self.name, where, rel, size)
+            return rel_pos_mlp_fields(self.name, where, rel, size)
         index = _tf_index(rel, size) if known else None
         if index is None:
             raise UsageError(f"{self.name}: {where}: its relative position bias is a {kind}; edgecl converts timm's "
@@ -204,18 +204,26 @@ class _MaxVitConverter:
         return self._emit(node, "conv", [attended], f"{path}.proj", **pointwise(proj))
 
 
-def _mlp_bias(model: str, where: str, rel: nn.Module, size: list[int]) -> dict[str, Any]:
-    """RelPosMlp in timm's mode "cr" (no prefix tokens, no gain): fc1 (2 → hidden, bias), ReLU, fc2 (hidden →
-    heads, bias) over its log coordinates of `size`'s offsets, read at its index."""
-    mlp, t = rel.mlp, size[0] * size[1]
-    plain = rel.mode == "cr" and not rel.prefix_tokens and rel.bias_gain is None and \
-        isinstance(rel.bias_act, nn.Identity) and list(rel.window_size) == size and \
-        is_relu_mlp(mlp, rel.num_heads) and np.allclose(rel.rel_coords_log.detach().cpu().numpy().reshape(-1, 2), mlp_coords({}, *size), atol=1e-6)
+def rel_pos_mlp_fields(model: str, where: str, rel: nn.Module, size: list[int]) -> dict[str, Any]:
+    """RelPosMlp (no prefix tokens) in timm's mode "cr" (no gain: fc1 (2 → hidden, bias), ReLU, fc2 (hidden → heads,
+    bias)) or "swin" (16·sigmoid, fc2 without a bias: ``bias_mlp_form`` "rel_pos_swin", its coordinates normalised
+    by the pretrained window or its own) over its log coordinates of `size`'s offsets, read at its index (MaxViT's and
+    the relative-position ViT's, `fx_vit_bias`)."""
+    mlp, t, swin = rel.mlp, size[0] * size[1], rel.mode == "swin"
+    pretrained = [int(p) for p in rel.pretrained_window_size]
+    form = {"bias_mlp_form": "rel_pos_swin", "bias_mlp_span": pretrained if pretrained[0] > 0 else list(size)} \
+        if swin else {}
+    output = isinstance(rel.bias_act, nn.Sigmoid) and rel.bias_gain == 16 if swin else \
+        rel.mode == "cr" and isinstance(rel.bias_act, nn.Identity) and rel.bias_gain is None
+    plain = output and not rel.prefix_tokens and list(rel.window_size) == size and \
+        is_relu_mlp(mlp, rel.num_heads, fc2_bias=not swin) and \
+        np.allclose(rel.rel_coords_log.detach().cpu().numpy().reshape(-1, 2), mlp_coords(form, *size), atol=1e-6)
     if not plain:
         raise UsageError(f"{model}: {where}: its RelPosMlp (mode {rel.mode!r}, window {rel.window_size}) is not "
-                         f"timm's mode 'cr' over the {size[0]}×{size[1]} map or window with fc1 (2 → hidden) + bias, "
-                         "ReLU, fc2 (hidden → heads) + bias and its own log coordinates; edgecl converts that one")
-    return {"bias_offsets": (2 * size[0] - 1) * (2 * size[1] - 1), "bias_table": "mlp",
+                         f"timm's mode 'cr' or 'swin' over the {size[0]}×{size[1]} map or window with fc1 (2 → "
+                         "hidden) + bias, ReLU, fc2 (hidden → heads; + bias in mode 'cr') and its own log "
+                         "coordinates; edgecl converts those")
+    return {"bias_offsets": (2 * size[0] - 1) * (2 * size[1] - 1), "bias_table": "mlp", **form,
             "bias_mlp": mlp.fc1.out_features, "bias_index": rel.relative_position_index.reshape(t, t).tolist()}
 
 
@@ -239,10 +247,11 @@ def _parts(model: str, where: str, seq: nn.Module, n: int) -> list[nn.Module]:
     return list(seq)
 
 
-def is_relu_mlp(mlp: nn.Module, heads: int) -> bool:
+def is_relu_mlp(mlp: nn.Module, heads: int, fc2_bias: bool = True) -> bool:
     """timm's Mlp as a position-bias MLP: fc1 (2 → hidden) with a bias, ReLU, no norm, fc2 (hidden → heads) with a
-    bias (its dropouts identities at inference): RelPosMlp's and Swin V2-CR's meta MLP."""
+    bias (or, `fc2_bias` false, without: RelPosMlp's mode 'swin') (its dropouts identities at inference): RelPosMlp's
+    and Swin V2-CR's meta MLP."""
     return (type(mlp).__module__, type(mlp).__name__) == ("timm.layers.mlp", "Mlp") and \
         isinstance(mlp.act, nn.ReLU) and isinstance(mlp.norm, nn.Identity) and \
-        all(type(fc) is nn.Linear and fc.bias is not None for fc in (mlp.fc1, mlp.fc2)) and \
-        mlp.fc1.in_features == 2 and mlp.fc2.out_features == heads
+        all(type(fc) is nn.Linear for fc in (mlp.fc1, mlp.fc2)) and mlp.fc1.bias is not None and \
+        (mlp.fc2.bias is not None) == fc2_bias and mlp.fc1.in_features == 2 and mlp.fc2.out_features == heads

@@ -13,8 +13,8 @@ spec has no values for. Each becomes what its forward computes on the (C, H, W) 
 The relative position bias is the module's ``relative_position_bias_table`` ``(offsets, heads)`` with its fixed
 ``relative_position_index`` as the node's ``bias_index`` (``bias_table`` "swin"). The window and shift are the
 module's own after its clamping to the map (timm's and torchvision's rules). A map the window does not tile (both
-libraries then pad it with zeros that join the attention) and torchvision's Swin V2 are refused by name with the
-user's source line (timm's Swin V2 goes in: `fx_swin_v2`, its layers dispatched here by class as these are).
+libraries then pad it with zeros that join the attention) is refused by name with the user's source line. Swin V2,
+timm's and torchvision's, goes in too (`fx_swin_v2`, its layers dispatched here by class as these are).
 """
 from __future__ import annotations
 
@@ -34,15 +34,15 @@ _V2, _CR = "timm.models.swin_transformer_v2", "timm.models.swin_transformer_v2_c
 # each layer's converter, `_swin_KIND` (timm's Swin V2 and V2-CR ones in `fx_swin_v2`; V2-CR merges as V1)
 _KINDS = {(_TIMM, "SwinTransformerBlock"): "timm_block", (_TIMM, "PatchMerging"): "merge",
           (_TORCHVISION, "ShiftedWindowAttention"): "torchvision_attention", (_TORCHVISION, "PatchMerging"): "merge",
-          (_TORCHVISION, "ShiftedWindowAttentionV2"): None, (_TORCHVISION, "PatchMergingV2"): None,
+          (_TORCHVISION, "ShiftedWindowAttentionV2"): "torchvision_v2_attention",
+          (_TORCHVISION, "PatchMergingV2"): "v2_merge",
           (_V2, "SwinTransformerV2Block"): "v2_block", (_V2, "PatchMerging"): "v2_merge",
           (_CR, "SwinTransformerV2CrBlock"): "v2_cr_block", (_CR, "PatchMerging"): "merge"}
 _DROPS = ("Dropout", "Identity", "DropPath", "StochasticDepth")  # identities at inference
 
 
 def is_swin(m: Any) -> bool:
-    """A Swin (V1, timm's V2 and V2-CR) layer edgecl keeps whole (or refuses by name: torchvision's Swin V2's),
-    judged by its class; nothing is imported."""
+    """A Swin (V1, V2 and timm's V2-CR) layer edgecl keeps whole, judged by its class; nothing is imported."""
     return (type(m).__module__, type(m).__name__) in _KINDS
 
 
@@ -59,13 +59,9 @@ class _SwinConverter:
 
     def swin(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:
         kind = _KINDS[(type(m).__module__, type(m).__name__)]
-        family = "Swin V2" if type(m).__module__ in (_V2, _CR) else "Swin"
+        family = "Swin V2" if type(m).__module__ in (_V2, _CR) or type(m).__name__.endswith("V2") else "Swin"
         where = f"{family} {type(m).__name__} at {path!r} {location(node)}"
         shape = shape_of(node.args[0])
-        if kind is None:
-            raise UsageError(f"{self.name}: {where}: torchvision's Swin V2 (cosine attention with a continuous "
-                             "position bias, norm after the merging) is not supported; timm's swinv2_* and Swin V1 "
-                             "(timm's swin_*, torchvision's swin_t/s/b) are")
         if node.args[0] not in self.last or shape is None or len(shape) != 3:
             raise UsageError(f"{self.name}: {where} reads a tensor of shape {shape}; edgecl supports Swin's layers "
                              "on channels-last (batch, height, width, channels) maps")
@@ -103,18 +99,19 @@ class _SwinConverter:
                           **pointwise(linear(self.name, where, mlp.fc2)))
 
     def _swin_torchvision_attention(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str,
-                                    shape: list[int]) -> None:
+                                    shape: list[int], **v2: Any) -> None:
+        """torchvision's window attention (V2's: its `v2` fields, `fx_swin_v2`)."""
         window = [int(w) for w in m.window_size]
         # torchvision's rule: no shift along a side the window covers
         shift = [0 if w >= side else int(s) for w, s, side in zip(window, m.shift_size, shape[:2])]
-        self.window_attention(node, m, x, path, where, shape, window, shift)
+        self.window_attention(node, m, x, path, where, shape, window, shift, **v2)
 
     def window_attention(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str, shape: list[int],
-                          window: Any, shift: Any, bias: dict[str, Any] | None = None, separate_qkv: bool = False,
-                          **fields: Any) -> str:
+                          window: Any, shift: Any, bias: dict[str, Any] | None = None,
+                          rows: Callable[..., tuple[str, str, str]] | None = None, **fields: Any) -> str:
         """qkv → attention within (shifted) windows with the relative position bias → proj. Swin V2 (`fx_swin_v2`)
-        passes its `bias` fields (its MLP-generated table), `separate_qkv` (q, k and v each a conv of its rows of
-        qkv: V2's q_bias and v_bias, k's none) and its attention's other `fields` (cosine, scale)."""
+        passes its `bias` fields (its MLP-generated table), its q, k and v `rows` (each a conv of its rows of qkv:
+        q's and v's biases, k's none; called as `fused_rows`) and its attention's other `fields` (cosine, scale)."""
         window, shift = [int(w) for w in window], [int(s) for s in shift]
         heads = int(m.num_heads)
         if bias is None:  # the module's learned table (offsets, heads), read at its fixed index
@@ -140,8 +137,8 @@ class _SwinConverter:
             fields["scale"] = applied_scale(m, width // heads) if type(m).__module__ == _TIMM else \
                 (width // heads) ** -0.5
         fields = {"module": path, "heads": heads, "window": window, "shift": shift, **bias, **fields}
-        if separate_qkv:
-            attended = self._emit(node, "attention", list(self.fused_rows(node, m, x, path, where)),
+        if rows is not None:
+            attended = self._emit(node, "attention", list(rows(node, m, x, path, where)),
                                   f"{path}.attend", **fields)
         else:
             attended = self.attend_packed(node, self._emit(node, "conv", [x], f"{path}.qkv", **pointwise(qkv)), path,

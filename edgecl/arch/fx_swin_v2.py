@@ -1,7 +1,8 @@
-"""Swin Transformer V2 layers (timm's ``timm.models.swin_transformer_v2`` and ``swin_transformer_v2_cr``) in a user's
-network, for `fx_import._Converter`, dispatched by Swin V1's `fx_swin._SwinConverter.swin` (by class: ``_swin_v2_*``).
-Kept whole by the tracer as Swin V1's are (channels-last maps, windows through 6-D views, ``torch.roll``, a mask
-buffer) and converted to the same spec ops, on the (C, H, W) map:
+"""Swin Transformer V2 layers (timm's ``timm.models.swin_transformer_v2`` and ``swin_transformer_v2_cr``,
+torchvision's ``ShiftedWindowAttentionV2`` and ``PatchMergingV2``) in a user's network, for `fx_import._Converter`,
+dispatched by Swin V1's `fx_swin._SwinConverter.swin` (by class: ``_swin_v2_*``). Kept whole by the tracer as Swin
+V1's are (channels-last maps, windows through 6-D views, ``torch.roll``, a mask buffer) and converted to the same
+spec ops, on the (C, H, W) map:
 
     SwinTransformerV2Block: q, k, v (1×1 convs of their rows of qkv, q's and v's biases the module's q_bias and v_bias,
     k's none; one qkv conv without them) → attention {window, shift, ``cosine``, bias table "mlp" of form "swin_v2"}
@@ -12,6 +13,9 @@ buffer) and converted to the same spec ops, on the (C, H, W) map:
     V2-CR (``swinv2_cr_*``): the same block with a plain qkv Linear, a (heads,) logit scale, its bias table "mlp" of
     form "swin_v2_cr" (meta_mlp), an optional norm3 after the block; its PatchMerging is Swin V1's (norm, then
     reduction)
+    torchvision's ShiftedWindowAttentionV2 (its block around it traced): q, k, v as V2's, their biases the same rows
+    of its one qkv.bias (``fused_bias``; k's part, which its forward zeroes, none) → attention (V2's, the window and
+    shift by torchvision's V1 rules) → proj; PatchMergingV2 as V2's PatchMerging
 
 Scaled cosine attention is the attention's ``cosine``, its ``logit_scale`` the module's (`edgecl.arch.ops`). The
 continuous position bias, 16·sigmoid(cpb_mlp(relative_coords_table)) read at the fixed relative_position_index (V2-CR:
@@ -57,7 +61,8 @@ class _SwinV2Converter:
                              f"block's {tuple(m.window_size)} (set it with the block's set_input_size)")
         attended = self.window_attention(node, attn, x, f"{path}.attn", where, shape, m.window_size, m.shift_size,
                                          bias=_cpb_fields(self.name, where, attn),
-                                         separate_qkv=attn.q_bias is not None, cosine=True, scale=1.0)
+                                         rows=self.fused_rows if attn.q_bias is not None else None, cosine=True,
+                                         scale=1.0)
         self._post_norm_rest(node, m, x, attended, path, where)
 
     def _post_norm_rest(self, node: fx.Node, m: nn.Module, x: str, attended: str, path: str, where: str) -> str:
@@ -92,6 +97,24 @@ class _SwinV2Converter:
                                          bias=_meta_mlp_fields(self.name, where, attn), cosine=True, scale=1.0)
         self._post_norm_rest(node, m, x, attended, path, where)
 
+    def _swin_torchvision_v2_attention(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str,
+                                       shape: list[int]) -> None:
+        """torchvision's ShiftedWindowAttentionV2 (its block around it traced): V1's window attention with V2's
+        cosine attention, logit scale and cpb_mlp, its q, k and v rows of qkv (`_torchvision_rows`)."""
+        self._swin_torchvision_attention(node, m, x, path, where, shape, bias=_cpb_fields(self.name, where, m),
+                                         rows=self._torchvision_rows, cosine=True, scale=1.0)
+
+    def _torchvision_rows(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str) -> tuple[str, str, str]:
+        """q, k and v, each a 1×1 conv of its rows of torchvision's qkv (``weight_rows``); q's and v's biases its rows
+        of qkv.bias (``fused_bias``), k's none: the forward zeroes k's part (a key bias would turn a cosine
+        attention's scores), so k's rows go back into the module as zeros (`op_rules.zero_rows`)."""
+        qkv = linear(self.name, where, m.qkv)
+        width = qkv.out_features // 3
+        base = {**pointwise(qkv), "out": width, "module_shape": [width, qkv.in_features], "module": f"{path}.qkv"}
+        biased = {"bias": True, "fused_bias": True} if qkv.bias is not None else {"bias": False}
+        return tuple(self._emit(node, "conv", [x], f"{path}.{part}", **{**base, "weight_rows": [i, 3], **(
+            biased if part != "k" else {"bias": False})}) for i, part in enumerate("qkv"))
+
     def _swin_v2_merge(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str, shape: list[int]) -> None:
         """x0..x3 = (0, 0), (1, 0), (0, 1), (1, 1) side by side (Swin V1's order), reduction, then norm."""
         height, width, _ = shape
@@ -108,7 +131,7 @@ def _cpb_fields(model: str, where: str, attn: nn.Module) -> dict[str, Any]:
     Linear(hidden → heads, no bias) over the log-spaced coordinates its buffer holds (normalised by the pretrained
     window, or its own), read at relative_position_index."""
     mlp, heads, window = attn.cpb_mlp, int(attn.num_heads), [int(w) for w in attn.window_size]
-    pretrained = [int(p) for p in attn.pretrained_window_size]
+    pretrained = [int(p) for p in getattr(attn, "pretrained_window_size", (0, 0))]  # torchvision's: none
     span = [max(s, 1) for s in (pretrained if pretrained[0] > 0 else window)]  # timm divides by max(s − 1, 1)
     fields = {"bias_offsets": (2 * window[0] - 1) * (2 * window[1] - 1), "bias_table": "mlp",
               "bias_mlp_form": "swin_v2", "bias_mlp_span": span}

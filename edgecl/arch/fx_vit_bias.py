@@ -9,8 +9,11 @@ qkv conv and of the ``attention`` node:
   ``relative_position_index``; timm's ``RelPosBias`` as the attention's ``rel_pos``) → the attention's bias table in
   Swin's layout (``bias_table`` "swin", ``module`` the layer holding the table).
 
-Refused by name: a table built for another number of tokens, a k_bias that is learned or not zero, and timm's
-``RelPosMlp`` (its bias computed by an MLP from log-spaced offsets: a network, not a table).
+- timm's ``RelPosMlp`` (its default, mode "cr": an MLP of the token grid's log-spaced offsets) → the attention's
+  ``bias_table`` "mlp" (`edgecl.arch.mlp_bias`), its weights the spec's tensors under ``rel_pos.mlp``.
+
+Refused by name: a table built for another number of tokens, a k_bias that is learned or not zero, and a RelPosMlp
+of another mode or padded for class tokens (zero rows the offsets' table has none for).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgecl.arch.fx_maxvit import rel_pos_mlp_fields
 from edgecl.errors import UsageError
 
 _BEIT = ("timm.models.beit", "Attention")
@@ -46,16 +50,20 @@ def qkv_bias_fields(model: str, where: str, m: nn.Module) -> dict[str, Any]:
 
 
 def relative_bias_fields(model: str, where: str, m: nn.Module, path: str, tokens: int) -> dict[str, Any]:
-    """The attention's bias fields for a relative position bias table; {} without one."""
+    """The attention's bias fields for a relative position bias table; {} without one; for RelPosMlp, with the
+    token ``grid`` (H, W) its offsets span, which `fx_attention` reshapes the tokens to."""
     if (type(m).__module__, type(m).__name__) == _BEIT:
         holder, table_path = m, path
     else:
         holder, table_path = getattr(m, "rel_pos", None), f"{path}.rel_pos"
         kind = (type(holder).__module__, type(holder).__name__)
-        if kind == (_RELPOS, "RelPosMlp"):
-            raise UsageError(f"{model}: {where}: its relative position bias is computed by an MLP from log-spaced "
-                             "offsets (RelPosMlp, timm's rel_pos_type 'mlp'); edgecl supports a learned table "
-                             "(rel_pos_type='bias': RelPosBias)")
+        if kind == (_RELPOS, "RelPosMlp"):  # timm's default: its MLP over the token grid's offsets, kept whole
+            grid = [int(s) for s in holder.window_size]
+            if grid[0] * grid[1] != tokens:
+                raise UsageError(f"{model}: {where}: its RelPosMlp over a {grid[0]}×{grid[1]} grid pads its bias "
+                                 f"for {tokens - grid[0] * grid[1]} class or prefix tokens; edgecl converts it "
+                                 "without them (class_token=False) or a learned table (rel_pos_type='bias')")
+            return {"module": table_path, "grid": grid, **rel_pos_mlp_fields(model, where, holder, grid)}
         if holder is not None and kind != (_RELPOS, "RelPosBias"):
             raise UsageError(f"{model}: {where}: its rel_pos is a {kind[1]}; edgecl converts timm's RelPosBias")
     table = getattr(holder, "relative_position_bias_table", None)

@@ -10,6 +10,9 @@ module's MLP it is — its coordinates, its output and where the module keeps it
                   sign·log2(1 + |c|) / 3; fc2 without a bias; the table 16·sigmoid(fc2(…)); ``cpb_mlp.0`` / ``.2``
     "swin_v2_cr"  timm's Swin V2-CR meta MLP: RelPosMlp's coordinates and MLP, its tensors at ``meta_mlp.fc1`` /
                   ``.fc2``, and its cosine attention's ``logit_scale`` stored ``(heads,)`` (not ``(heads, 1, 1)``)
+    "rel_pos_swin" timm's RelPosMlp of mode 'swin' (the relative-position ViT's rel_pos_type 'mlp_swin'): Swin V2's
+                  coordinates, ``bias_mlp_span`` and 16·sigmoid, fc2 without a bias, its tensors at ``mlp.fc1`` /
+                  ``.fc2``
 
 The offsets span the window (or q's map), row-major: row (dy + H − 1)(2W − 1) + dx + W − 1, which ``bias_index``
 reads (Swin's relative_position_index). `edgecl.train.rel_logits.mlp_bias_table` and
@@ -24,18 +27,21 @@ import numpy as np
 from edgecl.errors import UsageError
 
 MLP_TENSORS = ("mlp1_weight", "mlp1_bias", "mlp2_weight", "mlp2_bias")
-MLP_FORMS = ("swin_v2", "swin_v2_cr")
+MLP_FORMS = ("swin_v2", "swin_v2_cr", "rel_pos_swin")
+_SPANNED = ("swin_v2", "rel_pos_swin")  # Swin V2's coordinates (over bias_mlp_span) and 16·sigmoid
 _NAMES = {None: ("mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"),
           "swin_v2": ("cpb_mlp.0.weight", "cpb_mlp.0.bias", "cpb_mlp.2.weight", None),
-          "swin_v2_cr": ("meta_mlp.fc1.weight", "meta_mlp.fc1.bias", "meta_mlp.fc2.weight", "meta_mlp.fc2.bias")}
+          "swin_v2_cr": ("meta_mlp.fc1.weight", "meta_mlp.fc1.bias", "meta_mlp.fc2.weight", "meta_mlp.fc2.bias"),
+          "rel_pos_swin": ("mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", None)}
 
 
 def mlp_fields(out: dict[str, Any], where: str) -> None:
-    """``bias_mlp_form`` qualifies an MLP bias; ``bias_mlp_span`` goes with "swin_v2" alone, which needs it."""
+    """``bias_mlp_form`` qualifies an MLP bias; ``bias_mlp_span`` goes with "swin_v2" and "rel_pos_swin" alone, which
+    need it."""
     form, span = out["bias_mlp_form"], out["bias_mlp_span"]
-    if form is not None and out["bias_mlp"] is None or (form == "swin_v2") != (span is not None):
+    if form is not None and out["bias_mlp"] is None or (form in _SPANNED) != (span is not None):
         raise UsageError(f"{where}: attention bias_mlp_form {form!r} needs bias_mlp, and bias_mlp_span {span} goes "
-                         "with bias_mlp_form 'swin_v2' (which needs it)")
+                         "with bias_mlp_form 'swin_v2' or 'rel_pos_swin' (which need it)")
 
 
 def mlp_names(node: dict[str, Any]) -> dict[str, str]:
@@ -56,7 +62,7 @@ def mlp_coords(node: dict[str, Any], height: int, width: int) -> np.ndarray:
     steps in the module's order, so the constants are the module's buffer)."""
     dy, dx = np.meshgrid(np.arange(1 - height, height), np.arange(1 - width, width), indexing="ij")
     coords = np.stack([dy, dx], axis=-1).reshape(-1, 2).astype(np.float32)
-    if node.get("bias_mlp_form") != "swin_v2":  # RelPosMlp's "cr" coordinates (V2-CR's too)
+    if node.get("bias_mlp_form") not in _SPANNED:  # RelPosMlp's "cr" coordinates (V2-CR's too)
         return (np.sign(coords) * np.log(np.float32(1) + np.abs(coords))).astype(np.float32)
     coords = coords / np.float32([max(s - 1, 1) for s in node["bias_mlp_span"]]) * np.float32(8)
     return (np.sign(coords) * np.log2(np.abs(coords) + np.float32(1)) / np.float32(np.log2(8))).astype(np.float32)
@@ -64,7 +70,7 @@ def mlp_coords(node: dict[str, Any], height: int, width: int) -> np.ndarray:
 
 def mlp_squashed(node: dict[str, Any]) -> bool:
     """Whether the MLP's output goes through 16·sigmoid (Swin V2's bound, 0…16) to make the table."""
-    return node.get("bias_mlp_form") == "swin_v2"
+    return node.get("bias_mlp_form") in _SPANNED
 
 
 def mlp_extent(node: dict[str, Any], q: list[int]) -> tuple[int, int]:

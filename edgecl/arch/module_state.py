@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from edgecl.arch.bias_parts import split
-from edgecl.arch.op_rules import has_gain, row_table, stored_rows
+from edgecl.arch.op_rules import has_gain, row_table, stored_rows, zero_rows
 from edgecl.arch.spec import Arch, node_by_name, param_shapes, state_key
 from edgecl.errors import UsageError
 
@@ -92,7 +92,8 @@ def from_module(arch: Arch, name: str, array: Any) -> np.ndarray:
 def to_module_state(arch: Arch, values: dict[str, Any]) -> dict[str, np.ndarray]:
     """Spec tensors (by name) as the module's state dict holds them (by key, `to_module`); the nodes that are rows of
     one tensor (`op_rules.stored_rows`) fill it together (`spec.validate` has them hold each of its rows once), and a
-    tensor some of whose rows are not in `values` is left out (missing, as it is: no row is made up); a bias the
+    tensor some of whose rows are not in `values` is left out (missing, as it is: no row is made up, but a fused
+    bias's rows of a bias-less part, `op_rules.zero_rows`, are the zeros the module is given); a bias the
     module stores in parts is its parts (`bias_parts.split`). A tensor the module computes rather than holds is
     refused by name (`_check_held`)."""
     keys, nodes, stored, out, given = state_keys(arch), node_by_name(arch), state_shapes(arch), {}, {}
@@ -105,6 +106,8 @@ def to_module_state(arch: Arch, values: dict[str, Any]) -> dict[str, np.ndarray]
         table = out.setdefault(keys[name], np.zeros(stored[name], dtype=np.float32))
         table[rows.start:rows.stop] = np.asarray(array).reshape(len(rows), *table.shape[1:])
         given[keys[name]] = given.get(keys[name], 0) + len(rows)
+    for key, parts in zero_rows(arch["nodes"], state_key).items():  # a fused bias's fixed zeros: the table's
+        given[key] = given.get(key, 0) + sum(node["out"] for _, node in parts)
     whole = {key: v for key, v in out.items() if key not in given or given[key] == len(v)}  # () tensors have no len
     return split(arch, whole, keys)
 

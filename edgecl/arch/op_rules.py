@@ -3,7 +3,7 @@
 the bias tables several attentions share by rows)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from edgecl.arch.bias_parts import bias_parts_fields
 from edgecl.arch.conv_transpose import conv_transpose_fields
@@ -121,7 +121,25 @@ def row_table(node: dict[str, Any], tensor: str) -> tuple[range, tuple[int, ...]
         (part, parts), out = node["weight_rows"], node["out"]
         row = node["module_shape"][1:] if "module_shape" in node else [node["in"] // node["groups"], *node["k"]]
         return range(part * out, (part + 1) * out), (parts * out, *row)
+    if node["op"] == "conv" and tensor == "bias" and node.get("fused_bias"):  # the same rows of the fused bias
+        (part, parts), out = node["weight_rows"], node["out"]
+        return range(part * out, (part + 1) * out), (parts * out,)
     return None
+
+
+def zero_rows(nodes: list[dict[str, Any]],
+              key_of: Callable[[dict[str, Any], str], str]) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """A fused bias's rows that a bias-less part holds (torchvision's Swin V2: k's part of qkv.bias, which its
+    forward zeroes): module key → (a name, the part's node as if it held them), for every part without a bias beside
+    a ``fused_bias`` one of the same module tensor (`key_of`: a node's tensor's state key). They are a fixed zero:
+    the spec's part computes no bias, and the module is given zeros there."""
+    fused = {key_of(n, "bias") for n in nodes if n["op"] == "conv" and n.get("fused_bias")}
+    out: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for node in nodes:
+        key = key_of(node, "bias")
+        if node["op"] == "conv" and node.get("weight_rows") and not node["bias"] and key in fused:
+            out.setdefault(key, []).append((f"{node['name']}.bias", {**node, "bias": True, "fused_bias": True}))
+    return out
 
 
 def stored_rows(node: dict[str, Any], tensor: str) -> range | None:
@@ -132,11 +150,14 @@ def stored_rows(node: dict[str, Any], tensor: str) -> range | None:
 
 def weight_rows_fields(out: dict[str, Any], where: str) -> None:
     """A conv's ``weight_rows`` [part, parts]: a part of the parts; its bias, if any, named on its own (``bias_parts``:
-    the module's fused weight has no bias of these rows)."""
-    rows = out.get("weight_rows")
-    if rows is not None and (rows[0] >= rows[1] or out["bias"] and out.get("bias_parts") is None):
+    the module's fused weight has no bias of these rows) or, ``fused_bias``, the same rows of the fused bias."""
+    rows, fused = out.get("weight_rows"), out.get("fused_bias")
+    if rows is not None and (rows[0] >= rows[1] or out["bias"] and (out.get("bias_parts") is None) == (not fused)):
         raise UsageError(f"{where}: weight_rows {rows} (part, parts) needs part < parts and, with a bias, its "
-                         "bias_parts")
+                         "bias_parts or fused_bias")
+    if fused and (rows is None or not out["bias"] or out.get("bias_parts") is not None):
+        raise UsageError(f"{where}: fused_bias (its bias the same rows of the module's fused bias) needs "
+                         "weight_rows and a bias, without bias_parts")
 
 
 def check_table_rows(tables: dict[str, list[tuple[str, dict[str, Any]]]]) -> None:

@@ -13,9 +13,10 @@ Ops (fields and defaults in `OPS`):
   put back side by side: EfficientViT-MSRA's depthwise conv on q; same weights, so every channel and method rule is
   a conv's: `edgecl.arch.windows.conv_window_shape`; ``bias_parts``: where its module stores the bias, in equal
   parts, storage only: `edgecl.arch.bias_parts`; ``weight_rows`` [part, parts]: its weight is that row block of its
-  module's, storage only: `op_rules.row_table`), ``conv_transpose`` (a transposed convolution, weight ``(in,
-  out/groups, kh, kw)`` as torch stores it; its tensors belong to no channel: `edgecl.arch.conv_transpose`),
-  ``linear`` (weight ``(out, in)``), ``bn``
+  module's, storage only: `op_rules.row_table`, ``fused_bias`` with it: its bias the same rows of the module's
+  fused bias, a bias-less part's rows a fixed zero: `op_rules.zero_rows`), ``conv_transpose`` (a transposed
+  convolution, weight ``(in, out/groups, kh, kw)`` as torch stores it; its tensors belong to no channel:
+  `edgecl.arch.conv_transpose`), ``linear`` (weight ``(out, in)``), ``bn``
   (weight, bias, running_mean, running_var of ``ch`` channels; eps, momentum), ``layer_norm`` (normalises each position
   over its ``ch`` channels, as ConvNeXt's LayerNorm after a permute; eps; weight and bias when ``affine``; or, with
   ``over`` "map" (timm's GroupNorm1, a GroupNorm of one group: MobileViTv2), over the whole (C, H, W) map of a
@@ -149,8 +150,8 @@ Ops (fields and defaults in `OPS`):
   ``rel_mvit`` read at the query's offset minus the key's, MViTv2's and SAM's form, q and k then on maps of any
   sizes, ``rel_pos`` the larger); ``bias_table`` "mlp" with
   ``bias_mlp`` the hidden width: the bias table is an MLP of each offset's log coordinates (timm's RelPosMlp;
-  ``bias_mlp_form`` "swin_v2" with ``bias_mlp_span``, Swin V2's continuous position bias, or "swin_v2_cr", V2-CR's
-  meta MLP), `edgecl.arch.mlp_bias`. ``halo_blocks`` [bq, bk] with ``halo`` h: HaloNet's blocked attention, each
+  ``bias_mlp_form`` "swin_v2" with ``bias_mlp_span``, Swin V2's continuous position bias, "rel_pos_swin" (with it
+  too), RelPosMlp's mode 'swin', or "swin_v2_cr", V2-CR's meta MLP), `edgecl.arch.mlp_bias`. ``halo_blocks`` [bq, bk] with ``halo`` h: HaloNet's blocked attention, each
   bq × bq query block over its bk × bk key block and h around it, `edgecl.arch.halo`.
 - ``token_mix`` (MLP-Mixer's token mixing, timm's ``mlp_tokens``: an ``nn.Linear`` over the token axis of
   ``x.transpose(1, 2)``): a ``(C, in, 1)`` token map to ``(C, out, 1)``, output token t of channel c is
@@ -197,7 +198,8 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "conv": {"in": ("size", ...), "out": ("size", ...), "k": ("pair", ...), "stride": ("pair", [1, 1]),
              "pad": ("pad", [0, 0]), "dilation": ("pair", [1, 1]), "groups": ("size", 1), "bias": ("bool", True),
              "standardize": ("eps", None), "gain_scale": ("number", None), "std_gain": ("bool", None),
-             "window": ("pair", None), "bias_parts": ("bias_parts", None), "weight_rows": ("pad", None)},
+             "window": ("pair", None), "bias_parts": ("bias_parts", None), "weight_rows": ("pad", None),
+             "fused_bias": ("bool", False)},
     "conv_transpose": CONV_TRANSPOSE_FIELDS,
     "linear": {"in": ("size", ...), "out": ("size", ...), "bias": ("bool", True)},
     "bn": {"ch": ("size", ...), "eps": ("eps", 1e-5), "momentum": ("momentum", 0.1)},

@@ -33,7 +33,7 @@ from edgecl.arch.legacy import layers_to_nodes
 from edgecl.arch.limits import MAX_ACTIVATION, MAX_CONSTANTS
 from edgecl.arch.op_rules import (FIELD_RULES, attention_state_name, attention_tensor_shapes, check_minus_inf_pads,
                                    check_table_rows, has_gain, is_standardized,
-                                   stored_rows)
+                                   stored_rows, zero_rows)
 from edgecl.arch.op_shapes import fixed_constants, output_shape
 from edgecl.arch.ops import NORMALISING_OPS, OPS, ROWLESS_OPS, TENSOR_OPS, TOKEN_TENSOR_OPS, WEIGHT_OPS
 from edgecl.arch.rotary_ops import resolve_tables
@@ -138,6 +138,8 @@ def _check_state_keys(arch: Arch) -> None:
         seen.setdefault(key, []).append((name, rows))
         if rows is not None:
             tables.setdefault(key, []).append((name, nodes[layer]))
+    for key, parts in zero_rows(arch["nodes"], state_key).items():  # a fused bias's fixed-zero rows
+        tables[key].extend(parts)
     check_table_rows(tables)
     check_part_keys(arch, set(seen))
 

@@ -339,6 +339,7 @@ class _Net:
             node.pop("module_shape", None)  # how the user's module stores the dense weight: nothing here reads it,
             node.pop("channels_last", None)  # nor that it stores a map's embedding channels-last (VOLO's)
             node.pop("bias_parts", None)  # and where it stores the dense bias (`edgecl.arch.bias_parts`) and
+            node.pop("fused_bias", None)  # (its bias the same rows of the fused bias, when its weight is)
             if node.pop("weight_rows", None) is not None:  # a weight that is rows of a fused one, which the
                 node.pop("module", None)  # compacted rows no longer are: each its own (q, k, v: three convs)
             if op in WEIGHT_OPS:
