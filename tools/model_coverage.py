@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 TORCHVISION = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
                "shufflenet_v2_x0_5", "squeezenet1_0", "mnasnet0_5", "densenet121", "regnet_x_400mf", "regnet_y_400mf",
                "googlenet", "vgg11", "vgg11_bn", "alexnet", "convnext_tiny", "resnext50_32x4d", "wide_resnet50_2",
-               "efficientnet_v2_s", "vit_b_16", "swin_t", "maxvit_t"]
+               "efficientnet_v2_s", "vit_b_16", "swin_t", "maxvit_t", "swin_v2_t"]
 TIMM = ["resnet10t", "resnet18", "mobilenetv3_small_050", "mobilenetv2_050", "efficientnet_b0", "ghostnet_050",
         "cspresnet50", "dla34", "hrnet_w18_small", "regnetx_002", "rexnet_100", "lcnet_050", "mixnet_s", "tinynet_e",
         "fbnetc_100", "semnasnet_050", "dpn48b", "densenet121", "vgg11", "ese_vovnet19b_dw", "repvgg_a0",
@@ -97,7 +97,9 @@ TIMM = ["resnet10t", "resnet18", "mobilenetv3_small_050", "mobilenetv2_050", "ef
         "mobilenetv5_base", "hiera_tiny_224", "hieradet_small",
         # LowFormer's attention, upsampled by a transposed convolution; MViTv2 (pooled q, k, v by one head's conv
         # shared by every head, decomposed relative positions over maps of two sizes, residual pooling)
-        "lowformer_b0", "mvitv2_tiny"]
+        "lowformer_b0", "mvitv2_tiny",
+        # the relative-position ViT with its default RelPosMlp
+        "vit_relpos_small_patch16_224"]
 # models whose position embedding (LeViT: attention-bias index) fixes the input size: built for the 64×64 traced
 BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_patch16_224": {"img_size": 64},
               "timm:deit_tiny_patch16_224": {"img_size": 64}, "timm:deit_tiny_distilled_patch16_224": {"img_size": 64},
@@ -120,15 +122,16 @@ BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_
               "timm:coatnet_rmlp_nano_rw_224": {"img_size": 64}, "timm:maxvit_rmlp_pico_rw_256": {"img_size": 64},
               "timm:vit_small_r26_s32_224": {"img_size": 64}, "timm:vitamin_small_224": {"img_size": 64},
               "timm:samvit_base_patch16": {"img_size": 64}, "timm:hiera_tiny_224": {"img_size": 64},
-              "timm:mvitv2_tiny": {"img_size": 64}}
+              "timm:mvitv2_tiny": {"img_size": 64}, "timm:vit_relpos_small_patch16_224": {"img_size": 64}}
 # input sides other than 64: Swin and TinyViT pad a map their windows do not tile with zeros that join the attention
 # (refused), so they are traced where the windows tile every stage (timm's Swin: 28, 14, 7, then 4 in one window;
-# torchvision's swin_t, whose window is fixed: 56, 28, 14, 7; TinyViT's windows 7, 14, 7: 28, 14, 7); torchvision's
+# torchvision's swin_t, whose window is fixed: 56, 28, 14, 7; its swin_v2_t's windows of 8: 64, 32, 16, 8; TinyViT's
+# windows 7, 14, 7: 28, 14, 7); torchvision's
 # maxvit_t is built for 224 (its partitions of 7 fixed at construction); EfficientViT-M0 at its native 224: stage maps
 # 14 (four windows of 7: a windowed conv on q), 7 and 4 (one window each)
 # (EfficientFormer v1's attention bias is fixed at a 7×7 grid, the 224 input's, whatever img_size says)
 SIZES = {"timm:swin_tiny_patch4_window7_224": 112, "timm:gcvit_xxtiny": 224, "timm:crossvit_tiny_240": 120,
-         "timm:halonet26t": 256, "torchvision.models:swin_t": 224, "timm:tiny_vit_5m_224": 224,
+         "timm:halonet26t": 256, "torchvision.models:swin_t": 224, "torchvision.models:swin_v2_t": 256, "timm:tiny_vit_5m_224": 224,
          "torchvision.models:maxvit_t": 224, "timm:efficientvit_m0": 224, "timm:efficientformer_l1": 224}
 RESULTS = ROOT / "tools" / "results" / "model_coverage.json"
 
