@@ -121,7 +121,8 @@ BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_
               "timm:coatnet_nano_rw_224": {"img_size": 64}, "timm:lambda_resnet26rpt_256": {"img_size": 64},
               "timm:coatnet_rmlp_nano_rw_224": {"img_size": 64}, "timm:maxvit_rmlp_pico_rw_256": {"img_size": 64},
               "timm:vit_small_r26_s32_224": {"img_size": 64}, "timm:vitamin_small_224": {"img_size": 64},
-              "timm:samvit_base_patch16": {"img_size": 64}, "timm:hiera_tiny_224": {"img_size": 64},
+              "timm:samvit_base_patch16": {"img_size": 64, "num_classes": 10},  # no classifier by default
+              "timm:hiera_tiny_224": {"img_size": 64},
               "timm:mvitv2_tiny": {"img_size": 64}, "timm:vit_relpos_small_patch16_224": {"img_size": 64}}
 # input sides other than 64: Swin and TinyViT pad a map their windows do not tile with zeros that join the attention
 # (refused), so they are traced where the windows tile every stage (timm's Swin: 28, 14, 7, then 4 in one window;
