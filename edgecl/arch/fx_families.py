@@ -16,6 +16,7 @@ from edgecl.arch.fx_conv_attention import _ConvAttentionConverter
 from edgecl.arch.fx_convit import _ConvitConverter
 from edgecl.arch.fx_davit import _DavitConverter
 from edgecl.arch.fx_eca import _EcaConverter
+from edgecl.arch.fx_efficientvim import _EfficientVimConverter
 from edgecl.arch.fx_edgenext import _EdgeNextConverter
 from edgecl.arch.fx_efficientformer import _EfficientFormerConverter
 from edgecl.arch.fx_efficientvit import _EfficientVitConverter
@@ -63,5 +64,5 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _CaitConverter, _ConvitConverter, _CoatConverter, _SwinV2Converter,
                _StackConverter, _VoloConverter, _TntConverter,
                _EvaConverter, _ByoaConverter, _SamConverter, _ConvAttentionConverter,
-               _IFormerConverter, _SwiftFormerConverter):
+               _IFormerConverter, _SwiftFormerConverter, _EfficientVimConverter):
     """Every family's conversions, in one base class."""

@@ -159,6 +159,9 @@ Ops (fields and defaults in `OPS`):
   `edgecl.arch.outlook_ops`.
 - ``rotary`` (a rotary position embedding on q or k, EVA-02's and the RoPE ViTs': fixed per-token rotations of channel
   pairs within each head, its ``table`` part of the architecture): `edgecl.arch.rotary_ops`.
+- EfficientViM's hidden-state mixer: ``state_pool`` (x, logits, b → (C, S, 1): the map's positions summed into S
+  states, weighted by each state's softmax over the positions times b) and ``state_read`` (states h, a map c of S
+  channels → (C, H, W): h·c at each position); no tensors, no fields: `edgecl.arch.state_ops`.
 
 """
 from __future__ import annotations
@@ -242,6 +245,8 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "fourier_pos": {"hidden": ("size", ...), "temperature": ("number", 10000.0)},
     "lambda_layer": {"heads": ("size", ...), "dim": ("size", ...), "r": ("size", None), "rel_pos": ("pair", None)},
     "outlook_attention": OUTLOOK_FIELDS,
+    "state_pool": {},
+    "state_read": {},
     "rotary": {"heads": ("size", ...), "prefix": ("index", 0), "half": ("bool", False), "table": ("number_table", ...)},
 }
 OPS["gelu"] = {"approximate": ("approximate", "none")}

@@ -29,6 +29,7 @@ from edgecl.graph.linear_ops import linear_attention, map_norm, patch_context
 from edgecl.graph.nodes import Builder as _Builder
 from edgecl.graph.onnx_spatial import SPATIAL_OPS, spatial_op
 from edgecl.graph.sdta_ops import channel_attention, fourier_pos, normalize
+from edgecl.graph.state_onnx import STATE_OPS, state_op
 from edgecl.graph.standardize import fold_standardized, standardized_onnx
 from edgecl.graph.token_ops import TOKEN_OPS, attention, in_windows, pos_embed, rotary
 
@@ -234,6 +235,8 @@ def _op(b: _Builder, node: dict, ins: list[str], factors: dict, shapes: list[lis
         return lambda_layer(b, *ins, node, shapes)
     if op == "outlook_attention":
         return outlook_attention(b, *ins, node, shapes)
+    if op in STATE_OPS:
+        return state_op(b, ins, node, shapes)
     if op == "pos_embed":
         return pos_embed(b, h, node, in_shape)
     if op == "rotary":

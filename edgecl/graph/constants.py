@@ -113,7 +113,7 @@ def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: 
         return _token_mix_constants(node, v, params)
     if op in (*NORMALISING_OPS, *NEIGHBOUR_OPS, *TOKEN_TENSOR_OPS, "attention", "linear_attention",
               "channel_attention", "fourier_pos", "lambda_layer", "outlook_attention",
-              "rotary", "normalize"):  # varying: each
+              "rotary", "normalize", "state_pool", "state_read"):  # varying: each
         return np.full(width(cm, cm.spaces[name]), np.nan)  # depends on other channels, or positions differ
     if op in ACTIVATIONS:
         return ACTIVATIONS[op](v)

@@ -1,0 +1,114 @@
+"""EfficientViM's hidden-state mixer (timm's ``timm.models.efficientvim.HSMSSD``) in a user's network, for
+`fx_import._Converter`. The tracer keeps it whole (it flattens the map, multiplies with ``@`` and returns a pair);
+on the (C, H, W) map x it reads it becomes
+
+    BCdt_proj (1×1 conv to 3·S, the module's Conv1d) → dw (3×3 depthwise conv) → slices b, c, dt (S each) →
+    ``state_pool`` [x, dt, b] (h: the map summed into S states, (C, S, 1)) → hz_proj (1×1 conv to 2·D on the
+    states) → slices h, z → h·silu(z) + h·D (``mul``; D a bare parameter: ``scalar_affine`` of module
+    ``PATH.D=``) → out_proj (1×1 conv to C): the hidden state → ``state_read`` [it, c] (y: the states read back
+    at each position)
+
+and its result, the pair (y, hidden state), is taken apart by the getitems that follow it. The per-state ``A`` the
+module adds to dt before the softmax over the positions cancels in that softmax (the same number added at every
+position of a state), so it is left out: it changes no output and no gradient. Layers other than timm's in their
+places (a norm or activation in a ConvLayer, another activation than SiLU) are refused by name with the user's
+source line, and so is a use of the hidden state (the classification head's path), which edgecl does not convert
+yet."""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+from torch import fx, nn
+
+from edgecl.arch.fx_calls import location, map_shape
+from edgecl.errors import UsageError
+
+_EFFICIENTVIM = "timm.models.efficientvim"
+
+
+def is_hsm_ssd(m: Any) -> bool:
+    """EfficientViM's HSMSSD mixer, judged by its class; timm is not imported."""
+    return (type(m).__module__, type(m).__name__) == (_EFFICIENTVIM, "HSMSSD")
+
+
+class _EfficientVimConverter:
+    """Mixin of `fx_import._Converter`: EfficientViM's HSM-SSD mixer, kept whole."""
+
+    name: str
+    alias: dict[fx.Node, str]
+    modules: dict[str, nn.Module]
+    _emit: Callable[..., str]
+    _input: Callable[[Any, fx.Node], str]
+    _conv_fields: Callable[..., dict[str, Any]]
+    one_call: Callable[[str, fx.Node], None]
+
+    def efficientvim_step(self, node: fx.Node) -> bool:
+        """Convert `node` when it is an HSMSSD's call or a part of its (y, hidden state) result; False otherwise."""
+        mixers = self.__dict__.setdefault("_hsm_results", {})
+        if node.op == "call_module" and is_hsm_ssd(self.modules.get(str(node.target))):
+            path = str(node.target)
+            self.one_call(path, node)
+            mixers[node] = self._hsm_ssd(node, self.modules[path], self._input(node.args[0], node), path)
+            return True
+        if node.op != "call_function" or node.target is not operator.getitem or node.args[0] not in mixers:
+            return False
+        y, state, path = mixers[node.args[0]]
+        if node.args[1] != 0 and node.users:
+            raise UsageError(f"{self.name}: EfficientViM HSMSSD at {path!r}: its hidden state (item {node.args[1]} "
+                             f"of its result) is read {location(node)}; edgecl converts the mixer's map output "
+                             "only (the hidden states of EfficientViM's classification head are not supported yet)")
+        self.alias[node] = y if node.args[1] == 0 else state  # an unread hidden state: dropped with what no one reads
+        return True
+
+    def hsm_ssd(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:  # `efficientvim_step` converts it
+        raise UsageError(f"{self.name}: EfficientViM HSMSSD at {path!r} {location(node)} must be called as timm "
+                         "calls it")
+
+    def _hsm_ssd(self, node: fx.Node, m: nn.Module, x: str, path: str) -> tuple[str, str, str]:
+        where = f"EfficientViM HSMSSD at {path!r} {location(node)}"
+        ch = map_shape(node, self.name, where)[0]
+        states, inner = int(m.state_dim), int(m.d_inner)
+        if type(m.act) is not nn.SiLU or tuple(m.D.shape) != (1,) or tuple(m.A.shape) != (states,):
+            raise UsageError(f"{self.name}: {where}: its act is {type(m.act).__name__} (D {tuple(m.D.shape)}); edgecl "
+                             "converts timm's nn.SiLU and a D of one number")
+        bcdt = self._state_conv(node, m.BCdt_proj, x, f"{path}.BCdt_proj", where, ch, 3 * states, 1)
+        dw = m.dw
+        self._plain(dw, f"{path}.dw", where, nn.Conv2d, (3 * states, 3 * states), 3 * states)
+        fields = self._conv_fields(node, dw.conv, f"{path}.dw.conv")
+        bcdt = self._emit(node, "conv", [bcdt], f"{path}.dw.conv", **fields)
+        b, c, dt = (self._emit(node, "slice", [bcdt], f"{path}.{p}", start=i * states, stop=(i + 1) * states)
+                    for i, p in enumerate(("b", "c", "dt")))
+        h = self._emit(node, "state_pool", [x, dt, b], f"{path}.state")
+        hz = self._state_conv(node, m.hz_proj, h, f"{path}.hz_proj", where, ch, 2 * inner, 1)
+        h, z = (self._emit(node, "slice", [hz], f"{path}.{p}", start=i * inner, stop=(i + 1) * inner)
+                for i, p in enumerate(("h", "z")))
+        gated = self._emit(node, "mul", [h, self._emit(node, "silu", [z], f"{path}.act")], f"{path}.gated")
+        skip = self._emit(node, "scalar_affine", [h], f"{path}.D", bias=False, module=f"{path}.D=")
+        h = self._emit(node, "add", [gated, skip], f"{path}.mixed")
+        state = self._state_conv(node, m.out_proj, h, f"{path}.out_proj", where, inner, ch, 1)
+        return self._emit(node, "state_read", [state, c], f"{path}.read"), state, path
+
+    def _state_conv(self, node: fx.Node, layer: nn.Module, x: str, path: str, where: str, ch_in: int, ch_out: int,
+                    k: int) -> str:
+        """timm's ConvLayer1d of a bias-less k=1 nn.Conv1d and no norm or act: a 1×1 conv, its weight stored
+        (out, in, 1)."""
+        self._plain(layer, path, where, nn.Conv1d, (ch_in, ch_out), 1)
+        conv = layer.conv
+        if conv.kernel_size != (k,) or conv.bias is not None or conv.stride != (1,) or conv.padding != (0,):
+            raise UsageError(f"{self.name}: {where}: {path!r}.conv is {conv!r}; edgecl converts a bias-less "
+                             "nn.Conv1d of kernel 1 there")
+        return self._emit(node, "conv", [x], f"{path}.conv", **{"in": ch_in, "out": ch_out, "k": [1, 1],
+                                                                "bias": False, "module_shape": [ch_out, ch_in, 1]})
+
+    def _plain(self, layer: nn.Module, path: str, where: str, kind: type, widths: tuple[int, int], groups: int) -> None:
+        """`layer` is timm's ConvLayer1d/2d of a `kind` conv of `widths` channels in `groups` (1: dense) groups,
+        without norm or activation."""
+        conv = getattr(layer, "conv", None)
+        if type(layer).__module__ != _EFFICIENTVIM or not type(layer).__name__.startswith("ConvLayer") or \
+                type(conv) is not kind or (conv.in_channels, conv.out_channels) != widths or \
+                conv.groups not in (1, groups) or layer.norm is not None or layer.act is not None:
+            parts = ", ".join(f"{p} {type(getattr(layer, p, None)).__name__}" for p in ("conv", "norm", "act"))
+            raise UsageError(f"{self.name}: {where}: {path!r} is a {type(layer).__name__} ({parts}); edgecl converts "
+                             f"timm's ConvLayer there (a {kind.__name__} of {widths[0]} to {widths[1]} channels, no "
+                             "norm, no activation)")
