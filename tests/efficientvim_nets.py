@@ -8,7 +8,7 @@ from edgecl.arch import from_torch
 from edgecl.arch.factories import ensure_torchvision_imports
 
 ensure_torchvision_imports()
-from timm.models.efficientvim import HSMSSD  # noqa: E402
+from timm.models.efficientvim import HSMSSD, EfficientViMBlock  # noqa: E402
 
 
 class TinyHsmNet(nn.Module):
@@ -30,3 +30,24 @@ class TinyHsmNet(nn.Module):
 
 def hsm_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyHsmNet(in_channels=input_shape[0]), tuple(input_shape))
+
+
+class TinyVimNet(nn.Module):
+    """A conv stem with BatchNorm and ReLU, `depth` EfficientViM blocks (dwconv, mixer, dwconv and FFN, each
+    through its σ(α[i]) gate), the mean and a Linear."""
+
+    def __init__(self, classes: int = 3, in_channels: int = 1, width: int = 8, states: int = 4, depth: int = 1):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.blocks = nn.ModuleList(EfficientViMBlock(width, mlp_ratio=2.0, state_dim=states) for _ in range(depth))
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x, _ = block(x)
+        return self.fc(x.mean([2, 3]))
+
+
+def vim_spec(input_shape=(1, 8, 8)) -> dict:
+    return from_torch(TinyVimNet(in_channels=input_shape[0]), tuple(input_shape))

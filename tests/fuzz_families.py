@@ -188,7 +188,7 @@ def _spec(draw) -> dict:
                                    "upsample", "linear_attention", "layer_norm", "attention_pool",
                                    "channel_attention", "fourier_pos", "lambda_layer", "token_mix", "affine",
                                    "bicubic", "outlook_attention", "rotary", "normalize",
-                                   "state_pool", "state_read", *ACTIVATIONS]))
+                                   "state_pool", "state_read", "layer_scale", *ACTIVATIONS]))
         src = draw(st.sampled_from(names))
         node = {"name": f"n{i}", "op": op, "inputs": [src]}
         dims = known.get(src, [1])
@@ -227,6 +227,15 @@ def _spec(draw) -> dict:
             node.update({"ch": dims[0] if fits else draw(hostile), "eps": draw(st.sampled_from([1e-5, 0.5, 0, 2]))})
         elif op == "affine":  # ResMLP's per-channel factor and offset
             node["ch"] = dims[0] if fits else draw(hostile)
+        elif op == "layer_scale":  # a layer scale, or EfficientViM's σ gate reading a row of a shared (parts, ch)
+            # table: rows no node set holds once, hostile flags and rows refused
+            node["ch"] = dims[0] if fits else draw(hostile)
+            if draw(st.booleans()):
+                node["sigmoid"] = draw(st.booleans()) if fits else draw(st.sampled_from([1, "yes", None]))
+            if draw(st.booleans()):
+                node["weight_rows"] = draw(st.sampled_from([[0, 1], [0, 2], [1, 2]] if fits else
+                                                           [[2, 2], [-1, 2], [0], "x", [0, 1 << 31]]))
+                node["module"] = draw(st.sampled_from(["blk.alpha", "blk.alpha", "other"]))
         elif op in ("maxpool", "avgpool"):
             node.update({"k": draw(st.sampled_from([1, 2, 3, [2, 3], 1000])), "pad": draw(st.sampled_from([0, 1, 2])),
                          "ceil_mode": draw(st.booleans())})

@@ -35,7 +35,7 @@ from byoa_nets import TinyBotNet, TinyCoAtMlp, TinyHaloNet, TinyRelLambdaNet
 from sam_nets import tiny_sam
 from edge_nets import conv_attention_graph, iformer_graph
 from mobile_attention_nets import TinySwiftFormer
-from efficientvim_nets import TinyHsmNet
+from efficientvim_nets import TinyHsmNet, TinyVimNet
 from torch_nets import MODELS, GhostSplit, ResCat, TinyConvNeXt
 
 from edgecl import artifact
@@ -122,7 +122,8 @@ def _arch(name: str) -> dict:
               "lambda_rpt": lambda: TinyRelLambdaNet(in_channels=3), "coat_mlp": lambda: TinyCoAtMlp(in_channels=3),
               "sam": lambda: tiny_sam(in_channels=3),
               "conv_attention": lambda: conv_attention_graph(3), "iformer": lambda: iformer_graph(3),
-              "swiftformer": lambda: TinySwiftFormer(in_channels=3), "hsm": lambda: TinyHsmNet(in_channels=3)}
+              "swiftformer": lambda: TinySwiftFormer(in_channels=3), "hsm": lambda: TinyHsmNet(in_channels=3),
+              "vim": lambda: TinyVimNet(in_channels=3)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
@@ -132,7 +133,7 @@ _CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4"
            "mambaout", "twins", "davit", "nest", "pvt", "nextvit", "shvit", "gcvit", "cait", "convit",
            "coat", "swinv2", "crossvit", "volo", "tnt", "beit", "vit_relpos",
            "eva", "eva_rope", "botnet", "halonet", "lambda_rpt", "coat_mlp", "sam", "conv_attention",
-           "iformer", "swiftformer", "hsm")
+           "iformer", "swiftformer", "hsm", "vim")
 
 
 def _stream(name: str, n_tasks: int):
@@ -162,7 +163,7 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
                                                 "tnt", "beit", "vit_relpos", "eva",
                                                 "eva_rope", "botnet", "halonet", "lambda_rpt",
                                                 "coat_mlp", "sam", "conv_attention", "iformer",
-                                                "swiftformer", "hsm"])
+                                                "swiftformer", "hsm", "vim"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from efficientvim_nets import TinyHsmNet
+from efficientvim_nets import TinyHsmNet, TinyVimNet
 from torch import nn
 from torch_nets import check_parity, randomise_batchnorm, spec_logits
 
 from edgecl.arch import channel_map, from_torch, validate
-from edgecl.arch.module_state import state_keys
+from edgecl.arch.fx_import import tensors_of
+from edgecl.arch.module_state import state_keys, to_module_state
 from edgecl.errors import UsageError
 
 import timm  # noqa: E402  (efficientvim_nets set up the imports)
@@ -112,9 +113,81 @@ def test_a_read_hidden_state_and_other_layers_are_refused_by_name():
         from_torch(module.eval(), (1, 8, 8))
 
 
-def test_efficientvim_models_are_still_refused_at_their_gates():
-    """Its blocks' sigmoid-gated residuals and its fused head are not converted yet: refused, naming the line."""
+@pytest.mark.parametrize("depth,states,shape", [(1, 4, (3, 6, 6)), (2, 3, (2, 5, 4))])
+def test_tiny_blocks_parity_and_their_gates(depth, states, shape):
+    module = _randomised(TinyVimNet(in_channels=shape[0], depth=depth, states=states))
+    spec = from_torch(module, shape)
+    check_parity(module, spec, shape)
+    gates = [n for n in spec["nodes"] if n["op"] == "layer_scale"]
+    assert [(g["module"], g["weight_rows"], g["sigmoid"]) for g in gates] == \
+        [(f"blocks.{b}.alpha", [i, 4], True) for b in range(depth) for i in range(4)]
+
+
+def test_the_gates_write_back_into_one_alpha():
+    """The four gates of a block are rows of its one (4, C) alpha: read from it, and written back into it together
+    (after training, say), each row where it came from; the module's other tensors round-trip too (A, left out, and
+    the BatchNorms' counters and the classifier excepted)."""
+    module = _randomised(TinyVimNet(in_channels=3, depth=2))
+    spec = from_torch(module, (3, 6, 6))
+    values = tensors_of(module, spec)
+    assert np.array_equal(values["blocks.1.gate2.weight"], module.blocks[1].alpha[2].detach().numpy())
+    values = {k: v + 1.0 for k, v in values.items()}  # trained: moved
+    state, own = to_module_state(spec, values), module.state_dict()
+    assert np.array_equal(state["blocks.1.alpha"], own["blocks.1.alpha"].numpy() + 1.0)
+    left = {k for k in own if k not in state}
+    assert left == {k for k in own if k.endswith(("num_batches_tracked", "mixer.A")) or k.startswith("fc.")}
+
+
+def test_gate_validation_and_stored_form():
+    """A σ gate's fields: rows held once by the nodes of one table, flags typed; left out of the stored form at
+    their defaults (files without gates unchanged)."""
+    from edgecl.arch.later_fields import at_default
+
+    def spec(*rows, **fields) -> dict:
+        nodes = [{"name": "c", "op": "conv", "inputs": ["input"], "in": 2, "out": 3, "k": 1}]
+        for i, r in enumerate(rows):
+            nodes.append({"name": f"g{i}", "op": "layer_scale", "inputs": [nodes[-1]["name"]], "ch": 3,
+                          "sigmoid": True, "weight_rows": r, "module": "blk.alpha", **fields})
+        nodes.append({"name": "f", "op": "flatten", "inputs": [nodes[-1]["name"]]})
+        return {"name": "g", "input_shape": [2, 3, 3], "output": "f", "nodes": nodes}
+
+    assert validate(spec([0, 2], [1, 2]))["nodes"][1]["weight_rows"] == [0, 2]
+    for rows, words in ((([0, 2],), "row 1 of it is no node's"), (([0, 2], [0, 2]), "both name"),
+                        (([2, 2],), "part < parts"), (([0, 2], [1, 3]), "different shapes")):
+        with pytest.raises(UsageError, match=words):
+            validate(spec(*rows))
+    with pytest.raises(UsageError, match="sigmoid"):
+        validate(spec([0, 1], sigmoid="yes"))
+    assert at_default("layer_scale", "sigmoid", False, stored=True)
+    assert not at_default("layer_scale", "sigmoid", True, stored=True)
+
+
+def test_gate_onnx_equals_torch():
+    spec = validate({"name": "g", "input_shape": [2, 3, 3], "output": "f", "nodes": [
+        {"name": "c", "op": "conv", "inputs": ["input"], "in": 2, "out": 3, "k": 1},
+        {"name": "g", "op": "layer_scale", "inputs": ["c"], "ch": 3, "sigmoid": True},
+        {"name": "f", "op": "flatten", "inputs": ["g"]}]})
+    rng = np.random.default_rng(0)
+    weights = {"c.weight": rng.normal(size=(3, 2, 1, 1)), "c.bias": rng.normal(size=3),
+               "g.weight": np.array([-3.0, 0.0, 2.0]), "head.weight": np.eye(27), "head.bias": np.zeros(27)}
+    weights = {k: v.astype(np.float32) for k, v in weights.items()}
+    x = torch.randn(2, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    got = spec_logits(spec, weights, x).reshape(2, 3, 9)
+    conv = torch.nn.functional.conv2d(x, torch.from_numpy(weights["c.weight"]), torch.from_numpy(weights["c.bias"]))
+    want = conv.reshape(2, 3, 9).numpy() / (1.0 + np.exp(-weights["g.weight"]))[None, :, None]
+    assert np.abs(got - want).max() < 1e-5
+
+
+def test_a_fused_block_is_refused():
+    module = TinyVimNet().eval()
+    module.blocks[0].fuse()
+    with pytest.raises(UsageError, match="EfficientViMBlock at 'blocks.0'.*fused True"):
+        from_torch(module, (1, 8, 8))
+
+
+def test_efficientvim_models_are_still_refused_at_their_head():
+    """Its head fuses the stages' hidden states: not converted yet, refused naming the line that reads them."""
     module = timm.create_model("efficientvim_m1", pretrained=False, num_classes=5)
-    with pytest.raises(UsageError, match="sigmoid") as err:
+    with pytest.raises(UsageError, match="its hidden state .* is read") as err:
         from_torch(module.eval(), (3, 64, 64))
     assert "efficientvim.py:" in str(err.value)

@@ -87,7 +87,7 @@ from vit_bias_nets import beit_spec, eva_rope_spec, eva_spec, vit_relpos_spec
 from sam_nets import sam_spec
 from edge_nets import conv_attention_spec, iformer_spec
 from mobile_attention_nets import swiftformer_spec
-from efficientvim_nets import hsm_spec
+from efficientvim_nets import hsm_spec, vim_spec
 
 CTX = TrainContext(progress=False)
 QUICK = {"lps": {"epochs": 1}, "halrp": {"epochs": 3}, "rgo": {"epochs": 1}, "finetune": {"epochs": 2},
@@ -110,7 +110,7 @@ ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8
          "beit": beit_spec, "vit_relpos": vit_relpos_spec, "eva": eva_spec, "eva_rope": eva_rope_spec,
          "botnet": botnet_spec, "halonet": halonet_spec, "lambda_rpt": rel_lambda_spec, "coat_mlp": coat_mlp_spec,
          "sam": sam_spec, "conv_attention": conv_attention_spec, "iformer": iformer_spec,
-         "swiftformer": swiftformer_spec, "hsm": hsm_spec}
+         "swiftformer": swiftformer_spec, "hsm": hsm_spec, "vim": vim_spec}
 GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgnet", "split", "vit", "gc", "s2d", "mnv4",
           "vit_tokens", "levit", "blur", "swin", "tiny_vit", "map_embed", "efficientformer", "mobilevit", "maxvit",
           "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext",
@@ -118,7 +118,7 @@ GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgne
           "resmlp", "gmlp", "mambaout", "twins", "davit", "nest", "pvt", "nextvit", "shvit",
           "gcvit", "cait", "convit", "coat", "swinv2", "crossvit", "volo",
           "tnt", "beit", "vit_relpos", "eva", "eva_rope", "botnet", "halonet", "lambda_rpt",
-          "coat_mlp", "sam", "conv_attention", "iformer", "swiftformer", "hsm"]
+          "coat_mlp", "sam", "conv_attention", "iformer", "swiftformer", "hsm", "vim"]
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,14 @@
-"""EfficientViM's hidden-state mixer (timm's ``timm.models.efficientvim.HSMSSD``) in a user's network, for
-`fx_import._Converter`. The tracer keeps it whole (it flattens the map, multiplies with ``@`` and returns a pair);
-on the (C, H, W) map x it reads it becomes
+"""EfficientViM (timm's ``timm.models.efficientvim``) in a user's network, for `fx_import._Converter`. The tracer
+keeps its blocks (``EfficientViMBlock``) and its hidden-state mixer (``HSMSSD``) whole (they gate with a sigmoid of
+a bare parameter, flatten the map, multiply with ``@`` and return pairs). On the (C, H, W) map x a block becomes
+
+    x ← gate 0 of dwconv1 (3×3 depthwise conv, BatchNorm) → x ← gate 1 of the mixer of norm(x) (LayerNorm2d: a
+    ``layer_norm`` over the channels) → x ← gate 2 of dwconv2 → x ← gate 3 of the FFN (1×1 conv, BatchNorm, ReLU,
+    1×1 conv, BatchNorm)
+
+each gate x + σ(α[i])·(f(x) − x): ``scale`` −1 of x, ``add`` to f(x), a ``layer_scale`` with ``sigmoid`` whose
+weight is row i of the block's one (4, C) ``alpha`` (``weight_rows`` [i, 4], ``module`` PATH.alpha: the four rows
+go back into that one tensor), ``add`` to x. The mixer becomes
 
     BCdt_proj (1×1 conv to 3·S, the module's Conv1d) → dw (3×3 depthwise conv) → slices b, c, dt (S each) →
     ``state_pool`` [x, dt, b] (h: the map summed into S states, (C, S, 1)) → hz_proj (1×1 conv to 2·D on the
@@ -8,12 +16,12 @@ on the (C, H, W) map x it reads it becomes
     ``PATH.D=``) → out_proj (1×1 conv to C): the hidden state → ``state_read`` [it, c] (y: the states read back
     at each position)
 
-and its result, the pair (y, hidden state), is taken apart by the getitems that follow it. The per-state ``A`` the
-module adds to dt before the softmax over the positions cancels in that softmax (the same number added at every
-position of a state), so it is left out: it changes no output and no gradient. Layers other than timm's in their
-places (a norm or activation in a ConvLayer, another activation than SiLU) are refused by name with the user's
-source line, and so is a use of the hidden state (the classification head's path), which edgecl does not convert
-yet."""
+and their results, the pairs (map, hidden state), are taken apart by the getitems that follow them. The per-state
+``A`` the mixer adds to dt before the softmax over the positions cancels in that softmax (the same number added at
+every position of a state), so it is left out: it changes no output and no gradient. Layers other than timm's in
+their places (a norm or activation in a ConvLayer where timm has none, another activation than SiLU, a fused
+block) are refused by name with the user's source line, and so is a use of the hidden state (the classification
+head's path), which edgecl does not convert yet."""
 from __future__ import annotations
 
 import operator
@@ -32,6 +40,11 @@ def is_hsm_ssd(m: Any) -> bool:
     return (type(m).__module__, type(m).__name__) == (_EFFICIENTVIM, "HSMSSD")
 
 
+def is_vim_block(m: Any) -> bool:
+    """EfficientViM's block (``EfficientViMBlock``), judged by its class."""
+    return (type(m).__module__, type(m).__name__) == (_EFFICIENTVIM, "EfficientViMBlock")
+
+
 class _EfficientVimConverter:
     """Mixin of `fx_import._Converter`: EfficientViM's HSM-SSD mixer, kept whole."""
 
@@ -42,28 +55,80 @@ class _EfficientVimConverter:
     _input: Callable[[Any, fx.Node], str]
     _conv_fields: Callable[..., dict[str, Any]]
     one_call: Callable[[str, fx.Node], None]
+    _batchnorm: Callable[..., None]
+    _act: Callable[..., str]
 
     def efficientvim_step(self, node: fx.Node) -> bool:
-        """Convert `node` when it is an HSMSSD's call or a part of its (y, hidden state) result; False otherwise."""
+        """Convert `node` when it is a block's or an HSMSSD's call or a part of its (map, hidden state) result; False
+        otherwise."""
         mixers = self.__dict__.setdefault("_hsm_results", {})
-        if node.op == "call_module" and is_hsm_ssd(self.modules.get(str(node.target))):
+        m = self.modules.get(str(node.target)) if node.op == "call_module" else None
+        if is_hsm_ssd(m) or is_vim_block(m):
             path = str(node.target)
             self.one_call(path, node)
-            mixers[node] = self._hsm_ssd(node, self.modules[path], self._input(node.args[0], node), path)
+            convert = self._hsm_ssd if is_hsm_ssd(m) else self._vim_block
+            mixers[node] = convert(node, m, self._input(node.args[0], node), path)
             return True
         if node.op != "call_function" or node.target is not operator.getitem or node.args[0] not in mixers:
             return False
         y, state, path = mixers[node.args[0]]
         if node.args[1] != 0 and node.users:
-            raise UsageError(f"{self.name}: EfficientViM HSMSSD at {path!r}: its hidden state (item {node.args[1]} "
-                             f"of its result) is read {location(node)}; edgecl converts the mixer's map output "
+            raise UsageError(f"{self.name}: EfficientViM {type(self.modules[path]).__name__} at {path!r}: its hidden state (item {node.args[1]} "
+                             f"of its result) is read {location(next(iter(node.users)))}; edgecl converts the mixer's map output "
                              "only (the hidden states of EfficientViM's classification head are not supported yet)")
         self.alias[node] = y if node.args[1] == 0 else state  # an unread hidden state: dropped with what no one reads
         return True
 
     def hsm_ssd(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:  # `efficientvim_step` converts it
-        raise UsageError(f"{self.name}: EfficientViM HSMSSD at {path!r} {location(node)} must be called as timm "
-                         "calls it")
+        raise UsageError(f"{self.name}: EfficientViM {type(m).__name__} at {path!r} {location(node)} must be called "
+                         "as timm calls it")
+
+    vim_block = hsm_ssd
+
+    def _vim_block(self, node: fx.Node, m: nn.Module, x: str, path: str) -> tuple[str, str, str]:
+        where = f"EfficientViM EfficientViMBlock at {path!r} {location(node)}"
+        ch = map_shape(node, self.name, where)[0]
+        norm = m.norm
+        if m.fused or tuple(m.alpha.shape) != (4, ch) or type(norm).__name__ != "LayerNorm2d" or \
+                getattr(norm, "_fast_norm", True) or norm.weight is None or norm.bias is None or \
+                not (isinstance(m.drop_path, nn.Identity) or type(m.drop_path).__name__ == "DropPath"):
+            raise UsageError(f"{self.name}: {where}: fused {m.fused}, alpha {tuple(m.alpha.shape)}, norm "
+                             f"{type(norm).__name__}; edgecl converts an unfused block with an alpha of (4, {ch}), "
+                             "timm's LayerNorm2d (no fast norm) and drop paths")
+        x = self._vim_gate(node, 0, x, self._vim_conv_layer(node, m.dwconv1, x, f"{path}.dwconv1", where, ch, ch), path)
+        normed = self._emit(node, "layer_norm", [x], f"{path}.norm", ch=ch, eps=float(norm.eps), affine=True)
+        y, state, _ = self._hsm_ssd(node, m.mixer, normed, f"{path}.mixer")
+        x = self._vim_gate(node, 1, x, y, path)
+        x = self._vim_gate(node, 2, x, self._vim_conv_layer(node, m.dwconv2, x, f"{path}.dwconv2", where, ch, ch), path)
+        ffn, hidden = m.ffn, int(m.ffn.fc1.conv.out_channels)
+        h = self._vim_conv_layer(node, ffn.fc1, x, f"{path}.ffn.fc1", where, ch, hidden, act=True)
+        h = self._vim_conv_layer(node, ffn.fc2, h, f"{path}.ffn.fc2", where, hidden, ch)
+        return self._vim_gate(node, 3, x, h, path), state, path
+
+    def _vim_gate(self, node: fx.Node, i: int, x: str, f: str, path: str) -> str:
+        """x + σ(α[i])·(f − x), α[i] row i of the block's (4, C) ``alpha``."""
+        delta = self._emit(node, "add", [f, self._emit(node, "scale", [x], f"{path}.minus{i}", factor=-1.0)],
+                           f"{path}.delta{i}")
+        ch = int(self.modules[path].alpha.shape[1])
+        gated = self._emit(node, "layer_scale", [delta], f"{path}.gate{i}", ch=ch, init=1e-4, sigmoid=True,
+                           weight_rows=[i, 4], module=f"{path}.alpha")
+        return self._emit(node, "add", [x, gated], f"{path}.gated{i}")
+
+    def _vim_conv_layer(self, node: fx.Node, layer: nn.Module, x: str, path: str, where: str, ch_in: int, ch_out: int,
+                    act: bool = False) -> str:
+        """timm's ConvLayer2d: a bias-less nn.Conv2d, its BatchNorm2d and (`act`) a ReLU."""
+        conv, norm, relu = (getattr(layer, p, None) for p in ("conv", "norm", "act"))
+        if type(layer).__name__ != "ConvLayer2d" or type(conv) is not nn.Conv2d or conv.bias is not None or \
+                (conv.in_channels, conv.out_channels) != (ch_in, ch_out) or type(norm) is not nn.BatchNorm2d or \
+                (relu is not None) != act:
+            parts = ", ".join(f"{p} {type(getattr(layer, p, None)).__name__}" for p in ("conv", "norm", "act"))
+            raise UsageError(f"{self.name}: {where}: {path!r} is a {type(layer).__name__} ({parts}); edgecl converts "
+                             f"timm's ConvLayer2d there (a bias-less nn.Conv2d of {ch_in} to {ch_out} channels, a "
+                             f"BatchNorm2d{', an activation' if act else ', no activation'})")
+        h = self._emit(node, "conv", [x], f"{path}.conv", **self._conv_fields(node, conv, f"{path}.conv"))
+        self._batchnorm(node, norm, h, f"{path}.norm")
+        h = self.alias[node]
+        return self._act(node, relu, h, f"{path}.act", where) if act else h
 
     def _hsm_ssd(self, node: fx.Node, m: nn.Module, x: str, path: str) -> tuple[str, str, str]:
         where = f"EfficientViM HSMSSD at {path!r} {location(node)}"
@@ -72,28 +137,28 @@ class _EfficientVimConverter:
         if type(m.act) is not nn.SiLU or tuple(m.D.shape) != (1,) or tuple(m.A.shape) != (states,):
             raise UsageError(f"{self.name}: {where}: its act is {type(m.act).__name__} (D {tuple(m.D.shape)}); edgecl "
                              "converts timm's nn.SiLU and a D of one number")
-        bcdt = self._state_conv(node, m.BCdt_proj, x, f"{path}.BCdt_proj", where, ch, 3 * states, 1)
+        bcdt = self._vim_state_conv(node, m.BCdt_proj, x, f"{path}.BCdt_proj", where, ch, 3 * states, 1)
         dw = m.dw
-        self._plain(dw, f"{path}.dw", where, nn.Conv2d, (3 * states, 3 * states), 3 * states)
+        self._vim_plain(dw, f"{path}.dw", where, nn.Conv2d, (3 * states, 3 * states), 3 * states)
         fields = self._conv_fields(node, dw.conv, f"{path}.dw.conv")
         bcdt = self._emit(node, "conv", [bcdt], f"{path}.dw.conv", **fields)
         b, c, dt = (self._emit(node, "slice", [bcdt], f"{path}.{p}", start=i * states, stop=(i + 1) * states)
                     for i, p in enumerate(("b", "c", "dt")))
         h = self._emit(node, "state_pool", [x, dt, b], f"{path}.state")
-        hz = self._state_conv(node, m.hz_proj, h, f"{path}.hz_proj", where, ch, 2 * inner, 1)
+        hz = self._vim_state_conv(node, m.hz_proj, h, f"{path}.hz_proj", where, ch, 2 * inner, 1)
         h, z = (self._emit(node, "slice", [hz], f"{path}.{p}", start=i * inner, stop=(i + 1) * inner)
                 for i, p in enumerate(("h", "z")))
         gated = self._emit(node, "mul", [h, self._emit(node, "silu", [z], f"{path}.act")], f"{path}.gated")
         skip = self._emit(node, "scalar_affine", [h], f"{path}.D", bias=False, module=f"{path}.D=")
         h = self._emit(node, "add", [gated, skip], f"{path}.mixed")
-        state = self._state_conv(node, m.out_proj, h, f"{path}.out_proj", where, inner, ch, 1)
+        state = self._vim_state_conv(node, m.out_proj, h, f"{path}.out_proj", where, inner, ch, 1)
         return self._emit(node, "state_read", [state, c], f"{path}.read"), state, path
 
-    def _state_conv(self, node: fx.Node, layer: nn.Module, x: str, path: str, where: str, ch_in: int, ch_out: int,
+    def _vim_state_conv(self, node: fx.Node, layer: nn.Module, x: str, path: str, where: str, ch_in: int, ch_out: int,
                     k: int) -> str:
         """timm's ConvLayer1d of a bias-less k=1 nn.Conv1d and no norm or act: a 1×1 conv, its weight stored
         (out, in, 1)."""
-        self._plain(layer, path, where, nn.Conv1d, (ch_in, ch_out), 1)
+        self._vim_plain(layer, path, where, nn.Conv1d, (ch_in, ch_out), 1)
         conv = layer.conv
         if conv.kernel_size != (k,) or conv.bias is not None or conv.stride != (1,) or conv.padding != (0,):
             raise UsageError(f"{self.name}: {where}: {path!r}.conv is {conv!r}; edgecl converts a bias-less "
@@ -101,7 +166,7 @@ class _EfficientVimConverter:
         return self._emit(node, "conv", [x], f"{path}.conv", **{"in": ch_in, "out": ch_out, "k": [1, 1],
                                                                 "bias": False, "module_shape": [ch_out, ch_in, 1]})
 
-    def _plain(self, layer: nn.Module, path: str, where: str, kind: type, widths: tuple[int, int], groups: int) -> None:
+    def _vim_plain(self, layer: nn.Module, path: str, where: str, kind: type, widths: tuple[int, int], groups: int) -> None:
         """`layer` is timm's ConvLayer1d/2d of a `kind` conv of `widths` channels in `groups` (1: dense) groups,
         without norm or activation."""
         conv = getattr(layer, "conv", None)

@@ -21,7 +21,9 @@ Ops (fields and defaults in `OPS`):
   contiguous blocks of C/G channels of the map separately; G 1 is left out of the stored spec; ``bias`` false: the
   weight alone, no bias tensor, as MetaFormer v2's norms (timm's LayerNorm2dNoBias, GroupNorm1NoBias); left out of
   the stored spec at its default true), ``layer_scale``
-  (weight: one learned factor per channel, ConvNeXt's γ, starting at ``init``), ``affine`` (y = weight·x + bias,
+  (weight: one learned factor per channel, ConvNeXt's γ, starting at ``init``; with ``sigmoid`` the factor is
+  σ(weight), a gate in (0, 1): EfficientViM's x + σ(α[i])·(f(x) − x); ``weight_rows`` [part, parts]: its weight is
+  row ``part`` of its module's (parts, ch) tensor, storage only: `op_rules.row_table`), ``affine`` (y = weight·x + bias,
   one learned factor and offset per channel, starting at 1 and 0: ResMLP's ``Affine`` norm, timm's
   ``torch.addcmul(beta, alpha, x)``; its module stores them as ``MODULE.alpha`` and ``MODULE.beta``, both in the
   ``module_shape`` when given, timm's ``(1, 1, C)``), ``grn`` (ConvNeXt V2's
@@ -197,7 +199,8 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "bn": {"ch": ("size", ...), "eps": ("eps", 1e-5), "momentum": ("momentum", 0.1)},
     "layer_norm": {"ch": ("size", ...), "eps": ("eps", 1e-5), "affine": ("bool", True), "over": ("norm_over", None),
                    "groups": ("size", None), "bias": ("bool", True)},
-    "layer_scale": {"ch": ("size", ...), "init": ("number", 1.0)},
+    "layer_scale": {"ch": ("size", ...), "init": ("number", 1.0), "sigmoid": ("bool", False),
+                    "weight_rows": ("pad", None)},
     "affine": {"ch": ("size", ...)},
     "grn": {"ch": ("size", ...), "eps": ("eps", 1e-6)},
     "normalize": {"over": ("norm_over", "channels"), "eps": ("eps", 1e-12)},

@@ -210,6 +210,7 @@ def _op(b: _Builder, node: dict, ins: list[str], factors: dict, shapes: list[lis
         return _layer_norm(b, h, node, in_shape)
     if op in ("layer_scale", "affine"):  # (C,) tensors on (N, C) features or, unsqueezed to (C, 1, …), a map
         w, bias = (f"{node['name']}.{k}" for k in ("weight", "bias"))
+        w = b.op("Sigmoid", [w]) if node.get("sigmoid") else w  # EfficientViM's gates: σ of the learned weight
         axes = b.ints(*range(1, len(in_shape)))  # a (C, H, W) map's 1, 2; a (C, L) one's 1
         scaled = b.op("Mul", [h, w if flat else b.op("Unsqueeze", [w, axes])])
         return scaled if op == "layer_scale" else b.op("Add", [scaled, bias if flat else

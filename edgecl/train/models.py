@@ -162,8 +162,9 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         if h.dim() == 2:
             return F.layer_norm(h, (node["ch"],), w, b, node["eps"])
         return F.layer_norm(h.movedim(1, -1), (node["ch"],), w, b, node["eps"]).movedim(-1, 1)  # (C, H, W), (C, L)
-    if op == "layer_scale":  # (C,) over the channels of features (N, C) or of any map (N, C, …)
-        return h * params[f"{name}.weight"].reshape(-1, *[1] * (h.dim() - 2))
+    if op == "layer_scale":  # (C,) over the channels of features (N, C) or of any map (N, C, …); σ(w): a gate
+        weight = torch.sigmoid(params[f"{name}.weight"]) if node.get("sigmoid") else params[f"{name}.weight"]
+        return h * weight.reshape(-1, *[1] * (h.dim() - 2))
     if op == "affine":  # ResMLP's Affine: a factor and an offset per channel
         w, b = (params[f"{name}.{k}"].reshape(-1, *[1] * (h.dim() - 2)) for k in ("weight", "bias"))
         return torch.addcmul(b, w, h)
