@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from efficientvim_nets import TinyHsmNet, TinyVimNet
+from efficientvim_nets import TinyHsmNet, TinyVimNet, tiny_vim, vim_head
 from torch import nn
 from torch_nets import check_parity, randomise_batchnorm, spec_logits
 
@@ -94,14 +94,23 @@ def test_state_ops_validation_and_channels():
     assert cm.pinned == cm.ordered == {"l:0-3", "l:3-6", "l:6-9"}  # the states are positions; x's channels pass
 
 
-def test_a_read_hidden_state_and_other_layers_are_refused_by_name():
+def test_the_hidden_state_is_tokens_and_other_layers_are_refused_by_name():
+    """The hidden state (B, C, S) is the (C, S, 1) state tokens swapped to token-last: its mean over the states
+    goes in (EfficientViM's head pools it so); a mean over its channels is refused naming the line."""
     class ReadsState(TinyHsmNet):
         def forward(self, x):
             y, h = self.mixer(self.stem(x))
             return self.fc(y.mean([2, 3]) + h.mean(-1))
 
-    with pytest.raises(UsageError, match="HSMSSD at 'mixer': its hidden state .* is read") as err:
-        from_torch(ReadsState().eval(), (1, 8, 8))
+    class MixesState(TinyHsmNet):
+        def forward(self, x):
+            y, h = self.mixer(self.stem(x))
+            return self.fc(y.mean([2, 3]) + h.mean(1).sum(-1, keepdim=True))
+
+    module = _randomised(ReadsState(in_channels=3))
+    check_parity(module, from_torch(module, (3, 6, 6)), (3, 6, 6))
+    with pytest.raises(UsageError, match="mean") as err:
+        from_torch(MixesState().eval(), (1, 8, 8))
     assert "test_efficientvim.py:" in str(err.value)
     module = TinyHsmNet()
     module.mixer.act = nn.GELU()
@@ -185,9 +194,35 @@ def test_a_fused_block_is_refused():
         from_torch(module, (1, 8, 8))
 
 
-def test_efficientvim_models_are_still_refused_at_their_head():
-    """Its head fuses the stages' hidden states: not converted yet, refused naming the line that reads them."""
-    module = timm.create_model("efficientvim_m1", pretrained=False, num_classes=5)
-    with pytest.raises(UsageError, match="its hidden state .* is read") as err:
-        from_torch(module.eval(), (3, 64, 64))
+@pytest.mark.parametrize("distilled", [False, True])
+def test_tiny_efficientvim_parity_and_its_head(distilled):
+    """timm's own EfficientViM (three stages, their hidden states and the last map pooled, each with a head, the
+    heads' softmax-weighted sum; distilled: two such sums averaged): the features side by side, one head of them."""
+    from timm.models.efficientvim import EfficientViMDistilled
+
+    module = _randomised(tiny_vim() if not distilled else EfficientViMDistilled(
+        num_classes=3, embed_dim=(16, 24, 32), depths=(1, 1, 1), state_dim=(4, 3, 2), mlp_ratio=2.0))
+    spec = from_torch(module, (3, 48, 32))
+    check_parity(module, spec, (3, 48, 32), head=vim_head(module))
+    out = next(n for n in spec["nodes"] if n["name"] == spec["output"])
+    assert out["op"] == "cat" and len(out["inputs"]) == 4  # three hidden states and the last map
+    assert sum(n["op"] == "state_pool" for n in spec["nodes"]) == 3
+
+
+def test_a_head_of_another_form_is_refused_by_name():
+    """A head that is not an nn.Linear (here a Sequential around one) is no part of the weighted sum edgecl
+    reads: refused naming timm's line."""
+    module = tiny_vim()
+    module.heads[1] = nn.Sequential(module.heads[1])
+    with pytest.raises(UsageError, match="EfficientViM's head .*must multiply the output of heads") as err:
+        from_torch(module.eval(), (3, 32, 32))
     assert "efficientvim.py:" in str(err.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["efficientvim_m1", "efficientvim_m2", "efficientvim_m3", "efficientvim_m4",
+                                  "efficientvim_m1_dist", "efficientvim_m4_dist"])
+def test_efficientvim_at_64(name):
+    module = _randomised(timm.create_model(name, pretrained=False, num_classes=5))
+    spec = from_torch(module, (3, 64, 64))
+    check_parity(module, spec, (3, 64, 64), head=vim_head(module))

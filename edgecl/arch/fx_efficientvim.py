@@ -16,20 +16,23 @@ go back into that one tensor), ``add`` to x. The mixer becomes
     ``PATH.D=``) → out_proj (1×1 conv to C): the hidden state → ``state_read`` [it, c] (y: the states read back
     at each position)
 
-and their results, the pairs (map, hidden state), are taken apart by the getitems that follow them. The per-state
-``A`` the mixer adds to dt before the softmax over the positions cancels in that softmax (the same number added at
-every position of a state), so it is left out: it changes no output and no gradient. Layers other than timm's in
-their places (a norm or activation in a ConvLayer where timm has none, another activation than SiLU, a fused
-block) are refused by name with the user's source line, and so is a use of the hidden state (the classification
-head's path), which edgecl does not convert yet."""
+and their results, the pairs (map, hidden state), are taken apart by the getitems that follow them: the hidden
+state, (B, C, S) in torch, is the spec's (C, S, 1) state tokens swapped to token-last (`fx_token_mix`), so the
+head's LayerNorm over its channels (between two transposes) follows, and its mean over the states, as a map's
+``flatten(2).mean(-1)``, is a ``gap`` (`_state_mean`); the head's weighted sum of heads: `fx_vim_head`. The
+per-state ``A`` the mixer adds to dt before the softmax over the positions cancels in that softmax (the same number
+added at every position of a state), so it is left out: it changes no output and no gradient. Layers other than
+timm's in their places (a norm or activation in a ConvLayer where timm has none, another activation than SiLU, a
+fused block) are refused by name with the user's source line."""
 from __future__ import annotations
 
 import operator
 from typing import Any, Callable
 
+import torch
 from torch import fx, nn
 
-from edgecl.arch.fx_calls import location, map_shape
+from edgecl.arch.fx_calls import location, map_shape, shape_of
 from edgecl.errors import UsageError
 
 _EFFICIENTVIM = "timm.models.efficientvim"
@@ -46,7 +49,7 @@ def is_vim_block(m: Any) -> bool:
 
 
 class _EfficientVimConverter:
-    """Mixin of `fx_import._Converter`: EfficientViM's HSM-SSD mixer, kept whole."""
+    """Mixin of `fx_import._Converter`: EfficientViM's blocks and HSM-SSD mixer, kept whole, and their results."""
 
     name: str
     alias: dict[fx.Node, str]
@@ -56,12 +59,16 @@ class _EfficientVimConverter:
     _conv_fields: Callable[..., dict[str, Any]]
     one_call: Callable[[str, fx.Node], None]
     _batchnorm: Callable[..., None]
+    tmix: set[fx.Node]
+    vim_head_step: Callable[[fx.Node], bool]
     _act: Callable[..., str]
 
     def efficientvim_step(self, node: fx.Node) -> bool:
         """Convert `node` when it is a block's or an HSMSSD's call or a part of its (map, hidden state) result; False
         otherwise."""
         mixers = self.__dict__.setdefault("_hsm_results", {})
+        if self._state_mean(node) or self.vim_head_step(node):
+            return True
         m = self.modules.get(str(node.target)) if node.op == "call_module" else None
         if is_hsm_ssd(m) or is_vim_block(m):
             path = str(node.target)
@@ -72,11 +79,28 @@ class _EfficientVimConverter:
         if node.op != "call_function" or node.target is not operator.getitem or node.args[0] not in mixers:
             return False
         y, state, path = mixers[node.args[0]]
-        if node.args[1] != 0 and node.users:
-            raise UsageError(f"{self.name}: EfficientViM {type(self.modules[path]).__name__} at {path!r}: its hidden state (item {node.args[1]} "
-                             f"of its result) is read {location(next(iter(node.users)))}; edgecl converts the mixer's map output "
-                             "only (the hidden states of EfficientViM's classification head are not supported yet)")
-        self.alias[node] = y if node.args[1] == 0 else state  # an unread hidden state: dropped with what no one reads
+        self.alias[node] = y if node.args[1] == 0 else state
+        if node.args[1] != 0:  # (B, C, S) in torch, (C, S, 1) in the spec: token-last (`fx_token_mix`)
+            self.tmix.add(node)
+        return True
+
+    def _state_mean(self, node: fx.Node) -> bool:
+        """``t.mean(-1)`` of a token-last (B, C, T) value (EfficientViM's head pools each hidden state over its
+        states) or of a map's ``flatten(2)`` (its last map over the positions): ``gap`` over the (C, T, 1) tokens
+        or the map, then ``flatten`` to (B, C) features."""
+        first = node.args[0] if node.args else None
+        if not (node.op == "call_method" and node.target == "mean" or
+                node.op == "call_function" and node.target is torch.mean):
+            return False
+        flat = isinstance(first, fx.Node) and _flattened_map(first)
+        if first not in self.tmix and not flat:
+            return False
+        dims = [*node.args[1:], *(node.kwargs[k] for k in ("dim",) if k in node.kwargs)]
+        if dims not in ([-1], [2], [(-1,)], [(2,)], [[-1]], [[2]]) or node.kwargs.get("keepdim"):
+            return False  # anything else on token-last values: `fx_token_mix` refuses it
+        source = first.args[0] if flat else first  # a map's flatten(2): its mean over the positions, as gap's
+        pooled = self._emit(node, "gap", [self._input(source, node)], f"{node.name}.pool")
+        self._emit(node, "flatten", [pooled], node.name)
         return True
 
     def hsm_ssd(self, node: fx.Node, m: nn.Module, x: str, path: str) -> None:  # `efficientvim_step` converts it
@@ -166,7 +190,8 @@ class _EfficientVimConverter:
         return self._emit(node, "conv", [x], f"{path}.conv", **{"in": ch_in, "out": ch_out, "k": [1, 1],
                                                                 "bias": False, "module_shape": [ch_out, ch_in, 1]})
 
-    def _vim_plain(self, layer: nn.Module, path: str, where: str, kind: type, widths: tuple[int, int], groups: int) -> None:
+    def _vim_plain(self, layer: nn.Module, path: str, where: str, kind: type, widths: tuple[int, int],
+                   groups: int) -> None:
         """`layer` is timm's ConvLayer1d/2d of a `kind` conv of `widths` channels in `groups` (1: dense) groups,
         without norm or activation."""
         conv = getattr(layer, "conv", None)
@@ -177,3 +202,13 @@ class _EfficientVimConverter:
             raise UsageError(f"{self.name}: {where}: {path!r} is a {type(layer).__name__} ({parts}); edgecl converts "
                              f"timm's ConvLayer there (a {kind.__name__} of {widths[0]} to {widths[1]} channels, no "
                              "norm, no activation)")
+
+
+def _flattened_map(node: fx.Node) -> bool:
+    """``x.flatten(2)`` / ``torch.flatten(x, 2)`` of a (B, C, H, W) map."""
+    if node.target not in ("flatten", torch.flatten) or len(node.args) < 2 and "start_dim" not in node.kwargs:
+        return False
+    start = node.args[1] if len(node.args) > 1 else node.kwargs["start_dim"]
+    end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+    shape = shape_of(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+    return start == 2 and end in (-1, 3) and shape is not None and len(shape) == 3

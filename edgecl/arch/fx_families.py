@@ -49,6 +49,7 @@ from edgecl.arch.fx_token_mix import _TokenMixConverter
 from edgecl.arch.fx_tokens import _TokenConverter
 from edgecl.arch.fx_tnt import _TntConverter
 from edgecl.arch.fx_twins import _TwinsConverter
+from edgecl.arch.fx_vim_head import _VimHeadConverter
 from edgecl.arch.fx_volo import _VoloConverter
 from edgecl.arch.fx_xcit import _XcitConverter
 
@@ -64,5 +65,6 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _CaitConverter, _ConvitConverter, _CoatConverter, _SwinV2Converter,
                _StackConverter, _VoloConverter, _TntConverter,
                _EvaConverter, _ByoaConverter, _SamConverter, _ConvAttentionConverter,
-               _IFormerConverter, _SwiftFormerConverter, _EfficientVimConverter):
+               _IFormerConverter, _SwiftFormerConverter, _EfficientVimConverter,
+               _VimHeadConverter):
     """Every family's conversions, in one base class."""
