@@ -209,6 +209,19 @@ def test_tiny_efficientvim_parity_and_its_head(distilled):
     assert sum(n["op"] == "state_pool" for n in spec["nodes"]) == 3
 
 
+def test_the_whole_model_reads_and_writes_back_its_trunk():
+    """Every trunk tensor of timm's EfficientViM is read from the module and written back to the same key in its
+    shape (the α rows into their one tensor); left out: A (cancels), the BatchNorms' counters and the classifier
+    (weights and heads, which edgecl's heads replace)."""
+    module = _randomised(tiny_vim())
+    spec = from_torch(module, (3, 32, 32))
+    state, own = to_module_state(spec, tensors_of(module, spec)), module.state_dict()
+    for key, value in state.items():
+        assert np.array_equal(value, own[key].numpy()), key
+    assert {k for k in own if k not in state} == {k for k in own if k.endswith(("num_batches_tracked", "mixer.A"))
+                                                  or k == "weights" or k.startswith("heads.")}
+
+
 def test_a_head_of_another_form_is_refused_by_name():
     """A head that is not an nn.Linear (here a Sequential around one) is no part of the weighted sum edgecl
     reads: refused naming timm's line."""
