@@ -239,3 +239,22 @@ def test_efficientvim_at_64(name):
     module = _randomised(timm.create_model(name, pretrained=False, num_classes=5))
     spec = from_torch(module, (3, 64, 64))
     check_parity(module, spec, (3, 64, 64), head=vim_head(module))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method_name", ["lps", "stl", "rgo"])
+def test_tiny_efficientvim_trains_and_deploys(method_name, tmp_path):
+    """The whole small model through a method on 32×32 digits: the artifact's runtime gives training's accuracy and
+    every exported graph the runtime's logits. (On the 8×8 digits of every method's graph run its /16 stem leaves
+    1×1 maps, where float32 rounding alone moves its logits by 1.5e-4 (float64 measured), past those runs' 1e-4.)"""
+    from test_methods_on_graphs import CTX, QUICK, _deploys
+
+    from edgecl.train import registry
+    from edgecl.train.data import make_stream
+
+    stream = make_stream("permuted-digits", 2, 0, (3, 32, 32))
+    method = registry.create(method_name, from_torch(tiny_vim(embed_dim=(8, 16, 16)), (3, 32, 32)),
+                             dict(QUICK[method_name]))
+    for t, task in enumerate(stream.tasks):
+        method.learn_task(t, task, CTX)
+    _deploys(method.pack(), stream, tmp_path)
