@@ -1,9 +1,7 @@
-"""EfficientViM's hidden-state mixer (timm's HSMSSD) in a small user network, for the parity tests and every
-method's and AGS-CL's graph runs."""
+"""EfficientViM's hidden-state mixer (timm's HSMSSD) and blocks in small user networks, for the parity tests and
+every method's and AGS-CL's graph runs, and a small timm EfficientViM (its head: `torch_nets.weighted_heads`)."""
 from __future__ import annotations
 
-import numpy as np
-import torch
 from torch import nn
 
 from edgecl.arch import from_torch
@@ -53,23 +51,6 @@ class TinyVimNet(nn.Module):
 
 def vim_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(TinyVimNet(in_channels=input_shape[0]), tuple(input_shape))
-
-
-def vim_head(module: nn.Module) -> dict[str, np.ndarray]:
-    """timm's EfficientViM head, Σ_i softmax(weights)_i·heads[i](x_i), as the one linear head of the features side by
-    side: [s_0·W_0 … s_n·W_n] and Σ_i s_i·b_i (computed here from the module, not by edgecl); a distilled model's
-    two such sums averaged."""
-    def weighted(weights: torch.Tensor, heads: nn.ModuleList) -> tuple[torch.Tensor, torch.Tensor]:
-        s = weights.softmax(-1)
-        return (torch.cat([s[i] * head.weight for i, head in enumerate(heads)], dim=1),
-                sum(s[i] * head.bias for i, head in enumerate(heads)))
-
-    with torch.no_grad():
-        pairs = [weighted(module.weights, module.heads)]
-        if hasattr(module, "heads_dist"):
-            pairs.append(weighted(module.weights_dist, module.heads_dist))
-        weight, bias = (sum(p[k] for p in pairs) / len(pairs) for k in (0, 1))
-    return {"head.weight": weight.numpy().copy(), "head.bias": bias.numpy().copy()}
 
 
 def tiny_vim(**kwargs) -> nn.Module:
