@@ -187,10 +187,16 @@ def test_gate_onnx_equals_torch():
     assert np.abs(got - want).max() < 1e-5
 
 
-def test_a_fused_block_is_refused():
+def test_a_fused_block_or_another_mixer_is_refused():
+    """A block is converted from its parts, not its forward: a fused one (its dwconvs folded) or one whose mixer
+    is another module would be another network, so they are refused by name."""
     module = TinyVimNet().eval()
     module.blocks[0].fuse()
     with pytest.raises(UsageError, match="EfficientViMBlock at 'blocks.0'.*fused True"):
+        from_torch(module, (1, 8, 8))
+    module = TinyVimNet().eval()
+    module.blocks[0].mixer = nn.Identity()
+    with pytest.raises(UsageError, match="EfficientViMBlock at 'blocks.0'.*mixer Identity"):
         from_torch(module, (1, 8, 8))
 
 

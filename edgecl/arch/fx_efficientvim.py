@@ -38,14 +38,19 @@ from edgecl.errors import UsageError
 _EFFICIENTVIM = "timm.models.efficientvim"
 
 
+def _kind(m: Any) -> tuple[str, str]:
+    """A module's class, as (module, name): timm's classes are judged so, timm not imported."""
+    return type(m).__module__, type(m).__name__
+
+
 def is_hsm_ssd(m: Any) -> bool:
     """EfficientViM's HSMSSD mixer, judged by its class; timm is not imported."""
-    return (type(m).__module__, type(m).__name__) == (_EFFICIENTVIM, "HSMSSD")
+    return _kind(m) == (_EFFICIENTVIM, "HSMSSD")
 
 
 def is_vim_block(m: Any) -> bool:
     """EfficientViM's block (``EfficientViMBlock``), judged by its class."""
-    return (type(m).__module__, type(m).__name__) == (_EFFICIENTVIM, "EfficientViMBlock")
+    return _kind(m) == (_EFFICIENTVIM, "EfficientViMBlock")
 
 
 class _EfficientVimConverter:
@@ -79,8 +84,12 @@ class _EfficientVimConverter:
         if node.op != "call_function" or node.target is not operator.getitem or node.args[0] not in mixers:
             return False
         y, state, path = mixers[node.args[0]]
-        self.alias[node] = y if node.args[1] == 0 else state
-        if node.args[1] != 0:  # (B, C, S) in torch, (C, S, 1) in the spec: token-last (`fx_token_mix`)
+        if node.args[1] not in (0, 1, -1, -2):
+            raise UsageError(f"{self.name}: EfficientViM {type(self.modules[path]).__name__} at {path!r}: its result "
+                             f"(map, hidden state) is read as [{node.args[1]!r}] {location(node)}; edgecl follows "
+                             "its two items")
+        self.alias[node] = y if node.args[1] in (0, -2) else state
+        if node.args[1] in (1, -1):  # (B, C, S) in torch, (C, S, 1) in the spec: token-last (`fx_token_mix`)
             self.tmix.add(node)
         return True
 
@@ -112,19 +121,21 @@ class _EfficientVimConverter:
     def _vim_block(self, node: fx.Node, m: nn.Module, x: str, path: str) -> tuple[str, str, str]:
         where = f"EfficientViM EfficientViMBlock at {path!r} {location(node)}"
         ch = map_shape(node, self.name, where)[0]
-        norm = m.norm
-        if m.fused or tuple(m.alpha.shape) != (4, ch) or type(norm).__name__ != "LayerNorm2d" or \
+        norm, ffn = m.norm, m.ffn
+        if m.fused or tuple(m.alpha.shape) != (4, ch) or _kind(norm) != ("timm.layers.norm", "LayerNorm2d") or \
                 getattr(norm, "_fast_norm", True) or norm.weight is None or norm.bias is None or \
-                not (isinstance(m.drop_path, nn.Identity) or type(m.drop_path).__name__ == "DropPath"):
+                not is_hsm_ssd(m.mixer) or _kind(ffn) != (_EFFICIENTVIM, "FFN") or \
+                not (isinstance(m.drop_path, nn.Identity) or _kind(m.drop_path) == ("timm.layers.drop", "DropPath")):
             raise UsageError(f"{self.name}: {where}: fused {m.fused}, alpha {tuple(m.alpha.shape)}, norm "
-                             f"{type(norm).__name__}; edgecl converts an unfused block with an alpha of (4, {ch}), "
-                             "timm's LayerNorm2d (no fast norm) and drop paths")
+                             f"{type(norm).__name__}, mixer {type(m.mixer).__name__}, ffn {type(ffn).__name__}; "
+                             f"edgecl converts an unfused block with an alpha of (4, {ch}), timm's LayerNorm2d (no "
+                             "fast norm), HSMSSD, FFN and drop paths")
         x = self._vim_gate(node, 0, x, self._vim_conv_layer(node, m.dwconv1, x, f"{path}.dwconv1", where, ch, ch), path)
         normed = self._emit(node, "layer_norm", [x], f"{path}.norm", ch=ch, eps=float(norm.eps), affine=True)
         y, state, _ = self._hsm_ssd(node, m.mixer, normed, f"{path}.mixer")
         x = self._vim_gate(node, 1, x, y, path)
         x = self._vim_gate(node, 2, x, self._vim_conv_layer(node, m.dwconv2, x, f"{path}.dwconv2", where, ch, ch), path)
-        ffn, hidden = m.ffn, int(m.ffn.fc1.conv.out_channels)
+        hidden = int(getattr(getattr(ffn.fc1, "conv", None), "out_channels", 0))
         h = self._vim_conv_layer(node, ffn.fc1, x, f"{path}.ffn.fc1", where, ch, hidden, act=True)
         h = self._vim_conv_layer(node, ffn.fc2, h, f"{path}.ffn.fc2", where, hidden, ch)
         return self._vim_gate(node, 3, x, h, path), state, path
@@ -142,7 +153,7 @@ class _EfficientVimConverter:
                     act: bool = False) -> str:
         """timm's ConvLayer2d: a bias-less nn.Conv2d, its BatchNorm2d and (`act`) a ReLU."""
         conv, norm, relu = (getattr(layer, p, None) for p in ("conv", "norm", "act"))
-        if type(layer).__name__ != "ConvLayer2d" or type(conv) is not nn.Conv2d or conv.bias is not None or \
+        if _kind(layer) != (_EFFICIENTVIM, "ConvLayer2d") or type(conv) is not nn.Conv2d or conv.bias is not None or \
                 (conv.in_channels, conv.out_channels) != (ch_in, ch_out) or type(norm) is not nn.BatchNorm2d or \
                 (relu is not None) != act:
             parts = ", ".join(f"{p} {type(getattr(layer, p, None)).__name__}" for p in ("conv", "norm", "act"))
@@ -195,7 +206,7 @@ class _EfficientVimConverter:
         """`layer` is timm's ConvLayer1d/2d of a `kind` conv of `widths` channels in `groups` (1: dense) groups,
         without norm or activation."""
         conv = getattr(layer, "conv", None)
-        if type(layer).__module__ != _EFFICIENTVIM or not type(layer).__name__.startswith("ConvLayer") or \
+        if _kind(layer) not in {(_EFFICIENTVIM, "ConvLayer1d"), (_EFFICIENTVIM, "ConvLayer2d")} or \
                 type(conv) is not kind or (conv.in_channels, conv.out_channels) != widths or \
                 conv.groups not in (1, groups) or layer.norm is not None or layer.act is not None:
             parts = ", ".join(f"{p} {type(getattr(layer, p, None)).__name__}" for p in ("conv", "norm", "act"))
