@@ -188,7 +188,8 @@ def _spec(draw) -> dict:
                                    "upsample", "linear_attention", "layer_norm", "attention_pool",
                                    "channel_attention", "fourier_pos", "lambda_layer", "token_mix", "affine",
                                    "bicubic", "outlook_attention", "rotary", "normalize",
-                                   "conv_transpose", *ACTIVATIONS]))
+                                   "conv_transpose", "state_pool", "state_read", "layer_scale",
+                                   *ACTIVATIONS]))
         src = draw(st.sampled_from(names))
         node = {"name": f"n{i}", "op": op, "inputs": [src]}
         dims = known.get(src, [1])
@@ -242,6 +243,15 @@ def _spec(draw) -> dict:
             node.update({"ch": dims[0] if fits else draw(hostile), "eps": draw(st.sampled_from([1e-5, 0.5, 0, 2]))})
         elif op == "affine":  # ResMLP's per-channel factor and offset
             node["ch"] = dims[0] if fits else draw(hostile)
+        elif op == "layer_scale":  # a layer scale, or EfficientViM's σ gate reading a row of a shared (parts, ch)
+            # table: rows no node set holds once, hostile flags and rows refused
+            node["ch"] = dims[0] if fits else draw(hostile)
+            if draw(st.booleans()):
+                node["sigmoid"] = draw(st.booleans()) if fits else draw(st.sampled_from([1, "yes", None]))
+            if draw(st.booleans()):
+                node["weight_rows"] = draw(st.sampled_from([[0, 1], [0, 2], [1, 2]] if fits else
+                                                           [[2, 2], [-1, 2], [0], "x", [0, 1 << 31]]))
+                node["module"] = draw(st.sampled_from(["blk.alpha", "blk.alpha", "other"]))
         elif op in ("maxpool", "avgpool"):
             node.update({"k": draw(st.sampled_from([1, 2, 3, [2, 3], 1000])), "pad": draw(st.sampled_from([0, 1, 2])),
                          "ceil_mode": draw(st.booleans())})
@@ -420,6 +430,18 @@ def _spec(draw) -> dict:
                 node["stride"] = 1 if fits else draw(st.sampled_from([2, 0]))
             if draw(st.booleans()):
                 node["pad"] = 0 if fits else draw(st.sampled_from([1, -1, 2.0]))
+        elif op == "state_pool":  # EfficientViM's states: logits and b of the map's positions (src's own channels
+            # as the states), or of another tensor (refused unless its positions match), or missing
+            same = [n for n in names if len(known.get(n, [])) == 3 and known[n][1:] == dims[1:]] or names
+            other = draw(st.sampled_from(same if fits else names))
+            node["inputs"] += draw(st.sampled_from([[other, other], [src, other], [other]] if fits else
+                                                   [[other, other], [other], [other, src, src]]))
+        elif op == "state_read":  # the states read back: a (C, S, 1) state_pool output and a map of S channels
+            states = dims[1] if len(dims) == 3 and dims[2] == 1 else 0
+            maps = [n for n in names if len(known.get(n, [])) == 3 and known[n][0] == states] or names
+            node["inputs"].append(draw(st.sampled_from(maps if fits else names)))
+            if not fits and draw(st.booleans()):
+                node["extra"] = draw(hostile)  # a field the op has not
         elif op == "rotary":  # RoPE on a (C, T, 1) token map: heads of an even size, a table row per token after
             # the prefix (d sines, d cosines), or hostile heads, prefix and tables
             t = dims[1] if len(dims) == 3 else 1

@@ -39,6 +39,7 @@ from edge_nets import conv_attention_graph, iformer_graph
 from mobile_attention_nets import TinySwiftFormer
 from conv_transpose_nets import TinyUNet
 from mvit_nets import graph_mvit
+from efficientvim_nets import TinyHsmNet, TinyVimNet
 from torch_nets import MODELS, GhostSplit, ResCat, TinyConvNeXt
 from hiera_nets import TinyHieraDet, tiny_hiera
 
@@ -130,7 +131,8 @@ def _arch(name: str) -> dict:
               "hiera": lambda: tiny_hiera(in_channels=3), "hieradet": lambda: TinyHieraDet(in_channels=3),
               "unet": lambda: TinyUNet(in_channels=3, width=16), "mvit": lambda: graph_mvit(in_channels=3),
               "tv_swinv2": lambda: tiny_tv_swinv2(in_chans=3).eval(),
-              "vit_relpos_mlp": lambda: tiny_vit_relpos(in_channels=3, rel_pos_type="mlp")}
+              "vit_relpos_mlp": lambda: tiny_vit_relpos(in_channels=3, rel_pos_type="mlp"),
+              "hsm": lambda: TinyHsmNet(in_channels=3), "vim": lambda: TinyVimNet(in_channels=3)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
@@ -140,7 +142,8 @@ _CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4"
            "mambaout", "twins", "davit", "nest", "pvt", "nextvit", "shvit", "gcvit", "cait", "convit",
            "coat", "swinv2", "crossvit", "volo", "tnt", "beit", "vit_relpos",
            "eva", "eva_rope", "botnet", "halonet", "lambda_rpt", "coat_mlp", "sam", "conv_attention",
-           "iformer", "swiftformer", "mnv5", "hiera", "hieradet", "unet", "mvit", "tv_swinv2", "vit_relpos_mlp")
+           "iformer", "swiftformer", "mnv5", "hiera", "hieradet", "unet", "mvit", "tv_swinv2", "vit_relpos_mlp",
+           "hsm", "vim")
 
 
 def _stream(name: str, n_tasks: int):
@@ -171,7 +174,7 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
                                                 "eva_rope", "botnet", "halonet", "lambda_rpt",
                                                 "coat_mlp", "sam", "conv_attention", "iformer",
                                                 "swiftformer", "mnv5", "hiera", "hieradet", "unet", "mvit", "tv_swinv2",
-                                                "vit_relpos_mlp"])
+                                                "vit_relpos_mlp", "hsm", "vim"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

@@ -277,7 +277,7 @@ def classifier_of(module: nn.Module) -> dict[str, np.ndarray]:
     where a module holds a `head` and a `head_dist` (timm's name for the averaged classifiers of RepViT and the
     distilled heads) — their average, folded into one (`averaged_head`); with a `dist_token` (DeiT) or two class
     tokens (PiT's `num_tokens`) each head reads its own token and the features are [class token, distillation token]
-    (`edgecl.arch.fx_classifier`)."""
+    (`edgecl.arch.fx_classifier`); EfficientViM's softmax-weighted `heads` as one (`weighted_heads`)."""
     pair = [m for m in module.modules() if isinstance(getattr(m, "head", None), nn.Module) and
             isinstance(getattr(m, "head_dist", None), nn.Module) and not isinstance(m.head_dist, nn.Identity)]
     # an identity head_dist is no second classifier (iFormer's RepVitClassifier without distillation: head alone)
@@ -286,11 +286,31 @@ def classifier_of(module: nn.Module) -> dict[str, np.ndarray]:
         return averaged_head([lambda z: owner.head(z[:, :dim]), lambda z: owner.head_dist(z[:, dim:])], 2 * dim)
     if pair:
         return averaged_head([pair[-1].head, pair[-1].head_dist])
+    if isinstance(getattr(module, "heads", None), nn.ModuleList) and isinstance(getattr(module, "weights", None),
+                                                                                nn.Parameter):
+        return weighted_heads(module)  # EfficientViM's softmax-weighted heads
     linear = [m for m in module.modules() if isinstance(m, nn.Linear)]
     layer = linear[-1] if linear else [m for m in module.modules() if isinstance(m, nn.Conv2d)][-1]
     bias = layer.bias if layer.bias is not None else torch.zeros(layer.weight.shape[0])
     return {"head.weight": layer.weight.detach().reshape(layer.weight.shape[0], -1).numpy().copy(),
             "head.bias": bias.detach().numpy().copy()}
+
+
+def weighted_heads(module: nn.Module) -> dict[str, np.ndarray]:
+    """timm's EfficientViM head, Σ_i softmax(weights)_i·heads[i](x_i), as the one linear head of the features side by
+    side: [s_0·W_0 … s_n·W_n] and Σ_i s_i·b_i (computed here from the module, not by edgecl); a distilled model's
+    two such sums averaged."""
+    def weighted(weights: torch.Tensor, heads: nn.ModuleList) -> tuple[torch.Tensor, torch.Tensor]:
+        s = weights.softmax(-1)
+        return (torch.cat([s[i] * head.weight for i, head in enumerate(heads)], dim=1),
+                sum(s[i] * head.bias for i, head in enumerate(heads)))
+
+    with torch.no_grad():
+        pairs = [weighted(module.weights, module.heads)]
+        if hasattr(module, "heads_dist"):
+            pairs.append(weighted(module.weights_dist, module.heads_dist))
+        weight, bias = (sum(p[k] for p in pairs) / len(pairs) for k in (0, 1))
+    return {"head.weight": weight.numpy().copy(), "head.bias": bias.numpy().copy()}
 
 
 def averaged_head(chains: list[nn.Module], features: int | None = None) -> dict[str, np.ndarray]:

@@ -51,6 +51,7 @@ from edgecl.arch.channel_groups import (MAX_SEGMENTS, ChannelError, Segments, Un
 from edgecl.arch.op_rules import has_gain
 from edgecl.arch.ops import CHANNEL_AFFINE_OPS, NEIGHBOUR_OPS, NORMALISING_OPS, TOKEN_TENSOR_OPS
 from edgecl.arch.spec import INPUT, Arch, is_depthwise, node_by_name, node_shapes, node_tensor_shapes, param_shapes
+from edgecl.arch.state_ops import STATE_OPS
 
 
 @dataclass
@@ -172,6 +173,10 @@ def channel_map(arch: Arch) -> ChannelMap:
             out = new_group(name, node["out"])
             pinned_by.extend([x, out])
             ordered_by.extend([x, out])
+        elif op in STATE_OPS:  # EfficientViM: channel i of x (of h) only; the others' channels are the S states
+            out = x
+            pinned_by.extend(ins[1:])
+            ordered_by.extend(ins[1:])
         elif op == "fourier_pos":  # a fixed grid: channels of its own, produced by no tensor, never cut
             out = new_group(name, 2 * node["hidden"])
             pinned_by.append(out)

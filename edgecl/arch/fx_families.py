@@ -16,6 +16,7 @@ from edgecl.arch.fx_conv_attention import _ConvAttentionConverter
 from edgecl.arch.fx_convit import _ConvitConverter
 from edgecl.arch.fx_davit import _DavitConverter
 from edgecl.arch.fx_eca import _EcaConverter
+from edgecl.arch.fx_efficientvim import _EfficientVimConverter
 from edgecl.arch.fx_edgenext import _EdgeNextConverter
 from edgecl.arch.fx_efficientformer import _EfficientFormerConverter
 from edgecl.arch.fx_efficientvit import _EfficientVitConverter
@@ -53,6 +54,7 @@ from edgecl.arch.fx_token_mix import _TokenMixConverter
 from edgecl.arch.fx_tokens import _TokenConverter
 from edgecl.arch.fx_tnt import _TntConverter
 from edgecl.arch.fx_twins import _TwinsConverter
+from edgecl.arch.fx_vim_head import _VimHeadConverter
 from edgecl.arch.fx_volo import _VoloConverter
 from edgecl.arch.fx_xcit import _XcitConverter
 
@@ -70,5 +72,6 @@ class Families(_CallConverter, _SliceConverter, _NormConverter, _ShuffleConverte
                _EvaConverter, _ByoaConverter, _SamConverter, _ConvAttentionConverter,
                _IFormerConverter, _SwiftFormerConverter,
                _RmsNormConverter, _HieraConverter,
-               _HieraDetConverter, _ParamEmbedConverter, _MvitConverter):
+               _HieraDetConverter, _ParamEmbedConverter, _MvitConverter,
+               _EfficientVimConverter, _VimHeadConverter):
     """Every family's conversions, in one base class."""

@@ -184,7 +184,8 @@ class _Converter(Families):
                 output = node
             elif node.op == "get_attr":
                 self.attribute(node)
-            elif self.attention_step(node) or self.tnt_step(node) or self.mvit_step(node):
+            elif self.attention_step(node) or self.tnt_step(node) or self.mvit_step(node) or \
+                    self.efficientvim_step(node):
                 pass
             elif shape_of(node) is None:
                 if not self.split(node):

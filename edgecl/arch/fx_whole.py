@@ -16,6 +16,7 @@ from edgecl.arch.fx_conv_attention import is_conv_attention
 from edgecl.arch.fx_convit import is_convit_mhsa, is_gpsa
 from edgecl.arch.fx_davit import is_davit_channel, is_davit_spatial
 from edgecl.arch.fx_eca import is_eca
+from edgecl.arch.fx_efficientvim import is_hsm_ssd, is_vim_block
 from edgecl.arch.fx_edgenext import is_sdta_block
 from edgecl.arch.fx_efficientformer import is_efficientformer_attention, is_efficientformer_v1_attention
 from edgecl.arch.fx_efficientvit import is_lite_mla
@@ -69,7 +70,8 @@ WHOLE = ((is_grn, "global_response_norm"), (is_eca, "eca"), (is_split_attention,
          (is_conv_attention, "conv_attention"), (is_shma, "shma"),
          (is_swiftformer_attention, "swiftformer_attention"), (is_rms_norm_2d, "rms_norm"),
          (is_hiera, "hiera"), (is_hieradet_block, "hieradet_block"),
-         (is_mvit_block, "mvit_block"))
+         (is_mvit_block, "mvit_block"),
+         (is_hsm_ssd, "hsm_ssd"), (is_vim_block, "vim_block"))
 # may read channels-last values
 ON_TOKENS = (is_grn, is_timm_attention, is_levit, is_swin, is_tiny_vit_block, is_maxvit, is_xcit_xca, is_xcit_lpi,
              is_class_attn, is_twins_attention, is_davit_channel, is_pvt_stage, is_nextvit_attention, is_gcvit_block,

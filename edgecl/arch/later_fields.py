@@ -38,6 +38,8 @@ LATER_FIELDS: dict[str, dict[str, LaterField]] = {
                    "bias": LaterField((True,)),  # with a bias when affine (before MetaFormer v2's bias-less norms)
                    "rms": LaterField((False,))},  # mean-centred (before MobileNetV5's RMSNorm)
     "scalar_affine": {"bias": LaterField((True,))},  # with a bias (before NFNet's skipinit gain)
+    # the weight itself, the module's whole tensor (before EfficientViM's σ(α[i]) gates, rows of one α)
+    "layer_scale": {"sigmoid": LaterField((False,)), "weight_rows": _NONE},
     "attention_pool": {"patch": _NONE},  # a pool over the whole map (before MobileViTv2)
     "space_to_depth": {"order": LaterField(("hw",))},  # ONNX's order (before Swin's patch merging)
     # attention over the whole map, no bias table (LeViT), windows (Swin), talking heads (EfficientFormerV2), grid

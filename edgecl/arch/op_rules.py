@@ -113,7 +113,8 @@ def row_table(node: dict[str, Any], tensor: str) -> tuple[range, tuple[int, ...]
     """Where a node's tensor is rows of a bigger module tensor: (its rows, that tensor's shape), or None. An attention
     bias with ``bias_rows`` [first, of] (rows of a table of ``of`` heads' offsets); a conv weight with ``weight_rows``
     [part, parts] (part ``part`` of ``parts`` equal row blocks: EVA's q, k, v, each its own conv, read from one fused
-    qkv weight), its rows as the module stores them (``module_shape``)."""
+    qkv weight), its rows as the module stores them (``module_shape``); a layer scale's weight with ``weight_rows``
+    [part, parts]: row ``part`` of a (parts, ch) tensor (EfficientViM's α, one row per gate of a block)."""
     if node["op"] == "attention" and tensor == "bias" and node.get("bias_rows"):
         first, of = node["bias_rows"]
         return range(first, first + node["heads"]), (of, node["bias_offsets"])
@@ -124,6 +125,9 @@ def row_table(node: dict[str, Any], tensor: str) -> tuple[range, tuple[int, ...]
     if node["op"] == "conv" and tensor == "bias" and node.get("fused_bias"):  # the same rows of the fused bias
         (part, parts), out = node["weight_rows"], node["out"]
         return range(part * out, (part + 1) * out), (parts * out,)
+    if node["op"] == "layer_scale" and node.get("weight_rows"):  # row `part` of a (parts, ch) table: EfficientViM's α
+        part, parts = node["weight_rows"]
+        return range(part, part + 1), (parts, node["ch"])
     return None
 
 
@@ -149,10 +153,11 @@ def stored_rows(node: dict[str, Any], tensor: str) -> range | None:
 
 
 def weight_rows_fields(out: dict[str, Any], where: str) -> None:
-    """A conv's ``weight_rows`` [part, parts]: a part of the parts; its bias, if any, named on its own (``bias_parts``:
-    the module's fused weight has no bias of these rows) or, ``fused_bias``, the same rows of the fused bias."""
+    """A conv's or layer scale's ``weight_rows`` [part, parts]: a part of the parts; a conv's bias, if any, named on
+    its own (``bias_parts``: the module's fused weight has no bias of these rows) or, ``fused_bias``, the same rows of
+    the fused bias."""
     rows, fused = out.get("weight_rows"), out.get("fused_bias")
-    if rows is not None and (rows[0] >= rows[1] or out["bias"] and (out.get("bias_parts") is None) == (not fused)):
+    if rows is not None and (rows[0] >= rows[1] or out.get("bias") and (out.get("bias_parts") is None) == (not fused)):
         raise UsageError(f"{where}: weight_rows {rows} (part, parts) needs part < parts and, with a bias, its "
                          "bias_parts or fused_bias")
     if fused and (rows is None or not out["bias"] or out.get("bias_parts") is not None):
@@ -268,4 +273,5 @@ def conv_fields(out: dict[str, Any], where: str) -> None:
 # op → its fields' joint rule (checks, and defaults that depend on other fields), run by `spec.validate` after each
 # field is read alone and before the later fields at their default are left out (`later_fields.drop_defaults`)
 FIELD_RULES = {"attention": attention_fields, "conv": conv_fields, "scalar_affine": scalar_affine_fields,
-               "layer_norm": layer_norm_fields, "lambda_layer": lambda_fields, "conv_transpose": conv_transpose_fields}
+               "layer_norm": layer_norm_fields, "lambda_layer": lambda_fields, "conv_transpose": conv_transpose_fields,
+               "layer_scale": weight_rows_fields}

@@ -15,6 +15,7 @@ from edgecl.arch.outlook_ops import outlook_intermediates, outlook_shape
 from edgecl.arch.rel_pos import rel_intermediates
 from edgecl.arch.rotary_ops import rotary_intermediates, rotary_shape
 from edgecl.arch.sdta_ops import SDTA_OPS, sdta_intermediates, sdta_shape
+from edgecl.arch.state_ops import STATE_OPS, state_intermediates, state_shape
 from edgecl.arch.token_shapes import attention_shape, token_shape
 from edgecl.arch.windows import check_pool_windows, conv_window_shape, window_length
 from edgecl.errors import UsageError
@@ -55,6 +56,8 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
         return sdta_intermediates(node, ins)
     if node["op"] == "lambda_layer":
         return lambda_intermediates(node, ins)
+    if node["op"] in STATE_OPS:
+        return state_intermediates(node["op"], ins)
     if node["op"] == "rotary":
         return rotary_intermediates(ins[0])
     if node["op"] == "outlook_attention":
@@ -169,6 +172,8 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
         return sdta_shape(node, ins, where)
     if op == "lambda_layer":
         return lambda_shape(node, ins, where)
+    if op in STATE_OPS:
+        return state_shape(op, ins, where)
     if op == "rotary":
         return rotary_shape(node, x, where)
     if op == "outlook_attention":

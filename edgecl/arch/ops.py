@@ -25,7 +25,9 @@ Ops (fields and defaults in `OPS`):
   weight alone, no bias tensor, as MetaFormer v2's norms (timm's LayerNorm2dNoBias, GroupNorm1NoBias); left out of
   the stored spec at its default true; ``rms`` true: an RMSNorm over the channels, x / √(mean of x² + eps) · weight,
   no mean subtracted and no bias, timm's RmsNorm2d (MobileNetV5); left out at its default false), ``layer_scale``
-  (weight: one learned factor per channel, ConvNeXt's γ, starting at ``init``), ``affine`` (y = weight·x + bias,
+  (weight: one learned factor per channel, ConvNeXt's γ, starting at ``init``; with ``sigmoid`` the factor is
+  σ(weight), a gate in (0, 1): EfficientViM's x + σ(α[i])·(f(x) − x); ``weight_rows`` [part, parts]: its weight is
+  row ``part`` of its module's (parts, ch) tensor, storage only: `op_rules.row_table`), ``affine`` (y = weight·x + bias,
   one learned factor and offset per channel, starting at 1 and 0: ResMLP's ``Affine`` norm, timm's
   ``torch.addcmul(beta, alpha, x)``; its module stores them as ``MODULE.alpha`` and ``MODULE.beta``, both in the
   ``module_shape`` when given, timm's ``(1, 1, C)``), ``grn`` (ConvNeXt V2's
@@ -167,6 +169,9 @@ Ops (fields and defaults in `OPS`):
   `edgecl.arch.outlook_ops`.
 - ``rotary`` (a rotary position embedding on q or k, EVA-02's and the RoPE ViTs': fixed per-token rotations of channel
   pairs within each head, its ``table`` part of the architecture): `edgecl.arch.rotary_ops`.
+- EfficientViM's hidden-state mixer: ``state_pool`` (x, logits, b → (C, S, 1): the map's positions summed into S
+  states, weighted by each state's softmax over the positions times b) and ``state_read`` (states h, a map c of S
+  channels → (C, H, W): h·c at each position); no tensors, no fields: `edgecl.arch.state_ops`.
 
 """
 from __future__ import annotations
@@ -205,7 +210,8 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "bn": {"ch": ("size", ...), "eps": ("eps", 1e-5), "momentum": ("momentum", 0.1)},
     "layer_norm": {"ch": ("size", ...), "eps": ("eps", 1e-5), "affine": ("bool", True), "over": ("norm_over", None),
                    "groups": ("size", None), "bias": ("bool", True), "rms": ("bool", False)},
-    "layer_scale": {"ch": ("size", ...), "init": ("number", 1.0)},
+    "layer_scale": {"ch": ("size", ...), "init": ("number", 1.0), "sigmoid": ("bool", False),
+                    "weight_rows": ("pad", None)},
     "affine": {"ch": ("size", ...)},
     "grn": {"ch": ("size", ...), "eps": ("eps", 1e-6)},
     "normalize": {"over": ("norm_over", "channels"), "eps": ("eps", 1e-12)},
@@ -254,6 +260,8 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
     "fourier_pos": {"hidden": ("size", ...), "temperature": ("number", 10000.0)},
     "lambda_layer": {"heads": ("size", ...), "dim": ("size", ...), "r": ("size", None), "rel_pos": ("pair", None)},
     "outlook_attention": OUTLOOK_FIELDS,
+    "state_pool": {},
+    "state_read": {},
     "rotary": {"heads": ("size", ...), "prefix": ("index", 0), "half": ("bool", False), "table": ("number_table", ...)},
 }
 OPS["gelu"] = {"approximate": ("approximate", "none")}

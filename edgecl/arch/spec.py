@@ -50,7 +50,7 @@ NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,159}")
 # op → (fewest, most) inputs; every other op reads one
 _ARITY = {"add": (2, MAX_INPUTS), "cat": (2, MAX_INPUTS), "mul": (2, 2), "attention_pool": (2, 2), "attention": (3, 3),
           "linear_attention": (3, 3), "channel_attention": (3, 3), "lambda_layer": (3, 3),
-          "outlook_attention": (2, 2)}
+          "outlook_attention": (2, 2), "state_pool": (3, 3), "state_read": (2, 2)}
 
 
 def validate(arch: Any) -> Arch:

@@ -30,6 +30,7 @@ from edgecl.graph.linear_ops import linear_attention, map_norm, patch_context, r
 from edgecl.graph.nodes import Builder as _Builder
 from edgecl.graph.onnx_spatial import SPATIAL_OPS, spatial_op
 from edgecl.graph.sdta_ops import channel_attention, fourier_pos, normalize
+from edgecl.graph.state_onnx import STATE_OPS, state_op
 from edgecl.graph.standardize import fold_standardized, standardized_onnx
 from edgecl.graph.token_ops import TOKEN_OPS, attention, in_windows, pos_embed, rotary
 
@@ -214,6 +215,7 @@ def _op(b: _Builder, node: dict, ins: list[str], factors: dict, shapes: list[lis
         return _layer_norm(b, h, node, in_shape)
     if op in ("layer_scale", "affine"):  # (C,) tensors on (N, C) features or, unsqueezed to (C, 1, …), a map
         w, bias = (f"{node['name']}.{k}" for k in ("weight", "bias"))
+        w = b.op("Sigmoid", [w]) if node.get("sigmoid") else w  # EfficientViM's gates: σ of the learned weight
         axes = b.ints(*range(1, len(in_shape)))  # a (C, H, W) map's 1, 2; a (C, L) one's 1
         scaled = b.op("Mul", [h, w if flat else b.op("Unsqueeze", [w, axes])])
         return scaled if op == "layer_scale" else b.op("Add", [scaled, bias if flat else
@@ -239,6 +241,8 @@ def _op(b: _Builder, node: dict, ins: list[str], factors: dict, shapes: list[lis
         return lambda_layer(b, *ins, node, shapes)
     if op == "outlook_attention":
         return outlook_attention(b, *ins, node, shapes)
+    if op in STATE_OPS:
+        return state_op(b, ins, node, shapes)
     if op == "pos_embed":
         return pos_embed(b, h, node, in_shape)
     if op == "rotary":

@@ -99,8 +99,9 @@ def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: 
     if op == "bn":
         g, b, m, var = (params[f"{name}.{k}"].astype(np.float64) for k in BN_KEYS)
         return collapse((expand(v, source, cm) - m) / np.sqrt(var + node["eps"]) * g + b, source, cm)
-    if op == "layer_scale":
-        return collapse(expand(v, source, cm) * params[f"{name}.weight"].astype(np.float64), source, cm)
+    if op == "layer_scale":  # a gate's factor is σ(weight)
+        w = params[f"{name}.weight"].astype(np.float64)
+        return collapse(expand(v, source, cm) * (1.0 / (1.0 + np.exp(-w)) if node.get("sigmoid") else w), source, cm)
     if op == "affine":  # a constant c (a dead channel's 0 too) is w·c + b on its channel
         w, b = (params[f"{name}.{k}"].astype(np.float64) for k in ("weight", "bias"))
         return collapse(expand(v, source, cm) * w + b, source, cm)
@@ -113,7 +114,7 @@ def _node(node: dict, ins: list[np.ndarray], params: dict[str, np.ndarray], cm: 
         return _token_mix_constants(node, v, params)
     if op in (*NORMALISING_OPS, *NEIGHBOUR_OPS, *TOKEN_TENSOR_OPS, "attention", "linear_attention",
               "channel_attention", "fourier_pos", "lambda_layer", "outlook_attention", "conv_transpose",
-              "rotary", "normalize"):  # varying: each
+              "rotary", "normalize", "state_pool", "state_read"):  # varying: each
         return np.full(width(cm, cm.spaces[name]), np.nan)  # depends on other channels, or positions differ
     if op in ACTIVATIONS:
         return ACTIVATIONS[op](v)

@@ -168,8 +168,9 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         if h.dim() == 2:
             return F.layer_norm(h, (node["ch"],), w, b, node["eps"])
         return F.layer_norm(h.movedim(1, -1), (node["ch"],), w, b, node["eps"]).movedim(-1, 1)  # (C, H, W), (C, L)
-    if op == "layer_scale":  # (C,) over the channels of features (N, C) or of any map (N, C, …)
-        return h * params[f"{name}.weight"].reshape(-1, *[1] * (h.dim() - 2))
+    if op == "layer_scale":  # (C,) over the channels of features (N, C) or of any map (N, C, …); σ(w): a gate
+        weight = torch.sigmoid(params[f"{name}.weight"]) if node.get("sigmoid") else params[f"{name}.weight"]
+        return h * weight.reshape(-1, *[1] * (h.dim() - 2))
     if op == "affine":  # ResMLP's Affine: a factor and an offset per channel
         w, b = (params[f"{name}.{k}"].reshape(-1, *[1] * (h.dim() - 2)) for k in ("weight", "bias"))
         return torch.addcmul(b, w, h)
@@ -230,6 +231,11 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         return lambda_layer(*ins, node["heads"], params[f"{name}.weight"], params[f"{name}.bias"])
     if op == "outlook_attention":
         return outlook_attention(*ins, node)
+    if op == "state_pool":  # EfficientViM's states: x (N, C, H·W) @ (softmax over positions · b)ᵀ → (N, C, S, 1)
+        weights = torch.softmax(ins[1].flatten(2), dim=2) * ins[2].flatten(2)
+        return (h.flatten(2) @ weights.transpose(1, 2)).unsqueeze(3)
+    if op == "state_read":  # the states read back at each position: h (N, C, S) @ c (N, S, H·W)
+        return (h.squeeze(3) @ ins[1].flatten(2)).reshape(h.shape[0], h.shape[1], *ins[1].shape[2:])
     if op == "fourier_pos":  # a constant of the map's shape, the same in every sample (`edgecl.arch.sdta_ops`)
         grid = torch.from_numpy(fourier_grid(node["hidden"], node["temperature"], *h.shape[2:])).to(h)
         return grid.unsqueeze(0).expand(h.shape[0], -1, -1, -1)
