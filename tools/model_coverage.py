@@ -99,7 +99,9 @@ TIMM = ["resnet10t", "resnet18", "mobilenetv3_small_050", "mobilenetv2_050", "ef
         # shared by every head, decomposed relative positions over maps of two sizes, residual pooling)
         "lowformer_b0", "mvitv2_tiny",
         # the relative-position ViT with its default RelPosMlp
-        "vit_relpos_small_patch16_224"]
+        "vit_relpos_small_patch16_224",
+        # EfficientViM (its hidden-state mixer: state_pool / state_read; sigmoid gates of one table's rows)
+        "efficientvim_m1"]
 # models whose position embedding (LeViT: attention-bias index) fixes the input size: built for the 64×64 traced
 BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_patch16_224": {"img_size": 64},
               "timm:deit_tiny_patch16_224": {"img_size": 64}, "timm:deit_tiny_distilled_patch16_224": {"img_size": 64},
