@@ -29,6 +29,7 @@ from edgecl.graph.outlook_onnx import outlook_attention
 from edgecl.graph.linear_ops import linear_attention, map_norm, patch_context, rms_norm
 from edgecl.graph.nodes import Builder as _Builder
 from edgecl.graph.onnx_spatial import SPATIAL_OPS, spatial_op
+from edgecl.graph.plain_onnx import PLAIN_OPS, plain_op
 from edgecl.graph.sdta_ops import channel_attention, fourier_pos, normalize
 from edgecl.graph.state_onnx import STATE_OPS, state_op
 from edgecl.graph.standardize import fold_standardized, standardized_onnx
@@ -188,7 +189,6 @@ def _conv_factored(b: _Builder, h: str, node: dict, form: str | None, parts: dic
                           add_bias=lambda y, c: _add_bias(b, y, c, [1, 2]))
 
 
-_UNARY = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "hardswish": "HardSwish"}
 _KEEP_TRANSPOSED = ("relu", "relu6", "sigmoid", "tanh", "hardswish", "hardsigmoid", "silu", "gelu", "leaky_relu",
                     "square", "scale")
 
@@ -249,35 +249,8 @@ def _op(b: _Builder, node: dict, ins: list[str], factors: dict, shapes: list[lis
         return rotary(b, h, node, in_shape)
     if op in TOKEN_OPS:
         return TOKEN_OPS[op](b, h, node)
-    if op in _UNARY:
-        return b.op(_UNARY[op], [h])
-    if op == "relu6":
-        return b.op("Clip", [h, b.constant(0.0), b.constant(6.0)])
-    if op == "hardsigmoid":  # torch: relu6(x + 3) / 6
-        return b.op("HardSigmoid", [h], alpha=1.0 / 6.0, beta=0.5)
-    if op == "silu":
-        return b.op("Mul", [h, b.op("Sigmoid", [h])])
-    if op == "square":  # x · x, as torch.square (MetaFormer's StarReLU and SquaredReLU square a ReLU)
-        return b.op("Mul", [h, h])
-    if op == "leaky_relu":
-        return b.op("LeakyRelu", [h], alpha=node["slope"])
-    if op == "gelu":
-        if node["approximate"] == "tanh":  # 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
-            cube = b.op("Mul", [b.op("Mul", [h, h]), h])
-            inner = b.op("Mul", [b.op("Add", [h, b.op("Mul", [cube, b.constant(0.044715)])]),
-                                 b.constant(float(np.sqrt(2.0 / np.pi)))])
-            half = b.op("Add", [b.op("Tanh", [inner]), b.constant(1.0)])
-        else:  # 0.5·x·(1 + erf(x/√2))
-            half = b.op("Add", [b.op("Erf", [b.op("Mul", [h, b.constant(float(1 / np.sqrt(2.0)))])]), b.constant(1.0)])
-        return b.op("Mul", [b.op("Mul", [h, half]), b.constant(0.5)])
-    if op in ("maxpool", "avgpool"):
-        attrs = dict(kernel_shape=node["k"], strides=node["stride"], pads=node["pad"] * 2,
-                     ceil_mode=int(node["ceil_mode"]))
-        if op == "maxpool":
-            return b.op("MaxPool", [h], dilations=node["dilation"], **attrs)
-        return b.op("AveragePool", [h], count_include_pad=int(node["count_include_pad"]), **attrs)
-    if op == "gap":
-        return b.op("GlobalAveragePool", [h])
+    if op in PLAIN_OPS:
+        return plain_op(b, h, ins, node, in_shape)
     if op == "attention_pool" and node.get("patch"):
         return patch_context(b, h, ins[1], node, in_shape)
     if op == "attention_pool":  # (N, C, H·W) MatMul softmax(logits over H·W) as (N, H·W, 1) → (N, C, 1, 1)
@@ -287,41 +260,6 @@ def _op(b: _Builder, node: dict, ins: list[str], factors: dict, shapes: list[lis
         return b.op("Unsqueeze", [pooled, b.ints(3)])
     if op in SPATIAL_OPS:
         return spatial_op(b, h, node, in_shape)
-    if op == "scale":
-        h = h if node["factor"] == 1.0 else b.op("Mul", [h, b.constant(node["factor"])])
-        return h if node["offset"] == 0.0 else b.op("Add", [h, b.constant(node["offset"])])
-    if op == "add":
-        for other in ins[1:]:
-            h = b.op("Add", [h, other])
-        return h
-    if op == "mul":
-        return b.op("Mul", ins)
-    if op == "cat":
-        return b.op("Concat", ins, axis=1)
-    if op == "slice":
-        starts, ends, axes = (b.ints(v) for v in (node["start"], node["stop"], 1))
-        return b.op("Slice", [h, starts, ends, axes])
-    if op == "shuffle":  # (N, g, C/g, H·W) → (N, C/g, g, H·W) → (N, C, H, W)
-        c, height, width = in_shape
-        grouped = b.op("Reshape", [h, b.ints(0, node["groups"], c // node["groups"], -1)])
-        swapped = b.op("Transpose", [grouped], perm=[0, 2, 1, 3])
-        return b.op("Reshape", [swapped, b.ints(0, c, height, width)])
-    if op == "space_to_depth" and node.get("order") == "wh":  # Swin's (bw·b + bh)·C + c: a 6-D transpose
-        c, height, width, k = *in_shape, node["block"]
-        grid = b.op("Reshape", [h, b.ints(0, c, height // k, k, width // k, k)])
-        moved = b.op("Transpose", [grid], perm=[0, 5, 3, 1, 2, 4])
-        return b.op("Reshape", [moved, b.ints(0, c * k * k, height // k, width // k)])
-    if op == "space_to_depth":  # the channel order of timm's SpaceToDepth: (bh·b + bw)·C + c
-        return b.op("SpaceToDepth", [h], blocksize=node["block"])
-    if op == "branch_softmax":  # (N, R, C·H·W), Softmax over axis 1, back to (N, R·C, H, W)
-        c, height, width = in_shape
-        branches = b.op("Reshape", [h, b.ints(0, node["branches"], -1)])
-        weights = b.op("Softmax", [branches], axis=1)
-        return b.op("Reshape", [weights, b.ints(0, c, height, width)])
-    if op == "flatten":
-        return b.op("Flatten", [h], axis=1)
-    if op == "reshape":
-        return b.op("Reshape", [h, b.ints(0, *node["shape"])])
     raise ValueError(f"node {node['name']!r}: op {op!r} has no ONNX form")
 
 
