@@ -373,6 +373,15 @@ def _spec(draw) -> dict:
                     node["rel_scaled"] = draw(st.booleans()) if fits else draw(st.sampled_from([1, "yes", None]))
                 if draw(st.booleans()):  # read at query − key (MViTv2's, SAM's), or a hostile flag
                     node["rel_mvit"] = draw(st.booleans()) if fits else draw(st.sampled_from([1, "yes", None, 0.0]))
+                if draw(st.integers(0, 3)) == 0:  # MViTv2's class token: a prefix token, then the token column's map
+                    tokens = dims[1] if len(dims) == 3 and dims[1] > 1 and dims[2] == 1 else 0
+                    if fits and tokens:
+                        node.update(rel_pos=[tokens - 1, 1], rel_mvit=True, rel_prefix=1, rel_query=[tokens - 1, 1],
+                                    rel_key=[tokens - 1, 1])
+                    else:  # a prefix the tokens do not hold, a bad value, or a partial set
+                        node.update(rel_prefix=draw(st.sampled_from([1, 0, 1 << 31, "1"])),
+                                    rel_query=draw(st.sampled_from([[1, 1], [0, 1], "x", None])),
+                                    rel_key=draw(st.sampled_from([[1, 1], [2, 2, 2], None])))
             if draw(st.integers(0, 3)) == 0:  # HaloNet's blocks of the map, haloed key windows (refused with a window)
                 side = min(dims[1:]) if len(dims) == 3 else 1
                 node["halo_blocks"] = [side, side] if fits else draw(st.sampled_from([0, [side + 1, side], "x"]))

@@ -1,0 +1,88 @@
+"""MViTv2 with a class token (timm's ``use_cls_token``): the attention's ``rel_prefix`` / ``rel_query`` /
+``rel_key`` fields (prefix tokens that get no relative logits, timm's ``cal_rel_pos_type`` adding them to the map
+queries × map keys only), their torch and ONNX forms against timm's own function, their stored form and their
+validation."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from edgecl.arch import validate
+from edgecl.arch.later_fields import stored_form
+from edgecl.errors import UsageError
+from torch_nets import spec_logits  # noqa: F401  (imports timm after ensure_torchvision_imports)
+
+from timm.models.mvitv2 import cal_rel_pos_type  # noqa: E402
+
+HEADS, D = 2, 3
+
+
+def _prefixed_spec(k_map: list[int]) -> dict:
+    """q: the input's 1 + 4·4 tokens (a class token, then a 4 × 4 map); k and v: its first 1 + kh·kw tokens, read as
+    a kh × kw map (as a pooled key map would be)."""
+    keys = 1 + k_map[0] * k_map[1]
+    return {"name": "prefixed", "input_shape": [HEADS * D, 17, 1], "output": "f", "nodes": [
+        {"name": "k", "op": "token", "inputs": ["input"], "index": 0, "count": keys},
+        {"name": "a", "op": "attention", "inputs": ["input", "k", "k"], "heads": HEADS, "scale": 0.5,
+         "rel_pos": [max(4, k_map[0]), max(4, k_map[1])], "rel_dim": D, "rel_mvit": True, "rel_prefix": 1,
+         "rel_query": [4, 4], "rel_key": list(k_map)},
+        {"name": "f", "op": "flatten", "inputs": ["a"]}]}
+
+
+def _timm_attention(x: torch.Tensor, k_map: list[int], rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
+    """timm's MultiScaleAttention core on the same q, k, v: scores, ``cal_rel_pos_type`` with the class token,
+    softmax, times v; flattened as the spec's (N, heads·d·tokens)."""
+    n, keys = x.shape[0], 1 + k_map[0] * k_map[1]
+    q = x[..., 0].reshape(n, HEADS, D, 17).transpose(2, 3)  # (N, h, T, d)
+    k = q[:, :, :keys]
+    attn = cal_rel_pos_type((q * 0.5) @ k.transpose(-2, -1), q, True, [4, 4], list(k_map), rel_h, rel_w)
+    out = attn.softmax(dim=-1) @ k  # (N, h, T, d)
+    return out.transpose(2, 3).reshape(n, -1)
+
+
+@pytest.mark.parametrize("k_map", [[4, 4], [2, 2], [1, 1]])
+def test_prefix_tokens_get_no_relative_logits_as_timm(k_map):
+    """Torch forward and ONNX graph of the spec = timm's ``cal_rel_pos_type`` path, with keys on the query's map
+    and pooled to a smaller one."""
+    spec = validate(_prefixed_spec(k_map))
+    g = torch.Generator().manual_seed(0)
+    rel_h, rel_w = (torch.randn(7, D, generator=g) for _ in range(2))
+    x = torch.randn(3, HEADS * D, 17, 1, generator=g)
+    width = HEADS * D * 17  # an identity head: the logits are the attention's output
+    head = {"head.weight": np.eye(width, dtype=np.float32), "head.bias": np.zeros(width, np.float32)}
+    got = spec_logits(spec, {"a.rel_h": rel_h.numpy(), "a.rel_w": rel_w.numpy(), **head}, x)
+    with torch.no_grad():
+        want = _timm_attention(x, k_map, rel_h, rel_w).numpy()
+        plain = _timm_attention(x, k_map, rel_h * 0, rel_w * 0).numpy()
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+    assert np.abs(plain - want).max() > 1e-3  # the logits matter
+
+
+def test_stored_form_and_refusals():
+    """The fields are left out where absent (files without them are byte-identical), kept where set; bad values,
+    a partial set, and a set without rel_mvit or with shapes that do not fit are refused by name."""
+    spec = validate(_prefixed_spec([2, 2]))
+    stored = json.loads(json.dumps(stored_form(spec)))
+    assert validate(stored) == spec and stored["nodes"][1]["rel_prefix"] == 1
+    plain = _prefixed_spec([2, 2])
+    for key in ("rel_prefix", "rel_query", "rel_key"):
+        plain["nodes"][1].pop(key)
+    plain["nodes"][0]["count"] = 16
+    plain["input_shape"] = [HEADS * D, 4, 4]
+    plain["nodes"][0] = {"name": "k", "op": "maxpool", "inputs": ["input"], "k": [2, 2], "stride": [2, 2]}
+    assert "rel_prefix" not in stored_form(validate(plain))["nodes"][1]
+    for fields, word in [({"rel_prefix": 0}, "rel_prefix"), ({"rel_prefix": "1"}, "rel_prefix"),
+                         ({"rel_query": [0, 4]}, "rel_query"), ({"rel_key": [2, 2, 2]}, "rel_key"),
+                         ({"rel_key": None}, "go together"), ({"rel_mvit": False}, "rel_mvit"),
+                         ({"rel_query": [2, 8]}, "prefix tokens"), ({"rel_key": [3, 1]}, "prefix tokens"),
+                         ({"rel_prefix": 2}, "prefix tokens"), ({"rel_pos": [3, 3]}, "prefix tokens"),
+                         ({"window": [4, 1]}, "no window")]:
+        bad = _prefixed_spec([2, 2])
+        bad["nodes"][1].update(fields)
+        bad["nodes"][1] = {k: v for k, v in bad["nodes"][1].items() if v is not None}
+        with pytest.raises(UsageError, match=re.escape(word)):
+            validate(bad)
