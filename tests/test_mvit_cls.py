@@ -1,4 +1,5 @@
-"""MViTv2 with a class token (timm's ``use_cls_token``): the attention's ``rel_prefix`` / ``rel_query`` /
+"""MViTv2 with a class token (timm's ``use_cls_token``, `edgecl.arch.fx_mvit`: the token split off before each
+pooling and joined back after it, normed with the pooled map) and the attention's ``rel_prefix`` / ``rel_query`` /
 ``rel_key`` fields (prefix tokens that get no relative logits, timm's ``cal_rel_pos_type`` adding them to the map
 queries × map keys only), their torch and ONNX forms against timm's own function, their stored form and their
 validation."""
@@ -11,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from edgecl.arch import validate
+from edgecl.arch import from_torch, validate
+from edgecl.arch.factories import build_module
 from edgecl.arch.later_fields import stored_form
 from edgecl.errors import UsageError
-from torch_nets import spec_logits  # noqa: F401  (imports timm after ensure_torchvision_imports)
+from mvit_nets import tiny_mvit
+from torch_nets import assert_refused, check_parity, randomised_all, spec_logits
 
 from timm.models.mvitv2 import cal_rel_pos_type  # noqa: E402
 
@@ -86,3 +89,34 @@ def test_stored_form_and_refusals():
         bad["nodes"][1] = {k: v for k, v in bad["nodes"][1].items() if v is not None}
         with pytest.raises(UsageError, match=re.escape(word)):
             validate(bad)
+
+
+@pytest.mark.parametrize("cfg", [{}, {"num_heads": 1}, {"mode": "max"}, {"mode": "avg"}, {"use_abs_pos": True},
+                                 {"rel_pos_type": ""}, {"residual_pooling": False}, {"expand_attn": True}],
+                         ids=["conv", "one_head", "max", "avg", "abs_pos", "no_tables", "no_residual", "expand_attn"])
+def test_tiny_mvit_with_class_token_parity(cfg):
+    """Torch forward and ONNX graph of the converted tiny MViTv2 with a class token = the module (every tensor
+    drawn at random: the class token, the pooling LayerNorms that norm it with the map, the tables); its pooled
+    attentions carry the class token as one prefix token, q's and k's maps beside it."""
+    module = randomised_all(tiny_mvit(use_cls_token=True, **cfg)).eval()
+    spec = from_torch(module, (1, 16, 16))
+    check_parity(module, spec, (1, 16, 16), batch=2)
+    attends = [n for n in spec["nodes"] if n["op"] == "attention"]
+    if cfg.get("rel_pos_type") == "":
+        assert all("rel_prefix" not in n for n in attends)
+    else:  # keys pooled by 4 in stage 0 (8 × 8 → 2 × 2), by 2 in stage 1, whose first block pools q by 2 (→ 4 × 4)
+        assert [(n["rel_prefix"], n["rel_query"], n["rel_key"]) for n in attends] == \
+            [(1, [8, 8], [2, 2]), (1, [4, 4], [4, 4]), (1, [4, 4], [2, 2])]
+
+
+def test_class_token_refusals_name_the_block():
+    """Tables built for another map are refused with the class token as without it."""
+    assert_refused(tiny_mvit(image=16, use_cls_token=True), "MultiScaleBlock", "stages.0.blocks.0", "rel_pos_h",
+                   "img_size", input_shape=(1, 12, 12))
+
+
+@pytest.mark.slow
+def test_library_mvitv2_small_cls_at_64():
+    module = randomised_all(build_module("timm:mvitv2_small_cls", {"img_size": 64, "num_classes": 5}))
+    spec = from_torch(module.eval(), (3, 64, 64))
+    check_parity(module, spec, (3, 64, 64), batch=2)
