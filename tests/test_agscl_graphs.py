@@ -127,7 +127,8 @@ def _arch(name: str) -> dict:
               "conv_attention": lambda: conv_attention_graph(3), "iformer": lambda: iformer_graph(3),
               "swiftformer": lambda: TinySwiftFormer(in_channels=3), "mnv5": lambda: GraphMNv5(in_channels=3),
               "hiera": lambda: tiny_hiera(in_channels=3), "hieradet": lambda: TinyHieraDet(in_channels=3),
-              "unet": lambda: TinyUNet(in_channels=3, width=16), "mvit": lambda: graph_mvit(in_channels=3)}
+              "unet": lambda: TinyUNet(in_channels=3, width=16), "mvit": lambda: graph_mvit(in_channels=3),
+              "mvit_cls": lambda: graph_mvit(in_channels=3, use_cls_token=True)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
@@ -137,7 +138,7 @@ _CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4"
            "mambaout", "twins", "davit", "nest", "pvt", "nextvit", "shvit", "gcvit", "cait", "convit",
            "coat", "swinv2", "crossvit", "volo", "tnt", "beit", "vit_relpos",
            "eva", "eva_rope", "botnet", "halonet", "lambda_rpt", "coat_mlp", "sam", "conv_attention",
-           "iformer", "swiftformer", "mnv5", "hiera", "hieradet", "unet", "mvit")
+           "iformer", "swiftformer", "mnv5", "hiera", "hieradet", "unet", "mvit", "mvit_cls")
 
 
 def _stream(name: str, n_tasks: int):
@@ -167,7 +168,8 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
                                                 "tnt", "beit", "vit_relpos", "eva",
                                                 "eva_rope", "botnet", "halonet", "lambda_rpt",
                                                 "coat_mlp", "sam", "conv_attention", "iformer",
-                                                "swiftformer", "mnv5", "hiera", "hieradet", "unet", "mvit"])
+                                                "swiftformer", "mnv5", "hiera", "hieradet", "unet", "mvit",
+                                                "mvit_cls"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

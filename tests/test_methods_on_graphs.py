@@ -91,7 +91,7 @@ from mobile_attention_nets import swiftformer_spec
 from layer_nets_mnv5 import mnv5_spec
 from hiera_nets import hiera_spec, hieradet_spec
 from conv_transpose_nets import unet_spec
-from mvit_nets import mvit_spec
+from mvit_nets import mvit_cls_spec, mvit_spec
 
 CTX = TrainContext(progress=False)
 QUICK = {"lps": {"epochs": 1}, "halrp": {"epochs": 3}, "rgo": {"epochs": 1}, "finetune": {"epochs": 2},
@@ -115,7 +115,8 @@ ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8
          "botnet": botnet_spec, "halonet": halonet_spec, "lambda_rpt": rel_lambda_spec, "coat_mlp": coat_mlp_spec,
          "sam": sam_spec, "conv_attention": conv_attention_spec, "iformer": iformer_spec,
          "swiftformer": swiftformer_spec, "mnv5": mnv5_spec,
-         "hiera": hiera_spec, "hieradet": hieradet_spec, "unet": unet_spec, "mvit": mvit_spec}
+         "hiera": hiera_spec, "hieradet": hieradet_spec, "unet": unet_spec, "mvit": mvit_spec,
+         "mvit_cls": mvit_cls_spec}
 GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgnet", "split", "vit", "gc", "s2d", "mnv4",
           "vit_tokens", "levit", "blur", "swin", "tiny_vit", "map_embed", "efficientformer", "mobilevit", "maxvit",
           "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext",
@@ -123,7 +124,8 @@ GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgne
           "resmlp", "gmlp", "mambaout", "twins", "davit", "nest", "pvt", "nextvit", "shvit",
           "gcvit", "cait", "convit", "coat", "swinv2", "crossvit", "volo",
           "tnt", "beit", "vit_relpos", "eva", "eva_rope", "botnet", "halonet", "lambda_rpt",
-          "coat_mlp", "sam", "conv_attention", "iformer", "swiftformer", "mnv5", "hiera", "hieradet", "unet", "mvit"]
+          "coat_mlp", "sam", "conv_attention", "iformer", "swiftformer", "mnv5", "hiera", "hieradet", "unet", "mvit",
+          "mvit_cls"]
 
 
 @pytest.fixture(scope="module")
