@@ -104,7 +104,7 @@ def test_tiny_mvit_with_class_token_parity(cfg):
     attends = [n for n in spec["nodes"] if n["op"] == "attention"]
     if cfg.get("rel_pos_type") == "":
         assert all("rel_prefix" not in n for n in attends)
-    else:  # keys pooled by 4 in stage 0 (8 × 8 → 2 × 2), by 2 in stage 1, whose first block pools q by 2 (→ 4 × 4)
+    else:  # keys pooled by 4 in stage 0 (8 × 8 → 2 × 2), by 2 in stage 1, its first block's q by 2 (→ 4 × 4)
         assert [(n["rel_prefix"], n["rel_query"], n["rel_key"]) for n in attends] == \
             [(1, [8, 8], [2, 2]), (1, [4, 4], [4, 4]), (1, [4, 4], [2, 2])]
 
