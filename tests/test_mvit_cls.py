@@ -16,7 +16,7 @@ from edgecl.arch import from_torch, validate
 from edgecl.arch.factories import build_module
 from edgecl.arch.later_fields import stored_form
 from edgecl.errors import UsageError
-from mvit_nets import tiny_mvit
+from mvit_nets import MultiScaleVit, MultiScaleVitCfg, tiny_mvit
 from torch_nets import assert_refused, check_parity, randomised_all, spec_logits
 
 from timm.models.mvitv2 import cal_rel_pos_type  # noqa: E402
@@ -91,22 +91,39 @@ def test_stored_form_and_refusals():
             validate(bad)
 
 
-@pytest.mark.parametrize("cfg", [{}, {"num_heads": 1}, {"mode": "max"}, {"mode": "avg"}, {"use_abs_pos": True},
-                                 {"rel_pos_type": ""}, {"residual_pooling": False}, {"expand_attn": True}],
-                         ids=["conv", "one_head", "max", "avg", "abs_pos", "no_tables", "no_residual", "expand_attn"])
-def test_tiny_mvit_with_class_token_parity(cfg):
+@pytest.mark.parametrize("cfg,image", [
+    ({}, 16), ({"num_heads": 1}, 16), ({"num_heads": 3, "embed_dim": 6}, 16), ({"mode": "max"}, 16),
+    ({"mode": "avg"}, 16), ({"use_abs_pos": True}, 16), ({"rel_pos_type": ""}, 20), ({"residual_pooling": False}, 16),
+    ({"expand_attn": True}, 16), ({"qkv_bias": False, "kernel_qkv": (5, 5)}, 16),
+    ({"depths": (1, 1, 1), "stride_q": ((1, 1), (2, 2), (2, 2))}, 32),
+    ({"rel_pos_type": "", "num_heads": 3, "embed_dim": 6}, (12, 20)), ({"kernel_qkv": (1, 1)}, 16)],
+    ids=["conv", "one_head", "three_heads", "max", "avg", "abs_pos", "odd_map_no_tables", "no_residual",
+         "expand_attn", "no_qkv_bias_kernel5", "three_stages", "6x10_map_no_tables", "kernel1_subsampling"])
+def test_tiny_mvit_with_class_token_parity(cfg, image):
     """Torch forward and ONNX graph of the converted tiny MViTv2 with a class token = the module (every tensor
-    drawn at random: the class token, the pooling LayerNorms that norm it with the map, the tables); its pooled
-    attentions carry the class token as one prefix token, q's and k's maps beside it."""
-    module = randomised_all(tiny_mvit(use_cls_token=True, **cfg)).eval()
-    spec = from_torch(module, (1, 16, 16))
-    check_parity(module, spec, (1, 16, 16), batch=2)
+    drawn at random: the class token, the pooling LayerNorms that norm it with the map, the tables), over the
+    configurations tests/test_mvit.py runs without it; its pooled attentions carry the class token as one prefix
+    token, q's and k's maps beside it."""
+    side = tuple(image) if isinstance(image, tuple) else (image, image)
+    module = randomised_all(tiny_mvit(image=image, use_cls_token=True, **cfg)).eval()
+    spec = from_torch(module, (1, *side))
+    check_parity(module, spec, (1, *side), batch=2)
     attends = [n for n in spec["nodes"] if n["op"] == "attention"]
     if cfg.get("rel_pos_type") == "":
         assert all("rel_prefix" not in n for n in attends)
-    else:  # keys pooled by 4 in stage 0 (8 × 8 → 2 × 2), by 2 in stage 1, its first block's q by 2 (→ 4 × 4)
+    elif image == 16 and "depths" not in cfg:  # keys pooled by 4 in stage 0 (8 × 8 → 2 × 2), by 2 in stage 1,
         assert [(n["rel_prefix"], n["rel_query"], n["rel_key"]) for n in attends] == \
-            [(1, [8, 8], [2, 2]), (1, [4, 4], [4, 4]), (1, [4, 4], [2, 2])]
+            [(1, [8, 8], [2, 2]), (1, [4, 4], [4, 4]), (1, [4, 4], [2, 2])]  # its first block's q by 2 (→ 4 × 4)
+
+
+def test_class_token_with_average_pooled_head():
+    """``global_pool='avg'`` with a class token: the head averages the map's tokens past it (timm's
+    ``x[:, num_prefix_tokens:].mean(1)``)."""
+    cfg = MultiScaleVitCfg(depths=(1, 2), embed_dim=8, num_heads=2, patch_kernel=(3, 3), patch_stride=(2, 2),
+                           patch_padding=(1, 1), stride_q=((1, 1), (2, 2)), stride_kv_adaptive=(4, 4),
+                           use_cls_token=True)
+    module = randomised_all(MultiScaleVit(cfg, img_size=16, in_chans=1, num_classes=3, global_pool="avg")).eval()
+    check_parity(module, from_torch(module, (1, 16, 16)), (1, 16, 16), batch=2)
 
 
 def test_class_token_refusals_name_the_block():
