@@ -177,7 +177,8 @@ def _shapes(shape: list, nodes: list[dict]) -> dict[str, list[int]]:
 @st.composite
 def _spec(draw) -> dict:
     """A random graph over a small input: mostly plausible ops and fields (sizes read from the prefix), some hostile."""
-    shape = draw(st.sampled_from([[1, 6, 6], [3, 5, 7], [2, 4, 4], [8], [4, 3], [2, 1, 9], [0, 4, 4], [1, 1, 1]]))
+    shape = draw(st.sampled_from([[1, 6, 6], [3, 5, 7], [2, 4, 4], [8], [4, 3], [2, 1, 9], [0, 4, 4], [1, 1, 1],
+                                       [4, 5, 1]]))  # a token column (MViTv2 with a class token)
     names, nodes = ["input"], []
     hostile = st.sampled_from([0, -1, 1000, 2 ** 31, True, 2.0, None, "3"])
     for i in range(draw(st.integers(1, 6))):
@@ -393,6 +394,19 @@ def _spec(draw) -> dict:
                 side = min(dims[1:]) if len(dims) == 3 else 1
                 node["halo_blocks"] = [side, side] if fits else draw(st.sampled_from([0, [side + 1, side], "x"]))
                 node["halo"] = draw(st.integers(0, 2)) if fits else draw(st.sampled_from([-1, 65, 1 << 31, None]))
+            if "rel_pos" in node and draw(st.integers(0, 2)) == 0:  # MViTv2's class token: a prefix token, then the
+                tokens = dims[1] if len(dims) == 3 and dims[1] > 1 and dims[2] == 1 else 0  # token column's map
+                if fits and tokens:  # over the whole column (none of the forms rel_pos does not go with)
+                    for key in ("window", "shift", "dilated", "halo_blocks", "halo", "talking_heads", "talking_linear",
+                                "gated_pos", "cosine", "bias_offsets", "bias_index", "bias_table", "bias_rows",
+                                "bias_mlp", "bias_mlp_form", "bias_mlp_span"):
+                        node.pop(key, None)
+                    node.update(rel_pos=[tokens - 1, 1], rel_mvit=True, rel_prefix=1, rel_query=[tokens - 1, 1],
+                                rel_key=[tokens - 1, 1])
+                else:  # a prefix the tokens do not hold, a bad value, or a partial set
+                    node.update(rel_prefix=draw(st.sampled_from([1, 0, 1 << 31, "1"])),
+                                rel_query=draw(st.sampled_from([[1, 1], [0, 1], "x", None])),
+                                rel_key=draw(st.sampled_from([[1, 1], [2, 2, 2], None])))
         elif op == "linear_attention":  # EfficientViT's ReLU linear attention of one map (q = k = v), its heads
             node["inputs"] += [src, src]
             node["heads"] = draw(st.sampled_from([d for d in (1, 2, 3) if dims[0] % d == 0])) if fits else \

@@ -22,11 +22,16 @@ def tiny_mvit(in_channels: int = 1, image: int = 16, classes: int = 3, **cfg) ->
                          num_classes=classes)
 
 
-def graph_mvit(in_channels: int = 1, image: int = 8) -> nn.Module:
+def graph_mvit(in_channels: int = 1, image: int = 8, **cfg) -> nn.Module:
     """`tiny_mvit` for the method graph tests at 8×8: keys pooled by 2 (a 4×4 map's keys pooled by 4 would be one
     key, whose norm_k no gradient reaches: the softmax over one key is 1)."""
-    return tiny_mvit(in_channels=in_channels, image=image, stride_kv_adaptive=(2, 2))
+    return tiny_mvit(in_channels=in_channels, image=image, stride_kv_adaptive=(2, 2), **cfg)
 
 
 def mvit_spec(input_shape=(1, 8, 8)) -> dict:
     return from_torch(graph_mvit(input_shape[0], input_shape[1]).eval(), tuple(input_shape))
+
+
+def mvit_cls_spec(input_shape=(1, 8, 8)) -> dict:
+    """`graph_mvit` with a class token (the classifier reads it)."""
+    return from_torch(graph_mvit(input_shape[0], input_shape[1], use_cls_token=True).eval(), tuple(input_shape))

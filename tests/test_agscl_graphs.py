@@ -132,7 +132,8 @@ def _arch(name: str) -> dict:
               "unet": lambda: TinyUNet(in_channels=3, width=16), "mvit": lambda: graph_mvit(in_channels=3),
               "tv_swinv2": lambda: tiny_tv_swinv2(in_chans=3).eval(),
               "vit_relpos_mlp": lambda: tiny_vit_relpos(in_channels=3, rel_pos_type="mlp"),
-              "hsm": lambda: TinyHsmNet(in_channels=3), "vim": lambda: TinyVimNet(in_channels=3)}
+              "hsm": lambda: TinyHsmNet(in_channels=3), "vim": lambda: TinyVimNet(in_channels=3),
+              "mvit_cls": lambda: graph_mvit(in_channels=3, use_cls_token=True)}
     return from_torch(custom[name](), (3, 8, 8)) if name in custom else GROUPED if name == "grouped" else preset(name)
 
 
@@ -143,7 +144,7 @@ _CUSTOM = ("rescat", "ghost", "convnext", "eca", "hgnet", "split", "vit", "mnv4"
            "coat", "swinv2", "crossvit", "volo", "tnt", "beit", "vit_relpos",
            "eva", "eva_rope", "botnet", "halonet", "lambda_rpt", "coat_mlp", "sam", "conv_attention",
            "iformer", "swiftformer", "mnv5", "hiera", "hieradet", "unet", "mvit", "tv_swinv2", "vit_relpos_mlp",
-           "hsm", "vim")
+           "hsm", "vim", "mvit_cls")
 
 
 def _stream(name: str, n_tasks: int):
@@ -174,7 +175,7 @@ def _run(arch_name: str, n_tasks: int = 3, **cfg) -> tuple[AGSCL, list, list[dic
                                                 "eva_rope", "botnet", "halonet", "lambda_rpt",
                                                 "coat_mlp", "sam", "conv_attention", "iformer",
                                                 "swiftformer", "mnv5", "hiera", "hieradet", "unet", "mvit", "tv_swinv2",
-                                                "vit_relpos_mlp", "hsm", "vim"])
+                                                "vit_relpos_mlp", "hsm", "vim", "mvit_cls"])
 def graph_run(request):
     return (request.param, *_run(request.param))
 

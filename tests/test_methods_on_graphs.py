@@ -91,7 +91,7 @@ from mobile_attention_nets import swiftformer_spec
 from layer_nets_mnv5 import mnv5_spec
 from hiera_nets import hiera_spec, hieradet_spec
 from conv_transpose_nets import unet_spec
-from mvit_nets import mvit_spec
+from mvit_nets import mvit_cls_spec, mvit_spec
 from swin_v2_nets import tv_swinv2_spec
 from vit_bias_nets import vit_relpos_mlp_spec
 from efficientvim_nets import hsm_spec, vim_spec
@@ -120,7 +120,7 @@ ARCHS = {"resnet": lambda: preset("resnet"), "rescat": lambda: rescat_spec((1, 8
          "swiftformer": swiftformer_spec, "mnv5": mnv5_spec,
          "hiera": hiera_spec, "hieradet": hieradet_spec, "unet": unet_spec, "mvit": mvit_spec,
          "tv_swinv2": tv_swinv2_spec, "vit_relpos_mlp": vit_relpos_mlp_spec,
-         "hsm": hsm_spec, "vim": vim_spec}
+         "hsm": hsm_spec, "vim": vim_spec, "mvit_cls": mvit_cls_spec}
 GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgnet", "split", "vit", "gc", "s2d", "mnv4",
           "vit_tokens", "levit", "blur", "swin", "tiny_vit", "map_embed", "efficientformer", "mobilevit", "maxvit",
           "fpn", "fastvit", "pit", "efficientvit", "mobilevit2", "edgenext",
@@ -129,7 +129,7 @@ GRAPHS = ["resnet", "rescat", "ghost", "convnext", "shuffle", "tf", "eca", "hgne
           "gcvit", "cait", "convit", "coat", "swinv2", "crossvit", "volo",
           "tnt", "beit", "vit_relpos", "eva", "eva_rope", "botnet", "halonet", "lambda_rpt",
           "coat_mlp", "sam", "conv_attention", "iformer", "swiftformer", "mnv5", "hiera", "hieradet", "unet", "mvit",
-          "tv_swinv2", "vit_relpos_mlp", "hsm", "vim"]
+          "tv_swinv2", "vit_relpos_mlp", "hsm", "vim", "mvit_cls"]
 
 
 @pytest.fixture(scope="module")

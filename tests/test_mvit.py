@@ -61,12 +61,9 @@ def test_pooling_reads_timms_shared_tensors():
 
 
 def test_refused_by_name():
-    """A class token (its query and key meet the map's without relative positions, which the attention op does not
-    split), and tables built for another map (timm reads a 15-row table for 6×6 queries over 2×2 keys, which need
+    """Tables built for another map (timm reads a 15-row table for 6×6 queries over 2×2 keys, which need
     11: a model built at 16 run at 12). timm's pool_first and conv_unshared modes do not run in this timm at all
     (its own shape errors), so the refusal is the trace's."""
-    assert_refused(tiny_mvit(use_cls_token=True), "MultiScaleBlock", "stages.0.blocks.0", "use_cls_token",
-                   input_shape=(1, 16, 16))
     assert_refused(tiny_mvit(image=16), "MultiScaleBlock", "stages.0.blocks.0", "rel_pos_h", "(11, 4)", "img_size",
                    input_shape=(1, 12, 12))
     assert_refused(tiny_mvit(pool_first=True), "does not run", "stages_0_blocks_0", input_shape=(1, 16, 16))

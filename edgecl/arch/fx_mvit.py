@@ -16,9 +16,13 @@ each head's map padded to a block of rows the stride tiles, the blocks stacked a
 and the LayerNorm of d channels run on it — timm's own tensors, shared as in timm — and each block's valid rows cut
 back and the channels regrouped head-major. The zero rows between the blocks are each head's own padding, so no
 output reads another head (`edgecl.arch.channels` ties channel j of every head into one pinned unit). The 'max' and
-'avg' modes pool each channel alone: the spec's pools. A class token (``use_cls_token``: its query and key meet
-the map's without relative positions), other modes, tables built for another size and a layer other than timm's in
-any place are refused by name with the user's source line.
+'avg' modes pool each channel alone: the spec's pools. With a class token (``use_cls_token``: tokens (C, 1 + H·W,
+1)) the block stays on its tokens: before each pooling (the shortcut's, q's, k's, v's) the token is split off
+(``token`` nodes) and the map's tokens viewed as the map, after it joined back before the pooled map's tokens (each
+zero-padded, added); the pooling LayerNorm norms the token's heads too, as timm does, in the same node
+(`_norm_with_cls`), and the attention's ``rel_prefix`` 1 with ``rel_query`` / ``rel_key`` (q's and k's maps) gives
+the token no relative logits (`edgecl.arch.rel_pos`). Other modes, tables built for another size and a layer other
+than timm's in any place are refused by name with the user's source line.
 """
 from __future__ import annotations
 
@@ -74,33 +78,54 @@ class _MvitConverter:
         if isinstance(size, fx.Node):  # x.shape[-2:], or the size a block before returned
             size = size.meta.get("value")
         hw = [traced_int(s) for s in size] if isinstance(size, (tuple, list)) and len(size) == 2 else [None, None]
+        prefix = 1 if m.has_cls_token else 0
         if node.args[0] not in self.last or tokens is None or len(tokens) != 2 or None in hw or \
-                tokens[0] != hw[0] * hw[1] or m.has_cls_token:
-            raise UsageError(f"{self.name}: {where}: edgecl converts it on tokens (B, H·W, C) without a class token "
-                             f"(use_cls_token=False), with the map's size (H, W); gets tokens {tokens}, size {size} "
-                             f"and has_cls_token {m.has_cls_token}")
+                tokens[0] != prefix + hw[0] * hw[1] or m.attn.has_cls_token != m.has_cls_token:
+            raise UsageError(f"{self.name}: {where}: edgecl converts it on tokens (B, [1 +] H·W, C) (a class token "
+                             f"first where use_cls_token), with the map's size (H, W); gets tokens {tokens}, size "
+                             f"{size} and has_cls_token {m.has_cls_token} (its attention's {m.attn.has_cls_token})")
         (height, width), ch = hw, tokens[1]
         check_drops(self.name, where, m, "drop_path1", "drop_path2")
         check_kind(self.name, where, m, "attn", (_MVIT, "MultiScaleAttention"))
         check_kind(self.name, where, m, "mlp", ("timm.layers.mlp", "Mlp"))
         if int(m.dim) != ch:
             raise UsageError(f"{self.name}: {where}: built for {m.dim} channels, reads {ch}")
-        x = self._emit(node, "reshape", [x], f"{path}.map", shape=[ch, height, width])
+        if not prefix:  # a class token keeps the tokens: each pooling splits it off and joins it back (`_cls_split`)
+            x = self._emit(node, "reshape", [x], f"{path}.map", shape=[ch, height, width])
         h = self.swin_norm(node, m.norm1, x, f"{path}.norm1", where)
         short = x if m.shortcut_proj_attn is None else self._emit(node, "conv", [h], f"{path}.shortcut_proj_attn",
                                                                    **pointwise(linear(self.name, where,
                                                                                       m.shortcut_proj_attn)))
         if m.shortcut_pool_attn is not None:
-            short = self._mvit_pool(node, m.shortcut_pool_attn, short, f"{path}.shortcut_pool_attn", where,
-                                    [int(m.dim_out if m.shortcut_proj_attn is not None else ch), height, width])[0]
-        h, (rows, cols) = self._mvit_attention(node, m.attn, h, f"{path}.attn", where, [ch, height, width])
+            short_ch = int(m.dim_out if m.shortcut_proj_attn is not None else ch)
+            cls, short = self._cls_split(node, short, f"{path}.shortcut", short_ch, hw) if prefix else (None, short)
+            short, pooled = self._mvit_pool(node, m.shortcut_pool_attn, short, f"{path}.shortcut_pool_attn", where,
+                                            [short_ch, height, width])
+            short = self._cls_join(node, cls, short, f"{path}.shortcut", short_ch, pooled) if prefix else short
+        h, (rows, cols) = self._mvit_attention(node, m.attn, h, f"{path}.attn", where, [ch, height, width], prefix)
         x = self._emit(node, "add", [short, h], f"{path}.add1")
         h = self.swin_norm(node, m.norm2, x, f"{path}.norm2", where)
         short = x if m.shortcut_proj_mlp is None else self._emit(
             node, "conv", [h], f"{path}.shortcut_proj_mlp", **pointwise(linear(self.name, where, m.shortcut_proj_mlp)))
         x = self._emit(node, "add", [short, self.norm_mlp(node, m.mlp, h, f"{path}.mlp", where)], f"{path}.add2")
-        self._emit(node, "reshape", [x], f"{path}.tokens", shape=[int(m.dim_out), rows * cols, 1])
+        if not prefix:
+            self._emit(node, "reshape", [x], f"{path}.tokens", shape=[int(m.dim_out), rows * cols, 1])
         self.last.add(node)
+
+    def _cls_split(self, node: fx.Node, x: str, name: str, ch: int, size: list[int]) -> tuple[str, str]:
+        """Tokens (C, 1 + H·W, 1) as the class token (C, 1, 1) and the map (C, H, W), as timm's
+        ``reshape_pre_pool`` and ``_shortcut_pool`` split them before a pooling."""
+        cls = self._emit(node, "token", [x], f"{name}_cls", index=0, count=1)
+        grid = self._emit(node, "token", [x], f"{name}_grid", index=1, count=size[0] * size[1])
+        return cls, self._emit(node, "reshape", [grid], f"{name}_map", shape=[ch, *size])
+
+    def _cls_join(self, node: fx.Node, cls: str, grid: str, name: str, ch: int, size: list[int]) -> str:
+        """The class token put back before the (pooled) map's tokens: each zero-padded to 1 + H·W tokens, added."""
+        t = size[0] * size[1]
+        tokens = self._emit(node, "reshape", [grid], f"{name}_tokens", shape=[ch, t, 1])
+        return self._emit(node, "add", [self._emit(node, "pad", [cls], f"{name}_cls_part", pads=[0, 0, t, 0]),
+                                         self._emit(node, "pad", [tokens], f"{name}_grid_part", pads=[1, 0, 0, 0])],
+                          f"{name}_joined")
 
     def _mvit_pool(self, node: fx.Node, pool: nn.Module, x: str, name: str, where: str,
                    shape: list[int]) -> tuple[str, list[int]]:
@@ -119,8 +144,9 @@ class _MvitConverter:
         return out, [(shape[1] + 2 * ph - kh) // sh + 1, (shape[2] + 2 * pw - kw) // sw + 1]
 
     def _mvit_attention(self, node: fx.Node, m: nn.Module, x: str, path: str, where: str,
-                        shape: list[int]) -> tuple[str, list[int]]:
-        """timm's MultiScaleAttention on the (C, H, W) map: the attended map and q's (pooled) size."""
+                        shape: list[int], prefix: int = 0) -> tuple[str, list[int]]:
+        """timm's MultiScaleAttention on the (C, H, W) map, or with a class token (`prefix`) on its (C, 1 + H·W, 1)
+        tokens: the attended map or tokens and q's (pooled) size."""
         if m.mode not in ("conv", "max", "avg"):
             raise UsageError(f"{self.name}: {where}: its attention pools in mode {m.mode!r}; edgecl converts 'conv' "
                              "(timm's default: a depthwise conv and LayerNorm per head, shared by the heads), 'max' "
@@ -137,8 +163,12 @@ class _MvitConverter:
         parts = {}
         for i, p in enumerate("qkv"):
             part = self._emit(node, "slice", [packed], f"{path}.{p}", start=i * dim, stop=(i + 1) * dim)
-            parts[p] = self.head_pool(node, getattr(m, f"pool_{p}"), getattr(m, f"norm_{p}"), part,
-                                      [dim, *shape[1:]], heads, f"{path}.{p}", path, p, where)
+            pool = getattr(m, f"pool_{p}")
+            cls, part = self._cls_split(node, part, f"{path}.{p}", dim, shape[1:]) if prefix and pool is not None \
+                else (None, part)
+            pooled, size, cls = self.head_pool(node, pool, getattr(m, f"norm_{p}"), part, [dim, *shape[1:]], heads,
+                                               f"{path}.{p}", path, p, where, cls)
+            parts[p] = (self._cls_join(node, cls, pooled, f"{path}.{p}", dim, size) if cls else pooled), size
         (q, q_size), (k, k_size), (v, _) = parts["q"], parts["k"], parts["v"]
         fields: dict[str, Any] = {"heads": heads, "scale": applied_scale(m, d)}
         if m.rel_pos_type == "spatial":
@@ -150,23 +180,27 @@ class _MvitConverter:
                                  f"{(2 * extent[1] - 1, d)}; build the model for this input size (img_size) so "
                                  "that its tables fit")
             fields.update(module=path, rel_pos=extent, rel_dim=d, rel_mvit=True)
+            if prefix:  # the class token's query and key get none (timm's cal_rel_pos_type)
+                fields.update(rel_prefix=prefix, rel_query=list(q_size), rel_key=list(k_size))
         h = self._emit(node, "attention", [q, k, v], f"{path}.attend", **fields)
         if m.residual_pooling:
             h = self._emit(node, "add", [h, q], f"{path}.residual")
         return self._emit(node, "conv", [h], f"{path}.proj", **pointwise(proj)), q_size
 
     def head_pool(self, node: fx.Node, pool: nn.Module | None, norm: nn.Module | None, x: str, shape: list[int],
-                  heads: int, name: str, path: str, part: str, where: str) -> tuple[str, list[int]]:
+                  heads: int, name: str, path: str, part: str, where: str,
+                  cls: str | None = None) -> tuple[str, list[int], str | None]:
         """One of q, k, v (C = heads·d, H, W) pooled by timm's depthwise conv of d channels shared by the heads, then
-        its LayerNorm of d channels (module docstring): the map and its size. Unpooled, the map itself."""
+        its LayerNorm of d channels (module docstring): the map, its size and the class token `cls` (C, 1, 1) through
+        the same LayerNorm (`_norm_with_cls`). Unpooled, the map itself."""
         if pool is None:
             if norm is not None:
                 raise UsageError(f"{self.name}: {where}: norm_{part} without pool_{part} is not timm's")
-            return x, shape[1:]
+            return x, shape[1:], cls
         c, height, width = shape
         d = c // heads
         if type(pool) in (nn.MaxPool2d, nn.AvgPool2d) and norm is None:  # modes 'max', 'avg': each channel alone
-            return self._mvit_pool(node, pool, x, f"{path}.pool_{part}", where, shape)
+            return (*self._mvit_pool(node, pool, x, f"{path}.pool_{part}", where, shape), cls)
         if type(pool) is not nn.Conv2d or pool.in_channels != d or pool.out_channels != d or pool.groups != d or \
                 pool.bias is not None or pool.dilation != (1, 1) or isinstance(pool.padding, str) or \
                 tuple(getattr(norm, "normalized_shape", ())) != (d,):
@@ -178,7 +212,8 @@ class _MvitConverter:
         conv = {"in": d, "out": d, "k": [kh, kw], "stride": [sh, sw], "groups": d, "bias": False}
         if heads == 1:
             h = self._emit(node, "conv", [x], f"{path}.pool_{part}", **conv, pad=[ph, pw])
-            return self.swin_norm(node, norm, h, f"{path}.norm_{part}", where), [rows, cols]
+            h, cls = self._norm_with_cls(node, norm, h, cls, f"{path}.norm_{part}", where, [1, d, rows, cols])
+            return h, [rows, cols], cls
         block = -(-(height + 2 * ph) // sh) * sh  # each head's rows with its padding, a multiple of the stride
         h = self._emit(node, "shuffle", [x], f"{name}_by_channel", groups=heads)  # channel j of head i → j·heads + i
         h = self._emit(node, "pad", [h], f"{name}_blocks", pads=[ph, 0, block - height - ph, 0])
@@ -186,8 +221,30 @@ class _MvitConverter:
         tail = max(kh - sh, 0)  # so that the conv gives block / stride rows per head
         h = self._emit(node, "pad", [h], f"{name}_tail", pads=[0, 0, tail, 0]) if tail else h
         h = self._emit(node, "conv", [h], f"{path}.pool_{part}", **conv, pad=[0, pw])
-        h = self.swin_norm(node, norm, h, f"{path}.norm_{part}", where)
+        h, cls = self._norm_with_cls(node, norm, h, cls, f"{path}.norm_{part}", where,
+                                     [heads, d, heads * block // sh, cols])
         h = self._emit(node, "reshape", [h], f"{name}_unstacked", shape=[d * heads, block // sh, cols])
         if block // sh > rows:
             h = self._emit(node, "pad", [h], f"{name}_crop", pads=[0, 0, rows - block // sh, 0])
-        return self._emit(node, "shuffle", [h], f"{name}_by_head", groups=d), [rows, cols]
+        return self._emit(node, "shuffle", [h], f"{name}_by_head", groups=d), [rows, cols], cls
+
+    def _norm_with_cls(self, node: fx.Node, norm: nn.Module, h: str, cls: str | None, name: str, where: str,
+                       dims: list[int]) -> tuple[str, str | None]:
+        """The pooling's LayerNorm of d channels (one node, timm's tensors) on the (d, n, cols) stacked map `h` and,
+        where there is one, on the class token's (heads·d, 1, 1) head-major channels too, as timm norms the token
+        with the map: the token's heads as d channels × heads rows (``shuffle`` to channel-major, ``reshape``), padded
+        to the map's width and put above its rows, normed with it, then cut out and regrouped head-major. `dims`:
+        heads, d, n, cols."""
+        if cls is None:
+            return self.swin_norm(node, norm, h, name, where), None
+        heads, d, n, cols = dims
+        c = self._emit(node, "shuffle", [cls], f"{name}_cls_by_channel", groups=heads) if heads > 1 else cls
+        c = self._emit(node, "reshape", [c], f"{name}_cls_rows", shape=[d, heads, 1])
+        c = self._emit(node, "pad", [c], f"{name}_cls_part", pads=[0, 0, n, cols - 1])
+        joined = self._emit(node, "add", [c, self._emit(node, "pad", [h], f"{name}_grid_part", pads=[heads, 0, 0, 0])],
+                            f"{name}_with_cls")
+        normed = self.swin_norm(node, norm, joined, name, where)
+        c = self._emit(node, "pad", [normed], f"{name}_cls_out", pads=[0, 0, -n, 1 - cols])
+        c = self._emit(node, "reshape", [c], f"{name}_cls_channels", shape=[heads * d, 1, 1])
+        c = self._emit(node, "shuffle", [c], f"{name}_cls_by_head", groups=d) if heads > 1 else c
+        return self._emit(node, "pad", [normed], f"{name}_grid_out", pads=[-heads, 0, 0, 0]), c

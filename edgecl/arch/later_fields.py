@@ -51,6 +51,7 @@ LATER_FIELDS: dict[str, dict[str, LaterField]] = {
                   "cosine": LaterField((None, False)),  # dot-product scores (before Swin V2's cosine attention)
                   "rel_pos": _NONE, "rel_dim": _NONE, "rel_scaled": LaterField((False,)),  # BotNet's logits
                   "rel_mvit": LaterField((False,)),  # read at key − query (before MViTv2's / SAM's query − key)
+                  "rel_prefix": _NONE, "rel_query": _NONE, "rel_key": _NONE,  # q, k maps (before MViTv2's class token)
                   "halo_blocks": _NONE, "halo": _NONE,  # HaloNet's blocks
                   "bias_mlp": _NONE,  # a learned bias table (before RelPosMlp's MLP of the offsets)
                   "bias_mlp_form": _NONE, "bias_mlp_span": _NONE},  # RelPosMlp's MLP (before Swin V2's)

@@ -150,7 +150,8 @@ Ops (fields and defaults in `OPS`):
   [kh, kw] with ``rel_dim`` (and ``rel_scaled``): BotNet's relative position logits, q times learned row and column
   embeddings (tensors ``rel_h``, ``rel_w``), `edgecl.arch.rel_pos` (also within each unshifted window: SAM's; with
   ``rel_mvit`` read at the query's offset minus the key's, MViTv2's and SAM's form, q and k then on maps of any
-  sizes, ``rel_pos`` the larger); ``bias_table`` "mlp" with
+  sizes, ``rel_pos`` the larger; ``rel_prefix`` p with ``rel_query`` and ``rel_key``, the maps: q and k as tokens
+  whose first p, MViTv2's class token, get no logits); ``bias_table`` "mlp" with
   ``bias_mlp`` the hidden width: the bias table is an MLP of each offset's log coordinates (timm's RelPosMlp;
   ``bias_mlp_form`` "swin_v2" with ``bias_mlp_span``, Swin V2's continuous position bias, "rel_pos_swin" (with it
   too), RelPosMlp's mode 'swin', or "swin_v2_cr", V2-CR's meta MLP), `edgecl.arch.mlp_bias`. ``halo_blocks`` [bq, bk] with ``halo`` h: HaloNet's blocked attention, each
@@ -249,7 +250,8 @@ OPS: dict[str, dict[str, tuple[str, Any]]] = {
                   "cosine": ("bool", None),
 
                   "rel_pos": ("pair", None), "rel_dim": ("size", None), "rel_scaled": ("bool", False),
-                  "rel_mvit": ("bool", False),
+                  "rel_mvit": ("bool", False), "rel_prefix": ("size", None), "rel_query": ("pair", None),
+                  "rel_key": ("pair", None),
                   "halo_blocks": ("pair", None), "halo": ("index", None), "bias_mlp": ("size", None),
                   "bias_mlp_form": ("bias_mlp_form", None), "bias_mlp_span": ("pair", None)},
     "linear_attention": {"heads": ("size", ...), "eps": ("eps", 1e-5), "kernel": ("kernel", "relu")},

@@ -17,6 +17,10 @@ decomposed relative positions, timm's ``get_rel_pos``, also SAM's): rel_h[a − 
 module stores them as ``rel_pos_h`` / ``rel_pos_w`` (`MVIT_TENSORS`). Without a window q and k may then lie on maps
 of different sizes (MViTv2's pooled queries and keys): ``rel_pos`` is the larger of the two on each axis (the tables
 have 2·max − 1 rows, as timm builds them) and `mvit_index` scales the smaller map's coordinates up to it. The
+``rel_prefix`` p with ``rel_query`` [qh, qw] and ``rel_key`` [kh, kw] (``rel_mvit``, no window or halo: MViTv2
+with a class token, timm's ``cal_rel_pos_type``): q and k are tokens (C, p + qh·qw, 1) and (C, p + kh·kw, 1), the
+first p (the class token, prepended) meeting every key and met by every query without relative logits, the rest
+the qh × qw and kh × kw maps row by row, whose logits are as above (`prefixed_rel_logits`). The
 logit depends on q, so it is no additive bias: the tables are what trains and the index (`rel_index`) follows from
 the map alone, so nothing is stored for it. The tables belong to no channel (`ROWLESS_OPS`: methods keep them per task); q and k are pinned and
 ordered already (an attention's heads are contiguous blocks), so their d columns never lose a channel. They start
@@ -43,6 +47,12 @@ def rel_fields(out: dict[str, Any], where: str) -> None:
         raise UsageError(f"{where}: attention rel_pos {out['rel_pos']}, rel_dim {out['rel_dim']}, rel_scaled "
                          f"{out['rel_scaled']} and rel_mvit {out['rel_mvit']}: relative position logits need rel_pos "
                          "and rel_dim together")
+    prefix = [out["rel_prefix"], out["rel_query"], out["rel_key"]]
+    if any(f is not None for f in prefix) and (None in prefix or not out["rel_mvit"] or out["window"] is not None or
+                                               out["halo_blocks"] is not None):
+        raise UsageError(f"{where}: attention rel_prefix {prefix[0]}, rel_query {prefix[1]} and rel_key {prefix[2]} "
+                         "(prefix tokens without relative logits, MViTv2's class token) go together, with rel_mvit "
+                         "and no window or halo")
     if out["rel_pos"] is not None and (out["shift"] not in (None, [0, 0]) or out["dilated"] or
                                        out["talking_heads"] or out["bias_offsets"] is not None or
                                        out["kv_heads"] not in (None, out["heads"]) or
@@ -54,7 +64,8 @@ def rel_fields(out: dict[str, Any], where: str) -> None:
 def check_rel_shape(node: dict[str, Any], q: list[int], k: list[int], where: str) -> None:
     """q's heads of ``rel_dim`` channels; q and k on the ``rel_pos`` map, or with a halo (`edgecl.arch.halo`) the
     haloed key window ``rel_pos``; with a ``window``, that window; with ``rel_mvit`` (no window) q and k maps of
-    any sizes whose larger is ``rel_pos`` on each axis."""
+    any sizes whose larger is ``rel_pos`` on each axis; with ``rel_prefix``, q and k tokens of the prefix then
+    the ``rel_query`` and ``rel_key`` maps."""
     rel = node.get("rel_pos")
     if rel is None:
         return
@@ -63,14 +74,19 @@ def check_rel_shape(node: dict[str, Any], q: list[int], k: list[int], where: str
         maps = list(rel) == [win, win]
     elif node.get("window"):
         maps = list(rel) == list(node["window"])
+    elif node.get("rel_prefix"):  # MViTv2's class token before the maps of q and k
+        (qh, qw), (kh, kw), p = node["rel_query"], node["rel_key"], node["rel_prefix"]
+        maps = list(rel) == [max(qh, kh), max(qw, kw)] and q[1:] == [p + qh * qw, 1] and k[1:] == [p + kh * kw, 1]
     elif node.get("rel_mvit"):  # MViTv2's pooled q or k: the tables span the larger map
         maps = list(rel) == [max(q[1], k[1]), max(q[2], k[2])]
     else:
         maps = q[1:] == list(rel) and k[1:] == list(rel)
     if not maps or q[0] != node["heads"] * node["rel_dim"]:
         keys = f"a haloed window of {win} × {win}" if win else f"windows of {node['window']}" \
-            if node.get("window") else f"q and k maps whose larger is {rel} on each axis (rel_mvit)" \
-            if node.get("rel_mvit") else f"q and k on a {rel} map"
+            if node.get("window") else f"q and k tokens: {node['rel_prefix']} prefix tokens, then maps " \
+            f"{node['rel_query']} and {node['rel_key']} whose larger is {rel} on each axis" if node.get("rel_prefix") \
+            else f"q and k maps whose larger is {rel} on each axis (rel_mvit)" if node.get("rel_mvit") \
+            else f"q and k on a {rel} map"
         raise UsageError(f"{where}: attention rel_pos {rel} with rel_dim {node['rel_dim']} needs q of "
                          f"{node['heads']} heads × {node['rel_dim']} and {keys}, gets q {q} and k {k}")
 
@@ -89,7 +105,8 @@ def rel_intermediates(node: dict[str, Any], tq: int) -> int:
     if node.get("rel_pos") is None:
         return 0
     (kh, kw), d, h = node["rel_pos"], node["rel_dim"], node["heads"]
-    return h * d * tq + (kh * kh + kw * kw) * d + h * tq * (kh + kw) + h * tq * kh * kw
+    padded = h * tq * (tq + kh * kw) if node.get("rel_prefix") else 0  # the map's logits padded for the prefix
+    return h * d * tq + (kh * kh + kw * kw) * d + h * tq * (kh + kw) + h * tq * kh * kw + padded
 
 
 def rel_index(queries: int, keys: int, mvit: bool = False) -> np.ndarray:

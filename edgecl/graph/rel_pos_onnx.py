@@ -3,6 +3,8 @@
 Transpose, Gather, MatMul, Mul, Unsqueeze, Add; and RelPosMlp's bias table (Gemm, Relu)."""
 from __future__ import annotations
 
+import numpy as np
+
 from edgecl.arch.mlp_bias import mlp_coords, mlp_extent, mlp_names, mlp_squashed
 from edgecl.arch.rel_pos import rel_index, rel_scale
 from edgecl.graph.nodes import Builder
@@ -30,6 +32,19 @@ def rel_logits(b: Builder, q: str, node: dict, shape: list[int], keys: list[int]
     rows = b.op("Unsqueeze", [per_axis(f"{name}.rel_h", rows_q, kh, cols_q, 2), b.ints(5)])  # (N, h, A, B, kh, 1)
     cols = b.op("Unsqueeze", [per_axis(f"{name}.rel_w", cols_q, kw, rows_q, 3), b.ints(4)])  # (N, h, A, B, 1, kw)
     return b.op("Reshape", [b.op("Add", [rows, cols]), b.ints(0, h, rows_q * cols_q, kh * kw)])
+
+
+def prefixed_rel_logits(b: Builder, q: str, node: dict, keys: int) -> str:
+    """(N, heads, p + qh·qw, `keys`), as `edgecl.train.rel_logits.prefixed_rel_logits`: q's tokens past the
+    ``rel_prefix`` p (Slice) as the ``rel_query`` map, their `rel_logits` over the ``rel_key`` map, zeros Pad'ed in
+    front of both token axes for the prefix (MViTv2's class token gets no relative logits)."""
+    p, (rows, cols), c = node["rel_prefix"], node["rel_query"], node["heads"] * node["rel_dim"]
+    tail = b.op("Slice", [q, b.ints(p), b.ints(p + rows * cols), b.ints(2)])
+    grid = b.op("Reshape", [tail, b.ints(0, c, rows, cols)])
+    logits = rel_logits(b, grid, node, [c, rows, cols], node["rel_key"])
+    front = keys - node["rel_key"][0] * node["rel_key"][1]
+    return b.op("Pad", [logits, b.ints(0, 0, p, front, 0, 0, 0, 0), b.constant(np.array(0.0, dtype=np.float32))],
+                mode="constant")
 
 
 def mlp_bias_table(b: Builder, node: dict, shape: list[int]) -> str:

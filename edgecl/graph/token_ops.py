@@ -15,7 +15,7 @@ from edgecl.graph.halo_onnx import halo_blocks, halo_unblock
 from edgecl.graph.nodes import Builder
 from edgecl.graph.onnx_spatial import bicubic_matrix
 from edgecl.graph.sdta_ops import l2_normalised
-from edgecl.graph.rel_pos_onnx import mlp_bias_table, rel_logits
+from edgecl.graph.rel_pos_onnx import mlp_bias_table, prefixed_rel_logits, rel_logits
 
 
 def attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list[int]]) -> str:
@@ -102,7 +102,9 @@ def _attention(b: Builder, q: str, k: str, v: str, node: dict, shapes: list[list
         scores = b.op("Add", [scores, b.op("Reshape", [bias, b.ints(kv, h // kv * t, tk)])])
     if node.get("rel_pos"):  # BotNet's relative position logits (kv = h, no window)
         keys = shapes[1][1:] if node.get("rel_mvit") else None  # MViTv2: pooled keys, their own map
-        scores = b.op("Add", [scores, rel_logits(b, q, node, shapes[0], keys)])
+        logits = prefixed_rel_logits(b, q, node, tk) if node.get("rel_prefix") else \
+            rel_logits(b, q, node, shapes[0], keys)  # MViTv2's class token: none of its own
+        scores = b.op("Add", [scores, logits])
     if mask is not None:  # windows need kv = h: (N·windows, h, T, T) as (N, windows, h, T, T) + (windows, 1, T, T)
         per_window = b.op("Reshape", [scores, b.ints(-1, mask[1], h, t, tk)])
         scores = b.op("Reshape", [b.op("Add", [per_window, mask[0]]), b.ints(-1, h, t, tk)])

@@ -24,7 +24,7 @@ from edgecl.train import distributed
 from edgecl.train.attention_forms import (attention, channel_attention, gathered_bias, in_windows, lambda_layer,
                                          linear_attention, patch_context, window_attention)
 from edgecl.train.halo_attention import halo_blocks, halo_unblock
-from edgecl.train.rel_logits import mlp_bias_table, rel_logits
+from edgecl.train.rel_logits import mlp_bias_table, prefixed_rel_logits, rel_logits
 
 Params = dict[str, torch.Tensor]
 # Optional hook applied to each linear/conv output, keyed by layer name (RGO's feature encoding, AGS-CL's
@@ -215,7 +215,8 @@ def _apply(node: dict, ins: list[torch.Tensor], params: Params, train: bool) -> 
         gated = tuple(params[f"{name}.{k}"] for k in GATED_POS) if node.get("gated_pos") else None
         blocks = halo_blocks(*ins, node) if node.get("halo_blocks") else ins  # HaloNet: q blocks, k, v windows
         keys = tuple(ins[1].shape[2:]) if node.get("rel_mvit") else None  # MViTv2: pooled keys, their own map
-        logits = rel_logits(blocks[0], node, *rel, keys=keys) if rel else None
+        logits = prefixed_rel_logits(ins[0], node, *rel, ins[1].shape[2]) if node.get("rel_prefix") else \
+            rel_logits(blocks[0], node, *rel, keys=keys) if rel else None  # MViTv2's class token: none of its own
         out = attention(*blocks, node["heads"], node["scale"], node["kv_heads"], bias, talking=talking, gated=gated,
                         cosine=cosine, logits=logits)
         return halo_unblock(out, node, *ins[0].shape[2:]) if node.get("halo_blocks") else out

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from edgecl.arch.lambda_ops import lambda_rel_index
 from edgecl.arch.mlp_bias import MLP_TENSORS, mlp_coords, mlp_extent, mlp_squashed
@@ -34,6 +35,17 @@ def rel_logits(q: torch.Tensor, node: dict, rel_h: torch.Tensor, rel_w: torch.Te
     by_row = torch.einsum("nhabd,ayd->nhaby", qh, rows)  # (N, h, A, B, kh)
     by_col = torch.einsum("nhabd,bxd->nhabx", qh, cols)  # (N, h, A, B, kw)
     return (by_row.unsqueeze(-1) + by_col.unsqueeze(-2)).reshape(n, h, rows_q * cols_q, kh * kw)
+
+
+def prefixed_rel_logits(q: torch.Tensor, node: dict, rel_h: torch.Tensor, rel_w: torch.Tensor,
+                        keys: int) -> torch.Tensor:
+    """(N, heads, p + qh·qw, `keys`): with ``rel_prefix`` p (MViTv2's class token, timm's ``cal_rel_pos_type``), q's
+    (N, C, p + qh·qw, 1) tokens past the prefix as the ``rel_query`` map meet the ``rel_key`` map's keys with
+    `rel_logits`; the prefix's rows and columns get none (zeros)."""
+    p, (rows, cols) = node["rel_prefix"], node["rel_query"]
+    grid = q[:, :, p:, 0].reshape(q.shape[0], q.shape[1], rows, cols)
+    logits = rel_logits(grid, node, rel_h, rel_w, keys=tuple(node["rel_key"]))
+    return F.pad(logits, (keys - logits.shape[3], 0, p, 0))
 
 
 @functools.lru_cache(maxsize=64)
