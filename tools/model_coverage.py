@@ -97,7 +97,7 @@ TIMM = ["resnet10t", "resnet18", "mobilenetv3_small_050", "mobilenetv2_050", "ef
         "mobilenetv5_base", "hiera_tiny_224", "hieradet_small",
         # LowFormer's attention, upsampled by a transposed convolution; MViTv2 (pooled q, k, v by one head's conv
         # shared by every head, decomposed relative positions over maps of two sizes, residual pooling)
-        "lowformer_b0", "mvitv2_tiny",
+        "lowformer_b0", "mvitv2_tiny", "mvitv2_small_cls",
         # the relative-position ViT with its default RelPosMlp
         "vit_relpos_small_patch16_224",
         # EfficientViM (its hidden-state mixer: state_pool / state_read; sigmoid gates of one table's rows)
@@ -125,7 +125,8 @@ BUILD_ARGS = {"torchvision.models:vit_b_16": {"image_size": 64}, "timm:vit_tiny_
               "timm:vit_small_r26_s32_224": {"img_size": 64}, "timm:vitamin_small_224": {"img_size": 64},
               "timm:samvit_base_patch16": {"img_size": 64, "num_classes": 10},  # no classifier by default
               "timm:hiera_tiny_224": {"img_size": 64},
-              "timm:mvitv2_tiny": {"img_size": 64}, "timm:vit_relpos_small_patch16_224": {"img_size": 64}}
+              "timm:mvitv2_tiny": {"img_size": 64}, "timm:vit_relpos_small_patch16_224": {"img_size": 64},
+              "timm:mvitv2_small_cls": {"img_size": 64}}
 # input sides other than 64: Swin and TinyViT pad a map their windows do not tile with zeros that join the attention
 # (refused), so they are traced where the windows tile every stage (timm's Swin: 28, 14, 7, then 4 in one window;
 # torchvision's swin_t, whose window is fixed: 56, 28, 14, 7; its swin_v2_t's windows of 8: 64, 32, 16, 8; TinyViT's
