@@ -9,7 +9,6 @@ from typing import Any
 from edgecl.arch.conv_transpose import conv_transpose_intermediates, conv_transpose_shape
 from edgecl.arch.halo import halo_intermediates
 from edgecl.arch.lambda_ops import lambda_intermediates, lambda_shape
-from edgecl.arch.limits import MAX_ACTIVATION
 from edgecl.arch.ops import CHANNEL_AFFINE_OPS, MAX_ADAPTIVE, MAX_ADAPTIVE_INPUT, MAX_BLUR, TOKEN_TENSOR_OPS
 from edgecl.arch.outlook_ops import outlook_intermediates, outlook_shape
 from edgecl.arch.rel_pos import rel_intermediates
@@ -79,13 +78,6 @@ def intermediates(node: dict[str, Any], ins: list[list[int]]) -> int:
     return 0
 
 
-def conv_columns(node: dict[str, Any], hw: list[int]) -> int:
-    """Elements of ONNX Runtime's im2col buffer for a conv of output sides `hw`: one group's (in/groups)·kh·kw
-    values per output position. It is no output, so the activation bound alone would let a small spec (a big kernel
-    over a big map) ask for gigabytes of it; `output_shape` bounds it as an activation."""
-    return node["in"] // node["groups"] * node["k"][0] * node["k"][1] * hw[0] * hw[1]
-
-
 def fixed_constants(node: dict[str, Any], ins: list[list[int]]) -> int:
     """Elements (float32's; an int64 index counts twice) of the fixed arrays the node's ONNX form holds that no
     tensor stands for (`spec.validate` bounds their sum): ``bicubic`` and ``adaptive_avgpool``'s matrix per axis
@@ -139,10 +131,6 @@ def output_shape(node: dict[str, Any], ins: list[list[int]], where: str = "node"
             raise UsageError(f"{where}: the window {node['k']} does not fit the input {x}; output would be empty")
         if op != "conv":
             check_pool_windows(node, x, hw, where)
-        elif (columns := conv_columns(node, hw)) > MAX_ACTIVATION:
-            raise UsageError(f"{where}: conv of a {x} map by a {node['k']} kernel reads {columns} column values per "
-                             f"sample ((in/groups)·kh·kw·H'·W', ONNX Runtime's im2col buffer), more than "
-                             f"{MAX_ACTIVATION}")
         return [node["out"] if op == "conv" else x[0], *hw]
     if op == "conv_transpose":
         return conv_transpose_shape(node, x, where)
