@@ -200,7 +200,8 @@ def _module_shape(value: Any, node: dict[str, Any], where: str) -> list[int]:
     if node["op"] == "pos_embed":  # a feature map's embedding, stored channels-first (1, ch, H, W): H·W positions;
         # channels_last (VOLO's): (1, H, W, ch)
         last = bool(node.get("channels_last"))
-        ch, hw = (value[3:], value[1:3]) if last and isinstance(value, list) else (value[1:2], value[2:])
+        listed = value if isinstance(value, list) else []  # a hostile file's number or dict: refused below
+        ch, hw = (listed[3:], listed[1:3]) if last else (listed[1:2], listed[2:])
         if not isinstance(value, list) or len(value) != 4 or not all(is_size(d) for d in value) or value[0] != 1 or \
                 ch != [node["ch"]] or math.prod(hw) != node["tokens"] or node.get("block"):
             form = f"(1, H, W, {node['ch']})" if last else f"(1, {node['ch']}, H, W)"
