@@ -135,6 +135,10 @@ def test_other_pools_windows_and_layers_are_refused_by_name():
     module = TinyHieraDet()
     module.net.blocks[0].attn.proj = nn.Sequential(nn.Linear(8, 8))
     assert_refused(module, "'net.blocks.0'", "Sequential", "nn.Linear")
+    for stride in ((1, 2), (2, 1)):  # timm pools windows to (4, 2) blocks: the spec's blocks are square (before,
+        # a spec of square blocks was emitted and refused by validation, naming no layer or source line)
+        assert_refused(TinyHieraDet(q_stride=stride), "'net.blocks.1'", "hieradet_sam2.py", f"q_stride {list(stride)}",
+                       "square stride")
 
 
 @pytest.mark.parametrize("size", [64, pytest.param(224, marks=pytest.mark.slow)])
