@@ -296,7 +296,7 @@ def _spec(draw) -> dict:
                 storage = draw(st.sampled_from(["map", "tile", "last", "resize", None])) if len(dims) == 3 else None
                 if storage == "map":  # the map's module storage, (1, C, H, W), or a wrong one
                     node["module_shape"] = [1, *dims] if fits else draw(st.sampled_from(
-                        [[1, dims[0], dims[1] * dims[2] + 1, 1], [dims[0], *dims[1:]], [1, *dims, 1], "x"]))
+                        [[1, dims[0], dims[1] * dims[2] + 1, 1], [dims[0], *dims[1:]], [1, *dims, 1], "x", 7]))
                 elif storage == "tile":  # TNT's: one embedding for each window of the map
                     tile = [draw(st.sampled_from([d for d in range(1, n + 1) if n % d == 0])) for n in dims[1:]]
                     node["tile"] = tile if fits else draw(st.sampled_from([[dims[1] + 1, 1], 0, "2", [2, 2, 2]]))

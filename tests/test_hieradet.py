@@ -100,7 +100,9 @@ def test_resize_is_torchs_bicubic_in_torch_and_onnx():
 @pytest.mark.parametrize("change,words", [
     ({"tokens": 11, "module_shape": [1, 2, 11, 1]}, "tokens = 3·4"), ({"module_shape": [1, 2, 4, 3]}, "stored"), ({"tile": [1, 1]}, "tile"), ({"resize": [0, 4]}, "resize"),
     ({"resize": [5000, 1], "tokens": 5000, "module_shape": [1, 2, 5000, 1]}, "at most 4096"),
-    ({"resize": "3"}, "resize"), ({"module_shape": None}, "needs a module_shape")])
+    ({"resize": "3"}, "resize"), ({"module_shape": None}, "needs a module_shape"),
+    ({"module_shape": 12}, "module_shape 12"), ({"module_shape": {"a": 1}}, "module_shape"),
+    ({"module_shape": 1.5}, "module_shape")])  # a hostile file's number or dict: typed, not a TypeError
 def test_bad_resize_fields_are_refused(change, words):
     spec = _resize_spec([3, 4])
     spec["nodes"][0].update(change)
@@ -133,6 +135,10 @@ def test_other_pools_windows_and_layers_are_refused_by_name():
     module = TinyHieraDet()
     module.net.blocks[0].attn.proj = nn.Sequential(nn.Linear(8, 8))
     assert_refused(module, "'net.blocks.0'", "Sequential", "nn.Linear")
+    for stride in ((1, 2), (2, 1)):  # timm pools windows to (4, 2) blocks: the spec's blocks are square (before,
+        # a spec of square blocks was emitted and refused by validation, naming no layer or source line)
+        assert_refused(TinyHieraDet(q_stride=stride), "'net.blocks.1'", "hieradet_sam2.py", f"q_stride {list(stride)}",
+                       "square stride")
 
 
 @pytest.mark.parametrize("size", [64, pytest.param(224, marks=pytest.mark.slow)])

@@ -10,9 +10,10 @@ W) map x (channels-last in torch), with windows of side w (0: global) and a q-po
     mlp (fc1, act, fc2) → [ls2] → add
 
 A map of odd side pools as timm's windows do: the windows' pooled rows past the shortcut's (its max pool drops the
-odd row) are cropped. A window that the stride does not divide, a q-pool other than timm's MaxPool2d of kernel =
-stride, and a layer other than timm's in any place are refused by name with the user's source line. HieraDet's own position embedding (its ``pos_embed`` parameter resized with
-``F.interpolate`` in forward) is refused where it is traced, by name: the spec has no op resizing a parameter.
+odd row) are cropped. A window that a square stride does not divide, a q-pool other than timm's MaxPool2d of
+kernel = stride, and a layer other than timm's in any place are refused by name with the user's source line.
+HieraDet's own position embedding (its ``pos_embed`` parameter resized with ``F.interpolate`` in forward) is
+`fx_param_embed`'s.
 """
 from __future__ import annotations
 
@@ -104,9 +105,10 @@ class _HieraDetConverter:
         fields: dict[str, Any] = {"heads": heads, "scale": applied_scale(attn, out // heads)}
         pads = [0, 0]
         if m.is_windowed:
-            if window[0] != window[1] or step and window[0] % step[0]:
+            if window[0] != window[1] or step and (step[0] != step[1] or window[0] % step[0]):
+                # halo_blocks pools each square window to a square block: a (1, 2) stride is no such block
                 raise UsageError(f"{self.name}: {where}: its {window[0]}×{window[1]} windows with q_stride {step}; "
-                                 "edgecl converts square windows that the stride divides")
+                                 "edgecl converts square windows that a square stride divides")
             pads = [-hw[0] % window[0], -hw[1] % window[1]]
             if any(pads):  # timm pads norm1's map with zeros: they join the attention as keys
                 x = self._emit(node, "pad", [x], f"{path}.pad", pads=[0, 0, *pads], value=0.0)
