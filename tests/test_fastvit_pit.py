@@ -66,12 +66,30 @@ class _Tokens(nn.Module):
     (lambda m, t: torch.cat((m.fc(t[:, :1]), t[:, :, :6]), dim=1), "unsupported op 'getitem'"),
     (lambda m, t: torch.cat((t, t), dim=0), r"tokens of shapes \[\[16, 8\], \[16, 8\]\] along dim 0"),  # dim 2: the
     # channels, supported (tests/test_mlp_families.py)
-    (lambda m, t: t.transpose(1, 2).mean(2), "channels-last tensor"),  # not back to a map
+    (lambda m, t: t.transpose(1, 2).amax(2), "unsupported op 'amax'.*swapped to \\(B, C, T\\)"),  # not back to a map
+    (lambda m, t: t.transpose(1, 2).mean(1), "unsupported op 'mean'.*swapped to \\(B, C, T\\)"),  # over channels
 ])
 def test_unsupported_token_forms_are_refused_by_name(edit, words):
     with pytest.raises(UsageError, match=words) as err:
         from_torch(_Tokens(edit), (3, 8, 8), classifier=False)
     assert "test_fastvit_pit.py:" in str(err.value)
+
+
+class _TokenMean(nn.Module):
+    """Tokens swapped to (B, C, T) and averaged over T (EfficientViM's ``flatten(2).mean(-1)``): a `gap`."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.patch, self.head, self.dim = nn.Conv2d(3, 8, 2, stride=2), nn.Linear(8, 5), dim
+
+    def forward(self, x):
+        return self.head(self.patch(x).flatten(2).transpose(1, 2).transpose(1, 2).mean(self.dim))
+
+
+@pytest.mark.parametrize("dim", [2, -1])
+def test_the_mean_over_swapped_tokens_is_a_global_average(dim):
+    spec = _parity(_TokenMean(dim))
+    assert [n["op"] for n in spec["nodes"]].count("gap") == 1
 
 
 @pytest.mark.parametrize("part, layer, words", [
