@@ -391,15 +391,20 @@ def test_memory_limit_refused_before_allocation():
         RGO(huge, RGOConfig(max_projection_bytes=1 << 30))
 
 
-def test_bad_config_is_a_usage_error():
-    spatial = validate({"name": "spatial", "input_shape": [1, 8, 8], "nodes": [
+def _reshaped(shape: list[int]) -> dict:
+    return validate({"name": "spatial", "input_shape": [1, 8, 8], "nodes": [
         {"name": "c1", "op": "conv", "inputs": ["input"], "in": 1, "out": 4, "k": 3, "pad": 1},
-        {"name": "r", "op": "reshape", "inputs": ["c1"], "shape": [8, 4, 8]},
-        {"name": "c2", "op": "conv", "inputs": ["r"], "in": 8, "out": 4, "k": 3, "pad": 1},
+        {"name": "r", "op": "reshape", "inputs": ["c1"], "shape": shape},
+        {"name": "c2", "op": "conv", "inputs": ["r"], "in": shape[0], "out": 4, "k": 3, "pad": 1},
         {"name": "f", "op": "flatten", "inputs": ["c2"]}]})
+
+
+def test_bad_config_is_a_usage_error():
+    spatial = _reshaped([2, 8, 16])  # channels into the width: no channel group follows it
     with pytest.raises(UsageError, match="moves channels into space; use fel=false"):
         RGO(spatial, RGOConfig())
     RGO(spatial, RGOConfig(fel=False))
+    RGO(_reshaped([8, 4, 8]), RGOConfig())  # rows into channels (MViTv2's stacked heads): followed, channels pinned
     with pytest.raises(UsageError, match="batchnorm"):
         registry.create("rgo", preset("mlp"), {"batchnorm": "sometimes"})
     with pytest.raises(UsageError, match="weight_vectors"):
